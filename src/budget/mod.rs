@@ -1,0 +1,1 @@
+//! Token budget: pace RPM, ITPM and OTPM before sending (in progress).

@@ -1,0 +1,1 @@
+//! Cap on requests in flight, fixed or adaptive (in progress).

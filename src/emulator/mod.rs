@@ -1,0 +1,1 @@
+//! Emulator of the Messages API rate limiter (in progress).

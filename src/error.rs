@@ -1,0 +1,290 @@
+//! The crate's error type.
+//!
+//! Every layer's service returns [`tower::BoxError`](https://docs.rs/tower/latest/tower/type.BoxError.html)
+//! (`Box<dyn std::error::Error + Send + Sync>`), as tower's own middleware does, so
+//! that layers compose with each other and with tower's. Errors made by this crate
+//! are an [`Error`] inside that box: downcast to act on them.
+//!
+//! ```
+//! use tower_llm_limits::Error;
+//!
+//! fn what_to_do(err: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
+//!     match err.downcast_ref::<Error>() {
+//!         Some(Error::BudgetExceeded { retry_in, .. }) => format!("come back in {retry_in:?}"),
+//!         Some(other) => format!("give up: {other}"),
+//!         None => format!("transport error: {err}"),
+//!     }
+//! }
+//! # let e: Box<dyn std::error::Error + Send + Sync> = Box::new(Error::Overloaded { waiting: 3 });
+//! # assert!(what_to_do(&*e).starts_with("give up"));
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// An error from a boxed service: the type tower middleware passes between layers.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// One of the three per-minute limits the API enforces for a model class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dimension {
+    /// Requests per minute (RPM).
+    Requests,
+    /// Uncached input tokens per minute (ITPM).
+    InputTokens,
+    /// Output tokens per minute (OTPM).
+    OutputTokens,
+}
+
+impl Dimension {
+    /// All three dimensions, in the order the ledger checks them.
+    pub const ALL: [Dimension; 3] = [
+        Dimension::Requests,
+        Dimension::InputTokens,
+        Dimension::OutputTokens,
+    ];
+
+    /// The name the API uses in its `anthropic-ratelimit-*` headers:
+    /// `requests`, `input-tokens` or `output-tokens`.
+    pub fn header_name(self) -> &'static str {
+        match self {
+            Dimension::Requests => "requests",
+            Dimension::InputTokens => "input-tokens",
+            Dimension::OutputTokens => "output-tokens",
+        }
+    }
+}
+
+impl fmt::Display for Dimension {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dimension::Requests => "requests per minute",
+            Dimension::InputTokens => "input tokens per minute",
+            Dimension::OutputTokens => "output tokens per minute",
+        })
+    }
+}
+
+/// Why the retry layer stopped retrying a request that could still have failed
+/// transiently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GiveUpReason {
+    /// The configured maximum number of retries was reached.
+    MaxRetries,
+    /// The next attempt would have started after the request's deadline.
+    Deadline,
+    /// The retry budget shared by the layer's clones had no retry left.
+    Budget,
+}
+
+impl fmt::Display for GiveUpReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GiveUpReason::MaxRetries => "maximum retries reached",
+            GiveUpReason::Deadline => "deadline reached",
+            GiveUpReason::Budget => "retry budget exhausted",
+        })
+    }
+}
+
+/// The errors this crate's layers produce.
+///
+/// Boxed as [`BoxError`] where a layer meets others; use
+/// `err.downcast_ref::<tower_llm_limits::Error>()` to act on one.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request failed transiently on every attempt the retry layer was allowed.
+    RetriesExhausted {
+        /// Attempts made, the first included.
+        attempts: u32,
+        /// Total time spent waiting between attempts (cooldowns and backoff).
+        waited: Duration,
+        /// Status of the last response, if the last attempt got one.
+        last_status: Option<StatusCode>,
+        /// Which bound stopped the retries.
+        reason: GiveUpReason,
+        /// The last inner error, if the last attempt failed without a response.
+        source: Option<BoxError>,
+    },
+    /// The server asked for a delay longer than the configured cap, so the retry
+    /// layer returned at once instead of waiting. The caller decides.
+    RetryAfterTooLong {
+        /// The delay the server asked for.
+        delay: Duration,
+        /// The status that carried it (usually 429).
+        status: StatusCode,
+        /// Attempts made so far, the first included.
+        attempts: u32,
+    },
+    /// The organisation's monthly spend limit was reached (a 429 whose error
+    /// body says `enforced_spend_limit_reached`). Retrying cannot succeed until
+    /// the limit is raised or the month turns, so this is never retried.
+    SpendLimitReached,
+    /// A request needed a retry but its body could not be kept for a replay
+    /// (larger than the buffer limit, or a stream of unknown size that grew past it).
+    NotReplayable {
+        /// Status of the response that asked for the retry, if any.
+        status: Option<StatusCode>,
+        /// The inner error that asked for the retry, if there was no response.
+        source: Option<BoxError>,
+    },
+    /// The token budget cannot admit the request now (reject mode, or a gateway
+    /// enforcing a caller's budget). It could be admitted after `retry_in`.
+    BudgetExceeded {
+        /// How long until the budget could admit the request.
+        retry_in: Duration,
+        /// The limit that blocked it.
+        dimension: Dimension,
+    },
+    /// The request can never fit the limit: its cost is above the whole capacity
+    /// of one dimension. It was not sent.
+    RequestTooLarge {
+        /// The limit it can never fit.
+        dimension: Dimension,
+        /// What the request would cost.
+        cost: u64,
+        /// The whole capacity of that limit.
+        limit: u64,
+    },
+    /// The concurrency layer's wait queue is full: the request was shed at once.
+    Overloaded {
+        /// Requests already waiting when this one was shed.
+        waiting: usize,
+    },
+    /// A request body could not be read.
+    Body(BoxError),
+    /// The inner service failed.
+    Inner(BoxError),
+}
+
+impl Error {
+    /// How long the caller should wait before trying again, where the error says.
+    pub fn retry_in(&self) -> Option<Duration> {
+        match self {
+            Error::RetryAfterTooLong { delay, .. } => Some(*delay),
+            Error::BudgetExceeded { retry_in, .. } => Some(*retry_in),
+            _ => None,
+        }
+    }
+
+    /// Whether trying the same request again later could succeed.
+    ///
+    /// False for [`Error::SpendLimitReached`] and [`Error::RequestTooLarge`].
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            Error::SpendLimitReached | Error::RequestTooLarge { .. }
+        )
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::RetriesExhausted {
+                attempts,
+                waited,
+                last_status,
+                reason,
+                ..
+            } => {
+                write!(f, "request failed after {attempts} attempts ({reason}")?;
+                if let Some(status) = last_status {
+                    write!(f, ", last status {status}")?;
+                }
+                write!(f, ", waited {waited:?})")
+            }
+            Error::RetryAfterTooLong { delay, status, .. } => write!(
+                f,
+                "server asked to retry after {delay:?} ({status}), above the configured cap"
+            ),
+            Error::SpendLimitReached => {
+                f.write_str("the organisation's spend limit was reached; not retried")
+            }
+            Error::NotReplayable { status, .. } => match status {
+                Some(status) => write!(
+                    f,
+                    "response {status} asked for a retry but the request body could not be kept"
+                ),
+                None => f.write_str("request failed and its body could not be kept for a retry"),
+            },
+            Error::BudgetExceeded {
+                retry_in,
+                dimension,
+            } => write!(f, "{dimension} budget exceeded; retry in {retry_in:?}"),
+            Error::RequestTooLarge {
+                dimension,
+                cost,
+                limit,
+            } => write!(
+                f,
+                "request costs {cost} against a limit of {limit} {dimension}: it can never fit"
+            ),
+            Error::Overloaded { waiting } => {
+                write!(f, "concurrency queue full ({waiting} waiting); request shed")
+            }
+            Error::Body(_) => f.write_str("failed to read the request body"),
+            Error::Inner(_) => f.write_str("inner service failed"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::RetriesExhausted {
+                source: Some(e), ..
+            }
+            | Error::NotReplayable {
+                source: Some(e), ..
+            }
+            | Error::Body(e)
+            | Error::Inner(e) => Some(&**e as &(dyn std::error::Error + 'static)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_stays_small() {
+        assert!(std::mem::size_of::<Error>() <= 64, "{}", std::mem::size_of::<Error>());
+    }
+
+    #[test]
+    fn boxes_and_downcasts() {
+        let e: BoxError = Box::new(Error::BudgetExceeded {
+            retry_in: Duration::from_secs(3),
+            dimension: Dimension::InputTokens,
+        });
+        let back = e.downcast_ref::<Error>().map(Error::retry_in);
+        assert_eq!(back, Some(Some(Duration::from_secs(3))));
+        assert_eq!(
+            e.to_string(),
+            "input tokens per minute budget exceeded; retry in 3s"
+        );
+    }
+
+    #[test]
+    fn source_chains_to_inner() {
+        let inner: BoxError = "connection reset".into();
+        let e = Error::RetriesExhausted {
+            attempts: 3,
+            waited: Duration::from_millis(1500),
+            last_status: None,
+            reason: GiveUpReason::MaxRetries,
+            source: Some(inner),
+        };
+        let src = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(src.as_deref(), Some("connection reset"));
+        assert!(e.is_transient());
+        assert!(!Error::SpendLimitReached.is_transient());
+    }
+}

@@ -1,0 +1,1 @@
+//! Token estimation for Messages requests (in progress).

@@ -1,0 +1,1 @@
+//! Parsing of pacing headers (in progress).

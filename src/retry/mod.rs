@@ -1,0 +1,1 @@
+//! Retry honouring retry-after (in progress).
