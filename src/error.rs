@@ -225,7 +225,10 @@ impl fmt::Display for Error {
                 "request costs {cost} against a limit of {limit} {dimension}: it can never fit"
             ),
             Error::Overloaded { waiting } => {
-                write!(f, "concurrency queue full ({waiting} waiting); request shed")
+                write!(
+                    f,
+                    "concurrency queue full ({waiting} waiting); request shed"
+                )
             }
             Error::Body(_) => f.write_str("failed to read the request body"),
             Error::Inner(_) => f.write_str("inner service failed"),
@@ -255,7 +258,11 @@ mod tests {
 
     #[test]
     fn error_stays_small() {
-        assert!(std::mem::size_of::<Error>() <= 64, "{}", std::mem::size_of::<Error>());
+        assert!(
+            std::mem::size_of::<Error>() <= 64,
+            "{}",
+            std::mem::size_of::<Error>()
+        );
     }
 
     #[test]

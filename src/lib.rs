@@ -26,6 +26,12 @@ pub mod emulator;
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod estimate;
+#[cfg(all(feature = "retry", feature = "budget", feature = "concurrency"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(feature = "retry", feature = "budget", feature = "concurrency")))
+)]
+pub mod preset;
 #[cfg(feature = "retry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;

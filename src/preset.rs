@@ -1,0 +1,1 @@
+//! The recommended stack in one call (in progress).
