@@ -658,7 +658,7 @@ impl Ledger for InMemoryLedger {
             state.touch(now);
             // First pass: bring each limited bucket up to date and find the
             // longest wait. Nothing is debited unless every dimension fits.
-            let mut longest: Option<(u128, Dimension)> = None;
+            let mut latest: Option<(Instant, Dimension)> = None;
             for dimension in Dimension::ALL {
                 let bucket = &mut state.buckets[index(dimension)];
                 let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
@@ -684,16 +684,16 @@ impl Ledger for InMemoryLedger {
                     // limit > 0 here (cost > 0 and cost <= limit); round up so
                     // that the refill at `at` covers the deficit exactly.
                     let wait = deficit.div_ceil(u128::from(limit));
-                    if longest.map_or(true, |(w, _)| wait > w) {
-                        longest = Some((wait, dimension));
+                    // Counted from the bucket's own timestamp, which is later
+                    // than `now` if the clock stepped back.
+                    let at = instant_after(bucket.updated.unwrap_or(now).max(now), wait);
+                    if latest.map_or(true, |(latest, _)| at > latest) {
+                        latest = Some((at, dimension));
                     }
                 }
             }
-            if let Some((wait, dimension)) = longest {
-                return Reservation::WaitUntil {
-                    at: instant_after(now, wait),
-                    dimension,
-                };
+            if let Some((at, dimension)) = latest {
+                return Reservation::WaitUntil { at, dimension };
             }
             for dimension in Dimension::ALL {
                 let bucket = &mut state.buckets[index(dimension)];
