@@ -70,6 +70,12 @@ impl LimitsConfig {
         self
     }
 
+    /// Uses a published tier's limits for every class without its own.
+    pub fn with_tier(mut self, tier: Tier) -> Self {
+        self.tier = Some(tier);
+        self
+    }
+
     /// Sets the limits used for classes with neither their own limits nor a tier.
     pub fn with_default(mut self, limits: Limits) -> Self {
         self.default = limits;
@@ -118,7 +124,9 @@ pub enum BudgetMode {
 /// The name is used as a ledger key and may appear in snapshots and tracing
 /// events, so it must not be a secret: hash secrets (the default does).
 #[derive(Clone)]
-pub struct KeyExtractor(Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>);
+pub struct KeyExtractor(Arc<ExtractFn>);
+
+type ExtractFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
 impl KeyExtractor {
     /// A key extractor from a function of the request head.

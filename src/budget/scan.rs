@@ -233,16 +233,8 @@ impl SseScanner {
                     }
                 }
             }
-            "message_stop" => {
-                if self.end.is_none() {
-                    self.end = Some(StreamEnd::Stopped);
-                }
-            }
-            "error" => {
-                if self.end.is_none() {
-                    self.end = Some(StreamEnd::Errored);
-                }
-            }
+            "message_stop" if self.end.is_none() => self.end = Some(StreamEnd::Stopped),
+            "error" if self.end.is_none() => self.end = Some(StreamEnd::Errored),
             _ => {}
         }
     }

@@ -13,6 +13,7 @@
 //! that finds its key's queue empty asks the ledger at once, without queueing.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -72,6 +73,7 @@ struct Waiter {
 /// What the budget keeps per key.
 #[derive(Debug)]
 struct KeyState {
+    limits: Limits,
     queue: VecDeque<Waiter>,
     output_ratio: SlidingQuantile,
     ratio_samples: u64,
@@ -81,8 +83,9 @@ struct KeyState {
 }
 
 impl KeyState {
-    fn new() -> Self {
+    fn new(limits: Limits) -> Self {
         Self {
+            limits,
             queue: VecDeque::new(),
             output_ratio: SlidingQuantile::new(OUTPUT_RATIO_WINDOW),
             ratio_samples: 0,
@@ -252,38 +255,25 @@ impl Shared {
         let class = ModelClass::of(estimate.model.as_deref().unwrap_or(""));
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
-        let name = class.to_string();
+        let name = class.as_str();
         let mut keys = self.lock();
-        let (key, ks) = match caller {
-            None => match keys.get_key_value(name.as_str()) {
-                Some((k, _)) => {
-                    let k = Arc::clone(k);
-                    let ks = keys.entry(Arc::clone(&k)).or_insert_with(KeyState::new);
-                    (k, ks)
-                }
-                None => {
-                    let k: Arc<str> = Arc::from(name);
-                    let ks = keys.entry(Arc::clone(&k)).or_insert_with(KeyState::new);
-                    (k, ks)
-                }
-            },
-            Some(caller) => {
-                let k: Arc<str> = Arc::from(format!("{caller}/{name}"));
-                let k = match keys.get_key_value(&*k) {
-                    Some((existing, _)) => Arc::clone(existing),
-                    None => k,
-                };
-                let ks = keys.entry(Arc::clone(&k)).or_insert_with(KeyState::new);
-                (k, ks)
-            }
+        let lookup: std::borrow::Cow<'_, str> = match caller {
+            None => std::borrow::Cow::Borrowed(name),
+            Some(caller) => std::borrow::Cow::Owned(format!("{caller}/{name}")),
         };
+        let key = match keys.get_key_value(&*lookup) {
+            Some((existing, _)) => Arc::clone(existing),
+            None => Arc::from(&*lookup),
+        };
+        let ks = keys
+            .entry(Arc::clone(&key))
+            .or_insert_with(|| KeyState::new(limits));
         ks.estimates += 1;
         if estimate.fallback {
             ks.fallback_estimates += 1;
         }
         if estimate.raw_input_tokens > 0 {
-            ks.calibration =
-                Some(estimate.input_tokens as f64 / estimate.raw_input_tokens as f64);
+            ks.calibration = Some(estimate.input_tokens as f64 / estimate.raw_input_tokens as f64);
         }
         let max_tokens = estimate.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
         let output_tokens = match self.settings.output_mode {
@@ -397,7 +387,7 @@ impl Shared {
         let mut keys = self.lock();
         let ks = keys
             .entry(Arc::clone(&charge.key))
-            .or_insert_with(KeyState::new);
+            .or_insert_with(|| KeyState::new(charge.limits));
         let at_head = match &adm.ticket {
             None => self.settings.mode == BudgetMode::Reject || ks.queue.is_empty(),
             Some(t) => ks.queue.front().map(|w| w.id) == Some(t.id),
@@ -517,8 +507,7 @@ impl Shared {
     pub(crate) fn correct(&self, charge: &Charge, delta: CostDelta, output_ratio: Option<f64>) {
         let now = Instant::now();
         if delta != CostDelta::default() {
-            self.ledger
-                .settle(&charge.key, &charge.limits, delta, now);
+            self.ledger.settle(&charge.key, &charge.limits, delta, now);
         }
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
         if freed || output_ratio.is_some() {
@@ -536,9 +525,17 @@ impl Shared {
         bump(&self.counters.settled);
     }
 
-    /// Refunds everything a request reserved (the server charged nothing).
+    /// Refunds everything a request reserved: the server answered 429 and
+    /// charged nothing.
     pub(crate) fn refund(&self, charge: &Charge) {
         bump(&self.counters.refunded_429);
+        self.correct(charge, negate(charge.costs), None);
+    }
+
+    /// Refunds everything a request reserved: it was admitted but never sent
+    /// (the inner service failed before taking it).
+    pub(crate) fn refund_unsent(&self, charge: &Charge) {
+        tracing::debug!(key = %charge.key, "budget: admitted request not sent; refunded");
         self.correct(charge, negate(charge.costs), None);
     }
 
@@ -583,12 +580,14 @@ impl Shared {
     pub(crate) fn snapshot(&self) -> BudgetSnapshot {
         let now = Instant::now();
         let q = self.settings.output_quantile;
-        let keys: Vec<(Arc<str>, usize, Option<f64>, u64, u64, f64)> = self
+        #[allow(clippy::type_complexity)]
+        let keys: Vec<(Arc<str>, Limits, usize, Option<f64>, u64, u64, f64)> = self
             .lock()
             .iter()
             .map(|(k, ks)| {
                 (
                     Arc::clone(k),
+                    ks.limits,
                     ks.queue.len(),
                     ks.calibration,
                     ks.fallback_estimates,
@@ -600,8 +599,7 @@ impl Shared {
         let mut out: Vec<KeySnapshot> = keys
             .into_iter()
             .map(
-                |(key, waiting, calibration, fallback, estimates, ratio)| {
-                    let limits = self.limits_of_key(&key);
+                |(key, limits, waiting, calibration, fallback, estimates, ratio)| {
                     let states = self.ledger.state(&key, &limits, now);
                     let dimensions = Dimension::ALL.map(|d| {
                         let st = states.as_ref().and_then(|s| s.get(dim_index(d)).copied());
@@ -637,13 +635,6 @@ impl Shared {
             refunded_429: c.refunded_429.load(Ordering::Relaxed),
             wakeups: c.wakeups.load(Ordering::Relaxed),
         }
-    }
-
-    /// The configured limits of a key (its model class is the part after the
-    /// last `/`).
-    pub(crate) fn limits_of_key(&self, key: &str) -> Limits {
-        let class = key.rsplit('/').next().unwrap_or(key);
-        self.settings.limits.limits_for(ModelClass::of(class))
     }
 }
 
