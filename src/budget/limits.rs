@@ -45,7 +45,9 @@ use crate::Dimension;
 /// headers and does not pace that dimension until it has.
 ///
 /// A configured limit stays in force unless the server reports a lower one
-/// (a Workspace limit, a lower tier): the lower of the two applies.
+/// (a Workspace limit, a lower tier): the lower of the two applies. A
+/// configured limit of zero admits nothing that costs anything in that
+/// dimension (the ledger answers [`Reservation::Never`](super::ledger::Reservation::Never)).
 ///
 /// # Examples
 ///
