@@ -310,8 +310,8 @@ fn respond<ResB>(
     if enforce {
         enforce::insert_headers(shared, &charge, &mut parts.headers);
     } else {
-        let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
-        if !snapshot.is_empty() {
+        if has_pacing_headers(&parts.headers) {
+            let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
             shared.sync(&charge, &snapshot);
         }
     }
@@ -324,4 +324,13 @@ fn respond<ResB>(
     };
     let tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
     Response::from_parts(parts, ResponseBody::observed(body, tracker))
+}
+
+/// Whether a response carries any rate-limit header worth parsing (a cheap
+/// scan of the names before the full parse).
+fn has_pacing_headers(headers: &http::HeaderMap) -> bool {
+    headers.keys().any(|name| {
+        let name = name.as_str();
+        name.starts_with("anthropic-ratelimit-") || name.starts_with("x-ratelimit-")
+    })
 }
