@@ -1204,3 +1204,59 @@ fn futures_are_send() {
     let fut = svc.call(request(1, 1));
     assert_send(&fut);
 }
+
+/// An inner service that is ready the first time it is asked, and then
+/// pending (or failing) when asked again.
+#[derive(Clone)]
+struct ReadyOnce {
+    asked: Arc<AtomicUsize>,
+    fail: bool,
+}
+
+impl<B> Service<Request<B>> for ReadyOnce {
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<ResBody>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match (self.asked.fetch_add(1, Ordering::SeqCst), self.fail) {
+            (0, _) => Poll::Ready(Ok(())),
+            (_, true) => Poll::Ready(Err("connection pool closed".into())),
+            (_, false) => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, _req: Request<B>) -> Self::Future {
+        std::future::ready(Ok(Response::new(full(json_usage(1, 1)))))
+    }
+}
+
+/// A request admitted but never handed to the inner service (its readiness
+/// failed, or the future was dropped while the inner service was not ready)
+/// gives its reservation back.
+#[tokio::test(start_paused = true)]
+async fn admitted_but_unsent_request_is_refunded() {
+    for fail in [true, false] {
+        let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+        let mut svc = layer.layer(ReadyOnce {
+            asked: Arc::new(AtomicUsize::new(0)),
+            fail,
+        });
+        ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+            .await
+            .unwrap();
+        let fut = svc.call(request(5_000, 1_000));
+        if fail {
+            let err = fut.await.unwrap_err();
+            assert_eq!(err.to_string(), "connection pool closed");
+        } else {
+            let timed_out = tokio::time::timeout(Duration::from_secs(1), fut).await;
+            assert!(timed_out.is_err(), "the inner service never became ready");
+        }
+        let snap = layer.snapshot();
+        assert_eq!(snap.admitted, 1);
+        assert_eq!(remaining(&snap, Dimension::Requests), 50.0, "fail={fail}");
+        assert_eq!(remaining(&snap, Dimension::InputTokens), 30_000.0);
+        assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
+    }
+}
