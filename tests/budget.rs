@@ -1260,3 +1260,51 @@ async fn admitted_but_unsent_request_is_refunded() {
         assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
     }
 }
+
+/// With a prior of 0 (a server charging output only as it is produced), a
+/// request reserves one output token: admitted while the output bucket has
+/// room, held back while a long answer left it in debt.
+#[tokio::test(start_paused = true)]
+async fn zero_output_prior_reserves_one_token_and_respects_debt() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new(50, 30_000, 1_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .output_ratio_prior(0.0)
+        .enforce()
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 1_500));
+    let first = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 4_000))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    // One output token reserved at admission, not 4,000.
+    let out = RateLimitSnapshot::from_headers(first.headers()).output_tokens;
+    assert_eq!(
+        out.remaining,
+        Some(1_000),
+        "999 rounded to the nearest thousand"
+    );
+    assert_eq!(remaining(&layer.snapshot(), Dimension::OutputTokens), 999.0);
+    first.into_body().collect().await.unwrap();
+    // 1,500 produced: 500 in debt.
+    assert_eq!(
+        remaining(&layer.snapshot(), Dimension::OutputTokens),
+        -500.0
+    );
+    let second = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 4_000))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    // 501 tokens at 1,000 per minute: 30.06 s, rounded up.
+    assert_eq!(second.headers()["retry-after"], "31");
+    assert_eq!(log.sent().len(), 1);
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
+use super::config::{BudgetMode, KeyExtractor, LimitsConfig, OUTPUT_RATIO_PRIOR};
 use super::ledger::{InMemoryLedger, Ledger};
 use super::limits::{Limits, ModelClass, OutputMode, Tier};
 use super::service::TokenBudget;
@@ -121,6 +121,7 @@ pub struct TokenBudgetBuilder {
     buffer_limit: usize,
     key_extractor: Option<KeyExtractor>,
     output_quantile: f64,
+    output_ratio_prior: f64,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -135,6 +136,7 @@ impl Default for TokenBudgetBuilder {
             buffer_limit: DEFAULT_BUFFER_LIMIT,
             key_extractor: None,
             output_quantile: DEFAULT_OUTPUT_QUANTILE,
+            output_ratio_prior: OUTPUT_RATIO_PRIOR,
         }
     }
 }
@@ -150,6 +152,7 @@ impl fmt::Debug for TokenBudgetBuilder {
             .field("buffer_limit", &self.buffer_limit)
             .field("key_extractor", &self.key_extractor)
             .field("output_quantile", &self.output_quantile)
+            .field("output_ratio_prior", &self.output_ratio_prior)
             .finish_non_exhaustive()
     }
 }
@@ -238,6 +241,22 @@ impl TokenBudgetBuilder {
         self
     }
 
+    /// The share of `max_tokens` reserved as expected output in realtime mode
+    /// until [`OUTPUT_RATIO_MIN_SAMPLES`](super::OUTPUT_RATIO_MIN_SAMPLES) responses of a key were seen
+    /// (default [`OUTPUT_RATIO_PRIOR`], 1.0: the whole `max_tokens`, so a cold
+    /// client budget never under-reserves). A server that charges output only
+    /// as it is produced (an emulator of the realtime rule) may set 0.0: a
+    /// request then reserves one output token, enough to be held back while
+    /// the output bucket is in debt. Clamped to `[0, 1]`, NaN taken as 1.
+    pub fn output_ratio_prior(mut self, ratio: f64) -> Self {
+        self.output_ratio_prior = if ratio.is_nan() {
+            1.0
+        } else {
+            ratio.clamp(0.0, 1.0)
+        };
+        self
+    }
+
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
         let key_extractor = match (self.key_extractor, self.enforce) {
@@ -253,6 +272,7 @@ impl TokenBudgetBuilder {
             buffer_limit: self.buffer_limit,
             key_extractor,
             output_quantile: self.output_quantile,
+            output_ratio_prior: self.output_ratio_prior,
         };
         let ledger = self
             .ledger

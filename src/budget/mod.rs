@@ -100,7 +100,8 @@
 //!   (a request that can never fit gets `x-should-retry: false` and no
 //!   `retry-after`);
 //! - the `anthropic-ratelimit-{requests,input-tokens,output-tokens,tokens}-{limit,remaining,reset}`
-//!   headers, token counts floored to thousands, resets in RFC 3339.
+//!   headers, token counts rounded to the nearest thousand as the API's are,
+//!   resets in RFC 3339.
 //!
 //! Every admitted response carries the same headers. The inner service's
 //! responses are settled as in client mode (their `usage`), and their own

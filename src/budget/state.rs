@@ -25,7 +25,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::config::{
     BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_MAX_TOKENS, OUTPUT_RATIO_MIN_SAMPLES,
-    OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
+    OUTPUT_RATIO_WINDOW,
 };
 use super::ledger::{CostDelta, Costs, Ledger, LimitSync, Reservation};
 use super::limits::{Limits, ModelClass, OutputMode};
@@ -45,6 +45,7 @@ pub(crate) struct Settings {
     pub(crate) buffer_limit: usize,
     pub(crate) key_extractor: Option<KeyExtractor>,
     pub(crate) output_quantile: f64,
+    pub(crate) output_ratio_prior: f64,
 }
 
 /// Counters of the decisions taken, for snapshots.
@@ -95,14 +96,14 @@ impl KeyState {
         }
     }
 
-    fn expected_ratio(&self, q: f64) -> f64 {
+    fn expected_ratio(&self, q: f64, prior: f64) -> f64 {
         if (self.ratio_samples as usize) < OUTPUT_RATIO_MIN_SAMPLES {
-            return OUTPUT_RATIO_PRIOR;
+            return prior;
         }
         self.output_ratio
             .quantile(q)
             .filter(|r| r.is_finite())
-            .map_or(OUTPUT_RATIO_PRIOR, |r| r.clamp(0.0, 1.0))
+            .map_or(prior, |r| r.clamp(0.0, 1.0))
     }
 
     /// Wakes the head of the queue, if it waits for a wakeup.
@@ -279,15 +280,21 @@ impl Shared {
         let output_tokens = match self.settings.output_mode {
             OutputMode::Reserve => max_tokens,
             OutputMode::Realtime => {
-                let ratio = ks.expected_ratio(self.settings.output_quantile);
+                let ratio = ks.expected_ratio(
+                    self.settings.output_quantile,
+                    self.settings.output_ratio_prior,
+                );
                 let expected = max_tokens as f64 * ratio;
                 // Round up, but not for floating-point noise (4000 × 0.025).
                 let nearest = expected.round();
-                if (expected - nearest).abs() < 1e-6 {
+                let expected = if (expected - nearest).abs() < 1e-6 {
                     nearest as u64
                 } else {
                     expected.ceil() as u64
-                }
+                };
+                // At least one token, so that an output bucket in debt (a
+                // response longer than expected) holds new requests back.
+                expected.max(1).min(max_tokens.max(1))
             }
         };
         drop(keys);
@@ -587,6 +594,7 @@ impl Shared {
     pub(crate) fn snapshot(&self) -> BudgetSnapshot {
         let now = Instant::now();
         let q = self.settings.output_quantile;
+        let prior = self.settings.output_ratio_prior;
         #[allow(clippy::type_complexity)]
         let keys: Vec<(Arc<str>, Limits, usize, Option<f64>, u64, u64, f64)> = self
             .lock()
@@ -599,7 +607,7 @@ impl Shared {
                     ks.calibration,
                     ks.fallback_estimates,
                     ks.estimates,
-                    ks.expected_ratio(q),
+                    ks.expected_ratio(q, prior),
                 )
             })
             .collect();
