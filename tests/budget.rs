@@ -1308,3 +1308,60 @@ async fn zero_output_prior_reserves_one_token_and_respects_debt() {
     assert_eq!(second.headers()["retry-after"], "31");
     assert_eq!(log.sent().len(), 1);
 }
+
+/// Behind the retry layer, the budget reuses the bytes the retry layer
+/// buffered (the body is read once in all), paces every attempt, and refunds
+/// the attempt the server refused.
+#[tokio::test(start_paused = true)]
+async fn behind_the_retry_layer_each_attempt_is_paced_and_the_429_refunded() {
+    use tower_llm_limits::retry::RetryAfterLayer;
+
+    let rejected = headers(&[
+        ("retry-after", "2"),
+        ("x-should-retry", "true"),
+        ("anthropic-ratelimit-input-tokens-limit", "30000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "25000"),
+    ]);
+    let script = Arc::new(Mutex::new(vec![
+        (StatusCode::TOO_MANY_REQUESTS, rejected),
+        (StatusCode::OK, HeaderMap::new()),
+    ]));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (budget_layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let inner = tower::service_fn({
+        let upstream = scripted(script, calls.clone());
+        move |req: Request<ReplayBody<ReplayBody<CountingBody>>>| {
+            let upstream = upstream.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect().await?.to_bytes();
+                let req = Request::from_parts(parts, ReplayBody::passthrough(Full::new(bytes)));
+                upstream.oneshot(req).await
+            }
+        }
+    });
+    let mut client = tower::ServiceBuilder::new()
+        .layer(RetryAfterLayer::anthropic())
+        .layer(budget_layer.clone())
+        .service(inner);
+    let polls = Arc::new(AtomicUsize::new(0));
+    let req = Request::post("http://localhost/v1/messages")
+        .body(CountingBody {
+            data: Some(Bytes::from(request_body(5_000, 1_000))),
+            polls: polls.clone(),
+        })
+        .unwrap();
+    let start = Instant::now();
+    let resp = client.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    assert!(Instant::now() - start >= Duration::from_secs(2));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(polls.load(Ordering::SeqCst), 1, "the body was read once");
+    let snap = budget_layer.snapshot();
+    assert_eq!(snap.admitted, 2);
+    assert_eq!(snap.refunded_429, 1);
+    // One request charged in the end (the refused one was refunded).
+    assert_eq!(remaining(&snap, Dimension::Requests), 49.0);
+    assert_eq!(snap.key(KEY).unwrap().estimates, 2);
+}
