@@ -1365,3 +1365,23 @@ async fn behind_the_retry_layer_each_attempt_is_paced_and_the_429_refunded() {
     assert_eq!(remaining(&snap, Dimension::Requests), 49.0);
     assert_eq!(snap.key(KEY).unwrap().estimates, 2);
 }
+
+/// Idle keys can be forgotten; a key in use is kept.
+#[tokio::test(start_paused = true)]
+async fn idle_keys_are_forgotten_on_request() {
+    let log = Arc::new(Log::default());
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let mut svc = layer.layer(upstream(log, 1));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 10))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(layer.forget_idle(Duration::from_secs(60)), 0);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(layer.forget_idle(Duration::from_secs(60)), 1);
+    assert!(layer.snapshot().keys.is_empty());
+}

@@ -65,6 +65,57 @@ impl TokenBudgetLayer {
     /// A gateway budget: each caller (told apart by a hash of its `x-api-key`)
     /// gets these limits, and a request over its caller's budget is answered
     /// at once with an Anthropic-shaped 429. See the [module docs](super).
+    ///
+    /// The inner service receives `Request<ReplayBody<B>>`; in front of an
+    /// axum `Router` (which takes `Request<axum::body::Body>`), map it back
+    /// with `.map_request(|r: Request<ReplayBody<Body>>| r.map(Body::new))`.
+    /// Errors (an unreadable request body, the inner service's own) are still
+    /// errors: axum wants them handled (`HandleErrorLayer`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{Service, ServiceBuilder, ServiceExt};
+    /// use tower_llm_limits::body::ReplayBody;
+    /// use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+    /// use tower_llm_limits::headers::RateLimitSnapshot;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_llm_limits::BoxError> {
+    /// // The upstream the gateway forwards to (here: answers with a usage).
+    /// let upstream = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+    ///     let body = r#"{"type":"message","usage":{"input_tokens":10,"output_tokens":20}}"#;
+    ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+    /// });
+    /// // Each caller may send one request per minute.
+    /// let mut gateway = ServiceBuilder::new()
+    ///     .layer(TokenBudgetLayer::enforce(Limits::new(1, 30_000, 8_000)))
+    ///     .service(upstream);
+    /// let call = || {
+    ///     Request::post("/v1/messages")
+    ///         .header("x-api-key", "sk-ant-caller-1")
+    ///         .body(Full::new(Bytes::from(
+    ///             r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#,
+    ///         )))
+    /// };
+    /// let first = gateway.ready().await?.call(call()?).await?;
+    /// assert_eq!(first.status(), 200);
+    /// assert_eq!(RateLimitSnapshot::from_headers(first.headers()).requests.remaining, Some(0));
+    ///
+    /// let second = gateway.ready().await?.call(call()?).await?;
+    /// assert_eq!(second.status(), 429);
+    /// let limits = RateLimitSnapshot::from_headers(second.headers());
+    /// assert_eq!(limits.should_retry, Some(true));
+    /// assert!(limits.retry_after.is_some());
+    /// let body = second.into_body().collect().await?.to_bytes();
+    /// let json: serde_json::Value = serde_json::from_slice(&body)?;
+    /// assert_eq!(json["error"]["type"], "rate_limit_error");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn enforce(limits: impl Into<LimitsConfig>) -> Self {
         Self::builder().limits(limits).enforce().build()
     }
@@ -77,6 +128,15 @@ impl TokenBudgetLayer {
     /// The state of the budget: per key and dimension, and decision counters.
     pub fn snapshot(&self) -> BudgetSnapshot {
         self.shared.snapshot()
+    }
+
+    /// Forgets what the layer keeps per key (learned output ratio, counters)
+    /// for keys not used for `idle` and with no request waiting, and returns
+    /// how many were forgotten. A gateway with many callers calls it from
+    /// time to time, with the ledger's own eviction
+    /// ([`InMemoryLedger::evict_idle`]).
+    pub fn forget_idle(&self, idle: std::time::Duration) -> usize {
+        self.shared.forget_idle(idle)
     }
 
     /// The ledger behind the budget.

@@ -115,8 +115,9 @@
 //!   holds no concurrency slot if the concurrency layer sits inside it.
 //! - It does not keep budgets across processes by itself: the
 //!   [`Ledger`](ledger::Ledger) trait is the seam for a shared store.
-//! - Keys are never forgotten by the layer: a gateway with very many callers
-//!   holds a little state per caller and model class.
+//! - It forgets no key by itself: a gateway with very many callers holds a
+//!   few kilobytes per caller and model class until
+//!   [`TokenBudgetLayer::forget_idle`] (and the ledger's own eviction) is called.
 
 mod config;
 mod enforce;

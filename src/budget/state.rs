@@ -75,6 +75,7 @@ struct Waiter {
 #[derive(Debug)]
 struct KeyState {
     limits: Limits,
+    last_used: Instant,
     queue: VecDeque<Waiter>,
     output_ratio: SlidingQuantile,
     ratio_samples: u64,
@@ -87,6 +88,7 @@ impl KeyState {
     fn new(limits: Limits) -> Self {
         Self {
             limits,
+            last_used: Instant::now(),
             queue: VecDeque::new(),
             output_ratio: SlidingQuantile::new(OUTPUT_RATIO_WINDOW),
             ratio_samples: 0,
@@ -269,6 +271,7 @@ impl Shared {
         let ks = keys
             .entry(Arc::clone(&key))
             .or_insert_with(|| KeyState::new(limits));
+        ks.last_used = Instant::now();
         ks.estimates += 1;
         if estimate.fallback {
             ks.fallback_estimates += 1;
@@ -588,6 +591,18 @@ impl Shared {
                 ks.wake_head(&self.counters);
             }
         }
+    }
+
+    /// Forgets the keys not used for `idle` and with no request waiting (what
+    /// was learned for them: output ratio, counters). Returns how many.
+    pub(crate) fn forget_idle(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut keys = self.lock();
+        let before = keys.len();
+        keys.retain(|_, ks| {
+            !ks.queue.is_empty() || now.saturating_duration_since(ks.last_used) < idle
+        });
+        before - keys.len()
     }
 
     /// A snapshot of every key this budget has seen.
