@@ -1385,3 +1385,29 @@ async fn idle_keys_are_forgotten_on_request() {
     assert_eq!(layer.forget_idle(Duration::from_secs(60)), 1);
     assert!(layer.snapshot().keys.is_empty());
 }
+
+/// An error answer with an empty body (never polled by a server) is settled
+/// at once: its output reservation comes back.
+#[tokio::test(start_paused = true)]
+async fn empty_error_answer_is_settled_without_being_read() {
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let inner = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        Ok::<_, BoxError>(resp)
+    });
+    let mut svc = layer.layer(inner);
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(100, 1_000))
+        .await
+        .unwrap();
+    let snap = layer.snapshot();
+    assert_eq!(snap.settled, 1);
+    assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
+    assert_eq!(remaining(&snap, Dimension::InputTokens), 29_900.0);
+    drop(resp);
+    assert_eq!(layer.snapshot().settled, 1);
+}
