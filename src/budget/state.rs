@@ -259,11 +259,11 @@ impl Shared {
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
         let name = class.as_str();
-        let mut keys = self.lock();
         let lookup: std::borrow::Cow<'_, str> = match caller {
             None => std::borrow::Cow::Borrowed(name),
             Some(caller) => std::borrow::Cow::Owned(format!("{caller}/{name}")),
         };
+        let mut keys = self.lock();
         let key = match keys.get_key_value(&*lookup) {
             Some((existing, _)) => Arc::clone(existing),
             None => Arc::from(&*lookup),
