@@ -22,8 +22,10 @@
 //!    [`OutputMode`]: `max_tokens` in `Reserve` mode, or in `Realtime` mode
 //!    (the default) an expected output, `ceil(max_tokens × r)` where `r` is
 //!    the p90 of `output_tokens / max_tokens` over the key's recent responses
-//!    (the prior `r = 1.0`, the whole `max_tokens`, until 20 were seen).
-//!    A request without `max_tokens` counts [`DEFAULT_MAX_TOKENS`].
+//!    (the prior `r = 1.0`, the whole `max_tokens`, until 20 were seen;
+//!    at least one token). A request without `max_tokens` counts
+//!    [`DEFAULT_MAX_TOKENS`]. With no limit configured for a dimension,
+//!    nothing is paced there until a response's headers teach the limit.
 //! 3. **Wait or fail.** In [`BudgetMode::Wait`] (the default) requests that
 //!    do not fit wait in a FIFO queue per key: only the head asks the ledger
 //!    and sleeps until the instant it named; a settlement that frees capacity
