@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde_json::json;
+use serde::Serialize;
 use tokio::time::{sleep, Instant};
 
 use super::body::{EmulatorBody, Step};
@@ -30,6 +30,11 @@ use super::Shared;
 use crate::budget::ledger::{CostDelta, Costs, Ledger, Reservation};
 use crate::budget::limits::{Limits, OutputMode};
 use crate::{BoxError, Dimension};
+
+#[derive(Serialize)]
+struct CountTokensAnswer {
+    input_tokens: u64,
+}
 
 /// The ledger key of the `count_tokens` endpoint's own limiter.
 const COUNT_TOKENS_KEY: &str = "count_tokens";
@@ -299,7 +304,9 @@ fn count_tokens(
             shared.lock_stats().count_tokens.requests_admitted += 1;
             json_response(
                 StatusCode::OK,
-                &json!({"input_tokens": parsed.total_tokens}),
+                &CountTokensAnswer {
+                    input_tokens: parsed.total_tokens,
+                },
                 Some(request_id),
             )
         }
@@ -360,11 +367,12 @@ async fn messages(
 
     if shared.spend_limit_reached() {
         shared.lock_stats().class(&class).spend_limited += 1;
+        let message = spend_limit_message(SystemTime::now());
         let body = error_json(
             "rate_limit_error",
-            &spend_limit_message(SystemTime::now()),
+            &message,
             Some(&request_id),
-            Some(json!({"error_code": "enforced_spend_limit_reached"})),
+            Some("enforced_spend_limit_reached"),
         );
         let response = json_response(StatusCode::TOO_MANY_REQUESTS, &body, Some(&request_id));
         return Ok(with_limit_headers(&shared, &class, &limits, response));
