@@ -89,6 +89,45 @@
 //! # }
 //! ```
 //!
+//! # What happens to a `POST /v1/messages`
+//!
+//! 1. Path and method (`404`, `405`), body size (`413`, before anything is
+//!    read past the limit), validation (`400`): nothing is charged.
+//! 2. The spend cap, if switched on: `429` without `retry-after`.
+//! 3. The fault draw: `529` or `500` here, before admission (nothing charged).
+//! 4. Token count and prompt-cache lookup; the ITPM charge is the uncached
+//!    input plus cache writes (plus cache reads for † classes).
+//! 5. The acceleration limit, if set, then the class's three buckets, all or
+//!    nothing: `429` with `retry-after` (seconds until the request would fit,
+//!    rounded up), nothing charged.
+//! 6. Admitted: one request, the input, and the output reservation
+//!    (`max_tokens` in reserve mode, the first token in realtime mode) are
+//!    debited, the cache is updated. A `connection_reset` fault strikes here.
+//! 7. The answer: output produced at the latency model's pace, charged as it
+//!    is produced (realtime) or settled at the end (reserve); if the client
+//!    drops the answer, what was produced is what is charged.
+//!
+//! # Driving it in a simulation
+//!
+//! Run the client and the emulator in one process on a current-thread
+//! runtime with the clock paused (`#[tokio::main(flavor = "current_thread",
+//! start_paused = true)]`, or `tokio::time::pause()`): tokio then jumps over
+//! every sleep, so minutes of traffic take seconds, and the run is the same
+//! for the same seed. Give each task a clone of [`Emulator::service`]; read
+//! [`Emulator::stats`] at the end (tokens really charged per class, 429s
+//! sent, the per-second [`ClassStats::timeline`] for plots) and
+//! [`Emulator::minimum_time`] for the limit-bound lower bound of the run's
+//! duration. Answer lengths depend only on the seed and the request body, so
+//! every strategy of a side-by-side run gets the same answers; faults and
+//! latency jitter are drawn per request in arrival order. A fresh emulator
+//! per strategy starts from full buckets and an empty cache.
+//!
+//! The headers' reset times are the system clock plus the bucket's time to
+//! full, so a client reading them with
+//! [`RateLimitSnapshot::from_headers`](crate::headers::RateLimitSnapshot::from_headers)
+//! gets the right delay even though the paused clock never moves the system
+//! clock.
+//!
 //! # What it deliberately does not do
 //!
 //! - It does not model content: answers are one-token words, as many as the
@@ -326,6 +365,19 @@ impl Emulator {
     /// requests admitted, 429s sent, faults injected, and a per-second timeline.
     pub fn stats(&self) -> EmulatorStats {
         self.shared.lock_stats().snapshot(Instant::now())
+    }
+
+    /// The least time in which this emulator's limits could have admitted
+    /// what it charged so far: the longest [`ClassStats::minimum_time`] over
+    /// the model classes (they have separate limits and run side by side).
+    pub fn minimum_time(&self) -> Duration {
+        let window = self.shared.config.window.unwrap_or(Duration::from_secs(60));
+        self.stats()
+            .classes
+            .iter()
+            .map(|(class, s)| s.minimum_time(&self.shared.limits_for(class), window))
+            .max()
+            .unwrap_or(Duration::ZERO)
     }
 
     /// Switches the spend-cap 429 on or off: while on, every

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::config::Acceleration;
+use crate::budget::limits::Limits;
 
 /// One second of a model class's traffic, for plots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +55,47 @@ pub struct ClassStats {
     pub stream_errors: u64,
     /// Per second since the emulator was built: index `i` covers `[i, i + 1)` s.
     pub timeline: Vec<SecondStats>,
+}
+
+impl ClassStats {
+    /// The least time in which limits `limits`, enforced over `window`, could
+    /// have admitted what this class was charged: for each limit, the amount
+    /// charged beyond the bucket's initial capacity (the buckets start full;
+    /// capacity = the limit scaled to the window) divided by the refill rate
+    /// (limit / 60 per second); the longest of the three. A lower bound on a
+    /// run's duration that no client can beat, to compare strategies against.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_llm_limits::budget::limits::Limits;
+    /// use tower_llm_limits::emulator::ClassStats;
+    ///
+    /// let charged = ClassStats { requests_admitted: 10, input_tokens: 90_000, output_tokens: 1_000, ..Default::default() };
+    /// // 90,000 input tokens under 30,000 ITPM: 30,000 at once, 60,000 more at 500 per second.
+    /// let limits = Limits::new(50, 30_000, 8_000);
+    /// assert_eq!(charged.minimum_time(&limits, Duration::from_secs(60)), Duration::from_secs(120));
+    /// ```
+    pub fn minimum_time(&self, limits: &Limits, window: Duration) -> Duration {
+        let window = window
+            .clamp(Duration::from_nanos(1), Duration::from_secs(60))
+            .as_secs_f64();
+        [
+            (limits.requests_per_minute, self.requests_admitted),
+            (limits.input_tokens_per_minute, self.input_tokens),
+            (limits.output_tokens_per_minute, self.output_tokens),
+        ]
+        .into_iter()
+        .filter_map(|(limit, charged)| {
+            let limit = limit.filter(|l| *l > 0)? as f64;
+            let capacity = limit * window / 60.0;
+            let beyond = (charged as f64 - capacity).max(0.0);
+            Duration::try_from_secs_f64(beyond * 60.0 / limit).ok()
+        })
+        .max()
+        .unwrap_or(Duration::ZERO)
+    }
 }
 
 /// The `count_tokens` endpoint's counters (its own limiter).
