@@ -1076,6 +1076,34 @@ fn capture_limit_events() -> (
     (guard, events)
 }
 
+#[tokio::test]
+async fn tokio_and_tower_timeouts_are_recognised() {
+    use tower_llm_limits::concurrency::looks_like_timeout;
+    let tokio_elapsed = tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
+        .await
+        .unwrap_err();
+    assert!(looks_like_timeout(&tokio_elapsed));
+    let tower_elapsed = tower::timeout::error::Elapsed::new();
+    assert!(looks_like_timeout(&tower_elapsed));
+    // Boxed, as a layer above tower's Timeout sees it.
+    let boxed: BoxError = Box::new(tower_elapsed);
+    assert!(looks_like_timeout(&*boxed));
+    let io = io::Error::new(io::ErrorKind::TimedOut, "read");
+    assert!(looks_like_timeout(&io));
+    let other = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+    assert!(!looks_like_timeout(&other));
+}
+
+#[test]
+fn futures_and_bodies_are_send_for_multi_threaded_clients() {
+    fn send<T: Send + Sync>() {}
+    fn send_only<T: Send>() {}
+    send::<ConcurrencyLayer>();
+    send::<Svc>();
+    send_only::<Fut>();
+    send_only::<ConcurrencyBody<SlowBody>>();
+}
+
 #[test]
 fn bad_settings_are_typed_errors() {
     assert_eq!(
