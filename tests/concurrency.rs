@@ -814,53 +814,60 @@ async fn a_cut_below_in_flight_revokes_nothing() {
     assert_eq!(layer.snapshot().in_flight, 0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn limit_settles_near_the_true_capacity_and_stays() {
-    // True capacity C = 20: above it, time to head grows and the upstream answers 529.
-    const C: usize = 20;
-    let up = Upstream::new(|_, n| {
-        if n > C {
+/// Drive an adaptive layer against an upstream whose true capacity is `c`
+/// (above it, time to head grows and it answers 529; heads jitter 150..250 ms),
+/// with three times more clients than it takes. After `settle`, sample the limit
+/// once a second for `observe`; return the range and the mean.
+async fn settled_range(c: usize, settle: Duration, observe: Duration) -> (usize, usize, usize) {
+    let up = Upstream::new(move |id, n| {
+        let head = Duration::from_millis(150 + (id * 7919) % 100);
+        if n > c {
             Plan {
                 status: 529,
-                head: Duration::from_millis(200 * (1 + (n - C) as u64)),
+                head: head * (1 + (n - c) as u32),
                 ..Plan::default()
             }
         } else {
             Plan {
-                head: Duration::from_millis(200),
+                head,
                 ..streaming(3, 200)
             }
         }
     });
-    let layer = ConcurrencyLayer::adaptive(1..=200);
+    let layer = ConcurrencyLayer::adaptive(1..=500);
     let svc = layer.layer(up.clone());
-    let tasks = load(&svc, 3 * C as u64, Duration::from_secs(1500));
-    sleep(Duration::from_secs(300)).await;
-    let (mut lo, mut hi) = (usize::MAX, 0);
-    let mut sum = 0;
-    let samples = 1200;
-    for _ in 0..samples {
+    let tasks = load(&svc, 3 * c as u64, settle + observe);
+    sleep(settle).await;
+    let (mut lo, mut hi, mut sum, mut samples) = (usize::MAX, 0, 0, 0);
+    while samples < observe.as_secs() as usize {
         sleep(Duration::from_secs(1)).await;
         let l = layer.snapshot().limit;
         lo = lo.min(l);
         hi = hi.max(l);
         sum += l;
+        samples += 1;
     }
     let s = layer.snapshot();
     eprintln!(
-        "settled range {lo}..={hi} mean {} cuts {} increases {}",
-        sum / samples,
-        s.cuts,
-        s.increases
-    );
-    assert!(
-        lo * 10 >= C * 8 && hi * 10 <= C * 12,
-        "limit ranged {lo}..={hi} (mean {}), cuts {}, increases {}",
+        "capacity {c}: settled range {lo}..={hi}, mean {}, cuts {}, increases {}",
         sum / samples,
         s.cuts,
         s.increases
     );
     join(tasks).await;
+    (lo, hi, sum / samples)
+}
+
+#[tokio::test(start_paused = true)]
+async fn limit_settles_near_the_true_capacity_and_stays() {
+    for (c, settle, observe) in [(20, 300, 1200), (8, 120, 600), (50, 300, 600)] {
+        let (lo, hi, mean) =
+            settled_range(c, Duration::from_secs(settle), Duration::from_secs(observe)).await;
+        assert!(
+            lo * 10 >= c * 8 && hi * 10 <= c * 12,
+            "capacity {c}: limit ranged {lo}..={hi} (mean {mean}) after settling"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
