@@ -66,6 +66,9 @@
 //! - the service never holds a slot, so a service that is only kept around, or
 //!   a clone, holds nothing (tower's contract is kept trivially);
 //! - the inner service must be `Clone` (HTTP clients are);
+//! - a queued request carries its ready inner service while it waits: if that
+//!   readiness reserves something (tower's `Buffer` reserves a buffer slot), the
+//!   reservation waits too;
 //! - backpressure is the queue bound: past it, a request fails at once with
 //!   [`Error::Overloaded`](crate::Error::Overloaded) instead of piling up.
 //!
