@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower_llm_limits::budget::limits::{Limits, OutputMode};
+use tower_llm_limits::budget::limits::{Limits, ModelClass, OutputMode, Tier};
 use tower_llm_limits::emulator::{
     count_text, Acceleration, Emulator, EmulatorBody, EmulatorBuilder, Faults, Latency,
     OutputLength, TokenCounter,
@@ -539,12 +539,15 @@ async fn a_request_above_the_whole_limit_gets_429_with_a_minute() {
 async fn limits_are_per_model_class() {
     let emulator = quiet()
         .limits(Limits::new(3, 1_000_000, 1_000_000))
-        .class_limits("haiku-4-5", Limits::new(1, 1_000_000, 1_000_000))
+        .class_limits(ModelClass::Haiku45, Limits::new(1, 1_000_000, 1_000_000))
         .build()
         .unwrap();
-    assert_eq!(emulator.class_of("claude-haiku-4-5-20251001"), "haiku-4-5");
     assert_eq!(
-        emulator.limits_for("haiku-4-5").requests_per_minute,
+        emulator.class_of("claude-haiku-4-5-20251001"),
+        ModelClass::Haiku45
+    );
+    assert_eq!(
+        emulator.limits_for(ModelClass::Haiku45).requests_per_minute,
         Some(1)
     );
     let haiku = |text: &str| {
@@ -584,6 +587,34 @@ async fn limits_are_per_model_class() {
     assert_eq!(stats.classes["sonnet-4"].requests_admitted, 3);
     assert_eq!(stats.classes["sonnet-4"].rate_limited, 1);
     assert_eq!(stats.total().requests_admitted, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tier_preset_sets_every_class() {
+    let emulator = quiet()
+        .tier(Tier::Tier1)
+        .class_limits(ModelClass::Opus4, Limits::new(7, 70_000, 7_000))
+        .build()
+        .unwrap();
+    assert_eq!(
+        emulator.limits_for(ModelClass::Sonnet4),
+        Limits::new(50, 30_000, 8_000)
+    );
+    assert_eq!(
+        emulator.limits_for(ModelClass::Haiku45),
+        Limits::new(50, 50_000, 10_000)
+    );
+    assert_eq!(
+        emulator.limits_for(ModelClass::Opus4),
+        Limits::new(7, 70_000, 7_000)
+    );
+    let body = json!({"model": "claude-3-5-haiku-latest", "max_tokens": 5,
+                      "messages": [{"role": "user", "content": "x"}]});
+    let response = send(&emulator, "/v1/messages", &body).await;
+    let snap = RateLimitSnapshot::from_headers(response.headers());
+    assert_eq!(snap.input_tokens.limit, Some(50_000));
+    assert_eq!(snap.output_tokens.limit, Some(10_000));
+    assert_eq!(snap.tokens.limit, Some(60_000));
 }
 
 #[tokio::test(start_paused = true)]

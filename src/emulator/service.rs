@@ -28,7 +28,7 @@ use super::rng::{mix, Rng};
 use super::tokens::{parse_request, Endpoint, ParsedRequest};
 use super::Shared;
 use crate::budget::ledger::{CostDelta, Costs, Ledger, Reservation};
-use crate::budget::limits::{Limits, OutputMode};
+use crate::budget::limits::{Limits, ModelClass, OutputMode};
 use crate::{BoxError, Dimension};
 
 #[derive(Serialize)]
@@ -108,7 +108,7 @@ impl Future for ResponseFuture {
 /// An admitted request's output accounting, settled when finished or dropped.
 pub(crate) struct Admission {
     shared: Arc<Shared>,
-    class: String,
+    class: &'static str,
     limits: Limits,
     mode: OutputMode,
     /// Output tokens debited so far (the reservation, then realtime charges).
@@ -137,14 +137,14 @@ impl Admission {
         self.produced += n;
         {
             let mut stats = self.shared.lock_stats();
-            stats.class(&self.class).output_tokens += n;
-            stats.second(&self.class, now).output_tokens += n;
+            stats.class(self.class).output_tokens += n;
+            stats.second(self.class, now).output_tokens += n;
         }
         if self.mode == OutputMode::Realtime && self.produced > self.charged {
             let extra = self.produced - self.charged;
             self.charged = self.produced;
             self.shared.ledger.settle(
-                &self.class,
+                self.class,
                 &self.limits,
                 CostDelta {
                     output_tokens: i64::try_from(extra).unwrap_or(i64::MAX),
@@ -165,7 +165,7 @@ impl Admission {
             let delta = i128::from(self.produced) - i128::from(self.charged);
             let delta = i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
             self.shared.ledger.settle(
-                &self.class,
+                self.class,
                 &self.limits,
                 CostDelta {
                     output_tokens: delta,
@@ -361,8 +361,9 @@ async fn messages(
     mut rng: Rng,
     request_id: String,
 ) -> Result<Response<EmulatorBody>, BoxError> {
-    let class = shared.class_of(&parsed.model);
-    let limits = shared.limits_for(&class);
+    let model_class = ModelClass::of(&parsed.model);
+    let class = model_class.as_str();
+    let limits = shared.limits_for(model_class);
     let now = Instant::now();
 
     if shared.spend_limit_reached() {
@@ -406,7 +407,7 @@ async fn messages(
     let cache: CacheOutcome = shared.lock_cache().lookup(&parsed.units, now);
     let input_charge = cache.uncached
         + cache.written()
-        + if shared.cache_reads_count(&class) {
+        + if shared.cache_reads_count(model_class) {
             cache.read
         } else {
             0
@@ -479,7 +480,7 @@ async fn messages(
     }
     let mut admission = Admission {
         shared: shared.clone(),
-        class: class.clone(),
+        class,
         limits,
         mode: shared.config.output_mode,
         charged: reserved_output,
