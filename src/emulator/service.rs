@@ -367,7 +367,7 @@ async fn messages(
     let now = Instant::now();
 
     if shared.spend_limit_reached() {
-        shared.lock_stats().class(&class).spend_limited += 1;
+        shared.lock_stats().class(class).spend_limited += 1;
         let message = spend_limit_message(SystemTime::now());
         let body = error_json(
             "rate_limit_error",
@@ -376,30 +376,30 @@ async fn messages(
             Some("enforced_spend_limit_reached"),
         );
         let response = json_response(StatusCode::TOO_MANY_REQUESTS, &body, Some(&request_id));
-        return Ok(with_limit_headers(&shared, &class, &limits, response));
+        return Ok(with_limit_headers(&shared, class, &limits, response));
     }
 
     let fault = shared.config.faults.draw(&mut rng, parsed.stream);
     match fault {
         Some(Fault::Overloaded) => {
-            shared.lock_stats().class(&class).overloaded += 1;
+            shared.lock_stats().class(class).overloaded += 1;
             let r = error_response(
                 StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                 "overloaded_error",
                 "Overloaded",
                 Some(&request_id),
             );
-            return Ok(with_limit_headers(&shared, &class, &limits, r));
+            return Ok(with_limit_headers(&shared, class, &limits, r));
         }
         Some(Fault::ServerError) => {
-            shared.lock_stats().class(&class).server_errors += 1;
+            shared.lock_stats().class(class).server_errors += 1;
             let r = error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "api_error",
                 "Internal server error",
                 Some(&request_id),
             );
-            return Ok(with_limit_headers(&shared, &class, &limits, r));
+            return Ok(with_limit_headers(&shared, class, &limits, r));
         }
         _ => {}
     }
@@ -425,11 +425,11 @@ async fn messages(
 
     if let Some(acc) = &shared.config.acceleration {
         let mut stats = shared.lock_stats();
-        if stats.accelerating(&class, acc, input_charge + reserved_output, now) {
-            let c = stats.class(&class);
+        if stats.accelerating(class, acc, input_charge + reserved_output, now) {
+            let c = stats.class(class);
             c.rate_limited += 1;
             c.acceleration_limited += 1;
-            stats.second(&class, now).rate_limited += 1;
+            stats.second(class, now).rate_limited += 1;
             drop(stats);
             tracing::debug!(class = %class, "emulator: acceleration limit");
             let mut r = error_response(
@@ -439,11 +439,11 @@ async fn messages(
                 Some(&request_id),
             );
             insert_retry_after(r.headers_mut(), acc.window);
-            return Ok(with_limit_headers(&shared, &class, &limits, r));
+            return Ok(with_limit_headers(&shared, class, &limits, r));
         }
     }
 
-    let wait = match shared.ledger.reserve(&class, &limits, costs, now) {
+    let wait = match shared.ledger.reserve(class, &limits, costs, now) {
         Reservation::Admitted => None,
         Reservation::WaitUntil { at, dimension } => {
             Some((dimension, at.saturating_duration_since(now)))
@@ -455,26 +455,26 @@ async fn messages(
     if let Some((dimension, retry_after)) = wait {
         {
             let mut stats = shared.lock_stats();
-            stats.class(&class).rate_limited += 1;
-            stats.second(&class, now).rate_limited += 1;
+            stats.class(class).rate_limited += 1;
+            stats.second(class, now).rate_limited += 1;
         }
         tracing::debug!(class = %class, ?dimension, ?retry_after, "emulator: rate limited");
         let mut r = rate_limited(dimension, limits.get(dimension), &request_id);
         insert_retry_after(r.headers_mut(), retry_after);
-        return Ok(with_limit_headers(&shared, &class, &limits, r));
+        return Ok(with_limit_headers(&shared, class, &limits, r));
     }
 
     // Admitted: the request reached the model.
     shared.lock_cache().commit(&parsed.units, now);
     {
         let mut stats = shared.lock_stats();
-        let c = stats.class(&class);
+        let c = stats.class(class);
         c.requests_admitted += 1;
         c.input_tokens += input_charge;
         c.uncached_input_tokens += cache.uncached;
         c.cache_read_input_tokens += cache.read;
         c.cache_creation_input_tokens += cache.written();
-        let s = stats.second(&class, now);
+        let s = stats.second(class, now);
         s.requests += 1;
         s.input_tokens += input_charge;
     }
@@ -489,7 +489,7 @@ async fn messages(
     };
 
     if fault == Some(Fault::ConnectionReset) {
-        shared.lock_stats().class(&class).connection_resets += 1;
+        shared.lock_stats().class(class).connection_resets += 1;
         admission.finish();
         return Err(connection_reset());
     }
@@ -513,7 +513,7 @@ async fn messages(
     let per_token = scale(latency.per_output_token, factor);
     let message_id = random_id("msg_", &mut rng);
     let slow = if fault == Some(Fault::Slow) {
-        shared.lock_stats().class(&class).slow_responses += 1;
+        shared.lock_stats().class(class).slow_responses += 1;
         shared.config.faults.slow_delay
     } else {
         Duration::ZERO
@@ -535,7 +535,7 @@ async fn messages(
         let text = chunks.concat();
         let body = message_json(&message_id, &parsed.model, &text, stop_reason, &usage);
         let r = json_response(StatusCode::OK, &body, Some(&request_id));
-        return Ok(with_limit_headers(&shared, &class, &limits, r));
+        return Ok(with_limit_headers(&shared, class, &limits, r));
     }
 
     // Streamed: the head after any slow delay, then events paced by the latency model.
@@ -543,7 +543,7 @@ async fn messages(
         sleep(slow).await;
     }
     let error_after = if fault == Some(Fault::StreamError) {
-        shared.lock_stats().class(&class).stream_errors += 1;
+        shared.lock_stats().class(class).stream_errors += 1;
         // Somewhere in the middle: after at least one delta when there are two or more.
         Some(
             rng.below(chunks.len() as u64)
@@ -584,5 +584,5 @@ async fn messages(
     let mut response = Response::new(EmulatorBody::script(steps, admission));
     sse_headers(response.headers_mut());
     insert_request_id(response.headers_mut(), &request_id);
-    Ok(with_limit_headers(&shared, &class, &limits, response))
+    Ok(with_limit_headers(&shared, class, &limits, response))
 }
