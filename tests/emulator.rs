@@ -1218,3 +1218,69 @@ async fn connection_reset_over_tcp_aborts_the_connection() {
     assert_eq!(emulator.stats().classes["sonnet-4"].connection_resets, 1);
     task.abort();
 }
+
+// ---------------------------------------------------------------- cancellation and properties
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_json_request_mid_generation_charges_what_was_produced() {
+    let emulator = quiet()
+        .limits(Limits::new(1_000, 1_000_000, 10_000))
+        .output_mode(OutputMode::Reserve)
+        .output_length(OutputLength::new(1.0, 1.0))
+        .latency(
+            Latency::none()
+                .with_per_output_token(Duration::from_millis(10))
+                .with_tokens_per_delta(10),
+        )
+        .build()
+        .unwrap();
+    // 1,000 tokens take 10 s; the client gives up after 2.505 s (250 produced).
+    let cut = tokio::time::timeout(
+        Duration::from_millis(2_505),
+        send(&emulator, "/v1/messages", &ask("long", 1_000)),
+    )
+    .await;
+    assert!(cut.is_err(), "the answer was not complete yet");
+    let s = emulator.stats().classes["sonnet-4"].clone();
+    assert_eq!((s.requests_admitted, s.output_tokens), (1, 250));
+    let probe = send(&emulator, "/v1/messages", &ask("probe", 1)).await;
+    let snap = RateLimitSnapshot::from_headers(probe.headers());
+    // The 1,000 reserved were settled to the 250 produced, which the 2.5 s of
+    // refill (at 166 per second) covers: the bucket is full again. Had the
+    // unused 750 stayed charged it would hold about 9,400, shown as 9,000.
+    assert_eq!(snap.output_tokens.remaining, Some(10_000));
+    assert_eq!(emulator.stats().classes["sonnet-4"].output_tokens, 251);
+}
+
+proptest::proptest! {
+    #[test]
+    fn counting_adds_up_over_whitespace(a in "\\PC{0,40}", b in "\\PC{0,40}") {
+        let joined = format!("{a} {b}");
+        proptest::prop_assert_eq!(count_text(&joined), count_text(&a) + count_text(&b));
+        proptest::prop_assert!(count_text(&a) <= a.chars().count() as u64);
+    }
+
+    #[test]
+    fn any_body_gets_an_answer_or_a_400(body in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        let emulator = quiet().build().unwrap();
+        let status = runtime.block_on(async {
+            let request = Request::post("/v1/messages").body(Full::new(Bytes::from(body))).unwrap();
+            emulator.service().oneshot(request).await.unwrap().status()
+        });
+        proptest::prop_assert!(status == StatusCode::OK || status == StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn any_valid_request_counts_like_count_tokens(text in "\\PC{0,200}", max in 1u64..50) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        let emulator = quiet().build().unwrap();
+        let body = ask(&text, max);
+        let usage = runtime.block_on(async {
+            json_of(send(&emulator, "/v1/messages", &body).await).await["usage"].clone()
+        });
+        proptest::prop_assert_eq!(usage["input_tokens"].as_u64(), Some(count(&body)));
+        let out = usage["output_tokens"].as_u64().unwrap();
+        proptest::prop_assert!((1..=max).contains(&out));
+    }
+}
