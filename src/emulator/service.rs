@@ -138,7 +138,7 @@ impl Admission {
         {
             let mut stats = self.shared.lock_stats();
             stats.class(self.class).output_tokens += n;
-            stats.second(self.class, now).output_tokens += n;
+            stats.at_second(self.class, now, |s| s.output_tokens += n);
         }
         if self.mode == OutputMode::Realtime && self.produced > self.charged {
             let extra = self.produced - self.charged;
@@ -429,7 +429,7 @@ async fn messages(
             let c = stats.class(class);
             c.rate_limited += 1;
             c.acceleration_limited += 1;
-            stats.second(class, now).rate_limited += 1;
+            stats.at_second(class, now, |s| s.rate_limited += 1);
             drop(stats);
             tracing::debug!(class = %class, "emulator: acceleration limit");
             let mut r = error_response(
@@ -456,7 +456,7 @@ async fn messages(
         {
             let mut stats = shared.lock_stats();
             stats.class(class).rate_limited += 1;
-            stats.second(class, now).rate_limited += 1;
+            stats.at_second(class, now, |s| s.rate_limited += 1);
         }
         tracing::debug!(class = %class, ?dimension, ?retry_after, "emulator: rate limited");
         let mut r = rate_limited(dimension, limits.get(dimension), &request_id);
@@ -474,9 +474,10 @@ async fn messages(
         c.uncached_input_tokens += cache.uncached;
         c.cache_read_input_tokens += cache.read;
         c.cache_creation_input_tokens += cache.written();
-        let s = stats.second(class, now);
-        s.requests += 1;
-        s.input_tokens += input_charge;
+        stats.at_second(class, now, |s| {
+            s.requests += 1;
+            s.input_tokens += input_charge;
+        });
     }
     let mut admission = Admission {
         shared: shared.clone(),

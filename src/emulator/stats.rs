@@ -180,16 +180,22 @@ impl StatsInner {
         usize::try_from(now.saturating_duration_since(self.start).as_secs()).unwrap_or(usize::MAX)
     }
 
-    /// The class's timeline slot for `now`.
-    pub(crate) fn second(&mut self, class: &str, now: Instant) -> &mut SecondStats {
+    /// Updates the class's timeline slot for `now`.
+    pub(crate) fn at_second(
+        &mut self,
+        class: &str,
+        now: Instant,
+        update: impl FnOnce(&mut SecondStats),
+    ) {
         // Bounded: one slot per second of the run (a day is 86,400 slots).
         let i = self.second_index(now).min(10_000_000);
         let timeline = &mut self.class(class).timeline;
         if timeline.len() <= i {
             timeline.resize(i + 1, SecondStats::default());
         }
-        let last = timeline.len() - 1;
-        &mut timeline[i.min(last)]
+        if let Some(slot) = timeline.get_mut(i) {
+            update(slot);
+        }
     }
 
     /// Whether admitting `cost` more tokens now would be a jump above the
@@ -260,7 +266,9 @@ mod tests {
         let acc = Acceleration::new(2.0, 100);
         // A steady 100 tokens per second for 70 s.
         for sec in 0..70u64 {
-            s.second("c", start + Duration::from_secs(sec)).input_tokens += 100;
+            s.at_second("c", start + Duration::from_secs(sec), |x| {
+                x.input_tokens += 100
+            });
         }
         let now = start + Duration::from_secs(70);
         // Last 10 s hold 900 (seconds 61..=69) + this request; baseline average is 1,000 per 10 s.
@@ -277,8 +285,8 @@ mod tests {
         let mut s = StatsInner::new(start);
         s.class("a").input_tokens = 5;
         s.class("b").input_tokens = 7;
-        s.second("a", start).requests += 1;
-        s.second("b", start + Duration::from_secs(2)).requests += 1;
+        s.at_second("a", start, |x| x.requests += 1);
+        s.at_second("b", start + Duration::from_secs(2), |x| x.requests += 1);
         let snap = s.snapshot(start + Duration::from_secs(3));
         let t = snap.total();
         assert_eq!(t.input_tokens, 12);
