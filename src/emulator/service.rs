@@ -204,6 +204,17 @@ where
     }
 }
 
+/// `d * n`, saturating.
+fn times(d: Duration, n: u64) -> Duration {
+    if d.is_zero() || n == 0 {
+        return Duration::ZERO;
+    }
+    u32::try_from(n)
+        .ok()
+        .and_then(|n| d.checked_mul(n))
+        .unwrap_or(Duration::MAX)
+}
+
 fn connection_reset() -> BoxError {
     Box::new(std::io::Error::new(
         std::io::ErrorKind::ConnectionReset,
@@ -519,13 +530,13 @@ async fn messages(
     } else {
         Duration::ZERO
     };
-    let chunk_sizes =
-        (0..chunks.len() as u64).map(|i| per_delta.min(output_tokens - i * per_delta));
+    let chunk_sizes = (0..chunks.len() as u64)
+        .map(|i| per_delta.min(output_tokens.saturating_sub(i.saturating_mul(per_delta))));
 
     if !parsed.stream {
-        sleep(slow + ttft).await;
+        sleep(slow.saturating_add(ttft)).await;
         for n in chunk_sizes {
-            sleep(per_token * u32::try_from(n).unwrap_or(u32::MAX)).await;
+            sleep(times(per_token, n)).await;
             admission.produce(n);
         }
         admission.finish();
@@ -570,7 +581,7 @@ async fn messages(
             steps.push_back(Step::Emit(sse_error()));
             break;
         }
-        steps.push_back(Step::Wait(per_token * u32::try_from(n).unwrap_or(u32::MAX)));
+        steps.push_back(Step::Wait(times(per_token, n)));
         steps.push_back(Step::Produce(n));
         steps.push_back(Step::Emit(sse_text_delta(text)));
     }
