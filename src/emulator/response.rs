@@ -233,7 +233,9 @@ pub(crate) fn insert_rate_limit_headers(
     let mut token_dims = 0;
     for (dimension, state) in Dimension::ALL.iter().zip(states) {
         let Some(limit) = state.limit else { continue };
-        let reset = ceil_second(now + time_to_full(state, limit));
+        // A bucket deep in debt could overflow the system time: cap at a century.
+        let to_full = time_to_full(state, limit).min(Duration::from_secs(100 * 365 * 86_400));
+        let reset = ceil_second(now.checked_add(to_full).unwrap_or(now));
         let remaining = match dimension {
             Dimension::Requests => floor_count(state.available),
             _ => floor_thousands(state.available),
@@ -243,7 +245,11 @@ pub(crate) fn insert_rate_limit_headers(
             token_dims += 1;
             tokens = Some(match tokens {
                 None => (limit, remaining, reset),
-                Some((l, r, t)) => (l + limit, r + remaining, t.max(reset)),
+                Some((l, r, t)) => (
+                    l.saturating_add(limit),
+                    r.saturating_add(remaining),
+                    t.max(reset),
+                ),
             });
         }
     }

@@ -213,7 +213,7 @@ impl StatsInner {
         let now_s = self.second_index(now);
         let window = usize::try_from(acc.window.as_secs().max(1)).unwrap_or(usize::MAX);
         let baseline = usize::try_from(acc.baseline.as_secs().max(1)).unwrap_or(usize::MAX);
-        let tokens = |s: &SecondStats| s.input_tokens + s.output_tokens;
+        let tokens = |s: &SecondStats| s.input_tokens.saturating_add(s.output_tokens);
         let sum = |from: usize, to: usize| -> u64 {
             // seconds in [from, to]
             stats
@@ -223,10 +223,10 @@ impl StatsInner {
                 .skip(from)
                 .take(to.saturating_sub(from).saturating_add(1))
                 .map(|(_, s)| tokens(s))
-                .sum()
+                .fold(0u64, u64::saturating_add)
         };
         let recent_from = now_s.saturating_sub(window - 1);
-        let recent = sum(recent_from, now_s) + cost;
+        let recent = sum(recent_from, now_s).saturating_add(cost);
         if recent <= acc.min_tokens {
             return false;
         }
