@@ -1122,7 +1122,7 @@ impl AnthropicEstimator {
             if next.peek().is_none() {
                 break;
             }
-            let s = w.sections[sec as usize];
+            let s = &w.sections[sec as usize];
             h.write(&[0xfe, sec as u8]);
             let mut cursor = s.start;
             while let Some(&&i) = next.peek() {
@@ -1152,10 +1152,7 @@ impl AnthropicEstimator {
             let text = (t.text.ascii as f64 / cpt + t.text.non_ascii as f64 / ncpt) * factor;
             text + t.fixed as f64
         };
-        let section_tokens: Vec<f64> = SECTIONS
-            .iter()
-            .map(|&s| tokens(&w.sections[s as usize].tally))
-            .collect();
+        let section_tokens: [f64; 3] = SECTIONS.map(|s| tokens(&w.sections[s as usize].tally));
         let before = |sec: Section| -> f64 { section_tokens.iter().take(sec as usize).sum() };
         let total_f = self.config.request_overhead as f64 + section_tokens.iter().sum::<f64>();
         let total = total_f.ceil() as u64;
@@ -1202,6 +1199,7 @@ impl AnthropicEstimator {
             if let Some((key, p)) = best {
                 cache.touch(key, now);
                 cache_read = (p.floor() as u64).min(total);
+                tracing::trace!(cache_read, "prompt cache prefix believed warm");
             }
             let mut written = Vec::new();
             for ((sec, b, ttl), &key) in cands.iter().zip(&hashes) {
