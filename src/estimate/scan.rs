@@ -67,6 +67,14 @@ fn count_word(w: u64, c: &mut Chars) {
     }
 }
 
+/// The sum of a word's eight byte lanes (each at most 255).
+#[inline(always)]
+fn lane_sum(x: u64) -> u64 {
+    const M: u64 = 0x00ff_00ff_00ff_00ff;
+    let y = (x & M) + ((x >> 8) & M);
+    y.wrapping_mul(0x0001_0001_0001_0001) >> 48
+}
+
 /// Counts the bytes of `w` selected by `mask` (whole bytes).
 #[inline(always)]
 fn count_masked(w: u64, mask: u64, c: &mut Chars) {
@@ -225,7 +233,50 @@ impl<'a> Scanner<'a> {
         let b = self.b;
         let mut i = self.i;
         loop {
-            // Eight bytes at a time while no quote or backslash is in sight;
+            // Sixteen bytes at a time while no quote or backslash is in
+            // sight: a pure-ASCII pair costs one test; other pairs add to
+            // per-byte-lane counters (no popcount per word), summed at the end
+            // and every 127 pairs, before a lane could overflow.
+            let mut lanes_high = 0u64;
+            let mut lanes_lead = 0u64;
+            let mut pairs = 0u32;
+            let mut fast = 0u64;
+            while let Some(chunk) = b.get(i..i.saturating_add(16)) {
+                let (w0, w1) = chunk.split_at(8);
+                let (Ok(w0), Ok(w1)) = (<[u8; 8]>::try_from(w0), <[u8; 8]>::try_from(w1)) else {
+                    break;
+                };
+                let (w0, w1) = (u64::from_le_bytes(w0), u64::from_le_bytes(w1));
+                let special = has_byte(w0, b'"')
+                    | has_byte(w0, b'\\')
+                    | has_byte(w1, b'"')
+                    | has_byte(w1, b'\\');
+                if special != 0 {
+                    break;
+                }
+                i += 16;
+                if count {
+                    fast += 16;
+                    if (w0 | w1) & HI != 0 {
+                        lanes_high += ((w0 >> 7) & LO) + ((w1 >> 7) & LO);
+                        lanes_lead +=
+                            (((w0 & (w0 << 1)) >> 7) & LO) + (((w1 & (w1 << 1)) >> 7) & LO);
+                        pairs += 1;
+                        if pairs == 127 {
+                            let high = lane_sum(lanes_high);
+                            c.ascii += fast - high;
+                            c.non_ascii += lane_sum(lanes_lead);
+                            (lanes_high, lanes_lead, pairs, fast) = (0, 0, 0, 0);
+                        }
+                    }
+                }
+            }
+            if count {
+                let high = lane_sum(lanes_high);
+                c.ascii += fast - high;
+                c.non_ascii += lane_sum(lanes_lead);
+            }
+            // Then eight bytes at a time while no quote or backslash is in sight;
             // at the word that holds one, count the bytes before it and jump
             // to it (the lowest flagged byte is exact: false positives of the
             // zero-byte test only appear above a true match).
@@ -476,6 +527,28 @@ mod tests {
             assert_eq!(c, expect, "{body}");
             assert_eq!(&body.as_bytes()[s.i..], b" trailing");
             assert_eq!(count_span(body.as_bytes(), span), expect);
+        }
+    }
+
+    /// Long runs without escapes take the sixteen-byte path and its lane
+    /// counters (flushed every 127 pairs); they must agree with a plain count.
+    #[test]
+    fn long_runs_count_exactly() {
+        for unit in ["a", "é", "日本", "ab é日 xyz", "\u{1f600}q"] {
+            for reps in [1, 7, 300, 2500] {
+                let text = unit.repeat(reps);
+                let body = format!("\"{text}\"");
+                let mut s = Scanner::new(body.as_bytes());
+                let (_, c) = s.string(true).unwrap_or_default();
+                let ascii = text.chars().filter(char::is_ascii).count() as u64;
+                let non_ascii = text.chars().count() as u64 - ascii;
+                assert_eq!(
+                    (c.ascii, c.non_ascii),
+                    (ascii, non_ascii),
+                    "{unit} x {reps}"
+                );
+                assert_eq!(count_raw(text.as_bytes()), c);
+            }
         }
     }
 
