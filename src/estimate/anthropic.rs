@@ -364,6 +364,35 @@ pub struct EstimatorSnapshot {
 /// Thread-safe: share one behind an `Arc` (the budget layer does). The
 /// common path takes no lock but the calibration's, and the prompt-cache
 /// lock only for requests that carry `cache_control`.
+///
+/// # Examples
+///
+/// Estimate, settle, and read what was learned:
+///
+/// ```
+/// use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator, Usage};
+///
+/// let estimator = AnthropicEstimator::new();
+/// let (parts, ()) = http::Request::post("/v1/messages").body(()).unwrap().into_parts();
+/// let body = br#"{"model":"claude-haiku-4-5","max_tokens":100,
+///     "messages":[{"role":"user","content":"Summarise the attached notes."}]}"#;
+/// for _ in 0..5 {
+///     let e = estimator.estimate(&parts, body);
+///     // The server counted 20% more than the raw estimate.
+///     let usage = Usage { input_tokens: e.raw_input_tokens * 6 / 5, ..Usage::default() };
+///     estimator.observe(&e, &usage);
+/// }
+/// let snapshot = estimator.snapshot();
+/// assert_eq!(snapshot.models[0].model, "claude-haiku-4-5");
+/// assert!(snapshot.models[0].factor > 1.1);
+/// assert_eq!(snapshot.fallbacks, 0);
+///
+/// // Not a Messages request: a bound from the length, counted.
+/// let e = estimator.estimate(&parts, b"<html>");
+/// assert!(e.fallback);
+/// assert_eq!(e.input_tokens, 3);
+/// assert_eq!(estimator.snapshot().fallbacks, 1);
+/// ```
 pub struct AnthropicEstimator {
     config: Config,
     calibration: Calibration,
