@@ -41,7 +41,8 @@
 //! `cache_creation_input_tokens` or `cache_read_input_tokens` above zero) and
 //! until its lifetime has passed since it was last sent. A request is charged
 //! only for what follows its longest warm prefix (the prefix goes to
-//! `cache_read_tokens`). Like the server, the estimator looks for warm
+//! `cache_read_tokens`, as estimated, without the calibration factor, so that
+//! settlement compares like with like). Like the server, the estimator looks for warm
 //! prefixes at the breakpoints and at up to 20 content-block boundaries
 //! before each, so a breakpoint that moves forward with a conversation finds
 //! the prefix the previous turn wrote. Prefixes are hashed from the request
