@@ -75,7 +75,10 @@
 //! It does not tokenize: figures are estimates, biased high and corrected by
 //! calibration. For exact counts, implement [`TokenEstimator`] with the free
 //! `count_tokens` endpoint. It does not validate requests: a body the server
-//! would reject is still estimated as well as it can be.
+//! would reject is still estimated as well as it can be. Its prompt-cache
+//! look-back stays within the breakpoint's own section (plus the ends of the
+//! sections before it), where the server's 20 blocks may reach further back;
+//! a prefix it misses is charged in full, never less.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
