@@ -1411,3 +1411,58 @@ async fn empty_error_answer_is_settled_without_being_read() {
     drop(resp);
     assert_eq!(layer.snapshot().settled, 1);
 }
+
+/// The recommended stack composes: retry, then the budget, then the
+/// concurrency cap, then the client; the budget paces what reaches the client.
+#[tokio::test(start_paused = true)]
+async fn full_stack_retry_budget_concurrency() {
+    use tower_llm_limits::concurrency::ConcurrencyLayer;
+    use tower_llm_limits::retry::RetryAfterLayer;
+
+    let log = Arc::new(Log::default());
+    let (budget_layer, _) = budget(Limits::new(1_000, 10_000, 1_000_000));
+    let upstream_log = log.clone();
+    let inner = tower::service_fn(move |req: Request<ReplayBody<ReplayBody<Full<Bytes>>>>| {
+        let log = upstream_log.clone();
+        async move {
+            let bytes = req.into_body().collect().await?.to_bytes();
+            let input = estimate_json(&bytes).input_tokens;
+            log.sent.lock().unwrap().push(Sent {
+                at: Instant::now(),
+                input,
+            });
+            Ok::<_, BoxError>(Response::new(full(json_usage(input, 1))))
+        }
+    });
+    // `boxed_clone` first: an `async` block holding a stack of several
+    // generic layers whose errors are `BoxError` is refused by rustc's Send
+    // check ("implementation of From is not general enough", a known
+    // limitation with erased lifetimes); the boxed stack is a concrete type.
+    let client = tower::ServiceBuilder::new()
+        .boxed_clone()
+        .layer(RetryAfterLayer::anthropic())
+        .layer(budget_layer.clone())
+        .layer(ConcurrencyLayer::fixed(2))
+        .service(inner);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = client.ready().await?.call(request(5_000, 10)).await?;
+            resp.into_body().collect().await?;
+            Ok::<_, BoxError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // 30,000 tokens through a 10,000 ITPM budget: two at once, then one per 30 s.
+    let elapsed = Instant::now() - start;
+    assert!(
+        elapsed >= Duration::from_secs(120) && elapsed <= Duration::from_secs(121),
+        "{elapsed:?}"
+    );
+    assert_eq!(log.sent().len(), 6);
+    assert_eq!(budget_layer.snapshot().admitted, 6);
+}

@@ -109,6 +109,16 @@
 //! responses are settled as in client mode (their `usage`), and their own
 //! rate-limit headers, if any, are replaced by the caller's.
 //!
+//! # Spawning a stack of layers
+//!
+//! rustc refuses an `async` block that holds a stack of several of this
+//! crate's layers (whose errors are `BoxError`) where it must be `Send`, as in
+//! `tokio::spawn(async move { stack.oneshot(req).await })`, with
+//! "implementation of `From` is not general enough" (a known limitation of
+//! its Send check with erased lifetimes, not a property of the layers).
+//! Box the stack (`ServiceBuilder::new().boxed_clone()` as the first layer)
+//! or spawn the `oneshot` future itself (`tokio::spawn(stack.oneshot(req))`).
+//!
 //! # What it deliberately does not do
 //!
 //! - It does not retry: put [`RetryAfterLayer`](crate::retry) outside it.
