@@ -100,6 +100,7 @@ fn full(bytes: Bytes) -> ResBody {
 struct Sent {
     at: Instant,
     input: u64,
+    max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -129,6 +130,7 @@ fn upstream(log: Arc<Log>, output: u64) -> Upstream {
                 log.sent.lock().unwrap().push(Sent {
                     at: Instant::now(),
                     input,
+                    max_tokens: v["max_tokens"].as_u64(),
                 });
                 Ok::<_, BoxError>(Response::new(full(json_usage(counted, output))))
             }
@@ -1430,6 +1432,7 @@ async fn full_stack_retry_budget_concurrency() {
             log.sent.lock().unwrap().push(Sent {
                 at: Instant::now(),
                 input,
+                max_tokens: None,
             });
             Ok::<_, BoxError>(Response::new(full(json_usage(input, 1))))
         }
@@ -1465,4 +1468,95 @@ async fn full_stack_retry_budget_concurrency() {
     );
     assert_eq!(log.sent().len(), 6);
     assert_eq!(budget_layer.snapshot().admitted, 6);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// For any arrivals (sizes, gaps) and cancellations: every request not
+    /// cancelled is sent, in order of arrival; a cancelled one is never sent
+    /// after it was cancelled; and a token bucket server with the same limit
+    /// never has to refuse what was sent.
+    #[test]
+    fn waiters_are_served_in_order_within_the_limit(
+        reqs in proptest::collection::vec((1u64..=10_000, 0u64..20_000, proptest::option::weighted(0.3, 0u64..60_000)), 1..25)
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let (sent, cancelled_at, arrived) = rt.block_on(async {
+            let log = Arc::new(Log::default());
+            let (layer, _) = budget(Limits::new(100_000, 10_000, 100_000_000));
+            let svc = layer.layer(upstream(log.clone(), 1));
+            let start = Instant::now();
+            let mut handles = Vec::new();
+            let mut arrived = Vec::new();
+            for (i, (size, gap, cancel)) in reqs.iter().enumerate() {
+                tokio::time::sleep(Duration::from_millis(*gap)).await;
+                let mut svc = svc.clone();
+                // Tagged with its index in max_tokens.
+                let (size, tag) = (*size, 1_000 + i as u64);
+                arrived.push((i, Instant::now()));
+                let h = tokio::spawn(async move {
+                    let resp = svc.ready().await?.call(request(size, tag)).await?;
+                    resp.into_body().collect().await?;
+                    Ok::<_, BoxError>(())
+                });
+                handles.push((h, *cancel));
+            }
+            let mut cancelled_at = vec![None; handles.len()];
+            // Cancel those asked for, at their time after the last arrival.
+            let mut cancels: Vec<(u64, usize)> = handles
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, c))| c.map(|c| (c, i)))
+                .collect();
+            cancels.sort();
+            let base = Instant::now();
+            for (at, i) in cancels {
+                tokio::time::sleep_until(base + Duration::from_millis(at)).await;
+                handles[i].0.abort();
+                cancelled_at[i] = Some(Instant::now());
+            }
+            for (h, _) in handles {
+                let _ = h.await;
+            }
+            let sent = log.sent();
+            let _ = start;
+            (sent, cancelled_at, arrived)
+        });
+        // Sent in order of arrival; only cancelled requests are skipped, and
+        // none is sent after it was cancelled.
+        let order: Vec<usize> = sent
+            .iter()
+            .map(|s| s.max_tokens.unwrap_or(0).saturating_sub(1_000) as usize)
+            .collect();
+        proptest::prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "order {:?}", order);
+        for (s, &i) in sent.iter().zip(&order) {
+            proptest::prop_assert_eq!(s.input, reqs[i].0);
+            proptest::prop_assert!(s.at >= arrived[i].1);
+            if let Some(c) = cancelled_at[i] {
+                proptest::prop_assert!(s.at <= c, "sent after it was cancelled");
+            }
+        }
+        for i in 0..reqs.len() {
+            if cancelled_at[i].is_none() {
+                proptest::prop_assert!(order.contains(&i), "request {} never sent", i);
+            }
+        }
+        // A token bucket server with the same limit would accept all of it.
+        let rate = 10_000.0 / 60.0;
+        let mut level = 10_000.0f64;
+        let mut prev = sent.first().map(|s| s.at);
+        for s in &sent {
+            if let Some(p) = prev {
+                level = (level + (s.at - p).as_secs_f64() * rate).min(10_000.0);
+            }
+            prev = Some(s.at);
+            level -= s.input as f64;
+            proptest::prop_assert!(level >= -1e-6, "level {}", level);
+        }
+    }
 }
