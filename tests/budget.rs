@@ -1541,8 +1541,8 @@ proptest::proptest! {
                 proptest::prop_assert!(s.at <= c, "sent after it was cancelled");
             }
         }
-        for i in 0..reqs.len() {
-            if cancelled_at[i].is_none() {
+        for (i, cancelled) in cancelled_at.iter().enumerate() {
+            if cancelled.is_none() {
                 proptest::prop_assert!(order.contains(&i), "request {} never sent", i);
             }
         }
