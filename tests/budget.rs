@@ -1490,7 +1490,6 @@ proptest::proptest! {
             let log = Arc::new(Log::default());
             let (layer, _) = budget(Limits::new(100_000, 10_000, 100_000_000));
             let svc = layer.layer(upstream(log.clone(), 1));
-            let start = Instant::now();
             let mut handles = Vec::new();
             let mut arrived = Vec::new();
             for (i, (size, gap, cancel)) in reqs.iter().enumerate() {
@@ -1524,7 +1523,6 @@ proptest::proptest! {
                 let _ = h.await;
             }
             let sent = log.sent();
-            let _ = start;
             (sent, cancelled_at, arrived)
         });
         // Sent in order of arrival; only cancelled requests are skipped, and
