@@ -1558,3 +1558,108 @@ proptest::proptest! {
         }
     }
 }
+
+/// Over real HTTP on loopback (hyper server and client): the gateway's
+/// answers, a streamed one among them, settle and carry their headers as
+/// hyper reads them.
+#[tokio::test]
+async fn enforce_mode_over_loopback_http() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new(2, 30_000, 8_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .enforce()
+        .build();
+    let sse = Bytes::from_static(SSE.as_bytes());
+    // The gateway's own service (an axum Router would be one): its error
+    // type is concrete (`Infallible`); see the module docs on why a
+    // `BoxError` there cannot be held by hyper's connection task.
+    let inner = tower::service_fn(move |req: Request<ReplayBody<hyper::body::Incoming>>| {
+        let sse = sse.clone();
+        async move {
+            let bytes = match req.into_body().collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => Bytes::new(),
+            };
+            let est = estimate_json(&bytes);
+            let resp = if est.stream {
+                let mut r = Response::new(Full::new(sse));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/event-stream"),
+                );
+                r
+            } else {
+                Response::new(Full::new(json_usage(est.input_tokens, 7)))
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let gateway = layer.layer(inner);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let gateway = gateway.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| gateway.clone().oneshot(req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let post = |body: String| {
+        Request::post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", "sk-ant-loopback")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    // A streamed answer: settled at message_stop as hyper passed the frames.
+    let streamed = client
+        .request(post(format!(
+            r#"{{"model":"{MODEL}","max_tokens":1000,"input":1000,"stream":true}}"#
+        )))
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 200);
+    let limits = RateLimitSnapshot::from_headers(streamed.headers());
+    assert_eq!(limits.requests.remaining, Some(1));
+    assert_eq!(limits.input_tokens.remaining, Some(29_000));
+    let got = streamed.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, Bytes::from_static(SSE.as_bytes()));
+    let key = layer.snapshot().keys[0].clone();
+    // 500 input counted (472 + 28 cache writes), 15 output.
+    let input = key.dimension(Dimension::InputTokens).remaining.unwrap();
+    assert!((29_500.0..29_600.0).contains(&input), "{input}");
+
+    // A JSON answer, then the caller's second request in the minute is refused.
+    let ok = client
+        .request(post(request_body(2_000, 100)))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    ok.into_body().collect().await.unwrap();
+    let refused = client.request(post(request_body(10, 100))).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let limits = RateLimitSnapshot::from_headers(refused.headers());
+    assert_eq!(limits.requests.limit, Some(2));
+    assert_eq!(limits.should_retry, Some(true));
+    assert!(limits
+        .retry_after
+        .is_some_and(|d| d <= Duration::from_secs(30)));
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"]["type"], "rate_limit_error");
+    assert!(json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("2 requests per minute"));
+}

@@ -111,14 +111,21 @@
 //!
 //! # Spawning a stack of layers
 //!
-//! rustc refuses an `async` block that holds a stack of several of this
-//! crate's layers (whose errors are `BoxError`) where it must be `Send`, as in
-//! `tokio::spawn(async move { stack.oneshot(req).await })`, with
-//! "implementation of `From` is not general enough" (a known limitation of
-//! its Send check with erased lifetimes, not a property of the layers).
-//! Box the stack (`ServiceBuilder::new().boxed_clone()` as the first layer)
-//! or spawn the `oneshot` future itself (`tokio::spawn(stack.oneshot(req))`).
+//! rustc (as of 1.95) refuses some `Send` futures that hold a layer whose
+//! inner service's error type is `BoxError` (one of this crate's layers, or a
+//! `BoxCloneService<_, _, BoxError>`), with "implementation of `From` is not
+//! general enough": its Send check of an `async` block erases lifetimes and
+//! then cannot prove `BoxError: Into<BoxError>`. It shows in
+//! `tokio::spawn(async move { stack.oneshot(req).await })` over two stacked
+//! layers, or in hyper's connection task over a service with a `BoxError`.
+//! The layers are not at fault, and any of these avoids it:
 //!
+//! - box the whole stack: `ServiceBuilder::new().boxed_clone()` as the
+//!   outermost layer (the async block then holds a concrete type);
+//! - spawn the future itself: `tokio::spawn(stack.oneshot(req))`;
+//! - give the innermost service a concrete error type (an axum `Router` has
+//!   `Infallible`, hyper-util's client its own error).
+
 //! # What it deliberately does not do
 //!
 //! - It does not retry: put [`RetryAfterLayer`](crate::retry) outside it.
