@@ -1,1 +1,704 @@
-//! Parsing of pacing headers (in progress).
+//! Reading (and writing) the headers an LLM API sends to pace its clients.
+//!
+//! [`RateLimitSnapshot::from_headers`] reads everything in one response that
+//! matters for pacing into one value:
+//!
+//! - `retry-after-ms` (milliseconds, possibly fractional: the official SDKs read it
+//!   first) and `retry-after`, as delta-seconds or as an HTTP-date in any of the
+//!   three forms RFC 9110 accepts (IMF-fixdate, RFC 850, asctime);
+//! - `x-should-retry: true | false`;
+//! - Anthropic's `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`,
+//!   where `reset` is an RFC 3339 instant;
+//! - OpenAI-style `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, where
+//!   `reset` is a duration such as `6m0s`, `1s` or `250ms`, so the crate serves
+//!   OpenAI-compatible APIs too.
+//!
+//! Instants are turned into durations from "now" at parse time, so the layers can
+//! work with tokio's clock.
+//!
+//! A value that is malformed, negative, not UTF-8, longer than 64 bytes, or
+//! larger than [`MAX_DELAY`] is ignored (read as absent): a hostile or broken
+//! server can never make the parser panic or overflow.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::{Duration, SystemTime};
+//! use http::HeaderMap;
+//! use tower_llm_limits::headers::RateLimitSnapshot;
+//!
+//! let mut headers = HeaderMap::new();
+//! headers.insert("retry-after", "7".parse().unwrap());
+//! headers.insert("anthropic-ratelimit-input-tokens-limit", "30000".parse().unwrap());
+//! headers.insert("anthropic-ratelimit-input-tokens-remaining", "0".parse().unwrap());
+//! headers.insert(
+//!     "anthropic-ratelimit-input-tokens-reset",
+//!     "2026-11-28T07:15:12Z".parse().unwrap(),
+//! );
+//! let now = tower_llm_limits::headers::parse_rfc3339("2026-11-28T07:15:00Z").unwrap();
+//! let snap = RateLimitSnapshot::from_headers_at(&headers, now);
+//! assert_eq!(snap.retry_after, Some(Duration::from_secs(7)));
+//! assert_eq!(snap.input_tokens.limit, Some(30_000));
+//! assert_eq!(snap.exhausted_reset(), Some(Duration::from_secs(12)));
+//! ```
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+
+use crate::Dimension;
+
+/// `retry-after-ms`: a delay in milliseconds, read before `retry-after`.
+pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+
+/// `x-should-retry`: the server's own verdict on retrying (`true` or `false`).
+pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
+/// The largest delay or reset a header may carry to be believed: one year.
+/// Anything above is treated as malformed and ignored.
+pub const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Header values longer than this are ignored without being parsed.
+const MAX_VALUE_LEN: usize = 64;
+
+/// What a response said about one limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitStatus {
+    /// The limit per period (per minute for Anthropic).
+    pub limit: Option<u64>,
+    /// What is left of it now.
+    pub remaining: Option<u64>,
+    /// Time from the moment the headers were read until the limit is fully
+    /// replenished (Anthropic) or resets (OpenAI).
+    pub reset_in: Option<Duration>,
+}
+
+impl LimitStatus {
+    /// Whether no field was present.
+    pub fn is_empty(&self) -> bool {
+        self.limit.is_none() && self.remaining.is_none() && self.reset_in.is_none()
+    }
+
+    /// Whether the limit is known to be used up (`remaining` is 0).
+    pub fn is_exhausted(&self) -> bool {
+        self.remaining == Some(0)
+    }
+}
+
+/// Everything in one response's headers that matters for pacing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimitSnapshot {
+    /// `retry-after-ms` if present and valid, else `retry-after`.
+    pub retry_after: Option<Duration>,
+    /// `x-should-retry`.
+    pub should_retry: Option<bool>,
+    /// `anthropic-ratelimit-requests-*`, or `x-ratelimit-*-requests`.
+    pub requests: LimitStatus,
+    /// `anthropic-ratelimit-tokens-*` (the most restrictive token limit, not a
+    /// limit of its own), or `x-ratelimit-*-tokens`.
+    pub tokens: LimitStatus,
+    /// `anthropic-ratelimit-input-tokens-*`.
+    pub input_tokens: LimitStatus,
+    /// `anthropic-ratelimit-output-tokens-*`.
+    pub output_tokens: LimitStatus,
+}
+
+impl RateLimitSnapshot {
+    /// Reads the headers, taking instants relative to [`SystemTime::now`].
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        Self::from_headers_at(headers, SystemTime::now())
+    }
+
+    /// Reads the headers, taking instants relative to `now` (deterministic).
+    pub fn from_headers_at(headers: &HeaderMap, now: SystemTime) -> Self {
+        let retry_after = headers
+            .get(RETRY_AFTER_MS)
+            .and_then(parse_retry_after_ms)
+            .or_else(|| {
+                headers
+                    .get(RETRY_AFTER)
+                    .and_then(|v| parse_retry_after(v, now))
+            });
+        let should_retry = headers.get(X_SHOULD_RETRY).and_then(parse_bool);
+        let anthropic = |kind: &str| read_anthropic(headers, kind, now);
+        let mut snap = RateLimitSnapshot {
+            retry_after,
+            should_retry,
+            requests: anthropic("requests"),
+            tokens: anthropic("tokens"),
+            input_tokens: anthropic("input-tokens"),
+            output_tokens: anthropic("output-tokens"),
+        };
+        if snap.requests.is_empty() {
+            snap.requests = read_openai(headers, "requests");
+        }
+        if snap.tokens.is_empty() {
+            snap.tokens = read_openai(headers, "tokens");
+        }
+        snap
+    }
+
+    /// The longest `reset_in` among the limits that are used up
+    /// (`remaining: 0`): how long until every exhausted limit has room again.
+    pub fn exhausted_reset(&self) -> Option<Duration> {
+        [
+            &self.requests,
+            &self.tokens,
+            &self.input_tokens,
+            &self.output_tokens,
+        ]
+        .into_iter()
+        .filter(|l| l.is_exhausted())
+        .filter_map(|l| l.reset_in)
+        .max()
+    }
+
+    /// The status of one of the three per-minute limits.
+    pub fn dimension(&self, dimension: Dimension) -> &LimitStatus {
+        match dimension {
+            Dimension::Requests => &self.requests,
+            Dimension::InputTokens => &self.input_tokens,
+            Dimension::OutputTokens => &self.output_tokens,
+        }
+    }
+
+    /// Whether the headers said nothing about pacing at all.
+    pub fn is_empty(&self) -> bool {
+        self.retry_after.is_none()
+            && self.should_retry.is_none()
+            && self.requests.is_empty()
+            && self.tokens.is_empty()
+            && self.input_tokens.is_empty()
+            && self.output_tokens.is_empty()
+    }
+}
+
+fn value_str(value: &HeaderValue) -> Option<&str> {
+    if value.len() > MAX_VALUE_LEN {
+        return None;
+    }
+    value.to_str().ok().map(str::trim)
+}
+
+fn bounded(d: Duration) -> Option<Duration> {
+    (d <= MAX_DELAY).then_some(d)
+}
+
+/// Reads a non-negative, finite number of seconds (or milliseconds) as a duration.
+fn duration_from_f64(value: f64, unit_secs: f64) -> Option<Duration> {
+    if !value.is_finite() || value < 0.0 {
+        return None;
+    }
+    Duration::try_from_secs_f64(value * unit_secs)
+        .ok()
+        .and_then(bounded)
+}
+
+fn parse_number(s: &str) -> Option<f64> {
+    // Only plain decimal numbers: no sign, exponent, "inf" or "nan".
+    let mut dots = 0;
+    if s.is_empty()
+        || !s.bytes().all(|b| {
+            if b == b'.' {
+                dots += 1;
+                true
+            } else {
+                b.is_ascii_digit()
+            }
+        })
+        || dots > 1
+        || s == "."
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn parse_retry_after_ms(value: &HeaderValue) -> Option<Duration> {
+    parse_number(value_str(value)?).and_then(|ms| duration_from_f64(ms, 0.001))
+}
+
+/// Parses a `retry-after` value: delta-seconds (a fractional value is accepted,
+/// as the official SDKs do) or an HTTP-date, which is turned into the time from
+/// `now` until then (zero if it has passed).
+pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let s = value_str(value)?;
+    if let Some(secs) = parse_number(s) {
+        return duration_from_f64(secs, 1.0);
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    bounded(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+fn parse_bool(value: &HeaderValue) -> Option<bool> {
+    let s = value_str(value)?;
+    if s.eq_ignore_ascii_case("true") {
+        Some(true)
+    } else if s.eq_ignore_ascii_case("false") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+fn parse_u64(value: &HeaderValue) -> Option<u64> {
+    let s = value_str(value)?;
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn read_anthropic(headers: &HeaderMap, kind: &str, now: SystemTime) -> LimitStatus {
+    let get = |field: &str| headers.get(format!("anthropic-ratelimit-{kind}-{field}").as_str());
+    LimitStatus {
+        limit: get("limit").and_then(parse_u64),
+        remaining: get("remaining").and_then(parse_u64),
+        reset_in: get("reset")
+            .and_then(value_str)
+            .and_then(parse_rfc3339)
+            .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
+            .and_then(bounded),
+    }
+}
+
+fn read_openai(headers: &HeaderMap, kind: &str) -> LimitStatus {
+    let get = |field: &str| headers.get(format!("x-ratelimit-{field}-{kind}").as_str());
+    LimitStatus {
+        limit: get("limit").and_then(parse_u64),
+        remaining: get("remaining").and_then(parse_u64),
+        reset_in: get("reset").and_then(value_str).and_then(parse_go_duration),
+    }
+}
+
+/// Parses a duration written as OpenAI's headers write it (Go's form): one or
+/// more `<number><unit>` with units `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`, as in
+/// `6m0s`, `1s`, `250ms` or `1h2m3.5s`. A bare number is read as seconds.
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    if let Some(secs) = parse_number(s) {
+        return duration_from_f64(secs, 1.0);
+    }
+    let mut rest = s;
+    let mut total = Duration::ZERO;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_len);
+        let value = parse_number(num)?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let unit_secs = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total = total.checked_add(duration_from_f64(value, unit_secs)?)?;
+        rest = tail;
+    }
+    bounded(total)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day count since 1970-01-01 (the inverse of `days_from_civil`).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        _ => 28,
+    }
+}
+
+fn digits(s: &[u8], range: std::ops::Range<usize>) -> Option<i64> {
+    let part = s.get(range)?;
+    if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        part.iter()
+            .fold(0i64, |acc, b| acc * 10 + i64::from(b - b'0')),
+    )
+}
+
+/// Parses an RFC 3339 date-time (`2026-11-28T07:15:00Z`, with optional
+/// fractional seconds and a `Z` or `±hh:mm` offset). Instants before 1970 are
+/// rejected.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let b = s.trim().as_bytes();
+    if b.len() < 20 || b.len() > MAX_VALUE_LEN {
+        return None;
+    }
+    let (y, mo, d) = (digits(b, 0..4)?, digits(b, 5..7)?, digits(b, 8..10)?);
+    let (h, mi, se) = (digits(b, 11..13)?, digits(b, 14..16)?, digits(b, 17..19)?);
+    if b.get(4) != Some(&b'-')
+        || b.get(7) != Some(&b'-')
+        || !matches!(b.get(10), Some(b'T' | b't' | b' '))
+        || b.get(13) != Some(&b':')
+        || b.get(16) != Some(&b':')
+        || !(1..=12).contains(&mo)
+        || d < 1
+        || d > days_in_month(y, mo)
+        || h > 23
+        || mi > 59
+        || se > 60
+    {
+        return None;
+    }
+    let mut i = 19;
+    let mut nanos: u32 = 0;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            if i - start < 9 {
+                nanos = nanos * 10 + u32::from(b[i] - b'0');
+            }
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        for _ in (i - start)..9 {
+            nanos = nanos.saturating_mul(10);
+        }
+    }
+    let offset_secs = match b.get(i..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), ..] if b.len() == i + 6 && b.get(i + 3) == Some(&b':') => {
+            let oh = digits(b, i + 1..i + 3)?;
+            let om = digits(b, i + 4..i + 6)?;
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let off = oh * 3600 + om * 60;
+            if *sign == b'+' {
+                off
+            } else {
+                -off
+            }
+        }
+        _ => return None,
+    };
+    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se.min(59) - offset_secs;
+    let secs = u64::try_from(secs).ok()?;
+    UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+}
+
+/// Formats an instant as RFC 3339 to the second with a `Z`, as the API writes
+/// its `anthropic-ratelimit-*-reset` headers (`2026-11-28T07:15:00Z`).
+/// Instants before 1970 are written as 1970-01-01T00:00:00Z.
+pub fn format_rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let secs = i64::try_from(secs).unwrap_or(i64::MAX / 2);
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Writes `anthropic-ratelimit-{kind}-limit`, `-remaining` and `-reset` as the
+/// API does (`kind`: `requests`, `tokens`, `input-tokens` or `output-tokens`).
+/// A `kind` that cannot form a header name writes nothing.
+pub fn insert_limit_headers(
+    headers: &mut HeaderMap,
+    kind: &str,
+    limit: u64,
+    remaining: u64,
+    reset_at: SystemTime,
+) {
+    let mut put = |field: &str, value: String| {
+        let name = HeaderName::try_from(format!("anthropic-ratelimit-{kind}-{field}"));
+        if let (Ok(name), Ok(value)) = (name, HeaderValue::try_from(value)) {
+            headers.insert(name, value);
+        }
+    };
+    put("limit", limit.to_string());
+    put("remaining", remaining.to_string());
+    put("reset", format_rfc3339(reset_at));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn at(s: &str) -> SystemTime {
+        parse_rfc3339(s).unwrap_or(UNIX_EPOCH)
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    const NOW: &str = "2026-11-28T07:15:00Z";
+
+    #[test]
+    fn retry_after_delta_seconds() {
+        let s = RateLimitSnapshot::from_headers_at(&map(&[("retry-after", "505")]), at(NOW));
+        assert_eq!(s.retry_after, Some(Duration::from_secs(505)));
+        let s = RateLimitSnapshot::from_headers_at(&map(&[("retry-after", " 1.5 ")]), at(NOW));
+        assert_eq!(s.retry_after, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn retry_after_all_three_http_date_forms() {
+        let now = at("1994-11-06T08:49:30Z");
+        for form in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            let s = RateLimitSnapshot::from_headers_at(&map(&[("retry-after", form)]), now);
+            assert_eq!(s.retry_after, Some(Duration::from_secs(7)), "{form}");
+        }
+    }
+
+    #[test]
+    fn retry_after_date_in_the_past_is_zero() {
+        let s = RateLimitSnapshot::from_headers_at(
+            &map(&[("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT")]),
+            at(NOW),
+        );
+        assert_eq!(s.retry_after, Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn retry_after_ms_wins_over_retry_after() {
+        let h = map(&[("retry-after", "3"), ("retry-after-ms", "250.5")]);
+        let s = RateLimitSnapshot::from_headers_at(&h, at(NOW));
+        assert_eq!(s.retry_after, Some(Duration::from_micros(250_500)));
+        // A malformed retry-after-ms falls back to retry-after.
+        let h = map(&[("retry-after", "3"), ("retry-after-ms", "soon")]);
+        let s = RateLimitSnapshot::from_headers_at(&h, at(NOW));
+        assert_eq!(s.retry_after, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn malformed_negative_and_huge_values_are_ignored() {
+        for bad in [
+            "-1",
+            "1e3",
+            "inf",
+            "NaN",
+            "",
+            "..",
+            "99999999999999999999999999",
+            "99999999999999",
+            "Mon, 99 Foo 2026 99:99:99 GMT",
+            "+5",
+        ] {
+            let h = map(&[
+                ("retry-after", bad),
+                ("retry-after-ms", bad),
+                ("anthropic-ratelimit-requests-remaining", bad),
+                ("x-should-retry", bad),
+            ]);
+            let s = RateLimitSnapshot::from_headers_at(&h, at(NOW));
+            assert_eq!(s.retry_after, None, "{bad:?}");
+            if !bad.bytes().all(|b| b.is_ascii_digit()) {
+                assert_eq!(s.requests.remaining, None, "{bad:?}");
+            }
+            assert_eq!(s.should_retry, None, "{bad:?}");
+        }
+        let long = "1".repeat(200);
+        let s = RateLimitSnapshot::from_headers_at(&map(&[("retry-after", &long)]), at(NOW));
+        assert_eq!(s.retry_after, None);
+    }
+
+    #[test]
+    fn non_utf8_values_are_ignored() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_bytes(b"\xff\xfe").unwrap_or(HeaderValue::from_static("x")),
+        );
+        h.insert(
+            "anthropic-ratelimit-tokens-limit",
+            HeaderValue::from_bytes(b"1\xff").unwrap_or(HeaderValue::from_static("x")),
+        );
+        let s = RateLimitSnapshot::from_headers_at(&h, at(NOW));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn should_retry_true_and_false() {
+        let s = RateLimitSnapshot::from_headers_at(&map(&[("x-should-retry", "TRUE")]), at(NOW));
+        assert_eq!(s.should_retry, Some(true));
+        let s = RateLimitSnapshot::from_headers_at(&map(&[("x-should-retry", "false")]), at(NOW));
+        assert_eq!(s.should_retry, Some(false));
+    }
+
+    #[test]
+    fn anthropic_limits_all_dimensions() {
+        let mut h = HeaderMap::new();
+        let reset = at("2026-11-28T07:15:30Z");
+        insert_limit_headers(&mut h, "requests", 50, 49, reset);
+        insert_limit_headers(&mut h, "tokens", 38_000, 37_000, reset);
+        insert_limit_headers(&mut h, "input-tokens", 30_000, 29_000, reset);
+        insert_limit_headers(
+            &mut h,
+            "output-tokens",
+            8_000,
+            0,
+            at("2026-11-28T07:16:00Z"),
+        );
+        let s = RateLimitSnapshot::from_headers_at(&h, at(NOW));
+        let thirty = Some(Duration::from_secs(30));
+        assert_eq!(
+            s.requests,
+            LimitStatus {
+                limit: Some(50),
+                remaining: Some(49),
+                reset_in: thirty
+            }
+        );
+        assert_eq!(s.tokens.limit, Some(38_000));
+        assert_eq!(s.dimension(Dimension::InputTokens).remaining, Some(29_000));
+        assert_eq!(s.dimension(Dimension::Requests).limit, Some(50));
+        assert_eq!(s.dimension(Dimension::OutputTokens).limit, Some(8_000));
+        assert_eq!(s.exhausted_reset(), Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn openai_limits_and_go_durations() {
+        let h = map(&[
+            ("x-ratelimit-limit-requests", "500"),
+            ("x-ratelimit-remaining-requests", "499"),
+            ("x-ratelimit-reset-requests", "120ms"),
+            ("x-ratelimit-limit-tokens", "30000"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+        ]);
+        let s = RateLimitSnapshot::from_headers_at(&h, at(NOW));
+        assert_eq!(s.requests.limit, Some(500));
+        assert_eq!(s.requests.reset_in, Some(Duration::from_millis(120)));
+        assert_eq!(s.tokens.reset_in, Some(Duration::from_secs(360)));
+        assert_eq!(s.exhausted_reset(), Some(Duration::from_secs(360)));
+        assert_eq!(
+            parse_go_duration("1h2m3.5s"),
+            Some(Duration::from_millis(3_723_500))
+        );
+        assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_go_duration("7"), Some(Duration::from_secs(7)));
+        for bad in ["", "s", "1x", "1.2.3s", "-1s", "99999999999h"] {
+            assert_eq!(parse_go_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_forms() {
+        let base = at("2026-11-28T07:15:00Z");
+        assert_eq!(
+            parse_rfc3339("2026-11-28T07:15:00.250Z"),
+            base.checked_add(Duration::from_millis(250))
+        );
+        assert_eq!(parse_rfc3339("2026-11-28T09:15:00+02:00"), Some(base));
+        assert_eq!(parse_rfc3339("2026-11-28t07:15:00z"), Some(base));
+        for bad in [
+            "2026-02-30T00:00:00Z",
+            "2026-11-28T24:00:00Z",
+            "2026-11-28T07:15:00",
+            "1969-12-31T23:59:59Z",
+            "2026-11-28T07:15:00+2:00",
+            "2026-11-28T07:15:00.Z",
+            "not a date at all, at all",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+        assert_eq!(
+            parse_rfc3339("2024-02-29T00:00:00Z")
+                .map(format_rfc3339)
+                .as_deref(),
+            Some("2024-02-29T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn format_is_second_precision_with_z() {
+        let t = at("2026-11-28T07:15:09Z") + Duration::from_millis(999);
+        assert_eq!(format_rfc3339(t), "2026-11-28T07:15:09Z");
+        assert_eq!(format_rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..80), secs in 0u64..10_000_000_000) {
+            let now = UNIX_EPOCH + Duration::from_secs(secs);
+            if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                let mut h = HeaderMap::new();
+                for name in ["retry-after", "retry-after-ms", "x-should-retry",
+                             "anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset",
+                             "x-ratelimit-reset-tokens", "x-ratelimit-limit-requests"] {
+                    h.insert(HeaderName::from_static(name), v.clone());
+                }
+                let s = RateLimitSnapshot::from_headers_at(&h, now);
+                if let Some(d) = s.retry_after { prop_assert!(d <= MAX_DELAY); }
+                if let Some(d) = s.tokens.reset_in { prop_assert!(d <= MAX_DELAY); }
+            }
+            if let Ok(s) = std::str::from_utf8(&bytes) {
+                let _ = parse_rfc3339(s);
+                let _ = parse_go_duration(s);
+            }
+        }
+
+        #[test]
+        fn rfc3339_round_trips(secs in 0u64..253_402_300_799) {
+            let t = UNIX_EPOCH + Duration::from_secs(secs);
+            prop_assert_eq!(parse_rfc3339(&format_rfc3339(t)), Some(t));
+        }
+
+        #[test]
+        fn retry_after_seconds_round_trip(secs in 0u64..=MAX_DELAY.as_secs()) {
+            let h = map(&[("retry-after", &secs.to_string())]);
+            let s = RateLimitSnapshot::from_headers_at(&h, UNIX_EPOCH);
+            prop_assert_eq!(s.retry_after, Some(Duration::from_secs(secs)));
+        }
+    }
+}
