@@ -1,0 +1,554 @@
+//! The response future: buffers the body, waits, makes the attempts.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Buf;
+use http::request::Parts;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::backoff::full_jitter;
+use super::policy::{self, ErrorVerdict, ERROR_BODY_LIMIT};
+use super::snapshot::{Counters, Shared};
+use super::RETRY_COUNT;
+use crate::body::{self, Buffered, BufferedBody, BufferedBytes, ReplayBody};
+use crate::{BoxError, Error, GiveUpReason};
+
+type BufferFuture<B> = Pin<Box<dyn Future<Output = Result<Buffered<B>, BoxError>> + Send>>;
+
+/// The request body as the attempts see it.
+enum Payload<B> {
+    /// Still being read into memory.
+    Buffering(BufferFuture<B>),
+    /// Kept whole: every attempt replays it.
+    Replay(BufferedBody),
+    /// Too large to keep: sent once (`None` once sent).
+    Once(Option<ReplayBody<B>>),
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, R> {
+        // Reading the request body.
+        Buffering,
+        // Deciding whether the next attempt may start, must wait, or is refused.
+        Gate,
+        // Sleeping in `Ctx::sleep` (cooldown or backoff).
+        Waiting,
+        // Polling the inner service for readiness before a retry.
+        Readying,
+        // An attempt is in flight.
+        Calling { #[pin] future: F },
+        // Reading a 429's error body, looking for the spend-cap code.
+        Reading {
+            #[pin] body: R,
+            status: StatusCode,
+            server_delay: Option<Duration>,
+            collected: Vec<u8>,
+        },
+        // The output was returned.
+        Done,
+    }
+}
+
+pin_project! {
+    /// The future of [`RetryAfter`](super::RetryAfter): resolves to the first
+    /// response that is not retried, or to an error.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping it at any point drops the attempt in flight, the buffered body
+    /// and any wait: nothing keeps running in the background. A retry that was
+    /// already counted against the budget is not given back.
+    pub struct ResponseFuture<S, B, R>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
+    {
+        #[pin]
+        state: State<S::Future, R>,
+        ctx: Ctx<S, B>,
+    }
+}
+
+/// Everything the attempts need that is not pinned.
+struct Ctx<S, B> {
+    service: S,
+    shared: Arc<Shared>,
+    /// The request head, copied for each attempt (`None` once moved into the
+    /// only attempt of a body that cannot be replayed).
+    head: Option<Parts>,
+    payload: Payload<B>,
+    /// Attempts made so far.
+    attempts: u32,
+    /// Whether `service` is ready for a call.
+    ready: bool,
+    deadline: Option<Instant>,
+    waited: Duration,
+    wait_started: Option<Instant>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    last_status: Option<StatusCode>,
+    last_error: Option<BoxError>,
+}
+
+/// What the gate lets the next attempt do.
+enum Gate {
+    Go,
+    NeedReady,
+    Wait(Instant),
+}
+
+/// Where a retry's delay comes from.
+#[derive(Debug, Clone, Copy)]
+enum Delay {
+    /// Named by the server (headers): capped by `max_server_delay`.
+    Server(Duration),
+    /// Named by an inner layer's error (`BudgetExceeded::retry_in`): capped too.
+    Local(Duration),
+    /// Exponential backoff with full jitter.
+    Backoff,
+}
+
+/// `now + d` without overflow (a far instant instead).
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(crate::headers::MAX_DELAY))
+        .unwrap_or(now)
+}
+
+impl<S, B, R> ResponseFuture<S, B, R>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
+    B: Body + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    pub(crate) fn new(service: S, shared: Arc<Shared>, req: Request<B>) -> Self {
+        let (head, body) = req.into_parts();
+        let limit = shared.config.buffer_limit;
+        let needs_clock = shared.budget.is_some() || shared.config.deadline.is_some();
+        let now = needs_clock.then(Instant::now);
+        if let (Some(budget), Some(now)) = (&shared.budget, now) {
+            budget.deposit(now);
+        }
+        let deadline = match (shared.config.deadline, now) {
+            (Some(d), Some(now)) => Some(later(now, d)),
+            _ => None,
+        };
+        ResponseFuture {
+            state: State::Buffering,
+            ctx: Ctx {
+                service,
+                shared,
+                head: Some(head),
+                payload: Payload::Buffering(Box::pin(body::buffer(body, limit))),
+                attempts: 0,
+                ready: true,
+                deadline,
+                waited: Duration::ZERO,
+                wait_started: None,
+                sleep: None,
+                last_status: None,
+                last_error: None,
+            },
+        }
+    }
+}
+
+impl<S, B> Ctx<S, B> {
+    fn give_up(&mut self, reason: GiveUpReason) -> BoxError {
+        self.shared.counters.give_up(reason);
+        tracing::debug!(
+            attempts = self.attempts,
+            last_status = self.last_status.map(|s| s.as_u16()),
+            %reason,
+            "giving up on request"
+        );
+        Box::new(Error::RetriesExhausted {
+            attempts: self.attempts,
+            waited: self.waited,
+            last_status: self.last_status,
+            reason,
+            source: self.last_error.take(),
+        })
+    }
+
+    fn too_long(&mut self, delay: Duration, status: StatusCode) -> BoxError {
+        Counters::bump(&self.shared.counters.too_long);
+        tracing::debug!(
+            attempts = self.attempts,
+            status = status.as_u16(),
+            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "server delay above the cap; returning at once"
+        );
+        Box::new(Error::RetryAfterTooLong {
+            delay,
+            status,
+            attempts: self.attempts,
+        })
+    }
+
+    /// Whether the next attempt may start now. Reads the clock only when a
+    /// cooldown was ever set or a deadline is configured.
+    fn gate(&mut self) -> Result<Gate, BoxError> {
+        let mut now = None;
+        if let Some((until, status)) = self.shared.cooldown.get() {
+            let t = *now.get_or_insert_with(Instant::now);
+            if until > t {
+                let remaining = until - t;
+                if remaining > self.shared.config.max_server_delay {
+                    return Err(self.too_long(remaining, status));
+                }
+                if self.deadline.is_some_and(|d| until > d) {
+                    return Err(self.give_up(GiveUpReason::Deadline));
+                }
+                return Ok(Gate::Wait(until));
+            }
+        }
+        if let Some(deadline) = self.deadline {
+            if now.unwrap_or_else(Instant::now) > deadline {
+                return Err(self.give_up(GiveUpReason::Deadline));
+            }
+        }
+        Ok(if self.ready {
+            Gate::Go
+        } else {
+            Gate::NeedReady
+        })
+    }
+
+    /// Starts sleeping until `until`.
+    fn start_wait(&mut self, until: Instant) {
+        self.wait_started = Some(Instant::now());
+        match self.sleep.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(until),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(until))),
+        }
+    }
+
+    /// Sets the shared cooldown from a 429/529 that names a delay.
+    fn note_server_delay(&self, status: StatusCode, delay: Option<Duration>) {
+        if let Some(d) = delay.filter(|_| policy::sets_cooldown(status)) {
+            self.shared
+                .cooldown
+                .extend(later(Instant::now(), d), status);
+        }
+    }
+
+    /// Decides whether the failed attempt is retried, and when.
+    fn plan_retry(&mut self, delay: Delay) -> Result<Instant, BoxError> {
+        let config = &self.shared.config;
+        if self.attempts > config.max_retries {
+            return Err(self.give_up(GiveUpReason::MaxRetries));
+        }
+        let cap = config.max_server_delay;
+        let d = match delay {
+            Delay::Server(d) if d > cap => {
+                let status = self.last_status.unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+                return Err(self.too_long(d, status));
+            }
+            Delay::Local(d) if d > cap => {
+                // The inner layer's own error says when; hand it back as is.
+                let err = self.last_error.take();
+                return Err(err.unwrap_or_else(|| self.give_up(GiveUpReason::MaxRetries)));
+            }
+            Delay::Server(d) | Delay::Local(d) => d,
+            Delay::Backoff => full_jitter(
+                config.initial_backoff,
+                config.max_backoff,
+                self.attempts.saturating_sub(1),
+                config.jitter.sample(),
+            ),
+        };
+        let now = Instant::now();
+        let wake = later(now, d);
+        if self.deadline.is_some_and(|deadline| wake > deadline) {
+            return Err(self.give_up(GiveUpReason::Deadline));
+        }
+        if let Some(budget) = &self.shared.budget {
+            if !budget.withdraw(now) {
+                return Err(self.give_up(GiveUpReason::Budget));
+            }
+        }
+        Counters::bump(&self.shared.counters.retries);
+        tracing::info!(
+            attempt = self.attempts + 1,
+            status = self.last_status.map(|s| s.as_u16()),
+            error = self.last_error.as_ref().map(tracing::field::display),
+            delay_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+            cause = match delay {
+                Delay::Server(_) => "server delay",
+                Delay::Local(_) => "inner layer delay",
+                Delay::Backoff => "backoff",
+            },
+            "retrying request"
+        );
+        Ok(wake)
+    }
+
+    /// The request of the next attempt.
+    fn next_request(&mut self) -> Result<Request<ReplayBody<B>>, BoxError> {
+        let not_replayable = || -> BoxError {
+            Box::new(Error::NotReplayable {
+                status: None,
+                source: None,
+            })
+        };
+        let mut req = match &mut self.payload {
+            Payload::Replay(buffered) => {
+                let head = self.head.as_ref().ok_or_else(not_replayable)?;
+                let mut req = Request::from_parts(head.clone(), buffered.replay());
+                req.extensions_mut()
+                    .insert(BufferedBytes(buffered.bytes().clone()));
+                req
+            }
+            Payload::Once(slot) => {
+                let body = slot.take().ok_or_else(not_replayable)?;
+                let head = self.head.take().ok_or_else(not_replayable)?;
+                Request::from_parts(head, body)
+            }
+            Payload::Buffering(_) => return Err(not_replayable()),
+        };
+        if self.attempts > 0 {
+            req.headers_mut()
+                .insert(RETRY_COUNT, HeaderValue::from(self.attempts));
+        }
+        self.attempts += 1;
+        Ok(req)
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self.payload, Payload::Replay(_))
+    }
+}
+
+/// What to do after an attempt ended.
+enum Step<R> {
+    Return(Result<Response<R>, BoxError>),
+    Retry(Delay),
+    Read(R, StatusCode, Option<Duration>),
+}
+
+impl<S, B> Ctx<S, B> {
+    fn on_response<R>(&mut self, response: Response<R>) -> Step<R> {
+        let status = response.status();
+        let Some(verdict) = policy::judge_response(status, response.headers()) else {
+            return Step::Return(Ok(response));
+        };
+        if !verdict.retry {
+            return Step::Return(Ok(response));
+        }
+        if !self.replayable() {
+            Counters::bump(&self.shared.counters.not_replayable);
+            if !verdict.check_spend_cap {
+                self.note_server_delay(status, verdict.server_delay);
+            }
+            tracing::debug!(
+                status = status.as_u16(),
+                "response asks for a retry but the body was not kept; returned as is"
+            );
+            return Step::Return(Ok(response));
+        }
+        self.last_status = Some(status);
+        self.last_error = None;
+        if verdict.check_spend_cap {
+            return Step::Read(response.into_body(), status, verdict.server_delay);
+        }
+        self.after_response(status, verdict.server_delay)
+    }
+
+    fn after_response<R>(&mut self, status: StatusCode, server_delay: Option<Duration>) -> Step<R> {
+        self.note_server_delay(status, server_delay);
+        Step::Retry(server_delay.map_or(Delay::Backoff, Delay::Server))
+    }
+
+    fn on_error<R>(&mut self, err: BoxError) -> Step<R> {
+        let verdict = policy::judge_error(&err);
+        if verdict == ErrorVerdict::Fatal {
+            return Step::Return(Err(err));
+        }
+        if !self.replayable() {
+            Counters::bump(&self.shared.counters.not_replayable);
+            return Step::Return(Err(Box::new(Error::NotReplayable {
+                status: None,
+                source: Some(err),
+            })));
+        }
+        self.last_status = None;
+        self.last_error = Some(err);
+        Step::Retry(match verdict {
+            ErrorVerdict::After(d) => Delay::Local(d),
+            _ => Delay::Backoff,
+        })
+    }
+}
+
+impl<S, B, R> Future for ResponseFuture<S, B, R>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
+    S::Error: Into<BoxError>,
+    R: Body,
+{
+    type Output = Result<Response<R>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let ctx = this.ctx;
+        loop {
+            let step = match this.state.as_mut().project() {
+                StateProj::Buffering => {
+                    let Payload::Buffering(fut) = &mut ctx.payload else {
+                        this.state.set(State::Gate);
+                        continue;
+                    };
+                    ctx.payload = match ready!(fut.as_mut().poll(cx)) {
+                        Ok(Buffered::Complete(buffered)) => Payload::Replay(buffered),
+                        Ok(Buffered::TooLarge(body)) => Payload::Once(Some(body)),
+                        Err(e) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Box::new(Error::Body(e))));
+                        }
+                    };
+                    this.state.set(State::Gate);
+                    continue;
+                }
+                StateProj::Gate => match ctx.gate() {
+                    Err(e) => {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e));
+                    }
+                    Ok(Gate::Wait(until)) => {
+                        ctx.start_wait(until);
+                        this.state.set(State::Waiting);
+                        continue;
+                    }
+                    Ok(Gate::NeedReady) => {
+                        this.state.set(State::Readying);
+                        continue;
+                    }
+                    Ok(Gate::Go) => match ctx.next_request() {
+                        Ok(req) => {
+                            ctx.ready = false;
+                            let future = ctx.service.call(req);
+                            this.state.set(State::Calling { future });
+                            continue;
+                        }
+                        Err(e) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(e));
+                        }
+                    },
+                },
+                StateProj::Waiting => {
+                    if let Some(sleep) = ctx.sleep.as_mut() {
+                        ready!(sleep.as_mut().poll(cx));
+                    }
+                    if let Some(started) = ctx.wait_started.take() {
+                        ctx.waited += started.elapsed();
+                    }
+                    this.state.set(State::Gate);
+                    continue;
+                }
+                StateProj::Readying => {
+                    if let Err(e) = ready!(ctx.service.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    ctx.ready = true;
+                    this.state.set(State::Gate);
+                    continue;
+                }
+                StateProj::Calling { future } => match ready!(future.poll(cx)) {
+                    Ok(response) => ctx.on_response(response),
+                    Err(e) => ctx.on_error(e.into()),
+                },
+                StateProj::Reading {
+                    mut body,
+                    status,
+                    server_delay,
+                    collected,
+                } => {
+                    let finished = loop {
+                        match ready!(body.as_mut().poll_frame(cx)) {
+                            Some(Ok(frame)) => {
+                                if let Ok(mut data) = frame.into_data() {
+                                    while data.has_remaining() {
+                                        let chunk = data.chunk();
+                                        let n = chunk.len();
+                                        collected.extend_from_slice(chunk);
+                                        data.advance(n);
+                                    }
+                                    if collected.len() > ERROR_BODY_LIMIT {
+                                        break false;
+                                    }
+                                }
+                            }
+                            Some(Err(_)) => break false,
+                            None => break true,
+                        }
+                    };
+                    let spend_cap = finished && policy::is_spend_limit_body(collected);
+                    let (status, server_delay) = (*status, *server_delay);
+                    if spend_cap {
+                        Counters::bump(&ctx.shared.counters.spend_limit);
+                        tracing::warn!(
+                            "spend limit reached (enforced_spend_limit_reached); not retried"
+                        );
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(Box::new(Error::SpendLimitReached)));
+                    }
+                    ctx.after_response(status, server_delay)
+                }
+                StateProj::Done => {
+                    return Poll::Ready(Err(
+                        "RetryAfter response future polled after completion".into()
+                    ));
+                }
+            };
+            match step {
+                Step::Return(out) => {
+                    this.state.set(State::Done);
+                    return Poll::Ready(out);
+                }
+                Step::Read(body, status, server_delay) => this.state.set(State::Reading {
+                    body,
+                    status,
+                    server_delay,
+                    collected: Vec::new(),
+                }),
+                Step::Retry(delay) => match ctx.plan_retry(delay) {
+                    Ok(wake) => {
+                        this.state.set(State::Gate);
+                        if wake > Instant::now() {
+                            ctx.start_wait(wake);
+                            this.state.set(State::Waiting);
+                        }
+                    }
+                    Err(e) => {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e));
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl<S, B, R> fmt::Debug for ResponseFuture<S, B, R>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("attempts", &self.ctx.attempts)
+            .field("waited", &self.ctx.waited)
+            .field("last_status", &self.ctx.last_status)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,224 @@
+//! The layer and its builder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::backoff::{FastRng, Jitter};
+use super::budget::{BudgetState, RetryBudget};
+use super::cooldown::Cooldown;
+use super::service::RetryAfter;
+use super::snapshot::{Config, Counters, RetrySnapshot, Shared};
+use crate::body::DEFAULT_BUFFER_LIMIT;
+
+/// Applies [`RetryAfter`] to a service: honours `retry-after`, backs off with
+/// jitter, replays bodies, and keeps one shared cooldown.
+///
+/// The layer owns the shared state (cooldown, retry budget, counters): every
+/// service it builds, and every clone of those, shares it. Build one layer per
+/// API key (or per limit you want to share); cloning the layer keeps sharing.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_llm_limits::retry::RetryAfterLayer;
+///
+/// // The defaults of the issue: 4 retries, 0.5 s doubling to 8 s, a 60 s cap on
+/// // server delays, a 16 MiB replay buffer, tower's default budget.
+/// let interactive = RetryAfterLayer::anthropic();
+///
+/// // A batch job that would rather wait out a long ITPM delay.
+/// let batch = RetryAfterLayer::builder()
+///     .max_retries(8)
+///     .max_server_delay(Duration::from_secs(15 * 60))
+///     .deadline(Duration::from_secs(60 * 60))
+///     .build();
+/// # let _ = (interactive, batch);
+/// ```
+#[derive(Debug, Clone)]
+pub struct RetryAfterLayer {
+    shared: Arc<Shared>,
+}
+
+impl RetryAfterLayer {
+    /// The defaults for Anthropic's Messages API: 4 retries, full-jitter backoff
+    /// from 0.5 s doubling to 8 s, server delays waited up to 60 s (longer ones
+    /// are returned at once as [`Error::RetryAfterTooLong`](crate::Error::RetryAfterTooLong)),
+    /// no deadline, bodies buffered up to
+    /// [`DEFAULT_BUFFER_LIMIT`](crate::body::DEFAULT_BUFFER_LIMIT), and the
+    /// default [`RetryBudget`].
+    pub fn anthropic() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder starting from the [`anthropic`](Self::anthropic) defaults.
+    pub fn builder() -> RetryAfterBuilder {
+        RetryAfterBuilder::default()
+    }
+
+    /// Counters and the state of the shared cooldown and budget.
+    pub fn snapshot(&self) -> RetrySnapshot {
+        self.shared.snapshot()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Default for RetryAfterLayer {
+    fn default() -> Self {
+        Self::anthropic()
+    }
+}
+
+impl<S> Layer<S> for RetryAfterLayer {
+    type Service = RetryAfter<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RetryAfter::from_shared(inner, self.shared.clone())
+    }
+}
+
+/// Configures a [`RetryAfterLayer`]. Start from [`RetryAfterLayer::builder`].
+#[derive(Clone)]
+pub struct RetryAfterBuilder {
+    max_retries: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    max_server_delay: Duration,
+    deadline: Option<Duration>,
+    buffer_limit: usize,
+    budget: Option<RetryBudget>,
+    jitter: Option<Arc<dyn Jitter>>,
+}
+
+impl std::fmt::Debug for RetryAfterBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryAfterBuilder")
+            .field("max_retries", &self.max_retries)
+            .field("initial_backoff", &self.initial_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("max_server_delay", &self.max_server_delay)
+            .field("deadline", &self.deadline)
+            .field("buffer_limit", &self.buffer_limit)
+            .field("budget", &self.budget)
+            .field("custom_jitter", &self.jitter.is_some())
+            .finish()
+    }
+}
+
+impl Default for RetryAfterBuilder {
+    fn default() -> Self {
+        RetryAfterBuilder {
+            max_retries: 4,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(8),
+            max_server_delay: Duration::from_secs(60),
+            deadline: None,
+            buffer_limit: DEFAULT_BUFFER_LIMIT,
+            budget: Some(RetryBudget::default()),
+            jitter: None,
+        }
+    }
+}
+
+impl RetryAfterBuilder {
+    /// Retries after the first attempt (default 4, so 5 attempts at most).
+    /// 0 turns retrying off but keeps the cooldown and the typed errors.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Bound of the first backoff delay (default 0.5 s); it doubles on each
+    /// retry up to [`max_backoff`](Self::max_backoff). The delay waited is a
+    /// uniform draw below that bound (full jitter).
+    pub fn initial_backoff(mut self, d: Duration) -> Self {
+        self.initial_backoff = d;
+        self
+    }
+
+    /// Largest backoff bound (default 8 s).
+    pub fn max_backoff(mut self, d: Duration) -> Self {
+        self.max_backoff = d;
+        self
+    }
+
+    /// Longest delay named by the server (or by the shared cooldown) that is
+    /// waited out (default 60 s). A longer one is not waited, and never
+    /// replaced by a short backoff: the request fails at once with
+    /// [`Error::RetryAfterTooLong`](crate::Error::RetryAfterTooLong), carrying the
+    /// delay, so the caller decides. Raise it for batch jobs.
+    pub fn max_server_delay(mut self, d: Duration) -> Self {
+        self.max_server_delay = d;
+        self
+    }
+
+    /// An overall deadline per request, counted from `call`: no attempt starts
+    /// after it, and a wait that would end after it is not begun (the request
+    /// fails with [`GiveUpReason::Deadline`](crate::GiveUpReason::Deadline)).
+    /// It does not cut an attempt in flight: use `tower::timeout` inside for that.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+
+    /// Largest request body kept for replays (default
+    /// [`DEFAULT_BUFFER_LIMIT`](crate::body::DEFAULT_BUFFER_LIMIT), 16 MiB).
+    /// A larger body passes through unchanged and its request is never retried.
+    pub fn buffer_limit(mut self, bytes: usize) -> Self {
+        self.buffer_limit = bytes;
+        self
+    }
+
+    /// The retry budget shared by all services of the layer (default
+    /// [`RetryBudget::default`]).
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// No retry budget: only `max_retries` and the deadline bound retries.
+    pub fn without_budget(mut self) -> Self {
+        self.budget = None;
+        self
+    }
+
+    /// The random source of backoff jitter (default [`FastRng`]).
+    pub fn jitter(mut self, jitter: impl Jitter) -> Self {
+        self.jitter = Some(Arc::new(jitter));
+        self
+    }
+
+    /// The random source of backoff jitter, already shared.
+    pub fn jitter_arc(mut self, jitter: Arc<dyn Jitter>) -> Self {
+        self.jitter = Some(jitter);
+        self
+    }
+
+    /// Builds the layer and its shared state (a fresh cooldown and budget).
+    pub fn build(self) -> RetryAfterLayer {
+        let jitter = self
+            .jitter
+            .unwrap_or_else(|| Arc::new(FastRng::new()) as Arc<dyn Jitter>);
+        RetryAfterLayer {
+            shared: Arc::new(Shared {
+                config: Config {
+                    max_retries: self.max_retries,
+                    initial_backoff: self.initial_backoff,
+                    max_backoff: self.max_backoff,
+                    max_server_delay: self.max_server_delay,
+                    deadline: self.deadline,
+                    buffer_limit: self.buffer_limit,
+                    jitter,
+                },
+                cooldown: Cooldown::new(),
+                budget: self.budget.map(BudgetState::new),
+                counters: Counters::default(),
+            }),
+        }
+    }
+}
