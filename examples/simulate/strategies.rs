@@ -124,7 +124,7 @@ pub fn naive(meter: Meter, seed: u64) -> Client {
             let max_retries = 2u32;
             let mut retries = 0u32;
             loop {
-                let attempt = meter.ready().await?.call(rebuild(&parts, &bytes, retries)).await;
+                let attempt = ServiceExt::<Request<Full<Bytes>>>::ready(&mut meter).await?.call(rebuild(&parts, &bytes, retries)).await;
                 let delay = match &attempt {
                     Ok(resp) if retries < max_retries && sdk_should_retry(resp.status(), resp.headers()) => {
                         server_delay(resp.headers()).filter(|d| !d.is_zero() && *d <= Duration::from_secs(60))
@@ -167,7 +167,7 @@ pub fn common_recipe(meter: Meter, seed: u64) -> Client {
             let max_retries = 6u32;
             let mut retries = 0u32;
             loop {
-                let attempt = meter.ready().await?.call(rebuild(&parts, &bytes, retries)).await;
+                let attempt = ServiceExt::<Request<Full<Bytes>>>::ready(&mut meter).await?.call(rebuild(&parts, &bytes, retries)).await;
                 let server = match &attempt {
                     Ok(resp) if retries < max_retries && sdk_should_retry(resp.status(), resp.headers()) => {
                         server_delay(resp.headers())

@@ -104,11 +104,11 @@ fn text(rng: &mut Rng, tokens: u64) -> String {
         if !out.is_empty() {
             out.push(' ');
         }
-        out.push_str(rng.pick(WORDS));
+        out.push_str(*rng.pick(WORDS));
         n += 1;
         since_punct += 1;
         if since_punct > 6 && rng.f64() < 0.18 {
-            out.push_str(rng.pick(PUNCT));
+            out.push_str(*rng.pick(PUNCT));
             n += 1;
             since_punct = 0;
         }
