@@ -26,8 +26,10 @@ OPTIONS:
     --workload FILE.jsonl  replay these requests (one Messages body a line)
     --model NAME           model of the generated requests (default claude-sonnet-4-5)
     --rpm N --itpm N --otpm N
-                           the emulator's limits (default: Tier 1 Sonnet 4.x,
-                           50 / 30000 / 8000)
+                           the limits (default: Tier 1 Sonnet 4.x, 50 / 30000 /
+                           8000); the emulator enforces them and the crate's
+                           stack paces to them. With --target and none given,
+                           the crate's stack learns them from the headers
     --output-mode MODE     the emulator's OTPM rule: realtime (default) | reserve
     --target URL           run against an API-compatible endpoint on the wall
                            clock instead of the emulator (e.g. https://api.anthropic.com)
@@ -50,6 +52,9 @@ pub struct Args {
     pub rpm: u64,
     pub itpm: u64,
     pub otpm: u64,
+    /// Whether any of --rpm, --itpm, --otpm was given (with --target and
+    /// none given, the crate's stack learns the limits from the headers).
+    pub limits_given: bool,
     pub reserve_mode: bool,
     pub target: Option<String>,
     pub api_key_env: String,
@@ -70,6 +75,7 @@ impl Default for Args {
             rpm: 50,
             itpm: 30_000,
             otpm: 8_000,
+            limits_given: false,
             reserve_mode: false,
             target: None,
             api_key_env: "ANTHROPIC_API_KEY".to_string(),
@@ -132,9 +138,18 @@ pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, Strin
                 a.workload = Some(PathBuf::from(value().ok_or("--workload needs a file")?))
             }
             "--model" => a.model = value().ok_or("--model needs a name")?,
-            "--rpm" => a.rpm = num(&flag, value())?,
-            "--itpm" => a.itpm = num(&flag, value())?,
-            "--otpm" => a.otpm = num(&flag, value())?,
+            "--rpm" => {
+                a.rpm = num(&flag, value())?;
+                a.limits_given = true;
+            }
+            "--itpm" => {
+                a.itpm = num(&flag, value())?;
+                a.limits_given = true;
+            }
+            "--otpm" => {
+                a.otpm = num(&flag, value())?;
+                a.limits_given = true;
+            }
             "--output-mode" => match value().as_deref() {
                 Some("realtime") => a.reserve_mode = false,
                 Some("reserve") => a.reserve_mode = true,

@@ -1,25 +1,63 @@
-//! TEMP stub for compile checks.
-use std::sync::Arc;
+//! The embedded emulator: one fresh instance per strategy, same seed.
+
+use tower::util::BoxCloneService;
+use tower::ServiceExt;
+use tower_llm_limits::emulator::{Emulator, Limits, OutputMode};
+
 use super::args::Args;
 use super::report::{Charged, LimitSpec};
-use super::run::{Client, Meter, Transport, Body, box_response};
-use http::{Request, Response};
-use http_body_util::Full;
-use bytes::Bytes;
-use tower::util::BoxCloneService;
+use super::run::{box_response, Transport};
 
-pub struct Stats;
-pub struct Estimates;
-impl Estimates { pub fn mean_absolute_error(&self) -> Option<(f64, f64)> { None } }
+/// The limits the run is measured against, as the emulator enforces them
+/// (its default 60 s window: each bucket's capacity is one minute's limit).
 pub fn limit_spec(a: &Args) -> LimitSpec {
-    LimitSpec { requests_per_minute: a.rpm, input_tokens_per_minute: a.itpm, output_tokens_per_minute: a.otpm,
-        requests_capacity: a.rpm as f64, input_capacity: a.itpm as f64, output_capacity: a.otpm as f64, output_mode: "realtime" }
+    LimitSpec {
+        requests_per_minute: a.rpm,
+        input_tokens_per_minute: a.itpm,
+        output_tokens_per_minute: a.otpm,
+        requests_capacity: a.rpm as f64,
+        input_capacity: a.itpm as f64,
+        output_capacity: a.otpm as f64,
+        output_mode: if a.reserve_mode { "reserve" } else { "realtime" },
+    }
 }
-pub fn transport(_a: &Args) -> (Transport, Arc<Stats>) {
-    let svc = tower::service_fn(|_r: Request<Body>| async move {
-        Ok::<_, tower_llm_limits::BoxError>(box_response(Response::new(Full::new(Bytes::from_static(b"{\"usage\":{\"input_tokens\":3,\"output_tokens\":4}}")))))
-    });
-    (BoxCloneService::new(svc), Arc::new(Stats))
+
+/// The limits as the crate's types say them.
+pub fn limits(a: &Args) -> Limits {
+    Limits::new(a.rpm, a.itpm, a.otpm)
 }
-pub fn charged(_s: &Arc<Stats>) -> Charged { Charged::default() }
-pub fn crate_stack(meter: Meter, a: &Args) -> (Client, Estimates) { (super::strategies::naive(meter, a.seed), Estimates) }
+
+/// A fresh emulator (seeded with the run's seed, default latency model, no
+/// faults) and the in-process transport to it.
+///
+/// # Errors
+/// Settings the emulator refuses.
+pub fn transport(a: &Args) -> Result<(Transport, Emulator), String> {
+    let emulator = Emulator::builder()
+        .limits(limits(a))
+        .output_mode(if a.reserve_mode {
+            OutputMode::Reserve
+        } else {
+            OutputMode::Realtime
+        })
+        .seed(a.seed)
+        .build()
+        .map_err(|e| format!("emulator: {e}"))?;
+    let svc = emulator.service().map_response(box_response);
+    Ok((BoxCloneService::new(svc), emulator))
+}
+
+/// What the emulator charged, summed over model classes.
+pub fn charged(emulator: &Emulator) -> Charged {
+    let stats = emulator.stats();
+    let mut c = Charged {
+        from_server_stats: true,
+        ..Charged::default()
+    };
+    for class in stats.classes.values() {
+        c.requests += class.requests_admitted;
+        c.input_tokens += class.input_tokens;
+        c.output_tokens += class.output_tokens;
+    }
+    c
+}

@@ -135,8 +135,8 @@ async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
                 (t, None, Some(key), path)
             }
             None => {
-                let (t, stats) = emu::transport(&args);
-                (t, Some(stats), None, "/v1/messages".to_string())
+                let (t, emulator) = emu::transport(&args)?;
+                (t, Some(emulator), None, "/v1/messages".to_string())
             }
         };
         let log = Log::new();
@@ -144,7 +144,7 @@ async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
         let bar = (!virtual_time).then(|| {
             spawn_progress(kind.name(), items.len(), progress.clone())
         });
-        let (client, estimates) = build_client(kind, transport, log.clone(), &args, &limits);
+        let (client, estimates) = build_client(kind, transport, log.clone(), &args, &limits)?;
         let outcomes = run::drive(
             client,
             items.clone(),
@@ -296,9 +296,9 @@ fn build_client(
     log: Arc<Log>,
     args: &Args,
     limits: &LimitSpec,
-) -> (run::Client, Option<emu::Estimates>) {
+) -> Result<(run::Client, Option<Arc<strategies::Estimates>>), String> {
     let meter = Meter::new(transport, log);
-    match kind {
+    Ok(match kind {
         Kind::Naive => (strategies::naive(meter, args.seed), None),
         Kind::CommonRecipe => (strategies::common_recipe(meter, args.seed), None),
         Kind::Tower => (
@@ -306,8 +306,8 @@ fn build_client(
             None,
         ),
         Kind::Crate => {
-            let (client, est) = emu::crate_stack(meter, args);
+            let (client, est) = strategies::crate_stack(meter, args)?;
             (client, Some(est))
         }
-    }
+    })
 }

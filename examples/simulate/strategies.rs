@@ -11,7 +11,12 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::Semaphore;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetLayer};
+use tower_llm_limits::estimate::{AnthropicEstimator, Estimate, TokenEstimator, Usage};
+use tower_llm_limits::preset;
 use tower_llm_limits::BoxError;
+
+use super::args::Args;
 
 use super::run::{box_response, Body, Client, Meter};
 use super::workload::Rng;
@@ -265,3 +270,89 @@ pub fn tower_stack(meter: Meter, rpm: u64, seed: u64) -> Client {
 /// The boxed future type shared by the clients.
 #[allow(dead_code)]
 pub type ClientFuture = <Client as Service<Request<Full<Bytes>>>>::Future;
+
+/// The estimates the crate's stack paced with, against what the server
+/// charged: filled by [`Recording`] as the budget settles each request.
+#[derive(Debug, Default)]
+pub struct Estimates {
+    pairs: Mutex<Vec<(u64, u64)>>,
+}
+
+impl Estimates {
+    /// (mean absolute error in tokens, the same relative to the mean charge),
+    /// or None if nothing was settled.
+    pub fn mean_absolute_error(&self) -> Option<(f64, f64)> {
+        let pairs = self.pairs.lock().ok()?;
+        if pairs.is_empty() {
+            return None;
+        }
+        let n = pairs.len() as f64;
+        let err: f64 = pairs
+            .iter()
+            .map(|(e, a)| (*e as f64 - *a as f64).abs())
+            .sum::<f64>()
+            / n;
+        let mean: f64 = pairs.iter().map(|(_, a)| *a as f64).sum::<f64>() / n;
+        Some((err, if mean > 0.0 { err / mean } else { 0.0 }))
+    }
+}
+
+/// The crate's estimator, unchanged, plus a record of each estimate next to
+/// the usage the budget settled it with (`observe` is the calibration hook
+/// the budget calls with the server's `usage`).
+#[derive(Debug)]
+struct Recording {
+    inner: AnthropicEstimator,
+    log: Arc<Estimates>,
+}
+
+impl TokenEstimator for Recording {
+    fn estimate(&self, parts: &http::request::Parts, body: &[u8]) -> Estimate {
+        self.inner.estimate(parts, body)
+    }
+
+    fn estimate_unbuffered(&self, parts: &http::request::Parts, body_len: Option<u64>) -> Estimate {
+        self.inner.estimate_unbuffered(parts, body_len)
+    }
+
+    fn observe(&self, estimate: &Estimate, usage: &Usage) {
+        let charged = usage.input_tokens + usage.cache_creation_input_tokens;
+        if let Ok(mut p) = self.log.pairs.lock() {
+            p.push((estimate.input_tokens, charged));
+        }
+        self.inner.observe(estimate, usage);
+    }
+}
+
+/// (d) This crate: `preset::anthropic(limits)`, its budget given the
+/// recording estimator (the same `AnthropicEstimator` the preset uses).
+///
+/// # Errors
+/// None today; kept fallible for settings that can be refused.
+pub fn crate_stack(meter: Meter, args: &Args) -> Result<(Client, Arc<Estimates>), String> {
+    let log = Arc::new(Estimates::default());
+    let estimator = Recording {
+        inner: AnthropicEstimator::new(),
+        log: log.clone(),
+    };
+    let limits: LimitsConfig = if args.target.is_some() && !args.limits_given {
+        LimitsConfig::learned()
+    } else {
+        LimitsConfig::uniform(Limits::new(args.rpm, args.itpm, args.otpm))
+    };
+    let budget = TokenBudgetLayer::builder()
+        .limits(limits.clone())
+        .output_mode(if args.reserve_mode {
+            OutputMode::Reserve
+        } else {
+            OutputMode::Realtime
+        })
+        .estimator(Arc::new(estimator))
+        .build();
+    let layer = preset::anthropic(limits).with_budget(budget);
+    let svc = ServiceBuilder::new()
+        .map_response(box_response)
+        .layer(layer)
+        .service(meter);
+    Ok((BoxCloneService::new(svc), log))
+}

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
+use tower_llm_limits::emulator::count_text;
 
 /// A small, seeded random source (SplitMix64): the same seed gives the same
 /// workload on every machine, without a dependency.
@@ -93,22 +94,23 @@ const WORDS: &[&str] = &[
 
 const PUNCT: &[&str] = &[",", ".", ";", ":", "?", "!", "(", ")", "-", "\""];
 
-/// Generates `tokens` tokens of text (words and punctuation, counted as the
-/// emulator's counter does: one per word piece and one per punctuation mark,
-/// approximately).
+/// Generates text of about `tokens` tokens as the emulator counts them
+/// ([`count_text`]: a word of n characters is ceil(n / 4) tokens, each
+/// punctuation mark one).
 fn text(rng: &mut Rng, tokens: u64) -> String {
-    let mut out = String::with_capacity(tokens as usize * 7);
+    let mut out = String::with_capacity(tokens as usize * 5);
     let mut n = 0u64;
     let mut since_punct = 0;
     while n < tokens {
         if !out.is_empty() {
             out.push(' ');
         }
-        out.push_str(*rng.pick(WORDS));
-        n += 1;
+        let w = *rng.pick(WORDS);
+        out.push_str(w);
+        n += (w.len() as u64).div_ceil(4);
         since_punct += 1;
         if since_punct > 6 && rng.f64() < 0.18 {
-            out.push_str(*rng.pick(PUNCT));
+            out.push_str(rng.pick(PUNCT));
             n += 1;
             since_punct = 0;
         }
@@ -116,26 +118,14 @@ fn text(rng: &mut Rng, tokens: u64) -> String {
     out
 }
 
-/// A rough count of the tokens in `s` (words and punctuation marks), used
-/// only to size the generated workload; the emulator has its own counter.
-pub fn rough_tokens(s: &str) -> u64 {
-    let mut n = 0u64;
-    let mut in_word = false;
-    for c in s.chars() {
-        if c.is_alphanumeric() {
-            if !in_word {
-                n += 1;
-                in_word = true;
-            }
-        } else {
-            in_word = false;
-            if !c.is_whitespace() {
-                n += 1;
-            }
-        }
-    }
-    n
+/// Tokens of `s` under the emulator's rule (used to size the workload; the
+/// clients never see this count).
+pub fn count(s: &str) -> u64 {
+    count_text(s)
 }
+
+/// Tokens each message adds under the emulator's rule (its role framing).
+const PER_MESSAGE: u64 = tower_llm_limits::emulator::MESSAGE_OVERHEAD;
 
 /// Parameters of the generated workload.
 #[derive(Debug, Clone)]
@@ -155,7 +145,9 @@ pub struct GenSpec {
 /// Generates the seeded workload: mixed sizes (most small, some medium, a few
 /// large), a third of the requests behind one of three long shared system
 /// prompts marked with `cache_control`, half of them streamed, and
-/// `max_tokens` drawn from 256 to 4096.
+/// `max_tokens` drawn from 64 to 1024 (so that, with the emulator's
+/// answer lengths of 10% to 100% of `max_tokens`, the output stays under the
+/// default limits' OTPM : ITPM ratio and input tokens stay the binding limit).
 pub fn generate(spec: &GenSpec) -> Workload {
     let mut rng = Rng::new(spec.seed);
     // Three shared system prompts, long enough to be cacheable (>= 1024 tokens).
@@ -165,7 +157,7 @@ pub fn generate(spec: &GenSpec) -> Workload {
             text(&mut rng, n)
         })
         .collect();
-    let prefix_tokens: Vec<u64> = prefixes.iter().map(|p| rough_tokens(p)).collect();
+    let prefix_tokens: Vec<u64> = prefixes.iter().map(|p| count(p)).collect();
     let mut prefix_seen = [false; 3];
 
     let mut items = Vec::new();
@@ -190,7 +182,7 @@ pub fn generate(spec: &GenSpec) -> Workload {
         };
         let use_prefix = rng.f64() < 0.33;
         let stream = rng.f64() < 0.5;
-        let max_tokens = *rng.pick(&[256u64, 512, 1024, 1024, 2048, 4096]);
+        let max_tokens = *rng.pick(&[64u64, 128, 256, 256, 512, 1024]);
         let turns = rng.range(1, 3);
 
         let mut body = serde_json::Map::new();
@@ -216,7 +208,9 @@ pub fn generate(spec: &GenSpec) -> Workload {
             with_prefix += 1;
         } else if rng.f64() < 0.5 {
             let t = rng.range(10, 60);
-            body.insert("system".into(), json!(text(&mut rng, t)));
+            let system = text(&mut rng, t);
+            let t = count(&system);
+            body.insert("system".into(), json!(system));
             req_tokens += t;
             req_uncached += t;
         }
@@ -224,16 +218,20 @@ pub fn generate(spec: &GenSpec) -> Workload {
         let user_tokens = user_tokens.min(budget);
         let mut messages = Vec::new();
         let per_turn = (user_tokens / (2 * turns - 1)).max(5);
+        let mut msg_tokens = 0;
         for t in 0..turns {
-            messages.push(json!({"role": "user", "content": text(&mut rng, per_turn)}));
+            let user = text(&mut rng, per_turn);
+            msg_tokens += count(&user) + PER_MESSAGE;
+            messages.push(json!({"role": "user", "content": user}));
             if t + 1 < turns {
+                let answer = text(&mut rng, per_turn);
+                msg_tokens += count(&answer) + PER_MESSAGE;
                 messages.push(json!({
                     "role": "assistant",
-                    "content": [{"type": "text", "text": text(&mut rng, per_turn)}]
+                    "content": [{"type": "text", "text": answer}]
                 }));
             }
         }
-        let msg_tokens = per_turn * (2 * turns - 1);
         req_tokens += msg_tokens;
         req_uncached += msg_tokens;
         body.insert("messages".into(), Value::Array(messages));
@@ -307,7 +305,7 @@ pub fn from_jsonl(path: &Path, seed: u64) -> Result<Workload, String> {
         if stream {
             streaming += 1;
         }
-        total += rough_tokens(line);
+        total += count(line);
         max_tokens_sum += max_tokens;
         items.push(Item {
             body: Bytes::copy_from_slice(line.as_bytes()),
