@@ -128,19 +128,28 @@ impl Anthropic {
         Self::new(&base, &key, preset::anthropic(tier))
     }
 
-    /// Sends one Messages request body and reads the whole answer (an SSE
-    /// stream is read to its end).
+    /// Sends a Messages request body as it is and returns the answer as it
+    /// comes (an SSE stream is passed on as it arrives).
     ///
     /// # Errors
     /// What the stack returns (retries exhausted, a request too large for the
     /// limits, ...) or a transport error.
-    pub async fn send(&self, body: &Value) -> Result<(StatusCode, Bytes), BoxError> {
+    pub async fn forward(&self, body: Bytes) -> Result<Response<ClientBody>, BoxError> {
         let req = Request::post(self.messages_uri.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("anthropic-version", "2023-06-01")
             .header("x-api-key", self.api_key.clone())
-            .body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
-        let resp = self.service.clone().oneshot(req).await?;
+            .body(Full::new(body))?;
+        self.service.clone().oneshot(req).await
+    }
+
+    /// Sends one Messages request and reads the whole answer (an SSE stream
+    /// is read to its end).
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), and a body that fails midway.
+    pub async fn send(&self, body: &Value) -> Result<(StatusCode, Bytes), BoxError> {
+        let resp = self.forward(Bytes::from(serde_json::to_vec(body)?)).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         Ok((status, bytes))
