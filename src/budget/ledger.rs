@@ -113,7 +113,7 @@
 //! - It does not know which model or caller a key stands for, nor which
 //!   header maps to which dimension (the combined `anthropic-ratelimit-tokens-*`
 //!   header is the layer's concern, not a fourth bucket here).
-//! - Memory is bounded only by the number of keys: a key holds about 150
+//! - Memory is bounded only by the number of keys: a key holds about 300
 //!   bytes. A gateway with many callers calls [`InMemoryLedger::evict_idle`]
 //!   from time to time (or [`InMemoryLedger::remove`]).
 
@@ -210,18 +210,40 @@ pub struct BucketState {
 /// through [`Ledger::sync`], and with neither the dimension is not limited.
 pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// Debits `costs` in all three dimensions at once, or nothing.
+    ///
+    /// - [`Reservation::Admitted`]: debited everywhere; send the request.
+    /// - [`Reservation::WaitUntil`]: nothing debited; `at` is the latest of the
+    ///   instants at which each dimension could take its cost, exact (asking
+    ///   again at `at`, with nothing reserved meanwhile, is admitted).
+    /// - [`Reservation::Never`]: nothing debited; a cost is above its limit.
+    ///
+    /// A dimension whose cost is zero, or that has no limit, does not constrain
+    /// the request.
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs, now: Instant) -> Reservation;
 
     /// Applies a correction after admission (settlement with real usage, or a refund).
+    ///
+    /// A positive amount charges more and may leave a bucket negative (a debt
+    /// that delays later requests until the refill has repaid it); a negative
+    /// amount refunds, never above the bucket's capacity. A key the ledger
+    /// does not hold is ignored.
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta, now: Instant);
 
     /// Aligns one bucket with what the server's headers said: learns the limit
     /// if none is configured, and lowers what is available when the server
     /// says less is left (the server's view wins), without mistaking the
     /// API's rounding of token counts for a change.
+    ///
+    /// The caller maps headers to dimensions: the combined
+    /// `anthropic-ratelimit-tokens-*` header is the most restrictive limit in
+    /// force, not a bucket of its own.
     fn sync(&self, key: &str, limits: &Limits, dimension: Dimension, sync: LimitSync, now: Instant);
 
     /// The state of the key's three buckets (requests, input, output), if the key is known.
+    ///
+    /// Read-only: the refill up to `now` is computed, not stored. A dimension
+    /// without any limit reports `limit: None` and an infinite `available`
+    /// and `capacity`.
     fn state(&self, key: &str, limits: &Limits, now: Instant) -> Option<[BucketState; 3]>;
 }
 
@@ -361,9 +383,44 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 ///
 /// Cheap to share: wrap it in an `Arc` (the budget layer does).
 ///
+/// # Limits in force
+///
+/// Per dimension, the limit in force is the configured one (the `limits`
+/// argument); the server's `-limit` header, once seen, is remembered and wins
+/// over nothing (a limit learned when none is configured) and over a higher
+/// configured limit (a Workspace limit or a lower tier than configured), but
+/// a configured limit stays when the server reports a higher one: raising a
+/// limit is the user's decision. The latest report replaces earlier ones. A
+/// reported limit of zero is ignored (the API does not advertise one, and a
+/// garbled header must not block every request for ever). A bucket that gets
+/// its first limit starts full, and a bucket whose limit shrinks is cut to
+/// the new capacity.
+///
+/// # Syncing to the server's remaining
+///
+/// [`Ledger::sync`] only ever lowers a bucket, to what the server says is
+/// left, and only when the ledger's level is above anything the server could
+/// have meant:
+///
+/// - the API rounds token `remaining` values "to the nearest thousand" (facts
+///   file, section 3), so a token `remaining` that is a multiple of 1,000 is
+///   read as "below `remaining + 500`": a ledger 400 tokens above it is
+///   consistent with the server and left alone, one 600 above is lowered to
+///   `remaining`. A server that floors instead (up to 999 above) is handled
+///   safely too: the ledger may then be lowered a little more than needed,
+///   never left too high. Request counts and token counts that are not
+///   multiples of 1,000 are exact;
+/// - without `remaining`, `reset_in` (time until full) implies
+///   `capacity - reset_in * rate`; the header has second precision, so a
+///   difference smaller than one second of refill is not a change;
+/// - the server's count does not know of requests admitted since it answered:
+///   the ledger already debited those, which is why it never raises a bucket
+///   to the server's value.
+///
 /// # Memory
 ///
-/// Each key holds a small fixed-size state (three buckets). Keys are created by
+/// Each key holds a small fixed-size state (three buckets, about 300 bytes
+/// with the map's overhead, plus the key). Keys are created by
 /// [`Ledger::reserve`] and [`Ledger::sync`] and stay until
 /// [`InMemoryLedger::remove`] or [`InMemoryLedger::evict_idle`] drops them;
 /// with a bounded set of keys (model classes) nothing needs to be done, with
@@ -658,7 +715,7 @@ impl Ledger for InMemoryLedger {
             state.touch(now);
             // First pass: bring each limited bucket up to date and find the
             // longest wait. Nothing is debited unless every dimension fits.
-            let mut longest: Option<(u128, Dimension)> = None;
+            let mut latest: Option<(Instant, Dimension)> = None;
             for dimension in Dimension::ALL {
                 let bucket = &mut state.buckets[index(dimension)];
                 let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
@@ -684,16 +741,16 @@ impl Ledger for InMemoryLedger {
                     // limit > 0 here (cost > 0 and cost <= limit); round up so
                     // that the refill at `at` covers the deficit exactly.
                     let wait = deficit.div_ceil(u128::from(limit));
-                    if longest.map_or(true, |(w, _)| wait > w) {
-                        longest = Some((wait, dimension));
+                    // Counted from the bucket's own timestamp, which is later
+                    // than `now` if the clock stepped back.
+                    let at = instant_after(bucket.updated.unwrap_or(now).max(now), wait);
+                    if latest.map_or(true, |(latest, _)| at > latest) {
+                        latest = Some((at, dimension));
                     }
                 }
             }
-            if let Some((wait, dimension)) = longest {
-                return Reservation::WaitUntil {
-                    at: instant_after(now, wait),
-                    dimension,
-                };
+            if let Some((at, dimension)) = latest {
+                return Reservation::WaitUntil { at, dimension };
             }
             for dimension in Dimension::ALL {
                 let bucket = &mut state.buckets[index(dimension)];
