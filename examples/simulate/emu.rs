@@ -6,7 +6,7 @@ use tower_llm_limits::emulator::{Emulator, Limits, OutputMode};
 
 use super::args::Args;
 use super::report::{Charged, LimitSpec};
-use super::run::{box_response, Transport};
+use super::run::{box_response, Body, Transport};
 
 /// The limits the run is measured against, as the emulator enforces them
 /// (its default 60 s window: each bucket's capacity is one minute's limit).
@@ -43,7 +43,7 @@ pub fn transport(a: &Args) -> Result<(Transport, Emulator), String> {
         .seed(a.seed)
         .build()
         .map_err(|e| format!("emulator: {e}"))?;
-    let svc = emulator.service().map_response(box_response);
+    let svc = ServiceExt::<http::Request<Body>>::map_response(emulator.service(), box_response);
     Ok((BoxCloneService::new(svc), emulator))
 }
 

@@ -110,7 +110,7 @@ fn text(rng: &mut Rng, tokens: u64) -> String {
         n += (w.len() as u64).div_ceil(4);
         since_punct += 1;
         if since_punct > 6 && rng.f64() < 0.18 {
-            out.push_str(rng.pick(PUNCT));
+            out.push_str(*rng.pick(PUNCT));
             n += 1;
             since_punct = 0;
         }
