@@ -5,6 +5,10 @@
 
 use http::request::Parts;
 
+pub mod calibrate;
+
+pub use calibrate::{Calibration, CalibrationConfig, ModelCalibration, SlidingQuantile};
+
 /// What a request is expected to cost, before it is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Estimate {
