@@ -29,7 +29,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_limits::budget::Tier;
 use tower_llm_limits::preset::{self, LimitsLayer};
@@ -73,7 +73,7 @@ pub fn https_client() -> Client<HttpsConnector<HttpConnector>, ClientBody> {
 /// A Messages API client: the preset stack over [`https_client`].
 #[derive(Clone)]
 pub struct Anthropic {
-    service: BoxCloneService<Request<Full<Bytes>>, Response<ClientBody>, BoxError>,
+    service: BoxCloneSyncService<Request<Full<Bytes>>, Response<ClientBody>, BoxError>,
     messages_uri: Uri,
     api_key: HeaderValue,
 }
@@ -103,7 +103,7 @@ impl Anthropic {
             .map_request(box_request)
             .service(https_client());
         Ok(Anthropic {
-            service: BoxCloneService::new(service),
+            service: BoxCloneSyncService::new(service),
             messages_uri,
             api_key,
         })
