@@ -73,7 +73,12 @@ async fn forward(State(upstream): State<Anthropic>, body: Bytes) -> Response {
             let (parts, body) = resp.into_parts();
             let mut out = Response::new(Body::new(body));
             *out.status_mut() = parts.status;
-            for name in ["content-type", "request-id", "retry-after", "x-should-retry"] {
+            for name in [
+                "content-type",
+                "request-id",
+                "retry-after",
+                "x-should-retry",
+            ] {
                 if let Some(v) = parts.headers.get(name) {
                     out.headers_mut().insert(name, v.clone());
                 }
@@ -139,7 +144,9 @@ pub async fn read_body(resp: Response) -> Result<Bytes, BoxError> {
 
 fn env_u64(name: &str, default: u64) -> Result<u64, BoxError> {
     match std::env::var(name) {
-        Ok(v) => Ok(v.parse().map_err(|_| format!("{name}: not a number: {v}"))?),
+        Ok(v) => Ok(v
+            .parse()
+            .map_err(|_| format!("{name}: not a number: {v}"))?),
         Err(_) => Ok(default),
     }
 }
@@ -147,7 +154,8 @@ fn env_u64(name: &str, default: u64) -> Result<u64, BoxError> {
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let key = std::env::var("ANTHROPIC_API_KEY").map_err(|_| "set ANTHROPIC_API_KEY (the upstream key)")?;
+    let key = std::env::var("ANTHROPIC_API_KEY")
+        .map_err(|_| "set ANTHROPIC_API_KEY (the upstream key)")?;
     let base = std::env::var("UPSTREAM_URL").unwrap_or_else(|_| "https://api.anthropic.com".into());
     let addr = std::env::var("GATEWAY_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let tier = match std::env::var("ANTHROPIC_TIER").as_deref() {

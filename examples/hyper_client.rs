@@ -94,7 +94,8 @@ impl Anthropic {
     /// # Errors
     /// A base URL that does not parse, or a key that is not a header value.
     pub fn new(base_url: &str, api_key: &str, limits: LimitsLayer) -> Result<Self, BoxError> {
-        let messages_uri: Uri = format!("{}/v1/messages", base_url.trim_end_matches('/')).parse()?;
+        let messages_uri: Uri =
+            format!("{}/v1/messages", base_url.trim_end_matches('/')).parse()?;
         let mut api_key = HeaderValue::from_str(api_key)?;
         api_key.set_sensitive(true);
         let service = ServiceBuilder::new()
@@ -161,16 +162,25 @@ impl Anthropic {
 pub fn usage_of(body: &[u8]) -> Option<(u64, u64)> {
     if let Ok(v) = serde_json::from_slice::<Value>(body) {
         let u = v.get("usage")?;
-        return Some((u.get("input_tokens")?.as_u64()?, u.get("output_tokens")?.as_u64()?));
+        return Some((
+            u.get("input_tokens")?.as_u64()?,
+            u.get("output_tokens")?.as_u64()?,
+        ));
     }
     let text = std::str::from_utf8(body).ok()?;
     let (mut input, mut output) = (None, None);
     for line in text.lines() {
-        let Some(data) = line.strip_prefix("data:") else { continue };
-        let Ok(v) = serde_json::from_str::<Value>(data.trim()) else { continue };
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
+            continue;
+        };
         match v.get("type").and_then(Value::as_str) {
             Some("message_start") => {
-                input = v.pointer("/message/usage/input_tokens").and_then(Value::as_u64);
+                input = v
+                    .pointer("/message/usage/input_tokens")
+                    .and_then(Value::as_u64);
             }
             Some("message_delta") => {
                 output = v.pointer("/usage/output_tokens").and_then(Value::as_u64);
@@ -198,7 +208,8 @@ async fn main() -> Result<(), BoxError> {
     let prompt = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "Say hello in five languages, one line each.".to_string());
-    let model = std::env::var("ANTHROPIC_MODEL").unwrap_or_else(|_| "claude-sonnet-4-5".to_string());
+    let model =
+        std::env::var("ANTHROPIC_MODEL").unwrap_or_else(|_| "claude-sonnet-4-5".to_string());
     let mut tasks = Vec::new();
     for i in 0..5 {
         let client = client.clone();

@@ -16,6 +16,8 @@ OPTIONS:
                            virtual time: minutes of traffic in seconds)
     --json                 print one JSON object on stdout instead of the table
     --plot FILE.svg        write tokens admitted per second over time, per strategy
+    --timeline             print, per strategy and 10 s window, attempts sent,
+                           429s, tokens charged and requests finished (stderr)
     --strategy LIST        strategies to run, comma-separated: a|naive,
                            b|common-recipe, c|tower, d|tower-llm-limits
                            (default: all four; with --target: d)
@@ -42,6 +44,7 @@ OPTIONS:
 pub struct Args {
     pub real_time: bool,
     pub json: bool,
+    pub timeline: bool,
     pub plot: Option<PathBuf>,
     pub strategies: Option<Vec<Kind>>,
     pub seed: u64,
@@ -65,6 +68,7 @@ impl Default for Args {
         Args {
             real_time: false,
             json: false,
+            timeline: false,
             plot: None,
             strategies: None,
             seed: 42,
@@ -108,6 +112,7 @@ pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, Strin
             "-h" | "--help" => return Ok(None),
             "--real-time" => a.real_time = true,
             "--json" => a.json = true,
+            "--timeline" => a.timeline = true,
             "--plot" => a.plot = Some(PathBuf::from(value().ok_or("--plot needs a file")?)),
             "--strategy" | "--strategies" => {
                 let v = value().ok_or("--strategy needs a value")?;

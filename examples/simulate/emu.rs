@@ -18,7 +18,11 @@ pub fn limit_spec(a: &Args) -> LimitSpec {
         requests_capacity: a.rpm as f64,
         input_capacity: a.itpm as f64,
         output_capacity: a.otpm as f64,
-        output_mode: if a.reserve_mode { "reserve" } else { "realtime" },
+        output_mode: if a.reserve_mode {
+            "reserve"
+        } else {
+            "realtime"
+        },
     }
 }
 
@@ -48,7 +52,7 @@ pub fn transport(a: &Args) -> Result<(Transport, Emulator), String> {
 }
 
 /// What the emulator charged, summed over model classes.
-pub fn charged(emulator: &Emulator) -> Charged {
+pub fn charged(emulator: &Emulator, reserve_mode: bool) -> Charged {
     let stats = emulator.stats();
     let mut c = Charged {
         from_server_stats: true,
@@ -58,6 +62,21 @@ pub fn charged(emulator: &Emulator) -> Charged {
         c.requests += class.requests_admitted;
         c.input_tokens += class.input_tokens;
         c.output_tokens += class.output_tokens;
+        c.output_for_bound += if reserve_mode {
+            class.output_tokens
+        } else {
+            let last_admission = class
+                .timeline
+                .iter()
+                .rposition(|s| s.requests > 0)
+                .unwrap_or(0);
+            class
+                .timeline
+                .iter()
+                .take(last_admission)
+                .map(|s| s.output_tokens)
+                .sum()
+        };
     }
     c
 }

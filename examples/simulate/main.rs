@@ -141,9 +141,8 @@ async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
         };
         let log = Log::new();
         let progress = Arc::new(Progress::default());
-        let bar = (!virtual_time).then(|| {
-            spawn_progress(kind.name(), items.len(), progress.clone())
-        });
+        let bar =
+            (!virtual_time).then(|| spawn_progress(kind.name(), items.len(), progress.clone()));
         let (client, estimates) = build_client(kind, transport, log.clone(), &args, &limits)?;
         let outcomes = run::drive(
             client,
@@ -161,9 +160,12 @@ async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
         }
         let attempts = log.snapshot();
         let charged = match &stats {
-            Some(s) => emu::charged(s),
+            Some(s) => emu::charged(s, args.reserve_mode),
             None => charged_from_responses(&attempts),
         };
+        if args.timeline {
+            eprint!("{}", timeline(kind.name(), &attempts, &outcomes, 10.0));
+        }
         let est = estimates.and_then(|e| e.mean_absolute_error());
         let row = report::row(kind.name(), &outcomes, attempts, charged, &limits, est);
         if !args.json {
@@ -207,7 +209,10 @@ async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
             "wall_seconds": wall.elapsed().as_secs_f64(),
             "strategies": rows.iter().map(report::row_json).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+        );
     } else {
         println!();
         print!("{}", report::table(&rows));
@@ -264,17 +269,24 @@ fn charged_from_responses(attempts: &[run::Attempt]) -> Charged {
             c.output_tokens += u.output_tokens;
         }
     }
+    // Without the server's timeline, every output token counts (an
+    // approximation in realtime mode; see `Charged::output_for_bound`).
+    c.output_for_bound = c.output_tokens;
     c
 }
 
-fn spawn_progress(name: &'static str, total: usize, p: Arc<Progress>) -> tokio::task::JoinHandle<()> {
+fn spawn_progress(
+    name: &'static str,
+    total: usize,
+    p: Arc<Progress>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let start = tokio::time::Instant::now();
         loop {
             let done = p.done.load(Ordering::Relaxed);
             let failed = p.failed.load(Ordering::Relaxed);
             let width = 30usize;
-            let filled = if total == 0 { width } else { done * width / total };
+            let filled = (done * width).checked_div(total).unwrap_or(width);
             eprint!(
                 "\r  {name:<17} [{}{}] {done}/{total} ({failed} failed) {:.0} s ",
                 "#".repeat(filled),
@@ -310,4 +322,49 @@ fn build_client(
             (client, Some(est))
         }
     })
+}
+
+/// `--timeline`: per window, attempts sent, 429s, input and output
+/// tokens charged (by send time) and requests finished, on stderr.
+fn timeline(
+    name: &str,
+    attempts: &[run::Attempt],
+    outcomes: &[run::Outcome],
+    window: f64,
+) -> String {
+    let end = outcomes
+        .iter()
+        .map(|o| o.finished.as_secs_f64())
+        .fold(0.0, f64::max);
+    let n = (end / window).ceil() as usize + 1;
+    let mut rows = vec![(0u64, 0u64, 0u64, 0u64, 0u64); n];
+    for a in attempts {
+        let i = ((a.sent.as_secs_f64() / window) as usize).min(n - 1);
+        rows[i].0 += 1;
+        if a.status == Some(429) {
+            rows[i].1 += 1;
+        }
+        if let Some(u) = a.usage {
+            rows[i].2 += u.charged_input();
+            rows[i].3 += u.output_tokens;
+        }
+    }
+    for o in outcomes {
+        let i = ((o.finished.as_secs_f64() / window) as usize).min(n - 1);
+        rows[i].4 += 1;
+    }
+    let mut out =
+        format!("timeline of {name} ({window} s windows): sent, 429s, input, output, finished\n");
+    for (i, r) in rows.iter().enumerate() {
+        out.push_str(&format!(
+            "  {:>5.0} s  {:>3} {:>3} {:>7} {:>6} {:>3}\n",
+            i as f64 * window,
+            r.0,
+            r.1,
+            r.2,
+            r.3,
+            r.4
+        ));
+    }
+    out
 }

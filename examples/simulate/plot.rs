@@ -14,7 +14,9 @@ const TOP: f64 = 40.0;
 const GAP: f64 = 50.0;
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Renders the plot. `bucket` is the width of the averaging window in seconds.
@@ -122,7 +124,14 @@ pub fn svg(rows: &[Row], limits: &LimitSpec, bucket: f64) -> String {
                     break;
                 }
                 let cmd = if i == 0 { 'M' } else { 'L' };
-                let _ = write!(d, "{cmd}{:.1},{:.1} L{:.1},{:.1} ", x(t0), y(*v), x(t1), y(*v));
+                let _ = write!(
+                    d,
+                    "{cmd}{:.1},{:.1} L{:.1},{:.1} ",
+                    x(t0),
+                    y(*v),
+                    x(t1),
+                    y(*v)
+                );
             }
             let _ = writeln!(
                 s,

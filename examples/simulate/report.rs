@@ -27,6 +27,13 @@ pub struct Charged {
     pub requests: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// The output tokens the OTPM term of the bound may count: all of them
+    /// when output is reserved at admission; in realtime mode only those
+    /// produced before the last second in which a request was admitted (the
+    /// emulator admits while the OTPM bucket is above zero and lets answers
+    /// in flight overdraw it, so output produced after the last admission
+    /// never delayed anything).
+    pub output_for_bound: u64,
     /// Where the figures come from: the emulator's own counters, or the
     /// usage the responses reported (a real endpoint).
     pub from_server_stats: bool,
@@ -35,7 +42,7 @@ pub struct Charged {
 impl Charged {
     /// The limit-bound lower bound on the time to finish: for each dimension,
     /// what was charged beyond the initial capacity divided by the refill
-    /// rate; the largest of the three.
+    /// rate; the largest of the three (see `output_for_bound` for OTPM).
     pub fn minimum_seconds(&self, l: &LimitSpec) -> f64 {
         let bound = |charged: u64, cap: f64, per_minute: u64| {
             if per_minute == 0 {
@@ -45,8 +52,16 @@ impl Charged {
             }
         };
         bound(self.requests, l.requests_capacity, l.requests_per_minute)
-            .max(bound(self.input_tokens, l.input_capacity, l.input_tokens_per_minute))
-            .max(bound(self.output_tokens, l.output_capacity, l.output_tokens_per_minute))
+            .max(bound(
+                self.input_tokens,
+                l.input_capacity,
+                l.input_tokens_per_minute,
+            ))
+            .max(bound(
+                self.output_for_bound,
+                l.output_capacity,
+                l.output_tokens_per_minute,
+            ))
     }
 
     /// Which dimension sets the bound.
@@ -59,8 +74,16 @@ impl Charged {
             }
         };
         let req = r(self.requests, l.requests_capacity, l.requests_per_minute);
-        let inp = r(self.input_tokens, l.input_capacity, l.input_tokens_per_minute);
-        let out = r(self.output_tokens, l.output_capacity, l.output_tokens_per_minute);
+        let inp = r(
+            self.input_tokens,
+            l.input_capacity,
+            l.input_tokens_per_minute,
+        );
+        let out = r(
+            self.output_for_bound,
+            l.output_capacity,
+            l.output_tokens_per_minute,
+        );
         if inp >= req && inp >= out {
             "input tokens"
         } else if out >= req {
@@ -86,6 +109,9 @@ pub struct Row {
     /// Other non-200 responses and transport errors received.
     pub other_errors: usize,
     pub seconds: f64,
+    /// When the last attempt was sent (the last admission, for a server
+    /// that answers at once).
+    pub last_sent: f64,
     pub minimum_seconds: f64,
     pub binding: &'static str,
     pub p50_ms: f64,
@@ -135,7 +161,11 @@ pub fn row(
         .iter()
         .map(|o| o.finished.as_secs_f64())
         .fold(0.0, f64::max);
-    let mut lat: Vec<Duration> = outcomes.iter().filter(|o| o.ok).map(|o| o.latency).collect();
+    let mut lat: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| o.ok)
+        .map(|o| o.latency)
+        .collect();
     lat.sort();
     let sent: HashSet<Option<usize>> = attempts.iter().map(|a| a.request).collect();
     let rate_limited = attempts.iter().filter(|a| a.status == Some(429)).count();
@@ -160,6 +190,10 @@ pub fn row(
         retries: attempts.len().saturating_sub(sent.len()),
         other_errors,
         seconds,
+        last_sent: attempts
+            .iter()
+            .map(|a| a.sent.as_secs_f64())
+            .fold(0.0, f64::max),
         minimum_seconds,
         binding: charged.binding(limits),
         p50_ms: percentile(&lat, 0.50),
@@ -214,7 +248,13 @@ pub fn table(rows: &[Row]) -> String {
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
-        .map(|c| cells.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            cells
+                .iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for (i, r) in cells.iter().enumerate() {
@@ -245,8 +285,9 @@ pub fn notes(rows: &[Row]) -> String {
     let mut out = String::new();
     for r in rows {
         out.push_str(&format!(
-            "{}: charged {} requests, {} input tokens, {} output tokens ({}); bound by {}",
+            "{}: last request sent at {:.1} s; charged {} requests, {} input tokens, {} output tokens ({}); bound by {}",
             r.name,
+            r.last_sent,
             r.charged.requests,
             r.charged.input_tokens,
             r.charged.output_tokens,
@@ -286,6 +327,7 @@ pub fn row_json(r: &Row) -> Value {
         "attempts": r.attempts,
         "other_errors": r.other_errors,
         "minimum_seconds": r.minimum_seconds,
+        "last_sent_seconds": r.last_sent,
         "bound_by": r.binding,
         "charged": {
             "requests": r.charged.requests,

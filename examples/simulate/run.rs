@@ -2,7 +2,6 @@
 //! the server (it sees every attempt, retries included), and the workers that
 //! issue the workload's requests.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,23 +46,6 @@ where
     B::Error: Into<BoxError>,
 {
     req.map(|b| b.map_err(Into::into).boxed_unsync())
-}
-
-/// Turns an infallible tower service (an axum `Router`) into a [`Transport`].
-pub fn transport_from<S, B>(svc: S) -> Transport
-where
-    S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    BoxCloneService::new(
-        svc.map_response(box_response)
-            .map_err(|e: Infallible| -> BoxError { match e {} }),
-    )
 }
 
 /// Usage read back from a response body.
@@ -152,7 +134,8 @@ where
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -280,7 +263,10 @@ pub fn parse_usage(body: &[u8]) -> Option<SeenUsage> {
         };
         match v.get("type").and_then(serde_json::Value::as_str) {
             Some("message_start") => {
-                usage = v.get("message").and_then(|m| m.get("usage")).and_then(usage_from);
+                usage = v
+                    .get("message")
+                    .and_then(|m| m.get("usage"))
+                    .and_then(usage_from);
             }
             Some("message_delta") => {
                 if let (Some(u), Some(d)) = (usage.as_mut(), v.get("usage").and_then(usage_from)) {
@@ -311,7 +297,12 @@ pub struct Outcome {
 }
 
 /// Builds the HTTP request for a workload item.
-pub fn request_for(item: &Item, index: usize, api_key: Option<&HeaderValue>, path: &str) -> Request<Full<Bytes>> {
+pub fn request_for(
+    item: &Item,
+    index: usize,
+    api_key: Option<&HeaderValue>,
+    path: &str,
+) -> Request<Full<Bytes>> {
     let mut b = Request::post(path)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header("anthropic-version", "2023-06-01")
@@ -432,7 +423,10 @@ pub fn short_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Strin
         None => {
             let s = e.to_string();
             if s.len() > 60 {
-                format!("{}...", &s[..s.char_indices().nth(57).map_or(s.len(), |(i, _)| i)])
+                format!(
+                    "{}...",
+                    &s[..s.char_indices().nth(57).map_or(s.len(), |(i, _)| i)]
+                )
             } else {
                 s
             }

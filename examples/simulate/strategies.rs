@@ -93,13 +93,16 @@ fn server_delay(headers: &HeaderMap) -> Option<Duration> {
     }
     let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
     if let Ok(secs) = v.trim().parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 && secs < 1e9 {
+        if (0.0..1e9).contains(&secs) {
             return Some(Duration::from_secs_f64(secs));
         }
         return None;
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// The official SDKs' `_should_retry`: `x-should-retry` first, then 408, 409,
@@ -129,10 +132,17 @@ pub fn naive(meter: Meter, seed: u64) -> Client {
             let max_retries = 2u32;
             let mut retries = 0u32;
             loop {
-                let attempt = ServiceExt::<Request<Full<Bytes>>>::ready(&mut meter).await?.call(rebuild(&parts, &bytes, retries)).await;
+                let attempt = ServiceExt::<Request<Full<Bytes>>>::ready(&mut meter)
+                    .await?
+                    .call(rebuild(&parts, &bytes, retries))
+                    .await;
                 let delay = match &attempt {
-                    Ok(resp) if retries < max_retries && sdk_should_retry(resp.status(), resp.headers()) => {
-                        server_delay(resp.headers()).filter(|d| !d.is_zero() && *d <= Duration::from_secs(60))
+                    Ok(resp)
+                        if retries < max_retries
+                            && sdk_should_retry(resp.status(), resp.headers()) =>
+                    {
+                        server_delay(resp.headers())
+                            .filter(|d| !d.is_zero() && *d <= Duration::from_secs(60))
                     }
                     Err(_) if retries < max_retries => None,
                     _ => return attempt,
@@ -172,9 +182,15 @@ pub fn common_recipe(meter: Meter, seed: u64) -> Client {
             let max_retries = 6u32;
             let mut retries = 0u32;
             loop {
-                let attempt = ServiceExt::<Request<Full<Bytes>>>::ready(&mut meter).await?.call(rebuild(&parts, &bytes, retries)).await;
+                let attempt = ServiceExt::<Request<Full<Bytes>>>::ready(&mut meter)
+                    .await?
+                    .call(rebuild(&parts, &bytes, retries))
+                    .await;
                 let server = match &attempt {
-                    Ok(resp) if retries < max_retries && sdk_should_retry(resp.status(), resp.headers()) => {
+                    Ok(resp)
+                        if retries < max_retries
+                            && sdk_should_retry(resp.status(), resp.headers()) =>
+                    {
                         server_delay(resp.headers())
                     }
                     Err(_) if retries < max_retries => None,

@@ -46,7 +46,10 @@ pub fn transport(url: &str) -> Result<(Transport, String), String> {
         let parsed: Result<Uri, _> = full.parse();
         async move {
             *req.uri_mut() = parsed.map_err(|e| -> BoxError { Box::new(e) })?;
-            let resp = client.request(req).await.map_err(|e| -> BoxError { Box::new(e) })?;
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|e| -> BoxError { Box::new(e) })?;
             Ok::<_, BoxError>(box_response(resp))
         }
     });

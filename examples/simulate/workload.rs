@@ -49,12 +49,6 @@ impl Rng {
 pub struct Item {
     /// The request body (JSON).
     pub body: Bytes,
-    /// Its `model` field.
-    pub model: String,
-    /// Whether it asks for an SSE answer.
-    pub stream: bool,
-    /// Its `max_tokens`.
-    pub max_tokens: u64,
 }
 
 /// What the workload is, for the report.
@@ -77,19 +71,122 @@ pub struct Workload {
 }
 
 const WORDS: &[&str] = &[
-    "the", "rate", "limit", "token", "bucket", "request", "model", "answer", "input", "output",
-    "stream", "cache", "prompt", "system", "message", "client", "server", "gateway", "budget",
-    "window", "minute", "second", "retry", "after", "header", "latency", "throughput", "queue",
-    "worker", "batch", "summary", "document", "analysis", "report", "customer", "invoice",
-    "contract", "section", "paragraph", "sentence", "translate", "explain", "classify", "extract",
-    "compare", "review", "code", "function", "module", "error", "handler", "value", "field",
-    "record", "table", "column", "index", "search", "result", "context", "history", "agent",
-    "tool", "schema", "argument", "parameter", "configuration", "deployment", "service",
-    "cluster", "region", "account", "organisation", "workspace", "usage", "pricing", "estimate",
-    "measure", "observe", "metric", "signal", "pattern", "behaviour", "policy", "decision",
-    "internationalisation", "asynchronous", "concurrency", "backpressure", "idempotent",
-    "a", "an", "of", "to", "in", "on", "for", "with", "by", "from", "and", "or", "but", "not",
-    "is", "are", "was", "be", "this", "that", "these", "those", "it", "they", "we", "you",
+    "the",
+    "rate",
+    "limit",
+    "token",
+    "bucket",
+    "request",
+    "model",
+    "answer",
+    "input",
+    "output",
+    "stream",
+    "cache",
+    "prompt",
+    "system",
+    "message",
+    "client",
+    "server",
+    "gateway",
+    "budget",
+    "window",
+    "minute",
+    "second",
+    "retry",
+    "after",
+    "header",
+    "latency",
+    "throughput",
+    "queue",
+    "worker",
+    "batch",
+    "summary",
+    "document",
+    "analysis",
+    "report",
+    "customer",
+    "invoice",
+    "contract",
+    "section",
+    "paragraph",
+    "sentence",
+    "translate",
+    "explain",
+    "classify",
+    "extract",
+    "compare",
+    "review",
+    "code",
+    "function",
+    "module",
+    "error",
+    "handler",
+    "value",
+    "field",
+    "record",
+    "table",
+    "column",
+    "index",
+    "search",
+    "result",
+    "context",
+    "history",
+    "agent",
+    "tool",
+    "schema",
+    "argument",
+    "parameter",
+    "configuration",
+    "deployment",
+    "service",
+    "cluster",
+    "region",
+    "account",
+    "organisation",
+    "workspace",
+    "usage",
+    "pricing",
+    "estimate",
+    "measure",
+    "observe",
+    "metric",
+    "signal",
+    "pattern",
+    "behaviour",
+    "policy",
+    "decision",
+    "internationalisation",
+    "asynchronous",
+    "concurrency",
+    "backpressure",
+    "idempotent",
+    "a",
+    "an",
+    "of",
+    "to",
+    "in",
+    "on",
+    "for",
+    "with",
+    "by",
+    "from",
+    "and",
+    "or",
+    "but",
+    "not",
+    "is",
+    "are",
+    "was",
+    "be",
+    "this",
+    "that",
+    "these",
+    "those",
+    "it",
+    "they",
+    "we",
+    "you",
 ];
 
 const PUNCT: &[&str] = &[",", ".", ";", ":", "?", "!", "(", ")", "-", "\""];
@@ -110,7 +207,8 @@ fn text(rng: &mut Rng, tokens: u64) -> String {
         n += (w.len() as u64).div_ceil(4);
         since_punct += 1;
         if since_punct > 6 && rng.f64() < 0.18 {
-            out.push_str(*rng.pick(PUNCT));
+            let p: &str = rng.pick::<&str>(PUNCT);
+            out.push_str(p);
             n += 1;
             since_punct = 0;
         }
@@ -246,12 +344,7 @@ pub fn generate(spec: &GenSpec) -> Workload {
         total += req_tokens;
         uncached += req_uncached;
         max_tokens_sum += max_tokens;
-        items.push(Item {
-            body: bytes,
-            model: spec.model.clone(),
-            stream,
-            max_tokens,
-        });
+        items.push(Item { body: bytes });
     }
     Workload {
         items,
@@ -286,17 +379,19 @@ pub fn from_jsonl(path: &Path, seed: u64) -> Result<Workload, String> {
         }
         let v: Value = serde_json::from_str(line)
             .map_err(|e| format!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
-        let model = v
-            .get("model")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("{}:{}: no \"model\"", path.display(), i + 1))?
-            .to_string();
+        if v.get("model").and_then(Value::as_str).is_none() {
+            return Err(format!("{}:{}: no \"model\"", path.display(), i + 1));
+        }
         let max_tokens = v
             .get("max_tokens")
             .and_then(Value::as_u64)
             .ok_or_else(|| format!("{}:{}: no \"max_tokens\"", path.display(), i + 1))?;
         if !v.get("messages").is_some_and(Value::is_array) {
-            return Err(format!("{}:{}: no \"messages\" array", path.display(), i + 1));
+            return Err(format!(
+                "{}:{}: no \"messages\" array",
+                path.display(),
+                i + 1
+            ));
         }
         let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
         if line.contains("\"cache_control\"") {
@@ -309,9 +404,6 @@ pub fn from_jsonl(path: &Path, seed: u64) -> Result<Workload, String> {
         max_tokens_sum += max_tokens;
         items.push(Item {
             body: Bytes::copy_from_slice(line.as_bytes()),
-            model,
-            stream,
-            max_tokens,
         });
     }
     if items.is_empty() {
