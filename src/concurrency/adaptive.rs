@@ -329,10 +329,7 @@ mod tests {
 
     #[test]
     fn unused_limit_does_not_grow() {
-        let mut c = Controller::new(AdaptiveConfig {
-            initial: 10,
-            ..cfg()
-        });
+        let mut c = Controller::new(AdaptiveConfig { initial: 10, ..cfg() });
         for _ in 0..100 {
             assert_eq!(c.observe(ok(100), 0, 4, 10), None);
         }
@@ -340,10 +337,7 @@ mod tests {
 
     #[test]
     fn rising_head_latency_is_a_drop() {
-        let mut c = Controller::new(AdaptiveConfig {
-            initial: 8,
-            ..cfg()
-        });
+        let mut c = Controller::new(AdaptiveConfig { initial: 8, ..cfg() });
         for _ in 0..20 {
             let _ = c.observe(ok(100), c.epoch(), 1, 8);
         }

@@ -273,10 +273,7 @@ pub fn looks_like_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
             }
         }
         let msg = e.to_string().to_ascii_lowercase();
-        if msg.contains("timed out")
-            || msg.contains("timeout")
-            || msg.contains("deadline has elapsed")
-        {
+        if msg.contains("timed out") || msg.contains("timeout") || msg.contains("deadline has elapsed") {
             return true;
         }
         current = e.source();
