@@ -27,7 +27,7 @@
 
 #[path = "hyper_client.rs"]
 #[allow(dead_code)]
-mod hyper_client;
+pub mod hyper_client;
 
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;

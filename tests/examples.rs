@@ -2,12 +2,13 @@
 //! loopback (`axum::serve` on `127.0.0.1:0`): the hyper client example's
 //! stack, and the axum gateway example with its per-caller budgets.
 
+// The gateway example includes the client example as its module
+// `hyper_client`: both are tested through that one copy.
 #[path = "../examples/axum_gateway.rs"]
 #[allow(dead_code)]
 mod axum_gateway;
-#[path = "../examples/hyper_client.rs"]
-#[allow(dead_code)]
-mod hyper_client;
+
+use axum_gateway::hyper_client;
 
 use std::net::SocketAddr;
 use std::time::Duration;
