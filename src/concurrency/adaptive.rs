@@ -159,7 +159,7 @@ impl Controller {
         let signal = match outcome {
             Outcome::Neutral => return None,
             Outcome::Dropped(signal) => Some(signal),
-            Outcome::Success { head_latency } => self.sample(head_latency),
+            Outcome::Success { head_latency } => self.sample(head_latency, epoch == self.epoch),
         };
         match signal {
             Some(signal) => self.cut(signal, epoch, limit),
@@ -167,14 +167,18 @@ impl Controller {
         }
     }
 
-    /// Record a latency sample; `Some(Latency)` when it says the upstream is queueing.
-    fn sample(&mut self, latency: Duration) -> Option<Signal> {
+    /// Record a latency sample; `Some(Latency)` when it says the upstream is
+    /// queueing. `current`: the request was admitted under the current limit
+    /// (only those feed the short-term average, which restarts at each cut, so
+    /// the queue built under the old limit does not cut the new one again).
+    fn sample(&mut self, latency: Duration, current: bool) -> Option<Signal> {
         let s = latency.as_secs_f64();
-        let short = match self.short {
-            Some(short) => short + (s - short) * SHORT_ALPHA,
-            None => s,
+        let short = match (self.short, current) {
+            (Some(short), true) => Some(short + (s - short) * SHORT_ALPHA),
+            (None, true) => Some(s),
+            (short, false) => short,
         };
-        self.short = Some(short);
+        self.short = short;
         let baseline = match self.baseline {
             Some(b) if s < b => s,
             Some(b) => b + (s - b) * BASELINE_RISE,
@@ -183,7 +187,10 @@ impl Controller {
         self.baseline = Some(baseline);
         self.samples = self.samples.saturating_add(1);
         let tolerance = self.cfg.latency_tolerance?;
-        if self.samples >= MIN_LATENCY_SAMPLES && short > baseline * tolerance {
+        // A request from before the last cut is judged on its own sample (and
+        // then ignored by `cut`, as a 429 from before the cut is).
+        let judged = if current { short? } else { s };
+        if self.samples >= MIN_LATENCY_SAMPLES && judged > baseline * tolerance {
             Some(Signal::Latency)
         } else {
             None
@@ -329,7 +336,10 @@ mod tests {
 
     #[test]
     fn unused_limit_does_not_grow() {
-        let mut c = Controller::new(AdaptiveConfig { initial: 10, ..cfg() });
+        let mut c = Controller::new(AdaptiveConfig {
+            initial: 10,
+            ..cfg()
+        });
         for _ in 0..100 {
             assert_eq!(c.observe(ok(100), 0, 4, 10), None);
         }
@@ -337,7 +347,10 @@ mod tests {
 
     #[test]
     fn rising_head_latency_is_a_drop() {
-        let mut c = Controller::new(AdaptiveConfig { initial: 8, ..cfg() });
+        let mut c = Controller::new(AdaptiveConfig {
+            initial: 8,
+            ..cfg()
+        });
         for _ in 0..20 {
             let _ = c.observe(ok(100), c.epoch(), 1, 8);
         }
@@ -349,6 +362,30 @@ mod tests {
             }
         }
         assert_eq!(cut.map(|c| c.reason), Some(Reason::Cut(Signal::Latency)));
+    }
+
+    #[test]
+    fn slow_heads_from_before_a_cut_do_not_cut_again() {
+        let mut c = Controller::new(AdaptiveConfig {
+            initial: 10,
+            ..cfg()
+        });
+        for _ in 0..20 {
+            let _ = c.observe(ok(100), c.epoch(), 10, 10);
+        }
+        let old = c.epoch();
+        let first = (0..10).find_map(|_| c.observe(ok(500), old, 10, 10));
+        assert_eq!(first.map(|c| c.to), Some(9));
+        // The queue built under the old limit drains: slow heads, old epoch.
+        for _ in 0..20 {
+            assert_eq!(c.observe(ok(500), old, 9, 9), None);
+        }
+        // Fast heads under the new limit: no further cut.
+        for _ in 0..5 {
+            let ch = c.observe(ok(110), c.epoch(), 9, 9);
+            assert!(!matches!(ch.map(|c| c.reason), Some(Reason::Cut(_))));
+        }
+        assert_eq!(c.cuts(), 1);
     }
 
     #[test]

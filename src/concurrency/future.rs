@@ -46,8 +46,9 @@ pin_project! {
     {
         Waiting {
             waiter: Waiter,
-            service: Option<S>,
-            request: Option<Request<B>>,
+            // Boxed: only queued requests pay for carrying the service and the
+            // request, and the future stays small on the fast path.
+            call: Option<Box<(S, Request<B>)>>,
         },
         Called {
             #[pin]
@@ -82,8 +83,7 @@ where
         ResponseFuture {
             state: State::Waiting {
                 waiter,
-                service: Some(service),
-                request: Some(request),
+                call: Some(Box::new((service, request))),
             },
         }
     }
@@ -124,18 +124,14 @@ where
         loop {
             let mut this = self.as_mut().project();
             match this.state.as_mut().project() {
-                StateProj::Waiting {
-                    waiter,
-                    service,
-                    request,
-                } => {
+                StateProj::Waiting { waiter, call } => {
                     let permit = ready!(waiter.poll_acquire(cx));
-                    let (Some(mut service), Some(request)) = (service.take(), request.take())
-                    else {
+                    let Some(pending) = call.take() else {
                         // Unreachable: both are taken only here, right before leaving this state.
                         this.state.set(State::Done);
                         return Poll::Ready(Err(Error::Overloaded { waiting: 0 }.into()));
                     };
+                    let (mut service, request) = *pending;
                     let future = service.call(request);
                     let started = Some(Instant::now());
                     this.state.set(State::Called {

@@ -23,6 +23,9 @@ pub const DEFAULT_LATENCY_TOLERANCE: f64 = 2.0;
 /// Caps the requests in flight through the services it builds, at a fixed
 /// number or at a limit it learns (see the [module docs](super)).
 ///
+/// [`fixed`](Self::fixed) and [`adaptive`](Self::adaptive) use the defaults;
+/// [`ConcurrencyBuilder`] sets the queue bound, aging and adaptive tuning.
+///
 /// Every service this layer builds, and every clone of them, shares one cap: the
 /// layer holds the shared state in an `Arc`, and cloning the layer is cheap.
 ///
@@ -69,11 +72,6 @@ impl ConcurrencyLayer {
         let min = (*range.start()).max(1);
         let max = (*range.end()).max(min);
         ConcurrencyBuilder::adaptive(min..=max).build_lenient()
-    }
-
-    /// A builder for the queue bound, aging, and the adaptive tuning.
-    pub fn builder() -> ConcurrencyBuilder {
-        ConcurrencyBuilder::fixed(1)
     }
 
     /// The current limit, requests in flight and waiting, and the adaptive counters.

@@ -66,6 +66,9 @@
 //! - the service never holds a slot, so a service that is only kept around, or
 //!   a clone, holds nothing (tower's contract is kept trivially);
 //! - the inner service must be `Clone` (HTTP clients are);
+//! - a queued request carries its ready inner service while it waits: if that
+//!   readiness reserves something (tower's `Buffer` reserves a buffer slot), the
+//!   reservation waits too;
 //! - backpressure is the queue bound: past it, a request fails at once with
 //!   [`Error::Overloaded`](crate::Error::Overloaded) instead of piling up.
 //!
@@ -94,26 +97,33 @@
 //!   response head rising above twice its baseline; always within `min..=max`.
 //!
 //! Taken from **Vector's adaptive request concurrency** (ARC): AIMD with a 0.9
-//! decrease, and comparing the current round trip with a long-term baseline
-//! rather than a fixed number. Not taken: Vector counts every response with the
-//! same weight, so a burst of `429`s (all the requests that were in flight when
-//! the upstream said stop) cuts the limit again and again (vector issue #3998).
-//! Here **one cut per window**: each slot records the *epoch* it was admitted
-//! in, every cut starts a new epoch, and a drop signal from a request admitted
-//! before the last cut is ignored; a burst of `429`s is one cut, as in TCP's
-//! one reduction per round trip.
+//! decrease; comparing the current round trip with a long-term baseline rather
+//! than with a fixed number; growing only when the limit was reached. Changed:
+//! ARC adjusts at most once per interval of its mean round trip, a window kept
+//! by the clock, and with explicit `429`/`503` back pressure its limit swings
+//! wildly (vector issue #3998): a clock window does not match which requests
+//! were sent under which limit, so the `429`s of requests sent under the old,
+//! higher limit, arriving after the window turned, cut again. Here the window
+//! belongs to the requests: each slot records the *epoch* it was admitted in,
+//! every cut starts a new epoch, and a drop signal from a request admitted
+//! before the last cut is ignored. A burst of `429`s is one cut, as TCP makes one
+//! reduction per round trip. ARC also times the whole request; here only the
+//! time to the response head counts (below).
 //!
-//! Taken from **Netflix's concurrency-limits**: `AIMDLimit`'s rule that the
-//! limit grows only while it is used (at least half of it in flight), so a
-//! quiet period does not inflate it; and from `Gradient2Limit` the two latency
-//! averages: a short-term average of the time to the response head against a
-//! long-term baseline, with a tolerance (Gradient2 uses 1.5; LLM latencies are
-//! noisier, so 2.0). The baseline follows the best recent latency: it drops to
-//! a faster sample at once and rises only slowly (1% of the gap per sample), so
-//! a lasting change of the upstream is learned, while queueing shows as a gap.
-//! Not taken: Gradient2's continuous `limit × gradient + queue` update, which
-//! moves on every sample and reacts to noise; explicit `429`/`529` signals are
-//! much clearer here, so latency is only one more drop signal.
+//! Taken from **Netflix's concurrency-limits**: `AIMDLimit`'s cut,
+//! `max(min, min(limit - 1, limit × 0.9))`, so a cut always removes at least one
+//! slot, and its rule that the limit grows only while at least half of it is in
+//! flight, so a quiet period does not inflate it (`Gradient2Limit` has the same
+//! "app-limited" check). From `Gradient2Limit`, the pair of latency figures, a
+//! short-term one against a long-term one, and the idea of letting the long-term
+//! one come down quickly when latency recovers. Here the long-term figure is a
+//! baseline of the best recent time to the head: a faster sample replaces it at
+//! once, a slower one pulls it up by 1% of the gap, so a lasting change of the
+//! upstream is learned while queueing shows as a gap; "well above" means above
+//! the tolerance (2×, [`DEFAULT_LATENCY_TOLERANCE`]) times the baseline. Not
+//! taken: Gradient2's `limit × gradient + queue` update on every sample, which
+//! would chase the noise of LLM latencies; explicit `429`/`529` answers are much
+//! clearer signals here, so latency is only one more drop signal.
 //!
 //! **Time to the response head, not total latency**: total latency grows with
 //! the length of the answer. For streaming requests the head arrives with the
@@ -273,7 +283,10 @@ pub fn looks_like_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
             }
         }
         let msg = e.to_string().to_ascii_lowercase();
-        if msg.contains("timed out") || msg.contains("timeout") || msg.contains("deadline has elapsed") {
+        if msg.contains("timed out")
+            || msg.contains("timeout")
+            || msg.contains("deadline has elapsed")
+        {
             return true;
         }
         current = e.source();

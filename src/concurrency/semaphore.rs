@@ -108,7 +108,9 @@ pub(crate) struct Permit {
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit").field("epoch", &self.epoch).finish()
+        f.debug_struct("Permit")
+            .field("epoch", &self.epoch)
+            .finish()
     }
 }
 
@@ -387,7 +389,11 @@ impl State {
             let Some(node) = self.node(head) else {
                 continue;
             };
-            let rank = effective_rank(node.lane, now.saturating_duration_since(node.since), self.aging);
+            let rank = effective_rank(
+                node.lane,
+                now.saturating_duration_since(node.since),
+                self.aging,
+            );
             let better = match best {
                 None => true,
                 Some((r, since, _)) => rank < r || (rank == r && node.since < since),
@@ -572,14 +578,18 @@ mod tests {
         let s = shared(1, 100);
         let p = admitted(s.enqueue(Priority::Normal));
         assert!(p.is_some());
-        let counts: Vec<Arc<Count>> = (0..5).map(|_| Arc::new(Count(AtomicUsize::new(0)))).collect();
+        let counts: Vec<Arc<Count>> = (0..5)
+            .map(|_| Arc::new(Count(AtomicUsize::new(0))))
+            .collect();
         let mut waiters: Vec<Waiter> = (0..5)
             .filter_map(|_| queued(s.enqueue(Priority::Normal)))
             .collect();
         assert_eq!(waiters.len(), 5);
         for (w, c) in waiters.iter_mut().zip(&counts) {
             let waker = Waker::from(Arc::clone(c));
-            assert!(w.poll_acquire(&mut Context::from_waker(&waker)).is_pending());
+            assert!(w
+                .poll_acquire(&mut Context::from_waker(&waker))
+                .is_pending());
         }
         drop(p);
         let woken: Vec<usize> = counts.iter().map(|c| c.0.load(Ordering::SeqCst)).collect();

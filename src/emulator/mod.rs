@@ -15,7 +15,7 @@
 //!   `messages` present and well typed, else `400 invalid_request_error`; a
 //!   body above the size limit `413 request_too_large`; another path
 //!   `404 not_found_error`;
-//! - rate limits per model class ([`Emulator::class_of`]): RPM, ITPM and OTPM
+//! - rate limits per model class ([`ModelClass`], the budget's key too): RPM, ITPM and OTPM
 //!   token buckets (the crate's own [`InMemoryLedger`]), an optional shorter
 //!   enforcement window, both output-token rules ([`OutputMode::Reserve`]:
 //!   `max_tokens` debited at admission then settled to the real output;
@@ -89,6 +89,45 @@
 //! # }
 //! ```
 //!
+//! # What happens to a `POST /v1/messages`
+//!
+//! 1. Path and method (`404`, `405`), body size (`413`, before anything is
+//!    read past the limit), validation (`400`): nothing is charged.
+//! 2. The spend cap, if switched on: `429` without `retry-after`.
+//! 3. The fault draw: `529` or `500` here, before admission (nothing charged).
+//! 4. Token count and prompt-cache lookup; the ITPM charge is the uncached
+//!    input plus cache writes (plus cache reads for † classes).
+//! 5. The acceleration limit, if set, then the class's three buckets, all or
+//!    nothing: `429` with `retry-after` (seconds until the request would fit,
+//!    rounded up), nothing charged.
+//! 6. Admitted: one request, the input, and the output reservation
+//!    (`max_tokens` in reserve mode, the first token in realtime mode) are
+//!    debited, the cache is updated. A `connection_reset` fault strikes here.
+//! 7. The answer: output produced at the latency model's pace, charged as it
+//!    is produced (realtime) or settled at the end (reserve); if the client
+//!    drops the answer, what was produced is what is charged.
+//!
+//! # Driving it in a simulation
+//!
+//! Run the client and the emulator in one process on a current-thread
+//! runtime with the clock paused (`#[tokio::main(flavor = "current_thread",
+//! start_paused = true)]`, or `tokio::time::pause()`): tokio then jumps over
+//! every sleep, so minutes of traffic take seconds, and the run is the same
+//! for the same seed. Give each task a clone of [`Emulator::service`]; read
+//! [`Emulator::stats`] at the end (tokens really charged per class, 429s
+//! sent, the per-second [`ClassStats::timeline`] for plots) and
+//! [`Emulator::minimum_time`] for the limit-bound lower bound of the run's
+//! duration. Answer lengths depend only on the seed and the request body, so
+//! every strategy of a side-by-side run gets the same answers; faults and
+//! latency jitter are drawn per request in arrival order. A fresh emulator
+//! per strategy starts from full buckets and an empty cache.
+//!
+//! The headers' reset times are the system clock plus the bucket's time to
+//! full, so a client reading them with
+//! [`RateLimitSnapshot::from_headers`](crate::headers::RateLimitSnapshot::from_headers)
+//! gets the right delay even though the paused clock never moves the system
+//! clock.
+//!
 //! # What it deliberately does not do
 //!
 //! - It does not model content: answers are one-token words, as many as the
@@ -113,7 +152,7 @@ mod service;
 mod stats;
 mod tokens;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -131,7 +170,7 @@ pub use self::tokens::{
     MESSAGE_OVERHEAD,
 };
 pub use crate::budget::ledger::InvalidWindow;
-pub use crate::budget::limits::{Limits, OutputMode};
+pub use crate::budget::limits::{Limits, ModelClass, OutputMode, Tier};
 
 use self::cache::PromptCache;
 use self::stats::StatsInner;
@@ -144,50 +183,11 @@ pub const DEFAULT_COUNT_TOKENS_RPM: u64 = 100;
 /// Default minimum length of a cacheable prompt prefix (the API's 1,024 tokens for Sonnet and Opus).
 pub const DEFAULT_CACHE_MIN_TOKENS: u64 = 1_024;
 
-/// The model class of a model name: the key of the API's per-model limits.
-///
-/// Families share a pool (facts file 1.1): every Opus 4.x model is
-/// `"opus-4"`, every Sonnet 4.x `"sonnet-4"`, Haiku 4.5 `"haiku-4-5"`,
-/// Haiku 3.5 `"haiku-3-5"`, Haiku 3 `"haiku-3"`, Sonnet 3.7 / 3.5
-/// `"sonnet-3"`, Opus 3 `"opus-3"`; any other name is its own class.
-///
-/// # Examples
-///
-/// ```
-/// use tower_llm_limits::emulator::model_class;
-/// assert_eq!(model_class("claude-sonnet-4-5-20250929"), "sonnet-4");
-/// assert_eq!(model_class("claude-opus-4-1"), "opus-4");
-/// assert_eq!(model_class("claude-3-5-haiku-latest"), "haiku-3-5");
-/// assert_eq!(model_class("my-model"), "my-model");
-/// ```
-pub fn model_class(model: &str) -> String {
-    let m = model.to_ascii_lowercase();
-    let has = |s: &str| m.contains(s);
-    let class = if has("haiku-3-5") || has("3-5-haiku") {
-        "haiku-3-5"
-    } else if has("3-haiku") || has("haiku-3") {
-        "haiku-3"
-    } else if has("haiku") {
-        "haiku-4-5"
-    } else if has("sonnet-4") || has("sonnet-5") {
-        "sonnet-4"
-    } else if has("sonnet") {
-        "sonnet-3"
-    } else if has("opus-4") || has("opus-5") {
-        "opus-4"
-    } else if has("opus") {
-        "opus-3"
-    } else {
-        return model.to_string();
-    };
-    class.to_string()
-}
-
 /// The emulator's settings (see [`EmulatorBuilder`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) default_limits: Limits,
-    pub(crate) class_limits: BTreeMap<String, Limits>,
+    pub(crate) class_limits: HashMap<ModelClass, Limits>,
     pub(crate) window: Option<Duration>,
     pub(crate) output_mode: OutputMode,
     pub(crate) latency: Latency,
@@ -198,7 +198,7 @@ pub(crate) struct Config {
     pub(crate) body_limit: usize,
     pub(crate) count_tokens_rpm: Option<u64>,
     pub(crate) cache_min_tokens: u64,
-    pub(crate) cache_reads_count: BTreeSet<String>,
+    pub(crate) cache_reads_count: HashMap<ModelClass, bool>,
 }
 
 /// Shared run-time state of an emulator and its services.
@@ -225,20 +225,20 @@ impl Shared {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn class_of(&self, model: &str) -> String {
-        model_class(model)
-    }
-
-    pub(crate) fn limits_for(&self, class: &str) -> Limits {
+    pub(crate) fn limits_for(&self, class: ModelClass) -> Limits {
         self.config
             .class_limits
-            .get(class)
+            .get(&class)
             .copied()
             .unwrap_or(self.config.default_limits)
     }
 
-    pub(crate) fn cache_reads_count(&self, class: &str) -> bool {
-        self.config.cache_reads_count.contains(class)
+    pub(crate) fn cache_reads_count(&self, class: ModelClass) -> bool {
+        self.config
+            .cache_reads_count
+            .get(&class)
+            .copied()
+            .unwrap_or_else(|| class.cache_reads_count_toward_itpm())
     }
 
     pub(crate) fn spend_limit_reached(&self) -> bool {
@@ -269,12 +269,13 @@ impl Emulator {
     /// 60 s enforcement window, [`OutputMode::Realtime`], the default
     /// [`Latency`], no faults, no acceleration limit, seed 0, 32 MB body
     /// limit, 100 RPM for `count_tokens`, 1,024-token minimum cacheable
-    /// prefix, cache reads charged to ITPM for `haiku-3-5` and `haiku-3` (†).
+    /// prefix, cache reads charged to ITPM for the † classes
+    /// ([`ModelClass::cache_reads_count_toward_itpm`]: Haiku 3.5 and Haiku 3).
     pub fn builder() -> EmulatorBuilder {
         EmulatorBuilder {
             config: Config {
                 default_limits: Limits::unknown(),
-                class_limits: BTreeMap::new(),
+                class_limits: HashMap::new(),
                 window: None,
                 output_mode: OutputMode::Realtime,
                 latency: Latency::default(),
@@ -285,10 +286,7 @@ impl Emulator {
                 body_limit: DEFAULT_BODY_LIMIT,
                 count_tokens_rpm: Some(DEFAULT_COUNT_TOKENS_RPM),
                 cache_min_tokens: DEFAULT_CACHE_MIN_TOKENS,
-                cache_reads_count: ["haiku-3-5", "haiku-3"]
-                    .into_iter()
-                    .map(String::from)
-                    .collect(),
+                cache_reads_count: HashMap::new(),
             },
         }
     }
@@ -328,6 +326,27 @@ impl Emulator {
         self.shared.lock_stats().snapshot(Instant::now())
     }
 
+    /// The least time in which this emulator's limits could have admitted
+    /// what it charged so far: the longest [`ClassStats::minimum_time`] over
+    /// the model classes (they have separate limits and run side by side).
+    pub fn minimum_time(&self) -> Duration {
+        let window = self.shared.config.window.unwrap_or(Duration::from_secs(60));
+        self.stats()
+            .classes
+            .iter()
+            .map(|(class, s)| {
+                let limits = ModelClass::ALL
+                    .into_iter()
+                    .find(|c| c.as_str() == class)
+                    .map_or(self.shared.config.default_limits, |c| {
+                        self.shared.limits_for(c)
+                    });
+                s.minimum_time(&limits, window)
+            })
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// Switches the spend-cap 429 on or off: while on, every
     /// `POST /v1/messages` is answered `429 rate_limit_error` with
     /// `details.error_code = "enforced_spend_limit_reached"` and no
@@ -336,13 +355,14 @@ impl Emulator {
         self.shared.spend_limit.store(reached, Ordering::Relaxed);
     }
 
-    /// The model class (the limits' key) of a model name: [`model_class`].
-    pub fn class_of(&self, model: &str) -> String {
-        self.shared.class_of(model)
+    /// The model class (the limits' key) of a model name: [`ModelClass::of`].
+    /// The class's [`ModelClass::as_str`] keys [`EmulatorStats::classes`].
+    pub fn class_of(&self, model: &str) -> ModelClass {
+        ModelClass::of(model)
     }
 
     /// The limits in force for a model class.
-    pub fn limits_for(&self, class: &str) -> Limits {
+    pub fn limits_for(&self, class: ModelClass) -> Limits {
         self.shared.limits_for(class)
     }
 }
@@ -354,15 +374,27 @@ pub struct EmulatorBuilder {
 }
 
 impl EmulatorBuilder {
-    /// Limits for every model class without limits of its own.
+    /// Limits for every model class without limits of its own (set by
+    /// [`class_limits`](Self::class_limits) or [`tier`](Self::tier)).
     pub fn limits(mut self, limits: Limits) -> Self {
         self.config.default_limits = limits;
         self
     }
 
-    /// Limits for one model class (a name returned by [`model_class`]).
-    pub fn class_limits(mut self, class: impl Into<String>, limits: Limits) -> Self {
-        self.config.class_limits.insert(class.into(), limits);
+    /// Limits for one model class (replacing what an earlier call or
+    /// [`tier`](Self::tier) set for it).
+    pub fn class_limits(mut self, class: ModelClass, limits: Limits) -> Self {
+        self.config.class_limits.insert(class, limits);
+        self
+    }
+
+    /// The published limits of a tier for every model class
+    /// ([`Tier::limits`]), replacing earlier per-class limits; later
+    /// [`class_limits`](Self::class_limits) calls override single classes.
+    pub fn tier(mut self, tier: Tier) -> Self {
+        for class in ModelClass::ALL {
+            self.config.class_limits.insert(class, tier.limits(class));
+        }
         self
     }
 
@@ -431,15 +463,11 @@ impl EmulatorBuilder {
         self
     }
 
-    /// Whether a model class's cache reads count toward ITPM (the † classes
-    /// of the facts file; default: `haiku-3-5` and `haiku-3` do).
-    pub fn cache_reads_count(mut self, class: impl Into<String>, counts: bool) -> Self {
-        let class = class.into();
-        if counts {
-            self.config.cache_reads_count.insert(class);
-        } else {
-            self.config.cache_reads_count.remove(&class);
-        }
+    /// Whether a model class's cache reads count toward ITPM (default:
+    /// [`ModelClass::cache_reads_count_toward_itpm`], the † classes of the
+    /// facts file).
+    pub fn cache_reads_count(mut self, class: ModelClass, counts: bool) -> Self {
+        self.config.cache_reads_count.insert(class, counts);
         self
     }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::body::EmulatorBody;
 use super::cache::CacheOutcome;
@@ -29,27 +29,51 @@ pub(crate) fn random_id(prefix: &str, rng: &mut Rng) -> String {
 }
 
 /// The API's error JSON: `{"type":"error","error":{"type":..,"message":..},"request_id":..}`.
-pub(crate) fn error_json(
-    kind: &str,
-    message: &str,
-    request_id: Option<&str>,
-    details: Option<Value>,
-) -> Value {
-    let mut error = json!({"type": kind, "message": message});
-    if let (Some(details), Some(obj)) = (details, error.as_object_mut()) {
-        obj.insert("details".into(), details);
+#[derive(Debug, Serialize)]
+pub(crate) struct ErrorBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: ErrorObject<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorObject<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<ErrorDetails<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorDetails<'a> {
+    error_code: &'a str,
+}
+
+/// The error body; `error_code` goes in `error.details` (the spend-cap 429).
+pub(crate) fn error_json<'a>(
+    kind: &'a str,
+    message: &'a str,
+    request_id: Option<&'a str>,
+    error_code: Option<&'a str>,
+) -> ErrorBody<'a> {
+    ErrorBody {
+        kind: "error",
+        error: ErrorObject {
+            kind,
+            message,
+            details: error_code.map(|error_code| ErrorDetails { error_code }),
+        },
+        request_id,
     }
-    let mut body = json!({"type": "error", "error": error});
-    if let (Some(id), Some(obj)) = (request_id, body.as_object_mut()) {
-        obj.insert("request_id".into(), Value::String(id.to_string()));
-    }
-    body
 }
 
 /// A JSON answer with `request-id` (when given) and `content-type: application/json`.
 pub(crate) fn json_response(
     status: StatusCode,
-    body: &Value,
+    body: &impl Serialize,
     request_id: Option<&str>,
 ) -> Response<EmulatorBody> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
@@ -209,7 +233,9 @@ pub(crate) fn insert_rate_limit_headers(
     let mut token_dims = 0;
     for (dimension, state) in Dimension::ALL.iter().zip(states) {
         let Some(limit) = state.limit else { continue };
-        let reset = ceil_second(now + time_to_full(state, limit));
+        // A bucket deep in debt could overflow the system time: cap at a century.
+        let to_full = time_to_full(state, limit).min(Duration::from_secs(100 * 365 * 86_400));
+        let reset = ceil_second(now.checked_add(to_full).unwrap_or(now));
         let remaining = match dimension {
             Dimension::Requests => floor_count(state.available),
             _ => floor_thousands(state.available),
@@ -219,7 +245,11 @@ pub(crate) fn insert_rate_limit_headers(
             token_dims += 1;
             tokens = Some(match tokens {
                 None => (limit, remaining, reset),
-                Some((l, r, t)) => (l + limit, r + remaining, t.max(reset)),
+                Some((l, r, t)) => (
+                    l.saturating_add(limit),
+                    r.saturating_add(remaining),
+                    t.max(reset),
+                ),
             });
         }
     }
@@ -235,79 +265,180 @@ pub(crate) struct UsageReport {
     pub(crate) output_tokens: u64,
 }
 
+#[derive(Debug, Serialize)]
+struct FullUsage {
+    input_tokens: u64,
+    cache_creation_input_tokens: u64,
+    cache_read_input_tokens: u64,
+    cache_creation: CacheCreation,
+    output_tokens: u64,
+    service_tier: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct CacheCreation {
+    ephemeral_5m_input_tokens: u64,
+    ephemeral_1h_input_tokens: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct DeltaUsage {
+    input_tokens: u64,
+    cache_creation_input_tokens: u64,
+    cache_read_input_tokens: u64,
+    output_tokens: u64,
+}
+
 impl UsageReport {
     /// The full `usage` object (non-streaming answers and `message_start`).
-    pub(crate) fn full(&self) -> Value {
-        json!({
-            "input_tokens": self.cache.uncached,
-            "cache_creation_input_tokens": self.cache.written(),
-            "cache_read_input_tokens": self.cache.read,
-            "cache_creation": {
-                "ephemeral_5m_input_tokens": self.cache.write_5m,
-                "ephemeral_1h_input_tokens": self.cache.write_1h,
+    fn full(&self) -> FullUsage {
+        FullUsage {
+            input_tokens: self.cache.uncached,
+            cache_creation_input_tokens: self.cache.written(),
+            cache_read_input_tokens: self.cache.read,
+            cache_creation: CacheCreation {
+                ephemeral_5m_input_tokens: self.cache.write_5m,
+                ephemeral_1h_input_tokens: self.cache.write_1h,
             },
-            "output_tokens": self.output_tokens,
-            "service_tier": "standard",
-        })
+            output_tokens: self.output_tokens,
+            service_tier: "standard",
+        }
     }
 
     /// The cumulative `usage` of `message_delta`.
-    pub(crate) fn delta(&self) -> Value {
-        json!({
-            "input_tokens": self.cache.uncached,
-            "cache_creation_input_tokens": self.cache.written(),
-            "cache_read_input_tokens": self.cache.read,
-            "output_tokens": self.output_tokens,
-        })
+    fn delta(&self) -> DeltaUsage {
+        DeltaUsage {
+            input_tokens: self.cache.uncached,
+            cache_creation_input_tokens: self.cache.written(),
+            cache_read_input_tokens: self.cache.read,
+            output_tokens: self.output_tokens,
+        }
     }
 }
 
+#[derive(Debug, Serialize)]
+pub(crate) struct Message<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: Vec<TextBlock<'a>>,
+    stop_reason: Option<&'a str>,
+    stop_sequence: Option<&'a str>,
+    usage: FullUsage,
+}
+
+#[derive(Debug, Serialize)]
+struct TextBlock<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
 /// The message object of a non-streaming answer.
-pub(crate) fn message_json(
-    id: &str,
-    model: &str,
-    text: &str,
-    stop_reason: &str,
+pub(crate) fn message_json<'a>(
+    id: &'a str,
+    model: &'a str,
+    text: &'a str,
+    stop_reason: &'a str,
     usage: &UsageReport,
-) -> Value {
-    json!({
-        "id": id,
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [{"type": "text", "text": text}],
-        "stop_reason": stop_reason,
-        "stop_sequence": null,
-        "usage": usage.full(),
-    })
+) -> Message<'a> {
+    Message {
+        id,
+        kind: "message",
+        role: "assistant",
+        model,
+        content: vec![TextBlock { kind: "text", text }],
+        stop_reason: Some(stop_reason),
+        stop_sequence: None,
+        usage: usage.full(),
+    }
 }
 
 /// One SSE event: `event: <name>\ndata: <json>\n\n`.
-pub(crate) fn sse_event(name: &str, data: &Value) -> Bytes {
+pub(crate) fn sse_event(name: &str, data: &impl Serialize) -> Bytes {
     let data = serde_json::to_string(data).unwrap_or_default();
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
+#[derive(Debug, Serialize)]
+struct MessageStart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: Message<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct ContentBlockStart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u32,
+    content_block: TextBlock<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct TypeOnly {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct ContentBlockDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u32,
+    delta: TextBlock<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct ContentBlockStop {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct MessageDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    delta: StopDelta<'a>,
+    usage: DeltaUsage,
+}
+
+#[derive(Debug, Serialize)]
+struct StopDelta<'a> {
+    stop_reason: &'a str,
+    stop_sequence: Option<&'a str>,
+}
+
 /// The opening events of a stream: `message_start`, `content_block_start`, `ping`.
 pub(crate) fn sse_opening(id: &str, model: &str, usage: &UsageReport) -> Bytes {
-    let start = json!({
-        "type": "message_start",
-        "message": {
-            "id": id,
-            "type": "message",
-            "role": "assistant",
-            "content": [],
-            "model": model,
-            "stop_reason": null,
-            "stop_sequence": null,
-            "usage": usage.full(),
-        }
-    });
-    let block = json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}});
+    let start = MessageStart {
+        kind: "message_start",
+        message: Message {
+            id,
+            kind: "message",
+            role: "assistant",
+            model,
+            content: Vec::new(),
+            stop_reason: None,
+            stop_sequence: None,
+            usage: usage.full(),
+        },
+    };
+    let block = ContentBlockStart {
+        kind: "content_block_start",
+        index: 0,
+        content_block: TextBlock {
+            kind: "text",
+            text: "",
+        },
+    };
     let mut out = Vec::new();
     out.extend_from_slice(&sse_event("message_start", &start));
     out.extend_from_slice(&sse_event("content_block_start", &block));
-    out.extend_from_slice(&sse_event("ping", &json!({"type": "ping"})));
+    out.extend_from_slice(&sse_event("ping", &TypeOnly { kind: "ping" }));
     Bytes::from(out)
 }
 
@@ -315,7 +446,14 @@ pub(crate) fn sse_opening(id: &str, model: &str, usage: &UsageReport) -> Bytes {
 pub(crate) fn sse_text_delta(text: &str) -> Bytes {
     sse_event(
         "content_block_delta",
-        &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        &ContentBlockDelta {
+            kind: "content_block_delta",
+            index: 0,
+            delta: TextBlock {
+                kind: "text_delta",
+                text,
+            },
+        },
     )
 }
 
@@ -324,17 +462,28 @@ pub(crate) fn sse_closing(stop_reason: &str, usage: &UsageReport) -> Bytes {
     let mut out = Vec::new();
     out.extend_from_slice(&sse_event(
         "content_block_stop",
-        &json!({"type": "content_block_stop", "index": 0}),
+        &ContentBlockStop {
+            kind: "content_block_stop",
+            index: 0,
+        },
     ));
     out.extend_from_slice(&sse_event(
         "message_delta",
-        &json!({
-            "type": "message_delta",
-            "delta": {"stop_reason": stop_reason, "stop_sequence": null},
-            "usage": usage.delta(),
-        }),
+        &MessageDelta {
+            kind: "message_delta",
+            delta: StopDelta {
+                stop_reason,
+                stop_sequence: None,
+            },
+            usage: usage.delta(),
+        },
     ));
-    out.extend_from_slice(&sse_event("message_stop", &json!({"type": "message_stop"})));
+    out.extend_from_slice(&sse_event(
+        "message_stop",
+        &TypeOnly {
+            kind: "message_stop",
+        },
+    ));
     Bytes::from(out)
 }
 

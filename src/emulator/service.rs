@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde_json::json;
+use serde::Serialize;
 use tokio::time::{sleep, Instant};
 
 use super::body::{EmulatorBody, Step};
@@ -28,8 +28,13 @@ use super::rng::{mix, Rng};
 use super::tokens::{parse_request, Endpoint, ParsedRequest};
 use super::Shared;
 use crate::budget::ledger::{CostDelta, Costs, Ledger, Reservation};
-use crate::budget::limits::{Limits, OutputMode};
+use crate::budget::limits::{Limits, ModelClass, OutputMode};
 use crate::{BoxError, Dimension};
+
+#[derive(Serialize)]
+struct CountTokensAnswer {
+    input_tokens: u64,
+}
 
 /// The ledger key of the `count_tokens` endpoint's own limiter.
 const COUNT_TOKENS_KEY: &str = "count_tokens";
@@ -103,7 +108,7 @@ impl Future for ResponseFuture {
 /// An admitted request's output accounting, settled when finished or dropped.
 pub(crate) struct Admission {
     shared: Arc<Shared>,
-    class: String,
+    class: &'static str,
     limits: Limits,
     mode: OutputMode,
     /// Output tokens debited so far (the reservation, then realtime charges).
@@ -132,14 +137,14 @@ impl Admission {
         self.produced += n;
         {
             let mut stats = self.shared.lock_stats();
-            stats.class(&self.class).output_tokens += n;
-            stats.second(&self.class, now).output_tokens += n;
+            stats.class(self.class).output_tokens += n;
+            stats.at_second(self.class, now, |s| s.output_tokens += n);
         }
         if self.mode == OutputMode::Realtime && self.produced > self.charged {
             let extra = self.produced - self.charged;
             self.charged = self.produced;
             self.shared.ledger.settle(
-                &self.class,
+                self.class,
                 &self.limits,
                 CostDelta {
                     output_tokens: i64::try_from(extra).unwrap_or(i64::MAX),
@@ -160,7 +165,7 @@ impl Admission {
             let delta = i128::from(self.produced) - i128::from(self.charged);
             let delta = i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
             self.shared.ledger.settle(
-                &self.class,
+                self.class,
                 &self.limits,
                 CostDelta {
                     output_tokens: delta,
@@ -197,6 +202,17 @@ where
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ReadError::TooLarge),
         Err(e) => Err(ReadError::Failed(e)),
     }
+}
+
+/// `d * n`, saturating.
+fn times(d: Duration, n: u64) -> Duration {
+    if d.is_zero() || n == 0 {
+        return Duration::ZERO;
+    }
+    u32::try_from(n)
+        .ok()
+        .and_then(|n| d.checked_mul(n))
+        .unwrap_or(Duration::MAX)
 }
 
 fn connection_reset() -> BoxError {
@@ -299,7 +315,9 @@ fn count_tokens(
             shared.lock_stats().count_tokens.requests_admitted += 1;
             json_response(
                 StatusCode::OK,
-                &json!({"input_tokens": parsed.total_tokens}),
+                &CountTokensAnswer {
+                    input_tokens: parsed.total_tokens,
+                },
                 Some(request_id),
             )
         }
@@ -354,43 +372,45 @@ async fn messages(
     mut rng: Rng,
     request_id: String,
 ) -> Result<Response<EmulatorBody>, BoxError> {
-    let class = shared.class_of(&parsed.model);
-    let limits = shared.limits_for(&class);
+    let model_class = ModelClass::of(&parsed.model);
+    let class = model_class.as_str();
+    let limits = shared.limits_for(model_class);
     let now = Instant::now();
 
     if shared.spend_limit_reached() {
-        shared.lock_stats().class(&class).spend_limited += 1;
+        shared.lock_stats().class(class).spend_limited += 1;
+        let message = spend_limit_message(SystemTime::now());
         let body = error_json(
             "rate_limit_error",
-            &spend_limit_message(SystemTime::now()),
+            &message,
             Some(&request_id),
-            Some(json!({"error_code": "enforced_spend_limit_reached"})),
+            Some("enforced_spend_limit_reached"),
         );
         let response = json_response(StatusCode::TOO_MANY_REQUESTS, &body, Some(&request_id));
-        return Ok(with_limit_headers(&shared, &class, &limits, response));
+        return Ok(with_limit_headers(&shared, class, &limits, response));
     }
 
     let fault = shared.config.faults.draw(&mut rng, parsed.stream);
     match fault {
         Some(Fault::Overloaded) => {
-            shared.lock_stats().class(&class).overloaded += 1;
+            shared.lock_stats().class(class).overloaded += 1;
             let r = error_response(
                 StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                 "overloaded_error",
                 "Overloaded",
                 Some(&request_id),
             );
-            return Ok(with_limit_headers(&shared, &class, &limits, r));
+            return Ok(with_limit_headers(&shared, class, &limits, r));
         }
         Some(Fault::ServerError) => {
-            shared.lock_stats().class(&class).server_errors += 1;
+            shared.lock_stats().class(class).server_errors += 1;
             let r = error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "api_error",
                 "Internal server error",
                 Some(&request_id),
             );
-            return Ok(with_limit_headers(&shared, &class, &limits, r));
+            return Ok(with_limit_headers(&shared, class, &limits, r));
         }
         _ => {}
     }
@@ -398,7 +418,7 @@ async fn messages(
     let cache: CacheOutcome = shared.lock_cache().lookup(&parsed.units, now);
     let input_charge = cache.uncached
         + cache.written()
-        + if shared.cache_reads_count(&class) {
+        + if shared.cache_reads_count(model_class) {
             cache.read
         } else {
             0
@@ -416,11 +436,11 @@ async fn messages(
 
     if let Some(acc) = &shared.config.acceleration {
         let mut stats = shared.lock_stats();
-        if stats.accelerating(&class, acc, input_charge + reserved_output, now) {
-            let c = stats.class(&class);
+        if stats.accelerating(class, acc, input_charge + reserved_output, now) {
+            let c = stats.class(class);
             c.rate_limited += 1;
             c.acceleration_limited += 1;
-            stats.second(&class, now).rate_limited += 1;
+            stats.at_second(class, now, |s| s.rate_limited += 1);
             drop(stats);
             tracing::debug!(class = %class, "emulator: acceleration limit");
             let mut r = error_response(
@@ -430,11 +450,11 @@ async fn messages(
                 Some(&request_id),
             );
             insert_retry_after(r.headers_mut(), acc.window);
-            return Ok(with_limit_headers(&shared, &class, &limits, r));
+            return Ok(with_limit_headers(&shared, class, &limits, r));
         }
     }
 
-    let wait = match shared.ledger.reserve(&class, &limits, costs, now) {
+    let wait = match shared.ledger.reserve(class, &limits, costs, now) {
         Reservation::Admitted => None,
         Reservation::WaitUntil { at, dimension } => {
             Some((dimension, at.saturating_duration_since(now)))
@@ -446,32 +466,33 @@ async fn messages(
     if let Some((dimension, retry_after)) = wait {
         {
             let mut stats = shared.lock_stats();
-            stats.class(&class).rate_limited += 1;
-            stats.second(&class, now).rate_limited += 1;
+            stats.class(class).rate_limited += 1;
+            stats.at_second(class, now, |s| s.rate_limited += 1);
         }
         tracing::debug!(class = %class, ?dimension, ?retry_after, "emulator: rate limited");
         let mut r = rate_limited(dimension, limits.get(dimension), &request_id);
         insert_retry_after(r.headers_mut(), retry_after);
-        return Ok(with_limit_headers(&shared, &class, &limits, r));
+        return Ok(with_limit_headers(&shared, class, &limits, r));
     }
 
     // Admitted: the request reached the model.
     shared.lock_cache().commit(&parsed.units, now);
     {
         let mut stats = shared.lock_stats();
-        let c = stats.class(&class);
+        let c = stats.class(class);
         c.requests_admitted += 1;
         c.input_tokens += input_charge;
         c.uncached_input_tokens += cache.uncached;
         c.cache_read_input_tokens += cache.read;
         c.cache_creation_input_tokens += cache.written();
-        let s = stats.second(&class, now);
-        s.requests += 1;
-        s.input_tokens += input_charge;
+        stats.at_second(class, now, |s| {
+            s.requests += 1;
+            s.input_tokens += input_charge;
+        });
     }
     let mut admission = Admission {
         shared: shared.clone(),
-        class: class.clone(),
+        class,
         limits,
         mode: shared.config.output_mode,
         charged: reserved_output,
@@ -480,7 +501,7 @@ async fn messages(
     };
 
     if fault == Some(Fault::ConnectionReset) {
-        shared.lock_stats().class(&class).connection_resets += 1;
+        shared.lock_stats().class(class).connection_resets += 1;
         admission.finish();
         return Err(connection_reset());
     }
@@ -504,18 +525,18 @@ async fn messages(
     let per_token = scale(latency.per_output_token, factor);
     let message_id = random_id("msg_", &mut rng);
     let slow = if fault == Some(Fault::Slow) {
-        shared.lock_stats().class(&class).slow_responses += 1;
+        shared.lock_stats().class(class).slow_responses += 1;
         shared.config.faults.slow_delay
     } else {
         Duration::ZERO
     };
-    let chunk_sizes =
-        (0..chunks.len() as u64).map(|i| per_delta.min(output_tokens - i * per_delta));
+    let chunk_sizes = (0..chunks.len() as u64)
+        .map(|i| per_delta.min(output_tokens.saturating_sub(i.saturating_mul(per_delta))));
 
     if !parsed.stream {
-        sleep(slow + ttft).await;
+        sleep(slow.saturating_add(ttft)).await;
         for n in chunk_sizes {
-            sleep(per_token * u32::try_from(n).unwrap_or(u32::MAX)).await;
+            sleep(times(per_token, n)).await;
             admission.produce(n);
         }
         admission.finish();
@@ -526,7 +547,7 @@ async fn messages(
         let text = chunks.concat();
         let body = message_json(&message_id, &parsed.model, &text, stop_reason, &usage);
         let r = json_response(StatusCode::OK, &body, Some(&request_id));
-        return Ok(with_limit_headers(&shared, &class, &limits, r));
+        return Ok(with_limit_headers(&shared, class, &limits, r));
     }
 
     // Streamed: the head after any slow delay, then events paced by the latency model.
@@ -534,7 +555,7 @@ async fn messages(
         sleep(slow).await;
     }
     let error_after = if fault == Some(Fault::StreamError) {
-        shared.lock_stats().class(&class).stream_errors += 1;
+        shared.lock_stats().class(class).stream_errors += 1;
         // Somewhere in the middle: after at least one delta when there are two or more.
         Some(
             rng.below(chunks.len() as u64)
@@ -560,7 +581,7 @@ async fn messages(
             steps.push_back(Step::Emit(sse_error()));
             break;
         }
-        steps.push_back(Step::Wait(per_token * u32::try_from(n).unwrap_or(u32::MAX)));
+        steps.push_back(Step::Wait(times(per_token, n)));
         steps.push_back(Step::Produce(n));
         steps.push_back(Step::Emit(sse_text_delta(text)));
     }
@@ -575,5 +596,5 @@ async fn messages(
     let mut response = Response::new(EmulatorBody::script(steps, admission));
     sse_headers(response.headers_mut());
     insert_request_id(response.headers_mut(), &request_id);
-    Ok(with_limit_headers(&shared, &class, &limits, response))
+    Ok(with_limit_headers(&shared, class, &limits, response))
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::config::Acceleration;
+use crate::budget::limits::Limits;
 
 /// One second of a model class's traffic, for plots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +55,47 @@ pub struct ClassStats {
     pub stream_errors: u64,
     /// Per second since the emulator was built: index `i` covers `[i, i + 1)` s.
     pub timeline: Vec<SecondStats>,
+}
+
+impl ClassStats {
+    /// The least time in which limits `limits`, enforced over `window`, could
+    /// have admitted what this class was charged: for each limit, the amount
+    /// charged beyond the bucket's initial capacity (the buckets start full;
+    /// capacity = the limit scaled to the window) divided by the refill rate
+    /// (limit / 60 per second); the longest of the three. A lower bound on a
+    /// run's duration that no client can beat, to compare strategies against.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_llm_limits::budget::limits::Limits;
+    /// use tower_llm_limits::emulator::ClassStats;
+    ///
+    /// let charged = ClassStats { requests_admitted: 10, input_tokens: 90_000, output_tokens: 1_000, ..Default::default() };
+    /// // 90,000 input tokens under 30,000 ITPM: 30,000 at once, 60,000 more at 500 per second.
+    /// let limits = Limits::new(50, 30_000, 8_000);
+    /// assert_eq!(charged.minimum_time(&limits, Duration::from_secs(60)), Duration::from_secs(120));
+    /// ```
+    pub fn minimum_time(&self, limits: &Limits, window: Duration) -> Duration {
+        let window = window
+            .clamp(Duration::from_nanos(1), Duration::from_secs(60))
+            .as_secs_f64();
+        [
+            (limits.requests_per_minute, self.requests_admitted),
+            (limits.input_tokens_per_minute, self.input_tokens),
+            (limits.output_tokens_per_minute, self.output_tokens),
+        ]
+        .into_iter()
+        .filter_map(|(limit, charged)| {
+            let limit = limit.filter(|l| *l > 0)? as f64;
+            let capacity = limit * window / 60.0;
+            let beyond = (charged as f64 - capacity).max(0.0);
+            Duration::try_from_secs_f64(beyond * 60.0 / limit).ok()
+        })
+        .max()
+        .unwrap_or(Duration::ZERO)
+    }
 }
 
 /// The `count_tokens` endpoint's counters (its own limiter).
@@ -138,16 +180,22 @@ impl StatsInner {
         usize::try_from(now.saturating_duration_since(self.start).as_secs()).unwrap_or(usize::MAX)
     }
 
-    /// The class's timeline slot for `now`.
-    pub(crate) fn second(&mut self, class: &str, now: Instant) -> &mut SecondStats {
+    /// Updates the class's timeline slot for `now`.
+    pub(crate) fn at_second(
+        &mut self,
+        class: &str,
+        now: Instant,
+        update: impl FnOnce(&mut SecondStats),
+    ) {
         // Bounded: one slot per second of the run (a day is 86,400 slots).
         let i = self.second_index(now).min(10_000_000);
         let timeline = &mut self.class(class).timeline;
         if timeline.len() <= i {
             timeline.resize(i + 1, SecondStats::default());
         }
-        let last = timeline.len() - 1;
-        &mut timeline[i.min(last)]
+        if let Some(slot) = timeline.get_mut(i) {
+            update(slot);
+        }
     }
 
     /// Whether admitting `cost` more tokens now would be a jump above the
@@ -165,7 +213,7 @@ impl StatsInner {
         let now_s = self.second_index(now);
         let window = usize::try_from(acc.window.as_secs().max(1)).unwrap_or(usize::MAX);
         let baseline = usize::try_from(acc.baseline.as_secs().max(1)).unwrap_or(usize::MAX);
-        let tokens = |s: &SecondStats| s.input_tokens + s.output_tokens;
+        let tokens = |s: &SecondStats| s.input_tokens.saturating_add(s.output_tokens);
         let sum = |from: usize, to: usize| -> u64 {
             // seconds in [from, to]
             stats
@@ -175,10 +223,10 @@ impl StatsInner {
                 .skip(from)
                 .take(to.saturating_sub(from).saturating_add(1))
                 .map(|(_, s)| tokens(s))
-                .sum()
+                .fold(0u64, u64::saturating_add)
         };
         let recent_from = now_s.saturating_sub(window - 1);
-        let recent = sum(recent_from, now_s) + cost;
+        let recent = sum(recent_from, now_s).saturating_add(cost);
         if recent <= acc.min_tokens {
             return false;
         }
@@ -218,7 +266,9 @@ mod tests {
         let acc = Acceleration::new(2.0, 100);
         // A steady 100 tokens per second for 70 s.
         for sec in 0..70u64 {
-            s.second("c", start + Duration::from_secs(sec)).input_tokens += 100;
+            s.at_second("c", start + Duration::from_secs(sec), |x| {
+                x.input_tokens += 100
+            });
         }
         let now = start + Duration::from_secs(70);
         // Last 10 s hold 900 (seconds 61..=69) + this request; baseline average is 1,000 per 10 s.
@@ -235,8 +285,8 @@ mod tests {
         let mut s = StatsInner::new(start);
         s.class("a").input_tokens = 5;
         s.class("b").input_tokens = 7;
-        s.second("a", start).requests += 1;
-        s.second("b", start + Duration::from_secs(2)).requests += 1;
+        s.at_second("a", start, |x| x.requests += 1);
+        s.at_second("b", start + Duration::from_secs(2), |x| x.requests += 1);
         let snap = s.snapshot(start + Duration::from_secs(3));
         let t = snap.total();
         assert_eq!(t.input_tokens, 12);
