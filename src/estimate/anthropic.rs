@@ -41,7 +41,8 @@
 //! `cache_creation_input_tokens` or `cache_read_input_tokens` above zero) and
 //! until its lifetime has passed since it was last sent. A request is charged
 //! only for what follows its longest warm prefix (the prefix goes to
-//! `cache_read_tokens`). Like the server, the estimator looks for warm
+//! `cache_read_tokens`, as estimated, without the calibration factor, so that
+//! settlement compares like with like). Like the server, the estimator looks for warm
 //! prefixes at the breakpoints and at up to 20 content-block boundaries
 //! before each, so a breakpoint that moves forward with a conversation finds
 //! the prefix the previous turn wrote. Prefixes are hashed from the request
@@ -74,7 +75,10 @@
 //! It does not tokenize: figures are estimates, biased high and corrected by
 //! calibration. For exact counts, implement [`TokenEstimator`] with the free
 //! `count_tokens` endpoint. It does not validate requests: a body the server
-//! would reject is still estimated as well as it can be.
+//! would reject is still estimated as well as it can be. Its prompt-cache
+//! look-back stays within the breakpoint's own section (plus the ends of the
+//! sections before it), where the server's 20 blocks may reach further back;
+//! a prefix it misses is charged in full, never less.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -364,6 +368,35 @@ pub struct EstimatorSnapshot {
 /// Thread-safe: share one behind an `Arc` (the budget layer does). The
 /// common path takes no lock but the calibration's, and the prompt-cache
 /// lock only for requests that carry `cache_control`.
+///
+/// # Examples
+///
+/// Estimate, settle, and read what was learned:
+///
+/// ```
+/// use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator, Usage};
+///
+/// let estimator = AnthropicEstimator::new();
+/// let (parts, ()) = http::Request::post("/v1/messages").body(()).unwrap().into_parts();
+/// let body = br#"{"model":"claude-haiku-4-5","max_tokens":100,
+///     "messages":[{"role":"user","content":"Summarise the attached notes."}]}"#;
+/// for _ in 0..5 {
+///     let e = estimator.estimate(&parts, body);
+///     // The server counted 20% more than the raw estimate.
+///     let usage = Usage { input_tokens: e.raw_input_tokens * 6 / 5, ..Usage::default() };
+///     estimator.observe(&e, &usage);
+/// }
+/// let snapshot = estimator.snapshot();
+/// assert_eq!(snapshot.models[0].model, "claude-haiku-4-5");
+/// assert!(snapshot.models[0].factor > 1.1);
+/// assert_eq!(snapshot.fallbacks, 0);
+///
+/// // Not a Messages request: a bound from the length, counted.
+/// let e = estimator.estimate(&parts, b"<html>");
+/// assert!(e.fallback);
+/// assert_eq!(e.input_tokens, 3);
+/// assert_eq!(estimator.snapshot().fallbacks, 1);
+/// ```
 pub struct AnthropicEstimator {
     config: Config,
     calibration: Calibration,
@@ -1122,7 +1155,7 @@ impl AnthropicEstimator {
             if next.peek().is_none() {
                 break;
             }
-            let s = w.sections[sec as usize];
+            let s = &w.sections[sec as usize];
             h.write(&[0xfe, sec as u8]);
             let mut cursor = s.start;
             while let Some(&&i) = next.peek() {
@@ -1152,10 +1185,7 @@ impl AnthropicEstimator {
             let text = (t.text.ascii as f64 / cpt + t.text.non_ascii as f64 / ncpt) * factor;
             text + t.fixed as f64
         };
-        let section_tokens: Vec<f64> = SECTIONS
-            .iter()
-            .map(|&s| tokens(&w.sections[s as usize].tally))
-            .collect();
+        let section_tokens: [f64; 3] = SECTIONS.map(|s| tokens(&w.sections[s as usize].tally));
         let before = |sec: Section| -> f64 { section_tokens.iter().take(sec as usize).sum() };
         let total_f = self.config.request_overhead as f64 + section_tokens.iter().sum::<f64>();
         let total = total_f.ceil() as u64;
@@ -1202,6 +1232,7 @@ impl AnthropicEstimator {
             if let Some((key, p)) = best {
                 cache.touch(key, now);
                 cache_read = (p.floor() as u64).min(total);
+                tracing::trace!(cache_read, "prompt cache prefix believed warm");
             }
             let mut written = Vec::new();
             for ((sec, b, ttl), &key) in cands.iter().zip(&hashes) {

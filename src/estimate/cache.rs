@@ -152,9 +152,9 @@ impl PromptCache {
         cache_read_tokens: u64,
     ) -> Option<Pending> {
         let idx = self.pending.iter().rposition(|p| {
-            p.model.as_deref() == model
-                && p.raw_input_tokens == raw_input_tokens
+            p.raw_input_tokens == raw_input_tokens
                 && p.cache_read_tokens == cache_read_tokens
+                && p.model.as_deref() == model
         })?;
         self.pending.remove(idx)
     }

@@ -131,9 +131,44 @@ impl<'a> B64Reader<'a> {
     }
 
     /// Fills `out` with decoded bytes; returns how many (0 at the end).
+    ///
+    /// Whole groups of four alphabet characters are decoded straight into
+    /// `out`; anything else (padding, escapes, a partial group) goes through
+    /// the byte-at-a-time path.
     pub(crate) fn read(&mut self, out: &mut [u8]) -> usize {
         let mut n = 0;
-        for slot in out.iter_mut() {
+        // Drain a partly used group first.
+        while self.buf_pos < self.buf_len {
+            let Some(slot) = out.get_mut(n) else {
+                return n;
+            };
+            *slot = self
+                .buf
+                .get(usize::from(self.buf_pos))
+                .copied()
+                .unwrap_or(0);
+            self.buf_pos += 1;
+            n += 1;
+        }
+        if !self.done {
+            while let (Some(dst), Some(src)) =
+                (out.get_mut(n..n + 3), self.src.get(self.pos..self.pos + 4))
+            {
+                let (Some(a), Some(b), Some(c), Some(d)) = (
+                    src.first().copied().and_then(b64_value),
+                    src.get(1).copied().and_then(b64_value),
+                    src.get(2).copied().and_then(b64_value),
+                    src.get(3).copied().and_then(b64_value),
+                ) else {
+                    break;
+                };
+                let v = u32::from(a) << 18 | u32::from(b) << 12 | u32::from(c) << 6 | u32::from(d);
+                dst.copy_from_slice(&[(v >> 16) as u8, (v >> 8) as u8, v as u8]);
+                self.pos += 4;
+                n += 3;
+            }
+        }
+        while let Some(slot) = out.get_mut(n) {
             match self.next_byte() {
                 Some(x) => *slot = x,
                 None => break,
@@ -428,8 +463,26 @@ pub(crate) fn pdf_scan(src: &[u8], contiguous: bool, limit: u64) -> PdfScan {
             m.out.is_pdf = chunk.starts_with(b"%PDF-");
             first = false;
         }
-        for &x in chunk {
-            m.feed(x);
+        let mut j = 0;
+        while let Some(&x) = chunk.get(j) {
+            if m.ty == 0 && m.count == 0 {
+                // Both matchers wait for a '/': jump to the next one.
+                match chunk
+                    .get(j..)
+                    .and_then(|rest| rest.iter().position(|&y| y == b'/'))
+                {
+                    Some(k) => j += k,
+                    None => break,
+                }
+            } else {
+                m.feed(x);
+                j += 1;
+                continue;
+            }
+            if let Some(&slash) = chunk.get(j) {
+                m.feed(slash);
+            }
+            j += 1;
         }
         total += n as u64;
     }
@@ -522,6 +575,29 @@ mod tests {
         assert_eq!(scan.page_objects, 2);
         assert_eq!(scan.max_count, 2);
         assert_eq!(scan.bytes, pdf.len() as u64);
+    }
+
+    #[test]
+    fn pdf_matches_across_chunk_boundaries() {
+        // Page objects placed so that some straddle the 4096-byte read chunks.
+        let mut pdf = b"%PDF-1.4\n".to_vec();
+        let mut expected = 0;
+        while pdf.len() < 40_000 {
+            pdf.extend_from_slice(b"xx /Type /Page /Parent 1 0 R /Type /Pages ");
+            expected += 1;
+            pdf.extend(std::iter::repeat(b'.').take(pdf.len() % 37));
+        }
+        let s = b64(&pdf);
+        let scan = pdf_scan(s.as_bytes(), true, u64::MAX);
+        assert_eq!(scan.page_objects, expected);
+        // Same through the escaped, byte-at-a-time decoder.
+        let escaped = s.replace('/', "\\/");
+        assert_eq!(
+            pdf_scan(escaped.as_bytes(), false, u64::MAX).page_objects,
+            expected
+        );
+        // A scan limit bounds the work.
+        assert!(pdf_scan(s.as_bytes(), true, 8192).bytes <= 8192 + 4096);
     }
 
     #[test]

@@ -67,6 +67,22 @@ fn count_word(w: u64, c: &mut Chars) {
     }
 }
 
+/// The sum of a word's eight byte lanes (each at most 255).
+#[inline(always)]
+fn lane_sum(x: u64) -> u64 {
+    const M: u64 = 0x00ff_00ff_00ff_00ff;
+    let y = (x & M) + ((x >> 8) & M);
+    y.wrapping_mul(0x0001_0001_0001_0001) >> 48
+}
+
+/// Counts the bytes of `w` selected by `mask` (whole bytes).
+#[inline(always)]
+fn count_masked(w: u64, mask: u64, c: &mut Chars) {
+    let hi = HI & mask;
+    c.ascii += u64::from((!w & hi).count_ones());
+    c.non_ascii += u64::from((w & (w << 1) & hi).count_ones());
+}
+
 #[inline(always)]
 fn count_byte(x: u8, c: &mut Chars) {
     if x < 0x80 {
@@ -217,22 +233,68 @@ impl<'a> Scanner<'a> {
         let b = self.b;
         let mut i = self.i;
         loop {
-            // Eight bytes at a time while no quote or backslash is in sight.
+            // Sixteen bytes at a time while no quote or backslash is in
+            // sight: a pure-ASCII pair costs one test; other pairs add to
+            // per-byte-lane counters (no popcount per word), summed at the end
+            // and every 127 pairs, before a lane could overflow.
+            let mut lanes_high = 0u64;
+            let mut lanes_lead = 0u64;
+            let mut pairs = 0u32;
+            let mut fast = 0u64;
+            while let Some(chunk) = b.get(i..i.saturating_add(16)) {
+                let (w0, w1) = chunk.split_at(8);
+                let (Ok(w0), Ok(w1)) = (<[u8; 8]>::try_from(w0), <[u8; 8]>::try_from(w1)) else {
+                    break;
+                };
+                let (w0, w1) = (u64::from_le_bytes(w0), u64::from_le_bytes(w1));
+                let special = has_byte(w0, b'"')
+                    | has_byte(w0, b'\\')
+                    | has_byte(w1, b'"')
+                    | has_byte(w1, b'\\');
+                if special != 0 {
+                    break;
+                }
+                i += 16;
+                if count {
+                    fast += 16;
+                    if (w0 | w1) & HI != 0 {
+                        lanes_high += ((w0 >> 7) & LO) + ((w1 >> 7) & LO);
+                        lanes_lead +=
+                            (((w0 & (w0 << 1)) >> 7) & LO) + (((w1 & (w1 << 1)) >> 7) & LO);
+                        pairs += 1;
+                        if pairs == 127 {
+                            let high = lane_sum(lanes_high);
+                            c.ascii += fast - high;
+                            c.non_ascii += lane_sum(lanes_lead);
+                            (lanes_high, lanes_lead, pairs, fast) = (0, 0, 0, 0);
+                        }
+                    }
+                }
+            }
             if count {
-                while let Some(w) = word_at(b, i) {
-                    if has_byte(w, b'"') | has_byte(w, b'\\') != 0 {
-                        break;
+                let high = lane_sum(lanes_high);
+                c.ascii += fast - high;
+                c.non_ascii += lane_sum(lanes_lead);
+            }
+            // Then eight bytes at a time while no quote or backslash is in sight;
+            // at the word that holds one, count the bytes before it and jump
+            // to it (the lowest flagged byte is exact: false positives of the
+            // zero-byte test only appear above a true match).
+            while let Some(w) = word_at(b, i) {
+                let special = has_byte(w, b'"') | has_byte(w, b'\\');
+                if special == 0 {
+                    if count {
+                        count_word(w, &mut c);
                     }
-                    count_word(w, &mut c);
                     i += 8;
+                    continue;
                 }
-            } else {
-                while let Some(w) = word_at(b, i) {
-                    if has_byte(w, b'"') | has_byte(w, b'\\') != 0 {
-                        break;
-                    }
-                    i += 8;
+                let bits = special.trailing_zeros() & !7;
+                if count && bits > 0 {
+                    count_masked(w, (1u64 << bits) - 1, &mut c);
                 }
+                i += (bits / 8) as usize;
+                break;
             }
             let x = *b.get(i).ok_or(Malformed)?;
             if x == b'"' {
@@ -433,6 +495,61 @@ mod tests {
         let (span, c) = s.string(true).unwrap_or_default();
         assert!(span.escaped);
         assert_eq!(count_span(text.as_bytes(), span), c);
+    }
+
+    /// The word-at-a-time path agrees with a byte-at-a-time reference on
+    /// strings dense with escapes and multi-byte characters.
+    #[test]
+    fn fast_path_matches_reference() {
+        let pieces = [
+            "a", "\\n", "\\\"", "\\u00e9", "\\u0041", "é", "日", "xyz ", "\\\\",
+        ];
+        let mut seed: u64 = 7;
+        for _ in 0..300 {
+            let mut body = String::from("\"");
+            let mut expect = Chars::default();
+            let n = (seed >> 40) % 40;
+            for _ in 0..n {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let p = pieces[((seed >> 33) % pieces.len() as u64) as usize];
+                body.push_str(p);
+                match p {
+                    "\\u00e9" | "é" | "日" => expect.non_ascii += 1,
+                    "xyz " => expect.ascii += 4,
+                    _ => expect.ascii += 1,
+                }
+            }
+            body.push_str("\" trailing");
+            let mut s = Scanner::new(body.as_bytes());
+            let (span, c) = s.string(true).unwrap_or_default();
+            assert_eq!(c, expect, "{body}");
+            assert_eq!(&body.as_bytes()[s.i..], b" trailing");
+            assert_eq!(count_span(body.as_bytes(), span), expect);
+        }
+    }
+
+    /// Long runs without escapes take the sixteen-byte path and its lane
+    /// counters (flushed every 127 pairs); they must agree with a plain count.
+    #[test]
+    fn long_runs_count_exactly() {
+        for unit in ["a", "é", "日本", "ab é日 xyz", "\u{1f600}q"] {
+            for reps in [1, 7, 300, 2500] {
+                let text = unit.repeat(reps);
+                let body = format!("\"{text}\"");
+                let mut s = Scanner::new(body.as_bytes());
+                let (_, c) = s.string(true).unwrap_or_default();
+                let ascii = text.chars().filter(char::is_ascii).count() as u64;
+                let non_ascii = text.chars().count() as u64 - ascii;
+                assert_eq!(
+                    (c.ascii, c.non_ascii),
+                    (ascii, non_ascii),
+                    "{unit} x {reps}"
+                );
+                assert_eq!(count_raw(text.as_bytes()), c);
+            }
+        }
     }
 
     #[test]
