@@ -61,7 +61,7 @@ pin_project! {
             svc: Option<S>,
         },
         Readying {
-            charge: Option<Charge>,
+            unsent: Unsent,
             request: Option<Request<ReplayBody<B>>>,
             svc: Option<S>,
         },
@@ -71,6 +71,21 @@ pin_project! {
             charge: Option<Charge>,
         },
         Done,
+    }
+}
+
+/// An admitted request not yet handed to the inner service: dropped with its
+/// charge still inside, it refunds the charge (the request never left).
+struct Unsent {
+    shared: Arc<Shared>,
+    charge: Option<Charge>,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(charge) = self.charge.take() {
+            self.shared.refund_unsent(&charge);
+        }
     }
 }
 
@@ -210,7 +225,10 @@ where
                     match admitted {
                         Ok(()) => {
                             let next = State::Readying {
-                                charge: charge.take(),
+                                unsent: Unsent {
+                                    shared: Arc::clone(shared),
+                                    charge: charge.take(),
+                                },
                                 request: request.take(),
                                 svc: svc.take(),
                             };
@@ -231,7 +249,7 @@ where
                     }
                 }
                 StateProj::Readying {
-                    charge,
+                    unsent,
                     request,
                     svc,
                 } => {
@@ -242,15 +260,12 @@ where
                     // Normally ready at once: `poll_ready` said so before `call`.
                     // Asked again because the wait for the budget may have been long.
                     if let Err(e) = ready!(service.poll_ready(cx)) {
-                        // Not sent: give the reservation back.
-                        if let Some(charge) = charge.take() {
-                            shared.refund_unsent(&charge);
-                        }
+                        // Not sent: dropping `unsent` gives the reservation back.
                         this.state.set(State::Done);
                         return Poll::Ready(Err(e.into()));
                     }
                     let (Some(request), Some(mut service), Some(charge)) =
-                        (request.take(), svc.take(), charge.take())
+                        (request.take(), svc.take(), unsent.charge.take())
                     else {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(misuse()));
@@ -310,8 +325,8 @@ fn respond<ResB>(
     if enforce {
         enforce::insert_headers(shared, &charge, &mut parts.headers);
     } else {
-        let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
-        if !snapshot.is_empty() {
+        if has_pacing_headers(&parts.headers) {
+            let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
             shared.sync(&charge, &snapshot);
         }
     }
@@ -324,4 +339,13 @@ fn respond<ResB>(
     };
     let tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
     Response::from_parts(parts, ResponseBody::observed(body, tracker))
+}
+
+/// Whether a response carries any rate-limit header worth parsing (a cheap
+/// scan of the names before the full parse).
+fn has_pacing_headers(headers: &http::HeaderMap) -> bool {
+    headers.keys().any(|name| {
+        let name = name.as_str();
+        name.starts_with("anthropic-ratelimit-") || name.starts_with("x-ratelimit-")
+    })
 }

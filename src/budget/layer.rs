@@ -11,9 +11,8 @@ use super::limits::{Limits, ModelClass, OutputMode, Tier};
 use super::service::TokenBudget;
 use super::snapshot::BudgetSnapshot;
 use super::state::{Settings, Shared};
-use super::tmp_estimator::AnthropicEstimator;
 use crate::body::DEFAULT_BUFFER_LIMIT;
-use crate::estimate::TokenEstimator;
+use crate::estimate::{AnthropicEstimator, TokenEstimator};
 
 /// The quantile of `output_tokens / max_tokens` reserved as expected output in
 /// realtime mode: p90, so the reservation covers most answers and the rare

@@ -127,7 +127,6 @@ mod scan;
 mod service;
 mod snapshot;
 mod state;
-mod tmp_estimator;
 pub mod usage;
 
 pub use config::{

@@ -279,9 +279,37 @@ const USAGE_KEY: &[u8] = b"usage";
 
 impl JsonScanner {
     /// Feeds the next bytes of the body.
-    pub(crate) fn push(&mut self, chunk: &[u8]) {
-        for &b in chunk {
-            self.byte(b);
+    pub(crate) fn push(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            if self.in_string && !self.escape && self.key_match.is_none() {
+                // Inside a string that is not a candidate key (most of a
+                // response is text): jump to the next quote or backslash.
+                match chunk.iter().position(|&b| b == b'"' || b == b'\\') {
+                    Some(i) => {
+                        let (skipped, rest) = chunk.split_at(i);
+                        self.capture_extend(skipped);
+                        chunk = rest;
+                    }
+                    None => {
+                        self.capture_extend(chunk);
+                        return;
+                    }
+                }
+            }
+            if let Some((&b, rest)) = chunk.split_first() {
+                self.byte(b);
+                chunk = rest;
+            }
+        }
+    }
+
+    fn capture_extend(&mut self, bytes: &[u8]) {
+        if let Some(cap) = self.capture.as_mut() {
+            if cap.len() + bytes.len() > MAX_USAGE_JSON {
+                self.capture = None;
+            } else {
+                cap.extend_from_slice(bytes);
+            }
         }
     }
 

@@ -280,7 +280,14 @@ impl Shared {
             OutputMode::Reserve => max_tokens,
             OutputMode::Realtime => {
                 let ratio = ks.expected_ratio(self.settings.output_quantile);
-                (max_tokens as f64 * ratio).ceil() as u64
+                let expected = max_tokens as f64 * ratio;
+                // Round up, but not for floating-point noise (4000 × 0.025).
+                let nearest = expected.round();
+                if (expected - nearest).abs() < 1e-6 {
+                    nearest as u64
+                } else {
+                    expected.ceil() as u64
+                }
             }
         };
         drop(keys);

@@ -32,7 +32,6 @@ use super::ledger::CostDelta;
 use super::scan::{JsonScanner, SseScanner, StreamEnd};
 use super::state::{difference, Charge, Shared};
 use crate::estimate::Usage;
-use crate::BoxError;
 
 pin_project! {
     /// The response body of a [`TokenBudget`](super::TokenBudget) service.
@@ -100,15 +99,14 @@ impl<B> ResponseBody<B> {
 impl<B> Body for ResponseBody<B>
 where
     B: Body,
-    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Inner { mut body, tracker } => match ready!(body.as_mut().poll_frame(cx)) {
@@ -132,7 +130,7 @@ where
                     if let Some(mut t) = tracker.take() {
                         t.conclude(End::Broken);
                     }
-                    Poll::Ready(Some(Err(e.into())))
+                    Poll::Ready(Some(Err(e)))
                 }
                 None => {
                     if let Some(mut t) = tracker.take() {
