@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | [`RetryAfterLayer`] (outermost) | [`RetryAfterLayer::anthropic`]: 4 retries, full-jitter backoff 0.5 s doubling to 8 s, server delays waited up to 60 s, bodies up to 16 MiB replayed, one cooldown shared by clones, tower's retry budget | outermost, so every attempt is paced and counted again by the budget |
 //! | [`TokenBudgetLayer`] | [`TokenBudgetLayer::anthropic`] with the limits you give (a [`Tier`], [`Limits`] for every model class, or a [`LimitsConfig`]): wait mode, realtime output accounting, the Anthropic estimator calibrated online | waits for RPM / ITPM / OTPM *before* a concurrency slot is taken, so a request waiting for tokens holds no slot |
-//! | [`ConcurrencyLayer`] (innermost) | adaptive, 1 to 64 requests in flight, slow start, cut on 429 / 529 / 503 / timeouts; the latency signal off (answers of very different lengths make time to the head a noisy signal) | smooths bursts and finds the parallelism the upstream takes; a slot lives until the response body ends |
+//! | [`ConcurrencyLayer`] (innermost) | adaptive, 1 to 64 requests in flight, slow start from 4 (doubling per window of successes until the first drop signal), cut on 429 / 529 / 503 / timeouts; the latency signal off (answers of very different lengths make time to the head a noisy signal) | smooths bursts and finds the parallelism the upstream takes; a slot lives until the response body ends |
 //!
 //! Each part can be replaced ([`LimitsLayer::with_retry`],
 //! [`LimitsLayer::with_budget`], [`LimitsLayer::with_concurrency`]) and
@@ -80,6 +80,11 @@ use crate::budget::{Limits, Tier};
 pub const DEFAULT_MIN_CONCURRENCY: usize = 1;
 /// The largest adaptive concurrency limit of the preset.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
+/// Where the preset's adaptive concurrency limit starts (it then doubles per
+/// window of successes until the first drop signal). 4 rather than 1: the
+/// budget already paces tokens, and against an endpoint that is not
+/// token-bound a start at 1 takes about five round trips to reach 32.
+pub const DEFAULT_INITIAL_CONCURRENCY: usize = 4;
 
 /// The service [`LimitsLayer`] builds: retry over budget over concurrency over `S`.
 pub type Limited<S> = RetryAfter<TokenBudget<Concurrency<S>>>;
@@ -186,6 +191,7 @@ impl LimitsLayer {
 
 fn default_concurrency() -> ConcurrencyLayer {
     ConcurrencyBuilder::adaptive(DEFAULT_MIN_CONCURRENCY..=DEFAULT_MAX_CONCURRENCY)
+        .initial_limit(DEFAULT_INITIAL_CONCURRENCY)
         .latency_tolerance(None)
         .build()
         .unwrap_or_else(|_| {
@@ -199,5 +205,27 @@ impl<S> Layer<S> for LimitsLayer {
     fn layer(&self, inner: S) -> Self::Service {
         self.retry
             .layer(self.budget.layer(self.concurrency.layer(inner)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::Tier;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let layer = anthropic(Tier::Tier1);
+        let snap = layer.concurrency().snapshot();
+        assert_eq!(snap.limit, DEFAULT_INITIAL_CONCURRENCY);
+        assert_eq!(snap.in_flight, 0);
+        assert!(layer.budget().snapshot().keys.is_empty());
+        assert_eq!(layer.retry().snapshot().requests, 0);
+    }
+
+    #[test]
+    fn parts_can_be_replaced() {
+        let layer = anthropic(Tier::Tier1).with_concurrency(ConcurrencyLayer::fixed(3));
+        assert_eq!(layer.concurrency().snapshot().limit, 3);
     }
 }

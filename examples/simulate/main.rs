@@ -96,7 +96,7 @@ fn main() -> ExitCode {
 
 async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
     let wall = std::time::Instant::now();
-    let limits = emu::limit_spec(&args);
+    let mut limits = emu::limit_spec(&args);
     let workload = match &args.workload {
         Some(path) => workload::from_jsonl(path, args.seed)?,
         None => workload::generate(&workload::GenSpec {
@@ -167,6 +167,24 @@ async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
             eprint!("{}", timeline(kind.name(), &attempts, &outcomes, 10.0));
         }
         let est = estimates.and_then(|e| e.mean_absolute_error());
+        // Against a real endpoint whose limits were not given, measure
+        // against the limits its headers said.
+        let server_limits = log.server_limits.lock().ok().and_then(|l| *l);
+        if let (Some(_), false, Some((r, i, o))) = (&args.target, args.limits_given, server_limits)
+        {
+            limits = LimitSpec {
+                requests_per_minute: r,
+                input_tokens_per_minute: i,
+                output_tokens_per_minute: o,
+                requests_capacity: r as f64,
+                input_capacity: i as f64,
+                output_capacity: o as f64,
+                ..limits
+            };
+            if !args.json {
+                eprintln!("  limits from the server's headers: {r} RPM, {i} ITPM, {o} OTPM");
+            }
+        }
         let row = report::row(kind.name(), &outcomes, attempts, charged, &limits, est);
         if !args.json {
             eprintln!(
@@ -232,7 +250,7 @@ fn describe(args: &Args, w: &Workload, l: &LimitSpec, virtual_time: bool) -> Str
     format!(
         "workload: {} requests ({}, seed {}), {} input tokens ({} uncached if every shared prefix is cached after its first use), \
 {} streamed, {} with a cache_control prefix, max_tokens summing to {}; {} client workers\n\
-limits ({}): {} RPM, {} ITPM, {} OTPM (output charged {}); {}",
+limits ({}): {}; {}",
         w.items.len(),
         w.source,
         w.seed,
@@ -243,10 +261,14 @@ limits ({}): {} RPM, {} ITPM, {} OTPM (output charged {}); {}",
         w.max_tokens_sum,
         args.concurrency,
         args.target.as_deref().unwrap_or("emulator, in process"),
-        l.requests_per_minute,
-        l.input_tokens_per_minute,
-        l.output_tokens_per_minute,
-        l.output_mode,
+        if args.target.is_some() && !args.limits_given {
+            "learned from the server's headers (give --rpm, --itpm, --otpm to pace to yours)".to_string()
+        } else {
+            format!(
+                "{} RPM, {} ITPM, {} OTPM (output charged {})",
+                l.requests_per_minute, l.input_tokens_per_minute, l.output_tokens_per_minute, l.output_mode
+            )
+        },
         if virtual_time {
             "virtual time (tokio's paused clock)"
         } else {

@@ -237,7 +237,11 @@ pub fn table(rows: &[Row]) -> String {
             r.retries.to_string(),
             secs(r.seconds),
             secs(r.minimum_seconds),
-            format!("{:.3}", r.share_of_minimum()),
+            if r.minimum_seconds > 0.0 {
+                format!("{:.3}", r.share_of_minimum())
+            } else {
+                "n/a".to_string()
+            },
             format!("{:.1} s", r.p50_ms / 1000.0),
             format!("{:.1} s", r.p99_ms / 1000.0),
             match (r.estimate_mae, r.estimate_mape) {

@@ -15,6 +15,7 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceExt};
+use tower_llm_limits::headers::RateLimitSnapshot;
 use tower_llm_limits::BoxError;
 
 use super::workload::Item;
@@ -82,6 +83,9 @@ pub struct Attempt {
 pub struct Log {
     pub t0: Instant,
     pub attempts: Mutex<Vec<Attempt>>,
+    /// The limits the server's `anthropic-ratelimit-*-limit` headers said
+    /// last: (requests, input tokens, output tokens) per minute.
+    pub server_limits: Mutex<Option<(u64, u64, u64)>>,
 }
 
 impl Log {
@@ -89,6 +93,7 @@ impl Log {
         Arc::new(Log {
             t0: Instant::now(),
             attempts: Mutex::new(Vec::new()),
+            server_limits: Mutex::new(None),
         })
     }
 
@@ -102,6 +107,19 @@ impl Log {
         let mut v = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(a) = v.get_mut(i) {
             a.usage = Some(u);
+        }
+    }
+
+    fn learn(&self, headers: &http::HeaderMap) {
+        let snap = RateLimitSnapshot::from_headers(headers);
+        if let (Some(r), Some(i), Some(o)) = (
+            snap.requests.limit,
+            snap.input_tokens.limit,
+            snap.output_tokens.limit,
+        ) {
+            if let Ok(mut l) = self.server_limits.lock() {
+                *l = Some((r, i, o));
+            }
         }
     }
 
@@ -154,6 +172,7 @@ where
             match fut.await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
+                    log.learn(resp.headers());
                     let i = log.push(Attempt {
                         request,
                         sent,
