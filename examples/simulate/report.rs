@@ -356,3 +356,47 @@ pub fn limits_json(l: &LimitSpec) -> Value {
         "output_mode": l.output_mode,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> LimitSpec {
+        LimitSpec {
+            requests_per_minute: 60,
+            input_tokens_per_minute: 6_000,
+            output_tokens_per_minute: 600,
+            requests_capacity: 60.0,
+            input_capacity: 6_000.0,
+            output_capacity: 600.0,
+            output_mode: "realtime",
+        }
+    }
+
+    #[test]
+    fn minimum_is_the_slowest_dimension_past_its_burst() {
+        let c = Charged {
+            requests: 90,         // (90 - 60) / 1 per s = 30 s
+            input_tokens: 18_000, // (18000 - 6000) / 100 per s = 120 s
+            output_tokens: 1_200,
+            output_for_bound: 1_200, // (1200 - 600) / 10 per s = 60 s
+            from_server_stats: true,
+        };
+        assert!((c.minimum_seconds(&spec()) - 120.0).abs() < 1e-9);
+        assert_eq!(c.binding(&spec()), "input tokens");
+        let within_burst = Charged {
+            requests: 10,
+            input_tokens: 100,
+            ..Charged::default()
+        };
+        assert_eq!(within_burst.minimum_seconds(&spec()), 0.0);
+    }
+
+    #[test]
+    fn percentiles_by_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}

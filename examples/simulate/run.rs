@@ -452,3 +452,29 @@ pub fn short_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Strin
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_from_json_and_from_sse() {
+        let json = br#"{"type":"message","usage":{"input_tokens":12,"cache_creation_input_tokens":3,"cache_read_input_tokens":40,"output_tokens":7}}"#;
+        let u = parse_usage(json).expect("json usage");
+        assert_eq!(
+            (
+                u.charged_input(),
+                u.cache_read_input_tokens,
+                u.output_tokens
+            ),
+            (15, 40, 7)
+        );
+
+        let sse = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let u = parse_usage(sse).expect("sse usage");
+        assert_eq!((u.input_tokens, u.output_tokens), (25, 15));
+        assert_eq!(parse_usage(b"not a body"), None);
+    }
+}
