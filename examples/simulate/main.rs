@@ -98,7 +98,7 @@ async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
     let wall = std::time::Instant::now();
     let (workload, limits, rows) = run_strategies(&args, virtual_time).await?;
     if let Some(path) = &args.plot {
-        std::fs::write(path, plot::svg(&rows, &limits, 5.0))
+        std::fs::write(path, plot::svg(&rows, &limits, 10.0))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         if !args.json {
             eprintln!("plot written to {}", path.display());

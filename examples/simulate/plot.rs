@@ -43,13 +43,10 @@ pub fn svg(rows: &[Row], limits: &LimitSpec, bucket: f64) -> String {
             (inp, out)
         })
         .collect();
-    // One y scale for every panel: the highest point, at least twice the
-    // input limit line so the line sits in the lower half.
-    let y_max = series
-        .iter()
-        .flat_map(|(i, o)| i.iter().chain(o.iter()))
-        .fold(input_line * 2.0, |a, b| a.max(*b))
-        .max(1.0);
+    // One y scale for every panel: four times the input limit line, so the
+    // steady state is readable; the opening burst (a full bucket spent at
+    // once) is clipped and labelled with its value.
+    let y_max = (input_line * 4.0).max(output_line * 4.0).max(1.0);
 
     let h = TOP + rows.len() as f64 * (PANEL_H + GAP) + 10.0;
     let mut s = String::new();
@@ -60,13 +57,13 @@ pub fn svg(rows: &[Row], limits: &LimitSpec, bucket: f64) -> String {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{LEFT}" y="20" font-size="14" font-weight="bold">Tokens admitted per second ({bucket:.0} s windows); dashed: the limits; red ticks: 429s</text>"#
+        r#"<text x="{LEFT}" y="20" font-size="14" font-weight="bold">Tokens admitted per second ({bucket:.0} s windows, by time sent); dashed: the limits; red ticks: 429s</text>"#
     );
     let pw = W - LEFT - RIGHT;
     for (k, (r, (inp, out))) in rows.iter().zip(series.iter()).enumerate() {
         let y0 = TOP + k as f64 * (PANEL_H + GAP) + 14.0;
         let x = |t: f64| LEFT + pw * (t / t_max);
-        let y = |v: f64| y0 + PANEL_H - PANEL_H * (v / y_max).min(1.05);
+        let y = |v: f64| y0 + PANEL_H - PANEL_H * (v / y_max).min(1.0);
         let _ = writeln!(
             s,
             r#"<text x="{LEFT}" y="{:.1}" font-size="12" font-weight="bold">{} — {:.1} s, {} ok / {} failed, {} 429s</text>"#,
@@ -137,6 +134,17 @@ pub fn svg(rows: &[Row], limits: &LimitSpec, bucket: f64) -> String {
                 s,
                 r#"<path d="{d}" fill="none" stroke="{color}" stroke-width="1.5"><title>{label} tokens/s</title></path>"#
             );
+            for (i, v) in data.iter().enumerate() {
+                if *v > y_max && i as f64 * bucket <= r.seconds {
+                    let _ = writeln!(
+                        s,
+                        r#"<text x="{:.1}" y="{:.1}" fill="{color}" font-size="10">{:.0}/s ↑</text>"#,
+                        x(i as f64 * bucket) + 2.0,
+                        y0 + 11.0 + if label == "output" { 11.0 } else { 0.0 },
+                        v
+                    );
+                }
+            }
         }
         // 429s.
         for a in r.attempts_log.iter().filter(|a| a.status == Some(429)) {
@@ -149,13 +157,14 @@ pub fn svg(rows: &[Row], limits: &LimitSpec, bucket: f64) -> String {
             );
         }
         // Legend.
-        let lx = LEFT + pw - 190.0;
+        let lx = LEFT + pw - 330.0;
         let _ = writeln!(
             s,
-            r##"<text x="{lx:.1}" y="{:.1}" fill="#1f5fbf">input (ITPM {}/min)</text><text x="{lx:.1}" y="{:.1}" fill="#2e8b3a">output (OTPM {}/min)</text>"##,
-            y0 + 14.0,
+            r##"<text x="{lx:.1}" y="{:.1}" fill="#1f5fbf">input (ITPM {}/min)</text><text x="{:.1}" y="{:.1}" fill="#2e8b3a">output (OTPM {}/min)</text>"##,
+            y0 - 4.0,
             limits.input_tokens_per_minute,
-            y0 + 28.0,
+            lx + 170.0,
+            y0 - 4.0,
             limits.output_tokens_per_minute
         );
     }
