@@ -33,6 +33,10 @@ OPTIONS:
                            stack paces to them. With --target and none given,
                            the crate's stack learns them from the headers
     --output-mode MODE     the emulator's OTPM rule: realtime (default) | reserve
+    --fault-529 P --fault-500 P --fault-reset P --fault-stream P
+                           the emulator's fault rates per request (default 0):
+                           529 overloaded, 500, a reset connection, an
+                           `event: error` in the middle of a stream
     --target URL           run against an API-compatible endpoint on the wall
                            clock instead of the emulator (e.g. https://api.anthropic.com)
     --api-key-env NAME     environment variable holding the key for --target
@@ -59,6 +63,11 @@ pub struct Args {
     /// none given, the crate's stack learns the limits from the headers).
     pub limits_given: bool,
     pub reserve_mode: bool,
+    /// Fault rates of the emulator: 529, 500, reset connection, `event: error`.
+    pub fault_529: f64,
+    pub fault_500: f64,
+    pub fault_reset: f64,
+    pub fault_stream: f64,
     pub target: Option<String>,
     pub api_key_env: String,
 }
@@ -81,6 +90,10 @@ impl Default for Args {
             otpm: 8_000,
             limits_given: false,
             reserve_mode: false,
+            fault_529: 0.0,
+            fault_500: 0.0,
+            fault_reset: 0.0,
+            fault_stream: 0.0,
             target: None,
             api_key_env: "ANTHROPIC_API_KEY".to_string(),
         }
@@ -92,6 +105,15 @@ fn num<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String>
     v.replace('_', "")
         .parse()
         .map_err(|_| format!("{flag}: not a number: {v}"))
+}
+
+fn rate(flag: &str, v: Option<String>) -> Result<f64, String> {
+    let r: f64 = num(flag, v)?;
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("{flag}: a probability from 0 to 1, not {r}"))
+    }
 }
 
 /// Parses the arguments (without the program name).
@@ -160,10 +182,17 @@ pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, Strin
                 Some("reserve") => a.reserve_mode = true,
                 other => return Err(format!("--output-mode: realtime or reserve, not {other:?}")),
             },
+            "--fault-529" => a.fault_529 = rate(&flag, value())?,
+            "--fault-500" => a.fault_500 = rate(&flag, value())?,
+            "--fault-reset" => a.fault_reset = rate(&flag, value())?,
+            "--fault-stream" => a.fault_stream = rate(&flag, value())?,
             "--target" => a.target = Some(value().ok_or("--target needs a URL")?),
             "--api-key-env" => a.api_key_env = value().ok_or("--api-key-env needs a name")?,
             other => return Err(format!("unknown argument: {other} (try --help)")),
         }
+    }
+    if a.fault_529 + a.fault_500 + a.fault_reset > 1.0 {
+        return Err("the fault rates add up to more than 1".into());
     }
     if a.rpm == 0 || a.itpm == 0 || a.otpm == 0 {
         return Err("--rpm, --itpm and --otpm must be above 0".into());
@@ -197,6 +226,8 @@ mod tests {
         assert!(p("--seed x").is_err());
         assert!(p("--strategy z").is_err());
         assert!(p("--requests 0").is_err());
+        assert!(p("--fault-529 1.5").is_err());
+        assert!(p("--fault-529 0.6 --fault-500 0.6").is_err());
         assert!(p("--help").unwrap().is_none());
     }
 }

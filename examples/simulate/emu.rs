@@ -2,7 +2,7 @@
 
 use tower::util::BoxCloneService;
 use tower::ServiceExt;
-use tower_llm_limits::emulator::{Emulator, Limits, OutputMode};
+use tower_llm_limits::emulator::{Emulator, Faults, Limits, OutputMode};
 
 use super::args::Args;
 use super::report::{Charged, LimitSpec};
@@ -31,8 +31,8 @@ pub fn limits(a: &Args) -> Limits {
     Limits::new(a.rpm, a.itpm, a.otpm)
 }
 
-/// A fresh emulator (seeded with the run's seed, default latency model, no
-/// faults) and the in-process transport to it.
+/// A fresh emulator (seeded with the run's seed, default latency model, the
+/// fault rates asked for, none by default) and the in-process transport to it.
 ///
 /// # Errors
 /// Settings the emulator refuses.
@@ -44,6 +44,13 @@ pub fn transport(a: &Args) -> Result<(Transport, Emulator), String> {
         } else {
             OutputMode::Realtime
         })
+        .faults(
+            Faults::none()
+                .with_overloaded(a.fault_529)
+                .with_server_error(a.fault_500)
+                .with_connection_reset(a.fault_reset)
+                .with_stream_error(a.fault_stream),
+        )
         .seed(a.seed)
         .build()
         .map_err(|e| format!("emulator: {e}"))?;

@@ -303,7 +303,7 @@ pub fn notes(rows: &[Row]) -> String {
             r.binding
         ));
         if r.other_errors > 0 {
-            out.push_str(&format!("; {} other error responses", r.other_errors));
+            out.push_str(&format!("; {} other errors (5xx, resets)", r.other_errors));
         }
         if !r.failures.is_empty() {
             let f: Vec<String> = r.failures.iter().map(|(k, v)| format!("{v} {k}")).collect();
