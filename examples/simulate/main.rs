@@ -30,11 +30,23 @@
 //! request ended; `minimum` the limit-bound lower bound, from what the
 //! emulator really charged in that run: for each of RPM, ITPM and OTPM,
 //! (charged - the bucket's capacity) / the refill rate, the largest of the
-//! three; `share of min` = minimum / time (1.0 is perfect); p50 / p99 over the
-//! requests that succeeded, from the call to the end of the answer's body;
-//! `estimate MAE` the mean absolute error of the input-token estimates the
-//! strategy paced with, against what the emulator charged (uncached input plus
-//! cache writes): only the crate's stack estimates, so the others print n/a.
+//! three. In the realtime output mode the emulator admits a request while its
+//! OTPM bucket is above zero and lets the answers in flight overdraw it, so
+//! the OTPM term counts only the output produced before the last second in
+//! which a request was admitted (otherwise it would not be a lower bound).
+//! `share of min` = minimum / time (1.0 is perfect; n/a when the workload
+//! fits in the first minute's burst). p50 / p99 over the requests that
+//! succeeded, from the worker's call (queueing inside the strategy included)
+//! to the end of the answer's body. `estimate MAE`: the mean absolute error
+//! of the input-token estimates the strategy paced with against what the
+//! emulator charged (uncached input plus cache writes), recorded as the
+//! budget settled each request; only the crate's stack estimates, so the
+//! others print n/a.
+//!
+//! The minimum ignores the time of the last answers themselves: a request
+//! admitted at the bound still takes its time to first token and its output
+//! (here up to 1,024 tokens at 15 ms each), so even a perfect pacer finishes
+//! a little after it. `--timeline` shows where each run spent its time.
 
 mod args;
 mod emu;
