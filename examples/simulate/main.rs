@@ -147,7 +147,7 @@ async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
         println!();
         print!("{}", report::notes(&rows));
         println!(
-            "\n({} clock; {:.1} s of wall time)",
+            "\n({} clock; {:.2} s of wall time)",
             if virtual_time { "virtual" } else { "wall" },
             wall.elapsed().as_secs_f64()
         );
