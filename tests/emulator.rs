@@ -289,6 +289,25 @@ async fn json_answer_waits_for_the_whole_generation() {
     assert_eq!(start.elapsed(), Duration::from_millis(500 + 100 * 20));
 }
 
+#[tokio::test]
+async fn no_latency_means_no_timer_at_all() {
+    // On a running clock a zero sleep still waits for the timer's next tick
+    // (about 1 ms; a paused clock cannot show it), and a JSON answer of 64
+    // tokens in 8 deltas would wait 9 of them: 50 answers at least 450 ms.
+    // Without latency nothing waits: well under that even on a loaded machine.
+    let emulator = quiet()
+        .output_length(OutputLength::new(1.0, 1.0))
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..50 {
+        let response = send(&emulator, "/v1/messages", &ask("Hi", 64)).await;
+        response.into_body().collect().await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    assert!(elapsed < Duration::from_millis(250), "{elapsed:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn count_tokens_answers_the_emulator_count_with_its_own_limiter() {
     let emulator = quiet()

@@ -128,6 +128,22 @@
 //! gets the right delay even though the paused clock never moves the system
 //! clock.
 //!
+//! # Why its own admission, and not the budget's enforce layer
+//!
+//! The budget's enforce mode serves a gateway, which must decide before it
+//! knows: it estimates the input, reserves an expected output (in realtime
+//! mode a learned share of `max_tokens`) and settles when the answer's usage
+//! arrives. The emulator is the server: it knows the true input count and the
+//! cache outcome at admission and produces the output itself. So it charges
+//! the exact input up front and, in realtime mode, debits output token by
+//! token as it is produced, which is the facts file's current rule (a
+//! reservation of expected output would refuse requests the API admits). It
+//! also does what only a server does: the acceleration limit, faults before
+//! and after admission, per-second counters. It shares the budget's
+//! accounting core: the same [`Ledger`](crate::budget::ledger::Ledger)
+//! buckets ([`InMemoryLedger`], with its enforcement window), [`Limits`],
+//! [`ModelClass`] keys and [`Tier`] presets.
+//!
 //! # What it deliberately does not do
 //!
 //! - It does not model content: answers are one-token words, as many as the

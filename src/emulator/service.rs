@@ -204,6 +204,14 @@ where
     }
 }
 
+/// Sleeps on tokio's clock, not at all for zero (a zero sleep still waits
+/// for the timer's next tick, about a millisecond, on a running clock).
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        sleep(d).await;
+    }
+}
+
 /// `d * n`, saturating.
 fn times(d: Duration, n: u64) -> Duration {
     if d.is_zero() || n == 0 {
@@ -534,9 +542,9 @@ async fn messages(
         .map(|i| per_delta.min(output_tokens.saturating_sub(i.saturating_mul(per_delta))));
 
     if !parsed.stream {
-        sleep(slow.saturating_add(ttft)).await;
+        pause(slow.saturating_add(ttft)).await;
         for n in chunk_sizes {
-            sleep(times(per_token, n)).await;
+            pause(times(per_token, n)).await;
             admission.produce(n);
         }
         admission.finish();
@@ -551,9 +559,7 @@ async fn messages(
     }
 
     // Streamed: the head after any slow delay, then events paced by the latency model.
-    if !slow.is_zero() {
-        sleep(slow).await;
-    }
+    pause(slow).await;
     let error_after = if fault == Some(Fault::StreamError) {
         shared.lock_stats().class(class).stream_errors += 1;
         // Somewhere in the middle: after at least one delta when there are two or more.
