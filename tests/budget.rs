@@ -1260,3 +1260,209 @@ async fn admitted_but_unsent_request_is_refunded() {
         assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
     }
 }
+
+/// With a prior of 0 (a server charging output only as it is produced), a
+/// request reserves one output token: admitted while the output bucket has
+/// room, held back while a long answer left it in debt.
+#[tokio::test(start_paused = true)]
+async fn zero_output_prior_reserves_one_token_and_respects_debt() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new(50, 30_000, 1_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .output_ratio_prior(0.0)
+        .enforce()
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 1_500));
+    let first = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 4_000))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    // One output token reserved at admission, not 4,000.
+    let out = RateLimitSnapshot::from_headers(first.headers()).output_tokens;
+    assert_eq!(
+        out.remaining,
+        Some(1_000),
+        "999 rounded to the nearest thousand"
+    );
+    assert_eq!(remaining(&layer.snapshot(), Dimension::OutputTokens), 999.0);
+    first.into_body().collect().await.unwrap();
+    // 1,500 produced: 500 in debt.
+    assert_eq!(
+        remaining(&layer.snapshot(), Dimension::OutputTokens),
+        -500.0
+    );
+    let second = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 4_000))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    // 501 tokens at 1,000 per minute: 30.06 s, rounded up.
+    assert_eq!(second.headers()["retry-after"], "31");
+    assert_eq!(log.sent().len(), 1);
+}
+
+/// Behind the retry layer, the budget reuses the bytes the retry layer
+/// buffered (the body is read once in all), paces every attempt, and refunds
+/// the attempt the server refused.
+#[tokio::test(start_paused = true)]
+async fn behind_the_retry_layer_each_attempt_is_paced_and_the_429_refunded() {
+    use tower_llm_limits::retry::RetryAfterLayer;
+
+    let rejected = headers(&[
+        ("retry-after", "2"),
+        ("x-should-retry", "true"),
+        ("anthropic-ratelimit-input-tokens-limit", "30000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "25000"),
+    ]);
+    let script = Arc::new(Mutex::new(vec![
+        (StatusCode::TOO_MANY_REQUESTS, rejected),
+        (StatusCode::OK, HeaderMap::new()),
+    ]));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (budget_layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let inner = tower::service_fn({
+        let upstream = scripted(script, calls.clone());
+        move |req: Request<ReplayBody<ReplayBody<CountingBody>>>| {
+            let upstream = upstream.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect().await?.to_bytes();
+                let req = Request::from_parts(parts, ReplayBody::passthrough(Full::new(bytes)));
+                upstream.oneshot(req).await
+            }
+        }
+    });
+    let mut client = tower::ServiceBuilder::new()
+        .layer(RetryAfterLayer::anthropic())
+        .layer(budget_layer.clone())
+        .service(inner);
+    let polls = Arc::new(AtomicUsize::new(0));
+    let req = Request::post("http://localhost/v1/messages")
+        .body(CountingBody {
+            data: Some(Bytes::from(request_body(5_000, 1_000))),
+            polls: polls.clone(),
+        })
+        .unwrap();
+    let start = Instant::now();
+    let resp = client.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    assert!(Instant::now() - start >= Duration::from_secs(2));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(polls.load(Ordering::SeqCst), 1, "the body was read once");
+    let snap = budget_layer.snapshot();
+    assert_eq!(snap.admitted, 2);
+    assert_eq!(snap.refunded_429, 1);
+    // One request charged in the end (the refused one was refunded).
+    assert_eq!(remaining(&snap, Dimension::Requests), 49.0);
+    assert_eq!(snap.key(KEY).unwrap().estimates, 2);
+}
+
+/// Idle keys can be forgotten; a key in use is kept.
+#[tokio::test(start_paused = true)]
+async fn idle_keys_are_forgotten_on_request() {
+    let log = Arc::new(Log::default());
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let mut svc = layer.layer(upstream(log, 1));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 10))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(layer.forget_idle(Duration::from_secs(60)), 0);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(layer.forget_idle(Duration::from_secs(60)), 1);
+    assert!(layer.snapshot().keys.is_empty());
+}
+
+/// An error answer with an empty body (never polled by a server) is settled
+/// at once: its output reservation comes back.
+#[tokio::test(start_paused = true)]
+async fn empty_error_answer_is_settled_without_being_read() {
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let inner = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        Ok::<_, BoxError>(resp)
+    });
+    let mut svc = layer.layer(inner);
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(100, 1_000))
+        .await
+        .unwrap();
+    let snap = layer.snapshot();
+    assert_eq!(snap.settled, 1);
+    assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
+    assert_eq!(remaining(&snap, Dimension::InputTokens), 29_900.0);
+    drop(resp);
+    assert_eq!(layer.snapshot().settled, 1);
+}
+
+/// The recommended stack composes: retry, then the budget, then the
+/// concurrency cap, then the client; the budget paces what reaches the client.
+#[tokio::test(start_paused = true)]
+async fn full_stack_retry_budget_concurrency() {
+    use tower_llm_limits::concurrency::ConcurrencyLayer;
+    use tower_llm_limits::retry::RetryAfterLayer;
+
+    let log = Arc::new(Log::default());
+    let (budget_layer, _) = budget(Limits::new(1_000, 10_000, 1_000_000));
+    let upstream_log = log.clone();
+    let inner = tower::service_fn(move |req: Request<ReplayBody<ReplayBody<Full<Bytes>>>>| {
+        let log = upstream_log.clone();
+        async move {
+            let bytes = req.into_body().collect().await?.to_bytes();
+            let input = estimate_json(&bytes).input_tokens;
+            log.sent.lock().unwrap().push(Sent {
+                at: Instant::now(),
+                input,
+            });
+            Ok::<_, BoxError>(Response::new(full(json_usage(input, 1))))
+        }
+    });
+    // `boxed_clone` first: an `async` block holding a stack of several
+    // generic layers whose errors are `BoxError` is refused by rustc's Send
+    // check ("implementation of From is not general enough", a known
+    // limitation with erased lifetimes); the boxed stack is a concrete type.
+    let client = tower::ServiceBuilder::new()
+        .boxed_clone()
+        .layer(RetryAfterLayer::anthropic())
+        .layer(budget_layer.clone())
+        .layer(ConcurrencyLayer::fixed(2))
+        .service(inner);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = client.ready().await?.call(request(5_000, 10)).await?;
+            resp.into_body().collect().await?;
+            Ok::<_, BoxError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // 30,000 tokens through a 10,000 ITPM budget: two at once, then one per 30 s.
+    let elapsed = Instant::now() - start;
+    assert!(
+        elapsed >= Duration::from_secs(120) && elapsed <= Duration::from_secs(121),
+        "{elapsed:?}"
+    );
+    assert_eq!(log.sent().len(), 6);
+    assert_eq!(budget_layer.snapshot().admitted, 6);
+}

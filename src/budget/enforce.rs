@@ -15,11 +15,10 @@ use super::usage::ResponseBody;
 use crate::headers::{insert_limit_headers, X_SHOULD_RETRY};
 use crate::Dimension;
 
-/// Token counts in `-remaining` headers are floored to thousands, as the API
-/// rounds them (facts file, section 3): a caller is never told more is left
-/// than really is.
-fn floor_thousands(v: u64) -> u64 {
-    v - v % 1_000
+/// Token counts in `-remaining` headers are rounded to the nearest thousand,
+/// as the API's are ("rounded to the nearest thousand", facts file, section 3).
+fn round_thousands(v: u64) -> u64 {
+    v.saturating_add(500) / 1_000 * 1_000
 }
 
 /// Time until a bucket is full again: its deficit refilled at limit per minute.
@@ -56,7 +55,7 @@ pub(crate) fn insert_headers(shared: &Shared, charge: &Charge, headers: &mut Hea
         };
         let remaining = match dimension {
             Dimension::Requests => available,
-            _ => floor_thousands(available),
+            _ => round_thousands(available),
         };
         let reset = reset_in(state, limit);
         insert_limit_headers(
@@ -75,7 +74,7 @@ pub(crate) fn insert_headers(shared: &Shared, charge: &Charge, headers: &mut Hea
             headers,
             "tokens",
             il.saturating_add(ol),
-            floor_thousands(ia.saturating_add(oa)),
+            round_thousands(ia.saturating_add(oa)),
             wall + ir.max(or),
         );
     }
@@ -190,11 +189,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn commas_and_floors() {
+    fn commas_and_rounding() {
         assert_eq!(with_commas(30_000), "30,000");
         assert_eq!(with_commas(999), "999");
         assert_eq!(with_commas(2_000_000), "2,000,000");
-        assert_eq!(floor_thousands(29_999), 29_000);
-        assert_eq!(floor_thousands(0), 0);
+        assert_eq!(round_thousands(29_999), 30_000);
+        assert_eq!(round_thousands(29_499), 29_000);
+        assert_eq!(round_thousands(29_500), 30_000);
+        assert_eq!(round_thousands(0), 0);
+        assert_eq!(round_thousands(u64::MAX), u64::MAX / 1_000 * 1_000);
     }
 }

@@ -169,6 +169,7 @@ where
     S::Error: Into<BoxError>,
     B: Body,
     B::Error: Into<BoxError>,
+    ResB: Body,
 {
     type Output = Result<Response<ResponseBody<ResB>>, BoxError>;
 
@@ -301,7 +302,7 @@ where
 /// Handles the response head: refund and sync on a 429, sync from the headers
 /// otherwise (client mode), write the caller's headers (enforce mode), and
 /// wrap the body for settlement.
-fn respond<ResB>(
+fn respond<ResB: Body>(
     shared: &Arc<Shared>,
     charge: Charge,
     response: Response<ResB>,
@@ -338,6 +339,11 @@ fn respond<ResB>(
         None => charge.estimate.stream,
     };
     let tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
+    if body.is_end_stream() {
+        // An empty body may never be polled: settle now.
+        tracker.conclude_empty();
+        return Response::from_parts(parts, ResponseBody::plain(body));
+    }
     Response::from_parts(parts, ResponseBody::observed(body, tracker))
 }
 

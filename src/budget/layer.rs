@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
+use super::config::{BudgetMode, KeyExtractor, LimitsConfig, OUTPUT_RATIO_PRIOR};
 use super::ledger::{InMemoryLedger, Ledger};
 use super::limits::{Limits, ModelClass, OutputMode, Tier};
 use super::service::TokenBudget;
@@ -65,6 +65,57 @@ impl TokenBudgetLayer {
     /// A gateway budget: each caller (told apart by a hash of its `x-api-key`)
     /// gets these limits, and a request over its caller's budget is answered
     /// at once with an Anthropic-shaped 429. See the [module docs](super).
+    ///
+    /// The inner service receives `Request<ReplayBody<B>>`; in front of an
+    /// axum `Router` (which takes `Request<axum::body::Body>`), map it back
+    /// with `.map_request(|r: Request<ReplayBody<Body>>| r.map(Body::new))`.
+    /// Errors (an unreadable request body, the inner service's own) are still
+    /// errors: axum wants them handled (`HandleErrorLayer`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{Service, ServiceBuilder, ServiceExt};
+    /// use tower_llm_limits::body::ReplayBody;
+    /// use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+    /// use tower_llm_limits::headers::RateLimitSnapshot;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_llm_limits::BoxError> {
+    /// // The upstream the gateway forwards to (here: answers with a usage).
+    /// let upstream = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+    ///     let body = r#"{"type":"message","usage":{"input_tokens":10,"output_tokens":20}}"#;
+    ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+    /// });
+    /// // Each caller may send one request per minute.
+    /// let mut gateway = ServiceBuilder::new()
+    ///     .layer(TokenBudgetLayer::enforce(Limits::new(1, 30_000, 8_000)))
+    ///     .service(upstream);
+    /// let call = || {
+    ///     Request::post("/v1/messages")
+    ///         .header("x-api-key", "sk-ant-caller-1")
+    ///         .body(Full::new(Bytes::from(
+    ///             r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#,
+    ///         )))
+    /// };
+    /// let first = gateway.ready().await?.call(call()?).await?;
+    /// assert_eq!(first.status(), 200);
+    /// assert_eq!(RateLimitSnapshot::from_headers(first.headers()).requests.remaining, Some(0));
+    ///
+    /// let second = gateway.ready().await?.call(call()?).await?;
+    /// assert_eq!(second.status(), 429);
+    /// let limits = RateLimitSnapshot::from_headers(second.headers());
+    /// assert_eq!(limits.should_retry, Some(true));
+    /// assert!(limits.retry_after.is_some());
+    /// let body = second.into_body().collect().await?.to_bytes();
+    /// let json: serde_json::Value = serde_json::from_slice(&body)?;
+    /// assert_eq!(json["error"]["type"], "rate_limit_error");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn enforce(limits: impl Into<LimitsConfig>) -> Self {
         Self::builder().limits(limits).enforce().build()
     }
@@ -77,6 +128,15 @@ impl TokenBudgetLayer {
     /// The state of the budget: per key and dimension, and decision counters.
     pub fn snapshot(&self) -> BudgetSnapshot {
         self.shared.snapshot()
+    }
+
+    /// Forgets what the layer keeps per key (learned output ratio, counters)
+    /// for keys not used for `idle` and with no request waiting, and returns
+    /// how many were forgotten. A gateway with many callers calls it from
+    /// time to time, with the ledger's own eviction
+    /// ([`InMemoryLedger::evict_idle`]).
+    pub fn forget_idle(&self, idle: std::time::Duration) -> usize {
+        self.shared.forget_idle(idle)
     }
 
     /// The ledger behind the budget.
@@ -121,6 +181,7 @@ pub struct TokenBudgetBuilder {
     buffer_limit: usize,
     key_extractor: Option<KeyExtractor>,
     output_quantile: f64,
+    output_ratio_prior: f64,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -135,6 +196,7 @@ impl Default for TokenBudgetBuilder {
             buffer_limit: DEFAULT_BUFFER_LIMIT,
             key_extractor: None,
             output_quantile: DEFAULT_OUTPUT_QUANTILE,
+            output_ratio_prior: OUTPUT_RATIO_PRIOR,
         }
     }
 }
@@ -150,6 +212,7 @@ impl fmt::Debug for TokenBudgetBuilder {
             .field("buffer_limit", &self.buffer_limit)
             .field("key_extractor", &self.key_extractor)
             .field("output_quantile", &self.output_quantile)
+            .field("output_ratio_prior", &self.output_ratio_prior)
             .finish_non_exhaustive()
     }
 }
@@ -238,6 +301,22 @@ impl TokenBudgetBuilder {
         self
     }
 
+    /// The share of `max_tokens` reserved as expected output in realtime mode
+    /// until [`OUTPUT_RATIO_MIN_SAMPLES`](super::OUTPUT_RATIO_MIN_SAMPLES) responses of a key were seen
+    /// (default [`OUTPUT_RATIO_PRIOR`], 1.0: the whole `max_tokens`, so a cold
+    /// client budget never under-reserves). A server that charges output only
+    /// as it is produced (an emulator of the realtime rule) may set 0.0: a
+    /// request then reserves one output token, enough to be held back while
+    /// the output bucket is in debt. Clamped to `[0, 1]`, NaN taken as 1.
+    pub fn output_ratio_prior(mut self, ratio: f64) -> Self {
+        self.output_ratio_prior = if ratio.is_nan() {
+            1.0
+        } else {
+            ratio.clamp(0.0, 1.0)
+        };
+        self
+    }
+
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
         let key_extractor = match (self.key_extractor, self.enforce) {
@@ -253,6 +332,7 @@ impl TokenBudgetBuilder {
             buffer_limit: self.buffer_limit,
             key_extractor,
             output_quantile: self.output_quantile,
+            output_ratio_prior: self.output_ratio_prior,
         };
         let ledger = self
             .ledger

@@ -22,8 +22,10 @@
 //!    [`OutputMode`]: `max_tokens` in `Reserve` mode, or in `Realtime` mode
 //!    (the default) an expected output, `ceil(max_tokens × r)` where `r` is
 //!    the p90 of `output_tokens / max_tokens` over the key's recent responses
-//!    (the prior `r = 1.0`, the whole `max_tokens`, until 20 were seen).
-//!    A request without `max_tokens` counts [`DEFAULT_MAX_TOKENS`].
+//!    (the prior `r = 1.0`, the whole `max_tokens`, until 20 were seen;
+//!    at least one token). A request without `max_tokens` counts
+//!    [`DEFAULT_MAX_TOKENS`]. With no limit configured for a dimension,
+//!    nothing is paced there until a response's headers teach the limit.
 //! 3. **Wait or fail.** In [`BudgetMode::Wait`] (the default) requests that
 //!    do not fit wait in a FIFO queue per key: only the head asks the ledger
 //!    and sleeps until the instant it named; a settlement that frees capacity
@@ -100,11 +102,22 @@
 //!   (a request that can never fit gets `x-should-retry: false` and no
 //!   `retry-after`);
 //! - the `anthropic-ratelimit-{requests,input-tokens,output-tokens,tokens}-{limit,remaining,reset}`
-//!   headers, token counts floored to thousands, resets in RFC 3339.
+//!   headers, token counts rounded to the nearest thousand as the API's are,
+//!   resets in RFC 3339.
 //!
 //! Every admitted response carries the same headers. The inner service's
 //! responses are settled as in client mode (their `usage`), and their own
 //! rate-limit headers, if any, are replaced by the caller's.
+//!
+//! # Spawning a stack of layers
+//!
+//! rustc refuses an `async` block that holds a stack of several of this
+//! crate's layers (whose errors are `BoxError`) where it must be `Send`, as in
+//! `tokio::spawn(async move { stack.oneshot(req).await })`, with
+//! "implementation of `From` is not general enough" (a known limitation of
+//! its Send check with erased lifetimes, not a property of the layers).
+//! Box the stack (`ServiceBuilder::new().boxed_clone()` as the first layer)
+//! or spawn the `oneshot` future itself (`tokio::spawn(stack.oneshot(req))`).
 //!
 //! # What it deliberately does not do
 //!
@@ -114,8 +127,9 @@
 //!   holds no concurrency slot if the concurrency layer sits inside it.
 //! - It does not keep budgets across processes by itself: the
 //!   [`Ledger`](ledger::Ledger) trait is the seam for a shared store.
-//! - Keys are never forgotten by the layer: a gateway with very many callers
-//!   holds a little state per caller and model class.
+//! - It forgets no key by itself: a gateway with very many callers holds a
+//!   few kilobytes per caller and model class until
+//!   [`TokenBudgetLayer::forget_idle`] (and the ledger's own eviction) is called.
 
 mod config;
 mod enforce;

@@ -281,19 +281,19 @@ impl JsonScanner {
     /// Feeds the next bytes of the body.
     pub(crate) fn push(&mut self, mut chunk: &[u8]) {
         while !chunk.is_empty() {
-            if self.in_string && !self.escape && self.key_match.is_none() {
-                // Inside a string that is not a candidate key (most of a
-                // response is text): jump to the next quote or backslash.
-                match chunk.iter().position(|&b| b == b'"' || b == b'\\') {
-                    Some(i) => {
-                        let (skipped, rest) = chunk.split_at(i);
-                        self.capture_extend(skipped);
-                        chunk = rest;
-                    }
-                    None => {
-                        self.capture_extend(chunk);
-                        return;
-                    }
+            if self.in_string && !self.escape {
+                // Inside a string (most of a response is text): jump to the
+                // next quote or backslash, matching a candidate key on the way.
+                let end = chunk.iter().position(|&b| b == b'"' || b == b'\\');
+                let (segment, rest) = chunk.split_at(end.unwrap_or(chunk.len()));
+                self.capture_extend(segment);
+                if let Some(n) = self.key_match {
+                    let expected = USAGE_KEY.get(n..n + segment.len());
+                    self.key_match = (expected == Some(segment)).then_some(n + segment.len());
+                }
+                chunk = rest;
+                if chunk.is_empty() {
+                    return;
                 }
             }
             if let Some((&b, rest)) = chunk.split_first() {
@@ -530,6 +530,33 @@ event: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"output_to
             let mut s = JsonScanner::default();
             s.push(body.as_bytes());
             assert_eq!(s.usage, None, "{body}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any chunking of a stream gives the same usage as the whole.
+        #[test]
+        fn any_chunking_gives_the_same_usage(sizes in proptest::collection::vec(1usize..64, 1..200)) {
+            let bytes = STREAM.as_bytes();
+            let mut sse = SseScanner::default();
+            let body = BODY.as_bytes();
+            let mut json = JsonScanner::default();
+            let (mut i, mut j) = (0, 0);
+            for n in sizes.iter().cycle().take(4 * bytes.len()) {
+                if i < bytes.len() {
+                    let end = (i + n).min(bytes.len());
+                    sse.push(&bytes[i..end]);
+                    i = end;
+                }
+                if j < body.len() {
+                    let end = (j + n).min(body.len());
+                    json.push(&body[j..end]);
+                    j = end;
+                }
+            }
+            proptest::prop_assert_eq!(sse.usage, expected());
+            proptest::prop_assert_eq!(sse.end, Some(StreamEnd::Stopped));
+            proptest::prop_assert_eq!(json.usage.map(|u| u.output_tokens), Some(34));
         }
     }
 }

@@ -66,6 +66,7 @@ where
     B: Body + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
+    ResB: Body,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = BoxError;

@@ -25,7 +25,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::config::{
     BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_MAX_TOKENS, OUTPUT_RATIO_MIN_SAMPLES,
-    OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
+    OUTPUT_RATIO_WINDOW,
 };
 use super::ledger::{CostDelta, Costs, Ledger, LimitSync, Reservation};
 use super::limits::{Limits, ModelClass, OutputMode};
@@ -45,6 +45,7 @@ pub(crate) struct Settings {
     pub(crate) buffer_limit: usize,
     pub(crate) key_extractor: Option<KeyExtractor>,
     pub(crate) output_quantile: f64,
+    pub(crate) output_ratio_prior: f64,
 }
 
 /// Counters of the decisions taken, for snapshots.
@@ -74,6 +75,7 @@ struct Waiter {
 #[derive(Debug)]
 struct KeyState {
     limits: Limits,
+    last_used: Instant,
     queue: VecDeque<Waiter>,
     output_ratio: SlidingQuantile,
     ratio_samples: u64,
@@ -86,6 +88,7 @@ impl KeyState {
     fn new(limits: Limits) -> Self {
         Self {
             limits,
+            last_used: Instant::now(),
             queue: VecDeque::new(),
             output_ratio: SlidingQuantile::new(OUTPUT_RATIO_WINDOW),
             ratio_samples: 0,
@@ -95,14 +98,14 @@ impl KeyState {
         }
     }
 
-    fn expected_ratio(&self, q: f64) -> f64 {
+    fn expected_ratio(&self, q: f64, prior: f64) -> f64 {
         if (self.ratio_samples as usize) < OUTPUT_RATIO_MIN_SAMPLES {
-            return OUTPUT_RATIO_PRIOR;
+            return prior;
         }
         self.output_ratio
             .quantile(q)
             .filter(|r| r.is_finite())
-            .map_or(OUTPUT_RATIO_PRIOR, |r| r.clamp(0.0, 1.0))
+            .map_or(prior, |r| r.clamp(0.0, 1.0))
     }
 
     /// Wakes the head of the queue, if it waits for a wakeup.
@@ -256,11 +259,11 @@ impl Shared {
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
         let name = class.as_str();
-        let mut keys = self.lock();
         let lookup: std::borrow::Cow<'_, str> = match caller {
             None => std::borrow::Cow::Borrowed(name),
             Some(caller) => std::borrow::Cow::Owned(format!("{caller}/{name}")),
         };
+        let mut keys = self.lock();
         let key = match keys.get_key_value(&*lookup) {
             Some((existing, _)) => Arc::clone(existing),
             None => Arc::from(&*lookup),
@@ -268,6 +271,7 @@ impl Shared {
         let ks = keys
             .entry(Arc::clone(&key))
             .or_insert_with(|| KeyState::new(limits));
+        ks.last_used = Instant::now();
         ks.estimates += 1;
         if estimate.fallback {
             ks.fallback_estimates += 1;
@@ -279,15 +283,21 @@ impl Shared {
         let output_tokens = match self.settings.output_mode {
             OutputMode::Reserve => max_tokens,
             OutputMode::Realtime => {
-                let ratio = ks.expected_ratio(self.settings.output_quantile);
+                let ratio = ks.expected_ratio(
+                    self.settings.output_quantile,
+                    self.settings.output_ratio_prior,
+                );
                 let expected = max_tokens as f64 * ratio;
                 // Round up, but not for floating-point noise (4000 × 0.025).
                 let nearest = expected.round();
-                if (expected - nearest).abs() < 1e-6 {
+                let expected = if (expected - nearest).abs() < 1e-6 {
                     nearest as u64
                 } else {
                     expected.ceil() as u64
-                }
+                };
+                // At least one token, so that an output bucket in debt (a
+                // response longer than expected) holds new requests back.
+                expected.max(1).min(max_tokens.max(1))
             }
         };
         drop(keys);
@@ -583,10 +593,23 @@ impl Shared {
         }
     }
 
+    /// Forgets the keys not used for `idle` and with no request waiting (what
+    /// was learned for them: output ratio, counters). Returns how many.
+    pub(crate) fn forget_idle(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut keys = self.lock();
+        let before = keys.len();
+        keys.retain(|_, ks| {
+            !ks.queue.is_empty() || now.saturating_duration_since(ks.last_used) < idle
+        });
+        before - keys.len()
+    }
+
     /// A snapshot of every key this budget has seen.
     pub(crate) fn snapshot(&self) -> BudgetSnapshot {
         let now = Instant::now();
         let q = self.settings.output_quantile;
+        let prior = self.settings.output_ratio_prior;
         #[allow(clippy::type_complexity)]
         let keys: Vec<(Arc<str>, Limits, usize, Option<f64>, u64, u64, f64)> = self
             .lock()
@@ -599,7 +622,7 @@ impl Shared {
                     ks.calibration,
                     ks.fallback_estimates,
                     ks.estimates,
-                    ks.expected_ratio(q),
+                    ks.expected_ratio(q, prior),
                 )
             })
             .collect();

@@ -203,6 +203,11 @@ impl Tracker {
         }
     }
 
+    /// Settles a response whose body is empty (ended before any frame).
+    pub(crate) fn conclude_empty(mut self) {
+        self.conclude(End::Ended);
+    }
+
     fn push(&mut self, data: &[u8]) {
         match &mut self.scanner {
             Scanner::Sse(s) => s.push(data),
