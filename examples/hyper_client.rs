@@ -76,6 +76,7 @@ pub struct Anthropic {
     service: BoxCloneSyncService<Request<Full<Bytes>>, Response<ClientBody>, BoxError>,
     messages_uri: Uri,
     api_key: HeaderValue,
+    limits: LimitsLayer,
 }
 
 impl std::fmt::Debug for Anthropic {
@@ -100,14 +101,20 @@ impl Anthropic {
         api_key.set_sensitive(true);
         let service = ServiceBuilder::new()
             .map_response(box_response)
-            .layer(limits)
+            .layer(limits.clone())
             .map_request(box_request)
             .service(https_client());
         Ok(Anthropic {
             service: BoxCloneSyncService::new(service),
             messages_uri,
             api_key,
+            limits,
         })
+    }
+
+    /// The stack's layers, for their snapshots.
+    pub fn limits(&self) -> &LimitsLayer {
+        &self.limits
     }
 
     /// A client configured from the environment (see the example's docs).
@@ -226,6 +233,23 @@ async fn main() -> Result<(), BoxError> {
             },
             (i, Err(e)) => println!("request {i}: failed: {e}"),
         }
+    }
+    let retry = client.limits().retry().snapshot();
+    let concurrency = client.limits().concurrency().snapshot();
+    println!(
+        "retries: {}; concurrency limit now {} ({} in flight)",
+        retry.retries, concurrency.limit, concurrency.in_flight
+    );
+    for key in &client.limits().budget().snapshot().keys {
+        let remaining: Vec<String> = key
+            .dimensions
+            .iter()
+            .map(|d| match (d.remaining, d.limit) {
+                (Some(r), Some(l)) => format!("{}: {r:.0} of {l} left", d.dimension),
+                _ => format!("{}: not limited yet", d.dimension),
+            })
+            .collect();
+        println!("budget {}: {}", key.key, remaining.join("; "));
     }
     Ok(())
 }
