@@ -271,7 +271,6 @@ impl Shared {
         let ks = keys
             .entry(Arc::clone(&key))
             .or_insert_with(|| KeyState::new(limits));
-        ks.last_used = Instant::now();
         ks.estimates += 1;
         if estimate.fallback {
             ks.fallback_estimates += 1;
@@ -405,6 +404,7 @@ impl Shared {
         let ks = keys
             .entry(Arc::clone(&charge.key))
             .or_insert_with(|| KeyState::new(charge.limits));
+        ks.last_used = now;
         let at_head = match &adm.ticket {
             None => self.settings.mode == BudgetMode::Reject || ks.queue.is_empty(),
             Some(t) => ks.queue.front().map(|w| w.id) == Some(t.id),
