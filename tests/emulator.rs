@@ -501,7 +501,7 @@ async fn rpm_429_has_the_api_shape_and_headers() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn itpm_is_charged_true_counts_and_remaining_is_floored_to_thousands() {
+async fn itpm_is_charged_true_counts_and_remaining_is_rounded_to_thousands() {
     let emulator = quiet()
         .limits(Limits::new(1_000, 6_000, 1_000_000))
         .build()
@@ -512,7 +512,7 @@ async fn itpm_is_charged_true_counts_and_remaining_is_floored_to_thousands() {
     let first = send(&emulator, "/v1/messages", &body).await;
     assert_eq!(first.status(), StatusCode::OK);
     let snap = RateLimitSnapshot::from_headers(first.headers());
-    // 6,000 - 2,503 = 3,497, floored to 3,000.
+    // 6,000 - 2,503 = 3,497, rounded to 3,000.
     assert_eq!(snap.input_tokens.remaining, Some(3_000));
     assert_eq!(
         send(&emulator, "/v1/messages", &body).await.status(),
@@ -523,7 +523,8 @@ async fn itpm_is_charged_true_counts_and_remaining_is_floored_to_thousands() {
     // 994 left, 2,503 needed: 1,509 more at 100 per second is 15.09 s, announced as 16.
     assert_eq!(header(third.headers(), "retry-after"), "16");
     let snap = RateLimitSnapshot::from_headers(third.headers());
-    assert_eq!(snap.input_tokens.remaining, Some(0));
+    // 994 rounded to the nearest thousand.
+    assert_eq!(snap.input_tokens.remaining, Some(1_000));
     let message = json_of(third).await["error"]["message"]
         .as_str()
         .unwrap()
@@ -725,14 +726,14 @@ async fn realtime_mode_charges_tokens_as_they_stream() {
     assert_eq!(emulator.stats().classes["sonnet-4"].output_tokens, 1_000);
     let probe = send(&emulator, "/v1/messages", &ask("probe", 1)).await;
     let snap = RateLimitSnapshot::from_headers(probe.headers());
-    // 100,000 - 1,000 streamed - 1 probe = 98,999, floored.
-    assert_eq!(snap.output_tokens.remaining, Some(98_000));
+    // 100,000 - 1,000 streamed - 1 probe = 98,999, rounded.
+    assert_eq!(snap.output_tokens.remaining, Some(99_000));
     // Dropping the stream mid-way charges what was produced, nothing more.
     drop(stream);
     assert_eq!(emulator.stats().classes["sonnet-4"].output_tokens, 1_001);
     let probe = send(&emulator, "/v1/messages", &ask("probe 2", 1)).await;
     let snap = RateLimitSnapshot::from_headers(probe.headers());
-    assert_eq!(snap.output_tokens.remaining, Some(98_000));
+    assert_eq!(snap.output_tokens.remaining, Some(99_000));
 }
 
 #[tokio::test(start_paused = true)]
@@ -757,8 +758,8 @@ async fn reserve_mode_refunds_a_dropped_stream() {
     drop(stream); // 200 tokens produced
     let probe = send(&emulator, "/v1/messages", &ask("probe", 1)).await;
     let snap = RateLimitSnapshot::from_headers(probe.headers());
-    // 10,000 - 200 - 1 reserved by the probe = 9,799.
-    assert_eq!(snap.output_tokens.remaining, Some(9_000));
+    // 10,000 - 200 - 1 reserved by the probe = 9,799, rounded.
+    assert_eq!(snap.output_tokens.remaining, Some(10_000));
     assert_eq!(emulator.stats().classes["sonnet-4"].output_tokens, 201);
 }
 
@@ -1184,7 +1185,7 @@ async fn serves_over_tcp_with_hyper() {
     let snap = RateLimitSnapshot::from_headers(response.headers());
     assert_eq!(snap.requests.limit, Some(50));
     assert_eq!(snap.requests.remaining, Some(49));
-    assert_eq!(snap.input_tokens.remaining, Some(29_000));
+    assert_eq!(snap.input_tokens.remaining, Some(30_000));
     assert_request_id(response.headers());
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let json: Value = serde_json::from_slice(&bytes).unwrap();

@@ -25,7 +25,7 @@
 //!   [`Acceleration`] limit;
 //! - `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`
 //!   and `request-id` on every answer of the messages endpoint (token
-//!   `remaining` floored to thousands, resets in RFC 3339 to the second with
+//!   `remaining` rounded to the nearest thousand, resets in RFC 3339 to the second with
 //!   `Z`); a 429 carries an integer `retry-after`, `x-should-retry: true`
 //!   and the API's error JSON;
 //! - its own token counter ([`count_text`], [`TokenCounter`]), which is *not*

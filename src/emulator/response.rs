@@ -202,10 +202,11 @@ fn time_to_full(state: &BucketState, limit: u64) -> Duration {
     Duration::try_from_secs_f64(missing * 60.0 / limit as f64).unwrap_or(Duration::MAX)
 }
 
-/// Tokens remaining as the API reports them: floored to thousands, never negative.
-pub(crate) fn floor_thousands(available: f64) -> u64 {
+/// Tokens remaining as the API reports them: "rounded to the nearest
+/// thousand" (the rate-limits page), never negative.
+pub(crate) fn round_thousands(available: f64) -> u64 {
     if available.is_finite() && available > 0.0 {
-        (available as u64 / 1_000) * 1_000
+        ((available as u64).saturating_add(500) / 1_000) * 1_000
     } else {
         0
     }
@@ -238,7 +239,7 @@ pub(crate) fn insert_rate_limit_headers(
         let reset = ceil_second(now.checked_add(to_full).unwrap_or(now));
         let remaining = match dimension {
             Dimension::Requests => floor_count(state.available),
-            _ => floor_thousands(state.available),
+            _ => round_thousands(state.available),
         };
         insert_limit_headers(headers, dimension.header_name(), limit, remaining, reset);
         if *dimension != Dimension::Requests {
@@ -565,8 +566,9 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(2_001)), 3);
         assert_eq!(retry_after_secs(Duration::from_secs(20)), 20);
-        assert_eq!(floor_thousands(29_999.9), 29_000);
-        assert_eq!(floor_thousands(-5.0), 0);
+        assert_eq!(round_thousands(29_499.9), 29_000);
+        assert_eq!(round_thousands(29_500.0), 30_000);
+        assert_eq!(round_thousands(-5.0), 0);
         let msg = spend_limit_message(UNIX_EPOCH + Duration::from_secs(1_796_083_200)); // 2026-12-01
         assert!(msg.ends_with("2027-01-01 at 00:00 UTC."), "{msg}");
     }
