@@ -1,6 +1,88 @@
 //! Tower middleware that keeps a client (or a gateway) of a rate-limited LLM API,
 //! Anthropic's Messages API first, at the highest rate its limits allow, with
 //! almost no `429 Too Many Requests` and no lost request.
+//!
+//! A 429 from the API means a per-minute limit was crossed: requests (RPM),
+//! input tokens (ITPM) or output tokens (OTPM), per model class. Retrying after
+//! the fact (what the official SDKs do) spends attempts and time; this crate
+//! also *paces before sending*, charging each request what the server will
+//! charge, when it will charge it, and settling with the `usage` it reports.
+//!
+//! Three layers, each a [`tower_layer::Layer`] whose service is a
+//! `tower::Service<http::Request<B>>`, usable alone or together:
+//!
+//! | layer | what it does |
+//! |---|---|
+//! | [`retry::RetryAfterLayer`] | honours `retry-after-ms` / `retry-after` / `x-should-retry` and the `anthropic-ratelimit-*-reset` of an exhausted limit, else backs off with full jitter; replays the buffered body; one cooldown shared by every clone; bounded by attempts, a deadline and a retry budget |
+//! | [`budget::TokenBudgetLayer`] | estimates each request's tokens ([`estimate::AnthropicEstimator`]), waits (or rejects) until RPM, ITPM and OTPM can take it, settles with the real usage (JSON or SSE, read as it passes), syncs with the server's headers and learns limits it was not given; in enforce mode, answers a gateway's callers with Anthropic-shaped 429s |
+//! | [`concurrency::ConcurrencyLayer`] | caps requests in flight, fixed or adaptive (slow start, AIMD on 429/529/503 and timeouts), holds a slot until the response *body* ends, serves priority lanes in order |
+//!
+//! [`preset::anthropic`] builds the recommended stack, `RetryAfter -> TokenBudget
+//! -> Concurrency`, in one call. Retry is outermost so that every attempt is
+//! paced and counted again; the budget waits before a concurrency slot is
+//! taken, so a request waiting for tokens holds no slot.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_llm_limits::budget::Tier;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_llm_limits::BoxError> {
+//! // Any `Service<http::Request<B>>`: a hyper-util client in real use.
+//! let upstream = service_fn(|_req: Request<_>| async {
+//!     let body = r#"{"type":"message","usage":{"input_tokens":9,"output_tokens":2}}"#;
+//!     Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::from(body))))
+//! });
+//!
+//! let limits = tower_llm_limits::preset::anthropic(Tier::Tier1);
+//! let client = ServiceBuilder::new().layer(limits.clone()).service(upstream);
+//!
+//! let request = Request::post("https://api.anthropic.com/v1/messages")
+//!     .header("content-type", "application/json")
+//!     .body(Full::new(Bytes::from_static(
+//!         br#"{"model":"claude-sonnet-4-5","max_tokens":32,"messages":[{"role":"user","content":"Hi"}]}"#,
+//!     )))?;
+//! let response = client.oneshot(request).await?;
+//! let _usage = response.into_body().collect().await?; // settles the budget
+//!
+//! let snapshot = limits.budget().snapshot();
+//! assert_eq!(snapshot.admitted, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Errors
+//!
+//! Every service returns `BoxError`, as tower's middleware does; errors made
+//! by this crate are an [`Error`] inside it ([`Error::BudgetExceeded`] carries
+//! `retry_in`, [`Error::RetriesExhausted`] the last status, ...), and the inner
+//! service's own errors pass through as they are.
+//!
+//! A known compiler limitation: when the *innermost* service's future is an
+//! `async` block whose error type is `BoxError`, a stack of these layers held
+//! across an `.await` inside `tokio::spawn(async move { .. })` can fail to
+//! compile with "implementation of `From` is not general enough" (a rustc
+//! bug with higher-ranked lifetimes in auto-trait checks). A hyper-util
+//! client, an axum `Router` or any concrete error type is not affected;
+//! otherwise spawn the `oneshot` future itself or box the stack
+//! (`ServiceBuilder::new().boxed_clone()`).
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `retry` | yes | [`retry`] |
+//! | `budget` | yes | [`budget`], [`estimate`] |
+//! | `concurrency` | yes | [`concurrency`] |
+//! | `emulator` | no | [`emulator`]: an axum emulator of the Messages API's rate limiter (brings axum, hyper, hyper-util) |
+//!
+//! [`preset`] needs the three default features. [`headers`], [`body`] and
+//! [`error`] are always there.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
