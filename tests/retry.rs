@@ -913,3 +913,77 @@ async fn each_retry_is_traced_without_secrets() {
     assert!(retries[1].contains("attempt=3") && retries[1].contains("connection reset"));
     assert!(!log.contains("SECRET"), "{log}");
 }
+
+/// A body of given frames announcing `hint` as its exact size.
+struct Announced {
+    frames: VecDeque<Frame<Bytes>>,
+    hint: u64,
+}
+
+impl http_body::Body for Announced {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.frames.pop_front().map(Ok))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.hint)
+    }
+}
+
+fn announced(chunks: &[&'static [u8]], trailer: bool, hint: u64) -> Announced {
+    let mut frames: VecDeque<_> = chunks
+        .iter()
+        .map(|c| Frame::data(Bytes::from_static(c)))
+        .collect();
+    if trailer {
+        let mut t = HeaderMap::new();
+        t.insert("x-checksum", "7".parse().unwrap());
+        frames.push_back(Frame::trailers(t));
+    }
+    Announced { frames, hint }
+}
+
+#[tokio::test(start_paused = true)]
+async fn bodies_of_known_size_in_many_frames_are_replayed_intact() {
+    let mock = Mock::new([status(500)]);
+    let mut svc = deterministic().build().layer(mock.clone());
+    let body = announced(&[b"{\"a\":", b"", b"1,", b"\"b\":2}"], true, 13);
+    let resp = call(&mut svc, Request::new(body)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(&s.body[..], b"{\"a\":1,\"b\":2}");
+        assert_eq!(s.buffered_ext.as_deref(), Some(&b"{\"a\":1,\"b\":2}"[..]));
+        assert_eq!(
+            s.trailers
+                .as_ref()
+                .and_then(|t| t.get("x-checksum"))
+                .unwrap(),
+            "7"
+        );
+    }
+    // An empty body is replayed as empty.
+    let mock = Mock::new([status(500)]);
+    let mut svc = deterministic().build().layer(mock.clone());
+    call(&mut svc, Request::new(announced(&[], false, 0)))
+        .await
+        .unwrap();
+    assert!(mock.seen().iter().all(|s| s.body.is_empty()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_longer_than_its_exact_size_is_a_body_error() {
+    let mock = Mock::new([]);
+    let mut svc = deterministic().build().layer(mock.clone());
+    let body = announced(&[b"12345", b"6789"], false, 5);
+    let err = call(&mut svc, Request::new(body)).await.unwrap_err();
+    assert!(matches!(crate_err(&err), Error::Body(_)));
+    assert_eq!(mock.calls(), 0);
+}

@@ -26,12 +26,85 @@ type BufferFuture<B> = Pin<Box<dyn Future<Output = Result<Buffered<B>, BoxError>
 
 /// The request body as the attempts see it.
 enum Payload<B> {
-    /// Still being read into memory.
+    /// A body whose exact size is known and within the limit, being read in
+    /// place (the fast path: no boxed future, no frame queue).
+    Exact(ExactRead<B>),
+    /// Still being read into memory by [`body::buffer`].
     Buffering(BufferFuture<B>),
     /// Kept whole: every attempt replays it.
     Replay(BufferedBody),
     /// Too large to keep: sent once (`None` once sent).
     Once(Option<ReplayBody<B>>),
+}
+
+/// Reads a body of known exact size (at most the buffer limit) to its end.
+struct ExactRead<B> {
+    body: B,
+    /// Its announced size: the most it may yield.
+    size: u64,
+    read: u64,
+    first: Option<bytes::Bytes>,
+    rest: Option<bytes::BytesMut>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl<B> ExactRead<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<BufferedBody, BoxError>> {
+        while !self.body.is_end_stream() {
+            let Some(frame) = ready!(Pin::new(&mut self.body).poll_frame(cx)) else {
+                break;
+            };
+            let frame = frame.map_err(Into::into)?;
+            match frame.into_data() {
+                Ok(mut data) => {
+                    let len = data.remaining();
+                    self.read = self.read.saturating_add(len as u64);
+                    if self.read > self.size {
+                        // A body longer than its exact size hint is malformed
+                        // (hyper refuses it too); it is not buffered without bound.
+                        return Poll::Ready(Err(
+                            "request body longer than its exact size hint".into()
+                        ));
+                    }
+                    let chunk = data.copy_to_bytes(len);
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    match (&mut self.first, &mut self.rest) {
+                        (None, _) => self.first = Some(chunk),
+                        (Some(first), rest) => {
+                            let all = rest.get_or_insert_with(|| {
+                                let mut all = bytes::BytesMut::with_capacity(
+                                    usize::try_from(self.size).unwrap_or(0),
+                                );
+                                all.extend_from_slice(first);
+                                all
+                            });
+                            all.extend_from_slice(&chunk);
+                        }
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        match self.trailers.as_mut() {
+                            Some(all) => all.extend(t),
+                            None => self.trailers = Some(t),
+                        }
+                    }
+                }
+            }
+        }
+        let bytes = match (self.rest.take(), self.first.take()) {
+            (Some(all), _) => all.freeze(),
+            (None, Some(first)) => first,
+            (None, None) => bytes::Bytes::new(),
+        };
+        Poll::Ready(Ok(BufferedBody::new(bytes, self.trailers.take())))
+    }
 }
 
 pin_project! {
@@ -147,7 +220,17 @@ where
                 service,
                 shared,
                 head: Some(head),
-                payload: Payload::Buffering(Box::pin(body::buffer(body, limit))),
+                payload: match body.size_hint().exact() {
+                    Some(size) if size <= limit as u64 => Payload::Exact(ExactRead {
+                        body,
+                        size,
+                        read: 0,
+                        first: None,
+                        rest: None,
+                        trailers: None,
+                    }),
+                    _ => Payload::Buffering(Box::pin(body::buffer(body, limit))),
+                },
                 attempts: 0,
                 ready: true,
                 deadline,
@@ -313,7 +396,7 @@ impl<S, B> Ctx<S, B> {
                 let head = self.head.take().ok_or_else(not_replayable)?;
                 Request::from_parts(head, body)
             }
-            Payload::Buffering(_) => return Err(not_replayable()),
+            Payload::Exact(_) | Payload::Buffering(_) => return Err(not_replayable()),
         };
         if self.attempts > 0 {
             req.headers_mut()
@@ -393,6 +476,8 @@ impl<S, B, R> Future for ResponseFuture<S, B, R>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
     S::Error: Into<BoxError>,
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
     R: Body,
 {
     type Output = Result<Response<R>, BoxError>;
@@ -403,11 +488,17 @@ where
         loop {
             let step = match this.state.as_mut().project() {
                 StateProj::Buffering => {
-                    let Payload::Buffering(fut) = &mut ctx.payload else {
-                        this.state.set(State::Gate);
-                        continue;
+                    let read = match &mut ctx.payload {
+                        Payload::Exact(exact) => {
+                            ready!(exact.poll_read(cx)).map(Buffered::Complete)
+                        }
+                        Payload::Buffering(fut) => ready!(fut.as_mut().poll(cx)),
+                        Payload::Replay(_) | Payload::Once(_) => {
+                            this.state.set(State::Gate);
+                            continue;
+                        }
                     };
-                    ctx.payload = match ready!(fut.as_mut().poll(cx)) {
+                    ctx.payload = match read {
                         Ok(Buffered::Complete(buffered)) => Payload::Replay(buffered),
                         Ok(Buffered::TooLarge(body)) => Payload::Once(Some(body)),
                         Err(e) => {
