@@ -101,5 +101,29 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// What the layer does on the fast path that a trivial tower policy does not,
+/// priced alone, to explain the difference.
+fn components(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let mut group = c.benchmark_group("retry_components");
+    group.bench_function("buffered_bytes_extension", |b| {
+        b.iter(|| {
+            let mut ext = http::Extensions::new();
+            ext.insert(tower_llm_limits::body::BufferedBytes(Bytes::from_static(
+                BODY,
+            )));
+            black_box(ext)
+        })
+    });
+    group.bench_function("tokio_instant_now", |b| {
+        b.iter(|| black_box(tokio::time::Instant::now()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, components);
 criterion_main!(benches);
