@@ -1,1 +1,231 @@
-//! The recommended stack in one call (in progress).
+//! The recommended stack in one call: `RetryAfter -> TokenBudget -> Concurrency`.
+//!
+//! [`anthropic`] (or [`LimitsLayer::anthropic`]) builds the three layers this
+//! crate is made of, in the order that works, with defaults chosen for
+//! Anthropic's Messages API:
+//!
+//! | layer | default | why |
+//! |---|---|---|
+//! | [`RetryAfterLayer`] (outermost) | [`RetryAfterLayer::anthropic`]: 4 retries, full-jitter backoff 0.5 s doubling to 8 s, server delays waited up to 60 s, bodies up to 16 MiB replayed, one cooldown shared by clones, tower's retry budget | outermost, so every attempt is paced and counted again by the budget |
+//! | [`TokenBudgetLayer`] | [`TokenBudgetLayer::anthropic`] with the limits you give (a [`Tier`], [`Limits`] for every model class, or a [`LimitsConfig`]): wait mode, realtime output accounting, the Anthropic estimator calibrated online | waits for RPM / ITPM / OTPM *before* a concurrency slot is taken, so a request waiting for tokens holds no slot |
+//! | [`ConcurrencyLayer`] (innermost) | adaptive, 1 to 64 requests in flight, slow start from 4 (doubling per window of successes until the first drop signal), cut on 429 / 529 / 503 / timeouts; the latency signal off (answers of very different lengths make time to the head a noisy signal) | smooths bursts and finds the parallelism the upstream takes; a slot lives until the response body ends |
+//!
+//! Each part can be replaced ([`LimitsLayer::with_retry`],
+//! [`LimitsLayer::with_budget`], [`LimitsLayer::with_concurrency`]) and
+//! inspected (their snapshots) through the layer, whose clones share every
+//! piece of state: build one per API key, and clone it.
+//!
+//! # When to use it
+//!
+//! For a client (or a gateway's upstream client) of the Messages API: put it
+//! over any `Service<http::Request<B>>`, a hyper-util client for example. For
+//! a gateway's *own* callers, use [`TokenBudgetLayer`] in enforce mode on the
+//! server instead (see the `axum_gateway` example).
+//!
+//! # Examples
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_llm_limits::budget::Tier;
+//! use tower_llm_limits::preset;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_llm_limits::BoxError> {
+//! // Any HTTP client service; here one that answers like the API.
+//! let upstream = service_fn(|_req: Request<_>| async {
+//!     let body = r#"{"type":"message","usage":{"input_tokens":12,"output_tokens":3}}"#;
+//!     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+//! });
+//!
+//! let limits = preset::anthropic(Tier::Tier1);
+//! let client = ServiceBuilder::new().layer(limits.clone()).service(upstream);
+//!
+//! let request = Request::post("https://api.anthropic.com/v1/messages")
+//!     .header("content-type", "application/json")
+//!     .body(Full::new(Bytes::from(
+//!         r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Hi"}]}"#,
+//!     )))?;
+//! let response = client.oneshot(request).await?;
+//! assert!(response.status().is_success());
+//! let _ = response.into_body().collect().await?;
+//! assert_eq!(limits.concurrency().snapshot().in_flight, 0);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What it deliberately does not do
+//!
+//! - It adds no HTTP client, TLS or authentication: bring your own service and
+//!   set `x-api-key` yourself (no layer logs it).
+//! - It does not choose your limits: give your tier or your limits, or
+//!   [`LimitsConfig::learned`] to learn them from the first responses' headers.
+//! - It does not share budgets across processes (a ledger backed by a shared
+//!   store is a later step).
+
+use std::fmt;
+
+use tower_layer::Layer;
+
+use crate::budget::{LimitsConfig, TokenBudget, TokenBudgetLayer};
+use crate::concurrency::{Concurrency, ConcurrencyBuilder, ConcurrencyLayer};
+use crate::retry::{RetryAfter, RetryAfterLayer};
+
+#[cfg(doc)]
+use crate::budget::{Limits, Tier};
+
+/// The smallest adaptive concurrency limit of the preset.
+pub const DEFAULT_MIN_CONCURRENCY: usize = 1;
+/// The largest adaptive concurrency limit of the preset.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
+/// Where the preset's adaptive concurrency limit starts (it then doubles per
+/// window of successes until the first drop signal). 4 rather than 1: the
+/// budget already paces tokens, and against an endpoint that is not
+/// token-bound a start at 1 takes about five round trips to reach 32.
+pub const DEFAULT_INITIAL_CONCURRENCY: usize = 4;
+
+/// The service [`LimitsLayer`] builds: retry over budget over concurrency over `S`.
+pub type Limited<S> = RetryAfter<TokenBudget<Concurrency<S>>>;
+
+/// The recommended stack for Anthropic's Messages API in one call.
+///
+/// The same as [`LimitsLayer::anthropic`]; see the [module docs](self) for the
+/// defaults.
+///
+/// # Examples
+///
+/// ```
+/// use tower_llm_limits::budget::{Limits, Tier};
+/// use tower_llm_limits::preset;
+///
+/// let by_tier = preset::anthropic(Tier::Tier2);
+/// let custom = preset::anthropic(Limits {
+///     requests_per_minute: Some(50),
+///     input_tokens_per_minute: Some(30_000),
+///     output_tokens_per_minute: Some(8_000),
+/// });
+/// # let _ = (by_tier, custom);
+/// ```
+pub fn anthropic(limits: impl Into<LimitsConfig>) -> LimitsLayer {
+    LimitsLayer::anthropic(limits)
+}
+
+/// A layer applying `RetryAfter -> TokenBudget -> Concurrency` (outermost
+/// first) to a service. Cheap to clone; clones share all state.
+#[derive(Clone)]
+pub struct LimitsLayer {
+    retry: RetryAfterLayer,
+    budget: TokenBudgetLayer,
+    concurrency: ConcurrencyLayer,
+}
+
+impl fmt::Debug for LimitsLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LimitsLayer")
+            .field("retry", &self.retry)
+            .field("budget", &self.budget)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+impl LimitsLayer {
+    /// The three layers with the defaults of the [module docs](self), pacing
+    /// to `limits`.
+    pub fn anthropic(limits: impl Into<LimitsConfig>) -> Self {
+        LimitsLayer {
+            retry: RetryAfterLayer::anthropic(),
+            budget: TokenBudgetLayer::anthropic(limits),
+            concurrency: default_concurrency(),
+        }
+    }
+
+    /// A stack from three layers you built yourself.
+    pub fn new(
+        retry: RetryAfterLayer,
+        budget: TokenBudgetLayer,
+        concurrency: ConcurrencyLayer,
+    ) -> Self {
+        LimitsLayer {
+            retry,
+            budget,
+            concurrency,
+        }
+    }
+
+    /// Replaces the retry layer.
+    pub fn with_retry(mut self, retry: RetryAfterLayer) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Replaces the token budget.
+    pub fn with_budget(mut self, budget: TokenBudgetLayer) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Replaces the concurrency layer.
+    pub fn with_concurrency(mut self, concurrency: ConcurrencyLayer) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// The retry layer (its snapshot: retries, cooldown, budget).
+    pub fn retry(&self) -> &RetryAfterLayer {
+        &self.retry
+    }
+
+    /// The token budget (its snapshot: remaining per dimension, waiters, calibration).
+    pub fn budget(&self) -> &TokenBudgetLayer {
+        &self.budget
+    }
+
+    /// The concurrency layer (its snapshot: limit, in flight, waiting).
+    pub fn concurrency(&self) -> &ConcurrencyLayer {
+        &self.concurrency
+    }
+}
+
+fn default_concurrency() -> ConcurrencyLayer {
+    ConcurrencyBuilder::adaptive(DEFAULT_MIN_CONCURRENCY..=DEFAULT_MAX_CONCURRENCY)
+        .initial_limit(DEFAULT_INITIAL_CONCURRENCY)
+        .latency_tolerance(None)
+        .build()
+        .unwrap_or_else(|_| {
+            ConcurrencyLayer::adaptive(DEFAULT_MIN_CONCURRENCY..=DEFAULT_MAX_CONCURRENCY)
+        })
+}
+
+impl<S> Layer<S> for LimitsLayer {
+    type Service = Limited<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.retry
+            .layer(self.budget.layer(self.concurrency.layer(inner)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::Tier;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let layer = anthropic(Tier::Tier1);
+        let snap = layer.concurrency().snapshot();
+        assert_eq!(snap.limit, DEFAULT_INITIAL_CONCURRENCY);
+        assert_eq!(snap.in_flight, 0);
+        assert!(layer.budget().snapshot().keys.is_empty());
+        assert_eq!(layer.retry().snapshot().requests, 0);
+    }
+
+    #[test]
+    fn parts_can_be_replaced() {
+        let layer = anthropic(Tier::Tier1).with_concurrency(ConcurrencyLayer::fixed(3));
+        assert_eq!(layer.concurrency().snapshot().limit, 3);
+    }
+}

@@ -1,16 +1,131 @@
 //! The ledger: one continuously refilling bucket per (key, dimension).
 //!
-//! (Contract: the trait and types below are fixed so the layer, the emulator and
-//! the in-memory implementation can be written side by side; the implementation
-//! and its docs are completed by the ledger work.)
+//! The token budget asks the ledger, before each request, whether the
+//! request's costs fit (one request, its uncached input tokens, its expected
+//! output tokens), and tells it afterwards what the request really cost and
+//! what the server's `anthropic-ratelimit-*` headers said. The [`Ledger`]
+//! trait is that conversation; [`InMemoryLedger`] is the implementation for
+//! one process.
+//!
+//! # The model
+//!
+//! Per key and per [`Dimension`] a token bucket, as the API's own limiter
+//! (facts file, 1.1: "your capacity is continuously replenished up to your
+//! maximum limit"):
+//!
+//! - capacity = the limit scaled to the enforcement window: with the default
+//!   window of 60 s the capacity is the limit itself; with a 1 s window a
+//!   60 RPM limit has capacity 1 ("60 RPM might be enforced as 1 request per
+//!   second");
+//! - refilled continuously at limit / 60 per second, never above capacity;
+//! - a new bucket starts full.
+//!
+//! [`Ledger::reserve`] debits all three dimensions at once or none of them (a
+//! request that waits on input tokens holds no request slot), and otherwise
+//! says when the request would fit ([`Reservation::WaitUntil`], exact: asking
+//! again at that instant is admitted if nothing else was reserved meanwhile)
+//! or that it never can ([`Reservation::Never`]). [`Ledger::settle`] charges
+//! or refunds the difference once the real usage is known; an over-charge may
+//! leave a bucket negative, which delays later requests until it is repaid.
+//! [`Ledger::sync`] lets the server's view win when it says less is left.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tokio::time::Instant;
+//! use tower_llm_limits::budget::ledger::{Costs, CostDelta, InMemoryLedger, Ledger, Reservation};
+//! use tower_llm_limits::budget::limits::Limits;
+//! use tower_llm_limits::Dimension;
+//!
+//! let ledger = InMemoryLedger::new();
+//! let limits = Limits::new(50, 30_000, 8_000);
+//! let now = Instant::now();
+//! let request = Costs { requests: 1, input_tokens: 20_000, output_tokens: 1_000 };
+//!
+//! // The first request fits the full bucket.
+//! assert_eq!(ledger.reserve("sonnet", &limits, request, now), Reservation::Admitted);
+//!
+//! // The second would take ITPM below zero: it fits once 10,000 input tokens
+//! // have refilled, at 500 per second, that is in 20 s; nothing was debited.
+//! let second = ledger.reserve("sonnet", &limits, request, now);
+//! assert_eq!(
+//!     second,
+//!     Reservation::WaitUntil { at: now + Duration::from_secs(20), dimension: Dimension::InputTokens }
+//! );
+//!
+//! // The first response used 4,000 fewer input tokens than estimated: refund
+//! // them, and the second request fits 8 s sooner.
+//! ledger.settle("sonnet", &limits, CostDelta { input_tokens: -4_000, ..CostDelta::default() }, now);
+//! let later = now + Duration::from_secs(12);
+//! assert_eq!(ledger.reserve("sonnet", &limits, request, later), Reservation::Admitted);
+//!
+//! // A request above the whole ITPM limit can never be admitted.
+//! let huge = Costs { requests: 1, input_tokens: 40_000, output_tokens: 0 };
+//! assert!(matches!(ledger.reserve("sonnet", &limits, huge, later), Reservation::Never { .. }));
+//! ```
+//!
+//! # Why not governor
+//!
+//! [governor](https://docs.rs/governor) implements GCRA well, and the budget
+//! needs what it does not offer:
+//!
+//! - refunds: a settlement gives back what an estimate over-charged, and a 429
+//!   gives back everything; governor has no way to put capacity back (its
+//!   issue #218);
+//! - limits that change at run time: limits learned from the server's headers,
+//!   or lowered by them, must apply to an existing bucket without losing what
+//!   it holds (issues #39, #273: governor's quota is fixed at construction);
+//! - syncing to a server's `remaining`, which means setting the level;
+//! - one decision over three dimensions, all or nothing: governor's limiters
+//!   are independent, so a request admitted by one and refused by another
+//!   would have to be given back (which it cannot);
+//! - an exact "admissible at" for any cost up to the limit, without sleeping:
+//!   `check_n` fails for costs above the burst and `until_n_ready` sleeps and
+//!   re-checks on a timer (no queue, and tokio's paused clock does not drive
+//!   it), where the budget needs an instant it can queue on.
+//!
+//! So the ledger keeps its own bucket, a few lines of integer arithmetic
+//! (below), tested by unit tests and a property test (`tests/ledger.rs`).
+//!
+//! # Representation: fixed-point integers
+//!
+//! A bucket is a level and the instant it was last brought up to date
+//! (equivalent to GCRA's theoretical arrival time `updated + (capacity -
+//! level) / rate`, but a level survives a change of limit unchanged, which a
+//! TAT does not). The level is an `i128` in units of 1/60,000,000,000 of a
+//! token, one minute counted in nanoseconds; in those units a limit of `L` per
+//! minute refills exactly `L` units per nanosecond, and the capacity for a
+//! window of `w` nanoseconds is exactly `L * w` units. All the arithmetic is
+//! therefore exact (no floating-point drift, so [`Reservation::WaitUntil`] is
+//! exact to the nanosecond: it is rounded up), and it cannot overflow: a cost
+//! or a limit of `u64::MAX` scaled is about 1.1e30, far below `i128::MAX`
+//! (1.7e38), and every operation saturates anyway. A clock that steps back
+//! refills nothing and never moves a bucket's timestamp back.
+//!
+//! The same state (two numbers per bucket) and the same operations fit a
+//! Redis Lua script: each trait method is one atomic step on one key.
+//!
+//! # What it deliberately does not do
+//!
+//! - It does not wait: it answers with an instant, and the budget layer queues
+//!   its waiters (in order, without a thundering herd).
+//! - It does not know which model or caller a key stands for, nor which
+//!   header maps to which dimension (the combined `anthropic-ratelimit-tokens-*`
+//!   header is the layer's concern, not a fourth bucket here).
+//! - Memory is bounded only by the number of keys: a key holds about 300
+//!   bytes. A gateway with many callers calls [`InMemoryLedger::evict_idle`]
+//!   from time to time (or [`InMemoryLedger::remove`]).
 
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::limits::Limits;
 use crate::Dimension;
-
 /// What one request costs in each dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Costs {
@@ -53,7 +168,10 @@ pub enum Reservation {
         dimension: Dimension,
         /// Its cost in that dimension.
         cost: u64,
-        /// The bucket's whole capacity.
+        /// The bucket's whole capacity: the limit per minute, the largest cost
+        /// ever admissible (with a short enforcement window a cost above the
+        /// window's share waits for a full bucket instead, see
+        /// [`InMemoryLedger::with_window`]).
         capacity: u64,
     },
 }
@@ -92,17 +210,674 @@ pub struct BucketState {
 /// through [`Ledger::sync`], and with neither the dimension is not limited.
 pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// Debits `costs` in all three dimensions at once, or nothing.
+    ///
+    /// - [`Reservation::Admitted`]: debited everywhere; send the request.
+    /// - [`Reservation::WaitUntil`]: nothing debited; `at` is the latest of the
+    ///   instants at which each dimension could take its cost, exact (asking
+    ///   again at `at`, with nothing reserved meanwhile, is admitted).
+    /// - [`Reservation::Never`]: nothing debited; a cost is above its limit.
+    ///
+    /// A dimension whose cost is zero, or that has no limit, does not constrain
+    /// the request.
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs, now: Instant) -> Reservation;
 
     /// Applies a correction after admission (settlement with real usage, or a refund).
+    ///
+    /// A positive amount charges more and may leave a bucket negative (a debt
+    /// that delays later requests until the refill has repaid it); a negative
+    /// amount refunds, never above the bucket's capacity. A key the ledger
+    /// does not hold is ignored.
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta, now: Instant);
 
     /// Aligns one bucket with what the server's headers said: learns the limit
     /// if none is configured, and lowers what is available when the server
     /// says less is left (the server's view wins), without mistaking the
     /// API's rounding of token counts for a change.
+    ///
+    /// The caller maps headers to dimensions: the combined
+    /// `anthropic-ratelimit-tokens-*` header is the most restrictive limit in
+    /// force, not a bucket of its own.
     fn sync(&self, key: &str, limits: &Limits, dimension: Dimension, sync: LimitSync, now: Instant);
 
     /// The state of the key's three buckets (requests, input, output), if the key is known.
+    ///
+    /// Read-only: the refill up to `now` is computed, not stored. A dimension
+    /// without any limit reports `limit: None` and an infinite `available`
+    /// and `capacity`.
     fn state(&self, key: &str, limits: &Limits, now: Instant) -> Option<[BucketState; 3]>;
+}
+
+impl Costs {
+    /// The costs of one request: `1` request, `input_tokens` and `output_tokens`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::budget::ledger::Costs;
+    /// let costs = Costs::request(1_200, 400);
+    /// assert_eq!((costs.requests, costs.input_tokens, costs.output_tokens), (1, 1_200, 400));
+    /// ```
+    pub fn request(input_tokens: u64, output_tokens: u64) -> Self {
+        Costs {
+            requests: 1,
+            input_tokens,
+            output_tokens,
+        }
+    }
+
+    /// The cost in one dimension.
+    pub fn get(&self, dimension: Dimension) -> u64 {
+        match dimension {
+            Dimension::Requests => self.requests,
+            Dimension::InputTokens => self.input_tokens,
+            Dimension::OutputTokens => self.output_tokens,
+        }
+    }
+}
+
+impl CostDelta {
+    /// The delta that gives back all of `costs` (a request the server never
+    /// charged, for example one answered with a 429).
+    ///
+    /// Amounts above `i64::MAX` saturate.
+    pub fn refund(costs: Costs) -> Self {
+        CostDelta {
+            requests: neg_saturating(costs.requests),
+            input_tokens: neg_saturating(costs.input_tokens),
+            output_tokens: neg_saturating(costs.output_tokens),
+        }
+    }
+
+    /// The delta from what was reserved to what was really used, dimension by
+    /// dimension (`actual - reserved`: negative refunds, positive charges more).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::budget::ledger::{CostDelta, Costs};
+    /// let delta = CostDelta::between(Costs::request(1_000, 4_096), Costs::request(1_150, 300));
+    /// assert_eq!(delta, CostDelta { requests: 0, input_tokens: 150, output_tokens: -3_796 });
+    /// ```
+    pub fn between(reserved: Costs, actual: Costs) -> Self {
+        CostDelta {
+            requests: diff_saturating(actual.requests, reserved.requests),
+            input_tokens: diff_saturating(actual.input_tokens, reserved.input_tokens),
+            output_tokens: diff_saturating(actual.output_tokens, reserved.output_tokens),
+        }
+    }
+
+    /// The change in one dimension.
+    pub fn get(&self, dimension: Dimension) -> i64 {
+        match dimension {
+            Dimension::Requests => self.requests,
+            Dimension::InputTokens => self.input_tokens,
+            Dimension::OutputTokens => self.output_tokens,
+        }
+    }
+
+    /// Whether the delta changes nothing.
+    pub fn is_zero(&self) -> bool {
+        *self == CostDelta::default()
+    }
+}
+
+fn neg_saturating(value: u64) -> i64 {
+    i64::try_from(value).map_or(i64::MIN + 1, |v| -v)
+}
+
+fn diff_saturating(a: u64, b: u64) -> i64 {
+    let d = i128::from(a) - i128::from(b);
+    i64::try_from(d).unwrap_or(if d < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// The error of [`InMemoryLedger::with_window`]: the enforcement window must
+/// be longer than zero and at most 60 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidWindow {
+    window: Duration,
+}
+
+impl InvalidWindow {
+    /// The window that was refused.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+}
+
+impl fmt::Display for InvalidWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid enforcement window {:?}: it must be longer than zero and at most 60 s",
+            self.window
+        )
+    }
+}
+
+impl std::error::Error for InvalidWindow {}
+
+/// Units of a level per token: one minute in nanoseconds. A limit of `L` per
+/// minute then refills exactly `L` units per nanosecond.
+const UNITS_PER_TOKEN: i128 = 60_000_000_000;
+
+/// The longest enforcement window (and the default): one minute.
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// How far below the ledger's level a token `remaining` that is a multiple of
+/// 1,000 may be before the ledger takes it for a change: the API rounds token
+/// counts "to the nearest thousand", so the true value is below `r + 500`.
+const TOKEN_ROUNDING_TOLERANCE: u64 = 500;
+
+/// How much a `-reset` value may be off: the header has second precision.
+const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
+
+/// The default in-memory implementation of [`Ledger`].
+///
+/// One bucket per (key, dimension), as the module docs describe. Keys live in
+/// a map behind a `RwLock`, each with its own `Mutex`, so operations on
+/// different keys do not wait for each other and an operation on one key
+/// holds its lock for a few hundred nanoseconds at most (no lock is ever held
+/// across an `.await`: the trait is synchronous). A poisoned lock is taken
+/// over (the state it guards is always consistent: every update is a few
+/// integer assignments that cannot panic).
+///
+/// Cheap to share: wrap it in an `Arc` (the budget layer does).
+///
+/// # Limits in force
+///
+/// Per dimension, the limit in force is the configured one (the `limits`
+/// argument); the server's `-limit` header, once seen, is remembered and wins
+/// over nothing (a limit learned when none is configured) and over a higher
+/// configured limit (a Workspace limit or a lower tier than configured), but
+/// a configured limit stays when the server reports a higher one: raising a
+/// limit is the user's decision. The latest report replaces earlier ones. A
+/// reported limit of zero is ignored (the API does not advertise one, and a
+/// garbled header must not block every request for ever). A bucket that gets
+/// its first limit starts full, and a bucket whose limit shrinks is cut to
+/// the new capacity.
+///
+/// # Syncing to the server's remaining
+///
+/// [`Ledger::sync`] only ever lowers a bucket, to what the server says is
+/// left, and only when the ledger's level is above anything the server could
+/// have meant:
+///
+/// - the API rounds token `remaining` values "to the nearest thousand" (facts
+///   file, section 3), so a token `remaining` that is a multiple of 1,000 is
+///   read as "below `remaining + 500`": a ledger 400 tokens above it is
+///   consistent with the server and left alone, one 600 above is lowered to
+///   `remaining`. A server that floors instead (up to 999 above) is handled
+///   safely too: the ledger may then be lowered a little more than needed,
+///   never left too high. Request counts and token counts that are not
+///   multiples of 1,000 are exact;
+/// - without `remaining`, `reset_in` (time until full) implies
+///   `capacity - reset_in * rate`; the header has second precision, so a
+///   difference smaller than one second of refill is not a change;
+/// - the server's count does not know of requests admitted since it answered:
+///   the ledger already debited those, which is why it never raises a bucket
+///   to the server's value.
+///
+/// # Memory
+///
+/// Each key holds a small fixed-size state (three buckets, about 300 bytes
+/// with the map's overhead, plus the key). Keys are created by
+/// [`Ledger::reserve`] and [`Ledger::sync`] and stay until
+/// [`InMemoryLedger::remove`] or [`InMemoryLedger::evict_idle`] drops them;
+/// with a bounded set of keys (model classes) nothing needs to be done, with
+/// keys per caller call `evict_idle` periodically.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tokio::time::Instant;
+/// use tower_llm_limits::budget::ledger::{Costs, InMemoryLedger, Ledger, Reservation};
+/// use tower_llm_limits::budget::limits::Limits;
+/// use tower_llm_limits::Dimension;
+///
+/// // 60 RPM enforced as 1 request per second.
+/// let ledger = InMemoryLedger::with_window(Duration::from_secs(1))?;
+/// let limits = Limits::new(60, 100_000, 20_000);
+/// let now = Instant::now();
+/// assert_eq!(ledger.reserve("k", &limits, Costs::request(10, 10), now), Reservation::Admitted);
+/// assert_eq!(
+///     ledger.reserve("k", &limits, Costs::request(10, 10), now),
+///     Reservation::WaitUntil { at: now + Duration::from_secs(1), dimension: Dimension::Requests },
+/// );
+/// # Ok::<(), tower_llm_limits::budget::ledger::InvalidWindow>(())
+/// ```
+pub struct InMemoryLedger {
+    window_nanos: u128,
+    keys: RwLock<HashMap<Arc<str>, Mutex<KeyState>>>,
+}
+
+impl fmt::Debug for InMemoryLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys may be derived from callers' credentials: count them, never print them.
+        f.debug_struct("InMemoryLedger")
+            .field("window", &self.window())
+            .field("keys", &self.len())
+            .finish()
+    }
+}
+
+impl Default for InMemoryLedger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemoryLedger {
+    /// A ledger enforcing each limit over the whole minute (capacity = limit).
+    pub fn new() -> Self {
+        InMemoryLedger {
+            window_nanos: MINUTE.as_nanos(),
+            keys: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// A ledger enforcing each limit over a shorter window: the capacity is the
+    /// limit scaled to the window (a 60 RPM limit with a 1 s window has
+    /// capacity 1), the refill rate is unchanged (limit / 60 per second).
+    ///
+    /// A request that costs more than the window's capacity but no more than
+    /// the limit per minute (a 5,000-token prompt under 30,000 ITPM enforced
+    /// per second, capacity 500) is not refused for ever, which the API does
+    /// not do either: it is admitted when the bucket is full, and leaves it
+    /// negative until the refill has repaid it, so the rate over a minute
+    /// still stays within the limit.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidWindow`] if `window` is zero or longer than 60 s.
+    pub fn with_window(window: Duration) -> Result<Self, InvalidWindow> {
+        if window.is_zero() || window > MINUTE {
+            return Err(InvalidWindow { window });
+        }
+        Ok(InMemoryLedger {
+            window_nanos: window.as_nanos(),
+            keys: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// The enforcement window.
+    pub fn window(&self) -> Duration {
+        // Validated at construction: at most 60 s, so it fits in u64 nanoseconds.
+        Duration::from_nanos(u64::try_from(self.window_nanos).unwrap_or(u64::MAX))
+    }
+
+    /// The number of keys held.
+    pub fn len(&self) -> usize {
+        self.read_keys().len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.read_keys().is_empty()
+    }
+
+    /// Forgets a key (its buckets and its learned limits). Returns whether it
+    /// was held. The next operation on the key starts with full buckets.
+    pub fn remove(&self, key: &str) -> bool {
+        self.write_keys().remove(key).is_some()
+    }
+
+    /// Forgets every key that has not been used for at least `idle` before
+    /// `now` and whose buckets are all full again at `now` (no debt pending),
+    /// so forgetting it changes nothing for limits that are configured.
+    /// Returns how many keys were dropped.
+    ///
+    /// Limits a dropped key had learned from the server are forgotten too:
+    /// they are learned again from the next response's headers, and until
+    /// then that dimension is not paced for the key. Choose `idle` long
+    /// (minutes) where limits are learned rather than configured.
+    pub fn evict_idle(&self, now: Instant, idle: Duration) -> usize {
+        let window_nanos = self.window_nanos;
+        let mut keys = self.write_keys();
+        let before = keys.len();
+        keys.retain(|_, state| {
+            let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
+            let idle_enough = now.saturating_duration_since(state.touched) >= idle;
+            !(idle_enough && state.is_full(now, window_nanos))
+        });
+        let dropped = before - keys.len();
+        if dropped > 0 {
+            tracing::debug!(dropped, kept = keys.len(), "ledger evicted idle keys");
+        }
+        dropped
+    }
+
+    fn read_keys(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Mutex<KeyState>>> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_keys(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Mutex<KeyState>>> {
+        self.keys.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the key's state, creating the key first if `create`.
+    /// Returns `None` if the key is unknown and not created.
+    fn with_key<R>(
+        &self,
+        key: &str,
+        create: bool,
+        now: Instant,
+        f: impl FnOnce(&mut KeyState) -> R,
+    ) -> Option<R> {
+        {
+            let keys = self.read_keys();
+            if let Some(state) = keys.get(key) {
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                return Some(f(&mut state));
+            }
+        }
+        if !create {
+            return None;
+        }
+        let mut keys = self.write_keys();
+        let state = keys
+            .entry(Arc::from(key))
+            .or_insert_with(|| Mutex::new(KeyState::new(now)));
+        let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
+        Some(f(state))
+    }
+}
+
+/// One key's three buckets, in [`Dimension::ALL`] order.
+#[derive(Debug, Clone)]
+struct KeyState {
+    buckets: [Bucket; 3],
+    /// The latest instant an operation was applied at (for idle eviction).
+    touched: Instant,
+}
+
+impl KeyState {
+    fn new(now: Instant) -> Self {
+        KeyState {
+            buckets: [Bucket::default(); 3],
+            touched: now,
+        }
+    }
+
+    fn touch(&mut self, now: Instant) {
+        if now > self.touched {
+            self.touched = now;
+        }
+    }
+
+    fn is_full(&self, now: Instant, window_nanos: u128) -> bool {
+        self.buckets.iter().all(|bucket| match bucket.last_limit {
+            None => true,
+            Some(limit) => {
+                let capacity = capacity_units(limit, window_nanos);
+                let mut copy = *bucket;
+                copy.refill(limit, capacity, now);
+                copy.level >= capacity
+            }
+        })
+    }
+}
+
+/// One bucket: a level in fixed-point units (see the module docs) and when it
+/// was last brought up to date.
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    /// Meaningful only once `updated` is set.
+    level: i128,
+    /// `None` until the bucket first had a limit: it then starts full.
+    updated: Option<Instant>,
+    /// The last limit the server reported (`-limit` header).
+    learned: Option<u64>,
+    /// The limit in force at the last operation (for idle eviction).
+    last_limit: Option<u64>,
+}
+
+impl Bucket {
+    /// The limit in force: the configured one, lowered by a learned one; the
+    /// learned one alone; or none. The flag says whether it is the learned one.
+    fn limit(&self, configured: Option<u64>) -> Option<(u64, bool)> {
+        match (configured, self.learned) {
+            (Some(c), Some(l)) if l < c => Some((l, true)),
+            (Some(c), _) => Some((c, false)),
+            (None, Some(l)) => Some((l, true)),
+            (None, None) => None,
+        }
+    }
+
+    /// Brings the level up to `now`: adds the refill since the last update,
+    /// never above `capacity` (and lowers a level above a capacity that
+    /// shrank). A bucket without a level yet starts full. A clock that went
+    /// back refills nothing and leaves the timestamp where it was.
+    fn refill(&mut self, limit: u64, capacity: i128, now: Instant) {
+        match self.updated {
+            None => {
+                self.level = capacity;
+                self.updated = Some(now);
+            }
+            Some(updated) => {
+                let elapsed = now.saturating_duration_since(updated).as_nanos();
+                let added = clamp_i128(elapsed.saturating_mul(u128::from(limit)));
+                self.level = self.level.saturating_add(added).min(capacity);
+                if now > updated {
+                    self.updated = Some(now);
+                }
+            }
+        }
+        self.last_limit = Some(limit);
+    }
+}
+
+fn clamp_i128(value: u128) -> i128 {
+    i128::try_from(value).unwrap_or(i128::MAX)
+}
+
+fn units(tokens: u64) -> i128 {
+    i128::from(tokens).saturating_mul(UNITS_PER_TOKEN)
+}
+
+fn capacity_units(limit: u64, window_nanos: u128) -> i128 {
+    clamp_i128(u128::from(limit).saturating_mul(window_nanos))
+}
+
+fn to_tokens(units: i128) -> f64 {
+    units as f64 / UNITS_PER_TOKEN as f64
+}
+
+fn index(dimension: Dimension) -> usize {
+    match dimension {
+        Dimension::Requests => 0,
+        Dimension::InputTokens => 1,
+        Dimension::OutputTokens => 2,
+    }
+}
+
+fn configured(limits: &Limits, dimension: Dimension) -> Option<u64> {
+    limits.get(dimension)
+}
+
+/// `now + nanos`, or an instant decades away where that overflows (a debt
+/// so large it will never be repaid in practice).
+fn instant_after(now: Instant, nanos: u128) -> Instant {
+    let secs = u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX);
+    // The remainder is below 10^9: it fits in u32 and cannot carry.
+    let sub = u32::try_from(nanos % 1_000_000_000).unwrap_or(0);
+    let wait = Duration::new(secs, sub);
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(Duration::from_secs(30 * 365 * 86_400)))
+        .or_else(|| now.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(now)
+}
+
+impl Ledger for InMemoryLedger {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs, now: Instant) -> Reservation {
+        let window_nanos = self.window_nanos;
+        let answer = self.with_key(key, true, now, |state| {
+            state.touch(now);
+            // First pass: bring each limited bucket up to date and find the
+            // longest wait. Nothing is debited unless every dimension fits.
+            let mut latest: Option<(Instant, Dimension)> = None;
+            for dimension in Dimension::ALL {
+                let bucket = &mut state.buckets[index(dimension)];
+                let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
+                    continue;
+                };
+                let capacity = capacity_units(limit, window_nanos);
+                bucket.refill(limit, capacity, now);
+                let cost = costs.get(dimension);
+                if cost == 0 {
+                    continue;
+                }
+                if cost > limit {
+                    return Reservation::Never {
+                        dimension,
+                        cost,
+                        capacity: limit,
+                    };
+                }
+                // A cost above a short window's capacity waits for a full bucket.
+                let needed = units(cost).min(capacity);
+                if bucket.level < needed {
+                    let deficit = needed.saturating_sub(bucket.level).unsigned_abs();
+                    // limit > 0 here (cost > 0 and cost <= limit); round up so
+                    // that the refill at `at` covers the deficit exactly.
+                    let wait = deficit.div_ceil(u128::from(limit));
+                    // Counted from the bucket's own timestamp, which is later
+                    // than `now` if the clock stepped back.
+                    let at = instant_after(bucket.updated.unwrap_or(now).max(now), wait);
+                    if latest.map_or(true, |(latest, _)| at > latest) {
+                        latest = Some((at, dimension));
+                    }
+                }
+            }
+            if let Some((at, dimension)) = latest {
+                return Reservation::WaitUntil { at, dimension };
+            }
+            for dimension in Dimension::ALL {
+                let bucket = &mut state.buckets[index(dimension)];
+                if bucket.limit(configured(limits, dimension)).is_some() {
+                    bucket.level = bucket.level.saturating_sub(units(costs.get(dimension)));
+                }
+            }
+            Reservation::Admitted
+        });
+        // `with_key` with `create` always runs the closure.
+        answer.unwrap_or(Reservation::Admitted)
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta, now: Instant) {
+        if delta.is_zero() {
+            return;
+        }
+        let window_nanos = self.window_nanos;
+        let known = self.with_key(key, false, now, |state| {
+            state.touch(now);
+            for dimension in Dimension::ALL {
+                let change = delta.get(dimension);
+                if change == 0 {
+                    continue;
+                }
+                let bucket = &mut state.buckets[index(dimension)];
+                let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
+                    continue;
+                };
+                let capacity = capacity_units(limit, window_nanos);
+                bucket.refill(limit, capacity, now);
+                let amount = i128::from(change).saturating_mul(UNITS_PER_TOKEN);
+                if amount > 0 {
+                    // A charge: may leave the bucket negative (a debt).
+                    bucket.level = bucket.level.saturating_sub(amount);
+                } else {
+                    // A refund never fills above capacity.
+                    bucket.level = bucket.level.saturating_sub(amount).min(capacity);
+                }
+            }
+        });
+        if known.is_none() {
+            tracing::trace!("ledger settle for a key it does not hold: ignored");
+        }
+    }
+
+    fn sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitSync,
+        now: Instant,
+    ) {
+        let window_nanos = self.window_nanos;
+        self.with_key(key, true, now, |state| {
+            state.touch(now);
+            let bucket = &mut state.buckets[index(dimension)];
+            match sync.limit {
+                // A server never advertises a zero limit; taking a garbled
+                // header for one would refuse every request for ever.
+                Some(0) | None => {}
+                Some(limit) => {
+                    if bucket.learned != Some(limit) {
+                        tracing::debug!(%dimension, limit, "ledger learned a limit from the server");
+                    }
+                    bucket.learned = Some(limit);
+                }
+            }
+            let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
+                return;
+            };
+            let capacity = capacity_units(limit, window_nanos);
+            bucket.refill(limit, capacity, now);
+            let (server, tolerance) = match (sync.remaining, sync.reset_in) {
+                (Some(remaining), _) => {
+                    let rounded = dimension != Dimension::Requests && remaining % 1_000 == 0;
+                    let tolerance = if rounded { TOKEN_ROUNDING_TOLERANCE } else { 0 };
+                    (units(remaining), units(tolerance))
+                }
+                (None, Some(reset_in)) => {
+                    // Full at `reset_in` means `capacity - reset_in * rate` now.
+                    let refill = reset_in.as_nanos().saturating_mul(u128::from(limit));
+                    let implied = capacity.saturating_sub(clamp_i128(refill)).max(0);
+                    let tolerance =
+                        clamp_i128(RESET_PRECISION_NANOS.saturating_mul(u128::from(limit)));
+                    (implied, tolerance)
+                }
+                (None, None) => return,
+            };
+            if bucket.level > server.saturating_add(tolerance) {
+                tracing::debug!(
+                    %dimension,
+                    ledger = to_tokens(bucket.level),
+                    server = to_tokens(server),
+                    "ledger lowered to the server's remaining"
+                );
+                bucket.level = server;
+            }
+        });
+    }
+
+    fn state(&self, key: &str, limits: &Limits, now: Instant) -> Option<[BucketState; 3]> {
+        let window_nanos = self.window_nanos;
+        self.with_key(key, false, now, |state| {
+            Dimension::ALL.map(|dimension| {
+                let bucket = state.buckets[index(dimension)];
+                match bucket.limit(configured(limits, dimension)) {
+                    None => BucketState {
+                        limit: None,
+                        learned: false,
+                        available: f64::INFINITY,
+                        capacity: f64::INFINITY,
+                    },
+                    Some((limit, learned)) => {
+                        let capacity = capacity_units(limit, window_nanos);
+                        let mut copy = bucket;
+                        copy.refill(limit, capacity, now);
+                        BucketState {
+                            limit: Some(limit),
+                            learned,
+                            available: to_tokens(copy.level),
+                            capacity: to_tokens(capacity),
+                        }
+                    }
+                }
+            })
+        })
+    }
 }

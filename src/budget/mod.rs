@@ -1,7 +1,162 @@
-//! Token budget: pace RPM, ITPM and OTPM before sending.
+//! Token budget: pace requests, input tokens and output tokens per minute
+//! before sending, and settle with what the server really charged.
 //!
-//! (Module docs, the layer, service, future and usage parsing are written by
-//! the budget work; `ledger` and `limits` hold the accounting.)
+//! [`TokenBudgetLayer`] keeps a client (or each caller of a gateway) under an
+//! Anthropic-style rate limit: requests per minute (RPM), uncached input tokens
+//! per minute (ITPM) and output tokens per minute (OTPM), per model class. It
+//! charges what the server charges, when the server charges it, so that
+//! requests wait on the client side instead of being answered with a 429.
+//!
+//! # How a request goes through
+//!
+//! 1. **Estimate.** The body is read once (up to a bound) and handed to the
+//!    [`TokenEstimator`](crate::estimate::TokenEstimator): input tokens (minus
+//!    warm prompt-cache prefixes), `max_tokens`, the model. If an outer layer
+//!    (the retry layer) already holds the body, its
+//!    [`BufferedBytes`](crate::body::BufferedBytes) are used and the body is
+//!    passed through unread and uncopied. A body past the bound passes
+//!    through too and is estimated from its length.
+//! 2. **Reserve** in the [`Ledger`](ledger::Ledger), in all three dimensions
+//!    at once or none: RPM 1; ITPM the input estimate (plus expected cache
+//!    reads for the classes whose cache reads count, Haiku 3.5); OTPM per
+//!    [`OutputMode`]: `max_tokens` in `Reserve` mode, or in `Realtime` mode
+//!    (the default) an expected output, `ceil(max_tokens × r)` where `r` is
+//!    the p90 of `output_tokens / max_tokens` over the key's recent responses
+//!    (the prior `r = 1.0`, the whole `max_tokens`, until 20 were seen;
+//!    at least one token). A request without `max_tokens` counts
+//!    [`DEFAULT_MAX_TOKENS`]. With no limit configured for a dimension,
+//!    nothing is paced there until a response's headers teach the limit.
+//! 3. **Wait or fail.** In [`BudgetMode::Wait`] (the default) requests that
+//!    do not fit wait in a FIFO queue per key: only the head asks the ledger
+//!    and sleeps until the instant it named; a settlement that frees capacity
+//!    wakes the head only; a large request at the head is not overtaken. In
+//!    [`BudgetMode::Reject`] the request fails at once with
+//!    [`Error::BudgetExceeded`](crate::Error::BudgetExceeded). A request that
+//!    can never fit (input above the whole ITPM; in `Reserve` mode
+//!    `max_tokens` above OTPM) fails at once with
+//!    [`Error::RequestTooLarge`](crate::Error::RequestTooLarge) and is never
+//!    sent. (In `Realtime` mode an expected output above OTPM is capped to it.)
+//! 4. **Send**, then **settle** from the response (see [`usage`]): its
+//!    `anthropic-ratelimit-*` headers sync the ledger (the server's view wins
+//!    when it says less is left; unconfigured limits are learned from them),
+//!    and its `usage` (JSON, or the SSE `message_start` / `message_delta`
+//!    events read as they pass) corrects the charge. A 429 refunds the whole
+//!    reservation: the server charged nothing.
+//!
+//! `poll_ready` only forwards the inner service's readiness: a request's cost
+//! is known only from the request (tower issue #713), so admission happens in
+//! the response future. State lives in one `Arc` shared by every clone and
+//! every service the layer builds (unlike tower's `RateLimit`, whose state is
+//! per clone and so does not limit under axum).
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_llm_limits::body::ReplayBody;
+//! use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+//! use tower_llm_limits::Dimension;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_llm_limits::BoxError> {
+//! // Stands for the HTTP client: answers with the usage the server would report.
+//! let upstream = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+//!     let body = r#"{"type":"message","usage":{"input_tokens":12,"output_tokens":30}}"#;
+//!     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+//! });
+//! let layer = TokenBudgetLayer::anthropic(Limits::new(50, 30_000, 8_000));
+//! let mut client = ServiceBuilder::new().layer(layer.clone()).service(upstream);
+//!
+//! let request = Request::post("https://api.anthropic.com/v1/messages").body(Full::new(Bytes::from(
+//!     r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"messages":[{"role":"user","content":"Hi"}]}"#,
+//! )))?;
+//! let response = client.ready().await?.call(request).await?;
+//! // Reading the body to its end settles the charge with the real usage.
+//! let _ = response.into_body().collect().await?;
+//!
+//! let snapshot = layer.snapshot();
+//! let sonnet = snapshot.key("sonnet-4").expect("one request was charged to Sonnet 4.x");
+//! let output = sonnet.dimension(Dimension::OutputTokens);
+//! assert_eq!(output.limit, Some(8_000));
+//! // 1,000 output tokens were reserved (max_tokens); 30 were produced.
+//! assert!(output.remaining.is_some_and(|r| r >= 7_970.0 - 1.0));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Enforce (server) mode
+//!
+//! [`TokenBudgetLayer::enforce`] turns the budget around for a gateway (axum,
+//! or any tower server) in front of many callers. Each caller has its own
+//! budget, keyed by a [`KeyExtractor`] (default: a hash of `x-api-key`, never
+//! the key itself, which is neither logged nor echoed; requests without a key
+//! share one budget). A request over its caller's budget is answered at once
+//! with a 429 shaped like Anthropic's:
+//!
+//! - body `{"type":"error","error":{"type":"rate_limit_error","message":"This request would exceed the rate limit for your organization of 30,000 input tokens per minute. ..."},"request_id":"req_..."}`
+//!   and the same id in a `request-id` header;
+//! - `retry-after` in whole seconds, rounded up, and `x-should-retry: true`
+//!   (a request that can never fit gets `x-should-retry: false` and no
+//!   `retry-after`);
+//! - the `anthropic-ratelimit-{requests,input-tokens,output-tokens,tokens}-{limit,remaining,reset}`
+//!   headers, token counts rounded to the nearest thousand as the API's are,
+//!   resets in RFC 3339.
+//!
+//! Every admitted response carries the same headers. The inner service's
+//! responses are settled as in client mode (their `usage`), and their own
+//! rate-limit headers, if any, are replaced by the caller's.
+//!
+//! # Spawning a stack of layers
+//!
+//! rustc (as of 1.95) refuses some `Send` futures that hold a layer whose
+//! inner service's error type is `BoxError` (one of this crate's layers, or a
+//! `BoxCloneService<_, _, BoxError>`), with "implementation of `From` is not
+//! general enough": its Send check of an `async` block erases lifetimes and
+//! then cannot prove `BoxError: Into<BoxError>`. It shows in
+//! `tokio::spawn(async move { stack.oneshot(req).await })` over two stacked
+//! layers, or in hyper's connection task over a service with a `BoxError`.
+//! The layers are not at fault, and any of these avoids it:
+//!
+//! - box the whole stack: `ServiceBuilder::new().boxed_clone()` as the
+//!   outermost layer (the async block then holds a concrete type);
+//! - spawn the future itself: `tokio::spawn(stack.oneshot(req))`;
+//! - give the innermost service a concrete error type (an axum `Router` has
+//!   `Infallible`, hyper-util's client its own error).
 
+//! # What it deliberately does not do
+//!
+//! - It does not retry: put [`RetryAfterLayer`](crate::retry) outside it.
+//!   Each attempt is then paced and charged again.
+//! - It does not limit requests in flight; a request waiting for the budget
+//!   holds no concurrency slot if the concurrency layer sits inside it.
+//! - It does not keep budgets across processes by itself: the
+//!   [`Ledger`](ledger::Ledger) trait is the seam for a shared store.
+//! - It forgets no key by itself: a gateway with very many callers holds a
+//!   few kilobytes per caller and model class until
+//!   [`TokenBudgetLayer::forget_idle`] (and the ledger's own eviction) is called.
+
+mod config;
+mod enforce;
+mod future;
+mod layer;
 pub mod ledger;
 pub mod limits;
+mod scan;
+mod service;
+mod snapshot;
+mod state;
+pub mod usage;
+
+pub use config::{
+    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_MAX_TOKENS, OUTPUT_RATIO_MIN_SAMPLES,
+    OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
+};
+pub use future::ResponseFuture;
+pub use layer::{TokenBudgetBuilder, TokenBudgetLayer, DEFAULT_OUTPUT_QUANTILE};
+pub use limits::{Limits, ModelClass, OutputMode, Tier};
+pub use service::TokenBudget;
+pub use snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
+pub use usage::ResponseBody;

@@ -1,9 +1,54 @@
 //! Token estimation for Messages requests.
 //!
-//! The contract between the budget and its estimators. The Anthropic estimator,
-//! prompt-cache tracking and online calibration live in this module's children.
+//! The budget must charge a request *before* it is sent, so it needs a guess of
+//! what the server will charge: the uncached input tokens (ITPM), `max_tokens`
+//! (OTPM in the older accounting) and the model (which bucket). This module
+//! holds the contract ([`TokenEstimator`], [`Estimate`], [`Usage`]) and its
+//! implementation for Anthropic's Messages API, [`AnthropicEstimator`]: a
+//! single pass over the body's bytes (no tree of values is built), image and
+//! PDF costs from their headers, prompt-cache tracking, and online
+//! [calibration](calibrate) per model from the usage of settled responses.
+//!
+//! Use [`AnthropicEstimator`] as it is (the budget's default), tune it with its
+//! builder, or implement [`TokenEstimator`] yourself, for example with the free
+//! `count_tokens` endpoint.
+//!
+//! # Examples
+//!
+//! ```
+//! use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator, Usage};
+//!
+//! let estimator = AnthropicEstimator::new();
+//! let (parts, ()) = http::Request::post("/v1/messages").body(()).unwrap().into_parts();
+//! let body = br#"{"model":"claude-sonnet-4-5","max_tokens":512,"stream":true,
+//!     "system":"You are terse.",
+//!     "messages":[{"role":"user","content":[{"type":"text","text":"Hi"}]}]}"#;
+//! let estimate = estimator.estimate(&parts, body);
+//! assert!(estimate.stream);
+//! assert!(estimate.input_tokens > 0);
+//!
+//! // After the response, feed back what the server counted.
+//! let usage = Usage { input_tokens: 30, output_tokens: 5, ..Usage::default() };
+//! estimator.observe(&estimate, &usage);
+//! assert_eq!(estimator.snapshot().models[0].samples, 1);
+//! ```
+//!
+//! # What it does not do
+//!
+//! No tokenizer is shipped: estimates are character-based, biased high, and
+//! corrected by calibration. Output tokens are not estimated beyond
+//! `max_tokens` (the budget learns expected output per model itself).
 
 use http::request::Parts;
+
+pub mod anthropic;
+mod cache;
+pub mod calibrate;
+mod media;
+mod scan;
+
+pub use anthropic::{AnthropicEstimator, AnthropicEstimatorBuilder, EstimatorSnapshot};
+pub use calibrate::{Calibration, CalibrationConfig, ModelCalibration, SlidingQuantile};
 
 /// What a request is expected to cost, before it is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

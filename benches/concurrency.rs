@@ -1,0 +1,364 @@
+//! ConcurrencyLayer against tower's `ConcurrencyLimit` and tokio's `Semaphore`.
+//!
+//! Run: `cargo bench --bench concurrency -- --warm-up-time 1 --measurement-time 3`
+//!
+//! - `fixed_overhead/*`: one request at a time through a trivially ready inner
+//!   service (response body read to its end): no limit, tower's
+//!   `ConcurrencyLimit`, and `ConcurrencyLayer::fixed`.
+//! - `contended/*`: 32 tasks share a cap of 4 on a current-thread runtime.
+//! - `queue_10k/*`: 10,000 queued waiters drained one admission at a time, ours
+//!   against tokio's `Semaphore` (which tower uses).
+//! - Before the timings, a one-shot measurement prints the memory per waiter
+//!   (counting global allocator) and the wakeups per admission (counting
+//!   wakers) for a queue of 10,000.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, Criterion};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{service_fn, Layer, Service, ServiceExt};
+use tower_llm_limits::concurrency::ConcurrencyBuilder;
+
+// ---------------------------------------------------------------------------
+// A global allocator that counts live bytes.
+
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+// ---------------------------------------------------------------------------
+
+type Req = Request<()>;
+type Resp = Response<Full<Bytes>>;
+
+fn inner() -> impl Service<Req, Response = Resp, Error = Infallible, Future: Send> + Clone + Send {
+    service_fn(|_req: Req| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+}
+
+async fn one<S, B>(svc: &mut S)
+where
+    S: Service<Req, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let resp = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(Request::new(()))
+        .await
+        .expect("ok");
+    black_box(resp.into_body().collect().await.expect("body"));
+}
+
+fn fixed_overhead(c: &mut Criterion) {
+    let rt = runtime();
+    let mut g = c.benchmark_group("fixed_overhead");
+    g.bench_function("no_limit", |b| {
+        b.iter_custom(|iters| {
+            let mut svc = inner();
+            rt.block_on(async {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    one(&mut svc).await;
+                }
+                t.elapsed()
+            })
+        })
+    });
+    g.bench_function("tower_concurrency_limit", |b| {
+        b.iter_custom(|iters| {
+            let mut svc = tower::limit::ConcurrencyLimit::new(inner(), 64);
+            rt.block_on(async {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    one(&mut svc).await;
+                }
+                t.elapsed()
+            })
+        })
+    });
+    g.bench_function("concurrency_layer_fixed", |b| {
+        b.iter_custom(|iters| {
+            let layer = ConcurrencyBuilder::fixed(64).build().expect("valid");
+            let mut svc = layer.layer(inner());
+            rt.block_on(async {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    one(&mut svc).await;
+                }
+                t.elapsed()
+            })
+        })
+    });
+    g.finish();
+}
+
+/// `tasks` tasks each sending `per_task` requests through clones of `svc`; the
+/// inner service yields once so that requests overlap.
+async fn contend<S, B>(svc: S, tasks: usize, per_task: u64)
+where
+    S: Service<Req, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug,
+    S::Future: Send,
+    B: http_body::Body + Send,
+    B::Error: std::fmt::Debug,
+    B::Data: Send,
+{
+    let mut handles = Vec::with_capacity(tasks);
+    for _ in 0..tasks {
+        let mut s = svc.clone();
+        handles.push(tokio::spawn(async move {
+            for _ in 0..per_task {
+                one(&mut s).await;
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("task");
+    }
+}
+
+fn yielding() -> impl Service<Req, Response = Resp, Error = Infallible, Future: Send> + Clone + Send
+{
+    service_fn(|_req: Req| async {
+        tokio::task::yield_now().await;
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    })
+}
+
+fn contended(c: &mut Criterion) {
+    let rt = runtime();
+    const TASKS: usize = 32;
+    let mut g = c.benchmark_group("contended");
+    g.bench_function("tower_concurrency_limit", |b| {
+        b.iter_custom(|iters| {
+            let svc = tower::limit::ConcurrencyLimit::new(yielding(), 4);
+            let per = iters.div_ceil(TASKS as u64);
+            rt.block_on(async {
+                let t = Instant::now();
+                contend(svc, TASKS, per).await;
+                t.elapsed() * iters as u32 / (per * TASKS as u64) as u32
+            })
+        })
+    });
+    g.bench_function("concurrency_layer_fixed", |b| {
+        b.iter_custom(|iters| {
+            let layer = ConcurrencyBuilder::fixed(4).build().expect("valid");
+            let svc = layer.layer(yielding());
+            let per = iters.div_ceil(TASKS as u64);
+            rt.block_on(async {
+                let t = Instant::now();
+                contend(svc, TASKS, per).await;
+                t.elapsed() * iters as u32 / (per * TASKS as u64) as u32
+            })
+        })
+    });
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------
+// A queue of 10,000 waiters.
+
+const WAITERS: usize = 10_000;
+
+/// A waker that counts its wakes and puts its waiter on a ready list.
+struct Tracked {
+    index: usize,
+    wakes: Arc<AtomicUsize>,
+    ready: Arc<Mutex<VecDeque<usize>>>,
+}
+
+impl Wake for Tracked {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wakes.fetch_add(1, Ordering::Relaxed);
+        self.ready.lock().expect("lock").push_back(self.index);
+    }
+}
+
+struct QueueRun {
+    bytes_per_waiter: f64,
+    wakes: usize,
+    admissions: usize,
+    elapsed: Duration,
+}
+
+type BoxFut<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// Queue `WAITERS` futures behind one held slot, poll each once, then release
+/// one slot at a time, polling only the futures that were woken.
+fn drain_queue<T>(
+    mut make: impl FnMut() -> BoxFut<T>,
+    release_first: impl FnOnce(),
+    mut on_admitted: impl FnMut(T),
+) -> QueueRun {
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let ready = Arc::new(Mutex::new(VecDeque::new()));
+    let before = LIVE.load(Ordering::SeqCst);
+    let mut futs: Vec<Option<BoxFut<T>>> = Vec::with_capacity(WAITERS);
+    let mut wakers = Vec::with_capacity(WAITERS);
+    for index in 0..WAITERS {
+        let mut f = make();
+        let waker = Waker::from(Arc::new(Tracked {
+            index,
+            wakes: Arc::clone(&wakes),
+            ready: Arc::clone(&ready),
+        }));
+        assert!(f
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        futs.push(Some(f));
+        wakers.push(waker);
+    }
+    let after = LIVE.load(Ordering::SeqCst);
+    let bytes_per_waiter = after.saturating_sub(before) as f64 / WAITERS as f64;
+    let t = Instant::now();
+    release_first();
+    let mut admissions = 0;
+    loop {
+        let next = ready.lock().expect("lock").pop_front();
+        let Some(i) = next else { break };
+        let Some(f) = futs[i].as_mut() else { continue };
+        if let Poll::Ready(out) = f.as_mut().poll(&mut Context::from_waker(&wakers[i])) {
+            futs[i] = None;
+            admissions += 1;
+            // Releases the slot at once: the next waiter is woken.
+            on_admitted(out);
+        }
+    }
+    QueueRun {
+        bytes_per_waiter,
+        wakes: wakes.load(Ordering::SeqCst),
+        admissions,
+        elapsed: t.elapsed(),
+    }
+}
+
+fn ours_queue() -> QueueRun {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let layer = ConcurrencyBuilder::fixed(1)
+        .max_waiting(WAITERS)
+        .build()
+        .expect("valid");
+    let mut svc = layer.layer(inner());
+    let held = rt.block_on(async {
+        svc.ready()
+            .await
+            .expect("ready")
+            .call(Request::new(()))
+            .await
+            .expect("ok")
+    });
+    let mut held = Some(held);
+    let run = drain_queue(
+        || {
+            let fut = svc.call(Request::new(()));
+            Box::pin(fut)
+        },
+        || drop(held.take()),
+        drop,
+    );
+    assert_eq!(layer.snapshot().in_flight, 0);
+    run
+}
+
+fn tokio_queue() -> QueueRun {
+    let sem = Arc::new(tokio::sync::Semaphore::new(1));
+    let held = Arc::clone(&sem).try_acquire_owned().expect("free");
+    let mut held = Some(held);
+    drain_queue(
+        || {
+            let s = Arc::clone(&sem);
+            Box::pin(async move { s.acquire_owned().await })
+        },
+        || drop(held.take()),
+        drop,
+    )
+}
+
+fn queue_figures() {
+    let ours = ours_queue();
+    let theirs = tokio_queue();
+    println!(
+        "queue of {WAITERS} waiters (ConcurrencyLayer): {:.0} bytes per waiter ({:.2} of 1 KB), \
+         {} wakeups for {} admissions ({:.3} per admission), drained in {:?}",
+        ours.bytes_per_waiter,
+        ours.bytes_per_waiter / 1024.0,
+        ours.wakes,
+        ours.admissions,
+        ours.wakes as f64 / ours.admissions as f64,
+        ours.elapsed,
+    );
+    println!(
+        "queue of {WAITERS} waiters (tokio Semaphore, for scale): {:.0} bytes per waiter, \
+         {:.3} wakeups per admission, drained in {:?}",
+        theirs.bytes_per_waiter,
+        theirs.wakes as f64 / theirs.admissions as f64,
+        theirs.elapsed,
+    );
+    assert_eq!(ours.admissions, WAITERS);
+    assert!(ours.bytes_per_waiter < 1024.0);
+}
+
+fn queue_10k(c: &mut Criterion) {
+    let mut g = c.benchmark_group("queue_10k");
+    g.sample_size(10);
+    g.bench_function("tokio_semaphore", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| tokio_queue().elapsed).sum())
+    });
+    g.bench_function("concurrency_layer_fixed", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| ours_queue().elapsed).sum())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, fixed_overhead, contended, queue_10k);
+
+fn main() {
+    queue_figures();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,0 +1,402 @@
+//! The figures of a run: one row per strategy, printed as a table or as JSON.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::run::{Attempt, Outcome};
+
+/// The limits a run was measured against: per dimension, the rate per minute
+/// and the bucket's capacity (the burst it allows from full).
+#[derive(Debug, Clone, Copy)]
+pub struct LimitSpec {
+    pub requests_per_minute: u64,
+    pub input_tokens_per_minute: u64,
+    pub output_tokens_per_minute: u64,
+    pub requests_capacity: f64,
+    pub input_capacity: f64,
+    pub output_capacity: f64,
+    /// "realtime" or "reserve".
+    pub output_mode: &'static str,
+}
+
+/// What the server charged during one run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Charged {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// The output tokens the OTPM term of the bound may count: all of them
+    /// when output is reserved at admission; in realtime mode only those
+    /// produced before the last second in which a request was admitted (the
+    /// emulator admits while the OTPM bucket is above zero and lets answers
+    /// in flight overdraw it, so output produced after the last admission
+    /// never delayed anything).
+    pub output_for_bound: u64,
+    /// Where the figures come from: the emulator's own counters, or the
+    /// usage the responses reported (a real endpoint).
+    pub from_server_stats: bool,
+}
+
+impl Charged {
+    /// The limit-bound lower bound on the time to finish: for each dimension,
+    /// what was charged beyond the initial capacity divided by the refill
+    /// rate; the largest of the three (see `output_for_bound` for OTPM).
+    pub fn minimum_seconds(&self, l: &LimitSpec) -> f64 {
+        let bound = |charged: u64, cap: f64, per_minute: u64| {
+            if per_minute == 0 {
+                0.0
+            } else {
+                ((charged as f64 - cap) / (per_minute as f64 / 60.0)).max(0.0)
+            }
+        };
+        bound(self.requests, l.requests_capacity, l.requests_per_minute)
+            .max(bound(
+                self.input_tokens,
+                l.input_capacity,
+                l.input_tokens_per_minute,
+            ))
+            .max(bound(
+                self.output_for_bound,
+                l.output_capacity,
+                l.output_tokens_per_minute,
+            ))
+    }
+
+    /// Which dimension sets the bound.
+    pub fn binding(&self, l: &LimitSpec) -> &'static str {
+        let r = |c: u64, cap: f64, pm: u64| {
+            if pm == 0 {
+                f64::MIN
+            } else {
+                (c as f64 - cap) / pm as f64
+            }
+        };
+        let req = r(self.requests, l.requests_capacity, l.requests_per_minute);
+        let inp = r(
+            self.input_tokens,
+            l.input_capacity,
+            l.input_tokens_per_minute,
+        );
+        let out = r(
+            self.output_for_bound,
+            l.output_capacity,
+            l.output_tokens_per_minute,
+        );
+        if inp >= req && inp >= out {
+            "input tokens"
+        } else if out >= req {
+            "output tokens"
+        } else {
+            "requests"
+        }
+    }
+}
+
+/// One strategy's figures.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub name: String,
+    pub requests: usize,
+    pub ok: usize,
+    pub failed: usize,
+    pub attempts: usize,
+    /// 429 responses received (every attempt counted).
+    pub rate_limited: usize,
+    /// Attempts beyond the first of each request that was sent at all.
+    pub retries: usize,
+    /// Other non-200 responses and transport errors received.
+    pub other_errors: usize,
+    pub seconds: f64,
+    /// When the last attempt was sent (the last admission, for a server
+    /// that answers at once).
+    pub last_sent: f64,
+    pub minimum_seconds: f64,
+    pub binding: &'static str,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Mean absolute error of the strategy's input-token estimates against
+    /// what the server charged; None for strategies that do not estimate.
+    pub estimate_mae: Option<f64>,
+    /// The same error relative to the mean charge (for the table).
+    pub estimate_mape: Option<f64>,
+    pub charged: Charged,
+    pub failures: BTreeMap<String, usize>,
+    pub attempts_log: Vec<Attempt>,
+}
+
+impl Row {
+    pub fn share_of_minimum(&self) -> f64 {
+        if self.seconds <= 0.0 {
+            0.0
+        } else {
+            self.minimum_seconds / self.seconds
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    let i = rank.clamp(1, sorted.len()) - 1;
+    sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// Builds a row from what the workers and the meter saw.
+#[allow(clippy::too_many_arguments)]
+pub fn row(
+    name: &str,
+    outcomes: &[Outcome],
+    attempts: Vec<Attempt>,
+    charged: Charged,
+    limits: &LimitSpec,
+    estimate_errors: Option<(f64, f64)>,
+) -> Row {
+    let ok = outcomes.iter().filter(|o| o.ok).count();
+    let failed = outcomes.len() - ok;
+    let seconds = outcomes
+        .iter()
+        .map(|o| o.finished.as_secs_f64())
+        .fold(0.0, f64::max);
+    let mut lat: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| o.ok)
+        .map(|o| o.latency)
+        .collect();
+    lat.sort();
+    let sent: HashSet<Option<usize>> = attempts.iter().map(|a| a.request).collect();
+    let rate_limited = attempts.iter().filter(|a| a.status == Some(429)).count();
+    let other_errors = attempts
+        .iter()
+        .filter(|a| a.status != Some(200) && a.status != Some(429))
+        .count();
+    let mut failures = BTreeMap::new();
+    for o in outcomes {
+        if let Some(e) = &o.error {
+            *failures.entry(e.clone()).or_insert(0) += 1;
+        }
+    }
+    let minimum_seconds = charged.minimum_seconds(limits);
+    Row {
+        name: name.to_string(),
+        requests: outcomes.len(),
+        ok,
+        failed,
+        attempts: attempts.len(),
+        rate_limited,
+        retries: attempts.len().saturating_sub(sent.len()),
+        other_errors,
+        seconds,
+        last_sent: attempts
+            .iter()
+            .map(|a| a.sent.as_secs_f64())
+            .fold(0.0, f64::max),
+        minimum_seconds,
+        binding: charged.binding(limits),
+        p50_ms: percentile(&lat, 0.50),
+        p99_ms: percentile(&lat, 0.99),
+        estimate_mae: estimate_errors.map(|e| e.0),
+        estimate_mape: estimate_errors.map(|e| e.1),
+        charged,
+        failures,
+        attempts_log: attempts,
+    }
+}
+
+fn secs(s: f64) -> String {
+    if s >= 100.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// The table, as printed by default.
+pub fn table(rows: &[Row]) -> String {
+    let header = [
+        "strategy",
+        "ok / failed",
+        "429s",
+        "retries",
+        "time",
+        "minimum",
+        "share of min",
+        "p50",
+        "p99",
+        "estimate MAE",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for r in rows {
+        cells.push(vec![
+            r.name.clone(),
+            format!("{} / {}", r.ok, r.failed),
+            r.rate_limited.to_string(),
+            r.retries.to_string(),
+            secs(r.seconds),
+            secs(r.minimum_seconds),
+            if r.minimum_seconds > 0.0 {
+                format!("{:.3}", r.share_of_minimum())
+            } else {
+                "n/a".to_string()
+            },
+            format!("{:.1} s", r.p50_ms / 1000.0),
+            format!("{:.1} s", r.p99_ms / 1000.0),
+            match (r.estimate_mae, r.estimate_mape) {
+                (Some(m), Some(p)) => format!("{m:.0} tok ({:.1}%)", p * 100.0),
+                (Some(m), None) => format!("{m:.0} tok"),
+                _ => "n/a".to_string(),
+            },
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            cells
+                .iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (i, r) in cells.iter().enumerate() {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, s)| {
+                if c == 0 {
+                    format!("{s:<w$}", w = widths[c])
+                } else {
+                    format!("{s:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+        if i == 0 {
+            let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+            out.push_str(&"-".repeat(total));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Notes under the table: what bound each row and why requests failed.
+pub fn notes(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        out.push_str(&format!(
+            "{}: last request sent at {:.1} s; charged {} requests, {} input tokens, {} output tokens ({}); bound by {}",
+            r.name,
+            r.last_sent,
+            r.charged.requests,
+            r.charged.input_tokens,
+            r.charged.output_tokens,
+            if r.charged.from_server_stats {
+                "emulator's counters"
+            } else {
+                "usage in responses"
+            },
+            r.binding
+        ));
+        if r.other_errors > 0 {
+            out.push_str(&format!("; {} other errors (5xx, resets)", r.other_errors));
+        }
+        if !r.failures.is_empty() {
+            let f: Vec<String> = r.failures.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            out.push_str(&format!("; failed: {}", f.join(", ")));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// One strategy as JSON (the shape, plus more fields).
+pub fn row_json(r: &Row) -> Value {
+    json!({
+        "name": r.name,
+        "requests": r.requests,
+        "ok": r.ok,
+        "failed": r.failed,
+        "rate_limited": r.rate_limited,
+        "retries": r.retries,
+        "seconds": r.seconds,
+        "share_of_minimum": r.share_of_minimum(),
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "estimate_mae": r.estimate_mae,
+        "attempts": r.attempts,
+        "other_errors": r.other_errors,
+        "minimum_seconds": r.minimum_seconds,
+        "last_sent_seconds": r.last_sent,
+        "bound_by": r.binding,
+        "charged": {
+            "requests": r.charged.requests,
+            "input_tokens": r.charged.input_tokens,
+            "output_tokens": r.charged.output_tokens,
+            "source": if r.charged.from_server_stats { "emulator" } else { "responses" },
+        },
+        "failures": r.failures,
+    })
+}
+
+pub fn limits_json(l: &LimitSpec) -> Value {
+    json!({
+        "requests_per_minute": l.requests_per_minute,
+        "input_tokens_per_minute": l.input_tokens_per_minute,
+        "output_tokens_per_minute": l.output_tokens_per_minute,
+        "capacity": {
+            "requests": l.requests_capacity,
+            "input_tokens": l.input_capacity,
+            "output_tokens": l.output_capacity,
+        },
+        "output_mode": l.output_mode,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> LimitSpec {
+        LimitSpec {
+            requests_per_minute: 60,
+            input_tokens_per_minute: 6_000,
+            output_tokens_per_minute: 600,
+            requests_capacity: 60.0,
+            input_capacity: 6_000.0,
+            output_capacity: 600.0,
+            output_mode: "realtime",
+        }
+    }
+
+    #[test]
+    fn minimum_is_the_slowest_dimension_past_its_burst() {
+        let c = Charged {
+            requests: 90,         // (90 - 60) / 1 per s = 30 s
+            input_tokens: 18_000, // (18000 - 6000) / 100 per s = 120 s
+            output_tokens: 1_200,
+            output_for_bound: 1_200, // (1200 - 600) / 10 per s = 60 s
+            from_server_stats: true,
+        };
+        assert!((c.minimum_seconds(&spec()) - 120.0).abs() < 1e-9);
+        assert_eq!(c.binding(&spec()), "input tokens");
+        let within_burst = Charged {
+            requests: 10,
+            input_tokens: 100,
+            ..Charged::default()
+        };
+        assert_eq!(within_burst.minimum_seconds(&spec()), 0.0);
+    }
+
+    #[test]
+    fn percentiles_by_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}

@@ -1,0 +1,357 @@
+//! The response future of [`TokenBudget`](super::TokenBudget).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::enforce;
+use super::state::{Admission, Charge, Shared};
+use super::usage::{ResponseBody, Tracker};
+use crate::body::{Buffered, ReplayBody};
+use crate::headers::RateLimitSnapshot;
+use crate::{BoxError, Error};
+
+/// The buffering of a request body, boxed (an `async fn`'s future has no name).
+pub(crate) type BufferFuture<B> =
+    Pin<Box<dyn Future<Output = Result<Buffered<B>, BoxError>> + Send>>;
+
+pin_project! {
+    /// The future of a request going through the budget: it reads the body
+    /// (unless an outer layer already did), estimates, waits for the budget
+    /// (or fails at once), then calls the inner service and wraps its
+    /// response for settlement.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropped while waiting for the budget: the request gives back its place
+    /// in line and nothing stays reserved (it was never sent). Dropped after
+    /// the request was handed to the inner service: the charge is kept, since
+    /// the request may have reached the server.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        shared: Arc<Shared>,
+        #[pin]
+        state: State<S, S::Future, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, F, B> {
+        Buffering {
+            fut: BufferFuture<B>,
+            parts: Option<Parts>,
+            caller: Option<String>,
+            svc: Option<S>,
+        },
+        Admitting {
+            charge: Option<Charge>,
+            admission: Admission,
+            request: Option<Request<ReplayBody<B>>>,
+            svc: Option<S>,
+        },
+        Readying {
+            unsent: Unsent,
+            request: Option<Request<ReplayBody<B>>>,
+            svc: Option<S>,
+        },
+        Calling {
+            #[pin]
+            fut: F,
+            charge: Option<Charge>,
+        },
+        Done,
+    }
+}
+
+/// An admitted request not yet handed to the inner service: dropped with its
+/// charge still inside, it refunds the charge (the request never left).
+struct Unsent {
+    shared: Arc<Shared>,
+    charge: Option<Charge>,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(charge) = self.charge.take() {
+            self.shared.refund_unsent(&charge);
+        }
+    }
+}
+
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Buffering { .. } => "buffering",
+            State::Admitting { .. } => "admitting",
+            State::Readying { .. } => "readying",
+            State::Calling { .. } => "calling",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    /// A request whose body must be read first.
+    pub(crate) fn buffering(
+        shared: Arc<Shared>,
+        fut: BufferFuture<B>,
+        parts: Parts,
+        caller: Option<String>,
+        svc: S,
+    ) -> Self {
+        Self {
+            shared,
+            state: State::Buffering {
+                fut,
+                parts: Some(parts),
+                caller,
+                svc: Some(svc),
+            },
+        }
+    }
+
+    /// A request already estimated.
+    pub(crate) fn admitting(
+        shared: Arc<Shared>,
+        charge: Charge,
+        request: Request<ReplayBody<B>>,
+        svc: S,
+    ) -> Self {
+        Self {
+            shared,
+            state: State::Admitting {
+                charge: Some(charge),
+                admission: Admission::default(),
+                request: Some(request),
+                svc: Some(svc),
+            },
+        }
+    }
+}
+
+fn misuse() -> BoxError {
+    "TokenBudget response future polled after completion".into()
+}
+
+fn content_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+impl<S, B, ResB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    B: Body,
+    B::Error: Into<BoxError>,
+    ResB: Body,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let mut this = self.as_mut().project();
+            let shared: &Arc<Shared> = this.shared;
+            match this.state.as_mut().project() {
+                StateProj::Buffering {
+                    fut,
+                    parts,
+                    caller,
+                    svc,
+                } => {
+                    let buffered = ready!(fut.as_mut().poll(cx));
+                    let (Some(parts), Some(svc)) = (parts.take(), svc.take()) else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(misuse()));
+                    };
+                    let (request, estimate) = match buffered {
+                        Err(e) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Box::new(Error::Body(e))));
+                        }
+                        Ok(Buffered::Complete(body)) => {
+                            let estimate = shared.estimator.estimate(&parts, body.bytes());
+                            (Request::from_parts(parts, body.replay()), estimate)
+                        }
+                        Ok(Buffered::TooLarge(body)) => {
+                            let len = content_length(&parts).or(body.size_hint().exact());
+                            let estimate = shared.estimator.estimate_unbuffered(&parts, len);
+                            (Request::from_parts(parts, body), estimate)
+                        }
+                    };
+                    let charge = shared.charge(caller.as_deref(), estimate);
+                    this.state.set(State::Admitting {
+                        charge: Some(charge),
+                        admission: Admission::default(),
+                        request: Some(request),
+                        svc: Some(svc),
+                    });
+                }
+                StateProj::Admitting {
+                    charge,
+                    admission,
+                    request,
+                    svc,
+                } => {
+                    let Some(ch) = charge.as_mut() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(misuse()));
+                    };
+                    let admitted = ready!(shared.poll_admit(ch, admission, cx));
+                    match admitted {
+                        Ok(()) => {
+                            let next = State::Readying {
+                                unsent: Unsent {
+                                    shared: Arc::clone(shared),
+                                    charge: charge.take(),
+                                },
+                                request: request.take(),
+                                svc: svc.take(),
+                            };
+                            this.state.set(next);
+                        }
+                        Err(denied) => {
+                            let charge = charge.take();
+                            this.state.set(State::Done);
+                            if shared.settings.enforce {
+                                if let Some(charge) = charge {
+                                    return Poll::Ready(Ok(enforce::reject(
+                                        shared, &charge, denied,
+                                    )));
+                                }
+                            }
+                            return Poll::Ready(Err(Box::new(Error::from(denied))));
+                        }
+                    }
+                }
+                StateProj::Readying {
+                    unsent,
+                    request,
+                    svc,
+                } => {
+                    let Some(service) = svc.as_mut() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(misuse()));
+                    };
+                    // Normally ready at once: `poll_ready` said so before `call`.
+                    // Asked again because the wait for the budget may have been long.
+                    if let Err(e) = ready!(service.poll_ready(cx)) {
+                        // Not sent: dropping `unsent` gives the reservation back.
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    let (Some(request), Some(mut service), Some(charge)) =
+                        (request.take(), svc.take(), unsent.charge.take())
+                    else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(misuse()));
+                    };
+                    let fut = service.call(request);
+                    this.state.set(State::Calling {
+                        fut,
+                        charge: Some(charge),
+                    });
+                }
+                StateProj::Calling { fut, charge } => {
+                    let result = ready!(fut.poll(cx));
+                    let charge = charge.take();
+                    this.state.set(State::Done);
+                    let Some(charge) = charge else {
+                        return Poll::Ready(Err(misuse()));
+                    };
+                    return Poll::Ready(match result {
+                        Ok(response) => Ok(respond(shared, charge, response)),
+                        Err(e) => {
+                            // The request may have reached the server: keep the charge.
+                            tracing::debug!(key = %charge.key, "budget: inner service failed; charge kept");
+                            Err(e.into())
+                        }
+                    });
+                }
+                StateProj::Done => return Poll::Ready(Err(misuse())),
+            }
+        }
+    }
+}
+
+/// Handles the response head: refund and sync on a 429, sync from the headers
+/// otherwise (client mode), write the caller's headers (enforce mode), and
+/// wrap the body for settlement.
+fn respond<ResB: Body>(
+    shared: &Arc<Shared>,
+    charge: Charge,
+    response: Response<ResB>,
+) -> Response<ResponseBody<ResB>> {
+    let enforce = shared.settings.enforce;
+    let status = response.status();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        // The server charged nothing for a refused request.
+        shared.refund(&charge);
+        let (mut parts, body) = response.into_parts();
+        if enforce {
+            enforce::insert_headers(shared, &charge, &mut parts.headers);
+        } else {
+            let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
+            shared.sync(&charge, &snapshot);
+        }
+        tracing::debug!(key = %charge.key, "budget: 429 answered; reservation refunded");
+        return Response::from_parts(parts, ResponseBody::plain(body));
+    }
+    let (mut parts, body) = response.into_parts();
+    if enforce {
+        enforce::insert_headers(shared, &charge, &mut parts.headers);
+    } else {
+        if has_pacing_headers(&parts.headers) {
+            let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
+            shared.sync(&charge, &snapshot);
+        }
+    }
+    let sse = match parts.headers.get(http::header::CONTENT_TYPE) {
+        Some(ct) => ct
+            .to_str()
+            .map(|s| s.trim_start().starts_with("text/event-stream"))
+            .unwrap_or(false),
+        None => charge.estimate.stream,
+    };
+    let tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
+    if body.is_end_stream() {
+        // An empty body may never be polled: settle now.
+        tracker.conclude_empty();
+        return Response::from_parts(parts, ResponseBody::plain(body));
+    }
+    Response::from_parts(parts, ResponseBody::observed(body, tracker))
+}
+
+/// Whether a response carries any rate-limit header worth parsing (a cheap
+/// scan of the names before the full parse).
+fn has_pacing_headers(headers: &http::HeaderMap) -> bool {
+    headers.keys().any(|name| {
+        let name = name.as_str();
+        name.starts_with("anthropic-ratelimit-") || name.starts_with("x-ratelimit-")
+    })
+}

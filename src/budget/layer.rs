@@ -1,0 +1,347 @@
+//! [`TokenBudgetLayer`] and its builder.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use super::config::{BudgetMode, KeyExtractor, LimitsConfig, OUTPUT_RATIO_PRIOR};
+use super::ledger::{InMemoryLedger, Ledger};
+use super::limits::{Limits, ModelClass, OutputMode, Tier};
+use super::service::TokenBudget;
+use super::snapshot::BudgetSnapshot;
+use super::state::{Settings, Shared};
+use crate::body::DEFAULT_BUFFER_LIMIT;
+use crate::estimate::{AnthropicEstimator, TokenEstimator};
+
+/// The quantile of `output_tokens / max_tokens` reserved as expected output in
+/// realtime mode: p90, so the reservation covers most answers and the rare
+/// longer one is charged at settlement.
+pub const DEFAULT_OUTPUT_QUANTILE: f64 = 0.9;
+
+/// A [`Layer`] that paces requests to a token budget: requests, input tokens
+/// and output tokens per minute, per model class (and per caller in enforce
+/// mode). See the [module docs](super) for the whole story.
+///
+/// Cheap to clone: clones share one budget, as do all the services the layer
+/// builds (so the budget holds across every connection of a server).
+///
+/// # Examples
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_llm_limits::budget::{TokenBudgetLayer, Tier};
+///
+/// let layer = TokenBudgetLayer::anthropic(Tier::Tier2);
+/// # let svc = tower::service_fn(|_req: http::Request<tower_llm_limits::body::ReplayBody<String>>| async {
+/// #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+/// # });
+/// let client = ServiceBuilder::new().layer(layer.clone()).service(svc);
+/// # let _ = client;
+/// assert!(layer.snapshot().keys.is_empty());
+/// ```
+#[derive(Clone)]
+pub struct TokenBudgetLayer {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for TokenBudgetLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenBudgetLayer")
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl TokenBudgetLayer {
+    /// A client budget for Anthropic's Messages API with these limits (a
+    /// [`Tier`], one [`Limits`] for every class, or a [`LimitsConfig`]),
+    /// waiting when over budget, realtime output accounting, the in-memory
+    /// ledger and the Anthropic estimator.
+    pub fn anthropic(limits: impl Into<LimitsConfig>) -> Self {
+        Self::builder().limits(limits).build()
+    }
+
+    /// A gateway budget: each caller (told apart by a hash of its `x-api-key`)
+    /// gets these limits, and a request over its caller's budget is answered
+    /// at once with an Anthropic-shaped 429. See the [module docs](super).
+    ///
+    /// The inner service receives `Request<ReplayBody<B>>`; in front of an
+    /// axum `Router` (which takes `Request<axum::body::Body>`), map it back
+    /// with `.map_request(|r: Request<ReplayBody<Body>>| r.map(Body::new))`.
+    /// Errors (an unreadable request body, the inner service's own) are still
+    /// errors: axum wants them handled (`HandleErrorLayer`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{Service, ServiceBuilder, ServiceExt};
+    /// use tower_llm_limits::body::ReplayBody;
+    /// use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+    /// use tower_llm_limits::headers::RateLimitSnapshot;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_llm_limits::BoxError> {
+    /// // The upstream the gateway forwards to (here: answers with a usage).
+    /// let upstream = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+    ///     let body = r#"{"type":"message","usage":{"input_tokens":10,"output_tokens":20}}"#;
+    ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+    /// });
+    /// // Each caller may send one request per minute.
+    /// let mut gateway = ServiceBuilder::new()
+    ///     .layer(TokenBudgetLayer::enforce(Limits::new(1, 30_000, 8_000)))
+    ///     .service(upstream);
+    /// let call = || {
+    ///     Request::post("/v1/messages")
+    ///         .header("x-api-key", "sk-ant-caller-1")
+    ///         .body(Full::new(Bytes::from(
+    ///             r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#,
+    ///         )))
+    /// };
+    /// let first = gateway.ready().await?.call(call()?).await?;
+    /// assert_eq!(first.status(), 200);
+    /// assert_eq!(RateLimitSnapshot::from_headers(first.headers()).requests.remaining, Some(0));
+    ///
+    /// let second = gateway.ready().await?.call(call()?).await?;
+    /// assert_eq!(second.status(), 429);
+    /// let limits = RateLimitSnapshot::from_headers(second.headers());
+    /// assert_eq!(limits.should_retry, Some(true));
+    /// assert!(limits.retry_after.is_some());
+    /// let body = second.into_body().collect().await?.to_bytes();
+    /// let json: serde_json::Value = serde_json::from_slice(&body)?;
+    /// assert_eq!(json["error"]["type"], "rate_limit_error");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn enforce(limits: impl Into<LimitsConfig>) -> Self {
+        Self::builder().limits(limits).enforce().build()
+    }
+
+    /// A builder with every setting at its default.
+    pub fn builder() -> TokenBudgetBuilder {
+        TokenBudgetBuilder::default()
+    }
+
+    /// The state of the budget: per key and dimension, and decision counters.
+    pub fn snapshot(&self) -> BudgetSnapshot {
+        self.shared.snapshot()
+    }
+
+    /// Forgets what the layer keeps per key (learned output ratio, counters)
+    /// for keys not used for `idle` and with no request waiting, and returns
+    /// how many were forgotten. A gateway with many callers calls it from
+    /// time to time, with the ledger's own eviction
+    /// ([`InMemoryLedger::evict_idle`]).
+    pub fn forget_idle(&self, idle: std::time::Duration) -> usize {
+        self.shared.forget_idle(idle)
+    }
+
+    /// The ledger behind the budget.
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.shared.ledger
+    }
+}
+
+impl<S> Layer<S> for TokenBudgetLayer {
+    type Service = TokenBudget<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TokenBudget::new(inner, Arc::clone(&self.shared))
+    }
+}
+
+/// Builds a [`TokenBudgetLayer`].
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_llm_limits::budget::{BudgetMode, Limits, ModelClass, OutputMode, TokenBudgetLayer};
+/// use tower_llm_limits::budget::ledger::InMemoryLedger;
+///
+/// let layer = TokenBudgetLayer::builder()
+///     .class_limits(ModelClass::Sonnet4, Limits::new(50, 30_000, 8_000))
+///     .output_mode(OutputMode::Reserve)
+///     .mode(BudgetMode::Reject)
+///     .ledger(Arc::new(InMemoryLedger::new()))
+///     .build();
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct TokenBudgetBuilder {
+    limits: LimitsConfig,
+    output_mode: OutputMode,
+    mode: BudgetMode,
+    enforce: bool,
+    ledger: Option<Arc<dyn Ledger>>,
+    estimator: Option<Arc<dyn TokenEstimator>>,
+    buffer_limit: usize,
+    key_extractor: Option<KeyExtractor>,
+    output_quantile: f64,
+    output_ratio_prior: f64,
+}
+
+impl Default for TokenBudgetBuilder {
+    fn default() -> Self {
+        Self {
+            limits: LimitsConfig::learned(),
+            output_mode: OutputMode::default(),
+            mode: BudgetMode::default(),
+            enforce: false,
+            ledger: None,
+            estimator: None,
+            buffer_limit: DEFAULT_BUFFER_LIMIT,
+            key_extractor: None,
+            output_quantile: DEFAULT_OUTPUT_QUANTILE,
+            output_ratio_prior: OUTPUT_RATIO_PRIOR,
+        }
+    }
+}
+
+impl fmt::Debug for TokenBudgetBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenBudgetBuilder")
+            .field("limits", &self.limits)
+            .field("output_mode", &self.output_mode)
+            .field("mode", &self.mode)
+            .field("enforce", &self.enforce)
+            .field("ledger", &self.ledger)
+            .field("buffer_limit", &self.buffer_limit)
+            .field("key_extractor", &self.key_extractor)
+            .field("output_quantile", &self.output_quantile)
+            .field("output_ratio_prior", &self.output_ratio_prior)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenBudgetBuilder {
+    /// Replaces the limits (default: none configured, all learned from the
+    /// server's headers).
+    pub fn limits(mut self, limits: impl Into<LimitsConfig>) -> Self {
+        self.limits = limits.into();
+        self
+    }
+
+    /// Sets the limits of one model class.
+    pub fn class_limits(mut self, class: ModelClass, limits: Limits) -> Self {
+        self.limits = self.limits.with_class(class, limits);
+        self
+    }
+
+    /// Sets the limits of classes with neither their own limits nor a tier.
+    pub fn default_limits(mut self, limits: Limits) -> Self {
+        self.limits = self.limits.with_default(limits);
+        self
+    }
+
+    /// Uses a published tier's limits for every class without its own.
+    pub fn tier(mut self, tier: Tier) -> Self {
+        self.limits = self.limits.with_tier(tier);
+        self
+    }
+
+    /// How output tokens are charged (default [`OutputMode::Realtime`]).
+    pub fn output_mode(mut self, mode: OutputMode) -> Self {
+        self.output_mode = mode;
+        self
+    }
+
+    /// Wait (default) or fail at once when over budget.
+    pub fn mode(mut self, mode: BudgetMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Server mode: reject over-budget requests with an Anthropic-shaped 429
+    /// response (not an error), write `anthropic-ratelimit-*` headers on every
+    /// response, and key budgets per caller (by default a hash of `x-api-key`,
+    /// see [`KeyExtractor::api_key_hash`]). Implies [`BudgetMode::Reject`].
+    pub fn enforce(mut self) -> Self {
+        self.enforce = true;
+        self.mode = BudgetMode::Reject;
+        self
+    }
+
+    /// The ledger (default: a new [`InMemoryLedger`]). Pass one ledger to
+    /// several layers to make them share limits.
+    pub fn ledger(mut self, ledger: Arc<dyn Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// The estimator (default: a new [`AnthropicEstimator`]).
+    pub fn estimator(mut self, estimator: Arc<dyn TokenEstimator>) -> Self {
+        self.estimator = Some(estimator);
+        self
+    }
+
+    /// The largest request body read to estimate it (default
+    /// [`DEFAULT_BUFFER_LIMIT`]); larger bodies pass through unread and are
+    /// estimated from their length (counted as fallback estimates).
+    pub fn buffer_limit(mut self, bytes: usize) -> Self {
+        self.buffer_limit = bytes;
+        self
+    }
+
+    /// How callers are told apart. Default: none in client mode (one budget
+    /// per model class), [`KeyExtractor::api_key_hash`] in enforce mode.
+    pub fn key_extractor(mut self, extractor: KeyExtractor) -> Self {
+        self.key_extractor = Some(extractor);
+        self
+    }
+
+    /// The quantile of `output_tokens / max_tokens` reserved as expected
+    /// output in realtime mode (default [`DEFAULT_OUTPUT_QUANTILE`]; clamped
+    /// to `[0, 1]`, NaN taken as 1).
+    pub fn output_quantile(mut self, q: f64) -> Self {
+        self.output_quantile = if q.is_nan() { 1.0 } else { q.clamp(0.0, 1.0) };
+        self
+    }
+
+    /// The share of `max_tokens` reserved as expected output in realtime mode
+    /// until [`OUTPUT_RATIO_MIN_SAMPLES`](super::OUTPUT_RATIO_MIN_SAMPLES) responses of a key were seen
+    /// (default [`OUTPUT_RATIO_PRIOR`], 1.0: the whole `max_tokens`, so a cold
+    /// client budget never under-reserves). A server that charges output only
+    /// as it is produced (an emulator of the realtime rule) may set 0.0: a
+    /// request then reserves one output token, enough to be held back while
+    /// the output bucket is in debt. Clamped to `[0, 1]`, NaN taken as 1.
+    pub fn output_ratio_prior(mut self, ratio: f64) -> Self {
+        self.output_ratio_prior = if ratio.is_nan() {
+            1.0
+        } else {
+            ratio.clamp(0.0, 1.0)
+        };
+        self
+    }
+
+    /// Builds the layer (and the budget its services share).
+    pub fn build(self) -> TokenBudgetLayer {
+        let key_extractor = match (self.key_extractor, self.enforce) {
+            (Some(k), _) => Some(k),
+            (None, true) => Some(KeyExtractor::api_key_hash()),
+            (None, false) => None,
+        };
+        let settings = Settings {
+            limits: self.limits,
+            output_mode: self.output_mode,
+            mode: self.mode,
+            enforce: self.enforce,
+            buffer_limit: self.buffer_limit,
+            key_extractor,
+            output_quantile: self.output_quantile,
+            output_ratio_prior: self.output_ratio_prior,
+        };
+        let ledger = self
+            .ledger
+            .unwrap_or_else(|| Arc::new(InMemoryLedger::new()));
+        let estimator = self
+            .estimator
+            .unwrap_or_else(|| Arc::new(AnthropicEstimator::new()));
+        TokenBudgetLayer {
+            shared: Arc::new(Shared::new(settings, ledger, estimator)),
+        }
+    }
+}

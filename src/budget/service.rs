@@ -1,0 +1,108 @@
+//! The [`TokenBudget`] service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::snapshot::BudgetSnapshot;
+use super::state::Shared;
+use super::usage::ResponseBody;
+use crate::body::{self, BufferedBytes, ReplayBody};
+use crate::BoxError;
+
+/// Paces requests to the limits of a token budget; built by
+/// [`TokenBudgetLayer`](super::TokenBudgetLayer).
+///
+/// Every clone (and every service built by the same layer) shares one budget.
+#[derive(Debug)]
+pub struct TokenBudget<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: Clone> Clone for TokenBudget<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S> TokenBudget<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the budget service, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The state of the budget this service shares with its clones.
+    pub fn snapshot(&self) -> BudgetSnapshot {
+        self.shared.snapshot()
+    }
+}
+
+impl<S, B, ResB> Service<Request<B>> for TokenBudget<S>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    ResB: Body,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    /// Forwards the inner service's readiness: the budget cannot decide
+    /// before it sees the request, so it decides in the response future.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // The service that was polled ready goes into the future; this one
+        // keeps a clone (tower's documented pattern).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        let (parts, body) = request.into_parts();
+        let caller = shared.caller(&parts);
+        // An outer layer that holds the whole body put its bytes here:
+        // estimate from them and pass the body through unread.
+        let estimate = parts
+            .extensions
+            .get::<BufferedBytes>()
+            .map(|b| shared.estimator.estimate(&parts, &b.0));
+        match estimate {
+            Some(estimate) => {
+                let charge = shared.charge(caller.as_deref(), estimate);
+                let request = Request::from_parts(parts, ReplayBody::passthrough(body));
+                ResponseFuture::admitting(shared, charge, request, inner)
+            }
+            None => {
+                let limit = shared.settings.buffer_limit;
+                let fut = Box::pin(body::buffer(body, limit));
+                ResponseFuture::buffering(shared, fut, parts, caller, inner)
+            }
+        }
+    }
+}

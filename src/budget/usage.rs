@@ -1,0 +1,359 @@
+//! Settlement: correcting a request's charge with the usage its response reports.
+//!
+//! The response body is wrapped in [`ResponseBody`], which passes every frame on
+//! unchanged and at once, while a small scanner reads the bytes as they go by:
+//! the `message_start` and `message_delta` events of an event stream, or the
+//! top-level `usage` object of a JSON answer. Nothing is buffered beyond a
+//! bounded line (or the `usage` object itself). The charge is corrected
+//! (`actual - reserved`, per dimension) as soon as the usage is final:
+//!
+//! | The response | What is settled |
+//! |---|---|
+//! | event stream reaching `message_stop` | the usage the events reported, at that event |
+//! | event stream with an `event: error` (possible after a 200) | what the events said until then |
+//! | event stream ending or dropped before either | input from `message_start` if seen; output at the larger of what was reported and what was reserved (the server may have produced more than the last event said) |
+//! | JSON with a `usage` object | that usage, when the body ends (or is dropped after it) |
+//! | an error status (not 429) without usage | the output reservation is refunded (no output was produced); requests and input are kept |
+//! | anything else without usage | the charge is kept as reserved |
+//!
+//! With a final usage, the estimator is told (`TokenEstimator::observe`) and,
+//! when the request said its `max_tokens`, the output ratio
+//! (`output_tokens / max_tokens`) is learned for realtime mode.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::ledger::CostDelta;
+use super::scan::{JsonScanner, SseScanner, StreamEnd};
+use super::state::{difference, Charge, Shared};
+use crate::estimate::Usage;
+
+pin_project! {
+    /// The response body of a [`TokenBudget`](super::TokenBudget) service.
+    ///
+    /// Either the inner service's body, passed through frame by frame while
+    /// its usage is read (see the [module docs](self)), or, in enforce mode,
+    /// the JSON of a 429 answer made by the budget itself.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping the body settles with what it had read so far.
+    #[derive(Debug)]
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    #[derive(Debug)]
+    enum Kind<B> {
+        Inner {
+            #[pin]
+            body: B,
+            tracker: Option<Tracker>,
+        },
+        Full {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// The inner body, passed through without reading its usage.
+    pub(crate) fn plain(body: B) -> Self {
+        Self {
+            kind: Kind::Inner {
+                body,
+                tracker: None,
+            },
+        }
+    }
+
+    /// The inner body, settling `tracker` as its usage passes.
+    pub(crate) fn observed(body: B, tracker: Tracker) -> Self {
+        Self {
+            kind: Kind::Inner {
+                body,
+                tracker: Some(tracker),
+            },
+        }
+    }
+
+    /// A body of these bytes (enforce mode's 429 answers).
+    pub(crate) fn full(bytes: Bytes) -> Self {
+        Self {
+            kind: Kind::Full {
+                data: (!bytes.is_empty()).then_some(bytes),
+            },
+        }
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Inner { mut body, tracker } => match ready!(body.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
+                    if let Some(t) = tracker.as_mut() {
+                        if let Some(data) = frame.data_ref() {
+                            t.push(data);
+                        }
+                        if t.is_final() {
+                            t.conclude(End::Final);
+                            *tracker = None;
+                        } else if body.is_end_stream() {
+                            t.conclude(End::Ended);
+                            *tracker = None;
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(e)) => {
+                    if let Some(mut t) = tracker.take() {
+                        t.conclude(End::Broken);
+                    }
+                    Poll::Ready(Some(Err(e)))
+                }
+                None => {
+                    if let Some(mut t) = tracker.take() {
+                        t.conclude(End::Ended);
+                    }
+                    Poll::Ready(None)
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { data } => data.is_none(),
+            Kind::Inner { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Inner { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Scanner {
+    Sse(SseScanner),
+    Json(JsonScanner),
+}
+
+/// How the body stopped being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The scanner saw the final event (`message_stop` or `error`).
+    Final,
+    /// The body ended normally.
+    Ended,
+    /// The body failed (a transport error mid-body).
+    Broken,
+    /// The body was dropped before it ended.
+    Dropped,
+}
+
+/// Reads one response's usage and settles its charge once.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    shared: Arc<Shared>,
+    charge: Charge,
+    scanner: Scanner,
+    error_status: bool,
+    done: bool,
+}
+
+impl Tracker {
+    pub(crate) fn new(shared: Arc<Shared>, charge: Charge, sse: bool, error_status: bool) -> Self {
+        Self {
+            shared,
+            charge,
+            scanner: if sse {
+                Scanner::Sse(SseScanner::default())
+            } else {
+                Scanner::Json(JsonScanner::default())
+            },
+            error_status,
+            done: false,
+        }
+    }
+
+    /// Settles a response whose body is empty (ended before any frame).
+    pub(crate) fn conclude_empty(mut self) {
+        self.conclude(End::Ended);
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        match &mut self.scanner {
+            Scanner::Sse(s) => s.push(data),
+            Scanner::Json(j) => j.push(data),
+        }
+    }
+
+    fn is_final(&self) -> bool {
+        matches!(&self.scanner, Scanner::Sse(s) if s.end.is_some())
+    }
+
+    fn conclude(&mut self, end: End) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let reserved = self.charge.costs;
+        let outcome = match &mut self.scanner {
+            Scanner::Sse(s) => {
+                if end == End::Ended {
+                    s.finish();
+                }
+                match s.end {
+                    Some(StreamEnd::Stopped) => Outcome::Complete(s.usage),
+                    Some(StreamEnd::Errored) => Outcome::Stopped {
+                        usage: s.usage,
+                        input_known: s.saw_start,
+                    },
+                    None if end == End::Ended && self.error_status && !s.saw_start => {
+                        Outcome::NoOutput
+                    }
+                    None => Outcome::Truncated {
+                        usage: s.usage,
+                        input_known: s.saw_start,
+                    },
+                }
+            }
+            Scanner::Json(j) => match j.usage {
+                Some(usage) => Outcome::Complete(usage),
+                None if self.error_status && end == End::Ended => Outcome::NoOutput,
+                None => Outcome::Keep,
+            },
+        };
+        let input_of = |u: &Usage| {
+            let mut input = u.input_tokens.saturating_add(u.cache_creation_input_tokens);
+            if self.charge.cache_reads_count {
+                input = input.saturating_add(u.cache_read_input_tokens);
+            }
+            input
+        };
+        let (delta, ratio, observed) = match outcome {
+            Outcome::Complete(u) => {
+                let ratio = self
+                    .charge
+                    .estimate
+                    .max_tokens
+                    .filter(|m| *m > 0)
+                    .map(|m| u.output_tokens as f64 / m as f64);
+                let delta = CostDelta {
+                    requests: 0,
+                    input_tokens: difference(input_of(&u), reserved.input_tokens),
+                    output_tokens: difference(u.output_tokens, reserved.output_tokens),
+                };
+                (delta, ratio, Some(u))
+            }
+            Outcome::Stopped { usage, input_known } => {
+                let input = if input_known {
+                    difference(input_of(&usage), reserved.input_tokens)
+                } else {
+                    0
+                };
+                let delta = CostDelta {
+                    requests: 0,
+                    input_tokens: input,
+                    output_tokens: difference(usage.output_tokens, reserved.output_tokens),
+                };
+                (delta, None, input_known.then_some(usage))
+            }
+            Outcome::Truncated { usage, input_known } => {
+                let input = if input_known {
+                    difference(input_of(&usage), reserved.input_tokens)
+                } else {
+                    0
+                };
+                let output = usage.output_tokens.max(reserved.output_tokens);
+                let delta = CostDelta {
+                    requests: 0,
+                    input_tokens: input,
+                    output_tokens: difference(output, reserved.output_tokens),
+                };
+                (delta, None, None)
+            }
+            Outcome::NoOutput => (
+                CostDelta {
+                    output_tokens: difference(0, reserved.output_tokens),
+                    ..CostDelta::default()
+                },
+                None,
+                None,
+            ),
+            Outcome::Keep => (CostDelta::default(), None, None),
+        };
+        if let Some(usage) = observed.as_ref() {
+            self.shared.estimator.observe(&self.charge.estimate, usage);
+        }
+        self.shared.correct(&self.charge, delta, ratio);
+        tracing::debug!(
+            key = %self.charge.key,
+            outcome = outcome.name(),
+            end = ?end,
+            reserved_input = reserved.input_tokens,
+            reserved_output = reserved.output_tokens,
+            delta_input = delta.input_tokens,
+            delta_output = delta.output_tokens,
+            "budget: settled"
+        );
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.conclude(End::Dropped);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// The final usage is known.
+    Complete(Usage),
+    /// The server stopped (an `error` event): what the events said is final.
+    Stopped { usage: Usage, input_known: bool },
+    /// The stream stopped being read before its end.
+    Truncated { usage: Usage, input_known: bool },
+    /// An error answer with no usage: no output was produced.
+    NoOutput,
+    /// Nothing is known: the charge stands.
+    Keep,
+}
+
+impl Outcome {
+    fn name(&self) -> &'static str {
+        match self {
+            Outcome::Complete(_) => "complete",
+            Outcome::Stopped { .. } => "stopped",
+            Outcome::Truncated { .. } => "truncated",
+            Outcome::NoOutput => "no_output",
+            Outcome::Keep => "kept",
+        }
+    }
+}

@@ -1,0 +1,274 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::adaptive::{Outcome, Signal};
+use super::semaphore::{Permit, Waiter};
+use crate::{BoxError, Error};
+
+pin_project! {
+    /// The response future of [`Concurrency`](super::Concurrency): waits for a
+    /// slot (if the request had to queue), calls the inner service, and wraps the
+    /// response body so that the slot is held until the body ends.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping it while waiting gives back its place in line (or the slot a
+    /// release had just handed to it, which goes to the next waiter); dropping it
+    /// while the inner call runs frees the slot. Nothing is leaked either way.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Overloaded`](crate::Error::Overloaded) (boxed) if the wait queue
+    /// was full when the request was called; otherwise the inner service's error,
+    /// boxed as it is.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        Waiting {
+            waiter: Waiter,
+            // Boxed: only queued requests pay for carrying the service and the
+            // request, and the future stays small on the fast path.
+            call: Option<Box<(S, Request<B>)>>,
+        },
+        Called {
+            #[pin]
+            future: S::Future,
+            permit: Option<Permit>,
+            started: Option<Instant>,
+        },
+        Shed {
+            waiting: usize,
+        },
+        Done,
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn called(future: S::Future, permit: Permit) -> Self {
+        // Fixed mode never reads the start time: skip the clock.
+        let started = permit.is_adaptive().then(Instant::now);
+        ResponseFuture {
+            state: State::Called {
+                future,
+                permit: Some(permit),
+                started,
+            },
+        }
+    }
+
+    pub(crate) fn waiting(waiter: Waiter, service: S, request: Request<B>) -> Self {
+        ResponseFuture {
+            state: State::Waiting {
+                waiter,
+                call: Some(Box::new((service, request))),
+            },
+        }
+    }
+
+    pub(crate) fn shed(waiting: usize) -> Self {
+        ResponseFuture {
+            state: State::Shed { waiting },
+        }
+    }
+}
+
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Waiting { .. } => "waiting",
+            State::Called { .. } => "called",
+            State::Shed { .. } => "shed",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<S, B, R> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+    S::Error: Into<BoxError>,
+    R: Body,
+{
+    type Output = Result<Response<ConcurrencyBody<R>>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let mut this = self.as_mut().project();
+            match this.state.as_mut().project() {
+                StateProj::Waiting { waiter, call } => {
+                    let permit = ready!(waiter.poll_acquire(cx));
+                    let Some(pending) = call.take() else {
+                        // Unreachable: both are taken only here, right before leaving this state.
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(Error::Overloaded { waiting: 0 }.into()));
+                    };
+                    let (mut service, request) = *pending;
+                    let future = service.call(request);
+                    let started = Some(Instant::now());
+                    this.state.set(State::Called {
+                        future,
+                        permit: Some(permit),
+                        started,
+                    });
+                }
+                StateProj::Called {
+                    future,
+                    permit,
+                    started,
+                } => {
+                    let result = ready!(future.poll(cx));
+                    let permit = permit.take();
+                    let started = *started;
+                    this.state.set(State::Done);
+                    return Poll::Ready(match result {
+                        Ok(response) => Ok(on_response(response, permit, started)),
+                        Err(err) => {
+                            let err: BoxError = err.into();
+                            if let Some(p) = permit.as_ref().filter(|p| p.is_adaptive()) {
+                                let outcome = if p.is_timeout(&*err) {
+                                    Outcome::Dropped(Signal::Timeout)
+                                } else {
+                                    Outcome::Neutral
+                                };
+                                p.observe(outcome);
+                            }
+                            // `permit` drops here: the slot is free.
+                            Err(err)
+                        }
+                    });
+                }
+                StateProj::Shed { waiting } => {
+                    let waiting = *waiting;
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(Error::Overloaded { waiting }.into()));
+                }
+                StateProj::Done => return Poll::Pending,
+            }
+        }
+    }
+}
+
+fn on_response<R: Body>(
+    response: Response<R>,
+    permit: Option<Permit>,
+    started: Option<Instant>,
+) -> Response<ConcurrencyBody<R>> {
+    if let Some(p) = permit.as_ref().filter(|p| p.is_adaptive()) {
+        let outcome = match response.status().as_u16() {
+            code @ (429 | 503 | 529) => Outcome::Dropped(Signal::Status(code)),
+            _ => Outcome::Success {
+                head_latency: started
+                    .map(|t| Instant::now().saturating_duration_since(t))
+                    .unwrap_or_default(),
+            },
+        };
+        p.observe(outcome);
+    }
+    response.map(|body| ConcurrencyBody::new(body, permit))
+}
+
+pin_project! {
+    /// A response body that holds its request's concurrency slot until the body
+    /// ends: its last frame, an error, or being dropped.
+    ///
+    /// Frames, trailers, errors, [`size_hint`](Body::size_hint) and
+    /// [`is_end_stream`](Body::is_end_stream) pass through unchanged.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping the body mid-stream frees the slot.
+    pub struct ConcurrencyBody<B> {
+        #[pin]
+        inner: B,
+        permit: Option<Permit>,
+    }
+}
+
+impl<B: Body> ConcurrencyBody<B> {
+    fn new(inner: B, permit: Option<Permit>) -> Self {
+        // An empty body (or one already at its end) holds nothing.
+        let permit = if inner.is_end_stream() { None } else { permit };
+        ConcurrencyBody { inner, permit }
+    }
+}
+
+impl<B> ConcurrencyBody<B> {
+    /// Whether this body still holds a slot.
+    pub fn holds_slot(&self) -> bool {
+        self.permit.is_some()
+    }
+
+    /// The wrapped body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// The wrapped body, consuming the wrapper (which frees the slot).
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B> fmt::Debug for ConcurrencyBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyBody")
+            .field("holds_slot", &self.permit.is_some())
+            .finish()
+    }
+}
+
+impl<B: Body> Body for ConcurrencyBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            Some(Ok(_)) if !this.inner.is_end_stream() => {}
+            // The end, or an error: the upstream is done with this request.
+            _ => drop(this.permit.take()),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

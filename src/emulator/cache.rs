@@ -1,0 +1,178 @@
+//! The emulator's prompt cache: which prefixes were seen, until when.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::tokens::{CacheTtl, Unit};
+
+/// What the cache makes of a request's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct CacheOutcome {
+    /// Tokens read from the cache (the longest live prefix ending at a breakpoint).
+    pub(crate) read: u64,
+    /// Tokens written to the cache with a 5-minute TTL.
+    pub(crate) write_5m: u64,
+    /// Tokens written to the cache with a 1-hour TTL.
+    pub(crate) write_1h: u64,
+    /// Tokens after the last breakpoint (or not cacheable).
+    pub(crate) uncached: u64,
+}
+
+impl CacheOutcome {
+    /// All cache writes.
+    pub(crate) fn written(&self) -> u64 {
+        self.write_5m + self.write_1h
+    }
+}
+
+/// Prefix hash -> expiry, per model (the model is part of the hash).
+#[derive(Debug, Default)]
+pub(crate) struct PromptCache {
+    entries: HashMap<u64, Instant>,
+    min_tokens: u64,
+    last_prune: Option<Instant>,
+}
+
+fn ttl(t: CacheTtl) -> Duration {
+    match t {
+        CacheTtl::FiveMinutes => Duration::from_secs(5 * 60),
+        CacheTtl::OneHour => Duration::from_secs(60 * 60),
+    }
+}
+
+impl PromptCache {
+    /// A cache that only stores prefixes of at least `min_tokens` tokens.
+    pub(crate) fn new(min_tokens: u64) -> Self {
+        PromptCache {
+            entries: HashMap::new(),
+            min_tokens,
+            last_prune: None,
+        }
+    }
+
+    /// Works out reads and writes for `units` without changing the cache.
+    ///
+    /// The longest prefix that ends at a breakpoint and is live is read; the
+    /// tokens from there to the last breakpoint are written (each span with
+    /// the TTL of the breakpoint that closes it); the rest is uncached input.
+    /// A prefix shorter than the minimum cacheable length is neither read nor
+    /// written.
+    pub(crate) fn lookup(&self, units: &[Unit], now: Instant) -> CacheOutcome {
+        let mut cumulative = 0u64;
+        let mut read = 0u64;
+        let mut last_breakpoint = 0u64;
+        let mut spans: Vec<(u64, CacheTtl)> = Vec::new();
+        for unit in units {
+            cumulative += unit.tokens;
+            if let Some(t) = unit.breakpoint {
+                if cumulative < self.min_tokens {
+                    continue;
+                }
+                spans.push((cumulative, t));
+                last_breakpoint = cumulative;
+                if self
+                    .entries
+                    .get(&unit.prefix_hash)
+                    .is_some_and(|exp| *exp > now)
+                {
+                    read = cumulative;
+                }
+            }
+        }
+        let mut outcome = CacheOutcome {
+            read,
+            uncached: cumulative - last_breakpoint,
+            ..CacheOutcome::default()
+        };
+        let mut start = read;
+        for (end, t) in spans {
+            if end <= start {
+                continue;
+            }
+            match t {
+                CacheTtl::FiveMinutes => outcome.write_5m += end - start,
+                CacheTtl::OneHour => outcome.write_1h += end - start,
+            }
+            start = end;
+        }
+        outcome
+    }
+
+    /// Records the request's breakpoints as seen at `now` (a read refreshes
+    /// the entry's lifetime, as the API does).
+    pub(crate) fn commit(&mut self, units: &[Unit], now: Instant) {
+        let mut cumulative = 0u64;
+        for unit in units {
+            cumulative += unit.tokens;
+            if let Some(t) = unit.breakpoint {
+                if cumulative < self.min_tokens {
+                    continue;
+                }
+                let until = now + ttl(t);
+                let entry = self.entries.entry(unit.prefix_hash).or_insert(until);
+                if *entry < until {
+                    *entry = until;
+                }
+            }
+        }
+        let due = self
+            .last_prune
+            .map_or(true, |t| now.duration_since(t) >= Duration::from_secs(60));
+        if due {
+            self.entries.retain(|_, exp| *exp > now);
+            self.last_prune = Some(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::tokens::{parse_request, Endpoint};
+
+    fn units(system: &str, user: &str) -> Vec<Unit> {
+        let body = serde_json::json!({"model":"m","max_tokens":1,
+            "system":[{"type":"text","text":system,"cache_control":{"type":"ephemeral"}}],
+            "messages":[{"role":"user","content":user}]});
+        parse_request(&serde_json::to_vec(&body).unwrap(), Endpoint::Messages)
+            .unwrap()
+            .units
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn write_then_read_then_expire() {
+        let mut cache = PromptCache::new(0);
+        let u = units("abcd abcd abcd", "hello");
+        let now = Instant::now();
+        let first = cache.lookup(&u, now);
+        assert_eq!(
+            first,
+            CacheOutcome {
+                read: 0,
+                write_5m: 3,
+                write_1h: 0,
+                uncached: 2 + 3
+            }
+        );
+        cache.commit(&u, now);
+        let second = cache.lookup(&u, now + Duration::from_secs(299));
+        assert_eq!(second.read, 3);
+        assert_eq!(second.written(), 0);
+        // the read at 299 s refreshes it
+        cache.commit(&u, now + Duration::from_secs(299));
+        assert_eq!(cache.lookup(&u, now + Duration::from_secs(500)).read, 3);
+        assert_eq!(cache.lookup(&u, now + Duration::from_secs(600)).read, 0);
+        // a different prefix misses
+        assert_eq!(cache.lookup(&units("other", "hello"), now).read, 0);
+    }
+
+    #[test]
+    fn below_minimum_is_not_cached() {
+        let cache = PromptCache::new(1024);
+        let o = cache.lookup(&units("abcd", "hi"), Instant::now());
+        assert_eq!(o.written(), 0);
+        assert_eq!(o.uncached, 1 + 1 + 3);
+    }
+}

@@ -1,0 +1,141 @@
+//! Serving the emulator: over TCP (hyper) and as an axum `Router`.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body as AxumBody;
+use http::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tower_service::Service;
+
+use super::body::EmulatorBody;
+use super::service::EmulatorService;
+use super::Emulator;
+
+impl Emulator {
+    /// Serves HTTP/1.1 on `listener` until the returned future is dropped (or
+    /// accepting fails fatally). Each connection runs in its own task.
+    ///
+    /// A `connection_reset` fault closes the connection without an answer.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping the future stops accepting; connections already accepted run
+    /// to their end in their own tasks.
+    ///
+    /// # Errors
+    ///
+    /// Never returns `Ok`; it returns the listener's error only when the
+    /// listener itself is unusable (transient accept errors, such as too many
+    /// open files, are logged and retried after a short pause).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// use tower_llm_limits::budget::limits::Limits;
+    /// use tower_llm_limits::emulator::Emulator;
+    ///
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// println!("listening on http://{}", listener.local_addr()?);
+    /// Emulator::new(Limits::new(50, 30_000, 8_000)).serve(listener).await
+    /// # }
+    /// ```
+    pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "emulator: accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let service = self.service();
+            tokio::spawn(async move {
+                let hyper_service = hyper::service::service_fn(move |request| {
+                    let mut service = service.clone();
+                    service.call(request)
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), hyper_service);
+                if let Err(e) = connection.await {
+                    tracing::debug!(%peer, error = %e, "emulator: connection closed with an error");
+                }
+            });
+        }
+    }
+
+    /// An axum `Router` serving the emulator at `/v1/messages` and
+    /// `/v1/messages/count_tokens` (any other path: `404 not_found_error`),
+    /// to nest in an app or to serve with `axum::serve`.
+    ///
+    /// axum services cannot fail, so a `connection_reset` fault is an answer
+    /// whose body fails when read (hyper then aborts the connection); use
+    /// [`Emulator::serve`] for a reset before any answer.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower::ServiceExt;
+    /// use tower_llm_limits::budget::limits::Limits;
+    /// use tower_llm_limits::emulator::Emulator;
+    ///
+    /// let app = Emulator::new(Limits::new(50, 30_000, 8_000)).router();
+    /// let request = http::Request::get("/v1/models").body(axum::body::Body::empty()).unwrap();
+    /// let response = app.oneshot(request).await.unwrap();
+    /// assert_eq!(response.status(), 404);
+    /// # }
+    /// ```
+    pub fn router(&self) -> axum::Router {
+        axum::Router::new().fallback_service(RouterService {
+            inner: self.service(),
+        })
+    }
+}
+
+fn is_fatal(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), InvalidInput | Unsupported | PermissionDenied)
+}
+
+/// [`EmulatorService`] adapted to axum (`Error = Infallible`): made by
+/// [`Emulator::router`]. A failure becomes an answer whose body fails.
+#[derive(Clone)]
+pub struct RouterService {
+    inner: EmulatorService,
+}
+
+impl fmt::Debug for RouterService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterService").finish_non_exhaustive()
+    }
+}
+
+impl Service<Request<AxumBody>> for RouterService {
+    type Response = Response<AxumBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<AxumBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<AxumBody>) -> Self::Future {
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            Ok(match future.await {
+                Ok(response) => response.map(AxumBody::new),
+                Err(e) => Response::new(AxumBody::new(EmulatorBody::failed(e))),
+            })
+        })
+    }
+}

@@ -1,0 +1,542 @@
+//! The emulator's own token counter and request reader.
+//!
+//! Deliberately *not* the client's estimator: a word- and punctuation-based
+//! rule, so that a client estimating with characters per token makes a real,
+//! measurable error, as it does against the real API.
+//!
+//! The rule (deterministic, documented so tests and plots can reproduce it):
+//! - a run of letters and digits (a "word") of `n` characters is `ceil(n / 4)` tokens;
+//! - every other character that is not whitespace (punctuation, `_`, symbols) is 1 token;
+//! - each message adds [`MESSAGE_OVERHEAD`] tokens (its role framing);
+//! - an image is [`IMAGE_TOKENS`] tokens whatever its size;
+//! - a document with a base64 source is [`DOCUMENT_PAGE_TOKENS`] per started
+//!   [`DOCUMENT_PAGE_CHARS`] characters of data; with a URL or file source, one page;
+//!   with a text source, its text;
+//! - a tool definition is counted as its JSON text (without `cache_control`);
+//! - `tool_use` counts its name and its input as JSON text; `tool_result` counts its content;
+//!   `thinking` its thinking text; any other block its JSON text.
+
+use http::request::Parts;
+use serde_json::{Map, Value};
+
+use super::rng::{fnv1a, FNV_OFFSET};
+use crate::estimate::{Estimate, TokenEstimator};
+
+/// Tokens added for each message (role framing).
+pub const MESSAGE_OVERHEAD: u64 = 3;
+/// Tokens charged for one image, whatever its size.
+pub const IMAGE_TOKENS: u64 = 1_600;
+/// Tokens charged per page of a base64 (PDF) document.
+pub const DOCUMENT_PAGE_TOKENS: u64 = 2_000;
+/// Characters of base64 data counted as one document page.
+pub const DOCUMENT_PAGE_CHARS: usize = 100_000;
+
+/// Counts the tokens of a text under the emulator's rule.
+///
+/// # Examples
+///
+/// ```
+/// use tower_llm_limits::emulator::count_text;
+/// // "Hello" (5 chars -> 2), "," (1), "world" (2), "!" (1)
+/// assert_eq!(count_text("Hello, world!"), 6);
+/// assert_eq!(count_text("  "), 0);
+/// ```
+pub fn count_text(text: &str) -> u64 {
+    let mut tokens = 0u64;
+    let mut run = 0u64;
+    for c in text.chars() {
+        if c.is_alphanumeric() {
+            run += 1;
+        } else {
+            tokens += run.div_ceil(4);
+            run = 0;
+            if !c.is_whitespace() {
+                tokens += 1;
+            }
+        }
+    }
+    tokens + run.div_ceil(4)
+}
+
+/// How long a prompt-cache entry lives after its last use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CacheTtl {
+    /// `"ttl": "5m"` (the default).
+    FiveMinutes,
+    /// `"ttl": "1h"`.
+    OneHour,
+}
+
+/// One piece of the prompt, in cache order (tools, then system, then messages).
+#[derive(Debug, Clone)]
+pub(crate) struct Unit {
+    /// Its tokens.
+    pub(crate) tokens: u64,
+    /// Hash of the whole prefix up to and including this unit (and the model).
+    pub(crate) prefix_hash: u64,
+    /// A `cache_control` breakpoint on this unit.
+    pub(crate) breakpoint: Option<CacheTtl>,
+}
+
+/// A request read and validated.
+#[derive(Debug, Clone)]
+pub(crate) struct ParsedRequest {
+    pub(crate) model: String,
+    pub(crate) max_tokens: Option<u64>,
+    pub(crate) stream: bool,
+    pub(crate) units: Vec<Unit>,
+    /// Sum of the units' tokens.
+    pub(crate) total_tokens: u64,
+    /// Hash of the whole body, for per-request draws that must not depend on order.
+    pub(crate) content_hash: u64,
+}
+
+/// Which endpoint a body is validated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    Messages,
+    CountTokens,
+}
+
+/// Reads and validates a request body; `Err` carries the `invalid_request_error` message.
+pub(crate) fn parse_request(body: &[u8], endpoint: Endpoint) -> Result<ParsedRequest, String> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("There was an error parsing the body of your request: {e}"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| "Input should be a valid dictionary or object".to_string())?;
+
+    let model = match obj.get("model") {
+        None | Some(Value::Null) => return Err("model: Field required".into()),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            return Err("model: String should have at least 1 character".into())
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err("model: Input should be a valid string".into()),
+    };
+
+    let max_tokens = match (obj.get("max_tokens"), endpoint) {
+        (None | Some(Value::Null), Endpoint::Messages) => {
+            return Err("max_tokens: Field required".into())
+        }
+        (None | Some(Value::Null), Endpoint::CountTokens) => None,
+        (Some(v), _) => match v.as_u64() {
+            Some(0) => return Err("max_tokens: Input should be greater than or equal to 1".into()),
+            Some(n) => Some(n),
+            None if v.as_i64().is_some() => {
+                return Err("max_tokens: Input should be greater than or equal to 1".into())
+            }
+            None => return Err("max_tokens: Input should be a valid integer".into()),
+        },
+    };
+
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("stream: Input should be a valid boolean".into()),
+    };
+
+    let messages = match obj.get("messages") {
+        None | Some(Value::Null) => return Err("messages: Field required".into()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err("messages: Input should be a valid list".into()),
+    };
+    if messages.is_empty() {
+        return Err("messages: at least one message is required".into());
+    }
+
+    let mut builder = UnitBuilder::new(&model);
+
+    if let Some(tools) = obj.get("tools") {
+        match tools {
+            Value::Null => {}
+            Value::Array(tools) => {
+                for (i, tool) in tools.iter().enumerate() {
+                    let tool = tool
+                        .as_object()
+                        .ok_or_else(|| format!("tools.{i}: Input should be a valid dictionary"))?;
+                    let ttl = breakpoint(tool, &format!("tools.{i}"))?;
+                    let stripped = without_cache_control(tool);
+                    builder.push(count_json(&stripped), &stripped, ttl);
+                }
+            }
+            _ => return Err("tools: Input should be a valid list".into()),
+        }
+    }
+
+    match obj.get("system") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            builder.push(count_text(s), &Value::String(s.clone()), None);
+        }
+        Some(Value::Array(blocks)) => {
+            for (i, block) in blocks.iter().enumerate() {
+                let path = format!("system.{i}");
+                let block = block
+                    .as_object()
+                    .ok_or_else(|| format!("{path}: Input should be a valid dictionary"))?;
+                let tokens = count_block(block, &path)?;
+                let ttl = breakpoint(block, &path)?;
+                builder.push(tokens, &without_cache_control(block), ttl);
+            }
+        }
+        Some(_) => return Err("system: Input should be a valid string or list".into()),
+    }
+
+    for (i, message) in messages.iter().enumerate() {
+        let path = format!("messages.{i}");
+        let message = message
+            .as_object()
+            .ok_or_else(|| format!("{path}: Input should be a valid dictionary"))?;
+        let role = match message.get("role") {
+            Some(Value::String(r)) if r == "user" || r == "assistant" => r.as_str(),
+            None => return Err(format!("{path}.role: Field required")),
+            Some(_) => {
+                return Err(format!(
+                    "{path}.role: Input should be 'user' or 'assistant'"
+                ))
+            }
+        };
+        let role_value = Value::String(role.to_string());
+        match message.get("content") {
+            None | Some(Value::Null) => return Err(format!("{path}.content: Field required")),
+            Some(Value::String(s)) => {
+                let canon = Value::Array(vec![role_value, Value::String(s.clone())]);
+                builder.push(MESSAGE_OVERHEAD + count_text(s), &canon, None);
+            }
+            Some(Value::Array(blocks)) => {
+                if blocks.is_empty() {
+                    builder.push(MESSAGE_OVERHEAD, &role_value, None);
+                }
+                for (j, block) in blocks.iter().enumerate() {
+                    let bpath = format!("{path}.content.{j}");
+                    let block = block
+                        .as_object()
+                        .ok_or_else(|| format!("{bpath}: Input should be a valid dictionary"))?;
+                    let mut tokens = count_block(block, &bpath)?;
+                    let ttl = breakpoint(block, &bpath)?;
+                    let stripped = without_cache_control(block);
+                    let canon = if j == 0 {
+                        tokens += MESSAGE_OVERHEAD;
+                        Value::Array(vec![role_value.clone(), stripped])
+                    } else {
+                        stripped
+                    };
+                    builder.push(tokens, &canon, ttl);
+                }
+            }
+            Some(_) => {
+                return Err(format!(
+                    "{path}.content: Input should be a valid string or list"
+                ))
+            }
+        }
+    }
+
+    let total_tokens = builder.units.iter().map(|u| u.tokens).sum();
+    Ok(ParsedRequest {
+        model,
+        max_tokens,
+        stream,
+        units: builder.units,
+        total_tokens,
+        content_hash: fnv1a(FNV_OFFSET, body),
+    })
+}
+
+struct UnitBuilder {
+    hash: u64,
+    units: Vec<Unit>,
+}
+
+impl UnitBuilder {
+    fn new(model: &str) -> Self {
+        UnitBuilder {
+            hash: fnv1a(FNV_OFFSET, model.as_bytes()),
+            units: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, tokens: u64, canonical: &Value, breakpoint: Option<CacheTtl>) {
+        let bytes = serde_json::to_vec(canonical).unwrap_or_default();
+        self.hash = fnv1a(self.hash ^ 0xFF, &bytes);
+        self.units.push(Unit {
+            tokens,
+            prefix_hash: self.hash,
+            breakpoint,
+        });
+    }
+}
+
+fn without_cache_control(obj: &Map<String, Value>) -> Value {
+    let mut copy = obj.clone();
+    copy.remove("cache_control");
+    Value::Object(copy)
+}
+
+fn breakpoint(obj: &Map<String, Value>, path: &str) -> Result<Option<CacheTtl>, String> {
+    match obj.get("cache_control") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(cc)) => {
+            match cc.get("type") {
+                Some(Value::String(t)) if t == "ephemeral" => {}
+                _ => {
+                    return Err(format!(
+                        "{path}.cache_control.type: Input should be 'ephemeral'"
+                    ))
+                }
+            }
+            match cc.get("ttl") {
+                None | Some(Value::Null) => Ok(Some(CacheTtl::FiveMinutes)),
+                Some(Value::String(t)) if t == "5m" => Ok(Some(CacheTtl::FiveMinutes)),
+                Some(Value::String(t)) if t == "1h" => Ok(Some(CacheTtl::OneHour)),
+                Some(_) => Err(format!(
+                    "{path}.cache_control.ttl: Input should be '5m' or '1h'"
+                )),
+            }
+        }
+        Some(_) => Err(format!(
+            "{path}.cache_control: Input should be a valid dictionary"
+        )),
+    }
+}
+
+fn count_json(value: &Value) -> u64 {
+    count_text(&serde_json::to_string(value).unwrap_or_default())
+}
+
+fn str_field<'a>(
+    block: &'a Map<String, Value>,
+    field: &str,
+    path: &str,
+) -> Result<&'a str, String> {
+    match block.get(field) {
+        Some(Value::String(s)) => Ok(s),
+        None => Err(format!("{path}.{field}: Field required")),
+        Some(_) => Err(format!("{path}.{field}: Input should be a valid string")),
+    }
+}
+
+/// Counts one content block (validating what the count depends on).
+fn count_block(block: &Map<String, Value>, path: &str) -> Result<u64, String> {
+    let kind = str_field(block, "type", path)?;
+    match kind {
+        "text" => Ok(count_text(str_field(block, "text", path)?)),
+        "image" => Ok(IMAGE_TOKENS),
+        "document" => {
+            let source = block
+                .get("source")
+                .and_then(Value::as_object)
+                .ok_or_else(|| format!("{path}.source: Field required"))?;
+            let mut tokens = match source.get("type").and_then(Value::as_str) {
+                Some("text") => {
+                    count_text(source.get("data").and_then(Value::as_str).unwrap_or(""))
+                }
+                Some("content") => match source.get("content") {
+                    Some(Value::String(s)) => count_text(s),
+                    Some(Value::Array(blocks)) => {
+                        let mut sum = 0;
+                        for (k, b) in blocks.iter().enumerate() {
+                            let bpath = format!("{path}.source.content.{k}");
+                            let b = b.as_object().ok_or_else(|| {
+                                format!("{bpath}: Input should be a valid dictionary")
+                            })?;
+                            sum += count_block(b, &bpath)?;
+                        }
+                        sum
+                    }
+                    _ => 0,
+                },
+                Some("base64") => {
+                    let len = source
+                        .get("data")
+                        .and_then(Value::as_str)
+                        .map_or(0, str::len);
+                    DOCUMENT_PAGE_TOKENS * (len.div_ceil(DOCUMENT_PAGE_CHARS).max(1) as u64)
+                }
+                _ => DOCUMENT_PAGE_TOKENS,
+            };
+            for field in ["title", "context"] {
+                if let Some(Value::String(s)) = block.get(field) {
+                    tokens += count_text(s);
+                }
+            }
+            Ok(tokens)
+        }
+        "tool_use" | "server_tool_use" => {
+            let name = block.get("name").and_then(Value::as_str).unwrap_or("");
+            let input = block.get("input").map_or(0, count_json);
+            Ok(count_text(name) + input)
+        }
+        "tool_result" => match block.get("content") {
+            None | Some(Value::Null) => Ok(0),
+            Some(Value::String(s)) => Ok(count_text(s)),
+            Some(Value::Array(blocks)) => {
+                let mut sum = 0;
+                for (k, b) in blocks.iter().enumerate() {
+                    let bpath = format!("{path}.content.{k}");
+                    let b = b
+                        .as_object()
+                        .ok_or_else(|| format!("{bpath}: Input should be a valid dictionary"))?;
+                    sum += count_block(b, &bpath)?;
+                }
+                Ok(sum)
+            }
+            Some(_) => Err(format!(
+                "{path}.content: Input should be a valid string or list"
+            )),
+        },
+        "thinking" => Ok(count_text(
+            block.get("thinking").and_then(Value::as_str).unwrap_or(""),
+        )),
+        "redacted_thinking" => Ok(count_text(
+            block.get("data").and_then(Value::as_str).unwrap_or(""),
+        )),
+        _ => Ok(count_json(&without_cache_control(block))),
+    }
+}
+
+/// The emulator's token counter as a [`TokenEstimator`]: a perfect estimate of
+/// what the emulator will count, without its prompt-cache state (cache reads
+/// are counted as uncached input).
+///
+/// Useful as the "oracle" beside a real estimator in a simulation, and to
+/// compute true counts in tests. It is not what a client of the real API can
+/// know.
+///
+/// # Examples
+///
+/// ```
+/// use tower_llm_limits::emulator::TokenCounter;
+///
+/// let body = br#"{"model":"claude-sonnet-4-5","max_tokens":10,
+///     "messages":[{"role":"user","content":"Hello, world!"}]}"#;
+/// // 6 tokens of text + 3 for the message
+/// assert_eq!(TokenCounter.count_request(body), Ok(9));
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenCounter;
+
+impl TokenCounter {
+    /// Counts the input tokens of a Messages (or count_tokens) request body,
+    /// without cache state: what `POST /v1/messages/count_tokens` answers.
+    ///
+    /// # Errors
+    ///
+    /// The `invalid_request_error` message the emulator would answer with,
+    /// when the body is not a valid request.
+    pub fn count_request(&self, body: &[u8]) -> Result<u64, String> {
+        parse_request(body, Endpoint::CountTokens).map(|p| p.total_tokens)
+    }
+}
+
+impl TokenEstimator for TokenCounter {
+    fn estimate(&self, parts: &Parts, body: &[u8]) -> Estimate {
+        match parse_request(body, Endpoint::CountTokens) {
+            Ok(p) => Estimate {
+                model: Some(p.model),
+                input_tokens: p.total_tokens,
+                raw_input_tokens: p.total_tokens,
+                cache_read_tokens: 0,
+                max_tokens: p.max_tokens,
+                stream: p.stream,
+                fallback: false,
+            },
+            Err(_) => self.estimate_unbuffered(parts, Some(body.len() as u64)),
+        }
+    }
+
+    fn estimate_unbuffered(&self, _parts: &Parts, body_len: Option<u64>) -> Estimate {
+        // At most one token per byte under this rule.
+        let bound = body_len.unwrap_or(0);
+        Estimate {
+            model: None,
+            input_tokens: bound,
+            raw_input_tokens: bound,
+            cache_read_tokens: 0,
+            max_tokens: None,
+            stream: false,
+            fallback: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_and_punctuation() {
+        assert_eq!(count_text(""), 0);
+        assert_eq!(count_text("a"), 1);
+        assert_eq!(count_text("abcd"), 1);
+        assert_eq!(count_text("abcde"), 2);
+        assert_eq!(count_text("a.b"), 3);
+        assert_eq!(count_text("snake_case"), 2 + 1 + 1);
+        assert_eq!(count_text("été déjà"), 2);
+    }
+
+    #[test]
+    fn request_units_and_breakpoints() {
+        let body = br#"{"model":"m","max_tokens":5,
+            "tools":[{"name":"get","input_schema":{"type":"object"}}],
+            "system":[{"type":"text","text":"abcd abcd","cache_control":{"type":"ephemeral"}}],
+            "messages":[{"role":"user","content":[
+                {"type":"text","text":"hi","cache_control":{"type":"ephemeral","ttl":"1h"}},
+                {"type":"image","source":{"type":"base64","media_type":"image/png","data":"xx"}}]}]}"#;
+        let p = parse_request(body, Endpoint::Messages).unwrap();
+        assert_eq!(p.units.len(), 4);
+        assert_eq!(p.units[1].tokens, 2);
+        assert_eq!(p.units[1].breakpoint, Some(CacheTtl::FiveMinutes));
+        assert_eq!(p.units[2].tokens, 1 + MESSAGE_OVERHEAD);
+        assert_eq!(p.units[2].breakpoint, Some(CacheTtl::OneHour));
+        assert_eq!(p.units[3].tokens, IMAGE_TOKENS);
+        assert_eq!(
+            p.total_tokens,
+            p.units.iter().map(|u| u.tokens).sum::<u64>()
+        );
+        assert!(!p.stream);
+    }
+
+    #[test]
+    fn prefix_hash_ignores_cache_control_but_not_content() {
+        let a = br#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"text","text":"x","cache_control":{"type":"ephemeral"}}]}]}"#;
+        let b = br#"{"model":"m","max_tokens":9,"messages":[{"role":"user","content":[{"type":"text","text":"x"}]}]}"#;
+        let c = br#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"text","text":"y"}]}]}"#;
+        let d = br#"{"model":"n","max_tokens":5,"messages":[{"role":"user","content":[{"type":"text","text":"x"}]}]}"#;
+        let h = |b: &[u8]| parse_request(b, Endpoint::Messages).unwrap().units[0].prefix_hash;
+        assert_eq!(h(a), h(b));
+        assert_ne!(h(a), h(c));
+        assert_ne!(h(a), h(d));
+    }
+
+    #[test]
+    fn validation_messages() {
+        let cases: [(&[u8], &str); 8] = [
+            (b"{", "error parsing"),
+            (b"[]", "dictionary"),
+            (br#"{"max_tokens":1,"messages":[]}"#, "model: Field required"),
+            (br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#, "max_tokens: Field required"),
+            (br#"{"model":"m","max_tokens":"9","messages":[]}"#, "max_tokens: Input should be a valid integer"),
+            (br#"{"model":"m","max_tokens":1}"#, "messages: Field required"),
+            (br#"{"model":"m","max_tokens":1,"messages":[{"role":"bot","content":"x"}]}"#, "messages.0.role"),
+            (br#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"text","text":"x","cache_control":{"type":"ephemeral","ttl":"2h"}}]}]}"#, "ttl"),
+        ];
+        for (body, want) in cases {
+            let err = parse_request(body, Endpoint::Messages).unwrap_err();
+            assert!(err.contains(want), "{err} should contain {want}");
+        }
+        // count_tokens does not need max_tokens
+        let ok = br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#;
+        assert!(parse_request(ok, Endpoint::CountTokens).is_ok());
+    }
+
+    #[test]
+    fn documents_by_pages() {
+        let data = "A".repeat(DOCUMENT_PAGE_CHARS + 1);
+        let body = serde_json::json!({"model":"m","max_tokens":1,"messages":[{"role":"user","content":[
+            {"type":"document","source":{"type":"base64","media_type":"application/pdf","data":data}}]}]});
+        let p = parse_request(&serde_json::to_vec(&body).unwrap(), Endpoint::Messages).unwrap();
+        assert_eq!(p.total_tokens, 2 * DOCUMENT_PAGE_TOKENS + MESSAGE_OVERHEAD);
+    }
+}

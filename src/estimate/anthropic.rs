@@ -1,0 +1,1430 @@
+//! The estimator for Anthropic Messages requests.
+//!
+//! [`AnthropicEstimator`] reads a `POST /v1/messages` body in one pass over its
+//! bytes, without building a tree of owned values, and estimates the uncached
+//! input tokens the server will charge to ITPM:
+//!
+//! - **Text** (system prompt, messages, tool names, descriptions and schemas,
+//!   tool inputs and results, thinking) at a characters-per-token ratio:
+//!   3.5 ASCII characters per token (the glossary's figure), 1 non-ASCII
+//!   character per token (CJK scripts run near one token per character; other
+//!   scripts are overestimated, which errs on the safe side), and 30% more
+//!   tokens for models with the newer tokenizer (see
+//!   [`newer_tokenizer`](AnthropicEstimatorBuilder::newer_tokenizer)). Plus 5
+//!   tokens per message, 10 per request, and 530 for the tool-use system
+//!   prompt when `tools` is not empty (the largest figure in Anthropic's
+//!   tool-use pricing table).
+//! - **Images**: `width * height / 750` (the vision docs' formula) with the
+//!   documented downscale (long edge above 1568 px scaled down to 1568; never
+//!   above ~1600 tokens), width and height read from the PNG, JPEG, GIF or WebP
+//!   header inside the base64 data. An image by URL or file id, or whose header
+//!   cannot be read, is charged the bound: 1600 tokens.
+//! - **PDFs**: pages times (3000 text tokens, the top of the documented
+//!   1500-3000 range, plus 1600 for the page image, since each page is also
+//!   sent as an image). Pages are counted from the `/Type /Page` objects of the
+//!   decoded data (or the page tree's `/Count`); when neither can be seen
+//!   (compressed object streams), one page per started 32 KiB of PDF. A PDF by
+//!   URL or file id is charged 10 pages. Plain-text documents count as text.
+//! - **Prompt cache**: see [below](#prompt-cache).
+//! - **Calibration**: the raw estimate is multiplied by a per-model factor
+//!   learned from the usage of settled responses (a high quantile of
+//!   actual/estimated, see [`Calibration`]).
+//!
+//! # Prompt cache
+//!
+//! Cache reads do not count toward ITPM for most models. The estimator keeps
+//! the hashes of request prefixes that end at a `cache_control` breakpoint,
+//! in the API's order (tools, then system, then messages), with the time they
+//! were last sent and their lifetime (5 minutes, or 1 hour for
+//! `"ttl": "1h"`). A prefix is believed warm once a response confirmed the
+//! server cached it ([`observe`](TokenEstimator::observe) with
+//! `cache_creation_input_tokens` or `cache_read_input_tokens` above zero) and
+//! until its lifetime has passed since it was last sent. A request is charged
+//! only for what follows its longest warm prefix (the prefix goes to
+//! `cache_read_tokens`, as estimated, without the calibration factor, so that
+//! settlement compares like with like). Like the server, the estimator looks for warm
+//! prefixes at the breakpoints and at up to 20 content-block boundaries
+//! before each, so a breakpoint that moves forward with a conversation finds
+//! the prefix the previous turn wrote. Prefixes are hashed from the request
+//! bytes with the `cache_control` members left out (a keyed SipHash, so
+//! callers cannot forge collisions); a prefix formatted differently is a
+//! miss, which charges more, never less. Prefixes of fewer than 1024
+//! estimated tokens (the smallest cacheable prompt) are not remembered.
+//! When the server reports no cache read for a request charged as a read, the
+//! prefix is forgotten.
+//!
+//! # Examples
+//!
+//! ```
+//! use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator};
+//!
+//! let estimator = AnthropicEstimator::new();
+//! let (parts, ()) = http::Request::post("/v1/messages").body(()).unwrap().into_parts();
+//! let body = br#"{"model":"claude-sonnet-4-5","max_tokens":1024,
+//!     "messages":[{"role":"user","content":"Hello, Claude"}]}"#;
+//! let e = estimator.estimate(&parts, body);
+//! assert_eq!(e.model.as_deref(), Some("claude-sonnet-4-5"));
+//! assert_eq!(e.max_tokens, Some(1024));
+//! assert!(!e.fallback);
+//! // 13 characters / 3.5 + 5 (message) + 10 (request) = 19 tokens.
+//! assert_eq!(e.input_tokens, 19);
+//! ```
+//!
+//! # What it does not do
+//!
+//! It does not tokenize: figures are estimates, biased high and corrected by
+//! calibration. For exact counts, implement [`TokenEstimator`] with the free
+//! `count_tokens` endpoint. It does not validate requests: a body the server
+//! would reject is still estimated as well as it can be. Its prompt-cache
+//! look-back stays within the breakpoint's own section (plus the ends of the
+//! sections before it), where the server's 20 blocks may reach further back;
+//! a prefix it misses is charged in full, never less.
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::request::Parts;
+use tokio::time::Instant;
+
+use super::cache::{Pending, PromptCache, TTL_1H, TTL_5M};
+use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration};
+use super::media;
+use super::scan::{count_raw, count_span, Chars, Malformed, Result, Scanner, Span};
+use super::{Estimate, TokenEstimator, Usage};
+
+/// Content-block boundaries before a breakpoint where a warm prefix is looked for.
+const LOOKBACK: usize = 20;
+/// Nesting of content blocks (tool results holding documents holding blocks) walked.
+const MAX_NEST: u32 = 8;
+/// Breakpoints taken per request (the API allows 4).
+const MAX_BREAKPOINTS: usize = 8;
+
+#[derive(Debug, Clone)]
+struct Config {
+    chars_per_token: f64,
+    non_ascii_chars_per_token: f64,
+    newer_factor: f64,
+    newer_since: (u32, u32),
+    overrides: Vec<(String, f64)>,
+    message_overhead: u64,
+    request_overhead: u64,
+    tools_overhead: u64,
+    image_max_edge: u32,
+    image_max_tokens: u64,
+    image_unknown_tokens: u64,
+    pdf_page_text_tokens: u64,
+    pdf_page_image_tokens: u64,
+    pdf_unknown_pages: u64,
+    pdf_max_pages: u64,
+    pdf_bytes_per_page: u64,
+    pdf_scan_limit: u64,
+    fallback_bytes_per_token: f64,
+    fallback_max_tokens: u64,
+    cache_max_entries: usize,
+    cache_min_tokens: u64,
+    calibration: CalibrationConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            chars_per_token: 3.5,
+            non_ascii_chars_per_token: 1.0,
+            newer_factor: 1.3,
+            newer_since: (4, 7),
+            overrides: Vec::new(),
+            message_overhead: 5,
+            request_overhead: 10,
+            tools_overhead: 530,
+            image_max_edge: 1568,
+            image_max_tokens: 1600,
+            image_unknown_tokens: 1600,
+            pdf_page_text_tokens: 3000,
+            pdf_page_image_tokens: 1600,
+            pdf_unknown_pages: 10,
+            pdf_max_pages: 600,
+            pdf_bytes_per_page: 32 * 1024,
+            pdf_scan_limit: 32 * 1024 * 1024,
+            fallback_bytes_per_token: 2.0,
+            fallback_max_tokens: 1_000_000,
+            cache_max_entries: 4096,
+            cache_min_tokens: 1024,
+            calibration: CalibrationConfig::default(),
+        }
+    }
+}
+
+fn positive(v: f64) -> Option<f64> {
+    (v.is_finite() && v > 0.0).then_some(v)
+}
+
+/// Builds an [`AnthropicEstimator`]; every setting has a documented default.
+///
+/// Ratios that are not finite and positive are ignored (the default stays).
+///
+/// # Examples
+///
+/// ```
+/// use tower_llm_limits::estimate::AnthropicEstimator;
+///
+/// let estimator = AnthropicEstimator::builder()
+///     .chars_per_token(3.2)
+///     .model_chars_per_token("claude-haiku", 3.0)
+///     .cache_max_entries(10_000)
+///     .build();
+/// # let _ = estimator;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct AnthropicEstimatorBuilder {
+    config: Config,
+}
+
+impl AnthropicEstimatorBuilder {
+    /// ASCII characters per token of text. Default 3.5 (Anthropic's glossary:
+    /// "a token approximately represents 3.5 English characters").
+    pub fn chars_per_token(mut self, ratio: f64) -> Self {
+        if let Some(v) = positive(ratio) {
+            self.config.chars_per_token = v;
+        }
+        self
+    }
+
+    /// Non-ASCII characters per token. Default 1.0: CJK text runs near one
+    /// token per character; accented Latin or Cyrillic is overestimated,
+    /// which calibration then corrects.
+    pub fn non_ascii_chars_per_token(mut self, ratio: f64) -> Self {
+        if let Some(v) = positive(ratio) {
+            self.config.non_ascii_chars_per_token = v;
+        }
+        self
+    }
+
+    /// Text tokens are multiplied by `factor` for Claude models of version
+    /// `since` (major, minor) or later. Default 1.3 from (4, 7): the
+    /// token-counting docs say Claude 4.7 and later "use a newer tokenizer"
+    /// that makes "approximately 30 percent more tokens".
+    ///
+    /// The version is read from the model name: the first number of one or
+    /// two digits after `claude` is the major, a number right after it the
+    /// minor (`claude-opus-4-7` is 4.7, `claude-sonnet-4-20250514` is 4.0,
+    /// `claude-3-5-haiku-20241022` is 3.5, `claude-opus-5` is 5.0; dates of
+    /// eight digits are not versions). Bedrock (`anthropic.claude-...-v1:0`)
+    /// and Vertex (`claude-...@date`) names read the same way. A model whose
+    /// version cannot be read gets no factor.
+    pub fn newer_tokenizer(mut self, factor: f64, since: (u32, u32)) -> Self {
+        if let Some(v) = positive(factor) {
+            self.config.newer_factor = v;
+        }
+        self.config.newer_since = since;
+        self
+    }
+
+    /// ASCII characters per token for models whose name contains `pattern`
+    /// (the first pattern added that matches wins; the newer-tokenizer factor
+    /// is not applied on top). No overrides by default.
+    pub fn model_chars_per_token(mut self, pattern: impl Into<String>, ratio: f64) -> Self {
+        if let Some(v) = positive(ratio) {
+            self.config.overrides.push((pattern.into(), v));
+        }
+        self
+    }
+
+    /// Fixed tokens per message (role markers). Default 5.
+    pub fn message_overhead_tokens(mut self, tokens: u64) -> Self {
+        self.config.message_overhead = tokens;
+        self
+    }
+
+    /// Fixed tokens per request. Default 10.
+    pub fn request_overhead_tokens(mut self, tokens: u64) -> Self {
+        self.config.request_overhead = tokens;
+        self
+    }
+
+    /// Tokens of the tool-use system prompt the API adds when `tools` is not
+    /// empty. Default 530, the largest figure in Anthropic's tool-use pricing table.
+    pub fn tools_overhead_tokens(mut self, tokens: u64) -> Self {
+        self.config.tools_overhead = tokens;
+        self
+    }
+
+    /// Image downscale: the long edge is scaled to at most `max_long_edge`
+    /// pixels, and an image never costs more than `max_tokens`. Default
+    /// 1568 px and 1600 tokens (the vision docs).
+    pub fn image_limits(mut self, max_long_edge: u32, max_tokens: u64) -> Self {
+        self.config.image_max_edge = max_long_edge;
+        self.config.image_max_tokens = max_tokens.max(1);
+        self
+    }
+
+    /// Tokens charged for an image whose size is unknown (by URL, by file id,
+    /// or an unreadable header). Default 1600, the most a downscaled image costs.
+    pub fn image_unknown_tokens(mut self, tokens: u64) -> Self {
+        self.config.image_unknown_tokens = tokens;
+        self
+    }
+
+    /// Tokens per PDF page: `text` for the extracted text plus `image` for the
+    /// page image. Default 3000 + 1600.
+    pub fn pdf_page_tokens(mut self, text: u64, image: u64) -> Self {
+        self.config.pdf_page_text_tokens = text;
+        self.config.pdf_page_image_tokens = image;
+        self
+    }
+
+    /// Pages assumed for a PDF given by URL or file id. Default 10.
+    pub fn pdf_unknown_pages(mut self, pages: u64) -> Self {
+        self.config.pdf_unknown_pages = pages;
+        self
+    }
+
+    /// The most pages a PDF is counted for. Default 600 (the documented
+    /// maximum with a 1M context window).
+    pub fn pdf_max_pages(mut self, pages: u64) -> Self {
+        self.config.pdf_max_pages = pages.max(1);
+        self
+    }
+
+    /// Decoded bytes per page assumed when a PDF's page objects cannot be
+    /// seen (compressed object streams). Default 32 KiB.
+    pub fn pdf_bytes_per_page(mut self, bytes: u64) -> Self {
+        self.config.pdf_bytes_per_page = bytes.max(1);
+        self
+    }
+
+    /// The estimate for a body that is not a Messages request: one token per
+    /// `bytes_per_token` bytes, at most `max_tokens`. Default 2 bytes per
+    /// token, at most 1,000,000.
+    ///
+    /// Why: real tokenizers average 3 to 4 bytes per token on English and
+    /// code, and even CJK text (3 bytes per character in UTF-8) stays above
+    /// 2 bytes per token, so half the byte length bounds any text from above.
+    /// No request can hold more input than the largest context window
+    /// (1M tokens), hence the cap.
+    pub fn fallback(mut self, bytes_per_token: f64, max_tokens: u64) -> Self {
+        if let Some(v) = positive(bytes_per_token) {
+            self.config.fallback_bytes_per_token = v;
+        }
+        self.config.fallback_max_tokens = max_tokens;
+        self
+    }
+
+    /// The most prefixes remembered for the prompt cache. Default 4096.
+    pub fn cache_max_entries(mut self, entries: usize) -> Self {
+        self.config.cache_max_entries = entries.max(1);
+        self
+    }
+
+    /// Prefixes estimated below this many tokens are not remembered (the
+    /// server does not cache them). Default 1024, the smallest cacheable
+    /// prompt of the Sonnet and Opus models.
+    pub fn cache_min_tokens(mut self, tokens: u64) -> Self {
+        self.config.cache_min_tokens = tokens;
+        self
+    }
+
+    /// The calibration settings (window, quantile, minimum samples, bounds).
+    pub fn calibration(mut self, config: CalibrationConfig) -> Self {
+        self.config.calibration = config;
+        self
+    }
+
+    /// Builds the estimator.
+    pub fn build(self) -> AnthropicEstimator {
+        let config = self.config;
+        AnthropicEstimator {
+            calibration: Calibration::new(config.calibration),
+            cache: Mutex::new(PromptCache::new(config.cache_max_entries)),
+            hash_state: RandomState::new(),
+            estimates: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+            config,
+        }
+    }
+}
+
+/// What an [`AnthropicEstimator`] has learned and counted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EstimatorSnapshot {
+    /// Calibration per model (factor and samples), sorted by model. Requests
+    /// without a readable `model` are learned under the empty name.
+    pub models: Vec<ModelCalibration>,
+    /// Requests estimated (buffered and unbuffered).
+    pub estimates: u64,
+    /// Of those, how many got the conservative bound from their length.
+    pub fallbacks: u64,
+    /// Prefixes remembered for the prompt cache.
+    pub cache_entries: usize,
+    /// Of those, how many are believed warm now.
+    pub warm_cache_entries: usize,
+}
+
+/// Estimates Anthropic Messages requests; see the [module docs](self).
+///
+/// Thread-safe: share one behind an `Arc` (the budget layer does). The
+/// common path takes no lock but the calibration's, and the prompt-cache
+/// lock only for requests that carry `cache_control`.
+///
+/// # Examples
+///
+/// Estimate, settle, and read what was learned:
+///
+/// ```
+/// use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator, Usage};
+///
+/// let estimator = AnthropicEstimator::new();
+/// let (parts, ()) = http::Request::post("/v1/messages").body(()).unwrap().into_parts();
+/// let body = br#"{"model":"claude-haiku-4-5","max_tokens":100,
+///     "messages":[{"role":"user","content":"Summarise the attached notes."}]}"#;
+/// for _ in 0..5 {
+///     let e = estimator.estimate(&parts, body);
+///     // The server counted 20% more than the raw estimate.
+///     let usage = Usage { input_tokens: e.raw_input_tokens * 6 / 5, ..Usage::default() };
+///     estimator.observe(&e, &usage);
+/// }
+/// let snapshot = estimator.snapshot();
+/// assert_eq!(snapshot.models[0].model, "claude-haiku-4-5");
+/// assert!(snapshot.models[0].factor > 1.1);
+/// assert_eq!(snapshot.fallbacks, 0);
+///
+/// // Not a Messages request: a bound from the length, counted.
+/// let e = estimator.estimate(&parts, b"<html>");
+/// assert!(e.fallback);
+/// assert_eq!(e.input_tokens, 3);
+/// assert_eq!(estimator.snapshot().fallbacks, 1);
+/// ```
+pub struct AnthropicEstimator {
+    config: Config,
+    calibration: Calibration,
+    cache: Mutex<PromptCache>,
+    hash_state: RandomState,
+    estimates: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+impl Default for AnthropicEstimator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for AnthropicEstimator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnthropicEstimator")
+            .field("config", &self.config)
+            .field("snapshot", &self.snapshot())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    text: Chars,
+    fixed: u64,
+}
+
+impl Tally {
+    fn add(&mut self, o: Tally) {
+        self.text.add(o.text);
+        self.fixed = self.fixed.saturating_add(o.fixed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Section {
+    Tools = 0,
+    System = 1,
+    Messages = 2,
+}
+
+const SECTIONS: [Section; 3] = [Section::Tools, Section::System, Section::Messages];
+
+/// A place where a cached prefix may end: a byte position in the body and
+/// the section's tally up to it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Boundary {
+    end: usize,
+    tally: Tally,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SectionState {
+    present: bool,
+    start: usize,
+    end: usize,
+    tally: Tally,
+    ring: [Boundary; LOOKBACK],
+    ring_len: usize,
+    ring_next: usize,
+}
+
+impl SectionState {
+    fn push(&mut self, b: Boundary) {
+        if let Some(slot) = self.ring.get_mut(self.ring_next) {
+            *slot = b;
+        }
+        self.ring_next = (self.ring_next + 1) % LOOKBACK;
+        self.ring_len = (self.ring_len + 1).min(LOOKBACK);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Breakpoint {
+    section: Section,
+    ttl: Duration,
+    at: Boundary,
+    lookback: [Boundary; LOOKBACK],
+    lookback_len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockKind {
+    Image,
+    Document,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceKind {
+    Base64,
+    Text,
+    Reference,
+    Content,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Media {
+    Image,
+    Pdf,
+    Text,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Source {
+    kind: SourceKind,
+    media: Media,
+    data: Option<Span>,
+}
+
+/// One pass over a body.
+struct Walk<'a, 'c> {
+    sc: Scanner<'a>,
+    cfg: &'c Config,
+    model: Option<Span>,
+    max_tokens: Option<u64>,
+    stream: bool,
+    has_messages: bool,
+    sections: [SectionState; 3],
+    /// A `cache_control` seen in the block being walked (its lifetime).
+    cc: Option<Duration>,
+    breakpoints: Vec<Breakpoint>,
+    /// `cache_control` members, left out of prefix hashes.
+    cc_spans: Vec<(usize, usize)>,
+}
+
+impl<'a, 'c> Walk<'a, 'c> {
+    fn new(b: &'a [u8], cfg: &'c Config) -> Self {
+        Self {
+            sc: Scanner::new(b),
+            cfg,
+            model: None,
+            max_tokens: None,
+            stream: false,
+            has_messages: false,
+            sections: [SectionState::default(); 3],
+            cc: None,
+            breakpoints: Vec::new(),
+            cc_spans: Vec::new(),
+        }
+    }
+
+    fn section(&mut self, s: Section) -> &mut SectionState {
+        // Section discriminants are 0..3, the array's indices.
+        let [t, sy, m] = &mut self.sections;
+        match s {
+            Section::Tools => t,
+            Section::System => sy,
+            Section::Messages => m,
+        }
+    }
+
+    fn top(&mut self) -> Result<()> {
+        self.sc.expect(b'{')?;
+        if !self.sc.empty(b'}')? {
+            loop {
+                let key = self.sc.key()?;
+                match key {
+                    b"model" => {
+                        if self.sc.peek()? == b'"' {
+                            let (span, _) = self.sc.string(false)?;
+                            self.model = Some(span);
+                        } else {
+                            self.sc.skip_value(None)?;
+                        }
+                    }
+                    b"max_tokens" => self.max_tokens = self.sc.u64_value()?,
+                    b"stream" => self.stream = self.sc.bool_value()?.unwrap_or(false),
+                    b"system" => self.system()?,
+                    b"messages" => self.messages()?,
+                    b"tools" => self.tools()?,
+                    _ => self.sc.skip_value(None)?,
+                }
+                if !self.sc.next_or_close(b'}')? {
+                    break;
+                }
+            }
+        }
+        self.sc.skip_ws();
+        if self.sc.i != self.sc.b.len() {
+            return Err(Malformed);
+        }
+        Ok(())
+    }
+
+    /// Ends a top-level element of a section (a tool, a system block, a
+    /// message's content block): adds its tally and marks a boundary.
+    fn end_element(&mut self, sec: Section, t: Tally) {
+        let end = self.sc.i;
+        let cc = self.cc.take();
+        let s = self.section(sec);
+        s.tally.add(t);
+        s.end = end;
+        let at = Boundary {
+            end,
+            tally: s.tally,
+        };
+        let lookback = s.ring;
+        let lookback_len = s.ring_len;
+        s.push(at);
+        if let Some(ttl) = cc {
+            if self.breakpoints.len() < MAX_BREAKPOINTS {
+                self.breakpoints.push(Breakpoint {
+                    section: sec,
+                    ttl,
+                    at,
+                    lookback,
+                    lookback_len,
+                });
+            }
+        }
+    }
+
+    fn open_section(&mut self, sec: Section) {
+        let start = self.sc.i;
+        let s = self.section(sec);
+        if !s.present {
+            s.present = true;
+            s.start = start;
+            s.end = start;
+        }
+    }
+
+    fn system(&mut self) -> Result<()> {
+        match self.sc.peek()? {
+            b'"' => {
+                self.sc.i += 1;
+                self.open_section(Section::System);
+                let (_, c) = self.sc.string_body(true)?;
+                // The contents only, without the closing quote.
+                let end = self.sc.i - 1;
+                let s = self.section(Section::System);
+                s.tally.text.add(c);
+                s.end = end;
+                Ok(())
+            }
+            b'[' => self.block_list(Section::System),
+            _ => self.sc.skip_value(None),
+        }
+    }
+
+    /// An array of content blocks making up a section (or a message's content).
+    fn block_list(&mut self, sec: Section) -> Result<()> {
+        self.sc.expect(b'[')?;
+        self.open_section(sec);
+        if self.sc.empty(b']')? {
+            return Ok(());
+        }
+        loop {
+            let t = self.element(0)?;
+            self.end_element(sec, t);
+            if !self.sc.next_or_close(b']')? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A content block if the element is an object, else any value counted as text.
+    fn element(&mut self, depth: u32) -> Result<Tally> {
+        if self.sc.peek()? == b'{' && depth < MAX_NEST {
+            self.block(depth)
+        } else {
+            let mut t = Tally::default();
+            self.sc.skip_value(Some(&mut t.text))?;
+            Ok(t)
+        }
+    }
+
+    fn messages(&mut self) -> Result<()> {
+        self.sc.expect(b'[')?;
+        self.has_messages = true;
+        self.open_section(Section::Messages);
+        if self.sc.empty(b']')? {
+            return Ok(());
+        }
+        loop {
+            self.message()?;
+            if !self.sc.next_or_close(b']')? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn message(&mut self) -> Result<()> {
+        let overhead = self.cfg.message_overhead;
+        let s = self.section(Section::Messages);
+        s.tally.fixed = s.tally.fixed.saturating_add(overhead);
+        self.sc.expect(b'{')?;
+        if self.sc.empty(b'}')? {
+            return Ok(());
+        }
+        loop {
+            let key = self.sc.key()?;
+            if key == b"content" {
+                match self.sc.peek()? {
+                    b'"' => {
+                        let (_, c) = self.sc.string(true)?;
+                        let t = Tally { text: c, fixed: 0 };
+                        self.end_element(Section::Messages, t);
+                    }
+                    b'[' => {
+                        self.sc.i += 1;
+                        if !self.sc.empty(b']')? {
+                            loop {
+                                let t = self.element(0)?;
+                                self.end_element(Section::Messages, t);
+                                if !self.sc.next_or_close(b']')? {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    _ => {
+                        let mut t = Tally::default();
+                        self.sc.skip_value(Some(&mut t.text))?;
+                        self.end_element(Section::Messages, t);
+                    }
+                }
+            } else {
+                self.sc.skip_value(None)?;
+            }
+            if !self.sc.next_or_close(b'}')? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn tools(&mut self) -> Result<()> {
+        if self.sc.peek()? != b'[' {
+            return self.sc.skip_value(None);
+        }
+        self.sc.i += 1;
+        self.open_section(Section::Tools);
+        if self.sc.empty(b']')? {
+            return Ok(());
+        }
+        let overhead = self.cfg.tools_overhead;
+        let s = self.section(Section::Tools);
+        s.tally.fixed = s.tally.fixed.saturating_add(overhead);
+        loop {
+            let t = if self.sc.peek()? == b'{' {
+                self.tool()?
+            } else {
+                let mut t = Tally::default();
+                self.sc.skip_value(Some(&mut t.text))?;
+                t
+            };
+            self.end_element(Section::Tools, t);
+            if !self.sc.next_or_close(b']')? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn tool(&mut self) -> Result<Tally> {
+        let mut t = Tally::default();
+        self.sc.expect(b'{')?;
+        if self.sc.empty(b'}')? {
+            return Ok(t);
+        }
+        let mut prev_comma = None;
+        loop {
+            self.sc.skip_ws();
+            let key_start = self.sc.i;
+            let key = self.sc.key()?;
+            match key {
+                b"input_schema" => self.raw_value(&mut t)?,
+                b"cache_control" => self.cache_control(key_start, prev_comma)?,
+                _ => self.sc.skip_value(Some(&mut t.text))?,
+            }
+            self.sc.skip_ws();
+            let pos = self.sc.i;
+            if !self.sc.next_or_close(b'}')? {
+                return Ok(t);
+            }
+            prev_comma = Some(pos);
+        }
+    }
+
+    /// A JSON value counted as written (tool inputs and schemas are
+    /// tokenized as their JSON text).
+    fn raw_value(&mut self, t: &mut Tally) -> Result<()> {
+        self.sc.skip_ws();
+        let start = self.sc.i;
+        self.sc.skip_value(None)?;
+        if let Some(raw) = self.sc.b.get(start..self.sc.i) {
+            t.text.add(count_raw(raw));
+        }
+        Ok(())
+    }
+
+    fn block(&mut self, depth: u32) -> Result<Tally> {
+        let mut t = Tally::default();
+        let mut kind = BlockKind::Other;
+        let mut source: Option<Source> = None;
+        self.sc.expect(b'{')?;
+        if self.sc.empty(b'}')? {
+            return Ok(t);
+        }
+        let mut prev_comma = None;
+        loop {
+            self.sc.skip_ws();
+            let key_start = self.sc.i;
+            let key = self.sc.key()?;
+            match key {
+                b"type" => {
+                    if self.sc.peek()? == b'"' {
+                        let (span, _) = self.sc.string(false)?;
+                        kind = match self.sc.b.get(span.start..span.end) {
+                            Some(b"image") => BlockKind::Image,
+                            Some(b"document") => BlockKind::Document,
+                            _ => BlockKind::Other,
+                        };
+                    } else {
+                        self.sc.skip_value(None)?;
+                    }
+                }
+                b"source" => {
+                    if self.sc.peek()? == b'{' {
+                        source = Some(self.source(depth, &mut t)?);
+                    } else {
+                        self.sc.skip_value(Some(&mut t.text))?;
+                    }
+                }
+                b"input" => self.raw_value(&mut t)?,
+                b"content" => match self.sc.peek()? {
+                    b'[' => {
+                        self.sc.i += 1;
+                        if !self.sc.empty(b']')? {
+                            loop {
+                                let inner = self.element(depth + 1)?;
+                                t.add(inner);
+                                if !self.sc.next_or_close(b']')? {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    _ => self.sc.skip_value(Some(&mut t.text))?,
+                },
+                b"cache_control" => self.cache_control(key_start, prev_comma)?,
+                // Opaque: a thinking block's signature is not model input text.
+                b"signature" => self.sc.skip_value(None)?,
+                _ => self.sc.skip_value(Some(&mut t.text))?,
+            }
+            self.sc.skip_ws();
+            let pos = self.sc.i;
+            if !self.sc.next_or_close(b'}')? {
+                break;
+            }
+            prev_comma = Some(pos);
+        }
+        let media_kind = match (kind, source) {
+            (BlockKind::Other, Some(s)) if s.media == Media::Image => BlockKind::Image,
+            (BlockKind::Other, Some(s)) if s.media == Media::Pdf => BlockKind::Document,
+            (k, _) => k,
+        };
+        match media_kind {
+            BlockKind::Image => t.fixed = t.fixed.saturating_add(self.image_cost(source)),
+            BlockKind::Document => self.document_cost(source, &mut t),
+            BlockKind::Other => {
+                if let Some(Source {
+                    kind: SourceKind::Text,
+                    data: Some(span),
+                    ..
+                }) = source
+                {
+                    t.text.add(count_span(self.sc.b, span));
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    fn source(&mut self, depth: u32, t: &mut Tally) -> Result<Source> {
+        let mut src = Source {
+            kind: SourceKind::Other,
+            media: Media::Other,
+            data: None,
+        };
+        self.sc.expect(b'{')?;
+        if self.sc.empty(b'}')? {
+            return Ok(src);
+        }
+        loop {
+            let key = self.sc.key()?;
+            let is_str = self.sc.peek()? == b'"';
+            match key {
+                b"type" | b"media_type" if is_str => {
+                    let (span, _) = self.sc.string(false)?;
+                    let v = self.sc.b.get(span.start..span.end).unwrap_or(&[]);
+                    if key == b"type" {
+                        src.kind = match v {
+                            b"base64" => SourceKind::Base64,
+                            b"text" => SourceKind::Text,
+                            b"url" | b"file" => SourceKind::Reference,
+                            b"content" => SourceKind::Content,
+                            _ => SourceKind::Other,
+                        };
+                    } else {
+                        src.media = if v.starts_with(b"image/") {
+                            Media::Image
+                        } else if v == b"application/pdf" {
+                            Media::Pdf
+                        } else if v.starts_with(b"text/") {
+                            Media::Text
+                        } else {
+                            Media::Other
+                        };
+                    }
+                }
+                b"data" if is_str => {
+                    let (span, _) = self.sc.string(false)?;
+                    src.data = Some(span);
+                }
+                b"content" => match self.sc.peek()? {
+                    b'[' => {
+                        self.sc.i += 1;
+                        if !self.sc.empty(b']')? {
+                            loop {
+                                let inner = self.element(depth + 1)?;
+                                t.add(inner);
+                                if !self.sc.next_or_close(b']')? {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    _ => self.sc.skip_value(Some(&mut t.text))?,
+                },
+                _ => self.sc.skip_value(None)?,
+            }
+            if !self.sc.next_or_close(b'}')? {
+                return Ok(src);
+            }
+        }
+    }
+
+    fn cache_control(&mut self, key_start: usize, prev_comma: Option<usize>) -> Result<()> {
+        let mut ttl = None;
+        if self.sc.peek()? == b'{' {
+            ttl = Some(TTL_5M);
+            self.sc.i += 1;
+            if !self.sc.empty(b'}')? {
+                loop {
+                    let key = self.sc.key()?;
+                    if key == b"ttl" && self.sc.peek()? == b'"' {
+                        let (span, _) = self.sc.string(false)?;
+                        if self.sc.b.get(span.start..span.end) == Some(b"1h") {
+                            ttl = Some(TTL_1H);
+                        }
+                    } else {
+                        self.sc.skip_value(None)?;
+                    }
+                    if !self.sc.next_or_close(b'}')? {
+                        break;
+                    }
+                }
+            }
+        } else {
+            self.sc.skip_value(None)?;
+        }
+        // Leave the member out of prefix hashes: from the comma before it, or
+        // when it is the first member, through the comma (and blanks) after it.
+        let (start, mut end) = match prev_comma {
+            Some(c) => (c, self.sc.i),
+            None => (key_start, self.sc.i),
+        };
+        if prev_comma.is_none() {
+            self.sc.skip_ws();
+            if self.sc.b.get(self.sc.i) == Some(&b',') {
+                let mut j = self.sc.i + 1;
+                while matches!(self.sc.b.get(j), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+                    j += 1;
+                }
+                end = j;
+            }
+        }
+        self.cc_spans.push((start, end));
+        if let Some(ttl) = ttl {
+            self.cc = Some(self.cc.map_or(ttl, |old| old.max(ttl)));
+        }
+        Ok(())
+    }
+
+    fn image_cost(&self, source: Option<Source>) -> u64 {
+        let cfg = self.cfg;
+        let Some(Source {
+            kind: SourceKind::Base64,
+            data: Some(span),
+            ..
+        }) = source
+        else {
+            return cfg.image_unknown_tokens;
+        };
+        let data = self.sc.b.get(span.start..span.end).unwrap_or(&[]);
+        match media::image_dimensions(data, !span.escaped) {
+            Some((_, w, h)) => media::image_tokens(w, h, cfg.image_max_edge, cfg.image_max_tokens),
+            None => cfg.image_unknown_tokens,
+        }
+    }
+
+    fn document_cost(&self, source: Option<Source>, t: &mut Tally) {
+        let cfg = self.cfg;
+        let per_page = cfg
+            .pdf_page_text_tokens
+            .saturating_add(cfg.pdf_page_image_tokens);
+        let pages = match source {
+            Some(Source {
+                kind: SourceKind::Text,
+                data: Some(span),
+                ..
+            }) => {
+                t.text.add(count_span(self.sc.b, span));
+                return;
+            }
+            Some(Source {
+                kind: SourceKind::Content,
+                ..
+            }) => return,
+            Some(Source {
+                kind: SourceKind::Base64,
+                data: Some(span),
+                ..
+            }) => {
+                let data = self.sc.b.get(span.start..span.end).unwrap_or(&[]);
+                let scan = media::pdf_scan(data, !span.escaped, cfg.pdf_scan_limit);
+                let seen = scan.page_objects.max(scan.max_count);
+                if seen > 0 {
+                    seen
+                } else {
+                    scan.bytes.div_ceil(cfg.pdf_bytes_per_page)
+                }
+            }
+            _ => cfg.pdf_unknown_pages,
+        };
+        let pages = pages.clamp(1, cfg.pdf_max_pages);
+        t.fixed = t.fixed.saturating_add(pages.saturating_mul(per_page));
+    }
+}
+
+/// Text rates for a model: (ASCII chars per token, non-ASCII chars per token, factor).
+fn claude_version(model: &str) -> Option<(u32, u32)> {
+    let idx = model.find("claude")?;
+    let rest = model.get(idx + "claude".len()..)?;
+    let mut parts = rest
+        .split(['-', '.', '@', ':', '_'])
+        .filter(|p| !p.is_empty());
+    let is_ver = |p: &str| (1..=2).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit());
+    let major = parts.by_ref().find(|p| is_ver(p))?;
+    let major: u32 = major.parse().ok()?;
+    let minor = match parts.next() {
+        Some(p) if is_ver(p) => p.parse().ok()?,
+        _ => 0,
+    };
+    Some((major, minor))
+}
+
+impl AnthropicEstimator {
+    /// An estimator with the default settings (see [`AnthropicEstimatorBuilder`]).
+    pub fn new() -> Self {
+        AnthropicEstimatorBuilder::default().build()
+    }
+
+    /// A builder to change the defaults.
+    pub fn builder() -> AnthropicEstimatorBuilder {
+        AnthropicEstimatorBuilder::default()
+    }
+
+    /// What the estimator has learned and counted so far.
+    pub fn snapshot(&self) -> EstimatorSnapshot {
+        let (cache_entries, warm_cache_entries) = {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            (cache.len(), cache.warm_len(Instant::now()))
+        };
+        EstimatorSnapshot {
+            models: self.calibration.snapshot(),
+            estimates: self.estimates.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            cache_entries,
+            warm_cache_entries,
+        }
+    }
+
+    /// The calibration this estimator learns into.
+    pub fn calibration(&self) -> &Calibration {
+        &self.calibration
+    }
+
+    /// The conservative bound for `len` bytes (see
+    /// [`AnthropicEstimatorBuilder::fallback`]).
+    pub fn fallback_tokens(&self, len: u64) -> u64 {
+        let t = (len as f64 / self.config.fallback_bytes_per_token).ceil();
+        (t as u64).min(self.config.fallback_max_tokens)
+    }
+
+    fn rates(&self, model: Option<&str>) -> (f64, f64, f64) {
+        let c = &self.config;
+        if let Some(m) = model {
+            if let Some((_, r)) = c.overrides.iter().find(|(p, _)| m.contains(p.as_str())) {
+                return (*r, c.non_ascii_chars_per_token, 1.0);
+            }
+            if claude_version(m).is_some_and(|v| v >= c.newer_since) {
+                return (
+                    c.chars_per_token,
+                    c.non_ascii_chars_per_token,
+                    c.newer_factor,
+                );
+            }
+        }
+        (c.chars_per_token, c.non_ascii_chars_per_token, 1.0)
+    }
+
+    fn fallback_estimate(&self, len: u64, partial: Option<&Walk<'_, '_>>) -> Estimate {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            body_len = len,
+            "request body is not a Messages request: estimating from its length"
+        );
+        let tokens = self.fallback_tokens(len);
+        let mut e = Estimate {
+            input_tokens: tokens,
+            raw_input_tokens: tokens,
+            fallback: true,
+            ..Estimate::default()
+        };
+        if let Some(w) = partial {
+            e.model = w.model.and_then(|s| decode_str(w.sc.b, s));
+            e.max_tokens = w.max_tokens;
+            e.stream = w.stream;
+        }
+        e
+    }
+
+    /// Hashes of the prefixes ending at each checkpoint `(section, byte end)`,
+    /// in one pass over the sections in the API's order.
+    fn prefix_hashes(
+        &self,
+        w: &Walk<'_, '_>,
+        model: Option<&str>,
+        checkpoints: &[(Section, usize)],
+    ) -> Vec<u64> {
+        let mut out = vec![0u64; checkpoints.len()];
+        let mut order: Vec<usize> = (0..checkpoints.len()).collect();
+        order.sort_by_key(|&i| checkpoints.get(i).copied());
+        let mut h = self.hash_state.build_hasher();
+        h.write(model.unwrap_or("").as_bytes());
+        h.write(&[0xff]);
+        let mut next = order.iter().peekable();
+        for sec in SECTIONS {
+            if next.peek().is_none() {
+                break;
+            }
+            let s = &w.sections[sec as usize];
+            h.write(&[0xfe, sec as u8]);
+            let mut cursor = s.start;
+            while let Some(&&i) = next.peek() {
+                let Some(&(cs, pos)) = checkpoints.get(i) else {
+                    break;
+                };
+                if cs != sec {
+                    break;
+                }
+                let pos = pos.clamp(cursor, s.end.max(cursor));
+                feed(&mut h, w.sc.b, cursor, pos, &w.cc_spans);
+                cursor = pos;
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = h.clone().finish();
+                }
+                next.next();
+            }
+            feed(&mut h, w.sc.b, cursor, s.end.max(cursor), &w.cc_spans);
+        }
+        out
+    }
+
+    fn finish(&self, w: &Walk<'_, '_>) -> Estimate {
+        let model = w.model.and_then(|s| decode_str(w.sc.b, s));
+        let (cpt, ncpt, factor) = self.rates(model.as_deref());
+        let tokens = |t: &Tally| -> f64 {
+            let text = (t.text.ascii as f64 / cpt + t.text.non_ascii as f64 / ncpt) * factor;
+            text + t.fixed as f64
+        };
+        let section_tokens: [f64; 3] = SECTIONS.map(|s| tokens(&w.sections[s as usize].tally));
+        let before = |sec: Section| -> f64 { section_tokens.iter().take(sec as usize).sum() };
+        let total_f = self.config.request_overhead as f64 + section_tokens.iter().sum::<f64>();
+        let total = total_f.ceil() as u64;
+        let mut cache_read: u64 = 0;
+
+        if !w.breakpoints.is_empty() {
+            // Candidates: each breakpoint, the boundaries before it, and the
+            // ends of the sections before its own.
+            let mut cands: Vec<(Section, Boundary, Option<Duration>)> = Vec::new();
+            for bp in &w.breakpoints {
+                cands.push((bp.section, bp.at, Some(bp.ttl)));
+                for b in bp.lookback.iter().take(bp.lookback_len) {
+                    cands.push((bp.section, *b, None));
+                }
+                for sec in SECTIONS.iter().take(bp.section as usize) {
+                    let s = &w.sections[*sec as usize];
+                    if s.present {
+                        cands.push((
+                            *sec,
+                            Boundary {
+                                end: s.end,
+                                tally: s.tally,
+                            },
+                            None,
+                        ));
+                    }
+                }
+            }
+            let checkpoints: Vec<(Section, usize)> =
+                cands.iter().map(|(s, b, _)| (*s, b.end)).collect();
+            let hashes = self.prefix_hashes(w, model.as_deref(), &checkpoints);
+            let prefix = |sec: Section, b: &Boundary| before(sec) + tokens(&b.tally);
+            let now = Instant::now();
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut best: Option<(u64, f64)> = None;
+            for ((sec, b, _), &key) in cands.iter().zip(&hashes) {
+                if cache.is_warm(key, now) {
+                    let p = prefix(*sec, b);
+                    if best.map_or(true, |(_, bp)| p > bp) {
+                        best = Some((key, p));
+                    }
+                }
+            }
+            if let Some((key, p)) = best {
+                cache.touch(key, now);
+                cache_read = (p.floor() as u64).min(total);
+                tracing::trace!(cache_read, "prompt cache prefix believed warm");
+            }
+            let mut written = Vec::new();
+            for ((sec, b, ttl), &key) in cands.iter().zip(&hashes) {
+                if let Some(ttl) = ttl {
+                    if prefix(*sec, b) >= self.config.cache_min_tokens as f64 {
+                        cache.sent(key, *ttl, now);
+                        written.push((key, *ttl));
+                    }
+                }
+            }
+            if best.is_some() || !written.is_empty() {
+                cache.push_pending(Pending {
+                    model: model.clone(),
+                    raw_input_tokens: total - cache_read,
+                    cache_read_tokens: cache_read,
+                    read: best.map(|(k, _)| k),
+                    written,
+                    at: now,
+                });
+            }
+        }
+
+        let raw = total - cache_read;
+        let f = self.calibration.factor(model.as_deref().unwrap_or(""));
+        let input = (raw as f64 * f).ceil() as u64;
+        Estimate {
+            model,
+            input_tokens: input,
+            raw_input_tokens: raw,
+            cache_read_tokens: cache_read,
+            max_tokens: w.max_tokens,
+            stream: w.stream,
+            fallback: false,
+        }
+    }
+}
+
+/// Hashes `b[from..to]` leaving out the `cache_control` spans.
+fn feed(h: &mut impl Hasher, b: &[u8], from: usize, to: usize, spans: &[(usize, usize)]) {
+    let mut cursor = from;
+    for &(s, e) in spans {
+        if e <= cursor || s >= to {
+            continue;
+        }
+        if s > cursor {
+            h.write(b.get(cursor..s).unwrap_or(&[]));
+        }
+        cursor = e.max(cursor);
+        if cursor >= to {
+            return;
+        }
+    }
+    if to > cursor {
+        h.write(b.get(cursor..to).unwrap_or(&[]));
+    }
+}
+
+/// The contents of a string span as a `String` (escapes decoded).
+fn decode_str(b: &[u8], span: Span) -> Option<String> {
+    if span.escaped {
+        let quoted = b.get(span.start.checked_sub(1)?..span.end.checked_add(1)?)?;
+        serde_json::from_slice::<String>(quoted).ok()
+    } else {
+        std::str::from_utf8(b.get(span.start..span.end)?)
+            .ok()
+            .map(str::to_owned)
+    }
+}
+
+fn content_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl TokenEstimator for AnthropicEstimator {
+    fn estimate(&self, _parts: &Parts, body: &[u8]) -> Estimate {
+        self.estimates.fetch_add(1, Ordering::Relaxed);
+        let mut w = Walk::new(body, &self.config);
+        match w.top() {
+            Ok(()) if w.has_messages => self.finish(&w),
+            Ok(()) => self.fallback_estimate(body.len() as u64, Some(&w)),
+            Err(Malformed) => self.fallback_estimate(body.len() as u64, Some(&w)),
+        }
+    }
+
+    /// From the body's length, else the `content-length` header; when neither
+    /// is known, the cap of [`AnthropicEstimatorBuilder::fallback`] (1M tokens).
+    fn estimate_unbuffered(&self, parts: &Parts, body_len: Option<u64>) -> Estimate {
+        self.estimates.fetch_add(1, Ordering::Relaxed);
+        match body_len.or_else(|| content_length(parts)) {
+            Some(len) => self.fallback_estimate(len, None),
+            None => {
+                let mut e = self.fallback_estimate(0, None);
+                e.input_tokens = self.config.fallback_max_tokens;
+                e.raw_input_tokens = self.config.fallback_max_tokens;
+                e
+            }
+        }
+    }
+
+    /// Learns from a settled response.
+    ///
+    /// Calibration records `(input + cache_creation + cache_read) /
+    /// (raw_input_tokens + cache_read_tokens)`: every input token the server
+    /// counted against every one the estimate counted. When the cache
+    /// prediction was right this is the uncached `(input + cache_creation) /
+    /// raw` of the issue; when it was wrong (a prefix expired early, or
+    /// another process warmed it) it still measures the tokenizer, not the
+    /// cache. Fallback estimates teach nothing.
+    ///
+    /// The prompt cache is corrected from `cache_read_input_tokens` and
+    /// `cache_creation_input_tokens` (see the [module docs](self#prompt-cache)).
+    fn observe(&self, estimate: &Estimate, usage: &Usage) {
+        if estimate.fallback {
+            return;
+        }
+        let model = estimate.model.as_deref().unwrap_or("");
+        let est_total = estimate
+            .raw_input_tokens
+            .saturating_add(estimate.cache_read_tokens);
+        let actual_total = usage
+            .input_tokens
+            .saturating_add(usage.cache_creation_input_tokens)
+            .saturating_add(usage.cache_read_input_tokens);
+        self.calibration.observe(model, est_total, actual_total);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.take_pending(
+            estimate.model.as_deref(),
+            estimate.raw_input_tokens,
+            estimate.cache_read_tokens,
+        ) {
+            cache.settle(
+                &p,
+                usage.cache_read_input_tokens,
+                usage.cache_creation_input_tokens,
+                Instant::now(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_claude_versions() {
+        assert_eq!(claude_version("claude-opus-4-7"), Some((4, 7)));
+        assert_eq!(claude_version("claude-sonnet-4-20250514"), Some((4, 0)));
+        assert_eq!(claude_version("claude-3-5-haiku-20241022"), Some((3, 5)));
+        assert_eq!(claude_version("claude-3-7-sonnet-latest"), Some((3, 7)));
+        assert_eq!(claude_version("claude-opus-5"), Some((5, 0)));
+        assert_eq!(
+            claude_version("anthropic.claude-opus-4-1-20250805-v1:0"),
+            Some((4, 1))
+        );
+        assert_eq!(claude_version("claude-sonnet-4-7@20260101"), Some((4, 7)));
+        assert_eq!(claude_version("gpt-4o"), None);
+        assert_eq!(claude_version("claude-instant"), None);
+    }
+
+    #[test]
+    fn newer_tokenizer_rates() {
+        let e = AnthropicEstimator::new();
+        assert_eq!(e.rates(Some("claude-opus-4-7")).2, 1.3);
+        assert_eq!(e.rates(Some("claude-opus-5-20270101")).2, 1.3);
+        assert_eq!(e.rates(Some("claude-sonnet-4-5")).2, 1.0);
+        assert_eq!(e.rates(None).2, 1.0);
+        let e = AnthropicEstimator::builder()
+            .model_chars_per_token("opus-4-7", 2.0)
+            .build();
+        assert_eq!(e.rates(Some("claude-opus-4-7")), (2.0, 1.0, 1.0));
+    }
+
+    #[test]
+    fn feed_skips_spans() {
+        use std::collections::hash_map::DefaultHasher;
+        let b = b"0123456789";
+        let mut h1 = DefaultHasher::new();
+        feed(&mut h1, b, 0, 10, &[(2, 4), (6, 7)]);
+        let mut h2 = DefaultHasher::new();
+        h2.write(b"0145789");
+        assert_eq!(
+            h1.finish(),
+            h2.finish(),
+            "hashing must not depend on how bytes are split"
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! What the estimator believes is in the server's prompt cache.
+//!
+//! Keys are hashes of request prefixes that end at a `cache_control`
+//! breakpoint (tools, then system, then messages, as the API orders them),
+//! values are when the prefix was last sent and for how long the server keeps
+//! it (5 minutes, or 1 hour for `"ttl": "1h"`). An entry becomes *warm* only
+//! once a response confirmed the cache took it (`cache_creation_input_tokens`
+//! or `cache_read_input_tokens` above zero): the server writes a prefix when
+//! the first response that carries it starts, so requests sent together
+//! before that all pay full price, and the estimator must charge them so.
+//!
+//! Memory is bounded: at most `max_entries` prefixes; past that, expired
+//! entries go first, then the least recently seen.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The server's default cache lifetime.
+pub(crate) const TTL_5M: Duration = Duration::from_secs(5 * 60);
+/// The lifetime asked for with `"ttl": "1h"`.
+pub(crate) const TTL_1H: Duration = Duration::from_secs(60 * 60);
+
+/// Estimates with cache activity kept for matching with their usage.
+const MAX_PENDING: usize = 1024;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    last_seen: Instant,
+    ttl: Duration,
+    confirmed: bool,
+}
+
+impl Entry {
+    fn alive(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_seen) < self.ttl
+    }
+}
+
+/// A request's cache activity, remembered until its usage comes back.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    pub(crate) model: Option<String>,
+    pub(crate) raw_input_tokens: u64,
+    pub(crate) cache_read_tokens: u64,
+    /// The prefix charged as a cache read, if any.
+    pub(crate) read: Option<u64>,
+    /// Prefixes this request writes (its breakpoints), with their lifetimes.
+    pub(crate) written: Vec<(u64, Duration)>,
+    pub(crate) at: Instant,
+}
+
+#[derive(Debug)]
+pub(crate) struct PromptCache {
+    entries: HashMap<u64, Entry>,
+    pending: VecDeque<Pending>,
+    max_entries: usize,
+}
+
+impl PromptCache {
+    pub(crate) fn new(max_entries: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            pending: VecDeque::new(),
+            max_entries: max_entries.max(1),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn warm_len(&self, now: Instant) -> usize {
+        self.entries
+            .values()
+            .filter(|e| e.confirmed && e.alive(now))
+            .count()
+    }
+
+    /// Whether the server is believed to hold `key` now.
+    pub(crate) fn is_warm(&self, key: u64, now: Instant) -> bool {
+        self.entries
+            .get(&key)
+            .is_some_and(|e| e.confirmed && e.alive(now))
+    }
+
+    /// A read refreshes the server's lifetime of the entry.
+    pub(crate) fn touch(&mut self, key: u64, now: Instant) {
+        if let Some(e) = self.entries.get_mut(&key) {
+            e.last_seen = now;
+        }
+    }
+
+    /// Records that a request carrying this breakpoint was sent now. An entry
+    /// still alive keeps its confirmation; a new or expired one waits for one.
+    pub(crate) fn sent(&mut self, key: u64, ttl: Duration, now: Instant) {
+        if let Some(e) = self.entries.get_mut(&key) {
+            let alive = e.alive(now);
+            e.confirmed &= alive;
+            e.last_seen = now;
+            e.ttl = if alive { e.ttl.max(ttl) } else { ttl };
+            return;
+        }
+        self.make_room(now);
+        self.entries.insert(
+            key,
+            Entry {
+                last_seen: now,
+                ttl,
+                confirmed: false,
+            },
+        );
+    }
+
+    fn make_room(&mut self, now: Instant) {
+        if self.entries.len() < self.max_entries {
+            return;
+        }
+        self.entries.retain(|_, e| e.alive(now));
+        if self.entries.len() < self.max_entries {
+            return;
+        }
+        // Evict the least recently seen eighth (at least one) in one pass, so
+        // a full cache does not pay a scan per insert.
+        let mut ages: Vec<(Instant, u64)> = self
+            .entries
+            .iter()
+            .map(|(k, e)| (e.last_seen, *k))
+            .collect();
+        let n = (self.max_entries / 8).max(1).min(ages.len());
+        if n < ages.len() {
+            ages.select_nth_unstable(n);
+        }
+        for (_, k) in ages.iter().take(n) {
+            self.entries.remove(k);
+        }
+    }
+
+    pub(crate) fn push_pending(&mut self, p: Pending) {
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(p);
+    }
+
+    /// Takes the newest pending record that matches an estimate.
+    pub(crate) fn take_pending(
+        &mut self,
+        model: Option<&str>,
+        raw_input_tokens: u64,
+        cache_read_tokens: u64,
+    ) -> Option<Pending> {
+        let idx = self.pending.iter().rposition(|p| {
+            p.raw_input_tokens == raw_input_tokens
+                && p.cache_read_tokens == cache_read_tokens
+                && p.model.as_deref() == model
+        })?;
+        self.pending.remove(idx)
+    }
+
+    /// Applies what the server said about a request's cache use.
+    pub(crate) fn settle(
+        &mut self,
+        p: &Pending,
+        cache_read: u64,
+        cache_creation: u64,
+        now: Instant,
+    ) {
+        if cache_read == 0 {
+            // The server read nothing: the prefix charged as a read is not there.
+            if let Some(k) = p.read {
+                self.entries.remove(&k);
+            }
+        }
+        if cache_read == 0 && cache_creation == 0 {
+            // Nothing was cached (a prefix under the model's minimum, say):
+            // forget the breakpoints this request claimed.
+            for (k, _) in &p.written {
+                if self.entries.get(k).is_some_and(|e| !e.confirmed) {
+                    self.entries.remove(k);
+                }
+            }
+            return;
+        }
+        // The breakpoints of this request are in the cache now.
+        for &(k, ttl) in &p.written {
+            match self.entries.get_mut(&k) {
+                Some(e) => {
+                    e.confirmed = true;
+                    if e.last_seen < p.at {
+                        e.last_seen = p.at;
+                    }
+                }
+                None => {
+                    self.make_room(now);
+                    self.entries.insert(
+                        k,
+                        Entry {
+                            last_seen: p.at,
+                            ttl,
+                            confirmed: true,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unconfirmed_entries_are_cold() {
+        let now = Instant::now();
+        let mut c = PromptCache::new(8);
+        c.sent(1, TTL_5M, now);
+        assert!(!c.is_warm(1, now));
+        let p = Pending {
+            model: None,
+            raw_input_tokens: 10,
+            cache_read_tokens: 0,
+            read: None,
+            written: vec![(1, TTL_5M)],
+            at: now,
+        };
+        c.settle(&p, 0, 100, now);
+        assert!(c.is_warm(1, now));
+        assert!(!c.is_warm(1, now + TTL_5M));
+    }
+
+    #[test]
+    fn eviction_bounds_entries() {
+        let now = Instant::now();
+        let mut c = PromptCache::new(16);
+        for k in 0..100u64 {
+            c.sent(k, TTL_5M, now + Duration::from_millis(k));
+            assert!(c.len() <= 16);
+        }
+        // The newest survive.
+        assert!(c.entries.contains_key(&99));
+        assert!(!c.entries.contains_key(&0));
+    }
+}

@@ -1,0 +1,595 @@
+//! A JSON scanner over `&[u8]` that walks values without building them.
+//!
+//! Only what the estimator needs: skip whitespace, find the end of a string
+//! while counting its characters (ASCII and non-ASCII apart, escapes decoded
+//! only as far as counting needs), skip any value (optionally counting the
+//! characters of every string inside), and read small scalars. Strings are
+//! scanned eight bytes at a time (SWAR: a `u64` word tests for `"` and `\`
+//! and counts UTF-8 lead bytes with a few integer operations), which is what
+//! makes the estimator run at memory speed on text.
+//!
+//! The scanner is lenient where leniency cannot crash or loop: it does not
+//! validate numbers or UTF-8, and it checks structure only as far as walking
+//! needs (balanced brackets, quotes). Every malformed input ends in `Err`.
+
+/// The scanner met something it cannot walk (the body is not JSON, or is cut short).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Malformed;
+
+pub(crate) type Result<T> = std::result::Result<T, Malformed>;
+
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+/// Deepest nesting `skip_value` walks (serde_json's default limit is 128).
+const MAX_DEPTH: u32 = 512;
+
+/// Characters counted in text, split by kind because they tokenize differently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Chars {
+    /// ASCII characters (an escape such as `\n` counts as one).
+    pub(crate) ascii: u64,
+    /// Non-ASCII characters (UTF-8 lead bytes, or `\u` escapes above 0x7f).
+    pub(crate) non_ascii: u64,
+}
+
+impl Chars {
+    pub(crate) fn add(&mut self, other: Chars) {
+        self.ascii = self.ascii.saturating_add(other.ascii);
+        self.non_ascii = self.non_ascii.saturating_add(other.non_ascii);
+    }
+}
+
+/// Where a string's contents lie: `bytes[start..end]`, without the quotes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    /// True when the contents hold at least one backslash escape.
+    pub(crate) escaped: bool,
+}
+
+#[inline(always)]
+fn has_byte(w: u64, b: u8) -> u64 {
+    let x = w ^ (LO.wrapping_mul(u64::from(b)));
+    x.wrapping_sub(LO) & !x & HI
+}
+
+#[inline(always)]
+fn count_word(w: u64, c: &mut Chars) {
+    let hi = w & HI;
+    if hi == 0 {
+        c.ascii += 8;
+    } else {
+        c.ascii += u64::from((!w & HI).count_ones());
+        // Lead bytes of multi-byte sequences: bits 7 and 6 set.
+        c.non_ascii += u64::from((w & (w << 1) & HI).count_ones());
+    }
+}
+
+/// The sum of a word's eight byte lanes (each at most 255).
+#[inline(always)]
+fn lane_sum(x: u64) -> u64 {
+    const M: u64 = 0x00ff_00ff_00ff_00ff;
+    let y = (x & M) + ((x >> 8) & M);
+    y.wrapping_mul(0x0001_0001_0001_0001) >> 48
+}
+
+/// Counts the bytes of `w` selected by `mask` (whole bytes).
+#[inline(always)]
+fn count_masked(w: u64, mask: u64, c: &mut Chars) {
+    let hi = HI & mask;
+    c.ascii += u64::from((!w & hi).count_ones());
+    c.non_ascii += u64::from((w & (w << 1) & hi).count_ones());
+}
+
+#[inline(always)]
+fn count_byte(x: u8, c: &mut Chars) {
+    if x < 0x80 {
+        c.ascii += 1;
+    } else if x >= 0xC0 {
+        c.non_ascii += 1;
+    }
+}
+
+#[inline(always)]
+fn word_at(b: &[u8], i: usize) -> Option<u64> {
+    let chunk = b.get(i..i.checked_add(8)?)?;
+    let arr: [u8; 8] = chunk.try_into().ok()?;
+    Some(u64::from_le_bytes(arr))
+}
+
+fn hex4(b: &[u8]) -> Option<u32> {
+    let mut v = 0u32;
+    for &d in b {
+        let x = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            b'A'..=b'F' => d - b'A' + 10,
+            _ => return None,
+        };
+        v = (v << 4) | u32::from(x);
+    }
+    Some(v)
+}
+
+/// Counts the characters of raw bytes (no escapes interpreted): used for JSON
+/// values tokenized as they are written (tool inputs, schemas).
+pub(crate) fn count_raw(b: &[u8]) -> Chars {
+    let mut c = Chars::default();
+    let mut chunks = b.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut arr = [0u8; 8];
+        arr.copy_from_slice(chunk);
+        count_word(u64::from_le_bytes(arr), &mut c);
+    }
+    for &x in chunks.remainder() {
+        count_byte(x, &mut c);
+    }
+    c
+}
+
+/// Counts the characters of a string's contents (the bytes between the
+/// quotes), decoding escapes as it goes.
+pub(crate) fn count_span(b: &[u8], span: Span) -> Chars {
+    let Some(s) = b.get(span.start..span.end) else {
+        return Chars::default();
+    };
+    if !span.escaped {
+        return count_raw(s);
+    }
+    let mut sc = Scanner { b: s, i: 0 };
+    let mut c = Chars::default();
+    // Walk the contents as if a closing quote followed them.
+    while sc.i < s.len() {
+        match sc.escape_or_byte(&mut c) {
+            Ok(()) => {}
+            Err(Malformed) => break,
+        }
+    }
+    c
+}
+
+/// A cursor over JSON bytes.
+#[derive(Debug, Clone)]
+pub(crate) struct Scanner<'a> {
+    pub(crate) b: &'a [u8],
+    pub(crate) i: usize,
+}
+
+impl<'a> Scanner<'a> {
+    pub(crate) fn new(b: &'a [u8]) -> Self {
+        Self { b, i: 0 }
+    }
+
+    #[inline]
+    pub(crate) fn skip_ws(&mut self) {
+        while let Some(&x) = self.b.get(self.i) {
+            if matches!(x, b' ' | b'\n' | b'\r' | b'\t') {
+                self.i += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// The next non-whitespace byte, not consumed.
+    #[inline]
+    pub(crate) fn peek(&mut self) -> Result<u8> {
+        self.skip_ws();
+        self.b.get(self.i).copied().ok_or(Malformed)
+    }
+
+    /// Consumes `x` (after whitespace) or fails.
+    #[inline]
+    pub(crate) fn expect(&mut self, x: u8) -> Result<()> {
+        if self.peek()? == x {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(Malformed)
+        }
+    }
+
+    /// Handles one byte or escape inside a string (not the closing quote).
+    #[inline]
+    fn escape_or_byte(&mut self, c: &mut Chars) -> Result<()> {
+        let x = *self.b.get(self.i).ok_or(Malformed)?;
+        if x == b'\\' {
+            let e = *self.b.get(self.i + 1).ok_or(Malformed)?;
+            if e == b'u' {
+                let hex = self.b.get(self.i + 2..self.i + 6).ok_or(Malformed)?;
+                let cp = hex4(hex).ok_or(Malformed)?;
+                if cp < 0x80 {
+                    c.ascii += 1;
+                } else {
+                    c.non_ascii += 1;
+                }
+                self.i += 6;
+            } else {
+                c.ascii += 1;
+                self.i += 2;
+            }
+        } else {
+            count_byte(x, c);
+            self.i += 1;
+        }
+        Ok(())
+    }
+
+    /// Scans a string whose opening quote is next (after whitespace); returns
+    /// its span and, when `count` is set, its characters.
+    #[inline]
+    pub(crate) fn string(&mut self, count: bool) -> Result<(Span, Chars)> {
+        self.expect(b'"')?;
+        self.string_body(count)
+    }
+
+    /// Scans a string whose opening quote was just consumed.
+    pub(crate) fn string_body(&mut self, count: bool) -> Result<(Span, Chars)> {
+        let start = self.i;
+        let mut c = Chars::default();
+        let mut escaped = false;
+        let b = self.b;
+        let mut i = self.i;
+        loop {
+            // Sixteen bytes at a time while no quote or backslash is in
+            // sight: a pure-ASCII pair costs one test; other pairs add to
+            // per-byte-lane counters (no popcount per word), summed at the end
+            // and every 127 pairs, before a lane could overflow.
+            let mut lanes_high = 0u64;
+            let mut lanes_lead = 0u64;
+            let mut pairs = 0u32;
+            let mut fast = 0u64;
+            while let Some(chunk) = b.get(i..i.saturating_add(16)) {
+                let (w0, w1) = chunk.split_at(8);
+                let (Ok(w0), Ok(w1)) = (<[u8; 8]>::try_from(w0), <[u8; 8]>::try_from(w1)) else {
+                    break;
+                };
+                let (w0, w1) = (u64::from_le_bytes(w0), u64::from_le_bytes(w1));
+                let special = has_byte(w0, b'"')
+                    | has_byte(w0, b'\\')
+                    | has_byte(w1, b'"')
+                    | has_byte(w1, b'\\');
+                if special != 0 {
+                    break;
+                }
+                i += 16;
+                if count {
+                    fast += 16;
+                    if (w0 | w1) & HI != 0 {
+                        lanes_high += ((w0 >> 7) & LO) + ((w1 >> 7) & LO);
+                        lanes_lead +=
+                            (((w0 & (w0 << 1)) >> 7) & LO) + (((w1 & (w1 << 1)) >> 7) & LO);
+                        pairs += 1;
+                        if pairs == 127 {
+                            let high = lane_sum(lanes_high);
+                            c.ascii += fast - high;
+                            c.non_ascii += lane_sum(lanes_lead);
+                            (lanes_high, lanes_lead, pairs, fast) = (0, 0, 0, 0);
+                        }
+                    }
+                }
+            }
+            if count {
+                let high = lane_sum(lanes_high);
+                c.ascii += fast - high;
+                c.non_ascii += lane_sum(lanes_lead);
+            }
+            // Then eight bytes at a time while no quote or backslash is in sight;
+            // at the word that holds one, count the bytes before it and jump
+            // to it (the lowest flagged byte is exact: false positives of the
+            // zero-byte test only appear above a true match).
+            while let Some(w) = word_at(b, i) {
+                let special = has_byte(w, b'"') | has_byte(w, b'\\');
+                if special == 0 {
+                    if count {
+                        count_word(w, &mut c);
+                    }
+                    i += 8;
+                    continue;
+                }
+                let bits = special.trailing_zeros() & !7;
+                if count && bits > 0 {
+                    count_masked(w, (1u64 << bits) - 1, &mut c);
+                }
+                i += (bits / 8) as usize;
+                break;
+            }
+            let x = *b.get(i).ok_or(Malformed)?;
+            if x == b'"' {
+                self.i = i + 1;
+                return Ok((
+                    Span {
+                        start,
+                        end: i,
+                        escaped,
+                    },
+                    c,
+                ));
+            }
+            if x == b'\\' {
+                escaped = true;
+            }
+            self.i = i;
+            self.escape_or_byte(&mut c)?;
+            i = self.i;
+        }
+    }
+
+    /// Skips any value. When `count` is given, the characters of every string
+    /// inside (keys too: they are tokens of the prompt) are added to it.
+    /// Iterative, so deep nesting cannot overflow the stack.
+    pub(crate) fn skip_value(&mut self, mut count: Option<&mut Chars>) -> Result<()> {
+        let mut depth: u32 = 0;
+        loop {
+            let x = self.peek()?;
+            match x {
+                b'"' => {
+                    self.i += 1;
+                    let (_, c) = self.string_body(count.is_some())?;
+                    if let Some(acc) = count.as_deref_mut() {
+                        acc.add(c);
+                    }
+                }
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        return Err(Malformed);
+                    }
+                    self.i += 1;
+                    continue;
+                }
+                b'}' | b']' => {
+                    if depth == 0 {
+                        return Err(Malformed);
+                    }
+                    depth -= 1;
+                    self.i += 1;
+                }
+                b',' | b':' => {
+                    if depth == 0 {
+                        return Err(Malformed);
+                    }
+                    self.i += 1;
+                    continue;
+                }
+                _ => self.scalar()?,
+            }
+            if depth == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Skips a number or literal (`true`, `false`, `null`).
+    fn scalar(&mut self) -> Result<()> {
+        let start = self.i;
+        while let Some(&x) = self.b.get(self.i) {
+            if x.is_ascii_alphanumeric() || matches!(x, b'-' | b'+' | b'.') {
+                self.i += 1;
+            } else {
+                break;
+            }
+        }
+        if self.i == start {
+            Err(Malformed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Reads a value as a non-negative integer if it is one; any other value
+    /// is skipped and gives `None`.
+    pub(crate) fn u64_value(&mut self) -> Result<Option<u64>> {
+        let x = self.peek()?;
+        if !x.is_ascii_digit() {
+            self.skip_value(None)?;
+            return Ok(None);
+        }
+        let start = self.i;
+        self.scalar()?;
+        let text = self.b.get(start..self.i).ok_or(Malformed)?;
+        let mut v: u64 = 0;
+        for &d in text {
+            if !d.is_ascii_digit() {
+                return Ok(None);
+            }
+            v = match v
+                .checked_mul(10)
+                .and_then(|v| v.checked_add(u64::from(d - b'0')))
+            {
+                Some(v) => v,
+                None => return Ok(None),
+            };
+        }
+        Ok(Some(v))
+    }
+
+    /// Reads `true` / `false`; any other value is skipped and gives `None`.
+    pub(crate) fn bool_value(&mut self) -> Result<Option<bool>> {
+        let x = self.peek()?;
+        if x != b't' && x != b'f' {
+            self.skip_value(None)?;
+            return Ok(None);
+        }
+        let start = self.i;
+        self.scalar()?;
+        Ok(match self.b.get(start..self.i) {
+            Some(b"true") => Some(true),
+            Some(b"false") => Some(false),
+            _ => None,
+        })
+    }
+
+    /// After an element of an object or array: consumes `,` and returns true
+    /// when another element follows, or consumes `close` and returns false.
+    #[inline]
+    pub(crate) fn next_or_close(&mut self, close: u8) -> Result<bool> {
+        let x = self.peek()?;
+        self.i += 1;
+        if x == b',' {
+            Ok(true)
+        } else if x == close {
+            Ok(false)
+        } else {
+            Err(Malformed)
+        }
+    }
+
+    /// Just after `{` or `[`: consumes `close` and returns true when the
+    /// container is empty.
+    #[inline]
+    pub(crate) fn empty(&mut self, close: u8) -> Result<bool> {
+        if self.peek()? == close {
+            self.i += 1;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// Reads an object key and its colon; returns the raw key bytes (escapes
+    /// not decoded: keys this crate looks for never need them).
+    #[inline]
+    pub(crate) fn key(&mut self) -> Result<&'a [u8]> {
+        let (span, _) = self.string(false)?;
+        self.expect(b':')?;
+        self.b.get(span.start..span.end).ok_or(Malformed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn str_chars(json: &str) -> (Chars, usize) {
+        let mut s = Scanner::new(json.as_bytes());
+        let (_, c) = s.string(true).unwrap_or_default();
+        (c, s.i)
+    }
+
+    #[test]
+    fn counts_ascii_and_non_ascii_across_word_boundaries() {
+        let (c, end) = str_chars("\"hello world, this is text\" tail");
+        assert_eq!(c.ascii, 25);
+        assert_eq!(c.non_ascii, 0);
+        assert_eq!(end, 27);
+        let (c, _) = str_chars("\"héllo 日本語 and more ascii text\"");
+        assert_eq!(c.non_ascii, 4);
+        assert_eq!(c.ascii, "hllo  and more ascii text".len() as u64);
+    }
+
+    #[test]
+    fn counts_escapes_as_one_char() {
+        let (c, _) = str_chars(r#""a\nb\"c\\d\u00e9\u0041 long enough to use words""#);
+        // a \n b \" c \\ d A + the tail = ascii; \u00e9 = non-ascii
+        assert_eq!(c.non_ascii, 1);
+        assert_eq!(c.ascii, 8 + " long enough to use words".len() as u64);
+    }
+
+    #[test]
+    fn escaped_span_counts_match() {
+        let text = r#""x\ty\u4e2dz 0123456789abcdef""#;
+        let mut s = Scanner::new(text.as_bytes());
+        let (span, c) = s.string(true).unwrap_or_default();
+        assert!(span.escaped);
+        assert_eq!(count_span(text.as_bytes(), span), c);
+    }
+
+    /// The word-at-a-time path agrees with a byte-at-a-time reference on
+    /// strings dense with escapes and multi-byte characters.
+    #[test]
+    fn fast_path_matches_reference() {
+        let pieces = [
+            "a", "\\n", "\\\"", "\\u00e9", "\\u0041", "é", "日", "xyz ", "\\\\",
+        ];
+        let mut seed: u64 = 7;
+        for _ in 0..300 {
+            let mut body = String::from("\"");
+            let mut expect = Chars::default();
+            let n = (seed >> 40) % 40;
+            for _ in 0..n {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let p = pieces[((seed >> 33) % pieces.len() as u64) as usize];
+                body.push_str(p);
+                match p {
+                    "\\u00e9" | "é" | "日" => expect.non_ascii += 1,
+                    "xyz " => expect.ascii += 4,
+                    _ => expect.ascii += 1,
+                }
+            }
+            body.push_str("\" trailing");
+            let mut s = Scanner::new(body.as_bytes());
+            let (span, c) = s.string(true).unwrap_or_default();
+            assert_eq!(c, expect, "{body}");
+            assert_eq!(&body.as_bytes()[s.i..], b" trailing");
+            assert_eq!(count_span(body.as_bytes(), span), expect);
+        }
+    }
+
+    /// Long runs without escapes take the sixteen-byte path and its lane
+    /// counters (flushed every 127 pairs); they must agree with a plain count.
+    #[test]
+    fn long_runs_count_exactly() {
+        for unit in ["a", "é", "日本", "ab é日 xyz", "\u{1f600}q"] {
+            for reps in [1, 7, 300, 2500] {
+                let text = unit.repeat(reps);
+                let body = format!("\"{text}\"");
+                let mut s = Scanner::new(body.as_bytes());
+                let (_, c) = s.string(true).unwrap_or_default();
+                let ascii = text.chars().filter(char::is_ascii).count() as u64;
+                let non_ascii = text.chars().count() as u64 - ascii;
+                assert_eq!(
+                    (c.ascii, c.non_ascii),
+                    (ascii, non_ascii),
+                    "{unit} x {reps}"
+                );
+                assert_eq!(count_raw(text.as_bytes()), c);
+            }
+        }
+    }
+
+    #[test]
+    fn unterminated_string_is_malformed() {
+        let mut s = Scanner::new(b"\"abcdefghijklmnop");
+        assert_eq!(s.string(true), Err(Malformed));
+        let mut s = Scanner::new(b"\"abc\\");
+        assert_eq!(s.string(true), Err(Malformed));
+    }
+
+    #[test]
+    fn skip_value_counts_nested_strings() {
+        let json = br#"{"a": [1, true, null, {"bc": "def"}], "g": -1.5e3} rest"#;
+        let mut s = Scanner::new(json);
+        let mut c = Chars::default();
+        s.skip_value(Some(&mut c)).unwrap_or(());
+        assert_eq!(&json[s.i..], b" rest");
+        assert_eq!(c.ascii, 1 + 2 + 3 + 1);
+    }
+
+    #[test]
+    fn skip_value_rejects_garbage_and_depth() {
+        assert!(Scanner::new(b"}").skip_value(None).is_err());
+        assert!(Scanner::new(b"[1,2").skip_value(None).is_err());
+        let deep = "[".repeat(10_000);
+        assert!(Scanner::new(deep.as_bytes()).skip_value(None).is_err());
+    }
+
+    #[test]
+    fn reads_scalars() {
+        assert_eq!(Scanner::new(b" 1024,").u64_value(), Ok(Some(1024)));
+        assert_eq!(Scanner::new(b"1.5").u64_value(), Ok(None));
+        assert_eq!(Scanner::new(b"-3").u64_value(), Ok(None));
+        assert_eq!(Scanner::new(b"\"7\"").u64_value(), Ok(None));
+        assert_eq!(
+            Scanner::new(b"99999999999999999999999").u64_value(),
+            Ok(None)
+        );
+        assert_eq!(Scanner::new(b"true").bool_value(), Ok(Some(true)));
+        assert_eq!(Scanner::new(b"false}").bool_value(), Ok(Some(false)));
+        assert_eq!(Scanner::new(b"null").bool_value(), Ok(None));
+    }
+}

@@ -1,0 +1,1665 @@
+//! TokenBudgetLayer: pacing, settlement, header sync, cancellation, reject and
+//! enforce modes, on tokio's paused clock.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tower::util::BoxCloneService;
+use tower::{Layer, Service, ServiceExt};
+use tower_llm_limits::body::{BufferedBytes, ReplayBody};
+use tower_llm_limits::budget::{
+    BudgetMode, BudgetSnapshot, KeyExtractor, Limits, OutputMode, TokenBudgetLayer,
+};
+use tower_llm_limits::estimate::{Estimate, TokenEstimator, Usage};
+use tower_llm_limits::headers::RateLimitSnapshot;
+use tower_llm_limits::{BoxError, Dimension, Error};
+
+type ResBody = UnsyncBoxBody<Bytes, BoxError>;
+
+// ---------------------------------------------------------------------------
+// An exact estimator: the request says what it costs (`"input": N`).
+
+#[derive(Debug, Default)]
+struct ExactEstimator {
+    observed: AtomicUsize,
+}
+
+fn estimate_json(body: &[u8]) -> Estimate {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let input = v["input"].as_u64().unwrap_or(0);
+    Estimate {
+        model: v["model"].as_str().map(str::to_owned),
+        input_tokens: input,
+        raw_input_tokens: input,
+        cache_read_tokens: v["cache_read"].as_u64().unwrap_or(0),
+        max_tokens: v["max_tokens"].as_u64(),
+        stream: v["stream"].as_bool().unwrap_or(false),
+        fallback: false,
+    }
+}
+
+impl TokenEstimator for ExactEstimator {
+    fn estimate(&self, _parts: &Parts, body: &[u8]) -> Estimate {
+        estimate_json(body)
+    }
+
+    fn estimate_unbuffered(&self, _parts: &Parts, body_len: Option<u64>) -> Estimate {
+        Estimate {
+            input_tokens: body_len.unwrap_or(0),
+            raw_input_tokens: body_len.unwrap_or(0),
+            fallback: true,
+            ..Estimate::default()
+        }
+    }
+
+    fn observe(&self, _estimate: &Estimate, _usage: &Usage) {
+        self.observed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+const MODEL: &str = "claude-sonnet-4-5";
+const KEY: &str = "sonnet-4";
+
+fn request_body(input: u64, max_tokens: u64) -> String {
+    format!(r#"{{"model":"{MODEL}","max_tokens":{max_tokens},"input":{input},"messages":[]}}"#)
+}
+
+fn request(input: u64, max_tokens: u64) -> Request<Full<Bytes>> {
+    Request::post("http://localhost/v1/messages")
+        .body(Full::new(Bytes::from(request_body(input, max_tokens))))
+        .unwrap()
+}
+
+fn json_usage(input: u64, output: u64) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"id":"msg_1","type":"message","role":"assistant","content":[{{"type":"text","text":"hi"}}],"model":"{MODEL}","stop_reason":"end_turn","usage":{{"input_tokens":{input},"output_tokens":{output}}}}}"#
+    ))
+}
+
+fn full(bytes: Bytes) -> ResBody {
+    Full::new(bytes)
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+// ---------------------------------------------------------------------------
+// A recording upstream.
+
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    at: Instant,
+    input: u64,
+    max_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Log {
+    sent: Mutex<Vec<Sent>>,
+}
+
+impl Log {
+    fn sent(&self) -> Vec<Sent> {
+        self.sent.lock().unwrap().clone()
+    }
+}
+
+/// Answers every request 200 with a JSON usage: the input it said, `output` tokens.
+type Upstream = BoxCloneService<Request<ReplayBody<Full<Bytes>>>, Response<ResBody>, BoxError>;
+
+fn upstream(log: Arc<Log>, output: u64) -> Upstream {
+    BoxCloneService::new(tower::service_fn(
+        move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let log = Arc::clone(&log);
+            async move {
+                let bytes = req.into_body().collect().await?.to_bytes();
+                let input = estimate_json(&bytes).input_tokens;
+                // What the server really counts, if the request says it differs.
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                let counted = v["actual"].as_u64().unwrap_or(input);
+                log.sent.lock().unwrap().push(Sent {
+                    at: Instant::now(),
+                    input,
+                    max_tokens: v["max_tokens"].as_u64(),
+                });
+                Ok::<_, BoxError>(Response::new(full(json_usage(counted, output))))
+            }
+        },
+    ))
+}
+
+fn budget(limits: Limits) -> (TokenBudgetLayer, Arc<ExactEstimator>) {
+    let estimator = Arc::new(ExactEstimator::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(limits)
+        .estimator(estimator.clone())
+        .build();
+    (layer, estimator)
+}
+
+fn remaining(snap: &BudgetSnapshot, d: Dimension) -> f64 {
+    snap.key(KEY)
+        .and_then(|k| k.dimension(d).remaining)
+        .unwrap_or(f64::NAN)
+}
+
+// ---------------------------------------------------------------------------
+
+/// A workload of three minutes' worth of ITPM finishes close to the
+/// limit-bound minimum, and a token bucket server with the same limit (full
+/// at the start, refilling at limit/60 per second) never has to refuse it.
+#[tokio::test(start_paused = true)]
+async fn workload_of_three_minutes_itpm_is_paced_to_the_limit() {
+    const ITPM: u64 = 60_000;
+    const EACH: u64 = 6_000;
+    const N: u64 = 30; // 180,000 tokens = 3 minutes of ITPM
+    let log = Arc::new(Log::default());
+    let (layer, _) = budget(Limits::new(10_000, ITPM, 10_000_000));
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(upstream(log.clone(), 10));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..N {
+        let mut svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = svc.ready().await?.call(request(EACH, 100)).await?;
+            resp.into_body().collect().await?;
+            Ok::<_, BoxError>(Instant::now())
+        }));
+    }
+    let mut last = start;
+    for t in tasks {
+        last = last.max(t.await.unwrap().unwrap());
+    }
+    let elapsed = last - start;
+    // The first minute's worth goes at once; the other 120,000 tokens refill
+    // at 1,000 per second: 120 s is the least possible.
+    let minimum = Duration::from_secs((N * EACH - ITPM) * 60 / ITPM);
+    assert!(
+        elapsed >= minimum - Duration::from_millis(10),
+        "{elapsed:?}"
+    );
+    assert!(
+        elapsed <= minimum + Duration::from_secs(2),
+        "took {elapsed:?}, minimum {minimum:?}"
+    );
+
+    // Replay what the upstream saw against a token bucket server.
+    let sent = log.sent();
+    assert_eq!(sent.len(), N as usize);
+    let rate = ITPM as f64 / 60.0;
+    let mut level = ITPM as f64;
+    let mut prev = start;
+    for s in &sent {
+        level = (level + (s.at - prev).as_secs_f64() * rate).min(ITPM as f64);
+        prev = s.at;
+        level -= s.input as f64;
+        assert!(
+            level >= -1e-6,
+            "server would refuse: level {level} at {:?}",
+            s.at - start
+        );
+    }
+    // And in every 60 s window, no more than a full bucket plus a minute's refill.
+    for (i, a) in sent.iter().enumerate() {
+        let in_window: u64 = sent[i..]
+            .iter()
+            .take_while(|b| b.at - a.at < Duration::from_secs(60))
+            .map(|b| b.input)
+            .sum();
+        assert!(in_window <= 2 * ITPM, "{in_window}");
+    }
+    let snap = layer.snapshot();
+    assert_eq!(snap.admitted, N);
+    assert!(snap.waited >= N - ITPM / EACH);
+}
+
+/// Waiters are served in order: a large request at the head of the line is
+/// not overtaken by small ones that arrive after it.
+#[tokio::test(start_paused = true)]
+async fn large_request_at_the_head_is_not_starved() {
+    let log = Arc::new(Log::default());
+    let (layer, _) = budget(Limits::new(10_000, 10_000, 10_000_000));
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(upstream(log.clone(), 1));
+    let spawn = |input: u64| {
+        let mut svc = svc.clone();
+        tokio::spawn(async move {
+            let resp = svc.ready().await?.call(request(input, 10)).await?;
+            resp.into_body().collect().await?;
+            Ok::<_, BoxError>(())
+        })
+    };
+    let first = spawn(10_000);
+    tokio::task::yield_now().await;
+    first.await.unwrap().unwrap();
+    let large = spawn(9_000);
+    // Half-way through the large one's wait, 5,000 tokens are free: enough
+    // for every small request, not for the large one.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let mut smalls = Vec::new();
+    for _ in 0..20 {
+        smalls.push(spawn(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    large.await.unwrap().unwrap();
+    for s in smalls {
+        s.await.unwrap().unwrap();
+    }
+    let order: Vec<u64> = log.sent().iter().map(|s| s.input).collect();
+    assert_eq!(order[0], 10_000);
+    assert_eq!(order[1], 9_000, "the large request went first: {order:?}");
+    // Wakeups are about as many as admissions (no thundering herd).
+    let snap = layer.snapshot();
+    assert!(snap.wakeups <= 2 * snap.admitted, "{snap:?}");
+}
+
+/// A settlement that refunds an over-estimate wakes the head of the line at
+/// once, instead of letting it sleep until the instant it was first given.
+#[tokio::test(start_paused = true)]
+async fn refund_at_settlement_wakes_the_waiting_head() {
+    let log = Arc::new(Log::default());
+    let (layer, _) = budget(Limits::new(1_000, 10_000, 1_000_000));
+    let svc = layer.layer(upstream(log.clone(), 1));
+    let start = Instant::now();
+    // Estimated at 10,000 input tokens; the server counts 2,000.
+    let over = Request::post("http://localhost/v1/messages")
+        .body(Full::new(Bytes::from(format!(
+            r#"{{"model":"{MODEL}","max_tokens":10,"input":10000,"actual":2000}}"#
+        ))))
+        .unwrap();
+    let mut first = svc.clone();
+    let resp = first.ready().await.unwrap().call(over).await.unwrap();
+    let mut second = svc.clone();
+    let waiter = tokio::spawn(async move {
+        let resp = second.ready().await?.call(request(5_000, 10)).await?;
+        resp.into_body().collect().await?;
+        Ok::<_, BoxError>(Instant::now())
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(layer.snapshot().key(KEY).unwrap().waiting, 1);
+    // Reading the first answer settles it: 8,000 tokens come back.
+    resp.into_body().collect().await.unwrap();
+    let admitted = waiter.await.unwrap().unwrap() - start;
+    // Without the wakeup it would have slept until 30 s.
+    assert!(admitted < Duration::from_secs(6), "{admitted:?}");
+    assert!(layer.snapshot().wakeups >= 1);
+}
+
+/// Output reservations are given back at settlement: `max_tokens` in reserve
+/// mode, and the prior expected output in realtime mode, which then learns.
+#[tokio::test(start_paused = true)]
+async fn output_reservation_is_refunded_on_settle_in_both_modes() {
+    for mode in [OutputMode::Reserve, OutputMode::Realtime] {
+        let log = Arc::new(Log::default());
+        let estimator = Arc::new(ExactEstimator::default());
+        let layer = TokenBudgetLayer::builder()
+            .limits(Limits::new(1_000, 1_000_000, 100_000))
+            .output_mode(mode)
+            .estimator(estimator.clone())
+            .build();
+        let mut svc = layer.layer(upstream(log.clone(), 100));
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(500, 4_000))
+            .await
+            .unwrap();
+        // Head received, body not read: the whole max_tokens is reserved
+        // (realtime mode starts from the prior, the whole max_tokens).
+        let snap = layer.snapshot();
+        assert_eq!(
+            remaining(&snap, Dimension::OutputTokens),
+            96_000.0,
+            "{mode:?}"
+        );
+        assert_eq!(remaining(&snap, Dimension::InputTokens), 999_500.0);
+        resp.into_body().collect().await.unwrap();
+        let snap = layer.snapshot();
+        assert_eq!(
+            remaining(&snap, Dimension::OutputTokens),
+            99_900.0,
+            "{mode:?}"
+        );
+        assert_eq!(remaining(&snap, Dimension::InputTokens), 999_500.0);
+        assert_eq!(remaining(&snap, Dimension::Requests), 999.0);
+        assert_eq!(estimator.observed.load(Ordering::SeqCst), 1);
+        assert_eq!(snap.settled, 1);
+
+        // Twenty more answers of 100 tokens out of 4,000: realtime mode now
+        // reserves the learned p90 share (2.5 %), reserve mode still max_tokens.
+        for _ in 0..20 {
+            let resp = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(request(10, 4_000))
+                .await
+                .unwrap();
+            resp.into_body().collect().await.unwrap();
+        }
+        let before = remaining(&layer.snapshot(), Dimension::OutputTokens);
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(10, 4_000))
+            .await
+            .unwrap();
+        let reserved = before - remaining(&layer.snapshot(), Dimension::OutputTokens);
+        let ratio = layer.snapshot().key(KEY).unwrap().expected_output_ratio;
+        match mode {
+            OutputMode::Reserve => assert_eq!(reserved, 4_000.0),
+            _ => {
+                assert_eq!(ratio, 0.025);
+                assert_eq!(reserved, 100.0);
+            }
+        }
+        drop(resp);
+    }
+}
+
+/// A real event stream, as the streaming docs show it (with caching counts).
+const SSE: &str = "event: message_start\n\
+data: {\"type\": \"message_start\", \"message\": {\"id\": \"msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY\", \"type\": \"message\", \"role\": \"assistant\", \"content\": [], \"model\": \"claude-sonnet-4-5-20250929\", \"stop_reason\": null, \"stop_sequence\": null, \"usage\": {\"input_tokens\": 472, \"cache_creation_input_tokens\": 28, \"cache_read_input_tokens\": 2000, \"output_tokens\": 2}}}\n\
+\n\
+event: content_block_start\n\
+data: {\"type\": \"content_block_start\", \"index\": 0, \"content_block\": {\"type\": \"text\", \"text\": \"\"}}\n\
+\n\
+event: ping\n\
+data: {\"type\": \"ping\"}\n\
+\n\
+event: content_block_delta\n\
+data: {\"type\": \"content_block_delta\", \"index\": 0, \"delta\": {\"type\": \"text_delta\", \"text\": \"Hello\"}}\n\
+\n\
+event: content_block_delta\n\
+data: {\"type\": \"content_block_delta\", \"index\": 0, \"delta\": {\"type\": \"text_delta\", \"text\": \"! \\\"usage\\\": {\\\"output_tokens\\\": 9999}\"}}\n\
+\n\
+event: content_block_stop\n\
+data: {\"type\": \"content_block_stop\", \"index\": 0}\n\
+\n\
+event: message_delta\n\
+data: {\"type\": \"message_delta\", \"delta\": {\"stop_reason\": \"end_turn\", \"stop_sequence\":null}, \"usage\": {\"output_tokens\": 15}}\n\
+\n\
+event: message_stop\n\
+data: {\"type\": \"message_stop\"}\n\
+\n";
+
+/// A response body made of the given frames, counting how often it is polled.
+struct Frames {
+    frames: std::collections::VecDeque<Bytes>,
+    pending_after: Option<usize>,
+    polls: Arc<AtomicUsize>,
+}
+
+impl Body for Frames {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        if self.pending_after == Some(0) {
+            return Poll::Pending;
+        }
+        if let Some(n) = self.pending_after.as_mut() {
+            *n -= 1;
+        }
+        Poll::Ready(self.frames.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.pending_after.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+fn frames(parts: Vec<Bytes>, pending_after: Option<usize>) -> Frames {
+    Frames {
+        frames: parts.into(),
+        pending_after,
+        polls: Arc::new(AtomicUsize::new(0)),
+    }
+}
+
+fn sse_upstream(make: impl Fn() -> Frames + Clone + Send + Sync + 'static) -> Upstream {
+    BoxCloneService::new(tower::service_fn(
+        move |_req: Request<ReplayBody<Full<Bytes>>>| {
+            let body = make();
+            async move {
+                let mut resp = Response::new(body.boxed_unsync());
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/event-stream; charset=utf-8"),
+                );
+                Ok::<_, BoxError>(resp)
+            }
+        },
+    ))
+}
+
+fn stream_request(input: u64, max_tokens: u64) -> Request<Full<Bytes>> {
+    let body =
+        format!(r#"{{"model":"{MODEL}","max_tokens":{max_tokens},"input":{input},"stream":true}}"#);
+    Request::post("http://localhost/v1/messages")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// An event stream settles with its events' usage, wherever the frames split
+/// the lines: every split point of a real stream into two frames, and three
+/// frames at awkward places.
+#[tokio::test(start_paused = true)]
+async fn sse_settles_with_frames_split_at_every_byte() {
+    let bytes = Bytes::from_static(SSE.as_bytes());
+    for i in 0..=bytes.len() {
+        let (a, b) = (bytes.slice(..i), bytes.slice(i..));
+        let (layer, _) = budget(Limits::new(1_000, 100_000, 10_000));
+        let mut svc = layer.layer(sse_upstream(move || {
+            frames(vec![a.clone(), b.clone()], None)
+        }));
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(stream_request(1_000, 1_000))
+            .await
+            .unwrap();
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got, bytes, "passed through unchanged");
+        let snap = layer.snapshot();
+        // 472 uncached + 28 cache writes count; the 2,000 cache reads do not (Sonnet 4.x).
+        assert_eq!(
+            remaining(&snap, Dimension::InputTokens),
+            99_500.0,
+            "split at {i}"
+        );
+        assert_eq!(
+            remaining(&snap, Dimension::OutputTokens),
+            9_985.0,
+            "split at {i}"
+        );
+    }
+    // A \r\n stream in three frames splitting "\r" from "\n" and a field name.
+    let crlf = SSE.replace('\n', "\r\n");
+    let bytes = Bytes::from(crlf);
+    let cr = bytes.iter().position(|&b| b == b'\r').unwrap();
+    let cuts = [cr + 1, bytes.len() - 20];
+    let (layer, _) = budget(Limits::new(1_000, 100_000, 10_000));
+    let b2 = bytes.clone();
+    let mut svc = layer.layer(sse_upstream(move || {
+        frames(
+            vec![
+                b2.slice(..cuts[0]),
+                b2.slice(cuts[0]..cuts[1]),
+                b2.slice(cuts[1]..),
+            ],
+            None,
+        )
+    }));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(stream_request(1_000, 1_000))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(
+        remaining(&layer.snapshot(), Dimension::OutputTokens),
+        9_985.0
+    );
+}
+
+/// Settlement happens at `message_stop`, as the frame passes, not when the
+/// connection closes.
+#[tokio::test(start_paused = true)]
+async fn sse_settles_at_message_stop_without_waiting_for_the_end() {
+    let (layer, _) = budget(Limits::new(1_000, 100_000, 10_000));
+    let bytes = Bytes::from_static(SSE.as_bytes());
+    let mut svc = layer.layer(sse_upstream(move || frames(vec![bytes.clone()], Some(1))));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(stream_request(1_000, 1_000))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.data_ref().map(|d| d.len()), Some(SSE.len()));
+    // The body has not ended (its next poll is pending), yet the charge is settled.
+    assert_eq!(
+        remaining(&layer.snapshot(), Dimension::OutputTokens),
+        9_985.0
+    );
+    assert_eq!(layer.snapshot().settled, 1);
+}
+
+/// A stream that ends in an `event: error` after a 200 settles with what its
+/// events said; a stream dropped half-way keeps the output reservation.
+#[tokio::test(start_paused = true)]
+async fn sse_error_event_and_dropped_stream() {
+    let cut = SSE.find("event: content_block_stop").unwrap();
+    let errored = format!(
+        "{}event: error\ndata: {{\"type\": \"error\", \"error\": {{\"type\": \"overloaded_error\", \"message\": \"Overloaded\"}}}}\n\n",
+        &SSE[..cut]
+    );
+    let (layer, _) = budget(Limits::new(1_000, 100_000, 10_000));
+    let bytes = Bytes::from(errored);
+    let mut svc = layer.layer(sse_upstream(move || frames(vec![bytes.clone()], None)));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(stream_request(1_000, 1_000))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    let snap = layer.snapshot();
+    assert_eq!(remaining(&snap, Dimension::InputTokens), 99_500.0);
+    // Output: the message_start said 2.
+    assert_eq!(remaining(&snap, Dimension::OutputTokens), 9_998.0);
+
+    // Dropped after message_start: input is known, output stays reserved.
+    let (layer, _) = budget(Limits::new(1_000, 100_000, 10_000));
+    let head = Bytes::from(SSE[..cut].to_owned());
+    let mut svc = layer.layer(sse_upstream(move || frames(vec![head.clone()], Some(1))));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(stream_request(1_000, 1_000))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    let snap = layer.snapshot();
+    assert_eq!(remaining(&snap, Dimension::InputTokens), 99_500.0);
+    assert_eq!(remaining(&snap, Dimension::OutputTokens), 9_000.0);
+}
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}
+
+/// Answers with the given status and headers, and a JSON usage.
+fn scripted(script: Arc<Mutex<Vec<(StatusCode, HeaderMap)>>>, calls: Arc<AtomicUsize>) -> Upstream {
+    BoxCloneService::new(tower::service_fn(
+        move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let script = Arc::clone(&script);
+            let calls = Arc::clone(&calls);
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let bytes = req.into_body().collect().await?.to_bytes();
+                let input = estimate_json(&bytes).input_tokens;
+                let (status, headers) = {
+                    let mut s = script.lock().unwrap();
+                    if s.len() > 1 {
+                        s.remove(0)
+                    } else {
+                        s[0].clone()
+                    }
+                };
+                let body = if status.is_success() {
+                    json_usage(input, 10)
+                } else {
+                    Bytes::from_static(
+                        br#"{"type":"error","error":{"type":"rate_limit_error","message":"x"}}"#,
+                    )
+                };
+                let mut resp = Response::new(full(body));
+                *resp.status_mut() = status;
+                *resp.headers_mut() = headers;
+                Ok::<_, BoxError>(resp)
+            }
+        },
+    ))
+}
+
+/// With no limits configured, the first response's headers teach them and
+/// later requests are paced; the server's lower `remaining` wins.
+#[tokio::test(start_paused = true)]
+async fn limits_are_learned_from_headers_and_pace_later_requests() {
+    let h = headers(&[
+        ("anthropic-ratelimit-requests-limit", "50"),
+        ("anthropic-ratelimit-requests-remaining", "49"),
+        ("anthropic-ratelimit-input-tokens-limit", "12000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "6000"),
+        ("anthropic-ratelimit-output-tokens-limit", "8000"),
+        ("anthropic-ratelimit-output-tokens-remaining", "8000"),
+        ("anthropic-ratelimit-tokens-limit", "20000"),
+        ("anthropic-ratelimit-tokens-remaining", "14000"),
+    ]);
+    let script = Arc::new(Mutex::new(vec![(StatusCode::OK, h)]));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (layer, _) = budget(Limits::unknown());
+    let svc = layer.layer(scripted(script, calls.clone()));
+    let snap = layer.snapshot();
+    assert!(snap.keys.is_empty());
+
+    let mut first = svc.clone();
+    let resp = first
+        .ready()
+        .await
+        .unwrap()
+        .call(request(6_000, 100))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    let snap = layer.snapshot();
+    let key = snap.key(KEY).unwrap();
+    let input = key.dimension(Dimension::InputTokens);
+    assert_eq!(input.limit, Some(12_000));
+    assert!(input.learned);
+    assert_eq!(key.dimension(Dimension::OutputTokens).limit, Some(8_000));
+    assert_eq!(key.dimension(Dimension::Requests).limit, Some(50));
+    // The server said 6,000 left: the ledger agrees (a new bucket starts full
+    // and was lowered to the server's view).
+    assert!(input.remaining.unwrap() <= 6_500.0, "{input:?}");
+
+    // Two more of 6,000: the first fits, the second waits for 6,000 tokens
+    // to refill at 200 per second: 30 s.
+    let start = Instant::now();
+    let mut done = Vec::new();
+    for _ in 0..2 {
+        let mut svc = svc.clone();
+        done.push(tokio::spawn(async move {
+            let resp = svc.ready().await?.call(request(6_000, 100)).await?;
+            resp.into_body().collect().await?;
+            Ok::<_, BoxError>(Instant::now())
+        }));
+    }
+    let mut times = Vec::new();
+    for d in done {
+        times.push(d.await.unwrap().unwrap() - start);
+    }
+    times.sort();
+    assert!(times[0] < Duration::from_secs(1), "{times:?}");
+    assert!(
+        times[1] >= Duration::from_secs(27) && times[1] <= Duration::from_secs(31),
+        "{times:?}"
+    );
+}
+
+/// The combined `tokens` header is used for input only when the response has
+/// no input-tokens headers.
+#[tokio::test(start_paused = true)]
+async fn combined_tokens_header_stands_in_for_missing_input_headers() {
+    let h = headers(&[
+        ("anthropic-ratelimit-tokens-limit", "40000"),
+        ("anthropic-ratelimit-tokens-remaining", "10000"),
+    ]);
+    let script = Arc::new(Mutex::new(vec![(StatusCode::OK, h)]));
+    let (layer, _) = budget(Limits::unknown());
+    let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(1_000, 100))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    let snap = layer.snapshot();
+    let key = snap.key(KEY).unwrap();
+    assert_eq!(key.dimension(Dimension::InputTokens).limit, Some(40_000));
+    assert_eq!(key.dimension(Dimension::OutputTokens).limit, None);
+}
+
+/// A 429 refunds the whole reservation (the server charged nothing) and
+/// syncs from its headers.
+#[tokio::test(start_paused = true)]
+async fn a_429_refunds_everything_and_syncs() {
+    let h = headers(&[
+        ("retry-after", "20"),
+        ("anthropic-ratelimit-input-tokens-limit", "30000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "0"),
+    ]);
+    let script = Arc::new(Mutex::new(vec![(StatusCode::TOO_MANY_REQUESTS, h)]));
+    let (layer, est) = budget(Limits::new(50, 30_000, 8_000));
+    let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(5_000, 1_000))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    resp.into_body().collect().await.unwrap();
+    let snap = layer.snapshot();
+    assert_eq!(snap.refunded_429, 1);
+    assert_eq!(remaining(&snap, Dimension::Requests), 50.0);
+    assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
+    // The server said nothing is left: the refund does not put back more.
+    assert!(remaining(&snap, Dimension::InputTokens) <= 500.0);
+    assert_eq!(est.observed.load(Ordering::SeqCst), 0);
+}
+
+/// An error answer without usage (a 529) refunds the output reservation (no
+/// output was produced) and keeps the rest; a transport error keeps it all.
+#[tokio::test(start_paused = true)]
+async fn error_status_and_transport_error() {
+    let script = Arc::new(Mutex::new(vec![(
+        StatusCode::from_u16(529).unwrap(),
+        HeaderMap::new(),
+    )]));
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(5_000, 1_000))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    let snap = layer.snapshot();
+    assert_eq!(remaining(&snap, Dimension::Requests), 49.0);
+    assert_eq!(remaining(&snap, Dimension::InputTokens), 25_000.0);
+    assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
+
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let failing = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+        Err::<Response<ResBody>, BoxError>("connection reset".into())
+    });
+    let mut svc = layer.layer(failing);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(5_000, 1_000))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "connection reset",
+        "inner errors pass through"
+    );
+    let snap = layer.snapshot();
+    assert_eq!(remaining(&snap, Dimension::InputTokens), 25_000.0);
+    assert_eq!(remaining(&snap, Dimension::OutputTokens), 7_000.0);
+}
+
+/// A request dropped while waiting gives back its place in line and holds
+/// no reservation: the one behind it goes as soon as it fits.
+#[tokio::test(start_paused = true)]
+async fn cancelled_waiter_gives_back_its_place() {
+    let log = Arc::new(Log::default());
+    let (layer, _) = budget(Limits::new(1_000, 10_000, 1_000_000));
+    let svc = layer.layer(upstream(log.clone(), 1));
+    let start = Instant::now();
+    let mut s = svc.clone();
+    let resp = s
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10_000, 10))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+
+    let mut big = svc.clone();
+    let big =
+        tokio::spawn(async move { big.ready().await?.call(request(9_000, 10)).await.map(drop) });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut small = svc.clone();
+    let small = tokio::spawn(async move {
+        let resp = small.ready().await?.call(request(1_000, 10)).await?;
+        resp.into_body().collect().await?;
+        Ok::<_, BoxError>(Instant::now())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(layer.snapshot().key(KEY).unwrap().waiting, 2);
+    big.abort();
+    assert!(big.await.unwrap_err().is_cancelled());
+    let done = small.await.unwrap().unwrap() - start;
+    // 1,000 tokens refill in 6 s; the 9,000 that was dropped would have
+    // taken 54 s and made the small one wait 60 s.
+    assert!(done <= Duration::from_secs(7), "{done:?}");
+    let snap = layer.snapshot();
+    assert_eq!(snap.key(KEY).unwrap().waiting, 0);
+    let sent: Vec<u64> = log.sent().iter().map(|s| s.input).collect();
+    assert_eq!(sent, vec![10_000, 1_000]);
+    // Nothing of the dropped request stayed reserved.
+    let input = remaining(&snap, Dimension::InputTokens);
+    assert!(input.abs() < 1.0, "{input}");
+}
+
+/// Reject mode fails at once with the wait it would have needed.
+#[tokio::test(start_paused = true)]
+async fn reject_mode_fails_at_once_with_retry_in() {
+    let log = Arc::new(Log::default());
+    let estimator = Arc::new(ExactEstimator::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new(1_000, 10_000, 1_000_000))
+        .mode(BudgetMode::Reject)
+        .estimator(estimator)
+        .build();
+    let mut svc = layer.layer(upstream(log.clone(), 1));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(8_000, 10))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    let start = Instant::now();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(5_000, 10))
+        .await
+        .unwrap_err();
+    assert_eq!(Instant::now(), start, "no wait");
+    match err.downcast_ref::<Error>() {
+        Some(Error::BudgetExceeded {
+            retry_in,
+            dimension,
+        }) => {
+            assert_eq!(*dimension, Dimension::InputTokens);
+            // 3,000 tokens at 10,000 per minute: 18 s.
+            assert_eq!(*retry_in, Duration::from_secs(18));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(log.sent().len(), 1);
+    assert_eq!(layer.snapshot().rejected, 1);
+}
+
+/// A request that can never fit fails at once and is never sent; in realtime
+/// mode a large max_tokens is not a reason to refuse.
+#[tokio::test(start_paused = true)]
+async fn request_that_can_never_fit_is_never_sent() {
+    let log = Arc::new(Log::default());
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let mut svc = layer.layer(upstream(log.clone(), 1));
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(40_000, 10))
+        .await
+        .unwrap_err();
+    match err.downcast_ref::<Error>() {
+        Some(Error::RequestTooLarge {
+            dimension: Dimension::InputTokens,
+            cost: 40_000,
+            limit: 30_000,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // Realtime (default): max_tokens 10,000 above the 8,000 OTPM is admitted.
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(100, 10_000))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(log.sent().len(), 1);
+
+    let estimator = Arc::new(ExactEstimator::default());
+    let reserve = TokenBudgetLayer::builder()
+        .limits(Limits::new(50, 30_000, 8_000))
+        .output_mode(OutputMode::Reserve)
+        .estimator(estimator)
+        .build();
+    let mut svc = reserve.layer(upstream(log.clone(), 1));
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(100, 10_000))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err.downcast_ref::<Error>(),
+        Some(Error::RequestTooLarge {
+            dimension: Dimension::OutputTokens,
+            ..
+        })
+    ));
+    assert_eq!(log.sent().len(), 1);
+    assert_eq!(reserve.snapshot().too_large, 1);
+}
+
+/// A request body that counts how often it is polled.
+struct CountingBody {
+    data: Option<Bytes>,
+    polls: Arc<AtomicUsize>,
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        Poll::Ready(self.data.take().map(|d| Ok(Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+}
+
+/// When an outer layer already holds the body (`BufferedBytes`), the budget
+/// estimates from those bytes and passes the body through without reading it.
+#[tokio::test(start_paused = true)]
+async fn buffered_bytes_are_reused_without_reading_the_body() {
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let polls_at_call = Arc::new(Mutex::new(Vec::new()));
+    let seen = polls_at_call.clone();
+    let inner = tower::service_fn(move |req: Request<ReplayBody<CountingBody>>| {
+        let seen = seen.clone();
+        async move {
+            let polls = req
+                .extensions()
+                .get::<Arc<AtomicUsize>>()
+                .unwrap()
+                .load(Ordering::SeqCst);
+            let body = req.into_body().collect().await?.to_bytes();
+            seen.lock().unwrap().push((polls, body.len()));
+            Ok::<_, BoxError>(Response::new(full(json_usage(1_234, 5))))
+        }
+    });
+    let mut svc = layer.layer(inner);
+    for reuse in [true, false] {
+        let bytes = Bytes::from(request_body(1_234, 100));
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut req = Request::post("http://localhost/v1/messages")
+            .body(CountingBody {
+                data: Some(bytes.clone()),
+                polls: polls.clone(),
+            })
+            .unwrap();
+        req.extensions_mut().insert(polls.clone());
+        if reuse {
+            req.extensions_mut().insert(BufferedBytes(bytes.clone()));
+        }
+        let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+    }
+    let seen = polls_at_call.lock().unwrap().clone();
+    let len = request_body(1_234, 100).len();
+    // With BufferedBytes: not polled before the inner service read it.
+    assert_eq!(seen[0], (0, len));
+    // Without: read once by the budget, then replayed.
+    assert_eq!(seen[1], (1, len));
+    let snap = layer.snapshot();
+    assert_eq!(
+        remaining(&snap, Dimension::InputTokens),
+        30_000.0 - 2.0 * 1_234.0
+    );
+    assert_eq!(snap.key(KEY).unwrap().estimates, 2);
+}
+
+/// A body larger than the buffer limit passes through and is estimated from
+/// its length (a fallback estimate).
+#[tokio::test(start_paused = true)]
+async fn body_above_the_buffer_limit_passes_through() {
+    let estimator = Arc::new(ExactEstimator::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new(50, 30_000, 8_000))
+        .estimator(estimator)
+        .buffer_limit(16)
+        .build();
+    let log = Arc::new(Log::default());
+    let mut svc = layer.layer(upstream(log.clone(), 1));
+    let req = request(7, 10);
+    let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(log.sent()[0].input, 7, "the body arrived whole");
+    let snap = layer.snapshot();
+    let other = snap.key("other").unwrap();
+    assert_eq!(other.fallback_estimates, 1);
+    // Estimated from its length; settled to the 7 tokens the usage reported.
+    assert_eq!(
+        other.dimension(Dimension::InputTokens).remaining,
+        Some(30_000.0 - 7.0)
+    );
+}
+
+/// Enforce mode answers an over-budget caller with an Anthropic-shaped 429,
+/// puts the rate-limit headers on every response, and keeps callers apart.
+#[tokio::test(start_paused = true)]
+async fn enforce_mode_answers_an_anthropic_shaped_429() {
+    let log = Arc::new(Log::default());
+    let estimator = Arc::new(ExactEstimator::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new(50, 30_000, 8_000))
+        .estimator(estimator)
+        .enforce()
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 100));
+    let keyed = |key: &str, input: u64| {
+        let mut r = request(input, 1_000);
+        r.headers_mut().insert("x-api-key", key.parse().unwrap());
+        r
+    };
+    let ok = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(keyed("sk-ant-alice", 25_000))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let snap = RateLimitSnapshot::from_headers(ok.headers());
+    assert_eq!(snap.input_tokens.limit, Some(30_000));
+    assert_eq!(snap.input_tokens.remaining, Some(5_000));
+    assert_eq!(snap.requests.limit, Some(50));
+    assert_eq!(snap.requests.remaining, Some(49));
+    assert_eq!(snap.output_tokens.limit, Some(8_000));
+    assert_eq!(snap.output_tokens.remaining, Some(7_000));
+    assert_eq!(snap.tokens.limit, Some(38_000));
+    assert_eq!(snap.tokens.remaining, Some(12_000));
+    assert!(snap.input_tokens.reset_in.is_some());
+    ok.into_body().collect().await.unwrap();
+
+    let denied = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(keyed("sk-ant-alice", 10_000))
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    let h = denied.headers().clone();
+    let snap = RateLimitSnapshot::from_headers(&h);
+    // 5,000 left of 30,000; 10,000 needed: 5,000 more at 500/s = 10 s.
+    assert_eq!(snap.retry_after, Some(Duration::from_secs(10)));
+    assert_eq!(h["retry-after"], "10");
+    assert_eq!(snap.should_retry, Some(true));
+    assert_eq!(snap.input_tokens.limit, Some(30_000));
+    assert_eq!(snap.input_tokens.remaining, Some(5_000));
+    assert_eq!(h["content-type"], "application/json");
+    let body = denied.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["type"], "error");
+    assert_eq!(json["error"]["type"], "rate_limit_error");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("30,000 input tokens per minute"),
+        "{message}"
+    );
+    let id = json["request_id"].as_str().unwrap();
+    assert!(id.starts_with("req_"));
+    assert_eq!(h["request-id"], id);
+    // The key is never echoed.
+    assert!(!String::from_utf8_lossy(&body).contains("alice"));
+    assert!(h
+        .values()
+        .all(|v| !v.to_str().unwrap_or("").contains("alice")));
+
+    // Another caller has its own budget.
+    let bob = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(keyed("sk-ant-bob", 10_000))
+        .await
+        .unwrap();
+    assert_eq!(bob.status(), StatusCode::OK);
+    bob.into_body().collect().await.unwrap();
+    assert_eq!(log.sent().len(), 2);
+
+    // A request above the whole limit: 429, not to be retried.
+    let never = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(keyed("sk-ant-carol", 40_000))
+        .await
+        .unwrap();
+    assert_eq!(never.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(never.headers()["x-should-retry"], "false");
+    assert!(never.headers().get("retry-after").is_none());
+
+    // Keys in the snapshot are hashes, never the API key.
+    let snap = layer.snapshot();
+    assert_eq!(snap.keys.len(), 3);
+    assert!(snap
+        .keys
+        .iter()
+        .all(|k| k.key.starts_with("key-") && !k.key.contains("sk-ant")));
+    assert_eq!(snap.rejected, 1);
+}
+
+/// Budgets can be keyed by a custom extractor; requests without a key share one.
+#[tokio::test(start_paused = true)]
+async fn enforce_mode_with_a_custom_key_extractor() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new(1, 30_000, 8_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .key_extractor(KeyExtractor::new(|parts: &Parts| {
+            parts
+                .headers
+                .get("x-team")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        }))
+        .enforce()
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 1));
+    let team = |t: Option<&str>| {
+        let mut r = request(10, 10);
+        if let Some(t) = t {
+            r.headers_mut().insert("x-team", t.parse().unwrap());
+        }
+        r
+    };
+    let mut statuses = Vec::new();
+    for t in [Some("a"), Some("a"), Some("b"), None, None] {
+        let r = gateway.ready().await.unwrap().call(team(t)).await.unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, vec![200, 429, 200, 200, 429]);
+    let snap = layer.snapshot();
+    assert!(snap.key("a/sonnet-4").is_some());
+    assert!(snap.key("sonnet-4").is_some(), "no key: one shared budget");
+}
+
+#[allow(dead_code)]
+fn assert_send<T: Send>(_: &T) {}
+
+/// The layer's futures are Send (usable in tokio::spawn and axum).
+#[test]
+fn futures_are_send() {
+    let (layer, _) = budget(Limits::unknown());
+    let mut svc = layer.layer(upstream(Arc::new(Log::default()), 1));
+    let fut = svc.call(request(1, 1));
+    assert_send(&fut);
+}
+
+/// An inner service that is ready the first time it is asked, and then
+/// pending (or failing) when asked again.
+#[derive(Clone)]
+struct ReadyOnce {
+    asked: Arc<AtomicUsize>,
+    fail: bool,
+}
+
+impl<B> Service<Request<B>> for ReadyOnce {
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<ResBody>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match (self.asked.fetch_add(1, Ordering::SeqCst), self.fail) {
+            (0, _) => Poll::Ready(Ok(())),
+            (_, true) => Poll::Ready(Err("connection pool closed".into())),
+            (_, false) => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, _req: Request<B>) -> Self::Future {
+        std::future::ready(Ok(Response::new(full(json_usage(1, 1)))))
+    }
+}
+
+/// A request admitted but never handed to the inner service (its readiness
+/// failed, or the future was dropped while the inner service was not ready)
+/// gives its reservation back.
+#[tokio::test(start_paused = true)]
+async fn admitted_but_unsent_request_is_refunded() {
+    for fail in [true, false] {
+        let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+        let mut svc = layer.layer(ReadyOnce {
+            asked: Arc::new(AtomicUsize::new(0)),
+            fail,
+        });
+        ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+            .await
+            .unwrap();
+        let fut = svc.call(request(5_000, 1_000));
+        if fail {
+            let err = fut.await.unwrap_err();
+            assert_eq!(err.to_string(), "connection pool closed");
+        } else {
+            let timed_out = tokio::time::timeout(Duration::from_secs(1), fut).await;
+            assert!(timed_out.is_err(), "the inner service never became ready");
+        }
+        let snap = layer.snapshot();
+        assert_eq!(snap.admitted, 1);
+        assert_eq!(remaining(&snap, Dimension::Requests), 50.0, "fail={fail}");
+        assert_eq!(remaining(&snap, Dimension::InputTokens), 30_000.0);
+        assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
+    }
+}
+
+/// With a prior of 0 (a server charging output only as it is produced), a
+/// request reserves one output token: admitted while the output bucket has
+/// room, held back while a long answer left it in debt.
+#[tokio::test(start_paused = true)]
+async fn zero_output_prior_reserves_one_token_and_respects_debt() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new(50, 30_000, 1_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .output_ratio_prior(0.0)
+        .enforce()
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 1_500));
+    let first = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 4_000))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    // One output token reserved at admission, not 4,000.
+    let out = RateLimitSnapshot::from_headers(first.headers()).output_tokens;
+    assert_eq!(
+        out.remaining,
+        Some(1_000),
+        "999 rounded to the nearest thousand"
+    );
+    assert_eq!(remaining(&layer.snapshot(), Dimension::OutputTokens), 999.0);
+    first.into_body().collect().await.unwrap();
+    // 1,500 produced: 500 in debt.
+    assert_eq!(
+        remaining(&layer.snapshot(), Dimension::OutputTokens),
+        -500.0
+    );
+    let second = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 4_000))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    // 501 tokens at 1,000 per minute: 30.06 s, rounded up.
+    assert_eq!(second.headers()["retry-after"], "31");
+    assert_eq!(log.sent().len(), 1);
+}
+
+/// Behind the retry layer, the budget reuses the bytes the retry layer
+/// buffered (the body is read once in all), paces every attempt, and refunds
+/// the attempt the server refused.
+#[tokio::test(start_paused = true)]
+async fn behind_the_retry_layer_each_attempt_is_paced_and_the_429_refunded() {
+    use tower_llm_limits::retry::RetryAfterLayer;
+
+    let rejected = headers(&[
+        ("retry-after", "2"),
+        ("x-should-retry", "true"),
+        ("anthropic-ratelimit-input-tokens-limit", "30000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "25000"),
+    ]);
+    let script = Arc::new(Mutex::new(vec![
+        (StatusCode::TOO_MANY_REQUESTS, rejected),
+        (StatusCode::OK, HeaderMap::new()),
+    ]));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (budget_layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let inner = tower::service_fn({
+        let upstream = scripted(script, calls.clone());
+        move |req: Request<ReplayBody<ReplayBody<CountingBody>>>| {
+            let upstream = upstream.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect().await?.to_bytes();
+                let req = Request::from_parts(parts, ReplayBody::passthrough(Full::new(bytes)));
+                upstream.oneshot(req).await
+            }
+        }
+    });
+    let mut client = tower::ServiceBuilder::new()
+        .layer(RetryAfterLayer::anthropic())
+        .layer(budget_layer.clone())
+        .service(inner);
+    let polls = Arc::new(AtomicUsize::new(0));
+    let req = Request::post("http://localhost/v1/messages")
+        .body(CountingBody {
+            data: Some(Bytes::from(request_body(5_000, 1_000))),
+            polls: polls.clone(),
+        })
+        .unwrap();
+    let start = Instant::now();
+    let resp = client.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    assert!(Instant::now() - start >= Duration::from_secs(2));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(polls.load(Ordering::SeqCst), 1, "the body was read once");
+    let snap = budget_layer.snapshot();
+    assert_eq!(snap.admitted, 2);
+    assert_eq!(snap.refunded_429, 1);
+    // One request charged in the end (the refused one was refunded).
+    assert_eq!(remaining(&snap, Dimension::Requests), 49.0);
+    assert_eq!(snap.key(KEY).unwrap().estimates, 2);
+}
+
+/// Idle keys can be forgotten; a key in use is kept.
+#[tokio::test(start_paused = true)]
+async fn idle_keys_are_forgotten_on_request() {
+    let log = Arc::new(Log::default());
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let mut svc = layer.layer(upstream(log, 1));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 10))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(layer.forget_idle(Duration::from_secs(60)), 0);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(layer.forget_idle(Duration::from_secs(60)), 1);
+    assert!(layer.snapshot().keys.is_empty());
+}
+
+/// An error answer with an empty body (never polled by a server) is settled
+/// at once: its output reservation comes back.
+#[tokio::test(start_paused = true)]
+async fn empty_error_answer_is_settled_without_being_read() {
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let inner = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        Ok::<_, BoxError>(resp)
+    });
+    let mut svc = layer.layer(inner);
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(100, 1_000))
+        .await
+        .unwrap();
+    let snap = layer.snapshot();
+    assert_eq!(snap.settled, 1);
+    assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
+    assert_eq!(remaining(&snap, Dimension::InputTokens), 29_900.0);
+    drop(resp);
+    assert_eq!(layer.snapshot().settled, 1);
+}
+
+/// The recommended stack composes: retry, then the budget, then the
+/// concurrency cap, then the client; the budget paces what reaches the client.
+#[tokio::test(start_paused = true)]
+async fn full_stack_retry_budget_concurrency() {
+    use tower_llm_limits::concurrency::ConcurrencyLayer;
+    use tower_llm_limits::retry::RetryAfterLayer;
+
+    let log = Arc::new(Log::default());
+    let (budget_layer, _) = budget(Limits::new(1_000, 10_000, 1_000_000));
+    let upstream_log = log.clone();
+    let inner = tower::service_fn(move |req: Request<ReplayBody<ReplayBody<Full<Bytes>>>>| {
+        let log = upstream_log.clone();
+        async move {
+            let bytes = req.into_body().collect().await?.to_bytes();
+            let input = estimate_json(&bytes).input_tokens;
+            log.sent.lock().unwrap().push(Sent {
+                at: Instant::now(),
+                input,
+                max_tokens: None,
+            });
+            Ok::<_, BoxError>(Response::new(full(json_usage(input, 1))))
+        }
+    });
+    // `boxed_clone` first: an `async` block holding a stack of several
+    // generic layers whose errors are `BoxError` is refused by rustc's Send
+    // check ("implementation of From is not general enough", a known
+    // limitation with erased lifetimes); the boxed stack is a concrete type.
+    let client = tower::ServiceBuilder::new()
+        .boxed_clone()
+        .layer(RetryAfterLayer::anthropic())
+        .layer(budget_layer.clone())
+        .layer(ConcurrencyLayer::fixed(2))
+        .service(inner);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = client.ready().await?.call(request(5_000, 10)).await?;
+            resp.into_body().collect().await?;
+            Ok::<_, BoxError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // 30,000 tokens through a 10,000 ITPM budget: two at once, then one per 30 s.
+    let elapsed = Instant::now() - start;
+    assert!(
+        elapsed >= Duration::from_secs(120) && elapsed <= Duration::from_secs(121),
+        "{elapsed:?}"
+    );
+    assert_eq!(log.sent().len(), 6);
+    assert_eq!(budget_layer.snapshot().admitted, 6);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// For any arrivals (sizes, gaps) and cancellations: every request not
+    /// cancelled is sent, in order of arrival; a cancelled one is never sent
+    /// after it was cancelled; and a token bucket server with the same limit
+    /// never has to refuse what was sent.
+    #[test]
+    fn waiters_are_served_in_order_within_the_limit(
+        reqs in proptest::collection::vec((1u64..=10_000, 0u64..20_000, proptest::option::weighted(0.3, 0u64..60_000)), 1..25)
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let (sent, cancelled_at, arrived) = rt.block_on(async {
+            let log = Arc::new(Log::default());
+            let (layer, _) = budget(Limits::new(100_000, 10_000, 100_000_000));
+            let svc = layer.layer(upstream(log.clone(), 1));
+            let mut handles = Vec::new();
+            let mut arrived = Vec::new();
+            for (i, (size, gap, cancel)) in reqs.iter().enumerate() {
+                tokio::time::sleep(Duration::from_millis(*gap)).await;
+                let mut svc = svc.clone();
+                // Tagged with its index in max_tokens.
+                let (size, tag) = (*size, 1_000 + i as u64);
+                arrived.push((i, Instant::now()));
+                let h = tokio::spawn(async move {
+                    let resp = svc.ready().await?.call(request(size, tag)).await?;
+                    resp.into_body().collect().await?;
+                    Ok::<_, BoxError>(())
+                });
+                handles.push((h, *cancel));
+            }
+            let mut cancelled_at = vec![None; handles.len()];
+            // Cancel those asked for, at their time after the last arrival.
+            let mut cancels: Vec<(u64, usize)> = handles
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, c))| c.map(|c| (c, i)))
+                .collect();
+            cancels.sort();
+            let base = Instant::now();
+            for (at, i) in cancels {
+                tokio::time::sleep_until(base + Duration::from_millis(at)).await;
+                handles[i].0.abort();
+                cancelled_at[i] = Some(Instant::now());
+            }
+            for (h, _) in handles {
+                let _ = h.await;
+            }
+            let sent = log.sent();
+            (sent, cancelled_at, arrived)
+        });
+        // Sent in order of arrival; only cancelled requests are skipped, and
+        // none is sent after it was cancelled.
+        let order: Vec<usize> = sent
+            .iter()
+            .map(|s| s.max_tokens.unwrap_or(0).saturating_sub(1_000) as usize)
+            .collect();
+        proptest::prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "order {:?}", order);
+        for (s, &i) in sent.iter().zip(&order) {
+            proptest::prop_assert_eq!(s.input, reqs[i].0);
+            proptest::prop_assert!(s.at >= arrived[i].1);
+            if let Some(c) = cancelled_at[i] {
+                proptest::prop_assert!(s.at <= c, "sent after it was cancelled");
+            }
+        }
+        for (i, cancelled) in cancelled_at.iter().enumerate() {
+            if cancelled.is_none() {
+                proptest::prop_assert!(order.contains(&i), "request {} never sent", i);
+            }
+        }
+        // A token bucket server with the same limit would accept all of it.
+        let rate = 10_000.0 / 60.0;
+        let mut level = 10_000.0f64;
+        let mut prev = sent.first().map(|s| s.at);
+        for s in &sent {
+            if let Some(p) = prev {
+                level = (level + (s.at - p).as_secs_f64() * rate).min(10_000.0);
+            }
+            prev = Some(s.at);
+            level -= s.input as f64;
+            proptest::prop_assert!(level >= -1e-6, "level {}", level);
+        }
+    }
+}
+
+/// Over real HTTP on loopback (hyper server and client): the gateway's
+/// answers, a streamed one among them, settle and carry their headers as
+/// hyper reads them.
+#[tokio::test]
+async fn enforce_mode_over_loopback_http() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new(2, 30_000, 8_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .enforce()
+        .build();
+    let sse = Bytes::from_static(SSE.as_bytes());
+    // The gateway's own service (an axum Router would be one): its error
+    // type is concrete (`Infallible`); see the module docs on why a
+    // `BoxError` there cannot be held by hyper's connection task.
+    let inner = tower::service_fn(move |req: Request<ReplayBody<hyper::body::Incoming>>| {
+        let sse = sse.clone();
+        async move {
+            let bytes = match req.into_body().collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => Bytes::new(),
+            };
+            let est = estimate_json(&bytes);
+            let resp = if est.stream {
+                let mut r = Response::new(Full::new(sse));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/event-stream"),
+                );
+                r
+            } else {
+                Response::new(Full::new(json_usage(est.input_tokens, 7)))
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let gateway = layer.layer(inner);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let gateway = gateway.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| gateway.clone().oneshot(req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let post = |body: String| {
+        Request::post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", "sk-ant-loopback")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    // A streamed answer: settled at message_stop as hyper passed the frames.
+    let streamed = client
+        .request(post(format!(
+            r#"{{"model":"{MODEL}","max_tokens":1000,"input":1000,"stream":true}}"#
+        )))
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 200);
+    let limits = RateLimitSnapshot::from_headers(streamed.headers());
+    assert_eq!(limits.requests.remaining, Some(1));
+    assert_eq!(limits.input_tokens.remaining, Some(29_000));
+    let got = streamed.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, Bytes::from_static(SSE.as_bytes()));
+    let key = layer.snapshot().keys[0].clone();
+    // 500 input counted (472 + 28 cache writes), 15 output.
+    let input = key.dimension(Dimension::InputTokens).remaining.unwrap();
+    assert!((29_500.0..29_600.0).contains(&input), "{input}");
+
+    // A JSON answer, then the caller's second request in the minute is refused.
+    let ok = client
+        .request(post(request_body(2_000, 100)))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    ok.into_body().collect().await.unwrap();
+    let refused = client.request(post(request_body(10, 100))).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let limits = RateLimitSnapshot::from_headers(refused.headers());
+    assert_eq!(limits.requests.limit, Some(2));
+    assert_eq!(limits.should_retry, Some(true));
+    assert!(limits
+        .retry_after
+        .is_some_and(|d| d <= Duration::from_secs(30)));
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"]["type"], "rate_limit_error");
+    assert!(json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("2 requests per minute"));
+}
