@@ -987,3 +987,52 @@ async fn a_body_longer_than_its_exact_size_is_a_body_error() {
     assert!(matches!(crate_err(&err), Error::Body(_)));
     assert_eq!(mock.calls(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_exhausted_limit_resetting_after_the_cap_fails_at_once() {
+    let reset = format_rfc3339(SystemTime::now() + Duration::from_secs(300));
+    let mock = Mock::new([status(429)
+        .header("anthropic-ratelimit-output-tokens-remaining", "0")
+        .header("anthropic-ratelimit-output-tokens-reset", &reset)
+        .body(ITPM_BODY)]);
+    let mut svc = deterministic().build().layer(mock.clone());
+    let err = send(&mut svc, "{}").await.unwrap_err();
+    match crate_err(&err) {
+        Error::RetryAfterTooLong { delay, .. } => {
+            assert!(*delay > Duration::from_secs(298) && *delay <= Duration::from_secs(300))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(mock.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cooldown_past_the_deadline_fails_a_new_request_without_an_attempt() {
+    let mock = Mock::new([status(429).header("retry-after", "30")]);
+    let layer = deterministic().deadline(Duration::from_secs(10)).build();
+    let mut first = layer.layer(mock.clone());
+    let mut second = first.clone();
+    let err = send(&mut first, "{}").await.unwrap_err();
+    assert!(matches!(
+        crate_err(&err),
+        Error::RetriesExhausted {
+            attempts: 1,
+            reason: GiveUpReason::Deadline,
+            ..
+        }
+    ));
+    let start = Instant::now();
+    let err = send(&mut second, "{}").await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert!(matches!(
+        crate_err(&err),
+        Error::RetriesExhausted {
+            attempts: 0,
+            reason: GiveUpReason::Deadline,
+            last_status: None,
+            ..
+        }
+    ));
+    assert_eq!(mock.calls(), 1);
+    assert_eq!(layer.snapshot().give_ups.deadline, 2);
+}
