@@ -10,6 +10,7 @@
 //! are refused and the request fails fast. This is the model of
 //! `tower::retry::budget::TpsBudget` (and Finagle's budgets before it).
 
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -88,9 +89,18 @@ const SLOTS: usize = 10;
 const UNIT: i64 = 1000;
 
 /// Run-time state of a [`RetryBudget`]: a sliding window of ten slots.
+///
+/// A deposit inside the current slot is one atomic add (the common case, on
+/// every request); moving the window and withdrawing take the lock.
 #[derive(Debug)]
 pub(crate) struct BudgetState {
     window: Mutex<Window>,
+    /// Origin of `slot_end`.
+    base: Instant,
+    /// End of the current slot, in nanoseconds after `base`.
+    slot_end: AtomicU64,
+    /// Balance change in the current slot, not yet committed to `Window::slots`.
+    current: AtomicI64,
     slot_len: Duration,
     deposit: i64,
     withdraw: i64,
@@ -101,7 +111,6 @@ pub(crate) struct BudgetState {
 struct Window {
     /// Committed slots; `slots[index]` is the one being written (through `current`).
     slots: [i64; SLOTS],
-    current: i64,
     index: usize,
     slot_start: Instant,
 }
@@ -117,14 +126,18 @@ impl BudgetState {
         };
         let reserve_retries = f64::from(config.min_per_sec) * config.ttl.as_secs_f64();
         let reserve = (reserve_retries * withdraw as f64).min(i64::MAX as f64 / 4.0) as i64;
+        let now = Instant::now();
+        let slot_len = config.ttl / SLOTS as u32;
         BudgetState {
             window: Mutex::new(Window {
                 slots: [0; SLOTS],
-                current: 0,
                 index: 0,
-                slot_start: Instant::now(),
+                slot_start: now,
             }),
-            slot_len: config.ttl / SLOTS as u32,
+            base: now,
+            slot_end: AtomicU64::new(nanos(slot_len)),
+            current: AtomicI64::new(0),
+            slot_len,
             deposit,
             withdraw,
             reserve,
@@ -143,8 +156,7 @@ impl BudgetState {
         }
         let steps = (elapsed.as_nanos() / self.slot_len.as_nanos().max(1)).min(SLOTS as u128 + 1);
         let steps = steps as usize;
-        w.slots[w.index % SLOTS] = w.current;
-        w.current = 0;
+        w.slots[w.index % SLOTS] = self.current.swap(0, Ordering::AcqRel);
         for i in 1..=steps.min(SLOTS) {
             w.slots[(w.index + i) % SLOTS] = 0;
         }
@@ -154,12 +166,16 @@ impl BudgetState {
         } else {
             w.slot_start += self.slot_len * steps as u32;
         }
+        let end = w.slot_start.saturating_duration_since(self.base) + self.slot_len;
+        self.slot_end.store(nanos(end), Ordering::Release);
     }
 
     fn sum(&self, w: &Window) -> i64 {
         w.slots
             .iter()
-            .fold(w.current, |acc, s| acc.saturating_add(*s))
+            .fold(self.current.load(Ordering::Acquire), |acc, s| {
+                acc.saturating_add(*s)
+            })
             .saturating_add(self.reserve)
     }
 
@@ -168,9 +184,13 @@ impl BudgetState {
         if self.deposit == 0 {
             return;
         }
-        let mut w = self.lock();
-        self.expire(&mut w, now);
-        w.current = w.current.saturating_add(self.deposit);
+        let t = nanos(now.saturating_duration_since(self.base));
+        if t >= self.slot_end.load(Ordering::Acquire) {
+            let mut w = self.lock();
+            self.expire(&mut w, now);
+        }
+        // A deposit racing with `expire` may land in the next slot: harmless.
+        self.current.fetch_add(self.deposit, Ordering::AcqRel);
     }
 
     /// Takes one retry from the budget, if there is one.
@@ -178,7 +198,7 @@ impl BudgetState {
         let mut w = self.lock();
         self.expire(&mut w, now);
         if self.sum(&w) >= self.withdraw {
-            w.current = w.current.saturating_sub(self.withdraw);
+            self.current.fetch_sub(self.withdraw, Ordering::AcqRel);
             true
         } else {
             false
@@ -192,6 +212,10 @@ impl BudgetState {
         let sum = self.sum(&w).max(0);
         u64::try_from(sum / self.withdraw.max(1)).unwrap_or(0)
     }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Buf;
+use bytes::{Buf, Bytes, BytesMut};
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -24,14 +24,129 @@ use crate::{BoxError, Error, GiveUpReason};
 
 type BufferFuture<B> = Pin<Box<dyn Future<Output = Result<Buffered<B>, BoxError>> + Send>>;
 
-/// The request body as the attempts see it.
+/// The request body as the attempts see it. Kept small: the future is moved
+/// a few times before its first poll, and every byte of it is copied then.
 enum Payload<B> {
-    /// Still being read into memory.
+    /// A body whose exact size is known and within the limit, being read in
+    /// place (the fast path: no boxed future, no frame queue).
+    Exact(ExactRead<B>),
+    /// Still being read into memory by [`body::buffer`].
     Buffering(BufferFuture<B>),
     /// Kept whole: every attempt replays it.
-    Replay(BufferedBody),
-    /// Too large to keep: sent once (`None` once sent).
-    Once(Option<ReplayBody<B>>),
+    Replay(Kept),
+    /// Too large to keep: sent once (`None` once sent). Boxed: rare, and large.
+    Once(Option<Box<ReplayBody<B>>>),
+}
+
+/// A body kept whole; the trailers (rare) are boxed.
+struct Kept {
+    bytes: Bytes,
+    trailers: Option<Box<HeaderMap>>,
+}
+
+impl Kept {
+    fn from_buffered(buffered: &BufferedBody) -> Self {
+        Kept {
+            bytes: buffered.bytes().clone(),
+            trailers: buffered.trailers().cloned().map(Box::new),
+        }
+    }
+
+    fn replay<B>(&self) -> ReplayBody<B> {
+        ReplayBody::full(self.bytes.clone(), self.trailers.as_deref().cloned())
+    }
+}
+
+/// The data read so far: none, one chunk (kept without a copy), or several.
+enum Acc {
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+/// Reads a body of known exact size (at most the buffer limit) to its end.
+struct ExactRead<B> {
+    body: B,
+    /// Its announced size: the most it may yield.
+    size: u64,
+    acc: Acc,
+    trailers: Option<Box<HeaderMap>>,
+}
+
+impl<B> ExactRead<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn new(body: B, size: u64) -> Self {
+        ExactRead {
+            body,
+            size,
+            acc: Acc::Empty,
+            trailers: None,
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Kept, BoxError>> {
+        while !self.body.is_end_stream() {
+            let Some(frame) = ready!(Pin::new(&mut self.body).poll_frame(cx)) else {
+                break;
+            };
+            let frame = frame.map_err(Into::into)?;
+            match frame.into_data() {
+                Ok(mut data) => {
+                    let len = data.remaining();
+                    let read = match &self.acc {
+                        Acc::Empty => 0,
+                        Acc::One(b) => b.len(),
+                        Acc::Many(m) => m.len(),
+                    };
+                    if (read as u64).saturating_add(len as u64) > self.size {
+                        // A body longer than its exact size hint is malformed
+                        // (hyper refuses it too); it is not buffered without bound.
+                        return Poll::Ready(Err(
+                            "request body longer than its exact size hint".into()
+                        ));
+                    }
+                    if len == 0 {
+                        continue;
+                    }
+                    let chunk = data.copy_to_bytes(len);
+                    self.acc = match std::mem::replace(&mut self.acc, Acc::Empty) {
+                        Acc::Empty => Acc::One(chunk),
+                        Acc::One(first) => {
+                            let mut all =
+                                BytesMut::with_capacity(usize::try_from(self.size).unwrap_or(0));
+                            all.extend_from_slice(&first);
+                            all.extend_from_slice(&chunk);
+                            Acc::Many(all)
+                        }
+                        Acc::Many(mut all) => {
+                            all.extend_from_slice(&chunk);
+                            Acc::Many(all)
+                        }
+                    };
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        match self.trailers.as_mut() {
+                            Some(all) => all.extend(t),
+                            None => self.trailers = Some(Box::new(t)),
+                        }
+                    }
+                }
+            }
+        }
+        let bytes = match std::mem::replace(&mut self.acc, Acc::Empty) {
+            Acc::Empty => Bytes::new(),
+            Acc::One(b) => b,
+            Acc::Many(m) => m.freeze(),
+        };
+        Poll::Ready(Ok(Kept {
+            bytes,
+            trailers: self.trailers.take(),
+        }))
+    }
 }
 
 pin_project! {
@@ -147,7 +262,12 @@ where
                 service,
                 shared,
                 head: Some(head),
-                payload: Payload::Buffering(Box::pin(body::buffer(body, limit))),
+                payload: match body.size_hint().exact() {
+                    Some(size) if size <= limit as u64 => {
+                        Payload::Exact(ExactRead::new(body, size))
+                    }
+                    _ => Payload::Buffering(Box::pin(body::buffer(body, limit))),
+                },
                 attempts: 0,
                 ready: true,
                 deadline,
@@ -301,19 +421,19 @@ impl<S, B> Ctx<S, B> {
             })
         };
         let mut req = match &mut self.payload {
-            Payload::Replay(buffered) => {
+            Payload::Replay(kept) => {
                 let head = self.head.as_ref().ok_or_else(not_replayable)?;
-                let mut req = Request::from_parts(head.clone(), buffered.replay());
+                let mut req = Request::from_parts(head.clone(), kept.replay());
                 req.extensions_mut()
-                    .insert(BufferedBytes(buffered.bytes().clone()));
+                    .insert(BufferedBytes(kept.bytes.clone()));
                 req
             }
             Payload::Once(slot) => {
-                let body = slot.take().ok_or_else(not_replayable)?;
+                let body = *slot.take().ok_or_else(not_replayable)?;
                 let head = self.head.take().ok_or_else(not_replayable)?;
                 Request::from_parts(head, body)
             }
-            Payload::Buffering(_) => return Err(not_replayable()),
+            Payload::Exact(_) | Payload::Buffering(_) => return Err(not_replayable()),
         };
         if self.attempts > 0 {
             req.headers_mut()
@@ -393,6 +513,8 @@ impl<S, B, R> Future for ResponseFuture<S, B, R>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
     S::Error: Into<BoxError>,
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
     R: Body,
 {
     type Output = Result<Response<R>, BoxError>;
@@ -403,13 +525,21 @@ where
         loop {
             let step = match this.state.as_mut().project() {
                 StateProj::Buffering => {
-                    let Payload::Buffering(fut) = &mut ctx.payload else {
-                        this.state.set(State::Gate);
-                        continue;
+                    let read = match &mut ctx.payload {
+                        Payload::Exact(exact) => ready!(exact.poll_read(cx)).map(Payload::Replay),
+                        Payload::Buffering(fut) => ready!(fut.as_mut().poll(cx)).map(|b| match b {
+                            Buffered::Complete(buffered) => {
+                                Payload::Replay(Kept::from_buffered(&buffered))
+                            }
+                            Buffered::TooLarge(body) => Payload::Once(Some(Box::new(body))),
+                        }),
+                        Payload::Replay(_) | Payload::Once(_) => {
+                            this.state.set(State::Gate);
+                            continue;
+                        }
                     };
-                    ctx.payload = match ready!(fut.as_mut().poll(cx)) {
-                        Ok(Buffered::Complete(buffered)) => Payload::Replay(buffered),
-                        Ok(Buffered::TooLarge(body)) => Payload::Once(Some(body)),
+                    ctx.payload = match read {
+                        Ok(payload) => payload,
                         Err(e) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Err(Box::new(Error::Body(e))));
@@ -550,5 +680,34 @@ where
             .field("waited", &self.ctx.waited)
             .field("last_status", &self.ctx.last_status)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use std::convert::Infallible;
+
+    type Fut = ResponseFuture<
+        tower::util::ServiceFn<
+            fn(
+                Request<ReplayBody<Full<Bytes>>>,
+            ) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+        >,
+        Full<Bytes>,
+        Full<Bytes>,
+    >;
+
+    /// The future is moved (copied) a few times before its first poll: a
+    /// guard against it growing unnoticed (it was 672 bytes before the payload
+    /// was slimmed down).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn future_stays_small() {
+        let size = std::mem::size_of::<Fut>();
+        assert!(size <= 560, "ResponseFuture is {size} bytes");
+        assert!(std::mem::size_of::<Payload<Full<Bytes>>>() <= 96);
     }
 }

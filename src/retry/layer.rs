@@ -161,6 +161,8 @@ impl RetryAfterBuilder {
     /// after it, and a wait that would end after it is not begun (the request
     /// fails with [`GiveUpReason::Deadline`](crate::GiveUpReason::Deadline)).
     /// It does not cut an attempt in flight: use `tower::timeout` inside for that.
+    /// If the shared cooldown would hold even the first attempt past the
+    /// deadline, the request fails without any attempt (`attempts: 0`).
     pub fn deadline(mut self, d: Duration) -> Self {
         self.deadline = Some(d);
         self

@@ -37,6 +37,11 @@
 //!   status, the attempts, the time waited, and the [`GiveUpReason`](crate::GiveUpReason)),
 //!   not the last response: a typed error is harder to mistake for success,
 //!   and a gateway can still map it back to the status.
+//! - **Readiness**: `poll_ready` forwards the inner service's readiness; the
+//!   first attempt uses the service that was ready (moved into the future, a
+//!   clone left in its place, as tower does), and the future polls that service
+//!   ready again before each retry (after its wait, so no inner permit is held
+//!   while waiting). An error from that `poll_ready` is returned as is.
 //! - **Shared cooldown**: a 429 or 529 naming a delay pauses *every* request
 //!   through the layer (all services it built and their clones), new requests
 //!   and retries alike, until that instant. A cooldown longer than the cap

@@ -21,6 +21,13 @@ use crate::BoxError;
 /// [`BufferedBytes`](crate::body::BufferedBytes) extension.
 ///
 /// Clones share the layer's cooldown, budget and counters.
+///
+/// # Bounds
+///
+/// The request body `B` must be `Unpin + Send + 'static` (hyper's `Incoming`,
+/// `http_body_util::Full`, axum's `Body` all are; wrap any other in
+/// `Pin<Box<B>>`, itself a body). The response body must be a body, so that
+/// the error body of a 429 can be read for the spend-cap code.
 #[derive(Debug, Clone)]
 pub struct RetryAfter<S> {
     inner: S,
