@@ -782,6 +782,27 @@ async fn error_status_and_transport_error() {
         .unwrap();
     resp.into_body().collect().await.unwrap();
     let snap = layer.snapshot();
+    // 529 overloaded: the server turned the request away; nothing charged.
+    assert_eq!(remaining(&snap, Dimension::Requests), 50.0);
+    assert_eq!(remaining(&snap, Dimension::InputTokens), 30_000.0);
+    assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
+
+    // 500: the work may have been done; the input is kept, the output refunded.
+    let script = Arc::new(Mutex::new(vec![(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        HeaderMap::new(),
+    )]));
+    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(5_000, 1_000))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    let snap = layer.snapshot();
     assert_eq!(remaining(&snap, Dimension::Requests), 49.0);
     assert_eq!(remaining(&snap, Dimension::InputTokens), 25_000.0);
     assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);

@@ -24,7 +24,7 @@ pub struct BudgetSnapshot {
     pub too_large: u64,
     /// Corrections applied (settlements and refunds).
     pub settled: u64,
-    /// Requests refunded entirely because the server answered 429.
+    /// Requests refunded entirely because the server refused them (429, 529 or 503).
     pub refunded_429: u64,
     /// Waiters woken by the queue (a promotion to the head, or capacity freed
     /// while at the head), not counting timer wakeups.
