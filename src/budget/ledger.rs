@@ -744,7 +744,7 @@ impl Ledger for InMemoryLedger {
                     // Counted from the bucket's own timestamp, which is later
                     // than `now` if the clock stepped back.
                     let at = instant_after(bucket.updated.unwrap_or(now).max(now), wait);
-                    if latest.map_or(true, |(latest, _)| at > latest) {
+                    if latest.is_none_or(|(latest, _)| at > latest) {
                         latest = Some((at, dimension));
                     }
                 }

@@ -119,7 +119,7 @@ impl PromptCache {
         }
         let due = self
             .last_prune
-            .map_or(true, |t| now.duration_since(t) >= Duration::from_secs(60));
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60));
         if due {
             self.entries.retain(|_, exp| *exp > now);
             self.last_prune = Some(now);

@@ -1224,7 +1224,7 @@ impl AnthropicEstimator {
             for ((sec, b, _), &key) in cands.iter().zip(&hashes) {
                 if cache.is_warm(key, now) {
                     let p = prefix(*sec, b);
-                    if best.map_or(true, |(_, bp)| p > bp) {
+                    if best.is_none_or(|(_, bp)| p > bp) {
                         best = Some((key, p));
                     }
                 }

@@ -585,7 +585,7 @@ mod tests {
         while pdf.len() < 40_000 {
             pdf.extend_from_slice(b"xx /Type /Page /Parent 1 0 R /Type /Pages ");
             expected += 1;
-            pdf.extend(std::iter::repeat(b'.').take(pdf.len() % 37));
+            pdf.extend(std::iter::repeat_n(b'.', pdf.len() % 37));
         }
         let s = b64(&pdf);
         let scan = pdf_scan(s.as_bytes(), true, u64::MAX);
