@@ -138,6 +138,7 @@
 //!   few kilobytes per caller and model class until
 //!   [`TokenBudgetLayer::forget_idle`] (and the ledger's own eviction) is called.
 
+pub(crate) mod answer;
 mod config;
 mod enforce;
 mod future;
