@@ -20,6 +20,10 @@
 //! larger than [`MAX_DELAY`] is ignored (read as absent): a hostile or broken
 //! server can never make the parser panic or overflow.
 //!
+//! It only reads: deciding what to do (wait, retry, pace) is the layers'
+//! work. It reads no other header, and never `x-api-key` or
+//! `authorization`; [`RateLimitSnapshot`]'s `Debug` shows parsed numbers only.
+//!
 //! # Examples
 //!
 //! ```
