@@ -1323,3 +1323,33 @@ proptest::proptest! {
         proptest::prop_assert!((1..=max).contains(&out));
     }
 }
+
+/// A hostile `max_tokens` (far above any model's output limit, up to
+/// `u64::MAX`) is a 400, in both output modes and with the acceleration limit
+/// on: no overflow, no attempt to produce that many tokens.
+#[tokio::test(start_paused = true)]
+async fn absurd_max_tokens_is_a_400() {
+    for mode in [OutputMode::Reserve, OutputMode::Realtime] {
+        let emulator = quiet()
+            .output_mode(mode)
+            .acceleration(Acceleration::new(2.0, 1_500))
+            .build()
+            .unwrap();
+        for max_tokens in [u64::MAX, 1_000_000] {
+            for stream in [false, true] {
+                let mut body = ask("Hi", max_tokens);
+                body["stream"] = json!(stream);
+                let response = send(&emulator, "/v1/messages", &body).await;
+                assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{mode:?}");
+                let v = json_of(response).await;
+                assert_eq!(v["error"]["type"], "invalid_request_error");
+                let message = v["error"]["message"].as_str().unwrap_or_default();
+                assert!(message.starts_with("max_tokens: "), "{message}");
+            }
+        }
+        // The largest allowed value is served.
+        let emulator = quiet().output_mode(mode).build().unwrap();
+        let response = send(&emulator, "/v1/messages", &ask("Hi", 128_000)).await;
+        assert_eq!(response.status(), StatusCode::OK, "{mode:?}");
+    }
+}
