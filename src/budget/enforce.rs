@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use tokio::time::Instant;
 
 use super::answer::{
@@ -18,7 +18,22 @@ use crate::headers::X_SHOULD_RETRY;
 /// Writes the `anthropic-ratelimit-*` headers of a key's buckets: requests,
 /// input tokens, output tokens, and the combined `tokens` (input + output, as
 /// the API reports it when no workspace limit is lower).
+///
+/// The upstream's own rate-limit headers (`anthropic-ratelimit-*`,
+/// `x-ratelimit-*`: the organization's limits) are removed first, so a caller
+/// never sees them, not even for a dimension its budget does not limit.
 pub(crate) fn insert_headers(shared: &Shared, charge: &Charge, headers: &mut HeaderMap) {
+    let upstream: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            name.starts_with("anthropic-ratelimit-") || name.starts_with("x-ratelimit-")
+        })
+        .cloned()
+        .collect();
+    for name in upstream {
+        headers.remove(name);
+    }
     if let Some(states) = shared
         .ledger
         .state(&charge.key, &charge.limits, Instant::now())
