@@ -440,6 +440,19 @@ pub fn format_rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// The request's `content-length`, if it is a plain number (the body's size
+/// when the body itself was not read).
+#[cfg(feature = "budget")]
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Writes `anthropic-ratelimit-{kind}-limit`, `-remaining` and `-reset` as the
 /// API does (`kind`: `requests`, `tokens`, `input-tokens` or `output-tokens`).
 /// A `kind` that cannot form a header name writes nothing.
