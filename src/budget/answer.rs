@@ -291,6 +291,43 @@ mod tests {
         );
     }
 
+    fn any_f64() -> impl proptest::strategy::Strategy<Value = f64> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<f64>(),
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            Just(f64::NEG_INFINITY),
+            -1e6..1e6f64,
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever state a ledger reports (NaN, infinities, debts, limits
+        /// up to `u64::MAX`), the headers are written without a panic, and
+        /// `remaining` never exceeds what is available.
+        #[test]
+        fn headers_never_panic(
+            limits in proptest::array::uniform3(proptest::option::of(proptest::prelude::any::<u64>())),
+            available in proptest::array::uniform3(any_f64()),
+            capacity in proptest::array::uniform3(any_f64()),
+            now_secs in 0..=i64::MAX as u64,
+        ) {
+            let mut states = [bucket(None, 0.0); 3];
+            for (i, s) in states.iter_mut().enumerate() {
+                *s = BucketState { limit: limits[i], learned: false, available: available[i], capacity: capacity[i] };
+            }
+            let now = UNIX_EPOCH.checked_add(Duration::from_secs(now_secs)).unwrap_or(UNIX_EPOCH);
+            let mut h = HeaderMap::new();
+            insert_rate_limit_headers(&mut h, &states, now);
+            let remaining = header(&h, "anthropic-ratelimit-requests-remaining")
+                .and_then(|v| v.parse::<u64>().ok());
+            if let Some(r) = remaining {
+                proptest::prop_assert!(r == 0 || (r as f64) <= available[0]);
+            }
+        }
+    }
+
     #[test]
     fn headers_skip_unknown_limits_and_survive_deep_debt() {
         let states = [
