@@ -19,6 +19,10 @@
 //! inner layer (the budget's token estimator) reads them there instead of
 //! reading, or copying, the body again.
 //!
+//! It does not spill to disk or stream a replay of a body larger than the
+//! limit: such a request is sent once and is not retried. Nor does it look
+//! inside the bytes (the estimator does).
+//!
 //! # Examples
 //!
 //! ```

@@ -3,7 +3,9 @@
 //! Every layer's service returns [`tower::BoxError`](https://docs.rs/tower/latest/tower/type.BoxError.html)
 //! (`Box<dyn std::error::Error + Send + Sync>`), as tower's own middleware does, so
 //! that layers compose with each other and with tower's. Errors made by this crate
-//! are an [`Error`] inside that box: downcast to act on them.
+//! are an [`Error`] inside that box: downcast to act on them. The inner
+//! service's own errors are not wrapped: they pass through boxed as they are,
+//! as tower's `Timeout` passes them.
 //!
 //! ```
 //! use tower_llm_limits::Error;

@@ -20,6 +20,10 @@
 //! larger than [`MAX_DELAY`] is ignored (read as absent): a hostile or broken
 //! server can never make the parser panic or overflow.
 //!
+//! It only reads: deciding what to do (wait, retry, pace) is the layers'
+//! work. It reads no other header, and never `x-api-key` or
+//! `authorization`; [`RateLimitSnapshot`]'s `Debug` shows parsed numbers only.
+//!
 //! # Examples
 //!
 //! ```
@@ -434,6 +438,19 @@ pub fn format_rfc3339(t: SystemTime) -> String {
         (rem / 60) % 60,
         rem % 60
     )
+}
+
+/// The request's `content-length`, if it is a plain number (the body's size
+/// when the body itself was not read).
+#[cfg(feature = "budget")]
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Writes `anthropic-ratelimit-{kind}-limit`, `-remaining` and `-reset` as the

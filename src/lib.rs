@@ -72,6 +72,15 @@
 //! otherwise spawn the `oneshot` future itself or box the stack
 //! (`ServiceBuilder::new().boxed_clone()`).
 //!
+//! # What it does not do
+//!
+//! - It is no HTTP client: bring one (hyper-util, reqwest through a tower
+//!   adapter), with its TLS, and set `x-api-key` yourself (no layer logs it).
+//! - It keeps budgets in one process; the [`budget::ledger::Ledger`] trait is
+//!   the seam for a store shared by several.
+//! - It reads the pacing headers of Anthropic and of OpenAI-style APIs only;
+//!   it is not a general-purpose rate limiter for any HTTP API.
+//!
 //! # Features
 //!
 //! | feature | default | what it adds |

@@ -217,10 +217,11 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let layer = anthropic(Tier::Tier1);
         let snap = layer.concurrency().snapshot();
-        assert_eq!(snap.limit, DEFAULT_INITIAL_CONCURRENCY);
+        // The module docs: adaptive, 1 to 64, slow start from 4.
+        assert_eq!((DEFAULT_MIN_CONCURRENCY, DEFAULT_MAX_CONCURRENCY), (1, 64));
+        assert_eq!(snap.limit, 4);
+        assert!(snap.adaptive && snap.slow_start, "{snap:?}");
         assert_eq!(snap.in_flight, 0);
-        assert!(layer.budget().snapshot().keys.is_empty());
-        assert_eq!(layer.retry().snapshot().requests, 0);
     }
 
     #[test]

@@ -1684,3 +1684,54 @@ async fn enforce_mode_over_loopback_http() {
         .unwrap()
         .contains("2 requests per minute"));
 }
+
+/// In enforce mode a caller sees its own rate-limit headers only: the
+/// upstream's (the organization's limits) never reach it, not even for a
+/// dimension the caller's budget does not limit.
+#[tokio::test(start_paused = true)]
+async fn enforce_mode_never_passes_the_upstreams_rate_limit_headers_on() {
+    let upstream_headers = headers(&[
+        ("anthropic-ratelimit-requests-limit", "4000"),
+        ("anthropic-ratelimit-requests-remaining", "3999"),
+        ("anthropic-ratelimit-input-tokens-limit", "2000000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "1999000"),
+        ("anthropic-ratelimit-tokens-limit", "2400000"),
+        ("anthropic-ratelimit-tokens-remaining", "2399000"),
+        ("anthropic-ratelimit-tokens-reset", "2026-11-28T07:15:00Z"),
+        ("x-upstream", "kept"),
+    ]);
+    let script = Arc::new(Mutex::new(vec![(StatusCode::OK, upstream_headers)]));
+    // The caller is limited on requests only.
+    let caller = Limits {
+        requests_per_minute: Some(5),
+        input_tokens_per_minute: None,
+        output_tokens_per_minute: None,
+    };
+    let layer = TokenBudgetLayer::builder()
+        .limits(caller)
+        .estimator(Arc::new(ExactEstimator::default()))
+        .enforce()
+        .build();
+    let mut gateway = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
+    let r = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 10))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let h = r.headers();
+    assert_eq!(h["anthropic-ratelimit-requests-limit"], "5");
+    assert_eq!(h["anthropic-ratelimit-requests-remaining"], "4");
+    let leaked: Vec<_> = h
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.starts_with("anthropic-ratelimit-") && !k.contains("-requests-"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "upstream headers reached the caller: {leaked:?}"
+    );
+    assert_eq!(h["x-upstream"], "kept");
+}

@@ -289,23 +289,42 @@ async fn json_answer_waits_for_the_whole_generation() {
     assert_eq!(start.elapsed(), Duration::from_millis(500 + 100 * 20));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn no_latency_means_no_timer_at_all() {
-    // On a running clock a zero sleep still waits for the timer's next tick
-    // (about 1 ms; a paused clock cannot show it), and a JSON answer of 64
-    // tokens in 8 deltas would wait 9 of them: 50 answers at least 450 ms.
-    // Without latency nothing waits: well under that even on a loaded machine.
+    // Off a millisecond boundary a zero sleep is still pending at its first
+    // poll (its deadline rounds up to the timer's next tick), so an answer
+    // ready at its first poll, with every frame of its body ready at once,
+    // proves nothing slept: JSON, and an SSE stream of 64 tokens in 8 deltas.
+    use tokio_test::{assert_ready, assert_ready_ok, task};
+    use tower::Service;
     let emulator = quiet()
         .output_length(OutputLength::new(1.0, 1.0))
         .build()
         .unwrap();
-    let start = std::time::Instant::now();
-    for _ in 0..50 {
-        let response = send(&emulator, "/v1/messages", &ask("Hi", 64)).await;
-        response.into_body().collect().await.unwrap();
+    // Half way into a millisecond: a zero sleep's deadline rounds up to the
+    // next tick of the timer, so it cannot be ready at once.
+    tokio::time::advance(Duration::from_micros(500)).await;
+    for stream in [false, true] {
+        let mut body = ask("Hi", 64);
+        body["stream"] = json!(stream);
+        let mut service = emulator.service();
+        let mut call = task::spawn(service.call(request("/v1/messages", &body)));
+        let response = assert_ready_ok!(call.poll());
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let mut frames = 0;
+        loop {
+            let mut frame = task::spawn(body.frame());
+            match assert_ready!(frame.poll(), "stream {stream}: frame {frames} waited") {
+                Some(frame) => {
+                    frame.unwrap();
+                    frames += 1;
+                }
+                None => break,
+            }
+        }
+        assert!(frames >= if stream { 8 } else { 1 }, "{frames} frames");
     }
-    let elapsed = start.elapsed();
-    assert!(elapsed < Duration::from_millis(250), "{elapsed:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1302,5 +1321,35 @@ proptest::proptest! {
         proptest::prop_assert_eq!(usage["input_tokens"].as_u64(), Some(count(&body)));
         let out = usage["output_tokens"].as_u64().unwrap();
         proptest::prop_assert!((1..=max).contains(&out));
+    }
+}
+
+/// A hostile `max_tokens` (far above any model's output limit, up to
+/// `u64::MAX`) is a 400, in both output modes and with the acceleration limit
+/// on: no overflow, no attempt to produce that many tokens.
+#[tokio::test(start_paused = true)]
+async fn absurd_max_tokens_is_a_400() {
+    for mode in [OutputMode::Reserve, OutputMode::Realtime] {
+        let emulator = quiet()
+            .output_mode(mode)
+            .acceleration(Acceleration::new(2.0, 1_500))
+            .build()
+            .unwrap();
+        for max_tokens in [u64::MAX, 1_000_000] {
+            for stream in [false, true] {
+                let mut body = ask("Hi", max_tokens);
+                body["stream"] = json!(stream);
+                let response = send(&emulator, "/v1/messages", &body).await;
+                assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{mode:?}");
+                let v = json_of(response).await;
+                assert_eq!(v["error"]["type"], "invalid_request_error");
+                let message = v["error"]["message"].as_str().unwrap_or_default();
+                assert!(message.starts_with("max_tokens: "), "{message}");
+            }
+        }
+        // The largest allowed value is served.
+        let emulator = quiet().output_mode(mode).build().unwrap();
+        let response = send(&emulator, "/v1/messages", &ask("Hi", 128_000)).await;
+        assert_eq!(response.status(), StatusCode::OK, "{mode:?}");
     }
 }

@@ -16,7 +16,7 @@ use super::enforce;
 use super::state::{Admission, Charge, Shared};
 use super::usage::{ResponseBody, Tracker};
 use crate::body::{Buffered, ReplayBody};
-use crate::headers::RateLimitSnapshot;
+use crate::headers::{content_length, RateLimitSnapshot};
 use crate::{BoxError, Error};
 
 /// The buffering of a request body, boxed (an `async fn`'s future has no name).
@@ -153,16 +153,6 @@ fn misuse() -> BoxError {
     "TokenBudget response future polled after completion".into()
 }
 
-fn content_length(parts: &Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
 impl<S, B, ResB> Future for ResponseFuture<S, B>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
@@ -199,7 +189,7 @@ where
                             (Request::from_parts(parts, body.replay()), estimate)
                         }
                         Ok(Buffered::TooLarge(body)) => {
-                            let len = content_length(&parts).or(body.size_hint().exact());
+                            let len = content_length(&parts.headers).or(body.size_hint().exact());
                             let estimate = shared.estimator.estimate_unbuffered(&parts, len);
                             (Request::from_parts(parts, body), estimate)
                         }

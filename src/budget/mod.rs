@@ -107,7 +107,9 @@
 //!
 //! Every admitted response carries the same headers. The inner service's
 //! responses are settled as in client mode (their `usage`), and their own
-//! rate-limit headers, if any, are replaced by the caller's.
+//! rate-limit headers (`anthropic-ratelimit-*`, `x-ratelimit-*`: the
+//! organization's limits) are removed before the caller's are written, so a
+//! caller never sees them, even for a dimension its budget does not limit.
 //!
 //! # Spawning a stack of layers
 //!
@@ -138,6 +140,7 @@
 //!   few kilobytes per caller and model class until
 //!   [`TokenBudgetLayer::forget_idle`] (and the ledger's own eviction) is called.
 
+pub(crate) mod answer;
 mod config;
 mod enforce;
 mod future;

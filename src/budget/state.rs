@@ -393,6 +393,22 @@ impl Shared {
         }
     }
 
+    /// Puts a new waiter at the back of the key's line; the ticket takes the
+    /// place back when dropped.
+    fn join_queue(self: &Arc<Self>, ks: &mut KeyState, key: &Arc<str>, waker: &Waker) -> Ticket {
+        let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        ks.queue.push_back(Waiter {
+            id,
+            waker: Some(waker.clone()),
+        });
+        Ticket {
+            shared: Arc::clone(self),
+            key: Arc::clone(key),
+            id,
+            queued: true,
+        }
+    }
+
     fn step(
         self: &Arc<Self>,
         charge: &mut Charge,
@@ -412,17 +428,7 @@ impl Shared {
         if !at_head {
             match &adm.ticket {
                 None => {
-                    let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-                    ks.queue.push_back(Waiter {
-                        id,
-                        waker: Some(waker.clone()),
-                    });
-                    adm.ticket = Some(Ticket {
-                        shared: Arc::clone(self),
-                        key: Arc::clone(&charge.key),
-                        id,
-                        queued: true,
-                    });
+                    adm.ticket = Some(self.join_queue(ks, &charge.key, waker));
                     if adm.started.is_none() {
                         adm.started = Some(now);
                         bump(&self.counters.waited);
@@ -457,19 +463,7 @@ impl Shared {
                         });
                     }
                     match &adm.ticket {
-                        None => {
-                            let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-                            ks.queue.push_back(Waiter {
-                                id,
-                                waker: Some(waker.clone()),
-                            });
-                            adm.ticket = Some(Ticket {
-                                shared: Arc::clone(self),
-                                key: Arc::clone(&charge.key),
-                                id,
-                                queued: true,
-                            });
-                        }
+                        None => adm.ticket = Some(self.join_queue(ks, &charge.key, waker)),
                         Some(_) => {
                             if let Some(w) = ks.queue.front_mut() {
                                 set_waker(&mut w.waker, waker);

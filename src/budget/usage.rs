@@ -19,6 +19,62 @@
 //! With a final usage, the estimator is told (`TokenEstimator::observe`) and,
 //! when the request said its `max_tokens`, the output ratio
 //! (`output_tokens / max_tokens`) is learned for realtime mode.
+//!
+//! # Examples
+//!
+//! A streamed answer passes through byte for byte, and its usage settles the
+//! charge when `message_stop` goes by:
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_llm_limits::body::ReplayBody;
+//! use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+//! use tower_llm_limits::Dimension;
+//!
+//! const SSE: &str = "event: message_start\n\
+//!     data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n\
+//!     event: message_delta\n\
+//!     data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":40}}\n\n\
+//!     event: message_stop\n\
+//!     data: {\"type\":\"message_stop\"}\n\n";
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_llm_limits::BoxError> {
+//! let upstream = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+//!     let response = Response::builder()
+//!         .header("content-type", "text/event-stream")
+//!         .body(Full::new(Bytes::from_static(SSE.as_bytes())))?;
+//!     Ok::<_, http::Error>(response)
+//! });
+//! let layer = TokenBudgetLayer::anthropic(Limits::new(50, 30_000, 8_000));
+//! let client = ServiceBuilder::new().layer(layer.clone()).service(upstream);
+//! let request = Request::post("/v1/messages").body(Full::new(Bytes::from(
+//!     r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,
+//! )))?;
+//! let response = client.oneshot(request).await?;
+//! let seen = response.into_body().collect().await?.to_bytes();
+//! assert_eq!(seen, SSE.as_bytes());
+//!
+//! // 1,000 output tokens were reserved; the 40 produced are what stays charged.
+//! let snapshot = layer.snapshot();
+//! let output = snapshot.key("sonnet-4").map(|k| *k.dimension(Dimension::OutputTokens));
+//! assert!(output.and_then(|o| o.remaining).is_some_and(|r| r > 7_950.0));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What it does not do
+//!
+//! - It does not change, delay or buffer the body: a frame is handed on as
+//!   soon as it arrives, and the scan keeps at most one bounded line.
+//! - It reads the Anthropic `usage` shape only (`input_tokens`,
+//!   `output_tokens`, `cache_*_input_tokens`); other shapes leave the charge
+//!   as reserved.
+//! - It does not settle a body that is neither read to its end nor dropped:
+//!   a response held forever keeps its reservation.
 
 use std::pin::Pin;
 use std::sync::Arc;

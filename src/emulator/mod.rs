@@ -12,7 +12,8 @@
 //! - `POST /v1/messages/count_tokens` -> `{"input_tokens": N}`, with its own
 //!   requests-per-minute limiter, separate from the messages limits;
 //! - validation where it matters for pacing: `model`, `max_tokens` and
-//!   `messages` present and well typed, else `400 invalid_request_error`; a
+//!   `messages` present and well typed, and `max_tokens` at most 128,000 (the
+//!   largest output limit of any model), else `400 invalid_request_error`; a
 //!   body above the size limit `413 request_too_large`; another path
 //!   `404 not_found_error`;
 //! - rate limits per model class ([`ModelClass`], the budget's key too): RPM, ITPM and OTPM

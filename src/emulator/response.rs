@@ -1,17 +1,20 @@
 //! Building the API's answers: error JSON, the message JSON, SSE events, ids, headers.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
 use super::body::EmulatorBody;
 use super::cache::CacheOutcome;
 use super::rng::Rng;
-use crate::budget::ledger::BucketState;
-use crate::headers::{format_rfc3339, insert_limit_headers, X_SHOULD_RETRY};
+use crate::budget::answer::{self, insert_json_headers, json_bytes};
+pub(crate) use crate::budget::answer::{
+    error_json, insert_rate_limit_headers, insert_request_id, insert_retry_after,
+};
+use crate::headers::format_rfc3339;
 use crate::Dimension;
 
 const ID_ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -28,62 +31,15 @@ pub(crate) fn random_id(prefix: &str, rng: &mut Rng) -> String {
     id
 }
 
-/// The API's error JSON: `{"type":"error","error":{"type":..,"message":..},"request_id":..}`.
-#[derive(Debug, Serialize)]
-pub(crate) struct ErrorBody<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    error: ErrorObject<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_id: Option<&'a str>,
-}
-
-#[derive(Debug, Serialize)]
-struct ErrorObject<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    details: Option<ErrorDetails<'a>>,
-}
-
-#[derive(Debug, Serialize)]
-struct ErrorDetails<'a> {
-    error_code: &'a str,
-}
-
-/// The error body; `error_code` goes in `error.details` (the spend-cap 429).
-pub(crate) fn error_json<'a>(
-    kind: &'a str,
-    message: &'a str,
-    request_id: Option<&'a str>,
-    error_code: Option<&'a str>,
-) -> ErrorBody<'a> {
-    ErrorBody {
-        kind: "error",
-        error: ErrorObject {
-            kind,
-            message,
-            details: error_code.map(|error_code| ErrorDetails { error_code }),
-        },
-        request_id,
-    }
-}
-
 /// A JSON answer with `request-id` (when given) and `content-type: application/json`.
 pub(crate) fn json_response(
     status: StatusCode,
     body: &impl Serialize,
     request_id: Option<&str>,
 ) -> Response<EmulatorBody> {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut response = Response::new(EmulatorBody::full(Bytes::from(bytes)));
+    let mut response = Response::new(EmulatorBody::full(json_bytes(body)));
     *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Some(id) = request_id {
-        insert_request_id(headers, id);
-    }
+    insert_json_headers(response.headers_mut(), request_id);
     response
 }
 
@@ -101,12 +57,6 @@ pub(crate) fn error_response(
     )
 }
 
-pub(crate) fn insert_request_id(headers: &mut HeaderMap, id: &str) {
-    if let Ok(v) = HeaderValue::from_str(id) {
-        headers.insert("request-id", v);
-    }
-}
-
 /// The headers of a streamed answer.
 pub(crate) fn sse_headers(headers: &mut HeaderMap) {
     headers.insert(
@@ -116,49 +66,15 @@ pub(crate) fn sse_headers(headers: &mut HeaderMap) {
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
 }
 
-/// Marks a 429 as retryable after `retry_after` (integer seconds, rounded up, at least 1).
-pub(crate) fn insert_retry_after(headers: &mut HeaderMap, retry_after: Duration) {
-    headers.insert(
-        RETRY_AFTER,
-        HeaderValue::from(retry_after_secs(retry_after)),
-    );
-    headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("true"));
-}
-
-/// `retry-after` in whole seconds: rounded up, at least 1.
-pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
-    let whole = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    whole.max(1)
-}
-
-/// `1234567` -> `"1,234,567"`, as the API's messages write limits.
-pub(crate) fn with_commas(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// The 429 message of a per-minute limit (facts file 4.2).
+/// The 429 message of a per-minute limit (facts file 4.2), with the API's
+/// closing sentence and "emulator" as the organization.
 pub(crate) fn rate_limit_message(dimension: Dimension, limit: Option<u64>) -> String {
-    let what = match dimension {
-        Dimension::Requests => "requests per minute",
-        Dimension::InputTokens => "input tokens per minute",
-        Dimension::OutputTokens => "output tokens per minute",
-    };
-    let limit = limit.map_or_else(|| "your limit".to_string(), with_commas);
-    format!(
-        "This request would exceed the rate limit for your organization (emulator) of {limit} {what}. \
-         For details, refer to: https://docs.claude.com/en/api/rate-limits. You can see the response \
-         headers for current usage. Please reduce the prompt length or the maximum tokens requested, \
-         or try again later. You may also contact sales at https://www.anthropic.com/contact-sales \
-         to discuss your options for a rate limit increase."
-    )
+    let mut message = answer::rate_limit_message(Some("emulator"), dimension, limit);
+    message.push_str(
+        " You may also contact sales at https://www.anthropic.com/contact-sales \
+         to discuss your options for a rate limit increase.",
+    );
+    message
 }
 
 /// The 429 message of the acceleration limit.
@@ -180,83 +96,6 @@ pub(crate) fn spend_limit_message(now: SystemTime) -> String {
         "You have reached your API usage limits: your organization's monthly spend limit. \
          You will regain access on {year:04}-{month:02}-01 at 00:00 UTC."
     )
-}
-
-/// Rounds a time up to the next whole second (a reset is never announced early).
-fn ceil_second(t: SystemTime) -> SystemTime {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) if d.subsec_nanos() > 0 => UNIX_EPOCH + Duration::from_secs(d.as_secs() + 1),
-        _ => t,
-    }
-}
-
-/// Time until a bucket is full again.
-fn time_to_full(state: &BucketState, limit: u64) -> Duration {
-    if limit == 0 || !state.available.is_finite() || !state.capacity.is_finite() {
-        return Duration::ZERO;
-    }
-    let missing = state.capacity - state.available;
-    if missing <= 0.0 {
-        return Duration::ZERO;
-    }
-    Duration::try_from_secs_f64(missing * 60.0 / limit as f64).unwrap_or(Duration::MAX)
-}
-
-/// Tokens remaining as the API reports them: "rounded to the nearest
-/// thousand" (the rate-limits page), never negative.
-pub(crate) fn round_thousands(available: f64) -> u64 {
-    if available.is_finite() && available > 0.0 {
-        ((available as u64).saturating_add(500) / 1_000) * 1_000
-    } else {
-        0
-    }
-}
-
-fn floor_count(available: f64) -> u64 {
-    if available.is_finite() && available > 0.0 {
-        available as u64
-    } else {
-        0
-    }
-}
-
-/// Writes every `anthropic-ratelimit-*` header for the buckets `[requests, input, output]`.
-///
-/// Resets are `now` (the system clock, so a client computing `reset - now`
-/// gets the bucket's real time to full even under tokio's paused clock) plus
-/// the time to full, rounded up to the second.
-pub(crate) fn insert_rate_limit_headers(
-    headers: &mut HeaderMap,
-    states: &[BucketState; 3],
-    now: SystemTime,
-) {
-    let mut tokens: Option<(u64, u64, SystemTime)> = None;
-    let mut token_dims = 0;
-    for (dimension, state) in Dimension::ALL.iter().zip(states) {
-        let Some(limit) = state.limit else { continue };
-        // A bucket deep in debt could overflow the system time: cap at a century.
-        let to_full = time_to_full(state, limit).min(Duration::from_secs(100 * 365 * 86_400));
-        let reset = ceil_second(now.checked_add(to_full).unwrap_or(now));
-        let remaining = match dimension {
-            Dimension::Requests => floor_count(state.available),
-            _ => round_thousands(state.available),
-        };
-        insert_limit_headers(headers, dimension.header_name(), limit, remaining, reset);
-        if *dimension != Dimension::Requests {
-            token_dims += 1;
-            tokens = Some(match tokens {
-                None => (limit, remaining, reset),
-                Some((l, r, t)) => (
-                    l.saturating_add(limit),
-                    r.saturating_add(remaining),
-                    t.max(reset),
-                ),
-            });
-        }
-    }
-    if let (Some((limit, remaining, reset)), 2) = (tokens, token_dims) {
-        insert_limit_headers(headers, "tokens", limit, remaining, reset);
-    }
 }
 
 /// What a message's `usage` reports.
@@ -536,6 +375,7 @@ pub(crate) fn generate_text(rng: &mut Rng, n: u64, per_delta: u64) -> Vec<String
 mod tests {
     use super::*;
     use crate::emulator::tokens::count_text;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn generated_text_counts_as_asked() {
@@ -559,16 +399,7 @@ mod tests {
     }
 
     #[test]
-    fn small_helpers() {
-        assert_eq!(with_commas(30_000), "30,000");
-        assert_eq!(with_commas(999), "999");
-        assert_eq!(with_commas(1_234_567), "1,234,567");
-        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(2_001)), 3);
-        assert_eq!(retry_after_secs(Duration::from_secs(20)), 20);
-        assert_eq!(round_thousands(29_499.9), 29_000);
-        assert_eq!(round_thousands(29_500.0), 30_000);
-        assert_eq!(round_thousands(-5.0), 0);
+    fn spend_limit_resumes_on_the_first_of_next_month() {
         let msg = spend_limit_message(UNIX_EPOCH + Duration::from_secs(1_796_083_200)); // 2026-12-01
         assert!(msg.ends_with("2027-01-01 at 00:00 UTC."), "{msg}");
     }

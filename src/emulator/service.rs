@@ -444,7 +444,12 @@ async fn messages(
 
     if let Some(acc) = &shared.config.acceleration {
         let mut stats = shared.lock_stats();
-        if stats.accelerating(class, acc, input_charge + reserved_output, now) {
+        if stats.accelerating(
+            class,
+            acc,
+            input_charge.saturating_add(reserved_output),
+            now,
+        ) {
             let c = stats.class(class);
             c.rate_limited += 1;
             c.acceleration_limited += 1;

@@ -98,6 +98,11 @@ pub(crate) enum Endpoint {
     CountTokens,
 }
 
+/// The largest `max_tokens` the emulator accepts: the largest output limit of
+/// any model (128k, with the extended-output beta). The API answers a larger
+/// value with a 400; so does the emulator, for every model.
+pub(crate) const MAX_OUTPUT_TOKENS: u64 = 128_000;
+
 /// Reads and validates a request body; `Err` carries the `invalid_request_error` message.
 pub(crate) fn parse_request(body: &[u8], endpoint: Endpoint) -> Result<ParsedRequest, String> {
     let value: Value = serde_json::from_slice(body)
@@ -122,6 +127,11 @@ pub(crate) fn parse_request(body: &[u8], endpoint: Endpoint) -> Result<ParsedReq
         (None | Some(Value::Null), Endpoint::CountTokens) => None,
         (Some(v), _) => match v.as_u64() {
             Some(0) => return Err("max_tokens: Input should be greater than or equal to 1".into()),
+            Some(n) if n > MAX_OUTPUT_TOKENS => {
+                return Err(format!(
+                    "max_tokens: {n} > {MAX_OUTPUT_TOKENS}, which is the maximum allowed number of output tokens for {model}"
+                ))
+            }
             Some(n) => Some(n),
             None if v.as_i64().is_some() => {
                 return Err("max_tokens: Input should be greater than or equal to 1".into())

@@ -95,6 +95,7 @@ use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration};
 use super::media;
 use super::scan::{count_raw, count_span, Chars, Malformed, Result, Scanner, Span};
 use super::{Estimate, TokenEstimator, Usage};
+use crate::headers::content_length;
 
 /// Content-block boundaries before a breakpoint where a warm prefix is looked for.
 const LOOKBACK: usize = 20;
@@ -1302,17 +1303,6 @@ fn decode_str(b: &[u8], span: Span) -> Option<String> {
     }
 }
 
-fn content_length(parts: &Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 impl TokenEstimator for AnthropicEstimator {
     fn estimate(&self, _parts: &Parts, body: &[u8]) -> Estimate {
         self.estimates.fetch_add(1, Ordering::Relaxed);
@@ -1328,7 +1318,7 @@ impl TokenEstimator for AnthropicEstimator {
     /// is known, the cap of [`AnthropicEstimatorBuilder::fallback`] (1M tokens).
     fn estimate_unbuffered(&self, parts: &Parts, body_len: Option<u64>) -> Estimate {
         self.estimates.fetch_add(1, Ordering::Relaxed);
-        match body_len.or_else(|| content_length(parts)) {
+        match body_len.or_else(|| content_length(&parts.headers)) {
             Some(len) => self.fallback_estimate(len, None),
             None => {
                 let mut e = self.fallback_estimate(0, None);
