@@ -42,11 +42,6 @@
 //!   clone left in its place, as tower does), and the future polls that service
 //!   ready again before each retry (after its wait, so no inner permit is held
 //!   while waiting). An error from that `poll_ready` is returned as is.
-//! - **When the first attempt starts**: in `call`, as `tower::retry::Retry`'s
-//!   does, when the body is already in memory (an exact size within the
-//!   limit, all frames ready at once: `Full`, `String`, `Bytes`...), no
-//!   cooldown is running and the deadline has not passed. Otherwise on the
-//!   future's first poll, after the body is read and the cooldown waited out.
 //! - **Shared cooldown**: a 429 or 529 naming a delay pauses *every* request
 //!   through the layer (all services it built and their clones), new requests
 //!   and retries alike, until that instant. A cooldown longer than the cap
