@@ -169,9 +169,6 @@ pin_project! {
             server_delay: Option<Duration>,
             collected: Vec<u8>,
         },
-        // Failed before the first attempt (in `call`): the error is returned
-        // by the first poll.
-        Failed { error: Option<BoxError> },
         // The output was returned.
         Done,
     }
@@ -247,26 +244,7 @@ where
     B: Body + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    /// Starts a request: counts it, reads a body that is already in memory,
-    /// and makes the first attempt at once when nothing holds it back.
-    ///
-    /// `service` is the service that was polled ready; it is moved into the
-    /// future and a clone is left in its place (tower's pattern).
-    ///
-    /// The first attempt starts here, in `call`, as `tower::retry::Retry`'s
-    /// does, when three things hold: the body has an exact size within the
-    /// limit and yields all its frames at once (`Full`, `String`, `Bytes` and
-    /// the like: it is polled with a no-op waker, and polled again with the
-    /// task's waker if it was not ready), no cooldown is running, and the
-    /// deadline (if any) has not passed. Otherwise the future does each step
-    /// when first polled. Either way the steps and their order are the same;
-    /// the fast path only skips the state machine's transitions.
-    pub(crate) fn start(service: &mut S, shared: Arc<Shared>, req: Request<B>) -> Self
-    where
-        S: Clone,
-    {
-        let clone = service.clone();
-        let service = std::mem::replace(service, clone);
+    pub(crate) fn new(service: S, shared: Arc<Shared>, req: Request<B>) -> Self {
         let (head, body) = req.into_parts();
         let limit = shared.config.buffer_limit;
         let needs_clock = shared.budget.is_some() || shared.config.deadline.is_some();
@@ -278,62 +256,28 @@ where
             (Some(d), Some(now)) => Some(later(now, d)),
             _ => None,
         };
-        let mut ctx = Ctx {
-            service,
-            shared,
-            head: Some(head),
-            payload: match body.size_hint().exact() {
-                Some(size) if size <= limit as u64 => Payload::Exact(ExactRead::new(body, size)),
-                _ => Payload::Buffering(Box::pin(body::buffer(body, limit))),
+        ResponseFuture {
+            state: State::Buffering,
+            ctx: Ctx {
+                service,
+                shared,
+                head: Some(head),
+                payload: match body.size_hint().exact() {
+                    Some(size) if size <= limit as u64 => {
+                        Payload::Exact(ExactRead::new(body, size))
+                    }
+                    _ => Payload::Buffering(Box::pin(body::buffer(body, limit))),
+                },
+                attempts: 0,
+                ready: true,
+                deadline,
+                waited: Duration::ZERO,
+                wait_started: None,
+                sleep: None,
+                last_status: None,
+                last_error: None,
             },
-            attempts: 0,
-            ready: true,
-            deadline,
-            waited: Duration::ZERO,
-            wait_started: None,
-            sleep: None,
-            last_status: None,
-            last_error: None,
-        };
-        let state = match ctx.try_first_attempt() {
-            Ok(Some(future)) => State::Calling { future },
-            Ok(None) => State::Buffering,
-            Err(error) => State::Failed { error: Some(error) },
-        };
-        ResponseFuture { state, ctx }
-    }
-}
-
-impl<S, B> Ctx<S, B>
-where
-    B: Body + Unpin,
-    B::Error: Into<BoxError>,
-{
-    /// The fast path of [`ResponseFuture::start`]: the first attempt's future
-    /// if it could start at once, `None` if the future must go through its
-    /// states (body not ready, cooldown running), or the error the first poll
-    /// must return (a body that failed, a cooldown beyond the cap or the
-    /// deadline).
-    fn try_first_attempt<R>(&mut self) -> Result<Option<S::Future>, BoxError>
-    where
-        S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
-    {
-        let Payload::Exact(exact) = &mut self.payload else {
-            return Ok(None);
-        };
-        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        match exact.poll_read(&mut cx) {
-            Poll::Pending => return Ok(None),
-            Poll::Ready(Err(e)) => return Err(Box::new(Error::Body(e))),
-            Poll::Ready(Ok(kept)) => self.payload = Payload::Replay(kept),
         }
-        match self.gate()? {
-            Gate::Go => {}
-            Gate::Wait(_) | Gate::NeedReady => return Ok(None),
-        }
-        let req = self.next_request()?;
-        self.ready = false;
-        Ok(Some(self.service.call(req)))
     }
 }
 
@@ -651,11 +595,6 @@ where
                     continue;
                 }
                 StateProj::Calling { future } => match ready!(future.poll(cx)) {
-                    // The common case, returned without looking at the headers.
-                    Ok(response) if response.status().as_u16() < 400 => {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(response));
-                    }
                     Ok(response) => ctx.on_response(response),
                     Err(e) => ctx.on_error(e.into()),
                 },
@@ -695,13 +634,6 @@ where
                         return Poll::Ready(Err(Box::new(Error::SpendLimitReached)));
                     }
                     ctx.after_response(status, server_delay)
-                }
-                StateProj::Failed { error } => {
-                    let error = error.take();
-                    this.state.set(State::Done);
-                    return Poll::Ready(Err(error.unwrap_or_else(|| {
-                        "RetryAfter response future polled after completion".into()
-                    })));
                 }
                 StateProj::Done => {
                     return Poll::Ready(Err(

@@ -83,16 +83,17 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    /// Starts the request: buffers the body, waits out the shared cooldown,
-    /// then makes attempts with the service that was ready. When the body is
-    /// already in memory and no cooldown runs, the first attempt is made here,
-    /// as `tower::retry::Retry` does; otherwise when the future is first polled.
+    /// Starts the request. The returned future buffers the body, waits out the
+    /// shared cooldown, then makes attempts with the service that was ready.
     ///
     /// # Cancellation
     ///
     /// Dropping the future stops everything: no task is spawned.
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The ready service goes into the future; a fresh clone stays (tower's pattern).
+        let clone = self.inner.clone();
+        let service = std::mem::replace(&mut self.inner, clone);
         Counters::bump(&self.shared.counters.requests);
-        ResponseFuture::start(&mut self.inner, self.shared.clone(), req)
+        ResponseFuture::new(service, self.shared.clone(), req)
     }
 }
