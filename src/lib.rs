@@ -121,6 +121,11 @@ pub mod retry;
 pub use error::{BoxError, Dimension, Error, GiveUpReason};
 
 /// The README's examples, compiled and run as doc tests.
-#[cfg(all(doctest, feature = "retry", feature = "budget", feature = "concurrency"))]
+#[cfg(all(
+    doctest,
+    feature = "retry",
+    feature = "budget",
+    feature = "concurrency"
+))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
