@@ -896,9 +896,6 @@ async fn each_retry_is_traced_without_secrets() {
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
-    // Another test thread may have registered the callsites while no
-    // subscriber was interested, caching "never": ask again.
-    tracing::callsite::rebuild_interest_cache();
     let mock = Mock::new([
         status(429).header("retry-after", "1"),
         Reply::Fail(connection_reset),
