@@ -1,17 +1,26 @@
 //! Overhead of `RetryAfterLayer` on a request that succeeds at once, against the
 //! bare service and against `tower::retry::Retry` with a policy that only clones
-//! the request, measured in the same run.
+//! the request, measured in the same run. Every variant wraps the same inner
+//! function, is cloned per request the same way (`svc.clone().oneshot(req)`),
+//! and builds the same request.
+//!
+//! Two more variants put the budget's cost in context: ours without its retry
+//! budget, and tower's `Retry` with tower's own `TpsBudget` (deposited on each
+//! success, as tower's docs show), which reads the clock per request too.
 //!
 //! Run: `cargo bench --bench retry -- --warm-up-time 1 --measurement-time 3`
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
 use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::Full;
+use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::{Policy, Retry};
 use tower::{service_fn, Layer, ServiceExt};
 use tower_llm_limits::body::ReplayBody;
@@ -64,6 +73,29 @@ impl<B: Clone, Res, E> Policy<Request<B>, Res, E> for CloneRequest {
     }
 }
 
+/// [`CloneRequest`] plus tower's retry budget, with tower's defaults (the
+/// defaults of ours): the like-for-like baseline of a layer with a budget.
+#[derive(Clone)]
+struct CloneWithBudget(Arc<TpsBudget>);
+
+impl<B: Clone, Res, E> Policy<Request<B>, Res, E> for CloneWithBudget {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _: &mut Request<B>, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => {
+                self.0.deposit();
+                None
+            }
+            Err(_) => self.0.withdraw().then(|| ready(())),
+        }
+    }
+
+    fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
+        <CloneRequest as Policy<Request<B>, Res, E>>::clone_request(&mut CloneRequest, req)
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -78,6 +110,15 @@ fn bench(c: &mut Criterion) {
     group.bench_function("tower_retry", |b| {
         b.to_async(&rt)
             .iter(|| tower_retry.clone().oneshot(request()))
+    });
+
+    let tower_budget = Retry::new(
+        CloneWithBudget(Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2))),
+        service_fn(ok::<Full<Bytes>>),
+    );
+    group.bench_function("tower_retry_with_budget", |b| {
+        b.to_async(&rt)
+            .iter(|| tower_budget.clone().oneshot(request()))
     });
 
     let retry_after = rt.block_on(async {
@@ -121,6 +162,11 @@ fn components(c: &mut Criterion) {
     });
     group.bench_function("tokio_instant_now", |b| {
         b.iter(|| black_box(tokio::time::Instant::now()))
+    });
+    // The same clock without tokio: `test-util` (on for benches through the
+    // dev-dependencies) only takes its mutex once a clock was paused.
+    group.bench_function("std_instant_now", |b| {
+        b.iter(|| black_box(std::time::Instant::now()))
     });
     group.finish();
 }

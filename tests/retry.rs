@@ -1036,3 +1036,75 @@ async fn a_cooldown_past_the_deadline_fails_a_new_request_without_an_attempt() {
     assert_eq!(mock.calls(), 1);
     assert_eq!(layer.snapshot().give_ups.deadline, 2);
 }
+
+// ---------------------------------------------------------------- bodies that are not ready at once
+
+/// A body of exact size whose bytes arrive later (as a network body's do).
+struct Later {
+    rx: Option<tokio::sync::oneshot::Receiver<Bytes>>,
+    size: u64,
+}
+
+impl http_body::Body for Later {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let got = std::task::ready!(Pin::new(rx).poll(cx));
+        self.rx = None;
+        Poll::Ready(Some(got.map(Frame::data).map_err(Into::into)))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.size)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exact_size_body_not_ready_at_once_is_read_when_it_wakes_the_task() {
+    let (mock, mut handle) = tower_test::mock::pair::<Request<ReplayBody<Later>>, Resp>();
+    let mut svc = tower_test::mock::Spawn::new(deterministic().build().layer(mock));
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready::<Request<Later>>());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let body = Later {
+        rx: Some(rx),
+        size: 5,
+    };
+    let mut fut = tokio_test::task::spawn(svc.call(Request::new(body)));
+    assert!(handle.poll_request().is_pending());
+    assert_pending!(fut.poll());
+    assert!(handle.poll_request().is_pending());
+    tx.send(Bytes::from_static(b"hello")).unwrap();
+    // The task's waker was registered by the poll.
+    assert!(fut.is_woken());
+    assert_pending!(fut.poll());
+    let (req, send_response) = handle.next_request().await.unwrap();
+    assert_eq!(
+        req.extensions().get::<BufferedBytes>().map(|b| b.0.clone()),
+        Some(Bytes::from_static(b"hello"))
+    );
+    send_response.send_response(Response::new(Full::new(Bytes::new())));
+    assert_eq!(assert_ready_ok!(fut.poll()).status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exact_size_body_that_fails_is_a_body_error_without_an_attempt() {
+    let mock = Mock::new([]);
+    let mut svc = deterministic().build().layer(mock.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
+    drop(tx);
+    let body = Later {
+        rx: Some(rx),
+        size: 5,
+    };
+    let err = call(&mut svc, Request::new(body)).await.unwrap_err();
+    assert!(matches!(crate_err(&err), Error::Body(_)));
+    assert_eq!(mock.calls(), 0);
+}
