@@ -763,49 +763,46 @@ async fn a_429_refunds_everything_and_syncs() {
     assert_eq!(est.observed.load(Ordering::SeqCst), 0);
 }
 
-/// An error answer without usage (a 529) refunds the output reservation (no
-/// output was produced) and keeps the rest; a transport error keeps it all.
+/// A refused answer (529) refunds everything; an error answer without usage
+/// (500) refunds the output reservation (no output was produced) and keeps the
+/// rest; a transport error keeps it all.
 #[tokio::test(start_paused = true)]
 async fn error_status_and_transport_error() {
-    let script = Arc::new(Mutex::new(vec![(
-        StatusCode::from_u16(529).unwrap(),
-        HeaderMap::new(),
-    )]));
-    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
-    let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
-    let resp = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(5_000, 1_000))
-        .await
-        .unwrap();
-    resp.into_body().collect().await.unwrap();
-    let snap = layer.snapshot();
-    // 529 overloaded: the server turned the request away; nothing charged.
-    assert_eq!(remaining(&snap, Dimension::Requests), 50.0);
-    assert_eq!(remaining(&snap, Dimension::InputTokens), 30_000.0);
-    assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
-
-    // 500: the work may have been done; the input is kept, the output refunded.
-    let script = Arc::new(Mutex::new(vec![(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        HeaderMap::new(),
-    )]));
-    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
-    let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
-    let resp = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(5_000, 1_000))
-        .await
-        .unwrap();
-    resp.into_body().collect().await.unwrap();
-    let snap = layer.snapshot();
-    assert_eq!(remaining(&snap, Dimension::Requests), 49.0);
-    assert_eq!(remaining(&snap, Dimension::InputTokens), 25_000.0);
-    assert_eq!(remaining(&snap, Dimension::OutputTokens), 8_000.0);
+    // 529 overloaded (and 503): the server turned the request away, nothing
+    // is charged. 500: the work may have been done; the input is kept, the
+    // output (none was produced) refunded.
+    for (status, requests_left, input_left) in [(529, 50.0, 30_000.0), (500, 49.0, 25_000.0)] {
+        let script = Arc::new(Mutex::new(vec![(
+            StatusCode::from_u16(status).unwrap(),
+            HeaderMap::new(),
+        )]));
+        let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+        let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(5_000, 1_000))
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+        let snap = layer.snapshot();
+        assert_eq!(
+            remaining(&snap, Dimension::Requests),
+            requests_left,
+            "{status}"
+        );
+        assert_eq!(
+            remaining(&snap, Dimension::InputTokens),
+            input_left,
+            "{status}"
+        );
+        assert_eq!(
+            remaining(&snap, Dimension::OutputTokens),
+            8_000.0,
+            "{status}"
+        );
+    }
 
     let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
     let failing = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
