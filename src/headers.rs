@@ -440,6 +440,14 @@ pub fn format_rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Whether a header reports rate limits (`anthropic-ratelimit-*` or the
+/// OpenAI-style `x-ratelimit-*`).
+#[cfg(feature = "budget")]
+pub(crate) fn is_rate_limit_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.starts_with("anthropic-ratelimit-") || name.starts_with("x-ratelimit-")
+}
+
 /// The request's `content-length`, if it is a plain number (the body's size
 /// when the body itself was not read).
 #[cfg(feature = "budget")]

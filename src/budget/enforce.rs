@@ -13,7 +13,7 @@ use super::answer::{
 };
 use super::state::{dim_index, Charge, Denied, Shared};
 use super::usage::ResponseBody;
-use crate::headers::X_SHOULD_RETRY;
+use crate::headers::{is_rate_limit_header, X_SHOULD_RETRY};
 
 /// Writes the `anthropic-ratelimit-*` headers of a key's buckets: requests,
 /// input tokens, output tokens, and the combined `tokens` (input + output, as
@@ -25,10 +25,7 @@ use crate::headers::X_SHOULD_RETRY;
 pub(crate) fn insert_headers(shared: &Shared, charge: &Charge, headers: &mut HeaderMap) {
     let upstream: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| {
-            let name = name.as_str();
-            name.starts_with("anthropic-ratelimit-") || name.starts_with("x-ratelimit-")
-        })
+        .filter(|name| is_rate_limit_header(name))
         .cloned()
         .collect();
     for name in upstream {

@@ -16,7 +16,7 @@ use super::enforce;
 use super::state::{Admission, Charge, Shared};
 use super::usage::{ResponseBody, Tracker};
 use crate::body::{Buffered, ReplayBody};
-use crate::headers::{content_length, RateLimitSnapshot};
+use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
 use crate::{BoxError, Error};
 
 /// The buffering of a request body, boxed (an `async fn`'s future has no name).
@@ -308,33 +308,26 @@ fn respond<ResB: Body>(
     charge: Charge,
     response: Response<ResB>,
 ) -> Response<ResponseBody<ResB>> {
-    let enforce = shared.settings.enforce;
     let status = response.status();
-    if refused(status) {
+    let was_refused = refused(status);
+    if was_refused {
         // The server charged nothing for a refused request.
         shared.refund(&charge);
-        let (mut parts, body) = response.into_parts();
-        if enforce {
-            enforce::insert_headers(shared, &charge, &mut parts.headers);
-        } else {
-            let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
-            shared.sync(&charge, &snapshot);
-        }
+    }
+    let (mut parts, body) = response.into_parts();
+    if shared.settings.enforce {
+        enforce::insert_headers(shared, &charge, &mut parts.headers);
+    } else if parts.headers.keys().any(is_rate_limit_header) {
+        let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
+        shared.sync(&charge, &snapshot);
+    }
+    if was_refused {
         tracing::debug!(
             key = %charge.key,
             status = status.as_u16(),
             "budget: request refused; reservation refunded"
         );
         return Response::from_parts(parts, ResponseBody::plain(body));
-    }
-    let (mut parts, body) = response.into_parts();
-    if enforce {
-        enforce::insert_headers(shared, &charge, &mut parts.headers);
-    } else {
-        if has_pacing_headers(&parts.headers) {
-            let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
-            shared.sync(&charge, &snapshot);
-        }
     }
     let sse = match parts.headers.get(http::header::CONTENT_TYPE) {
         Some(ct) => ct
@@ -350,13 +343,4 @@ fn respond<ResB: Body>(
         return Response::from_parts(parts, ResponseBody::plain(body));
     }
     Response::from_parts(parts, ResponseBody::observed(body, tracker))
-}
-
-/// Whether a response carries any rate-limit header worth parsing (a cheap
-/// scan of the names before the full parse).
-fn has_pacing_headers(headers: &http::HeaderMap) -> bool {
-    headers.keys().any(|name| {
-        let name = name.as_str();
-        name.starts_with("anthropic-ratelimit-") || name.starts_with("x-ratelimit-")
-    })
 }
