@@ -124,20 +124,20 @@ impl RateLimitSnapshot {
                     .and_then(|v| parse_retry_after(v, now))
             });
         let should_retry = headers.get(X_SHOULD_RETRY).and_then(parse_bool);
-        let anthropic = |kind: &str| read_anthropic(headers, kind, now);
+        let anthropic = |names: LimitNames| read_anthropic(headers, names, now);
         let mut snap = RateLimitSnapshot {
             retry_after,
             should_retry,
-            requests: anthropic("requests"),
-            tokens: anthropic("tokens"),
-            input_tokens: anthropic("input-tokens"),
-            output_tokens: anthropic("output-tokens"),
+            requests: anthropic(ANTHROPIC_REQUESTS),
+            tokens: anthropic(ANTHROPIC_TOKENS),
+            input_tokens: anthropic(ANTHROPIC_INPUT_TOKENS),
+            output_tokens: anthropic(ANTHROPIC_OUTPUT_TOKENS),
         };
         if snap.requests.is_empty() {
-            snap.requests = read_openai(headers, "requests");
+            snap.requests = read_openai(headers, OPENAI_REQUESTS);
         }
         if snap.tokens.is_empty() {
-            snap.tokens = read_openai(headers, "tokens");
+            snap.tokens = read_openai(headers, OPENAI_TOKENS);
         }
         snap
     }
@@ -253,12 +253,51 @@ fn parse_u64(value: &HeaderValue) -> Option<u64> {
     s.parse().ok()
 }
 
-fn read_anthropic(headers: &HeaderMap, kind: &str, now: SystemTime) -> LimitStatus {
-    let get = |field: &str| headers.get(format!("anthropic-ratelimit-{kind}-{field}").as_str());
+/// The `limit`, `remaining` and `reset` header names of one limit, spelled
+/// out so that reading a response allocates no names.
+type LimitNames = [&'static str; 3];
+
+const ANTHROPIC_REQUESTS: LimitNames = [
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+];
+const ANTHROPIC_TOKENS: LimitNames = [
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+];
+const ANTHROPIC_INPUT_TOKENS: LimitNames = [
+    "anthropic-ratelimit-input-tokens-limit",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-reset",
+];
+const ANTHROPIC_OUTPUT_TOKENS: LimitNames = [
+    "anthropic-ratelimit-output-tokens-limit",
+    "anthropic-ratelimit-output-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-reset",
+];
+const OPENAI_REQUESTS: LimitNames = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+const OPENAI_TOKENS: LimitNames = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
+fn read_anthropic(
+    headers: &HeaderMap,
+    [limit, remaining, reset]: LimitNames,
+    now: SystemTime,
+) -> LimitStatus {
     LimitStatus {
-        limit: get("limit").and_then(parse_u64),
-        remaining: get("remaining").and_then(parse_u64),
-        reset_in: get("reset")
+        limit: headers.get(limit).and_then(parse_u64),
+        remaining: headers.get(remaining).and_then(parse_u64),
+        reset_in: headers
+            .get(reset)
             .and_then(value_str)
             .and_then(parse_rfc3339)
             .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -266,12 +305,14 @@ fn read_anthropic(headers: &HeaderMap, kind: &str, now: SystemTime) -> LimitStat
     }
 }
 
-fn read_openai(headers: &HeaderMap, kind: &str) -> LimitStatus {
-    let get = |field: &str| headers.get(format!("x-ratelimit-{field}-{kind}").as_str());
+fn read_openai(headers: &HeaderMap, [limit, remaining, reset]: LimitNames) -> LimitStatus {
     LimitStatus {
-        limit: get("limit").and_then(parse_u64),
-        remaining: get("remaining").and_then(parse_u64),
-        reset_in: get("reset").and_then(value_str).and_then(parse_go_duration),
+        limit: headers.get(limit).and_then(parse_u64),
+        remaining: headers.get(remaining).and_then(parse_u64),
+        reset_in: headers
+            .get(reset)
+            .and_then(value_str)
+            .and_then(parse_go_duration),
     }
 }
 
