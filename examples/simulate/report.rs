@@ -40,50 +40,44 @@ pub struct Charged {
 }
 
 impl Charged {
+    /// Per dimension (requests, input, output), the seconds of refill needed
+    /// for what was charged beyond the bucket's initial capacity (negative
+    /// when it fit in the burst); `f64::MIN` for a dimension without a limit.
+    fn beyond_burst(&self, l: &LimitSpec) -> [f64; 3] {
+        let term = |charged: u64, cap: f64, per_minute: u64| {
+            if per_minute == 0 {
+                f64::MIN
+            } else {
+                (charged as f64 - cap) / (per_minute as f64 / 60.0)
+            }
+        };
+        [
+            term(self.requests, l.requests_capacity, l.requests_per_minute),
+            term(
+                self.input_tokens,
+                l.input_capacity,
+                l.input_tokens_per_minute,
+            ),
+            term(
+                self.output_for_bound,
+                l.output_capacity,
+                l.output_tokens_per_minute,
+            ),
+        ]
+    }
+
     /// The limit-bound lower bound on the time to finish: for each dimension,
     /// what was charged beyond the initial capacity divided by the refill
     /// rate; the largest of the three (see `output_for_bound` for OTPM).
     pub fn minimum_seconds(&self, l: &LimitSpec) -> f64 {
-        let bound = |charged: u64, cap: f64, per_minute: u64| {
-            if per_minute == 0 {
-                0.0
-            } else {
-                ((charged as f64 - cap) / (per_minute as f64 / 60.0)).max(0.0)
-            }
-        };
-        bound(self.requests, l.requests_capacity, l.requests_per_minute)
-            .max(bound(
-                self.input_tokens,
-                l.input_capacity,
-                l.input_tokens_per_minute,
-            ))
-            .max(bound(
-                self.output_for_bound,
-                l.output_capacity,
-                l.output_tokens_per_minute,
-            ))
+        self.beyond_burst(l)
+            .into_iter()
+            .fold(0.0, |longest, t| longest.max(t))
     }
 
     /// Which dimension sets the bound.
     pub fn binding(&self, l: &LimitSpec) -> &'static str {
-        let r = |c: u64, cap: f64, pm: u64| {
-            if pm == 0 {
-                f64::MIN
-            } else {
-                (c as f64 - cap) / pm as f64
-            }
-        };
-        let req = r(self.requests, l.requests_capacity, l.requests_per_minute);
-        let inp = r(
-            self.input_tokens,
-            l.input_capacity,
-            l.input_tokens_per_minute,
-        );
-        let out = r(
-            self.output_for_bound,
-            l.output_capacity,
-            l.output_tokens_per_minute,
-        );
+        let [req, inp, out] = self.beyond_burst(l);
         if inp >= req && inp >= out {
             "input tokens"
         } else if out >= req {
