@@ -104,6 +104,7 @@
 pub mod body;
 pub mod error;
 pub mod headers;
+mod mix;
 
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]

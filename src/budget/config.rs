@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::request::Parts;
 
 use super::limits::{Limits, ModelClass, Tier};
+use crate::mix::{fnv1a, FNV_OFFSET};
 
 /// Which limits apply to each model class.
 ///
@@ -149,7 +150,7 @@ impl KeyExtractor {
             parts
                 .headers
                 .get("x-api-key")
-                .map(|v| format!("key-{:016x}", fnv1a(v.as_bytes())))
+                .map(|v| format!("key-{:016x}", fnv1a(FNV_OFFSET, v.as_bytes())))
         })
     }
 
@@ -162,15 +163,6 @@ impl fmt::Debug for KeyExtractor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("KeyExtractor(..)")
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 /// The `max_tokens` assumed for a request that does not say (the API requires

@@ -4,6 +4,8 @@
 //! a run is repeatable under a seed, without depending on `rand` and without a
 //! hash whose keys change between Rust releases.
 
+use crate::mix::{splitmix64, GOLDEN_GAMMA};
+
 /// SplitMix64: tiny, fast, and good enough for simulation draws.
 #[derive(Debug, Clone)]
 pub(crate) struct Rng {
@@ -18,11 +20,8 @@ impl Rng {
 
     /// The next 64 random bits.
     pub(crate) fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
+        splitmix64(self.state)
     }
 
     /// A uniform draw in `[0, 1)`.
@@ -40,17 +39,7 @@ impl Rng {
     }
 }
 
-/// FNV-1a over `bytes`, continuing from `hash` (start with [`FNV_OFFSET`]).
-pub(crate) fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
-    }
-    hash
-}
-
-/// The FNV-1a offset basis.
-pub(crate) const FNV_OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
+pub(crate) use crate::mix::{fnv1a, FNV_OFFSET};
 
 /// Mixes two 64-bit values into one (for deriving per-request seeds).
 pub(crate) fn mix(a: u64, b: u64) -> u64 {

@@ -6,6 +6,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::mix::{splitmix64, GOLDEN_GAMMA};
+
 /// A source of uniform random numbers in `[0, 1)`, used to spread backoff delays.
 ///
 /// The retry layer draws one number per backoff delay (full jitter: the delay is
@@ -47,8 +49,6 @@ pub struct FastRng {
     state: AtomicU64,
 }
 
-const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
-
 impl FastRng {
     /// A generator seeded from the process's random hash keys.
     pub fn new() -> Self {
@@ -66,13 +66,11 @@ impl FastRng {
 
     /// The next 64 random bits.
     pub fn next_u64(&self) -> u64 {
-        let mut z = self
-            .state
-            .fetch_add(GOLDEN_GAMMA, Ordering::Relaxed)
-            .wrapping_add(GOLDEN_GAMMA);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        splitmix64(
+            self.state
+                .fetch_add(GOLDEN_GAMMA, Ordering::Relaxed)
+                .wrapping_add(GOLDEN_GAMMA),
+        )
     }
 }
 

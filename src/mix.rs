@@ -1,0 +1,31 @@
+//! Bit mixing shared by the layers: the SplitMix64 output function (the
+//! retry layer's jitter, the emulator's seeded draws) and FNV-1a, a hash whose
+//! result does not change between Rust releases (budget keys, the emulator's
+//! cache and seeds).
+
+/// SplitMix64's increment (the golden-ratio "gamma").
+#[cfg(any(feature = "retry", feature = "emulator"))]
+pub(crate) const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function: mixes one state value into 64 random bits.
+#[cfg(any(feature = "retry", feature = "emulator"))]
+pub(crate) fn splitmix64(state: u64) -> u64 {
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The FNV-1a offset basis.
+#[cfg(feature = "budget")]
+pub(crate) const FNV_OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
+
+/// FNV-1a over `bytes`, continuing from `hash` (start with [`FNV_OFFSET`]).
+#[cfg(feature = "budget")]
+pub(crate) fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    hash
+}
