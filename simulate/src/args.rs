@@ -1,233 +1,391 @@
-//! Command-line arguments, parsed by hand (no dependency).
+//! Command-line arguments (clap, derive).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 use super::strategies::Kind;
 
-pub const USAGE: &str = "\
-simulate: run one workload through several client strategies against an
-emulator of the Anthropic Messages API's rate limiter, and compare them.
-
-USAGE:
-    cargo run --release --example simulate -- [OPTIONS]
-
-OPTIONS:
-    --real-time            run on the wall clock (default: tokio's paused clock,
-                           virtual time: minutes of traffic in seconds)
-    --json                 print one JSON object on stdout instead of the table
-    --plot FILE.svg        write tokens admitted per second over time, per strategy
-    --timeline             print, per strategy and 10 s window, attempts sent,
-                           429s, tokens charged and requests finished (stderr)
-    --strategy LIST        strategies to run, comma-separated: a|naive,
-                           b|common-recipe, c|tower, d|tower-llm-limits
-                           (default: all four; with --target: d)
-    --seed N               seed of the workload and the emulator (default 42)
-    --requests N           generate N requests (default: as many as make three
-                           minutes' worth of the input-token limit)
-    --concurrency N        client workers issuing requests (default 32)
-    --workload FILE.jsonl  replay these requests (one Messages body a line)
-    --model NAME           model of the generated requests (default claude-sonnet-4-5)
-    --rpm N --itpm N --otpm N
-                           the limits (default: Tier 1 Sonnet 4.x, 50 / 30000 /
-                           8000); the emulator enforces them and the crate's
-                           stack paces to them. With --target and none given,
-                           the crate's stack learns them from the headers
-    --output-mode MODE     the emulator's OTPM rule: realtime (default) | reserve
-    --fault-529 P --fault-500 P --fault-reset P --fault-stream P
-                           the emulator's fault rates per request (default 0):
-                           529 overloaded, 500, a reset connection, an
-                           `event: error` in the middle of a stream
-    --target URL           run against an API-compatible endpoint on the wall
-                           clock instead of the emulator (e.g. https://api.anthropic.com)
-    --api-key-env NAME     environment variable holding the key for --target
-                           (default ANTHROPIC_API_KEY; sent as x-api-key)
-    -h, --help             this text
-";
-
-#[derive(Debug, Clone)]
+/// Run one workload through several client strategies against an emulator of
+/// the Anthropic Messages API's rate limiter, and compare them.
+///
+/// Time is virtual by default (tokio's paused clock: minutes of traffic in
+/// seconds of wall time).
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "simulate",
+    version,
+    args_override_self = true,
+    allow_negative_numbers = true
+)]
 pub struct Args {
+    /// Run on the wall clock (default: tokio's paused clock, virtual time:
+    /// minutes of traffic in seconds).
+    #[arg(long)]
     pub real_time: bool,
+
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
     pub json: bool,
-    pub timeline: bool,
+
+    /// Write tokens admitted per second over time, per strategy, as SVG.
+    #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+
+    /// Print, per strategy and 10 s window, attempts sent, 429s, tokens
+    /// charged and requests finished (on stderr).
+    #[arg(long)]
+    pub timeline: bool,
+
+    /// Strategies to run, comma-separated: a|naive, b|common-recipe,
+    /// c|tower, d|tower-llm-limits (default: all four; with --target: d).
+    #[arg(
+        long = "strategy",
+        visible_alias = "strategies",
+        value_name = "LIST",
+        value_delimiter = ',',
+        hide_possible_values = true
+    )]
     pub strategies: Option<Vec<Kind>>,
+
+    /// Seed of the workload and the emulator.
+    #[arg(long, value_name = "N", default_value_t = 42, value_parser = number::<u64>)]
     pub seed: u64,
+
+    /// Generate N requests (default: as many as make three minutes' worth of
+    /// the input-token limit).
+    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>)]
     pub requests: Option<usize>,
+
+    /// Client workers issuing requests.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = at_least_one::<usize>)]
     pub concurrency: usize,
+
+    /// Replay these requests (one Messages body a line; blank lines and lines
+    /// starting with `#` are skipped).
+    #[arg(long, value_name = "FILE.jsonl")]
     pub workload: Option<PathBuf>,
+
+    /// Model of the generated requests.
+    #[arg(long, value_name = "NAME", default_value = "claude-sonnet-4-5")]
     pub model: String,
+
+    /// Requests per minute (default: Tier 1 Sonnet 4.x). The emulator
+    /// enforces the limits and the crate's stack paces to them; with
+    /// --target and none of --rpm, --itpm, --otpm given, the crate's stack
+    /// learns them from the server's headers.
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = at_least_one::<u64>)]
     pub rpm: u64,
+
+    /// Input tokens per minute (default: Tier 1 Sonnet 4.x).
+    #[arg(long, value_name = "N", default_value_t = 30_000, value_parser = at_least_one::<u64>)]
     pub itpm: u64,
+
+    /// Output tokens per minute (default: Tier 1 Sonnet 4.x).
+    #[arg(long, value_name = "N", default_value_t = 8_000, value_parser = at_least_one::<u64>)]
     pub otpm: u64,
-    /// Whether any of --rpm, --itpm, --otpm was given (with --target and
-    /// none given, the crate's stack learns the limits from the headers).
+
+    /// Whether any of --rpm, --itpm, --otpm was given (with --target and none
+    /// given, the crate's stack learns the limits from the headers).
+    #[arg(skip)]
     pub limits_given: bool,
-    pub reserve_mode: bool,
-    /// Fault rates of the emulator: 529, 500, reset connection, `event: error`.
+
+    /// The emulator's OTPM rule (and the crate's stack's).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = OutputMode::Realtime)]
+    pub output_mode: OutputMode,
+
+    /// The emulator's rate of 529 `overloaded_error` answers per request.
+    #[arg(long = "fault-529", value_name = "P", default_value_t = 0.0, value_parser = probability)]
     pub fault_529: f64,
+
+    /// The emulator's rate of 500 answers per request.
+    #[arg(long = "fault-500", value_name = "P", default_value_t = 0.0, value_parser = probability)]
     pub fault_500: f64,
+
+    /// The emulator's rate of reset connections per request.
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = probability)]
     pub fault_reset: f64,
+
+    /// The emulator's rate of an `event: error` in the middle of a stream,
+    /// per streamed request.
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = probability)]
     pub fault_stream: f64,
+
+    /// Run against an API-compatible endpoint on the wall clock instead of
+    /// the emulator (e.g. https://api.anthropic.com).
+    #[arg(long, value_name = "URL")]
     pub target: Option<String>,
+
+    /// Environment variable holding the key for --target (sent as x-api-key).
+    #[arg(long, value_name = "NAME", default_value = "ANTHROPIC_API_KEY")]
     pub api_key_env: String,
 }
 
-impl Default for Args {
-    fn default() -> Self {
-        Args {
-            real_time: false,
-            json: false,
-            timeline: false,
-            plot: None,
-            strategies: None,
-            seed: 42,
-            requests: None,
-            concurrency: 32,
-            workload: None,
-            model: "claude-sonnet-4-5".to_string(),
-            rpm: 50,
-            itpm: 30_000,
-            otpm: 8_000,
-            limits_given: false,
-            reserve_mode: false,
-            fault_529: 0.0,
-            fault_500: 0.0,
-            fault_reset: 0.0,
-            fault_stream: 0.0,
-            target: None,
-            api_key_env: "ANTHROPIC_API_KEY".to_string(),
+/// How the emulator charges output tokens against OTPM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputMode {
+    /// Output is charged as it is produced; a request is admitted while the
+    /// OTPM bucket is above zero.
+    Realtime,
+    /// `max_tokens` is reserved at admission and the unused part refunded.
+    Reserve,
+}
+
+impl OutputMode {
+    /// The name the flag and the report use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputMode::Realtime => "realtime",
+            OutputMode::Reserve => "reserve",
         }
     }
 }
 
-fn num<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
-    let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
-    v.replace('_', "")
+impl Args {
+    /// Parses the process's arguments; on an error or `--help`, prints and
+    /// exits (code 2 for a usage error, 0 for `--help`).
+    pub fn from_env() -> Args {
+        Args::try_from_iter(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `args` (the program name first).
+    ///
+    /// # Errors
+    /// An unknown flag, a missing or malformed value, fault rates adding up
+    /// to more than 1, or `--help` / `--version` (clap's error kinds say
+    /// which).
+    pub fn try_from_iter<I, T>(args: I) -> Result<Args, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut command = Args::command();
+        let matches = command.try_get_matches_from_mut(args)?;
+        let mut a = Args::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+        a.limits_given = ["rpm", "itpm", "otpm"]
+            .iter()
+            .any(|id| matches.value_source(id) == Some(ValueSource::CommandLine));
+        if a.fault_529 + a.fault_500 + a.fault_reset > 1.0 {
+            return Err(command.error(
+                ErrorKind::ArgumentConflict,
+                "the fault rates --fault-529, --fault-500 and --fault-reset add up to more than 1",
+            ));
+        }
+        Ok(a)
+    }
+
+    /// Whether the emulator (and the crate's stack) reserve `max_tokens` at
+    /// admission.
+    pub fn reserve_mode(&self) -> bool {
+        self.output_mode == OutputMode::Reserve
+    }
+}
+
+/// A number; `_` may separate digits (`30_000`).
+fn number<T>(s: &str) -> Result<T, String>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    s.replace('_', "")
         .parse()
-        .map_err(|_| format!("{flag}: not a number: {v}"))
+        .map_err(|e| format!("not a number: {e}"))
 }
 
-fn rate(flag: &str, v: Option<String>) -> Result<f64, String> {
-    let r: f64 = num(flag, v)?;
-    if (0.0..=1.0).contains(&r) {
-        Ok(r)
+/// A number of at least 1.
+fn at_least_one<T>(s: &str) -> Result<T, String>
+where
+    T: FromStr + PartialOrd + From<u8>,
+    T::Err: std::fmt::Display,
+{
+    let n: T = number(s)?;
+    if n >= T::from(1) {
+        Ok(n)
     } else {
-        Err(format!("{flag}: a probability from 0 to 1, not {r}"))
+        Err("must be at least 1".to_string())
     }
 }
 
-/// Parses the arguments (without the program name).
-///
-/// # Errors
-/// An unknown flag, a missing or malformed value: a message for the user.
-/// `Ok(None)` means `--help` was asked for.
-pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
-    let mut a = Args::default();
-    while let Some(flag) = it.next() {
-        // Accept --flag=value as well as --flag value.
-        let (flag, inline) = match flag.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (flag, None),
-        };
-        let mut value = || inline.clone().or_else(|| it.next());
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--real-time" => a.real_time = true,
-            "--json" => a.json = true,
-            "--timeline" => a.timeline = true,
-            "--plot" => a.plot = Some(PathBuf::from(value().ok_or("--plot needs a file")?)),
-            "--strategy" | "--strategies" => {
-                let v = value().ok_or("--strategy needs a value")?;
-                let mut kinds = Vec::new();
-                for s in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    kinds.push(Kind::parse(s).ok_or_else(|| format!("unknown strategy: {s}"))?);
-                }
-                if kinds.is_empty() {
-                    return Err("--strategy: none given".into());
-                }
-                a.strategies = Some(kinds);
-            }
-            "--seed" => a.seed = num(&flag, value())?,
-            "--requests" => {
-                let n: usize = num(&flag, value())?;
-                if n == 0 {
-                    return Err("--requests must be at least 1".into());
-                }
-                a.requests = Some(n);
-            }
-            "--concurrency" => {
-                a.concurrency = num(&flag, value())?;
-                if a.concurrency == 0 {
-                    return Err("--concurrency must be at least 1".into());
-                }
-            }
-            "--workload" => {
-                a.workload = Some(PathBuf::from(value().ok_or("--workload needs a file")?))
-            }
-            "--model" => a.model = value().ok_or("--model needs a name")?,
-            "--rpm" => {
-                a.rpm = num(&flag, value())?;
-                a.limits_given = true;
-            }
-            "--itpm" => {
-                a.itpm = num(&flag, value())?;
-                a.limits_given = true;
-            }
-            "--otpm" => {
-                a.otpm = num(&flag, value())?;
-                a.limits_given = true;
-            }
-            "--output-mode" => match value().as_deref() {
-                Some("realtime") => a.reserve_mode = false,
-                Some("reserve") => a.reserve_mode = true,
-                other => return Err(format!("--output-mode: realtime or reserve, not {other:?}")),
-            },
-            "--fault-529" => a.fault_529 = rate(&flag, value())?,
-            "--fault-500" => a.fault_500 = rate(&flag, value())?,
-            "--fault-reset" => a.fault_reset = rate(&flag, value())?,
-            "--fault-stream" => a.fault_stream = rate(&flag, value())?,
-            "--target" => a.target = Some(value().ok_or("--target needs a URL")?),
-            "--api-key-env" => a.api_key_env = value().ok_or("--api-key-env needs a name")?,
-            other => return Err(format!("unknown argument: {other} (try --help)")),
-        }
+/// A probability, from 0 to 1.
+fn probability(s: &str) -> Result<f64, String> {
+    let p: f64 = number(s)?;
+    if (0.0..=1.0).contains(&p) {
+        Ok(p)
+    } else {
+        Err(format!("a probability from 0 to 1, not {p}"))
     }
-    if a.fault_529 + a.fault_500 + a.fault_reset > 1.0 {
-        return Err("the fault rates add up to more than 1".into());
-    }
-    if a.rpm == 0 || a.itpm == 0 || a.otpm == 0 {
-        return Err("--rpm, --itpm and --otpm must be above 0".into());
-    }
-    Ok(Some(a))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> Result<Option<Args>, String> {
-        parse(s.split_whitespace().map(String::from))
+    fn p(s: &str) -> Result<Args, clap::Error> {
+        Args::try_from_iter(std::iter::once("simulate").chain(s.split_whitespace()))
+    }
+
+    fn ok(s: &str) -> Args {
+        p(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn kind_of_error(s: &str) -> ErrorKind {
+        match p(s) {
+            Ok(a) => panic!("{s} parsed: {a:?}"),
+            Err(e) => e.kind(),
+        }
     }
 
     #[test]
-    fn parses_flags_and_values() {
-        let a = p("--json --seed 7 --requests=12 --strategy a,d --itpm 40_000")
-            .unwrap()
-            .unwrap();
-        assert!(a.json);
-        assert_eq!(a.seed, 7);
-        assert_eq!(a.requests, Some(12));
+    fn the_defaults() {
+        let a = ok("");
+        assert!(!a.real_time && !a.json && !a.timeline && !a.limits_given);
+        assert_eq!((&a.plot, &a.workload, &a.target), (&None, &None, &None));
+        assert_eq!((&a.strategies, a.requests), (&None, None));
+        assert_eq!((a.seed, a.concurrency), (42, 32));
+        assert_eq!(a.model, "claude-sonnet-4-5");
+        assert_eq!((a.rpm, a.itpm, a.otpm), (50, 30_000, 8_000));
+        assert_eq!(a.output_mode, OutputMode::Realtime);
+        assert!(!a.reserve_mode());
+        let faults = [a.fault_529, a.fault_500, a.fault_reset, a.fault_stream];
+        assert_eq!(faults, [0.0; 4]);
+        assert_eq!(a.api_key_env, "ANTHROPIC_API_KEY");
+    }
+
+    #[test]
+    fn every_flag_and_its_value() {
+        let a = ok(
+            "--real-time --json --timeline --plot out.svg --strategy a,d --seed 7 \
+             --requests 12 --concurrency 4 --workload w.jsonl --model claude-haiku-4-5 \
+             --rpm 1_000 --itpm 40_000 --otpm 9000 --output-mode reserve \
+             --fault-529 0.02 --fault-500 0.01 --fault-reset 0.005 --fault-stream 0.5 \
+             --target https://example.test/prefix --api-key-env MY_KEY",
+        );
+        assert!(a.real_time && a.json && a.timeline);
+        assert_eq!(a.plot, Some(PathBuf::from("out.svg")));
         assert_eq!(a.strategies, Some(vec![Kind::Naive, Kind::Crate]));
-        assert_eq!(a.itpm, 40_000);
+        assert_eq!((a.seed, a.requests, a.concurrency), (7, Some(12), 4));
+        assert_eq!(a.workload, Some(PathBuf::from("w.jsonl")));
+        assert_eq!(a.model, "claude-haiku-4-5");
+        assert_eq!((a.rpm, a.itpm, a.otpm), (1_000, 40_000, 9_000));
+        assert!(a.limits_given);
+        assert!(a.reserve_mode());
+        let faults = [a.fault_529, a.fault_500, a.fault_reset, a.fault_stream];
+        assert_eq!(faults, [0.02, 0.01, 0.005, 0.5]);
+        assert_eq!(a.target.as_deref(), Some("https://example.test/prefix"));
+        assert_eq!(a.api_key_env, "MY_KEY");
     }
 
     #[test]
-    fn rejects_bad_input() {
-        assert!(p("--bogus").is_err());
-        assert!(p("--seed x").is_err());
-        assert!(p("--strategy z").is_err());
-        assert!(p("--requests 0").is_err());
-        assert!(p("--fault-529 1.5").is_err());
-        assert!(p("--fault-529 0.6 --fault-500 0.6").is_err());
-        assert!(p("--help").unwrap().is_none());
+    fn values_after_an_equals_sign_and_later_flags_win() {
+        let a = ok("--seed=9 --requests=3 --strategies=b --seed 10");
+        assert_eq!((a.seed, a.requests), (10, Some(3)));
+        assert_eq!(a.strategies, Some(vec![Kind::CommonRecipe]));
+    }
+
+    #[test]
+    fn each_limit_alone_counts_as_given() {
+        for flag in ["--rpm 60", "--itpm 30000", "--otpm 8000"] {
+            assert!(ok(flag).limits_given, "{flag}");
+        }
+    }
+
+    #[test]
+    fn strategies_by_name_letter_or_alias() {
+        let a = ok("--strategy naive,b,common,tower,c,d,crate,tower-llm-limits");
+        use Kind::*;
+        let want = [
+            Naive,
+            CommonRecipe,
+            CommonRecipe,
+            Tower,
+            Tower,
+            Crate,
+            Crate,
+            Crate,
+        ];
+        assert_eq!(a.strategies, Some(want.to_vec()));
+    }
+
+    #[test]
+    fn rejects_bad_input_as_usage_errors() {
+        assert_eq!(kind_of_error("--bogus"), ErrorKind::UnknownArgument);
+        assert_eq!(kind_of_error("stray"), ErrorKind::UnknownArgument);
+        assert_eq!(kind_of_error("--seed"), ErrorKind::InvalidValue);
+        for bad in [
+            "--seed x",
+            "--seed -1",
+            "--strategy z",
+            "--requests 0",
+            "--concurrency 0",
+            "--rpm 0",
+            "--itpm 0",
+            "--otpm 0",
+            "--fault-529 1.5",
+            "--fault-stream -0.1",
+            "--fault-500 x",
+            "--output-mode fast",
+        ] {
+            let kind = kind_of_error(bad);
+            assert!(
+                matches!(kind, ErrorKind::ValueValidation | ErrorKind::InvalidValue),
+                "{bad}: {kind:?}"
+            );
+        }
+        assert_eq!(
+            kind_of_error("--fault-529 0.6 --fault-500 0.6"),
+            ErrorKind::ArgumentConflict
+        );
+        // A usage error exits with code 2.
+        assert_eq!(p("--bogus").map(|_| ()).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_flag_and_the_reason() {
+        let msg = |s: &str| p(s).map(|_| ()).unwrap_err().to_string();
+        assert!(msg("--requests 0").contains("must be at least 1"));
+        assert!(msg("--fault-529 1.5").contains("a probability from 0 to 1, not 1.5"));
+        assert!(msg("--seed x").contains("--seed"));
+        assert!(msg("--fault-stream -0.1").contains("not -0.1"));
+        assert!(msg("--fault-529 0.6 --fault-500 0.6").contains("add up to more than 1"));
+    }
+
+    #[test]
+    fn help_lists_every_flag() {
+        let e = p("--help").map(|_| ()).unwrap_err();
+        assert_eq!((e.kind(), e.exit_code()), (ErrorKind::DisplayHelp, 0));
+        let help = e.to_string();
+        for flag in [
+            "--real-time",
+            "--json",
+            "--plot",
+            "--timeline",
+            "--strategy",
+            "--seed",
+            "--requests",
+            "--concurrency",
+            "--workload",
+            "--model",
+            "--rpm",
+            "--itpm",
+            "--otpm",
+            "--output-mode",
+            "--fault-529",
+            "--fault-500",
+            "--fault-reset",
+            "--fault-stream",
+            "--target",
+            "--api-key-env",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help");
+        }
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Args::command().debug_assert();
     }
 }

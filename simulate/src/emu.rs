@@ -1,8 +1,12 @@
 //! The embedded emulator: one fresh instance per strategy, same seed.
+//!
+//! Every use of the emulator in this crate goes through this module: the
+//! rest of the crate names only what it re-exports.
 
 use tower::util::BoxCloneService;
 use tower::ServiceExt;
-use tower_llm_limits::emulator::{Emulator, Faults, Limits, OutputMode};
+pub use tower_llm_limits::emulator::Emulator;
+use tower_llm_limits::emulator::{Faults, Limits, OutputMode};
 
 use super::args::Args;
 use super::report::{Charged, LimitSpec};
@@ -18,11 +22,7 @@ pub fn limit_spec(a: &Args) -> LimitSpec {
         requests_capacity: a.rpm as f64,
         input_capacity: a.itpm as f64,
         output_capacity: a.otpm as f64,
-        output_mode: if a.reserve_mode {
-            "reserve"
-        } else {
-            "realtime"
-        },
+        output_mode: a.output_mode.as_str(),
     }
 }
 
@@ -39,7 +39,7 @@ pub fn limits(a: &Args) -> Limits {
 pub fn transport(a: &Args) -> Result<(Transport, Emulator), String> {
     let emulator = Emulator::builder()
         .limits(limits(a))
-        .output_mode(if a.reserve_mode {
+        .output_mode(if a.reserve_mode() {
             OutputMode::Reserve
         } else {
             OutputMode::Realtime
@@ -87,3 +87,13 @@ pub fn charged(emulator: &Emulator, reserve_mode: bool) -> Charged {
     }
     c
 }
+
+/// Tokens of `s` under the emulator's counting rule (a word of n characters
+/// is ceil(n / 4) tokens, each punctuation mark one): used to size the
+/// workload; the clients never see this count.
+pub fn count_tokens(s: &str) -> u64 {
+    tower_llm_limits::emulator::count_text(s)
+}
+
+/// Tokens each message adds under the emulator's rule (its role framing).
+pub const MESSAGE_OVERHEAD: u64 = tower_llm_limits::emulator::MESSAGE_OVERHEAD;

@@ -1,8 +1,10 @@
 //! `--plot FILE.svg`: admitted tokens per second over time against the
 //! limits, 429s marked, one panel per strategy, all on one time scale.
-//! Hand-written SVG, no dependency.
+//! Composed with the `svg` crate (which escapes text and attributes).
 
-use std::fmt::Write as _;
+use svg::node::element::path::Data;
+use svg::node::element::{Line, Path, Rectangle, Text, Title};
+use svg::Document;
 
 use super::report::{LimitSpec, Row};
 
@@ -12,11 +14,65 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
 const TOP: f64 = 40.0;
 const GAP: f64 = 50.0;
+/// The plot area's width.
+const PW: f64 = W - LEFT - RIGHT;
+const INPUT_COLOUR: &str = "#1f5fbf";
+const OUTPUT_COLOUR: &str = "#2e8b3a";
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+/// A coordinate rounded to a tenth of a pixel (shorter files, same picture).
+fn px(v: f64) -> f32 {
+    ((v * 10.0).round() / 10.0) as f32
+}
+
+/// Input and output tokens admitted per second, by bucket of the time the
+/// attempt was sent (when the server charges the input).
+struct Series {
+    input: Vec<f64>,
+    output: Vec<f64>,
+}
+
+impl Series {
+    fn of(row: &Row, bucket: f64, n_buckets: usize) -> Series {
+        let mut input = vec![0.0; n_buckets];
+        let mut output = vec![0.0; n_buckets];
+        for a in &row.attempts_log {
+            if let Some(u) = a.usage {
+                let b = ((a.sent.as_secs_f64() / bucket) as usize).min(n_buckets - 1);
+                input[b] += u.charged_input() as f64 / bucket;
+                output[b] += u.output_tokens as f64 / bucket;
+            }
+        }
+        Series { input, output }
+    }
+}
+
+/// The scales every panel shares.
+struct Frame {
+    t_max: f64,
+    y_max: f64,
+    bucket: f64,
+    input_line: f64,
+    output_line: f64,
+}
+
+/// One panel's position on the page.
+struct Panel<'a> {
+    frame: &'a Frame,
+    y0: f64,
+}
+
+impl Panel<'_> {
+    fn x(&self, t: f64) -> f64 {
+        LEFT + PW * (t / self.frame.t_max)
+    }
+
+    fn y(&self, v: f64) -> f64 {
+        self.y0 + PANEL_H - PANEL_H * (v / self.frame.y_max).min(1.0)
+    }
+}
+
+fn text(x: f64, y: f64, content: impl Into<String>) -> Text {
+    Text::new(content).set("x", px(x)).set("y", px(y))
 }
 
 /// Renders the plot. `bucket` is the width of the averaging window in seconds.
@@ -25,151 +81,197 @@ pub fn svg(rows: &[Row], limits: &LimitSpec, bucket: f64) -> String {
     let n_buckets = (t_max / bucket).ceil().max(1.0) as usize;
     let input_line = limits.input_tokens_per_minute as f64 / 60.0;
     let output_line = limits.output_tokens_per_minute as f64 / 60.0;
-
-    // Series per row: input and output tokens admitted per second, by bucket
-    // of the time the attempt was sent (when the server charges the input).
-    let series: Vec<(Vec<f64>, Vec<f64>)> = rows
-        .iter()
-        .map(|r| {
-            let mut inp = vec![0.0; n_buckets];
-            let mut out = vec![0.0; n_buckets];
-            for a in &r.attempts_log {
-                if let Some(u) = a.usage {
-                    let b = ((a.sent.as_secs_f64() / bucket) as usize).min(n_buckets - 1);
-                    inp[b] += u.charged_input() as f64 / bucket;
-                    out[b] += u.output_tokens as f64 / bucket;
-                }
-            }
-            (inp, out)
-        })
-        .collect();
     // One y scale for every panel: four times the input limit line, so the
     // steady state is readable; the opening burst (a full bucket spent at
     // once) is clipped and labelled with its value.
-    let y_max = (input_line * 4.0).max(output_line * 4.0).max(1.0);
-
+    let frame = Frame {
+        t_max,
+        y_max: (input_line * 4.0).max(output_line * 4.0).max(1.0),
+        bucket,
+        input_line,
+        output_line,
+    };
     let h = TOP + rows.len() as f64 * (PANEL_H + GAP) + 10.0;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{LEFT}" y="20" font-size="14" font-weight="bold">Tokens admitted per second ({bucket:.0} s windows, by time sent); dashed: the limits; red ticks: 429s</text>"#
-    );
-    let pw = W - LEFT - RIGHT;
-    for (k, (r, (inp, out))) in rows.iter().zip(series.iter()).enumerate() {
-        let y0 = TOP + k as f64 * (PANEL_H + GAP) + 14.0;
-        let x = |t: f64| LEFT + pw * (t / t_max);
-        let y = |v: f64| y0 + PANEL_H - PANEL_H * (v / y_max).min(1.0);
-        let _ = writeln!(
-            s,
-            r#"<text x="{LEFT}" y="{:.1}" font-size="12" font-weight="bold">{} — {:.1} s, {} ok / {} failed, {} 429s</text>"#,
-            y0 - 4.0,
-            esc(&r.name),
-            r.seconds,
-            r.ok,
-            r.failed,
-            r.rate_limited
+    let mut doc = Document::new()
+        .set("width", W)
+        .set("height", h)
+        .set("viewBox", (0.0, 0.0, W, h))
+        .set("font-family", "sans-serif")
+        .set("font-size", 11)
+        .add(
+            Rectangle::new()
+                .set("width", "100%")
+                .set("height", "100%")
+                .set("fill", "white"),
+        )
+        .add(
+            text(LEFT, 20.0, format!(
+                "Tokens admitted per second ({bucket:.0} s windows, by time sent); dashed: the limits; red ticks: 429s"
+            ))
+            .set("font-size", 14)
+            .set("font-weight", "bold"),
         );
-        let _ = writeln!(
-            s,
-            r##"<rect x="{LEFT}" y="{y0:.1}" width="{pw:.1}" height="{PANEL_H}" fill="none" stroke="#999"/>"##
+    for (k, r) in rows.iter().enumerate() {
+        let panel = Panel {
+            frame: &frame,
+            y0: TOP + k as f64 * (PANEL_H + GAP) + 14.0,
+        };
+        let series = Series::of(r, bucket, n_buckets);
+        doc = draw_panel(doc, &panel, r, &series, limits);
+    }
+    format!("{doc}\n")
+}
+
+/// One strategy's panel: title, frame, axes, limit lines, series, 429s, legend.
+fn draw_panel(
+    mut doc: Document,
+    p: &Panel<'_>,
+    r: &Row,
+    series: &Series,
+    limits: &LimitSpec,
+) -> Document {
+    doc = doc
+        .add(
+            text(
+                LEFT,
+                p.y0 - 4.0,
+                format!(
+                    "{} — {:.1} s, {} ok / {} failed, {} 429s",
+                    r.name, r.seconds, r.ok, r.failed, r.rate_limited
+                ),
+            )
+            .set("font-size", 12)
+            .set("font-weight", "bold"),
+        )
+        .add(
+            Rectangle::new()
+                .set("x", LEFT)
+                .set("y", px(p.y0))
+                .set("width", px(PW))
+                .set("height", PANEL_H)
+                .set("fill", "none")
+                .set("stroke", "#999"),
         );
-        // Axes labels.
-        for frac in [0.0, 0.5, 1.0] {
-            let v = y_max * frac;
-            let _ = writeln!(
-                s,
-                r##"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555">{:.0}</text>"##,
-                LEFT - 4.0,
-                y(v) + 4.0,
-                v
-            );
-        }
-        let step = nice_step(t_max);
-        let mut t = 0.0;
-        while t <= t_max + 1e-9 {
-            let _ = writeln!(
-                s,
-                r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#555">{:.0} s</text>"##,
-                x(t),
-                y0 + PANEL_H + 13.0,
-                t
-            );
-            t += step;
-        }
-        // Limit lines.
-        for (v, color) in [(input_line, "#1f5fbf"), (output_line, "#2e8b3a")] {
-            let _ = writeln!(
-                s,
-                r#"<line x1="{LEFT}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="{color}" stroke-dasharray="6 4"/>"#,
-                LEFT + pw,
-                y(v),
-                y(v)
-            );
-        }
-        // Series as step lines.
-        for (data, color, label) in [(inp, "#1f5fbf", "input"), (out, "#2e8b3a", "output")] {
-            let mut d = String::new();
-            for (i, v) in data.iter().enumerate() {
-                let t0 = i as f64 * bucket;
-                let t1 = ((i + 1) as f64 * bucket).min(t_max);
-                if t0 > r.seconds {
-                    break;
-                }
-                let cmd = if i == 0 { 'M' } else { 'L' };
-                let _ = write!(
-                    d,
-                    "{cmd}{:.1},{:.1} L{:.1},{:.1} ",
-                    x(t0),
-                    y(*v),
-                    x(t1),
-                    y(*v)
-                );
-            }
-            let _ = writeln!(
-                s,
-                r#"<path d="{d}" fill="none" stroke="{color}" stroke-width="1.5"><title>{label} tokens/s</title></path>"#
-            );
-            for (i, v) in data.iter().enumerate() {
-                if *v > y_max && i as f64 * bucket <= r.seconds {
-                    let _ = writeln!(
-                        s,
-                        r#"<text x="{:.1}" y="{:.1}" fill="{color}" font-size="10">{:.0}/s ↑</text>"#,
-                        x(i as f64 * bucket) + 2.0,
-                        y0 + 11.0 + if label == "output" { 11.0 } else { 0.0 },
-                        v
-                    );
-                }
-            }
-        }
-        // 429s.
-        for a in r.attempts_log.iter().filter(|a| a.status == Some(429)) {
-            let xt = x(a.sent.as_secs_f64());
-            let _ = writeln!(
-                s,
-                r#"<line x1="{xt:.1}" x2="{xt:.1}" y1="{:.1}" y2="{:.1}" stroke="red" stroke-width="1"/>"#,
-                y0 + PANEL_H - 10.0,
-                y0 + PANEL_H
-            );
-        }
-        // Legend.
-        let lx = LEFT + pw - 330.0;
-        let _ = writeln!(
-            s,
-            r##"<text x="{lx:.1}" y="{:.1}" fill="#1f5fbf">input (ITPM {}/min)</text><text x="{:.1}" y="{:.1}" fill="#2e8b3a">output (OTPM {}/min)</text>"##,
-            y0 - 4.0,
-            limits.input_tokens_per_minute,
-            lx + 170.0,
-            y0 - 4.0,
-            limits.output_tokens_per_minute
+    doc = draw_axes(doc, p);
+    for (v, colour) in [
+        (p.frame.input_line, INPUT_COLOUR),
+        (p.frame.output_line, OUTPUT_COLOUR),
+    ] {
+        doc = doc.add(
+            Line::new()
+                .set("x1", LEFT)
+                .set("x2", px(LEFT + PW))
+                .set("y1", px(p.y(v)))
+                .set("y2", px(p.y(v)))
+                .set("stroke", colour)
+                .set("stroke-dasharray", "6 4"),
         );
     }
-    s.push_str("</svg>\n");
-    s
+    doc = draw_series(doc, p, r.seconds, &series.input, INPUT_COLOUR, "input");
+    doc = draw_series(doc, p, r.seconds, &series.output, OUTPUT_COLOUR, "output");
+    for a in r.attempts_log.iter().filter(|a| a.status == Some(429)) {
+        let xt = px(p.x(a.sent.as_secs_f64()));
+        doc = doc.add(
+            Line::new()
+                .set("x1", xt)
+                .set("x2", xt)
+                .set("y1", px(p.y0 + PANEL_H - 10.0))
+                .set("y2", px(p.y0 + PANEL_H))
+                .set("stroke", "red")
+                .set("stroke-width", 1),
+        );
+    }
+    let lx = LEFT + PW - 330.0;
+    doc.add(
+        text(
+            lx,
+            p.y0 - 4.0,
+            format!("input (ITPM {}/min)", limits.input_tokens_per_minute),
+        )
+        .set("fill", INPUT_COLOUR),
+    )
+    .add(
+        text(
+            lx + 170.0,
+            p.y0 - 4.0,
+            format!("output (OTPM {}/min)", limits.output_tokens_per_minute),
+        )
+        .set("fill", OUTPUT_COLOUR),
+    )
+}
+
+/// The y labels (0, half, full scale) and the time labels.
+fn draw_axes(mut doc: Document, p: &Panel<'_>) -> Document {
+    for frac in [0.0, 0.5, 1.0] {
+        let v = p.frame.y_max * frac;
+        doc = doc.add(
+            text(LEFT - 4.0, p.y(v) + 4.0, format!("{v:.0}"))
+                .set("text-anchor", "end")
+                .set("fill", "#555"),
+        );
+    }
+    let step = nice_step(p.frame.t_max);
+    let mut t = 0.0;
+    while t <= p.frame.t_max + 1e-9 {
+        doc = doc.add(
+            text(p.x(t), p.y0 + PANEL_H + 13.0, format!("{t:.0} s"))
+                .set("text-anchor", "middle")
+                .set("fill", "#555"),
+        );
+        t += step;
+    }
+    doc
+}
+
+/// A series as a step line up to the row's end, and the values above the
+/// scale written where they are clipped.
+fn draw_series(
+    mut doc: Document,
+    p: &Panel<'_>,
+    until: f64,
+    data: &[f64],
+    colour: &str,
+    label: &str,
+) -> Document {
+    let bucket = p.frame.bucket;
+    let mut d = Data::new();
+    for (i, v) in data.iter().enumerate() {
+        let t0 = i as f64 * bucket;
+        let t1 = ((i + 1) as f64 * bucket).min(p.frame.t_max);
+        if t0 > until {
+            break;
+        }
+        let start = (px(p.x(t0)), px(p.y(*v)));
+        d = if i == 0 {
+            d.move_to(start)
+        } else {
+            d.line_to(start)
+        };
+        d = d.line_to((px(p.x(t1)), px(p.y(*v))));
+    }
+    doc = doc.add(
+        Path::new()
+            .set("d", d)
+            .set("fill", "none")
+            .set("stroke", colour)
+            .set("stroke-width", 1.5)
+            .add(Title::new(format!("{label} tokens/s"))),
+    );
+    let label_dy = if label == "output" { 11.0 } else { 0.0 };
+    for (i, v) in data.iter().enumerate() {
+        if *v > p.frame.y_max && i as f64 * bucket <= until {
+            doc = doc.add(
+                text(
+                    p.x(i as f64 * bucket) + 2.0,
+                    p.y0 + 11.0 + label_dy,
+                    format!("{v:.0}/s ↑"),
+                )
+                .set("fill", colour)
+                .set("font-size", 10),
+            );
+        }
+    }
+    doc
 }
 
 fn nice_step(t_max: f64) -> f64 {

@@ -3,9 +3,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::run::{Attempt, Outcome};
+use super::workload::Workload;
 
 /// The limits a run was measured against: per dimension, the rate per minute
 /// and the bucket's capacity (the burst it allows from full).
@@ -308,47 +309,152 @@ pub fn notes(rows: &[Row]) -> String {
     out
 }
 
-/// One strategy as JSON (the shape, plus more fields).
-pub fn row_json(r: &Row) -> Value {
-    json!({
-        "name": r.name,
-        "requests": r.requests,
-        "ok": r.ok,
-        "failed": r.failed,
-        "rate_limited": r.rate_limited,
-        "retries": r.retries,
-        "seconds": r.seconds,
-        "share_of_minimum": r.share_of_minimum(),
-        "p50_ms": r.p50_ms,
-        "p99_ms": r.p99_ms,
-        "estimate_mae": r.estimate_mae,
-        "attempts": r.attempts,
-        "other_errors": r.other_errors,
-        "minimum_seconds": r.minimum_seconds,
-        "last_sent_seconds": r.last_sent,
-        "bound_by": r.binding,
-        "charged": {
-            "requests": r.charged.requests,
-            "input_tokens": r.charged.input_tokens,
-            "output_tokens": r.charged.output_tokens,
-            "source": if r.charged.from_server_stats { "emulator" } else { "responses" },
-        },
-        "failures": r.failures,
-    })
+/// The `--json` report: the limits, the workload, and one entry per strategy.
+#[derive(Debug, Serialize)]
+pub struct Report<'a> {
+    pub limits: LimitsReport,
+    pub workload: WorkloadReport<'a>,
+    /// "virtual" (tokio's paused clock) or "wall".
+    pub clock: &'static str,
+    /// The endpoint's URL, or "emulator".
+    pub target: &'a str,
+    pub wall_seconds: f64,
+    pub strategies: Vec<RowReport<'a>>,
 }
 
-pub fn limits_json(l: &LimitSpec) -> Value {
-    json!({
-        "requests_per_minute": l.requests_per_minute,
-        "input_tokens_per_minute": l.input_tokens_per_minute,
-        "output_tokens_per_minute": l.output_tokens_per_minute,
-        "capacity": {
-            "requests": l.requests_capacity,
-            "input_tokens": l.input_capacity,
-            "output_tokens": l.output_capacity,
-        },
-        "output_mode": l.output_mode,
-    })
+/// The limits a run was measured against, as the report writes them.
+#[derive(Debug, Serialize)]
+pub struct LimitsReport {
+    pub requests_per_minute: u64,
+    pub input_tokens_per_minute: u64,
+    pub output_tokens_per_minute: u64,
+    pub capacity: Capacity,
+    pub output_mode: &'static str,
+}
+
+/// Each bucket's capacity (the burst it allows from full).
+#[derive(Debug, Serialize)]
+pub struct Capacity {
+    pub requests: f64,
+    pub input_tokens: f64,
+    pub output_tokens: f64,
+}
+
+impl From<&LimitSpec> for LimitsReport {
+    fn from(l: &LimitSpec) -> Self {
+        LimitsReport {
+            requests_per_minute: l.requests_per_minute,
+            input_tokens_per_minute: l.input_tokens_per_minute,
+            output_tokens_per_minute: l.output_tokens_per_minute,
+            capacity: Capacity {
+                requests: l.requests_capacity,
+                input_tokens: l.input_capacity,
+                output_tokens: l.output_capacity,
+            },
+            output_mode: l.output_mode,
+        }
+    }
+}
+
+/// What the workload was.
+#[derive(Debug, Serialize)]
+pub struct WorkloadReport<'a> {
+    /// "generated" or the file replayed.
+    pub source: &'a str,
+    pub seed: u64,
+    pub requests: usize,
+    pub model: &'a str,
+    pub streaming: usize,
+    pub with_cache_prefix: usize,
+    pub input_tokens: u64,
+    pub uncached_input_tokens: u64,
+    pub max_tokens_sum: u64,
+    /// Client workers.
+    pub concurrency: usize,
+}
+
+impl<'a> WorkloadReport<'a> {
+    pub fn new(w: &'a Workload, model: &'a str, concurrency: usize) -> Self {
+        WorkloadReport {
+            source: &w.source,
+            seed: w.seed,
+            requests: w.items.len(),
+            model,
+            streaming: w.streaming,
+            with_cache_prefix: w.with_cache_prefix,
+            input_tokens: w.total_input_tokens,
+            uncached_input_tokens: w.uncached_input_tokens,
+            max_tokens_sum: w.max_tokens_sum,
+            concurrency,
+        }
+    }
+}
+
+/// One strategy's figures, as the report writes them.
+#[derive(Debug, Serialize)]
+pub struct RowReport<'a> {
+    pub name: &'a str,
+    pub requests: usize,
+    pub ok: usize,
+    pub failed: usize,
+    pub rate_limited: usize,
+    pub retries: usize,
+    pub seconds: f64,
+    pub share_of_minimum: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub estimate_mae: Option<f64>,
+    pub attempts: usize,
+    pub other_errors: usize,
+    pub minimum_seconds: f64,
+    pub last_sent_seconds: f64,
+    pub bound_by: &'static str,
+    pub charged: ChargedReport,
+    pub failures: &'a BTreeMap<String, usize>,
+}
+
+/// What the server charged one strategy, and where the figures come from.
+#[derive(Debug, Serialize)]
+pub struct ChargedReport {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// "emulator" (its counters) or "responses" (the usage they reported).
+    pub source: &'static str,
+}
+
+impl<'a> From<&'a Row> for RowReport<'a> {
+    fn from(r: &'a Row) -> Self {
+        RowReport {
+            name: &r.name,
+            requests: r.requests,
+            ok: r.ok,
+            failed: r.failed,
+            rate_limited: r.rate_limited,
+            retries: r.retries,
+            seconds: r.seconds,
+            share_of_minimum: r.share_of_minimum(),
+            p50_ms: r.p50_ms,
+            p99_ms: r.p99_ms,
+            estimate_mae: r.estimate_mae,
+            attempts: r.attempts,
+            other_errors: r.other_errors,
+            minimum_seconds: r.minimum_seconds,
+            last_sent_seconds: r.last_sent,
+            bound_by: r.binding,
+            charged: ChargedReport {
+                requests: r.charged.requests,
+                input_tokens: r.charged.input_tokens,
+                output_tokens: r.charged.output_tokens,
+                source: if r.charged.from_server_stats {
+                    "emulator"
+                } else {
+                    "responses"
+                },
+            },
+            failures: &r.failures,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use tower::{Service, ServiceExt};
 use tower_llm_limits::headers::RateLimitSnapshot;
 use tower_llm_limits::BoxError;
 
+use super::progress::Progress;
 use super::workload::Item;
 
 /// The body type every transport and client speaks.
@@ -335,13 +336,6 @@ pub fn request_for(
     }
 }
 
-/// Progress shared with the progress bar.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub done: AtomicUsize,
-    pub failed: AtomicUsize,
-}
-
 /// Runs every item of the workload through `client` with `concurrency`
 /// workers, each taking the next item when its last one ends.
 pub async fn drive(
@@ -351,7 +345,7 @@ pub async fn drive(
     log: Arc<Log>,
     api_key: Option<HeaderValue>,
     path: String,
-    progress: Arc<Progress>,
+    progress: Progress,
 ) -> Vec<Outcome> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
@@ -394,10 +388,7 @@ pub async fn drive(
                     Err(e) => (false, Some(short_error(&*e))),
                 };
                 let now = Instant::now();
-                progress.done.fetch_add(1, Ordering::Relaxed);
-                if !ok {
-                    progress.failed.fetch_add(1, Ordering::Relaxed);
-                }
+                progress.record(ok);
                 out.push(Outcome {
                     index: i,
                     ok,

@@ -21,38 +21,35 @@ use super::args::Args;
 use super::run::{box_response, Body, Client, Meter};
 use super::workload::Rng;
 
-/// The strategies, in the order the table prints them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The strategies, in the order the table prints them; `--strategy` takes
+/// their names or letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
     /// (a) no middleware, the official SDKs' default retries.
+    #[value(name = "naive", alias = "a")]
     Naive,
     /// (b) retry-after + exponential backoff + jitter + a semaphore of 8.
+    #[value(name = "common-recipe", aliases = ["b", "common"])]
     CommonRecipe,
     /// (c) tower's ConcurrencyLimit + RateLimit + Retry.
+    #[value(name = "tower", alias = "c")]
     Tower,
     /// (d) this crate's preset stack.
+    #[value(name = "tower-llm-limits", aliases = ["d", "crate"])]
     Crate,
 }
 
 impl Kind {
+    /// Every strategy, in the order the table prints them.
     pub const ALL: [Kind; 4] = [Kind::Naive, Kind::CommonRecipe, Kind::Tower, Kind::Crate];
 
+    /// The name the table, the report and `--strategy` use.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Naive => "naive",
             Kind::CommonRecipe => "common-recipe",
             Kind::Tower => "tower",
             Kind::Crate => "tower-llm-limits",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "a" | "naive" => Some(Kind::Naive),
-            "b" | "common-recipe" | "common" => Some(Kind::CommonRecipe),
-            "c" | "tower" => Some(Kind::Tower),
-            "d" | "tower-llm-limits" | "crate" => Some(Kind::Crate),
-            _ => None,
         }
     }
 }
@@ -358,7 +355,7 @@ pub fn crate_stack(meter: Meter, args: &Args) -> Result<(Client, Arc<Estimates>)
     };
     let budget = TokenBudgetLayer::builder()
         .limits(limits.clone())
-        .output_mode(if args.reserve_mode {
+        .output_mode(if args.reserve_mode() {
             OutputMode::Reserve
         } else {
             OutputMode::Realtime

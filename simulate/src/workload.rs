@@ -5,7 +5,8 @@ use std::path::Path;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tower_llm_limits::emulator::count_text;
+
+use super::emu;
 
 /// A small, seeded random source (SplitMix64): the same seed gives the same
 /// workload on every machine, without a dependency.
@@ -192,7 +193,7 @@ const WORDS: &[&str] = &[
 const PUNCT: &[&str] = &[",", ".", ";", ":", "?", "!", "(", ")", "-", "\""];
 
 /// Generates text of about `tokens` tokens as the emulator counts them
-/// ([`count_text`]: a word of n characters is ceil(n / 4) tokens, each
+/// ([`emu::count_tokens`]: a word of n characters is ceil(n / 4) tokens, each
 /// punctuation mark one).
 fn text(rng: &mut Rng, tokens: u64) -> String {
     let mut out = String::with_capacity(tokens as usize * 5);
@@ -219,11 +220,11 @@ fn text(rng: &mut Rng, tokens: u64) -> String {
 /// Tokens of `s` under the emulator's rule (used to size the workload; the
 /// clients never see this count).
 pub fn count(s: &str) -> u64 {
-    count_text(s)
+    emu::count_tokens(s)
 }
 
 /// Tokens each message adds under the emulator's rule (its role framing).
-const PER_MESSAGE: u64 = tower_llm_limits::emulator::MESSAGE_OVERHEAD;
+const PER_MESSAGE: u64 = emu::MESSAGE_OVERHEAD;
 
 /// Parameters of the generated workload.
 #[derive(Debug, Clone)]
