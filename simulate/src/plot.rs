@@ -282,3 +282,102 @@ fn nice_step(t_max: f64) -> f64 {
     }
     1200.0
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use svg::node::element::tag::{self, Type};
+    use svg::parser::Event;
+
+    use super::*;
+    use crate::report::{row, Charged};
+    use crate::run::{Attempt, Outcome, SeenUsage};
+
+    fn limits() -> LimitSpec {
+        LimitSpec {
+            requests_per_minute: 50,
+            input_tokens_per_minute: 30_000,
+            output_tokens_per_minute: 8_000,
+            requests_capacity: 50.0,
+            input_capacity: 30_000.0,
+            output_capacity: 8_000.0,
+            output_mode: "realtime",
+        }
+    }
+
+    fn attempt(sent: u64, status: u16, input: u64) -> Attempt {
+        Attempt {
+            request: Some(0),
+            sent: Duration::from_secs(sent),
+            status: Some(status),
+            usage: (status == 200).then_some(SeenUsage {
+                input_tokens: input,
+                output_tokens: 10,
+                ..SeenUsage::default()
+            }),
+        }
+    }
+
+    fn a_row(name: &str, attempts: Vec<Attempt>) -> Row {
+        let outcome = Outcome {
+            index: 0,
+            ok: true,
+            error: None,
+            latency: Duration::from_secs(1),
+            finished: Duration::from_secs(35),
+        };
+        row(
+            name,
+            &[outcome],
+            attempts,
+            Charged::default(),
+            &limits(),
+            None,
+        )
+    }
+
+    #[test]
+    fn one_panel_per_strategy_with_its_series_429s_and_clipped_bursts() {
+        let rows = [
+            a_row("naive <&>", vec![attempt(0, 429, 0), attempt(3, 200, 100)]),
+            // 30,000 tokens in the first 10 s window: far above the scale.
+            a_row("tower-llm-limits", vec![attempt(1, 200, 300_000)]),
+        ];
+        let out = svg(&rows, &limits(), 10.0);
+        let (mut paths, mut red_ticks, mut texts) = (0, 0, Vec::new());
+        for event in svg::read(&out).expect("well-formed SVG") {
+            match event {
+                Event::Tag(tag::Path, Type::Start, attrs) => {
+                    paths += 1;
+                    assert!(attrs.get("d").is_some_and(|d| d.starts_with('M')));
+                }
+                Event::Tag(tag::Line, _, attrs)
+                    if attrs.get("stroke").is_some_and(|s| *s == "red") =>
+                {
+                    red_ticks += 1;
+                }
+                Event::Text(t) => texts.push(t.to_string()),
+                _ => {}
+            }
+        }
+        assert_eq!(paths, 4, "input and output per strategy");
+        assert_eq!(red_ticks, 1, "one 429");
+        assert!(
+            texts
+                .iter()
+                .any(|t| t.starts_with("naive &lt;&amp;&gt; — 35.0 s")),
+            "{texts:?}"
+        );
+        assert!(texts.iter().any(|t| t == "30000/s ↑"), "{texts:?}");
+        assert!(texts.iter().any(|t| t == "input (ITPM 30000/min)"));
+    }
+
+    #[test]
+    fn time_labels_stay_about_ten_per_panel() {
+        assert_eq!(nice_step(28.8), 5.0);
+        assert_eq!(nice_step(127.0), 15.0);
+        assert_eq!(nice_step(1_000.0), 120.0);
+        assert_eq!(nice_step(100_000.0), 1_200.0);
+    }
+}
