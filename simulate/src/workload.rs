@@ -249,16 +249,7 @@ pub struct GenSpec {
 /// default limits' OTPM : ITPM ratio and input tokens stay the binding limit).
 pub fn generate(spec: &GenSpec) -> Workload {
     let mut rng = Rng::new(spec.seed);
-    // Three shared system prompts, long enough to be cacheable (>= 1024 tokens).
-    let prefixes: Vec<String> = (0..3)
-        .map(|_| {
-            let n = rng.range(1_500, 3_000);
-            text(&mut rng, n)
-        })
-        .collect();
-    let prefix_tokens: Vec<u64> = prefixes.iter().map(|p| count(p)).collect();
-    let mut prefix_seen = [false; 3];
-
+    let mut prefixes = Prefixes::draw(&mut rng);
     let mut items = Vec::new();
     let mut uncached = 0u64;
     let mut total = 0u64;
@@ -271,80 +262,16 @@ pub fn generate(spec: &GenSpec) -> Workload {
             None if uncached >= spec.target_uncached_tokens => break,
             _ => {}
         }
-        let size_class = rng.f64();
-        let user_tokens = if size_class < 0.55 {
-            rng.range(40, 400)
-        } else if size_class < 0.90 {
-            rng.range(400, 2_000)
-        } else {
-            rng.range(2_000, 6_000)
-        };
-        let use_prefix = rng.f64() < 0.33;
-        let stream = rng.f64() < 0.5;
-        let max_tokens = *rng.pick(&[64u64, 128, 256, 256, 512, 1024]);
-        let turns = rng.range(1, 3);
-
-        let mut body = serde_json::Map::new();
-        body.insert("model".into(), json!(spec.model));
-        body.insert("max_tokens".into(), json!(max_tokens));
-        let mut req_tokens = 0u64;
-        let mut req_uncached = 0u64;
-        if use_prefix {
-            let p = rng.range(0, 2) as usize;
-            body.insert(
-                "system".into(),
-                json!([{
-                    "type": "text",
-                    "text": prefixes[p],
-                    "cache_control": {"type": "ephemeral"}
-                }]),
-            );
-            req_tokens += prefix_tokens[p];
-            if !prefix_seen[p] {
-                req_uncached += prefix_tokens[p];
-                prefix_seen[p] = true;
-            }
-            with_prefix += 1;
-        } else if rng.f64() < 0.5 {
-            let t = rng.range(10, 60);
-            let system = text(&mut rng, t);
-            let t = count(&system);
-            body.insert("system".into(), json!(system));
-            req_tokens += t;
-            req_uncached += t;
-        }
-        let budget = spec.max_request_tokens.saturating_sub(req_tokens).max(20);
-        let user_tokens = user_tokens.min(budget);
-        let mut messages = Vec::new();
-        let per_turn = (user_tokens / (2 * turns - 1)).max(5);
-        let mut msg_tokens = 0;
-        for t in 0..turns {
-            let user = text(&mut rng, per_turn);
-            msg_tokens += count(&user) + PER_MESSAGE;
-            messages.push(json!({"role": "user", "content": user}));
-            if t + 1 < turns {
-                let answer = text(&mut rng, per_turn);
-                msg_tokens += count(&answer) + PER_MESSAGE;
-                messages.push(json!({
-                    "role": "assistant",
-                    "content": [{"type": "text", "text": answer}]
-                }));
-            }
-        }
-        req_tokens += msg_tokens;
-        req_uncached += msg_tokens;
-        body.insert("messages".into(), Value::Array(messages));
-        if stream {
-            body.insert("stream".into(), json!(true));
-            streaming += 1;
-        }
-        let bytes = match serde_json::to_vec(&Value::Object(body)) {
+        let drawn = draw_request(&mut rng, spec, &mut prefixes);
+        streaming += usize::from(drawn.stream);
+        with_prefix += usize::from(drawn.with_prefix);
+        let bytes = match serde_json::to_vec(&Value::Object(drawn.body)) {
             Ok(b) => Bytes::from(b),
             Err(_) => continue,
         };
-        total += req_tokens;
-        uncached += req_uncached;
-        max_tokens_sum += max_tokens;
+        total += drawn.tokens;
+        uncached += drawn.uncached;
+        max_tokens_sum += drawn.max_tokens;
         items.push(Item { body: bytes });
     }
     Workload {
@@ -357,6 +284,128 @@ pub fn generate(spec: &GenSpec) -> Workload {
         streaming,
         with_cache_prefix: with_prefix,
     }
+}
+
+/// Three shared system prompts, long enough to be cacheable (>= 1024
+/// tokens), and whether each was sent already (its first use writes the
+/// cache; later ones read it).
+struct Prefixes {
+    texts: Vec<String>,
+    tokens: Vec<u64>,
+    seen: [bool; 3],
+}
+
+impl Prefixes {
+    fn draw(rng: &mut Rng) -> Prefixes {
+        let texts: Vec<String> = (0..3)
+            .map(|_| {
+                let n = rng.range(1_500, 3_000);
+                text(rng, n)
+            })
+            .collect();
+        let tokens = texts.iter().map(|p| count(p)).collect();
+        Prefixes {
+            texts,
+            tokens,
+            seen: [false; 3],
+        }
+    }
+}
+
+/// One generated request and what it adds to the workload's totals.
+struct Drawn {
+    body: serde_json::Map<String, Value>,
+    /// Input tokens, every prefix counted.
+    tokens: u64,
+    /// Input tokens, a shared prefix counted on its first use only.
+    uncached: u64,
+    max_tokens: u64,
+    stream: bool,
+    with_prefix: bool,
+}
+
+/// Draws one request: its size class, a shared prefix (a third of them) or
+/// a short system prompt (half of the rest), `max_tokens`, one to three
+/// user turns, streamed or not.
+fn draw_request(rng: &mut Rng, spec: &GenSpec, prefixes: &mut Prefixes) -> Drawn {
+    let size_class = rng.f64();
+    let user_tokens = if size_class < 0.55 {
+        rng.range(40, 400)
+    } else if size_class < 0.90 {
+        rng.range(400, 2_000)
+    } else {
+        rng.range(2_000, 6_000)
+    };
+    let use_prefix = rng.f64() < 0.33;
+    let stream = rng.f64() < 0.5;
+    let max_tokens = *rng.pick(&[64u64, 128, 256, 256, 512, 1024]);
+    let turns = rng.range(1, 3);
+
+    let mut body = serde_json::Map::new();
+    body.insert("model".into(), json!(spec.model));
+    body.insert("max_tokens".into(), json!(max_tokens));
+    let (mut tokens, mut uncached) = (0u64, 0u64);
+    if use_prefix {
+        let p = rng.range(0, 2) as usize;
+        body.insert(
+            "system".into(),
+            json!([{
+                "type": "text",
+                "text": prefixes.texts[p],
+                "cache_control": {"type": "ephemeral"}
+            }]),
+        );
+        tokens += prefixes.tokens[p];
+        if !prefixes.seen[p] {
+            uncached += prefixes.tokens[p];
+            prefixes.seen[p] = true;
+        }
+    } else if rng.f64() < 0.5 {
+        let t = rng.range(10, 60);
+        let system = text(rng, t);
+        let t = count(&system);
+        body.insert("system".into(), json!(system));
+        tokens += t;
+        uncached += t;
+    }
+    let budget = spec.max_request_tokens.saturating_sub(tokens).max(20);
+    let (messages, msg_tokens) = draw_turns(rng, user_tokens.min(budget), turns);
+    tokens += msg_tokens;
+    uncached += msg_tokens;
+    body.insert("messages".into(), Value::Array(messages));
+    if stream {
+        body.insert("stream".into(), json!(true));
+    }
+    Drawn {
+        body,
+        tokens,
+        uncached,
+        max_tokens,
+        stream,
+        with_prefix: use_prefix,
+    }
+}
+
+/// `turns` user turns with assistant answers between them, about
+/// `user_tokens` in all, and their tokens (the role framing included).
+fn draw_turns(rng: &mut Rng, user_tokens: u64, turns: u64) -> (Vec<Value>, u64) {
+    let mut messages = Vec::new();
+    let per_turn = (user_tokens / (2 * turns - 1)).max(5);
+    let mut msg_tokens = 0;
+    for t in 0..turns {
+        let user = text(rng, per_turn);
+        msg_tokens += count(&user) + PER_MESSAGE;
+        messages.push(json!({"role": "user", "content": user}));
+        if t + 1 < turns {
+            let answer = text(rng, per_turn);
+            msg_tokens += count(&answer) + PER_MESSAGE;
+            messages.push(json!({
+                "role": "assistant",
+                "content": [{"type": "text", "text": answer}]
+            }));
+        }
+    }
+    (messages, msg_tokens)
 }
 
 /// Reads a workload from a JSONL file: one Messages request body a line
@@ -420,4 +469,58 @@ pub fn from_jsonl(path: &Path, seed: u64) -> Result<Workload, String> {
         streaming,
         with_cache_prefix: with_prefix,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(seed: u64, requests: Option<usize>) -> GenSpec {
+        GenSpec {
+            seed,
+            model: "claude-sonnet-4-5".into(),
+            target_uncached_tokens: 90_000,
+            requests,
+            max_request_tokens: 27_000,
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_workload() {
+        let (a, b) = (generate(&spec(42, None)), generate(&spec(42, None)));
+        let bodies = |w: &Workload| w.items.iter().map(|i| i.body.clone()).collect::<Vec<_>>();
+        assert_eq!(bodies(&a), bodies(&b));
+        assert_ne!(bodies(&a), bodies(&generate(&spec(43, None))));
+        // Enough requests for the target, the shared prefixes counted once.
+        assert!(a.uncached_input_tokens >= 90_000);
+        assert!(a.uncached_input_tokens < a.total_input_tokens);
+        assert!(a.streaming > 0 && a.with_cache_prefix > 0);
+    }
+
+    #[test]
+    fn a_fixed_number_of_requests_each_a_messages_body() {
+        let w = generate(&spec(7, Some(25)));
+        assert_eq!(w.items.len(), 25);
+        let mut max_tokens = 0;
+        for item in &w.items {
+            let v: Value = serde_json::from_slice(&item.body).expect("JSON");
+            assert_eq!(v["model"], "claude-sonnet-4-5");
+            assert!(v["messages"].as_array().is_some_and(|m| !m.is_empty()));
+            max_tokens += v["max_tokens"].as_u64().expect("max_tokens");
+        }
+        assert_eq!(max_tokens, w.max_tokens_sum);
+    }
+
+    #[test]
+    fn a_jsonl_file_skips_blanks_and_comments_and_names_a_bad_line() {
+        let path = std::env::temp_dir().join(format!("simulate-{}.jsonl", std::process::id()));
+        let good = r#"{"model":"m","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        std::fs::write(&path, format!("# comment\n\n{good}\n{good}\n")).expect("write");
+        let w = from_jsonl(&path, 5).expect("two requests");
+        assert_eq!((w.items.len(), w.streaming, w.max_tokens_sum), (2, 2, 128));
+        std::fs::write(&path, format!("{good}\n{{\"model\":\"m\"}}\n")).expect("write");
+        let e = from_jsonl(&path, 5).map(|_| ()).unwrap_err();
+        assert!(e.ends_with(":2: no \"max_tokens\""), "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
 }
