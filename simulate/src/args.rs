@@ -48,7 +48,7 @@ pub struct Args {
         visible_alias = "strategies",
         value_name = "LIST",
         value_delimiter = ',',
-        hide_possible_values = true
+        value_parser = strategy
     )]
     pub strategies: Option<Vec<Kind>>,
 
@@ -210,6 +210,13 @@ where
     }
 }
 
+/// A strategy by name or letter (spaces around it ignored).
+fn strategy(s: &str) -> Result<Kind, String> {
+    Kind::from_str(s.trim(), true).map_err(|_| {
+        "a strategy is naive, common-recipe, tower or tower-llm-limits (or a, b, c, d)".to_string()
+    })
+}
+
 /// A probability, from 0 to 1.
 fn probability(s: &str) -> Result<f64, String> {
     let p: f64 = number(s)?;
@@ -295,7 +302,7 @@ mod tests {
 
     #[test]
     fn strategies_by_name_letter_or_alias() {
-        let a = ok("--strategy naive,b,common,tower,c,d,crate,tower-llm-limits");
+        let a = ok("--strategy naive,b,common,tower,c,d,crate,Tower-LLM-Limits");
         use Kind::*;
         let want = [
             Naive,
@@ -311,6 +318,18 @@ mod tests {
     }
 
     #[test]
+    fn strategies_with_spaces_and_repeated() {
+        let a = Args::try_from_iter(["simulate", "--strategy", " a, d "]).expect("parses");
+        assert_eq!(a.strategies, Some(vec![Kind::Naive, Kind::Crate]));
+        // A repeated --strategy adds to the list.
+        let a = ok("--strategy a --strategy c,d");
+        assert_eq!(
+            a.strategies,
+            Some(vec![Kind::Naive, Kind::Tower, Kind::Crate])
+        );
+    }
+
+    #[test]
     fn rejects_bad_input_as_usage_errors() {
         assert_eq!(kind_of_error("--bogus"), ErrorKind::UnknownArgument);
         assert_eq!(kind_of_error("stray"), ErrorKind::UnknownArgument);
@@ -319,6 +338,7 @@ mod tests {
             "--seed x",
             "--seed -1",
             "--strategy z",
+            "--strategy a,,d",
             "--requests 0",
             "--concurrency 0",
             "--rpm 0",

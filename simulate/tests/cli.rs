@@ -32,7 +32,10 @@ fn bad_values_are_usage_errors_with_exit_code_2() {
     for (args, says) in [
         (&["--seed", "x"][..], "--seed"),
         (&["--requests", "0"][..], "must be at least 1"),
-        (&["--strategy", "z"][..], "'z'"),
+        (
+            &["--strategy", "z"][..],
+            "a strategy is naive, common-recipe",
+        ),
         (&["--output-mode", "fast"][..], "realtime, reserve"),
         (&["--fault-529", "1.5"][..], "a probability from 0 to 1"),
         (
