@@ -24,14 +24,16 @@ impl Progress {
         } else {
             ProgressDrawTarget::hidden()
         };
-        let bar = ProgressBar::with_draw_target(Some(total as u64), target);
-        if let Ok(style) =
+        let style =
             ProgressStyle::with_template("  {prefix:<17} [{bar:30}] {pos}/{len} ({msg}) {elapsed}")
-        {
-            bar.set_style(style.progress_chars("#>."));
-        }
-        bar.set_prefix(name.to_string());
-        bar.set_message("0 failed");
+                .map_or_else(
+                    |_| ProgressStyle::default_bar(),
+                    |s| s.progress_chars("#>."),
+                );
+        let bar = ProgressBar::with_draw_target(Some(total as u64), target)
+            .with_style(style)
+            .with_prefix(name.to_string())
+            .with_message("0 failed");
         if !bar.is_hidden() {
             bar.enable_steady_tick(Duration::from_millis(250));
         }
@@ -56,9 +58,13 @@ impl Progress {
         (self.bar.position(), self.failed.load(Ordering::Relaxed))
     }
 
-    /// Stops the bar, leaving its last state on the terminal.
+    /// Stops the bar, leaving its last state on its own line of the
+    /// terminal.
     pub fn finish(&self) {
         self.bar.finish();
+        if !self.bar.is_hidden() {
+            eprintln!();
+        }
     }
 }
 
