@@ -162,6 +162,7 @@
 mod body;
 mod cache;
 mod config;
+mod limiter;
 mod response;
 mod rng;
 mod server;
@@ -179,6 +180,7 @@ use tokio::time::Instant;
 
 pub use self::body::EmulatorBody;
 pub use self::config::{Acceleration, Faults, Latency, OutputLength};
+pub use self::limiter::InvalidWindow;
 pub use self::server::RouterService;
 pub use self::service::{EmulatorService, ResponseFuture};
 pub use self::stats::{ClassStats, CountTokensStats, EmulatorStats, SecondStats};
@@ -186,12 +188,11 @@ pub use self::tokens::{
     count_text, TokenCounter, DOCUMENT_PAGE_CHARS, DOCUMENT_PAGE_TOKENS, IMAGE_TOKENS,
     MESSAGE_OVERHEAD,
 };
-pub use crate::budget::ledger::InvalidWindow;
 pub use crate::budget::limits::{Limits, ModelClass, OutputMode, Tier};
 
 use self::cache::PromptCache;
+use self::limiter::RateLimiter;
 use self::stats::StatsInner;
-use crate::budget::ledger::InMemoryLedger;
 
 /// The request body size limit of the API (facts file 4.1): 32 MB.
 pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
@@ -221,8 +222,10 @@ pub(crate) struct Config {
 /// Shared run-time state of an emulator and its services.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) ledger: InMemoryLedger,
-    pub(crate) count_ledger: InMemoryLedger,
+    /// The messages endpoint's limits, per model class.
+    pub(crate) limiter: RateLimiter<ModelClass>,
+    /// The `count_tokens` endpoint's own requests-per-minute limit.
+    pub(crate) count_limiter: RateLimiter<()>,
     cache: Mutex<PromptCache>,
     stats: Mutex<StatsInner>,
     seq: AtomicU64,
@@ -312,18 +315,22 @@ impl Emulator {
     /// of [`Emulator::builder`].
     pub fn new(limits: Limits) -> Self {
         let config = Emulator::builder().limits(limits).config;
-        Emulator::from_parts(config, InMemoryLedger::new(), InMemoryLedger::new())
+        Emulator::from_parts(config, RateLimiter::per_minute(), RateLimiter::per_minute())
     }
 
-    fn from_parts(config: Config, ledger: InMemoryLedger, count_ledger: InMemoryLedger) -> Self {
+    fn from_parts(
+        config: Config,
+        limiter: RateLimiter<ModelClass>,
+        count_limiter: RateLimiter<()>,
+    ) -> Self {
         let now = Instant::now();
         Emulator {
             shared: Arc::new(Shared {
                 cache: Mutex::new(PromptCache::new(config.cache_min_tokens)),
                 stats: Mutex::new(StatsInner::new(now)),
                 config,
-                ledger,
-                count_ledger,
+                limiter,
+                count_limiter,
                 seq: AtomicU64::new(0),
                 spend_limit: AtomicBool::new(false),
             }),
@@ -494,13 +501,10 @@ impl EmulatorBuilder {
     ///
     /// [`InvalidWindow`] if the enforcement window is zero or above 60 s.
     pub fn build(self) -> Result<Emulator, InvalidWindow> {
-        let (ledger, count_ledger) = match self.config.window {
-            Some(w) => (
-                InMemoryLedger::with_window(w)?,
-                InMemoryLedger::with_window(w)?,
-            ),
-            None => (InMemoryLedger::new(), InMemoryLedger::new()),
+        let (limiter, count_limiter) = match self.config.window {
+            Some(w) => (RateLimiter::with_window(w)?, RateLimiter::with_window(w)?),
+            None => (RateLimiter::per_minute(), RateLimiter::per_minute()),
         };
-        Ok(Emulator::from_parts(self.config, ledger, count_ledger))
+        Ok(Emulator::from_parts(self.config, limiter, count_limiter))
     }
 }

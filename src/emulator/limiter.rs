@@ -1,0 +1,402 @@
+//! The emulator's rate limiter: the API's rules, written for the server side
+//! and apart from the client's ledger, so that a simulation compares two
+//! independent pieces of code.
+//!
+//! # The rules
+//!
+//! - Per key (a model class, or the `count_tokens` endpoint) and per
+//!   dimension (requests, input tokens, output tokens) one token bucket: its
+//!   capacity is "continuously replenished up to your maximum limit, rather
+//!   than being reset at fixed intervals", at the limit per minute.
+//! - The capacity is the limit, or its share of a shorter enforcement window
+//!   ("60 RPM might be enforced as 1 request per second": capacity 1).
+//! - A request is admitted when every dimension can take its cost, and then
+//!   it is charged in all three; a refused request is charged nothing.
+//! - A cost above a short window's capacity (but within the limit per minute)
+//!   waits for a full bucket, is then admitted and leaves the bucket in debt:
+//!   over a minute the rate still stays within the limit.
+//! - A cost above the whole limit per minute can never be admitted.
+//! - Output is charged as it is produced, or reserved at admission and
+//!   refunded or charged to the truth at the end (the emulator's service
+//!   decides which); a charge after admission may leave a bucket in debt,
+//!   a refund never fills it above its capacity.
+//! - A refused request learns which limit refused it and how long until it
+//!   would fit (the `retry-after` of the 429); every answer reports each
+//!   bucket's limit, what remains and when it is full again (the
+//!   `anthropic-ratelimit-*` headers).
+//!
+//! # Representation: the instant a bucket is full again
+//!
+//! The client's ledger keeps a level and the time it was last refilled. This
+//! limiter keeps one number per bucket instead: the instant at which
+//! everything charged to it will have been refilled (`full_at`). The level is
+//! derived from it, `capacity - (full_at - now) * rate`, so there is no
+//! refill step to forget and no clamping to get wrong: a bucket that is full
+//! has `full_at <= now`. A charge moves `full_at` later by the charge's
+//! refill time, a refund earlier (never before `now`).
+//!
+//! Time is measured in *ticks*: nanoseconds since the limiter was made,
+//! multiplied by the bucket's limit per minute. A token then refills in
+//! exactly 60,000,000,000 ticks whatever the limit, so costs, capacities and
+//! instants are all whole numbers of ticks and nothing is rounded until a
+//! wait is turned back into nanoseconds, rounded up (a client that waits
+//! that long fits). `u128` ticks hold a limit of `u64::MAX` for ten years.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::budget::limits::Limits;
+use crate::Dimension;
+
+/// Ticks per token: one minute in nanoseconds (see the module docs).
+const TICKS_PER_TOKEN: u128 = 60_000_000_000;
+
+/// The longest enforcement window, and the default: one minute.
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// The `retry-after` of a request that can never fit: the API answers it
+/// with a 429 too ("reduce the prompt length or the maximum tokens
+/// requested"), and waiting a whole minute is the most a limit can ask.
+pub(crate) const NEVER_FITS_RETRY_AFTER: Duration = MINUTE;
+
+/// The error of [`EmulatorBuilder::build`](super::EmulatorBuilder::build): the
+/// enforcement window must be longer than zero and at most 60 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidWindow {
+    window: Duration,
+}
+
+impl InvalidWindow {
+    /// The window that was refused.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+}
+
+impl fmt::Display for InvalidWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid enforcement window {:?}: it must be longer than zero and at most 60 s",
+            self.window
+        )
+    }
+}
+
+impl std::error::Error for InvalidWindow {}
+
+/// What one request costs at admission, per dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Cost {
+    pub(crate) requests: u64,
+    pub(crate) input_tokens: u64,
+    pub(crate) output_tokens: u64,
+}
+
+impl Cost {
+    fn of(&self, dimension: Dimension) -> u64 {
+        match dimension {
+            Dimension::Requests => self.requests,
+            Dimension::InputTokens => self.input_tokens,
+            Dimension::OutputTokens => self.output_tokens,
+        }
+    }
+}
+
+/// The limiter's answer to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Charged in every dimension.
+    Admitted,
+    /// Charged nothing; it fits after `wait` if nothing else is charged
+    /// meanwhile. `dimension` is the limit it waits for longest (the first
+    /// of requests, input, output on a tie).
+    Wait {
+        dimension: Dimension,
+        wait: Duration,
+    },
+    /// Charged nothing; its cost in `dimension` is above the whole limit per
+    /// minute (the first such dimension), so it never fits.
+    Never { dimension: Dimension },
+}
+
+impl Verdict {
+    /// The limit that refused the request and the `retry-after` to announce,
+    /// or `None` if it was admitted.
+    pub(crate) fn refusal(&self) -> Option<(Dimension, Duration)> {
+        match *self {
+            Verdict::Admitted => None,
+            Verdict::Wait { dimension, wait } => Some((dimension, wait)),
+            Verdict::Never { dimension } => Some((dimension, NEVER_FITS_RETRY_AFTER)),
+        }
+    }
+}
+
+/// One bucket as the `anthropic-ratelimit-<dimension>-*` headers report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Headroom {
+    /// The limit per minute.
+    pub(crate) limit: u64,
+    /// Whole tokens (or requests) that could be charged now: rounded down,
+    /// zero while the bucket is in debt.
+    pub(crate) remaining: u64,
+    /// Until the bucket is full again (rounded up to the nanosecond).
+    pub(crate) reset_in: Duration,
+}
+
+/// Whether a cost fits a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fit {
+    Now,
+    /// After this many ticks.
+    After(u128),
+    /// Above the whole limit per minute.
+    Never,
+}
+
+/// One bucket: its limit and the tick at which it is full again.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    limit: u64,
+    full_at: u128,
+}
+
+impl Bucket {
+    /// The bucket's capacity in ticks: the window's share of the limit.
+    fn capacity(&self, window: Duration) -> u128 {
+        window.as_nanos().saturating_mul(u128::from(self.limit))
+    }
+
+    /// `now` in this bucket's ticks.
+    fn ticks(&self, nanos: u128) -> u128 {
+        nanos.saturating_mul(u128::from(self.limit))
+    }
+
+    /// Ticks still to refill before the bucket is full (its debt to a full bucket).
+    fn backlog(&self, nanos: u128) -> u128 {
+        self.full_at.saturating_sub(self.ticks(nanos))
+    }
+
+    /// Whether `cost` fits now, after some ticks, or never.
+    fn fit(&self, cost: u64, nanos: u128, window: Duration) -> Fit {
+        if cost == 0 {
+            return Fit::Now;
+        }
+        if cost > self.limit {
+            return Fit::Never;
+        }
+        let capacity = self.capacity(window);
+        // A cost above the window's capacity needs a full bucket.
+        let needed = tokens_to_ticks(cost).min(capacity);
+        let after = self.backlog(nanos).saturating_add(needed);
+        if after > capacity {
+            Fit::After(after - capacity)
+        } else {
+            Fit::Now
+        }
+    }
+
+    fn charge(&mut self, tokens: u64, nanos: u128) {
+        // With a zero limit no tick ever passes and nothing is ever admitted
+        // that costs anything: there is nothing to charge.
+        if self.limit == 0 {
+            return;
+        }
+        let now = self.ticks(nanos);
+        self.full_at = self
+            .full_at
+            .max(now)
+            .saturating_add(tokens_to_ticks(tokens));
+    }
+
+    fn refund(&mut self, tokens: u64, nanos: u128) {
+        let now = self.ticks(nanos);
+        self.full_at = self
+            .full_at
+            .saturating_sub(tokens_to_ticks(tokens))
+            .max(now);
+    }
+
+    fn headroom(&self, nanos: u128, window: Duration) -> Headroom {
+        let backlog = self.backlog(nanos);
+        let left = self.capacity(window).saturating_sub(backlog);
+        Headroom {
+            limit: self.limit,
+            remaining: u64::try_from(left / TICKS_PER_TOKEN).unwrap_or(u64::MAX),
+            reset_in: ticks_to_duration(backlog, self.limit),
+        }
+    }
+}
+
+fn tokens_to_ticks(tokens: u64) -> u128 {
+    u128::from(tokens).saturating_mul(TICKS_PER_TOKEN)
+}
+
+/// A number of ticks of a bucket with `limit` as a duration, rounded up to
+/// the nanosecond (zero for a zero limit, whose ticks never pass).
+fn ticks_to_duration(ticks: u128, limit: u64) -> Duration {
+    if limit == 0 {
+        return Duration::ZERO;
+    }
+    let nanos = ticks.div_ceil(u128::from(limit));
+    let secs = u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX);
+    // Below 10^9: fits in u32.
+    let sub = u32::try_from(nanos % 1_000_000_000).unwrap_or(0);
+    Duration::new(secs, sub)
+}
+
+/// A key's three buckets, in [`Dimension::ALL`] order; `None` for a
+/// dimension without a limit.
+type Buckets = [Option<Bucket>; 3];
+
+fn slot(dimension: Dimension) -> usize {
+    match dimension {
+        Dimension::Requests => 0,
+        Dimension::InputTokens => 1,
+        Dimension::OutputTokens => 2,
+    }
+}
+
+/// The emulator's rate limiter: one set of buckets per key (see the module docs).
+///
+/// A key's limits are fixed when it is first asked to admit a request (the
+/// emulator's limits are configuration, they do not change at run time);
+/// each bucket then starts full.
+pub(crate) struct RateLimiter<K> {
+    window: Duration,
+    epoch: Instant,
+    keys: Mutex<HashMap<K, Buckets>>,
+}
+
+impl<K> fmt::Debug for RateLimiter<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Hash + Eq> RateLimiter<K> {
+    /// A limiter enforcing each limit over the whole minute (capacity = the
+    /// limit), its clock starting now.
+    pub(crate) fn per_minute() -> Self {
+        RateLimiter {
+            window: MINUTE,
+            epoch: Instant::now(),
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A limiter enforcing each limit over a shorter `window` (capacity =
+    /// the window's share of the limit; the refill rate is unchanged), its
+    /// clock starting now.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidWindow`] if the window is zero or longer than 60 s.
+    pub(crate) fn with_window(window: Duration) -> Result<Self, InvalidWindow> {
+        if window.is_zero() || window > MINUTE {
+            return Err(InvalidWindow { window });
+        }
+        Ok(RateLimiter {
+            window,
+            ..RateLimiter::per_minute()
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Buckets>> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Nanoseconds since the limiter was made (zero for an earlier instant).
+    fn nanos(&self, now: Instant) -> u128 {
+        now.saturating_duration_since(self.epoch).as_nanos()
+    }
+
+    /// Admits `cost` under `limits` in all three dimensions at once, or
+    /// charges nothing and says why (see [`Verdict`]).
+    pub(crate) fn admit(&self, key: K, limits: &Limits, cost: Cost, now: Instant) -> Verdict {
+        let nanos = self.nanos(now);
+        let mut keys = self.lock();
+        let buckets = keys.entry(key).or_insert_with(|| {
+            Dimension::ALL.map(|d| limits.get(d).map(|limit| Bucket { limit, full_at: 0 }))
+        });
+        let verdict = self.verdict(buckets, cost, nanos);
+        if verdict == Verdict::Admitted {
+            for dimension in Dimension::ALL {
+                if let Some(bucket) = &mut buckets[slot(dimension)] {
+                    bucket.charge(cost.of(dimension), nanos);
+                }
+            }
+        }
+        verdict
+    }
+
+    /// The verdict for `cost` against `buckets`, charging nothing.
+    fn verdict(&self, buckets: &Buckets, cost: Cost, nanos: u128) -> Verdict {
+        let mut longest: Option<(Dimension, Duration)> = None;
+        for dimension in Dimension::ALL {
+            let Some(bucket) = &buckets[slot(dimension)] else {
+                continue;
+            };
+            match bucket.fit(cost.of(dimension), nanos, self.window) {
+                Fit::Never => return Verdict::Never { dimension },
+                Fit::Now => {}
+                Fit::After(ticks) => {
+                    let wait = ticks_to_duration(ticks, bucket.limit);
+                    if longest.is_none_or(|(_, w)| wait > w) {
+                        longest = Some((dimension, wait));
+                    }
+                }
+            }
+        }
+        match longest {
+            Some((dimension, wait)) => Verdict::Wait { dimension, wait },
+            None => Verdict::Admitted,
+        }
+    }
+
+    /// Charges `tokens` more in one dimension of an admitted key (output as
+    /// it is produced, or beyond a reservation): may leave the bucket in debt.
+    pub(crate) fn charge(&self, key: &K, dimension: Dimension, tokens: u64, now: Instant) {
+        self.update(key, dimension, now, |bucket, nanos| {
+            bucket.charge(tokens, nanos);
+        });
+    }
+
+    /// Gives back `tokens` in one dimension of an admitted key (the unused
+    /// part of a reservation), never above the bucket's capacity.
+    pub(crate) fn refund(&self, key: &K, dimension: Dimension, tokens: u64, now: Instant) {
+        self.update(key, dimension, now, |bucket, nanos| {
+            bucket.refund(tokens, nanos);
+        });
+    }
+
+    fn update(
+        &self,
+        key: &K,
+        dimension: Dimension,
+        now: Instant,
+        f: impl FnOnce(&mut Bucket, u128),
+    ) {
+        let nanos = self.nanos(now);
+        if let Some(Some(bucket)) = self.lock().get_mut(key).map(|b| &mut b[slot(dimension)]) {
+            f(bucket, nanos);
+        }
+    }
+
+    /// Each bucket of `key` as the headers report it, in [`Dimension::ALL`]
+    /// order (`None` for a dimension without a limit); `None` if the key has
+    /// not been asked to admit anything yet.
+    pub(crate) fn headroom(&self, key: &K, now: Instant) -> Option<[Option<Headroom>; 3]> {
+        let nanos = self.nanos(now);
+        let keys = self.lock();
+        let buckets = keys.get(key)?;
+        Some(buckets.map(|b| b.map(|bucket| bucket.headroom(nanos, self.window))))
+    }
+}
