@@ -400,3 +400,362 @@ impl<K: Hash + Eq> RateLimiter<K> {
         Some(buckets.map(|b| b.map(|bucket| bucket.headroom(nanos, self.window))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn request(input_tokens: u64, output_tokens: u64) -> Cost {
+        Cost {
+            requests: 1,
+            input_tokens,
+            output_tokens,
+        }
+    }
+
+    fn wait(dimension: Dimension, wait: Duration) -> Verdict {
+        Verdict::Wait { dimension, wait }
+    }
+
+    /// A limiter over the whole minute and the instant it started.
+    fn minute() -> (RateLimiter<&'static str>, Instant) {
+        let limiter = RateLimiter::per_minute();
+        let t0 = limiter.epoch;
+        (limiter, t0)
+    }
+
+    fn remaining(limiter: &RateLimiter<&'static str>, d: Dimension, now: Instant) -> u64 {
+        limiter.headroom(&"k", now).unwrap()[slot(d)]
+            .unwrap()
+            .remaining
+    }
+
+    #[test]
+    fn a_new_bucket_is_full_and_a_refused_request_is_charged_nothing() {
+        let (limiter, t0) = minute();
+        let limits = Limits::new(50, 30_000, 8_000);
+        assert_eq!(limiter.headroom(&"k", t0), None);
+        let cost = request(20_000, 1_000);
+        assert_eq!(limiter.admit("k", &limits, cost, t0), Verdict::Admitted);
+        assert_eq!(remaining(&limiter, Dimension::Requests, t0), 49);
+        assert_eq!(remaining(&limiter, Dimension::InputTokens, t0), 10_000);
+        assert_eq!(remaining(&limiter, Dimension::OutputTokens, t0), 7_000);
+        // 10,000 input tokens short at 500 per second: 20 s.
+        let refused = limiter.admit("k", &limits, cost, t0);
+        assert_eq!(refused, wait(Dimension::InputTokens, 20 * SEC));
+        assert_eq!(refused.refusal(), Some((Dimension::InputTokens, 20 * SEC)));
+        // Nothing was charged by the refusal, in any dimension.
+        assert_eq!(remaining(&limiter, Dimension::Requests, t0), 49);
+        assert_eq!(remaining(&limiter, Dimension::OutputTokens, t0), 7_000);
+        // Exactly at the announced wait it fits, a nanosecond earlier it does not.
+        let early = t0 + 20 * SEC - Duration::from_nanos(1);
+        assert_eq!(
+            limiter.admit("k", &limits, cost, early),
+            wait(Dimension::InputTokens, Duration::from_nanos(1))
+        );
+        assert_eq!(
+            limiter.admit("k", &limits, cost, t0 + 20 * SEC),
+            Verdict::Admitted
+        );
+    }
+
+    #[test]
+    fn refill_is_continuous_and_stops_at_capacity() {
+        let (limiter, t0) = minute();
+        let limits = Limits::new(60, 6_000, 6_000);
+        assert_eq!(
+            limiter.admit("k", &limits, request(6_000, 0), t0),
+            Verdict::Admitted
+        );
+        // 100 tokens per second, a token every 10 ms: nothing is reset at
+        // fixed intervals.
+        assert_eq!(remaining(&limiter, Dimension::InputTokens, t0), 0);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(remaining(&limiter, Dimension::InputTokens, at(9)), 0);
+        assert_eq!(remaining(&limiter, Dimension::InputTokens, at(10)), 1);
+        assert_eq!(
+            remaining(&limiter, Dimension::InputTokens, at(15_005)),
+            1_500
+        );
+        let headroom = limiter.headroom(&"k", at(15_000)).unwrap()[1].unwrap();
+        assert_eq!(headroom.reset_in, Duration::from_secs(45));
+        // Full after a minute, and never above it however long it waits.
+        assert_eq!(
+            remaining(&limiter, Dimension::InputTokens, at(60_000)),
+            6_000
+        );
+        let later = t0 + Duration::from_secs(3_600);
+        assert_eq!(remaining(&limiter, Dimension::InputTokens, later), 6_000);
+        let full = limiter.headroom(&"k", later).unwrap()[1].unwrap();
+        assert_eq!(full.reset_in, Duration::ZERO);
+        assert_eq!(
+            limiter.admit("k", &limits, request(6_000, 0), later),
+            Verdict::Admitted
+        );
+        assert_eq!(
+            limiter.admit("k", &limits, request(1, 0), later),
+            wait(Dimension::InputTokens, Duration::from_millis(10))
+        );
+    }
+
+    #[test]
+    fn the_longest_wait_names_the_limit_and_a_tie_goes_to_the_first() {
+        let (limiter, t0) = minute();
+        // Input refills 1,000 per second, output 100 per second.
+        let limits = Limits::new(1_000, 60_000, 6_000);
+        let cost = request(60_000, 6_000);
+        assert_eq!(limiter.admit("k", &limits, cost, t0), Verdict::Admitted);
+        assert_eq!(
+            limiter.admit("k", &limits, request(1_000, 500), t0),
+            wait(Dimension::OutputTokens, 5 * SEC)
+        );
+        assert_eq!(
+            limiter.admit("k", &limits, request(2_000, 100), t0),
+            wait(Dimension::InputTokens, 2 * SEC)
+        );
+        // Both wait one second: requests, input, output is the order.
+        assert_eq!(
+            limiter.admit("k", &limits, request(1_000, 100), t0),
+            wait(Dimension::InputTokens, SEC)
+        );
+    }
+
+    #[test]
+    fn a_short_window_spreads_the_minute() {
+        // 60 RPM enforced as 1 request per second.
+        let limiter = RateLimiter::with_window(SEC).unwrap();
+        let t0 = limiter.epoch;
+        let limits = Limits::new(60, 30_000, 1_000_000);
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 10), t0),
+            Verdict::Admitted
+        );
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 10), t0),
+            wait(Dimension::Requests, SEC)
+        );
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 10), t0 + SEC),
+            Verdict::Admitted
+        );
+        // 5,000 input tokens against a capacity of 500 (30,000 ITPM over 1 s):
+        // within the limit per minute, so it needs a full bucket (it is full
+        // again: the 20 tokens charged refilled in 40 ms), is admitted and
+        // leaves a debt.
+        assert_eq!(
+            limiter.admit("k", &limits, request(5_000, 10), t0 + 2 * SEC),
+            Verdict::Admitted
+        );
+        let headroom = limiter.headroom(&"k", t0 + 2 * SEC).unwrap()[1].unwrap();
+        assert_eq!((headroom.limit, headroom.remaining), (30_000, 0));
+        // 5,000 to refill at 500 per second.
+        assert_eq!(headroom.reset_in, 10 * SEC);
+        // A second later the bucket is 4,000 below empty: the next token
+        // waits for 4,001 at 500 per second.
+        assert_eq!(
+            limiter.admit("k", &limits, request(1, 0), t0 + 3 * SEC),
+            wait(Dimension::InputTokens, Duration::from_millis(8_002))
+        );
+    }
+
+    #[test]
+    fn a_fractional_window_capacity_waits_for_a_full_bucket() {
+        // 50 RPM over 1 s: capacity 5/6 of a request, one every 1.2 s.
+        let limiter = RateLimiter::with_window(SEC).unwrap();
+        let t0 = limiter.epoch;
+        let limits = Limits::unknown().with_requests_per_minute(50);
+        let one = Cost {
+            requests: 1,
+            ..Cost::default()
+        };
+        assert_eq!(limiter.admit("k", &limits, one, t0), Verdict::Admitted);
+        assert_eq!(
+            limiter.admit("k", &limits, one, t0),
+            wait(Dimension::Requests, Duration::from_millis(1_200))
+        );
+        let then = t0 + Duration::from_millis(1_200);
+        assert_eq!(limiter.admit("k", &limits, one, then), Verdict::Admitted);
+    }
+
+    #[test]
+    fn windows_are_checked() {
+        for bad in [Duration::ZERO, Duration::from_secs(61)] {
+            let error = RateLimiter::<()>::with_window(bad).unwrap_err();
+            assert_eq!(error.window(), bad);
+            assert!(error.to_string().contains("at most 60 s"), "{error}");
+        }
+        assert!(RateLimiter::<()>::with_window(MINUTE).is_ok());
+        assert!(RateLimiter::<()>::with_window(Duration::from_nanos(1)).is_ok());
+    }
+
+    #[test]
+    fn a_cost_above_the_limit_never_fits() {
+        let (limiter, t0) = minute();
+        let limits = Limits::new(1, 1_000, 1_000);
+        assert_eq!(
+            limiter.admit("k", &limits, request(1_001, 1), t0),
+            Verdict::Never {
+                dimension: Dimension::InputTokens
+            }
+        );
+        assert_eq!(
+            limiter.admit("k", &limits, request(1_001, 1), t0).refusal(),
+            Some((Dimension::InputTokens, NEVER_FITS_RETRY_AFTER))
+        );
+        assert_eq!(
+            limiter.admit("k", &limits, request(1_000, 1), t0),
+            Verdict::Admitted
+        );
+        // "Never" wins over a wait in an earlier dimension (requests is empty now).
+        assert_eq!(
+            limiter.admit("k", &limits, request(1, 1_001), t0),
+            Verdict::Never {
+                dimension: Dimension::OutputTokens
+            }
+        );
+        // A zero limit refuses any cost for ever, and a zero cost passes it.
+        let (limiter, t0) = minute();
+        let limits = Limits::new(10, 0, 1_000);
+        assert_eq!(
+            limiter.admit("k", &limits, request(1, 1), t0),
+            Verdict::Never {
+                dimension: Dimension::InputTokens
+            }
+        );
+        assert_eq!(
+            limiter.admit("k", &limits, request(0, 1), t0),
+            Verdict::Admitted
+        );
+        limiter.charge(&"k", Dimension::InputTokens, 5, t0);
+        let input = limiter.headroom(&"k", t0).unwrap()[1].unwrap();
+        assert_eq!(
+            (input.limit, input.remaining, input.reset_in),
+            (0, 0, Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn reserve_mode_holds_max_tokens_until_refunded() {
+        let (limiter, t0) = minute();
+        let limits = Limits::new(1_000, 1_000_000, 1_000);
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 800), t0),
+            Verdict::Admitted
+        );
+        // 200 left, 600 more needed at 1,000 per minute.
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 800), t0),
+            wait(Dimension::OutputTokens, 36 * SEC)
+        );
+        // The first answer produced 80: the rest of its reservation comes back.
+        limiter.refund(&"k", Dimension::OutputTokens, 720, t0);
+        assert_eq!(remaining(&limiter, Dimension::OutputTokens, t0), 920);
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 800), t0),
+            Verdict::Admitted
+        );
+        // A refund never fills a bucket above its capacity.
+        let later = t0 + 2 * MINUTE;
+        limiter.refund(&"k", Dimension::OutputTokens, 800, later);
+        assert_eq!(remaining(&limiter, Dimension::OutputTokens, later), 1_000);
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 1_000), later),
+            Verdict::Admitted
+        );
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 1), later),
+            wait(Dimension::OutputTokens, Duration::from_millis(60))
+        );
+    }
+
+    #[test]
+    fn realtime_mode_charges_output_as_produced_into_debt() {
+        let (limiter, t0) = minute();
+        let limits = Limits::new(1_000, 1_000_000, 1_000);
+        // Admission needs the first token only.
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 1), t0),
+            Verdict::Admitted
+        );
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 1), t0),
+            Verdict::Admitted
+        );
+        // Answers in flight overdraw the bucket: 1,500 more produced.
+        for _ in 0..15 {
+            limiter.charge(&"k", Dimension::OutputTokens, 100, t0);
+        }
+        let output = limiter.headroom(&"k", t0).unwrap()[2].unwrap();
+        assert_eq!(output.remaining, 0);
+        // 1,502 charged refill in 90.12 s.
+        assert_eq!(output.reset_in, Duration::from_millis(90_120));
+        // The debt (502) and the next first token refill in 30.18 s.
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 1), t0),
+            wait(Dimension::OutputTokens, Duration::from_millis(30_180))
+        );
+        let then = t0 + Duration::from_millis(30_180);
+        assert_eq!(
+            limiter.admit("k", &limits, request(10, 1), then),
+            Verdict::Admitted
+        );
+    }
+
+    #[test]
+    fn keys_and_unlimited_dimensions_are_independent() {
+        let (limiter, t0) = minute();
+        let rpm_only = Limits::unknown().with_requests_per_minute(1);
+        assert_eq!(
+            limiter.admit("a", &rpm_only, request(u64::MAX, u64::MAX), t0),
+            Verdict::Admitted
+        );
+        let a = limiter.headroom(&"a", t0).unwrap();
+        assert_eq!(a[1], None);
+        assert_eq!(a[2], None);
+        assert_eq!(
+            a[0],
+            Some(Headroom {
+                limit: 1,
+                remaining: 0,
+                reset_in: MINUTE
+            })
+        );
+        assert_eq!(limiter.headroom(&"b", t0), None);
+        assert_eq!(
+            limiter.admit("b", &rpm_only, request(1, 1), t0),
+            Verdict::Admitted
+        );
+        // Charges to a key or a dimension the limiter does not hold are ignored.
+        limiter.charge(&"c", Dimension::Requests, 1, t0);
+        limiter.charge(&"a", Dimension::InputTokens, 1, t0);
+        assert_eq!(limiter.headroom(&"c", t0), None);
+        assert_eq!(limiter.headroom(&"a", t0).unwrap()[1], None);
+    }
+
+    #[test]
+    fn huge_costs_and_far_clocks_saturate() {
+        let (limiter, t0) = minute();
+        let limits = Limits::new(u64::MAX, u64::MAX, 1);
+        assert_eq!(
+            limiter.admit("k", &limits, request(u64::MAX, 1), t0),
+            Verdict::Admitted
+        );
+        limiter.charge(&"k", Dimension::OutputTokens, u64::MAX, t0);
+        let far = t0 + Duration::from_secs(10 * 365 * 86_400);
+        let headroom = limiter.headroom(&"k", far).unwrap();
+        assert_eq!(headroom[1].unwrap().remaining, u64::MAX);
+        // The output debt outlives any clock: it is reported, not wrapped.
+        let output = headroom[2].unwrap();
+        assert_eq!(output.remaining, 0);
+        assert!(output.reset_in > Duration::from_secs(1_000 * 365 * 86_400));
+        assert!(matches!(
+            limiter.admit("k", &limits, request(1, 1), far),
+            Verdict::Wait {
+                dimension: Dimension::OutputTokens,
+                ..
+            }
+        ));
+    }
+}
