@@ -1,6 +1,6 @@
-//! The emulator's rate limiter: the API's rules, written for the server side
-//! and apart from the client's ledger, so that a simulation compares two
-//! independent pieces of code.
+//! The emulator's rate limiter ([`RateLimiter`]): the API's rules, written for
+//! the server side and apart from the client's ledger, so that a simulation
+//! compares two independent pieces of code.
 //!
 //! # The rules
 //!
@@ -30,10 +30,10 @@
 //! The client's ledger keeps a level and the time it was last refilled. This
 //! limiter keeps one number per bucket instead: the instant at which
 //! everything charged to it will have been refilled (`full_at`). The level is
-//! derived from it, `capacity - (full_at - now) * rate`, so there is no
-//! refill step to forget and no clamping to get wrong: a bucket that is full
-//! has `full_at <= now`. A charge moves `full_at` later by the charge's
-//! refill time, a refund earlier (never before `now`).
+//! derived from it, `capacity - max(full_at - now, 0) * rate`, so there is
+//! no refill step to forget and no clamping to get wrong: a bucket is full
+//! whenever `full_at <= now`. A charge moves `full_at` to its refill time
+//! after the later of `full_at` and `now`, a refund earlier.
 //!
 //! Time is measured in *ticks*: nanoseconds since the limiter was made,
 //! multiplied by the bucket's limit per minute. A token then refills in
@@ -92,13 +92,17 @@ impl std::error::Error for InvalidWindow {}
 
 /// What one request costs at admission, per dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Cost {
-    pub(crate) requests: u64,
-    pub(crate) input_tokens: u64,
-    pub(crate) output_tokens: u64,
+pub struct RequestCost {
+    /// Requests (1 for a request).
+    pub requests: u64,
+    /// Input tokens charged to ITPM.
+    pub input_tokens: u64,
+    /// Output tokens charged to OTPM at admission (`max_tokens` when
+    /// reserved, the first token when charged as produced).
+    pub output_tokens: u64,
 }
 
-impl Cost {
+impl RequestCost {
     fn of(&self, dimension: Dimension) -> u64 {
         match dimension {
             Dimension::Requests => self.requests,
@@ -110,25 +114,31 @@ impl Cost {
 
 /// The limiter's answer to a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
+pub enum Verdict {
     /// Charged in every dimension.
     Admitted,
     /// Charged nothing; it fits after `wait` if nothing else is charged
-    /// meanwhile. `dimension` is the limit it waits for longest (the first
-    /// of requests, input, output on a tie).
+    /// meanwhile.
     Wait {
+        /// The limit it waits for longest (the first of requests, input,
+        /// output on a tie).
         dimension: Dimension,
+        /// How long, rounded up to the nanosecond.
         wait: Duration,
     },
-    /// Charged nothing; its cost in `dimension` is above the whole limit per
-    /// minute (the first such dimension), so it never fits.
-    Never { dimension: Dimension },
+    /// Charged nothing; its cost is above the whole limit per minute, so it
+    /// never fits (whatever it would wait for in another dimension).
+    Never {
+        /// The first such limit, in the order requests, input, output.
+        dimension: Dimension,
+    },
 }
 
 impl Verdict {
-    /// The limit that refused the request and the `retry-after` to announce,
-    /// or `None` if it was admitted.
-    pub(crate) fn refusal(&self) -> Option<(Dimension, Duration)> {
+    /// The limit that refused the request and the `retry-after` to announce
+    /// (the wait; 60 s for a request that never fits, the longest any limit
+    /// asks), or `None` if it was admitted.
+    pub fn refusal(&self) -> Option<(Dimension, Duration)> {
         match *self {
             Verdict::Admitted => None,
             Verdict::Wait { dimension, wait } => Some((dimension, wait)),
@@ -139,14 +149,14 @@ impl Verdict {
 
 /// One bucket as the `anthropic-ratelimit-<dimension>-*` headers report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Headroom {
+pub struct Headroom {
     /// The limit per minute.
-    pub(crate) limit: u64,
+    pub limit: u64,
     /// Whole tokens (or requests) that could be charged now: rounded down,
     /// zero while the bucket is in debt.
-    pub(crate) remaining: u64,
+    pub remaining: u64,
     /// Until the bucket is full again (rounded up to the nanosecond).
-    pub(crate) reset_in: Duration,
+    pub reset_in: Duration,
 }
 
 /// Whether a cost fits a bucket.
@@ -214,12 +224,10 @@ impl Bucket {
             .saturating_add(tokens_to_ticks(tokens));
     }
 
-    fn refund(&mut self, tokens: u64, nanos: u128) {
-        let now = self.ticks(nanos);
-        self.full_at = self
-            .full_at
-            .saturating_sub(tokens_to_ticks(tokens))
-            .max(now);
+    fn refund(&mut self, tokens: u64) {
+        // A `full_at` in the past is a full bucket, whichever instant it
+        // names: a refund cannot fill a bucket above its capacity.
+        self.full_at = self.full_at.saturating_sub(tokens_to_ticks(tokens));
     }
 
     fn headroom(&self, nanos: u128, window: Duration) -> Headroom {
@@ -262,12 +270,63 @@ fn slot(dimension: Dimension) -> usize {
     }
 }
 
-/// The emulator's rate limiter: one set of buckets per key (see the module docs).
+/// The emulator's rate limiter: per key (a model class, say) and per limit
+/// one token bucket, refilled continuously at the limit per minute up to its
+/// capacity, as the [`Emulator`](super::Emulator) enforces the API's limits.
 ///
-/// A key's limits are fixed when it is first asked to admit a request (the
-/// emulator's limits are configuration, they do not change at run time);
-/// each bucket then starts full.
-pub(crate) struct RateLimiter<K> {
+/// A reference implementation of the API's rules for the server side, kept
+/// apart from the budget's ledger so that each can be checked against the
+/// other:
+///
+/// - capacity is the limit, or its share of a shorter enforcement window;
+///   a new bucket starts full;
+/// - [`admit`](Self::admit) charges a request in all three dimensions at
+///   once, or charges nothing and says how long until it fits (exact to the
+///   nanosecond, rounded up) or that it never does (a cost above the whole
+///   limit per minute); a cost above a short window's capacity is admitted
+///   on a full bucket and leaves it in debt;
+/// - [`charge`](Self::charge) and [`refund`](Self::refund) correct a
+///   dimension after admission (output as it is produced, the unused part of
+///   a reservation); a charge may leave a bucket in debt, a refund never
+///   fills it above its capacity;
+/// - [`headroom`](Self::headroom) reports each bucket as the
+///   `anthropic-ratelimit-*` headers do.
+///
+/// Each bucket is kept as the instant at which it will be full again, in
+/// nanoseconds scaled by its limit, so that a token is a whole number of
+/// time units whatever the limit and nothing is rounded until a wait is
+/// reported. A key's limits are fixed when it first admits a request (the
+/// emulator's limits are configuration). Instants before the limiter was
+/// made count as the instant it was made.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tokio::time::Instant;
+/// use tower_llm_limits::budget::limits::Limits;
+/// use tower_llm_limits::emulator::{RateLimiter, RequestCost, Verdict};
+/// use tower_llm_limits::Dimension;
+///
+/// let limiter = RateLimiter::per_minute();
+/// let limits = Limits::new(50, 30_000, 8_000);
+/// let now = Instant::now();
+/// let cost = RequestCost { requests: 1, input_tokens: 20_000, output_tokens: 1 };
+/// assert_eq!(limiter.admit("sonnet", &limits, cost, now), Verdict::Admitted);
+/// // 10,000 input tokens short, at 500 per second.
+/// assert_eq!(
+///     limiter.admit("sonnet", &limits, cost, now),
+///     Verdict::Wait { dimension: Dimension::InputTokens, wait: Duration::from_secs(20) }
+/// );
+/// // Output produced by the first answer, charged as it streams.
+/// limiter.charge(&"sonnet", Dimension::OutputTokens, 499, now);
+/// let [requests, input, output] = limiter.headroom(&"sonnet", now).unwrap();
+/// assert_eq!(requests.unwrap().remaining, 49);
+/// assert_eq!(input.unwrap().remaining, 10_000);
+/// assert_eq!(output.unwrap().remaining, 7_500);
+/// assert_eq!(output.unwrap().reset_in, Duration::from_millis(3_750));
+/// ```
+pub struct RateLimiter<K> {
     window: Duration,
     epoch: Instant,
     keys: Mutex<HashMap<K, Buckets>>,
@@ -284,7 +343,7 @@ impl<K> fmt::Debug for RateLimiter<K> {
 impl<K: Hash + Eq> RateLimiter<K> {
     /// A limiter enforcing each limit over the whole minute (capacity = the
     /// limit), its clock starting now.
-    pub(crate) fn per_minute() -> Self {
+    pub fn per_minute() -> Self {
         RateLimiter {
             window: MINUTE,
             epoch: Instant::now(),
@@ -299,7 +358,7 @@ impl<K: Hash + Eq> RateLimiter<K> {
     /// # Errors
     ///
     /// [`InvalidWindow`] if the window is zero or longer than 60 s.
-    pub(crate) fn with_window(window: Duration) -> Result<Self, InvalidWindow> {
+    pub fn with_window(window: Duration) -> Result<Self, InvalidWindow> {
         if window.is_zero() || window > MINUTE {
             return Err(InvalidWindow { window });
         }
@@ -320,7 +379,7 @@ impl<K: Hash + Eq> RateLimiter<K> {
 
     /// Admits `cost` under `limits` in all three dimensions at once, or
     /// charges nothing and says why (see [`Verdict`]).
-    pub(crate) fn admit(&self, key: K, limits: &Limits, cost: Cost, now: Instant) -> Verdict {
+    pub fn admit(&self, key: K, limits: &Limits, cost: RequestCost, now: Instant) -> Verdict {
         let nanos = self.nanos(now);
         let mut keys = self.lock();
         let buckets = keys.entry(key).or_insert_with(|| {
@@ -338,7 +397,7 @@ impl<K: Hash + Eq> RateLimiter<K> {
     }
 
     /// The verdict for `cost` against `buckets`, charging nothing.
-    fn verdict(&self, buckets: &Buckets, cost: Cost, nanos: u128) -> Verdict {
+    fn verdict(&self, buckets: &Buckets, cost: RequestCost, nanos: u128) -> Verdict {
         let mut longest: Option<(Dimension, Duration)> = None;
         for dimension in Dimension::ALL {
             let Some(bucket) = &buckets[slot(dimension)] else {
@@ -363,7 +422,7 @@ impl<K: Hash + Eq> RateLimiter<K> {
 
     /// Charges `tokens` more in one dimension of an admitted key (output as
     /// it is produced, or beyond a reservation): may leave the bucket in debt.
-    pub(crate) fn charge(&self, key: &K, dimension: Dimension, tokens: u64, now: Instant) {
+    pub fn charge(&self, key: &K, dimension: Dimension, tokens: u64, now: Instant) {
         self.update(key, dimension, now, |bucket, nanos| {
             bucket.charge(tokens, nanos);
         });
@@ -371,10 +430,8 @@ impl<K: Hash + Eq> RateLimiter<K> {
 
     /// Gives back `tokens` in one dimension of an admitted key (the unused
     /// part of a reservation), never above the bucket's capacity.
-    pub(crate) fn refund(&self, key: &K, dimension: Dimension, tokens: u64, now: Instant) {
-        self.update(key, dimension, now, |bucket, nanos| {
-            bucket.refund(tokens, nanos);
-        });
+    pub fn refund(&self, key: &K, dimension: Dimension, tokens: u64, now: Instant) {
+        self.update(key, dimension, now, |bucket, _| bucket.refund(tokens));
     }
 
     fn update(
@@ -393,7 +450,7 @@ impl<K: Hash + Eq> RateLimiter<K> {
     /// Each bucket of `key` as the headers report it, in [`Dimension::ALL`]
     /// order (`None` for a dimension without a limit); `None` if the key has
     /// not been asked to admit anything yet.
-    pub(crate) fn headroom(&self, key: &K, now: Instant) -> Option<[Option<Headroom>; 3]> {
+    pub fn headroom(&self, key: &K, now: Instant) -> Option<[Option<Headroom>; 3]> {
         let nanos = self.nanos(now);
         let keys = self.lock();
         let buckets = keys.get(key)?;
@@ -407,8 +464,8 @@ mod tests {
 
     const SEC: Duration = Duration::from_secs(1);
 
-    fn request(input_tokens: u64, output_tokens: u64) -> Cost {
-        Cost {
+    fn request(input_tokens: u64, output_tokens: u64) -> RequestCost {
+        RequestCost {
             requests: 1,
             input_tokens,
             output_tokens,
@@ -566,9 +623,9 @@ mod tests {
         let limiter = RateLimiter::with_window(SEC).unwrap();
         let t0 = limiter.epoch;
         let limits = Limits::unknown().with_requests_per_minute(50);
-        let one = Cost {
+        let one = RequestCost {
             requests: 1,
-            ..Cost::default()
+            ..RequestCost::default()
         };
         assert_eq!(limiter.admit("k", &limits, one, t0), Verdict::Admitted);
         assert_eq!(

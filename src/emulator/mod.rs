@@ -209,7 +209,7 @@ use tokio::time::Instant;
 
 pub use self::body::EmulatorBody;
 pub use self::config::{Acceleration, Faults, Latency, OutputLength};
-pub use self::limiter::InvalidWindow;
+pub use self::limiter::{Headroom, InvalidWindow, RateLimiter, RequestCost, Verdict};
 pub use self::server::RouterService;
 pub use self::service::{EmulatorService, ResponseFuture};
 pub use self::stats::{ClassStats, CountTokensStats, EmulatorStats, SecondStats};
@@ -220,7 +220,6 @@ pub use self::tokens::{
 pub use crate::budget::limits::{Limits, ModelClass, OutputMode, Tier};
 
 use self::cache::PromptCache;
-use self::limiter::RateLimiter;
 use self::stats::StatsInner;
 
 /// The request body size limit of the API: 32 MB.

@@ -18,7 +18,7 @@ use tokio::time::{sleep, Instant};
 use super::body::{EmulatorBody, Step};
 use super::cache::CacheOutcome;
 use super::config::{scale, Fault};
-use super::limiter::{Cost, Headroom};
+use super::limiter::{Headroom, RequestCost};
 use super::response::{
     error_json, error_response, generate_text, insert_rate_limit_headers, insert_request_id,
     insert_retry_after, json_response, message_json, random_id, rate_limit_message,
@@ -314,9 +314,9 @@ fn count_tokens(
         requests_per_minute: shared.config.count_tokens_rpm,
         ..Limits::unknown()
     };
-    let cost = Cost {
+    let cost = RequestCost {
         requests: 1,
-        ..Cost::default()
+        ..RequestCost::default()
     };
     let verdict = shared.count_limiter.admit((), &limits, cost, now);
     let mut response = match verdict.refusal() {
@@ -523,8 +523,8 @@ impl Charges {
         }
     }
 
-    fn cost(&self) -> Cost {
-        Cost {
+    fn cost(&self) -> RequestCost {
+        RequestCost {
             requests: 1,
             input_tokens: self.input,
             output_tokens: self.reserved_output,
