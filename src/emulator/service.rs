@@ -423,9 +423,9 @@ async fn messages(
     if let Some(response) = acceleration_limited(&shared, class, &charges, now, &request_id) {
         return Ok(response);
     }
-    let mut admission = match admit(&shared, class, &charges, now, &request_id) {
+    let mut admission = match admit(&shared, class, &charges, now) {
         Ok(admission) => admission,
-        Err(refused) => return Ok(refused),
+        Err(refusal) => return Ok(refused(&shared, class, refusal, now, &request_id)),
     };
     record_admission(&shared, class, &parsed, &charges, now);
     if fault == Some(Fault::ConnectionReset) {
@@ -565,26 +565,36 @@ fn acceleration_limited(
 }
 
 /// Asks the class's buckets to admit the request: the admission to account
-/// its output with, or the 429 to answer.
+/// its output with, or the limit that refused it and the `retry-after`.
 fn admit(
     shared: &Arc<Shared>,
     class: ModelClass,
     charges: &Charges,
     now: Instant,
-    request_id: &str,
-) -> Result<Admission, Response<EmulatorBody>> {
+) -> Result<Admission, (Dimension, Duration)> {
     let limits = shared.limits_for(class);
     let verdict = shared.limiter.admit(class, &limits, charges.cost(), now);
-    let Some((dimension, retry_after)) = verdict.refusal() else {
-        return Ok(Admission {
+    match verdict.refusal() {
+        Some(refusal) => Err(refusal),
+        None => Ok(Admission {
             shared: shared.clone(),
             class,
             mode: shared.config.output_mode,
             charged: charges.reserved_output,
             produced: 0,
             done: false,
-        });
-    };
+        }),
+    }
+}
+
+/// The 429 of a request the class's buckets refused.
+fn refused(
+    shared: &Shared,
+    class: ModelClass,
+    (dimension, retry_after): (Dimension, Duration),
+    now: Instant,
+    request_id: &str,
+) -> Response<EmulatorBody> {
     let name = class.as_str();
     {
         let mut stats = shared.lock_stats();
@@ -592,9 +602,10 @@ fn admit(
         stats.at_second(name, now, |s| s.rate_limited += 1);
     }
     tracing::debug!(class = %name, ?dimension, ?retry_after, "emulator: rate limited");
-    let mut r = rate_limited(dimension, limits.get(dimension), request_id);
+    let limit = shared.limits_for(class).get(dimension);
+    let mut r = rate_limited(dimension, limit, request_id);
     insert_retry_after(r.headers_mut(), retry_after);
-    Err(with_limit_headers(shared, class, r))
+    with_limit_headers(shared, class, r)
 }
 
 /// An admitted request reached the model: the cache learns its prefixes and
