@@ -236,8 +236,8 @@ pub(crate) enum Fault {
 }
 
 /// The acceleration limit: a sharp jump in a model class's usage gets a 429
-/// even under the per-minute limits (facts file 1.2; the API publishes no
-/// numbers, so these are settings).
+/// even under the per-minute limits ("if your organization has a sharp
+/// increase in usage"; the API publishes no numbers, so these are settings).
 ///
 /// A request is refused when the tokens admitted in the last `window`
 /// (input charged plus output produced, this request's input and reserved

@@ -1,8 +1,7 @@
 //! An emulator of the Anthropic Messages API's rate limiter, to run a client
 //! (or this crate's layers) against without spending tokens.
 //!
-//! [`Emulator`] serves, for pacing purposes, like the API (facts file:
-//! `shared/anthropic-rate-limits.md`):
+//! [`Emulator`] serves, for pacing purposes, as the API does:
 //!
 //! - `POST /v1/messages`, as JSON or, with `"stream": true`, as SSE
 //!   (`message_start` with usage, `content_block_start`, `ping`,
@@ -16,14 +15,16 @@
 //!   largest output limit of any model), else `400 invalid_request_error`; a
 //!   body above the size limit `413 request_too_large`; another path
 //!   `404 not_found_error`;
-//! - rate limits per model class ([`ModelClass`], the budget's key too): RPM, ITPM and OTPM
-//!   token buckets (the crate's own [`InMemoryLedger`]), an optional shorter
-//!   enforcement window, both output-token rules ([`OutputMode::Reserve`]:
-//!   `max_tokens` debited at admission then settled to the real output;
-//!   [`OutputMode::Realtime`]: tokens debited as produced), prompt-cache reads
-//!   not charged to ITPM (except for † classes, see
-//!   [`EmulatorBuilder::cache_reads_count`]), an optional
-//!   [`Acceleration`] limit;
+//! - rate limits per model class ([`ModelClass`], the budget's key too): RPM,
+//!   ITPM and OTPM token buckets, continuously refilled at the limit per
+//!   minute up to their capacity (its own limiter, see
+//!   [below](#its-own-limiter)), an optional shorter enforcement window,
+//!   both output-token rules ([`OutputMode::Reserve`]: `max_tokens` debited
+//!   at admission then settled to the real output; [`OutputMode::Realtime`]:
+//!   tokens debited as produced), prompt-cache reads not charged to ITPM
+//!   (except for the classes whose published limits count them, see
+//!   [`EmulatorBuilder::cache_reads_count`]), an optional [`Acceleration`]
+//!   limit;
 //! - `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`
 //!   and `request-id` on every answer of the messages endpoint (token
 //!   `remaining` rounded to the nearest thousand, resets in RFC 3339 to the second with
@@ -97,7 +98,8 @@
 //! 2. The spend cap, if switched on: `429` without `retry-after`.
 //! 3. The fault draw: `529` or `500` here, before admission (nothing charged).
 //! 4. Token count and prompt-cache lookup; the ITPM charge is the uncached
-//!    input plus cache writes (plus cache reads for † classes).
+//!    input plus cache writes (plus cache reads for the classes where they
+//!    count).
 //! 5. The acceleration limit, if set, then the class's three buckets, all or
 //!    nothing: `429` with `retry-after` (seconds until the request would fit,
 //!    rounded up), nothing charged.
@@ -137,13 +139,40 @@
 //! arrives. The emulator is the server: it knows the true input count and the
 //! cache outcome at admission and produces the output itself. So it charges
 //! the exact input up front and, in realtime mode, debits output token by
-//! token as it is produced, which is the facts file's current rule (a
+//! token as it is produced, which is the API's current rule: "OTPM rate
+//! limits are evaluated in real time as output tokens are produced" (a
 //! reservation of expected output would refuse requests the API admits). It
 //! also does what only a server does: the acceleration limit, faults before
-//! and after admission, per-second counters. It shares the budget's
-//! accounting core: the same [`Ledger`](crate::budget::ledger::Ledger)
-//! buckets ([`InMemoryLedger`], with its enforcement window), [`Limits`],
-//! [`ModelClass`] keys and [`Tier`] presets.
+//! and after admission, per-second counters. It shares with the budget only
+//! the vocabulary: [`Limits`], [`ModelClass`] keys and [`Tier`] presets.
+//!
+//! # Its own limiter
+//!
+//! The emulator does not limit with the budget's ledger: a bug in that
+//! ledger would then sit on both sides of every simulation and could never
+//! show up in one. Its limiter is a separate reference implementation of the
+//! API's rules, written for the server side:
+//!
+//! - per model class and per limit (RPM, ITPM, OTPM) one token bucket,
+//!   "continuously replenished up to your maximum limit, rather than being
+//!   reset at fixed intervals", at the limit per minute, starting full;
+//! - capacity is the limit, or its share of the enforcement window ("60 RPM
+//!   might be enforced as 1 request per second": capacity 1); a request
+//!   costing more than a short window's capacity, but no more than the limit
+//!   per minute, is admitted on a full bucket and leaves it in debt;
+//! - a request is admitted when all three buckets can take its cost, and is
+//!   then charged in all three; a refused request is charged nothing, and
+//!   its 429 names the limit it waits for longest, with a `retry-after` of
+//!   the seconds until it fits, rounded up; a request costing more than a
+//!   whole limit per minute never fits and gets `retry-after: 60`;
+//! - each bucket is kept as the instant it will be full again, in integer
+//!   time units scaled by its limit, so nothing is rounded until a wait or a
+//!   header is written (the budget's ledger keeps a level and a refill time
+//!   instead).
+//!
+//! A differential test (`tests/emulator_differential.rs`) drives one seeded
+//! sequence of requests, charges, refunds and clock advances through both
+//! and checks that they agree on every decision and every wait.
 //!
 //! # What it deliberately does not do
 //!
@@ -162,6 +191,7 @@
 mod body;
 mod cache;
 mod config;
+mod limiter;
 mod response;
 mod rng;
 mod server;
@@ -179,6 +209,7 @@ use tokio::time::Instant;
 
 pub use self::body::EmulatorBody;
 pub use self::config::{Acceleration, Faults, Latency, OutputLength};
+pub use self::limiter::{Headroom, InvalidWindow, RateLimiter, RequestCost, Verdict};
 pub use self::server::RouterService;
 pub use self::service::{EmulatorService, ResponseFuture};
 pub use self::stats::{ClassStats, CountTokensStats, EmulatorStats, SecondStats};
@@ -186,14 +217,12 @@ pub use self::tokens::{
     count_text, TokenCounter, DOCUMENT_PAGE_CHARS, DOCUMENT_PAGE_TOKENS, IMAGE_TOKENS,
     MESSAGE_OVERHEAD,
 };
-pub use crate::budget::ledger::InvalidWindow;
 pub use crate::budget::limits::{Limits, ModelClass, OutputMode, Tier};
 
 use self::cache::PromptCache;
 use self::stats::StatsInner;
-use crate::budget::ledger::InMemoryLedger;
 
-/// The request body size limit of the API (facts file 4.1): 32 MB.
+/// The request body size limit of the API: 32 MB.
 pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
 /// Default RPM of the `count_tokens` endpoint (Tier 1: 100).
 pub const DEFAULT_COUNT_TOKENS_RPM: u64 = 100;
@@ -221,8 +250,10 @@ pub(crate) struct Config {
 /// Shared run-time state of an emulator and its services.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) ledger: InMemoryLedger,
-    pub(crate) count_ledger: InMemoryLedger,
+    /// The messages endpoint's limits, per model class.
+    pub(crate) limiter: RateLimiter<ModelClass>,
+    /// The `count_tokens` endpoint's own requests-per-minute limit.
+    pub(crate) count_limiter: RateLimiter<()>,
     cache: Mutex<PromptCache>,
     stats: Mutex<StatsInner>,
     seq: AtomicU64,
@@ -286,8 +317,9 @@ impl Emulator {
     /// 60 s enforcement window, [`OutputMode::Realtime`], the default
     /// [`Latency`], no faults, no acceleration limit, seed 0, 32 MB body
     /// limit, 100 RPM for `count_tokens`, 1,024-token minimum cacheable
-    /// prefix, cache reads charged to ITPM for the † classes
-    /// ([`ModelClass::cache_reads_count_toward_itpm`]: Haiku 3.5 and Haiku 3).
+    /// prefix, cache reads charged to ITPM for the classes whose published
+    /// limits count them ([`ModelClass::cache_reads_count_toward_itpm`]:
+    /// Haiku 3.5 and Haiku 3).
     pub fn builder() -> EmulatorBuilder {
         EmulatorBuilder {
             config: Config {
@@ -312,18 +344,22 @@ impl Emulator {
     /// of [`Emulator::builder`].
     pub fn new(limits: Limits) -> Self {
         let config = Emulator::builder().limits(limits).config;
-        Emulator::from_parts(config, InMemoryLedger::new(), InMemoryLedger::new())
+        Emulator::from_parts(config, RateLimiter::per_minute(), RateLimiter::per_minute())
     }
 
-    fn from_parts(config: Config, ledger: InMemoryLedger, count_ledger: InMemoryLedger) -> Self {
+    fn from_parts(
+        config: Config,
+        limiter: RateLimiter<ModelClass>,
+        count_limiter: RateLimiter<()>,
+    ) -> Self {
         let now = Instant::now();
         Emulator {
             shared: Arc::new(Shared {
                 cache: Mutex::new(PromptCache::new(config.cache_min_tokens)),
                 stats: Mutex::new(StatsInner::new(now)),
                 config,
-                ledger,
-                count_ledger,
+                limiter,
+                count_limiter,
                 seq: AtomicU64::new(0),
                 spend_limit: AtomicBool::new(false),
             }),
@@ -367,7 +403,7 @@ impl Emulator {
     /// Switches the spend-cap 429 on or off: while on, every
     /// `POST /v1/messages` is answered `429 rate_limit_error` with
     /// `details.error_code = "enforced_spend_limit_reached"` and no
-    /// `retry-after` (facts file 4.2).
+    /// `retry-after` (retrying fails until access resumes).
     pub fn set_spend_limit_reached(&self, reached: bool) {
         self.shared.spend_limit.store(reached, Ordering::Relaxed);
     }
@@ -481,8 +517,8 @@ impl EmulatorBuilder {
     }
 
     /// Whether a model class's cache reads count toward ITPM (default:
-    /// [`ModelClass::cache_reads_count_toward_itpm`], the † classes of the
-    /// facts file).
+    /// [`ModelClass::cache_reads_count_toward_itpm`]: Haiku 3.5 and Haiku 3,
+    /// whose published limits count `cache_read_input_tokens` toward ITPM).
     pub fn cache_reads_count(mut self, class: ModelClass, counts: bool) -> Self {
         self.config.cache_reads_count.insert(class, counts);
         self
@@ -494,13 +530,10 @@ impl EmulatorBuilder {
     ///
     /// [`InvalidWindow`] if the enforcement window is zero or above 60 s.
     pub fn build(self) -> Result<Emulator, InvalidWindow> {
-        let (ledger, count_ledger) = match self.config.window {
-            Some(w) => (
-                InMemoryLedger::with_window(w)?,
-                InMemoryLedger::with_window(w)?,
-            ),
-            None => (InMemoryLedger::new(), InMemoryLedger::new()),
+        let (limiter, count_limiter) = match self.config.window {
+            Some(w) => (RateLimiter::with_window(w)?, RateLimiter::with_window(w)?),
+            None => (RateLimiter::per_minute(), RateLimiter::per_minute()),
         };
-        Ok(Emulator::from_parts(self.config, ledger, count_ledger))
+        Ok(Emulator::from_parts(self.config, limiter, count_limiter))
     }
 }

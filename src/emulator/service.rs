@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
@@ -18,6 +18,7 @@ use tokio::time::{sleep, Instant};
 use super::body::{EmulatorBody, Step};
 use super::cache::CacheOutcome;
 use super::config::{scale, Fault};
+use super::limiter::{Headroom, RequestCost};
 use super::response::{
     error_json, error_response, generate_text, insert_rate_limit_headers, insert_request_id,
     insert_retry_after, json_response, message_json, random_id, rate_limit_message,
@@ -27,7 +28,7 @@ use super::response::{
 use super::rng::{mix, Rng};
 use super::tokens::{parse_request, Endpoint, ParsedRequest};
 use super::Shared;
-use crate::budget::ledger::{CostDelta, Costs, Ledger, Reservation};
+use crate::budget::ledger::BucketState;
 use crate::budget::limits::{Limits, ModelClass, OutputMode};
 use crate::{BoxError, Dimension};
 
@@ -35,9 +36,6 @@ use crate::{BoxError, Dimension};
 struct CountTokensAnswer {
     input_tokens: u64,
 }
-
-/// The ledger key of the `count_tokens` endpoint's own limiter.
-const COUNT_TOKENS_KEY: &str = "count_tokens";
 
 /// The emulator as a `tower::Service<http::Request<B>>`: made by
 /// [`Emulator::service`](super::Emulator::service), cheap to clone (every clone
@@ -108,10 +106,9 @@ impl Future for ResponseFuture {
 /// An admitted request's output accounting, settled when finished or dropped.
 pub(crate) struct Admission {
     shared: Arc<Shared>,
-    class: &'static str,
-    limits: Limits,
+    class: ModelClass,
     mode: OutputMode,
-    /// Output tokens debited so far (the reservation, then realtime charges).
+    /// Output tokens charged so far (the reservation, then realtime charges).
     charged: u64,
     produced: u64,
     done: bool,
@@ -136,22 +133,17 @@ impl Admission {
         let now = Instant::now();
         self.produced += n;
         {
+            let class = self.class.as_str();
             let mut stats = self.shared.lock_stats();
-            stats.class(self.class).output_tokens += n;
-            stats.at_second(self.class, now, |s| s.output_tokens += n);
+            stats.class(class).output_tokens += n;
+            stats.at_second(class, now, |s| s.output_tokens += n);
         }
         if self.mode == OutputMode::Realtime && self.produced > self.charged {
             let extra = self.produced - self.charged;
             self.charged = self.produced;
-            self.shared.ledger.settle(
-                self.class,
-                &self.limits,
-                CostDelta {
-                    output_tokens: i64::try_from(extra).unwrap_or(i64::MAX),
-                    ..CostDelta::default()
-                },
-                now,
-            );
+            self.shared
+                .limiter
+                .charge(&self.class, Dimension::OutputTokens, extra, now);
         }
     }
 
@@ -161,20 +153,16 @@ impl Admission {
             return;
         }
         self.done = true;
-        if self.produced != self.charged {
-            let delta = i128::from(self.produced) - i128::from(self.charged);
-            let delta = i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
-            self.shared.ledger.settle(
-                self.class,
-                &self.limits,
-                CostDelta {
-                    output_tokens: delta,
-                    ..CostDelta::default()
-                },
-                Instant::now(),
-            );
-            self.charged = self.produced;
+        let now = Instant::now();
+        let limiter = &self.shared.limiter;
+        if self.produced > self.charged {
+            let extra = self.produced - self.charged;
+            limiter.charge(&self.class, Dimension::OutputTokens, extra, now);
+        } else if self.produced < self.charged {
+            let unused = self.charged - self.produced;
+            limiter.refund(&self.class, Dimension::OutputTokens, unused, now);
         }
+        self.charged = self.produced;
     }
 }
 
@@ -244,35 +232,18 @@ where
     let request_id = random_id("req_", &mut rng);
     let (parts, body) = request.into_parts();
 
-    let endpoint = match parts.uri.path() {
-        "/v1/messages" => Endpoint::Messages,
-        "/v1/messages/count_tokens" => Endpoint::CountTokens,
-        _ => {
-            shared.lock_stats().invalid_requests += 1;
-            return Ok(error_response(
-                StatusCode::NOT_FOUND,
-                "not_found_error",
-                "Not Found",
-                Some(&request_id),
-            ));
+    let endpoint = match route(&parts.method, parts.uri.path()) {
+        Ok(endpoint) => endpoint,
+        Err((status, kind, message)) => {
+            return Ok(invalid(&shared, status, kind, message, Some(&request_id)));
         }
     };
-    if parts.method != Method::POST {
-        shared.lock_stats().invalid_requests += 1;
-        return Ok(error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            "Method Not Allowed",
-            Some(&request_id),
-        ));
-    }
-
     let bytes = match read_body(body, shared.config.body_limit).await {
         Ok(b) => b,
+        // Answered by the edge (Cloudflare) before the API: no request id.
         Err(ReadError::TooLarge) => {
-            shared.lock_stats().invalid_requests += 1;
-            // Answered by the edge (Cloudflare) before the API: no request id.
-            return Ok(error_response(
+            return Ok(invalid(
+                &shared,
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_too_large",
                 "Request exceeds the maximum allowed number of bytes.",
@@ -281,12 +252,11 @@ where
         }
         Err(ReadError::Failed(e)) => return Err(e),
     };
-
     let parsed = match parse_request(&bytes, endpoint) {
         Ok(p) => p,
         Err(message) => {
-            shared.lock_stats().invalid_requests += 1;
-            return Ok(error_response(
+            return Ok(invalid(
+                &shared,
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 &message,
@@ -301,6 +271,39 @@ where
     }
 }
 
+/// The endpoint of a path and method, or the error to answer (`404` for an
+/// unknown path, `405` for another method than `POST`).
+fn route(
+    method: &Method,
+    path: &str,
+) -> Result<Endpoint, (StatusCode, &'static str, &'static str)> {
+    let endpoint = match path {
+        "/v1/messages" => Endpoint::Messages,
+        "/v1/messages/count_tokens" => Endpoint::CountTokens,
+        _ => return Err((StatusCode::NOT_FOUND, "not_found_error", "Not Found")),
+    };
+    if method != Method::POST {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "Method Not Allowed",
+        ));
+    }
+    Ok(endpoint)
+}
+
+/// An error answer to a request that is not charged anywhere (counted as invalid).
+fn invalid(
+    shared: &Shared,
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+    request_id: Option<&str>,
+) -> Response<EmulatorBody> {
+    shared.lock_stats().invalid_requests += 1;
+    error_response(status, kind, message, request_id)
+}
+
 fn count_tokens(
     shared: &Shared,
     parsed: &ParsedRequest,
@@ -311,15 +314,13 @@ fn count_tokens(
         requests_per_minute: shared.config.count_tokens_rpm,
         ..Limits::unknown()
     };
-    let costs = Costs {
+    let cost = RequestCost {
         requests: 1,
-        ..Costs::default()
+        ..RequestCost::default()
     };
-    let verdict = shared
-        .count_ledger
-        .reserve(COUNT_TOKENS_KEY, &limits, costs, now);
-    let mut response = match verdict {
-        Reservation::Admitted => {
+    let verdict = shared.count_limiter.admit((), &limits, cost, now);
+    let mut response = match verdict.refusal() {
+        None => {
             shared.lock_stats().count_tokens.requests_admitted += 1;
             json_response(
                 StatusCode::OK,
@@ -329,22 +330,17 @@ fn count_tokens(
                 Some(request_id),
             )
         }
-        Reservation::WaitUntil { at, .. } => {
+        Some((dimension, retry_after)) => {
             shared.lock_stats().count_tokens.rate_limited += 1;
-            let mut r = rate_limited(Dimension::Requests, limits.requests_per_minute, request_id);
-            insert_retry_after(r.headers_mut(), at.saturating_duration_since(now));
-            r
-        }
-        Reservation::Never { dimension, .. } => {
-            shared.lock_stats().count_tokens.rate_limited += 1;
-            let mut r = rate_limited(dimension, limits.requests_per_minute, request_id);
-            insert_retry_after(r.headers_mut(), Duration::from_secs(60));
+            let mut r = rate_limited(dimension, limits.get(dimension), request_id);
+            insert_retry_after(r.headers_mut(), retry_after);
             r
         }
     };
-    if let Some(states) = shared.count_ledger.state(COUNT_TOKENS_KEY, &limits, now) {
-        insert_rate_limit_headers(response.headers_mut(), &states, SystemTime::now());
-    }
+    insert_headroom(
+        response.headers_mut(),
+        shared.count_limiter.headroom(&(), now),
+    );
     response
 }
 
@@ -361,251 +357,434 @@ fn rate_limited(
     )
 }
 
-/// Adds the class's current `anthropic-ratelimit-*` headers, if its buckets exist.
+/// Adds the class's current `anthropic-ratelimit-*` headers, once it has buckets.
 fn with_limit_headers(
     shared: &Shared,
-    class: &str,
-    limits: &Limits,
+    class: ModelClass,
     mut response: Response<EmulatorBody>,
 ) -> Response<EmulatorBody> {
-    if let Some(states) = shared.ledger.state(class, limits, Instant::now()) {
-        insert_rate_limit_headers(response.headers_mut(), &states, SystemTime::now());
-    }
+    let headroom = shared.limiter.headroom(&class, Instant::now());
+    insert_headroom(response.headers_mut(), headroom);
     response
 }
 
+/// Writes the `anthropic-ratelimit-*` headers of a key's buckets, if it has any.
+fn insert_headroom(headers: &mut HeaderMap, headroom: Option<[Option<Headroom>; 3]>) {
+    if let Some(headroom) = headroom {
+        insert_rate_limit_headers(headers, &bucket_states(headroom), SystemTime::now());
+    }
+}
+
+/// The limiter's headroom in the shape the header writer takes (the
+/// budget's bucket snapshot). The writer reports `available` rounded (down
+/// for requests, to the nearest thousand for tokens, from the whole tokens
+/// the limiter reports) and derives the reset from `capacity - available`
+/// at the limit's rate, so the capacity given is what remains plus what
+/// refills until the reset: the writer's reset is the limiter's.
+fn bucket_states(headroom: [Option<Headroom>; 3]) -> [BucketState; 3] {
+    headroom.map(|h| match h {
+        None => BucketState {
+            limit: None,
+            learned: false,
+            available: f64::INFINITY,
+            capacity: f64::INFINITY,
+        },
+        Some(h) => {
+            let available = h.remaining as f64;
+            let refill = h.reset_in.as_secs_f64() * h.limit as f64 / 60.0;
+            BucketState {
+                limit: Some(h.limit),
+                learned: false,
+                available,
+                capacity: available + refill,
+            }
+        }
+    })
+}
+
+/// `POST /v1/messages`: the spend cap, faults before admission, the
+/// limits, then the answer (see the module docs for the order).
 async fn messages(
     shared: Arc<Shared>,
     parsed: ParsedRequest,
     mut rng: Rng,
     request_id: String,
 ) -> Result<Response<EmulatorBody>, BoxError> {
-    let model_class = ModelClass::of(&parsed.model);
-    let class = model_class.as_str();
-    let limits = shared.limits_for(model_class);
+    let class = ModelClass::of(&parsed.model);
     let now = Instant::now();
-
     if shared.spend_limit_reached() {
-        shared.lock_stats().class(class).spend_limited += 1;
-        let message = spend_limit_message(SystemTime::now());
-        let body = error_json(
-            "rate_limit_error",
-            &message,
-            Some(&request_id),
-            Some("enforced_spend_limit_reached"),
-        );
-        let response = json_response(StatusCode::TOO_MANY_REQUESTS, &body, Some(&request_id));
-        return Ok(with_limit_headers(&shared, class, &limits, response));
+        return Ok(spend_limited(&shared, class, &request_id));
     }
-
     let fault = shared.config.faults.draw(&mut rng, parsed.stream);
-    match fault {
-        Some(Fault::Overloaded) => {
-            shared.lock_stats().class(class).overloaded += 1;
-            let r = error_response(
+    if let Some(response) = fault_before_admission(&shared, class, fault, &request_id) {
+        return Ok(response);
+    }
+    let charges = Charges::of(&shared, class, &parsed, now);
+    if let Some(response) = acceleration_limited(&shared, class, &charges, now, &request_id) {
+        return Ok(response);
+    }
+    let mut admission = match admit(&shared, class, &charges, now) {
+        Ok(admission) => admission,
+        Err(refusal) => return Ok(refused(&shared, class, refusal, now, &request_id)),
+    };
+    record_admission(&shared, class, &parsed, &charges, now);
+    if fault == Some(Fault::ConnectionReset) {
+        shared.lock_stats().class(class.as_str()).connection_resets += 1;
+        admission.finish();
+        return Err(connection_reset());
+    }
+    let answer = Answer::draw(&shared, class, &parsed, &charges, fault, &mut rng);
+    let response = if parsed.stream {
+        streamed_answer(&shared, class, answer, admission, rng, &request_id).await
+    } else {
+        json_answer(answer, admission, &request_id).await
+    };
+    Ok(with_limit_headers(&shared, class, response))
+}
+
+/// The spend-cap 429: no `retry-after`, `details.error_code` set.
+fn spend_limited(shared: &Shared, class: ModelClass, request_id: &str) -> Response<EmulatorBody> {
+    shared.lock_stats().class(class.as_str()).spend_limited += 1;
+    let message = spend_limit_message(SystemTime::now());
+    let body = error_json(
+        "rate_limit_error",
+        &message,
+        Some(request_id),
+        Some("enforced_spend_limit_reached"),
+    );
+    let response = json_response(StatusCode::TOO_MANY_REQUESTS, &body, Some(request_id));
+    with_limit_headers(shared, class, response)
+}
+
+/// The answer of a fault drawn to strike before admission (`529`, `500`),
+/// or `None` to go on.
+fn fault_before_admission(
+    shared: &Shared,
+    class: ModelClass,
+    fault: Option<Fault>,
+    request_id: &str,
+) -> Option<Response<EmulatorBody>> {
+    let response = match fault? {
+        Fault::Overloaded => {
+            shared.lock_stats().class(class.as_str()).overloaded += 1;
+            error_response(
                 StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                 "overloaded_error",
                 "Overloaded",
-                Some(&request_id),
-            );
-            return Ok(with_limit_headers(&shared, class, &limits, r));
+                Some(request_id),
+            )
         }
-        Some(Fault::ServerError) => {
-            shared.lock_stats().class(class).server_errors += 1;
-            let r = error_response(
+        Fault::ServerError => {
+            shared.lock_stats().class(class.as_str()).server_errors += 1;
+            error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "api_error",
                 "Internal server error",
-                Some(&request_id),
-            );
-            return Ok(with_limit_headers(&shared, class, &limits, r));
+                Some(request_id),
+            )
         }
-        _ => {}
-    }
+        _ => return None,
+    };
+    Some(with_limit_headers(shared, class, response))
+}
 
-    let cache: CacheOutcome = shared.lock_cache().lookup(&parsed.units, now);
-    let input_charge = cache.uncached
-        + cache.written()
-        + if shared.cache_reads_count(model_class) {
+/// What a request is charged at admission.
+struct Charges {
+    /// The prompt cache's outcome (what is read, written, uncached).
+    cache: CacheOutcome,
+    /// Charged to ITPM: the uncached input and cache writes, plus cache
+    /// reads where they count.
+    input: u64,
+    /// The request's `max_tokens` (at least 1).
+    max_tokens: u64,
+    /// Charged to OTPM at admission: `max_tokens` in reserve mode, the first
+    /// token in realtime mode.
+    reserved_output: u64,
+}
+
+impl Charges {
+    fn of(shared: &Shared, class: ModelClass, parsed: &ParsedRequest, now: Instant) -> Self {
+        let cache = shared.lock_cache().lookup(&parsed.units, now);
+        let reads = if shared.cache_reads_count(class) {
             cache.read
         } else {
             0
         };
-    let max_tokens = parsed.max_tokens.unwrap_or(1).max(1);
-    let reserved_output = match shared.config.output_mode {
-        OutputMode::Reserve => max_tokens,
-        OutputMode::Realtime => 1,
-    };
-    let costs = Costs {
-        requests: 1,
-        input_tokens: input_charge,
-        output_tokens: reserved_output,
-    };
-
-    if let Some(acc) = &shared.config.acceleration {
-        let mut stats = shared.lock_stats();
-        if stats.accelerating(
-            class,
-            acc,
-            input_charge.saturating_add(reserved_output),
-            now,
-        ) {
-            let c = stats.class(class);
-            c.rate_limited += 1;
-            c.acceleration_limited += 1;
-            stats.at_second(class, now, |s| s.rate_limited += 1);
-            drop(stats);
-            tracing::debug!(class = %class, "emulator: acceleration limit");
-            let mut r = error_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                ACCELERATION_MESSAGE,
-                Some(&request_id),
-            );
-            insert_retry_after(r.headers_mut(), acc.window);
-            return Ok(with_limit_headers(&shared, class, &limits, r));
+        let max_tokens = parsed.max_tokens.unwrap_or(1).max(1);
+        let reserved_output = match shared.config.output_mode {
+            OutputMode::Reserve => max_tokens,
+            OutputMode::Realtime => 1,
+        };
+        Charges {
+            cache,
+            input: cache.uncached + cache.written() + reads,
+            max_tokens,
+            reserved_output,
         }
     }
 
-    let wait = match shared.ledger.reserve(class, &limits, costs, now) {
-        Reservation::Admitted => None,
-        Reservation::WaitUntil { at, dimension } => {
-            Some((dimension, at.saturating_duration_since(now)))
+    fn cost(&self) -> RequestCost {
+        RequestCost {
+            requests: 1,
+            input_tokens: self.input,
+            output_tokens: self.reserved_output,
         }
-        // Above the whole capacity: the API answers 429 too (facts file 4.2,
-        // "reduce the prompt length or the maximum tokens requested").
-        Reservation::Never { dimension, .. } => Some((dimension, Duration::from_secs(60))),
-    };
-    if let Some((dimension, retry_after)) = wait {
-        {
-            let mut stats = shared.lock_stats();
-            stats.class(class).rate_limited += 1;
-            stats.at_second(class, now, |s| s.rate_limited += 1);
-        }
-        tracing::debug!(class = %class, ?dimension, ?retry_after, "emulator: rate limited");
-        let mut r = rate_limited(dimension, limits.get(dimension), &request_id);
-        insert_retry_after(r.headers_mut(), retry_after);
-        return Ok(with_limit_headers(&shared, class, &limits, r));
     }
+}
 
-    // Admitted: the request reached the model.
-    shared.lock_cache().commit(&parsed.units, now);
+/// The acceleration limit's 429, or `None` if it is off or not reached.
+fn acceleration_limited(
+    shared: &Shared,
+    class: ModelClass,
+    charges: &Charges,
+    now: Instant,
+    request_id: &str,
+) -> Option<Response<EmulatorBody>> {
+    let acc = shared.config.acceleration.as_ref()?;
+    let name = class.as_str();
     {
         let mut stats = shared.lock_stats();
-        let c = stats.class(class);
-        c.requests_admitted += 1;
-        c.input_tokens += input_charge;
-        c.uncached_input_tokens += cache.uncached;
-        c.cache_read_input_tokens += cache.read;
-        c.cache_creation_input_tokens += cache.written();
-        stats.at_second(class, now, |s| {
-            s.requests += 1;
-            s.input_tokens += input_charge;
-        });
-    }
-    let mut admission = Admission {
-        shared: shared.clone(),
-        class,
-        limits,
-        mode: shared.config.output_mode,
-        charged: reserved_output,
-        produced: 0,
-        done: false,
-    };
-
-    if fault == Some(Fault::ConnectionReset) {
-        shared.lock_stats().class(class).connection_resets += 1;
-        admission.finish();
-        return Err(connection_reset());
-    }
-
-    // The answer: its length and text depend on the seed and the request only.
-    let mut content_rng = Rng::new(mix(shared.config.seed, parsed.content_hash));
-    let output_tokens = shared
-        .config
-        .output_length
-        .draw(&mut content_rng, max_tokens);
-    let latency = shared.config.latency;
-    let per_delta = latency.tokens_per_delta.max(1);
-    let chunks = generate_text(&mut content_rng, output_tokens, per_delta);
-    let stop_reason = if output_tokens >= max_tokens {
-        "max_tokens"
-    } else {
-        "end_turn"
-    };
-    let factor = latency.factor(&mut rng);
-    let ttft = scale(latency.time_to_first_token, factor);
-    let per_token = scale(latency.per_output_token, factor);
-    let message_id = random_id("msg_", &mut rng);
-    let slow = if fault == Some(Fault::Slow) {
-        shared.lock_stats().class(class).slow_responses += 1;
-        shared.config.faults.slow_delay
-    } else {
-        Duration::ZERO
-    };
-    let chunk_sizes = (0..chunks.len() as u64)
-        .map(|i| per_delta.min(output_tokens.saturating_sub(i.saturating_mul(per_delta))));
-
-    if !parsed.stream {
-        pause(slow.saturating_add(ttft)).await;
-        for n in chunk_sizes {
-            pause(times(per_token, n)).await;
-            admission.produce(n);
+        let tokens = charges.input.saturating_add(charges.reserved_output);
+        if !stats.accelerating(name, acc, tokens, now) {
+            return None;
         }
-        admission.finish();
-        let usage = UsageReport {
-            cache,
-            output_tokens,
+        let c = stats.class(name);
+        c.rate_limited += 1;
+        c.acceleration_limited += 1;
+        stats.at_second(name, now, |s| s.rate_limited += 1);
+    }
+    tracing::debug!(class = %name, "emulator: acceleration limit");
+    let mut r = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        ACCELERATION_MESSAGE,
+        Some(request_id),
+    );
+    insert_retry_after(r.headers_mut(), acc.window);
+    Some(with_limit_headers(shared, class, r))
+}
+
+/// Asks the class's buckets to admit the request: the admission to account
+/// its output with, or the limit that refused it and the `retry-after`.
+fn admit(
+    shared: &Arc<Shared>,
+    class: ModelClass,
+    charges: &Charges,
+    now: Instant,
+) -> Result<Admission, (Dimension, Duration)> {
+    let limits = shared.limits_for(class);
+    let verdict = shared.limiter.admit(class, &limits, charges.cost(), now);
+    match verdict.refusal() {
+        Some(refusal) => Err(refusal),
+        None => Ok(Admission {
+            shared: shared.clone(),
+            class,
+            mode: shared.config.output_mode,
+            charged: charges.reserved_output,
+            produced: 0,
+            done: false,
+        }),
+    }
+}
+
+/// The 429 of a request the class's buckets refused.
+fn refused(
+    shared: &Shared,
+    class: ModelClass,
+    (dimension, retry_after): (Dimension, Duration),
+    now: Instant,
+    request_id: &str,
+) -> Response<EmulatorBody> {
+    let name = class.as_str();
+    {
+        let mut stats = shared.lock_stats();
+        stats.class(name).rate_limited += 1;
+        stats.at_second(name, now, |s| s.rate_limited += 1);
+    }
+    tracing::debug!(class = %name, ?dimension, ?retry_after, "emulator: rate limited");
+    let limit = shared.limits_for(class).get(dimension);
+    let mut r = rate_limited(dimension, limit, request_id);
+    insert_retry_after(r.headers_mut(), retry_after);
+    with_limit_headers(shared, class, r)
+}
+
+/// An admitted request reached the model: the cache learns its prefixes and
+/// the counters its input.
+fn record_admission(
+    shared: &Shared,
+    class: ModelClass,
+    parsed: &ParsedRequest,
+    charges: &Charges,
+    now: Instant,
+) {
+    shared.lock_cache().commit(&parsed.units, now);
+    let name = class.as_str();
+    let cache = &charges.cache;
+    let input = charges.input;
+    let mut stats = shared.lock_stats();
+    let c = stats.class(name);
+    c.requests_admitted += 1;
+    c.input_tokens += input;
+    c.uncached_input_tokens += cache.uncached;
+    c.cache_read_input_tokens += cache.read;
+    c.cache_creation_input_tokens += cache.written();
+    stats.at_second(name, now, |s| {
+        s.requests += 1;
+        s.input_tokens += input;
+    });
+}
+
+/// The answer to an admitted request, drawn before it is produced.
+struct Answer {
+    message_id: String,
+    model: String,
+    cache: CacheOutcome,
+    output_tokens: u64,
+    /// The text, one chunk per delta.
+    chunks: Vec<String>,
+    /// Output tokens in each chunk.
+    chunk_sizes: Vec<u64>,
+    stop_reason: &'static str,
+    time_to_first_token: Duration,
+    per_token: Duration,
+    /// The `slow` fault's extra delay (zero without it).
+    slow: Duration,
+    /// Whether the `stream_error` fault cuts the stream.
+    stream_error: bool,
+}
+
+impl Answer {
+    /// Draws the answer: its length and text from the seed and the request
+    /// only (every strategy of a run gets the same), its pace and id from the
+    /// request's own draws.
+    fn draw(
+        shared: &Shared,
+        class: ModelClass,
+        parsed: &ParsedRequest,
+        charges: &Charges,
+        fault: Option<Fault>,
+        rng: &mut Rng,
+    ) -> Self {
+        let mut content_rng = Rng::new(mix(shared.config.seed, parsed.content_hash));
+        let max_tokens = charges.max_tokens;
+        let output_tokens = shared
+            .config
+            .output_length
+            .draw(&mut content_rng, max_tokens);
+        let latency = shared.config.latency;
+        let per_delta = latency.tokens_per_delta.max(1);
+        let chunks = generate_text(&mut content_rng, output_tokens, per_delta);
+        let chunk_sizes = (0..chunks.len() as u64)
+            .map(|i| per_delta.min(output_tokens.saturating_sub(i.saturating_mul(per_delta))))
+            .collect();
+        let factor = latency.factor(rng);
+        let message_id = random_id("msg_", rng);
+        let slow = if fault == Some(Fault::Slow) {
+            shared.lock_stats().class(class.as_str()).slow_responses += 1;
+            shared.config.faults.slow_delay
+        } else {
+            Duration::ZERO
         };
-        let text = chunks.concat();
-        let body = message_json(&message_id, &parsed.model, &text, stop_reason, &usage);
-        let r = json_response(StatusCode::OK, &body, Some(&request_id));
-        return Ok(with_limit_headers(&shared, class, &limits, r));
+        Answer {
+            message_id,
+            model: parsed.model.clone(),
+            cache: charges.cache,
+            output_tokens,
+            chunks,
+            chunk_sizes,
+            stop_reason: if output_tokens >= max_tokens {
+                "max_tokens"
+            } else {
+                "end_turn"
+            },
+            time_to_first_token: scale(latency.time_to_first_token, factor),
+            per_token: scale(latency.per_output_token, factor),
+            slow,
+            stream_error: fault == Some(Fault::StreamError),
+        }
     }
 
-    // Streamed: the head after any slow delay, then events paced by the latency model.
-    pause(slow).await;
-    let error_after = if fault == Some(Fault::StreamError) {
-        shared.lock_stats().class(class).stream_errors += 1;
+    /// The `usage` with `output_tokens` produced.
+    fn usage(&self, output_tokens: u64) -> UsageReport {
+        UsageReport {
+            cache: self.cache,
+            output_tokens,
+        }
+    }
+}
+
+/// A non-streamed answer: the whole generation, then one JSON message.
+async fn json_answer(
+    answer: Answer,
+    mut admission: Admission,
+    request_id: &str,
+) -> Response<EmulatorBody> {
+    pause(answer.slow.saturating_add(answer.time_to_first_token)).await;
+    for &n in &answer.chunk_sizes {
+        pause(times(answer.per_token, n)).await;
+        admission.produce(n);
+    }
+    admission.finish();
+    let usage = answer.usage(answer.output_tokens);
+    let text = answer.chunks.concat();
+    let body = message_json(
+        &answer.message_id,
+        &answer.model,
+        &text,
+        answer.stop_reason,
+        &usage,
+    );
+    json_response(StatusCode::OK, &body, Some(request_id))
+}
+
+/// A streamed answer: the head after any slow delay, then the events paced
+/// by the latency model (or cut by an `event: error`).
+async fn streamed_answer(
+    shared: &Shared,
+    class: ModelClass,
+    answer: Answer,
+    admission: Admission,
+    mut rng: Rng,
+    request_id: &str,
+) -> Response<EmulatorBody> {
+    pause(answer.slow).await;
+    let error_after = if answer.stream_error {
+        shared.lock_stats().class(class.as_str()).stream_errors += 1;
         // Somewhere in the middle: after at least one delta when there are two or more.
-        Some(
-            rng.below(chunks.len() as u64)
-                .max(u64::from(chunks.len() > 1)),
-        )
+        let n = answer.chunks.len() as u64;
+        Some(rng.below(n).max(u64::from(n > 1)))
     } else {
         None
     };
-    let start_usage = UsageReport {
-        cache,
-        output_tokens: 1,
-    };
-    let mut steps = VecDeque::with_capacity(chunks.len() * 3 + 4);
-    steps.push_back(Step::Emit(sse_opening(
-        &message_id,
-        &parsed.model,
-        &start_usage,
-    )));
-    steps.push_back(Step::Wait(ttft));
-    for (i, (text, n)) in chunks.iter().zip(chunk_sizes).enumerate() {
+    let steps = stream_script(&answer, error_after);
+    let mut response = Response::new(EmulatorBody::script(steps, admission));
+    sse_headers(response.headers_mut());
+    insert_request_id(response.headers_mut(), request_id);
+    response
+}
+
+/// The steps of a streamed answer: the opening events, then per chunk a
+/// wait, the output it charges and its delta, then the closing events; or,
+/// cut after `error_after` deltas, the end of the accounting and an
+/// `event: error`.
+fn stream_script(answer: &Answer, error_after: Option<u64>) -> VecDeque<Step> {
+    let mut steps = VecDeque::with_capacity(answer.chunks.len() * 3 + 4);
+    let opening = sse_opening(&answer.message_id, &answer.model, &answer.usage(1));
+    steps.push_back(Step::Emit(opening));
+    steps.push_back(Step::Wait(answer.time_to_first_token));
+    let chunks = answer.chunks.iter().zip(&answer.chunk_sizes);
+    for (i, (text, &n)) in chunks.enumerate() {
         if error_after == Some(i as u64) {
             steps.push_back(Step::Finish);
             steps.push_back(Step::Emit(sse_error()));
-            break;
+            return steps;
         }
-        steps.push_back(Step::Wait(times(per_token, n)));
+        steps.push_back(Step::Wait(times(answer.per_token, n)));
         steps.push_back(Step::Produce(n));
         steps.push_back(Step::Emit(sse_text_delta(text)));
     }
-    if error_after.is_none() {
-        steps.push_back(Step::Finish);
-        let usage = UsageReport {
-            cache,
-            output_tokens,
-        };
-        steps.push_back(Step::Emit(sse_closing(stop_reason, &usage)));
-    }
-    let mut response = Response::new(EmulatorBody::script(steps, admission));
-    sse_headers(response.headers_mut());
-    insert_request_id(response.headers_mut(), &request_id);
-    Ok(with_limit_headers(&shared, class, &limits, response))
+    steps.push_back(Step::Finish);
+    let usage = answer.usage(answer.output_tokens);
+    steps.push_back(Step::Emit(sse_closing(answer.stop_reason, &usage)));
+    steps
 }

@@ -104,143 +104,25 @@ pub(crate) enum Endpoint {
 pub(crate) const MAX_OUTPUT_TOKENS: u64 = 128_000;
 
 /// Reads and validates a request body; `Err` carries the `invalid_request_error` message.
+///
+/// Fields are checked in the API's order: `model`, `max_tokens`, `stream`,
+/// `messages`, then the prompt in cache order (tools, system, messages).
 pub(crate) fn parse_request(body: &[u8], endpoint: Endpoint) -> Result<ParsedRequest, String> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| format!("There was an error parsing the body of your request: {e}"))?;
     let obj = value
         .as_object()
         .ok_or_else(|| "Input should be a valid dictionary or object".to_string())?;
-
-    let model = match obj.get("model") {
-        None | Some(Value::Null) => return Err("model: Field required".into()),
-        Some(Value::String(s)) if s.trim().is_empty() => {
-            return Err("model: String should have at least 1 character".into())
-        }
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err("model: Input should be a valid string".into()),
-    };
-
-    let max_tokens = match (obj.get("max_tokens"), endpoint) {
-        (None | Some(Value::Null), Endpoint::Messages) => {
-            return Err("max_tokens: Field required".into())
-        }
-        (None | Some(Value::Null), Endpoint::CountTokens) => None,
-        (Some(v), _) => match v.as_u64() {
-            Some(0) => return Err("max_tokens: Input should be greater than or equal to 1".into()),
-            Some(n) if n > MAX_OUTPUT_TOKENS => {
-                return Err(format!(
-                    "max_tokens: {n} > {MAX_OUTPUT_TOKENS}, which is the maximum allowed number of output tokens for {model}"
-                ))
-            }
-            Some(n) => Some(n),
-            None if v.as_i64().is_some() => {
-                return Err("max_tokens: Input should be greater than or equal to 1".into())
-            }
-            None => return Err("max_tokens: Input should be a valid integer".into()),
-        },
-    };
-
-    let stream = match obj.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err("stream: Input should be a valid boolean".into()),
-    };
-
-    let messages = match obj.get("messages") {
-        None | Some(Value::Null) => return Err("messages: Field required".into()),
-        Some(Value::Array(a)) => a,
-        Some(_) => return Err("messages: Input should be a valid list".into()),
-    };
-    if messages.is_empty() {
-        return Err("messages: at least one message is required".into());
-    }
+    let model = read_model(obj)?;
+    let max_tokens = read_max_tokens(obj, endpoint, &model)?;
+    let stream = read_stream(obj)?;
+    let messages = read_messages(obj)?;
 
     let mut builder = UnitBuilder::new(&model);
-
-    if let Some(tools) = obj.get("tools") {
-        match tools {
-            Value::Null => {}
-            Value::Array(tools) => {
-                for (i, tool) in tools.iter().enumerate() {
-                    let tool = tool
-                        .as_object()
-                        .ok_or_else(|| format!("tools.{i}: Input should be a valid dictionary"))?;
-                    let ttl = breakpoint(tool, &format!("tools.{i}"))?;
-                    let stripped = without_cache_control(tool);
-                    builder.push(count_json(&stripped), &stripped, ttl);
-                }
-            }
-            _ => return Err("tools: Input should be a valid list".into()),
-        }
-    }
-
-    match obj.get("system") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => {
-            builder.push(count_text(s), &Value::String(s.clone()), None);
-        }
-        Some(Value::Array(blocks)) => {
-            for (i, block) in blocks.iter().enumerate() {
-                let path = format!("system.{i}");
-                let block = block
-                    .as_object()
-                    .ok_or_else(|| format!("{path}: Input should be a valid dictionary"))?;
-                let tokens = count_block(block, &path)?;
-                let ttl = breakpoint(block, &path)?;
-                builder.push(tokens, &without_cache_control(block), ttl);
-            }
-        }
-        Some(_) => return Err("system: Input should be a valid string or list".into()),
-    }
-
+    builder.tools(obj.get("tools"))?;
+    builder.system(obj.get("system"))?;
     for (i, message) in messages.iter().enumerate() {
-        let path = format!("messages.{i}");
-        let message = message
-            .as_object()
-            .ok_or_else(|| format!("{path}: Input should be a valid dictionary"))?;
-        let role = match message.get("role") {
-            Some(Value::String(r)) if r == "user" || r == "assistant" => r.as_str(),
-            None => return Err(format!("{path}.role: Field required")),
-            Some(_) => {
-                return Err(format!(
-                    "{path}.role: Input should be 'user' or 'assistant'"
-                ))
-            }
-        };
-        let role_value = Value::String(role.to_string());
-        match message.get("content") {
-            None | Some(Value::Null) => return Err(format!("{path}.content: Field required")),
-            Some(Value::String(s)) => {
-                let canon = Value::Array(vec![role_value, Value::String(s.clone())]);
-                builder.push(MESSAGE_OVERHEAD + count_text(s), &canon, None);
-            }
-            Some(Value::Array(blocks)) => {
-                if blocks.is_empty() {
-                    builder.push(MESSAGE_OVERHEAD, &role_value, None);
-                }
-                for (j, block) in blocks.iter().enumerate() {
-                    let bpath = format!("{path}.content.{j}");
-                    let block = block
-                        .as_object()
-                        .ok_or_else(|| format!("{bpath}: Input should be a valid dictionary"))?;
-                    let mut tokens = count_block(block, &bpath)?;
-                    let ttl = breakpoint(block, &bpath)?;
-                    let stripped = without_cache_control(block);
-                    let canon = if j == 0 {
-                        tokens += MESSAGE_OVERHEAD;
-                        Value::Array(vec![role_value.clone(), stripped])
-                    } else {
-                        stripped
-                    };
-                    builder.push(tokens, &canon, ttl);
-                }
-            }
-            Some(_) => {
-                return Err(format!(
-                    "{path}.content: Input should be a valid string or list"
-                ))
-            }
-        }
+        builder.message(message, &format!("messages.{i}"))?;
     }
 
     let total_tokens = builder.units.iter().map(|u| u.tokens).sum();
@@ -254,6 +136,72 @@ pub(crate) fn parse_request(body: &[u8], endpoint: Endpoint) -> Result<ParsedReq
     })
 }
 
+fn read_model(obj: &Map<String, Value>) -> Result<String, String> {
+    match obj.get("model") {
+        None | Some(Value::Null) => Err("model: Field required".into()),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            Err("model: String should have at least 1 character".into())
+        }
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err("model: Input should be a valid string".into()),
+    }
+}
+
+/// `max_tokens`: required by `messages`, optional (and ignored) for
+/// `count_tokens`, from 1 to [`MAX_OUTPUT_TOKENS`].
+fn read_max_tokens(
+    obj: &Map<String, Value>,
+    endpoint: Endpoint,
+    model: &str,
+) -> Result<Option<u64>, String> {
+    let v = match (obj.get("max_tokens"), endpoint) {
+        (None | Some(Value::Null), Endpoint::Messages) => {
+            return Err("max_tokens: Field required".into())
+        }
+        (None | Some(Value::Null), Endpoint::CountTokens) => return Ok(None),
+        (Some(v), _) => v,
+    };
+    match v.as_u64() {
+        Some(0) => Err("max_tokens: Input should be greater than or equal to 1".into()),
+        Some(n) if n > MAX_OUTPUT_TOKENS => Err(format!(
+            "max_tokens: {n} > {MAX_OUTPUT_TOKENS}, which is the maximum allowed number of output tokens for {model}"
+        )),
+        Some(n) => Ok(Some(n)),
+        None if v.as_i64().is_some() => {
+            Err("max_tokens: Input should be greater than or equal to 1".into())
+        }
+        None => Err("max_tokens: Input should be a valid integer".into()),
+    }
+}
+
+fn read_stream(obj: &Map<String, Value>) -> Result<bool, String> {
+    match obj.get("stream") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err("stream: Input should be a valid boolean".into()),
+    }
+}
+
+fn read_messages(obj: &Map<String, Value>) -> Result<&Vec<Value>, String> {
+    let messages = match obj.get("messages") {
+        None | Some(Value::Null) => return Err("messages: Field required".into()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err("messages: Input should be a valid list".into()),
+    };
+    if messages.is_empty() {
+        return Err("messages: at least one message is required".into());
+    }
+    Ok(messages)
+}
+
+/// `obj` as a JSON object, or the API's error for `path`.
+fn object<'a>(value: &'a Value, path: &str) -> Result<&'a Map<String, Value>, String> {
+    value
+        .as_object()
+        .ok_or_else(|| format!("{path}: Input should be a valid dictionary"))
+}
+
+/// The prompt's units in cache order, each with the hash of the prefix up to it.
 struct UnitBuilder {
     hash: u64,
     units: Vec<Unit>,
@@ -275,6 +223,92 @@ impl UnitBuilder {
             prefix_hash: self.hash,
             breakpoint,
         });
+    }
+
+    /// The tool definitions, each counted as its JSON text.
+    fn tools(&mut self, tools: Option<&Value>) -> Result<(), String> {
+        let tools = match tools {
+            None | Some(Value::Null) => return Ok(()),
+            Some(Value::Array(tools)) => tools,
+            Some(_) => return Err("tools: Input should be a valid list".into()),
+        };
+        for (i, tool) in tools.iter().enumerate() {
+            let path = format!("tools.{i}");
+            let tool = object(tool, &path)?;
+            let ttl = breakpoint(tool, &path)?;
+            let stripped = without_cache_control(tool);
+            self.push(count_json(&stripped), &stripped, ttl);
+        }
+        Ok(())
+    }
+
+    /// The system prompt: a string, or a list of blocks.
+    fn system(&mut self, system: Option<&Value>) -> Result<(), String> {
+        let blocks = match system {
+            None | Some(Value::Null) => return Ok(()),
+            Some(Value::String(s)) => {
+                self.push(count_text(s), &Value::String(s.clone()), None);
+                return Ok(());
+            }
+            Some(Value::Array(blocks)) => blocks,
+            Some(_) => return Err("system: Input should be a valid string or list".into()),
+        };
+        for (i, block) in blocks.iter().enumerate() {
+            let path = format!("system.{i}");
+            let block = object(block, &path)?;
+            let tokens = count_block(block, &path)?;
+            let ttl = breakpoint(block, &path)?;
+            self.push(tokens, &without_cache_control(block), ttl);
+        }
+        Ok(())
+    }
+
+    /// One message: its role framing ([`MESSAGE_OVERHEAD`], hashed with the
+    /// first block) and its content, a string or a list of blocks.
+    fn message(&mut self, message: &Value, path: &str) -> Result<(), String> {
+        let message = object(message, path)?;
+        let role = match message.get("role") {
+            Some(Value::String(r)) if r == "user" || r == "assistant" => r.as_str(),
+            None => return Err(format!("{path}.role: Field required")),
+            Some(_) => {
+                return Err(format!(
+                    "{path}.role: Input should be 'user' or 'assistant'"
+                ))
+            }
+        };
+        let role_value = Value::String(role.to_string());
+        let blocks = match message.get("content") {
+            None | Some(Value::Null) => return Err(format!("{path}.content: Field required")),
+            Some(Value::String(s)) => {
+                let canon = Value::Array(vec![role_value, Value::String(s.clone())]);
+                self.push(MESSAGE_OVERHEAD + count_text(s), &canon, None);
+                return Ok(());
+            }
+            Some(Value::Array(blocks)) => blocks,
+            Some(_) => {
+                return Err(format!(
+                    "{path}.content: Input should be a valid string or list"
+                ))
+            }
+        };
+        if blocks.is_empty() {
+            self.push(MESSAGE_OVERHEAD, &role_value, None);
+        }
+        for (j, block) in blocks.iter().enumerate() {
+            let bpath = format!("{path}.content.{j}");
+            let block = object(block, &bpath)?;
+            let mut tokens = count_block(block, &bpath)?;
+            let ttl = breakpoint(block, &bpath)?;
+            let stripped = without_cache_control(block);
+            let canon = if j == 0 {
+                tokens += MESSAGE_OVERHEAD;
+                Value::Array(vec![role_value.clone(), stripped])
+            } else {
+                stripped
+            };
+            self.push(tokens, &canon, ttl);
+        }
+        Ok(())
     }
 }
 
@@ -333,46 +367,7 @@ fn count_block(block: &Map<String, Value>, path: &str) -> Result<u64, String> {
     match kind {
         "text" => Ok(count_text(str_field(block, "text", path)?)),
         "image" => Ok(IMAGE_TOKENS),
-        "document" => {
-            let source = block
-                .get("source")
-                .and_then(Value::as_object)
-                .ok_or_else(|| format!("{path}.source: Field required"))?;
-            let mut tokens = match source.get("type").and_then(Value::as_str) {
-                Some("text") => {
-                    count_text(source.get("data").and_then(Value::as_str).unwrap_or(""))
-                }
-                Some("content") => match source.get("content") {
-                    Some(Value::String(s)) => count_text(s),
-                    Some(Value::Array(blocks)) => {
-                        let mut sum = 0;
-                        for (k, b) in blocks.iter().enumerate() {
-                            let bpath = format!("{path}.source.content.{k}");
-                            let b = b.as_object().ok_or_else(|| {
-                                format!("{bpath}: Input should be a valid dictionary")
-                            })?;
-                            sum += count_block(b, &bpath)?;
-                        }
-                        sum
-                    }
-                    _ => 0,
-                },
-                Some("base64") => {
-                    let len = source
-                        .get("data")
-                        .and_then(Value::as_str)
-                        .map_or(0, str::len);
-                    DOCUMENT_PAGE_TOKENS * (len.div_ceil(DOCUMENT_PAGE_CHARS).max(1) as u64)
-                }
-                _ => DOCUMENT_PAGE_TOKENS,
-            };
-            for field in ["title", "context"] {
-                if let Some(Value::String(s)) = block.get(field) {
-                    tokens += count_text(s);
-                }
-            }
-            Ok(tokens)
-        }
+        "document" => count_document(block, path),
         "tool_use" | "server_tool_use" => {
             let name = block.get("name").and_then(Value::as_str).unwrap_or("");
             let input = block.get("input").map_or(0, count_json);
@@ -381,17 +376,7 @@ fn count_block(block: &Map<String, Value>, path: &str) -> Result<u64, String> {
         "tool_result" => match block.get("content") {
             None | Some(Value::Null) => Ok(0),
             Some(Value::String(s)) => Ok(count_text(s)),
-            Some(Value::Array(blocks)) => {
-                let mut sum = 0;
-                for (k, b) in blocks.iter().enumerate() {
-                    let bpath = format!("{path}.content.{k}");
-                    let b = b
-                        .as_object()
-                        .ok_or_else(|| format!("{bpath}: Input should be a valid dictionary"))?;
-                    sum += count_block(b, &bpath)?;
-                }
-                Ok(sum)
-            }
+            Some(Value::Array(blocks)) => count_blocks(blocks, &format!("{path}.content")),
             Some(_) => Err(format!(
                 "{path}.content: Input should be a valid string or list"
             )),
@@ -404,6 +389,47 @@ fn count_block(block: &Map<String, Value>, path: &str) -> Result<u64, String> {
         )),
         _ => Ok(count_json(&without_cache_control(block))),
     }
+}
+
+/// Counts a list of content blocks at `path` (`path.0`, `path.1`, ...).
+fn count_blocks(blocks: &[Value], path: &str) -> Result<u64, String> {
+    let mut sum = 0;
+    for (k, b) in blocks.iter().enumerate() {
+        let bpath = format!("{path}.{k}");
+        sum += count_block(object(b, &bpath)?, &bpath)?;
+    }
+    Ok(sum)
+}
+
+/// A document block: its source (text, content blocks, base64 pages, or one
+/// page for a URL or file), plus its title and context.
+fn count_document(block: &Map<String, Value>, path: &str) -> Result<u64, String> {
+    let source = block
+        .get("source")
+        .and_then(Value::as_object)
+        .ok_or_else(|| format!("{path}.source: Field required"))?;
+    let mut tokens = match source.get("type").and_then(Value::as_str) {
+        Some("text") => count_text(source.get("data").and_then(Value::as_str).unwrap_or("")),
+        Some("content") => match source.get("content") {
+            Some(Value::String(s)) => count_text(s),
+            Some(Value::Array(blocks)) => count_blocks(blocks, &format!("{path}.source.content"))?,
+            _ => 0,
+        },
+        Some("base64") => {
+            let len = source
+                .get("data")
+                .and_then(Value::as_str)
+                .map_or(0, str::len);
+            DOCUMENT_PAGE_TOKENS * (len.div_ceil(DOCUMENT_PAGE_CHARS).max(1) as u64)
+        }
+        _ => DOCUMENT_PAGE_TOKENS,
+    };
+    for field in ["title", "context"] {
+        if let Some(Value::String(s)) = block.get(field) {
+            tokens += count_text(s);
+        }
+    }
+    Ok(tokens)
 }
 
 /// The emulator's token counter as a [`TokenEstimator`]: a perfect estimate of
