@@ -36,7 +36,7 @@ pub fn svg(rows: &[Row], limits: &LimitSpec, bucket: f64) -> String {
             for a in &r.attempts_log {
                 if let Some(u) = a.usage {
                     let b = ((a.sent.as_secs_f64() / bucket) as usize).min(n_buckets - 1);
-                    inp[b] += u.charged_input() as f64 / bucket;
+                    inp[b] += u.charged_input_tokens(false) as f64 / bucket;
                     out[b] += u.output_tokens as f64 / bucket;
                 }
             }

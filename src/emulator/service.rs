@@ -19,7 +19,7 @@ use super::body::{EmulatorBody, Step};
 use super::cache::CacheOutcome;
 use super::config::{scale, Fault};
 use super::response::{
-    error_json, error_response, generate_text, insert_rate_limit_headers, insert_request_id,
+    error_response, generate_text, insert_rate_limit_headers, insert_request_id,
     insert_retry_after, json_response, message_json, random_id, rate_limit_message,
     spend_limit_message, sse_closing, sse_error, sse_headers, sse_opening, sse_text_delta,
     UsageReport, ACCELERATION_MESSAGE,
@@ -29,6 +29,7 @@ use super::tokens::{parse_request, Endpoint, ParsedRequest};
 use super::Shared;
 use crate::budget::ledger::{CostDelta, Costs, Ledger, Reservation};
 use crate::budget::limits::{Limits, ModelClass, OutputMode};
+use crate::wire::error::{ErrorBody, ErrorKind};
 use crate::{BoxError, Dimension};
 
 #[derive(Serialize)]
@@ -251,7 +252,7 @@ where
             shared.lock_stats().invalid_requests += 1;
             return Ok(error_response(
                 StatusCode::NOT_FOUND,
-                "not_found_error",
+                ErrorKind::NotFound,
                 "Not Found",
                 Some(&request_id),
             ));
@@ -261,7 +262,7 @@ where
         shared.lock_stats().invalid_requests += 1;
         return Ok(error_response(
             StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
+            ErrorKind::InvalidRequest,
             "Method Not Allowed",
             Some(&request_id),
         ));
@@ -274,7 +275,7 @@ where
             // Answered by the edge (Cloudflare) before the API: no request id.
             return Ok(error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
+                ErrorKind::RequestTooLarge,
                 "Request exceeds the maximum allowed number of bytes.",
                 None,
             ));
@@ -288,7 +289,7 @@ where
             shared.lock_stats().invalid_requests += 1;
             return Ok(error_response(
                 StatusCode::BAD_REQUEST,
-                "invalid_request_error",
+                ErrorKind::InvalidRequest,
                 &message,
                 Some(&request_id),
             ));
@@ -355,7 +356,7 @@ fn rate_limited(
 ) -> Response<EmulatorBody> {
     error_response(
         StatusCode::TOO_MANY_REQUESTS,
-        "rate_limit_error",
+        ErrorKind::RateLimit,
         &rate_limit_message(dimension, limit),
         Some(request_id),
     )
@@ -388,12 +389,9 @@ async fn messages(
     if shared.spend_limit_reached() {
         shared.lock_stats().class(class).spend_limited += 1;
         let message = spend_limit_message(SystemTime::now());
-        let body = error_json(
-            "rate_limit_error",
-            &message,
-            Some(&request_id),
-            Some("enforced_spend_limit_reached"),
-        );
+        let body = ErrorBody::new(ErrorKind::RateLimit, &message)
+            .with_request_id(&request_id)
+            .with_error_code("enforced_spend_limit_reached");
         let response = json_response(StatusCode::TOO_MANY_REQUESTS, &body, Some(&request_id));
         return Ok(with_limit_headers(&shared, class, &limits, response));
     }
@@ -403,8 +401,8 @@ async fn messages(
         Some(Fault::Overloaded) => {
             shared.lock_stats().class(class).overloaded += 1;
             let r = error_response(
-                StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                "overloaded_error",
+                ErrorKind::Overloaded.status(),
+                ErrorKind::Overloaded,
                 "Overloaded",
                 Some(&request_id),
             );
@@ -414,7 +412,7 @@ async fn messages(
             shared.lock_stats().class(class).server_errors += 1;
             let r = error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "api_error",
+                ErrorKind::Api,
                 "Internal server error",
                 Some(&request_id),
             );
@@ -458,7 +456,7 @@ async fn messages(
             tracing::debug!(class = %class, "emulator: acceleration limit");
             let mut r = error_response(
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
+                ErrorKind::RateLimit,
                 ACCELERATION_MESSAGE,
                 Some(&request_id),
             );
