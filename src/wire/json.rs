@@ -19,8 +19,8 @@
 //! ```
 //! use tower_llm_limits::wire::json::{Chars, Scanner};
 //!
-//! let body = br#"{"model": "claude-sonnet-4-5", "max_tokens": 512, "system": "héllo"}"#;
-//! let mut sc = Scanner::new(body);
+//! let body = r#"{"model": "claude-sonnet-4-5", "max_tokens": 512, "system": "héllo"}"#;
+//! let mut sc = Scanner::new(body.as_bytes());
 //! sc.expect(b'{')?;
 //! let mut max_tokens = None;
 //! let mut text = Chars::default();
