@@ -182,8 +182,14 @@ fn usage_round_trips_and_applies_deltas() {
         json,
         r#"{"input_tokens":12,"cache_creation_input_tokens":3,"cache_read_input_tokens":4,"cache_creation":{"ephemeral_5m_input_tokens":3,"ephemeral_1h_input_tokens":0},"output_tokens":34}"#
     );
-    assert_eq!(serde_json::from_str::<Usage>(&json).ok(), Some(body_usage()));
-    assert_eq!(serde_json::from_str::<Usage>("{}").ok(), Some(Usage::default()));
+    assert_eq!(
+        serde_json::from_str::<Usage>(&json).ok(),
+        Some(body_usage())
+    );
+    assert_eq!(
+        serde_json::from_str::<Usage>("{}").ok(),
+        Some(Usage::default())
+    );
 
     let mut u = body_usage();
     u.apply(&UsageDelta {

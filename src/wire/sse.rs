@@ -328,7 +328,8 @@ impl SseDecoder {
             b"event" => {
                 let event = String::from_utf8_lossy(value);
                 self.skip = self.filter.is_some_and(|keep| !keep(&event));
-                self.event = (!event.is_empty()).then(|| event.into_owned());
+                // A skipped event is never dispatched: its name is not kept.
+                self.event = (!self.skip && !event.is_empty()).then(|| event.into_owned());
             }
             b"data" => self.data_line(value),
             b"id" if !value.contains(&0) => {
