@@ -3,8 +3,7 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{Response, StatusCode};
 use serde::Serialize;
 
 use super::body::EmulatorBody;
@@ -14,6 +13,7 @@ pub(crate) use crate::budget::answer::insert_rate_limit_headers;
 use crate::headers::format_rfc3339;
 use crate::wire::error::{self, ErrorBody, ErrorKind};
 pub(crate) use crate::wire::error::{insert_request_id, insert_retry_after};
+pub(crate) use crate::wire::sse::insert_stream_headers as sse_headers;
 use crate::wire::sse::json_event;
 use crate::wire::{CacheCreation, Usage, UsageDelta};
 use crate::Dimension;
@@ -54,15 +54,6 @@ pub(crate) fn error_response(
         None => body,
     };
     body.into_response_with(status).map(EmulatorBody::full)
-}
-
-/// The headers of a streamed answer.
-pub(crate) fn sse_headers(headers: &mut HeaderMap) {
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
 }
 
 /// The 429 message of a per-minute limit, with the API's closing sentence

@@ -35,7 +35,43 @@
 use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue};
 use serde::Serialize;
+
+/// The media type of an event stream.
+pub const EVENT_STREAM: &str = "text/event-stream";
+
+/// Whether `headers` say the body is an event stream (`content-type:
+/// text/event-stream`, parameters allowed); `None` without a `content-type`.
+///
+/// ```
+/// use http::HeaderMap;
+/// use tower_llm_limits::wire::sse::{insert_stream_headers, is_event_stream};
+///
+/// let mut headers = HeaderMap::new();
+/// assert_eq!(is_event_stream(&headers), None);
+/// insert_stream_headers(&mut headers);
+/// assert_eq!(is_event_stream(&headers), Some(true));
+/// ```
+pub fn is_event_stream(headers: &HeaderMap) -> Option<bool> {
+    let value = headers.get(CONTENT_TYPE)?;
+    Some(value.to_str().is_ok_and(|s| {
+        s.trim_start()
+            .get(..EVENT_STREAM.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(EVENT_STREAM))
+    }))
+}
+
+/// The headers the API sends with a streamed answer: `content-type:
+/// text/event-stream; charset=utf-8` and `cache-control: no-cache`.
+pub fn insert_stream_headers(headers: &mut HeaderMap) {
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+}
 
 /// One event of a stream.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
