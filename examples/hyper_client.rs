@@ -165,37 +165,9 @@ impl Anthropic {
 }
 
 /// `usage` from a JSON answer, or from an SSE stream's `message_start` and
-/// last `message_delta`: (input, output) tokens.
+/// `message_delta` events: (input, output) tokens.
 pub fn usage_of(body: &[u8]) -> Option<(u64, u64)> {
-    if let Ok(v) = serde_json::from_slice::<Value>(body) {
-        let u = v.get("usage")?;
-        return Some((
-            u.get("input_tokens")?.as_u64()?,
-            u.get("output_tokens")?.as_u64()?,
-        ));
-    }
-    let text = std::str::from_utf8(body).ok()?;
-    let (mut input, mut output) = (None, None);
-    for line in text.lines() {
-        let Some(data) = line.strip_prefix("data:") else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
-            continue;
-        };
-        match v.get("type").and_then(Value::as_str) {
-            Some("message_start") => {
-                input = v
-                    .pointer("/message/usage/input_tokens")
-                    .and_then(Value::as_u64);
-            }
-            Some("message_delta") => {
-                output = v.pointer("/usage/output_tokens").and_then(Value::as_u64);
-            }
-            _ => {}
-        }
-    }
-    Some((input?, output?))
+    tower_llm_limits::wire::usage_of(body).map(|u| (u.input_tokens, u.output_tokens))
 }
 
 /// A Messages request body for `prompt`.

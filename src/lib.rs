@@ -90,8 +90,8 @@
 //! | `concurrency` | yes | [`concurrency`] |
 //! | `emulator` | no | [`emulator`]: an axum emulator of the Messages API's rate limiter (brings axum, hyper, hyper-util) |
 //!
-//! [`preset`] needs the three default features. [`headers`], [`body`] and
-//! [`error`] are always there.
+//! [`preset`] needs the three default features. [`headers`], [`body`],
+//! [`wire`] and [`error`] are always there.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -105,6 +105,7 @@ pub mod body;
 pub mod error;
 pub mod headers;
 mod mix;
+pub mod wire;
 
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]

@@ -21,8 +21,9 @@ use tower_llm_limits::body::{BufferedBytes, ReplayBody};
 use tower_llm_limits::budget::{
     BudgetMode, BudgetSnapshot, KeyExtractor, Limits, OutputMode, TokenBudgetLayer,
 };
-use tower_llm_limits::estimate::{Estimate, TokenEstimator, Usage};
+use tower_llm_limits::estimate::{Estimate, TokenEstimator};
 use tower_llm_limits::headers::RateLimitSnapshot;
+use tower_llm_limits::wire::Usage;
 use tower_llm_limits::{BoxError, Dimension, Error};
 
 type ResBody = UnsyncBoxBody<Bytes, BoxError>;

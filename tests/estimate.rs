@@ -6,9 +6,8 @@ use std::time::Duration;
 use http::request::Parts;
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use tower_llm_limits::estimate::{
-    AnthropicEstimator, CalibrationConfig, Estimate, TokenEstimator, Usage,
-};
+use tower_llm_limits::estimate::{AnthropicEstimator, CalibrationConfig, Estimate, TokenEstimator};
+use tower_llm_limits::wire::Usage;
 
 fn parts() -> Parts {
     http::Request::post("/v1/messages")

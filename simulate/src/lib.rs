@@ -178,7 +178,7 @@ fn charged_from_responses(attempts: &[run::Attempt]) -> Charged {
             c.requests += 1;
         }
         if let Some(u) = a.usage {
-            c.input_tokens += u.charged_input();
+            c.input_tokens += u.charged_input_tokens(false);
             c.output_tokens += u.output_tokens;
         }
     }
@@ -231,7 +231,7 @@ fn timeline(
             rows[i].1 += 1;
         }
         if let Some(u) = a.usage {
-            rows[i].2 += u.charged_input();
+            rows[i].2 += u.charged_input_tokens(false);
             rows[i].3 += u.output_tokens;
         }
     }

@@ -38,7 +38,7 @@ impl Series {
         for a in &row.attempts_log {
             if let Some(u) = a.usage {
                 let b = ((a.sent.as_secs_f64() / bucket) as usize).min(n_buckets - 1);
-                input[b] += u.charged_input() as f64 / bucket;
+                input[b] += u.charged_input_tokens(false) as f64 / bucket;
                 output[b] += u.output_tokens as f64 / bucket;
             }
         }
@@ -292,7 +292,8 @@ mod tests {
 
     use super::*;
     use crate::report::{row, Charged};
-    use crate::run::{Attempt, Outcome, SeenUsage};
+    use crate::run::{Attempt, Outcome};
+    use tower_llm_limits::wire::Usage;
 
     fn limits() -> LimitSpec {
         LimitSpec {
@@ -311,10 +312,10 @@ mod tests {
             request: Some(0),
             sent: Duration::from_secs(sent),
             status: Some(status),
-            usage: (status == 200).then_some(SeenUsage {
+            usage: (status == 200).then_some(Usage {
                 input_tokens: input,
                 output_tokens: 10,
-                ..SeenUsage::default()
+                ..Usage::default()
             }),
         }
     }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceExt};
 use tower_llm_limits::headers::RateLimitSnapshot;
+use tower_llm_limits::wire::{usage_of, StreamEnd, StreamUsage, Usage};
 use tower_llm_limits::BoxError;
 
 use super::progress::Progress;
@@ -50,22 +51,6 @@ where
     req.map(|b| b.map_err(Into::into).boxed_unsync())
 }
 
-/// Usage read back from a response body.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SeenUsage {
-    pub input_tokens: u64,
-    pub cache_creation_input_tokens: u64,
-    pub cache_read_input_tokens: u64,
-    pub output_tokens: u64,
-}
-
-impl SeenUsage {
-    /// What ITPM was charged: uncached input plus cache writes.
-    pub fn charged_input(&self) -> u64 {
-        self.input_tokens + self.cache_creation_input_tokens
-    }
-}
-
 /// One attempt, as the meter saw it.
 #[derive(Debug, Clone)]
 pub struct Attempt {
@@ -76,7 +61,7 @@ pub struct Attempt {
     /// Status, or None for a transport error.
     pub status: Option<u16>,
     /// Usage the response body reported, if it completed.
-    pub usage: Option<SeenUsage>,
+    pub usage: Option<Usage>,
 }
 
 /// The log of one run, shared by the meter's clones.
@@ -104,7 +89,7 @@ impl Log {
         v.len() - 1
     }
 
-    fn set_usage(&self, i: usize, u: SeenUsage) {
+    fn set_usage(&self, i: usize, u: Usage) {
         let mut v = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(a) = v.get_mut(i) {
             a.usage = Some(u);
@@ -235,7 +220,7 @@ impl HttpBody for UsageTap {
             }
             Poll::Ready(None) if !this.done => {
                 this.done = true;
-                if let Some(u) = parse_usage(&this.seen) {
+                if let Some(u) = usage_of(&this.seen) {
                     this.log.set_usage(this.index, u);
                 }
             }
@@ -251,55 +236,6 @@ impl HttpBody for UsageTap {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-fn usage_from(v: &serde_json::Value) -> Option<SeenUsage> {
-    let u = v.as_object()?;
-    let get = |k: &str| u.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-    Some(SeenUsage {
-        input_tokens: get("input_tokens"),
-        cache_creation_input_tokens: get("cache_creation_input_tokens"),
-        cache_read_input_tokens: get("cache_read_input_tokens"),
-        output_tokens: get("output_tokens"),
-    })
-}
-
-/// Reads `usage` from a JSON Messages response or from an SSE stream
-/// (`message_start` gives the input, the last `message_delta` the output).
-pub fn parse_usage(body: &[u8]) -> Option<SeenUsage> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
-    if *first == b'{' {
-        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-        return usage_from(v.get("usage")?);
-    }
-    let text = std::str::from_utf8(body).ok()?;
-    let mut usage: Option<SeenUsage> = None;
-    for line in text.lines() {
-        let Some(data) = line.strip_prefix("data:") else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(data.trim()) else {
-            continue;
-        };
-        match v.get("type").and_then(serde_json::Value::as_str) {
-            Some("message_start") => {
-                usage = v
-                    .get("message")
-                    .and_then(|m| m.get("usage"))
-                    .and_then(usage_from);
-            }
-            Some("message_delta") => {
-                if let (Some(u), Some(d)) = (usage.as_mut(), v.get("usage").and_then(usage_from)) {
-                    u.output_tokens = d.output_tokens.max(u.output_tokens);
-                    if d.input_tokens > 0 {
-                        u.input_tokens = d.input_tokens;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    usage
 }
 
 /// How one logical request of the workload ended.
@@ -376,7 +312,7 @@ pub async fn drive(
                                 let bytes = c.to_bytes();
                                 if !status.is_success() {
                                     (false, Some(format!("HTTP {}", status.as_u16())))
-                                } else if memchr_event_error(&bytes) {
+                                } else if stream_errored(&bytes) {
                                     (false, Some("stream error event".to_string()))
                                 } else {
                                     (true, None)
@@ -410,8 +346,12 @@ pub async fn drive(
     all
 }
 
-fn memchr_event_error(b: &[u8]) -> bool {
-    b.windows(12).any(|w| w == b"event: error")
+/// Whether a streamed body carried an `error` event.
+fn stream_errored(b: &[u8]) -> bool {
+    let mut stream = StreamUsage::new();
+    stream.push(b);
+    stream.finish();
+    stream.end() == Some(StreamEnd::Errored)
 }
 
 /// A short name for an error, for the failure summary: the crate's own
@@ -451,10 +391,10 @@ mod tests {
     #[test]
     fn usage_from_json_and_from_sse() {
         let json = br#"{"type":"message","usage":{"input_tokens":12,"cache_creation_input_tokens":3,"cache_read_input_tokens":40,"output_tokens":7}}"#;
-        let u = parse_usage(json).expect("json usage");
+        let u = usage_of(json).expect("json usage");
         assert_eq!(
             (
-                u.charged_input(),
+                u.charged_input_tokens(false),
                 u.cache_read_input_tokens,
                 u.output_tokens
             ),
@@ -464,8 +404,8 @@ mod tests {
         let sse = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
 event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n\
 event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
-        let u = parse_usage(sse).expect("sse usage");
+        let u = usage_of(sse).expect("sse usage");
         assert_eq!((u.input_tokens, u.output_tokens), (25, 15));
-        assert_eq!(parse_usage(b"not a body"), None);
+        assert_eq!(usage_of(b"not a body"), None);
     }
 }

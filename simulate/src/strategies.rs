@@ -12,8 +12,9 @@ use tokio::sync::Semaphore;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetLayer};
-use tower_llm_limits::estimate::{AnthropicEstimator, Estimate, TokenEstimator, Usage};
+use tower_llm_limits::estimate::{AnthropicEstimator, Estimate, TokenEstimator};
 use tower_llm_limits::preset;
+use tower_llm_limits::wire::Usage;
 use tower_llm_limits::BoxError;
 
 use super::args::Args;

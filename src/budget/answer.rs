@@ -1,135 +1,15 @@
-//! Anthropic-shaped answers, shared by enforce mode and the emulator: the
-//! error JSON, the 429 message, `retry-after` and the
-//! `anthropic-ratelimit-*` headers of a key's buckets (facts file, sections
-//! 3, 4.1 and 4.2).
+//! The `anthropic-ratelimit-*` headers of a key's buckets, as the API writes
+//! them, shared by enforce mode and the emulator. The rest of the API's
+//! answers (error JSON, 429 message, `retry-after`) is in
+//! [`wire::error`](crate::wire::error).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue};
-use serde::Serialize;
+use http::HeaderMap;
 
 use super::ledger::BucketState;
-use crate::headers::{insert_limit_headers, X_SHOULD_RETRY};
+use crate::headers::insert_limit_headers;
 use crate::Dimension;
-
-/// The API's error JSON: `{"type":"error","error":{"type":..,"message":..},"request_id":..}`.
-#[derive(Debug, Serialize)]
-pub(crate) struct ErrorBody<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    error: ErrorObject<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_id: Option<&'a str>,
-}
-
-#[derive(Debug, Serialize)]
-struct ErrorObject<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    details: Option<ErrorDetails<'a>>,
-}
-
-#[derive(Debug, Serialize)]
-struct ErrorDetails<'a> {
-    error_code: &'a str,
-}
-
-/// The error body; `error_code` goes in `error.details` (the spend-cap 429).
-pub(crate) fn error_json<'a>(
-    kind: &'a str,
-    message: &'a str,
-    request_id: Option<&'a str>,
-    error_code: Option<&'a str>,
-) -> ErrorBody<'a> {
-    ErrorBody {
-        kind: "error",
-        error: ErrorObject {
-            kind,
-            message,
-            details: error_code.map(|error_code| ErrorDetails { error_code }),
-        },
-        request_id,
-    }
-}
-
-/// A value serialised as JSON (empty if it cannot be, which the crate's own
-/// answer types never are).
-pub(crate) fn json_bytes(body: &impl Serialize) -> Bytes {
-    Bytes::from(serde_json::to_vec(body).unwrap_or_default())
-}
-
-/// `content-type: application/json`, and `request-id` when given.
-pub(crate) fn insert_json_headers(headers: &mut HeaderMap, request_id: Option<&str>) {
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Some(id) = request_id {
-        insert_request_id(headers, id);
-    }
-}
-
-/// `request-id: id` (nothing if `id` is not a valid header value).
-pub(crate) fn insert_request_id(headers: &mut HeaderMap, id: &str) {
-    if let Ok(v) = HeaderValue::from_str(id) {
-        headers.insert("request-id", v);
-    }
-}
-
-/// Marks a 429 as retryable after `retry_after` (integer seconds, rounded up,
-/// at least 1) with `x-should-retry: true`.
-pub(crate) fn insert_retry_after(headers: &mut HeaderMap, retry_after: Duration) {
-    headers.insert(
-        RETRY_AFTER,
-        HeaderValue::from(retry_after_secs(retry_after)),
-    );
-    headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("true"));
-}
-
-/// `retry-after` in whole seconds: rounded up, at least 1.
-pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
-    let whole = wait
-        .as_secs()
-        .saturating_add(u64::from(wait.subsec_nanos() > 0));
-    whole.max(1)
-}
-
-/// `1234567` -> `"1,234,567"`, as the API's messages write limits.
-pub(crate) fn with_commas(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// The 429 message of a per-minute limit (facts file 4.2):
-/// "This request would exceed the rate limit for your organization
-/// (`organization`) of 30,000 input tokens per minute. For details, …".
-pub(crate) fn rate_limit_message(
-    organization: Option<&str>,
-    dimension: Dimension,
-    limit: Option<u64>,
-) -> String {
-    let what = match dimension {
-        Dimension::Requests => "requests per minute",
-        Dimension::InputTokens => "input tokens per minute",
-        Dimension::OutputTokens => "output tokens per minute",
-    };
-    let organization = organization.map_or_else(String::new, |o| format!(" ({o})"));
-    let limit = limit.map_or_else(|| "your limit of".to_string(), with_commas);
-    format!(
-        "This request would exceed the rate limit for your organization{organization} of {limit} {what}. \
-         For details, refer to: https://docs.claude.com/en/api/rate-limits. You can see the response \
-         headers for current usage. Please reduce the prompt length or the maximum tokens requested, \
-         or try again later."
-    )
-}
 
 /// Rounds a time up to the next whole second (a reset is never announced early).
 fn ceil_second(t: SystemTime) -> SystemTime {
@@ -219,34 +99,12 @@ mod tests {
     use crate::headers::parse_rfc3339;
 
     #[test]
-    fn commas_rounding_and_retry_after() {
-        assert_eq!(with_commas(30_000), "30,000");
-        assert_eq!(with_commas(999), "999");
-        assert_eq!(with_commas(1_234_567), "1,234,567");
-        assert_eq!(with_commas(u64::MAX), "18,446,744,073,709,551,615");
-        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(2_001)), 3);
-        assert_eq!(retry_after_secs(Duration::from_secs(20)), 20);
-        assert_eq!(retry_after_secs(Duration::MAX), u64::MAX);
+    fn remaining_tokens_round_to_the_thousand() {
         assert_eq!(round_thousands(29_499.9), 29_000);
         assert_eq!(round_thousands(29_500.0), 30_000);
         assert_eq!(round_thousands(-5.0), 0);
         assert_eq!(round_thousands(f64::NAN), 0);
         assert_eq!(round_thousands(f64::MAX), u64::MAX / 1_000 * 1_000);
-    }
-
-    #[test]
-    fn message_names_the_limit_and_the_organization() {
-        let m = rate_limit_message(Some("emulator"), Dimension::InputTokens, Some(30_000));
-        assert!(
-            m.starts_with("This request would exceed the rate limit for your organization (emulator) of 30,000 input tokens per minute. "),
-            "{m}"
-        );
-        let m = rate_limit_message(None, Dimension::Requests, None);
-        assert!(
-            m.starts_with("This request would exceed the rate limit for your organization of your limit of requests per minute. "),
-            "{m}"
-        );
     }
 
     fn bucket(limit: Option<u64>, available: f64) -> BucketState {

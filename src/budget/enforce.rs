@@ -4,16 +4,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response};
 use tokio::time::Instant;
 
-use super::answer::{
-    error_json, insert_json_headers, insert_rate_limit_headers, insert_retry_after, json_bytes,
-    rate_limit_message,
-};
+use super::answer::insert_rate_limit_headers;
 use super::state::{dim_index, Charge, Denied, Shared};
 use super::usage::ResponseBody;
 use crate::headers::{is_rate_limit_header, X_SHOULD_RETRY};
+use crate::wire::error::{insert_retry_after, rate_limit_message, ErrorBody, ErrorKind};
 
 /// Writes the `anthropic-ratelimit-*` headers of a key's buckets: requests,
 /// input tokens, output tokens, and the combined `tokens` (input + output, as
@@ -56,7 +54,7 @@ fn request_id() -> String {
 /// The 429 answer to a request the caller's budget cannot admit.
 ///
 /// Body: `{"type":"error","error":{"type":"rate_limit_error","message":…},"request_id":"req_…"}`
-/// (facts file, 4.1 and 4.2), with the same id in a `request-id` header.
+/// with the same id in a `request-id` header.
 /// Over budget now: `retry-after` in whole seconds rounded up and
 /// `x-should-retry: true`. Never fits: no `retry-after` and
 /// `x-should-retry: false` (retrying cannot help).
@@ -83,11 +81,11 @@ pub(crate) fn reject<B>(
     };
     let message = rate_limit_message(None, dimension, limit);
     let id = request_id();
-    let body = error_json("rate_limit_error", &message, Some(&id), None);
-    let mut response = Response::new(ResponseBody::full(json_bytes(&body)));
-    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let mut response = ErrorBody::new(ErrorKind::RateLimit, &message)
+        .with_request_id(&id)
+        .into_response()
+        .map(ResponseBody::full);
     let headers = response.headers_mut();
-    insert_json_headers(headers, Some(&id));
     match retry_in {
         Some(retry_in) => insert_retry_after(headers, retry_in),
         None => {

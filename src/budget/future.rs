@@ -17,6 +17,7 @@ use super::state::{Admission, Charge, Shared};
 use super::usage::{ResponseBody, Tracker};
 use crate::body::{Buffered, ReplayBody};
 use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
+use crate::wire::sse::is_event_stream;
 use crate::{BoxError, Error};
 
 /// The buffering of a request body, boxed (an `async fn`'s future has no name).
@@ -329,13 +330,7 @@ fn respond<ResB: Body>(
         );
         return Response::from_parts(parts, ResponseBody::plain(body));
     }
-    let sse = match parts.headers.get(http::header::CONTENT_TYPE) {
-        Some(ct) => ct
-            .to_str()
-            .map(|s| s.trim_start().starts_with("text/event-stream"))
-            .unwrap_or(false),
-        None => charge.estimate.stream,
-    };
+    let sse = is_event_stream(&parts.headers).unwrap_or(charge.estimate.stream);
     let tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
     if body.is_end_stream() {
         // An empty body may never be polled: settle now.

@@ -147,7 +147,6 @@ mod future;
 mod layer;
 pub mod ledger;
 pub mod limits;
-mod scan;
 mod service;
 mod snapshot;
 mod state;

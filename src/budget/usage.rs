@@ -85,9 +85,9 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::ledger::CostDelta;
-use super::scan::{JsonScanner, SseScanner, StreamEnd};
 use super::state::{difference, Charge, Shared};
-use crate::estimate::Usage;
+use crate::wire::json::UsageScanner;
+use crate::wire::{StreamEnd, StreamUsage, Usage};
 
 pin_project! {
     /// The response body of a [`TokenBudget`](super::TokenBudget) service.
@@ -215,10 +215,11 @@ where
     }
 }
 
+/// The reader of the response's usage, chosen by its `content-type`.
 #[derive(Debug)]
 enum Scanner {
-    Sse(SseScanner),
-    Json(JsonScanner),
+    Sse(Box<StreamUsage>),
+    Json(UsageScanner),
 }
 
 /// How the body stopped being read.
@@ -250,9 +251,9 @@ impl Tracker {
             shared,
             charge,
             scanner: if sse {
-                Scanner::Sse(SseScanner::default())
+                Scanner::Sse(Box::default())
             } else {
-                Scanner::Json(JsonScanner::default())
+                Scanner::Json(UsageScanner::new())
             },
             error_status,
             done: false,
@@ -272,7 +273,7 @@ impl Tracker {
     }
 
     fn is_final(&self) -> bool {
-        matches!(&self.scanner, Scanner::Sse(s) if s.end.is_some())
+        matches!(&self.scanner, Scanner::Sse(s) if s.end().is_some())
     }
 
     fn conclude(&mut self, end: End) {
@@ -285,34 +286,28 @@ impl Tracker {
                 if end == End::Ended {
                     s.finish();
                 }
-                match s.end {
-                    Some(StreamEnd::Stopped) => Outcome::Complete(s.usage),
+                match s.end() {
+                    Some(StreamEnd::Stopped) => Outcome::Complete(s.usage()),
                     Some(StreamEnd::Errored) => Outcome::Stopped {
-                        usage: s.usage,
-                        input_known: s.saw_start,
+                        usage: s.usage(),
+                        input_known: s.started(),
                     },
-                    None if end == End::Ended && self.error_status && !s.saw_start => {
+                    None if end == End::Ended && self.error_status && !s.started() => {
                         Outcome::NoOutput
                     }
                     None => Outcome::Truncated {
-                        usage: s.usage,
-                        input_known: s.saw_start,
+                        usage: s.usage(),
+                        input_known: s.started(),
                     },
                 }
             }
-            Scanner::Json(j) => match j.usage {
+            Scanner::Json(j) => match j.usage() {
                 Some(usage) => Outcome::Complete(usage),
                 None if self.error_status && end == End::Ended => Outcome::NoOutput,
                 None => Outcome::Keep,
             },
         };
-        let input_of = |u: &Usage| {
-            let mut input = u.input_tokens.saturating_add(u.cache_creation_input_tokens);
-            if self.charge.cache_reads_count {
-                input = input.saturating_add(u.cache_read_input_tokens);
-            }
-            input
-        };
+        let input_of = |u: &Usage| u.charged_input_tokens(self.charge.cache_reads_count);
         let (delta, ratio, observed) = match outcome {
             Outcome::Complete(u) => {
                 let ratio = self

@@ -3,18 +3,19 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{Response, StatusCode};
 use serde::Serialize;
 
 use super::body::EmulatorBody;
 use super::cache::CacheOutcome;
 use super::rng::Rng;
-use crate::budget::answer::{self, insert_json_headers, json_bytes};
-pub(crate) use crate::budget::answer::{
-    error_json, insert_rate_limit_headers, insert_request_id, insert_retry_after,
-};
+pub(crate) use crate::budget::answer::insert_rate_limit_headers;
 use crate::headers::format_rfc3339;
+use crate::wire::error::{self, ErrorBody, ErrorKind};
+pub(crate) use crate::wire::error::{insert_request_id, insert_retry_after};
+pub(crate) use crate::wire::sse::insert_stream_headers as sse_headers;
+use crate::wire::sse::json_event;
+use crate::wire::{CacheCreation, Usage, UsageDelta};
 use crate::Dimension;
 
 const ID_ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -37,39 +38,28 @@ pub(crate) fn json_response(
     body: &impl Serialize,
     request_id: Option<&str>,
 ) -> Response<EmulatorBody> {
-    let mut response = Response::new(EmulatorBody::full(json_bytes(body)));
-    *response.status_mut() = status;
-    insert_json_headers(response.headers_mut(), request_id);
-    response
+    error::json_response(status, body, request_id).map(EmulatorBody::full)
 }
 
 /// An error answer in the API's shape.
 pub(crate) fn error_response(
     status: StatusCode,
-    kind: &str,
+    kind: ErrorKind,
     message: &str,
     request_id: Option<&str>,
 ) -> Response<EmulatorBody> {
-    json_response(
-        status,
-        &error_json(kind, message, request_id, None),
-        request_id,
-    )
+    let body = ErrorBody::new(kind, message);
+    let body = match request_id {
+        Some(id) => body.with_request_id(id),
+        None => body,
+    };
+    body.into_response_with(status).map(EmulatorBody::full)
 }
 
-/// The headers of a streamed answer.
-pub(crate) fn sse_headers(headers: &mut HeaderMap) {
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-}
-
-/// The 429 message of a per-minute limit (facts file 4.2), with the API's
-/// closing sentence and "emulator" as the organization.
+/// The 429 message of a per-minute limit, with the API's closing sentence
+/// and "emulator" as the organization.
 pub(crate) fn rate_limit_message(dimension: Dimension, limit: Option<u64>) -> String {
-    let mut message = answer::rate_limit_message(Some("emulator"), dimension, limit);
+    let mut message = error::rate_limit_message(Some("emulator"), dimension, limit);
     message.push_str(
         " You may also contact sales at https://www.anthropic.com/contact-sales \
          to discuss your options for a rate limit increase.",
@@ -105,54 +95,35 @@ pub(crate) struct UsageReport {
     pub(crate) output_tokens: u64,
 }
 
+/// The full `usage` object: the counters and the API's `service_tier`.
 #[derive(Debug, Serialize)]
 struct FullUsage {
-    input_tokens: u64,
-    cache_creation_input_tokens: u64,
-    cache_read_input_tokens: u64,
-    cache_creation: CacheCreation,
-    output_tokens: u64,
+    #[serde(flatten)]
+    usage: Usage,
     service_tier: &'static str,
-}
-
-#[derive(Debug, Serialize)]
-struct CacheCreation {
-    ephemeral_5m_input_tokens: u64,
-    ephemeral_1h_input_tokens: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct DeltaUsage {
-    input_tokens: u64,
-    cache_creation_input_tokens: u64,
-    cache_read_input_tokens: u64,
-    output_tokens: u64,
 }
 
 impl UsageReport {
     /// The full `usage` object (non-streaming answers and `message_start`).
     fn full(&self) -> FullUsage {
         FullUsage {
-            input_tokens: self.cache.uncached,
-            cache_creation_input_tokens: self.cache.written(),
-            cache_read_input_tokens: self.cache.read,
-            cache_creation: CacheCreation {
-                ephemeral_5m_input_tokens: self.cache.write_5m,
-                ephemeral_1h_input_tokens: self.cache.write_1h,
+            usage: Usage {
+                input_tokens: self.cache.uncached,
+                output_tokens: self.output_tokens,
+                cache_creation_input_tokens: self.cache.written(),
+                cache_read_input_tokens: self.cache.read,
+                cache_creation: Some(CacheCreation {
+                    ephemeral_5m_input_tokens: self.cache.write_5m,
+                    ephemeral_1h_input_tokens: self.cache.write_1h,
+                }),
             },
-            output_tokens: self.output_tokens,
             service_tier: "standard",
         }
     }
 
-    /// The cumulative `usage` of `message_delta`.
-    fn delta(&self) -> DeltaUsage {
-        DeltaUsage {
-            input_tokens: self.cache.uncached,
-            cache_creation_input_tokens: self.cache.written(),
-            cache_read_input_tokens: self.cache.read,
-            output_tokens: self.output_tokens,
-        }
+    /// The cumulative `usage` of `message_delta`: every count restated.
+    fn delta(&self) -> UsageDelta {
+        UsageDelta::from(self.full().usage)
     }
 }
 
@@ -196,10 +167,10 @@ pub(crate) fn message_json<'a>(
     }
 }
 
-/// One SSE event: `event: <name>\ndata: <json>\n\n`.
-pub(crate) fn sse_event(name: &str, data: &impl Serialize) -> Bytes {
-    let data = serde_json::to_string(data).unwrap_or_default();
-    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+/// One SSE event: `event: <name>\ndata: <json>\n\n` (the emulator's own
+/// event types always serialise; were one not to, nothing would be sent).
+fn sse_event(name: &str, data: &impl Serialize) -> Bytes {
+    json_event(name, data).unwrap_or_default()
 }
 
 #[derive(Debug, Serialize)]
@@ -243,7 +214,7 @@ struct MessageDelta<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     delta: StopDelta<'a>,
-    usage: DeltaUsage,
+    usage: UsageDelta,
 }
 
 #[derive(Debug, Serialize)]
@@ -327,11 +298,12 @@ pub(crate) fn sse_closing(stop_reason: &str, usage: &UsageReport) -> Bytes {
     Bytes::from(out)
 }
 
-/// The mid-stream error event (facts file 6).
+/// The mid-stream error event: an `overloaded_error`, which the API can send
+/// after a 200 has begun.
 pub(crate) fn sse_error() -> Bytes {
     sse_event(
         "error",
-        &error_json("overloaded_error", "Overloaded", None, None),
+        &ErrorBody::new(ErrorKind::Overloaded, "Overloaded"),
     )
 }
 

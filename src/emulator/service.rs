@@ -20,7 +20,7 @@ use super::cache::CacheOutcome;
 use super::config::{scale, Fault};
 use super::limiter::{Headroom, RequestCost};
 use super::response::{
-    error_json, error_response, generate_text, insert_rate_limit_headers, insert_request_id,
+    error_response, generate_text, insert_rate_limit_headers, insert_request_id,
     insert_retry_after, json_response, message_json, random_id, rate_limit_message,
     spend_limit_message, sse_closing, sse_error, sse_headers, sse_opening, sse_text_delta,
     UsageReport, ACCELERATION_MESSAGE,
@@ -30,6 +30,7 @@ use super::tokens::{parse_request, Endpoint, ParsedRequest};
 use super::Shared;
 use crate::budget::ledger::BucketState;
 use crate::budget::limits::{Limits, ModelClass, OutputMode};
+use crate::wire::error::{ErrorBody, ErrorKind};
 use crate::{BoxError, Dimension};
 
 #[derive(Serialize)]
@@ -245,7 +246,7 @@ where
             return Ok(invalid(
                 &shared,
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
+                ErrorKind::RequestTooLarge,
                 "Request exceeds the maximum allowed number of bytes.",
                 None,
             ));
@@ -258,7 +259,7 @@ where
             return Ok(invalid(
                 &shared,
                 StatusCode::BAD_REQUEST,
-                "invalid_request_error",
+                ErrorKind::InvalidRequest,
                 &message,
                 Some(&request_id),
             ));
@@ -273,19 +274,16 @@ where
 
 /// The endpoint of a path and method, or the error to answer (`404` for an
 /// unknown path, `405` for another method than `POST`).
-fn route(
-    method: &Method,
-    path: &str,
-) -> Result<Endpoint, (StatusCode, &'static str, &'static str)> {
+fn route(method: &Method, path: &str) -> Result<Endpoint, (StatusCode, ErrorKind, &'static str)> {
     let endpoint = match path {
         "/v1/messages" => Endpoint::Messages,
         "/v1/messages/count_tokens" => Endpoint::CountTokens,
-        _ => return Err((StatusCode::NOT_FOUND, "not_found_error", "Not Found")),
+        _ => return Err((StatusCode::NOT_FOUND, ErrorKind::NotFound, "Not Found")),
     };
     if method != Method::POST {
         return Err((
             StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
+            ErrorKind::InvalidRequest,
             "Method Not Allowed",
         ));
     }
@@ -296,7 +294,7 @@ fn route(
 fn invalid(
     shared: &Shared,
     status: StatusCode,
-    kind: &str,
+    kind: ErrorKind,
     message: &str,
     request_id: Option<&str>,
 ) -> Response<EmulatorBody> {
@@ -351,7 +349,7 @@ fn rate_limited(
 ) -> Response<EmulatorBody> {
     error_response(
         StatusCode::TOO_MANY_REQUESTS,
-        "rate_limit_error",
+        ErrorKind::RateLimit,
         &rate_limit_message(dimension, limit),
         Some(request_id),
     )
@@ -446,12 +444,9 @@ async fn messages(
 fn spend_limited(shared: &Shared, class: ModelClass, request_id: &str) -> Response<EmulatorBody> {
     shared.lock_stats().class(class.as_str()).spend_limited += 1;
     let message = spend_limit_message(SystemTime::now());
-    let body = error_json(
-        "rate_limit_error",
-        &message,
-        Some(request_id),
-        Some("enforced_spend_limit_reached"),
-    );
+    let body = ErrorBody::new(ErrorKind::RateLimit, &message)
+        .with_request_id(request_id)
+        .with_error_code("enforced_spend_limit_reached");
     let response = json_response(StatusCode::TOO_MANY_REQUESTS, &body, Some(request_id));
     with_limit_headers(shared, class, response)
 }
@@ -468,8 +463,8 @@ fn fault_before_admission(
         Fault::Overloaded => {
             shared.lock_stats().class(class.as_str()).overloaded += 1;
             error_response(
-                StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                "overloaded_error",
+                ErrorKind::Overloaded.status(),
+                ErrorKind::Overloaded,
                 "Overloaded",
                 Some(request_id),
             )
@@ -478,7 +473,7 @@ fn fault_before_admission(
             shared.lock_stats().class(class.as_str()).server_errors += 1;
             error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "api_error",
+                ErrorKind::Api,
                 "Internal server error",
                 Some(request_id),
             )
@@ -556,7 +551,7 @@ fn acceleration_limited(
     tracing::debug!(class = %name, "emulator: acceleration limit");
     let mut r = error_response(
         StatusCode::TOO_MANY_REQUESTS,
-        "rate_limit_error",
+        ErrorKind::RateLimit,
         ACCELERATION_MESSAGE,
         Some(request_id),
     );

@@ -93,9 +93,10 @@ use tokio::time::Instant;
 use super::cache::{Pending, PromptCache, TTL_1H, TTL_5M};
 use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration};
 use super::media;
-use super::scan::{count_raw, count_span, Chars, Malformed, Result, Scanner, Span};
-use super::{Estimate, TokenEstimator, Usage};
+use super::{Estimate, TokenEstimator};
 use crate::headers::content_length;
+use crate::wire::json::{count_raw, count_span, Chars, Malformed, Result, Scanner, Span};
+use crate::wire::Usage;
 
 /// Content-block boundaries before a breakpoint where a warm prefix is looked for.
 const LOOKBACK: usize = 20;
@@ -375,7 +376,8 @@ pub struct EstimatorSnapshot {
 /// Estimate, settle, and read what was learned:
 ///
 /// ```
-/// use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator, Usage};
+/// use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator};
+/// use tower_llm_limits::wire::Usage;
 ///
 /// let estimator = AnthropicEstimator::new();
 /// let (parts, ()) = http::Request::post("/v1/messages").body(()).unwrap().into_parts();
@@ -582,7 +584,7 @@ impl<'a, 'c> Walk<'a, 'c> {
             }
         }
         self.sc.skip_ws();
-        if self.sc.i != self.sc.b.len() {
+        if self.sc.position() != self.sc.input().len() {
             return Err(Malformed);
         }
         Ok(())
@@ -591,7 +593,7 @@ impl<'a, 'c> Walk<'a, 'c> {
     /// Ends a top-level element of a section (a tool, a system block, a
     /// message's content block): adds its tally and marks a boundary.
     fn end_element(&mut self, sec: Section, t: Tally) {
-        let end = self.sc.i;
+        let end = self.sc.position();
         let cc = self.cc.take();
         let s = self.section(sec);
         s.tally.add(t);
@@ -617,7 +619,7 @@ impl<'a, 'c> Walk<'a, 'c> {
     }
 
     fn open_section(&mut self, sec: Section) {
-        let start = self.sc.i;
+        let start = self.sc.position();
         let s = self.section(sec);
         if !s.present {
             s.present = true;
@@ -629,11 +631,11 @@ impl<'a, 'c> Walk<'a, 'c> {
     fn system(&mut self) -> Result<()> {
         match self.sc.peek()? {
             b'"' => {
-                self.sc.i += 1;
+                self.sc.bump();
                 self.open_section(Section::System);
                 let (_, c) = self.sc.string_body(true)?;
                 // The contents only, without the closing quote.
-                let end = self.sc.i - 1;
+                let end = self.sc.position() - 1;
                 let s = self.section(Section::System);
                 s.tally.text.add(c);
                 s.end = end;
@@ -704,7 +706,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                         self.end_element(Section::Messages, t);
                     }
                     b'[' => {
-                        self.sc.i += 1;
+                        self.sc.bump();
                         if !self.sc.empty(b']')? {
                             loop {
                                 let t = self.element(0)?;
@@ -734,7 +736,7 @@ impl<'a, 'c> Walk<'a, 'c> {
         if self.sc.peek()? != b'[' {
             return self.sc.skip_value(None);
         }
-        self.sc.i += 1;
+        self.sc.bump();
         self.open_section(Section::Tools);
         if self.sc.empty(b']')? {
             return Ok(());
@@ -766,7 +768,7 @@ impl<'a, 'c> Walk<'a, 'c> {
         let mut prev_comma = None;
         loop {
             self.sc.skip_ws();
-            let key_start = self.sc.i;
+            let key_start = self.sc.position();
             let key = self.sc.key()?;
             match key {
                 b"input_schema" => self.raw_value(&mut t)?,
@@ -774,7 +776,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 _ => self.sc.skip_value(Some(&mut t.text))?,
             }
             self.sc.skip_ws();
-            let pos = self.sc.i;
+            let pos = self.sc.position();
             if !self.sc.next_or_close(b'}')? {
                 return Ok(t);
             }
@@ -786,9 +788,9 @@ impl<'a, 'c> Walk<'a, 'c> {
     /// tokenized as their JSON text).
     fn raw_value(&mut self, t: &mut Tally) -> Result<()> {
         self.sc.skip_ws();
-        let start = self.sc.i;
+        let start = self.sc.position();
         self.sc.skip_value(None)?;
-        if let Some(raw) = self.sc.b.get(start..self.sc.i) {
+        if let Some(raw) = self.sc.input().get(start..self.sc.position()) {
             t.text.add(count_raw(raw));
         }
         Ok(())
@@ -805,13 +807,13 @@ impl<'a, 'c> Walk<'a, 'c> {
         let mut prev_comma = None;
         loop {
             self.sc.skip_ws();
-            let key_start = self.sc.i;
+            let key_start = self.sc.position();
             let key = self.sc.key()?;
             match key {
                 b"type" => {
                     if self.sc.peek()? == b'"' {
                         let (span, _) = self.sc.string(false)?;
-                        kind = match self.sc.b.get(span.start..span.end) {
+                        kind = match self.sc.input().get(span.start..span.end) {
                             Some(b"image") => BlockKind::Image,
                             Some(b"document") => BlockKind::Document,
                             _ => BlockKind::Other,
@@ -830,7 +832,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 b"input" => self.raw_value(&mut t)?,
                 b"content" => match self.sc.peek()? {
                     b'[' => {
-                        self.sc.i += 1;
+                        self.sc.bump();
                         if !self.sc.empty(b']')? {
                             loop {
                                 let inner = self.element(depth + 1)?;
@@ -849,7 +851,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 _ => self.sc.skip_value(Some(&mut t.text))?,
             }
             self.sc.skip_ws();
-            let pos = self.sc.i;
+            let pos = self.sc.position();
             if !self.sc.next_or_close(b'}')? {
                 break;
             }
@@ -870,7 +872,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                     ..
                 }) = source
                 {
-                    t.text.add(count_span(self.sc.b, span));
+                    t.text.add(count_span(self.sc.input(), span));
                 }
             }
         }
@@ -893,7 +895,7 @@ impl<'a, 'c> Walk<'a, 'c> {
             match key {
                 b"type" | b"media_type" if is_str => {
                     let (span, _) = self.sc.string(false)?;
-                    let v = self.sc.b.get(span.start..span.end).unwrap_or(&[]);
+                    let v = self.sc.input().get(span.start..span.end).unwrap_or(&[]);
                     if key == b"type" {
                         src.kind = match v {
                             b"base64" => SourceKind::Base64,
@@ -920,7 +922,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 }
                 b"content" => match self.sc.peek()? {
                     b'[' => {
-                        self.sc.i += 1;
+                        self.sc.bump();
                         if !self.sc.empty(b']')? {
                             loop {
                                 let inner = self.element(depth + 1)?;
@@ -945,13 +947,13 @@ impl<'a, 'c> Walk<'a, 'c> {
         let mut ttl = None;
         if self.sc.peek()? == b'{' {
             ttl = Some(TTL_5M);
-            self.sc.i += 1;
+            self.sc.bump();
             if !self.sc.empty(b'}')? {
                 loop {
                     let key = self.sc.key()?;
                     if key == b"ttl" && self.sc.peek()? == b'"' {
                         let (span, _) = self.sc.string(false)?;
-                        if self.sc.b.get(span.start..span.end) == Some(b"1h") {
+                        if self.sc.input().get(span.start..span.end) == Some(b"1h") {
                             ttl = Some(TTL_1H);
                         }
                     } else {
@@ -968,14 +970,14 @@ impl<'a, 'c> Walk<'a, 'c> {
         // Leave the member out of prefix hashes: from the comma before it, or
         // when it is the first member, through the comma (and blanks) after it.
         let (start, mut end) = match prev_comma {
-            Some(c) => (c, self.sc.i),
-            None => (key_start, self.sc.i),
+            Some(c) => (c, self.sc.position()),
+            None => (key_start, self.sc.position()),
         };
         if prev_comma.is_none() {
             self.sc.skip_ws();
-            if self.sc.b.get(self.sc.i) == Some(&b',') {
-                let mut j = self.sc.i + 1;
-                while matches!(self.sc.b.get(j), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            if self.sc.input().get(self.sc.position()) == Some(&b',') {
+                let mut j = self.sc.position() + 1;
+                while matches!(self.sc.input().get(j), Some(b' ' | b'\n' | b'\r' | b'\t')) {
                     j += 1;
                 }
                 end = j;
@@ -998,7 +1000,7 @@ impl<'a, 'c> Walk<'a, 'c> {
         else {
             return cfg.image_unknown_tokens;
         };
-        let data = self.sc.b.get(span.start..span.end).unwrap_or(&[]);
+        let data = self.sc.input().get(span.start..span.end).unwrap_or(&[]);
         match media::image_dimensions(data, !span.escaped) {
             Some((_, w, h)) => media::image_tokens(w, h, cfg.image_max_edge, cfg.image_max_tokens),
             None => cfg.image_unknown_tokens,
@@ -1016,7 +1018,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 data: Some(span),
                 ..
             }) => {
-                t.text.add(count_span(self.sc.b, span));
+                t.text.add(count_span(self.sc.input(), span));
                 return;
             }
             Some(Source {
@@ -1028,7 +1030,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 data: Some(span),
                 ..
             }) => {
-                let data = self.sc.b.get(span.start..span.end).unwrap_or(&[]);
+                let data = self.sc.input().get(span.start..span.end).unwrap_or(&[]);
                 let scan = media::pdf_scan(data, !span.escaped, cfg.pdf_scan_limit);
                 let seen = scan.page_objects.max(scan.max_count);
                 if seen > 0 {
@@ -1130,7 +1132,7 @@ impl AnthropicEstimator {
             ..Estimate::default()
         };
         if let Some(w) = partial {
-            e.model = w.model.and_then(|s| decode_str(w.sc.b, s));
+            e.model = w.model.and_then(|s| decode_str(w.sc.input(), s));
             e.max_tokens = w.max_tokens;
             e.stream = w.stream;
         }
@@ -1167,20 +1169,20 @@ impl AnthropicEstimator {
                     break;
                 }
                 let pos = pos.clamp(cursor, s.end.max(cursor));
-                feed(&mut h, w.sc.b, cursor, pos, &w.cc_spans);
+                feed(&mut h, w.sc.input(), cursor, pos, &w.cc_spans);
                 cursor = pos;
                 if let Some(slot) = out.get_mut(i) {
                     *slot = h.clone().finish();
                 }
                 next.next();
             }
-            feed(&mut h, w.sc.b, cursor, s.end.max(cursor), &w.cc_spans);
+            feed(&mut h, w.sc.input(), cursor, s.end.max(cursor), &w.cc_spans);
         }
         out
     }
 
     fn finish(&self, w: &Walk<'_, '_>) -> Estimate {
-        let model = w.model.and_then(|s| decode_str(w.sc.b, s));
+        let model = w.model.and_then(|s| decode_str(w.sc.input(), s));
         let (cpt, ncpt, factor) = self.rates(model.as_deref());
         let tokens = |t: &Tally| -> f64 {
             let text = (t.text.ascii as f64 / cpt + t.text.non_ascii as f64 / ncpt) * factor;

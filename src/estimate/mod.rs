@@ -3,7 +3,8 @@
 //! The budget must charge a request *before* it is sent, so it needs a guess of
 //! what the server will charge: the uncached input tokens (ITPM), `max_tokens`
 //! (OTPM in the older accounting) and the model (which bucket). This module
-//! holds the contract ([`TokenEstimator`], [`Estimate`], [`Usage`]) and its
+//! holds the contract ([`TokenEstimator`], [`Estimate`]; the server's answer
+//! is a [`Usage`]) and its
 //! implementation for Anthropic's Messages API, [`AnthropicEstimator`]: a
 //! single pass over the body's bytes (no tree of values is built), image and
 //! PDF costs from their headers, prompt-cache tracking, and online
@@ -16,7 +17,8 @@
 //! # Examples
 //!
 //! ```
-//! use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator, Usage};
+//! use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator};
+//! use tower_llm_limits::wire::Usage;
 //!
 //! let estimator = AnthropicEstimator::new();
 //! let (parts, ()) = http::Request::post("/v1/messages").body(()).unwrap().into_parts();
@@ -41,11 +43,12 @@
 
 use http::request::Parts;
 
+use crate::wire::Usage;
+
 pub mod anthropic;
 mod cache;
 pub mod calibrate;
 mod media;
-mod scan;
 
 pub use anthropic::{AnthropicEstimator, AnthropicEstimatorBuilder, EstimatorSnapshot};
 pub use calibrate::{Calibration, CalibrationConfig, ModelCalibration, SlidingQuantile};
@@ -71,20 +74,6 @@ pub struct Estimate {
     /// not an object, or too large to buffer) and the estimate is a
     /// conservative bound from its byte length.
     pub fallback: bool,
-}
-
-/// Token usage the server reported for a response (the `usage` object).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(default)]
-pub struct Usage {
-    /// Uncached input tokens (after the last cache breakpoint).
-    pub input_tokens: u64,
-    /// Output tokens produced.
-    pub output_tokens: u64,
-    /// Input tokens written to the prompt cache (charged to ITPM).
-    pub cache_creation_input_tokens: u64,
-    /// Input tokens read from the prompt cache (not charged to ITPM for most models).
-    pub cache_read_input_tokens: u64,
 }
 
 /// Estimates what a request will cost before it is sent.

@@ -1,22 +1,61 @@
-//! A JSON scanner over `&[u8]` that walks values without building them.
+//! A JSON scanner over `&[u8]` that walks values without building them, and
+//! [`UsageScanner`], which finds a response's top-level `usage` object in a
+//! body that arrives in chunks.
 //!
-//! Only what the estimator needs: skip whitespace, find the end of a string
-//! while counting its characters (ASCII and non-ASCII apart, escapes decoded
-//! only as far as counting needs), skip any value (optionally counting the
-//! characters of every string inside), and read small scalars. Strings are
-//! scanned eight bytes at a time (SWAR: a `u64` word tests for `"` and `\`
-//! and counts UTF-8 lead bytes with a few integer operations), which is what
-//! makes the estimator run at memory speed on text.
+//! [`Scanner`] is what the estimator reads requests with: skip whitespace,
+//! find the end of a string while counting its characters (ASCII and
+//! non-ASCII apart, escapes decoded only as far as counting needs), skip any
+//! value (optionally counting the characters of every string inside), and read
+//! small scalars. Strings are scanned sixteen and eight bytes at a time (SWAR:
+//! a `u64` word tests for `"` and `\` and counts UTF-8 lead bytes with a few
+//! integer operations), which is what lets it run at memory speed on text.
 //!
 //! The scanner is lenient where leniency cannot crash or loop: it does not
 //! validate numbers or UTF-8, and it checks structure only as far as walking
 //! needs (balanced brackets, quotes). Every malformed input ends in `Err`.
+//!
+//! # Examples
+//!
+//! ```
+//! use tower_llm_limits::wire::json::{Chars, Scanner};
+//!
+//! let body = r#"{"model": "claude-sonnet-4-5", "max_tokens": 512, "system": "héllo"}"#;
+//! let mut sc = Scanner::new(body.as_bytes());
+//! sc.expect(b'{')?;
+//! let mut max_tokens = None;
+//! let mut text = Chars::default();
+//! loop {
+//!     match sc.key()? {
+//!         b"max_tokens" => max_tokens = sc.u64_value()?,
+//!         b"system" => text.add(sc.string(true)?.1),
+//!         _ => sc.skip_value(None)?,
+//!     }
+//!     if !sc.next_or_close(b'}')? {
+//!         break;
+//!     }
+//! }
+//! assert_eq!(max_tokens, Some(512));
+//! assert_eq!((text.ascii, text.non_ascii), (4, 1));
+//! assert!(sc.is_at_end());
+//! # Ok::<(), tower_llm_limits::wire::json::Malformed>(())
+//! ```
+
+use crate::wire::usage::Usage;
 
 /// The scanner met something it cannot walk (the body is not JSON, or is cut short).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Malformed;
+pub struct Malformed;
 
-pub(crate) type Result<T> = std::result::Result<T, Malformed>;
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("malformed JSON")
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+/// The result of a scanner step.
+pub type Result<T> = std::result::Result<T, Malformed>;
 
 const LO: u64 = 0x0101_0101_0101_0101;
 const HI: u64 = 0x8080_8080_8080_8080;
@@ -26,15 +65,16 @@ const MAX_DEPTH: u32 = 512;
 
 /// Characters counted in text, split by kind because they tokenize differently.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Chars {
+pub struct Chars {
     /// ASCII characters (an escape such as `\n` counts as one).
-    pub(crate) ascii: u64,
+    pub ascii: u64,
     /// Non-ASCII characters (UTF-8 lead bytes, or `\u` escapes above 0x7f).
-    pub(crate) non_ascii: u64,
+    pub non_ascii: u64,
 }
 
 impl Chars {
-    pub(crate) fn add(&mut self, other: Chars) {
+    /// Adds `other`'s counts (saturating).
+    pub fn add(&mut self, other: Chars) {
         self.ascii = self.ascii.saturating_add(other.ascii);
         self.non_ascii = self.non_ascii.saturating_add(other.non_ascii);
     }
@@ -42,11 +82,13 @@ impl Chars {
 
 /// Where a string's contents lie: `bytes[start..end]`, without the quotes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Span {
-    pub(crate) start: usize,
-    pub(crate) end: usize,
+pub struct Span {
+    /// The index of the first byte after the opening quote.
+    pub start: usize,
+    /// The index of the closing quote.
+    pub end: usize,
     /// True when the contents hold at least one backslash escape.
-    pub(crate) escaped: bool,
+    pub escaped: bool,
 }
 
 #[inline(always)]
@@ -115,7 +157,7 @@ fn hex4(b: &[u8]) -> Option<u32> {
 
 /// Counts the characters of raw bytes (no escapes interpreted): used for JSON
 /// values tokenized as they are written (tool inputs, schemas).
-pub(crate) fn count_raw(b: &[u8]) -> Chars {
+pub fn count_raw(b: &[u8]) -> Chars {
     let mut c = Chars::default();
     let mut chunks = b.chunks_exact(8);
     for chunk in &mut chunks {
@@ -131,7 +173,7 @@ pub(crate) fn count_raw(b: &[u8]) -> Chars {
 
 /// Counts the characters of a string's contents (the bytes between the
 /// quotes), decoding escapes as it goes.
-pub(crate) fn count_span(b: &[u8], span: Span) -> Chars {
+pub fn count_span(b: &[u8], span: Span) -> Chars {
     let Some(s) = b.get(span.start..span.end) else {
         return Chars::default();
     };
@@ -152,18 +194,51 @@ pub(crate) fn count_span(b: &[u8], span: Span) -> Chars {
 
 /// A cursor over JSON bytes.
 #[derive(Debug, Clone)]
-pub(crate) struct Scanner<'a> {
-    pub(crate) b: &'a [u8],
-    pub(crate) i: usize,
+pub struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
 }
 
 impl<'a> Scanner<'a> {
-    pub(crate) fn new(b: &'a [u8]) -> Self {
+    /// A scanner at the start of `b`.
+    pub fn new(b: &'a [u8]) -> Self {
         Self { b, i: 0 }
     }
 
+    /// The bytes being scanned.
     #[inline]
-    pub(crate) fn skip_ws(&mut self) {
+    pub fn input(&self) -> &'a [u8] {
+        self.b
+    }
+
+    /// The index of the next byte to read.
+    #[inline]
+    pub fn position(&self) -> usize {
+        self.i
+    }
+
+    /// Moves the cursor to `position` (at most the input's length).
+    #[inline]
+    pub fn set_position(&mut self, position: usize) {
+        self.i = position.min(self.b.len());
+    }
+
+    /// Steps over the next byte (the caller has looked at it with
+    /// [`peek`](Self::peek)). Past the end, every read fails with [`Malformed`].
+    #[inline]
+    pub fn bump(&mut self) {
+        self.i += 1;
+    }
+
+    /// True when every byte has been read.
+    #[inline]
+    pub fn is_at_end(&self) -> bool {
+        self.i >= self.b.len()
+    }
+
+    /// Skips JSON whitespace.
+    #[inline]
+    pub fn skip_ws(&mut self) {
         while let Some(&x) = self.b.get(self.i) {
             if matches!(x, b' ' | b'\n' | b'\r' | b'\t') {
                 self.i += 1;
@@ -175,14 +250,14 @@ impl<'a> Scanner<'a> {
 
     /// The next non-whitespace byte, not consumed.
     #[inline]
-    pub(crate) fn peek(&mut self) -> Result<u8> {
+    pub fn peek(&mut self) -> Result<u8> {
         self.skip_ws();
         self.b.get(self.i).copied().ok_or(Malformed)
     }
 
     /// Consumes `x` (after whitespace) or fails.
     #[inline]
-    pub(crate) fn expect(&mut self, x: u8) -> Result<()> {
+    pub fn expect(&mut self, x: u8) -> Result<()> {
         if self.peek()? == x {
             self.i += 1;
             Ok(())
@@ -220,13 +295,13 @@ impl<'a> Scanner<'a> {
     /// Scans a string whose opening quote is next (after whitespace); returns
     /// its span and, when `count` is set, its characters.
     #[inline]
-    pub(crate) fn string(&mut self, count: bool) -> Result<(Span, Chars)> {
+    pub fn string(&mut self, count: bool) -> Result<(Span, Chars)> {
         self.expect(b'"')?;
         self.string_body(count)
     }
 
     /// Scans a string whose opening quote was just consumed.
-    pub(crate) fn string_body(&mut self, count: bool) -> Result<(Span, Chars)> {
+    pub fn string_body(&mut self, count: bool) -> Result<(Span, Chars)> {
         let start = self.i;
         let mut c = Chars::default();
         let mut escaped = false;
@@ -320,7 +395,7 @@ impl<'a> Scanner<'a> {
     /// Skips any value. When `count` is given, the characters of every string
     /// inside (keys too: they are tokens of the prompt) are added to it.
     /// Iterative, so deep nesting cannot overflow the stack.
-    pub(crate) fn skip_value(&mut self, mut count: Option<&mut Chars>) -> Result<()> {
+    pub fn skip_value(&mut self, mut count: Option<&mut Chars>) -> Result<()> {
         let mut depth: u32 = 0;
         loop {
             let x = self.peek()?;
@@ -381,7 +456,7 @@ impl<'a> Scanner<'a> {
 
     /// Reads a value as a non-negative integer if it is one; any other value
     /// is skipped and gives `None`.
-    pub(crate) fn u64_value(&mut self) -> Result<Option<u64>> {
+    pub fn u64_value(&mut self) -> Result<Option<u64>> {
         let x = self.peek()?;
         if !x.is_ascii_digit() {
             self.skip_value(None)?;
@@ -407,7 +482,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Reads `true` / `false`; any other value is skipped and gives `None`.
-    pub(crate) fn bool_value(&mut self) -> Result<Option<bool>> {
+    pub fn bool_value(&mut self) -> Result<Option<bool>> {
         let x = self.peek()?;
         if x != b't' && x != b'f' {
             self.skip_value(None)?;
@@ -425,7 +500,7 @@ impl<'a> Scanner<'a> {
     /// After an element of an object or array: consumes `,` and returns true
     /// when another element follows, or consumes `close` and returns false.
     #[inline]
-    pub(crate) fn next_or_close(&mut self, close: u8) -> Result<bool> {
+    pub fn next_or_close(&mut self, close: u8) -> Result<bool> {
         let x = self.peek()?;
         self.i += 1;
         if x == b',' {
@@ -440,7 +515,7 @@ impl<'a> Scanner<'a> {
     /// Just after `{` or `[`: consumes `close` and returns true when the
     /// container is empty.
     #[inline]
-    pub(crate) fn empty(&mut self, close: u8) -> Result<bool> {
+    pub fn empty(&mut self, close: u8) -> Result<bool> {
         if self.peek()? == close {
             self.i += 1;
             Ok(true)
@@ -452,10 +527,183 @@ impl<'a> Scanner<'a> {
     /// Reads an object key and its colon; returns the raw key bytes (escapes
     /// not decoded: keys this crate looks for never need them).
     #[inline]
-    pub(crate) fn key(&mut self) -> Result<&'a [u8]> {
+    pub fn key(&mut self) -> Result<&'a [u8]> {
         let (span, _) = self.string(false)?;
         self.expect(b':')?;
         self.b.get(span.start..span.end).ok_or(Malformed)
+    }
+}
+
+/// The longest `usage` object [`UsageScanner`] keeps (it holds a few counters
+/// and small nested objects).
+const MAX_USAGE_JSON: usize = 8 * 1024;
+
+/// Where [`UsageScanner`] is relative to the top-level `"usage"` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum KeyPhase {
+    #[default]
+    None,
+    /// The string `"usage"` just closed at depth 1: a `:` makes it a key.
+    SawKey,
+    /// `"usage":` was read: the next value is captured if it is an object.
+    SawColon,
+}
+
+const USAGE_KEY: &[u8] = b"usage";
+
+/// Reads the top-level `usage` object of a JSON body as its bytes pass, in
+/// chunks split at any byte boundary.
+///
+/// A byte-level tokenizer that tracks only string/escape state and nesting
+/// depth. It keeps nothing but the `usage` value itself (at most 8 KiB), so it
+/// can watch a body of any size as it streams by. Inside strings (most of a
+/// response is text) it jumps from one quote or backslash to the next. A
+/// `"usage"` anywhere but as a key of the top-level object (inside text, in a
+/// tool's input) is ignored; a body that is not JSON gives no usage.
+///
+/// # Examples
+///
+/// ```
+/// use tower_llm_limits::wire::json::UsageScanner;
+///
+/// let body = br#"{"type":"message","content":[{"type":"text","text":"usage: none"}],
+///     "usage":{"input_tokens":12,"output_tokens":34}}"#;
+/// let mut scanner = UsageScanner::new();
+/// for chunk in body.chunks(7) {
+///     scanner.push(chunk);
+/// }
+/// let usage = scanner.usage().map(|u| (u.input_tokens, u.output_tokens));
+/// assert_eq!(usage, Some((12, 34)));
+/// ```
+#[derive(Debug, Default)]
+pub struct UsageScanner {
+    depth: u32,
+    in_string: bool,
+    escape: bool,
+    /// Matching the current depth-1 string against `usage`: bytes matched so
+    /// far, or `None` once it cannot match.
+    key_match: Option<usize>,
+    phase: KeyPhase,
+    capture: Option<Vec<u8>>,
+    usage: Option<Usage>,
+}
+
+impl UsageScanner {
+    /// A scanner at the start of a body.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The `usage` object, once it has been read whole.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Feeds the next bytes of the body.
+    pub fn push(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            if self.in_string && !self.escape {
+                // Jump to the next quote or backslash, matching a candidate
+                // key on the way.
+                let end = memchr::memchr2(b'"', b'\\', chunk).unwrap_or(chunk.len());
+                let (segment, rest) = chunk.split_at(end);
+                self.capture_extend(segment);
+                if let Some(n) = self.key_match {
+                    let expected = USAGE_KEY.get(n..n + segment.len());
+                    self.key_match = (expected == Some(segment)).then_some(n + segment.len());
+                }
+                chunk = rest;
+                if chunk.is_empty() {
+                    return;
+                }
+            }
+            if let Some((&b, rest)) = chunk.split_first() {
+                self.byte(b);
+                chunk = rest;
+            }
+        }
+    }
+
+    fn capture_extend(&mut self, bytes: &[u8]) {
+        if let Some(cap) = self.capture.as_mut() {
+            if cap.len() + bytes.len() > MAX_USAGE_JSON {
+                self.capture = None;
+            } else {
+                cap.extend_from_slice(bytes);
+            }
+        }
+    }
+
+    fn byte(&mut self, b: u8) {
+        if let Some(cap) = self.capture.as_mut() {
+            if cap.len() >= MAX_USAGE_JSON {
+                self.capture = None;
+            } else {
+                cap.push(b);
+            }
+        }
+        if self.in_string {
+            self.string_byte(b);
+        } else {
+            self.structural_byte(b);
+        }
+    }
+
+    fn string_byte(&mut self, b: u8) {
+        if self.escape {
+            self.escape = false;
+            self.key_match = None;
+        } else if b == b'\\' {
+            self.escape = true;
+        } else if b == b'"' {
+            self.in_string = false;
+            if self.key_match.take() == Some(USAGE_KEY.len()) {
+                self.phase = KeyPhase::SawKey;
+            }
+        } else if let Some(n) = self.key_match {
+            self.key_match = (USAGE_KEY.get(n) == Some(&b)).then_some(n + 1);
+        }
+    }
+
+    fn structural_byte(&mut self, b: u8) {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\r' => {}
+            b'"' => {
+                self.in_string = true;
+                if self.depth == 1 && self.capture.is_none() {
+                    self.key_match = Some(0);
+                }
+                self.phase = KeyPhase::None;
+            }
+            b':' => {
+                self.phase = if self.phase == KeyPhase::SawKey && self.depth == 1 {
+                    KeyPhase::SawColon
+                } else {
+                    KeyPhase::None
+                };
+            }
+            b'{' | b'[' => {
+                if b == b'{' && self.phase == KeyPhase::SawColon && self.depth == 1 {
+                    let mut cap = Vec::with_capacity(256);
+                    cap.push(b'{');
+                    self.capture = Some(cap);
+                }
+                self.phase = KeyPhase::None;
+                self.depth = self.depth.saturating_add(1);
+            }
+            b'}' | b']' => {
+                self.phase = KeyPhase::None;
+                self.depth = self.depth.saturating_sub(1);
+                if self.depth == 1 {
+                    if let Some(cap) = self.capture.take() {
+                        if let Ok(usage) = serde_json::from_slice::<Usage>(&cap) {
+                            self.usage = Some(usage);
+                        }
+                    }
+                }
+            }
+            _ => self.phase = KeyPhase::None,
+        }
     }
 }
 
