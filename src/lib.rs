@@ -90,7 +90,7 @@
 //! | `concurrency` | yes | [`concurrency`] |
 //! | `emulator` | no | [`emulator`]: an axum emulator of the Messages API's rate limiter (brings axum, hyper, hyper-util) |
 //!
-//! [`preset`] needs the three default features. [`headers`], [`body`] and
+//! [`preset`] needs the three default features. [`headers`], [`body`], [`classify`] and
 //! [`error`] are always there.
 #![forbid(unsafe_code)]
 #![warn(
@@ -102,6 +102,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;
+pub mod classify;
 pub mod error;
 pub mod headers;
 mod mix;

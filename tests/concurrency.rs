@@ -17,6 +17,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::time::{sleep, Instant, Sleep};
 use tower::{Layer, Service, ServiceExt};
+use tower_llm_limits::classify::Class;
 use tower_llm_limits::concurrency::{
     Concurrency, ConcurrencyBody, ConcurrencyBuilder, ConcurrencyLayer, ConfigError, Priority,
 };
@@ -656,7 +657,8 @@ async fn status_503_529_and_timeouts_cut_other_errors_do_not() {
     };
     assert_eq!(one_cut_from(reset, b()).await, (10, 0));
     // A classifier of one's own.
-    let custom = b().timeout_classifier(|e| e.to_string() == "upstream failed");
+    let custom =
+        b().error_classifier(|e| (e.to_string() == "upstream failed").then_some(Class::Timeout));
     assert_eq!(one_cut_from(reset, custom).await, (9, 1));
 }
 
@@ -954,22 +956,56 @@ async fn thousands_of_random_cancellations_leak_nothing() {
 // ---------------------------------------------------------------------------
 // Observability and configuration
 
+#[tokio::test(start_paused = true)]
+async fn tokio_and_tower_timeouts_are_drop_signals_but_timeout_messages_are_not() {
+    async fn cuts(err: fn() -> BoxError) -> u64 {
+        let svc = tower::service_fn(move |_: Request<()>| async move {
+            Err::<Response<http_body_util::Empty<Bytes>>, BoxError>(err())
+        });
+        let layer = ConcurrencyBuilder::adaptive(1..=20)
+            .initial_limit(10)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(svc);
+        let _ = svc.ready().await.unwrap().call(Request::new(())).await;
+        layer.snapshot().cuts
+    }
+    assert_eq!(
+        cuts(|| Box::new(tower::timeout::error::Elapsed::new())).await,
+        1
+    );
+    assert_eq!(
+        cuts(|| Box::new(io::Error::new(io::ErrorKind::TimedOut, "read"))).await,
+        1
+    );
+    assert_eq!(
+        cuts(|| Box::new(io::Error::other(tower::timeout::error::Elapsed::new()))).await,
+        1
+    );
+    assert_eq!(
+        cuts(|| "upstream timeout: deadline has elapsed".into()).await,
+        0
+    );
+    assert_eq!(
+        cuts(|| Box::new(io::Error::from(io::ErrorKind::ConnectionRefused))).await,
+        0
+    );
+}
+
 #[tokio::test]
-async fn tokio_and_tower_timeouts_are_recognised() {
-    use tower_llm_limits::concurrency::looks_like_timeout;
-    let tokio_elapsed = tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
-        .await
-        .unwrap_err();
-    assert!(looks_like_timeout(&tokio_elapsed));
-    let tower_elapsed = tower::timeout::error::Elapsed::new();
-    assert!(looks_like_timeout(&tower_elapsed));
-    // Boxed, as a layer above tower's Timeout sees it.
-    let boxed: BoxError = Box::new(tower_elapsed);
-    assert!(looks_like_timeout(&*boxed));
-    let io = io::Error::new(io::ErrorKind::TimedOut, "read");
-    assert!(looks_like_timeout(&io));
-    let other = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
-    assert!(!looks_like_timeout(&other));
+#[should_panic(expected = "`concurrency::ResponseFuture` polled after completion")]
+async fn polling_a_finished_response_future_panics() {
+    let up = Upstream::constant(Plan {
+        head: Duration::ZERO,
+        ..Plan::default()
+    });
+    let mut svc = ConcurrencyLayer::fixed(1).layer(up);
+    let fut = send(&mut svc, 0, None).await;
+    let mut fut = tokio_test::task::spawn(fut);
+    while fut.poll().is_pending() {
+        tokio::task::yield_now().await;
+    }
+    let _ = fut.poll();
 }
 
 #[test]

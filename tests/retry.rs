@@ -1065,3 +1065,18 @@ async fn an_exact_size_body_that_fails_is_a_body_error_without_an_attempt() {
     assert!(matches!(crate_err(&err), Error::Body(_)));
     assert_eq!(mock.calls(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+#[should_panic(expected = "`retry::ResponseFuture` polled after completion")]
+async fn polling_a_finished_response_future_panics() {
+    let mock = Mock::new([]);
+    let mut svc = deterministic().build().layer(mock);
+    let ready = ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+        .await
+        .unwrap();
+    let mut fut = tokio_test::task::spawn(ready.call(request("{}")));
+    while fut.poll().is_pending() {
+        tokio::task::yield_now().await;
+    }
+    let _ = fut.poll();
+}

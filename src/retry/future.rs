@@ -67,6 +67,12 @@ pin_project! {
     /// Dropping it at any point drops the attempt in flight, the buffered body
     /// and any wait: nothing keeps running in the background. A retry that was
     /// already counted against the budget is not given back.
+    ///
+    /// # Panics
+    ///
+    /// Polling it again after it returned `Ready` panics with
+    /// "`retry::ResponseFuture` polled after completion", as tower's and
+    /// futures-util's futures do.
     pub struct ResponseFuture<S, B, R>
     where
         S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
@@ -383,7 +389,7 @@ impl<S, B> Ctx<S, B> {
     }
 
     fn on_error<F, R>(&mut self, err: BoxError) -> Step<F, R> {
-        let verdict = policy::judge_error(&err);
+        let verdict = policy::judge_error(&err, &self.shared.config.classifier);
         if verdict == ErrorVerdict::Fatal {
             return Step::Return(Err(err));
         }
