@@ -11,7 +11,9 @@
 //!   [`Buffered::TooLarge`]: the frames already read, followed by the rest of
 //!   the original body, unchanged. It can be sent once and is not retryable.
 //!
-//! Either way no byte is lost, duplicated or reordered.
+//! Either way no byte is lost, duplicated or reordered. [`buffer`] returns a
+//! [`Buffer`], a named `Unpin` future that a layer's response future holds
+//! inline; the retry and budget layers both read request bodies with it.
 //!
 //! Both come out as a [`ReplayBody`], the body type the retry and budget layers
 //! hand to the service they wrap. A layer that buffered a body completely also
