@@ -11,7 +11,9 @@
 //!   [`Buffered::TooLarge`]: the frames already read, followed by the rest of
 //!   the original body, unchanged. It can be sent once and is not retryable.
 //!
-//! Either way no byte is lost, duplicated or reordered.
+//! Either way no byte is lost, duplicated or reordered. [`buffer`] returns a
+//! [`Buffer`], a named `Unpin` future that a layer's response future holds
+//! inline; the retry and budget layers both read request bodies with it.
 //!
 //! Both come out as a [`ReplayBody`], the body type the retry and budget layers
 //! hand to the service they wrap. A layer that buffered a body completely also
@@ -47,13 +49,13 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 
 use crate::BoxError;
@@ -225,13 +227,17 @@ where
 #[derive(Debug, Clone, Default)]
 pub struct BufferedBody {
     bytes: Bytes,
-    trailers: Option<HeaderMap>,
+    /// Boxed: rare, and a `HeaderMap` is large (a response future holds this inline).
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl BufferedBody {
     /// A buffered body of these bytes and trailers.
     pub fn new(bytes: Bytes, trailers: Option<HeaderMap>) -> Self {
-        BufferedBody { bytes, trailers }
+        BufferedBody {
+            bytes,
+            trailers: trailers.map(Box::new),
+        }
     }
 
     /// The body's bytes.
@@ -241,12 +247,12 @@ impl BufferedBody {
 
     /// The body's trailers, if it had any.
     pub fn trailers(&self) -> Option<&HeaderMap> {
-        self.trailers.as_ref()
+        self.trailers.as_deref()
     }
 
     /// A new body yielding the same bytes and trailers. The bytes are shared, not copied.
     pub fn replay<B>(&self) -> ReplayBody<B> {
-        ReplayBody::full(self.bytes.clone(), self.trailers.clone())
+        ReplayBody::full(self.bytes.clone(), self.trailers.as_deref().cloned())
     }
 }
 
@@ -267,86 +273,216 @@ impl<B> Buffered<B> {
     }
 }
 
-/// Reads `body` into memory if it fits in `limit` bytes.
+/// Reads `body` into memory if it fits in `limit` bytes: a [`Buffer`] future.
 ///
 /// A body whose size hint says it is larger is not read at all. A body of
 /// unknown size is read until it ends or passes the limit; in the second case
 /// what was read is kept in front of the rest (see [`Buffered::TooLarge`]).
-/// A body of a single data frame is kept without a copy.
+/// A body of a single data frame is kept without a copy; several frames are
+/// joined once, at the end.
 ///
 /// `Pin<Box<B>>` is `Unpin` and a body too, for bodies that are not `Unpin`.
 ///
 /// # Errors
 ///
 /// The body's own error, if reading it failed; the request cannot be sent then.
+/// A body that yields more bytes than its exact size hint announced is
+/// malformed (hyper refuses to send it too): an error, rather than reading it
+/// without bound.
 ///
 /// # Cancellation
 ///
 /// Dropping the future drops the body and what was read of it.
-pub async fn buffer<B>(mut body: B, limit: usize) -> Result<Buffered<B>, BoxError>
+pub fn buffer<B>(body: B, limit: usize) -> Buffer<B>
 where
     B: Body + Unpin,
     B::Error: Into<BoxError>,
 {
-    let limit = limit as u64;
-    if body.size_hint().lower() > limit {
-        return Ok(Buffered::TooLarge(ReplayBody::passthrough(body)));
+    let hint = body.size_hint();
+    Buffer {
+        body: Some(body),
+        limit: limit as u64,
+        exact: hint.exact().unwrap_or(u64::MAX),
+        total: 0,
+        data: Chunks::Empty,
+        trailers: None,
     }
-    let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
-    let mut total: u64 = 0;
-    while !body.is_end_stream() {
-        let Some(frame) = body.frame().await else {
-            break;
-        };
-        let frame = frame
-            .map_err(Into::into)?
-            .map_data(|mut d| d.copy_to_bytes(d.remaining()));
-        if let Some(d) = frame.data_ref() {
-            total = total.saturating_add(d.len() as u64);
-        }
-        frames.push_back(frame);
-        if total > limit {
-            return Ok(Buffered::TooLarge(ReplayBody::prefixed(frames, body)));
-        }
-    }
-    let mut trailers: Option<HeaderMap> = None;
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(frames.len());
-    for frame in frames {
-        match frame.into_data() {
-            Ok(data) => {
-                if !data.is_empty() {
-                    chunks.push(data);
-                }
+}
+
+/// The data frames read so far: none, one (kept without a copy), or several.
+#[derive(Debug)]
+enum Chunks {
+    Empty,
+    One(Bytes),
+    Many(Vec<Bytes>),
+}
+
+impl Chunks {
+    fn push(&mut self, chunk: Bytes) {
+        *self = match std::mem::replace(self, Chunks::Empty) {
+            Chunks::Empty => Chunks::One(chunk),
+            Chunks::One(first) => Chunks::Many(vec![first, chunk]),
+            Chunks::Many(mut all) => {
+                all.push(chunk);
+                Chunks::Many(all)
             }
-            Err(frame) => {
-                if let Ok(t) = frame.into_trailers() {
-                    match trailers.as_mut() {
-                        Some(all) => all.extend(t),
-                        None => trailers = Some(t),
+        };
+    }
+
+    /// The chunks as one [`Bytes`]: a copy only if there were several.
+    fn join(self, total: u64) -> Bytes {
+        match self {
+            Chunks::Empty => Bytes::new(),
+            Chunks::One(bytes) => bytes,
+            Chunks::Many(all) => {
+                let mut joined = BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
+                for chunk in &all {
+                    joined.extend_from_slice(chunk);
+                }
+                joined.freeze()
+            }
+        }
+    }
+
+    /// The chunks as frames, in order.
+    fn into_frames(self) -> VecDeque<Frame<Bytes>> {
+        match self {
+            Chunks::Empty => VecDeque::new(),
+            Chunks::One(bytes) => VecDeque::from([Frame::data(bytes)]),
+            Chunks::Many(all) => all.into_iter().map(Frame::data).collect(),
+        }
+    }
+}
+
+/// The future of [`buffer`]: reads a request body into memory, up to a limit.
+///
+/// Resolves to [`Buffered::Complete`] for a body that ended within the limit,
+/// or [`Buffered::TooLarge`] (the frames read so far, then the rest of the
+/// body) for one that is larger. It is `Unpin`, and a named type, so that a
+/// response future holds it inline, without a box.
+///
+/// # Errors
+///
+/// See [`buffer`].
+///
+/// # Cancellation
+///
+/// Dropping it drops the body and what was read of it.
+///
+/// # Panics
+///
+/// Polling it again after it returned `Ready` panics with
+/// "`body::Buffer` polled after completion", as futures-util's futures do.
+#[derive(Debug)]
+#[must_use = "futures do nothing unless polled"]
+pub struct Buffer<B> {
+    /// The body being read; `None` once the future returned.
+    body: Option<B>,
+    limit: u64,
+    /// The exact size the body announced (the most it may yield), or
+    /// `u64::MAX` if it did not announce one.
+    exact: u64,
+    /// Data bytes read so far.
+    total: u64,
+    data: Chunks,
+    trailers: Option<Box<HeaderMap>>,
+}
+
+impl<B> Buffer<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Reads frames until the body ends (`Ok(true)`) or passes the limit
+    /// (`Ok(false)`).
+    fn poll_read(
+        body: &mut B,
+        this: &mut Self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<bool, BoxError>> {
+        while !body.is_end_stream() {
+            let Some(frame) = ready!(Pin::new(&mut *body).poll_frame(cx)) else {
+                break;
+            };
+            match frame.map_err(Into::into)?.into_data() {
+                Ok(mut data) => {
+                    let len = data.remaining();
+                    this.total = this.total.saturating_add(len as u64);
+                    if this.total > this.exact {
+                        return Poll::Ready(Err(
+                            "request body longer than its exact size hint".into()
+                        ));
+                    }
+                    if len > 0 {
+                        this.data.push(data.copy_to_bytes(len));
+                    }
+                    if this.total > this.limit {
+                        return Poll::Ready(Ok(false));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        match this.trailers.as_mut() {
+                            Some(all) => all.extend(t),
+                            None => this.trailers = Some(Box::new(t)),
+                        }
                     }
                 }
             }
         }
+        Poll::Ready(Ok(true))
     }
-    let bytes = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut all = BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
-            for chunk in &chunks {
-                all.extend_from_slice(chunk);
-            }
-            all.freeze()
+
+    /// What was read, then `body`: a body that can be sent once.
+    fn too_large(&mut self, body: B) -> Buffered<B> {
+        let mut frames = std::mem::replace(&mut self.data, Chunks::Empty).into_frames();
+        if let Some(t) = self.trailers.take() {
+            frames.push_back(Frame::trailers(*t));
         }
-    };
-    Ok(Buffered::Complete(BufferedBody { bytes, trailers }))
+        Buffered::TooLarge(ReplayBody::prefixed(frames, body))
+    }
+}
+
+impl<B> Future for Buffer<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Buffered<B>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(mut body) = this.body.take() else {
+            panic!("`body::Buffer` polled after completion");
+        };
+        let nothing_read = this.total == 0 && this.trailers.is_none();
+        if nothing_read && body.size_hint().lower() > this.limit {
+            return Poll::Ready(Ok(Buffered::TooLarge(ReplayBody::passthrough(body))));
+        }
+        let read = Self::poll_read(&mut body, this, cx);
+        let Poll::Ready(read) = read else {
+            this.body = Some(body);
+            return Poll::Pending;
+        };
+        Poll::Ready(match read {
+            Err(e) => Err(e),
+            Ok(false) => Ok(this.too_large(body)),
+            Ok(true) => {
+                let data = std::mem::replace(&mut this.data, Chunks::Empty);
+                Ok(Buffered::Complete(BufferedBody {
+                    bytes: data.join(this.total),
+                    trailers: this.trailers.take(),
+                }))
+            }
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures_util::stream;
-    use http_body_util::{Full, StreamBody};
+    use http_body_util::{BodyExt, Full, StreamBody};
     use std::convert::Infallible;
 
     type Frames = Vec<Result<Frame<Bytes>, Infallible>>;
@@ -473,6 +609,38 @@ mod tests {
         assert_eq!(b.size_hint().lower(), 20);
         assert!(!b.is_end_stream());
         assert_eq!(drain(b).await.0.len(), 30);
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_its_exact_hint_is_an_error() {
+        // Announces 3 bytes exactly, yields 6.
+        struct Liar(Option<Bytes>);
+        impl Body for Liar {
+            type Data = Bytes;
+            type Error = Infallible;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+                Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
+            }
+            fn size_hint(&self) -> SizeHint {
+                SizeHint::with_exact(3)
+            }
+        }
+        let err = buffer(Liar(Some(Bytes::from_static(b"abcdef"))), 1024).await;
+        assert_eq!(
+            err.err().map(|e| e.to_string()).as_deref(),
+            Some("request body longer than its exact size hint")
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "`body::Buffer` polled after completion")]
+    fn polling_a_finished_buffer_panics() {
+        let mut fut = tokio_test::task::spawn(buffer(Full::new(Bytes::from_static(b"x")), 8));
+        assert!(fut.poll().is_ready());
+        let _ = fut.poll();
     }
 
     #[test]

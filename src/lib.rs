@@ -91,7 +91,7 @@
 //! | `emulator` | no | [`emulator`]: an axum emulator of the Messages API's rate limiter (brings axum, hyper, hyper-util) |
 //!
 //! [`preset`] needs the three default features. [`headers`], [`body`],
-//! [`wire`] and [`error`] are always there.
+//! [`wire`], [`classify`] and [`error`] are always there.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -102,6 +102,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;
+pub mod classify;
 pub mod error;
 pub mod headers;
 mod mix;

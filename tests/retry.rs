@@ -871,49 +871,6 @@ async fn dropping_the_future_stops_retrying() {
     assert_eq!(layer.snapshot().retries, 1);
 }
 
-// ---------------------------------------------------------------- observability
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn each_retry_is_traced_without_secrets() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let mock = Mock::new([
-        status(429).header("retry-after", "1"),
-        Reply::Fail(connection_reset),
-    ]);
-    let mut svc = deterministic().build().layer(mock.clone());
-    send(&mut svc, "{}").await.unwrap();
-    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    let retries: Vec<_> = log
-        .lines()
-        .filter(|l| l.contains("retrying request"))
-        .collect();
-    assert_eq!(retries.len(), 2, "{log}");
-    assert!(retries[0].contains("attempt=2") && retries[0].contains("status=429"));
-    assert!(retries[0].contains("delay_ms=1000"), "{}", retries[0]);
-    assert!(retries[1].contains("attempt=3") && retries[1].contains("connection reset"));
-    assert!(!log.contains("SECRET"), "{log}");
-}
-
 /// A body of given frames announcing `hint` as its exact size.
 struct Announced {
     frames: VecDeque<Frame<Bytes>>,
@@ -1107,4 +1064,19 @@ async fn an_exact_size_body_that_fails_is_a_body_error_without_an_attempt() {
     let err = call(&mut svc, Request::new(body)).await.unwrap_err();
     assert!(matches!(crate_err(&err), Error::Body(_)));
     assert_eq!(mock.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+#[should_panic(expected = "`retry::ResponseFuture` polled after completion")]
+async fn polling_a_finished_response_future_panics() {
+    let mock = Mock::new([]);
+    let mut svc = deterministic().build().layer(mock);
+    let ready = ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+        .await
+        .unwrap();
+    let mut fut = tokio_test::task::spawn(ready.call(request("{}")));
+    while fut.poll().is_pending() {
+        tokio::task::yield_now().await;
+    }
+    let _ = fut.poll();
 }

@@ -183,3 +183,27 @@ async fn connection_refused_is_retried_then_reported_with_its_source() {
     }
     assert_eq!(layer.snapshot().retries, 2);
 }
+
+/// hyper-util's connect error cannot be named without depending on hyper-util,
+/// but it carries the `io::Error` of the failed connect in its source chain:
+/// the classifier finds it there, by type.
+#[tokio::test]
+async fn a_refused_connection_is_classified_as_a_connection_error() {
+    use tower_llm_limits::classify::{Class, Classifier};
+    // A port that was just free: bind, note it, close it.
+    let addr = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::get(format!("http://{addr}/"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let err = client.request(req).await.unwrap_err();
+    assert!(err.is_connect(), "{err:?}");
+    assert_eq!(
+        Classifier::new().classify(&err),
+        Class::Connection,
+        "{err:?}"
+    );
+}

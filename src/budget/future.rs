@@ -20,9 +20,8 @@ use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
 use crate::wire::sse::is_event_stream;
 use crate::{BoxError, Error};
 
-/// The buffering of a request body, boxed (an `async fn`'s future has no name).
-pub(crate) type BufferFuture<B> =
-    Pin<Box<dyn Future<Output = Result<Buffered<B>, BoxError>> + Send>>;
+/// The buffering of a request body: a named future, held inline.
+pub(crate) type BufferFuture<B> = crate::body::Buffer<B>;
 
 pin_project! {
     /// The future of a request going through the budget: it reads the body
@@ -158,7 +157,7 @@ impl<S, B, ResB> Future for ResponseFuture<S, B>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
-    B: Body,
+    B: Body + Unpin,
     B::Error: Into<BoxError>,
     ResB: Body,
 {
@@ -175,7 +174,7 @@ where
                     caller,
                     svc,
                 } => {
-                    let buffered = ready!(fut.as_mut().poll(cx));
+                    let buffered = ready!(Pin::new(fut).poll(cx));
                     let (Some(parts), Some(svc)) = (parts.take(), svc.take()) else {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(misuse()));

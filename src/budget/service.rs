@@ -100,7 +100,7 @@ where
             }
             None => {
                 let limit = shared.settings.buffer_limit;
-                let fut = Box::pin(body::buffer(body, limit));
+                let fut = body::buffer(body, limit);
                 ResponseFuture::buffering(shared, fut, parts, caller, inner)
             }
         }

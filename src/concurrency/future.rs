@@ -29,6 +29,12 @@ pin_project! {
     /// [`Error::Overloaded`](crate::Error::Overloaded) (boxed) if the wait queue
     /// was full when the request was called; otherwise the inner service's error,
     /// boxed as it is.
+    ///
+    /// # Panics
+    ///
+    /// Polling it again after it returned `Ready` panics with
+    /// "`concurrency::ResponseFuture` polled after completion", as tower's
+    /// and futures-util's futures do.
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
@@ -171,7 +177,7 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(Err(Error::Overloaded { waiting }.into()));
                 }
-                StateProj::Done => return Poll::Pending,
+                StateProj::Done => panic!("`concurrency::ResponseFuture` polled after completion"),
             }
         }
     }

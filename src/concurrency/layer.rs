@@ -7,7 +7,8 @@ use tower_layer::Layer;
 
 use super::adaptive::{AdaptiveConfig, Controller};
 use super::semaphore::{Classifier, Shared};
-use super::{looks_like_timeout, Concurrency, Snapshot};
+use super::{Concurrency, Snapshot};
+use crate::classify::{Class, Classifier as ErrorClassifier};
 
 /// Requests that may wait for a slot before new ones are shed, by default.
 pub const DEFAULT_MAX_WAITING: usize = 10_000;
@@ -115,7 +116,7 @@ pub struct ConcurrencyBuilder {
     increase: usize,
     decrease: f64,
     latency_tolerance: Option<f64>,
-    classifier: Option<Classifier>,
+    classifier: ErrorClassifier,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +135,7 @@ impl fmt::Debug for ConcurrencyBuilder {
             .field("increase", &self.increase)
             .field("decrease", &self.decrease)
             .field("latency_tolerance", &self.latency_tolerance)
-            .field("custom_classifier", &self.classifier.is_some())
+            .field("classifier", &self.classifier)
             .finish()
     }
 }
@@ -149,7 +150,7 @@ impl ConcurrencyBuilder {
             increase: 1,
             decrease: DEFAULT_DECREASE,
             latency_tolerance: Some(DEFAULT_LATENCY_TOLERANCE),
-            classifier: None,
+            classifier: ErrorClassifier::new(),
         }
     }
 
@@ -212,13 +213,29 @@ impl ConcurrencyBuilder {
         self
     }
 
-    /// Adaptive mode: decide which inner errors are timeouts (drop signals),
-    /// instead of [`looks_like_timeout`].
-    pub fn timeout_classifier<F>(mut self, classify: F) -> Self
+    /// Adaptive mode: decides, before the built-in rules, what an inner error
+    /// is: `Some(`[`Class::Timeout`]`)` makes it a drop signal, any other
+    /// `Some` does not, and `None` leaves it to the built-in rules, which know
+    /// tower's and tokio's `Elapsed` and an `io::Error` of kind `TimedOut`
+    /// anywhere in the source chain (see [`classify`](crate::classify)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::classify::Class;
+    /// use tower_llm_limits::concurrency::ConcurrencyBuilder;
+    ///
+    /// let layer = ConcurrencyBuilder::adaptive(1..=64)
+    ///     .error_classifier(|e| (e.to_string() == "upstream deadline").then_some(Class::Timeout))
+    ///     .build()
+    ///     .expect("valid settings");
+    /// # let _ = layer;
+    /// ```
+    pub fn error_classifier<F>(mut self, hook: F) -> Self
     where
-        F: Fn(&(dyn std::error::Error + 'static)) -> bool + Send + Sync + 'static,
+        F: Fn(&(dyn std::error::Error + 'static)) -> Option<Class> + Send + Sync + 'static,
     {
-        self.classifier = Some(Arc::new(classify));
+        self.classifier = ErrorClassifier::with_hook(hook);
         self
     }
 
@@ -279,9 +296,8 @@ impl ConcurrencyBuilder {
                 (min, Some(Controller::new(cfg)))
             }
         };
-        let classifier = self
-            .classifier
-            .unwrap_or_else(|| Arc::new(looks_like_timeout));
+        let errors = self.classifier;
+        let classifier: Classifier = Arc::new(move |err| errors.is_timeout(err));
         ConcurrencyLayer {
             shared: Arc::new(Shared::new(
                 limit,

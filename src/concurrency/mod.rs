@@ -132,12 +132,11 @@
 //! [`ConcurrencyBuilder::latency_tolerance`]`(None)` if answer lengths vary a
 //! lot.
 //!
-//! **Timeouts**: this crate does not depend on tower, so tower's
-//! `timeout::error::Elapsed` cannot be named. [`looks_like_timeout`] walks the
-//! error's source chain for a [`std::io::Error`] of kind `TimedOut` or a
-//! message saying "timed out", "timeout" or "deadline has elapsed" (tower's and
-//! tokio's `Elapsed` say so); [`ConcurrencyBuilder::timeout_classifier`]
-//! replaces it. Other inner errors teach nothing and change nothing.
+//! **Timeouts** are recognised by type, never by message: tower's and tokio's
+//! `Elapsed` and an `io::Error` of kind `TimedOut`, anywhere in the error's
+//! source chain (see [`classify`](crate::classify));
+//! [`ConcurrencyBuilder::error_classifier`] adds a hook for types this crate
+//! cannot know. Other inner errors teach nothing and change nothing.
 //!
 //! # Shrinking
 //!
@@ -256,40 +255,4 @@ pub struct Snapshot {
     pub adaptive: bool,
     /// Adaptive mode: still in slow start (no drop signal seen yet).
     pub slow_start: bool,
-}
-
-/// Whether an inner error looks like a timeout: a [`std::io::Error`] of kind
-/// [`TimedOut`](std::io::ErrorKind::TimedOut) anywhere in its source chain, or
-/// an error whose message says "timed out", "timeout" or "deadline has elapsed"
-/// (what tower's and tokio's `Elapsed` say). The default classifier of
-/// adaptive mode.
-///
-/// # Examples
-///
-/// ```
-/// use tower_llm_limits::concurrency::looks_like_timeout;
-///
-/// let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "slow");
-/// assert!(looks_like_timeout(&io));
-/// let other = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
-/// assert!(!looks_like_timeout(&other));
-/// ```
-pub fn looks_like_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(err);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        let msg = e.to_string().to_ascii_lowercase();
-        if msg.contains("timed out")
-            || msg.contains("timeout")
-            || msg.contains("deadline has elapsed")
-        {
-            return true;
-        }
-        current = e.source();
-    }
-    false
 }

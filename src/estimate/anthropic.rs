@@ -830,21 +830,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                     }
                 }
                 b"input" => self.raw_value(&mut t)?,
-                b"content" => match self.sc.peek()? {
-                    b'[' => {
-                        self.sc.bump();
-                        if !self.sc.empty(b']')? {
-                            loop {
-                                let inner = self.element(depth + 1)?;
-                                t.add(inner);
-                                if !self.sc.next_or_close(b']')? {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    _ => self.sc.skip_value(Some(&mut t.text))?,
-                },
+                b"content" => self.block_content(depth, &mut t)?,
                 b"cache_control" => self.cache_control(key_start, prev_comma)?,
                 // Opaque: a thinking block's signature is not model input text.
                 b"signature" => self.sc.skip_value(None)?,
@@ -857,6 +843,31 @@ impl<'a, 'c> Walk<'a, 'c> {
             }
             prev_comma = Some(pos);
         }
+        self.source_cost(kind, source, &mut t);
+        Ok(t)
+    }
+
+    /// A `content` value (of a block or a source): an array of nested blocks,
+    /// or any other value, counted as text.
+    fn block_content(&mut self, depth: u32, t: &mut Tally) -> Result<()> {
+        if self.sc.peek()? != b'[' {
+            return self.sc.skip_value(Some(&mut t.text));
+        }
+        self.sc.bump();
+        if !self.sc.empty(b']')? {
+            loop {
+                let inner = self.element(depth + 1)?;
+                t.add(inner);
+                if !self.sc.next_or_close(b']')? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the cost of a block's `source`: an image, a document, or text.
+    fn source_cost(&mut self, kind: BlockKind, source: Option<Source>, t: &mut Tally) {
         let media_kind = match (kind, source) {
             (BlockKind::Other, Some(s)) if s.media == Media::Image => BlockKind::Image,
             (BlockKind::Other, Some(s)) if s.media == Media::Pdf => BlockKind::Document,
@@ -864,7 +875,7 @@ impl<'a, 'c> Walk<'a, 'c> {
         };
         match media_kind {
             BlockKind::Image => t.fixed = t.fixed.saturating_add(self.image_cost(source)),
-            BlockKind::Document => self.document_cost(source, &mut t),
+            BlockKind::Document => self.document_cost(source, t),
             BlockKind::Other => {
                 if let Some(Source {
                     kind: SourceKind::Text,
@@ -876,7 +887,6 @@ impl<'a, 'c> Walk<'a, 'c> {
                 }
             }
         }
-        Ok(t)
     }
 
     fn source(&mut self, depth: u32, t: &mut Tally) -> Result<Source> {
@@ -920,21 +930,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                     let (span, _) = self.sc.string(false)?;
                     src.data = Some(span);
                 }
-                b"content" => match self.sc.peek()? {
-                    b'[' => {
-                        self.sc.bump();
-                        if !self.sc.empty(b']')? {
-                            loop {
-                                let inner = self.element(depth + 1)?;
-                                t.add(inner);
-                                if !self.sc.next_or_close(b']')? {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    _ => self.sc.skip_value(Some(&mut t.text))?,
-                },
+                b"content" => self.block_content(depth, t)?,
                 _ => self.sc.skip_value(None)?,
             }
             if !self.sc.next_or_close(b'}')? {
@@ -1189,75 +1185,13 @@ impl AnthropicEstimator {
             text + t.fixed as f64
         };
         let section_tokens: [f64; 3] = SECTIONS.map(|s| tokens(&w.sections[s as usize].tally));
-        let before = |sec: Section| -> f64 { section_tokens.iter().take(sec as usize).sum() };
         let total_f = self.config.request_overhead as f64 + section_tokens.iter().sum::<f64>();
         let total = total_f.ceil() as u64;
-        let mut cache_read: u64 = 0;
-
-        if !w.breakpoints.is_empty() {
-            // Candidates: each breakpoint, the boundaries before it, and the
-            // ends of the sections before its own.
-            let mut cands: Vec<(Section, Boundary, Option<Duration>)> = Vec::new();
-            for bp in &w.breakpoints {
-                cands.push((bp.section, bp.at, Some(bp.ttl)));
-                for b in bp.lookback.iter().take(bp.lookback_len) {
-                    cands.push((bp.section, *b, None));
-                }
-                for sec in SECTIONS.iter().take(bp.section as usize) {
-                    let s = &w.sections[*sec as usize];
-                    if s.present {
-                        cands.push((
-                            *sec,
-                            Boundary {
-                                end: s.end,
-                                tally: s.tally,
-                            },
-                            None,
-                        ));
-                    }
-                }
-            }
-            let checkpoints: Vec<(Section, usize)> =
-                cands.iter().map(|(s, b, _)| (*s, b.end)).collect();
-            let hashes = self.prefix_hashes(w, model.as_deref(), &checkpoints);
-            let prefix = |sec: Section, b: &Boundary| before(sec) + tokens(&b.tally);
-            let now = Instant::now();
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            let mut best: Option<(u64, f64)> = None;
-            for ((sec, b, _), &key) in cands.iter().zip(&hashes) {
-                if cache.is_warm(key, now) {
-                    let p = prefix(*sec, b);
-                    if best.is_none_or(|(_, bp)| p > bp) {
-                        best = Some((key, p));
-                    }
-                }
-            }
-            if let Some((key, p)) = best {
-                cache.touch(key, now);
-                cache_read = (p.floor() as u64).min(total);
-                tracing::trace!(cache_read, "prompt cache prefix believed warm");
-            }
-            let mut written = Vec::new();
-            for ((sec, b, ttl), &key) in cands.iter().zip(&hashes) {
-                if let Some(ttl) = ttl {
-                    if prefix(*sec, b) >= self.config.cache_min_tokens as f64 {
-                        cache.sent(key, *ttl, now);
-                        written.push((key, *ttl));
-                    }
-                }
-            }
-            if best.is_some() || !written.is_empty() {
-                cache.push_pending(Pending {
-                    model: model.clone(),
-                    raw_input_tokens: total - cache_read,
-                    cache_read_tokens: cache_read,
-                    read: best.map(|(k, _)| k),
-                    written,
-                    at: now,
-                });
-            }
-        }
-
+        let cache_read = if w.breakpoints.is_empty() {
+            0
+        } else {
+            self.cache_read(w, &model, &tokens, section_tokens, total)
+        };
         let raw = total - cache_read;
         let f = self.calibration.factor(model.as_deref().unwrap_or(""));
         let input = (raw as f64 * f).ceil() as u64;
@@ -1271,6 +1205,84 @@ impl AnthropicEstimator {
             fallback: false,
         }
     }
+
+    /// The tokens of the longest prefix believed warm in the prompt cache (at
+    /// most `total`); notes the prefixes this request reads and writes.
+    fn cache_read(
+        &self,
+        w: &Walk<'_, '_>,
+        model: &Option<String>,
+        tokens: &dyn Fn(&Tally) -> f64,
+        section_tokens: [f64; 3],
+        total: u64,
+    ) -> u64 {
+        let cands = cache_candidates(w);
+        let checkpoints: Vec<(Section, usize)> =
+            cands.iter().map(|(s, b, _)| (*s, b.end)).collect();
+        let hashes = self.prefix_hashes(w, model.as_deref(), &checkpoints);
+        let before = |sec: Section| -> f64 { section_tokens.iter().take(sec as usize).sum() };
+        let prefix = |sec: Section, b: &Boundary| before(sec) + tokens(&b.tally);
+        let now = Instant::now();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut best: Option<(u64, f64)> = None;
+        for ((sec, b, _), &key) in cands.iter().zip(&hashes) {
+            if cache.is_warm(key, now) {
+                let p = prefix(*sec, b);
+                if best.is_none_or(|(_, bp)| p > bp) {
+                    best = Some((key, p));
+                }
+            }
+        }
+        let mut cache_read = 0;
+        if let Some((key, p)) = best {
+            cache.touch(key, now);
+            cache_read = (p.floor() as u64).min(total);
+            tracing::trace!(cache_read, "prompt cache prefix believed warm");
+        }
+        let mut written = Vec::new();
+        for ((sec, b, ttl), &key) in cands.iter().zip(&hashes) {
+            if let Some(ttl) = ttl {
+                if prefix(*sec, b) >= self.config.cache_min_tokens as f64 {
+                    cache.sent(key, *ttl, now);
+                    written.push((key, *ttl));
+                }
+            }
+        }
+        if best.is_some() || !written.is_empty() {
+            cache.push_pending(Pending {
+                model: model.clone(),
+                raw_input_tokens: total - cache_read,
+                cache_read_tokens: cache_read,
+                read: best.map(|(k, _)| k),
+                written,
+                at: now,
+            });
+        }
+        cache_read
+    }
+}
+
+/// Where a cached prefix may end: each breakpoint (with its lifetime), the
+/// boundaries before it, and the ends of the sections before its own.
+fn cache_candidates(w: &Walk<'_, '_>) -> Vec<(Section, Boundary, Option<Duration>)> {
+    let mut cands = Vec::new();
+    for bp in &w.breakpoints {
+        cands.push((bp.section, bp.at, Some(bp.ttl)));
+        for b in bp.lookback.iter().take(bp.lookback_len) {
+            cands.push((bp.section, *b, None));
+        }
+        for sec in SECTIONS.iter().take(bp.section as usize) {
+            let s = &w.sections[*sec as usize];
+            if s.present {
+                let end = Boundary {
+                    end: s.end,
+                    tally: s.tally,
+                };
+                cands.push((*sec, end, None));
+            }
+        }
+    }
+    cands
 }
 
 /// Hashes `b[from..to]` leaving out the `cache_control` spans.

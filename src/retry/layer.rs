@@ -11,6 +11,7 @@ use super::cooldown::Cooldown;
 use super::service::RetryAfter;
 use super::snapshot::{Config, Counters, RetrySnapshot, Shared};
 use crate::body::DEFAULT_BUFFER_LIMIT;
+use crate::classify::{Class, Classifier};
 
 /// Applies [`RetryAfter`] to a service: honours `retry-after`, backs off with
 /// jitter, replays bodies, and keeps one shared cooldown.
@@ -93,6 +94,7 @@ pub struct RetryAfterBuilder {
     buffer_limit: usize,
     budget: Option<RetryBudget>,
     jitter: Option<Arc<dyn Jitter>>,
+    classifier: Classifier,
 }
 
 impl std::fmt::Debug for RetryAfterBuilder {
@@ -106,6 +108,7 @@ impl std::fmt::Debug for RetryAfterBuilder {
             .field("buffer_limit", &self.buffer_limit)
             .field("budget", &self.budget)
             .field("custom_jitter", &self.jitter.is_some())
+            .field("classifier", &self.classifier)
             .finish()
     }
 }
@@ -121,6 +124,7 @@ impl Default for RetryAfterBuilder {
             buffer_limit: DEFAULT_BUFFER_LIMIT,
             budget: Some(RetryBudget::default()),
             jitter: None,
+            classifier: Classifier::new(),
         }
     }
 }
@@ -201,6 +205,44 @@ impl RetryAfterBuilder {
         self
     }
 
+    /// Decides, before the built-in rules, what an inner error (no response)
+    /// is: `Some(`[`Class::Permanent`]`)` returns it to the caller at once;
+    /// any other class is retried after backoff; `None` leaves it to the
+    /// built-in rules (see [`classify`](crate::classify)).
+    ///
+    /// Without a hook every inner error that is not one of this crate's own
+    /// verdicts is retried, whether recognised as a timeout or a connection
+    /// error or of a type unknown here, as Anthropic's SDKs retry any
+    /// connection-level failure: the request never got a response.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::classify::Class;
+    /// use tower_llm_limits::retry::RetryAfterLayer;
+    ///
+    /// #[derive(Debug)]
+    /// struct InvalidUri;
+    /// impl std::fmt::Display for InvalidUri {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         f.write_str("invalid uri")
+    ///     }
+    /// }
+    /// impl std::error::Error for InvalidUri {}
+    ///
+    /// let layer = RetryAfterLayer::builder()
+    ///     .error_classifier(|e| e.is::<InvalidUri>().then_some(Class::Permanent))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn error_classifier<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&(dyn std::error::Error + 'static)) -> Option<Class> + Send + Sync + 'static,
+    {
+        self.classifier = Classifier::with_hook(hook);
+        self
+    }
+
     /// Builds the layer and its shared state (a fresh cooldown and budget).
     pub fn build(self) -> RetryAfterLayer {
         let jitter = self
@@ -216,6 +258,7 @@ impl RetryAfterBuilder {
                     deadline: self.deadline,
                     buffer_limit: self.buffer_limit,
                     jitter,
+                    classifier: self.classifier,
                 },
                 cooldown: Cooldown::new(),
                 budget: self.budget.map(BudgetState::new),

@@ -4,8 +4,12 @@
 //! way the API asks to be retried, and never in a way that makes things worse:
 //!
 //! - **What is retried**: 408, 409, 429 and 500–599 (529 `overloaded_error`
-//!   included), and inner errors before any response (connection refused or
-//!   reset, timeouts). Never another 4xx. `x-should-retry: false` stops,
+//!   included), and inner errors before any response: timeouts and connection
+//!   errors, recognised by type (see [`classify`](crate::classify)), and
+//!   errors of a type unknown here too, as the official SDKs retry every
+//!   connection-level failure; a hook
+//!   ([`RetryAfterBuilder::error_classifier`]) can declare an error
+//!   permanent. Never another 4xx. `x-should-retry: false` stops,
 //!   `x-should-retry: true` retries even a status outside the list (as the
 //!   official SDKs do). Responses below 400 are returned untouched.
 //! - **Never retried**: the monthly spend-cap 429 (error body

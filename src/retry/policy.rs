@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 
+use crate::classify::{Class, Classifier};
 use crate::headers::RateLimitSnapshot;
 use crate::{BoxError, Error};
 
@@ -87,14 +88,21 @@ pub(crate) enum ErrorVerdict {
 
 /// Classifies an inner error.
 ///
-/// Foreign errors (connection refused or reset, timeouts, ...) happen before
-/// any response and are retried. This crate's own errors from inner layers:
-/// `BudgetExceeded` is retried after its `retry_in`, `Overloaded` and `Inner`
-/// after backoff; the others (`RequestTooLarge`, `SpendLimitReached`,
-/// `NotReplayable`, `Body`, and the verdicts of a nested retry layer) are not.
-pub(crate) fn judge_error(err: &BoxError) -> ErrorVerdict {
+/// This crate's own errors from inner layers: `BudgetExceeded` is retried
+/// after its `retry_in`, `Overloaded` and `Inner` after backoff; the others
+/// (`RequestTooLarge`, `SpendLimitReached`, `NotReplayable`, `Body`, and the
+/// verdicts of a nested retry layer) are not.
+///
+/// Foreign errors happen before any response. The classifier decides by type
+/// (its hook first): only [`Class::Permanent`] is returned as is. Timeouts,
+/// connection errors and errors of unknown type are retried after backoff, as
+/// Anthropic's SDKs retry every connection-level failure.
+pub(crate) fn judge_error(err: &BoxError, classifier: &Classifier) -> ErrorVerdict {
     match err.downcast_ref::<Error>() {
-        None => ErrorVerdict::Backoff,
+        None => match classifier.classify(&**err) {
+            Class::Permanent => ErrorVerdict::Fatal,
+            Class::Timeout | Class::Connection | Class::Unknown => ErrorVerdict::Backoff,
+        },
         Some(Error::BudgetExceeded { retry_in, .. }) => ErrorVerdict::After(*retry_in),
         Some(Error::Overloaded { .. }) | Some(Error::Inner(_)) => ErrorVerdict::Backoff,
         Some(_) => ErrorVerdict::Fatal,
@@ -172,22 +180,47 @@ mod tests {
         assert!(!is_spend_limit_body(b""));
     }
 
+    fn judge_error_default(err: &BoxError) -> ErrorVerdict {
+        judge_error(err, &Classifier::new())
+    }
+
+    #[test]
+    fn foreign_errors_are_retried_unless_the_hook_says_permanent() {
+        let plain = Classifier::new();
+        let timeout: BoxError = Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        let refused: BoxError =
+            Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let unknown: BoxError = "something else".into();
+        for err in [&timeout, &refused, &unknown] {
+            assert_eq!(judge_error(err, &plain), ErrorVerdict::Backoff, "{err}");
+        }
+        let hook = Classifier::with_hook(|e| {
+            (e.to_string() == "something else").then_some(Class::Permanent)
+        });
+        assert_eq!(judge_error(&unknown, &hook), ErrorVerdict::Fatal);
+        assert_eq!(judge_error(&refused, &hook), ErrorVerdict::Backoff);
+        // The crate's own verdicts come before the hook.
+        let never = Classifier::with_hook(|_| Some(Class::Permanent));
+        let overloaded: BoxError = Box::new(Error::Overloaded { waiting: 1 });
+        assert_eq!(judge_error(&overloaded, &never), ErrorVerdict::Backoff);
+    }
+
     #[test]
     fn error_classes() {
         let e = |err: Error| -> BoxError { Box::new(err) };
         assert_eq!(
-            judge_error(&"connection reset".into()),
+            judge_error_default(&"connection reset".into()),
             ErrorVerdict::Backoff
         );
         assert_eq!(
-            judge_error(&e(Error::BudgetExceeded {
+            judge_error_default(&e(Error::BudgetExceeded {
                 retry_in: Duration::from_secs(3),
                 dimension: Dimension::InputTokens
             })),
             ErrorVerdict::After(Duration::from_secs(3))
         );
         assert_eq!(
-            judge_error(&e(Error::Overloaded { waiting: 1 })),
+            judge_error_default(&e(Error::Overloaded { waiting: 1 })),
             ErrorVerdict::Backoff
         );
         for fatal in [
@@ -209,7 +242,7 @@ mod tests {
                 source: None,
             },
         ] {
-            assert_eq!(judge_error(&e(fatal)), ErrorVerdict::Fatal);
+            assert_eq!(judge_error_default(&e(fatal)), ErrorVerdict::Fatal);
         }
     }
 }

@@ -87,6 +87,8 @@ pub(crate) struct Config {
     pub(crate) deadline: Option<Duration>,
     pub(crate) buffer_limit: usize,
     pub(crate) jitter: Arc<dyn Jitter>,
+    /// Decides which inner errors are transient.
+    pub(crate) classifier: crate::classify::Classifier,
 }
 
 impl fmt::Debug for Config {
@@ -98,6 +100,7 @@ impl fmt::Debug for Config {
             .field("max_server_delay", &self.max_server_delay)
             .field("deadline", &self.deadline)
             .field("buffer_limit", &self.buffer_limit)
+            .field("classifier", &self.classifier)
             .finish_non_exhaustive()
     }
 }

@@ -91,6 +91,75 @@ pub struct Span {
     pub escaped: bool,
 }
 
+/// Skips sixteen bytes at a time while no quote or backslash is in sight;
+/// returns where it stopped. A pure-ASCII pair costs one test; other pairs
+/// add to per-byte-lane counters (no popcount per word), summed at the end
+/// and every 127 pairs, before a lane could overflow.
+#[inline(always)]
+fn skip_plain_pairs(b: &[u8], mut i: usize, count: bool, c: &mut Chars) -> usize {
+    let mut lanes_high = 0u64;
+    let mut lanes_lead = 0u64;
+    let mut pairs = 0u32;
+    let mut fast = 0u64;
+    while let Some(chunk) = b.get(i..i.saturating_add(16)) {
+        let (w0, w1) = chunk.split_at(8);
+        let (Ok(w0), Ok(w1)) = (<[u8; 8]>::try_from(w0), <[u8; 8]>::try_from(w1)) else {
+            break;
+        };
+        let (w0, w1) = (u64::from_le_bytes(w0), u64::from_le_bytes(w1));
+        let special =
+            has_byte(w0, b'"') | has_byte(w0, b'\\') | has_byte(w1, b'"') | has_byte(w1, b'\\');
+        if special != 0 {
+            break;
+        }
+        i += 16;
+        if count {
+            fast += 16;
+            if (w0 | w1) & HI != 0 {
+                lanes_high += ((w0 >> 7) & LO) + ((w1 >> 7) & LO);
+                lanes_lead += (((w0 & (w0 << 1)) >> 7) & LO) + (((w1 & (w1 << 1)) >> 7) & LO);
+                pairs += 1;
+                if pairs == 127 {
+                    let high = lane_sum(lanes_high);
+                    c.ascii += fast - high;
+                    c.non_ascii += lane_sum(lanes_lead);
+                    (lanes_high, lanes_lead, pairs, fast) = (0, 0, 0, 0);
+                }
+            }
+        }
+    }
+    if count {
+        let high = lane_sum(lanes_high);
+        c.ascii += fast - high;
+        c.non_ascii += lane_sum(lanes_lead);
+    }
+    i
+}
+
+/// Skips eight bytes at a time while no quote or backslash is in sight; at
+/// the word that holds one, counts the bytes before it and stops there (the
+/// lowest flagged byte is exact: false positives of the zero-byte test only
+/// appear above a true match). Returns where it stopped.
+#[inline(always)]
+fn skip_plain_words(b: &[u8], mut i: usize, count: bool, c: &mut Chars) -> usize {
+    while let Some(w) = word_at(b, i) {
+        let special = has_byte(w, b'"') | has_byte(w, b'\\');
+        if special == 0 {
+            if count {
+                count_word(w, c);
+            }
+            i += 8;
+            continue;
+        }
+        let bits = special.trailing_zeros() & !7;
+        if count && bits > 0 {
+            count_masked(w, (1u64 << bits) - 1, c);
+        }
+        return i + (bits / 8) as usize;
+    }
+    i
+}
+
 #[inline(always)]
 fn has_byte(w: u64, b: u8) -> u64 {
     let x = w ^ (LO.wrapping_mul(u64::from(b)));
@@ -308,69 +377,8 @@ impl<'a> Scanner<'a> {
         let b = self.b;
         let mut i = self.i;
         loop {
-            // Sixteen bytes at a time while no quote or backslash is in
-            // sight: a pure-ASCII pair costs one test; other pairs add to
-            // per-byte-lane counters (no popcount per word), summed at the end
-            // and every 127 pairs, before a lane could overflow.
-            let mut lanes_high = 0u64;
-            let mut lanes_lead = 0u64;
-            let mut pairs = 0u32;
-            let mut fast = 0u64;
-            while let Some(chunk) = b.get(i..i.saturating_add(16)) {
-                let (w0, w1) = chunk.split_at(8);
-                let (Ok(w0), Ok(w1)) = (<[u8; 8]>::try_from(w0), <[u8; 8]>::try_from(w1)) else {
-                    break;
-                };
-                let (w0, w1) = (u64::from_le_bytes(w0), u64::from_le_bytes(w1));
-                let special = has_byte(w0, b'"')
-                    | has_byte(w0, b'\\')
-                    | has_byte(w1, b'"')
-                    | has_byte(w1, b'\\');
-                if special != 0 {
-                    break;
-                }
-                i += 16;
-                if count {
-                    fast += 16;
-                    if (w0 | w1) & HI != 0 {
-                        lanes_high += ((w0 >> 7) & LO) + ((w1 >> 7) & LO);
-                        lanes_lead +=
-                            (((w0 & (w0 << 1)) >> 7) & LO) + (((w1 & (w1 << 1)) >> 7) & LO);
-                        pairs += 1;
-                        if pairs == 127 {
-                            let high = lane_sum(lanes_high);
-                            c.ascii += fast - high;
-                            c.non_ascii += lane_sum(lanes_lead);
-                            (lanes_high, lanes_lead, pairs, fast) = (0, 0, 0, 0);
-                        }
-                    }
-                }
-            }
-            if count {
-                let high = lane_sum(lanes_high);
-                c.ascii += fast - high;
-                c.non_ascii += lane_sum(lanes_lead);
-            }
-            // Then eight bytes at a time while no quote or backslash is in sight;
-            // at the word that holds one, count the bytes before it and jump
-            // to it (the lowest flagged byte is exact: false positives of the
-            // zero-byte test only appear above a true match).
-            while let Some(w) = word_at(b, i) {
-                let special = has_byte(w, b'"') | has_byte(w, b'\\');
-                if special == 0 {
-                    if count {
-                        count_word(w, &mut c);
-                    }
-                    i += 8;
-                    continue;
-                }
-                let bits = special.trailing_zeros() & !7;
-                if count && bits > 0 {
-                    count_masked(w, (1u64 << bits) - 1, &mut c);
-                }
-                i += (bits / 8) as usize;
-                break;
-            }
+            i = skip_plain_pairs(b, i, count, &mut c);
+            i = skip_plain_words(b, i, count, &mut c);
             let x = *b.get(i).ok_or(Malformed)?;
             if x == b'"' {
                 self.i = i + 1;
