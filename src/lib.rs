@@ -105,6 +105,8 @@ pub mod body;
 pub mod error;
 pub mod headers;
 mod mix;
+#[cfg(any(feature = "budget", feature = "concurrency"))]
+mod queue;
 
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]

@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::enforce;
-use super::state::{Admission, Charge, Shared};
+use super::state::{Admission, Charge, Refusal, Shared};
 use super::usage::{ResponseBody, Tracker};
 use crate::body::{Buffered, ReplayBody};
 use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
@@ -32,9 +32,25 @@ pin_project! {
     /// # Cancellation
     ///
     /// Dropped while waiting for the budget: the request gives back its place
-    /// in line and nothing stays reserved (it was never sent). Dropped after
-    /// the request was handed to the inner service: the charge is kept, since
-    /// the request may have reached the server.
+    /// in line and nothing stays reserved (it was never sent); a reservation
+    /// the ledger was still answering is refunded if it was admitted (the
+    /// ledger operation is finished on the current tokio runtime). Dropped
+    /// after the request was handed to the inner service: the charge is kept,
+    /// since the request may have reached the server.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BudgetExceeded`] and [`Error::RequestTooLarge`] (unless the
+    /// layer enforces, which answers 429 instead), [`Error::Body`], the inner
+    /// service's own error, and a [`LedgerError`](super::ledger::LedgerError)
+    /// when the ledger failed to answer a reservation: the request was not
+    /// sent, nothing was debited for it, and its place in line went to the
+    /// next waiter.
+    ///
+    /// # Panics
+    ///
+    /// Polling it again after it returned `Ready` panics, as most futures do:
+    /// "`budget::ResponseFuture` polled after completion".
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<ReplayBody<B>>>,
@@ -149,8 +165,11 @@ where
     }
 }
 
-fn misuse() -> BoxError {
-    "TokenBudget response future polled after completion".into()
+/// A future polled after it returned `Ready` (the only way to reach a state
+/// whose parts were taken).
+#[track_caller]
+fn polled_after_completion() -> ! {
+    panic!("`budget::ResponseFuture` polled after completion")
 }
 
 impl<S, B, ResB> Future for ResponseFuture<S, B>
@@ -176,8 +195,7 @@ where
                 } => {
                     let buffered = ready!(fut.as_mut().poll(cx));
                     let (Some(parts), Some(svc)) = (parts.take(), svc.take()) else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(misuse()));
+                        polled_after_completion();
                     };
                     let (request, estimate) = match buffered {
                         Err(e) => {
@@ -209,8 +227,7 @@ where
                     svc,
                 } => {
                     let Some(ch) = charge.as_mut() else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(misuse()));
+                        polled_after_completion();
                     };
                     let admitted = ready!(shared.poll_admit(ch, admission, cx));
                     match admitted {
@@ -225,7 +242,11 @@ where
                             };
                             this.state.set(next);
                         }
-                        Err(denied) => {
+                        Err(Refusal::Ledger(e)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Box::new(e)));
+                        }
+                        Err(Refusal::Denied(denied)) => {
                             let charge = charge.take();
                             this.state.set(State::Done);
                             if shared.settings.enforce {
@@ -245,8 +266,7 @@ where
                     svc,
                 } => {
                     let Some(service) = svc.as_mut() else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(misuse()));
+                        polled_after_completion();
                     };
                     // Normally ready at once: `poll_ready` said so before `call`.
                     // Asked again because the wait for the budget may have been long.
@@ -258,8 +278,7 @@ where
                     let (Some(request), Some(mut service), Some(charge)) =
                         (request.take(), svc.take(), unsent.charge.take())
                     else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(misuse()));
+                        polled_after_completion();
                     };
                     let fut = service.call(request);
                     this.state.set(State::Calling {
@@ -272,7 +291,7 @@ where
                     let charge = charge.take();
                     this.state.set(State::Done);
                     let Some(charge) = charge else {
-                        return Poll::Ready(Err(misuse()));
+                        polled_after_completion();
                     };
                     return Poll::Ready(match result {
                         Ok(response) => Ok(respond(shared, charge, response)),
@@ -283,7 +302,7 @@ where
                         }
                     });
                 }
-                StateProj::Done => return Poll::Ready(Err(misuse())),
+                StateProj::Done => polled_after_completion(),
             }
         }
     }
@@ -291,8 +310,8 @@ where
 
 /// Whether the server turned the request away without doing the work, and so
 /// charged nothing: 429 (a limit), 529 (`overloaded_error`) and 503. The
-/// facts file leaves open whether an overloaded answer draws down a bucket;
-/// the emulator charges nothing for it, and keeping the charge would waste a
+/// API's documentation leaves open whether an overloaded answer draws down a
+/// bucket; the emulator charges nothing for it, and keeping the charge would waste a
 /// whole request's tokens per 529 (in the simulation with 2% 529s and 1%
 /// 500s, keeping it cost 12% of the throughput). Other 5xx keep the charge:
 /// the work may have been done.

@@ -27,7 +27,7 @@ use super::response::{
 use super::rng::{mix, Rng};
 use super::tokens::{parse_request, Endpoint, ParsedRequest};
 use super::Shared;
-use crate::budget::ledger::{CostDelta, Costs, Ledger, Reservation};
+use crate::budget::ledger::{CostDelta, Costs, Reservation};
 use crate::budget::limits::{Limits, ModelClass, OutputMode};
 use crate::{BoxError, Dimension};
 
@@ -143,7 +143,7 @@ impl Admission {
         if self.mode == OutputMode::Realtime && self.produced > self.charged {
             let extra = self.produced - self.charged;
             self.charged = self.produced;
-            self.shared.ledger.settle(
+            self.shared.ledger.settle_at(
                 self.class,
                 &self.limits,
                 CostDelta {
@@ -164,7 +164,7 @@ impl Admission {
         if self.produced != self.charged {
             let delta = i128::from(self.produced) - i128::from(self.charged);
             let delta = i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
-            self.shared.ledger.settle(
+            self.shared.ledger.settle_at(
                 self.class,
                 &self.limits,
                 CostDelta {
@@ -317,7 +317,7 @@ fn count_tokens(
     };
     let verdict = shared
         .count_ledger
-        .reserve(COUNT_TOKENS_KEY, &limits, costs, now);
+        .reserve_at(COUNT_TOKENS_KEY, &limits, costs, now);
     let mut response = match verdict {
         Reservation::Admitted => {
             shared.lock_stats().count_tokens.requests_admitted += 1;
@@ -329,10 +329,10 @@ fn count_tokens(
                 Some(request_id),
             )
         }
-        Reservation::WaitUntil { at, .. } => {
+        Reservation::Wait { retry_in, .. } => {
             shared.lock_stats().count_tokens.rate_limited += 1;
             let mut r = rate_limited(Dimension::Requests, limits.requests_per_minute, request_id);
-            insert_retry_after(r.headers_mut(), at.saturating_duration_since(now));
+            insert_retry_after(r.headers_mut(), retry_in);
             r
         }
         Reservation::Never { dimension, .. } => {
@@ -342,7 +342,7 @@ fn count_tokens(
             r
         }
     };
-    if let Some(states) = shared.count_ledger.state(COUNT_TOKENS_KEY, &limits, now) {
+    if let Some(states) = shared.count_ledger.state_at(COUNT_TOKENS_KEY, &limits, now) {
         insert_rate_limit_headers(response.headers_mut(), &states, SystemTime::now());
     }
     response
@@ -368,7 +368,7 @@ fn with_limit_headers(
     limits: &Limits,
     mut response: Response<EmulatorBody>,
 ) -> Response<EmulatorBody> {
-    if let Some(states) = shared.ledger.state(class, limits, Instant::now()) {
+    if let Some(states) = shared.ledger.state_at(class, limits, Instant::now()) {
         insert_rate_limit_headers(response.headers_mut(), &states, SystemTime::now());
     }
     response
@@ -467,11 +467,12 @@ async fn messages(
         }
     }
 
-    let wait = match shared.ledger.reserve(class, &limits, costs, now) {
+    let wait = match shared.ledger.reserve_at(class, &limits, costs, now) {
         Reservation::Admitted => None,
-        Reservation::WaitUntil { at, dimension } => {
-            Some((dimension, at.saturating_duration_since(now)))
-        }
+        Reservation::Wait {
+            retry_in,
+            dimension,
+        } => Some((dimension, retry_in)),
         // Above the whole capacity: the API answers 429 too (facts file 4.2,
         // "reduce the prompt length or the maximum tokens requested").
         Reservation::Never { dimension, .. } => Some((dimension, Duration::from_secs(60))),
