@@ -1368,3 +1368,47 @@ mod properties {
         }
     }
 }
+
+/// Through the trait the in-memory ledger answers at once (no round trip)
+/// and reads tokio's clock: the caller passes no instant.
+#[tokio::test(start_paused = true)]
+async fn the_trait_answers_at_once_on_tokios_clock() {
+    let ledger = InMemoryLedger::new();
+    let limits = Limits::new(60, 100_000, 20_000);
+    let reserve = |ledger: &InMemoryLedger| {
+        ledger
+            .reserve(KEY, &limits, costs(1, 0, 0))
+            .into_ready()
+            .expect("answered at once")
+            .expect("never fails")
+    };
+    for _ in 0..60 {
+        assert_eq!(reserve(&ledger), Reservation::Admitted);
+    }
+    assert_eq!(
+        reserve(&ledger),
+        Reservation::Wait {
+            retry_in: secs(1),
+            dimension: Dimension::Requests
+        }
+    );
+    tokio::time::advance(ms(999)).await;
+    assert_eq!(
+        reserve(&ledger),
+        Reservation::Wait {
+            retry_in: ms(1),
+            dimension: Dimension::Requests
+        }
+    );
+    tokio::time::advance(ms(1)).await;
+    assert_eq!(
+        ledger.reserve(KEY, &limits, costs(1, 0, 0)).await.unwrap(),
+        Reservation::Admitted
+    );
+    ledger
+        .settle(KEY, &limits, CostDelta::refund(costs(1, 0, 0)))
+        .await
+        .unwrap();
+    let states = ledger.state(KEY, &limits).await.unwrap().expect("held");
+    assert_close(states[0].available, 1.0);
+}
