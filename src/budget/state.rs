@@ -339,6 +339,12 @@ pub(crate) struct Admission {
     started: Option<Instant>,
 }
 
+/// Who asks, and when (one clock reading per question).
+struct Turn<'a> {
+    waker: &'a Waker,
+    now: Instant,
+}
+
 enum Step {
     Admitted,
     Refused(Refusal),
@@ -479,8 +485,12 @@ impl Shared {
                 Some(asking) => {
                     let answer = std::task::ready!(asking.poll(cx));
                     adm.asking = None;
+                    let turn = Turn {
+                        waker: cx.waker(),
+                        now: Instant::now(),
+                    };
                     let mut ks = lock_key(&charge.cell);
-                    let (step, next) = self.on_answer(&mut ks, charge, adm, answer, cx.waker());
+                    let (step, next) = self.on_answer(&mut ks, charge, adm, answer, &turn);
                     drop(ks);
                     wake(next);
                     step
@@ -551,10 +561,10 @@ impl Shared {
         ks: &mut KeyState,
         charge: &Charge,
         adm: &mut Admission,
-        waker: &Waker,
+        turn: &Turn<'_>,
     ) {
-        let now = Instant::now();
-        let id = ks.queue.push(0, now, Some(waker.clone()));
+        let now = turn.now;
+        let id = ks.queue.push(0, now, Some(turn.waker.clone()));
         adm.place = Some(Place {
             shared: Arc::clone(self),
             cell: Arc::clone(&charge.cell),
@@ -569,15 +579,21 @@ impl Shared {
 
     /// Asks the ledger if this request's turn has come, or waits in line.
     fn ask(self: &Arc<Self>, charge: &Charge, adm: &mut Admission, waker: &Waker) -> Step {
+        // One clock reading per question: the in-memory ledger reads the
+        // same clock, so its waits count from (about) the same instant.
+        let turn = Turn {
+            waker,
+            now: Instant::now(),
+        };
         let mut ks = lock_key(&charge.cell);
-        ks.last_used = Instant::now();
+        ks.last_used = turn.now;
         let at_head = match &adm.place {
             None => self.settings.mode == BudgetMode::Reject || ks.queue.is_empty(),
             Some(place) => ks.queue.is_next(place.id()),
         };
         if !at_head {
             match &adm.place {
-                None => self.join(&mut ks, charge, adm, waker),
+                None => self.join(&mut ks, charge, adm, &turn),
                 Some(place) => ks.queue.register(place.id(), waker),
             }
             return Step::Queued;
@@ -591,7 +607,7 @@ impl Shared {
             .reserve(&charge.key, &charge.limits, charge.costs);
         match fut.into_ready() {
             Ok(answer) => {
-                let (step, next) = self.on_answer(&mut ks, charge, adm, answer, waker);
+                let (step, next) = self.on_answer(&mut ks, charge, adm, answer, &turn);
                 drop(ks);
                 wake(next);
                 step
@@ -599,7 +615,7 @@ impl Shared {
             Err(fut) => {
                 // A round trip: hold the place at the head while it runs.
                 if adm.place.is_none() && self.settings.mode == BudgetMode::Wait {
-                    self.join(&mut ks, charge, adm, waker);
+                    self.join(&mut ks, charge, adm, &turn);
                 }
                 drop(ks);
                 adm.asking = Some(Asking {
@@ -623,7 +639,7 @@ impl Shared {
         charge: &Charge,
         adm: &mut Admission,
         answer: Result<Reservation, LedgerError>,
-        waker: &Waker,
+        turn: &Turn<'_>,
     ) -> (Step, Option<Waker>) {
         let leave =
             |adm: &mut Admission, ks: &mut KeyState| adm.place.take().and_then(|p| p.leave(ks));
@@ -641,7 +657,10 @@ impl Shared {
                     };
                     return (Step::Refused(Refusal::Denied(denied)), leave(adm, ks));
                 }
-                (self.wait(ks, charge, adm, retry_in, dimension, waker), None)
+                (
+                    self.wait(ks, charge, adm, (retry_in, dimension), turn),
+                    None,
+                )
             }
             Ok(Reservation::Never {
                 dimension,
@@ -672,19 +691,18 @@ impl Shared {
         ks: &mut KeyState,
         charge: &Charge,
         adm: &mut Admission,
-        retry_in: Duration,
-        dimension: Dimension,
-        waker: &Waker,
+        (retry_in, dimension): (Duration, Dimension),
+        turn: &Turn<'_>,
     ) -> Step {
         let first = adm.started.is_none();
         match &adm.place {
-            None => self.join(ks, charge, adm, waker),
+            None => self.join(ks, charge, adm, turn),
             Some(place) => {
                 if ks.queue.take_notified(place.id()) {
                     // Capacity was freed while the ledger answered.
                     return Step::Again;
                 }
-                ks.queue.register(place.id(), waker);
+                ks.queue.register(place.id(), turn.waker);
             }
         }
         if first {
@@ -695,7 +713,9 @@ impl Shared {
                 "budget: waiting for capacity"
             );
         }
-        Step::Sleep(Instant::now() + retry_in)
+        // A ledger must name a wait after now; guard against a spin if one
+        // does not.
+        Step::Sleep(turn.now + retry_in.max(Duration::from_millis(1)))
     }
 
     /// Runs a ledger operation that answers nothing: at once if it can, else
@@ -895,10 +915,8 @@ impl Shared {
     }
 }
 
-/// Sleeps until `at` (at least a millisecond from now, so that a ledger
-/// answering "wait zero" cannot spin); whether the sleep is over.
+/// Sleeps until `at`; whether the sleep is over.
 fn poll_sleep(adm: &mut Admission, at: Instant, cx: &mut Context<'_>) -> bool {
-    let at = at.max(Instant::now() + Duration::from_millis(1));
     match adm.sleep.as_mut() {
         Some(sleep) => {
             if sleep.deadline() != at {
