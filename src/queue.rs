@@ -26,8 +26,15 @@
 //!   registered) is remembered ([`WaitQueue::take_notified`]).
 //!
 //! Waiters live in a slab of nodes, each in a doubly linked list of its lane:
-//! push, pop and removal from the middle are O(1), and a node is about 100
-//! bytes.
+//! push, pop and removal from the middle are O(1), and a node takes under
+//! 100 bytes.
+
+// Each primitive uses its own half of the engine: hand-off (concurrency) or
+// turns (budget).
+#![cfg_attr(
+    not(all(feature = "budget", feature = "concurrency")),
+    allow(dead_code)
+)]
 
 use std::task::{Poll, Waker};
 use std::time::Duration;
