@@ -197,28 +197,18 @@ where
                     let (Some(parts), Some(svc)) = (parts.take(), svc.take()) else {
                         polled_after_completion();
                     };
-                    let (request, estimate) = match buffered {
+                    match estimated(shared, buffered, parts, caller.as_deref()) {
+                        Ok((request, charge)) => this.state.set(State::Admitting {
+                            charge: Some(charge),
+                            admission: Admission::default(),
+                            request: Some(request),
+                            svc: Some(svc),
+                        }),
                         Err(e) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(Box::new(Error::Body(e))));
+                            return Poll::Ready(Err(e));
                         }
-                        Ok(Buffered::Complete(body)) => {
-                            let estimate = shared.estimator.estimate(&parts, body.bytes());
-                            (Request::from_parts(parts, body.replay()), estimate)
-                        }
-                        Ok(Buffered::TooLarge(body)) => {
-                            let len = content_length(&parts.headers).or(body.size_hint().exact());
-                            let estimate = shared.estimator.estimate_unbuffered(&parts, len);
-                            (Request::from_parts(parts, body), estimate)
-                        }
-                    };
-                    let charge = shared.charge(caller.as_deref(), estimate);
-                    this.state.set(State::Admitting {
-                        charge: Some(charge),
-                        admission: Admission::default(),
-                        request: Some(request),
-                        svc: Some(svc),
-                    });
+                    }
                 }
                 StateProj::Admitting {
                     charge,
@@ -242,21 +232,10 @@ where
                             };
                             this.state.set(next);
                         }
-                        Err(Refusal::Ledger(e)) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(Box::new(e)));
-                        }
-                        Err(Refusal::Denied(denied)) => {
+                        Err(refusal) => {
                             let charge = charge.take();
                             this.state.set(State::Done);
-                            if shared.settings.enforce {
-                                if let Some(charge) = charge {
-                                    return Poll::Ready(Ok(enforce::reject(
-                                        shared, &charge, denied,
-                                    )));
-                                }
-                            }
-                            return Poll::Ready(Err(Box::new(Error::from(denied))));
+                            return Poll::Ready(refuse(shared, charge, refusal));
                         }
                     }
                 }
@@ -264,28 +243,17 @@ where
                     unsent,
                     request,
                     svc,
-                } => {
-                    let Some(service) = svc.as_mut() else {
-                        polled_after_completion();
-                    };
-                    // Normally ready at once: `poll_ready` said so before `call`.
-                    // Asked again because the wait for the budget may have been long.
-                    if let Err(e) = ready!(service.poll_ready(cx)) {
-                        // Not sent: dropping `unsent` gives the reservation back.
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(e.into()));
-                    }
-                    let (Some(request), Some(mut service), Some(charge)) =
-                        (request.take(), svc.take(), unsent.charge.take())
-                    else {
-                        polled_after_completion();
-                    };
-                    let fut = service.call(request);
-                    this.state.set(State::Calling {
+                } => match ready!(poll_send(unsent, request, svc, cx)) {
+                    Ok((fut, charge)) => this.state.set(State::Calling {
                         fut,
                         charge: Some(charge),
-                    });
-                }
+                    }),
+                    Err(e) => {
+                        // Not sent: dropping `unsent` gives the reservation back.
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e));
+                    }
+                },
                 StateProj::Calling { fut, charge } => {
                     let result = ready!(fut.poll(cx));
                     let charge = charge.take();
@@ -293,18 +261,98 @@ where
                     let Some(charge) = charge else {
                         polled_after_completion();
                     };
-                    return Poll::Ready(match result {
-                        Ok(response) => Ok(respond(shared, charge, response)),
-                        Err(e) => {
-                            // The request may have reached the server: keep the charge.
-                            tracing::debug!(key = %charge.key, "budget: inner service failed; charge kept");
-                            Err(e.into())
-                        }
-                    });
+                    return Poll::Ready(finished(shared, charge, result));
                 }
                 StateProj::Done => polled_after_completion(),
             }
         }
+    }
+}
+
+/// The inner service's answer: a response wrapped for settlement, or its
+/// error (the charge is kept: the request may have reached the server).
+fn finished<ResB: Body, E: Into<BoxError>>(
+    shared: &Arc<Shared>,
+    charge: Charge,
+    result: Result<Response<ResB>, E>,
+) -> Result<Response<ResponseBody<ResB>>, BoxError> {
+    match result {
+        Ok(response) => Ok(respond(shared, charge, response)),
+        Err(e) => {
+            tracing::debug!(key = %charge.key, "budget: inner service failed; charge kept");
+            Err(e.into())
+        }
+    }
+}
+
+/// Hands an admitted request to the inner service once it is ready again
+/// (normally at once: `poll_ready` said so before `call`; asked again because
+/// the wait for the budget may have been long).
+fn poll_send<S, B>(
+    unsent: &mut Unsent,
+    request: &mut Option<Request<ReplayBody<B>>>,
+    svc: &mut Option<S>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(S::Future, Charge), BoxError>>
+where
+    S: Service<Request<ReplayBody<B>>>,
+    S::Error: Into<BoxError>,
+{
+    let Some(service) = svc.as_mut() else {
+        polled_after_completion();
+    };
+    if let Err(e) = ready!(service.poll_ready(cx)) {
+        return Poll::Ready(Err(e.into()));
+    }
+    let (Some(request), Some(mut service), Some(charge)) =
+        (request.take(), svc.take(), unsent.charge.take())
+    else {
+        polled_after_completion();
+    };
+    Poll::Ready(Ok((service.call(request), charge)))
+}
+
+/// The request rebuilt around its read body, and its charge from the estimate.
+fn estimated<B>(
+    shared: &Shared,
+    buffered: Result<Buffered<B>, BoxError>,
+    parts: Parts,
+    caller: Option<&str>,
+) -> Result<(Request<ReplayBody<B>>, Charge), BoxError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let (request, estimate) = match buffered {
+        Err(e) => return Err(Box::new(Error::Body(e))),
+        Ok(Buffered::Complete(body)) => {
+            let estimate = shared.estimator.estimate(&parts, body.bytes());
+            (Request::from_parts(parts, body.replay()), estimate)
+        }
+        Ok(Buffered::TooLarge(body)) => {
+            let len = content_length(&parts.headers).or(body.size_hint().exact());
+            let estimate = shared.estimator.estimate_unbuffered(&parts, len);
+            (Request::from_parts(parts, body), estimate)
+        }
+    };
+    let charge = shared.charge(caller, estimate);
+    Ok((request, charge))
+}
+
+/// The answer to a request not admitted: the ledger's error; or the
+/// decision, as an error, or as a 429 in enforce mode.
+fn refuse<ResB>(
+    shared: &Shared,
+    charge: Option<Charge>,
+    refusal: Refusal,
+) -> Result<Response<ResponseBody<ResB>>, BoxError> {
+    let denied = match refusal {
+        Refusal::Ledger(e) => return Err(Box::new(e)),
+        Refusal::Denied(denied) => denied,
+    };
+    match charge {
+        Some(charge) if shared.settings.enforce => Ok(enforce::reject(shared, &charge, denied)),
+        _ => Err(Box::new(Error::from(denied))),
     }
 }
 
