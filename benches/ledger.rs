@@ -1,9 +1,9 @@
 //! The ledger's uncontended path: `reserve` + `settle` on one key, beside a
 //! bare `Mutex<u64>` lock-and-add measured in the same run as the baseline.
-//! `reserve_settle` and `reserve_settle_10k_keys` pass the instant
-//! (`reserve_at`, `settle_at`); `reserve_settle_with_clock` goes through the
-//! `Ledger` trait, whose in-memory answers are ready at once and read tokio's
-//! clock, as the layer uses it.
+//! `reserve_settle`, `reserve_settle_with_clock` and `reserve_settle_10k_keys`
+//! pass the instant (`reserve_at`, `settle_at`); `reserve_settle_trait` goes
+//! through the `Ledger` trait, as the layer calls it: the answers are ready at
+//! once and the ledger reads tokio's clock in each operation.
 //!
 //! Run: `cargo bench --bench ledger -- --warm-up-time 1 --measurement-time 3`
 
@@ -48,9 +48,20 @@ fn uncontended(c: &mut Criterion) {
         })
     });
 
-    // Through the trait, as the layer calls it: the ledger reads the clock.
+    // The same with `Instant::now()` read once per pair.
     let ledger = InMemoryLedger::new();
     group.bench_function("reserve_settle_with_clock", |b| {
+        b.iter(|| {
+            let now = Instant::now();
+            let admitted = ledger.reserve_at(black_box("sonnet-4"), &limits, black_box(costs), now);
+            ledger.settle_at("sonnet-4", &limits, black_box(delta), now);
+            admitted
+        })
+    });
+
+    // Through the trait, as the layer calls it: each operation reads the clock.
+    let ledger = InMemoryLedger::new();
+    group.bench_function("reserve_settle_trait", |b| {
         b.iter(|| {
             let admitted = ledger
                 .reserve(black_box("sonnet-4"), &limits, black_box(costs))

@@ -325,6 +325,7 @@ impl<T> fmt::Debug for LedgerFuture<T> {
 
 impl<T> LedgerFuture<T> {
     /// An answer known at once.
+    #[inline]
     pub fn ready(answer: Result<T, LedgerError>) -> Self {
         LedgerFuture {
             inner: Inner::Ready(Some(answer)),
@@ -343,6 +344,7 @@ impl<T> LedgerFuture<T> {
     /// # Errors
     ///
     /// `Err(self)` if the answer takes a round trip (or was already taken).
+    #[inline]
     pub fn into_ready(self) -> Result<Result<T, LedgerError>, Self> {
         match self.inner {
             Inner::Ready(Some(answer)) => Ok(answer),
@@ -1053,10 +1055,12 @@ impl InMemoryLedger {
 /// Every operation answers at once ([`LedgerFuture::ready`], no allocation)
 /// at `tokio::time::Instant::now()`, and never fails.
 impl Ledger for InMemoryLedger {
+    #[inline]
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
         LedgerFuture::ready(Ok(self.reserve_at(key, limits, costs, Instant::now())))
     }
 
+    #[inline]
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
         self.settle_at(key, limits, delta, Instant::now());
         LedgerFuture::ready(Ok(()))
