@@ -1,5 +1,9 @@
 //! The ledger's uncontended path: `reserve` + `settle` on one key, beside a
 //! bare `Mutex<u64>` lock-and-add measured in the same run as the baseline.
+//! `reserve_settle`, `reserve_settle_with_clock` and `reserve_settle_10k_keys`
+//! pass the instant (`reserve_at`, `settle_at`); `reserve_settle_trait` goes
+//! through the `Ledger` trait, as the layer calls it: the answers are ready at
+//! once and the ledger reads tokio's clock in each operation.
 //!
 //! Run: `cargo bench --bench ledger -- --warm-up-time 1 --measurement-time 3`
 
@@ -9,7 +13,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tokio::time::Instant;
-use tower_llm_limits::budget::ledger::{CostDelta, Costs, InMemoryLedger, Ledger};
+use tower_llm_limits::budget::ledger::{CostDelta, Costs, InMemoryLedger, Ledger, Reservation};
 use tower_llm_limits::budget::limits::{ModelClass, Tier};
 
 fn uncontended(c: &mut Criterion) {
@@ -38,20 +42,34 @@ fn uncontended(c: &mut Criterion) {
     group.bench_function("reserve_settle", |b| {
         b.iter(|| {
             now += step;
-            let admitted = ledger.reserve(black_box("sonnet-4"), &limits, black_box(costs), now);
-            ledger.settle("sonnet-4", &limits, black_box(delta), now);
+            let admitted = ledger.reserve_at(black_box("sonnet-4"), &limits, black_box(costs), now);
+            ledger.settle_at("sonnet-4", &limits, black_box(delta), now);
             admitted
         })
     });
 
-    // The same with `Instant::now()` read each time, as the layer does.
+    // The same with `Instant::now()` read once per pair.
     let ledger = InMemoryLedger::new();
     group.bench_function("reserve_settle_with_clock", |b| {
         b.iter(|| {
             let now = Instant::now();
-            let admitted = ledger.reserve(black_box("sonnet-4"), &limits, black_box(costs), now);
-            ledger.settle("sonnet-4", &limits, black_box(delta), now);
+            let admitted = ledger.reserve_at(black_box("sonnet-4"), &limits, black_box(costs), now);
+            ledger.settle_at("sonnet-4", &limits, black_box(delta), now);
             admitted
+        })
+    });
+
+    // Through the trait, as the layer calls it: each operation reads the clock.
+    let ledger = InMemoryLedger::new();
+    group.bench_function("reserve_settle_trait", |b| {
+        b.iter(|| {
+            let admitted = ledger
+                .reserve(black_box("sonnet-4"), &limits, black_box(costs))
+                .into_ready()
+                .map_or(None, Result::ok);
+            let settled = ledger.settle("sonnet-4", &limits, black_box(delta));
+            black_box(settled.into_ready().is_ok());
+            admitted == Some(Reservation::Admitted)
         })
     });
 
@@ -60,7 +78,7 @@ fn uncontended(c: &mut Criterion) {
     let start = Instant::now();
     let keys: Vec<String> = (0..10_000).map(|i| format!("caller-{i:05}")).collect();
     for key in &keys {
-        let _ = ledger.reserve(key, &limits, costs, start);
+        let _ = ledger.reserve_at(key, &limits, costs, start);
     }
     let mut i = 0usize;
     let mut now = start;
@@ -69,8 +87,8 @@ fn uncontended(c: &mut Criterion) {
             i = (i + 7_919) % keys.len();
             now += step;
             let key = keys.get(i).map_or("caller-00000", String::as_str);
-            let admitted = ledger.reserve(key, &limits, black_box(costs), now);
-            ledger.settle(key, &limits, black_box(delta), now);
+            let admitted = ledger.reserve_at(key, &limits, black_box(costs), now);
+            ledger.settle_at(key, &limits, black_box(delta), now);
             admitted
         })
     });

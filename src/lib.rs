@@ -106,6 +106,8 @@ pub mod classify;
 pub mod error;
 pub mod headers;
 mod mix;
+#[cfg(any(feature = "budget", feature = "concurrency"))]
+mod queue;
 pub mod wire;
 
 #[cfg(feature = "budget")]

@@ -1733,3 +1733,270 @@ async fn enforce_mode_never_passes_the_upstreams_rate_limit_headers_on() {
     );
     assert_eq!(h["x-upstream"], "kept");
 }
+
+// ---------------------------------------------------------------------------
+// A ledger across a network: answers after a round trip, may fail or hang.
+
+use std::future::Future;
+use std::sync::atomic::AtomicBool;
+use tower_llm_limits::budget::ledger::{
+    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, LimitSync,
+    Reservation,
+};
+
+#[derive(Debug)]
+struct RoundTripLedger {
+    inner: Arc<InMemoryLedger>,
+    delay: Duration,
+    fail: AtomicBool,
+    /// Reservations for this key never answer.
+    hang: Option<&'static str>,
+    reserves: AtomicUsize,
+}
+
+impl RoundTripLedger {
+    fn new(delay: Duration) -> Self {
+        RoundTripLedger {
+            inner: Arc::new(InMemoryLedger::new()),
+            delay,
+            fail: AtomicBool::new(false),
+            hang: None,
+            reserves: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Ledger for RoundTripLedger {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        self.reserves.fetch_add(1, Ordering::SeqCst);
+        if self.hang == Some(key) {
+            return LedgerFuture::new(std::future::pending());
+        }
+        let (inner, key, limits) = (Arc::clone(&self.inner), key.to_owned(), *limits);
+        let (delay, fail) = (self.delay, self.fail.load(Ordering::SeqCst));
+        LedgerFuture::new(async move {
+            tokio::time::sleep(delay).await;
+            if fail {
+                return Err(LedgerError::new("connection refused"));
+            }
+            inner.reserve(&key, &limits, costs).await
+        })
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        let (inner, key, limits, delay) =
+            (Arc::clone(&self.inner), key.to_owned(), *limits, self.delay);
+        LedgerFuture::new(async move {
+            tokio::time::sleep(delay).await;
+            inner.settle(&key, &limits, delta).await
+        })
+    }
+
+    fn sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitSync,
+    ) -> LedgerFuture<()> {
+        self.inner.sync(key, limits, dimension, sync)
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        self.inner.state(key, limits)
+    }
+}
+
+fn budget_over(ledger: Arc<RoundTripLedger>, limits: Limits) -> TokenBudgetLayer {
+    TokenBudgetLayer::builder()
+        .limits(limits)
+        .estimator(Arc::new(ExactEstimator::default()))
+        .ledger(ledger)
+        .build()
+}
+
+/// A ledger that answers after a round trip paces as the in-memory one does:
+/// in order, each request waiting for the refill it needs.
+#[tokio::test(start_paused = true)]
+async fn a_ledger_across_a_round_trip_paces_in_order() {
+    let log = Arc::new(Log::default());
+    let ledger = Arc::new(RoundTripLedger::new(Duration::from_millis(10)));
+    let layer = budget_over(Arc::clone(&ledger), Limits::new(1_000, 10_000, 1_000_000));
+    let svc = layer.layer(upstream(log.clone(), 1));
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for input in [6_000, 6_000, 3_000] {
+        let mut s = svc.clone();
+        handles.push(tokio::spawn(async move {
+            let resp = s.ready().await?.call(request(input, 10)).await?;
+            resp.into_body().collect().await?;
+            Ok::<_, BoxError>(())
+        }));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    let sent = log.sent();
+    let order: Vec<u64> = sent.iter().map(|s| s.input).collect();
+    assert_eq!(order, vec![6_000, 6_000, 3_000]);
+    // The second needs 2,000 tokens of refill at 166.7/s: 12 s, then a round trip.
+    let second = sent[1].at - start;
+    assert!(second >= Duration::from_secs(12), "{second:?}");
+    assert!(second <= Duration::from_millis(12_100), "{second:?}");
+    // The third, queued behind, waits its own 18 s more (3,000 tokens).
+    let third = sent[2].at - start;
+    assert!(third >= Duration::from_secs(30), "{third:?}");
+    assert!(third <= Duration::from_millis(30_200), "{third:?}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(layer.snapshot().key(KEY).unwrap().waiting, 0);
+}
+
+/// Dropped while the ledger was answering its reservation: the request gives
+/// back its place (the one behind asks next) and the reservation the ledger
+/// made for it is refunded once the answer comes.
+#[tokio::test(start_paused = true)]
+async fn dropped_while_the_ledger_answers_gives_back_place_and_reservation() {
+    let log = Arc::new(Log::default());
+    let ledger = Arc::new(RoundTripLedger::new(Duration::from_millis(10)));
+    let layer = budget_over(Arc::clone(&ledger), Limits::new(1_000, 10_000, 1_000_000));
+    let svc = layer.layer(upstream(log.clone(), 1));
+    let mut first = svc.clone();
+    let first = tokio::spawn(async move {
+        first
+            .ready()
+            .await?
+            .call(request(8_000, 10))
+            .await
+            .map(drop)
+    });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut second = svc.clone();
+    let second = tokio::spawn(async move {
+        let resp = second.ready().await?.call(request(8_000, 10)).await?;
+        resp.into_body().collect().await?;
+        Ok::<_, BoxError>(Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    // The first holds the head while its reservation is in flight.
+    assert_eq!(ledger.reserves.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.snapshot().key(KEY).unwrap().waiting, 2);
+    let dropped_at = Instant::now();
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    let sent_at = second.await.unwrap().unwrap();
+    // The ledger admitted the dropped request's 8,000 tokens; the refund came
+    // a round trip later, so the second waited only for that, not for 48 s of
+    // refill.
+    assert!(
+        sent_at - dropped_at <= Duration::from_secs(2),
+        "{:?}",
+        sent_at - dropped_at
+    );
+    let sent: Vec<u64> = log.sent().iter().map(|s| s.input).collect();
+    assert_eq!(sent, vec![8_000]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let snap = layer.snapshot();
+    assert_eq!(snap.key(KEY).unwrap().waiting, 0);
+    // Only the second's 8,000 are charged (minus 1 refilled second at most).
+    let input = remaining(&snap, Dimension::InputTokens);
+    assert!((2_000.0..2_400.0).contains(&input), "{input}");
+}
+
+/// A ledger that fails: the request fails with the ledger's typed error, is
+/// never sent, and its place goes to the next request.
+#[tokio::test(start_paused = true)]
+async fn a_failing_ledger_fails_the_request_with_a_typed_error() {
+    let log = Arc::new(Log::default());
+    let ledger = Arc::new(RoundTripLedger::new(Duration::from_millis(10)));
+    ledger.fail.store(true, Ordering::SeqCst);
+    let layer = budget_over(Arc::clone(&ledger), Limits::new(1_000, 10_000, 1_000_000));
+    let mut svc = layer.layer(upstream(log.clone(), 1));
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(1_000, 10))
+        .await
+        .unwrap_err();
+    let ledger_error = err.downcast_ref::<LedgerError>().expect("a LedgerError");
+    assert_eq!(ledger_error.to_string(), "ledger operation failed");
+    let source = std::error::Error::source(ledger_error).map(ToString::to_string);
+    assert_eq!(source.as_deref(), Some("connection refused"));
+    assert!(log.sent().is_empty());
+    assert_eq!(layer.snapshot().key(KEY).unwrap().waiting, 0);
+
+    ledger.fail.store(false, Ordering::SeqCst);
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(1_000, 10))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(log.sent().len(), 1);
+}
+
+/// A ledger operation that never answers for one key holds back that key's
+/// requests only.
+#[tokio::test(start_paused = true)]
+async fn a_pending_ledger_operation_on_one_key_does_not_hold_back_another() {
+    let log = Arc::new(Log::default());
+    let mut ledger = RoundTripLedger::new(Duration::from_millis(10));
+    ledger.hang = Some(KEY);
+    let layer = budget_over(Arc::new(ledger), Limits::new(1_000, 10_000, 1_000_000));
+    let svc = layer.layer(upstream(log.clone(), 1));
+    let mut stuck = svc.clone();
+    let stuck = tokio::spawn(async move {
+        stuck
+            .ready()
+            .await?
+            .call(request(1_000, 10))
+            .await
+            .map(drop)
+    });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let haiku = Request::post("http://localhost/v1/messages")
+        .body(Full::new(Bytes::from(
+            r#"{"model":"claude-haiku-4-5","max_tokens":10,"input":1000,"messages":[]}"#,
+        )))
+        .unwrap();
+    let mut other = svc.clone();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(1),
+        other.ready().await.unwrap().call(haiku),
+    )
+    .await
+    .expect("another key is not held back")
+    .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(log.sent().len(), 1);
+    assert!(!stuck.is_finished());
+    stuck.abort();
+}
+
+/// Polling the response future again after it returned `Ready` panics, with a
+/// message naming the future.
+#[tokio::test(start_paused = true)]
+async fn response_future_polled_after_completion_panics() {
+    let (layer, _) = budget(Limits::new(1_000, 10_000, 1_000_000));
+    let mut svc = layer.layer(upstream(Arc::new(Log::default()), 1));
+    ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+        .await
+        .unwrap();
+    let mut fut = Box::pin(svc.call(request(1_000, 10)));
+    let resp = (&mut fut).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let _ = fut.as_mut().poll(&mut cx);
+    }));
+    let panic = again.expect_err("a second poll panics");
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    assert_eq!(message, "`budget::ResponseFuture` polled after completion");
+}

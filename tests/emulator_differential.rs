@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{
-    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, Reservation,
+    BucketState, CostDelta, Costs, InMemoryLedger, Reservation,
 };
 use tower_llm_limits::budget::limits::{Limits, OutputMode};
 use tower_llm_limits::emulator::{Headroom, RateLimiter, RequestCost, Verdict};
@@ -72,11 +72,14 @@ impl ClientLedger {
             input_tokens: cost.input_tokens,
             output_tokens: cost.output_tokens,
         };
-        match self.ledger.reserve(KEY, limits, costs, now) {
+        match self.ledger.reserve_at(KEY, limits, costs, now) {
             Reservation::Admitted => Answer::Admitted,
-            Reservation::WaitUntil { at, dimension } => Answer::Wait {
+            Reservation::Wait {
+                retry_in,
                 dimension,
-                wait: at.saturating_duration_since(now),
+            } => Answer::Wait {
+                dimension,
+                wait: retry_in,
             },
             Reservation::Never { dimension, .. } => Answer::Never { dimension },
         }
@@ -88,12 +91,12 @@ impl ClientLedger {
             output_tokens: tokens,
             ..CostDelta::default()
         };
-        self.ledger.settle(KEY, limits, delta, now);
+        self.ledger.settle_at(KEY, limits, delta, now);
     }
 
     /// The three buckets, in the order requests, input, output.
     fn state(&self, limits: &Limits, now: Instant) -> Option<[BucketState; 3]> {
-        self.ledger.state(KEY, limits, now)
+        self.ledger.state_at(KEY, limits, now)
     }
 }
 

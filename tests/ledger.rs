@@ -46,7 +46,7 @@ fn bucket(
     dimension: Dimension,
     now: Instant,
 ) -> BucketState {
-    let states = ledger.state(KEY, limits, now).expect("key is held");
+    let states = ledger.state_at(KEY, limits, now).expect("key is held");
     match dimension {
         Dimension::Requests => states[0],
         Dimension::InputTokens => states[1],
@@ -65,10 +65,14 @@ fn assert_close(actual: f64, expected: f64) {
     );
 }
 
-fn wait_at(reservation: Reservation) -> (Instant, Dimension) {
+/// The instant a `Wait` answered at `now` names, and its dimension.
+fn wait_at(now: Instant, reservation: Reservation) -> (Instant, Dimension) {
     match reservation {
-        Reservation::WaitUntil { at, dimension } => (at, dimension),
-        other => panic!("expected WaitUntil, got {other:?}"),
+        Reservation::Wait {
+            retry_in,
+            dimension,
+        } => (now + retry_in, dimension),
+        other => panic!("expected Wait, got {other:?}"),
     }
 }
 
@@ -81,14 +85,14 @@ fn new_bucket_starts_full_and_admits_up_to_its_capacity() {
     let limits = Limits::new(50, 30_000, 8_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(30_000), now),
+        ledger.reserve_at(KEY, &limits, input(30_000), now),
         Reservation::Admitted
     );
     assert_close(
         available(&ledger, &limits, Dimension::InputTokens, now),
         0.0,
     );
-    let (at, dimension) = wait_at(ledger.reserve(KEY, &limits, input(1), now));
+    let (at, dimension) = wait_at(now, ledger.reserve_at(KEY, &limits, input(1), now));
     assert_eq!(dimension, Dimension::InputTokens);
     // 30,000 per minute is 500 per second: one token takes 2 ms.
     assert_eq!(at, now + ms(2));
@@ -100,7 +104,7 @@ fn refills_at_the_limit_per_minute() {
     let limits = Limits::new(50, 30_000, 8_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(30_000), now),
+        ledger.reserve_at(KEY, &limits, input(30_000), now),
         Reservation::Admitted
     );
     assert_close(
@@ -123,7 +127,7 @@ fn refill_never_exceeds_capacity() {
     let limits = Limits::new(50, 30_000, 8_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(10_000), now),
+        ledger.reserve_at(KEY, &limits, input(10_000), now),
         Reservation::Admitted
     );
     let later = now + secs(3_600);
@@ -132,12 +136,12 @@ fn refill_never_exceeds_capacity() {
     assert_close(state.capacity, 30_000.0);
     // A full bucket admits exactly its capacity, not a minute's worth more.
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(30_000), later),
+        ledger.reserve_at(KEY, &limits, input(30_000), later),
         Reservation::Admitted
     );
     assert!(matches!(
-        ledger.reserve(KEY, &limits, input(1), later),
-        Reservation::WaitUntil { .. }
+        ledger.reserve_at(KEY, &limits, input(1), later),
+        Reservation::Wait { .. }
     ));
 }
 
@@ -145,7 +149,7 @@ fn refill_never_exceeds_capacity() {
 fn state_is_none_for_a_key_never_used() {
     let ledger = InMemoryLedger::new();
     assert!(ledger
-        .state(KEY, &Limits::new(1, 1, 1), Instant::now())
+        .state_at(KEY, &Limits::new(1, 1, 1), Instant::now())
         .is_none());
     assert!(ledger.is_empty());
 }
@@ -156,15 +160,15 @@ fn keys_are_independent() {
     let limits = Limits::new(1, 1_000, 1_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve("a", &limits, costs(1, 0, 0), now),
+        ledger.reserve_at("a", &limits, costs(1, 0, 0), now),
         Reservation::Admitted
     );
     assert!(matches!(
-        ledger.reserve("a", &limits, costs(1, 0, 0), now),
-        Reservation::WaitUntil { .. }
+        ledger.reserve_at("a", &limits, costs(1, 0, 0), now),
+        Reservation::Wait { .. }
     ));
     assert_eq!(
-        ledger.reserve("b", &limits, costs(1, 0, 0), now),
+        ledger.reserve_at("b", &limits, costs(1, 0, 0), now),
         Reservation::Admitted
     );
     assert_eq!(ledger.len(), 2);
@@ -181,22 +185,24 @@ fn wait_until_is_exact_to_the_nanosecond() {
     let now = Instant::now();
     for _ in 0..7 {
         assert_eq!(
-            ledger.reserve(KEY, &limits, costs(1, 0, 0), now),
+            ledger.reserve_at(KEY, &limits, costs(1, 0, 0), now),
             Reservation::Admitted
         );
     }
-    let (at, dimension) = wait_at(ledger.reserve(KEY, &limits, costs(1, 0, 0), now));
+    let (at, dimension) = wait_at(now, ledger.reserve_at(KEY, &limits, costs(1, 0, 0), now));
     assert_eq!(dimension, Dimension::Requests);
     // 60 s / 7 = 8,571,428,571.43 ns, rounded up.
     assert_eq!(at, now + Duration::from_nanos(8_571_428_572));
-    let (again, _) =
-        wait_at(ledger.reserve(KEY, &limits, costs(1, 0, 0), at - Duration::from_nanos(1)));
+    let (again, _) = wait_at(
+        at - Duration::from_nanos(1),
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), at - Duration::from_nanos(1)),
+    );
     assert_eq!(
         again, at,
         "one nanosecond early is not enough, and asking does not move the answer"
     );
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 0), at),
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), at),
         Reservation::Admitted
     );
 }
@@ -207,10 +213,13 @@ fn a_request_waiting_on_input_tokens_holds_no_request_slot() {
     let limits = Limits::new(2, 10_000, 10_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 9_000, 100), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 9_000, 100), now),
         Reservation::Admitted
     );
-    let (_, dimension) = wait_at(ledger.reserve(KEY, &limits, costs(1, 5_000, 100), now));
+    let (_, dimension) = wait_at(
+        now,
+        ledger.reserve_at(KEY, &limits, costs(1, 5_000, 100), now),
+    );
     assert_eq!(dimension, Dimension::InputTokens);
     // Nothing was debited by the refused reservation.
     assert_close(available(&ledger, &limits, Dimension::Requests, now), 1.0);
@@ -220,7 +229,7 @@ fn a_request_waiting_on_input_tokens_holds_no_request_slot() {
     );
     // So a small request still gets the last request slot.
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 500, 100), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 500, 100), now),
         Reservation::Admitted
     );
 }
@@ -232,15 +241,15 @@ fn wait_until_names_the_dimension_furthest_from_fitting() {
     let limits = Limits::new(60, 60_000, 6_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(60, 0, 6_000), now),
+        ledger.reserve_at(KEY, &limits, costs(60, 0, 6_000), now),
         Reservation::Admitted
     );
     // Needs 1 request (1 s) and 500 output tokens (5 s): output blocks longest.
-    let (at, dimension) = wait_at(ledger.reserve(KEY, &limits, costs(1, 0, 500), now));
+    let (at, dimension) = wait_at(now, ledger.reserve_at(KEY, &limits, costs(1, 0, 500), now));
     assert_eq!(dimension, Dimension::OutputTokens);
     assert_eq!(at, now + secs(5));
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 500), at),
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 500), at),
         Reservation::Admitted
     );
 }
@@ -251,7 +260,7 @@ fn a_cost_above_the_limit_is_never_admitted_and_debits_nothing() {
     let limits = Limits::new(50, 30_000, 8_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 30_001, 100), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 30_001, 100), now),
         Reservation::Never {
             dimension: Dimension::InputTokens,
             cost: 30_001,
@@ -259,7 +268,7 @@ fn a_cost_above_the_limit_is_never_admitted_and_debits_nothing() {
         }
     );
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 100, 9_000), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 100, 9_000), now),
         Reservation::Never {
             dimension: Dimension::OutputTokens,
             cost: 9_000,
@@ -273,11 +282,11 @@ fn a_cost_above_the_limit_is_never_admitted_and_debits_nothing() {
     );
     // Never even when the bucket is empty, rather than a wait.
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(30_000), now),
+        ledger.reserve_at(KEY, &limits, input(30_000), now),
         Reservation::Admitted
     );
     assert!(matches!(
-        ledger.reserve(KEY, &limits, input(40_000), now),
+        ledger.reserve_at(KEY, &limits, input(40_000), now),
         Reservation::Never { .. }
     ));
 }
@@ -289,7 +298,7 @@ fn a_dimension_without_any_limit_is_not_limited() {
     let now = Instant::now();
     for _ in 0..10 {
         assert_eq!(
-            ledger.reserve(KEY, &limits, costs(1, u64::MAX, u64::MAX), now),
+            ledger.reserve_at(KEY, &limits, costs(1, u64::MAX, u64::MAX), now),
             Reservation::Admitted
         );
     }
@@ -298,8 +307,8 @@ fn a_dimension_without_any_limit_is_not_limited() {
     assert!(!state.learned);
     assert!(state.available.is_infinite());
     assert!(matches!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 0), now),
-        Reservation::WaitUntil {
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), now),
+        Reservation::Wait {
             dimension: Dimension::Requests,
             ..
         }
@@ -312,10 +321,10 @@ fn a_zero_cost_does_not_wait_on_a_dimension_in_debt() {
     let limits = Limits::new(50, 30_000, 8_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 8_000), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 8_000), now),
         Reservation::Admitted
     );
-    ledger.settle(
+    ledger.settle_at(
         KEY,
         &limits,
         CostDelta {
@@ -329,7 +338,7 @@ fn a_zero_cost_does_not_wait_on_a_dimension_in_debt() {
         -2_000.0,
     );
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 100, 0), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 100, 0), now),
         Reservation::Admitted
     );
 }
@@ -345,22 +354,22 @@ fn a_short_window_scales_the_capacity_not_the_rate() {
     let now = Instant::now();
     let state = bucket_after_first(&ledger, &limits, now);
     assert_close(state.capacity, 1.0);
-    let (at, dimension) = wait_at(ledger.reserve(KEY, &limits, costs(1, 0, 0), now));
+    let (at, dimension) = wait_at(now, ledger.reserve_at(KEY, &limits, costs(1, 0, 0), now));
     assert_eq!((at, dimension), (now + secs(1), Dimension::Requests));
     // Ten idle seconds still refill only one second's worth.
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 0), now + secs(10)),
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), now + secs(10)),
         Reservation::Admitted
     );
     assert!(matches!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 0), now + secs(10)),
-        Reservation::WaitUntil { .. }
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), now + secs(10)),
+        Reservation::Wait { .. }
     ));
 }
 
 fn bucket_after_first(ledger: &InMemoryLedger, limits: &Limits, now: Instant) -> BucketState {
     assert_eq!(
-        ledger.reserve(KEY, limits, costs(1, 0, 0), now),
+        ledger.reserve_at(KEY, limits, costs(1, 0, 0), now),
         Reservation::Admitted
     );
     bucket(ledger, limits, Dimension::Requests, now)
@@ -373,15 +382,15 @@ fn a_short_window_admits_a_cost_above_its_share_only_from_a_full_bucket() {
     let limits = Limits::unknown().with_input_tokens_per_minute(30_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(100), now),
+        ledger.reserve_at(KEY, &limits, input(100), now),
         Reservation::Admitted
     );
     // 5,000 is above the window's 500 but within the minute's 30,000: it waits
     // for the bucket to be full again (100 tokens: 200 ms), then is admitted.
-    let (at, _) = wait_at(ledger.reserve(KEY, &limits, input(5_000), now));
+    let (at, _) = wait_at(now, ledger.reserve_at(KEY, &limits, input(5_000), now));
     assert_eq!(at, now + ms(200));
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(5_000), at),
+        ledger.reserve_at(KEY, &limits, input(5_000), at),
         Reservation::Admitted
     );
     assert_close(
@@ -389,7 +398,7 @@ fn a_short_window_admits_a_cost_above_its_share_only_from_a_full_bucket() {
         -4_500.0,
     );
     // The debt is repaid before anything else fits: 4,600 tokens at 500/s.
-    let (next, _) = wait_at(ledger.reserve(KEY, &limits, input(100), at));
+    let (next, _) = wait_at(at, ledger.reserve_at(KEY, &limits, input(100), at));
     assert_eq!(next, at + ms(9_200));
 }
 
@@ -422,10 +431,10 @@ fn a_refund_is_available_at_once() {
     let limits = Limits::new(50, 30_000, 8_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 20_000, 4_000), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 20_000, 4_000), now),
         Reservation::Admitted
     );
-    ledger.settle(
+    ledger.settle_at(
         KEY,
         &limits,
         CostDelta::between(costs(1, 20_000, 4_000), costs(1, 20_000, 300)),
@@ -435,7 +444,7 @@ fn a_refund_is_available_at_once() {
         available(&ledger, &limits, Dimension::OutputTokens, now),
         7_700.0,
     );
-    ledger.settle(KEY, &limits, CostDelta::refund(costs(1, 20_000, 300)), now);
+    ledger.settle_at(KEY, &limits, CostDelta::refund(costs(1, 20_000, 300)), now);
     assert_close(available(&ledger, &limits, Dimension::Requests, now), 50.0);
     assert_close(
         available(&ledger, &limits, Dimension::InputTokens, now),
@@ -453,17 +462,17 @@ fn a_refund_never_fills_above_capacity() {
     let limits = Limits::new(50, 30_000, 8_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(10_000), now),
+        ledger.reserve_at(KEY, &limits, input(10_000), now),
         Reservation::Admitted
     );
     // The bucket refilled meanwhile; a late refund of the whole cost stops at capacity.
     let later = now + secs(15);
-    ledger.settle(KEY, &limits, input_delta(-10_000), later);
+    ledger.settle_at(KEY, &limits, input_delta(-10_000), later);
     assert_close(
         available(&ledger, &limits, Dimension::InputTokens, later),
         30_000.0,
     );
-    ledger.settle(KEY, &limits, input_delta(i64::MIN), later);
+    ledger.settle_at(KEY, &limits, input_delta(i64::MIN), later);
     assert_close(
         available(&ledger, &limits, Dimension::InputTokens, later),
         30_000.0,
@@ -476,20 +485,20 @@ fn an_over_charge_leaves_a_debt_that_delays_later_requests() {
     let limits = Limits::new(50, 30_000, 8_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(25_000), now),
+        ledger.reserve_at(KEY, &limits, input(25_000), now),
         Reservation::Admitted
     );
     // The estimate was 10,000 tokens short.
-    ledger.settle(KEY, &limits, input_delta(10_000), now);
+    ledger.settle_at(KEY, &limits, input_delta(10_000), now);
     assert_close(
         available(&ledger, &limits, Dimension::InputTokens, now),
         -5_000.0,
     );
     // 1,000 more tokens need 6,000 of refill: 12 s at 500/s.
-    let (at, dimension) = wait_at(ledger.reserve(KEY, &limits, input(1_000), now));
+    let (at, dimension) = wait_at(now, ledger.reserve_at(KEY, &limits, input(1_000), now));
     assert_eq!((at, dimension), (now + secs(12), Dimension::InputTokens));
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(1_000), at),
+        ledger.reserve_at(KEY, &limits, input(1_000), at),
         Reservation::Admitted
     );
 }
@@ -497,7 +506,7 @@ fn an_over_charge_leaves_a_debt_that_delays_later_requests() {
 #[test]
 fn settling_a_key_never_used_is_ignored() {
     let ledger = InMemoryLedger::new();
-    ledger.settle(KEY, &Limits::new(1, 1, 1), input_delta(-5), Instant::now());
+    ledger.settle_at(KEY, &Limits::new(1, 1, 1), input_delta(-5), Instant::now());
     assert!(ledger.is_empty());
 }
 
@@ -530,7 +539,7 @@ fn sync_learns_the_limit_when_none_is_configured() {
     let now = Instant::now();
     // Before: not limited.
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(1_000_000), now),
+        ledger.reserve_at(KEY, &limits, input(1_000_000), now),
         Reservation::Admitted
     );
     let sync = LimitSync {
@@ -538,14 +547,14 @@ fn sync_learns_the_limit_when_none_is_configured() {
         remaining: Some(10_000),
         reset_in: Some(secs(40)),
     };
-    ledger.sync(KEY, &limits, Dimension::InputTokens, sync, now);
+    ledger.sync_at(KEY, &limits, Dimension::InputTokens, sync, now);
     let state = bucket(&ledger, &limits, Dimension::InputTokens, now);
     assert_eq!(state.limit, Some(30_000));
     assert!(state.learned);
     assert_close(state.available, 10_000.0);
     assert_close(state.capacity, 30_000.0);
     // From then on it paces.
-    let (at, _) = wait_at(ledger.reserve(KEY, &limits, input(20_000), now));
+    let (at, _) = wait_at(now, ledger.reserve_at(KEY, &limits, input(20_000), now));
     assert_eq!(at, now + secs(20));
 }
 
@@ -558,20 +567,20 @@ fn a_configured_limit_stays_unless_the_server_reports_a_lower_one() {
         limit: Some(80_000),
         ..LimitSync::default()
     };
-    ledger.sync(KEY, &limits, Dimension::InputTokens, higher, now);
+    ledger.sync_at(KEY, &limits, Dimension::InputTokens, higher, now);
     let state = bucket(&ledger, &limits, Dimension::InputTokens, now);
     assert_eq!((state.limit, state.learned), (Some(50_000), false));
     let lower = LimitSync {
         limit: Some(30_000),
         ..LimitSync::default()
     };
-    ledger.sync(KEY, &limits, Dimension::InputTokens, lower, now);
+    ledger.sync_at(KEY, &limits, Dimension::InputTokens, lower, now);
     let state = bucket(&ledger, &limits, Dimension::InputTokens, now);
     assert_eq!((state.limit, state.learned), (Some(30_000), true));
     // The bucket shrank with the limit.
     assert_close(state.available, 30_000.0);
     assert!(matches!(
-        ledger.reserve(KEY, &limits, input(40_000), now),
+        ledger.reserve_at(KEY, &limits, input(40_000), now),
         Reservation::Never {
             capacity: 30_000,
             ..
@@ -589,13 +598,13 @@ fn sync_ignores_a_zero_limit() {
         remaining: Some(0),
         reset_in: None,
     };
-    ledger.sync(KEY, &limits, Dimension::Requests, zero, now);
+    ledger.sync_at(KEY, &limits, Dimension::Requests, zero, now);
     assert_eq!(
         bucket(&ledger, &limits, Dimension::Requests, now).limit,
         None
     );
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 0), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), now),
         Reservation::Admitted
     );
 }
@@ -606,7 +615,7 @@ fn the_server_wins_when_it_says_less_is_left() {
     let limits = Limits::new(50, 30_000, 8_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 1_000, 0), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 1_000, 0), now),
         Reservation::Admitted
     );
     let sync = |remaining| LimitSync {
@@ -614,10 +623,10 @@ fn the_server_wins_when_it_says_less_is_left() {
         remaining: Some(remaining),
         reset_in: None,
     };
-    ledger.sync(KEY, &limits, Dimension::Requests, sync(20), now);
+    ledger.sync_at(KEY, &limits, Dimension::Requests, sync(20), now);
     assert_close(available(&ledger, &limits, Dimension::Requests, now), 20.0);
     // More left on the server than in the ledger: the ledger keeps its own, lower, view.
-    ledger.sync(KEY, &limits, Dimension::Requests, sync(45), now);
+    ledger.sync_at(KEY, &limits, Dimension::Requests, sync(45), now);
     assert_close(available(&ledger, &limits, Dimension::Requests, now), 20.0);
 }
 
@@ -633,30 +642,30 @@ fn sync_does_not_take_the_rounding_of_token_counts_for_a_change() {
     };
     // Ledger 10,400; the server says "10,000" (nearest thousand: truly 9,500..10,499).
     assert_eq!(
-        ledger.reserve(KEY, &limits, input(19_600), now),
+        ledger.reserve_at(KEY, &limits, input(19_600), now),
         Reservation::Admitted
     );
-    ledger.sync(KEY, &limits, Dimension::InputTokens, sync(10_000), now);
+    ledger.sync_at(KEY, &limits, Dimension::InputTokens, sync(10_000), now);
     assert_close(
         available(&ledger, &limits, Dimension::InputTokens, now),
         10_400.0,
     );
     // Exactly at the edge (10,500 is not below 10,500): still not a change.
-    ledger.settle(KEY, &limits, input_delta(-100), now);
-    ledger.sync(KEY, &limits, Dimension::InputTokens, sync(10_000), now);
+    ledger.settle_at(KEY, &limits, input_delta(-100), now);
+    ledger.sync_at(KEY, &limits, Dimension::InputTokens, sync(10_000), now);
     assert_close(
         available(&ledger, &limits, Dimension::InputTokens, now),
         10_500.0,
     );
     // Ledger 10,600: more than rounding can explain, so the server wins.
-    ledger.settle(KEY, &limits, input_delta(-100), now);
-    ledger.sync(KEY, &limits, Dimension::InputTokens, sync(10_000), now);
+    ledger.settle_at(KEY, &limits, input_delta(-100), now);
+    ledger.sync_at(KEY, &limits, Dimension::InputTokens, sync(10_000), now);
     assert_close(
         available(&ledger, &limits, Dimension::InputTokens, now),
         10_000.0,
     );
     // A token count that is not a multiple of 1,000 is exact.
-    ledger.sync(KEY, &limits, Dimension::InputTokens, sync(9_999), now);
+    ledger.sync_at(KEY, &limits, Dimension::InputTokens, sync(9_999), now);
     assert_close(
         available(&ledger, &limits, Dimension::InputTokens, now),
         9_999.0,
@@ -669,7 +678,7 @@ fn request_counts_are_exact_even_in_thousands() {
     let limits = Limits::new(2_000, 30_000, 8_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(600, 0, 0), now),
+        ledger.reserve_at(KEY, &limits, costs(600, 0, 0), now),
         Reservation::Admitted
     );
     let sync = LimitSync {
@@ -677,7 +686,7 @@ fn request_counts_are_exact_even_in_thousands() {
         remaining: Some(1_000),
         reset_in: None,
     };
-    ledger.sync(KEY, &limits, Dimension::Requests, sync, now);
+    ledger.sync_at(KEY, &limits, Dimension::Requests, sync, now);
     assert_close(
         available(&ledger, &limits, Dimension::Requests, now),
         1_000.0,
@@ -696,19 +705,19 @@ fn sync_uses_the_reset_time_when_remaining_is_absent() {
         reset_in: Some(reset_in),
     };
     // Full again in 0.5 s: 59,500 left, within the header's one-second precision.
-    ledger.sync(KEY, &limits, Dimension::OutputTokens, reset(ms(500)), now);
+    ledger.sync_at(KEY, &limits, Dimension::OutputTokens, reset(ms(500)), now);
     assert_close(
         available(&ledger, &limits, Dimension::OutputTokens, now),
         60_000.0,
     );
     // Full again in 30 s: 30,000 left.
-    ledger.sync(KEY, &limits, Dimension::OutputTokens, reset(secs(30)), now);
+    ledger.sync_at(KEY, &limits, Dimension::OutputTokens, reset(secs(30)), now);
     assert_close(
         available(&ledger, &limits, Dimension::OutputTokens, now),
         30_000.0,
     );
     // Longer than a whole refill: nothing left, not less than nothing.
-    ledger.sync(KEY, &limits, Dimension::OutputTokens, reset(secs(600)), now);
+    ledger.sync_at(KEY, &limits, Dimension::OutputTokens, reset(secs(600)), now);
     assert_close(
         available(&ledger, &limits, Dimension::OutputTokens, now),
         0.0,
@@ -725,7 +734,7 @@ fn sync_prefers_remaining_over_reset() {
         remaining: Some(50_001),
         reset_in: Some(secs(59)),
     };
-    ledger.sync(KEY, &limits, Dimension::OutputTokens, sync, now);
+    ledger.sync_at(KEY, &limits, Dimension::OutputTokens, sync, now);
     assert_close(
         available(&ledger, &limits, Dimension::OutputTokens, now),
         50_001.0,
@@ -741,19 +750,22 @@ fn a_clock_that_steps_back_refills_nothing() {
     let limits = Limits::unknown().with_requests_per_minute(60);
     let start = Instant::now() + secs(100);
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(60, 0, 0), start),
+        ledger.reserve_at(KEY, &limits, costs(60, 0, 0), start),
         Reservation::Admitted
     );
     let earlier = start - secs(5);
-    let (at, _) = wait_at(ledger.reserve(KEY, &limits, costs(1, 0, 0), earlier));
+    let (at, _) = wait_at(
+        earlier,
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), earlier),
+    );
     // Counted from the latest instant the bucket has seen, so the wait is exact.
     assert_eq!(at, start + secs(1));
     assert!(matches!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 0), start + ms(999)),
-        Reservation::WaitUntil { .. }
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), start + ms(999)),
+        Reservation::Wait { .. }
     ));
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 0), at),
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), at),
         Reservation::Admitted
     );
 }
@@ -765,13 +777,13 @@ fn huge_limits_costs_and_charges_do_not_overflow() {
     let now = Instant::now();
     let all = costs(u64::MAX, u64::MAX, u64::MAX);
     assert_eq!(
-        ledger.reserve(KEY, &limits, all, now),
+        ledger.reserve_at(KEY, &limits, all, now),
         Reservation::Admitted
     );
-    let (at, _) = wait_at(ledger.reserve(KEY, &limits, all, now));
+    let (at, _) = wait_at(now, ledger.reserve_at(KEY, &limits, all, now));
     assert_eq!(at, now + secs(60));
     for _ in 0..1_000 {
-        ledger.settle(
+        ledger.settle_at(
             KEY,
             &limits,
             CostDelta {
@@ -782,25 +794,25 @@ fn huge_limits_costs_and_charges_do_not_overflow() {
             now,
         );
     }
-    let (at, _) = wait_at(ledger.reserve(KEY, &limits, costs(1, 1, 1), now));
+    let (at, _) = wait_at(now, ledger.reserve_at(KEY, &limits, costs(1, 1, 1), now));
     assert!(at > now);
     // A tiny limit with an enormous debt: the wait is decades, not a panic.
     let small = Limits::new(1, 1, 1);
     assert_eq!(
-        ledger.reserve("small", &small, costs(1, 1, 1), now),
+        ledger.reserve_at("small", &small, costs(1, 1, 1), now),
         Reservation::Admitted
     );
     for _ in 0..1_000 {
-        ledger.settle("small", &small, input_delta(i64::MAX), now);
+        ledger.settle_at("small", &small, input_delta(i64::MAX), now);
     }
-    let (at, dimension) = wait_at(ledger.reserve("small", &small, costs(1, 1, 1), now));
+    let (at, dimension) = wait_at(now, ledger.reserve_at("small", &small, costs(1, 1, 1), now));
     assert_eq!(dimension, Dimension::InputTokens);
     assert!(at >= now + secs(365 * 86_400));
     assert!(ledger
-        .state("small", &small, now + secs(1_000_000_000))
+        .state_at("small", &small, now + secs(1_000_000_000))
         .is_some_and(|s| s[1].available < 0.0));
     // The instant far in the future still works as an instant.
-    assert!(ledger.state("small", &small, at).is_some());
+    assert!(ledger.state_at("small", &small, at).is_some());
 }
 
 #[test]
@@ -809,14 +821,14 @@ fn remove_forgets_a_key() {
     let limits = Limits::new(1, 1_000, 1_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 0), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), now),
         Reservation::Admitted
     );
     assert!(ledger.remove(KEY));
     assert!(!ledger.remove(KEY));
     assert!(ledger.is_empty());
     assert_eq!(
-        ledger.reserve(KEY, &limits, costs(1, 0, 0), now),
+        ledger.reserve_at(KEY, &limits, costs(1, 0, 0), now),
         Reservation::Admitted
     );
 }
@@ -827,24 +839,24 @@ fn evict_idle_drops_only_idle_keys_with_full_buckets() {
     let limits = Limits::new(60, 60_000, 60_000);
     let now = Instant::now();
     assert_eq!(
-        ledger.reserve("idle", &limits, costs(1, 100, 0), now),
+        ledger.reserve_at("idle", &limits, costs(1, 100, 0), now),
         Reservation::Admitted
     );
     assert_eq!(
-        ledger.reserve("in-debt", &limits, costs(1, 100, 0), now),
+        ledger.reserve_at("in-debt", &limits, costs(1, 100, 0), now),
         Reservation::Admitted
     );
-    ledger.settle("in-debt", &limits, input_delta(600_000), now);
+    ledger.settle_at("in-debt", &limits, input_delta(600_000), now);
     assert_eq!(
-        ledger.reserve("busy", &limits, costs(1, 100, 0), now + secs(100)),
+        ledger.reserve_at("busy", &limits, costs(1, 100, 0), now + secs(100)),
         Reservation::Admitted
     );
     // "busy" was used 20 s ago; "in-debt" still owes ~9 minutes of refill.
     let dropped = ledger.evict_idle(now + secs(120), secs(60));
     assert_eq!(dropped, 1);
-    assert!(ledger.state("idle", &limits, now).is_none());
-    assert!(ledger.state("in-debt", &limits, now).is_some());
-    assert!(ledger.state("busy", &limits, now).is_some());
+    assert!(ledger.state_at("idle", &limits, now).is_none());
+    assert!(ledger.state_at("in-debt", &limits, now).is_some());
+    assert!(ledger.state_at("busy", &limits, now).is_some());
     assert_eq!(ledger.evict_idle(now + secs(3_600), secs(60)), 2);
     assert!(ledger.is_empty());
 }
@@ -853,7 +865,7 @@ fn evict_idle_drops_only_idle_keys_with_full_buckets() {
 fn debug_does_not_print_keys() {
     let ledger = InMemoryLedger::new();
     let now = Instant::now();
-    let _ = ledger.reserve("sk-ant-secret", &Limits::unknown(), costs(1, 0, 0), now);
+    let _ = ledger.reserve_at("sk-ant-secret", &Limits::unknown(), costs(1, 0, 0), now);
     let debug = format!("{ledger:?}");
     assert!(!debug.contains("sk-ant"), "{debug}");
     assert!(debug.contains("keys: 1"), "{debug}");
@@ -873,7 +885,8 @@ fn concurrent_reservations_admit_exactly_the_capacity() {
                     // Half the threads share a key with a second one, to exercise
                     // key creation racing with use.
                     let key = if (t + i) % 2 == 0 { "a" } else { "b" };
-                    if ledger.reserve(key, &limits, costs(1, 10, 10), now) == Reservation::Admitted
+                    if ledger.reserve_at(key, &limits, costs(1, 10, 10), now)
+                        == Reservation::Admitted
                     {
                         admitted += 1;
                     }
@@ -898,9 +911,9 @@ async fn a_waiter_woken_at_the_instant_given_is_admitted() {
     let mut admitted = 0;
     let start = Instant::now();
     while admitted < 10 {
-        match ledger.reserve(KEY, &limits, request, Instant::now()) {
+        match ledger.reserve_at(KEY, &limits, request, Instant::now()) {
             Reservation::Admitted => admitted += 1,
-            Reservation::WaitUntil { at, .. } => tokio::time::sleep_until(at).await,
+            Reservation::Wait { retry_in, .. } => tokio::time::sleep(retry_in).await,
             never => panic!("unexpected {never:?}"),
         }
     }
@@ -1112,7 +1125,7 @@ mod properties {
 
     #[derive(Debug, Clone)]
     enum Op {
-        /// Reserve these costs; on WaitUntil, probe one nanosecond early and
+        /// Reserve these costs; on Wait, probe one nanosecond early and
         /// then at the instant given (a waiter woken on time).
         Reserve {
             requests: u64,
@@ -1174,7 +1187,7 @@ mod properties {
         ///   the capacity + the refill over [t_i, t_j] + what settlements
         ///   refunded meanwhile (+ what a cost above a short window's share
         ///   takes beyond it);
-        /// - a WaitUntil is exact: one nanosecond earlier is refused, the
+        /// - a Wait is exact: one nanosecond earlier is refused, the
         ///   instant itself is admitted;
         /// - once everything is settled and refunded and time has passed,
         ///   every bucket is exactly full again: nothing was lost or counted twice.
@@ -1196,13 +1209,14 @@ mod properties {
                                latest: &mut Instant, outstanding: &mut Vec<Costs>, events: &mut Vec<Event>|
              -> Result<Option<Instant>, TestCaseError> {
                 *latest = (*latest).max(now);
-                match ledger.reserve(KEY, &limits, c, now) {
+                match ledger.reserve_at(KEY, &limits, c, now) {
                     Reservation::Admitted => {
                         outstanding.push(c);
                         events.push(Event { at: now, latest: *latest, admitted: [c.requests, c.input_tokens, c.output_tokens], refunded: [0; 3] });
                         Ok(None)
                     }
-                    Reservation::WaitUntil { at, dimension } => {
+                    Reservation::Wait { retry_in, dimension } => {
+                        let at = now + retry_in;
                         prop_assert!(at > now);
                         let cost = c.get(dimension);
                         let limit = limits.get(dimension).unwrap_or(0);
@@ -1210,10 +1224,11 @@ mod properties {
                         if !wait {
                             return Ok(None);
                         }
-                        let early = ledger.reserve(KEY, &limits, c, at - Duration::from_nanos(1));
-                        prop_assert_eq!(early, Reservation::WaitUntil { at, dimension }, "one nanosecond early");
+                        let before = at - Duration::from_nanos(1);
+                        let early = ledger.reserve_at(KEY, &limits, c, before);
+                        prop_assert_eq!(early, Reservation::Wait { retry_in: Duration::from_nanos(1), dimension }, "one nanosecond early");
                         *latest = (*latest).max(at);
-                        let on_time = ledger.reserve(KEY, &limits, c, at);
+                        let on_time = ledger.reserve_at(KEY, &limits, c, at);
                         prop_assert_eq!(on_time, Reservation::Admitted, "woken at the instant given");
                         outstanding.push(c);
                         events.push(Event { at, latest: *latest, admitted: [c.requests, c.input_tokens, c.output_tokens], refunded: [0; 3] });
@@ -1254,14 +1269,14 @@ mod properties {
                         );
                         let delta = CostDelta::between(reserved, actual);
                         latest = latest.max(clock);
-                        ledger.settle(KEY, &limits, delta, clock);
+                        ledger.settle_at(KEY, &limits, delta, clock);
                         let refunded = Dimension::ALL.map(|d| u64::try_from(-delta.get(d).min(0)).unwrap_or(0));
                         events.push(Event { at: clock, latest, admitted: [0; 3], refunded });
                     }
                     Op::Advance { nanos } => clock += Duration::from_nanos(nanos),
                 }
                 // A bucket never holds more than its capacity.
-                if let Some(states) = ledger.state(KEY, &limits, latest.max(clock)) {
+                if let Some(states) = ledger.state_at(KEY, &limits, latest.max(clock)) {
                     for state in states {
                         prop_assert!(state.available <= state.capacity + 1e-6, "{:?}", state);
                     }
@@ -1294,10 +1309,10 @@ mod properties {
             // Nothing lost: refund everything outstanding, wait out any debt,
             // and every bucket is exactly full again.
             for reserved in outstanding.drain(..) {
-                ledger.settle(KEY, &limits, CostDelta::refund(reserved), clock);
+                ledger.settle_at(KEY, &limits, CostDelta::refund(reserved), clock);
             }
             let end = latest.max(clock) + secs(3_600);
-            if let Some(states) = ledger.state(KEY, &limits, end) {
+            if let Some(states) = ledger.state_at(KEY, &limits, end) {
                 for state in states {
                     prop_assert!((state.available - state.capacity).abs() < 1e-6, "{:?}", state);
                 }
@@ -1320,7 +1335,7 @@ mod properties {
                 match op {
                     Op::Reserve { requests, input, output, .. } | Op::StepBack { requests, input, output, .. } => {
                         let c = costs(requests, input, output);
-                        if ledger.reserve(KEY, &limits, c, now) == Reservation::Admitted {
+                        if ledger.reserve_at(KEY, &limits, c, now) == Reservation::Admitted {
                             for (d, dimension) in Dimension::ALL.into_iter().enumerate() {
                                 net[d] += i128::from(c.get(dimension));
                             }
@@ -1336,7 +1351,7 @@ mod properties {
                             reserved.output_tokens * percent[2] / 100,
                         );
                         let delta = CostDelta::between(reserved, actual);
-                        ledger.settle(KEY, &limits, delta, now);
+                        ledger.settle_at(KEY, &limits, delta, now);
                         for (d, dimension) in Dimension::ALL.into_iter().enumerate() {
                             net[d] += i128::from(delta.get(dimension));
                         }
@@ -1344,7 +1359,7 @@ mod properties {
                     Op::Advance { .. } => {}
                 }
             }
-            if let Some(states) = ledger.state(KEY, &limits, now) {
+            if let Some(states) = ledger.state_at(KEY, &limits, now) {
                 for (d, state) in states.iter().enumerate() {
                     let used = state.capacity - state.available;
                     prop_assert!((used - net[d] as f64).abs() < 1e-6, "dimension {}: used {} net {}", d, used, net[d]);
@@ -1352,4 +1367,48 @@ mod properties {
             }
         }
     }
+}
+
+/// Through the trait the in-memory ledger answers at once (no round trip)
+/// and reads tokio's clock: the caller passes no instant.
+#[tokio::test(start_paused = true)]
+async fn the_trait_answers_at_once_on_tokios_clock() {
+    let ledger = InMemoryLedger::new();
+    let limits = Limits::new(60, 100_000, 20_000);
+    let reserve = |ledger: &InMemoryLedger| {
+        ledger
+            .reserve(KEY, &limits, costs(1, 0, 0))
+            .into_ready()
+            .expect("answered at once")
+            .expect("never fails")
+    };
+    for _ in 0..60 {
+        assert_eq!(reserve(&ledger), Reservation::Admitted);
+    }
+    assert_eq!(
+        reserve(&ledger),
+        Reservation::Wait {
+            retry_in: secs(1),
+            dimension: Dimension::Requests
+        }
+    );
+    tokio::time::advance(ms(999)).await;
+    assert_eq!(
+        reserve(&ledger),
+        Reservation::Wait {
+            retry_in: ms(1),
+            dimension: Dimension::Requests
+        }
+    );
+    tokio::time::advance(ms(1)).await;
+    assert_eq!(
+        ledger.reserve(KEY, &limits, costs(1, 0, 0)).await.unwrap(),
+        Reservation::Admitted
+    );
+    ledger
+        .settle(KEY, &limits, CostDelta::refund(costs(1, 0, 0)))
+        .await
+        .unwrap();
+    let states = ledger.state(KEY, &limits).await.unwrap().expect("held");
+    assert_close(states[0].available, 1.0);
 }

@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
-use tokio::time::Instant;
 
 use super::answer::insert_rate_limit_headers;
 use super::state::{dim_index, Charge, Denied, Shared};
@@ -29,10 +28,7 @@ pub(crate) fn insert_headers(shared: &Shared, charge: &Charge, headers: &mut Hea
     for name in upstream {
         headers.remove(name);
     }
-    if let Some(states) = shared
-        .ledger
-        .state(&charge.key, &charge.limits, Instant::now())
-    {
+    if let Some(states) = shared.state_now(&charge.key, &charge.limits) {
         insert_rate_limit_headers(headers, &states, SystemTime::now());
     }
 }
@@ -69,8 +65,7 @@ pub(crate) fn reject<B>(
             dimension,
         } => {
             let limit = shared
-                .ledger
-                .state(&charge.key, &charge.limits, Instant::now())
+                .state_now(&charge.key, &charge.limits)
                 .and_then(|s| s.get(dim_index(dimension)).and_then(|b| b.limit))
                 .or(charge.limits.get(dimension));
             (dimension, limit, Some(retry_in))

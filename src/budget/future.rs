@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::enforce;
-use super::state::{Admission, Charge, Shared};
+use super::state::{Admission, Charge, Refusal, Shared};
 use super::usage::{ResponseBody, Tracker};
 use crate::body::{Buffered, ReplayBody};
 use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
@@ -32,9 +32,25 @@ pin_project! {
     /// # Cancellation
     ///
     /// Dropped while waiting for the budget: the request gives back its place
-    /// in line and nothing stays reserved (it was never sent). Dropped after
-    /// the request was handed to the inner service: the charge is kept, since
-    /// the request may have reached the server.
+    /// in line and nothing stays reserved (it was never sent); a reservation
+    /// the ledger was still answering is refunded if it was admitted (the
+    /// ledger operation is finished on the current tokio runtime). Dropped
+    /// after the request was handed to the inner service: the charge is kept,
+    /// since the request may have reached the server.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BudgetExceeded`] and [`Error::RequestTooLarge`] (unless the
+    /// layer enforces, which answers 429 instead), [`Error::Body`], the inner
+    /// service's own error, and a [`LedgerError`](super::ledger::LedgerError)
+    /// when the ledger failed to answer a reservation: the request was not
+    /// sent, nothing was debited for it, and its place in line went to the
+    /// next waiter.
+    ///
+    /// # Panics
+    ///
+    /// Polling it again after it returned `Ready` panics, as most futures do:
+    /// "`budget::ResponseFuture` polled after completion".
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<ReplayBody<B>>>,
@@ -149,8 +165,11 @@ where
     }
 }
 
-fn misuse() -> BoxError {
-    "TokenBudget response future polled after completion".into()
+/// A future polled after it returned `Ready` (the only way to reach a state
+/// whose parts were taken).
+#[track_caller]
+fn polled_after_completion() -> ! {
+    panic!("`budget::ResponseFuture` polled after completion")
 }
 
 impl<S, B, ResB> Future for ResponseFuture<S, B>
@@ -176,31 +195,20 @@ where
                 } => {
                     let buffered = ready!(Pin::new(fut).poll(cx));
                     let (Some(parts), Some(svc)) = (parts.take(), svc.take()) else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(misuse()));
+                        polled_after_completion();
                     };
-                    let (request, estimate) = match buffered {
+                    match estimated(shared, buffered, parts, caller.as_deref()) {
+                        Ok((request, charge)) => this.state.set(State::Admitting {
+                            charge: Some(charge),
+                            admission: Admission::default(),
+                            request: Some(request),
+                            svc: Some(svc),
+                        }),
                         Err(e) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(Box::new(Error::Body(e))));
+                            return Poll::Ready(Err(e));
                         }
-                        Ok(Buffered::Complete(body)) => {
-                            let estimate = shared.estimator.estimate(&parts, body.bytes());
-                            (Request::from_parts(parts, body.replay()), estimate)
-                        }
-                        Ok(Buffered::TooLarge(body)) => {
-                            let len = content_length(&parts.headers).or(body.size_hint().exact());
-                            let estimate = shared.estimator.estimate_unbuffered(&parts, len);
-                            (Request::from_parts(parts, body), estimate)
-                        }
-                    };
-                    let charge = shared.charge(caller.as_deref(), estimate);
-                    this.state.set(State::Admitting {
-                        charge: Some(charge),
-                        admission: Admission::default(),
-                        request: Some(request),
-                        svc: Some(svc),
-                    });
+                    }
                 }
                 StateProj::Admitting {
                     charge,
@@ -209,8 +217,7 @@ where
                     svc,
                 } => {
                     let Some(ch) = charge.as_mut() else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(misuse()));
+                        polled_after_completion();
                     };
                     let admitted = ready!(shared.poll_admit(ch, admission, cx));
                     match admitted {
@@ -225,17 +232,10 @@ where
                             };
                             this.state.set(next);
                         }
-                        Err(denied) => {
+                        Err(refusal) => {
                             let charge = charge.take();
                             this.state.set(State::Done);
-                            if shared.settings.enforce {
-                                if let Some(charge) = charge {
-                                    return Poll::Ready(Ok(enforce::reject(
-                                        shared, &charge, denied,
-                                    )));
-                                }
-                            }
-                            return Poll::Ready(Err(Box::new(Error::from(denied))));
+                            return Poll::Ready(refuse(shared, charge, refusal));
                         }
                     }
                 }
@@ -243,56 +243,123 @@ where
                     unsent,
                     request,
                     svc,
-                } => {
-                    let Some(service) = svc.as_mut() else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(misuse()));
-                    };
-                    // Normally ready at once: `poll_ready` said so before `call`.
-                    // Asked again because the wait for the budget may have been long.
-                    if let Err(e) = ready!(service.poll_ready(cx)) {
-                        // Not sent: dropping `unsent` gives the reservation back.
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(e.into()));
-                    }
-                    let (Some(request), Some(mut service), Some(charge)) =
-                        (request.take(), svc.take(), unsent.charge.take())
-                    else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(misuse()));
-                    };
-                    let fut = service.call(request);
-                    this.state.set(State::Calling {
+                } => match ready!(poll_send(unsent, request, svc, cx)) {
+                    Ok((fut, charge)) => this.state.set(State::Calling {
                         fut,
                         charge: Some(charge),
-                    });
-                }
+                    }),
+                    Err(e) => {
+                        // Not sent: dropping `unsent` gives the reservation back.
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e));
+                    }
+                },
                 StateProj::Calling { fut, charge } => {
                     let result = ready!(fut.poll(cx));
                     let charge = charge.take();
                     this.state.set(State::Done);
                     let Some(charge) = charge else {
-                        return Poll::Ready(Err(misuse()));
+                        polled_after_completion();
                     };
-                    return Poll::Ready(match result {
-                        Ok(response) => Ok(respond(shared, charge, response)),
-                        Err(e) => {
-                            // The request may have reached the server: keep the charge.
-                            tracing::debug!(key = %charge.key, "budget: inner service failed; charge kept");
-                            Err(e.into())
-                        }
-                    });
+                    return Poll::Ready(finished(shared, charge, result));
                 }
-                StateProj::Done => return Poll::Ready(Err(misuse())),
+                StateProj::Done => polled_after_completion(),
             }
         }
     }
 }
 
+/// The inner service's answer: a response wrapped for settlement, or its
+/// error (the charge is kept: the request may have reached the server).
+fn finished<ResB: Body, E: Into<BoxError>>(
+    shared: &Arc<Shared>,
+    charge: Charge,
+    result: Result<Response<ResB>, E>,
+) -> Result<Response<ResponseBody<ResB>>, BoxError> {
+    match result {
+        Ok(response) => Ok(respond(shared, charge, response)),
+        Err(e) => {
+            tracing::debug!(key = %charge.key, "budget: inner service failed; charge kept");
+            Err(e.into())
+        }
+    }
+}
+
+/// Hands an admitted request to the inner service once it is ready again
+/// (normally at once: `poll_ready` said so before `call`; asked again because
+/// the wait for the budget may have been long).
+fn poll_send<S, B>(
+    unsent: &mut Unsent,
+    request: &mut Option<Request<ReplayBody<B>>>,
+    svc: &mut Option<S>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(S::Future, Charge), BoxError>>
+where
+    S: Service<Request<ReplayBody<B>>>,
+    S::Error: Into<BoxError>,
+{
+    let Some(service) = svc.as_mut() else {
+        polled_after_completion();
+    };
+    if let Err(e) = ready!(service.poll_ready(cx)) {
+        return Poll::Ready(Err(e.into()));
+    }
+    let (Some(request), Some(mut service), Some(charge)) =
+        (request.take(), svc.take(), unsent.charge.take())
+    else {
+        polled_after_completion();
+    };
+    Poll::Ready(Ok((service.call(request), charge)))
+}
+
+/// The request rebuilt around its read body, and its charge from the estimate.
+fn estimated<B>(
+    shared: &Shared,
+    buffered: Result<Buffered<B>, BoxError>,
+    parts: Parts,
+    caller: Option<&str>,
+) -> Result<(Request<ReplayBody<B>>, Charge), BoxError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let (request, estimate) = match buffered {
+        Err(e) => return Err(Box::new(Error::Body(e))),
+        Ok(Buffered::Complete(body)) => {
+            let estimate = shared.estimator.estimate(&parts, body.bytes());
+            (Request::from_parts(parts, body.replay()), estimate)
+        }
+        Ok(Buffered::TooLarge(body)) => {
+            let len = content_length(&parts.headers).or(body.size_hint().exact());
+            let estimate = shared.estimator.estimate_unbuffered(&parts, len);
+            (Request::from_parts(parts, body), estimate)
+        }
+    };
+    let charge = shared.charge(caller, estimate);
+    Ok((request, charge))
+}
+
+/// The answer to a request not admitted: the ledger's error; or the
+/// decision, as an error, or as a 429 in enforce mode.
+fn refuse<ResB>(
+    shared: &Shared,
+    charge: Option<Charge>,
+    refusal: Refusal,
+) -> Result<Response<ResponseBody<ResB>>, BoxError> {
+    let denied = match refusal {
+        Refusal::Ledger(e) => return Err(Box::new(e)),
+        Refusal::Denied(denied) => denied,
+    };
+    match charge {
+        Some(charge) if shared.settings.enforce => Ok(enforce::reject(shared, &charge, denied)),
+        _ => Err(Box::new(Error::from(denied))),
+    }
+}
+
 /// Whether the server turned the request away without doing the work, and so
 /// charged nothing: 429 (a limit), 529 (`overloaded_error`) and 503. The
-/// facts file leaves open whether an overloaded answer draws down a bucket;
-/// the emulator charges nothing for it, and keeping the charge would waste a
+/// API's documentation leaves open whether an overloaded answer draws down a
+/// bucket; the emulator charges nothing for it, and keeping the charge would waste a
 /// whole request's tokens per 529 (in the simulation with 2% 529s and 1%
 /// 500s, keeping it cost 12% of the throughput). Other 5xx keep the charge:
 /// the work may have been done.

@@ -126,6 +126,11 @@ impl TokenBudgetLayer {
     }
 
     /// The state of the budget: per key and dimension, and decision counters.
+    ///
+    /// The buckets' levels come from [`Ledger::state`] when the ledger
+    /// answers at once (the in-memory ledger does); a ledger that needs a
+    /// round trip leaves them unknown (`None`) here and in the headers of
+    /// enforce mode.
     pub fn snapshot(&self) -> BudgetSnapshot {
         self.shared.snapshot()
     }

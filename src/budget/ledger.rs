@@ -10,8 +10,8 @@
 //! # The model
 //!
 //! Per key and per [`Dimension`] a token bucket, as the API's own limiter
-//! (facts file, 1.1: "your capacity is continuously replenished up to your
-//! maximum limit"):
+//! (Anthropic's documentation: "your capacity is continuously replenished up
+//! to your maximum limit"):
 //!
 //! - capacity = the limit scaled to the enforcement window: with the default
 //!   window of 60 s the capacity is the limit itself; with a 1 s window a
@@ -22,47 +22,57 @@
 //!
 //! [`Ledger::reserve`] debits all three dimensions at once or none of them (a
 //! request that waits on input tokens holds no request slot), and otherwise
-//! says when the request would fit ([`Reservation::WaitUntil`], exact: asking
-//! again at that instant is admitted if nothing else was reserved meanwhile)
+//! says how long until the request would fit ([`Reservation::Wait`], exact:
+//! asking again that much later is admitted if nothing else was reserved
+//! meanwhile)
 //! or that it never can ([`Reservation::Never`]). [`Ledger::settle`] charges
 //! or refunds the difference once the real usage is known; an over-charge may
 //! leave a bucket negative, which delays later requests until it is repaid.
 //! [`Ledger::sync`] lets the server's view win when it says less is left.
 //!
+//! The trait is asynchronous (each operation returns a [`LedgerFuture`]) and
+//! the ledger keeps its own clock, so that a store shared by several
+//! processes can fill it; [`InMemoryLedger`] answers at once, reading tokio's
+//! clock, and also offers each operation at an explicit instant
+//! ([`InMemoryLedger::reserve_at`], ...) for tests and simulations.
+//!
 //! # Example
 //!
 //! ```
 //! use std::time::Duration;
-//! use tokio::time::Instant;
 //! use tower_llm_limits::budget::ledger::{Costs, CostDelta, InMemoryLedger, Ledger, Reservation};
 //! use tower_llm_limits::budget::limits::Limits;
 //! use tower_llm_limits::Dimension;
 //!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower_llm_limits::budget::ledger::LedgerError> {
 //! let ledger = InMemoryLedger::new();
 //! let limits = Limits::new(50, 30_000, 8_000);
-//! let now = Instant::now();
 //! let request = Costs { requests: 1, input_tokens: 20_000, output_tokens: 1_000 };
 //!
 //! // The first request fits the full bucket.
-//! assert_eq!(ledger.reserve("sonnet", &limits, request, now), Reservation::Admitted);
+//! assert_eq!(ledger.reserve("sonnet", &limits, request).await?, Reservation::Admitted);
 //!
 //! // The second would take ITPM below zero: it fits once 10,000 input tokens
 //! // have refilled, at 500 per second, that is in 20 s; nothing was debited.
-//! let second = ledger.reserve("sonnet", &limits, request, now);
+//! let second = ledger.reserve("sonnet", &limits, request).await?;
 //! assert_eq!(
 //!     second,
-//!     Reservation::WaitUntil { at: now + Duration::from_secs(20), dimension: Dimension::InputTokens }
+//!     Reservation::Wait { retry_in: Duration::from_secs(20), dimension: Dimension::InputTokens }
 //! );
 //!
 //! // The first response used 4,000 fewer input tokens than estimated: refund
 //! // them, and the second request fits 8 s sooner.
-//! ledger.settle("sonnet", &limits, CostDelta { input_tokens: -4_000, ..CostDelta::default() }, now);
-//! let later = now + Duration::from_secs(12);
-//! assert_eq!(ledger.reserve("sonnet", &limits, request, later), Reservation::Admitted);
+//! let refund = CostDelta { input_tokens: -4_000, ..CostDelta::default() };
+//! ledger.settle("sonnet", &limits, refund).await?;
+//! tokio::time::advance(Duration::from_secs(12)).await;
+//! assert_eq!(ledger.reserve("sonnet", &limits, request).await?, Reservation::Admitted);
 //!
 //! // A request above the whole ITPM limit can never be admitted.
 //! let huge = Costs { requests: 1, input_tokens: 40_000, output_tokens: 0 };
-//! assert!(matches!(ledger.reserve("sonnet", &limits, huge, later), Reservation::Never { .. }));
+//! assert!(matches!(ledger.reserve("sonnet", &limits, huge).await?, Reservation::Never { .. }));
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! # Why not governor
@@ -97,7 +107,7 @@
 //! token, one minute counted in nanoseconds; in those units a limit of `L` per
 //! minute refills exactly `L` units per nanosecond, and the capacity for a
 //! window of `w` nanoseconds is exactly `L * w` units. All the arithmetic is
-//! therefore exact (no floating-point drift, so [`Reservation::WaitUntil`] is
+//! therefore exact (no floating-point drift, so [`Reservation::Wait`] is
 //! exact to the nanosecond: it is rounded up), and it cannot overflow: a cost
 //! or a limit of `u64::MAX` scaled is about 1.1e30, far below `i128::MAX`
 //! (1.7e38), and every operation saturates anyway. A clock that steps back
@@ -108,8 +118,9 @@
 //!
 //! # What it deliberately does not do
 //!
-//! - It does not wait: it answers with an instant, and the budget layer queues
-//!   its waiters (in order, without a thundering herd).
+//! - It does not wait: it answers with a duration, and the budget layer
+//!   queues its waiters (in order, without a thundering herd) and decides who
+//!   asks next.
 //! - It does not know which model or caller a key stands for, nor which
 //!   header maps to which dimension (the combined `anthropic-ratelimit-tokens-*`
 //!   header is the layer's concern, not a fourth bucket here).
@@ -119,13 +130,17 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::limits::Limits;
-use crate::Dimension;
+use crate::{BoxError, Dimension};
+
 /// What one request costs in each dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Costs {
@@ -153,11 +168,12 @@ pub struct CostDelta {
 pub enum Reservation {
     /// Debited in every dimension: send the request now.
     Admitted,
-    /// Nothing was debited; the costs would fit at `at` if nothing else is
-    /// reserved meanwhile. `dimension` is the limit that is furthest from fitting.
-    WaitUntil {
-        /// When the request could be admitted.
-        at: Instant,
+    /// Nothing was debited; the costs would fit `retry_in` from now (the
+    /// ledger's now, on the ledger's clock) if nothing else is reserved
+    /// meanwhile. `dimension` is the limit that is furthest from fitting.
+    Wait {
+        /// How long until the request could be admitted.
+        retry_in: Duration,
         /// The limit that blocks it longest.
         dimension: Dimension,
     },
@@ -201,25 +217,50 @@ pub struct BucketState {
 }
 
 /// The accounting behind the budget, one atomic step per operation, so that an
-/// implementation backed by a shared store (a Redis Lua script) can replace the
-/// in-memory one without touching the layer.
+/// implementation backed by a shared store (a Redis Lua script per operation)
+/// can replace the in-memory one without touching the layer.
 ///
 /// `key` names a budget (for example a caller and a model class); `limits` are
 /// the configured limits for that key, passed on every call so that the ledger
 /// itself holds no configuration; a `None` limit falls back to a limit learned
 /// through [`Ledger::sync`], and with neither the dimension is not limited.
+///
+/// # Asynchronous, with the ledger's own clock
+///
+/// Every operation returns a [`LedgerFuture`]: an implementation that answers
+/// at once (the in-memory one) returns [`LedgerFuture::ready`], which costs no
+/// allocation; one that crosses a network returns [`LedgerFuture::new`] over
+/// its round trip. The caller never passes a time: the ledger reads its own
+/// clock ([`InMemoryLedger`] reads tokio's, a Redis ledger would read `TIME`)
+/// and answers with a duration ([`Reservation::Wait`]), which the layer adds
+/// to its own clock.
+///
+/// The budget layer asks for one key's reservations one at a time, in the
+/// order of its local FIFO queue: only the head of a key's queue calls
+/// [`Ledger::reserve`], and the ledger never decides who asks next. Different
+/// keys are independent, and no lock of the layer is held while a future
+/// returned here is pending.
+///
+/// # Errors
+///
+/// A ledger that can fail (a network store) answers [`LedgerError`]. The
+/// layer then fails the request with that error (boxed, downcast it), having
+/// debited nothing for it and given back its place in line; a failed
+/// [`Ledger::settle`] or [`Ledger::sync`] is logged (`warn`) and dropped, the
+/// response is delivered all the same.
 pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// Debits `costs` in all three dimensions at once, or nothing.
     ///
     /// - [`Reservation::Admitted`]: debited everywhere; send the request.
-    /// - [`Reservation::WaitUntil`]: nothing debited; `at` is the latest of the
-    ///   instants at which each dimension could take its cost, exact (asking
-    ///   again at `at`, with nothing reserved meanwhile, is admitted).
+    /// - [`Reservation::Wait`]: nothing debited; `retry_in` is the longest of
+    ///   the waits after which each dimension could take its cost, exact
+    ///   (asking again that much later, with nothing reserved meanwhile, is
+    ///   admitted).
     /// - [`Reservation::Never`]: nothing debited; a cost is above its limit.
     ///
     /// A dimension whose cost is zero, or that has no limit, does not constrain
     /// the request.
-    fn reserve(&self, key: &str, limits: &Limits, costs: Costs, now: Instant) -> Reservation;
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation>;
 
     /// Applies a correction after admission (settlement with real usage, or a refund).
     ///
@@ -227,7 +268,7 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// that delays later requests until the refill has repaid it); a negative
     /// amount refunds, never above the bucket's capacity. A key the ledger
     /// does not hold is ignored.
-    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta, now: Instant);
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()>;
 
     /// Aligns one bucket with what the server's headers said: learns the limit
     /// if none is configured, and lowers what is available when the server
@@ -237,14 +278,129 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// The caller maps headers to dimensions: the combined
     /// `anthropic-ratelimit-tokens-*` header is the most restrictive limit in
     /// force, not a bucket of its own.
-    fn sync(&self, key: &str, limits: &Limits, dimension: Dimension, sync: LimitSync, now: Instant);
+    fn sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitSync,
+    ) -> LedgerFuture<()>;
 
-    /// The state of the key's three buckets (requests, input, output), if the key is known.
+    /// The state of the key's three buckets (requests, input, output), if the
+    /// key is known: a snapshot.
     ///
-    /// Read-only: the refill up to `now` is computed, not stored. A dimension
+    /// Read-only: the refill up to now is computed, not stored. A dimension
     /// without any limit reports `limit: None` and an infinite `available`
     /// and `capacity`.
-    fn state(&self, key: &str, limits: &Limits, now: Instant) -> Option<[BucketState; 3]>;
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>>;
+}
+
+/// The future of one [`Ledger`] operation: an answer ready at once (no
+/// allocation), or a boxed future (a network round trip).
+///
+/// # Panics
+///
+/// Polling a `LedgerFuture` after it returned `Ready` panics.
+pub struct LedgerFuture<T> {
+    inner: Inner<T>,
+}
+
+enum Inner<T> {
+    Ready(Option<Result<T, LedgerError>>),
+    Boxed(Pin<Box<dyn Future<Output = Result<T, LedgerError>> + Send + 'static>>),
+}
+
+impl<T> fmt::Debug for LedgerFuture<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.inner {
+            Inner::Ready(Some(_)) => "ready",
+            Inner::Ready(None) => "done",
+            Inner::Boxed(_) => "pending",
+        };
+        f.debug_struct("LedgerFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<T> LedgerFuture<T> {
+    /// An answer known at once.
+    #[inline]
+    pub fn ready(answer: Result<T, LedgerError>) -> Self {
+        LedgerFuture {
+            inner: Inner::Ready(Some(answer)),
+        }
+    }
+
+    /// An answer that takes a round trip.
+    pub fn new(future: impl Future<Output = Result<T, LedgerError>> + Send + 'static) -> Self {
+        LedgerFuture {
+            inner: Inner::Boxed(Box::pin(future)),
+        }
+    }
+
+    /// The answer if it is known without polling, or the future back.
+    ///
+    /// # Errors
+    ///
+    /// `Err(self)` if the answer takes a round trip (or was already taken).
+    #[inline]
+    pub fn into_ready(self) -> Result<Result<T, LedgerError>, Self> {
+        match self.inner {
+            Inner::Ready(Some(answer)) => Ok(answer),
+            inner => Err(LedgerFuture { inner }),
+        }
+    }
+}
+
+// The answer is held by value, never pinned: moving the future is fine.
+impl<T> Unpin for LedgerFuture<T> {}
+
+impl<T> Future for LedgerFuture<T> {
+    type Output = Result<T, LedgerError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.inner {
+            Inner::Ready(answer) => match answer.take() {
+                Some(answer) => Poll::Ready(answer),
+                None => panic!("`LedgerFuture` polled after completion"),
+            },
+            Inner::Boxed(fut) => {
+                let answer = std::task::ready!(fut.as_mut().poll(cx));
+                self.inner = Inner::Ready(None);
+                Poll::Ready(answer)
+            }
+        }
+    }
+}
+
+/// A ledger operation failed (a network store could not be reached, a script
+/// failed). Opaque: its [`source`](std::error::Error::source) is the
+/// implementation's own error.
+#[derive(Debug)]
+pub struct LedgerError {
+    source: BoxError,
+}
+
+impl LedgerError {
+    /// Wraps an implementation's error.
+    pub fn new(source: impl Into<BoxError>) -> Self {
+        LedgerError {
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for LedgerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ledger operation failed")
+    }
+}
+
+impl std::error::Error for LedgerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
 }
 
 impl Costs {
@@ -377,7 +533,7 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// a map behind a `RwLock`, each with its own `Mutex`, so operations on
 /// different keys do not wait for each other and an operation on one key
 /// holds its lock for a few hundred nanoseconds at most (no lock is ever held
-/// across an `.await`: the trait is synchronous). A poisoned lock is taken
+/// across an `.await`: every operation answers at once). A poisoned lock is taken
 /// over (the state it guards is always consistent: every update is a few
 /// integer assignments that cannot panic).
 ///
@@ -402,8 +558,8 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// left, and only when the ledger's level is above anything the server could
 /// have meant:
 ///
-/// - the API rounds token `remaining` values "to the nearest thousand" (facts
-///   file, section 3), so a token `remaining` that is a multiple of 1,000 is
+/// - the API rounds token `remaining` values "to the nearest thousand"
+///   (Anthropic's documentation), so a token `remaining` that is a multiple of 1,000 is
 ///   read as "below `remaining + 500`": a ledger 400 tokens above it is
 ///   consistent with the server and left alone, one 600 above is lowered to
 ///   `remaining`. A server that floors instead (up to 999 above) is handled
@@ -431,7 +587,7 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// ```
 /// use std::time::Duration;
 /// use tokio::time::Instant;
-/// use tower_llm_limits::budget::ledger::{Costs, InMemoryLedger, Ledger, Reservation};
+/// use tower_llm_limits::budget::ledger::{Costs, InMemoryLedger, Reservation};
 /// use tower_llm_limits::budget::limits::Limits;
 /// use tower_llm_limits::Dimension;
 ///
@@ -439,10 +595,10 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// let ledger = InMemoryLedger::with_window(Duration::from_secs(1))?;
 /// let limits = Limits::new(60, 100_000, 20_000);
 /// let now = Instant::now();
-/// assert_eq!(ledger.reserve("k", &limits, Costs::request(10, 10), now), Reservation::Admitted);
+/// assert_eq!(ledger.reserve_at("k", &limits, Costs::request(10, 10), now), Reservation::Admitted);
 /// assert_eq!(
-///     ledger.reserve("k", &limits, Costs::request(10, 10), now),
-///     Reservation::WaitUntil { at: now + Duration::from_secs(1), dimension: Dimension::Requests },
+///     ledger.reserve_at("k", &limits, Costs::request(10, 10), now),
+///     Reservation::Wait { retry_in: Duration::from_secs(1), dimension: Dimension::Requests },
 /// );
 /// # Ok::<(), tower_llm_limits::budget::ledger::InvalidWindow>(())
 /// ```
@@ -708,8 +864,16 @@ fn instant_after(now: Instant, nanos: u128) -> Instant {
         .unwrap_or(now)
 }
 
-impl Ledger for InMemoryLedger {
-    fn reserve(&self, key: &str, limits: &Limits, costs: Costs, now: Instant) -> Reservation {
+impl InMemoryLedger {
+    /// [`Ledger::reserve`] at `now` on tokio's clock; `Wait`'s `retry_in` is
+    /// counted from `now`.
+    pub fn reserve_at(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        now: Instant,
+    ) -> Reservation {
         let window_nanos = self.window_nanos;
         let answer = self.with_key(key, true, now, |state| {
             state.touch(now);
@@ -750,7 +914,10 @@ impl Ledger for InMemoryLedger {
                 }
             }
             if let Some((at, dimension)) = latest {
-                return Reservation::WaitUntil { at, dimension };
+                return Reservation::Wait {
+                    retry_in: at.saturating_duration_since(now),
+                    dimension,
+                };
             }
             for dimension in Dimension::ALL {
                 let bucket = &mut state.buckets[index(dimension)];
@@ -764,7 +931,8 @@ impl Ledger for InMemoryLedger {
         answer.unwrap_or(Reservation::Admitted)
     }
 
-    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta, now: Instant) {
+    /// [`Ledger::settle`] at `now` on tokio's clock.
+    pub fn settle_at(&self, key: &str, limits: &Limits, delta: CostDelta, now: Instant) {
         if delta.is_zero() {
             return;
         }
@@ -797,7 +965,8 @@ impl Ledger for InMemoryLedger {
         }
     }
 
-    fn sync(
+    /// [`Ledger::sync`] at `now` on tokio's clock.
+    pub fn sync_at(
         &self,
         key: &str,
         limits: &Limits,
@@ -853,7 +1022,8 @@ impl Ledger for InMemoryLedger {
         });
     }
 
-    fn state(&self, key: &str, limits: &Limits, now: Instant) -> Option<[BucketState; 3]> {
+    /// [`Ledger::state`] at `now` on tokio's clock.
+    pub fn state_at(&self, key: &str, limits: &Limits, now: Instant) -> Option<[BucketState; 3]> {
         let window_nanos = self.window_nanos;
         self.with_key(key, false, now, |state| {
             Dimension::ALL.map(|dimension| {
@@ -879,5 +1049,35 @@ impl Ledger for InMemoryLedger {
                 }
             })
         })
+    }
+}
+
+/// Every operation answers at once ([`LedgerFuture::ready`], no allocation)
+/// at `tokio::time::Instant::now()`, and never fails.
+impl Ledger for InMemoryLedger {
+    #[inline]
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        LedgerFuture::ready(Ok(self.reserve_at(key, limits, costs, Instant::now())))
+    }
+
+    #[inline]
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        self.settle_at(key, limits, delta, Instant::now());
+        LedgerFuture::ready(Ok(()))
+    }
+
+    fn sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitSync,
+    ) -> LedgerFuture<()> {
+        self.sync_at(key, limits, dimension, sync, Instant::now());
+        LedgerFuture::ready(Ok(()))
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        LedgerFuture::ready(Ok(self.state_at(key, limits, Instant::now())))
     }
 }

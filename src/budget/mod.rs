@@ -28,7 +28,7 @@
 //!    nothing is paced there until a response's headers teach the limit.
 //! 3. **Wait or fail.** In [`BudgetMode::Wait`] (the default) requests that
 //!    do not fit wait in a FIFO queue per key: only the head asks the ledger
-//!    and sleeps until the instant it named; a settlement that frees capacity
+//!    and sleeps for the time it named; a settlement that frees capacity
 //!    wakes the head only; a large request at the head is not overtaken. In
 //!    [`BudgetMode::Reject`] the request fails at once with
 //!    [`Error::BudgetExceeded`](crate::Error::BudgetExceeded). A request that
@@ -135,7 +135,12 @@
 //! - It does not limit requests in flight; a request waiting for the budget
 //!   holds no concurrency slot if the concurrency layer sits inside it.
 //! - It does not keep budgets across processes by itself: the
-//!   [`Ledger`](ledger::Ledger) trait is the seam for a shared store.
+//!   [`Ledger`](ledger::Ledger) trait is the seam for a shared store. Its
+//!   operations are asynchronous and use the ledger's own clock; a ledger
+//!   that fails a reservation fails the request with its
+//!   [`LedgerError`](ledger::LedgerError) (nothing debited, nothing sent),
+//!   and a failed settlement or sync is logged. There is no fail-open or
+//!   fail-closed policy yet.
 //! - It forgets no key by itself: a gateway with very many callers holds a
 //!   few kilobytes per caller and model class until
 //!   [`TokenBudgetLayer::forget_idle`] (and the ledger's own eviction) is called.

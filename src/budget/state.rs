@@ -4,15 +4,25 @@
 //!
 //! # The wait queue
 //!
-//! Waiters are served in order of arrival, per key. Only the head of a queue
-//! asks the ledger; it sleeps until the instant the ledger named, and is woken
-//! early when a settlement, refund or sync frees capacity. When the head is
-//! admitted (or gives up, or is dropped) it wakes the next one, so wakeups are
-//! about as many as admissions (no thundering herd) and a large request at the
-//! head is not overtaken by small ones behind it (no starvation). A request
-//! that finds its key's queue empty asks the ledger at once, without queueing.
+//! Waiters are served in order of arrival, per key, in the crate's one wait
+//! queue ([`WaitQueue`]). Only the head of a queue asks the ledger; it sleeps
+//! for the time the ledger named, and is woken early when a settlement,
+//! refund or sync frees capacity. When the head is admitted (or gives up, or
+//! is dropped) it gives the turn to the next one, so wakeups are about as
+//! many as admissions (no thundering herd) and a large request at the head is
+//! not overtaken by small ones behind it (no starvation). A request that
+//! finds its key's queue empty asks the ledger at once, without queueing.
+//!
+//! # Locks
+//!
+//! Each key has its own `Mutex`, found through a short lookup in the map of
+//! keys when the request is charged; the map's lock is never held while a
+//! ledger operation runs, so one key's operations never wait for another's.
+//! A ledger that answers at once (the in-memory one) is asked under the key's
+//! lock; a ledger operation that takes a round trip runs with no lock held,
+//! while its request keeps its place at the head of the key's queue.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,12 +37,15 @@ use super::config::{
     BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_MAX_TOKENS, OUTPUT_RATIO_MIN_SAMPLES,
     OUTPUT_RATIO_WINDOW,
 };
-use super::ledger::{CostDelta, Costs, Ledger, LimitSync, Reservation};
+use super::ledger::{
+    BucketState, CostDelta, Costs, Ledger, LedgerError, LedgerFuture, LimitSync, Reservation,
+};
 use super::limits::{Limits, ModelClass, OutputMode};
 use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 use crate::estimate::calibrate::SlidingQuantile;
 use crate::estimate::{Estimate, TokenEstimator};
 use crate::headers::{LimitStatus, RateLimitSnapshot};
+use crate::queue::{Removed, WaitQueue};
 use crate::Dimension;
 
 /// The settings fixed when the layer is built.
@@ -64,19 +77,12 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// One waiting request in a key's queue.
-#[derive(Debug)]
-struct Waiter {
-    id: u64,
-    waker: Option<Waker>,
-}
-
 /// What the budget keeps per key.
 #[derive(Debug)]
 struct KeyState {
     limits: Limits,
     last_used: Instant,
-    queue: VecDeque<Waiter>,
+    queue: WaitQueue,
     output_ratio: SlidingQuantile,
     ratio_samples: u64,
     estimates: u64,
@@ -89,7 +95,7 @@ impl KeyState {
         Self {
             limits,
             last_used: Instant::now(),
-            queue: VecDeque::new(),
+            queue: WaitQueue::new(Duration::ZERO),
             output_ratio: SlidingQuantile::new(OUTPUT_RATIO_WINDOW),
             ratio_samples: 0,
             estimates: 0,
@@ -108,12 +114,29 @@ impl KeyState {
             .map_or(prior, |r| r.clamp(0.0, 1.0))
     }
 
-    /// Wakes the head of the queue, if it waits for a wakeup.
-    fn wake_head(&mut self, counters: &Counters) {
-        if let Some(waker) = self.queue.front_mut().and_then(|w| w.waker.take()) {
+    /// Gives the head of the queue its turn to ask; returns its waker (to
+    /// wake once the key's lock is released) if it waits for one.
+    fn notify_head(&mut self, counters: &Counters) -> Option<Waker> {
+        let waker = self.queue.notify_next();
+        if waker.is_some() {
             bump(&counters.wakeups);
-            waker.wake();
         }
+        waker
+    }
+}
+
+/// One key's state behind its own lock.
+type KeyCell = Mutex<KeyState>;
+
+fn lock_key(cell: &KeyCell) -> MutexGuard<'_, KeyState> {
+    // Every critical section leaves the state consistent before anything
+    // that could panic, so a poisoned lock still holds a valid state.
+    cell.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn wake(waker: Option<Waker>) {
+    if let Some(w) = waker {
+        w.wake();
     }
 }
 
@@ -122,8 +145,7 @@ pub(crate) struct Shared {
     pub(crate) settings: Settings,
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) estimator: Arc<dyn TokenEstimator>,
-    keys: Mutex<HashMap<Arc<str>, KeyState>>,
-    next_ticket: AtomicU64,
+    keys: Mutex<HashMap<Arc<str>, Arc<KeyCell>>>,
     counters: Counters,
 }
 
@@ -140,6 +162,7 @@ impl std::fmt::Debug for Shared {
 #[derive(Debug)]
 pub(crate) struct Charge {
     pub(crate) key: Arc<str>,
+    cell: Arc<KeyCell>,
     pub(crate) limits: Limits,
     pub(crate) cache_reads_count: bool,
     pub(crate) costs: Costs,
@@ -183,29 +206,126 @@ impl From<Denied> for crate::Error {
     }
 }
 
-/// A place in a key's queue; dropping it gives the place back.
+/// Why a request was not admitted: a decision, or a ledger that failed.
 #[derive(Debug)]
-struct Ticket {
-    shared: Arc<Shared>,
-    key: Arc<str>,
-    id: u64,
-    queued: bool,
+pub(crate) enum Refusal {
+    Denied(Denied),
+    Ledger(LedgerError),
 }
 
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if !self.queued {
-            return;
+/// A place in a key's queue; dropping it gives the place back (and the turn
+/// to the next waiter if it was the head).
+#[derive(Debug)]
+struct Place {
+    shared: Arc<Shared>,
+    cell: Arc<KeyCell>,
+    key: Arc<str>,
+    /// `None` once the place was left.
+    id: Option<usize>,
+}
+
+impl Place {
+    fn id(&self) -> usize {
+        self.id.unwrap_or(usize::MAX)
+    }
+
+    /// Leaves the line under the key's lock (the caller holds it); returns
+    /// the waker of the new head if the turn passed on.
+    fn leave(mut self, ks: &mut KeyState) -> Option<Waker> {
+        let id = self.id.take()?;
+        match ks.queue.remove(id) {
+            Removed::Waiting { was_next: true } => ks.notify_head(&self.shared.counters),
+            _ => None,
         }
-        let mut keys = self.shared.lock();
-        if let Some(ks) = keys.get_mut(&*self.key) {
-            if let Some(pos) = ks.queue.iter().position(|w| w.id == self.id) {
-                ks.queue.remove(pos);
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let mut ks = lock_key(&self.cell);
+        let next = match ks.queue.remove(id) {
+            Removed::Waiting { was_next } => {
                 tracing::debug!(key = %self.key, "budget: waiter cancelled, place given back");
-                if pos == 0 {
-                    ks.wake_head(&self.shared.counters);
+                if was_next {
+                    ks.notify_head(&self.shared.counters)
+                } else {
+                    None
                 }
             }
+            _ => None,
+        };
+        drop(ks);
+        wake(next);
+    }
+}
+
+/// A reservation asked of a ledger that answers after a round trip.
+///
+/// # Cancellation
+///
+/// Dropped before its answer came, it cannot know whether the ledger debited
+/// the costs: the operation is finished on the current tokio runtime, and an
+/// admission is refunded at once.
+struct Asking {
+    fut: Option<LedgerFuture<Reservation>>,
+    shared: Arc<Shared>,
+    cell: Arc<KeyCell>,
+    key: Arc<str>,
+    limits: Limits,
+    costs: Costs,
+}
+
+impl std::fmt::Debug for Asking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Asking").field("key", &self.key).finish()
+    }
+}
+
+impl Asking {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Reservation, LedgerError>> {
+        let Some(fut) = self.fut.as_mut() else {
+            return Poll::Pending;
+        };
+        let answer = std::task::ready!(Pin::new(fut).poll(cx));
+        self.fut = None;
+        Poll::Ready(answer)
+    }
+}
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        let Some(fut) = self.fut.take() else { return };
+        let (shared, cell) = (Arc::clone(&self.shared), Arc::clone(&self.cell));
+        let (key, limits, costs) = (Arc::clone(&self.key), self.limits, self.costs);
+        tracing::debug!(key = %key, "budget: dropped while the ledger answered; refunded if admitted");
+        spawn_ledger_op(async move {
+            if let Reservation::Admitted = fut.await? {
+                shared.ledger.settle(&key, &limits, negate(costs)).await?;
+                // Capacity came back: the head's turn.
+                let next = lock_key(&cell).notify_head(&shared.counters);
+                wake(next);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Runs a ledger operation that did not answer at once to its end, on the
+/// current tokio runtime; its failure is logged. Without a runtime the
+/// operation is dropped (and logged).
+fn spawn_ledger_op(op: impl Future<Output = Result<(), LedgerError>> + Send + 'static) {
+    let run = async move {
+        if let Err(e) = op.await {
+            tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "budget: ledger operation failed");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(run);
+        }
+        Err(_) => {
+            tracing::warn!("budget: no tokio runtime to finish a ledger operation; dropped");
         }
     }
 }
@@ -213,15 +333,29 @@ impl Drop for Ticket {
 /// The admission progress of one request (lives in its response future).
 #[derive(Debug, Default)]
 pub(crate) struct Admission {
-    ticket: Option<Ticket>,
+    place: Option<Place>,
+    asking: Option<Asking>,
     sleep: Option<Pin<Box<Sleep>>>,
     started: Option<Instant>,
 }
 
+/// Who asks, and when (one clock reading per question).
+struct Turn<'a> {
+    waker: &'a Waker,
+    now: Instant,
+}
+
 enum Step {
     Admitted,
-    Denied(Denied),
+    Refused(Refusal),
+    /// Waiting in line for the turn.
     Queued,
+    /// A ledger answer is on its way.
+    Asking,
+    /// Ask again now (a turn came while asking).
+    Again,
+    /// Ask again now with the output reservation capped to this.
+    Capped(u64),
     Sleep(Instant),
 }
 
@@ -236,12 +370,11 @@ impl Shared {
             ledger,
             estimator,
             keys: Mutex::new(HashMap::new()),
-            next_ticket: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, KeyState>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<KeyCell>>> {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -253,33 +386,66 @@ impl Shared {
             .and_then(|k| k.key(parts))
     }
 
+    /// The key's name and state, created if new: one short lookup under the
+    /// map's lock.
+    fn key_cell(&self, lookup: &str, limits: Limits) -> (Arc<str>, Arc<KeyCell>) {
+        let mut keys = self.lock();
+        if let Some((key, cell)) = keys.get_key_value(lookup) {
+            return (Arc::clone(key), Arc::clone(cell));
+        }
+        let key: Arc<str> = Arc::from(lookup);
+        let cell = Arc::new(Mutex::new(KeyState::new(limits)));
+        keys.insert(Arc::clone(&key), Arc::clone(&cell));
+        (key, cell)
+    }
+
     /// Turns an estimate into the costs to reserve under the request's key.
     pub(crate) fn charge(&self, caller: Option<&str>, estimate: Estimate) -> Charge {
         let class = ModelClass::of(estimate.model.as_deref().unwrap_or(""));
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
         let name = class.as_str();
-        let lookup: std::borrow::Cow<'_, str> = match caller {
-            None => std::borrow::Cow::Borrowed(name),
-            Some(caller) => std::borrow::Cow::Owned(format!("{caller}/{name}")),
+        let (key, cell) = match caller {
+            None => self.key_cell(name, limits),
+            Some(caller) => self.key_cell(&format!("{caller}/{name}"), limits),
         };
-        let mut keys = self.lock();
-        let key = match keys.get_key_value(&*lookup) {
-            Some((existing, _)) => Arc::clone(existing),
-            None => Arc::from(&*lookup),
+        let output_tokens = {
+            let mut ks = lock_key(&cell);
+            ks.estimates += 1;
+            if estimate.fallback {
+                ks.fallback_estimates += 1;
+            }
+            if estimate.raw_input_tokens > 0 {
+                ks.calibration =
+                    Some(estimate.input_tokens as f64 / estimate.raw_input_tokens as f64);
+            }
+            self.output_tokens(&ks, estimate.max_tokens)
         };
-        let ks = keys
-            .entry(Arc::clone(&key))
-            .or_insert_with(|| KeyState::new(limits));
-        ks.estimates += 1;
-        if estimate.fallback {
-            ks.fallback_estimates += 1;
+        let input_tokens = if cache_reads_count {
+            estimate
+                .input_tokens
+                .saturating_add(estimate.cache_read_tokens)
+        } else {
+            estimate.input_tokens
+        };
+        Charge {
+            key,
+            cell,
+            limits,
+            cache_reads_count,
+            costs: Costs {
+                requests: 1,
+                input_tokens,
+                output_tokens,
+            },
+            estimate,
         }
-        if estimate.raw_input_tokens > 0 {
-            ks.calibration = Some(estimate.input_tokens as f64 / estimate.raw_input_tokens as f64);
-        }
-        let max_tokens = estimate.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-        let output_tokens = match self.settings.output_mode {
+    }
+
+    /// The output tokens to reserve, per the output mode.
+    fn output_tokens(&self, ks: &KeyState, max_tokens: Option<u64>) -> u64 {
+        let max_tokens = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        match self.settings.output_mode {
             OutputMode::Reserve => max_tokens,
             OutputMode::Realtime => {
                 let ratio = ks.expected_ratio(
@@ -298,25 +464,6 @@ impl Shared {
                 // response longer than expected) holds new requests back.
                 expected.max(1).min(max_tokens.max(1))
             }
-        };
-        drop(keys);
-        let input_tokens = if cache_reads_count {
-            estimate
-                .input_tokens
-                .saturating_add(estimate.cache_read_tokens)
-        } else {
-            estimate.input_tokens
-        };
-        Charge {
-            key,
-            limits,
-            cache_reads_count,
-            costs: Costs {
-                requests: 1,
-                input_tokens,
-                output_tokens,
-            },
-            estimate,
         }
     }
 
@@ -324,68 +471,46 @@ impl Shared {
     ///
     /// # Cancellation
     ///
-    /// Dropping `adm` while pending gives back the place in line (and wakes
-    /// the next waiter if it was the head); nothing was debited.
+    /// Dropping `adm` while pending gives back the place in line (and the
+    /// turn to the next waiter if it was the head); nothing was debited, and
+    /// a reservation in flight is refunded if the ledger admitted it.
     pub(crate) fn poll_admit(
         self: &Arc<Self>,
         charge: &mut Charge,
         adm: &mut Admission,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(), Denied>> {
+    ) -> Poll<Result<(), Refusal>> {
         loop {
-            let now = Instant::now();
-            match self.step(charge, adm, now, cx.waker()) {
+            let step = match adm.asking.as_mut() {
+                Some(asking) => {
+                    let answer = std::task::ready!(asking.poll(cx));
+                    adm.asking = None;
+                    let turn = Turn {
+                        waker: cx.waker(),
+                        now: Instant::now(),
+                    };
+                    let mut ks = lock_key(&charge.cell);
+                    let (step, next) = self.on_answer(&mut ks, charge, adm, answer, &turn);
+                    drop(ks);
+                    wake(next);
+                    step
+                }
+                None => self.ask(charge, adm, cx.waker()),
+            };
+            match step {
                 Step::Admitted => {
-                    bump(&self.counters.admitted);
-                    if let Some(started) = adm.started {
-                        tracing::debug!(
-                            key = %charge.key,
-                            waited_ms = now.saturating_duration_since(started).as_millis() as u64,
-                            input_tokens = charge.costs.input_tokens,
-                            output_tokens = charge.costs.output_tokens,
-                            "budget: admitted after waiting"
-                        );
-                    }
+                    self.admitted(charge, adm);
                     return Poll::Ready(Ok(()));
                 }
-                Step::Denied(d) => {
-                    match d {
-                        Denied::Exceeded {
-                            retry_in,
-                            dimension,
-                        } => {
-                            bump(&self.counters.rejected);
-                            tracing::debug!(key = %charge.key, %dimension, retry_in_ms = retry_in.as_millis() as u64, "budget: rejected");
-                        }
-                        Denied::TooLarge {
-                            dimension,
-                            cost,
-                            limit,
-                        } => {
-                            bump(&self.counters.too_large);
-                            tracing::debug!(key = %charge.key, %dimension, cost, limit, "budget: request can never fit");
-                        }
-                    }
-                    return Poll::Ready(Err(d));
+                Step::Refused(refusal) => {
+                    self.refused(charge, &refusal);
+                    return Poll::Ready(Err(refusal));
                 }
                 Step::Queued => return Poll::Pending,
+                Step::Asking | Step::Again => {}
+                Step::Capped(output_tokens) => charge.costs.output_tokens = output_tokens,
                 Step::Sleep(at) => {
-                    // A ledger must name an instant after now; guard against a
-                    // spin if one does not.
-                    let at = at.max(now + Duration::from_millis(1));
-                    match adm.sleep.as_mut() {
-                        Some(sleep) => {
-                            if sleep.deadline() != at {
-                                sleep.as_mut().reset(at);
-                            }
-                        }
-                        None => adm.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
-                    }
-                    let ready = adm
-                        .sleep
-                        .as_mut()
-                        .is_some_and(|s| s.as_mut().poll(cx).is_ready());
-                    if !ready {
+                    if !poll_sleep(adm, at, cx) {
                         return Poll::Pending;
                     }
                 }
@@ -393,159 +518,265 @@ impl Shared {
         }
     }
 
-    /// Puts a new waiter at the back of the key's line; the ticket takes the
-    /// place back when dropped.
-    fn join_queue(self: &Arc<Self>, ks: &mut KeyState, key: &Arc<str>, waker: &Waker) -> Ticket {
-        let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-        ks.queue.push_back(Waiter {
-            id,
-            waker: Some(waker.clone()),
-        });
-        Ticket {
-            shared: Arc::clone(self),
-            key: Arc::clone(key),
-            id,
-            queued: true,
+    fn admitted(&self, charge: &Charge, adm: &Admission) {
+        bump(&self.counters.admitted);
+        if let Some(started) = adm.started {
+            tracing::debug!(
+                key = %charge.key,
+                waited_ms = Instant::now().saturating_duration_since(started).as_millis() as u64,
+                input_tokens = charge.costs.input_tokens,
+                output_tokens = charge.costs.output_tokens,
+                "budget: admitted after waiting"
+            );
         }
     }
 
-    fn step(
+    fn refused(&self, charge: &Charge, refusal: &Refusal) {
+        match refusal {
+            Refusal::Denied(Denied::Exceeded {
+                retry_in,
+                dimension,
+            }) => {
+                bump(&self.counters.rejected);
+                tracing::debug!(key = %charge.key, %dimension, retry_in_ms = retry_in.as_millis() as u64, "budget: rejected");
+            }
+            Refusal::Denied(Denied::TooLarge {
+                dimension,
+                cost,
+                limit,
+            }) => {
+                bump(&self.counters.too_large);
+                tracing::debug!(key = %charge.key, %dimension, cost, limit, "budget: request can never fit");
+            }
+            Refusal::Ledger(e) => {
+                tracing::warn!(key = %charge.key, error = %e, "budget: ledger failed; request not sent");
+            }
+        }
+    }
+
+    /// Puts a new waiter at the back of the key's line; the place is given
+    /// back when dropped.
+    fn join(
         self: &Arc<Self>,
-        charge: &mut Charge,
+        ks: &mut KeyState,
+        charge: &Charge,
         adm: &mut Admission,
-        now: Instant,
-        waker: &Waker,
-    ) -> Step {
-        let mut keys = self.lock();
-        let ks = keys
-            .entry(Arc::clone(&charge.key))
-            .or_insert_with(|| KeyState::new(charge.limits));
-        ks.last_used = now;
-        let at_head = match &adm.ticket {
+        turn: &Turn<'_>,
+    ) {
+        let now = turn.now;
+        let id = ks.queue.push(0, now, Some(turn.waker.clone()));
+        adm.place = Some(Place {
+            shared: Arc::clone(self),
+            cell: Arc::clone(&charge.cell),
+            key: Arc::clone(&charge.key),
+            id: Some(id),
+        });
+        if adm.started.is_none() {
+            adm.started = Some(now);
+            bump(&self.counters.waited);
+        }
+    }
+
+    /// Asks the ledger if this request's turn has come, or waits in line.
+    fn ask(self: &Arc<Self>, charge: &Charge, adm: &mut Admission, waker: &Waker) -> Step {
+        // One clock reading per question: the in-memory ledger reads the
+        // same clock, so its waits count from (about) the same instant.
+        let turn = Turn {
+            waker,
+            now: Instant::now(),
+        };
+        let mut ks = lock_key(&charge.cell);
+        ks.last_used = turn.now;
+        let at_head = match &adm.place {
             None => self.settings.mode == BudgetMode::Reject || ks.queue.is_empty(),
-            Some(t) => ks.queue.front().map(|w| w.id) == Some(t.id),
+            Some(place) => ks.queue.is_next(place.id()),
         };
         if !at_head {
-            match &adm.ticket {
-                None => {
-                    adm.ticket = Some(self.join_queue(ks, &charge.key, waker));
-                    if adm.started.is_none() {
-                        adm.started = Some(now);
-                        bump(&self.counters.waited);
-                    }
-                }
-                Some(t) => {
-                    if let Some(w) = ks.queue.iter_mut().find(|w| w.id == t.id) {
-                        set_waker(&mut w.waker, waker);
-                    }
-                }
+            match &adm.place {
+                None => self.join(&mut ks, charge, adm, &turn),
+                Some(place) => ks.queue.register(place.id(), waker),
             }
             return Step::Queued;
         }
-        loop {
-            match self
-                .ledger
-                .reserve(&charge.key, &charge.limits, charge.costs, now)
-            {
-                Reservation::Admitted => {
-                    if let Some(t) = adm.ticket.as_mut() {
-                        ks.queue.pop_front();
-                        t.queued = false;
-                        ks.wake_head(&self.counters);
-                    }
-                    return Step::Admitted;
+        if let Some(place) = &adm.place {
+            // A turn given from now on is one this question may not see.
+            ks.queue.take_notified(place.id());
+        }
+        let fut = self
+            .ledger
+            .reserve(&charge.key, &charge.limits, charge.costs);
+        match fut.into_ready() {
+            Ok(answer) => {
+                let (step, next) = self.on_answer(&mut ks, charge, adm, answer, &turn);
+                drop(ks);
+                wake(next);
+                step
+            }
+            Err(fut) => {
+                // A round trip: hold the place at the head while it runs.
+                if adm.place.is_none() && self.settings.mode == BudgetMode::Wait {
+                    self.join(&mut ks, charge, adm, &turn);
                 }
-                Reservation::WaitUntil { at, dimension } => {
-                    if self.settings.mode == BudgetMode::Reject {
-                        return Step::Denied(Denied::Exceeded {
-                            retry_in: at.saturating_duration_since(now),
-                            dimension,
-                        });
-                    }
-                    match &adm.ticket {
-                        None => adm.ticket = Some(self.join_queue(ks, &charge.key, waker)),
-                        Some(_) => {
-                            if let Some(w) = ks.queue.front_mut() {
-                                set_waker(&mut w.waker, waker);
-                            }
-                        }
-                    }
-                    if adm.started.is_none() {
-                        adm.started = Some(now);
-                        bump(&self.counters.waited);
-                        tracing::debug!(
-                            key = %charge.key,
-                            %dimension,
-                            wait_ms = at.saturating_duration_since(now).as_millis() as u64,
-                            "budget: waiting for capacity"
-                        );
-                    }
-                    return Step::Sleep(at);
+                drop(ks);
+                adm.asking = Some(Asking {
+                    fut: Some(fut),
+                    shared: Arc::clone(self),
+                    cell: Arc::clone(&charge.cell),
+                    key: Arc::clone(&charge.key),
+                    limits: charge.limits,
+                    costs: charge.costs,
+                });
+                Step::Asking
+            }
+        }
+    }
+
+    /// Acts on the ledger's answer, under the key's lock; returns the next
+    /// step and the waker of a new head to wake once the lock is released.
+    fn on_answer(
+        self: &Arc<Self>,
+        ks: &mut KeyState,
+        charge: &Charge,
+        adm: &mut Admission,
+        answer: Result<Reservation, LedgerError>,
+        turn: &Turn<'_>,
+    ) -> (Step, Option<Waker>) {
+        let leave =
+            |adm: &mut Admission, ks: &mut KeyState| adm.place.take().and_then(|p| p.leave(ks));
+        match answer {
+            Err(e) => (Step::Refused(Refusal::Ledger(e)), leave(adm, ks)),
+            Ok(Reservation::Admitted) => (Step::Admitted, leave(adm, ks)),
+            Ok(Reservation::Wait {
+                retry_in,
+                dimension,
+            }) => {
+                if self.settings.mode == BudgetMode::Reject {
+                    let denied = Denied::Exceeded {
+                        retry_in,
+                        dimension,
+                    };
+                    return (Step::Refused(Refusal::Denied(denied)), leave(adm, ks));
                 }
-                Reservation::Never {
+                (
+                    self.wait(ks, charge, adm, (retry_in, dimension), turn),
+                    None,
+                )
+            }
+            Ok(Reservation::Never {
+                dimension,
+                cost,
+                capacity,
+            }) => {
+                if dimension == Dimension::OutputTokens
+                    && self.settings.output_mode == OutputMode::Realtime
+                    && charge.costs.output_tokens > capacity
+                {
+                    // In realtime mode the output reservation is only an
+                    // expectation: cap it to what can ever fit and ask again.
+                    return (Step::Capped(capacity), None);
+                }
+                let denied = Denied::TooLarge {
                     dimension,
                     cost,
-                    capacity,
-                } => {
-                    if dimension == Dimension::OutputTokens
-                        && self.settings.output_mode == OutputMode::Realtime
-                        && charge.costs.output_tokens > capacity
-                    {
-                        // In realtime mode the output reservation is only an
-                        // expectation: cap it to what can ever fit and ask again.
-                        charge.costs.output_tokens = capacity;
-                        continue;
-                    }
-                    if let Some(t) = adm.ticket.as_mut() {
-                        if let Some(pos) = ks.queue.iter().position(|w| w.id == t.id) {
-                            ks.queue.remove(pos);
-                        }
-                        t.queued = false;
-                        ks.wake_head(&self.counters);
-                    }
-                    return Step::Denied(Denied::TooLarge {
-                        dimension,
-                        cost,
-                        limit: capacity,
-                    });
+                    limit: capacity,
+                };
+                (Step::Refused(Refusal::Denied(denied)), leave(adm, ks))
+            }
+        }
+    }
+
+    /// The head waits `retry_in` (or is woken sooner by a settlement).
+    fn wait(
+        self: &Arc<Self>,
+        ks: &mut KeyState,
+        charge: &Charge,
+        adm: &mut Admission,
+        (retry_in, dimension): (Duration, Dimension),
+        turn: &Turn<'_>,
+    ) -> Step {
+        let first = adm.started.is_none();
+        match &adm.place {
+            None => self.join(ks, charge, adm, turn),
+            Some(place) => {
+                if ks.queue.take_notified(place.id()) {
+                    // Capacity was freed while the ledger answered.
+                    return Step::Again;
                 }
+                ks.queue.register(place.id(), turn.waker);
+            }
+        }
+        if first {
+            tracing::debug!(
+                key = %charge.key,
+                %dimension,
+                wait_ms = retry_in.as_millis() as u64,
+                "budget: waiting for capacity"
+            );
+        }
+        // A ledger must name a wait after now; guard against a spin if one
+        // does not.
+        Step::Sleep(turn.now + retry_in.max(Duration::from_millis(1)))
+    }
+
+    /// Runs a ledger operation that answers nothing: at once if it can, else
+    /// on the runtime; then gives the key's head its turn if `wake_head`.
+    fn run(self: &Arc<Self>, charge: &Charge, op: LedgerFuture<()>, wake_head: bool) {
+        match op.into_ready() {
+            Ok(result) => {
+                if let Err(e) = result {
+                    tracing::warn!(key = %charge.key, error = %e, "budget: ledger operation failed");
+                }
+                if wake_head {
+                    let next = lock_key(&charge.cell).notify_head(&self.counters);
+                    wake(next);
+                }
+            }
+            Err(op) => {
+                let cell = Arc::clone(&charge.cell);
+                let shared = Arc::clone(self);
+                spawn_ledger_op(async move {
+                    let result = op.await;
+                    if wake_head {
+                        let next = lock_key(&cell).notify_head(&shared.counters);
+                        wake(next);
+                    }
+                    result
+                });
             }
         }
     }
 
     /// Applies a correction to a request's charge; wakes the key's head when
     /// capacity was freed, and learns the output ratio if given.
-    pub(crate) fn correct(&self, charge: &Charge, delta: CostDelta, output_ratio: Option<f64>) {
-        let now = Instant::now();
-        if delta != CostDelta::default() {
-            self.ledger.settle(&charge.key, &charge.limits, delta, now);
-        }
+    pub(crate) fn correct(
+        self: &Arc<Self>,
+        charge: &Charge,
+        delta: CostDelta,
+        output_ratio: Option<f64>,
+    ) {
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
-        if freed || output_ratio.is_some() {
-            let mut keys = self.lock();
-            if let Some(ks) = keys.get_mut(&*charge.key) {
-                if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
-                    ks.output_ratio.push(r.clamp(0.0, 1.0));
-                    ks.ratio_samples += 1;
-                }
-                if freed {
-                    ks.wake_head(&self.counters);
-                }
-            }
+        if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
+            let mut ks = lock_key(&charge.cell);
+            ks.output_ratio.push(r.clamp(0.0, 1.0));
+            ks.ratio_samples += 1;
+        }
+        if !delta.is_zero() {
+            let op = self.ledger.settle(&charge.key, &charge.limits, delta);
+            self.run(charge, op, freed);
         }
         bump(&self.counters.settled);
     }
 
     /// Refunds everything a request reserved: the server answered 429 and
     /// charged nothing.
-    pub(crate) fn refund(&self, charge: &Charge) {
+    pub(crate) fn refund(self: &Arc<Self>, charge: &Charge) {
         bump(&self.counters.refunded_429);
         self.correct(charge, negate(charge.costs), None);
     }
 
     /// Refunds everything a request reserved: it was admitted but never sent
     /// (the inner service failed before taking it).
-    pub(crate) fn refund_unsent(&self, charge: &Charge) {
+    pub(crate) fn refund_unsent(self: &Arc<Self>, charge: &Charge) {
         tracing::debug!(key = %charge.key, "budget: admitted request not sent; refunded");
         self.correct(charge, negate(charge.costs), None);
     }
@@ -555,9 +786,8 @@ impl Shared {
     /// The combined `anthropic-ratelimit-tokens-*` header is the most
     /// restrictive limit in force, not a fourth bucket: it is used for input
     /// tokens only when the response has no `input-tokens` headers.
-    pub(crate) fn sync(&self, charge: &Charge, snap: &RateLimitSnapshot) {
-        let now = Instant::now();
-        let mut synced = false;
+    pub(crate) fn sync(self: &Arc<Self>, charge: &Charge, snap: &RateLimitSnapshot) {
+        let mut last = None;
         for dimension in Dimension::ALL {
             let mut status = *snap.dimension(dimension);
             if dimension == Dimension::InputTokens && status == LimitStatus::default() {
@@ -566,34 +796,56 @@ impl Shared {
             if status == LimitStatus::default() {
                 continue;
             }
-            self.ledger.sync(
-                &charge.key,
-                &charge.limits,
-                dimension,
-                LimitSync {
-                    limit: status.limit,
-                    remaining: status.remaining,
-                    reset_in: status.reset_in,
-                },
-                now,
+            let sync = LimitSync {
+                limit: status.limit,
+                remaining: status.remaining,
+                reset_in: status.reset_in,
+            };
+            if let Some(op) = last.take() {
+                self.run(charge, op, false);
+            }
+            last = Some(
+                self.ledger
+                    .sync(&charge.key, &charge.limits, dimension, sync),
             );
-            synced = true;
         }
-        if synced {
-            let mut keys = self.lock();
-            if let Some(ks) = keys.get_mut(&*charge.key) {
-                ks.wake_head(&self.counters);
+        if let Some(op) = last {
+            // The head's turn comes once the last dimension is synced.
+            self.run(charge, op, true);
+        }
+    }
+
+    /// The state of the key's buckets if the ledger knows it at once (the
+    /// in-memory ledger always does); `None` for an unknown key, a ledger
+    /// that needs a round trip (the operation is dropped), or a failure.
+    pub(crate) fn state_now(&self, key: &str, limits: &Limits) -> Option<[BucketState; 3]> {
+        match self.ledger.state(key, limits).into_ready() {
+            Ok(Ok(state)) => state,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "budget: ledger state failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("budget: ledger state not known at once; left out");
+                None
             }
         }
     }
 
-    /// Forgets the keys not used for `idle` and with no request waiting (what
-    /// was learned for them: output ratio, counters). Returns how many.
+    /// Forgets the keys not used for `idle`, with no request waiting and none
+    /// charged and not yet admitted (what was learned for them: output ratio,
+    /// counters). Returns how many.
     pub(crate) fn forget_idle(&self, idle: Duration) -> usize {
         let now = Instant::now();
         let mut keys = self.lock();
         let before = keys.len();
-        keys.retain(|_, ks| {
+        keys.retain(|_, cell| {
+            // A charge in flight holds the cell: keep the key, or a second
+            // queue could start for it.
+            if Arc::strong_count(cell) > 1 {
+                return true;
+            }
+            let ks = lock_key(cell);
             !ks.queue.is_empty() || now.saturating_duration_since(ks.last_used) < idle
         });
         before - keys.len()
@@ -601,51 +853,36 @@ impl Shared {
 
     /// A snapshot of every key this budget has seen.
     pub(crate) fn snapshot(&self) -> BudgetSnapshot {
-        let now = Instant::now();
         let q = self.settings.output_quantile;
         let prior = self.settings.output_ratio_prior;
-        #[allow(clippy::type_complexity)]
-        let keys: Vec<(Arc<str>, Limits, usize, Option<f64>, u64, u64, f64)> = self
+        let cells: Vec<(Arc<str>, Arc<KeyCell>)> = self
             .lock()
             .iter()
-            .map(|(k, ks)| {
-                (
-                    Arc::clone(k),
-                    ks.limits,
-                    ks.queue.len(),
-                    ks.calibration,
-                    ks.fallback_estimates,
-                    ks.estimates,
-                    ks.expected_ratio(q, prior),
-                )
-            })
+            .map(|(k, c)| (Arc::clone(k), Arc::clone(c)))
             .collect();
-        let mut out: Vec<KeySnapshot> = keys
+        let mut out: Vec<KeySnapshot> = cells
             .into_iter()
-            .map(
-                |(key, limits, waiting, calibration, fallback, estimates, ratio)| {
-                    let states = self.ledger.state(&key, &limits, now);
-                    let dimensions = Dimension::ALL.map(|d| {
-                        let st = states.as_ref().and_then(|s| s.get(dim_index(d)).copied());
-                        DimensionSnapshot {
-                            dimension: d,
-                            limit: st.and_then(|s| s.limit),
-                            learned: st.is_some_and(|s| s.learned),
-                            remaining: st.map(|s| s.available),
-                            capacity: st.map(|s| s.capacity),
-                        }
-                    });
-                    KeySnapshot {
-                        key: key.to_string(),
-                        dimensions,
-                        waiting,
-                        calibration_factor: calibration,
-                        fallback_estimates: fallback,
-                        estimates,
-                        expected_output_ratio: ratio,
-                    }
-                },
-            )
+            .map(|(key, cell)| {
+                let ks = lock_key(&cell);
+                let (limits, waiting) = (ks.limits, ks.queue.len());
+                let partial = KeySnapshot {
+                    key: key.to_string(),
+                    dimensions: Dimension::ALL.map(|d| DimensionSnapshot {
+                        dimension: d,
+                        limit: None,
+                        learned: false,
+                        remaining: None,
+                        capacity: None,
+                    }),
+                    waiting,
+                    calibration_factor: ks.calibration,
+                    fallback_estimates: ks.fallback_estimates,
+                    estimates: ks.estimates,
+                    expected_output_ratio: ks.expected_ratio(q, prior),
+                };
+                drop(ks);
+                self.with_buckets(partial, &limits)
+            })
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         let c = &self.counters;
@@ -660,13 +897,37 @@ impl Shared {
             wakeups: c.wakeups.load(Ordering::Relaxed),
         }
     }
+
+    /// Fills a key's snapshot with its ledger buckets (asked with no lock held).
+    fn with_buckets(&self, mut snap: KeySnapshot, limits: &Limits) -> KeySnapshot {
+        let states = self.state_now(&snap.key, limits);
+        snap.dimensions = Dimension::ALL.map(|d| {
+            let st = states.as_ref().and_then(|s| s.get(dim_index(d)).copied());
+            DimensionSnapshot {
+                dimension: d,
+                limit: st.and_then(|s| s.limit),
+                learned: st.is_some_and(|s| s.learned),
+                remaining: st.map(|s| s.available),
+                capacity: st.map(|s| s.capacity),
+            }
+        });
+        snap
+    }
 }
 
-fn set_waker(slot: &mut Option<Waker>, waker: &Waker) {
-    match slot {
-        Some(w) if w.will_wake(waker) => {}
-        _ => *slot = Some(waker.clone()),
+/// Sleeps until `at`; whether the sleep is over.
+fn poll_sleep(adm: &mut Admission, at: Instant, cx: &mut Context<'_>) -> bool {
+    match adm.sleep.as_mut() {
+        Some(sleep) => {
+            if sleep.deadline() != at {
+                sleep.as_mut().reset(at);
+            }
+        }
+        None => adm.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
     }
+    adm.sleep
+        .as_mut()
+        .is_some_and(|s| s.as_mut().poll(cx).is_ready())
 }
 
 pub(crate) fn dim_index(d: Dimension) -> usize {

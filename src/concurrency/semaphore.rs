@@ -15,19 +15,20 @@
 //!   exactly that task. No other waiter is woken, so there is no thundering herd,
 //!   and no newcomer can steal the slot between the wake and the poll.
 //!
-//! The state is one `Mutex`: a slab of waiter nodes, each in a doubly linked
-//! FIFO list of its lane (O(1) to push, pop and remove from the middle when a
-//! waiting future is dropped), the limit, the count in flight and, in adaptive
-//! mode, the [`Controller`]. Critical sections are a few pointer moves.
+//! The state is one `Mutex`: the crate's one wait queue
+//! ([`WaitQueue`](crate::queue::WaitQueue): lanes, aging, hand-off), the
+//! limit, the count in flight and, in adaptive mode, the [`Controller`].
+//! Critical sections are a few pointer moves.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::adaptive::{Change, Controller, Outcome, Reason};
 use super::{LaneCounts, Priority, Snapshot};
+use crate::queue::{Removed, WaitQueue};
 
 /// Decides whether an inner error is a timeout (a drop signal in adaptive mode).
 pub(crate) type Classifier =
@@ -52,33 +53,8 @@ struct State {
     limit: usize,
     in_flight: usize,
     max_waiting: usize,
-    aging: Duration,
-    lanes: [Lane; 3],
-    nodes: Vec<Slot>,
-    free: Option<usize>,
+    queue: WaitQueue,
     controller: Option<Controller>,
-}
-
-#[derive(Default, Clone, Copy)]
-struct Lane {
-    head: Option<usize>,
-    tail: Option<usize>,
-    len: usize,
-}
-
-enum Slot {
-    Vacant { next_free: Option<usize> },
-    Occupied(Node),
-}
-
-struct Node {
-    lane: usize,
-    since: Instant,
-    prev: Option<usize>,
-    next: Option<usize>,
-    waker: Option<Waker>,
-    /// `Some(epoch)` once a release handed this waiter a slot.
-    granted: Option<u64>,
 }
 
 /// What [`Shared::enqueue`] decided for a new request.
@@ -165,10 +141,7 @@ impl Shared {
                 limit,
                 in_flight: 0,
                 max_waiting,
-                aging,
-                lanes: [Lane::default(); 3],
-                nodes: Vec::new(),
-                free: None,
+                queue: WaitQueue::new(aging),
                 controller,
             }),
             classifier,
@@ -184,7 +157,7 @@ impl Shared {
     /// Admit a request at once, queue it in its lane, or shed it.
     pub(crate) fn enqueue(self: &Arc<Self>, priority: Priority) -> Ticket {
         let mut st = self.lock();
-        let waiting = st.waiting();
+        let waiting = st.queue.len();
         if waiting == 0 && st.in_flight < st.limit {
             st.in_flight += 1;
             let epoch = st.epoch();
@@ -197,7 +170,7 @@ impl Shared {
         if waiting >= st.max_waiting {
             return Ticket::Shed { waiting };
         }
-        let key = st.push(priority.lane(), Instant::now());
+        let key = st.queue.push(priority.lane(), Instant::now(), None);
         Ticket::Queued(Waiter {
             shared: Arc::clone(self),
             key: Some(key),
@@ -262,161 +235,18 @@ fn trace_change(change: Change, s: &Snapshot) {
 }
 
 impl State {
-    fn waiting(&self) -> usize {
-        self.lanes.iter().map(|l| l.len).sum()
-    }
-
     fn epoch(&self) -> u64 {
         self.controller.as_ref().map_or(0, Controller::epoch)
-    }
-
-    fn node(&self, key: usize) -> Option<&Node> {
-        match self.nodes.get(key) {
-            Some(Slot::Occupied(n)) => Some(n),
-            _ => None,
-        }
-    }
-
-    fn node_mut(&mut self, key: usize) -> Option<&mut Node> {
-        match self.nodes.get_mut(key) {
-            Some(Slot::Occupied(n)) => Some(n),
-            _ => None,
-        }
-    }
-
-    /// Put a new waiter at the back of its lane.
-    fn push(&mut self, lane: usize, since: Instant) -> usize {
-        let tail = self.lanes.get(lane).and_then(|l| l.tail);
-        let node = Node {
-            lane,
-            since,
-            prev: tail,
-            next: None,
-            waker: None,
-            granted: None,
-        };
-        let key = match self.free {
-            Some(key) => {
-                let next_free = match self.nodes.get(key) {
-                    Some(Slot::Vacant { next_free }) => *next_free,
-                    _ => None,
-                };
-                self.free = next_free;
-                if let Some(slot) = self.nodes.get_mut(key) {
-                    *slot = Slot::Occupied(node);
-                }
-                key
-            }
-            None => {
-                self.nodes.push(Slot::Occupied(node));
-                self.nodes.len() - 1
-            }
-        };
-        match tail.and_then(|t| self.node_mut(t)) {
-            Some(t) => t.next = Some(key),
-            None => {
-                if let Some(l) = self.lanes.get_mut(lane) {
-                    l.head = Some(key);
-                }
-            }
-        }
-        if let Some(l) = self.lanes.get_mut(lane) {
-            l.tail = Some(key);
-            l.len += 1;
-        }
-        key
-    }
-
-    /// Take a waiter out of its lane's list (it stays in the slab).
-    fn unlink(&mut self, key: usize) {
-        let Some(node) = self.node_mut(key) else {
-            return;
-        };
-        let (lane, prev, next) = (node.lane, node.prev.take(), node.next.take());
-        match prev.and_then(|p| self.node_mut(p)) {
-            Some(p) => p.next = next,
-            None => {
-                if let Some(l) = self.lanes.get_mut(lane) {
-                    l.head = next;
-                }
-            }
-        }
-        match next.and_then(|n| self.node_mut(n)) {
-            Some(n) => n.prev = prev,
-            None => {
-                if let Some(l) = self.lanes.get_mut(lane) {
-                    l.tail = prev;
-                }
-            }
-        }
-        if let Some(l) = self.lanes.get_mut(lane) {
-            l.len = l.len.saturating_sub(1);
-        }
-    }
-
-    /// Free a slab slot.
-    fn remove(&mut self, key: usize) -> Option<Node> {
-        let slot = self.nodes.get_mut(key)?;
-        let old = std::mem::replace(
-            slot,
-            Slot::Vacant {
-                next_free: self.free,
-            },
-        );
-        match old {
-            Slot::Occupied(node) => {
-                self.free = Some(key);
-                Some(node)
-            }
-            vacant => {
-                *slot = vacant;
-                None
-            }
-        }
-    }
-
-    /// The waiter a free slot goes to: the head of the lane with the best
-    /// effective rank (its lane, raised one step per aging period waited);
-    /// ties go to the one that has waited longest.
-    fn pick(&self) -> Option<usize> {
-        let busy = self.lanes.iter().filter(|l| l.len > 0).count();
-        if busy <= 1 {
-            return self.lanes.iter().find_map(|l| l.head);
-        }
-        let now = Instant::now();
-        let mut best: Option<(usize, Instant, usize)> = None;
-        for head in self.lanes.iter().filter_map(|l| l.head) {
-            let Some(node) = self.node(head) else {
-                continue;
-            };
-            let rank = effective_rank(
-                node.lane,
-                now.saturating_duration_since(node.since),
-                self.aging,
-            );
-            let better = match best {
-                None => true,
-                Some((r, since, _)) => rank < r || (rank == r && node.since < since),
-            };
-            if better {
-                best = Some((rank, node.since, head));
-            }
-        }
-        best.map(|(_, _, key)| key)
     }
 
     /// Hand free slots to waiters, one at a time, and collect their wakers.
     fn grant_free_slots(&mut self) -> Wakes {
         let mut wakes = Wakes::default();
         while self.in_flight < self.limit {
-            let Some(key) = self.pick() else { break };
-            self.unlink(key);
             let epoch = self.epoch();
-            let Some(node) = self.node_mut(key) else {
+            let Some(waker) = self.queue.grant_next(epoch) else {
                 break;
             };
-            node.granted = Some(epoch);
-            let waker = node.waker.take();
             self.in_flight += 1;
             if let Some(w) = waker {
                 wakes.push(w);
@@ -426,7 +256,7 @@ impl State {
     }
 
     fn snapshot(&self) -> Snapshot {
-        let len = |p: Priority| self.lanes.get(p.lane()).map_or(0, |l| l.len);
+        let len = |p: Priority| self.queue.lane_len(p.lane());
         Snapshot {
             limit: self.limit,
             in_flight: self.in_flight,
@@ -446,18 +276,6 @@ impl State {
     }
 }
 
-/// A waiter's lane, raised one step (towards `Interactive`) per whole `aging`
-/// period waited. A zero period makes every waiter rank first: plain FIFO
-/// across lanes.
-pub(crate) fn effective_rank(lane: usize, waited: Duration, aging: Duration) -> usize {
-    if aging.is_zero() {
-        return 0;
-    }
-    let periods = waited.as_nanos() / aging.as_nanos();
-    let periods = usize::try_from(periods).unwrap_or(usize::MAX);
-    lane.saturating_sub(periods)
-}
-
 impl Waiter {
     /// Wait for the slot a release hands to this waiter.
     ///
@@ -470,24 +288,12 @@ impl Waiter {
             // Already acquired: never polled again by the response future.
             return Poll::Pending;
         };
-        let mut st = self.shared.lock();
-        let Some(node) = st.node_mut(key) else {
-            return Poll::Pending;
-        };
-        if let Some(epoch) = node.granted {
-            st.remove(key);
-            drop(st);
-            self.key = None;
-            return Poll::Ready(Permit {
-                shared: Arc::clone(&self.shared),
-                epoch,
-            });
-        }
-        match &mut node.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            slot => *slot = Some(cx.waker().clone()),
-        }
-        Poll::Pending
+        let epoch = ready!(self.shared.lock().queue.poll_grant(key, cx.waker()));
+        self.key = None;
+        Poll::Ready(Permit {
+            shared: Arc::clone(&self.shared),
+            epoch,
+        })
     }
 }
 
@@ -495,20 +301,12 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         let Some(key) = self.key.take() else { return };
         let mut st = self.shared.lock();
-        let granted = st.node(key).and_then(|n| n.granted);
-        match granted {
-            Some(_) => {
-                // A slot was handed to us but never used: pass it on.
-                st.remove(key);
-                st.in_flight = st.in_flight.saturating_sub(1);
-                let wakes = st.grant_free_slots();
-                drop(st);
-                wakes.wake();
-            }
-            None => {
-                st.unlink(key);
-                st.remove(key);
-            }
+        if let Removed::Granted(_) = st.queue.remove(key) {
+            // A slot was handed to us but never used: pass it on.
+            st.in_flight = st.in_flight.saturating_sub(1);
+            let wakes = st.grant_free_slots();
+            drop(st);
+            wakes.wake();
         }
     }
 }
@@ -621,15 +419,5 @@ mod tests {
         drop(pa);
         assert!(c.poll_acquire(&mut cx).is_ready());
         assert_eq!(s.snapshot().waiting.total(), 0);
-    }
-
-    #[test]
-    fn rank_rises_one_lane_per_aging_period() {
-        let a = Duration::from_secs(10);
-        assert_eq!(effective_rank(2, Duration::from_secs(9), a), 2);
-        assert_eq!(effective_rank(2, Duration::from_secs(10), a), 1);
-        assert_eq!(effective_rank(2, Duration::from_secs(25), a), 0);
-        assert_eq!(effective_rank(1, Duration::from_secs(1000), a), 0);
-        assert_eq!(effective_rank(2, Duration::ZERO, Duration::ZERO), 0);
     }
 }
