@@ -86,7 +86,7 @@ fn request(with_extension: bool) -> Request<Full<Bytes>> {
 }
 
 fn big_limits() -> Limits {
-    Limits::new(u64::MAX / 4, u64::MAX / 4, u64::MAX / 4)
+    Limits::new().rpm(u64::MAX / 4).itpm(u64::MAX / 4).otpm(u64::MAX / 4)
 }
 
 fn uncontended(c: &mut Criterion) {
@@ -168,13 +168,13 @@ const WAITERS: usize = 1_000;
 /// budget that starts empty: 1,000 s of virtual time, auto-advanced.
 async fn drain(polls: Arc<AtomicUsize>) -> (u64, u64) {
     let layer = TokenBudgetLayer::builder()
-        .limits(Limits::new(1_000_000, 60_000, 100_000_000))
+        .limits(Limits::new().rpm(1_000_000).itpm(60_000).otpm(100_000_000))
         .estimator(Arc::new(Fixed(1_000)))
         .build();
     let svc = layer.layer(Inner(USAGE_1000));
     // Drain the bucket: one request of the whole minute.
     let drain_all = TokenBudgetLayer::builder()
-        .limits(Limits::new(1_000_000, 60_000, 100_000_000))
+        .limits(Limits::new().rpm(1_000_000).itpm(60_000).otpm(100_000_000))
         .estimator(Arc::new(Fixed(60_000)))
         .ledger(Arc::clone(layer.ledger()))
         .build();

@@ -14,7 +14,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{CostDelta, Costs, InMemoryLedger, Ledger, Reservation};
-use tower_llm_limits::budget::limits::{ModelClass, Tier};
+use tower_llm_limits::budget::{ModelClass, Tier};
 
 fn uncontended(c: &mut Criterion) {
     let mut group = c.benchmark_group("ledger");

@@ -103,7 +103,7 @@
 
 pub mod body;
 pub mod classify;
-pub mod error;
+mod error;
 pub mod headers;
 mod mix;
 #[cfg(any(feature = "budget", feature = "concurrency"))]

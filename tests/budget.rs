@@ -165,7 +165,7 @@ async fn workload_of_three_minutes_itpm_is_paced_to_the_limit() {
     const EACH: u64 = 6_000;
     const N: u64 = 30; // 180,000 tokens = 3 minutes of ITPM
     let log = Arc::new(Log::default());
-    let (layer, _) = budget(Limits::new(10_000, ITPM, 10_000_000));
+    let (layer, _) = budget(Limits::new().rpm(10_000).itpm(ITPM).otpm(10_000_000));
     let svc = tower::ServiceBuilder::new()
         .layer(layer.clone())
         .service(upstream(log.clone(), 10));
@@ -231,7 +231,7 @@ async fn workload_of_three_minutes_itpm_is_paced_to_the_limit() {
 #[tokio::test(start_paused = true)]
 async fn large_request_at_the_head_is_not_starved() {
     let log = Arc::new(Log::default());
-    let (layer, _) = budget(Limits::new(10_000, 10_000, 10_000_000));
+    let (layer, _) = budget(Limits::new().rpm(10_000).itpm(10_000).otpm(10_000_000));
     let svc = tower::ServiceBuilder::new()
         .layer(layer.clone())
         .service(upstream(log.clone(), 1));
@@ -272,7 +272,7 @@ async fn large_request_at_the_head_is_not_starved() {
 #[tokio::test(start_paused = true)]
 async fn refund_at_settlement_wakes_the_waiting_head() {
     let log = Arc::new(Log::default());
-    let (layer, _) = budget(Limits::new(1_000, 10_000, 1_000_000));
+    let (layer, _) = budget(Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
     let svc = layer.layer(upstream(log.clone(), 1));
     let start = Instant::now();
     // Estimated at 10,000 input tokens; the server counts 2,000.
@@ -307,7 +307,7 @@ async fn output_reservation_is_refunded_on_settle_in_both_modes() {
         let log = Arc::new(Log::default());
         let estimator = Arc::new(ExactEstimator::default());
         let layer = TokenBudgetLayer::builder()
-            .limits(Limits::new(1_000, 1_000_000, 100_000))
+            .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(100_000))
             .output_mode(mode)
             .estimator(estimator.clone())
             .build();
@@ -473,7 +473,7 @@ async fn sse_settles_with_frames_split_at_every_byte() {
     let bytes = Bytes::from_static(SSE.as_bytes());
     for i in 0..=bytes.len() {
         let (a, b) = (bytes.slice(..i), bytes.slice(i..));
-        let (layer, _) = budget(Limits::new(1_000, 100_000, 10_000));
+        let (layer, _) = budget(Limits::new().rpm(1_000).itpm(100_000).otpm(10_000));
         let mut svc = layer.layer(sse_upstream(move || {
             frames(vec![a.clone(), b.clone()], None)
         }));
@@ -504,7 +504,7 @@ async fn sse_settles_with_frames_split_at_every_byte() {
     let bytes = Bytes::from(crlf);
     let cr = bytes.iter().position(|&b| b == b'\r').unwrap();
     let cuts = [cr + 1, bytes.len() - 20];
-    let (layer, _) = budget(Limits::new(1_000, 100_000, 10_000));
+    let (layer, _) = budget(Limits::new().rpm(1_000).itpm(100_000).otpm(10_000));
     let b2 = bytes.clone();
     let mut svc = layer.layer(sse_upstream(move || {
         frames(
@@ -534,7 +534,7 @@ async fn sse_settles_with_frames_split_at_every_byte() {
 /// connection closes.
 #[tokio::test(start_paused = true)]
 async fn sse_settles_at_message_stop_without_waiting_for_the_end() {
-    let (layer, _) = budget(Limits::new(1_000, 100_000, 10_000));
+    let (layer, _) = budget(Limits::new().rpm(1_000).itpm(100_000).otpm(10_000));
     let bytes = Bytes::from_static(SSE.as_bytes());
     let mut svc = layer.layer(sse_upstream(move || frames(vec![bytes.clone()], Some(1))));
     let resp = svc
@@ -564,7 +564,7 @@ async fn sse_error_event_and_dropped_stream() {
         "{}event: error\ndata: {{\"type\": \"error\", \"error\": {{\"type\": \"overloaded_error\", \"message\": \"Overloaded\"}}}}\n\n",
         &SSE[..cut]
     );
-    let (layer, _) = budget(Limits::new(1_000, 100_000, 10_000));
+    let (layer, _) = budget(Limits::new().rpm(1_000).itpm(100_000).otpm(10_000));
     let bytes = Bytes::from(errored);
     let mut svc = layer.layer(sse_upstream(move || frames(vec![bytes.clone()], None)));
     let resp = svc
@@ -581,7 +581,7 @@ async fn sse_error_event_and_dropped_stream() {
     assert_eq!(remaining(&snap, Dimension::OutputTokens), 9_998.0);
 
     // Dropped after message_start: input is known, output stays reserved.
-    let (layer, _) = budget(Limits::new(1_000, 100_000, 10_000));
+    let (layer, _) = budget(Limits::new().rpm(1_000).itpm(100_000).otpm(10_000));
     let head = Bytes::from(SSE[..cut].to_owned());
     let mut svc = layer.layer(sse_upstream(move || frames(vec![head.clone()], Some(1))));
     let resp = svc
@@ -660,7 +660,7 @@ async fn limits_are_learned_from_headers_and_pace_later_requests() {
     ]);
     let script = Arc::new(Mutex::new(vec![(StatusCode::OK, h)]));
     let calls = Arc::new(AtomicUsize::new(0));
-    let (layer, _) = budget(Limits::unknown());
+    let (layer, _) = budget(Limits::new());
     let svc = layer.layer(scripted(script, calls.clone()));
     let snap = layer.snapshot();
     assert!(snap.keys.is_empty());
@@ -718,7 +718,7 @@ async fn combined_tokens_header_stands_in_for_missing_input_headers() {
         ("anthropic-ratelimit-tokens-remaining", "10000"),
     ]);
     let script = Arc::new(Mutex::new(vec![(StatusCode::OK, h)]));
-    let (layer, _) = budget(Limits::unknown());
+    let (layer, _) = budget(Limits::new());
     let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
     let resp = svc
         .ready()
@@ -744,7 +744,7 @@ async fn a_429_refunds_everything_and_syncs() {
         ("anthropic-ratelimit-input-tokens-remaining", "0"),
     ]);
     let script = Arc::new(Mutex::new(vec![(StatusCode::TOO_MANY_REQUESTS, h)]));
-    let (layer, est) = budget(Limits::new(50, 30_000, 8_000));
+    let (layer, est) = budget(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
     let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
     let resp = svc
         .ready()
@@ -777,7 +777,7 @@ async fn error_status_and_transport_error() {
             StatusCode::from_u16(status).unwrap(),
             HeaderMap::new(),
         )]));
-        let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+        let (layer, _) = budget(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
         let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
         let resp = svc
             .ready()
@@ -805,7 +805,7 @@ async fn error_status_and_transport_error() {
         );
     }
 
-    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let (layer, _) = budget(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
     let failing = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
         Err::<Response<ResBody>, BoxError>("connection reset".into())
     });
@@ -832,7 +832,7 @@ async fn error_status_and_transport_error() {
 #[tokio::test(start_paused = true)]
 async fn cancelled_waiter_gives_back_its_place() {
     let log = Arc::new(Log::default());
-    let (layer, _) = budget(Limits::new(1_000, 10_000, 1_000_000));
+    let (layer, _) = budget(Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
     let svc = layer.layer(upstream(log.clone(), 1));
     let start = Instant::now();
     let mut s = svc.clone();
@@ -878,7 +878,7 @@ async fn reject_mode_fails_at_once_with_retry_in() {
     let log = Arc::new(Log::default());
     let estimator = Arc::new(ExactEstimator::default());
     let layer = TokenBudgetLayer::builder()
-        .limits(Limits::new(1_000, 10_000, 1_000_000))
+        .limits(Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000))
         .mode(BudgetMode::Reject)
         .estimator(estimator)
         .build();
@@ -920,7 +920,7 @@ async fn reject_mode_fails_at_once_with_retry_in() {
 #[tokio::test(start_paused = true)]
 async fn request_that_can_never_fit_is_never_sent() {
     let log = Arc::new(Log::default());
-    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let (layer, _) = budget(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
     let mut svc = layer.layer(upstream(log.clone(), 1));
     let err = svc
         .ready()
@@ -950,7 +950,7 @@ async fn request_that_can_never_fit_is_never_sent() {
 
     let estimator = Arc::new(ExactEstimator::default());
     let reserve = TokenBudgetLayer::builder()
-        .limits(Limits::new(50, 30_000, 8_000))
+        .limits(Limits::new().rpm(50).itpm(30_000).otpm(8_000))
         .output_mode(OutputMode::Reserve)
         .estimator(estimator)
         .build();
@@ -1000,7 +1000,7 @@ impl Body for CountingBody {
 /// estimates from those bytes and passes the body through without reading it.
 #[tokio::test(start_paused = true)]
 async fn buffered_bytes_are_reused_without_reading_the_body() {
-    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let (layer, _) = budget(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
     let polls_at_call = Arc::new(Mutex::new(Vec::new()));
     let seen = polls_at_call.clone();
     let inner = tower::service_fn(move |req: Request<ReplayBody<CountingBody>>| {
@@ -1053,7 +1053,7 @@ async fn buffered_bytes_are_reused_without_reading_the_body() {
 async fn body_above_the_buffer_limit_passes_through() {
     let estimator = Arc::new(ExactEstimator::default());
     let layer = TokenBudgetLayer::builder()
-        .limits(Limits::new(50, 30_000, 8_000))
+        .limits(Limits::new().rpm(50).itpm(30_000).otpm(8_000))
         .estimator(estimator)
         .buffer_limit(16)
         .build();
@@ -1080,7 +1080,7 @@ async fn enforce_mode_answers_an_anthropic_shaped_429() {
     let log = Arc::new(Log::default());
     let estimator = Arc::new(ExactEstimator::default());
     let layer = TokenBudgetLayer::builder()
-        .limits(Limits::new(50, 30_000, 8_000))
+        .limits(Limits::new().rpm(50).itpm(30_000).otpm(8_000))
         .estimator(estimator)
         .enforce()
         .build();
@@ -1184,7 +1184,7 @@ async fn enforce_mode_answers_an_anthropic_shaped_429() {
 async fn enforce_mode_with_a_custom_key_extractor() {
     let log = Arc::new(Log::default());
     let layer = TokenBudgetLayer::builder()
-        .limits(Limits::new(1, 30_000, 8_000))
+        .limits(Limits::new().rpm(1).itpm(30_000).otpm(8_000))
         .estimator(Arc::new(ExactEstimator::default()))
         .key_extractor(KeyExtractor::new(|parts: &Parts| {
             parts
@@ -1220,7 +1220,7 @@ fn assert_send<T: Send>(_: &T) {}
 /// The layer's futures are Send (usable in tokio::spawn and axum).
 #[test]
 fn futures_are_send() {
-    let (layer, _) = budget(Limits::unknown());
+    let (layer, _) = budget(Limits::new());
     let mut svc = layer.layer(upstream(Arc::new(Log::default()), 1));
     let fut = svc.call(request(1, 1));
     assert_send(&fut);
@@ -1258,7 +1258,7 @@ impl<B> Service<Request<B>> for ReadyOnce {
 #[tokio::test(start_paused = true)]
 async fn admitted_but_unsent_request_is_refunded() {
     for fail in [true, false] {
-        let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+        let (layer, _) = budget(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
         let mut svc = layer.layer(ReadyOnce {
             asked: Arc::new(AtomicUsize::new(0)),
             fail,
@@ -1289,7 +1289,7 @@ async fn admitted_but_unsent_request_is_refunded() {
 async fn zero_output_prior_reserves_one_token_and_respects_debt() {
     let log = Arc::new(Log::default());
     let layer = TokenBudgetLayer::builder()
-        .limits(Limits::new(50, 30_000, 1_000))
+        .limits(Limits::new().rpm(50).itpm(30_000).otpm(1_000))
         .estimator(Arc::new(ExactEstimator::default()))
         .output_ratio_prior(0.0)
         .enforce()
@@ -1348,7 +1348,7 @@ async fn behind_the_retry_layer_each_attempt_is_paced_and_the_429_refunded() {
         (StatusCode::OK, HeaderMap::new()),
     ]));
     let calls = Arc::new(AtomicUsize::new(0));
-    let (budget_layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let (budget_layer, _) = budget(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
     let inner = tower::service_fn({
         let upstream = scripted(script, calls.clone());
         move |req: Request<ReplayBody<ReplayBody<CountingBody>>>| {
@@ -1391,7 +1391,7 @@ async fn behind_the_retry_layer_each_attempt_is_paced_and_the_429_refunded() {
 #[tokio::test(start_paused = true)]
 async fn idle_keys_are_forgotten_on_request() {
     let log = Arc::new(Log::default());
-    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let (layer, _) = budget(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
     let mut svc = layer.layer(upstream(log, 1));
     let resp = svc
         .ready()
@@ -1411,7 +1411,7 @@ async fn idle_keys_are_forgotten_on_request() {
 /// at once: its output reservation comes back.
 #[tokio::test(start_paused = true)]
 async fn empty_error_answer_is_settled_without_being_read() {
-    let (layer, _) = budget(Limits::new(50, 30_000, 8_000));
+    let (layer, _) = budget(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
     let inner = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
         let mut resp = Response::new(full(Bytes::new()));
         *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
@@ -1441,7 +1441,7 @@ async fn full_stack_retry_budget_concurrency() {
     use tower_llm_limits::retry::RetryAfterLayer;
 
     let log = Arc::new(Log::default());
-    let (budget_layer, _) = budget(Limits::new(1_000, 10_000, 1_000_000));
+    let (budget_layer, _) = budget(Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
     let upstream_log = log.clone();
     let inner = tower::service_fn(move |req: Request<ReplayBody<ReplayBody<Full<Bytes>>>>| {
         let log = upstream_log.clone();
@@ -1507,7 +1507,7 @@ proptest::proptest! {
             .unwrap();
         let (sent, cancelled_at, arrived) = rt.block_on(async {
             let log = Arc::new(Log::default());
-            let (layer, _) = budget(Limits::new(100_000, 10_000, 100_000_000));
+            let (layer, _) = budget(Limits::new().rpm(100_000).itpm(10_000).otpm(100_000_000));
             let svc = layer.layer(upstream(log.clone(), 1));
             let mut handles = Vec::new();
             let mut arrived = Vec::new();
@@ -1587,7 +1587,7 @@ async fn enforce_mode_over_loopback_http() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let layer = TokenBudgetLayer::builder()
-        .limits(Limits::new(2, 30_000, 8_000))
+        .limits(Limits::new().rpm(2).itpm(30_000).otpm(8_000))
         .estimator(Arc::new(ExactEstimator::default()))
         .enforce()
         .build();
@@ -1821,7 +1821,7 @@ fn budget_over(ledger: Arc<RoundTripLedger>, limits: Limits) -> TokenBudgetLayer
 async fn a_ledger_across_a_round_trip_paces_in_order() {
     let log = Arc::new(Log::default());
     let ledger = Arc::new(RoundTripLedger::new(Duration::from_millis(10)));
-    let layer = budget_over(Arc::clone(&ledger), Limits::new(1_000, 10_000, 1_000_000));
+    let layer = budget_over(Arc::clone(&ledger), Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
     let svc = layer.layer(upstream(log.clone(), 1));
     let start = Instant::now();
     let mut handles = Vec::new();
@@ -1859,7 +1859,7 @@ async fn a_ledger_across_a_round_trip_paces_in_order() {
 async fn dropped_while_the_ledger_answers_gives_back_place_and_reservation() {
     let log = Arc::new(Log::default());
     let ledger = Arc::new(RoundTripLedger::new(Duration::from_millis(10)));
-    let layer = budget_over(Arc::clone(&ledger), Limits::new(1_000, 10_000, 1_000_000));
+    let layer = budget_over(Arc::clone(&ledger), Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
     let svc = layer.layer(upstream(log.clone(), 1));
     let mut first = svc.clone();
     let first = tokio::spawn(async move {
@@ -1910,7 +1910,7 @@ async fn a_failing_ledger_fails_the_request_with_a_typed_error() {
     let log = Arc::new(Log::default());
     let ledger = Arc::new(RoundTripLedger::new(Duration::from_millis(10)));
     ledger.fail.store(true, Ordering::SeqCst);
-    let layer = budget_over(Arc::clone(&ledger), Limits::new(1_000, 10_000, 1_000_000));
+    let layer = budget_over(Arc::clone(&ledger), Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
     let mut svc = layer.layer(upstream(log.clone(), 1));
     let err = svc
         .ready()
@@ -1945,7 +1945,7 @@ async fn a_pending_ledger_operation_on_one_key_does_not_hold_back_another() {
     let log = Arc::new(Log::default());
     let mut ledger = RoundTripLedger::new(Duration::from_millis(10));
     ledger.hang = Some(KEY);
-    let layer = budget_over(Arc::new(ledger), Limits::new(1_000, 10_000, 1_000_000));
+    let layer = budget_over(Arc::new(ledger), Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
     let svc = layer.layer(upstream(log.clone(), 1));
     let mut stuck = svc.clone();
     let stuck = tokio::spawn(async move {
@@ -1980,7 +1980,7 @@ async fn a_pending_ledger_operation_on_one_key_does_not_hold_back_another() {
 /// message naming the future.
 #[tokio::test(start_paused = true)]
 async fn response_future_polled_after_completion_panics() {
-    let (layer, _) = budget(Limits::new(1_000, 10_000, 1_000_000));
+    let (layer, _) = budget(Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
     let mut svc = layer.layer(upstream(Arc::new(Log::default()), 1));
     ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
         .await

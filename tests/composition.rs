@@ -177,7 +177,7 @@ async fn concurrency_layer_alone_caps_in_flight() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    let emu = Emulator::new(Limits::new(10_000, 10_000_000, 10_000_000));
+    let emu = Emulator::new(Limits::new().rpm(10_000).itpm(10_000_000).otpm(10_000_000));
     // Counts calls whose response head has not come back yet, and the most
     // at once.
     let now = Arc::new(AtomicUsize::new(0));
@@ -271,7 +271,7 @@ async fn to_response(e: BoxError) -> impl IntoResponse {
 #[tokio::test]
 async fn layers_on_an_axum_router_serving_on_loopback() {
     let concurrency = ConcurrencyLayer::fixed(2);
-    let enforce = TokenBudgetLayer::enforce(Limits::new(5, 100_000, 100_000));
+    let enforce = TokenBudgetLayer::enforce(Limits::new().rpm(5).itpm(100_000).otpm(100_000));
     let app = axum::Router::new()
         .route("/v1/messages", post(echo))
         .route_layer(

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, InvalidWindow, Ledger, LimitSync, Reservation,
 };
-use tower_llm_limits::budget::limits::{Limits, ModelClass, OutputMode, Tier};
+use tower_llm_limits::budget::{Limits, ModelClass, OutputMode, Tier};
 use tower_llm_limits::Dimension;
 
 const KEY: &str = "sonnet-4";
@@ -82,7 +82,7 @@ fn wait_at(now: Instant, reservation: Reservation) -> (Instant, Dimension) {
 #[test]
 fn new_bucket_starts_full_and_admits_up_to_its_capacity() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, input(30_000), now),
@@ -101,7 +101,7 @@ fn new_bucket_starts_full_and_admits_up_to_its_capacity() {
 #[test]
 fn refills_at_the_limit_per_minute() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, input(30_000), now),
@@ -124,7 +124,7 @@ fn refills_at_the_limit_per_minute() {
 #[test]
 fn refill_never_exceeds_capacity() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, input(10_000), now),
@@ -149,7 +149,7 @@ fn refill_never_exceeds_capacity() {
 fn state_is_none_for_a_key_never_used() {
     let ledger = InMemoryLedger::new();
     assert!(ledger
-        .state_at(KEY, &Limits::new(1, 1, 1), Instant::now())
+        .state_at(KEY, &Limits::new().rpm(1).itpm(1).otpm(1), Instant::now())
         .is_none());
     assert!(ledger.is_empty());
 }
@@ -157,7 +157,7 @@ fn state_is_none_for_a_key_never_used() {
 #[test]
 fn keys_are_independent() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(1, 1_000, 1_000);
+    let limits = Limits::new().rpm(1).itpm(1_000).otpm(1_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at("a", &limits, costs(1, 0, 0), now),
@@ -181,7 +181,7 @@ fn keys_are_independent() {
 fn wait_until_is_exact_to_the_nanosecond() {
     let ledger = InMemoryLedger::new();
     // 7 RPM: one request every 8.571428571... s, not a whole number of nanoseconds.
-    let limits = Limits::unknown().with_requests_per_minute(7);
+    let limits = Limits::new().rpm(7);
     let now = Instant::now();
     for _ in 0..7 {
         assert_eq!(
@@ -210,7 +210,7 @@ fn wait_until_is_exact_to_the_nanosecond() {
 #[test]
 fn a_request_waiting_on_input_tokens_holds_no_request_slot() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(2, 10_000, 10_000);
+    let limits = Limits::new().rpm(2).itpm(10_000).otpm(10_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, costs(1, 9_000, 100), now),
@@ -238,7 +238,7 @@ fn a_request_waiting_on_input_tokens_holds_no_request_slot() {
 fn wait_until_names_the_dimension_furthest_from_fitting() {
     let ledger = InMemoryLedger::new();
     // RPM 60: one request per second. OTPM 6,000: 100 per second.
-    let limits = Limits::new(60, 60_000, 6_000);
+    let limits = Limits::new().rpm(60).itpm(60_000).otpm(6_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, costs(60, 0, 6_000), now),
@@ -257,7 +257,7 @@ fn wait_until_names_the_dimension_furthest_from_fitting() {
 #[test]
 fn a_cost_above_the_limit_is_never_admitted_and_debits_nothing() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, costs(1, 30_001, 100), now),
@@ -294,7 +294,7 @@ fn a_cost_above_the_limit_is_never_admitted_and_debits_nothing() {
 #[test]
 fn a_dimension_without_any_limit_is_not_limited() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::unknown().with_requests_per_minute(10);
+    let limits = Limits::new().rpm(10);
     let now = Instant::now();
     for _ in 0..10 {
         assert_eq!(
@@ -318,7 +318,7 @@ fn a_dimension_without_any_limit_is_not_limited() {
 #[test]
 fn a_zero_cost_does_not_wait_on_a_dimension_in_debt() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, costs(1, 0, 8_000), now),
@@ -350,7 +350,7 @@ fn a_zero_cost_does_not_wait_on_a_dimension_in_debt() {
 fn a_short_window_scales_the_capacity_not_the_rate() {
     let ledger = InMemoryLedger::with_window(secs(1)).expect("valid window");
     assert_eq!(ledger.window(), secs(1));
-    let limits = Limits::new(60, 60_000, 6_000);
+    let limits = Limits::new().rpm(60).itpm(60_000).otpm(6_000);
     let now = Instant::now();
     let state = bucket_after_first(&ledger, &limits, now);
     assert_close(state.capacity, 1.0);
@@ -379,7 +379,7 @@ fn bucket_after_first(ledger: &InMemoryLedger, limits: &Limits, now: Instant) ->
 fn a_short_window_admits_a_cost_above_its_share_only_from_a_full_bucket() {
     // 30,000 ITPM enforced per second: capacity 500, refill 500 per second.
     let ledger = InMemoryLedger::with_window(secs(1)).expect("valid window");
-    let limits = Limits::unknown().with_input_tokens_per_minute(30_000);
+    let limits = Limits::new().itpm(30_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, input(100), now),
@@ -428,7 +428,7 @@ fn invalid(window: Duration) -> InvalidWindow {
 #[test]
 fn a_refund_is_available_at_once() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, costs(1, 20_000, 4_000), now),
@@ -459,7 +459,7 @@ fn a_refund_is_available_at_once() {
 #[test]
 fn a_refund_never_fills_above_capacity() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, input(10_000), now),
@@ -482,7 +482,7 @@ fn a_refund_never_fills_above_capacity() {
 #[test]
 fn an_over_charge_leaves_a_debt_that_delays_later_requests() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, input(25_000), now),
@@ -506,7 +506,7 @@ fn an_over_charge_leaves_a_debt_that_delays_later_requests() {
 #[test]
 fn settling_a_key_never_used_is_ignored() {
     let ledger = InMemoryLedger::new();
-    ledger.settle_at(KEY, &Limits::new(1, 1, 1), input_delta(-5), Instant::now());
+    ledger.settle_at(KEY, &Limits::new().rpm(1).itpm(1).otpm(1), input_delta(-5), Instant::now());
     assert!(ledger.is_empty());
 }
 
@@ -535,7 +535,7 @@ fn cost_delta_helpers_saturate() {
 #[test]
 fn sync_learns_the_limit_when_none_is_configured() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::unknown();
+    let limits = Limits::new();
     let now = Instant::now();
     // Before: not limited.
     assert_eq!(
@@ -561,7 +561,7 @@ fn sync_learns_the_limit_when_none_is_configured() {
 #[test]
 fn a_configured_limit_stays_unless_the_server_reports_a_lower_one() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 50_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(50_000).otpm(8_000);
     let now = Instant::now();
     let higher = LimitSync {
         limit: Some(80_000),
@@ -591,7 +591,7 @@ fn a_configured_limit_stays_unless_the_server_reports_a_lower_one() {
 #[test]
 fn sync_ignores_a_zero_limit() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::unknown();
+    let limits = Limits::new();
     let now = Instant::now();
     let zero = LimitSync {
         limit: Some(0),
@@ -612,7 +612,7 @@ fn sync_ignores_a_zero_limit() {
 #[test]
 fn the_server_wins_when_it_says_less_is_left() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, costs(1, 1_000, 0), now),
@@ -633,7 +633,7 @@ fn the_server_wins_when_it_says_less_is_left() {
 #[test]
 fn sync_does_not_take_the_rounding_of_token_counts_for_a_change() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     let sync = |remaining| LimitSync {
         limit: Some(30_000),
@@ -675,7 +675,7 @@ fn sync_does_not_take_the_rounding_of_token_counts_for_a_change() {
 #[test]
 fn request_counts_are_exact_even_in_thousands() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(2_000, 30_000, 8_000);
+    let limits = Limits::new().rpm(2_000).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, costs(600, 0, 0), now),
@@ -697,7 +697,7 @@ fn request_counts_are_exact_even_in_thousands() {
 fn sync_uses_the_reset_time_when_remaining_is_absent() {
     let ledger = InMemoryLedger::new();
     // 60,000 per minute: 1,000 per second.
-    let limits = Limits::unknown().with_output_tokens_per_minute(60_000);
+    let limits = Limits::new().otpm(60_000);
     let now = Instant::now();
     let reset = |reset_in| LimitSync {
         limit: None,
@@ -727,7 +727,7 @@ fn sync_uses_the_reset_time_when_remaining_is_absent() {
 #[test]
 fn sync_prefers_remaining_over_reset() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::unknown().with_output_tokens_per_minute(60_000);
+    let limits = Limits::new().otpm(60_000);
     let now = Instant::now();
     let sync = LimitSync {
         limit: None,
@@ -747,7 +747,7 @@ fn sync_prefers_remaining_over_reset() {
 #[test]
 fn a_clock_that_steps_back_refills_nothing() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::unknown().with_requests_per_minute(60);
+    let limits = Limits::new().rpm(60);
     let start = Instant::now() + secs(100);
     assert_eq!(
         ledger.reserve_at(KEY, &limits, costs(60, 0, 0), start),
@@ -773,7 +773,7 @@ fn a_clock_that_steps_back_refills_nothing() {
 #[test]
 fn huge_limits_costs_and_charges_do_not_overflow() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(u64::MAX, u64::MAX, u64::MAX);
+    let limits = Limits::new().rpm(u64::MAX).itpm(u64::MAX).otpm(u64::MAX);
     let now = Instant::now();
     let all = costs(u64::MAX, u64::MAX, u64::MAX);
     assert_eq!(
@@ -797,7 +797,7 @@ fn huge_limits_costs_and_charges_do_not_overflow() {
     let (at, _) = wait_at(now, ledger.reserve_at(KEY, &limits, costs(1, 1, 1), now));
     assert!(at > now);
     // A tiny limit with an enormous debt: the wait is decades, not a panic.
-    let small = Limits::new(1, 1, 1);
+    let small = Limits::new().rpm(1).itpm(1).otpm(1);
     assert_eq!(
         ledger.reserve_at("small", &small, costs(1, 1, 1), now),
         Reservation::Admitted
@@ -818,7 +818,7 @@ fn huge_limits_costs_and_charges_do_not_overflow() {
 #[test]
 fn remove_forgets_a_key() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(1, 1_000, 1_000);
+    let limits = Limits::new().rpm(1).itpm(1_000).otpm(1_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at(KEY, &limits, costs(1, 0, 0), now),
@@ -836,7 +836,7 @@ fn remove_forgets_a_key() {
 #[test]
 fn evict_idle_drops_only_idle_keys_with_full_buckets() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(60, 60_000, 60_000);
+    let limits = Limits::new().rpm(60).itpm(60_000).otpm(60_000);
     let now = Instant::now();
     assert_eq!(
         ledger.reserve_at("idle", &limits, costs(1, 100, 0), now),
@@ -865,7 +865,7 @@ fn evict_idle_drops_only_idle_keys_with_full_buckets() {
 fn debug_does_not_print_keys() {
     let ledger = InMemoryLedger::new();
     let now = Instant::now();
-    let _ = ledger.reserve_at("sk-ant-secret", &Limits::unknown(), costs(1, 0, 0), now);
+    let _ = ledger.reserve_at("sk-ant-secret", &Limits::new(), costs(1, 0, 0), now);
     let debug = format!("{ledger:?}");
     assert!(!debug.contains("sk-ant"), "{debug}");
     assert!(debug.contains("keys: 1"), "{debug}");
@@ -874,7 +874,7 @@ fn debug_does_not_print_keys() {
 #[test]
 fn concurrent_reservations_admit_exactly_the_capacity() {
     let ledger = Arc::new(InMemoryLedger::new());
-    let limits = Limits::new(1_000, 1_000_000, 1_000_000);
+    let limits = Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000_000);
     let now = Instant::now();
     let threads: Vec<_> = (0..4)
         .map(|t| {
@@ -906,7 +906,7 @@ fn concurrent_reservations_admit_exactly_the_capacity() {
 #[tokio::test(start_paused = true)]
 async fn a_waiter_woken_at_the_instant_given_is_admitted() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let request = costs(1, 12_345, 777);
     let mut admitted = 0;
     let start = Instant::now();
@@ -931,7 +931,7 @@ async fn a_waiter_woken_at_the_instant_given_is_admitted() {
 
 #[test]
 fn limits_constructors() {
-    let limits = Limits::new(1, 2, 3);
+    let limits = Limits::new().rpm(1).itpm(2).otpm(3);
     assert_eq!(
         (
             limits.get(Dimension::Requests),
@@ -940,11 +940,11 @@ fn limits_constructors() {
         ),
         (Some(1), Some(2), Some(3))
     );
-    assert_eq!(Limits::unknown(), Limits::default());
-    let built = Limits::unknown()
-        .with_requests_per_minute(1)
-        .with_input_tokens_per_minute(2)
-        .with_output_tokens_per_minute(3);
+    assert_eq!(Limits::new(), Limits::default());
+    let built = Limits::new()
+        .rpm(1)
+        .itpm(2)
+        .otpm(3);
     assert_eq!(built, limits);
     assert_eq!(OutputMode::default(), OutputMode::Realtime);
 }
@@ -1058,7 +1058,7 @@ fn tier_1_to_4_presets_match_the_published_table() {
         for (tier, (rpm, itpm, otpm)) in [Tier1, Tier2, Tier3, Tier4].into_iter().zip(row) {
             assert_eq!(
                 tier.limits(class),
-                Limits::new(rpm, itpm, otpm),
+                Limits::new().rpm(rpm).itpm(itpm).otpm(otpm),
                 "{tier:?} {class}"
             );
         }
@@ -1091,7 +1091,7 @@ fn start_build_scale_presets_match_the_published_table() {
         for (tier, (rpm, itpm, otpm)) in [Start, Build, Scale].into_iter().zip(row) {
             assert_eq!(
                 tier.limits(class),
-                Limits::new(rpm, itpm, otpm),
+                Limits::new().rpm(rpm).itpm(itpm).otpm(otpm),
                 "{tier:?} {class}"
             );
         }
@@ -1109,7 +1109,7 @@ fn classes_without_a_row_get_the_most_common_row() {
     }
     assert_eq!(
         Tier::Tier2.limits_for_model("claude-3-5-haiku-20241022"),
-        Limits::new(1_000, 100_000, 20_000)
+        Limits::new().rpm(1_000).itpm(100_000).otpm(20_000)
     );
 }
 
@@ -1161,7 +1161,7 @@ mod properties {
     }
 
     fn limits() -> impl Strategy<Value = Limits> {
-        (1u64..120, 1u64..60_000, 1u64..15_000).prop_map(|(r, i, o)| Limits::new(r, i, o))
+        (1u64..120, 1u64..60_000, 1u64..15_000).prop_map(|(r, i, o)| Limits::new().rpm(r).itpm(i).otpm(o))
     }
 
     /// One admission or settlement, as seen from outside.
@@ -1374,7 +1374,7 @@ mod properties {
 #[tokio::test(start_paused = true)]
 async fn the_trait_answers_at_once_on_tokios_clock() {
     let ledger = InMemoryLedger::new();
-    let limits = Limits::new(60, 100_000, 20_000);
+    let limits = Limits::new().rpm(60).itpm(100_000).otpm(20_000);
     let reserve = |ledger: &InMemoryLedger| {
         ledger
             .reserve(KEY, &limits, costs(1, 0, 0))

@@ -92,7 +92,7 @@ impl TokenBudgetLayer {
     /// });
     /// // Each caller may send one request per minute.
     /// let mut gateway = ServiceBuilder::new()
-    ///     .layer(TokenBudgetLayer::enforce(Limits::new(1, 30_000, 8_000)))
+    ///     .layer(TokenBudgetLayer::enforce(Limits::new().rpm(1).itpm(30_000).otpm(8_000)))
     ///     .service(upstream);
     /// let call = || {
     ///     Request::post("/v1/messages")
@@ -168,7 +168,7 @@ impl<S> Layer<S> for TokenBudgetLayer {
 /// use tower_llm_limits::budget::ledger::InMemoryLedger;
 ///
 /// let layer = TokenBudgetLayer::builder()
-///     .class_limits(ModelClass::Sonnet4, Limits::new(50, 30_000, 8_000))
+///     .class_limits(ModelClass::Sonnet4, Limits::new().rpm(50).itpm(30_000).otpm(8_000))
 ///     .output_mode(OutputMode::Reserve)
 ///     .mode(BudgetMode::Reject)
 ///     .ledger(Arc::new(InMemoryLedger::new()))

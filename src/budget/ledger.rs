@@ -41,13 +41,13 @@
 //! ```
 //! use std::time::Duration;
 //! use tower_llm_limits::budget::ledger::{Costs, CostDelta, InMemoryLedger, Ledger, Reservation};
-//! use tower_llm_limits::budget::limits::Limits;
+//! use tower_llm_limits::budget::Limits;
 //! use tower_llm_limits::Dimension;
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), tower_llm_limits::budget::ledger::LedgerError> {
 //! let ledger = InMemoryLedger::new();
-//! let limits = Limits::new(50, 30_000, 8_000);
+//! let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
 //! let request = Costs { requests: 1, input_tokens: 20_000, output_tokens: 1_000 };
 //!
 //! // The first request fits the full bucket.
@@ -588,12 +588,12 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// use std::time::Duration;
 /// use tokio::time::Instant;
 /// use tower_llm_limits::budget::ledger::{Costs, InMemoryLedger, Reservation};
-/// use tower_llm_limits::budget::limits::Limits;
+/// use tower_llm_limits::budget::Limits;
 /// use tower_llm_limits::Dimension;
 ///
 /// // 60 RPM enforced as 1 request per second.
 /// let ledger = InMemoryLedger::with_window(Duration::from_secs(1))?;
-/// let limits = Limits::new(60, 100_000, 20_000);
+/// let limits = Limits::new().rpm(60).itpm(100_000).otpm(20_000);
 /// let now = Instant::now();
 /// assert_eq!(ledger.reserve_at("k", &limits, Costs::request(10, 10), now), Reservation::Admitted);
 /// assert_eq!(

@@ -12,19 +12,19 @@
 //! # Example
 //!
 //! ```
-//! use tower_llm_limits::budget::limits::{Limits, ModelClass, Tier};
+//! use tower_llm_limits::budget::{Limits, ModelClass, Tier};
 //!
 //! let class = ModelClass::of("claude-sonnet-4-5-20250929");
 //! assert_eq!(class, ModelClass::Sonnet4);
-//! assert_eq!(Tier::Tier1.limits(class), Limits::new(50, 30_000, 8_000));
-//! assert_eq!(Tier::Build.limits(class), Limits::new(5_000, 5_000_000, 1_000_000));
+//! assert_eq!(Tier::Tier1.limits(class), Limits::new().rpm(50).itpm(30_000).otpm(8_000));
+//! assert_eq!(Tier::Build.limits(class), Limits::new().rpm(5_000).itpm(5_000_000).otpm(1_000_000));
 //!
 //! // Haiku 3.5 counts cache reads toward ITPM; the 4.x models do not.
 //! assert!(ModelClass::of("claude-3-5-haiku-20241022").cache_reads_count_toward_itpm());
 //! assert!(!class.cache_reads_count_toward_itpm());
 //!
 //! // Nothing configured: every limit is learned from the response headers.
-//! assert_eq!(Limits::unknown().requests_per_minute, None);
+//! assert_eq!(Limits::new().requests_per_minute, None);
 //! ```
 //!
 //! # What it deliberately does not do
@@ -52,12 +52,12 @@ use crate::Dimension;
 /// # Examples
 ///
 /// ```
-/// use tower_llm_limits::budget::limits::Limits;
+/// use tower_llm_limits::budget::Limits;
 ///
 /// // Pace requests and input tokens; learn the output limit from the server.
-/// let limits = Limits::unknown()
-///     .with_requests_per_minute(1_000)
-///     .with_input_tokens_per_minute(450_000);
+/// let limits = Limits::new()
+///     .rpm(1_000)
+///     .itpm(450_000);
 /// assert_eq!(limits.output_tokens_per_minute, None);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -88,29 +88,20 @@ pub enum OutputMode {
 }
 
 impl Limits {
-    /// Limits for all three dimensions, per minute.
+    /// No limit configured: every limit is learned from the server's
+    /// `anthropic-ratelimit-*` headers. Set the ones you know with
+    /// [`rpm`](Limits::rpm), [`itpm`](Limits::itpm) and [`otpm`](Limits::otpm).
     ///
     /// # Examples
     ///
     /// ```
-    /// use tower_llm_limits::budget::limits::Limits;
-    /// let limits = Limits::new(50, 30_000, 8_000);
-    /// assert_eq!(limits.input_tokens_per_minute, Some(30_000));
+    /// use tower_llm_limits::budget::Limits;
+    ///
+    /// const TIER_1_SONNET: Limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
+    /// assert_eq!(TIER_1_SONNET.input_tokens_per_minute, Some(30_000));
+    /// assert_eq!(Limits::new(), Limits::default());
     /// ```
-    pub const fn new(
-        requests_per_minute: u64,
-        input_tokens_per_minute: u64,
-        output_tokens_per_minute: u64,
-    ) -> Self {
-        Limits {
-            requests_per_minute: Some(requests_per_minute),
-            input_tokens_per_minute: Some(input_tokens_per_minute),
-            output_tokens_per_minute: Some(output_tokens_per_minute),
-        }
-    }
-
-    /// No limit configured: every limit is learned from the server's headers.
-    pub const fn unknown() -> Self {
+    pub const fn new() -> Self {
         Limits {
             requests_per_minute: None,
             input_tokens_per_minute: None,
@@ -118,20 +109,20 @@ impl Limits {
         }
     }
 
-    /// With the requests-per-minute limit set.
-    pub const fn with_requests_per_minute(mut self, limit: u64) -> Self {
+    /// With the requests-per-minute limit (RPM) set.
+    pub const fn rpm(mut self, limit: u64) -> Self {
         self.requests_per_minute = Some(limit);
         self
     }
 
-    /// With the input-tokens-per-minute limit set.
-    pub const fn with_input_tokens_per_minute(mut self, limit: u64) -> Self {
+    /// With the input-tokens-per-minute limit (ITPM, uncached input) set.
+    pub const fn itpm(mut self, limit: u64) -> Self {
         self.input_tokens_per_minute = Some(limit);
         self
     }
 
-    /// With the output-tokens-per-minute limit set.
-    pub const fn with_output_tokens_per_minute(mut self, limit: u64) -> Self {
+    /// With the output-tokens-per-minute limit (OTPM) set.
+    pub const fn otpm(mut self, limit: u64) -> Self {
         self.output_tokens_per_minute = Some(limit);
         self
     }
@@ -194,7 +185,7 @@ impl ModelClass {
     /// # Examples
     ///
     /// ```
-    /// use tower_llm_limits::budget::limits::ModelClass;
+    /// use tower_llm_limits::budget::ModelClass;
     /// assert_eq!(ModelClass::of("claude-opus-4-1-20250805"), ModelClass::Opus4);
     /// assert_eq!(ModelClass::of("claude-3-5-haiku-latest"), ModelClass::Haiku35);
     /// assert_eq!(ModelClass::of("claude-2.1"), ModelClass::Other);
@@ -321,9 +312,9 @@ fn small_number(token: &str) -> Option<u8> {
 /// # Examples
 ///
 /// ```
-/// use tower_llm_limits::budget::limits::{Limits, ModelClass, Tier};
-/// assert_eq!(Tier::Tier4.limits(ModelClass::Haiku45), Limits::new(4_000, 4_000_000, 800_000));
-/// assert_eq!(Tier::Start.limits(ModelClass::Haiku35), Limits::new(1_000, 100_000, 20_000));
+/// use tower_llm_limits::budget::{Limits, ModelClass, Tier};
+/// assert_eq!(Tier::Tier4.limits(ModelClass::Haiku45), Limits::new().rpm(4_000).itpm(4_000_000).otpm(800_000));
+/// assert_eq!(Tier::Start.limits(ModelClass::Haiku35), Limits::new().rpm(1_000).itpm(100_000).otpm(20_000));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -370,22 +361,22 @@ impl Tier {
         let haiku35 = matches!(class, ModelClass::Haiku35);
         let haiku45 = matches!(class, ModelClass::Haiku45);
         match self {
-            Tier::Tier1 if haiku35 || haiku45 => Limits::new(50, 50_000, 10_000),
-            Tier::Tier1 => Limits::new(50, 30_000, 8_000),
-            Tier::Tier2 if haiku35 => Limits::new(1_000, 100_000, 20_000),
-            Tier::Tier2 => Limits::new(1_000, 450_000, 90_000),
-            Tier::Tier3 if haiku35 => Limits::new(2_000, 200_000, 40_000),
-            Tier::Tier3 if haiku45 => Limits::new(2_000, 1_000_000, 200_000),
-            Tier::Tier3 => Limits::new(2_000, 800_000, 160_000),
-            Tier::Tier4 if haiku35 => Limits::new(4_000, 400_000, 80_000),
-            Tier::Tier4 if haiku45 => Limits::new(4_000, 4_000_000, 800_000),
-            Tier::Tier4 => Limits::new(4_000, 2_000_000, 400_000),
-            Tier::Start if haiku35 => Limits::new(1_000, 100_000, 20_000),
-            Tier::Start => Limits::new(1_000, 2_000_000, 400_000),
-            Tier::Build if haiku35 => Limits::new(2_000, 200_000, 40_000),
-            Tier::Build => Limits::new(5_000, 5_000_000, 1_000_000),
-            Tier::Scale if haiku35 => Limits::new(4_000, 400_000, 80_000),
-            Tier::Scale => Limits::new(10_000, 10_000_000, 2_000_000),
+            Tier::Tier1 if haiku35 || haiku45 => Limits::new().rpm(50).itpm(50_000).otpm(10_000),
+            Tier::Tier1 => Limits::new().rpm(50).itpm(30_000).otpm(8_000),
+            Tier::Tier2 if haiku35 => Limits::new().rpm(1_000).itpm(100_000).otpm(20_000),
+            Tier::Tier2 => Limits::new().rpm(1_000).itpm(450_000).otpm(90_000),
+            Tier::Tier3 if haiku35 => Limits::new().rpm(2_000).itpm(200_000).otpm(40_000),
+            Tier::Tier3 if haiku45 => Limits::new().rpm(2_000).itpm(1_000_000).otpm(200_000),
+            Tier::Tier3 => Limits::new().rpm(2_000).itpm(800_000).otpm(160_000),
+            Tier::Tier4 if haiku35 => Limits::new().rpm(4_000).itpm(400_000).otpm(80_000),
+            Tier::Tier4 if haiku45 => Limits::new().rpm(4_000).itpm(4_000_000).otpm(800_000),
+            Tier::Tier4 => Limits::new().rpm(4_000).itpm(2_000_000).otpm(400_000),
+            Tier::Start if haiku35 => Limits::new().rpm(1_000).itpm(100_000).otpm(20_000),
+            Tier::Start => Limits::new().rpm(1_000).itpm(2_000_000).otpm(400_000),
+            Tier::Build if haiku35 => Limits::new().rpm(2_000).itpm(200_000).otpm(40_000),
+            Tier::Build => Limits::new().rpm(5_000).itpm(5_000_000).otpm(1_000_000),
+            Tier::Scale if haiku35 => Limits::new().rpm(4_000).itpm(400_000).otpm(80_000),
+            Tier::Scale => Limits::new().rpm(10_000).itpm(10_000_000).otpm(2_000_000),
         }
     }
 

@@ -67,7 +67,7 @@
 //!     let body = r#"{"type":"message","usage":{"input_tokens":12,"output_tokens":30}}"#;
 //!     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
 //! });
-//! let layer = TokenBudgetLayer::anthropic(Limits::new(50, 30_000, 8_000));
+//! let layer = TokenBudgetLayer::anthropic(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
 //! let mut client = ServiceBuilder::new().layer(layer.clone()).service(upstream);
 //!
 //! let request = Request::post("https://api.anthropic.com/v1/messages").body(Full::new(Bytes::from(
@@ -151,11 +151,11 @@ mod enforce;
 mod future;
 mod layer;
 pub mod ledger;
-pub mod limits;
+mod limits;
 mod service;
 mod snapshot;
 mod state;
-pub mod usage;
+mod usage;
 
 pub use config::{
     BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_MAX_TOKENS, OUTPUT_RATIO_MIN_SAMPLES,

@@ -42,7 +42,7 @@ use super::ledger::{
 };
 use super::limits::{Limits, ModelClass, OutputMode};
 use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
-use crate::estimate::calibrate::SlidingQuantile;
+use crate::estimate::SlidingQuantile;
 use crate::estimate::{Estimate, TokenEstimator};
 use crate::headers::{LimitStatus, RateLimitSnapshot};
 use crate::queue::{Removed, WaitQueue};

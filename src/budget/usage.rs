@@ -49,7 +49,7 @@
 //!         .body(Full::new(Bytes::from_static(SSE.as_bytes())))?;
 //!     Ok::<_, http::Error>(response)
 //! });
-//! let layer = TokenBudgetLayer::anthropic(Limits::new(50, 30_000, 8_000));
+//! let layer = TokenBudgetLayer::anthropic(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
 //! let client = ServiceBuilder::new().layer(layer.clone()).service(upstream);
 //! let request = Request::post("/v1/messages").body(Full::new(Bytes::from(
 //!     r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,

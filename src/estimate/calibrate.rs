@@ -14,7 +14,7 @@
 //! # Examples
 //!
 //! ```
-//! use tower_llm_limits::estimate::calibrate::{Calibration, CalibrationConfig};
+//! use tower_llm_limits::estimate::{Calibration, CalibrationConfig};
 //!
 //! let cal = Calibration::new(CalibrationConfig::default());
 //! // Not enough samples yet: the factor is neutral.
@@ -45,23 +45,8 @@ use std::sync::Mutex;
 /// binary searches and one shift of the sorted copy).
 ///
 /// Non-finite samples (NaN, infinities) are ignored.
-///
-/// # Examples
-///
-/// ```
-/// use tower_llm_limits::estimate::calibrate::SlidingQuantile;
-///
-/// let mut w = SlidingQuantile::new(4);
-/// for x in [1.0, 2.0, 3.0, 4.0, 5.0] {
-///     w.push(x);
-/// }
-/// // 1.0 has left the window.
-/// assert_eq!(w.len(), 4);
-/// assert_eq!(w.quantile(0.0), Some(2.0));
-/// assert_eq!(w.quantile(1.0), Some(5.0));
-/// ```
 #[derive(Clone)]
-pub struct SlidingQuantile {
+pub(crate) struct SlidingQuantile {
     /// Samples in arrival order; the oldest is at `next` once full.
     ring: Box<[f64]>,
     /// The same samples, sorted ascending by `f64::total_cmp`; the first `len` are live.
@@ -72,7 +57,7 @@ pub struct SlidingQuantile {
 
 impl SlidingQuantile {
     /// A window of the last `capacity` samples (a capacity of 0 is taken as 1).
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         Self {
             ring: vec![0.0; capacity].into_boxed_slice(),
@@ -83,30 +68,25 @@ impl SlidingQuantile {
     }
 
     /// The largest number of samples kept.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.ring.len()
     }
 
     /// The number of samples in the window.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// True when no sample has been pushed (or after [`clear`](Self::clear)).
-    pub fn is_empty(&self) -> bool {
+    /// True when no sample has been pushed.
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Forgets every sample.
-    pub fn clear(&mut self) {
-        self.len = 0;
-        self.next = 0;
     }
 
     /// Adds a sample, evicting the oldest one when the window is full.
     ///
     /// Returns false (and changes nothing) when `x` is not finite.
-    pub fn push(&mut self, x: f64) -> bool {
+    pub(crate) fn push(&mut self, x: f64) -> bool {
         if !x.is_finite() {
             return false;
         }
@@ -157,7 +137,7 @@ impl SlidingQuantile {
     /// `q` is clamped to `[0, 1]` (NaN is taken as 1, the most conservative).
     /// Nearest rank never interpolates: the answer is always an observed
     /// sample, and with few samples a high quantile is the maximum.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
+    pub(crate) fn quantile(&self, q: f64) -> Option<f64> {
         if self.len == 0 {
             return None;
         }
@@ -169,7 +149,8 @@ impl SlidingQuantile {
     }
 
     /// The samples in the window, in arrival order (oldest first).
-    pub fn iter(&self) -> impl Iterator<Item = f64> + '_ {
+    #[cfg(test)]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = f64> + '_ {
         let cap = self.ring.len();
         let start = if self.len == cap { self.next } else { 0 };
         (0..self.len).filter_map(move |i| self.ring.get((start + i) % cap).copied())
@@ -365,9 +346,9 @@ impl Calibration {
         self.observe_ratio(model, actual as f64 / estimated as f64)
     }
 
-    /// Records one ratio for `model` directly. Non-finite ratios are ignored
+    /// Records one ratio for `model`. Non-finite ratios are ignored
     /// (returns false).
-    pub fn observe_ratio(&self, model: &str, ratio: f64) -> bool {
+    fn observe_ratio(&self, model: &str, ratio: f64) -> bool {
         if !ratio.is_finite() {
             return false;
         }
@@ -395,11 +376,6 @@ impl Calibration {
             .models
             .insert(model.to_owned(), ModelWindow { window, last: tick });
         pushed
-    }
-
-    /// Forgets what was learned for `model`.
-    pub fn reset(&self, model: &str) {
-        self.lock().models.remove(model);
     }
 
     /// What has been learned, per model, sorted by model name.

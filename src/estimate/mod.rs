@@ -8,7 +8,7 @@
 //! implementation for Anthropic's Messages API, [`AnthropicEstimator`]: a
 //! single pass over the body's bytes (no tree of values is built), image and
 //! PDF costs from their headers, prompt-cache tracking, and online
-//! [calibration](calibrate) per model from the usage of settled responses.
+//! [calibration](Calibration) per model from the usage of settled responses.
 //!
 //! Use [`AnthropicEstimator`] as it is (the budget's default), tune it with its
 //! builder, or implement [`TokenEstimator`] yourself, for example with the free
@@ -45,13 +45,14 @@ use http::request::Parts;
 
 use crate::wire::Usage;
 
-pub mod anthropic;
+mod anthropic;
 mod cache;
-pub mod calibrate;
+mod calibrate;
 mod media;
 
 pub use anthropic::{AnthropicEstimator, AnthropicEstimatorBuilder, EstimatorSnapshot};
-pub use calibrate::{Calibration, CalibrationConfig, ModelCalibration, SlidingQuantile};
+pub(crate) use calibrate::SlidingQuantile;
+pub use calibrate::{Calibration, CalibrationConfig, ModelCalibration};
 
 /// What a request is expected to cost, before it is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
