@@ -159,8 +159,6 @@ pub enum Error {
     },
     /// A request body could not be read.
     Body(BoxError),
-    /// The inner service failed.
-    Inner(BoxError),
 }
 
 impl Error {
@@ -233,7 +231,6 @@ impl fmt::Display for Error {
                 )
             }
             Error::Body(_) => f.write_str("failed to read the request body"),
-            Error::Inner(_) => f.write_str("inner service failed"),
         }
     }
 }
@@ -247,8 +244,7 @@ impl std::error::Error for Error {
             | Error::NotReplayable {
                 source: Some(e), ..
             }
-            | Error::Body(e)
-            | Error::Inner(e) => Some(&**e as &(dyn std::error::Error + 'static)),
+            | Error::Body(e) => Some(&**e as &(dyn std::error::Error + 'static)),
             _ => None,
         }
     }

@@ -17,7 +17,7 @@
 //! | [`budget::TokenBudgetLayer`] | estimates each request's tokens ([`estimate::AnthropicEstimator`]), waits (or rejects) until RPM, ITPM and OTPM can take it, settles with the real usage (JSON or SSE, read as it passes), syncs with the server's headers and learns limits it was not given; in enforce mode, answers a gateway's callers with Anthropic-shaped 429s |
 //! | [`concurrency::ConcurrencyLayer`] | caps requests in flight, fixed or adaptive (slow start, AIMD on 429/529/503 and timeouts), holds a slot until the response *body* ends, serves priority lanes in order |
 //!
-//! [`preset::anthropic`] builds the recommended stack, `RetryAfter -> TokenBudget
+//! [`preset::LimitsLayer::anthropic`] builds the recommended stack, `RetryAfter -> TokenBudget
 //! -> Concurrency`, in one call. Retry is outermost so that every attempt is
 //! paced and counted again; the budget waits before a concurrency slot is
 //! taken, so a request waiting for tokens holds no slot.
@@ -39,7 +39,7 @@
 //!     Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::from(body))))
 //! });
 //!
-//! let limits = tower_llm_limits::preset::anthropic(Tier::Tier1);
+//! let limits = tower_llm_limits::preset::LimitsLayer::anthropic(Tier::Tier1);
 //! let client = ServiceBuilder::new().layer(limits.clone()).service(upstream);
 //!
 //! let request = Request::post("https://api.anthropic.com/v1/messages")

@@ -1,6 +1,6 @@
 //! The recommended stack in one call: `RetryAfter -> TokenBudget -> Concurrency`.
 //!
-//! [`anthropic`] (or [`LimitsLayer::anthropic`]) builds the three layers this
+//! [`LimitsLayer::anthropic`] builds the three layers this
 //! crate is made of, in the order that works, with defaults chosen for
 //! Anthropic's Messages API:
 //!
@@ -30,7 +30,7 @@
 //! use http_body_util::{BodyExt, Full};
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //! use tower_llm_limits::budget::Tier;
-//! use tower_llm_limits::preset;
+//! use tower_llm_limits::preset::LimitsLayer;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower_llm_limits::BoxError> {
@@ -40,7 +40,7 @@
 //!     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
 //! });
 //!
-//! let limits = preset::anthropic(Tier::Tier1);
+//! let limits = LimitsLayer::anthropic(Tier::Tier1);
 //! let client = ServiceBuilder::new().layer(limits.clone()).service(upstream);
 //!
 //! let request = Request::post("https://api.anthropic.com/v1/messages")
@@ -77,40 +77,14 @@ use crate::retry::{RetryAfter, RetryAfterLayer};
 use crate::budget::{Limits, Tier};
 
 /// The smallest adaptive concurrency limit of the preset.
-pub const DEFAULT_MIN_CONCURRENCY: usize = 1;
+const DEFAULT_MIN_CONCURRENCY: usize = 1;
 /// The largest adaptive concurrency limit of the preset.
-pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
-/// Where the preset's adaptive concurrency limit starts (it then doubles per
-/// window of successes until the first drop signal). 4 rather than 1: the
-/// budget already paces tokens, and against an endpoint that is not
-/// token-bound a start at 1 takes about five round trips to reach 32.
-pub const DEFAULT_INITIAL_CONCURRENCY: usize = 4;
+const DEFAULT_MAX_CONCURRENCY: usize = 64;
+/// Where the preset's adaptive concurrency limit starts.
+const DEFAULT_INITIAL_CONCURRENCY: usize = 4;
 
 /// The service [`LimitsLayer`] builds: retry over budget over concurrency over `S`.
 pub type Limited<S> = RetryAfter<TokenBudget<Concurrency<S>>>;
-
-/// The recommended stack for Anthropic's Messages API in one call.
-///
-/// The same as [`LimitsLayer::anthropic`]; see the [module docs](self) for the
-/// defaults.
-///
-/// # Examples
-///
-/// ```
-/// use tower_llm_limits::budget::{Limits, Tier};
-/// use tower_llm_limits::preset;
-///
-/// let by_tier = preset::anthropic(Tier::Tier2);
-/// let custom = preset::anthropic(Limits {
-///     requests_per_minute: Some(50),
-///     input_tokens_per_minute: Some(30_000),
-///     output_tokens_per_minute: Some(8_000),
-/// });
-/// # let _ = (by_tier, custom);
-/// ```
-pub fn anthropic(limits: impl Into<LimitsConfig>) -> LimitsLayer {
-    LimitsLayer::anthropic(limits)
-}
 
 /// A layer applying `RetryAfter -> TokenBudget -> Concurrency` (outermost
 /// first) to a service. Cheap to clone; clones share all state.
@@ -132,26 +106,33 @@ impl fmt::Debug for LimitsLayer {
 }
 
 impl LimitsLayer {
-    /// The three layers with the defaults of the [module docs](self), pacing
-    /// to `limits`.
+    /// The recommended stack for Anthropic's Messages API: the three layers
+    /// with the defaults of the [module docs](self), pacing to `limits` (a
+    /// [`Tier`], [`Limits`] for every model class, or a [`LimitsConfig`]).
+    ///
+    /// The concurrency limit is adaptive, from 1 to 64, and starts at 4 (it
+    /// then doubles per window of successes until the first drop signal): 4
+    /// rather than 1 because the budget already paces tokens, and against an
+    /// endpoint that is not token-bound a start at 1 takes about five round
+    /// trips to reach 32. Replace any layer with [`with_retry`](Self::with_retry),
+    /// [`with_budget`](Self::with_budget) or
+    /// [`with_concurrency`](Self::with_concurrency).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::budget::{Limits, Tier};
+    /// use tower_llm_limits::preset::LimitsLayer;
+    ///
+    /// let by_tier = LimitsLayer::anthropic(Tier::Tier2);
+    /// let custom = LimitsLayer::anthropic(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
+    /// # let _ = (by_tier, custom);
+    /// ```
     pub fn anthropic(limits: impl Into<LimitsConfig>) -> Self {
         LimitsLayer {
             retry: RetryAfterLayer::anthropic(),
             budget: TokenBudgetLayer::anthropic(limits),
             concurrency: default_concurrency(),
-        }
-    }
-
-    /// A stack from three layers you built yourself.
-    pub fn new(
-        retry: RetryAfterLayer,
-        budget: TokenBudgetLayer,
-        concurrency: ConcurrencyLayer,
-    ) -> Self {
-        LimitsLayer {
-            retry,
-            budget,
-            concurrency,
         }
     }
 
@@ -215,7 +196,7 @@ mod tests {
 
     #[test]
     fn defaults_are_the_documented_ones() {
-        let layer = anthropic(Tier::Tier1);
+        let layer = LimitsLayer::anthropic(Tier::Tier1);
         let snap = layer.concurrency().snapshot();
         // The module docs: adaptive, 1 to 64, slow start from 4.
         assert_eq!((DEFAULT_MIN_CONCURRENCY, DEFAULT_MAX_CONCURRENCY), (1, 64));
@@ -226,7 +207,7 @@ mod tests {
 
     #[test]
     fn parts_can_be_replaced() {
-        let layer = anthropic(Tier::Tier1).with_concurrency(ConcurrencyLayer::fixed(3));
+        let layer = LimitsLayer::anthropic(Tier::Tier1).with_concurrency(ConcurrencyLayer::fixed(3));
         assert_eq!(layer.concurrency().snapshot().limit, 3);
     }
 }

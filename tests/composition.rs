@@ -23,7 +23,8 @@ use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
 use tower_llm_limits::concurrency::ConcurrencyLayer;
 use tower_llm_limits::emulator::{Emulator, Latency};
 use tower_llm_limits::retry::RetryAfterLayer;
-use tower_llm_limits::{preset, BoxError};
+use tower_llm_limits::preset::LimitsLayer;
+use tower_llm_limits::BoxError;
 
 const LIMITS: Limits = Limits {
     requests_per_minute: Some(20),
@@ -103,7 +104,7 @@ fn rate_limited(e: &Emulator) -> u64 {
 #[tokio::test(start_paused = true)]
 async fn preset_in_service_builder_with_timeout_trace_and_box_clone_service() {
     let emu = emulator();
-    let limits = preset::anthropic(LIMITS);
+    let limits = LimitsLayer::anthropic(LIMITS);
     let svc = ServiceBuilder::new()
         .layer(BoxCloneService::layer())
         .layer(TraceLayer::new_for_http())

@@ -13,7 +13,7 @@ use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetLayer};
 use tower_llm_limits::estimate::{AnthropicEstimator, Estimate, TokenEstimator};
-use tower_llm_limits::preset;
+use tower_llm_limits::preset::LimitsLayer;
 use tower_llm_limits::wire::Usage;
 use tower_llm_limits::BoxError;
 
@@ -338,7 +338,7 @@ impl TokenEstimator for Recording {
     }
 }
 
-/// (d) This crate: `preset::anthropic(limits)`, its budget given the
+/// (d) This crate: `LimitsLayer::anthropic(limits)`, its budget given the
 /// recording estimator (the same `AnthropicEstimator` the preset uses).
 ///
 /// # Errors
@@ -363,7 +363,7 @@ pub fn crate_stack(meter: Meter, args: &Args) -> Result<(Client, Arc<Estimates>)
         })
         .estimator(Arc::new(estimator))
         .build();
-    let layer = preset::anthropic(limits).with_budget(budget);
+    let layer = LimitsLayer::anthropic(limits).with_budget(budget);
     let svc = ServiceBuilder::new()
         .map_response(box_response)
         .layer(layer)

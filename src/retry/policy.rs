@@ -89,7 +89,7 @@ pub(crate) enum ErrorVerdict {
 /// Classifies an inner error.
 ///
 /// This crate's own errors from inner layers: `BudgetExceeded` is retried
-/// after its `retry_in`, `Overloaded` and `Inner` after backoff; the others
+/// after its `retry_in`, `Overloaded` after backoff; the others
 /// (`RequestTooLarge`, `SpendLimitReached`, `NotReplayable`, `Body`, and the
 /// verdicts of a nested retry layer) are not.
 ///
@@ -104,7 +104,7 @@ pub(crate) fn judge_error(err: &BoxError, classifier: &Classifier) -> ErrorVerdi
             Class::Timeout | Class::Connection | Class::Unknown => ErrorVerdict::Backoff,
         },
         Some(Error::BudgetExceeded { retry_in, .. }) => ErrorVerdict::After(*retry_in),
-        Some(Error::Overloaded { .. }) | Some(Error::Inner(_)) => ErrorVerdict::Backoff,
+        Some(Error::Overloaded { .. }) => ErrorVerdict::Backoff,
         Some(_) => ErrorVerdict::Fatal,
     }
 }
