@@ -1,19 +1,18 @@
 //! Request bodies that can be sent again.
 //!
-//! To retry a request, its body must be kept. [`buffer`] reads a body once, up
-//! to a limit ([`DEFAULT_BUFFER_LIMIT`], 16 MiB, unless configured):
+//! To retry a request, its body must be kept. The retry and budget layers read
+//! a body once, up to a limit (16 MiB unless configured with their
+//! `buffer_limit` setters):
 //!
-//! - a body that ends within the limit becomes a [`BufferedBody`]: cheap to
-//!   clone (reference-counted [`Bytes`]) and replayed any number of times with
-//!   [`BufferedBody::replay`], trailers included;
+//! - a body that ends within the limit is kept: cheap to clone
+//!   (reference-counted [`Bytes`]) and replayed any number of times,
+//!   trailers included;
 //! - a larger body (known from its size hint, without reading it) or one of
-//!   unknown size that grows past the limit comes back as
-//!   [`Buffered::TooLarge`]: the frames already read, followed by the rest of
-//!   the original body, unchanged. It can be sent once and is not retryable.
+//!   unknown size that grows past the limit is passed on as the frames
+//!   already read followed by the rest of the original body, unchanged. It
+//!   can be sent once and is not retryable.
 //!
-//! Either way no byte is lost, duplicated or reordered. [`buffer`] returns a
-//! [`Buffer`], a named `Unpin` future that a layer's response future holds
-//! inline; the retry and budget layers both read request bodies with it.
+//! Either way no byte is lost, duplicated or reordered.
 //!
 //! Both come out as a [`ReplayBody`], the body type the retry and budget layers
 //! hand to the service they wrap. A layer that buffered a body completely also
@@ -61,7 +60,7 @@ use pin_project_lite::pin_project;
 use crate::BoxError;
 
 /// The default largest body kept for replay: 16 MiB.
-pub const DEFAULT_BUFFER_LIMIT: usize = 16 * 1024 * 1024;
+pub(crate) const DEFAULT_BUFFER_LIMIT: usize = 16 * 1024 * 1024;
 
 /// Request extension: the complete bytes of the request's body, put there by a
 /// layer that buffered it, so inner layers need not read it again.
@@ -115,11 +114,6 @@ impl<B> ReplayBody<B> {
     /// The original body, passed through unchanged.
     pub fn passthrough(body: B) -> Self {
         Self::prefixed(VecDeque::new(), body)
-    }
-
-    /// An empty body.
-    pub fn empty() -> Self {
-        Self::full(Bytes::new(), None)
     }
 
     fn prefixed(prefix: VecDeque<Frame<Bytes>>, rest: B) -> Self {
@@ -225,52 +219,38 @@ where
 
 /// A body read completely: its bytes and trailers, replayable any number of times.
 #[derive(Debug, Clone, Default)]
-pub struct BufferedBody {
+pub(crate) struct BufferedBody {
     bytes: Bytes,
     /// Boxed: rare, and a `HeaderMap` is large (a response future holds this inline).
     trailers: Option<Box<HeaderMap>>,
 }
 
 impl BufferedBody {
-    /// A buffered body of these bytes and trailers.
-    pub fn new(bytes: Bytes, trailers: Option<HeaderMap>) -> Self {
-        BufferedBody {
-            bytes,
-            trailers: trailers.map(Box::new),
-        }
-    }
-
     /// The body's bytes.
-    pub fn bytes(&self) -> &Bytes {
+    pub(crate) fn bytes(&self) -> &Bytes {
         &self.bytes
     }
 
     /// The body's trailers, if it had any.
-    pub fn trailers(&self) -> Option<&HeaderMap> {
+    #[cfg(test)]
+    pub(crate) fn trailers(&self) -> Option<&HeaderMap> {
         self.trailers.as_deref()
     }
 
     /// A new body yielding the same bytes and trailers. The bytes are shared, not copied.
-    pub fn replay<B>(&self) -> ReplayBody<B> {
+    pub(crate) fn replay<B>(&self) -> ReplayBody<B> {
         ReplayBody::full(self.bytes.clone(), self.trailers.as_deref().cloned())
     }
 }
 
 /// What [`buffer`] made of a body.
 #[derive(Debug)]
-pub enum Buffered<B> {
+pub(crate) enum Buffered<B> {
     /// The whole body, within the limit.
     Complete(BufferedBody),
     /// The body is larger than the limit: the frames already read followed by
     /// the rest of the original, as one body that can be sent once.
     TooLarge(ReplayBody<B>),
-}
-
-impl<B> Buffered<B> {
-    /// Whether the body was kept whole.
-    pub fn is_complete(&self) -> bool {
-        matches!(self, Buffered::Complete(_))
-    }
 }
 
 /// Reads `body` into memory if it fits in `limit` bytes: a [`Buffer`] future.
@@ -293,7 +273,7 @@ impl<B> Buffered<B> {
 /// # Cancellation
 ///
 /// Dropping the future drops the body and what was read of it.
-pub fn buffer<B>(body: B, limit: usize) -> Buffer<B>
+pub(crate) fn buffer<B>(body: B, limit: usize) -> Buffer<B>
 where
     B: Body + Unpin,
     B::Error: Into<BoxError>,
@@ -375,7 +355,7 @@ impl Chunks {
 /// "`body::Buffer` polled after completion", as futures-util's futures do.
 #[derive(Debug)]
 #[must_use = "futures do nothing unless polled"]
-pub struct Buffer<B> {
+pub(crate) struct Buffer<B> {
     /// The body being read; `None` once the future returned.
     body: Option<B>,
     limit: u64,
@@ -645,7 +625,7 @@ mod tests {
 
     #[test]
     fn empty_and_full_bodies_report_end_and_size() {
-        let e = ReplayBody::<Full<Bytes>>::empty();
+        let e = ReplayBody::<Full<Bytes>>::full(Bytes::new(), None);
         assert!(e.is_end_stream());
         assert_eq!(e.size_hint().exact(), Some(0));
         let f = ReplayBody::<Full<Bytes>>::full(Bytes::from_static(b"hi"), None);

@@ -1108,7 +1108,7 @@ fn classes_without_a_row_get_the_most_common_row() {
         }
     }
     assert_eq!(
-        Tier::Tier2.limits_for_model("claude-3-5-haiku-20241022"),
+        Tier::Tier2.limits(ModelClass::of("claude-3-5-haiku-20241022")),
         Limits::new().rpm(1_000).itpm(100_000).otpm(20_000)
     );
 }

@@ -283,8 +283,8 @@ impl TokenBudgetBuilder {
         self
     }
 
-    /// The largest request body read to estimate it (default
-    /// [`DEFAULT_BUFFER_LIMIT`]); larger bodies pass through unread and are
+    /// The largest request body read to estimate it. Default 16 MiB (16 × 1024
+    /// × 1024 bytes); larger bodies pass through unread and are
     /// estimated from their length (counted as fallback estimates).
     pub fn buffer_limit(mut self, bytes: usize) -> Self {
         self.buffer_limit = bytes;

@@ -379,10 +379,4 @@ impl Tier {
             Tier::Scale => Limits::new().rpm(10_000).itpm(10_000_000).otpm(2_000_000),
         }
     }
-
-    /// The limits of the class of a model named as in a request's `model`
-    /// field: `self.limits(ModelClass::of(model))`.
-    pub fn limits_for_model(self, model: &str) -> Limits {
-        self.limits(ModelClass::of(model))
-    }
 }

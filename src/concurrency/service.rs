@@ -23,13 +23,6 @@ pub struct Concurrency<S> {
 }
 
 impl<S> Concurrency<S> {
-    /// Wrap `inner` with a fixed cap of `limit` (0 is raised to 1). Services made
-    /// this way share nothing with others; use a
-    /// [`ConcurrencyLayer`](super::ConcurrencyLayer) to share one cap.
-    pub fn fixed(inner: S, limit: usize) -> Self {
-        tower_layer::Layer::layer(&super::ConcurrencyLayer::fixed(limit), inner)
-    }
-
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
         Concurrency { inner, shared }
     }

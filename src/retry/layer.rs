@@ -47,8 +47,7 @@ impl RetryAfterLayer {
     /// The defaults for Anthropic's Messages API: 4 retries, full-jitter backoff
     /// from 0.5 s doubling to 8 s, server delays waited up to 60 s (longer ones
     /// are returned at once as [`Error::RetryAfterTooLong`](crate::Error::RetryAfterTooLong)),
-    /// no deadline, bodies buffered up to
-    /// [`DEFAULT_BUFFER_LIMIT`](crate::body::DEFAULT_BUFFER_LIMIT), and the
+    /// no deadline, bodies buffered up to 16 MiB, and the
     /// default [`RetryBudget`].
     pub fn anthropic() -> Self {
         Self::builder().build()
@@ -62,10 +61,6 @@ impl RetryAfterLayer {
     /// Counters and the state of the shared cooldown and budget.
     pub fn snapshot(&self) -> RetrySnapshot {
         self.shared.snapshot()
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
     }
 }
 
@@ -172,8 +167,8 @@ impl RetryAfterBuilder {
         self
     }
 
-    /// Largest request body kept for replays (default
-    /// [`DEFAULT_BUFFER_LIMIT`](crate::body::DEFAULT_BUFFER_LIMIT), 16 MiB).
+    /// Largest request body kept for replays. Default 16 MiB (16 × 1024 × 1024
+    /// bytes).
     /// A larger body passes through unchanged and its request is never retried.
     pub fn buffer_limit(mut self, bytes: usize) -> Self {
         self.buffer_limit = bytes;
@@ -196,12 +191,6 @@ impl RetryAfterBuilder {
     /// The random source of backoff jitter (default [`FastRng`]).
     pub fn jitter(mut self, jitter: impl Jitter) -> Self {
         self.jitter = Some(Arc::new(jitter));
-        self
-    }
-
-    /// The random source of backoff jitter, already shared.
-    pub fn jitter_arc(mut self, jitter: Arc<dyn Jitter>) -> Self {
-        self.jitter = Some(jitter);
         self
     }
 

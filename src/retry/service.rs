@@ -7,7 +7,6 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use super::layer::RetryAfterLayer;
 use super::snapshot::{Counters, RetrySnapshot, Shared};
 use crate::body::ReplayBody;
 use crate::BoxError;
@@ -35,11 +34,6 @@ pub struct RetryAfter<S> {
 }
 
 impl<S> RetryAfter<S> {
-    /// Wraps `inner`, sharing the state of `layer`.
-    pub fn new(inner: S, layer: &RetryAfterLayer) -> Self {
-        Self::from_shared(inner, layer.shared().clone())
-    }
-
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
         RetryAfter { inner, shared }
     }
