@@ -352,7 +352,7 @@ pub fn crate_stack(meter: Meter, args: &Args) -> Result<(Client, Arc<Estimates>)
     let limits: LimitsConfig = if args.target.is_some() && !args.limits_given {
         LimitsConfig::learned()
     } else {
-        LimitsConfig::uniform(Limits::new().rpm(args.rpm).itpm(args.itpm).otpm(args.otpm))
+        LimitsConfig::from(Limits::new().rpm(args.rpm).itpm(args.itpm).otpm(args.otpm))
     };
     let budget = TokenBudgetLayer::builder()
         .limits(limits.clone())

@@ -12,7 +12,8 @@ use crate::mix::{fnv1a, FNV_OFFSET};
 
 /// Which limits apply to each model class.
 ///
-/// A class's limits are looked up in this order: limits set for that class
+/// A [`Tier`] or a [`Limits`] converts into one (`From`): the tier's limits,
+/// or the same limits for every class. A class's limits are looked up in this order: limits set for that class
 /// ([`LimitsConfig::with_class`]), then the [`Tier`] preset, then the default
 /// limits. A limit left `None` is learned from the `anthropic-ratelimit-*`
 /// headers of the first responses, and is not paced until then.
@@ -26,12 +27,8 @@ use crate::mix::{fnv1a, FNV_OFFSET};
 /// let learned = LimitsConfig::learned();
 ///
 /// // A published tier, with one class overridden.
-/// let custom = Limits {
-///     requests_per_minute: Some(100),
-///     input_tokens_per_minute: Some(60_000),
-///     output_tokens_per_minute: Some(16_000),
-/// };
-/// let config = LimitsConfig::tier(Tier::Tier1).with_class(ModelClass::of("claude-haiku-4-5"), custom);
+/// let custom = Limits::new().rpm(100).itpm(60_000).otpm(16_000);
+/// let config = LimitsConfig::from(Tier::Tier1).with_class(ModelClass::of("claude-haiku-4-5"), custom);
 /// assert_eq!(config.limits_for(ModelClass::of("claude-haiku-4-5")), custom);
 /// # let _ = learned;
 /// ```
@@ -48,23 +45,6 @@ impl LimitsConfig {
         Self::default()
     }
 
-    /// The limits of a published tier for every model class.
-    pub fn tier(tier: Tier) -> Self {
-        Self {
-            tier: Some(tier),
-            ..Self::default()
-        }
-    }
-
-    /// The same limits for every model class (each model class still has its
-    /// own buckets).
-    pub fn uniform(limits: Limits) -> Self {
-        Self {
-            default: limits,
-            ..Self::default()
-        }
-    }
-
     /// Sets the limits of one model class, overriding the tier and the default.
     pub fn with_class(mut self, class: ModelClass, limits: Limits) -> Self {
         self.per_class.insert(class, limits);
@@ -77,7 +57,9 @@ impl LimitsConfig {
         self
     }
 
-    /// Sets the limits used for classes with neither their own limits nor a tier.
+    /// Sets the limits used for classes with neither their own limits nor a
+    /// tier: with no tier, the same limits for every model class (each class
+    /// still has its own buckets).
     pub fn with_default(mut self, limits: Limits) -> Self {
         self.default = limits;
         self
@@ -97,13 +79,13 @@ impl LimitsConfig {
 
 impl From<Tier> for LimitsConfig {
     fn from(tier: Tier) -> Self {
-        Self::tier(tier)
+        Self::learned().with_tier(tier)
     }
 }
 
 impl From<Limits> for LimitsConfig {
     fn from(limits: Limits) -> Self {
-        Self::uniform(limits)
+        Self::learned().with_default(limits)
     }
 }
 
@@ -165,22 +147,22 @@ impl fmt::Debug for KeyExtractor {
     }
 }
 
-/// The `max_tokens` assumed for a request that does not say (the API requires
-/// the field, so such a request is normally refused with a 400, which refunds
-/// the output reservation).
-pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+/// The `max_tokens` assumed for a request that does not say.
+pub(crate) const DEFAULT_MAX_TOKENS: u64 = 4096;
 
-/// The expected-output ratio (output / `max_tokens`) used in realtime mode until
-/// enough responses were seen: 1.0, the whole `max_tokens`, so a cold budget
-/// never under-reserves.
-pub const OUTPUT_RATIO_PRIOR: f64 = 1.0;
+/// The expected-output ratio used in realtime mode until enough responses
+/// were seen.
+pub(crate) const OUTPUT_RATIO_PRIOR: f64 = 1.0;
 
 /// Responses needed (per budget key) before the learned output ratio replaces
 /// the prior.
-pub const OUTPUT_RATIO_MIN_SAMPLES: usize = 20;
+pub(crate) const OUTPUT_RATIO_MIN_SAMPLES: usize = 20;
 
 /// The number of recent responses the learned output ratio is taken from.
-pub const OUTPUT_RATIO_WINDOW: usize = 200;
+pub(crate) const OUTPUT_RATIO_WINDOW: usize = 200;
+
+/// The quantile of `output_tokens / max_tokens` reserved as expected output.
+pub(crate) const DEFAULT_OUTPUT_QUANTILE: f64 = 0.9;
 
 #[cfg(test)]
 mod tests {

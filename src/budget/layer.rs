@@ -5,19 +5,17 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::config::{BudgetMode, KeyExtractor, LimitsConfig, OUTPUT_RATIO_PRIOR};
+use super::config::{
+    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUT_QUANTILE,
+    OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
+};
 use super::ledger::{InMemoryLedger, Ledger};
-use super::limits::{Limits, ModelClass, OutputMode, Tier};
+use super::limits::OutputMode;
 use super::service::TokenBudget;
 use super::snapshot::BudgetSnapshot;
 use super::state::{Settings, Shared};
 use crate::body::DEFAULT_BUFFER_LIMIT;
 use crate::estimate::{AnthropicEstimator, TokenEstimator};
-
-/// The quantile of `output_tokens / max_tokens` reserved as expected output in
-/// realtime mode: p90, so the reservation covers most answers and the rare
-/// longer one is charged at settlement.
-pub const DEFAULT_OUTPUT_QUANTILE: f64 = 0.9;
 
 /// A [`Layer`] that paces requests to a token budget: requests, input tokens
 /// and output tokens per minute, per model class (and per caller in enforce
@@ -164,11 +162,12 @@ impl<S> Layer<S> for TokenBudgetLayer {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use tower_llm_limits::budget::{BudgetMode, Limits, ModelClass, OutputMode, TokenBudgetLayer};
+/// use tower_llm_limits::budget::{BudgetMode, Limits, LimitsConfig, ModelClass, OutputMode, TokenBudgetLayer};
 /// use tower_llm_limits::budget::ledger::InMemoryLedger;
 ///
+/// let sonnet = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
 /// let layer = TokenBudgetLayer::builder()
-///     .class_limits(ModelClass::Sonnet4, Limits::new().rpm(50).itpm(30_000).otpm(8_000))
+///     .limits(LimitsConfig::learned().with_class(ModelClass::Sonnet4, sonnet))
 ///     .output_mode(OutputMode::Reserve)
 ///     .mode(BudgetMode::Reject)
 ///     .ledger(Arc::new(InMemoryLedger::new()))
@@ -187,6 +186,9 @@ pub struct TokenBudgetBuilder {
     key_extractor: Option<KeyExtractor>,
     output_quantile: f64,
     output_ratio_prior: f64,
+    output_ratio_min_samples: usize,
+    output_ratio_window: usize,
+    default_max_tokens: u64,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -202,6 +204,9 @@ impl Default for TokenBudgetBuilder {
             key_extractor: None,
             output_quantile: DEFAULT_OUTPUT_QUANTILE,
             output_ratio_prior: OUTPUT_RATIO_PRIOR,
+            output_ratio_min_samples: OUTPUT_RATIO_MIN_SAMPLES,
+            output_ratio_window: OUTPUT_RATIO_WINDOW,
+            default_max_tokens: DEFAULT_MAX_TOKENS,
         }
     }
 }
@@ -218,6 +223,9 @@ impl fmt::Debug for TokenBudgetBuilder {
             .field("key_extractor", &self.key_extractor)
             .field("output_quantile", &self.output_quantile)
             .field("output_ratio_prior", &self.output_ratio_prior)
+            .field("output_ratio_min_samples", &self.output_ratio_min_samples)
+            .field("output_ratio_window", &self.output_ratio_window)
+            .field("default_max_tokens", &self.default_max_tokens)
             .finish_non_exhaustive()
     }
 }
@@ -227,24 +235,6 @@ impl TokenBudgetBuilder {
     /// server's headers).
     pub fn limits(mut self, limits: impl Into<LimitsConfig>) -> Self {
         self.limits = limits.into();
-        self
-    }
-
-    /// Sets the limits of one model class.
-    pub fn class_limits(mut self, class: ModelClass, limits: Limits) -> Self {
-        self.limits = self.limits.with_class(class, limits);
-        self
-    }
-
-    /// Sets the limits of classes with neither their own limits nor a tier.
-    pub fn default_limits(mut self, limits: Limits) -> Self {
-        self.limits = self.limits.with_default(limits);
-        self
-    }
-
-    /// Uses a published tier's limits for every class without its own.
-    pub fn tier(mut self, tier: Tier) -> Self {
-        self.limits = self.limits.with_tier(tier);
         self
     }
 
@@ -299,17 +289,18 @@ impl TokenBudgetBuilder {
     }
 
     /// The quantile of `output_tokens / max_tokens` reserved as expected
-    /// output in realtime mode (default [`DEFAULT_OUTPUT_QUANTILE`]; clamped
-    /// to `[0, 1]`, NaN taken as 1).
+    /// output in realtime mode. Default 0.9 (p90), so the reservation covers
+    /// most answers and the rare longer one is charged at settlement. Clamped
+    /// to `[0, 1]`, NaN taken as 1.
     pub fn output_quantile(mut self, q: f64) -> Self {
         self.output_quantile = if q.is_nan() { 1.0 } else { q.clamp(0.0, 1.0) };
         self
     }
 
     /// The share of `max_tokens` reserved as expected output in realtime mode
-    /// until [`OUTPUT_RATIO_MIN_SAMPLES`](super::OUTPUT_RATIO_MIN_SAMPLES) responses of a key were seen
-    /// (default [`OUTPUT_RATIO_PRIOR`], 1.0: the whole `max_tokens`, so a cold
-    /// client budget never under-reserves). A server that charges output only
+    /// until [`output_ratio_min_samples`](Self::output_ratio_min_samples)
+    /// responses of a key were seen. Default 1.0: the whole `max_tokens`, so a
+    /// cold client budget never under-reserves. A server that charges output only
     /// as it is produced (an emulator of the realtime rule) may set 0.0: a
     /// request then reserves one output token, enough to be held back while
     /// the output bucket is in debt. Clamped to `[0, 1]`, NaN taken as 1.
@@ -319,6 +310,29 @@ impl TokenBudgetBuilder {
         } else {
             ratio.clamp(0.0, 1.0)
         };
+        self
+    }
+
+    /// Responses per key before the learned output ratio replaces the
+    /// [prior](Self::output_ratio_prior) in realtime mode. Default 20.
+    pub fn output_ratio_min_samples(mut self, responses: usize) -> Self {
+        self.output_ratio_min_samples = responses;
+        self
+    }
+
+    /// The number of recent responses per key the output ratio's
+    /// [quantile](Self::output_quantile) is taken from. Default 200 (0 is
+    /// taken as 1).
+    pub fn output_ratio_window(mut self, responses: usize) -> Self {
+        self.output_ratio_window = responses.max(1);
+        self
+    }
+
+    /// The `max_tokens` assumed for a request that does not say. Default
+    /// 4,096. The API requires the field, so such a request is normally
+    /// refused with a 400, which refunds the output reservation.
+    pub fn default_max_tokens(mut self, tokens: u64) -> Self {
+        self.default_max_tokens = tokens;
         self
     }
 
@@ -338,6 +352,9 @@ impl TokenBudgetBuilder {
             key_extractor,
             output_quantile: self.output_quantile,
             output_ratio_prior: self.output_ratio_prior,
+            output_ratio_min_samples: self.output_ratio_min_samples,
+            output_ratio_window: self.output_ratio_window,
+            default_max_tokens: self.default_max_tokens,
         };
         let ledger = self
             .ledger

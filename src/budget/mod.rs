@@ -24,7 +24,7 @@
 //!    the p90 of `output_tokens / max_tokens` over the key's recent responses
 //!    (the prior `r = 1.0`, the whole `max_tokens`, until 20 were seen;
 //!    at least one token). A request without `max_tokens` counts
-//!    [`DEFAULT_MAX_TOKENS`]. With no limit configured for a dimension,
+//!    4,096 (see [`TokenBudgetBuilder::default_max_tokens`]). With no limit configured for a dimension,
 //!    nothing is paced there until a response's headers teach the limit.
 //! 3. **Wait or fail.** In [`BudgetMode::Wait`] (the default) requests that
 //!    do not fit wait in a FIFO queue per key: only the head asks the ledger
@@ -157,12 +157,9 @@ mod snapshot;
 mod state;
 mod usage;
 
-pub use config::{
-    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_MAX_TOKENS, OUTPUT_RATIO_MIN_SAMPLES,
-    OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
-};
+pub use config::{BudgetMode, KeyExtractor, LimitsConfig};
 pub use future::ResponseFuture;
-pub use layer::{TokenBudgetBuilder, TokenBudgetLayer, DEFAULT_OUTPUT_QUANTILE};
+pub use layer::{TokenBudgetBuilder, TokenBudgetLayer};
 pub use limits::{Limits, ModelClass, OutputMode, Tier};
 pub use service::TokenBudget;
 pub use snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};

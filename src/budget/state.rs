@@ -34,8 +34,7 @@ use http::request::Parts;
 use tokio::time::{Instant, Sleep};
 
 use super::config::{
-    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_MAX_TOKENS, OUTPUT_RATIO_MIN_SAMPLES,
-    OUTPUT_RATIO_WINDOW,
+    BudgetMode, KeyExtractor, LimitsConfig,
 };
 use super::ledger::{
     BucketState, CostDelta, Costs, Ledger, LedgerError, LedgerFuture, LimitSync, Reservation,
@@ -59,6 +58,9 @@ pub(crate) struct Settings {
     pub(crate) key_extractor: Option<KeyExtractor>,
     pub(crate) output_quantile: f64,
     pub(crate) output_ratio_prior: f64,
+    pub(crate) output_ratio_min_samples: usize,
+    pub(crate) output_ratio_window: usize,
+    pub(crate) default_max_tokens: u64,
 }
 
 /// Counters of the decisions taken, for snapshots.
@@ -91,12 +93,12 @@ struct KeyState {
 }
 
 impl KeyState {
-    fn new(limits: Limits) -> Self {
+    fn new(limits: Limits, ratio_window: usize) -> Self {
         Self {
             limits,
             last_used: Instant::now(),
             queue: WaitQueue::new(Duration::ZERO),
-            output_ratio: SlidingQuantile::new(OUTPUT_RATIO_WINDOW),
+            output_ratio: SlidingQuantile::new(ratio_window),
             ratio_samples: 0,
             estimates: 0,
             fallback_estimates: 0,
@@ -104,8 +106,12 @@ impl KeyState {
         }
     }
 
-    fn expected_ratio(&self, q: f64, prior: f64) -> f64 {
-        if (self.ratio_samples as usize) < OUTPUT_RATIO_MIN_SAMPLES {
+    /// The expected `output_tokens / max_tokens`: the prior until
+    /// `settings.output_ratio_min_samples` responses were seen, then the
+    /// `settings.output_quantile` of the recent ratios.
+    fn expected_ratio(&self, settings: &Settings) -> f64 {
+        let (q, prior) = (settings.output_quantile, settings.output_ratio_prior);
+        if self.ratio_samples < settings.output_ratio_min_samples as u64 {
             return prior;
         }
         self.output_ratio
@@ -394,7 +400,7 @@ impl Shared {
             return (Arc::clone(key), Arc::clone(cell));
         }
         let key: Arc<str> = Arc::from(lookup);
-        let cell = Arc::new(Mutex::new(KeyState::new(limits)));
+        let cell = Arc::new(Mutex::new(KeyState::new(limits, self.settings.output_ratio_window)));
         keys.insert(Arc::clone(&key), Arc::clone(&cell));
         (key, cell)
     }
@@ -444,14 +450,11 @@ impl Shared {
 
     /// The output tokens to reserve, per the output mode.
     fn output_tokens(&self, ks: &KeyState, max_tokens: Option<u64>) -> u64 {
-        let max_tokens = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        let max_tokens = max_tokens.unwrap_or(self.settings.default_max_tokens);
         match self.settings.output_mode {
             OutputMode::Reserve => max_tokens,
             OutputMode::Realtime => {
-                let ratio = ks.expected_ratio(
-                    self.settings.output_quantile,
-                    self.settings.output_ratio_prior,
-                );
+                let ratio = ks.expected_ratio(&self.settings);
                 let expected = max_tokens as f64 * ratio;
                 // Round up, but not for floating-point noise (4000 × 0.025).
                 let nearest = expected.round();
@@ -853,8 +856,6 @@ impl Shared {
 
     /// A snapshot of every key this budget has seen.
     pub(crate) fn snapshot(&self) -> BudgetSnapshot {
-        let q = self.settings.output_quantile;
-        let prior = self.settings.output_ratio_prior;
         let cells: Vec<(Arc<str>, Arc<KeyCell>)> = self
             .lock()
             .iter()
@@ -878,7 +879,7 @@ impl Shared {
                     calibration_factor: ks.calibration,
                     fallback_estimates: ks.fallback_estimates,
                     estimates: ks.estimates,
-                    expected_output_ratio: ks.expected_ratio(q, prior),
+                    expected_output_ratio: ks.expected_ratio(&self.settings),
                 };
                 drop(ks);
                 self.with_buckets(partial, &limits)
