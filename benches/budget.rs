@@ -86,7 +86,10 @@ fn request(with_extension: bool) -> Request<Full<Bytes>> {
 }
 
 fn big_limits() -> Limits {
-    Limits::new().rpm(u64::MAX / 4).itpm(u64::MAX / 4).otpm(u64::MAX / 4)
+    Limits::new()
+        .rpm(u64::MAX / 4)
+        .itpm(u64::MAX / 4)
+        .otpm(u64::MAX / 4)
 }
 
 fn uncontended(c: &mut Criterion) {

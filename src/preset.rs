@@ -207,7 +207,8 @@ mod tests {
 
     #[test]
     fn parts_can_be_replaced() {
-        let layer = LimitsLayer::anthropic(Tier::Tier1).with_concurrency(ConcurrencyLayer::fixed(3));
+        let layer =
+            LimitsLayer::anthropic(Tier::Tier1).with_concurrency(ConcurrencyLayer::fixed(3));
         assert_eq!(layer.concurrency().snapshot().limit, 3);
     }
 }

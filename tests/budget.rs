@@ -1740,9 +1740,9 @@ async fn enforce_mode_never_passes_the_upstreams_rate_limit_headers_on() {
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
 use tower_llm_limits::budget::ledger::{
-    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, LimitSync,
-    Reservation,
+    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, Reservation,
 };
+use tower_llm_limits::headers::LimitStatus;
 
 #[derive(Debug)]
 struct RoundTripLedger {
@@ -1797,7 +1797,7 @@ impl Ledger for RoundTripLedger {
         key: &str,
         limits: &Limits,
         dimension: Dimension,
-        sync: LimitSync,
+        sync: LimitStatus,
     ) -> LedgerFuture<()> {
         self.inner.sync(key, limits, dimension, sync)
     }
@@ -1821,7 +1821,10 @@ fn budget_over(ledger: Arc<RoundTripLedger>, limits: Limits) -> TokenBudgetLayer
 async fn a_ledger_across_a_round_trip_paces_in_order() {
     let log = Arc::new(Log::default());
     let ledger = Arc::new(RoundTripLedger::new(Duration::from_millis(10)));
-    let layer = budget_over(Arc::clone(&ledger), Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
+    let layer = budget_over(
+        Arc::clone(&ledger),
+        Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000),
+    );
     let svc = layer.layer(upstream(log.clone(), 1));
     let start = Instant::now();
     let mut handles = Vec::new();
@@ -1859,7 +1862,10 @@ async fn a_ledger_across_a_round_trip_paces_in_order() {
 async fn dropped_while_the_ledger_answers_gives_back_place_and_reservation() {
     let log = Arc::new(Log::default());
     let ledger = Arc::new(RoundTripLedger::new(Duration::from_millis(10)));
-    let layer = budget_over(Arc::clone(&ledger), Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
+    let layer = budget_over(
+        Arc::clone(&ledger),
+        Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000),
+    );
     let svc = layer.layer(upstream(log.clone(), 1));
     let mut first = svc.clone();
     let first = tokio::spawn(async move {
@@ -1910,7 +1916,10 @@ async fn a_failing_ledger_fails_the_request_with_a_typed_error() {
     let log = Arc::new(Log::default());
     let ledger = Arc::new(RoundTripLedger::new(Duration::from_millis(10)));
     ledger.fail.store(true, Ordering::SeqCst);
-    let layer = budget_over(Arc::clone(&ledger), Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
+    let layer = budget_over(
+        Arc::clone(&ledger),
+        Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000),
+    );
     let mut svc = layer.layer(upstream(log.clone(), 1));
     let err = svc
         .ready()
@@ -1945,7 +1954,10 @@ async fn a_pending_ledger_operation_on_one_key_does_not_hold_back_another() {
     let log = Arc::new(Log::default());
     let mut ledger = RoundTripLedger::new(Duration::from_millis(10));
     ledger.hang = Some(KEY);
-    let layer = budget_over(Arc::new(ledger), Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000));
+    let layer = budget_over(
+        Arc::new(ledger),
+        Limits::new().rpm(1_000).itpm(10_000).otpm(1_000_000),
+    );
     let svc = layer.layer(upstream(log.clone(), 1));
     let mut stuck = svc.clone();
     let stuck = tokio::spawn(async move {

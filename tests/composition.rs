@@ -22,8 +22,8 @@ use tower_http::trace::TraceLayer;
 use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
 use tower_llm_limits::concurrency::ConcurrencyLayer;
 use tower_llm_limits::emulator::{Emulator, Latency};
-use tower_llm_limits::retry::RetryAfterLayer;
 use tower_llm_limits::preset::LimitsLayer;
+use tower_llm_limits::retry::RetryAfterLayer;
 use tower_llm_limits::BoxError;
 
 const LIMITS: Limits = Limits {

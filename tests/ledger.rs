@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{
-    BucketState, CostDelta, Costs, InMemoryLedger, InvalidWindow, Ledger, LimitSync, Reservation,
+    BucketState, CostDelta, Costs, InMemoryLedger, InvalidWindow, Ledger, Reservation,
 };
 use tower_llm_limits::budget::{Limits, ModelClass, OutputMode, Tier};
+use tower_llm_limits::headers::LimitStatus;
 use tower_llm_limits::Dimension;
 
 const KEY: &str = "sonnet-4";
@@ -506,7 +507,12 @@ fn an_over_charge_leaves_a_debt_that_delays_later_requests() {
 #[test]
 fn settling_a_key_never_used_is_ignored() {
     let ledger = InMemoryLedger::new();
-    ledger.settle_at(KEY, &Limits::new().rpm(1).itpm(1).otpm(1), input_delta(-5), Instant::now());
+    ledger.settle_at(
+        KEY,
+        &Limits::new().rpm(1).itpm(1).otpm(1),
+        input_delta(-5),
+        Instant::now(),
+    );
     assert!(ledger.is_empty());
 }
 
@@ -542,7 +548,7 @@ fn sync_learns_the_limit_when_none_is_configured() {
         ledger.reserve_at(KEY, &limits, input(1_000_000), now),
         Reservation::Admitted
     );
-    let sync = LimitSync {
+    let sync = LimitStatus {
         limit: Some(30_000),
         remaining: Some(10_000),
         reset_in: Some(secs(40)),
@@ -563,16 +569,16 @@ fn a_configured_limit_stays_unless_the_server_reports_a_lower_one() {
     let ledger = InMemoryLedger::new();
     let limits = Limits::new().rpm(50).itpm(50_000).otpm(8_000);
     let now = Instant::now();
-    let higher = LimitSync {
+    let higher = LimitStatus {
         limit: Some(80_000),
-        ..LimitSync::default()
+        ..LimitStatus::default()
     };
     ledger.sync_at(KEY, &limits, Dimension::InputTokens, higher, now);
     let state = bucket(&ledger, &limits, Dimension::InputTokens, now);
     assert_eq!((state.limit, state.learned), (Some(50_000), false));
-    let lower = LimitSync {
+    let lower = LimitStatus {
         limit: Some(30_000),
-        ..LimitSync::default()
+        ..LimitStatus::default()
     };
     ledger.sync_at(KEY, &limits, Dimension::InputTokens, lower, now);
     let state = bucket(&ledger, &limits, Dimension::InputTokens, now);
@@ -593,7 +599,7 @@ fn sync_ignores_a_zero_limit() {
     let ledger = InMemoryLedger::new();
     let limits = Limits::new();
     let now = Instant::now();
-    let zero = LimitSync {
+    let zero = LimitStatus {
         limit: Some(0),
         remaining: Some(0),
         reset_in: None,
@@ -618,7 +624,7 @@ fn the_server_wins_when_it_says_less_is_left() {
         ledger.reserve_at(KEY, &limits, costs(1, 1_000, 0), now),
         Reservation::Admitted
     );
-    let sync = |remaining| LimitSync {
+    let sync = |remaining| LimitStatus {
         limit: Some(50),
         remaining: Some(remaining),
         reset_in: None,
@@ -635,7 +641,7 @@ fn sync_does_not_take_the_rounding_of_token_counts_for_a_change() {
     let ledger = InMemoryLedger::new();
     let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
-    let sync = |remaining| LimitSync {
+    let sync = |remaining| LimitStatus {
         limit: Some(30_000),
         remaining: Some(remaining),
         reset_in: None,
@@ -681,7 +687,7 @@ fn request_counts_are_exact_even_in_thousands() {
         ledger.reserve_at(KEY, &limits, costs(600, 0, 0), now),
         Reservation::Admitted
     );
-    let sync = LimitSync {
+    let sync = LimitStatus {
         limit: Some(2_000),
         remaining: Some(1_000),
         reset_in: None,
@@ -699,7 +705,7 @@ fn sync_uses_the_reset_time_when_remaining_is_absent() {
     // 60,000 per minute: 1,000 per second.
     let limits = Limits::new().otpm(60_000);
     let now = Instant::now();
-    let reset = |reset_in| LimitSync {
+    let reset = |reset_in| LimitStatus {
         limit: None,
         remaining: None,
         reset_in: Some(reset_in),
@@ -729,7 +735,7 @@ fn sync_prefers_remaining_over_reset() {
     let ledger = InMemoryLedger::new();
     let limits = Limits::new().otpm(60_000);
     let now = Instant::now();
-    let sync = LimitSync {
+    let sync = LimitStatus {
         limit: None,
         remaining: Some(50_001),
         reset_in: Some(secs(59)),
@@ -941,10 +947,7 @@ fn limits_constructors() {
         (Some(1), Some(2), Some(3))
     );
     assert_eq!(Limits::new(), Limits::default());
-    let built = Limits::new()
-        .rpm(1)
-        .itpm(2)
-        .otpm(3);
+    let built = Limits::new().rpm(1).itpm(2).otpm(3);
     assert_eq!(built, limits);
     assert_eq!(OutputMode::default(), OutputMode::Realtime);
 }
@@ -1161,7 +1164,8 @@ mod properties {
     }
 
     fn limits() -> impl Strategy<Value = Limits> {
-        (1u64..120, 1u64..60_000, 1u64..15_000).prop_map(|(r, i, o)| Limits::new().rpm(r).itpm(i).otpm(o))
+        (1u64..120, 1u64..60_000, 1u64..15_000)
+            .prop_map(|(r, i, o)| Limits::new().rpm(r).itpm(i).otpm(o))
     }
 
     /// One admission or settlement, as seen from outside.

@@ -139,6 +139,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::limits::Limits;
+use crate::headers::LimitStatus;
 use crate::{BoxError, Dimension};
 
 /// What one request costs in each dimension.
@@ -190,17 +191,6 @@ pub enum Reservation {
         /// [`InMemoryLedger::with_window`]).
         capacity: u64,
     },
-}
-
-/// What a response's `anthropic-ratelimit-<dimension>-*` headers said.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct LimitSync {
-    /// `-limit`: the limit per minute.
-    pub limit: Option<u64>,
-    /// `-remaining`: what is left now (token counts are rounded by the API).
-    pub remaining: Option<u64>,
-    /// `-reset`: time until the bucket is full again.
-    pub reset_in: Option<Duration>,
 }
 
 /// The state of one bucket, for snapshots.
@@ -283,7 +273,7 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
         key: &str,
         limits: &Limits,
         dimension: Dimension,
-        sync: LimitSync,
+        sync: LimitStatus,
     ) -> LedgerFuture<()>;
 
     /// The state of the key's three buckets (requests, input, output), if the
@@ -971,7 +961,7 @@ impl InMemoryLedger {
         key: &str,
         limits: &Limits,
         dimension: Dimension,
-        sync: LimitSync,
+        sync: LimitStatus,
         now: Instant,
     ) {
         let window_nanos = self.window_nanos;
@@ -1071,7 +1061,7 @@ impl Ledger for InMemoryLedger {
         key: &str,
         limits: &Limits,
         dimension: Dimension,
-        sync: LimitSync,
+        sync: LimitStatus,
     ) -> LedgerFuture<()> {
         self.sync_at(key, limits, dimension, sync, Instant::now());
         LedgerFuture::ready(Ok(()))

@@ -33,11 +33,9 @@ use std::time::Duration;
 use http::request::Parts;
 use tokio::time::{Instant, Sleep};
 
-use super::config::{
-    BudgetMode, KeyExtractor, LimitsConfig,
-};
+use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
 use super::ledger::{
-    BucketState, CostDelta, Costs, Ledger, LedgerError, LedgerFuture, LimitSync, Reservation,
+    BucketState, CostDelta, Costs, Ledger, LedgerError, LedgerFuture, Reservation,
 };
 use super::limits::{Limits, ModelClass, OutputMode};
 use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
@@ -307,7 +305,10 @@ impl Drop for Asking {
         tracing::debug!(key = %key, "budget: dropped while the ledger answered; refunded if admitted");
         spawn_ledger_op(async move {
             if let Reservation::Admitted = fut.await? {
-                shared.ledger.settle(&key, &limits, negate(costs)).await?;
+                shared
+                    .ledger
+                    .settle(&key, &limits, CostDelta::refund(costs))
+                    .await?;
                 // Capacity came back: the head's turn.
                 let next = lock_key(&cell).notify_head(&shared.counters);
                 wake(next);
@@ -400,7 +401,10 @@ impl Shared {
             return (Arc::clone(key), Arc::clone(cell));
         }
         let key: Arc<str> = Arc::from(lookup);
-        let cell = Arc::new(Mutex::new(KeyState::new(limits, self.settings.output_ratio_window)));
+        let cell = Arc::new(Mutex::new(KeyState::new(
+            limits,
+            self.settings.output_ratio_window,
+        )));
         keys.insert(Arc::clone(&key), Arc::clone(&cell));
         (key, cell)
     }
@@ -774,14 +778,14 @@ impl Shared {
     /// charged nothing.
     pub(crate) fn refund(self: &Arc<Self>, charge: &Charge) {
         bump(&self.counters.refunded_429);
-        self.correct(charge, negate(charge.costs), None);
+        self.correct(charge, CostDelta::refund(charge.costs), None);
     }
 
     /// Refunds everything a request reserved: it was admitted but never sent
     /// (the inner service failed before taking it).
     pub(crate) fn refund_unsent(self: &Arc<Self>, charge: &Charge) {
         tracing::debug!(key = %charge.key, "budget: admitted request not sent; refunded");
-        self.correct(charge, negate(charge.costs), None);
+        self.correct(charge, CostDelta::refund(charge.costs), None);
     }
 
     /// Aligns the key's buckets with a response's `anthropic-ratelimit-*` headers.
@@ -799,17 +803,12 @@ impl Shared {
             if status == LimitStatus::default() {
                 continue;
             }
-            let sync = LimitSync {
-                limit: status.limit,
-                remaining: status.remaining,
-                reset_in: status.reset_in,
-            };
             if let Some(op) = last.take() {
                 self.run(charge, op, false);
             }
             last = Some(
                 self.ledger
-                    .sync(&charge.key, &charge.limits, dimension, sync),
+                    .sync(&charge.key, &charge.limits, dimension, status),
             );
         }
         if let Some(op) = last {
@@ -937,22 +936,4 @@ pub(crate) fn dim_index(d: Dimension) -> usize {
         Dimension::InputTokens => 1,
         Dimension::OutputTokens => 2,
     }
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// The correction that refunds `costs` entirely.
-pub(crate) fn negate(costs: Costs) -> CostDelta {
-    CostDelta {
-        requests: -to_i64(costs.requests),
-        input_tokens: -to_i64(costs.input_tokens),
-        output_tokens: -to_i64(costs.output_tokens),
-    }
-}
-
-/// `actual - reserved`, per dimension.
-pub(crate) fn difference(actual: u64, reserved: u64) -> i64 {
-    to_i64(actual).saturating_sub(to_i64(reserved))
 }

@@ -84,8 +84,8 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::ledger::CostDelta;
-use super::state::{difference, Charge, Shared};
+use super::ledger::{CostDelta, Costs};
+use super::state::{Charge, Shared};
 use crate::wire::json::UsageScanner;
 use crate::wire::{StreamEnd, StreamUsage, Usage};
 
@@ -276,12 +276,35 @@ impl Tracker {
         matches!(&self.scanner, Scanner::Sse(s) if s.end().is_some())
     }
 
+    /// Settles the charge once, when the body ends or is dropped: reads the
+    /// outcome, turns it into a correction, and applies it.
     fn conclude(&mut self, end: End) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        let outcome = self.outcome(end);
         let reserved = self.charge.costs;
-        let outcome = match &mut self.scanner {
+        let (delta, ratio, observed) = self.settlement(outcome);
+        if let Some(usage) = observed.as_ref() {
+            self.shared.estimator.observe(&self.charge.estimate, usage);
+        }
+        self.shared.correct(&self.charge, delta, ratio);
+        tracing::debug!(
+            key = %self.charge.key,
+            outcome = outcome.name(),
+            end = ?end,
+            reserved_input = reserved.input_tokens,
+            reserved_output = reserved.output_tokens,
+            delta_input = delta.input_tokens,
+            delta_output = delta.output_tokens,
+            "budget: settled"
+        );
+    }
+
+    /// What the response said about its usage, by the table in
+    /// [`ResponseBody`]'s docs.
+    fn outcome(&mut self, end: End) -> Outcome {
+        match &mut self.scanner {
             Scanner::Sse(s) => {
                 if end == End::Ended {
                     s.finish();
@@ -306,9 +329,21 @@ impl Tracker {
                 None if self.error_status && end == End::Ended => Outcome::NoOutput,
                 None => Outcome::Keep,
             },
+        }
+    }
+
+    /// The correction an outcome calls for (`actual - reserved`), the output
+    /// ratio to learn, and the usage to tell the estimator.
+    fn settlement(&self, outcome: Outcome) -> (CostDelta, Option<f64>, Option<Usage>) {
+        let reserved = self.charge.costs;
+        let input_of = |u: &Usage, known: bool| {
+            if known {
+                u.charged_input_tokens(self.charge.cache_reads_count)
+            } else {
+                reserved.input_tokens
+            }
         };
-        let input_of = |u: &Usage| u.charged_input_tokens(self.charge.cache_reads_count);
-        let (delta, ratio, observed) = match outcome {
+        let (actual, ratio, observed) = match outcome {
             Outcome::Complete(u) => {
                 let ratio = self
                     .charge
@@ -316,64 +351,39 @@ impl Tracker {
                     .max_tokens
                     .filter(|m| *m > 0)
                     .map(|m| u.output_tokens as f64 / m as f64);
-                let delta = CostDelta {
-                    requests: 0,
-                    input_tokens: difference(input_of(&u), reserved.input_tokens),
-                    output_tokens: difference(u.output_tokens, reserved.output_tokens),
+                let actual = Costs {
+                    input_tokens: input_of(&u, true),
+                    output_tokens: u.output_tokens,
+                    ..reserved
                 };
-                (delta, ratio, Some(u))
+                (actual, ratio, Some(u))
             }
             Outcome::Stopped { usage, input_known } => {
-                let input = if input_known {
-                    difference(input_of(&usage), reserved.input_tokens)
-                } else {
-                    0
+                let actual = Costs {
+                    input_tokens: input_of(&usage, input_known),
+                    output_tokens: usage.output_tokens,
+                    ..reserved
                 };
-                let delta = CostDelta {
-                    requests: 0,
-                    input_tokens: input,
-                    output_tokens: difference(usage.output_tokens, reserved.output_tokens),
-                };
-                (delta, None, input_known.then_some(usage))
+                (actual, None, input_known.then_some(usage))
             }
             Outcome::Truncated { usage, input_known } => {
-                let input = if input_known {
-                    difference(input_of(&usage), reserved.input_tokens)
-                } else {
-                    0
+                let actual = Costs {
+                    input_tokens: input_of(&usage, input_known),
+                    output_tokens: usage.output_tokens.max(reserved.output_tokens),
+                    ..reserved
                 };
-                let output = usage.output_tokens.max(reserved.output_tokens);
-                let delta = CostDelta {
-                    requests: 0,
-                    input_tokens: input,
-                    output_tokens: difference(output, reserved.output_tokens),
-                };
-                (delta, None, None)
+                (actual, None, None)
             }
-            Outcome::NoOutput => (
-                CostDelta {
-                    output_tokens: difference(0, reserved.output_tokens),
-                    ..CostDelta::default()
-                },
-                None,
-                None,
-            ),
-            Outcome::Keep => (CostDelta::default(), None, None),
+            Outcome::NoOutput => {
+                let actual = Costs {
+                    output_tokens: 0,
+                    ..reserved
+                };
+                (actual, None, None)
+            }
+            Outcome::Keep => (reserved, None, None),
         };
-        if let Some(usage) = observed.as_ref() {
-            self.shared.estimator.observe(&self.charge.estimate, usage);
-        }
-        self.shared.correct(&self.charge, delta, ratio);
-        tracing::debug!(
-            key = %self.charge.key,
-            outcome = outcome.name(),
-            end = ?end,
-            reserved_input = reserved.input_tokens,
-            reserved_output = reserved.output_tokens,
-            delta_input = delta.input_tokens,
-            delta_output = delta.output_tokens,
-            "budget: settled"
-        );
+        (CostDelta::between(reserved, actual), ratio, observed)
     }
 }
 
