@@ -17,7 +17,7 @@
 //! work with tokio's clock.
 //!
 //! A value that is malformed, negative, not UTF-8, longer than 64 bytes, or
-//! larger than [`MAX_DELAY`] is ignored (read as absent): a hostile or broken
+//! larger than one year (366 days) is ignored (read as absent): a hostile or broken
 //! server can never make the parser panic or overflow.
 //!
 //! It only reads: deciding what to do (wait, retry, pace) is the layers'
@@ -39,7 +39,8 @@
 //!     "anthropic-ratelimit-input-tokens-reset",
 //!     "2026-11-28T07:15:12Z".parse().unwrap(),
 //! );
-//! let now = tower_llm_limits::headers::parse_rfc3339("2026-11-28T07:15:00Z").unwrap();
+//! // 2026-11-28T07:15:00Z
+//! let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_850_100);
 //! let snap = RateLimitSnapshot::from_headers_at(&headers, now);
 //! assert_eq!(snap.retry_after, Some(Duration::from_secs(7)));
 //! assert_eq!(snap.input_tokens.limit, Some(30_000));
@@ -60,7 +61,7 @@ pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry")
 
 /// The largest delay or reset a header may carry to be believed: one year.
 /// Anything above is treated as malformed and ignored.
-pub const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Header values longer than this are ignored without being parsed.
 const MAX_VALUE_LEN: usize = 64;
@@ -225,7 +226,7 @@ fn parse_retry_after_ms(value: &HeaderValue) -> Option<Duration> {
 /// Parses a `retry-after` value: delta-seconds (a fractional value is accepted,
 /// as the official SDKs do) or an HTTP-date, which is turned into the time from
 /// `now` until then (zero if it has passed).
-pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
     let s = value_str(value)?;
     if let Some(secs) = parse_number(s) {
         return duration_from_f64(secs, 1.0);
@@ -319,7 +320,7 @@ fn read_openai(headers: &HeaderMap, [limit, remaining, reset]: LimitNames) -> Li
 /// Parses a duration written as OpenAI's headers write it (Go's form): one or
 /// more `<number><unit>` with units `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`, as in
 /// `6m0s`, `1s`, `250ms` or `1h2m3.5s`. A bare number is read as seconds.
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
+pub(crate) fn parse_go_duration(s: &str) -> Option<Duration> {
     if let Some(secs) = parse_number(s) {
         return duration_from_f64(secs, 1.0);
     }
@@ -401,7 +402,7 @@ fn digits(s: &[u8], range: std::ops::Range<usize>) -> Option<i64> {
 /// Parses an RFC 3339 date-time (`2026-11-28T07:15:00Z`, with optional
 /// fractional seconds and a `Z` or `±hh:mm` offset). Instants before 1970 are
 /// rejected.
-pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     let b = s.trim().as_bytes();
     if b.len() < 20 || b.len() > MAX_VALUE_LEN {
         return None;

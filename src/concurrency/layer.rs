@@ -11,15 +11,15 @@ use super::{Concurrency, Snapshot};
 use crate::classify::{Class, Classifier as ErrorClassifier};
 
 /// Requests that may wait for a slot before new ones are shed, by default.
-pub const DEFAULT_MAX_WAITING: usize = 10_000;
+pub(crate) const DEFAULT_MAX_WAITING: usize = 10_000;
 /// How long a waiter waits before it is treated as one lane higher, by default.
-pub const DEFAULT_AGING: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_AGING: Duration = Duration::from_secs(10);
 /// The factor a drop signal multiplies the adaptive limit by, by default
 /// (Vector's and Netflix's AIMD default).
-pub const DEFAULT_DECREASE: f64 = 0.9;
+pub(crate) const DEFAULT_DECREASE: f64 = 0.9;
 /// How far above its baseline the time to the response head may rise before it
 /// counts as a drop signal, by default (2.0 = twice the baseline).
-pub const DEFAULT_LATENCY_TOLERANCE: f64 = 2.0;
+pub(crate) const DEFAULT_LATENCY_TOLERANCE: f64 = 2.0;
 
 /// Caps the requests in flight through the services it builds, at a fixed
 /// number or at a limit it learns (see the [module docs](super)).
@@ -169,7 +169,7 @@ impl ConcurrencyBuilder {
 
     /// Requests that may wait for a slot; past this, a new request fails at once
     /// with [`Error::Overloaded`](crate::Error::Overloaded). Default
-    /// [`DEFAULT_MAX_WAITING`]. 0 means never wait.
+    /// 10,000. 0 means never wait.
     pub fn max_waiting(mut self, max_waiting: usize) -> Self {
         self.max_waiting = max_waiting;
         self
@@ -177,7 +177,7 @@ impl ConcurrencyBuilder {
 
     /// The aging period: a waiter that has waited this long is treated as one lane
     /// higher (two periods: two lanes), so `Background` is never starved. Default
-    /// [`DEFAULT_AGING`]. `Duration::ZERO` makes the lanes plain FIFO.
+    /// 10 s. `Duration::ZERO` makes the lanes plain FIFO.
     pub fn aging(mut self, period: Duration) -> Self {
         self.aging = period;
         self
@@ -197,7 +197,8 @@ impl ConcurrencyBuilder {
     }
 
     /// Adaptive mode: what a drop signal multiplies the limit by, in `(0, 1)`
-    /// (default [`DEFAULT_DECREASE`]). The limit always drops by at least one.
+    /// (default 0.9, Vector's and Netflix's AIMD default). The limit always
+    /// drops by at least one.
     pub fn decrease_factor(mut self, factor: f64) -> Self {
         self.decrease = factor;
         self
@@ -205,7 +206,7 @@ impl ConcurrencyBuilder {
 
     /// Adaptive mode: how many times its baseline the time to the response head
     /// may reach before it counts as a drop signal (`> 1.0`; default
-    /// [`DEFAULT_LATENCY_TOLERANCE`]). `None` turns the latency signal off: use
+    /// `Some(2.0)`, twice the baseline). `None` turns the latency signal off: use
     /// it when response heads come only after the whole answer (non-streaming
     /// requests), where latency mostly measures the answer's length.
     pub fn latency_tolerance(mut self, tolerance: Option<f64>) -> Self {

@@ -78,7 +78,7 @@
 //! and what a request without the extension gets), [`Priority::Background`],
 //! each first in, first out. A freed slot goes to the head of the highest lane
 //! that has a waiter, with **aging**: a waiter that has waited one aging period
-//! ([`DEFAULT_AGING`], 10 s) is treated as one lane higher, two periods two
+//! (10 s by default, see [`ConcurrencyBuilder::aging`]) is treated as one lane higher, two periods two
 //! lanes; between waiters of the same effective lane the one that has waited
 //! longest wins. So a `Background` request waits at most about two aging periods
 //! plus the drain of what was queued ahead of it at its (effective) level; it is
@@ -120,7 +120,7 @@
 //! baseline of the best recent time to the head: a faster sample replaces it at
 //! once, a slower one pulls it up by 1% of the gap, so a lasting change of the
 //! upstream is learned while queueing shows as a gap; "well above" means above
-//! the tolerance (2×, [`DEFAULT_LATENCY_TOLERANCE`]) times the baseline. Not
+//! the tolerance (2× by default, see [`ConcurrencyBuilder::latency_tolerance`]) times the baseline. Not
 //! taken: Gradient2's `limit × gradient + queue` update on every sample, which
 //! would chase the noise of LLM latencies; explicit `429`/`529` answers are much
 //! clearer signals here, so latency is only one more drop signal.
@@ -167,10 +167,7 @@ mod semaphore;
 mod service;
 
 pub use future::{ConcurrencyBody, ResponseFuture};
-pub use layer::{
-    ConcurrencyBuilder, ConcurrencyLayer, ConfigError, DEFAULT_AGING, DEFAULT_DECREASE,
-    DEFAULT_LATENCY_TOLERANCE, DEFAULT_MAX_WAITING,
-};
+pub use layer::{ConcurrencyBuilder, ConcurrencyLayer, ConfigError};
 pub use service::Concurrency;
 
 /// A request's lane in the wait queue: set it as a request extension.

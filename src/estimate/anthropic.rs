@@ -1092,7 +1092,7 @@ impl AnthropicEstimator {
 
     /// The conservative bound for `len` bytes (see
     /// [`AnthropicEstimatorBuilder::fallback`]).
-    pub fn fallback_tokens(&self, len: u64) -> u64 {
+    pub(crate) fn fallback_tokens(&self, len: u64) -> u64 {
         let t = (len as f64 / self.config.fallback_bytes_per_token).ceil();
         (t as u64).min(self.config.fallback_max_tokens)
     }

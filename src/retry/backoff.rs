@@ -45,27 +45,27 @@ where
 /// Seeded from [`RandomState`] (the standard library's per-process random
 /// keys), so two processes do not back off in step. Not cryptographic, and
 /// it does not need to be: it only spreads retries in time.
-pub struct FastRng {
+pub(crate) struct FastRng {
     state: AtomicU64,
 }
 
 impl FastRng {
     /// A generator seeded from the process's random hash keys.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut hasher = RandomState::new().build_hasher();
         hasher.write_u64(GOLDEN_GAMMA);
         Self::with_seed(hasher.finish())
     }
 
     /// A generator with a fixed seed: the same seed gives the same sequence.
-    pub fn with_seed(seed: u64) -> Self {
+    pub(crate) fn with_seed(seed: u64) -> Self {
         FastRng {
             state: AtomicU64::new(seed),
         }
     }
 
     /// The next 64 random bits.
-    pub fn next_u64(&self) -> u64 {
+    pub(crate) fn next_u64(&self) -> u64 {
         splitmix64(
             self.state
                 .fetch_add(GOLDEN_GAMMA, Ordering::Relaxed)

@@ -188,7 +188,9 @@ impl RetryAfterBuilder {
         self
     }
 
-    /// The random source of backoff jitter (default [`FastRng`]).
+    /// The random source of backoff jitter. Default: a small, fast,
+    /// lock-free splitmix64 generator seeded from the standard library's
+    /// per-process random keys (not cryptographic: it only spreads retries).
     pub fn jitter(mut self, jitter: impl Jitter) -> Self {
         self.jitter = Some(Arc::new(jitter));
         self

@@ -130,7 +130,7 @@ mod policy;
 mod service;
 mod snapshot;
 
-pub use backoff::{FastRng, Jitter};
+pub use backoff::Jitter;
 pub use budget::RetryBudget;
 pub use future::ResponseFuture;
 pub use layer::{RetryAfterBuilder, RetryAfterLayer};
