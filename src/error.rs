@@ -1,25 +1,4 @@
 //! The crate's error type.
-//!
-//! Every layer's service returns [`tower::BoxError`](https://docs.rs/tower/latest/tower/type.BoxError.html)
-//! (`Box<dyn std::error::Error + Send + Sync>`), as tower's own middleware does, so
-//! that layers compose with each other and with tower's. Errors made by this crate
-//! are an [`Error`] inside that box: downcast to act on them. The inner
-//! service's own errors are not wrapped: they pass through boxed as they are,
-//! as tower's `Timeout` passes them.
-//!
-//! ```
-//! use tower_llm_limits::Error;
-//!
-//! fn what_to_do(err: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
-//!     match err.downcast_ref::<Error>() {
-//!         Some(Error::BudgetExceeded { retry_in, .. }) => format!("come back in {retry_in:?}"),
-//!         Some(other) => format!("give up: {other}"),
-//!         None => format!("transport error: {err}"),
-//!     }
-//! }
-//! # let e: Box<dyn std::error::Error + Send + Sync> = Box::new(Error::Overloaded { waiting: 3 });
-//! # assert!(what_to_do(&*e).starts_with("give up"));
-//! ```
 
 use std::fmt;
 use std::time::Duration;
@@ -96,6 +75,27 @@ impl fmt::Display for GiveUpReason {
 ///
 /// Boxed as [`BoxError`] where a layer meets others; use
 /// `err.downcast_ref::<tower_llm_limits::Error>()` to act on one.
+///
+/// Every layer's service returns [`tower::BoxError`](https://docs.rs/tower/latest/tower/type.BoxError.html)
+/// (`Box<dyn std::error::Error + Send + Sync>`), as tower's own middleware does, so
+/// that layers compose with each other and with tower's. Errors made by this crate
+/// are an [`Error`] inside that box: downcast to act on them. The inner
+/// service's own errors are not wrapped: they pass through boxed as they are,
+/// as tower's `Timeout` passes them.
+///
+/// ```
+/// use tower_llm_limits::Error;
+///
+/// fn what_to_do(err: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
+///     match err.downcast_ref::<Error>() {
+///         Some(Error::BudgetExceeded { retry_in, .. }) => format!("come back in {retry_in:?}"),
+///         Some(other) => format!("give up: {other}"),
+///         None => format!("transport error: {err}"),
+///     }
+/// }
+/// # let e: Box<dyn std::error::Error + Send + Sync> = Box::new(Error::Overloaded { waiting: 3 });
+/// # assert!(what_to_do(&*e).starts_with("give up"));
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {

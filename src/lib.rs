@@ -91,7 +91,7 @@
 //! | `emulator` | no | [`emulator`]: an axum emulator of the Messages API's rate limiter (brings axum, hyper, hyper-util) |
 //!
 //! [`preset`] needs the three default features. [`headers`], [`body`],
-//! [`wire`], [`classify`] and [`error`] are always there.
+//! [`wire`], [`classify`] and the [`Error`] types are always there.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,

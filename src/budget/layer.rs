@@ -53,7 +53,7 @@ impl fmt::Debug for TokenBudgetLayer {
 
 impl TokenBudgetLayer {
     /// A client budget for Anthropic's Messages API with these limits (a
-    /// [`Tier`], one [`Limits`] for every class, or a [`LimitsConfig`]),
+    /// [`Tier`](super::Tier), one [`Limits`](super::Limits) for every class, or a [`LimitsConfig`]),
     /// waiting when over budget, realtime output accounting, the in-memory
     /// ledger and the Anthropic estimator.
     pub fn anthropic(limits: impl Into<LimitsConfig>) -> Self {

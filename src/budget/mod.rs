@@ -36,7 +36,7 @@
 //!    `max_tokens` above OTPM) fails at once with
 //!    [`Error::RequestTooLarge`](crate::Error::RequestTooLarge) and is never
 //!    sent. (In `Realtime` mode an expected output above OTPM is capped to it.)
-//! 4. **Send**, then **settle** from the response (see [`usage`]): its
+//! 4. **Send**, then **settle** from the response (see [`ResponseBody`]): its
 //!    `anthropic-ratelimit-*` headers sync the ledger (the server's view wins
 //!    when it says less is left; unconfigured limits are learned from them),
 //!    and its `usage` (JSON, or the SSE `message_start` / `message_delta`
@@ -86,6 +86,45 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Limits, model classes and tiers
+//!
+//! The API limits each *model class* separately (Anthropic's rate-limits
+//! page: "Rate limits are applied separately for each model"), with pools
+//! shared by a family: Opus 4, 4.1 and 4.5 draw from one Opus 4.x limit,
+//! Sonnet 4 and 4.5 from one Sonnet 4.x limit. [`ModelClass::of`] maps a model
+//! name to its class, so the budget keys its buckets by class, not by model
+//! name. [`Tier`] holds the published standard limits of both tier tables
+//! Anthropic has published on its rate-limits page (the older Tier 1-4 table
+//! and the newer Start / Build / Scale one), exactly as published.
+//!
+//! ```
+//! use tower_llm_limits::budget::{Limits, ModelClass, Tier};
+//!
+//! let class = ModelClass::of("claude-sonnet-4-5-20250929");
+//! assert_eq!(class, ModelClass::Sonnet4);
+//! assert_eq!(Tier::Tier1.limits(class), Limits::new().rpm(50).itpm(30_000).otpm(8_000));
+//! assert_eq!(
+//!     Tier::Build.limits(class),
+//!     Limits::new().rpm(5_000).itpm(5_000_000).otpm(1_000_000)
+//! );
+//!
+//! // Haiku 3.5 counts cache reads toward ITPM; the 4.x models do not.
+//! assert!(ModelClass::of("claude-3-5-haiku-20241022").cache_reads_count_toward_itpm());
+//! assert!(!class.cache_reads_count_toward_itpm());
+//!
+//! // Nothing configured: every limit is learned from the response headers.
+//! assert_eq!(Limits::new().requests_per_minute, None);
+//! ```
+//!
+//! The presets do not know your organisation's tier or any custom, Evaluation
+//! or Workspace limits: configure those with [`Limits`], or leave limits
+//! unknown and let the budget learn them from the `anthropic-ratelimit-*`
+//! headers (the server's report wins over a preset that is too high). There
+//! are no long-context (1M) limits and no Priority Tier limits: the presets
+//! are the standard Messages API rows only. The tables change; the numbers
+//! here are Anthropic's published standard limits as of this release
+//! (<https://platform.claude.com/docs/en/api/rate-limits>).
 //!
 //! # Enforce (server) mode
 //!

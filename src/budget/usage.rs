@@ -1,80 +1,4 @@
 //! Settlement: correcting a request's charge with the usage its response reports.
-//!
-//! The response body is wrapped in [`ResponseBody`], which passes every frame on
-//! unchanged and at once, while a small scanner reads the bytes as they go by:
-//! the `message_start` and `message_delta` events of an event stream, or the
-//! top-level `usage` object of a JSON answer. Nothing is buffered beyond a
-//! bounded line (or the `usage` object itself). The charge is corrected
-//! (`actual - reserved`, per dimension) as soon as the usage is final:
-//!
-//! | The response | What is settled |
-//! |---|---|
-//! | event stream reaching `message_stop` | the usage the events reported, at that event |
-//! | event stream with an `event: error` (possible after a 200) | what the events said until then |
-//! | event stream ending or dropped before either | input from `message_start` if seen; output at the larger of what was reported and what was reserved (the server may have produced more than the last event said) |
-//! | JSON with a `usage` object | that usage, when the body ends (or is dropped after it) |
-//! | an error status (not 429) without usage | the output reservation is refunded (no output was produced); requests and input are kept |
-//! | anything else without usage | the charge is kept as reserved |
-//!
-//! With a final usage, the estimator is told (`TokenEstimator::observe`) and,
-//! when the request said its `max_tokens`, the output ratio
-//! (`output_tokens / max_tokens`) is learned for realtime mode.
-//!
-//! # Examples
-//!
-//! A streamed answer passes through byte for byte, and its usage settles the
-//! charge when `message_stop` goes by:
-//!
-//! ```
-//! use bytes::Bytes;
-//! use http::{Request, Response};
-//! use http_body_util::{BodyExt, Full};
-//! use tower::{ServiceBuilder, ServiceExt};
-//! use tower_llm_limits::body::ReplayBody;
-//! use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
-//! use tower_llm_limits::Dimension;
-//!
-//! const SSE: &str = "event: message_start\n\
-//!     data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n\
-//!     event: message_delta\n\
-//!     data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":40}}\n\n\
-//!     event: message_stop\n\
-//!     data: {\"type\":\"message_stop\"}\n\n";
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), tower_llm_limits::BoxError> {
-//! let upstream = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
-//!     let response = Response::builder()
-//!         .header("content-type", "text/event-stream")
-//!         .body(Full::new(Bytes::from_static(SSE.as_bytes())))?;
-//!     Ok::<_, http::Error>(response)
-//! });
-//! let layer = TokenBudgetLayer::anthropic(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
-//! let client = ServiceBuilder::new().layer(layer.clone()).service(upstream);
-//! let request = Request::post("/v1/messages").body(Full::new(Bytes::from(
-//!     r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,
-//! )))?;
-//! let response = client.oneshot(request).await?;
-//! let seen = response.into_body().collect().await?.to_bytes();
-//! assert_eq!(seen, SSE.as_bytes());
-//!
-//! // 1,000 output tokens were reserved; the 40 produced are what stays charged.
-//! let snapshot = layer.snapshot();
-//! let output = snapshot.key("sonnet-4").map(|k| *k.dimension(Dimension::OutputTokens));
-//! assert!(output.and_then(|o| o.remaining).is_some_and(|r| r > 7_950.0));
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! # What it does not do
-//!
-//! - It does not change, delay or buffer the body: a frame is handed on as
-//!   soon as it arrives, and the scan keeps at most one bounded line.
-//! - It reads the Anthropic `usage` shape only (`input_tokens`,
-//!   `output_tokens`, `cache_*_input_tokens`); other shapes leave the charge
-//!   as reserved.
-//! - It does not settle a body that is neither read to its end nor dropped:
-//!   a response held forever keeps its reservation.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -93,12 +17,88 @@ pin_project! {
     /// The response body of a [`TokenBudget`](super::TokenBudget) service.
     ///
     /// Either the inner service's body, passed through frame by frame while
-    /// its usage is read (see the [module docs](self)), or, in enforce mode,
+    /// its usage is read (see below), or, in enforce mode,
     /// the JSON of a 429 answer made by the budget itself.
     ///
     /// # Cancellation
     ///
     /// Dropping the body settles with what it had read so far.
+    ///
+    /// The response body is wrapped in [`ResponseBody`], which passes every frame on
+    /// unchanged and at once, while a small scanner reads the bytes as they go by:
+    /// the `message_start` and `message_delta` events of an event stream, or the
+    /// top-level `usage` object of a JSON answer. Nothing is buffered beyond a
+    /// bounded line (or the `usage` object itself). The charge is corrected
+    /// (`actual - reserved`, per dimension) as soon as the usage is final:
+    ///
+    /// | The response | What is settled |
+    /// |---|---|
+    /// | event stream reaching `message_stop` | the usage the events reported, at that event |
+    /// | event stream with an `event: error` (possible after a 200) | what the events said until then |
+    /// | event stream ending or dropped before either | input from `message_start` if seen; output at the larger of what was reported and what was reserved (the server may have produced more than the last event said) |
+    /// | JSON with a `usage` object | that usage, when the body ends (or is dropped after it) |
+    /// | an error status (not 429) without usage | the output reservation is refunded (no output was produced); requests and input are kept |
+    /// | anything else without usage | the charge is kept as reserved |
+    ///
+    /// With a final usage, the estimator is told (`TokenEstimator::observe`) and,
+    /// when the request said its `max_tokens`, the output ratio
+    /// (`output_tokens / max_tokens`) is learned for realtime mode.
+    ///
+    /// # Examples
+    ///
+    /// A streamed answer passes through byte for byte, and its usage settles the
+    /// charge when `message_stop` goes by:
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_llm_limits::body::ReplayBody;
+    /// use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+    /// use tower_llm_limits::Dimension;
+    ///
+    /// const SSE: &str = "event: message_start\n\
+    ///     data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n\
+    ///     event: message_delta\n\
+    ///     data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":40}}\n\n\
+    ///     event: message_stop\n\
+    ///     data: {\"type\":\"message_stop\"}\n\n";
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_llm_limits::BoxError> {
+    /// let upstream = tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+    ///     let response = Response::builder()
+    ///         .header("content-type", "text/event-stream")
+    ///         .body(Full::new(Bytes::from_static(SSE.as_bytes())))?;
+    ///     Ok::<_, http::Error>(response)
+    /// });
+    /// let layer = TokenBudgetLayer::anthropic(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
+    /// let client = ServiceBuilder::new().layer(layer.clone()).service(upstream);
+    /// let request = Request::post("/v1/messages").body(Full::new(Bytes::from(
+    ///     r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,
+    /// )))?;
+    /// let response = client.oneshot(request).await?;
+    /// let seen = response.into_body().collect().await?.to_bytes();
+    /// assert_eq!(seen, SSE.as_bytes());
+    ///
+    /// // 1,000 output tokens were reserved; the 40 produced are what stays charged.
+    /// let snapshot = layer.snapshot();
+    /// let output = snapshot.key("sonnet-4").map(|k| *k.dimension(Dimension::OutputTokens));
+    /// assert!(output.and_then(|o| o.remaining).is_some_and(|r| r > 7_950.0));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # What it does not do
+    ///
+    /// - It does not change, delay or buffer the body: a frame is handed on as
+    ///   soon as it arrives, and the scan keeps at most one bounded line.
+    /// - It reads the Anthropic `usage` shape only (`input_tokens`,
+    ///   `output_tokens`, `cache_*_input_tokens`); other shapes leave the charge
+    ///   as reserved.
+    /// - It does not settle a body that is neither read to its end nor dropped:
+    ///   a response held forever keeps its reservation.
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]

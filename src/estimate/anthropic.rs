@@ -1,84 +1,4 @@
 //! The estimator for Anthropic Messages requests.
-//!
-//! [`AnthropicEstimator`] reads a `POST /v1/messages` body in one pass over its
-//! bytes, without building a tree of owned values, and estimates the uncached
-//! input tokens the server will charge to ITPM:
-//!
-//! - **Text** (system prompt, messages, tool names, descriptions and schemas,
-//!   tool inputs and results, thinking) at a characters-per-token ratio:
-//!   3.5 ASCII characters per token (the glossary's figure), 1 non-ASCII
-//!   character per token (CJK scripts run near one token per character; other
-//!   scripts are overestimated, which errs on the safe side), and 30% more
-//!   tokens for models with the newer tokenizer (see
-//!   [`newer_tokenizer`](AnthropicEstimatorBuilder::newer_tokenizer)). Plus 5
-//!   tokens per message, 10 per request, and 530 for the tool-use system
-//!   prompt when `tools` is not empty (the largest figure in Anthropic's
-//!   tool-use pricing table).
-//! - **Images**: `width * height / 750` (the vision docs' formula) with the
-//!   documented downscale (long edge above 1568 px scaled down to 1568; never
-//!   above ~1600 tokens), width and height read from the PNG, JPEG, GIF or WebP
-//!   header inside the base64 data. An image by URL or file id, or whose header
-//!   cannot be read, is charged the bound: 1600 tokens.
-//! - **PDFs**: pages times (3000 text tokens, the top of the documented
-//!   1500-3000 range, plus 1600 for the page image, since each page is also
-//!   sent as an image). Pages are counted from the `/Type /Page` objects of the
-//!   decoded data (or the page tree's `/Count`); when neither can be seen
-//!   (compressed object streams), one page per started 32 KiB of PDF. A PDF by
-//!   URL or file id is charged 10 pages. Plain-text documents count as text.
-//! - **Prompt cache**: see [below](#prompt-cache).
-//! - **Calibration**: the raw estimate is multiplied by a per-model factor
-//!   learned from the usage of settled responses (a high quantile of
-//!   actual/estimated, see [`Calibration`]).
-//!
-//! # Prompt cache
-//!
-//! Cache reads do not count toward ITPM for most models. The estimator keeps
-//! the hashes of request prefixes that end at a `cache_control` breakpoint,
-//! in the API's order (tools, then system, then messages), with the time they
-//! were last sent and their lifetime (5 minutes, or 1 hour for
-//! `"ttl": "1h"`). A prefix is believed warm once a response confirmed the
-//! server cached it ([`observe`](TokenEstimator::observe) with
-//! `cache_creation_input_tokens` or `cache_read_input_tokens` above zero) and
-//! until its lifetime has passed since it was last sent. A request is charged
-//! only for what follows its longest warm prefix (the prefix goes to
-//! `cache_read_tokens`, as estimated, without the calibration factor, so that
-//! settlement compares like with like). Like the server, the estimator looks for warm
-//! prefixes at the breakpoints and at up to 20 content-block boundaries
-//! before each, so a breakpoint that moves forward with a conversation finds
-//! the prefix the previous turn wrote. Prefixes are hashed from the request
-//! bytes with the `cache_control` members left out (a keyed SipHash, so
-//! callers cannot forge collisions); a prefix formatted differently is a
-//! miss, which charges more, never less. Prefixes of fewer than 1024
-//! estimated tokens (the smallest cacheable prompt) are not remembered.
-//! When the server reports no cache read for a request charged as a read, the
-//! prefix is forgotten.
-//!
-//! # Examples
-//!
-//! ```
-//! use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator};
-//!
-//! let estimator = AnthropicEstimator::new();
-//! let (parts, ()) = http::Request::post("/v1/messages").body(()).unwrap().into_parts();
-//! let body = br#"{"model":"claude-sonnet-4-5","max_tokens":1024,
-//!     "messages":[{"role":"user","content":"Hello, Claude"}]}"#;
-//! let e = estimator.estimate(&parts, body);
-//! assert_eq!(e.model.as_deref(), Some("claude-sonnet-4-5"));
-//! assert_eq!(e.max_tokens, Some(1024));
-//! assert!(!e.fallback);
-//! // 13 characters / 3.5 + 5 (message) + 10 (request) = 19 tokens.
-//! assert_eq!(e.input_tokens, 19);
-//! ```
-//!
-//! # What it does not do
-//!
-//! It does not tokenize: figures are estimates, biased high and corrected by
-//! calibration. For exact counts, implement [`TokenEstimator`] with the free
-//! `count_tokens` endpoint. It does not validate requests: a body the server
-//! would reject is still estimated as well as it can be. Its prompt-cache
-//! look-back stays within the breakpoint's own section (plus the ends of the
-//! sections before it), where the server's 20 blocks may reach further back;
-//! a prefix it misses is charged in full, never less.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -365,7 +285,7 @@ pub struct EstimatorSnapshot {
     pub warm_cache_entries: usize,
 }
 
-/// Estimates Anthropic Messages requests; see the [module docs](self).
+/// Estimates Anthropic Messages requests; see below.
 ///
 /// Thread-safe: share one behind an `Arc` (the budget layer does). The
 /// common path takes no lock but the calibration's, and the prompt-cache
@@ -400,6 +320,86 @@ pub struct EstimatorSnapshot {
 /// assert_eq!(e.input_tokens, 3);
 /// assert_eq!(estimator.snapshot().fallbacks, 1);
 /// ```
+///
+/// [`AnthropicEstimator`] reads a `POST /v1/messages` body in one pass over its
+/// bytes, without building a tree of owned values, and estimates the uncached
+/// input tokens the server will charge to ITPM:
+///
+/// - **Text** (system prompt, messages, tool names, descriptions and schemas,
+///   tool inputs and results, thinking) at a characters-per-token ratio:
+///   3.5 ASCII characters per token (the glossary's figure), 1 non-ASCII
+///   character per token (CJK scripts run near one token per character; other
+///   scripts are overestimated, which errs on the safe side), and 30% more
+///   tokens for models with the newer tokenizer (see
+///   [`newer_tokenizer`](AnthropicEstimatorBuilder::newer_tokenizer)). Plus 5
+///   tokens per message, 10 per request, and 530 for the tool-use system
+///   prompt when `tools` is not empty (the largest figure in Anthropic's
+///   tool-use pricing table).
+/// - **Images**: `width * height / 750` (the vision docs' formula) with the
+///   documented downscale (long edge above 1568 px scaled down to 1568; never
+///   above ~1600 tokens), width and height read from the PNG, JPEG, GIF or WebP
+///   header inside the base64 data. An image by URL or file id, or whose header
+///   cannot be read, is charged the bound: 1600 tokens.
+/// - **PDFs**: pages times (3000 text tokens, the top of the documented
+///   1500-3000 range, plus 1600 for the page image, since each page is also
+///   sent as an image). Pages are counted from the `/Type /Page` objects of the
+///   decoded data (or the page tree's `/Count`); when neither can be seen
+///   (compressed object streams), one page per started 32 KiB of PDF. A PDF by
+///   URL or file id is charged 10 pages. Plain-text documents count as text.
+/// - **Prompt cache**: see [below](#prompt-cache).
+/// - **Calibration**: the raw estimate is multiplied by a per-model factor
+///   learned from the usage of settled responses (a high quantile of
+///   actual/estimated, see [`Calibration`]).
+///
+/// # Prompt cache
+///
+/// Cache reads do not count toward ITPM for most models. The estimator keeps
+/// the hashes of request prefixes that end at a `cache_control` breakpoint,
+/// in the API's order (tools, then system, then messages), with the time they
+/// were last sent and their lifetime (5 minutes, or 1 hour for
+/// `"ttl": "1h"`). A prefix is believed warm once a response confirmed the
+/// server cached it ([`observe`](TokenEstimator::observe) with
+/// `cache_creation_input_tokens` or `cache_read_input_tokens` above zero) and
+/// until its lifetime has passed since it was last sent. A request is charged
+/// only for what follows its longest warm prefix (the prefix goes to
+/// `cache_read_tokens`, as estimated, without the calibration factor, so that
+/// settlement compares like with like). Like the server, the estimator looks for warm
+/// prefixes at the breakpoints and at up to 20 content-block boundaries
+/// before each, so a breakpoint that moves forward with a conversation finds
+/// the prefix the previous turn wrote. Prefixes are hashed from the request
+/// bytes with the `cache_control` members left out (a keyed SipHash, so
+/// callers cannot forge collisions); a prefix formatted differently is a
+/// miss, which charges more, never less. Prefixes of fewer than 1024
+/// estimated tokens (the smallest cacheable prompt) are not remembered.
+/// When the server reports no cache read for a request charged as a read, the
+/// prefix is forgotten.
+///
+/// # Examples
+///
+/// ```
+/// use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator};
+///
+/// let estimator = AnthropicEstimator::new();
+/// let (parts, ()) = http::Request::post("/v1/messages").body(()).unwrap().into_parts();
+/// let body = br#"{"model":"claude-sonnet-4-5","max_tokens":1024,
+///     "messages":[{"role":"user","content":"Hello, Claude"}]}"#;
+/// let e = estimator.estimate(&parts, body);
+/// assert_eq!(e.model.as_deref(), Some("claude-sonnet-4-5"));
+/// assert_eq!(e.max_tokens, Some(1024));
+/// assert!(!e.fallback);
+/// // 13 characters / 3.5 + 5 (message) + 10 (request) = 19 tokens.
+/// assert_eq!(e.input_tokens, 19);
+/// ```
+///
+/// # What it does not do
+///
+/// It does not tokenize: figures are estimates, biased high and corrected by
+/// calibration. For exact counts, implement [`TokenEstimator`] with the free
+/// `count_tokens` endpoint. It does not validate requests: a body the server
+/// would reject is still estimated as well as it can be. Its prompt-cache
+/// look-back stays within the breakpoint's own section (plus the ends of the
+/// sections before it), where the server's 20 blocks may reach further back;
+/// a prefix it misses is charged in full, never less.
 pub struct AnthropicEstimator {
     config: Config,
     calibration: Calibration,
@@ -1354,7 +1354,7 @@ impl TokenEstimator for AnthropicEstimator {
     /// cache. Fallback estimates teach nothing.
     ///
     /// The prompt cache is corrected from `cache_read_input_tokens` and
-    /// `cache_creation_input_tokens` (see the [module docs](self#prompt-cache)).
+    /// `cache_creation_input_tokens` (see the [type docs](AnthropicEstimator#prompt-cache)).
     fn observe(&self, estimate: &Estimate, usage: &Usage) {
         if estimate.fallback {
             return;

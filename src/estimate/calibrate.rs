@@ -1,36 +1,4 @@
 //! Online calibration: a sliding-window quantile of observed ratios, per model.
-//!
-//! An estimator that guesses tokens from characters is off by a factor that
-//! depends on the model's tokenizer and on the traffic (code, prose, other
-//! languages). [`Calibration`] learns that factor from what the server really
-//! charged: for each settled response it records `actual / estimated` in a
-//! per-model [`SlidingQuantile`] and hands back a *high* quantile of the recent
-//! ratios (p90 by default), not the mean, so the budget errs on the safe side
-//! and its error shrinks as traffic flows.
-//!
-//! The same pieces serve any "learn a conservative ratio per model" need, for
-//! example the budget's expected `output_tokens / max_tokens`.
-//!
-//! # Examples
-//!
-//! ```
-//! use tower_llm_limits::estimate::{Calibration, CalibrationConfig};
-//!
-//! let cal = Calibration::new(CalibrationConfig::default());
-//! // Not enough samples yet: the factor is neutral.
-//! assert_eq!(cal.factor("claude-sonnet-4-5"), 1.0);
-//! for _ in 0..10 {
-//!     // The server charged 30% more than estimated.
-//!     cal.observe("claude-sonnet-4-5", 1000, 1300);
-//! }
-//! assert!((cal.factor("claude-sonnet-4-5") - 1.3).abs() < 1e-9);
-//! ```
-//!
-//! # What it does not do
-//!
-//! It does not weigh samples by size or age inside the window (every one of
-//! the last `window` observations counts the same), and it does not persist
-//! anything: a new process starts neutral.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -271,6 +239,38 @@ struct Inner {
 /// [`factor`](Self::factor) is `neutral` (1.0) until a model has
 /// `min_samples` (5) observations, then the `quantile` (p90) of its last
 /// `window` (64) ratios, clamped to `[min_factor, max_factor]` (`[1.0, 4.0]`).
+///
+/// An estimator that guesses tokens from characters is off by a factor that
+/// depends on the model's tokenizer and on the traffic (code, prose, other
+/// languages). [`Calibration`] learns that factor from what the server really
+/// charged: for each settled response it records `actual / estimated` in a
+/// per-model sliding window and hands back a *high* quantile of the recent
+/// ratios (p90 by default), not the mean, so the budget errs on the safe side
+/// and its error shrinks as traffic flows.
+///
+/// The same pieces serve any "learn a conservative ratio per model" need, for
+/// example the budget's expected `output_tokens / max_tokens`.
+///
+/// # Examples
+///
+/// ```
+/// use tower_llm_limits::estimate::{Calibration, CalibrationConfig};
+///
+/// let cal = Calibration::new(CalibrationConfig::default());
+/// // Not enough samples yet: the factor is neutral.
+/// assert_eq!(cal.factor("claude-sonnet-4-5"), 1.0);
+/// for _ in 0..10 {
+///     // The server charged 30% more than estimated.
+///     cal.observe("claude-sonnet-4-5", 1000, 1300);
+/// }
+/// assert!((cal.factor("claude-sonnet-4-5") - 1.3).abs() < 1e-9);
+/// ```
+///
+/// # What it does not do
+///
+/// It does not weigh samples by size or age inside the window (every one of
+/// the last `window` observations counts the same), and it does not persist
+/// anything: a new process starts neutral.
 pub struct Calibration {
     config: CalibrationConfig,
     inner: Mutex<Inner>,

@@ -13,7 +13,7 @@ use crate::BoxError;
 
 /// Retries requests that failed transiently, honouring the server's delays.
 ///
-/// Built by [`RetryAfterLayer`]; see the [module docs](super) for the rules.
+/// Built by [`RetryAfterLayer`](super::RetryAfterLayer); see the [module docs](super) for the rules.
 /// Its inner service receives `Request<ReplayBody<B>>`; attempts after the
 /// first carry the [`RETRY_COUNT`](super::RETRY_COUNT) header, and attempts
 /// whose body was buffered carry the
