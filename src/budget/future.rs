@@ -360,8 +360,8 @@ fn refuse<ResB>(
 /// charged nothing: 429 (a limit), 529 (`overloaded_error`) and 503. The
 /// API's documentation leaves open whether an overloaded answer draws down a
 /// bucket; the emulator charges nothing for it, and keeping the charge would waste a
-/// whole request's tokens per 529 (in the simulation with 2% 529s and 1%
-/// 500s, keeping it cost 12% of the throughput). Other 5xx keep the charge:
+/// whole request's tokens per 529 (measured against the crate's emulator of
+/// the API with 2% 529s and 1% 500s, keeping it cost 12% of the throughput). Other 5xx keep the charge:
 /// the work may have been done.
 fn refused(status: StatusCode) -> bool {
     matches!(status.as_u16(), 429 | 503 | 529)

@@ -81,11 +81,13 @@
 //! needs what it does not offer:
 //!
 //! - refunds: a settlement gives back what an estimate over-charged, and a 429
-//!   gives back everything; governor has no way to put capacity back (its
-//!   issue #218);
+//!   gives back everything; governor has no way to put capacity back
+//!   (<https://github.com/boinkor-net/governor/issues/218>);
 //! - limits that change at run time: limits learned from the server's headers,
 //!   or lowered by them, must apply to an existing bucket without losing what
-//!   it holds (issues #39, #273: governor's quota is fixed at construction);
+//!   it holds (governor's quota is fixed at construction: its issues
+//!   [#39](https://github.com/boinkor-net/governor/issues/39) and
+//!   [#273](https://github.com/boinkor-net/governor/issues/273));
 //! - syncing to a server's `remaining`, which means setting the level;
 //! - one decision over three dimensions, all or nothing: governor's limiters
 //!   are independent, so a request admitted by one and refused by another

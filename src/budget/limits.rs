@@ -32,8 +32,10 @@ pub struct Limits {
     pub output_tokens_per_minute: Option<u64>,
 }
 
-/// How output tokens are charged, a setting because the API's docs changed
-/// (facts file, 2.2).
+/// How output tokens are charged, a setting because the API's docs changed:
+/// older docs estimated OTPM from `max_tokens` at the start of a request and
+/// adjusted it at the end; current docs count only the output tokens
+/// actually generated, in real time.
 ///
 /// In both modes the ledger is told a cost at admission and the difference
 /// to the truth at settlement; the mode only decides what the admission cost
@@ -101,9 +103,11 @@ impl Limits {
 
 /// A model class: the models that share one set of rate limits.
 ///
-/// Pools are shared per family as the facts file says (1.1): one Opus 4.x
-/// limit for Opus 4, 4.1 and 4.5 (and later 4.x), one Sonnet 4.x limit for
-/// Sonnet 4 and 4.5.
+/// Pools are shared per family, as Anthropic's rate-limits page says ("a
+/// total limit that applies to combined traffic across Opus 4, Opus 4.1, and
+/// Opus 4.5"; the Sonnet 4.x limit covers "both Sonnet 4 and Sonnet 4.5"): one
+/// Opus 4.x limit for Opus 4, 4.1 and 4.5 (and later 4.x), one Sonnet 4.x
+/// limit for Sonnet 4 and 4.5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ModelClass {
@@ -268,8 +272,9 @@ fn small_number(token: &str) -> Option<u8> {
 }
 
 /// The published standard tiers of the Messages API, from both tier tables
-/// of the facts file (section 1.4): the older Tier 1-4 table and the newer
-/// Start / Build / Scale one.
+/// of Anthropic's rate-limits page
+/// (<https://platform.claude.com/docs/en/api/rate-limits>): the older Tier
+/// 1-4 table and the newer Start / Build / Scale one, as of this release.
 ///
 /// # Examples
 ///

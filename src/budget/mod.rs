@@ -44,7 +44,7 @@
 //!    reservation: the server charged nothing.
 //!
 //! `poll_ready` only forwards the inner service's readiness: a request's cost
-//! is known only from the request (tower issue #713), so admission happens in
+//! is known only from the request ([tower#713](https://github.com/tower-rs/tower/issues/713)), so admission happens in
 //! the response future. State lives in one `Arc` shared by every clone and
 //! every service the layer builds (unlike tower's `RateLimit`, whose state is
 //! per clone and so does not limit under axum).

@@ -101,7 +101,7 @@
 //! than with a fixed number; growing only when the limit was reached. Changed:
 //! ARC adjusts at most once per interval of its mean round trip, a window kept
 //! by the clock, and with explicit `429`/`503` back pressure its limit swings
-//! wildly (vector issue #3998): a clock window does not match which requests
+//! wildly ([vector#3998](https://github.com/vectordotdev/vector/issues/3998)): a clock window does not match which requests
 //! were sent under which limit, so the `429`s of requests sent under the old,
 //! higher limit, arriving after the window turned, cut again. Here the window
 //! belongs to the requests: each slot records the *epoch* it was admitted in,

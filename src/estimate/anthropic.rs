@@ -1348,8 +1348,8 @@ impl TokenEstimator for AnthropicEstimator {
     /// Calibration records `(input + cache_creation + cache_read) /
     /// (raw_input_tokens + cache_read_tokens)`: every input token the server
     /// counted against every one the estimate counted. When the cache
-    /// prediction was right this is the uncached `(input + cache_creation) /
-    /// raw` of the issue; when it was wrong (a prefix expired early, or
+    /// prediction was right this is the uncached ratio `(input +
+    /// cache_creation) / raw`; when it was wrong (a prefix expired early, or
     /// another process warmed it) it still measures the tokenizer, not the
     /// cache. Fallback estimates teach nothing.
     ///

@@ -153,8 +153,9 @@ pub struct CalibrationConfig {
     /// never scales an estimate *below* the raw one. Against a budget run at
     /// its edge, an under-estimate is a 429 (the server charges more than the
     /// client reserved), while an over-estimate only holds a little capacity
-    /// until settlement refunds it; in the simulation, a p90 factor allowed to
-    /// fall to 0.98 cost 4 429s in 83 requests, and this floor none. Set it
+    /// until settlement refunds it; in a run of 83 requests against the crate's
+    /// emulator of the API, a p90 factor allowed to fall to 0.98 cost 4 429s,
+    /// and this floor none. Set it
     /// lower for an estimator that over-counts by a wide margin.
     pub min_factor: f64,
     /// The largest factor ever returned. Default 4.0.

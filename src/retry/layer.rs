@@ -26,7 +26,7 @@ use crate::classify::{Class, Classifier};
 /// use std::time::Duration;
 /// use tower_llm_limits::retry::RetryAfterLayer;
 ///
-/// // The defaults of the issue: 4 retries, 0.5 s doubling to 8 s, a 60 s cap on
+/// // The defaults: 4 retries, 0.5 s doubling to 8 s, a 60 s cap on
 /// // server delays, a 16 MiB replay buffer, tower's default budget.
 /// let interactive = RetryAfterLayer::anthropic();
 ///
