@@ -79,6 +79,58 @@ async fn throttling_server() -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// A header's value as text, `?` when it is absent or not text.
+fn header<'a>(headers: &'a http::HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+}
+
+/// Prints an attempt as it leaves the retry layer (its retry count included).
+fn print_attempt(started: Instant, req: &Request<ReplayBody<Full<Bytes>>>) {
+    let retries = req
+        .headers()
+        .get(RETRY_COUNT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    println!(
+        "{:>6.3}s  {}: attempt {} (retries so far: {retries})",
+        started.elapsed().as_secs_f64(),
+        header(req.headers(), "x-request-name"),
+        retries + 1
+    );
+}
+
+/// Prints an attempt's answer, with its `retry-after-ms` if any.
+fn print_answer(started: Instant, resp: &Response<Incoming>) {
+    let delay = resp
+        .headers()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .map(|ms| format!(", retry-after-ms: {ms}"))
+        .unwrap_or_default();
+    println!(
+        "{:>6.3}s  {}: <- {}{delay}",
+        started.elapsed().as_secs_f64(),
+        header(resp.headers(), "x-request-name"),
+        resp.status()
+    );
+}
+
+/// One named Messages request to the server at `addr`.
+fn request(addr: SocketAddr, name: &str) -> Result<Request<Full<Bytes>>, http::Error> {
+    Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/v1/messages"))
+        .header("content-type", "application/json")
+        .header("x-request-name", name)
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#,
+        )))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let addr = throttling_server().await?;
@@ -91,40 +143,11 @@ async fn main() -> Result<(), BoxError> {
         .layer(layer.clone())
         // Between the retry layer and the client: sees every attempt.
         .map_request(move |req: Request<ReplayBody<Full<Bytes>>>| {
-            let retry = req
-                .headers()
-                .get(RETRY_COUNT)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("0");
-            let id = req
-                .headers()
-                .get("x-request-name")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?");
-            println!(
-                "{:>6.3}s  {id}: attempt {} (retries so far: {retry})",
-                started.elapsed().as_secs_f64(),
-                retry.parse::<u32>().unwrap_or(0) + 1
-            );
+            print_attempt(started, &req);
             req
         })
         .map_response(move |resp: Response<Incoming>| {
-            let delay = resp
-                .headers()
-                .get("retry-after-ms")
-                .and_then(|v| v.to_str().ok())
-                .map(|ms| format!(", retry-after-ms: {ms}"))
-                .unwrap_or_default();
-            let id = resp
-                .headers()
-                .get("x-request-name")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?");
-            println!(
-                "{:>6.3}s  {id}: <- {}{delay}",
-                started.elapsed().as_secs_f64(),
-                resp.status()
-            );
+            print_answer(started, &resp);
             resp
         })
         .service(client);
@@ -132,15 +155,7 @@ async fn main() -> Result<(), BoxError> {
     let requests = ["first", "second", "third", "fourth"].map(|name| {
         let service = service.clone();
         async move {
-            let req = Request::builder()
-                .method("POST")
-                .uri(format!("http://{addr}/v1/messages"))
-                .header("content-type", "application/json")
-                .header("x-request-name", name)
-                .body(Full::new(Bytes::from_static(
-                    br#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#,
-                )))?;
-            let response = service.oneshot(req).await?;
+            let response = service.oneshot(request(addr, name)?).await?;
             let status = response.status();
             let body = response.into_body().collect().await?.to_bytes();
             Ok::<_, BoxError>((name, status, body))

@@ -90,6 +90,36 @@ pin_project! {
     }
 }
 
+impl<S, F, B> State<S, F, B> {
+    /// An estimated request, to be admitted by the budget.
+    fn admitting(charge: Charge, request: Request<ReplayBody<B>>, svc: S) -> Self {
+        State::Admitting {
+            charge: Some(charge),
+            admission: Admission::default(),
+            request: Some(request),
+            svc: Some(svc),
+        }
+    }
+
+    /// An admitted request, waiting for the inner service to be ready. The
+    /// charge is refunded if it is dropped before it is sent.
+    fn readying(
+        shared: &Arc<Shared>,
+        charge: Option<Charge>,
+        request: Option<Request<ReplayBody<B>>>,
+        svc: Option<S>,
+    ) -> Self {
+        State::Readying {
+            unsent: Unsent {
+                shared: Arc::clone(shared),
+                charge,
+            },
+            request,
+            svc,
+        }
+    }
+}
+
 /// An admitted request not yet handed to the inner service: dropped with its
 /// charge still inside, it refunds the charge (the request never left).
 struct Unsent {
@@ -155,12 +185,7 @@ where
     ) -> Self {
         Self {
             shared,
-            state: State::Admitting {
-                charge: Some(charge),
-                admission: Admission::default(),
-                request: Some(request),
-                svc: Some(svc),
-            },
+            state: State::admitting(charge, request, svc),
         }
     }
 }
@@ -198,12 +223,9 @@ where
                         polled_after_completion();
                     };
                     match estimated(shared, buffered, parts, caller.as_deref()) {
-                        Ok((request, charge)) => this.state.set(State::Admitting {
-                            charge: Some(charge),
-                            admission: Admission::default(),
-                            request: Some(request),
-                            svc: Some(svc),
-                        }),
+                        Ok((request, charge)) => {
+                            this.state.set(State::admitting(charge, request, svc))
+                        }
                         Err(e) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Err(e));
@@ -222,14 +244,8 @@ where
                     let admitted = ready!(shared.poll_admit(ch, admission, cx));
                     match admitted {
                         Ok(()) => {
-                            let next = State::Readying {
-                                unsent: Unsent {
-                                    shared: Arc::clone(shared),
-                                    charge: charge.take(),
-                                },
-                                request: request.take(),
-                                svc: svc.take(),
-                            };
+                            let next =
+                                State::readying(shared, charge.take(), request.take(), svc.take());
                             this.state.set(next);
                         }
                         Err(refusal) => {
