@@ -29,7 +29,11 @@ fn uncontended(c: &mut Criterion) {
     });
 
     let limits = Tier::Tier4.limits(ModelClass::Sonnet4);
-    let costs = Costs::request(1_200, 800);
+    let costs = Costs {
+        requests: 1,
+        input_tokens: 1_200,
+        output_tokens: 800,
+    };
     // One settlement per reservation. It gives everything back (as for a
     // 429) so the bucket never runs dry however many iterations run; the
     // arithmetic is the same for any delta.

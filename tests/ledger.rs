@@ -532,7 +532,15 @@ fn cost_delta_helpers_saturate() {
         (i64::MIN, i64::MAX)
     );
     assert!(CostDelta::default().is_zero());
-    assert_eq!(Costs::request(3, 4).get(Dimension::Requests), 1);
+    assert_eq!(
+        Costs {
+            requests: 1,
+            input_tokens: 3,
+            output_tokens: 4
+        }
+        .get(Dimension::Requests),
+        1
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -396,23 +396,6 @@ impl std::error::Error for LedgerError {
 }
 
 impl Costs {
-    /// The costs of one request: `1` request, `input_tokens` and `output_tokens`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use tower_llm_limits::budget::ledger::Costs;
-    /// let costs = Costs::request(1_200, 400);
-    /// assert_eq!((costs.requests, costs.input_tokens, costs.output_tokens), (1, 1_200, 400));
-    /// ```
-    pub fn request(input_tokens: u64, output_tokens: u64) -> Self {
-        Costs {
-            requests: 1,
-            input_tokens,
-            output_tokens,
-        }
-    }
-
     /// The cost in one dimension.
     pub fn get(&self, dimension: Dimension) -> u64 {
         match dimension {
@@ -443,7 +426,9 @@ impl CostDelta {
     ///
     /// ```
     /// use tower_llm_limits::budget::ledger::{CostDelta, Costs};
-    /// let delta = CostDelta::between(Costs::request(1_000, 4_096), Costs::request(1_150, 300));
+    /// let reserved = Costs { requests: 1, input_tokens: 1_000, output_tokens: 4_096 };
+    /// let actual = Costs { requests: 1, input_tokens: 1_150, output_tokens: 300 };
+    /// let delta = CostDelta::between(reserved, actual);
     /// assert_eq!(delta, CostDelta { requests: 0, input_tokens: 150, output_tokens: -3_796 });
     /// ```
     pub fn between(reserved: Costs, actual: Costs) -> Self {
@@ -587,9 +572,10 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// let ledger = InMemoryLedger::with_window(Duration::from_secs(1))?;
 /// let limits = Limits::new().rpm(60).itpm(100_000).otpm(20_000);
 /// let now = Instant::now();
-/// assert_eq!(ledger.reserve_at("k", &limits, Costs::request(10, 10), now), Reservation::Admitted);
+/// let costs = Costs { requests: 1, input_tokens: 10, output_tokens: 10 };
+/// assert_eq!(ledger.reserve_at("k", &limits, costs, now), Reservation::Admitted);
 /// assert_eq!(
-///     ledger.reserve_at("k", &limits, Costs::request(10, 10), now),
+///     ledger.reserve_at("k", &limits, costs, now),
 ///     Reservation::Wait { retry_in: Duration::from_secs(1), dimension: Dimension::Requests },
 /// );
 /// # Ok::<(), tower_llm_limits::budget::ledger::InvalidWindow>(())

@@ -190,11 +190,17 @@ impl AnthropicEstimatorBuilder {
         self
     }
 
-    /// Tokens per PDF page: `text` for the extracted text plus `image` for the
-    /// page image. Default 3000 + 1600.
-    pub fn pdf_page_tokens(mut self, text: u64, image: u64) -> Self {
-        self.config.pdf_page_text_tokens = text;
-        self.config.pdf_page_image_tokens = image;
+    /// Tokens per PDF page for its extracted text. Default 3000, the top of
+    /// the documented 1500-3000 range.
+    pub fn pdf_page_text_tokens(mut self, tokens: u64) -> Self {
+        self.config.pdf_page_text_tokens = tokens;
+        self
+    }
+
+    /// Tokens per PDF page for the page image (each page is also sent as an
+    /// image). Default 1600, the most a downscaled image costs.
+    pub fn pdf_page_image_tokens(mut self, tokens: u64) -> Self {
+        self.config.pdf_page_image_tokens = tokens;
         self
     }
 
