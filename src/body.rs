@@ -26,23 +26,49 @@
 //!
 //! # Examples
 //!
+//! The retry layer keeps the body and sends it again; the service it wraps
+//! gets a [`ReplayBody`] and the [`BufferedBytes`]:
+//!
 //! ```
+//! use std::sync::{Arc, Mutex};
+//!
 //! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
 //! use http_body_util::{BodyExt, Full};
-//! use tower_llm_limits::body::{buffer, Buffered};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_llm_limits::body::{BufferedBytes, ReplayBody};
+//! use tower_llm_limits::retry::RetryAfterLayer;
+//! use tower_llm_limits::BoxError;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), tower_llm_limits::BoxError> {
-//! let body = Full::new(Bytes::from_static(b"{\"model\":\"claude-sonnet-4-5\"}"));
-//! match buffer(body, 1024).await? {
-//!     Buffered::Complete(buffered) => {
-//!         // Each replay yields the same bytes.
-//!         let first = buffered.replay::<Full<Bytes>>().collect().await?.to_bytes();
-//!         let second = buffered.replay::<Full<Bytes>>().collect().await?.to_bytes();
-//!         assert_eq!(first, second);
+//! # async fn main() -> Result<(), BoxError> {
+//! let seen = Arc::new(Mutex::new(Vec::new()));
+//! let log = Arc::clone(&seen);
+//! // Answers 503 to the first attempt, 200 to the next.
+//! let upstream = service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+//!     let log = Arc::clone(&log);
+//!     async move {
+//!         let kept = req.extensions().get::<BufferedBytes>().map(|b| b.0.clone());
+//!         let body = req.into_body().collect().await?.to_bytes();
+//!         assert_eq!(kept.as_ref(), Some(&body));
+//!         let attempt = {
+//!             let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+//!             log.push(body);
+//!             log.len()
+//!         };
+//!         let status = if attempt == 1 { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+//!         Ok::<_, BoxError>(Response::builder().status(status).body(Full::new(Bytes::new()))?)
 //!     }
-//!     Buffered::TooLarge(_) => unreachable!("29 bytes fit in 1 KiB"),
-//! }
+//! });
+//! let retry = RetryAfterLayer::builder().jitter(|| 0.0).build();
+//! let client = ServiceBuilder::new().layer(retry).service(upstream);
+//!
+//! let body = Full::new(Bytes::from_static(br#"{"model":"claude-sonnet-4-5"}"#));
+//! let response = client.oneshot(Request::post("/v1/messages").body(body)?).await?;
+//! assert_eq!(response.status(), StatusCode::OK);
+//! let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+//! assert_eq!(seen.len(), 2);
+//! assert_eq!(seen[0], seen[1]); // the same bytes, sent twice
 //! # Ok(())
 //! # }
 //! ```
