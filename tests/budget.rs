@@ -373,6 +373,87 @@ async fn output_reservation_is_refunded_on_settle_in_both_modes() {
     }
 }
 
+/// The output-ratio settings: `output_ratio_min_samples` is how many answers
+/// a key needs before the learned ratio replaces the prior, and
+/// `output_ratio_window` how many recent ratios its quantile is taken from.
+#[tokio::test(start_paused = true)]
+async fn output_ratio_min_samples_and_window_are_settings() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .output_ratio_min_samples(3)
+        .output_ratio_window(2)
+        .build();
+    let mut svc = layer.layer(upstream(log.clone(), 100));
+    let ratio = |layer: &TokenBudgetLayer| layer.snapshot().key(KEY).unwrap().expected_output_ratio;
+    // Answers of 100 tokens out of 1,000 (10 %), then of 100 out of 400 (25 %).
+    for (n, max_tokens) in [1_000, 1_000, 400, 400].into_iter().enumerate() {
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(10, max_tokens))
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+        let expected = match n {
+            // Fewer than three answers: the prior, the whole max_tokens.
+            0 | 1 => 1.0,
+            // Three answers, a window of two: the p90 of [0.1, 0.25], then
+            // of [0.25, 0.25] (the 10 % answers have left the window).
+            _ => 0.25,
+        };
+        assert_eq!(ratio(&layer), expected, "after {} answers", n + 1);
+    }
+    // A window of two: a 10 % answer now brings the p90 down to the larger of the two.
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 1_000))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(ratio(&layer), 0.25);
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(10, 1_000))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert!((ratio(&layer) - 0.1).abs() < 1e-12, "{}", ratio(&layer));
+}
+
+/// A request that does not say its `max_tokens` is charged
+/// `default_max_tokens` of output (4,096 unless set).
+#[tokio::test(start_paused = true)]
+async fn default_max_tokens_is_reserved_for_a_request_without_max_tokens() {
+    for (setting, reserved) in [(None, 4_096.0), (Some(1_000), 1_000.0)] {
+        let log = Arc::new(Log::default());
+        let mut builder = TokenBudgetLayer::builder()
+            .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(100_000))
+            .output_mode(OutputMode::Reserve)
+            .estimator(Arc::new(ExactEstimator::default()));
+        if let Some(tokens) = setting {
+            builder = builder.default_max_tokens(tokens);
+        }
+        let layer = builder.build();
+        let mut svc = layer.layer(upstream(log.clone(), 10));
+        let body = format!(r#"{{"model":"{MODEL}","input":10,"messages":[]}}"#);
+        let req = Request::post("http://localhost/v1/messages")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+        let left = remaining(&layer.snapshot(), Dimension::OutputTokens);
+        assert_eq!(100_000.0 - left, reserved, "{setting:?}");
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(log.sent()[0].max_tokens, None);
+    }
+}
+
 /// A real event stream, as the streaming docs show it (with caching counts).
 const SSE: &str = "event: message_start\n\
 data: {\"type\": \"message_start\", \"message\": {\"id\": \"msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY\", \"type\": \"message\", \"role\": \"assistant\", \"content\": [], \"model\": \"claude-sonnet-4-5-20250929\", \"stop_reason\": null, \"stop_sequence\": null, \"usage\": {\"input_tokens\": 472, \"cache_creation_input_tokens\": 28, \"cache_read_input_tokens\": 2000, \"output_tokens\": 2}}}\n\
