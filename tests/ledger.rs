@@ -1191,6 +1191,148 @@ mod properties {
         i128::try_from(to.saturating_duration_since(from).as_nanos()).unwrap_or(i128::MAX)
     }
 
+    /// What the first property test saw: the admissions and settlements, in
+    /// order, and the reservations not settled yet.
+    struct Model {
+        limits: Limits,
+        /// The latest instant passed to the ledger so far.
+        latest: Instant,
+        outstanding: Vec<Costs>,
+        events: Vec<Event>,
+    }
+
+    impl Model {
+        /// Reserves `c` at `now`, checks the answer, and on `Wait` (if `wait`)
+        /// checks that it is exact and returns the instant it was admitted at.
+        fn reserve(
+            &mut self,
+            ledger: &InMemoryLedger,
+            c: Costs,
+            now: Instant,
+            wait: bool,
+        ) -> Result<Option<Instant>, TestCaseError> {
+            let limits = self.limits;
+            self.latest = self.latest.max(now);
+            match ledger.reserve_at(KEY, &limits, c, now) {
+                Reservation::Admitted => {
+                    self.admitted(c, now);
+                    Ok(None)
+                }
+                Reservation::Wait {
+                    retry_in,
+                    dimension,
+                } => {
+                    let at = now + retry_in;
+                    prop_assert!(at > now);
+                    let cost = c.get(dimension);
+                    let limit = limits.get(dimension).unwrap_or(0);
+                    prop_assert!(cost > 0 && cost <= limit);
+                    if !wait {
+                        return Ok(None);
+                    }
+                    let before = at - Duration::from_nanos(1);
+                    let early = ledger.reserve_at(KEY, &limits, c, before);
+                    prop_assert_eq!(
+                        early,
+                        Reservation::Wait {
+                            retry_in: Duration::from_nanos(1),
+                            dimension
+                        },
+                        "one nanosecond early"
+                    );
+                    self.latest = self.latest.max(at);
+                    let on_time = ledger.reserve_at(KEY, &limits, c, at);
+                    prop_assert_eq!(on_time, Reservation::Admitted, "woken at the instant given");
+                    self.admitted(c, at);
+                    Ok(Some(at))
+                }
+                Reservation::Never {
+                    dimension,
+                    cost,
+                    capacity,
+                } => {
+                    prop_assert_eq!(Some(capacity), limits.get(dimension));
+                    prop_assert!(cost > capacity);
+                    prop_assert_eq!(cost, c.get(dimension));
+                    Ok(None)
+                }
+            }
+        }
+
+        fn admitted(&mut self, c: Costs, at: Instant) {
+            self.outstanding.push(c);
+            self.events.push(Event {
+                at,
+                latest: self.latest,
+                admitted: [c.requests, c.input_tokens, c.output_tokens],
+                refunded: [0; 3],
+            });
+        }
+
+        /// Settles the `pick`-th outstanding reservation at `percent` of what it
+        /// reserved, per dimension.
+        fn settle(
+            &mut self,
+            ledger: &InMemoryLedger,
+            pick: usize,
+            percent: [u64; 3],
+            clock: Instant,
+        ) {
+            if self.outstanding.is_empty() {
+                return;
+            }
+            let reserved = self.outstanding.swap_remove(pick % self.outstanding.len());
+            let actual = costs(
+                reserved.requests * percent[0] / 100,
+                reserved.input_tokens * percent[1] / 100,
+                reserved.output_tokens * percent[2] / 100,
+            );
+            let delta = CostDelta::between(reserved, actual);
+            self.latest = self.latest.max(clock);
+            ledger.settle_at(KEY, &self.limits, delta, clock);
+            let refunded = Dimension::ALL.map(|d| u64::try_from(-delta.get(d).min(0)).unwrap_or(0));
+            self.events.push(Event {
+                at: clock,
+                latest: self.latest,
+                admitted: [0; 3],
+                refunded,
+            });
+        }
+
+        /// The window bound, for every pair of admissions, per dimension.
+        fn check_window_bound(&self, window_secs: u64) -> Result<(), TestCaseError> {
+            let (limits, events) = (self.limits, &self.events);
+            let window_nanos = i128::from(window_secs) * 1_000_000_000;
+            for (d, dimension) in Dimension::ALL.into_iter().enumerate() {
+                let limit = i128::from(limits.get(dimension).unwrap_or(0));
+                let capacity = limit * window_nanos;
+                for i in 0..events.len() {
+                    if events[i].admitted[d] == 0 {
+                        continue;
+                    }
+                    let mut admitted = 0i128;
+                    let mut refunded = 0i128;
+                    for j in i..events.len() {
+                        admitted += i128::from(events[j].admitted[d]) * UNITS;
+                        refunded += i128::from(events[j].refunded[d]) * UNITS;
+                        if events[j].admitted[d] == 0 {
+                            continue;
+                        }
+                        let refill = limit * nanos_between(events[i].at, events[j].latest);
+                        let oversize =
+                            (i128::from(events[j].admitted[d]) * UNITS - capacity).max(0);
+                        prop_assert!(
+                            admitted <= capacity + refill + refunded + oversize,
+                            "{dimension}: admitted {} > capacity {} + refill {} + refunds {} + oversize {} between events {i} and {j}",
+                            admitted, capacity, refill, refunded, oversize
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -1210,120 +1352,45 @@ mod properties {
             ops in proptest::collection::vec(op(), 1..80),
         ) {
             let ledger = InMemoryLedger::with_window(secs(window_secs)).expect("valid window");
-            let window_nanos = i128::from(window_secs) * 1_000_000_000;
             let start = Instant::now() + secs(10);
             let mut clock = start;
-            let mut latest = start;
-            let mut outstanding: Vec<Costs> = Vec::new();
-            let mut events: Vec<Event> = Vec::new();
-
-            let reserve = |ledger: &InMemoryLedger, c: Costs, now: Instant, wait: bool,
-                               latest: &mut Instant, outstanding: &mut Vec<Costs>, events: &mut Vec<Event>|
-             -> Result<Option<Instant>, TestCaseError> {
-                *latest = (*latest).max(now);
-                match ledger.reserve_at(KEY, &limits, c, now) {
-                    Reservation::Admitted => {
-                        outstanding.push(c);
-                        events.push(Event { at: now, latest: *latest, admitted: [c.requests, c.input_tokens, c.output_tokens], refunded: [0; 3] });
-                        Ok(None)
-                    }
-                    Reservation::Wait { retry_in, dimension } => {
-                        let at = now + retry_in;
-                        prop_assert!(at > now);
-                        let cost = c.get(dimension);
-                        let limit = limits.get(dimension).unwrap_or(0);
-                        prop_assert!(cost > 0 && cost <= limit);
-                        if !wait {
-                            return Ok(None);
-                        }
-                        let before = at - Duration::from_nanos(1);
-                        let early = ledger.reserve_at(KEY, &limits, c, before);
-                        prop_assert_eq!(early, Reservation::Wait { retry_in: Duration::from_nanos(1), dimension }, "one nanosecond early");
-                        *latest = (*latest).max(at);
-                        let on_time = ledger.reserve_at(KEY, &limits, c, at);
-                        prop_assert_eq!(on_time, Reservation::Admitted, "woken at the instant given");
-                        outstanding.push(c);
-                        events.push(Event { at, latest: *latest, admitted: [c.requests, c.input_tokens, c.output_tokens], refunded: [0; 3] });
-                        Ok(Some(at))
-                    }
-                    Reservation::Never { dimension, cost, capacity } => {
-                        prop_assert_eq!(Some(capacity), limits.get(dimension));
-                        prop_assert!(cost > capacity);
-                        prop_assert_eq!(cost, c.get(dimension));
-                        Ok(None)
-                    }
-                }
-            };
+            let mut model = Model { limits, latest: start, outstanding: Vec::new(), events: Vec::new() };
 
             for op in ops {
                 match op {
                     Op::Reserve { requests, input, output, wait } => {
                         let c = costs(requests, input, output);
-                        if let Some(at) = reserve(&ledger, c, clock, wait, &mut latest, &mut outstanding, &mut events)? {
+                        if let Some(at) = model.reserve(&ledger, c, clock, wait)? {
                             clock = clock.max(at);
                         }
                     }
                     Op::StepBack { nanos, requests, input, output, wait } => {
                         let now = clock.checked_sub(Duration::from_nanos(nanos)).unwrap_or(clock);
-                        if let Some(at) = reserve(&ledger, costs(requests, input, output), now, wait, &mut latest, &mut outstanding, &mut events)? {
+                        if let Some(at) = model.reserve(&ledger, costs(requests, input, output), now, wait)? {
                             clock = clock.max(at);
                         }
                     }
                     Op::Settle { pick, percent } => {
-                        if outstanding.is_empty() {
-                            continue;
-                        }
-                        let reserved = outstanding.swap_remove(pick % outstanding.len());
-                        let actual = costs(
-                            reserved.requests * percent[0] / 100,
-                            reserved.input_tokens * percent[1] / 100,
-                            reserved.output_tokens * percent[2] / 100,
-                        );
-                        let delta = CostDelta::between(reserved, actual);
-                        latest = latest.max(clock);
-                        ledger.settle_at(KEY, &limits, delta, clock);
-                        let refunded = Dimension::ALL.map(|d| u64::try_from(-delta.get(d).min(0)).unwrap_or(0));
-                        events.push(Event { at: clock, latest, admitted: [0; 3], refunded });
+                        model.settle(&ledger, pick, percent, clock);
                     }
                     Op::Advance { nanos } => clock += Duration::from_nanos(nanos),
                 }
                 // A bucket never holds more than its capacity.
-                if let Some(states) = ledger.state_at(KEY, &limits, latest.max(clock)) {
+                if let Some(states) = ledger.state_at(KEY, &limits, model.latest.max(clock)) {
                     for state in states {
                         prop_assert!(state.available <= state.capacity + 1e-6, "{:?}", state);
                     }
                 }
             }
 
-            // The window bound, for every pair of admissions, per dimension.
-            for (d, dimension) in Dimension::ALL.into_iter().enumerate() {
-                let limit = i128::from(limits.get(dimension).unwrap_or(0));
-                let capacity = limit * window_nanos;
-                for i in 0..events.len() {
-                    if events[i].admitted[d] == 0 { continue; }
-                    let mut admitted = 0i128;
-                    let mut refunded = 0i128;
-                    for j in i..events.len() {
-                        admitted += i128::from(events[j].admitted[d]) * UNITS;
-                        refunded += i128::from(events[j].refunded[d]) * UNITS;
-                        if events[j].admitted[d] == 0 { continue; }
-                        let refill = limit * nanos_between(events[i].at, events[j].latest);
-                        let oversize = (i128::from(events[j].admitted[d]) * UNITS - capacity).max(0);
-                        prop_assert!(
-                            admitted <= capacity + refill + refunded + oversize,
-                            "{dimension}: admitted {} > capacity {} + refill {} + refunds {} + oversize {} between events {i} and {j}",
-                            admitted, capacity, refill, refunded, oversize
-                        );
-                    }
-                }
-            }
+            model.check_window_bound(window_secs)?;
 
             // Nothing lost: refund everything outstanding, wait out any debt,
             // and every bucket is exactly full again.
-            for reserved in outstanding.drain(..) {
+            for reserved in model.outstanding.drain(..) {
                 ledger.settle_at(KEY, &limits, CostDelta::refund(reserved), clock);
             }
-            let end = latest.max(clock) + secs(3_600);
+            let end = model.latest.max(clock) + secs(3_600);
             if let Some(states) = ledger.state_at(KEY, &limits, end) {
                 for state in states {
                     prop_assert!((state.available - state.capacity).abs() < 1e-6, "{:?}", state);
