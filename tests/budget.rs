@@ -1198,33 +1198,7 @@ async fn enforce_mode_answers_an_anthropic_shaped_429() {
         .call(keyed("sk-ant-alice", 10_000))
         .await
         .unwrap();
-    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
-    let h = denied.headers().clone();
-    let snap = RateLimitSnapshot::from_headers(&h);
-    // 5,000 left of 30,000; 10,000 needed: 5,000 more at 500/s = 10 s.
-    assert_eq!(snap.retry_after, Some(Duration::from_secs(10)));
-    assert_eq!(h["retry-after"], "10");
-    assert_eq!(snap.should_retry, Some(true));
-    assert_eq!(snap.input_tokens.limit, Some(30_000));
-    assert_eq!(snap.input_tokens.remaining, Some(5_000));
-    assert_eq!(h["content-type"], "application/json");
-    let body = denied.into_body().collect().await.unwrap().to_bytes();
-    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(json["type"], "error");
-    assert_eq!(json["error"]["type"], "rate_limit_error");
-    let message = json["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("30,000 input tokens per minute"),
-        "{message}"
-    );
-    let id = json["request_id"].as_str().unwrap();
-    assert!(id.starts_with("req_"));
-    assert_eq!(h["request-id"], id);
-    // The key is never echoed.
-    assert!(!String::from_utf8_lossy(&body).contains("alice"));
-    assert!(h
-        .values()
-        .all(|v| !v.to_str().unwrap_or("").contains("alice")));
+    assert_anthropic_shaped_429(denied, "alice").await;
 
     // Another caller has its own budget.
     let bob = gateway
@@ -1258,6 +1232,43 @@ async fn enforce_mode_answers_an_anthropic_shaped_429() {
         .iter()
         .all(|k| k.key.starts_with("key-") && !k.key.contains("sk-ant")));
     assert_eq!(snap.rejected, 1);
+}
+
+/// The enforce-mode 429 of a caller who asked for 10,000 input tokens with
+/// 5,000 of 30,000 left: Anthropic's headers and error body, and never any
+/// part of the caller's API key (`secret`).
+async fn assert_anthropic_shaped_429<B>(denied: Response<B>, secret: &str)
+where
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    let h = denied.headers().clone();
+    let snap = RateLimitSnapshot::from_headers(&h);
+    // 5,000 left of 30,000; 10,000 needed: 5,000 more at 500/s = 10 s.
+    assert_eq!(snap.retry_after, Some(Duration::from_secs(10)));
+    assert_eq!(h["retry-after"], "10");
+    assert_eq!(snap.should_retry, Some(true));
+    assert_eq!(snap.input_tokens.limit, Some(30_000));
+    assert_eq!(snap.input_tokens.remaining, Some(5_000));
+    assert_eq!(h["content-type"], "application/json");
+    let body = denied.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["type"], "error");
+    assert_eq!(json["error"]["type"], "rate_limit_error");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("30,000 input tokens per minute"),
+        "{message}"
+    );
+    let id = json["request_id"].as_str().unwrap();
+    assert!(id.starts_with("req_"));
+    assert_eq!(h["request-id"], id);
+    // The key is never echoed.
+    assert!(!String::from_utf8_lossy(&body).contains(secret));
+    assert!(h
+        .values()
+        .all(|v| !v.to_str().unwrap_or("").contains(secret)));
 }
 
 /// Budgets can be keyed by a custom extractor; requests without a key share one.
@@ -1659,6 +1670,29 @@ proptest::proptest! {
     }
 }
 
+/// The gateway's own service in the loopback test (an axum Router would be
+/// one): the SSE stream for a streamed request, else a JSON answer with 7
+/// output tokens. Its error type is concrete (`Infallible`); see the module
+/// docs on why a `BoxError` there cannot be held by hyper's connection task.
+async fn answer_over_http(
+    req: Request<ReplayBody<hyper::body::Incoming>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let bytes = match req.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let est = estimate_json(&bytes);
+    if !est.stream {
+        return Ok(Response::new(Full::new(json_usage(est.input_tokens, 7))));
+    }
+    let mut r = Response::new(Full::new(Bytes::from_static(SSE.as_bytes())));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    Ok(r)
+}
+
 /// Over real HTTP on loopback (hyper server and client): the gateway's
 /// answers, a streamed one among them, settle and carry their headers as
 /// hyper reads them.
@@ -1672,32 +1706,7 @@ async fn enforce_mode_over_loopback_http() {
         .estimator(Arc::new(ExactEstimator::default()))
         .enforce()
         .build();
-    let sse = Bytes::from_static(SSE.as_bytes());
-    // The gateway's own service (an axum Router would be one): its error
-    // type is concrete (`Infallible`); see the module docs on why a
-    // `BoxError` there cannot be held by hyper's connection task.
-    let inner = tower::service_fn(move |req: Request<ReplayBody<hyper::body::Incoming>>| {
-        let sse = sse.clone();
-        async move {
-            let bytes = match req.into_body().collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(_) => Bytes::new(),
-            };
-            let est = estimate_json(&bytes);
-            let resp = if est.stream {
-                let mut r = Response::new(Full::new(sse));
-                r.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("text/event-stream"),
-                );
-                r
-            } else {
-                Response::new(Full::new(json_usage(est.input_tokens, 7)))
-            };
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let gateway = layer.layer(inner);
+    let gateway = layer.layer(tower::service_fn(answer_over_http));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

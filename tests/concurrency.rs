@@ -836,6 +836,61 @@ impl Rng {
     }
 }
 
+/// When a request of the cancellation test is dropped: never (modes 0-2, it
+/// completes), after `jitter`, `short` after it was called, or `5 × short`
+/// into its body.
+async fn cancel_when(
+    mode: u64,
+    jitter: Duration,
+    short: Duration,
+    called: tokio::sync::oneshot::Receiver<()>,
+    head: Arc<tokio::sync::Notify>,
+) {
+    match mode {
+        0..=2 => std::future::pending::<()>().await,
+        3 => sleep(jitter).await,
+        4 => {
+            let _ = called.await;
+            sleep(short).await;
+        }
+        _ => {
+            head.notified().await;
+            sleep(short * 5).await;
+        }
+    }
+}
+
+/// After every request of the cancellation test completed or was dropped: no
+/// slot, waiter or upstream call is left, the limit always held, no request
+/// was admitted twice, and drops happened in every phase (`dropped`: while
+/// waiting, called before its head, mid-body).
+fn assert_nothing_leaked(
+    layer: &ConcurrencyLayer,
+    up: &Upstream,
+    completed: &[u64],
+    dropped: [usize; 3],
+    n: usize,
+    limit: usize,
+) {
+    let s = layer.snapshot();
+    assert_eq!((s.in_flight, s.waiting.total()), (0, 0));
+    assert_eq!(up.live(), 0);
+    assert!(up.max_live() <= limit);
+    let mut times: HashMap<u64, usize> = HashMap::new();
+    for id in up.calls() {
+        *times.entry(id).or_default() += 1;
+    }
+    assert!(times.values().all(|&n| n == 1), "no request admitted twice");
+    assert!(completed.iter().all(|id| times.get(id) == Some(&1)));
+    eprintln!("completed {} dropped {dropped:?}", completed.len());
+    assert_eq!(completed.len() + dropped.iter().sum::<usize>(), n);
+    assert!(
+        dropped.iter().all(|&n| n > 100),
+        "drops while waiting / in flight / mid-body: {dropped:?}"
+    );
+    assert!(completed.len() >= n * 4 / 10, "{}", completed.len());
+}
+
 #[tokio::test(start_paused = true)]
 async fn thousands_of_random_cancellations_leak_nothing() {
     const N: u64 = 4000;
@@ -890,20 +945,7 @@ async fn thousands_of_random_cancellations_leak_nothing() {
                 }
                 Ok::<_, BoxError>(())
             };
-            let trigger = async move {
-                match mode {
-                    0..=2 => std::future::pending::<()>().await,
-                    3 => sleep(jitter).await,
-                    4 => {
-                        let _ = called.await;
-                        sleep(short).await;
-                    }
-                    _ => {
-                        head.notified().await;
-                        sleep(short * 5).await;
-                    }
-                }
-            };
+            let trigger = cancel_when(mode, jitter, short, called, head);
             tokio::select! {
                 r = work => {
                     r.unwrap_or_else(|e| panic!("request {id} failed: {e}"));
@@ -925,32 +967,9 @@ async fn thousands_of_random_cancellations_leak_nothing() {
     for t in tasks {
         t.await.unwrap();
     }
-    let s = layer.snapshot();
-    assert_eq!((s.in_flight, s.waiting.total()), (0, 0));
-    assert_eq!(up.live(), 0);
-    assert!(up.max_live() <= LIMIT);
-    let mut times: HashMap<u64, usize> = HashMap::new();
-    for id in up.calls() {
-        *times.entry(id).or_default() += 1;
-    }
-    assert!(times.values().all(|&n| n == 1), "no request admitted twice");
     let completed = completed.lock().unwrap();
-    assert!(completed.iter().all(|id| times.get(id) == Some(&1)));
-    let dropped: Vec<usize> = dropped_at
-        .iter()
-        .map(|a| a.load(Ordering::SeqCst))
-        .collect();
-    eprintln!("completed {} dropped {dropped:?}", completed.len());
-    assert_eq!(completed.len() + dropped.iter().sum::<usize>(), N as usize);
-    assert!(
-        dropped.iter().all(|&n| n > 100),
-        "drops while waiting / in flight / mid-body: {dropped:?}"
-    );
-    assert!(
-        completed.len() >= (N as usize) * 4 / 10,
-        "{}",
-        completed.len()
-    );
+    let dropped = dropped_at.each_ref().map(|a| a.load(Ordering::SeqCst));
+    assert_nothing_leaked(&layer, &up, &completed, dropped, N as usize, LIMIT);
 }
 
 // ---------------------------------------------------------------------------
