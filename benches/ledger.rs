@@ -16,6 +16,13 @@ use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{CostDelta, Costs, InMemoryLedger, Ledger, Reservation};
 use tower_llm_limits::budget::{ModelClass, Tier};
 
+/// What one request costs in the benchmarks.
+const COSTS: Costs = Costs {
+    requests: 1,
+    input_tokens: 1_200,
+    output_tokens: 800,
+};
+
 fn uncontended(c: &mut Criterion) {
     let mut group = c.benchmark_group("ledger");
 
@@ -29,11 +36,7 @@ fn uncontended(c: &mut Criterion) {
     });
 
     let limits = Tier::Tier4.limits(ModelClass::Sonnet4);
-    let costs = Costs {
-        requests: 1,
-        input_tokens: 1_200,
-        output_tokens: 800,
-    };
+    let costs = COSTS;
     // One settlement per reservation. It gives everything back (as for a
     // 429) so the bucket never runs dry however many iterations run; the
     // arithmetic is the same for any delta.
