@@ -11,7 +11,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http_body_util::{BodyExt, Full};
 use tower::ServiceExt;
-use tower_llm_limits::budget::limits::Limits;
+use tower_llm_limits::budget::Limits;
 use tower_llm_limits::emulator::{Emulator, Latency, OutputLength};
 
 fn body(stream: bool) -> Bytes {
@@ -48,7 +48,12 @@ fn per_request(c: &mut Criterion) {
     });
 
     let emulator = Emulator::builder()
-        .limits(Limits::new(u64::MAX / 4, u64::MAX / 4, u64::MAX / 4))
+        .limits(
+            Limits::new()
+                .rpm(u64::MAX / 4)
+                .itpm(u64::MAX / 4)
+                .otpm(u64::MAX / 4),
+        )
         .latency(Latency::none())
         .output_length(OutputLength::new(1.0, 1.0))
         .build()

@@ -41,7 +41,8 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_llm_limits::budget::{Limits, Tier, TokenBudgetLayer};
-use tower_llm_limits::{preset, BoxError, Error};
+use tower_llm_limits::preset::LimitsLayer;
+use tower_llm_limits::{BoxError, Error};
 
 pub use hyper_client::Anthropic;
 
@@ -165,12 +166,11 @@ async fn main() -> Result<(), BoxError> {
         Ok("4") => Tier::Tier4,
         Ok(other) => return Err(format!("ANTHROPIC_TIER: 1 to 4, not {other}").into()),
     };
-    let caller = Limits::new(
-        env_u64("CALLER_RPM", 20)?,
-        env_u64("CALLER_ITPM", 10_000)?,
-        env_u64("CALLER_OTPM", 2_000)?,
-    );
-    let upstream = Anthropic::new(&base, &key, preset::anthropic(tier))?;
+    let caller = Limits::new()
+        .rpm(env_u64("CALLER_RPM", 20)?)
+        .itpm(env_u64("CALLER_ITPM", 10_000)?)
+        .otpm(env_u64("CALLER_OTPM", 2_000)?);
+    let upstream = Anthropic::new(&base, &key, LimitsLayer::anthropic(tier))?;
     let (app, _callers) = router(upstream, caller);
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("gateway on http://{} -> {base}", listener.local_addr()?);

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tower_llm_limits::budget::limits::{Limits, OutputMode};
+use tower_llm_limits::budget::{Limits, OutputMode};
 use tower_llm_limits::emulator::{Acceleration, Emulator, Faults, Latency};
 
 const USAGE: &str = "usage: emulator [--host ADDR] [--port P] [--rpm N] [--itpm N] [--otpm N] \
@@ -40,7 +40,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         host: "127.0.0.1".into(),
         port: 8080,
-        limits: Limits::new(50, 30_000, 8_000),
+        limits: Limits::new().rpm(50).itpm(30_000).otpm(8_000),
         window: None,
         output_mode: OutputMode::Realtime,
         faults: Faults::none(),

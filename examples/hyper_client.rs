@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_limits::budget::Tier;
-use tower_llm_limits::preset::{self, LimitsLayer};
+use tower_llm_limits::preset::LimitsLayer;
 use tower_llm_limits::BoxError;
 
 /// The body the hyper client sends and the stack answers with.
@@ -90,7 +90,7 @@ impl std::fmt::Debug for Anthropic {
 
 impl Anthropic {
     /// A client of `base_url` (e.g. `https://api.anthropic.com`) with
-    /// `api_key`, paced by `limits` (e.g. `preset::anthropic(Tier::Tier1)`).
+    /// `api_key`, paced by `limits` (e.g. `LimitsLayer::anthropic(Tier::Tier1)`).
     ///
     /// # Errors
     /// A base URL that does not parse, or a key that is not a header value.
@@ -133,7 +133,7 @@ impl Anthropic {
             Ok("4") => Tier::Tier4,
             Ok(other) => return Err(format!("ANTHROPIC_TIER: 1 to 4, not {other}").into()),
         };
-        Self::new(&base, &key, preset::anthropic(tier))
+        Self::new(&base, &key, LimitsLayer::anthropic(tier))
     }
 
     /// Sends a Messages request body as it is and returns the answer as it

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower_llm_limits::budget::limits::{Limits, ModelClass, OutputMode, Tier};
+use tower_llm_limits::budget::{Limits, ModelClass, OutputMode, Tier};
 use tower_llm_limits::emulator::{
     count_text, Acceleration, Emulator, EmulatorBody, EmulatorBuilder, Faults, Latency,
     OutputLength, TokenCounter,
@@ -23,7 +23,7 @@ const SONNET: &str = "claude-sonnet-4-5-20250929";
 fn quiet() -> EmulatorBuilder {
     Emulator::builder()
         .latency(Latency::none())
-        .limits(Limits::new(1_000, 1_000_000, 1_000_000))
+        .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000_000))
         .seed(42)
 }
 
@@ -330,7 +330,7 @@ async fn no_latency_means_no_timer_at_all() {
 #[tokio::test(start_paused = true)]
 async fn count_tokens_answers_the_emulator_count_with_its_own_limiter() {
     let emulator = quiet()
-        .limits(Limits::new(1, 1_000_000, 1_000_000))
+        .limits(Limits::new().rpm(1).itpm(1_000_000).otpm(1_000_000))
         .count_tokens_rpm(Some(2))
         .build()
         .unwrap();
@@ -459,7 +459,7 @@ async fn unknown_path_gets_404_and_other_methods_405() {
 #[tokio::test(start_paused = true)]
 async fn rpm_429_has_the_api_shape_and_headers() {
     let emulator = quiet()
-        .limits(Limits::new(2, 1_000_000, 1_000_000))
+        .limits(Limits::new().rpm(2).itpm(1_000_000).otpm(1_000_000))
         .build()
         .unwrap();
     for remaining in [1, 0] {
@@ -522,7 +522,7 @@ async fn rpm_429_has_the_api_shape_and_headers() {
 #[tokio::test(start_paused = true)]
 async fn itpm_is_charged_true_counts_and_remaining_is_rounded_to_thousands() {
     let emulator = quiet()
-        .limits(Limits::new(1_000, 6_000, 1_000_000))
+        .limits(Limits::new().rpm(1_000).itpm(6_000).otpm(1_000_000))
         .build()
         .unwrap();
     let body = ask(&"abcd ".repeat(2_500), 1);
@@ -566,7 +566,7 @@ async fn itpm_is_charged_true_counts_and_remaining_is_rounded_to_thousands() {
 #[tokio::test(start_paused = true)]
 async fn a_request_above_the_whole_limit_gets_429_with_a_minute() {
     let emulator = quiet()
-        .limits(Limits::new(1_000, 1_000, 1_000_000))
+        .limits(Limits::new().rpm(1_000).itpm(1_000).otpm(1_000_000))
         .build()
         .unwrap();
     let response = send(&emulator, "/v1/messages", &ask(&"abcd ".repeat(1_200), 1)).await;
@@ -577,8 +577,11 @@ async fn a_request_above_the_whole_limit_gets_429_with_a_minute() {
 #[tokio::test(start_paused = true)]
 async fn limits_are_per_model_class() {
     let emulator = quiet()
-        .limits(Limits::new(3, 1_000_000, 1_000_000))
-        .class_limits(ModelClass::Haiku45, Limits::new(1, 1_000_000, 1_000_000))
+        .limits(Limits::new().rpm(3).itpm(1_000_000).otpm(1_000_000))
+        .class_limits(
+            ModelClass::Haiku45,
+            Limits::new().rpm(1).itpm(1_000_000).otpm(1_000_000),
+        )
         .build()
         .unwrap();
     assert_eq!(
@@ -632,20 +635,23 @@ async fn limits_are_per_model_class() {
 async fn tier_preset_sets_every_class() {
     let emulator = quiet()
         .tier(Tier::Tier1)
-        .class_limits(ModelClass::Opus4, Limits::new(7, 70_000, 7_000))
+        .class_limits(
+            ModelClass::Opus4,
+            Limits::new().rpm(7).itpm(70_000).otpm(7_000),
+        )
         .build()
         .unwrap();
     assert_eq!(
         emulator.limits_for(ModelClass::Sonnet4),
-        Limits::new(50, 30_000, 8_000)
+        Limits::new().rpm(50).itpm(30_000).otpm(8_000)
     );
     assert_eq!(
         emulator.limits_for(ModelClass::Haiku45),
-        Limits::new(50, 50_000, 10_000)
+        Limits::new().rpm(50).itpm(50_000).otpm(10_000)
     );
     assert_eq!(
         emulator.limits_for(ModelClass::Opus4),
-        Limits::new(7, 70_000, 7_000)
+        Limits::new().rpm(7).itpm(70_000).otpm(7_000)
     );
     let body = json!({"model": "claude-3-5-haiku-latest", "max_tokens": 5,
                       "messages": [{"role": "user", "content": "x"}]});
@@ -659,7 +665,7 @@ async fn tier_preset_sets_every_class() {
 #[tokio::test(start_paused = true)]
 async fn shorter_enforcement_window_spreads_the_minute() {
     let emulator = quiet()
-        .limits(Limits::new(60, 1_000_000, 1_000_000))
+        .limits(Limits::new().rpm(60).itpm(1_000_000).otpm(1_000_000))
         .enforcement_window(Duration::from_secs(1))
         .build()
         .unwrap();
@@ -685,7 +691,7 @@ async fn shorter_enforcement_window_spreads_the_minute() {
 
 async fn second_admitted_while_first_streams(mode: OutputMode) -> (StatusCode, StatusCode) {
     let emulator = quiet()
-        .limits(Limits::new(1_000, 1_000_000, 1_000))
+        .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000))
         .output_mode(mode)
         .output_length(OutputLength::new(0.1, 0.1))
         .build()
@@ -728,7 +734,7 @@ async fn realtime_mode_ignores_max_tokens() {
 #[tokio::test(start_paused = true)]
 async fn realtime_mode_charges_tokens_as_they_stream() {
     let emulator = quiet()
-        .limits(Limits::new(1_000, 1_000_000, 100_000))
+        .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(100_000))
         .output_mode(OutputMode::Realtime)
         .output_length(OutputLength::new(1.0, 1.0))
         .latency(Latency::none().with_tokens_per_delta(100))
@@ -758,7 +764,7 @@ async fn realtime_mode_charges_tokens_as_they_stream() {
 #[tokio::test(start_paused = true)]
 async fn reserve_mode_refunds_a_dropped_stream() {
     let emulator = quiet()
-        .limits(Limits::new(1_000, 1_000_000, 10_000))
+        .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(10_000))
         .output_mode(OutputMode::Reserve)
         .output_length(OutputLength::new(1.0, 1.0))
         .latency(Latency::none().with_tokens_per_delta(100))
@@ -1058,7 +1064,7 @@ async fn fault_rates_are_drawn_at_the_configured_rate() {
 #[tokio::test(start_paused = true)]
 async fn acceleration_limit_refuses_a_sharp_jump_under_the_limit() {
     let emulator = quiet()
-        .limits(Limits::new(10_000, 10_000_000, 10_000_000))
+        .limits(Limits::new().rpm(10_000).itpm(10_000_000).otpm(10_000_000))
         .acceleration(Acceleration::new(2.0, 1_500))
         .build()
         .unwrap();
@@ -1094,7 +1100,7 @@ async fn acceleration_limit_refuses_a_sharp_jump_under_the_limit() {
 
 async fn transcript(seed: u64) -> Vec<String> {
     let emulator = Emulator::builder()
-        .limits(Limits::new(5, 1_000_000, 1_000_000))
+        .limits(Limits::new().rpm(5).itpm(1_000_000).otpm(1_000_000))
         .seed(seed)
         .faults(Faults::none().with_overloaded(0.2).with_stream_error(0.3))
         .build()
@@ -1147,7 +1153,7 @@ async fn same_request_gets_the_same_answer_length() {
 #[tokio::test(start_paused = true)]
 async fn stats_timeline_counts_per_second() {
     let emulator = quiet()
-        .limits(Limits::new(2, 1_000_000, 1_000_000))
+        .limits(Limits::new().rpm(2).itpm(1_000_000).otpm(1_000_000))
         .output_length(OutputLength::new(1.0, 1.0))
         .build()
         .unwrap();
@@ -1179,7 +1185,7 @@ async fn serves_over_tcp_with_hyper() {
     use hyper_util::rt::TokioExecutor;
 
     let emulator = Emulator::builder()
-        .limits(Limits::new(50, 30_000, 8_000))
+        .limits(Limits::new().rpm(50).itpm(30_000).otpm(8_000))
         .latency(Latency::none())
         .build()
         .unwrap();
@@ -1263,7 +1269,7 @@ async fn connection_reset_over_tcp_aborts_the_connection() {
 #[tokio::test(start_paused = true)]
 async fn dropping_a_json_request_mid_generation_charges_what_was_produced() {
     let emulator = quiet()
-        .limits(Limits::new(1_000, 1_000_000, 10_000))
+        .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(10_000))
         .output_mode(OutputMode::Reserve)
         .output_length(OutputLength::new(1.0, 1.0))
         .latency(

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Reservation,
 };
-use tower_llm_limits::budget::limits::{Limits, OutputMode};
+use tower_llm_limits::budget::{Limits, OutputMode};
 use tower_llm_limits::emulator::{Headroom, RateLimiter, RequestCost, Verdict};
 use tower_llm_limits::Dimension;
 
@@ -429,7 +429,10 @@ fn aligned(draw: &mut Draw) -> (Limits, Option<(u64, u64)>) {
     let rpm = draw.between(1, 60);
     let k = draw.between(100, 1_000);
     let m = draw.between(10, 200);
-    (Limits::new(rpm, rpm * k, rpm * m), Some((k, m)))
+    (
+        Limits::new().rpm(rpm).itpm(rpm * k).otpm(rpm * m),
+        Some((k, m)),
+    )
 }
 
 #[test]
@@ -469,7 +472,7 @@ fn the_ledger_adapter_sees_the_documented_example() {
     // The adapter itself, on the ledger's documented example: 20,000 input
     // tokens of 30,000, then a second request waits 20 s on input.
     let client = ClientLedger::new(None);
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let now = Instant::now();
     let cost = RequestCost {
         requests: 1,

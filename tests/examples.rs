@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tower_llm_limits::budget::Limits;
 use tower_llm_limits::emulator::{Emulator, Latency};
 use tower_llm_limits::headers::RateLimitSnapshot;
-use tower_llm_limits::preset;
+use tower_llm_limits::preset::LimitsLayer;
 
 /// Serves `router` on a fresh loopback port.
 async fn serve(router: axum::Router) -> SocketAddr {
@@ -62,12 +62,12 @@ fn total_admitted(e: &Emulator) -> (u64, u64) {
 
 #[tokio::test]
 async fn hyper_client_example_talks_to_the_emulator_json_and_sse() {
-    let limits = Limits::new(50, 30_000, 8_000);
+    let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let (emu, addr) = emulator(limits).await;
     let client = hyper_client::Anthropic::new(
         &format!("http://{addr}"),
         "sk-test-not-a-real-key",
-        preset::anthropic(limits),
+        LimitsLayer::anthropic(limits),
     )
     .expect("client");
 
@@ -90,12 +90,12 @@ async fn hyper_client_example_talks_to_the_emulator_json_and_sse() {
 async fn hyper_client_example_never_sends_a_request_that_cannot_fit() {
     // An ITPM of 100: a prompt of thousands of tokens can never be admitted,
     // so the budget fails it at once and the emulator never sees it.
-    let limits = Limits::new(50, 100, 8_000);
+    let limits = Limits::new().rpm(50).itpm(100).otpm(8_000);
     let (emu, addr) = emulator(limits).await;
     let client = hyper_client::Anthropic::new(
         &format!("http://{addr}"),
         "sk-test",
-        preset::anthropic(limits),
+        LimitsLayer::anthropic(limits),
     )
     .expect("client");
     let long = "word ".repeat(5_000);
@@ -141,16 +141,17 @@ async fn call(
 
 #[tokio::test]
 async fn axum_gateway_enforces_each_callers_budget_with_anthropic_shaped_429s() {
-    let org = Limits::new(50, 30_000, 8_000);
+    let org = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let (emu, upstream_addr) = emulator(org).await;
     let upstream = axum_gateway::Anthropic::new(
         &format!("http://{upstream_addr}"),
         "sk-gateway-upstream",
-        preset::anthropic(org),
+        LimitsLayer::anthropic(org),
     )
     .expect("upstream client");
     // Each caller: 3 requests per minute.
-    let (router, callers) = axum_gateway::router(upstream, Limits::new(3, 20_000, 4_000));
+    let (router, callers) =
+        axum_gateway::router(upstream, Limits::new().rpm(3).itpm(20_000).otpm(4_000));
     let gateway = serve(router).await;
     let msg = hyper_client::message("claude-sonnet-4-5", "Hello there.", 16, false);
 
@@ -185,15 +186,16 @@ async fn axum_gateway_enforces_each_callers_budget_with_anthropic_shaped_429s() 
 
 #[tokio::test]
 async fn axum_gateway_streams_sse_answers_through() {
-    let org = Limits::new(50, 30_000, 8_000);
+    let org = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     let (_emu, upstream_addr) = emulator(org).await;
     let upstream = axum_gateway::Anthropic::new(
         &format!("http://{upstream_addr}"),
         "sk-gateway-upstream",
-        preset::anthropic(org),
+        LimitsLayer::anthropic(org),
     )
     .expect("upstream client");
-    let (router, _) = axum_gateway::router(upstream, Limits::new(10, 20_000, 4_000));
+    let (router, _) =
+        axum_gateway::router(upstream, Limits::new().rpm(10).itpm(20_000).otpm(4_000));
     let gateway = serve(router).await;
     let msg = hyper_client::message("claude-sonnet-4-5", "Stream, please.", 40, true);
     let (status, headers, body) = call(gateway, "team-s", &msg).await;

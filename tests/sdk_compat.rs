@@ -21,7 +21,7 @@ use std::io::Write;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tower_llm_limits::budget::limits::Limits;
+use tower_llm_limits::budget::Limits;
 use tower_llm_limits::emulator::{ClassStats, Emulator, EmulatorBuilder, Faults, Latency};
 
 /// The scripts' exit code when the SDK cannot be imported.
@@ -57,7 +57,7 @@ const TYPESCRIPT: Sdk = Sdk {
 /// microseconds between them, so chunks do arrive apart.
 fn builder() -> EmulatorBuilder {
     Emulator::builder()
-        .limits(Limits::new(1_000, 1_000_000, 1_000_000))
+        .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000_000))
         .latency(
             Latency::none()
                 .with_per_output_token(Duration::from_micros(200))
@@ -186,7 +186,7 @@ fn sonnet(emulator: &Emulator) -> ClassStats {
 async fn check_sdk(sdk: &Sdk) {
     let ok = builder().build().unwrap();
     let rate_limited = builder()
-        .limits(Limits::new(1, 1_000_000, 1_000_000))
+        .limits(Limits::new().rpm(1).itpm(1_000_000).otpm(1_000_000))
         .build()
         .unwrap();
     let overloaded = builder()

@@ -28,7 +28,7 @@ pub fn limit_spec(a: &Args) -> LimitSpec {
 
 /// The limits as the crate's types say them.
 pub fn limits(a: &Args) -> Limits {
-    Limits::new(a.rpm, a.itpm, a.otpm)
+    Limits::new().rpm(a.rpm).itpm(a.itpm).otpm(a.otpm)
 }
 
 /// A fresh emulator (seeded with the run's seed, default latency model, the

@@ -50,7 +50,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::budget::limits::Limits;
+use crate::budget::Limits;
 use crate::Dimension;
 
 /// Ticks per token: one minute in nanoseconds (see the module docs).
@@ -304,12 +304,12 @@ fn slot(dimension: Dimension) -> usize {
 /// ```
 /// use std::time::Duration;
 /// use tokio::time::Instant;
-/// use tower_llm_limits::budget::limits::Limits;
+/// use tower_llm_limits::budget::Limits;
 /// use tower_llm_limits::emulator::{RateLimiter, RequestCost, Verdict};
 /// use tower_llm_limits::Dimension;
 ///
 /// let limiter = RateLimiter::per_minute();
-/// let limits = Limits::new(50, 30_000, 8_000);
+/// let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
 /// let now = Instant::now();
 /// let cost = RequestCost { requests: 1, input_tokens: 20_000, output_tokens: 1 };
 /// assert_eq!(limiter.admit("sonnet", &limits, cost, now), Verdict::Admitted);
@@ -492,7 +492,7 @@ mod tests {
     #[test]
     fn a_new_bucket_is_full_and_a_refused_request_is_charged_nothing() {
         let (limiter, t0) = minute();
-        let limits = Limits::new(50, 30_000, 8_000);
+        let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
         assert_eq!(limiter.headroom(&"k", t0), None);
         let cost = request(20_000, 1_000);
         assert_eq!(limiter.admit("k", &limits, cost, t0), Verdict::Admitted);
@@ -521,7 +521,7 @@ mod tests {
     #[test]
     fn refill_is_continuous_and_stops_at_capacity() {
         let (limiter, t0) = minute();
-        let limits = Limits::new(60, 6_000, 6_000);
+        let limits = Limits::new().rpm(60).itpm(6_000).otpm(6_000);
         assert_eq!(
             limiter.admit("k", &limits, request(6_000, 0), t0),
             Verdict::Admitted
@@ -561,7 +561,7 @@ mod tests {
     fn the_longest_wait_names_the_limit_and_a_tie_goes_to_the_first() {
         let (limiter, t0) = minute();
         // Input refills 1,000 per second, output 100 per second.
-        let limits = Limits::new(1_000, 60_000, 6_000);
+        let limits = Limits::new().rpm(1_000).itpm(60_000).otpm(6_000);
         let cost = request(60_000, 6_000);
         assert_eq!(limiter.admit("k", &limits, cost, t0), Verdict::Admitted);
         assert_eq!(
@@ -584,7 +584,7 @@ mod tests {
         // 60 RPM enforced as 1 request per second.
         let limiter = RateLimiter::with_window(SEC).unwrap();
         let t0 = limiter.epoch;
-        let limits = Limits::new(60, 30_000, 1_000_000);
+        let limits = Limits::new().rpm(60).itpm(30_000).otpm(1_000_000);
         assert_eq!(
             limiter.admit("k", &limits, request(10, 10), t0),
             Verdict::Admitted
@@ -622,7 +622,7 @@ mod tests {
         // 50 RPM over 1 s: capacity 5/6 of a request, one every 1.2 s.
         let limiter = RateLimiter::with_window(SEC).unwrap();
         let t0 = limiter.epoch;
-        let limits = Limits::unknown().with_requests_per_minute(50);
+        let limits = Limits::new().rpm(50);
         let one = RequestCost {
             requests: 1,
             ..RequestCost::default()
@@ -650,7 +650,7 @@ mod tests {
     #[test]
     fn a_cost_above_the_limit_never_fits() {
         let (limiter, t0) = minute();
-        let limits = Limits::new(1, 1_000, 1_000);
+        let limits = Limits::new().rpm(1).itpm(1_000).otpm(1_000);
         assert_eq!(
             limiter.admit("k", &limits, request(1_001, 1), t0),
             Verdict::Never {
@@ -674,7 +674,7 @@ mod tests {
         );
         // A zero limit refuses any cost for ever, and a zero cost passes it.
         let (limiter, t0) = minute();
-        let limits = Limits::new(10, 0, 1_000);
+        let limits = Limits::new().rpm(10).itpm(0).otpm(1_000);
         assert_eq!(
             limiter.admit("k", &limits, request(1, 1), t0),
             Verdict::Never {
@@ -696,7 +696,7 @@ mod tests {
     #[test]
     fn reserve_mode_holds_max_tokens_until_refunded() {
         let (limiter, t0) = minute();
-        let limits = Limits::new(1_000, 1_000_000, 1_000);
+        let limits = Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000);
         assert_eq!(
             limiter.admit("k", &limits, request(10, 800), t0),
             Verdict::Admitted
@@ -730,7 +730,7 @@ mod tests {
     #[test]
     fn realtime_mode_charges_output_as_produced_into_debt() {
         let (limiter, t0) = minute();
-        let limits = Limits::new(1_000, 1_000_000, 1_000);
+        let limits = Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000);
         // Admission needs the first token only.
         assert_eq!(
             limiter.admit("k", &limits, request(10, 1), t0),
@@ -763,7 +763,7 @@ mod tests {
     #[test]
     fn keys_and_unlimited_dimensions_are_independent() {
         let (limiter, t0) = minute();
-        let rpm_only = Limits::unknown().with_requests_per_minute(1);
+        let rpm_only = Limits::new().rpm(1);
         assert_eq!(
             limiter.admit("a", &rpm_only, request(u64::MAX, u64::MAX), t0),
             Verdict::Admitted
@@ -794,7 +794,7 @@ mod tests {
     #[test]
     fn huge_costs_and_far_clocks_saturate() {
         let (limiter, t0) = minute();
-        let limits = Limits::new(u64::MAX, u64::MAX, 1);
+        let limits = Limits::new().rpm(u64::MAX).itpm(u64::MAX).otpm(1);
         assert_eq!(
             limiter.admit("k", &limits, request(u64::MAX, 1), t0),
             Verdict::Admitted

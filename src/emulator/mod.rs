@@ -61,14 +61,14 @@
 //! use std::time::Duration;
 //! use http_body_util::{BodyExt, Full};
 //! use tower::ServiceExt;
-//! use tower_llm_limits::budget::limits::Limits;
+//! use tower_llm_limits::budget::Limits;
 //! use tower_llm_limits::emulator::{Emulator, Latency};
 //! use tower_llm_limits::headers::RateLimitSnapshot;
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), tower_llm_limits::BoxError> {
 //! let emulator = Emulator::builder()
-//!     .limits(Limits::new(50, 30_000, 8_000))
+//!     .limits(Limits::new().rpm(50).itpm(30_000).otpm(8_000))
 //!     .latency(Latency::none()) // answers at once; the default model takes ~1 s per 60 tokens
 //!     .seed(7)
 //!     .build()?;
@@ -217,7 +217,7 @@ pub use self::tokens::{
     count_text, TokenCounter, DOCUMENT_PAGE_CHARS, DOCUMENT_PAGE_TOKENS, IMAGE_TOKENS,
     MESSAGE_OVERHEAD,
 };
-pub use crate::budget::limits::{Limits, ModelClass, OutputMode, Tier};
+pub use crate::budget::{Limits, ModelClass, OutputMode, Tier};
 
 use self::cache::PromptCache;
 use self::stats::StatsInner;
@@ -323,7 +323,7 @@ impl Emulator {
     pub fn builder() -> EmulatorBuilder {
         EmulatorBuilder {
             config: Config {
-                default_limits: Limits::unknown(),
+                default_limits: Limits::new(),
                 class_limits: HashMap::new(),
                 window: None,
                 output_mode: OutputMode::Realtime,

@@ -38,12 +38,12 @@ impl Emulator {
     ///
     /// ```no_run
     /// # async fn run() -> std::io::Result<()> {
-    /// use tower_llm_limits::budget::limits::Limits;
+    /// use tower_llm_limits::budget::Limits;
     /// use tower_llm_limits::emulator::Emulator;
     ///
     /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     /// println!("listening on http://{}", listener.local_addr()?);
-    /// Emulator::new(Limits::new(50, 30_000, 8_000)).serve(listener).await
+    /// Emulator::new(Limits::new().rpm(50).itpm(30_000).otpm(8_000)).serve(listener).await
     /// # }
     /// ```
     pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
@@ -86,10 +86,10 @@ impl Emulator {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
     /// use tower::ServiceExt;
-    /// use tower_llm_limits::budget::limits::Limits;
+    /// use tower_llm_limits::budget::Limits;
     /// use tower_llm_limits::emulator::Emulator;
     ///
-    /// let app = Emulator::new(Limits::new(50, 30_000, 8_000)).router();
+    /// let app = Emulator::new(Limits::new().rpm(50).itpm(30_000).otpm(8_000)).router();
     /// let request = http::Request::get("/v1/models").body(axum::body::Body::empty()).unwrap();
     /// let response = app.oneshot(request).await.unwrap();
     /// assert_eq!(response.status(), 404);

@@ -29,7 +29,7 @@ use super::rng::{mix, Rng};
 use super::tokens::{parse_request, Endpoint, ParsedRequest};
 use super::Shared;
 use crate::budget::ledger::BucketState;
-use crate::budget::limits::{Limits, ModelClass, OutputMode};
+use crate::budget::{Limits, ModelClass, OutputMode};
 use crate::wire::error::{ErrorBody, ErrorKind};
 use crate::{BoxError, Dimension};
 
@@ -310,7 +310,7 @@ fn count_tokens(
     let now = Instant::now();
     let limits = Limits {
         requests_per_minute: shared.config.count_tokens_rpm,
-        ..Limits::unknown()
+        ..Limits::new()
     };
     let cost = RequestCost {
         requests: 1,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::config::Acceleration;
-use crate::budget::limits::Limits;
+use crate::budget::Limits;
 
 /// One second of a model class's traffic, for plots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,12 +69,12 @@ impl ClassStats {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_llm_limits::budget::limits::Limits;
+    /// use tower_llm_limits::budget::Limits;
     /// use tower_llm_limits::emulator::ClassStats;
     ///
     /// let charged = ClassStats { requests_admitted: 10, input_tokens: 90_000, output_tokens: 1_000, ..Default::default() };
     /// // 90,000 input tokens under 30,000 ITPM: 30,000 at once, 60,000 more at 500 per second.
-    /// let limits = Limits::new(50, 30_000, 8_000);
+    /// let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
     /// assert_eq!(charged.minimum_time(&limits, Duration::from_secs(60)), Duration::from_secs(120));
     /// ```
     pub fn minimum_time(&self, limits: &Limits, window: Duration) -> Duration {
