@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http_body_util::{BodyExt, Full};
 use tower::ServiceExt;
 use tower_llm_limits::budget::limits::Limits;
-use tower_llm_limits::emulator::{Emulator, Latency, OutputLength};
+use tower_llm_limits_emulator::{Emulator, Latency, OutputLength};
 
 fn body(stream: bool) -> Bytes {
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);

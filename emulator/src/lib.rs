@@ -1,5 +1,8 @@
 //! An emulator of the Anthropic Messages API's rate limiter, to run a client
-//! (or this crate's layers) against without spending tokens.
+//! (or the `tower-llm-limits` layers) against without spending tokens: a
+//! library, and a standalone server binary (`tower-llm-limits-emulator
+//! --port 8080 --rpm 50 --itpm 30000 --otpm 8000`, `--help` for its options;
+//! feature `cli`, on by default).
 //!
 //! [`Emulator`] serves, for pacing purposes, as the API does:
 //!
@@ -40,7 +43,7 @@
 //!
 //! # When to use it
 //!
-//! To measure a client's pacing (the crate's `simulate` example does),
+//! To measure a client's pacing (the workspace's `simulate` binary does),
 //! in tests, and as a local stand-in for the API. In process, under tokio's
 //! paused clock, a run of many virtual minutes takes seconds: every delay is a
 //! `tokio::time::sleep` and all randomness comes from the seed.
@@ -62,7 +65,7 @@
 //! use http_body_util::{BodyExt, Full};
 //! use tower::ServiceExt;
 //! use tower_llm_limits::budget::limits::Limits;
-//! use tower_llm_limits::emulator::{Emulator, Latency};
+//! use tower_llm_limits_emulator::{Emulator, Latency};
 //! use tower_llm_limits::headers::RateLimitSnapshot;
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -127,7 +130,7 @@
 //!
 //! The headers' reset times are the system clock plus the bucket's time to
 //! full, so a client reading them with
-//! [`RateLimitSnapshot::from_headers`](crate::headers::RateLimitSnapshot::from_headers)
+//! [`RateLimitSnapshot::from_headers`](tower_llm_limits::headers::RateLimitSnapshot::from_headers)
 //! gets the right delay even though the paused clock never moves the system
 //! clock.
 //!
@@ -188,6 +191,14 @@
 //!   limit gets a 429 with `retry-after: 60`.
 //! - No authentication: `x-api-key` is neither required nor logged.
 
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+
 mod body;
 mod cache;
 mod config;
@@ -217,7 +228,7 @@ pub use self::tokens::{
     count_text, TokenCounter, DOCUMENT_PAGE_CHARS, DOCUMENT_PAGE_TOKENS, IMAGE_TOKENS,
     MESSAGE_OVERHEAD,
 };
-pub use crate::budget::limits::{Limits, ModelClass, OutputMode, Tier};
+pub use tower_llm_limits::budget::limits::{Limits, ModelClass, OutputMode, Tier};
 
 use self::cache::PromptCache;
 use self::stats::StatsInner;

@@ -1,7 +1,7 @@
 //! Runs the emulator of the Anthropic Messages API's rate limiter on a port.
 //!
 //! ```text
-//! cargo run --release --features emulator --example emulator -- \
+//! cargo run --release -p tower-llm-limits-emulator -- \
 //!     --port 8080 --rpm 50 --itpm 30000 --otpm 8000 [--fault-529 0.02] [--seed 7]
 //! ```
 //!
@@ -9,103 +9,134 @@
 //! address. Other options: `--host ADDR`, `--window SECS` (shorter
 //! enforcement window), `--output-mode realtime|reserve`, `--fault-500 P`,
 //! `--fault-reset P`, `--fault-slow P`, `--fault-stream P`, `--no-latency`,
-//! `--count-tokens-rpm N`, `--acceleration FACTOR:MIN_TOKENS`.
+//! `--count-tokens-rpm N`, `--acceleration FACTOR:MIN_TOKENS` (`--help` for
+//! all).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tower_llm_limits::budget::limits::{Limits, OutputMode};
-use tower_llm_limits::emulator::{Acceleration, Emulator, Faults, Latency};
+use clap::{Parser, ValueEnum};
+use tower_llm_limits_emulator::{Acceleration, Emulator, Faults, Latency, Limits, OutputMode};
 
-const USAGE: &str = "usage: emulator [--host ADDR] [--port P] [--rpm N] [--itpm N] [--otpm N] \
-[--window SECS] [--output-mode realtime|reserve] [--fault-529 P] [--fault-500 P] [--fault-reset P] \
-[--fault-slow P] [--fault-stream P] [--seed S] [--no-latency] [--count-tokens-rpm N] \
-[--acceleration FACTOR:MIN_TOKENS]";
-
+/// Serves an emulator of the Anthropic Messages API's rate limiter
+/// (`POST /v1/messages`, `POST /v1/messages/count_tokens`).
+#[derive(Debug, Parser)]
+#[command(version, about)]
 struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
     host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8080, value_name = "P")]
     port: u16,
-    limits: Limits,
-    window: Option<Duration>,
-    output_mode: OutputMode,
-    faults: Faults,
+    /// Requests per minute, per model class.
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    rpm: u64,
+    /// Input tokens per minute, per model class.
+    #[arg(long, default_value_t = 30_000, value_name = "N")]
+    itpm: u64,
+    /// Output tokens per minute, per model class.
+    #[arg(long, default_value_t = 8_000, value_name = "N")]
+    otpm: u64,
+    /// A shorter enforcement window, in seconds (the API's is a minute).
+    #[arg(long, value_name = "SECS")]
+    window: Option<u64>,
+    /// When output tokens are charged: as they are produced, or `max_tokens` up front.
+    #[arg(long, value_enum, default_value_t = Mode::Realtime)]
+    output_mode: Mode,
+    /// Probability of a 529 `overloaded_error`.
+    #[arg(long = "fault-529", default_value_t = 0.0, value_name = "P", value_parser = probability)]
+    fault_529: f64,
+    /// Probability of a 500 `api_error`.
+    #[arg(long = "fault-500", default_value_t = 0.0, value_name = "P", value_parser = probability)]
+    fault_500: f64,
+    /// Probability of a connection reset before any answer.
+    #[arg(long, default_value_t = 0.0, value_name = "P", value_parser = probability)]
+    fault_reset: f64,
+    /// Probability of a slow answer.
+    #[arg(long, default_value_t = 0.0, value_name = "P", value_parser = probability)]
+    fault_slow: f64,
+    /// Probability of an `error` event in the middle of a stream.
+    #[arg(long, default_value_t = 0.0, value_name = "P", value_parser = probability)]
+    fault_stream: f64,
+    /// Seed of the faults, ids and generated text.
+    #[arg(long, default_value_t = 0, value_name = "S")]
     seed: u64,
-    latency: Latency,
+    /// Answer at once (no latency model).
+    #[arg(long)]
+    no_latency: bool,
+    /// Requests per minute of `count_tokens`.
+    #[arg(long, default_value_t = 100, value_name = "N")]
     count_tokens_rpm: u64,
+    /// Refuse a sharp rise of input tokens: FACTOR:MIN_TOKENS.
+    #[arg(long, value_name = "FACTOR:MIN_TOKENS", value_parser = acceleration)]
     acceleration: Option<Acceleration>,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        host: "127.0.0.1".into(),
-        port: 8080,
-        limits: Limits::new(50, 30_000, 8_000),
-        window: None,
-        output_mode: OutputMode::Realtime,
-        faults: Faults::none(),
-        seed: 0,
-        latency: Latency::default(),
-        count_tokens_rpm: 100,
-        acceleration: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "--help" || flag == "-h" {
-            return Err(USAGE.into());
-        }
-        if flag == "--no-latency" {
-            args.latency = Latency::none();
-            continue;
-        }
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{flag} {v}: {e}"));
-        let rate = |v: &str| match v.parse::<f64>() {
-            Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
-            _ => Err(format!(
-                "{flag} {v}: expected a probability between 0 and 1"
-            )),
-        };
-        match flag.as_str() {
-            "--host" => args.host = value,
-            "--port" => args.port = value.parse().map_err(|e| format!("--port {value}: {e}"))?,
-            "--rpm" => args.limits.requests_per_minute = Some(num(&value)?),
-            "--itpm" => args.limits.input_tokens_per_minute = Some(num(&value)?),
-            "--otpm" => args.limits.output_tokens_per_minute = Some(num(&value)?),
-            "--window" => args.window = Some(Duration::from_secs(num(&value)?)),
-            "--output-mode" => {
-                args.output_mode = match value.as_str() {
-                    "realtime" => OutputMode::Realtime,
-                    "reserve" => OutputMode::Reserve,
-                    _ => {
-                        return Err(format!(
-                            "--output-mode {value}: expected realtime or reserve"
-                        ))
-                    }
-                }
-            }
-            "--fault-529" => args.faults.overloaded = rate(&value)?,
-            "--fault-500" => args.faults.server_error = rate(&value)?,
-            "--fault-reset" => args.faults.connection_reset = rate(&value)?,
-            "--fault-slow" => args.faults.slow = rate(&value)?,
-            "--fault-stream" => args.faults.stream_error = rate(&value)?,
-            "--seed" => args.seed = num(&value)?,
-            "--count-tokens-rpm" => args.count_tokens_rpm = num(&value)?,
-            "--acceleration" => {
-                let (factor, min) = value
-                    .split_once(':')
-                    .ok_or_else(|| format!("--acceleration {value}: expected FACTOR:MIN_TOKENS"))?;
-                let factor: f64 = factor
-                    .parse()
-                    .map_err(|e| format!("--acceleration {value}: {e}"))?;
-                args.acceleration = Some(Acceleration::new(factor, num(min)?));
-            }
-            _ => return Err(format!("unknown option {flag}\n{USAGE}")),
-        }
+/// `--output-mode`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Output tokens are charged as they are produced.
+    Realtime,
+    /// `max_tokens` is charged at admission, refunded at the end.
+    Reserve,
+}
+
+fn probability(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{v}: expected a probability between 0 and 1")),
     }
-    Ok(args)
+}
+
+fn acceleration(v: &str) -> Result<Acceleration, String> {
+    let (factor, min) = v
+        .split_once(':')
+        .ok_or_else(|| format!("{v}: expected FACTOR:MIN_TOKENS"))?;
+    let factor: f64 = factor.parse().map_err(|e| format!("{v}: {e}"))?;
+    let min: u64 = min.parse().map_err(|e| format!("{v}: {e}"))?;
+    Ok(Acceleration::new(factor, min))
+}
+
+impl Args {
+    fn limits(&self) -> Limits {
+        Limits::new(self.rpm, self.itpm, self.otpm)
+    }
+
+    fn faults(&self) -> Faults {
+        let mut faults = Faults::none();
+        faults.overloaded = self.fault_529;
+        faults.server_error = self.fault_500;
+        faults.connection_reset = self.fault_reset;
+        faults.slow = self.fault_slow;
+        faults.stream_error = self.fault_stream;
+        faults
+    }
+
+    fn emulator(&self) -> Result<Emulator, String> {
+        let mut builder = Emulator::builder()
+            .limits(self.limits())
+            .output_mode(match self.output_mode {
+                Mode::Realtime => OutputMode::Realtime,
+                Mode::Reserve => OutputMode::Reserve,
+            })
+            .faults(self.faults())
+            .latency(if self.no_latency {
+                Latency::none()
+            } else {
+                Latency::default()
+            })
+            .seed(self.seed)
+            .count_tokens_rpm(Some(self.count_tokens_rpm));
+        if let Some(window) = self.window {
+            builder = builder.enforcement_window(Duration::from_secs(window));
+        }
+        if let Some(acceleration) = self.acceleration {
+            builder = builder.acceleration(acceleration);
+        }
+        builder.build().map_err(|e| e.to_string())
+    }
 }
 
 #[tokio::main]
@@ -118,28 +149,8 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("{message}");
-            return ExitCode::from(2);
-        }
-    };
-
-    let mut builder = Emulator::builder()
-        .limits(args.limits)
-        .output_mode(args.output_mode)
-        .faults(args.faults)
-        .latency(args.latency)
-        .seed(args.seed)
-        .count_tokens_rpm(Some(args.count_tokens_rpm));
-    if let Some(window) = args.window {
-        builder = builder.enforcement_window(window);
-    }
-    if let Some(acceleration) = args.acceleration {
-        builder = builder.acceleration(acceleration);
-    }
-    let emulator = match builder.build() {
+    let args = Args::parse();
+    let emulator = match args.emulator() {
         Ok(e) => e,
         Err(e) => {
             eprintln!("{e}");
@@ -165,9 +176,7 @@ async fn main() -> ExitCode {
     println!("emulator listening on http://{local}");
     println!(
         "limits: {} RPM, {} ITPM, {} OTPM per model class; POST /v1/messages, POST /v1/messages/count_tokens",
-        show(args.limits.requests_per_minute),
-        show(args.limits.input_tokens_per_minute),
-        show(args.limits.output_tokens_per_minute),
+        args.rpm, args.itpm, args.otpm,
     );
 
     let result = tokio::select! {
@@ -186,8 +195,4 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn show(limit: Option<u64>) -> String {
-    limit.map_or_else(|| "unlimited".into(), |l| l.to_string())
 }

@@ -28,10 +28,10 @@ use super::response::{
 use super::rng::{mix, Rng};
 use super::tokens::{parse_request, Endpoint, ParsedRequest};
 use super::Shared;
-use crate::budget::ledger::BucketState;
-use crate::budget::limits::{Limits, ModelClass, OutputMode};
-use crate::wire::error::{ErrorBody, ErrorKind};
-use crate::{BoxError, Dimension};
+use tower_llm_limits::budget::limits::{Limits, ModelClass, OutputMode};
+use tower_llm_limits::wire::error::{ErrorBody, ErrorKind};
+use tower_llm_limits::wire::ratelimit::LimitState;
+use tower_llm_limits::{BoxError, Dimension};
 
 #[derive(Serialize)]
 struct CountTokensAnswer {
@@ -369,34 +369,20 @@ fn with_limit_headers(
 /// Writes the `anthropic-ratelimit-*` headers of a key's buckets, if it has any.
 fn insert_headroom(headers: &mut HeaderMap, headroom: Option<[Option<Headroom>; 3]>) {
     if let Some(headroom) = headroom {
-        insert_rate_limit_headers(headers, &bucket_states(headroom), SystemTime::now());
+        insert_rate_limit_headers(headers, &limit_states(headroom), SystemTime::now());
     }
 }
 
-/// The limiter's headroom in the shape the header writer takes (the
-/// budget's bucket snapshot). The writer reports `available` rounded (down
-/// for requests, to the nearest thousand for tokens, from the whole tokens
-/// the limiter reports) and derives the reset from `capacity - available`
-/// at the limit's rate, so the capacity given is what remains plus what
-/// refills until the reset: the writer's reset is the limiter's.
-fn bucket_states(headroom: [Option<Headroom>; 3]) -> [BucketState; 3] {
-    headroom.map(|h| match h {
-        None => BucketState {
-            limit: None,
-            learned: false,
-            available: f64::INFINITY,
-            capacity: f64::INFINITY,
-        },
-        Some(h) => {
-            let available = h.remaining as f64;
-            let refill = h.reset_in.as_secs_f64() * h.limit as f64 / 60.0;
-            BucketState {
-                limit: Some(h.limit),
-                learned: false,
-                available,
-                capacity: available + refill,
-            }
-        }
+/// The limiter's headroom as the header writer takes it: a bucket's limit,
+/// its whole remaining units and its time to full, unrounded (the writer
+/// rounds as the API does).
+fn limit_states(headroom: [Option<Headroom>; 3]) -> [Option<LimitState>; 3] {
+    headroom.map(|h| {
+        h.map(|h| LimitState {
+            limit: h.limit,
+            remaining: h.remaining,
+            reset_in: h.reset_in,
+        })
     })
 }
 

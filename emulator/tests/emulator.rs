@@ -1,7 +1,6 @@
 //! The emulator of the Messages API's rate limiter, checked against the facts
 //! file (`shared/anthropic-rate-limits.md`): shapes, validation, limits,
 //! output modes, prompt cache, faults, determinism, and one run over TCP.
-#![cfg(feature = "emulator")]
 
 use std::time::Duration;
 
@@ -12,11 +11,11 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_llm_limits::budget::limits::{Limits, ModelClass, OutputMode, Tier};
-use tower_llm_limits::emulator::{
+use tower_llm_limits::headers::RateLimitSnapshot;
+use tower_llm_limits_emulator::{
     count_text, Acceleration, Emulator, EmulatorBody, EmulatorBuilder, Faults, Latency,
     OutputLength, TokenCounter,
 };
-use tower_llm_limits::headers::RateLimitSnapshot;
 
 const SONNET: &str = "claude-sonnet-4-5-20250929";
 

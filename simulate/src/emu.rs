@@ -5,8 +5,8 @@
 
 use tower::util::BoxCloneService;
 use tower::ServiceExt;
-pub use tower_llm_limits::emulator::Emulator;
-use tower_llm_limits::emulator::{Faults, Limits, OutputMode};
+pub use tower_llm_limits_emulator::Emulator;
+use tower_llm_limits_emulator::{Faults, Limits, OutputMode};
 
 use super::args::Args;
 use super::report::{Charged, LimitSpec};
@@ -92,8 +92,8 @@ pub fn charged(emulator: &Emulator, reserve_mode: bool) -> Charged {
 /// is ceil(n / 4) tokens, each punctuation mark one): used to size the
 /// workload; the clients never see this count.
 pub fn count_tokens(s: &str) -> u64 {
-    tower_llm_limits::emulator::count_text(s)
+    tower_llm_limits_emulator::count_text(s)
 }
 
 /// Tokens each message adds under the emulator's rule (its role framing).
-pub const MESSAGE_OVERHEAD: u64 = tower_llm_limits::emulator::MESSAGE_OVERHEAD;
+pub const MESSAGE_OVERHEAD: u64 = tower_llm_limits_emulator::MESSAGE_OVERHEAD;
