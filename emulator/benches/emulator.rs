@@ -3,7 +3,7 @@
 //! the API must at least do, parse the request's JSON and serialize a fixed
 //! answer.
 //!
-//! Run: `cargo bench --features emulator --bench emulator -- --warm-up-time 1 --measurement-time 3`
+//! Run: `cargo bench -p tower-llm-limits-emulator --bench emulator -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
 

@@ -5,8 +5,8 @@
 
 `emulator/tests/sdk_compat.rs` starts one emulator per scenario on 127.0.0.1 and runs
 this script once against all of them (importing the SDK takes a second). By
-hand, the `ok` scenario runs against `cargo run --features emulator --example
-emulator -- --no-latency --rpm 1000 --itpm 1000000 --otpm 1000000`.
+hand, the `ok` scenario runs against `cargo run -p tower-llm-limits-emulator --
+--no-latency --rpm 1000 --itpm 1000000 --otpm 1000000`.
 Scenarios, and the emulator settings each one expects:
 
 - ok            no faults, 1,000 RPM: JSON and streamed messages,
