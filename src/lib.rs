@@ -90,7 +90,7 @@
 //! | `concurrency` | yes | [`concurrency`] |
 //!
 //! [`preset`] needs the three default features. [`headers`], [`body`],
-//! [`wire`], [`classify`] and [`error`] are always there.
+//! [`wire`], [`classify`], [`clock`] and [`error`] are always there.
 //!
 //! An emulator of the Messages API's rate limiter (axum, a library and a
 //! standalone server) is the companion crate `tower-llm-limits-emulator`.
@@ -105,6 +105,7 @@
 
 pub mod body;
 pub mod classify;
+pub mod clock;
 pub mod error;
 pub mod headers;
 mod mix;

@@ -132,7 +132,12 @@
 //! full, so a client reading them with
 //! [`RateLimitSnapshot::from_headers`](tower_llm_limits::headers::RateLimitSnapshot::from_headers)
 //! gets the right delay even though the paused clock never moves the system
-//! clock.
+//! clock. That delay is rounded up to the real clock's next whole second, as
+//! the API rounds, so it varies by up to a second from run to run; for a
+//! reproducible run give the emulator ([`EmulatorBuilder::wall_clock`]) and
+//! the client (`RetryAfterBuilder::wall_clock`) one
+//! [`WallClock::following_tokio`](tower_llm_limits::clock::WallClock::following_tokio),
+//! and seed the client's own randomness (its retry jitter).
 //!
 //! # Why its own admission, and not the budget's enforce layer
 //!
@@ -217,6 +222,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tower_llm_limits::clock::WallClock;
 
 pub use self::body::EmulatorBody;
 pub use self::config::{Acceleration, Faults, Latency, OutputLength};
@@ -255,6 +261,7 @@ pub(crate) struct Config {
     pub(crate) body_limit: usize,
     pub(crate) count_tokens_rpm: Option<u64>,
     pub(crate) cache_min_tokens: u64,
+    pub(crate) wall_clock: WallClock,
     pub(crate) cache_reads_count: HashMap<ModelClass, bool>,
 }
 
@@ -346,6 +353,7 @@ impl Emulator {
                 body_limit: DEFAULT_BODY_LIMIT,
                 count_tokens_rpm: Some(DEFAULT_COUNT_TOKENS_RPM),
                 cache_min_tokens: DEFAULT_CACHE_MIN_TOKENS,
+                wall_clock: WallClock::system(),
                 cache_reads_count: HashMap::new(),
             },
         }
@@ -497,6 +505,22 @@ impl EmulatorBuilder {
     /// How answer lengths are drawn (default [`OutputLength::default`]).
     pub fn output_length(mut self, output_length: OutputLength) -> Self {
         self.config.output_length = output_length;
+        self
+    }
+
+    /// The wall clock of the answers' absolute instants (the
+    /// `anthropic-ratelimit-*-reset` headers, the spend-cap message's date);
+    /// default: the system clock.
+    ///
+    /// Under tokio's paused clock the system clock stands still, so a reset
+    /// is then the real time plus the bucket's time to full, and a client
+    /// reading it against the system clock gets that delay plus the real
+    /// clock's rounding to the next whole second (up to a second, different
+    /// each run). For a reproducible simulation, give the emulator and the
+    /// client (`RetryAfterBuilder::wall_clock` in `tower-llm-limits`) the same
+    /// [`WallClock::following_tokio`].
+    pub fn wall_clock(mut self, clock: WallClock) -> Self {
+        self.config.wall_clock = clock;
         self
     }
 

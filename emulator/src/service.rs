@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -336,6 +336,7 @@ fn count_tokens(
         }
     };
     insert_headroom(
+        shared,
         response.headers_mut(),
         shared.count_limiter.headroom(&(), now),
     );
@@ -362,14 +363,19 @@ fn with_limit_headers(
     mut response: Response<EmulatorBody>,
 ) -> Response<EmulatorBody> {
     let headroom = shared.limiter.headroom(&class, Instant::now());
-    insert_headroom(response.headers_mut(), headroom);
+    insert_headroom(shared, response.headers_mut(), headroom);
     response
 }
 
 /// Writes the `anthropic-ratelimit-*` headers of a key's buckets, if it has any.
-fn insert_headroom(headers: &mut HeaderMap, headroom: Option<[Option<Headroom>; 3]>) {
+fn insert_headroom(
+    shared: &Shared,
+    headers: &mut HeaderMap,
+    headroom: Option<[Option<Headroom>; 3]>,
+) {
     if let Some(headroom) = headroom {
-        insert_rate_limit_headers(headers, &limit_states(headroom), SystemTime::now());
+        let now = shared.config.wall_clock.now();
+        insert_rate_limit_headers(headers, &limit_states(headroom), now);
     }
 }
 
@@ -429,7 +435,7 @@ async fn messages(
 /// The spend-cap 429: no `retry-after`, `details.error_code` set.
 fn spend_limited(shared: &Shared, class: ModelClass, request_id: &str) -> Response<EmulatorBody> {
     shared.lock_stats().class(class.as_str()).spend_limited += 1;
-    let message = spend_limit_message(SystemTime::now());
+    let message = spend_limit_message(shared.config.wall_clock.now());
     let body = ErrorBody::new(ErrorKind::RateLimit, &message)
         .with_request_id(request_id)
         .with_error_code("enforced_spend_limit_reached");

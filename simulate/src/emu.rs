@@ -5,6 +5,7 @@
 
 use tower::util::BoxCloneService;
 use tower::ServiceExt;
+use tower_llm_limits::clock::WallClock;
 pub use tower_llm_limits_emulator::Emulator;
 use tower_llm_limits_emulator::{Faults, Limits, OutputMode};
 
@@ -36,7 +37,7 @@ pub fn limits(a: &Args) -> Limits {
 ///
 /// # Errors
 /// Settings the emulator refuses.
-pub fn transport(a: &Args) -> Result<(Transport, Emulator), String> {
+pub fn transport(a: &Args, clock: WallClock) -> Result<(Transport, Emulator), String> {
     let emulator = Emulator::builder()
         .limits(limits(a))
         .output_mode(if a.reserve_mode() {
@@ -52,6 +53,7 @@ pub fn transport(a: &Args) -> Result<(Transport, Emulator), String> {
                 .with_stream_error(a.fault_stream),
         )
         .seed(a.seed)
+        .wall_clock(clock)
         .build()
         .map_err(|e| format!("emulator: {e}"))?;
     let svc = ServiceExt::<http::Request<Body>>::map_response(emulator.service(), box_response);

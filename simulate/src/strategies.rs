@@ -12,8 +12,10 @@ use tokio::sync::Semaphore;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetLayer};
+use tower_llm_limits::clock::WallClock;
 use tower_llm_limits::estimate::{AnthropicEstimator, Estimate, TokenEstimator};
 use tower_llm_limits::preset;
+use tower_llm_limits::retry::{FastRng, RetryAfterLayer};
 use tower_llm_limits::wire::Usage;
 use tower_llm_limits::BoxError;
 
@@ -343,7 +345,11 @@ impl TokenEstimator for Recording {
 ///
 /// # Errors
 /// None today; kept fallible for settings that can be refused.
-pub fn crate_stack(meter: Meter, args: &Args) -> Result<(Client, Arc<Estimates>), String> {
+pub fn crate_stack(
+    meter: Meter,
+    args: &Args,
+    clock: WallClock,
+) -> Result<(Client, Arc<Estimates>), String> {
     let log = Arc::new(Estimates::default());
     let estimator = Recording {
         inner: AnthropicEstimator::new(),
@@ -363,7 +369,16 @@ pub fn crate_stack(meter: Meter, args: &Args) -> Result<(Client, Arc<Estimates>)
         })
         .estimator(Arc::new(estimator))
         .build();
-    let layer = preset::anthropic(limits).with_budget(budget);
+    // Backoff jitter drawn from the run's seed (the preset's default is
+    // seeded per process), and reset instants read on the emulator's clock:
+    // the same seed gives the same run.
+    let retry = RetryAfterLayer::builder()
+        .jitter(FastRng::with_seed(args.seed))
+        .wall_clock(clock)
+        .build();
+    let layer = preset::anthropic(limits)
+        .with_budget(budget)
+        .with_retry(retry);
     let svc = ServiceBuilder::new()
         .map_response(box_response)
         .layer(layer)
