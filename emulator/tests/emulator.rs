@@ -1352,3 +1352,45 @@ async fn absurd_max_tokens_is_a_400() {
         assert_eq!(response.status(), StatusCode::OK, "{mode:?}");
     }
 }
+
+/// With a wall clock that follows the paused clock, reset instants are that
+/// clock plus the bucket's time to full, rounded up to the second: the same
+/// headers every run, and a client reading them on the same clock gets the
+/// same delay every run.
+#[tokio::test(start_paused = true)]
+async fn resets_follow_the_given_wall_clock() {
+    use std::time::UNIX_EPOCH;
+    use tower_llm_limits::clock::WallClock;
+
+    // 2027-01-15T08:00:00Z.
+    let start = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let clock = WallClock::following_tokio(start);
+    let emulator = quiet()
+        .limits(Limits::new(2, 1_000_000, 1_000_000))
+        .wall_clock(clock)
+        .build()
+        .unwrap();
+    tokio::time::advance(Duration::from_millis(250)).await;
+    let first = send(&emulator, "/v1/messages", &ask("Hi", 5)).await;
+    // One of 2 requests used at 08:00:00.250: full again 30 s later, rounded up.
+    assert_eq!(
+        header(first.headers(), "anthropic-ratelimit-requests-reset"),
+        "2027-01-15T08:00:31Z"
+    );
+    // Nothing used: full now, rounded up to the next second.
+    assert_eq!(
+        header(first.headers(), "anthropic-ratelimit-output-tokens-reset"),
+        "2027-01-15T08:00:01Z"
+    );
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let second = send(&emulator, "/v1/messages", &ask("Hi", 5)).await;
+    // Two used, the first refilling since 00.250: full at 01:00.250.
+    assert_eq!(
+        header(second.headers(), "anthropic-ratelimit-requests-reset"),
+        "2027-01-15T08:01:01Z"
+    );
+    let snap = RateLimitSnapshot::from_headers_at(second.headers(), clock.now());
+    assert_eq!(snap.requests.remaining, Some(0));
+    // 08:01:01 - 08:00:10.250.
+    assert_eq!(snap.requests.reset_in, Some(Duration::from_millis(50_750)));
+}
