@@ -22,7 +22,7 @@ use tower_llm_limits_emulator::{Acceleration, Emulator, Faults, Latency, Limits,
 /// Serves an emulator of the Anthropic Messages API's rate limiter
 /// (`POST /v1/messages`, `POST /v1/messages/count_tokens`).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
