@@ -38,10 +38,7 @@ fn start(args: &[&str]) -> (Server, String) {
         .spawn()
         .expect("the emulator starts");
     let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut server = Server {
-        child,
-        stdout: stdout,
-    };
+    let mut server = Server { child, stdout };
     let mut first = String::new();
     server
         .stdout
