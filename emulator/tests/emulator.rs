@@ -1,6 +1,6 @@
-//! The emulator of the Messages API's rate limiter, checked against the facts
-//! file (`shared/anthropic-rate-limits.md`): shapes, validation, limits,
-//! output modes, prompt cache, faults, determinism, and one run over TCP.
+//! The emulator of the Messages API's rate limiter, checked against the API's
+//! documented behaviour: answer shapes, validation, limits, output modes,
+//! prompt cache, faults, determinism, and one run over TCP.
 
 use std::time::Duration;
 

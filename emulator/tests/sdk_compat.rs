@@ -1,5 +1,4 @@
-//! The emulator's answers parse with the official SDKs (issue 5: "parse with
-//! the official SDKs"): Python (`anthropic`) and TypeScript
+//! The emulator's answers parse with the official SDKs: Python (`anthropic`) and TypeScript
 //! (`@anthropic-ai/sdk`), at the versions `.ci/run` pins.
 //!
 //! Each test starts one seeded emulator per scenario on `127.0.0.1:0` (real
