@@ -25,10 +25,6 @@
 //! `4`, default `1`), `CALLER_RPM` / `CALLER_ITPM` / `CALLER_OTPM` (each
 //! caller's limits, default 20 / 10,000 / 2,000).
 
-#[path = "hyper_client.rs"]
-#[allow(dead_code)]
-pub mod hyper_client;
-
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, State};
@@ -36,23 +32,82 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
-use http_body_util::BodyExt;
+use http::{HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde_json::json;
-use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_limits::budget::{Limits, Tier, TokenBudgetLayer};
 use tower_llm_limits::preset::LimitsLayer;
 use tower_llm_limits::{BoxError, Error};
 
-pub use hyper_client::Anthropic;
-
 /// The largest request body the gateway reads (the API's own limit).
-pub const BODY_LIMIT: usize = 32 * 1024 * 1024;
+const BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+/// The body the upstream hyper client sends and the stack answers with.
+type ClientBody = UnsyncBoxBody<Bytes, BoxError>;
+
+fn boxed<B>(body: B) -> ClientBody
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// The upstream: the preset stack over a hyper-util client with rustls
+/// (ring, webpki roots), speaking `https://` and, for local tests, `http://`.
+#[derive(Clone)]
+struct Anthropic {
+    service: BoxCloneSyncService<Request<Full<Bytes>>, http::Response<ClientBody>, BoxError>,
+    messages_uri: Uri,
+    api_key: HeaderValue,
+}
+
+impl Anthropic {
+    fn new(base_url: &str, api_key: &str, limits: LimitsLayer) -> Result<Self, BoxError> {
+        let messages_uri: Uri =
+            format!("{}/v1/messages", base_url.trim_end_matches('/')).parse()?;
+        let mut api_key = HeaderValue::from_str(api_key)?;
+        api_key.set_sensitive(true);
+        let https: HttpsConnector<HttpConnector> = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client: Client<_, ClientBody> = Client::builder(TokioExecutor::new()).build(https);
+        let service = ServiceBuilder::new()
+            .map_response(|r: http::Response<_>| r.map(boxed))
+            .layer(limits)
+            .map_request(|r: Request<_>| r.map(boxed))
+            .service(client);
+        Ok(Anthropic {
+            service: BoxCloneSyncService::new(service),
+            messages_uri,
+            api_key,
+        })
+    }
+
+    /// Sends a caller's body as it is, with the gateway's key; the answer
+    /// streams back as it comes.
+    async fn forward(&self, body: Bytes) -> Result<http::Response<ClientBody>, BoxError> {
+        let req = Request::post(self.messages_uri.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("anthropic-version", "2023-06-01")
+            .header("x-api-key", self.api_key.clone())
+            .body(Full::new(body))?;
+        self.service.clone().oneshot(req).await
+    }
+}
 
 /// The gateway's router: `POST /v1/messages`, each caller's budget enforced,
 /// forwarded through `upstream`. Returns the caller budget too, for its
 /// snapshot.
-pub fn router(upstream: Anthropic, caller_limits: Limits) -> (Router, TokenBudgetLayer) {
+fn router(upstream: Anthropic, caller_limits: Limits) -> (Router, TokenBudgetLayer) {
     let callers = TokenBudgetLayer::enforce(caller_limits);
     let router = Router::new()
         .route("/v1/messages", post(forward))
@@ -135,14 +190,6 @@ async fn handle_error(e: BoxError) -> Response {
     (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }
 
-/// Reads the whole body of a gateway answer (for tests and examples).
-///
-/// # Errors
-/// A body that fails midway.
-pub async fn read_body(resp: Response) -> Result<Bytes, BoxError> {
-    Ok(resp.into_body().collect().await?.to_bytes())
-}
-
 fn env_u64(name: &str, default: u64) -> Result<u64, BoxError> {
     match std::env::var(name) {
         Ok(v) => Ok(v
@@ -152,7 +199,6 @@ fn env_u64(name: &str, default: u64) -> Result<u64, BoxError> {
     }
 }
 
-#[allow(dead_code)]
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let key = std::env::var("ANTHROPIC_API_KEY")

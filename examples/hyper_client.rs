@@ -10,7 +10,7 @@
 //!   never printed or logged;
 //! - `ANTHROPIC_BASE_URL` (default `https://api.anthropic.com`): any
 //!   API-compatible endpoint, `http://` or `https://` (the tests point it at
-//!   the crate's emulator on loopback);
+//!   the `tower-llm-limits-emulator` server on loopback);
 //! - `ANTHROPIC_MODEL` (default `claude-sonnet-4-5`);
 //! - `ANTHROPIC_TIER` (`1` to `4`, default `1`): the published limits to pace to.
 //!
@@ -180,7 +180,6 @@ pub fn message(model: &str, prompt: &str, max_tokens: u64, stream: bool) -> Valu
     })
 }
 
-#[allow(dead_code)]
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let client = Anthropic::from_env()?;

@@ -88,10 +88,12 @@
 //! | `retry` | yes | [`retry`] |
 //! | `budget` | yes | [`budget`], [`estimate`] |
 //! | `concurrency` | yes | [`concurrency`] |
-//! | `emulator` | no | [`emulator`]: an axum emulator of the Messages API's rate limiter (brings axum, hyper, hyper-util) |
 //!
 //! [`preset`] needs the three default features. [`headers`], [`body`],
-//! [`wire`], [`classify`] and the [`Error`] types are always there.
+//! [`wire`], [`classify`], [`clock`] and the [`Error`] types are always there.
+//!
+//! An emulator of the Messages API's rate limiter (axum, a library and a
+//! standalone server) is the companion crate `tower-llm-limits-emulator`.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -103,6 +105,7 @@
 
 pub mod body;
 pub mod classify;
+pub mod clock;
 mod error;
 pub mod headers;
 mod mix;
@@ -116,9 +119,6 @@ pub mod budget;
 #[cfg(feature = "concurrency")]
 #[cfg_attr(docsrs, doc(cfg(feature = "concurrency")))]
 pub mod concurrency;
-#[cfg(feature = "emulator")]
-#[cfg_attr(docsrs, doc(cfg(feature = "emulator")))]
-pub mod emulator;
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod estimate;

@@ -3,8 +3,10 @@
 //! alone; the three in other orders (no deadlock); and on an axum server
 //! through `Router::layer`.
 //!
-//! The upstream is the crate's emulator in process, under tokio's paused
+//! The upstream is the emulator crate in process, under tokio's paused
 //! clock, so minutes of rate-limited traffic take milliseconds.
+
+mod support;
 
 use std::time::Duration;
 
@@ -21,10 +23,12 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_http::trace::TraceLayer;
 use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
 use tower_llm_limits::concurrency::ConcurrencyLayer;
-use tower_llm_limits::emulator::{Emulator, Latency};
 use tower_llm_limits::preset::LimitsLayer;
 use tower_llm_limits::retry::RetryAfterLayer;
 use tower_llm_limits::BoxError;
+use tower_llm_limits_emulator::{Emulator, Latency};
+
+use support::rate_limited;
 
 const LIMITS: Limits = Limits {
     requests_per_minute: Some(20),
@@ -95,10 +99,6 @@ where
         .await
         .expect("the batch finished (no deadlock)");
     (ok, n - ok)
-}
-
-fn rate_limited(e: &Emulator) -> u64 {
-    e.stats().classes.values().map(|c| c.rate_limited).sum()
 }
 
 #[tokio::test(start_paused = true)]
@@ -286,13 +286,7 @@ async fn layers_on_an_axum_router_serving_on_loopback() {
                 .layer(concurrency.clone()),
         )
         .layer(TraceLayer::new_for_http());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = support::serve(app).await;
 
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut statuses = Vec::new();

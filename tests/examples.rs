@@ -1,111 +1,103 @@
-//! The integration examples, run against the crate's emulator served on
-//! loopback (`axum::serve` on `127.0.0.1:0`): the hyper client example's
-//! stack, and the axum gateway example with its per-caller budgets.
+//! The scenarios the integration examples show, built here from the public
+//! API against the emulator served on loopback (`axum::serve` on
+//! `127.0.0.1:0`): the preset stack over a real hyper-util client
+//! (`examples/hyper_client.rs`), and an axum gateway enforcing per-caller
+//! budgets in front of it (`examples/axum_gateway.rs`).
 
-// The gateway example includes the client example as its module
-// `hyper_client`: both are tested through that one copy.
-#[path = "../examples/axum_gateway.rs"]
-#[allow(dead_code)]
-mod axum_gateway;
+mod support;
 
-use axum_gateway::hyper_client;
-
-use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
 use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::StatusCode;
 use serde_json::Value;
-use tokio::net::TcpListener;
-use tower_llm_limits::budget::Limits;
-use tower_llm_limits::emulator::{Emulator, Latency};
+use tower::ServiceBuilder;
+use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
 use tower_llm_limits::headers::RateLimitSnapshot;
 use tower_llm_limits::preset::LimitsLayer;
+use tower_llm_limits::BoxError;
 
-/// Serves `router` on a fresh loopback port.
-async fn serve(router: axum::Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    addr
-}
+use support::{
+    admitted_and_rate_limited, message, post_message, serve, serve_emulator, usage_of, PresetClient,
+};
 
-/// An emulator with quick answers (a few milliseconds), on loopback.
-async fn emulator(limits: Limits) -> (Emulator, SocketAddr) {
-    let emulator = Emulator::builder()
-        .limits(limits)
-        .latency(
-            Latency::none()
-                .with_time_to_first_token(Duration::from_millis(5))
-                .with_per_output_token(Duration::from_micros(200)),
+/// A gateway: `POST /v1/messages` with each caller's budget enforced
+/// (`TokenBudgetLayer::enforce`, callers told apart by their `x-api-key`),
+/// forwarded through the paced `upstream`. Returns the caller budget too.
+fn gateway(upstream: PresetClient, caller_limits: Limits) -> (Router, TokenBudgetLayer) {
+    let callers = TokenBudgetLayer::enforce(caller_limits);
+    let router = Router::new()
+        .route("/v1/messages", post(forward))
+        .route_layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|e: BoxError| async move {
+                    (StatusCode::BAD_REQUEST, e.to_string()).into_response()
+                }))
+                .layer(callers.clone()),
         )
-        .seed(11)
-        .build()
-        .expect("emulator settings");
-    let addr = serve(emulator.router()).await;
-    (emulator, addr)
+        .with_state(upstream);
+    (router, callers)
 }
 
-fn total_admitted(e: &Emulator) -> (u64, u64) {
-    let stats = e.stats();
-    stats.classes.values().fold((0, 0), |(a, r), c| {
-        (a + c.requests_admitted, r + c.rate_limited)
-    })
+/// Sends the caller's body upstream (with the gateway's own key) and streams
+/// the answer back with its content type.
+async fn forward(State(upstream): State<PresetClient>, body: Bytes) -> Response {
+    match upstream.forward(body).await {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            let mut out = Response::new(Body::new(body));
+            *out.status_mut() = parts.status;
+            if let Some(v) = parts.headers.get(http::header::CONTENT_TYPE) {
+                out.headers_mut()
+                    .insert(http::header::CONTENT_TYPE, v.clone());
+            }
+            out
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
 }
 
 #[tokio::test]
-async fn hyper_client_example_talks_to_the_emulator_json_and_sse() {
+async fn preset_over_hyper_talks_to_the_emulator_json_and_sse() {
     let limits = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
-    let (emu, addr) = emulator(limits).await;
-    let client = hyper_client::Anthropic::new(
-        &format!("http://{addr}"),
+    let (emu, addr) = serve_emulator(limits).await;
+    let client = PresetClient::new(
+        addr,
         "sk-test-not-a-real-key",
         LimitsLayer::anthropic(limits),
-    )
-    .expect("client");
+    );
 
     let mut tasks = Vec::new();
     for i in 0..6 {
         let client = client.clone();
-        let body = hyper_client::message("claude-sonnet-4-5", "Say hello, please.", 32, i % 2 == 1);
+        let body = message("claude-sonnet-4-5", "Say hello, please.", 32, i % 2 == 1);
         tasks.push(tokio::spawn(async move { client.send(&body).await }));
     }
     for t in tasks {
         let (status, body) = t.await.expect("task").expect("request");
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-        let (input, output) = hyper_client::usage_of(&body).expect("usage in the answer");
+        let (input, output) = usage_of(&body).expect("usage in the answer");
         assert!(input > 0 && output > 0 && output <= 32, "{input} {output}");
     }
-    assert_eq!(total_admitted(&emu), (6, 0));
+    assert_eq!(admitted_and_rate_limited(&emu), (6, 0));
 }
 
 #[tokio::test]
-async fn hyper_client_example_never_sends_a_request_that_cannot_fit() {
+async fn preset_over_hyper_never_sends_a_request_that_cannot_fit() {
     // An ITPM of 100: a prompt of thousands of tokens can never be admitted,
     // so the budget fails it at once and the emulator never sees it.
     let limits = Limits::new().rpm(50).itpm(100).otpm(8_000);
-    let (emu, addr) = emulator(limits).await;
-    let client = hyper_client::Anthropic::new(
-        &format!("http://{addr}"),
-        "sk-test",
-        LimitsLayer::anthropic(limits),
-    )
-    .expect("client");
+    let (emu, addr) = serve_emulator(limits).await;
+    let client = PresetClient::new(addr, "sk-test", LimitsLayer::anthropic(limits));
     let long = "word ".repeat(5_000);
     let err = client
-        .send(&hyper_client::message(
-            "claude-sonnet-4-5",
-            &long,
-            16,
-            false,
-        ))
+        .send(&message("claude-sonnet-4-5", &long, 16, false))
         .await
         .expect_err("too large");
     assert!(
@@ -115,55 +107,32 @@ async fn hyper_client_example_never_sends_a_request_that_cannot_fit() {
         ),
         "{err}"
     );
-    assert_eq!(total_admitted(&emu), (0, 0));
-}
-
-/// A plain HTTP client for the gateway's callers.
-async fn call(
-    addr: SocketAddr,
-    caller_key: &str,
-    body: &Value,
-) -> (StatusCode, http::HeaderMap, Bytes) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = Request::post(format!("http://{addr}/v1/messages"))
-        .header("content-type", "application/json")
-        .header("x-api-key", caller_key)
-        .body(Full::new(Bytes::from(
-            serde_json::to_vec(body).expect("json"),
-        )))
-        .expect("request");
-    let resp = client.request(req).await.expect("gateway answers");
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, headers, body)
+    assert_eq!(admitted_and_rate_limited(&emu), (0, 0));
 }
 
 #[tokio::test]
 async fn axum_gateway_enforces_each_callers_budget_with_anthropic_shaped_429s() {
     let org = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
-    let (emu, upstream_addr) = emulator(org).await;
-    let upstream = axum_gateway::Anthropic::new(
-        &format!("http://{upstream_addr}"),
+    let (emu, upstream_addr) = serve_emulator(org).await;
+    let upstream = PresetClient::new(
+        upstream_addr,
         "sk-gateway-upstream",
         LimitsLayer::anthropic(org),
-    )
-    .expect("upstream client");
+    );
     // Each caller: 3 requests per minute.
-    let (router, callers) =
-        axum_gateway::router(upstream, Limits::new().rpm(3).itpm(20_000).otpm(4_000));
+    let (router, callers) = gateway(upstream, Limits::new().rpm(3).itpm(20_000).otpm(4_000));
     let gateway = serve(router).await;
-    let msg = hyper_client::message("claude-sonnet-4-5", "Hello there.", 16, false);
+    let msg = message("claude-sonnet-4-5", "Hello there.", 16, false);
 
     for _ in 0..3 {
-        let (status, headers, body) = call(gateway, "team-a", &msg).await;
+        let (status, headers, body) = post_message(gateway, "team-a", &msg).await;
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         // The caller's own budget is reported on admitted answers.
         let snap = RateLimitSnapshot::from_headers(&headers);
         assert_eq!(snap.requests.limit, Some(3), "{headers:?}");
     }
     // The fourth request of team-a within the minute: refused by the gateway.
-    let (status, headers, body) = call(gateway, "team-a", &msg).await;
+    let (status, headers, body) = post_message(gateway, "team-a", &msg).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     let snap = RateLimitSnapshot::from_headers(&headers);
     let retry_after = snap.retry_after.expect("retry-after on the 429");
@@ -176,29 +145,27 @@ async fn axum_gateway_enforces_each_callers_budget_with_anthropic_shaped_429s() 
     assert!(!String::from_utf8_lossy(&body).contains("team-a"));
 
     // Another caller has its own budget.
-    let (status, _, body) = call(gateway, "team-b", &msg).await;
+    let (status, _, body) = post_message(gateway, "team-b", &msg).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
 
     // Only admitted requests reached the upstream, and none got a 429 there.
-    assert_eq!(total_admitted(&emu), (4, 0));
+    assert_eq!(admitted_and_rate_limited(&emu), (4, 0));
     assert_eq!(callers.snapshot().keys.len(), 2);
 }
 
 #[tokio::test]
 async fn axum_gateway_streams_sse_answers_through() {
     let org = Limits::new().rpm(50).itpm(30_000).otpm(8_000);
-    let (_emu, upstream_addr) = emulator(org).await;
-    let upstream = axum_gateway::Anthropic::new(
-        &format!("http://{upstream_addr}"),
+    let (_emu, upstream_addr) = serve_emulator(org).await;
+    let upstream = PresetClient::new(
+        upstream_addr,
         "sk-gateway-upstream",
         LimitsLayer::anthropic(org),
-    )
-    .expect("upstream client");
-    let (router, _) =
-        axum_gateway::router(upstream, Limits::new().rpm(10).itpm(20_000).otpm(4_000));
+    );
+    let (router, _) = gateway(upstream, Limits::new().rpm(10).itpm(20_000).otpm(4_000));
     let gateway = serve(router).await;
-    let msg = hyper_client::message("claude-sonnet-4-5", "Stream, please.", 40, true);
-    let (status, headers, body) = call(gateway, "team-s", &msg).await;
+    let msg = message("claude-sonnet-4-5", "Stream, please.", 40, true);
+    let (status, headers, body) = post_message(gateway, "team-s", &msg).await;
     assert_eq!(status, StatusCode::OK);
     let content_type = headers.get("content-type").and_then(|v| v.to_str().ok());
     assert!(
@@ -210,6 +177,6 @@ async fn axum_gateway_streams_sse_answers_through() {
     let stop = text.find("event: message_stop").expect("message_stop");
     assert!(start < stop);
     assert!(text.contains("event: content_block_delta"));
-    let (input, output) = hyper_client::usage_of(&body).expect("usage");
+    let (input, output) = usage_of(&body).expect("usage");
     assert!(input > 0 && output > 0);
 }

@@ -275,6 +275,32 @@ async fn reset_of_an_exhausted_limit_is_the_delay_without_retry_after() {
     );
 }
 
+/// On a wall clock that follows the paused clock, the reset is read
+/// exactly: no dependence on the real clock's sub-second phase.
+#[tokio::test(start_paused = true)]
+async fn reset_is_read_on_the_given_wall_clock() {
+    // 2027-01-15T08:00:00Z, then 2.25 s of virtual time.
+    let clock = tower_llm_limits::clock::WallClock::following_tokio(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+    );
+    tokio::time::advance(Duration::from_millis(2_250)).await;
+    let mock = Mock::new([status(529)
+        .header("anthropic-ratelimit-input-tokens-limit", "30000")
+        .header("anthropic-ratelimit-input-tokens-remaining", "0")
+        .header(
+            "anthropic-ratelimit-input-tokens-reset",
+            "2027-01-15T08:00:09Z",
+        )
+        .body(ITPM_BODY)]);
+    let mut svc = deterministic()
+        .wall_clock(clock)
+        .build()
+        .layer(mock.clone());
+    let start = Instant::now();
+    send(&mut svc, "{}").await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(6_750));
+}
+
 #[tokio::test(start_paused = true)]
 async fn backoff_doubles_with_full_jitter() {
     let mock = Mock::new([status(503), status(500), status(529)]);

@@ -116,7 +116,7 @@ pub struct Args {
     pub fault_stream: f64,
 
     /// Run against an API-compatible endpoint on the wall clock instead of
-    /// the emulator (e.g. https://api.anthropic.com).
+    /// the emulator (e.g. `https://api.anthropic.com`).
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
 

@@ -5,8 +5,9 @@
 
 use tower::util::BoxCloneService;
 use tower::ServiceExt;
-pub use tower_llm_limits::emulator::Emulator;
-use tower_llm_limits::emulator::{Faults, Limits, OutputMode};
+use tower_llm_limits::clock::WallClock;
+pub use tower_llm_limits_emulator::Emulator;
+use tower_llm_limits_emulator::{Faults, Limits, OutputMode};
 
 use super::args::Args;
 use super::report::{Charged, LimitSpec};
@@ -36,7 +37,7 @@ pub fn limits(a: &Args) -> Limits {
 ///
 /// # Errors
 /// Settings the emulator refuses.
-pub fn transport(a: &Args) -> Result<(Transport, Emulator), String> {
+pub fn transport(a: &Args, clock: WallClock) -> Result<(Transport, Emulator), String> {
     let emulator = Emulator::builder()
         .limits(limits(a))
         .output_mode(if a.reserve_mode() {
@@ -52,6 +53,7 @@ pub fn transport(a: &Args) -> Result<(Transport, Emulator), String> {
                 .with_stream_error(a.fault_stream),
         )
         .seed(a.seed)
+        .wall_clock(clock)
         .build()
         .map_err(|e| format!("emulator: {e}"))?;
     let svc = ServiceExt::<http::Request<Body>>::map_response(emulator.service(), box_response);
@@ -92,8 +94,8 @@ pub fn charged(emulator: &Emulator, reserve_mode: bool) -> Charged {
 /// is ceil(n / 4) tokens, each punctuation mark one): used to size the
 /// workload; the clients never see this count.
 pub fn count_tokens(s: &str) -> u64 {
-    tower_llm_limits::emulator::count_text(s)
+    tower_llm_limits_emulator::count_text(s)
 }
 
 /// Tokens each message adds under the emulator's rule (its role framing).
-pub const MESSAGE_OVERHEAD: u64 = tower_llm_limits::emulator::MESSAGE_OVERHEAD;
+pub const MESSAGE_OVERHEAD: u64 = tower_llm_limits_emulator::MESSAGE_OVERHEAD;

@@ -63,8 +63,10 @@ mod workload;
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use http::HeaderValue;
+use tower_llm_limits::clock::WallClock;
 
 pub use args::{Args, OutputMode};
 use report::{Charged, LimitSpec, Row};
@@ -194,6 +196,7 @@ fn build_client(
     log: Arc<Log>,
     args: &Args,
     limits: &LimitSpec,
+    clock: WallClock,
 ) -> Result<(run::Client, Option<Arc<strategies::Estimates>>), String> {
     let meter = Meter::new(transport, log);
     Ok(match kind {
@@ -204,7 +207,7 @@ fn build_client(
             None,
         ),
         Kind::Crate => {
-            let (client, est) = strategies::crate_stack(meter, args)?;
+            let (client, est) = strategies::crate_stack(meter, args, clock)?;
             (client, Some(est))
         }
     })
@@ -278,7 +281,7 @@ struct Server {
     path: String,
 }
 
-fn connect(args: &Args) -> Result<Server, String> {
+fn connect(args: &Args, clock: WallClock) -> Result<Server, String> {
     match &args.target {
         Some(url) => {
             let key = std::env::var(&args.api_key_env).map_err(|_| {
@@ -298,7 +301,7 @@ fn connect(args: &Args) -> Result<Server, String> {
             })
         }
         None => {
-            let (transport, emulator) = emu::transport(args)?;
+            let (transport, emulator) = emu::transport(args, clock)?;
             Ok(Server {
                 transport,
                 emulator: Some(emulator),
@@ -329,6 +332,20 @@ fn learn_limits(args: &Args, log: &Log, limits: &mut LimitSpec) {
     }
 }
 
+/// The wall clock of the emulator's reset instants and of the client's
+/// reading of them. Under virtual time, one clock that starts at a fixed
+/// whole second and follows tokio's paused clock: the system clock would
+/// stand still and its sub-second phase would change each run's delays
+/// (resets are rounded up to the second). Otherwise the system clock.
+fn wall_clock(virtual_time: bool) -> WallClock {
+    if virtual_time {
+        // 2027-01-15T08:00:00Z.
+        WallClock::following_tokio(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
+    } else {
+        WallClock::system()
+    }
+}
+
 /// Runs the workload through one strategy against a fresh server.
 async fn run_one(
     kind: Kind,
@@ -337,10 +354,12 @@ async fn run_one(
     limits: &mut LimitSpec,
     virtual_time: bool,
 ) -> Result<Row, String> {
-    let server = connect(args)?;
+    let clock = wall_clock(virtual_time);
+    let server = connect(args, clock)?;
     let log = Log::new();
     let progress = progress::Progress::new(kind.name(), items.len(), !virtual_time);
-    let (client, estimates) = build_client(kind, server.transport, log.clone(), args, limits)?;
+    let (client, estimates) =
+        build_client(kind, server.transport, log.clone(), args, limits, clock)?;
     let outcomes = run::drive(
         client,
         items.clone(),

@@ -12,8 +12,10 @@ use tokio::sync::Semaphore;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetLayer};
+use tower_llm_limits::clock::WallClock;
 use tower_llm_limits::estimate::{AnthropicEstimator, Estimate, TokenEstimator};
 use tower_llm_limits::preset::LimitsLayer;
+use tower_llm_limits::retry::RetryAfterLayer;
 use tower_llm_limits::wire::Usage;
 use tower_llm_limits::BoxError;
 
@@ -343,7 +345,11 @@ impl TokenEstimator for Recording {
 ///
 /// # Errors
 /// None today; kept fallible for settings that can be refused.
-pub fn crate_stack(meter: Meter, args: &Args) -> Result<(Client, Arc<Estimates>), String> {
+pub fn crate_stack(
+    meter: Meter,
+    args: &Args,
+    clock: WallClock,
+) -> Result<(Client, Arc<Estimates>), String> {
     let log = Arc::new(Estimates::default());
     let estimator = Recording {
         inner: AnthropicEstimator::new(),
@@ -363,10 +369,26 @@ pub fn crate_stack(meter: Meter, args: &Args) -> Result<(Client, Arc<Estimates>)
         })
         .estimator(Arc::new(estimator))
         .build();
-    let layer = LimitsLayer::anthropic(limits).with_budget(budget);
+    // Backoff jitter drawn from the run's seed (the preset's default is
+    // seeded per process), and reset instants read on the emulator's clock:
+    // the same seed gives the same run.
+    let retry = RetryAfterLayer::builder()
+        .jitter(seeded_jitter(args.seed))
+        .wall_clock(clock)
+        .build();
+    let layer = LimitsLayer::anthropic(limits)
+        .with_budget(budget)
+        .with_retry(retry);
     let svc = ServiceBuilder::new()
         .map_response(box_response)
         .layer(layer)
         .service(meter);
     Ok((BoxCloneService::new(svc), log))
+}
+
+/// Backoff jitter drawn from the run's seed, so that the same seed gives the
+/// same run (the retry layer's own default is seeded per process).
+fn seeded_jitter(seed: u64) -> impl Fn() -> f64 + Send + Sync + 'static {
+    let rng = std::sync::Mutex::new(crate::workload::Rng::new(seed));
+    move || rng.lock().map_or(0.5, |mut r| r.f64())
 }

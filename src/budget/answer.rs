@@ -1,25 +1,15 @@
-//! The `anthropic-ratelimit-*` headers of a key's buckets, as the API writes
-//! them, shared by enforce mode and the emulator. The rest of the API's
-//! answers (error JSON, 429 message, `retry-after`) is in
-//! [`wire::error`](crate::wire::error).
+//! The `anthropic-ratelimit-*` headers of a key's buckets in enforce mode:
+//! the ledger's bucket snapshots mapped to the neutral
+//! [`LimitState`] that [`wire::ratelimit`](crate::wire::ratelimit) writes.
+//! The rest of the API's answers (error JSON, 429 message, `retry-after`) is
+//! in [`wire::error`](crate::wire::error).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 
 use super::ledger::BucketState;
-use crate::headers::insert_limit_headers;
-use crate::Dimension;
-
-/// Rounds a time up to the next whole second (a reset is never announced early).
-fn ceil_second(t: SystemTime) -> SystemTime {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) if d.subsec_nanos() > 0 => UNIX_EPOCH
-            .checked_add(Duration::from_secs(d.as_secs().saturating_add(1)))
-            .unwrap_or(t),
-        _ => t,
-    }
-}
+use crate::wire::ratelimit::{self, LimitState};
 
 /// Time until a bucket is full again: its deficit refilled at `limit` per minute.
 fn time_to_full(state: &BucketState, limit: u64) -> Duration {
@@ -33,16 +23,7 @@ fn time_to_full(state: &BucketState, limit: u64) -> Duration {
     Duration::try_from_secs_f64(missing * 60.0 / limit as f64).unwrap_or(Duration::MAX)
 }
 
-/// Tokens remaining as the API reports them: "rounded to the nearest
-/// thousand" (the rate-limits page), never negative.
-pub(crate) fn round_thousands(available: f64) -> u64 {
-    if available.is_finite() && available > 0.0 {
-        ((available as u64).saturating_add(500) / 1_000) * 1_000
-    } else {
-        0
-    }
-}
-
+/// Whole units available, rounded down, never negative.
 fn floor_count(available: f64) -> u64 {
     if available.is_finite() && available > 0.0 {
         available as u64
@@ -51,10 +32,19 @@ fn floor_count(available: f64) -> u64 {
     }
 }
 
+/// A bucket as the headers report it, if its limit is known.
+fn limit_state(state: &BucketState) -> Option<LimitState> {
+    let limit = state.limit?;
+    Some(LimitState {
+        limit,
+        remaining: floor_count(state.available),
+        reset_in: time_to_full(state, limit),
+    })
+}
+
 /// Writes every `anthropic-ratelimit-*` header for the buckets
-/// `[requests, input, output]`: one set per bucket with a known limit, and
-/// the combined `tokens` set (input + output, as the API reports it when no
-/// workspace limit is lower) when both token limits are known.
+/// `[requests, input, output]` (see [`ratelimit::insert_rate_limit_headers`]
+/// for the rounding and the combined `tokens` set).
 ///
 /// Resets are `now` (the system clock, so a client computing `reset - now`
 /// gets the bucket's real time to full even under tokio's paused clock) plus
@@ -64,47 +54,21 @@ pub(crate) fn insert_rate_limit_headers(
     states: &[BucketState; 3],
     now: SystemTime,
 ) {
-    let mut tokens: Option<(u64, u64, SystemTime)> = None;
-    let mut token_dims = 0;
-    for (dimension, state) in Dimension::ALL.iter().zip(states) {
-        let Some(limit) = state.limit else { continue };
-        // A bucket deep in debt could overflow the system time: cap at a century.
-        let to_full = time_to_full(state, limit).min(Duration::from_secs(100 * 365 * 86_400));
-        let reset = ceil_second(now.checked_add(to_full).unwrap_or(now));
-        let remaining = match dimension {
-            Dimension::Requests => floor_count(state.available),
-            _ => round_thousands(state.available),
-        };
-        insert_limit_headers(headers, dimension.header_name(), limit, remaining, reset);
-        if *dimension != Dimension::Requests {
-            token_dims += 1;
-            tokens = Some(match tokens {
-                None => (limit, remaining, reset),
-                Some((l, r, t)) => (
-                    l.saturating_add(limit),
-                    r.saturating_add(remaining),
-                    t.max(reset),
-                ),
-            });
-        }
-    }
-    if let (Some((limit, remaining, reset)), 2) = (tokens, token_dims) {
-        insert_limit_headers(headers, "tokens", limit, remaining, reset);
-    }
+    ratelimit::insert_rate_limit_headers(headers, &states.each_ref().map(limit_state), now);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::headers::parse_rfc3339;
+    use std::time::UNIX_EPOCH;
 
     #[test]
-    fn remaining_tokens_round_to_the_thousand() {
-        assert_eq!(round_thousands(29_499.9), 29_000);
-        assert_eq!(round_thousands(29_500.0), 30_000);
-        assert_eq!(round_thousands(-5.0), 0);
-        assert_eq!(round_thousands(f64::NAN), 0);
-        assert_eq!(round_thousands(f64::MAX), u64::MAX / 1_000 * 1_000);
+    fn remaining_counts_floor_and_never_go_negative() {
+        assert_eq!(floor_count(29_499.9), 29_499);
+        assert_eq!(floor_count(-5.0), 0);
+        assert_eq!(floor_count(f64::NAN), 0);
+        assert_eq!(floor_count(f64::MAX), u64::MAX);
     }
 
     fn bucket(limit: Option<u64>, available: f64) -> BucketState {

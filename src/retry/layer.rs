@@ -12,6 +12,7 @@ use super::service::RetryAfter;
 use super::snapshot::{Config, Counters, RetrySnapshot, Shared};
 use crate::body::DEFAULT_BUFFER_LIMIT;
 use crate::classify::{Class, Classifier};
+use crate::clock::WallClock;
 
 /// Applies [`RetryAfter`] to a service: honours `retry-after`, backs off with
 /// jitter, replays bodies, and keeps one shared cooldown.
@@ -90,6 +91,7 @@ pub struct RetryAfterBuilder {
     budget: Option<RetryBudget>,
     jitter: Option<Arc<dyn Jitter>>,
     classifier: Classifier,
+    wall_clock: WallClock,
 }
 
 impl std::fmt::Debug for RetryAfterBuilder {
@@ -104,6 +106,7 @@ impl std::fmt::Debug for RetryAfterBuilder {
             .field("budget", &self.budget)
             .field("custom_jitter", &self.jitter.is_some())
             .field("classifier", &self.classifier)
+            .field("wall_clock", &self.wall_clock)
             .finish()
     }
 }
@@ -120,6 +123,7 @@ impl Default for RetryAfterBuilder {
             budget: Some(RetryBudget::default()),
             jitter: None,
             classifier: Classifier::new(),
+            wall_clock: WallClock::system(),
         }
     }
 }
@@ -234,6 +238,17 @@ impl RetryAfterBuilder {
         self
     }
 
+    /// The wall clock that the server's reset instants
+    /// (`anthropic-ratelimit-*-reset`) and HTTP-date `retry-after`s are read
+    /// against (default: the system clock). A simulation under tokio's paused
+    /// clock gives its emulated server and this layer the same
+    /// [`WallClock::following_tokio`], so that delays read from headers do
+    /// not depend on the real clock.
+    pub fn wall_clock(mut self, clock: WallClock) -> Self {
+        self.wall_clock = clock;
+        self
+    }
+
     /// Builds the layer and its shared state (a fresh cooldown and budget).
     pub fn build(self) -> RetryAfterLayer {
         let jitter = self
@@ -250,6 +265,7 @@ impl RetryAfterBuilder {
                     buffer_limit: self.buffer_limit,
                     jitter,
                     classifier: self.classifier,
+                    wall_clock: self.wall_clock,
                 },
                 cooldown: Cooldown::new(),
                 budget: self.budget.map(BudgetState::new),

@@ -12,7 +12,7 @@
 //! 3. The delay is the first of: `retry-after-ms`, `retry-after`, the reset of
 //!    an exhausted `anthropic-ratelimit-*` limit, full-jitter backoff.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
 
@@ -45,13 +45,18 @@ pub(crate) struct ResponseVerdict {
     pub(crate) check_spend_cap: bool,
 }
 
-/// Reads the status and headers of a response. `None` for a response below 400,
-/// which is returned without looking at its headers.
-pub(crate) fn judge_response(status: StatusCode, headers: &HeaderMap) -> Option<ResponseVerdict> {
+/// Reads the status and headers of a response, the headers' instants
+/// against `now`. `None` for a response below 400, which is returned without
+/// looking at its headers.
+pub(crate) fn judge_response(
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Option<ResponseVerdict> {
     if status.as_u16() < 400 {
         return None;
     }
-    let snapshot = RateLimitSnapshot::from_headers(headers);
+    let snapshot = RateLimitSnapshot::from_headers_at(headers, now);
     let retry = snapshot
         .should_retry
         .unwrap_or_else(|| is_retryable_status(status));
@@ -115,6 +120,10 @@ mod tests {
     use crate::{Dimension, GiveUpReason};
     use http::HeaderValue;
 
+    fn judge_response(status: StatusCode, headers: &HeaderMap) -> Option<ResponseVerdict> {
+        super::judge_response(status, headers, SystemTime::now())
+    }
+
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -168,6 +177,24 @@ mod tests {
         assert!(v.is_some_and(|v| !v.check_spend_cap));
         let none = judge_response(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new());
         assert!(none.is_some_and(|v| v.check_spend_cap && v.server_delay.is_none()));
+    }
+
+    #[test]
+    fn an_exhausted_reset_is_read_against_the_given_now() {
+        let h = headers(&[
+            ("anthropic-ratelimit-input-tokens-remaining", "0"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2026-11-28T07:15:04Z",
+            ),
+        ]);
+        let now = crate::headers::parse_rfc3339("2026-11-28T07:15:00.250Z");
+        let v =
+            now.and_then(|now| super::judge_response(StatusCode::from_u16(529).unwrap(), &h, now));
+        assert_eq!(
+            v.and_then(|v| v.server_delay),
+            Some(Duration::from_millis(3_750))
+        );
     }
 
     #[test]

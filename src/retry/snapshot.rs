@@ -89,6 +89,8 @@ pub(crate) struct Config {
     pub(crate) jitter: Arc<dyn Jitter>,
     /// Decides which inner errors are transient.
     pub(crate) classifier: crate::classify::Classifier,
+    /// What reset instants and HTTP-date `retry-after`s are read against.
+    pub(crate) wall_clock: crate::clock::WallClock,
 }
 
 impl fmt::Debug for Config {
@@ -101,6 +103,7 @@ impl fmt::Debug for Config {
             .field("deadline", &self.deadline)
             .field("buffer_limit", &self.buffer_limit)
             .field("classifier", &self.classifier)
+            .field("wall_clock", &self.wall_clock)
             .finish_non_exhaustive()
     }
 }

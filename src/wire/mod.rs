@@ -1,6 +1,7 @@
 //! The wire format of Anthropic's Messages API, modelled once for the whole
-//! crate: the estimator, the budget's settlement, enforce mode and the
-//! emulator all read and write it through this module.
+//! crate: the estimator, the budget's settlement and enforce mode read and
+//! write it through this module, and so does the emulator of the API
+//! (the `tower-llm-limits-emulator` crate).
 //!
 //! | module | what it holds |
 //! |---|---|
@@ -8,6 +9,7 @@
 //! | [`sse`] | server-sent events: an incremental decoder ([`sse::SseDecoder`]) and an encoder |
 //! | [`json`] | a JSON scanner that walks a body without building it (the estimator reads requests with it) |
 //! | [`error`] | the error JSON and its types, the 429 message, `retry-after`, JSON answers with a `request-id` |
+//! | [`ratelimit`] | the `anthropic-ratelimit-*` headers as the API writes them, from a neutral per-limit state |
 //!
 //! Always compiled: it needs no feature.
 //!
@@ -40,6 +42,7 @@
 
 pub mod error;
 pub mod json;
+pub mod ratelimit;
 pub mod sse;
 mod usage;
 

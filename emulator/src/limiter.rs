@@ -50,8 +50,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::budget::Limits;
-use crate::Dimension;
+use tower_llm_limits::budget::Limits;
+use tower_llm_limits::Dimension;
 
 /// Ticks per token: one minute in nanoseconds (see the module docs).
 const TICKS_PER_TOKEN: u128 = 60_000_000_000;
@@ -305,7 +305,7 @@ fn slot(dimension: Dimension) -> usize {
 /// use std::time::Duration;
 /// use tokio::time::Instant;
 /// use tower_llm_limits::budget::Limits;
-/// use tower_llm_limits::emulator::{RateLimiter, RequestCost, Verdict};
+/// use tower_llm_limits_emulator::{RateLimiter, RequestCost, Verdict};
 /// use tower_llm_limits::Dimension;
 ///
 /// let limiter = RateLimiter::per_minute();

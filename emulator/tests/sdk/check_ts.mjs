@@ -1,14 +1,14 @@
 // Checks that the emulator's answers parse with the official TypeScript SDK.
 //
-//     node tests/sdk/check_ts.mjs SCENARIO BASE_URL [SCENARIO BASE_URL ...]
+//     node emulator/tests/sdk/check_ts.mjs SCENARIO BASE_URL [SCENARIO BASE_URL ...]
 //
 // The twin of check_python.py, with the same scenarios, emulator settings,
 // output and exit codes (1: a check failed, 2: usage, 3: the SDK is missing).
-// `tests/sdk_compat.rs` runs it once against one emulator per scenario. The
+// `emulator/tests/sdk_compat.rs` runs it once against one emulator per scenario. The
 // SDK is looked up from this folder: `.ci/run` installs the pinned version
-// into tests/sdk/node_modules (ignored by git); by hand:
+// into emulator/tests/sdk/node_modules (ignored by git); by hand:
 //
-//     npm install --prefix tests/sdk --no-save --no-package-lock "@anthropic-ai/sdk@1.14.0"
+//     npm install --prefix emulator/tests/sdk --no-save --no-package-lock "@anthropic-ai/sdk@1.14.0"
 //
 // Talks to BASE_URL only, which must be a loopback address: retries are off,
 // the API key is a dummy (so the SDK looks up no other credentials).
@@ -320,7 +320,7 @@ async function main(args) {
     sdk = await import('@anthropic-ai/sdk');
   } catch (e) {
     console.error(`@anthropic-ai/sdk not installed (${e.message}); install it with ` +
-      `\`npm install --prefix tests/sdk --no-save --no-package-lock "@anthropic-ai/sdk@${PINNED}"\``);
+      `\`npm install --prefix emulator/tests/sdk --no-save --no-package-lock "@anthropic-ai/sdk@${PINNED}"\``);
     return EXIT_NO_SDK;
   }
   const Anthropic = sdk.default;

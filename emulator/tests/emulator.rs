@@ -1,7 +1,6 @@
-//! The emulator of the Messages API's rate limiter, checked against the facts
-//! file (`shared/anthropic-rate-limits.md`): shapes, validation, limits,
-//! output modes, prompt cache, faults, determinism, and one run over TCP.
-#![cfg(feature = "emulator")]
+//! The emulator of the Messages API's rate limiter, checked against the API's
+//! documented behaviour: answer shapes, validation, limits, output modes,
+//! prompt cache, faults, determinism, and one run over TCP.
 
 use std::time::Duration;
 
@@ -12,11 +11,11 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_llm_limits::budget::{Limits, ModelClass, OutputMode, Tier};
-use tower_llm_limits::emulator::{
+use tower_llm_limits::headers::RateLimitSnapshot;
+use tower_llm_limits_emulator::{
     count_text, Acceleration, Emulator, EmulatorBody, EmulatorBuilder, Faults, Latency,
     OutputLength, TokenCounter,
 };
-use tower_llm_limits::headers::RateLimitSnapshot;
 
 const SONNET: &str = "claude-sonnet-4-5-20250929";
 
@@ -1358,4 +1357,46 @@ async fn absurd_max_tokens_is_a_400() {
         let response = send(&emulator, "/v1/messages", &ask("Hi", 128_000)).await;
         assert_eq!(response.status(), StatusCode::OK, "{mode:?}");
     }
+}
+
+/// With a wall clock that follows the paused clock, reset instants are that
+/// clock plus the bucket's time to full, rounded up to the second: the same
+/// headers every run, and a client reading them on the same clock gets the
+/// same delay every run.
+#[tokio::test(start_paused = true)]
+async fn resets_follow_the_given_wall_clock() {
+    use std::time::UNIX_EPOCH;
+    use tower_llm_limits::clock::WallClock;
+
+    // 2027-01-15T08:00:00Z.
+    let start = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let clock = WallClock::following_tokio(start);
+    let emulator = quiet()
+        .limits(Limits::new().rpm(2).itpm(1_000_000).otpm(1_000_000))
+        .wall_clock(clock)
+        .build()
+        .unwrap();
+    tokio::time::advance(Duration::from_millis(250)).await;
+    let first = send(&emulator, "/v1/messages", &ask("Hi", 5)).await;
+    // One of 2 requests used at 08:00:00.250: full again 30 s later, rounded up.
+    assert_eq!(
+        header(first.headers(), "anthropic-ratelimit-requests-reset"),
+        "2027-01-15T08:00:31Z"
+    );
+    // Nothing used: full now, rounded up to the next second.
+    assert_eq!(
+        header(first.headers(), "anthropic-ratelimit-output-tokens-reset"),
+        "2027-01-15T08:00:01Z"
+    );
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let second = send(&emulator, "/v1/messages", &ask("Hi", 5)).await;
+    // Two used, the first refilling since 00.250: full at 01:00.250.
+    assert_eq!(
+        header(second.headers(), "anthropic-ratelimit-requests-reset"),
+        "2027-01-15T08:01:01Z"
+    );
+    let snap = RateLimitSnapshot::from_headers_at(second.headers(), clock.now());
+    assert_eq!(snap.requests.remaining, Some(0));
+    // 08:01:01 - 08:00:10.250.
+    assert_eq!(snap.requests.reset_in, Some(Duration::from_millis(50_750)));
 }

@@ -3,7 +3,7 @@
 //! the API must at least do, parse the request's JSON and serialize a fixed
 //! answer.
 //!
-//! Run: `cargo bench --features emulator --bench emulator -- --warm-up-time 1 --measurement-time 3`
+//! Run: `cargo bench -p tower-llm-limits-emulator --bench emulator -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
 
@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http_body_util::{BodyExt, Full};
 use tower::ServiceExt;
 use tower_llm_limits::budget::Limits;
-use tower_llm_limits::emulator::{Emulator, Latency, OutputLength};
+use tower_llm_limits_emulator::{Emulator, Latency, OutputLength};
 
 fn body(stream: bool) -> Bytes {
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::config::Acceleration;
-use crate::budget::Limits;
+use tower_llm_limits::budget::Limits;
 
 /// One second of a model class's traffic, for plots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,7 +70,7 @@ impl ClassStats {
     /// ```
     /// use std::time::Duration;
     /// use tower_llm_limits::budget::Limits;
-    /// use tower_llm_limits::emulator::ClassStats;
+    /// use tower_llm_limits_emulator::ClassStats;
     ///
     /// let charged = ClassStats { requests_admitted: 10, input_tokens: 90_000, output_tokens: 1_000, ..Default::default() };
     /// // 90,000 input tokens under 30,000 ITPM: 30,000 at once, 60,000 more at 500 per second.

@@ -39,7 +39,7 @@ impl Emulator {
     /// ```no_run
     /// # async fn run() -> std::io::Result<()> {
     /// use tower_llm_limits::budget::Limits;
-    /// use tower_llm_limits::emulator::Emulator;
+    /// use tower_llm_limits_emulator::Emulator;
     ///
     /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     /// println!("listening on http://{}", listener.local_addr()?);
@@ -87,7 +87,7 @@ impl Emulator {
     /// # async fn main() {
     /// use tower::ServiceExt;
     /// use tower_llm_limits::budget::Limits;
-    /// use tower_llm_limits::emulator::Emulator;
+    /// use tower_llm_limits_emulator::Emulator;
     ///
     /// let app = Emulator::new(Limits::new().rpm(50).itpm(30_000).otpm(8_000)).router();
     /// let request = http::Request::get("/v1/models").body(axum::body::Body::empty()).unwrap();

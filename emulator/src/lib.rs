@@ -1,5 +1,8 @@
 //! An emulator of the Anthropic Messages API's rate limiter, to run a client
-//! (or this crate's layers) against without spending tokens.
+//! (or the `tower-llm-limits` layers) against without spending tokens: a
+//! library, and a standalone server binary (`tower-llm-limits-emulator
+//! --port 8080 --rpm 50 --itpm 30000 --otpm 8000`, `--help` for its options;
+//! feature `cli`, on by default).
 //!
 //! [`Emulator`] serves, for pacing purposes, as the API does:
 //!
@@ -40,7 +43,7 @@
 //!
 //! # When to use it
 //!
-//! To measure a client's pacing (the crate's `simulate` example does),
+//! To measure a client's pacing (the workspace's `simulate` binary does),
 //! in tests, and as a local stand-in for the API. In process, under tokio's
 //! paused clock, a run of many virtual minutes takes seconds: every delay is a
 //! `tokio::time::sleep` and all randomness comes from the seed.
@@ -62,7 +65,7 @@
 //! use http_body_util::{BodyExt, Full};
 //! use tower::ServiceExt;
 //! use tower_llm_limits::budget::Limits;
-//! use tower_llm_limits::emulator::{Emulator, Latency};
+//! use tower_llm_limits_emulator::{Emulator, Latency};
 //! use tower_llm_limits::headers::RateLimitSnapshot;
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -127,9 +130,14 @@
 //!
 //! The headers' reset times are the system clock plus the bucket's time to
 //! full, so a client reading them with
-//! [`RateLimitSnapshot::from_headers`](crate::headers::RateLimitSnapshot::from_headers)
+//! [`RateLimitSnapshot::from_headers`](tower_llm_limits::headers::RateLimitSnapshot::from_headers)
 //! gets the right delay even though the paused clock never moves the system
-//! clock.
+//! clock. That delay is rounded up to the real clock's next whole second, as
+//! the API rounds, so it varies by up to a second from run to run; for a
+//! reproducible run give the emulator ([`EmulatorBuilder::wall_clock`]) and
+//! the client (`RetryAfterBuilder::wall_clock`) one
+//! [`WallClock::following_tokio`](tower_llm_limits::clock::WallClock::following_tokio),
+//! and seed the client's own randomness (its retry jitter).
 //!
 //! # Why its own admission, and not the budget's enforce layer
 //!
@@ -188,6 +196,14 @@
 //!   limit gets a 429 with `retry-after: 60`.
 //! - No authentication: `x-api-key` is neither required nor logged.
 
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+
 mod body;
 mod cache;
 mod config;
@@ -206,6 +222,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tower_llm_limits::clock::WallClock;
 
 pub use self::body::EmulatorBody;
 pub use self::config::{Acceleration, Faults, Latency, OutputLength};
@@ -217,7 +234,7 @@ pub use self::tokens::{
     count_text, TokenCounter, DOCUMENT_PAGE_CHARS, DOCUMENT_PAGE_TOKENS, IMAGE_TOKENS,
     MESSAGE_OVERHEAD,
 };
-pub use crate::budget::{Limits, ModelClass, OutputMode, Tier};
+pub use tower_llm_limits::budget::{Limits, ModelClass, OutputMode, Tier};
 
 use self::cache::PromptCache;
 use self::stats::StatsInner;
@@ -244,6 +261,7 @@ pub(crate) struct Config {
     pub(crate) body_limit: usize,
     pub(crate) count_tokens_rpm: Option<u64>,
     pub(crate) cache_min_tokens: u64,
+    pub(crate) wall_clock: WallClock,
     pub(crate) cache_reads_count: HashMap<ModelClass, bool>,
 }
 
@@ -335,6 +353,7 @@ impl Emulator {
                 body_limit: DEFAULT_BODY_LIMIT,
                 count_tokens_rpm: Some(DEFAULT_COUNT_TOKENS_RPM),
                 cache_min_tokens: DEFAULT_CACHE_MIN_TOKENS,
+                wall_clock: WallClock::system(),
                 cache_reads_count: HashMap::new(),
             },
         }
@@ -486,6 +505,22 @@ impl EmulatorBuilder {
     /// How answer lengths are drawn (default [`OutputLength::default`]).
     pub fn output_length(mut self, output_length: OutputLength) -> Self {
         self.config.output_length = output_length;
+        self
+    }
+
+    /// The wall clock of the answers' absolute instants (the
+    /// `anthropic-ratelimit-*-reset` headers, the spend-cap message's date);
+    /// default: the system clock.
+    ///
+    /// Under tokio's paused clock the system clock stands still, so a reset
+    /// is then the real time plus the bucket's time to full, and a client
+    /// reading it against the system clock gets that delay plus the real
+    /// clock's rounding to the next whole second (up to a second, different
+    /// each run). For a reproducible simulation, give the emulator and the
+    /// client (`RetryAfterBuilder::wall_clock` in `tower-llm-limits`) the same
+    /// [`WallClock::following_tokio`].
+    pub fn wall_clock(mut self, clock: WallClock) -> Self {
+        self.config.wall_clock = clock;
         self
     }
 

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -28,10 +28,10 @@ use super::response::{
 use super::rng::{mix, Rng};
 use super::tokens::{parse_request, Endpoint, ParsedRequest};
 use super::Shared;
-use crate::budget::ledger::BucketState;
-use crate::budget::{Limits, ModelClass, OutputMode};
-use crate::wire::error::{ErrorBody, ErrorKind};
-use crate::{BoxError, Dimension};
+use tower_llm_limits::budget::{Limits, ModelClass, OutputMode};
+use tower_llm_limits::wire::error::{ErrorBody, ErrorKind};
+use tower_llm_limits::wire::ratelimit::LimitState;
+use tower_llm_limits::{BoxError, Dimension};
 
 #[derive(Serialize)]
 struct CountTokensAnswer {
@@ -336,6 +336,7 @@ fn count_tokens(
         }
     };
     insert_headroom(
+        shared,
         response.headers_mut(),
         shared.count_limiter.headroom(&(), now),
     );
@@ -362,41 +363,32 @@ fn with_limit_headers(
     mut response: Response<EmulatorBody>,
 ) -> Response<EmulatorBody> {
     let headroom = shared.limiter.headroom(&class, Instant::now());
-    insert_headroom(response.headers_mut(), headroom);
+    insert_headroom(shared, response.headers_mut(), headroom);
     response
 }
 
 /// Writes the `anthropic-ratelimit-*` headers of a key's buckets, if it has any.
-fn insert_headroom(headers: &mut HeaderMap, headroom: Option<[Option<Headroom>; 3]>) {
+fn insert_headroom(
+    shared: &Shared,
+    headers: &mut HeaderMap,
+    headroom: Option<[Option<Headroom>; 3]>,
+) {
     if let Some(headroom) = headroom {
-        insert_rate_limit_headers(headers, &bucket_states(headroom), SystemTime::now());
+        let now = shared.config.wall_clock.now();
+        insert_rate_limit_headers(headers, &limit_states(headroom), now);
     }
 }
 
-/// The limiter's headroom in the shape the header writer takes (the
-/// budget's bucket snapshot). The writer reports `available` rounded (down
-/// for requests, to the nearest thousand for tokens, from the whole tokens
-/// the limiter reports) and derives the reset from `capacity - available`
-/// at the limit's rate, so the capacity given is what remains plus what
-/// refills until the reset: the writer's reset is the limiter's.
-fn bucket_states(headroom: [Option<Headroom>; 3]) -> [BucketState; 3] {
-    headroom.map(|h| match h {
-        None => BucketState {
-            limit: None,
-            learned: false,
-            available: f64::INFINITY,
-            capacity: f64::INFINITY,
-        },
-        Some(h) => {
-            let available = h.remaining as f64;
-            let refill = h.reset_in.as_secs_f64() * h.limit as f64 / 60.0;
-            BucketState {
-                limit: Some(h.limit),
-                learned: false,
-                available,
-                capacity: available + refill,
-            }
-        }
+/// The limiter's headroom as the header writer takes it: a bucket's limit,
+/// its whole remaining units and its time to full, unrounded (the writer
+/// rounds as the API does).
+fn limit_states(headroom: [Option<Headroom>; 3]) -> [Option<LimitState>; 3] {
+    headroom.map(|h| {
+        h.map(|h| LimitState {
+            limit: h.limit,
+            remaining: h.remaining,
+            reset_in: h.reset_in,
+        })
     })
 }
 
@@ -443,7 +435,7 @@ async fn messages(
 /// The spend-cap 429: no `retry-after`, `details.error_code` set.
 fn spend_limited(shared: &Shared, class: ModelClass, request_id: &str) -> Response<EmulatorBody> {
     shared.lock_stats().class(class.as_str()).spend_limited += 1;
-    let message = spend_limit_message(SystemTime::now());
+    let message = spend_limit_message(shared.config.wall_clock.now());
     let body = ErrorBody::new(ErrorKind::RateLimit, &message)
         .with_request_id(request_id)
         .with_error_code("enforced_spend_limit_reached");

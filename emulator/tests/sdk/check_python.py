@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Checks that the emulator's answers parse with the official Python SDK.
 
-    python3 tests/sdk/check_python.py SCENARIO BASE_URL [SCENARIO BASE_URL ...]
+    python3 emulator/tests/sdk/check_python.py SCENARIO BASE_URL [SCENARIO BASE_URL ...]
 
-`tests/sdk_compat.rs` starts one emulator per scenario on 127.0.0.1 and runs
+`emulator/tests/sdk_compat.rs` starts one emulator per scenario on 127.0.0.1 and runs
 this script once against all of them (importing the SDK takes a second). By
-hand, the `ok` scenario runs against `cargo run --features emulator --example
-emulator -- --no-latency --rpm 1000 --itpm 1000000 --otpm 1000000`.
+hand, the `ok` scenario runs against `cargo run -p tower-llm-limits-emulator --
+--no-latency --rpm 1000 --itpm 1000000 --otpm 1000000`.
 Scenarios, and the emulator settings each one expects:
 
 - ok            no faults, 1,000 RPM: JSON and streamed messages,

@@ -16,7 +16,7 @@ use super::rng::Rng;
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_llm_limits::emulator::Latency;
+/// use tower_llm_limits_emulator::Latency;
 ///
 /// let fast = Latency::none();
 /// assert_eq!(fast.per_output_token, Duration::ZERO);
@@ -129,7 +129,7 @@ pub(crate) fn scale(d: Duration, factor: f64) -> Duration {
 /// # Examples
 ///
 /// ```
-/// use tower_llm_limits::emulator::Faults;
+/// use tower_llm_limits_emulator::Faults;
 /// let faults = Faults::none().with_overloaded(0.02).with_stream_error(0.01);
 /// assert_eq!(faults.overloaded, 0.02);
 /// ```
@@ -249,7 +249,7 @@ pub(crate) enum Fault {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_llm_limits::emulator::Acceleration;
+/// use tower_llm_limits_emulator::Acceleration;
 /// let acc = Acceleration::new(3.0, 5_000);
 /// assert_eq!(acc.window, Duration::from_secs(10));
 /// assert_eq!(acc.baseline, Duration::from_secs(60));
@@ -297,7 +297,7 @@ impl Acceleration {
 /// # Examples
 ///
 /// ```
-/// use tower_llm_limits::emulator::OutputLength;
+/// use tower_llm_limits_emulator::OutputLength;
 /// let always_full = OutputLength::new(1.0, 1.0);
 /// assert_eq!(always_full.cap, None);
 /// ```

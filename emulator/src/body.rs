@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{sleep, Sleep};
 
 use super::service::Admission;
-use crate::BoxError;
+use tower_llm_limits::BoxError;
 
 /// One step of a streamed answer.
 #[derive(Debug)]

@@ -9,14 +9,14 @@ use serde::Serialize;
 use super::body::EmulatorBody;
 use super::cache::CacheOutcome;
 use super::rng::Rng;
-pub(crate) use crate::budget::answer::insert_rate_limit_headers;
-use crate::headers::format_rfc3339;
-use crate::wire::error::{self, ErrorBody, ErrorKind};
-pub(crate) use crate::wire::error::{insert_request_id, insert_retry_after};
-pub(crate) use crate::wire::sse::insert_stream_headers as sse_headers;
-use crate::wire::sse::json_event;
-use crate::wire::{CacheCreation, Usage, UsageDelta};
-use crate::Dimension;
+use tower_llm_limits::headers::format_rfc3339;
+use tower_llm_limits::wire::error::{self, ErrorBody, ErrorKind};
+pub(crate) use tower_llm_limits::wire::error::{insert_request_id, insert_retry_after};
+pub(crate) use tower_llm_limits::wire::ratelimit::insert_rate_limit_headers;
+pub(crate) use tower_llm_limits::wire::sse::insert_stream_headers as sse_headers;
+use tower_llm_limits::wire::sse::json_event;
+use tower_llm_limits::wire::{CacheCreation, Usage, UsageDelta};
+use tower_llm_limits::Dimension;
 
 const ID_ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
@@ -346,7 +346,7 @@ pub(crate) fn generate_text(rng: &mut Rng, n: u64, per_delta: u64) -> Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emulator::tokens::count_text;
+    use crate::tokens::count_text;
     use std::time::{Duration, UNIX_EPOCH};
 
     #[test]

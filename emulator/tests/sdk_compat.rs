@@ -1,12 +1,11 @@
-//! The emulator's answers parse with the official SDKs (issue 5: "parse with
-//! the official SDKs"): Python (`anthropic`) and TypeScript
+//! The emulator's answers parse with the official SDKs: Python (`anthropic`) and TypeScript
 //! (`@anthropic-ai/sdk`), at the versions `.ci/run` pins.
 //!
 //! Each test starts one seeded emulator per scenario on `127.0.0.1:0` (real
 //! clock, near-zero latency) and runs its SDK's check script once for all of
 //! them (importing an SDK takes up to a second):
-//! `python3 tests/sdk/check_python.py <scenario> http://127.0.0.1:<port> ...`
-//! or `node tests/sdk/check_ts.mjs ...`. The scripts drive the SDK through
+//! `python3 emulator/tests/sdk/check_python.py <scenario> http://127.0.0.1:<port> ...`
+//! or `node emulator/tests/sdk/check_ts.mjs ...`. The scripts drive the SDK through
 //! JSON and streamed messages, `count_tokens`, the per-minute 429, the 529,
 //! the mid-stream `event: error` and the spend-cap 429, one line per check.
 //! The test then reads the emulators' counters to confirm the SDK's requests
@@ -15,14 +14,13 @@
 //! Without the interpreter or the SDK package, a test prints a notice and
 //! passes, unless the environment variable `CI` is set: then it fails, since
 //! `.ci/run` installs both SDKs.
-#![cfg(feature = "emulator")]
 
 use std::io::Write;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tower_llm_limits::budget::Limits;
-use tower_llm_limits::emulator::{ClassStats, Emulator, EmulatorBuilder, Faults, Latency};
+use tower_llm_limits_emulator::{ClassStats, Emulator, EmulatorBuilder, Faults, Latency};
 
 /// The scripts' exit code when the SDK cannot be imported.
 const EXIT_NO_SDK: i32 = 3;
@@ -49,7 +47,7 @@ const TYPESCRIPT: Sdk = Sdk {
     name: "TypeScript SDK",
     program: "node",
     script: concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/check_ts.mjs"),
-    install: "npm install --prefix tests/sdk --no-save --no-package-lock \
+    install: "npm install --prefix emulator/tests/sdk --no-save --no-package-lock \
               \"@anthropic-ai/sdk@1.14.0\"",
 };
 

@@ -20,7 +20,7 @@ use http::request::Parts;
 use serde_json::{Map, Value};
 
 use super::rng::{fnv1a, FNV_OFFSET};
-use crate::estimate::{Estimate, TokenEstimator};
+use tower_llm_limits::estimate::{Estimate, TokenEstimator};
 
 /// Tokens added for each message (role framing).
 pub const MESSAGE_OVERHEAD: u64 = 3;
@@ -36,7 +36,7 @@ pub const DOCUMENT_PAGE_CHARS: usize = 100_000;
 /// # Examples
 ///
 /// ```
-/// use tower_llm_limits::emulator::count_text;
+/// use tower_llm_limits_emulator::count_text;
 /// // "Hello" (5 chars -> 2), "," (1), "world" (2), "!" (1)
 /// assert_eq!(count_text("Hello, world!"), 6);
 /// assert_eq!(count_text("  "), 0);
@@ -443,7 +443,7 @@ fn count_document(block: &Map<String, Value>, path: &str) -> Result<u64, String>
 /// # Examples
 ///
 /// ```
-/// use tower_llm_limits::emulator::TokenCounter;
+/// use tower_llm_limits_emulator::TokenCounter;
 ///
 /// let body = br#"{"model":"claude-sonnet-4-5","max_tokens":10,
 ///     "messages":[{"role":"user","content":"Hello, world!"}]}"#;

@@ -39,8 +39,8 @@ use tower_llm_limits::budget::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Reservation,
 };
 use tower_llm_limits::budget::{Limits, OutputMode};
-use tower_llm_limits::emulator::{Headroom, RateLimiter, RequestCost, Verdict};
 use tower_llm_limits::Dimension;
+use tower_llm_limits_emulator::{Headroom, RateLimiter, RequestCost, Verdict};
 
 /// The key of the one model class the sequence runs on.
 const KEY: &str = "sonnet-4";

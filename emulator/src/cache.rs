@@ -130,7 +130,7 @@ impl PromptCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emulator::tokens::{parse_request, Endpoint};
+    use crate::tokens::{parse_request, Endpoint};
 
     fn units(system: &str, user: &str) -> Vec<Unit> {
         let body = serde_json::json!({"model":"m","max_tokens":1,
