@@ -81,6 +81,35 @@
 //! - It reads the pacing headers of Anthropic and of OpenAI-style APIs only;
 //!   it is not a general-purpose rate limiter for any HTTP API.
 //!
+//! # Architecture
+//!
+//! Each layer has tower's split into `layer`, `service` and `future`, and the
+//! pieces the layers share stand beside them, one of each:
+//!
+//! - [`wire`]: the Messages API's wire format ([`wire::Usage`], the SSE
+//!   decoder and encoder, the JSON scanner used by the estimator and by
+//!   settlement, error bodies, the `anthropic-ratelimit-*` header writer);
+//! - one fair wait queue (FIFO, priority lanes with aging, one wakeup per
+//!   admission) behind the concurrency slots and the budget's per-key queues;
+//! - [`body`]: the request-body buffer that retry and budget share;
+//! - [`headers`], [`classify`], [`clock`]: reading the API's pacing headers,
+//!   recognising timeouts and connection errors by type, the wall clock that
+//!   resets are read on.
+//!
+//! A request through [`preset::LimitsLayer::anthropic`] flows through retry
+//! (buffers the body, waits out a shared cooldown), then the budget (estimates
+//! the request, waits its turn in its model class's FIFO queue, and at the head
+//! asks the asynchronous [`budget::ledger::Ledger`] to reserve RPM, ITPM and
+//! OTPM at once), then concurrency (takes a slot), then the transport. On the
+//! way back the budget settles with the `usage` read as the body passes and
+//! syncs with the rate-limit headers, the concurrency slot is held until the
+//! body ends, and retry decides from the status and headers whether to try
+//! again.
+//!
+//! The emulator of the API's rate limiter (with a limiter and a token counter
+//! of its own, so that a simulation never judges this crate with its own
+//! code) is the companion crate `tower-llm-limits-emulator`.
+//!
 //! # Features
 //!
 //! | feature | default | what it adds |
