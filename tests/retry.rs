@@ -422,14 +422,94 @@ async fn long_delay_fails_at_once_under_the_default_cap() {
     }
     assert_eq!(crate_err(&err).retry_in(), Some(Duration::from_secs(505)));
     assert_eq!(mock.calls(), 1);
-    // The limit is known to be exhausted: the next request does not hit it either.
+    // The limit is known to be exhausted: the next request waits the cap
+    // (60 s), not the 505 s, then asks the server again.
+    let start = Instant::now();
+    let resp = send(&mut svc, "{}").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(start.elapsed(), Duration::from_secs(60));
+    assert_eq!(mock.calls(), 2);
+    assert_eq!(layer.snapshot().retry_after_too_long, 1);
+}
+
+/// `retry-after: 86400` answers the request that received it at once; the
+/// shared cooldown is clamped to the cap, so the client goes on after 60 s
+/// instead of failing every request for a day.
+#[tokio::test(start_paused = true)]
+async fn a_day_long_retry_after_pauses_the_others_for_the_cap_only() {
+    let mock = Mock::new([status(429).header("retry-after", "86400")]);
+    let layer = deterministic().build();
+    let mut svc = layer.layer(mock.clone());
     let err = send(&mut svc, "{}").await.unwrap_err();
-    assert!(matches!(
-        crate_err(&err),
-        Error::RetryAfterTooLong { attempts: 0, .. }
-    ));
-    assert_eq!(mock.calls(), 1);
-    assert_eq!(layer.snapshot().retry_after_too_long, 2);
+    assert!(
+        matches!(
+            crate_err(&err),
+            Error::RetryAfterTooLong { delay, attempts: 1, .. } if *delay == Duration::from_secs(86_400)
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        layer.snapshot().cooldown_remaining,
+        Some(Duration::from_secs(60))
+    );
+    let start = Instant::now();
+    let others = (0..10).map(|_| svc.clone().oneshot(request("{}")));
+    let results = futures_util::future::join_all(others).await;
+    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|r| r.status() == StatusCode::OK)));
+    assert_eq!(start.elapsed(), Duration::from_secs(60));
+    assert_eq!(mock.calls(), 11);
+    tokio::time::advance(Duration::from_secs(600)).await;
+    let snap = layer.snapshot();
+    assert_eq!(snap.cooldown_remaining, None);
+    assert_eq!(snap.retry_after_too_long, 1);
+}
+
+/// A delay too large to be a plausible date (1e12 s) is still a delay above
+/// the cap, not a malformed header retried after a short backoff.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_above_a_year_is_too_long_not_malformed() {
+    for huge in ["31622399", "31622401", "1000000000000"] {
+        let mock = Mock::new([status(429).header("retry-after", huge)]);
+        let layer = deterministic().build();
+        let mut svc = layer.layer(mock.clone());
+        let start = Instant::now();
+        let err = send(&mut svc, "{}").await.unwrap_err();
+        assert!(
+            matches!(crate_err(&err), Error::RetryAfterTooLong { delay, .. } if *delay >= Duration::from_secs(31_622_399)),
+            "{huge}: {err}"
+        );
+        assert_eq!(start.elapsed(), Duration::ZERO, "{huge}");
+        assert_eq!(mock.calls(), 1, "{huge}");
+        assert_eq!(
+            layer.snapshot().cooldown_remaining,
+            Some(Duration::from_secs(60)),
+            "{huge}"
+        );
+    }
+}
+
+/// `reset_cooldown` lets new requests go at once; a request already waiting
+/// keeps its wait.
+#[tokio::test(start_paused = true)]
+async fn reset_cooldown_lets_new_requests_go_at_once() {
+    let mock = Mock::new([status(429).header("retry-after", "900")]);
+    let layer = deterministic()
+        .max_server_delay(Duration::from_secs(3600))
+        .build();
+    let mut first = layer.layer(mock.clone());
+    let mut second = first.clone();
+    let waiting = tokio::spawn(async move { send(&mut first, "{}").await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        layer.snapshot().cooldown_remaining,
+        Some(Duration::from_secs(899))
+    );
+    layer.reset_cooldown();
+    assert_eq!(layer.snapshot().cooldown_remaining, None);
+    assert_eq!(send(&mut second, "{}").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(waiting.await.unwrap().unwrap(), StatusCode::OK);
+    let at: Vec<_> = mock.seen().iter().map(|s| s.at.as_secs()).collect();
+    assert_eq!(at, [0, 1, 900]);
 }
 
 // ---------------------------------------------------------------- bounds

@@ -203,13 +203,10 @@ impl<S, B> Ctx<S, B> {
     /// cooldown was ever set or a deadline is configured.
     fn gate(&mut self) -> Result<Gate, BoxError> {
         let mut now = None;
-        if let Some((until, status)) = self.shared.cooldown.get() {
+        if let Some((until, _)) = self.shared.cooldown.get() {
             let t = *now.get_or_insert_with(Instant::now);
             if until > t {
-                let remaining = until - t;
-                if remaining > self.shared.config.max_server_delay {
-                    return Err(self.too_long(remaining, status));
-                }
+                // Never longer than `max_server_delay`: the cooldown is clamped to it.
                 if self.deadline.is_some_and(|d| until > d) {
                     return Err(self.give_up(GiveUpReason::Deadline));
                 }
@@ -237,9 +234,13 @@ impl<S, B> Ctx<S, B> {
         }
     }
 
-    /// Sets the shared cooldown from a 429/529 that names a delay.
+    /// Sets the shared cooldown from a 429/529 that names a delay, clamped to
+    /// `max_server_delay`: a longer delay is the answer of the request that
+    /// received it (`RetryAfterTooLong`), while the others wait at most the
+    /// cap and then ask the server again.
     fn note_server_delay(&self, status: StatusCode, delay: Option<Duration>) {
         if let Some(d) = delay.filter(|_| policy::sets_cooldown(status)) {
+            let d = d.min(self.shared.config.max_server_delay);
             self.shared
                 .cooldown
                 .extend(later(Instant::now(), d), status);

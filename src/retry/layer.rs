@@ -64,6 +64,26 @@ impl RetryAfterLayer {
         self.shared.snapshot()
     }
 
+    /// Ends the shared cooldown now: requests that start from now on are sent
+    /// without waiting (until the next 429 or 529 that names a delay).
+    ///
+    /// Requests already waiting out the cooldown keep waiting the delay they
+    /// were given, at most [`max_server_delay`](RetryAfterBuilder::max_server_delay):
+    /// the cooldown never runs longer than that cap.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::retry::RetryAfterLayer;
+    ///
+    /// let layer = RetryAfterLayer::anthropic();
+    /// layer.reset_cooldown();
+    /// assert_eq!(layer.snapshot().cooldown_remaining, None);
+    /// ```
+    pub fn reset_cooldown(&self) {
+        self.shared.cooldown.reset();
+    }
+
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
@@ -151,11 +171,16 @@ impl RetryAfterBuilder {
         self
     }
 
-    /// Longest delay named by the server (or by the shared cooldown) that is
-    /// waited out (default 60 s). A longer one is not waited, and never
-    /// replaced by a short backoff: the request fails at once with
+    /// Longest delay named by the server that is waited out (default 60 s).
+    /// A longer one is not waited, and never replaced by a short backoff: the
+    /// request that received it fails at once with
     /// [`Error::RetryAfterTooLong`](crate::Error::RetryAfterTooLong), carrying the
     /// delay, so the caller decides. Raise it for batch jobs.
+    ///
+    /// It also caps the shared cooldown: a 429 or 529 naming a longer delay
+    /// pauses the layer's other requests for this long only, after which
+    /// they ask the server again (one long `retry-after` cannot stop the
+    /// client for a day).
     pub fn max_server_delay(mut self, d: Duration) -> Self {
         self.max_server_delay = d;
         self

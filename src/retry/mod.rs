@@ -48,8 +48,10 @@
 //!   while waiting). An error from that `poll_ready` is returned as is.
 //! - **Shared cooldown**: a 429 or 529 naming a delay pauses *every* request
 //!   through the layer (all services it built and their clones), new requests
-//!   and retries alike, until that instant. A cooldown longer than the cap
-//!   fails new requests at once with `RetryAfterTooLong`.
+//!   and retries alike, until that instant. The shared cooldown is clamped
+//!   to the cap: a longer delay fails the request that received it at once
+//!   (`RetryAfterTooLong`), while the others wait the cap and then ask the
+//!   server again. [`RetryAfterLayer::reset_cooldown`] ends it at once.
 //! - **Bodies**: bodies up to [`buffer_limit`](RetryAfterBuilder::buffer_limit)
 //!   (default 16 MiB) are read once and replayed; each attempt carries the
 //!   bytes in the [`BufferedBytes`](crate::body::BufferedBytes) extension, so
