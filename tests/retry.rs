@@ -455,7 +455,9 @@ async fn a_day_long_retry_after_pauses_the_others_for_the_cap_only() {
     let start = Instant::now();
     let others = (0..10).map(|_| svc.clone().oneshot(request("{}")));
     let results = futures_util::future::join_all(others).await;
-    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|r| r.status() == StatusCode::OK)));
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|r| r.status() == StatusCode::OK)));
     assert_eq!(start.elapsed(), Duration::from_secs(60));
     assert_eq!(mock.calls(), 11);
     tokio::time::advance(Duration::from_secs(600)).await;
@@ -506,7 +508,10 @@ async fn reset_cooldown_lets_new_requests_go_at_once() {
     );
     layer.reset_cooldown();
     assert_eq!(layer.snapshot().cooldown_remaining, None);
-    assert_eq!(send(&mut second, "{}").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        send(&mut second, "{}").await.unwrap().status(),
+        StatusCode::OK
+    );
     assert_eq!(waiting.await.unwrap().unwrap(), StatusCode::OK);
     let at: Vec<_> = mock.seen().iter().map(|s| s.at.as_secs()).collect();
     assert_eq!(at, [0, 1, 900]);
@@ -1159,4 +1164,108 @@ async fn polling_a_finished_response_future_panics() {
         tokio::task::yield_now().await;
     }
     let _ = fut.poll();
+}
+
+// ---------------------------------------------------------------- stalled error bodies
+
+/// A response body that sends `data` and ends, or never sends anything
+/// (`stalls`); it records when it is dropped.
+#[derive(Debug)]
+struct Stall {
+    data: Option<Bytes>,
+    stalls: bool,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Stall {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.stalls {
+            return Poll::Pending;
+        }
+        Poll::Ready(self.data.take().map(|d| Ok(Frame::data(d))))
+    }
+}
+
+impl Drop for Stall {
+    fn drop(&mut self) {
+        self.dropped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// An API whose first answer is a 429 without `retry-after` whose body
+/// stalls for ever (`stalls`) or is the spend-cap body; then 200.
+fn stalling_api(
+    stalls: bool,
+    calls: Arc<Mutex<Vec<Duration>>>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+) -> impl Service<
+    Request<ReplayBody<Full<Bytes>>>,
+    Response = Response<Stall>,
+    Error = BoxError,
+    Future = std::future::Ready<Result<Response<Stall>, BoxError>>,
+> + Clone {
+    let start = Instant::now();
+    tower::service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
+        let mut seen = calls.lock().unwrap();
+        seen.push(start.elapsed());
+        let first = seen.len() == 1;
+        let body = Stall {
+            data: first.then(|| Bytes::from_static(SPEND_CAP_BODY.as_bytes())),
+            stalls: first && stalls,
+            dropped: dropped.clone(),
+        };
+        let mut resp = Response::new(body);
+        if first {
+            *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        }
+        std::future::ready(Ok(resp))
+    })
+}
+
+/// A 429 without `retry-after` whose body stalls is not waited on for ever:
+/// after the error body timeout it is dropped (freeing what it holds) and
+/// the 429 is retried as a rate-limit one.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_error_body_times_out_and_the_429_is_retried() {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let layer = deterministic()
+        .error_body_timeout(Duration::from_secs(3))
+        .build();
+    let svc = layer.layer(stalling_api(true, calls.clone(), dropped.clone()));
+    let outcome = tokio::time::timeout(Duration::from_secs(3600), svc.oneshot(request("{}")))
+        .await
+        .expect("a stalled error body must not hang the request");
+    assert_eq!(outcome.unwrap().status(), StatusCode::OK);
+    assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+    let calls = calls.lock().unwrap().clone();
+    // 3 s of timeout, then a backoff of at most 0.5 s (jitter 0.5: 0.25 s).
+    assert_eq!(calls, [Duration::ZERO, Duration::from_millis(3_250)]);
+    let snap = layer.snapshot();
+    assert_eq!((snap.error_body_timeouts, snap.retries), (1, 1));
+}
+
+/// The default timeout is documented and a body that arrives in time is
+/// still read: the spend-cap 429 fails at once.
+#[tokio::test(start_paused = true)]
+async fn an_error_body_in_time_is_still_read() {
+    assert_eq!(
+        tower_llm_limits::retry::DEFAULT_ERROR_BODY_TIMEOUT,
+        Duration::from_secs(10)
+    );
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let layer = deterministic().build();
+    let svc = layer.layer(stalling_api(false, calls.clone(), dropped));
+    let err = svc.oneshot(request("{}")).await.unwrap_err();
+    assert!(matches!(crate_err(&err), Error::SpendLimitReached));
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    assert_eq!(layer.snapshot().error_body_timeouts, 0);
 }

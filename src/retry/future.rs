@@ -46,7 +46,8 @@ pin_project! {
         Readying,
         // An attempt is in flight.
         Calling { #[pin] future: F },
-        // Reading a 429's error body, looking for the spend-cap code.
+        // Reading a 429's error body, looking for the spend-cap code, until
+        // `Ctx::sleep` (the read timeout) fires.
         Reading {
             #[pin] body: R,
             status: StatusCode,
@@ -228,9 +229,36 @@ impl<S, B> Ctx<S, B> {
     /// Starts sleeping until `until`.
     fn start_wait(&mut self, until: Instant) {
         self.wait_started = Some(Instant::now());
+        self.arm_timer(until);
+    }
+
+    /// Sets the one timer (a wait's end, or an error body's read timeout).
+    fn arm_timer(&mut self, until: Instant) {
         match self.sleep.as_mut() {
             Some(sleep) => sleep.as_mut().reset(until),
             None => self.sleep = Some(Box::pin(tokio::time::sleep_until(until))),
+        }
+    }
+
+    /// Starts the read timeout of an error body.
+    fn start_reading(&mut self) {
+        let timeout = self.shared.config.error_body_timeout;
+        self.arm_timer(later(Instant::now(), timeout));
+    }
+
+    /// `Reading` with the body not ready: whether its read timeout expired.
+    fn poll_read_timeout(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.sleep.as_mut() {
+            Some(sleep) => {
+                ready!(sleep.as_mut().poll(cx));
+                Counters::bump(&self.shared.counters.error_body_timeouts);
+                tracing::debug!(
+                    status = self.last_status.map(|s| s.as_u16()),
+                    "error body not read within the timeout; decided without it"
+                );
+                Poll::Ready(())
+            }
+            None => Poll::Pending,
         }
     }
 
@@ -528,12 +556,15 @@ where
             }
             Step::Ready => state.set(State::Readying),
             Step::Call(future) => state.set(State::Calling { future }),
-            Step::Read(body, status, server_delay) => state.set(State::Reading {
-                body,
-                status,
-                server_delay,
-                collected: Vec::new(),
-            }),
+            Step::Read(body, status, server_delay) => {
+                ctx.start_reading();
+                state.set(State::Reading {
+                    body,
+                    status,
+                    server_delay,
+                    collected: Vec::new(),
+                });
+            }
             Step::Retry(delay) => match ctx.plan_retry(delay) {
                 Ok(wake) if wake > Instant::now() => {
                     ctx.start_wait(wake);
@@ -583,7 +614,15 @@ where
                     server_delay,
                     collected,
                 } => {
-                    let finished = ready!(poll_error_body(body, collected, cx));
+                    // A body that stalls past the timeout is decided on as
+                    // if it said nothing (and dropped, freeing what it holds).
+                    let finished = match poll_error_body(body, collected, cx) {
+                        Poll::Ready(finished) => finished,
+                        Poll::Pending => {
+                            ready!(ctx.poll_read_timeout(cx));
+                            false
+                        }
+                    };
                     ctx.after_error_body(finished, collected, *status, *server_delay)
                 }
                 StateProj::Done => panic!("`retry::ResponseFuture` polled after completion"),

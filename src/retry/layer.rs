@@ -13,6 +13,12 @@ use super::snapshot::{Config, Counters, RetrySnapshot, Shared};
 use crate::body::DEFAULT_BUFFER_LIMIT;
 use crate::classify::{Class, Classifier};
 
+/// The default of [`RetryAfterBuilder::error_body_timeout`]: 10 s. An error
+/// body is a few hundred bytes sent with its head; ten seconds is far more
+/// than a healthy server needs and short enough that a stalled one does not
+/// hold a slot for long.
+pub const DEFAULT_ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Applies [`RetryAfter`] to a service: honours `retry-after`, backs off with
 /// jitter, replays bodies, and keeps one shared cooldown.
 ///
@@ -112,6 +118,7 @@ pub struct RetryAfterBuilder {
     max_server_delay: Duration,
     deadline: Option<Duration>,
     buffer_limit: usize,
+    error_body_timeout: Duration,
     budget: Option<RetryBudget>,
     jitter: Option<Arc<dyn Jitter>>,
     classifier: Classifier,
@@ -126,6 +133,7 @@ impl std::fmt::Debug for RetryAfterBuilder {
             .field("max_server_delay", &self.max_server_delay)
             .field("deadline", &self.deadline)
             .field("buffer_limit", &self.buffer_limit)
+            .field("error_body_timeout", &self.error_body_timeout)
             .field("budget", &self.budget)
             .field("custom_jitter", &self.jitter.is_some())
             .field("classifier", &self.classifier)
@@ -142,6 +150,7 @@ impl Default for RetryAfterBuilder {
             max_server_delay: Duration::from_secs(60),
             deadline: None,
             buffer_limit: DEFAULT_BUFFER_LIMIT,
+            error_body_timeout: DEFAULT_ERROR_BODY_TIMEOUT,
             budget: Some(RetryBudget::default()),
             jitter: None,
             classifier: Classifier::new(),
@@ -202,6 +211,20 @@ impl RetryAfterBuilder {
     /// A larger body passes through unchanged and its request is never retried.
     pub fn buffer_limit(mut self, bytes: usize) -> Self {
         self.buffer_limit = bytes;
+        self
+    }
+
+    /// How long the error body of a 429 without `retry-after` may take to
+    /// arrive (default [`DEFAULT_ERROR_BODY_TIMEOUT`], 10 s).
+    ///
+    /// The layer reads that body to tell the spend-cap 429 (not retried)
+    /// from a rate-limit 429 (retried). A body that has not ended by then is
+    /// dropped, which frees whatever it held (a concurrency slot, a
+    /// connection), and the response is judged as if the body said nothing:
+    /// a rate-limit 429, retried after backoff. Counted in
+    /// [`RetrySnapshot::error_body_timeouts`].
+    pub fn error_body_timeout(mut self, timeout: Duration) -> Self {
+        self.error_body_timeout = timeout;
         self
     }
 
@@ -282,6 +305,7 @@ impl RetryAfterBuilder {
                     max_server_delay: self.max_server_delay,
                     deadline: self.deadline,
                     buffer_limit: self.buffer_limit,
+                    error_body_timeout: self.error_body_timeout,
                     jitter,
                     classifier: self.classifier,
                 },

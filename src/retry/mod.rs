@@ -16,7 +16,9 @@
 //!   `error.details.error_code` = `enforced_spend_limit_reached`): it fails at
 //!   once with [`Error::SpendLimitReached`](crate::Error::SpendLimitReached). To
 //!   tell it apart, the error body of a 429 without `retry-after` is read (at
-//!   most 64 KiB). Inner errors that are this crate's non-transient errors
+//!   most 64 KiB, within
+//!   [`error_body_timeout`](RetryAfterBuilder::error_body_timeout): a body
+//!   that stalls is dropped and the 429 retried as a rate-limit one). Inner errors that are this crate's non-transient errors
 //!   (`RequestTooLarge`, `SpendLimitReached`, `NotReplayable`, `Body`, or a
 //!   nested retry layer's verdict) are returned as they are;
 //!   `BudgetExceeded { retry_in }` is retried after `retry_in`, `Overloaded`
@@ -135,7 +137,7 @@ mod snapshot;
 pub use backoff::{FastRng, Jitter};
 pub use budget::RetryBudget;
 pub use future::ResponseFuture;
-pub use layer::{RetryAfterBuilder, RetryAfterLayer};
+pub use layer::{RetryAfterBuilder, RetryAfterLayer, DEFAULT_ERROR_BODY_TIMEOUT};
 pub use service::RetryAfter;
 pub use snapshot::{GiveUps, RetrySnapshot};
 

@@ -44,6 +44,10 @@ pub struct RetrySnapshot {
     pub retry_after_too_long: u64,
     /// Requests failed with [`Error::SpendLimitReached`](crate::Error::SpendLimitReached).
     pub spend_limit_reached: u64,
+    /// Error bodies not read within
+    /// [`error_body_timeout`](super::RetryAfterBuilder::error_body_timeout):
+    /// the response was judged without its body.
+    pub error_body_timeouts: u64,
     /// Time left in the shared cooldown, if one is running.
     pub cooldown_remaining: Option<Duration>,
     /// Retries the budget would allow now; `None` without a budget.
@@ -86,6 +90,7 @@ pub(crate) struct Config {
     pub(crate) max_server_delay: Duration,
     pub(crate) deadline: Option<Duration>,
     pub(crate) buffer_limit: usize,
+    pub(crate) error_body_timeout: Duration,
     pub(crate) jitter: Arc<dyn Jitter>,
     /// Decides which inner errors are transient.
     pub(crate) classifier: crate::classify::Classifier,
@@ -100,6 +105,7 @@ impl fmt::Debug for Config {
             .field("max_server_delay", &self.max_server_delay)
             .field("deadline", &self.deadline)
             .field("buffer_limit", &self.buffer_limit)
+            .field("error_body_timeout", &self.error_body_timeout)
             .field("classifier", &self.classifier)
             .finish_non_exhaustive()
     }
@@ -115,6 +121,7 @@ pub(crate) struct Counters {
     pub(crate) not_replayable: AtomicU64,
     pub(crate) too_long: AtomicU64,
     pub(crate) spend_limit: AtomicU64,
+    pub(crate) error_body_timeouts: AtomicU64,
 }
 
 impl Counters {
@@ -156,6 +163,7 @@ impl Shared {
             not_replayable: load(&c.not_replayable),
             retry_after_too_long: load(&c.too_long),
             spend_limit_reached: load(&c.spend_limit),
+            error_body_timeouts: load(&c.error_body_timeouts),
             cooldown_remaining: self.cooldown.remaining(now),
             budget_balance: self.budget.as_ref().map(|b| b.balance(now)),
         }
