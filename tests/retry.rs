@@ -19,7 +19,7 @@ use tokio_test::{assert_pending, assert_ready_ok};
 use tower::{Layer, Service, ServiceExt};
 use tower_llm_limits::body::{BufferedBytes, ReplayBody};
 use tower_llm_limits::headers::format_rfc3339;
-use tower_llm_limits::retry::{RetryAfter, RetryAfterLayer, RetryBudget, RETRY_COUNT};
+use tower_llm_limits::retry::{AfterSend, RetryAfter, RetryAfterLayer, RetryBudget, RETRY_COUNT};
 use tower_llm_limits::{BoxError, Dimension, Error, GiveUpReason};
 
 type Resp = Response<Full<Bytes>>;
@@ -1268,4 +1268,61 @@ async fn an_error_body_in_time_is_still_read() {
     assert!(matches!(crate_err(&err), Error::SpendLimitReached));
     assert_eq!(calls.lock().unwrap().len(), 1);
     assert_eq!(layer.snapshot().error_body_timeouts, 0);
+}
+
+// ---------------------------------------------------------------- replays after send
+
+fn reset_mid_request() -> BoxError {
+    Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+}
+
+fn refused() -> BoxError {
+    Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+}
+
+/// By default a request reset mid-request is replayed, as the SDKs do, and
+/// the replay is counted; a refused connection is retried but is no replay.
+#[tokio::test(start_paused = true)]
+async fn replays_after_send_are_retried_by_default_and_counted() {
+    let mock = Mock::new([Reply::Fail(reset_mid_request), Reply::Fail(refused)]);
+    let layer = deterministic().build();
+    let mut svc = layer.layer(mock.clone());
+    assert_eq!(send(&mut svc, "{}").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(mock.calls(), 3);
+    let snap = layer.snapshot();
+    assert_eq!((snap.retries, snap.replays_after_send), (2, 1));
+    assert_eq!(snap.give_ups.total(), 0);
+}
+
+/// With `AfterSend::Fail` a request that may have reached the server is not
+/// sent again; one that never left (refused, a local refusal) still is.
+#[tokio::test(start_paused = true)]
+async fn after_send_fail_does_not_replay_a_request_the_server_may_have_done() {
+    let mock = Mock::new([Reply::Fail(refused), Reply::Fail(reset_mid_request)]);
+    let layer = deterministic().after_send(AfterSend::Fail).build();
+    let mut svc = layer.layer(mock.clone());
+    let err = send(&mut svc, "{}").await.unwrap_err();
+    match crate_err(&err) {
+        Error::RetriesExhausted {
+            attempts: 2,
+            reason: GiveUpReason::Sent,
+            last_status: None,
+            source: Some(source),
+            ..
+        } => {
+            let io = source.downcast_ref::<std::io::Error>().unwrap();
+            assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(mock.calls(), 2);
+    let snap = layer.snapshot();
+    assert_eq!((snap.retries, snap.replays_after_send), (1, 0));
+    assert_eq!(snap.give_ups.get(GiveUpReason::Sent), 1);
+    // A local refusal from an inner layer never left either: retried.
+    let mock = Mock::new([Reply::Fail(|| Box::new(Error::Overloaded { waiting: 3 }))]);
+    let mut svc = layer.layer(mock.clone());
+    assert_eq!(send(&mut svc, "{}").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(mock.calls(), 2);
+    assert_eq!(layer.snapshot().replays_after_send, 0);
 }

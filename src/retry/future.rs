@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::backoff::full_jitter;
+use super::layer::AfterSend;
 use super::policy::{self, ErrorVerdict, ERROR_BODY_LIMIT};
 use super::snapshot::{Counters, Shared};
 use super::RETRY_COUNT;
@@ -120,6 +121,9 @@ enum Delay {
     Local(Duration),
     /// Exponential backoff with full jitter.
     Backoff,
+    /// Backoff too, after an attempt that failed once it may have reached the
+    /// server (a replay: counted).
+    Replay,
 }
 
 /// `now + d` without overflow (a far instant instead).
@@ -293,7 +297,7 @@ impl<S, B> Ctx<S, B> {
                 return Err(err.unwrap_or_else(|| self.give_up(GiveUpReason::MaxRetries)));
             }
             Delay::Server(d) | Delay::Local(d) => d,
-            Delay::Backoff => full_jitter(
+            Delay::Backoff | Delay::Replay => full_jitter(
                 config.initial_backoff,
                 config.max_backoff,
                 self.attempts.saturating_sub(1),
@@ -311,6 +315,9 @@ impl<S, B> Ctx<S, B> {
             }
         }
         Counters::bump(&self.shared.counters.retries);
+        if matches!(delay, Delay::Replay) {
+            Counters::bump(&self.shared.counters.replays_after_send);
+        }
         tracing::info!(
             attempt = self.attempts + 1,
             status = self.last_status.map(|s| s.as_u16()),
@@ -320,6 +327,7 @@ impl<S, B> Ctx<S, B> {
                 Delay::Server(_) => "server delay",
                 Delay::Local(_) => "inner layer delay",
                 Delay::Backoff => "backoff",
+                Delay::Replay => "backoff, replaying a request that may have reached the server",
             },
             "retrying request"
         );
@@ -429,10 +437,15 @@ impl<S, B> Ctx<S, B> {
                 source: Some(err),
             })));
         }
+        let sent = verdict == ErrorVerdict::Backoff && policy::may_have_been_sent(&err);
         self.last_status = None;
         self.last_error = Some(err);
+        if sent && self.shared.config.after_send == AfterSend::Fail {
+            return Step::Return(Err(self.give_up(GiveUpReason::Sent)));
+        }
         Step::Retry(match verdict {
             ErrorVerdict::After(d) => Delay::Local(d),
+            _ if sent => Delay::Replay,
             _ => Delay::Backoff,
         })
     }

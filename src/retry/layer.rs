@@ -19,6 +19,53 @@ use crate::classify::{Class, Classifier};
 /// hold a slot for long.
 pub const DEFAULT_ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the retry layer does with an attempt that failed, without a
+/// response, after it may have reached the server.
+///
+/// # Why a choice
+///
+/// After a connection reset mid-request the server may already have done the
+/// work (and charged for it): sending the request again may run it twice.
+/// Anthropic's API has no idempotency key to make a replay safe, and the
+/// official SDKs retry such failures anyway. Whether a duplicate or a lost
+/// answer is worse depends on the caller: a chat reply can be regenerated, a
+/// tool call with side effects should not run twice.
+///
+/// # What counts as sent
+///
+/// An attempt is *sent* once the inner service's `call` was made and its
+/// future polled, and that future then failed without a response head,
+/// unless the error shows that the request could not have left this
+/// process:
+///
+/// - a local refusal by this crate's inner layers
+///   ([`Error::BudgetExceeded`](crate::Error::BudgetExceeded),
+///   [`Error::Overloaded`](crate::Error::Overloaded));
+/// - a connection that was never established
+///   ([`classify::never_connected`](crate::classify::never_connected):
+///   `ConnectionRefused` or `AddrNotAvailable` in the error's chain).
+///
+/// A reset, a broken pipe, an unexpected end of file, a timeout, or an error
+/// of a type this crate does not know counts as sent. A response, even a
+/// retryable status, is the server's own answer and is not concerned: a 429
+/// or a 529 says the work was not done, and `x-should-retry` decides the rest.
+///
+/// Replays are counted in
+/// [`RetrySnapshot::replays_after_send`](super::RetrySnapshot::replays_after_send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AfterSend {
+    /// Retry it, as the official SDKs do (the default).
+    #[default]
+    Retry,
+    /// Do not retry it: the request fails with
+    /// [`Error::RetriesExhausted`](crate::Error::RetriesExhausted), reason
+    /// [`GiveUpReason::Sent`](crate::GiveUpReason::Sent), and the inner
+    /// error as its source. Failures known to be before sending are still
+    /// retried.
+    Fail,
+}
+
 /// Applies [`RetryAfter`] to a service: honours `retry-after`, backs off with
 /// jitter, replays bodies, and keeps one shared cooldown.
 ///
@@ -119,6 +166,7 @@ pub struct RetryAfterBuilder {
     deadline: Option<Duration>,
     buffer_limit: usize,
     error_body_timeout: Duration,
+    after_send: AfterSend,
     budget: Option<RetryBudget>,
     jitter: Option<Arc<dyn Jitter>>,
     classifier: Classifier,
@@ -134,6 +182,7 @@ impl std::fmt::Debug for RetryAfterBuilder {
             .field("deadline", &self.deadline)
             .field("buffer_limit", &self.buffer_limit)
             .field("error_body_timeout", &self.error_body_timeout)
+            .field("after_send", &self.after_send)
             .field("budget", &self.budget)
             .field("custom_jitter", &self.jitter.is_some())
             .field("classifier", &self.classifier)
@@ -151,6 +200,7 @@ impl Default for RetryAfterBuilder {
             deadline: None,
             buffer_limit: DEFAULT_BUFFER_LIMIT,
             error_body_timeout: DEFAULT_ERROR_BODY_TIMEOUT,
+            after_send: AfterSend::Retry,
             budget: Some(RetryBudget::default()),
             jitter: None,
             classifier: Classifier::new(),
@@ -225,6 +275,14 @@ impl RetryAfterBuilder {
     /// [`RetrySnapshot::error_body_timeouts`].
     pub fn error_body_timeout(mut self, timeout: Duration) -> Self {
         self.error_body_timeout = timeout;
+        self
+    }
+
+    /// Whether an attempt that failed after it may have reached the server is
+    /// sent again (default [`AfterSend::Retry`], as the official SDKs do).
+    /// See [`AfterSend`] for what counts as sent.
+    pub fn after_send(mut self, policy: AfterSend) -> Self {
+        self.after_send = policy;
         self
     }
 
@@ -306,6 +364,7 @@ impl RetryAfterBuilder {
                     deadline: self.deadline,
                     buffer_limit: self.buffer_limit,
                     error_body_timeout: self.error_body_timeout,
+                    after_send: self.after_send,
                     jitter,
                     classifier: self.classifier,
                 },

@@ -9,7 +9,8 @@
 //!   errors of a type unknown here too, as the official SDKs retry every
 //!   connection-level failure; a hook
 //!   ([`RetryAfterBuilder::error_classifier`]) can declare an error
-//!   permanent. Never another 4xx. `x-should-retry: false` stops,
+//!   permanent, and [`AfterSend::Fail`] refuses to replay a request that
+//!   failed after it may have reached the server. Never another 4xx. `x-should-retry: false` stops,
 //!   `x-should-retry: true` retries even a status outside the list (as the
 //!   official SDKs do). Responses below 400 are returned untouched.
 //! - **Never retried**: the monthly spend-cap 429 (error body
@@ -123,7 +124,11 @@
 //!   mid-stream SSE `error` event): the response was already returned.
 //! - It does not pace requests before the first 429; that is the token
 //!   budget's job (`TokenBudgetLayer`), which sits inside it.
-//! - It does not add an idempotency key: Anthropic's API has none.
+//! - It does not add an idempotency key: Anthropic's API has none. A request
+//!   that failed after it may have reached the server (a reset mid-request)
+//!   is replayed by default, as the SDKs do, and counted
+//!   ([`RetrySnapshot::replays_after_send`]); [`AfterSend::Fail`] refuses
+//!   such replays.
 
 mod backoff;
 mod budget;
@@ -137,7 +142,7 @@ mod snapshot;
 pub use backoff::{FastRng, Jitter};
 pub use budget::RetryBudget;
 pub use future::ResponseFuture;
-pub use layer::{RetryAfterBuilder, RetryAfterLayer, DEFAULT_ERROR_BODY_TIMEOUT};
+pub use layer::{AfterSend, RetryAfterBuilder, RetryAfterLayer, DEFAULT_ERROR_BODY_TIMEOUT};
 pub use service::RetryAfter;
 pub use snapshot::{GiveUps, RetrySnapshot};
 

@@ -36,6 +36,10 @@ pub struct RetrySnapshot {
     pub retries: u64,
     /// Requests given up, by the bound that stopped them.
     pub give_ups: GiveUps,
+    /// Retries of an attempt that failed after it may have reached the
+    /// server (see [`AfterSend`](super::AfterSend)): the server may have
+    /// done the work more than once. Always 0 under [`AfterSend::Fail`](super::AfterSend::Fail).
+    pub replays_after_send: u64,
     /// Requests that needed a retry but whose body could not be kept
     /// (returned as is, or as [`Error::NotReplayable`](crate::Error::NotReplayable)).
     pub not_replayable: u64,
@@ -64,6 +68,9 @@ pub struct GiveUps {
     pub deadline: u64,
     /// Stopped by the retry budget.
     pub budget: u64,
+    /// Not replayed because the failed attempt may have reached the server
+    /// ([`AfterSend::Fail`](super::AfterSend::Fail)).
+    pub sent: u64,
 }
 
 impl GiveUps {
@@ -73,12 +80,13 @@ impl GiveUps {
             GiveUpReason::MaxRetries => self.max_retries,
             GiveUpReason::Deadline => self.deadline,
             GiveUpReason::Budget => self.budget,
+            GiveUpReason::Sent => self.sent,
         }
     }
 
     /// All give-ups.
     pub fn total(&self) -> u64 {
-        self.max_retries + self.deadline + self.budget
+        self.max_retries + self.deadline + self.budget + self.sent
     }
 }
 
@@ -91,6 +99,7 @@ pub(crate) struct Config {
     pub(crate) deadline: Option<Duration>,
     pub(crate) buffer_limit: usize,
     pub(crate) error_body_timeout: Duration,
+    pub(crate) after_send: super::AfterSend,
     pub(crate) jitter: Arc<dyn Jitter>,
     /// Decides which inner errors are transient.
     pub(crate) classifier: crate::classify::Classifier,
@@ -106,6 +115,7 @@ impl fmt::Debug for Config {
             .field("deadline", &self.deadline)
             .field("buffer_limit", &self.buffer_limit)
             .field("error_body_timeout", &self.error_body_timeout)
+            .field("after_send", &self.after_send)
             .field("classifier", &self.classifier)
             .finish_non_exhaustive()
     }
@@ -118,6 +128,8 @@ pub(crate) struct Counters {
     pub(crate) give_up_max_retries: AtomicU64,
     pub(crate) give_up_deadline: AtomicU64,
     pub(crate) give_up_budget: AtomicU64,
+    pub(crate) give_up_sent: AtomicU64,
+    pub(crate) replays_after_send: AtomicU64,
     pub(crate) not_replayable: AtomicU64,
     pub(crate) too_long: AtomicU64,
     pub(crate) spend_limit: AtomicU64,
@@ -134,6 +146,7 @@ impl Counters {
             GiveUpReason::Deadline => &self.give_up_deadline,
             GiveUpReason::Budget => &self.give_up_budget,
             GiveUpReason::MaxRetries => &self.give_up_max_retries,
+            GiveUpReason::Sent => &self.give_up_sent,
         });
     }
 }
@@ -159,7 +172,9 @@ impl Shared {
                 max_retries: load(&c.give_up_max_retries),
                 deadline: load(&c.give_up_deadline),
                 budget: load(&c.give_up_budget),
+                sent: load(&c.give_up_sent),
             },
+            replays_after_send: load(&c.replays_after_send),
             not_replayable: load(&c.not_replayable),
             retry_after_too_long: load(&c.too_long),
             spend_limit_reached: load(&c.spend_limit),
