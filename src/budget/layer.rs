@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::config::{BudgetMode, KeyExtractor, LimitsConfig, OUTPUT_RATIO_PRIOR};
+use super::config::{
+    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_LEARN_CONFIRMATIONS, OUTPUT_RATIO_PRIOR,
+};
+use super::learn::LearnRules;
 use super::ledger::{InMemoryLedger, Ledger};
 use super::limits::{Limits, ModelClass, OutputMode, Tier};
 use super::service::TokenBudget;
@@ -187,6 +190,7 @@ pub struct TokenBudgetBuilder {
     key_extractor: Option<KeyExtractor>,
     output_quantile: f64,
     output_ratio_prior: f64,
+    learn: LearnRules,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -202,6 +206,10 @@ impl Default for TokenBudgetBuilder {
             key_extractor: None,
             output_quantile: DEFAULT_OUTPUT_QUANTILE,
             output_ratio_prior: OUTPUT_RATIO_PRIOR,
+            learn: LearnRules {
+                floor: Limits::smallest_published(),
+                confirmations: DEFAULT_LEARN_CONFIRMATIONS,
+            },
         }
     }
 }
@@ -218,6 +226,7 @@ impl fmt::Debug for TokenBudgetBuilder {
             .field("key_extractor", &self.key_extractor)
             .field("output_quantile", &self.output_quantile)
             .field("output_ratio_prior", &self.output_ratio_prior)
+            .field("learn", &self.learn)
             .finish_non_exhaustive()
     }
 }
@@ -322,6 +331,42 @@ impl TokenBudgetBuilder {
         self
     }
 
+    /// The lowest limit learned from the server's `-limit` headers, per
+    /// dimension (default [`Limits::smallest_published`]: 50 RPM, 30,000
+    /// ITPM, 8,000 OTPM, the smallest values of the published tiers). A
+    /// lower report is ignored, so one garbled or hostile header cannot
+    /// throttle the client. A dimension left `None` has no floor.
+    ///
+    /// Lower it for limits below the published tiers (a Workspace limit, an
+    /// OpenAI-compatible API's small tier), or configure those limits
+    /// directly: a configured limit needs no header.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+    ///
+    /// // A Workspace capped at 10 RPM and 5,000 ITPM: learn limits that low.
+    /// let layer = TokenBudgetLayer::builder()
+    ///     .learned_limit_floor(Limits::new(1, 1_000, 1_000))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn learned_limit_floor(mut self, floor: Limits) -> Self {
+        self.learn.floor = floor;
+        self
+    }
+
+    /// How many responses in a row must report the same new limit before it
+    /// replaces one learned earlier (default
+    /// [`DEFAULT_LEARN_CONFIRMATIONS`], 3; 0 is taken as 1). The first
+    /// plausible report is learned at once: there is nothing for it to
+    /// disagree with.
+    pub fn learned_limit_confirmations(mut self, responses: u32) -> Self {
+        self.learn.confirmations = responses.max(1);
+        self
+    }
+
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
         let key_extractor = match (self.key_extractor, self.enforce) {
@@ -338,6 +383,7 @@ impl TokenBudgetBuilder {
             key_extractor,
             output_quantile: self.output_quantile,
             output_ratio_prior: self.output_ratio_prior,
+            learn: self.learn,
         };
         let ledger = self
             .ledger

@@ -150,6 +150,7 @@ mod config;
 mod enforce;
 mod future;
 mod layer;
+mod learn;
 pub mod ledger;
 pub mod limits;
 mod service;
@@ -158,8 +159,8 @@ mod state;
 pub mod usage;
 
 pub use config::{
-    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_MAX_TOKENS, OUTPUT_RATIO_MIN_SAMPLES,
-    OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
+    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_LEARN_CONFIRMATIONS, DEFAULT_MAX_TOKENS,
+    OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
 };
 pub use future::ResponseFuture;
 pub use layer::{TokenBudgetBuilder, TokenBudgetLayer, DEFAULT_OUTPUT_QUANTILE};
