@@ -1199,6 +1199,8 @@ impl Drop for Stall {
     }
 }
 
+type StallReply = std::future::Ready<Result<Response<Stall>, BoxError>>;
+
 /// An API whose first answer is a 429 without `retry-after` whose body
 /// stalls for ever (`stalls`) or is the spend-cap body; then 200.
 fn stalling_api(
@@ -1209,7 +1211,7 @@ fn stalling_api(
     Request<ReplayBody<Full<Bytes>>>,
     Response = Response<Stall>,
     Error = BoxError,
-    Future = std::future::Ready<Result<Response<Stall>, BoxError>>,
+    Future = StallReply,
 > + Clone {
     let start = Instant::now();
     tower::service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
