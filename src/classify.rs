@@ -120,6 +120,45 @@ impl Classifier {
     }
 }
 
+/// Whether `err` shows that a connection was never established, so the
+/// request cannot have reached the server: an [`io::Error`] of kind
+/// [`ConnectionRefused`](io::ErrorKind::ConnectionRefused) or
+/// [`AddrNotAvailable`](io::ErrorKind::AddrNotAvailable) anywhere in its
+/// source chain (hyper-util's client keeps the `io::Error` of a failed
+/// connect in its chain).
+///
+/// Every other error, a connection reset, a broken pipe, an unexpected end
+/// of file, a timeout, or an error of unknown type, may have come after the
+/// request was written, and is `false`: the server may have done the work.
+/// The retry layer uses this to count replays, and to refuse them under
+/// [`AfterSend::Fail`](crate::retry::AfterSend::Fail).
+///
+/// # Examples
+///
+/// ```
+/// use std::io;
+/// use tower_llm_limits::classify::never_connected;
+///
+/// assert!(never_connected(&io::Error::from(io::ErrorKind::ConnectionRefused)));
+/// assert!(!never_connected(&io::Error::from(io::ErrorKind::ConnectionReset)));
+/// assert!(!never_connected(&io::Error::other("connection closed")));
+/// ```
+pub fn never_connected(err: &(dyn Error + 'static)) -> bool {
+    chain(err).any(|e| {
+        let Some(io) = e.downcast_ref::<io::Error>() else {
+            return false;
+        };
+        match io.kind() {
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::AddrNotAvailable => true,
+            // `io::Error`'s `source()` skips the error it wraps: look inside.
+            _ => io.get_ref().is_some_and(|inner| {
+                let inner: &(dyn Error + 'static) = inner;
+                never_connected(inner)
+            }),
+        }
+    })
+}
+
 /// `err`, then its sources, outermost first.
 fn chain<'a>(err: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
     std::iter::successors(Some(err), |e: &&'a (dyn Error + 'static)| (*e).source())
@@ -217,6 +256,32 @@ mod tests {
         assert_eq!(c.classify(&outer), Class::Connection);
         let outer = io::Error::other(tower::timeout::error::Elapsed::new());
         assert_eq!(c.classify(&outer), Class::Timeout);
+    }
+
+    #[test]
+    fn only_a_connection_never_made_is_known_unsent() {
+        for kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::AddrNotAvailable,
+        ] {
+            assert!(never_connected(&wrapped(io::Error::from(kind))), "{kind:?}");
+            let outer = io::Error::other(wrapped(io::Error::from(kind)));
+            assert!(never_connected(&outer), "{kind:?} inside io::Error");
+        }
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::ConnectionAborted,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::UnexpectedEof,
+            io::ErrorKind::TimedOut,
+        ] {
+            assert!(
+                !never_connected(&wrapped(io::Error::from(kind))),
+                "{kind:?}"
+            );
+        }
+        let text: crate::BoxError = "connection refused".into();
+        assert!(!never_connected(&*text));
     }
 
     #[test]

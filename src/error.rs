@@ -59,6 +59,11 @@ pub enum GiveUpReason {
     Deadline,
     /// The retry budget shared by the layer's clones had no retry left.
     Budget,
+    /// The attempt failed after it may have reached the server (a connection
+    /// reset mid-request, say), and the layer was built with
+    /// [`AfterSend::Fail`](crate::retry::AfterSend::Fail): sending it again
+    /// could make the server do the work twice.
+    Sent,
 }
 
 impl fmt::Display for GiveUpReason {
@@ -67,6 +72,7 @@ impl fmt::Display for GiveUpReason {
             GiveUpReason::MaxRetries => "maximum retries reached",
             GiveUpReason::Deadline => "deadline reached",
             GiveUpReason::Budget => "retry budget exhausted",
+            GiveUpReason::Sent => "not replayed: the request may have reached the server",
         })
     }
 }

@@ -16,9 +16,16 @@
 //! Instants are turned into durations from "now" at parse time, so the layers can
 //! work with tokio's clock.
 //!
-//! A value that is malformed, negative, not UTF-8, longer than 64 bytes, or
-//! larger than one year (366 days) is ignored (read as absent): a hostile or broken
-//! server can never make the parser panic or overflow.
+//! A value that is malformed, negative, not UTF-8, or (other than a plain
+//! number) longer than 64 bytes is ignored (read as absent): a hostile or
+//! broken server can never make the parser panic or overflow.
+//!
+//! A delay or reset longer than one year (366 days) is read as one year (366 days): a
+//! number too large to represent, or with more digits than fit 64 bytes,
+//! included. The reading is monotonic: a longer delay is never read as a
+//! shorter one, so a layer that refuses delays above its cap refuses every
+//! larger value too, instead of taking a huge one for a malformed one and
+//! retrying at once.
 //!
 //! It only reads: deciding what to do (wait, retry, pace) is the layers'
 //! work. It reads no other header, and never `x-api-key` or
@@ -59,8 +66,8 @@ pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms")
 /// `x-should-retry`: the server's own verdict on retrying (`true` or `false`).
 pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
-/// The largest delay or reset a header may carry to be believed: one year.
-/// Anything above is treated as malformed and ignored.
+/// The longest delay or reset a header is read as: one year. A longer one
+/// (however long) is read as exactly this, never ignored.
 pub(crate) const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Header values longer than this are ignored without being parsed.
@@ -185,25 +192,39 @@ fn value_str(value: &HeaderValue) -> Option<&str> {
     value.to_str().ok().map(str::trim)
 }
 
-fn bounded(d: Duration) -> Option<Duration> {
-    (d <= MAX_DELAY).then_some(d)
+/// A value that may be a plain number of any length (a delay): read whole,
+/// so that a number too long for [`MAX_VALUE_LEN`] is not taken for garbage.
+/// Parsing it stays linear in its length.
+fn number_str(value: &HeaderValue) -> Option<&str> {
+    let s = value.to_str().ok()?.trim();
+    (s.len() <= MAX_VALUE_LEN || is_plain_number(s)).then_some(s)
 }
 
-/// Reads a non-negative, finite number of seconds (or milliseconds) as a duration.
+/// A delay, never longer than [`MAX_DELAY`].
+fn bounded(d: Duration) -> Duration {
+    d.min(MAX_DELAY)
+}
+
+/// Reads a non-negative number of seconds (or milliseconds) as a duration;
+/// one too large for a `Duration` (infinite included) is [`MAX_DELAY`].
 fn duration_from_f64(value: f64, unit_secs: f64) -> Option<Duration> {
-    if !value.is_finite() || value < 0.0 {
+    if value.is_nan() || value < 0.0 {
         return None;
     }
-    Duration::try_from_secs_f64(value * unit_secs)
-        .ok()
-        .and_then(bounded)
+    let secs = value * unit_secs;
+    if secs >= MAX_DELAY.as_secs_f64() {
+        return Some(MAX_DELAY);
+    }
+    Duration::try_from_secs_f64(secs).ok().map(bounded)
 }
 
-fn parse_number(s: &str) -> Option<f64> {
-    // Only plain decimal numbers: no sign, exponent, "inf" or "nan".
+/// Only plain decimal numbers: digits with at most one dot; no sign,
+/// exponent, "inf" or "nan".
+fn is_plain_number(s: &str) -> bool {
     let mut dots = 0;
-    if s.is_empty()
-        || !s.bytes().all(|b| {
+    !s.is_empty()
+        && s != "."
+        && s.bytes().all(|b| {
             if b == b'.' {
                 dots += 1;
                 true
@@ -211,28 +232,38 @@ fn parse_number(s: &str) -> Option<f64> {
                 b.is_ascii_digit()
             }
         })
-        || dots > 1
-        || s == "."
-    {
+        && dots <= 1
+}
+
+fn parse_number(s: &str) -> Option<f64> {
+    // A plain number of any length parses (to infinity if too large).
+    if !is_plain_number(s) {
         return None;
     }
     s.parse().ok()
 }
 
 fn parse_retry_after_ms(value: &HeaderValue) -> Option<Duration> {
-    parse_number(value_str(value)?).and_then(|ms| duration_from_f64(ms, 0.001))
+    parse_number(number_str(value)?).and_then(|ms| duration_from_f64(ms, 0.001))
 }
 
 /// Parses a `retry-after` value: delta-seconds (a fractional value is accepted,
 /// as the official SDKs do) or an HTTP-date, which is turned into the time from
 /// `now` until then (zero if it has passed).
+///
+/// A delay longer than one year (366 days) (however long, or too large to
+/// represent) is read as one year (366 days): a longer delay is never read as a
+/// shorter one.
 pub(crate) fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
-    let s = value_str(value)?;
+    let s = number_str(value)?;
     if let Some(secs) = parse_number(s) {
         return duration_from_f64(secs, 1.0);
     }
+    if s.len() > MAX_VALUE_LEN {
+        return None;
+    }
     let at = httpdate::parse_http_date(s).ok()?;
-    bounded(at.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(bounded(at.duration_since(now).unwrap_or(Duration::ZERO)))
 }
 
 fn parse_bool(value: &HeaderValue) -> Option<bool> {
@@ -301,8 +332,7 @@ fn read_anthropic(
             .get(reset)
             .and_then(value_str)
             .and_then(parse_rfc3339)
-            .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
-            .and_then(bounded),
+            .map(|at| bounded(at.duration_since(now).unwrap_or(Duration::ZERO))),
     }
 }
 
@@ -312,7 +342,7 @@ fn read_openai(headers: &HeaderMap, [limit, remaining, reset]: LimitNames) -> Li
         remaining: headers.get(remaining).and_then(parse_u64),
         reset_in: headers
             .get(reset)
-            .and_then(value_str)
+            .and_then(number_str)
             .and_then(parse_go_duration),
     }
 }
@@ -320,6 +350,7 @@ fn read_openai(headers: &HeaderMap, [limit, remaining, reset]: LimitNames) -> Li
 /// Parses a duration written as OpenAI's headers write it (Go's form): one or
 /// more `<number><unit>` with units `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`, as in
 /// `6m0s`, `1s`, `250ms` or `1h2m3.5s`. A bare number is read as seconds.
+/// A duration longer than one year (366 days) is read as one year (366 days).
 pub(crate) fn parse_go_duration(s: &str) -> Option<Duration> {
     if let Some(secs) = parse_number(s) {
         return duration_from_f64(secs, 1.0);
@@ -348,10 +379,10 @@ pub(crate) fn parse_go_duration(s: &str) -> Option<Duration> {
             "ns" => 1e-9,
             _ => return None,
         };
-        total = total.checked_add(duration_from_f64(value, unit_secs)?)?;
+        total = bounded(total.saturating_add(duration_from_f64(value, unit_secs)?));
         rest = tail;
     }
-    bounded(total)
+    Some(total)
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -596,8 +627,6 @@ mod tests {
             "NaN",
             "",
             "..",
-            "99999999999999999999999999",
-            "99999999999999",
             "Mon, 99 Foo 2026 99:99:99 GMT",
             "+5",
         ] {
@@ -614,9 +643,45 @@ mod tests {
             }
             assert_eq!(s.should_retry, None, "{bad:?}");
         }
-        let long = "1".repeat(200);
+        let long = "x".repeat(200);
         let s = RateLimitSnapshot::from_headers_at(&map(&[("retry-after", &long)]), at(NOW));
         assert_eq!(s.retry_after, None);
+    }
+
+    /// A delay above a year, however large, is a year: never mistaken for a
+    /// malformed value (which a layer would retry at once).
+    #[test]
+    fn huge_delays_are_read_as_the_longest_delay() {
+        let digits = "9".repeat(400);
+        for huge in [
+            "31622401",
+            "31622400.5",
+            "1000000000000",
+            "99999999999999",
+            "99999999999999999999999999",
+            digits.as_str(),
+        ] {
+            let h = map(&[("retry-after", huge)]);
+            let s = RateLimitSnapshot::from_headers_at(&h, at(NOW));
+            assert_eq!(s.retry_after, Some(MAX_DELAY), "retry-after {huge}");
+            assert_eq!(parse_go_duration(huge), Some(MAX_DELAY), "{huge}");
+        }
+        for huge_ms in ["31622401000", "1000000000000", digits.as_str()] {
+            let h = map(&[("retry-after-ms", huge_ms)]);
+            let s = RateLimitSnapshot::from_headers_at(&h, at(NOW));
+            assert_eq!(s.retry_after, Some(MAX_DELAY), "retry-after-ms {huge_ms}");
+        }
+        let just_below = map(&[("retry-after", "31622399")]);
+        let s = RateLimitSnapshot::from_headers_at(&just_below, at(NOW));
+        assert_eq!(s.retry_after, Some(Duration::from_secs(31_622_399)));
+        let far = map(&[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")]);
+        let s = RateLimitSnapshot::from_headers_at(&far, at(NOW));
+        assert_eq!(s.retry_after, Some(MAX_DELAY));
+        let mut h = HeaderMap::new();
+        insert_limit_headers(&mut h, "requests", 50, 0, at("9999-01-01T00:00:00Z"));
+        let s = RateLimitSnapshot::from_headers_at(&h, at(NOW));
+        assert_eq!(s.exhausted_reset(), Some(MAX_DELAY));
+        assert_eq!(parse_go_duration("99999999999h"), Some(MAX_DELAY));
     }
 
     #[test]
@@ -694,7 +759,7 @@ mod tests {
         );
         assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
         assert_eq!(parse_go_duration("7"), Some(Duration::from_secs(7)));
-        for bad in ["", "s", "1x", "1.2.3s", "-1s", "99999999999h"] {
+        for bad in ["", "s", "1x", "1.2.3s", "-1s"] {
             assert_eq!(parse_go_duration(bad), None, "{bad}");
         }
     }
@@ -759,6 +824,22 @@ mod tests {
         fn rfc3339_round_trips(secs in 0u64..253_402_300_799) {
             let t = UNIX_EPOCH + Duration::from_secs(secs);
             prop_assert_eq!(parse_rfc3339(&format_rfc3339(t)), Some(t));
+        }
+
+        /// A longer delay is never read as a shorter one.
+        #[test]
+        fn retry_after_is_monotonic(a in any::<u128>(), b in any::<u128>(), zeros in 0usize..40) {
+            let (small, large) = (a.min(b), a.max(b));
+            let read = |n: u128, unit: &str, pad: usize| {
+                let text = format!("{}{}", "0".repeat(pad), n);
+                let h = map(&[(unit, &text)]);
+                RateLimitSnapshot::from_headers_at(&h, UNIX_EPOCH).retry_after
+            };
+            for unit in ["retry-after", "retry-after-ms"] {
+                let (s, l) = (read(small, unit, 0), read(large, unit, zeros));
+                prop_assert!(s.is_some() && l.is_some());
+                prop_assert!(s <= l, "{unit}: {small} read as {s:?}, {large} as {l:?}");
+            }
         }
 
         #[test]

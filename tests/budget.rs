@@ -732,12 +732,12 @@ async fn limits_are_learned_from_headers_and_pace_later_requests() {
     let h = headers(&[
         ("anthropic-ratelimit-requests-limit", "50"),
         ("anthropic-ratelimit-requests-remaining", "49"),
-        ("anthropic-ratelimit-input-tokens-limit", "12000"),
-        ("anthropic-ratelimit-input-tokens-remaining", "6000"),
+        ("anthropic-ratelimit-input-tokens-limit", "60000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "30000"),
         ("anthropic-ratelimit-output-tokens-limit", "8000"),
         ("anthropic-ratelimit-output-tokens-remaining", "8000"),
-        ("anthropic-ratelimit-tokens-limit", "20000"),
-        ("anthropic-ratelimit-tokens-remaining", "14000"),
+        ("anthropic-ratelimit-tokens-limit", "68000"),
+        ("anthropic-ratelimit-tokens-remaining", "38000"),
     ]);
     let script = Arc::new(Mutex::new(vec![(StatusCode::OK, h)]));
     let calls = Arc::new(AtomicUsize::new(0));
@@ -751,29 +751,29 @@ async fn limits_are_learned_from_headers_and_pace_later_requests() {
         .ready()
         .await
         .unwrap()
-        .call(request(6_000, 100))
+        .call(request(30_000, 100))
         .await
         .unwrap();
     resp.into_body().collect().await.unwrap();
     let snap = layer.snapshot();
     let key = snap.key(KEY).unwrap();
     let input = key.dimension(Dimension::InputTokens);
-    assert_eq!(input.limit, Some(12_000));
+    assert_eq!(input.limit, Some(60_000));
     assert!(input.learned);
     assert_eq!(key.dimension(Dimension::OutputTokens).limit, Some(8_000));
     assert_eq!(key.dimension(Dimension::Requests).limit, Some(50));
-    // The server said 6,000 left: the ledger agrees (a new bucket starts full
+    // The server said 30,000 left: the ledger agrees (a new bucket starts full
     // and was lowered to the server's view).
-    assert!(input.remaining.unwrap() <= 6_500.0, "{input:?}");
+    assert!(input.remaining.unwrap() <= 30_500.0, "{input:?}");
 
-    // Two more of 6,000: the first fits, the second waits for 6,000 tokens
-    // to refill at 200 per second: 30 s.
+    // Two more of 30,000: the first fits, the second waits for 30,000 tokens
+    // to refill at 1,000 per second: 30 s.
     let start = Instant::now();
     let mut done = Vec::new();
     for _ in 0..2 {
         let mut svc = svc.clone();
         done.push(tokio::spawn(async move {
-            let resp = svc.ready().await?.call(request(6_000, 100)).await?;
+            let resp = svc.ready().await?.call(request(30_000, 100)).await?;
             resp.into_body().collect().await?;
             Ok::<_, BoxError>(Instant::now())
         }));
@@ -787,6 +787,67 @@ async fn limits_are_learned_from_headers_and_pace_later_requests() {
     assert!(
         times[1] >= Duration::from_secs(27) && times[1] <= Duration::from_secs(31),
         "{times:?}"
+    );
+}
+
+/// A learned limit is plausible: never below the smallest published tier
+/// value (50 RPM, 30,000 ITPM, 8,000 OTPM), and never taken from one
+/// response that disagrees with the ones before: a new value needs three
+/// responses in a row.
+#[tokio::test(start_paused = true)]
+async fn learned_limits_are_plausible_and_confirmed() {
+    let said = |rpm: &str, itpm: &str| {
+        (
+            StatusCode::OK,
+            headers(&[
+                ("anthropic-ratelimit-requests-limit", rpm),
+                ("anthropic-ratelimit-input-tokens-limit", itpm),
+            ]),
+        )
+    };
+    let script = Arc::new(Mutex::new(vec![
+        said("1000", "450000"),
+        // One garbled response: a limit of 1 would throttle the client.
+        said("1", "12"),
+        // One response that disagrees with the last ones, then a change
+        // confirmed by three in a row.
+        said("1000", "40000"),
+        said("1000", "450000"),
+        said("1000", "40000"),
+        said("1000", "40000"),
+        said("1000", "40000"),
+    ]));
+    let (layer, _) = budget(Limits::new());
+    let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(1_000, 100))
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+        let snap = layer.snapshot();
+        let key = snap.key(KEY).unwrap();
+        seen.push((
+            key.dimension(Dimension::Requests).limit,
+            key.dimension(Dimension::InputTokens).limit,
+        ));
+    }
+    let (rpm, old, new) = (Some(1_000), Some(450_000), Some(40_000));
+    assert_eq!(
+        seen,
+        [
+            (rpm, old),
+            (rpm, old),
+            (rpm, old),
+            (rpm, old),
+            (rpm, old),
+            (rpm, old),
+            (rpm, new)
+        ]
     );
 }
 

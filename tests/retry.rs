@@ -19,7 +19,7 @@ use tokio_test::{assert_pending, assert_ready_ok};
 use tower::{Layer, Service, ServiceExt};
 use tower_llm_limits::body::{BufferedBytes, ReplayBody};
 use tower_llm_limits::headers::format_rfc3339;
-use tower_llm_limits::retry::{RetryAfter, RetryAfterLayer, RetryBudget, RETRY_COUNT};
+use tower_llm_limits::retry::{AfterSend, RetryAfter, RetryAfterLayer, RetryBudget, RETRY_COUNT};
 use tower_llm_limits::{BoxError, Dimension, Error, GiveUpReason};
 
 type Resp = Response<Full<Bytes>>;
@@ -448,14 +448,99 @@ async fn long_delay_fails_at_once_under_the_default_cap() {
     }
     assert_eq!(crate_err(&err).retry_in(), Some(Duration::from_secs(505)));
     assert_eq!(mock.calls(), 1);
-    // The limit is known to be exhausted: the next request does not hit it either.
+    // The limit is known to be exhausted: the next request waits the cap
+    // (60 s), not the 505 s, then asks the server again.
+    let start = Instant::now();
+    let resp = send(&mut svc, "{}").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(start.elapsed(), Duration::from_secs(60));
+    assert_eq!(mock.calls(), 2);
+    assert_eq!(layer.snapshot().retry_after_too_long, 1);
+}
+
+/// `retry-after: 86400` answers the request that received it at once; the
+/// shared cooldown is clamped to the cap, so the client goes on after 60 s
+/// instead of failing every request for a day.
+#[tokio::test(start_paused = true)]
+async fn a_day_long_retry_after_pauses_the_others_for_the_cap_only() {
+    let mock = Mock::new([status(429).header("retry-after", "86400")]);
+    let layer = deterministic().build();
+    let mut svc = layer.layer(mock.clone());
     let err = send(&mut svc, "{}").await.unwrap_err();
-    assert!(matches!(
-        crate_err(&err),
-        Error::RetryAfterTooLong { attempts: 0, .. }
-    ));
-    assert_eq!(mock.calls(), 1);
-    assert_eq!(layer.snapshot().retry_after_too_long, 2);
+    assert!(
+        matches!(
+            crate_err(&err),
+            Error::RetryAfterTooLong { delay, attempts: 1, .. } if *delay == Duration::from_secs(86_400)
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        layer.snapshot().cooldown_remaining,
+        Some(Duration::from_secs(60))
+    );
+    let start = Instant::now();
+    let others = (0..10).map(|_| svc.clone().oneshot(request("{}")));
+    let results = futures_util::future::join_all(others).await;
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|r| r.status() == StatusCode::OK)));
+    assert_eq!(start.elapsed(), Duration::from_secs(60));
+    assert_eq!(mock.calls(), 11);
+    tokio::time::advance(Duration::from_secs(600)).await;
+    let snap = layer.snapshot();
+    assert_eq!(snap.cooldown_remaining, None);
+    assert_eq!(snap.retry_after_too_long, 1);
+}
+
+/// A delay too large to be a plausible date (1e12 s) is still a delay above
+/// the cap, not a malformed header retried after a short backoff.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_above_a_year_is_too_long_not_malformed() {
+    for huge in ["31622399", "31622401", "1000000000000"] {
+        let mock = Mock::new([status(429).header("retry-after", huge)]);
+        let layer = deterministic().build();
+        let mut svc = layer.layer(mock.clone());
+        let start = Instant::now();
+        let err = send(&mut svc, "{}").await.unwrap_err();
+        assert!(
+            matches!(crate_err(&err), Error::RetryAfterTooLong { delay, .. } if *delay >= Duration::from_secs(31_622_399)),
+            "{huge}: {err}"
+        );
+        assert_eq!(start.elapsed(), Duration::ZERO, "{huge}");
+        assert_eq!(mock.calls(), 1, "{huge}");
+        assert_eq!(
+            layer.snapshot().cooldown_remaining,
+            Some(Duration::from_secs(60)),
+            "{huge}"
+        );
+    }
+}
+
+/// `reset_cooldown` lets new requests go at once; a request already waiting
+/// keeps its wait.
+#[tokio::test(start_paused = true)]
+async fn reset_cooldown_lets_new_requests_go_at_once() {
+    let mock = Mock::new([status(429).header("retry-after", "900")]);
+    let layer = deterministic()
+        .max_server_delay(Duration::from_secs(3600))
+        .build();
+    let mut first = layer.layer(mock.clone());
+    let mut second = first.clone();
+    let waiting = tokio::spawn(async move { send(&mut first, "{}").await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        layer.snapshot().cooldown_remaining,
+        Some(Duration::from_secs(899))
+    );
+    layer.reset_cooldown();
+    assert_eq!(layer.snapshot().cooldown_remaining, None);
+    assert_eq!(
+        send(&mut second, "{}").await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(waiting.await.unwrap().unwrap(), StatusCode::OK);
+    let at: Vec<_> = mock.seen().iter().map(|s| s.at.as_secs()).collect();
+    assert_eq!(at, [0, 1, 900]);
 }
 
 // ---------------------------------------------------------------- bounds
@@ -1105,4 +1190,162 @@ async fn polling_a_finished_response_future_panics() {
         tokio::task::yield_now().await;
     }
     let _ = fut.poll();
+}
+
+// ---------------------------------------------------------------- stalled error bodies
+
+/// A response body that sends `data` and ends, or never sends anything
+/// (`stalls`); it records when it is dropped.
+#[derive(Debug)]
+struct Stall {
+    data: Option<Bytes>,
+    stalls: bool,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Stall {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.stalls {
+            return Poll::Pending;
+        }
+        Poll::Ready(self.data.take().map(|d| Ok(Frame::data(d))))
+    }
+}
+
+impl Drop for Stall {
+    fn drop(&mut self) {
+        self.dropped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+type StallReply = std::future::Ready<Result<Response<Stall>, BoxError>>;
+
+/// An API whose first answer is a 429 without `retry-after` whose body
+/// stalls for ever (`stalls`) or is the spend-cap body; then 200.
+fn stalling_api(
+    stalls: bool,
+    calls: Arc<Mutex<Vec<Duration>>>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+) -> impl Service<
+    Request<ReplayBody<Full<Bytes>>>,
+    Response = Response<Stall>,
+    Error = BoxError,
+    Future = StallReply,
+> + Clone {
+    let start = Instant::now();
+    tower::service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
+        let mut seen = calls.lock().unwrap();
+        seen.push(start.elapsed());
+        let first = seen.len() == 1;
+        let body = Stall {
+            data: first.then(|| Bytes::from_static(SPEND_CAP_BODY.as_bytes())),
+            stalls: first && stalls,
+            dropped: dropped.clone(),
+        };
+        let mut resp = Response::new(body);
+        if first {
+            *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        }
+        std::future::ready(Ok(resp))
+    })
+}
+
+/// A 429 without `retry-after` whose body stalls is not waited on for ever:
+/// after the error body timeout it is dropped (freeing what it holds) and
+/// the 429 is retried as a rate-limit one.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_error_body_times_out_and_the_429_is_retried() {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let layer = deterministic()
+        .error_body_timeout(Duration::from_secs(3))
+        .build();
+    let svc = layer.layer(stalling_api(true, calls.clone(), dropped.clone()));
+    let outcome = tokio::time::timeout(Duration::from_secs(3600), svc.oneshot(request("{}")))
+        .await
+        .expect("a stalled error body must not hang the request");
+    assert_eq!(outcome.unwrap().status(), StatusCode::OK);
+    assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+    let calls = calls.lock().unwrap().clone();
+    // 3 s of timeout, then a backoff of at most 0.5 s (jitter 0.5: 0.25 s).
+    assert_eq!(calls, [Duration::ZERO, Duration::from_millis(3_250)]);
+    let snap = layer.snapshot();
+    assert_eq!((snap.error_body_timeouts, snap.retries), (1, 1));
+}
+
+/// A body that arrives within the timeout is still read: the spend-cap 429 fails at once.
+#[tokio::test(start_paused = true)]
+async fn an_error_body_in_time_is_still_read() {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let layer = deterministic().build();
+    let svc = layer.layer(stalling_api(false, calls.clone(), dropped));
+    let err = svc.oneshot(request("{}")).await.unwrap_err();
+    assert!(matches!(crate_err(&err), Error::SpendLimitReached));
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    assert_eq!(layer.snapshot().error_body_timeouts, 0);
+}
+
+// ---------------------------------------------------------------- replays after send
+
+fn reset_mid_request() -> BoxError {
+    Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+}
+
+fn refused() -> BoxError {
+    Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+}
+
+/// By default a request reset mid-request is replayed, as the SDKs do, and
+/// the replay is counted; a refused connection is retried but is no replay.
+#[tokio::test(start_paused = true)]
+async fn replays_after_send_are_retried_by_default_and_counted() {
+    let mock = Mock::new([Reply::Fail(reset_mid_request), Reply::Fail(refused)]);
+    let layer = deterministic().build();
+    let mut svc = layer.layer(mock.clone());
+    assert_eq!(send(&mut svc, "{}").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(mock.calls(), 3);
+    let snap = layer.snapshot();
+    assert_eq!((snap.retries, snap.replays_after_send), (2, 1));
+    assert_eq!(snap.give_ups.total(), 0);
+}
+
+/// With `AfterSend::Fail` a request that may have reached the server is not
+/// sent again; one that never left (refused, a local refusal) still is.
+#[tokio::test(start_paused = true)]
+async fn after_send_fail_does_not_replay_a_request_the_server_may_have_done() {
+    let mock = Mock::new([Reply::Fail(refused), Reply::Fail(reset_mid_request)]);
+    let layer = deterministic().after_send(AfterSend::Fail).build();
+    let mut svc = layer.layer(mock.clone());
+    let err = send(&mut svc, "{}").await.unwrap_err();
+    match crate_err(&err) {
+        Error::RetriesExhausted {
+            attempts: 2,
+            reason: GiveUpReason::Sent,
+            last_status: None,
+            source: Some(source),
+            ..
+        } => {
+            let io = source.downcast_ref::<std::io::Error>().unwrap();
+            assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(mock.calls(), 2);
+    let snap = layer.snapshot();
+    assert_eq!((snap.retries, snap.replays_after_send), (1, 0));
+    assert_eq!(snap.give_ups.get(GiveUpReason::Sent), 1);
+    // A local refusal from an inner layer never left either: retried.
+    let mock = Mock::new([Reply::Fail(|| Box::new(Error::Overloaded { waiting: 3 }))]);
+    let mut svc = layer.layer(mock.clone());
+    assert_eq!(send(&mut svc, "{}").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(mock.calls(), 2);
+    assert_eq!(layer.snapshot().replays_after_send, 0);
 }

@@ -16,8 +16,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
 use tower_llm_limits::body::ReplayBody;
-use tower_llm_limits::retry::{RetryAfterLayer, RETRY_COUNT};
-use tower_llm_limits::Error;
+use tower_llm_limits::retry::{AfterSend, RetryAfterLayer, RETRY_COUNT};
+use tower_llm_limits::{Error, GiveUpReason};
 
 #[derive(Clone, Default)]
 struct Seen(Arc<Mutex<Vec<(HeaderMap, Bytes)>>>);
@@ -206,4 +206,112 @@ async fn a_refused_connection_is_classified_as_a_connection_error() {
         Class::Connection,
         "{err:?}"
     );
+    assert!(tower_llm_limits::classify::never_connected(&err), "{err:?}");
+}
+
+/// Accepts connections, reads what the client sends, and hangs up without
+/// an answer: the server may have done the work. Returns the connections seen.
+async fn hang_up_after_reading() -> (SocketAddr, Arc<Mutex<usize>>) {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            *count.lock().unwrap() += 1;
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A request whose connection is cut after it was sent is replayed by
+/// default and counted; with `AfterSend::Fail` it is not sent again.
+#[tokio::test]
+async fn a_connection_cut_after_sending_is_a_counted_replay_or_refused() {
+    let (addr, seen) = hang_up_after_reading().await;
+    let layer = RetryAfterLayer::builder()
+        .max_retries(1)
+        .initial_backoff(Duration::from_millis(5))
+        .build();
+    let err = layer
+        .layer(client())
+        .oneshot(messages_request(addr, b"{}"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<Error>(),
+            Some(Error::RetriesExhausted {
+                attempts: 2,
+                reason: GiveUpReason::MaxRetries,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(*seen.lock().unwrap(), 2);
+    assert_eq!(layer.snapshot().replays_after_send, 1);
+
+    let (addr, seen) = hang_up_after_reading().await;
+    let layer = RetryAfterLayer::builder()
+        .after_send(AfterSend::Fail)
+        .build();
+    let err = layer
+        .layer(client())
+        .oneshot(messages_request(addr, b"{}"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<Error>(),
+            Some(Error::RetriesExhausted {
+                attempts: 1,
+                reason: GiveUpReason::Sent,
+                source: Some(_),
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(*seen.lock().unwrap(), 1);
+    let snap = layer.snapshot();
+    assert_eq!((snap.replays_after_send, snap.give_ups.sent), (0, 1));
+}
+
+/// A refused connection never sent anything: `AfterSend::Fail` still retries it.
+#[tokio::test]
+async fn a_refused_connection_is_retried_even_when_replays_are_refused() {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let layer = RetryAfterLayer::builder()
+        .after_send(AfterSend::Fail)
+        .max_retries(2)
+        .initial_backoff(Duration::from_millis(5))
+        .build();
+    let err = layer
+        .layer(client())
+        .oneshot(messages_request(addr, b"{}"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<Error>(),
+            Some(Error::RetriesExhausted {
+                attempts: 3,
+                reason: GiveUpReason::MaxRetries,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    let snap = layer.snapshot();
+    assert_eq!((snap.retries, snap.replays_after_send), (2, 0));
 }

@@ -158,6 +158,12 @@ pub(crate) const OUTPUT_RATIO_PRIOR: f64 = 1.0;
 /// the prior.
 pub(crate) const OUTPUT_RATIO_MIN_SAMPLES: usize = 20;
 
+/// Responses in a row that must report the same new limit before it
+/// replaces a limit learned earlier (the default of
+/// `TokenBudgetBuilder::learned_limit_confirmations`): one odd response
+/// cannot move the budget.
+pub(crate) const DEFAULT_LEARN_CONFIRMATIONS: u32 = 3;
+
 /// The number of recent responses the learned output ratio is taken from.
 pub(crate) const OUTPUT_RATIO_WINDOW: usize = 200;
 

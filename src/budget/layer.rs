@@ -6,11 +6,12 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::config::{
-    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUT_QUANTILE,
-    OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
+    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_LEARN_CONFIRMATIONS, DEFAULT_MAX_TOKENS,
+    DEFAULT_OUTPUT_QUANTILE, OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
 };
+use super::learn::LearnRules;
 use super::ledger::{InMemoryLedger, Ledger};
-use super::limits::OutputMode;
+use super::limits::{Limits, OutputMode};
 use super::service::TokenBudget;
 use super::snapshot::BudgetSnapshot;
 use super::state::{Settings, Shared};
@@ -189,6 +190,7 @@ pub struct TokenBudgetBuilder {
     output_ratio_min_samples: usize,
     output_ratio_window: usize,
     default_max_tokens: u64,
+    learn: LearnRules,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -207,6 +209,10 @@ impl Default for TokenBudgetBuilder {
             output_ratio_min_samples: OUTPUT_RATIO_MIN_SAMPLES,
             output_ratio_window: OUTPUT_RATIO_WINDOW,
             default_max_tokens: DEFAULT_MAX_TOKENS,
+            learn: LearnRules {
+                floor: Limits::smallest_published(),
+                confirmations: DEFAULT_LEARN_CONFIRMATIONS,
+            },
         }
     }
 }
@@ -226,6 +232,7 @@ impl fmt::Debug for TokenBudgetBuilder {
             .field("output_ratio_min_samples", &self.output_ratio_min_samples)
             .field("output_ratio_window", &self.output_ratio_window)
             .field("default_max_tokens", &self.default_max_tokens)
+            .field("learn", &self.learn)
             .finish_non_exhaustive()
     }
 }
@@ -336,6 +343,42 @@ impl TokenBudgetBuilder {
         self
     }
 
+    /// The lowest limit learned from the server's `-limit` headers, per
+    /// dimension (default [`Limits::smallest_published`]: 50 RPM, 30,000
+    /// ITPM, 8,000 OTPM, the smallest values of the published tiers). A
+    /// lower report is ignored, so one garbled or hostile header cannot
+    /// throttle the client. A dimension left `None` has no floor.
+    ///
+    /// Lower it for limits below the published tiers (a Workspace limit, an
+    /// OpenAI-compatible API's small tier), or configure those limits
+    /// directly: a configured limit needs no header.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+    ///
+    /// // A Workspace capped at 10 RPM and 5,000 ITPM: learn limits that low.
+    /// let layer = TokenBudgetLayer::builder()
+    ///     .learned_limit_floor(Limits::new().rpm(1).itpm(1_000).otpm(1_000))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn learned_limit_floor(mut self, floor: Limits) -> Self {
+        self.learn.floor = floor;
+        self
+    }
+
+    /// How many responses in a row must report the same new limit before it
+    /// replaces one learned earlier (default
+    /// 3; 0 is taken as 1). The first
+    /// plausible report is learned at once: there is nothing for it to
+    /// disagree with.
+    pub fn learned_limit_confirmations(mut self, responses: u32) -> Self {
+        self.learn.confirmations = responses.max(1);
+        self
+    }
+
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
         let key_extractor = match (self.key_extractor, self.enforce) {
@@ -355,6 +398,7 @@ impl TokenBudgetBuilder {
             output_ratio_min_samples: self.output_ratio_min_samples,
             output_ratio_window: self.output_ratio_window,
             default_max_tokens: self.default_max_tokens,
+            learn: self.learn,
         };
         let ledger = self
             .ledger

@@ -91,6 +91,30 @@ impl Limits {
         self
     }
 
+    /// The smallest value of each dimension in the published tier tables,
+    /// over every [`Tier`] and [`ModelClass`]: 50 RPM, 30,000 ITPM and
+    /// 8,000 OTPM (Tier 1). The budget learns no limit below these from the
+    /// server's headers unless told otherwise (see
+    /// `TokenBudgetBuilder::learned_limit_floor`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::budget::Limits;
+    /// assert_eq!(Limits::smallest_published(), Limits::new().rpm(50).itpm(30_000).otpm(8_000));
+    /// ```
+    pub fn smallest_published() -> Self {
+        let all = Tier::ALL
+            .iter()
+            .flat_map(|tier| ModelClass::ALL.iter().map(move |class| tier.limits(*class)));
+        let smallest = |dimension: Dimension| all.clone().filter_map(|l| l.get(dimension)).min();
+        Limits {
+            requests_per_minute: smallest(Dimension::Requests),
+            input_tokens_per_minute: smallest(Dimension::InputTokens),
+            output_tokens_per_minute: smallest(Dimension::OutputTokens),
+        }
+    }
+
     /// The configured limit of one dimension.
     pub const fn get(&self, dimension: Dimension) -> Option<u64> {
         match dimension {

@@ -38,7 +38,12 @@
 //!    sent. (In `Realtime` mode an expected output above OTPM is capped to it.)
 //! 4. **Send**, then **settle** from the response (see [`ResponseBody`]): its
 //!    `anthropic-ratelimit-*` headers sync the ledger (the server's view wins
-//!    when it says less is left; unconfigured limits are learned from them),
+//!    when it says less is left; unconfigured limits are learned from them,
+//!    if plausible: never below
+//!    [`learned_limit_floor`](TokenBudgetBuilder::learned_limit_floor), by
+//!    default the smallest published tier value, and a learned limit changes
+//!    only after 3 responses in a row (a setting) report
+//!    the new value, so one garbled header cannot move the budget),
 //!    and its `usage` (JSON, or the SSE `message_start` / `message_delta`
 //!    events read as they pass) corrects the charge. A 429 refunds the whole
 //!    reservation: the server charged nothing.
@@ -189,6 +194,7 @@ mod config;
 mod enforce;
 mod future;
 mod layer;
+mod learn;
 pub mod ledger;
 mod limits;
 mod service;

@@ -34,6 +34,7 @@ use http::request::Parts;
 use tokio::time::{Instant, Sleep};
 
 use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
+use super::learn::{LearnRules, LimitLearner};
 use super::ledger::{
     BucketState, CostDelta, Costs, Ledger, LedgerError, LedgerFuture, Reservation,
 };
@@ -59,6 +60,8 @@ pub(crate) struct Settings {
     pub(crate) output_ratio_min_samples: usize,
     pub(crate) output_ratio_window: usize,
     pub(crate) default_max_tokens: u64,
+    /// Which reported limits are learned.
+    pub(crate) learn: LearnRules,
 }
 
 /// Counters of the decisions taken, for snapshots.
@@ -88,11 +91,14 @@ struct KeyState {
     estimates: u64,
     fallback_estimates: u64,
     calibration: Option<f64>,
+    /// The limits learned from the server's headers, per dimension.
+    learners: [LimitLearner; 3],
 }
 
 impl KeyState {
     fn new(limits: Limits, ratio_window: usize) -> Self {
         Self {
+            learners: [LimitLearner::default(); 3],
             limits,
             last_used: Instant::now(),
             queue: WaitQueue::new(Duration::ZERO),
@@ -792,14 +798,30 @@ impl Shared {
     ///
     /// The combined `anthropic-ratelimit-tokens-*` header is the most
     /// restrictive limit in force, not a fourth bucket: it is used for input
-    /// tokens only when the response has no `input-tokens` headers.
+    /// tokens only when the response has no `input-tokens` headers. A
+    /// reported limit reaches the ledger only once it is plausible (see
+    /// `learn`): never below the floor, and never from one response that
+    /// disagrees with the last ones.
     pub(crate) fn sync(self: &Arc<Self>, charge: &Charge, snap: &RateLimitSnapshot) {
-        let mut last = None;
-        for dimension in Dimension::ALL {
-            let mut status = *snap.dimension(dimension);
+        let mut statuses = Dimension::ALL.map(|dimension| {
+            let status = *snap.dimension(dimension);
             if dimension == Dimension::InputTokens && status == LimitStatus::default() {
-                status = snap.tokens;
+                snap.tokens
+            } else {
+                status
             }
+        });
+        if statuses.iter().any(|s| s.limit.is_some()) {
+            let mut ks = lock_key(&charge.cell);
+            for (i, dimension) in Dimension::ALL.into_iter().enumerate() {
+                if let Some(reported) = statuses[i].limit {
+                    statuses[i].limit =
+                        ks.learners[i].observe(dimension, reported, &self.settings.learn);
+                }
+            }
+        }
+        let mut last = None;
+        for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
             if status == LimitStatus::default() {
                 continue;
             }

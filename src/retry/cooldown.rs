@@ -46,6 +46,11 @@ impl Cooldown {
             .filter(|d| !d.is_zero())
     }
 
+    /// Ends the cooldown now: the next attempt goes without waiting.
+    pub(crate) fn reset(&self) {
+        self.until.store(0, Ordering::Release);
+    }
+
     /// Pushes the cooldown to `until` unless it already ends later.
     pub(crate) fn extend(&self, until: Instant, status: StatusCode) {
         let nanos = until.saturating_duration_since(self.base).as_nanos();
@@ -84,5 +89,16 @@ mod tests {
         assert_eq!(c.get().map(|(_, s)| s.as_u16()), Some(529));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(c.remaining(Instant::now()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_ends_it_and_a_later_one_starts_afresh() {
+        let c = Cooldown::new();
+        let now = Instant::now();
+        c.extend(now + Duration::from_secs(60), StatusCode::TOO_MANY_REQUESTS);
+        c.reset();
+        assert_eq!(c.get(), None);
+        c.extend(now + Duration::from_secs(2), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(c.remaining(now), Some(Duration::from_secs(2)));
     }
 }

@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::backoff::full_jitter;
+use super::layer::AfterSend;
 use super::policy::{self, ErrorVerdict, ERROR_BODY_LIMIT};
 use super::snapshot::{Counters, Shared};
 use super::RETRY_COUNT;
@@ -46,7 +47,8 @@ pin_project! {
         Readying,
         // An attempt is in flight.
         Calling { #[pin] future: F },
-        // Reading a 429's error body, looking for the spend-cap code.
+        // Reading a 429's error body, looking for the spend-cap code, until
+        // `Ctx::sleep` (the read timeout) fires.
         Reading {
             #[pin] body: R,
             status: StatusCode,
@@ -119,6 +121,9 @@ enum Delay {
     Local(Duration),
     /// Exponential backoff with full jitter.
     Backoff,
+    /// Backoff too, after an attempt that failed once it may have reached the
+    /// server (a replay: counted).
+    Replay,
 }
 
 /// `now + d` without overflow (a far instant instead).
@@ -203,13 +208,10 @@ impl<S, B> Ctx<S, B> {
     /// cooldown was ever set or a deadline is configured.
     fn gate(&mut self) -> Result<Gate, BoxError> {
         let mut now = None;
-        if let Some((until, status)) = self.shared.cooldown.get() {
+        if let Some((until, _)) = self.shared.cooldown.get() {
             let t = *now.get_or_insert_with(Instant::now);
             if until > t {
-                let remaining = until - t;
-                if remaining > self.shared.config.max_server_delay {
-                    return Err(self.too_long(remaining, status));
-                }
+                // Never longer than `max_server_delay`: the cooldown is clamped to it.
                 if self.deadline.is_some_and(|d| until > d) {
                     return Err(self.give_up(GiveUpReason::Deadline));
                 }
@@ -231,15 +233,46 @@ impl<S, B> Ctx<S, B> {
     /// Starts sleeping until `until`.
     fn start_wait(&mut self, until: Instant) {
         self.wait_started = Some(Instant::now());
+        self.arm_timer(until);
+    }
+
+    /// Sets the one timer (a wait's end, or an error body's read timeout).
+    fn arm_timer(&mut self, until: Instant) {
         match self.sleep.as_mut() {
             Some(sleep) => sleep.as_mut().reset(until),
             None => self.sleep = Some(Box::pin(tokio::time::sleep_until(until))),
         }
     }
 
-    /// Sets the shared cooldown from a 429/529 that names a delay.
+    /// Starts the read timeout of an error body.
+    fn start_reading(&mut self) {
+        let timeout = self.shared.config.error_body_timeout;
+        self.arm_timer(later(Instant::now(), timeout));
+    }
+
+    /// `Reading` with the body not ready: whether its read timeout expired.
+    fn poll_read_timeout(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.sleep.as_mut() {
+            Some(sleep) => {
+                ready!(sleep.as_mut().poll(cx));
+                Counters::bump(&self.shared.counters.error_body_timeouts);
+                tracing::debug!(
+                    status = self.last_status.map(|s| s.as_u16()),
+                    "error body not read within the timeout; decided without it"
+                );
+                Poll::Ready(())
+            }
+            None => Poll::Pending,
+        }
+    }
+
+    /// Sets the shared cooldown from a 429/529 that names a delay, clamped to
+    /// `max_server_delay`: a longer delay is the answer of the request that
+    /// received it (`RetryAfterTooLong`), while the others wait at most the
+    /// cap and then ask the server again.
     fn note_server_delay(&self, status: StatusCode, delay: Option<Duration>) {
         if let Some(d) = delay.filter(|_| policy::sets_cooldown(status)) {
+            let d = d.min(self.shared.config.max_server_delay);
             self.shared
                 .cooldown
                 .extend(later(Instant::now(), d), status);
@@ -264,7 +297,7 @@ impl<S, B> Ctx<S, B> {
                 return Err(err.unwrap_or_else(|| self.give_up(GiveUpReason::MaxRetries)));
             }
             Delay::Server(d) | Delay::Local(d) => d,
-            Delay::Backoff => full_jitter(
+            Delay::Backoff | Delay::Replay => full_jitter(
                 config.initial_backoff,
                 config.max_backoff,
                 self.attempts.saturating_sub(1),
@@ -282,6 +315,9 @@ impl<S, B> Ctx<S, B> {
             }
         }
         Counters::bump(&self.shared.counters.retries);
+        if matches!(delay, Delay::Replay) {
+            Counters::bump(&self.shared.counters.replays_after_send);
+        }
         tracing::info!(
             attempt = self.attempts + 1,
             status = self.last_status.map(|s| s.as_u16()),
@@ -291,6 +327,7 @@ impl<S, B> Ctx<S, B> {
                 Delay::Server(_) => "server delay",
                 Delay::Local(_) => "inner layer delay",
                 Delay::Backoff => "backoff",
+                Delay::Replay => "backoff, replaying a request that may have reached the server",
             },
             "retrying request"
         );
@@ -404,10 +441,15 @@ impl<S, B> Ctx<S, B> {
                 source: Some(err),
             })));
         }
+        let sent = verdict == ErrorVerdict::Backoff && policy::may_have_been_sent(&err);
         self.last_status = None;
         self.last_error = Some(err);
+        if sent && self.shared.config.after_send == AfterSend::Fail {
+            return Step::Return(Err(self.give_up(GiveUpReason::Sent)));
+        }
         Step::Retry(match verdict {
             ErrorVerdict::After(d) => Delay::Local(d),
+            _ if sent => Delay::Replay,
             _ => Delay::Backoff,
         })
     }
@@ -531,12 +573,15 @@ where
             }
             Step::Ready => state.set(State::Readying),
             Step::Call(future) => state.set(State::Calling { future }),
-            Step::Read(body, status, server_delay) => state.set(State::Reading {
-                body,
-                status,
-                server_delay,
-                collected: Vec::new(),
-            }),
+            Step::Read(body, status, server_delay) => {
+                ctx.start_reading();
+                state.set(State::Reading {
+                    body,
+                    status,
+                    server_delay,
+                    collected: Vec::new(),
+                });
+            }
             Step::Retry(delay) => match ctx.plan_retry(delay) {
                 Ok(wake) if wake > Instant::now() => {
                     ctx.start_wait(wake);
@@ -586,7 +631,15 @@ where
                     server_delay,
                     collected,
                 } => {
-                    let finished = ready!(poll_error_body(body, collected, cx));
+                    // A body that stalls past the timeout is decided on as
+                    // if it said nothing (and dropped, freeing what it holds).
+                    let finished = match poll_error_body(body, collected, cx) {
+                        Poll::Ready(finished) => finished,
+                        Poll::Pending => {
+                            ready!(ctx.poll_read_timeout(cx));
+                            false
+                        }
+                    };
                     ctx.after_error_body(finished, collected, *status, *server_delay)
                 }
                 StateProj::Done => panic!("`retry::ResponseFuture` polled after completion"),

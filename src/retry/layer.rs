@@ -14,6 +14,59 @@ use crate::body::DEFAULT_BUFFER_LIMIT;
 use crate::classify::{Class, Classifier};
 use crate::clock::WallClock;
 
+/// The default of [`RetryAfterBuilder::error_body_timeout`]: 10 s. An error
+/// body is a few hundred bytes sent with its head; ten seconds is far more
+/// than a healthy server needs and short enough that a stalled one does not
+/// hold a slot for long.
+pub(crate) const DEFAULT_ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the retry layer does with an attempt that failed, without a
+/// response, after it may have reached the server.
+///
+/// # Why a choice
+///
+/// After a connection reset mid-request the server may already have done the
+/// work (and charged for it): sending the request again may run it twice.
+/// Anthropic's API has no idempotency key to make a replay safe, and the
+/// official SDKs retry such failures anyway. Whether a duplicate or a lost
+/// answer is worse depends on the caller: a chat reply can be regenerated, a
+/// tool call with side effects should not run twice.
+///
+/// # What counts as sent
+///
+/// An attempt is *sent* once the inner service's `call` was made and its
+/// future polled, and that future then failed without a response head,
+/// unless the error shows that the request could not have left this
+/// process:
+///
+/// - a local refusal by this crate's inner layers
+///   ([`Error::BudgetExceeded`](crate::Error::BudgetExceeded),
+///   [`Error::Overloaded`](crate::Error::Overloaded));
+/// - a connection that was never established
+///   ([`classify::never_connected`](crate::classify::never_connected):
+///   `ConnectionRefused` or `AddrNotAvailable` in the error's chain).
+///
+/// A reset, a broken pipe, an unexpected end of file, a timeout, or an error
+/// of a type this crate does not know counts as sent. A response, even a
+/// retryable status, is the server's own answer and is not concerned: a 429
+/// or a 529 says the work was not done, and `x-should-retry` decides the rest.
+///
+/// Replays are counted in
+/// [`RetrySnapshot::replays_after_send`](super::RetrySnapshot::replays_after_send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AfterSend {
+    /// Retry it, as the official SDKs do (the default).
+    #[default]
+    Retry,
+    /// Do not retry it: the request fails with
+    /// [`Error::RetriesExhausted`](crate::Error::RetriesExhausted), reason
+    /// [`GiveUpReason::Sent`](crate::GiveUpReason::Sent), and the inner
+    /// error as its source. Failures known to be before sending are still
+    /// retried.
+    Fail,
+}
+
 /// Applies [`RetryAfter`] to a service: honours `retry-after`, backs off with
 /// jitter, replays bodies, and keeps one shared cooldown.
 ///
@@ -63,6 +116,26 @@ impl RetryAfterLayer {
     pub fn snapshot(&self) -> RetrySnapshot {
         self.shared.snapshot()
     }
+
+    /// Ends the shared cooldown now: requests that start from now on are sent
+    /// without waiting (until the next 429 or 529 that names a delay).
+    ///
+    /// Requests already waiting out the cooldown keep waiting the delay they
+    /// were given, at most [`max_server_delay`](RetryAfterBuilder::max_server_delay):
+    /// the cooldown never runs longer than that cap.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::retry::RetryAfterLayer;
+    ///
+    /// let layer = RetryAfterLayer::anthropic();
+    /// layer.reset_cooldown();
+    /// assert_eq!(layer.snapshot().cooldown_remaining, None);
+    /// ```
+    pub fn reset_cooldown(&self) {
+        self.shared.cooldown.reset();
+    }
 }
 
 impl Default for RetryAfterLayer {
@@ -88,6 +161,8 @@ pub struct RetryAfterBuilder {
     max_server_delay: Duration,
     deadline: Option<Duration>,
     buffer_limit: usize,
+    error_body_timeout: Duration,
+    after_send: AfterSend,
     budget: Option<RetryBudget>,
     jitter: Option<Arc<dyn Jitter>>,
     classifier: Classifier,
@@ -103,6 +178,8 @@ impl std::fmt::Debug for RetryAfterBuilder {
             .field("max_server_delay", &self.max_server_delay)
             .field("deadline", &self.deadline)
             .field("buffer_limit", &self.buffer_limit)
+            .field("error_body_timeout", &self.error_body_timeout)
+            .field("after_send", &self.after_send)
             .field("budget", &self.budget)
             .field("custom_jitter", &self.jitter.is_some())
             .field("classifier", &self.classifier)
@@ -120,6 +197,8 @@ impl Default for RetryAfterBuilder {
             max_server_delay: Duration::from_secs(60),
             deadline: None,
             buffer_limit: DEFAULT_BUFFER_LIMIT,
+            error_body_timeout: DEFAULT_ERROR_BODY_TIMEOUT,
+            after_send: AfterSend::Retry,
             budget: Some(RetryBudget::default()),
             jitter: None,
             classifier: Classifier::new(),
@@ -150,11 +229,16 @@ impl RetryAfterBuilder {
         self
     }
 
-    /// Longest delay named by the server (or by the shared cooldown) that is
-    /// waited out (default 60 s). A longer one is not waited, and never
-    /// replaced by a short backoff: the request fails at once with
+    /// Longest delay named by the server that is waited out (default 60 s).
+    /// A longer one is not waited, and never replaced by a short backoff: the
+    /// request that received it fails at once with
     /// [`Error::RetryAfterTooLong`](crate::Error::RetryAfterTooLong), carrying the
     /// delay, so the caller decides. Raise it for batch jobs.
+    ///
+    /// It also caps the shared cooldown: a 429 or 529 naming a longer delay
+    /// pauses the layer's other requests for this long only, after which
+    /// they ask the server again (one long `retry-after` cannot stop the
+    /// client for a day).
     pub fn max_server_delay(mut self, d: Duration) -> Self {
         self.max_server_delay = d;
         self
@@ -176,6 +260,28 @@ impl RetryAfterBuilder {
     /// A larger body passes through unchanged and its request is never retried.
     pub fn buffer_limit(mut self, bytes: usize) -> Self {
         self.buffer_limit = bytes;
+        self
+    }
+
+    /// How long the error body of a 429 without `retry-after` may take to
+    /// arrive (default 10 s).
+    ///
+    /// The layer reads that body to tell the spend-cap 429 (not retried)
+    /// from a rate-limit 429 (retried). A body that has not ended by then is
+    /// dropped, which frees whatever it held (a concurrency slot, a
+    /// connection), and the response is judged as if the body said nothing:
+    /// a rate-limit 429, retried after backoff. Counted in
+    /// [`RetrySnapshot::error_body_timeouts`].
+    pub fn error_body_timeout(mut self, timeout: Duration) -> Self {
+        self.error_body_timeout = timeout;
+        self
+    }
+
+    /// Whether an attempt that failed after it may have reached the server is
+    /// sent again (default [`AfterSend::Retry`], as the official SDKs do).
+    /// See [`AfterSend`] for what counts as sent.
+    pub fn after_send(mut self, policy: AfterSend) -> Self {
+        self.after_send = policy;
         self
     }
 
@@ -263,6 +369,8 @@ impl RetryAfterBuilder {
                     max_server_delay: self.max_server_delay,
                     deadline: self.deadline,
                     buffer_limit: self.buffer_limit,
+                    error_body_timeout: self.error_body_timeout,
+                    after_send: self.after_send,
                     jitter,
                     classifier: self.classifier,
                     wall_clock: self.wall_clock,

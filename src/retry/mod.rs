@@ -9,14 +9,17 @@
 //!   errors of a type unknown here too, as the official SDKs retry every
 //!   connection-level failure; a hook
 //!   ([`RetryAfterBuilder::error_classifier`]) can declare an error
-//!   permanent. Never another 4xx. `x-should-retry: false` stops,
+//!   permanent, and [`AfterSend::Fail`] refuses to replay a request that
+//!   failed after it may have reached the server. Never another 4xx. `x-should-retry: false` stops,
 //!   `x-should-retry: true` retries even a status outside the list (as the
 //!   official SDKs do). Responses below 400 are returned untouched.
 //! - **Never retried**: the monthly spend-cap 429 (error body
 //!   `error.details.error_code` = `enforced_spend_limit_reached`): it fails at
 //!   once with [`Error::SpendLimitReached`](crate::Error::SpendLimitReached). To
 //!   tell it apart, the error body of a 429 without `retry-after` is read (at
-//!   most 64 KiB). Inner errors that are this crate's non-transient errors
+//!   most 64 KiB, within
+//!   [`error_body_timeout`](RetryAfterBuilder::error_body_timeout): a body
+//!   that stalls is dropped and the 429 retried as a rate-limit one). Inner errors that are this crate's non-transient errors
 //!   (`RequestTooLarge`, `SpendLimitReached`, `NotReplayable`, `Body`, or a
 //!   nested retry layer's verdict) are returned as they are;
 //!   `BudgetExceeded { retry_in }` is retried after `retry_in`, `Overloaded`
@@ -48,8 +51,10 @@
 //!   while waiting). An error from that `poll_ready` is returned as is.
 //! - **Shared cooldown**: a 429 or 529 naming a delay pauses *every* request
 //!   through the layer (all services it built and their clones), new requests
-//!   and retries alike, until that instant. A cooldown longer than the cap
-//!   fails new requests at once with `RetryAfterTooLong`.
+//!   and retries alike, until that instant. The shared cooldown is clamped
+//!   to the cap: a longer delay fails the request that received it at once
+//!   (`RetryAfterTooLong`), while the others wait the cap and then ask the
+//!   server again. [`RetryAfterLayer::reset_cooldown`] ends it at once.
 //! - **Bodies**: bodies up to [`buffer_limit`](RetryAfterBuilder::buffer_limit)
 //!   (default 16 MiB) are read once and replayed; each attempt carries the
 //!   bytes in the [`BufferedBytes`](crate::body::BufferedBytes) extension, so
@@ -119,7 +124,11 @@
 //!   mid-stream SSE `error` event): the response was already returned.
 //! - It does not pace requests before the first 429; that is the token
 //!   budget's job (`TokenBudgetLayer`), which sits inside it.
-//! - It does not add an idempotency key: Anthropic's API has none.
+//! - It does not add an idempotency key: Anthropic's API has none. A request
+//!   that failed after it may have reached the server (a reset mid-request)
+//!   is replayed by default, as the SDKs do, and counted
+//!   ([`RetrySnapshot::replays_after_send`]); [`AfterSend::Fail`] refuses
+//!   such replays.
 
 mod backoff;
 mod budget;
@@ -133,7 +142,7 @@ mod snapshot;
 pub use backoff::Jitter;
 pub use budget::RetryBudget;
 pub use future::ResponseFuture;
-pub use layer::{RetryAfterBuilder, RetryAfterLayer};
+pub use layer::{AfterSend, RetryAfterBuilder, RetryAfterLayer};
 pub use service::RetryAfter;
 pub use snapshot::{GiveUps, RetrySnapshot};
 

@@ -91,6 +91,24 @@ pub(crate) enum ErrorVerdict {
     After(Duration),
 }
 
+/// Whether an attempt that failed with `err` (no response) may have reached
+/// the server, so that sending it again may make the server do the work twice.
+///
+/// The attempt was *sent*: the inner service's `call` was made and its
+/// future polled, and it failed without a response head. Only an error that
+/// shows the request could not have left counts as unsent: a local refusal
+/// by this crate's inner layers ([`Error::BudgetExceeded`],
+/// [`Error::Overloaded`]), or a connection that was never established
+/// ([`classify::never_connected`](crate::classify::never_connected)). A
+/// reset, a broken pipe, a timeout, or an error of unknown type may have
+/// come after the request's bytes were written: sent.
+pub(crate) fn may_have_been_sent(err: &BoxError) -> bool {
+    match err.downcast_ref::<Error>() {
+        Some(Error::BudgetExceeded { .. } | Error::Overloaded { .. }) => false,
+        _ => !crate::classify::never_connected(&**err),
+    }
+}
+
 /// Classifies an inner error.
 ///
 /// This crate's own errors from inner layers: `BudgetExceeded` is retried

@@ -58,6 +58,12 @@ impl<S> RetryAfter<S> {
     pub fn snapshot(&self) -> RetrySnapshot {
         self.shared.snapshot()
     }
+
+    /// Ends the shared cooldown now, as
+    /// [`RetryAfterLayer::reset_cooldown`](super::RetryAfterLayer::reset_cooldown) does.
+    pub fn reset_cooldown(&self) {
+        self.shared.cooldown.reset();
+    }
 }
 
 impl<S, B, R> Service<Request<B>> for RetryAfter<S>

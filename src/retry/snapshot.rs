@@ -36,6 +36,10 @@ pub struct RetrySnapshot {
     pub retries: u64,
     /// Requests given up, by the bound that stopped them.
     pub give_ups: GiveUps,
+    /// Retries of an attempt that failed after it may have reached the
+    /// server (see [`AfterSend`](super::AfterSend)): the server may have
+    /// done the work more than once. Always 0 under [`AfterSend::Fail`](super::AfterSend::Fail).
+    pub replays_after_send: u64,
     /// Requests that needed a retry but whose body could not be kept
     /// (returned as is, or as [`Error::NotReplayable`](crate::Error::NotReplayable)).
     pub not_replayable: u64,
@@ -44,6 +48,10 @@ pub struct RetrySnapshot {
     pub retry_after_too_long: u64,
     /// Requests failed with [`Error::SpendLimitReached`](crate::Error::SpendLimitReached).
     pub spend_limit_reached: u64,
+    /// Error bodies not read within
+    /// [`error_body_timeout`](super::RetryAfterBuilder::error_body_timeout):
+    /// the response was judged without its body.
+    pub error_body_timeouts: u64,
     /// Time left in the shared cooldown, if one is running.
     pub cooldown_remaining: Option<Duration>,
     /// Retries the budget would allow now; `None` without a budget.
@@ -60,6 +68,9 @@ pub struct GiveUps {
     pub deadline: u64,
     /// Stopped by the retry budget.
     pub budget: u64,
+    /// Not replayed because the failed attempt may have reached the server
+    /// ([`AfterSend::Fail`](super::AfterSend::Fail)).
+    pub sent: u64,
 }
 
 impl GiveUps {
@@ -69,12 +80,13 @@ impl GiveUps {
             GiveUpReason::MaxRetries => self.max_retries,
             GiveUpReason::Deadline => self.deadline,
             GiveUpReason::Budget => self.budget,
+            GiveUpReason::Sent => self.sent,
         }
     }
 
     /// All give-ups.
     pub fn total(&self) -> u64 {
-        self.max_retries + self.deadline + self.budget
+        self.max_retries + self.deadline + self.budget + self.sent
     }
 }
 
@@ -86,6 +98,8 @@ pub(crate) struct Config {
     pub(crate) max_server_delay: Duration,
     pub(crate) deadline: Option<Duration>,
     pub(crate) buffer_limit: usize,
+    pub(crate) error_body_timeout: Duration,
+    pub(crate) after_send: super::AfterSend,
     pub(crate) jitter: Arc<dyn Jitter>,
     /// Decides which inner errors are transient.
     pub(crate) classifier: crate::classify::Classifier,
@@ -102,6 +116,8 @@ impl fmt::Debug for Config {
             .field("max_server_delay", &self.max_server_delay)
             .field("deadline", &self.deadline)
             .field("buffer_limit", &self.buffer_limit)
+            .field("error_body_timeout", &self.error_body_timeout)
+            .field("after_send", &self.after_send)
             .field("classifier", &self.classifier)
             .field("wall_clock", &self.wall_clock)
             .finish_non_exhaustive()
@@ -115,9 +131,12 @@ pub(crate) struct Counters {
     pub(crate) give_up_max_retries: AtomicU64,
     pub(crate) give_up_deadline: AtomicU64,
     pub(crate) give_up_budget: AtomicU64,
+    pub(crate) give_up_sent: AtomicU64,
+    pub(crate) replays_after_send: AtomicU64,
     pub(crate) not_replayable: AtomicU64,
     pub(crate) too_long: AtomicU64,
     pub(crate) spend_limit: AtomicU64,
+    pub(crate) error_body_timeouts: AtomicU64,
 }
 
 impl Counters {
@@ -130,6 +149,7 @@ impl Counters {
             GiveUpReason::Deadline => &self.give_up_deadline,
             GiveUpReason::Budget => &self.give_up_budget,
             GiveUpReason::MaxRetries => &self.give_up_max_retries,
+            GiveUpReason::Sent => &self.give_up_sent,
         });
     }
 }
@@ -155,10 +175,13 @@ impl Shared {
                 max_retries: load(&c.give_up_max_retries),
                 deadline: load(&c.give_up_deadline),
                 budget: load(&c.give_up_budget),
+                sent: load(&c.give_up_sent),
             },
+            replays_after_send: load(&c.replays_after_send),
             not_replayable: load(&c.not_replayable),
             retry_after_too_long: load(&c.too_long),
             spend_limit_reached: load(&c.spend_limit),
+            error_body_timeouts: load(&c.error_body_timeouts),
             cooldown_remaining: self.cooldown.remaining(now),
             budget_balance: self.budget.as_ref().map(|b| b.balance(now)),
         }
