@@ -42,7 +42,11 @@ fuzz_target!(|data: &[u8]| {
     let len = data.len() as u64;
 
     let e = estimator.estimate(&parts, data);
-    assert!(e.input_tokens <= bound(len), "{} tokens for {len} bytes", e.input_tokens);
+    assert!(
+        e.input_tokens <= bound(len),
+        "{} tokens for {len} bytes",
+        e.input_tokens
+    );
     let usage = Usage {
         input_tokens: e.raw_input_tokens / u64::from(control % 4 + 1),
         cache_creation_input_tokens: u64::from(control & 4 != 0) * 1_200,

@@ -53,6 +53,14 @@
 //! When the server reports no cache read for a request charged as a read, the
 //! prefix is forgotten.
 //!
+//! What is remembered stays small whatever the requests: at most
+//! [`cache_max_entries`](AnthropicEstimatorBuilder::cache_max_entries)
+//! prefix hashes, at most 1,024 requests awaiting their usage (each keeps a
+//! hash of its model name, never the name), and calibration for at most
+//! [`max_models`](CalibrationConfig::max_models) names. A `model` longer than
+//! [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes is estimated, but nothing
+//! is remembered or learned for it.
+//!
 //! # Examples
 //!
 //! ```
