@@ -58,8 +58,8 @@
 //! prefix hashes, at most 1,024 requests awaiting their usage (each keeps a
 //! hash of its model name, never the name), and calibration for at most
 //! [`max_models`](CalibrationConfig::max_models) names. A `model` longer than
-//! [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes is estimated, but nothing
-//! is remembered or learned for it.
+//! [`MAX_MODEL_LEN`] bytes is estimated, but nothing is remembered or
+//! learned for it.
 //!
 //! # Examples
 //!
