@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+/// The longest `model` name a request may carry, in bytes.
+pub(crate) const MAX_MODEL_LEN: usize = 256;
+
 /// An error from a boxed service: the type tower middleware passes between layers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -158,6 +161,13 @@ pub enum Error {
         /// The whole capacity of that limit.
         limit: u64,
     },
+    /// The request's `model` is longer than 256 bytes (no model name is). It
+    /// was not sent, and nothing was charged for it; a gateway in
+    /// enforce mode answers it with a 400 `invalid_request_error`.
+    ModelTooLong {
+        /// The length of the name, in bytes.
+        len: usize,
+    },
     /// The concurrency layer's wait queue is full: the request was shed at once.
     Overloaded {
         /// Requests already waiting when this one was shed.
@@ -179,11 +189,12 @@ impl Error {
 
     /// Whether trying the same request again later could succeed.
     ///
-    /// False for [`Error::SpendLimitReached`] and [`Error::RequestTooLarge`].
+    /// False for [`Error::SpendLimitReached`], [`Error::RequestTooLarge`] and
+    /// [`Error::ModelTooLong`].
     pub fn is_transient(&self) -> bool {
         !matches!(
             self,
-            Error::SpendLimitReached | Error::RequestTooLarge { .. }
+            Error::SpendLimitReached | Error::RequestTooLarge { .. } | Error::ModelTooLong { .. }
         )
     }
 }
@@ -229,6 +240,10 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "request costs {cost} against a limit of {limit} {dimension}: it can never fit"
+            ),
+            Error::ModelTooLong { len } => write!(
+                f,
+                "model name of {len} bytes, above the {MAX_MODEL_LEN} accepted; request not sent"
             ),
             Error::Overloaded { waiting } => {
                 write!(

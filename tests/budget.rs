@@ -1115,6 +1115,76 @@ async fn request_that_can_never_fit_is_never_sent() {
     assert_eq!(reserve.snapshot().too_large, 1);
 }
 
+fn request_for_model(model: &str) -> Request<Full<Bytes>> {
+    let body = format!(r#"{{"model":"{model}","max_tokens":10,"input":5,"messages":[]}}"#);
+    Request::post("http://localhost/v1/messages")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// A `model` longer than any model name (256 bytes) is refused with a typed
+/// error before it is charged or sent, whether the budget read the body or an
+/// outer layer did; 256 bytes pass.
+#[tokio::test(start_paused = true)]
+async fn a_model_name_over_256_bytes_is_refused_unsent() {
+    let log = Arc::new(Log::default());
+    let (layer, _) = budget(Limits::new().rpm(50).itpm(30_000).otpm(8_000));
+    let mut svc = layer.layer(upstream(log.clone(), 1));
+    for reuse in [false, true] {
+        let mut req = request_for_model(&"m".repeat(257));
+        if reuse {
+            let body = Bytes::from(format!(r#"{{"model":"{}","input":5}}"#, "m".repeat(257)));
+            req.extensions_mut().insert(BufferedBytes(body));
+        }
+        let err = svc.ready().await.unwrap().call(req).await.unwrap_err();
+        match err.downcast_ref::<Error>() {
+            Some(e @ Error::ModelTooLong { len: 257 }) => assert!(!e.is_transient()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(log.sent().is_empty());
+    assert!(layer.snapshot().keys.is_empty(), "nothing charged");
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request_for_model(&"m".repeat(256)))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(log.sent().len(), 1);
+}
+
+/// In enforce mode the same request gets the API's 400
+/// `invalid_request_error`, and is not sent.
+#[tokio::test(start_paused = true)]
+async fn enforce_mode_answers_a_huge_model_name_with_a_400() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(50).itpm(30_000).otpm(8_000))
+        .enforce()
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 1));
+    let resp = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(request_for_model(&"m".repeat(4 << 20)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(resp.headers().contains_key("request-id"));
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("4194304 bytes"));
+    assert!(log.sent().is_empty());
+    assert!(layer.snapshot().keys.is_empty());
+}
+
 /// A request body that counts how often it is polled.
 struct CountingBody {
     data: Option<Bytes>,

@@ -47,6 +47,16 @@ fn request_id() -> String {
     )
 }
 
+/// The 400 answer to a request the budget refuses to read further (a
+/// `model` name longer than any model's): `invalid_request_error`, with a
+/// `request-id`. Nothing was charged, so no rate-limit headers.
+pub(crate) fn invalid_request<B>(message: &str) -> Response<ResponseBody<B>> {
+    ErrorBody::new(ErrorKind::InvalidRequest, message)
+        .with_request_id(&request_id())
+        .into_response()
+        .map(ResponseBody::full)
+}
+
 /// The 429 answer to a request the caller's budget cannot admit.
 ///
 /// Body: `{"type":"error","error":{"type":"rate_limit_error","message":…},"request_id":"req_…"}`

@@ -16,6 +16,7 @@ use super::enforce;
 use super::state::{Admission, Charge, Refusal, Shared};
 use super::usage::{ResponseBody, Tracker};
 use crate::body::{Buffered, ReplayBody};
+use crate::estimate::{Estimate, MAX_MODEL_LEN};
 use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
 use crate::wire::sse::is_event_stream;
 use crate::{BoxError, Error};
@@ -41,7 +42,8 @@ pin_project! {
     /// # Errors
     ///
     /// [`Error::BudgetExceeded`] and [`Error::RequestTooLarge`] (unless the
-    /// layer enforces, which answers 429 instead), [`Error::Body`], the inner
+    /// layer enforces, which answers 429 instead), [`Error::ModelTooLong`]
+    /// (enforce mode answers 400 instead), [`Error::Body`], the inner
     /// service's own error, and a [`LedgerError`](super::ledger::LedgerError)
     /// when the ledger failed to answer a reservation: the request was not
     /// sent, nothing was debited for it, and its place in line went to the
@@ -85,6 +87,9 @@ pin_project! {
             #[pin]
             fut: F,
             charge: Option<Charge>,
+        },
+        Failed {
+            error: Option<BoxError>,
         },
         Done,
     }
@@ -145,6 +150,7 @@ where
             State::Admitting { .. } => "admitting",
             State::Readying { .. } => "readying",
             State::Calling { .. } => "calling",
+            State::Failed { .. } => "failed",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
@@ -173,6 +179,14 @@ where
                 caller,
                 svc: Some(svc),
             },
+        }
+    }
+
+    /// A request refused before it was charged (see [`fail`]).
+    pub(crate) fn failed(shared: Arc<Shared>, error: BoxError) -> Self {
+        Self {
+            shared,
+            state: State::Failed { error: Some(error) },
         }
     }
 
@@ -228,9 +242,16 @@ where
                         }
                         Err(e) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(e));
+                            return Poll::Ready(fail(shared, e));
                         }
                     }
+                }
+                StateProj::Failed { error } => {
+                    let Some(e) = error.take() else {
+                        polled_after_completion();
+                    };
+                    this.state.set(State::Done);
+                    return Poll::Ready(fail(shared, e));
                 }
                 StateProj::Admitting {
                     charge,
@@ -351,8 +372,35 @@ where
             (Request::from_parts(parts, body), estimate)
         }
     };
+    check_model(&estimate)?;
     let charge = shared.charge(caller, estimate);
     Ok((request, charge))
+}
+
+/// Refuses a request whose `model` is longer than any model name, before it
+/// is charged (so that no state is kept for it).
+pub(crate) fn check_model(estimate: &Estimate) -> Result<(), BoxError> {
+    match estimate.model.as_deref() {
+        Some(m) if m.len() > MAX_MODEL_LEN => {
+            tracing::debug!(
+                len = m.len(),
+                "budget: model name too long; request refused"
+            );
+            Err(Box::new(Error::ModelTooLong { len: m.len() }))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The answer to a request that failed before it was charged: its error, or
+/// in enforce mode a 400 `invalid_request_error` for an invalid request.
+fn fail<ResB>(shared: &Shared, e: BoxError) -> Result<Response<ResponseBody<ResB>>, BoxError> {
+    match e.downcast_ref::<Error>() {
+        Some(invalid @ Error::ModelTooLong { .. }) if shared.settings.enforce => {
+            Ok(enforce::invalid_request(&format!("model: {invalid}")))
+        }
+        _ => Err(e),
+    }
 }
 
 /// The answer to a request not admitted: the ledger's error; or the

@@ -36,6 +36,11 @@
 //!    `max_tokens` above OTPM) fails at once with
 //!    [`Error::RequestTooLarge`](crate::Error::RequestTooLarge) and is never
 //!    sent. (In `Realtime` mode an expected output above OTPM is capped to it.)
+//!    A request whose `model` is longer than any model name
+//!    ([`MAX_MODEL_LEN`](crate::estimate::MAX_MODEL_LEN), 256 bytes) fails
+//!    before it is charged, with
+//!    [`Error::ModelTooLong`](crate::Error::ModelTooLong) (a 400
+//!    `invalid_request_error` in enforce mode), and is never sent.
 //! 4. **Send**, then **settle** from the response (see [`ResponseBody`]): its
 //!    `anthropic-ratelimit-*` headers sync the ledger (the server's view wins
 //!    when it says less is left; unconfigured limits are learned from them,

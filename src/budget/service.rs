@@ -7,7 +7,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::{check_model, ResponseFuture};
 use super::snapshot::BudgetSnapshot;
 use super::state::Shared;
 use super::usage::ResponseBody;
@@ -94,6 +94,9 @@ where
             .map(|b| shared.estimator.estimate(&parts, &b.0));
         match estimate {
             Some(estimate) => {
+                if let Err(e) = check_model(&estimate) {
+                    return ResponseFuture::failed(shared, e);
+                }
                 let charge = shared.charge(caller.as_deref(), estimate);
                 let request = Request::from_parts(parts, ReplayBody::passthrough(body));
                 ResponseFuture::admitting(shared, charge, request, inner)

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::cache::{Pending, PromptCache, TTL_1H, TTL_5M};
 use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration};
 use super::media;
-use super::{Estimate, TokenEstimator};
+use super::{Estimate, TokenEstimator, MAX_MODEL_LEN};
 use crate::headers::content_length;
 use crate::wire::json::{count_raw, count_span, Chars, Malformed, Result, Scanner, Span};
 use crate::wire::Usage;
@@ -379,6 +379,14 @@ pub struct EstimatorSnapshot {
 /// estimated tokens (the smallest cacheable prompt) are not remembered.
 /// When the server reports no cache read for a request charged as a read, the
 /// prefix is forgotten.
+///
+/// What is remembered stays small whatever the requests: at most
+/// [`cache_max_entries`](AnthropicEstimatorBuilder::cache_max_entries)
+/// prefix hashes, at most 1,024 requests awaiting their usage (each keeps a
+/// hash of its model name, never the name), and calibration for at most
+/// [`max_models`](CalibrationConfig::max_models) names. A `model` longer than
+/// [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes is estimated, but nothing is
+/// remembered or learned for it.
 ///
 /// # Examples
 ///
@@ -1120,6 +1128,20 @@ impl AnthropicEstimator {
         (c.chars_per_token, c.non_ascii_chars_per_token, 1.0)
     }
 
+    /// What the prompt-cache records keep of a model name: its keyed hash
+    /// (the name itself is never copied there).
+    fn model_key(&self, model: Option<&str>) -> u64 {
+        let mut h = self.hash_state.build_hasher();
+        match model {
+            Some(m) => {
+                h.write_u8(1);
+                h.write(m.as_bytes());
+            }
+            None => h.write_u8(0),
+        }
+        h.finish()
+    }
+
     fn fallback_estimate(&self, len: u64, partial: Option<&Walk<'_, '_>>) -> Estimate {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
@@ -1193,7 +1215,9 @@ impl AnthropicEstimator {
         let section_tokens: [f64; 3] = SECTIONS.map(|s| tokens(&w.sections[s as usize].tally));
         let total_f = self.config.request_overhead as f64 + section_tokens.iter().sum::<f64>();
         let total = total_f.ceil() as u64;
-        let cache_read = if w.breakpoints.is_empty() {
+        // A name no model has is estimated, but nothing is remembered for it.
+        let storable = model.as_deref().is_none_or(|m| m.len() <= MAX_MODEL_LEN);
+        let cache_read = if w.breakpoints.is_empty() || !storable {
             0
         } else {
             self.cache_read(w, &model, &tokens, section_tokens, total)
@@ -1256,7 +1280,7 @@ impl AnthropicEstimator {
         }
         if best.is_some() || !written.is_empty() {
             cache.push_pending(Pending {
-                model: model.clone(),
+                model: self.model_key(model.as_deref()),
                 raw_input_tokens: total - cache_read,
                 cache_read_tokens: cache_read,
                 read: best.map(|(k, _)| k),
@@ -1366,6 +1390,9 @@ impl TokenEstimator for AnthropicEstimator {
             return;
         }
         let model = estimate.model.as_deref().unwrap_or("");
+        if model.len() > MAX_MODEL_LEN {
+            return;
+        }
         let est_total = estimate
             .raw_input_tokens
             .saturating_add(estimate.cache_read_tokens);
@@ -1376,7 +1403,7 @@ impl TokenEstimator for AnthropicEstimator {
         self.calibration.observe(model, est_total, actual_total);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = cache.take_pending(
-            estimate.model.as_deref(),
+            self.model_key(estimate.model.as_deref()),
             estimate.raw_input_tokens,
             estimate.cache_read_tokens,
         ) {

@@ -41,7 +41,9 @@ impl Entry {
 /// A request's cache activity, remembered until its usage comes back.
 #[derive(Debug, Clone)]
 pub(crate) struct Pending {
-    pub(crate) model: Option<String>,
+    /// The keyed hash of the request's model name (`None` hashed too): the
+    /// name is not copied, so a record stays small whatever the name.
+    pub(crate) model: u64,
     pub(crate) raw_input_tokens: u64,
     pub(crate) cache_read_tokens: u64,
     /// The prefix charged as a cache read, if any.
@@ -147,14 +149,14 @@ impl PromptCache {
     /// Takes the newest pending record that matches an estimate.
     pub(crate) fn take_pending(
         &mut self,
-        model: Option<&str>,
+        model: u64,
         raw_input_tokens: u64,
         cache_read_tokens: u64,
     ) -> Option<Pending> {
         let idx = self.pending.iter().rposition(|p| {
             p.raw_input_tokens == raw_input_tokens
                 && p.cache_read_tokens == cache_read_tokens
-                && p.model.as_deref() == model
+                && p.model == model
         })?;
         self.pending.remove(idx)
     }
@@ -219,7 +221,7 @@ mod tests {
         c.sent(1, TTL_5M, now);
         assert!(!c.is_warm(1, now));
         let p = Pending {
-            model: None,
+            model: 0,
             raw_input_tokens: 10,
             cache_read_tokens: 0,
             read: None,

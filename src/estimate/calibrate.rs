@@ -347,10 +347,11 @@ impl Calibration {
         self.observe_ratio(model, actual as f64 / estimated as f64)
     }
 
-    /// Records one ratio for `model`. Non-finite ratios are ignored
+    /// Records one ratio for `model`. Non-finite ratios, and model names
+    /// longer than [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes, are ignored
     /// (returns false).
     fn observe_ratio(&self, model: &str, ratio: f64) -> bool {
-        if !ratio.is_finite() {
+        if !ratio.is_finite() || model.len() > super::MAX_MODEL_LEN {
             return false;
         }
         let mut guard = self.lock();

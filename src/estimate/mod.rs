@@ -54,6 +54,15 @@ pub use anthropic::{AnthropicEstimator, AnthropicEstimatorBuilder, EstimatorSnap
 pub(crate) use calibrate::SlidingQuantile;
 pub use calibrate::{Calibration, CalibrationConfig, ModelCalibration};
 
+/// The longest `model` name, in bytes, that the estimator learns from and the
+/// budget admits (no model name comes near it).
+///
+/// A longer name is estimated but never stored (neither for calibration nor
+/// in the prompt-cache records), and the budget refuses the request with
+/// [`Error::ModelTooLong`](crate::Error::ModelTooLong) without sending it, so
+/// that a caller cannot make the process hold large copies of its input.
+pub const MAX_MODEL_LEN: usize = crate::error::MAX_MODEL_LEN;
+
 /// What a request is expected to cost, before it is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Estimate {

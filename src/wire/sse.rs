@@ -243,7 +243,8 @@ impl SseDecoder {
 
     /// Bounds what is kept: a line longer than `max_len` bytes is dropped,
     /// and so is an event that had such a line or whose data grows past
-    /// `max_len` (it is not dispatched at all, rather than cut).
+    /// `max_len` (it is not dispatched at all, rather than cut), counting
+    /// its data as dispatched (invalid UTF-8 replaced by U+FFFD).
     pub fn with_max_len(mut self, max_len: usize) -> Self {
         self.max_len = max_len;
         self
@@ -411,6 +412,10 @@ impl SseDecoder {
         let data = std::mem::take(&mut self.data);
         let data = String::from_utf8(data)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        if data.len() > self.max_len {
+            // Invalid UTF-8 replaced by U+FFFD (3 bytes a byte) outgrew the bound.
+            return;
+        }
         self.ready.push_back(SseEvent {
             event,
             data,
