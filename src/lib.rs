@@ -103,6 +103,9 @@
 
 pub mod body;
 pub mod classify;
+#[cfg(any(feature = "retry", feature = "budget", feature = "concurrency"))]
+#[cfg_attr(not(feature = "budget"), allow(dead_code))]
+mod dispatch;
 pub mod error;
 pub mod headers;
 mod mix;

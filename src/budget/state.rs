@@ -70,6 +70,7 @@ struct Counters {
     too_large: AtomicU64,
     settled: AtomicU64,
     refunded_429: AtomicU64,
+    refunded_unsent: AtomicU64,
     wakeups: AtomicU64,
 }
 
@@ -777,6 +778,7 @@ impl Shared {
     /// Refunds everything a request reserved: it was admitted but never sent
     /// (the inner service failed before taking it).
     pub(crate) fn refund_unsent(self: &Arc<Self>, charge: &Charge) {
+        bump(&self.counters.refunded_unsent);
         tracing::debug!(key = %charge.key, "budget: admitted request not sent; refunded");
         self.correct(charge, negate(charge.costs), None);
     }
@@ -894,6 +896,7 @@ impl Shared {
             too_large: c.too_large.load(Ordering::Relaxed),
             settled: c.settled.load(Ordering::Relaxed),
             refunded_429: c.refunded_429.load(Ordering::Relaxed),
+            refunded_unsent: c.refunded_unsent.load(Ordering::Relaxed),
             wakeups: c.wakeups.load(Ordering::Relaxed),
         }
     }

@@ -18,9 +18,10 @@
 //!   tell it apart, the error body of a 429 without `retry-after` is read (at
 //!   most 64 KiB). Inner errors that are this crate's non-transient errors
 //!   (`RequestTooLarge`, `SpendLimitReached`, `NotReplayable`, `Body`, or a
-//!   nested retry layer's verdict) are returned as they are;
-//!   `BudgetExceeded { retry_in }` is retried after `retry_in`, `Overloaded`
-//!   after backoff.
+//!   nested retry layer's verdict) are returned as they are, and so is
+//!   `Overloaded` (a full concurrency queue is local back-pressure: it is
+//!   neither retried nor charged to the retry budget);
+//!   `BudgetExceeded { retry_in }` is retried after `retry_in`.
 //! - **Delay**, the first that applies: `retry-after-ms`; `retry-after`
 //!   (seconds or HTTP-date); the reset time of an exhausted
 //!   `anthropic-ratelimit-*` limit (remaining 0); else exponential backoff with
