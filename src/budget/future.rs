@@ -328,12 +328,17 @@ fn finished<ResB: Body, E: Into<BoxError>>(
     }
 }
 
-/// Whether an error (or one of its sources) is an I/O `ConnectionRefused`:
-/// the connection was never made, so no byte of the request left.
+/// Whether an error (or one of its sources, or an error an `io::Error`
+/// wraps) is an I/O `ConnectionRefused`: the connection was never made, so
+/// no byte of the request left.
 fn connection_refused(err: &(dyn std::error::Error + 'static)) -> bool {
     std::iter::successors(Some(err), |e| e.source()).any(|e| {
-        e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        let Some(io) = e.downcast_ref::<std::io::Error>() else {
+            return false;
+        };
+        // `io::Error::source` skips the error it wraps: look at it too.
+        io.kind() == std::io::ErrorKind::ConnectionRefused
+            || io.get_ref().is_some_and(|inner| connection_refused(inner))
     })
 }
 
