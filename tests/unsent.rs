@@ -138,7 +138,10 @@ async fn requests_cancelled_while_queued_are_refunded_in_every_order() {
         assert_eq!(sent, 1, "{label}");
         assert_eq!(kept(&snap), sent, "{label}: {snap:?}");
         let used = requests_used(&snap);
-        assert!(used < sent as f64 + 0.5, "{label}: {used} charged, {sent} sent");
+        assert!(
+            used < sent as f64 + 0.5,
+            "{label}: {used} charged, {sent} sent"
+        );
         let c = concurrency.snapshot();
         assert_eq!((c.in_flight, c.waiting.total()), (0, 0), "{label}");
     }

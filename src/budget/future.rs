@@ -264,18 +264,16 @@ where
                         }
                     }
                 }
-                StateProj::Readying {
-                    held,
-                    request,
-                    svc,
-                } => match ready!(poll_send(held, request, svc, cx)) {
-                    Ok((fut, held)) => this.state.set(State::Calling { fut, held }),
-                    Err(e) => {
-                        // Not sent: dropping `held` gives the reservation back.
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(e));
+                StateProj::Readying { held, request, svc } => {
+                    match ready!(poll_send(held, request, svc, cx)) {
+                        Ok((fut, held)) => this.state.set(State::Calling { fut, held }),
+                        Err(e) => {
+                            // Not sent: dropping `held` gives the reservation back.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(e));
+                        }
                     }
-                },
+                }
                 StateProj::Calling { fut, held } => {
                     let result = ready!(fut.poll(cx));
                     let sent = held.sent();
