@@ -350,19 +350,34 @@ fn kept(budget: &TokenBudgetLayer) -> u64 {
     s.admitted - s.refunded_429 - s.refunded_unsent
 }
 
-/// Runs `n` requests at once through `svc` (one in four given up by its
+/// What a run watches: the three layers and the upstream.
+struct Watch<'a> {
+    budget: &'a TokenBudgetLayer,
+    concurrency: &'a ConcurrencyLayer,
+    retry: &'a RetryAfterLayer,
+    seen: &'a Seen,
+}
+
+/// Samples [`kept`] every 100 ms until aborted.
+fn sample(budget: &TokenBudgetLayer) -> (Arc<Samples>, tokio::task::JoinHandle<()>) {
+    let samples = Arc::new(Samples::default());
+    let (into, budget) = (Arc::clone(&samples), budget.clone());
+    let sampler = tokio::spawn(async move {
+        loop {
+            if let Ok(mut s) = into.0.lock() {
+                s.push((Instant::now(), kept(&budget)));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (samples, sampler)
+}
+
+/// Runs `n` requests at once through `svc`: one in four given up by its
 /// caller at a random moment, the others after four hours at most, or 10 s
-/// into reading a body) and checks every invariant.
-async fn chaos<S, RB>(
-    label: &str,
-    svc: S,
-    n: u64,
-    seed: u64,
-    budget: &TokenBudgetLayer,
-    concurrency: &ConcurrencyLayer,
-    retry: &RetryAfterLayer,
-    seen: &Seen,
-) where
+/// into reading a body. Panics on a panic or an untyped error.
+async fn callers<S, RB>(label: &str, svc: S, n: u64, seed: u64) -> Outcomes
+where
     S: Service<Request<Full<Bytes>>, Response = Response<RB>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send,
@@ -370,18 +385,6 @@ async fn chaos<S, RB>(
     RB::Data: Send,
     RB::Error: Into<BoxError>,
 {
-    let samples = Arc::new(Samples::default());
-    let sampler = {
-        let (samples, budget) = (Arc::clone(&samples), budget.clone());
-        tokio::spawn(async move {
-            loop {
-                if let Ok(mut s) = samples.0.lock() {
-                    s.push((Instant::now(), kept(&budget)));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
     let mut rng = Rng(seed ^ 0xC0FF_EE00);
     let mut tasks = Vec::with_capacity(n as usize);
     for i in 0..n {
@@ -408,73 +411,92 @@ async fn chaos<S, RB>(
             Ok(Ok(Ok(Ended::Transport))) => out.transport_error += 1,
         }
     }
-    let r = retry.snapshot();
-    let replays = seen.replays.load(Ordering::Relaxed);
+    out
+}
+
+/// Runs the chaos through `svc` and checks every invariant.
+async fn chaos<S, RB>(label: &str, svc: S, n: u64, seed: u64, watch: Watch<'_>)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    RB: Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Into<BoxError>,
+{
+    let (samples, sampler) = sample(watch.budget);
+    let out = callers(label, svc, n, seed).await;
+    let seen = watch.seen;
+    let (arrivals, replays) = (load(&seen.arrivals), load(&seen.replays));
+    let retries = watch.retry.snapshot().retries;
     eprintln!(
-        "{label}: {out:?}; arrivals {}, faults {}, replays {replays}, retries {}; kept {}",
-        seen.arrivals.load(Ordering::Relaxed),
-        seen.faults.load(Ordering::Relaxed),
-        r.retries,
-        kept(budget),
+        "{label}: {out:?}; arrivals {arrivals}, faults {}, replays {replays}, retries {retries}, kept {}",
+        load(&seen.faults),
+        kept(watch.budget),
     );
     assert_eq!(out.total(), n, "{label}: {out:?}");
     assert!(out.ok > n / 2 && out.cancelled > 0, "{label}: {out:?}");
-    assert!(seen.faults.load(Ordering::Relaxed) > 0, "{label}");
+    assert!(load(&seen.faults) > 0, "{label}");
 
-    // Idle: no slot, no waiter, no reservation waiting.
-    let c = concurrency.snapshot();
+    // The budget keeps a charge only for a request that may have reached
+    // the server: never more than the arrivals it did not refuse at once.
+    let sent = arrivals - load(&seen.refused);
+    let kept_now = kept(watch.budget);
+    assert!(kept_now <= sent, "{label}: {kept_now} kept for {sent} sent");
+
+    // Every replay the upstream saw was counted as a retry.
+    assert!(replays > 0, "{label}: the faults caused no replay");
+    assert!(
+        replays <= retries,
+        "{label}: {replays} replays seen, {retries} counted"
+    );
+
+    // Idle: no slot, no waiter, every bucket full again.
+    let c = watch.concurrency.snapshot();
     assert_eq!((c.in_flight, c.waiting.total()), (0, 0), "{label}: {c:?}");
     tokio::time::sleep(Duration::from_secs(120)).await;
     sampler.abort();
-    let b = budget.snapshot();
-    for key in &b.keys {
+    idle(label, watch.budget);
+    let samples = samples.0.lock().map(|s| s.clone()).unwrap_or_default();
+    windows(label, watch.budget, &samples);
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// No request waits for the budget, and every bucket is full again.
+fn idle(label: &str, budget: &TokenBudgetLayer) {
+    for key in &budget.snapshot().keys {
         assert_eq!(key.waiting, 0, "{label}: {key:?}");
         for d in Dimension::ALL {
             let d = key.dimension(d);
             assert_eq!(d.remaining, d.capacity, "{label}: not back to idle: {d:?}");
         }
     }
+}
 
-    // Requests kept charged in any window never exceed the bucket: its
-    // capacity plus its refill over the window.
-    let (capacity, per_sec) = b
+/// Requests kept charged in any window never exceed the bucket: its
+/// capacity plus its refill over the window.
+fn windows(label: &str, budget: &TokenBudgetLayer, samples: &[(Instant, u64)]) {
+    let (capacity, per_sec) = budget
+        .snapshot()
         .keys
         .iter()
         .map(|k| k.dimension(Dimension::Requests))
         .filter_map(|d| Some((d.capacity?, d.limit? as f64 / 60.0)))
         .next()
         .unwrap_or_else(|| panic!("{label}: the budget saw no request"));
-    let samples = samples.0.lock().map(|s| s.clone()).unwrap_or_default();
-    let mut worst = 0.0f64;
     for (i, &(t1, k1)) in samples.iter().enumerate() {
         for &(t2, k2) in &samples[i + 1..] {
             let allowed = capacity + per_sec * t2.duration_since(t1).as_secs_f64();
             let used = k2.saturating_sub(k1) as f64;
-            worst = worst.max(used - allowed);
             assert!(
                 used <= allowed + 1e-6,
                 "{label}: {used} kept in a window allowing {allowed}"
             );
         }
     }
-
-    // The budget keeps a charge only for a request that may have reached
-    // the server: never more than the arrivals it did not refuse at once.
-    let arrivals = seen.arrivals.load(Ordering::Relaxed);
-    let sent = arrivals - seen.refused.load(Ordering::Relaxed);
-    assert!(
-        kept(budget) <= sent,
-        "{label}: {} kept for {sent} sent",
-        kept(budget)
-    );
-
-    // Every replay the upstream saw was counted as a retry.
-    assert!(replays > 0, "{label}: the faults caused no replay");
-    assert!(
-        replays <= r.retries,
-        "{label}: {replays} replays seen, {} counted",
-        r.retries
-    );
 }
 
 fn soak() -> bool {
@@ -515,7 +537,13 @@ macro_rules! order {
             .layer(pick.$b())
             .layer(pick.$c())
             .service(upstream($seed, Arc::clone(&seen)));
-        chaos($label, svc, $n, $seed, &budget, &concurrency, &retry, &seen).await;
+        let watch = Watch {
+            budget: &budget,
+            concurrency: &concurrency,
+            retry: &retry,
+            seen: &seen,
+        };
+        chaos($label, svc, $n, $seed, watch).await;
     }};
 }
 
@@ -566,15 +594,11 @@ async fn chaos_through_the_preset_under_a_burst() {
     let svc = ServiceBuilder::new()
         .layer(limits.clone())
         .service(upstream(42, Arc::clone(&seen)));
-    chaos(
-        "preset",
-        svc,
-        n,
-        42,
-        limits.budget(),
-        limits.concurrency(),
-        limits.retry(),
-        &seen,
-    )
-    .await;
+    let watch = Watch {
+        budget: limits.budget(),
+        concurrency: limits.concurrency(),
+        retry: limits.retry(),
+        seen: &seen,
+    };
+    chaos("preset", svc, n, 42, watch).await;
 }
