@@ -152,7 +152,10 @@ pub enum Error {
         /// The whole capacity of that limit.
         limit: u64,
     },
-    /// The concurrency layer's wait queue is full: the request was shed at once.
+    /// The concurrency layer's wait queue is full: the request was shed at
+    /// once, without being sent. Local back-pressure: the retry layer returns
+    /// it as is (no retry, nothing charged to its retry budget) and the token
+    /// budget refunds the request's reservation in full.
     Overloaded {
         /// Requests already waiting when this one was shed.
         waiting: usize,

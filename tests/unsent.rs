@@ -309,3 +309,41 @@ async fn a_burst_of_50k_through_the_preset_ends_ok() {
     let c = limits.concurrency().snapshot();
     assert_eq!((c.in_flight, c.waiting.total()), (0, 0));
 }
+
+/// A request that waits out the retry layer's shared cooldown (inside the
+/// budget) and is cancelled there was never sent: refunded.
+#[tokio::test(start_paused = true)]
+async fn a_request_cancelled_in_the_retry_cooldown_is_refunded() {
+    let layer = budget();
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&sent);
+    let transport = tower::service_fn(move |_req: Request<_>| {
+        let first = counter.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            let mut response = Response::new(Full::new(Bytes::from_static(
+                br#"{"type":"message","usage":{"input_tokens":8,"output_tokens":2}}"#,
+            )));
+            if first {
+                *response.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+                response
+                    .headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("5"));
+            }
+            Ok::<_, BoxError>(response)
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(retry())
+        .service(transport);
+    let first = tokio::spawn(svc.clone().oneshot(request()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(sent.load(Ordering::SeqCst), 1, "the 429 came back");
+    let waited = tokio::time::timeout(Duration::from_secs(1), svc.oneshot(request())).await;
+    assert!(waited.is_err(), "the second request waits out the cooldown");
+    let response = first.await.expect("task").expect("retried after 5 s");
+    response.into_body().collect().await.expect("body");
+    assert_eq!(sent.load(Ordering::SeqCst), 2);
+    let snap = layer.snapshot();
+    assert_eq!((snap.admitted, snap.refunded_unsent), (2, 1), "{snap:?}");
+}
