@@ -168,7 +168,10 @@ pub enum Error {
         /// The length of the name, in bytes.
         len: usize,
     },
-    /// The concurrency layer's wait queue is full: the request was shed at once.
+    /// The concurrency layer's wait queue is full: the request was shed at
+    /// once, without being sent. Local back-pressure: the retry layer returns
+    /// it as is (no retry, nothing charged to its retry budget) and the token
+    /// budget refunds the request's reservation in full.
     Overloaded {
         /// Requests already waiting when this one was shed.
         waiting: usize,

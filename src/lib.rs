@@ -135,6 +135,9 @@
 pub mod body;
 pub mod classify;
 pub mod clock;
+#[cfg(any(feature = "retry", feature = "budget", feature = "concurrency"))]
+#[cfg_attr(not(feature = "budget"), allow(dead_code))]
+mod dispatch;
 mod error;
 pub mod headers;
 mod mix;

@@ -8,12 +8,25 @@
 //! |---|---|---|
 //! | [`RetryAfterLayer`] (outermost) | [`RetryAfterLayer::anthropic`]: 4 retries, full-jitter backoff 0.5 s doubling to 8 s, server delays waited up to 60 s, bodies up to 16 MiB replayed, one cooldown shared by clones, tower's retry budget | outermost, so every attempt is paced and counted again by the budget |
 //! | [`TokenBudgetLayer`] | [`TokenBudgetLayer::anthropic`] with the limits you give (a [`Tier`], [`Limits`] for every model class, or a [`LimitsConfig`]): wait mode, realtime output accounting, the Anthropic estimator calibrated online | waits for RPM / ITPM / OTPM *before* a concurrency slot is taken, so a request waiting for tokens holds no slot |
-//! | [`ConcurrencyLayer`] (innermost) | adaptive, 1 to 64 requests in flight, slow start from 4 (doubling per window of successes until the first drop signal), cut on 429 / 529 / 503 / timeouts; the latency signal off (answers of very different lengths make time to the head a noisy signal) | smooths bursts and finds the parallelism the upstream takes; a slot lives until the response body ends |
+//! | [`ConcurrencyLayer`] (innermost) | adaptive, 1 to 64 requests in flight, slow start from 4 (doubling per window of successes until the first drop signal), cut on 429 / 529 / 503 / timeouts; the latency signal off (answers of very different lengths make time to the head a noisy signal); no bound on the wait queue | smooths bursts and finds the parallelism the upstream takes; a slot lives until the response body ends |
 //!
 //! Each part can be replaced ([`LimitsLayer::with_retry`],
 //! [`LimitsLayer::with_budget`], [`LimitsLayer::with_concurrency`]) and
 //! inspected (their snapshots) through the layer, whose clones share every
 //! piece of state: build one per API key, and clone it.
+//!
+//! # A burst waits
+//!
+//! The preset's concurrency queue has no bound: a burst of requests waits
+//! for slots instead of failing locally. The token budget in front of it
+//! already paces what is admitted, so the queue only holds what the budget
+//! let through; each waiter costs about 480 bytes (a burst of 50,000 queues
+//! about 24 MB). To fail fast instead, replace the concurrency layer with one
+//! whose [`max_waiting`](ConcurrencyBuilder::max_waiting) is bounded: a
+//! request past the bound fails at once with
+//! [`Error::Overloaded`](crate::Error::Overloaded), a local error that the
+//! retry layer neither retries nor charges to its retry budget, and whose
+//! reservation the budget gives back in full (the request was never sent).
 //!
 //! # When to use it
 //!
@@ -82,6 +95,11 @@ const DEFAULT_MIN_CONCURRENCY: usize = 1;
 const DEFAULT_MAX_CONCURRENCY: usize = 64;
 /// Where the preset's adaptive concurrency limit starts.
 const DEFAULT_INITIAL_CONCURRENCY: usize = 4;
+
+/// The preset's bound on requests waiting for a concurrency slot: none
+/// (`usize::MAX`), so that a burst waits rather than fails locally (see the
+/// [module docs](self#a-burst-waits)).
+const DEFAULT_MAX_WAITING: usize = usize::MAX;
 
 /// The service [`LimitsLayer`] builds: retry over budget over concurrency over `S`.
 pub type Limited<S> = RetryAfter<TokenBudget<Concurrency<S>>>;
@@ -174,6 +192,7 @@ fn default_concurrency() -> ConcurrencyLayer {
     ConcurrencyBuilder::adaptive(DEFAULT_MIN_CONCURRENCY..=DEFAULT_MAX_CONCURRENCY)
         .initial_limit(DEFAULT_INITIAL_CONCURRENCY)
         .latency_tolerance(None)
+        .max_waiting(DEFAULT_MAX_WAITING)
         .build()
         .unwrap_or_else(|_| {
             ConcurrencyLayer::adaptive(DEFAULT_MIN_CONCURRENCY..=DEFAULT_MAX_CONCURRENCY)
@@ -203,6 +222,7 @@ mod tests {
         assert_eq!(snap.limit, 4);
         assert!(snap.adaptive && snap.slow_start, "{snap:?}");
         assert_eq!(snap.in_flight, 0);
+        assert_eq!(DEFAULT_MAX_WAITING, usize::MAX);
     }
 
     #[test]

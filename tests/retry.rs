@@ -742,14 +742,17 @@ async fn budget_exceeded_is_retried_after_its_retry_in() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn overloaded_is_retried_after_backoff() {
+async fn overloaded_is_local_back_pressure_and_not_retried() {
     fn overloaded() -> BoxError {
         Box::new(Error::Overloaded { waiting: 64 })
     }
     let mock = Mock::new([Reply::Fail(overloaded)]);
-    let mut svc = deterministic().build().layer(mock.clone());
-    send(&mut svc, "{}").await.unwrap();
-    assert_eq!(mock.seen()[1].at, Duration::from_millis(250));
+    let layer = deterministic().build();
+    let mut svc = layer.layer(mock.clone());
+    let err = send(&mut svc, "{}").await.unwrap_err();
+    assert!(matches!(crate_err(&err), Error::Overloaded { waiting: 64 }));
+    assert_eq!(mock.calls(), 1);
+    assert_eq!(layer.snapshot().retries, 0);
 }
 
 // ---------------------------------------------------------------- bodies

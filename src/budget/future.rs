@@ -16,6 +16,7 @@ use super::enforce;
 use super::state::{Admission, Charge, Refusal, Shared};
 use super::usage::{ResponseBody, Tracker};
 use crate::body::{Buffered, ReplayBody};
+use crate::dispatch::Dispatch;
 use crate::estimate::{Estimate, MAX_MODEL_LEN};
 use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
 use crate::wire::sse::is_event_stream;
@@ -36,8 +37,15 @@ pin_project! {
     /// in line and nothing stays reserved (it was never sent); a reservation
     /// the ledger was still answering is refunded if it was admitted (the
     /// ledger operation is finished on the current tokio runtime). Dropped
-    /// after the request was handed to the inner service: the charge is kept,
-    /// since the request may have reached the server.
+    /// after the request was handed to the inner service: the charge is
+    /// refunded in full if no byte of it left yet (it was still waiting in
+    /// an inner layer of this crate: the concurrency queue, a retry wait),
+    /// and kept otherwise, since the request may have reached the server.
+    /// The same holds for an error of the inner service: refunded when the
+    /// request never reached the transport (shed by the concurrency layer,
+    /// refused by an inner budget) or the connection was refused
+    /// (`io::ErrorKind::ConnectionRefused` anywhere in the error's sources),
+    /// kept for any other error.
     ///
     /// # Errors
     ///
@@ -79,14 +87,14 @@ pin_project! {
             svc: Option<S>,
         },
         Readying {
-            unsent: Unsent,
+            held: Held,
             request: Option<Request<ReplayBody<B>>>,
             svc: Option<S>,
         },
         Calling {
             #[pin]
             fut: F,
-            charge: Option<Charge>,
+            held: Held,
         },
         Failed {
             error: Option<BoxError>,
@@ -105,37 +113,33 @@ impl<S, F, B> State<S, F, B> {
             svc: Some(svc),
         }
     }
+}
 
-    /// An admitted request, waiting for the inner service to be ready. The
-    /// charge is refunded if it is dropped before it is sent.
-    fn readying(
-        shared: &Arc<Shared>,
-        charge: Option<Charge>,
-        request: Option<Request<ReplayBody<B>>>,
-        svc: Option<S>,
-    ) -> Self {
-        State::Readying {
-            unsent: Unsent {
-                shared: Arc::clone(shared),
-                charge,
-            },
-            request,
-            svc,
-        }
+/// The charge of an admitted request until its answer: dropped with the
+/// charge still inside (the caller gave up, or the inner service failed),
+/// it refunds the charge in full if the request never reached the
+/// transport (see [`Dispatch`]).
+struct Held {
+    shared: Arc<Shared>,
+    charge: Option<Charge>,
+    marker: Dispatch,
+}
+
+impl Held {
+    /// Whether the request may have reached the server.
+    fn sent(&self) -> bool {
+        self.marker.sent()
     }
 }
 
-/// An admitted request not yet handed to the inner service: dropped with its
-/// charge still inside, it refunds the charge (the request never left).
-struct Unsent {
-    shared: Arc<Shared>,
-    charge: Option<Charge>,
-}
-
-impl Drop for Unsent {
+impl Drop for Held {
     fn drop(&mut self) {
         if let Some(charge) = self.charge.take() {
-            self.shared.refund_unsent(&charge);
+            if self.marker.sent() {
+                tracing::debug!(key = %charge.key, "budget: request dropped after it was sent; charge kept");
+            } else {
+                self.shared.refund_unsent(&charge);
+            }
         }
     }
 }
@@ -265,8 +269,17 @@ where
                     let admitted = ready!(shared.poll_admit(ch, admission, cx));
                     match admitted {
                         Ok(()) => {
-                            let next =
-                                State::readying(shared, charge.take(), request.take(), svc.take());
+                            let mut request = request.take();
+                            let marker = mark(request.as_mut());
+                            let next = State::Readying {
+                                held: Held {
+                                    shared: Arc::clone(shared),
+                                    charge: charge.take(),
+                                    marker,
+                                },
+                                request,
+                                svc: svc.take(),
+                            };
                             this.state.set(next);
                         }
                         Err(refusal) => {
@@ -276,29 +289,25 @@ where
                         }
                     }
                 }
-                StateProj::Readying {
-                    unsent,
-                    request,
-                    svc,
-                } => match ready!(poll_send(unsent, request, svc, cx)) {
-                    Ok((fut, charge)) => this.state.set(State::Calling {
-                        fut,
-                        charge: Some(charge),
-                    }),
-                    Err(e) => {
-                        // Not sent: dropping `unsent` gives the reservation back.
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(e));
+                StateProj::Readying { held, request, svc } => {
+                    match ready!(poll_send(held, request, svc, cx)) {
+                        Ok((fut, held)) => this.state.set(State::Calling { fut, held }),
+                        Err(e) => {
+                            // Not sent: dropping `held` gives the reservation back.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(e));
+                        }
                     }
-                },
-                StateProj::Calling { fut, charge } => {
+                }
+                StateProj::Calling { fut, held } => {
                     let result = ready!(fut.poll(cx));
-                    let charge = charge.take();
+                    let sent = held.sent();
+                    let charge = held.charge.take();
                     this.state.set(State::Done);
                     let Some(charge) = charge else {
                         polled_after_completion();
                     };
-                    return Poll::Ready(finished(shared, charge, result));
+                    return Poll::Ready(finished(shared, charge, sent, result));
                 }
                 StateProj::Done => polled_after_completion(),
             }
@@ -306,31 +315,65 @@ where
     }
 }
 
+/// Puts a fresh [`Dispatch`] marker on the request about to be passed on
+/// (chained to an outer budget's), and returns it.
+fn mark<B>(request: Option<&mut Request<B>>) -> Dispatch {
+    let Some(request) = request else {
+        return Dispatch::new(None);
+    };
+    let marker = Dispatch::new(Dispatch::of(request.extensions()));
+    request.extensions_mut().insert(marker.clone());
+    marker
+}
+
 /// The inner service's answer: a response wrapped for settlement, or its
-/// error (the charge is kept: the request may have reached the server).
+/// error. On an error the charge is refunded in full when the request never
+/// reached the transport (`sent` false: shed, cancelled or refused by an
+/// inner layer) or the connection was refused (no byte of it left); it is
+/// kept otherwise, since the request may have reached the server.
 fn finished<ResB: Body, E: Into<BoxError>>(
     shared: &Arc<Shared>,
     charge: Charge,
+    sent: bool,
     result: Result<Response<ResB>, E>,
 ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
     match result {
         Ok(response) => Ok(respond(shared, charge, response)),
         Err(e) => {
-            tracing::debug!(key = %charge.key, "budget: inner service failed; charge kept");
-            Err(e.into())
+            let e = e.into();
+            if !sent || connection_refused(&*e) {
+                shared.refund_unsent(&charge);
+            } else {
+                tracing::debug!(key = %charge.key, "budget: inner service failed; charge kept");
+            }
+            Err(e)
         }
     }
+}
+
+/// Whether an error (or one of its sources, or an error an `io::Error`
+/// wraps) is an I/O `ConnectionRefused`: the connection was never made, so
+/// no byte of the request left.
+fn connection_refused(err: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(err), |e| e.source()).any(|e| {
+        let Some(io) = e.downcast_ref::<std::io::Error>() else {
+            return false;
+        };
+        // `io::Error::source` skips the error it wraps: look at it too.
+        io.kind() == std::io::ErrorKind::ConnectionRefused
+            || io.get_ref().is_some_and(|inner| connection_refused(inner))
+    })
 }
 
 /// Hands an admitted request to the inner service once it is ready again
 /// (normally at once: `poll_ready` said so before `call`; asked again because
 /// the wait for the budget may have been long).
 fn poll_send<S, B>(
-    unsent: &mut Unsent,
+    held: &mut Held,
     request: &mut Option<Request<ReplayBody<B>>>,
     svc: &mut Option<S>,
     cx: &mut Context<'_>,
-) -> Poll<Result<(S::Future, Charge), BoxError>>
+) -> Poll<Result<(S::Future, Held), BoxError>>
 where
     S: Service<Request<ReplayBody<B>>>,
     S::Error: Into<BoxError>,
@@ -342,11 +385,18 @@ where
         return Poll::Ready(Err(e.into()));
     }
     let (Some(request), Some(mut service), Some(charge)) =
-        (request.take(), svc.take(), unsent.charge.take())
+        (request.take(), svc.take(), held.charge.take())
     else {
         polled_after_completion();
     };
-    Poll::Ready(Ok((service.call(request), charge)))
+    let marker = held.marker.clone();
+    let future = Dispatch::pass(Some(&marker), || service.call(request));
+    let held = Held {
+        shared: Arc::clone(&held.shared),
+        charge: Some(charge),
+        marker,
+    };
+    Poll::Ready(Ok((future, held)))
 }
 
 /// The request rebuilt around its read body, and its charge from the estimate.

@@ -52,6 +52,19 @@
 //!    and its `usage` (JSON, or the SSE `message_start` / `message_delta`
 //!    events read as they pass) corrects the charge. A 429 refunds the whole
 //!    reservation: the server charged nothing.
+//! 5. **Refund what was never sent.** The budget marks the request it passes
+//!    on, and the crate's other layers note on that mark whether they held it
+//!    (the concurrency queue, the retry layer's waits) or handed it to the
+//!    transport. A request that never reached the transport is refunded in
+//!    full, whatever the order of the layers: dropped by its caller while an
+//!    inner layer held it, shed with
+//!    [`Error::Overloaded`](crate::Error::Overloaded), refused by an inner
+//!    layer (an inner budget), or failed with an I/O `ConnectionRefused`
+//!    (no byte left). The charge is kept for any other error, and for a
+//!    request dropped after it was sent: bytes may have reached the server.
+//!    A foreign layer that defers the call (tower's `Buffer`) counts as the
+//!    transport, the safe side. Counted in
+//!    [`BudgetSnapshot::refunded_unsent`].
 //!
 //! `poll_ready` only forwards the inner service's readiness: a request's cost
 //! is known only from the request ([tower#713](https://github.com/tower-rs/tower/issues/713)), so admission happens in

@@ -85,6 +85,7 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
         let (parts, body) = request.into_parts();
+        crate::dispatch::Dispatch::received(&parts.extensions);
         let caller = shared.caller(&parts);
         // An outer layer that holds the whole body put its bytes here:
         // estimate from them and pass the body through unread.

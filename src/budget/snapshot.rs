@@ -26,6 +26,10 @@ pub struct BudgetSnapshot {
     pub settled: u64,
     /// Requests refunded entirely because the server refused them (429, 529 or 503).
     pub refunded_429: u64,
+    /// Requests refunded entirely because they never reached the transport
+    /// (cancelled or shed while an inner layer held them, refused by an inner
+    /// layer, or the connection was refused).
+    pub refunded_unsent: u64,
     /// Waiters woken by the queue (a promotion to the head, or capacity freed
     /// while at the head), not counting timer wakeups.
     pub wakeups: u64,

@@ -73,6 +73,7 @@ struct Counters {
     too_large: AtomicU64,
     settled: AtomicU64,
     refunded_429: AtomicU64,
+    refunded_unsent: AtomicU64,
     wakeups: AtomicU64,
 }
 
@@ -790,6 +791,7 @@ impl Shared {
     /// Refunds everything a request reserved: it was admitted but never sent
     /// (the inner service failed before taking it).
     pub(crate) fn refund_unsent(self: &Arc<Self>, charge: &Charge) {
+        bump(&self.counters.refunded_unsent);
         tracing::debug!(key = %charge.key, "budget: admitted request not sent; refunded");
         self.correct(charge, CostDelta::refund(charge.costs), None);
     }
@@ -916,6 +918,7 @@ impl Shared {
             too_large: c.too_large.load(Ordering::Relaxed),
             settled: c.settled.load(Ordering::Relaxed),
             refunded_429: c.refunded_429.load(Ordering::Relaxed),
+            refunded_unsent: c.refunded_unsent.load(Ordering::Relaxed),
             wakeups: c.wakeups.load(Ordering::Relaxed),
         }
     }

@@ -11,6 +11,7 @@ use tower_service::Service;
 
 use super::adaptive::{Outcome, Signal};
 use super::semaphore::{Permit, Waiter};
+use crate::dispatch::Dispatch;
 use crate::{BoxError, Error};
 
 pin_project! {
@@ -138,7 +139,8 @@ where
                         return Poll::Ready(Err(Error::Overloaded { waiting: 0 }.into()));
                     };
                     let (mut service, request) = *pending;
-                    let future = service.call(request);
+                    let marker = Dispatch::of(request.extensions());
+                    let future = Dispatch::pass(marker.as_ref(), || service.call(request));
                     let started = Some(Instant::now());
                     this.state.set(State::Called {
                         future,

@@ -70,7 +70,9 @@
 //!   readiness reserves something (tower's `Buffer` reserves a buffer slot), the
 //!   reservation waits too;
 //! - backpressure is the queue bound: past it, a request fails at once with
-//!   [`Error::Overloaded`](crate::Error::Overloaded) instead of piling up.
+//!   [`Error::Overloaded`](crate::Error::Overloaded) instead of piling up;
+//!   the retry layer does not retry it and the token budget refunds it (it was
+//!   never sent).
 //!
 //! # Priority lanes and aging
 //!

@@ -8,6 +8,7 @@ use tower_service::Service;
 use super::future::ResponseFuture;
 use super::semaphore::{Shared, Ticket};
 use super::{Priority, Snapshot};
+use crate::dispatch::Dispatch;
 use crate::BoxError;
 
 /// Caps the requests in flight to the inner service; built by
@@ -92,8 +93,13 @@ where
             .get::<Priority>()
             .copied()
             .unwrap_or_default();
+        Dispatch::received(req.extensions());
         match self.shared.enqueue(priority) {
-            Ticket::Admitted(permit) => ResponseFuture::called(self.inner.call(req), permit),
+            Ticket::Admitted(permit) => {
+                let marker = Dispatch::of(req.extensions());
+                let future = Dispatch::pass(marker.as_ref(), || self.inner.call(req));
+                ResponseFuture::called(future, permit)
+            }
             Ticket::Queued(waiter) => {
                 // The ready service goes with the request; this one starts over.
                 let fresh = self.inner.clone();

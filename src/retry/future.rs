@@ -21,6 +21,7 @@ use super::policy::{self, ErrorVerdict, ERROR_BODY_LIMIT};
 use super::snapshot::{Counters, Shared};
 use super::RETRY_COUNT;
 use crate::body::{self, Buffered, BufferedBody, BufferedBytes, ReplayBody};
+use crate::dispatch::Dispatch;
 use crate::{BoxError, Error, GiveUpReason};
 
 /// The request body as the attempts see it. Kept small: the future is moved
@@ -483,7 +484,9 @@ where
             Ok(Gate::Go) => match self.next_request() {
                 Ok(req) => {
                     self.ready = false;
-                    Step::Call(self.service.call(req))
+                    let marker = Dispatch::of(req.extensions());
+                    let service = &mut self.service;
+                    Step::Call(Dispatch::pass(marker.as_ref(), || service.call(req)))
                 }
                 Err(e) => Step::Return(Err(e)),
             },

@@ -21,9 +21,10 @@
 //!   [`error_body_timeout`](RetryAfterBuilder::error_body_timeout): a body
 //!   that stalls is dropped and the 429 retried as a rate-limit one). Inner errors that are this crate's non-transient errors
 //!   (`RequestTooLarge`, `SpendLimitReached`, `NotReplayable`, `Body`, or a
-//!   nested retry layer's verdict) are returned as they are;
-//!   `BudgetExceeded { retry_in }` is retried after `retry_in`, `Overloaded`
-//!   after backoff.
+//!   nested retry layer's verdict) are returned as they are, and so is
+//!   `Overloaded` (a full concurrency queue is local back-pressure: it is
+//!   neither retried nor charged to the retry budget);
+//!   `BudgetExceeded { retry_in }` is retried after `retry_in`.
 //! - **Delay**, the first that applies: `retry-after-ms`; `retry-after`
 //!   (seconds or HTTP-date); the reset time of an exhausted
 //!   `anthropic-ratelimit-*` limit (remaining 0); else exponential backoff with

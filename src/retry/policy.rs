@@ -112,9 +112,12 @@ pub(crate) fn may_have_been_sent(err: &BoxError) -> bool {
 /// Classifies an inner error.
 ///
 /// This crate's own errors from inner layers: `BudgetExceeded` is retried
-/// after its `retry_in`, `Overloaded` after backoff; the others
-/// (`RequestTooLarge`, `SpendLimitReached`, `NotReplayable`, `Body`, and the
-/// verdicts of a nested retry layer) are not.
+/// after its `retry_in`; the others
+/// (`Overloaded`, `RequestTooLarge`, `SpendLimitReached`, `NotReplayable`,
+/// `Body`, and the verdicts of a nested retry layer) are not. `Overloaded`
+/// is local back-pressure (the concurrency queue is full), not a failure of
+/// the server: retrying it would only add to the queue and spend the retry
+/// budget that server failures need.
 ///
 /// Foreign errors happen before any response. The classifier decides by type
 /// (its hook first): only [`Class::Permanent`] is returned as is. Timeouts,
@@ -127,7 +130,6 @@ pub(crate) fn judge_error(err: &BoxError, classifier: &Classifier) -> ErrorVerdi
             Class::Timeout | Class::Connection | Class::Unknown => ErrorVerdict::Backoff,
         },
         Some(Error::BudgetExceeded { retry_in, .. }) => ErrorVerdict::After(*retry_in),
-        Some(Error::Overloaded { .. }) => ErrorVerdict::Backoff,
         Some(_) => ErrorVerdict::Fatal,
     }
 }
@@ -246,8 +248,14 @@ mod tests {
         assert_eq!(judge_error(&refused, &hook), ErrorVerdict::Backoff);
         // The crate's own verdicts come before the hook.
         let never = Classifier::with_hook(|_| Some(Class::Permanent));
-        let overloaded: BoxError = Box::new(Error::Overloaded { waiting: 1 });
-        assert_eq!(judge_error(&overloaded, &never), ErrorVerdict::Backoff);
+        let exceeded: BoxError = Box::new(Error::BudgetExceeded {
+            retry_in: Duration::from_secs(1),
+            dimension: crate::Dimension::Requests,
+        });
+        assert_eq!(
+            judge_error(&exceeded, &never),
+            ErrorVerdict::After(Duration::from_secs(1))
+        );
     }
 
     #[test]
@@ -264,11 +272,8 @@ mod tests {
             })),
             ErrorVerdict::After(Duration::from_secs(3))
         );
-        assert_eq!(
-            judge_error_default(&e(Error::Overloaded { waiting: 1 })),
-            ErrorVerdict::Backoff
-        );
         for fatal in [
+            Error::Overloaded { waiting: 1 },
             Error::SpendLimitReached,
             Error::RequestTooLarge {
                 dimension: Dimension::InputTokens,

@@ -94,6 +94,7 @@ where
         let clone = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, clone);
         Counters::bump(&self.shared.counters.requests);
+        crate::dispatch::Dispatch::received(req.extensions());
         ResponseFuture::new(service, self.shared.clone(), req)
     }
 }
