@@ -15,9 +15,14 @@
 //!   requests-per-minute limiter, separate from the messages limits;
 //! - validation where it matters for pacing: `model`, `max_tokens` and
 //!   `messages` present and well typed, and `max_tokens` at most 128,000 (the
-//!   largest output limit of any model), else `400 invalid_request_error`; a
-//!   body above the size limit `413 request_too_large`; another path
-//!   `404 not_found_error`;
+//!   largest output limit of any model), a model of a known family (see
+//!   [`EmulatorBuilder::allow_unknown_models`]), at most 4 `cache_control`
+//!   breakpoints (see [`EmulatorBuilder::max_cache_breakpoints`]), and at
+//!   most 10,000 JSON values plus one per 16 bytes of body (which bounds the
+//!   counter's memory), else `400 invalid_request_error`; a body above the
+//!   size limit `413 request_too_large`; another path `404 not_found_error`;
+//! - [`Emulator::serve`] closes slow and idle connections (header and body
+//!   read timeouts) and keeps a bounded number open;
 //! - rate limits per model class ([`ModelClass`], the budget's key too): RPM,
 //!   ITPM and OTPM token buckets, continuously refilled at the limit per
 //!   minute up to their capacity (its own limiter, see
