@@ -219,3 +219,23 @@ async fn past_the_connection_limit_new_connections_wait() {
     until_closed(&mut loris).await;
     server.abort();
 }
+
+/// After an answer, a keep-alive connection that sends nothing more is
+/// closed after the header read timeout.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let (addr, server) = serve(quiet()).await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let body = serde_json::to_vec(&with_model("claude-sonnet-4-5")).unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    client.write_all(&body).await.unwrap();
+    let answer = until_closed(&mut client).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    server.abort();
+}
