@@ -15,9 +15,14 @@
 //!   requests-per-minute limiter, separate from the messages limits;
 //! - validation where it matters for pacing: `model`, `max_tokens` and
 //!   `messages` present and well typed, and `max_tokens` at most 128,000 (the
-//!   largest output limit of any model), else `400 invalid_request_error`; a
-//!   body above the size limit `413 request_too_large`; another path
-//!   `404 not_found_error`;
+//!   largest output limit of any model), a model of a known family (see
+//!   [`EmulatorBuilder::allow_unknown_models`]), at most 4 `cache_control`
+//!   breakpoints (see [`EmulatorBuilder::max_cache_breakpoints`]), and at
+//!   most 10,000 JSON values plus one per 16 bytes of body (which bounds the
+//!   counter's memory), else `400 invalid_request_error`; a body above the
+//!   size limit `413 request_too_large`; another path `404 not_found_error`;
+//! - [`Emulator::serve`] closes slow and idle connections (header and body
+//!   read timeouts) and keeps a bounded number open;
 //! - rate limits per model class ([`ModelClass`], the budget's key too): RPM,
 //!   ITPM and OTPM token buckets, continuously refilled at the limit per
 //!   minute up to their capacity (its own limiter, see
@@ -245,6 +250,18 @@ pub const DEFAULT_BODY_LIMIT: usize = 32 * 1024 * 1024;
 pub const DEFAULT_COUNT_TOKENS_RPM: u64 = 100;
 /// Default minimum length of a cacheable prompt prefix (the API's 1,024 tokens for Sonnet and Opus).
 pub const DEFAULT_CACHE_MIN_TOKENS: u64 = 1_024;
+/// The API's limit on `cache_control` breakpoints in one request: 4.
+pub const DEFAULT_MAX_CACHE_BREAKPOINTS: usize = 4;
+/// Default time a client has to send a request's headers (or, on an idle
+/// keep-alive connection, the next request's) before [`Emulator::serve`]
+/// closes the connection: 30 s.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a client has to send a request's whole body once its headers
+/// arrived before [`Emulator::serve`] closes the connection: 60 s.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default number of connections [`Emulator::serve`] keeps open at once: 1,024.
+/// Past it, new connections wait in the listener's backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
 
 /// The emulator's settings (see [`EmulatorBuilder`]).
 #[derive(Debug, Clone)]
@@ -263,6 +280,11 @@ pub(crate) struct Config {
     pub(crate) cache_min_tokens: u64,
     pub(crate) wall_clock: WallClock,
     pub(crate) cache_reads_count: HashMap<ModelClass, bool>,
+    pub(crate) allow_unknown_models: bool,
+    pub(crate) max_cache_breakpoints: Option<usize>,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
+    pub(crate) max_connections: usize,
 }
 
 /// Shared run-time state of an emulator and its services.
@@ -337,7 +359,10 @@ impl Emulator {
     /// limit, 100 RPM for `count_tokens`, 1,024-token minimum cacheable
     /// prefix, cache reads charged to ITPM for the classes whose published
     /// limits count them ([`ModelClass::cache_reads_count_toward_itpm`]:
-    /// Haiku 3.5 and Haiku 3).
+    /// Haiku 3.5 and Haiku 3), known model families only, at most
+    /// [`DEFAULT_MAX_CACHE_BREAKPOINTS`] cache breakpoints, and for
+    /// [`serve`](Self::serve) the [`DEFAULT_HEADER_READ_TIMEOUT`],
+    /// [`DEFAULT_BODY_READ_TIMEOUT`] and [`DEFAULT_MAX_CONNECTIONS`].
     pub fn builder() -> EmulatorBuilder {
         EmulatorBuilder {
             config: Config {
@@ -355,6 +380,11 @@ impl Emulator {
                 cache_min_tokens: DEFAULT_CACHE_MIN_TOKENS,
                 wall_clock: WallClock::system(),
                 cache_reads_count: HashMap::new(),
+                allow_unknown_models: false,
+                max_cache_breakpoints: Some(DEFAULT_MAX_CACHE_BREAKPOINTS),
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
             },
         }
     }
@@ -556,6 +586,53 @@ impl EmulatorBuilder {
     /// whose published limits count `cache_read_input_tokens` toward ITPM).
     pub fn cache_reads_count(mut self, class: ModelClass, counts: bool) -> Self {
         self.config.cache_reads_count.insert(class, counts);
+        self
+    }
+
+    /// Whether a `model` outside the known model families (the classes of
+    /// [`ModelClass::of`] other than [`ModelClass::Other`]) is served, under
+    /// the limits of [`ModelClass::Other`]. Default `false`: such a request
+    /// gets `400 invalid_request_error`, as the API refuses a model it does
+    /// not serve.
+    pub fn allow_unknown_models(mut self, allow: bool) -> Self {
+        self.config.allow_unknown_models = allow;
+        self
+    }
+
+    /// The most `cache_control` breakpoints one request may carry (tools,
+    /// system and message blocks); more get `400 invalid_request_error`.
+    /// Default `Some(`[`DEFAULT_MAX_CACHE_BREAKPOINTS`]`)`, the API's 4;
+    /// `None`: no limit.
+    pub fn max_cache_breakpoints(mut self, max: Option<usize>) -> Self {
+        self.config.max_cache_breakpoints = max;
+        self
+    }
+
+    /// How long [`Emulator::serve`] waits for a request's headers, and on an
+    /// idle keep-alive connection for the next request, before it closes the
+    /// connection (default [`DEFAULT_HEADER_READ_TIMEOUT`]). Clamped to at
+    /// least 1 ms.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.config.header_read_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a request's body may take to arrive once its headers did,
+    /// before the emulator drops the request and closes the connection
+    /// without an answer (default [`DEFAULT_BODY_READ_TIMEOUT`]). Applies to
+    /// [`Emulator::serve`], the router and the in-process service alike.
+    /// Clamped to at least 1 ms.
+    pub fn body_read_timeout(mut self, timeout: Duration) -> Self {
+        self.config.body_read_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The most connections [`Emulator::serve`] keeps open at once (default
+    /// [`DEFAULT_MAX_CONNECTIONS`]); past it, it stops accepting until one
+    /// closes, and new connections wait in the listener's backlog. Clamped to
+    /// at least 1.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.config.max_connections = max.max(1);
         self
     }
 

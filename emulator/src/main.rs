@@ -9,8 +9,10 @@
 //! address. Other options: `--host ADDR`, `--window SECS` (shorter
 //! enforcement window), `--output-mode realtime|reserve`, `--fault-500 P`,
 //! `--fault-reset P`, `--fault-slow P`, `--fault-stream P`, `--no-latency`,
-//! `--count-tokens-rpm N`, `--acceleration FACTOR:MIN_TOKENS` (`--help` for
-//! all).
+//! `--count-tokens-rpm N`, `--acceleration FACTOR:MIN_TOKENS`,
+//! `--allow-unknown-models`, `--max-cache-breakpoints N|none`,
+//! `--header-read-timeout SECS`, `--body-read-timeout SECS`,
+//! `--max-connections N` (`--help` for all).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -72,6 +74,44 @@ struct Args {
     /// Refuse a sharp rise of input tokens: FACTOR:MIN_TOKENS.
     #[arg(long, value_name = "FACTOR:MIN_TOKENS", value_parser = acceleration)]
     acceleration: Option<Acceleration>,
+    /// Serve models outside the known families (Opus 4, Sonnet 4, Sonnet 3.7,
+    /// Haiku 4.5, Haiku 3.5, Haiku 3) under the "other" class, instead of a 400.
+    #[arg(long)]
+    allow_unknown_models: bool,
+    /// The most `cache_control` breakpoints in one request (the API's 4), or
+    /// `none` for no limit.
+    #[arg(long, default_value = "4", value_name = "N|none", value_parser = breakpoints)]
+    max_cache_breakpoints: Breakpoints,
+    /// Seconds a client has to send a request's headers (or, idle, its next request).
+    #[arg(long, default_value_t = 30.0, value_name = "SECS", value_parser = seconds)]
+    header_read_timeout: f64,
+    /// Seconds a client has to send a request's body once its headers arrived.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS", value_parser = seconds)]
+    body_read_timeout: f64,
+    /// The most connections open at once; more wait in the listen backlog.
+    #[arg(long, default_value_t = 1_024, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+}
+
+/// `--max-cache-breakpoints`: a number, or no limit.
+#[derive(Debug, Clone, Copy)]
+struct Breakpoints(Option<usize>);
+
+fn breakpoints(v: &str) -> Result<Breakpoints, String> {
+    if v == "none" {
+        return Ok(Breakpoints(None));
+    }
+    v.parse()
+        .map(|n| Breakpoints(Some(n)))
+        .map_err(|_| format!("{v}: expected a number of breakpoints or `none`"))
+}
+
+fn seconds(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err(format!("{v}: expected seconds, above 0 and at most 86400")),
+    }
 }
 
 /// `--output-mode`.
@@ -128,7 +168,12 @@ impl Args {
                 Latency::default()
             })
             .seed(self.seed)
-            .count_tokens_rpm(Some(self.count_tokens_rpm));
+            .count_tokens_rpm(Some(self.count_tokens_rpm))
+            .allow_unknown_models(self.allow_unknown_models)
+            .max_cache_breakpoints(self.max_cache_breakpoints.0)
+            .header_read_timeout(Duration::from_secs_f64(self.header_read_timeout))
+            .body_read_timeout(Duration::from_secs_f64(self.body_read_timeout))
+            .max_connections(usize::try_from(self.max_connections).unwrap_or(usize::MAX));
         if let Some(window) = self.window {
             builder = builder.enforcement_window(Duration::from_secs(window));
         }

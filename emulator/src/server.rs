@@ -4,13 +4,15 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body as AxumBody;
 use http::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tower_service::Service;
 
 use super::body::EmulatorBody;
@@ -23,6 +25,17 @@ impl Emulator {
     ///
     /// A `connection_reset` fault closes the connection without an answer.
     ///
+    /// # Slow and idle clients
+    ///
+    /// A connection that has not sent a request's headers within the header
+    /// read timeout (and an idle keep-alive connection, for its next
+    /// request), or a request's body within the body read timeout, is closed.
+    /// At most `max_connections` are open at once: past it, new connections
+    /// wait in the listener's backlog until one closes. See
+    /// [`EmulatorBuilder::header_read_timeout`](crate::EmulatorBuilder::header_read_timeout),
+    /// [`body_read_timeout`](crate::EmulatorBuilder::body_read_timeout) and
+    /// [`max_connections`](crate::EmulatorBuilder::max_connections).
+    ///
     /// # Cancellation
     ///
     /// Dropping the future stops accepting; connections already accepted run
@@ -30,7 +43,7 @@ impl Emulator {
     ///
     /// # Errors
     ///
-    /// Never returns `Ok`; it returns the listener's error only when the
+    /// Never returns `Ok` in practice; it returns the listener's error only when the
     /// listener itself is unusable (transient accept errors, such as too many
     /// open files, are logged and retried after a short pause).
     ///
@@ -47,7 +60,16 @@ impl Emulator {
     /// # }
     /// ```
     pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
+        let config = &self.shared.config;
+        let slots = Arc::new(Semaphore::new(config.max_connections));
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout);
         loop {
+            // The semaphore is never closed: an error cannot happen, and would end the loop.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return Ok(());
+            };
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) if is_fatal(&e) => return Err(e),
@@ -58,16 +80,17 @@ impl Emulator {
                 }
             };
             let service = self.service();
+            let http = http.clone();
             tokio::spawn(async move {
                 let hyper_service = hyper::service::service_fn(move |request| {
                     let mut service = service.clone();
                     service.call(request)
                 });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), hyper_service);
+                let connection = http.serve_connection(TokioIo::new(stream), hyper_service);
                 if let Err(e) = connection.await {
                     tracing::debug!(%peer, error = %e, "emulator: connection closed with an error");
                 }
+                drop(slot);
             });
         }
     }

@@ -46,7 +46,8 @@ struct CountTokensAnswer {
 /// would, including its errors (400, 404, 413, 429, 500, 529). It fails
 /// (`Err`) only to emulate a dropped connection: the `connection_reset` fault
 /// (an [`std::io::Error`] of kind `ConnectionReset`), or a request body that
-/// could not be read (the body's error).
+/// could not be read (the body's error), or a body that did not arrive
+/// within the body read timeout (an [`std::io::Error`] of kind `TimedOut`).
 ///
 /// # Cancellation
 ///
@@ -178,7 +179,8 @@ enum ReadError {
     Failed(BoxError),
 }
 
-async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, ReadError>
+/// Reads the whole body, up to `limit` bytes and within `timeout`.
+async fn read_body<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, ReadError>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -186,12 +188,50 @@ where
     if body.size_hint().lower() > limit as u64 {
         return Err(ReadError::TooLarge);
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ReadError::TooLarge),
-        Err(e) => Err(ReadError::Failed(e)),
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ReadError::TooLarge),
+        Ok(Err(e)) => Err(ReadError::Failed(e)),
+        Err(_) => Err(ReadError::Failed(Box::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the request body did not arrive within {timeout:?}"),
+        )))),
     }
 }
+
+/// The checks the API makes beyond the body's shape: a model it serves, and
+/// at most so many cache breakpoints. `Err` carries the message.
+fn validate(shared: &Shared, parsed: &ParsedRequest) -> Result<(), String> {
+    let config = &shared.config;
+    if !config.allow_unknown_models && ModelClass::of(&parsed.model) == ModelClass::Other {
+        let shown: String = parsed.model.chars().take(MODEL_SHOWN_CHARS).collect();
+        let more = if shown.len() < parsed.model.len() {
+            "..."
+        } else {
+            ""
+        };
+        return Err(format!(
+            "model: {shown}{more} is not a known model (Claude Opus 4, Sonnet 4, Sonnet 3.7, \
+             Haiku 4.5, Haiku 3.5 or Haiku 3)"
+        ));
+    }
+    if let Some(max) = config.max_cache_breakpoints {
+        let found = parsed
+            .units
+            .iter()
+            .filter(|u| u.breakpoint.is_some())
+            .count();
+        if found > max {
+            return Err(format!(
+                "A maximum of {max} blocks with cache_control may be provided. Found {found}."
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How much of an unknown model name an error message repeats.
+const MODEL_SHOWN_CHARS: usize = 256;
 
 /// Sleeps on tokio's clock, not at all for zero (a zero sleep still waits
 /// for the timer's next tick, about a millisecond, on a running clock).
@@ -239,7 +279,13 @@ where
             return Ok(invalid(&shared, status, kind, message, Some(&request_id)));
         }
     };
-    let bytes = match read_body(body, shared.config.body_limit).await {
+    let bytes = match read_body(
+        body,
+        shared.config.body_limit,
+        shared.config.body_read_timeout,
+    )
+    .await
+    {
         Ok(b) => b,
         // Answered by the edge (Cloudflare) before the API: no request id.
         Err(ReadError::TooLarge) => {
@@ -253,18 +299,19 @@ where
         }
         Err(ReadError::Failed(e)) => return Err(e),
     };
-    let parsed = match parse_request(&bytes, endpoint) {
-        Ok(p) => p,
-        Err(message) => {
-            return Ok(invalid(
-                &shared,
-                StatusCode::BAD_REQUEST,
-                ErrorKind::InvalidRequest,
-                &message,
-                Some(&request_id),
-            ));
-        }
-    };
+    let parsed =
+        match parse_request(&bytes, endpoint).and_then(|p| validate(&shared, &p).map(|()| p)) {
+            Ok(p) => p,
+            Err(message) => {
+                return Ok(invalid(
+                    &shared,
+                    StatusCode::BAD_REQUEST,
+                    ErrorKind::InvalidRequest,
+                    &message,
+                    Some(&request_id),
+                ));
+            }
+        };
 
     match endpoint {
         Endpoint::CountTokens => Ok(count_tokens(&shared, &parsed, &request_id)),

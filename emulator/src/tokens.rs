@@ -16,7 +16,12 @@
 //! - `tool_use` counts its name and its input as JSON text; `tool_result` counts its content;
 //!   `thinking` its thinking text; any other block its JSON text.
 
+use std::fmt;
+
 use http::request::Parts;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::rng::{fnv1a, FNV_OFFSET};
@@ -42,20 +47,126 @@ pub const DOCUMENT_PAGE_CHARS: usize = 100_000;
 /// assert_eq!(count_text("  "), 0);
 /// ```
 pub fn count_text(text: &str) -> u64 {
-    let mut tokens = 0u64;
-    let mut run = 0u64;
-    for c in text.chars() {
-        if c.is_alphanumeric() {
-            run += 1;
-        } else {
-            tokens += run.div_ceil(4);
-            run = 0;
-            if !c.is_whitespace() {
-                tokens += 1;
+    let mut counter = TextCounter::default();
+    counter.feed(text);
+    counter.finish()
+}
+
+/// [`count_text`] over a text that arrives in pieces.
+#[derive(Debug, Default)]
+struct TextCounter {
+    tokens: u64,
+    /// Length of the current run of letters and digits.
+    run: u64,
+    /// The start of a character split between two pieces (at most 3 bytes).
+    partial: Vec<u8>,
+}
+
+impl TextCounter {
+    fn feed(&mut self, text: &str) {
+        for c in text.chars() {
+            if c.is_alphanumeric() {
+                self.run += 1;
+            } else {
+                self.tokens += self.run.div_ceil(4);
+                self.run = 0;
+                if !c.is_whitespace() {
+                    self.tokens += 1;
+                }
             }
         }
     }
-    tokens + run.div_ceil(4)
+
+    /// Feeds UTF-8 bytes; a character split at the end waits for the next
+    /// piece, and an invalid byte counts as one symbol (as U+FFFD would).
+    fn feed_bytes(&mut self, mut bytes: &[u8]) {
+        while !self.partial.is_empty() && !bytes.is_empty() {
+            self.partial.push(bytes[0]);
+            bytes = &bytes[1..];
+            match std::str::from_utf8(&self.partial) {
+                Ok(s) => {
+                    let s = s.to_owned();
+                    self.feed(&s);
+                    self.partial.clear();
+                }
+                Err(e) if e.error_len().is_some() => {
+                    self.feed("\u{FFFD}");
+                    self.partial.clear();
+                }
+                Err(_) => {}
+            }
+        }
+        while !bytes.is_empty() {
+            match std::str::from_utf8(bytes) {
+                Ok(s) => {
+                    self.feed(s);
+                    return;
+                }
+                Err(e) => {
+                    let (valid, rest) = bytes.split_at(e.valid_up_to());
+                    // `valid` is valid UTF-8 up to `valid_up_to`.
+                    self.feed(std::str::from_utf8(valid).unwrap_or_default());
+                    match e.error_len() {
+                        Some(n) => {
+                            self.feed("\u{FFFD}");
+                            bytes = &rest[n..];
+                        }
+                        None => {
+                            self.partial.extend_from_slice(rest);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        let partial = u64::from(!self.partial.is_empty());
+        self.tokens + self.run.div_ceil(4) + partial
+    }
+}
+
+impl std::io::Write for TextCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.feed_bytes(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// FNV-1a over the bytes written to it, without keeping them.
+struct HashWriter(u64);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 = fnv1a(self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A JSON object serialized without its `cache_control` field, in place of a
+/// copy of the object without it (same bytes, same order).
+struct Stripped<'a>(&'a Map<String, Value>);
+
+impl Serialize for Stripped<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let len = self.0.len() - usize::from(self.0.contains_key("cache_control"));
+        let mut map = serializer.serialize_map(Some(len))?;
+        for (key, value) in self.0 {
+            if key != "cache_control" {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        map.end()
+    }
 }
 
 /// How long a prompt-cache entry lives after its last use.
@@ -103,11 +214,128 @@ pub(crate) enum Endpoint {
 /// value with a 400; so does the emulator, for every model.
 pub(crate) const MAX_OUTPUT_TOKENS: u64 = 128_000;
 
+/// JSON values any body may hold, whatever its size (see [`value_budget`]).
+pub(crate) const VALUE_BUDGET_FLOOR: u64 = 10_000;
+/// Bytes of body per JSON value allowed beyond [`VALUE_BUDGET_FLOOR`].
+pub(crate) const BYTES_PER_VALUE: u64 = 16;
+
+/// The most JSON values (scalars, arrays, objects; not keys) a body of `len`
+/// bytes may hold: [`VALUE_BUDGET_FLOOR`] plus one per [`BYTES_PER_VALUE`]
+/// bytes. A value read into a tree costs 32 bytes or more, so a body of tiny
+/// values (`[0,0,0,...]`, 2 bytes each) would take 16 times its size and
+/// more; under the budget the tree stays within a few times the body.
+/// Prompts are mostly text, far below the budget.
+pub(crate) fn value_budget(len: usize) -> u64 {
+    VALUE_BUDGET_FLOOR + len as u64 / BYTES_PER_VALUE
+}
+
+/// Counts a body's JSON values without building them, in memory bounded by
+/// its nesting (serde_json's recursion limit); `Err` when they exceed
+/// [`value_budget`]. A body that is not JSON passes: the parser that follows
+/// reports its error.
+fn check_value_budget(body: &[u8]) -> Result<(), String> {
+    let budget = value_budget(body.len());
+    let mut left = budget;
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    match (ValueCounter { left: &mut left }).deserialize(&mut deserializer) {
+        // Only the counter raises a data error (a syntax error is not one).
+        Err(e) if e.is_data() => Err(format!(
+            "The request body holds more than {budget} JSON values, the most the emulator \
+             reads from a body of {} bytes ({VALUE_BUDGET_FLOOR} plus one per \
+             {BYTES_PER_VALUE} bytes)",
+            body.len()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A streaming pass over one JSON value that counts it and what it holds
+/// against a budget, keeping none of it.
+struct ValueCounter<'a> {
+    left: &'a mut u64,
+}
+
+impl ValueCounter<'_> {
+    fn take<E: serde::de::Error>(&mut self) -> Result<(), E> {
+        match self.left.checked_sub(1) {
+            Some(left) => {
+                *self.left = left;
+                Ok(())
+            }
+            None => Err(E::custom("too many JSON values")),
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for ValueCounter<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValueCounter<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(mut self, _: bool) -> Result<(), E> {
+        self.take()
+    }
+
+    fn visit_i64<E: serde::de::Error>(mut self, _: i64) -> Result<(), E> {
+        self.take()
+    }
+
+    fn visit_u64<E: serde::de::Error>(mut self, _: u64) -> Result<(), E> {
+        self.take()
+    }
+
+    fn visit_f64<E: serde::de::Error>(mut self, _: f64) -> Result<(), E> {
+        self.take()
+    }
+
+    fn visit_str<E: serde::de::Error>(mut self, _: &str) -> Result<(), E> {
+        self.take()
+    }
+
+    fn visit_unit<E: serde::de::Error>(mut self) -> Result<(), E> {
+        self.take()
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        self.take()?;
+        while seq
+            .next_element_seed(ValueCounter {
+                left: &mut *self.left,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        self.take()?;
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value_seed(ValueCounter {
+                left: &mut *self.left,
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// Reads and validates a request body; `Err` carries the `invalid_request_error` message.
 ///
 /// Fields are checked in the API's order: `model`, `max_tokens`, `stream`,
 /// `messages`, then the prompt in cache order (tools, system, messages).
+/// A body with more JSON values than [`value_budget`] allows is refused
+/// before it is read into a tree.
 pub(crate) fn parse_request(body: &[u8], endpoint: Endpoint) -> Result<ParsedRequest, String> {
+    check_value_budget(body)?;
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| format!("There was an error parsing the body of your request: {e}"))?;
     let obj = value
@@ -215,9 +443,17 @@ impl UnitBuilder {
         }
     }
 
-    fn push(&mut self, tokens: u64, canonical: &Value, breakpoint: Option<CacheTtl>) {
-        let bytes = serde_json::to_vec(canonical).unwrap_or_default();
-        self.hash = fnv1a(self.hash ^ 0xFF, &bytes);
+    /// Adds a unit; `canonical` (its JSON text) extends the prefix hash.
+    fn push<T: Serialize + ?Sized>(
+        &mut self,
+        tokens: u64,
+        canonical: &T,
+        breakpoint: Option<CacheTtl>,
+    ) {
+        let mut hash = HashWriter(self.hash ^ 0xFF);
+        // Serializing a JSON tree into a writer that cannot fail does not fail.
+        let _ = serde_json::to_writer(&mut hash, canonical);
+        self.hash = hash.0;
         self.units.push(Unit {
             tokens,
             prefix_hash: self.hash,
@@ -236,7 +472,7 @@ impl UnitBuilder {
             let path = format!("tools.{i}");
             let tool = object(tool, &path)?;
             let ttl = breakpoint(tool, &path)?;
-            let stripped = without_cache_control(tool);
+            let stripped = Stripped(tool);
             self.push(count_json(&stripped), &stripped, ttl);
         }
         Ok(())
@@ -247,7 +483,7 @@ impl UnitBuilder {
         let blocks = match system {
             None | Some(Value::Null) => return Ok(()),
             Some(Value::String(s)) => {
-                self.push(count_text(s), &Value::String(s.clone()), None);
+                self.push(count_text(s), s.as_str(), None);
                 return Ok(());
             }
             Some(Value::Array(blocks)) => blocks,
@@ -258,7 +494,7 @@ impl UnitBuilder {
             let block = object(block, &path)?;
             let tokens = count_block(block, &path)?;
             let ttl = breakpoint(block, &path)?;
-            self.push(tokens, &without_cache_control(block), ttl);
+            self.push(tokens, &Stripped(block), ttl);
         }
         Ok(())
     }
@@ -276,12 +512,11 @@ impl UnitBuilder {
                 ))
             }
         };
-        let role_value = Value::String(role.to_string());
         let blocks = match message.get("content") {
             None | Some(Value::Null) => return Err(format!("{path}.content: Field required")),
             Some(Value::String(s)) => {
-                let canon = Value::Array(vec![role_value, Value::String(s.clone())]);
-                self.push(MESSAGE_OVERHEAD + count_text(s), &canon, None);
+                // A pair serializes as the JSON list `[role, content]`.
+                self.push(MESSAGE_OVERHEAD + count_text(s), &(role, s), None);
                 return Ok(());
             }
             Some(Value::Array(blocks)) => blocks,
@@ -292,30 +527,23 @@ impl UnitBuilder {
             }
         };
         if blocks.is_empty() {
-            self.push(MESSAGE_OVERHEAD, &role_value, None);
+            self.push(MESSAGE_OVERHEAD, role, None);
         }
         for (j, block) in blocks.iter().enumerate() {
             let bpath = format!("{path}.content.{j}");
             let block = object(block, &bpath)?;
             let mut tokens = count_block(block, &bpath)?;
             let ttl = breakpoint(block, &bpath)?;
-            let stripped = without_cache_control(block);
-            let canon = if j == 0 {
+            let stripped = Stripped(block);
+            if j == 0 {
                 tokens += MESSAGE_OVERHEAD;
-                Value::Array(vec![role_value.clone(), stripped])
+                self.push(tokens, &(role, stripped), ttl);
             } else {
-                stripped
-            };
-            self.push(tokens, &canon, ttl);
+                self.push(tokens, &stripped, ttl);
+            }
         }
         Ok(())
     }
-}
-
-fn without_cache_control(obj: &Map<String, Value>) -> Value {
-    let mut copy = obj.clone();
-    copy.remove("cache_control");
-    Value::Object(copy)
 }
 
 fn breakpoint(obj: &Map<String, Value>, path: &str) -> Result<Option<CacheTtl>, String> {
@@ -345,8 +573,12 @@ fn breakpoint(obj: &Map<String, Value>, path: &str) -> Result<Option<CacheTtl>, 
     }
 }
 
-fn count_json(value: &Value) -> u64 {
-    count_text(&serde_json::to_string(value).unwrap_or_default())
+/// [`count_text`] of a value's JSON text, without writing the text out.
+fn count_json<T: Serialize + ?Sized>(value: &T) -> u64 {
+    let mut counter = TextCounter::default();
+    // Serializing a JSON tree into a writer that cannot fail does not fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.finish()
 }
 
 fn str_field<'a>(
@@ -387,7 +619,7 @@ fn count_block(block: &Map<String, Value>, path: &str) -> Result<u64, String> {
         "redacted_thinking" => Ok(count_text(
             block.get("data").and_then(Value::as_str).unwrap_or(""),
         )),
-        _ => Ok(count_json(&without_cache_control(block))),
+        _ => Ok(count_json(&Stripped(block))),
     }
 }
 
@@ -565,6 +797,31 @@ mod tests {
         // count_tokens does not need max_tokens
         let ok = br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#;
         assert!(parse_request(ok, Endpoint::CountTokens).is_ok());
+    }
+
+    /// The streamed count and hash give what the text written out would.
+    #[test]
+    fn streamed_count_and_hash_match_the_written_text() {
+        let block = serde_json::json!({"type":"x","b":[1,2.5,"é\u{1}\"q"],"a":{"z":null},
+            "cache_control":{"type":"ephemeral"},"text":"naïve façade — 日本語 ok"});
+        let map = block.as_object().unwrap();
+        let mut copy = map.clone();
+        copy.remove("cache_control");
+        let copy = Value::Object(copy);
+        let text = serde_json::to_string(&copy).unwrap();
+        assert_eq!(count_json(&Stripped(map)), count_text(&text));
+        let mut hash = HashWriter(7);
+        serde_json::to_writer(&mut hash, &("user", Stripped(map))).unwrap();
+        let pair = serde_json::to_vec(&Value::Array(vec![Value::from("user"), copy])).unwrap();
+        assert_eq!(hash.0, fnv1a(7, &pair));
+        // Split anywhere, even inside a character.
+        let bytes = text.as_bytes();
+        for at in 0..=bytes.len() {
+            let mut counter = TextCounter::default();
+            counter.feed_bytes(&bytes[..at]);
+            counter.feed_bytes(&bytes[at..]);
+            assert_eq!(counter.finish(), count_text(&text), "split at {at}");
+        }
     }
 
     #[test]

@@ -53,11 +53,17 @@ fn start(args: &[&str]) -> (Server, String) {
 }
 
 async fn post(url: &str) -> (StatusCode, http::HeaderMap) {
+    post_model(url, "claude-sonnet-4-5").await
+}
+
+async fn post_model(url: &str, model: &str) -> (StatusCode, http::HeaderMap) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let body = format!(
+        r#"{{"model":"{model}","max_tokens":8,"messages":[{{"role":"user","content":"Hi"}}]}}"#
+    );
     let req = Request::post(format!("{url}/v1/messages"))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .body(Full::new(Bytes::from(body)))
         .expect("request");
     let resp = client.request(req).await.expect("the server answers");
     let status = resp.status();
@@ -79,6 +85,17 @@ async fn serves_with_the_limits_given_on_the_command_line() {
     assert_eq!(headers["retry-after"], "60");
 }
 
+#[tokio::test]
+async fn unknown_models_are_served_only_with_the_flag() {
+    let (_strict, url) = start(&["--no-latency"]);
+    assert_eq!(
+        post_model(&url, "claude-2.1").await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let (_lenient, url) = start(&["--no-latency", "--allow-unknown-models"]);
+    assert_eq!(post_model(&url, "claude-2.1").await.0, StatusCode::OK);
+}
+
 #[test]
 fn bad_flags_are_usage_errors() {
     for args in [
@@ -87,6 +104,10 @@ fn bad_flags_are_usage_errors() {
         &["--output-mode", "later"],
         &["--rpm", "-1"],
         &["--no-such-flag"],
+        &["--max-cache-breakpoints", "many"],
+        &["--header-read-timeout", "0"],
+        &["--body-read-timeout", "-1"],
+        &["--max-connections", "0"],
     ] {
         let out = Command::new(BIN).args(args).output().expect("runs");
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -116,6 +137,11 @@ fn help_lists_every_flag() {
         "--no-latency",
         "--count-tokens-rpm",
         "--acceleration",
+        "--allow-unknown-models",
+        "--max-cache-breakpoints",
+        "--header-read-timeout",
+        "--body-read-timeout",
+        "--max-connections",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
