@@ -1346,7 +1346,12 @@ async fn after_send_fail_does_not_replay_a_request_the_server_may_have_done() {
     assert_eq!((snap.retries, snap.replays_after_send), (1, 0));
     assert_eq!(snap.give_ups.get(GiveUpReason::Sent), 1);
     // A local refusal from an inner layer never left either: retried.
-    let mock = Mock::new([Reply::Fail(|| Box::new(Error::Overloaded { waiting: 3 }))]);
+    let mock = Mock::new([Reply::Fail(|| {
+        Box::new(Error::BudgetExceeded {
+            retry_in: Duration::from_secs(1),
+            dimension: Dimension::InputTokens,
+        })
+    })]);
     let mut svc = layer.layer(mock.clone());
     assert_eq!(send(&mut svc, "{}").await.unwrap().status(), StatusCode::OK);
     assert_eq!(mock.calls(), 2);
