@@ -12,6 +12,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use super::callers::CallerRefusal;
 use super::enforce;
 use super::state::{Admission, Charge, Refusal, Shared};
 use super::usage::{ResponseBody, Tracker};
@@ -86,6 +87,9 @@ pin_project! {
             fut: F,
             charge: Option<Charge>,
         },
+        Refused {
+            refusal: Option<CallerRefusal>,
+        },
         Done,
     }
 }
@@ -145,6 +149,7 @@ where
             State::Admitting { .. } => "admitting",
             State::Readying { .. } => "readying",
             State::Calling { .. } => "calling",
+            State::Refused { .. } => "refused",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
@@ -172,6 +177,17 @@ where
                 parts: Some(parts),
                 caller,
                 svc: Some(svc),
+            },
+        }
+    }
+
+    /// A request refused before any budget was touched (its caller is
+    /// unknown or ambiguous).
+    pub(crate) fn refused(shared: Arc<Shared>, refusal: CallerRefusal) -> Self {
+        Self {
+            shared,
+            state: State::Refused {
+                refusal: Some(refusal),
             },
         }
     }
@@ -279,9 +295,29 @@ where
                     };
                     return Poll::Ready(finished(shared, charge, result));
                 }
+                StateProj::Refused { refusal } => {
+                    let Some(refusal) = refusal.take() else {
+                        polled_after_completion();
+                    };
+                    this.state.set(State::Done);
+                    return Poll::Ready(caller_refused(shared, refusal));
+                }
                 StateProj::Done => polled_after_completion(),
             }
         }
+    }
+}
+
+/// A caller refused before any budget was touched: its 401 or 400 in the
+/// API's error shape in enforce mode, the refusal as an error otherwise.
+fn caller_refused<ResB>(
+    shared: &Shared,
+    refusal: CallerRefusal,
+) -> Result<Response<ResponseBody<ResB>>, BoxError> {
+    if shared.settings.enforce {
+        Ok(refusal.into_response().map(ResponseBody::full))
+    } else {
+        Err(Box::new(refusal))
     }
 }
 
@@ -295,7 +331,10 @@ fn finished<ResB: Body, E: Into<BoxError>>(
     match result {
         Ok(response) => Ok(respond(shared, charge, response)),
         Err(e) => {
-            tracing::debug!(key = %charge.key, "budget: inner service failed; charge kept");
+            tracing::debug!(
+                key = super::callers::logged_key(&charge.key),
+                "budget: inner service failed; charge kept"
+            );
             Err(e.into())
         }
     }
@@ -406,7 +445,7 @@ fn respond<ResB: Body>(
     }
     if was_refused {
         tracing::debug!(
-            key = %charge.key,
+            key = super::callers::logged_key(&charge.key),
             status = status.as_u16(),
             "budget: request refused; reservation refunded"
         );

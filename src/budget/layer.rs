@@ -61,8 +61,10 @@ impl TokenBudgetLayer {
         Self::builder().limits(limits).build()
     }
 
-    /// A gateway budget: each caller (told apart by a hash of its `x-api-key`)
-    /// gets these limits, and a request over its caller's budget is answered
+    /// A gateway budget: each of `callers` (see [`Callers`](super::Callers): authenticated
+    /// caller keys, or any [`KeyExtractor`]) gets these limits; a request from
+    /// no known caller is answered with 401 before any budget is touched,
+    /// one with duplicate or conflicting keys with 400, and a request over its caller's budget is answered
     /// at once with an Anthropic-shaped 429. See the [module docs](super).
     ///
     /// The inner service receives `Request<ReplayBody<B>>`; in front of an
@@ -79,7 +81,7 @@ impl TokenBudgetLayer {
     /// use http_body_util::{BodyExt, Full};
     /// use tower::{Service, ServiceBuilder, ServiceExt};
     /// use tower_llm_limits::body::ReplayBody;
-    /// use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+    /// use tower_llm_limits::budget::{Callers, Limits, TokenBudgetLayer};
     /// use tower_llm_limits::headers::RateLimitSnapshot;
     ///
     /// # #[tokio::main(flavor = "current_thread")]
@@ -90,12 +92,14 @@ impl TokenBudgetLayer {
     ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
     /// });
     /// // Each caller may send one request per minute.
+    /// let limits = Limits::new().rpm(1).itpm(30_000).otpm(8_000);
+    /// let callers = Callers::new().caller("caller-1", "sk-gw-caller-1");
     /// let mut gateway = ServiceBuilder::new()
-    ///     .layer(TokenBudgetLayer::enforce(Limits::new().rpm(1).itpm(30_000).otpm(8_000)))
+    ///     .layer(TokenBudgetLayer::enforce(limits, callers))
     ///     .service(upstream);
     /// let call = || {
     ///     Request::post("/v1/messages")
-    ///         .header("x-api-key", "sk-ant-caller-1")
+    ///         .header("x-api-key", "sk-gw-caller-1")
     ///         .body(Full::new(Bytes::from(
     ///             r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#,
     ///         )))
@@ -115,8 +119,8 @@ impl TokenBudgetLayer {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn enforce(limits: impl Into<LimitsConfig>) -> Self {
-        Self::builder().limits(limits).enforce().build()
+    pub fn enforce(limits: impl Into<LimitsConfig>, callers: impl Into<KeyExtractor>) -> Self {
+        Self::builder().limits(limits).enforce(callers).build()
     }
 
     /// A builder with every setting at its default.
@@ -259,10 +263,14 @@ impl TokenBudgetBuilder {
 
     /// Server mode: reject over-budget requests with an Anthropic-shaped 429
     /// response (not an error), write `anthropic-ratelimit-*` headers on every
-    /// response, and key budgets per caller (by default a hash of `x-api-key`,
-    /// see [`KeyExtractor::api_key_hash`]). Implies [`BudgetMode::Reject`].
-    pub fn enforce(mut self) -> Self {
+    /// response, and key budgets per caller, as `callers` names them (see
+    /// [`Callers`](super::Callers); it replaces any [`key_extractor`](Self::key_extractor)).
+    /// A request with no caller is answered with 401 (`authentication_error`),
+    /// one with duplicate or conflicting API keys with 400, before any budget
+    /// is touched. Implies [`BudgetMode::Reject`].
+    pub fn enforce(mut self, callers: impl Into<KeyExtractor>) -> Self {
         self.enforce = true;
+        self.key_extractor = Some(callers.into());
         self.mode = BudgetMode::Reject;
         self
     }
@@ -288,8 +296,9 @@ impl TokenBudgetBuilder {
         self
     }
 
-    /// How callers are told apart. Default: none in client mode (one budget
-    /// per model class), [`KeyExtractor::api_key_hash`] in enforce mode.
+    /// How callers are told apart in client mode. Default: not at all (one
+    /// budget per model class). Enforce mode takes its callers from
+    /// [`enforce`](Self::enforce).
     pub fn key_extractor(mut self, extractor: KeyExtractor) -> Self {
         self.key_extractor = Some(extractor);
         self
@@ -381,11 +390,7 @@ impl TokenBudgetBuilder {
 
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
-        let key_extractor = match (self.key_extractor, self.enforce) {
-            (Some(k), _) => Some(k),
-            (None, true) => Some(KeyExtractor::api_key_hash()),
-            (None, false) => None,
-        };
+        let key_extractor = self.key_extractor;
         let settings = Settings {
             limits: self.limits,
             output_mode: self.output_mode,

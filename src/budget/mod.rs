@@ -135,9 +135,12 @@
 //!
 //! [`TokenBudgetLayer::enforce`] turns the budget around for a gateway (axum,
 //! or any tower server) in front of many callers. Each caller has its own
-//! budget, keyed by a [`KeyExtractor`] (default: a hash of `x-api-key`, never
-//! the key itself, which is neither logged nor echoed; requests without a key
-//! share one budget). A request over its caller's budget is answered at once
+//! budget, keyed by its [`Callers`] entry (authenticated caller keys, sent as
+//! `x-api-key` or `authorization: Bearer`, compared in constant time) or any
+//! [`KeyExtractor`]. A request from no known caller is answered with 401
+//! (`authentication_error`), one with duplicate or conflicting keys with 400
+//! (`invalid_request_error`), before any budget is touched; a key is never
+//! logged, echoed, or used as a budget's name. A request over its caller's budget is answered at once
 //! with a 429 shaped like Anthropic's:
 //!
 //! - body `{"type":"error","error":{"type":"rate_limit_error","message":"This request would exceed the rate limit for your organization of 30,000 input tokens per minute. ..."},"request_id":"req_..."}`
@@ -190,6 +193,7 @@
 //!   [`TokenBudgetLayer::forget_idle`] (and the ledger's own eviction) is called.
 
 pub(crate) mod answer;
+mod callers;
 mod config;
 mod enforce;
 mod future;
@@ -202,6 +206,7 @@ mod snapshot;
 mod state;
 mod usage;
 
+pub use callers::{CallerRefusal, Callers};
 pub use config::{BudgetMode, KeyExtractor, LimitsConfig};
 pub use future::ResponseFuture;
 pub use layer::{TokenBudgetBuilder, TokenBudgetLayer};

@@ -85,7 +85,10 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
         let (parts, body) = request.into_parts();
-        let caller = shared.caller(&parts);
+        let caller = match shared.caller(&parts) {
+            Ok(caller) => caller,
+            Err(refusal) => return ResponseFuture::refused(shared, refusal),
+        };
         // An outer layer that holds the whole body put its bytes here:
         // estimate from them and pass the body through unread.
         let estimate = parts

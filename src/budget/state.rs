@@ -33,6 +33,7 @@ use std::time::Duration;
 use http::request::Parts;
 use tokio::time::{Instant, Sleep};
 
+use super::callers::CallerRefusal;
 use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
 use super::learn::{LearnRules, LimitLearner};
 use super::ledger::{
@@ -256,7 +257,10 @@ impl Drop for Place {
         let mut ks = lock_key(&self.cell);
         let next = match ks.queue.remove(id) {
             Removed::Waiting { was_next } => {
-                tracing::debug!(key = %self.key, "budget: waiter cancelled, place given back");
+                tracing::debug!(
+                    key = super::callers::logged_key(&self.key),
+                    "budget: waiter cancelled, place given back"
+                );
                 if was_next {
                     ks.notify_head(&self.shared.counters)
                 } else {
@@ -308,7 +312,10 @@ impl Drop for Asking {
         let Some(fut) = self.fut.take() else { return };
         let (shared, cell) = (Arc::clone(&self.shared), Arc::clone(&self.cell));
         let (key, limits, costs) = (Arc::clone(&self.key), self.limits, self.costs);
-        tracing::debug!(key = %key, "budget: dropped while the ledger answered; refunded if admitted");
+        tracing::debug!(
+            key = super::callers::logged_key(&key),
+            "budget: dropped while the ledger answered; refunded if admitted"
+        );
         spawn_ledger_op(async move {
             if let Reservation::Admitted = fut.await? {
                 shared
@@ -391,12 +398,17 @@ impl Shared {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The caller a request is charged to, from its head.
-    pub(crate) fn caller(&self, parts: &Parts) -> Option<String> {
-        self.settings
-            .key_extractor
-            .as_ref()
-            .and_then(|k| k.key(parts))
+    /// The caller a request is charged to, from its head, or why it is
+    /// refused (enforce mode refuses a request with no caller).
+    pub(crate) fn caller(&self, parts: &Parts) -> Result<Option<String>, CallerRefusal> {
+        let caller = match &self.settings.key_extractor {
+            Some(k) => k.key(parts)?,
+            None => None,
+        };
+        if caller.is_none() && self.settings.enforce {
+            return Err(CallerRefusal::MissingKey);
+        }
+        Ok(caller)
     }
 
     /// The key's name and state, created if new: one short lookup under the
@@ -535,8 +547,10 @@ impl Shared {
         bump(&self.counters.admitted);
         if let Some(started) = adm.started {
             tracing::debug!(
-                key = %charge.key,
-                waited_ms = Instant::now().saturating_duration_since(started).as_millis() as u64,
+                key = super::callers::logged_key(&charge.key),
+                waited_ms = Instant::now()
+                    .saturating_duration_since(started)
+                    .as_millis() as u64,
                 input_tokens = charge.costs.input_tokens,
                 output_tokens = charge.costs.output_tokens,
                 "budget: admitted after waiting"
@@ -551,7 +565,7 @@ impl Shared {
                 dimension,
             }) => {
                 bump(&self.counters.rejected);
-                tracing::debug!(key = %charge.key, %dimension, retry_in_ms = retry_in.as_millis() as u64, "budget: rejected");
+                tracing::debug!(key = super::callers::logged_key(&charge.key), %dimension, retry_in_ms = retry_in.as_millis() as u64, "budget: rejected");
             }
             Refusal::Denied(Denied::TooLarge {
                 dimension,
@@ -559,10 +573,10 @@ impl Shared {
                 limit,
             }) => {
                 bump(&self.counters.too_large);
-                tracing::debug!(key = %charge.key, %dimension, cost, limit, "budget: request can never fit");
+                tracing::debug!(key = super::callers::logged_key(&charge.key), %dimension, cost, limit, "budget: request can never fit");
             }
             Refusal::Ledger(e) => {
-                tracing::warn!(key = %charge.key, error = %e, "budget: ledger failed; request not sent");
+                tracing::warn!(key = super::callers::logged_key(&charge.key), error = %e, "budget: ledger failed; request not sent");
             }
         }
     }
@@ -720,7 +734,7 @@ impl Shared {
         }
         if first {
             tracing::debug!(
-                key = %charge.key,
+                key = super::callers::logged_key(&charge.key),
                 %dimension,
                 wait_ms = retry_in.as_millis() as u64,
                 "budget: waiting for capacity"
@@ -737,7 +751,7 @@ impl Shared {
         match op.into_ready() {
             Ok(result) => {
                 if let Err(e) = result {
-                    tracing::warn!(key = %charge.key, error = %e, "budget: ledger operation failed");
+                    tracing::warn!(key = super::callers::logged_key(&charge.key), error = %e, "budget: ledger operation failed");
                 }
                 if wake_head {
                     let next = lock_key(&charge.cell).notify_head(&self.counters);
@@ -790,7 +804,10 @@ impl Shared {
     /// Refunds everything a request reserved: it was admitted but never sent
     /// (the inner service failed before taking it).
     pub(crate) fn refund_unsent(self: &Arc<Self>, charge: &Charge) {
-        tracing::debug!(key = %charge.key, "budget: admitted request not sent; refunded");
+        tracing::debug!(
+            key = super::callers::logged_key(&charge.key),
+            "budget: admitted request not sent; refunded"
+        );
         self.correct(charge, CostDelta::refund(charge.costs), None);
     }
 
