@@ -1473,7 +1473,10 @@ async fn zero_output_prior_reserves_one_token_and_respects_debt() {
         Some(1_000),
         "999 rounded to the nearest thousand"
     );
-    assert_eq!(remaining_of_all(&layer.snapshot(), Dimension::OutputTokens), 999.0);
+    assert_eq!(
+        remaining_of_all(&layer.snapshot(), Dimension::OutputTokens),
+        999.0
+    );
     first.into_body().collect().await.unwrap();
     // 1,500 produced: 500 in debt.
     assert_eq!(

@@ -154,6 +154,11 @@ impl fmt::Debug for KeyExtractor {
     }
 }
 
+/// How long a budget key may stay unused before it is forgotten (the default
+/// of `TokenBudgetBuilder::idle_key_eviction`).
+pub(crate) const DEFAULT_IDLE_KEY_EVICTION: std::time::Duration =
+    std::time::Duration::from_secs(10 * 60);
+
 /// The `max_tokens` assumed for a request that does not say.
 pub(crate) const DEFAULT_MAX_TOKENS: u64 = 4096;
 

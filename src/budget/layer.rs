@@ -6,8 +6,9 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::config::{
-    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_LEARN_CONFIRMATIONS, DEFAULT_MAX_TOKENS,
-    DEFAULT_OUTPUT_QUANTILE, OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
+    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_IDLE_KEY_EVICTION, DEFAULT_LEARN_CONFIRMATIONS,
+    DEFAULT_MAX_TOKENS, DEFAULT_OUTPUT_QUANTILE, OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR,
+    OUTPUT_RATIO_WINDOW,
 };
 use super::learn::LearnRules;
 use super::ledger::{InMemoryLedger, Ledger};
@@ -195,6 +196,7 @@ pub struct TokenBudgetBuilder {
     output_ratio_window: usize,
     default_max_tokens: u64,
     learn: LearnRules,
+    idle_key_eviction: std::time::Duration,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -213,6 +215,7 @@ impl Default for TokenBudgetBuilder {
             output_ratio_min_samples: OUTPUT_RATIO_MIN_SAMPLES,
             output_ratio_window: OUTPUT_RATIO_WINDOW,
             default_max_tokens: DEFAULT_MAX_TOKENS,
+            idle_key_eviction: DEFAULT_IDLE_KEY_EVICTION,
             learn: LearnRules {
                 floor: Limits::smallest_published(),
                 confirmations: DEFAULT_LEARN_CONFIRMATIONS,
@@ -388,6 +391,20 @@ impl TokenBudgetBuilder {
         self
     }
 
+    /// How long a budget key (a caller and model class) may stay unused
+    /// before it is forgotten. Default 10 minutes. Forgetting is done when a
+    /// new key is admitted (each time the number of keys doubled, and at most
+    /// every half of this time), with no background task; a key with a
+    /// request waiting or in flight is kept. What a forgotten key had learned
+    /// (its output ratio, limits learned from headers) is learned again; its
+    /// ledger buckets are kept by the ledger until they are full again
+    /// (see [`InMemoryLedger`]). Set it above the ledger's window (1 minute)
+    /// so a forgotten key has nothing left to enforce.
+    pub fn idle_key_eviction(mut self, idle: std::time::Duration) -> Self {
+        self.idle_key_eviction = idle;
+        self
+    }
+
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
         let key_extractor = self.key_extractor;
@@ -404,6 +421,7 @@ impl TokenBudgetBuilder {
             output_ratio_window: self.output_ratio_window,
             default_max_tokens: self.default_max_tokens,
             learn: self.learn,
+            idle_key_eviction: self.idle_key_eviction,
         };
         let ledger = self
             .ledger

@@ -63,7 +63,22 @@ pub(crate) struct Settings {
     pub(crate) default_max_tokens: u64,
     /// Which reported limits are learned.
     pub(crate) learn: LearnRules,
+    /// How long a key may stay unused before a later new key's admission
+    /// forgets it.
+    pub(crate) idle_key_eviction: Duration,
 }
+
+/// When the map of keys was last swept for idle keys, and its size that
+/// calls for the next sweep.
+#[derive(Debug)]
+struct Sweep {
+    at: Instant,
+    next_len: usize,
+}
+
+/// The map size at which the first sweep runs (then twice the size after
+/// each sweep, or after half the idle time, whichever comes first).
+const FIRST_SWEEP_LEN: usize = 1_024;
 
 /// Counters of the decisions taken, for snapshots.
 #[derive(Debug, Default)]
@@ -87,7 +102,10 @@ struct KeyState {
     limits: Limits,
     last_used: Instant,
     queue: WaitQueue,
-    output_ratio: SlidingQuantile,
+    /// Created at the first sample (its window is allocated up front), so a
+    /// key that never got an answer with usage stays small.
+    output_ratio: Option<Box<SlidingQuantile>>,
+    ratio_window: usize,
     ratio_samples: u64,
     estimates: u64,
     fallback_estimates: u64,
@@ -103,7 +121,8 @@ impl KeyState {
             limits,
             last_used: Instant::now(),
             queue: WaitQueue::new(Duration::ZERO),
-            output_ratio: SlidingQuantile::new(ratio_window),
+            output_ratio: None,
+            ratio_window,
             ratio_samples: 0,
             estimates: 0,
             fallback_estimates: 0,
@@ -120,7 +139,8 @@ impl KeyState {
             return prior;
         }
         self.output_ratio
-            .quantile(q)
+            .as_ref()
+            .and_then(|w| w.quantile(q))
             .filter(|r| r.is_finite())
             .map_or(prior, |r| r.clamp(0.0, 1.0))
     }
@@ -134,6 +154,26 @@ impl KeyState {
         }
         waker
     }
+}
+
+/// Drops the keys not used for `idle`, with no request waiting and none
+/// charged and not yet settled; returns how many.
+fn retain_active(
+    keys: &mut HashMap<Arc<str>, Arc<KeyCell>>,
+    now: Instant,
+    idle: Duration,
+) -> usize {
+    let before = keys.len();
+    keys.retain(|_, cell| {
+        // A charge in flight holds the cell: keep the key, or a second
+        // queue could start for it.
+        if Arc::strong_count(cell) > 1 {
+            return true;
+        }
+        let ks = lock_key(cell);
+        !ks.queue.is_empty() || now.saturating_duration_since(ks.last_used) < idle
+    });
+    before - keys.len()
 }
 
 /// One key's state behind its own lock.
@@ -157,6 +197,7 @@ pub(crate) struct Shared {
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) estimator: Arc<dyn TokenEstimator>,
     keys: Mutex<HashMap<Arc<str>, Arc<KeyCell>>>,
+    sweep: Mutex<Sweep>,
     counters: Counters,
 }
 
@@ -390,6 +431,10 @@ impl Shared {
             ledger,
             estimator,
             keys: Mutex::new(HashMap::new()),
+            sweep: Mutex::new(Sweep {
+                at: Instant::now(),
+                next_len: FIRST_SWEEP_LEN,
+            }),
             counters: Counters::default(),
         }
     }
@@ -424,7 +469,28 @@ impl Shared {
             self.settings.output_ratio_window,
         )));
         keys.insert(Arc::clone(&key), Arc::clone(&cell));
+        self.sweep_if_due(&mut keys);
         (key, cell)
+    }
+
+    /// Forgets idle keys when a new key was added and the map doubled since
+    /// the last sweep, or half the idle time passed: amortized O(1) per new
+    /// key, and no background task.
+    fn sweep_if_due(&self, keys: &mut HashMap<Arc<str>, Arc<KeyCell>>) {
+        let idle = self.settings.idle_key_eviction;
+        let now = Instant::now();
+        let mut sweep = self.sweep.lock().unwrap_or_else(PoisonError::into_inner);
+        let by_time = now.saturating_duration_since(sweep.at) >= idle / 2;
+        if keys.len() < sweep.next_len && !by_time {
+            return;
+        }
+        retain_active(keys, now, idle);
+        // A map that shrank to a quarter gives its memory back.
+        if keys.capacity() > 4 * keys.len().max(16) {
+            keys.shrink_to_fit();
+        }
+        sweep.at = now;
+        sweep.next_len = keys.len().saturating_mul(2).max(FIRST_SWEEP_LEN);
     }
 
     /// Turns an estimate into the costs to reserve under the request's key.
@@ -784,7 +850,10 @@ impl Shared {
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
         if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
             let mut ks = lock_key(&charge.cell);
-            ks.output_ratio.push(r.clamp(0.0, 1.0));
+            let window = ks.ratio_window;
+            ks.output_ratio
+                .get_or_insert_with(|| Box::new(SlidingQuantile::new(window)))
+                .push(r.clamp(0.0, 1.0));
             ks.ratio_samples += 1;
         }
         if !delta.is_zero() {
@@ -877,19 +946,7 @@ impl Shared {
     /// charged and not yet admitted (what was learned for them: output ratio,
     /// counters). Returns how many.
     pub(crate) fn forget_idle(&self, idle: Duration) -> usize {
-        let now = Instant::now();
-        let mut keys = self.lock();
-        let before = keys.len();
-        keys.retain(|_, cell| {
-            // A charge in flight holds the cell: keep the key, or a second
-            // queue could start for it.
-            if Arc::strong_count(cell) > 1 {
-                return true;
-            }
-            let ks = lock_key(cell);
-            !ks.queue.is_empty() || now.saturating_duration_since(ks.last_used) < idle
-        });
-        before - keys.len()
+        retain_active(&mut self.lock(), Instant::now(), idle)
     }
 
     /// A snapshot of every key this budget has seen.
