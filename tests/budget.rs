@@ -2313,3 +2313,50 @@ async fn duplicate_auth_headers_are_refused() {
     assert!(log.sent().is_empty());
     assert!(layer.snapshot().keys.is_empty());
 }
+
+/// The number of budget keys is bounded: a new caller past the bound is
+/// refused with 529 `overloaded_error` (nothing reserved, nothing sent),
+/// callers already held are still served, and once keys went idle a new
+/// caller takes their place.
+#[tokio::test(start_paused = true)]
+async fn the_number_of_caller_keys_is_bounded() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10).itpm(1_000_000).otpm(1_000_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .enforce(Callers::any_key_unauthenticated())
+        .max_keys(3)
+        .idle_key_eviction(Duration::from_secs(120))
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 1));
+    let mut statuses = Vec::new();
+    for key in ["k1", "k2", "k3", "k4", "k1"] {
+        let resp = gateway
+            .ready()
+            .await
+            .unwrap()
+            .call(with_auth(&[("x-api-key", key)], 10))
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if key == "k4" {
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"]["type"], "overloaded_error", "{json}");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 529, 200]);
+    assert_eq!(log.sent().len(), 4);
+    assert_eq!(layer.snapshot().keys.len(), 3);
+    tokio::time::sleep(Duration::from_secs(121)).await;
+    let resp = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(with_auth(&[("x-api-key", "k4")], 10))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(layer.snapshot().keys.len(), 1);
+}

@@ -198,7 +198,8 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
-/// Why a gateway refused a request before charging any budget.
+/// Why a gateway refused a request before charging any budget (in client
+/// mode: the error of such a request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CallerRefusal {
@@ -210,10 +211,15 @@ pub enum CallerRefusal {
     /// Two `x-api-key` or two `authorization` headers, or an `x-api-key` and
     /// a bearer token that differ: 400 `invalid_request_error`.
     Ambiguous,
+    /// A new budget key (caller and model class) while the budget already
+    /// holds its most keys (`TokenBudgetBuilder::max_keys`), none of them
+    /// idle: 529 `overloaded_error`.
+    TooManyKeys,
 }
 
 impl CallerRefusal {
-    /// The status of the answer: 401, or 400 for [`CallerRefusal::Ambiguous`].
+    /// The status of the answer: 401, 400 for [`CallerRefusal::Ambiguous`],
+    /// 529 for [`CallerRefusal::TooManyKeys`].
     pub fn status(self) -> StatusCode {
         self.kind().status()
     }
@@ -222,6 +228,7 @@ impl CallerRefusal {
         match self {
             CallerRefusal::MissingKey | CallerRefusal::UnknownKey => ErrorKind::Authentication,
             CallerRefusal::Ambiguous => ErrorKind::InvalidRequest,
+            CallerRefusal::TooManyKeys => ErrorKind::Overloaded,
         }
     }
 
@@ -241,6 +248,7 @@ impl fmt::Display for CallerRefusal {
             CallerRefusal::Ambiguous => {
                 "exactly one API key is allowed: duplicate or conflicting x-api-key / authorization headers"
             }
+            CallerRefusal::TooManyKeys => "the gateway is serving its most callers; try again later",
         })
     }
 }

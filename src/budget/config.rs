@@ -159,6 +159,10 @@ impl fmt::Debug for KeyExtractor {
 pub(crate) const DEFAULT_IDLE_KEY_EVICTION: std::time::Duration =
     std::time::Duration::from_secs(10 * 60);
 
+/// The most keys a budget holds (the default of
+/// `TokenBudgetBuilder::max_keys`).
+pub(crate) const DEFAULT_MAX_KEYS: usize = 100_000;
+
 /// The `max_tokens` assumed for a request that does not say.
 pub(crate) const DEFAULT_MAX_TOKENS: u64 = 4096;
 

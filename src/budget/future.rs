@@ -242,9 +242,13 @@ where
                         Ok((request, charge)) => {
                             this.state.set(State::admitting(charge, request, svc))
                         }
-                        Err(e) => {
+                        Err(NotCharged::Error(e)) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Err(e));
+                        }
+                        Err(NotCharged::Refused(refusal)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(caller_refused(shared, refusal));
                         }
                     }
                 }
@@ -373,13 +377,13 @@ fn estimated<B>(
     buffered: Result<Buffered<B>, BoxError>,
     parts: Parts,
     caller: Option<&str>,
-) -> Result<(Request<ReplayBody<B>>, Charge), BoxError>
+) -> Result<(Request<ReplayBody<B>>, Charge), NotCharged>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
     let (request, estimate) = match buffered {
-        Err(e) => return Err(Box::new(Error::Body(e))),
+        Err(e) => return Err(NotCharged::Error(Box::new(Error::Body(e)))),
         Ok(Buffered::Complete(body)) => {
             let estimate = shared.estimator.estimate(&parts, body.bytes());
             (Request::from_parts(parts, body.replay()), estimate)
@@ -390,8 +394,18 @@ where
             (Request::from_parts(parts, body), estimate)
         }
     };
-    let charge = shared.charge(caller, estimate);
+    let charge = shared
+        .charge(caller, estimate)
+        .map_err(NotCharged::Refused)?;
     Ok((request, charge))
+}
+
+/// Why a buffered request was not charged.
+enum NotCharged {
+    /// Its body could not be read.
+    Error(BoxError),
+    /// Its key is new and the budget holds its most keys.
+    Refused(CallerRefusal),
 }
 
 /// The answer to a request not admitted: the ledger's error; or the

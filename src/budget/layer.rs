@@ -7,8 +7,8 @@ use tower_layer::Layer;
 
 use super::config::{
     BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_IDLE_KEY_EVICTION, DEFAULT_LEARN_CONFIRMATIONS,
-    DEFAULT_MAX_TOKENS, DEFAULT_OUTPUT_QUANTILE, OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR,
-    OUTPUT_RATIO_WINDOW,
+    DEFAULT_MAX_KEYS, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUT_QUANTILE, OUTPUT_RATIO_MIN_SAMPLES,
+    OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
 };
 use super::learn::LearnRules;
 use super::ledger::{InMemoryLedger, Ledger};
@@ -197,6 +197,7 @@ pub struct TokenBudgetBuilder {
     default_max_tokens: u64,
     learn: LearnRules,
     idle_key_eviction: std::time::Duration,
+    max_keys: usize,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -216,6 +217,7 @@ impl Default for TokenBudgetBuilder {
             output_ratio_window: OUTPUT_RATIO_WINDOW,
             default_max_tokens: DEFAULT_MAX_TOKENS,
             idle_key_eviction: DEFAULT_IDLE_KEY_EVICTION,
+            max_keys: DEFAULT_MAX_KEYS,
             learn: LearnRules {
                 floor: Limits::smallest_published(),
                 confirmations: DEFAULT_LEARN_CONFIRMATIONS,
@@ -405,6 +407,18 @@ impl TokenBudgetBuilder {
         self
     }
 
+    /// The most budget keys (caller and model class) held at once. Default
+    /// 100,000 (about 110 MB of budget and ledger state at most). A request
+    /// that needs a new key while the budget holds this many, none of them
+    /// idle for [`idle_key_eviction`](Self::idle_key_eviction), is refused
+    /// before anything is reserved: with a 529 `overloaded_error` in
+    /// enforce mode, with [`CallerRefusal::TooManyKeys`](super::CallerRefusal)
+    /// otherwise. Keys already held are still served. 0 is taken as 1.
+    pub fn max_keys(mut self, keys: usize) -> Self {
+        self.max_keys = keys.max(1);
+        self
+    }
+
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
         let key_extractor = self.key_extractor;
@@ -422,6 +436,7 @@ impl TokenBudgetBuilder {
             default_max_tokens: self.default_max_tokens,
             learn: self.learn,
             idle_key_eviction: self.idle_key_eviction,
+            max_keys: self.max_keys,
         };
         let ledger = self
             .ledger

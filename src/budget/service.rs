@@ -97,7 +97,10 @@ where
             .map(|b| shared.estimator.estimate(&parts, &b.0));
         match estimate {
             Some(estimate) => {
-                let charge = shared.charge(caller.as_deref(), estimate);
+                let charge = match shared.charge(caller.as_deref(), estimate) {
+                    Ok(charge) => charge,
+                    Err(refusal) => return ResponseFuture::refused(shared, refusal),
+                };
                 let request = Request::from_parts(parts, ReplayBody::passthrough(body));
                 ResponseFuture::admitting(shared, charge, request, inner)
             }

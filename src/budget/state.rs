@@ -66,6 +66,8 @@ pub(crate) struct Settings {
     /// How long a key may stay unused before a later new key's admission
     /// forgets it.
     pub(crate) idle_key_eviction: Duration,
+    /// The most keys the budget holds.
+    pub(crate) max_keys: usize,
 }
 
 /// When the map of keys was last swept for idle keys, and its size that
@@ -458,10 +460,17 @@ impl Shared {
 
     /// The key's name and state, created if new: one short lookup under the
     /// map's lock.
-    fn key_cell(&self, lookup: &str, limits: Limits) -> (Arc<str>, Arc<KeyCell>) {
+    /// `None` if the key is new and the budget holds its most keys, none idle.
+    fn key_cell(&self, lookup: &str, limits: Limits) -> Option<(Arc<str>, Arc<KeyCell>)> {
         let mut keys = self.lock();
         if let Some((key, cell)) = keys.get_key_value(lookup) {
-            return (Arc::clone(key), Arc::clone(cell));
+            return Some((Arc::clone(key), Arc::clone(cell)));
+        }
+        if keys.len() >= self.settings.max_keys {
+            retain_active(&mut keys, Instant::now(), self.settings.idle_key_eviction);
+            if keys.len() >= self.settings.max_keys {
+                return None;
+            }
         }
         let key: Arc<str> = Arc::from(lookup);
         let cell = Arc::new(Mutex::new(KeyState::new(
@@ -470,7 +479,7 @@ impl Shared {
         )));
         keys.insert(Arc::clone(&key), Arc::clone(&cell));
         self.sweep_if_due(&mut keys);
-        (key, cell)
+        Some((key, cell))
     }
 
     /// Forgets idle keys when a new key was added and the map doubled since
@@ -494,7 +503,12 @@ impl Shared {
     }
 
     /// Turns an estimate into the costs to reserve under the request's key.
-    pub(crate) fn charge(&self, caller: Option<&str>, estimate: Estimate) -> Charge {
+    /// Refused if the key is new and the budget holds its most keys.
+    pub(crate) fn charge(
+        &self,
+        caller: Option<&str>,
+        estimate: Estimate,
+    ) -> Result<Charge, CallerRefusal> {
         let class = ModelClass::of(estimate.model.as_deref().unwrap_or(""));
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
@@ -502,7 +516,8 @@ impl Shared {
         let (key, cell) = match caller {
             None => self.key_cell(name, limits),
             Some(caller) => self.key_cell(&format!("{caller}/{name}"), limits),
-        };
+        }
+        .ok_or(CallerRefusal::TooManyKeys)?;
         let output_tokens = {
             let mut ks = lock_key(&cell);
             ks.estimates += 1;
@@ -522,7 +537,7 @@ impl Shared {
         } else {
             estimate.input_tokens
         };
-        Charge {
+        Ok(Charge {
             key,
             cell,
             limits,
@@ -533,7 +548,7 @@ impl Shared {
                 output_tokens,
             },
             estimate,
-        }
+        })
     }
 
     /// The output tokens to reserve, per the output mode.
