@@ -141,9 +141,9 @@ impl TokenBudgetLayer {
 
     /// Forgets what the layer keeps per key (learned output ratio, counters)
     /// for keys not used for `idle` and with no request waiting, and returns
-    /// how many were forgotten. A gateway with many callers calls it from
-    /// time to time, with the ledger's own eviction
-    /// ([`InMemoryLedger::evict_idle`]).
+    /// how many were forgotten. The layer does this by itself as new keys
+    /// arrive (see [`TokenBudgetBuilder::idle_key_eviction`]); this forgets
+    /// them now (the ledger's own: [`InMemoryLedger::evict_idle`]).
     pub fn forget_idle(&self, idle: std::time::Duration) -> usize {
         self.shared.forget_idle(idle)
     }

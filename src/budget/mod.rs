@@ -188,9 +188,12 @@
 //!   [`LedgerError`](ledger::LedgerError) (nothing debited, nothing sent),
 //!   and a failed settlement or sync is logged. There is no fail-open or
 //!   fail-closed policy yet.
-//! - It forgets no key by itself: a gateway with very many callers holds a
-//!   few kilobytes per caller and model class until
-//!   [`TokenBudgetLayer::forget_idle`] (and the ledger's own eviction) is called.
+//! - A key (a caller and model class) costs about 1.1 KB while idle (budget
+//!   and in-memory ledger). Keys unused for
+//!   [`idle_key_eviction`](TokenBudgetBuilder::idle_key_eviction) (10 min by
+//!   default) are forgotten as new keys are admitted, and at most
+//!   [`max_keys`](TokenBudgetBuilder::max_keys) (100,000 by default) are held;
+//!   [`TokenBudgetLayer::forget_idle`] forgets idle keys on demand.
 
 pub(crate) mod answer;
 mod callers;
