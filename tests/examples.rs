@@ -363,3 +363,21 @@ async fn gateway_serves_at_most_its_connection_limit() {
         "served before a slot was free"
     );
 }
+
+/// A kept-alive connection that sends nothing after its answer is closed at
+/// the header read timeout too: an idle client cannot hold a slot.
+#[tokio::test(start_paused = true)]
+async fn gateway_closes_idle_kept_alive_connections() {
+    let addr = serve_bounded(bounded_app(), 64).await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"POST /v1/messages HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\nhi")
+        .await
+        .expect("write");
+    let start = tokio::time::Instant::now();
+    let got = closed_within(&mut s, HEADER_READ_TIMEOUT + Duration::from_secs(5))
+        .await
+        .expect("an idle kept-alive connection was left open");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(start.elapsed() >= HEADER_READ_TIMEOUT);
+}
