@@ -1,16 +1,20 @@
 //! An axum gateway in front of many internal callers.
 //!
 //! ```text
-//! ANTHROPIC_API_KEY=sk-ant-... cargo run --example axum_gateway
-//! # then, from any client or official SDK, with the caller's own key:
-//! curl -s localhost:8080/v1/messages -H 'x-api-key: team-a' -H 'content-type: application/json' \
+//! ANTHROPIC_API_KEY=sk-ant-... GATEWAY_CALLERS='team-a=gw-key-a,team-b=gw-key-b' \
+//!   cargo run --example axum_gateway
+//! # then, from any client or official SDK, with the caller's gateway key:
+//! curl -s localhost:8080/v1/messages -H 'x-api-key: gw-key-a' -H 'content-type: application/json' \
 //!   -d '{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Hi"}]}'
 //! ```
 //!
 //! Two budgets, two jobs:
 //! - **per caller, enforced** (server side): [`TokenBudgetLayer::enforce`]
-//!   on the route gives every caller (told apart by a hash of its
-//!   `x-api-key`, which is never logged or echoed) its own RPM / ITPM / OTPM.
+//!   on the route gives every configured caller ([`Callers`]: a name and a
+//!   gateway key, sent as `x-api-key` or `authorization: Bearer`, compared
+//!   in constant time, never logged or echoed) its own RPM / ITPM / OTPM.
+//!   An unknown or missing key is answered with 401 `authentication_error`,
+//!   duplicate or conflicting keys with 400, before any budget is touched.
 //!   A caller over budget is answered at once with an Anthropic-shaped 429
 //!   (`retry-after`, `anthropic-ratelimit-*` headers, the error JSON), so the
 //!   official SDKs back off correctly; admitted answers carry the caller's
@@ -19,7 +23,15 @@
 //!   the crate's preset stack (retry -> budget -> concurrency) over a
 //!   hyper-util client, so all callers together stay under the key's limits.
 //!
+//! The server holds its connections to bounds (see [`serve`]): at most
+//! [`MAX_CONNECTIONS`] open at once (more wait in the listen queue), a
+//! request head must arrive within [`HEADER_READ_TIMEOUT`] (also between
+//! requests on a kept-alive connection), and a whole request body within
+//! [`BODY_READ_TIMEOUT`] (else 408 and the connection is closed). A
+//! slow-loris client cannot hold a connection longer than that.
+//!
 //! Environment: `ANTHROPIC_API_KEY` (the upstream key, required),
+//! `GATEWAY_CALLERS` (required: `name=key` pairs separated by commas),
 //! `UPSTREAM_URL` (default `https://api.anthropic.com`), `GATEWAY_ADDR`
 //! (default `127.0.0.1:8080`), `ANTHROPIC_TIER` (the upstream's tier, `1` to
 //! `4`, default `1`), `CALLER_RPM` / `CALLER_ITPM` / `CALLER_OTPM` (each
@@ -27,7 +39,8 @@
 
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request as AxumRequest, State};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -39,14 +52,32 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_llm_limits::budget::{Limits, Tier, TokenBudgetLayer};
+
+use http_body_util::Limited;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower_llm_limits::budget::{Callers, Limits, Tier, TokenBudgetLayer};
 use tower_llm_limits::preset::LimitsLayer;
 use tower_llm_limits::{BoxError, Error};
 
 /// The largest request body the gateway reads (the API's own limit).
 const BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+/// The most connections served at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 1_024;
+
+/// The time a request head (line and headers) has to arrive, counted from
+/// the connection's start or the end of the previous answer.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The time a whole request body has to arrive once its head was read.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The body the upstream hyper client sends and the stack answers with.
 type ClientBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -107,8 +138,12 @@ impl Anthropic {
 /// The gateway's router: `POST /v1/messages`, each caller's budget enforced,
 /// forwarded through `upstream`. Returns the caller budget too, for its
 /// snapshot.
-fn router(upstream: Anthropic, caller_limits: Limits) -> (Router, TokenBudgetLayer) {
-    let callers = TokenBudgetLayer::enforce(caller_limits);
+fn router(
+    upstream: Anthropic,
+    caller_limits: Limits,
+    callers: Callers,
+) -> (Router, TokenBudgetLayer) {
+    let callers = TokenBudgetLayer::enforce(caller_limits, callers);
     let router = Router::new()
         .route("/v1/messages", post(forward))
         .route_layer(
@@ -117,8 +152,98 @@ fn router(upstream: Anthropic, caller_limits: Limits) -> (Router, TokenBudgetLay
                 .layer(callers.clone()),
         )
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(read_body_in_time))
         .with_state(upstream);
     (router, callers)
+}
+
+/// Reads the whole request body within [`BODY_READ_TIMEOUT`] (and at most
+/// [`BODY_LIMIT`] bytes) before anything else sees it: a body that trickles
+/// in is answered with 408, one too large with 413, in the API's error shape.
+async fn read_body_in_time(req: AxumRequest, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, BODY_LIMIT).collect());
+    let bytes = match read.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                "request body too large",
+            );
+        }
+        Ok(Err(e)) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &e.to_string(),
+            );
+        }
+        Err(_) => {
+            let mut resp = api_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request body not received in time",
+            );
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+    };
+    next.run(AxumRequest::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// An answer in the API's error shape.
+fn api_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 with the gateway's bounds: at
+/// most `max_connections` connections at once (the next is accepted when
+/// one closes), and a request head must arrive within `header_read_timeout`
+/// (a connection that stalls before or between requests is closed).
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    max_connections: usize,
+    header_read_timeout: Duration,
+) -> Result<(), BoxError> {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let slot = Arc::clone(&slots).acquire_owned().await?;
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // A failed accept (a reset, too many open files) ends only itself.
+            Err(_) => continue,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            drop(slot);
+        });
+    }
+}
+
+/// The callers of `GATEWAY_CALLERS`: `name=key` pairs separated by commas.
+fn callers_from(spec: &str) -> Result<Callers, BoxError> {
+    let mut callers = Callers::new();
+    for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, key) = pair
+            .split_once('=')
+            .ok_or("GATEWAY_CALLERS: name=key pairs, separated by commas")?;
+        if name.is_empty() || key.is_empty() {
+            return Err("GATEWAY_CALLERS: a caller needs a name and a key".into());
+        }
+        callers = callers.caller(name, key);
+    }
+    Ok(callers)
 }
 
 /// Sends the caller's body upstream as it is (the caller's key stays here:
@@ -216,10 +341,12 @@ async fn main() -> Result<(), BoxError> {
         .rpm(env_u64("CALLER_RPM", 20)?)
         .itpm(env_u64("CALLER_ITPM", 10_000)?)
         .otpm(env_u64("CALLER_OTPM", 2_000)?);
+    let callers = std::env::var("GATEWAY_CALLERS")
+        .map_err(|_| "set GATEWAY_CALLERS (name=key pairs: the callers and their gateway keys)")?;
+    let callers = callers_from(&callers)?;
     let upstream = Anthropic::new(&base, &key, LimitsLayer::anthropic(tier))?;
-    let (app, _callers) = router(upstream, caller);
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    let (app, _callers) = router(upstream, caller, callers);
+    let listener = TcpListener::bind(&addr).await?;
     println!("gateway on http://{} -> {base}", listener.local_addr()?);
-    axum::serve(listener, app).await?;
-    Ok(())
+    serve(listener, app, MAX_CONNECTIONS, HEADER_READ_TIMEOUT).await
 }

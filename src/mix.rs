@@ -1,7 +1,6 @@
 //! Bit mixing shared by the layers: the SplitMix64 output function (the
-//! retry layer's jitter) and FNV-1a, a hash whose result does not change
-//! between Rust releases (budget keys). The emulator has its own copies, so
-//! that it depends only on the crate's public items.
+//! retry layer's jitter). The emulator has its own copy, so that it depends
+//! only on the crate's public items.
 
 /// SplitMix64's increment (the golden-ratio "gamma").
 #[cfg(feature = "retry")]
@@ -14,18 +13,4 @@ pub(crate) fn splitmix64(state: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-/// The FNV-1a offset basis.
-#[cfg(feature = "budget")]
-pub(crate) const FNV_OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
-
-/// FNV-1a over `bytes`, continuing from `hash` (start with [`FNV_OFFSET`]).
-#[cfg(feature = "budget")]
-pub(crate) fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
-    }
-    hash
 }

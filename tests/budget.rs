@@ -19,7 +19,7 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
 use tower_llm_limits::body::{BufferedBytes, ReplayBody};
 use tower_llm_limits::budget::{
-    BudgetMode, BudgetSnapshot, KeyExtractor, Limits, OutputMode, TokenBudgetLayer,
+    BudgetMode, BudgetSnapshot, Callers, KeyExtractor, Limits, OutputMode, TokenBudgetLayer,
 };
 use tower_llm_limits::estimate::{Estimate, TokenEstimator};
 use tower_llm_limits::headers::RateLimitSnapshot;
@@ -150,6 +150,13 @@ fn budget(limits: Limits) -> (TokenBudgetLayer, Arc<ExactEstimator>) {
 
 fn remaining(snap: &BudgetSnapshot, d: Dimension) -> f64 {
     snap.key(KEY)
+        .and_then(|k| k.dimension(d).remaining)
+        .unwrap_or(f64::NAN)
+}
+
+/// [`remaining`] of the one caller of [`one_caller`].
+fn remaining_of_all(snap: &BudgetSnapshot, d: Dimension) -> f64 {
+    snap.key(&format!("all/{KEY}"))
         .and_then(|k| k.dimension(d).remaining)
         .unwrap_or(f64::NAN)
 }
@@ -1162,7 +1169,7 @@ async fn enforce_mode_answers_a_huge_model_name_with_a_400() {
     let log = Arc::new(Log::default());
     let layer = TokenBudgetLayer::builder()
         .limits(Limits::new().rpm(50).itpm(30_000).otpm(8_000))
-        .enforce()
+        .enforce(one_caller())
         .build();
     let mut gateway = layer.layer(upstream(log.clone(), 1));
     let resp = gateway
@@ -1294,7 +1301,7 @@ async fn enforce_mode_answers_an_anthropic_shaped_429() {
     let layer = TokenBudgetLayer::builder()
         .limits(Limits::new().rpm(50).itpm(30_000).otpm(8_000))
         .estimator(estimator)
-        .enforce()
+        .enforce(Callers::any_key_unauthenticated())
         .build();
     let mut gateway = layer.layer(upstream(log.clone(), 100));
     let keyed = |key: &str, input: u64| {
@@ -1402,21 +1409,21 @@ where
         .all(|v| !v.to_str().unwrap_or("").contains(secret)));
 }
 
-/// Budgets can be keyed by a custom extractor; requests without a key share one.
+/// Budgets can be keyed by a custom extractor; a request it names no caller
+/// for is refused with 401, charged to no budget.
 #[tokio::test(start_paused = true)]
 async fn enforce_mode_with_a_custom_key_extractor() {
     let log = Arc::new(Log::default());
     let layer = TokenBudgetLayer::builder()
         .limits(Limits::new().rpm(1).itpm(30_000).otpm(8_000))
         .estimator(Arc::new(ExactEstimator::default()))
-        .key_extractor(KeyExtractor::new(|parts: &Parts| {
+        .enforce(KeyExtractor::new(|parts: &Parts| {
             parts
                 .headers
                 .get("x-team")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         }))
-        .enforce()
         .build();
     let mut gateway = layer.layer(upstream(log.clone(), 1));
     let team = |t: Option<&str>| {
@@ -1431,10 +1438,13 @@ async fn enforce_mode_with_a_custom_key_extractor() {
         let r = gateway.ready().await.unwrap().call(team(t)).await.unwrap();
         statuses.push(r.status().as_u16());
     }
-    assert_eq!(statuses, vec![200, 429, 200, 200, 429]);
+    assert_eq!(statuses, vec![200, 429, 200, 401, 401]);
     let snap = layer.snapshot();
     assert!(snap.key("a/sonnet-4").is_some());
-    assert!(snap.key("sonnet-4").is_some(), "no key: one shared budget");
+    assert!(
+        snap.key("sonnet-4").is_none(),
+        "no caller: refused, no budget"
+    );
 }
 
 #[allow(dead_code)]
@@ -1515,7 +1525,7 @@ async fn zero_output_prior_reserves_one_token_and_respects_debt() {
         .limits(Limits::new().rpm(50).itpm(30_000).otpm(1_000))
         .estimator(Arc::new(ExactEstimator::default()))
         .output_ratio_prior(0.0)
-        .enforce()
+        .enforce(one_caller())
         .build();
     let mut gateway = layer.layer(upstream(log.clone(), 1_500));
     let first = gateway
@@ -1533,11 +1543,14 @@ async fn zero_output_prior_reserves_one_token_and_respects_debt() {
         Some(1_000),
         "999 rounded to the nearest thousand"
     );
-    assert_eq!(remaining(&layer.snapshot(), Dimension::OutputTokens), 999.0);
+    assert_eq!(
+        remaining_of_all(&layer.snapshot(), Dimension::OutputTokens),
+        999.0
+    );
     first.into_body().collect().await.unwrap();
     // 1,500 produced: 500 in debt.
     assert_eq!(
-        remaining(&layer.snapshot(), Dimension::OutputTokens),
+        remaining_of_all(&layer.snapshot(), Dimension::OutputTokens),
         -500.0
     );
     let second = gateway
@@ -1835,7 +1848,7 @@ async fn enforce_mode_over_loopback_http() {
     let layer = TokenBudgetLayer::builder()
         .limits(Limits::new().rpm(2).itpm(30_000).otpm(8_000))
         .estimator(Arc::new(ExactEstimator::default()))
-        .enforce()
+        .enforce(one_caller())
         .build();
     let gateway = layer.layer(tower::service_fn(answer_over_http));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1929,7 +1942,7 @@ async fn enforce_mode_never_passes_the_upstreams_rate_limit_headers_on() {
     let layer = TokenBudgetLayer::builder()
         .limits(caller)
         .estimator(Arc::new(ExactEstimator::default()))
-        .enforce()
+        .enforce(one_caller())
         .build();
     let mut gateway = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
     let r = gateway
@@ -2232,4 +2245,188 @@ async fn response_future_polled_after_completion_panics() {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_default();
     assert_eq!(message, "`budget::ResponseFuture` polled after completion");
+}
+
+/// Every request is one caller's (enforce mode with one shared budget).
+fn one_caller() -> KeyExtractor {
+    KeyExtractor::new(|_: &Parts| Some("all".to_owned()))
+}
+
+/// A request of `input` tokens sending these auth headers.
+fn with_auth(headers: &[(&str, &str)], input: u64) -> Request<Full<Bytes>> {
+    let mut r = request(input, 10);
+    for (name, value) in headers {
+        r.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    r
+}
+
+/// Enforce mode with configured callers: a caller that rotates its key is
+/// refused with 401 (it cannot evade its budget), and the caller's own key is
+/// held to its limit (20 of 25 admitted at 20 RPM).
+#[tokio::test(start_paused = true)]
+async fn rotating_keys_do_not_evade_the_budget() {
+    let log = Arc::new(Log::default());
+    let callers = Callers::new().caller("team-a", "gw-key-a");
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(20).itpm(1_000_000).otpm(1_000_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .enforce(callers)
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 1));
+    let mut rotating = Vec::new();
+    let mut same = Vec::new();
+    for i in 0..25 {
+        let key = format!("gw-key-rotated-{i}");
+        let r = with_auth(&[("x-api-key", &key)], 10);
+        let resp = gateway.ready().await.unwrap().call(r).await.unwrap();
+        rotating.push(resp.status().as_u16());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "authentication_error", "{json}");
+    }
+    assert!(rotating.iter().all(|s| *s == 401), "{rotating:?}");
+    assert!(log.sent().is_empty(), "refused before anything was sent");
+    assert!(layer.snapshot().keys.is_empty(), "no budget touched");
+    for _ in 0..25 {
+        let r = with_auth(&[("x-api-key", "gw-key-a")], 10);
+        let resp = gateway.ready().await.unwrap().call(r).await.unwrap();
+        same.push(resp.status().as_u16());
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(same.iter().filter(|s| **s == 200).count(), 20, "{same:?}");
+    assert_eq!(same.iter().filter(|s| **s == 429).count(), 5, "{same:?}");
+    let snap = layer.snapshot();
+    assert_eq!(snap.keys.len(), 1);
+    assert!(snap.keys[0].key.starts_with("caller-team-a/"), "{snap:?}");
+}
+
+/// Callers that send only `authorization: Bearer` are told apart (each has
+/// its own budget), and a request with no key is refused with 401 instead of
+/// sharing an anonymous budget.
+#[tokio::test(start_paused = true)]
+async fn bearer_callers_have_their_own_budgets_and_no_key_is_refused() {
+    let log = Arc::new(Log::default());
+    let callers = Callers::new()
+        .caller("a", "gw-key-a")
+        .caller("b", "gw-key-b");
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1).itpm(1_000_000).otpm(1_000_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .enforce(callers)
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 1));
+    let mut statuses = Vec::new();
+    for headers in [
+        &[][..],
+        &[("authorization", "Bearer gw-key-a")][..],
+        &[][..],
+        &[("authorization", "Bearer gw-key-b")][..],
+        &[("x-api-key", "gw-key-a")][..],
+    ] {
+        let resp = gateway
+            .ready()
+            .await
+            .unwrap()
+            .call(with_auth(headers, 10))
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(statuses, [401, 200, 401, 200, 429]);
+    assert_eq!(log.sent().len(), 2);
+}
+
+/// Two `x-api-key` headers, or an `x-api-key` and a different bearer token,
+/// are refused with 400 before any budget is touched: the first header no
+/// longer decides.
+#[tokio::test(start_paused = true)]
+async fn duplicate_auth_headers_are_refused() {
+    let log = Arc::new(Log::default());
+    let callers = Callers::new()
+        .caller("a", "gw-key-a")
+        .caller("b", "gw-key-b");
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10).itpm(1_000_000).otpm(1_000_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .enforce(callers)
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 1));
+    for headers in [
+        &[("x-api-key", "gw-key-a"), ("x-api-key", "gw-key-b")][..],
+        &[("x-api-key", "gw-key-a"), ("x-api-key", "gw-key-a")][..],
+        &[
+            ("x-api-key", "gw-key-a"),
+            ("authorization", "Bearer gw-key-b"),
+        ][..],
+        &[
+            ("authorization", "Bearer gw-key-a"),
+            ("authorization", "Bearer gw-key-b"),
+        ][..],
+    ] {
+        let resp = gateway
+            .ready()
+            .await
+            .unwrap()
+            .call(with_auth(headers, 10))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{headers:?}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "invalid_request_error", "{json}");
+    }
+    assert!(log.sent().is_empty());
+    assert!(layer.snapshot().keys.is_empty());
+}
+
+/// The number of budget keys is bounded: a new caller past the bound is
+/// refused with 529 `overloaded_error` (nothing reserved, nothing sent),
+/// callers already held are still served, and once keys went idle a new
+/// caller takes their place.
+#[tokio::test(start_paused = true)]
+async fn the_number_of_caller_keys_is_bounded() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10).itpm(1_000_000).otpm(1_000_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .enforce(Callers::any_key_unauthenticated())
+        .max_keys(3)
+        .idle_key_eviction(Duration::from_secs(120))
+        .build();
+    let mut gateway = layer.layer(upstream(log.clone(), 1));
+    let mut statuses = Vec::new();
+    for key in ["k1", "k2", "k3", "k4", "k1"] {
+        let resp = gateway
+            .ready()
+            .await
+            .unwrap()
+            .call(with_auth(&[("x-api-key", key)], 10))
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if key == "k4" {
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"]["type"], "overloaded_error", "{json}");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 529, 200]);
+    assert_eq!(log.sent().len(), 4);
+    assert_eq!(layer.snapshot().keys.len(), 3);
+    tokio::time::sleep(Duration::from_secs(121)).await;
+    let resp = gateway
+        .ready()
+        .await
+        .unwrap()
+        .call(with_auth(&[("x-api-key", "k4")], 10))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(layer.snapshot().keys.len(), 1);
 }

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_http::trace::TraceLayer;
-use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+use tower_llm_limits::budget::{Callers, Limits, TokenBudgetLayer};
 use tower_llm_limits::concurrency::ConcurrencyLayer;
 use tower_llm_limits::preset::LimitsLayer;
 use tower_llm_limits::retry::RetryAfterLayer;
@@ -272,7 +272,10 @@ async fn to_response(e: BoxError) -> impl IntoResponse {
 #[tokio::test]
 async fn layers_on_an_axum_router_serving_on_loopback() {
     let concurrency = ConcurrencyLayer::fixed(2);
-    let enforce = TokenBudgetLayer::enforce(Limits::new().rpm(5).itpm(100_000).otpm(100_000));
+    let enforce = TokenBudgetLayer::enforce(
+        Limits::new().rpm(5).itpm(100_000).otpm(100_000),
+        Callers::new().caller("caller-1", "caller-1"),
+    );
     let app = axum::Router::new()
         .route("/v1/messages", post(echo))
         .route_layer(

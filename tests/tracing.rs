@@ -296,3 +296,54 @@ async fn slow_start_doubles_then_grows_additively_after_a_drop() {
     }
     assert_eq!(layer.snapshot().cuts, 1);
 }
+
+// ---------------------------------------------------------------- budget
+
+/// A caller's key is never logged, nor its hash: the budget's events name a
+/// hashed caller by its model class only.
+#[cfg(feature = "budget")]
+#[tokio::test(start_paused = true)]
+async fn budget_events_never_name_a_key_or_its_hash() {
+    use tower_llm_limits::budget::{Callers, Limits, TokenBudgetLayer};
+
+    let captured = capture();
+    let upstream = service_fn(|_req: Request<_>| async {
+        let body = r#"{"type":"message","usage":{"input_tokens":10,"output_tokens":20}}"#;
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+    });
+    let layer = TokenBudgetLayer::enforce(
+        Limits::new().rpm(1).itpm(30_000).otpm(8_000),
+        Callers::any_key_unauthenticated(),
+    );
+    let mut svc = layer.layer(upstream);
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let request = Request::post("http://gw.test/v1/messages")
+            .header("x-api-key", "sk-gw-SECRET-KEY")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#,
+            )))
+            .unwrap();
+        let response = svc.ready().await.unwrap().call(request).await.unwrap();
+        statuses.push(response.status().as_u16());
+        let _ = response.into_body().collect().await.unwrap();
+    }
+    assert_eq!(statuses, [200, 429]);
+    let names: Vec<String> = layer
+        .snapshot()
+        .keys
+        .iter()
+        .filter_map(|k| k.key.split('/').next().map(str::to_owned))
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].starts_with("key-"), "{names:?}");
+    let lines: Vec<String> = captured.events().iter().map(Event::line).collect();
+    assert!(
+        lines.iter().any(|l| l.contains("budget: rejected")),
+        "{lines:#?}"
+    );
+    for line in &lines {
+        assert!(!line.contains("SECRET"), "{line}");
+        assert!(!line.contains(names[0].as_str()), "{line}");
+    }
+}

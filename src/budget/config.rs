@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use http::request::Parts;
 
+use super::callers::{CallerRefusal, Callers};
 use super::limits::{Limits, ModelClass, Tier};
-use crate::mix::{fnv1a, FNV_OFFSET};
 
 /// Which limits apply to each model class.
 ///
@@ -101,43 +101,50 @@ pub enum BudgetMode {
     Reject,
 }
 
-/// Names the caller a request is charged to (enforce mode's budgets per caller).
+/// Names the caller a request is charged to (enforce mode's budgets per
+/// caller): a function of the request head, supplied by the user or made
+/// from [`Callers`] (the secure default: authenticated caller keys).
 ///
-/// Returns `None` for a request with no caller: those share one budget.
-/// The name is used as a ledger key and may appear in snapshots and tracing
-/// events, so it must not be a secret: hash secrets (the default does).
+/// In enforce mode a request the extractor gives no name (`None`) or refuses
+/// ([`KeyExtractor::authenticating`]) is answered with 401 or 400 in the
+/// API's error shape, before any budget is touched. In client mode a request
+/// with no name is charged to the shared budget of its model class.
+///
+/// The name is used as a ledger key and appears in snapshots, so it must not
+/// be a secret, nor a hash a secret can be guessed from: [`Callers`] names a
+/// caller by its configured name, or by a hash under a random per-process key.
 #[derive(Clone)]
 pub struct KeyExtractor(Arc<ExtractFn>);
 
-type ExtractFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+type ExtractFn = dyn Fn(&Parts) -> Result<Option<String>, CallerRefusal> + Send + Sync;
 
 impl KeyExtractor {
-    /// A key extractor from a function of the request head.
+    /// A key extractor from a function of the request head (`None`: no
+    /// caller, refused with 401 in enforce mode).
     pub fn new<F>(f: F) -> Self
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
-        Self(Arc::new(f))
+        Self(Arc::new(move |parts: &Parts| Ok(f(parts))))
     }
 
-    /// The default for enforce mode: a hash of the `x-api-key` header (never
-    /// the key itself, which is neither logged nor echoed). Requests without
-    /// the header share one budget.
-    ///
-    /// The hash (64-bit FNV-1a, printed in hex) is stable across processes, so
-    /// a shared ledger sees the same key everywhere; it is an identifier, not a
-    /// protection of the key against someone who can read the ledger.
-    pub fn api_key_hash() -> Self {
-        Self::new(|parts: &Parts| {
-            parts
-                .headers
-                .get("x-api-key")
-                .map(|v| format!("key-{:016x}", fnv1a(FNV_OFFSET, v.as_bytes())))
-        })
+    /// A key extractor that may refuse a request, with the refusal's status
+    /// (401 or 400), in either mode.
+    pub fn authenticating<F>(f: F) -> Self
+    where
+        F: Fn(&Parts) -> Result<String, CallerRefusal> + Send + Sync + 'static,
+    {
+        Self(Arc::new(move |parts: &Parts| f(parts).map(Some)))
     }
 
-    pub(crate) fn key(&self, parts: &Parts) -> Option<String> {
+    pub(crate) fn key(&self, parts: &Parts) -> Result<Option<String>, CallerRefusal> {
         (self.0)(parts)
+    }
+}
+
+impl From<Callers> for KeyExtractor {
+    fn from(callers: Callers) -> Self {
+        Self::authenticating(move |parts: &Parts| callers.identify(parts))
     }
 }
 
@@ -146,6 +153,15 @@ impl fmt::Debug for KeyExtractor {
         f.write_str("KeyExtractor(..)")
     }
 }
+
+/// How long a budget key may stay unused before it is forgotten (the default
+/// of `TokenBudgetBuilder::idle_key_eviction`).
+pub(crate) const DEFAULT_IDLE_KEY_EVICTION: std::time::Duration =
+    std::time::Duration::from_secs(10 * 60);
+
+/// The most keys a budget holds (the default of
+/// `TokenBudgetBuilder::max_keys`).
+pub(crate) const DEFAULT_MAX_KEYS: usize = 100_000;
 
 /// The `max_tokens` assumed for a request that does not say.
 pub(crate) const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -175,21 +191,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn api_key_hash_hides_the_key() {
+    fn callers_become_an_authenticating_extractor() {
+        let extractor = KeyExtractor::from(Callers::new().caller("a", "sk-a"));
+        let (anon, _) = http::Request::new(()).into_parts();
+        assert_eq!(extractor.key(&anon), Err(CallerRefusal::MissingKey));
         let req = http::Request::builder()
-            .header("x-api-key", "sk-ant-secret")
+            .header("x-api-key", "sk-a")
             .body(())
             .map(|r| r.into_parts().0);
         let parts = match req {
             Ok(p) => p,
             Err(e) => panic!("{e}"),
         };
-        let key = KeyExtractor::api_key_hash().key(&parts);
-        let key = key.unwrap_or_default();
-        assert!(key.starts_with("key-"));
-        assert!(!key.contains("secret"));
-        assert_eq!(Some(key), KeyExtractor::api_key_hash().key(&parts));
-        let (anon, _) = http::Request::new(()).into_parts();
-        assert_eq!(KeyExtractor::api_key_hash().key(&anon), None);
+        assert_eq!(extractor.key(&parts), Ok(Some("caller-a".into())));
     }
 }

@@ -12,6 +12,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use super::callers::CallerRefusal;
 use super::enforce;
 use super::state::{Admission, Charge, Refusal, Shared};
 use super::usage::{ResponseBody, Tracker};
@@ -99,6 +100,9 @@ pin_project! {
         Failed {
             error: Option<BoxError>,
         },
+        Refused {
+            refusal: Option<CallerRefusal>,
+        },
         Done,
     }
 }
@@ -136,7 +140,10 @@ impl Drop for Held {
     fn drop(&mut self) {
         if let Some(charge) = self.charge.take() {
             if self.marker.sent() {
-                tracing::debug!(key = %charge.key, "budget: request dropped after it was sent; charge kept");
+                tracing::debug!(
+                    key = super::callers::logged_key(&charge.key),
+                    "budget: request dropped after it was sent; charge kept"
+                );
             } else {
                 self.shared.refund_unsent(&charge);
             }
@@ -155,6 +162,7 @@ where
             State::Readying { .. } => "readying",
             State::Calling { .. } => "calling",
             State::Failed { .. } => "failed",
+            State::Refused { .. } => "refused",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
@@ -191,6 +199,17 @@ where
         Self {
             shared,
             state: State::Failed { error: Some(error) },
+        }
+    }
+
+    /// A request refused before any budget was touched (its caller is
+    /// unknown or ambiguous).
+    pub(crate) fn refused(shared: Arc<Shared>, refusal: CallerRefusal) -> Self {
+        Self {
+            shared,
+            state: State::Refused {
+                refusal: Some(refusal),
+            },
         }
     }
 
@@ -244,9 +263,13 @@ where
                         Ok((request, charge)) => {
                             this.state.set(State::admitting(charge, request, svc))
                         }
-                        Err(e) => {
+                        Err(NotCharged::Error(e)) => {
                             this.state.set(State::Done);
                             return Poll::Ready(fail(shared, e));
+                        }
+                        Err(NotCharged::Refused(refusal)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(caller_refused(shared, refusal));
                         }
                     }
                 }
@@ -309,6 +332,13 @@ where
                     };
                     return Poll::Ready(finished(shared, charge, sent, result));
                 }
+                StateProj::Refused { refusal } => {
+                    let Some(refusal) = refusal.take() else {
+                        polled_after_completion();
+                    };
+                    this.state.set(State::Done);
+                    return Poll::Ready(caller_refused(shared, refusal));
+                }
                 StateProj::Done => polled_after_completion(),
             }
         }
@@ -324,6 +354,19 @@ fn mark<B>(request: Option<&mut Request<B>>) -> Dispatch {
     let marker = Dispatch::new(Dispatch::of(request.extensions()));
     request.extensions_mut().insert(marker.clone());
     marker
+}
+
+/// A caller refused before any budget was touched: its 401 or 400 in the
+/// API's error shape in enforce mode, the refusal as an error otherwise.
+fn caller_refused<ResB>(
+    shared: &Shared,
+    refusal: CallerRefusal,
+) -> Result<Response<ResponseBody<ResB>>, BoxError> {
+    if shared.settings.enforce {
+        Ok(refusal.into_response().map(ResponseBody::full))
+    } else {
+        Err(Box::new(refusal))
+    }
 }
 
 /// The inner service's answer: a response wrapped for settlement, or its
@@ -344,7 +387,10 @@ fn finished<ResB: Body, E: Into<BoxError>>(
             if !sent || connection_refused(&*e) {
                 shared.refund_unsent(&charge);
             } else {
-                tracing::debug!(key = %charge.key, "budget: inner service failed; charge kept");
+                tracing::debug!(
+                    key = super::callers::logged_key(&charge.key),
+                    "budget: inner service failed; charge kept"
+                );
             }
             Err(e)
         }
@@ -405,13 +451,13 @@ fn estimated<B>(
     buffered: Result<Buffered<B>, BoxError>,
     parts: Parts,
     caller: Option<&str>,
-) -> Result<(Request<ReplayBody<B>>, Charge), BoxError>
+) -> Result<(Request<ReplayBody<B>>, Charge), NotCharged>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
     let (request, estimate) = match buffered {
-        Err(e) => return Err(Box::new(Error::Body(e))),
+        Err(e) => return Err(NotCharged::Error(Box::new(Error::Body(e)))),
         Ok(Buffered::Complete(body)) => {
             let estimate = shared.estimator.estimate(&parts, body.bytes());
             (Request::from_parts(parts, body.replay()), estimate)
@@ -422,8 +468,10 @@ where
             (Request::from_parts(parts, body), estimate)
         }
     };
-    check_model(&estimate)?;
-    let charge = shared.charge(caller, estimate);
+    check_model(&estimate).map_err(NotCharged::Error)?;
+    let charge = shared
+        .charge(caller, estimate)
+        .map_err(NotCharged::Refused)?;
     Ok((request, charge))
 }
 
@@ -451,6 +499,14 @@ fn fail<ResB>(shared: &Shared, e: BoxError) -> Result<Response<ResponseBody<ResB
         }
         _ => Err(e),
     }
+}
+
+/// Why a buffered request was not charged.
+enum NotCharged {
+    /// Its body could not be read.
+    Error(BoxError),
+    /// Its key is new and the budget holds its most keys.
+    Refused(CallerRefusal),
 }
 
 /// The answer to a request not admitted: the ledger's error; or the
@@ -504,7 +560,7 @@ fn respond<ResB: Body>(
     }
     if was_refused {
         tracing::debug!(
-            key = %charge.key,
+            key = super::callers::logged_key(&charge.key),
             status = status.as_u16(),
             "budget: request refused; reservation refunded"
         );

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::config::{
-    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_LEARN_CONFIRMATIONS, DEFAULT_MAX_TOKENS,
-    DEFAULT_OUTPUT_QUANTILE, OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
+    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_IDLE_KEY_EVICTION, DEFAULT_LEARN_CONFIRMATIONS,
+    DEFAULT_MAX_KEYS, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUT_QUANTILE, OUTPUT_RATIO_MIN_SAMPLES,
+    OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
 };
 use super::learn::LearnRules;
 use super::ledger::{InMemoryLedger, Ledger};
@@ -61,8 +62,10 @@ impl TokenBudgetLayer {
         Self::builder().limits(limits).build()
     }
 
-    /// A gateway budget: each caller (told apart by a hash of its `x-api-key`)
-    /// gets these limits, and a request over its caller's budget is answered
+    /// A gateway budget: each of `callers` (see [`Callers`](super::Callers): authenticated
+    /// caller keys, or any [`KeyExtractor`]) gets these limits; a request from
+    /// no known caller is answered with 401 before any budget is touched,
+    /// one with duplicate or conflicting keys with 400, and a request over its caller's budget is answered
     /// at once with an Anthropic-shaped 429. See the [module docs](super).
     ///
     /// The inner service receives `Request<ReplayBody<B>>`; in front of an
@@ -79,7 +82,7 @@ impl TokenBudgetLayer {
     /// use http_body_util::{BodyExt, Full};
     /// use tower::{Service, ServiceBuilder, ServiceExt};
     /// use tower_llm_limits::body::ReplayBody;
-    /// use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+    /// use tower_llm_limits::budget::{Callers, Limits, TokenBudgetLayer};
     /// use tower_llm_limits::headers::RateLimitSnapshot;
     ///
     /// # #[tokio::main(flavor = "current_thread")]
@@ -90,12 +93,14 @@ impl TokenBudgetLayer {
     ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
     /// });
     /// // Each caller may send one request per minute.
+    /// let limits = Limits::new().rpm(1).itpm(30_000).otpm(8_000);
+    /// let callers = Callers::new().caller("caller-1", "sk-gw-caller-1");
     /// let mut gateway = ServiceBuilder::new()
-    ///     .layer(TokenBudgetLayer::enforce(Limits::new().rpm(1).itpm(30_000).otpm(8_000)))
+    ///     .layer(TokenBudgetLayer::enforce(limits, callers))
     ///     .service(upstream);
     /// let call = || {
     ///     Request::post("/v1/messages")
-    ///         .header("x-api-key", "sk-ant-caller-1")
+    ///         .header("x-api-key", "sk-gw-caller-1")
     ///         .body(Full::new(Bytes::from(
     ///             r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#,
     ///         )))
@@ -115,8 +120,8 @@ impl TokenBudgetLayer {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn enforce(limits: impl Into<LimitsConfig>) -> Self {
-        Self::builder().limits(limits).enforce().build()
+    pub fn enforce(limits: impl Into<LimitsConfig>, callers: impl Into<KeyExtractor>) -> Self {
+        Self::builder().limits(limits).enforce(callers).build()
     }
 
     /// A builder with every setting at its default.
@@ -136,9 +141,9 @@ impl TokenBudgetLayer {
 
     /// Forgets what the layer keeps per key (learned output ratio, counters)
     /// for keys not used for `idle` and with no request waiting, and returns
-    /// how many were forgotten. A gateway with many callers calls it from
-    /// time to time, with the ledger's own eviction
-    /// ([`InMemoryLedger::evict_idle`]).
+    /// how many were forgotten. The layer does this by itself as new keys
+    /// arrive (see [`TokenBudgetBuilder::idle_key_eviction`]); this forgets
+    /// them now (the ledger's own: [`InMemoryLedger::evict_idle`]).
     pub fn forget_idle(&self, idle: std::time::Duration) -> usize {
         self.shared.forget_idle(idle)
     }
@@ -191,6 +196,8 @@ pub struct TokenBudgetBuilder {
     output_ratio_window: usize,
     default_max_tokens: u64,
     learn: LearnRules,
+    idle_key_eviction: std::time::Duration,
+    max_keys: usize,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -209,6 +216,8 @@ impl Default for TokenBudgetBuilder {
             output_ratio_min_samples: OUTPUT_RATIO_MIN_SAMPLES,
             output_ratio_window: OUTPUT_RATIO_WINDOW,
             default_max_tokens: DEFAULT_MAX_TOKENS,
+            idle_key_eviction: DEFAULT_IDLE_KEY_EVICTION,
+            max_keys: DEFAULT_MAX_KEYS,
             learn: LearnRules {
                 floor: Limits::smallest_published(),
                 confirmations: DEFAULT_LEARN_CONFIRMATIONS,
@@ -259,10 +268,14 @@ impl TokenBudgetBuilder {
 
     /// Server mode: reject over-budget requests with an Anthropic-shaped 429
     /// response (not an error), write `anthropic-ratelimit-*` headers on every
-    /// response, and key budgets per caller (by default a hash of `x-api-key`,
-    /// see [`KeyExtractor::api_key_hash`]). Implies [`BudgetMode::Reject`].
-    pub fn enforce(mut self) -> Self {
+    /// response, and key budgets per caller, as `callers` names them (see
+    /// [`Callers`](super::Callers); it replaces any [`key_extractor`](Self::key_extractor)).
+    /// A request with no caller is answered with 401 (`authentication_error`),
+    /// one with duplicate or conflicting API keys with 400, before any budget
+    /// is touched. Implies [`BudgetMode::Reject`].
+    pub fn enforce(mut self, callers: impl Into<KeyExtractor>) -> Self {
         self.enforce = true;
+        self.key_extractor = Some(callers.into());
         self.mode = BudgetMode::Reject;
         self
     }
@@ -288,8 +301,9 @@ impl TokenBudgetBuilder {
         self
     }
 
-    /// How callers are told apart. Default: none in client mode (one budget
-    /// per model class), [`KeyExtractor::api_key_hash`] in enforce mode.
+    /// How callers are told apart in client mode. Default: not at all (one
+    /// budget per model class). Enforce mode takes its callers from
+    /// [`enforce`](Self::enforce).
     pub fn key_extractor(mut self, extractor: KeyExtractor) -> Self {
         self.key_extractor = Some(extractor);
         self
@@ -379,13 +393,35 @@ impl TokenBudgetBuilder {
         self
     }
 
+    /// How long a budget key (a caller and model class) may stay unused
+    /// before it is forgotten. Default 10 minutes. Forgetting is done when a
+    /// new key is admitted (each time the number of keys doubled, and at most
+    /// every half of this time), with no background task; a key with a
+    /// request waiting or in flight is kept. What a forgotten key had learned
+    /// (its output ratio, limits learned from headers) is learned again; its
+    /// ledger buckets are kept by the ledger until they are full again
+    /// (see [`InMemoryLedger`]). Set it above the ledger's window (1 minute)
+    /// so a forgotten key has nothing left to enforce.
+    pub fn idle_key_eviction(mut self, idle: std::time::Duration) -> Self {
+        self.idle_key_eviction = idle;
+        self
+    }
+
+    /// The most budget keys (caller and model class) held at once. Default
+    /// 100,000 (about 110 MB of budget and ledger state at most). A request
+    /// that needs a new key while the budget holds this many, none of them
+    /// idle for [`idle_key_eviction`](Self::idle_key_eviction), is refused
+    /// before anything is reserved: with a 529 `overloaded_error` in
+    /// enforce mode, with [`CallerRefusal::TooManyKeys`](super::CallerRefusal)
+    /// otherwise. Keys already held are still served. 0 is taken as 1.
+    pub fn max_keys(mut self, keys: usize) -> Self {
+        self.max_keys = keys.max(1);
+        self
+    }
+
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
-        let key_extractor = match (self.key_extractor, self.enforce) {
-            (Some(k), _) => Some(k),
-            (None, true) => Some(KeyExtractor::api_key_hash()),
-            (None, false) => None,
-        };
+        let key_extractor = self.key_extractor;
         let settings = Settings {
             limits: self.limits,
             output_mode: self.output_mode,
@@ -399,6 +435,8 @@ impl TokenBudgetBuilder {
             output_ratio_window: self.output_ratio_window,
             default_max_tokens: self.default_max_tokens,
             learn: self.learn,
+            idle_key_eviction: self.idle_key_eviction,
+            max_keys: self.max_keys,
         };
         let ledger = self
             .ledger

@@ -126,9 +126,12 @@
 //! - It does not know which model or caller a key stands for, nor which
 //!   header maps to which dimension (the combined `anthropic-ratelimit-tokens-*`
 //!   header is the layer's concern, not a fourth bucket here).
-//! - Memory is bounded only by the number of keys: a key holds about 300
-//!   bytes. A gateway with many callers calls [`InMemoryLedger::evict_idle`]
-//!   from time to time (or [`InMemoryLedger::remove`]).
+//! - Memory is bounded by the number of keys in use: a key holds about 300
+//!   bytes, and a key unused for [`AUTO_EVICT_IDLE`] (10 minutes) whose
+//!   buckets are full again is forgotten when a new key arrives (amortized:
+//!   when the number of keys doubled, or at most every 5 minutes).
+//!   [`InMemoryLedger::evict_idle`] and [`InMemoryLedger::remove`] do it on
+//!   demand.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -555,9 +558,10 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// Each key holds a small fixed-size state (three buckets, about 300 bytes
 /// with the map's overhead, plus the key). Keys are created by
 /// [`Ledger::reserve`] and [`Ledger::sync`] and stay until
-/// [`InMemoryLedger::remove`] or [`InMemoryLedger::evict_idle`] drops them;
-/// with a bounded set of keys (model classes) nothing needs to be done, with
-/// keys per caller call `evict_idle` periodically.
+/// [`InMemoryLedger::remove`] or [`InMemoryLedger::evict_idle`] drops them,
+/// or until a new key's first operation finds them unused for
+/// [`AUTO_EVICT_IDLE`] with full buckets (swept when the number of keys
+/// doubled, or at most every 5 minutes; no background task).
 ///
 /// # Examples
 ///
@@ -583,7 +587,17 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 pub struct InMemoryLedger {
     window_nanos: u128,
     keys: RwLock<HashMap<Arc<str>, Mutex<KeyState>>>,
+    /// When idle keys were last swept, and the number of keys that calls
+    /// for the next sweep.
+    sweep: Mutex<(Instant, usize)>,
 }
+
+/// How long a key of an [`InMemoryLedger`] stays unused (and full) before a
+/// new key's first operation forgets it.
+pub const AUTO_EVICT_IDLE: Duration = Duration::from_secs(10 * 60);
+
+/// The number of keys at which the ledger first sweeps idle keys.
+const FIRST_SWEEP_LEN: usize = 1_024;
 
 impl fmt::Debug for InMemoryLedger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -607,6 +621,7 @@ impl InMemoryLedger {
         InMemoryLedger {
             window_nanos: MINUTE.as_nanos(),
             keys: RwLock::new(HashMap::new()),
+            sweep: Mutex::new((Instant::now(), FIRST_SWEEP_LEN)),
         }
     }
 
@@ -631,6 +646,7 @@ impl InMemoryLedger {
         Ok(InMemoryLedger {
             window_nanos: window.as_nanos(),
             keys: RwLock::new(HashMap::new()),
+            sweep: Mutex::new((Instant::now(), FIRST_SWEEP_LEN)),
         })
     }
 
@@ -667,18 +683,23 @@ impl InMemoryLedger {
     /// (minutes) where limits are learned rather than configured.
     pub fn evict_idle(&self, now: Instant, idle: Duration) -> usize {
         let window_nanos = self.window_nanos;
-        let mut keys = self.write_keys();
-        let before = keys.len();
-        keys.retain(|_, state| {
-            let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
-            let idle_enough = now.saturating_duration_since(state.touched) >= idle;
-            !(idle_enough && state.is_full(now, window_nanos))
-        });
-        let dropped = before - keys.len();
-        if dropped > 0 {
-            tracing::debug!(dropped, kept = keys.len(), "ledger evicted idle keys");
+        evict_from(&mut self.write_keys(), now, idle, window_nanos)
+    }
+
+    /// After a new key: evicts keys idle for [`AUTO_EVICT_IDLE`] when the
+    /// number of keys doubled since the last sweep, or half that time passed.
+    fn sweep_if_due(&self, keys: &mut HashMap<Arc<str>, Mutex<KeyState>>, now: Instant) {
+        let mut sweep = self.sweep.lock().unwrap_or_else(|e| e.into_inner());
+        let by_time = now.saturating_duration_since(sweep.0) >= AUTO_EVICT_IDLE / 2;
+        if keys.len() < sweep.1 && !by_time {
+            return;
         }
-        dropped
+        evict_from(keys, now, AUTO_EVICT_IDLE, self.window_nanos);
+        // A map that shrank to a quarter gives its memory back.
+        if keys.capacity() > 4 * keys.len().max(16) {
+            keys.shrink_to_fit();
+        }
+        *sweep = (now, keys.len().saturating_mul(2).max(FIRST_SWEEP_LEN));
     }
 
     fn read_keys(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Mutex<KeyState>>> {
@@ -709,12 +730,36 @@ impl InMemoryLedger {
             return None;
         }
         let mut keys = self.write_keys();
+        if !keys.contains_key(key) {
+            self.sweep_if_due(&mut keys, now);
+        }
         let state = keys
             .entry(Arc::from(key))
             .or_insert_with(|| Mutex::new(KeyState::new(now)));
         let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
         Some(f(state))
     }
+}
+
+/// Drops the keys unused for `idle` before `now` whose buckets are full
+/// again; returns how many.
+fn evict_from(
+    keys: &mut HashMap<Arc<str>, Mutex<KeyState>>,
+    now: Instant,
+    idle: Duration,
+    window_nanos: u128,
+) -> usize {
+    let before = keys.len();
+    keys.retain(|_, state| {
+        let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let idle_enough = now.saturating_duration_since(state.touched) >= idle;
+        !(idle_enough && state.is_full(now, window_nanos))
+    });
+    let dropped = before - keys.len();
+    if dropped > 0 {
+        tracing::debug!(dropped, kept = keys.len(), "ledger evicted idle keys");
+    }
+    dropped
 }
 
 /// One key's three buckets, in [`Dimension::ALL`] order.

@@ -153,9 +153,12 @@
 //!
 //! [`TokenBudgetLayer::enforce`] turns the budget around for a gateway (axum,
 //! or any tower server) in front of many callers. Each caller has its own
-//! budget, keyed by a [`KeyExtractor`] (default: a hash of `x-api-key`, never
-//! the key itself, which is neither logged nor echoed; requests without a key
-//! share one budget). A request over its caller's budget is answered at once
+//! budget, keyed by its [`Callers`] entry (authenticated caller keys, sent as
+//! `x-api-key` or `authorization: Bearer`, compared in constant time) or any
+//! [`KeyExtractor`]. A request from no known caller is answered with 401
+//! (`authentication_error`), one with duplicate or conflicting keys with 400
+//! (`invalid_request_error`), before any budget is touched; a key is never
+//! logged, echoed, or used as a budget's name. A request over its caller's budget is answered at once
 //! with a 429 shaped like Anthropic's:
 //!
 //! - body `{"type":"error","error":{"type":"rate_limit_error","message":"This request would exceed the rate limit for your organization of 30,000 input tokens per minute. ..."},"request_id":"req_..."}`
@@ -203,11 +206,15 @@
 //!   [`LedgerError`](ledger::LedgerError) (nothing debited, nothing sent),
 //!   and a failed settlement or sync is logged. There is no fail-open or
 //!   fail-closed policy yet.
-//! - It forgets no key by itself: a gateway with very many callers holds a
-//!   few kilobytes per caller and model class until
-//!   [`TokenBudgetLayer::forget_idle`] (and the ledger's own eviction) is called.
+//! - A key (a caller and model class) costs about 1.1 KB while idle (budget
+//!   and in-memory ledger). Keys unused for
+//!   [`idle_key_eviction`](TokenBudgetBuilder::idle_key_eviction) (10 min by
+//!   default) are forgotten as new keys are admitted, and at most
+//!   [`max_keys`](TokenBudgetBuilder::max_keys) (100,000 by default) are held;
+//!   [`TokenBudgetLayer::forget_idle`] forgets idle keys on demand.
 
 pub(crate) mod answer;
+mod callers;
 mod config;
 mod enforce;
 mod future;
@@ -220,6 +227,7 @@ mod snapshot;
 mod state;
 mod usage;
 
+pub use callers::{CallerRefusal, Callers};
 pub use config::{BudgetMode, KeyExtractor, LimitsConfig};
 pub use future::ResponseFuture;
 pub use layer::{TokenBudgetBuilder, TokenBudgetLayer};

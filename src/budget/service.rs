@@ -86,7 +86,10 @@ where
         let shared = Arc::clone(&self.shared);
         let (parts, body) = request.into_parts();
         crate::dispatch::Dispatch::received(&parts.extensions);
-        let caller = shared.caller(&parts);
+        let caller = match shared.caller(&parts) {
+            Ok(caller) => caller,
+            Err(refusal) => return ResponseFuture::refused(shared, refusal),
+        };
         // An outer layer that holds the whole body put its bytes here:
         // estimate from them and pass the body through unread.
         let estimate = parts
@@ -98,7 +101,10 @@ where
                 if let Err(e) = check_model(&estimate) {
                     return ResponseFuture::failed(shared, e);
                 }
-                let charge = shared.charge(caller.as_deref(), estimate);
+                let charge = match shared.charge(caller.as_deref(), estimate) {
+                    Ok(charge) => charge,
+                    Err(refusal) => return ResponseFuture::refused(shared, refusal),
+                };
                 let request = Request::from_parts(parts, ReplayBody::passthrough(body));
                 ResponseFuture::admitting(shared, charge, request, inner)
             }

@@ -33,6 +33,7 @@ use std::time::Duration;
 use http::request::Parts;
 use tokio::time::{Instant, Sleep};
 
+use super::callers::CallerRefusal;
 use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
 use super::learn::{LearnRules, LimitLearner};
 use super::ledger::{
@@ -62,7 +63,24 @@ pub(crate) struct Settings {
     pub(crate) default_max_tokens: u64,
     /// Which reported limits are learned.
     pub(crate) learn: LearnRules,
+    /// How long a key may stay unused before a later new key's admission
+    /// forgets it.
+    pub(crate) idle_key_eviction: Duration,
+    /// The most keys the budget holds.
+    pub(crate) max_keys: usize,
 }
+
+/// When the map of keys was last swept for idle keys, and its size that
+/// calls for the next sweep.
+#[derive(Debug)]
+struct Sweep {
+    at: Instant,
+    next_len: usize,
+}
+
+/// The map size at which the first sweep runs (then twice the size after
+/// each sweep, or after half the idle time, whichever comes first).
+const FIRST_SWEEP_LEN: usize = 1_024;
 
 /// Counters of the decisions taken, for snapshots.
 #[derive(Debug, Default)]
@@ -87,7 +105,10 @@ struct KeyState {
     limits: Limits,
     last_used: Instant,
     queue: WaitQueue,
-    output_ratio: SlidingQuantile,
+    /// Created at the first sample (its window is allocated up front), so a
+    /// key that never got an answer with usage stays small.
+    output_ratio: Option<Box<SlidingQuantile>>,
+    ratio_window: usize,
     ratio_samples: u64,
     estimates: u64,
     fallback_estimates: u64,
@@ -103,7 +124,8 @@ impl KeyState {
             limits,
             last_used: Instant::now(),
             queue: WaitQueue::new(Duration::ZERO),
-            output_ratio: SlidingQuantile::new(ratio_window),
+            output_ratio: None,
+            ratio_window,
             ratio_samples: 0,
             estimates: 0,
             fallback_estimates: 0,
@@ -120,7 +142,8 @@ impl KeyState {
             return prior;
         }
         self.output_ratio
-            .quantile(q)
+            .as_ref()
+            .and_then(|w| w.quantile(q))
             .filter(|r| r.is_finite())
             .map_or(prior, |r| r.clamp(0.0, 1.0))
     }
@@ -134,6 +157,26 @@ impl KeyState {
         }
         waker
     }
+}
+
+/// Drops the keys not used for `idle`, with no request waiting and none
+/// charged and not yet settled; returns how many.
+fn retain_active(
+    keys: &mut HashMap<Arc<str>, Arc<KeyCell>>,
+    now: Instant,
+    idle: Duration,
+) -> usize {
+    let before = keys.len();
+    keys.retain(|_, cell| {
+        // A charge in flight holds the cell: keep the key, or a second
+        // queue could start for it.
+        if Arc::strong_count(cell) > 1 {
+            return true;
+        }
+        let ks = lock_key(cell);
+        !ks.queue.is_empty() || now.saturating_duration_since(ks.last_used) < idle
+    });
+    before - keys.len()
 }
 
 /// One key's state behind its own lock.
@@ -157,6 +200,7 @@ pub(crate) struct Shared {
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) estimator: Arc<dyn TokenEstimator>,
     keys: Mutex<HashMap<Arc<str>, Arc<KeyCell>>>,
+    sweep: Mutex<Sweep>,
     counters: Counters,
 }
 
@@ -257,7 +301,10 @@ impl Drop for Place {
         let mut ks = lock_key(&self.cell);
         let next = match ks.queue.remove(id) {
             Removed::Waiting { was_next } => {
-                tracing::debug!(key = %self.key, "budget: waiter cancelled, place given back");
+                tracing::debug!(
+                    key = super::callers::logged_key(&self.key),
+                    "budget: waiter cancelled, place given back"
+                );
                 if was_next {
                     ks.notify_head(&self.shared.counters)
                 } else {
@@ -309,7 +356,10 @@ impl Drop for Asking {
         let Some(fut) = self.fut.take() else { return };
         let (shared, cell) = (Arc::clone(&self.shared), Arc::clone(&self.cell));
         let (key, limits, costs) = (Arc::clone(&self.key), self.limits, self.costs);
-        tracing::debug!(key = %key, "budget: dropped while the ledger answered; refunded if admitted");
+        tracing::debug!(
+            key = super::callers::logged_key(&key),
+            "budget: dropped while the ledger answered; refunded if admitted"
+        );
         spawn_ledger_op(async move {
             if let Reservation::Admitted = fut.await? {
                 shared
@@ -384,6 +434,10 @@ impl Shared {
             ledger,
             estimator,
             keys: Mutex::new(HashMap::new()),
+            sweep: Mutex::new(Sweep {
+                at: Instant::now(),
+                next_len: FIRST_SWEEP_LEN,
+            }),
             counters: Counters::default(),
         }
     }
@@ -392,20 +446,32 @@ impl Shared {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The caller a request is charged to, from its head.
-    pub(crate) fn caller(&self, parts: &Parts) -> Option<String> {
-        self.settings
-            .key_extractor
-            .as_ref()
-            .and_then(|k| k.key(parts))
+    /// The caller a request is charged to, from its head, or why it is
+    /// refused (enforce mode refuses a request with no caller).
+    pub(crate) fn caller(&self, parts: &Parts) -> Result<Option<String>, CallerRefusal> {
+        let caller = match &self.settings.key_extractor {
+            Some(k) => k.key(parts)?,
+            None => None,
+        };
+        if caller.is_none() && self.settings.enforce {
+            return Err(CallerRefusal::MissingKey);
+        }
+        Ok(caller)
     }
 
     /// The key's name and state, created if new: one short lookup under the
     /// map's lock.
-    fn key_cell(&self, lookup: &str, limits: Limits) -> (Arc<str>, Arc<KeyCell>) {
+    /// `None` if the key is new and the budget holds its most keys, none idle.
+    fn key_cell(&self, lookup: &str, limits: Limits) -> Option<(Arc<str>, Arc<KeyCell>)> {
         let mut keys = self.lock();
         if let Some((key, cell)) = keys.get_key_value(lookup) {
-            return (Arc::clone(key), Arc::clone(cell));
+            return Some((Arc::clone(key), Arc::clone(cell)));
+        }
+        if keys.len() >= self.settings.max_keys {
+            retain_active(&mut keys, Instant::now(), self.settings.idle_key_eviction);
+            if keys.len() >= self.settings.max_keys {
+                return None;
+            }
         }
         let key: Arc<str> = Arc::from(lookup);
         let cell = Arc::new(Mutex::new(KeyState::new(
@@ -413,11 +479,37 @@ impl Shared {
             self.settings.output_ratio_window,
         )));
         keys.insert(Arc::clone(&key), Arc::clone(&cell));
-        (key, cell)
+        self.sweep_if_due(&mut keys);
+        Some((key, cell))
+    }
+
+    /// Forgets idle keys when a new key was added and the map doubled since
+    /// the last sweep, or half the idle time passed: amortized O(1) per new
+    /// key, and no background task.
+    fn sweep_if_due(&self, keys: &mut HashMap<Arc<str>, Arc<KeyCell>>) {
+        let idle = self.settings.idle_key_eviction;
+        let now = Instant::now();
+        let mut sweep = self.sweep.lock().unwrap_or_else(PoisonError::into_inner);
+        let by_time = now.saturating_duration_since(sweep.at) >= idle / 2;
+        if keys.len() < sweep.next_len && !by_time {
+            return;
+        }
+        retain_active(keys, now, idle);
+        // A map that shrank to a quarter gives its memory back.
+        if keys.capacity() > 4 * keys.len().max(16) {
+            keys.shrink_to_fit();
+        }
+        sweep.at = now;
+        sweep.next_len = keys.len().saturating_mul(2).max(FIRST_SWEEP_LEN);
     }
 
     /// Turns an estimate into the costs to reserve under the request's key.
-    pub(crate) fn charge(&self, caller: Option<&str>, estimate: Estimate) -> Charge {
+    /// Refused if the key is new and the budget holds its most keys.
+    pub(crate) fn charge(
+        &self,
+        caller: Option<&str>,
+        estimate: Estimate,
+    ) -> Result<Charge, CallerRefusal> {
         let class = ModelClass::of(estimate.model.as_deref().unwrap_or(""));
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
@@ -425,7 +517,8 @@ impl Shared {
         let (key, cell) = match caller {
             None => self.key_cell(name, limits),
             Some(caller) => self.key_cell(&format!("{caller}/{name}"), limits),
-        };
+        }
+        .ok_or(CallerRefusal::TooManyKeys)?;
         let output_tokens = {
             let mut ks = lock_key(&cell);
             ks.estimates += 1;
@@ -445,7 +538,7 @@ impl Shared {
         } else {
             estimate.input_tokens
         };
-        Charge {
+        Ok(Charge {
             key,
             cell,
             limits,
@@ -456,7 +549,7 @@ impl Shared {
                 output_tokens,
             },
             estimate,
-        }
+        })
     }
 
     /// The output tokens to reserve, per the output mode.
@@ -536,8 +629,10 @@ impl Shared {
         bump(&self.counters.admitted);
         if let Some(started) = adm.started {
             tracing::debug!(
-                key = %charge.key,
-                waited_ms = Instant::now().saturating_duration_since(started).as_millis() as u64,
+                key = super::callers::logged_key(&charge.key),
+                waited_ms = Instant::now()
+                    .saturating_duration_since(started)
+                    .as_millis() as u64,
                 input_tokens = charge.costs.input_tokens,
                 output_tokens = charge.costs.output_tokens,
                 "budget: admitted after waiting"
@@ -552,7 +647,7 @@ impl Shared {
                 dimension,
             }) => {
                 bump(&self.counters.rejected);
-                tracing::debug!(key = %charge.key, %dimension, retry_in_ms = retry_in.as_millis() as u64, "budget: rejected");
+                tracing::debug!(key = super::callers::logged_key(&charge.key), %dimension, retry_in_ms = retry_in.as_millis() as u64, "budget: rejected");
             }
             Refusal::Denied(Denied::TooLarge {
                 dimension,
@@ -560,10 +655,10 @@ impl Shared {
                 limit,
             }) => {
                 bump(&self.counters.too_large);
-                tracing::debug!(key = %charge.key, %dimension, cost, limit, "budget: request can never fit");
+                tracing::debug!(key = super::callers::logged_key(&charge.key), %dimension, cost, limit, "budget: request can never fit");
             }
             Refusal::Ledger(e) => {
-                tracing::warn!(key = %charge.key, error = %e, "budget: ledger failed; request not sent");
+                tracing::warn!(key = super::callers::logged_key(&charge.key), error = %e, "budget: ledger failed; request not sent");
             }
         }
     }
@@ -721,7 +816,7 @@ impl Shared {
         }
         if first {
             tracing::debug!(
-                key = %charge.key,
+                key = super::callers::logged_key(&charge.key),
                 %dimension,
                 wait_ms = retry_in.as_millis() as u64,
                 "budget: waiting for capacity"
@@ -738,7 +833,7 @@ impl Shared {
         match op.into_ready() {
             Ok(result) => {
                 if let Err(e) = result {
-                    tracing::warn!(key = %charge.key, error = %e, "budget: ledger operation failed");
+                    tracing::warn!(key = super::callers::logged_key(&charge.key), error = %e, "budget: ledger operation failed");
                 }
                 if wake_head {
                     let next = lock_key(&charge.cell).notify_head(&self.counters);
@@ -771,7 +866,10 @@ impl Shared {
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
         if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
             let mut ks = lock_key(&charge.cell);
-            ks.output_ratio.push(r.clamp(0.0, 1.0));
+            let window = ks.ratio_window;
+            ks.output_ratio
+                .get_or_insert_with(|| Box::new(SlidingQuantile::new(window)))
+                .push(r.clamp(0.0, 1.0));
             ks.ratio_samples += 1;
         }
         if !delta.is_zero() {
@@ -792,7 +890,10 @@ impl Shared {
     /// (the inner service failed before taking it).
     pub(crate) fn refund_unsent(self: &Arc<Self>, charge: &Charge) {
         bump(&self.counters.refunded_unsent);
-        tracing::debug!(key = %charge.key, "budget: admitted request not sent; refunded");
+        tracing::debug!(
+            key = super::callers::logged_key(&charge.key),
+            "budget: admitted request not sent; refunded"
+        );
         self.correct(charge, CostDelta::refund(charge.costs), None);
     }
 
@@ -862,19 +963,7 @@ impl Shared {
     /// charged and not yet admitted (what was learned for them: output ratio,
     /// counters). Returns how many.
     pub(crate) fn forget_idle(&self, idle: Duration) -> usize {
-        let now = Instant::now();
-        let mut keys = self.lock();
-        let before = keys.len();
-        keys.retain(|_, cell| {
-            // A charge in flight holds the cell: keep the key, or a second
-            // queue could start for it.
-            if Arc::strong_count(cell) > 1 {
-                return true;
-            }
-            let ks = lock_key(cell);
-            !ks.queue.is_empty() || now.saturating_duration_since(ks.last_used) < idle
-        });
-        before - keys.len()
+        retain_active(&mut self.lock(), Instant::now(), idle)
     }
 
     /// A snapshot of every key this budget has seen.

@@ -290,7 +290,7 @@ impl Tracker {
         }
         self.shared.correct(&self.charge, delta, ratio);
         tracing::debug!(
-            key = %self.charge.key,
+            key = super::callers::logged_key(&self.charge.key),
             outcome = outcome.name(),
             end = ?end,
             reserved_input = reserved.input_tokens,

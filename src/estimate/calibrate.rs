@@ -8,17 +8,19 @@ use std::sync::Mutex;
 ///
 /// Keeps the last `capacity` finite samples twice: in arrival order (a ring,
 /// to know which one leaves) and sorted (to answer a quantile in O(1)).
-/// Memory is O(capacity), allocated once at creation; [`push`](Self::push)
-/// never allocates and costs O(capacity) moves in the worst case (two
-/// binary searches and one shift of the sorted copy).
+/// Memory is O(samples kept), grown as samples arrive up to the capacity
+/// (an unused window costs nothing); [`push`](Self::push) costs O(capacity)
+/// moves in the worst case (two binary searches and one shift of the sorted
+/// copy) and allocates only while the window is not yet full.
 ///
 /// Non-finite samples (NaN, infinities) are ignored.
 #[derive(Clone)]
 pub(crate) struct SlidingQuantile {
     /// Samples in arrival order; the oldest is at `next` once full.
-    ring: Box<[f64]>,
+    ring: Vec<f64>,
     /// The same samples, sorted ascending by `f64::total_cmp`; the first `len` are live.
-    sorted: Box<[f64]>,
+    sorted: Vec<f64>,
+    cap: usize,
     len: usize,
     next: usize,
 }
@@ -28,8 +30,9 @@ impl SlidingQuantile {
     pub(crate) fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         Self {
-            ring: vec![0.0; capacity].into_boxed_slice(),
-            sorted: vec![0.0; capacity].into_boxed_slice(),
+            ring: Vec::new(),
+            sorted: Vec::new(),
+            cap: capacity,
             len: 0,
             next: 0,
         }
@@ -37,7 +40,7 @@ impl SlidingQuantile {
 
     /// The largest number of samples kept.
     pub(crate) fn capacity(&self) -> usize {
-        self.ring.len()
+        self.cap
     }
 
     /// The number of samples in the window.
@@ -58,8 +61,12 @@ impl SlidingQuantile {
         if !x.is_finite() {
             return false;
         }
-        let cap = self.ring.len();
-        if self.len == cap {
+        let cap = self.cap;
+        if self.ring.len() < cap {
+            // Not full yet: one more slot in each copy.
+            self.ring.push(0.0);
+            self.sorted.push(0.0);
+        } else if self.len == cap {
             // Remove the oldest sample from the sorted copy.
             let Some(old) = self.ring.get(self.next).copied() else {
                 return false;
@@ -119,7 +126,7 @@ impl SlidingQuantile {
     /// The samples in the window, in arrival order (oldest first).
     #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = f64> + '_ {
-        let cap = self.ring.len();
+        let cap = self.cap;
         let start = if self.len == cap { self.next } else { 0 };
         (0..self.len).filter_map(move |i| self.ring.get((start + i) % cap).copied())
     }
