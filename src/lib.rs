@@ -132,6 +132,8 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// The buffer is used by retry and budget only.
+#[cfg_attr(not(any(feature = "retry", feature = "budget")), allow(dead_code))]
 pub mod body;
 pub mod classify;
 pub mod clock;
