@@ -392,11 +392,9 @@ enum Step<F, R> {
 impl<S, B> Ctx<S, B> {
     fn on_response<F, R>(&mut self, response: Response<R>) -> Step<F, R> {
         let status = response.status();
-        let Some(verdict) = policy::judge_response(
-            status,
-            response.headers(),
-            self.shared.config.wall_clock.now(),
-        ) else {
+        let Some(verdict) = policy::judge_response(status, response.headers(), || {
+            self.shared.config.wall_clock.now()
+        }) else {
             return Step::Return(Ok(response));
         };
         if !verdict.retry {

@@ -51,12 +51,13 @@ pub(crate) struct ResponseVerdict {
 pub(crate) fn judge_response(
     status: StatusCode,
     headers: &HeaderMap,
-    now: SystemTime,
+    now: impl FnOnce() -> SystemTime,
 ) -> Option<ResponseVerdict> {
     if status.as_u16() < 400 {
         return None;
     }
-    let snapshot = RateLimitSnapshot::from_headers_at(headers, now);
+    // The clock is read only for an error answer: a success costs no read.
+    let snapshot = RateLimitSnapshot::from_headers_at(headers, now());
     let retry = snapshot
         .should_retry
         .unwrap_or_else(|| is_retryable_status(status));
@@ -141,7 +142,7 @@ mod tests {
     use http::HeaderValue;
 
     fn judge_response(status: StatusCode, headers: &HeaderMap) -> Option<ResponseVerdict> {
-        super::judge_response(status, headers, SystemTime::now())
+        super::judge_response(status, headers, SystemTime::now)
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -209,8 +210,8 @@ mod tests {
             ),
         ]);
         let now = crate::headers::parse_rfc3339("2026-11-28T07:15:00.250Z");
-        let v =
-            now.and_then(|now| super::judge_response(StatusCode::from_u16(529).unwrap(), &h, now));
+        let v = now
+            .and_then(|now| super::judge_response(StatusCode::from_u16(529).unwrap(), &h, || now));
         assert_eq!(
             v.and_then(|v| v.server_delay),
             Some(Duration::from_millis(3_750))
