@@ -534,30 +534,10 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Writes `anthropic-ratelimit-{kind}-limit`, `-remaining` and `-reset` as the
-/// API does (`kind`: `requests`, `tokens`, `input-tokens` or `output-tokens`).
-/// A `kind` that cannot form a header name writes nothing.
-pub fn insert_limit_headers(
-    headers: &mut HeaderMap,
-    kind: &str,
-    limit: u64,
-    remaining: u64,
-    reset_at: SystemTime,
-) {
-    let mut put = |field: &str, value: String| {
-        let name = HeaderName::try_from(format!("anthropic-ratelimit-{kind}-{field}"));
-        if let (Ok(name), Ok(value)) = (name, HeaderValue::try_from(value)) {
-            headers.insert(name, value);
-        }
-    };
-    put("limit", limit.to_string());
-    put("remaining", remaining.to_string());
-    put("reset", format_rfc3339(reset_at));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::ratelimit::insert_limit_headers;
     use proptest::prelude::*;
 
     fn at(s: &str) -> SystemTime {

@@ -39,9 +39,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::headers::insert_limit_headers;
+use crate::headers::format_rfc3339;
 use crate::Dimension;
 
 /// The longest reset written: a bucket deep in debt could otherwise overflow
@@ -108,6 +108,27 @@ pub fn insert_rate_limit_headers(
     if let (Some((limit, remaining, reset)), 2) = (tokens, token_dims) {
         insert_limit_headers(headers, "tokens", limit, remaining, reset);
     }
+}
+
+/// Writes `anthropic-ratelimit-{kind}-limit`, `-remaining` and `-reset` as the
+/// API does (`kind`: `requests`, `tokens`, `input-tokens` or `output-tokens`).
+/// A `kind` that cannot form a header name writes nothing.
+pub(crate) fn insert_limit_headers(
+    headers: &mut HeaderMap,
+    kind: &str,
+    limit: u64,
+    remaining: u64,
+    reset_at: SystemTime,
+) {
+    let mut put = |field: &str, value: String| {
+        let name = HeaderName::try_from(format!("anthropic-ratelimit-{kind}-{field}"));
+        if let (Ok(name), Ok(value)) = (name, HeaderValue::try_from(value)) {
+            headers.insert(name, value);
+        }
+    };
+    put("limit", limit.to_string());
+    put("remaining", remaining.to_string());
+    put("reset", format_rfc3339(reset_at));
 }
 
 /// Tokens remaining as the API reports them: rounded to the nearest thousand.
