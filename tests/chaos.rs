@@ -6,9 +6,11 @@
 //!
 //! It checks that every request ends ok or with a typed error, that the
 //! budget and the concurrency layer return to idle (no reservation, waiter
-//! or slot left), that the requests the budget keeps charged never exceed
-//! the requests-per-minute bucket in any window, and that every replay the
-//! upstream sees is counted by the retry layer.
+//! or slot left), that what the budget admits never exceeds the limits in
+//! any window (requests, input and output tokens: every charge the ledger
+//! takes is recorded with its time and checked window by window against the
+//! bucket's capacity plus its refill over the window), and that every replay
+//! the upstream sees is counted by the retry layer.
 //!
 //! Everything runs under tokio's paused clock. `CHAOS_SOAK=1` runs a soak:
 //! ten times as many requests per layer order, over three seeds, and a
@@ -28,8 +30,13 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use tokio::time::{Instant, Sleep};
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_llm_limits::budget::ledger::BucketState;
+use tower_llm_limits::budget::ledger::{
+    CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, Reservation,
+};
 use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
 use tower_llm_limits::concurrency::{ConcurrencyBuilder, ConcurrencyLayer};
+use tower_llm_limits::headers::LimitStatus;
 use tower_llm_limits::preset::LimitsLayer;
 use tower_llm_limits::retry::{RetryAfterLayer, RETRY_COUNT};
 use tower_llm_limits::{BoxError, Dimension, Error};
@@ -355,6 +362,7 @@ fn kept(budget: &TokenBudgetLayer) -> u64 {
 /// What a run watches: the three layers and the upstream.
 struct Watch<'a> {
     budget: &'a TokenBudgetLayer,
+    ledger: &'a Recorder,
     concurrency: &'a ConcurrencyLayer,
     retry: &'a RetryAfterLayer,
     seen: &'a Seen,
@@ -461,6 +469,130 @@ where
     idle(label, watch.budget);
     let samples = samples.0.lock().map(|s| s.clone()).unwrap_or_default();
     windows(label, watch.budget, &samples);
+    token_windows(label, watch.budget, &watch.ledger.charges());
+}
+
+/// One charge the ledger took: an admitted reservation, or a correction
+/// after admission (a refund when negative).
+#[derive(Debug, Clone, Copy)]
+enum Charge {
+    Reserved(Costs),
+    Settled(CostDelta),
+}
+
+impl Charge {
+    /// The signed amount in one dimension.
+    fn amount(&self, dimension: Dimension) -> f64 {
+        match (self, dimension) {
+            (Charge::Reserved(c), Dimension::Requests) => c.requests as f64,
+            (Charge::Reserved(c), Dimension::InputTokens) => c.input_tokens as f64,
+            (Charge::Reserved(c), Dimension::OutputTokens) => c.output_tokens as f64,
+            (Charge::Settled(d), Dimension::Requests) => d.requests as f64,
+            (Charge::Settled(d), Dimension::InputTokens) => d.input_tokens as f64,
+            (Charge::Settled(d), Dimension::OutputTokens) => d.output_tokens as f64,
+        }
+    }
+}
+
+/// An in-memory ledger that records every charge it takes, with its time
+/// on tokio's clock (the clock the in-memory ledger reads).
+#[derive(Debug, Default)]
+struct Recorder {
+    inner: InMemoryLedger,
+    charges: Mutex<Vec<(Instant, Charge)>>,
+}
+
+impl Recorder {
+    fn record(&self, charge: Charge) {
+        if let Ok(mut charges) = self.charges.lock() {
+            charges.push((Instant::now(), charge));
+        }
+    }
+
+    fn charges(&self) -> Vec<(Instant, Charge)> {
+        self.charges.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+impl Ledger for Recorder {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        let answer = self
+            .inner
+            .reserve(key, limits, costs)
+            .into_ready()
+            .unwrap_or_else(|_| panic!("the in-memory ledger answers at once"));
+        if let Ok(Reservation::Admitted) = answer {
+            self.record(Charge::Reserved(costs));
+        }
+        LedgerFuture::ready(answer)
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        self.record(Charge::Settled(delta));
+        self.inner.settle(key, limits, delta)
+    }
+
+    fn sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitStatus,
+    ) -> LedgerFuture<()> {
+        // A sync only lowers what is left: it can only make admission stricter.
+        self.inner.sync(key, limits, dimension, sync)
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        self.inner.state(key, limits)
+    }
+}
+
+/// What the ledger charged in any window never exceeds the bucket: its
+/// capacity plus its refill over the window, in every dimension.
+///
+/// The ledger admits a reservation only when the bucket holds its cost, so
+/// right after an admission the level is at least zero. Over a window
+/// `[t1, t2]` ending at an admission, the net charges (reservations and
+/// corrections, refunds counted at what was asked, which is at least what
+/// was applied) are then at most the level at `t1` (at most the capacity)
+/// plus the refill over the window (at most `limit / 60` per second).
+/// Checked in one pass: the largest `S(t2) - S(t1-) - rate * (t2 - t1)`.
+fn token_windows(label: &str, budget: &TokenBudgetLayer, charges: &[(Instant, Charge)]) {
+    let snapshot = budget.snapshot();
+    let key = snapshot
+        .keys
+        .first()
+        .unwrap_or_else(|| panic!("{label}: the budget saw no request"));
+    assert_eq!(snapshot.keys.len(), 1, "{label}: one key expected");
+    let start = charges.first().map_or_else(Instant::now, |c| c.0);
+    for dimension in Dimension::ALL {
+        let bucket = key.dimension(dimension);
+        let (Some(capacity), Some(limit)) = (bucket.capacity, bucket.limit) else {
+            panic!("{label}: {dimension:?} has no limit: {bucket:?}");
+        };
+        let rate = limit as f64 / 60.0;
+        let (mut sum, mut lowest, mut worst, mut admissions) = (0.0_f64, f64::INFINITY, 0.0_f64, 0);
+        for (at, charge) in charges {
+            let t = at.duration_since(start).as_secs_f64();
+            // A window may start at this charge: S(t1-) - rate * t1.
+            lowest = lowest.min(sum - rate * t);
+            sum += charge.amount(dimension);
+            if matches!(charge, Charge::Reserved(_)) {
+                admissions += 1;
+                worst = worst.max(sum - rate * t - lowest);
+            }
+        }
+        eprintln!(
+            "{label}: {dimension:?}: {admissions} admissions, the fullest window took {worst:.0} of {capacity}"
+        );
+        assert!(admissions > 0, "{label}: nothing admitted");
+        // One unit of slack for the ledger's fixed-point refill.
+        assert!(
+            worst <= capacity + 1.0,
+            "{label}: {dimension:?}: {worst} charged in a window allowing {capacity} plus its refill"
+        );
+    }
 }
 
 fn load(counter: &AtomicU64) -> u64 {
@@ -505,11 +637,22 @@ fn soak() -> bool {
     std::env::var_os("CHAOS_SOAK").is_some_and(|v| v == "1")
 }
 
+/// Limits under which each dimension binds in turn: about 600 requests, 400
+/// requests' input or 250 requests' reserved output per minute.
 const LIMITS: Limits = Limits {
     requests_per_minute: Some(600),
-    input_tokens_per_minute: Some(200_000),
-    output_tokens_per_minute: Some(100_000),
+    input_tokens_per_minute: Some(5_200),
+    output_tokens_per_minute: Some(15_000),
 };
+
+/// The budget the preset builds (`TokenBudgetLayer::anthropic`), over a
+/// recording ledger.
+fn recorded_budget(limits: Limits, ledger: &Arc<Recorder>) -> TokenBudgetLayer {
+    TokenBudgetLayer::builder()
+        .limits(limits)
+        .ledger(Arc::clone(ledger) as Arc<dyn Ledger>)
+        .build()
+}
 
 fn retry_layer() -> RetryAfterLayer {
     RetryAfterLayer::anthropic()
@@ -525,7 +668,8 @@ fn concurrency_layer() -> ConcurrencyLayer {
 /// Builds the stack in one order (outermost first) and runs the chaos.
 macro_rules! order {
     ($label:expr, $n:expr, $seed:expr, $a:ident, $b:ident, $c:ident) => {{
-        let budget = TokenBudgetLayer::anthropic(LIMITS);
+        let ledger = Arc::new(Recorder::default());
+        let budget = recorded_budget(LIMITS, &ledger);
         let concurrency = concurrency_layer();
         let retry = retry_layer();
         let seen = Arc::new(Seen::default());
@@ -541,6 +685,7 @@ macro_rules! order {
             .service(upstream($seed, Arc::clone(&seen)));
         let watch = Watch {
             budget: &budget,
+            ledger: &ledger,
             concurrency: &concurrency,
             retry: &retry,
             seen: &seen,
@@ -587,17 +732,20 @@ async fn chaos_in_every_layer_order() {
 #[tokio::test(start_paused = true)]
 async fn chaos_through_the_preset_under_a_burst() {
     let n = if soak() { 200_000 } else { 50_000 };
-    let limits = LimitsLayer::anthropic(Limits {
+    let burst = Limits {
         requests_per_minute: Some(30_000),
         input_tokens_per_minute: Some(10_000_000),
         output_tokens_per_minute: Some(10_000_000),
-    });
+    };
+    let ledger = Arc::new(Recorder::default());
+    let limits = LimitsLayer::anthropic(burst).with_budget(recorded_budget(burst, &ledger));
     let seen = Arc::new(Seen::default());
     let svc = ServiceBuilder::new()
         .layer(limits.clone())
         .service(upstream(42, Arc::clone(&seen)));
     let watch = Watch {
         budget: limits.budget(),
+        ledger: &ledger,
         concurrency: limits.concurrency(),
         retry: limits.retry(),
         seen: &seen,
