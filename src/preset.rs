@@ -82,7 +82,7 @@ use std::fmt;
 
 use tower_layer::Layer;
 
-use crate::budget::{LimitsConfig, TokenBudget, TokenBudgetLayer};
+use crate::budget::{ConfigError, LimitsConfig, TokenBudget, TokenBudgetLayer};
 use crate::concurrency::{Concurrency, ConcurrencyBuilder, ConcurrencyLayer};
 use crate::retry::{RetryAfter, RetryAfterLayer};
 
@@ -152,6 +152,32 @@ impl LimitsLayer {
             budget: TokenBudgetLayer::anthropic(limits),
             concurrency: default_concurrency(),
         }
+    }
+
+    /// The recommended stack ([`anthropic`](Self::anthropic)) pacing to the
+    /// limits the environment names: `ANTHROPIC_TIER` (a published tier:
+    /// `1` to `4`, `tier2`, `start`, `build`, `scale`) or `ANTHROPIC_LIMITS`
+    /// (explicit limits for every model class: `rpm=50,itpm=30000,otpm=8000`);
+    /// with neither, every limit is learned from the server's
+    /// `anthropic-ratelimit-*` headers. See [`LimitsConfig::from_env`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when a value does not parse, is not Unicode, or both
+    /// variables are set.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use tower_llm_limits::preset::LimitsLayer;
+    ///
+    /// // ANTHROPIC_TIER=2 cargo run
+    /// let limits = LimitsLayer::from_env()?;
+    /// # let _ = limits;
+    /// # Ok::<(), tower_llm_limits::budget::ConfigError>(())
+    /// ```
+    pub fn from_env() -> Result<Self, ConfigError> {
+        LimitsConfig::from_env().map(Self::anthropic)
     }
 
     /// Replaces the retry layer.

@@ -218,10 +218,12 @@ mod callers;
 mod config;
 mod enforce;
 mod future;
+mod gateway;
 mod layer;
 mod learn;
 pub mod ledger;
 mod limits;
+mod parse;
 mod service;
 mod snapshot;
 mod state;
@@ -230,8 +232,13 @@ mod usage;
 pub use callers::{CallerRefusal, Callers};
 pub use config::{BudgetMode, KeyExtractor, LimitsConfig};
 pub use future::ResponseFuture;
+pub use gateway::{
+    copy_forwarded_headers, error_response, forward_response, Enforce, EnforceFuture, EnforceLayer,
+    FORWARDED_HEADERS,
+};
 pub use layer::{TokenBudgetBuilder, TokenBudgetLayer};
 pub use limits::{Limits, ModelClass, OutputMode, Tier};
+pub use parse::{ConfigError, ENV_LIMITS, ENV_TIER};
 pub use service::TokenBudget;
 pub use snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 pub use usage::ResponseBody;
