@@ -117,6 +117,7 @@
 //! | `retry` | yes | [`retry`] |
 //! | `budget` | yes | [`budget`], [`estimate`] |
 //! | `concurrency` | yes | [`concurrency`] |
+//! | `reqwest` | no | `reqwest::ReqwestService`, a tower service over `reqwest::Client` |
 //!
 //! [`preset`] needs the three default features. [`headers`], [`body`],
 //! [`wire`], [`classify`], [`clock`] and the [`Error`] types are always there.
@@ -162,6 +163,9 @@ pub mod estimate;
     doc(cfg(all(feature = "retry", feature = "budget", feature = "concurrency")))
 )]
 pub mod preset;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 #[cfg(feature = "retry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
