@@ -268,6 +268,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_reqwest_cannot_take_fails_with_its_error() {
+        // The dev-dependency's reqwest has rustls without a provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut service = ReqwestService::default();
         // A relative URI has no scheme or host: reqwest refuses to build it.
         let request = http::Request::post("/v1/messages")

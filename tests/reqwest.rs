@@ -23,8 +23,11 @@ use tower_llm_limits_emulator::Limits;
 
 use support::{admitted_and_rate_limited, message, serve_emulator, usage_of};
 
-/// A reqwest client for loopback: no proxy from the environment.
+/// A reqwest client for loopback: no proxy from the environment. (The
+/// dev-dependency's reqwest has rustls without a provider, for the example:
+/// a client cannot be built before one is installed.)
 fn reqwest_client(timeout: Option<Duration>) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let builder = reqwest::Client::builder().no_proxy();
     let builder = match timeout {
         Some(t) => builder.timeout(t),
