@@ -100,10 +100,11 @@ impl Anthropic {
             .map_err(|_| "set ANTHROPIC_API_KEY to your API key")?;
         let base = std::env::var("ANTHROPIC_BASE_URL")
             .unwrap_or_else(|_| "https://api.anthropic.com".to_string());
-        let limits = match std::env::var_os("ANTHROPIC_TIER").or(std::env::var_os("ANTHROPIC_LIMITS")) {
-            Some(_) => LimitsLayer::from_env()?,
-            None => LimitsLayer::anthropic(Tier::Tier1),
-        };
+        let limits =
+            match std::env::var_os("ANTHROPIC_TIER").or(std::env::var_os("ANTHROPIC_LIMITS")) {
+                Some(_) => LimitsLayer::from_env()?,
+                None => LimitsLayer::anthropic(Tier::Tier1),
+            };
         Self::new(&base, &key, limits)
     }
 

@@ -138,7 +138,8 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// A cloneable, shareable service of the boxed stack.
 trait CloneService<B>: Send + Sync {
     fn poll_ready_boxed(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>;
-    fn call_boxed(&mut self, request: Request<B>) -> BoxFuture<Result<Response<BoxBody>, BoxError>>;
+    fn call_boxed(&mut self, request: Request<B>)
+        -> BoxFuture<Result<Response<BoxBody>, BoxError>>;
     fn clone_boxed(&self) -> Box<dyn CloneService<B>>;
 }
 
@@ -157,7 +158,10 @@ where
         self.poll_ready(cx)
     }
 
-    fn call_boxed(&mut self, request: Request<B>) -> BoxFuture<Result<Response<BoxBody>, BoxError>> {
+    fn call_boxed(
+        &mut self,
+        request: Request<B>,
+    ) -> BoxFuture<Result<Response<BoxBody>, BoxError>> {
         let future = self.call(request);
         Box::pin(async move { Ok(future.await?.map(|b| b.map_err(Into::into).boxed_unsync())) })
     }
@@ -336,7 +340,8 @@ impl LimitsLayer {
     /// let request = Request::post("https://api.anthropic.com/v1/messages")
     ///     .body(Full::new(Bytes::from_static(br#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#)))?;
     /// let response = app.anthropic.clone().oneshot(request).await?;
-    /// assert_eq!(response.into_body().collect().await?.to_bytes().len(), 64);
+    /// let body = response.into_body().collect().await?.to_bytes();
+    /// assert_eq!(tower_llm_limits::wire::usage_of(&body).map(|u| u.output_tokens), Some(2));
     /// # Ok(())
     /// # }
     /// ```

@@ -232,7 +232,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
@@ -260,7 +260,10 @@ mod tests {
         assert!(!body.is_end_stream());
         let mut body = std::pin::pin!(body);
         let frame = body.frame().await.and_then(Result::ok);
-        assert_eq!(frame.and_then(|f| f.into_data().ok()).as_deref(), Some(&b"hello"[..]));
+        assert_eq!(
+            frame.and_then(|f| f.into_data().ok()).as_deref(),
+            Some(&b"hello"[..])
+        );
         assert_eq!(body.size_hint().exact(), Some(0));
         assert!(body.frame().await.is_none());
         assert!(body.is_end_stream());

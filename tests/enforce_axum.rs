@@ -165,7 +165,10 @@ async fn the_inner_services_error_comes_out_unchanged() {
     let failing = service_fn(|_req: Request<_>| async {
         Err::<Response<Full<Bytes>>, _>(io::Error::new(io::ErrorKind::PermissionDenied, "nope"))
     });
-    let service = tower::Layer::layer(&EnforceLayer::new(Limits::new().rpm(10), callers()), failing);
+    let service = tower::Layer::layer(
+        &EnforceLayer::new(Limits::new().rpm(10), callers()),
+        failing,
+    );
     let request = Request::post("/v1/messages")
         .header("x-api-key", "gw-key-a")
         .body(Full::new(Bytes::from_static(
@@ -187,7 +190,13 @@ async fn a_budget_in_client_mode_is_answered_too() {
     let app = Router::new()
         .route("/v1/messages", post(|| async { ANSWER }))
         .layer(EnforceLayer::from_budget(budget));
-    assert_eq!(send(&app, message("claude-sonnet-4-5", None)).await.0.status(), 200);
+    assert_eq!(
+        send(&app, message("claude-sonnet-4-5", None))
+            .await
+            .0
+            .status(),
+        200
+    );
     let (refused, json) = send(&app, message("claude-sonnet-4-5", None)).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(error_type(&json), Some("rate_limit_error"));
@@ -205,7 +214,11 @@ fn errors_map_to_the_apis_answers() {
             429,
             "rate_limit_error",
         ),
-        (Box::new(Error::Overloaded { waiting: 3 }), 529, "overloaded_error"),
+        (
+            Box::new(Error::Overloaded { waiting: 3 }),
+            529,
+            "overloaded_error",
+        ),
         (Box::new(Error::SpendLimitReached), 429, "rate_limit_error"),
         (
             Box::new(io::Error::new(io::ErrorKind::ConnectionRefused, "refused")),
@@ -217,7 +230,11 @@ fn errors_map_to_the_apis_answers() {
             504,
             "api_error",
         ),
-        (Box::new(io::Error::other("secret-host:1234 failed")), 500, "api_error"),
+        (
+            Box::new(io::Error::other("secret-host:1234 failed")),
+            500,
+            "api_error",
+        ),
     ];
     for (err, status, kind) in cases {
         let response = error_response(&*err);
@@ -231,7 +248,8 @@ fn errors_map_to_the_apis_answers() {
     assert_eq!(spend.headers()["x-should-retry"], "false");
     let json: Value = serde_json::from_slice(spend.body()).unwrap();
     assert_eq!(
-        json.pointer("/error/details/error_code").and_then(Value::as_str),
+        json.pointer("/error/details/error_code")
+            .and_then(Value::as_str),
         Some("enforced_spend_limit_reached")
     );
     let wait = error_response(&Error::BudgetExceeded {
@@ -260,6 +278,11 @@ fn forwarded_answers_keep_what_clients_read_and_drop_the_rest() {
     names.sort_unstable();
     assert_eq!(
         names,
-        ["content-type", "request-id", "retry-after-ms", "x-should-retry"]
+        [
+            "content-type",
+            "request-id",
+            "retry-after-ms",
+            "x-should-retry"
+        ]
     );
 }

@@ -65,7 +65,10 @@ async fn the_preset_over_reqwest_paces_streams_and_settles() {
         let body = message("claude-sonnet-4-5", "Say hi", 64, stream);
         let response = client.clone().oneshot(request(&uri, &body)).await.unwrap();
         assert_eq!(response.status(), 200);
-        let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         assert_eq!(content_type.starts_with("text/event-stream"), stream);
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let (input, output) = usage_of(&bytes).expect("usage in the answer");

@@ -336,9 +336,10 @@ pub fn error_response(err: &(dyn StdError + 'static)) -> Response<Bytes> {
             .into_response();
     }
     let (status, message) = match Classifier::new().classify(err) {
-        _ if chain().any(|e| e.is::<LedgerError>()) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "rate limiter unavailable")
-        }
+        _ if chain().any(|e| e.is::<LedgerError>()) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "rate limiter unavailable",
+        ),
         Class::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
         Class::Connection => (StatusCode::BAD_GATEWAY, "upstream connection failed"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
@@ -387,12 +388,10 @@ fn crate_error_response(e: &Error, id: &str) -> Option<Response<Bytes>> {
         ),
         Error::ModelTooLong { .. } => answer(ErrorKind::InvalidRequest).into_response(),
         Error::Overloaded { .. } => answer(ErrorKind::Overloaded).into_response(),
-        Error::RetriesExhausted { last_status, .. } => {
-            match last_status.and_then(status_kind) {
-                Some(kind) => answer(kind).into_response(),
-                None => answer(ErrorKind::Api).into_response_with(StatusCode::BAD_GATEWAY),
-            }
-        }
+        Error::RetriesExhausted { last_status, .. } => match last_status.and_then(status_kind) {
+            Some(kind) => answer(kind).into_response(),
+            None => answer(ErrorKind::Api).into_response_with(StatusCode::BAD_GATEWAY),
+        },
         Error::NotReplayable { .. } => {
             answer(ErrorKind::Api).into_response_with(StatusCode::BAD_GATEWAY)
         }

@@ -174,9 +174,7 @@ fn parse_count(value: &str) -> Result<u64, String> {
     if !well_formed {
         return Err(format!("{value:?} is not a whole number"));
     }
-    digits
-        .parse()
-        .map_err(|_| format!("{value} is too large"))
+    digits.parse().map_err(|_| format!("{value} is too large"))
 }
 
 impl<'de> Deserialize<'de> for Tier {
@@ -187,7 +185,9 @@ impl<'de> Deserialize<'de> for Tier {
         impl Visitor<'_> for TierVisitor {
             type Value = Tier;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a tier: 1 to 4, \"tier1\" to \"tier4\", \"start\", \"build\" or \"scale\"")
+                f.write_str(
+                    "a tier: 1 to 4, \"tier1\" to \"tier4\", \"start\", \"build\" or \"scale\"",
+                )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Tier, E> {
                 v.parse().map_err(E::custom)
@@ -317,7 +317,16 @@ mod tests {
         ] {
             assert_eq!(text.parse::<Tier>(), Ok(tier), "{text}");
         }
-        for bad in ["", "0", "5", "tier", "tierstart", "tier-scale", "1.0", "premium"] {
+        for bad in [
+            "",
+            "0",
+            "5",
+            "tier",
+            "tierstart",
+            "tier-scale",
+            "1.0",
+            "premium",
+        ] {
             let err = bad.parse::<Tier>().err();
             assert_eq!(
                 err,
