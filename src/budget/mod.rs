@@ -170,6 +170,12 @@
 //!   headers, token counts rounded to the nearest thousand as the API's are,
 //!   resets in RFC 3339.
 //!
+//! [`TokenBudgetLayer`]'s service fails with `BoxError` for what it does not
+//! answer itself; axum's `Router::layer` needs the inner service's error
+//! type: use [`EnforceLayer`] there, which answers every refusal as a
+//! response (see its table) and passes the inner service's errors on
+//! unchanged.
+//!
 //! Every admitted response carries the same headers. The inner service's
 //! responses are settled as in client mode (their `usage`), and their own
 //! rate-limit headers (`anthropic-ratelimit-*`, `x-ratelimit-*`: the
