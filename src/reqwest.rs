@@ -1,4 +1,4 @@
-//! A tower service over [`reqwest::Client`](::reqwest::Client), so that the
+//! A tower service over [`reqwest::Client`], so that the
 //! layers of this crate (the [preset](crate::preset) for one) go over the
 //! HTTP client most Rust programs already have.
 //!
@@ -7,7 +7,7 @@
 //! is reqwest's [`Body`](::reqwest::Body), an [`http_body::Body`] streamed as
 //! it arrives (an SSE answer is settled event by event, never buffered).
 //!
-//! Its error is [`reqwest::Error`](::reqwest::Error) itself, which the
+//! Its error is [`reqwest::Error`] itself, which the
 //! [`classify`](crate::classify) rules recognise: `is_timeout()` is a
 //! [`Class::Timeout`](crate::classify::Class::Timeout) (retried; since the
 //! request may have reached the server, the retry layer counts it as a
@@ -65,7 +65,7 @@ use tower_service::Service;
 
 use crate::BoxError;
 
-/// A tower `Service<http::Request<B>>` over a [`reqwest::Client`](::reqwest::Client).
+/// A tower `Service<http::Request<B>>` over a [`reqwest::Client`].
 /// Cheap to clone (the client is an `Arc` inside); clones share its
 /// connection pool. See the [module docs](self).
 #[derive(Clone, Debug, Default)]

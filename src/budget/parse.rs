@@ -113,7 +113,9 @@ impl FromStr for Tier {
 impl FromStr for Limits {
     type Err = ConfigError;
 
-    /// Parses `rpm=50,itpm=30000,otpm=8000` (see the [forms](self)). A limit
+    /// Parses `rpm=50,itpm=30000,otpm=8000`: any of the three (or their long
+    /// names `requests_per_minute`, ...), in any order, `_` allowed between
+    /// digits. A limit
     /// left out is learned from the server's headers, as with [`Limits::new`].
     ///
     /// # Examples
@@ -178,7 +180,7 @@ fn parse_count(value: &str) -> Result<u64, String> {
 }
 
 impl<'de> Deserialize<'de> for Tier {
-    /// From a string in any [form](self) (`"tier1"`, `"2"`, `"scale"`) or an
+    /// From a string in any `FromStr` form (`"tier1"`, `"2"`, `"scale"`) or an
     /// integer from 1 to 4.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct TierVisitor;
