@@ -286,3 +286,25 @@ fn forwarded_answers_keep_what_clients_read_and_drop_the_rest() {
         ]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_connection_refused_comes_out_unchanged_and_is_refunded() {
+    let refusing = service_fn(|_req: Request<_>| async {
+        Err::<Response<Full<Bytes>>, _>(io::Error::from(io::ErrorKind::ConnectionRefused))
+    });
+    let enforce = EnforceLayer::new(Limits::new().rpm(10), callers());
+    let service = tower::Layer::layer(&enforce, refusing);
+    let request = Request::post("/v1/messages")
+        .header("x-api-key", "gw-key-a")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#,
+        )))
+        .unwrap();
+    let err: io::Error = service.oneshot(request).await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    // The budget still saw the refused connection through the kept error:
+    // nothing left, so the caller's request is given back.
+    let snapshot = enforce.snapshot();
+    assert_eq!(snapshot.admitted, 1);
+    assert_eq!(snapshot.refunded_unsent, 1);
+}
