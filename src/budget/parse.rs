@@ -6,6 +6,8 @@
 //! |---|---|
 //! | [`Tier`] | `1` to `4`, `tier1`, `tier-2`, `tier_3`, `Tier 4`, `start`, `build`, `scale` (any case); in serde also the integers 1 to 4 |
 //! | [`Limits`] | `rpm=50,itpm=30000,otpm=8000`: any of the three, in any order, separated by commas, `_` allowed between digits (`30_000`); the long names `requests_per_minute`, `input_tokens_per_minute`, `output_tokens_per_minute` too; in serde also a map of those keys (`{ rpm = 50, itpm = 30_000 }`) |
+//! | [`ModelClass`] | its name (`opus-4`, `sonnet-4`, `haiku-4-5`, `haiku-3-5`, `haiku-3`, `sonnet-3-7`, `other`) or a model name of that class (`claude-sonnet-4-5`) |
+//! | [`LimitsConfig`] (serde only) | a map with any of `tier` (a [`Tier`]), `default` (a [`Limits`]) and `classes` (a map from [`ModelClass`] to [`Limits`]); unknown keys refused |
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,7 +15,7 @@ use std::str::FromStr;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 
 use super::config::LimitsConfig;
-use super::limits::{Limits, Tier};
+use super::limits::{Limits, ModelClass, Tier};
 
 /// The environment variable naming a published tier (see [`Tier`]'s forms).
 pub const ENV_TIER: &str = "ANTHROPIC_TIER";
@@ -21,7 +23,7 @@ pub const ENV_TIER: &str = "ANTHROPIC_TIER";
 /// (see [`Limits`]' forms: `rpm=50,itpm=30000,otpm=8000`).
 pub const ENV_LIMITS: &str = "ANTHROPIC_LIMITS";
 
-/// Why a tier, limits or the environment could not be read as limits.
+/// Why a tier, limits, a model class or the environment could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConfigError {
@@ -36,6 +38,11 @@ pub enum ConfigError {
         value: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// Neither a model class's name nor a model name of a known class.
+    ModelClass {
+        /// The text that was given.
+        value: String,
     },
     /// An environment variable is set to something that is not Unicode.
     NotUnicode {
@@ -57,6 +64,10 @@ impl fmt::Display for ConfigError {
             ConfigError::Limits { value, reason } => write!(
                 f,
                 "invalid limits {value:?}: {reason} (expected e.g. rpm=50,itpm=30000,otpm=8000)"
+            ),
+            ConfigError::ModelClass { value } => write!(
+                f,
+                "unknown model class {value:?}: expected opus-4, sonnet-4, haiku-4-5, haiku-3-5, haiku-3, sonnet-3-7, other, or a model name"
             ),
             ConfigError::NotUnicode { var } => write!(f, "{var} is not valid Unicode"),
             ConfigError::Conflict => write!(
@@ -243,6 +254,80 @@ impl<'de> Deserialize<'de> for Limits {
     }
 }
 
+impl FromStr for ModelClass {
+    type Err = ConfigError;
+
+    /// Parses a class's name ([`ModelClass::as_str`], any case) or a model
+    /// name of a known class ([`ModelClass::of`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::budget::ModelClass;
+    ///
+    /// assert_eq!("sonnet-4".parse::<ModelClass>()?, ModelClass::Sonnet4);
+    /// assert_eq!("claude-haiku-4-5".parse::<ModelClass>()?, ModelClass::Haiku45);
+    /// assert!("gpt-4o".parse::<ModelClass>().is_err());
+    /// # Ok::<(), tower_llm_limits::budget::ConfigError>(())
+    /// ```
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let name = s.trim();
+        if let Some(class) = ModelClass::ALL
+            .into_iter()
+            .find(|c| c.as_str().eq_ignore_ascii_case(name))
+        {
+            return Ok(class);
+        }
+        match ModelClass::of(name) {
+            ModelClass::Other => Err(ConfigError::ModelClass {
+                value: s.to_owned(),
+            }),
+            class => Ok(class),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelClass {
+    /// From a string in the `FromStr` form.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        name.parse().map_err(de::Error::custom)
+    }
+}
+
+/// The serde form of [`LimitsConfig`].
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigMap {
+    #[serde(default)]
+    tier: Option<Tier>,
+    #[serde(default)]
+    default: Option<Limits>,
+    #[serde(default)]
+    classes: std::collections::HashMap<ModelClass, Limits>,
+}
+
+impl<'de> Deserialize<'de> for LimitsConfig {
+    /// From a map with any of `tier`, `default` and `classes` (see the
+    /// module's table): for example, in TOML,
+    /// `tier = "tier2"` and `classes = { "haiku-4-5" = { rpm = 100 } }`.
+    /// An empty map is [`LimitsConfig::learned`].
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = ConfigMap::deserialize(deserializer)?;
+        let mut config = LimitsConfig::learned();
+        if let Some(tier) = map.tier {
+            config = config.with_tier(tier);
+        }
+        if let Some(default) = map.default {
+            config = config.with_default(default);
+        }
+        for (class, limits) in map.classes {
+            config = config.with_class(class, limits);
+        }
+        Ok(config)
+    }
+}
+
 impl LimitsConfig {
     /// The limits named by the environment:
     ///
@@ -382,6 +467,51 @@ mod tests {
         let unknown = serde_json::from_str::<Limits>(r#"{"rpm": 5, "tpm": 1}"#);
         assert!(unknown.is_err_and(|e| e.to_string().contains("tpm")));
         assert!(serde_json::from_str::<Limits>(r#"{"rpm": -5}"#).is_err());
+    }
+
+    #[test]
+    fn model_classes_parse_by_name_or_model() {
+        for class in ModelClass::ALL {
+            assert_eq!(class.as_str().parse::<ModelClass>(), Ok(class));
+        }
+        assert_eq!(
+            "Claude-Opus-4-1".parse::<ModelClass>(),
+            Ok(ModelClass::Opus4)
+        );
+        assert_eq!(
+            "llama".parse::<ModelClass>(),
+            Err(ConfigError::ModelClass {
+                value: "llama".to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn a_limits_config_deserializes_from_a_file() {
+        let json = r#"{
+            "tier": "tier2",
+            "classes": {"haiku-4-5": {"rpm": 100}, "claude-opus-4-1": "itpm=5"}
+        }"#;
+        let config: LimitsConfig = serde_json::from_str(json).unwrap();
+        let sonnet = ModelClass::Sonnet4;
+        assert_eq!(config.limits_for(sonnet), Tier::Tier2.limits(sonnet));
+        assert_eq!(
+            config.limits_for(ModelClass::Haiku45),
+            Limits::new().rpm(100)
+        );
+        assert_eq!(config.limits_for(ModelClass::Opus4), Limits::new().itpm(5));
+
+        let default: LimitsConfig = serde_json::from_str(r#"{"default": {"rpm": 7}}"#).unwrap();
+        assert_eq!(default.limits_for(sonnet), Limits::new().rpm(7));
+        let empty: LimitsConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty.limits_for(sonnet), Limits::new());
+        for bad in [
+            r#"{"tiers": "1"}"#,
+            r#"{"classes": {"llama": {"rpm": 1}}}"#,
+            r#"{"tier": "gold"}"#,
+        ] {
+            assert!(serde_json::from_str::<LimitsConfig>(bad).is_err(), "{bad}");
+        }
     }
 
     fn lookup<'a>(
