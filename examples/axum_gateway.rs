@@ -9,8 +9,8 @@
 //! ```
 //!
 //! Two budgets, two jobs:
-//! - **per caller, enforced** (server side): [`TokenBudgetLayer::enforce`]
-//!   on the route gives every configured caller ([`Callers`]: a name and a
+//! - **per caller, enforced** (server side): [`EnforceLayer`] on the route
+//!   (its service's error is the route's own, so no `HandleErrorLayer`) gives every configured caller ([`Callers`]: a name and a
 //!   gateway key, sent as `x-api-key` or `authorization: Bearer`, compared
 //!   in constant time, never logged or echoed) its own RPM / ITPM / OTPM.
 //!   An unknown or missing key is answered with 401 `authentication_error`,
@@ -33,38 +33,39 @@
 //! Environment: `ANTHROPIC_API_KEY` (the upstream key, required),
 //! `GATEWAY_CALLERS` (required: `name=key` pairs separated by commas),
 //! `UPSTREAM_URL` (default `https://api.anthropic.com`), `GATEWAY_ADDR`
-//! (default `127.0.0.1:8080`), `ANTHROPIC_TIER` (the upstream's tier, `1` to
-//! `4`, default `1`), `CALLER_RPM` / `CALLER_ITPM` / `CALLER_OTPM` (each
+//! (default `127.0.0.1:8080`), `ANTHROPIC_TIER` (the upstream's tier: `1` to
+//! `4`, `tier2`, `start`, `build`, `scale`; default `1`) or `ANTHROPIC_LIMITS`
+//! (`rpm=50,itpm=30000,otpm=8000`), `CALLER_RPM` / `CALLER_ITPM` / `CALLER_OTPM` (each
 //! caller's limits, default 20 / 10,000 / 2,000).
 
 use axum::body::Body;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, Request as AxumRequest, State};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use http::{HeaderValue, Request, StatusCode, Uri};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use tower::util::BoxCloneSyncService;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceExt;
 
 use http_body_util::Limited;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tower_llm_limits::budget::{Callers, Limits, Tier, TokenBudgetLayer};
-use tower_llm_limits::preset::LimitsLayer;
-use tower_llm_limits::{BoxError, Error};
+use tower_llm_limits::budget::{
+    error_response, forward_response, Callers, EnforceLayer, Limits, Tier,
+};
+use tower_llm_limits::preset::{BoxBody, BoxClient, LimitsLayer};
+use tower_llm_limits::wire::error::{ErrorBody, ErrorKind};
+use tower_llm_limits::BoxError;
 
 /// The largest request body the gateway reads (the API's own limit).
 const BODY_LIMIT: usize = 32 * 1024 * 1024;
@@ -79,22 +80,11 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The time a whole request body has to arrive once its head was read.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The body the upstream hyper client sends and the stack answers with.
-type ClientBody = UnsyncBoxBody<Bytes, BoxError>;
-
-fn boxed<B>(body: B) -> ClientBody
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    body.map_err(Into::into).boxed_unsync()
-}
-
 /// The upstream: the preset stack over a hyper-util client with rustls
 /// (ring, webpki roots), speaking `https://` and, for local tests, `http://`.
 #[derive(Clone)]
 struct Anthropic {
-    service: BoxCloneSyncService<Request<Full<Bytes>>, http::Response<ClientBody>, BoxError>,
+    service: BoxClient,
     messages_uri: Uri,
     api_key: HeaderValue,
 }
@@ -110,14 +100,9 @@ impl Anthropic {
             .https_or_http()
             .enable_http1()
             .build();
-        let client: Client<_, ClientBody> = Client::builder(TokioExecutor::new()).build(https);
-        let service = ServiceBuilder::new()
-            .map_response(|r: http::Response<_>| r.map(boxed))
-            .layer(limits)
-            .map_request(|r: Request<_>| r.map(boxed))
-            .service(client);
+        let client: Client<_, BoxBody> = Client::builder(TokioExecutor::new()).build(https);
         Ok(Anthropic {
-            service: BoxCloneSyncService::new(service),
+            service: limits.boxed(client),
             messages_uri,
             api_key,
         })
@@ -125,7 +110,7 @@ impl Anthropic {
 
     /// Sends a caller's body as it is, with the gateway's key; the answer
     /// streams back as it comes.
-    async fn forward(&self, body: Bytes) -> Result<http::Response<ClientBody>, BoxError> {
+    async fn forward(&self, body: Bytes) -> Result<http::Response<BoxBody>, BoxError> {
         let req = Request::post(self.messages_uri.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("anthropic-version", "2023-06-01")
@@ -138,19 +123,11 @@ impl Anthropic {
 /// The gateway's router: `POST /v1/messages`, each caller's budget enforced,
 /// forwarded through `upstream`. Returns the caller budget too, for its
 /// snapshot.
-fn router(
-    upstream: Anthropic,
-    caller_limits: Limits,
-    callers: Callers,
-) -> (Router, TokenBudgetLayer) {
-    let callers = TokenBudgetLayer::enforce(caller_limits, callers);
+fn router(upstream: Anthropic, caller_limits: Limits, callers: Callers) -> (Router, EnforceLayer) {
+    let callers = EnforceLayer::new(caller_limits, callers);
     let router = Router::new()
         .route("/v1/messages", post(forward))
-        .route_layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(handle_error))
-                .layer(callers.clone()),
-        )
+        .route_layer(callers.clone())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(read_body_in_time))
         .with_state(upstream);
@@ -165,26 +142,23 @@ async fn read_body_in_time(req: AxumRequest, next: Next) -> Response {
     let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, BODY_LIMIT).collect());
     let bytes = match read.await {
         Ok(Ok(collected)) => collected.to_bytes(),
+        // Too large: 413 `request_too_large`, as the API answers.
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return api_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
-                "request body too large",
-            );
+            return error_response(&*e).map(Body::from);
         }
         Ok(Err(e)) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                &e.to_string(),
-            );
+            let message = e.to_string();
+            let answer = ErrorBody::new(ErrorKind::InvalidRequest, &message);
+            return answer.into_response().map(Body::from);
         }
         Err(_) => {
-            let mut resp = api_error(
-                StatusCode::REQUEST_TIMEOUT,
-                "invalid_request_error",
+            let answer = ErrorBody::new(
+                ErrorKind::InvalidRequest,
                 "request body not received in time",
             );
+            let mut resp = answer
+                .into_response_with(StatusCode::REQUEST_TIMEOUT)
+                .map(Body::from);
             resp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             return resp;
@@ -192,12 +166,6 @@ async fn read_body_in_time(req: AxumRequest, next: Next) -> Response {
     };
     next.run(AxumRequest::from_parts(parts, Body::from(bytes)))
         .await
-}
-
-/// An answer in the API's error shape.
-fn api_error(status: StatusCode, kind: &str, message: &str) -> Response {
-    let body = json!({"type": "error", "error": {"type": kind, "message": message}});
-    (status, axum::Json(body)).into_response()
 }
 
 /// Serves `app` on `listener` over HTTP/1.1 with the gateway's bounds: at
@@ -247,72 +215,14 @@ fn callers_from(spec: &str) -> Result<Callers, BoxError> {
 }
 
 /// Sends the caller's body upstream as it is (the caller's key stays here:
-/// the upstream client sets the gateway's own) and streams the answer back.
+/// the upstream client sets the gateway's own) and streams the answer back
+/// with the headers an API client reads; the stack's errors (retries
+/// exhausted, a delay too long, ...) are answered in the API's words.
 async fn forward(State(upstream): State<Anthropic>, body: Bytes) -> Response {
     match upstream.forward(body).await {
-        Ok(resp) => {
-            let (parts, body) = resp.into_parts();
-            let mut out = Response::new(Body::new(body));
-            *out.status_mut() = parts.status;
-            for name in [
-                "content-type",
-                "request-id",
-                "retry-after",
-                "x-should-retry",
-            ] {
-                if let Some(v) = parts.headers.get(name) {
-                    out.headers_mut().insert(name, v.clone());
-                }
-            }
-            out
-        }
-        Err(e) => upstream_error(&*e),
+        Ok(resp) => forward_response(resp).map(Body::new),
+        Err(e) => error_response(&*e).map(Body::from),
     }
-}
-
-/// The errors of the upstream stack, said to the caller in the API's words.
-fn upstream_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Response {
-    let (status, kind, retry_after) = match e.downcast_ref::<Error>() {
-        Some(Error::RetryAfterTooLong { delay, .. }) => (
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            Some(delay.as_secs().max(1)),
-        ),
-        Some(Error::BudgetExceeded { retry_in, .. }) => (
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            Some(retry_in.as_secs().max(1)),
-        ),
-        Some(Error::RequestTooLarge { .. }) => {
-            (StatusCode::BAD_REQUEST, "invalid_request_error", None)
-        }
-        Some(Error::Overloaded { .. }) => (
-            StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-            "overloaded_error",
-            None,
-        ),
-        _ => (StatusCode::BAD_GATEWAY, "api_error", None),
-    };
-    let body = json!({
-        "type": "error",
-        "error": {"type": kind, "message": format!("upstream: {e}")},
-    });
-    let mut resp = (status, axum::Json(body)).into_response();
-    if let Some(secs) = retry_after {
-        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-            resp.headers_mut().insert(http::header::RETRY_AFTER, v);
-        }
-    }
-    resp
-}
-
-/// Errors of the caller budget itself (its body could not be read).
-async fn handle_error(e: BoxError) -> Response {
-    let body = json!({
-        "type": "error",
-        "error": {"type": "invalid_request_error", "message": e.to_string()},
-    });
-    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }
 
 fn env_u64(name: &str, default: u64) -> Result<u64, BoxError> {
@@ -330,12 +240,9 @@ async fn main() -> Result<(), BoxError> {
         .map_err(|_| "set ANTHROPIC_API_KEY (the upstream key)")?;
     let base = std::env::var("UPSTREAM_URL").unwrap_or_else(|_| "https://api.anthropic.com".into());
     let addr = std::env::var("GATEWAY_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
-    let tier = match std::env::var("ANTHROPIC_TIER").as_deref() {
-        Err(_) | Ok("1") => Tier::Tier1,
-        Ok("2") => Tier::Tier2,
-        Ok("3") => Tier::Tier3,
-        Ok("4") => Tier::Tier4,
-        Ok(other) => return Err(format!("ANTHROPIC_TIER: 1 to 4, not {other}").into()),
+    let limits = match std::env::var_os("ANTHROPIC_TIER").or(std::env::var_os("ANTHROPIC_LIMITS")) {
+        Some(_) => LimitsLayer::from_env()?,
+        None => LimitsLayer::anthropic(Tier::Tier1),
     };
     let caller = Limits::new()
         .rpm(env_u64("CALLER_RPM", 20)?)
@@ -344,7 +251,7 @@ async fn main() -> Result<(), BoxError> {
     let callers = std::env::var("GATEWAY_CALLERS")
         .map_err(|_| "set GATEWAY_CALLERS (name=key pairs: the callers and their gateway keys)")?;
     let callers = callers_from(&callers)?;
-    let upstream = Anthropic::new(&base, &key, LimitsLayer::anthropic(tier))?;
+    let upstream = Anthropic::new(&base, &key, limits)?;
     let (app, _callers) = router(upstream, caller, callers);
     let listener = TcpListener::bind(&addr).await?;
     println!("gateway on http://{} -> {base}", listener.local_addr()?);

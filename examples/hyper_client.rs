@@ -12,7 +12,9 @@
 //!   API-compatible endpoint, `http://` or `https://` (the tests point it at
 //!   the `tower-llm-limits-emulator` server on loopback);
 //! - `ANTHROPIC_MODEL` (default `claude-sonnet-4-5`);
-//! - `ANTHROPIC_TIER` (`1` to `4`, default `1`): the published limits to pace to.
+//! - `ANTHROPIC_TIER` (a published tier: `1` to `4`, `tier2`, `start`,
+//!   `build`, `scale`; default `1`) or `ANTHROPIC_LIMITS`
+//!   (`rpm=50,itpm=30000,otpm=8000`): the limits to pace to.
 //!
 //! It sends the prompt five times at once, streamed and not, and prints each
 //! answer's status and usage, then what the budget and the concurrency layer
@@ -23,43 +25,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use tower::util::BoxCloneSyncService;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceExt;
 use tower_llm_limits::budget::Tier;
-use tower_llm_limits::preset::LimitsLayer;
+use tower_llm_limits::preset::{BoxBody, BoxClient, LimitsLayer};
 use tower_llm_limits::BoxError;
-
-/// The body the hyper client sends and the stack answers with.
-pub type ClientBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// Boxes a request body into [`ClientBody`], so the stack's nested body
-/// types meet the client's one.
-pub fn box_request<B>(req: Request<B>) -> Request<ClientBody>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    req.map(|b| b.map_err(Into::into).boxed_unsync())
-}
-
-/// Boxes a response body into [`ClientBody`].
-pub fn box_response<B>(resp: Response<B>) -> Response<ClientBody>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    resp.map(|b| b.map_err(Into::into).boxed_unsync())
-}
 
 /// A hyper-util client over rustls (ring, webpki roots), HTTP/1.1, speaking
 /// `https://` and, for tests and local gateways, `http://`.
-pub fn https_client() -> Client<HttpsConnector<HttpConnector>, ClientBody> {
+pub fn https_client() -> Client<HttpsConnector<HttpConnector>, BoxBody> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
@@ -73,7 +52,7 @@ pub fn https_client() -> Client<HttpsConnector<HttpConnector>, ClientBody> {
 /// A Messages API client: the preset stack over [`https_client`].
 #[derive(Clone)]
 pub struct Anthropic {
-    service: BoxCloneSyncService<Request<Full<Bytes>>, Response<ClientBody>, BoxError>,
+    service: BoxClient,
     messages_uri: Uri,
     api_key: HeaderValue,
     limits: LimitsLayer,
@@ -99,13 +78,8 @@ impl Anthropic {
             format!("{}/v1/messages", base_url.trim_end_matches('/')).parse()?;
         let mut api_key = HeaderValue::from_str(api_key)?;
         api_key.set_sensitive(true);
-        let service = ServiceBuilder::new()
-            .map_response(box_response)
-            .layer(limits.clone())
-            .map_request(box_request)
-            .service(https_client());
         Ok(Anthropic {
-            service: BoxCloneSyncService::new(service),
+            service: limits.boxed(https_client()),
             messages_uri,
             api_key,
             limits,
@@ -120,20 +94,18 @@ impl Anthropic {
     /// A client configured from the environment (see the example's docs).
     ///
     /// # Errors
-    /// `ANTHROPIC_API_KEY` unset, or a bad URL or tier.
+    /// `ANTHROPIC_API_KEY` unset, or a bad URL, tier or limits.
     pub fn from_env() -> Result<Self, BoxError> {
         let key = std::env::var("ANTHROPIC_API_KEY")
             .map_err(|_| "set ANTHROPIC_API_KEY to your API key")?;
         let base = std::env::var("ANTHROPIC_BASE_URL")
             .unwrap_or_else(|_| "https://api.anthropic.com".to_string());
-        let tier = match std::env::var("ANTHROPIC_TIER").as_deref() {
-            Err(_) | Ok("1") => Tier::Tier1,
-            Ok("2") => Tier::Tier2,
-            Ok("3") => Tier::Tier3,
-            Ok("4") => Tier::Tier4,
-            Ok(other) => return Err(format!("ANTHROPIC_TIER: 1 to 4, not {other}").into()),
-        };
-        Self::new(&base, &key, LimitsLayer::anthropic(tier))
+        let limits =
+            match std::env::var_os("ANTHROPIC_TIER").or(std::env::var_os("ANTHROPIC_LIMITS")) {
+                Some(_) => LimitsLayer::from_env()?,
+                None => LimitsLayer::anthropic(Tier::Tier1),
+            };
+        Self::new(&base, &key, limits)
     }
 
     /// Sends a Messages request body as it is and returns the answer as it
@@ -142,7 +114,7 @@ impl Anthropic {
     /// # Errors
     /// What the stack returns (retries exhausted, a request too large for the
     /// limits, ...) or a transport error.
-    pub async fn forward(&self, body: Bytes) -> Result<Response<ClientBody>, BoxError> {
+    pub async fn forward(&self, body: Bytes) -> Result<Response<BoxBody>, BoxError> {
         let req = Request::post(self.messages_uri.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("anthropic-version", "2023-06-01")

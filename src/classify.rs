@@ -16,6 +16,9 @@
 //!   wraps the `io::Error` of a failed connect in its own error
 //!   (`Error::is_connect()`), so it is found in the chain without naming
 //!   hyper-util's type.
+//! - With the `reqwest` feature, a `reqwest::Error` by its own answers:
+//!   `is_timeout()` is a [`Class::Timeout`] (reqwest's timeout error is of a
+//!   private type), `is_connect()` a [`Class::Connection`].
 //!
 //! An error of no type it knows is [`Class::Unknown`]. Where a type cannot be
 //! known to this crate (a transport of one's own, an error that carries a
@@ -125,7 +128,9 @@ impl Classifier {
 /// [`ConnectionRefused`](io::ErrorKind::ConnectionRefused) or
 /// [`AddrNotAvailable`](io::ErrorKind::AddrNotAvailable) anywhere in its
 /// source chain (hyper-util's client keeps the `io::Error` of a failed
-/// connect in its chain).
+/// connect in its chain); with the `reqwest` feature, also a
+/// `reqwest::Error` whose `is_connect()` is true (TCP, TLS or proxy
+/// connection failed: no byte of the request was written).
 ///
 /// Every other error, a connection reset, a broken pipe, an unexpected end
 /// of file, a timeout, or an error of unknown type, may have come after the
@@ -145,6 +150,13 @@ impl Classifier {
 /// ```
 pub fn never_connected(err: &(dyn Error + 'static)) -> bool {
     chain(err).any(|e| {
+        // reqwest says so itself: the connection (TCP, TLS, proxy) failed.
+        #[cfg(feature = "reqwest")]
+        if e.downcast_ref::<::reqwest::Error>()
+            .is_some_and(::reqwest::Error::is_connect)
+        {
+            return true;
+        }
         let Some(io) = e.downcast_ref::<io::Error>() else {
             return false;
         };
@@ -168,6 +180,16 @@ fn chain<'a>(err: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Er
 fn by_type(err: &(dyn Error + 'static)) -> Option<Class> {
     if err.is::<tower::timeout::error::Elapsed>() || err.is::<tokio::time::error::Elapsed>() {
         return Some(Class::Timeout);
+    }
+    // reqwest's own timeout error is a private type: ask reqwest.
+    #[cfg(feature = "reqwest")]
+    if let Some(e) = err.downcast_ref::<::reqwest::Error>() {
+        if e.is_timeout() {
+            return Some(Class::Timeout);
+        }
+        if e.is_connect() {
+            return Some(Class::Connection);
+        }
     }
     let io = err.downcast_ref::<io::Error>()?;
     match io.kind() {

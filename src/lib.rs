@@ -63,19 +63,50 @@
 //! `retry_in`, [`Error::RetriesExhausted`] the last status, ...), and the inner
 //! service's own errors pass through as they are.
 //!
-//! A known compiler limitation: when the *innermost* service's future is an
-//! `async` block whose error type is `BoxError`, a stack of these layers held
-//! across an `.await` inside `tokio::spawn(async move { .. })` can fail to
-//! compile with "implementation of `From` is not general enough" (a rustc
-//! bug with higher-ranked lifetimes in auto-trait checks). A hyper-util
-//! client, an axum `Router` or any concrete error type is not affected;
-//! otherwise spawn the `oneshot` future itself or box the stack
-//! (`ServiceBuilder::new().boxed_clone()`).
+//! A gateway's server cannot take a `BoxError` (axum's `Router` wants
+//! `Infallible`): [`budget::EnforceLayer`] keeps the inner service's error
+//! type and answers its own refusals as responses, and
+//! [`budget::error_response`] turns any error of the stack into the answer
+//! the API would give.
+//!
+//! # Compile errors you may meet
+//!
+//! - **"implementation of `From` is not general enough"** (with
+//!   `tokio::spawn`). A stack of layers whose inner error type is `BoxError`,
+//!   held across an `.await` inside `tokio::spawn(async move { .. })`, can be
+//!   refused by rustc: its `Send` check of an `async` block erases lifetimes
+//!   and then cannot prove `BoxError: From<BoxError>` for every lifetime
+//!   (rust-lang/rust#64552). tower's own stack hits it too
+//!   (`ServiceBuilder::new().timeout(..).concurrency_limit(..)` over a
+//!   `service_fn` whose error is `BoxError`). The layers are not at fault.
+//!   Any of these avoids it: spawn the future itself,
+//!   `tokio::spawn(stack.oneshot(request))`; box the stack
+//!   ([`preset::LimitsLayer::boxed`], or tower's `BoxCloneSyncService`), so
+//!   the `async` block holds a concrete type; or give the innermost service a
+//!   concrete error type (a hyper-util client, `reqwest::Error`,
+//!   `std::io::Error`).
+//! - **`Infallible: From<Box<dyn Error + Send + Sync>>` is not satisfied**
+//!   (axum's `Router::layer(TokenBudgetLayer::enforce(..))`). axum's routes
+//!   must not fail; [`budget::TokenBudgetLayer`]'s service returns
+//!   `BoxError`. Use [`budget::EnforceLayer`] instead, whose service keeps
+//!   the route's `Infallible` and answers its refusals as responses; or put
+//!   axum's `HandleErrorLayer` in front of the budget.
+//! - **`Service<Request<ReplayBody<ReplayBody<Full<Bytes>>>>>` is not
+//!   implemented for a client**. The retry and budget layers hand their
+//!   inner service a replayable body: a hyper-util client under the preset
+//!   must be built for [`preset::TransportBody<B>`](preset::TransportBody),
+//!   or for [`preset::BoxBody`] under [`preset::LimitsLayer::boxed`].
+//! - **"`start_paused` requires the `test-util` feature"** (a test with
+//!   `#[tokio::test(start_paused = true)]`, the way to test pacing and
+//!   retries without real sleeps): add tokio's `test-util` feature to your
+//!   dev-dependencies (`tokio = { version = "1", features = ["full",
+//!   "test-util"] }`).
 //!
 //! # What it does not do
 //!
-//! - It is no HTTP client: bring one (hyper-util, reqwest through a tower
-//!   adapter), with its TLS, and set `x-api-key` yourself (no layer logs it).
+//! - It is no HTTP client: bring one (hyper-util, or reqwest through
+//!   `reqwest::ReqwestService` with the `reqwest` feature), with its TLS, and
+//!   set `x-api-key` yourself (no layer logs it).
 //! - It keeps budgets in one process; the [`budget::ledger::Ledger`] trait is
 //!   the seam for a store shared by several.
 //! - It reads the pacing headers of Anthropic and of OpenAI-style APIs only;
@@ -117,6 +148,7 @@
 //! | `retry` | yes | [`retry`] |
 //! | `budget` | yes | [`budget`], [`estimate`] |
 //! | `concurrency` | yes | [`concurrency`] |
+//! | `reqwest` | no | `reqwest::ReqwestService`, a tower service over `reqwest::Client` |
 //!
 //! [`preset`] needs the three default features. [`headers`], [`body`],
 //! [`wire`], [`classify`], [`clock`] and the [`Error`] types are always there.
@@ -162,6 +194,9 @@ pub mod estimate;
     doc(cfg(all(feature = "retry", feature = "budget", feature = "concurrency")))
 )]
 pub mod preset;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 #[cfg(feature = "retry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;

@@ -79,12 +79,23 @@
 //!   store is a later step).
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use tower_layer::Layer;
+use tower_service::Service;
 
-use crate::budget::{LimitsConfig, TokenBudget, TokenBudgetLayer};
+use crate::body::ReplayBody;
+use crate::budget::{ConfigError, LimitsConfig, TokenBudget, TokenBudgetLayer};
 use crate::concurrency::{Concurrency, ConcurrencyBuilder, ConcurrencyLayer};
 use crate::retry::{RetryAfter, RetryAfterLayer};
+use crate::BoxError;
 
 #[cfg(doc)]
 use crate::budget::{Limits, Tier};
@@ -103,6 +114,125 @@ const DEFAULT_MAX_WAITING: usize = usize::MAX;
 
 /// The service [`LimitsLayer`] builds: retry over budget over concurrency over `S`.
 pub type Limited<S> = RetryAfter<TokenBudget<Concurrency<S>>>;
+
+/// The request body the transport under [`Limited`] receives when the stack
+/// is called with bodies of type `B`: the retry layer's replayable body
+/// around the budget's. A hyper-util client under the preset is a
+/// `Client<C, TransportBody<Full<Bytes>>>`; or see [`LimitsLayer::boxed`].
+pub type TransportBody<B> = ReplayBody<ReplayBody<B>>;
+
+/// A boxed body of bytes: what a [`BoxClient`] answers with and what its
+/// transport receives.
+pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The preset stack over a transport, boxed: one type to store in a struct
+/// or an axum state, whatever the transport. Built by
+/// [`LimitsLayer::boxed`]; cheap to clone, `Send + Sync`; requests of body
+/// `B` (`Full<Bytes>` unless said otherwise), answers of body [`BoxBody`].
+pub struct BoxClient<B = Full<Bytes>> {
+    inner: Box<dyn CloneService<B>>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A cloneable, shareable service of the boxed stack.
+trait CloneService<B>: Send + Sync {
+    fn poll_ready_boxed(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>;
+    fn call_boxed(&mut self, request: Request<B>)
+        -> BoxFuture<Result<Response<BoxBody>, BoxError>>;
+    fn clone_boxed(&self) -> Box<dyn CloneService<B>>;
+}
+
+impl<S, B, ResB> CloneService<B> for S
+where
+    S: Service<Request<B>, Response = Response<ResB>, Error = BoxError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    fn poll_ready_boxed(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.poll_ready(cx)
+    }
+
+    fn call_boxed(
+        &mut self,
+        request: Request<B>,
+    ) -> BoxFuture<Result<Response<BoxBody>, BoxError>> {
+        let future = self.call(request);
+        Box::pin(async move { Ok(future.await?.map(|b| b.map_err(Into::into).boxed_unsync())) })
+    }
+
+    fn clone_boxed(&self) -> Box<dyn CloneService<B>> {
+        Box::new(self.clone())
+    }
+}
+
+impl<B> Clone for BoxClient<B> {
+    fn clone(&self) -> Self {
+        BoxClient {
+            inner: self.inner.clone_boxed(),
+        }
+    }
+}
+
+impl<B> fmt::Debug for BoxClient<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoxClient").finish_non_exhaustive()
+    }
+}
+
+impl<B> Service<Request<B>> for BoxClient<B> {
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Response<BoxBody>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready_boxed(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        self.inner.call_boxed(request)
+    }
+}
+
+/// A transport of requests of [`BoxBody`] that takes requests of any body
+/// of bytes, boxing each body: what [`LimitsLayer::boxed`] puts under the
+/// stack.
+#[derive(Clone, Debug)]
+pub struct BoxRequests<T> {
+    transport: T,
+}
+
+impl<T> BoxRequests<T> {
+    /// Boxes the request bodies `transport` receives.
+    pub fn new(transport: T) -> Self {
+        BoxRequests { transport }
+    }
+}
+
+impl<T, B> Service<Request<B>> for BoxRequests<T>
+where
+    T: Service<Request<BoxBody>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = T::Response;
+    type Error = T::Error;
+    type Future = T::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.transport.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        self.transport
+            .call(request.map(|b| b.map_err(Into::into).boxed_unsync()))
+    }
+}
 
 /// A layer applying `RetryAfter -> TokenBudget -> Concurrency` (outermost
 /// first) to a service. Cheap to clone; clones share all state.
@@ -151,6 +281,83 @@ impl LimitsLayer {
             retry: RetryAfterLayer::anthropic(),
             budget: TokenBudgetLayer::anthropic(limits),
             concurrency: default_concurrency(),
+        }
+    }
+
+    /// The recommended stack ([`anthropic`](Self::anthropic)) pacing to the
+    /// limits the environment names: `ANTHROPIC_TIER` (a published tier:
+    /// `1` to `4`, `tier2`, `start`, `build`, `scale`) or `ANTHROPIC_LIMITS`
+    /// (explicit limits for every model class: `rpm=50,itpm=30000,otpm=8000`);
+    /// with neither, every limit is learned from the server's
+    /// `anthropic-ratelimit-*` headers. See [`LimitsConfig::from_env`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when a value does not parse, is not Unicode, or both
+    /// variables are set.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use tower_llm_limits::preset::LimitsLayer;
+    ///
+    /// // ANTHROPIC_TIER=2 cargo run
+    /// let limits = LimitsLayer::from_env()?;
+    /// # let _ = limits;
+    /// # Ok::<(), tower_llm_limits::budget::ConfigError>(())
+    /// ```
+    pub fn from_env() -> Result<Self, ConfigError> {
+        LimitsConfig::from_env().map(Self::anthropic)
+    }
+
+    /// The stack over `transport`, boxed into one type to store: a
+    /// [`BoxClient`] taking requests of body `B` (`Full<Bytes>` by default)
+    /// and answering with a [`BoxBody`]. The transport receives requests of
+    /// body [`BoxBody`] (a hyper-util `Client<C, BoxBody>`, a
+    /// `ReqwestService`, any `Service<http::Request<BoxBody>>`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{service_fn, ServiceExt};
+    /// use tower_llm_limits::budget::Tier;
+    /// use tower_llm_limits::preset::{BoxBody, BoxClient, LimitsLayer};
+    ///
+    /// struct App {
+    ///     anthropic: BoxClient, // one type, whatever the transport
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_llm_limits::BoxError> {
+    /// let transport = service_fn(|_req: Request<BoxBody>| async {
+    ///     let body = r#"{"type":"message","usage":{"input_tokens":9,"output_tokens":2}}"#;
+    ///     Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::from(body))))
+    /// });
+    /// let app = App { anthropic: LimitsLayer::anthropic(Tier::Tier1).boxed(transport) };
+    /// let request = Request::post("https://api.anthropic.com/v1/messages")
+    ///     .body(Full::new(Bytes::from_static(br#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#)))?;
+    /// let response = app.anthropic.clone().oneshot(request).await?;
+    /// let body = response.into_body().collect().await?.to_bytes();
+    /// assert_eq!(tower_llm_limits::wire::usage_of(&body).map(|u| u.output_tokens), Some(2));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn boxed<T, B, R>(&self, transport: T) -> BoxClient<B>
+    where
+        Limited<BoxRequests<T>>: Service<Request<B>, Response = Response<R>, Error = BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <Limited<BoxRequests<T>> as Service<Request<B>>>::Future: Send + 'static,
+        R: Body<Data = Bytes> + Send + 'static,
+        R::Error: Into<BoxError>,
+    {
+        BoxClient {
+            inner: Box::new(self.layer(BoxRequests { transport })),
         }
     }
 

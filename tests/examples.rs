@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Request as AxumRequest, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -27,11 +26,10 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tower::{ServiceBuilder, ServiceExt};
-use tower_llm_limits::budget::{Callers, Limits, TokenBudgetLayer};
+use tower::ServiceExt;
+use tower_llm_limits::budget::{error_response, forward_response, Callers, EnforceLayer, Limits};
 use tower_llm_limits::headers::RateLimitSnapshot;
 use tower_llm_limits::preset::LimitsLayer;
-use tower_llm_limits::BoxError;
 
 use support::{
     admitted_and_rate_limited, message, post_message, serve, serve_emulator, usage_of, PresetClient,
@@ -46,19 +44,14 @@ fn callers() -> Callers {
 }
 
 /// A gateway: `POST /v1/messages` with each caller's budget enforced
-/// (`TokenBudgetLayer::enforce`, callers authenticated by their gateway key),
-/// forwarded through the paced `upstream`. Returns the caller budget too.
-fn gateway(upstream: PresetClient, caller_limits: Limits) -> (Router, TokenBudgetLayer) {
-    let callers = TokenBudgetLayer::enforce(caller_limits, callers());
+/// (`EnforceLayer`, callers authenticated by their gateway key; no
+/// `HandleErrorLayer`), forwarded through the paced `upstream`. Returns the
+/// caller budget too.
+fn gateway(upstream: PresetClient, caller_limits: Limits) -> (Router, EnforceLayer) {
+    let callers = EnforceLayer::new(caller_limits, callers());
     let router = Router::new()
         .route("/v1/messages", post(forward))
-        .route_layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(|e: BoxError| async move {
-                    (StatusCode::BAD_REQUEST, e.to_string()).into_response()
-                }))
-                .layer(callers.clone()),
-        )
+        .route_layer(callers.clone())
         .layer(middleware::from_fn(read_body_in_time))
         .with_state(upstream);
     (router, callers)
@@ -119,21 +112,13 @@ async fn serve_bounded(app: Router, max_connections: usize) -> std::net::SocketA
     addr
 }
 
-/// Sends the caller's body upstream (with the gateway's own key) and streams
-/// the answer back with its content type.
+/// As the example: sends the caller's body upstream (with the gateway's own
+/// key) and streams the answer back with the headers a client reads, or
+/// answers the stack's error in the API's words.
 async fn forward(State(upstream): State<PresetClient>, body: Bytes) -> Response {
     match upstream.forward(body).await {
-        Ok(resp) => {
-            let (parts, body) = resp.into_parts();
-            let mut out = Response::new(Body::new(body));
-            *out.status_mut() = parts.status;
-            if let Some(v) = parts.headers.get(http::header::CONTENT_TYPE) {
-                out.headers_mut()
-                    .insert(http::header::CONTENT_TYPE, v.clone());
-            }
-            out
-        }
-        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+        Ok(resp) => forward_response(resp).map(Body::new),
+        Err(e) => error_response(&*e).map(Body::from),
     }
 }
 

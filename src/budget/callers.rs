@@ -224,7 +224,7 @@ impl CallerRefusal {
         self.kind().status()
     }
 
-    fn kind(self) -> ErrorKind {
+    pub(crate) fn kind(self) -> ErrorKind {
         match self {
             CallerRefusal::MissingKey | CallerRefusal::UnknownKey => ErrorKind::Authentication,
             CallerRefusal::Ambiguous => ErrorKind::InvalidRequest,

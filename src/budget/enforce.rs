@@ -34,7 +34,7 @@ pub(crate) fn insert_headers(shared: &Shared, charge: &Charge, headers: &mut Hea
 }
 
 /// A process-unique `req_…` identifier for the budget's own answers.
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let t = SystemTime::now()

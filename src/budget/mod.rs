@@ -170,6 +170,12 @@
 //!   headers, token counts rounded to the nearest thousand as the API's are,
 //!   resets in RFC 3339.
 //!
+//! [`TokenBudgetLayer`]'s service fails with `BoxError` for what it does not
+//! answer itself; axum's `Router::layer` needs the inner service's error
+//! type: use [`EnforceLayer`] there, which answers every refusal as a
+//! response (see its table) and passes the inner service's errors on
+//! unchanged.
+//!
 //! Every admitted response carries the same headers. The inner service's
 //! responses are settled as in client mode (their `usage`), and their own
 //! rate-limit headers (`anthropic-ratelimit-*`, `x-ratelimit-*`: the
@@ -218,10 +224,12 @@ mod callers;
 mod config;
 mod enforce;
 mod future;
+mod gateway;
 mod layer;
 mod learn;
 pub mod ledger;
 mod limits;
+mod parse;
 mod service;
 mod snapshot;
 mod state;
@@ -230,8 +238,13 @@ mod usage;
 pub use callers::{CallerRefusal, Callers};
 pub use config::{BudgetMode, KeyExtractor, LimitsConfig};
 pub use future::ResponseFuture;
+pub use gateway::{
+    copy_forwarded_headers, error_response, forward_response, Enforce, EnforceFuture, EnforceLayer,
+    FORWARDED_HEADERS,
+};
 pub use layer::{TokenBudgetBuilder, TokenBudgetLayer};
 pub use limits::{Limits, ModelClass, OutputMode, Tier};
+pub use parse::{ConfigError, ENV_LIMITS, ENV_TIER};
 pub use service::TokenBudget;
 pub use snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 pub use usage::ResponseBody;
