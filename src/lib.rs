@@ -143,8 +143,16 @@ mod dispatch;
 mod error;
 pub mod headers;
 mod mix;
+#[cfg_attr(
+    not(all(feature = "retry", feature = "budget", feature = "concurrency")),
+    allow(dead_code)
+)]
+pub mod observe;
 #[cfg(any(feature = "budget", feature = "concurrency"))]
 mod queue;
+#[cfg(any(feature = "retry", feature = "budget", feature = "concurrency"))]
+#[cfg_attr(not(feature = "retry"), allow(dead_code))]
+mod wait;
 pub mod wire;
 
 #[cfg(feature = "budget")]
@@ -166,7 +174,7 @@ pub mod preset;
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
 
-pub use error::{BoxError, Dimension, Error, GiveUpReason};
+pub use error::{BoxError, Dimension, Error, GiveUpReason, LastResponse};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(all(

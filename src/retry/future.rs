@@ -16,13 +16,15 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::backoff::full_jitter;
-use super::layer::AfterSend;
+use super::layer::{AfterSend, GiveUpPolicy};
 use super::policy::{self, ErrorVerdict, ERROR_BODY_LIMIT};
 use super::snapshot::{Counters, Shared};
 use super::RETRY_COUNT;
 use crate::body::{self, Buffered, BufferedBody, BufferedBytes, ReplayBody};
 use crate::dispatch::Dispatch;
-use crate::{BoxError, Error, GiveUpReason};
+use crate::observe::{RetryCause, RetryEvent};
+use crate::wait::{DeadlineReached, WaitLog};
+use crate::{BoxError, Error, GiveUpReason, LastResponse};
 
 /// The request body as the attempts see it. Kept small: the future is moved
 /// a few times before its first poll, and every byte of it is copied then.
@@ -48,12 +50,12 @@ pin_project! {
         Readying,
         // An attempt is in flight.
         Calling { #[pin] future: F },
-        // Reading a 429's error body, looking for the spend-cap code, until
-        // `Ctx::sleep` (the read timeout) fires.
+        // Reading an error body until `Ctx::sleep` (the read timeout)
+        // fires: a 429's, looking for the spend-cap code, or the last
+        // response's, for the give-up error.
         Reading {
             #[pin] body: R,
-            status: StatusCode,
-            server_delay: Option<Duration>,
+            then: Then,
             collected: Vec<u8>,
         },
         // The output was returned.
@@ -104,6 +106,29 @@ struct Ctx<S, B> {
     sleep: Option<Pin<Box<Sleep>>>,
     last_status: Option<StatusCode>,
     last_error: Option<BoxError>,
+    /// The waits of the layers inside this one, and the deadline they obey.
+    log: WaitLog,
+}
+
+/// What an error body is read for.
+enum Then {
+    /// A 429 without a delay: the spend-cap code fails it; otherwise the
+    /// planned retry goes ahead (the server's delay, if any, is noted first).
+    Retry {
+        planned: Planned,
+        status: StatusCode,
+        server_delay: Option<Duration>,
+    },
+    /// The layer gave up: the body goes into this error's [`LastResponse`].
+    Fail(BoxError),
+}
+
+/// A retry decided on, not yet begun.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    wake: Instant,
+    delay: Duration,
+    cause: Delay,
 }
 
 /// What the gate lets the next attempt do.
@@ -152,6 +177,10 @@ where
             (Some(d), Some(now)) => Some(later(now, d)),
             _ => None,
         };
+        let mut head = head;
+        let log = WaitLog::new(deadline);
+        head.extensions.insert(log.clone());
+        shared.config.hooks.request();
         ResponseFuture {
             state: State::Buffering,
             ctx: Ctx {
@@ -167,26 +196,37 @@ where
                 sleep: None,
                 last_status: None,
                 last_error: None,
+                log,
             },
         }
     }
 }
 
 impl<S, B> Ctx<S, B> {
+    /// Every wait of the request so far: this layer's, and those of the
+    /// layers inside it.
+    fn waited(&self) -> Duration {
+        self.waited.saturating_add(self.log.waited())
+    }
+
     fn give_up(&mut self, reason: GiveUpReason) -> BoxError {
         self.shared.counters.give_up(reason);
+        self.shared.config.hooks.give_up(reason);
+        let waited = self.waited();
         tracing::debug!(
             attempts = self.attempts,
             last_status = self.last_status.map(|s| s.as_u16()),
+            waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
             %reason,
             "giving up on request"
         );
         Box::new(Error::RetriesExhausted {
             attempts: self.attempts,
-            waited: self.waited,
+            waited,
             last_status: self.last_status,
             reason,
             source: self.last_error.take(),
+            response: None,
         })
     }
 
@@ -202,6 +242,7 @@ impl<S, B> Ctx<S, B> {
             delay,
             status,
             attempts: self.attempts,
+            response: None,
         })
     }
 
@@ -280,8 +321,10 @@ impl<S, B> Ctx<S, B> {
         }
     }
 
-    /// Decides whether the failed attempt is retried, and when.
-    fn plan_retry(&mut self, delay: Delay) -> Result<Instant, BoxError> {
+    /// Decides whether the failed attempt is retried, and when. The retry
+    /// budget is drawn from here; the retry is counted when it is
+    /// [`begun`](Self::begin_retry).
+    fn plan_retry(&mut self, delay: Delay) -> Result<Planned, BoxError> {
         let config = &self.shared.config;
         if self.attempts > config.max_retries {
             return Err(self.give_up(GiveUpReason::MaxRetries));
@@ -315,16 +358,31 @@ impl<S, B> Ctx<S, B> {
                 return Err(self.give_up(GiveUpReason::Budget));
             }
         }
+        Ok(Planned {
+            wake,
+            delay: d,
+            cause: delay,
+        })
+    }
+
+    /// A planned retry goes ahead: counted, logged, told to `on_retry`.
+    fn begin_retry(&mut self, planned: &Planned) {
         Counters::bump(&self.shared.counters.retries);
-        if matches!(delay, Delay::Replay) {
+        if matches!(planned.cause, Delay::Replay) {
             Counters::bump(&self.shared.counters.replays_after_send);
         }
+        let cause = match planned.cause {
+            Delay::Server(_) => RetryCause::ServerDelay,
+            Delay::Local(_) => RetryCause::InnerDelay,
+            Delay::Backoff => RetryCause::Backoff,
+            Delay::Replay => RetryCause::Replay,
+        };
         tracing::info!(
             attempt = self.attempts + 1,
             status = self.last_status.map(|s| s.as_u16()),
             error = self.last_error.as_ref().map(tracing::field::display),
-            delay_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
-            cause = match delay {
+            delay_ms = u64::try_from(planned.delay.as_millis()).unwrap_or(u64::MAX),
+            cause = match planned.cause {
                 Delay::Server(_) => "server delay",
                 Delay::Local(_) => "inner layer delay",
                 Delay::Backoff => "backoff",
@@ -332,7 +390,13 @@ impl<S, B> Ctx<S, B> {
             },
             "retrying request"
         );
-        Ok(wake)
+        self.shared.config.hooks.retry(&RetryEvent {
+            attempt: self.attempts + 1,
+            status: self.last_status,
+            error: self.last_error.as_deref(),
+            delay: planned.delay,
+            cause,
+        });
     }
 
     /// The request of the next attempt.
@@ -381,10 +445,12 @@ enum Step<F, R> {
     Ready,
     /// An attempt was started.
     Call(F),
-    /// Read a 429's error body for the spend-cap code.
-    Read(R, StatusCode, Option<Duration>),
+    /// Read an error body, then do what `Then` says.
+    Read(R, Then),
     /// The attempt failed and may be retried after this delay.
     Retry(Delay),
+    /// A retry was planned: wait for it, then go to the gate.
+    Planned(Planned),
     /// Resolve to this.
     Return(Result<Response<R>, BoxError>),
 }
@@ -413,22 +479,52 @@ impl<S, B> Ctx<S, B> {
         }
         self.last_status = Some(status);
         self.last_error = None;
-        if verdict.check_spend_cap {
-            return Step::Read(response.into_body(), status, verdict.server_delay);
+        let server_delay = verdict.server_delay;
+        if !verdict.check_spend_cap {
+            self.note_server_delay(status, server_delay);
         }
-        self.after_response(status, verdict.server_delay)
+        // Planned before any body is read, so that a give-up can still
+        // return the response untouched.
+        match self.plan_retry(server_delay.map_or(Delay::Backoff, Delay::Server)) {
+            Ok(planned) if verdict.check_spend_cap => Step::Read(
+                response.into_body(),
+                Then::Retry {
+                    planned,
+                    status,
+                    server_delay,
+                },
+            ),
+            Ok(planned) => Step::Planned(planned),
+            Err(err) => self.gave_up_on(response, err),
+        }
     }
 
-    fn after_response<F, R>(
-        &mut self,
-        status: StatusCode,
-        server_delay: Option<Duration>,
-    ) -> Step<F, R> {
-        self.note_server_delay(status, server_delay);
-        Step::Retry(server_delay.map_or(Delay::Backoff, Delay::Server))
+    /// The layer gave up on a request whose last attempt got `response`:
+    /// the response as it came, or the error with the response in it once
+    /// its body is read (by the [`GiveUpPolicy`]).
+    fn gave_up_on<F, R>(&mut self, response: Response<R>, mut err: BoxError) -> Step<F, R> {
+        if self.shared.config.give_up == GiveUpPolicy::LastResponse {
+            return Step::Return(Ok(response));
+        }
+        let (parts, body) = response.into_parts();
+        match err.downcast_mut::<Error>() {
+            Some(
+                Error::RetriesExhausted { response, .. } | Error::RetryAfterTooLong { response, .. },
+            ) => {
+                *response = Some(Box::new(LastResponse::new(parts.status, parts.headers)));
+                Step::Read(body, Then::Fail(err))
+            }
+            _ => Step::Return(Err(err)),
+        }
     }
 
     fn on_error<F, R>(&mut self, err: BoxError) -> Step<F, R> {
+        if err.is::<DeadlineReached>() {
+            // An inner layer stopped waiting at the request's deadline.
+            self.last_status = None;
+            self.last_error = Some(err);
+            return Step::Return(Err(self.give_up(GiveUpReason::Deadline)));
+        }
         let verdict = policy::judge_error(&err, &self.shared.config.classifier);
         if verdict == ErrorVerdict::Fatal {
             return Step::Return(Err(err));
@@ -511,20 +607,40 @@ where
         Poll::Ready(Step::Gate)
     }
 
-    /// `Reading` is over: the spend-cap 429 fails, any other is retried.
-    fn after_error_body(
-        &mut self,
-        finished: bool,
-        body: &[u8],
-        status: StatusCode,
-        server_delay: Option<Duration>,
-    ) -> Step<S::Future, R> {
+    /// `Reading` is over: the spend-cap 429 fails; any other is retried as
+    /// planned, or its body goes into the give-up error.
+    fn after_error_body(&mut self, finished: bool, body: &[u8], then: Then) -> Step<S::Future, R> {
         if finished && policy::is_spend_limit_body(body) {
             Counters::bump(&self.shared.counters.spend_limit);
             tracing::warn!("spend limit reached (enforced_spend_limit_reached); not retried");
             return Step::Return(Err(Box::new(Error::SpendLimitReached)));
         }
-        self.after_response(status, server_delay)
+        match then {
+            Then::Retry {
+                planned,
+                status,
+                server_delay,
+            } => {
+                self.note_server_delay(status, server_delay);
+                Step::Planned(planned)
+            }
+            Then::Fail(mut err) => {
+                if let Some(
+                    Error::RetriesExhausted {
+                        response: Some(last),
+                        ..
+                    }
+                    | Error::RetryAfterTooLong {
+                        response: Some(last),
+                        ..
+                    },
+                ) = err.downcast_mut::<Error>()
+                {
+                    last.set_body(body, finished);
+                }
+                Step::Return(Err(err))
+            }
+        }
     }
 }
 
@@ -560,6 +676,18 @@ impl<S, B, R> ResponseFuture<S, B, R>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
 {
+    /// Begins a planned retry: waits for it, or goes to the gate at once.
+    fn retry(state: Pin<&mut State<S::Future, R>>, ctx: &mut Ctx<S, B>, planned: &Planned) {
+        ctx.begin_retry(planned);
+        let mut state = state;
+        if planned.wake > Instant::now() {
+            ctx.start_wait(planned.wake);
+            state.set(State::Waiting);
+        } else {
+            state.set(State::Gate);
+        }
+    }
+
     /// Moves to the state `step` names; `Some` with the output when it is the end.
     fn advance(
         mut state: Pin<&mut State<S::Future, R>>,
@@ -574,26 +702,22 @@ where
             }
             Step::Ready => state.set(State::Readying),
             Step::Call(future) => state.set(State::Calling { future }),
-            Step::Read(body, status, server_delay) => {
+            Step::Read(body, then) => {
                 ctx.start_reading();
                 state.set(State::Reading {
                     body,
-                    status,
-                    server_delay,
+                    then,
                     collected: Vec::new(),
                 });
             }
             Step::Retry(delay) => match ctx.plan_retry(delay) {
-                Ok(wake) if wake > Instant::now() => {
-                    ctx.start_wait(wake);
-                    state.set(State::Waiting);
-                }
-                Ok(_) => state.set(State::Gate),
+                Ok(planned) => Self::retry(state, ctx, &planned),
                 Err(e) => {
                     state.set(State::Done);
                     return Some(Err(e));
                 }
             },
+            Step::Planned(planned) => Self::retry(state, ctx, &planned),
             Step::Return(out) => {
                 state.set(State::Done);
                 return Some(out);
@@ -628,8 +752,7 @@ where
                 },
                 StateProj::Reading {
                     body,
-                    status,
-                    server_delay,
+                    then,
                     collected,
                 } => {
                     // A body that stalls past the timeout is decided on as
@@ -641,7 +764,9 @@ where
                             false
                         }
                     };
-                    ctx.after_error_body(finished, collected, *status, *server_delay)
+                    // Taken once: the state changes right after.
+                    let then = std::mem::replace(then, Then::Fail(Box::new(DeadlineReached)));
+                    ctx.after_error_body(finished, collected, then)
                 }
                 StateProj::Done => panic!("`retry::ResponseFuture` polled after completion"),
             };
@@ -659,7 +784,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("attempts", &self.ctx.attempts)
-            .field("waited", &self.ctx.waited)
+            .field("waited", &self.ctx.waited())
             .field("last_status", &self.ctx.last_status)
             .finish_non_exhaustive()
     }
