@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower::{service_fn, Layer, ServiceExt};
 use tower_llm_limits::budget::Limits;
 use tower_llm_limits::preset::LimitsLayer;
-use tower_llm_limits::retry::RetryAfterLayer;
-use tower_llm_limits::{BoxError, Error, GiveUpReason};
+use tower_llm_limits::retry::{GiveUpPolicy, RetryAfterLayer};
+use tower_llm_limits::{BoxError, Error, GiveUpReason, LastResponse};
 
 /// Two requests a minute: once two were sent, the next waits about 30 s.
 const LIMITS: Limits = Limits::new().rpm(2).itpm(1_000_000).otpm(1_000_000);
@@ -111,4 +111,130 @@ async fn the_deadline_bounds_the_budget_wait() {
     // The request gave its place in line back and holds nothing.
     let snap = limits.budget().snapshot();
     assert!(snap.keys.iter().all(|k| k.waiting == 0), "{snap:?}");
+}
+
+const OVERLOADED: &str = r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"req_011"}"#;
+
+/// An API that is overloaded on every attempt: a 529 with its `request-id`,
+/// a cookie that must not be printed, and the API's error body.
+macro_rules! overloaded {
+    ($body:expr) => {
+        service_fn(|_req: Request<_>| async {
+            let response = Response::builder()
+                .status(529)
+                .header("request-id", "req_011")
+                .header("set-cookie", "session=do-not-print")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from($body)))
+                .expect("response");
+            Ok::<_, BoxError>(response)
+        })
+    };
+}
+
+fn retry(policy: GiveUpPolicy) -> RetryAfterLayer {
+    RetryAfterLayer::builder()
+        .max_retries(2)
+        .give_up(policy)
+        .build()
+}
+
+/// The default: an error that keeps what the server said, as the SDKs do.
+#[tokio::test(start_paused = true)]
+async fn the_give_up_error_carries_the_last_response() {
+    let layer = retry(GiveUpPolicy::Error);
+    let err = layer
+        .layer(overloaded!(OVERLOADED))
+        .oneshot(request())
+        .await
+        .expect_err("overloaded every time");
+    let e = err.downcast_ref::<Error>().expect("crate error");
+    let last = e.last_response().expect("the last response");
+    assert_eq!(last.status().as_u16(), 529);
+    assert_eq!(last.request_id(), Some("req_011"));
+    assert_eq!(last.headers()["content-type"], "application/json");
+    assert_eq!(last.body().as_ref(), OVERLOADED.as_bytes());
+    assert!(last.body_complete());
+    assert!(e.to_string().contains("request-id req_011"), "{e}");
+    // Debug prints header names, never their values.
+    let debug = format!("{e:?}");
+    assert!(debug.contains("req_011") && debug.contains("set-cookie"), "{debug}");
+    assert!(!debug.contains("do-not-print"), "{debug}");
+    assert_eq!(layer.snapshot().give_ups.max_retries, 1);
+}
+
+/// A body above the limit is cut there and not marked complete.
+#[tokio::test(start_paused = true)]
+async fn the_kept_body_is_bounded() {
+    let big = "x".repeat(LastResponse::BODY_LIMIT + 10);
+    let layer = retry(GiveUpPolicy::Error);
+    let err = layer
+        .layer(overloaded!(big.clone()))
+        .oneshot(request())
+        .await
+        .expect_err("overloaded every time");
+    let last = err
+        .downcast_ref::<Error>()
+        .and_then(Error::last_response)
+        .expect("the last response");
+    assert_eq!(last.body().len(), LastResponse::BODY_LIMIT);
+    assert!(!last.body_complete());
+}
+
+/// For a gateway: the last response as it came, headers and body untouched.
+#[tokio::test(start_paused = true)]
+async fn the_last_response_as_it_came() {
+    let layer = retry(GiveUpPolicy::LastResponse);
+    let response = layer
+        .layer(overloaded!(OVERLOADED))
+        .oneshot(request())
+        .await
+        .expect("the last response, not an error");
+    assert_eq!(response.status().as_u16(), 529);
+    assert_eq!(response.headers()["request-id"], "req_011");
+    assert_eq!(response.headers()["set-cookie"], "session=do-not-print");
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body.as_ref(), OVERLOADED.as_bytes());
+    let snap = layer.snapshot();
+    assert_eq!((snap.retries, snap.give_ups.max_retries), (2, 1));
+}
+
+/// A delay above the cap: the 429 that named it, returned as it came.
+#[tokio::test(start_paused = true)]
+async fn a_delay_above_the_cap_returns_the_response_under_last_response() {
+    let layer = retry(GiveUpPolicy::LastResponse);
+    let api = service_fn(|_req: Request<_>| async {
+        let response = Response::builder()
+            .status(429)
+            .header("retry-after", "600")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("response");
+        Ok::<_, BoxError>(response)
+    });
+    let start = Instant::now();
+    let response = layer.layer(api).oneshot(request()).await.expect("response");
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(response.status().as_u16(), 429);
+    assert_eq!(response.headers()["retry-after"], "600");
+    assert_eq!(layer.snapshot().retry_after_too_long, 1);
+}
+
+/// The spend-cap 429 is still never retried under `LastResponse`.
+#[tokio::test(start_paused = true)]
+async fn the_spend_cap_still_fails_under_last_response() {
+    let layer = retry(GiveUpPolicy::LastResponse);
+    let api = service_fn(|_req: Request<_>| async {
+        let body = r#"{"type":"error","error":{"type":"rate_limit_error","message":"limit","details":{"error_code":"enforced_spend_limit_reached"}}}"#;
+        let response = Response::builder()
+            .status(429)
+            .body(Full::new(Bytes::from(body)))
+            .expect("response");
+        Ok::<_, BoxError>(response)
+    });
+    let err = layer.layer(api).oneshot(request()).await.expect_err("spend cap");
+    assert!(matches!(
+        err.downcast_ref::<Error>(),
+        Some(Error::SpendLimitReached)
+    ));
+    assert_eq!(layer.snapshot().retries, 0);
 }

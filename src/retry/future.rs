@@ -617,11 +617,16 @@ where
         }
         match then {
             Then::Retry {
-                planned,
+                mut planned,
                 status,
                 server_delay,
             } => {
                 self.note_server_delay(status, server_delay);
+                // The delay counts from the end of the read.
+                planned.wake = later(Instant::now(), planned.delay);
+                if self.deadline.is_some_and(|d| planned.wake > d) {
+                    return Step::Return(Err(self.give_up(GiveUpReason::Deadline)));
+                }
                 Step::Planned(planned)
             }
             Then::Fail(mut err) => {
