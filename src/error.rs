@@ -13,7 +13,8 @@ pub(crate) const MAX_MODEL_LEN: usize = 256;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// One of the three per-minute limits the API enforces for a model class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Dimension {
     /// Requests per minute (RPM).
     Requests,

@@ -18,6 +18,17 @@
 //! A layer built without callbacks pays one branch per event, and nothing
 //! is allocated for them.
 //!
+//! # Tracing
+//!
+//! The retry layer runs each request in a span named `llm_request` (level
+//! INFO) with the fields `attempt` (1 for the first), `model` (the
+//! request's `model`, filled in by the token budget) and `lane` (the
+//! concurrency lane: `interactive`, `normal` or `background`, filled in by
+//! the concurrency layer). The layers' own events (retries, waits,
+//! settlements, give-ups) are recorded inside it. No span or event carries
+//! an API key or a caller's key: a caller of enforce mode appears by the name
+//! it was configured with, or by its model class when keys are hashed.
+//!
 //! # Metrics
 //!
 //! With the `metrics` feature, the layers also record through the
@@ -323,5 +334,14 @@ fn give_up_label(reason: crate::GiveUpReason) -> &'static str {
         crate::GiveUpReason::Deadline => "deadline",
         crate::GiveUpReason::Budget => "budget",
         crate::GiveUpReason::Sent => "sent",
+    }
+}
+
+/// Records a field of the current span (the retry layer's `llm_request`
+/// span when the request runs inside one; a span without that field
+/// ignores it). Costs one atomic load when no subscriber was ever set.
+pub(crate) fn record_span(field: &'static str, value: impl tracing::Value) {
+    if tracing::dispatcher::has_been_set() {
+        tracing::Span::current().record(field, value);
     }
 }

@@ -524,9 +524,14 @@ where
 }
 
 /// Refuses a request whose `model` is longer than any model name, before it
-/// is charged (so that no state is kept for it).
+/// is charged (so that no state is kept for it). A valid one names the
+/// request's tracing span.
 pub(crate) fn check_model(estimate: &Estimate) -> Result<(), BoxError> {
     match estimate.model.as_deref() {
+        Some(m) if m.len() <= MAX_MODEL_LEN => {
+            crate::observe::record_span("model", m);
+            Ok(())
+        }
         Some(m) if m.len() > MAX_MODEL_LEN => {
             tracing::debug!(
                 len = m.len(),

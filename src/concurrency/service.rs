@@ -101,6 +101,7 @@ where
             .copied()
             .unwrap_or_default();
         Dispatch::received(req.extensions());
+        crate::observe::record_span("lane", priority.as_str());
         match self.shared.enqueue(priority) {
             Ticket::Admitted(permit) => {
                 let marker = Dispatch::of(req.extensions());

@@ -85,6 +85,9 @@ pin_project! {
         #[pin]
         state: State<S::Future, R>,
         ctx: Ctx<S, B>,
+        // The request's `llm_request` span, entered while polling
+        // (disabled without a subscriber).
+        span: tracing::Span,
     }
 }
 
@@ -181,6 +184,12 @@ where
         let log = WaitLog::new(deadline);
         head.extensions.insert(log.clone());
         shared.config.hooks.request();
+        let span = tracing::info_span!(
+            "llm_request",
+            attempt = tracing::field::Empty,
+            model = tracing::field::Empty,
+            lane = tracing::field::Empty,
+        );
         ResponseFuture {
             state: State::Buffering,
             ctx: Ctx {
@@ -198,6 +207,7 @@ where
                 last_error: None,
                 log,
             },
+            span,
         }
     }
 }
@@ -427,6 +437,7 @@ impl<S, B> Ctx<S, B> {
                 .insert(RETRY_COUNT, HeaderValue::from(self.attempts));
         }
         self.attempts += 1;
+        crate::observe::record_span("attempt", self.attempts);
         Ok(req)
     }
 
@@ -745,6 +756,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let ctx = this.ctx;
+        let _entered = this.span.enter();
         loop {
             let step = match this.state.as_mut().project() {
                 StateProj::Buffering => ready!(ctx.poll_buffer(cx)),
