@@ -108,6 +108,7 @@ impl LastResponse {
     pub const BODY_LIMIT: usize = 64 * 1024;
 
     /// A response head, with its body to come.
+    #[cfg_attr(not(feature = "retry"), allow(dead_code))]
     pub(crate) fn new(status: StatusCode, headers: HeaderMap) -> Self {
         LastResponse {
             status,
@@ -118,6 +119,7 @@ impl LastResponse {
     }
 
     /// Sets the body read (cut at [`BODY_LIMIT`](Self::BODY_LIMIT)).
+    #[cfg_attr(not(feature = "retry"), allow(dead_code))]
     pub(crate) fn set_body(&mut self, body: &[u8], ended: bool) {
         let kept = body.len().min(Self::BODY_LIMIT);
         self.body = Bytes::copy_from_slice(&body[..kept]);
@@ -136,9 +138,7 @@ impl LastResponse {
 
     /// The `request-id` header, the id Anthropic's support asks for.
     pub fn request_id(&self) -> Option<&str> {
-        self.headers
-            .get("request-id")
-            .and_then(|v| v.to_str().ok())
+        self.headers.get("request-id").and_then(|v| v.to_str().ok())
     }
 
     /// The body as read: at most [`BODY_LIMIT`](Self::BODY_LIMIT) bytes.
@@ -285,9 +285,8 @@ impl Error {
     /// last attempt got one.
     pub fn last_response(&self) -> Option<&LastResponse> {
         match self {
-            Error::RetriesExhausted { response, .. } | Error::RetryAfterTooLong { response, .. } => {
-                response.as_deref()
-            }
+            Error::RetriesExhausted { response, .. }
+            | Error::RetryAfterTooLong { response, .. } => response.as_deref(),
             _ => None,
         }
     }

@@ -151,7 +151,10 @@ pub mod observe;
 #[cfg(any(feature = "budget", feature = "concurrency"))]
 mod queue;
 #[cfg(any(feature = "retry", feature = "budget", feature = "concurrency"))]
-#[cfg_attr(not(feature = "retry"), allow(dead_code))]
+#[cfg_attr(
+    not(all(feature = "retry", feature = "budget", feature = "concurrency")),
+    allow(dead_code)
+)]
 mod wait;
 pub mod wire;
 

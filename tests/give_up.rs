@@ -158,7 +158,10 @@ async fn the_give_up_error_carries_the_last_response() {
     assert!(e.to_string().contains("request-id req_011"), "{e}");
     // Debug prints header names, never their values.
     let debug = format!("{e:?}");
-    assert!(debug.contains("req_011") && debug.contains("set-cookie"), "{debug}");
+    assert!(
+        debug.contains("req_011") && debug.contains("set-cookie"),
+        "{debug}"
+    );
     assert!(!debug.contains("do-not-print"), "{debug}");
     assert_eq!(layer.snapshot().give_ups.max_retries, 1);
 }
@@ -193,7 +196,12 @@ async fn the_last_response_as_it_came() {
     assert_eq!(response.status().as_u16(), 529);
     assert_eq!(response.headers()["request-id"], "req_011");
     assert_eq!(response.headers()["set-cookie"], "session=do-not-print");
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     assert_eq!(body.as_ref(), OVERLOADED.as_bytes());
     let snap = layer.snapshot();
     assert_eq!((snap.retries, snap.give_ups.max_retries), (2, 1));
@@ -231,7 +239,11 @@ async fn the_spend_cap_still_fails_under_last_response() {
             .expect("response");
         Ok::<_, BoxError>(response)
     });
-    let err = layer.layer(api).oneshot(request()).await.expect_err("spend cap");
+    let err = layer
+        .layer(api)
+        .oneshot(request())
+        .await
+        .expect_err("spend cap");
     assert!(matches!(
         err.downcast_ref::<Error>(),
         Some(Error::SpendLimitReached)

@@ -108,11 +108,13 @@ fn retries_give_ups_waits_and_tokens_are_recorded() {
             .max_retries(1)
             .jitter(|| 0.5)
             .build();
-        let limits =
-            LimitsLayer::anthropic(Limits::new().rpm(2).itpm(100_000).otpm(100_000)).with_retry(retry);
+        let limits = LimitsLayer::anthropic(Limits::new().rpm(2).itpm(100_000).otpm(100_000))
+            .with_retry(retry);
         // Two answered requests: the second waits for nothing (two a minute).
         let ok = service_fn(|_req: Request<_>| async {
-            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(ANSWER.as_bytes()))))
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(
+                ANSWER.as_bytes(),
+            ))))
         });
         for _ in 0..2 {
             let response = limits.layer(ok).oneshot(request()).await.expect("ok");
@@ -138,10 +140,23 @@ fn retries_give_ups_waits_and_tokens_are_recorded() {
     let counters = store.counters.lock().expect("lock").clone();
     let get = |k: &str| counters.get(k).copied().unwrap_or(0);
     assert_eq!(get("tower_llm_limits_requests_total{}"), 3, "{counters:#?}");
-    assert_eq!(get("tower_llm_limits_retries_total{cause=backoff}"), 1, "{counters:#?}");
-    assert_eq!(get("tower_llm_limits_give_ups_total{reason=max_retries}"), 1);
-    assert_eq!(get("tower_llm_limits_settled_tokens_total{dimension=input}"), 14);
-    assert_eq!(get("tower_llm_limits_settled_tokens_total{dimension=output}"), 6);
+    assert_eq!(
+        get("tower_llm_limits_retries_total{cause=backoff}"),
+        1,
+        "{counters:#?}"
+    );
+    assert_eq!(
+        get("tower_llm_limits_give_ups_total{reason=max_retries}"),
+        1
+    );
+    assert_eq!(
+        get("tower_llm_limits_settled_tokens_total{dimension=input}"),
+        14
+    );
+    assert_eq!(
+        get("tower_llm_limits_settled_tokens_total{dimension=output}"),
+        6
+    );
     assert!(get("tower_llm_limits_reserved_tokens_total{dimension=input}") >= 14);
     let histograms = store.histograms.lock().expect("lock").clone();
     let waits = histograms
@@ -164,7 +179,9 @@ fn rejections_are_recorded_by_layer_and_reason() {
             .mode(BudgetMode::Reject)
             .build();
         let svc = budget.layer(service_fn(|_req: Request<_>| async {
-            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(ANSWER.as_bytes()))))
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(
+                ANSWER.as_bytes(),
+            ))))
         }));
         let first = svc.clone().oneshot(request()).await.expect("admitted");
         drop(first);

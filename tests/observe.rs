@@ -36,8 +36,11 @@ fn ok(_req: Request<impl Send>) -> std::future::Ready<Result<Response<Full<Bytes
     )))))
 }
 
-/// Collects what a callback saw.
-fn log<T: Send + 'static>() -> (Arc<Mutex<Vec<T>>>, Arc<Mutex<Vec<T>>>) {
+/// What a callback saw.
+type Seen<T> = Arc<Mutex<Vec<T>>>;
+
+/// Collects what a callback saw: the reader, and the callback's copy.
+fn log<T: Send + 'static>() -> (Seen<T>, Seen<T>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     (seen.clone(), seen)
 }
@@ -48,9 +51,12 @@ async fn on_retry_sees_each_retry() {
     let layer = RetryAfterLayer::builder()
         .jitter(|| 0.5)
         .on_retry(move |e| {
-            sink.lock()
-                .expect("lock")
-                .push((e.attempt, e.status.map(|s| s.as_u16()), e.delay, e.cause))
+            sink.lock().expect("lock").push((
+                e.attempt,
+                e.status.map(|s| s.as_u16()),
+                e.delay,
+                e.cause,
+            ))
         })
         .build();
     let mut calls = 0;
@@ -70,8 +76,18 @@ async fn on_retry_sees_each_retry() {
     assert_eq!(
         seen,
         [
-            (2, Some(503), Duration::from_millis(250), RetryCause::Backoff),
-            (3, Some(503), Duration::from_millis(500), RetryCause::Backoff),
+            (
+                2,
+                Some(503),
+                Duration::from_millis(250),
+                RetryCause::Backoff
+            ),
+            (
+                3,
+                Some(503),
+                Duration::from_millis(500),
+                RetryCause::Backoff
+            ),
         ]
     );
 }

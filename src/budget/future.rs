@@ -377,11 +377,7 @@ fn waited(shared: &Shared, wait: &mut Wait) {
 }
 
 /// The budget said `Pending`: whether the request's deadline passed.
-fn wait_deadline(
-    shared: &Shared,
-    wait: &mut Wait,
-    cx: &mut Context<'_>,
-) -> Poll<DeadlineReached> {
+fn wait_deadline(shared: &Shared, wait: &mut Wait, cx: &mut Context<'_>) -> Poll<DeadlineReached> {
     let started = wait.started();
     let reached = ready!(wait.poll_deadline(cx));
     let waited = started.map(|s| s.elapsed()).unwrap_or_default();

@@ -15,10 +15,10 @@ use super::ledger::{InMemoryLedger, Ledger};
 use super::limits::{Limits, OutputMode};
 use super::service::TokenBudget;
 use super::snapshot::BudgetSnapshot;
-use crate::observe::{Hooks, RejectEvent, SettleEvent, WaitEvent};
 use super::state::{Settings, Shared};
 use crate::body::DEFAULT_BUFFER_LIMIT;
 use crate::estimate::{AnthropicEstimator, TokenEstimator};
+use crate::observe::{Hooks, RejectEvent, SettleEvent, WaitEvent};
 
 /// A [`Layer`] that paces requests to a token budget: requests, input tokens
 /// and output tokens per minute, per model class (and per caller in enforce

@@ -293,8 +293,12 @@ impl Tracker {
         self.shared.settings.hooks.settle(SettleEvent {
             reserved_input_tokens: reserved.input_tokens,
             reserved_output_tokens: reserved.output_tokens,
-            input_tokens: reserved.input_tokens.saturating_add_signed(delta.input_tokens),
-            output_tokens: reserved.output_tokens.saturating_add_signed(delta.output_tokens),
+            input_tokens: reserved
+                .input_tokens
+                .saturating_add_signed(delta.input_tokens),
+            output_tokens: reserved
+                .output_tokens
+                .saturating_add_signed(delta.output_tokens),
             usage_known: matches!(outcome, Outcome::Complete(_) | Outcome::Stopped { .. }),
         });
         tracing::debug!(

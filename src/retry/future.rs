@@ -520,7 +520,8 @@ impl<S, B> Ctx<S, B> {
         let (parts, body) = response.into_parts();
         match err.downcast_mut::<Error>() {
             Some(
-                Error::RetriesExhausted { response, .. } | Error::RetryAfterTooLong { response, .. },
+                Error::RetriesExhausted { response, .. }
+                | Error::RetryAfterTooLong { response, .. },
             ) => {
                 *response = Some(Box::new(LastResponse::new(parts.status, parts.headers)));
                 Step::Read(body, Then::Fail(err))
