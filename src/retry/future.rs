@@ -117,9 +117,9 @@ struct Ctx<S, B> {
 enum Then {
     /// A 429 without a delay: the spend-cap code fails it; otherwise the
     /// planned retry goes ahead (the server's delay, if any, is noted first).
+    /// (The status is the attempt's, in `Ctx::last_status`.)
     Retry {
         planned: Planned,
-        status: StatusCode,
         server_delay: Option<Duration>,
     },
     /// The layer gave up: the body goes into this error's [`LastResponse`].
@@ -131,7 +131,7 @@ enum Then {
 struct Planned {
     wake: Instant,
     delay: Duration,
-    cause: Delay,
+    cause: RetryCause,
 }
 
 /// What the gate lets the next attempt do.
@@ -371,32 +371,34 @@ impl<S, B> Ctx<S, B> {
         Ok(Planned {
             wake,
             delay: d,
-            cause: delay,
+            cause: match delay {
+                Delay::Server(_) => RetryCause::ServerDelay,
+                Delay::Local(_) => RetryCause::InnerDelay,
+                Delay::Backoff => RetryCause::Backoff,
+                Delay::Replay => RetryCause::Replay,
+            },
         })
     }
 
     /// A planned retry goes ahead: counted, logged, told to `on_retry`.
     fn begin_retry(&mut self, planned: &Planned) {
         Counters::bump(&self.shared.counters.retries);
-        if matches!(planned.cause, Delay::Replay) {
+        let cause = planned.cause;
+        if cause == RetryCause::Replay {
             Counters::bump(&self.shared.counters.replays_after_send);
         }
-        let cause = match planned.cause {
-            Delay::Server(_) => RetryCause::ServerDelay,
-            Delay::Local(_) => RetryCause::InnerDelay,
-            Delay::Backoff => RetryCause::Backoff,
-            Delay::Replay => RetryCause::Replay,
-        };
         tracing::info!(
             attempt = self.attempts + 1,
             status = self.last_status.map(|s| s.as_u16()),
             error = self.last_error.as_ref().map(tracing::field::display),
             delay_ms = u64::try_from(planned.delay.as_millis()).unwrap_or(u64::MAX),
-            cause = match planned.cause {
-                Delay::Server(_) => "server delay",
-                Delay::Local(_) => "inner layer delay",
-                Delay::Backoff => "backoff",
-                Delay::Replay => "backoff, replaying a request that may have reached the server",
+            cause = match cause {
+                RetryCause::ServerDelay => "server delay",
+                RetryCause::InnerDelay => "inner layer delay",
+                RetryCause::Replay => {
+                    "backoff, replaying a request that may have reached the server"
+                }
+                _ => "backoff",
             },
             "retrying request"
         );
@@ -501,7 +503,6 @@ impl<S, B> Ctx<S, B> {
                 response.into_body(),
                 Then::Retry {
                     planned,
-                    status,
                     server_delay,
                 },
             ),
@@ -630,9 +631,9 @@ where
         match then {
             Then::Retry {
                 mut planned,
-                status,
                 server_delay,
             } => {
+                let status = self.last_status.unwrap_or(StatusCode::TOO_MANY_REQUESTS);
                 self.note_server_delay(status, server_delay);
                 // The delay counts from the end of the read.
                 planned.wake = later(Instant::now(), planned.delay);
@@ -828,12 +829,14 @@ mod tests {
     /// The future is moved (copied) a few times before its first poll: a
     /// guard against it growing unnoticed (it was 672 bytes before the payload
     /// was slimmed down, 560 with a reader of its own for exact-size bodies,
-    /// and 584 with the crate's one `body::Buffer`, which the budget shares).
+    /// 584 with the crate's one `body::Buffer`, which the budget shares, and
+    /// 624 with the request's tracing span (40 bytes, no allocation) and its
+    /// wait log (8)).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn future_stays_small() {
         let size = std::mem::size_of::<Fut>();
-        assert!(size <= 584, "ResponseFuture is {size} bytes");
+        assert!(size <= 624, "ResponseFuture is {size} bytes");
         let payload = std::mem::size_of::<Payload<Full<Bytes>>>();
         assert!(payload <= 112, "Payload is {payload} bytes");
     }
