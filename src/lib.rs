@@ -117,9 +117,11 @@
 //! | `retry` | yes | [`retry`] |
 //! | `budget` | yes | [`budget`], [`estimate`] |
 //! | `concurrency` | yes | [`concurrency`] |
+//! | `metrics` | no | counters and histograms through the `metrics` facade (names in [`observe`]) |
 //!
 //! [`preset`] needs the three default features. [`headers`], [`body`],
-//! [`wire`], [`classify`], [`clock`] and the [`Error`] types are always there.
+//! [`wire`], [`classify`], [`clock`], [`observe`] (callbacks' events, the
+//! tracing span's fields) and the [`Error`] types are always there.
 //!
 //! An emulator of the Messages API's rate limiter (axum, a library and a
 //! standalone server) is the companion crate `tower-llm-limits-emulator`.
