@@ -250,3 +250,42 @@ async fn the_spend_cap_still_fails_under_last_response() {
     ));
     assert_eq!(layer.snapshot().retries, 0);
 }
+
+/// The deadline also bounds the wait for a concurrency slot: a request
+/// queued behind one that holds the only slot fails at its deadline, gives
+/// back its place, and reports the time it queued as waited.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_bounds_the_concurrency_queue() {
+    use tower::Service;
+    use tower_llm_limits::concurrency::ConcurrencyBuilder;
+
+    let concurrency = ConcurrencyBuilder::fixed(1).build().expect("settings");
+    let retry = RetryAfterLayer::builder()
+        .deadline(Duration::from_secs(3))
+        .build();
+    macro_rules! slow {
+        () => {
+            service_fn(|_req: Request<_>| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, BoxError>(Response::new(Full::new(Bytes::new())))
+            })
+        };
+    }
+    let mut holder = concurrency.layer(slow!());
+    let held = tokio::spawn(holder.ready().await.expect("ready").call(request()));
+    tokio::task::yield_now().await;
+    assert_eq!(concurrency.snapshot().in_flight, 1);
+
+    let start = Instant::now();
+    let err = retry
+        .layer(concurrency.layer(slow!()))
+        .oneshot(request())
+        .await
+        .expect_err("deadline");
+    let (attempts, waited, reason) = exhausted(&err);
+    assert_eq!((attempts, reason), (1, GiveUpReason::Deadline));
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert_eq!(waited, Duration::from_secs(3));
+    assert_eq!(concurrency.snapshot().waiting.total(), 0);
+    held.abort();
+}
