@@ -180,9 +180,7 @@ where
             (Some(d), Some(now)) => Some(later(now, d)),
             _ => None,
         };
-        let mut head = head;
         let log = WaitLog::new(deadline);
-        head.extensions.insert(log.clone());
         shared.config.hooks.request();
         let span = tracing::info_span!(
             "llm_request",
@@ -438,6 +436,8 @@ impl<S, B> Ctx<S, B> {
             req.headers_mut()
                 .insert(RETRY_COUNT, HeaderValue::from(self.attempts));
         }
+        // On the attempt, not the head: the head's clones stay cheap.
+        req.extensions_mut().insert(self.log.clone());
         self.attempts += 1;
         crate::observe::record_span("attempt", self.attempts);
         Ok(req)
