@@ -230,3 +230,42 @@ async fn snapshots_serialize() {
     assert_eq!(c["limit"], 4);
     assert_eq!(c["waiting"]["interactive"], 0);
 }
+
+/// A wait cut by the request's deadline is reported as such.
+#[tokio::test(start_paused = true)]
+async fn a_wait_cut_by_the_deadline_is_reported() {
+    let (waits, sink) = log();
+    let budget = TokenBudgetLayer::builder()
+        .limits(ONE_A_MINUTE)
+        .on_wait(move |e| {
+            sink.lock()
+                .expect("lock")
+                .push((e.layer, e.waited, e.deadline_reached))
+        })
+        .build();
+    let retry = RetryAfterLayer::builder()
+        .deadline(Duration::from_secs(5))
+        .build();
+    let first = budget
+        .layer(service_fn(ok))
+        .oneshot(request())
+        .await
+        .expect("admitted");
+    drop(first);
+    let err = retry
+        .layer(budget.layer(service_fn(ok)))
+        .oneshot(request())
+        .await
+        .expect_err("deadline");
+    assert!(matches!(
+        err.downcast_ref::<Error>(),
+        Some(Error::RetriesExhausted {
+            reason: tower_llm_limits::GiveUpReason::Deadline,
+            ..
+        })
+    ));
+    assert_eq!(
+        waits.lock().expect("lock").clone(),
+        [(LayerKind::Budget, Duration::from_secs(5), true)]
+    );
+}
