@@ -3,7 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use http::StatusCode;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
 
 /// The longest `model` name a request may carry, in bytes.
 pub(crate) const MAX_MODEL_LEN: usize = 256;
@@ -12,7 +13,8 @@ pub(crate) const MAX_MODEL_LEN: usize = 256;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// One of the three per-minute limits the API enforces for a model class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Dimension {
     /// Requests per minute (RPM).
     Requests,
@@ -80,6 +82,95 @@ impl fmt::Display for GiveUpReason {
     }
 }
 
+/// The last response of a request the retry layer gave up on, kept in its
+/// error ([`Error::RetriesExhausted`], [`Error::RetryAfterTooLong`]) as the
+/// official SDKs keep it in theirs: the status, every header (the
+/// `request-id` to quote to support, the `anthropic-ratelimit-*` state),
+/// and the body, up to [`LastResponse::BODY_LIMIT`] bytes.
+///
+/// The body is read within the retry layer's
+/// [`error_body_timeout`](crate::retry::RetryAfterBuilder::error_body_timeout);
+/// [`body_complete`](Self::body_complete) tells whether it was read to its
+/// end. Its `Debug` shows the status, the `request-id`, the header names
+/// (not their values) and the body's length: no value that could be a
+/// credential or a cookie is printed.
+#[derive(Clone)]
+pub struct LastResponse {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    complete: bool,
+}
+
+impl LastResponse {
+    /// The most body bytes kept: 64 KiB (an API error body is well under
+    /// 1 KiB). A longer body is cut there and not marked complete.
+    pub const BODY_LIMIT: usize = 64 * 1024;
+
+    /// A response head, with its body to come.
+    #[cfg_attr(not(feature = "retry"), allow(dead_code))]
+    pub(crate) fn new(status: StatusCode, headers: HeaderMap) -> Self {
+        LastResponse {
+            status,
+            headers,
+            body: Bytes::new(),
+            complete: false,
+        }
+    }
+
+    /// Sets the body read (cut at [`BODY_LIMIT`](Self::BODY_LIMIT)).
+    #[cfg_attr(not(feature = "retry"), allow(dead_code))]
+    pub(crate) fn set_body(&mut self, body: &[u8], ended: bool) {
+        let kept = body.len().min(Self::BODY_LIMIT);
+        self.body = Bytes::copy_from_slice(&body[..kept]);
+        self.complete = ended && kept == body.len();
+    }
+
+    /// The response's status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The response's headers, all of them.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The `request-id` header, the id Anthropic's support asks for.
+    pub fn request_id(&self) -> Option<&str> {
+        self.headers.get("request-id").and_then(|v| v.to_str().ok())
+    }
+
+    /// The body as read: at most [`BODY_LIMIT`](Self::BODY_LIMIT) bytes.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Whether [`body`](Self::body) is the whole body (it ended within the
+    /// read timeout and the limit).
+    pub fn body_complete(&self) -> bool {
+        self.complete
+    }
+}
+
+impl fmt::Debug for LastResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Names<'a>(&'a HeaderMap);
+        impl fmt::Debug for Names<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_list().entries(self.0.keys()).finish()
+            }
+        }
+        f.debug_struct("LastResponse")
+            .field("status", &self.status)
+            .field("request_id", &self.request_id())
+            .field("headers", &Names(&self.headers))
+            .field("body_len", &self.body.len())
+            .field("body_complete", &self.complete)
+            .finish()
+    }
+}
+
 /// The errors this crate's layers produce.
 ///
 /// Boxed as [`BoxError`] where a layer meets others; use
@@ -112,7 +203,9 @@ pub enum Error {
     RetriesExhausted {
         /// Attempts made, the first included.
         attempts: u32,
-        /// Total time spent waiting between attempts (cooldowns and backoff).
+        /// Total time the request spent waiting: the retry layer's cooldowns
+        /// and backoff, and the waits of the layers inside it (the token
+        /// budget's queue, the concurrency queue).
         waited: Duration,
         /// Status of the last response, if the last attempt got one.
         last_status: Option<StatusCode>,
@@ -120,6 +213,9 @@ pub enum Error {
         reason: GiveUpReason,
         /// The last inner error, if the last attempt failed without a response.
         source: Option<BoxError>,
+        /// The last response (status, headers, `request-id`, the start of
+        /// its body), if the last attempt got one. See [`LastResponse`].
+        response: Option<Box<LastResponse>>,
     },
     /// The server asked for a delay longer than the configured cap, so the retry
     /// layer returned at once instead of waiting. The caller decides.
@@ -130,6 +226,9 @@ pub enum Error {
         status: StatusCode,
         /// Attempts made so far, the first included.
         attempts: u32,
+        /// The response that named the delay (status, headers,
+        /// `request-id`, the start of its body). See [`LastResponse`].
+        response: Option<Box<LastResponse>>,
     },
     /// The organisation's monthly spend limit was reached (a 429 whose error
     /// body says `enforced_spend_limit_reached`). Retrying cannot succeed until
@@ -181,6 +280,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// The last response of a request the retry layer gave up on
+    /// ([`Error::RetriesExhausted`] or [`Error::RetryAfterTooLong`]), if the
+    /// last attempt got one.
+    pub fn last_response(&self) -> Option<&LastResponse> {
+        match self {
+            Error::RetriesExhausted { response, .. }
+            | Error::RetryAfterTooLong { response, .. } => response.as_deref(),
+            _ => None,
+        }
+    }
+
     /// How long the caller should wait before trying again, where the error says.
     pub fn retry_in(&self) -> Option<Duration> {
         match self {
@@ -216,7 +326,11 @@ impl fmt::Display for Error {
                 if let Some(status) = last_status {
                     write!(f, ", last status {status}")?;
                 }
-                write!(f, ", waited {waited:?})")
+                write!(f, ", waited {waited:?}")?;
+                if let Some(id) = self.last_response().and_then(LastResponse::request_id) {
+                    write!(f, ", request-id {id}")?;
+                }
+                f.write_str(")")
             }
             Error::RetryAfterTooLong { delay, status, .. } => write!(
                 f,
@@ -310,6 +424,7 @@ mod tests {
             last_status: None,
             reason: GiveUpReason::MaxRetries,
             source: Some(inner),
+            response: None,
         };
         let src = std::error::Error::source(&e).map(ToString::to_string);
         assert_eq!(src.as_deref(), Some("connection reset"));

@@ -74,7 +74,7 @@ pub(crate) const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
 const MAX_VALUE_LEN: usize = 64;
 
 /// What a response said about one limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LimitStatus {
     /// The limit per period (per minute for Anthropic).
     pub limit: Option<u64>,
@@ -98,7 +98,7 @@ impl LimitStatus {
 }
 
 /// Everything in one response's headers that matters for pacing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RateLimitSnapshot {
     /// `retry-after-ms` if present and valid, else `retry-after`.
     pub retry_after: Option<Duration>,

@@ -149,9 +149,11 @@
 //! | `budget` | yes | [`budget`], [`estimate`] |
 //! | `concurrency` | yes | [`concurrency`] |
 //! | `reqwest` | no | `reqwest::ReqwestService`, a tower service over `reqwest::Client` |
+//! | `metrics` | no | counters and histograms through the `metrics` facade (names in [`observe`]) |
 //!
 //! [`preset`] needs the three default features. [`headers`], [`body`],
-//! [`wire`], [`classify`], [`clock`] and the [`Error`] types are always there.
+//! [`wire`], [`classify`], [`clock`], [`observe`] (callbacks' events, the
+//! tracing span's fields) and the [`Error`] types are always there.
 //!
 //! An emulator of the Messages API's rate limiter (axum, a library and a
 //! standalone server) is the companion crate `tower-llm-limits-emulator`.
@@ -175,8 +177,19 @@ mod dispatch;
 mod error;
 pub mod headers;
 mod mix;
+#[cfg_attr(
+    not(all(feature = "retry", feature = "budget", feature = "concurrency")),
+    allow(dead_code)
+)]
+pub mod observe;
 #[cfg(any(feature = "budget", feature = "concurrency"))]
 mod queue;
+#[cfg(any(feature = "retry", feature = "budget", feature = "concurrency"))]
+#[cfg_attr(
+    not(all(feature = "retry", feature = "budget", feature = "concurrency")),
+    allow(dead_code)
+)]
+mod wait;
 pub mod wire;
 
 #[cfg(feature = "budget")]
@@ -201,7 +214,7 @@ pub mod reqwest;
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
 
-pub use error::{BoxError, Dimension, Error, GiveUpReason};
+pub use error::{BoxError, Dimension, Error, GiveUpReason, LastResponse};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(all(

@@ -6,7 +6,7 @@
 //!
 //! | layer | default | why |
 //! |---|---|---|
-//! | [`RetryAfterLayer`] (outermost) | [`RetryAfterLayer::anthropic`]: 4 retries, full-jitter backoff 0.5 s doubling to 8 s, server delays waited up to 60 s, bodies up to 16 MiB replayed, one cooldown shared by clones, tower's retry budget | outermost, so every attempt is paced and counted again by the budget |
+//! | [`RetryAfterLayer`] (outermost) | [`RetryAfterLayer::anthropic`]: 4 retries, full-jitter backoff 0.5 s doubling to 8 s, server delays waited up to 60 s, bodies up to 16 MiB replayed, one cooldown shared by clones, tower's retry budget, no deadline, a give-up answered with an error that carries the last response ([`GiveUpPolicy::Error`](crate::retry::GiveUpPolicy::Error)) | outermost, so every attempt is paced and counted again by the budget, and its deadline bounds the budget's and the concurrency queue's waits too |
 //! | [`TokenBudgetLayer`] | [`TokenBudgetLayer::anthropic`] with the limits you give (a [`Tier`], [`Limits`] for every model class, or a [`LimitsConfig`]): wait mode, realtime output accounting, the Anthropic estimator calibrated online | waits for RPM / ITPM / OTPM *before* a concurrency slot is taken, so a request waiting for tokens holds no slot |
 //! | [`ConcurrencyLayer`] (innermost) | adaptive, 1 to 64 requests in flight, slow start from 4 (doubling per window of successes until the first drop signal), cut on 429 / 529 / 503 / timeouts; the latency signal off (answers of very different lengths make time to the head a noisy signal); no bound on the wait queue | smooths bursts and finds the parallelism the upstream takes; a slot lives until the response body ends |
 //!
@@ -27,6 +27,33 @@
 //! [`Error::Overloaded`](crate::Error::Overloaded), a local error that the
 //! retry layer neither retries nor charges to its retry budget, and whose
 //! reservation the budget gives back in full (the request was never sent).
+//!
+//! # When it gives up
+//!
+//! By default a request the retry layer gives up on fails with
+//! [`Error::RetriesExhausted`](crate::Error::RetriesExhausted), whose
+//! [`last_response`](crate::Error::last_response) keeps the last answer's
+//! status, headers, `request-id` and body: the preset is first a client's
+//! stack, and a client acts on a typed error, as the official SDKs raise
+//! one. A gateway that forwards its upstream's answers sets
+//! [`GiveUpPolicy::LastResponse`](crate::retry::GiveUpPolicy::LastResponse)
+//! so that its callers get the API's own 429 or 529 as it came:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_limits::budget::Tier;
+//! use tower_llm_limits::preset::LimitsLayer;
+//! use tower_llm_limits::retry::{GiveUpPolicy, RetryAfterLayer};
+//!
+//! let upstream = LimitsLayer::anthropic(Tier::Tier2).with_retry(
+//!     RetryAfterLayer::builder()
+//!         .give_up(GiveUpPolicy::LastResponse)
+//!         // The whole request, budget waits included, within two minutes.
+//!         .deadline(Duration::from_secs(120))
+//!         .build(),
+//! );
+//! # let _ = upstream;
+//! ```
 //!
 //! # When to use it
 //!

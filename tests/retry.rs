@@ -439,10 +439,15 @@ async fn long_delay_fails_at_once_under_the_default_cap() {
             delay,
             status,
             attempts,
+            response,
         } => {
             assert_eq!(*delay, Duration::from_secs(505));
             assert_eq!(*status, StatusCode::TOO_MANY_REQUESTS);
             assert_eq!(*attempts, 1);
+            // The response that named the delay, headers included.
+            let last = response.as_deref().expect("the last response");
+            assert_eq!(last.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(last.headers()["retry-after"], "505");
         }
         other => panic!("{other:?}"),
     }
@@ -558,12 +563,16 @@ async fn retries_exhausted_is_a_typed_error_with_the_last_status() {
             last_status,
             reason,
             source,
+            response,
         } => {
             assert_eq!(*attempts, 3);
             assert_eq!(*waited, Duration::from_millis(750));
             assert_eq!(*last_status, Some(StatusCode::SERVICE_UNAVAILABLE));
             assert_eq!(*reason, GiveUpReason::MaxRetries);
             assert!(source.is_none());
+            let last = response.as_deref().expect("the last response");
+            assert_eq!(last.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(last.body_complete());
         }
         other => panic!("{other:?}"),
     }

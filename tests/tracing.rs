@@ -34,6 +34,8 @@ struct Event {
     thread: ThreadId,
     target: String,
     fields: Vec<(String, String)>,
+    /// The spans the event is in, innermost first: name and fields.
+    spans: Vec<(String, Vec<(String, String)>)>,
 }
 
 impl Event {
@@ -66,16 +68,70 @@ impl tracing::field::Visit for Fields<'_> {
     }
 }
 
+/// A span's fields as recorded so far (kept in the span's extensions).
+struct SpanFields(Vec<(String, String)>);
+
 struct Capture;
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+impl<S> tracing_subscriber::Layer<S> for Capture
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut fields = Vec::new();
+        attrs.record(&mut Fields(&mut fields));
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanFields(fields));
+        }
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if let Some(span) = ctx.span(id) {
+            let mut ext = span.extensions_mut();
+            if let Some(SpanFields(fields)) = ext.get_mut::<SpanFields>() {
+                let mut new = Vec::new();
+                values.record(&mut Fields(&mut new));
+                for (k, v) in new {
+                    fields.retain(|(name, _)| *name != k);
+                    fields.push((k, v));
+                }
+            }
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
         let mut fields = Vec::new();
         event.record(&mut Fields(&mut fields));
+        let spans = ctx
+            .event_scope(event)
+            .map(|scope| {
+                scope
+                    .map(|span| {
+                        let fields = span
+                            .extensions()
+                            .get::<SpanFields>()
+                            .map(|f| f.0.clone())
+                            .unwrap_or_default();
+                        (span.name().to_owned(), fields)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let record = Event {
             thread: std::thread::current().id(),
             target: event.metadata().target().to_owned(),
             fields,
+            spans,
         };
         if let Ok(mut all) = events().lock() {
             all.push(record);
@@ -166,6 +222,78 @@ async fn each_retry_is_traced_without_secrets() {
     assert!(retries[0].contains("delay_ms=1000"), "{}", retries[0]);
     assert!(retries[1].contains("attempt=3") && retries[1].contains("connection reset"));
     assert!(lines.iter().all(|l| !l.contains("SECRET")), "{lines:#?}");
+}
+
+/// The `llm_request` span's fields around an event, as `name=value` pairs.
+fn request_span(event: &Event) -> Option<String> {
+    let (_, fields) = event.spans.iter().find(|(name, _)| name == "llm_request")?;
+    let parts: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    Some(parts.join(" "))
+}
+
+/// Each request runs in an `llm_request` span carrying the model (from the
+/// budget), the lane (from the concurrency layer) and the attempt number,
+/// and no key.
+#[tokio::test(start_paused = true)]
+async fn each_request_has_a_span_with_model_lane_and_attempt() {
+    let captured = capture();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&calls);
+    let upstream = service_fn(move |_req: Request<_>| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        tracing::info!(call = n, "upstream called");
+        async move {
+            let status = if n == 0 { 529 } else { 200 };
+            let body = r#"{"type":"message","usage":{"input_tokens":5,"output_tokens":1}}"#;
+            Ok::<_, BoxError>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::from(body)))?,
+            )
+        }
+    });
+    let limits = tower_llm_limits::preset::LimitsLayer::anthropic(
+        tower_llm_limits::budget::Limits::new()
+            .rpm(50)
+            .itpm(30_000)
+            .otpm(8_000),
+    );
+    let mut request = Request::post("http://api.test/v1/messages")
+        .header("x-api-key", "sk-ant-SECRET-KEY")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{"role":"user","content":"Hi"}]}"#,
+        )))
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(tower_llm_limits::concurrency::Priority::Interactive);
+    let response = limits.layer(upstream).oneshot(request).await.unwrap();
+    let _ = response.into_body().collect().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    let events = captured.events();
+    let retry = events
+        .iter()
+        .find(|e| e.line().contains("retrying request"))
+        .expect("a retry event");
+    let span = request_span(retry).expect("inside llm_request");
+    assert!(span.contains("attempt=1"), "{span}");
+    assert!(span.contains("model=claude-sonnet-4-5"), "{span}");
+    assert!(span.contains("lane=interactive"), "{span}");
+    let calls: Vec<String> = events
+        .iter()
+        .filter(|e| e.line().contains("upstream called"))
+        .filter_map(request_span)
+        .collect();
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    let has = |s: &str, field: &str| s.split_whitespace().any(|f| f == field);
+    assert!(has(&calls[0], "attempt=1"), "{calls:#?}");
+    assert!(has(&calls[1], "attempt=2"), "{calls:#?}");
+    let all: Vec<String> = events
+        .iter()
+        .map(|e| format!("{} {:?}", e.line(), e.spans))
+        .collect();
+    assert!(all.iter().all(|l| !l.contains("SECRET")), "{all:#?}");
 }
 
 // ---------------------------------------------------------------- concurrency

@@ -20,6 +20,8 @@ use crate::body::{Buffered, ReplayBody};
 use crate::dispatch::Dispatch;
 use crate::estimate::{Estimate, MAX_MODEL_LEN};
 use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
+use crate::observe::{LayerKind, WaitEvent};
+use crate::wait::{DeadlineReached, Wait};
 use crate::wire::sse::is_event_stream;
 use crate::{BoxError, Error};
 
@@ -86,6 +88,8 @@ pin_project! {
             admission: Admission,
             request: Option<Request<ReplayBody<B>>>,
             svc: Option<S>,
+            // The wait for the budget, as the request's deadline bounds it.
+            wait: Wait,
         },
         Readying {
             held: Held,
@@ -113,6 +117,7 @@ impl<S, F, B> State<S, F, B> {
         State::Admitting {
             charge: Some(charge),
             admission: Admission::default(),
+            wait: Wait::of(request.extensions()),
             request: Some(request),
             svc: Some(svc),
         }
@@ -285,11 +290,24 @@ where
                     admission,
                     request,
                     svc,
+                    wait,
                 } => {
                     let Some(ch) = charge.as_mut() else {
                         polled_after_completion();
                     };
-                    let admitted = ready!(shared.poll_admit(ch, admission, cx));
+                    let admitted = match shared.poll_admit(ch, admission, cx) {
+                        Poll::Ready(admitted) => {
+                            waited(shared, wait);
+                            admitted
+                        }
+                        Poll::Pending => {
+                            let reached = ready!(wait_deadline(shared, wait, cx));
+                            // Not sent: dropping the admission gives back
+                            // the place in line; nothing was debited.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Box::new(reached)));
+                        }
+                    };
                     match admitted {
                         Ok(()) => {
                             let mut request = request.take();
@@ -343,6 +361,32 @@ where
             }
         }
     }
+}
+
+/// A request stopped waiting for the budget: the wait goes into its
+/// [`WaitLog`](crate::wait::WaitLog) and to `on_wait`.
+fn waited(shared: &Shared, wait: &mut Wait) {
+    if let Some(started) = wait.started() {
+        wait.finish();
+        shared.settings.hooks.wait(WaitEvent {
+            layer: LayerKind::Budget,
+            waited: started.elapsed(),
+            deadline_reached: false,
+        });
+    }
+}
+
+/// The budget said `Pending`: whether the request's deadline passed.
+fn wait_deadline(shared: &Shared, wait: &mut Wait, cx: &mut Context<'_>) -> Poll<DeadlineReached> {
+    let started = wait.started();
+    let reached = ready!(wait.poll_deadline(cx));
+    let waited = started.map(|s| s.elapsed()).unwrap_or_default();
+    tracing::debug!(
+        waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+        "budget: the request's deadline passed while it waited; not sent"
+    );
+    shared.settings.hooks.deadline(LayerKind::Budget, waited);
+    Poll::Ready(reached)
 }
 
 /// Puts a fresh [`Dispatch`] marker on the request about to be passed on
@@ -476,9 +520,14 @@ where
 }
 
 /// Refuses a request whose `model` is longer than any model name, before it
-/// is charged (so that no state is kept for it).
+/// is charged (so that no state is kept for it). A valid one names the
+/// request's tracing span.
 pub(crate) fn check_model(estimate: &Estimate) -> Result<(), BoxError> {
     match estimate.model.as_deref() {
+        Some(m) if m.len() <= MAX_MODEL_LEN => {
+            crate::observe::record_span("model", m);
+            Ok(())
+        }
         Some(m) if m.len() > MAX_MODEL_LEN => {
             tracing::debug!(
                 len = m.len(),
@@ -520,9 +569,11 @@ fn refuse<ResB>(
         Refusal::Ledger(e) => return Err(Box::new(e)),
         Refusal::Denied(denied) => denied,
     };
+    let error = Error::from(denied);
+    shared.settings.hooks.reject(LayerKind::Budget, &error);
     match charge {
         Some(charge) if shared.settings.enforce => Ok(enforce::reject(shared, &charge, denied)),
-        _ => Err(Box::new(Error::from(denied))),
+        _ => Err(Box::new(error)),
     }
 }
 

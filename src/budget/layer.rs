@@ -18,6 +18,7 @@ use super::snapshot::BudgetSnapshot;
 use super::state::{Settings, Shared};
 use crate::body::DEFAULT_BUFFER_LIMIT;
 use crate::estimate::{AnthropicEstimator, TokenEstimator};
+use crate::observe::{Hooks, RejectEvent, SettleEvent, WaitEvent};
 
 /// A [`Layer`] that paces requests to a token budget: requests, input tokens
 /// and output tokens per minute, per model class (and per caller in enforce
@@ -198,6 +199,7 @@ pub struct TokenBudgetBuilder {
     learn: LearnRules,
     idle_key_eviction: std::time::Duration,
     max_keys: usize,
+    hooks: Hooks,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -218,6 +220,7 @@ impl Default for TokenBudgetBuilder {
             default_max_tokens: DEFAULT_MAX_TOKENS,
             idle_key_eviction: DEFAULT_IDLE_KEY_EVICTION,
             max_keys: DEFAULT_MAX_KEYS,
+            hooks: Hooks::default(),
             learn: LearnRules {
                 floor: Limits::smallest_published(),
                 confirmations: DEFAULT_LEARN_CONFIRMATIONS,
@@ -242,6 +245,7 @@ impl fmt::Debug for TokenBudgetBuilder {
             .field("output_ratio_window", &self.output_ratio_window)
             .field("default_max_tokens", &self.default_max_tokens)
             .field("learn", &self.learn)
+            .field("hooks", &self.hooks)
             .finish_non_exhaustive()
     }
 }
@@ -437,6 +441,7 @@ impl TokenBudgetBuilder {
             learn: self.learn,
             idle_key_eviction: self.idle_key_eviction,
             max_keys: self.max_keys,
+            hooks: self.hooks,
         };
         let ledger = self
             .ledger
@@ -447,5 +452,56 @@ impl TokenBudgetBuilder {
         TokenBudgetLayer {
             shared: Arc::new(Shared::new(settings, ledger, estimator)),
         }
+    }
+}
+
+/// Callbacks (see [`observe`](crate::observe)). Each runs inside the
+/// request's `poll`, on the task that polls it: keep it quick.
+impl TokenBudgetBuilder {
+    /// Called when a request that had to wait for the budget stops waiting:
+    /// admitted, or stopped at its deadline ([`WaitEvent`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::budget::{Tier, TokenBudgetLayer};
+    ///
+    /// let layer = TokenBudgetLayer::builder()
+    ///     .limits(Tier::Tier1)
+    ///     .on_wait(|event| eprintln!("waited {:?} for the budget", event.waited))
+    ///     .on_reject(|event| eprintln!("refused: {}", event.error))
+    ///     .on_settle(|event| {
+    ///         let _ = (event.reserved_input_tokens, event.input_tokens);
+    ///     })
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_wait<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&WaitEvent) + Send + Sync + 'static,
+    {
+        self.hooks.on_wait = Some(Arc::new(f));
+        self
+    }
+
+    /// Called when the budget refuses a request without sending it
+    /// ([`RejectEvent`]): [`Error::BudgetExceeded`](crate::Error::BudgetExceeded)
+    /// in reject or enforce mode, [`Error::RequestTooLarge`](crate::Error::RequestTooLarge).
+    pub fn on_reject<F>(mut self, f: F) -> Self
+    where
+        F: for<'a> Fn(&RejectEvent<'a>) + Send + Sync + 'static,
+    {
+        self.hooks.on_reject = Some(Arc::new(f));
+        self
+    }
+
+    /// Called when a response's usage settles its request's charge
+    /// ([`SettleEvent`]: what was reserved, what was charged).
+    pub fn on_settle<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&SettleEvent) + Send + Sync + 'static,
+    {
+        self.hooks.on_settle = Some(Arc::new(f));
+        self
     }
 }

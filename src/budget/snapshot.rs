@@ -8,7 +8,7 @@ use crate::Dimension;
 /// Taken with [`TokenBudgetLayer::snapshot`](super::TokenBudgetLayer::snapshot)
 /// or [`TokenBudget::snapshot`](super::TokenBudget::snapshot); every clone of
 /// one budget reports the same state.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct BudgetSnapshot {
     /// One entry per key seen, sorted by key.
@@ -43,7 +43,7 @@ impl BudgetSnapshot {
 }
 
 /// The state of one budget key.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct KeySnapshot {
     /// The key: the model class, prefixed by `caller/` when a key extractor
@@ -79,7 +79,7 @@ impl KeySnapshot {
 }
 
 /// The state of one bucket of a key.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct DimensionSnapshot {
     /// Which limit.

@@ -68,6 +68,8 @@ pub(crate) struct Settings {
     pub(crate) idle_key_eviction: Duration,
     /// The most keys the budget holds.
     pub(crate) max_keys: usize,
+    /// The `on_wait`, `on_reject` and `on_settle` callbacks, and metrics.
+    pub(crate) hooks: crate::observe::Hooks,
 }
 
 /// When the map of keys was last swept for idle keys, and its size that

@@ -10,6 +10,7 @@ use pin_project_lite::pin_project;
 
 use super::ledger::{CostDelta, Costs};
 use super::state::{Charge, Shared};
+use crate::observe::SettleEvent;
 use crate::wire::json::UsageScanner;
 use crate::wire::{StreamEnd, StreamUsage, Usage};
 
@@ -289,6 +290,17 @@ impl Tracker {
             self.shared.estimator.observe(&self.charge.estimate, usage);
         }
         self.shared.correct(&self.charge, delta, ratio);
+        self.shared.settings.hooks.settle(SettleEvent {
+            reserved_input_tokens: reserved.input_tokens,
+            reserved_output_tokens: reserved.output_tokens,
+            input_tokens: reserved
+                .input_tokens
+                .saturating_add_signed(delta.input_tokens),
+            output_tokens: reserved
+                .output_tokens
+                .saturating_add_signed(delta.output_tokens),
+            usage_known: matches!(outcome, Outcome::Complete(_) | Outcome::Stopped { .. }),
+        });
         tracing::debug!(
             key = super::callers::logged_key(&self.charge.key),
             outcome = outcome.name(),

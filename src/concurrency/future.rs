@@ -1,6 +1,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::{Request, Response};
@@ -12,6 +13,8 @@ use tower_service::Service;
 use super::adaptive::{Outcome, Signal};
 use super::semaphore::{Permit, Waiter};
 use crate::dispatch::Dispatch;
+use crate::observe::{Hooks, LayerKind, WaitEvent};
+use crate::wait::{DeadlineReached, Wait};
 use crate::{BoxError, Error};
 
 pin_project! {
@@ -55,7 +58,7 @@ pin_project! {
             waiter: Waiter,
             // Boxed: only queued requests pay for carrying the service and the
             // request, and the future stays small on the fast path.
-            call: Option<Box<(S, Request<B>)>>,
+            call: Option<Box<Queued<S, B>>>,
         },
         Called {
             #[pin]
@@ -86,11 +89,22 @@ where
         }
     }
 
-    pub(crate) fn waiting(waiter: Waiter, service: S, request: Request<B>) -> Self {
+    pub(crate) fn waiting(
+        waiter: Waiter,
+        service: S,
+        request: Request<B>,
+        hooks: Option<Arc<Hooks>>,
+    ) -> Self {
+        let wait = Wait::of(request.extensions());
         ResponseFuture {
             state: State::Waiting {
                 waiter,
-                call: Some(Box::new((service, request))),
+                call: Some(Box::new(Queued {
+                    service,
+                    request,
+                    wait,
+                    hooks,
+                })),
             },
         }
     }
@@ -132,13 +146,31 @@ where
             let mut this = self.as_mut().project();
             match this.state.as_mut().project() {
                 StateProj::Waiting { waiter, call } => {
-                    let permit = ready!(waiter.poll_acquire(cx));
+                    let permit = match waiter.poll_acquire(cx) {
+                        Poll::Ready(permit) => permit,
+                        Poll::Pending => {
+                            let Some(queued) = call.as_mut() else {
+                                return Poll::Pending;
+                            };
+                            let reached = ready!(queued.poll_deadline(cx));
+                            // Not sent: dropping the waiter gives back the
+                            // place in line (or the slot just handed to it).
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Box::new(reached)));
+                        }
+                    };
                     let Some(pending) = call.take() else {
                         // Unreachable: both are taken only here, right before leaving this state.
                         this.state.set(State::Done);
                         return Poll::Ready(Err(Error::Overloaded { waiting: 0 }.into()));
                     };
-                    let (mut service, request) = *pending;
+                    let Queued {
+                        mut service,
+                        request,
+                        mut wait,
+                        hooks,
+                    } = *pending;
+                    waited(&mut wait, hooks.as_deref());
                     let marker = Dispatch::of(request.extensions());
                     let future = Dispatch::pass(marker.as_ref(), || service.call(request));
                     let started = Some(Instant::now());
@@ -182,6 +214,44 @@ where
                 StateProj::Done => panic!("`concurrency::ResponseFuture` polled after completion"),
             }
         }
+    }
+}
+
+/// A queued request: what it needs once it gets a slot, and its wait.
+struct Queued<S, B> {
+    service: S,
+    request: Request<B>,
+    wait: Wait,
+    hooks: Option<Arc<Hooks>>,
+}
+
+impl<S, B> Queued<S, B> {
+    /// The queue said `Pending`: whether the request's deadline passed.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<DeadlineReached> {
+        let started = self.wait.started();
+        let reached = ready!(self.wait.poll_deadline(cx));
+        let waited = started.map(|s| s.elapsed()).unwrap_or_default();
+        tracing::debug!(
+            waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            "concurrency: the request's deadline passed while it queued; not sent"
+        );
+        if let Some(hooks) = &self.hooks {
+            hooks.deadline(LayerKind::Concurrency, waited);
+        }
+        Poll::Ready(reached)
+    }
+}
+
+/// A queued request got its slot: the wait goes into its log and to `on_wait`.
+fn waited(wait: &mut Wait, hooks: Option<&Hooks>) {
+    let started = wait.started();
+    wait.finish();
+    if let (Some(hooks), Some(started)) = (hooks, started) {
+        hooks.wait(WaitEvent {
+            layer: LayerKind::Concurrency,
+            waited: started.elapsed(),
+            deadline_reached: false,
+        });
     }
 }
 

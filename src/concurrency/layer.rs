@@ -9,6 +9,7 @@ use super::adaptive::{AdaptiveConfig, Controller};
 use super::semaphore::{Classifier, Shared};
 use super::{Concurrency, Snapshot};
 use crate::classify::{Class, Classifier as ErrorClassifier};
+use crate::observe::{Hooks, RejectEvent, WaitEvent};
 
 /// Requests that may wait for a slot before new ones are shed, by default.
 pub(crate) const DEFAULT_MAX_WAITING: usize = 10_000;
@@ -44,6 +45,8 @@ pub(crate) const DEFAULT_LATENCY_TOLERANCE: f64 = 2.0;
 #[derive(Clone)]
 pub struct ConcurrencyLayer {
     shared: Arc<Shared>,
+    /// Callbacks and metrics; `None` when there are none (nothing to clone).
+    hooks: Option<Arc<Hooks>>,
 }
 
 impl fmt::Debug for ConcurrencyLayer {
@@ -85,7 +88,7 @@ impl<S> Layer<S> for ConcurrencyLayer {
     type Service = Concurrency<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Concurrency::from_shared(inner, Arc::clone(&self.shared))
+        Concurrency::from_shared(inner, Arc::clone(&self.shared), self.hooks.clone())
     }
 }
 
@@ -117,6 +120,7 @@ pub struct ConcurrencyBuilder {
     decrease: f64,
     latency_tolerance: Option<f64>,
     classifier: ErrorClassifier,
+    hooks: Hooks,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +140,7 @@ impl fmt::Debug for ConcurrencyBuilder {
             .field("decrease", &self.decrease)
             .field("latency_tolerance", &self.latency_tolerance)
             .field("classifier", &self.classifier)
+            .field("hooks", &self.hooks)
             .finish()
     }
 }
@@ -151,6 +156,7 @@ impl ConcurrencyBuilder {
             decrease: DEFAULT_DECREASE,
             latency_tolerance: Some(DEFAULT_LATENCY_TOLERANCE),
             classifier: ErrorClassifier::new(),
+            hooks: Hooks::default(),
         }
     }
 
@@ -299,6 +305,9 @@ impl ConcurrencyBuilder {
         };
         let errors = self.classifier;
         let classifier: Classifier = Arc::new(move |err| errors.is_timeout(err));
+        let observed = cfg!(feature = "metrics")
+            || self.hooks.on_wait.is_some()
+            || self.hooks.on_reject.is_some();
         ConcurrencyLayer {
             shared: Arc::new(Shared::new(
                 limit,
@@ -307,7 +316,46 @@ impl ConcurrencyBuilder {
                 controller,
                 classifier,
             )),
+            hooks: observed.then(|| Arc::new(self.hooks)),
         }
+    }
+}
+
+/// Callbacks (see [`observe`](crate::observe)). Each runs inside the
+/// request's `poll`, on the task that polls it: keep it quick.
+impl ConcurrencyBuilder {
+    /// Called when a request that had to queue for a slot gets one, or
+    /// stops at its deadline ([`WaitEvent`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::concurrency::ConcurrencyBuilder;
+    ///
+    /// let layer = ConcurrencyBuilder::fixed(8)
+    ///     .max_waiting(100)
+    ///     .on_wait(|event| eprintln!("queued {:?}", event.waited))
+    ///     .on_reject(|event| eprintln!("shed: {}", event.error))
+    ///     .build()
+    ///     .expect("valid settings");
+    /// # let _ = layer;
+    /// ```
+    pub fn on_wait<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&WaitEvent) + Send + Sync + 'static,
+    {
+        self.hooks.on_wait = Some(Arc::new(f));
+        self
+    }
+
+    /// Called when a request is shed because the wait queue is full
+    /// ([`RejectEvent`] with [`Error::Overloaded`](crate::Error::Overloaded)).
+    pub fn on_reject<F>(mut self, f: F) -> Self
+    where
+        F: for<'a> Fn(&RejectEvent<'a>) + Send + Sync + 'static,
+    {
+        self.hooks.on_reject = Some(Arc::new(f));
+        self
     }
 }
 

@@ -199,6 +199,16 @@ pub enum Priority {
 }
 
 impl Priority {
+    /// A short name: `interactive`, `normal` or `background` (the `lane`
+    /// field of the request's tracing span).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Normal => "normal",
+            Priority::Background => "background",
+        }
+    }
+
     /// 0 for the highest lane.
     pub(crate) fn lane(self) -> usize {
         match self {
@@ -210,7 +220,7 @@ impl Priority {
 }
 
 /// Waiting requests per lane.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct LaneCounts {
     /// Waiting in the [`Priority::Interactive`] lane.
     pub interactive: usize,
@@ -237,7 +247,7 @@ impl LaneCounts {
 }
 
 /// The state of a [`ConcurrencyLayer`] at one moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Snapshot {
     /// The current limit (fixed, or the adaptive one).

@@ -9,7 +9,8 @@ use super::future::ResponseFuture;
 use super::semaphore::{Shared, Ticket};
 use super::{Priority, Snapshot};
 use crate::dispatch::Dispatch;
-use crate::BoxError;
+use crate::observe::{Hooks, LayerKind};
+use crate::{BoxError, Error};
 
 /// Caps the requests in flight to the inner service; built by
 /// [`ConcurrencyLayer`](super::ConcurrencyLayer).
@@ -21,11 +22,16 @@ use crate::BoxError;
 pub struct Concurrency<S> {
     inner: S,
     shared: Arc<Shared>,
+    hooks: Option<Arc<Hooks>>,
 }
 
 impl<S> Concurrency<S> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        Concurrency { inner, shared }
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>, hooks: Option<Arc<Hooks>>) -> Self {
+        Concurrency {
+            inner,
+            shared,
+            hooks,
+        }
     }
 
     /// The inner service.
@@ -57,6 +63,7 @@ impl<S: Clone> Clone for Concurrency<S> {
         Concurrency {
             inner: self.inner.clone(),
             shared: Arc::clone(&self.shared),
+            hooks: self.hooks.clone(),
         }
     }
 }
@@ -94,6 +101,7 @@ where
             .copied()
             .unwrap_or_default();
         Dispatch::received(req.extensions());
+        crate::observe::record_span("lane", priority.as_str());
         match self.shared.enqueue(priority) {
             Ticket::Admitted(permit) => {
                 let marker = Dispatch::of(req.extensions());
@@ -104,9 +112,14 @@ where
                 // The ready service goes with the request; this one starts over.
                 let fresh = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, fresh);
-                ResponseFuture::waiting(waiter, ready, req)
+                ResponseFuture::waiting(waiter, ready, req, self.hooks.clone())
             }
-            Ticket::Shed { waiting } => ResponseFuture::shed(waiting),
+            Ticket::Shed { waiting } => {
+                if let Some(hooks) = &self.hooks {
+                    hooks.reject(LayerKind::Concurrency, &Error::Overloaded { waiting });
+                }
+                ResponseFuture::shed(waiting)
+            }
         }
     }
 }

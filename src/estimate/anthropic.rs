@@ -276,7 +276,7 @@ impl AnthropicEstimatorBuilder {
 }
 
 /// What an [`AnthropicEstimator`] has learned and counted.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EstimatorSnapshot {
     /// Calibration per model (factor and samples), sorted by model. Requests
     /// without a readable `model` are learned under the empty name.

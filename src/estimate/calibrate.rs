@@ -218,7 +218,7 @@ impl CalibrationConfig {
 }
 
 /// What a [`Calibration`] has learned about one model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelCalibration {
     /// The model name as observed.
     pub model: String,

@@ -16,13 +16,15 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::backoff::full_jitter;
-use super::layer::AfterSend;
+use super::layer::{AfterSend, GiveUpPolicy};
 use super::policy::{self, ErrorVerdict, ERROR_BODY_LIMIT};
 use super::snapshot::{Counters, Shared};
 use super::RETRY_COUNT;
 use crate::body::{self, Buffered, BufferedBody, BufferedBytes, ReplayBody};
 use crate::dispatch::Dispatch;
-use crate::{BoxError, Error, GiveUpReason};
+use crate::observe::{RetryCause, RetryEvent};
+use crate::wait::{DeadlineReached, WaitLog};
+use crate::{BoxError, Error, GiveUpReason, LastResponse};
 
 /// The request body as the attempts see it. Kept small: the future is moved
 /// a few times before its first poll, and every byte of it is copied then.
@@ -48,12 +50,12 @@ pin_project! {
         Readying,
         // An attempt is in flight.
         Calling { #[pin] future: F },
-        // Reading a 429's error body, looking for the spend-cap code, until
-        // `Ctx::sleep` (the read timeout) fires.
+        // Reading an error body until `Ctx::sleep` (the read timeout)
+        // fires: a 429's, looking for the spend-cap code, or the last
+        // response's, for the give-up error.
         Reading {
             #[pin] body: R,
-            status: StatusCode,
-            server_delay: Option<Duration>,
+            then: Then,
             collected: Vec<u8>,
         },
         // The output was returned.
@@ -83,6 +85,9 @@ pin_project! {
         #[pin]
         state: State<S::Future, R>,
         ctx: Ctx<S, B>,
+        // The request's `llm_request` span, entered while polling
+        // (disabled without a subscriber).
+        span: tracing::Span,
     }
 }
 
@@ -104,6 +109,29 @@ struct Ctx<S, B> {
     sleep: Option<Pin<Box<Sleep>>>,
     last_status: Option<StatusCode>,
     last_error: Option<BoxError>,
+    /// The waits of the layers inside this one, and the deadline they obey.
+    log: WaitLog,
+}
+
+/// What an error body is read for.
+enum Then {
+    /// A 429 without a delay: the spend-cap code fails it; otherwise the
+    /// planned retry goes ahead (the server's delay, if any, is noted first).
+    /// (The status is the attempt's, in `Ctx::last_status`.)
+    Retry {
+        planned: Planned,
+        server_delay: Option<Duration>,
+    },
+    /// The layer gave up: the body goes into this error's [`LastResponse`].
+    Fail(BoxError),
+}
+
+/// A retry decided on, not yet begun.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    wake: Instant,
+    delay: Duration,
+    cause: RetryCause,
 }
 
 /// What the gate lets the next attempt do.
@@ -152,6 +180,14 @@ where
             (Some(d), Some(now)) => Some(later(now, d)),
             _ => None,
         };
+        let log = WaitLog::new(deadline);
+        shared.config.hooks.request();
+        let span = tracing::info_span!(
+            "llm_request",
+            attempt = tracing::field::Empty,
+            model = tracing::field::Empty,
+            lane = tracing::field::Empty,
+        );
         ResponseFuture {
             state: State::Buffering,
             ctx: Ctx {
@@ -167,26 +203,38 @@ where
                 sleep: None,
                 last_status: None,
                 last_error: None,
+                log,
             },
+            span,
         }
     }
 }
 
 impl<S, B> Ctx<S, B> {
+    /// Every wait of the request so far: this layer's, and those of the
+    /// layers inside it.
+    fn waited(&self) -> Duration {
+        self.waited.saturating_add(self.log.waited())
+    }
+
     fn give_up(&mut self, reason: GiveUpReason) -> BoxError {
         self.shared.counters.give_up(reason);
+        self.shared.config.hooks.give_up(reason);
+        let waited = self.waited();
         tracing::debug!(
             attempts = self.attempts,
             last_status = self.last_status.map(|s| s.as_u16()),
+            waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
             %reason,
             "giving up on request"
         );
         Box::new(Error::RetriesExhausted {
             attempts: self.attempts,
-            waited: self.waited,
+            waited,
             last_status: self.last_status,
             reason,
             source: self.last_error.take(),
+            response: None,
         })
     }
 
@@ -202,6 +250,7 @@ impl<S, B> Ctx<S, B> {
             delay,
             status,
             attempts: self.attempts,
+            response: None,
         })
     }
 
@@ -280,8 +329,10 @@ impl<S, B> Ctx<S, B> {
         }
     }
 
-    /// Decides whether the failed attempt is retried, and when.
-    fn plan_retry(&mut self, delay: Delay) -> Result<Instant, BoxError> {
+    /// Decides whether the failed attempt is retried, and when. The retry
+    /// budget is drawn from here; the retry is counted when it is
+    /// [`begun`](Self::begin_retry).
+    fn plan_retry(&mut self, delay: Delay) -> Result<Planned, BoxError> {
         let config = &self.shared.config;
         if self.attempts > config.max_retries {
             return Err(self.give_up(GiveUpReason::MaxRetries));
@@ -315,24 +366,47 @@ impl<S, B> Ctx<S, B> {
                 return Err(self.give_up(GiveUpReason::Budget));
             }
         }
+        Ok(Planned {
+            wake,
+            delay: d,
+            cause: match delay {
+                Delay::Server(_) => RetryCause::ServerDelay,
+                Delay::Local(_) => RetryCause::InnerDelay,
+                Delay::Backoff => RetryCause::Backoff,
+                Delay::Replay => RetryCause::Replay,
+            },
+        })
+    }
+
+    /// A planned retry goes ahead: counted, logged, told to `on_retry`.
+    fn begin_retry(&mut self, planned: &Planned) {
         Counters::bump(&self.shared.counters.retries);
-        if matches!(delay, Delay::Replay) {
+        let cause = planned.cause;
+        if cause == RetryCause::Replay {
             Counters::bump(&self.shared.counters.replays_after_send);
         }
         tracing::info!(
             attempt = self.attempts + 1,
             status = self.last_status.map(|s| s.as_u16()),
             error = self.last_error.as_ref().map(tracing::field::display),
-            delay_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
-            cause = match delay {
-                Delay::Server(_) => "server delay",
-                Delay::Local(_) => "inner layer delay",
-                Delay::Backoff => "backoff",
-                Delay::Replay => "backoff, replaying a request that may have reached the server",
+            delay_ms = u64::try_from(planned.delay.as_millis()).unwrap_or(u64::MAX),
+            cause = match cause {
+                RetryCause::ServerDelay => "server delay",
+                RetryCause::InnerDelay => "inner layer delay",
+                RetryCause::Replay => {
+                    "backoff, replaying a request that may have reached the server"
+                }
+                _ => "backoff",
             },
             "retrying request"
         );
-        Ok(wake)
+        self.shared.config.hooks.retry(&RetryEvent {
+            attempt: self.attempts + 1,
+            status: self.last_status,
+            error: self.last_error.as_deref(),
+            delay: planned.delay,
+            cause,
+        });
     }
 
     /// The request of the next attempt.
@@ -362,7 +436,10 @@ impl<S, B> Ctx<S, B> {
             req.headers_mut()
                 .insert(RETRY_COUNT, HeaderValue::from(self.attempts));
         }
+        // On the attempt, not the head: the head's clones stay cheap.
+        req.extensions_mut().insert(self.log.clone());
         self.attempts += 1;
+        crate::observe::record_span("attempt", self.attempts);
         Ok(req)
     }
 
@@ -381,10 +458,12 @@ enum Step<F, R> {
     Ready,
     /// An attempt was started.
     Call(F),
-    /// Read a 429's error body for the spend-cap code.
-    Read(R, StatusCode, Option<Duration>),
+    /// Read an error body, then do what `Then` says.
+    Read(R, Then),
     /// The attempt failed and may be retried after this delay.
     Retry(Delay),
+    /// A retry was planned: wait for it, then go to the gate.
+    Planned(Planned),
     /// Resolve to this.
     Return(Result<Response<R>, BoxError>),
 }
@@ -413,22 +492,52 @@ impl<S, B> Ctx<S, B> {
         }
         self.last_status = Some(status);
         self.last_error = None;
-        if verdict.check_spend_cap {
-            return Step::Read(response.into_body(), status, verdict.server_delay);
+        let server_delay = verdict.server_delay;
+        if !verdict.check_spend_cap {
+            self.note_server_delay(status, server_delay);
         }
-        self.after_response(status, verdict.server_delay)
+        // Planned before any body is read, so that a give-up can still
+        // return the response untouched.
+        match self.plan_retry(server_delay.map_or(Delay::Backoff, Delay::Server)) {
+            Ok(planned) if verdict.check_spend_cap => Step::Read(
+                response.into_body(),
+                Then::Retry {
+                    planned,
+                    server_delay,
+                },
+            ),
+            Ok(planned) => Step::Planned(planned),
+            Err(err) => self.gave_up_on(response, err),
+        }
     }
 
-    fn after_response<F, R>(
-        &mut self,
-        status: StatusCode,
-        server_delay: Option<Duration>,
-    ) -> Step<F, R> {
-        self.note_server_delay(status, server_delay);
-        Step::Retry(server_delay.map_or(Delay::Backoff, Delay::Server))
+    /// The layer gave up on a request whose last attempt got `response`:
+    /// the response as it came, or the error with the response in it once
+    /// its body is read (by the [`GiveUpPolicy`]).
+    fn gave_up_on<F, R>(&mut self, response: Response<R>, mut err: BoxError) -> Step<F, R> {
+        if self.shared.config.give_up == GiveUpPolicy::LastResponse {
+            return Step::Return(Ok(response));
+        }
+        let (parts, body) = response.into_parts();
+        match err.downcast_mut::<Error>() {
+            Some(
+                Error::RetriesExhausted { response, .. }
+                | Error::RetryAfterTooLong { response, .. },
+            ) => {
+                *response = Some(Box::new(LastResponse::new(parts.status, parts.headers)));
+                Step::Read(body, Then::Fail(err))
+            }
+            _ => Step::Return(Err(err)),
+        }
     }
 
     fn on_error<F, R>(&mut self, err: BoxError) -> Step<F, R> {
+        if err.is::<DeadlineReached>() {
+            // An inner layer stopped waiting at the request's deadline.
+            self.last_status = None;
+            self.last_error = Some(err);
+            return Step::Return(Err(self.give_up(GiveUpReason::Deadline)));
+        }
         let verdict = policy::judge_error(&err, &self.shared.config.classifier);
         if verdict == ErrorVerdict::Fatal {
             return Step::Return(Err(err));
@@ -511,20 +620,45 @@ where
         Poll::Ready(Step::Gate)
     }
 
-    /// `Reading` is over: the spend-cap 429 fails, any other is retried.
-    fn after_error_body(
-        &mut self,
-        finished: bool,
-        body: &[u8],
-        status: StatusCode,
-        server_delay: Option<Duration>,
-    ) -> Step<S::Future, R> {
+    /// `Reading` is over: the spend-cap 429 fails; any other is retried as
+    /// planned, or its body goes into the give-up error.
+    fn after_error_body(&mut self, finished: bool, body: &[u8], then: Then) -> Step<S::Future, R> {
         if finished && policy::is_spend_limit_body(body) {
             Counters::bump(&self.shared.counters.spend_limit);
             tracing::warn!("spend limit reached (enforced_spend_limit_reached); not retried");
             return Step::Return(Err(Box::new(Error::SpendLimitReached)));
         }
-        self.after_response(status, server_delay)
+        match then {
+            Then::Retry {
+                mut planned,
+                server_delay,
+            } => {
+                let status = self.last_status.unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+                self.note_server_delay(status, server_delay);
+                // The delay counts from the end of the read.
+                planned.wake = later(Instant::now(), planned.delay);
+                if self.deadline.is_some_and(|d| planned.wake > d) {
+                    return Step::Return(Err(self.give_up(GiveUpReason::Deadline)));
+                }
+                Step::Planned(planned)
+            }
+            Then::Fail(mut err) => {
+                if let Some(
+                    Error::RetriesExhausted {
+                        response: Some(last),
+                        ..
+                    }
+                    | Error::RetryAfterTooLong {
+                        response: Some(last),
+                        ..
+                    },
+                ) = err.downcast_mut::<Error>()
+                {
+                    last.set_body(body, finished);
+                }
+                Step::Return(Err(err))
+            }
+        }
     }
 }
 
@@ -560,6 +694,18 @@ impl<S, B, R> ResponseFuture<S, B, R>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
 {
+    /// Begins a planned retry: waits for it, or goes to the gate at once.
+    fn retry(state: Pin<&mut State<S::Future, R>>, ctx: &mut Ctx<S, B>, planned: &Planned) {
+        ctx.begin_retry(planned);
+        let mut state = state;
+        if planned.wake > Instant::now() {
+            ctx.start_wait(planned.wake);
+            state.set(State::Waiting);
+        } else {
+            state.set(State::Gate);
+        }
+    }
+
     /// Moves to the state `step` names; `Some` with the output when it is the end.
     fn advance(
         mut state: Pin<&mut State<S::Future, R>>,
@@ -574,26 +720,22 @@ where
             }
             Step::Ready => state.set(State::Readying),
             Step::Call(future) => state.set(State::Calling { future }),
-            Step::Read(body, status, server_delay) => {
+            Step::Read(body, then) => {
                 ctx.start_reading();
                 state.set(State::Reading {
                     body,
-                    status,
-                    server_delay,
+                    then,
                     collected: Vec::new(),
                 });
             }
             Step::Retry(delay) => match ctx.plan_retry(delay) {
-                Ok(wake) if wake > Instant::now() => {
-                    ctx.start_wait(wake);
-                    state.set(State::Waiting);
-                }
-                Ok(_) => state.set(State::Gate),
+                Ok(planned) => Self::retry(state, ctx, &planned),
                 Err(e) => {
                     state.set(State::Done);
                     return Some(Err(e));
                 }
             },
+            Step::Planned(planned) => Self::retry(state, ctx, &planned),
             Step::Return(out) => {
                 state.set(State::Done);
                 return Some(out);
@@ -616,6 +758,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let ctx = this.ctx;
+        let _entered = this.span.enter();
         loop {
             let step = match this.state.as_mut().project() {
                 StateProj::Buffering => ready!(ctx.poll_buffer(cx)),
@@ -628,8 +771,7 @@ where
                 },
                 StateProj::Reading {
                     body,
-                    status,
-                    server_delay,
+                    then,
                     collected,
                 } => {
                     // A body that stalls past the timeout is decided on as
@@ -641,7 +783,9 @@ where
                             false
                         }
                     };
-                    ctx.after_error_body(finished, collected, *status, *server_delay)
+                    // Taken once: the state changes right after.
+                    let then = std::mem::replace(then, Then::Fail(Box::new(DeadlineReached)));
+                    ctx.after_error_body(finished, collected, then)
                 }
                 StateProj::Done => panic!("`retry::ResponseFuture` polled after completion"),
             };
@@ -659,7 +803,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("attempts", &self.ctx.attempts)
-            .field("waited", &self.ctx.waited)
+            .field("waited", &self.ctx.waited())
             .field("last_status", &self.ctx.last_status)
             .finish_non_exhaustive()
     }
@@ -685,12 +829,14 @@ mod tests {
     /// The future is moved (copied) a few times before its first poll: a
     /// guard against it growing unnoticed (it was 672 bytes before the payload
     /// was slimmed down, 560 with a reader of its own for exact-size bodies,
-    /// and 584 with the crate's one `body::Buffer`, which the budget shares).
+    /// 584 with the crate's one `body::Buffer`, which the budget shares, and
+    /// 624 with the request's tracing span (40 bytes, no allocation) and its
+    /// wait log (8)).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn future_stays_small() {
         let size = std::mem::size_of::<Fut>();
-        assert!(size <= 584, "ResponseFuture is {size} bytes");
+        assert!(size <= 624, "ResponseFuture is {size} bytes");
         let payload = std::mem::size_of::<Payload<Full<Bytes>>>();
         assert!(payload <= 112, "Payload is {payload} bytes");
     }

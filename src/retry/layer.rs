@@ -13,12 +13,53 @@ use super::snapshot::{Config, Counters, RetrySnapshot, Shared};
 use crate::body::DEFAULT_BUFFER_LIMIT;
 use crate::classify::{Class, Classifier};
 use crate::clock::WallClock;
+use crate::observe::{RetryEvent, RetryHooks};
 
 /// The default of [`RetryAfterBuilder::error_body_timeout`]: 10 s. An error
 /// body is a few hundred bytes sent with its head; ten seconds is far more
 /// than a healthy server needs and short enough that a stalled one does not
 /// hold a slot for long.
 pub(crate) const DEFAULT_ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the caller gets when the retry layer gives up on a request whose
+/// last attempt got a response (a 429, a 529, a 5xx): retries ran out, the
+/// deadline or the retry budget stopped them, or the server named a delay
+/// above [`max_server_delay`](RetryAfterBuilder::max_server_delay).
+///
+/// An attempt that failed without a response always gives an error
+/// ([`Error::RetriesExhausted`](crate::Error::RetriesExhausted) with the
+/// inner error as its source): there is no response to return.
+///
+/// # Which to choose
+///
+/// A client that acts on failures wants [`GiveUpPolicy::Error`] (the
+/// default): a typed error, as the official SDKs raise, that still carries
+/// what the server said. A gateway that forwards its upstream's answers
+/// wants [`GiveUpPolicy::LastResponse`]: its callers get the API's own 429
+/// or 529, headers and body unchanged, as tower's `Retry` returns the last
+/// response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum GiveUpPolicy {
+    /// Fail with [`Error::RetriesExhausted`](crate::Error::RetriesExhausted)
+    /// (or [`Error::RetryAfterTooLong`](crate::Error::RetryAfterTooLong))
+    /// carrying the last response's status, headers, `request-id` and body
+    /// (up to [`LastResponse::BODY_LIMIT`](crate::LastResponse::BODY_LIMIT)
+    /// bytes, read within
+    /// [`error_body_timeout`](RetryAfterBuilder::error_body_timeout)) in
+    /// [`Error::last_response`](crate::Error::last_response). The default.
+    #[default]
+    Error,
+    /// Return the last response as it came: status, headers and body
+    /// untouched (its body not read). The give-up is still counted in
+    /// [`RetrySnapshot::give_ups`](super::RetrySnapshot::give_ups).
+    ///
+    /// One exception: a 429 without a delay whose body says the monthly
+    /// spend limit was reached is read to know it, and fails with
+    /// [`Error::SpendLimitReached`](crate::Error::SpendLimitReached) when
+    /// the layer would have retried it.
+    LastResponse,
+}
 
 /// What the retry layer does with an attempt that failed, without a
 /// response, after it may have reached the server.
@@ -167,6 +208,8 @@ pub struct RetryAfterBuilder {
     jitter: Option<Arc<dyn Jitter>>,
     classifier: Classifier,
     wall_clock: WallClock,
+    give_up: GiveUpPolicy,
+    hooks: RetryHooks,
 }
 
 impl std::fmt::Debug for RetryAfterBuilder {
@@ -184,6 +227,8 @@ impl std::fmt::Debug for RetryAfterBuilder {
             .field("custom_jitter", &self.jitter.is_some())
             .field("classifier", &self.classifier)
             .field("wall_clock", &self.wall_clock)
+            .field("give_up", &self.give_up)
+            .field("hooks", &self.hooks)
             .finish()
     }
 }
@@ -203,6 +248,8 @@ impl Default for RetryAfterBuilder {
             jitter: None,
             classifier: Classifier::new(),
             wall_clock: WallClock::system(),
+            give_up: GiveUpPolicy::Error,
+            hooks: RetryHooks::default(),
         }
     }
 }
@@ -244,12 +291,22 @@ impl RetryAfterBuilder {
         self
     }
 
-    /// An overall deadline per request, counted from `call`: no attempt starts
-    /// after it, and a wait that would end after it is not begun (the request
-    /// fails with [`GiveUpReason::Deadline`](crate::GiveUpReason::Deadline)).
-    /// It does not cut an attempt in flight: use `tower::timeout` inside for that.
+    /// An overall deadline per request, counted from `call`, that bounds
+    /// the whole request: no attempt starts after it, a wait of this layer
+    /// that would end after it is not begun, and the waits of this crate's
+    /// layers inside this one (the token budget's queue, the concurrency
+    /// queue) stop when it passes. The request then fails with
+    /// [`Error::RetriesExhausted`](crate::Error::RetriesExhausted) and
+    /// [`GiveUpReason::Deadline`](crate::GiveUpReason::Deadline).
+    ///
+    /// It does not cut an attempt in flight once sent (an answer being
+    /// generated): use `tower::timeout` inside for that.
     /// If the shared cooldown would hold even the first attempt past the
     /// deadline, the request fails without any attempt (`attempts: 0`).
+    ///
+    /// This is the one whole-request deadline of the stack: the preset
+    /// ([`LimitsLayer`](crate::preset::LimitsLayer)) has none by default; give
+    /// it one with `with_retry(RetryAfterLayer::builder().deadline(..).build())`.
     pub fn deadline(mut self, d: Duration) -> Self {
         self.deadline = Some(d);
         self
@@ -355,6 +412,55 @@ impl RetryAfterBuilder {
         self
     }
 
+    /// What the caller gets when the layer gives up on a request whose last
+    /// attempt got a response (default [`GiveUpPolicy::Error`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::retry::{GiveUpPolicy, RetryAfterLayer};
+    ///
+    /// // A gateway: its callers get the API's own last answer.
+    /// let layer = RetryAfterLayer::builder()
+    ///     .give_up(GiveUpPolicy::LastResponse)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn give_up(mut self, policy: GiveUpPolicy) -> Self {
+        self.give_up = policy;
+        self
+    }
+
+    /// Called each time a failed attempt is about to be retried, with the
+    /// attempt's number, the failure and the delay before the retry
+    /// ([`RetryEvent`](crate::observe::RetryEvent)). It runs inside the
+    /// request's `poll`: keep it quick. See [`observe`](crate::observe).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use std::sync::Arc;
+    /// use tower_llm_limits::retry::RetryAfterLayer;
+    ///
+    /// let retries = Arc::new(AtomicU64::new(0));
+    /// let seen = retries.clone();
+    /// let layer = RetryAfterLayer::builder()
+    ///     .on_retry(move |event| {
+    ///         seen.fetch_add(1, Ordering::Relaxed);
+    ///         let _ = (event.attempt, event.status, event.delay, event.cause);
+    ///     })
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_retry<F>(mut self, f: F) -> Self
+    where
+        F: for<'a> Fn(&RetryEvent<'a>) + Send + Sync + 'static,
+    {
+        self.hooks.on_retry = Some(Arc::new(f));
+        self
+    }
+
     /// Builds the layer and its shared state (a fresh cooldown and budget).
     pub fn build(self) -> RetryAfterLayer {
         let jitter = self
@@ -374,6 +480,8 @@ impl RetryAfterBuilder {
                     jitter,
                     classifier: self.classifier,
                     wall_clock: self.wall_clock,
+                    give_up: self.give_up,
+                    hooks: self.hooks,
                 },
                 cooldown: Cooldown::new(),
                 budget: self.budget.map(BudgetState::new),

@@ -143,7 +143,7 @@ mod snapshot;
 pub use backoff::Jitter;
 pub use budget::RetryBudget;
 pub use future::ResponseFuture;
-pub use layer::{AfterSend, RetryAfterBuilder, RetryAfterLayer};
+pub use layer::{AfterSend, GiveUpPolicy, RetryAfterBuilder, RetryAfterLayer};
 pub use service::RetryAfter;
 pub use snapshot::{GiveUps, RetrySnapshot};
 

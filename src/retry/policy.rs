@@ -291,6 +291,7 @@ mod tests {
                 last_status: None,
                 reason: GiveUpReason::MaxRetries,
                 source: None,
+                response: None,
             },
         ] {
             assert_eq!(judge_error_default(&e(fatal)), ErrorVerdict::Fatal);

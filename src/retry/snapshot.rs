@@ -27,7 +27,7 @@ use crate::GiveUpReason;
 /// assert_eq!(snap.retries, 0);
 /// assert_eq!(snap.cooldown_remaining, None);
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct RetrySnapshot {
     /// Requests received (first attempts).
@@ -59,7 +59,7 @@ pub struct RetrySnapshot {
 }
 
 /// Requests given up, by [`GiveUpReason`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct GiveUps {
     /// Stopped by the maximum of retries.
@@ -105,6 +105,10 @@ pub(crate) struct Config {
     pub(crate) classifier: crate::classify::Classifier,
     /// What reset instants and HTTP-date `retry-after`s are read against.
     pub(crate) wall_clock: crate::clock::WallClock,
+    /// What the caller gets on a give-up with a response.
+    pub(crate) give_up: super::GiveUpPolicy,
+    /// The `on_retry` callback, and metrics.
+    pub(crate) hooks: crate::observe::RetryHooks,
 }
 
 impl fmt::Debug for Config {
@@ -120,6 +124,8 @@ impl fmt::Debug for Config {
             .field("after_send", &self.after_send)
             .field("classifier", &self.classifier)
             .field("wall_clock", &self.wall_clock)
+            .field("give_up", &self.give_up)
+            .field("hooks", &self.hooks)
             .finish_non_exhaustive()
     }
 }
