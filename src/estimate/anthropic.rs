@@ -15,7 +15,8 @@ use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration};
 use super::media;
 use super::{Estimate, TokenEstimator, MAX_MODEL_LEN};
 use crate::headers::content_length;
-use crate::wire::json::{count_raw, count_span, Chars, Malformed, Result, Scanner, Span};
+use super::classes::{Classes, TextModel};
+use crate::wire::json::{Malformed, Result, Scanner, Span};
 use crate::wire::Usage;
 
 /// Content-block boundaries before a breakpoint where a warm prefix is looked for.
@@ -27,8 +28,7 @@ const MAX_BREAKPOINTS: usize = 8;
 
 #[derive(Debug, Clone)]
 struct Config {
-    chars_per_token: f64,
-    non_ascii_chars_per_token: f64,
+    text_scale: f64,
     newer_factor: f64,
     newer_since: (u32, u32),
     overrides: Vec<(String, f64)>,
@@ -54,8 +54,7 @@ struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            chars_per_token: 3.5,
-            non_ascii_chars_per_token: 1.0,
+            text_scale: 1.1,
             newer_factor: 1.3,
             newer_since: (4, 7),
             overrides: Vec::new(),
@@ -94,8 +93,8 @@ fn positive(v: f64) -> Option<f64> {
 /// use tower_llm_limits::estimate::AnthropicEstimator;
 ///
 /// let estimator = AnthropicEstimator::builder()
-///     .chars_per_token(3.2)
-///     .model_chars_per_token("claude-haiku", 3.0)
+///     .text_scale(1.2)
+///     .model_text_scale("claude-haiku", 1.05)
 ///     .cache_max_entries(10_000)
 ///     .build();
 /// # let _ = estimator;
@@ -106,21 +105,14 @@ pub struct AnthropicEstimatorBuilder {
 }
 
 impl AnthropicEstimatorBuilder {
-    /// ASCII characters per token of text. Default 3.5 (Anthropic's glossary:
-    /// "a token approximately represents 3.5 English characters").
-    pub fn chars_per_token(mut self, ratio: f64) -> Self {
-        if let Some(v) = positive(ratio) {
-            self.config.chars_per_token = v;
-        }
-        self
-    }
-
-    /// Non-ASCII characters per token. Default 1.0: CJK text runs near one
-    /// token per character; accented Latin or Cyrillic is overestimated,
-    /// which calibration then corrects.
-    pub fn non_ascii_chars_per_token(mut self, ratio: f64) -> Self {
-        if let Some(v) = positive(ratio) {
-            self.config.non_ascii_chars_per_token = v;
+    /// Text tokens are the character-class model's count (fitted against
+    /// the `o200k_base` byte-pair tokenizer) times `scale`. Default 1.1:
+    /// Claude's tokenizers are not published, and a start a little high
+    /// costs only some unused room until calibration (which learns in both
+    /// directions) has its first samples.
+    pub fn text_scale(mut self, scale: f64) -> Self {
+        if let Some(v) = positive(scale) {
+            self.config.text_scale = v;
         }
         self
     }
@@ -145,11 +137,12 @@ impl AnthropicEstimatorBuilder {
         self
     }
 
-    /// ASCII characters per token for models whose name contains `pattern`
-    /// (the first pattern added that matches wins; the newer-tokenizer factor
-    /// is not applied on top). No overrides by default.
-    pub fn model_chars_per_token(mut self, pattern: impl Into<String>, ratio: f64) -> Self {
-        if let Some(v) = positive(ratio) {
+    /// The text scale for models whose name contains `pattern`, in place of
+    /// [`text_scale`](Self::text_scale) (the first pattern added that matches
+    /// wins; the newer-tokenizer factor is not applied on top). No overrides
+    /// by default.
+    pub fn model_text_scale(mut self, pattern: impl Into<String>, scale: f64) -> Self {
+        if let Some(v) = positive(scale) {
             self.config.overrides.push((pattern.into(), v));
         }
         self
@@ -440,13 +433,13 @@ impl fmt::Debug for AnthropicEstimator {
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Tally {
-    text: Chars,
+    text: Classes,
     fixed: u64,
 }
 
 impl Tally {
     fn add(&mut self, o: Tally) {
-        self.text.add(o.text);
+        self.text.add(&o.text);
         self.fixed = self.fixed.saturating_add(o.fixed);
     }
 }
@@ -609,6 +602,7 @@ impl<'a, 'c> Walk<'a, 'c> {
     fn end_element(&mut self, sec: Section, t: Tally) {
         let end = self.sc.position();
         let cc = self.cc.take();
+        let room = self.breakpoints.len() < MAX_BREAKPOINTS;
         let s = self.section(sec);
         s.tally.add(t);
         s.end = end;
@@ -616,19 +610,19 @@ impl<'a, 'c> Walk<'a, 'c> {
             end,
             tally: s.tally,
         };
-        let lookback = s.ring;
-        let lookback_len = s.ring_len;
+        let bp = match cc {
+            Some(ttl) if room => Some(Breakpoint {
+                section: sec,
+                ttl,
+                at,
+                lookback: s.ring,
+                lookback_len: s.ring_len,
+            }),
+            _ => None,
+        };
         s.push(at);
-        if let Some(ttl) = cc {
-            if self.breakpoints.len() < MAX_BREAKPOINTS {
-                self.breakpoints.push(Breakpoint {
-                    section: sec,
-                    ttl,
-                    at,
-                    lookback,
-                    lookback_len,
-                });
-            }
+        if let Some(bp) = bp {
+            self.breakpoints.push(bp);
         }
     }
 
@@ -647,11 +641,12 @@ impl<'a, 'c> Walk<'a, 'c> {
             b'"' => {
                 self.sc.bump();
                 self.open_section(Section::System);
-                let (_, c) = self.sc.string_body(true)?;
+                let (span, _) = self.sc.string_body(false)?;
+                let c = span_classes(self.sc.input(), span);
                 // The contents only, without the closing quote.
                 let end = self.sc.position() - 1;
                 let s = self.section(Section::System);
-                s.tally.text.add(c);
+                s.tally.text.add(&c);
                 s.end = end;
                 Ok(())
             }
@@ -682,7 +677,7 @@ impl<'a, 'c> Walk<'a, 'c> {
             self.block(depth)
         } else {
             let mut t = Tally::default();
-            self.sc.skip_value(Some(&mut t.text))?;
+            self.skip_counted(&mut t.text)?;
             Ok(t)
         }
     }
@@ -715,7 +710,8 @@ impl<'a, 'c> Walk<'a, 'c> {
             if key == b"content" {
                 match self.sc.peek()? {
                     b'"' => {
-                        let (_, c) = self.sc.string(true)?;
+                        let (span, _) = self.sc.string(false)?;
+                        let c = span_classes(self.sc.input(), span);
                         let t = Tally { text: c, fixed: 0 };
                         self.end_element(Section::Messages, t);
                     }
@@ -733,7 +729,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                     }
                     _ => {
                         let mut t = Tally::default();
-                        self.sc.skip_value(Some(&mut t.text))?;
+                        self.skip_counted(&mut t.text)?;
                         self.end_element(Section::Messages, t);
                     }
                 }
@@ -763,7 +759,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 self.tool()?
             } else {
                 let mut t = Tally::default();
-                self.sc.skip_value(Some(&mut t.text))?;
+                self.skip_counted(&mut t.text)?;
                 t
             };
             self.end_element(Section::Tools, t);
@@ -787,7 +783,7 @@ impl<'a, 'c> Walk<'a, 'c> {
             match key {
                 b"input_schema" => self.raw_value(&mut t)?,
                 b"cache_control" => self.cache_control(key_start, prev_comma)?,
-                _ => self.sc.skip_value(Some(&mut t.text))?,
+                _ => self.skip_counted(&mut t.text)?,
             }
             self.sc.skip_ws();
             let pos = self.sc.position();
@@ -805,7 +801,19 @@ impl<'a, 'c> Walk<'a, 'c> {
         let start = self.sc.position();
         self.sc.skip_value(None)?;
         if let Some(raw) = self.sc.input().get(start..self.sc.position()) {
-            t.text.add(count_raw(raw));
+            t.text.add(&Classes::raw(raw));
+        }
+        Ok(())
+    }
+
+    /// Skips a value, counting the text of every string inside it (keys too:
+    /// they are tokens of the prompt).
+    fn skip_counted(&mut self, text: &mut Classes) -> Result<()> {
+        self.sc.skip_ws();
+        let start = self.sc.position();
+        self.sc.skip_value(None)?;
+        if let Some(raw) = self.sc.input().get(start..self.sc.position()) {
+            text.add(&Classes::strings_in(raw));
         }
         Ok(())
     }
@@ -840,7 +848,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                     if self.sc.peek()? == b'{' {
                         source = Some(self.source(depth, &mut t)?);
                     } else {
-                        self.sc.skip_value(Some(&mut t.text))?;
+                        self.skip_counted(&mut t.text)?;
                     }
                 }
                 b"input" => self.raw_value(&mut t)?,
@@ -848,7 +856,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 b"cache_control" => self.cache_control(key_start, prev_comma)?,
                 // Opaque: a thinking block's signature is not model input text.
                 b"signature" => self.sc.skip_value(None)?,
-                _ => self.sc.skip_value(Some(&mut t.text))?,
+                _ => self.skip_counted(&mut t.text)?,
             }
             self.sc.skip_ws();
             let pos = self.sc.position();
@@ -865,7 +873,7 @@ impl<'a, 'c> Walk<'a, 'c> {
     /// or any other value, counted as text.
     fn block_content(&mut self, depth: u32, t: &mut Tally) -> Result<()> {
         if self.sc.peek()? != b'[' {
-            return self.sc.skip_value(Some(&mut t.text));
+            return self.skip_counted(&mut t.text);
         }
         self.sc.bump();
         if !self.sc.empty(b']')? {
@@ -897,7 +905,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                     ..
                 }) = source
                 {
-                    t.text.add(count_span(self.sc.input(), span));
+                    t.text.add(&span_classes(self.sc.input(), span));
                 }
             }
         }
@@ -1028,7 +1036,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 data: Some(span),
                 ..
             }) => {
-                t.text.add(count_span(self.sc.input(), span));
+                t.text.add(&span_classes(self.sc.input(), span));
                 return;
             }
             Some(Source {
@@ -1056,7 +1064,12 @@ impl<'a, 'c> Walk<'a, 'c> {
     }
 }
 
-/// Text rates for a model: (ASCII chars per token, non-ASCII chars per token, factor).
+/// The character classes of a string's contents, escapes decoded.
+fn span_classes(b: &[u8], span: Span) -> Classes {
+    Classes::string(b.get(span.start..span.end).unwrap_or(&[]))
+}
+
+/// Reads a Claude model's version (major, minor) from its name.
 fn claude_version(model: &str) -> Option<(u32, u32)> {
     let idx = model.find("claude")?;
     let rest = model.get(idx + "claude".len()..)?;
@@ -1111,21 +1124,18 @@ impl AnthropicEstimator {
         (t as u64).min(self.config.fallback_max_tokens)
     }
 
-    fn rates(&self, model: Option<&str>) -> (f64, f64, f64) {
+    /// The factor text tokens of the fitted model are multiplied by for `model`.
+    fn text_scale(&self, model: Option<&str>) -> f64 {
         let c = &self.config;
         if let Some(m) = model {
             if let Some((_, r)) = c.overrides.iter().find(|(p, _)| m.contains(p.as_str())) {
-                return (*r, c.non_ascii_chars_per_token, 1.0);
+                return *r;
             }
             if claude_version(m).is_some_and(|v| v >= c.newer_since) {
-                return (
-                    c.chars_per_token,
-                    c.non_ascii_chars_per_token,
-                    c.newer_factor,
-                );
+                return c.text_scale * c.newer_factor;
             }
         }
-        (c.chars_per_token, c.non_ascii_chars_per_token, 1.0)
+        c.text_scale
     }
 
     /// What the prompt-cache records keep of a model name: its keyed hash
@@ -1207,11 +1217,8 @@ impl AnthropicEstimator {
 
     fn finish(&self, w: &Walk<'_, '_>) -> Estimate {
         let model = w.model.and_then(|s| decode_str(w.sc.input(), s));
-        let (cpt, ncpt, factor) = self.rates(model.as_deref());
-        let tokens = |t: &Tally| -> f64 {
-            let text = (t.text.ascii as f64 / cpt + t.text.non_ascii as f64 / ncpt) * factor;
-            text + t.fixed as f64
-        };
+        let scale = self.text_scale(model.as_deref());
+        let tokens = |t: &Tally| -> f64 { TextModel::FITTED.tokens(&t.text) * scale + t.fixed as f64 };
         let section_tokens: [f64; 3] = SECTIONS.map(|s| tokens(&w.sections[s as usize].tally));
         let total_f = self.config.request_overhead as f64 + section_tokens.iter().sum::<f64>();
         let total = total_f.ceil() as u64;
@@ -1438,16 +1445,17 @@ mod tests {
     }
 
     #[test]
-    fn newer_tokenizer_rates() {
+    fn newer_tokenizer_scales() {
         let e = AnthropicEstimator::new();
-        assert_eq!(e.rates(Some("claude-opus-4-7")).2, 1.3);
-        assert_eq!(e.rates(Some("claude-opus-5-20270101")).2, 1.3);
-        assert_eq!(e.rates(Some("claude-sonnet-4-5")).2, 1.0);
-        assert_eq!(e.rates(None).2, 1.0);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(e.text_scale(Some("claude-opus-4-7")), 1.1 * 1.3));
+        assert!(close(e.text_scale(Some("claude-opus-5-20270101")), 1.1 * 1.3));
+        assert!(close(e.text_scale(Some("claude-sonnet-4-5")), 1.1));
+        assert!(close(e.text_scale(None), 1.1));
         let e = AnthropicEstimator::builder()
-            .model_chars_per_token("opus-4-7", 2.0)
+            .model_text_scale("opus-4-7", 2.0)
             .build();
-        assert_eq!(e.rates(Some("claude-opus-4-7")), (2.0, 1.0, 1.0));
+        assert!(close(e.text_scale(Some("claude-opus-4-7")), 2.0));
     }
 
     #[test]

@@ -48,6 +48,9 @@ use crate::wire::Usage;
 mod anthropic;
 mod cache;
 mod calibrate;
+mod classes;
+#[cfg(test)]
+mod corpus;
 mod media;
 
 pub use anthropic::{AnthropicEstimator, AnthropicEstimatorBuilder, EstimatorSnapshot};
