@@ -165,7 +165,9 @@ fn near(a: u64, b: u64) -> bool {
 
 /// Some prose of about `len` bytes.
 fn prose(len: usize) -> String {
-    let words = ["the", "budget", "waits", "for", "room,", "then", "sends", "a", "request.", "Tokens"];
+    let words = [
+        "the", "budget", "waits", "for", "room,", "then", "sends", "a", "request.", "Tokens",
+    ];
     let mut s = String::new();
     let mut i = 7usize;
     while s.len() < len {
@@ -204,7 +206,10 @@ fn newer_tokenizer_models_cost_30_percent_more_text() {
     let base = raw(&body) - 15;
     body["model"] = json!("claude-opus-4-7");
     let newer = raw(&body) - 15;
-    assert!(near(newer, (base as f64 * 1.3).round() as u64), "{newer} vs {base}");
+    assert!(
+        near(newer, (base as f64 * 1.3).round() as u64),
+        "{newer} vs {base}"
+    );
     body["model"] = json!("claude-3-7-sonnet-20250219");
     assert_eq!(raw(&body) - 15, base);
 }
@@ -282,8 +287,7 @@ fn tools_count_name_description_schema_and_overhead() {
     let schema_text = serde_json::to_string(&schema).unwrap_or_default();
     let (name, description) = (prose(35), prose(350));
     let mut body = user(json!("hi"));
-    body["tools"] =
-        json!([{"name": name, "description": description, "input_schema": schema}]);
+    body["tools"] = json!([{"name": name, "description": description, "input_schema": schema}]);
     let d = raw(&body) - raw(&user(json!("hi")));
     // 530 for the tool-use system prompt + name, description and schema as text.
     let expected = 530 + text_cost(&name) + text_cost(&description) + text_cost(&schema_text);
@@ -529,6 +533,9 @@ fn calibration_keeps_a_high_quantile_not_the_mean() {
     let e = AnthropicEstimator::builder()
         .calibration(CalibrationConfig {
             window: 10,
+            // The quantile itself, never below the raw estimate.
+            spread_weight: 1.0,
+            min_factor: 1.0,
             ..CalibrationConfig::default()
         })
         .build();

@@ -424,20 +424,6 @@ pub(crate) enum ContentKind {
     OtherScript,
 }
 
-impl ContentKind {
-    /// A short stable name.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            ContentKind::Prose => "prose",
-            ContentKind::Code => "code",
-            ContentKind::Data => "data",
-            ContentKind::Encoded => "encoded",
-            ContentKind::Cjk => "cjk",
-            ContentKind::OtherScript => "other-script",
-        }
-    }
-}
-
 /// Tokens per feature.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct TextModel {
@@ -508,7 +494,10 @@ mod tests {
         let mut rng = Rng(7);
         let kind = |rng: &mut Rng, k: Kind| Classes::raw(piece(rng, k, 4000).as_bytes()).kind();
         assert_eq!(kind(&mut rng, Kind::Cjk), ContentKind::Cjk);
-        assert_eq!(kind(&mut rng, Kind::OtherLanguage), ContentKind::OtherScript);
+        assert_eq!(
+            kind(&mut rng, Kind::OtherLanguage),
+            ContentKind::OtherScript
+        );
         assert_eq!(kind(&mut rng, Kind::Base64), ContentKind::Encoded);
         assert_eq!(kind(&mut rng, Kind::Data), ContentKind::Data);
     }
@@ -600,9 +589,17 @@ mod tests {
             }
         }
         let model = TextModel { coef };
-        println!("coef: {:?}", coef.map(|c| (c * 10_000.0).round() / 10_000.0));
+        println!(
+            "coef: {:?}",
+            coef.map(|c| (c * 10_000.0).round() / 10_000.0)
+        );
         for (k, p50, p90) in errors(&model, &samples(2024, 40)) {
-            println!("//! | {} | {:.1} % | {:.1} % |", k.name(), p50 * 100.0, p90 * 100.0);
+            println!(
+                "//! | {} | {:.1} % | {:.1} % |",
+                k.name(),
+                p50 * 100.0,
+                p90 * 100.0
+            );
         }
     }
 }
