@@ -144,6 +144,7 @@ impl Drop for Held {
                     key = super::callers::logged_key(&charge.key),
                     "budget: request dropped after it was sent; charge kept"
                 );
+                self.shared.lost(&charge);
             } else {
                 self.shared.refund_unsent(&charge);
             }
@@ -391,6 +392,7 @@ fn finished<ResB: Body, E: Into<BoxError>>(
                     key = super::callers::logged_key(&charge.key),
                     "budget: inner service failed; charge kept"
                 );
+                shared.lost(&charge);
             }
             Err(e)
         }

@@ -213,6 +213,7 @@
 //!   [`max_keys`](TokenBudgetBuilder::max_keys) (100,000 by default) are held;
 //!   [`TokenBudgetLayer::forget_idle`] forgets idle keys on demand.
 
+mod admission;
 pub(crate) mod answer;
 mod callers;
 mod config;
