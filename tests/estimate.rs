@@ -186,11 +186,11 @@ fn block_cost(blocks: Value) -> u64 {
 
 #[test]
 fn string_content_is_estimated_near_a_real_tokenizer() {
-    // Text at the reference tokenizer's count times the default scale 1.1,
+    // Text at the reference tokenizer's count times the default scale 1.3,
     // + 5 per message, + 10 per request.
     let text = prose(2000);
     let e = est(&AnthropicEstimator::new(), &user(json!(text)));
-    let expected = reference_tokens(&text) as f64 * 1.1;
+    let expected = reference_tokens(&text) as f64 * 1.3;
     let got = (e.raw_input_tokens - 15) as f64;
     assert!((got / expected - 1.0).abs() < 0.1, "{got} vs {expected}");
     assert_eq!(e.input_tokens, e.raw_input_tokens);
@@ -419,10 +419,10 @@ fn pdf_by_url_costs_the_documented_bound() {
 
 #[test]
 fn unicode_and_escapes_are_counted_as_characters() {
-    // CJK text near the reference tokenizer's count (times 1.1).
+    // CJK text near the reference tokenizer's count (times 1.3).
     let cjk = "我们今天发送请求，服务器每分钟限制令牌。".repeat(10);
     let got = (raw(&user(json!(cjk))) - 15) as f64;
-    let expected = reference_tokens(&cjk) as f64 * 1.1;
+    let expected = reference_tokens(&cjk) as f64 * 1.3;
     assert!((got / expected - 1.0).abs() < 0.25, "{got} vs {expected}");
     // Escaped forms of the same text cost the same.
     let plain = r#"{"model":"m","messages":[{"role":"user","content":"aa b é"}]}"#;

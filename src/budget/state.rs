@@ -69,6 +69,8 @@ pub(crate) struct Settings {
     pub(crate) idle_key_eviction: Duration,
     /// The most keys the budget holds.
     pub(crate) max_keys: usize,
+    /// The share of the input-token limit kept free in the bucket.
+    pub(crate) input_headroom: f64,
 }
 
 /// When the map of keys was last swept for idle keys, and its size that
@@ -419,6 +421,11 @@ pub(crate) struct Admission {
     /// Held behind a probe: the output reservation is recomputed (the
     /// probe may have taught the output rule) before asking again.
     held_by_probe: bool,
+    /// The input tokens of headroom added to the last question to the
+    /// ledger, given back once admitted.
+    headroom: u64,
+    /// Set when the request fits only without the headroom.
+    no_headroom: bool,
 }
 
 /// The probe role of a request not yet admitted.
@@ -775,9 +782,8 @@ impl Shared {
         if let Some(step) = self.hold_for_probe(&mut ks, charge, adm, &turn) {
             return step;
         }
-        let fut = self
-            .ledger
-            .reserve(&charge.key, &charge.limits, charge.costs);
+        let costs = self.with_headroom(&ks, charge, adm);
+        let fut = self.ledger.reserve(&charge.key, &charge.limits, costs);
         match fut.into_ready() {
             Ok(answer) => {
                 let (step, next) = self.on_answer(&mut ks, charge, adm, answer, &turn);
@@ -797,7 +803,7 @@ impl Shared {
                     cell: Arc::clone(&charge.cell),
                     key: Arc::clone(&charge.key),
                     limits: charge.limits,
-                    costs: charge.costs,
+                    costs,
                 });
                 Step::Asking
             }
@@ -818,7 +824,10 @@ impl Shared {
             |adm: &mut Admission, ks: &mut KeyState| adm.place.take().and_then(|p| p.leave(ks));
         match answer {
             Err(e) => (Step::Refused(Refusal::Ledger(e)), leave(adm, ks)),
-            Ok(Reservation::Admitted) => (Step::Admitted, leave(adm, ks)),
+            Ok(Reservation::Admitted) => {
+                self.release_headroom(charge, adm);
+                (Step::Admitted, leave(adm, ks))
+            }
             Ok(Reservation::Wait {
                 retry_in,
                 dimension,
@@ -840,6 +849,11 @@ impl Shared {
                 cost,
                 capacity,
             }) => {
+                if dimension == Dimension::InputTokens && adm.headroom > 0 {
+                    // It fits only into the headroom: ask again without it.
+                    adm.no_headroom = true;
+                    return (Step::Again, None);
+                }
                 if dimension == Dimension::OutputTokens
                     && ks.output_rule.unwrap_or(self.settings.output_mode) == OutputMode::Realtime
                     && charge.costs.output_tokens > capacity
@@ -1039,6 +1053,36 @@ impl Shared {
         wake(next);
     }
 
+    /// The costs to ask the ledger for: the request's, plus the input
+    /// headroom (a share of the input limit in force, kept free in the
+    /// bucket: a request is admitted only when it leaves that much).
+    fn with_headroom(&self, ks: &KeyState, charge: &Charge, adm: &mut Admission) -> Costs {
+        let itpm = limits_in_force(ks, charge)[dim_index(Dimension::InputTokens)];
+        adm.headroom = match itpm {
+            Some(limit) if !adm.no_headroom && charge.costs.input_tokens > 0 => {
+                (limit as f64 * self.settings.input_headroom).ceil() as u64
+            }
+            _ => 0,
+        };
+        let mut costs = charge.costs;
+        costs.input_tokens = costs.input_tokens.saturating_add(adm.headroom);
+        costs
+    }
+
+    /// Gives back the headroom an admitted request's reservation held.
+    fn release_headroom(self: &Arc<Self>, charge: &Charge, adm: &mut Admission) {
+        let headroom = std::mem::take(&mut adm.headroom);
+        if headroom == 0 {
+            return;
+        }
+        let delta = CostDelta {
+            input_tokens: -(i64::try_from(headroom).unwrap_or(i64::MAX)),
+            ..CostDelta::default()
+        };
+        let op = self.ledger.settle(&charge.key, &charge.limits, delta);
+        self.run(charge, op, false);
+    }
+
     /// Unknown limits: takes the probe role for this request if it is
     /// needed, or holds it in line while the probe is in flight.
     fn hold_for_probe(
@@ -1084,23 +1128,18 @@ impl Shared {
             return None;
         }
         let head = ks.queue.next()?;
-        let limits = Dimension::ALL.map(|d| {
-            let learned = ks.learners[dim_index(d)].adopted();
-            match (charge.limits.get(d), learned) {
-                (Some(c), Some(l)) => Some(c.min(l)),
-                (c, l) => c.or(l),
-            }
-        });
-        let delay = admission::head_delay(&charge.costs, limits);
+        let delay = admission::head_delay(&charge.costs, limits_in_force(ks, charge));
         if !ks.passing.allow(head, delay) {
             return None;
         }
+        let costs = self.with_headroom(ks, charge, adm);
         let answer = self
             .ledger
-            .reserve(&charge.key, &charge.limits, charge.costs)
+            .reserve(&charge.key, &charge.limits, costs)
             .into_ready();
         match answer {
             Ok(Ok(Reservation::Admitted)) => {
+                self.release_headroom(charge, adm);
                 let next = adm.place.take().and_then(|p| p.leave(ks));
                 wake(next);
                 tracing::debug!(
@@ -1124,7 +1163,7 @@ impl Shared {
                     cell: Arc::clone(&charge.cell),
                     key: Arc::clone(&charge.key),
                     limits: charge.limits,
-                    costs: charge.costs,
+                    costs,
                 });
                 None
             }
@@ -1219,6 +1258,18 @@ impl Shared {
 }
 
 /// Sleeps until `at`; whether the sleep is over.
+/// The limit in force per dimension: the configured one, or the learned one
+/// when lower or when none is configured.
+fn limits_in_force(ks: &KeyState, charge: &Charge) -> [Option<u64>; 3] {
+    Dimension::ALL.map(|d| {
+        let learned = ks.learners[dim_index(d)].adopted();
+        match (charge.limits.get(d), learned) {
+            (Some(c), Some(l)) => Some(c.min(l)),
+            (c, l) => c.or(l),
+        }
+    })
+}
+
 fn poll_sleep(adm: &mut Admission, at: Instant, cx: &mut Context<'_>) -> bool {
     match adm.sleep.as_mut() {
         Some(sleep) => {
