@@ -244,6 +244,23 @@ impl Counter {
         i + len
     }
 
+    /// The rest of a run of lower-case letters from `b[i]` (the common
+    /// case, counted without the state machine); returns where it stopped.
+    #[inline(always)]
+    fn lower_run(&mut self, b: &[u8], i: usize) -> usize {
+        let rest = b.get(i..).unwrap_or(&[]);
+        let n = rest
+            .iter()
+            .position(|x| !x.is_ascii_lowercase())
+            .unwrap_or(rest.len());
+        if n > 0 {
+            let slot = &mut self.c.n[Feature::Letters as usize];
+            *slot = slot.saturating_add(n as u64);
+            self.prev = Prev::Lower;
+        }
+        i + n
+    }
+
     /// Text as written (no escapes).
     fn raw(&mut self, b: &[u8]) {
         let mut i = 0;
@@ -251,6 +268,9 @@ impl Counter {
             if x < 0x80 {
                 self.ascii(x);
                 i += 1;
+                if matches!(self.prev, Prev::Lower | Prev::Upper) {
+                    i = self.lower_run(b, i);
+                }
             } else {
                 i = self.lead(b, i, x);
             }
@@ -266,6 +286,9 @@ impl Counter {
             } else if x < 0x80 {
                 self.ascii(x);
                 i += 1;
+                if matches!(self.prev, Prev::Lower | Prev::Upper) {
+                    i = self.lower_run(b, i);
+                }
             } else {
                 i = self.lead(b, i, x);
             }
