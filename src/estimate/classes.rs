@@ -584,6 +584,8 @@ mod tests {
     /// table of the module docs.
     #[test]
     #[ignore = "offline fitting tool: cargo test --lib --all-features fit_text_model -- --ignored --nocapture"]
+    // Matrix code reads best with indices.
+    #[allow(clippy::needless_range_loop)]
     fn fit_text_model() {
         let s = samples(1, 430);
         let mut a = [[0f64; FEATURES]; FEATURES];
