@@ -124,6 +124,10 @@ struct KeyState {
     passing: Passing,
     /// The output-token rule learned from the probe's response, if any.
     output_rule: Option<OutputMode>,
+    /// Whether the ledger answered this key's last reservation at once
+    /// (only then may a request pass the head: asking a ledger a round
+    /// trip away for every arrival would load it).
+    ledger_at_once: bool,
 }
 
 impl KeyState {
@@ -133,6 +137,7 @@ impl KeyState {
             probe: Probe::for_limits(&limits),
             passing: Passing::default(),
             output_rule: None,
+            ledger_at_once: false,
             limits,
             last_used: Instant::now(),
             queue: WaitQueue::new(Duration::ZERO),
@@ -784,7 +789,9 @@ impl Shared {
         }
         let costs = self.with_headroom(&ks, charge, adm);
         let fut = self.ledger.reserve(&charge.key, &charge.limits, costs);
-        match fut.into_ready() {
+        let answer = fut.into_ready();
+        ks.ledger_at_once = answer.is_ok();
+        match answer {
             Ok(answer) => {
                 let (step, next) = self.on_answer(&mut ks, charge, adm, answer, &turn);
                 drop(ks);
@@ -1092,6 +1099,10 @@ impl Shared {
         adm: &mut Admission,
         turn: &Turn<'_>,
     ) -> Option<Step> {
+        if self.settings.mode != BudgetMode::Wait || self.settings.enforce {
+            // Reject mode answers at once; a gateway writes its own limits.
+            return None;
+        }
         match ks.probe {
             Probe::Off => None,
             Probe::Needed => {
@@ -1124,7 +1135,7 @@ impl Shared {
         charge: &Charge,
         adm: &mut Admission,
     ) -> Option<Step> {
-        if self.settings.mode != BudgetMode::Wait || ks.probe != Probe::Off {
+        if self.settings.mode != BudgetMode::Wait || ks.probe != Probe::Off || !ks.ledger_at_once {
             return None;
         }
         let head = ks.queue.next()?;
