@@ -823,6 +823,12 @@ impl<'a, 'c> Walk<'a, 'c> {
     /// they are tokens of the prompt).
     fn skip_counted(&mut self, text: &mut Classes) -> Result<()> {
         self.sc.skip_ws();
+        if self.sc.peek()? == b'"' {
+            // The common case, a string: its span, without a second search.
+            let (span, _) = self.sc.string(false)?;
+            text.add(&span_classes(self.sc.input(), span));
+            return Ok(());
+        }
         let start = self.sc.position();
         self.sc.skip_value(None)?;
         if let Some(raw) = self.sc.input().get(start..self.sc.position()) {

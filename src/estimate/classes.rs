@@ -331,15 +331,17 @@ impl Counter {
         while let Some(off) = memchr::memchr(b'"', b.get(i..).unwrap_or(&[])) {
             let start = i + off + 1;
             let mut j = start;
-            // Find the closing quote, stepping over escapes.
-            while let Some(&x) = b.get(j) {
-                match x {
-                    b'"' => break,
-                    b'\\' => j += 2,
-                    _ => j += 1,
+            // Find the closing quote, stepping over escapes; an unclosed
+            // string runs to the end.
+            let mut end = b.len();
+            while let Some(k) = memchr::memchr2(b'"', b'\\', b.get(j..).unwrap_or(&[])) {
+                j += k;
+                if b.get(j) == Some(&b'"') {
+                    end = j;
+                    break;
                 }
+                j += 2;
             }
-            let end = j.min(b.len());
             self.string(b.get(start..end).unwrap_or(&[]));
             // Strings are separate pieces of text.
             self.prev = Prev::None;
