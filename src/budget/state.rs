@@ -9,9 +9,12 @@
 //! for the time the ledger named, and is woken early when a settlement,
 //! refund or sync frees capacity. When the head is admitted (or gives up, or
 //! is dropped) it gives the turn to the next one, so wakeups are about as
-//! many as admissions (no thundering herd) and a large request at the head is
-//! not overtaken by small ones behind it (no starvation). A request that
-//! finds its key's queue empty asks the ledger at once, without queueing.
+//! many as admissions (no thundering herd). A request arriving behind a
+//! waiting head may pass it only within a bound on the delay it causes the
+//! head (see `admission.rs`), so a large request at the head is never
+//! starved. A request that finds its key's queue empty asks the ledger at
+//! once, without queueing. With no limits known, one probe goes first and
+//! the rest wait for its response head (`admission.rs`).
 //!
 //! # Locks
 //!
