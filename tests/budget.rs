@@ -2624,3 +2624,37 @@ async fn the_output_rule_is_learned_from_the_probe() {
         }
     }
 }
+
+/// The input headroom stays free in the bucket: a request is admitted only
+/// when it leaves that much; one that fits only into the headroom still goes
+/// once the bucket is full.
+#[tokio::test(start_paused = true)]
+async fn input_headroom_is_kept_free() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10_000).itpm(10_000).otpm(10_000_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .input_headroom(0.1)
+        .build();
+    let svc = layer.layer(upstream(log.clone(), 1));
+    let start = Instant::now();
+    // 9,500 of 10,000: only into the headroom, and the bucket is full.
+    for h in burst(&svc, 1, 9_500, 10) {
+        h.await.unwrap().unwrap();
+    }
+    // 500 left; 4,000 more needs 4,000 + 1,000 of headroom: 4,500 to refill
+    // at 166.7 per second, 27 s.
+    for h in burst(&svc, 1, 4_000, 10) {
+        h.await.unwrap().unwrap();
+    }
+    let at: Vec<Duration> = log.sent().iter().map(|s| s.at - start).collect();
+    assert_eq!(at[0], Duration::ZERO);
+    assert!(
+        at[1] >= Duration::from_secs(26) && at[1] <= Duration::from_secs(28),
+        "{at:?}"
+    );
+    // The headroom was given back: the bucket holds what was charged only.
+    let snap = layer.snapshot();
+    let left = remaining(&snap, Dimension::InputTokens);
+    assert!(left >= 990.0 && left <= 1_010.0, "{left}");
+}

@@ -1110,11 +1110,15 @@ impl Shared {
             Probe::Off => None,
             Probe::Needed => {
                 ks.probe = Probe::InFlight;
-                adm.probe = Some(ProbeRole {
-                    shared: Arc::clone(self),
-                    cell: Arc::clone(&charge.cell),
-                    armed: true,
-                });
+                // (A role already held is kept: dropping it here, under the
+                // key's lock, would lock the key again.)
+                if adm.probe.is_none() {
+                    adm.probe = Some(ProbeRole {
+                        shared: Arc::clone(self),
+                        cell: Arc::clone(&charge.cell),
+                        armed: true,
+                    });
+                }
                 None
             }
             Probe::InFlight if adm.probe.is_some() => None,
