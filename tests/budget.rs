@@ -2656,5 +2656,5 @@ async fn input_headroom_is_kept_free() {
     // The headroom was given back: the bucket holds what was charged only.
     let snap = layer.snapshot();
     let left = remaining(&snap, Dimension::InputTokens);
-    assert!(left >= 990.0 && left <= 1_010.0, "{left}");
+    assert!((990.0..=1_010.0).contains(&left), "{left}");
 }
