@@ -261,11 +261,27 @@ impl Counter {
         i + n
     }
 
+    /// A blank then a lower-case letter at `b[i]` after a character that is
+    /// not a blank or a break (the common " word" of prose): the blank adds
+    /// nothing, the letter starts a word. Returns where the word's run of
+    /// lower-case letters stopped, or `None` when the pattern does not hold.
+    #[inline(always)]
+    fn blank_word(&mut self, b: &[u8], i: usize) -> Option<usize> {
+        let (&x, &y) = (b.get(i)?, b.get(i + 1)?);
+        if x != b' ' || !y.is_ascii_lowercase() || matches!(self.prev, Prev::Blank | Prev::Break) {
+            return None;
+        }
+        self.bump(Feature::Words);
+        Some(self.lower_run(b, i + 1))
+    }
+
     /// Text as written (no escapes).
     fn raw(&mut self, b: &[u8]) {
         let mut i = 0;
         while let Some(&x) = b.get(i) {
-            if x < 0x80 {
+            if let Some(next) = self.blank_word(b, i) {
+                i = next;
+            } else if x < 0x80 {
                 self.ascii(x);
                 i += 1;
                 if matches!(self.prev, Prev::Lower | Prev::Upper) {
@@ -281,7 +297,9 @@ impl Counter {
     fn string(&mut self, b: &[u8]) {
         let mut i = 0;
         while let Some(&x) = b.get(i) {
-            if x == b'\\' {
+            if let Some(next) = self.blank_word(b, i) {
+                i = next;
+            } else if x == b'\\' {
                 i = self.escape(b, i);
             } else if x < 0x80 {
                 self.ascii(x);
