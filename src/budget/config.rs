@@ -163,6 +163,10 @@ pub(crate) const DEFAULT_IDLE_KEY_EVICTION: std::time::Duration =
 /// `TokenBudgetBuilder::max_keys`).
 pub(crate) const DEFAULT_MAX_KEYS: usize = 100_000;
 
+/// The share of the input-token limit kept free in the bucket by
+/// `TokenBudgetLayer::anthropic` (the builder's default is none).
+pub(crate) const ANTHROPIC_INPUT_HEADROOM: f64 = 0.02;
+
 /// The `max_tokens` assumed for a request that does not say.
 pub(crate) const DEFAULT_MAX_TOKENS: u64 = 4096;
 

@@ -149,6 +149,7 @@ impl Drop for Held {
                     key = super::callers::logged_key(&charge.key),
                     "budget: request dropped after it was sent; charge kept"
                 );
+                self.shared.lost(&charge);
             } else {
                 self.shared.refund_unsent(&charge);
             }
@@ -435,6 +436,7 @@ fn finished<ResB: Body, E: Into<BoxError>>(
                     key = super::callers::logged_key(&charge.key),
                     "budget: inner service failed; charge kept"
                 );
+                shared.lost(&charge);
             }
             Err(e)
         }

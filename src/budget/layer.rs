@@ -6,9 +6,9 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::config::{
-    BudgetMode, KeyExtractor, LimitsConfig, DEFAULT_IDLE_KEY_EVICTION, DEFAULT_LEARN_CONFIRMATIONS,
-    DEFAULT_MAX_KEYS, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUT_QUANTILE, OUTPUT_RATIO_MIN_SAMPLES,
-    OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
+    BudgetMode, KeyExtractor, LimitsConfig, ANTHROPIC_INPUT_HEADROOM, DEFAULT_IDLE_KEY_EVICTION,
+    DEFAULT_LEARN_CONFIRMATIONS, DEFAULT_MAX_KEYS, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUT_QUANTILE,
+    OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
 };
 use super::learn::LearnRules;
 use super::ledger::{InMemoryLedger, Ledger};
@@ -58,9 +58,13 @@ impl TokenBudgetLayer {
     /// A client budget for Anthropic's Messages API with these limits (a
     /// [`Tier`](super::Tier), one [`Limits`](super::Limits) for every class, or a [`LimitsConfig`]),
     /// waiting when over budget, realtime output accounting, the in-memory
-    /// ledger and the Anthropic estimator.
+    /// ledger, the Anthropic estimator, and 2 % of the input-token limit
+    /// kept free (see [`TokenBudgetBuilder::input_headroom`]).
     pub fn anthropic(limits: impl Into<LimitsConfig>) -> Self {
-        Self::builder().limits(limits).build()
+        Self::builder()
+            .limits(limits)
+            .input_headroom(ANTHROPIC_INPUT_HEADROOM)
+            .build()
     }
 
     /// A gateway budget: each of `callers` (see [`Callers`](super::Callers): authenticated
@@ -200,6 +204,7 @@ pub struct TokenBudgetBuilder {
     idle_key_eviction: std::time::Duration,
     max_keys: usize,
     hooks: Hooks,
+    input_headroom: f64,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -221,6 +226,7 @@ impl Default for TokenBudgetBuilder {
             idle_key_eviction: DEFAULT_IDLE_KEY_EVICTION,
             max_keys: DEFAULT_MAX_KEYS,
             hooks: Hooks::default(),
+            input_headroom: 0.0,
             learn: LearnRules {
                 floor: Limits::smallest_published(),
                 confirmations: DEFAULT_LEARN_CONFIRMATIONS,
@@ -423,6 +429,24 @@ impl TokenBudgetBuilder {
         self
     }
 
+    /// The share of the input-token limit kept free in the bucket: with
+    /// 0.02, a request is admitted only when the input-token bucket keeps
+    /// 2 % of the limit after it. Default 0 (an exact estimator needs none);
+    /// [`TokenBudgetLayer::anthropic`] sets 0.02. The Anthropic estimator's
+    /// input estimates are calibrated to the median of what the server
+    /// charged (plus a margin from their spread), so some come out low; the
+    /// headroom absorbs a run of those. A request that fits only into the
+    /// headroom (larger than 98 % of the limit) is still admitted once the
+    /// bucket is full. Clamped to `[0, 0.5]`; NaN is taken as 0.
+    pub fn input_headroom(mut self, share: f64) -> Self {
+        self.input_headroom = if share.is_nan() {
+            0.0
+        } else {
+            share.clamp(0.0, 0.5)
+        };
+        self
+    }
+
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
         let key_extractor = self.key_extractor;
@@ -442,6 +466,7 @@ impl TokenBudgetBuilder {
             idle_key_eviction: self.idle_key_eviction,
             max_keys: self.max_keys,
             hooks: self.hooks,
+            input_headroom: self.input_headroom,
         };
         let ledger = self
             .ledger

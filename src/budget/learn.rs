@@ -42,6 +42,11 @@ pub(crate) struct LearnRules {
 }
 
 impl LimitLearner {
+    /// The limit learned so far, if any.
+    pub(crate) fn adopted(&self) -> Option<u64> {
+        self.adopted
+    }
+
     /// Takes one reported limit; returns the limit to tell the ledger now
     /// (the learned one, which the report may have replaced), or `None` to
     /// tell it nothing (the report was not believed, and nothing is learned).

@@ -26,10 +26,25 @@
 //!    at least one token). A request without `max_tokens` counts
 //!    4,096 (see [`TokenBudgetBuilder::default_max_tokens`]). With no limit configured for a dimension,
 //!    nothing is paced there until a response's headers teach the limit.
+//!    With no limit configured at all for a model class, one request (the
+//!    probe) is sent and the others of that class wait for its response
+//!    head: its `anthropic-ratelimit-*` headers teach the limits, and how
+//!    its `output-tokens-remaining` moved tells the output rule (about the
+//!    probe's whole `max_tokens` held: the server reserves it at admission,
+//!    and the class is paced in `Reserve` mode; about nothing held: output
+//!    is counted as generated, `Realtime`). A probe answered without such
+//!    headers ends the holding; one never sent, or whose connection failed,
+//!    hands the role to the next request.
 //! 3. **Wait or fail.** In [`BudgetMode::Wait`] (the default) requests that
 //!    do not fit wait in a FIFO queue per key: only the head asks the ledger
 //!    and sleeps for the time it named; a settlement that frees capacity
-//!    wakes the head only; a large request at the head is not overtaken. In
+//!    wakes the head only. A request arriving behind a waiting head may go
+//!    first when the ledger admits it at once and what it takes delays the
+//!    head little: by its refill time in the tightest dimension (`cost ×
+//!    60 s / limit`), at most 2 seconds in all for one head; past that,
+//!    everyone waits for the head, so nothing starves. A headroom
+//!    ([`TokenBudgetBuilder::input_headroom`], 2 % of ITPM with
+//!    [`TokenBudgetLayer::anthropic`]) is kept free in the input bucket. In
 //!    [`BudgetMode::Reject`] the request fails at once with
 //!    [`Error::BudgetExceeded`](crate::Error::BudgetExceeded). A request that
 //!    can never fit (input above the whole ITPM; in `Reserve` mode
@@ -219,6 +234,7 @@
 //!   [`max_keys`](TokenBudgetBuilder::max_keys) (100,000 by default) are held;
 //!   [`TokenBudgetLayer::forget_idle`] forgets idle keys on demand.
 
+mod admission;
 pub(crate) mod answer;
 mod callers;
 mod config;

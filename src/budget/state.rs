@@ -9,9 +9,12 @@
 //! for the time the ledger named, and is woken early when a settlement,
 //! refund or sync frees capacity. When the head is admitted (or gives up, or
 //! is dropped) it gives the turn to the next one, so wakeups are about as
-//! many as admissions (no thundering herd) and a large request at the head is
-//! not overtaken by small ones behind it (no starvation). A request that
-//! finds its key's queue empty asks the ledger at once, without queueing.
+//! many as admissions (no thundering herd). A request arriving behind a
+//! waiting head may pass it only within a bound on the delay it causes the
+//! head (see `admission.rs`), so a large request at the head is never
+//! starved. A request that finds its key's queue empty asks the ledger at
+//! once, without queueing. With no limits known, one probe goes first and
+//! the rest wait for its response head (`admission.rs`).
 //!
 //! # Locks
 //!
@@ -33,6 +36,7 @@ use std::time::Duration;
 use http::request::Parts;
 use tokio::time::{Instant, Sleep};
 
+use super::admission::{self, Passing, Probe};
 use super::callers::CallerRefusal;
 use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
 use super::learn::{LearnRules, LimitLearner};
@@ -70,6 +74,8 @@ pub(crate) struct Settings {
     pub(crate) max_keys: usize,
     /// The `on_wait`, `on_reject` and `on_settle` callbacks, and metrics.
     pub(crate) hooks: crate::observe::Hooks,
+    /// The share of the input-token limit kept free in the bucket.
+    pub(crate) input_headroom: f64,
 }
 
 /// When the map of keys was last swept for idle keys, and its size that
@@ -117,12 +123,26 @@ struct KeyState {
     calibration: Option<f64>,
     /// The limits learned from the server's headers, per dimension.
     learners: [LimitLearner; 3],
+    /// Unknown limits: whether a probe is needed or in flight.
+    probe: Probe,
+    /// How much requests passing the waiting head have delayed it.
+    passing: Passing,
+    /// The output-token rule learned from the probe's response, if any.
+    output_rule: Option<OutputMode>,
+    /// Whether the ledger answered this key's last reservation at once
+    /// (only then may a request pass the head: asking a ledger a round
+    /// trip away for every arrival would load it).
+    ledger_at_once: bool,
 }
 
 impl KeyState {
     fn new(limits: Limits, ratio_window: usize) -> Self {
         Self {
             learners: [LimitLearner::default(); 3],
+            probe: Probe::for_limits(&limits),
+            passing: Passing::default(),
+            output_rule: None,
+            ledger_at_once: false,
             limits,
             last_used: Instant::now(),
             queue: WaitQueue::new(Duration::ZERO),
@@ -224,6 +244,8 @@ pub(crate) struct Charge {
     pub(crate) cache_reads_count: bool,
     pub(crate) costs: Costs,
     pub(crate) estimate: Estimate,
+    /// Whether this request is its key's probe of unknown limits.
+    probe: bool,
 }
 
 /// Why a request was not admitted.
@@ -403,6 +425,42 @@ pub(crate) struct Admission {
     asking: Option<Asking>,
     sleep: Option<Pin<Box<Sleep>>>,
     started: Option<Instant>,
+    /// Set while this request holds its key's probe role and is not yet
+    /// admitted: dropping the admission hands the role on.
+    probe: Option<ProbeRole>,
+    /// Held behind a probe: the output reservation is recomputed (the
+    /// probe may have taught the output rule) before asking again.
+    held_by_probe: bool,
+    /// The input tokens of headroom added to the last question to the
+    /// ledger, given back once admitted.
+    headroom: u64,
+    /// Set when the request fits only without the headroom.
+    no_headroom: bool,
+}
+
+/// The probe role of a request not yet admitted.
+#[derive(Debug)]
+struct ProbeRole {
+    shared: Arc<Shared>,
+    cell: Arc<KeyCell>,
+    /// False once the request was admitted (the role passed to its charge).
+    armed: bool,
+}
+
+impl Drop for ProbeRole {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut ks = lock_key(&self.cell);
+        if ks.probe != Probe::InFlight {
+            return;
+        }
+        ks.probe = Probe::Needed;
+        let next = ks.notify_head(&self.shared.counters);
+        drop(ks);
+        wake(next);
+    }
 }
 
 /// Who asks, and when (one clock reading per question).
@@ -551,13 +609,14 @@ impl Shared {
                 output_tokens,
             },
             estimate,
+            probe: false,
         })
     }
 
     /// The output tokens to reserve, per the output mode.
     fn output_tokens(&self, ks: &KeyState, max_tokens: Option<u64>) -> u64 {
         let max_tokens = max_tokens.unwrap_or(self.settings.default_max_tokens);
-        match self.settings.output_mode {
+        match ks.output_rule.unwrap_or(self.settings.output_mode) {
             OutputMode::Reserve => max_tokens,
             OutputMode::Realtime => {
                 let ratio = ks.expected_ratio(&self.settings);
@@ -604,10 +663,22 @@ impl Shared {
                     wake(next);
                     step
                 }
-                None => self.ask(charge, adm, cx.waker()),
+                None => {
+                    if std::mem::take(&mut adm.held_by_probe) {
+                        let ks = lock_key(&charge.cell);
+                        charge.costs.output_tokens =
+                            self.output_tokens(&ks, charge.estimate.max_tokens);
+                    }
+                    self.ask(charge, adm, cx.waker())
+                }
             };
             match step {
                 Step::Admitted => {
+                    if let Some(mut role) = adm.probe.take() {
+                        // The role now ends with the charge (see `end_probe`).
+                        role.armed = false;
+                        charge.probe = true;
+                    }
                     self.admitted(charge, adm);
                     return Poll::Ready(Ok(()));
                 }
@@ -703,6 +774,11 @@ impl Shared {
             Some(place) => ks.queue.is_next(place.id()),
         };
         if !at_head {
+            if let Some(step) = self.try_pass(&mut ks, charge, adm) {
+                return step;
+            }
+            // Behind a probe: its answer may teach the output rule.
+            adm.held_by_probe |= ks.probe != Probe::Off;
             match &adm.place {
                 None => self.join(&mut ks, charge, adm, &turn),
                 Some(place) => ks.queue.register(place.id(), waker),
@@ -713,10 +789,14 @@ impl Shared {
             // A turn given from now on is one this question may not see.
             ks.queue.take_notified(place.id());
         }
-        let fut = self
-            .ledger
-            .reserve(&charge.key, &charge.limits, charge.costs);
-        match fut.into_ready() {
+        if let Some(step) = self.hold_for_probe(&mut ks, charge, adm, &turn) {
+            return step;
+        }
+        let costs = self.with_headroom(&ks, charge, adm);
+        let fut = self.ledger.reserve(&charge.key, &charge.limits, costs);
+        let answer = fut.into_ready();
+        ks.ledger_at_once = answer.is_ok();
+        match answer {
             Ok(answer) => {
                 let (step, next) = self.on_answer(&mut ks, charge, adm, answer, &turn);
                 drop(ks);
@@ -735,7 +815,7 @@ impl Shared {
                     cell: Arc::clone(&charge.cell),
                     key: Arc::clone(&charge.key),
                     limits: charge.limits,
-                    costs: charge.costs,
+                    costs,
                 });
                 Step::Asking
             }
@@ -756,7 +836,10 @@ impl Shared {
             |adm: &mut Admission, ks: &mut KeyState| adm.place.take().and_then(|p| p.leave(ks));
         match answer {
             Err(e) => (Step::Refused(Refusal::Ledger(e)), leave(adm, ks)),
-            Ok(Reservation::Admitted) => (Step::Admitted, leave(adm, ks)),
+            Ok(Reservation::Admitted) => {
+                self.release_headroom(charge, adm);
+                (Step::Admitted, leave(adm, ks))
+            }
             Ok(Reservation::Wait {
                 retry_in,
                 dimension,
@@ -778,8 +861,13 @@ impl Shared {
                 cost,
                 capacity,
             }) => {
+                if dimension == Dimension::InputTokens && adm.headroom > 0 {
+                    // It fits only into the headroom: ask again without it.
+                    adm.no_headroom = true;
+                    return (Step::Again, None);
+                }
                 if dimension == Dimension::OutputTokens
-                    && self.settings.output_mode == OutputMode::Realtime
+                    && ks.output_rule.unwrap_or(self.settings.output_mode) == OutputMode::Realtime
                     && charge.costs.output_tokens > capacity
                 {
                     // In realtime mode the output reservation is only an
@@ -865,6 +953,7 @@ impl Shared {
         delta: CostDelta,
         output_ratio: Option<f64>,
     ) {
+        self.end_probe(charge, Probe::Off);
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
         if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
             let mut ks = lock_key(&charge.cell);
@@ -891,6 +980,8 @@ impl Shared {
     /// Refunds everything a request reserved: it was admitted but never sent
     /// (the inner service failed before taking it).
     pub(crate) fn refund_unsent(self: &Arc<Self>, charge: &Charge) {
+        // Never sent: the next request probes instead.
+        self.end_probe(charge, Probe::Needed);
         bump(&self.counters.refunded_unsent);
         tracing::debug!(
             key = super::callers::logged_key(&charge.key),
@@ -924,6 +1015,11 @@ impl Shared {
                         ks.learners[i].observe(dimension, reported, &self.settings.learn);
                 }
             }
+            if charge.probe && ks.probe == Probe::InFlight {
+                let output = statuses[dim_index(Dimension::OutputTokens)];
+                ks.output_rule = admission::output_rule(charge.estimate.max_tokens, &output);
+                tracing::debug!(key = super::callers::logged_key(&charge.key), rule = ?ks.output_rule, "budget: limits learned from the probe");
+            }
         }
         let mut last = None;
         for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
@@ -941,6 +1037,156 @@ impl Shared {
         if let Some(op) = last {
             // The head's turn comes once the last dimension is synced.
             self.run(charge, op, true);
+        }
+        self.end_probe(charge, Probe::Off);
+    }
+
+    /// A request that may have reached the server will get no answer (its
+    /// connection failed, or its caller dropped it): if it was the probe of
+    /// unknown limits, the next request probes instead.
+    pub(crate) fn lost(self: &Arc<Self>, charge: &Charge) {
+        self.end_probe(charge, Probe::Needed);
+    }
+
+    /// Ends a probe: its key goes to `to` and the head of its line gets the
+    /// turn. Nothing happens for a request that is not its key's probe in
+    /// flight.
+    fn end_probe(self: &Arc<Self>, charge: &Charge, to: Probe) {
+        if !charge.probe {
+            return;
+        }
+        let mut ks = lock_key(&charge.cell);
+        if ks.probe != Probe::InFlight {
+            return;
+        }
+        ks.probe = to;
+        let next = ks.notify_head(&self.counters);
+        drop(ks);
+        wake(next);
+    }
+
+    /// The costs to ask the ledger for: the request's, plus the input
+    /// headroom (a share of the input limit in force, kept free in the
+    /// bucket: a request is admitted only when it leaves that much).
+    fn with_headroom(&self, ks: &KeyState, charge: &Charge, adm: &mut Admission) -> Costs {
+        let itpm = limits_in_force(ks, charge)[dim_index(Dimension::InputTokens)];
+        adm.headroom = match itpm {
+            Some(limit) if !adm.no_headroom && charge.costs.input_tokens > 0 => {
+                (limit as f64 * self.settings.input_headroom).ceil() as u64
+            }
+            _ => 0,
+        };
+        let mut costs = charge.costs;
+        costs.input_tokens = costs.input_tokens.saturating_add(adm.headroom);
+        costs
+    }
+
+    /// Gives back the headroom an admitted request's reservation held.
+    fn release_headroom(self: &Arc<Self>, charge: &Charge, adm: &mut Admission) {
+        let headroom = std::mem::take(&mut adm.headroom);
+        if headroom == 0 {
+            return;
+        }
+        let delta = CostDelta {
+            input_tokens: -(i64::try_from(headroom).unwrap_or(i64::MAX)),
+            ..CostDelta::default()
+        };
+        let op = self.ledger.settle(&charge.key, &charge.limits, delta);
+        self.run(charge, op, false);
+    }
+
+    /// Unknown limits: takes the probe role for this request if it is
+    /// needed, or holds it in line while the probe is in flight.
+    fn hold_for_probe(
+        self: &Arc<Self>,
+        ks: &mut KeyState,
+        charge: &Charge,
+        adm: &mut Admission,
+        turn: &Turn<'_>,
+    ) -> Option<Step> {
+        if self.settings.mode != BudgetMode::Wait || self.settings.enforce {
+            // Reject mode answers at once; a gateway writes its own limits.
+            return None;
+        }
+        match ks.probe {
+            Probe::Off => None,
+            Probe::Needed => {
+                ks.probe = Probe::InFlight;
+                // (A role already held is kept: dropping it here, under the
+                // key's lock, would lock the key again.)
+                if adm.probe.is_none() {
+                    adm.probe = Some(ProbeRole {
+                        shared: Arc::clone(self),
+                        cell: Arc::clone(&charge.cell),
+                        armed: true,
+                    });
+                }
+                None
+            }
+            Probe::InFlight if adm.probe.is_some() => None,
+            Probe::InFlight => {
+                match &adm.place {
+                    None => self.join(ks, charge, adm, turn),
+                    Some(place) => ks.queue.register(place.id(), turn.waker),
+                }
+                adm.held_by_probe = true;
+                Some(Step::Queued)
+            }
+        }
+    }
+
+    /// Head of line: lets a request behind a waiting head go now when the
+    /// ledger admits it at once and the capacity it takes delays the head by
+    /// little (see [`admission`]). `None` when it must wait its turn.
+    fn try_pass(
+        self: &Arc<Self>,
+        ks: &mut KeyState,
+        charge: &Charge,
+        adm: &mut Admission,
+    ) -> Option<Step> {
+        if self.settings.mode != BudgetMode::Wait || ks.probe != Probe::Off || !ks.ledger_at_once {
+            return None;
+        }
+        let head = ks.queue.next()?;
+        let delay = admission::head_delay(&charge.costs, limits_in_force(ks, charge));
+        if !ks.passing.allow(head, delay) {
+            return None;
+        }
+        let costs = self.with_headroom(ks, charge, adm);
+        let answer = self
+            .ledger
+            .reserve(&charge.key, &charge.limits, costs)
+            .into_ready();
+        match answer {
+            Ok(Ok(Reservation::Admitted)) => {
+                self.release_headroom(charge, adm);
+                let next = adm.place.take().and_then(|p| p.leave(ks));
+                wake(next);
+                tracing::debug!(
+                    key = super::callers::logged_key(&charge.key),
+                    delay_ms = delay.as_millis() as u64,
+                    "budget: passed the waiting head"
+                );
+                Some(Step::Admitted)
+            }
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                ks.passing.give_back(delay);
+                None
+            }
+            Err(fut) => {
+                // A ledger that needs a round trip: no passing (and a
+                // reservation it made is refunded when this drops).
+                ks.passing.give_back(delay);
+                drop(Asking {
+                    fut: Some(fut),
+                    shared: Arc::clone(self),
+                    cell: Arc::clone(&charge.cell),
+                    key: Arc::clone(&charge.key),
+                    limits: charge.limits,
+                    costs,
+                });
+                None
+            }
         }
     }
 
@@ -1032,6 +1278,18 @@ impl Shared {
 }
 
 /// Sleeps until `at`; whether the sleep is over.
+/// The limit in force per dimension: the configured one, or the learned one
+/// when lower or when none is configured.
+fn limits_in_force(ks: &KeyState, charge: &Charge) -> [Option<u64>; 3] {
+    Dimension::ALL.map(|d| {
+        let learned = ks.learners[dim_index(d)].adopted();
+        match (charge.limits.get(d), learned) {
+            (Some(c), Some(l)) => Some(c.min(l)),
+            (c, l) => c.or(l),
+        }
+    })
+}
+
 fn poll_sleep(adm: &mut Admission, at: Instant, cx: &mut Context<'_>) -> bool {
     match adm.sleep.as_mut() {
         Some(sleep) => {

@@ -1,8 +1,11 @@
-//! Online calibration: a sliding-window quantile of observed ratios, per model.
+//! Online calibration: the median of observed ratios plus a margin sized from
+//! their spread, per model and per kind of content.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
+
+use super::classes::ContentKind;
 
 /// A fixed-size sliding window of `f64` samples that answers quantiles.
 ///
@@ -149,21 +152,27 @@ impl fmt::Debug for SlidingQuantile {
 pub struct CalibrationConfig {
     /// Samples kept per model (the sliding window). Default 64. 0 is taken as 1.
     pub window: usize,
-    /// The quantile of the window used as the factor. Default 0.9 (p90).
+    /// The quantile of the window that measures the spread of the ratios
+    /// above their median. Default 0.9 (p90).
     pub quantile: f64,
+    /// How much of the spread is added to the median as a margin: the
+    /// factor is `median * (1 + spread_weight * (q / median - 1))` where `q`
+    /// is the [`quantile`](Self::quantile) of the window. Default 0.5: half
+    /// the distance from the median to the p90. 0 gives the median, 1 the
+    /// quantile itself. Values outside `[0, 1]` are clamped.
+    pub spread_weight: f64,
     /// Samples needed before the learned factor is used; until then the
     /// factor is `neutral`. Default 5.
     pub min_samples: usize,
     /// The factor before enough samples. Default 1.0.
     pub neutral: f64,
-    /// The smallest factor ever returned. Default 1.0: the learned factor
-    /// never scales an estimate *below* the raw one. Against a budget run at
-    /// its edge, an under-estimate is a 429 (the server charges more than the
-    /// client reserved), while an over-estimate only holds a little capacity
-    /// until settlement refunds it; in a run of 83 requests against the crate's
-    /// emulator of the API, a p90 factor allowed to fall to 0.98 cost 4 429s,
-    /// and this floor none. Set it
-    /// lower for an estimator that over-counts by a wide margin.
+    /// The smallest factor ever returned. Default 0.25: calibration learns
+    /// in both directions, so an estimator that over-counts (a tokenizer
+    /// that needs fewer tokens than it assumes) is brought down to the truth
+    /// instead of holding room it never uses. Safety comes from the margin
+    /// (see [`spread_weight`](Self::spread_weight)) and the budget's headroom,
+    /// not from a floor. Set it to 1.0 to never scale an estimate below the
+    /// raw one.
     pub min_factor: f64,
     /// The largest factor ever returned. Default 4.0.
     pub max_factor: f64,
@@ -178,9 +187,10 @@ impl Default for CalibrationConfig {
         Self {
             window: 64,
             quantile: 0.9,
+            spread_weight: 0.5,
             min_samples: 5,
             neutral: 1.0,
-            min_factor: 1.0,
+            min_factor: 0.25,
             max_factor: 4.0,
             max_models: 256,
         }
@@ -206,6 +216,11 @@ impl CalibrationConfig {
         } else {
             self.quantile.clamp(0.0, 1.0)
         };
+        self.spread_weight = if self.spread_weight.is_nan() {
+            1.0
+        } else {
+            self.spread_weight.clamp(0.0, 1.0)
+        };
         if !self.neutral.is_finite() {
             self.neutral = 1.0;
         }
@@ -230,8 +245,25 @@ pub struct ModelCalibration {
 
 struct ModelWindow {
     window: SlidingQuantile,
+    /// Windows per kind of content, created at a kind's first sample.
+    kinds: Vec<(ContentKind, SlidingQuantile)>,
     /// Logical time of the last observation, for least-recently-observed eviction.
     last: u64,
+}
+
+impl ModelWindow {
+    fn push_kind(&mut self, kind: ContentKind, ratio: f64, window: usize) {
+        match self.kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, w)) => {
+                w.push(ratio);
+            }
+            None => {
+                let mut w = SlidingQuantile::new(window);
+                w.push(ratio);
+                self.kinds.push((kind, w));
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -245,16 +277,22 @@ struct Inner {
 /// poisoned lock is recovered, never a panic). Share it behind an `Arc`.
 ///
 /// [`factor`](Self::factor) is `neutral` (1.0) until a model has
-/// `min_samples` (5) observations, then the `quantile` (p90) of its last
-/// `window` (64) ratios, clamped to `[min_factor, max_factor]` (`[1.0, 4.0]`).
+/// `min_samples` (5) observations, then the median `m` of its last `window`
+/// (64) ratios plus a margin sized from their spread: `m * (1 +
+/// spread_weight * (q / m - 1))` with `q` the `quantile` (p90) of the window
+/// and `spread_weight` 0.5, clamped to `[min_factor, max_factor]` (`[0.25,
+/// 4.0]`).
 ///
 /// An estimator that guesses tokens from characters is off by a factor that
 /// depends on the model's tokenizer and on the traffic (code, prose, other
 /// languages). [`Calibration`] learns that factor from what the server really
-/// charged: for each settled response it records `actual / estimated` in a
-/// per-model sliding window and hands back a *high* quantile of the recent
-/// ratios (p90 by default), not the mean, so the budget errs on the safe side
-/// and its error shrinks as traffic flows.
+/// charged, in both directions: for each settled response it records `actual
+/// / estimated` in a per-model sliding window. The median follows the ratio
+/// up or down; the margin grows with how much the ratios scatter, so a
+/// consistent estimator is charged almost exactly and a noisy one keeps
+/// room for its misses. The estimator also keeps a window per kind of content
+/// it can tell apart (prose, code, data, base64, CJK, other scripts), used
+/// once that kind has `min_samples` of its own.
 ///
 /// The same pieces serve any "learn a conservative ratio per model" need, for
 /// example the budget's expected `output_tokens / max_tokens`.
@@ -324,9 +362,25 @@ impl Calibration {
         if w.len() < self.config.min_samples {
             return self.config.neutral;
         }
-        match w.quantile(self.config.quantile) {
-            Some(f) => f.clamp(self.config.min_factor, self.config.max_factor),
-            None => self.config.neutral,
+        let (Some(median), Some(q)) = (w.quantile(0.5), w.quantile(self.config.quantile)) else {
+            return self.config.neutral;
+        };
+        // The margin is never negative: a quantile below the median (asked
+        // for with `quantile` < 0.5) gives the median.
+        let f = median + self.config.spread_weight * (q - median).max(0.0);
+        f.clamp(self.config.min_factor, self.config.max_factor)
+    }
+
+    /// The factor for `model` and a kind of content: the kind's own when it
+    /// has enough samples, else the model's.
+    pub(crate) fn factor_for(&self, model: &str, kind: ContentKind) -> f64 {
+        let inner = self.lock();
+        let Some(m) = inner.models.get(model) else {
+            return self.config.neutral;
+        };
+        match m.kinds.iter().find(|(k, _)| *k == kind) {
+            Some((_, w)) if w.len() >= self.config.min_samples => self.factor_of(w),
+            _ => self.factor_of(&m.window),
         }
     }
 
@@ -351,13 +405,27 @@ impl Calibration {
         if estimated == 0 {
             return false;
         }
-        self.observe_ratio(model, actual as f64 / estimated as f64)
+        self.observe_ratio(model, None, actual as f64 / estimated as f64)
     }
 
-    /// Records one ratio for `model`. Non-finite ratios, and model names
-    /// longer than [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes, are ignored
-    /// (returns false).
-    fn observe_ratio(&self, model: &str, ratio: f64) -> bool {
+    /// [`observe`](Self::observe), also into the window of a kind of content.
+    pub(crate) fn observe_kind(
+        &self,
+        model: &str,
+        kind: ContentKind,
+        estimated: u64,
+        actual: u64,
+    ) -> bool {
+        if estimated == 0 {
+            return false;
+        }
+        self.observe_ratio(model, Some(kind), actual as f64 / estimated as f64)
+    }
+
+    /// Records one ratio for `model` (and `kind`). Non-finite ratios, and
+    /// model names longer than [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes,
+    /// are ignored (returns false).
+    fn observe_ratio(&self, model: &str, kind: Option<ContentKind>, ratio: f64) -> bool {
         if !ratio.is_finite() || model.len() > super::MAX_MODEL_LEN {
             return false;
         }
@@ -367,6 +435,9 @@ impl Calibration {
         let tick = inner.tick;
         if let Some(m) = inner.models.get_mut(model) {
             m.last = tick;
+            if let Some(kind) = kind {
+                m.push_kind(kind, ratio, self.config.window);
+            }
             return m.window.push(ratio);
         }
         if inner.models.len() >= self.config.max_models {
@@ -381,9 +452,15 @@ impl Calibration {
         }
         let mut window = SlidingQuantile::new(self.config.window);
         let pushed = window.push(ratio);
-        inner
-            .models
-            .insert(model.to_owned(), ModelWindow { window, last: tick });
+        let mut m = ModelWindow {
+            window,
+            kinds: Vec::new(),
+            last: tick,
+        };
+        if let Some(kind) = kind {
+            m.push_kind(kind, ratio, self.config.window);
+        }
+        inner.models.insert(model.to_owned(), m);
         pushed
     }
 
@@ -496,8 +573,8 @@ mod tests {
             cal.observe("small", 100, 1);
         }
         assert_eq!(cal.factor("big"), 4.0);
-        // Never below the raw estimate by default.
-        assert_eq!(cal.factor("small"), 1.0);
+        // Below the raw estimate too, down to the floor.
+        assert_eq!(cal.factor("small"), 0.25);
         let loose = Calibration::new(CalibrationConfig {
             min_factor: 0.5,
             ..CalibrationConfig::default()
@@ -509,17 +586,55 @@ mod tests {
     }
 
     #[test]
-    fn calibration_uses_high_quantile() {
+    fn calibration_adds_a_margin_from_the_spread() {
         let cal = Calibration::default();
         // 90 samples at 1.0 and 10 at 1.5 in a window of 64: the last 64 hold
-        // 54 ones and 10 of 1.5, p90 (rank 58) is 1.5.
+        // 54 ones and 10 of 1.5: median 1.0, p90 (rank 58) 1.5, so the factor
+        // is 1.0 + 0.5 * 0.5.
         for _ in 0..90 {
             cal.observe("m", 100, 100);
         }
         for _ in 0..10 {
             cal.observe("m", 100, 150);
         }
-        assert_eq!(cal.factor("m"), 1.5);
+        assert_eq!(cal.factor("m"), 1.25);
+        // Weight 1 and a floor of 1 keep the quantile itself.
+        let p90 = Calibration::new(CalibrationConfig {
+            spread_weight: 1.0,
+            min_factor: 1.0,
+            ..CalibrationConfig::default()
+        });
+        for _ in 0..54 {
+            p90.observe("m", 100, 100);
+        }
+        for _ in 0..10 {
+            p90.observe("m", 100, 150);
+        }
+        assert_eq!(p90.factor("m"), 1.5);
+    }
+
+    #[test]
+    fn calibration_learns_below_one() {
+        let cal = Calibration::default();
+        for _ in 0..10 {
+            cal.observe("m", 1000, 800);
+        }
+        assert!((cal.factor("m") - 0.8).abs() < 1e-9, "{}", cal.factor("m"));
+    }
+
+    #[test]
+    fn calibration_per_kind_of_content() {
+        let cal = Calibration::default();
+        for _ in 0..10 {
+            cal.observe_kind("m", ContentKind::Code, 100, 80);
+            cal.observe_kind("m", ContentKind::Cjk, 100, 130);
+        }
+        assert!((cal.factor_for("m", ContentKind::Code) - 0.8).abs() < 1e-9);
+        assert!((cal.factor_for("m", ContentKind::Cjk) - 1.3).abs() < 1e-9);
+        // A kind without samples of its own gets the model's factor.
+        let model = cal.factor("m");
+        assert_eq!(cal.factor_for("m", ContentKind::Prose), model);
+        assert!(model > 0.8 && model < 1.3, "{model}");
     }
 
     #[test]
@@ -562,6 +677,7 @@ mod tests {
             min_factor: 3.0,
             max_factor: 1.0,
             quantile: 7.0,
+            spread_weight: -1.0,
             neutral: 10.0,
             window: 0,
             min_samples: 0,
@@ -570,6 +686,7 @@ mod tests {
         let c = cal.config();
         assert_eq!((c.min_factor, c.max_factor), (1.0, 3.0));
         assert_eq!(c.quantile, 1.0);
+        assert_eq!(c.spread_weight, 0.0);
         assert_eq!(c.neutral, 3.0);
         assert_eq!((c.window, c.min_samples, c.max_models), (1, 1, 1));
     }

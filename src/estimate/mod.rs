@@ -37,8 +37,9 @@
 //!
 //! # What it does not do
 //!
-//! No tokenizer is shipped: estimates are character-based, biased high, and
-//! corrected by calibration. Output tokens are not estimated beyond
+//! No tokenizer is shipped: estimates come from a model over character
+//! classes fitted offline against a byte-pair tokenizer, corrected by
+//! calibration. Output tokens are not estimated beyond
 //! `max_tokens` (the budget learns expected output per model itself).
 
 use http::request::Parts;
@@ -48,6 +49,9 @@ use crate::wire::Usage;
 mod anthropic;
 mod cache;
 mod calibrate;
+mod classes;
+#[cfg(test)]
+mod corpus;
 mod media;
 
 pub use anthropic::{AnthropicEstimator, AnthropicEstimatorBuilder, EstimatorSnapshot};
