@@ -610,26 +610,53 @@ impl UsageScanner {
     /// Feeds the next bytes of the body.
     pub fn push(&mut self, mut chunk: &[u8]) {
         while !chunk.is_empty() {
-            if self.in_string && !self.escape {
-                // Jump to the next quote or backslash, matching a candidate
-                // key on the way.
-                let end = memchr::memchr2(b'"', b'\\', chunk).unwrap_or(chunk.len());
-                let (segment, rest) = chunk.split_at(end);
-                self.capture_extend(segment);
-                if let Some(n) = self.key_match {
-                    let expected = USAGE_KEY.get(n..n + segment.len());
-                    self.key_match = (expected == Some(segment)).then_some(n + segment.len());
-                }
-                chunk = rest;
-                if chunk.is_empty() {
-                    return;
-                }
+            if self.in_string {
+                chunk = self.string_run(chunk);
+                continue;
             }
             if let Some((&b, rest)) = chunk.split_first() {
-                self.byte(b);
+                self.structural_byte_captured(b);
                 chunk = rest;
             }
         }
+    }
+
+    /// Inside a string: jumps to the next quote (one `memchr` per quote, not
+    /// per escape), decides from the backslashes before it whether it is
+    /// escaped, and returns the bytes after the string (or after an escaped
+    /// quote, still inside it).
+    fn string_run<'c>(&mut self, chunk: &'c [u8]) -> &'c [u8] {
+        let end = memchr::memchr(b'"', chunk).unwrap_or(chunk.len());
+        let (segment, rest) = chunk.split_at(end);
+        self.capture_extend(segment);
+        if let Some(n) = self.key_match {
+            let plain = !self.escape && memchr::memchr(b'\\', segment).is_none();
+            let expected = USAGE_KEY.get(n..n + segment.len());
+            self.key_match = (plain && expected == Some(segment)).then_some(n + segment.len());
+        }
+        // The escape state after the segment: a run of backslashes toggles it;
+        // any other byte ends an escape.
+        let trailing = segment.iter().rev().take_while(|&&b| b == b'\\').count();
+        let odd = trailing % 2 == 1;
+        self.escape = if trailing == segment.len() {
+            self.escape ^ odd
+        } else {
+            odd
+        };
+        let Some((&quote, rest)) = rest.split_first() else {
+            return rest;
+        };
+        self.capture_extend(&[quote]);
+        if std::mem::take(&mut self.escape) {
+            // An escaped quote: still inside the string.
+            self.key_match = None;
+        } else {
+            self.in_string = false;
+            if self.key_match.take() == Some(USAGE_KEY.len()) {
+                self.phase = KeyPhase::SawKey;
+            }
+        }
+        rest
     }
 
     fn capture_extend(&mut self, bytes: &[u8]) {
@@ -642,7 +669,7 @@ impl UsageScanner {
         }
     }
 
-    fn byte(&mut self, b: u8) {
+    fn structural_byte_captured(&mut self, b: u8) {
         if let Some(cap) = self.capture.as_mut() {
             if cap.len() >= MAX_USAGE_JSON {
                 self.capture = None;
@@ -650,27 +677,7 @@ impl UsageScanner {
                 cap.push(b);
             }
         }
-        if self.in_string {
-            self.string_byte(b);
-        } else {
-            self.structural_byte(b);
-        }
-    }
-
-    fn string_byte(&mut self, b: u8) {
-        if self.escape {
-            self.escape = false;
-            self.key_match = None;
-        } else if b == b'\\' {
-            self.escape = true;
-        } else if b == b'"' {
-            self.in_string = false;
-            if self.key_match.take() == Some(USAGE_KEY.len()) {
-                self.phase = KeyPhase::SawKey;
-            }
-        } else if let Some(n) = self.key_match {
-            self.key_match = (USAGE_KEY.get(n) == Some(&b)).then_some(n + 1);
-        }
+        self.structural_byte(b);
     }
 
     fn structural_byte(&mut self, b: u8) {
@@ -847,5 +854,46 @@ mod tests {
         assert_eq!(Scanner::new(b"true").bool_value(), Ok(Some(true)));
         assert_eq!(Scanner::new(b"false}").bool_value(), Ok(Some(false)));
         assert_eq!(Scanner::new(b"null").bool_value(), Ok(None));
+    }
+
+    fn scan_in(chunks: &[&[u8]]) -> Option<(u64, u64)> {
+        let mut s = UsageScanner::new();
+        for c in chunks {
+            s.push(c);
+        }
+        s.usage().map(|u| (u.input_tokens, u.output_tokens))
+    }
+
+    #[test]
+    fn usage_scanner_reads_escapes_split_anywhere() {
+        let bodies: [&[u8]; 4] = [
+            // Escaped quotes hide a fake usage in text; an escaped backslash
+            // ends the text.
+            br#"{"content":[{"text":"a \"usage\":{\"input_tokens\":99} \\"}],"usage":{"input_tokens":3,"output_tokens":4}}"#,
+            // Runs of backslashes before quotes, odd and even.
+            br#"{"text":"x\\\"y\\\\","usage":{"input_tokens":3,"output_tokens":4},"z":"\\\\\""}"#,
+            // An escaped key is not the key `usage`.
+            br#"{"us\u0061ge":{"input_tokens":99},"usage":{"input_tokens":3,"output_tokens":4}}"#,
+            // Escapes inside the captured usage object itself.
+            br#"{"usage":{"input_tokens":3,"service_tier":"st\"and\\ard","output_tokens":4}}"#,
+        ];
+        for body in bodies {
+            let text = String::from_utf8_lossy(body);
+            assert_eq!(scan_in(&[body]), Some((3, 4)), "{text}");
+            for cut in 0..=body.len() {
+                let (a, b) = body.split_at(cut);
+                assert_eq!(scan_in(&[a, b]), Some((3, 4)), "{text} cut at {cut}");
+            }
+            let bytes: Vec<&[u8]> = body.chunks(1).collect();
+            assert_eq!(scan_in(&bytes), Some((3, 4)), "{text} byte by byte");
+        }
+    }
+
+    #[test]
+    fn usage_scanner_ignores_usage_in_an_unterminated_escape() {
+        // The quote after the backslash is escaped: the string never closes,
+        // so what follows is text, not a key.
+        let body = br#"{"text":"\","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        assert_eq!(scan_in(&[body]), None);
     }
 }

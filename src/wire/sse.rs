@@ -309,6 +309,12 @@ impl SseDecoder {
         if self.discard || bytes.is_empty() {
             return;
         }
+        if self.skip && self.line.is_empty() && bytes.starts_with(b"data") {
+            // The data of an event that is skipped is never copied.
+            self.discard = true;
+            self.lost = true;
+            return;
+        }
         if self.line.len().saturating_add(bytes.len()) > self.max_len {
             self.overflow = true;
             self.discard = true;
@@ -477,6 +483,29 @@ mod tests {
         }
         assert_eq!(d.next_event(), Some(SseEvent::new("kept", "small")));
         assert_eq!(d.next_event(), None);
+    }
+
+    #[test]
+    fn a_skipped_event_is_not_copied_and_split_anywhere_decodes_the_same() {
+        let stream: &[u8] = b"event: skipped\ndata: {\"text\":\"a long delta\"}\n\n\
+            event: kept\ndata: one\ndata: two\n\nevent: skipped\r\ndata: x\r\n\r\n\
+            event: kept\ndatum: ignored\ndata: three\n\n";
+        let expected = [
+            SseEvent::new("kept", "one\ntwo"),
+            SseEvent::new("kept", "three"),
+        ];
+        for cut in 0..=stream.len() {
+            let (a, b) = stream.split_at(cut);
+            let mut d = SseDecoder::new().with_filter(|n| n == "kept");
+            d.push(a);
+            // A skipped event's data line never reaches the line buffer (the
+            // longest other line is 14 bytes).
+            assert!(d.line.len() <= 14, "cut {cut}: {:?}", d.line);
+            d.push(b);
+            d.finish();
+            let events: Vec<SseEvent> = std::iter::from_fn(|| d.next_event()).collect();
+            assert_eq!(events, expected, "cut {cut}");
+        }
     }
 
     #[test]
