@@ -592,8 +592,22 @@ pub struct UsageScanner {
     /// far, or `None` once it cannot match.
     key_match: Option<usize>,
     phase: KeyPhase,
-    capture: Option<Vec<u8>>,
+    capture: Capture,
     usage: Option<Usage>,
+}
+
+/// Where the bytes of the `usage` object being read are.
+#[derive(Debug, Default)]
+enum Capture {
+    /// Not inside the `usage` object.
+    #[default]
+    Off,
+    /// It began at this offset of the chunk being pushed: read in place if
+    /// it ends in the same chunk (no copy, no allocation).
+    InChunk(usize),
+    /// It began in an earlier chunk: its bytes up to the chunk being pushed,
+    /// all of which belongs to it so far.
+    Buffered(Vec<u8>),
 }
 
 impl UsageScanner {
@@ -608,27 +622,45 @@ impl UsageScanner {
     }
 
     /// Feeds the next bytes of the body.
-    pub fn push(&mut self, mut chunk: &[u8]) {
-        while !chunk.is_empty() {
+    pub fn push(&mut self, chunk: &[u8]) {
+        let mut pos = 0;
+        while let Some(&b) = chunk.get(pos) {
             if self.in_string {
-                chunk = self.string_run(chunk);
-                continue;
-            }
-            if let Some((&b, rest)) = chunk.split_first() {
-                self.structural_byte_captured(b);
-                chunk = rest;
+                pos = self.string_run(chunk, pos);
+            } else {
+                self.structural_byte(b, chunk, pos);
+                pos += 1;
             }
         }
+        // A `usage` object still open at the end of the chunk: its bytes are
+        // kept (once per chunk, at most `MAX_USAGE_JSON` of them).
+        self.capture = match std::mem::take(&mut self.capture) {
+            Capture::Off => Capture::Off,
+            Capture::InChunk(start) => Self::buffered(Vec::new(), chunk.get(start..)),
+            Capture::Buffered(kept) => Self::buffered(kept, Some(chunk)),
+        };
     }
 
-    /// Inside a string: jumps to the next quote (one `memchr` per quote, not
-    /// per escape), decides from the backslashes before it whether it is
-    /// escaped, and returns the bytes after the string (or after an escaped
-    /// quote, still inside it).
-    fn string_run<'c>(&mut self, chunk: &'c [u8]) -> &'c [u8] {
-        let end = memchr::memchr(b'"', chunk).unwrap_or(chunk.len());
-        let (segment, rest) = chunk.split_at(end);
-        self.capture_extend(segment);
+    fn buffered(mut kept: Vec<u8>, more: Option<&[u8]>) -> Capture {
+        let more = more.unwrap_or_default();
+        if kept.len() + more.len() > MAX_USAGE_JSON {
+            return Capture::Off;
+        }
+        if kept.capacity() == 0 {
+            kept.reserve(more.len().max(256));
+        }
+        kept.extend_from_slice(more);
+        Capture::Buffered(kept)
+    }
+
+    /// Inside a string, at `pos`: jumps to the next quote (one `memchr` per
+    /// quote, not per escape), decides from the backslashes before it
+    /// whether it is escaped, and returns the position after it (after the
+    /// string, or after an escaped quote, still inside it).
+    fn string_run(&mut self, chunk: &[u8], pos: usize) -> usize {
+        let rest = chunk.get(pos..).unwrap_or_default();
+        let end = memchr::memchr(b'"', rest).unwrap_or(rest.len());
+        let segment = rest.get(..end).unwrap_or_default();
         if let Some(n) = self.key_match {
             let plain = !self.escape && memchr::memchr(b'\\', segment).is_none();
             let expected = USAGE_KEY.get(n..n + segment.len());
@@ -643,10 +675,9 @@ impl UsageScanner {
         } else {
             odd
         };
-        let Some((&quote, rest)) = rest.split_first() else {
-            return rest;
-        };
-        self.capture_extend(&[quote]);
+        if end == rest.len() {
+            return chunk.len();
+        }
         if std::mem::take(&mut self.escape) {
             // An escaped quote: still inside the string.
             self.key_match = None;
@@ -656,36 +687,16 @@ impl UsageScanner {
                 self.phase = KeyPhase::SawKey;
             }
         }
-        rest
+        pos + end + 1
     }
 
-    fn capture_extend(&mut self, bytes: &[u8]) {
-        if let Some(cap) = self.capture.as_mut() {
-            if cap.len() + bytes.len() > MAX_USAGE_JSON {
-                self.capture = None;
-            } else {
-                cap.extend_from_slice(bytes);
-            }
-        }
-    }
-
-    fn structural_byte_captured(&mut self, b: u8) {
-        if let Some(cap) = self.capture.as_mut() {
-            if cap.len() >= MAX_USAGE_JSON {
-                self.capture = None;
-            } else {
-                cap.push(b);
-            }
-        }
-        self.structural_byte(b);
-    }
-
-    fn structural_byte(&mut self, b: u8) {
+    /// A byte outside strings, at `pos` in `chunk`.
+    fn structural_byte(&mut self, b: u8, chunk: &[u8], pos: usize) {
         match b {
             b' ' | b'\t' | b'\n' | b'\r' => {}
             b'"' => {
                 self.in_string = true;
-                if self.depth == 1 && self.capture.is_none() {
+                if self.depth == 1 && matches!(self.capture, Capture::Off) {
                     self.key_match = Some(0);
                 }
                 self.phase = KeyPhase::None;
@@ -699,9 +710,7 @@ impl UsageScanner {
             }
             b'{' | b'[' => {
                 if b == b'{' && self.phase == KeyPhase::SawColon && self.depth == 1 {
-                    let mut cap = Vec::with_capacity(256);
-                    cap.push(b'{');
-                    self.capture = Some(cap);
+                    self.capture = Capture::InChunk(pos);
                 }
                 self.phase = KeyPhase::None;
                 self.depth = self.depth.saturating_add(1);
@@ -710,14 +719,31 @@ impl UsageScanner {
                 self.phase = KeyPhase::None;
                 self.depth = self.depth.saturating_sub(1);
                 if self.depth == 1 {
-                    if let Some(cap) = self.capture.take() {
-                        if let Ok(usage) = serde_json::from_slice::<Usage>(&cap) {
-                            self.usage = Some(usage);
-                        }
-                    }
+                    self.close_capture(chunk, pos);
                 }
             }
             _ => self.phase = KeyPhase::None,
+        }
+    }
+
+    /// The `usage` object ended at `pos` in `chunk`: reads it.
+    fn close_capture(&mut self, chunk: &[u8], pos: usize) {
+        let parsed = match std::mem::take(&mut self.capture) {
+            Capture::Off => return,
+            Capture::InChunk(start) => chunk
+                .get(start..=pos)
+                .filter(|json| json.len() <= MAX_USAGE_JSON)
+                .map(serde_json::from_slice::<Usage>),
+            Capture::Buffered(mut kept) => {
+                let tail = chunk.get(..=pos).unwrap_or_default();
+                (kept.len() + tail.len() <= MAX_USAGE_JSON).then(|| {
+                    kept.extend_from_slice(tail);
+                    serde_json::from_slice::<Usage>(&kept)
+                })
+            }
+        };
+        if let Some(Ok(usage)) = parsed {
+            self.usage = Some(usage);
         }
     }
 }
