@@ -111,13 +111,12 @@ fn answer(headers: &HeaderMap) -> Response<Full<Bytes>> {
     resp
 }
 
+type Answer = Ready<Result<Response<Full<Bytes>>, Infallible>>;
+
 /// The in-memory upstream: the same answer to every request.
-fn inner<B>() -> impl Service<
-    Request<B>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = Ready<Result<Response<Full<Bytes>>, Infallible>>,
-> + Clone
+fn inner<B>(
+) -> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future = Answer>
+       + Clone
        + Send
        + Sync
        + 'static {
@@ -192,6 +191,8 @@ type Boxed = tower::util::BoxCloneService<
     BoxError,
 >;
 
+type MakeStack = fn() -> Boxed;
+
 fn boxed_body<B>(resp: Response<B>) -> Response<UnsyncBoxBody<Bytes, BoxError>>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -234,7 +235,7 @@ fn preset() -> Boxed {
 fn in_memory(c: &mut Criterion) {
     let rt = runtime();
     let mut g = c.benchmark_group("preset_in_memory");
-    let stacks: [(&str, fn() -> Boxed); 3] = [
+    let stacks: [(&str, MakeStack); 3] = [
         ("bare", bare),
         ("tower_retry_concurrency_buffer_ratelimit", tower_stack),
         ("preset", preset),
@@ -262,7 +263,7 @@ fn allocation_figures() {
     let rt = runtime();
     let mut per = Vec::new();
     for (name, make) in [
-        ("bare", bare as fn() -> Boxed),
+        ("bare", bare as MakeStack),
         ("tower stack", tower_stack),
         ("preset", preset),
     ] {
