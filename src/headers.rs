@@ -276,12 +276,21 @@ fn parse_bool(value: &HeaderValue) -> Option<bool> {
     }
 }
 
+/// A whole number, blanks around it allowed; one pass over the bytes (no
+/// UTF-8 check: anything but a digit, a space or a tab refuses the value).
 fn parse_u64(value: &HeaderValue) -> Option<u64> {
-    let s = value_str(value)?;
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+    let bytes = value.as_bytes();
+    if bytes.len() > MAX_VALUE_LEN {
         return None;
     }
-    s.parse().ok()
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = bytes.iter().position(|b| !blank(b))?;
+    let end = bytes.iter().rposition(|b| !blank(b))?;
+    let digits = bytes.get(start..=end)?;
+    digits.iter().try_fold(0u64, |n, &b| {
+        let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// One response header per field of a limit: `limit`, `remaining`, `reset`.
@@ -596,6 +605,31 @@ mod tests {
     use super::*;
     use crate::wire::ratelimit::insert_limit_headers;
     use http::header::RETRY_AFTER;
+
+    #[test]
+    fn whole_numbers_parse_as_str_parse_does() {
+        for (raw, expected) in [
+            ("0", Some(0)),
+            (" 42\t", Some(42)),
+            ("18446744073709551615", Some(u64::MAX)),
+            ("18446744073709551616", None),
+            ("", None),
+            ("  ", None),
+            ("+1", None),
+            ("-1", None),
+            ("1 2", None),
+            ("1.0", None),
+            ("٣", None),
+        ] {
+            let value = HeaderValue::from_bytes(raw.as_bytes());
+            assert_eq!(value.ok().as_ref().and_then(parse_u64), expected, "{raw:?}");
+        }
+        let long = format!("{}1", "0".repeat(MAX_VALUE_LEN));
+        assert_eq!(
+            parse_u64(&HeaderValue::from_str(&long).unwrap_or(HeaderValue::from_static("x"))),
+            None
+        );
+    }
 
     #[test]
     fn one_pass_reads_the_first_value_of_each_name_as_get_does() {
