@@ -232,6 +232,44 @@ fn preset() -> Boxed {
     )
 }
 
+/// One layer of the preset alone, over the same upstream.
+fn layer_alone(which: usize) -> Boxed {
+    let preset = LimitsLayer::anthropic(limits());
+    match which {
+        0 => tower::util::BoxCloneService::new(
+            ServiceBuilder::new()
+                .map_response(boxed_body)
+                .layer(preset.retry().clone())
+                .service(inner()),
+        ),
+        1 => tower::util::BoxCloneService::new(
+            ServiceBuilder::new()
+                .map_response(boxed_body)
+                .layer(preset.budget().clone())
+                .service(inner()),
+        ),
+        _ => tower::util::BoxCloneService::new(
+            ServiceBuilder::new()
+                .map_response(boxed_body)
+                .layer(preset.concurrency().clone())
+                .map_err(BoxError::from)
+                .service(inner()),
+        ),
+    }
+}
+
+fn retry_alone() -> Boxed {
+    layer_alone(0)
+}
+
+fn budget_alone() -> Boxed {
+    layer_alone(1)
+}
+
+fn concurrency_alone() -> Boxed {
+    layer_alone(2)
+}
+
 fn in_memory(c: &mut Criterion) {
     let rt = runtime();
     let mut g = c.benchmark_group("preset_in_memory");
@@ -266,6 +304,9 @@ fn allocation_figures() {
         ("bare", bare as MakeStack),
         ("tower stack", tower_stack),
         ("preset", preset),
+        ("its retry layer alone", retry_alone),
+        ("its budget layer alone", budget_alone),
+        ("its concurrency layer alone", concurrency_alone),
     ] {
         let count = rt.block_on(async {
             let mut svc = make();
