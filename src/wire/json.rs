@@ -568,8 +568,10 @@ const SHORT_STRING: usize = 16;
 /// A byte-level tokenizer that tracks only string/escape state and nesting
 /// depth. It keeps nothing but the `usage` value itself (at most 8 KiB), so it
 /// can watch a body of any size as it streams by. Inside strings (most of a
-/// response is text) it jumps from one quote or backslash to the next. A
-/// `"usage"` anywhere but as a key of the top-level object (inside text, in a
+/// response is text) it jumps from one quote to the next, telling an escaped
+/// quote by the run of backslashes before it. The `usage` object is read
+/// where it lies when it ends in the chunk it began in (no copy); otherwise
+/// its bytes are copied once per chunk. A `"usage"` anywhere but as a key of the top-level object (inside text, in a
 /// tool's input) is ignored; a body that is not JSON gives no usage.
 ///
 /// # Examples
