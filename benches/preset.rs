@@ -9,7 +9,8 @@
 //!   service, tower's `Retry` (with its `TpsBudget`) + `ConcurrencyLimit` +
 //!   `Buffer` + `RateLimit`, and the preset.
 //! - Before the timings, one-shot figures are printed: allocations per
-//!   request (counting global allocator) for each of the three, and the TCP
+//!   request (counting global allocator) for each of the three, the memory
+//!   per request waiting in the preset's queue, and the TCP
 //!   benchmark: a hyper-util client against a hyper server on loopback
 //!   answering the same response, 64 requests in flight, requests per second
 //!   bare and through the preset, on a current-thread runtime and on two
@@ -42,17 +43,22 @@ use tower_llm_limits::BoxError;
 
 struct Counting;
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+static LIVE: AtomicUsize = AtomicUsize::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(new, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
         unsafe { System.realloc(ptr, layout, new) }
     }
 }
@@ -330,6 +336,43 @@ fn allocation_figures() {
     }
 }
 
+/// Bytes per request waiting in the preset's queue: `WAITERS` requests
+/// called (each polled once) while an upstream that never answers holds
+/// every slot, less the bytes of the same requests merely kept in a `Vec`.
+fn waiter_figure() {
+    const WAITERS: usize = 10_000;
+    let rt = runtime();
+    let _guard = rt.enter();
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let before = LIVE.load(Ordering::SeqCst);
+    let requests: Vec<Request<Full<Bytes>>> = (0..WAITERS).map(|_| request()).collect();
+    let bare = LIVE.load(Ordering::SeqCst) - before;
+    drop(requests);
+    let limits = LimitsLayer::anthropic(limits());
+    let mut svc = ServiceBuilder::new()
+        .layer(limits.clone())
+        .service(service_fn(|_req: Request<_>| {
+            std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
+        }));
+    let before = LIVE.load(Ordering::SeqCst);
+    let mut futures = Vec::with_capacity(WAITERS);
+    for _ in 0..WAITERS {
+        let mut f = Box::pin(svc.call(request()));
+        assert!(std::future::Future::poll(f.as_mut(), &mut cx).is_pending());
+        futures.push(f);
+    }
+    let held = LIVE.load(Ordering::SeqCst) - before;
+    let waiting = limits.concurrency().snapshot().waiting.total();
+    println!(
+        "memory per waiter, full preset: {:.0} B ({waiting} of {WAITERS} requests waiting for a slot; \
+         the requests themselves, {:.0} B each, not counted; target <= 600 B)",
+        (held.saturating_sub(bare)) as f64 / WAITERS as f64,
+        bare as f64 / WAITERS as f64,
+    );
+    drop(futures);
+}
+
 // ---------------------------------------------------------------------------
 // Over TCP.
 
@@ -451,6 +494,7 @@ criterion_group!(benches, in_memory);
 
 fn main() {
     allocation_figures();
+    waiter_figure();
     tcp_figures("current_thread", &runtime());
     let two = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
