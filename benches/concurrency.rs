@@ -8,6 +8,9 @@
 //! - `contended/*`: 32 tasks share a cap of 4 on a current-thread runtime.
 //! - `queue_10k/*`: 10,000 queued waiters drained one admission at a time, ours
 //!   against tokio's `Semaphore` (which tower uses).
+//! - `cancel_100k/*`: 100,000 queued waiters cancelled (dropped) oldest-first
+//!   and newest-first, ours against tokio's `Semaphore`; each order must
+//!   stay within 2x of the oldest-first time (removal is O(1), not a search).
 //! - Before the timings, a one-shot measurement prints the memory per waiter
 //!   (counting global allocator) and the wakeups per admission (counting
 //!   wakers) for a queue of 10,000.
@@ -355,7 +358,90 @@ fn queue_10k(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fixed_overhead, contended, queue_10k);
+// ---------------------------------------------------------------------------
+// Cancelling 100,000 waiters.
+
+const CANCELLED: usize = 100_000;
+
+#[derive(Clone, Copy)]
+enum Order {
+    OldestFirst,
+    NewestFirst,
+}
+
+/// Queues `CANCELLED` futures (each polled once), then times dropping them
+/// all in `order`.
+fn cancel_all<T>(mut make: impl FnMut() -> BoxFut<T>, order: Order) -> Duration {
+    let waker = Waker::noop();
+    let mut futs: Vec<BoxFut<T>> = Vec::with_capacity(CANCELLED);
+    for _ in 0..CANCELLED {
+        let mut f = make();
+        assert!(f
+            .as_mut()
+            .poll(&mut Context::from_waker(waker))
+            .is_pending());
+        futs.push(f);
+    }
+    let t = Instant::now();
+    match order {
+        Order::OldestFirst => futs.into_iter().for_each(drop),
+        Order::NewestFirst => futs.into_iter().rev().for_each(drop),
+    }
+    t.elapsed()
+}
+
+fn ours_cancel(order: Order) -> Duration {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let layer = ConcurrencyBuilder::fixed(1)
+        .max_waiting(CANCELLED)
+        .build()
+        .expect("valid");
+    let mut svc = layer.layer(inner());
+    let held = rt.block_on(async {
+        svc.ready()
+            .await
+            .expect("ready")
+            .call(Request::new(()))
+            .await
+            .expect("ok")
+    });
+    let elapsed = cancel_all(|| Box::pin(svc.call(Request::new(()))), order);
+    assert_eq!(layer.snapshot().waiting.total(), 0);
+    drop(held);
+    elapsed
+}
+
+fn tokio_cancel(order: Order) -> Duration {
+    let sem = Arc::new(tokio::sync::Semaphore::new(1));
+    let _held = Arc::clone(&sem).try_acquire_owned().expect("free");
+    cancel_all(
+        || {
+            let s = Arc::clone(&sem);
+            Box::pin(async move { s.acquire_owned().await })
+        },
+        order,
+    )
+}
+
+fn cancel_100k(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cancel_100k");
+    g.sample_size(10);
+    for (name, order) in [
+        ("oldest_first", Order::OldestFirst),
+        ("newest_first", Order::NewestFirst),
+    ] {
+        g.bench_function(format!("tokio_semaphore_{name}"), |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| tokio_cancel(order)).sum())
+        });
+        g.bench_function(format!("concurrency_layer_{name}"), |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| ours_cancel(order)).sum())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, fixed_overhead, contended, queue_10k, cancel_100k);
 
 fn main() {
     queue_figures();

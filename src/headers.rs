@@ -56,7 +56,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::Dimension;
 
@@ -123,29 +123,28 @@ impl RateLimitSnapshot {
 
     /// Reads the headers, taking instants relative to `now` (deterministic).
     pub fn from_headers_at(headers: &HeaderMap, now: SystemTime) -> Self {
-        let retry_after = headers
-            .get(RETRY_AFTER_MS)
+        let found = Found::collect(headers);
+        let retry_after = found
+            .retry_after_ms
             .and_then(parse_retry_after_ms)
-            .or_else(|| {
-                headers
-                    .get(RETRY_AFTER)
-                    .and_then(|v| parse_retry_after(v, now))
-            });
-        let should_retry = headers.get(X_SHOULD_RETRY).and_then(parse_bool);
-        let anthropic = |names: LimitNames| read_anthropic(headers, names, now);
+            .or_else(|| found.retry_after.and_then(|v| parse_retry_after(v, now)));
+        let should_retry = found.should_retry.and_then(parse_bool);
+        let [requests, tokens, input_tokens, output_tokens] =
+            found.anthropic.map(|fields| read_anthropic(fields, now));
         let mut snap = RateLimitSnapshot {
             retry_after,
             should_retry,
-            requests: anthropic(ANTHROPIC_REQUESTS),
-            tokens: anthropic(ANTHROPIC_TOKENS),
-            input_tokens: anthropic(ANTHROPIC_INPUT_TOKENS),
-            output_tokens: anthropic(ANTHROPIC_OUTPUT_TOKENS),
+            requests,
+            tokens,
+            input_tokens,
+            output_tokens,
         };
+        let [openai_requests, openai_tokens] = found.openai;
         if snap.requests.is_empty() {
-            snap.requests = read_openai(headers, OPENAI_REQUESTS);
+            snap.requests = read_openai(openai_requests);
         }
         if snap.tokens.is_empty() {
-            snap.tokens = read_openai(headers, OPENAI_TOKENS);
+            snap.tokens = read_openai(openai_tokens);
         }
         snap
     }
@@ -277,73 +276,106 @@ fn parse_bool(value: &HeaderValue) -> Option<bool> {
     }
 }
 
+/// A whole number, blanks around it allowed; one pass over the bytes (no
+/// UTF-8 check: anything but a digit, a space or a tab refuses the value).
 fn parse_u64(value: &HeaderValue) -> Option<u64> {
-    let s = value_str(value)?;
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+    let bytes = value.as_bytes();
+    if bytes.len() > MAX_VALUE_LEN {
         return None;
     }
-    s.parse().ok()
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = bytes.iter().position(|b| !blank(b))?;
+    let end = bytes.iter().rposition(|b| !blank(b))?;
+    let digits = bytes.get(start..=end)?;
+    digits.iter().try_fold(0u64, |n, &b| {
+        let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
-/// The `limit`, `remaining` and `reset` header names of one limit, spelled
-/// out so that reading a response allocates no names.
-type LimitNames = [&'static str; 3];
+/// One response header per field of a limit: `limit`, `remaining`, `reset`.
+type Fields<'a> = [Option<&'a HeaderValue>; 3];
 
-const ANTHROPIC_REQUESTS: LimitNames = [
-    "anthropic-ratelimit-requests-limit",
-    "anthropic-ratelimit-requests-remaining",
-    "anthropic-ratelimit-requests-reset",
-];
-const ANTHROPIC_TOKENS: LimitNames = [
-    "anthropic-ratelimit-tokens-limit",
-    "anthropic-ratelimit-tokens-remaining",
-    "anthropic-ratelimit-tokens-reset",
-];
-const ANTHROPIC_INPUT_TOKENS: LimitNames = [
-    "anthropic-ratelimit-input-tokens-limit",
-    "anthropic-ratelimit-input-tokens-remaining",
-    "anthropic-ratelimit-input-tokens-reset",
-];
-const ANTHROPIC_OUTPUT_TOKENS: LimitNames = [
-    "anthropic-ratelimit-output-tokens-limit",
-    "anthropic-ratelimit-output-tokens-remaining",
-    "anthropic-ratelimit-output-tokens-reset",
-];
-const OPENAI_REQUESTS: LimitNames = [
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests",
-];
-const OPENAI_TOKENS: LimitNames = [
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens",
-];
+/// The headers [`RateLimitSnapshot`] reads, gathered in one pass over the
+/// map: for each name its first value, as [`HeaderMap::get`] gives it.
+#[derive(Default)]
+struct Found<'a> {
+    retry_after_ms: Option<&'a HeaderValue>,
+    retry_after: Option<&'a HeaderValue>,
+    should_retry: Option<&'a HeaderValue>,
+    /// `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-*`.
+    anthropic: [Fields<'a>; 4],
+    /// `x-ratelimit-*-{requests,tokens}`.
+    openai: [Fields<'a>; 2],
+}
 
-fn read_anthropic(
-    headers: &HeaderMap,
-    [limit, remaining, reset]: LimitNames,
-    now: SystemTime,
-) -> LimitStatus {
+impl<'a> Found<'a> {
+    fn collect(headers: &'a HeaderMap) -> Self {
+        let mut found = Found::default();
+        for (name, value) in headers {
+            if let Some(slot) = found.slot(name.as_str()) {
+                slot.get_or_insert(value);
+            }
+        }
+        found
+    }
+
+    /// Where the value of the header `name` goes, if it is one that is read.
+    fn slot(&mut self, name: &str) -> Option<&mut Option<&'a HeaderValue>> {
+        if let Some(rest) = name.strip_prefix("anthropic-ratelimit-") {
+            let (kind, field) = rest.rsplit_once('-')?;
+            let kind = match kind {
+                "requests" => 0,
+                "tokens" => 1,
+                "input-tokens" => 2,
+                "output-tokens" => 3,
+                _ => return None,
+            };
+            return self.anthropic.get_mut(kind)?.get_mut(field_index(field)?);
+        }
+        if let Some(rest) = name.strip_prefix("x-ratelimit-") {
+            let (field, kind) = rest.split_once('-')?;
+            let kind = match kind {
+                "requests" => 0,
+                "tokens" => 1,
+                _ => return None,
+            };
+            return self.openai.get_mut(kind)?.get_mut(field_index(field)?);
+        }
+        match name {
+            "retry-after-ms" => Some(&mut self.retry_after_ms),
+            "retry-after" => Some(&mut self.retry_after),
+            "x-should-retry" => Some(&mut self.should_retry),
+            _ => None,
+        }
+    }
+}
+
+fn field_index(field: &str) -> Option<usize> {
+    match field {
+        "limit" => Some(0),
+        "remaining" => Some(1),
+        "reset" => Some(2),
+        _ => None,
+    }
+}
+
+fn read_anthropic([limit, remaining, reset]: Fields<'_>, now: SystemTime) -> LimitStatus {
     LimitStatus {
-        limit: headers.get(limit).and_then(parse_u64),
-        remaining: headers.get(remaining).and_then(parse_u64),
-        reset_in: headers
-            .get(reset)
+        limit: limit.and_then(parse_u64),
+        remaining: remaining.and_then(parse_u64),
+        reset_in: reset
             .and_then(value_str)
             .and_then(parse_rfc3339)
             .map(|at| bounded(at.duration_since(now).unwrap_or(Duration::ZERO))),
     }
 }
 
-fn read_openai(headers: &HeaderMap, [limit, remaining, reset]: LimitNames) -> LimitStatus {
+fn read_openai([limit, remaining, reset]: Fields<'_>) -> LimitStatus {
     LimitStatus {
-        limit: headers.get(limit).and_then(parse_u64),
-        remaining: headers.get(remaining).and_then(parse_u64),
-        reset_in: headers
-            .get(reset)
-            .and_then(number_str)
-            .and_then(parse_go_duration),
+        limit: limit.and_then(parse_u64),
+        remaining: remaining.and_then(parse_u64),
+        reset_in: reset.and_then(number_str).and_then(parse_go_duration),
     }
 }
 
@@ -502,15 +534,49 @@ pub fn format_rfc3339(t: SystemTime) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let secs = i64::try_from(secs).unwrap_or(i64::MAX / 2);
+    match rfc3339_bytes(secs) {
+        // Only ASCII digits and punctuation: always UTF-8.
+        Some(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        None => {
+            let secs = i64::try_from(secs).unwrap_or(i64::MAX / 2);
+            let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+            let rem = secs.rem_euclid(86_400);
+            format!(
+                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+                rem / 3600,
+                (rem / 60) % 60,
+                rem % 60
+            )
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for a unix second, written without allocating;
+/// `None` past year 9999 (five digits).
+pub(crate) fn rfc3339_bytes(secs: u64) -> Option<[u8; 20]> {
+    let secs = i64::try_from(secs).ok()?;
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    if !(0..=9999).contains(&y) {
+        return None;
+    }
     let rem = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    let mut out = *b"0000-00-00T00:00:00Z";
+    let mut put = |at: usize, value: i64, width: usize| {
+        let mut v = value;
+        for i in (at..at + width).rev() {
+            if let (Some(slot), Ok(digit)) = (out.get_mut(i), u8::try_from(v % 10)) {
+                *slot = b'0' + digit;
+            }
+            v /= 10;
+        }
+    };
+    put(0, y, 4);
+    put(5, m, 2);
+    put(8, d, 2);
+    put(11, rem / 3600, 2);
+    put(14, (rem / 60) % 60, 2);
+    put(17, rem % 60, 2);
+    Some(out)
 }
 
 /// Whether a header reports rate limits (`anthropic-ratelimit-*` or the
@@ -538,6 +604,115 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::wire::ratelimit::insert_limit_headers;
+    use http::header::RETRY_AFTER;
+
+    #[test]
+    fn whole_numbers_parse_as_str_parse_does() {
+        for (raw, expected) in [
+            ("0", Some(0)),
+            (" 42\t", Some(42)),
+            ("18446744073709551615", Some(u64::MAX)),
+            ("18446744073709551616", None),
+            ("", None),
+            ("  ", None),
+            ("+1", None),
+            ("-1", None),
+            ("1 2", None),
+            ("1.0", None),
+            ("٣", None),
+        ] {
+            let value = HeaderValue::from_bytes(raw.as_bytes());
+            assert_eq!(value.ok().as_ref().and_then(parse_u64), expected, "{raw:?}");
+        }
+        let long = format!("{}1", "0".repeat(MAX_VALUE_LEN));
+        assert_eq!(
+            parse_u64(&HeaderValue::from_str(&long).unwrap_or(HeaderValue::from_static("x"))),
+            None
+        );
+    }
+
+    #[test]
+    fn one_pass_reads_the_first_value_of_each_name_as_get_does() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.append(
+            "anthropic-ratelimit-requests-limit",
+            HeaderValue::from_static("50"),
+        );
+        h.append(
+            "anthropic-ratelimit-requests-limit",
+            HeaderValue::from_static("7"),
+        );
+        h.append(
+            "anthropic-ratelimit-output-tokens-remaining",
+            HeaderValue::from_static("x"),
+        );
+        h.append(
+            "anthropic-ratelimit-output-tokens-remaining",
+            HeaderValue::from_static("9"),
+        );
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("123"),
+        );
+        h.insert(
+            "x-ratelimit-reset-tokens",
+            HeaderValue::from_static("1m30s"),
+        );
+        h.insert(
+            "anthropic-ratelimit-bogus-limit",
+            HeaderValue::from_static("1"),
+        );
+        h.insert("x-ratelimit-limit-bogus", HeaderValue::from_static("1"));
+        h.insert("x-should-retry", HeaderValue::from_static("false"));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
+        let snap = RateLimitSnapshot::from_headers_at(&h, UNIX_EPOCH);
+        assert_eq!(snap.requests.limit, Some(50));
+        // A malformed first value reads as absent, as with `HeaderMap::get`.
+        assert_eq!(snap.output_tokens.remaining, None);
+        assert_eq!(snap.tokens.remaining, Some(123));
+        assert_eq!(snap.tokens.reset_in, Some(Duration::from_secs(90)));
+        assert_eq!(snap.should_retry, Some(false));
+        assert_eq!(snap.retry_after, Some(Duration::from_secs(3)));
+        assert!(snap.input_tokens.is_empty());
+    }
+
+    #[test]
+    fn written_resets_are_right_when_cached_seconds_share_a_slot() {
+        // Seconds 8 apart share a cache slot: each must still be written as
+        // its own instant, in any order, again and again.
+        let base = 1_795_850_100u64;
+        for round in 0..3 {
+            for secs in [base, base + 8, base + 16, base + 1, base] {
+                let at = UNIX_EPOCH + Duration::from_secs(secs);
+                let mut h = HeaderMap::new();
+                insert_limit_headers(&mut h, "requests", 50, 49, at);
+                let reset = h.get("anthropic-ratelimit-requests-reset");
+                let reset = reset.and_then(|v| v.to_str().ok()).and_then(parse_rfc3339);
+                assert_eq!(reset, Some(at), "round {round}, second {secs}");
+                assert_eq!(h["anthropic-ratelimit-requests-limit"], "50");
+                assert_eq!(h["anthropic-ratelimit-requests-remaining"], "49");
+            }
+        }
+    }
+
+    #[test]
+    fn rfc3339_without_allocating_matches_the_calendar() {
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (1_795_850_109, "2026-11-28T07:15:09Z"),
+            (253_402_300_799, "9999-12-31T23:59:59Z"),
+        ] {
+            assert_eq!(
+                rfc3339_bytes(secs).as_ref().map(|b| &b[..]),
+                Some(text.as_bytes())
+            );
+        }
+        assert_eq!(rfc3339_bytes(253_402_300_800), None);
+        let far = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        assert_eq!(format_rfc3339(far), "10000-01-01T00:00:00Z");
+    }
     use proptest::prelude::*;
 
     fn at(s: &str) -> SystemTime {

@@ -20,9 +20,10 @@
 //! The preset's concurrency queue has no bound: a burst of requests waits
 //! for slots instead of failing locally. The token budget in front of it
 //! already paces what is admitted, so the queue only holds what the budget
-//! let through; each waiter costs about 480 bytes (a burst of 50,000 queues
-//! about 24 MB). To fail fast instead, replace the concurrency layer with one
-//! whose [`max_waiting`](ConcurrencyBuilder::max_waiting) is bounded: a
+//! let through; each waiting request costs about 2 KB besides the request
+//! itself (the three layers' state; a burst of 50,000 queues about 100 MB).
+//! To fail fast instead, replace the concurrency layer with one whose
+//! [`max_waiting`](ConcurrencyBuilder::max_waiting) is bounded: a
 //! request past the bound fails at once with
 //! [`Error::Overloaded`](crate::Error::Overloaded), a local error that the
 //! retry layer neither retries nor charges to its retry budget, and whose

@@ -559,14 +559,19 @@ enum KeyPhase {
 
 const USAGE_KEY: &[u8] = b"usage";
 
+/// How many bytes of a string are searched one by one before `memchr`.
+const SHORT_STRING: usize = 16;
+
 /// Reads the top-level `usage` object of a JSON body as its bytes pass, in
 /// chunks split at any byte boundary.
 ///
 /// A byte-level tokenizer that tracks only string/escape state and nesting
 /// depth. It keeps nothing but the `usage` value itself (at most 8 KiB), so it
 /// can watch a body of any size as it streams by. Inside strings (most of a
-/// response is text) it jumps from one quote or backslash to the next. A
-/// `"usage"` anywhere but as a key of the top-level object (inside text, in a
+/// response is text) it jumps from one quote to the next, telling an escaped
+/// quote by the run of backslashes before it. The `usage` object is read
+/// where it lies when it ends in the chunk it began in (no copy); otherwise
+/// its bytes are copied once per chunk. A `"usage"` anywhere but as a key of the top-level object (inside text, in a
 /// tool's input) is ignored; a body that is not JSON gives no usage.
 ///
 /// # Examples
@@ -592,8 +597,22 @@ pub struct UsageScanner {
     /// far, or `None` once it cannot match.
     key_match: Option<usize>,
     phase: KeyPhase,
-    capture: Option<Vec<u8>>,
+    capture: Capture,
     usage: Option<Usage>,
+}
+
+/// Where the bytes of the `usage` object being read are.
+#[derive(Debug, Default)]
+enum Capture {
+    /// Not inside the `usage` object.
+    #[default]
+    Off,
+    /// It began at this offset of the chunk being pushed: read in place if
+    /// it ends in the same chunk (no copy, no allocation).
+    InChunk(usize),
+    /// It began in an earlier chunk: its bytes up to the chunk being pushed,
+    /// all of which belongs to it so far.
+    Buffered(Vec<u8>),
 }
 
 impl UsageScanner {
@@ -608,77 +627,90 @@ impl UsageScanner {
     }
 
     /// Feeds the next bytes of the body.
-    pub fn push(&mut self, mut chunk: &[u8]) {
-        while !chunk.is_empty() {
-            if self.in_string && !self.escape {
-                // Jump to the next quote or backslash, matching a candidate
-                // key on the way.
-                let end = memchr::memchr2(b'"', b'\\', chunk).unwrap_or(chunk.len());
-                let (segment, rest) = chunk.split_at(end);
-                self.capture_extend(segment);
-                if let Some(n) = self.key_match {
-                    let expected = USAGE_KEY.get(n..n + segment.len());
-                    self.key_match = (expected == Some(segment)).then_some(n + segment.len());
-                }
-                chunk = rest;
-                if chunk.is_empty() {
-                    return;
-                }
-            }
-            if let Some((&b, rest)) = chunk.split_first() {
-                self.byte(b);
-                chunk = rest;
+    pub fn push(&mut self, chunk: &[u8]) {
+        let mut pos = 0;
+        while let Some(&b) = chunk.get(pos) {
+            if self.in_string {
+                pos = self.string_run(chunk, pos);
+            } else {
+                self.structural_byte(b, chunk, pos);
+                pos += 1;
             }
         }
+        // A `usage` object still open at the end of the chunk: its bytes are
+        // kept (once per chunk, at most `MAX_USAGE_JSON` of them).
+        self.capture = match std::mem::take(&mut self.capture) {
+            Capture::Off => Capture::Off,
+            Capture::InChunk(start) => Self::buffered(Vec::new(), chunk.get(start..)),
+            Capture::Buffered(kept) => Self::buffered(kept, Some(chunk)),
+        };
     }
 
-    fn capture_extend(&mut self, bytes: &[u8]) {
-        if let Some(cap) = self.capture.as_mut() {
-            if cap.len() + bytes.len() > MAX_USAGE_JSON {
-                self.capture = None;
-            } else {
-                cap.extend_from_slice(bytes);
-            }
+    fn buffered(mut kept: Vec<u8>, more: Option<&[u8]>) -> Capture {
+        let more = more.unwrap_or_default();
+        if kept.len() + more.len() > MAX_USAGE_JSON {
+            return Capture::Off;
         }
+        if kept.capacity() == 0 {
+            kept.reserve(more.len().max(256));
+        }
+        kept.extend_from_slice(more);
+        Capture::Buffered(kept)
     }
 
-    fn byte(&mut self, b: u8) {
-        if let Some(cap) = self.capture.as_mut() {
-            if cap.len() >= MAX_USAGE_JSON {
-                self.capture = None;
-            } else {
-                cap.push(b);
-            }
+    /// Inside a string, at `pos`: jumps to the next quote (one `memchr` per
+    /// quote, not per escape), decides from the backslashes before it
+    /// whether it is escaped, and returns the position after it (after the
+    /// string, or after an escaped quote, still inside it).
+    fn string_run(&mut self, chunk: &[u8], pos: usize) -> usize {
+        let rest = chunk.get(pos..).unwrap_or_default();
+        // Most strings of an answer are short keys and values: a plain loop
+        // finds their end sooner than a vector search starts.
+        let head = rest.get(..SHORT_STRING).unwrap_or(rest);
+        let end = match head.iter().position(|&b| b == b'"') {
+            Some(end) => end,
+            None => rest
+                .get(head.len()..)
+                .and_then(|tail| memchr::memchr(b'"', tail))
+                .map_or(rest.len(), |i| head.len() + i),
+        };
+        let segment = rest.get(..end).unwrap_or_default();
+        if let Some(n) = self.key_match {
+            let plain = !self.escape && memchr::memchr(b'\\', segment).is_none();
+            let expected = USAGE_KEY.get(n..n + segment.len());
+            self.key_match = (plain && expected == Some(segment)).then_some(n + segment.len());
         }
-        if self.in_string {
-            self.string_byte(b);
+        // The escape state after the segment: a run of backslashes toggles it;
+        // any other byte ends an escape.
+        let trailing = segment.iter().rev().take_while(|&&b| b == b'\\').count();
+        let odd = trailing % 2 == 1;
+        self.escape = if trailing == segment.len() {
+            self.escape ^ odd
         } else {
-            self.structural_byte(b);
+            odd
+        };
+        if end == rest.len() {
+            return chunk.len();
         }
-    }
-
-    fn string_byte(&mut self, b: u8) {
-        if self.escape {
-            self.escape = false;
+        if std::mem::take(&mut self.escape) {
+            // An escaped quote: still inside the string.
             self.key_match = None;
-        } else if b == b'\\' {
-            self.escape = true;
-        } else if b == b'"' {
+        } else {
             self.in_string = false;
             if self.key_match.take() == Some(USAGE_KEY.len()) {
                 self.phase = KeyPhase::SawKey;
             }
-        } else if let Some(n) = self.key_match {
-            self.key_match = (USAGE_KEY.get(n) == Some(&b)).then_some(n + 1);
         }
+        pos + end + 1
     }
 
-    fn structural_byte(&mut self, b: u8) {
+    /// A byte outside strings, at `pos` in `chunk`.
+    fn structural_byte(&mut self, b: u8, chunk: &[u8], pos: usize) {
         match b {
             b' ' | b'\t' | b'\n' | b'\r' => {}
             b'"' => {
                 self.in_string = true;
-                if self.depth == 1 && self.capture.is_none() {
+                if self.depth == 1 && matches!(self.capture, Capture::Off) {
                     self.key_match = Some(0);
                 }
                 self.phase = KeyPhase::None;
@@ -692,9 +724,7 @@ impl UsageScanner {
             }
             b'{' | b'[' => {
                 if b == b'{' && self.phase == KeyPhase::SawColon && self.depth == 1 {
-                    let mut cap = Vec::with_capacity(256);
-                    cap.push(b'{');
-                    self.capture = Some(cap);
+                    self.capture = Capture::InChunk(pos);
                 }
                 self.phase = KeyPhase::None;
                 self.depth = self.depth.saturating_add(1);
@@ -703,14 +733,31 @@ impl UsageScanner {
                 self.phase = KeyPhase::None;
                 self.depth = self.depth.saturating_sub(1);
                 if self.depth == 1 {
-                    if let Some(cap) = self.capture.take() {
-                        if let Ok(usage) = serde_json::from_slice::<Usage>(&cap) {
-                            self.usage = Some(usage);
-                        }
-                    }
+                    self.close_capture(chunk, pos);
                 }
             }
             _ => self.phase = KeyPhase::None,
+        }
+    }
+
+    /// The `usage` object ended at `pos` in `chunk`: reads it.
+    fn close_capture(&mut self, chunk: &[u8], pos: usize) {
+        let parsed = match std::mem::take(&mut self.capture) {
+            Capture::Off => return,
+            Capture::InChunk(start) => chunk
+                .get(start..=pos)
+                .filter(|json| json.len() <= MAX_USAGE_JSON)
+                .map(serde_json::from_slice::<Usage>),
+            Capture::Buffered(mut kept) => {
+                let tail = chunk.get(..=pos).unwrap_or_default();
+                (kept.len() + tail.len() <= MAX_USAGE_JSON).then(|| {
+                    kept.extend_from_slice(tail);
+                    serde_json::from_slice::<Usage>(&kept)
+                })
+            }
+        };
+        if let Some(Ok(usage)) = parsed {
+            self.usage = Some(usage);
         }
     }
 }
@@ -847,5 +894,48 @@ mod tests {
         assert_eq!(Scanner::new(b"true").bool_value(), Ok(Some(true)));
         assert_eq!(Scanner::new(b"false}").bool_value(), Ok(Some(false)));
         assert_eq!(Scanner::new(b"null").bool_value(), Ok(None));
+    }
+
+    fn scan_in(chunks: &[&[u8]]) -> Option<(u64, u64)> {
+        let mut s = UsageScanner::new();
+        for c in chunks {
+            s.push(c);
+        }
+        s.usage().map(|u| (u.input_tokens, u.output_tokens))
+    }
+
+    #[test]
+    fn usage_scanner_reads_escapes_split_anywhere() {
+        let bodies: [&[u8]; 5] = [
+            // Strings longer than the byte-by-byte head, escapes past it.
+            br#"{"text":"0123456789abcdefghij\"klmnopqrstuvwxyz0123456789\\","usage":{"input_tokens":3,"output_tokens":4}}"#,
+            // Escaped quotes hide a fake usage in text; an escaped backslash
+            // ends the text.
+            br#"{"content":[{"text":"a \"usage\":{\"input_tokens\":99} \\"}],"usage":{"input_tokens":3,"output_tokens":4}}"#,
+            // Runs of backslashes before quotes, odd and even.
+            br#"{"text":"x\\\"y\\\\","usage":{"input_tokens":3,"output_tokens":4},"z":"\\\\\""}"#,
+            // An escaped key is not the key `usage`.
+            br#"{"us\u0061ge":{"input_tokens":99},"usage":{"input_tokens":3,"output_tokens":4}}"#,
+            // Escapes inside the captured usage object itself.
+            br#"{"usage":{"input_tokens":3,"service_tier":"st\"and\\ard","output_tokens":4}}"#,
+        ];
+        for body in bodies {
+            let text = String::from_utf8_lossy(body);
+            assert_eq!(scan_in(&[body]), Some((3, 4)), "{text}");
+            for cut in 0..=body.len() {
+                let (a, b) = body.split_at(cut);
+                assert_eq!(scan_in(&[a, b]), Some((3, 4)), "{text} cut at {cut}");
+            }
+            let bytes: Vec<&[u8]> = body.chunks(1).collect();
+            assert_eq!(scan_in(&bytes), Some((3, 4)), "{text} byte by byte");
+        }
+    }
+
+    #[test]
+    fn usage_scanner_ignores_usage_in_an_unterminated_escape() {
+        // The quote after the backslash is escaped: the string never closes,
+        // so what follows is text, not a key.
+        let body = br#"{"text":"\","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        assert_eq!(scan_in(&[body]), None);
     }
 }

@@ -39,9 +39,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::{Mutex, PoisonError};
+
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::headers::format_rfc3339;
+use crate::headers::{format_rfc3339, rfc3339_bytes};
 use crate::Dimension;
 
 /// The longest reset written: a bucket deep in debt could otherwise overflow
@@ -112,7 +115,7 @@ pub fn insert_rate_limit_headers(
 
 /// Writes `anthropic-ratelimit-{kind}-limit`, `-remaining` and `-reset` as the
 /// API does (`kind`: `requests`, `tokens`, `input-tokens` or `output-tokens`).
-/// A `kind` that cannot form a header name writes nothing.
+/// Any other `kind` writes nothing.
 pub(crate) fn insert_limit_headers(
     headers: &mut HeaderMap,
     kind: &str,
@@ -120,18 +123,86 @@ pub(crate) fn insert_limit_headers(
     remaining: u64,
     reset_at: SystemTime,
 ) {
-    let mut put = |field: &str, value: String| {
-        let name = HeaderName::try_from(format!("anthropic-ratelimit-{kind}-{field}"));
-        if let (Ok(name), Ok(value)) = (name, HeaderValue::try_from(value)) {
-            headers.insert(name, value);
-        }
+    let Some([limit_name, remaining_name, reset_name]) = names(kind) else {
+        return;
     };
-    put("limit", limit.to_string());
-    put("remaining", remaining.to_string());
-    put("reset", format_rfc3339(reset_at));
+    headers.insert(limit_name, HeaderValue::from(limit));
+    headers.insert(remaining_name, HeaderValue::from(remaining));
+    if let Some(reset) = reset_value(reset_at) {
+        headers.insert(reset_name, reset);
+    }
 }
 
-/// Tokens remaining as the API reports them: rounded to the nearest thousand.
+/// The `limit`, `remaining` and `reset` header names of one kind of limit.
+fn names(kind: &str) -> Option<[HeaderName; 3]> {
+    const fn set(
+        limit: &'static str,
+        remaining: &'static str,
+        reset: &'static str,
+    ) -> [HeaderName; 3] {
+        [
+            HeaderName::from_static(limit),
+            HeaderName::from_static(remaining),
+            HeaderName::from_static(reset),
+        ]
+    }
+    const REQUESTS: [HeaderName; 3] = set(
+        "anthropic-ratelimit-requests-limit",
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+    );
+    const TOKENS: [HeaderName; 3] = set(
+        "anthropic-ratelimit-tokens-limit",
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-tokens-reset",
+    );
+    const INPUT_TOKENS: [HeaderName; 3] = set(
+        "anthropic-ratelimit-input-tokens-limit",
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-reset",
+    );
+    const OUTPUT_TOKENS: [HeaderName; 3] = set(
+        "anthropic-ratelimit-output-tokens-limit",
+        "anthropic-ratelimit-output-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-reset",
+    );
+    match kind {
+        "requests" => Some(REQUESTS),
+        "tokens" => Some(TOKENS),
+        "input-tokens" => Some(INPUT_TOKENS),
+        "output-tokens" => Some(OUTPUT_TOKENS),
+        _ => None,
+    }
+}
+
+/// How many recent reset instants keep their formatted value.
+const RESET_SLOTS: usize = 8;
+
+/// Formatted reset values by unix second, shared by every writer: a reset
+/// is a whole second, so each one is formatted at most once per second.
+static RESETS: Mutex<[Option<(u64, HeaderValue)>; RESET_SLOTS]> =
+    Mutex::new([const { None }; RESET_SLOTS]);
+
+/// The `reset` header value of an instant (a whole second), formatted once
+/// per second and then shared.
+fn reset_value(at: SystemTime) -> Option<HeaderValue> {
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let slot = usize::try_from(secs % RESET_SLOTS as u64).unwrap_or(0);
+    let mut cache = RESETS.lock().unwrap_or_else(PoisonError::into_inner);
+    let entry = cache.get_mut(slot)?;
+    if let Some((cached, value)) = entry {
+        if *cached == secs {
+            return Some(value.clone());
+        }
+    }
+    let value = match rfc3339_bytes(secs) {
+        Some(bytes) => HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&bytes)).ok()?,
+        None => HeaderValue::try_from(format_rfc3339(at)).ok()?,
+    };
+    *entry = Some((secs, value.clone()));
+    Some(value)
+}
+
 fn round_thousands(tokens: u64) -> u64 {
     (tokens.saturating_add(500) / 1_000) * 1_000
 }

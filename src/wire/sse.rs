@@ -210,6 +210,32 @@ pub struct SseDecoder {
     max_len: usize,
     filter: Option<fn(&str) -> bool>,
     ready: VecDeque<SseEvent>,
+    /// The last event name the filter refused.
+    refused: ShortName,
+}
+
+/// A short byte string kept inline (no allocation); longer ones are not kept.
+#[derive(Debug, Clone, Copy, Default)]
+struct ShortName {
+    bytes: [u8; 32],
+    /// 0 when nothing is kept.
+    len: u8,
+}
+
+impl ShortName {
+    fn matches(&self, name: &[u8]) -> bool {
+        self.len > 0 && self.bytes.get(..usize::from(self.len)) == Some(name)
+    }
+
+    fn remember(&mut self, name: &[u8]) {
+        match (self.bytes.get_mut(..name.len()), u8::try_from(name.len())) {
+            (Some(slot), Ok(len)) if len > 0 => {
+                slot.copy_from_slice(name);
+                self.len = len;
+            }
+            _ => self.len = 0,
+        }
+    }
 }
 
 impl Default for SseDecoder {
@@ -238,6 +264,7 @@ impl SseDecoder {
             max_len: usize::MAX,
             filter: None,
             ready: VecDeque::new(),
+            refused: ShortName::default(),
         }
     }
 
@@ -279,12 +306,25 @@ impl SseDecoder {
                     continue;
                 }
             }
+            if let Some((&b @ (b'\n' | b'\r'), rest)) = chunk.split_first() {
+                // A line end at once (most often the blank line that ends an
+                // event): no search.
+                self.last_cr = b == b'\r';
+                self.end_line();
+                chunk = rest;
+                continue;
+            }
             match memchr::memchr2(b'\n', b'\r', chunk) {
                 Some(i) => {
                     let (head, rest) = chunk.split_at(i);
-                    self.append(head);
                     self.last_cr = rest.first() == Some(&b'\r');
-                    self.end_line();
+                    if self.line.is_empty() && !self.discard {
+                        // The whole line is in this chunk: read in place.
+                        self.whole_line(head);
+                    } else {
+                        self.append(head);
+                        self.end_line();
+                    }
                     chunk = rest.get(1..).unwrap_or_default();
                 }
                 None => {
@@ -307,6 +347,12 @@ impl SseDecoder {
 
     fn append(&mut self, bytes: &[u8]) {
         if self.discard || bytes.is_empty() {
+            return;
+        }
+        if self.skip && self.line.is_empty() && bytes.starts_with(b"data") {
+            // The data of an event that is skipped is never copied.
+            self.discard = true;
+            self.lost = true;
             return;
         }
         if self.line.len().saturating_add(bytes.len()) > self.max_len {
@@ -347,6 +393,48 @@ impl SseDecoder {
     }
 
     /// Handles one complete line.
+    /// A line that arrived whole: what `append` then `end_line` do, without
+    /// copying it.
+    fn whole_line(&mut self, line: &[u8]) {
+        if self.skip && line.starts_with(b"data") {
+            // The data of a skipped event, as `append` drops it.
+            self.lost = true;
+            self.first_line = false;
+            return;
+        }
+        if line.len() > self.max_len {
+            self.lost = true;
+            self.first_line = false;
+            return;
+        }
+        let start = if std::mem::take(&mut self.first_line) && line.starts_with(b"\xEF\xBB\xBF") {
+            3
+        } else {
+            0
+        };
+        self.field(line.get(start..).unwrap_or_default());
+    }
+
+    /// An `event:` line: the filter's verdict, remembered for the last name
+    /// refused (a stream repeats one type of event many times over).
+    fn event_line(&mut self, value: &[u8]) {
+        if self.refused.matches(value) {
+            self.skip = true;
+            self.event = None;
+            return;
+        }
+        let event = match std::str::from_utf8(value) {
+            Ok(name) => std::borrow::Cow::Borrowed(name),
+            Err(_) => String::from_utf8_lossy(value),
+        };
+        self.skip = self.filter.is_some_and(|keep| !keep(&event));
+        if self.skip {
+            self.refused.remember(value);
+        }
+        // A skipped event is never dispatched: its name is not kept.
+        self.event = (!self.skip && !event.is_empty()).then(|| event.into_owned());
+    }
+
     fn field(&mut self, line: &[u8]) {
         if line.is_empty() {
             self.dispatch();
@@ -362,12 +450,7 @@ impl SseDecoder {
             None => (line, &[][..]),
         };
         match name {
-            b"event" => {
-                let event = String::from_utf8_lossy(value);
-                self.skip = self.filter.is_some_and(|keep| !keep(&event));
-                // A skipped event is never dispatched: its name is not kept.
-                self.event = (!self.skip && !event.is_empty()).then(|| event.into_owned());
-            }
+            b"event" => self.event_line(value),
             b"data" => self.data_line(value),
             b"id" if !value.contains(&0) => {
                 let id = String::from_utf8_lossy(value).into_owned();
@@ -477,6 +560,29 @@ mod tests {
         }
         assert_eq!(d.next_event(), Some(SseEvent::new("kept", "small")));
         assert_eq!(d.next_event(), None);
+    }
+
+    #[test]
+    fn a_skipped_event_is_not_copied_and_split_anywhere_decodes_the_same() {
+        let stream: &[u8] = b"event: skipped\ndata: {\"text\":\"a long delta\"}\n\n\
+            event: kept\ndata: one\ndata: two\n\nevent: skipped\r\ndata: x\r\n\r\n\
+            event: kept\ndatum: ignored\ndata: three\n\n";
+        let expected = [
+            SseEvent::new("kept", "one\ntwo"),
+            SseEvent::new("kept", "three"),
+        ];
+        for cut in 0..=stream.len() {
+            let (a, b) = stream.split_at(cut);
+            let mut d = SseDecoder::new().with_filter(|n| n == "kept");
+            d.push(a);
+            // A skipped event's data line never reaches the line buffer (the
+            // longest other line is 14 bytes).
+            assert!(d.line.len() <= 14, "cut {cut}: {:?}", d.line);
+            d.push(b);
+            d.finish();
+            let events: Vec<SseEvent> = std::iter::from_fn(|| d.next_event()).collect();
+            assert_eq!(events, expected, "cut {cut}");
+        }
     }
 
     #[test]

@@ -1,0 +1,507 @@
+//! The whole preset (`LimitsLayer::anthropic`) against tower's own stack and
+//! against the bare service, in memory and over TCP, in the same run.
+//!
+//! Run: `cargo bench --bench preset -- --warm-up-time 1 --measurement-time 3`
+//!
+//! - `preset_in_memory/*`: one request at a time through an inner service
+//!   that answers a 300-byte Messages JSON with the 12
+//!   `anthropic-ratelimit-*` headers, its body read to the end: the bare
+//!   service, tower's `Retry` (with its `TpsBudget`) + `ConcurrencyLimit` +
+//!   `Buffer` + `RateLimit`, and the preset.
+//! - Before the timings, one-shot figures are printed: allocations per
+//!   request (counting global allocator) for each of the three, the memory
+//!   per request waiting in the preset's queue, and the TCP
+//!   benchmark: a hyper-util client against a hyper server on loopback
+//!   answering the same response, 64 requests in flight, requests per second
+//!   bare and through the preset, on a current-thread runtime and on two
+//!   worker threads (three rounds each, interleaved; min and median).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use criterion::{criterion_group, Criterion};
+use http::{HeaderMap, Request, Response};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::Policy;
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+use tower_llm_limits::budget::Limits;
+use tower_llm_limits::preset::LimitsLayer;
+use tower_llm_limits::wire::ratelimit::{insert_rate_limit_headers, LimitState};
+use tower_llm_limits::BoxError;
+
+// ---------------------------------------------------------------------------
+// A global allocator that counts allocations.
+
+struct Counting;
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(new, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+// ---------------------------------------------------------------------------
+
+const REQUEST: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"Summarise the attached report in three bullet points, keeping every figure."}]}"#;
+/// A 300-byte Messages answer.
+const ANSWER: &str = r#"{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"- Revenue rose 12%.\n- Costs fell.\n- Two hires."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":42,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":19}}"#;
+
+/// Limits far above what a bench sends, reported by the answers too (so the
+/// learned limits never slow the bench down).
+const HUGE: u64 = 1_000_000_000_000;
+
+fn limits() -> Limits {
+    Limits::new().rpm(HUGE).itpm(HUGE).otpm(HUGE)
+}
+
+fn answer_headers() -> HeaderMap {
+    let state = Some(LimitState {
+        limit: HUGE,
+        remaining: HUGE - 1,
+        reset_in: Duration::from_millis(10),
+    });
+    let mut h = HeaderMap::new();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    insert_rate_limit_headers(&mut h, &[state; 3], SystemTime::now());
+    h
+}
+
+fn request() -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(Bytes::from_static(REQUEST.as_bytes())));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = http::Uri::from_static("http://127.0.0.1/v1/messages");
+    let h = req.headers_mut();
+    h.insert(
+        "anthropic-version",
+        http::HeaderValue::from_static("2023-06-01"),
+    );
+    h.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    req
+}
+
+fn answer(headers: &HeaderMap) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(ANSWER.as_bytes())));
+    *resp.headers_mut() = headers.clone();
+    resp
+}
+
+type Answer = Ready<Result<Response<Full<Bytes>>, Infallible>>;
+
+/// The in-memory upstream: the same answer to every request.
+fn inner<B>(
+) -> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future = Answer>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    let headers = Arc::new(answer_headers());
+    service_fn(move |req: Request<B>| {
+        drop(black_box(req));
+        ready(Ok(answer(&headers)))
+    })
+}
+
+/// tower's retry policy with its own `TpsBudget` (deposit per success), the
+/// like-for-like of the preset's retry layer.
+#[derive(Clone)]
+struct CloneWithBudget(Arc<TpsBudget>);
+
+impl<B: Clone, Res, E> Policy<Request<B>, Res, E> for CloneWithBudget {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _: &mut Request<B>, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => {
+                self.0.deposit();
+                None
+            }
+            Err(_) => self.0.withdraw().then(|| ready(())),
+        }
+    }
+
+    fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
+        let mut clone = Request::new(req.body().clone());
+        *clone.method_mut() = req.method().clone();
+        *clone.uri_mut() = req.uri().clone();
+        *clone.version_mut() = req.version();
+        *clone.headers_mut() = req.headers().clone();
+        *clone.extensions_mut() = req.extensions().clone();
+        Some(clone)
+    }
+}
+
+fn tps_budget() -> CloneWithBudget {
+    CloneWithBudget(Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)))
+}
+
+async fn one<S, B>(svc: &mut S)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let resp = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(request())
+        .await
+        .expect("ok");
+    black_box(resp.into_body().collect().await.expect("body"));
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The three stacks, in memory; each a boxed cloneable service.
+type Boxed = tower::util::BoxCloneService<
+    Request<Full<Bytes>>,
+    Response<UnsyncBoxBody<Bytes, BoxError>>,
+    BoxError,
+>;
+
+type MakeStack = fn() -> Boxed;
+
+fn boxed_body<B>(resp: Response<B>) -> Response<UnsyncBoxBody<Bytes, BoxError>>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    resp.map(|b| b.map_err(Into::into).boxed_unsync())
+}
+
+fn bare() -> Boxed {
+    tower::util::BoxCloneService::new(
+        ServiceBuilder::new()
+            .map_response(boxed_body)
+            .map_err(BoxError::from)
+            .service(inner()),
+    )
+}
+
+/// Must be built inside a runtime (`Buffer` spawns its worker).
+fn tower_stack() -> Boxed {
+    tower::util::BoxCloneService::new(
+        ServiceBuilder::new()
+            .map_response(boxed_body)
+            .retry(tps_budget())
+            .concurrency_limit(64)
+            .buffer(1024)
+            .rate_limit(HUGE, Duration::from_secs(1))
+            .service(inner()),
+    )
+}
+
+fn preset() -> Boxed {
+    tower::util::BoxCloneService::new(
+        ServiceBuilder::new()
+            .map_response(boxed_body)
+            .layer(LimitsLayer::anthropic(limits()))
+            .service(inner()),
+    )
+}
+
+/// One layer of the preset alone, over the same upstream.
+fn layer_alone(which: usize) -> Boxed {
+    let preset = LimitsLayer::anthropic(limits());
+    match which {
+        0 => tower::util::BoxCloneService::new(
+            ServiceBuilder::new()
+                .map_response(boxed_body)
+                .layer(preset.retry().clone())
+                .service(inner()),
+        ),
+        1 => tower::util::BoxCloneService::new(
+            ServiceBuilder::new()
+                .map_response(boxed_body)
+                .layer(preset.budget().clone())
+                .service(inner()),
+        ),
+        _ => tower::util::BoxCloneService::new(
+            ServiceBuilder::new()
+                .map_response(boxed_body)
+                .layer(preset.concurrency().clone())
+                .map_err(BoxError::from)
+                .service(inner()),
+        ),
+    }
+}
+
+fn retry_alone() -> Boxed {
+    layer_alone(0)
+}
+
+fn budget_alone() -> Boxed {
+    layer_alone(1)
+}
+
+fn concurrency_alone() -> Boxed {
+    layer_alone(2)
+}
+
+fn in_memory(c: &mut Criterion) {
+    let rt = runtime();
+    let mut g = c.benchmark_group("preset_in_memory");
+    let stacks: [(&str, MakeStack); 3] = [
+        ("bare", bare),
+        ("tower_retry_concurrency_buffer_ratelimit", tower_stack),
+        ("preset", preset),
+    ];
+    for (name, make) in stacks {
+        let mut svc = rt.block_on(async { make() });
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        one(&mut svc).await;
+                    }
+                    t.elapsed()
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Allocations per request through each stack, after a warm-up.
+fn allocation_figures() {
+    const N: usize = 2_000;
+    let rt = runtime();
+    let mut per = Vec::new();
+    for (name, make) in [
+        ("bare", bare as MakeStack),
+        ("tower stack", tower_stack),
+        ("preset", preset),
+        ("its retry layer alone", retry_alone),
+        ("its budget layer alone", budget_alone),
+        ("its concurrency layer alone", concurrency_alone),
+    ] {
+        let count = rt.block_on(async {
+            let mut svc = make();
+            for _ in 0..N {
+                one(&mut svc).await;
+            }
+            let before = ALLOCATIONS.load(Ordering::SeqCst);
+            for _ in 0..N {
+                one(&mut svc).await;
+            }
+            (ALLOCATIONS.load(Ordering::SeqCst) - before) as f64 / N as f64
+        });
+        per.push((name, count));
+    }
+    let bare = per[0].1;
+    for (name, count) in &per {
+        println!(
+            "allocations per request, in memory: {name}: {count:.1} ({:+.1} over bare)",
+            count - bare
+        );
+    }
+}
+
+/// Bytes per request waiting in the preset's queue: `WAITERS` requests
+/// called (each polled once) while an upstream that never answers holds
+/// every slot, less the bytes of the same requests merely kept in a `Vec`.
+fn waiter_figure() {
+    const WAITERS: usize = 10_000;
+    let rt = runtime();
+    let _guard = rt.enter();
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let before = LIVE.load(Ordering::SeqCst);
+    let requests: Vec<Request<Full<Bytes>>> = (0..WAITERS).map(|_| request()).collect();
+    let bare = LIVE.load(Ordering::SeqCst) - before;
+    drop(requests);
+    let limits = LimitsLayer::anthropic(limits());
+    let mut svc = ServiceBuilder::new()
+        .layer(limits.clone())
+        .service(service_fn(|_req: Request<_>| {
+            std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
+        }));
+    let before = LIVE.load(Ordering::SeqCst);
+    let mut futures = Vec::with_capacity(WAITERS);
+    for _ in 0..WAITERS {
+        let mut f = Box::pin(svc.call(request()));
+        assert!(std::future::Future::poll(f.as_mut(), &mut cx).is_pending());
+        futures.push(f);
+    }
+    let held = LIVE.load(Ordering::SeqCst) - before;
+    let waiting = limits.concurrency().snapshot().waiting.total();
+    println!(
+        "memory per waiter, full preset: {:.0} B ({waiting} of {WAITERS} requests waiting for a slot; \
+         the requests themselves, {:.0} B each, not counted; target <= 600 B)",
+        (held.saturating_sub(bare)) as f64 / WAITERS as f64,
+        bare as f64 / WAITERS as f64,
+    );
+    drop(futures);
+}
+
+// ---------------------------------------------------------------------------
+// Over TCP.
+
+const TCP_REQUESTS: usize = 10_000;
+const IN_FLIGHT: usize = 64;
+
+type ClientBody = UnsyncBoxBody<Bytes, BoxError>;
+
+async fn serve(listener: tokio::net::TcpListener) {
+    let headers = Arc::new(answer_headers());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let headers = Arc::clone(&headers);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let headers = Arc::clone(&headers);
+                async move {
+                    // Read the request to its end, as a server does.
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, Infallible>(answer(&headers))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Sends `TCP_REQUESTS` through clones of `svc`, `IN_FLIGHT` at a time;
+/// returns requests per second.
+async fn drive<S, B>(svc: S, uri: &http::Uri) -> f64
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug,
+    S::Future: Send,
+    B: http_body::Body + Send,
+    B::Data: Send,
+    B::Error: std::fmt::Debug,
+{
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(IN_FLIGHT);
+    for _ in 0..IN_FLIGHT {
+        let mut svc = svc.clone();
+        let uri = uri.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..TCP_REQUESTS / IN_FLIGHT {
+                let mut req = request();
+                *req.uri_mut() = uri.clone();
+                let resp = svc
+                    .ready()
+                    .await
+                    .expect("ready")
+                    .call(req)
+                    .await
+                    .expect("ok");
+                black_box(resp.into_body().collect().await.expect("body"));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    (TCP_REQUESTS / IN_FLIGHT * IN_FLIGHT) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn box_request<B>(req: Request<B>) -> Request<ClientBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    req.map(|b| b.map_err(Into::into).boxed_unsync())
+}
+
+/// One round: bare client, then the preset over the same kind of client.
+async fn tcp_round(uri: &http::Uri) -> (f64, f64) {
+    let bare = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let bare_rps = drive(bare, uri).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<ClientBody>();
+    let stack = ServiceBuilder::new()
+        .layer(LimitsLayer::anthropic(limits()))
+        .map_request(box_request)
+        .service(client);
+    let preset_rps = drive(stack, uri).await;
+    (bare_rps, preset_rps)
+}
+
+fn tcp_figures(name: &str, rt: &tokio::runtime::Runtime) {
+    let ratios: Vec<(f64, f64, f64)> = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve(listener));
+        let uri: http::Uri = format!("http://{addr}/v1/messages").parse().expect("uri");
+        // Warm-up: connections opened, allocator warm.
+        tcp_round(&uri).await;
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            let (bare, preset) = tcp_round(&uri).await;
+            out.push((bare, preset, preset / bare));
+        }
+        out
+    });
+    let mut r: Vec<f64> = ratios.iter().map(|x| x.2).collect();
+    r.sort_by(f64::total_cmp);
+    for (bare, preset, ratio) in &ratios {
+        println!("tcp {name}: bare {bare:.0} req/s, preset {preset:.0} req/s ({ratio:.2}x)");
+    }
+    println!(
+        "tcp {name}: preset / bare requests per second: min {:.2}x, median {:.2}x (target >= 0.9x)",
+        r[0], r[1]
+    );
+}
+
+criterion_group!(benches, in_memory);
+
+fn main() {
+    allocation_figures();
+    waiter_figure();
+    tcp_figures("current_thread", &runtime());
+    let two = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tcp_figures("2 workers", &two);
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
