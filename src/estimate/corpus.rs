@@ -45,12 +45,85 @@ const CODE: &[&str] = &[
     include_str!("../budget/ledger.rs"),
     include_str!("../retry/mod.rs"),
     include_str!("../wire/json.rs"),
-    include_str!("../../emulator/tests/sdk/check_python.py"),
-    include_str!("../../emulator/tests/sdk/check_ts.mjs"),
-    include_str!("../../.ci/run"),
+    PYTHON,
+    TYPESCRIPT,
+    SHELL,
     include_str!("../../Cargo.toml"),
     include_str!("../../benches/estimate.rs"),
 ];
+
+// Code in other languages, written here so that every file of the corpus
+// ships in the package.
+const PYTHON: &str = r#"
+import json, os, time
+from dataclasses import dataclass, field
+
+@dataclass
+class Bucket:
+    capacity: float
+    per_second: float
+    level: float = field(default=0.0)
+    updated: float = field(default_factory=time.monotonic)
+
+    def refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self.updated)
+        self.level = min(self.capacity, self.level + elapsed * self.per_second)
+        self.updated = now
+
+    def take(self, cost: float) -> float:
+        """Returns 0.0 when admitted, else the seconds to wait."""
+        self.refill(time.monotonic())
+        if self.level >= cost:
+            self.level -= cost
+            return 0.0
+        return (cost - self.level) / self.per_second
+
+def load(path: str) -> dict[str, int]:
+    with open(path, encoding="utf-8") as f:
+        return {k: int(v) for k, v in json.load(f).items() if not k.startswith("_")}
+
+if __name__ == "__main__":
+    limits = load(os.environ.get("LIMITS", "limits.json"))
+    b = Bucket(capacity=limits["itpm"], per_second=limits["itpm"] / 60)
+    print(f"wait {b.take(1200):.3f}s")
+"#;
+
+const TYPESCRIPT: &str = r#"
+import Anthropic from "@anthropic-ai/sdk";
+
+type Usage = { input_tokens: number; output_tokens: number; cache_read_input_tokens?: number };
+
+export async function run(prompts: string[], maxTokens = 256): Promise<Usage[]> {
+  const client = new Anthropic({ baseURL: process.env.ANTHROPIC_BASE_URL, maxRetries: 4 });
+  const out: Usage[] = [];
+  for (const [i, prompt] of prompts.entries()) {
+    const message = await client.messages.create({
+      model: "claude-sonnet-4-5",
+      max_tokens: maxTokens,
+      messages: [{ role: "user", content: `#${i}: ${prompt}` }],
+    });
+    out.push(message.usage as Usage);
+    if (out.length % 10 === 0) console.log(`${out.length}/${prompts.length} done`);
+  }
+  return out.filter((u) => u.output_tokens > 0);
+}
+"#;
+
+const SHELL: &str = r#"
+#!/usr/bin/env bash
+set -euo pipefail
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+redis-server --port "$port" --save '' --appendonly no --daemonize no >/tmp/redis.log 2>&1 &
+pid=$!
+trap 'kill "$pid" 2>/dev/null || true' EXIT
+for i in $(seq 1 50); do
+    redis-cli -p "$port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+done
+export REDIS_URL="redis://127.0.0.1:$port/"
+cargo test --workspace --all-features -- --test-threads 2 | tee /tmp/test.log
+grep -E '^test result' /tmp/test.log | awk '{ ok += $4; failed += $6 } END { print ok " passed, " failed " failed" }'
+"#;
 
 const PROSE: &[&str] = &[
     include_str!("../../LICENSE-APACHE"),
