@@ -166,7 +166,20 @@ pub mod preset;
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
 
-pub use error::{BoxError, Dimension, Error, GiveUpReason};
+#[cfg(any(feature = "cache", feature = "context", feature = "batch"))]
+mod rewrite;
+
+#[cfg(feature = "cache")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+pub mod autocache;
+#[cfg(feature = "batch")]
+#[cfg_attr(docsrs, doc(cfg(feature = "batch")))]
+pub mod batch;
+#[cfg(feature = "context")]
+#[cfg_attr(docsrs, doc(cfg(feature = "context")))]
+pub mod context;
+
+pub use error::{BatchEnd, BoxError, Dimension, Error, GiveUpReason};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(all(
