@@ -209,6 +209,7 @@
     rust_2018_idioms
 )]
 
+mod batch;
 mod body;
 mod cache;
 mod config;
@@ -229,6 +230,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower_llm_limits::clock::WallClock;
 
+pub use self::batch::{BatchSettings, BatchStats, MAX_BATCH_REQUESTS};
 pub use self::body::EmulatorBody;
 pub use self::config::{Acceleration, Faults, Latency, OutputLength};
 pub use self::limiter::{Headroom, InvalidWindow, RateLimiter, RequestCost, Verdict};
@@ -285,6 +287,7 @@ pub(crate) struct Config {
     pub(crate) header_read_timeout: Duration,
     pub(crate) body_read_timeout: Duration,
     pub(crate) max_connections: usize,
+    pub(crate) batches: BatchSettings,
 }
 
 /// Shared run-time state of an emulator and its services.
@@ -294,6 +297,8 @@ pub(crate) struct Shared {
     pub(crate) limiter: RateLimiter<ModelClass>,
     /// The `count_tokens` endpoint's own requests-per-minute limit.
     pub(crate) count_limiter: RateLimiter<()>,
+    /// The Message Batches endpoints' state and limits.
+    pub(crate) batches: batch::Batches,
     cache: Mutex<PromptCache>,
     stats: Mutex<StatsInner>,
     seq: AtomicU64,
@@ -385,6 +390,7 @@ impl Emulator {
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
+                batches: BatchSettings::default(),
             },
         }
     }
@@ -409,6 +415,7 @@ impl Emulator {
                 config,
                 limiter,
                 count_limiter,
+                batches: batch::Batches::new(),
                 seq: AtomicU64::new(0),
                 spend_limit: AtomicBool::new(false),
             }),
@@ -420,6 +427,11 @@ impl Emulator {
         EmulatorService {
             shared: self.shared.clone(),
         }
+    }
+
+    /// What the Message Batches endpoints did so far.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.shared.batches.stats()
     }
 
     /// A snapshot of the counters: per model class, tokens really charged,
@@ -476,6 +488,15 @@ pub struct EmulatorBuilder {
 }
 
 impl EmulatorBuilder {
+    /// The Message Batches endpoints' processing delay and limits (see
+    /// [`BatchSettings`]; by default 60 s, 50 requests per minute, 100,000
+    /// requests in the processing queue). Batch traffic never draws on the
+    /// Messages limits.
+    pub fn batches(mut self, settings: BatchSettings) -> Self {
+        self.config.batches = settings;
+        self
+    }
+
     /// Limits for every model class without limits of its own (set by
     /// [`class_limits`](Self::class_limits) or [`tier`](Self::tier)).
     pub fn limits(mut self, limits: Limits) -> Self {
