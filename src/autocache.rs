@@ -512,7 +512,10 @@ mod tests {
         assert_eq!(added, 3);
         assert_eq!(count(&out), 3);
         // Same input, same bytes.
-        assert_eq!(rewrite(&body, CacheTtl::FiveMinutes, None), Outcome::Rewritten(out.clone(), 3));
+        assert_eq!(
+            rewrite(&body, CacheTtl::FiveMinutes, None),
+            Outcome::Rewritten(out.clone(), 3)
+        );
         // Every candidate long enough: tools, system and two user turns = 4.
         let Outcome::Rewritten(out, added) = rewrite(&body, CacheTtl::FiveMinutes, Some(0)) else {
             panic!("not rewritten");
@@ -541,18 +544,31 @@ mod tests {
     #[test]
     fn short_prefixes_marked_requests_and_non_json_are_left_alone() {
         let short = serde_json::to_vec(&conversation(2, 3)).expect("json");
-        assert_eq!(rewrite(&short, CacheTtl::FiveMinutes, None), Outcome::Unchanged);
+        assert_eq!(
+            rewrite(&short, CacheTtl::FiveMinutes, None),
+            Outcome::Unchanged
+        );
         let mut marked = conversation(4, 400);
-        marked["messages"][0]["content"] = serde_json::json!([{"type":"text","text":"x","cache_control":{"type":"ephemeral"}}]);
+        marked["messages"][0]["content"] =
+            serde_json::json!([{"type":"text","text":"x","cache_control":{"type":"ephemeral"}}]);
         let marked = serde_json::to_vec(&marked).expect("json");
-        assert_eq!(rewrite(&marked, CacheTtl::FiveMinutes, None), Outcome::HadBreakpoints);
-        assert_eq!(rewrite(b"not json", CacheTtl::FiveMinutes, None), Outcome::Unchanged);
+        assert_eq!(
+            rewrite(&marked, CacheTtl::FiveMinutes, None),
+            Outcome::HadBreakpoints
+        );
+        assert_eq!(
+            rewrite(b"not json", CacheTtl::FiveMinutes, None),
+            Outcome::Unchanged
+        );
         // Haiku 4.5 needs 4,096 tokens: ~1,800 are not enough.
         let mut haiku = conversation(2, 400);
         haiku["model"] = Value::from("claude-haiku-4-5");
         haiku.as_object_mut().map(|m| m.remove("tools"));
         let haiku = serde_json::to_vec(&haiku).expect("json");
-        assert_eq!(rewrite(&haiku, CacheTtl::FiveMinutes, None), Outcome::Unchanged);
+        assert_eq!(
+            rewrite(&haiku, CacheTtl::FiveMinutes, None),
+            Outcome::Unchanged
+        );
     }
 
     #[test]

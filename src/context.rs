@@ -367,7 +367,9 @@ fn conversation_name(parts: &http::request::Parts, body: &[u8]) -> String {
 /// Estimated input tokens of a request, cached and uncached.
 fn tokens_of(shared: &Shared, parts: &http::request::Parts, body: &[u8]) -> u64 {
     let estimate = shared.estimator.estimate(parts, body);
-    estimate.input_tokens.saturating_add(estimate.cache_read_tokens)
+    estimate
+        .input_tokens
+        .saturating_add(estimate.cache_read_tokens)
 }
 
 /// Checks a request against the cap (trimming it if a callback is set) and
@@ -385,7 +387,12 @@ fn guard(
             refused => {
                 let after = refused.map_or(tokens, |(_, after)| after);
                 shared.record(name, |s| s.refused += 1);
-                tracing::debug!(conversation = name, tokens = after, cap, "context cap: refused");
+                tracing::debug!(
+                    conversation = name,
+                    tokens = after,
+                    cap,
+                    "context cap: refused"
+                );
                 return Err(Error::ContextTooLarge { tokens: after, cap });
             }
         },
@@ -398,7 +405,8 @@ fn guard(
         s.last_growth = if s.turns == 0 {
             0
         } else {
-            i64::try_from(sent).unwrap_or(i64::MAX) - i64::try_from(s.last_tokens).unwrap_or(i64::MAX)
+            i64::try_from(sent).unwrap_or(i64::MAX)
+                - i64::try_from(s.last_tokens).unwrap_or(i64::MAX)
         };
         s.turns += 1;
         s.last_tokens = sent;

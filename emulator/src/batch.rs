@@ -160,9 +160,14 @@ pub(crate) fn answer(
         ..RequestCost::default()
     };
     let batches = &shared.batches;
-    if let Some((dimension, retry_after)) = batches.limiter.admit((), &limits, cost, now).refusal() {
+    if let Some((dimension, retry_after)) = batches.limiter.admit((), &limits, cost, now).refusal()
+    {
         batches.lock().stats.rate_limited += 1;
-        return limited(&rate_limit_message(dimension, limits.get(dimension)), retry_after, request_id);
+        return limited(
+            &rate_limit_message(dimension, limits.get(dimension)),
+            retry_after,
+            request_id,
+        );
     }
     let mut state = batches.lock();
     state.process(shared, now);
@@ -170,7 +175,12 @@ pub(crate) fn answer(
     match (method, segments.as_slice()) {
         (&Method::POST, []) => state.create(shared, body, now, rng, request_id),
         (&Method::GET, []) => {
-            let data: Vec<Value> = state.batches.iter().rev().map(|b| b.object(shared, now)).collect();
+            let data: Vec<Value> = state
+                .batches
+                .iter()
+                .rev()
+                .map(|b| b.object(shared, now))
+                .collect();
             let first = data.first().and_then(|b| b.get("id")).cloned();
             let last = data.last().and_then(|b| b.get("id")).cloned();
             let body = json!({"data": data, "has_more": false, "first_id": first, "last_id": last});
@@ -207,11 +217,17 @@ pub(crate) fn answer(
             if batch.results.is_none() && batch.cancel_at.is_none() {
                 batch.cancel_at = Some(now);
                 object["processing_status"] = Value::from("canceling");
-                object["cancel_initiated_at"] = Value::from(format_rfc3339(shared.config.wall_clock.now()));
+                object["cancel_initiated_at"] =
+                    Value::from(format_rfc3339(shared.config.wall_clock.now()));
             }
             json_response(StatusCode::OK, &object, Some(request_id))
         }
-        _ => error_response(StatusCode::NOT_FOUND, ErrorKind::NotFound, "Not Found", Some(request_id)),
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            ErrorKind::NotFound,
+            "Not Found",
+            Some(request_id),
+        ),
     }
 }
 
@@ -237,7 +253,12 @@ fn not_found(id: &str, request_id: &str) -> Response<EmulatorBody> {
 }
 
 fn invalid(message: &str, request_id: &str) -> Response<EmulatorBody> {
-    error_response(StatusCode::BAD_REQUEST, ErrorKind::InvalidRequest, message, Some(request_id))
+    error_response(
+        StatusCode::BAD_REQUEST,
+        ErrorKind::InvalidRequest,
+        message,
+        Some(request_id),
+    )
 }
 
 impl State {
@@ -273,19 +294,31 @@ impl State {
                 request_id,
             );
         }
-        let mut ids: Vec<&str> = parsed.requests.iter().map(|r| r.custom_id.as_str()).collect();
+        let mut ids: Vec<&str> = parsed
+            .requests
+            .iter()
+            .map(|r| r.custom_id.as_str())
+            .collect();
         ids.sort_unstable();
         if ids.windows(2).any(|w| w[0] == w[1]) {
-            return invalid("requests: custom_id values must be unique within a batch.", request_id);
+            return invalid(
+                "requests: custom_id values must be unique within a batch.",
+                request_id,
+            );
         }
         if let Some(bad) = ids.iter().find(|id| id.is_empty() || id.len() > 64) {
             let shown: String = bad.chars().take(64).collect();
-            return invalid(&format!("requests: custom_id {shown:?} must be 1 to 64 characters."), request_id);
+            return invalid(
+                &format!("requests: custom_id {shown:?} must be 1 to 64 characters."),
+                request_id,
+            );
         }
         let cap = shared.config.batches.queue_cap;
         if self.queued() + n as u64 > cap {
             self.stats.rate_limited += 1;
-            let wait = self.next_end(shared, now).unwrap_or(Duration::from_secs(60));
+            let wait = self
+                .next_end(shared, now)
+                .unwrap_or(Duration::from_secs(60));
             let message = format!(
                 "This request would exceed the limit of {cap} batch requests waiting in the processing queue."
             );

@@ -295,7 +295,14 @@ where
             Err(ReadError::Failed(e)) => return Err(e),
         };
         let method = &parts.method;
-        return Ok(batch::answer(&shared, method, rest, &bytes, &mut rng, &request_id));
+        return Ok(batch::answer(
+            &shared,
+            method,
+            rest,
+            &bytes,
+            &mut rng,
+            &request_id,
+        ));
     }
     let endpoint = match route(&parts.method, parts.uri.path()) {
         Ok(endpoint) => endpoint,

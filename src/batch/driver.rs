@@ -24,7 +24,12 @@ use crate::{BatchEnd, BoxError, Error};
 
 /// The headers a batch is sent with, and that requests must share to go in
 /// the same batch.
-const ROUTE_HEADERS: [&str; 4] = ["x-api-key", "authorization", "anthropic-version", "anthropic-beta"];
+const ROUTE_HEADERS: [&str; 4] = [
+    "x-api-key",
+    "authorization",
+    "anthropic-version",
+    "anthropic-beta",
+];
 
 /// The ledger key of the batch endpoints' requests-per-minute limit.
 const LEDGER_KEY: &str = "message-batches";
@@ -80,7 +85,9 @@ impl<T> Drop for Unsent<T> {
         if let Some(route) = state.routes.get_mut(&self.route) {
             if let Some(i) = route.items.iter().position(|item| item.key == self.key) {
                 let item = route.items.remove(i);
-                route.bytes = route.bytes.saturating_sub(item.params.len() + ITEM_OVERHEAD);
+                route.bytes = route
+                    .bytes
+                    .saturating_sub(item.params.len() + ITEM_OVERHEAD);
                 removed = true;
             }
         }
@@ -113,15 +120,18 @@ where
         let key = state.next_key;
         state.next_key += 1;
         state.snapshot.collected += 1;
-        let route = state.routes.entry(route_key.clone()).or_insert_with(|| Route {
-            items: Vec::new(),
-            bytes: 0,
-            since: None,
-            flusher: false,
-            full: Arc::new(Notify::new()),
-            base,
-            headers,
-        });
+        let route = state
+            .routes
+            .entry(route_key.clone())
+            .or_insert_with(|| Route {
+                items: Vec::new(),
+                bytes: 0,
+                since: None,
+                flusher: false,
+                full: Arc::new(Notify::new()),
+                base,
+                headers,
+            });
         if route.items.is_empty() {
             route.since = Some(Instant::now());
         }
@@ -186,11 +196,17 @@ fn next_step<T>(shared: &Shared<T>, route_key: &str) -> Next {
 }
 
 /// Takes the next batch of a route, at most `room` requests; counts them queued.
-fn take<T>(shared: &Shared<T>, route_key: &str, room: u64) -> Option<(String, HeaderMap, Vec<Item>)> {
+fn take<T>(
+    shared: &Shared<T>,
+    route_key: &str,
+    room: u64,
+) -> Option<(String, HeaderMap, Vec<Item>)> {
     let config = shared.config;
     let mut state = shared.lock();
     let route = state.routes.get_mut(route_key)?;
-    let limit = config.max_requests.min(usize::try_from(room).unwrap_or(usize::MAX));
+    let limit = config
+        .max_requests
+        .min(usize::try_from(room).unwrap_or(usize::MAX));
     let mut bytes = 0usize;
     let mut n = 0usize;
     for item in &route.items {
@@ -269,8 +285,12 @@ fn create_body(items: &[Item]) -> Bytes {
 }
 
 /// One batch from creation to answers.
-async fn run_batch<T, B, RT>(shared: Arc<Shared<T>>, base: String, headers: HeaderMap, items: Vec<Item>)
-where
+async fn run_batch<T, B, RT>(
+    shared: Arc<Shared<T>>,
+    base: String,
+    headers: HeaderMap,
+    items: Vec<Item>,
+) where
     T: Service<Request<B>, Response = Response<RT>> + Clone + Send + Sync + 'static,
     T::Future: Send,
     T::Error: Into<BoxError>,
@@ -281,18 +301,27 @@ where
 {
     let n = items.len() as u64;
     let uri = format!("{base}/v1/messages/batches");
-    let created = call::<T, B, RT>(&shared, Method::POST, &uri, &headers, create_body(&items)).await;
+    let created =
+        call::<T, B, RT>(&shared, Method::POST, &uri, &headers, create_body(&items)).await;
     let outcome = match created {
         Ok((status, body)) if status.is_success() => {
             let id = serde_json::from_slice::<Value>(&body)
                 .ok()
                 .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned));
             id.ok_or_else(|| {
-                Answer::Fail(batch_error(None, BatchEnd::Failed, "no batch id in the answer"))
+                Answer::Fail(batch_error(
+                    None,
+                    BatchEnd::Failed,
+                    "no batch id in the answer",
+                ))
             })
         }
         Ok((status, body)) => Err(Answer::Refused(status, body)),
-        Err(e) => Err(Answer::Fail(batch_error(None, BatchEnd::Failed, e.to_string()))),
+        Err(e) => Err(Answer::Fail(batch_error(
+            None,
+            BatchEnd::Failed,
+            e.to_string(),
+        ))),
     };
     let id = match outcome {
         Ok(id) => id,
@@ -335,9 +364,10 @@ fn answer_all<T>(shared: &Shared<T>, items: Vec<Item>, answer: &Answer) {
             Answer::Refused(status, body) => {
                 let mut response = Response::new(body.clone());
                 *response.status_mut() = *status;
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 Ok(response)
             }
             Answer::Fail(Error::Batch {
@@ -367,7 +397,11 @@ fn deliver<T>(shared: &Shared<T>, id: &str, items: Vec<Item>, results: Vec<(Stri
     for item in items {
         let result = match by_id.remove(&format!("r{}", item.key)) {
             Some(result) => result.into_response(id),
-            None => Err(batch_error(Some(id), BatchEnd::Failed, "no result for this request")),
+            None => Err(batch_error(
+                Some(id),
+                BatchEnd::Failed,
+                "no result for this request",
+            )),
         };
         send(shared, item, result);
     }
@@ -413,7 +447,10 @@ where
         }
         let object: Value = serde_json::from_slice(&body).map_err(|e| failed(e.to_string()))?;
         if object.get("processing_status").and_then(Value::as_str) == Some("ended") {
-            break object.get("results_url").and_then(Value::as_str).map(str::to_owned);
+            break object
+                .get("results_url")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
         }
     };
     let url = match results_url {
@@ -444,7 +481,11 @@ async fn pace<T>(shared: &Shared<T>) -> Result<(), BoxError> {
         match shared.ledger.reserve(LEDGER_KEY, &limits, costs).await? {
             Reservation::Admitted => return Ok(()),
             Reservation::Wait { retry_in, .. } => sleep(retry_in).await,
-            Reservation::Never { dimension, cost, capacity } => {
+            Reservation::Never {
+                dimension,
+                cost,
+                capacity,
+            } => {
                 return Err(Box::new(Error::RequestTooLarge {
                     dimension,
                     cost,
@@ -525,12 +566,17 @@ where
     if let Some(h) = request.headers_mut() {
         h.extend(headers.clone());
         if !body.is_empty() {
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
         }
     }
     let request = request.body(B::from(body))?;
     let mut transport = shared.transport.clone();
-    poll_fn(|cx| transport.poll_ready(cx)).await.map_err(Into::into)?;
+    poll_fn(|cx| transport.poll_ready(cx))
+        .await
+        .map_err(Into::into)?;
     let response = transport.call(request).await.map_err(Into::into)?;
     let (parts, body) = response.into_parts();
     let bytes = body.collect().await.map_err(Into::into)?.to_bytes();

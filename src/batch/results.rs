@@ -149,19 +149,28 @@ not json
         let (_, a) = it.next().expect("a");
         let a = a.into_response("b1").expect("ok");
         assert_eq!(a.status(), StatusCode::OK);
-        assert_eq!(crate::wire::usage_of(a.body()).map(|u| u.input_tokens), Some(3));
+        assert_eq!(
+            crate::wire::usage_of(a.body()).map(|u| u.input_tokens),
+            Some(3)
+        );
         let (_, b) = it.next().expect("b");
         let b = b.into_response("b1").expect("response");
         assert_eq!(b.status(), StatusCode::BAD_REQUEST);
         let (_, c) = it.next().expect("c");
         assert!(matches!(
             c.into_response("b1"),
-            Err(Error::Batch { end: BatchEnd::Canceled, .. })
+            Err(Error::Batch {
+                end: BatchEnd::Canceled,
+                ..
+            })
         ));
         let (_, d) = it.next().expect("d");
         assert!(matches!(
             d.into_response("b1"),
-            Err(Error::Batch { end: BatchEnd::Expired, .. })
+            Err(Error::Batch {
+                end: BatchEnd::Expired,
+                ..
+            })
         ));
     }
 }
