@@ -8,7 +8,8 @@
 //! conversation, what each turn resent and how that grows
 //! ([`ConversationStats`]). A conversation is named by a
 //! [`ConversationId`] extension on the request, or else by a hash of its
-//! first two messages (the same conversation resends the same beginning).
+//! system prompt and first message (every turn of a conversation resends
+//! the same beginning).
 //!
 //! With a [cap](ContextGuardBuilder::cap), a request that would resend more
 //! input tokens than the cap is refused before it is sent, with
@@ -64,7 +65,7 @@ use crate::rewrite::{read_body, with_body, DEFAULT_BODY_LIMIT};
 use crate::{BoxError, Error};
 
 /// Names the conversation a request belongs to (a request extension). Without
-/// it, a conversation is named by a hash of its first two messages.
+/// it, a conversation is named by a hash of its system prompt and first message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConversationId(pub String);
 
@@ -345,7 +346,7 @@ where
 }
 
 /// The request's conversation: its [`ConversationId`], else a hash of its
-/// first two messages (and its system prompt).
+/// system prompt and first message (which every later turn resends).
 fn conversation_name(parts: &http::request::Parts, body: &[u8]) -> String {
     if let Some(ConversationId(id)) = parts.extensions.get::<ConversationId>() {
         return id.clone();
@@ -354,7 +355,7 @@ fn conversation_name(parts: &http::request::Parts, body: &[u8]) -> String {
     if let Ok(value) = serde_json::from_slice::<Value>(body) {
         value.get("system").map(Value::to_string).hash(&mut hasher);
         if let Some(messages) = value.get("messages").and_then(Value::as_array) {
-            for m in messages.iter().take(2) {
+            for m in messages.iter().take(1) {
                 m.to_string().hash(&mut hasher);
             }
         }
