@@ -77,7 +77,7 @@ mod usage_body {
                 match chunk.iter().find(|b| !b.is_ascii_whitespace()) {
                     None => return,
                     Some(b'{') => *self = Reader::Json(UsageScanner::new()),
-                    Some(_) => *self = Reader::Sse(Box::new(StreamUsage::new())),
+                    Some(_) => *self = Reader::Sse(Box::default()),
                 }
             }
             match self {

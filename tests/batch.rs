@@ -246,8 +246,11 @@ async fn a_future_dropped_before_submission_is_removed_and_one_dropped_after_is_
     assert_eq!(emu.batch_stats().succeeded, 2);
 }
 
+/// What a hook was told about one batch: its id, its custom ids, whether it ended.
+type Told = (String, Vec<String>, bool);
+
 #[derive(Default, Clone)]
-struct Recorder(Arc<Mutex<Vec<(String, Vec<String>, bool)>>>);
+struct Recorder(Arc<Mutex<Vec<Told>>>);
 
 impl BatchHook for Recorder {
     fn submitted(&self, batch_id: &str, custom_ids: &[String]) {
