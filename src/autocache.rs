@@ -72,7 +72,11 @@ use serde_json::{Map, Value};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::rewrite::{read_body, with_body, UsageBody, DEFAULT_BODY_LIMIT};
+use crate::rewrite::{read_body, with_body, DEFAULT_BODY_LIMIT};
+
+/// The body of an [`AutoCache`] answer: the inner body, passed through
+/// unchanged, whose `usage` is read as it passes (for [`AutoCacheSnapshot`]).
+pub use crate::rewrite::UsageBody as AutoCacheBody;
 use crate::wire::Usage;
 use crate::BoxError;
 
@@ -282,7 +286,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<UsageBody<R>>;
+    type Response = Response<AutoCacheBody<R>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -307,7 +311,7 @@ where
                 let shared = shared.clone();
                 Box::new(move |usage: Usage| record_usage(&shared, &usage)) as _
             });
-            Ok(response.map(|body| UsageBody::new(body, on_usage)))
+            Ok(response.map(|body| AutoCacheBody::new(body, on_usage)))
         })
     }
 }

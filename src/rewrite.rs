@@ -56,7 +56,7 @@ pub(crate) fn with_body<B: From<Bytes>>(
 }
 
 #[cfg(feature = "cache")]
-pub(crate) use usage_body::UsageBody;
+pub use usage_body::UsageBody;
 
 #[cfg(feature = "cache")]
 mod usage_body {

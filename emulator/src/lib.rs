@@ -13,6 +13,13 @@
 //!   answers so the official SDKs parse them;
 //! - `POST /v1/messages/count_tokens` -> `{"input_tokens": N}`, with its own
 //!   requests-per-minute limiter, separate from the messages limits;
+//! - the Message Batches endpoints (`POST /v1/messages/batches`, `GET
+//!   /v1/messages/batches[/{id}[/results]]`, `POST
+//!   /v1/messages/batches/{id}/cancel`): a batch ends a configurable
+//!   processing delay after its creation, its results (JSONL) drawn as the
+//!   messages endpoint would answer; a requests-per-minute limit over the
+//!   batch endpoints and a cap on requests in the processing queue, never the
+//!   messages limits (see [`BatchSettings`]);
 //! - validation where it matters for pacing: `model`, `max_tokens` and
 //!   `messages` present and well typed, and `max_tokens` at most 128,000 (the
 //!   largest output limit of any model), a model of a known family (see
