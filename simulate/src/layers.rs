@@ -144,7 +144,7 @@ fn mixed(args: &Args, n: usize) -> Vec<(Request<Full<Bytes>>, Duration)> {
 
 async fn run_batch(args: &Args, with_batch: bool) -> Result<String, String> {
     let clock = WallClock::following_tokio(std::time::SystemTime::UNIX_EPOCH);
-    let emulator = emu::plain(args, clock.clone())?;
+    let emulator = emu::plain(args, clock)?;
     let start = Instant::now();
     let stack = preset(args, clock).layer(emulator.service());
     let mut tasks = Vec::new();
@@ -284,7 +284,7 @@ where
 
 async fn run_cache(args: &Args, variant: usize) -> Result<String, String> {
     let clock = WallClock::following_tokio(std::time::SystemTime::UNIX_EPOCH);
-    let emulator = emu::plain(args, clock.clone())?;
+    let emulator = emu::plain(args, clock)?;
     let stack = preset(args, clock).layer(emulator.service());
     let (name, time) = match variant {
         0 => (
