@@ -564,8 +564,14 @@ mod tests {
             rewrite(b"not json", CacheTtl::FiveMinutes, None),
             Outcome::Unchanged
         );
-        // Haiku 4.5 needs 4,096 tokens: ~1,800 are not enough.
-        let mut haiku = conversation(2, 400);
+        // Haiku 4.5 needs 4,096 tokens: ~2,700 are not enough (Sonnet's
+        // 1,024 are).
+        let mut haiku = conversation(2, 200);
+        let sonnet = serde_json::to_vec(&haiku).expect("json");
+        assert!(matches!(
+            rewrite(&sonnet, CacheTtl::FiveMinutes, None),
+            Outcome::Rewritten(..)
+        ));
         haiku["model"] = Value::from("claude-haiku-4-5");
         haiku.as_object_mut().map(|m| m.remove("tools"));
         let haiku = serde_json::to_vec(&haiku).expect("json");
