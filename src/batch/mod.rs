@@ -22,14 +22,14 @@
 //!   have answered (JSON): a `succeeded` result is a `200` with the message;
 //!   an `errored` one is the API's error answer (its status and error body);
 //!   `canceled` and `expired` results are [`Error::Batch`] with
-//!   [`BatchEnd::Canceled`] or [`BatchEnd::Expired`]. A batch that could not
+//!   [`BatchEnd::Canceled`](crate::BatchEnd::Canceled) or [`BatchEnd::Expired`](crate::BatchEnd::Expired). A batch that could not
 //!   be created because the API refused it (a `4xx` other than 429) answers
 //!   every one of its requests with that refusal.
 //! - **Cancellation.** A future dropped before its batch is submitted removes
 //!   its request. One dropped after is ignored: its result is discarded and
 //!   no other request is touched.
 //! - **Batch limits.** Every call to the batch endpoints is paced by a
-//!   [`Ledger`](crate::budget::ledger::Ledger) against the batch
+//!   [`Ledger`] against the batch
 //!   requests-per-minute limit (shared by all models; Tier 1: 50), and a batch
 //!   is submitted only while the requests of this layer's batches waiting in
 //!   the processing queue stay under the queue cap (Tier 1: 100,000), so that
