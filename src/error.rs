@@ -277,6 +277,36 @@ pub enum Error {
     },
     /// A request body could not be read.
     Body(BoxError),
+    /// The request resends more input tokens than the context guard's cap
+    /// allows (after its trim callback, if any): it was not sent. Never
+    /// retried: the same request would be refused again.
+    ContextTooLarge {
+        /// The request's estimated input tokens (cached and uncached).
+        tokens: u64,
+        /// The configured cap.
+        cap: u64,
+    },
+    /// A request sent through the Message Batches API ended without a message.
+    Batch {
+        /// The batch it went out in, if it was submitted.
+        batch_id: Option<String>,
+        /// How it ended.
+        end: BatchEnd,
+        /// What the server or the transport said.
+        detail: String,
+    },
+}
+
+/// How a request sent through the Message Batches API ended without a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BatchEnd {
+    /// The batch was canceled before this request was processed.
+    Canceled,
+    /// The batch did not finish within the API's 24 hours.
+    Expired,
+    /// The batch could not be submitted or its results could not be read.
+    Failed,
 }
 
 impl Error {
@@ -302,12 +332,15 @@ impl Error {
 
     /// Whether trying the same request again later could succeed.
     ///
-    /// False for [`Error::SpendLimitReached`], [`Error::RequestTooLarge`] and
-    /// [`Error::ModelTooLong`].
+    /// False for [`Error::SpendLimitReached`], [`Error::RequestTooLarge`],
+    /// [`Error::ModelTooLong`] and [`Error::ContextTooLarge`].
     pub fn is_transient(&self) -> bool {
         !matches!(
             self,
-            Error::SpendLimitReached | Error::RequestTooLarge { .. } | Error::ModelTooLong { .. }
+            Error::SpendLimitReached
+                | Error::RequestTooLarge { .. }
+                | Error::ModelTooLong { .. }
+                | Error::ContextTooLarge { .. }
         )
     }
 }
@@ -369,6 +402,25 @@ impl fmt::Display for Error {
                 )
             }
             Error::Body(_) => f.write_str("failed to read the request body"),
+            Error::ContextTooLarge { tokens, cap } => write!(
+                f,
+                "request resends {tokens} input tokens, above the context cap of {cap}; not sent"
+            ),
+            Error::Batch {
+                batch_id,
+                end,
+                detail,
+            } => {
+                let how = match end {
+                    BatchEnd::Canceled => "was canceled",
+                    BatchEnd::Expired => "expired",
+                    BatchEnd::Failed => "failed",
+                };
+                match batch_id {
+                    Some(id) => write!(f, "batched request {how} (batch {id}): {detail}"),
+                    None => write!(f, "batched request {how} before submission: {detail}"),
+                }
+            }
         }
     }
 }

@@ -17,6 +17,16 @@
 //! | [`budget::TokenBudgetLayer`] | estimates each request's tokens ([`estimate::AnthropicEstimator`]), waits (or rejects) until RPM, ITPM and OTPM can take it, settles with the real usage (JSON or SSE, read as it passes), syncs with the server's headers and learns limits it was not given; in enforce mode, answers a gateway's callers with Anthropic-shaped 429s |
 //! | [`concurrency::ConcurrencyLayer`] | caps requests in flight, fixed or adaptive (slow start, AIMD on 429/529/503 and timeouts), holds a slot until the response *body* ends, serves priority lanes in order |
 //!
+//! Three optional layers, each behind its feature, carry out the durable
+//! fixes for 429s that are otherwise left to the user; put them outside the
+//! preset (`ServiceBuilder::new().layer(x).layer(limits)`):
+//!
+//! | layer | feature | what it does |
+//! |---|---|---|
+//! | `batch::BatchLayer` | `batch` | sends background requests as Message Batches (half price, no draw on the Messages limits), paced against the batch limits, each future answered as `/v1/messages` would |
+//! | `autocache::AutoCacheLayer` | `cache` | adds `cache_control` breakpoints where a request has none, on prefixes long enough to cache, and reports cache writes, reads and the cost difference |
+//! | `context::ContextGuardLayer` | `context` | reports the input tokens each conversation resends, refuses a request above a cap before sending it, lets a callback trim it |
+//!
 //! [`preset::LimitsLayer::anthropic`] builds the recommended stack, `RetryAfter -> TokenBudget
 //! -> Concurrency`, in one call. Retry is outermost so that every attempt is
 //! paced and counted again; the budget waits before a concurrency slot is
@@ -214,7 +224,20 @@ pub mod reqwest;
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
 
-pub use error::{BoxError, Dimension, Error, GiveUpReason, LastResponse};
+#[cfg(any(feature = "cache", feature = "context", feature = "batch"))]
+mod rewrite;
+
+#[cfg(feature = "cache")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+pub mod autocache;
+#[cfg(feature = "batch")]
+#[cfg_attr(docsrs, doc(cfg(feature = "batch")))]
+pub mod batch;
+#[cfg(feature = "context")]
+#[cfg_attr(docsrs, doc(cfg(feature = "context")))]
+pub mod context;
+
+pub use error::{BatchEnd, BoxError, Dimension, Error, GiveUpReason, LastResponse};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(all(

@@ -13,6 +13,13 @@
 //!   answers so the official SDKs parse them;
 //! - `POST /v1/messages/count_tokens` -> `{"input_tokens": N}`, with its own
 //!   requests-per-minute limiter, separate from the messages limits;
+//! - the Message Batches endpoints (`POST /v1/messages/batches`, `GET
+//!   /v1/messages/batches[/{id}[/results]]`, `POST
+//!   /v1/messages/batches/{id}/cancel`): a batch ends a configurable
+//!   processing delay after its creation, its results (JSONL) drawn as the
+//!   messages endpoint would answer; a requests-per-minute limit over the
+//!   batch endpoints and a cap on requests in the processing queue, never the
+//!   messages limits (see [`BatchSettings`]);
 //! - validation where it matters for pacing: `model`, `max_tokens` and
 //!   `messages` present and well typed, and `max_tokens` at most 128,000 (the
 //!   largest output limit of any model), a model of a known family (see
@@ -209,6 +216,7 @@
     rust_2018_idioms
 )]
 
+mod batch;
 mod body;
 mod cache;
 mod config;
@@ -229,6 +237,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower_llm_limits::clock::WallClock;
 
+pub use self::batch::{BatchSettings, BatchStats, MAX_BATCH_REQUESTS};
 pub use self::body::EmulatorBody;
 pub use self::config::{Acceleration, Faults, Latency, OutputLength};
 pub use self::limiter::{Headroom, InvalidWindow, RateLimiter, RequestCost, Verdict};
@@ -285,6 +294,7 @@ pub(crate) struct Config {
     pub(crate) header_read_timeout: Duration,
     pub(crate) body_read_timeout: Duration,
     pub(crate) max_connections: usize,
+    pub(crate) batches: BatchSettings,
 }
 
 /// Shared run-time state of an emulator and its services.
@@ -294,6 +304,8 @@ pub(crate) struct Shared {
     pub(crate) limiter: RateLimiter<ModelClass>,
     /// The `count_tokens` endpoint's own requests-per-minute limit.
     pub(crate) count_limiter: RateLimiter<()>,
+    /// The Message Batches endpoints' state and limits.
+    pub(crate) batches: batch::Batches,
     cache: Mutex<PromptCache>,
     stats: Mutex<StatsInner>,
     seq: AtomicU64,
@@ -385,6 +397,7 @@ impl Emulator {
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
+                batches: BatchSettings::default(),
             },
         }
     }
@@ -409,6 +422,7 @@ impl Emulator {
                 config,
                 limiter,
                 count_limiter,
+                batches: batch::Batches::new(),
                 seq: AtomicU64::new(0),
                 spend_limit: AtomicBool::new(false),
             }),
@@ -420,6 +434,11 @@ impl Emulator {
         EmulatorService {
             shared: self.shared.clone(),
         }
+    }
+
+    /// What the Message Batches endpoints did so far.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.shared.batches.stats()
     }
 
     /// A snapshot of the counters: per model class, tokens really charged,
@@ -476,6 +495,15 @@ pub struct EmulatorBuilder {
 }
 
 impl EmulatorBuilder {
+    /// The Message Batches endpoints' processing delay and limits (see
+    /// [`BatchSettings`]; by default 60 s, 50 requests per minute, 100,000
+    /// requests in the processing queue). Batch traffic never draws on the
+    /// Messages limits.
+    pub fn batches(mut self, settings: BatchSettings) -> Self {
+        self.config.batches = settings;
+        self
+    }
+
     /// Limits for every model class without limits of its own (set by
     /// [`class_limits`](Self::class_limits) or [`tier`](Self::tier)).
     pub fn limits(mut self, limits: Limits) -> Self {

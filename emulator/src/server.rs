@@ -95,8 +95,9 @@ impl Emulator {
         }
     }
 
-    /// An axum `Router` serving the emulator at `/v1/messages` and
-    /// `/v1/messages/count_tokens` (any other path: `404 not_found_error`),
+    /// An axum `Router` serving the emulator at `/v1/messages`,
+    /// `/v1/messages/count_tokens` and the Message Batches endpoints under
+    /// `/v1/messages/batches` (any other path: `404 not_found_error`),
     /// to nest in an app or to serve with `axum::serve`.
     ///
     /// axum services cannot fail, so a `connection_reset` fault is an answer

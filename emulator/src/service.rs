@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use tokio::time::{sleep, Instant};
 
+use super::batch;
 use super::body::{EmulatorBody, Step};
 use super::cache::CacheOutcome;
 use super::config::{scale, Fault};
@@ -273,6 +274,36 @@ where
     let request_id = random_id("req_", &mut rng);
     let (parts, body) = request.into_parts();
 
+    if let Some(rest) = batch_path(parts.uri.path()) {
+        let bytes = match read_body(
+            body,
+            shared.config.body_limit,
+            shared.config.body_read_timeout,
+        )
+        .await
+        {
+            Ok(b) => b,
+            Err(ReadError::TooLarge) => {
+                return Ok(invalid(
+                    &shared,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorKind::RequestTooLarge,
+                    "Request exceeds the maximum allowed number of bytes.",
+                    None,
+                ));
+            }
+            Err(ReadError::Failed(e)) => return Err(e),
+        };
+        let method = &parts.method;
+        return Ok(batch::answer(
+            &shared,
+            method,
+            rest,
+            &bytes,
+            &mut rng,
+            &request_id,
+        ));
+    }
     let endpoint = match route(&parts.method, parts.uri.path()) {
         Ok(endpoint) => endpoint,
         Err((status, kind, message)) => {
@@ -317,6 +348,12 @@ where
         Endpoint::CountTokens => Ok(count_tokens(&shared, &parsed, &request_id)),
         Endpoint::Messages => messages(shared, parsed, rng, request_id).await,
     }
+}
+
+/// The rest of a Message Batches path (`/v1/messages/batches...`).
+fn batch_path(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/messages/batches")?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
 }
 
 /// The endpoint of a path and method, or the error to answer (`404` for an

@@ -28,6 +28,13 @@ pub struct Args {
     #[arg(long)]
     pub real_time: bool,
 
+    /// Run the layer comparisons instead: background traffic with and
+    /// without `BatchLayer`, conversations with and without `AutoCacheLayer`
+    /// beside breakpoints placed by hand (`--requests` sets the batch run's
+    /// size, 120 by default).
+    #[arg(long)]
+    pub layers: bool,
+
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,

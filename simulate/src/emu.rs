@@ -99,3 +99,17 @@ pub fn count_tokens(s: &str) -> u64 {
 
 /// Tokens each message adds under the emulator's rule (its role framing).
 pub const MESSAGE_OVERHEAD: u64 = tower_llm_limits_emulator::MESSAGE_OVERHEAD;
+
+/// A fresh emulator with the run's limits and seed, the default latency
+/// model and batch endpoints, no faults (for `--layers`).
+///
+/// # Errors
+/// Settings the emulator refuses.
+pub fn plain(a: &Args, clock: WallClock) -> Result<Emulator, String> {
+    Emulator::builder()
+        .limits(limits(a))
+        .seed(a.seed)
+        .wall_clock(clock)
+        .build()
+        .map_err(|e| format!("emulator: {e}"))
+}

@@ -52,6 +52,7 @@
 
 mod args;
 mod emu;
+mod layers;
 mod plot;
 mod progress;
 mod report;
@@ -103,6 +104,11 @@ pub fn run(args: Args) -> ExitCode {
 
 async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
     let wall = std::time::Instant::now();
+    if args.layers {
+        print!("{}", layers::run(&args).await?);
+        println!("\n({:.2} s of wall time)", wall.elapsed().as_secs_f64());
+        return Ok(());
+    }
     let (workload, limits, rows) = run_strategies(&args, virtual_time).await?;
     if let Some(path) = &args.plot {
         std::fs::write(path, plot::svg(&rows, &limits, 10.0))
