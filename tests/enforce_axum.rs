@@ -205,7 +205,15 @@ async fn a_budget_in_client_mode_is_answered_too() {
 
 #[test]
 fn errors_map_to_the_apis_answers() {
-    let cases: [(Box<dyn std::error::Error + Send + Sync>, u16, &str); 6] = [
+    let cases: [(Box<dyn std::error::Error + Send + Sync>, u16, &str); 7] = [
+        (
+            Box::new(Error::ContextTooLarge {
+                tokens: 250_000,
+                cap: 100_000,
+            }),
+            400,
+            "invalid_request_error",
+        ),
         (
             Box::new(Error::BudgetExceeded {
                 retry_in: Duration::from_millis(2_001),

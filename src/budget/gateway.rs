@@ -291,6 +291,8 @@ impl<E: StdError + 'static> StdError for Kept<E> {
 /// | [`Error::RequestTooLarge`] | 429 `rate_limit_error`, `x-should-retry: false` |
 /// | [`Error::SpendLimitReached`] | 429 `rate_limit_error` with `error_code: enforced_spend_limit_reached`, `x-should-retry: false` |
 /// | [`Error::ModelTooLong`], [`Error::Body`] | 400 `invalid_request_error` |
+/// | [`Error::ContextTooLarge`] | 400 `invalid_request_error`, `x-should-retry: false` |
+/// | [`Error::Batch`] | 502 `api_error` |
 /// | `http_body_util::LengthLimitError` | 413 `request_too_large` |
 /// | [`Error::Overloaded`] | 529 `overloaded_error` |
 /// | [`Error::RetriesExhausted`] | the last status's kind (429, 529), else 502 `api_error` |
@@ -395,6 +397,10 @@ fn crate_error_response(e: &Error, id: &str) -> Option<Response<Bytes>> {
         Error::NotReplayable { .. } => {
             answer(ErrorKind::Api).into_response_with(StatusCode::BAD_GATEWAY)
         }
+        Error::ContextTooLarge { .. } => {
+            no_retry(answer(ErrorKind::InvalidRequest).into_response())
+        }
+        Error::Batch { .. } => answer(ErrorKind::Api).into_response_with(StatusCode::BAD_GATEWAY),
         Error::Body(_) => return None,
         // A variant added later is an internal error until it is mapped.
         #[allow(unreachable_patterns)]
