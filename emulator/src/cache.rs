@@ -27,10 +27,24 @@ impl CacheOutcome {
     }
 }
 
-/// Prefix hash -> expiry, per model (the model is part of the hash).
+/// One cached prefix: readable from `readable_at` (when the answer of the
+/// request that wrote it began) until `expires`.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    readable_at: Instant,
+    expires: Instant,
+}
+
+impl Entry {
+    fn readable(&self, now: Instant) -> bool {
+        self.readable_at <= now && now < self.expires
+    }
+}
+
+/// Prefix hash -> entry, per model (the model is part of the hash).
 #[derive(Debug, Default)]
 pub(crate) struct PromptCache {
-    entries: HashMap<u64, Instant>,
+    entries: HashMap<u64, Entry>,
     min_tokens: u64,
     last_prune: Option<Instant>,
 }
@@ -54,7 +68,8 @@ impl PromptCache {
 
     /// Works out reads and writes for `units` without changing the cache.
     ///
-    /// The longest prefix that ends at a breakpoint and is live is read; the
+    /// The longest prefix that ends at a breakpoint and is readable (its
+    /// writer's answer has begun, and it has not expired) is read; the
     /// tokens from there to the last breakpoint are written (each span with
     /// the TTL of the breakpoint that closes it); the rest is uncached input.
     /// A prefix shorter than the minimum cacheable length is neither read nor
@@ -75,7 +90,7 @@ impl PromptCache {
                 if self
                     .entries
                     .get(&unit.prefix_hash)
-                    .is_some_and(|exp| *exp > now)
+                    .is_some_and(|e| e.readable(now))
                 {
                     read = cumulative;
                 }
@@ -100,9 +115,11 @@ impl PromptCache {
         outcome
     }
 
-    /// Records the request's breakpoints as seen at `now` (a read refreshes
-    /// the entry's lifetime, as the API does).
-    pub(crate) fn commit(&mut self, units: &[Unit], now: Instant) {
+    /// Records the request's breakpoints as seen at `now`, readable from
+    /// `readable_at` (when its answer begins; an entry already readable
+    /// stays so). The lifetime counts from `now`, the start of the request,
+    /// and a read refreshes it, as the API does.
+    pub(crate) fn commit(&mut self, units: &[Unit], now: Instant, readable_at: Instant) {
         let mut cumulative = 0u64;
         for unit in units {
             cumulative += unit.tokens;
@@ -110,10 +127,16 @@ impl PromptCache {
                 if cumulative < self.min_tokens {
                     continue;
                 }
-                let until = now + ttl(t);
-                let entry = self.entries.entry(unit.prefix_hash).or_insert(until);
-                if *entry < until {
-                    *entry = until;
+                let fresh = Entry {
+                    readable_at: readable_at.max(now),
+                    expires: now + ttl(t),
+                };
+                let entry = self.entries.entry(unit.prefix_hash).or_insert(fresh);
+                if entry.expires <= now {
+                    *entry = fresh;
+                } else {
+                    entry.readable_at = entry.readable_at.min(fresh.readable_at);
+                    entry.expires = entry.expires.max(fresh.expires);
                 }
             }
         }
@@ -121,7 +144,7 @@ impl PromptCache {
             .last_prune
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60));
         if due {
-            self.entries.retain(|_, exp| *exp > now);
+            self.entries.retain(|_, e| e.expires > now);
             self.last_prune = Some(now);
         }
     }
@@ -130,13 +153,17 @@ impl PromptCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokens::{parse_request, Endpoint};
+    use crate::tokens::{parse_request, Endpoint, TokenCounter};
 
     fn units(system: &str, user: &str) -> Vec<Unit> {
         let body = serde_json::json!({"model":"m","max_tokens":1,
             "system":[{"type":"text","text":system,"cache_control":{"type":"ephemeral"}}],
             "messages":[{"role":"user","content":user}]});
-        parse_request(&serde_json::to_vec(&body).unwrap(), Endpoint::Messages)
+        parse_request(
+            &serde_json::to_vec(&body).unwrap(),
+            Endpoint::Messages,
+            &TokenCounter::words(),
+        )
             .unwrap()
             .units
     }
@@ -156,16 +183,36 @@ mod tests {
                 uncached: 2 + 3
             }
         );
-        cache.commit(&u, now);
+        cache.commit(&u, now, now);
         let second = cache.lookup(&u, now + Duration::from_secs(299));
         assert_eq!(second.read, 3);
         assert_eq!(second.written(), 0);
         // the read at 299 s refreshes it
-        cache.commit(&u, now + Duration::from_secs(299));
+        let later = now + Duration::from_secs(299);
+        cache.commit(&u, later, later);
         assert_eq!(cache.lookup(&u, now + Duration::from_secs(500)).read, 3);
         assert_eq!(cache.lookup(&u, now + Duration::from_secs(600)).read, 0);
         // a different prefix misses
         assert_eq!(cache.lookup(&units("other", "hello"), now).read, 0);
+    }
+
+    /// A prefix is readable only once its writer's answer has begun: a
+    /// request admitted before that writes it again.
+    #[tokio::test(start_paused = true)]
+    async fn readable_only_after_the_writers_answer_begins() {
+        let mut cache = PromptCache::new(0);
+        let u = units("abcd abcd abcd", "hello");
+        let now = Instant::now();
+        let begins = now + Duration::from_millis(600);
+        cache.commit(&u, now, begins);
+        let before = cache.lookup(&u, now + Duration::from_millis(599));
+        assert_eq!((before.read, before.written()), (0, 3));
+        // A second writer before that does not delay the first one's entry.
+        cache.commit(&u, now + Duration::from_millis(100), now + Duration::from_secs(5));
+        let after = cache.lookup(&u, begins);
+        assert_eq!((after.read, after.written()), (3, 0));
+        // Its lifetime counts from the start of the request.
+        assert_eq!(cache.lookup(&u, now + Duration::from_secs(301)).read, 0);
     }
 
     #[test]

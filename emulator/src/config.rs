@@ -8,9 +8,10 @@ use super::rng::Rng;
 ///
 /// A non-streaming answer arrives after `time_to_first_token + n *
 /// per_output_token` (times the request's jitter factor); a streamed one
-/// sends its head and `message_start` at once, its first text delta after
-/// `time_to_first_token`, then one delta per `tokens_per_delta` tokens, each
-/// paced by `per_output_token` per token.
+/// sends its head and `message_start` after `time_to_first_token` (the
+/// answer has begun: the prompt is read and its cache prefixes are
+/// readable), then one delta per `tokens_per_delta` tokens, each paced by
+/// `per_output_token` per token.
 ///
 /// # Examples
 ///

@@ -38,8 +38,10 @@
 //!   `remaining` rounded to the nearest thousand, resets in RFC 3339 to the second with
 //!   `Z`); a 429 carries an integer `retry-after`, `x-should-retry: true`
 //!   and the API's error JSON;
-//! - its own token counter ([`count_text`], [`TokenCounter`]), which is *not*
-//!   the client's estimator, so client estimates have real error;
+//! - its own token counter ([`TokenCounter`]: a real BPE tokenizer,
+//!   `o200k_base`, by default, or the word rule of [`count_text`], times an
+//!   optional scale), which is *not* the client's estimator, so client
+//!   estimates have real error;
 //! - a seeded [`Latency`] model, answer lengths drawn up to `max_tokens`
 //!   ([`OutputLength`]), and [`Faults`] at chosen rates (529, 500, reset
 //!   connections, slow answers, `event: error` mid-stream) plus the
@@ -113,8 +115,13 @@
 //!    rounded up), nothing charged.
 //! 6. Admitted: one request, the input, and the output reservation
 //!    (`max_tokens` in reserve mode, the first token in realtime mode) are
-//!    debited, the cache is updated. A `connection_reset` fault strikes here.
-//! 7. The answer: output produced at the latency model's pace, charged as it
+//!    debited. A `connection_reset` fault strikes here.
+//! 7. The cache learns the request's prefixes, readable from the moment its
+//!    answer begins (its time to first token, after any slow delay; a
+//!    streamed answer's head is sent then). A request with the same prefix
+//!    admitted before that writes it again, charged in full: "a cache entry
+//!    only becomes available after the first response begins".
+//! 8. The answer: output produced at the latency model's pace, charged as it
 //!    is produced (realtime) or settled at the end (reserve); if the client
 //!    drops the answer, what was produced is what is charged.
 //!
@@ -191,8 +198,8 @@
 //!
 //! - It does not model content: answers are one-token words, as many as the
 //!   drawn output length; tools, thinking and stop sequences are not emulated.
-//! - Its token counts follow its own documented rule ([`count_text`]), not
-//!   Claude's tokenizer; `count_tokens` answers the same rule, without cache.
+//! - Its token counts come from `o200k_base` (or the word rule), not
+//!   Claude's tokenizer; `count_tokens` answers the same count, without cache.
 //! - The prompt cache checks hits only at `cache_control` breakpoints (not the
 //!   API's look-back of up to 20 blocks before one).
 //! - What the API leaves undocumented is a setting with a stated default:
@@ -236,8 +243,8 @@ pub use self::server::RouterService;
 pub use self::service::{EmulatorService, ResponseFuture};
 pub use self::stats::{ClassStats, CountTokensStats, EmulatorStats, SecondStats};
 pub use self::tokens::{
-    count_text, TokenCounter, DOCUMENT_PAGE_CHARS, DOCUMENT_PAGE_TOKENS, IMAGE_TOKENS,
-    MESSAGE_OVERHEAD,
+    count_text, InvalidScale, TokenCounter, Tokenizer, UnknownTokenizer, DOCUMENT_PAGE_CHARS,
+    DOCUMENT_PAGE_TOKENS, IMAGE_TOKENS, MAX_TOKEN_SCALE, MESSAGE_OVERHEAD,
 };
 pub use tower_llm_limits::budget::{Limits, ModelClass, OutputMode, Tier};
 
@@ -285,6 +292,7 @@ pub(crate) struct Config {
     pub(crate) header_read_timeout: Duration,
     pub(crate) body_read_timeout: Duration,
     pub(crate) max_connections: usize,
+    pub(crate) token_counter: TokenCounter,
 }
 
 /// Shared run-time state of an emulator and its services.
@@ -385,6 +393,7 @@ impl Emulator {
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
+                token_counter: TokenCounter::default(),
             },
         }
     }
@@ -633,6 +642,13 @@ impl EmulatorBuilder {
     /// at least 1.
     pub fn max_connections(mut self, max: usize) -> Self {
         self.config.max_connections = max.max(1);
+        self
+    }
+
+    /// How input tokens are counted (default [`TokenCounter::default`]:
+    /// `o200k_base`, scale 1).
+    pub fn token_counter(mut self, counter: TokenCounter) -> Self {
+        self.config.token_counter = counter;
         self
     }
 

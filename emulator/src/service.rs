@@ -300,7 +300,7 @@ where
         Err(ReadError::Failed(e)) => return Err(e),
     };
     let parsed =
-        match parse_request(&bytes, endpoint).and_then(|p| validate(&shared, &p).map(|()| p)) {
+        match parse_request(&bytes, endpoint, &shared.config.token_counter).and_then(|p| validate(&shared, &p).map(|()| p)) {
             Ok(p) => p,
             Err(message) => {
                 return Ok(invalid(
@@ -464,13 +464,14 @@ async fn messages(
         Ok(admission) => admission,
         Err(refusal) => return Ok(refused(&shared, class, refusal, now, &request_id)),
     };
-    record_admission(&shared, class, &parsed, &charges, now);
+    let answer = Answer::draw(&shared, class, &parsed, &charges, fault, &mut rng);
+    let begins = answer_begins(now, answer.slow.saturating_add(answer.time_to_first_token));
+    record_admission(&shared, class, &parsed, &charges, now, begins);
     if fault == Some(Fault::ConnectionReset) {
         shared.lock_stats().class(class.as_str()).connection_resets += 1;
         admission.finish();
         return Err(connection_reset());
     }
-    let answer = Answer::draw(&shared, class, &parsed, &charges, fault, &mut rng);
     let response = if parsed.stream {
         streamed_answer(&shared, class, answer, admission, rng, &request_id).await
     } else {
@@ -642,16 +643,24 @@ fn refused(
     with_limit_headers(shared, class, r)
 }
 
-/// An admitted request reached the model: the cache learns its prefixes and
-/// the counters its input.
+/// `now + after`, or an hour from now if that is past the clock's range.
+fn answer_begins(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(3_600)))
+        .unwrap_or(now)
+}
+
+/// An admitted request reached the model: the cache learns its prefixes,
+/// readable once its answer `begins`, and the counters its input.
 fn record_admission(
     shared: &Shared,
     class: ModelClass,
     parsed: &ParsedRequest,
     charges: &Charges,
     now: Instant,
+    begins: Instant,
 ) {
-    shared.lock_cache().commit(&parsed.units, now);
+    shared.lock_cache().commit(&parsed.units, now, begins);
     let name = class.as_str();
     let cache = &charges.cache;
     let input = charges.input;
@@ -771,8 +780,10 @@ async fn json_answer(
     json_response(StatusCode::OK, &body, Some(request_id))
 }
 
-/// A streamed answer: the head after any slow delay, then the events paced
-/// by the latency model (or cut by an `event: error`).
+/// A streamed answer: the head and `message_start` when the answer begins
+/// (after any slow delay and the time to first token: the prompt has been
+/// read, and its prefixes are in the cache), then the deltas paced by the
+/// latency model (or cut by an `event: error`).
 async fn streamed_answer(
     shared: &Shared,
     class: ModelClass,
@@ -781,7 +792,7 @@ async fn streamed_answer(
     mut rng: Rng,
     request_id: &str,
 ) -> Response<EmulatorBody> {
-    pause(answer.slow).await;
+    pause(answer.slow.saturating_add(answer.time_to_first_token)).await;
     let error_after = if answer.stream_error {
         shared.lock_stats().class(class.as_str()).stream_errors += 1;
         // Somewhere in the middle: after at least one delta when there are two or more.
@@ -797,15 +808,15 @@ async fn streamed_answer(
     response
 }
 
-/// The steps of a streamed answer: the opening events, then per chunk a
-/// wait, the output it charges and its delta, then the closing events; or,
+/// The steps of a streamed answer, sent once it has begun: the opening
+/// events, then per chunk a wait, the output it charges and its delta, then
+/// the closing events; or,
 /// cut after `error_after` deltas, the end of the accounting and an
 /// `event: error`.
 fn stream_script(answer: &Answer, error_after: Option<u64>) -> VecDeque<Step> {
     let mut steps = VecDeque::with_capacity(answer.chunks.len() * 3 + 4);
     let opening = sse_opening(&answer.message_id, &answer.model, &answer.usage(1));
     steps.push_back(Step::Emit(opening));
-    steps.push_back(Step::Wait(answer.time_to_first_token));
     let chunks = answer.chunks.iter().zip(&answer.chunk_sizes);
     for (i, (text, &n)) in chunks.enumerate() {
         if error_after == Some(i as u64) {

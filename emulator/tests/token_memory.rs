@@ -66,7 +66,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn peak_while_counting(body: &[u8]) -> (usize, Result<u64, String>) {
     let before = LIVE.load(Ordering::SeqCst);
     PEAK.store(before, Ordering::SeqCst);
-    let result = TokenCounter.count_request(body);
+    let result = TokenCounter::words().count_request(body);
     (PEAK.load(Ordering::SeqCst) - before, result)
 }
 
