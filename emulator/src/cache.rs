@@ -1,11 +1,11 @@
 //! The emulator's prompt cache: which prefixes were seen, until when.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::tokens::{CacheTtl, Unit};
+use super::tokens::{parse_request, CacheTtl, Endpoint, TokenCounter, Unit};
 
 /// What the cache makes of a request's input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -150,10 +150,96 @@ impl PromptCache {
     }
 }
 
+/// The least input any client could be charged for a sequence of requests:
+/// each request's prompt as a [`TokenCounter`] counts it, less the longest
+/// prefix ending at a `cache_control` breakpoint that an earlier request of
+/// the sequence wrote (prefixes shorter than the cache's minimum are never
+/// cached). It is what the emulator would charge if every request were sent
+/// after the answers of all earlier ones had begun and no entry expired:
+/// the best a client can do, whatever its strategy.
+///
+/// # Examples
+///
+/// ```
+/// use tower_llm_limits_emulator::{CacheBound, TokenCounter};
+///
+/// let system = "abcd ".repeat(2_000);
+/// let body = |q: &str| serde_json::to_vec(&serde_json::json!({
+///     "model": "claude-sonnet-4-5", "max_tokens": 10,
+///     "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+///     "messages": [{"role": "user", "content": q}]})).unwrap();
+/// let mut bound = CacheBound::new(TokenCounter::words(), 1_024);
+/// let first = bound.charge(&body("What now?"))?;
+/// assert_eq!((first.total, first.read), (2_000 + 3 + 3, 0));
+/// let second = bound.charge(&body("And then?"))?;
+/// assert_eq!((second.total, second.read), (2_000 + 3 + 3, 2_000));
+/// assert_eq!(second.charged(), 6);
+/// # Ok::<(), String>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct CacheBound {
+    counter: TokenCounter,
+    min_tokens: u64,
+    written: HashSet<u64>,
+}
+
+/// What [`CacheBound::charge`] makes of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BoundCharge {
+    /// The whole prompt's tokens.
+    pub total: u64,
+    /// Tokens an ideal client reads from the cache.
+    pub read: u64,
+}
+
+impl BoundCharge {
+    /// What ITPM is charged: the prompt less the cache read.
+    pub fn charged(&self) -> u64 {
+        self.total - self.read
+    }
+}
+
+impl CacheBound {
+    /// A bound counting with `counter`, for a cache that stores prefixes of
+    /// at least `min_tokens` tokens (the emulator's default is
+    /// [`DEFAULT_CACHE_MIN_TOKENS`](crate::DEFAULT_CACHE_MIN_TOKENS)).
+    pub fn new(counter: TokenCounter, min_tokens: u64) -> Self {
+        CacheBound {
+            counter,
+            min_tokens,
+            written: HashSet::new(),
+        }
+    }
+
+    /// The next request of the sequence: its tokens and its ideal cache read;
+    /// its breakpoints are written for the requests that follow.
+    ///
+    /// # Errors
+    ///
+    /// The `invalid_request_error` message, when the body is not a valid
+    /// Messages request.
+    pub fn charge(&mut self, body: &[u8]) -> Result<BoundCharge, String> {
+        let parsed = parse_request(body, Endpoint::Messages, &self.counter)?;
+        let mut cumulative = 0u64;
+        let mut read = 0u64;
+        for unit in &parsed.units {
+            cumulative += unit.tokens;
+            // A breakpoint written before is read; one not, written now.
+            let cacheable = unit.breakpoint.is_some() && cumulative >= self.min_tokens;
+            if cacheable && !self.written.insert(unit.prefix_hash) {
+                read = cumulative;
+            }
+        }
+        Ok(BoundCharge {
+            total: parsed.total_tokens,
+            read,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokens::{parse_request, Endpoint, TokenCounter};
 
     fn units(system: &str, user: &str) -> Vec<Unit> {
         let body = serde_json::json!({"model":"m","max_tokens":1,

@@ -94,7 +94,7 @@
 //! assert_eq!(limits.requests.remaining, Some(49));
 //!
 //! let json: serde_json::Value = serde_json::from_slice(&response.into_body().collect().await?.to_bytes())?;
-//! assert_eq!(json["usage"]["input_tokens"], 9);
+//! assert_eq!(json["usage"]["input_tokens"], 7); // o200k_base: 4 tokens of text, 3 of framing
 //! let stats = emulator.stats();
 //! assert_eq!(stats.classes["sonnet-4"].requests_admitted, 1);
 //! # Ok(())
@@ -237,6 +237,7 @@ use tokio::time::Instant;
 use tower_llm_limits::clock::WallClock;
 
 pub use self::body::EmulatorBody;
+pub use self::cache::{BoundCharge, CacheBound};
 pub use self::config::{Acceleration, Faults, Latency, OutputLength};
 pub use self::limiter::{Headroom, InvalidWindow, RateLimiter, RequestCost, Verdict};
 pub use self::server::RouterService;
