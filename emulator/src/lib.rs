@@ -459,6 +459,23 @@ impl Emulator {
             .unwrap_or(Duration::ZERO)
     }
 
+    /// The output tokens this emulator's answer to `body` will have (drawn
+    /// from its seed and the body only, as every answer is, so it is the
+    /// same for every client that sends the body): lets a simulation work
+    /// out a bound that does not depend on any client.
+    ///
+    /// # Errors
+    ///
+    /// The `invalid_request_error` message, when the body is not a valid
+    /// Messages request.
+    pub fn answer_tokens(&self, body: &[u8]) -> Result<u64, String> {
+        let config = &self.shared.config;
+        let parsed = tokens::parse_request(body, tokens::Endpoint::Messages, &config.token_counter)?;
+        let mut rng = rng::Rng::new(rng::mix(config.seed, parsed.content_hash));
+        let max_tokens = parsed.max_tokens.unwrap_or(1).max(1);
+        Ok(config.output_length.draw(&mut rng, max_tokens))
+    }
+
     /// Switches the spend-cap 429 on or off: while on, every
     /// `POST /v1/messages` is answered `429 rate_limit_error` with
     /// `details.error_code = "enforced_spend_limit_reached"` and no
