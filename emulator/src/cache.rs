@@ -41,6 +41,42 @@ impl Entry {
     }
 }
 
+/// Blocks at and before a breakpoint where the cache looks for an entry to
+/// read: the API checks "all previous content block boundaries (up to
+/// approximately 20 blocks before your explicit breakpoint)", so a
+/// breakpoint moved to the newest turn still reads the prefix written at the
+/// previous one.
+pub(crate) const LOOKBACK_BLOCKS: usize = 20;
+
+/// The longest prefix a request reads: for each breakpoint whose prefix is
+/// cacheable (at least `min_tokens`), the nearest of it and the
+/// [`LOOKBACK_BLOCKS`] - 1 blocks before it whose prefix is `cached`.
+fn longest_read(units: &[Unit], min_tokens: u64, mut cached: impl FnMut(u64) -> bool) -> u64 {
+    let mut cumulative = Vec::with_capacity(units.len());
+    let mut sum = 0u64;
+    for unit in units {
+        sum += unit.tokens;
+        cumulative.push(sum);
+    }
+    let mut read = 0u64;
+    for (i, unit) in units.iter().enumerate() {
+        if unit.breakpoint.is_none() || cumulative[i] < min_tokens {
+            continue;
+        }
+        let first = i.saturating_sub(LOOKBACK_BLOCKS - 1);
+        for j in (first..=i).rev() {
+            if cumulative[j] < min_tokens || cumulative[j] <= read {
+                break;
+            }
+            if cached(units[j].prefix_hash) {
+                read = cumulative[j];
+                break;
+            }
+        }
+    }
+    read
+}
+
 /// Prefix hash -> entry, per model (the model is part of the hash).
 #[derive(Debug, Default)]
 pub(crate) struct PromptCache {
@@ -68,15 +104,18 @@ impl PromptCache {
 
     /// Works out reads and writes for `units` without changing the cache.
     ///
-    /// The longest prefix that ends at a breakpoint and is readable (its
-    /// writer's answer has begun, and it has not expired) is read; the
+    /// The longest prefix that is readable (its writer's answer has begun,
+    /// and it has not expired) and ends at a breakpoint or at one of the
+    /// [`LOOKBACK_BLOCKS`] blocks before one is read; the
     /// tokens from there to the last breakpoint are written (each span with
     /// the TTL of the breakpoint that closes it); the rest is uncached input.
     /// A prefix shorter than the minimum cacheable length is neither read nor
     /// written.
     pub(crate) fn lookup(&self, units: &[Unit], now: Instant) -> CacheOutcome {
+        let read = longest_read(units, self.min_tokens, |hash| {
+            self.entries.get(&hash).is_some_and(|e| e.readable(now))
+        });
         let mut cumulative = 0u64;
-        let mut read = 0u64;
         let mut last_breakpoint = 0u64;
         let mut spans: Vec<(u64, CacheTtl)> = Vec::new();
         for unit in units {
@@ -87,13 +126,6 @@ impl PromptCache {
                 }
                 spans.push((cumulative, t));
                 last_breakpoint = cumulative;
-                if self
-                    .entries
-                    .get(&unit.prefix_hash)
-                    .is_some_and(|e| e.readable(now))
-                {
-                    read = cumulative;
-                }
             }
         }
         let mut outcome = CacheOutcome {
@@ -152,8 +184,9 @@ impl PromptCache {
 
 /// The least input any client could be charged for a sequence of requests:
 /// each request's prompt as a [`TokenCounter`] counts it, less the longest
-/// prefix ending at a `cache_control` breakpoint that an earlier request of
-/// the sequence wrote (prefixes shorter than the cache's minimum are never
+/// prefix that an earlier request of the sequence wrote at one of its
+/// `cache_control` breakpoints, found at a breakpoint or up to 20 blocks
+/// before one, as the emulator's cache finds it (prefixes shorter than the cache's minimum are never
 /// cached). It is what the emulator would charge if every request were sent
 /// after the answers of all earlier ones had begun and no entry expired:
 /// the best a client can do, whatever its strategy.
@@ -220,14 +253,14 @@ impl CacheBound {
     /// Messages request.
     pub fn charge(&mut self, body: &[u8]) -> Result<BoundCharge, String> {
         let parsed = parse_request(body, Endpoint::Messages, &self.counter)?;
+        let read = longest_read(&parsed.units, self.min_tokens, |hash| {
+            self.written.contains(&hash)
+        });
         let mut cumulative = 0u64;
-        let mut read = 0u64;
         for unit in &parsed.units {
             cumulative += unit.tokens;
-            // A breakpoint written before is read; one not, written now.
-            let cacheable = unit.breakpoint.is_some() && cumulative >= self.min_tokens;
-            if cacheable && !self.written.insert(unit.prefix_hash) {
-                read = cumulative;
+            if unit.breakpoint.is_some() && cumulative >= self.min_tokens {
+                self.written.insert(unit.prefix_hash);
             }
         }
         Ok(BoundCharge {
@@ -299,6 +332,57 @@ mod tests {
         assert_eq!((after.read, after.written()), (3, 0));
         // Its lifetime counts from the start of the request.
         assert_eq!(cache.lookup(&u, now + Duration::from_secs(301)).read, 0);
+    }
+
+    /// A conversation turn's body: its texts alternate user and assistant,
+    /// the breakpoint on the last one.
+    fn turn(texts: &[&str]) -> Vec<u8> {
+        let n = texts.len();
+        let messages: Vec<serde_json::Value> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut block = serde_json::json!({"type": "text", "text": t});
+                if i + 1 == n {
+                    block["cache_control"] = serde_json::json!({"type": "ephemeral"});
+                }
+                let role = if i % 2 == 0 { "user" } else { "assistant" };
+                serde_json::json!({"role": role, "content": [block]})
+            })
+            .collect();
+        let body = serde_json::json!({"model": "m", "max_tokens": 1, "messages": messages});
+        serde_json::to_vec(&body).unwrap()
+    }
+
+    fn units_of(body: &[u8]) -> Vec<Unit> {
+        parse_request(body, Endpoint::Messages, &TokenCounter::words())
+            .unwrap()
+            .units
+    }
+
+    /// A breakpoint moved to the newest turn reads the prefix written at the
+    /// previous one (the look-back), and writes only what follows it; the
+    /// bound reads the same.
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_breakpoint_reads_the_previous_one() {
+        let first = turn(&["abcd abcd"]);
+        let second = turn(&["abcd abcd", "efgh", "ijkl ijkl ijkl"]);
+        let mut cache = PromptCache::new(0);
+        let now = Instant::now();
+        cache.commit(&units_of(&first), now, now);
+        let o = cache.lookup(&units_of(&second), now);
+        // 2 + 3 framing read; the answer (1 + 3) and the new turn (3 + 3) written.
+        assert_eq!((o.read, o.write_5m, o.uncached), (5, 10, 0));
+
+        let mut bound = CacheBound::new(TokenCounter::words(), 0);
+        let b1 = bound.charge(&first).unwrap();
+        assert_eq!((b1.total, b1.read), (5, 0));
+        let b2 = bound.charge(&second).unwrap();
+        assert_eq!((b2.total, b2.read, b2.charged()), (15, 5, 10));
+        // Past the minimum cacheable prefix, nothing is read.
+        let mut strict = CacheBound::new(TokenCounter::words(), 6);
+        strict.charge(&first).unwrap();
+        assert_eq!(strict.charge(&second).unwrap().read, 0);
     }
 
     #[test]

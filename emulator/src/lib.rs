@@ -200,8 +200,10 @@
 //!   drawn output length; tools, thinking and stop sequences are not emulated.
 //! - Its token counts come from `o200k_base` (or the word rule), not
 //!   Claude's tokenizer; `count_tokens` answers the same count, without cache.
-//! - The prompt cache checks hits only at `cache_control` breakpoints (not the
-//!   API's look-back of up to 20 blocks before one).
+//! - The prompt cache writes entries only at `cache_control` breakpoints, and
+//!   reads at a breakpoint or at one of the 19 blocks before it (the API's
+//!   look-back of about 20 blocks), where a "block" is a tool, a system
+//!   block or a message's content block.
 //! - What the API leaves undocumented is a setting with a stated default:
 //!   bucket capacity (the limit, or the enforcement window's share), the
 //!   acceleration limit's numbers, fault rates. A request larger than a whole

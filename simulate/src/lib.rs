@@ -157,15 +157,16 @@ async fn run_seeds(args: &Args, virtual_time: bool, n: u64) -> Result<(), String
         let (workload, limits, rows) = run_strategies(&a, virtual_time).await?;
         for r in &rows {
             lines.push(seed_line(a.seed, r));
+            let share = r.share_of_workload_minimum().unwrap_or(0.0);
             match worst.iter_mut().find(|w| w.0 == r.name) {
                 Some(w) => {
-                    w.1 = w.1.min(r.share_of_workload_minimum());
+                    w.1 = w.1.min(share);
                     w.2 = w.2.max(r.rate_limited);
                     w.3 += r.failed;
                 }
                 None => worst.push((
                     r.name.clone(),
-                    r.share_of_workload_minimum(),
+                    share,
                     r.rate_limited,
                     r.failed,
                 )),
@@ -190,7 +191,7 @@ async fn run_seeds(args: &Args, virtual_time: bool, n: u64) -> Result<(), String
         println!();
         for (name, share, r429, failed) in &worst {
             println!(
-                "{name}: over {n} seeds, lowest share of the workload minimum {share:.3}, \
+                "{name}: over {n} seeds, lowest share of the workload minimum {share:.3} (0 when a request failed), \
                  at most {r429} 429s in one run, {failed} failed in all"
             );
         }
@@ -207,13 +208,14 @@ fn seed_line(seed: u64, r: &Row) -> String {
         .find(|k| k.kind == "all")
         .map_or("n/a".to_string(), |k| format!("{:.1}%", k.p90_abs * 100.0));
     format!(
-        "seed {seed:>4}  {:<17} {:>4} ok {:>3} failed {:>4} 429s  share of wl min {:.3}  share of min {:.3}  \
+        "seed {seed:>4}  {:<17} {:>4} ok {:>3} failed {:>4} 429s  share of wl min {}  share of min {:.3}  \
          cache hits {}  estimate p90 {p90}",
         r.name,
         r.ok,
         r.failed,
         r.rate_limited,
-        r.share_of_workload_minimum(),
+        r.share_of_workload_minimum()
+            .map_or("n/a  ".to_string(), |s| format!("{s:.3}")),
         r.share_of_minimum(),
         r.cache_hit_rate()
             .map_or("n/a".to_string(), |h| format!("{:.0}%", h * 100.0)),

@@ -144,13 +144,11 @@ impl Row {
     }
 
     /// The workload's bound over the time taken: 1.0 is the best any client
-    /// could do.
-    pub fn share_of_workload_minimum(&self) -> f64 {
-        if self.seconds <= 0.0 {
-            0.0
-        } else {
-            self.workload_minimum_seconds / self.seconds
-        }
+    /// could do. None when a request failed (the bound is for the whole
+    /// workload) or the workload fits in the first burst.
+    pub fn share_of_workload_minimum(&self) -> Option<f64> {
+        (self.failed == 0 && self.seconds > 0.0 && self.workload_minimum_seconds > 0.0)
+            .then(|| self.workload_minimum_seconds / self.seconds)
     }
 
     /// Cache tokens read over those an ideal client reads (None when the
@@ -393,11 +391,8 @@ pub fn table(rows: &[Row]) -> String {
             } else {
                 "n/a".to_string()
             },
-            if r.workload_minimum_seconds > 0.0 {
-                format!("{:.3}", r.share_of_workload_minimum())
-            } else {
-                "n/a".to_string()
-            },
+            r.share_of_workload_minimum()
+                .map_or("n/a".to_string(), |s| format!("{s:.3}")),
             r.cache_hit_rate()
                 .map_or("n/a".to_string(), |h| format!("{:.0}%", h * 100.0)),
             format!("{:.1} s", r.p50_ms / 1000.0),
@@ -581,8 +576,9 @@ pub struct RowReport<'a> {
     pub retries: usize,
     pub seconds: f64,
     pub share_of_minimum: f64,
-    /// The workload's bound (the best any client could do) over the time.
-    pub share_of_workload_minimum: f64,
+    /// The workload's bound (the best any client could do) over the time
+    /// (null when a request failed, or the workload fits in the first burst).
+    pub share_of_workload_minimum: Option<f64>,
     pub workload_minimum_seconds: f64,
     /// Cache tokens read over those an ideal client reads (null: nothing to read).
     pub cache_hit_rate: Option<f64>,

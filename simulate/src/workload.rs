@@ -99,7 +99,7 @@ pub const REQUEST_TOKENS: (u64, u64) = (200, 20_000);
 /// Generates the seeded workload, a mix of real kinds of content
 /// ([`ContentKind`]): single requests of code, prose, other languages
 /// (CJK among them), JSON/CSV data, tool calls with tool definitions, or a
-/// base64 image, from 200 to 20k tokens (most under 1.5k); a third of them
+/// base64 image, from 200 to 20k tokens (most under 1k); a third of them
 /// behind one of three long shared system prompts marked with
 /// `cache_control`; and conversations that grow turn by turn, each turn
 /// resending the history with its `cache_control` breakpoint moved to the
@@ -224,12 +224,12 @@ impl Generator<'_> {
     /// A request size in tokens: most small, some medium, a few large.
     fn size(&self, rng: &mut Rng) -> u64 {
         let class = rng.f64();
-        let n = if class < 0.55 {
-            rng.range(REQUEST_TOKENS.0, 1_500)
-        } else if class < 0.85 {
-            rng.range(1_500, 5_000)
+        let n = if class < 0.6 {
+            rng.range(REQUEST_TOKENS.0, 1_000)
+        } else if class < 0.9 {
+            rng.range(1_000, 4_000)
         } else {
-            rng.range(5_000, REQUEST_TOKENS.1)
+            rng.range(4_000, REQUEST_TOKENS.1)
         };
         n.min(self.spec.max_request_tokens)
     }
