@@ -283,8 +283,8 @@ mod tests {
             Endpoint::Messages,
             &TokenCounter::words(),
         )
-            .unwrap()
-            .units
+        .unwrap()
+        .units
     }
 
     #[tokio::test(start_paused = true)]
@@ -327,7 +327,11 @@ mod tests {
         let before = cache.lookup(&u, now + Duration::from_millis(599));
         assert_eq!((before.read, before.written()), (0, 3));
         // A second writer before that does not delay the first one's entry.
-        cache.commit(&u, now + Duration::from_millis(100), now + Duration::from_secs(5));
+        cache.commit(
+            &u,
+            now + Duration::from_millis(100),
+            now + Duration::from_secs(5),
+        );
         let after = cache.lookup(&u, begins);
         assert_eq!((after.read, after.written()), (3, 0));
         // Its lifetime counts from the start of the request.

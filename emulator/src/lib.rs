@@ -472,7 +472,8 @@ impl Emulator {
     /// Messages request.
     pub fn answer_tokens(&self, body: &[u8]) -> Result<u64, String> {
         let config = &self.shared.config;
-        let parsed = tokens::parse_request(body, tokens::Endpoint::Messages, &config.token_counter)?;
+        let parsed =
+            tokens::parse_request(body, tokens::Endpoint::Messages, &config.token_counter)?;
         let mut rng = rng::Rng::new(rng::mix(config.seed, parsed.content_hash));
         let max_tokens = parsed.max_tokens.unwrap_or(1).max(1);
         Ok(config.output_length.draw(&mut rng, max_tokens))

@@ -135,7 +135,8 @@ enum Mode {
 }
 
 fn tokenizer(v: &str) -> Result<Tokenizer, String> {
-    v.parse().map_err(|e: tower_llm_limits_emulator::UnknownTokenizer| e.to_string())
+    v.parse()
+        .map_err(|e: tower_llm_limits_emulator::UnknownTokenizer| e.to_string())
 }
 
 fn probability(v: &str) -> Result<f64, String> {

@@ -299,19 +299,20 @@ where
         }
         Err(ReadError::Failed(e)) => return Err(e),
     };
-    let parsed =
-        match parse_request(&bytes, endpoint, &shared.config.token_counter).and_then(|p| validate(&shared, &p).map(|()| p)) {
-            Ok(p) => p,
-            Err(message) => {
-                return Ok(invalid(
-                    &shared,
-                    StatusCode::BAD_REQUEST,
-                    ErrorKind::InvalidRequest,
-                    &message,
-                    Some(&request_id),
-                ));
-            }
-        };
+    let parsed = match parse_request(&bytes, endpoint, &shared.config.token_counter)
+        .and_then(|p| validate(&shared, &p).map(|()| p))
+    {
+        Ok(p) => p,
+        Err(message) => {
+            return Ok(invalid(
+                &shared,
+                StatusCode::BAD_REQUEST,
+                ErrorKind::InvalidRequest,
+                &message,
+                Some(&request_id),
+            ));
+        }
+    };
 
     match endpoint {
         Endpoint::CountTokens => Ok(count_tokens(&shared, &parsed, &request_id)),

@@ -206,11 +206,7 @@ pub struct UnknownTokenizer(pub String);
 
 impl fmt::Display for UnknownTokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "unknown tokenizer {:?}: expected o200k or words",
-            self.0
-        )
+        write!(f, "unknown tokenizer {:?}: expected o200k or words", self.0)
     }
 }
 
@@ -792,12 +788,8 @@ fn count_block(c: &TokenCounter, block: &Map<String, Value>, path: &str) -> Resu
                 "{path}.content: Input should be a valid string or list"
             )),
         },
-        "thinking" => Ok(c.text(
-            block.get("thinking").and_then(Value::as_str).unwrap_or(""),
-        )),
-        "redacted_thinking" => Ok(c.text(
-            block.get("data").and_then(Value::as_str).unwrap_or(""),
-        )),
+        "thinking" => Ok(c.text(block.get("thinking").and_then(Value::as_str).unwrap_or(""))),
+        "redacted_thinking" => Ok(c.text(block.get("data").and_then(Value::as_str).unwrap_or(""))),
         _ => Ok(count_json(c, &Stripped(block))),
     }
 }
@@ -814,11 +806,7 @@ fn count_blocks(c: &TokenCounter, blocks: &[Value], path: &str) -> Result<u64, S
 
 /// A document block: its source (text, content blocks, base64 pages, or one
 /// page for a URL or file), plus its title and context.
-fn count_document(
-    c: &TokenCounter,
-    block: &Map<String, Value>,
-    path: &str,
-) -> Result<u64, String> {
+fn count_document(c: &TokenCounter, block: &Map<String, Value>, path: &str) -> Result<u64, String> {
     let source = block
         .get("source")
         .and_then(Value::as_object)

@@ -293,7 +293,10 @@ mod tests {
         let faults = [a.fault_529, a.fault_500, a.fault_reset, a.fault_stream];
         assert_eq!(faults, [0.0; 4]);
         assert_eq!(a.api_key_env, "ANTHROPIC_API_KEY");
-        assert_eq!((a.tokenizer, a.token_scale, a.seeds), (Tokenizer::O200kBase, 1.0, None));
+        assert_eq!(
+            (a.tokenizer, a.token_scale, a.seeds),
+            (Tokenizer::O200kBase, 1.0, None)
+        );
     }
 
     #[test]
@@ -306,7 +309,10 @@ mod tests {
              --target https://example.test/prefix --api-key-env MY_KEY \
              --tokenizer words --token-scale 1.3 --seeds 10",
         );
-        assert_eq!((a.tokenizer, a.token_scale, a.seeds), (Tokenizer::Words, 1.3, Some(10)));
+        assert_eq!(
+            (a.tokenizer, a.token_scale, a.seeds),
+            (Tokenizer::Words, 1.3, Some(10))
+        );
         assert!(a.real_time && a.json && a.timeline);
         assert_eq!(a.plot, Some(PathBuf::from("out.svg")));
         assert_eq!(a.strategies, Some(vec![Kind::Naive, Kind::Crate]));

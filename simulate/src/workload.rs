@@ -174,7 +174,11 @@ struct SharedPrompts {
 
 impl SharedPrompts {
     fn draw(rng: &mut Rng, count: content::Count<'_>) -> SharedPrompts {
-        let kinds = [ContentKind::Code, ContentKind::Prose, ContentKind::Multilingual];
+        let kinds = [
+            ContentKind::Code,
+            ContentKind::Prose,
+            ContentKind::Multilingual,
+        ];
         let texts: Vec<String> = kinds
             .iter()
             .map(|&kind| {
@@ -337,7 +341,7 @@ impl Generator<'_> {
             ContentKind::Multilingual,
             ContentKind::Data,
         ]);
-        let want = rng.range(150, 1_500);
+        let want = rng.range(REQUEST_TOKENS.0, 1_500);
         let c = &mut self.conversations[i];
         let n = want.min(max.saturating_sub(c.tokens + 700)).max(50);
         let user = content::text(rng, kind, n, count);
@@ -465,6 +469,40 @@ mod tests {
         assert!(a.streaming > 0 && a.with_cache_prefix > 0);
     }
 
+    /// The generated mix: every kind of content, sizes from 200 to 20k
+    /// tokens under the emulator's default tokenizer, conversations whose
+    /// turns resend the history, shared system prompts with cache_control.
+    #[test]
+    fn a_mix_of_kinds_and_sizes_with_growing_conversations() {
+        let spec = GenSpec {
+            tokenizer: emu::Tokenizer::O200kBase,
+            ..spec(42, Some(60))
+        };
+        let w = generate(&spec);
+        let counter = emu::TokenCounter::default();
+        let mut kinds = std::collections::BTreeSet::new();
+        let mut conversation_texts: Vec<String> = Vec::new();
+        let mut resent = 0;
+        for item in &w.items {
+            kinds.insert(item.kind);
+            let n = counter.count_request(&item.body).expect("a valid body");
+            assert!((150..=21_000).contains(&n), "{:?}: {n} tokens", item.kind);
+            if item.kind == ContentKind::Conversation {
+                let v: Value = serde_json::from_slice(&item.body).expect("JSON");
+                let first = v["messages"][0]["content"][0]["text"]
+                    .as_str()
+                    .unwrap_or("");
+                resent += usize::from(conversation_texts.iter().any(|t| t == first));
+                conversation_texts.push(first.to_string());
+            }
+        }
+        for kind in ContentKind::GENERATED {
+            assert!(kinds.contains(&kind), "{kind:?} missing");
+        }
+        assert!(resent > 0, "no conversation went past its first turn");
+        assert!(w.with_cache_prefix > 0 && w.uncached_input_tokens < w.total_input_tokens);
+    }
+
     #[test]
     fn a_fixed_number_of_requests_each_a_messages_body() {
         let w = generate(&spec(7, Some(25)));
@@ -487,7 +525,9 @@ mod tests {
         let w = from_jsonl(&path, 5, emu::Tokenizer::Words).expect("two requests");
         assert_eq!((w.items.len(), w.streaming, w.max_tokens_sum), (2, 2, 128));
         std::fs::write(&path, format!("{good}\n{{\"model\":\"m\"}}\n")).expect("write");
-        let e = from_jsonl(&path, 5, emu::Tokenizer::Words).map(|_| ()).unwrap_err();
+        let e = from_jsonl(&path, 5, emu::Tokenizer::Words)
+            .map(|_| ())
+            .unwrap_err();
         assert!(e.ends_with(":2: no \"max_tokens\""), "{e}");
         let _ = std::fs::remove_file(&path);
     }
