@@ -593,7 +593,7 @@ mod tests {
         let code = text(&mut rng, ContentKind::Code, 400, &chars);
         assert!(code.contains('{') && code.contains('('), "{code}");
         let cjk = text(&mut rng, ContentKind::Multilingual, 400, &chars);
-        assert!(cjk.chars().any(|c| !c.is_ascii()), "{cjk}");
+        assert!(!cjk.is_ascii(), "{cjk}");
         let data = text(&mut rng, ContentKind::Data, 400, &chars);
         assert!(data.contains("\"id\":") || data.contains(','), "{data}");
         let prose = text(&mut rng, ContentKind::Prose, 400, &chars);
