@@ -9,7 +9,9 @@ use tower_llm_limits::clock::WallClock;
 pub use tower_llm_limits_emulator::{
     CacheBound, Emulator, TokenCounter, Tokenizer, UnknownTokenizer,
 };
-use tower_llm_limits_emulator::{Faults, Limits, OutputMode, DEFAULT_CACHE_MIN_TOKENS};
+use tower_llm_limits_emulator::{
+    Faults, Limits, OutputLength, OutputMode, DEFAULT_CACHE_MIN_TOKENS,
+};
 
 use super::args::Args;
 use super::report::{Charged, LimitSpec};
@@ -29,13 +31,24 @@ pub fn limit_spec(a: &Args) -> LimitSpec {
     }
 }
 
+/// The longest answer the emulator writes, whatever `max_tokens` says.
+pub const ANSWER_CAP: u64 = 300;
+
+/// How long the emulator's answers are: 10% to 100% of `max_tokens`, at most
+/// [`ANSWER_CAP`] tokens: clients ask for far more than answers take, which
+/// is what the older OTPM rule (`--output-mode reserve`) makes them pay
+/// for until the end of each answer.
+pub fn output_length() -> OutputLength {
+    OutputLength::default().with_cap(ANSWER_CAP)
+}
+
 /// The limits as the crate's types say them.
 pub fn limits(a: &Args) -> Limits {
     Limits::new().rpm(a.rpm).itpm(a.itpm).otpm(a.otpm)
 }
 
-/// A fresh emulator (seeded with the run's seed, default latency model, the
-/// fault rates asked for, none by default) and the in-process transport to it.
+/// A fresh emulator (seeded with the run's seed, default latency model,
+/// answers of [`output_length`], the fault rates asked for, none by default) and the in-process transport to it.
 ///
 /// # Errors
 /// Settings the emulator refuses.
@@ -43,6 +56,7 @@ pub fn transport(a: &Args, clock: WallClock) -> Result<(Transport, Emulator), St
     let emulator = Emulator::builder()
         .limits(limits(a))
         .token_counter(counter(a)?)
+        .output_length(output_length())
         .output_mode(if a.reserve_mode() {
             OutputMode::Reserve
         } else {
@@ -126,6 +140,7 @@ pub fn answer_tokens<'a>(a: &Args, bodies: impl Iterator<Item = &'a [u8]>) -> Re
     let emulator = Emulator::builder()
         .seed(a.seed)
         .token_counter(counter(a)?)
+        .output_length(output_length())
         .build()
         .map_err(|e| format!("emulator: {e}"))?;
     Ok(bodies.filter_map(|b| emulator.answer_tokens(b).ok()).sum())

@@ -153,6 +153,8 @@ async fn run_seeds(args: &Args, virtual_time: bool, n: u64) -> Result<(), String
         let mut a = args.clone();
         a.seed = args.seed.wrapping_add(s);
         a.seeds = None;
+        // Quiet: no header or progress lines per seed.
+        a.json = true;
         let wall = std::time::Instant::now();
         let (workload, limits, rows) = run_strategies(&a, virtual_time).await?;
         for r in &rows {
@@ -716,7 +718,7 @@ mod tests {
     /// lost, no 429, and at least [`TARGET_SHARE_OF_WORKLOAD_MINIMUM`] of the
     /// workload's minimum. Ignored until the estimator and admission meet
     /// them on this workload: today an over-estimated request of 17k tokens
-    /// is refused as larger than the ITPM limit, and 2 requests meet a 429
+    /// is refused as larger than the ITPM limit, and 1 request meets a 429
     /// (`cargo test -p simulate -- --ignored` runs it).
     #[test]
     #[ignore = "the crate's stack does not meet these targets yet on the mixed workload"]

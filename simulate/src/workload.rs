@@ -103,10 +103,11 @@ pub const REQUEST_TOKENS: (u64, u64) = (200, 20_000);
 /// behind one of three long shared system prompts marked with
 /// `cache_control`; and conversations that grow turn by turn, each turn
 /// resending the history with its `cache_control` breakpoint moved to the
-/// newest user turn. Half are streamed; `max_tokens` is drawn from 64 to
-/// 1024 (with the emulator's answer lengths of 10% to 100% of it, output
-/// stays under the default limits' OTPM : ITPM ratio, and input tokens
-/// stay the binding limit).
+/// newest user turn. Half are streamed; `max_tokens` is drawn from 256 to
+/// 4096, far above most answers (the simulation's emulator caps them at 300
+/// tokens), as clients set it: output stays under the default limits' OTPM
+/// : ITPM ratio, input tokens stay the binding limit, and the older OTPM
+/// rule, which reserves `max_tokens` at admission, holds real room.
 pub fn generate(spec: &GenSpec) -> Workload {
     let mut rng = Rng::new(spec.seed);
     let tokenizer = spec.tokenizer;
@@ -136,7 +137,7 @@ pub fn generate(spec: &GenSpec) -> Workload {
         }
         let (kind, mut body) = g.draw(&mut rng);
         let stream = rng.f64() < 0.5;
-        let max_tokens = *rng.pick(&[64u64, 128, 256, 256, 512, 1024]);
+        let max_tokens = *rng.pick(&[256u64, 512, 1024, 1024, 2048, 4096]);
         body.insert("model".into(), json!(spec.model));
         body.insert("max_tokens".into(), json!(max_tokens));
         if stream {
