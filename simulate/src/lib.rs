@@ -5,11 +5,14 @@
 //! ```
 //!
 //! A seeded workload of Messages requests, three minutes' worth of the
-//! input-token limit by default (mixed sizes, shared `cache_control`
-//! prefixes, streamed and plain answers, varied `max_tokens`), is sent to the
-//! crate's emulator of the API's rate limiter, in process (as a tower service,
-//! no sockets), once per strategy, each against a fresh emulator with the
-//! same seed:
+//! input-token limit by default (code, prose, other languages with CJK,
+//! JSON/CSV data, tool calls, images, growing conversations, shared
+//! `cache_control` prompts; 200 to 20k tokens; streamed and plain answers,
+//! varied `max_tokens`), is sent to the crate's emulator of the API's rate
+//! limiter, which counts with its own tokenizer (`o200k_base` unless
+//! `--tokenizer words`, times `--token-scale`), in process (as a tower
+//! service, no sockets), once per strategy, each against a fresh emulator
+//! with the same seed:
 //!
 //! - `naive`: no middleware, 32 concurrent calls, the official SDKs' default
 //!   retries (2; `retry-after` honoured only up to 60 s; 0.5 s doubling to
@@ -42,6 +45,16 @@
 //! emulator charged (uncached input plus cache writes), recorded as the
 //! budget settled each request; only the crate's stack estimates, so the
 //! others print n/a.
+//!
+//! `share of wl min`: the workload's minimum over the time, where the
+//! workload's minimum is the same bound for the bodies themselves, counted by
+//! the emulator's tokenizer with every cacheable prefix read after its first
+//! write (the best any client could do; with `--output-mode reserve` its
+//! OTPM term counts every answer's output); n/a when a request failed.
+//! `cache hits`: cache tokens read over those that could be read. Under the
+//! table, the crate's input estimates against the emulator's count per kind
+//! of content: mean, p50 and p90 of |estimate - count| / count, and the
+//! signed bias.
 //!
 //! The minimum ignores the time of the last answers themselves: a request
 //! admitted at the bound still takes its time to first token and its output
