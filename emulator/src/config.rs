@@ -8,10 +8,11 @@ use super::rng::Rng;
 ///
 /// A non-streaming answer arrives after `time_to_first_token + n *
 /// per_output_token` (times the request's jitter factor); a streamed one
-/// sends its head and `message_start` after `time_to_first_token` (the
-/// answer has begun: the prompt is read and its cache prefixes are
-/// readable), then one delta per `tokens_per_delta` tokens, each paced by
-/// `per_output_token` per token.
+/// sends its head and `message_start` at once, its first text delta after
+/// `time_to_first_token`, then one delta per `tokens_per_delta` tokens, each
+/// paced by `per_output_token` per token. The answer begins at the time to
+/// first token: from then on, the prompt-cache prefixes it wrote are
+/// readable.
 ///
 /// # Examples
 ///

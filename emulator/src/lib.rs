@@ -117,10 +117,11 @@
 //!    (`max_tokens` in reserve mode, the first token in realtime mode) are
 //!    debited. A `connection_reset` fault strikes here.
 //! 7. The cache learns the request's prefixes, readable from the moment its
-//!    answer begins (its time to first token, after any slow delay; a
-//!    streamed answer's head is sent then). A request with the same prefix
-//!    admitted before that writes it again, charged in full: "a cache entry
-//!    only becomes available after the first response begins".
+//!    answer begins: its first token, after any slow delay and the time to
+//!    first token (a streamed answer's first text delta; a JSON answer comes
+//!    later still). A request with the same prefix admitted before that
+//!    writes it again, charged in full: "a cache entry only becomes
+//!    available after the first response begins".
 //! 8. The answer: output produced at the latency model's pace, charged as it
 //!    is produced (realtime) or settled at the end (reserve); if the client
 //!    drops the answer, what was produced is what is charged.

@@ -781,10 +781,10 @@ async fn json_answer(
     json_response(StatusCode::OK, &body, Some(request_id))
 }
 
-/// A streamed answer: the head and `message_start` when the answer begins
-/// (after any slow delay and the time to first token: the prompt has been
-/// read, and its prefixes are in the cache), then the deltas paced by the
-/// latency model (or cut by an `event: error`).
+/// A streamed answer: the head after any slow delay, then the events paced
+/// by the latency model (or cut by an `event: error`); the first delta comes
+/// when the answer begins, once its prompt has been read and its prefixes
+/// are readable in the cache.
 async fn streamed_answer(
     shared: &Shared,
     class: ModelClass,
@@ -793,7 +793,7 @@ async fn streamed_answer(
     mut rng: Rng,
     request_id: &str,
 ) -> Response<EmulatorBody> {
-    pause(answer.slow.saturating_add(answer.time_to_first_token)).await;
+    pause(answer.slow).await;
     let error_after = if answer.stream_error {
         shared.lock_stats().class(class.as_str()).stream_errors += 1;
         // Somewhere in the middle: after at least one delta when there are two or more.
@@ -809,8 +809,8 @@ async fn streamed_answer(
     response
 }
 
-/// The steps of a streamed answer, sent once it has begun: the opening
-/// events, then per chunk a wait, the output it charges and its delta, then
+/// The steps of a streamed answer: the opening events, the time to first
+/// token, then per chunk a wait, the output it charges and its delta, then
 /// the closing events; or,
 /// cut after `error_after` deltas, the end of the accounting and an
 /// `event: error`.
@@ -818,6 +818,7 @@ fn stream_script(answer: &Answer, error_after: Option<u64>) -> VecDeque<Step> {
     let mut steps = VecDeque::with_capacity(answer.chunks.len() * 3 + 4);
     let opening = sse_opening(&answer.message_id, &answer.model, &answer.usage(1));
     steps.push_back(Step::Emit(opening));
+    steps.push_back(Step::Wait(answer.time_to_first_token));
     let chunks = answer.chunks.iter().zip(&answer.chunk_sizes);
     for (i, (text, &n)) in chunks.enumerate() {
         if error_after == Some(i as u64) {

@@ -431,15 +431,30 @@ impl Truth {
         Ok(t)
     }
 
-    /// The crate's estimates against the emulator's count, per kind.
+    /// The crate's estimates against the server's count of each whole
+    /// prompt, per kind: the usage its answer reported (input, cache writes
+    /// and reads), else, against the emulator, the emulator's count.
     fn estimate_errors(
         &self,
         items: &[Item],
         estimates: &strategies::Estimates,
+        attempts: &[run::Attempt],
+        local: bool,
     ) -> Vec<report::KindError> {
+        let mut reported = std::collections::HashMap::new();
+        for a in attempts {
+            if let (Some(i), Some(u)) = (a.request, a.usage) {
+                let whole =
+                    u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens;
+                reported.insert(i, whole);
+            }
+        }
         let mut samples = Vec::new();
         for (index, (settled, estimate)) in estimates.by_request() {
-            let (Some(item), Some(&count)) = (items.get(index), self.counts.get(index)) else {
+            let count = reported
+                .get(&index)
+                .or_else(|| self.counts.get(index).filter(|_| local));
+            let (Some(item), Some(&count)) = (items.get(index), count) else {
                 continue;
             };
             if count > 0 {
@@ -473,7 +488,8 @@ impl Truth {
                 .or_default() += 1;
         }
         if let Some(e) = estimates {
-            row.estimate_errors = self.estimate_errors(items, e);
+            let local = args.target.is_none();
+            row.estimate_errors = self.estimate_errors(items, e, &row.attempts_log, local);
         }
     }
 }

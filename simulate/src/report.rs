@@ -185,8 +185,10 @@ pub fn workload_minimum_seconds(
 }
 
 /// The error of the input estimates for one kind of content: over its
-/// requests, `(estimate - count) / count`, where the count is the
-/// emulator's (its tokenizer and scale) for the whole prompt.
+/// requests, `(estimate - count) / count`, where the count is the server's
+/// for the whole prompt (the usage its answer reported: input, cache writes
+/// and reads; for a request that got no answer from the emulator, the
+/// emulator's count).
 #[derive(Debug, Clone, Serialize)]
 pub struct KindError {
     /// The kind of content, "all", or "all after 20 settled" (the requests
@@ -256,7 +258,7 @@ pub fn estimate_table(rows: &[Row]) -> String {
     let mut out = String::new();
     for r in rows.iter().filter(|r| !r.estimate_errors.is_empty()) {
         out.push_str(&format!(
-            "input estimates of {} against the emulator's count, (estimate - count) / count:\n",
+            "input estimates of {} against the server's count, (estimate - count) / count:\n",
             r.name
         ));
         out.push_str(&format!(
