@@ -406,6 +406,7 @@ impl Emulator {
     /// of [`Emulator::builder`].
     pub fn new(limits: Limits) -> Self {
         let config = Emulator::builder().limits(limits).config;
+        config.token_counter.warm();
         Emulator::from_parts(config, RateLimiter::per_minute(), RateLimiter::per_minute())
     }
 
@@ -675,11 +676,14 @@ impl EmulatorBuilder {
     }
 
     /// Builds the emulator. Its clock (for the stats timeline) starts now.
+    /// The token counter's tables are loaded here (for `o200k_base`, once per
+    /// process), not on the first request.
     ///
     /// # Errors
     ///
     /// [`InvalidWindow`] if the enforcement window is zero or above 60 s.
     pub fn build(self) -> Result<Emulator, InvalidWindow> {
+        self.config.token_counter.warm();
         let (limiter, count_limiter) = match self.config.window {
             Some(w) => (RateLimiter::with_window(w)?, RateLimiter::with_window(w)?),
             None => (RateLimiter::per_minute(), RateLimiter::per_minute()),

@@ -934,6 +934,14 @@ impl TokenCounter {
         self.scale
     }
 
+    /// Loads the tokenizer's tables now (`o200k_base` builds them on first
+    /// use, which takes a moment), so that no request waits for them.
+    pub(crate) fn warm(&self) {
+        if self.tokenizer == Tokenizer::O200kBase {
+            let _ = bpe();
+        }
+    }
+
     /// The tokens of a text under the tokenizer, before the scale.
     fn text(&self, text: &str) -> u64 {
         self.tokenizer.count(text)
