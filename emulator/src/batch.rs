@@ -456,7 +456,11 @@ fn result_of(shared: &Shared, params: &Value) -> Value {
             "type": "invalid_request_error", "message": message}}})
     };
     let bytes = params.to_string();
-    let parsed = match parse_request(bytes.as_bytes(), Endpoint::Messages) {
+    let parsed = match parse_request(
+        bytes.as_bytes(),
+        Endpoint::Messages,
+        &shared.config.token_counter,
+    ) {
         Ok(p) => p,
         Err(message) => return errored(&message),
     };

@@ -10,7 +10,9 @@ use super::rng::Rng;
 /// per_output_token` (times the request's jitter factor); a streamed one
 /// sends its head and `message_start` at once, its first text delta after
 /// `time_to_first_token`, then one delta per `tokens_per_delta` tokens, each
-/// paced by `per_output_token` per token.
+/// paced by `per_output_token` per token. The answer begins at the time to
+/// first token: from then on, the prompt-cache prefixes it wrote are
+/// readable.
 ///
 /// # Examples
 ///

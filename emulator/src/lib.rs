@@ -45,8 +45,10 @@
 //!   `remaining` rounded to the nearest thousand, resets in RFC 3339 to the second with
 //!   `Z`); a 429 carries an integer `retry-after`, `x-should-retry: true`
 //!   and the API's error JSON;
-//! - its own token counter ([`count_text`], [`TokenCounter`]), which is *not*
-//!   the client's estimator, so client estimates have real error;
+//! - its own token counter ([`TokenCounter`]: a real BPE tokenizer,
+//!   `o200k_base`, by default, or the word rule of [`count_text`], times an
+//!   optional scale), which is *not* the client's estimator, so client
+//!   estimates have real error;
 //! - a seeded [`Latency`] model, answer lengths drawn up to `max_tokens`
 //!   ([`OutputLength`]), and [`Faults`] at chosen rates (529, 500, reset
 //!   connections, slow answers, `event: error` mid-stream) plus the
@@ -99,7 +101,7 @@
 //! assert_eq!(limits.requests.remaining, Some(49));
 //!
 //! let json: serde_json::Value = serde_json::from_slice(&response.into_body().collect().await?.to_bytes())?;
-//! assert_eq!(json["usage"]["input_tokens"], 9);
+//! assert_eq!(json["usage"]["input_tokens"], 7); // o200k_base: 4 tokens of text, 3 of framing
 //! let stats = emulator.stats();
 //! assert_eq!(stats.classes["sonnet-4"].requests_admitted, 1);
 //! # Ok(())
@@ -120,8 +122,14 @@
 //!    rounded up), nothing charged.
 //! 6. Admitted: one request, the input, and the output reservation
 //!    (`max_tokens` in reserve mode, the first token in realtime mode) are
-//!    debited, the cache is updated. A `connection_reset` fault strikes here.
-//! 7. The answer: output produced at the latency model's pace, charged as it
+//!    debited. A `connection_reset` fault strikes here.
+//! 7. The cache learns the request's prefixes, readable from the moment its
+//!    answer begins: its first token, after any slow delay and the time to
+//!    first token (a streamed answer's first text delta; a JSON answer comes
+//!    later still). A request with the same prefix admitted before that
+//!    writes it again, charged in full: "a cache entry only becomes
+//!    available after the first response begins".
+//! 8. The answer: output produced at the latency model's pace, charged as it
 //!    is produced (realtime) or settled at the end (reserve); if the client
 //!    drops the answer, what was produced is what is charged.
 //!
@@ -198,10 +206,12 @@
 //!
 //! - It does not model content: answers are one-token words, as many as the
 //!   drawn output length; tools, thinking and stop sequences are not emulated.
-//! - Its token counts follow its own documented rule ([`count_text`]), not
-//!   Claude's tokenizer; `count_tokens` answers the same rule, without cache.
-//! - The prompt cache checks hits only at `cache_control` breakpoints (not the
-//!   API's look-back of up to 20 blocks before one).
+//! - Its token counts come from `o200k_base` (or the word rule), not
+//!   Claude's tokenizer; `count_tokens` answers the same count, without cache.
+//! - The prompt cache writes entries only at `cache_control` breakpoints, and
+//!   reads at a breakpoint or at one of the 19 blocks before it (the API's
+//!   look-back of about 20 blocks), where a "block" is a tool, a system
+//!   block or a message's content block.
 //! - What the API leaves undocumented is a setting with a stated default:
 //!   bucket capacity (the limit, or the enforcement window's share), the
 //!   acceleration limit's numbers, fault rates. A request larger than a whole
@@ -239,14 +249,15 @@ use tower_llm_limits::clock::WallClock;
 
 pub use self::batch::{BatchSettings, BatchStats, MAX_BATCH_REQUESTS};
 pub use self::body::EmulatorBody;
+pub use self::cache::{BoundCharge, CacheBound};
 pub use self::config::{Acceleration, Faults, Latency, OutputLength};
 pub use self::limiter::{Headroom, InvalidWindow, RateLimiter, RequestCost, Verdict};
 pub use self::server::RouterService;
 pub use self::service::{EmulatorService, ResponseFuture};
 pub use self::stats::{ClassStats, CountTokensStats, EmulatorStats, SecondStats};
 pub use self::tokens::{
-    count_text, TokenCounter, DOCUMENT_PAGE_CHARS, DOCUMENT_PAGE_TOKENS, IMAGE_TOKENS,
-    MESSAGE_OVERHEAD,
+    count_text, InvalidScale, TokenCounter, Tokenizer, UnknownTokenizer, DOCUMENT_PAGE_CHARS,
+    DOCUMENT_PAGE_TOKENS, IMAGE_TOKENS, MAX_TOKEN_SCALE, MESSAGE_OVERHEAD,
 };
 pub use tower_llm_limits::budget::{Limits, ModelClass, OutputMode, Tier};
 
@@ -295,6 +306,7 @@ pub(crate) struct Config {
     pub(crate) body_read_timeout: Duration,
     pub(crate) max_connections: usize,
     pub(crate) batches: BatchSettings,
+    pub(crate) token_counter: TokenCounter,
 }
 
 /// Shared run-time state of an emulator and its services.
@@ -398,6 +410,7 @@ impl Emulator {
                 body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
                 batches: BatchSettings::default(),
+                token_counter: TokenCounter::default(),
             },
         }
     }
@@ -406,6 +419,7 @@ impl Emulator {
     /// of [`Emulator::builder`].
     pub fn new(limits: Limits) -> Self {
         let config = Emulator::builder().limits(limits).config;
+        config.token_counter.warm();
         Emulator::from_parts(config, RateLimiter::per_minute(), RateLimiter::per_minute())
     }
 
@@ -466,6 +480,24 @@ impl Emulator {
             })
             .max()
             .unwrap_or(Duration::ZERO)
+    }
+
+    /// The output tokens this emulator's answer to `body` will have (drawn
+    /// from its seed and the body only, as every answer is, so it is the
+    /// same for every client that sends the body): lets a simulation work
+    /// out a bound that does not depend on any client.
+    ///
+    /// # Errors
+    ///
+    /// The `invalid_request_error` message, when the body is not a valid
+    /// Messages request.
+    pub fn answer_tokens(&self, body: &[u8]) -> Result<u64, String> {
+        let config = &self.shared.config;
+        let parsed =
+            tokens::parse_request(body, tokens::Endpoint::Messages, &config.token_counter)?;
+        let mut rng = rng::Rng::new(rng::mix(config.seed, parsed.content_hash));
+        let max_tokens = parsed.max_tokens.unwrap_or(1).max(1);
+        Ok(config.output_length.draw(&mut rng, max_tokens))
     }
 
     /// Switches the spend-cap 429 on or off: while on, every
@@ -664,12 +696,22 @@ impl EmulatorBuilder {
         self
     }
 
+    /// How input tokens are counted (default [`TokenCounter::default`]:
+    /// `o200k_base`, scale 1).
+    pub fn token_counter(mut self, counter: TokenCounter) -> Self {
+        self.config.token_counter = counter;
+        self
+    }
+
     /// Builds the emulator. Its clock (for the stats timeline) starts now.
+    /// The token counter's tables are loaded here (for `o200k_base`, once per
+    /// process), not on the first request.
     ///
     /// # Errors
     ///
     /// [`InvalidWindow`] if the enforcement window is zero or above 60 s.
     pub fn build(self) -> Result<Emulator, InvalidWindow> {
+        self.config.token_counter.warm();
         let (limiter, count_limiter) = match self.config.window {
             Some(w) => (RateLimiter::with_window(w)?, RateLimiter::with_window(w)?),
             None => (RateLimiter::per_minute(), RateLimiter::per_minute()),

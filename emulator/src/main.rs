@@ -9,7 +9,7 @@
 //! address. Other options: `--host ADDR`, `--window SECS` (shorter
 //! enforcement window), `--output-mode realtime|reserve`, `--fault-500 P`,
 //! `--fault-reset P`, `--fault-slow P`, `--fault-stream P`, `--no-latency`,
-//! `--count-tokens-rpm N`, `--acceleration FACTOR:MIN_TOKENS`,
+//! `--count-tokens-rpm N`, `--tokenizer o200k|words`, `--token-scale X`, `--acceleration FACTOR:MIN_TOKENS`,
 //! `--allow-unknown-models`, `--max-cache-breakpoints N|none`,
 //! `--header-read-timeout SECS`, `--body-read-timeout SECS`,
 //! `--max-connections N` (`--help` for all).
@@ -19,7 +19,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use tower_llm_limits_emulator::{Acceleration, Emulator, Faults, Latency, Limits, OutputMode};
+use tower_llm_limits_emulator::{
+    Acceleration, Emulator, Faults, Latency, Limits, OutputMode, TokenCounter, Tokenizer,
+};
 
 /// Serves an emulator of the Anthropic Messages API's rate limiter
 /// (`POST /v1/messages`, `POST /v1/messages/count_tokens`).
@@ -68,6 +70,15 @@ struct Args {
     /// Answer at once (no latency model).
     #[arg(long)]
     no_latency: bool,
+    /// How input tokens are counted: `o200k` (OpenAI's o200k_base BPE,
+    /// shipped inside the binary) or `words` (ceil(n / 4) per word of n
+    /// letters and digits, one per other non-space character).
+    #[arg(long, default_value = "o200k", value_name = "NAME", value_parser = tokenizer)]
+    tokenizer: Tokenizer,
+    /// Multiply every input count by X (a model whose tokenizer counts X
+    /// times more, or less, than the one chosen).
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    token_scale: f64,
     /// Requests per minute of `count_tokens`.
     #[arg(long, default_value_t = 100, value_name = "N")]
     count_tokens_rpm: u64,
@@ -123,6 +134,11 @@ enum Mode {
     Reserve,
 }
 
+fn tokenizer(v: &str) -> Result<Tokenizer, String> {
+    v.parse()
+        .map_err(|e: tower_llm_limits_emulator::UnknownTokenizer| e.to_string())
+}
+
 fn probability(v: &str) -> Result<f64, String> {
     match v.parse::<f64>() {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
@@ -155,7 +171,11 @@ impl Args {
     }
 
     fn emulator(&self) -> Result<Emulator, String> {
+        let counter = TokenCounter::new(self.tokenizer)
+            .with_scale(self.token_scale)
+            .map_err(|e| format!("--token-scale: {e}"))?;
         let mut builder = Emulator::builder()
+            .token_counter(counter)
             .limits(self.limits())
             .output_mode(match self.output_mode {
                 Mode::Realtime => OutputMode::Realtime,
@@ -220,8 +240,9 @@ async fn main() -> ExitCode {
     let local = listener.local_addr().unwrap_or(addr);
     println!("emulator listening on http://{local}");
     println!(
-        "limits: {} RPM, {} ITPM, {} OTPM per model class; POST /v1/messages, POST /v1/messages/count_tokens",
-        args.rpm, args.itpm, args.otpm,
+        "limits: {} RPM, {} ITPM, {} OTPM per model class; tokens counted by {} x {}; \
+POST /v1/messages, POST /v1/messages/count_tokens",
+        args.rpm, args.itpm, args.otpm, args.tokenizer, args.token_scale,
     );
 
     let result = tokio::select! {

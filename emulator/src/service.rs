@@ -330,19 +330,20 @@ where
         }
         Err(ReadError::Failed(e)) => return Err(e),
     };
-    let parsed =
-        match parse_request(&bytes, endpoint).and_then(|p| validate(&shared, &p).map(|()| p)) {
-            Ok(p) => p,
-            Err(message) => {
-                return Ok(invalid(
-                    &shared,
-                    StatusCode::BAD_REQUEST,
-                    ErrorKind::InvalidRequest,
-                    &message,
-                    Some(&request_id),
-                ));
-            }
-        };
+    let parsed = match parse_request(&bytes, endpoint, &shared.config.token_counter)
+        .and_then(|p| validate(&shared, &p).map(|()| p))
+    {
+        Ok(p) => p,
+        Err(message) => {
+            return Ok(invalid(
+                &shared,
+                StatusCode::BAD_REQUEST,
+                ErrorKind::InvalidRequest,
+                &message,
+                Some(&request_id),
+            ));
+        }
+    };
 
     match endpoint {
         Endpoint::CountTokens => Ok(count_tokens(&shared, &parsed, &request_id)),
@@ -501,13 +502,14 @@ async fn messages(
         Ok(admission) => admission,
         Err(refusal) => return Ok(refused(&shared, class, refusal, now, &request_id)),
     };
-    record_admission(&shared, class, &parsed, &charges, now);
+    let answer = Answer::draw(&shared, class, &parsed, &charges, fault, &mut rng);
+    let begins = answer_begins(now, answer.slow.saturating_add(answer.time_to_first_token));
+    record_admission(&shared, class, &parsed, &charges, now, begins);
     if fault == Some(Fault::ConnectionReset) {
         shared.lock_stats().class(class.as_str()).connection_resets += 1;
         admission.finish();
         return Err(connection_reset());
     }
-    let answer = Answer::draw(&shared, class, &parsed, &charges, fault, &mut rng);
     let response = if parsed.stream {
         streamed_answer(&shared, class, answer, admission, rng, &request_id).await
     } else {
@@ -679,16 +681,24 @@ fn refused(
     with_limit_headers(shared, class, r)
 }
 
-/// An admitted request reached the model: the cache learns its prefixes and
-/// the counters its input.
+/// `now + after`, or an hour from now if that is past the clock's range.
+fn answer_begins(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(3_600)))
+        .unwrap_or(now)
+}
+
+/// An admitted request reached the model: the cache learns its prefixes,
+/// readable once its answer `begins`, and the counters its input.
 fn record_admission(
     shared: &Shared,
     class: ModelClass,
     parsed: &ParsedRequest,
     charges: &Charges,
     now: Instant,
+    begins: Instant,
 ) {
-    shared.lock_cache().commit(&parsed.units, now);
+    shared.lock_cache().commit(&parsed.units, now, begins);
     let name = class.as_str();
     let cache = &charges.cache;
     let input = charges.input;
@@ -809,7 +819,9 @@ async fn json_answer(
 }
 
 /// A streamed answer: the head after any slow delay, then the events paced
-/// by the latency model (or cut by an `event: error`).
+/// by the latency model (or cut by an `event: error`); the first delta comes
+/// when the answer begins, once its prompt has been read and its prefixes
+/// are readable in the cache.
 async fn streamed_answer(
     shared: &Shared,
     class: ModelClass,
@@ -834,8 +846,9 @@ async fn streamed_answer(
     response
 }
 
-/// The steps of a streamed answer: the opening events, then per chunk a
-/// wait, the output it charges and its delta, then the closing events; or,
+/// The steps of a streamed answer: the opening events, the time to first
+/// token, then per chunk a wait, the output it charges and its delta, then
+/// the closing events; or,
 /// cut after `error_after` deltas, the end of the accounting and an
 /// `event: error`.
 fn stream_script(answer: &Answer, error_after: Option<u64>) -> VecDeque<Step> {

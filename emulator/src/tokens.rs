@@ -1,12 +1,18 @@
 //! The emulator's own token counter and request reader.
 //!
-//! Deliberately *not* the client's estimator: a word- and punctuation-based
-//! rule, so that a client estimating with characters per token makes a real,
-//! measurable error, as it does against the real API.
+//! Deliberately *not* the client's estimator, so that a client estimating
+//! with characters per token makes a real, measurable error, as it does
+//! against the real API. Text is counted by a [`Tokenizer`]:
+//! - [`Tokenizer::O200kBase`] (the default): a real byte-pair-encoding
+//!   tokenizer, OpenAI's `o200k_base`, whose ranks are compiled into the
+//!   emulator (nothing is downloaded); its counts are not Claude's, but they
+//!   vary with the kind of text (code, prose, CJK, JSON, base64) as a real
+//!   tokenizer's do;
+//! - [`Tokenizer::Words`]: a word- and punctuation-based rule ([`count_text`]):
+//!   a run of letters and digits (a "word") of `n` characters is `ceil(n / 4)`
+//!   tokens, every other character that is not whitespace is 1 token.
 //!
-//! The rule (deterministic, documented so tests and plots can reproduce it):
-//! - a run of letters and digits (a "word") of `n` characters is `ceil(n / 4)` tokens;
-//! - every other character that is not whitespace (punctuation, `_`, symbols) is 1 token;
+//! Around the text (deterministic, documented so tests and plots can reproduce it):
 //! - each message adds [`MESSAGE_OVERHEAD`] tokens (its role framing);
 //! - an image is [`IMAGE_TOKENS`] tokens whatever its size;
 //! - a document with a base64 source is [`DOCUMENT_PAGE_TOKENS`] per started
@@ -14,9 +20,15 @@
 //!   with a text source, its text;
 //! - a tool definition is counted as its JSON text (without `cache_control`);
 //! - `tool_use` counts its name and its input as JSON text; `tool_result` counts its content;
-//!   `thinking` its thinking text; any other block its JSON text.
+//!   `thinking` its thinking text; any other block its JSON text;
+//! - a [`TokenCounter`] with a scale other than 1 multiplies each piece's
+//!   count (one per tool, system block or message block) by it, rounded to
+//!   the nearest token: a model whose tokenizer the client does not know.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::str::FromStr;
+use std::sync::{Mutex, OnceLock};
 
 use http::request::Parts;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -36,7 +48,7 @@ pub const DOCUMENT_PAGE_TOKENS: u64 = 2_000;
 /// Characters of base64 data counted as one document page.
 pub const DOCUMENT_PAGE_CHARS: usize = 100_000;
 
-/// Counts the tokens of a text under the emulator's rule.
+/// Counts the tokens of a text under the word rule ([`Tokenizer::Words`]).
 ///
 /// # Examples
 ///
@@ -135,6 +147,152 @@ impl std::io::Write for TextCounter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// The rule the emulator counts text with.
+///
+/// # Examples
+///
+/// ```
+/// use tower_llm_limits_emulator::Tokenizer;
+///
+/// assert_eq!(Tokenizer::default(), Tokenizer::O200kBase);
+/// assert_eq!(Tokenizer::Words.count("Hello, world!"), 6);
+/// assert_eq!(Tokenizer::O200kBase.count("Hello, world!"), 4);
+/// assert_eq!("words".parse::<Tokenizer>(), Ok(Tokenizer::Words));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tokenizer {
+    /// OpenAI's `o200k_base` byte-pair encoding (its ranks ship inside the
+    /// emulator): a real tokenizer, independent of any client's estimator.
+    #[default]
+    O200kBase,
+    /// The word rule of [`count_text`]: `ceil(n / 4)` tokens per word of `n`
+    /// letters and digits, one per other non-space character.
+    Words,
+}
+
+impl Tokenizer {
+    /// Both tokenizers, in the order `--help` lists them.
+    pub const ALL: [Tokenizer; 2] = [Tokenizer::O200kBase, Tokenizer::Words];
+
+    /// Its name on a command line and in reports: `o200k` or `words`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Tokenizer::O200kBase => "o200k",
+            Tokenizer::Words => "words",
+        }
+    }
+
+    /// The tokens of `text` under this tokenizer.
+    pub fn count(self, text: &str) -> u64 {
+        match self {
+            Tokenizer::Words => count_text(text),
+            Tokenizer::O200kBase => count_bpe(text),
+        }
+    }
+}
+
+impl fmt::Display for Tokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A tokenizer name that is neither `o200k` nor `words`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownTokenizer(pub String);
+
+impl fmt::Display for UnknownTokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown tokenizer {:?}: expected o200k or words", self.0)
+    }
+}
+
+impl std::error::Error for UnknownTokenizer {}
+
+impl FromStr for Tokenizer {
+    type Err = UnknownTokenizer;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "o200k" | "o200k_base" | "bpe" => Ok(Tokenizer::O200kBase),
+            "words" => Ok(Tokenizer::Words),
+            _ => Err(UnknownTokenizer(s.to_string())),
+        }
+    }
+}
+
+/// The `o200k_base` encoder, built once per process from the ranks compiled
+/// into the crate; `None` if they could not be read (then the word rule
+/// counts, and an error is logged once).
+fn bpe() -> Option<&'static tiktoken_rs::CoreBPE> {
+    static BPE: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+    BPE.get_or_init(|| match tiktoken_rs::o200k_base() {
+        Ok(bpe) => Some(bpe),
+        Err(e) => {
+            tracing::error!(error = %e, "emulator: o200k_base failed to load; counting words");
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// Texts at least this long are remembered by [`count_bpe`] (shorter ones
+/// cost less to count than to look up).
+const MEMO_MIN_BYTES: usize = 512;
+/// The most texts [`count_bpe`] remembers; past it the memo starts afresh.
+const MEMO_MAX_ENTRIES: usize = 16_384;
+/// Texts longer than this are encoded in pieces of about this size, cut
+/// before a space, so that encoding holds a bounded amount of memory.
+const BPE_PIECE_BYTES: usize = 64 * 1024;
+
+/// Counts under `o200k_base`, remembering long texts' counts (a
+/// conversation resends its earlier turns, and every strategy of a
+/// simulation the same bodies).
+fn count_bpe(text: &str) -> u64 {
+    static MEMO: OnceLock<Mutex<HashMap<(u64, usize), u64>>> = OnceLock::new();
+    let Some(bpe) = bpe() else {
+        return count_text(text);
+    };
+    if text.len() < MEMO_MIN_BYTES {
+        return bpe.encode_ordinary(text).len() as u64;
+    }
+    let key = (fnv1a(FNV_OFFSET, text.as_bytes()), text.len());
+    let memo = MEMO.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&n) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return n;
+    }
+    let mut n = 0u64;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let cut = piece_end(rest, BPE_PIECE_BYTES);
+        n += bpe.encode_ordinary(&rest[..cut]).len() as u64;
+        rest = &rest[cut..];
+    }
+    let mut memo = memo.lock().unwrap_or_else(|e| e.into_inner());
+    if memo.len() >= MEMO_MAX_ENTRIES {
+        memo.clear();
+    }
+    memo.insert(key, n);
+    n
+}
+
+/// Where the next piece of `text` ends: all of it when it is at most `max`
+/// bytes, else before the last space of its first `max` bytes (or at a
+/// character boundary when there is none).
+fn piece_end(text: &str, max: usize) -> usize {
+    if text.len() <= max {
+        return text.len();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    match text[..end].rfind(' ') {
+        Some(space) if space > 0 => space,
+        _ => end.max(1),
     }
 }
 
@@ -334,7 +492,11 @@ impl<'de> Visitor<'de> for ValueCounter<'_> {
 /// `messages`, then the prompt in cache order (tools, system, messages).
 /// A body with more JSON values than [`value_budget`] allows is refused
 /// before it is read into a tree.
-pub(crate) fn parse_request(body: &[u8], endpoint: Endpoint) -> Result<ParsedRequest, String> {
+pub(crate) fn parse_request(
+    body: &[u8],
+    endpoint: Endpoint,
+    counter: &TokenCounter,
+) -> Result<ParsedRequest, String> {
     check_value_budget(body)?;
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| format!("There was an error parsing the body of your request: {e}"))?;
@@ -346,7 +508,7 @@ pub(crate) fn parse_request(body: &[u8], endpoint: Endpoint) -> Result<ParsedReq
     let stream = read_stream(obj)?;
     let messages = read_messages(obj)?;
 
-    let mut builder = UnitBuilder::new(&model);
+    let mut builder = UnitBuilder::new(&model, *counter);
     builder.tools(obj.get("tools"))?;
     builder.system(obj.get("system"))?;
     for (i, message) in messages.iter().enumerate() {
@@ -433,17 +595,20 @@ fn object<'a>(value: &'a Value, path: &str) -> Result<&'a Map<String, Value>, St
 struct UnitBuilder {
     hash: u64,
     units: Vec<Unit>,
+    counter: TokenCounter,
 }
 
 impl UnitBuilder {
-    fn new(model: &str) -> Self {
+    fn new(model: &str, counter: TokenCounter) -> Self {
         UnitBuilder {
             hash: fnv1a(FNV_OFFSET, model.as_bytes()),
             units: Vec::new(),
+            counter,
         }
     }
 
-    /// Adds a unit; `canonical` (its JSON text) extends the prefix hash.
+    /// Adds a unit of `tokens` (before the counter's scale); `canonical`
+    /// (its JSON text) extends the prefix hash.
     fn push<T: Serialize + ?Sized>(
         &mut self,
         tokens: u64,
@@ -455,7 +620,7 @@ impl UnitBuilder {
         let _ = serde_json::to_writer(&mut hash, canonical);
         self.hash = hash.0;
         self.units.push(Unit {
-            tokens,
+            tokens: self.counter.scaled(tokens),
             prefix_hash: self.hash,
             breakpoint,
         });
@@ -473,7 +638,7 @@ impl UnitBuilder {
             let tool = object(tool, &path)?;
             let ttl = breakpoint(tool, &path)?;
             let stripped = Stripped(tool);
-            self.push(count_json(&stripped), &stripped, ttl);
+            self.push(count_json(&self.counter, &stripped), &stripped, ttl);
         }
         Ok(())
     }
@@ -483,7 +648,7 @@ impl UnitBuilder {
         let blocks = match system {
             None | Some(Value::Null) => return Ok(()),
             Some(Value::String(s)) => {
-                self.push(count_text(s), s.as_str(), None);
+                self.push(self.counter.text(s), s.as_str(), None);
                 return Ok(());
             }
             Some(Value::Array(blocks)) => blocks,
@@ -492,7 +657,7 @@ impl UnitBuilder {
         for (i, block) in blocks.iter().enumerate() {
             let path = format!("system.{i}");
             let block = object(block, &path)?;
-            let tokens = count_block(block, &path)?;
+            let tokens = count_block(&self.counter, block, &path)?;
             let ttl = breakpoint(block, &path)?;
             self.push(tokens, &Stripped(block), ttl);
         }
@@ -516,7 +681,7 @@ impl UnitBuilder {
             None | Some(Value::Null) => return Err(format!("{path}.content: Field required")),
             Some(Value::String(s)) => {
                 // A pair serializes as the JSON list `[role, content]`.
-                self.push(MESSAGE_OVERHEAD + count_text(s), &(role, s), None);
+                self.push(MESSAGE_OVERHEAD + self.counter.text(s), &(role, s), None);
                 return Ok(());
             }
             Some(Value::Array(blocks)) => blocks,
@@ -532,7 +697,7 @@ impl UnitBuilder {
         for (j, block) in blocks.iter().enumerate() {
             let bpath = format!("{path}.content.{j}");
             let block = object(block, &bpath)?;
-            let mut tokens = count_block(block, &bpath)?;
+            let mut tokens = count_block(&self.counter, block, &bpath)?;
             let ttl = breakpoint(block, &bpath)?;
             let stripped = Stripped(block);
             if j == 0 {
@@ -573,12 +738,22 @@ fn breakpoint(obj: &Map<String, Value>, path: &str) -> Result<Option<CacheTtl>, 
     }
 }
 
-/// [`count_text`] of a value's JSON text, without writing the text out.
-fn count_json<T: Serialize + ?Sized>(value: &T) -> u64 {
-    let mut counter = TextCounter::default();
-    // Serializing a JSON tree into a writer that cannot fail does not fail.
-    let _ = serde_json::to_writer(&mut counter, value);
-    counter.finish()
+/// The count of a value's JSON text (under the word rule, without writing
+/// the text out).
+fn count_json<T: Serialize + ?Sized>(c: &TokenCounter, value: &T) -> u64 {
+    match c.tokenizer {
+        Tokenizer::Words => {
+            let mut counter = TextCounter::default();
+            // Serializing a JSON tree into a writer that cannot fail does not fail.
+            let _ = serde_json::to_writer(&mut counter, value);
+            counter.finish()
+        }
+        Tokenizer::O200kBase => {
+            // Serializing a JSON tree into a string does not fail.
+            let text = serde_json::to_string(value).unwrap_or_default();
+            c.text(&text)
+        }
+    }
 }
 
 fn str_field<'a>(
@@ -594,57 +769,55 @@ fn str_field<'a>(
 }
 
 /// Counts one content block (validating what the count depends on).
-fn count_block(block: &Map<String, Value>, path: &str) -> Result<u64, String> {
+fn count_block(c: &TokenCounter, block: &Map<String, Value>, path: &str) -> Result<u64, String> {
     let kind = str_field(block, "type", path)?;
     match kind {
-        "text" => Ok(count_text(str_field(block, "text", path)?)),
+        "text" => Ok(c.text(str_field(block, "text", path)?)),
         "image" => Ok(IMAGE_TOKENS),
-        "document" => count_document(block, path),
+        "document" => count_document(c, block, path),
         "tool_use" | "server_tool_use" => {
             let name = block.get("name").and_then(Value::as_str).unwrap_or("");
-            let input = block.get("input").map_or(0, count_json);
-            Ok(count_text(name) + input)
+            let input = block.get("input").map_or(0, |v| count_json(c, v));
+            Ok(c.text(name) + input)
         }
         "tool_result" => match block.get("content") {
             None | Some(Value::Null) => Ok(0),
-            Some(Value::String(s)) => Ok(count_text(s)),
-            Some(Value::Array(blocks)) => count_blocks(blocks, &format!("{path}.content")),
+            Some(Value::String(s)) => Ok(c.text(s)),
+            Some(Value::Array(blocks)) => count_blocks(c, blocks, &format!("{path}.content")),
             Some(_) => Err(format!(
                 "{path}.content: Input should be a valid string or list"
             )),
         },
-        "thinking" => Ok(count_text(
-            block.get("thinking").and_then(Value::as_str).unwrap_or(""),
-        )),
-        "redacted_thinking" => Ok(count_text(
-            block.get("data").and_then(Value::as_str).unwrap_or(""),
-        )),
-        _ => Ok(count_json(&Stripped(block))),
+        "thinking" => Ok(c.text(block.get("thinking").and_then(Value::as_str).unwrap_or(""))),
+        "redacted_thinking" => Ok(c.text(block.get("data").and_then(Value::as_str).unwrap_or(""))),
+        _ => Ok(count_json(c, &Stripped(block))),
     }
 }
 
 /// Counts a list of content blocks at `path` (`path.0`, `path.1`, ...).
-fn count_blocks(blocks: &[Value], path: &str) -> Result<u64, String> {
+fn count_blocks(c: &TokenCounter, blocks: &[Value], path: &str) -> Result<u64, String> {
     let mut sum = 0;
     for (k, b) in blocks.iter().enumerate() {
         let bpath = format!("{path}.{k}");
-        sum += count_block(object(b, &bpath)?, &bpath)?;
+        sum += count_block(c, object(b, &bpath)?, &bpath)?;
     }
     Ok(sum)
 }
 
 /// A document block: its source (text, content blocks, base64 pages, or one
 /// page for a URL or file), plus its title and context.
-fn count_document(block: &Map<String, Value>, path: &str) -> Result<u64, String> {
+fn count_document(c: &TokenCounter, block: &Map<String, Value>, path: &str) -> Result<u64, String> {
     let source = block
         .get("source")
         .and_then(Value::as_object)
         .ok_or_else(|| format!("{path}.source: Field required"))?;
     let mut tokens = match source.get("type").and_then(Value::as_str) {
-        Some("text") => count_text(source.get("data").and_then(Value::as_str).unwrap_or("")),
+        Some("text") => c.text(source.get("data").and_then(Value::as_str).unwrap_or("")),
         Some("content") => match source.get("content") {
-            Some(Value::String(s)) => count_text(s),
-            Some(Value::Array(blocks)) => count_blocks(blocks, &format!("{path}.source.content"))?,
+            Some(Value::String(s)) => c.text(s),
+            Some(Value::Array(blocks)) => {
+                count_blocks(c, blocks, &format!("{path}.source.content"))?
+            }
             _ => 0,
         },
         Some("base64") => {
@@ -658,15 +831,16 @@ fn count_document(block: &Map<String, Value>, path: &str) -> Result<u64, String>
     };
     for field in ["title", "context"] {
         if let Some(Value::String(s)) = block.get(field) {
-            tokens += count_text(s);
+            tokens += c.text(s);
         }
     }
     Ok(tokens)
 }
 
-/// The emulator's token counter as a [`TokenEstimator`]: a perfect estimate of
-/// what the emulator will count, without its prompt-cache state (cache reads
-/// are counted as uncached input).
+/// The emulator's token counter: a [`Tokenizer`] and a scale. Also a
+/// [`TokenEstimator`]: a perfect estimate of what an emulator with the same
+/// counter will count, without its prompt-cache state (cache reads are
+/// counted as uncached input).
 ///
 /// Useful as the "oracle" beside a real estimator in a simulation, and to
 /// compute true counts in tests. It is not what a client of the real API can
@@ -675,17 +849,113 @@ fn count_document(block: &Map<String, Value>, path: &str) -> Result<u64, String>
 /// # Examples
 ///
 /// ```
-/// use tower_llm_limits_emulator::TokenCounter;
+/// use tower_llm_limits_emulator::{TokenCounter, Tokenizer};
 ///
 /// let body = br#"{"model":"claude-sonnet-4-5","max_tokens":10,
 ///     "messages":[{"role":"user","content":"Hello, world!"}]}"#;
-/// // 6 tokens of text + 3 for the message
-/// assert_eq!(TokenCounter.count_request(body), Ok(9));
+/// // 6 tokens of text under the word rule + 3 for the message
+/// assert_eq!(TokenCounter::words().count_request(body), Ok(9));
+/// // 4 under o200k_base (the default) + 3
+/// assert_eq!(TokenCounter::default().count_request(body), Ok(7));
+/// // A model whose tokenizer counts 30% more.
+/// let more = TokenCounter::new(Tokenizer::O200kBase).with_scale(1.3)?;
+/// assert_eq!(more.count_request(body), Ok(9)); // round(7 * 1.3)
+/// # Ok::<(), tower_llm_limits_emulator::InvalidScale>(())
 /// ```
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TokenCounter;
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenCounter {
+    tokenizer: Tokenizer,
+    scale: f64,
+}
+
+impl Default for TokenCounter {
+    /// `o200k_base`, scale 1.
+    fn default() -> Self {
+        TokenCounter::new(Tokenizer::default())
+    }
+}
+
+/// A token scale that is not a finite number above 0 (and at most 100).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InvalidScale(pub f64);
+
+impl fmt::Display for InvalidScale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "token scale {} is not a number above 0 and at most {MAX_TOKEN_SCALE}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidScale {}
+
+/// The largest token scale a [`TokenCounter`] takes.
+pub const MAX_TOKEN_SCALE: f64 = 100.0;
 
 impl TokenCounter {
+    /// Counts with `tokenizer`, scale 1.
+    pub const fn new(tokenizer: Tokenizer) -> Self {
+        TokenCounter {
+            tokenizer,
+            scale: 1.0,
+        }
+    }
+
+    /// Counts with the word rule ([`count_text`]), scale 1.
+    pub const fn words() -> Self {
+        TokenCounter::new(Tokenizer::Words)
+    }
+
+    /// With every count multiplied by `scale` (per prompt piece, rounded to
+    /// the nearest token): a model whose tokenizer counts `scale` times what
+    /// this one does.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidScale`] when `scale` is not finite, not above 0 or above
+    /// [`MAX_TOKEN_SCALE`].
+    pub fn with_scale(mut self, scale: f64) -> Result<Self, InvalidScale> {
+        if !(scale.is_finite() && scale > 0.0 && scale <= MAX_TOKEN_SCALE) {
+            return Err(InvalidScale(scale));
+        }
+        self.scale = scale;
+        Ok(self)
+    }
+
+    /// Its tokenizer.
+    pub const fn tokenizer(&self) -> Tokenizer {
+        self.tokenizer
+    }
+
+    /// Its scale.
+    pub const fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Loads the tokenizer's tables now (`o200k_base` builds them on first
+    /// use, which takes a moment), so that no request waits for them.
+    pub(crate) fn warm(&self) {
+        if self.tokenizer == Tokenizer::O200kBase {
+            let _ = bpe();
+        }
+    }
+
+    /// The tokens of a text under the tokenizer, before the scale.
+    fn text(&self, text: &str) -> u64 {
+        self.tokenizer.count(text)
+    }
+
+    /// `tokens` times the scale, rounded to the nearest token.
+    fn scaled(&self, tokens: u64) -> u64 {
+        if self.scale == 1.0 {
+            tokens
+        } else {
+            (tokens as f64 * self.scale).round() as u64
+        }
+    }
+
     /// Counts the input tokens of a Messages (or count_tokens) request body,
     /// without cache state: what `POST /v1/messages/count_tokens` answers.
     ///
@@ -694,13 +964,13 @@ impl TokenCounter {
     /// The `invalid_request_error` message the emulator would answer with,
     /// when the body is not a valid request.
     pub fn count_request(&self, body: &[u8]) -> Result<u64, String> {
-        parse_request(body, Endpoint::CountTokens).map(|p| p.total_tokens)
+        parse_request(body, Endpoint::CountTokens, self).map(|p| p.total_tokens)
     }
 }
 
 impl TokenEstimator for TokenCounter {
     fn estimate(&self, parts: &Parts, body: &[u8]) -> Estimate {
-        match parse_request(body, Endpoint::CountTokens) {
+        match parse_request(body, Endpoint::CountTokens, self) {
             Ok(p) => Estimate {
                 model: Some(p.model),
                 input_tokens: p.total_tokens,
@@ -715,8 +985,8 @@ impl TokenEstimator for TokenCounter {
     }
 
     fn estimate_unbuffered(&self, _parts: &Parts, body_len: Option<u64>) -> Estimate {
-        // At most one token per byte under this rule.
-        let bound = body_len.unwrap_or(0);
+        // At most one token per byte under either tokenizer, times the scale.
+        let bound = self.scaled(body_len.unwrap_or(0));
         Estimate {
             model: None,
             input_tokens: bound,
@@ -732,6 +1002,8 @@ impl TokenEstimator for TokenCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const W: TokenCounter = TokenCounter::words();
 
     #[test]
     fn words_and_punctuation() {
@@ -752,7 +1024,7 @@ mod tests {
             "messages":[{"role":"user","content":[
                 {"type":"text","text":"hi","cache_control":{"type":"ephemeral","ttl":"1h"}},
                 {"type":"image","source":{"type":"base64","media_type":"image/png","data":"xx"}}]}]}"#;
-        let p = parse_request(body, Endpoint::Messages).unwrap();
+        let p = parse_request(body, Endpoint::Messages, &W).unwrap();
         assert_eq!(p.units.len(), 4);
         assert_eq!(p.units[1].tokens, 2);
         assert_eq!(p.units[1].breakpoint, Some(CacheTtl::FiveMinutes));
@@ -772,7 +1044,7 @@ mod tests {
         let b = br#"{"model":"m","max_tokens":9,"messages":[{"role":"user","content":[{"type":"text","text":"x"}]}]}"#;
         let c = br#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"text","text":"y"}]}]}"#;
         let d = br#"{"model":"n","max_tokens":5,"messages":[{"role":"user","content":[{"type":"text","text":"x"}]}]}"#;
-        let h = |b: &[u8]| parse_request(b, Endpoint::Messages).unwrap().units[0].prefix_hash;
+        let h = |b: &[u8]| parse_request(b, Endpoint::Messages, &W).unwrap().units[0].prefix_hash;
         assert_eq!(h(a), h(b));
         assert_ne!(h(a), h(c));
         assert_ne!(h(a), h(d));
@@ -791,12 +1063,12 @@ mod tests {
             (br#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"text","text":"x","cache_control":{"type":"ephemeral","ttl":"2h"}}]}]}"#, "ttl"),
         ];
         for (body, want) in cases {
-            let err = parse_request(body, Endpoint::Messages).unwrap_err();
+            let err = parse_request(body, Endpoint::Messages, &W).unwrap_err();
             assert!(err.contains(want), "{err} should contain {want}");
         }
         // count_tokens does not need max_tokens
         let ok = br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#;
-        assert!(parse_request(ok, Endpoint::CountTokens).is_ok());
+        assert!(parse_request(ok, Endpoint::CountTokens, &W).is_ok());
     }
 
     /// The streamed count and hash give what the text written out would.
@@ -809,7 +1081,9 @@ mod tests {
         copy.remove("cache_control");
         let copy = Value::Object(copy);
         let text = serde_json::to_string(&copy).unwrap();
-        assert_eq!(count_json(&Stripped(map)), count_text(&text));
+        assert_eq!(count_json(&W, &Stripped(map)), count_text(&text));
+        let bpe = TokenCounter::default();
+        assert_eq!(count_json(&bpe, &Stripped(map)), bpe.text(&text));
         let mut hash = HashWriter(7);
         serde_json::to_writer(&mut hash, &("user", Stripped(map))).unwrap();
         let pair = serde_json::to_vec(&Value::Array(vec![Value::from("user"), copy])).unwrap();
@@ -829,7 +1103,7 @@ mod tests {
         let data = "A".repeat(DOCUMENT_PAGE_CHARS + 1);
         let body = serde_json::json!({"model":"m","max_tokens":1,"messages":[{"role":"user","content":[
             {"type":"document","source":{"type":"base64","media_type":"application/pdf","data":data}}]}]});
-        let p = parse_request(&serde_json::to_vec(&body).unwrap(), Endpoint::Messages).unwrap();
+        let p = parse_request(&serde_json::to_vec(&body).unwrap(), Endpoint::Messages, &W).unwrap();
         assert_eq!(p.total_tokens, 2 * DOCUMENT_PAGE_TOKENS + MESSAGE_OVERHEAD);
     }
 }

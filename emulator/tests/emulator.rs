@@ -14,14 +14,17 @@ use tower_llm_limits::budget::{Limits, ModelClass, OutputMode, Tier};
 use tower_llm_limits::headers::RateLimitSnapshot;
 use tower_llm_limits_emulator::{
     count_text, Acceleration, Emulator, EmulatorBody, EmulatorBuilder, Faults, Latency,
-    OutputLength, TokenCounter,
+    OutputLength, TokenCounter, Tokenizer,
 };
 
 const SONNET: &str = "claude-sonnet-4-5-20250929";
 
+/// No latency, high limits, and the word rule (whose counts the tests
+/// below work out by hand; the default tokenizer has its own tests).
 fn quiet() -> EmulatorBuilder {
     Emulator::builder()
         .latency(Latency::none())
+        .token_counter(TokenCounter::words())
         .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000_000))
         .seed(42)
 }
@@ -87,7 +90,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
 }
 
 fn count(body: &Value) -> u64 {
-    TokenCounter
+    TokenCounter::words()
         .count_request(&serde_json::to_vec(body).unwrap())
         .unwrap()
 }
@@ -797,6 +800,81 @@ fn cached(system: &str, question: &str, ttl: Option<&str>, model: &str) -> Value
     json!({"model": model, "max_tokens": 5,
            "system": [{"type": "text", "text": system, "cache_control": cache_control}],
            "messages": [{"role": "user", "content": question}]})
+}
+
+/// Requests with one prefix, admitted while the first one's answer has not
+/// begun, write it again, charged in full; once it has begun, they read it.
+#[tokio::test(start_paused = true)]
+async fn a_prefix_is_readable_once_the_writers_answer_begins() {
+    let emulator = quiet()
+        .latency(Latency::none().with_time_to_first_token(Duration::from_secs(2)))
+        .build()
+        .unwrap();
+    let system = "abcd ".repeat(2_000); // 2,000 tokens
+    let writer = {
+        let emulator = emulator.clone();
+        let body = cached(&system, "What now?", None, SONNET);
+        tokio::spawn(async move { usage_of(&emulator, &body).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Sent while the first answer has not begun: a second write.
+    let early = usage_of(&emulator, &cached(&system, "And then?", None, SONNET)).await;
+    assert_eq!(early.1, 2_000, "{early:?}");
+    assert_eq!(writer.await.unwrap().1, 2_000);
+    // Now both answers have begun: a read.
+    let late = usage_of(&emulator, &cached(&system, "And then?", None, SONNET)).await;
+    assert_eq!((late.1, late.2), (0, 2_000));
+    let s = &emulator.stats().classes["sonnet-4"];
+    assert_eq!(s.cache_creation_input_tokens, 4_000);
+}
+
+/// The default counter is o200k_base; `--token-scale` multiplies counts; the
+/// emulator answers `count_tokens` and charges with the same counter.
+#[tokio::test(start_paused = true)]
+async fn the_default_tokenizer_is_o200k_and_a_scale_multiplies() {
+    let body = json!({"model": SONNET, "max_tokens": 5,
+        "messages": [{"role": "user", "content": "fn main() { println!(\"héllo, 世界\"); }"}]});
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let bpe = TokenCounter::default().count_request(&bytes).unwrap();
+    let words = TokenCounter::words().count_request(&bytes).unwrap();
+    assert_eq!(TokenCounter::default().tokenizer(), Tokenizer::O200kBase);
+    assert_ne!(bpe, words);
+    let emulator = Emulator::builder()
+        .latency(Latency::none())
+        .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000_000))
+        .build()
+        .unwrap();
+    assert_eq!(usage_of(&emulator, &body).await.0, bpe);
+    let scaled = TokenCounter::default().with_scale(1.3).unwrap();
+    let emulator = Emulator::builder()
+        .latency(Latency::none())
+        .limits(Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000_000))
+        .token_counter(scaled)
+        .build()
+        .unwrap();
+    let want = (bpe as f64 * 1.3).round() as u64;
+    assert_eq!(usage_of(&emulator, &body).await.0, want);
+    let counted = json_of(send(&emulator, "/v1/messages/count_tokens", &body).await).await;
+    assert_eq!(counted["input_tokens"], want);
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 101.0] {
+        assert!(TokenCounter::default().with_scale(bad).is_err(), "{bad}");
+    }
+    assert!("gpt2".parse::<Tokenizer>().is_err());
+}
+
+/// `answer_tokens` says the output the emulator's answer to a body will have.
+#[tokio::test(start_paused = true)]
+async fn answer_tokens_match_the_answer() {
+    let emulator = quiet().seed(9).build().unwrap();
+    for (i, max_tokens) in [16u64, 300, 1_024].into_iter().enumerate() {
+        let body = ask(&format!("question {i}"), max_tokens);
+        let want = emulator
+            .answer_tokens(&serde_json::to_vec(&body).unwrap())
+            .unwrap();
+        let json = json_of(send(&emulator, "/v1/messages", &body).await).await;
+        assert_eq!(usage_u64(&json["usage"], "output_tokens"), want);
+    }
+    assert!(emulator.answer_tokens(b"{}").is_err());
 }
 
 async fn usage_of(emulator: &Emulator, body: &Value) -> (u64, u64, u64) {

@@ -64,9 +64,16 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Peak live heap bytes, above what was live before, while counting `body`.
 fn peak_while_counting(body: &[u8]) -> (usize, Result<u64, String>) {
+    peak_while_counting_with(TokenCounter::words(), body)
+}
+
+/// The same with another counter (its tables loaded before, so not counted).
+fn peak_while_counting_with(counter: TokenCounter, body: &[u8]) -> (usize, Result<u64, String>) {
+    let _ =
+        counter.count_request(br#"{"model":"m","messages":[{"role":"user","content":"warm"}]}"#);
     let before = LIVE.load(Ordering::SeqCst);
     PEAK.store(before, Ordering::SeqCst);
-    let result = TokenCounter.count_request(body);
+    let result = counter.count_request(body);
     (PEAK.load(Ordering::SeqCst) - before, result)
 }
 
@@ -139,4 +146,26 @@ fn many_small_values_within_the_budget_are_counted_within_k_times() {
     let body = serde_json::to_vec(&body).expect("serialize");
     let tokens = check("strings", &body).expect("within the budget");
     assert!(tokens > 200_000, "{tokens}");
+}
+
+/// The default tokenizer, `o200k_base`, encodes a long text in pieces of
+/// 64 KiB: its memory stays within the same bound as the word rule's.
+#[test]
+fn a_large_text_prompt_under_o200k_stays_within_k_times_its_size() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(MIB / 2 / 45);
+    let body = serde_json::json!({"model":"claude-sonnet-4-5","max_tokens":5,
+        "messages":[{"role":"user","content":[{"type":"text","text":text}]}]});
+    let body = serde_json::to_vec(&body).expect("serialize");
+    let (peak, result) = peak_while_counting_with(TokenCounter::default(), &body);
+    let tokens = result.expect("a valid request");
+    assert!(
+        peak <= K * body.len(),
+        "o200k: {peak} bytes at peak for a body of {}",
+        body.len()
+    );
+    // Ten tokens per sentence (its nine words with their spaces, and the
+    // period), plus the message's framing, give or take the piece edges.
+    let sentences = (MIB / 2 / 45) as u64;
+    assert!(tokens.abs_diff(10 * sentences + 3) <= 20, "{tokens}");
 }

@@ -8,6 +8,7 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+use super::emu::{Tokenizer, UnknownTokenizer};
 use super::strategies::Kind;
 
 /// Run one workload through several client strategies against an emulator of
@@ -104,6 +105,23 @@ pub struct Args {
     /// The emulator's OTPM rule (and the crate's stack's).
     #[arg(long, value_name = "MODE", value_enum, default_value_t = OutputMode::Realtime)]
     pub output_mode: OutputMode,
+
+    /// How the emulator counts input tokens: `o200k` (OpenAI's o200k_base
+    /// byte-pair encoding, shipped inside the binary) or `words` (ceil(n / 4)
+    /// per word of n letters and digits, one per other non-space character).
+    /// The crate's estimator never uses either.
+    #[arg(long, value_name = "NAME", default_value = "o200k", value_parser = tokenizer)]
+    pub tokenizer: Tokenizer,
+
+    /// Multiply the emulator's token counts by X: a model whose tokenizer
+    /// the crate's estimator does not know (e.g. 1.3 counts 30% more).
+    #[arg(long, value_name = "X", default_value_t = 1.0, value_parser = token_scale)]
+    pub token_scale: f64,
+
+    /// Run N seeds, --seed and the N - 1 after it, each with its own
+    /// workload, and print one line per seed and strategy, then the worst.
+    #[arg(long, value_name = "N", value_parser = at_least_one::<u64>)]
+    pub seeds: Option<u64>,
 
     /// The emulator's rate of 529 `overloaded_error` answers per request.
     #[arg(long = "fault-529", value_name = "P", default_value_t = 0.0, value_parser = probability)]
@@ -224,6 +242,21 @@ fn strategy(s: &str) -> Result<Kind, String> {
     })
 }
 
+/// A tokenizer by name.
+fn tokenizer(s: &str) -> Result<Tokenizer, String> {
+    s.parse().map_err(|e: UnknownTokenizer| e.to_string())
+}
+
+/// A token scale: above 0, at most 100.
+fn token_scale(s: &str) -> Result<f64, String> {
+    let x: f64 = number(s)?;
+    if x.is_finite() && x > 0.0 && x <= 100.0 {
+        Ok(x)
+    } else {
+        Err(format!("a scale above 0 and at most 100, not {x}"))
+    }
+}
+
 /// A probability, from 0 to 1.
 fn probability(s: &str) -> Result<f64, String> {
     let p: f64 = number(s)?;
@@ -267,6 +300,10 @@ mod tests {
         let faults = [a.fault_529, a.fault_500, a.fault_reset, a.fault_stream];
         assert_eq!(faults, [0.0; 4]);
         assert_eq!(a.api_key_env, "ANTHROPIC_API_KEY");
+        assert_eq!(
+            (a.tokenizer, a.token_scale, a.seeds),
+            (Tokenizer::O200kBase, 1.0, None)
+        );
     }
 
     #[test]
@@ -276,7 +313,12 @@ mod tests {
              --requests 12 --concurrency 4 --workload w.jsonl --model claude-haiku-4-5 \
              --rpm 1_000 --itpm 40_000 --otpm 9000 --output-mode reserve \
              --fault-529 0.02 --fault-500 0.01 --fault-reset 0.005 --fault-stream 0.5 \
-             --target https://example.test/prefix --api-key-env MY_KEY",
+             --target https://example.test/prefix --api-key-env MY_KEY \
+             --tokenizer words --token-scale 1.3 --seeds 10",
+        );
+        assert_eq!(
+            (a.tokenizer, a.token_scale, a.seeds),
+            (Tokenizer::Words, 1.3, Some(10))
         );
         assert!(a.real_time && a.json && a.timeline);
         assert_eq!(a.plot, Some(PathBuf::from("out.svg")));
@@ -355,6 +397,11 @@ mod tests {
             "--fault-stream -0.1",
             "--fault-500 x",
             "--output-mode fast",
+            "--tokenizer gpt2",
+            "--token-scale 0",
+            "--token-scale -1",
+            "--token-scale 101",
+            "--seeds 0",
         ] {
             let kind = kind_of_error(bad);
             assert!(
@@ -406,6 +453,9 @@ mod tests {
             "--fault-stream",
             "--target",
             "--api-key-env",
+            "--tokenizer",
+            "--token-scale",
+            "--seeds",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");
         }

@@ -6,8 +6,12 @@
 use tower::util::BoxCloneService;
 use tower::ServiceExt;
 use tower_llm_limits::clock::WallClock;
-pub use tower_llm_limits_emulator::Emulator;
-use tower_llm_limits_emulator::{Faults, Limits, OutputMode};
+pub use tower_llm_limits_emulator::{
+    CacheBound, Emulator, TokenCounter, Tokenizer, UnknownTokenizer,
+};
+use tower_llm_limits_emulator::{
+    Faults, Limits, OutputLength, OutputMode, DEFAULT_CACHE_MIN_TOKENS,
+};
 
 use super::args::Args;
 use super::report::{Charged, LimitSpec};
@@ -27,19 +31,32 @@ pub fn limit_spec(a: &Args) -> LimitSpec {
     }
 }
 
+/// The longest answer the emulator writes, whatever `max_tokens` says.
+pub const ANSWER_CAP: u64 = 300;
+
+/// How long the emulator's answers are: 10% to 100% of `max_tokens`, at most
+/// [`ANSWER_CAP`] tokens: clients ask for far more than answers take, which
+/// is what the older OTPM rule (`--output-mode reserve`) makes them pay
+/// for until the end of each answer.
+pub fn output_length() -> OutputLength {
+    OutputLength::default().with_cap(ANSWER_CAP)
+}
+
 /// The limits as the crate's types say them.
 pub fn limits(a: &Args) -> Limits {
     Limits::new().rpm(a.rpm).itpm(a.itpm).otpm(a.otpm)
 }
 
-/// A fresh emulator (seeded with the run's seed, default latency model, the
-/// fault rates asked for, none by default) and the in-process transport to it.
+/// A fresh emulator (seeded with the run's seed, default latency model,
+/// answers of [`output_length`], the fault rates asked for, none by default) and the in-process transport to it.
 ///
 /// # Errors
 /// Settings the emulator refuses.
 pub fn transport(a: &Args, clock: WallClock) -> Result<(Transport, Emulator), String> {
     let emulator = Emulator::builder()
         .limits(limits(a))
+        .token_counter(counter(a)?)
+        .output_length(output_length())
         .output_mode(if a.reserve_mode() {
             OutputMode::Reserve
         } else {
@@ -90,15 +107,15 @@ pub fn charged(emulator: &Emulator, reserve_mode: bool) -> Charged {
     c
 }
 
-/// Tokens of `s` under the emulator's counting rule (a word of n characters
-/// is ceil(n / 4) tokens, each punctuation mark one): used to size the
-/// workload; the clients never see this count.
-pub fn count_tokens(s: &str) -> u64 {
-    tower_llm_limits_emulator::count_text(s)
+/// The emulator's token counter: `--tokenizer` times `--token-scale`.
+///
+/// # Errors
+/// A scale the emulator refuses.
+pub fn counter(a: &Args) -> Result<TokenCounter, String> {
+    TokenCounter::new(a.tokenizer)
+        .with_scale(a.token_scale)
+        .map_err(|e| format!("--token-scale: {e}"))
 }
-
-/// Tokens each message adds under the emulator's rule (its role framing).
-pub const MESSAGE_OVERHEAD: u64 = tower_llm_limits_emulator::MESSAGE_OVERHEAD;
 
 /// A fresh emulator with the run's limits and seed, the default latency
 /// model and batch endpoints, no faults (for `--layers`).
@@ -110,6 +127,47 @@ pub fn plain(a: &Args, clock: WallClock) -> Result<Emulator, String> {
         .limits(limits(a))
         .seed(a.seed)
         .wall_clock(clock)
+        .token_counter(counter(a)?)
         .build()
         .map_err(|e| format!("emulator: {e}"))
+}
+
+/// The workload's cache bound, counted with `tokenizer` unscaled, for the
+/// emulator's default minimum cacheable prefix.
+pub fn cache_bound(tokenizer: Tokenizer) -> CacheBound {
+    CacheBound::new(TokenCounter::new(tokenizer), DEFAULT_CACHE_MIN_TOKENS)
+}
+
+/// The workload's cache bound as the run's emulator counts (scale included).
+///
+/// # Errors
+/// A scale the emulator refuses.
+pub fn scaled_cache_bound(a: &Args) -> Result<CacheBound, String> {
+    Ok(CacheBound::new(counter(a)?, DEFAULT_CACHE_MIN_TOKENS))
+}
+
+/// The output tokens the run's emulator will answer the workload with, in
+/// all (drawn from the seed and each body only, the same for every client).
+///
+/// # Errors
+/// A scale the emulator refuses.
+pub fn answer_tokens<'a>(a: &Args, bodies: impl Iterator<Item = &'a [u8]>) -> Result<u64, String> {
+    let emulator = Emulator::builder()
+        .seed(a.seed)
+        .token_counter(counter(a)?)
+        .output_length(output_length())
+        .build()
+        .map_err(|e| format!("emulator: {e}"))?;
+    Ok(bodies.filter_map(|b| emulator.answer_tokens(b).ok()).sum())
+}
+
+/// What the emulator read from and wrote to its prompt cache: (read, written).
+pub fn cache_tokens(emulator: &Emulator) -> (u64, u64) {
+    let stats = emulator.stats();
+    stats.classes.values().fold((0, 0), |(r, w), c| {
+        (
+            r + c.cache_read_input_tokens,
+            w + c.cache_creation_input_tokens,
+        )
+    })
 }

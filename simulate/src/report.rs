@@ -119,6 +119,19 @@ pub struct Row {
     pub charged: Charged,
     pub failures: BTreeMap<String, usize>,
     pub attempts_log: Vec<Attempt>,
+    /// The bound for the whole workload, the same for every strategy: see
+    /// [`workload_minimum_seconds`].
+    pub workload_minimum_seconds: f64,
+    /// Prompt-cache tokens read in this run.
+    pub cache_read_tokens: u64,
+    /// Prompt-cache tokens an ideal client reads on this workload (every
+    /// cacheable prefix read after its first write).
+    pub cache_read_possible: u64,
+    /// 429s per model class.
+    pub rate_limited_by_class: BTreeMap<String, usize>,
+    /// The error of the strategy's input estimates against the emulator's
+    /// count, per kind of content (empty for strategies that do not estimate).
+    pub estimate_errors: Vec<KindError>,
 }
 
 impl Row {
@@ -129,6 +142,142 @@ impl Row {
             self.minimum_seconds / self.seconds
         }
     }
+
+    /// The workload's bound over the time taken: 1.0 is the best any client
+    /// could do. None when a request failed (the bound is for the whole
+    /// workload) or the workload fits in the first burst.
+    pub fn share_of_workload_minimum(&self) -> Option<f64> {
+        (self.failed == 0 && self.seconds > 0.0 && self.workload_minimum_seconds > 0.0)
+            .then(|| self.workload_minimum_seconds / self.seconds)
+    }
+
+    /// Cache tokens read over those an ideal client reads (None when the
+    /// workload has nothing to read).
+    pub fn cache_hit_rate(&self) -> Option<f64> {
+        (self.cache_read_possible > 0)
+            .then(|| self.cache_read_tokens as f64 / self.cache_read_possible as f64)
+    }
+}
+
+/// The limit-bound lower bound of a whole workload, whatever the client:
+/// `requests` requests, `ideal_input` input tokens charged to ITPM when every
+/// cacheable prefix is read from the cache after its first write, and, when
+/// `output` is given (output reserved at admission), that many output
+/// tokens. For each dimension, what is charged beyond the bucket's initial
+/// capacity over the refill rate; the largest. In realtime mode the OTPM
+/// term is left out: answers in flight may overdraw the bucket, so no tight
+/// client-independent bound comes from it (leaving it out only lowers the
+/// bound).
+pub fn workload_minimum_seconds(
+    l: &LimitSpec,
+    requests: usize,
+    ideal_input: u64,
+    output: Option<u64>,
+) -> f64 {
+    Charged {
+        requests: requests as u64,
+        input_tokens: ideal_input,
+        output_tokens: output.unwrap_or(0),
+        output_for_bound: output.unwrap_or(0),
+        from_server_stats: false,
+    }
+    .minimum_seconds(l)
+}
+
+/// The error of the input estimates for one kind of content: over its
+/// requests, `(estimate - count) / count`, where the count is the server's
+/// for the whole prompt (the usage its answer reported: input, cache writes
+/// and reads; for a request that got no answer from the emulator, the
+/// emulator's count).
+#[derive(Debug, Clone, Serialize)]
+pub struct KindError {
+    /// The kind of content, "all", or "all after 20 settled" (the requests
+    /// estimated once 20 had settled: the calibrated estimates).
+    pub kind: String,
+    pub requests: usize,
+    /// Mean of |error|.
+    pub mean_abs: f64,
+    /// Median of |error|.
+    pub p50_abs: f64,
+    /// 90th percentile of |error|.
+    pub p90_abs: f64,
+    /// Mean of the signed error: above 0, estimates run high.
+    pub bias: f64,
+}
+
+/// Requests settled before the "after 20 settled" line counts a request.
+pub const SETTLED_BEFORE_CALIBRATED: usize = 20;
+
+/// Per kind (sorted by name), then over all, then over all after
+/// [`SETTLED_BEFORE_CALIBRATED`] settled: the error figures. `samples`
+/// holds (kind, requests settled before the estimate, relative error).
+pub fn kind_errors(samples: &[(&'static str, usize, f64)]) -> Vec<KindError> {
+    let mut by_kind: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for &(kind, _, e) in samples {
+        by_kind.entry(kind).or_default().push(e);
+    }
+    let mut out: Vec<KindError> = by_kind
+        .into_iter()
+        .map(|(k, v)| error_figures(k, &v))
+        .collect();
+    if !samples.is_empty() {
+        let all: Vec<f64> = samples.iter().map(|s| s.2).collect();
+        out.push(error_figures("all", &all));
+        let late: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.1 >= SETTLED_BEFORE_CALIBRATED)
+            .map(|s| s.2)
+            .collect();
+        if !late.is_empty() {
+            out.push(error_figures("all after 20 settled", &late));
+        }
+    }
+    out
+}
+
+fn error_figures(kind: &str, errors: &[f64]) -> KindError {
+    let n = errors.len().max(1) as f64;
+    let mut abs: Vec<f64> = errors.iter().map(|e| e.abs()).collect();
+    abs.sort_by(f64::total_cmp);
+    let rank = |q: f64| {
+        let i = ((q * abs.len() as f64).ceil() as usize).clamp(1, abs.len().max(1)) - 1;
+        abs.get(i).copied().unwrap_or(0.0)
+    };
+    KindError {
+        kind: kind.to_string(),
+        requests: errors.len(),
+        mean_abs: abs.iter().sum::<f64>() / n,
+        p50_abs: rank(0.5),
+        p90_abs: rank(0.9),
+        bias: errors.iter().sum::<f64>() / n,
+    }
+}
+
+/// The estimate-error table of the rows that estimate.
+pub fn estimate_table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for r in rows.iter().filter(|r| !r.estimate_errors.is_empty()) {
+        out.push_str(&format!(
+            "input estimates of {} against the server's count, (estimate - count) / count:\n",
+            r.name
+        ));
+        out.push_str(&format!(
+            "  {:<22} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+            "kind", "requests", "mean", "p50", "p90", "bias"
+        ));
+        for k in &r.estimate_errors {
+            out.push_str(&format!(
+                "  {:<22} {:>8} {:>7.1}% {:>7.1}% {:>7.1}% {:>+7.1}%\n",
+                k.kind,
+                k.requests,
+                k.mean_abs * 100.0,
+                k.p50_abs * 100.0,
+                k.p90_abs * 100.0,
+                k.bias * 100.0
+            ));
+        }
+    }
+    out
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {
@@ -198,6 +347,11 @@ pub fn row(
         charged,
         failures,
         attempts_log: attempts,
+        workload_minimum_seconds: 0.0,
+        cache_read_tokens: 0,
+        cache_read_possible: 0,
+        rate_limited_by_class: BTreeMap::new(),
+        estimate_errors: Vec::new(),
     }
 }
 
@@ -219,6 +373,8 @@ pub fn table(rows: &[Row]) -> String {
         "time",
         "minimum",
         "share of min",
+        "share of wl min",
+        "cache hits",
         "p50",
         "p99",
         "estimate MAE",
@@ -237,6 +393,10 @@ pub fn table(rows: &[Row]) -> String {
             } else {
                 "n/a".to_string()
             },
+            r.share_of_workload_minimum()
+                .map_or("n/a".to_string(), |s| format!("{s:.3}")),
+            r.cache_hit_rate()
+                .map_or("n/a".to_string(), |h| format!("{:.0}%", h * 100.0)),
             format!("{:.1} s", r.p50_ms / 1000.0),
             format!("{:.1} s", r.p99_ms / 1000.0),
             match (r.estimate_mae, r.estimate_mape) {
@@ -300,6 +460,20 @@ pub fn notes(rows: &[Row]) -> String {
         if r.other_errors > 0 {
             out.push_str(&format!("; {} other errors (5xx, resets)", r.other_errors));
         }
+        if r.rate_limited > 0 {
+            let c: Vec<String> = r
+                .rate_limited_by_class
+                .iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect();
+            out.push_str(&format!("; 429s by model class: {}", c.join(", ")));
+        }
+        if r.cache_read_possible > 0 {
+            out.push_str(&format!(
+                "; cache reads {} of {} possible tokens",
+                r.cache_read_tokens, r.cache_read_possible
+            ));
+        }
         if !r.failures.is_empty() {
             let f: Vec<String> = r.failures.iter().map(|(k, v)| format!("{v} {k}")).collect();
             out.push_str(&format!("; failed: {}", f.join(", ")));
@@ -318,6 +492,9 @@ pub struct Report<'a> {
     pub clock: &'static str,
     /// The endpoint's URL, or "emulator".
     pub target: &'a str,
+    /// The emulator's tokenizer ("o200k" or "words") and the scale on its counts.
+    pub tokenizer: &'static str,
+    pub token_scale: f64,
     pub wall_seconds: f64,
     pub strategies: Vec<RowReport<'a>>,
 }
@@ -401,6 +578,17 @@ pub struct RowReport<'a> {
     pub retries: usize,
     pub seconds: f64,
     pub share_of_minimum: f64,
+    /// The workload's bound (the best any client could do) over the time
+    /// (null when a request failed, or the workload fits in the first burst).
+    pub share_of_workload_minimum: Option<f64>,
+    pub workload_minimum_seconds: f64,
+    /// Cache tokens read over those an ideal client reads (null: nothing to read).
+    pub cache_hit_rate: Option<f64>,
+    pub cache_read_tokens: u64,
+    pub cache_read_tokens_possible: u64,
+    pub rate_limited_by_class: &'a BTreeMap<String, usize>,
+    /// Per kind of content (empty for strategies that do not estimate).
+    pub estimate_error_by_kind: &'a [KindError],
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub estimate_mae: Option<f64>,
@@ -434,6 +622,13 @@ impl<'a> From<&'a Row> for RowReport<'a> {
             retries: r.retries,
             seconds: r.seconds,
             share_of_minimum: r.share_of_minimum(),
+            share_of_workload_minimum: r.share_of_workload_minimum(),
+            workload_minimum_seconds: r.workload_minimum_seconds,
+            cache_hit_rate: r.cache_hit_rate(),
+            cache_read_tokens: r.cache_read_tokens,
+            cache_read_tokens_possible: r.cache_read_possible,
+            rate_limited_by_class: &r.rate_limited_by_class,
+            estimate_error_by_kind: &r.estimate_errors,
             p50_ms: r.p50_ms,
             p99_ms: r.p99_ms,
             estimate_mae: r.estimate_mae,
@@ -490,6 +685,34 @@ mod tests {
             ..Charged::default()
         };
         assert_eq!(within_burst.minimum_seconds(&spec()), 0.0);
+    }
+
+    #[test]
+    fn the_workload_minimum_leaves_out_realtime_output() {
+        // 12,000 ideal input tokens: (12000 - 6000) / 100 per s = 60 s.
+        assert!((workload_minimum_seconds(&spec(), 10, 12_000, None) - 60.0).abs() < 1e-9);
+        // Reserved output of 1,800: (1800 - 600) / 10 per s = 120 s binds.
+        let reserve = workload_minimum_seconds(&spec(), 10, 12_000, Some(1_800));
+        assert!((reserve - 120.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn estimate_errors_per_kind_and_after_calibration() {
+        let samples = [
+            ("code", 0, 0.5),
+            ("code", 25, -0.1),
+            ("prose", 30, 0.2),
+            ("prose", 40, 0.0),
+        ];
+        let e = kind_errors(&samples);
+        let kinds: Vec<&str> = e.iter().map(|k| k.kind.as_str()).collect();
+        assert_eq!(kinds, ["code", "prose", "all", "all after 20 settled"]);
+        assert_eq!(e[0].requests, 2);
+        assert!((e[0].mean_abs - 0.3).abs() < 1e-9 && (e[0].bias - 0.2).abs() < 1e-9);
+        assert!((e[0].p50_abs - 0.1).abs() < 1e-9 && (e[0].p90_abs - 0.5).abs() < 1e-9);
+        assert_eq!(e[3].requests, 3);
+        assert!((e[3].p90_abs - 0.2).abs() < 1e-9);
+        assert!(kind_errors(&[]).is_empty());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The strategies compared: what people do today, and this crate.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +23,7 @@ use tower_llm_limits::BoxError;
 
 use super::args::Args;
 
-use super::run::{box_response, Body, Client, Meter};
+use super::run::{box_response, Body, Client, Meter, REQUEST_ID};
 use super::workload::Rng;
 
 /// The strategies, in the order the table prints them; `--strategy` takes
@@ -292,9 +294,23 @@ pub type ClientFuture = <Client as Service<Request<Full<Bytes>>>>::Future;
 #[derive(Debug, Default)]
 pub struct Estimates {
     pairs: Mutex<Vec<(u64, u64)>>,
+    /// Per workload request (its last attempt): the requests settled before
+    /// it was estimated, and its whole prompt as estimated (calibration
+    /// applied, cache reads included).
+    by_request: Mutex<HashMap<usize, (usize, u64)>>,
+    settled: AtomicUsize,
 }
 
 impl Estimates {
+    /// Per workload request: (requests settled before its estimate, its
+    /// whole-prompt estimate).
+    pub fn by_request(&self) -> HashMap<usize, (usize, u64)> {
+        self.by_request
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
     /// (mean absolute error in tokens, the same relative to the mean charge),
     /// or None if nothing was settled.
     pub fn mean_absolute_error(&self) -> Option<(f64, f64)> {
@@ -324,7 +340,26 @@ struct Recording {
 
 impl TokenEstimator for Recording {
     fn estimate(&self, parts: &http::request::Parts, body: &[u8]) -> Estimate {
-        self.inner.estimate(parts, body)
+        let e = self.inner.estimate(parts, body);
+        let index = parts
+            .headers
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<usize>().ok());
+        if let Some(index) = index {
+            // The calibration factor the estimate applied, on the whole prompt.
+            let factor = if e.raw_input_tokens > 0 {
+                e.input_tokens as f64 / e.raw_input_tokens as f64
+            } else {
+                1.0
+            };
+            let whole = ((e.raw_input_tokens + e.cache_read_tokens) as f64 * factor).round() as u64;
+            let settled = self.log.settled.load(Ordering::Relaxed);
+            if let Ok(mut m) = self.log.by_request.lock() {
+                m.insert(index, (settled, whole));
+            }
+        }
+        e
     }
 
     fn estimate_unbuffered(&self, parts: &http::request::Parts, body_len: Option<u64>) -> Estimate {
@@ -336,6 +371,7 @@ impl TokenEstimator for Recording {
         if let Ok(mut p) = self.log.pairs.lock() {
             p.push((estimate.input_tokens, charged));
         }
+        self.log.settled.fetch_add(1, Ordering::Relaxed);
         self.inner.observe(estimate, usage);
     }
 }

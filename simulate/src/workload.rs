@@ -4,8 +4,9 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
+use super::content::{self, ContentKind};
 use super::emu;
 
 /// A small, seeded random source (SplitMix64): the same seed gives the same
@@ -50,6 +51,8 @@ impl Rng {
 pub struct Item {
     /// The request body (JSON).
     pub body: Bytes,
+    /// What it is made of, for the per-kind figures.
+    pub kind: ContentKind,
 }
 
 /// What the workload is, for the report.
@@ -59,9 +62,9 @@ pub struct Workload {
     /// Where it came from: "generated" or the file name.
     pub source: String,
     pub seed: u64,
-    /// Input tokens of the whole workload as the emulator's counter counts
-    /// them, shared cache prefixes counted once (what ITPM would be charged if
-    /// every prefix were cached after its first use).
+    /// Input tokens of the whole workload as the emulator's tokenizer
+    /// counts them (unscaled), every cacheable prefix read from the cache
+    /// after its first write (what ITPM would be charged at best).
     pub uncached_input_tokens: u64,
     /// Input tokens counting every prefix on every request.
     pub total_input_tokens: u64,
@@ -71,341 +74,303 @@ pub struct Workload {
     pub with_cache_prefix: usize,
 }
 
-const WORDS: &[&str] = &[
-    "the",
-    "rate",
-    "limit",
-    "token",
-    "bucket",
-    "request",
-    "model",
-    "answer",
-    "input",
-    "output",
-    "stream",
-    "cache",
-    "prompt",
-    "system",
-    "message",
-    "client",
-    "server",
-    "gateway",
-    "budget",
-    "window",
-    "minute",
-    "second",
-    "retry",
-    "after",
-    "header",
-    "latency",
-    "throughput",
-    "queue",
-    "worker",
-    "batch",
-    "summary",
-    "document",
-    "analysis",
-    "report",
-    "customer",
-    "invoice",
-    "contract",
-    "section",
-    "paragraph",
-    "sentence",
-    "translate",
-    "explain",
-    "classify",
-    "extract",
-    "compare",
-    "review",
-    "code",
-    "function",
-    "module",
-    "error",
-    "handler",
-    "value",
-    "field",
-    "record",
-    "table",
-    "column",
-    "index",
-    "search",
-    "result",
-    "context",
-    "history",
-    "agent",
-    "tool",
-    "schema",
-    "argument",
-    "parameter",
-    "configuration",
-    "deployment",
-    "service",
-    "cluster",
-    "region",
-    "account",
-    "organisation",
-    "workspace",
-    "usage",
-    "pricing",
-    "estimate",
-    "measure",
-    "observe",
-    "metric",
-    "signal",
-    "pattern",
-    "behaviour",
-    "policy",
-    "decision",
-    "internationalisation",
-    "asynchronous",
-    "concurrency",
-    "backpressure",
-    "idempotent",
-    "a",
-    "an",
-    "of",
-    "to",
-    "in",
-    "on",
-    "for",
-    "with",
-    "by",
-    "from",
-    "and",
-    "or",
-    "but",
-    "not",
-    "is",
-    "are",
-    "was",
-    "be",
-    "this",
-    "that",
-    "these",
-    "those",
-    "it",
-    "they",
-    "we",
-    "you",
-];
-
-const PUNCT: &[&str] = &[",", ".", ";", ":", "?", "!", "(", ")", "-", "\""];
-
-/// Generates text of about `tokens` tokens as the emulator counts them
-/// ([`emu::count_tokens`]: a word of n characters is ceil(n / 4) tokens, each
-/// punctuation mark one).
-fn text(rng: &mut Rng, tokens: u64) -> String {
-    let mut out = String::with_capacity(tokens as usize * 5);
-    let mut n = 0u64;
-    let mut since_punct = 0;
-    while n < tokens {
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        let w = *rng.pick(WORDS);
-        out.push_str(w);
-        n += (w.len() as u64).div_ceil(4);
-        since_punct += 1;
-        if since_punct > 6 && rng.f64() < 0.18 {
-            let p: &str = rng.pick::<&str>(PUNCT);
-            out.push_str(p);
-            n += 1;
-            since_punct = 0;
-        }
-    }
-    out
-}
-
-/// Tokens of `s` under the emulator's rule (used to size the workload; the
-/// clients never see this count).
-pub fn count(s: &str) -> u64 {
-    emu::count_tokens(s)
-}
-
-/// Tokens each message adds under the emulator's rule (its role framing).
-const PER_MESSAGE: u64 = emu::MESSAGE_OVERHEAD;
-
 /// Parameters of the generated workload.
 #[derive(Debug, Clone)]
 pub struct GenSpec {
     pub seed: u64,
     pub model: String,
-    /// Stop adding requests once the uncached input reaches this many tokens
-    /// (ignored when `requests` is set).
+    /// Stop adding requests once the input charged at best (every cacheable
+    /// prefix read after its first write) reaches this many tokens (ignored
+    /// when `requests` is set).
     pub target_uncached_tokens: u64,
     /// A fixed number of requests instead.
     pub requests: Option<usize>,
     /// The largest input one request may have (kept under the ITPM capacity
     /// so that every request can fit).
     pub max_request_tokens: u64,
+    /// The emulator's tokenizer, unscaled: what sizes the text (the same seed
+    /// gives the same bodies whatever the token scale).
+    pub tokenizer: emu::Tokenizer,
 }
 
-/// Generates the seeded workload: mixed sizes (most small, some medium, a few
-/// large), a third of the requests behind one of three long shared system
-/// prompts marked with `cache_control`, half of them streamed, and
-/// `max_tokens` drawn from 64 to 1024 (so that, with the emulator's
-/// answer lengths of 10% to 100% of `max_tokens`, the output stays under the
-/// default limits' OTPM : ITPM ratio and input tokens stay the binding limit).
+/// The smallest and largest request, in tokens, the generator aims at.
+pub const REQUEST_TOKENS: (u64, u64) = (200, 20_000);
+
+/// Generates the seeded workload, a mix of real kinds of content
+/// ([`ContentKind`]): single requests of code, prose, other languages
+/// (CJK among them), JSON/CSV data, tool calls with tool definitions, or a
+/// base64 image, from 200 to 20k tokens (most under 1k); a third of them
+/// behind one of three long shared system prompts marked with
+/// `cache_control`; and conversations that grow turn by turn, each turn
+/// resending the history with its `cache_control` breakpoint moved to the
+/// newest user turn. Half are streamed; `max_tokens` is drawn from 256 to
+/// 4096, far above most answers (the simulation's emulator caps them at 300
+/// tokens), as clients set it: output stays under the default limits' OTPM
+/// : ITPM ratio, input tokens stay the binding limit, and the older OTPM
+/// rule, which reserves `max_tokens` at admission, holds real room.
 pub fn generate(spec: &GenSpec) -> Workload {
     let mut rng = Rng::new(spec.seed);
-    let mut prefixes = Prefixes::draw(&mut rng);
-    let mut items = Vec::new();
-    let mut uncached = 0u64;
-    let mut total = 0u64;
-    let mut max_tokens_sum = 0u64;
-    let mut streaming = 0;
-    let mut with_prefix = 0;
-    loop {
-        match spec.requests {
-            Some(n) if items.len() >= n => break,
-            None if uncached >= spec.target_uncached_tokens => break,
-            _ => {}
-        }
-        let drawn = draw_request(&mut rng, spec, &mut prefixes);
-        streaming += usize::from(drawn.stream);
-        with_prefix += usize::from(drawn.with_prefix);
-        let bytes = match serde_json::to_vec(&Value::Object(drawn.body)) {
-            Ok(b) => Bytes::from(b),
-            Err(_) => continue,
-        };
-        total += drawn.tokens;
-        uncached += drawn.uncached;
-        max_tokens_sum += drawn.max_tokens;
-        items.push(Item { body: bytes });
-    }
-    Workload {
-        items,
+    let tokenizer = spec.tokenizer;
+    let count = move |s: &str| tokenizer.count(s);
+    let mut g = Generator {
+        spec,
+        count: &count,
+        prompts: SharedPrompts::draw(&mut rng, &count),
+        conversations: Vec::new(),
+    };
+    let mut bound = emu::cache_bound(spec.tokenizer);
+    let mut w = Workload {
+        items: Vec::new(),
         source: "generated".into(),
         seed: spec.seed,
-        uncached_input_tokens: uncached,
-        total_input_tokens: total,
-        max_tokens_sum,
-        streaming,
-        with_cache_prefix: with_prefix,
+        uncached_input_tokens: 0,
+        total_input_tokens: 0,
+        max_tokens_sum: 0,
+        streaming: 0,
+        with_cache_prefix: 0,
+    };
+    loop {
+        match spec.requests {
+            Some(n) if w.items.len() >= n => break,
+            None if w.uncached_input_tokens >= spec.target_uncached_tokens => break,
+            _ => {}
+        }
+        let (kind, mut body) = g.draw(&mut rng);
+        let stream = rng.f64() < 0.5;
+        let max_tokens = *rng.pick(&[256u64, 512, 1024, 1024, 2048, 4096]);
+        body.insert("model".into(), json!(spec.model));
+        body.insert("max_tokens".into(), json!(max_tokens));
+        if stream {
+            body.insert("stream".into(), json!(true));
+        }
+        let Ok(bytes) = serde_json::to_vec(&Value::Object(body)) else {
+            continue;
+        };
+        let Ok(charge) = bound.charge(&bytes) else {
+            continue;
+        };
+        w.total_input_tokens += charge.total;
+        w.uncached_input_tokens += charge.charged();
+        w.max_tokens_sum += max_tokens;
+        w.streaming += usize::from(stream);
+        w.with_cache_prefix += usize::from(contains(&bytes, b"\"cache_control\""));
+        w.items.push(Item {
+            body: Bytes::from(bytes),
+            kind,
+        });
     }
+    w
 }
 
-/// Three shared system prompts, long enough to be cacheable (>= 1024
-/// tokens), and whether each was sent already (its first use writes the
-/// cache; later ones read it).
-struct Prefixes {
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Three long system prompts (a style guide with code, a tool manual, a
+/// multilingual glossary), each cacheable (>= 1024 tokens).
+struct SharedPrompts {
     texts: Vec<String>,
     tokens: Vec<u64>,
-    seen: [bool; 3],
 }
 
-impl Prefixes {
-    fn draw(rng: &mut Rng) -> Prefixes {
-        let texts: Vec<String> = (0..3)
-            .map(|_| {
-                let n = rng.range(1_500, 3_000);
-                text(rng, n)
+impl SharedPrompts {
+    fn draw(rng: &mut Rng, count: content::Count<'_>) -> SharedPrompts {
+        let kinds = [
+            ContentKind::Code,
+            ContentKind::Prose,
+            ContentKind::Multilingual,
+        ];
+        let texts: Vec<String> = kinds
+            .iter()
+            .map(|&kind| {
+                let n = rng.range(1_500, 4_000);
+                let lead = content::text(rng, ContentKind::Prose, n / 3, count);
+                format!("{lead}\n{}", content::text(rng, kind, n - n / 3, count))
             })
             .collect();
-        let tokens = texts.iter().map(|p| count(p)).collect();
-        Prefixes {
-            texts,
-            tokens,
-            seen: [false; 3],
-        }
+        let tokens = texts.iter().map(|t| count(t)).collect();
+        SharedPrompts { texts, tokens }
     }
 }
 
-/// One generated request and what it adds to the workload's totals.
-struct Drawn {
-    body: serde_json::Map<String, Value>,
-    /// Input tokens, every prefix counted.
+/// A conversation in progress: its history, and the turns it has left.
+struct Conversation {
+    history: Vec<Value>,
     tokens: u64,
-    /// Input tokens, a shared prefix counted on its first use only.
-    uncached: u64,
-    max_tokens: u64,
-    stream: bool,
-    with_prefix: bool,
+    turns_left: u64,
 }
 
-/// Draws one request: its size class, a shared prefix (a third of them) or
-/// a short system prompt (half of the rest), `max_tokens`, one to three
-/// user turns, streamed or not.
-fn draw_request(rng: &mut Rng, spec: &GenSpec, prefixes: &mut Prefixes) -> Drawn {
-    let size_class = rng.f64();
-    let user_tokens = if size_class < 0.55 {
-        rng.range(40, 400)
-    } else if size_class < 0.90 {
-        rng.range(400, 2_000)
-    } else {
-        rng.range(2_000, 6_000)
-    };
-    let use_prefix = rng.f64() < 0.33;
-    let stream = rng.f64() < 0.5;
-    let max_tokens = *rng.pick(&[64u64, 128, 256, 256, 512, 1024]);
-    let turns = rng.range(1, 3);
-
-    let mut body = serde_json::Map::new();
-    body.insert("model".into(), json!(spec.model));
-    body.insert("max_tokens".into(), json!(max_tokens));
-    let (mut tokens, mut uncached) = (0u64, 0u64);
-    if use_prefix {
-        let p = rng.range(0, 2) as usize;
-        body.insert(
-            "system".into(),
-            json!([{
-                "type": "text",
-                "text": prefixes.texts[p],
-                "cache_control": {"type": "ephemeral"}
-            }]),
-        );
-        tokens += prefixes.tokens[p];
-        if !prefixes.seen[p] {
-            uncached += prefixes.tokens[p];
-            prefixes.seen[p] = true;
-        }
-    } else if rng.f64() < 0.5 {
-        let t = rng.range(10, 60);
-        let system = text(rng, t);
-        let t = count(&system);
-        body.insert("system".into(), json!(system));
-        tokens += t;
-        uncached += t;
-    }
-    let budget = spec.max_request_tokens.saturating_sub(tokens).max(20);
-    let (messages, msg_tokens) = draw_turns(rng, user_tokens.min(budget), turns);
-    tokens += msg_tokens;
-    uncached += msg_tokens;
-    body.insert("messages".into(), Value::Array(messages));
-    if stream {
-        body.insert("stream".into(), json!(true));
-    }
-    Drawn {
-        body,
-        tokens,
-        uncached,
-        max_tokens,
-        stream,
-        with_prefix: use_prefix,
-    }
+struct Generator<'a> {
+    spec: &'a GenSpec,
+    count: content::Count<'a>,
+    prompts: SharedPrompts,
+    conversations: Vec<Conversation>,
 }
 
-/// `turns` user turns with assistant answers between them, about
-/// `user_tokens` in all, and their tokens (the role framing included).
-fn draw_turns(rng: &mut Rng, user_tokens: u64, turns: u64) -> (Vec<Value>, u64) {
-    let mut messages = Vec::new();
-    let per_turn = (user_tokens / (2 * turns - 1)).max(5);
-    let mut msg_tokens = 0;
-    for t in 0..turns {
-        let user = text(rng, per_turn);
-        msg_tokens += count(&user) + PER_MESSAGE;
-        messages.push(json!({"role": "user", "content": user}));
-        if t + 1 < turns {
-            let answer = text(rng, per_turn);
-            msg_tokens += count(&answer) + PER_MESSAGE;
-            messages.push(json!({
-                "role": "assistant",
-                "content": [{"type": "text", "text": answer}]
-            }));
+impl Generator<'_> {
+    /// The next request's kind and body (without model, max_tokens, stream).
+    fn draw(&mut self, rng: &mut Rng) -> (ContentKind, Map<String, Value>) {
+        if !self.conversations.is_empty() && rng.f64() < 0.3 {
+            let i = rng.range(0, self.conversations.len() as u64 - 1) as usize;
+            return (ContentKind::Conversation, self.next_turn(rng, i));
         }
+        if self.conversations.len() < 3 && rng.f64() < 0.1 {
+            self.conversations.push(Conversation {
+                history: Vec::new(),
+                tokens: 0,
+                turns_left: rng.range(3, 8),
+            });
+            let i = self.conversations.len() - 1;
+            return (ContentKind::Conversation, self.next_turn(rng, i));
+        }
+        self.single(rng)
     }
-    (messages, msg_tokens)
+
+    /// A request size in tokens: most small, some medium, a few large.
+    fn size(&self, rng: &mut Rng) -> u64 {
+        let class = rng.f64();
+        let n = if class < 0.6 {
+            rng.range(REQUEST_TOKENS.0, 1_000)
+        } else if class < 0.9 {
+            rng.range(1_000, 4_000)
+        } else {
+            rng.range(4_000, REQUEST_TOKENS.1)
+        };
+        n.min(self.spec.max_request_tokens)
+    }
+
+    /// A single request of one kind, behind a shared system prompt for a third.
+    fn single(&mut self, rng: &mut Rng) -> (ContentKind, Map<String, Value>) {
+        let weights = [22u64, 20, 14, 16, 16, 12];
+        let mut pick = rng.range(0, weights.iter().sum::<u64>() - 1);
+        let mut kind = ContentKind::Prose;
+        for (k, w) in ContentKind::GENERATED.iter().zip(weights) {
+            if pick < w {
+                kind = *k;
+                break;
+            }
+            pick -= w;
+        }
+        let mut size = self.size(rng);
+        let mut body = Map::new();
+        if rng.f64() < 0.33 {
+            let p = rng.range(0, 2) as usize;
+            body.insert(
+                "system".into(),
+                json!([{"type": "text", "text": self.prompts.texts[p],
+                        "cache_control": {"type": "ephemeral"}}]),
+            );
+            size = size
+                .saturating_sub(self.prompts.tokens[p])
+                .max(REQUEST_TOKENS.0 / 2);
+        }
+        let messages = match kind {
+            ContentKind::Tools => self.tool_call(rng, size, &mut body),
+            ContentKind::Image => self.image(rng, size),
+            _ => {
+                let question = content::text(rng, ContentKind::Prose, 30, self.count);
+                let text = content::text(rng, kind, size.saturating_sub(40), self.count);
+                vec![json!({"role": "user", "content": [
+                    {"type": "text", "text": text},
+                    {"type": "text", "text": question}]})]
+            }
+        };
+        body.insert("messages".into(), Value::Array(messages));
+        (kind, body)
+    }
+
+    /// Tool definitions, a question, the model's tool call, its result.
+    fn tool_call(&self, rng: &mut Rng, size: u64, body: &mut Map<String, Value>) -> Vec<Value> {
+        let tools: Vec<Value> = (0..rng.range(3, 8))
+            .map(|_| content::tool_definition(rng))
+            .collect();
+        let name = tools[0]["name"].clone();
+        body.insert("tools".into(), Value::Array(tools));
+        let question = content::text(rng, ContentKind::Prose, 60, self.count);
+        let result_kind = if rng.f64() < 0.6 {
+            ContentKind::Data
+        } else {
+            ContentKind::Code
+        };
+        let result = content::text(rng, result_kind, size.saturating_sub(600), self.count);
+        let id = format!("toolu_{:016x}", rng.next_u64());
+        vec![
+            json!({"role": "user", "content": question}),
+            json!({"role": "assistant", "content": [
+                {"type": "text", "text": "Let me look that up."},
+                {"type": "tool_use", "id": id, "name": name,
+                 "input": {"query": content::text(rng, ContentKind::Prose, 20, self.count),
+                           "limit": rng.range(1, 100)}}]}),
+            json!({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": id, "content": result}]}),
+        ]
+    }
+
+    /// An image (its size drawn from common photo and screenshot sizes) and
+    /// a question, with some context text for the larger requests.
+    fn image(&self, rng: &mut Rng, size: u64) -> Vec<Value> {
+        let sizes = [
+            (1920u32, 1080u32),
+            (1280, 720),
+            (800, 600),
+            (3024, 4032),
+            (512, 512),
+            (1568, 1568),
+        ];
+        let (w, h) = *rng.pick(&sizes);
+        let question = content::text(rng, ContentKind::Prose, 40, self.count);
+        let mut blocks = vec![json!({"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": content::png_base64(rng, w, h)}})];
+        if size > 2_000 {
+            let kind = *rng.pick(&[ContentKind::Prose, ContentKind::Data, ContentKind::Code]);
+            let context = content::text(rng, kind, size - 1_700, self.count);
+            blocks.push(json!({"type": "text", "text": context}));
+        }
+        blocks.push(json!({"type": "text", "text": question}));
+        vec![json!({"role": "user", "content": blocks})]
+    }
+
+    /// The next turn of conversation `i`: its history plus a new user turn
+    /// carrying the cache breakpoint (moved off the previous one); the
+    /// answer that follows joins the history for the next turn.
+    fn next_turn(&mut self, rng: &mut Rng, i: usize) -> Map<String, Value> {
+        let count = self.count;
+        let max = self.spec.max_request_tokens.min(REQUEST_TOKENS.1);
+        let kind = *rng.pick(&[
+            ContentKind::Prose,
+            ContentKind::Code,
+            ContentKind::Multilingual,
+            ContentKind::Data,
+        ]);
+        let want = rng.range(REQUEST_TOKENS.0, 1_500);
+        let c = &mut self.conversations[i];
+        let n = want.min(max.saturating_sub(c.tokens + 700)).max(50);
+        let user = content::text(rng, kind, n, count);
+        for m in &mut c.history {
+            if let Some(blocks) = m.get_mut("content").and_then(Value::as_array_mut) {
+                for b in blocks {
+                    if let Some(o) = b.as_object_mut() {
+                        o.remove("cache_control");
+                    }
+                }
+            }
+        }
+        c.tokens += count(&user) + 3;
+        c.history.push(json!({"role": "user", "content": [
+            {"type": "text", "text": user, "cache_control": {"type": "ephemeral"}}]}));
+        let mut body = Map::new();
+        body.insert("messages".into(), Value::Array(c.history.clone()));
+        let answer_tokens = rng.range(100, 600);
+        let answer = content::text(rng, kind, answer_tokens, count);
+        c.tokens += count(&answer) + 3;
+        c.history.push(json!({"role": "assistant", "content": [
+            {"type": "text", "text": answer}]}));
+        c.turns_left = c.turns_left.saturating_sub(1);
+        if c.turns_left == 0 || c.tokens + 1_000 > max {
+            self.conversations.swap_remove(i);
+        }
+        body
+    }
 }
 
 /// Reads a workload from a JSONL file: one Messages request body a line
@@ -414,7 +379,9 @@ fn draw_turns(rng: &mut Rng, user_tokens: u64, turns: u64) -> (Vec<Value>, u64) 
 /// # Errors
 /// A line that is not a JSON object with `model`, `max_tokens` and `messages`
 /// is an error naming the line.
-pub fn from_jsonl(path: &Path, seed: u64) -> Result<Workload, String> {
+pub fn from_jsonl(path: &Path, seed: u64, tokenizer: emu::Tokenizer) -> Result<Workload, String> {
+    let mut bound = emu::cache_bound(tokenizer);
+    let mut uncached = 0u64;
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut items = Vec::new();
@@ -450,10 +417,15 @@ pub fn from_jsonl(path: &Path, seed: u64) -> Result<Workload, String> {
         if stream {
             streaming += 1;
         }
-        total += count(line);
+        let charge = bound
+            .charge(line.as_bytes())
+            .map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        total += charge.total;
+        uncached += charge.charged();
         max_tokens_sum += max_tokens;
         items.push(Item {
             body: Bytes::copy_from_slice(line.as_bytes()),
+            kind: ContentKind::Replayed,
         });
     }
     if items.is_empty() {
@@ -463,7 +435,7 @@ pub fn from_jsonl(path: &Path, seed: u64) -> Result<Workload, String> {
         items,
         source: path.display().to_string(),
         seed,
-        uncached_input_tokens: total,
+        uncached_input_tokens: uncached,
         total_input_tokens: total,
         max_tokens_sum,
         streaming,
@@ -482,6 +454,7 @@ mod tests {
             target_uncached_tokens: 90_000,
             requests,
             max_request_tokens: 27_000,
+            tokenizer: emu::Tokenizer::Words,
         }
     }
 
@@ -495,6 +468,40 @@ mod tests {
         assert!(a.uncached_input_tokens >= 90_000);
         assert!(a.uncached_input_tokens < a.total_input_tokens);
         assert!(a.streaming > 0 && a.with_cache_prefix > 0);
+    }
+
+    /// The generated mix: every kind of content, sizes from 200 to 20k
+    /// tokens under the emulator's default tokenizer, conversations whose
+    /// turns resend the history, shared system prompts with cache_control.
+    #[test]
+    fn a_mix_of_kinds_and_sizes_with_growing_conversations() {
+        let spec = GenSpec {
+            tokenizer: emu::Tokenizer::O200kBase,
+            ..spec(42, Some(60))
+        };
+        let w = generate(&spec);
+        let counter = emu::TokenCounter::default();
+        let mut kinds = std::collections::BTreeSet::new();
+        let mut conversation_texts: Vec<String> = Vec::new();
+        let mut resent = 0;
+        for item in &w.items {
+            kinds.insert(item.kind);
+            let n = counter.count_request(&item.body).expect("a valid body");
+            assert!((150..=21_000).contains(&n), "{:?}: {n} tokens", item.kind);
+            if item.kind == ContentKind::Conversation {
+                let v: Value = serde_json::from_slice(&item.body).expect("JSON");
+                let first = v["messages"][0]["content"][0]["text"]
+                    .as_str()
+                    .unwrap_or("");
+                resent += usize::from(conversation_texts.iter().any(|t| t == first));
+                conversation_texts.push(first.to_string());
+            }
+        }
+        for kind in ContentKind::GENERATED {
+            assert!(kinds.contains(&kind), "{kind:?} missing");
+        }
+        assert!(resent > 0, "no conversation went past its first turn");
+        assert!(w.with_cache_prefix > 0 && w.uncached_input_tokens < w.total_input_tokens);
     }
 
     #[test]
@@ -516,10 +523,12 @@ mod tests {
         let path = std::env::temp_dir().join(format!("simulate-{}.jsonl", std::process::id()));
         let good = r#"{"model":"m","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
         std::fs::write(&path, format!("# comment\n\n{good}\n{good}\n")).expect("write");
-        let w = from_jsonl(&path, 5).expect("two requests");
+        let w = from_jsonl(&path, 5, emu::Tokenizer::Words).expect("two requests");
         assert_eq!((w.items.len(), w.streaming, w.max_tokens_sum), (2, 2, 128));
         std::fs::write(&path, format!("{good}\n{{\"model\":\"m\"}}\n")).expect("write");
-        let e = from_jsonl(&path, 5).map(|_| ()).unwrap_err();
+        let e = from_jsonl(&path, 5, emu::Tokenizer::Words)
+            .map(|_| ())
+            .unwrap_err();
         assert!(e.ends_with(":2: no \"max_tokens\""), "{e}");
         let _ = std::fs::remove_file(&path);
     }
