@@ -222,6 +222,9 @@ mod layer;
 mod learn;
 pub mod ledger;
 mod limits;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 mod service;
 mod snapshot;
 mod state;

@@ -1,0 +1,714 @@
+//! RedisLedger against a real redis-server: the same decisions as the
+//! in-memory ledger, one budget for several processes, the cross-process
+//! claim, and faults (a killed, slow or flushed Redis, deleted keys).
+//!
+//! Needs `REDIS_URL` (a server on loopback; `.ci/run` starts one). Without
+//! it the tests print a notice and pass, except under `CI=true`, where they
+//! fail. The fault tests start their own `redis-server` (on `PATH`) on a
+//! free loopback port, so that killing it disturbs no other test.
+//!
+//! Redis reads its own clock (`TIME`), which tokio cannot pause: the few
+//! waits here are real and short (at most about a second).
+#![cfg(feature = "redis")]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tower_llm_limits::budget::ledger::{CostDelta, Costs, InMemoryLedger, Ledger, Reservation};
+use tower_llm_limits::budget::redis::{FaultPolicy, RedisLedger, RedisLedgerError};
+use tower_llm_limits::budget::Limits;
+use tower_llm_limits::headers::LimitStatus;
+use tower_llm_limits::Dimension;
+
+/// The server under test, or `None` (with a notice) outside CI.
+fn redis_url() -> Option<String> {
+    match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "REDIS_URL is not set: with CI=true the Redis tests must run"
+            );
+            eprintln!("REDIS_URL is not set: skipping the Redis ledger tests");
+            None
+        }
+    }
+}
+
+/// A prefix no other test (or earlier run) uses.
+fn unique_prefix(name: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "tll-test-{name}-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn costs(requests: u64, input_tokens: u64, output_tokens: u64) -> Costs {
+    Costs {
+        requests,
+        input_tokens,
+        output_tokens,
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind loopback");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A redis-server of the test's own, stopped (by its pid) when dropped.
+struct OwnServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnServer {
+    async fn start() -> Self {
+        let mut server = OwnServer {
+            port: free_port(),
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (apt-get install redis-server)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(url).expect("url");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+// ---------------------------------------------------------------------------
+// Differential: the same operations give the same answers as InMemoryLedger.
+
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve(Costs),
+    Settle(CostDelta),
+    Sync(Dimension, LimitStatus),
+}
+
+fn dimension() -> impl Strategy<Value = Dimension> {
+    prop_oneof![
+        Just(Dimension::Requests),
+        Just(Dimension::InputTokens),
+        Just(Dimension::OutputTokens)
+    ]
+}
+
+fn op(limit: u64) -> impl Strategy<Value = Op> {
+    let amount = 0..=limit + limit / 4;
+    prop_oneof![
+        4 => (0..=2u64, amount.clone(), amount.clone())
+            .prop_map(|(r, i, o)| Op::Reserve(costs(r, i, o))),
+        2 => (-3..=3i64, -(limit as i64)..=limit as i64, -(limit as i64)..=limit as i64)
+            .prop_map(|(r, i, o)| Op::Settle(CostDelta { requests: r, input_tokens: i, output_tokens: o })),
+        1 => (
+            dimension(),
+            prop::option::of(prop_oneof![Just(0u64), 1..=2 * limit]),
+            prop::option::of(prop_oneof![(0..=limit / 1_000).prop_map(|k| k * 1_000), 0..=limit]),
+            prop::option::of((0..=60_000u64).prop_map(Duration::from_millis)),
+        )
+            .prop_map(|(d, limit, remaining, reset_in)| Op::Sync(d, LimitStatus { limit, remaining, reset_in })),
+    ]
+}
+
+fn case() -> impl Strategy<Value = (Limits, bool, Vec<Op>)> {
+    (1_000u64..=200_000).prop_flat_map(|limit| {
+        (
+            (
+                prop::option::of(1..=20u64),
+                prop::option::of(limit / 2..=limit),
+                prop::option::of(limit / 4..=limit),
+            )
+                .prop_map(|(r, i, o)| Limits {
+                    requests_per_minute: r,
+                    input_tokens_per_minute: i,
+                    output_tokens_per_minute: o,
+                }),
+            any::<bool>(),
+            prop::collection::vec(op(limit), 1..24),
+        )
+    })
+}
+
+fn same_answer(redis: Reservation, memory: Reservation) -> bool {
+    match (redis, memory) {
+        (
+            Reservation::Wait {
+                retry_in: a,
+                dimension: da,
+            },
+            Reservation::Wait {
+                retry_in: b,
+                dimension: db,
+            },
+        ) => {
+            // Redis rounds the wait up to the microsecond, the in-memory
+            // ledger to the nanosecond.
+            da == db && a >= b && a - b < Duration::from_micros(1)
+        }
+        (a, b) => a == b,
+    }
+}
+
+async fn differential(url: &str, limits: Limits, short_window: bool, ops: Vec<Op>) {
+    let window = if short_window {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(60)
+    };
+    let redis = RedisLedger::builder(url)
+        .prefix(unique_prefix("diff"))
+        .window(window)
+        .timeout(Duration::from_secs(2))
+        .fault_policy(FaultPolicy::FailClosed)
+        .connect()
+        .await
+        .expect("connect");
+    let memory = InMemoryLedger::with_window(window).expect("window");
+    let origin = Instant::now();
+    let mut first: Option<Duration> = None;
+    let mut at = |redis_time: Duration| {
+        let first = *first.get_or_insert(redis_time);
+        origin + redis_time.saturating_sub(first)
+    };
+    for (step, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Reserve(c) => {
+                let (answer, time) = redis.reserve_timed("k", &limits, c).await.expect("reserve");
+                let expected = memory.reserve_at("k", &limits, c, at(time.expect("redis time")));
+                assert!(
+                    same_answer(answer, expected),
+                    "step {step}: reserve {c:?}: redis {answer:?}, in memory {expected:?}"
+                );
+            }
+            Op::Settle(delta) => {
+                redis.settle("k", &limits, delta).await.expect("settle");
+                if let Some(time) = redis.flush().await.expect("flush") {
+                    memory.settle_at("k", &limits, delta, at(time));
+                } else {
+                    assert!(delta.is_zero(), "step {step}: a settlement was not sent");
+                }
+            }
+            Op::Sync(d, status) => {
+                redis.sync("k", &limits, d, status).await.expect("sync");
+                let time = redis.flush().await.expect("flush").expect("sync sent");
+                memory.sync_at("k", &limits, d, status, at(time));
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn same_decisions_and_waits_as_the_in_memory_ledger((limits, short, ops) in case()) {
+        let Some(url) = redis_url() else { return Ok(()) };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(differential(&url, limits, short, ops));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One budget for the fleet.
+
+#[tokio::test]
+async fn processes_share_one_budget_and_learned_limits() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("fleet");
+    let a = RedisLedger::builder(&url)
+        .prefix(&prefix)
+        .connect()
+        .await
+        .expect("a");
+    let b = RedisLedger::builder(&url)
+        .prefix(&prefix)
+        .connect()
+        .await
+        .expect("b");
+    let limits = Limits::new().rpm(2);
+    let one = costs(1, 0, 0);
+    assert_eq!(
+        a.reserve("k", &limits, one).await.expect("a1"),
+        Reservation::Admitted
+    );
+    assert_eq!(
+        b.reserve("k", &limits, one).await.expect("b1"),
+        Reservation::Admitted
+    );
+    let third = a.reserve("k", &limits, one).await.expect("a2");
+    assert!(
+        matches!(third, Reservation::Wait { dimension: Dimension::Requests, retry_in } if retry_in > Duration::from_secs(29)),
+        "two processes share 2 RPM: {third:?}"
+    );
+
+    // A limit learned by one process paces the other.
+    let unknown = Limits::new();
+    let status = LimitStatus {
+        limit: Some(10_000),
+        remaining: Some(1_000),
+        reset_in: None,
+    };
+    a.sync("learned", &unknown, Dimension::InputTokens, status)
+        .await
+        .expect("sync");
+    a.flush().await.expect("flush");
+    let big = costs(0, 5_000, 0);
+    let answer = b.reserve("learned", &unknown, big).await.expect("b");
+    assert!(
+        matches!(
+            answer,
+            Reservation::Wait {
+                dimension: Dimension::InputTokens,
+                ..
+            }
+        ),
+        "the learned limit and the server's remaining are shared: {answer:?}"
+    );
+    let state = b
+        .state("learned", &unknown)
+        .await
+        .expect("state")
+        .expect("known");
+    assert_eq!(state[1].limit, Some(10_000));
+    assert!(state[1].learned);
+    assert!(state[1].available < 1_100.0, "{:?}", state[1]);
+}
+
+#[tokio::test]
+async fn a_response_costs_at_most_two_calls() {
+    let Some(url) = redis_url() else { return };
+    let ledger = RedisLedger::builder(&url)
+        .prefix(unique_prefix("calls"))
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(1_000).itpm(1_000_000).otpm(100_000);
+    for _ in 0..10 {
+        let c = costs(1, 1_000, 500);
+        assert_eq!(
+            ledger.reserve("k", &limits, c).await.expect("reserve"),
+            Reservation::Admitted
+        );
+        // What the layer does with a response: three syncs, then a settlement.
+        for d in Dimension::ALL {
+            let status = LimitStatus {
+                limit: None,
+                remaining: Some(900_000),
+                reset_in: None,
+            };
+            ledger.sync("k", &limits, d, status).await.expect("sync");
+        }
+        let delta = CostDelta {
+            input_tokens: 20,
+            output_tokens: -300,
+            ..CostDelta::default()
+        };
+        ledger.settle("k", &limits, delta).await.expect("settle");
+        ledger.flush().await.expect("flush");
+    }
+    let stats = ledger.stats();
+    assert_eq!(stats.reserves, 10);
+    assert_eq!(
+        stats.calls, 20,
+        "one reservation and one batch of writes per request"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Large requests across processes: the claim.
+
+#[tokio::test]
+async fn a_large_request_is_not_starved_by_other_processes() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("claim");
+    let connect = || {
+        RedisLedger::builder(&url)
+            .prefix(&prefix)
+            .claim_grace(Duration::from_millis(500))
+            .connect()
+    };
+    let large = connect().await.expect("large");
+    let small = connect().await.expect("small");
+    // 600,000 ITPM refills 10 tokens per millisecond.
+    let limits = Limits::new().itpm(600_000);
+    assert_eq!(
+        small
+            .reserve("k", &limits, costs(0, 600_000, 0))
+            .await
+            .expect("drain"),
+        Reservation::Admitted
+    );
+
+    // The large request (3,000 tokens, about 300 ms of refill) is refused
+    // and claims the key.
+    let big = costs(0, 3_000, 0);
+    let Reservation::Wait { retry_in, .. } = large.reserve("k", &limits, big).await.expect("large")
+    else {
+        panic!("the bucket is empty");
+    };
+    assert!(retry_in > Duration::from_millis(250), "{retry_in:?}");
+
+    // Meanwhile the other process keeps asking for 50 tokens every 5 ms:
+    // without the claim it would take the refill as it comes.
+    let deadline = tokio::time::Instant::now() + retry_in;
+    let mut admitted_small = 0;
+    while tokio::time::Instant::now() < deadline {
+        if small
+            .reserve("k", &limits, costs(0, 50, 0))
+            .await
+            .expect("small")
+            == Reservation::Admitted
+        {
+            admitted_small += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        admitted_small, 0,
+        "the claim holds the refill for the large request"
+    );
+    assert_eq!(
+        large.reserve("k", &limits, big).await.expect("large again"),
+        Reservation::Admitted
+    );
+    // Its admission clears the claim: the small requests go on.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        small
+            .reserve("k", &limits, costs(0, 50, 0))
+            .await
+            .expect("small"),
+        Reservation::Admitted
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Faults.
+
+#[tokio::test]
+async fn a_flushed_script_is_loaded_again_and_deleted_keys_start_full() {
+    let Some(url) = redis_url() else { return };
+    let ledger = RedisLedger::builder(&url)
+        .prefix(unique_prefix("flush"))
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(1);
+    let one = costs(1, 0, 0);
+    assert_eq!(
+        ledger.reserve("k", &limits, one).await.expect("first"),
+        Reservation::Admitted
+    );
+    let mut raw = raw_connection(&url).await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .expect("SCRIPT FLUSH");
+    let answer = ledger
+        .reserve("k", &limits, one)
+        .await
+        .expect("after SCRIPT FLUSH");
+    assert!(
+        matches!(answer, Reservation::Wait { .. }),
+        "the state survived: {answer:?}"
+    );
+    assert_eq!(ledger.stats().failures, 0);
+
+    let _: () = redis::cmd("DEL")
+        .arg(ledger.redis_key("k"))
+        .query_async(&mut raw)
+        .await
+        .expect("DEL");
+    assert_eq!(
+        ledger.reserve("k", &limits, one).await.expect("after DEL"),
+        Reservation::Admitted,
+        "a deleted key starts again with full buckets"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(ledger.redis_key("k"))
+        .query_async(&mut raw)
+        .await
+        .expect("PTTL");
+    assert!(
+        ttl > 600_000 && ttl <= 660_001,
+        "expires 10 min after full again: {ttl} ms"
+    );
+}
+
+#[tokio::test]
+async fn killed_redis_fails_open_to_a_share_and_recovers_without_restart() {
+    if redis_url().is_none() {
+        return;
+    }
+    let mut server = OwnServer::start().await;
+    let ledger = RedisLedger::builder(&server.url())
+        .replicas(2)
+        .retry_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(6);
+    let one = costs(1, 0, 0);
+    let (first, time) = ledger.reserve_timed("k", &limits, one).await.expect("up");
+    assert_eq!(first, Reservation::Admitted);
+    assert!(time.is_some(), "answered by Redis");
+
+    server.kill();
+    // Fail open: 6 RPM over 2 replicas is 3 per process; nothing fails.
+    let started = std::time::Instant::now();
+    let mut admitted = 0;
+    for _ in 0..5 {
+        let (answer, time) = ledger
+            .reserve_timed("k", &limits, one)
+            .await
+            .expect("fails open");
+        assert!(time.is_none(), "answered by the fallback");
+        if answer == Reservation::Admitted {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 3, "the fallback holds limit / replicas");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "fast while Redis is away"
+    );
+    let stats = ledger.stats();
+    assert!(
+        stats.failures >= 1 && stats.fallback_answers == 5,
+        "{stats:?}"
+    );
+
+    server.restart().await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut back = false;
+    for _ in 0..50 {
+        if let (_, Some(_)) = ledger
+            .reserve_timed("k", &limits, one)
+            .await
+            .expect("recovering")
+        {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "the ledger uses Redis again without a restart");
+}
+
+#[tokio::test]
+async fn killed_redis_fails_closed_fast_with_a_typed_error() {
+    if redis_url().is_none() {
+        return;
+    }
+    let mut server = OwnServer::start().await;
+    let ledger = RedisLedger::builder(&server.url())
+        .fault_policy(FaultPolicy::FailClosed)
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(60);
+    assert_eq!(
+        ledger
+            .reserve("k", &limits, costs(1, 0, 0))
+            .await
+            .expect("up"),
+        Reservation::Admitted
+    );
+    // A settlement buffered while Redis is away is kept for later.
+    ledger
+        .settle(
+            "k",
+            &limits,
+            CostDelta {
+                requests: -1,
+                ..CostDelta::default()
+            },
+        )
+        .await
+        .expect("buffered");
+    server.kill();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let error = ledger
+            .reserve("k", &limits, costs(1, 0, 0))
+            .await
+            .expect_err("fails closed");
+        assert!(started.elapsed() < Duration::from_millis(500));
+        let source = std::error::Error::source(&error).expect("source");
+        let typed = source
+            .downcast_ref::<RedisLedgerError>()
+            .expect("a RedisLedgerError");
+        assert!(
+            matches!(
+                typed,
+                RedisLedgerError::Redis(_)
+                    | RedisLedgerError::Timeout(_)
+                    | RedisLedgerError::Unavailable { .. }
+            ),
+            "{typed:?}"
+        );
+    }
+}
+
+/// A loopback proxy to Redis that holds every chunk for `delay` (settable).
+async fn slow_proxy(upstream: SocketAddr, delay: Arc<AtomicU64>) -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pipe(cr, sw, Arc::clone(&delay)));
+            tokio::spawn(pipe(sr, cw, Arc::clone(&delay)));
+        }
+    });
+    addr
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let ms = delay.load(Ordering::Relaxed);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_redis_times_out_to_the_policy() {
+    let Some(url) = redis_url() else { return };
+    let upstream: SocketAddr = {
+        let info: redis::ConnectionInfo =
+            redis::IntoConnectionInfo::into_connection_info(url.as_str()).expect("url");
+        match info.addr {
+            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}")
+                .parse()
+                .expect("host:port on loopback"),
+            other => panic!("REDIS_URL must be TCP on loopback: {other:?}"),
+        }
+    };
+    let delay = Arc::new(AtomicU64::new(0));
+    let proxy = slow_proxy(upstream, Arc::clone(&delay)).await;
+    let url = format!("redis://{proxy}/");
+    let prefix = unique_prefix("slow");
+    let open = RedisLedger::builder(&url)
+        .prefix(&prefix)
+        .replicas(2)
+        .connect()
+        .await
+        .expect("open");
+    let closed = RedisLedger::builder(&url)
+        .prefix(&prefix)
+        .fault_policy(FaultPolicy::FailClosed)
+        .connect()
+        .await
+        .expect("closed");
+    let limits = Limits::new().rpm(100);
+    let one = costs(1, 0, 0);
+    assert!(open
+        .reserve_timed("k", &limits, one)
+        .await
+        .expect("fast")
+        .1
+        .is_some());
+
+    delay.store(300, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let (answer, time) = open
+        .reserve_timed("k", &limits, one)
+        .await
+        .expect("fails open");
+    assert_eq!(
+        (answer, time),
+        (Reservation::Admitted, None),
+        "answered by the fallback"
+    );
+    let error = closed
+        .reserve("k", &limits, one)
+        .await
+        .expect_err("fails closed");
+    let typed =
+        std::error::Error::source(&error).and_then(|e| e.downcast_ref::<RedisLedgerError>());
+    assert!(
+        matches!(typed, Some(RedisLedgerError::Timeout(t)) if *t == Duration::from_millis(50)),
+        "{typed:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(280),
+        "two 50 ms timeouts, not the 300 ms delay"
+    );
+}
