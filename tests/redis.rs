@@ -139,6 +139,10 @@ enum Op {
     Reserve(Costs),
     Settle(CostDelta),
     Sync(Dimension, LimitStatus),
+    /// A sync whose `remaining` is `offset` tokens from the in-memory
+    /// ledger's level (rounded to the thousand if `rounded`): where the
+    /// rounding tolerance decides.
+    SyncNear(Dimension, i64, bool),
 }
 
 fn dimension() -> impl Strategy<Value = Dimension> {
@@ -163,6 +167,7 @@ fn op(limit: u64) -> impl Strategy<Value = Op> {
             prop::option::of((0..=60_000u64).prop_map(Duration::from_millis)),
         )
             .prop_map(|(d, limit, remaining, reset_in)| Op::Sync(d, LimitStatus { limit, remaining, reset_in })),
+        2 => (dimension(), -1_500..=1_500i64, any::<bool>()).prop_map(|(d, o, r)| Op::SyncNear(d, o, r)),
     ]
 }
 
@@ -243,6 +248,29 @@ async fn differential(url: &str, limits: Limits, short_window: bool, ops: Vec<Op
                 } else {
                     assert!(delta.is_zero(), "step {step}: a settlement was not sent");
                 }
+            }
+            Op::SyncNear(d, offset, rounded) => {
+                let Some(state) = memory.state_at("k", &limits, Instant::now()) else {
+                    continue;
+                };
+                let level = state[d as usize].available;
+                if !level.is_finite() {
+                    continue;
+                }
+                let near = (level as i64 + offset).max(0) as u64;
+                let remaining = if rounded {
+                    (near + 500) / 1_000 * 1_000
+                } else {
+                    near
+                };
+                let status = LimitStatus {
+                    limit: None,
+                    remaining: Some(remaining),
+                    reset_in: None,
+                };
+                redis.sync("k", &limits, d, status).await.expect("sync");
+                let time = redis.flush().await.expect("flush").expect("sync sent");
+                memory.sync_at("k", &limits, d, status, at(time));
             }
             Op::Sync(d, status) => {
                 redis.sync("k", &limits, d, status).await.expect("sync");
@@ -711,4 +739,71 @@ async fn a_slow_redis_times_out_to_the_policy() {
         started.elapsed() < Duration::from_millis(280),
         "two 50 ms timeouts, not the 300 ms delay"
     );
+}
+
+#[tokio::test]
+async fn a_sync_allows_for_the_thousands_rounding_and_only_lowers() {
+    let Some(url) = redis_url() else { return };
+    let ledger = RedisLedger::builder(&url)
+        .prefix(unique_prefix("round"))
+        .connect()
+        .await
+        .expect("connect");
+    // 6,000 ITPM refills 0.1 token per millisecond: the drift below is tiny.
+    let limits = Limits::new().itpm(6_000);
+    let status = |remaining| LimitStatus {
+        limit: None,
+        remaining: Some(remaining),
+        reset_in: None,
+    };
+    let input = |ledger: &RedisLedger| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .state("k", &limits)
+                .await
+                .expect("state")
+                .expect("known")[1]
+                .available
+        }
+    };
+    assert_eq!(
+        ledger
+            .reserve("k", &limits, costs(0, 1_600, 0))
+            .await
+            .expect("reserve"),
+        Reservation::Admitted
+    );
+    // 4,400 left; the server's "4,000" means below 4,500: consistent, kept.
+    ledger
+        .sync("k", &limits, Dimension::InputTokens, status(4_000))
+        .await
+        .expect("sync");
+    ledger.flush().await.expect("flush");
+    assert!(input(&ledger).await > 4_399.0);
+    assert_eq!(
+        ledger
+            .reserve("k", &limits, costs(0, 200, 0))
+            .await
+            .expect("reserve"),
+        Reservation::Admitted
+    );
+    // 4,200 + refill; "3,000" is more than 500 below: the server wins.
+    ledger
+        .sync("k", &limits, Dimension::InputTokens, status(3_000))
+        .await
+        .expect("sync");
+    ledger.flush().await.expect("flush");
+    let level = input(&ledger).await;
+    assert!(
+        (3_000.0..3_010.0).contains(&level),
+        "lowered to the server's remaining: {level}"
+    );
+    // A server that says more is left never raises the bucket.
+    ledger
+        .sync("k", &limits, Dimension::InputTokens, status(5_999))
+        .await
+        .expect("sync");
+    ledger.flush().await.expect("flush");
+    assert!(input(&ledger).await < 3_020.0);
 }
