@@ -827,3 +827,91 @@ async fn a_sync_allows_for_the_thousands_rounding_and_only_lowers() {
     ledger.flush().await.expect("flush");
     assert!(input(&ledger).await < 3_020.0);
 }
+
+// ---------------------------------------------------------------------------
+// Through the budget layer.
+
+type Upstream = tower::util::BoxCloneService<
+    http::Request<tower_llm_limits::body::ReplayBody<http_body_util::Full<bytes::Bytes>>>,
+    http::Response<http_body_util::Full<bytes::Bytes>>,
+    std::convert::Infallible,
+>;
+
+fn upstream() -> Upstream {
+    tower::util::BoxCloneService::new(tower::service_fn(|_req| async {
+        let body = r#"{"type":"message","usage":{"input_tokens":12,"output_tokens":30}}"#;
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+            bytes::Bytes::from(body),
+        )))
+    }))
+}
+
+fn message(key: Option<&str>) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut b = http::Request::post("/v1/messages");
+    if let Some(key) = key {
+        b = b.header("x-api-key", key);
+    }
+    b.body(http_body_util::Full::new(bytes::Bytes::from(
+        r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#,
+    )))
+    .expect("request")
+}
+
+#[tokio::test]
+async fn gateway_replicas_share_each_callers_budget() {
+    use tower::{Layer, ServiceExt};
+    use tower_llm_limits::budget::{Callers, TokenBudgetLayer};
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("gateway");
+    let limits = Limits::new().rpm(1).itpm(30_000).otpm(8_000);
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let ledger = RedisLedger::builder(&url).prefix(&prefix).connect().await.expect("connect");
+        let layer = TokenBudgetLayer::builder()
+            .limits(limits)
+            .enforce(Callers::new().caller("caller-1", "sk-gw-caller-1"))
+            .ledger(Arc::new(ledger))
+            .build();
+        replicas.push(layer.layer(upstream()));
+    }
+    let first = replicas[0].clone().oneshot(message(Some("sk-gw-caller-1"))).await.expect("first");
+    assert_eq!(first.status(), 200);
+    let second = replicas[1].clone().oneshot(message(Some("sk-gw-caller-1"))).await.expect("second");
+    assert_eq!(second.status(), 429, "the other replica sees the caller's spent budget");
+}
+
+#[tokio::test]
+async fn fail_open_loses_no_request_when_redis_dies_mid_run() {
+    use tower::{Layer, ServiceExt};
+    use tower_llm_limits::budget::TokenBudgetLayer;
+    if redis_url().is_none() {
+        return;
+    }
+    let mut server = OwnServer::start().await;
+    let ledger = RedisLedger::builder(&server.url())
+        .replicas(2)
+        .retry_interval(Duration::from_millis(50))
+        .connect()
+        .await
+        .expect("connect");
+    let stats = ledger.clone();
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10_000).itpm(1_000_000).otpm(100_000))
+        .ledger(Arc::new(ledger))
+        .build();
+    let svc = layer.layer(upstream());
+    for i in 0..30 {
+        if i == 10 {
+            server.kill();
+        }
+        if i == 20 {
+            server.restart().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let response = svc.clone().oneshot(message(None)).await.expect("no request lost");
+        assert_eq!(response.status(), 200, "request {i}");
+    }
+    let s = stats.stats();
+    assert!(s.fallback_answers >= 10, "the fallback answered while Redis was away: {s:?}");
+    assert!(s.calls >= 10 + 5, "Redis answered before and after: {s:?}");
+}
