@@ -360,3 +360,52 @@ where
     }
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(flags: &str) -> Result<Args, clap::Error> {
+        Args::try_from_iter(std::iter::once("simulate").chain(flags.split_whitespace()))
+    }
+
+    #[test]
+    fn fleet_flags_parse_and_bad_ones_are_refused() {
+        let a = args("--fleet 4,16 --redis redis://127.0.0.1:1/").expect("parses");
+        assert_eq!(a.fleet, Some(vec![4, 16]));
+        assert_eq!(a.redis.as_deref(), Some("redis://127.0.0.1:1/"));
+        assert!(args("--fleet 0").is_err());
+        assert!(
+            args("--redis redis://127.0.0.1:1/").is_err(),
+            "--redis needs --fleet"
+        );
+    }
+
+    /// Without Redis, N stacks with a ledger each pace to N times the limit:
+    /// the contrast row meets 429s that one stack would not.
+    #[test]
+    fn stacks_with_a_ledger_each_overshoot_the_shared_limit() {
+        let a = args("--json --fleet 1,4 --requests 120").expect("parses");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        let (_, _, rows) = rt.block_on(run(&a, &[1, 4], true)).expect("runs");
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["fleet 1, in-memory", "fleet 4, in-memory"]);
+        for r in &rows {
+            assert_eq!(r.ok, 120, "{}: no request lost", r.name);
+        }
+        assert!(
+            rows[0].rate_limited <= 1,
+            "one stack paces: {}",
+            rows[0].rate_limited
+        );
+        assert!(
+            rows[1].rate_limited > 5 * rows[0].rate_limited.max(1),
+            "four stacks overshoot: {} 429s",
+            rows[1].rate_limited
+        );
+    }
+}

@@ -22,7 +22,7 @@ pub enum FaultPolicy {
 
 /// The settings of a [`RedisLedger`](super::RedisLedger); see
 /// [`RedisLedger::builder`](super::RedisLedger::builder).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisLedgerBuilder {
     pub(super) url: String,
     pub(super) prefix: String,
@@ -34,6 +34,23 @@ pub struct RedisLedgerBuilder {
     pub(super) write_delay: Duration,
     pub(super) retry_interval: Duration,
     pub(super) claim_grace: Duration,
+}
+
+impl std::fmt::Debug for RedisLedgerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: never printed.
+        f.debug_struct("RedisLedgerBuilder")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("policy", &self.policy)
+            .field("replicas", &self.replicas)
+            .field("window", &self.window)
+            .field("idle", &self.idle)
+            .field("write_delay", &self.write_delay)
+            .field("retry_interval", &self.retry_interval)
+            .field("claim_grace", &self.claim_grace)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisLedgerBuilder {
