@@ -163,8 +163,8 @@ struct Counters {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct RedisLedgerStats {
-    /// Script calls sent to Redis (round trips; a script loaded again after
-    /// `SCRIPT FLUSH` costs one more, not counted).
+    /// Script calls made, failed ones included (round trips; a script
+    /// loaded again after `SCRIPT FLUSH` costs two more, not counted).
     pub calls: u64,
     /// Reservations asked.
     pub reserves: u64,
