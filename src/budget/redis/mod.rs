@@ -87,7 +87,10 @@
 //! (1 s) after a failure Redis is not asked, then the next call tries it
 //! again: when Redis is back the ledger uses it again, without a restart.
 //! Buffered writes that failed go to the fallback (fail open) or wait for
-//! the next call (fail closed, at most 1,024 per key).
+//! the next call (fail closed, at most 1,024 per key). A call that timed
+//! out may still have been applied by Redis: a reservation then stays
+//! debited there although the fallback answered (the safe side: the shared
+//! budget counts it, and the request is sent once).
 
 mod config;
 mod error;
