@@ -616,7 +616,10 @@ impl Inner {
 }
 
 /// Reservations and snapshots take a round trip ([`LedgerFuture::new`]);
-/// settlements and syncs are buffered and answer at once.
+/// settlements and syncs are buffered and answer at once. A reservation
+/// carries the key's buffered writes: drive its future to the end (the
+/// budget layer does, even for a request dropped meanwhile), or those
+/// writes may be lost with it.
 impl Ledger for RedisLedger {
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
         let inner = Arc::clone(&self.inner);
