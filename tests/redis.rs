@@ -36,7 +36,17 @@ fn redis_url() -> Option<String> {
                 std::env::var("CI").as_deref() != Ok("true"),
                 "REDIS_URL is not set: with CI=true the Redis tests must run"
             );
-            eprintln!("REDIS_URL is not set: skipping the Redis ledger tests");
+            // Straight to stderr: the test harness does not capture it, so
+            // the notice shows in a passing run.
+            static NOTICE: std::sync::Once = std::sync::Once::new();
+            NOTICE.call_once(|| {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "NOTICE tests/redis.rs: REDIS_URL is not set, the Redis ledger tests are skipped \
+                     (start a redis-server on loopback and set REDIS_URL=redis://127.0.0.1:PORT/)"
+                );
+            });
             None
         }
     }
