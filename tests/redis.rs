@@ -996,3 +996,142 @@ async fn bad_settings_are_typed_errors_before_any_connection() {
     let shown = format!("{:?}", RedisLedger::builder("redis://:secret@127.0.0.1/"));
     assert!(!shown.contains("secret"), "{shown}");
 }
+
+// ---------------------------------------------------------------------------
+// Redis Cluster.
+
+/// The cluster's servers, stopped, and their directories (`nodes.conf`)
+/// removed, when dropped.
+struct Cluster {
+    servers: Vec<OwnServer>,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            s.kill();
+        }
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Three primaries of a Redis Cluster of the test's own, on loopback.
+async fn start_cluster() -> (Cluster, Vec<String>) {
+    let mut cluster = Cluster {
+        servers: Vec::new(),
+        dirs: Vec::new(),
+    };
+    for _ in 0..3 {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("tll-cluster-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        cluster.dirs.push(dir.clone());
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--cluster-enabled", "yes", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        cluster.servers.push(OwnServer {
+            port,
+            child: Some(child),
+        });
+    }
+    for s in &cluster.servers {
+        for _ in 0..200 {
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, s.port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let nodes: Vec<String> = cluster
+        .servers
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    let status = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&nodes)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("redis-cli on PATH");
+    assert!(status.success(), "redis-cli --cluster create");
+    let urls: Vec<String> = cluster.servers.iter().map(OwnServer::url).collect();
+    for _ in 0..300 {
+        let mut conn = raw_connection(&urls[0]).await;
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await
+            .expect("CLUSTER INFO");
+        if info.contains("cluster_state:ok") {
+            return (cluster, urls);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the cluster did not come up");
+}
+
+#[tokio::test]
+async fn a_cluster_shares_one_budget_across_slots() {
+    if redis_url().is_none() {
+        return;
+    }
+    let (_cluster, urls) = start_cluster().await;
+    let connect = || {
+        RedisLedger::builder(&urls[0])
+            .cluster(urls[1..].to_vec())
+            .timeout(Duration::from_millis(500))
+            .fault_policy(FaultPolicy::FailClosed)
+            .connect()
+    };
+    let a = connect().await.expect("a");
+    let b = connect().await.expect("b");
+    let limits = Limits::new().rpm(2);
+    let one = costs(1, 0, 0);
+    // Keys in different slots, each shared by both processes.
+    for key in ["sonnet", "opus", "haiku", "caller-7/sonnet-4"] {
+        assert_eq!(
+            a.reserve(key, &limits, one).await.expect("a"),
+            Reservation::Admitted
+        );
+        assert_eq!(
+            b.reserve(key, &limits, one).await.expect("b"),
+            Reservation::Admitted
+        );
+        let third = a.reserve(key, &limits, one).await.expect("third");
+        assert!(
+            matches!(third, Reservation::Wait { .. }),
+            "{key}: {third:?}"
+        );
+        b.settle(
+            key,
+            &limits,
+            CostDelta {
+                requests: -1,
+                ..CostDelta::default()
+            },
+        )
+        .await
+        .expect("refund");
+        b.flush().await.expect("flush");
+        assert_eq!(
+            a.reserve(key, &limits, one)
+                .await
+                .expect("after the refund"),
+            Reservation::Admitted
+        );
+    }
+}

@@ -25,6 +25,8 @@ pub enum FaultPolicy {
 #[derive(Clone)]
 pub struct RedisLedgerBuilder {
     pub(super) url: String,
+    /// The nodes of a Redis Cluster (empty: one server at `url`).
+    pub(super) cluster: Vec<String>,
     pub(super) prefix: String,
     pub(super) timeout: Duration,
     pub(super) policy: FaultPolicy,
@@ -41,6 +43,7 @@ impl std::fmt::Debug for RedisLedgerBuilder {
         // The URL may hold a password: never printed.
         f.debug_struct("RedisLedgerBuilder")
             .field("prefix", &self.prefix)
+            .field("cluster_nodes", &self.cluster.len())
             .field("timeout", &self.timeout)
             .field("policy", &self.policy)
             .field("replicas", &self.replicas)
@@ -57,6 +60,7 @@ impl RedisLedgerBuilder {
     pub(super) fn new(url: &str) -> Self {
         RedisLedgerBuilder {
             url: url.to_owned(),
+            cluster: Vec::new(),
             prefix: "tll".to_owned(),
             timeout: Duration::from_millis(50),
             policy: FaultPolicy::FailOpen,
@@ -67,6 +71,22 @@ impl RedisLedgerBuilder {
             retry_interval: Duration::from_secs(1),
             claim_grace: Duration::from_secs(1),
         }
+    }
+
+    /// Talks to a Redis Cluster through redis-rs's cluster client instead of
+    /// one server: `nodes` are some of its nodes' URLs (the URL given to
+    /// [`RedisLedger::builder`](super::RedisLedger::builder) is added to
+    /// them). A budget key's buckets live in one hash, so every call
+    /// touches one slot.
+    pub fn cluster<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.cluster = std::iter::once(self.url.clone())
+            .chain(nodes.into_iter().map(Into::into))
+            .collect();
+        self
     }
 
     /// The prefix of every Redis key (default `tll`): a budget key `k` is

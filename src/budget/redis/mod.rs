@@ -39,9 +39,11 @@
 //! - **Scripts**: one Lua script applies a batch of operations to one key
 //!   atomically (settlements, syncs, then at most one reservation, all or
 //!   nothing over the three dimensions), another reads a key for snapshots.
-//!   They run through redis-rs's `Script` (`EVALSHA`, loading the script
-//!   again after `SCRIPT FLUSH` or a restart) over a `ConnectionManager`
-//!   that reconnects by itself.
+//!   They are loaded when the ledger connects and run through redis-rs's
+//!   `Script` (`EVALSHA`, loading the script again after `SCRIPT FLUSH` or a
+//!   restart) over a `ConnectionManager` that reconnects by itself, or over
+//!   redis-rs's cluster client for a Redis Cluster
+//!   ([`RedisLedgerBuilder::cluster`]).
 //! - **Round trips**: a reservation is one call. Settlements and syncs are
 //!   buffered for [`write_delay`](RedisLedgerBuilder::write_delay) (2 ms)
 //!   and sent together, or carried by the key's next reservation, which
@@ -103,7 +105,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 use tokio::time::Instant;
 
 pub use config::{FaultPolicy, RedisLedgerBuilder};
@@ -134,8 +136,33 @@ pub struct RedisLedger {
     inner: Arc<Inner>,
 }
 
+/// One server through a reconnecting manager, or a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    /// Loads a script (on every primary of a cluster), so that the first
+    /// call does not pay for it.
+    async fn load(&self, script: &Script) -> redis::RedisResult<String> {
+        match self {
+            Conn::Single(c) => script.prepare_invoke().load_async(&mut c.clone()).await,
+            Conn::Cluster(c) => script.prepare_invoke().load_async(&mut c.clone()).await,
+        }
+    }
+
+    async fn invoke(&self, inv: &ScriptInvocation<'_>) -> redis::RedisResult<Vec<i64>> {
+        match self {
+            Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
+            Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+        }
+    }
+}
+
 struct Inner {
-    conn: ConnectionManager,
+    conn: Conn,
     apply: Script,
     read: Script,
     settings: RedisLedgerBuilder,
@@ -266,24 +293,26 @@ impl RedisLedgerBuilder {
     /// Redis cannot be reached now.
     pub async fn connect(self) -> Result<RedisLedger, RedisLedgerError> {
         self.validate()?;
-        let client = redis::Client::open(self.url.as_str())?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout.max(Duration::from_millis(200)))
-            .set_response_timeout(self.timeout)
-            .set_number_of_retries(1)
-            .set_max_delay(1_000);
-        let connect = ConnectionManager::new_with_config(client, config);
         let wait = self.timeout.max(Duration::from_secs(2));
-        let conn = tokio::time::timeout(wait, connect)
-            .await
-            .map_err(|_| RedisLedgerError::Timeout(wait))??;
+        let (apply, read) = (
+            Script::new(include_str!("apply.lua")),
+            Script::new(include_str!("read.lua")),
+        );
+        let conn = tokio::time::timeout(wait, async {
+            let conn = self.open().await?;
+            conn.load(&apply).await?;
+            conn.load(&read).await?;
+            Ok::<_, RedisLedgerError>(conn)
+        })
+        .await
+        .map_err(|_| RedisLedgerError::Timeout(wait))??;
         let fallback = InMemoryLedger::with_window(self.window)
             .map_err(|_| RedisLedgerError::InvalidConfig("window"))?;
         Ok(RedisLedger {
             inner: Arc::new(Inner {
                 conn,
-                apply: Script::new(include_str!("apply.lua")),
-                read: Script::new(include_str!("read.lua")),
+                apply,
+                read,
                 owner: owner_id(),
                 fallback,
                 settings: self,
@@ -292,6 +321,29 @@ impl RedisLedgerBuilder {
                 stats: Counters::default(),
             }),
         })
+    }
+}
+
+impl RedisLedgerBuilder {
+    async fn open(&self) -> Result<Conn, RedisLedgerError> {
+        let connect_timeout = self.timeout.max(Duration::from_millis(200));
+        if !self.cluster.is_empty() {
+            let client = redis::cluster::ClusterClient::builder(self.cluster.clone())
+                .connection_timeout(connect_timeout)
+                .response_timeout(self.timeout)
+                .retries(1)
+                .build()?;
+            return Ok(Conn::Cluster(client.get_async_connection().await?));
+        }
+        let client = redis::Client::open(self.url.as_str())?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(connect_timeout)
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(1_000);
+        Ok(Conn::Single(
+            ConnectionManager::new_with_config(client, config).await?,
+        ))
     }
 }
 
@@ -403,8 +455,7 @@ impl Inner {
             wire::push_reserve(&mut inv, &limits, costs);
         }
         bump(&self.stats.calls);
-        let mut conn = self.conn.clone();
-        let reply: Vec<i64> = tokio::time::timeout(s.timeout, inv.invoke_async(&mut conn))
+        let reply: Vec<i64> = tokio::time::timeout(s.timeout, self.conn.invoke(&inv))
             .await
             .map_err(|_| RedisLedgerError::Timeout(s.timeout))?
             .map_err(|e| typed(e, s.timeout))?;
@@ -594,9 +645,8 @@ impl Inner {
                 inv.arg(limits.get(d).unwrap_or(0));
             }
             bump(&self.stats.calls);
-            let mut conn = self.conn.clone();
             let reply: Vec<i64> =
-                tokio::time::timeout(self.settings.timeout, inv.invoke_async(&mut conn))
+                tokio::time::timeout(self.settings.timeout, self.conn.invoke(&inv))
                     .await
                     .map_err(|_| RedisLedgerError::Timeout(self.settings.timeout))?
                     .map_err(|e| typed(e, self.settings.timeout))?;
