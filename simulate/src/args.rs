@@ -145,6 +145,18 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
 
+    /// Run N independent stacks of the crate against one emulator instead
+    /// of the strategies (comma-separated sizes: `--fleet 4,16`); with
+    /// --redis they share one RedisLedger budget, and each size also runs
+    /// with a ledger per stack for contrast.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = at_least_one::<usize>)]
+    pub fleet: Option<Vec<usize>>,
+
+    /// The Redis of --fleet's shared budget (`redis://127.0.0.1:6379/`);
+    /// runs on the wall clock.
+    #[arg(long, value_name = "URL", requires = "fleet")]
+    pub redis: Option<String>,
+
     /// Environment variable holding the key for --target (sent as x-api-key).
     #[arg(long, value_name = "NAME", default_value = "ANTHROPIC_API_KEY")]
     pub api_key_env: String,

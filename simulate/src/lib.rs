@@ -67,6 +67,7 @@ mod args;
 mod content;
 mod emu;
 mod layers;
+mod fleet;
 mod plot;
 mod progress;
 mod report;
@@ -95,7 +96,7 @@ use workload::{Item, Workload};
 ///
 /// Returns success, or failure after printing the reason on stderr.
 pub fn run(args: Args) -> ExitCode {
-    let virtual_time = !args.real_time && args.target.is_none();
+    let virtual_time = !args.real_time && args.target.is_none() && args.redis.is_none();
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
     if virtual_time {
@@ -646,6 +647,9 @@ async fn run_strategies(
     args: &Args,
     virtual_time: bool,
 ) -> Result<(Workload, LimitSpec, Vec<Row>), String> {
+    if let Some(sizes) = &args.fleet {
+        return fleet::run(args, sizes, virtual_time).await;
+    }
     let mut limits = emu::limit_spec(args);
     let workload = load_workload(args)?;
     let kinds: Vec<Kind> = args.strategies.clone().unwrap_or_else(|| {

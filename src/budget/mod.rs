@@ -221,12 +221,13 @@
 //! - It does not limit requests in flight; a request waiting for the budget
 //!   holds no concurrency slot if the concurrency layer sits inside it.
 //! - It does not keep budgets across processes by itself: the
-//!   [`Ledger`](ledger::Ledger) trait is the seam for a shared store. Its
+//!   [`Ledger`](ledger::Ledger) trait is the seam for a shared store, and
+//!   with the `redis` feature `RedisLedger` (in the `redis` module) is
+//!   one, with a fail-open or fail-closed policy of its own. The trait's
 //!   operations are asynchronous and use the ledger's own clock; a ledger
 //!   that fails a reservation fails the request with its
 //!   [`LedgerError`](ledger::LedgerError) (nothing debited, nothing sent),
-//!   and a failed settlement or sync is logged. There is no fail-open or
-//!   fail-closed policy yet.
+//!   and a failed settlement or sync is logged.
 //! - A key (a caller and model class) costs about 1.1 KB while idle (budget
 //!   and in-memory ledger). Keys unused for
 //!   [`idle_key_eviction`](TokenBudgetBuilder::idle_key_eviction) (10 min by
@@ -246,6 +247,9 @@ mod learn;
 pub mod ledger;
 mod limits;
 mod parse;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 mod service;
 mod snapshot;
 mod state;

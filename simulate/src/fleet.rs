@@ -1,0 +1,409 @@
+//! `--fleet N[,N...]`: N independent stacks of the crate (the preset,
+//! `RetryAfter -> TokenBudget -> Concurrency`), one process each in spirit,
+//! that share nothing but their ledger's store, against one emulator with
+//! one key's limits. With `--redis URL` each N runs twice, sharing one
+//! `RedisLedger` budget, then with a ledger per stack (in memory, the
+//! contrast: N stacks pace to N times the limit), in one table. The client
+//! workers (`--concurrency`) are dealt round-robin to the stacks.
+//!
+//! Redis reads its own clock, so a run with `--redis` is on the wall clock
+//! (as `--real-time`), and prints before the table what the shared budget
+//! cost: Redis calls per request, reserve latency (p50, p99), and the
+//! script's operations per second against a plain `INCR` measured in the
+//! same run.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use tokio::time::Instant;
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceBuilder};
+use tower_llm_limits::budget::ledger::{
+    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, Reservation,
+};
+use tower_llm_limits::budget::redis::RedisLedger;
+use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetLayer};
+use tower_llm_limits::clock::WallClock;
+use tower_llm_limits::headers::LimitStatus;
+use tower_llm_limits::preset::LimitsLayer;
+use tower_llm_limits::retry::RetryAfterLayer;
+use tower_llm_limits::{BoxError, Dimension};
+
+use super::args::Args;
+use super::report::{self, LimitSpec, Row};
+use super::run::{self, box_response, Body, Client, Log, Meter};
+use super::workload::{Item, Workload};
+use super::{emu, progress};
+
+/// Runs every fleet size asked for; returns the workload, the limits and
+/// one row per (size, ledger).
+pub async fn run(
+    args: &Args,
+    sizes: &[usize],
+    virtual_time: bool,
+) -> Result<(Workload, LimitSpec, Vec<Row>), String> {
+    let limits = emu::limit_spec(args);
+    let workload = super::load_workload(args)?;
+    if !args.json {
+        println!(
+            "{}",
+            super::describe(args, &workload, &limits, virtual_time)
+        );
+    }
+    if let Some(url) = &args.redis {
+        let figures = script_vs_incr(url).await?;
+        if !args.json {
+            println!("{figures}");
+        }
+    }
+    let items = Arc::new(workload.items.clone());
+    let mut rows = Vec::new();
+    for &n in sizes {
+        if let Some(url) = &args.redis {
+            rows.push(run_fleet(args, n, Some(url), &items, &limits, virtual_time).await?);
+        }
+        rows.push(run_fleet(args, n, None, &items, &limits, virtual_time).await?);
+    }
+    Ok((workload, limits, rows))
+}
+
+/// One stack of the crate with the given ledger (the simulation's
+/// `tower-llm-limits` strategy, without its estimate recording).
+fn stack(meter: Meter, args: &Args, clock: WallClock, ledger: Arc<dyn Ledger>) -> Client {
+    let limits = LimitsConfig::from(Limits::new().rpm(args.rpm).itpm(args.itpm).otpm(args.otpm));
+    let budget = TokenBudgetLayer::builder()
+        .limits(limits.clone())
+        .output_mode(if args.reserve_mode() {
+            OutputMode::Reserve
+        } else {
+            OutputMode::Realtime
+        })
+        .ledger(ledger)
+        .build();
+    let retry = RetryAfterLayer::builder().wall_clock(clock).build();
+    let layer = LimitsLayer::anthropic(limits)
+        .with_budget(budget)
+        .with_retry(retry);
+    let svc = ServiceBuilder::new()
+        .map_response(box_response)
+        .layer(layer)
+        .service(meter);
+    BoxCloneService::new(svc)
+}
+
+async fn run_fleet(
+    args: &Args,
+    n: usize,
+    redis: Option<&str>,
+    items: &Arc<Vec<Item>>,
+    limits: &LimitSpec,
+    virtual_time: bool,
+) -> Result<Row, String> {
+    let clock = super::wall_clock(virtual_time);
+    let (transport, emulator) = emu::transport(args, clock)?;
+    let log = Log::new();
+    let timing = Arc::new(Timing::default());
+    let prefix = format!("tll-simulate-{}-{}-{n}", std::process::id(), now_nanos());
+    let mut clients = Vec::with_capacity(n);
+    let mut shared = Vec::new();
+    for _ in 0..n {
+        let ledger: Arc<dyn Ledger> = match redis {
+            Some(url) => {
+                let ledger = RedisLedger::builder(url)
+                    .prefix(&prefix)
+                    .replicas(u32::try_from(n).unwrap_or(u32::MAX))
+                    .connect()
+                    .await
+                    .map_err(|e| format!("--redis {url}: {e}"))?;
+                shared.push(ledger.clone());
+                Arc::new(Timed {
+                    inner: ledger,
+                    timing: timing.clone(),
+                })
+            }
+            None => Arc::new(InMemoryLedger::new()),
+        };
+        clients.push(stack(
+            Meter::new(transport.clone(), log.clone()),
+            args,
+            clock,
+            ledger,
+        ));
+    }
+    let name = match redis {
+        Some(_) => format!("fleet {n}, redis"),
+        None => format!("fleet {n}, in-memory"),
+    };
+    let progress = progress::Progress::new(&name, items.len(), !virtual_time && !args.json);
+    let client = BoxCloneService::new(Fleet::new(clients));
+    let path = "/v1/messages".to_string();
+    let outcomes = run::drive(
+        client,
+        items.clone(),
+        args.concurrency,
+        log.clone(),
+        None,
+        path,
+        progress.clone(),
+    )
+    .await;
+    progress.finish();
+    let charged = emu::charged(&emulator, args.reserve_mode());
+    let row = report::row(&name, &outcomes, log.snapshot(), charged, limits, None);
+    if redis.is_some() && !args.json {
+        println!("{}", redis_figures(&name, &row, &shared, &timing));
+    }
+    Ok(row)
+}
+
+/// Calls per request and reserve latency of one Redis run.
+fn redis_figures(name: &str, row: &Row, ledgers: &[RedisLedger], timing: &Timing) -> String {
+    let (calls, reserves, fallback) = ledgers.iter().fold((0, 0, 0), |(c, r, f), l| {
+        let s = l.stats();
+        (c + s.calls, r + s.reserves, f + s.fallback_answers)
+    });
+    let mut samples = timing.samples.lock().map(|s| s.clone()).unwrap_or_default();
+    samples.sort();
+    let pick = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).saturating_sub(1);
+        samples.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    format!(
+        "{name}: {:.2} Redis calls per request attempt ({calls} calls, {reserves} reservations, {} attempts), \
+{fallback} fallback answers; reserve latency p50 {:.0} us, p99 {:.0} us",
+        calls as f64 / row.attempts.max(1) as f64,
+        row.attempts,
+        pick(0.5),
+        pick(0.99),
+    )
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// The client the workers call: each clone (one per worker) is bound to the
+/// next stack, round-robin.
+struct Fleet {
+    stacks: Arc<Mutex<Vec<Client>>>,
+    next: Arc<AtomicUsize>,
+    mine: Client,
+}
+
+impl Fleet {
+    fn new(stacks: Vec<Client>) -> Self {
+        let mine = stacks[0].clone();
+        let stacks = Arc::new(Mutex::new(stacks));
+        Fleet {
+            stacks,
+            next: Arc::new(AtomicUsize::new(1)),
+            mine,
+        }
+    }
+}
+
+impl Clone for Fleet {
+    fn clone(&self) -> Self {
+        let stacks = self.stacks.lock().unwrap_or_else(|e| e.into_inner());
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % stacks.len();
+        Fleet {
+            stacks: self.stacks.clone(),
+            next: self.next.clone(),
+            mine: stacks[i].clone(),
+        }
+    }
+}
+
+impl Service<Request<Full<Bytes>>> for Fleet {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = <Client as Service<Request<Full<Bytes>>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.mine.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        self.mine.call(req)
+    }
+}
+
+/// Reserve latencies, as the budget layer waited for them.
+#[derive(Debug, Default)]
+struct Timing {
+    samples: Mutex<Vec<Duration>>,
+}
+
+/// A [`RedisLedger`] that times its reservations.
+#[derive(Debug)]
+struct Timed {
+    inner: RedisLedger,
+    timing: Arc<Timing>,
+}
+
+impl Ledger for Timed {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        let fut = self.inner.reserve(key, limits, costs);
+        let timing = self.timing.clone();
+        let start = Instant::now();
+        LedgerFuture::new(async move {
+            let answer = fut.await;
+            if let Ok(mut s) = timing.samples.lock() {
+                s.push(start.elapsed());
+            }
+            answer
+        })
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        self.inner.settle(key, limits, delta)
+    }
+
+    fn sync(&self, key: &str, limits: &Limits, d: Dimension, s: LimitStatus) -> LedgerFuture<()> {
+        self.inner.sync(key, limits, d, s)
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        self.inner.state(key, limits)
+    }
+}
+
+/// The apply script's reservations per second against a plain `INCR`, each
+/// for one second with 16 concurrent callers on one connection.
+async fn script_vs_incr(url: &str) -> Result<String, String> {
+    let err = |e: &dyn std::fmt::Display| format!("--redis {url}: {e}");
+    let ledger = RedisLedger::builder(url)
+        .prefix(format!("tll-simulate-bench-{}", now_nanos()))
+        .connect()
+        .await
+        .map_err(|e| err(&e))?;
+    let client = redis::Client::open(url).map_err(|e| err(&e))?;
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| err(&e))?;
+    let incr_key = format!("tll-simulate-bench-incr-{}", now_nanos());
+    let limits = Limits::new().rpm(u64::MAX / 4);
+    let script = ops_per_second(move |i| {
+        let ledger = ledger.clone();
+        async move {
+            let key = format!("k{}", i % 64);
+            ledger
+                .reserve(
+                    &key,
+                    &limits,
+                    Costs {
+                        requests: 1,
+                        input_tokens: 0,
+                        output_tokens: 0,
+                    },
+                )
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let bench_conn = conn.clone();
+    let bench_key = incr_key.clone();
+    let incr = ops_per_second(move |_| {
+        let mut conn = bench_conn.clone();
+        let key = bench_key.clone();
+        async move {
+            redis::cmd("INCR")
+                .arg(&key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let _: Result<(), _> = redis::cmd("DEL")
+        .arg(&incr_key)
+        .query_async(&mut conn.clone())
+        .await;
+    Ok(format!(
+        "redis: reserve script {script:.0} ops/s, plain INCR {incr:.0} ops/s (ratio {:.2}), 16 callers, 1 s each",
+        script / incr.max(1.0)
+    ))
+}
+
+async fn ops_per_second<F, Fut>(op: F) -> f64
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicUsize::new(0));
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for caller in 0..16 {
+        let (op, done) = (op.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = caller;
+            while start.elapsed() < Duration::from_secs(1) {
+                if op(i).await {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 16;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(flags: &str) -> Result<Args, clap::Error> {
+        Args::try_from_iter(std::iter::once("simulate").chain(flags.split_whitespace()))
+    }
+
+    #[test]
+    fn fleet_flags_parse_and_bad_ones_are_refused() {
+        let a = args("--fleet 4,16 --redis redis://127.0.0.1:1/").expect("parses");
+        assert_eq!(a.fleet, Some(vec![4, 16]));
+        assert_eq!(a.redis.as_deref(), Some("redis://127.0.0.1:1/"));
+        assert!(args("--fleet 0").is_err());
+        assert!(
+            args("--redis redis://127.0.0.1:1/").is_err(),
+            "--redis needs --fleet"
+        );
+    }
+
+    /// Without Redis, N stacks with a ledger each pace to N times the limit:
+    /// the contrast row meets 429s that one stack would not.
+    #[test]
+    fn stacks_with_a_ledger_each_overshoot_the_shared_limit() {
+        let a = args("--json --fleet 1,4 --requests 120").expect("parses");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        let (_, _, rows) = rt.block_on(run(&a, &[1, 4], true)).expect("runs");
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["fleet 1, in-memory", "fleet 4, in-memory"]);
+        assert_eq!(rows[0].ok, 120, "one stack loses no request");
+        assert!(
+            rows[0].rate_limited <= 1,
+            "one stack paces: {}",
+            rows[0].rate_limited
+        );
+        assert!(
+            rows[1].rate_limited > 5 * rows[0].rate_limited.max(1),
+            "four stacks overshoot: {} 429s",
+            rows[1].rate_limited
+        );
+    }
+}

@@ -1,0 +1,709 @@
+//! [`RedisLedger`]: one budget shared by many processes, in Redis (or Valkey).
+//!
+//! A service with several replicas on one API key shares one tier's limits;
+//! with a ledger per process, N processes pace to N times the limit. A
+//! `RedisLedger` keeps the buckets in Redis instead, so every process that
+//! points at the same Redis (and prefix) draws from one budget.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use tower_llm_limits::budget::redis::{FaultPolicy, RedisLedger};
+//! use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let ledger = RedisLedger::builder("redis://127.0.0.1:6379/")
+//!     .replicas(4) // falls back to limit / 4 per process while Redis is away
+//!     .fault_policy(FaultPolicy::FailOpen)
+//!     .connect()
+//!     .await?;
+//! let layer = TokenBudgetLayer::builder()
+//!     .limits(Limits::new().rpm(50).itpm(30_000).otpm(8_000))
+//!     .ledger(Arc::new(ledger))
+//!     .build();
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How it works
+//!
+//! - **State**: one Redis hash per budget key, `<prefix>:{key}` (the hash tag
+//!   puts everything of a key in one Cluster slot), holding per dimension a
+//!   level and the instant it was last brought up to date, the limit learned
+//!   from the server's headers, and the key's claim (below). Integers only:
+//!   levels count 1/60,000,000 of a token (one minute in microseconds), so a
+//!   limit of `L` per minute refills exactly `L` units per microsecond and
+//!   the arithmetic is exact in Lua's numbers for limits up to 150 million
+//!   per minute. Time is Redis's `TIME`, read inside the script: the
+//!   processes' clocks never matter.
+//! - **Scripts**: one Lua script applies a batch of operations to one key
+//!   atomically (settlements, syncs, then at most one reservation, all or
+//!   nothing over the three dimensions), another reads a key for snapshots.
+//!   They are loaded when the ledger connects and run through redis-rs's
+//!   `Script` (`EVALSHA`, loading the script again after `SCRIPT FLUSH` or a
+//!   restart) over a `ConnectionManager` that reconnects by itself, or over
+//!   redis-rs's cluster client for a Redis Cluster
+//!   ([`RedisLedgerBuilder::cluster`]).
+//! - **Round trips**: a reservation is one call. Settlements and syncs are
+//!   buffered for [`write_delay`](RedisLedgerBuilder::write_delay) (2 ms)
+//!   and sent together, or carried by the key's next reservation, which
+//!   applies them first: a response's header sync and usage settlement
+//!   usually cost one call, so a request costs at most 2 calls, often
+//!   fewer under load. [`RedisLedger::stats`] counts them.
+//! - **Semantics**: the same as
+//!   [`InMemoryLedger`](crate::budget::ledger::InMemoryLedger) (the same
+//!   decisions and waits, within a microsecond, for the same operations at
+//!   the same instants: a property test checks it), including learned
+//!   limits, the thousands rounding of the server's `remaining`, and a sync
+//!   that only ever lowers a bucket. Learned limits are shared by the fleet.
+//! - **Expiry**: a key expires [`idle_ttl`](RedisLedgerBuilder::idle_ttl)
+//!   (10 minutes) after its buckets would be full again. A key deleted under
+//!   the ledger starts again with full buckets.
+//!
+//! # Large requests across processes: the claim
+//!
+//! Inside one process, the budget's FIFO queue per key lets only its head
+//! ask the ledger, so a large request is not overtaken there. Across
+//! processes, small requests from other processes could take every bit of
+//! refill before a large request's wait is over. The rule: **the first
+//! process refused on a key holds the key's claim.** Its refusal records its
+//! costs and an expiry (its wait plus
+//! [`claim_grace`](RedisLedgerBuilder::claim_grace), 1 s by default). While
+//! the claim lives, another process's reservation is admitted only if it
+//! fits beside the claimed costs, and its wait counts them; the claimant's
+//! own reservation ignores its claim, and its admission clears it. A
+//! claimant that went away loses its claim when it expires. So a large
+//! request waits for the refill, not for the other processes' traffic, and
+//! the next refused process claims once the key is free again.
+//!
+//! # Faults
+//!
+//! Every call has a timeout, 50 ms by default. When Redis fails or times
+//! out, [`FaultPolicy::FailOpen`] (the default) answers from a local
+//! in-memory ledger with every limit divided by
+//! [`replicas`](RedisLedgerBuilder::replicas) (so a fleet of that size stays
+//! under the limit without Redis; it costs the throughput that an unequal
+//! load across replicas leaves unused, and the local ledger starts full), and
+//! logs once; [`FaultPolicy::FailClosed`] fails the reservation with
+//! [`RedisLedgerError`]. For [`retry_interval`](RedisLedgerBuilder::retry_interval)
+//! (1 s) after a failure Redis is not asked, then the next call tries it
+//! again: when Redis is back the ledger uses it again, without a restart.
+//! Buffered writes that failed go to the fallback (fail open) or wait for
+//! the next call (fail closed, at most 1,024 per key). A call that timed
+//! out may still have been applied by Redis: a reservation then stays
+//! debited there although the fallback answered (the safe side: the shared
+//! budget counts it, and the request is sent once).
+
+mod config;
+mod error;
+mod wire;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Script, ScriptInvocation};
+use tokio::time::Instant;
+
+pub use config::{FaultPolicy, RedisLedgerBuilder};
+pub use error::RedisLedgerError;
+
+use super::ledger::{
+    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, Reservation,
+};
+use super::Limits;
+use crate::headers::LimitStatus;
+use crate::Dimension;
+use wire::{Applied, Op};
+
+/// At most this many buffered writes per key go in one call.
+const MAX_BATCH: usize = 64;
+
+/// At most this many writes wait per key while Redis is away (fail closed).
+const MAX_PENDING: usize = 1_024;
+
+/// A [`Ledger`] kept in Redis, shared by every process that uses the same
+/// Redis and key prefix. See the [module docs](self) for the model, the
+/// cross-process rule for large requests and the fault handling.
+///
+/// Cheap to clone: clones share the connection, the buffers and the
+/// fallback.
+#[derive(Clone)]
+pub struct RedisLedger {
+    inner: Arc<Inner>,
+}
+
+/// One server through a reconnecting manager, or a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    /// Loads a script (on every primary of a cluster), so that the first
+    /// call does not pay for it.
+    async fn load(&self, script: &Script) -> redis::RedisResult<String> {
+        match self {
+            Conn::Single(c) => script.prepare_invoke().load_async(&mut c.clone()).await,
+            Conn::Cluster(c) => script.prepare_invoke().load_async(&mut c.clone()).await,
+        }
+    }
+
+    async fn invoke(&self, inv: &ScriptInvocation<'_>) -> redis::RedisResult<Vec<i64>> {
+        match self {
+            Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
+            Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+        }
+    }
+}
+
+struct Inner {
+    conn: Conn,
+    apply: Script,
+    read: Script,
+    settings: RedisLedgerBuilder,
+    owner: String,
+    fallback: InMemoryLedger,
+    health: Mutex<Health>,
+    pending: Mutex<HashMap<Arc<str>, Vec<Op>>>,
+    stats: Counters,
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    /// Redis is not asked before this instant (after a failure).
+    retry_at: Option<Instant>,
+    /// Whether the last call failed (for logging the change once).
+    down: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    calls: AtomicU64,
+    reserves: AtomicU64,
+    fallback_answers: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// Counts of a [`RedisLedger`]'s work since it was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RedisLedgerStats {
+    /// Script calls made, failed ones included (round trips; a script
+    /// loaded again after `SCRIPT FLUSH` costs two more, not counted).
+    pub calls: u64,
+    /// Reservations asked.
+    pub reserves: u64,
+    /// Reservations, settlements and syncs answered by the local fallback.
+    pub fallback_answers: u64,
+    /// Calls that failed or timed out.
+    pub failures: u64,
+}
+
+impl fmt::Debug for RedisLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may hold a password: never printed.
+        f.debug_struct("RedisLedger")
+            .field("prefix", &self.inner.settings.prefix)
+            .field("policy", &self.inner.settings.policy)
+            .field("replicas", &self.inner.settings.replicas)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLedger {
+    /// The settings for a ledger at `url` (`redis://host:port/db`,
+    /// `rediss://` for TLS where redis-rs is built with it).
+    pub fn builder(url: &str) -> RedisLedgerBuilder {
+        RedisLedgerBuilder::new(url)
+    }
+
+    /// Connects with the default settings.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisLedgerError`] if the URL is invalid or Redis cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, RedisLedgerError> {
+        Self::builder(url).connect().await
+    }
+
+    /// Counts of the work done so far.
+    pub fn stats(&self) -> RedisLedgerStats {
+        let c = &self.inner.stats;
+        RedisLedgerStats {
+            calls: c.calls.load(Ordering::Relaxed),
+            reserves: c.reserves.load(Ordering::Relaxed),
+            fallback_answers: c.fallback_answers.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The Redis key that holds a budget key's buckets.
+    pub fn redis_key(&self, key: &str) -> String {
+        format!("{}:{{{}}}", self.inner.settings.prefix, key)
+    }
+
+    /// [`Ledger::reserve`], also returning the Redis time the decision was
+    /// taken at (since the Unix epoch; `None` when the fallback answered).
+    ///
+    /// # Errors
+    ///
+    /// With [`FaultPolicy::FailClosed`], a [`LedgerError`] whose source is a
+    /// [`RedisLedgerError`].
+    pub async fn reserve_timed(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+    ) -> Result<(Reservation, Option<Duration>), LedgerError> {
+        self.inner.reserve(Arc::from(key), *limits, costs).await
+    }
+
+    /// Sends every buffered settlement and sync now. Returns the Redis time
+    /// (since the Unix epoch) of the last batch sent, `None` if nothing was
+    /// buffered or the fallback took it.
+    ///
+    /// # Errors
+    ///
+    /// With [`FaultPolicy::FailClosed`], the first failure (the writes stay
+    /// buffered).
+    pub async fn flush(&self) -> Result<Option<Duration>, LedgerError> {
+        let keys: Vec<Arc<str>> = lock(&self.inner.pending).keys().cloned().collect();
+        let mut last = None;
+        for key in keys {
+            if let Some(at) = self.inner.flush_key(&key).await? {
+                last = Some(at);
+            }
+        }
+        Ok(last)
+    }
+}
+
+impl RedisLedgerBuilder {
+    /// Connects to Redis and builds the ledger.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisLedgerError::InvalidConfig`] for a refused setting,
+    /// [`RedisLedgerError::Redis`] or [`RedisLedgerError::Timeout`] when
+    /// Redis cannot be reached now.
+    pub async fn connect(self) -> Result<RedisLedger, RedisLedgerError> {
+        self.validate()?;
+        let wait = self.timeout.max(Duration::from_secs(2));
+        let (apply, read) = (
+            Script::new(include_str!("apply.lua")),
+            Script::new(include_str!("read.lua")),
+        );
+        let conn = tokio::time::timeout(wait, async {
+            let conn = self.open().await?;
+            conn.load(&apply).await?;
+            conn.load(&read).await?;
+            Ok::<_, RedisLedgerError>(conn)
+        })
+        .await
+        .map_err(|_| RedisLedgerError::Timeout(wait))??;
+        let fallback = InMemoryLedger::with_window(self.window)
+            .map_err(|_| RedisLedgerError::InvalidConfig("window"))?;
+        Ok(RedisLedger {
+            inner: Arc::new(Inner {
+                conn,
+                apply,
+                read,
+                owner: owner_id(),
+                fallback,
+                settings: self,
+                health: Mutex::new(Health::default()),
+                pending: Mutex::new(HashMap::new()),
+                stats: Counters::default(),
+            }),
+        })
+    }
+}
+
+impl RedisLedgerBuilder {
+    async fn open(&self) -> Result<Conn, RedisLedgerError> {
+        let connect_timeout = self.timeout.max(Duration::from_millis(200));
+        if !self.cluster.is_empty() {
+            let client = redis::cluster::ClusterClient::builder(self.cluster.clone())
+                .connection_timeout(connect_timeout)
+                .response_timeout(self.timeout)
+                .retries(1)
+                .build()?;
+            return Ok(Conn::Cluster(client.get_async_connection().await?));
+        }
+        let client = redis::Client::open(self.url.as_str())?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(connect_timeout)
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(1_000);
+        Ok(Conn::Single(
+            ConnectionManager::new_with_config(client, config).await?,
+        ))
+    }
+}
+
+/// A process-unique, non-numeric id for the claim.
+fn owner_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("p{}-{:016x}", std::process::id(), h.finish())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// redis-rs's own response timeout is our timeout.
+fn typed(e: redis::RedisError, timeout: Duration) -> RedisLedgerError {
+    if e.is_timeout() {
+        RedisLedgerError::Timeout(timeout)
+    } else {
+        RedisLedgerError::Redis(e)
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Limits divided by the number of replicas (at least 1 each).
+fn share(limits: &Limits, replicas: u32) -> Limits {
+    let part = |l: Option<u64>| l.map(|l| (l / u64::from(replicas)).max(1));
+    Limits {
+        requests_per_minute: part(limits.requests_per_minute),
+        input_tokens_per_minute: part(limits.input_tokens_per_minute),
+        output_tokens_per_minute: part(limits.output_tokens_per_minute),
+    }
+}
+
+impl Inner {
+    fn hash_key(&self, key: &str) -> String {
+        format!("{}:{{{}}}", self.settings.prefix, key)
+    }
+
+    /// Whether Redis may be asked now; otherwise how long until it may.
+    fn usable(&self) -> Result<(), Duration> {
+        let health = lock(&self.health);
+        match health.retry_at {
+            Some(at) => {
+                let now = Instant::now();
+                if now >= at {
+                    Ok(())
+                } else {
+                    Err(at - now)
+                }
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn on_success(&self) {
+        let mut health = lock(&self.health);
+        if health.down {
+            tracing::info!("redis ledger: redis answers again; the shared budget is back");
+        }
+        *health = Health::default();
+    }
+
+    fn on_failure(&self, error: &RedisLedgerError) {
+        bump(&self.stats.failures);
+        let mut health = lock(&self.health);
+        if !health.down {
+            match self.settings.policy {
+                FaultPolicy::FailOpen => tracing::warn!(
+                    %error,
+                    replicas = self.settings.replicas,
+                    "redis ledger: redis failed; failing open to a local budget of limit / replicas"
+                ),
+                FaultPolicy::FailClosed => tracing::warn!(
+                    %error,
+                    "redis ledger: redis failed; failing closed"
+                ),
+            }
+        }
+        health.down = true;
+        health.retry_at = Some(Instant::now() + self.settings.retry_interval);
+    }
+
+    /// One call of the apply script: `ops`, then the reservation if any.
+    async fn call_apply(
+        &self,
+        key: &str,
+        ops: &[Op],
+        reserve: Option<(Limits, Costs)>,
+    ) -> Result<Applied, RedisLedgerError> {
+        let s = &self.settings;
+        let mut inv = self.apply.key(self.hash_key(key));
+        inv.arg(s.window.as_micros().min(u128::from(u64::MAX)) as u64)
+            .arg(s.idle.as_millis().min(u128::from(u64::MAX)) as u64)
+            .arg(&self.owner)
+            .arg(s.claim_grace.as_micros().min(u128::from(u64::MAX)) as u64);
+        for op in ops {
+            wire::push_op(&mut inv, op);
+        }
+        if let Some((limits, costs)) = reserve {
+            wire::push_reserve(&mut inv, &limits, costs);
+        }
+        bump(&self.stats.calls);
+        let reply: Vec<i64> = tokio::time::timeout(s.timeout, self.conn.invoke(&inv))
+            .await
+            .map_err(|_| RedisLedgerError::Timeout(s.timeout))?
+            .map_err(|e| typed(e, s.timeout))?;
+        wire::parse_applied(&reply)
+    }
+
+    /// Asks Redis unless it failed recently; records the outcome.
+    async fn guarded_apply(
+        &self,
+        key: &str,
+        ops: &[Op],
+        reserve: Option<(Limits, Costs)>,
+    ) -> Result<Applied, RedisLedgerError> {
+        if let Err(retry_in) = self.usable() {
+            return Err(RedisLedgerError::Unavailable { retry_in });
+        }
+        match self.call_apply(key, ops, reserve).await {
+            Ok(applied) => {
+                self.on_success();
+                Ok(applied)
+            }
+            Err(e) => {
+                self.on_failure(&e);
+                Err(e)
+            }
+        }
+    }
+
+    fn take_pending(&self, key: &str) -> Vec<Op> {
+        lock(&self.pending).remove(key).unwrap_or_default()
+    }
+
+    /// Puts writes that could not be sent back in front (fail closed),
+    /// keeping at most [`MAX_PENDING`] per key.
+    fn restore_pending(&self, key: &Arc<str>, mut ops: Vec<Op>) {
+        let mut pending = lock(&self.pending);
+        let queue = pending.entry(Arc::clone(key)).or_default();
+        ops.append(queue);
+        if ops.len() > MAX_PENDING {
+            let dropped = ops.len() - MAX_PENDING;
+            ops.drain(..dropped);
+            tracing::warn!(
+                dropped,
+                "redis ledger: too many writes waiting for redis; oldest dropped"
+            );
+        }
+        *queue = ops;
+    }
+
+    async fn reserve(
+        self: &Arc<Self>,
+        key: Arc<str>,
+        limits: Limits,
+        costs: Costs,
+    ) -> Result<(Reservation, Option<Duration>), LedgerError> {
+        bump(&self.stats.reserves);
+        let ops = self.take_pending(&key);
+        let error = match self.guarded_apply(&key, &ops, Some((limits, costs))).await {
+            Ok(Applied {
+                now_us,
+                reservation: Some(r),
+            }) => return Ok((r, Some(Duration::from_micros(now_us)))),
+            Ok(Applied {
+                reservation: None, ..
+            }) => RedisLedgerError::Reply("no reservation in the answer".into()),
+            Err(e) => e,
+        };
+        match self.settings.policy {
+            FaultPolicy::FailClosed => {
+                self.restore_pending(&key, ops);
+                Err(LedgerError::new(error))
+            }
+            FaultPolicy::FailOpen => {
+                self.apply_locally(&key, &ops);
+                bump(&self.stats.fallback_answers);
+                let local = share(&limits, self.settings.replicas);
+                let answer = self
+                    .fallback
+                    .reserve_at(&key, &local, costs, Instant::now());
+                Ok((answer, None))
+            }
+        }
+    }
+
+    /// Applies writes to the local fallback, with limits (and the server's
+    /// limits and remaining) divided by the number of replicas.
+    fn apply_locally(&self, key: &str, ops: &[Op]) {
+        let replicas = self.settings.replicas;
+        let now = Instant::now();
+        for op in ops {
+            bump(&self.stats.fallback_answers);
+            match op {
+                Op::Settle { limits, delta } => {
+                    self.fallback
+                        .settle_at(key, &share(limits, replicas), *delta, now);
+                }
+                Op::Sync {
+                    limits,
+                    dimension,
+                    status,
+                } => {
+                    let part = |v: Option<u64>| v.map(|v| v / u64::from(replicas));
+                    let status = LimitStatus {
+                        limit: part(status.limit).filter(|l| *l > 0),
+                        remaining: part(status.remaining),
+                        reset_in: status.reset_in,
+                    };
+                    let local = share(limits, replicas);
+                    self.fallback.sync_at(key, &local, *dimension, status, now);
+                }
+            }
+        }
+    }
+
+    /// Sends one key's buffered writes; returns the Redis time of the batch.
+    async fn flush_key(self: &Arc<Self>, key: &Arc<str>) -> Result<Option<Duration>, LedgerError> {
+        let ops = self.take_pending(key);
+        if ops.is_empty() {
+            return Ok(None);
+        }
+        match self.guarded_apply(key, &ops, None).await {
+            Ok(applied) => Ok(Some(Duration::from_micros(applied.now_us))),
+            Err(e) => match self.settings.policy {
+                FaultPolicy::FailOpen => {
+                    self.apply_locally(key, &ops);
+                    Ok(None)
+                }
+                FaultPolicy::FailClosed => {
+                    self.restore_pending(key, ops);
+                    Err(LedgerError::new(e))
+                }
+            },
+        }
+    }
+
+    /// Buffers a write; the first write of a batch schedules its flush.
+    fn enqueue(self: &Arc<Self>, key: &str, op: Op) {
+        let (key, schedule, full) = {
+            let mut pending = lock(&self.pending);
+            let key: Arc<str> = match pending.get_key_value(key) {
+                Some((k, _)) => Arc::clone(k),
+                None => Arc::from(key),
+            };
+            let queue = pending.entry(Arc::clone(&key)).or_default();
+            queue.push(op);
+            (key, queue.len() == 1, queue.len() >= MAX_BATCH)
+        };
+        if !schedule && !full {
+            return;
+        }
+        let delay = if full {
+            Duration::ZERO
+        } else {
+            self.settings.write_delay
+        };
+        let inner = Arc::clone(self);
+        let run = async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if let Err(e) = inner.flush_key(&key).await {
+                tracing::debug!(error = %e, "redis ledger: buffered writes kept for the next call");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(run);
+            }
+            Err(_) => tracing::warn!(
+                "redis ledger: no tokio runtime to send a write; it rides on the key's next reservation"
+            ),
+        }
+    }
+
+    async fn state(
+        &self,
+        key: &str,
+        limits: Limits,
+    ) -> Result<Option<[BucketState; 3]>, LedgerError> {
+        let read = async {
+            if let Err(retry_in) = self.usable() {
+                return Err(RedisLedgerError::Unavailable { retry_in });
+            }
+            let mut inv = self.read.key(self.hash_key(key));
+            inv.arg(self.settings.window.as_micros().min(u128::from(u64::MAX)) as u64);
+            for d in Dimension::ALL {
+                inv.arg(limits.get(d).unwrap_or(0));
+            }
+            bump(&self.stats.calls);
+            let reply: Vec<i64> =
+                tokio::time::timeout(self.settings.timeout, self.conn.invoke(&inv))
+                    .await
+                    .map_err(|_| RedisLedgerError::Timeout(self.settings.timeout))?
+                    .map_err(|e| typed(e, self.settings.timeout))?;
+            wire::parse_state(&reply)
+        };
+        match read.await {
+            Ok(state) => Ok(state),
+            Err(e) => match self.settings.policy {
+                FaultPolicy::FailClosed => Err(LedgerError::new(e)),
+                FaultPolicy::FailOpen => {
+                    let local = share(&limits, self.settings.replicas);
+                    Ok(self.fallback.state_at(key, &local, Instant::now()))
+                }
+            },
+        }
+    }
+}
+
+/// Reservations and snapshots take a round trip ([`LedgerFuture::new`]);
+/// settlements and syncs are buffered and answer at once. A reservation
+/// carries the key's buffered writes: drive its future to the end (the
+/// budget layer does, even for a request dropped meanwhile), or those
+/// writes may be lost with it.
+impl Ledger for RedisLedger {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        let inner = Arc::clone(&self.inner);
+        let (key, limits) = (Arc::from(key), *limits);
+        LedgerFuture::new(async move { Ok(inner.reserve(key, limits, costs).await?.0) })
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        if !delta.is_zero() {
+            let limits = *limits;
+            self.inner.enqueue(key, Op::Settle { limits, delta });
+        }
+        LedgerFuture::ready(Ok(()))
+    }
+
+    fn sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        dimension: Dimension,
+        status: LimitStatus,
+    ) -> LedgerFuture<()> {
+        let op = Op::Sync {
+            limits: *limits,
+            dimension,
+            status,
+        };
+        self.inner.enqueue(key, op);
+        LedgerFuture::ready(Ok(()))
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        let inner = Arc::clone(&self.inner);
+        let (key, limits) = (key.to_owned(), *limits);
+        LedgerFuture::new(async move { inner.state(&key, limits).await })
+    }
+}

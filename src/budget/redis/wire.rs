@@ -1,0 +1,203 @@
+//! Encoding operations as script arguments, decoding the scripts' replies.
+
+use std::time::Duration;
+
+use redis::ScriptInvocation;
+
+use super::error::RedisLedgerError;
+use crate::budget::ledger::{BucketState, CostDelta, Costs, Reservation};
+use crate::budget::Limits;
+use crate::headers::LimitStatus;
+use crate::Dimension;
+
+/// Units of a level per token in the scripts: one minute in microseconds.
+pub(super) const UNITS_PER_TOKEN: f64 = 60_000_000.0;
+
+/// A buffered write: applied by the next batch for its key.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Op {
+    Settle {
+        limits: Limits,
+        delta: CostDelta,
+    },
+    Sync {
+        limits: Limits,
+        dimension: Dimension,
+        status: LimitStatus,
+    },
+}
+
+/// What a batch answered.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Applied {
+    /// Redis `TIME` at which the batch ran, in microseconds since the epoch.
+    pub now_us: u64,
+    /// The reservation's answer, if the batch ended with one.
+    pub reservation: Option<Reservation>,
+}
+
+fn push_limits(inv: &mut ScriptInvocation<'_>, limits: &Limits) {
+    for d in Dimension::ALL {
+        inv.arg(limits.get(d).unwrap_or(0));
+    }
+}
+
+fn dim_number(d: Dimension) -> u8 {
+    match d {
+        Dimension::Requests => 1,
+        Dimension::InputTokens => 2,
+        Dimension::OutputTokens => 3,
+    }
+}
+
+fn dim_of(n: i64) -> Result<Dimension, RedisLedgerError> {
+    match n {
+        1 => Ok(Dimension::Requests),
+        2 => Ok(Dimension::InputTokens),
+        3 => Ok(Dimension::OutputTokens),
+        _ => Err(RedisLedgerError::Reply(format!("dimension {n}"))),
+    }
+}
+
+fn as_i64_or_absent(v: Option<u64>) -> i64 {
+    v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// Appends one buffered write.
+pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
+    match op {
+        Op::Settle { limits, delta } => {
+            inv.arg("S");
+            push_limits(inv, limits);
+            for d in Dimension::ALL {
+                inv.arg(delta.get(d));
+            }
+        }
+        Op::Sync {
+            limits,
+            dimension,
+            status,
+        } => {
+            inv.arg("Y");
+            push_limits(inv, limits);
+            inv.arg(dim_number(*dimension));
+            inv.arg(as_i64_or_absent(status.limit));
+            inv.arg(as_i64_or_absent(status.remaining));
+            let reset = status
+                .reset_in
+                .map(|r| u64::try_from(r.as_micros()).unwrap_or(u64::MAX));
+            inv.arg(as_i64_or_absent(reset));
+        }
+    }
+}
+
+/// Appends the reservation (the batch's last operation).
+pub(super) fn push_reserve(inv: &mut ScriptInvocation<'_>, limits: &Limits, costs: Costs) {
+    inv.arg("R");
+    push_limits(inv, limits);
+    for d in Dimension::ALL {
+        inv.arg(costs.get(d));
+    }
+}
+
+fn non_negative(v: i64) -> Result<u64, RedisLedgerError> {
+    u64::try_from(v).map_err(|_| RedisLedgerError::Reply(format!("negative value {v}")))
+}
+
+/// Decodes the apply script's `{now, kind, a, b, c}`.
+pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> {
+    let [now, kind, a, b, c] = reply else {
+        return Err(RedisLedgerError::Reply(format!(
+            "{} values instead of 5",
+            reply.len()
+        )));
+    };
+    let reservation = match kind {
+        0 => None,
+        1 => Some(Reservation::Admitted),
+        2 => Some(Reservation::Wait {
+            retry_in: Duration::from_micros(non_negative(*a)?),
+            dimension: dim_of(*b)?,
+        }),
+        3 => Some(Reservation::Never {
+            dimension: dim_of(*a)?,
+            cost: non_negative(*b)?,
+            capacity: non_negative(*c)?,
+        }),
+        other => return Err(RedisLedgerError::Reply(format!("answer kind {other}"))),
+    };
+    Ok(Applied {
+        now_us: non_negative(*now)?,
+        reservation,
+    })
+}
+
+/// Decodes the read script's reply.
+pub(super) fn parse_state(reply: &[i64]) -> Result<Option<[BucketState; 3]>, RedisLedgerError> {
+    match reply {
+        [_, 0] => Ok(None),
+        [_, 1, rest @ ..] if rest.len() == 12 => {
+            let bucket = |i: usize| {
+                let (limit, learned, level, cap) = (
+                    rest[4 * i],
+                    rest[4 * i + 1],
+                    rest[4 * i + 2],
+                    rest[4 * i + 3],
+                );
+                if limit < 0 {
+                    BucketState {
+                        limit: None,
+                        learned: false,
+                        available: f64::INFINITY,
+                        capacity: f64::INFINITY,
+                    }
+                } else {
+                    BucketState {
+                        limit: u64::try_from(limit).ok(),
+                        learned: learned == 1,
+                        available: level as f64 / UNITS_PER_TOKEN,
+                        capacity: cap as f64 / UNITS_PER_TOKEN,
+                    }
+                }
+            };
+            Ok(Some([bucket(0), bucket(1), bucket(2)]))
+        }
+        _ => Err(RedisLedgerError::Reply(format!(
+            "state of {} values",
+            reply.len()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_decode_and_garbage_is_a_typed_error() {
+        let wait = parse_applied(&[5, 2, 1_500, 2, 0]).unwrap();
+        assert_eq!(wait.now_us, 5);
+        assert_eq!(
+            wait.reservation,
+            Some(Reservation::Wait {
+                retry_in: Duration::from_micros(1_500),
+                dimension: Dimension::InputTokens
+            })
+        );
+        let never = parse_applied(&[5, 3, 3, 9_000, 8_000]).unwrap();
+        assert_eq!(
+            never.reservation,
+            Some(Reservation::Never {
+                dimension: Dimension::OutputTokens,
+                cost: 9_000,
+                capacity: 8_000
+            })
+        );
+        assert!(parse_applied(&[5, 1, 0, 0]).is_err());
+        assert!(parse_applied(&[5, 7, 0, 0, 0]).is_err());
+        assert!(parse_applied(&[5, 2, 10, 4, 0]).is_err());
+        assert!(parse_applied(&[5, 2, -1, 1, 0]).is_err());
+        assert_eq!(parse_state(&[5, 0]).unwrap(), None);
+        assert!(parse_state(&[5, 1, 3]).is_err());
+    }
+}

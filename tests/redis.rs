@@ -1,0 +1,1137 @@
+//! RedisLedger against a real redis-server: the same decisions as the
+//! in-memory ledger, one budget for several processes, the cross-process
+//! claim, and faults (a killed, slow or flushed Redis, deleted keys).
+//!
+//! Needs `REDIS_URL` (a server on loopback; `.ci/run` starts one). Without
+//! it the tests print a notice and pass, except under `CI=true`, where they
+//! fail. The fault tests start their own `redis-server` (on `PATH`) on a
+//! free loopback port, so that killing it disturbs no other test.
+//!
+//! Redis reads its own clock (`TIME`), which tokio cannot pause: the few
+//! waits here are real and short (at most about a second).
+#![cfg(feature = "redis")]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tower_llm_limits::budget::ledger::{CostDelta, Costs, InMemoryLedger, Ledger, Reservation};
+use tower_llm_limits::budget::redis::{FaultPolicy, RedisLedger, RedisLedgerError};
+use tower_llm_limits::budget::Limits;
+use tower_llm_limits::headers::LimitStatus;
+use tower_llm_limits::Dimension;
+
+/// The server under test, or `None` (with a notice) outside CI.
+fn redis_url() -> Option<String> {
+    match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "REDIS_URL is not set: with CI=true the Redis tests must run"
+            );
+            // Straight to stderr: the test harness does not capture it, so
+            // the notice shows in a passing run.
+            static NOTICE: std::sync::Once = std::sync::Once::new();
+            NOTICE.call_once(|| {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "NOTICE tests/redis.rs: REDIS_URL is not set, the Redis ledger tests are skipped \
+                     (start a redis-server on loopback and set REDIS_URL=redis://127.0.0.1:PORT/)"
+                );
+            });
+            None
+        }
+    }
+}
+
+/// A prefix no other test (or earlier run) uses.
+fn unique_prefix(name: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "tll-test-{name}-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn costs(requests: u64, input_tokens: u64, output_tokens: u64) -> Costs {
+    Costs {
+        requests,
+        input_tokens,
+        output_tokens,
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind loopback");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A redis-server of the test's own, stopped (by its pid) when dropped.
+struct OwnServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnServer {
+    async fn start() -> Self {
+        let mut server = OwnServer {
+            port: free_port(),
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (apt-get install redis-server)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(url).expect("url");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+// ---------------------------------------------------------------------------
+// Differential: the same operations give the same answers as InMemoryLedger.
+
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve(Costs),
+    Settle(CostDelta),
+    Sync(Dimension, LimitStatus),
+    /// A sync whose `remaining` is `offset` tokens from the in-memory
+    /// ledger's level (rounded to the thousand if `rounded`): where the
+    /// rounding tolerance decides.
+    SyncNear(Dimension, i64, bool),
+}
+
+fn dimension() -> impl Strategy<Value = Dimension> {
+    prop_oneof![
+        Just(Dimension::Requests),
+        Just(Dimension::InputTokens),
+        Just(Dimension::OutputTokens)
+    ]
+}
+
+fn op(limit: u64) -> impl Strategy<Value = Op> {
+    let amount = 0..=limit + limit / 4;
+    prop_oneof![
+        4 => (0..=2u64, amount.clone(), amount.clone())
+            .prop_map(|(r, i, o)| Op::Reserve(costs(r, i, o))),
+        2 => (-3..=3i64, -(limit as i64)..=limit as i64, -(limit as i64)..=limit as i64)
+            .prop_map(|(r, i, o)| Op::Settle(CostDelta { requests: r, input_tokens: i, output_tokens: o })),
+        1 => (
+            dimension(),
+            prop::option::of(prop_oneof![Just(0u64), 1..=2 * limit]),
+            prop::option::of(prop_oneof![(0..=limit / 1_000).prop_map(|k| k * 1_000), 0..=limit]),
+            prop::option::of((0..=60_000u64).prop_map(Duration::from_millis)),
+        )
+            .prop_map(|(d, limit, remaining, reset_in)| Op::Sync(d, LimitStatus { limit, remaining, reset_in })),
+        2 => (dimension(), -1_500..=1_500i64, any::<bool>()).prop_map(|(d, o, r)| Op::SyncNear(d, o, r)),
+    ]
+}
+
+fn case() -> impl Strategy<Value = (Limits, bool, Vec<Op>)> {
+    (1_000u64..=200_000).prop_flat_map(|limit| {
+        (
+            (
+                prop::option::of(1..=20u64),
+                prop::option::of(limit / 2..=limit),
+                prop::option::of(limit / 4..=limit),
+            )
+                .prop_map(|(r, i, o)| Limits {
+                    requests_per_minute: r,
+                    input_tokens_per_minute: i,
+                    output_tokens_per_minute: o,
+                }),
+            any::<bool>(),
+            prop::collection::vec(op(limit), 1..24),
+        )
+    })
+}
+
+fn same_answer(redis: Reservation, memory: Reservation) -> bool {
+    match (redis, memory) {
+        (
+            Reservation::Wait {
+                retry_in: a,
+                dimension: da,
+            },
+            Reservation::Wait {
+                retry_in: b,
+                dimension: db,
+            },
+        ) => {
+            // Redis rounds the wait up to the microsecond, the in-memory
+            // ledger to the nanosecond.
+            da == db && a >= b && a - b < Duration::from_micros(1)
+        }
+        (a, b) => a == b,
+    }
+}
+
+async fn differential(url: &str, limits: Limits, short_window: bool, ops: Vec<Op>) {
+    let window = if short_window {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(60)
+    };
+    let redis = RedisLedger::builder(url)
+        .prefix(unique_prefix("diff"))
+        .window(window)
+        .timeout(Duration::from_secs(2))
+        .fault_policy(FaultPolicy::FailClosed)
+        .connect()
+        .await
+        .expect("connect");
+    let memory = InMemoryLedger::with_window(window).expect("window");
+    let origin = Instant::now();
+    let mut first: Option<Duration> = None;
+    let mut at = |redis_time: Duration| {
+        let first = *first.get_or_insert(redis_time);
+        origin + redis_time.saturating_sub(first)
+    };
+    for (step, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Reserve(c) => {
+                let (answer, time) = redis.reserve_timed("k", &limits, c).await.expect("reserve");
+                let expected = memory.reserve_at("k", &limits, c, at(time.expect("redis time")));
+                assert!(
+                    same_answer(answer, expected),
+                    "step {step}: reserve {c:?}: redis {answer:?}, in memory {expected:?}"
+                );
+            }
+            Op::Settle(delta) => {
+                redis.settle("k", &limits, delta).await.expect("settle");
+                if let Some(time) = redis.flush().await.expect("flush") {
+                    memory.settle_at("k", &limits, delta, at(time));
+                } else {
+                    assert!(delta.is_zero(), "step {step}: a settlement was not sent");
+                }
+            }
+            Op::SyncNear(d, offset, rounded) => {
+                let Some(state) = memory.state_at("k", &limits, Instant::now()) else {
+                    continue;
+                };
+                let level = state[d as usize].available;
+                if !level.is_finite() {
+                    continue;
+                }
+                let near = (level as i64 + offset).max(0) as u64;
+                let remaining = if rounded {
+                    (near + 500) / 1_000 * 1_000
+                } else {
+                    near
+                };
+                let status = LimitStatus {
+                    limit: None,
+                    remaining: Some(remaining),
+                    reset_in: None,
+                };
+                redis.sync("k", &limits, d, status).await.expect("sync");
+                let time = redis.flush().await.expect("flush").expect("sync sent");
+                memory.sync_at("k", &limits, d, status, at(time));
+            }
+            Op::Sync(d, status) => {
+                redis.sync("k", &limits, d, status).await.expect("sync");
+                let time = redis.flush().await.expect("flush").expect("sync sent");
+                memory.sync_at("k", &limits, d, status, at(time));
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn same_decisions_and_waits_as_the_in_memory_ledger((limits, short, ops) in case()) {
+        let Some(url) = redis_url() else { return Ok(()) };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(differential(&url, limits, short, ops));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One budget for the fleet.
+
+#[tokio::test]
+async fn processes_share_one_budget_and_learned_limits() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("fleet");
+    let a = RedisLedger::builder(&url)
+        .prefix(&prefix)
+        .connect()
+        .await
+        .expect("a");
+    let b = RedisLedger::builder(&url)
+        .prefix(&prefix)
+        .connect()
+        .await
+        .expect("b");
+    let limits = Limits::new().rpm(2);
+    let one = costs(1, 0, 0);
+    assert_eq!(
+        a.reserve("k", &limits, one).await.expect("a1"),
+        Reservation::Admitted
+    );
+    assert_eq!(
+        b.reserve("k", &limits, one).await.expect("b1"),
+        Reservation::Admitted
+    );
+    let third = a.reserve("k", &limits, one).await.expect("a2");
+    assert!(
+        matches!(third, Reservation::Wait { dimension: Dimension::Requests, retry_in } if retry_in > Duration::from_secs(29)),
+        "two processes share 2 RPM: {third:?}"
+    );
+
+    // A limit learned by one process paces the other.
+    let unknown = Limits::new();
+    let status = LimitStatus {
+        limit: Some(10_000),
+        remaining: Some(1_000),
+        reset_in: None,
+    };
+    a.sync("learned", &unknown, Dimension::InputTokens, status)
+        .await
+        .expect("sync");
+    a.flush().await.expect("flush");
+    let big = costs(0, 5_000, 0);
+    let answer = b.reserve("learned", &unknown, big).await.expect("b");
+    assert!(
+        matches!(
+            answer,
+            Reservation::Wait {
+                dimension: Dimension::InputTokens,
+                ..
+            }
+        ),
+        "the learned limit and the server's remaining are shared: {answer:?}"
+    );
+    let state = b
+        .state("learned", &unknown)
+        .await
+        .expect("state")
+        .expect("known");
+    assert_eq!(state[1].limit, Some(10_000));
+    assert!(state[1].learned);
+    assert!(state[1].available < 1_100.0, "{:?}", state[1]);
+}
+
+#[tokio::test]
+async fn a_response_costs_at_most_two_calls() {
+    let Some(url) = redis_url() else { return };
+    let ledger = RedisLedger::builder(&url)
+        .prefix(unique_prefix("calls"))
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(1_000).itpm(1_000_000).otpm(100_000);
+    for _ in 0..10 {
+        let c = costs(1, 1_000, 500);
+        assert_eq!(
+            ledger.reserve("k", &limits, c).await.expect("reserve"),
+            Reservation::Admitted
+        );
+        // What the layer does with a response: three syncs, then a settlement.
+        for d in Dimension::ALL {
+            let status = LimitStatus {
+                limit: None,
+                remaining: Some(900_000),
+                reset_in: None,
+            };
+            ledger.sync("k", &limits, d, status).await.expect("sync");
+        }
+        let delta = CostDelta {
+            input_tokens: 20,
+            output_tokens: -300,
+            ..CostDelta::default()
+        };
+        ledger.settle("k", &limits, delta).await.expect("settle");
+        ledger.flush().await.expect("flush");
+    }
+    let stats = ledger.stats();
+    assert_eq!(stats.reserves, 10);
+    assert_eq!(
+        stats.calls, 20,
+        "one reservation and one batch of writes per request"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Large requests across processes: the claim.
+
+#[tokio::test]
+async fn a_large_request_is_not_starved_by_other_processes() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("claim");
+    let connect = || {
+        RedisLedger::builder(&url)
+            .prefix(&prefix)
+            .claim_grace(Duration::from_millis(500))
+            .connect()
+    };
+    let large = connect().await.expect("large");
+    let small = connect().await.expect("small");
+    // 600,000 ITPM refills 10 tokens per millisecond.
+    let limits = Limits::new().itpm(600_000);
+    assert_eq!(
+        small
+            .reserve("k", &limits, costs(0, 600_000, 0))
+            .await
+            .expect("drain"),
+        Reservation::Admitted
+    );
+
+    // The large request (3,000 tokens, about 300 ms of refill) is refused
+    // and claims the key.
+    let big = costs(0, 3_000, 0);
+    // Counted from before the question: Redis's "now" is later, so the
+    // refill cannot pass the large request's cost before `deadline`.
+    let asked = tokio::time::Instant::now();
+    let Reservation::Wait { retry_in, .. } = large.reserve("k", &limits, big).await.expect("large")
+    else {
+        panic!("the bucket is empty");
+    };
+    assert!(retry_in > Duration::from_millis(100), "{retry_in:?}");
+
+    // Meanwhile the other process keeps asking for 50 tokens every 5 ms:
+    // without the claim it would take the refill as it comes.
+    let deadline = asked + retry_in;
+    let mut admitted_small = 0;
+    while tokio::time::Instant::now() < deadline {
+        if small
+            .reserve("k", &limits, costs(0, 50, 0))
+            .await
+            .expect("small")
+            == Reservation::Admitted
+        {
+            admitted_small += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        admitted_small, 0,
+        "the claim holds the refill for the large request"
+    );
+    let mut admitted = false;
+    for _ in 0..5 {
+        match large.reserve("k", &limits, big).await.expect("large again") {
+            Reservation::Admitted => {
+                admitted = true;
+                break;
+            }
+            Reservation::Wait { retry_in, .. } => {
+                assert!(
+                    retry_in < Duration::from_millis(250),
+                    "the refill was held: {retry_in:?}"
+                );
+                tokio::time::sleep(retry_in).await;
+            }
+            never => panic!("{never:?}"),
+        }
+    }
+    assert!(
+        admitted,
+        "the large request is admitted once its wait is over"
+    );
+    // Its admission clears the claim: the small requests go on.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        small
+            .reserve("k", &limits, costs(0, 50, 0))
+            .await
+            .expect("small"),
+        Reservation::Admitted
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Faults.
+
+#[tokio::test]
+async fn a_flushed_script_is_loaded_again_and_deleted_keys_start_full() {
+    let Some(url) = redis_url() else { return };
+    let ledger = RedisLedger::builder(&url)
+        .prefix(unique_prefix("flush"))
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(1);
+    let one = costs(1, 0, 0);
+    assert_eq!(
+        ledger.reserve("k", &limits, one).await.expect("first"),
+        Reservation::Admitted
+    );
+    let mut raw = raw_connection(&url).await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .expect("SCRIPT FLUSH");
+    let answer = ledger
+        .reserve("k", &limits, one)
+        .await
+        .expect("after SCRIPT FLUSH");
+    assert!(
+        matches!(answer, Reservation::Wait { .. }),
+        "the state survived: {answer:?}"
+    );
+    assert_eq!(ledger.stats().failures, 0);
+
+    let _: () = redis::cmd("DEL")
+        .arg(ledger.redis_key("k"))
+        .query_async(&mut raw)
+        .await
+        .expect("DEL");
+    assert_eq!(
+        ledger.reserve("k", &limits, one).await.expect("after DEL"),
+        Reservation::Admitted,
+        "a deleted key starts again with full buckets"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(ledger.redis_key("k"))
+        .query_async(&mut raw)
+        .await
+        .expect("PTTL");
+    assert!(
+        ttl > 600_000 && ttl <= 660_001,
+        "expires 10 min after full again: {ttl} ms"
+    );
+}
+
+#[tokio::test]
+async fn killed_redis_fails_open_to_a_share_and_recovers_without_restart() {
+    if redis_url().is_none() {
+        return;
+    }
+    let mut server = OwnServer::start().await;
+    let ledger = RedisLedger::builder(&server.url())
+        .replicas(2)
+        .retry_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(6);
+    let one = costs(1, 0, 0);
+    let (first, time) = ledger.reserve_timed("k", &limits, one).await.expect("up");
+    assert_eq!(first, Reservation::Admitted);
+    assert!(time.is_some(), "answered by Redis");
+
+    server.kill();
+    // Fail open: 6 RPM over 2 replicas is 3 per process; nothing fails.
+    let started = std::time::Instant::now();
+    let mut admitted = 0;
+    for _ in 0..5 {
+        let (answer, time) = ledger
+            .reserve_timed("k", &limits, one)
+            .await
+            .expect("fails open");
+        assert!(time.is_none(), "answered by the fallback");
+        if answer == Reservation::Admitted {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 3, "the fallback holds limit / replicas");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "fast while Redis is away"
+    );
+    let stats = ledger.stats();
+    assert!(
+        stats.failures >= 1 && stats.fallback_answers == 5,
+        "{stats:?}"
+    );
+
+    server.restart().await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut back = false;
+    for _ in 0..50 {
+        if let (_, Some(_)) = ledger
+            .reserve_timed("k", &limits, one)
+            .await
+            .expect("recovering")
+        {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "the ledger uses Redis again without a restart");
+}
+
+#[tokio::test]
+async fn killed_redis_fails_closed_fast_with_a_typed_error() {
+    if redis_url().is_none() {
+        return;
+    }
+    let mut server = OwnServer::start().await;
+    let ledger = RedisLedger::builder(&server.url())
+        .fault_policy(FaultPolicy::FailClosed)
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(60);
+    assert_eq!(
+        ledger
+            .reserve("k", &limits, costs(1, 0, 0))
+            .await
+            .expect("up"),
+        Reservation::Admitted
+    );
+    // A settlement buffered while Redis is away is kept for later.
+    ledger
+        .settle(
+            "k",
+            &limits,
+            CostDelta {
+                requests: -1,
+                ..CostDelta::default()
+            },
+        )
+        .await
+        .expect("buffered");
+    server.kill();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let error = ledger
+            .reserve("k", &limits, costs(1, 0, 0))
+            .await
+            .expect_err("fails closed");
+        assert!(started.elapsed() < Duration::from_millis(500));
+        let source = std::error::Error::source(&error).expect("source");
+        let typed = source
+            .downcast_ref::<RedisLedgerError>()
+            .expect("a RedisLedgerError");
+        assert!(
+            matches!(
+                typed,
+                RedisLedgerError::Redis(_)
+                    | RedisLedgerError::Timeout(_)
+                    | RedisLedgerError::Unavailable { .. }
+            ),
+            "{typed:?}"
+        );
+    }
+}
+
+/// A loopback proxy to Redis that holds every chunk for `delay` (settable).
+async fn slow_proxy(upstream: SocketAddr, delay: Arc<AtomicU64>) -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pipe(cr, sw, Arc::clone(&delay)));
+            tokio::spawn(pipe(sr, cw, Arc::clone(&delay)));
+        }
+    });
+    addr
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let ms = delay.load(Ordering::Relaxed);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_redis_times_out_to_the_policy() {
+    let Some(url) = redis_url() else { return };
+    let upstream: SocketAddr = {
+        let info: redis::ConnectionInfo =
+            redis::IntoConnectionInfo::into_connection_info(url.as_str()).expect("url");
+        match info.addr {
+            redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}")
+                .parse()
+                .expect("host:port on loopback"),
+            other => panic!("REDIS_URL must be TCP on loopback: {other:?}"),
+        }
+    };
+    let delay = Arc::new(AtomicU64::new(0));
+    let proxy = slow_proxy(upstream, Arc::clone(&delay)).await;
+    let url = format!("redis://{proxy}/");
+    let prefix = unique_prefix("slow");
+    let open = RedisLedger::builder(&url)
+        .prefix(&prefix)
+        .replicas(2)
+        .connect()
+        .await
+        .expect("open");
+    let closed = RedisLedger::builder(&url)
+        .prefix(&prefix)
+        .fault_policy(FaultPolicy::FailClosed)
+        .connect()
+        .await
+        .expect("closed");
+    let limits = Limits::new().rpm(100);
+    let one = costs(1, 0, 0);
+    assert!(open
+        .reserve_timed("k", &limits, one)
+        .await
+        .expect("fast")
+        .1
+        .is_some());
+
+    delay.store(300, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let (answer, time) = open
+        .reserve_timed("k", &limits, one)
+        .await
+        .expect("fails open");
+    assert_eq!(
+        (answer, time),
+        (Reservation::Admitted, None),
+        "answered by the fallback"
+    );
+    let error = closed
+        .reserve("k", &limits, one)
+        .await
+        .expect_err("fails closed");
+    let typed =
+        std::error::Error::source(&error).and_then(|e| e.downcast_ref::<RedisLedgerError>());
+    assert!(
+        matches!(typed, Some(RedisLedgerError::Timeout(t)) if *t == Duration::from_millis(50)),
+        "{typed:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(550),
+        "two 50 ms timeouts, not two 300 ms delays"
+    );
+}
+
+#[tokio::test]
+async fn a_sync_allows_for_the_thousands_rounding_and_only_lowers() {
+    let Some(url) = redis_url() else { return };
+    let ledger = RedisLedger::builder(&url)
+        .prefix(unique_prefix("round"))
+        .connect()
+        .await
+        .expect("connect");
+    // 6,000 ITPM refills 0.1 token per millisecond: the drift below is tiny.
+    let limits = Limits::new().itpm(6_000);
+    let status = |remaining| LimitStatus {
+        limit: None,
+        remaining: Some(remaining),
+        reset_in: None,
+    };
+    let input = |ledger: &RedisLedger| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .state("k", &limits)
+                .await
+                .expect("state")
+                .expect("known")[1]
+                .available
+        }
+    };
+    assert_eq!(
+        ledger
+            .reserve("k", &limits, costs(0, 1_600, 0))
+            .await
+            .expect("reserve"),
+        Reservation::Admitted
+    );
+    // 4,400 left; the server's "4,000" means below 4,500: consistent, kept.
+    ledger
+        .sync("k", &limits, Dimension::InputTokens, status(4_000))
+        .await
+        .expect("sync");
+    ledger.flush().await.expect("flush");
+    assert!(input(&ledger).await > 4_399.0);
+    assert_eq!(
+        ledger
+            .reserve("k", &limits, costs(0, 200, 0))
+            .await
+            .expect("reserve"),
+        Reservation::Admitted
+    );
+    // 4,200 + refill; "3,000" is more than 500 below: the server wins.
+    ledger
+        .sync("k", &limits, Dimension::InputTokens, status(3_000))
+        .await
+        .expect("sync");
+    ledger.flush().await.expect("flush");
+    let level = input(&ledger).await;
+    assert!(
+        (3_000.0..3_010.0).contains(&level),
+        "lowered to the server's remaining: {level}"
+    );
+    // A server that says more is left never raises the bucket.
+    ledger
+        .sync("k", &limits, Dimension::InputTokens, status(5_999))
+        .await
+        .expect("sync");
+    ledger.flush().await.expect("flush");
+    assert!(input(&ledger).await < 3_020.0);
+}
+
+// ---------------------------------------------------------------------------
+// Through the budget layer.
+
+type Upstream = tower::util::BoxCloneService<
+    http::Request<tower_llm_limits::body::ReplayBody<http_body_util::Full<bytes::Bytes>>>,
+    http::Response<http_body_util::Full<bytes::Bytes>>,
+    std::convert::Infallible,
+>;
+
+fn upstream() -> Upstream {
+    tower::util::BoxCloneService::new(tower::service_fn(|_req| async {
+        let body = r#"{"type":"message","usage":{"input_tokens":12,"output_tokens":30}}"#;
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+            bytes::Bytes::from(body),
+        )))
+    }))
+}
+
+fn message(key: Option<&str>) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut b = http::Request::post("/v1/messages");
+    if let Some(key) = key {
+        b = b.header("x-api-key", key);
+    }
+    b.body(http_body_util::Full::new(bytes::Bytes::from(
+        r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#,
+    )))
+    .expect("request")
+}
+
+#[tokio::test]
+async fn gateway_replicas_share_each_callers_budget() {
+    use tower::{Layer, ServiceExt};
+    use tower_llm_limits::budget::{Callers, TokenBudgetLayer};
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("gateway");
+    let limits = Limits::new().rpm(1).itpm(30_000).otpm(8_000);
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let ledger = RedisLedger::builder(&url)
+            .prefix(&prefix)
+            .connect()
+            .await
+            .expect("connect");
+        let layer = TokenBudgetLayer::builder()
+            .limits(limits)
+            .enforce(Callers::new().caller("caller-1", "sk-gw-caller-1"))
+            .ledger(Arc::new(ledger))
+            .build();
+        replicas.push(layer.layer(upstream()));
+    }
+    let first = replicas[0]
+        .clone()
+        .oneshot(message(Some("sk-gw-caller-1")))
+        .await
+        .expect("first");
+    assert_eq!(first.status(), 200);
+    let second = replicas[1]
+        .clone()
+        .oneshot(message(Some("sk-gw-caller-1")))
+        .await
+        .expect("second");
+    assert_eq!(
+        second.status(),
+        429,
+        "the other replica sees the caller's spent budget"
+    );
+}
+
+#[tokio::test]
+async fn fail_open_loses_no_request_when_redis_dies_mid_run() {
+    use tower::{Layer, ServiceExt};
+    use tower_llm_limits::budget::TokenBudgetLayer;
+    if redis_url().is_none() {
+        return;
+    }
+    let mut server = OwnServer::start().await;
+    let ledger = RedisLedger::builder(&server.url())
+        .replicas(2)
+        .retry_interval(Duration::from_millis(50))
+        .connect()
+        .await
+        .expect("connect");
+    let stats = ledger.clone();
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10_000).itpm(1_000_000).otpm(100_000))
+        .ledger(Arc::new(ledger))
+        .build();
+    let svc = layer.layer(upstream());
+    let send = |i: usize| {
+        let svc = svc.clone();
+        async move {
+            let response = svc.oneshot(message(None)).await.expect("no request lost");
+            assert_eq!(response.status(), 200, "request {i}");
+        }
+    };
+    for i in 0..10 {
+        send(i).await;
+    }
+    server.kill();
+    for i in 10..20 {
+        send(i).await;
+    }
+    let away = stats.stats();
+    assert!(
+        away.fallback_answers >= 10,
+        "the fallback answered while Redis was away: {away:?}"
+    );
+    server.restart().await;
+    // Requests keep flowing while the connection comes back; then Redis
+    // answers again.
+    let mut back = false;
+    for i in 20..220 {
+        send(i).await;
+        let now = stats.stats();
+        if now.calls - now.failures > away.calls - away.failures {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        back,
+        "Redis answers again after its restart: {:?}",
+        stats.stats()
+    );
+}
+
+#[tokio::test]
+async fn bad_settings_are_typed_errors_before_any_connection() {
+    let url = "redis://127.0.0.1:1/";
+    for (builder, what) in [
+        (RedisLedger::builder(url).replicas(0), "replicas"),
+        (RedisLedger::builder(url).window(Duration::ZERO), "window"),
+        (
+            RedisLedger::builder(url).window(Duration::from_secs(61)),
+            "window",
+        ),
+        (
+            RedisLedger::builder(url).window(Duration::from_nanos(1_500)),
+            "microseconds",
+        ),
+        (RedisLedger::builder(url).timeout(Duration::ZERO), "timeout"),
+    ] {
+        match builder.connect().await {
+            Err(RedisLedgerError::InvalidConfig(reason)) => {
+                assert!(reason.contains(what), "{reason}")
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    let error = RedisLedger::connect("not a url")
+        .await
+        .expect_err("refused");
+    assert!(matches!(error, RedisLedgerError::Redis(_)), "{error:?}");
+    // The builder's Debug never shows the URL (it may hold a password).
+    let shown = format!("{:?}", RedisLedger::builder("redis://:secret@127.0.0.1/"));
+    assert!(!shown.contains("secret"), "{shown}");
+}
+
+// ---------------------------------------------------------------------------
+// Redis Cluster.
+
+/// The cluster's servers, stopped, and their directories (`nodes.conf`)
+/// removed, when dropped.
+struct Cluster {
+    servers: Vec<OwnServer>,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            s.kill();
+        }
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Three primaries of a Redis Cluster of the test's own, on loopback.
+async fn start_cluster() -> (Cluster, Vec<String>) {
+    let mut cluster = Cluster {
+        servers: Vec::new(),
+        dirs: Vec::new(),
+    };
+    for _ in 0..3 {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("tll-cluster-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        cluster.dirs.push(dir.clone());
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--cluster-enabled", "yes", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        cluster.servers.push(OwnServer {
+            port,
+            child: Some(child),
+        });
+    }
+    for s in &cluster.servers {
+        for _ in 0..200 {
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, s.port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let nodes: Vec<String> = cluster
+        .servers
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    let status = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&nodes)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("redis-cli on PATH");
+    assert!(status.success(), "redis-cli --cluster create");
+    let urls: Vec<String> = cluster.servers.iter().map(OwnServer::url).collect();
+    for _ in 0..300 {
+        let mut conn = raw_connection(&urls[0]).await;
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await
+            .expect("CLUSTER INFO");
+        if info.contains("cluster_state:ok") {
+            return (cluster, urls);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the cluster did not come up");
+}
+
+#[tokio::test]
+async fn a_cluster_shares_one_budget_across_slots() {
+    if redis_url().is_none() {
+        return;
+    }
+    let (_cluster, urls) = start_cluster().await;
+    let connect = || {
+        RedisLedger::builder(&urls[0])
+            .cluster(urls[1..].to_vec())
+            .timeout(Duration::from_millis(500))
+            .fault_policy(FaultPolicy::FailClosed)
+            .connect()
+    };
+    let a = connect().await.expect("a");
+    let b = connect().await.expect("b");
+    let limits = Limits::new().rpm(2);
+    let one = costs(1, 0, 0);
+    // Keys in different slots, each shared by both processes.
+    for key in ["sonnet", "opus", "haiku", "caller-7/sonnet-4"] {
+        assert_eq!(
+            a.reserve(key, &limits, one).await.expect("a"),
+            Reservation::Admitted
+        );
+        assert_eq!(
+            b.reserve(key, &limits, one).await.expect("b"),
+            Reservation::Admitted
+        );
+        let third = a.reserve(key, &limits, one).await.expect("third");
+        assert!(
+            matches!(third, Reservation::Wait { .. }),
+            "{key}: {third:?}"
+        );
+        b.settle(
+            key,
+            &limits,
+            CostDelta {
+                requests: -1,
+                ..CostDelta::default()
+            },
+        )
+        .await
+        .expect("refund");
+        b.flush().await.expect("flush");
+        assert_eq!(
+            a.reserve(key, &limits, one)
+                .await
+                .expect("after the refund"),
+            Reservation::Admitted
+        );
+    }
+}
