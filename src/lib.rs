@@ -162,6 +162,9 @@ pub mod estimate;
     doc(cfg(all(feature = "retry", feature = "budget", feature = "concurrency")))
 )]
 pub mod preset;
+#[cfg(feature = "pool")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pool")))]
+pub mod pool;
 #[cfg(feature = "retry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
