@@ -441,11 +441,11 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, _body) = req.into_parts();
         let Some(bytes) = parts.extensions.get::<BufferedBytes>().map(|b| b.0.clone()) else {
-            return AddressFuture::Failed(Some(PoolError::NotBuffered.into()));
+            return AddressFuture::failed(Some(PoolError::NotBuffered.into()));
         };
         match self.base.rewrite(&parts.uri) {
             Ok(uri) => parts.uri = uri,
-            Err(e) => return AddressFuture::Failed(Some(e.into())),
+            Err(e) => return AddressFuture::failed(Some(e.into())),
         }
         parts.headers.remove(HOST);
         if let Some(key) = &self.key {
@@ -453,36 +453,33 @@ where
             parts.headers.insert(API_KEY, key.clone());
         }
         let request = Request::from_parts(parts, Full::new(bytes));
-        AddressFuture::Inner(self.inner.call(request))
+        AddressFuture::inner(self.inner.call(request))
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The future of [`Address`].
-    #[project = AddressProj]
+    /// The future of [`Address`]: the transport's, or an error raised
+    /// before it.
     #[derive(Debug)]
-    pub enum AddressFuture<F> {
-        /// The transport's future.
-        Inner {
-            /// The transport's future.
-            #[pin]
-            future: F,
-        },
-        /// Refused before the transport.
-        Failed {
-            /// The error, taken when polled.
-            error: Option<BoxError>,
-        },
+    pub struct AddressFuture<F> {
+        #[pin]
+        future: Option<F>,
+        error: Option<BoxError>,
     }
 }
 
-#[allow(non_snake_case)]
 impl<F> AddressFuture<F> {
-    fn Inner(future: F) -> Self {
-        AddressFuture::Inner { future }
+    fn inner(future: F) -> Self {
+        AddressFuture {
+            future: Some(future),
+            error: None,
+        }
     }
-    fn Failed(error: Option<BoxError>) -> Self {
-        AddressFuture::Failed { error }
+    fn failed(error: Option<BoxError>) -> Self {
+        AddressFuture {
+            future: None,
+            error,
+        }
     }
 }
 
@@ -494,9 +491,11 @@ where
     type Output = Result<R, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            AddressProj::Inner { future } => future.poll(cx).map_err(Into::into),
-            AddressProj::Failed { error } => Poll::Ready(Err(error
+        let this = self.project();
+        match this.future.as_pin_mut() {
+            Some(future) => future.poll(cx).map_err(Into::into),
+            None => Poll::Ready(Err(this
+                .error
                 .take()
                 .unwrap_or_else(|| PoolError::NotBuffered.into()))),
         }
