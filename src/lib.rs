@@ -156,15 +156,15 @@ pub mod concurrency;
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod estimate;
+#[cfg(feature = "pool")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pool")))]
+pub mod pool;
 #[cfg(all(feature = "retry", feature = "budget", feature = "concurrency"))]
 #[cfg_attr(
     docsrs,
     doc(cfg(all(feature = "retry", feature = "budget", feature = "concurrency")))
 )]
 pub mod preset;
-#[cfg(feature = "pool")]
-#[cfg_attr(docsrs, doc(cfg(feature = "pool")))]
-pub mod pool;
 #[cfg(feature = "retry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;

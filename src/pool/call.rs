@@ -1,7 +1,10 @@
 //! One request through the pool: read, estimate, route, send, fail over.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -120,8 +123,8 @@ where
 {
     let (mut parts, body) = request.into_parts();
     let limit = shared.buffer_limit;
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
+    let body = match collect(body, limit).await {
+        Ok(bytes) => bytes,
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(PoolError::BodyTooLarge { limit }.into())
         }
@@ -146,6 +149,21 @@ where
     })
 }
 
+/// The whole body, at most `limit` bytes, as a boxed future: its type
+/// names no trait projection, so the request's future is `Send` whatever
+/// the body's error type.
+fn collect<B>(
+    body: B,
+    limit: usize,
+) -> Pin<Box<dyn Future<Output = Result<Bytes, BoxError>> + Send>>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Box::pin(async move { Ok(Limited::new(body, limit).collect().await?.to_bytes()) })
+}
+
 /// The upstream for the next attempt: the soonest to admit among those in
 /// rotation and not yet tried (all of them again once each was tried), the
 /// cache-affine one unless another admits more than the threshold sooner;
@@ -155,7 +173,11 @@ fn choose(shared: &Shared, p: &mut Prepared, tried: &[bool]) -> Result<usize, Po
     if let Some(f) = &shared.fallback {
         let wants = p.allow_fallback && !p.fell_back && wait > f.after;
         if wants && p.model.as_deref() != Some(f.model.as_str()) {
-            if let Some(body) = p.scan.model.and_then(|s| route::with_model(&p.body, s, &f.model)) {
+            if let Some(body) = p
+                .scan
+                .model
+                .and_then(|s| route::with_model(&p.body, s, &f.model))
+            {
                 p.scan = route::scan(&body, &shared.hasher);
                 p.estimate = shared.estimator.estimate(&p.parts, &body);
                 p.body = body;
@@ -176,15 +198,24 @@ fn choose(shared: &Shared, p: &mut Prepared, tried: &[bool]) -> Result<usize, Po
         Some(a) if a != i && eligible(shared, a, tried, now) => {
             let affine_wait = route::wait(&shared.upstreams[a], &p.estimate);
             if affine_wait <= wait.saturating_add(shared.affinity_threshold) {
-                shared.counters.affinity_routed.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .affinity_routed
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(a)
             } else {
-                shared.counters.affinity_overridden.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .affinity_overridden
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(i)
             }
         }
         Some(a) if a == i => {
-            shared.counters.affinity_routed.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .affinity_routed
+                .fetch_add(1, Ordering::Relaxed);
             Ok(i)
         }
         _ => Ok(i),
@@ -233,7 +264,8 @@ fn soonest(
             best = Some((i, wait, load));
         }
     }
-    best.map(|(i, w, _)| (i, w)).ok_or_else(|| all_drained(shared, now))
+    best.map(|(i, w, _)| (i, w))
+        .ok_or_else(|| all_drained(shared, now))
 }
 
 fn all_drained(shared: &Shared, now: Instant) -> PoolError {
@@ -263,7 +295,9 @@ where
     up.routed.fetch_add(1, Ordering::Relaxed);
     let body = match (&p.model, p.scan.model) {
         (Some(model), Some(span)) => match up.config.models.get(model) {
-            Some(mapped) => route::with_model(&p.body, span, mapped).unwrap_or_else(|| p.body.clone()),
+            Some(mapped) => {
+                route::with_model(&p.body, span, mapped).unwrap_or_else(|| p.body.clone())
+            }
             None => p.body.clone(),
         },
         _ => p.body.clone(),
@@ -273,30 +307,75 @@ where
     parts.extensions.insert(BufferedBytes(body.clone()));
     parts.extensions.insert(Ticket::new(Arc::clone(up), costs));
     let request = Request::from_parts(parts, Full::new(body));
-    let mut service = service;
-    let result = match std::future::poll_fn(|cx| Service::<Request<Full<Bytes>>>::poll_ready(&mut service, cx)).await {
-        Ok(()) => service.call(request).await,
-        Err(e) => Err(e),
-    };
+    let result = oneshot(service, request).await;
     classify(result, up, p)
 }
 
-/// Sorts one attempt's result into done, failover or drain.
-fn classify<R>(
-    result: Result<Response<R>, BoxError>,
-    up: &UpstreamState,
-    p: &Prepared,
-) -> Outcome
+/// One call of an upstream's service (readiness, then the call), its
+/// response body boxed; a boxed future, built outside any `async` block, so
+/// that the request's future holds no trait projection (rustc could not
+/// prove it `Send`).
+fn oneshot<S, ResB>(service: UpstreamService<S>, request: Request<Full<Bytes>>) -> Attempt
 where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    Box::pin(Oneshot {
+        service,
+        request: Some(request),
+        future: None,
+    })
+}
+
+type Attempt = Pin<Box<dyn Future<Output = Result<Response<PoolBody>, BoxError>> + Send>>;
+
+pin_project_lite::pin_project! {
+    struct Oneshot<Svc, Req, F> {
+        service: Svc,
+        request: Option<Req>,
+        #[pin]
+        future: Option<F>,
+    }
+}
+
+impl<Svc, Req, R> Future for Oneshot<Svc, Req, Svc::Future>
+where
+    Svc: Service<Req, Response = Response<R>, Error = BoxError>,
     R: Body<Data = Bytes> + Send + 'static,
     R::Error: Into<BoxError>,
 {
-    let response = match result {
+    type Output = Result<Response<PoolBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            if let Some(future) = this.future.as_mut().as_pin_mut() {
+                let response = ready!(future.poll(cx))?;
+                return Poll::Ready(Ok(response.map(|b| b.map_err(Into::into).boxed_unsync())));
+            }
+            ready!(this.service.poll_ready(cx))?;
+            let Some(request) = this.request.take() else {
+                return Poll::Ready(Err(PoolError::NotBuffered.into()));
+            };
+            this.future.set(Some(this.service.call(request)));
+        }
+    }
+}
+
+/// Sorts one attempt's result into done, failover or drain.
+fn classify(
+    result: Result<Response<PoolBody>, BoxError>,
+    up: &UpstreamState,
+    p: &Prepared,
+) -> Outcome {
+    let mut response = match result {
         Ok(response) => response,
         Err(e) => return classify_error(e),
     };
     let status = response.status();
-    let mut response = response.map(|b| b.map_err(Into::into).boxed_unsync());
     label(&mut response, up, p);
     let answer = Ok(response);
     match status {
@@ -304,7 +383,9 @@ where
         StatusCode::FORBIDDEN => Outcome::Drain(DrainReason::Forbidden, answer),
         StatusCode::TOO_MANY_REQUESTS => Outcome::Failover("429", answer),
         StatusCode::REQUEST_TIMEOUT => Outcome::Failover("408", answer),
-        s if s.is_server_error() => Outcome::Failover(if s.as_u16() == 529 { "529" } else { "5xx" }, answer),
+        s if s.is_server_error() => {
+            Outcome::Failover(if s.as_u16() == 529 { "529" } else { "5xx" }, answer)
+        }
         _ => Outcome::Done(answer),
     }
 }
@@ -312,12 +393,14 @@ where
 fn classify_error(e: BoxError) -> Outcome {
     let reason = match e.downcast_ref::<Error>() {
         Some(Error::SpendLimitReached) => return Outcome::Drain(DrainReason::SpendLimit, Err(e)),
-        Some(Error::RetriesExhausted { last_status, .. }) => match last_status.map(|s| s.as_u16()) {
-            Some(429) => "429",
-            Some(529) => "529",
-            Some(_) => "5xx",
-            None => "connection error",
-        },
+        Some(Error::RetriesExhausted { last_status, .. }) => {
+            match last_status.map(|s| s.as_u16()) {
+                Some(429) => "429",
+                Some(529) => "529",
+                Some(_) => "5xx",
+                None => "connection error",
+            }
+        }
         Some(Error::RetryAfterTooLong { .. }) => "cooldown too long",
         Some(Error::BudgetExceeded { .. }) => "budget",
         Some(Error::RequestTooLarge { .. }) => "request too large for its limits",
@@ -335,8 +418,11 @@ fn label(response: &mut Response<PoolBody>, up: &UpstreamState, p: &Prepared) {
     if let Ok(v) = HeaderValue::from_str(&up.config.name) {
         headers.insert(UPSTREAM_HEADER, v);
     }
-    if let Some(v) = p.model.as_deref().and_then(|m| HeaderValue::from_str(m).ok()) {
+    if let Some(v) = p
+        .model
+        .as_deref()
+        .and_then(|m| HeaderValue::from_str(m).ok())
+    {
         headers.insert(MODEL_HEADER, v);
     }
 }
-

@@ -99,23 +99,32 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower_llm_limits::BoxError> {
-//! // The transport: a hyper-util client in real use.
+//! // The transport: a hyper-util client in real use. Here `a` is
+//! // overloaded and `b` answers.
 //! let transport = service_fn(|req: Request<Full<Bytes>>| async move {
-//!     assert_eq!(req.uri().host(), Some("b.example"));
+//!     assert!(req.headers().contains_key("x-api-key"));
+//!     if req.uri().host() == Some("a.example") {
+//!         let body = r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+//!         let mut response = Response::new(Full::new(Bytes::from(body)));
+//!         *response.status_mut() = http::StatusCode::from_u16(529)?;
+//!         return Ok::<_, tower_llm_limits::BoxError>(response);
+//!     }
 //!     let body = r#"{"type":"message","usage":{"input_tokens":9,"output_tokens":2}}"#;
-//!     Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::from(body))))
+//!     Ok(Response::new(Full::new(Bytes::from(body))))
 //! });
 //! let pool = Pool::builder()
-//!     .upstream(Upstream::new("a", "https://a.example", Tier::Tier1)?.key("sk-a")?.weight(0))
-//!     .upstream(Upstream::new("b", "https://b.example", Tier::Tier4)?.key("sk-b")?.weight(9))
+//!     .upstream(Upstream::new("a", "https://a.example", Tier::Tier1)?.key("sk-a")?)
+//!     .upstream(Upstream::new("b", "https://b.example", Tier::Tier1)?.key("sk-b")?)
 //!     .build(transport)?;
 //! let request = Request::post("/v1/messages").body(Full::new(Bytes::from_static(
 //!     br#"{"model":"claude-sonnet-4-5","max_tokens":32,"messages":[{"role":"user","content":"Hi"}]}"#,
 //! )))?;
+//! // The first request goes to `a`, gets a 529, and fails over to `b`.
 //! let response = pool.clone().oneshot(request).await?;
 //! assert_eq!(response.headers()["x-llm-limits-upstream"], "b");
 //! let _ = response.into_body().collect().await?;
-//! assert_eq!(pool.snapshot().upstreams[1].succeeded, 1);
+//! let snapshot = pool.snapshot();
+//! assert_eq!((snapshot.failovers, snapshot.upstreams[1].succeeded), (1, 1));
 //! # Ok(())
 //! # }
 //! ```
@@ -129,8 +138,8 @@
 //!   another, and the last failure is returned.
 
 mod call;
-mod snapshot;
 mod route;
+mod snapshot;
 mod upstream;
 
 use std::collections::hash_map::RandomState;
@@ -258,7 +267,10 @@ impl fmt::Display for PoolError {
                 write!(f, "pool: base URL {url:?} cannot be used: {reason}")
             }
             PoolError::InvalidKey { upstream } => {
-                write!(f, "pool: the key of upstream {upstream:?} is not a valid header value")
+                write!(
+                    f,
+                    "pool: the key of upstream {upstream:?} is not a valid header value"
+                )
             }
             PoolError::InvalidFallback => {
                 f.write_str("pool: the fallback needs a model name and a bound above zero")
@@ -271,9 +283,7 @@ impl fmt::Display for PoolError {
                 "pool: every upstream is drained; the first returns in {:.0} s",
                 retry_in.as_secs_f64().ceil()
             ),
-            PoolError::NotBuffered => {
-                f.write_str("pool: request without the pool's buffered body")
-            }
+            PoolError::NotBuffered => f.write_str("pool: request without the pool's buffered body"),
         }
     }
 }
@@ -516,6 +526,30 @@ impl<S> Pool<S> {
     pub fn snapshot(&self) -> PoolSnapshot {
         snapshot::of(&self.shared)
     }
+
+    /// Sends a request through the pool: the same as `Service::call` (the
+    /// pool is always ready), from `&self`.
+    ///
+    /// Prefer it in a spawned task when the transport's error or body error
+    /// is [`BoxError`] itself: the future is the concrete [`PoolFuture`], so
+    /// the task's future holds no `<Pool<S> as Service<_>>::Future`
+    /// projection, which rustc cannot prove `Send` there ("implementation of
+    /// `From` is not general enough").
+    pub fn send<B, ResB>(&self, request: Request<B>) -> PoolFuture
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        let shared = Arc::clone(&self.shared);
+        let services = Arc::clone(&self.services);
+        Box::pin(call::serve(shared, services, request))
+    }
 }
 
 /// The future of a [`Pool`]'s response.
@@ -543,9 +577,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let shared = Arc::clone(&self.shared);
-        let services = Arc::clone(&self.services);
-        Box::pin(call::serve(shared, services, request))
+        self.send(request)
     }
 }
 

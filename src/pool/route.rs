@@ -132,9 +132,21 @@ fn budget_wait(
     pending: Costs,
 ) -> Duration {
     let dims = [
-        (limits.get(Dimension::Requests), costs.requests, pending.requests),
-        (limits.get(Dimension::InputTokens), costs.input_tokens, pending.input_tokens),
-        (limits.get(Dimension::OutputTokens), costs.output_tokens, pending.output_tokens),
+        (
+            limits.get(Dimension::Requests),
+            costs.requests,
+            pending.requests,
+        ),
+        (
+            limits.get(Dimension::InputTokens),
+            costs.input_tokens,
+            pending.input_tokens,
+        ),
+        (
+            limits.get(Dimension::OutputTokens),
+            costs.output_tokens,
+            pending.output_tokens,
+        ),
     ];
     let mut longest = 0.0f64;
     for (i, (configured, cost, pending)) in dims.into_iter().enumerate() {
@@ -216,7 +228,10 @@ mod tests {
         assert_eq!(model_at(a, (9, 28)).as_deref(), Some("claude-sonnet-4-5"));
         assert!(sa.affinity.is_some());
         assert_eq!(sa.affinity, sb.affinity, "a later turn keeps its affinity");
-        assert_ne!(sa.affinity, sc.affinity, "another system prompt is another prefix");
+        assert_ne!(
+            sa.affinity, sc.affinity,
+            "another system prompt is another prefix"
+        );
         let plain = br#"{"model":"m","messages":[]}"#;
         assert_eq!(scan(plain, &h).affinity, None);
         assert_eq!(scan(b"not json", &h).model, None);
@@ -239,7 +254,10 @@ mod tests {
             output_tokens: 10,
         };
         // An unknown key is a full bucket: admitted now.
-        assert_eq!(budget_wait(&limits, None, costs, Costs::default()), Duration::ZERO);
+        assert_eq!(
+            budget_wait(&limits, None, costs, Costs::default()),
+            Duration::ZERO
+        );
         // 5,500 pending input tokens + 1,000 is 500 beyond 6,000: 5 s at 100/s.
         let pending = Costs {
             requests: 0,

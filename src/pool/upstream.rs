@@ -353,12 +353,12 @@ impl TicketInner {
                 Some(v.saturating_sub(c))
             });
         }
-        let _ = self
-            .upstream
-            .pending_requests
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                Some(v.saturating_sub(1))
-            });
+        let _ =
+            self.upstream
+                .pending_requests
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                    Some(v.saturating_sub(1))
+                });
     }
 }
 
