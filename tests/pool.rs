@@ -240,6 +240,40 @@ async fn a_burst_goes_where_it_is_admitted_soonest() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn requests_that_must_wait_count_those_already_waiting() {
+    // Both upstreams used up (a: 2 a minute, b: 4). Six more at once: b
+    // frees a request every 15 s, a every 30 s; counting the requests
+    // already routed and waiting, four go to b (15, 30, 45, 60 s) and two to
+    // a (30, 60 s): all done in a minute. Looking at the buckets alone would
+    // send all six to b (done at 90 s).
+    let small = Limits::new().rpm(2).itpm(100_000).otpm(100_000);
+    let large = Limits::new().rpm(4).itpm(100_000).otpm(100_000);
+    let (ea, eb) = (emulator(small), emulator(large));
+    let (t, _) = transport(vec![("a", Backend::Emu(ea.clone())), ("b", Backend::Emu(eb.clone()))]);
+    let pool = Pool::builder()
+        .upstream(upstream("a", small))
+        .upstream(upstream("b", large))
+        .build(t)
+        .expect("pool");
+    for i in 0..6 {
+        send(&pool, &plain(&format!("warm {i}"))).await.expect("answer");
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move { send(&pool, &plain(&format!("q{i}"))).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task").expect("answer").0, 200);
+    }
+    let took = start.elapsed();
+    assert!(took <= Duration::from_secs(61), "{took:?}");
+    assert_eq!((admitted(&ea), admitted(&eb)), (4, 8));
+    assert_eq!(support::rate_limited(&ea) + support::rate_limited(&eb), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_upstream_in_its_cooldown_is_avoided() {
     // a answers a 429 with retry-after 30: the request fails over to b, and
     // the next ones go to b while a's cooldown runs.
