@@ -249,20 +249,27 @@ async fn requests_that_must_wait_count_those_already_waiting() {
     let small = Limits::new().rpm(2).itpm(100_000).otpm(100_000);
     let large = Limits::new().rpm(4).itpm(100_000).otpm(100_000);
     let (ea, eb) = (emulator(small), emulator(large));
-    let (t, _) = transport(vec![("a", Backend::Emu(ea.clone())), ("b", Backend::Emu(eb.clone()))]);
+    let (t, _) = transport(vec![
+        ("a", Backend::Emu(ea.clone())),
+        ("b", Backend::Emu(eb.clone())),
+    ]);
     let pool = Pool::builder()
         .upstream(upstream("a", small))
         .upstream(upstream("b", large))
         .build(t)
         .expect("pool");
     for i in 0..6 {
-        send(&pool, &plain(&format!("warm {i}"))).await.expect("answer");
+        send(&pool, &plain(&format!("warm {i}")))
+            .await
+            .expect("answer");
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..6 {
         let pool = pool.clone();
-        tasks.push(tokio::spawn(async move { send(&pool, &plain(&format!("q{i}"))).await }));
+        tasks.push(tokio::spawn(async move {
+            send(&pool, &plain(&format!("q{i}"))).await
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.expect("task").expect("answer").0, 200);

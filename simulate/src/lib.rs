@@ -58,6 +58,7 @@ mod report;
 mod run;
 mod strategies;
 mod target;
+mod upstreams;
 mod workload;
 
 use std::io::Write as _;
@@ -102,6 +103,9 @@ pub fn run(args: Args) -> ExitCode {
 }
 
 async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
+    if let Some(n) = args.upstreams {
+        return upstreams::run_all(&args, n, virtual_time).await;
+    }
     let wall = std::time::Instant::now();
     let (workload, limits, rows) = run_strategies(&args, virtual_time).await?;
     if let Some(path) = &args.plot {

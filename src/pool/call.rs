@@ -49,7 +49,7 @@ enum Outcome {
 
 pub(crate) async fn serve<S, B, ResB>(
     shared: Arc<Shared>,
-    services: Arc<Vec<UpstreamService<S>>>,
+    services: Arc<std::sync::Mutex<Vec<UpstreamService<S>>>>,
     request: Request<B>,
 ) -> Result<Response<PoolBody>, BoxError>
 where
@@ -73,7 +73,12 @@ where
             Err(e) => return last.unwrap_or(Err(e.into())),
         };
         let up = &shared.upstreams[i];
-        let Some(service) = services.get(i).cloned() else {
+        let service = services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(i)
+            .cloned();
+        let Some(service) = service else {
             break;
         };
         let outcome = attempt_on(up, service, &prepared).await;

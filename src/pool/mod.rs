@@ -488,7 +488,7 @@ impl<S: Clone> Layer<S> for PoolLayer {
             .collect();
         Pool {
             shared: Arc::clone(&self.shared),
-            services: Arc::new(services),
+            services: Arc::new(Mutex::new(services)),
         }
     }
 }
@@ -496,7 +496,9 @@ impl<S: Clone> Layer<S> for PoolLayer {
 /// One service over several upstreams: see the [module docs](self).
 pub struct Pool<S> {
     shared: Arc<Shared>,
-    services: Arc<Vec<UpstreamService<S>>>,
+    /// Behind a lock so that the pool is `Sync` whatever the transport;
+    /// held only to clone one upstream's service.
+    services: Arc<Mutex<Vec<UpstreamService<S>>>>,
 }
 
 impl<S> Clone for Pool<S> {
@@ -537,7 +539,7 @@ impl<S> Pool<S> {
     /// `From` is not general enough").
     pub fn send<B, ResB>(&self, request: Request<B>) -> PoolFuture
     where
-        S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: Body + Send + 'static,
@@ -557,7 +559,7 @@ pub type PoolFuture = Pin<Box<dyn Future<Output = Result<Response<PoolBody>, Box
 
 impl<S, B, ResB> Service<Request<B>> for Pool<S>
 where
-    S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+    S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
