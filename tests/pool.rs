@@ -466,6 +466,53 @@ async fn a_spend_capped_upstream_is_drained_and_returns_after_the_configured_tim
 }
 
 #[tokio::test(start_paused = true)]
+async fn requests_waiting_on_an_upstream_that_drains_are_not_sent_there() {
+    // One request a minute on each. a reaches its spend cap while three
+    // requests wait in its queue: the first gets the spend-cap 429 and
+    // drains a; the two others, when a's budget admits them, are not sent
+    // to a but to b. Nothing is lost.
+    let one = Limits::new().rpm(1).itpm(100_000).otpm(100_000);
+    let (ea, eb) = (emulator(one), emulator(one));
+    let (t, calls) = transport(vec![
+        ("a", Backend::Emu(ea.clone())),
+        ("b", Backend::Emu(eb.clone())),
+    ]);
+    let pool = Pool::builder()
+        .upstream(upstream("a", one))
+        .upstream(upstream("b", one))
+        .drain_for(Duration::from_secs(3_600))
+        .build(t)
+        .expect("pool");
+    send(&pool, &plain("warm a")).await.expect("answer");
+    send(&pool, &plain("warm b")).await.expect("answer");
+    ea.set_spend_limit_reached(true);
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            send(&pool, &plain(&format!("q{i}"))).await
+        }));
+    }
+    for t in tasks {
+        let (status, up, _) = t.await.expect("task").expect("answer");
+        assert_eq!((status, up.as_str()), (200, "b"));
+    }
+    let to_a = calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .filter(|c| c.host == "a")
+        .count();
+    assert_eq!(to_a, 2, "the warm-up and the one spend-cap 429");
+    let snap = pool.snapshot();
+    let a = snap.upstream("a").expect("a");
+    assert_eq!(a.drains, 1);
+    assert_eq!(a.budget.refunded_unsent, 2, "the two refused were refunded");
+    assert_eq!(snap.failed, 0);
+    assert_eq!(admitted(&eb), 7);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_401_or_403_drains_and_every_upstream_drained_is_a_typed_error() {
     let denied =
         r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#;

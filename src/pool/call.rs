@@ -411,6 +411,7 @@ fn classify_error(e: BoxError) -> Outcome {
         Some(Error::RequestTooLarge { .. }) => "request too large for its limits",
         Some(Error::Overloaded { .. }) => "local queue full",
         Some(_) => return Outcome::Done(Err(e)),
+        None if matches!(e.downcast_ref::<PoolError>(), Some(PoolError::Drained)) => "drained",
         None if e.is::<PoolError>() => return Outcome::Done(Err(e)),
         None => "connection error",
     };

@@ -160,7 +160,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 pub use snapshot::{PoolSnapshot, UpstreamSnapshot};
-pub use upstream::{Address, AddressFuture, Admit, Upstream, UpstreamService};
+pub use upstream::{Address, Admit, Upstream, UpstreamFuture, UpstreamService};
 
 use crate::concurrency::{ConcurrencyBuilder, ConcurrencyLayer};
 use crate::estimate::AnthropicEstimator;
@@ -251,6 +251,9 @@ pub enum PoolError {
         /// Until the first upstream is back in rotation.
         retry_in: Duration,
     },
+    /// The request's upstream was drained while the request waited for its
+    /// budget: it was not sent there (the pool sends it to another).
+    Drained,
     /// A request reached an upstream's transport layer without the pool's
     /// buffered body (the upstream's layers were used outside a pool).
     NotBuffered,
@@ -283,6 +286,7 @@ impl fmt::Display for PoolError {
                 "pool: every upstream is drained; the first returns in {:.0} s",
                 retry_in.as_secs_f64().ceil()
             ),
+            PoolError::Drained => f.write_str("pool: the upstream was drained; not sent"),
             PoolError::NotBuffered => f.write_str("pool: request without the pool's buffered body"),
         }
     }

@@ -388,20 +388,28 @@ pub struct Admit<S> {
 impl<S, B> Service<Request<B>> for Admit<S>
 where
     S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
 {
     type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Error = BoxError;
+    type Future = UpstreamFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    /// Releases the request's pending costs; refuses it, unsent, if its
+    /// upstream was drained while it waited (the budget then refunds it,
+    /// and the pool sends it elsewhere).
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        crate::dispatch::Dispatch::received(req.extensions());
         if let Some(ticket) = req.extensions().get::<Ticket>() {
             ticket.release();
+            if ticket.0.upstream.drained_at(Instant::now()).is_some() {
+                return UpstreamFuture::failed(Some(PoolError::Drained.into()));
+            }
         }
-        self.inner.call(req)
+        UpstreamFuture::inner(self.inner.call(req))
     }
 }
 
@@ -432,7 +440,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = AddressFuture<S::Future>;
+    type Future = UpstreamFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -441,11 +449,11 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, _body) = req.into_parts();
         let Some(bytes) = parts.extensions.get::<BufferedBytes>().map(|b| b.0.clone()) else {
-            return AddressFuture::failed(Some(PoolError::NotBuffered.into()));
+            return UpstreamFuture::failed(Some(PoolError::NotBuffered.into()));
         };
         match self.base.rewrite(&parts.uri) {
             Ok(uri) => parts.uri = uri,
-            Err(e) => return AddressFuture::failed(Some(e.into())),
+            Err(e) => return UpstreamFuture::failed(Some(e.into())),
         }
         parts.headers.remove(HOST);
         if let Some(key) = &self.key {
@@ -453,37 +461,37 @@ where
             parts.headers.insert(API_KEY, key.clone());
         }
         let request = Request::from_parts(parts, Full::new(bytes));
-        AddressFuture::inner(self.inner.call(request))
+        UpstreamFuture::inner(self.inner.call(request))
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The future of [`Address`]: the transport's, or an error raised
-    /// before it.
+    /// The future of [`Admit`] and [`Address`]: the inner service's, or an
+    /// error raised before calling it.
     #[derive(Debug)]
-    pub struct AddressFuture<F> {
+    pub struct UpstreamFuture<F> {
         #[pin]
         future: Option<F>,
         error: Option<BoxError>,
     }
 }
 
-impl<F> AddressFuture<F> {
+impl<F> UpstreamFuture<F> {
     fn inner(future: F) -> Self {
-        AddressFuture {
+        UpstreamFuture {
             future: Some(future),
             error: None,
         }
     }
     fn failed(error: Option<BoxError>) -> Self {
-        AddressFuture {
+        UpstreamFuture {
             future: None,
             error,
         }
     }
 }
 
-impl<F, R, E> Future for AddressFuture<F>
+impl<F, R, E> Future for UpstreamFuture<F>
 where
     F: Future<Output = Result<R, E>>,
     E: Into<BoxError>,
