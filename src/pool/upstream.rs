@@ -127,11 +127,11 @@ impl Base {
         } else {
             PathAndQuery::try_from(format!("{}{pq}", self.prefix))?
         };
-        Ok(Uri::builder()
+        Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(pq)
-            .build()?)
+            .build()
     }
 }
 
