@@ -802,8 +802,7 @@ fn bad_configuration_is_a_typed_error() {
     }
     let e = upstream("x", BIG)
         .key("sk-bad\nkey")
-        .err()
-        .expect("invalid key");
+        .expect_err("invalid key");
     assert!(!format!("{e} {e:?}").contains("sk-bad"));
     let f = PoolBuilder::default()
         .upstream(upstream("a", BIG))
