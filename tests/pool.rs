@@ -925,3 +925,60 @@ async fn a_pool_over_hyper_serves_json_and_streams_from_two_emulators_on_loopbac
     assert!(hosts.contains(&"a".to_string()) && hosts.contains(&"b".to_string()));
     assert_eq!(admitted(&ea) + admitted(&eb), 4);
 }
+
+// ---------------------------------------------------------------- weights, bad input
+
+#[tokio::test(start_paused = true)]
+async fn weights_share_requests_among_upstreams_that_admit_as_soon() {
+    let (t, _) = transport(vec![
+        ("a", Backend::Emu(emulator(BIG))),
+        ("b", Backend::Emu(emulator(BIG))),
+    ]);
+    let pool = Pool::builder()
+        .upstream(upstream("a", BIG).weight(3))
+        .upstream(upstream("b", BIG))
+        .build(t)
+        .expect("pool");
+    for i in 0..40 {
+        send(&pool, &plain(&format!("q{i}"))).await.expect("answer");
+    }
+    let snap = pool.snapshot();
+    let (a, b) = (snap.upstreams[0].routed, snap.upstreams[1].routed);
+    assert_eq!(a + b, 40);
+    assert_eq!((a, b), (30, 10), "3 to 1");
+    assert_eq!(
+        (snap.upstreams[0].weight, snap.upstreams[0].succeeded),
+        (3, 30)
+    );
+    assert!(snap.upstreams[0].budget.admitted == 30 && snap.upstreams[1].budget.admitted == 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_above_the_limit_is_refused_unsent_and_odd_bodies_still_route() {
+    let ok = r#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#;
+    let (t, calls) = transport(vec![("a", Backend::Status(200, ok, None))]);
+    let pool = Pool::builder()
+        .upstream(upstream("a", BIG))
+        .buffer_limit(1_000)
+        .build(t)
+        .expect("pool");
+    let big = plain(&"x".repeat(2_000));
+    let err = send(&pool, &big).await.expect_err("too large");
+    assert_eq!(
+        err.downcast_ref::<PoolError>(),
+        Some(&PoolError::BodyTooLarge { limit: 1_000 })
+    );
+    assert!(calls.lock().expect("calls").is_empty(), "nothing was sent");
+
+    // Not JSON: estimated from its length, sent as it is, no model named.
+    let req = Request::post("/v1/messages")
+        .body(Full::new(Bytes::from_static(b"not json at all")))
+        .expect("request");
+    let resp = pool.send(req).await.expect("answer");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get(MODEL_HEADER).is_none());
+    assert_eq!(
+        &calls.lock().expect("calls")[0].body[..],
+        b"not json at all"
+    );
+}

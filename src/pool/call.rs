@@ -70,7 +70,10 @@ where
     for attempt in 1..=shared.max_attempts {
         let i = match choose(&shared, &mut prepared, &tried) {
             Ok(i) => i,
-            Err(e) => return last.unwrap_or(Err(e.into())),
+            Err(e) => {
+                shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+                return last.unwrap_or(Err(e.into()));
+            }
         };
         let up = &shared.upstreams[i];
         let service = services
