@@ -165,7 +165,9 @@ impl Upstream {
     }
 
     /// The API key, sent as `x-api-key` (marked sensitive); the caller's own
-    /// `x-api-key` and `authorization` headers are removed.
+    /// `x-api-key` and `authorization` headers are removed. Without a key,
+    /// requests go with their own headers (an upstream that authenticates
+    /// the caller itself).
     ///
     /// # Errors
     ///
