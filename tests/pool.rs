@@ -227,6 +227,9 @@ async fn a_burst_goes_where_it_is_admitted_soonest() {
     let snap = pool.snapshot();
     assert_eq!(snap.failovers, 0);
     assert!(snap.upstreams.iter().all(|u| u.pending.requests == 0));
+    let admitted: Vec<u64> = snap.upstreams.iter().map(|u| u.admitted.requests).collect();
+    assert_eq!(admitted, [2, 6]);
+    assert!(snap.upstreams.iter().all(|u| u.admitted.input_tokens > 0));
 
     // The ninth waits for the first refill, 10 s on b (6 RPM) against 30 s
     // on a: it goes to b.
@@ -358,6 +361,13 @@ async fn each_error_kind_fails_over_with_the_same_body() {
         let snap = pool.snapshot();
         assert_eq!((snap.failovers, snap.failed), (1, 0), "{what}");
         assert_eq!(snap.upstream("a").map(|u| u.failovers), Some(1), "{what}");
+        let a = snap.upstream("a").expect("a");
+        let received = (a.received_429, a.received_529);
+        match what {
+            "429" => assert_eq!(received, (1, 0)),
+            "529" => assert_eq!(received, (0, 1)),
+            _ => assert_eq!(received, (0, 0)),
+        }
         assert_eq!(admitted(&eb), 1, "{what}");
     }
 }

@@ -85,6 +85,7 @@ where
             break;
         };
         let outcome = attempt_on(up, service, &prepared).await;
+        count_received(up, &outcome);
         let (reason, answer) = match outcome {
             Outcome::Done(answer) => {
                 if answer.is_ok() {
@@ -113,6 +114,15 @@ where
     }
     shared.counters.failed.fetch_add(1, Ordering::Relaxed);
     last.unwrap_or_else(|| Err(PoolError::NoUpstreams.into()))
+}
+
+/// Counts the 429s and 529s an attempt received.
+fn count_received(up: &UpstreamState, outcome: &Outcome) {
+    match outcome {
+        Outcome::Failover("429", _) => up.received_429.fetch_add(1, Ordering::Relaxed),
+        Outcome::Failover("529", _) => up.received_529.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
 }
 
 fn lock_affinity(shared: &Shared) -> std::sync::MutexGuard<'_, route::Affinity> {

@@ -64,6 +64,14 @@ pub struct UpstreamSnapshot {
     pub failovers: u64,
     /// Costs routed to it and not yet admitted by its budget.
     pub pending: Costs,
+    /// Costs its budget admitted so far (the pool's estimates: requests,
+    /// input tokens, expected output tokens).
+    pub admitted: Costs,
+    /// 429s received from it (the spend-cap 429 is a drain, counted in
+    /// `drains`).
+    pub received_429: u64,
+    /// 529s received from it.
+    pub received_529: u64,
     /// Its budget.
     pub budget: BudgetSnapshot,
     /// Its retry layer (its cooldown).
@@ -95,6 +103,9 @@ pub(crate) fn of(shared: &Shared) -> PoolSnapshot {
                 succeeded: u.succeeded.load(Ordering::Relaxed),
                 failovers: u.failovers.load(Ordering::Relaxed),
                 pending: u.pending(),
+                admitted: u.admitted(),
+                received_429: u.received_429.load(Ordering::Relaxed),
+                received_529: u.received_529.load(Ordering::Relaxed),
                 budget: u.config.budget.snapshot(),
                 retry: u.config.retry.snapshot(),
                 concurrency: u.config.concurrency.snapshot(),

@@ -246,6 +246,11 @@ pub(crate) struct UpstreamState {
     pub(crate) succeeded: AtomicU64,
     pub(crate) failovers: AtomicU64,
     pub(crate) drains: AtomicU64,
+    /// 429s (not the spend cap) and 529s received.
+    pub(crate) received_429: AtomicU64,
+    pub(crate) received_529: AtomicU64,
+    /// Costs admitted by its budget (the routing estimates), per dimension.
+    pub(crate) admitted: [AtomicU64; 3],
     pub(crate) drained: Mutex<Option<Drain>>,
 }
 
@@ -266,6 +271,9 @@ impl UpstreamState {
             succeeded: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
             drains: AtomicU64::new(0),
+            received_429: AtomicU64::new(0),
+            received_529: AtomicU64::new(0),
+            admitted: Default::default(),
             drained: Mutex::new(None),
         }
     }
@@ -296,6 +304,15 @@ impl UpstreamState {
             retry_in_s = for_.as_secs(),
             "upstream drained: out of rotation"
         );
+    }
+
+    /// The costs admitted by the budget so far (routing estimates).
+    pub(crate) fn admitted(&self) -> Costs {
+        Costs {
+            requests: self.admitted[0].load(Ordering::Relaxed),
+            input_tokens: self.admitted[1].load(Ordering::Relaxed),
+            output_tokens: self.admitted[2].load(Ordering::Relaxed),
+        }
     }
 
     /// The pending costs (not yet admitted by the budget).
@@ -407,8 +424,18 @@ where
         crate::dispatch::Dispatch::received(req.extensions());
         if let Some(ticket) = req.extensions().get::<Ticket>() {
             ticket.release();
-            if ticket.0.upstream.drained_at(Instant::now()).is_some() {
+            let upstream = &ticket.0.upstream;
+            if upstream.drained_at(Instant::now()).is_some() {
                 return UpstreamFuture::failed(Some(PoolError::Drained.into()));
+            }
+            let c = ticket.0.costs;
+            for (a, c) in
+                upstream
+                    .admitted
+                    .iter()
+                    .zip([c.requests, c.input_tokens, c.output_tokens])
+            {
+                a.fetch_add(c, Ordering::Relaxed);
             }
         }
         UpstreamFuture::inner(self.inner.call(req))
