@@ -237,13 +237,10 @@ async fn messages(State(app): State<Arc<App>>, request: AxumRequest) -> Response
     };
     let bytes = match axum::body::to_bytes(body, app.body_limit).await {
         Ok(b) => b,
-        Err(_) => {
-            app.metrics
-                .served(&caller.name, StatusCode::PAYLOAD_TOO_LARGE);
-            return error(
-                ErrorKind::RequestTooLarge,
-                "request body too large or not received in time",
-            );
+        Err(e) => {
+            let response = unread(&e);
+            app.metrics.served(&caller.name, response.status());
+            return response;
         }
     };
     if let Some(allowed) = &caller.models {
@@ -263,6 +260,24 @@ async fn messages(State(app): State<Arc<App>>, request: AxumRequest) -> Response
     };
     app.metrics.served(&caller.name, response.status());
     response
+}
+
+/// The answer to a request whose body could not be read: above the size
+/// limit (413), or not received in time (408).
+fn unread(e: &axum::Error) -> Response {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return error(ErrorKind::RequestTooLarge, "request body too large");
+        }
+        source = err.source();
+    }
+    let mut r = error(
+        ErrorKind::InvalidRequest,
+        "request body not received in time",
+    );
+    *r.status_mut() = StatusCode::REQUEST_TIMEOUT;
+    r
 }
 
 /// The answer to a request the pool could not serve.
@@ -304,11 +319,9 @@ async fn count_tokens(State(app): State<Arc<App>>, request: AxumRequest) -> Resp
     if let Err(refusal) = authenticate(&app, &parts.headers) {
         return refusal.into_response().map(AxumBody::from);
     }
-    let Ok(bytes) = axum::body::to_bytes(body, app.body_limit).await else {
-        return error(
-            ErrorKind::RequestTooLarge,
-            "request body too large or not received in time",
-        );
+    let bytes = match axum::body::to_bytes(body, app.body_limit).await {
+        Ok(b) => b,
+        Err(e) => return unread(&e),
     };
     let snapshot = app.pool.snapshot();
     let Some(i) = snapshot.upstreams.iter().position(|u| u.drained.is_none()) else {

@@ -414,3 +414,50 @@ fn skip(why: &str) {
     assert!(std::env::var_os("CI").is_none(), "CI is set and {why}");
     eprintln!("skipped: {why}");
 }
+
+#[tokio::test]
+async fn a_body_too_large_or_too_slow_is_refused() {
+    let (ea, a) = emulator(BIG, quick()).await;
+    let text = config_text(a, a)
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\nbody_limit = 2000",
+        )
+        .replace("body_read_secs = 5", "body_read_secs = 1");
+    let config = Config::parse(&text, env).expect("config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve(
+        config,
+        listener,
+        https_transport(),
+        std::future::pending(),
+    ));
+    let (status, _, _) = post(
+        addr,
+        "/v1/messages",
+        "gw-alice",
+        &message(&"x".repeat(5_000), false),
+    )
+    .await;
+    assert_eq!(status, 413);
+    // A body that never finishes arriving.
+    use tokio::io::AsyncWriteExt;
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: gw-alice\r\ncontent-length: 100\r\n\r\n{";
+    slow.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut slow, &mut answer),
+    )
+    .await
+    .expect("answered within the timeout")
+    .expect("read");
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    assert_eq!(admitted(&ea), 0);
+}
