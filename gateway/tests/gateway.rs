@@ -461,3 +461,14 @@ async fn a_body_too_large_or_too_slow_is_refused() {
     );
     assert_eq!(admitted(&ea), 0);
 }
+
+#[test]
+fn the_example_configuration_parses() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.example.toml"))
+            .expect("example file");
+    let config =
+        Config::parse(&text, |name| Some(format!("value-of-{name}"))).expect("example config");
+    assert_eq!((config.upstreams.len(), config.callers.len()), (2, 2));
+    assert_eq!(config.body_read_timeout, Duration::from_secs(30));
+}
