@@ -101,7 +101,7 @@ pub(crate) struct App {
 ///
 /// An upstream or caller the crate refuses (a [`PoolError`]).
 pub fn router(config: &Config, transport: Transport) -> Result<Router, BoxError> {
-    let mut pool = Pool::builder();
+    let mut pool = Pool::builder().buffer_limit(config.body_limit);
     let mut upstreams = Vec::new();
     for u in &config.upstreams {
         let mut up = Upstream::new(&u.name, &u.base_url, u.limits.clone())?
