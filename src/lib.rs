@@ -211,6 +211,9 @@ pub mod concurrency;
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod estimate;
+#[cfg(feature = "pool")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pool")))]
+pub mod pool;
 #[cfg(all(feature = "retry", feature = "budget", feature = "concurrency"))]
 #[cfg_attr(
     docsrs,

@@ -160,6 +160,21 @@ pub struct Args {
     /// Environment variable holding the key for --target (sent as x-api-key).
     #[arg(long, value_name = "NAME", default_value = "ANTHROPIC_API_KEY")]
     pub api_key_env: String,
+
+    /// Compare, over N emulated upstreams each with the limits above, one
+    /// upstream alone, a naive round-robin pool and the crate's `Pool`
+    /// (a workload sized for the sum of the limits).
+    #[arg(long, value_name = "N", value_parser = at_least_one::<usize>, conflicts_with = "target")]
+    pub upstreams: Option<usize>,
+
+    /// With --upstreams: the last upstream's rate of 529 answers.
+    #[arg(long = "upstream-529", value_name = "P", default_value_t = 0.10, value_parser = probability)]
+    pub upstream_529: f64,
+
+    /// With --upstreams: seconds into the run at which the first upstream
+    /// reaches its spend cap, in two extra rows (0: no such rows).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0, value_parser = number::<f64>)]
+    pub spend_cap_at: f64,
 }
 
 /// How the emulator charges output tokens against OTPM.

@@ -74,6 +74,7 @@ mod report;
 mod run;
 mod strategies;
 mod target;
+mod upstreams;
 mod workload;
 
 use std::io::Write as _;
@@ -119,6 +120,9 @@ pub fn run(args: Args) -> ExitCode {
 }
 
 async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {
+    if let Some(n) = args.upstreams {
+        return upstreams::run_all(&args, n, virtual_time).await;
+    }
     if let Some(n) = args.seeds {
         return run_seeds(&args, virtual_time, n).await;
     }

@@ -157,6 +157,13 @@ impl TokenBudgetLayer {
     pub fn ledger(&self) -> &Arc<dyn Ledger> {
         &self.shared.ledger
     }
+
+    /// What `estimate` would be charged now (key, limits, costs), read
+    /// without touching the budget: the pool routes with it.
+    #[cfg(feature = "pool")]
+    pub(crate) fn preview(&self, estimate: &crate::estimate::Estimate) -> super::state::Preview {
+        self.shared.preview(estimate)
+    }
 }
 
 impl<S> Layer<S> for TokenBudgetLayer {

@@ -1311,3 +1311,51 @@ pub(crate) fn dim_index(d: Dimension) -> usize {
         Dimension::OutputTokens => 2,
     }
 }
+
+/// What a request would be charged, read without touching the budget: the
+/// pool routes with it.
+#[cfg(feature = "pool")]
+#[derive(Debug, Clone)]
+pub(crate) struct Preview {
+    /// The budget key (the model class's name; no caller).
+    pub(crate) key: String,
+    /// The limits configured for the key's class.
+    pub(crate) limits: Limits,
+    /// The costs [`Shared::charge`] would reserve now.
+    pub(crate) costs: Costs,
+}
+
+#[cfg(feature = "pool")]
+impl Shared {
+    /// The key, limits and costs that [`Shared::charge`] would give `estimate`
+    /// (without a caller), without creating the key or counting an estimate.
+    pub(crate) fn preview(&self, estimate: &Estimate) -> Preview {
+        let class = ModelClass::of(estimate.model.as_deref().unwrap_or(""));
+        let limits = self.settings.limits.limits_for(class);
+        let name = class.as_str();
+        let cell = self.lock().get(name).cloned();
+        let output_tokens = match cell {
+            Some(cell) => self.output_tokens(&lock_key(&cell), estimate.max_tokens),
+            None => self.output_tokens(
+                &KeyState::new(limits, self.settings.output_ratio_window),
+                estimate.max_tokens,
+            ),
+        };
+        let input_tokens = if class.cache_reads_count_toward_itpm() {
+            estimate
+                .input_tokens
+                .saturating_add(estimate.cache_read_tokens)
+        } else {
+            estimate.input_tokens
+        };
+        Preview {
+            key: name.to_string(),
+            limits,
+            costs: Costs {
+                requests: 1,
+                input_tokens,
+                output_tokens,
+            },
+        }
+    }
+}
