@@ -14,6 +14,7 @@ use tower_service::Service;
 
 use super::callers::CallerRefusal;
 use super::enforce;
+use super::prefix::{self, PrefixState, PrefixWait};
 use super::state::{Admission, Charge, Refusal, Shared};
 use super::usage::{ResponseBody, Tracker};
 use crate::body::{Buffered, ReplayBody};
@@ -90,6 +91,8 @@ pin_project! {
             svc: Option<S>,
             // The wait for the budget, as the request's deadline bounds it.
             wait: Wait,
+            // Cache-aware admission (see `prefix.rs`).
+            prefix: PrefixWait,
         },
         Readying {
             held: Held,
@@ -118,6 +121,7 @@ impl<S, F, B> State<S, F, B> {
             charge: Some(charge),
             admission: Admission::default(),
             wait: Wait::of(request.extensions()),
+            prefix: PrefixWait::default(),
             request: Some(request),
             svc: Some(svc),
         }
@@ -292,16 +296,28 @@ where
                     request,
                     svc,
                     wait,
+                    prefix,
                 } => {
                     let Some(ch) = charge.as_mut() else {
                         polled_after_completion();
                     };
-                    let admitted = match shared.poll_admit(ch, admission, cx) {
+                    let polled = match poll_prefix(shared, ch, prefix, cx) {
+                        Poll::Ready(()) => shared.poll_admit(ch, admission, cx),
+                        Poll::Pending => Poll::Pending,
+                    };
+                    let admitted = match polled {
                         Poll::Ready(admitted) => {
                             waited(shared, wait);
                             admitted
                         }
                         Poll::Pending => {
+                            if let PrefixWait::Candidate(slot) = prefix {
+                                // It would wait anyway: out of line, it waits
+                                // for the writer's response head instead.
+                                *admission = Admission::default();
+                                *prefix = PrefixWait::Holding(Arc::clone(slot));
+                                continue;
+                            }
                             let reached = ready!(wait_deadline(shared, wait, cx));
                             // Not sent: dropping the admission gives back
                             // the place in line; nothing was debited.
@@ -311,6 +327,7 @@ where
                     };
                     match admitted {
                         Ok(()) => {
+                            ch.writing = shared.writers.start(&ch.estimate.cache_writes);
                             let mut request = request.take();
                             let marker = mark(request.as_mut());
                             let next = State::Readying {
@@ -362,6 +379,38 @@ where
             }
         }
     }
+}
+
+/// Cache-aware admission before asking the budget (see `prefix.rs`):
+/// `Pending` while the request holds for a writer's response head.
+fn poll_prefix(
+    shared: &Shared,
+    charge: &mut Charge,
+    state: &mut PrefixWait,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let (slot, holding) = match state {
+        PrefixWait::Done | PrefixWait::Candidate(_) => return Poll::Ready(()),
+        PrefixWait::Unchecked if !prefix::applies(charge) => {
+            *state = PrefixWait::Done;
+            return Poll::Ready(());
+        }
+        PrefixWait::Unchecked => (prefix::Slot::default(), false),
+        PrefixWait::Holding(slot) => (Arc::clone(slot), true),
+    };
+    match shared
+        .writers
+        .poll(&charge.estimate.cache_pending, cx, &slot)
+    {
+        PrefixState::Readable(tokens) => {
+            prefix::read_prefix(charge, tokens);
+            *state = PrefixWait::Done;
+        }
+        PrefixState::Unwritten => *state = PrefixWait::Done,
+        PrefixState::Writing if holding => return Poll::Pending,
+        PrefixState::Writing => *state = PrefixWait::Candidate(slot),
+    }
+    Poll::Ready(())
 }
 
 /// A request stopped waiting for the budget: the wait goes into its
@@ -595,10 +644,19 @@ fn refused(status: StatusCode) -> bool {
 /// wrap the body for settlement.
 fn respond<ResB: Body>(
     shared: &Arc<Shared>,
-    charge: Charge,
+    mut charge: Charge,
     response: Response<ResB>,
 ) -> Response<ResponseBody<ResB>> {
     let status = response.status();
+    if status.is_success() {
+        // Its cache writes are readable from now on.
+        if let Some(writing) = charge.writing.as_mut() {
+            writing.begin();
+        }
+    } else {
+        // Nothing written: requests waiting for it go, charged in full.
+        charge.writing = None;
+    }
     let was_refused = refused(status);
     if was_refused {
         // The server charged nothing for a refused request.

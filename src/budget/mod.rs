@@ -246,6 +246,7 @@ mod learn;
 pub mod ledger;
 mod limits;
 mod parse;
+mod prefix;
 mod service;
 mod snapshot;
 mod state;

@@ -44,6 +44,7 @@ use super::ledger::{
     BucketState, CostDelta, Costs, Ledger, LedgerError, LedgerFuture, Reservation,
 };
 use super::limits::{Limits, ModelClass, OutputMode};
+use super::prefix::{WriteGuard, Writers};
 use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 use crate::estimate::SlidingQuantile;
 use crate::estimate::{Estimate, TokenEstimator};
@@ -224,6 +225,8 @@ pub(crate) struct Shared {
     keys: Mutex<HashMap<Arc<str>, Arc<KeyCell>>>,
     sweep: Mutex<Sweep>,
     counters: Counters,
+    /// The prompt-cache prefixes being written by requests in flight.
+    pub(crate) writers: Arc<Writers>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -246,6 +249,9 @@ pub(crate) struct Charge {
     pub(crate) estimate: Estimate,
     /// Whether this request is its key's probe of unknown limits.
     probe: bool,
+    /// The prompt-cache prefixes this request writes, while in flight
+    /// (cache-aware admission, `prefix.rs`).
+    pub(crate) writing: Option<WriteGuard>,
 }
 
 /// Why a request was not admitted.
@@ -499,6 +505,7 @@ impl Shared {
                 next_len: FIRST_SWEEP_LEN,
             }),
             counters: Counters::default(),
+            writers: Arc::default(),
         }
     }
 
@@ -610,6 +617,7 @@ impl Shared {
             },
             estimate,
             probe: false,
+            writing: None,
         })
     }
 
