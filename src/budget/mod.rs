@@ -35,6 +35,22 @@
 //!    is counted as generated, `Realtime`). A probe answered without such
 //!    headers ends the holding; one never sent, or whose connection failed,
 //!    hands the role to the next request.
+//!    **Cache-aware admission.** The server makes a prompt-cache entry
+//!    readable only once the first response that writes it has begun, so a
+//!    request sent while its `cache_control` prefix is still being written
+//!    pays that prefix again. The budget knows which prefixes the requests
+//!    in flight write ([`Estimate::cache_writes`](crate::estimate::Estimate::cache_writes))
+//!    and which a request could read once written
+//!    ([`Estimate::cache_pending`](crate::estimate::Estimate::cache_pending)).
+//!    The rule: a request whose pending prefix a request in flight writes
+//!    is charged as reading it at once if that writer's response head
+//!    arrived (a success); else it goes now at full charge if the budget
+//!    admits it now (it is never delayed); else (it would wait anyway) it
+//!    gives back its place in line, waits for the writer's response head,
+//!    and asks again charged only for what follows the prefix. A writer
+//!    that fails, is refused (any non-2xx) or is cancelled releases it,
+//!    charged in full; its own deadline still bounds the wait. Classes whose
+//!    cache reads count toward ITPM (Haiku 3.5) are never held.
 //! 3. **Wait or fail.** In [`BudgetMode::Wait`] (the default) requests that
 //!    do not fit wait in a FIFO queue per key: only the head asks the ledger
 //!    and sleeps for the time it named; a settlement that frees capacity
