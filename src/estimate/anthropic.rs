@@ -1342,7 +1342,7 @@ impl AnthropicEstimator {
                 pending.push(CachePrefix { hash: key, tokens });
             }
         }
-        pending.sort_by(|a, b| b.tokens.cmp(&a.tokens));
+        pending.sort_by_key(|p| std::cmp::Reverse(p.tokens));
         let mut written = Vec::new();
         let mut writes = Vec::new();
         for ((sec, b, ttl), &key) in cands.iter().zip(&hashes) {
