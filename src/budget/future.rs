@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -13,6 +14,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::callers::CallerRefusal;
+use super::count::{Counting, HttpResponse};
 use super::enforce;
 use super::prefix::{self, PrefixState, PrefixWait};
 use super::state::{Admission, Charge, Refusal, Shared};
@@ -68,21 +70,23 @@ pin_project! {
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<ReplayBody<B>>>,
+        S::Response: HttpResponse,
     {
         shared: Arc<Shared>,
         #[pin]
-        state: State<S, S::Future, B>,
+        state: State<S, S::Future, B, <S::Response as HttpResponse>::Body>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, F, B> {
+    enum State<S, F, B, RB> {
         Buffering {
             fut: BufferFuture<B>,
             parts: Option<Parts>,
             caller: Option<String>,
             svc: Option<S>,
+            count_svc: Option<S>,
         },
         Admitting {
             charge: Option<Charge>,
@@ -93,6 +97,8 @@ pin_project! {
             wait: Wait,
             // Cache-aware admission (see `prefix.rs`).
             prefix: PrefixWait,
+            // The `count_tokens` mode (see `count.rs`).
+            count: Counting<S, F, B, RB>,
         },
         Readying {
             held: Held,
@@ -114,10 +120,16 @@ pin_project! {
     }
 }
 
-impl<S, F, B> State<S, F, B> {
+impl<S, F, B, RB> State<S, F, B, RB> {
     /// An estimated request, to be admitted by the budget.
-    fn admitting(charge: Charge, request: Request<ReplayBody<B>>, svc: S) -> Self {
+    fn admitting(
+        charge: Charge,
+        request: Request<ReplayBody<B>>,
+        svc: S,
+        count: Counting<S, F, B, RB>,
+    ) -> Self {
         State::Admitting {
+            count,
             charge: Some(charge),
             admission: Admission::default(),
             wait: Wait::of(request.extensions()),
@@ -164,6 +176,7 @@ impl Drop for Held {
 impl<S, B> fmt::Debug for ResponseFuture<S, B>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
@@ -184,14 +197,17 @@ where
 impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
 {
-    /// A request whose body must be read first.
+    /// A request whose body must be read first (`count_svc`: a clone of the
+    /// inner service for the `count_tokens` mode, if on).
     pub(crate) fn buffering(
         shared: Arc<Shared>,
         fut: BufferFuture<B>,
         parts: Parts,
         caller: Option<String>,
         svc: S,
+        count_svc: Option<S>,
     ) -> Self {
         Self {
             shared,
@@ -200,6 +216,7 @@ where
                 parts: Some(parts),
                 caller,
                 svc: Some(svc),
+                count_svc,
             },
         }
     }
@@ -223,16 +240,18 @@ where
         }
     }
 
-    /// A request already estimated.
+    /// A request already estimated (`count`: the inner service clone and
+    /// the body for the `count_tokens` mode, if on).
     pub(crate) fn admitting(
         shared: Arc<Shared>,
         charge: Charge,
         request: Request<ReplayBody<B>>,
         svc: S,
+        count: (Option<S>, Option<Bytes>),
     ) -> Self {
         Self {
             shared,
-            state: State::admitting(charge, request, svc),
+            state: State::admitting(charge, request, svc, Counting::new(count.0, count.1)),
         }
     }
 }
@@ -264,14 +283,17 @@ where
                     parts,
                     caller,
                     svc,
+                    count_svc,
                 } => {
                     let buffered = ready!(Pin::new(fut).poll(cx));
                     let (Some(parts), Some(svc)) = (parts.take(), svc.take()) else {
                         polled_after_completion();
                     };
                     match estimated(shared, buffered, parts, caller.as_deref()) {
-                        Ok((request, charge)) => {
-                            this.state.set(State::admitting(charge, request, svc))
+                        Ok((request, charge, body)) => {
+                            let count = Counting::new(count_svc.take(), body);
+                            this.state
+                                .set(State::admitting(charge, request, svc, count))
                         }
                         Err(NotCharged::Error(e)) => {
                             this.state.set(State::Done);
@@ -297,10 +319,13 @@ where
                     svc,
                     wait,
                     prefix,
+                    count,
                 } => {
                     let Some(ch) = charge.as_mut() else {
                         polled_after_completion();
                     };
+                    let counter = shared.counter.as_ref();
+                    count.poll(counter, ch, cx);
                     let polled = match poll_prefix(shared, ch, prefix, cx) {
                         Poll::Ready(()) => shared.poll_admit(ch, admission, cx),
                         Poll::Pending => Poll::Pending,
@@ -311,6 +336,10 @@ where
                             admitted
                         }
                         Poll::Pending => {
+                            if count.start(counter, ch, request.as_ref()) {
+                                // Polled next, while the request waits.
+                                continue;
+                            }
                             if let PrefixWait::Candidate(slot) = prefix {
                                 // It would wait anyway: out of line, it waits
                                 // for the writer's response head instead.
@@ -546,28 +575,29 @@ fn estimated<B>(
     buffered: Result<Buffered<B>, BoxError>,
     parts: Parts,
     caller: Option<&str>,
-) -> Result<(Request<ReplayBody<B>>, Charge), NotCharged>
+) -> Result<(Request<ReplayBody<B>>, Charge, Option<Bytes>), NotCharged>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    let (request, estimate) = match buffered {
+    let (request, estimate, bytes) = match buffered {
         Err(e) => return Err(NotCharged::Error(Box::new(Error::Body(e)))),
         Ok(Buffered::Complete(body)) => {
             let estimate = shared.estimator.estimate(&parts, body.bytes());
-            (Request::from_parts(parts, body.replay()), estimate)
+            let bytes = shared.counter.as_ref().map(|_| body.bytes().clone());
+            (Request::from_parts(parts, body.replay()), estimate, bytes)
         }
         Ok(Buffered::TooLarge(body)) => {
             let len = content_length(&parts.headers).or(body.size_hint().exact());
             let estimate = shared.estimator.estimate_unbuffered(&parts, len);
-            (Request::from_parts(parts, body), estimate)
+            (Request::from_parts(parts, body), estimate, None)
         }
     };
     check_model(&estimate).map_err(NotCharged::Error)?;
     let charge = shared
         .charge(caller, estimate)
         .map_err(NotCharged::Refused)?;
-    Ok((request, charge))
+    Ok((request, charge, bytes))
 }
 
 /// Refuses a request whose `model` is longer than any model name, before it

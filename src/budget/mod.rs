@@ -254,6 +254,7 @@ mod admission;
 pub(crate) mod answer;
 mod callers;
 mod config;
+mod count;
 mod enforce;
 mod future;
 mod gateway;
@@ -270,6 +271,7 @@ mod usage;
 
 pub use callers::{CallerRefusal, Callers};
 pub use config::{BudgetMode, KeyExtractor, LimitsConfig};
+pub use count::{CountTokens, HttpResponse};
 pub use future::ResponseFuture;
 pub use gateway::{
     copy_forwarded_headers, error_response, forward_response, Enforce, EnforceFuture, EnforceLayer,

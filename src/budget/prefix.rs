@@ -235,6 +235,11 @@ pub(crate) fn applies(charge: &Charge) -> bool {
 /// calibration) from the cache: its input reservation shrinks by the part of
 /// the prefix it was charged for, at its calibration.
 pub(crate) fn read_prefix(charge: &mut Charge, tokens: u64) {
+    charge.prefix_read = charge.prefix_read.max(tokens);
+    if let Some(counted) = charge.counted {
+        super::count::apply(charge, counted);
+        return;
+    }
     let raw = charge.estimate.raw_input_tokens;
     let extra = tokens.saturating_sub(charge.estimate.cache_read_tokens);
     if raw == 0 || extra == 0 {
