@@ -431,10 +431,15 @@ fn poll_prefix(
         .writers
         .poll(&charge.estimate.cache_pending, cx, &slot)
     {
-        PrefixState::Readable(tokens) => {
+        // Only a request that held for the write reads it here; one that
+        // arrives after the writer's head is left to the estimator, which
+        // counts a prefix as a read once a response confirmed the write (a
+        // head alone does not say the server cached it).
+        PrefixState::Readable(tokens) if holding => {
             prefix::read_prefix(charge, tokens);
             *state = PrefixWait::Done;
         }
+        PrefixState::Readable(_) => *state = PrefixWait::Done,
         PrefixState::Unwritten => *state = PrefixWait::Done,
         PrefixState::Writing if holding => return Poll::Pending,
         PrefixState::Writing => *state = PrefixWait::Candidate(slot),

@@ -43,14 +43,25 @@
 //!    and which a request could read once written
 //!    ([`Estimate::cache_pending`](crate::estimate::Estimate::cache_pending)).
 //!    The rule: a request whose pending prefix a request in flight writes
-//!    is charged as reading it at once if that writer's response head
-//!    arrived (a success); else it goes now at full charge if the budget
-//!    admits it now (it is never delayed); else (it would wait anyway) it
+//!    (sent, response head not yet arrived) goes now at full charge if the
+//!    budget admits it now (it is never delayed); else (it would wait anyway) it
 //!    gives back its place in line, waits for the writer's response head,
 //!    and asks again charged only for what follows the prefix. A writer
 //!    that fails, is refused (any non-2xx) or is cancelled releases it,
 //!    charged in full; its own deadline still bounds the wait. Classes whose
 //!    cache reads count toward ITPM (Haiku 3.5) are never held.
+//!
+//!    **Exact counts.** With the `count_tokens` mode
+//!    ([`TokenBudgetBuilder::count_tokens`], on in
+//!    [`TokenBudgetLayer::anthropic`]), a request estimated at
+//!    [`CountTokens::min_input_tokens`] (1,000) or more that is not admitted
+//!    at once is counted by the API's free `POST /v1/messages/count_tokens`,
+//!    through the same inner service with the request's headers, while it
+//!    waits; it is charged the count minus the tokens expected to be read
+//!    from the prompt cache. Calls are spaced to the endpoint's own
+//!    requests-per-minute limit, answers are kept by body hash, a request
+//!    whose turn comes first goes with its estimate, and any failure leaves
+//!    the estimate.
 //! 3. **Wait or fail.** In [`BudgetMode::Wait`] (the default) requests that
 //!    do not fit wait in a FIFO queue per key: only the head asks the ledger
 //!    and sleeps for the time it named; a settlement that frees capacity

@@ -18,11 +18,9 @@
 //! A request whose [`cache_pending`](crate::estimate::Estimate::cache_pending)
 //! prefix is written by a request in flight:
 //!
-//! 1. if that write has begun, is charged at once as reading the prefix
-//!    (no wait);
-//! 2. else, if the budget admits it now at full charge, goes now at full
-//!    charge (it is never delayed);
-//! 3. else (it would wait anyway: for input-token, output-token or request
+//! 1. if the budget admits it now at full charge, goes now at full charge
+//!    (it is never delayed);
+//! 2. else (it would wait anyway: for input-token, output-token or request
 //!    room, or behind other waiters) it gives back its place in line and
 //!    waits for the writer's response head, then asks again charged only for
 //!    what follows the prefix; if the writer fails, is refused (429, 529,
@@ -31,7 +29,12 @@
 //!
 //! Classes whose cache reads count toward ITPM (Haiku 3.5) gain nothing and
 //! are never held. The longest pending prefix with a writer in flight
-//! decides.
+//! decides. A request that arrives after the writer's response head is not
+//! charged as a read here: the estimator does so once a response confirmed
+//! the write (`cache_creation_input_tokens`), since a head alone does not
+//! say the server cached the prefix (measured: charging such late requests
+//! as reads made the crate's default simulation slower, 128.6 s against
+//! 125.5 s without it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
