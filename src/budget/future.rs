@@ -574,13 +574,17 @@ where
     Poll::Ready(Ok((future, held)))
 }
 
+/// A read request rebuilt around its body, its charge, and its bytes when
+/// the `count_tokens` mode may count it.
+type Estimated<B> = (Request<ReplayBody<B>>, Charge, Option<Bytes>);
+
 /// The request rebuilt around its read body, and its charge from the estimate.
 fn estimated<B>(
     shared: &Shared,
     buffered: Result<Buffered<B>, BoxError>,
     parts: Parts,
     caller: Option<&str>,
-) -> Result<(Request<ReplayBody<B>>, Charge, Option<Bytes>), NotCharged>
+) -> Result<Estimated<B>, NotCharged>
 where
     B: Body,
     B::Error: Into<BoxError>,
