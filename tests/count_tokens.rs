@@ -334,3 +334,48 @@ async fn cancellation_while_counting_loses_nothing() {
     let input = remaining_input(&layer);
     assert!((input - 10_000.0).abs() < 1.0, "{input}");
 }
+
+/// Through the preset and the crate's emulator of the API (its own
+/// tokenizer and its own `count_tokens` limiter, 100 RPM): waiting requests
+/// are counted, the emulator accepts every count request and never refuses
+/// one, and no Messages request meets a 429.
+#[tokio::test(start_paused = true)]
+async fn the_preset_counts_against_the_emulator_without_429s() {
+    use tower::ServiceBuilder;
+    use tower_llm_limits::preset::LimitsLayer;
+    use tower_llm_limits_emulator::{Emulator, Latency};
+
+    let limits = Limits::new().rpm(50).itpm(8_000).otpm(8_000);
+    let emu = Emulator::builder()
+        .limits(limits)
+        .latency(Latency::default())
+        .seed(9)
+        .build()
+        .expect("emulator settings");
+    let svc = ServiceBuilder::new()
+        .layer(LimitsLayer::anthropic(limits))
+        .service(emu.service());
+    let words = "count the tokens of this prompt exactly, please. ".repeat(160);
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let body = format!(
+            r#"{{"model":"{MODEL}","max_tokens":20,"temperature":0.5,"messages":[{{"role":"user","content":"{i}: {words}"}}]}}"#
+        );
+        let req = Request::post("/v1/messages")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        tasks.push(tokio::spawn(svc.clone().oneshot(req)));
+    }
+    for t in tasks {
+        let resp = t.await.unwrap().unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+    }
+    let stats = emu.stats();
+    assert!(stats.count_tokens.requests_admitted >= 1, "{stats:?}");
+    assert_eq!(stats.count_tokens.rate_limited, 0);
+    assert_eq!(stats.invalid_requests, 0);
+    assert_eq!(stats.total().rate_limited, 0);
+    assert_eq!(stats.total().requests_admitted, 12);
+}
