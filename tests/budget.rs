@@ -47,6 +47,7 @@ fn estimate_json(body: &[u8]) -> Estimate {
         max_tokens: v["max_tokens"].as_u64(),
         stream: v["stream"].as_bool().unwrap_or(false),
         fallback: false,
+        ..Estimate::default()
     }
 }
 

@@ -677,6 +677,25 @@ async fn unconfirmed_prefix_stays_cold() {
     assert_eq!(e.snapshot().warm_cache_entries, 0);
 }
 
+/// A request's breakpoints are its cache writes; a later request sharing
+/// the prefix while no response confirmed it lists it as pending (the budget
+/// may hold it for the write), and no longer once it is warm.
+#[tokio::test(start_paused = true)]
+async fn prefix_in_flight_is_pending_for_later_requests() {
+    let e = AnthropicEstimator::new();
+    let a = est(&e, &cached_request(None, "q"));
+    assert!(a.cache_pending.is_empty(), "{a:?}");
+    assert_eq!(a.cache_writes.len(), 1);
+    assert!(near(a.cache_writes[0].tokens, sys()), "{a:?}");
+    let b = est(&e, &cached_request(None, "another question"));
+    assert_eq!(b.cache_read_tokens, 0);
+    assert_eq!(b.cache_pending.first(), a.cache_writes.first(), "{b:?}");
+    e.observe(&a, &created(&a));
+    let c = est(&e, &cached_request(None, "a third"));
+    assert!(near(c.cache_read_tokens, sys()), "{c:?}");
+    assert!(c.cache_pending.is_empty(), "{c:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn prefix_expires_after_five_minutes() {
     let e = AnthropicEstimator::new();

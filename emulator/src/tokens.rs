@@ -979,6 +979,7 @@ impl TokenEstimator for TokenCounter {
                 max_tokens: p.max_tokens,
                 stream: p.stream,
                 fallback: false,
+                ..Estimate::default()
             },
             Err(_) => self.estimate_unbuffered(parts, Some(body.len() as u64)),
         }
@@ -995,6 +996,7 @@ impl TokenEstimator for TokenCounter {
             max_tokens: None,
             stream: false,
             fallback: true,
+            ..Estimate::default()
         }
     }
 }

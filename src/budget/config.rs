@@ -51,6 +51,11 @@ impl LimitsConfig {
         self
     }
 
+    /// The published tier whose limits apply, if one was given.
+    pub(crate) fn tier(&self) -> Option<Tier> {
+        self.tier
+    }
+
     /// Uses a published tier's limits for every class without its own.
     pub fn with_tier(mut self, tier: Tier) -> Self {
         self.tier = Some(tier);

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -13,7 +14,9 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::callers::CallerRefusal;
+use super::count::{Counting, HttpResponse};
 use super::enforce;
+use super::prefix::{self, PrefixState, PrefixWait};
 use super::state::{Admission, Charge, Refusal, Shared};
 use super::usage::{ResponseBody, Tracker};
 use crate::body::{Buffered, ReplayBody};
@@ -67,21 +70,23 @@ pin_project! {
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<ReplayBody<B>>>,
+        S::Response: HttpResponse,
     {
         shared: Arc<Shared>,
         #[pin]
-        state: State<S, S::Future, B>,
+        state: State<S, S::Future, B, <S::Response as HttpResponse>::Body>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, F, B> {
+    enum State<S, F, B, RB> {
         Buffering {
             fut: BufferFuture<B>,
             parts: Option<Parts>,
             caller: Option<String>,
             svc: Option<S>,
+            count_svc: Option<S>,
         },
         Admitting {
             charge: Option<Charge>,
@@ -90,6 +95,10 @@ pin_project! {
             svc: Option<S>,
             // The wait for the budget, as the request's deadline bounds it.
             wait: Wait,
+            // Cache-aware admission (see `prefix.rs`).
+            prefix: PrefixWait,
+            // The `count_tokens` mode (see `count.rs`).
+            count: Counting<S, F, B, RB>,
         },
         Readying {
             held: Held,
@@ -111,13 +120,20 @@ pin_project! {
     }
 }
 
-impl<S, F, B> State<S, F, B> {
+impl<S, F, B, RB> State<S, F, B, RB> {
     /// An estimated request, to be admitted by the budget.
-    fn admitting(charge: Charge, request: Request<ReplayBody<B>>, svc: S) -> Self {
+    fn admitting(
+        charge: Charge,
+        request: Request<ReplayBody<B>>,
+        svc: S,
+        count: Counting<S, F, B, RB>,
+    ) -> Self {
         State::Admitting {
+            count,
             charge: Some(charge),
             admission: Admission::default(),
             wait: Wait::of(request.extensions()),
+            prefix: PrefixWait::default(),
             request: Some(request),
             svc: Some(svc),
         }
@@ -160,6 +176,7 @@ impl Drop for Held {
 impl<S, B> fmt::Debug for ResponseFuture<S, B>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
@@ -180,14 +197,17 @@ where
 impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
 {
-    /// A request whose body must be read first.
+    /// A request whose body must be read first (`count_svc`: a clone of the
+    /// inner service for the `count_tokens` mode, if on).
     pub(crate) fn buffering(
         shared: Arc<Shared>,
         fut: BufferFuture<B>,
         parts: Parts,
         caller: Option<String>,
         svc: S,
+        count_svc: Option<S>,
     ) -> Self {
         Self {
             shared,
@@ -196,6 +216,7 @@ where
                 parts: Some(parts),
                 caller,
                 svc: Some(svc),
+                count_svc,
             },
         }
     }
@@ -219,16 +240,18 @@ where
         }
     }
 
-    /// A request already estimated.
+    /// A request already estimated (`count`: the inner service clone and
+    /// the body for the `count_tokens` mode, if on).
     pub(crate) fn admitting(
         shared: Arc<Shared>,
         charge: Charge,
         request: Request<ReplayBody<B>>,
         svc: S,
+        count: (Option<S>, Option<Bytes>),
     ) -> Self {
         Self {
             shared,
-            state: State::admitting(charge, request, svc),
+            state: State::admitting(charge, request, svc, Counting::new(count.0, count.1)),
         }
     }
 }
@@ -260,14 +283,17 @@ where
                     parts,
                     caller,
                     svc,
+                    count_svc,
                 } => {
                     let buffered = ready!(Pin::new(fut).poll(cx));
                     let (Some(parts), Some(svc)) = (parts.take(), svc.take()) else {
                         polled_after_completion();
                     };
                     match estimated(shared, buffered, parts, caller.as_deref()) {
-                        Ok((request, charge)) => {
-                            this.state.set(State::admitting(charge, request, svc))
+                        Ok((request, charge, body)) => {
+                            let count = Counting::new(count_svc.take(), body);
+                            this.state
+                                .set(State::admitting(charge, request, svc, count))
                         }
                         Err(NotCharged::Error(e)) => {
                             this.state.set(State::Done);
@@ -292,16 +318,35 @@ where
                     request,
                     svc,
                     wait,
+                    prefix,
+                    count,
                 } => {
                     let Some(ch) = charge.as_mut() else {
                         polled_after_completion();
                     };
-                    let admitted = match shared.poll_admit(ch, admission, cx) {
+                    let counter = shared.counter.as_ref();
+                    count.poll(counter, ch, cx);
+                    let polled = match poll_prefix(shared, ch, prefix, cx) {
+                        Poll::Ready(()) => shared.poll_admit(ch, admission, cx),
+                        Poll::Pending => Poll::Pending,
+                    };
+                    let admitted = match polled {
                         Poll::Ready(admitted) => {
                             waited(shared, wait);
                             admitted
                         }
                         Poll::Pending => {
+                            if count.start(counter, ch, request.as_ref()) {
+                                // Polled next, while the request waits.
+                                continue;
+                            }
+                            if let PrefixWait::Candidate(slot) = prefix {
+                                // It would wait anyway: out of line, it waits
+                                // for the writer's response head instead.
+                                *admission = Admission::default();
+                                *prefix = PrefixWait::Holding(Arc::clone(slot));
+                                continue;
+                            }
                             let reached = ready!(wait_deadline(shared, wait, cx));
                             // Not sent: dropping the admission gives back
                             // the place in line; nothing was debited.
@@ -311,6 +356,7 @@ where
                     };
                     match admitted {
                         Ok(()) => {
+                            ch.writing = shared.writers.start(&ch.estimate.cache_writes);
                             let mut request = request.take();
                             let marker = mark(request.as_mut());
                             let next = State::Readying {
@@ -362,6 +408,43 @@ where
             }
         }
     }
+}
+
+/// Cache-aware admission before asking the budget (see `prefix.rs`):
+/// `Pending` while the request holds for a writer's response head.
+fn poll_prefix(
+    shared: &Shared,
+    charge: &mut Charge,
+    state: &mut PrefixWait,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let (slot, holding) = match state {
+        PrefixWait::Done | PrefixWait::Candidate(_) => return Poll::Ready(()),
+        PrefixWait::Unchecked if !prefix::applies(charge) => {
+            *state = PrefixWait::Done;
+            return Poll::Ready(());
+        }
+        PrefixWait::Unchecked => (prefix::Slot::default(), false),
+        PrefixWait::Holding(slot) => (Arc::clone(slot), true),
+    };
+    match shared
+        .writers
+        .poll(&charge.estimate.cache_pending, cx, &slot)
+    {
+        // Only a request that held for the write reads it here; one that
+        // arrives after the writer's head is left to the estimator, which
+        // counts a prefix as a read once a response confirmed the write (a
+        // head alone does not say the server cached it).
+        PrefixState::Readable(tokens) if holding => {
+            prefix::read_prefix(charge, tokens);
+            *state = PrefixWait::Done;
+        }
+        PrefixState::Readable(_) => *state = PrefixWait::Done,
+        PrefixState::Unwritten => *state = PrefixWait::Done,
+        PrefixState::Writing if holding => return Poll::Pending,
+        PrefixState::Writing => *state = PrefixWait::Candidate(slot),
+    }
+    Poll::Ready(())
 }
 
 /// A request stopped waiting for the budget: the wait goes into its
@@ -491,34 +574,39 @@ where
     Poll::Ready(Ok((future, held)))
 }
 
+/// A read request rebuilt around its body, its charge, and its bytes when
+/// the `count_tokens` mode may count it.
+type Estimated<B> = (Request<ReplayBody<B>>, Charge, Option<Bytes>);
+
 /// The request rebuilt around its read body, and its charge from the estimate.
 fn estimated<B>(
     shared: &Shared,
     buffered: Result<Buffered<B>, BoxError>,
     parts: Parts,
     caller: Option<&str>,
-) -> Result<(Request<ReplayBody<B>>, Charge), NotCharged>
+) -> Result<Estimated<B>, NotCharged>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    let (request, estimate) = match buffered {
+    let (request, estimate, bytes) = match buffered {
         Err(e) => return Err(NotCharged::Error(Box::new(Error::Body(e)))),
         Ok(Buffered::Complete(body)) => {
             let estimate = shared.estimator.estimate(&parts, body.bytes());
-            (Request::from_parts(parts, body.replay()), estimate)
+            let bytes = shared.counter.as_ref().map(|_| body.bytes().clone());
+            (Request::from_parts(parts, body.replay()), estimate, bytes)
         }
         Ok(Buffered::TooLarge(body)) => {
             let len = content_length(&parts.headers).or(body.size_hint().exact());
             let estimate = shared.estimator.estimate_unbuffered(&parts, len);
-            (Request::from_parts(parts, body), estimate)
+            (Request::from_parts(parts, body), estimate, None)
         }
     };
     check_model(&estimate).map_err(NotCharged::Error)?;
     let charge = shared
         .charge(caller, estimate)
         .map_err(NotCharged::Refused)?;
-    Ok((request, charge))
+    Ok((request, charge, bytes))
 }
 
 /// Refuses a request whose `model` is longer than any model name, before it
@@ -595,10 +683,19 @@ fn refused(status: StatusCode) -> bool {
 /// wrap the body for settlement.
 fn respond<ResB: Body>(
     shared: &Arc<Shared>,
-    charge: Charge,
+    mut charge: Charge,
     response: Response<ResB>,
 ) -> Response<ResponseBody<ResB>> {
     let status = response.status();
+    if status.is_success() {
+        // Its cache writes are readable from now on.
+        if let Some(writing) = charge.writing.as_mut() {
+            writing.begin();
+        }
+    } else {
+        // Nothing written: requests waiting for it go, charged in full.
+        charge.writing = None;
+    }
     let was_refused = refused(status);
     if was_refused {
         // The server charged nothing for a refused request.

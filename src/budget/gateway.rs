@@ -17,6 +17,7 @@ use tower_service::Service;
 
 use super::callers::CallerRefusal;
 use super::config::KeyExtractor;
+use super::count::HttpResponse;
 use super::enforce::request_id;
 use super::future::ResponseFuture;
 use super::layer::TokenBudgetLayer;
@@ -165,6 +166,7 @@ pin_project! {
     pub struct EnforceFuture<S, B>
     where
         S: Service<Request<ReplayBody<B>>>,
+        S::Response: HttpResponse,
         S::Error: StdError,
         S::Error: Send,
         S::Error: Sync,
@@ -178,6 +180,7 @@ pin_project! {
 impl<S, B> fmt::Debug for EnforceFuture<S, B>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
     S::Error: StdError + Send + Sync + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

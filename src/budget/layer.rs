@@ -10,6 +10,7 @@ use super::config::{
     DEFAULT_LEARN_CONFIRMATIONS, DEFAULT_MAX_KEYS, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUT_QUANTILE,
     OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
 };
+use super::count::CountTokens;
 use super::learn::LearnRules;
 use super::ledger::{InMemoryLedger, Ledger};
 use super::limits::{Limits, OutputMode};
@@ -59,11 +60,19 @@ impl TokenBudgetLayer {
     /// [`Tier`](super::Tier), one [`Limits`](super::Limits) for every class, or a [`LimitsConfig`]),
     /// waiting when over budget, realtime output accounting, the in-memory
     /// ledger, the Anthropic estimator, and 2 % of the input-token limit
-    /// kept free (see [`TokenBudgetBuilder::input_headroom`]).
+    /// kept free (see [`TokenBudgetBuilder::input_headroom`]), and the
+    /// `count_tokens` mode ([`TokenBudgetBuilder::count_tokens`]) at the
+    /// endpoint's rate for the tier given (Tier 1's 100 RPM when no tier is).
     pub fn anthropic(limits: impl Into<LimitsConfig>) -> Self {
+        let limits = limits.into();
+        let count = match limits.tier() {
+            Some(tier) => CountTokens::for_tier(tier),
+            None => CountTokens::for_tier(super::Tier::Tier1),
+        };
         Self::builder()
             .limits(limits)
             .input_headroom(ANTHROPIC_INPUT_HEADROOM)
+            .count_tokens(Some(count))
             .build()
     }
 
@@ -212,6 +221,7 @@ pub struct TokenBudgetBuilder {
     max_keys: usize,
     hooks: Hooks,
     input_headroom: f64,
+    count_tokens: Option<CountTokens>,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -234,6 +244,7 @@ impl Default for TokenBudgetBuilder {
             max_keys: DEFAULT_MAX_KEYS,
             hooks: Hooks::default(),
             input_headroom: 0.0,
+            count_tokens: None,
             learn: LearnRules {
                 floor: Limits::smallest_published(),
                 confirmations: DEFAULT_LEARN_CONFIRMATIONS,
@@ -259,6 +270,7 @@ impl fmt::Debug for TokenBudgetBuilder {
             .field("default_max_tokens", &self.default_max_tokens)
             .field("learn", &self.learn)
             .field("hooks", &self.hooks)
+            .field("count_tokens", &self.count_tokens)
             .finish_non_exhaustive()
     }
 }
@@ -454,6 +466,19 @@ impl TokenBudgetBuilder {
         self
     }
 
+    /// The opt-in `count_tokens` mode (off by default; on in
+    /// [`TokenBudgetLayer::anthropic`]): a request that waits anyway, and is
+    /// estimated at [`CountTokens::min_input_tokens`] or more, is counted
+    /// exactly by the API's free `POST /v1/messages/count_tokens` through
+    /// the same inner service while it waits, paced to the endpoint's own
+    /// rate; answers are kept by body hash. A request that could go now is
+    /// never delayed, and any failure leaves the estimate. See
+    /// [`CountTokens`].
+    pub fn count_tokens(mut self, count: Option<CountTokens>) -> Self {
+        self.count_tokens = count;
+        self
+    }
+
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
         let key_extractor = self.key_extractor;
@@ -474,6 +499,7 @@ impl TokenBudgetBuilder {
             max_keys: self.max_keys,
             hooks: self.hooks,
             input_headroom: self.input_headroom,
+            count_tokens: self.count_tokens,
         };
         let ledger = self
             .ledger

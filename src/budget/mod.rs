@@ -35,6 +35,33 @@
 //!    is counted as generated, `Realtime`). A probe answered without such
 //!    headers ends the holding; one never sent, or whose connection failed,
 //!    hands the role to the next request.
+//!    **Cache-aware admission.** The server makes a prompt-cache entry
+//!    readable only once the first response that writes it has begun, so a
+//!    request sent while its `cache_control` prefix is still being written
+//!    pays that prefix again. The budget knows which prefixes the requests
+//!    in flight write ([`Estimate::cache_writes`](crate::estimate::Estimate::cache_writes))
+//!    and which a request could read once written
+//!    ([`Estimate::cache_pending`](crate::estimate::Estimate::cache_pending)).
+//!    The rule: a request whose pending prefix a request in flight writes
+//!    (sent, response head not yet arrived) goes now at full charge if the
+//!    budget admits it now (it is never delayed); else (it would wait anyway) it
+//!    gives back its place in line, waits for the writer's response head,
+//!    and asks again charged only for what follows the prefix. A writer
+//!    that fails, is refused (any non-2xx) or is cancelled releases it,
+//!    charged in full; its own deadline still bounds the wait. Classes whose
+//!    cache reads count toward ITPM (Haiku 3.5) are never held.
+//!
+//!    **Exact counts.** With the `count_tokens` mode
+//!    ([`TokenBudgetBuilder::count_tokens`], on in
+//!    [`TokenBudgetLayer::anthropic`]), a request estimated at
+//!    [`CountTokens::min_input_tokens`] (1,000) or more that is not admitted
+//!    at once is counted by the API's free `POST /v1/messages/count_tokens`,
+//!    through the same inner service with the request's headers, while it
+//!    waits; it is charged the count minus the tokens expected to be read
+//!    from the prompt cache. Calls are spaced to the endpoint's own
+//!    requests-per-minute limit, answers are kept by body hash, a request
+//!    whose turn comes first goes with its estimate, and any failure leaves
+//!    the estimate.
 //! 3. **Wait or fail.** In [`BudgetMode::Wait`] (the default) requests that
 //!    do not fit wait in a FIFO queue per key: only the head asks the ledger
 //!    and sleeps for the time it named; a settlement that frees capacity
@@ -239,6 +266,7 @@ mod admission;
 pub(crate) mod answer;
 mod callers;
 mod config;
+mod count;
 mod enforce;
 mod future;
 mod gateway;
@@ -250,6 +278,7 @@ mod parse;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+mod prefix;
 mod service;
 mod snapshot;
 mod state;
@@ -257,6 +286,7 @@ mod usage;
 
 pub use callers::{CallerRefusal, Callers};
 pub use config::{BudgetMode, KeyExtractor, LimitsConfig};
+pub use count::{CountTokens, HttpResponse};
 pub use future::ResponseFuture;
 pub use gateway::{
     copy_forwarded_headers, error_response, forward_response, Enforce, EnforceFuture, EnforceLayer,

@@ -92,10 +92,11 @@ where
         };
         // An outer layer that holds the whole body put its bytes here:
         // estimate from them and pass the body through unread.
-        let estimate = parts
-            .extensions
-            .get::<BufferedBytes>()
-            .map(|b| shared.estimator.estimate(&parts, &b.0));
+        let count_svc = shared.counter.as_ref().map(|_| self.inner.clone());
+        let buffered = parts.extensions.get::<BufferedBytes>().map(|b| b.0.clone());
+        let estimate = buffered
+            .as_ref()
+            .map(|b| shared.estimator.estimate(&parts, b));
         match estimate {
             Some(estimate) => {
                 if let Err(e) = check_model(&estimate) {
@@ -106,12 +107,13 @@ where
                     Err(refusal) => return ResponseFuture::refused(shared, refusal),
                 };
                 let request = Request::from_parts(parts, ReplayBody::passthrough(body));
-                ResponseFuture::admitting(shared, charge, request, inner)
+                let count = (count_svc, buffered.filter(|_| shared.counter.is_some()));
+                ResponseFuture::admitting(shared, charge, request, inner, count)
             }
             None => {
                 let limit = shared.settings.buffer_limit;
                 let fut = body::buffer(body, limit);
-                ResponseFuture::buffering(shared, fut, parts, caller, inner)
+                ResponseFuture::buffering(shared, fut, parts, caller, inner, count_svc)
             }
         }
     }

@@ -39,11 +39,13 @@ use tokio::time::{Instant, Sleep};
 use super::admission::{self, Passing, Probe};
 use super::callers::CallerRefusal;
 use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
+use super::count::{CountTokens, Counter};
 use super::learn::{LearnRules, LimitLearner};
 use super::ledger::{
     BucketState, CostDelta, Costs, Ledger, LedgerError, LedgerFuture, Reservation,
 };
 use super::limits::{Limits, ModelClass, OutputMode};
+use super::prefix::{WriteGuard, Writers};
 use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 use crate::estimate::SlidingQuantile;
 use crate::estimate::{Estimate, TokenEstimator};
@@ -76,6 +78,8 @@ pub(crate) struct Settings {
     pub(crate) hooks: crate::observe::Hooks,
     /// The share of the input-token limit kept free in the bucket.
     pub(crate) input_headroom: f64,
+    /// The `count_tokens` mode, if on.
+    pub(crate) count_tokens: Option<CountTokens>,
 }
 
 /// When the map of keys was last swept for idle keys, and its size that
@@ -222,8 +226,12 @@ pub(crate) struct Shared {
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) estimator: Arc<dyn TokenEstimator>,
     keys: Mutex<HashMap<Arc<str>, Arc<KeyCell>>>,
+    /// The `count_tokens` mode, if on.
+    pub(crate) counter: Option<Counter>,
     sweep: Mutex<Sweep>,
     counters: Counters,
+    /// The prompt-cache prefixes being written by requests in flight.
+    pub(crate) writers: Arc<Writers>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -246,6 +254,13 @@ pub(crate) struct Charge {
     pub(crate) estimate: Estimate,
     /// Whether this request is its key's probe of unknown limits.
     probe: bool,
+    /// The prompt-cache prefixes this request writes, while in flight
+    /// (cache-aware admission, `prefix.rs`).
+    pub(crate) writing: Option<WriteGuard>,
+    /// The prefix tokens charged as a read by cache-aware admission.
+    pub(crate) prefix_read: u64,
+    /// The `count_tokens` answer charged, if any (`count.rs`).
+    pub(crate) counted: Option<u64>,
 }
 
 /// Why a request was not admitted.
@@ -490,6 +505,7 @@ impl Shared {
         estimator: Arc<dyn TokenEstimator>,
     ) -> Self {
         Self {
+            counter: settings.count_tokens.map(Counter::new),
             settings,
             ledger,
             estimator,
@@ -499,6 +515,7 @@ impl Shared {
                 next_len: FIRST_SWEEP_LEN,
             }),
             counters: Counters::default(),
+            writers: Arc::default(),
         }
     }
 
@@ -610,6 +627,9 @@ impl Shared {
             },
             estimate,
             probe: false,
+            writing: None,
+            prefix_read: 0,
+            counted: None,
         })
     }
 

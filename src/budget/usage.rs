@@ -289,6 +289,8 @@ impl Tracker {
         if let Some(usage) = observed.as_ref() {
             self.shared.estimator.observe(&self.charge.estimate, usage);
         }
+        // The estimator knows the prefixes it wrote from now on.
+        self.charge.writing = None;
         self.shared.correct(&self.charge, delta, ratio);
         self.shared.settings.hooks.settle(SettleEvent {
             reserved_input_tokens: reserved.input_tokens,

@@ -15,7 +15,7 @@ use super::cache::{Pending, PromptCache, TTL_1H, TTL_5M};
 use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration};
 use super::classes::{Classes, ContentKind, TextModel};
 use super::media;
-use super::{Estimate, TokenEstimator, MAX_MODEL_LEN};
+use super::{CachePrefix, Estimate, TokenEstimator, MAX_MODEL_LEN};
 use crate::headers::content_length;
 use crate::wire::json::{Malformed, Result, Scanner, Span};
 use crate::wire::Usage;
@@ -1244,11 +1244,12 @@ impl AnthropicEstimator {
         let total = total_f.ceil() as u64;
         // A name no model has is estimated, but nothing is remembered for it.
         let storable = model.as_deref().is_none_or(|m| m.len() <= MAX_MODEL_LEN);
-        let cache_read = if w.breakpoints.is_empty() || !storable {
-            0
+        let cache = if w.breakpoints.is_empty() || !storable {
+            CacheUse::default()
         } else {
             self.cache_read(w, &model, &tokens, section_tokens, total)
         };
+        let cache_read = cache.read;
         let raw = total - cache_read;
         let mut text = Classes::default();
         for s in &w.sections {
@@ -1270,6 +1271,8 @@ impl AnthropicEstimator {
             max_tokens: w.max_tokens,
             stream: w.stream,
             fallback: false,
+            cache_writes: cache.writes,
+            cache_pending: cache.pending,
         }
     }
 
@@ -1293,7 +1296,9 @@ impl AnthropicEstimator {
     }
 
     /// The tokens of the longest prefix believed warm in the prompt cache (at
-    /// most `total`); notes the prefixes this request reads and writes.
+    /// most `total`), the prefixes this request writes, and the longer ones
+    /// whose write may be in flight; notes the prefixes this request reads
+    /// and writes.
     fn cache_read(
         &self,
         w: &Walk<'_, '_>,
@@ -1301,7 +1306,7 @@ impl AnthropicEstimator {
         tokens: &dyn Fn(&Tally) -> f64,
         section_tokens: [f64; 3],
         total: u64,
-    ) -> u64 {
+    ) -> CacheUse {
         let cands = cache_candidates(w);
         let checkpoints: Vec<(Section, usize)> =
             cands.iter().map(|(s, b, _)| (*s, b.end)).collect();
@@ -1325,12 +1330,29 @@ impl AnthropicEstimator {
             cache_read = (p.floor() as u64).min(total);
             tracing::trace!(cache_read, "prompt cache prefix believed warm");
         }
+        // Sent by an earlier request, not yet confirmed: checked before this
+        // request marks its own breakpoints as sent.
+        let mut pending: Vec<CachePrefix> = Vec::new();
+        for ((sec, b, _), &key) in cands.iter().zip(&hashes) {
+            let tokens = (prefix(*sec, b).floor() as u64).min(total);
+            if tokens > cache_read
+                && cache.is_unconfirmed(key, now)
+                && pending.iter().all(|p| p.hash != key)
+            {
+                pending.push(CachePrefix { hash: key, tokens });
+            }
+        }
+        pending.sort_by_key(|p| std::cmp::Reverse(p.tokens));
         let mut written = Vec::new();
+        let mut writes = Vec::new();
         for ((sec, b, ttl), &key) in cands.iter().zip(&hashes) {
             if let Some(ttl) = ttl {
-                if prefix(*sec, b) >= self.config.cache_min_tokens as f64 {
+                let p = prefix(*sec, b);
+                if p >= self.config.cache_min_tokens as f64 {
                     cache.sent(key, *ttl, now);
                     written.push((key, *ttl));
+                    let tokens = (p.floor() as u64).min(total);
+                    writes.push(CachePrefix { hash: key, tokens });
                 }
             }
         }
@@ -1344,8 +1366,23 @@ impl AnthropicEstimator {
                 at: now,
             });
         }
-        cache_read
+        CacheUse {
+            read: cache_read,
+            writes,
+            pending,
+        }
     }
+}
+
+/// A request's use of the prompt cache, as estimated.
+#[derive(Debug, Default)]
+struct CacheUse {
+    /// The tokens of the longest prefix believed warm.
+    read: u64,
+    /// The prefixes its breakpoints write.
+    writes: Vec<CachePrefix>,
+    /// Longer prefixes whose write may be in flight, longest first.
+    pending: Vec<CachePrefix>,
 }
 
 /// Where a cached prefix may end: each breakpoint (with its lifetime), the

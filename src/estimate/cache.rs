@@ -87,6 +87,14 @@ impl PromptCache {
             .is_some_and(|e| e.confirmed && e.alive(now))
     }
 
+    /// Whether `key` was sent with a breakpoint, is within its lifetime, and
+    /// no response confirmed it yet: its write may still be in flight.
+    pub(crate) fn is_unconfirmed(&self, key: u64, now: Instant) -> bool {
+        self.entries
+            .get(&key)
+            .is_some_and(|e| !e.confirmed && e.alive(now))
+    }
+
     /// A read refreshes the server's lifetime of the entry.
     pub(crate) fn touch(&mut self, key: u64, now: Instant) {
         if let Some(e) = self.entries.get_mut(&key) {

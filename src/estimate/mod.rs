@@ -88,6 +88,27 @@ pub struct Estimate {
     /// not an object, or too large to buffer) and the estimate is a
     /// conservative bound from its byte length.
     pub fallback: bool,
+    /// The prefixes this request asks the server to cache: one per
+    /// `cache_control` breakpoint whose prefix is long enough to be cached.
+    /// The budget marks them as being written while the request is in flight
+    /// (see cache-aware admission in [`budget`](crate::budget)).
+    pub cache_writes: Vec<CachePrefix>,
+    /// Prefixes of this request longer than the one counted in
+    /// `cache_read_tokens` that an earlier request sent with a breakpoint and
+    /// no response has confirmed yet: their write may still be in flight.
+    /// Longest first.
+    pub cache_pending: Vec<CachePrefix>,
+}
+
+/// A request prefix that ends where the prompt cache may hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CachePrefix {
+    /// A keyed hash of the prefix and the model (keyed per estimator: two
+    /// estimators give the same prefix different hashes).
+    pub hash: u64,
+    /// The input tokens of the whole prefix, as estimated (before
+    /// calibration).
+    pub tokens: u64,
 }
 
 /// Estimates what a request will cost before it is sent.

@@ -1,0 +1,281 @@
+//! Cache-aware admission: a request that would wait anyway holds for the
+//! prompt-cache prefix a request in flight is writing, and is then charged
+//! only for what follows the prefix.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tower::util::BoxCloneService;
+use tower::{Layer, Service, ServiceExt};
+use tower_llm_limits::body::ReplayBody;
+use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+use tower_llm_limits::estimate::{CachePrefix, Estimate, TokenEstimator};
+use tower_llm_limits::{BoxError, Dimension};
+
+const MODEL: &str = "claude-sonnet-4-5";
+const KEY: &str = "sonnet-4";
+/// The prefix both requests share, and its tokens.
+const PREFIX: u64 = 7;
+const PREFIX_TOKENS: u64 = 5_000;
+
+type ResBody = UnsyncBoxBody<Bytes, Infallible>;
+type Upstream = BoxCloneService<Request<ReplayBody<Full<Bytes>>>, Response<ResBody>, BoxError>;
+
+/// Reads the estimate from the body: `input` (uncached tokens), `writes` and
+/// `pending` (`[[hash, tokens]]`).
+#[derive(Debug, Default)]
+struct JsonEstimator;
+
+fn prefixes(v: &serde_json::Value) -> Vec<CachePrefix> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| CachePrefix {
+                    hash: p[0].as_u64().unwrap_or(0),
+                    tokens: p[1].as_u64().unwrap_or(0),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl TokenEstimator for JsonEstimator {
+    fn estimate(&self, _parts: &Parts, body: &[u8]) -> Estimate {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let input = v["input"].as_u64().unwrap_or(0);
+        Estimate {
+            model: Some(MODEL.to_owned()),
+            input_tokens: input,
+            raw_input_tokens: input,
+            max_tokens: Some(10),
+            cache_writes: prefixes(&v["writes"]),
+            cache_pending: prefixes(&v["pending"]),
+            ..Estimate::default()
+        }
+    }
+
+    fn estimate_unbuffered(&self, _parts: &Parts, len: Option<u64>) -> Estimate {
+        Estimate {
+            input_tokens: len.unwrap_or(0),
+            raw_input_tokens: len.unwrap_or(0),
+            fallback: true,
+            ..Estimate::default()
+        }
+    }
+}
+
+/// What the upstream saw: the request's name and when.
+type Log = Arc<Mutex<Vec<(String, Instant)>>>;
+
+/// Answers after `delay_ms` (the response head), with `status` (200 by
+/// default) and a usage: `input` minus `read` uncached, `read` from cache.
+fn upstream(log: Log) -> Upstream {
+    BoxCloneService::new(tower::service_fn(
+        move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let log = Arc::clone(&log);
+            async move {
+                let bytes = req.into_body().collect().await?.to_bytes();
+                let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+                let name = v["name"].as_str().unwrap_or("").to_owned();
+                log.lock().unwrap().push((name, Instant::now()));
+                let delay = v["delay_ms"].as_u64().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                let status = v["status"].as_u64().unwrap_or(200) as u16;
+                let input = v["input"].as_u64().unwrap_or(0);
+                let read = v["read"].as_u64().unwrap_or(0);
+                let body = format!(
+                    r#"{{"type":"message","usage":{{"input_tokens":{},"cache_read_input_tokens":{read},"output_tokens":1}}}}"#,
+                    input.saturating_sub(read)
+                );
+                let body = Full::new(Bytes::from(body))
+                    .map_err(|e: Infallible| match e {})
+                    .boxed_unsync();
+                let mut response = Response::new(body);
+                *response.status_mut() = StatusCode::from_u16(status)?;
+                Ok::<_, BoxError>(response)
+            }
+        },
+    ))
+}
+
+fn layer() -> TokenBudgetLayer {
+    TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10_000).itpm(10_000).otpm(1_000_000))
+        .estimator(Arc::new(JsonEstimator))
+        .build()
+}
+
+fn request(json: serde_json::Value) -> Request<Full<Bytes>> {
+    let mut json = json;
+    json["model"] = MODEL.into();
+    json["max_tokens"] = 10.into();
+    json["messages"] = serde_json::json!([]);
+    Request::post("http://localhost/v1/messages")
+        .body(Full::new(Bytes::from(json.to_string())))
+        .unwrap()
+}
+
+/// The writer: 6,000 input tokens, writes the prefix, its response head
+/// arrives after `delay_ms` with `status`.
+fn writer(delay_ms: u64, status: u16) -> Request<Full<Bytes>> {
+    request(serde_json::json!({
+        "name": "writer", "input": 6_000, "delay_ms": delay_ms, "status": status,
+        "writes": [[PREFIX, PREFIX_TOKENS]],
+    }))
+}
+
+/// A request of `input` uncached tokens (as estimated) whose prefix the
+/// writer is writing.
+fn reader(input: u64) -> Request<Full<Bytes>> {
+    request(serde_json::json!({
+        "name": "reader", "input": input, "read": PREFIX_TOKENS,
+        "pending": [[PREFIX, PREFIX_TOKENS]],
+    }))
+}
+
+fn remaining_input(layer: &TokenBudgetLayer) -> f64 {
+    layer
+        .snapshot()
+        .key(KEY)
+        .and_then(|k| k.dimension(Dimension::InputTokens).remaining)
+        .unwrap_or(f64::NAN)
+}
+
+fn sent_at(log: &Log, name: &str) -> Option<Duration> {
+    let log = log.lock().unwrap();
+    let first = log.first()?.1;
+    log.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, at)| *at - first)
+}
+
+async fn send(
+    svc: impl Service<Request<Full<Bytes>>, Response = Response<impl http_body::Body>, Error = BoxError>,
+    req: Request<Full<Bytes>>,
+) -> Result<(), BoxError> {
+    let resp = svc.oneshot(req).await?;
+    let _ = resp.into_body().collect().await;
+    Ok(())
+}
+
+/// A request that would wait for input-token room holds for the writer's
+/// response head, then goes charged only for what follows the prefix:
+/// sent when the head arrives (1 s), not when 6,000 tokens refilled (12 s).
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_reads_the_prefix_being_written() {
+    let log = Log::default();
+    let layer = layer();
+    let svc = layer.layer(upstream(Arc::clone(&log)));
+    let w = tokio::spawn(send(svc.clone(), writer(1_000, 200)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let r = tokio::spawn(send(svc.clone(), reader(6_000)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Held out of line, nothing reserved for it.
+    assert_eq!(sent_at(&log, "reader"), None);
+    let input = remaining_input(&layer);
+    assert!((4_000.0..4_200.0).contains(&input), "{input}");
+    w.await.unwrap().unwrap();
+    r.await.unwrap().unwrap();
+    let at = sent_at(&log, "reader").expect("the reader was sent");
+    assert!(
+        at >= Duration::from_millis(1_000) && at < Duration::from_millis(1_100),
+        "{at:?}"
+    );
+    // Charged 1,000 (then settled at the 1,000 the server counted): about
+    // 4,000 + 1 s of refill (167) - 1,000 left.
+    let input = remaining_input(&layer);
+    assert!((3_100.0..3_300.0).contains(&input), "{input}");
+}
+
+/// A request that fits now at full charge goes now: the writer in flight
+/// does not hold it.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_fits_now_is_not_held() {
+    let log = Log::default();
+    let layer = layer();
+    let svc = layer.layer(upstream(Arc::clone(&log)));
+    let w = tokio::spawn(send(svc.clone(), writer(5_000, 200)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut slow = reader(3_000);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&slow.body().clone().collect().await.unwrap().to_bytes()).unwrap();
+    json["delay_ms"] = 1_000.into();
+    *slow.body_mut() = Full::new(Bytes::from(json.to_string()));
+    let r = tokio::spawn(send(svc.clone(), slow));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let at = sent_at(&log, "reader").expect("sent at once");
+    assert!(at <= Duration::from_millis(10), "{at:?}");
+    // Charged in full: 10,000 - 6,000 - 3,000 (+ a little refill).
+    let input = remaining_input(&layer);
+    assert!((1_000.0..1_100.0).contains(&input), "{input}");
+    w.await.unwrap().unwrap();
+    r.await.unwrap().unwrap();
+}
+
+/// A writer answered with an error status releases the request holding for
+/// it, which is then charged in full: it goes when 6,000 tokens fit.
+#[tokio::test(start_paused = true)]
+async fn a_failed_writer_releases_the_waiter_in_full() {
+    let log = Log::default();
+    let layer = layer();
+    let svc = layer.layer(upstream(Arc::clone(&log)));
+    let w = tokio::spawn(send(svc.clone(), writer(1_000, 500)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let r = tokio::spawn(send(svc.clone(), reader(6_000)));
+    w.await.unwrap().unwrap();
+    r.await.unwrap().unwrap();
+    let at = sent_at(&log, "reader").expect("the reader was sent");
+    // 4,000 left at 0 s; 2,000 more refill in 12 s.
+    assert!(at >= Duration::from_secs(11), "{at:?}");
+}
+
+/// A writer cancelled before its response head releases the waiter, charged
+/// in full; the waiter holding out of line loses nothing and its own
+/// cancellation leaves no reservation.
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_writer_releases_the_waiter_in_full() {
+    let log = Log::default();
+    let layer = layer();
+    let svc = layer.layer(upstream(Arc::clone(&log)));
+    let w = tokio::spawn(send(svc.clone(), writer(60_000, 200)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let r = tokio::spawn(send(svc.clone(), reader(6_000)));
+    let gone = tokio::spawn(send(svc.clone(), reader(6_000)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gone.abort();
+    assert!(gone.await.unwrap_err().is_cancelled());
+    w.abort();
+    assert!(w.await.unwrap_err().is_cancelled());
+    r.await.unwrap().unwrap();
+    let at = sent_at(&log, "reader").expect("the reader was sent");
+    // The writer's 6,000 stay charged (it was sent); the reader waits for
+    // its full 6,000 to fit: 12 s of refill.
+    assert!(at >= Duration::from_secs(11), "{at:?}");
+    assert_eq!(layer.snapshot().key(KEY).unwrap().waiting, 0);
+}
+
+/// A request that arrives after the writer's response head is not charged
+/// as a read by the budget (the estimator does so once a response confirmed
+/// the write): charged in full, it waits for 6,000 tokens of room.
+#[tokio::test(start_paused = true)]
+async fn a_request_after_the_writers_head_is_charged_in_full() {
+    let log = Log::default();
+    let layer = layer();
+    let svc = layer.layer(upstream(Arc::clone(&log)));
+    // Hold the writer's body unread: its response has begun.
+    let resp = svc.clone().oneshot(writer(100, 200)).await.unwrap();
+    let r = tokio::spawn(send(svc.clone(), reader(6_000)));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(sent_at(&log, "reader"), None);
+    drop(resp);
+    r.await.unwrap().unwrap();
+    let at = sent_at(&log, "reader").expect("the reader was sent");
+    assert!(at >= Duration::from_secs(11), "{at:?}");
+}
