@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::Semaphore;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetLayer};
+use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetBuilder};
 use tower_llm_limits::clock::WallClock;
 use tower_llm_limits::estimate::{AnthropicEstimator, Estimate, TokenEstimator};
 use tower_llm_limits::preset::LimitsLayer;
@@ -376,7 +376,8 @@ impl TokenEstimator for Recording {
     }
 }
 
-/// (d) This crate: `LimitsLayer::anthropic(limits)`, its budget given the
+/// (d) This crate: `LimitsLayer::anthropic(limits)`, its budget
+/// (`TokenBudgetBuilder::anthropic`, every setting of the preset's) given the
 /// recording estimator (the same `AnthropicEstimator` the preset uses).
 ///
 /// # Errors
@@ -396,8 +397,7 @@ pub fn crate_stack(
     } else {
         LimitsConfig::from(Limits::new().rpm(args.rpm).itpm(args.itpm).otpm(args.otpm))
     };
-    let budget = TokenBudgetLayer::builder()
-        .limits(limits.clone())
+    let budget = TokenBudgetBuilder::anthropic(limits.clone())
         .output_mode(if args.reserve_mode() {
             OutputMode::Reserve
         } else {

@@ -64,16 +64,7 @@ impl TokenBudgetLayer {
     /// `count_tokens` mode ([`TokenBudgetBuilder::count_tokens`]) at the
     /// endpoint's rate for the tier given (Tier 1's 100 RPM when no tier is).
     pub fn anthropic(limits: impl Into<LimitsConfig>) -> Self {
-        let limits = limits.into();
-        let count = match limits.tier() {
-            Some(tier) => CountTokens::for_tier(tier),
-            None => CountTokens::for_tier(super::Tier::Tier1),
-        };
-        Self::builder()
-            .limits(limits)
-            .input_headroom(ANTHROPIC_INPUT_HEADROOM)
-            .count_tokens(Some(count))
-            .build()
+        TokenBudgetBuilder::anthropic(limits).build()
     }
 
     /// A gateway budget: each of `callers` (see [`Callers`](super::Callers): authenticated
@@ -272,6 +263,36 @@ impl fmt::Debug for TokenBudgetBuilder {
             .field("hooks", &self.hooks)
             .field("count_tokens", &self.count_tokens)
             .finish_non_exhaustive()
+    }
+}
+
+impl TokenBudgetBuilder {
+    /// The builder of [`TokenBudgetLayer::anthropic`]: every setting of that
+    /// budget (the limits, 2 % of the input-token limit kept free, the
+    /// `count_tokens` mode at the tier's rate), to change one and keep the
+    /// rest.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::budget::{OutputMode, Tier, TokenBudgetBuilder};
+    ///
+    /// // The preset's budget, for a server that reserves `max_tokens`.
+    /// let budget = TokenBudgetBuilder::anthropic(Tier::Tier2)
+    ///     .output_mode(OutputMode::Reserve)
+    ///     .build();
+    /// # let _ = budget;
+    /// ```
+    pub fn anthropic(limits: impl Into<LimitsConfig>) -> Self {
+        let limits = limits.into();
+        let count = match limits.tier() {
+            Some(tier) => CountTokens::for_tier(tier),
+            None => CountTokens::for_tier(super::Tier::Tier1),
+        };
+        TokenBudgetLayer::builder()
+            .limits(limits)
+            .input_headroom(ANTHROPIC_INPUT_HEADROOM)
+            .count_tokens(Some(count))
     }
 }
 
