@@ -281,6 +281,44 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
         sync: LimitStatus,
     ) -> LedgerFuture<()>;
 
+    /// Aligns the key's three buckets with one response's headers at once:
+    /// `statuses` in [`Dimension::ALL`] order (requests, input tokens, output
+    /// tokens), each as [`Ledger::sync`] takes it; an empty status
+    /// ([`LimitStatus::is_empty`]) leaves its bucket alone.
+    ///
+    /// The budget calls this once per response. The default implementation
+    /// calls [`Ledger::sync`] for each non-empty status, in order, and
+    /// answers the first error once all of them have run; a ledger that can
+    /// apply all three under one lock (or in one round trip) should override
+    /// it.
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        let mut first_error = None;
+        let mut pending = Vec::new();
+        for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
+            if status.is_empty() {
+                continue;
+            }
+            match self.sync(key, limits, dimension, status).into_ready() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(op) => pending.push(op),
+            }
+        }
+        if pending.is_empty() {
+            return LedgerFuture::ready(first_error.map_or(Ok(()), Err));
+        }
+        LedgerFuture::new(async move {
+            for op in pending {
+                if let Err(e) = op.await {
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
+
     /// The state of the key's three buckets (requests, input, output), if the
     /// key is known: a snapshot.
     ///
@@ -846,6 +884,60 @@ impl Bucket {
     }
 }
 
+impl Bucket {
+    /// What [`Ledger::sync`] does to one bucket (see [`InMemoryLedger`]'s
+    /// docs): learns the reported limit, lowers the level to the server's.
+    fn sync(
+        &mut self,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitStatus,
+        now: Instant,
+        window_nanos: u128,
+    ) {
+        match sync.limit {
+            // A server never advertises a zero limit; taking a garbled
+            // header for one would refuse every request for ever.
+            Some(0) | None => {}
+            Some(limit) => {
+                if self.learned != Some(limit) {
+                    tracing::debug!(%dimension, limit, "ledger learned a limit from the server");
+                }
+                self.learned = Some(limit);
+            }
+        }
+        let Some((limit, _)) = self.limit(configured(limits, dimension)) else {
+            return;
+        };
+        let capacity = capacity_units(limit, window_nanos);
+        self.refill(limit, capacity, now);
+        let (server, tolerance) = match (sync.remaining, sync.reset_in) {
+            (Some(remaining), _) => {
+                let rounded = dimension != Dimension::Requests && remaining % 1_000 == 0;
+                let tolerance = if rounded { TOKEN_ROUNDING_TOLERANCE } else { 0 };
+                (units(remaining), units(tolerance))
+            }
+            (None, Some(reset_in)) => {
+                // Full at `reset_in` means `capacity - reset_in * rate` now.
+                let refill = reset_in.as_nanos().saturating_mul(u128::from(limit));
+                let implied = capacity.saturating_sub(clamp_i128(refill)).max(0);
+                let tolerance = clamp_i128(RESET_PRECISION_NANOS.saturating_mul(u128::from(limit)));
+                (implied, tolerance)
+            }
+            (None, None) => return,
+        };
+        if self.level > server.saturating_add(tolerance) {
+            tracing::debug!(
+                %dimension,
+                ledger = to_tokens(self.level),
+                server = to_tokens(server),
+                "ledger lowered to the server's remaining"
+            );
+            self.level = server;
+        }
+    }
+}
+
 fn clamp_i128(value: u128) -> i128 {
     i128::try_from(value).unwrap_or(i128::MAX)
 }
@@ -1000,47 +1092,35 @@ impl InMemoryLedger {
         let window_nanos = self.window_nanos;
         self.with_key(key, true, now, |state| {
             state.touch(now);
-            let bucket = &mut state.buckets[index(dimension)];
-            match sync.limit {
-                // A server never advertises a zero limit; taking a garbled
-                // header for one would refuse every request for ever.
-                Some(0) | None => {}
-                Some(limit) => {
-                    if bucket.learned != Some(limit) {
-                        tracing::debug!(%dimension, limit, "ledger learned a limit from the server");
-                    }
-                    bucket.learned = Some(limit);
+            state.buckets[index(dimension)].sync(limits, dimension, sync, now, window_nanos);
+        });
+    }
+
+    /// [`Ledger::sync_all`] at `now` on tokio's clock: the three buckets
+    /// under one lock. Creates the key only if some status is not empty.
+    pub fn sync_all_at(
+        &self,
+        key: &str,
+        limits: &Limits,
+        statuses: [LimitStatus; 3],
+        now: Instant,
+    ) {
+        if statuses.iter().all(LimitStatus::is_empty) {
+            return;
+        }
+        let window_nanos = self.window_nanos;
+        self.with_key(key, true, now, |state| {
+            state.touch(now);
+            for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
+                if !status.is_empty() {
+                    state.buckets[index(dimension)].sync(
+                        limits,
+                        dimension,
+                        status,
+                        now,
+                        window_nanos,
+                    );
                 }
-            }
-            let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
-                return;
-            };
-            let capacity = capacity_units(limit, window_nanos);
-            bucket.refill(limit, capacity, now);
-            let (server, tolerance) = match (sync.remaining, sync.reset_in) {
-                (Some(remaining), _) => {
-                    let rounded = dimension != Dimension::Requests && remaining % 1_000 == 0;
-                    let tolerance = if rounded { TOKEN_ROUNDING_TOLERANCE } else { 0 };
-                    (units(remaining), units(tolerance))
-                }
-                (None, Some(reset_in)) => {
-                    // Full at `reset_in` means `capacity - reset_in * rate` now.
-                    let refill = reset_in.as_nanos().saturating_mul(u128::from(limit));
-                    let implied = capacity.saturating_sub(clamp_i128(refill)).max(0);
-                    let tolerance =
-                        clamp_i128(RESET_PRECISION_NANOS.saturating_mul(u128::from(limit)));
-                    (implied, tolerance)
-                }
-                (None, None) => return,
-            };
-            if bucket.level > server.saturating_add(tolerance) {
-                tracing::debug!(
-                    %dimension,
-                    ledger = to_tokens(bucket.level),
-                    server = to_tokens(server),
-                    "ledger lowered to the server's remaining"
-                );
-                bucket.level = server;
             }
         });
     }
@@ -1097,6 +1177,11 @@ impl Ledger for InMemoryLedger {
         sync: LimitStatus,
     ) -> LedgerFuture<()> {
         self.sync_at(key, limits, dimension, sync, Instant::now());
+        LedgerFuture::ready(Ok(()))
+    }
+
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        self.sync_all_at(key, limits, statuses, Instant::now());
         LedgerFuture::ready(Ok(()))
     }
 

@@ -1021,21 +1021,10 @@ impl Shared {
                 tracing::debug!(key = super::callers::logged_key(&charge.key), rule = ?ks.output_rule, "budget: limits learned from the probe");
             }
         }
-        let mut last = None;
-        for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
-            if status == LimitStatus::default() {
-                continue;
-            }
-            if let Some(op) = last.take() {
-                self.run(charge, op, false);
-            }
-            last = Some(
-                self.ledger
-                    .sync(&charge.key, &charge.limits, dimension, status),
-            );
-        }
-        if let Some(op) = last {
-            // The head's turn comes once the last dimension is synced.
+        if !statuses.iter().all(LimitStatus::is_empty) {
+            // All three dimensions in one ledger operation (one lock for the
+            // in-memory ledger); the head's turn comes once it is done.
+            let op = self.ledger.sync_all(&charge.key, &charge.limits, statuses);
             self.run(charge, op, true);
         }
         self.end_probe(charge, Probe::Off);
