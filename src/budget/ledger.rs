@@ -133,9 +133,12 @@
 //!   [`InMemoryLedger::evict_idle`] and [`InMemoryLedger::remove`] do it on
 //!   demand.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::hash::BuildHasher;
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
@@ -624,18 +627,44 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// ```
 pub struct InMemoryLedger {
     window_nanos: u128,
-    keys: RwLock<HashMap<Arc<str>, Mutex<KeyState>>>,
-    /// When idle keys were last swept, and the number of keys that calls
-    /// for the next sweep.
-    sweep: Mutex<(Instant, usize)>,
+    /// The keys in [`SHARDS`] shards with a lock each: a sweep of idle keys
+    /// locks one shard at a time, so no operation waits for work over all
+    /// keys.
+    shards: Box<[RwLock<Shard>]>,
+    hasher: RandomState,
+    /// When every shard was last swept of idle keys.
+    swept_at: Mutex<Instant>,
 }
+
+/// One shard of the map of keys. A key's state is boxed: the map's spare
+/// capacity then costs a pointer per slot, not a whole state.
+struct Shard {
+    keys: HashMap<Arc<str>, Box<Mutex<KeyState>>>,
+    /// The number of keys in this shard that calls for its next sweep.
+    next_len: usize,
+}
+
+/// How many shards the ledger's map of keys has.
+const SHARDS: usize = 16;
 
 /// How long a key of an [`InMemoryLedger`] stays unused (and full) before a
 /// new key's first operation forgets it.
 pub const AUTO_EVICT_IDLE: Duration = Duration::from_secs(10 * 60);
 
-/// The number of keys at which the ledger first sweeps idle keys.
-const FIRST_SWEEP_LEN: usize = 1_024;
+/// The number of keys in one shard at which the ledger first sweeps it of
+/// idle keys (then twice its size after each sweep).
+const FIRST_SWEEP_LEN: usize = 64;
+
+fn new_shards() -> Box<[RwLock<Shard>]> {
+    (0..SHARDS)
+        .map(|_| {
+            RwLock::new(Shard {
+                keys: HashMap::new(),
+                next_len: FIRST_SWEEP_LEN,
+            })
+        })
+        .collect()
+}
 
 impl fmt::Debug for InMemoryLedger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -658,8 +687,9 @@ impl InMemoryLedger {
     pub fn new() -> Self {
         InMemoryLedger {
             window_nanos: MINUTE.as_nanos(),
-            keys: RwLock::new(HashMap::new()),
-            sweep: Mutex::new((Instant::now(), FIRST_SWEEP_LEN)),
+            shards: new_shards(),
+            hasher: RandomState::new(),
+            swept_at: Mutex::new(Instant::now()),
         }
     }
 
@@ -683,8 +713,9 @@ impl InMemoryLedger {
         }
         Ok(InMemoryLedger {
             window_nanos: window.as_nanos(),
-            keys: RwLock::new(HashMap::new()),
-            sweep: Mutex::new((Instant::now(), FIRST_SWEEP_LEN)),
+            shards: new_shards(),
+            hasher: RandomState::new(),
+            swept_at: Mutex::new(Instant::now()),
         })
     }
 
@@ -696,18 +727,18 @@ impl InMemoryLedger {
 
     /// The number of keys held.
     pub fn len(&self) -> usize {
-        self.read_keys().len()
+        self.shards.iter().map(|s| read(s).keys.len()).sum()
     }
 
     /// Whether no key is held.
     pub fn is_empty(&self) -> bool {
-        self.read_keys().is_empty()
+        self.shards.iter().all(|s| read(s).keys.is_empty())
     }
 
     /// Forgets a key (its buckets and its learned limits). Returns whether it
     /// was held. The next operation on the key starts with full buckets.
     pub fn remove(&self, key: &str) -> bool {
-        self.write_keys().remove(key).is_some()
+        write(self.shard(key)).keys.remove(key).is_some()
     }
 
     /// Forgets every key that has not been used for at least `idle` before
@@ -721,31 +752,33 @@ impl InMemoryLedger {
     /// (minutes) where limits are learned rather than configured.
     pub fn evict_idle(&self, now: Instant, idle: Duration) -> usize {
         let window_nanos = self.window_nanos;
-        evict_from(&mut self.write_keys(), now, idle, window_nanos)
+        // One shard at a time: operations on the others go on meanwhile.
+        self.shards
+            .iter()
+            .map(|s| evict_from(&mut write(s), now, idle, window_nanos))
+            .sum()
     }
 
-    /// After a new key: evicts keys idle for [`AUTO_EVICT_IDLE`] when the
-    /// number of keys doubled since the last sweep, or half that time passed.
-    fn sweep_if_due(&self, keys: &mut HashMap<Arc<str>, Mutex<KeyState>>, now: Instant) {
-        let mut sweep = self.sweep.lock().unwrap_or_else(|e| e.into_inner());
-        let by_time = now.saturating_duration_since(sweep.0) >= AUTO_EVICT_IDLE / 2;
-        if keys.len() < sweep.1 && !by_time {
-            return;
+    fn shard(&self, key: &str) -> &RwLock<Shard> {
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        &self.shards[i]
+    }
+
+    /// After a new key: sweeps its shard of keys idle for
+    /// [`AUTO_EVICT_IDLE`] when the shard doubled since its last sweep, and
+    /// every shard, one at a time, when half that time passed.
+    fn sweep_if_due(&self, now: Instant) {
+        let due = {
+            let mut at = self.swept_at.lock().unwrap_or_else(|e| e.into_inner());
+            let due = now.saturating_duration_since(*at) >= AUTO_EVICT_IDLE / 2;
+            if due {
+                *at = now;
+            }
+            due
+        };
+        if due {
+            self.evict_idle(now, AUTO_EVICT_IDLE);
         }
-        evict_from(keys, now, AUTO_EVICT_IDLE, self.window_nanos);
-        // A map that shrank to a quarter gives its memory back.
-        if keys.capacity() > 4 * keys.len().max(16) {
-            keys.shrink_to_fit();
-        }
-        *sweep = (now, keys.len().saturating_mul(2).max(FIRST_SWEEP_LEN));
-    }
-
-    fn read_keys(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Mutex<KeyState>>> {
-        self.keys.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write_keys(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Mutex<KeyState>>> {
-        self.keys.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` on the key's state, creating the key first if `create`.
@@ -757,9 +790,10 @@ impl InMemoryLedger {
         now: Instant,
         f: impl FnOnce(&mut KeyState) -> R,
     ) -> Option<R> {
+        let shard = self.shard(key);
         {
-            let keys = self.read_keys();
-            if let Some(state) = keys.get(key) {
+            let keys = read(shard);
+            if let Some(state) = keys.keys.get(key) {
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
                 return Some(f(&mut state));
             }
@@ -767,26 +801,38 @@ impl InMemoryLedger {
         if !create {
             return None;
         }
-        let mut keys = self.write_keys();
-        if !keys.contains_key(key) {
-            self.sweep_if_due(&mut keys, now);
+        let (answer, created) = {
+            let mut shard = write(shard);
+            let created = !shard.keys.contains_key(key);
+            if created && shard.keys.len() + 1 >= shard.next_len {
+                evict_from(&mut shard, now, AUTO_EVICT_IDLE, self.window_nanos);
+            }
+            let state = shard
+                .keys
+                .entry(Arc::from(key))
+                .or_insert_with(|| Box::new(Mutex::new(KeyState::new(now))));
+            let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
+            (f(state), created)
+        };
+        if created {
+            self.sweep_if_due(now);
         }
-        let state = keys
-            .entry(Arc::from(key))
-            .or_insert_with(|| Mutex::new(KeyState::new(now)));
-        let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
-        Some(f(state))
+        Some(answer)
     }
+}
+
+fn read(shard: &RwLock<Shard>) -> std::sync::RwLockReadGuard<'_, Shard> {
+    shard.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write(shard: &RwLock<Shard>) -> std::sync::RwLockWriteGuard<'_, Shard> {
+    shard.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Drops the keys unused for `idle` before `now` whose buckets are full
 /// again; returns how many.
-fn evict_from(
-    keys: &mut HashMap<Arc<str>, Mutex<KeyState>>,
-    now: Instant,
-    idle: Duration,
-    window_nanos: u128,
-) -> usize {
+fn evict_from(shard: &mut Shard, now: Instant, idle: Duration, window_nanos: u128) -> usize {
+    let keys = &mut shard.keys;
     let before = keys.len();
     keys.retain(|_, state| {
         let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
@@ -797,6 +843,11 @@ fn evict_from(
     if dropped > 0 {
         tracing::debug!(dropped, kept = keys.len(), "ledger evicted idle keys");
     }
+    // A shard that shrank to a quarter gives its memory back.
+    if keys.capacity() > 4 * keys.len().max(16) {
+        keys.shrink_to_fit();
+    }
+    shard.next_len = shard.keys.len().saturating_mul(2).max(FIRST_SWEEP_LEN);
     dropped
 }
 
@@ -826,6 +877,7 @@ impl KeyState {
         self.buckets.iter().all(|bucket| match bucket.last_limit {
             None => true,
             Some(limit) => {
+                let limit = limit.get();
                 let capacity = capacity_units(limit, window_nanos);
                 let mut copy = *bucket;
                 copy.refill(limit, capacity, now);
@@ -843,17 +895,18 @@ struct Bucket {
     level: i128,
     /// `None` until the bucket first had a limit: it then starts full.
     updated: Option<Instant>,
-    /// The last limit the server reported (`-limit` header).
-    learned: Option<u64>,
-    /// The limit in force at the last operation (for idle eviction).
-    last_limit: Option<u64>,
+    /// The last limit the server reported (`-limit` header; never zero).
+    learned: Option<NonZeroU64>,
+    /// The limit in force at the last operation (for idle eviction; a zero
+    /// limit, whose bucket holds nothing, counts as none).
+    last_limit: Option<NonZeroU64>,
 }
 
 impl Bucket {
     /// The limit in force: the configured one, lowered by a learned one; the
     /// learned one alone; or none. The flag says whether it is the learned one.
     fn limit(&self, configured: Option<u64>) -> Option<(u64, bool)> {
-        match (configured, self.learned) {
+        match (configured, self.learned.map(NonZeroU64::get)) {
             (Some(c), Some(l)) if l < c => Some((l, true)),
             (Some(c), _) => Some((c, false)),
             (None, Some(l)) => Some((l, true)),
@@ -880,7 +933,7 @@ impl Bucket {
                 }
             }
         }
-        self.last_limit = Some(limit);
+        self.last_limit = NonZeroU64::new(limit);
     }
 }
 
@@ -895,16 +948,13 @@ impl Bucket {
         now: Instant,
         window_nanos: u128,
     ) {
-        match sync.limit {
-            // A server never advertises a zero limit; taking a garbled
-            // header for one would refuse every request for ever.
-            Some(0) | None => {}
-            Some(limit) => {
-                if self.learned != Some(limit) {
-                    tracing::debug!(%dimension, limit, "ledger learned a limit from the server");
-                }
-                self.learned = Some(limit);
+        // A server never advertises a zero limit; taking a garbled header
+        // for one would refuse every request for ever.
+        if let Some(limit) = sync.limit.and_then(NonZeroU64::new) {
+            if self.learned != Some(limit) {
+                tracing::debug!(%dimension, limit, "ledger learned a limit from the server");
             }
+            self.learned = Some(limit);
         }
         let Some((limit, _)) = self.limit(configured(limits, dimension)) else {
             return;
