@@ -126,10 +126,10 @@
 //! - It does not know which model or caller a key stands for, nor which
 //!   header maps to which dimension (the combined `anthropic-ratelimit-tokens-*`
 //!   header is the layer's concern, not a fourth bucket here).
-//! - Memory is bounded by the number of keys in use: a key holds about 300
+//! - Memory is bounded by the number of keys in use: a key holds about 220
 //!   bytes, and a key unused for [`AUTO_EVICT_IDLE`] (10 minutes) whose
 //!   buckets are full again is forgotten when a new key arrives (amortized:
-//!   when the number of keys doubled, or at most every 5 minutes).
+//!   when the key's shard of the map doubled, or at most every 5 minutes).
 //!   [`InMemoryLedger::evict_idle`] and [`InMemoryLedger::remove`] do it on
 //!   demand.
 
@@ -551,8 +551,9 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// The default in-memory implementation of [`Ledger`].
 ///
 /// One bucket per (key, dimension), as the module docs describe. Keys live in
-/// a map behind a `RwLock`, each with its own `Mutex`, so operations on
-/// different keys do not wait for each other and an operation on one key
+/// a map split into 16 shards, each behind a `RwLock`, each key with its own
+/// `Mutex`, so operations on different keys do not wait for each other, a
+/// sweep of idle keys locks one shard at a time, and an operation on one key
 /// holds its lock for a few hundred nanoseconds at most (no lock is ever held
 /// across an `.await`: every operation answers at once). A poisoned lock is taken
 /// over (the state it guards is always consistent: every update is a few
@@ -596,13 +597,13 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 ///
 /// # Memory
 ///
-/// Each key holds a small fixed-size state (three buckets, about 300 bytes
-/// with the map's overhead, plus the key). Keys are created by
-/// [`Ledger::reserve`] and [`Ledger::sync`] and stay until
-/// [`InMemoryLedger::remove`] or [`InMemoryLedger::evict_idle`] drops them,
-/// or until a new key's first operation finds them unused for
-/// [`AUTO_EVICT_IDLE`] with full buckets (swept when the number of keys
-/// doubled, or at most every 5 minutes; no background task).
+/// Each key holds a small fixed-size state (three buckets, 176 bytes boxed,
+/// about 220 with the map's overhead, plus the key). Keys are created by
+/// [`Ledger::reserve`], [`Ledger::sync`] and [`Ledger::sync_all`] and stay
+/// until [`InMemoryLedger::remove`] or [`InMemoryLedger::evict_idle`] drops
+/// them, or until a new key's first operation finds them unused for
+/// [`AUTO_EVICT_IDLE`] with full buckets (its shard swept when it doubled,
+/// every shard at most every 5 minutes; no background task).
 ///
 /// # Examples
 ///
