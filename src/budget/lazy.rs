@@ -7,74 +7,105 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::admission::Passing;
 use super::learn::{LearnRules, LimitLearner};
 use crate::queue::{Removed, WaitQueue};
 use crate::Dimension;
 
 /// A key's wait queue, allocated by the first waiter and freed when the
-/// last one leaves (a [`WaitQueue`] with its lanes takes about 180 bytes).
+/// last one leaves (a [`WaitQueue`] with its lanes takes about 180 bytes),
+/// with what requests passing its head have delayed that head.
 ///
 /// The budget never grants (it gives turns), so an empty queue holds no
 /// waiter at all and may be dropped: no waiter keeps an id into it.
 #[derive(Debug, Default)]
-pub(super) struct LazyQueue(Option<Box<WaitQueue>>);
+pub(super) struct LazyQueue(Option<Box<Line>>);
+
+/// A queue that has waiters.
+#[derive(Debug)]
+pub(super) struct Line {
+    queue: WaitQueue,
+    passing: Passing,
+}
 
 impl LazyQueue {
     /// Waiters in line.
     pub(super) fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |q| q.len())
+        self.0.as_ref().map_or(0, |l| l.queue.len())
     }
 
     /// Whether nobody is in line.
     pub(super) fn is_empty(&self) -> bool {
-        self.0.as_ref().is_none_or(|q| q.is_empty())
+        self.0.as_ref().is_none_or(|l| l.queue.is_empty())
     }
 
     /// Puts a new waiter at the back and returns its id.
     pub(super) fn push(&mut self, lane: usize, since: Instant, waker: Option<Waker>) -> usize {
         self.0
-            .get_or_insert_with(|| Box::new(WaitQueue::new(Duration::ZERO)))
+            .get_or_insert_with(|| {
+                Box::new(Line {
+                    queue: WaitQueue::new(Duration::ZERO),
+                    passing: Passing::default(),
+                })
+            })
+            .queue
             .push(lane, since, waker)
     }
 
     /// The id of the waiter to serve next.
     pub(super) fn next(&self) -> Option<usize> {
-        self.0.as_ref().and_then(|q| q.next())
+        self.0.as_ref().and_then(|l| l.queue.next())
     }
 
     /// Whether `id` is the waiter to serve next.
     pub(super) fn is_next(&self, id: usize) -> bool {
-        self.0.as_ref().is_some_and(|q| q.is_next(id))
+        self.0.as_ref().is_some_and(|l| l.queue.is_next(id))
     }
 
     /// See [`WaitQueue::notify_next`].
     pub(super) fn notify_next(&mut self) -> Option<Waker> {
-        self.0.as_mut().and_then(|q| q.notify_next())
+        self.0.as_mut().and_then(|l| l.queue.notify_next())
     }
 
     /// See [`WaitQueue::take_notified`].
     pub(super) fn take_notified(&mut self, id: usize) -> bool {
-        self.0.as_mut().is_some_and(|q| q.take_notified(id))
+        self.0.as_mut().is_some_and(|l| l.queue.take_notified(id))
     }
 
     /// See [`WaitQueue::register`].
     pub(super) fn register(&mut self, id: usize, waker: &Waker) {
-        if let Some(q) = self.0.as_mut() {
-            q.register(id, waker);
+        if let Some(l) = self.0.as_mut() {
+            l.queue.register(id, waker);
         }
     }
 
     /// Takes a waiter out (see [`WaitQueue::remove`]); frees the queue once
     /// nobody is left in it.
     pub(super) fn remove(&mut self, id: usize) -> Removed {
-        let Some(q) = self.0.as_mut() else {
+        let Some(l) = self.0.as_mut() else {
             return Removed::Gone;
         };
-        let removed = q.remove(id);
-        if q.is_empty() {
+        let removed = l.queue.remove(id);
+        if l.queue.is_empty() {
             self.0 = None;
         }
         removed
+    }
+
+    /// Whether a request that delays the head `head` by `delay` may pass it
+    /// now (see [`Passing::allow`]); never with nobody in line.
+    pub(super) fn allow_passing(&mut self, head: usize, delay: Duration) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|l| l.passing.allow(head, delay))
+    }
+
+    /// Gives back a delay counted by [`LazyQueue::allow_passing`] for a
+    /// request that did not pass after all.
+    pub(super) fn give_back(&mut self, delay: Duration) {
+        if let Some(l) = self.0.as_mut() {
+            l.passing.give_back(delay);
+        }
     }
 }
 

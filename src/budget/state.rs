@@ -38,7 +38,7 @@ use std::time::Duration;
 use http::request::Parts;
 use tokio::time::{Instant, Sleep};
 
-use super::admission::{self, Passing, Probe};
+use super::admission::{self, Probe};
 use super::callers::CallerRefusal;
 use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
 use super::keys::KeyMap;
@@ -118,8 +118,6 @@ struct KeyState {
     learners: Learners,
     /// Unknown limits: whether a probe is needed or in flight.
     probe: Probe,
-    /// How much requests passing the waiting head have delayed it.
-    passing: Passing,
     /// The output-token rule learned from the probe's response, if any.
     output_rule: Option<OutputMode>,
     /// Whether the ledger answered this key's last reservation at once
@@ -133,7 +131,6 @@ impl KeyState {
         Self {
             learners: Learners::default(),
             probe: Probe::for_limits(&limits),
-            passing: Passing::default(),
             output_rule: None,
             ledger_at_once: false,
             limits,
@@ -1085,7 +1082,7 @@ impl Shared {
         }
         let head = ks.queue.next()?;
         let delay = admission::head_delay(&charge.costs, limits_in_force(ks, charge));
-        if !ks.passing.allow(head, delay) {
+        if !ks.queue.allow_passing(head, delay) {
             return None;
         }
         let costs = self.with_headroom(ks, charge, adm);
@@ -1106,13 +1103,13 @@ impl Shared {
                 Some(Step::Admitted)
             }
             Ok(Ok(_)) | Ok(Err(_)) => {
-                ks.passing.give_back(delay);
+                ks.queue.give_back(delay);
                 None
             }
             Err(fut) => {
                 // A ledger that needs a round trip: no passing (and a
                 // reservation it made is refunded when this drops).
-                ks.passing.give_back(delay);
+                ks.queue.give_back(delay);
                 drop(Asking {
                     fut: Some(fut),
                     shared: Arc::clone(self),
