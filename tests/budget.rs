@@ -2659,3 +2659,80 @@ async fn input_headroom_is_kept_free() {
     let left = remaining(&snap, Dimension::InputTokens);
     assert!((990.0..=1_010.0).contains(&left), "{left}");
 }
+
+/// Counts the ledger's syncs, delegating to an in-memory ledger.
+#[derive(Debug, Default)]
+struct SyncCounting {
+    inner: InMemoryLedger,
+    syncs: AtomicUsize,
+    sync_alls: Mutex<Vec<[LimitStatus; 3]>>,
+}
+
+impl Ledger for SyncCounting {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        self.inner.reserve(key, limits, costs)
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        self.inner.settle(key, limits, delta)
+    }
+
+    fn sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitStatus,
+    ) -> LedgerFuture<()> {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        self.inner.sync(key, limits, dimension, sync)
+    }
+
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        self.sync_alls.lock().unwrap().push(statuses);
+        self.inner.sync_all(key, limits, statuses)
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        self.inner.state(key, limits)
+    }
+}
+
+/// One response's rate-limit headers reach the ledger in one `sync_all`
+/// (one lock in the in-memory ledger), not one `sync` per dimension.
+#[tokio::test(start_paused = true)]
+async fn a_response_is_synced_in_one_ledger_call() {
+    let h = headers(&[
+        ("anthropic-ratelimit-requests-limit", "1000"),
+        ("anthropic-ratelimit-requests-remaining", "990"),
+        ("anthropic-ratelimit-input-tokens-limit", "100000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "50000"),
+        ("anthropic-ratelimit-output-tokens-limit", "100000"),
+        ("anthropic-ratelimit-output-tokens-remaining", "99000"),
+    ]);
+    let script = Arc::new(Mutex::new(vec![(StatusCode::OK, h)]));
+    let ledger = Arc::new(SyncCounting::default());
+    let shared: Arc<dyn Ledger> = Arc::clone(&ledger) as Arc<dyn Ledger>;
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1_000).itpm(100_000).otpm(100_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .ledger(shared)
+        .build();
+    let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(1_000, 100))
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(ledger.syncs.load(Ordering::SeqCst), 0);
+    let all = ledger.sync_alls.lock().unwrap().clone();
+    assert_eq!(all.len(), 1, "{all:?}");
+    let remaining = all[0].map(|s| s.remaining);
+    assert_eq!(remaining, [Some(990), Some(50_000), Some(99_000)]);
+    let snap = layer.snapshot();
+    let input = snap.key(KEY).unwrap().dimension(Dimension::InputTokens);
+    assert!(input.remaining.unwrap() <= 50_500.0, "{input:?}");
+}

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{
-    BucketState, CostDelta, Costs, InMemoryLedger, InvalidWindow, Ledger, Reservation,
+    BucketState, CostDelta, Costs, InMemoryLedger, InvalidWindow, Ledger, LedgerError,
+    LedgerFuture, Reservation,
 };
 use tower_llm_limits::budget::{Limits, ModelClass, OutputMode, Tier};
 use tower_llm_limits::headers::LimitStatus;
@@ -545,6 +546,134 @@ fn cost_delta_helpers_saturate() {
 
 // ---------------------------------------------------------------------------
 // Sync
+
+/// Three statuses as one response reports them.
+fn statuses() -> [LimitStatus; 3] {
+    [
+        LimitStatus {
+            limit: Some(50),
+            remaining: Some(20),
+            reset_in: None,
+        },
+        LimitStatus::default(),
+        LimitStatus {
+            limit: Some(8_000),
+            remaining: None,
+            reset_in: Some(secs(30)),
+        },
+    ]
+}
+
+#[test]
+fn sync_all_does_what_one_sync_per_dimension_does() {
+    let limits = Limits::new().itpm(30_000);
+    let now = Instant::now();
+    let one_by_one = InMemoryLedger::new();
+    for (dimension, status) in Dimension::ALL.into_iter().zip(statuses()) {
+        if !status.is_empty() {
+            one_by_one.sync_at(KEY, &limits, dimension, status, now);
+        }
+    }
+    let at_once = InMemoryLedger::new();
+    at_once.sync_all_at(KEY, &limits, statuses(), now);
+    let later = now + secs(3);
+    let a = one_by_one.state_at(KEY, &limits, later).expect("key held");
+    let b = at_once.state_at(KEY, &limits, later).expect("key held");
+    assert_eq!(a, b);
+    // Requests lowered to 20 (plus 3 s of refill at 50/min), input untouched
+    // (full), output learned and implied by the reset time: 4,000 + 400.
+    assert_close(b[0].available, 22.5);
+    assert_close(b[1].available, 30_000.0);
+    assert_close(b[2].available, 4_400.0);
+    assert!(b[0].learned && b[2].learned && !b[1].learned);
+}
+
+#[test]
+fn sync_all_of_empty_statuses_creates_no_key() {
+    let ledger = InMemoryLedger::new();
+    let now = Instant::now();
+    ledger.sync_all_at(KEY, &Limits::new(), [LimitStatus::default(); 3], now);
+    assert!(ledger.is_empty());
+}
+
+/// A ledger that implements only the required methods, each a round trip,
+/// so `sync_all` is the trait's default.
+#[derive(Debug)]
+struct Remote {
+    inner: Arc<InMemoryLedger>,
+    fail: Option<Dimension>,
+}
+
+impl Ledger for Remote {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        self.inner.reserve(key, limits, costs)
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        self.inner.settle(key, limits, delta)
+    }
+
+    fn sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitStatus,
+    ) -> LedgerFuture<()> {
+        let (inner, key, limits) = (Arc::clone(&self.inner), key.to_owned(), *limits);
+        let fail = self.fail == Some(dimension);
+        LedgerFuture::new(async move {
+            tokio::task::yield_now().await;
+            if fail {
+                return Err(LedgerError::new(format!("{dimension} refused")));
+            }
+            inner.sync(&key, &limits, dimension, sync).await
+        })
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        self.inner.state(key, limits)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_sync_all_syncs_each_dimension_and_reports_the_first_error() {
+    let limits = Limits::new().itpm(30_000);
+    let inner = Arc::new(InMemoryLedger::new());
+    let remote = Remote {
+        inner: Arc::clone(&inner),
+        fail: None,
+    };
+    let op = remote.sync_all(KEY, &limits, statuses());
+    // A round trip: not answered at once.
+    let op = op.into_ready().expect_err("the default waits on each sync");
+    op.await.expect("every sync succeeded");
+    let reference = InMemoryLedger::new();
+    let now = Instant::now();
+    reference.sync_all_at(KEY, &limits, statuses(), now);
+    assert_eq!(
+        inner.state_at(KEY, &limits, now),
+        reference.state_at(KEY, &limits, now)
+    );
+
+    // One dimension fails: the others are still synced, the error reported.
+    let inner = Arc::new(InMemoryLedger::new());
+    let remote = Remote {
+        inner: Arc::clone(&inner),
+        fail: Some(Dimension::Requests),
+    };
+    let err = remote
+        .sync_all(KEY, &limits, statuses())
+        .await
+        .expect_err("the requests sync failed");
+    let source = std::error::Error::source(&err).map(ToString::to_string);
+    assert_eq!(source.as_deref(), Some("requests per minute refused"));
+    let state = inner
+        .state_at(KEY, &limits, Instant::now())
+        .expect("key held");
+    assert_eq!(state[0].limit, None, "the failed dimension was not synced");
+    assert_eq!(state[2].limit, Some(8_000), "the others were");
+}
 
 #[test]
 fn sync_learns_the_limit_when_none_is_configured() {

@@ -126,16 +126,19 @@
 //! - It does not know which model or caller a key stands for, nor which
 //!   header maps to which dimension (the combined `anthropic-ratelimit-tokens-*`
 //!   header is the layer's concern, not a fourth bucket here).
-//! - Memory is bounded by the number of keys in use: a key holds about 300
+//! - Memory is bounded by the number of keys in use: a key holds about 220
 //!   bytes, and a key unused for [`AUTO_EVICT_IDLE`] (10 minutes) whose
 //!   buckets are full again is forgotten when a new key arrives (amortized:
-//!   when the number of keys doubled, or at most every 5 minutes).
+//!   when the key's shard of the map doubled, or at most every 5 minutes).
 //!   [`InMemoryLedger::evict_idle`] and [`InMemoryLedger::remove`] do it on
 //!   demand.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::hash::BuildHasher;
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
@@ -280,6 +283,44 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
         dimension: Dimension,
         sync: LimitStatus,
     ) -> LedgerFuture<()>;
+
+    /// Aligns the key's three buckets with one response's headers at once:
+    /// `statuses` in [`Dimension::ALL`] order (requests, input tokens, output
+    /// tokens), each as [`Ledger::sync`] takes it; an empty status
+    /// ([`LimitStatus::is_empty`]) leaves its bucket alone.
+    ///
+    /// The budget calls this once per response. The default implementation
+    /// calls [`Ledger::sync`] for each non-empty status, in order, and
+    /// answers the first error once all of them have run; a ledger that can
+    /// apply all three under one lock (or in one round trip) should override
+    /// it.
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        let mut first_error = None;
+        let mut pending = Vec::new();
+        for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
+            if status.is_empty() {
+                continue;
+            }
+            match self.sync(key, limits, dimension, status).into_ready() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(op) => pending.push(op),
+            }
+        }
+        if pending.is_empty() {
+            return LedgerFuture::ready(first_error.map_or(Ok(()), Err));
+        }
+        LedgerFuture::new(async move {
+            for op in pending {
+                if let Err(e) = op.await {
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
 
     /// The state of the key's three buckets (requests, input, output), if the
     /// key is known: a snapshot.
@@ -510,8 +551,9 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// The default in-memory implementation of [`Ledger`].
 ///
 /// One bucket per (key, dimension), as the module docs describe. Keys live in
-/// a map behind a `RwLock`, each with its own `Mutex`, so operations on
-/// different keys do not wait for each other and an operation on one key
+/// a map split into 16 shards, each behind a `RwLock`, each key with its own
+/// `Mutex`, so operations on different keys do not wait for each other, a
+/// sweep of idle keys locks one shard at a time, and an operation on one key
 /// holds its lock for a few hundred nanoseconds at most (no lock is ever held
 /// across an `.await`: every operation answers at once). A poisoned lock is taken
 /// over (the state it guards is always consistent: every update is a few
@@ -555,13 +597,13 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 ///
 /// # Memory
 ///
-/// Each key holds a small fixed-size state (three buckets, about 300 bytes
-/// with the map's overhead, plus the key). Keys are created by
-/// [`Ledger::reserve`] and [`Ledger::sync`] and stay until
-/// [`InMemoryLedger::remove`] or [`InMemoryLedger::evict_idle`] drops them,
-/// or until a new key's first operation finds them unused for
-/// [`AUTO_EVICT_IDLE`] with full buckets (swept when the number of keys
-/// doubled, or at most every 5 minutes; no background task).
+/// Each key holds a small fixed-size state (three buckets, 176 bytes boxed,
+/// about 220 with the map's overhead, plus the key). Keys are created by
+/// [`Ledger::reserve`], [`Ledger::sync`] and [`Ledger::sync_all`] and stay
+/// until [`InMemoryLedger::remove`] or [`InMemoryLedger::evict_idle`] drops
+/// them, or until a new key's first operation finds them unused for
+/// [`AUTO_EVICT_IDLE`] with full buckets (its shard swept when it doubled,
+/// every shard at most every 5 minutes; no background task).
 ///
 /// # Examples
 ///
@@ -586,18 +628,44 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// ```
 pub struct InMemoryLedger {
     window_nanos: u128,
-    keys: RwLock<HashMap<Arc<str>, Mutex<KeyState>>>,
-    /// When idle keys were last swept, and the number of keys that calls
-    /// for the next sweep.
-    sweep: Mutex<(Instant, usize)>,
+    /// The keys in [`SHARDS`] shards with a lock each: a sweep of idle keys
+    /// locks one shard at a time, so no operation waits for work over all
+    /// keys.
+    shards: Box<[RwLock<Shard>]>,
+    hasher: RandomState,
+    /// When every shard was last swept of idle keys.
+    swept_at: Mutex<Instant>,
 }
+
+/// One shard of the map of keys. A key's state is boxed: the map's spare
+/// capacity then costs a pointer per slot, not a whole state.
+struct Shard {
+    keys: HashMap<Arc<str>, Box<Mutex<KeyState>>>,
+    /// The number of keys in this shard that calls for its next sweep.
+    next_len: usize,
+}
+
+/// How many shards the ledger's map of keys has.
+const SHARDS: usize = 16;
 
 /// How long a key of an [`InMemoryLedger`] stays unused (and full) before a
 /// new key's first operation forgets it.
 pub const AUTO_EVICT_IDLE: Duration = Duration::from_secs(10 * 60);
 
-/// The number of keys at which the ledger first sweeps idle keys.
-const FIRST_SWEEP_LEN: usize = 1_024;
+/// The number of keys in one shard at which the ledger first sweeps it of
+/// idle keys (then twice its size after each sweep).
+const FIRST_SWEEP_LEN: usize = 64;
+
+fn new_shards() -> Box<[RwLock<Shard>]> {
+    (0..SHARDS)
+        .map(|_| {
+            RwLock::new(Shard {
+                keys: HashMap::new(),
+                next_len: FIRST_SWEEP_LEN,
+            })
+        })
+        .collect()
+}
 
 impl fmt::Debug for InMemoryLedger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -620,8 +688,9 @@ impl InMemoryLedger {
     pub fn new() -> Self {
         InMemoryLedger {
             window_nanos: MINUTE.as_nanos(),
-            keys: RwLock::new(HashMap::new()),
-            sweep: Mutex::new((Instant::now(), FIRST_SWEEP_LEN)),
+            shards: new_shards(),
+            hasher: RandomState::new(),
+            swept_at: Mutex::new(Instant::now()),
         }
     }
 
@@ -645,8 +714,9 @@ impl InMemoryLedger {
         }
         Ok(InMemoryLedger {
             window_nanos: window.as_nanos(),
-            keys: RwLock::new(HashMap::new()),
-            sweep: Mutex::new((Instant::now(), FIRST_SWEEP_LEN)),
+            shards: new_shards(),
+            hasher: RandomState::new(),
+            swept_at: Mutex::new(Instant::now()),
         })
     }
 
@@ -658,18 +728,18 @@ impl InMemoryLedger {
 
     /// The number of keys held.
     pub fn len(&self) -> usize {
-        self.read_keys().len()
+        self.shards.iter().map(|s| read(s).keys.len()).sum()
     }
 
     /// Whether no key is held.
     pub fn is_empty(&self) -> bool {
-        self.read_keys().is_empty()
+        self.shards.iter().all(|s| read(s).keys.is_empty())
     }
 
     /// Forgets a key (its buckets and its learned limits). Returns whether it
     /// was held. The next operation on the key starts with full buckets.
     pub fn remove(&self, key: &str) -> bool {
-        self.write_keys().remove(key).is_some()
+        write(self.shard(key)).keys.remove(key).is_some()
     }
 
     /// Forgets every key that has not been used for at least `idle` before
@@ -683,31 +753,33 @@ impl InMemoryLedger {
     /// (minutes) where limits are learned rather than configured.
     pub fn evict_idle(&self, now: Instant, idle: Duration) -> usize {
         let window_nanos = self.window_nanos;
-        evict_from(&mut self.write_keys(), now, idle, window_nanos)
+        // One shard at a time: operations on the others go on meanwhile.
+        self.shards
+            .iter()
+            .map(|s| evict_from(&mut write(s), now, idle, window_nanos))
+            .sum()
     }
 
-    /// After a new key: evicts keys idle for [`AUTO_EVICT_IDLE`] when the
-    /// number of keys doubled since the last sweep, or half that time passed.
-    fn sweep_if_due(&self, keys: &mut HashMap<Arc<str>, Mutex<KeyState>>, now: Instant) {
-        let mut sweep = self.sweep.lock().unwrap_or_else(|e| e.into_inner());
-        let by_time = now.saturating_duration_since(sweep.0) >= AUTO_EVICT_IDLE / 2;
-        if keys.len() < sweep.1 && !by_time {
-            return;
+    fn shard(&self, key: &str) -> &RwLock<Shard> {
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        &self.shards[i]
+    }
+
+    /// After a new key: sweeps its shard of keys idle for
+    /// [`AUTO_EVICT_IDLE`] when the shard doubled since its last sweep, and
+    /// every shard, one at a time, when half that time passed.
+    fn sweep_if_due(&self, now: Instant) {
+        let due = {
+            let mut at = self.swept_at.lock().unwrap_or_else(|e| e.into_inner());
+            let due = now.saturating_duration_since(*at) >= AUTO_EVICT_IDLE / 2;
+            if due {
+                *at = now;
+            }
+            due
+        };
+        if due {
+            self.evict_idle(now, AUTO_EVICT_IDLE);
         }
-        evict_from(keys, now, AUTO_EVICT_IDLE, self.window_nanos);
-        // A map that shrank to a quarter gives its memory back.
-        if keys.capacity() > 4 * keys.len().max(16) {
-            keys.shrink_to_fit();
-        }
-        *sweep = (now, keys.len().saturating_mul(2).max(FIRST_SWEEP_LEN));
-    }
-
-    fn read_keys(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Mutex<KeyState>>> {
-        self.keys.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write_keys(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Mutex<KeyState>>> {
-        self.keys.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` on the key's state, creating the key first if `create`.
@@ -719,9 +791,10 @@ impl InMemoryLedger {
         now: Instant,
         f: impl FnOnce(&mut KeyState) -> R,
     ) -> Option<R> {
+        let shard = self.shard(key);
         {
-            let keys = self.read_keys();
-            if let Some(state) = keys.get(key) {
+            let keys = read(shard);
+            if let Some(state) = keys.keys.get(key) {
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
                 return Some(f(&mut state));
             }
@@ -729,26 +802,38 @@ impl InMemoryLedger {
         if !create {
             return None;
         }
-        let mut keys = self.write_keys();
-        if !keys.contains_key(key) {
-            self.sweep_if_due(&mut keys, now);
+        let (answer, created) = {
+            let mut shard = write(shard);
+            let created = !shard.keys.contains_key(key);
+            if created && shard.keys.len() + 1 >= shard.next_len {
+                evict_from(&mut shard, now, AUTO_EVICT_IDLE, self.window_nanos);
+            }
+            let state = shard
+                .keys
+                .entry(Arc::from(key))
+                .or_insert_with(|| Box::new(Mutex::new(KeyState::new(now))));
+            let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
+            (f(state), created)
+        };
+        if created {
+            self.sweep_if_due(now);
         }
-        let state = keys
-            .entry(Arc::from(key))
-            .or_insert_with(|| Mutex::new(KeyState::new(now)));
-        let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
-        Some(f(state))
+        Some(answer)
     }
+}
+
+fn read(shard: &RwLock<Shard>) -> std::sync::RwLockReadGuard<'_, Shard> {
+    shard.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write(shard: &RwLock<Shard>) -> std::sync::RwLockWriteGuard<'_, Shard> {
+    shard.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Drops the keys unused for `idle` before `now` whose buckets are full
 /// again; returns how many.
-fn evict_from(
-    keys: &mut HashMap<Arc<str>, Mutex<KeyState>>,
-    now: Instant,
-    idle: Duration,
-    window_nanos: u128,
-) -> usize {
+fn evict_from(shard: &mut Shard, now: Instant, idle: Duration, window_nanos: u128) -> usize {
+    let keys = &mut shard.keys;
     let before = keys.len();
     keys.retain(|_, state| {
         let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
@@ -759,6 +844,11 @@ fn evict_from(
     if dropped > 0 {
         tracing::debug!(dropped, kept = keys.len(), "ledger evicted idle keys");
     }
+    // A shard that shrank to a quarter gives its memory back.
+    if keys.capacity() > 4 * keys.len().max(16) {
+        keys.shrink_to_fit();
+    }
+    shard.next_len = shard.keys.len().saturating_mul(2).max(FIRST_SWEEP_LEN);
     dropped
 }
 
@@ -788,6 +878,7 @@ impl KeyState {
         self.buckets.iter().all(|bucket| match bucket.last_limit {
             None => true,
             Some(limit) => {
+                let limit = limit.get();
                 let capacity = capacity_units(limit, window_nanos);
                 let mut copy = *bucket;
                 copy.refill(limit, capacity, now);
@@ -805,17 +896,18 @@ struct Bucket {
     level: i128,
     /// `None` until the bucket first had a limit: it then starts full.
     updated: Option<Instant>,
-    /// The last limit the server reported (`-limit` header).
-    learned: Option<u64>,
-    /// The limit in force at the last operation (for idle eviction).
-    last_limit: Option<u64>,
+    /// The last limit the server reported (`-limit` header; never zero).
+    learned: Option<NonZeroU64>,
+    /// The limit in force at the last operation (for idle eviction; a zero
+    /// limit, whose bucket holds nothing, counts as none).
+    last_limit: Option<NonZeroU64>,
 }
 
 impl Bucket {
     /// The limit in force: the configured one, lowered by a learned one; the
     /// learned one alone; or none. The flag says whether it is the learned one.
     fn limit(&self, configured: Option<u64>) -> Option<(u64, bool)> {
-        match (configured, self.learned) {
+        match (configured, self.learned.map(NonZeroU64::get)) {
             (Some(c), Some(l)) if l < c => Some((l, true)),
             (Some(c), _) => Some((c, false)),
             (None, Some(l)) => Some((l, true)),
@@ -842,7 +934,58 @@ impl Bucket {
                 }
             }
         }
-        self.last_limit = Some(limit);
+        self.last_limit = NonZeroU64::new(limit);
+    }
+}
+
+impl Bucket {
+    /// What [`Ledger::sync`] does to one bucket (see [`InMemoryLedger`]'s
+    /// docs): learns the reported limit, lowers the level to the server's.
+    fn sync(
+        &mut self,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitStatus,
+        now: Instant,
+        window_nanos: u128,
+    ) {
+        // A server never advertises a zero limit; taking a garbled header
+        // for one would refuse every request for ever.
+        if let Some(limit) = sync.limit.and_then(NonZeroU64::new) {
+            if self.learned != Some(limit) {
+                tracing::debug!(%dimension, limit, "ledger learned a limit from the server");
+            }
+            self.learned = Some(limit);
+        }
+        let Some((limit, _)) = self.limit(configured(limits, dimension)) else {
+            return;
+        };
+        let capacity = capacity_units(limit, window_nanos);
+        self.refill(limit, capacity, now);
+        let (server, tolerance) = match (sync.remaining, sync.reset_in) {
+            (Some(remaining), _) => {
+                let rounded = dimension != Dimension::Requests && remaining % 1_000 == 0;
+                let tolerance = if rounded { TOKEN_ROUNDING_TOLERANCE } else { 0 };
+                (units(remaining), units(tolerance))
+            }
+            (None, Some(reset_in)) => {
+                // Full at `reset_in` means `capacity - reset_in * rate` now.
+                let refill = reset_in.as_nanos().saturating_mul(u128::from(limit));
+                let implied = capacity.saturating_sub(clamp_i128(refill)).max(0);
+                let tolerance = clamp_i128(RESET_PRECISION_NANOS.saturating_mul(u128::from(limit)));
+                (implied, tolerance)
+            }
+            (None, None) => return,
+        };
+        if self.level > server.saturating_add(tolerance) {
+            tracing::debug!(
+                %dimension,
+                ledger = to_tokens(self.level),
+                server = to_tokens(server),
+                "ledger lowered to the server's remaining"
+            );
+            self.level = server;
+        }
     }
 }
 
@@ -1000,47 +1143,35 @@ impl InMemoryLedger {
         let window_nanos = self.window_nanos;
         self.with_key(key, true, now, |state| {
             state.touch(now);
-            let bucket = &mut state.buckets[index(dimension)];
-            match sync.limit {
-                // A server never advertises a zero limit; taking a garbled
-                // header for one would refuse every request for ever.
-                Some(0) | None => {}
-                Some(limit) => {
-                    if bucket.learned != Some(limit) {
-                        tracing::debug!(%dimension, limit, "ledger learned a limit from the server");
-                    }
-                    bucket.learned = Some(limit);
+            state.buckets[index(dimension)].sync(limits, dimension, sync, now, window_nanos);
+        });
+    }
+
+    /// [`Ledger::sync_all`] at `now` on tokio's clock: the three buckets
+    /// under one lock. Creates the key only if some status is not empty.
+    pub fn sync_all_at(
+        &self,
+        key: &str,
+        limits: &Limits,
+        statuses: [LimitStatus; 3],
+        now: Instant,
+    ) {
+        if statuses.iter().all(LimitStatus::is_empty) {
+            return;
+        }
+        let window_nanos = self.window_nanos;
+        self.with_key(key, true, now, |state| {
+            state.touch(now);
+            for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
+                if !status.is_empty() {
+                    state.buckets[index(dimension)].sync(
+                        limits,
+                        dimension,
+                        status,
+                        now,
+                        window_nanos,
+                    );
                 }
-            }
-            let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
-                return;
-            };
-            let capacity = capacity_units(limit, window_nanos);
-            bucket.refill(limit, capacity, now);
-            let (server, tolerance) = match (sync.remaining, sync.reset_in) {
-                (Some(remaining), _) => {
-                    let rounded = dimension != Dimension::Requests && remaining % 1_000 == 0;
-                    let tolerance = if rounded { TOKEN_ROUNDING_TOLERANCE } else { 0 };
-                    (units(remaining), units(tolerance))
-                }
-                (None, Some(reset_in)) => {
-                    // Full at `reset_in` means `capacity - reset_in * rate` now.
-                    let refill = reset_in.as_nanos().saturating_mul(u128::from(limit));
-                    let implied = capacity.saturating_sub(clamp_i128(refill)).max(0);
-                    let tolerance =
-                        clamp_i128(RESET_PRECISION_NANOS.saturating_mul(u128::from(limit)));
-                    (implied, tolerance)
-                }
-                (None, None) => return,
-            };
-            if bucket.level > server.saturating_add(tolerance) {
-                tracing::debug!(
-                    %dimension,
-                    ledger = to_tokens(bucket.level),
-                    server = to_tokens(server),
-                    "ledger lowered to the server's remaining"
-                );
-                bucket.level = server;
             }
         });
     }
@@ -1097,6 +1228,11 @@ impl Ledger for InMemoryLedger {
         sync: LimitStatus,
     ) -> LedgerFuture<()> {
         self.sync_at(key, limits, dimension, sync, Instant::now());
+        LedgerFuture::ready(Ok(()))
+    }
+
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        self.sync_all_at(key, limits, statuses, Instant::now());
         LedgerFuture::ready(Ok(()))
     }
 

@@ -19,13 +19,15 @@
 //! # Locks
 //!
 //! Each key has its own `Mutex`, found through a short lookup in the map of
-//! keys when the request is charged; the map's lock is never held while a
-//! ledger operation runs, so one key's operations never wait for another's.
+//! keys when the request is charged; the map is split into 16 shards with a
+//! lock each, and its lock is never held while a ledger operation runs, so
+//! one key's operations never wait for another's. Sweeping idle keys and
+//! snapshots lock one shard at a time (a sixteenth of the keys), then each
+//! key under its own lock: no admission waits for work over all keys.
 //! A ledger that answers at once (the in-memory one) is asked under the key's
 //! lock; a ledger operation that takes a round trip runs with no lock held,
 //! while its request keeps its place at the head of the key's queue.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,11 +38,13 @@ use std::time::Duration;
 use http::request::Parts;
 use tokio::time::{Instant, Sleep};
 
-use super::admission::{self, Passing, Probe};
+use super::admission::{self, Probe};
 use super::callers::CallerRefusal;
 use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
 use super::count::{CountTokens, Counter};
-use super::learn::{LearnRules, LimitLearner};
+use super::keys::KeyMap;
+use super::lazy::{LazyQueue, Learners};
+use super::learn::LearnRules;
 use super::ledger::{
     BucketState, CostDelta, Costs, Ledger, LedgerError, LedgerFuture, Reservation,
 };
@@ -50,7 +54,7 @@ use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 use crate::estimate::SlidingQuantile;
 use crate::estimate::{Estimate, TokenEstimator};
 use crate::headers::{LimitStatus, RateLimitSnapshot};
-use crate::queue::{Removed, WaitQueue};
+use crate::queue::Removed;
 use crate::Dimension;
 
 /// The settings fixed when the layer is built.
@@ -82,18 +86,6 @@ pub(crate) struct Settings {
     pub(crate) count_tokens: Option<CountTokens>,
 }
 
-/// When the map of keys was last swept for idle keys, and its size that
-/// calls for the next sweep.
-#[derive(Debug)]
-struct Sweep {
-    at: Instant,
-    next_len: usize,
-}
-
-/// The map size at which the first sweep runs (then twice the size after
-/// each sweep, or after half the idle time, whichever comes first).
-const FIRST_SWEEP_LEN: usize = 1_024;
-
 /// Counters of the decisions taken, for snapshots.
 #[derive(Debug, Default)]
 struct Counters {
@@ -116,21 +108,20 @@ fn bump(c: &AtomicU64) {
 struct KeyState {
     limits: Limits,
     last_used: Instant,
-    queue: WaitQueue,
+    /// Allocated by the first waiter, freed by the last.
+    queue: LazyQueue,
     /// Created at the first sample (its window is allocated up front), so a
     /// key that never got an answer with usage stays small.
     output_ratio: Option<Box<SlidingQuantile>>,
-    ratio_window: usize,
     ratio_samples: u64,
     estimates: u64,
     fallback_estimates: u64,
     calibration: Option<f64>,
-    /// The limits learned from the server's headers, per dimension.
-    learners: [LimitLearner; 3],
+    /// The limits learned from the server's headers, per dimension
+    /// (allocated at the first reported limit).
+    learners: Learners,
     /// Unknown limits: whether a probe is needed or in flight.
     probe: Probe,
-    /// How much requests passing the waiting head have delayed it.
-    passing: Passing,
     /// The output-token rule learned from the probe's response, if any.
     output_rule: Option<OutputMode>,
     /// Whether the ledger answered this key's last reservation at once
@@ -140,18 +131,16 @@ struct KeyState {
 }
 
 impl KeyState {
-    fn new(limits: Limits, ratio_window: usize) -> Self {
+    fn new(limits: Limits) -> Self {
         Self {
-            learners: [LimitLearner::default(); 3],
+            learners: Learners::default(),
             probe: Probe::for_limits(&limits),
-            passing: Passing::default(),
             output_rule: None,
             ledger_at_once: false,
             limits,
             last_used: Instant::now(),
-            queue: WaitQueue::new(Duration::ZERO),
+            queue: LazyQueue::default(),
             output_ratio: None,
-            ratio_window,
             ratio_samples: 0,
             estimates: 0,
             fallback_estimates: 0,
@@ -185,24 +174,12 @@ impl KeyState {
     }
 }
 
-/// Drops the keys not used for `idle`, with no request waiting and none
-/// charged and not yet settled; returns how many.
-fn retain_active(
-    keys: &mut HashMap<Arc<str>, Arc<KeyCell>>,
-    now: Instant,
-    idle: Duration,
-) -> usize {
-    let before = keys.len();
-    keys.retain(|_, cell| {
-        // A charge in flight holds the cell: keep the key, or a second
-        // queue could start for it.
-        if Arc::strong_count(cell) > 1 {
-            return true;
-        }
-        let ks = lock_key(cell);
-        !ks.queue.is_empty() || now.saturating_duration_since(ks.last_used) < idle
-    });
-    before - keys.len()
+/// Whether a key nothing else holds stays: used within `idle` before
+/// `now`, or with a request waiting. (A key held elsewhere, by a charge in
+/// flight, always stays: see [`KeyMap`].)
+fn is_active(cell: &KeyCell, now: Instant, idle: Duration) -> bool {
+    let ks = lock_key(cell);
+    !ks.queue.is_empty() || now.saturating_duration_since(ks.last_used) < idle
 }
 
 /// One key's state behind its own lock.
@@ -225,10 +202,10 @@ pub(crate) struct Shared {
     pub(crate) settings: Settings,
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) estimator: Arc<dyn TokenEstimator>,
-    keys: Mutex<HashMap<Arc<str>, Arc<KeyCell>>>,
+    /// The keys, sharded: no admission waits for work over all keys.
+    keys: KeyMap<KeyCell>,
     /// The `count_tokens` mode, if on.
     pub(crate) counter: Option<Counter>,
-    sweep: Mutex<Sweep>,
     counters: Counters,
     /// The prompt-cache prefixes being written by requests in flight.
     pub(crate) writers: Arc<Writers>,
@@ -509,18 +486,10 @@ impl Shared {
             settings,
             ledger,
             estimator,
-            keys: Mutex::new(HashMap::new()),
-            sweep: Mutex::new(Sweep {
-                at: Instant::now(),
-                next_len: FIRST_SWEEP_LEN,
-            }),
+            keys: KeyMap::new(),
             counters: Counters::default(),
             writers: Arc::default(),
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<KeyCell>>> {
-        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The caller a request is charged to, from its head, or why it is
@@ -537,47 +506,21 @@ impl Shared {
     }
 
     /// The key's name and state, created if new: one short lookup under the
-    /// map's lock.
+    /// lock of the key's shard of the map. A new key sweeps idle keys out
+    /// when its shard doubled since its last sweep, or every shard (one at a
+    /// time) when half the idle time passed: amortized O(1) per new key, and
+    /// no background task.
     /// `None` if the key is new and the budget holds its most keys, none idle.
     fn key_cell(&self, lookup: &str, limits: Limits) -> Option<(Arc<str>, Arc<KeyCell>)> {
-        let mut keys = self.lock();
-        if let Some((key, cell)) = keys.get_key_value(lookup) {
-            return Some((Arc::clone(key), Arc::clone(cell)));
-        }
-        if keys.len() >= self.settings.max_keys {
-            retain_active(&mut keys, Instant::now(), self.settings.idle_key_eviction);
-            if keys.len() >= self.settings.max_keys {
-                return None;
-            }
-        }
-        let key: Arc<str> = Arc::from(lookup);
-        let cell = Arc::new(Mutex::new(KeyState::new(
-            limits,
-            self.settings.output_ratio_window,
-        )));
-        keys.insert(Arc::clone(&key), Arc::clone(&cell));
-        self.sweep_if_due(&mut keys);
-        Some((key, cell))
-    }
-
-    /// Forgets idle keys when a new key was added and the map doubled since
-    /// the last sweep, or half the idle time passed: amortized O(1) per new
-    /// key, and no background task.
-    fn sweep_if_due(&self, keys: &mut HashMap<Arc<str>, Arc<KeyCell>>) {
         let idle = self.settings.idle_key_eviction;
         let now = Instant::now();
-        let mut sweep = self.sweep.lock().unwrap_or_else(PoisonError::into_inner);
-        let by_time = now.saturating_duration_since(sweep.at) >= idle / 2;
-        if keys.len() < sweep.next_len && !by_time {
-            return;
-        }
-        retain_active(keys, now, idle);
-        // A map that shrank to a quarter gives its memory back.
-        if keys.capacity() > 4 * keys.len().max(16) {
-            keys.shrink_to_fit();
-        }
-        sweep.at = now;
-        sweep.next_len = keys.len().saturating_mul(2).max(FIRST_SWEEP_LEN);
+        self.keys.get_or_insert(
+            lookup,
+            self.settings.max_keys,
+            idle / 2,
+            || Mutex::new(KeyState::new(limits)),
+            |cell| is_active(cell, now, idle),
+        )
     }
 
     /// Turns an estimate into the costs to reserve under the request's key.
@@ -977,7 +920,7 @@ impl Shared {
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
         if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
             let mut ks = lock_key(&charge.cell);
-            let window = ks.ratio_window;
+            let window = self.settings.output_ratio_window;
             ks.output_ratio
                 .get_or_insert_with(|| Box::new(SlidingQuantile::new(window)))
                 .push(r.clamp(0.0, 1.0));
@@ -1032,7 +975,8 @@ impl Shared {
             for (i, dimension) in Dimension::ALL.into_iter().enumerate() {
                 if let Some(reported) = statuses[i].limit {
                     statuses[i].limit =
-                        ks.learners[i].observe(dimension, reported, &self.settings.learn);
+                        ks.learners
+                            .observe(i, dimension, reported, &self.settings.learn);
                 }
             }
             if charge.probe && ks.probe == Probe::InFlight {
@@ -1041,21 +985,10 @@ impl Shared {
                 tracing::debug!(key = super::callers::logged_key(&charge.key), rule = ?ks.output_rule, "budget: limits learned from the probe");
             }
         }
-        let mut last = None;
-        for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
-            if status == LimitStatus::default() {
-                continue;
-            }
-            if let Some(op) = last.take() {
-                self.run(charge, op, false);
-            }
-            last = Some(
-                self.ledger
-                    .sync(&charge.key, &charge.limits, dimension, status),
-            );
-        }
-        if let Some(op) = last {
-            // The head's turn comes once the last dimension is synced.
+        if !statuses.iter().all(LimitStatus::is_empty) {
+            // All three dimensions in one ledger operation (one lock for the
+            // in-memory ledger); the head's turn comes once it is done.
+            let op = self.ledger.sync_all(&charge.key, &charge.limits, statuses);
             self.run(charge, op, true);
         }
         self.end_probe(charge, Probe::Off);
@@ -1169,7 +1102,7 @@ impl Shared {
         }
         let head = ks.queue.next()?;
         let delay = admission::head_delay(&charge.costs, limits_in_force(ks, charge));
-        if !ks.passing.allow(head, delay) {
+        if !ks.queue.allow_passing(head, delay) {
             return None;
         }
         let costs = self.with_headroom(ks, charge, adm);
@@ -1190,13 +1123,13 @@ impl Shared {
                 Some(Step::Admitted)
             }
             Ok(Ok(_)) | Ok(Err(_)) => {
-                ks.passing.give_back(delay);
+                ks.queue.give_back(delay);
                 None
             }
             Err(fut) => {
                 // A ledger that needs a round trip: no passing (and a
                 // reservation it made is refunded when this drops).
-                ks.passing.give_back(delay);
+                ks.queue.give_back(delay);
                 drop(Asking {
                     fut: Some(fut),
                     shared: Arc::clone(self),
@@ -1231,16 +1164,14 @@ impl Shared {
     /// charged and not yet admitted (what was learned for them: output ratio,
     /// counters). Returns how many.
     pub(crate) fn forget_idle(&self, idle: Duration) -> usize {
-        retain_active(&mut self.lock(), Instant::now(), idle)
+        let now = Instant::now();
+        self.keys.retain(|cell| is_active(cell, now, idle))
     }
 
     /// A snapshot of every key this budget has seen.
     pub(crate) fn snapshot(&self) -> BudgetSnapshot {
-        let cells: Vec<(Arc<str>, Arc<KeyCell>)> = self
-            .lock()
-            .iter()
-            .map(|(k, c)| (Arc::clone(k), Arc::clone(c)))
-            .collect();
+        // Copied one shard at a time, then each key read under its own lock.
+        let cells = self.keys.entries();
         let mut out: Vec<KeySnapshot> = cells
             .into_iter()
             .map(|(key, cell)| {
@@ -1302,7 +1233,7 @@ impl Shared {
 /// when lower or when none is configured.
 fn limits_in_force(ks: &KeyState, charge: &Charge) -> [Option<u64>; 3] {
     Dimension::ALL.map(|d| {
-        let learned = ks.learners[dim_index(d)].adopted();
+        let learned = ks.learners.adopted(dim_index(d));
         match (charge.limits.get(d), learned) {
             (Some(c), Some(l)) => Some(c.min(l)),
             (c, l) => c.or(l),
@@ -1353,13 +1284,10 @@ impl Shared {
         let class = ModelClass::of(estimate.model.as_deref().unwrap_or(""));
         let limits = self.settings.limits.limits_for(class);
         let name = class.as_str();
-        let cell = self.lock().get(name).cloned();
+        let cell = self.keys.get(name);
         let output_tokens = match cell {
             Some(cell) => self.output_tokens(&lock_key(&cell), estimate.max_tokens),
-            None => self.output_tokens(
-                &KeyState::new(limits, self.settings.output_ratio_window),
-                estimate.max_tokens,
-            ),
+            None => self.output_tokens(&KeyState::new(limits), estimate.max_tokens),
         };
         let input_tokens = if class.cache_reads_count_toward_itpm() {
             estimate
