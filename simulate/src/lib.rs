@@ -66,8 +66,8 @@
 mod args;
 mod content;
 mod emu;
-mod layers;
 mod fleet;
+mod layers;
 mod plot;
 mod progress;
 mod report;

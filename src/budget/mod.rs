@@ -277,10 +277,10 @@ mod learn;
 pub mod ledger;
 mod limits;
 mod parse;
+mod prefix;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
-mod prefix;
 mod service;
 mod snapshot;
 mod state;
