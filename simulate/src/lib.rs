@@ -395,15 +395,22 @@ fn timeline(
 fn load_workload(args: &Args) -> Result<Workload, String> {
     match &args.workload {
         Some(path) => workload::from_jsonl(path, args.seed, args.tokenizer),
-        None => Ok(workload::generate(&workload::GenSpec {
-            seed: args.seed,
-            model: args.model.clone(),
-            target_uncached_tokens: 3 * args.itpm,
-            requests: args.requests,
-            max_request_tokens: args.itpm * 9 / 10,
-            tokenizer: args.tokenizer,
-        })),
+        None => Ok(generated_workload(args, 1)),
     }
+}
+
+/// The generated workload for `args`: three minutes' worth of `upstreams`
+/// times the input-token limit (or `--requests`), each request under 90 % of
+/// one limit.
+fn generated_workload(args: &Args, upstreams: u64) -> Workload {
+    workload::generate(&workload::GenSpec {
+        seed: args.seed,
+        model: args.model.clone(),
+        target_uncached_tokens: 3 * args.itpm * upstreams,
+        requests: args.requests,
+        max_request_tokens: args.itpm * 9 / 10,
+        tokenizer: args.tokenizer,
+    })
 }
 
 /// What the run's emulator makes of the workload, whatever the client: each

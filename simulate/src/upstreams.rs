@@ -35,7 +35,7 @@ use super::args::Args;
 use super::emu::{self, Emulator};
 use super::report::{self, Charged, LimitSpec, Row};
 use super::run::{self, Client, Log, Meter};
-use super::workload::{self, Item};
+use super::workload::Item;
 use super::{progress, strategies};
 
 /// The strategies of the table.
@@ -75,14 +75,7 @@ struct Measured {
 pub async fn run_all(args: &Args, n: usize, virtual_time: bool) -> Result<(), String> {
     let wall = std::time::Instant::now();
     let spec = sum_spec(args, n);
-    let workload = workload::generate(&workload::GenSpec {
-        seed: args.seed,
-        model: args.model.clone(),
-        target_uncached_tokens: 3 * args.itpm * n as u64,
-        requests: args.requests,
-        max_request_tokens: args.itpm * 9 / 10,
-        tokenizer: args.tokenizer,
-    });
+    let workload = super::generated_workload(args, n as u64);
     let workers = args.concurrency * n;
     if !args.json {
         println!(
@@ -406,14 +399,7 @@ mod tests {
             .build()
             .expect("runtime");
         let spec = sum_spec(&args, 3);
-        let workload = workload::generate(&workload::GenSpec {
-            seed: args.seed,
-            model: args.model.clone(),
-            target_uncached_tokens: 3 * args.itpm * 3,
-            requests: None,
-            max_request_tokens: args.itpm * 9 / 10,
-            tokenizer: args.tokenizer,
-        });
+        let workload = crate::generated_workload(&args, 3);
         let runs = rt
             .block_on(measure(
                 &args,
