@@ -23,9 +23,9 @@ use crate::wire::json::UsageScanner;
 use crate::wire::{StreamUsage, Usage};
 use crate::{BoxError, Error};
 
-/// The largest request body the rewriting layers read whole (16 MiB, the
-/// retry layer's replay buffer).
-pub(crate) const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+/// The largest request body the rewriting layers read whole: the retry
+/// layer's replay buffer (16 MiB).
+pub(crate) const DEFAULT_BODY_LIMIT: usize = crate::body::DEFAULT_BUFFER_LIMIT;
 
 /// Reads a whole request body, at most `limit` bytes: a larger one, or one
 /// that fails, is [`Error::Body`].
