@@ -3,10 +3,14 @@
 //! one shard for a lookup; a sweep of idle keys, [`KeyMap::retain`] and
 //! [`KeyMap::entries`] (snapshots) lock one shard at a time, each for a
 //! sixteenth of the keys.
+//!
+//! Each entry holds its own key name ([`Keyed`]), so a shard is a set of
+//! pointers (8 bytes a slot) and the name is stored once.
 
+use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -20,6 +24,12 @@ const SHARDS: usize = 16;
 /// (then twice its size after each sweep).
 const FIRST_SWEEP_LEN: usize = 64;
 
+/// An entry of a [`KeyMap`]: state that knows its key's name.
+pub(super) trait Keyed {
+    /// The key's name.
+    fn key(&self) -> &str;
+}
+
 /// A map from key names to shared state, sharded. See the module docs.
 pub(super) struct KeyMap<T> {
     shards: Box<[Mutex<Shard<T>>]>,
@@ -32,27 +42,51 @@ pub(super) struct KeyMap<T> {
 }
 
 struct Shard<T> {
-    map: HashMap<Arc<str>, Arc<T>>,
+    map: HashSet<ByKey<T>>,
     /// The size of this shard that calls for its next sweep.
     next_len: usize,
 }
 
+/// An entry found in a shard's set by its key's name.
+struct ByKey<T>(Arc<T>);
+
+impl<T: Keyed> Borrow<str> for ByKey<T> {
+    fn borrow(&self) -> &str {
+        self.0.key()
+    }
+}
+
+impl<T: Keyed> Hash for ByKey<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that a lookup by `&str` finds it.
+        self.0.key().hash(state);
+    }
+}
+
+impl<T: Keyed> PartialEq for ByKey<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key() == other.0.key()
+    }
+}
+
+impl<T: Keyed> Eq for ByKey<T> {}
+
 impl<T> std::fmt::Debug for KeyMap<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyMap")
-            .field("len", &self.len())
+            .field("len", &self.len.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
 
-impl<T> KeyMap<T> {
+impl<T: Keyed> KeyMap<T> {
     /// An empty map.
     pub(super) fn new() -> Self {
         KeyMap {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
-                        map: HashMap::new(),
+                        map: HashSet::new(),
                         next_len: FIRST_SWEEP_LEN,
                     })
                 })
@@ -71,7 +105,7 @@ impl<T> KeyMap<T> {
     /// The key's state, if the map holds it (never creates it).
     #[cfg_attr(not(feature = "pool"), allow(dead_code))]
     pub(super) fn get(&self, key: &str) -> Option<Arc<T>> {
-        self.shard(key).map.get(key).cloned()
+        self.shard(key).map.get(key).map(|e| Arc::clone(&e.0))
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard<T>> {
@@ -79,9 +113,9 @@ impl<T> KeyMap<T> {
         lock(&self.shards[i])
     }
 
-    /// The key's name and state, created with `make` if new (its shard is
-    /// then swept of the entries `keep` refuses when it doubled since its
-    /// last sweep, and every shard, one at a time, once per
+    /// The key's state, created with `make` (given the key) if new (its
+    /// shard is then swept of the entries `keep` refuses when it doubled
+    /// since its last sweep, and every shard, one at a time, once per
     /// `sweep_period`). `None` if the key is new and the map holds
     /// `max_keys` keys even after a sweep.
     pub(super) fn get_or_insert(
@@ -89,39 +123,32 @@ impl<T> KeyMap<T> {
         key: &str,
         max_keys: usize,
         sweep_period: Duration,
-        make: impl FnOnce() -> T,
+        make: impl FnOnce(&str) -> T,
         keep: impl Fn(&T) -> bool,
-    ) -> Option<(Arc<str>, Arc<T>)> {
-        {
-            let shard = self.shard(key);
-            if let Some((k, v)) = shard.map.get_key_value(key) {
-                return Some((Arc::clone(k), Arc::clone(v)));
-            }
+    ) -> Option<Arc<T>> {
+        if let Some(found) = self.get(key) {
+            return Some(found);
         }
         if !self.take_slot(max_keys) {
             self.retain(&keep);
             if !self.take_slot(max_keys) {
                 // Another request may have created it meanwhile.
-                let shard = self.shard(key);
-                return shard
-                    .map
-                    .get_key_value(key)
-                    .map(|(k, v)| (Arc::clone(k), Arc::clone(v)));
+                return self.get(key);
             }
         }
         let entry = {
             let mut shard = self.shard(key);
-            if let Some((k, v)) = shard.map.get_key_value(key) {
+            if let Some(found) = shard.map.get(key) {
                 // Created meanwhile: give the slot back.
                 self.len.fetch_sub(1, Ordering::Relaxed);
-                return Some((Arc::clone(k), Arc::clone(v)));
+                return Some(Arc::clone(&found.0));
             }
-            let (k, v): (Arc<str>, Arc<T>) = (Arc::from(key), Arc::new(make()));
-            shard.map.insert(Arc::clone(&k), Arc::clone(&v));
+            let entry = Arc::new(make(key));
+            shard.map.insert(ByKey(Arc::clone(&entry)));
             if shard.map.len() >= shard.next_len {
                 self.sweep_shard(&mut shard, &keep);
             }
-            (k, v)
+            entry
         };
         let due = {
             let now = Instant::now();
@@ -153,7 +180,9 @@ impl<T> KeyMap<T> {
         let before = shard.map.len();
         // An entry held elsewhere (a request in flight) stays, or a second
         // state could start for its key.
-        shard.map.retain(|_, v| Arc::strong_count(v) > 1 || keep(v));
+        shard
+            .map
+            .retain(|e| Arc::strong_count(&e.0) > 1 || keep(&e.0));
         let dropped = before - shard.map.len();
         self.len.fetch_sub(dropped, Ordering::Relaxed);
         // A shard that shrank to a quarter gives its memory back.
@@ -175,16 +204,11 @@ impl<T> KeyMap<T> {
 
     /// Every entry, copied one shard at a time (the state itself is shared,
     /// not copied).
-    pub(super) fn entries(&self) -> Vec<(Arc<str>, Arc<T>)> {
+    pub(super) fn entries(&self) -> Vec<Arc<T>> {
         let mut out = Vec::with_capacity(self.len());
         for shard in self.shards.iter() {
             let shard = lock(shard);
-            out.extend(
-                shard
-                    .map
-                    .iter()
-                    .map(|(k, v)| (Arc::clone(k), Arc::clone(v))),
-            );
+            out.extend(shard.map.iter().map(|e| Arc::clone(&e.0)));
         }
         out
     }
@@ -201,50 +225,67 @@ mod tests {
 
     const LONG: Duration = Duration::from_secs(3_600);
 
+    /// A test entry: a key and a number.
+    #[derive(Debug)]
+    struct E(String, u32);
+
+    impl Keyed for E {
+        fn key(&self) -> &str {
+            &self.0
+        }
+    }
+
+    fn e(v: u32) -> impl FnOnce(&str) -> E {
+        move |k| E(k.to_string(), v)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn finds_creates_and_caps_keys() {
-        let map = KeyMap::<u32>::new();
-        let (k, v) = map.get_or_insert("a", 2, LONG, || 1, |_| true).unwrap();
-        assert_eq!((&*k, *v), ("a", 1));
+        let map = KeyMap::<E>::new();
+        let a = map.get_or_insert("a", 2, LONG, e(1), |_| true).unwrap();
+        assert_eq!((a.key(), a.1), ("a", 1));
         // Found again, not made again.
-        let (_, v) = map.get_or_insert("a", 2, LONG, || 9, |_| true).unwrap();
-        assert_eq!(*v, 1);
-        drop(v);
-        assert!(map.get_or_insert("b", 2, LONG, || 2, |_| true).is_some());
+        let v = map.get_or_insert("a", 2, LONG, e(9), |_| true).unwrap();
+        assert_eq!(v.1, 1);
+        assert!(Arc::ptr_eq(&a, &v));
+        drop((a, v));
+        assert!(map.get_or_insert("b", 2, LONG, e(2), |_| true).is_some());
         // Full, nothing idle: refused, an existing key still found.
-        assert!(map.get_or_insert("c", 2, LONG, || 3, |_| true).is_none());
-        assert!(map.get_or_insert("a", 2, LONG, || 9, |_| true).is_some());
+        assert!(map.get_or_insert("c", 2, LONG, e(3), |_| true).is_none());
+        assert!(map.get_or_insert("a", 2, LONG, e(9), |_| true).is_some());
         assert_eq!(map.len(), 2);
+        assert_eq!(map.get("b").map(|v| v.1), Some(2));
+        assert!(map.get("c").is_none());
         // Full, "b" idle (the map's own reference only): swept, "c" fits.
-        let (_, c) = map.get_or_insert("c", 2, LONG, || 3, |v| *v != 2).unwrap();
-        assert_eq!(*c, 3);
+        let c = map.get_or_insert("c", 2, LONG, e(3), |v| v.1 != 2).unwrap();
+        assert_eq!(c.1, 3);
         assert_eq!(map.len(), 2);
-        let mut names: Vec<String> = map.entries().iter().map(|(k, _)| k.to_string()).collect();
+        let mut names: Vec<String> = map.entries().iter().map(|v| v.0.clone()).collect();
         names.sort();
         assert_eq!(names, ["a", "c"]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_entry_held_elsewhere_is_never_dropped() {
-        let map = KeyMap::<u32>::new();
-        let held = map.get_or_insert("a", 10, LONG, || 1, |_| true).unwrap();
-        map.get_or_insert("b", 10, LONG, || 2, |_| true).unwrap();
+        let map = KeyMap::<E>::new();
+        let held = map.get_or_insert("a", 10, LONG, e(1), |_| true).unwrap();
+        map.get_or_insert("b", 10, LONG, e(2), |_| true).unwrap();
         assert_eq!(map.retain(|_| false), 1);
         assert_eq!(map.len(), 1);
-        assert_eq!(map.entries()[0].0, held.0);
+        assert!(Arc::ptr_eq(&map.entries()[0], &held));
     }
 
     #[tokio::test(start_paused = true)]
     async fn idle_entries_are_swept_by_size_and_by_time() {
-        let map = KeyMap::<u32>::new();
+        let map = KeyMap::<E>::new();
         // 0 marks an idle entry.
         for i in 0..2_000 {
-            map.get_or_insert(&format!("idle-{i}"), usize::MAX, LONG, || 0, |v| *v != 0);
+            map.get_or_insert(&format!("idle-{i}"), usize::MAX, LONG, e(0), |v| v.1 != 0);
         }
         // Each shard swept when it doubled: far fewer than 2,000 are left.
         assert!(map.len() <= SHARDS * FIRST_SWEEP_LEN, "{}", map.len());
         tokio::time::advance(LONG).await;
-        map.get_or_insert("live", usize::MAX, LONG, || 1, |v| *v != 0);
+        map.get_or_insert("live", usize::MAX, LONG, e(1), |v| v.1 != 0);
         assert_eq!(map.len(), 1, "the sweep by time went over every shard");
     }
 }

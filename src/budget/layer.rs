@@ -12,7 +12,7 @@ use super::config::{
 };
 use super::count::CountTokens;
 use super::learn::LearnRules;
-use super::ledger::{InMemoryLedger, Ledger};
+use super::ledger::Ledger;
 use super::limits::{Limits, OutputMode};
 use super::service::TokenBudget;
 use super::snapshot::BudgetSnapshot;
@@ -144,16 +144,21 @@ impl TokenBudgetLayer {
         self.shared.snapshot()
     }
 
-    /// Forgets what the layer keeps per key (learned output ratio, counters)
-    /// for keys not used for `idle` and with no request waiting, and returns
-    /// how many were forgotten. The layer does this by itself as new keys
-    /// arrive (see [`TokenBudgetBuilder::idle_key_eviction`]); this forgets
-    /// them now (the ledger's own: [`InMemoryLedger::evict_idle`]).
+    /// Forgets what the layer keeps per key (learned output ratio, counters,
+    /// and the buckets of its own ledger) for keys not used for `idle`, with
+    /// no request waiting and, with the budget's own ledger, with buckets full
+    /// again; returns how many were forgotten. The layer does this by itself
+    /// as new keys arrive (see [`TokenBudgetBuilder::idle_key_eviction`]);
+    /// this forgets them now. A ledger given to the builder keeps its own
+    /// keys ([`InMemoryLedger::evict_idle`](super::ledger::InMemoryLedger::evict_idle)).
     pub fn forget_idle(&self, idle: std::time::Duration) -> usize {
         self.shared.forget_idle(idle)
     }
 
-    /// The ledger behind the budget.
+    /// The ledger behind the budget: the one given to
+    /// [`TokenBudgetBuilder::ledger`], or a view of the budget's own (its
+    /// buckets kept in the budget's key entries, with the arithmetic of an
+    /// [`InMemoryLedger`](super::ledger::InMemoryLedger) over a one-minute window).
     pub fn ledger(&self) -> &Arc<dyn Ledger> {
         &self.shared.ledger
     }
@@ -330,8 +335,10 @@ impl TokenBudgetBuilder {
         self
     }
 
-    /// The ledger (default: a new [`InMemoryLedger`]). Pass one ledger to
-    /// several layers to make them share limits.
+    /// The ledger (default: one of the budget's own, with the arithmetic of
+    /// an [`InMemoryLedger`](super::ledger::InMemoryLedger) over a one-minute window, its buckets kept in
+    /// the budget's key entries so that a key's name is stored once). Pass
+    /// one ledger to several layers to make them share limits.
     pub fn ledger(mut self, ledger: Arc<dyn Ledger>) -> Self {
         self.ledger = Some(ledger);
         self
@@ -448,9 +455,10 @@ impl TokenBudgetBuilder {
     /// new key is admitted (each time the number of keys doubled, and at most
     /// every half of this time), with no background task; a key with a
     /// request waiting or in flight is kept. What a forgotten key had learned
-    /// (its output ratio, limits learned from headers) is learned again; its
-    /// ledger buckets are kept by the ledger until they are full again
-    /// (see [`InMemoryLedger`]). Set it above the ledger's window (1 minute)
+    /// (its output ratio, limits learned from headers) is learned again. A
+    /// key is kept until its buckets are full again (the budget's own
+    /// ledger); a ledger given to the builder keeps its buckets until then
+    /// (see [`InMemoryLedger`](super::ledger::InMemoryLedger)). Set it above the ledger's window (1 minute)
     /// so a forgotten key has nothing left to enforce.
     pub fn idle_key_eviction(mut self, idle: std::time::Duration) -> Self {
         self.idle_key_eviction = idle;
@@ -522,9 +530,7 @@ impl TokenBudgetBuilder {
             input_headroom: self.input_headroom,
             count_tokens: self.count_tokens,
         };
-        let ledger = self
-            .ledger
-            .unwrap_or_else(|| Arc::new(InMemoryLedger::new()));
+        let ledger = self.ledger;
         let estimator = self
             .estimator
             .unwrap_or_else(|| Arc::new(AnthropicEstimator::new()));

@@ -1042,56 +1042,7 @@ impl InMemoryLedger {
     ) -> Reservation {
         let window_nanos = self.window_nanos;
         let answer = self.with_key(key, true, now, |state| {
-            state.touch(now);
-            // First pass: bring each limited bucket up to date and find the
-            // longest wait. Nothing is debited unless every dimension fits.
-            let mut latest: Option<(Instant, Dimension)> = None;
-            for dimension in Dimension::ALL {
-                let bucket = &mut state.buckets[index(dimension)];
-                let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
-                    continue;
-                };
-                let capacity = capacity_units(limit, window_nanos);
-                bucket.refill(limit, capacity, now);
-                let cost = costs.get(dimension);
-                if cost == 0 {
-                    continue;
-                }
-                if cost > limit {
-                    return Reservation::Never {
-                        dimension,
-                        cost,
-                        capacity: limit,
-                    };
-                }
-                // A cost above a short window's capacity waits for a full bucket.
-                let needed = units(cost).min(capacity);
-                if bucket.level < needed {
-                    let deficit = needed.saturating_sub(bucket.level).unsigned_abs();
-                    // limit > 0 here (cost > 0 and cost <= limit); round up so
-                    // that the refill at `at` covers the deficit exactly.
-                    let wait = deficit.div_ceil(u128::from(limit));
-                    // Counted from the bucket's own timestamp, which is later
-                    // than `now` if the clock stepped back.
-                    let at = instant_after(bucket.updated.unwrap_or(now).max(now), wait);
-                    if latest.is_none_or(|(latest, _)| at > latest) {
-                        latest = Some((at, dimension));
-                    }
-                }
-            }
-            if let Some((at, dimension)) = latest {
-                return Reservation::Wait {
-                    retry_in: at.saturating_duration_since(now),
-                    dimension,
-                };
-            }
-            for dimension in Dimension::ALL {
-                let bucket = &mut state.buckets[index(dimension)];
-                if bucket.limit(configured(limits, dimension)).is_some() {
-                    bucket.level = bucket.level.saturating_sub(units(costs.get(dimension)));
-                }
-            }
-            Reservation::Admitted
+            state.reserve(limits, costs, now, window_nanos)
         });
         // `with_key` with `create` always runs the closure.
         answer.unwrap_or(Reservation::Admitted)
@@ -1104,27 +1055,7 @@ impl InMemoryLedger {
         }
         let window_nanos = self.window_nanos;
         let known = self.with_key(key, false, now, |state| {
-            state.touch(now);
-            for dimension in Dimension::ALL {
-                let change = delta.get(dimension);
-                if change == 0 {
-                    continue;
-                }
-                let bucket = &mut state.buckets[index(dimension)];
-                let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
-                    continue;
-                };
-                let capacity = capacity_units(limit, window_nanos);
-                bucket.refill(limit, capacity, now);
-                let amount = i128::from(change).saturating_mul(UNITS_PER_TOKEN);
-                if amount > 0 {
-                    // A charge: may leave the bucket negative (a debt).
-                    bucket.level = bucket.level.saturating_sub(amount);
-                } else {
-                    // A refund never fills above capacity.
-                    bucket.level = bucket.level.saturating_sub(amount).min(capacity);
-                }
-            }
+            state.settle(limits, delta, now, window_nanos);
         });
         if known.is_none() {
             tracing::trace!("ledger settle for a key it does not hold: ignored");
@@ -1161,18 +1092,7 @@ impl InMemoryLedger {
         }
         let window_nanos = self.window_nanos;
         self.with_key(key, true, now, |state| {
-            state.touch(now);
-            for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
-                if !status.is_empty() {
-                    state.buckets[index(dimension)].sync(
-                        limits,
-                        dimension,
-                        status,
-                        now,
-                        window_nanos,
-                    );
-                }
-            }
+            state.sync_all(limits, statuses, now, window_nanos);
         });
     }
 
@@ -1180,29 +1100,304 @@ impl InMemoryLedger {
     pub fn state_at(&self, key: &str, limits: &Limits, now: Instant) -> Option<[BucketState; 3]> {
         let window_nanos = self.window_nanos;
         self.with_key(key, false, now, |state| {
-            Dimension::ALL.map(|dimension| {
-                let bucket = state.buckets[index(dimension)];
-                match bucket.limit(configured(limits, dimension)) {
-                    None => BucketState {
-                        limit: None,
-                        learned: false,
-                        available: f64::INFINITY,
-                        capacity: f64::INFINITY,
-                    },
-                    Some((limit, learned)) => {
-                        let capacity = capacity_units(limit, window_nanos);
-                        let mut copy = bucket;
-                        copy.refill(limit, capacity, now);
-                        BucketState {
-                            limit: Some(limit),
-                            learned,
-                            available: to_tokens(copy.level),
-                            capacity: to_tokens(capacity),
-                        }
+            state.state(limits, now, window_nanos)
+        })
+    }
+}
+
+/// The operations of [`InMemoryLedger`] on one key's buckets, wherever they
+/// are kept (in the ledger's map, or packed in a budget's own key entry).
+impl KeyState {
+    /// [`InMemoryLedger::reserve_at`] on these buckets.
+    fn reserve(
+        &mut self,
+        limits: &Limits,
+        costs: Costs,
+        now: Instant,
+        window_nanos: u128,
+    ) -> Reservation {
+        let state = self;
+        state.touch(now);
+        // First pass: bring each limited bucket up to date and find the
+        // longest wait. Nothing is debited unless every dimension fits.
+        let mut latest: Option<(Instant, Dimension)> = None;
+        for dimension in Dimension::ALL {
+            let bucket = &mut state.buckets[index(dimension)];
+            let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
+                continue;
+            };
+            let capacity = capacity_units(limit, window_nanos);
+            bucket.refill(limit, capacity, now);
+            let cost = costs.get(dimension);
+            if cost == 0 {
+                continue;
+            }
+            if cost > limit {
+                return Reservation::Never {
+                    dimension,
+                    cost,
+                    capacity: limit,
+                };
+            }
+            // A cost above a short window's capacity waits for a full bucket.
+            let needed = units(cost).min(capacity);
+            if bucket.level < needed {
+                let deficit = needed.saturating_sub(bucket.level).unsigned_abs();
+                // limit > 0 here (cost > 0 and cost <= limit); round up so
+                // that the refill at `at` covers the deficit exactly.
+                let wait = deficit.div_ceil(u128::from(limit));
+                // Counted from the bucket's own timestamp, which is later
+                // than `now` if the clock stepped back.
+                let at = instant_after(bucket.updated.unwrap_or(now).max(now), wait);
+                if latest.is_none_or(|(latest, _)| at > latest) {
+                    latest = Some((at, dimension));
+                }
+            }
+        }
+        if let Some((at, dimension)) = latest {
+            return Reservation::Wait {
+                retry_in: at.saturating_duration_since(now),
+                dimension,
+            };
+        }
+        for dimension in Dimension::ALL {
+            let bucket = &mut state.buckets[index(dimension)];
+            if bucket.limit(configured(limits, dimension)).is_some() {
+                bucket.level = bucket.level.saturating_sub(units(costs.get(dimension)));
+            }
+        }
+        Reservation::Admitted
+    }
+
+    /// [`InMemoryLedger::settle_at`] on these buckets.
+    fn settle(&mut self, limits: &Limits, delta: CostDelta, now: Instant, window_nanos: u128) {
+        let state = self;
+        state.touch(now);
+        for dimension in Dimension::ALL {
+            let change = delta.get(dimension);
+            if change == 0 {
+                continue;
+            }
+            let bucket = &mut state.buckets[index(dimension)];
+            let Some((limit, _)) = bucket.limit(configured(limits, dimension)) else {
+                continue;
+            };
+            let capacity = capacity_units(limit, window_nanos);
+            bucket.refill(limit, capacity, now);
+            let amount = i128::from(change).saturating_mul(UNITS_PER_TOKEN);
+            if amount > 0 {
+                // A charge: may leave the bucket negative (a debt).
+                bucket.level = bucket.level.saturating_sub(amount);
+            } else {
+                // A refund never fills above capacity.
+                bucket.level = bucket.level.saturating_sub(amount).min(capacity);
+            }
+        }
+    }
+
+    /// [`InMemoryLedger::sync_all_at`] on these buckets.
+    fn sync_all(
+        &mut self,
+        limits: &Limits,
+        statuses: [LimitStatus; 3],
+        now: Instant,
+        window_nanos: u128,
+    ) {
+        let state = self;
+        state.touch(now);
+        for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
+            if !status.is_empty() {
+                state.buckets[index(dimension)].sync(limits, dimension, status, now, window_nanos);
+            }
+        }
+    }
+
+    /// [`InMemoryLedger::state_at`] on these buckets.
+    fn state(&self, limits: &Limits, now: Instant, window_nanos: u128) -> [BucketState; 3] {
+        let state = self;
+        Dimension::ALL.map(|dimension| {
+            let bucket = state.buckets[index(dimension)];
+            match bucket.limit(configured(limits, dimension)) {
+                None => BucketState {
+                    limit: None,
+                    learned: false,
+                    available: f64::INFINITY,
+                    capacity: f64::INFINITY,
+                },
+                Some((limit, learned)) => {
+                    let capacity = capacity_units(limit, window_nanos);
+                    let mut copy = bucket;
+                    copy.refill(limit, capacity, now);
+                    BucketState {
+                        limit: Some(limit),
+                        learned,
+                        available: to_tokens(copy.level),
+                        capacity: to_tokens(capacity),
                     }
                 }
-            })
+            }
         })
+    }
+}
+
+/// Instants as signed nanoseconds from an epoch: 8 bytes where an
+/// [`Instant`] takes 16 (exact to the nanosecond within ±292 years).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Epoch(Instant);
+
+impl Epoch {
+    /// An epoch at the present instant.
+    pub(crate) fn now() -> Self {
+        Epoch(Instant::now())
+    }
+
+    /// `at` as nanoseconds from the epoch (negative before it).
+    pub(crate) fn nanos(self, at: Instant) -> i64 {
+        if at >= self.0 {
+            i64::try_from(at.duration_since(self.0).as_nanos()).unwrap_or(i64::MAX)
+        } else {
+            let before = self.0.duration_since(at).as_nanos();
+            i64::try_from(before).map_or(i64::MIN + 1, |n| -n)
+        }
+    }
+
+    /// The instant `nanos` from the epoch.
+    pub(crate) fn instant(self, nanos: i64) -> Instant {
+        let offset = Duration::from_nanos(nanos.unsigned_abs());
+        if nanos >= 0 {
+            self.0.checked_add(offset).unwrap_or(self.0)
+        } else {
+            self.0.checked_sub(offset).unwrap_or(self.0)
+        }
+    }
+}
+
+/// One key's three buckets, packed for a budget that keeps its ledger in its
+/// own key entries (one map of keys, one key string): 72 bytes inline, and
+/// the limits learned from the server boxed once there are any, where an
+/// [`InMemoryLedger`]'s map holds 176 bytes per key beside its own copy of
+/// the key. The arithmetic is the same: each operation unpacks the buckets,
+/// runs [`InMemoryLedger`]'s operation on them and packs them again, with a
+/// one-minute window.
+#[derive(Debug, Default)]
+pub(crate) struct PackedBuckets {
+    buckets: [PackedBucket; 3],
+    learned: Option<Box<[Option<NonZeroU64>; 3]>>,
+}
+
+/// A bucket's level (an `i128` in two halves: 8-byte alignment, not 16) and
+/// when it was last brought up to date ([`PackedBucket::NEVER`] before its
+/// first limit).
+#[derive(Debug, Clone, Copy)]
+struct PackedBucket {
+    level_lo: u64,
+    level_hi: i64,
+    updated: i64,
+}
+
+impl PackedBucket {
+    /// `updated` of a bucket that never had a limit.
+    const NEVER: i64 = i64::MIN;
+}
+
+impl Default for PackedBucket {
+    fn default() -> Self {
+        PackedBucket {
+            level_lo: 0,
+            level_hi: 0,
+            updated: Self::NEVER,
+        }
+    }
+}
+
+impl PackedBuckets {
+    fn unpack(&self, epoch: Epoch) -> KeyState {
+        let learned = self.learned.as_deref().copied().unwrap_or_default();
+        KeyState {
+            buckets: std::array::from_fn(|i| {
+                let p = self.buckets[i];
+                Bucket {
+                    level: (i128::from(p.level_hi) << 64) | i128::from(p.level_lo),
+                    updated: (p.updated != PackedBucket::NEVER).then(|| epoch.instant(p.updated)),
+                    learned: learned[i],
+                    last_limit: None,
+                }
+            }),
+            touched: epoch.0,
+        }
+    }
+
+    fn pack(&mut self, state: &KeyState, epoch: Epoch) {
+        for (p, b) in self.buckets.iter_mut().zip(&state.buckets) {
+            // The two halves of the level: truncation is the point.
+            p.level_lo = b.level as u64;
+            p.level_hi = (b.level >> 64) as i64;
+            p.updated = b.updated.map_or(PackedBucket::NEVER, |t| epoch.nanos(t));
+        }
+        let learned = state.buckets.map(|b| b.learned);
+        match (&mut self.learned, learned.iter().any(Option::is_some)) {
+            (Some(boxed), true) => **boxed = learned,
+            (None, true) => self.learned = Some(Box::new(learned)),
+            (_, false) => self.learned = None,
+        }
+    }
+
+    /// [`InMemoryLedger::reserve_at`] on these buckets.
+    pub(crate) fn reserve(
+        &mut self,
+        limits: &Limits,
+        costs: Costs,
+        now: Instant,
+        epoch: Epoch,
+    ) -> Reservation {
+        let mut state = self.unpack(epoch);
+        let answer = state.reserve(limits, costs, now, MINUTE.as_nanos());
+        self.pack(&state, epoch);
+        answer
+    }
+
+    /// [`InMemoryLedger::settle_at`] on these buckets.
+    pub(crate) fn settle(&mut self, limits: &Limits, delta: CostDelta, now: Instant, epoch: Epoch) {
+        if delta.is_zero() {
+            return;
+        }
+        let mut state = self.unpack(epoch);
+        state.settle(limits, delta, now, MINUTE.as_nanos());
+        self.pack(&state, epoch);
+    }
+
+    /// [`InMemoryLedger::sync_all_at`] on these buckets.
+    pub(crate) fn sync_all(
+        &mut self,
+        limits: &Limits,
+        statuses: [LimitStatus; 3],
+        now: Instant,
+        epoch: Epoch,
+    ) {
+        if statuses.iter().all(LimitStatus::is_empty) {
+            return;
+        }
+        let mut state = self.unpack(epoch);
+        state.sync_all(limits, statuses, now, MINUTE.as_nanos());
+        self.pack(&state, epoch);
+    }
+
+    /// [`InMemoryLedger::state_at`] on these buckets.
+    pub(crate) fn state(&self, limits: &Limits, now: Instant, epoch: Epoch) -> [BucketState; 3] {
+        self.unpack(epoch).state(limits, now, MINUTE.as_nanos())
+    }
+
+    /// Whether every bucket with a limit in force (under `limits`) is full
+    /// again at `now`: forgetting the key then changes nothing.
+    pub(crate) fn is_full(&self, limits: &Limits, now: Instant, epoch: Epoch) -> bool {
+        let mut state = self.unpack(epoch);
+        for dimension in Dimension::ALL {
+            let bucket = &mut state.buckets[index(dimension)];
+            bucket.last_limit = bucket
+                .limit(configured(limits, dimension))
+                .and_then(|(limit, _)| NonZeroU64::new(limit));
+        }
+        state.is_full(now, MINUTE.as_nanos())
     }
 }
 

@@ -42,11 +42,12 @@ use super::admission::{self, Probe};
 use super::callers::CallerRefusal;
 use super::config::{BudgetMode, KeyExtractor, LimitsConfig};
 use super::count::{CountTokens, Counter};
-use super::keys::KeyMap;
+use super::keys::{KeyMap, Keyed};
 use super::lazy::{LazyQueue, Learners};
 use super::learn::LearnRules;
 use super::ledger::{
-    BucketState, CostDelta, Costs, Ledger, LedgerError, LedgerFuture, Reservation,
+    BucketState, CostDelta, Costs, Epoch, Ledger, LedgerError, LedgerFuture, PackedBuckets,
+    Reservation,
 };
 use super::limits::{Limits, ModelClass, OutputMode};
 use super::prefix::{WriteGuard, Writers};
@@ -103,23 +104,34 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// What the budget keeps per key.
+/// What the budget keeps per key: 136 bytes until the key has samples
+/// (responses with usage, limits reported by the server, waiters), when the
+/// parts that need them are allocated.
 #[derive(Debug)]
 struct KeyState {
-    limits: Limits,
-    last_used: Instant,
+    /// The key's buckets when the budget keeps its own ledger (see
+    /// [`Shared::own`]); unused with a ledger of the user's.
+    buckets: PackedBuckets,
+    /// When the key was last used, in nanoseconds from [`Shared::epoch`].
+    last_used: i64,
     /// Allocated by the first waiter, freed by the last.
     queue: LazyQueue,
-    /// Created at the first sample (its window is allocated up front), so a
-    /// key that never got an answer with usage stays small.
-    output_ratio: Option<Box<SlidingQuantile>>,
-    ratio_samples: u64,
+    /// Created at the third sample (its window is allocated up front), so a
+    /// key that got few answers with usage stays small.
+    output_ratio: Option<Box<RatioSamples>>,
     estimates: u64,
-    fallback_estimates: u64,
-    calibration: Option<f64>,
+    fallback_estimates: u32,
+    /// The last estimate's calibration factor (NaN: none yet).
+    calibration: f32,
+    /// The first two output ratios, kept inline (in what would be padding)
+    /// until the window is created: in fixed point, `ratio × 65,534`
+    /// rounded, [`NO_RATIO`] for none.
+    early_ratios: [u16; 2],
     /// The limits learned from the server's headers, per dimension
     /// (allocated at the first reported limit).
     learners: Learners,
+    /// The model class: the key's configured limits are its class's.
+    class: ModelClass,
     /// Unknown limits: whether a probe is needed or in flight.
     probe: Probe,
     /// The output-token rule learned from the probe's response, if any.
@@ -130,21 +142,37 @@ struct KeyState {
     ledger_at_once: bool,
 }
 
+/// An empty slot of [`KeyState::early_ratios`].
+const NO_RATIO: u16 = u16::MAX;
+
+/// The fixed-point scale of [`KeyState::early_ratios`] (a resolution of
+/// 1.5e-5, far below what a quantile of output ratios can tell apart).
+const RATIO_SCALE: f64 = 65_534.0;
+
+/// The recent `output_tokens / max_tokens` ratios of a key, and how many
+/// were seen.
+#[derive(Debug)]
+struct RatioSamples {
+    window: SlidingQuantile,
+    seen: u64,
+}
+
 impl KeyState {
-    fn new(limits: Limits) -> Self {
+    fn new(class: ModelClass, limits: &Limits, last_used: i64) -> Self {
         Self {
-            learners: Learners::default(),
-            probe: Probe::for_limits(&limits),
-            output_rule: None,
-            ledger_at_once: false,
-            limits,
-            last_used: Instant::now(),
+            buckets: PackedBuckets::default(),
+            last_used,
             queue: LazyQueue::default(),
             output_ratio: None,
-            ratio_samples: 0,
             estimates: 0,
             fallback_estimates: 0,
-            calibration: None,
+            calibration: f32::NAN,
+            early_ratios: [NO_RATIO; 2],
+            learners: Learners::default(),
+            class,
+            probe: Probe::for_limits(limits),
+            output_rule: None,
+            ledger_at_once: false,
         }
     }
 
@@ -153,14 +181,45 @@ impl KeyState {
     /// `settings.output_quantile` of the recent ratios.
     fn expected_ratio(&self, settings: &Settings) -> f64 {
         let (q, prior) = (settings.output_quantile, settings.output_ratio_prior);
-        if self.ratio_samples < settings.output_ratio_min_samples as u64 {
+        // Without a window, at most two ratios were seen (inline), fewer
+        // than the samples needed (see `push_ratio`).
+        let Some(samples) = self.output_ratio.as_ref() else {
+            return prior;
+        };
+        if samples.seen < settings.output_ratio_min_samples as u64 {
             return prior;
         }
-        self.output_ratio
-            .as_ref()
-            .and_then(|w| w.quantile(q))
+        samples
+            .window
+            .quantile(q)
             .filter(|r| r.is_finite())
             .map_or(prior, |r| r.clamp(0.0, 1.0))
+    }
+
+    /// Learns an output ratio in `[0, 1]`. The first two are kept inline
+    /// while more than two samples are needed before they count; the window
+    /// is created with the third (the two moved into it).
+    fn push_ratio(&mut self, ratio: f64, settings: &Settings) {
+        if self.output_ratio.is_none() && settings.output_ratio_min_samples > 2 {
+            if let Some(slot) = self.early_ratios.iter_mut().find(|s| **s == NO_RATIO) {
+                *slot = (ratio * RATIO_SCALE).round() as u16;
+                return;
+            }
+        }
+        let early = std::mem::replace(&mut self.early_ratios, [NO_RATIO; 2]);
+        let samples = self.output_ratio.get_or_insert_with(|| {
+            let mut samples = RatioSamples {
+                window: SlidingQuantile::new(settings.output_ratio_window),
+                seen: 0,
+            };
+            for r in early.into_iter().filter(|r| *r != NO_RATIO) {
+                samples.window.push(f64::from(r) / RATIO_SCALE);
+                samples.seen += 1;
+            }
+            Box::new(samples)
+        });
+        samples.window.push(ratio);
+        samples.seen += 1;
     }
 
     /// Gives the head of the queue its turn to ask; returns its waker (to
@@ -174,21 +233,49 @@ impl KeyState {
     }
 }
 
-/// Whether a key nothing else holds stays: used within `idle` before
-/// `now`, or with a request waiting. (A key held elsewhere, by a charge in
-/// flight, always stays: see [`KeyMap`].)
-fn is_active(cell: &KeyCell, now: Instant, idle: Duration) -> bool {
-    let ks = lock_key(cell);
-    !ks.queue.is_empty() || now.saturating_duration_since(ks.last_used) < idle
+/// One key: its name, and its state behind its own lock.
+#[derive(Debug)]
+struct KeyCell {
+    key: Arc<str>,
+    state: Mutex<KeyState>,
 }
 
-/// One key's state behind its own lock.
-type KeyCell = Mutex<KeyState>;
+impl Keyed for KeyCell {
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// A new key's entry.
+fn new_cell(key: &str, class: ModelClass, limits: &Limits, last_used: i64) -> KeyCell {
+    KeyCell {
+        key: Arc::from(key),
+        state: Mutex::new(KeyState::new(class, limits, last_used)),
+    }
+}
+
+/// Whether a key nothing else holds stays: used within `idle` before `now`,
+/// with a request waiting, or, when the budget keeps its own ledger
+/// (`own`: its configured limits), with buckets not full again. (A key held
+/// elsewhere, by a charge in flight, always stays: see [`KeyMap`].)
+fn key_stays(
+    cell: &KeyCell,
+    (now, epoch): (Instant, Epoch),
+    idle: Duration,
+    own: Option<&LimitsConfig>,
+) -> bool {
+    let ks = lock_key(cell);
+    let since = epoch.nanos(now).saturating_sub(ks.last_used);
+    let recent = u128::try_from(since).map_or(true, |n| n < idle.as_nanos());
+    !ks.queue.is_empty()
+        || recent
+        || own.is_some_and(|config| !ks.buckets.is_full(&config.limits_for(ks.class), now, epoch))
+}
 
 fn lock_key(cell: &KeyCell) -> MutexGuard<'_, KeyState> {
     // Every critical section leaves the state consistent before anything
     // that could panic, so a poisoned lock still holds a valid state.
-    cell.lock().unwrap_or_else(PoisonError::into_inner)
+    cell.state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn wake(waker: Option<Waker>) {
@@ -200,10 +287,18 @@ fn wake(waker: Option<Waker>) {
 /// The state shared by every clone of one budget.
 pub(crate) struct Shared {
     pub(crate) settings: Settings,
+    /// The ledger: the user's, or with [`Shared::own`] a view of the
+    /// buckets kept in the budget's own key entries ([`OwnLedger`]).
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) estimator: Arc<dyn TokenEstimator>,
     /// The keys, sharded: no admission waits for work over all keys.
-    keys: KeyMap<KeyCell>,
+    keys: Arc<KeyMap<KeyCell>>,
+    /// Whether the budget keeps its own in-memory ledger inside its key
+    /// entries (no ledger was given): one map of keys, one copy of each
+    /// key's name, and the ledger's operations done under the key's lock.
+    own: bool,
+    /// The instant the key entries' times count from.
+    epoch: Epoch,
     /// The `count_tokens` mode, if on.
     pub(crate) counter: Option<Counter>,
     counters: Counters,
@@ -476,17 +571,33 @@ enum Step {
 }
 
 impl Shared {
+    /// The budget's state, over `ledger`, or over a ledger of its own kept
+    /// inside its key entries if `None`.
     pub(crate) fn new(
         settings: Settings,
-        ledger: Arc<dyn Ledger>,
+        ledger: Option<Arc<dyn Ledger>>,
         estimator: Arc<dyn TokenEstimator>,
     ) -> Self {
+        let keys = Arc::new(KeyMap::new());
+        let epoch = Epoch::now();
+        let own = ledger.is_none();
+        let ledger = ledger.unwrap_or_else(|| {
+            Arc::new(OwnLedger {
+                keys: Arc::clone(&keys),
+                limits: settings.limits.clone(),
+                max_keys: settings.max_keys,
+                idle: settings.idle_key_eviction,
+                epoch,
+            })
+        });
         Self {
             counter: settings.count_tokens.map(Counter::new),
             settings,
             ledger,
             estimator,
-            keys: KeyMap::new(),
+            keys,
+            own,
+            epoch,
             counters: Counters::default(),
             writers: Arc::default(),
         }
@@ -511,16 +622,26 @@ impl Shared {
     /// time) when half the idle time passed: amortized O(1) per new key, and
     /// no background task.
     /// `None` if the key is new and the budget holds its most keys, none idle.
-    fn key_cell(&self, lookup: &str, limits: Limits) -> Option<(Arc<str>, Arc<KeyCell>)> {
+    fn key_cell(&self, lookup: &str, class: ModelClass, limits: &Limits) -> Option<Arc<KeyCell>> {
         let idle = self.settings.idle_key_eviction;
         let now = Instant::now();
+        let last_used = self.epoch.nanos(now);
         self.keys.get_or_insert(
             lookup,
             self.settings.max_keys,
             idle / 2,
-            || Mutex::new(KeyState::new(limits)),
-            |cell| is_active(cell, now, idle),
+            |key| new_cell(key, class, limits, last_used),
+            |cell| self.keeps(cell, now, idle),
         )
+    }
+
+    /// Whether a key nothing else holds stays: used within `idle` before
+    /// `now`, with a request waiting, or (own ledger) with buckets not full
+    /// again. (A key held elsewhere, by a charge in flight, always stays:
+    /// see [`KeyMap`].)
+    fn keeps(&self, cell: &KeyCell, now: Instant, idle: Duration) -> bool {
+        let own = self.own.then_some(&self.settings.limits);
+        key_stays(cell, (now, self.epoch), idle, own)
     }
 
     /// Turns an estimate into the costs to reserve under the request's key.
@@ -534,20 +655,21 @@ impl Shared {
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
         let name = class.as_str();
-        let (key, cell) = match caller {
-            None => self.key_cell(name, limits),
-            Some(caller) => self.key_cell(&format!("{caller}/{name}"), limits),
+        let cell = match caller {
+            None => self.key_cell(name, class, &limits),
+            Some(caller) => self.key_cell(&format!("{caller}/{name}"), class, &limits),
         }
         .ok_or(CallerRefusal::TooManyKeys)?;
+        let key = Arc::clone(&cell.key);
         let output_tokens = {
             let mut ks = lock_key(&cell);
             ks.estimates += 1;
             if estimate.fallback {
-                ks.fallback_estimates += 1;
+                ks.fallback_estimates = ks.fallback_estimates.saturating_add(1);
             }
             if estimate.raw_input_tokens > 0 {
                 ks.calibration =
-                    Some(estimate.input_tokens as f64 / estimate.raw_input_tokens as f64);
+                    (estimate.input_tokens as f64 / estimate.raw_input_tokens as f64) as f32;
             }
             self.output_tokens(&ks, estimate.max_tokens)
         };
@@ -731,7 +853,7 @@ impl Shared {
             now: Instant::now(),
         };
         let mut ks = lock_key(&charge.cell);
-        ks.last_used = turn.now;
+        ks.last_used = self.epoch.nanos(turn.now);
         let at_head = match &adm.place {
             None => self.settings.mode == BudgetMode::Reject || ks.queue.is_empty(),
             Some(place) => ks.queue.is_next(place.id()),
@@ -756,8 +878,7 @@ impl Shared {
             return step;
         }
         let costs = self.with_headroom(&ks, charge, adm);
-        let fut = self.ledger.reserve(&charge.key, &charge.limits, costs);
-        let answer = fut.into_ready();
+        let answer = self.reserve(&mut ks, charge, costs, turn.now);
         ks.ledger_at_once = answer.is_ok();
         match answer {
             Ok(answer) => {
@@ -800,7 +921,7 @@ impl Shared {
         match answer {
             Err(e) => (Step::Refused(Refusal::Ledger(e)), leave(adm, ks)),
             Ok(Reservation::Admitted) => {
-                self.release_headroom(charge, adm);
+                self.release_headroom(ks, charge, adm);
                 (Step::Admitted, leave(adm, ks))
             }
             Ok(Reservation::Wait {
@@ -919,14 +1040,21 @@ impl Shared {
         self.end_probe(charge, Probe::Off);
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
         if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
-            let mut ks = lock_key(&charge.cell);
-            let window = self.settings.output_ratio_window;
-            ks.output_ratio
-                .get_or_insert_with(|| Box::new(SlidingQuantile::new(window)))
-                .push(r.clamp(0.0, 1.0));
-            ks.ratio_samples += 1;
+            lock_key(&charge.cell).push_ratio(r.clamp(0.0, 1.0), &self.settings);
         }
-        if !delta.is_zero() {
+        if delta.is_zero() {
+        } else if self.own {
+            let mut ks = lock_key(&charge.cell);
+            ks.buckets
+                .settle(&charge.limits, delta, Instant::now(), self.epoch);
+            let next = if freed {
+                ks.notify_head(&self.counters)
+            } else {
+                None
+            };
+            drop(ks);
+            wake(next);
+        } else {
             let op = self.ledger.settle(&charge.key, &charge.limits, delta);
             self.run(charge, op, freed);
         }
@@ -985,7 +1113,16 @@ impl Shared {
                 tracing::debug!(key = super::callers::logged_key(&charge.key), rule = ?ks.output_rule, "budget: limits learned from the probe");
             }
         }
-        if !statuses.iter().all(LimitStatus::is_empty) {
+        if statuses.iter().all(LimitStatus::is_empty) {
+        } else if self.own {
+            // Under the key's lock, which the head's turn needs anyway.
+            let mut ks = lock_key(&charge.cell);
+            ks.buckets
+                .sync_all(&charge.limits, statuses, Instant::now(), self.epoch);
+            let next = ks.notify_head(&self.counters);
+            drop(ks);
+            wake(next);
+        } else {
             // All three dimensions in one ledger operation (one lock for the
             // in-memory ledger); the head's turn comes once it is done.
             let op = self.ledger.sync_all(&charge.key, &charge.limits, statuses);
@@ -1034,8 +1171,9 @@ impl Shared {
         costs
     }
 
-    /// Gives back the headroom an admitted request's reservation held.
-    fn release_headroom(self: &Arc<Self>, charge: &Charge, adm: &mut Admission) {
+    /// Gives back the headroom an admitted request's reservation held
+    /// (under the key's lock, `ks`).
+    fn release_headroom(self: &Arc<Self>, ks: &mut KeyState, charge: &Charge, adm: &mut Admission) {
         let headroom = std::mem::take(&mut adm.headroom);
         if headroom == 0 {
             return;
@@ -1044,8 +1182,37 @@ impl Shared {
             input_tokens: -(i64::try_from(headroom).unwrap_or(i64::MAX)),
             ..CostDelta::default()
         };
-        let op = self.ledger.settle(&charge.key, &charge.limits, delta);
-        self.run(charge, op, false);
+        if self.own {
+            ks.buckets
+                .settle(&charge.limits, delta, Instant::now(), self.epoch);
+        } else {
+            let op = self.ledger.settle(&charge.key, &charge.limits, delta);
+            self.run(charge, op, false);
+        }
+    }
+
+    /// Asks for a reservation under the key's lock (`ks`): answered at once
+    /// by the budget's own buckets, else by the ledger (`Err` with its
+    /// future if it needs a round trip).
+    #[allow(clippy::type_complexity)]
+    fn reserve(
+        &self,
+        ks: &mut KeyState,
+        charge: &Charge,
+        costs: Costs,
+        now: Instant,
+    ) -> Result<Result<Reservation, LedgerError>, LedgerFuture<Reservation>> {
+        if self.own {
+            return Ok(Ok(ks.buckets.reserve(
+                &charge.limits,
+                costs,
+                now,
+                self.epoch,
+            )));
+        }
+        self.ledger
+            .reserve(&charge.key, &charge.limits, costs)
+            .into_ready()
     }
 
     /// Unknown limits: takes the probe role for this request if it is
@@ -1106,13 +1273,10 @@ impl Shared {
             return None;
         }
         let costs = self.with_headroom(ks, charge, adm);
-        let answer = self
-            .ledger
-            .reserve(&charge.key, &charge.limits, costs)
-            .into_ready();
+        let answer = self.reserve(ks, charge, costs, Instant::now());
         match answer {
             Ok(Ok(Reservation::Admitted)) => {
-                self.release_headroom(charge, adm);
+                self.release_headroom(ks, charge, adm);
                 let next = adm.place.take().and_then(|p| p.leave(ks));
                 wake(next);
                 tracing::debug!(
@@ -1165,7 +1329,7 @@ impl Shared {
     /// counters). Returns how many.
     pub(crate) fn forget_idle(&self, idle: Duration) -> usize {
         let now = Instant::now();
-        self.keys.retain(|cell| is_active(cell, now, idle))
+        self.keys.retain(|cell| self.keeps(cell, now, idle))
     }
 
     /// A snapshot of every key this budget has seen.
@@ -1174,11 +1338,12 @@ impl Shared {
         let cells = self.keys.entries();
         let mut out: Vec<KeySnapshot> = cells
             .into_iter()
-            .map(|(key, cell)| {
+            .map(|cell| {
                 let ks = lock_key(&cell);
-                let (limits, waiting) = (ks.limits, ks.queue.len());
+                let limits = self.settings.limits.limits_for(ks.class);
+                let waiting = ks.queue.len();
                 let partial = KeySnapshot {
-                    key: key.to_string(),
+                    key: cell.key.to_string(),
                     dimensions: Dimension::ALL.map(|d| DimensionSnapshot {
                         dimension: d,
                         limit: None,
@@ -1187,8 +1352,9 @@ impl Shared {
                         capacity: None,
                     }),
                     waiting,
-                    calibration_factor: ks.calibration,
-                    fallback_estimates: ks.fallback_estimates,
+                    calibration_factor: (!ks.calibration.is_nan())
+                        .then_some(f64::from(ks.calibration)),
+                    fallback_estimates: u64::from(ks.fallback_estimates),
                     estimates: ks.estimates,
                     expected_output_ratio: ks.expected_ratio(&self.settings),
                 };
@@ -1287,7 +1453,7 @@ impl Shared {
         let cell = self.keys.get(name);
         let output_tokens = match cell {
             Some(cell) => self.output_tokens(&lock_key(&cell), estimate.max_tokens),
-            None => self.output_tokens(&KeyState::new(limits), estimate.max_tokens),
+            None => self.output_tokens(&KeyState::new(class, &limits, 0), estimate.max_tokens),
         };
         let input_tokens = if class.cache_reads_count_toward_itpm() {
             estimate
@@ -1305,5 +1471,113 @@ impl Shared {
                 output_tokens,
             },
         }
+    }
+}
+
+/// The ledger of a budget built without one, kept in the budget's own key
+/// entries, seen through the [`Ledger`] trait (for
+/// [`TokenBudgetLayer::ledger`](super::TokenBudgetLayer::ledger) and the
+/// pool). Each operation finds the key's entry and runs under its lock, as
+/// an [`InMemoryLedger`](super::ledger::InMemoryLedger) with a one-minute
+/// window would; a new key's class is read from its name
+/// (`[caller/]class`). The budget itself does not go through it: it runs the
+/// same operations under the key's lock it already holds.
+struct OwnLedger {
+    keys: Arc<KeyMap<KeyCell>>,
+    limits: LimitsConfig,
+    max_keys: usize,
+    idle: Duration,
+    epoch: Epoch,
+}
+
+impl std::fmt::Debug for OwnLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys may be derived from callers' credentials: count them only.
+        f.debug_struct("OwnLedger")
+            .field("keys", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnLedger {
+    /// Runs `f` on the key's state at `now`, creating the key if `create`
+    /// (`None` if it is unknown and not created, or the budget is full).
+    fn with_key<R>(
+        &self,
+        key: &str,
+        limits: &Limits,
+        create: bool,
+        f: impl FnOnce(&mut KeyState, Instant) -> R,
+    ) -> Option<R> {
+        let now = Instant::now();
+        let cell = if create {
+            let class = key
+                .rsplit('/')
+                .next()
+                .and_then(|c| c.parse::<ModelClass>().ok())
+                .unwrap_or(ModelClass::Other);
+            let last_used = self.epoch.nanos(now);
+            self.keys.get_or_insert(
+                key,
+                self.max_keys,
+                self.idle / 2,
+                |key| new_cell(key, class, limits, last_used),
+                |cell| key_stays(cell, (now, self.epoch), self.idle, Some(&self.limits)),
+            )?
+        } else {
+            self.keys.get(key)?
+        };
+        let mut ks = lock_key(&cell);
+        Some(f(&mut ks, now))
+    }
+}
+
+impl Ledger for OwnLedger {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        let epoch = self.epoch;
+        let answer = self.with_key(key, limits, true, |ks, now| {
+            ks.last_used = epoch.nanos(now);
+            ks.buckets.reserve(limits, costs, now, epoch)
+        });
+        LedgerFuture::ready(answer.ok_or_else(|| LedgerError::new(CallerRefusal::TooManyKeys)))
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        let epoch = self.epoch;
+        self.with_key(key, limits, false, |ks, now| {
+            ks.buckets.settle(limits, delta, now, epoch);
+        });
+        LedgerFuture::ready(Ok(()))
+    }
+
+    fn sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitStatus,
+    ) -> LedgerFuture<()> {
+        let mut statuses = [LimitStatus::default(); 3];
+        statuses[dim_index(dimension)] = sync;
+        self.sync_all(key, limits, statuses)
+    }
+
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        if statuses.iter().all(LimitStatus::is_empty) {
+            return LedgerFuture::ready(Ok(()));
+        }
+        let epoch = self.epoch;
+        self.with_key(key, limits, true, |ks, now| {
+            ks.buckets.sync_all(limits, statuses, now, epoch);
+        });
+        LedgerFuture::ready(Ok(()))
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        let epoch = self.epoch;
+        let state = self.with_key(key, limits, false, |ks, now| {
+            ks.buckets.state(limits, now, epoch)
+        });
+        LedgerFuture::ready(Ok(state))
     }
 }
