@@ -307,7 +307,7 @@ pub(crate) fn apply(charge: &mut Charge, counted: u64) {
     };
     let input = counted.saturating_sub(read);
     tracing::debug!(
-        key = super::callers::logged_key(&charge.key),
+        key = super::callers::logged_key(charge.key()),
         from = charge.costs.input_tokens,
         to = input,
         "budget: charged the count_tokens answer"

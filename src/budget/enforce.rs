@@ -28,7 +28,7 @@ pub(crate) fn insert_headers(shared: &Shared, charge: &Charge, headers: &mut Hea
     for name in upstream {
         headers.remove(name);
     }
-    if let Some(states) = shared.state_now(&charge.key, &charge.limits) {
+    if let Some(states) = shared.state_now(charge.key(), &charge.limits) {
         insert_rate_limit_headers(headers, &states, SystemTime::now());
     }
 }
@@ -75,7 +75,7 @@ pub(crate) fn reject<B>(
             dimension,
         } => {
             let limit = shared
-                .state_now(&charge.key, &charge.limits)
+                .state_now(charge.key(), &charge.limits)
                 .and_then(|s| s.get(dim_index(dimension)).and_then(|b| b.limit))
                 .or(charge.limits.get(dimension));
             (dimension, limit, Some(retry_in))

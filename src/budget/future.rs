@@ -162,7 +162,7 @@ impl Drop for Held {
         if let Some(charge) = self.charge.take() {
             if self.marker.sent() {
                 tracing::debug!(
-                    key = super::callers::logged_key(&charge.key),
+                    key = super::callers::logged_key(charge.key()),
                     "budget: request dropped after it was sent; charge kept"
                 );
                 self.shared.lost(&charge);
@@ -516,7 +516,7 @@ fn finished<ResB: Body, E: Into<BoxError>>(
                 shared.refund_unsent(&charge);
             } else {
                 tracing::debug!(
-                    key = super::callers::logged_key(&charge.key),
+                    key = super::callers::logged_key(charge.key()),
                     "budget: inner service failed; charge kept"
                 );
                 shared.lost(&charge);
@@ -710,7 +710,7 @@ fn respond<ResB: Body>(
     }
     if was_refused {
         tracing::debug!(
-            key = super::callers::logged_key(&charge.key),
+            key = super::callers::logged_key(charge.key()),
             status = status.as_u16(),
             "budget: request refused; reservation refunded"
         );

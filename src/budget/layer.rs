@@ -44,7 +44,7 @@ use crate::observe::{Hooks, RejectEvent, SettleEvent, WaitEvent};
 /// ```
 #[derive(Clone)]
 pub struct TokenBudgetLayer {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl fmt::Debug for TokenBudgetLayer {

@@ -1435,3 +1435,129 @@ impl Ledger for InMemoryLedger {
         LedgerFuture::ready(Ok(self.state_at(key, limits, Instant::now())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator, so each seed replays.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            self.0 >> 33
+        }
+
+        fn upto(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn maybe(&mut self, value: impl FnOnce(&mut Self) -> u64) -> Option<u64> {
+            let value = value(self);
+            (self.upto(3) > 0).then_some(value)
+        }
+    }
+
+    /// The packed buckets a budget keeps in its own key entries give the
+    /// same answers and the same state as an [`InMemoryLedger`] (one-minute
+    /// window) over random operations: reservations, charges and refunds,
+    /// syncs to reported limits and remainings, time going forward and back,
+    /// and instants before the epoch.
+    #[test]
+    fn packed_buckets_answer_as_the_in_memory_ledger() {
+        const KEY: &str = "k";
+        for seed in 0..40 {
+            let mut rng = Lcg(seed);
+            let ledger = InMemoryLedger::new();
+            let start = Instant::now();
+            // Some instants fall before the epoch: negative offsets.
+            let epoch = Epoch(start + Duration::from_secs(2));
+            let mut packed = PackedBuckets::default();
+            let limits = Limits {
+                requests_per_minute: rng.maybe(|g| 1 + g.upto(100)),
+                input_tokens_per_minute: rng.maybe(|g| 1_000 + g.upto(100_000)),
+                output_tokens_per_minute: rng.maybe(|g| 500 + g.upto(20_000)),
+            };
+            let mut now = start;
+            for step in 0..400 {
+                match rng.upto(6) {
+                    0 | 1 => {
+                        let costs = Costs {
+                            requests: rng.upto(2),
+                            input_tokens: rng.upto(5_000),
+                            output_tokens: rng.upto(2_000),
+                        };
+                        let a = ledger.reserve_at(KEY, &limits, costs, now);
+                        let b = packed.reserve(&limits, costs, now, epoch);
+                        assert_eq!(a, b, "seed {seed} step {step}");
+                    }
+                    2 => {
+                        let signed = |r: &mut Lcg, n: u64| r.upto(2 * n) as i64 - n as i64;
+                        let delta = CostDelta {
+                            requests: signed(&mut rng, 2),
+                            input_tokens: signed(&mut rng, 3_000),
+                            output_tokens: signed(&mut rng, 1_000),
+                        };
+                        ledger.settle_at(KEY, &limits, delta, now);
+                        if ledger.state_at(KEY, &limits, now).is_some() {
+                            packed.settle(&limits, delta, now, epoch);
+                        }
+                    }
+                    3 => {
+                        let status = |r: &mut Lcg| LimitStatus {
+                            limit: r.maybe(|g| 1 + g.upto(50_000)),
+                            remaining: r.maybe(|g| g.upto(50_000)),
+                            reset_in: r.maybe(|g| g.upto(60_000)).map(Duration::from_millis),
+                        };
+                        let statuses = [status(&mut rng), status(&mut rng), status(&mut rng)];
+                        ledger.sync_all_at(KEY, &limits, statuses, now);
+                        packed.sync_all(&limits, statuses, now, epoch);
+                    }
+                    4 => now += Duration::from_nanos(rng.upto(5_000_000_000)),
+                    _ => {
+                        let back = Duration::from_nanos(rng.upto(1_000_000_000));
+                        now = now.checked_sub(back).unwrap_or(now);
+                    }
+                }
+                if let Some(state) = ledger.state_at(KEY, &limits, now) {
+                    assert_eq!(
+                        state,
+                        packed.state(&limits, now, epoch),
+                        "seed {seed} step {step}"
+                    );
+                }
+            }
+            let later = now + Duration::from_secs(600);
+            let ledger_full =
+                ledger.with_key(KEY, false, later, |s| s.is_full(later, MINUTE.as_nanos()));
+            if let Some(full) = ledger_full {
+                assert_eq!(full, packed.is_full(&limits, later, epoch), "seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_epoch_converts_instants_both_ways_exactly() {
+        let at = Instant::now() + Duration::from_secs(100);
+        let epoch = Epoch(at);
+        for offset in [0, 1, 999_999_999, 86_400_000_000_123] {
+            let later = at + Duration::from_nanos(offset);
+            assert_eq!(epoch.nanos(later), offset as i64);
+            assert_eq!(epoch.instant(epoch.nanos(later)), later);
+            if let Some(earlier) = at.checked_sub(Duration::from_nanos(offset)) {
+                assert_eq!(epoch.nanos(earlier), -(offset as i64));
+                assert_eq!(epoch.instant(epoch.nanos(earlier)), earlier);
+            }
+        }
+    }
+
+    #[test]
+    fn packed_buckets_are_small() {
+        // Three buckets inline, the learned limits boxed.
+        assert!(std::mem::size_of::<PackedBuckets>() <= 80);
+    }
+}

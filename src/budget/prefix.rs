@@ -252,7 +252,7 @@ pub(crate) fn read_prefix(charge: &mut Charge, tokens: u64) {
     let uncached = raw.saturating_sub(extra);
     let input = (uncached as f64 * factor).ceil() as u64;
     tracing::debug!(
-        key = super::callers::logged_key(&charge.key),
+        key = super::callers::logged_key(charge.key()),
         from = charge.costs.input_tokens,
         to = input,
         "budget: prefix written by a request in flight; charged as a cache read"

@@ -104,9 +104,10 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// What the budget keeps per key: 136 bytes until the key has samples
-/// (responses with usage, limits reported by the server, waiters), when the
-/// parts that need them are allocated.
+/// What the budget keeps per key: 152 bytes, the buckets of its own ledger
+/// included, until the key has more than two samples of its output ratio,
+/// limits reported by the server or waiters, when the parts that need them
+/// are allocated.
 #[derive(Debug)]
 struct KeyState {
     /// The key's buckets when the budget keeps its own ledger (see
@@ -123,10 +124,9 @@ struct KeyState {
     fallback_estimates: u32,
     /// The last estimate's calibration factor (NaN: none yet).
     calibration: f32,
-    /// The first two output ratios, kept inline (in what would be padding)
-    /// until the window is created: in fixed point, `ratio × 65,534`
-    /// rounded, [`NO_RATIO`] for none.
-    early_ratios: [u16; 2],
+    /// The first two output ratios, kept inline until the window is
+    /// created (NaN: none).
+    early_ratios: [f64; 2],
     /// The limits learned from the server's headers, per dimension
     /// (allocated at the first reported limit).
     learners: Learners,
@@ -141,13 +141,6 @@ struct KeyState {
     /// trip away for every arrival would load it).
     ledger_at_once: bool,
 }
-
-/// An empty slot of [`KeyState::early_ratios`].
-const NO_RATIO: u16 = u16::MAX;
-
-/// The fixed-point scale of [`KeyState::early_ratios`] (a resolution of
-/// 1.5e-5, far below what a quantile of output ratios can tell apart).
-const RATIO_SCALE: f64 = 65_534.0;
 
 /// The recent `output_tokens / max_tokens` ratios of a key, and how many
 /// were seen.
@@ -167,7 +160,7 @@ impl KeyState {
             estimates: 0,
             fallback_estimates: 0,
             calibration: f32::NAN,
-            early_ratios: [NO_RATIO; 2],
+            early_ratios: [f64::NAN; 2],
             learners: Learners::default(),
             class,
             probe: Probe::for_limits(limits),
@@ -201,19 +194,19 @@ impl KeyState {
     /// is created with the third (the two moved into it).
     fn push_ratio(&mut self, ratio: f64, settings: &Settings) {
         if self.output_ratio.is_none() && settings.output_ratio_min_samples > 2 {
-            if let Some(slot) = self.early_ratios.iter_mut().find(|s| **s == NO_RATIO) {
-                *slot = (ratio * RATIO_SCALE).round() as u16;
+            if let Some(slot) = self.early_ratios.iter_mut().find(|s| s.is_nan()) {
+                *slot = ratio;
                 return;
             }
         }
-        let early = std::mem::replace(&mut self.early_ratios, [NO_RATIO; 2]);
+        let early = std::mem::replace(&mut self.early_ratios, [f64::NAN; 2]);
         let samples = self.output_ratio.get_or_insert_with(|| {
             let mut samples = RatioSamples {
                 window: SlidingQuantile::new(settings.output_ratio_window),
                 seen: 0,
             };
-            for r in early.into_iter().filter(|r| *r != NO_RATIO) {
-                samples.window.push(f64::from(r) / RATIO_SCALE);
+            for r in early.into_iter().filter(|r| !r.is_nan()) {
+                samples.window.push(r);
                 samples.seen += 1;
             }
             Box::new(samples)
@@ -236,7 +229,7 @@ impl KeyState {
 /// One key: its name, and its state behind its own lock.
 #[derive(Debug)]
 struct KeyCell {
-    key: Arc<str>,
+    key: Box<str>,
     state: Mutex<KeyState>,
 }
 
@@ -249,7 +242,7 @@ impl Keyed for KeyCell {
 /// A new key's entry.
 fn new_cell(key: &str, class: ModelClass, limits: &Limits, last_used: i64) -> KeyCell {
     KeyCell {
-        key: Arc::from(key),
+        key: Box::from(key),
         state: Mutex::new(KeyState::new(class, limits, last_used)),
     }
 }
@@ -318,7 +311,6 @@ impl std::fmt::Debug for Shared {
 /// What one request reserved, and what settlement needs to correct it.
 #[derive(Debug)]
 pub(crate) struct Charge {
-    pub(crate) key: Arc<str>,
     cell: Arc<KeyCell>,
     pub(crate) limits: Limits,
     pub(crate) cache_reads_count: bool,
@@ -333,6 +325,13 @@ pub(crate) struct Charge {
     pub(crate) prefix_read: u64,
     /// The `count_tokens` answer charged, if any (`count.rs`).
     pub(crate) counted: Option<u64>,
+}
+
+impl Charge {
+    /// The budget key (`[caller/]class`) the request is charged to.
+    pub(crate) fn key(&self) -> &str {
+        &self.cell.key
+    }
 }
 
 /// Why a request was not admitted.
@@ -385,7 +384,6 @@ pub(crate) enum Refusal {
 struct Place {
     shared: Arc<Shared>,
     cell: Arc<KeyCell>,
-    key: Arc<str>,
     /// `None` once the place was left.
     id: Option<usize>,
 }
@@ -413,7 +411,7 @@ impl Drop for Place {
         let next = match ks.queue.remove(id) {
             Removed::Waiting { was_next } => {
                 tracing::debug!(
-                    key = super::callers::logged_key(&self.key),
+                    key = super::callers::logged_key(&self.cell.key),
                     "budget: waiter cancelled, place given back"
                 );
                 if was_next {
@@ -440,14 +438,15 @@ struct Asking {
     fut: Option<LedgerFuture<Reservation>>,
     shared: Arc<Shared>,
     cell: Arc<KeyCell>,
-    key: Arc<str>,
     limits: Limits,
     costs: Costs,
 }
 
 impl std::fmt::Debug for Asking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Asking").field("key", &self.key).finish()
+        f.debug_struct("Asking")
+            .field("key", &self.cell.key)
+            .finish()
     }
 }
 
@@ -466,16 +465,16 @@ impl Drop for Asking {
     fn drop(&mut self) {
         let Some(fut) = self.fut.take() else { return };
         let (shared, cell) = (Arc::clone(&self.shared), Arc::clone(&self.cell));
-        let (key, limits, costs) = (Arc::clone(&self.key), self.limits, self.costs);
+        let (limits, costs) = (self.limits, self.costs);
         tracing::debug!(
-            key = super::callers::logged_key(&key),
+            key = super::callers::logged_key(&cell.key),
             "budget: dropped while the ledger answered; refunded if admitted"
         );
         spawn_ledger_op(async move {
             if let Reservation::Admitted = fut.await? {
                 shared
                     .ledger
-                    .settle(&key, &limits, CostDelta::refund(costs))
+                    .settle(&cell.key, &limits, CostDelta::refund(costs))
                     .await?;
                 // Capacity came back: the head's turn.
                 let next = lock_key(&cell).notify_head(&shared.counters);
@@ -660,7 +659,6 @@ impl Shared {
             Some(caller) => self.key_cell(&format!("{caller}/{name}"), class, &limits),
         }
         .ok_or(CallerRefusal::TooManyKeys)?;
-        let key = Arc::clone(&cell.key);
         let output_tokens = {
             let mut ks = lock_key(&cell);
             ks.estimates += 1;
@@ -681,7 +679,6 @@ impl Shared {
             estimate.input_tokens
         };
         Ok(Charge {
-            key,
             cell,
             limits,
             cache_reads_count,
@@ -787,7 +784,7 @@ impl Shared {
         bump(&self.counters.admitted);
         if let Some(started) = adm.started {
             tracing::debug!(
-                key = super::callers::logged_key(&charge.key),
+                key = super::callers::logged_key(charge.key()),
                 waited_ms = Instant::now()
                     .saturating_duration_since(started)
                     .as_millis() as u64,
@@ -805,7 +802,7 @@ impl Shared {
                 dimension,
             }) => {
                 bump(&self.counters.rejected);
-                tracing::debug!(key = super::callers::logged_key(&charge.key), %dimension, retry_in_ms = retry_in.as_millis() as u64, "budget: rejected");
+                tracing::debug!(key = super::callers::logged_key(charge.key()), %dimension, retry_in_ms = retry_in.as_millis() as u64, "budget: rejected");
             }
             Refusal::Denied(Denied::TooLarge {
                 dimension,
@@ -813,10 +810,10 @@ impl Shared {
                 limit,
             }) => {
                 bump(&self.counters.too_large);
-                tracing::debug!(key = super::callers::logged_key(&charge.key), %dimension, cost, limit, "budget: request can never fit");
+                tracing::debug!(key = super::callers::logged_key(charge.key()), %dimension, cost, limit, "budget: request can never fit");
             }
             Refusal::Ledger(e) => {
-                tracing::warn!(key = super::callers::logged_key(&charge.key), error = %e, "budget: ledger failed; request not sent");
+                tracing::warn!(key = super::callers::logged_key(charge.key()), error = %e, "budget: ledger failed; request not sent");
             }
         }
     }
@@ -835,7 +832,6 @@ impl Shared {
         adm.place = Some(Place {
             shared: Arc::clone(self),
             cell: Arc::clone(&charge.cell),
-            key: Arc::clone(&charge.key),
             id: Some(id),
         });
         if adm.started.is_none() {
@@ -897,7 +893,6 @@ impl Shared {
                     fut: Some(fut),
                     shared: Arc::clone(self),
                     cell: Arc::clone(&charge.cell),
-                    key: Arc::clone(&charge.key),
                     limits: charge.limits,
                     costs,
                 });
@@ -990,7 +985,7 @@ impl Shared {
         }
         if first {
             tracing::debug!(
-                key = super::callers::logged_key(&charge.key),
+                key = super::callers::logged_key(charge.key()),
                 %dimension,
                 wait_ms = retry_in.as_millis() as u64,
                 "budget: waiting for capacity"
@@ -1007,7 +1002,7 @@ impl Shared {
         match op.into_ready() {
             Ok(result) => {
                 if let Err(e) = result {
-                    tracing::warn!(key = super::callers::logged_key(&charge.key), error = %e, "budget: ledger operation failed");
+                    tracing::warn!(key = super::callers::logged_key(charge.key()), error = %e, "budget: ledger operation failed");
                 }
                 if wake_head {
                     let next = lock_key(&charge.cell).notify_head(&self.counters);
@@ -1055,7 +1050,7 @@ impl Shared {
             drop(ks);
             wake(next);
         } else {
-            let op = self.ledger.settle(&charge.key, &charge.limits, delta);
+            let op = self.ledger.settle(charge.key(), &charge.limits, delta);
             self.run(charge, op, freed);
         }
         bump(&self.counters.settled);
@@ -1075,7 +1070,7 @@ impl Shared {
         self.end_probe(charge, Probe::Needed);
         bump(&self.counters.refunded_unsent);
         tracing::debug!(
-            key = super::callers::logged_key(&charge.key),
+            key = super::callers::logged_key(charge.key()),
             "budget: admitted request not sent; refunded"
         );
         self.correct(charge, CostDelta::refund(charge.costs), None);
@@ -1110,7 +1105,7 @@ impl Shared {
             if charge.probe && ks.probe == Probe::InFlight {
                 let output = statuses[dim_index(Dimension::OutputTokens)];
                 ks.output_rule = admission::output_rule(charge.estimate.max_tokens, &output);
-                tracing::debug!(key = super::callers::logged_key(&charge.key), rule = ?ks.output_rule, "budget: limits learned from the probe");
+                tracing::debug!(key = super::callers::logged_key(charge.key()), rule = ?ks.output_rule, "budget: limits learned from the probe");
             }
         }
         if statuses.iter().all(LimitStatus::is_empty) {
@@ -1125,7 +1120,7 @@ impl Shared {
         } else {
             // All three dimensions in one ledger operation (one lock for the
             // in-memory ledger); the head's turn comes once it is done.
-            let op = self.ledger.sync_all(&charge.key, &charge.limits, statuses);
+            let op = self.ledger.sync_all(charge.key(), &charge.limits, statuses);
             self.run(charge, op, true);
         }
         self.end_probe(charge, Probe::Off);
@@ -1186,7 +1181,7 @@ impl Shared {
             ks.buckets
                 .settle(&charge.limits, delta, Instant::now(), self.epoch);
         } else {
-            let op = self.ledger.settle(&charge.key, &charge.limits, delta);
+            let op = self.ledger.settle(charge.key(), &charge.limits, delta);
             self.run(charge, op, false);
         }
     }
@@ -1211,7 +1206,7 @@ impl Shared {
             )));
         }
         self.ledger
-            .reserve(&charge.key, &charge.limits, costs)
+            .reserve(charge.key(), &charge.limits, costs)
             .into_ready()
     }
 
@@ -1280,7 +1275,7 @@ impl Shared {
                 let next = adm.place.take().and_then(|p| p.leave(ks));
                 wake(next);
                 tracing::debug!(
-                    key = super::callers::logged_key(&charge.key),
+                    key = super::callers::logged_key(charge.key()),
                     delay_ms = delay.as_millis() as u64,
                     "budget: passed the waiting head"
                 );
@@ -1298,7 +1293,6 @@ impl Shared {
                     fut: Some(fut),
                     shared: Arc::clone(self),
                     cell: Arc::clone(&charge.cell),
-                    key: Arc::clone(&charge.key),
                     limits: charge.limits,
                     costs,
                 });
@@ -1579,5 +1573,62 @@ impl Ledger for OwnLedger {
             ks.buckets.state(limits, now, epoch)
         });
         LedgerFuture::ready(Ok(state))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::TokenBudgetLayer;
+
+    fn settings(min_samples: usize) -> Settings {
+        let layer = TokenBudgetLayer::builder()
+            .output_ratio_min_samples(min_samples)
+            .output_quantile(0.5)
+            .build();
+        layer.shared.settings.clone()
+    }
+
+    /// A key's state stays small: a gateway holds one per caller and model
+    /// class (with its name and the map's slot: under 256 bytes).
+    #[test]
+    fn a_key_entry_is_small() {
+        assert!(std::mem::size_of::<KeyState>() <= 152);
+        assert!(std::mem::size_of::<KeyCell>() <= 176);
+    }
+
+    /// The first two ratios are kept inline and moved, exact, into the
+    /// window created by the third: the learned ratio is the one a window
+    /// fed from the start gives.
+    #[test]
+    fn early_ratios_move_into_the_window_exactly() {
+        let settings = settings(3);
+        let mut ks = KeyState::new(ModelClass::Other, &Limits::new().rpm(10), 0);
+        let ratios = [0.2, 0.7, 0.45, 0.05];
+        ks.push_ratio(ratios[0], &settings);
+        ks.push_ratio(ratios[1], &settings);
+        assert!(ks.output_ratio.is_none(), "no window for two samples");
+        assert_eq!(ks.expected_ratio(&settings), settings.output_ratio_prior);
+        ks.push_ratio(ratios[2], &settings);
+        let mut direct = SlidingQuantile::new(settings.output_ratio_window);
+        for r in &ratios[..3] {
+            direct.push(*r);
+        }
+        assert_eq!(ks.output_ratio.as_ref().map(|s| s.seen), Some(3));
+        assert_eq!(Some(ks.expected_ratio(&settings)), direct.quantile(0.5));
+        assert_eq!(ks.expected_ratio(&settings), 0.45);
+        ks.push_ratio(ratios[3], &settings);
+        direct.push(ratios[3]);
+        assert_eq!(Some(ks.expected_ratio(&settings)), direct.quantile(0.5));
+    }
+
+    /// With a ratio learned from the first samples, no ratio is held inline
+    /// (the window is created at once).
+    #[test]
+    fn one_sample_needed_creates_the_window_at_once() {
+        let settings = settings(1);
+        let mut ks = KeyState::new(ModelClass::Other, &Limits::new().rpm(10), 0);
+        ks.push_ratio(0.3, &settings);
+        assert_eq!(ks.expected_ratio(&settings), 0.3);
     }
 }

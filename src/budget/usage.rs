@@ -304,7 +304,7 @@ impl Tracker {
             usage_known: matches!(outcome, Outcome::Complete(_) | Outcome::Stopped { .. }),
         });
         tracing::debug!(
-            key = super::callers::logged_key(&self.charge.key),
+            key = super::callers::logged_key(self.charge.key()),
             outcome = outcome.name(),
             end = ?end,
             reserved_input = reserved.input_tokens,
