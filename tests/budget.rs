@@ -2736,3 +2736,45 @@ async fn a_response_is_synced_in_one_ledger_call() {
     let input = snap.key(KEY).unwrap().dimension(Dimension::InputTokens);
     assert!(input.remaining.unwrap() <= 50_500.0, "{input:?}");
 }
+
+/// A budget built without a ledger keeps its buckets in its own key entries
+/// (one map of keys); `ledger()` is a view of them: what it reserves and
+/// refunds shows in the snapshot and in its own `state`, and a key it never
+/// saw is unknown.
+#[tokio::test(start_paused = true)]
+async fn the_budgets_own_ledger_is_seen_through_ledger() {
+    use tower_llm_limits::budget::ledger::{CostDelta, Costs, Reservation};
+    let limits = Limits::new().rpm(60).itpm(10_000).otpm(5_000);
+    let layer = TokenBudgetLayer::builder().limits(limits).build();
+    let ledger = Arc::clone(layer.ledger());
+    assert_eq!(ledger.state("sonnet-4", &limits).await.unwrap(), None);
+    let costs = Costs {
+        requests: 1,
+        input_tokens: 1_000,
+        output_tokens: 100,
+    };
+    let answer = ledger.reserve("sonnet-4", &limits, costs).await.unwrap();
+    assert_eq!(answer, Reservation::Admitted);
+    let input = |snap: &BudgetSnapshot| {
+        snap.key("sonnet-4")
+            .and_then(|k| k.dimensions[1].remaining)
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(input(&layer.snapshot()), 9_000.0);
+    let state = ledger.state("sonnet-4", &limits).await.unwrap().unwrap();
+    assert_eq!(state[1].available, 9_000.0);
+    ledger
+        .settle("sonnet-4", &limits, CostDelta::refund(costs))
+        .await
+        .unwrap();
+    assert_eq!(input(&layer.snapshot()), 10_000.0);
+    // More than the limit: never.
+    let huge = Costs {
+        input_tokens: 20_000,
+        ..costs
+    };
+    assert!(matches!(
+        ledger.reserve("sonnet-4", &limits, huge).await.unwrap(),
+        Reservation::Never { .. }
+    ));
+}
