@@ -22,9 +22,17 @@
 //!
 //! Once sent, a request stays sent: a retry of it by an inner retry layer
 //! does not make the first attempt unsent.
+//!
+//! Under a retry layer, each attempt carries a fresh [`WaitLog`] with a
+//! marker node inside its allocation: the first budget the attempt reaches
+//! claims that node instead of allocating one, and the current marker is
+//! kept in the log's extension (no extension of its own). Without a retry
+//! layer outside it, a budget puts its marker in an extension of its own.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+
+use crate::wait::{Log, WaitLog};
 
 /// Set while a layer of this crate is inside its inner service's `call`.
 const PASSING: u8 = 1;
@@ -33,37 +41,74 @@ const PASSING: u8 = 1;
 const SENT: u8 = 2;
 
 /// A marker shared by the clones of one request (extensions are cloned with
-/// the request head), telling whether the request reached the transport.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Dispatch(Arc<Node>);
+/// the request head), telling whether the request reached the transport: the
+/// node inside an attempt's wait log, or inside a log of its own (no deadline,
+/// no waits) where the request has no retry layer outside.
+#[derive(Clone, Debug)]
+pub(crate) struct Dispatch(Arc<Log>);
 
+/// The state of one marker.
 #[derive(Debug, Default)]
-struct Node {
+pub(crate) struct Node {
     state: AtomicU8,
     /// The marker of an outer budget, told when this request is sent.
     parent: Option<Dispatch>,
+    /// Whether a budget took this node as its marker (a node inside a wait
+    /// log serves one budget at most).
+    claimed: AtomicBool,
+}
+
+impl Node {
+    /// A node not yet claimed, chained to `parent`.
+    pub(crate) fn new(parent: Option<Dispatch>) -> Self {
+        Node {
+            state: AtomicU8::new(0),
+            parent,
+            claimed: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Dispatch {
     /// A fresh marker for a request, chained to the one an outer budget put
     /// on it (if any), which is told of the sending too.
     pub(crate) fn new(parent: Option<Dispatch>) -> Self {
-        Dispatch(Arc::new(Node {
-            state: AtomicU8::new(0),
-            parent,
-        }))
+        Dispatch(Log::new(None, parent))
+    }
+
+    fn node(&self) -> &Node {
+        self.0.node()
     }
 
     /// The marker on a request, if a budget put one there.
     pub(crate) fn of(extensions: &http::Extensions) -> Option<Dispatch> {
-        extensions.get::<Dispatch>().cloned()
+        current(extensions).cloned()
+    }
+
+    /// A budget's fresh marker for the request it passes on, chained to the
+    /// marker already on it: the node inside the attempt's wait log if no
+    /// budget claimed it yet (no allocation), else a node of its own; kept
+    /// in the wait log's extension if there is one, else in an extension of
+    /// its own.
+    pub(crate) fn mark(extensions: &mut http::Extensions) -> Dispatch {
+        if let Some(log) = extensions.get_mut::<WaitLog>() {
+            let marker = match log.claim_node() {
+                Some(log) => Dispatch(log),
+                None => Dispatch::new(log.marker().cloned()),
+            };
+            log.set_marker(marker.clone());
+            return marker;
+        }
+        let marker = Dispatch::new(extensions.get::<Dispatch>().cloned());
+        extensions.insert(marker.clone());
+        marker
     }
 
     /// A layer of this crate received the request: the call in progress
     /// did not reach the transport.
     pub(crate) fn received(extensions: &http::Extensions) {
-        if let Some(d) = extensions.get::<Dispatch>() {
-            d.0.state.fetch_and(!PASSING, Ordering::AcqRel);
+        if let Some(d) = current(extensions) {
+            d.node().state.fetch_and(!PASSING, Ordering::AcqRel);
         }
     }
 
@@ -73,9 +118,9 @@ impl Dispatch {
         let Some(d) = marker else {
             return call();
         };
-        d.0.state.fetch_or(PASSING, Ordering::AcqRel);
+        d.node().state.fetch_or(PASSING, Ordering::AcqRel);
         let out = call();
-        let before = d.0.state.fetch_and(!PASSING, Ordering::AcqRel);
+        let before = d.node().state.fetch_and(!PASSING, Ordering::AcqRel);
         if before & PASSING != 0 {
             d.mark_sent();
         }
@@ -85,14 +130,30 @@ impl Dispatch {
     fn mark_sent(&self) {
         let mut node = Some(self);
         while let Some(d) = node {
-            d.0.state.fetch_or(SENT, Ordering::AcqRel);
-            node = d.0.parent.as_ref();
+            d.node().state.fetch_or(SENT, Ordering::AcqRel);
+            node = d.node().parent.as_ref();
         }
     }
 
     /// Whether the request (any attempt of it) reached the transport.
     pub(crate) fn sent(&self) -> bool {
-        self.0.state.load(Ordering::Acquire) & SENT != 0
+        self.node().state.load(Ordering::Acquire) & SENT != 0
+    }
+}
+
+/// The marker on a request: the one kept in its wait log (the innermost
+/// budget under a retry layer), else the one in an extension of its own.
+fn current(extensions: &http::Extensions) -> Option<&Dispatch> {
+    extensions
+        .get::<WaitLog>()
+        .and_then(WaitLog::marker)
+        .or_else(|| extensions.get::<Dispatch>())
+}
+
+impl Node {
+    /// Takes this node as a budget's marker; false if a budget already did.
+    pub(crate) fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::AcqRel)
     }
 }
 
@@ -120,6 +181,32 @@ mod tests {
         // Sent stays sent.
         Dispatch::pass(Some(&d), || Dispatch::received(&ext));
         assert!(d.sent());
+    }
+
+    /// Under a retry layer, the first budget takes the node inside the
+    /// attempt's wait log (no allocation of its own); a budget inside it gets
+    /// a node of its own, kept in the log's extension as the request's
+    /// marker; a send reaches every marker up the chain.
+    #[test]
+    fn a_budget_under_a_retry_layer_takes_the_node_in_the_attempts_log() {
+        let outer = Dispatch::new(None);
+        let mut ext = http::Extensions::new();
+        ext.insert(outer.clone());
+        let log = Log::new(None, Dispatch::of(&ext));
+        let marker = Dispatch::of(&ext);
+        ext.insert(WaitLog::new(Arc::clone(&log), marker));
+        let first = Dispatch::mark(&mut ext);
+        assert!(Arc::ptr_eq(&first.0, &log), "the node in the log is taken");
+        let second = Dispatch::mark(&mut ext);
+        assert!(!Arc::ptr_eq(&second.0, &log), "a node serves one budget");
+        let current = Dispatch::of(&ext).map(|d| d.0);
+        assert!(current.is_some_and(|c| Arc::ptr_eq(&c, &second.0)));
+        // A layer of the crate receives it: not sent.
+        Dispatch::pass(Some(&second), || Dispatch::received(&ext));
+        assert!(!second.sent() && !first.sent() && !outer.sent());
+        // The transport: sent, for every budget.
+        Dispatch::pass(Dispatch::of(&ext).as_ref(), || ());
+        assert!(second.sent() && first.sent() && outer.sent());
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! layers inside the retry layer (the token budget's queue, the concurrency
 //! queue), and the deadline that bounds those waits.
 //!
-//! The retry layer puts a [`WaitLog`] in the extensions of the request it
-//! receives; every attempt carries a clone of it (extensions are cloned with
-//! the request head). An inner layer that makes the request wait adds the
+//! The retry layer puts a [`WaitLog`] in the extensions of each attempt of
+//! the request it receives (a log per attempt, whose waits it adds up; the
+//! log's allocation also holds the attempt's dispatch marker, see
+//! [`crate::dispatch`]). An inner layer that makes the request wait adds the
 //! time to the log when the wait ends, and stops waiting when the request's
 //! deadline passes, failing the attempt with [`DeadlineReached`]: the retry
 //! layer then gives up with [`GiveUpReason::Deadline`](crate::GiveUpReason::Deadline),
@@ -24,30 +25,48 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-/// Shared by the attempts of one request: the time they waited inside the
-/// retry layer's inner layers, and the request's deadline.
-#[derive(Clone, Debug)]
-pub(crate) struct WaitLog(Arc<Log>);
+use crate::dispatch::{Dispatch, Node};
 
+/// The extension a retry layer puts on each attempt of a request: the
+/// attempt's [`Log`], and the request's current [`Dispatch`] marker (see
+/// [`crate::dispatch`]).
+#[derive(Clone, Debug)]
+pub(crate) struct WaitLog {
+    log: Arc<Log>,
+    marker: Option<Dispatch>,
+}
+
+/// Shared by the clones of one attempt of a request: the time it waited
+/// inside the retry layer's inner layers and the request's deadline, and in
+/// the same allocation the attempt's [`Dispatch`] node, taken by the first
+/// budget inside.
 #[derive(Debug)]
-struct Log {
+pub(crate) struct Log {
     /// Nanoseconds waited in inner layers (saturating).
     waited: AtomicU64,
     deadline: Option<Instant>,
+    node: Node,
 }
 
-impl WaitLog {
-    /// A log for a request with this deadline (if any).
-    pub(crate) fn new(deadline: Option<Instant>) -> Self {
-        WaitLog(Arc::new(Log {
+impl Log {
+    /// A log for an attempt of a request with this deadline (if any); its
+    /// dispatch node is chained to `parent` (the request's marker, if any).
+    pub(crate) fn new(deadline: Option<Instant>, parent: Option<Dispatch>) -> Arc<Log> {
+        Arc::new(Log {
             waited: AtomicU64::new(0),
             deadline,
-        }))
+            node: Node::new(parent),
+        })
     }
 
-    /// The log on a request, if a retry layer put one there.
-    pub(crate) fn of(extensions: &http::Extensions) -> Option<WaitLog> {
-        extensions.get::<WaitLog>().cloned()
+    /// The dispatch node inside this log.
+    pub(crate) fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The deadline of the request.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 
     /// Adds a finished wait.
@@ -55,7 +74,6 @@ impl WaitLog {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         // Saturating: a log of centuries is not a case to wrap on.
         let _ = self
-            .0
             .waited
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
                 Some(w.saturating_add(nanos))
@@ -64,7 +82,46 @@ impl WaitLog {
 
     /// The time waited in inner layers so far.
     pub(crate) fn waited(&self) -> Duration {
-        Duration::from_nanos(self.0.waited.load(Ordering::Relaxed))
+        Duration::from_nanos(self.waited.load(Ordering::Relaxed))
+    }
+}
+
+impl WaitLog {
+    /// The extension for an attempt: its log, and the request's marker.
+    pub(crate) fn new(log: Arc<Log>, marker: Option<Dispatch>) -> Self {
+        WaitLog { log, marker }
+    }
+
+    /// The log on a request, if a retry layer put one there.
+    pub(crate) fn of(extensions: &http::Extensions) -> Option<WaitLog> {
+        extensions.get::<WaitLog>().cloned()
+    }
+
+    /// The request's current dispatch marker, if one is kept here.
+    pub(crate) fn marker(&self) -> Option<&Dispatch> {
+        self.marker.as_ref()
+    }
+
+    /// Keeps `marker` as the request's current dispatch marker.
+    pub(crate) fn set_marker(&mut self, marker: Dispatch) {
+        self.marker = Some(marker);
+    }
+
+    /// The log holding the node, if no budget took the node yet (it is
+    /// then taken).
+    pub(crate) fn claim_node(&self) -> Option<Arc<Log>> {
+        self.log.node.claim().then(|| Arc::clone(&self.log))
+    }
+
+    /// Adds a finished wait.
+    pub(crate) fn add(&self, d: Duration) {
+        self.log.add(d);
+    }
+
+    /// The time waited in inner layers so far.
+    #[cfg(test)]
+    pub(crate) fn waited(&self) -> Duration {
+        self.log.waited()
     }
 }
 
@@ -105,7 +162,7 @@ impl Wait {
     pub(crate) fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<DeadlineReached> {
         if self.started.is_none() {
             self.started = Some(Instant::now());
-            if let Some(deadline) = self.log.as_ref().and_then(|log| log.0.deadline) {
+            if let Some(deadline) = self.log.as_ref().and_then(|log| log.log.deadline) {
                 self.timer = Some(Box::pin(tokio::time::sleep_until(deadline)));
             }
         }
@@ -162,7 +219,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_is_recorded_and_cut_at_the_deadline() {
-        let log = WaitLog::new(Some(Instant::now() + Duration::from_secs(2)));
+        let log = WaitLog::new(
+            Log::new(Some(Instant::now() + Duration::from_secs(2)), None),
+            None,
+        );
         let mut ext = http::Extensions::new();
         ext.insert(log.clone());
         let mut wait = Wait::of(&ext);

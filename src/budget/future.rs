@@ -479,9 +479,7 @@ fn mark<B>(request: Option<&mut Request<B>>) -> Dispatch {
     let Some(request) = request else {
         return Dispatch::new(None);
     };
-    let marker = Dispatch::new(Dispatch::of(request.extensions()));
-    request.extensions_mut().insert(marker.clone());
-    marker
+    Dispatch::mark(request.extensions_mut())
 }
 
 /// A caller refused before any budget was touched: its 401 or 400 in the

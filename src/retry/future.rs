@@ -23,7 +23,7 @@ use super::RETRY_COUNT;
 use crate::body::{self, Buffered, BufferedBody, BufferedBytes, ReplayBody};
 use crate::dispatch::Dispatch;
 use crate::observe::{RetryCause, RetryEvent};
-use crate::wait::{DeadlineReached, WaitLog};
+use crate::wait::{DeadlineReached, Log, WaitLog};
 use crate::{BoxError, Error, GiveUpReason, LastResponse};
 
 /// The request body as the attempts see it. Kept small: the future is moved
@@ -109,8 +109,9 @@ struct Ctx<S, B> {
     sleep: Option<Pin<Box<Sleep>>>,
     last_status: Option<StatusCode>,
     last_error: Option<BoxError>,
-    /// The waits of the layers inside this one, and the deadline they obey.
-    log: WaitLog,
+    /// The waits of the layers inside this one in the current attempt (those
+    /// of the attempts before are in `waited`), and the deadline they obey.
+    log: Arc<Log>,
 }
 
 /// What an error body is read for.
@@ -180,7 +181,7 @@ where
             (Some(d), Some(now)) => Some(later(now, d)),
             _ => None,
         };
-        let log = WaitLog::new(deadline);
+        let log = Log::new(deadline, Dispatch::of(&head.extensions));
         shared.config.hooks.request();
         let span = tracing::info_span!(
             "llm_request",
@@ -436,8 +437,16 @@ impl<S, B> Ctx<S, B> {
             req.headers_mut()
                 .insert(RETRY_COUNT, HeaderValue::from(self.attempts));
         }
+        let marker = Dispatch::of(req.extensions());
+        if self.attempts > 0 {
+            // A fresh log (and dispatch node) for each attempt; the waits of
+            // the attempts before are kept.
+            self.waited = self.waited.saturating_add(self.log.waited());
+            self.log = Log::new(self.log.deadline(), marker.clone());
+        }
         // On the attempt, not the head: the head's clones stay cheap.
-        req.extensions_mut().insert(self.log.clone());
+        req.extensions_mut()
+            .insert(WaitLog::new(Arc::clone(&self.log), marker));
         self.attempts += 1;
         crate::observe::record_span("attempt", self.attempts);
         Ok(req)
