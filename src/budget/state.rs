@@ -1330,6 +1330,7 @@ impl Shared {
     pub(crate) fn snapshot(&self) -> BudgetSnapshot {
         // Copied one shard at a time, then each key read under its own lock.
         let cells = self.keys.entries();
+        let now = Instant::now();
         let mut out: Vec<KeySnapshot> = cells
             .into_iter()
             .map(|cell| {
@@ -1352,8 +1353,12 @@ impl Shared {
                     estimates: ks.estimates,
                     expected_output_ratio: ks.expected_ratio(&self.settings),
                 };
+                // The budget's own buckets are read under the key's lock
+                // already held; a ledger's are asked with no lock held.
+                let own = self.own.then(|| ks.buckets.state(&limits, now, self.epoch));
                 drop(ks);
-                self.with_buckets(partial, &limits)
+                let states = own.or_else(|| self.state_now(&partial.key, &limits));
+                with_buckets(partial, states)
             })
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -1370,22 +1375,21 @@ impl Shared {
             wakeups: c.wakeups.load(Ordering::Relaxed),
         }
     }
+}
 
-    /// Fills a key's snapshot with its ledger buckets (asked with no lock held).
-    fn with_buckets(&self, mut snap: KeySnapshot, limits: &Limits) -> KeySnapshot {
-        let states = self.state_now(&snap.key, limits);
-        snap.dimensions = Dimension::ALL.map(|d| {
-            let st = states.as_ref().and_then(|s| s.get(dim_index(d)).copied());
-            DimensionSnapshot {
-                dimension: d,
-                limit: st.and_then(|s| s.limit),
-                learned: st.is_some_and(|s| s.learned),
-                remaining: st.map(|s| s.available),
-                capacity: st.map(|s| s.capacity),
-            }
-        });
-        snap
-    }
+/// Fills a key's snapshot with its buckets' states, if known.
+fn with_buckets(mut snap: KeySnapshot, states: Option<[BucketState; 3]>) -> KeySnapshot {
+    snap.dimensions = Dimension::ALL.map(|d| {
+        let st = states.as_ref().and_then(|s| s.get(dim_index(d)).copied());
+        DimensionSnapshot {
+            dimension: d,
+            limit: st.and_then(|s| s.limit),
+            learned: st.is_some_and(|s| s.learned),
+            remaining: st.map(|s| s.available),
+            capacity: st.map(|s| s.capacity),
+        }
+    });
+    snap
 }
 
 /// Sleeps until `at`; whether the sleep is over.
