@@ -37,7 +37,7 @@ struct Fixed(u64);
 impl TokenEstimator for Fixed {
     fn estimate(&self, _parts: &Parts, _body: &[u8]) -> Estimate {
         Estimate {
-            model: Some("claude-sonnet-4-5".to_owned()),
+            model: Some("claude-sonnet-4-5".into()),
             input_tokens: self.0,
             raw_input_tokens: self.0,
             max_tokens: Some(1024),

@@ -40,7 +40,7 @@ fn estimate_json(body: &[u8]) -> Estimate {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let input = v["input"].as_u64().unwrap_or(0);
     Estimate {
-        model: v["model"].as_str().map(str::to_owned),
+        model: v["model"].as_str().map(Into::into),
         input_tokens: input,
         raw_input_tokens: input,
         cache_read_tokens: v["cache_read"].as_u64().unwrap_or(0),

@@ -35,7 +35,7 @@ impl TokenEstimator for JsonEstimator {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
         let input = v["input"].as_u64().unwrap_or(0);
         Estimate {
-            model: Some(MODEL.to_owned()),
+            model: Some(MODEL.into()),
             input_tokens: input,
             raw_input_tokens: input,
             max_tokens: Some(10),

@@ -972,7 +972,7 @@ impl TokenEstimator for TokenCounter {
     fn estimate(&self, parts: &Parts, body: &[u8]) -> Estimate {
         match parse_request(body, Endpoint::CountTokens, self) {
             Ok(p) => Estimate {
-                model: Some(p.model),
+                model: Some(p.model.into()),
                 input_tokens: p.total_tokens,
                 raw_input_tokens: p.total_tokens,
                 cache_read_tokens: 0,

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::request::Parts;
@@ -266,6 +266,7 @@ impl AnthropicEstimatorBuilder {
             calibration: Calibration::new(config.calibration),
             cache: Mutex::new(PromptCache::new(config.cache_max_entries)),
             kinds: Mutex::new(VecDeque::new()),
+            models: Mutex::new(Vec::new()),
             hash_state: RandomState::new(),
             estimates: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
@@ -424,6 +425,10 @@ pub struct AnthropicEstimator {
     /// The kind of content of recent estimates, until their usage arrives:
     /// (model key, raw input tokens, cache read tokens, kind).
     kinds: Mutex<VecDeque<(u64, u64, u64, ContentKind)>>,
+    /// The model names seen (at most [`MAX_MODEL_NAMES`], each at most
+    /// [`MAX_MODEL_LEN`] bytes), handed out shared: a request of a known
+    /// model allocates no name.
+    models: Mutex<Vec<Arc<str>>>,
     hash_state: RandomState,
     estimates: AtomicU64,
     fallbacks: AtomicU64,
@@ -1185,7 +1190,7 @@ impl AnthropicEstimator {
             ..Estimate::default()
         };
         if let Some(w) = partial {
-            e.model = w.model.and_then(|s| decode_str(w.sc.input(), s));
+            e.model = w.model.and_then(|s| self.model_name(w.sc.input(), s));
             e.max_tokens = w.max_tokens;
             e.stream = w.stream;
         }
@@ -1235,7 +1240,7 @@ impl AnthropicEstimator {
     }
 
     fn finish(&self, w: &Walk<'_, '_>) -> Estimate {
-        let model = w.model.and_then(|s| decode_str(w.sc.input(), s));
+        let model = w.model.and_then(|s| self.model_name(w.sc.input(), s));
         let scale = self.text_scale(model.as_deref());
         let tokens =
             |t: &Tally| -> f64 { TextModel::FITTED.tokens(&t.text) * scale + t.fixed as f64 };
@@ -1302,7 +1307,7 @@ impl AnthropicEstimator {
     fn cache_read(
         &self,
         w: &Walk<'_, '_>,
-        model: &Option<String>,
+        model: &Option<Arc<str>>,
         tokens: &dyn Fn(&Tally) -> f64,
         section_tokens: [f64; 3],
         total: u64,
@@ -1428,6 +1433,39 @@ fn feed(h: &mut impl Hasher, b: &[u8], from: usize, to: usize, spans: &[(usize, 
     }
 }
 
+/// How many model names an [`AnthropicEstimator`] keeps to hand out shared.
+const MAX_MODEL_NAMES: usize = 32;
+
+impl AnthropicEstimator {
+    /// The model name in the string span, shared with the earlier requests
+    /// that named it (no allocation once seen); a name never kept (beyond
+    /// [`MAX_MODEL_NAMES`] names, or longer than [`MAX_MODEL_LEN`]) is
+    /// allocated each time.
+    fn model_name(&self, b: &[u8], span: Span) -> Option<Arc<str>> {
+        let raw = (!span.escaped)
+            .then(|| b.get(span.start..span.end))
+            .flatten()
+            .and_then(|raw| std::str::from_utf8(raw).ok());
+        let decoded;
+        let name = match raw {
+            Some(name) => name,
+            None => {
+                decoded = decode_str(b, span)?;
+                decoded.as_str()
+            }
+        };
+        let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = models.iter().find(|m| ***m == *name) {
+            return Some(Arc::clone(known));
+        }
+        let name: Arc<str> = Arc::from(name);
+        if name.len() <= MAX_MODEL_LEN && models.len() < MAX_MODEL_NAMES {
+            models.push(Arc::clone(&name));
+        }
+        Some(name)
+    }
+}
+
 /// The contents of a string span as a `String` (escapes decoded).
 fn decode_str(b: &[u8], span: Span) -> Option<String> {
     if span.escaped {
@@ -1533,6 +1571,33 @@ mod tests {
         assert_eq!(claude_version("claude-sonnet-4-7@20260101"), Some((4, 7)));
         assert_eq!(claude_version("gpt-4o"), None);
         assert_eq!(claude_version("claude-instant"), None);
+    }
+
+    /// A model name is handed out shared once seen (no allocation per
+    /// request), escaped or not; names beyond the kept ones, or too long,
+    /// are still read, never kept.
+    #[test]
+    fn model_names_are_shared_and_bounded() {
+        let e = AnthropicEstimator::new();
+        let parts = http::Request::new(()).into_parts().0;
+        let model = |body: &str| e.estimate(&parts, body.as_bytes()).model;
+        let body = |m: &str| format!(r#"{{"model":"{m}","max_tokens":5,"messages":[]}}"#);
+        let a = model(&body("claude-sonnet-4-5"));
+        let b = model(&body("claude-sonnet-4-5"));
+        let escaped = model(&body("claude-sonnet-4\\u002d5"));
+        assert_eq!(a.as_deref(), Some("claude-sonnet-4-5"));
+        assert!(matches!((&a, &b), (Some(a), Some(b)) if Arc::ptr_eq(a, b)));
+        assert!(matches!((&a, &escaped), (Some(a), Some(c)) if Arc::ptr_eq(a, c)));
+        let long = "m".repeat(MAX_MODEL_LEN + 1);
+        assert_eq!(model(&body(&long)).as_deref(), Some(long.as_str()));
+        for i in 0..2 * MAX_MODEL_NAMES {
+            let name = format!("model-{i}");
+            assert_eq!(model(&body(&name)).as_deref(), Some(name.as_str()));
+        }
+        let kept = e.models.lock().map(|m| m.len()).unwrap_or(0);
+        assert_eq!(kept, MAX_MODEL_NAMES);
+        let c = model(&body("claude-sonnet-4-5"));
+        assert!(matches!((&a, &c), (Some(a), Some(c)) if Arc::ptr_eq(a, c)));
     }
 
     #[test]

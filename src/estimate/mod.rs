@@ -42,6 +42,8 @@
 //! calibration. Output tokens are not estimated beyond
 //! `max_tokens` (the budget learns expected output per model itself).
 
+use std::sync::Arc;
+
 use http::request::Parts;
 
 use crate::wire::Usage;
@@ -70,8 +72,10 @@ pub const MAX_MODEL_LEN: usize = crate::error::MAX_MODEL_LEN;
 /// What a request is expected to cost, before it is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Estimate {
-    /// The `model` field of the request, if it could be read.
-    pub model: Option<String>,
+    /// The `model` field of the request, if it could be read (shared: the
+    /// estimator hands out the same name for every request of a model,
+    /// with no allocation).
+    pub model: Option<Arc<str>>,
     /// Uncached input tokens the server will charge to ITPM (calibration applied).
     pub input_tokens: u64,
     /// The raw estimate of uncached input tokens before calibration, kept so
