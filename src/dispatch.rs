@@ -81,10 +81,7 @@ impl Dispatch {
     }
 
     /// The marker on a request, if a budget put one there.
-    #[cfg_attr(
-        not(any(feature = "retry", feature = "concurrency")),
-        allow(dead_code)
-    )]
+    #[cfg_attr(not(any(feature = "retry", feature = "concurrency")), allow(dead_code))]
     pub(crate) fn of(extensions: &http::Extensions) -> Option<Dispatch> {
         current(extensions).cloned()
     }
