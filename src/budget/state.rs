@@ -1037,23 +1037,46 @@ impl Shared {
         if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
             lock_key(&charge.cell).push_ratio(r.clamp(0.0, 1.0), &self.settings);
         }
-        if delta.is_zero() {
-        } else if self.own {
-            let mut ks = lock_key(&charge.cell);
-            ks.buckets
-                .settle(&charge.limits, delta, Instant::now(), self.epoch);
-            let next = if freed {
-                ks.notify_head(&self.counters)
-            } else {
-                None
-            };
-            drop(ks);
-            wake(next);
-        } else {
-            let op = self.ledger.settle(charge.key(), &charge.limits, delta);
-            self.run(charge, op, freed);
+        if !delta.is_zero() {
+            self.settle(charge, delta, freed);
         }
         bump(&self.counters.settled);
+    }
+
+    /// Settles `delta` on the request's key (in the budget's own buckets
+    /// under the key's lock, else through the ledger); then gives the key's
+    /// head its turn if `wake_head`.
+    fn settle(self: &Arc<Self>, charge: &Charge, delta: CostDelta, wake_head: bool) {
+        if !self.own {
+            let op = self.ledger.settle(charge.key(), &charge.limits, delta);
+            return self.run(charge, op, wake_head);
+        }
+        let mut ks = lock_key(&charge.cell);
+        ks.buckets
+            .settle(&charge.limits, delta, Instant::now(), self.epoch);
+        let next = if wake_head {
+            ks.notify_head(&self.counters)
+        } else {
+            None
+        };
+        drop(ks);
+        wake(next);
+    }
+
+    /// Syncs the request's key to a response's statuses (the budget's own
+    /// buckets under the key's lock, else all three dimensions in one ledger
+    /// operation); then gives the key's head its turn.
+    fn sync_buckets(self: &Arc<Self>, charge: &Charge, statuses: [LimitStatus; 3]) {
+        if !self.own {
+            let op = self.ledger.sync_all(charge.key(), &charge.limits, statuses);
+            return self.run(charge, op, true);
+        }
+        let mut ks = lock_key(&charge.cell);
+        ks.buckets
+            .sync_all(&charge.limits, statuses, Instant::now(), self.epoch);
+        let next = ks.notify_head(&self.counters);
+        drop(ks);
+        wake(next);
     }
 
     /// Refunds everything a request reserved: the server answered 429 and
@@ -1108,20 +1131,8 @@ impl Shared {
                 tracing::debug!(key = super::callers::logged_key(charge.key()), rule = ?ks.output_rule, "budget: limits learned from the probe");
             }
         }
-        if statuses.iter().all(LimitStatus::is_empty) {
-        } else if self.own {
-            // Under the key's lock, which the head's turn needs anyway.
-            let mut ks = lock_key(&charge.cell);
-            ks.buckets
-                .sync_all(&charge.limits, statuses, Instant::now(), self.epoch);
-            let next = ks.notify_head(&self.counters);
-            drop(ks);
-            wake(next);
-        } else {
-            // All three dimensions in one ledger operation (one lock for the
-            // in-memory ledger); the head's turn comes once it is done.
-            let op = self.ledger.sync_all(charge.key(), &charge.limits, statuses);
-            self.run(charge, op, true);
+        if !statuses.iter().all(LimitStatus::is_empty) {
+            self.sync_buckets(charge, statuses);
         }
         self.end_probe(charge, Probe::Off);
     }
