@@ -1286,6 +1286,18 @@ impl AnthropicEstimator {
         kinds.push_back((key, raw, cache_read, kind));
     }
 
+    /// The kind of content of an estimate still waiting for its usage, if
+    /// remembered (it stays remembered).
+    fn peek_kind(&self, e: &Estimate) -> Option<ContentKind> {
+        let key = self.model_key(e.model.as_deref());
+        let want = (key, e.raw_input_tokens, e.cache_read_tokens);
+        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds
+            .iter()
+            .find(|&&(k, r, c, _)| (k, r, c) == want)
+            .map(|&(_, _, _, kind)| kind)
+    }
+
     /// The kind of content of an estimate whose usage arrived, if remembered.
     fn take_kind(&self, e: &Estimate) -> Option<ContentKind> {
         let key = self.model_key(e.model.as_deref());
@@ -1464,6 +1476,44 @@ impl TokenEstimator for AnthropicEstimator {
                 e
             }
         }
+    }
+
+    /// Learns from an exact count of the whole prompt (a `count_tokens`
+    /// answer): one calibration sample, `counted / (raw_input_tokens +
+    /// cache_read_tokens)`, into the model's window and its kind of content's,
+    /// as a settled response gives. A request that is counted and then
+    /// settles gives two samples of the same ratio. Fallback estimates teach
+    /// nothing.
+    fn observe_count(&self, estimate: &Estimate, counted: u64) {
+        if estimate.fallback {
+            return;
+        }
+        let model = estimate.model.as_deref().unwrap_or("");
+        if model.len() > MAX_MODEL_LEN {
+            return;
+        }
+        let est_total = estimate
+            .raw_input_tokens
+            .saturating_add(estimate.cache_read_tokens);
+        match self.peek_kind(estimate) {
+            Some(kind) => self
+                .calibration
+                .observe_kind(model, kind, est_total, counted),
+            None => self.calibration.observe(model, est_total, counted),
+        };
+    }
+
+    /// `raw_input_tokens` times the factor calibration gives now for the
+    /// estimate's model and kind of content (`None` for a fallback estimate,
+    /// or one whose kind is no longer remembered).
+    fn recalibrate(&self, estimate: &Estimate) -> Option<u64> {
+        if estimate.fallback {
+            return None;
+        }
+        let kind = self.peek_kind(estimate)?;
+        let model = estimate.model.as_deref().unwrap_or("");
+        let f = self.calibration.factor_for(model, kind);
+        Some((estimate.raw_input_tokens as f64 * f).ceil() as u64)
     }
 
     /// Learns from a settled response.

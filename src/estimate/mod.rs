@@ -128,4 +128,22 @@ pub trait TokenEstimator: Send + Sync + 'static {
     fn observe(&self, estimate: &Estimate, usage: &Usage) {
         let _ = (estimate, usage);
     }
+
+    /// Feeds back an exact count of a request's whole prompt (input, cache
+    /// writes and cache reads together), such as the API's free
+    /// `count_tokens` answer, for a request this estimator estimated: a
+    /// calibration sample that needs no response. The default does nothing.
+    fn observe_count(&self, estimate: &Estimate, counted: u64) {
+        let _ = (estimate, counted);
+    }
+
+    /// The uncached input tokens `estimate` (made by this estimator) would be
+    /// charged now, with what calibration learned since it was made: the
+    /// budget asks it for a request that waits, so that a request estimated
+    /// before the first responses settled is charged what is known now.
+    /// `None` (the default) keeps the charge it has.
+    fn recalibrate(&self, estimate: &Estimate) -> Option<u64> {
+        let _ = estimate;
+        None
+    }
 }
