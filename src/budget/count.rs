@@ -344,30 +344,6 @@ fn read_in_counted_units(estimate: &Estimate, prefix_read: u64, counted: u64) ->
     u64::try_from(converted).unwrap_or(u64::MAX).min(counted)
 }
 
-/// A request not counted and not yet admitted is charged what calibration
-/// knows now ([`TokenEstimator::recalibrate`]), not what it knew when the
-/// request arrived: requests that arrived together before any response
-/// settled would otherwise keep the cold-start estimate while they wait.
-/// A request charged as a prefix read (cache-aware admission) keeps its
-/// charge.
-pub(crate) fn recalibrate(estimator: &dyn TokenEstimator, charge: &mut Charge) {
-    if charge.counted.is_some() || charge.prefix_read > 0 {
-        return;
-    }
-    let Some(input) = estimator.recalibrate(&charge.estimate) else {
-        return;
-    };
-    if input == charge.estimate.input_tokens {
-        return;
-    }
-    charge.estimate.input_tokens = input;
-    charge.costs.input_tokens = if charge.cache_reads_count {
-        input.saturating_add(charge.estimate.cache_read_tokens)
-    } else {
-        input
-    };
-}
-
 pin_project! {
     /// One `count_tokens` call: readiness, the call, then its body, within
     /// the timeout.

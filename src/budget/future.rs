@@ -325,10 +325,6 @@ where
                         polled_after_completion();
                     };
                     let counter = shared.counter.as_ref();
-                    if wait.started().is_some() {
-                        // It has waited: charged what calibration knows now.
-                        super::count::recalibrate(&*shared.estimator, ch);
-                    }
                     count.poll(counter, &*shared.estimator, ch, cx);
                     let polled = match poll_prefix(shared, ch, prefix, cx) {
                         Poll::Ready(()) => shared.poll_admit(ch, admission, cx),

@@ -1503,19 +1503,6 @@ impl TokenEstimator for AnthropicEstimator {
         };
     }
 
-    /// `raw_input_tokens` times the factor calibration gives now for the
-    /// estimate's model and kind of content (`None` for a fallback estimate,
-    /// or one whose kind is no longer remembered).
-    fn recalibrate(&self, estimate: &Estimate) -> Option<u64> {
-        if estimate.fallback {
-            return None;
-        }
-        let kind = self.peek_kind(estimate)?;
-        let model = estimate.model.as_deref().unwrap_or("");
-        let f = self.calibration.factor_for(model, kind);
-        Some((estimate.raw_input_tokens as f64 * f).ceil() as u64)
-    }
-
     /// Learns from a settled response.
     ///
     /// Calibration records `(input + cache_creation + cache_read) /

@@ -136,14 +136,4 @@ pub trait TokenEstimator: Send + Sync + 'static {
     fn observe_count(&self, estimate: &Estimate, counted: u64) {
         let _ = (estimate, counted);
     }
-
-    /// The uncached input tokens `estimate` (made by this estimator) would be
-    /// charged now, with what calibration learned since it was made: the
-    /// budget asks it for a request that waits, so that a request estimated
-    /// before the first responses settled is charged what is known now.
-    /// `None` (the default) keeps the charge it has.
-    fn recalibrate(&self, estimate: &Estimate) -> Option<u64> {
-        let _ = estimate;
-        None
-    }
 }
