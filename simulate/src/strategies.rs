@@ -378,10 +378,6 @@ impl TokenEstimator for Recording {
     fn observe_count(&self, estimate: &Estimate, counted: u64) {
         self.inner.observe_count(estimate, counted);
     }
-
-    fn recalibrate(&self, estimate: &Estimate) -> Option<u64> {
-        self.inner.recalibrate(estimate)
-    }
 }
 
 /// (d) This crate: `LimitsLayer::anthropic(limits)`, its budget
