@@ -6,10 +6,11 @@
 //! - A request whose body was counted before (the same bytes: answers are
 //!   kept by a keyed hash of the body, in a bounded cache) is charged the
 //!   known count at once.
-//! - Otherwise a request is counted only when the budget does not admit it at
-//!   once (it waits anyway) and its estimate is at least
-//!   [`CountTokens::min_input_tokens`] (a small request's error is not worth
-//!   a call). The count runs while the request waits, through the same inner
+//! - Otherwise a request is counted when the budget does not admit it at
+//!   once (it waits anyway), whatever its size by default (see
+//!   [`CountTokens::min_input_tokens`]): the call is free, it fits in the
+//!   endpoint's own rate, and an exact charge for a request that waits
+//!   frees the room an over-estimate would hold. The count runs while the request waits, through the same inner
 //!   service, with the request's own headers (API key, version, betas); if
 //!   the request's turn comes first, it goes with its estimate and the count
 //!   is dropped. A request that could go now is never delayed.
@@ -103,12 +104,11 @@ pub struct CountTokens {
 
 impl CountTokens {
     /// Counting at most `rpm` calls per minute (at least 1), requests of
-    /// 1,000 estimated input tokens or more, a 5 s timeout, 1,024 answers
-    /// kept.
+    /// any size, a 5 s timeout, 1,024 answers kept.
     pub fn new(rpm: u64) -> Self {
         Self {
             rpm: rpm.max(1),
-            min_input_tokens: 1_000,
+            min_input_tokens: 0,
             timeout: Duration::from_secs(5),
             cache_entries: 1_024,
         }
@@ -127,7 +127,12 @@ impl CountTokens {
     }
 
     /// Only requests estimated at this many input tokens or more are counted
-    /// (a cached answer is used whatever the size).
+    /// (a cached answer is used whatever the size). Default 0: every request
+    /// that waits is counted while calls are free; raise it to keep the
+    /// endpoint's calls for large requests. (Measured on the crate's
+    /// simulation, ten seeds: counting every waiting request instead of
+    /// those of 1,000 tokens or more removed 2 of 3 429s and gave up to
+    /// +0.009 of the workload minimum.)
     pub fn min_input_tokens(mut self, tokens: u64) -> Self {
         self.min_input_tokens = tokens;
         self

@@ -1572,6 +1572,38 @@ mod tests {
         assert_eq!(claude_version("claude-instant"), None);
     }
 
+    /// An exact count of the whole prompt is a calibration sample: five
+    /// counts 30 % below the estimate bring the next estimate down, with no
+    /// response settled, and the kind stays remembered for the settlement.
+    #[test]
+    fn counts_calibrate_like_settlements() {
+        let e = AnthropicEstimator::new();
+        let (parts, ()) = http::Request::post("/v1/messages")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let body = br#"{"model":"claude-sonnet-4-5","max_tokens":100,
+            "messages":[{"role":"user","content":"Summarise the attached notes, please, in two lines."}]}"#;
+        let first = e.estimate(&parts, body);
+        assert!(first.raw_input_tokens > 0);
+        for _ in 0..5 {
+            let est = e.estimate(&parts, body);
+            e.observe_count(&est, est.raw_input_tokens * 7 / 10);
+        }
+        assert_eq!(e.calibration().samples("claude-sonnet-4-5"), 5);
+        let after = e.estimate(&parts, body);
+        assert!(
+            after.input_tokens < first.input_tokens * 8 / 10,
+            "{} then {}",
+            first.input_tokens,
+            after.input_tokens
+        );
+        // A fallback estimate teaches nothing.
+        let fallback = e.estimate(&parts, b"not json");
+        e.observe_count(&fallback, 1);
+        assert_eq!(e.calibration().samples("claude-sonnet-4-5"), 5);
+    }
+
     #[test]
     fn newer_tokenizer_scales() {
         let e = AnthropicEstimator::new();
