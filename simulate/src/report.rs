@@ -721,18 +721,17 @@ mod tests {
         assert_eq!(workload_minimum_seconds(&spec(), 10, 100, None, 1.5), 0.0);
     }
 
+    /// A request of the test workloads: (input tokens, answer duration).
+    type Job = (f64, f64);
+
     /// The earliest finish of the best schedule of `jobs` (input tokens,
     /// answer duration) against one token bucket of `capacity` refilled at
     /// `rate` per second, found by trying every order: each request is
     /// admitted as soon as the bucket holds its tokens (never sooner than
     /// the one before: a later admission never helps an earlier one), and
     /// the run ends when the last answer is over.
-    fn best_schedule(jobs: &[(f64, f64)], capacity: f64, rate: f64) -> f64 {
-        fn permute(
-            rest: &mut Vec<(f64, f64)>,
-            order: &mut Vec<(f64, f64)>,
-            f: &mut dyn FnMut(&[(f64, f64)]),
-        ) {
+    fn best_schedule(jobs: &[Job], capacity: f64, rate: f64) -> f64 {
+        fn permute(rest: &mut Vec<Job>, order: &mut Vec<Job>, f: &mut dyn FnMut(&[Job])) {
             if rest.is_empty() {
                 f(order);
                 return;
@@ -771,7 +770,7 @@ mod tests {
         };
         for _ in 0..200 {
             let n = 1 + draw(6) as usize;
-            let jobs: Vec<(f64, f64)> = (0..n)
+            let jobs: Vec<Job> = (0..n)
                 .map(|_| ((500 + draw(4_000)) as f64, (1 + draw(80)) as f64 / 10.0))
                 .collect();
             let input: f64 = jobs.iter().map(|j| j.0).sum();
