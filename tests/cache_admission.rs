@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
+use http_body::Frame;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
@@ -278,4 +280,66 @@ async fn a_request_after_the_writers_head_is_charged_in_full() {
     r.await.unwrap().unwrap();
     let at = sent_at(&log, "reader").expect("the reader was sent");
     assert!(at >= Duration::from_secs(11), "{at:?}");
+}
+
+/// A streamed writer: its head and `message_start` at once, its first
+/// `content_block_delta` after `first_ms`, its end `first_ms` later.
+fn streaming_upstream(log: Log, first_ms: u64) -> Upstream {
+    BoxCloneService::new(tower::service_fn(
+        move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let log = Arc::clone(&log);
+            async move {
+                let bytes = req.into_body().collect().await?.to_bytes();
+                let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+                let name = v["name"].as_str().unwrap_or("").to_owned();
+                log.lock().unwrap().push((name, Instant::now()));
+                let input = v["input"].as_u64().unwrap_or(0);
+                let read = v["read"].as_u64().unwrap_or(0);
+                let start = format!(
+                    "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"usage\":{{\"input_tokens\":{},\"cache_read_input_tokens\":{read},\"output_tokens\":1}}}}}}\n\n",
+                    input.saturating_sub(read)
+                );
+                let delta = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n".to_owned();
+                let stop = "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":2}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_owned();
+                let steps = vec![(0, start), (first_ms, delta), (first_ms, stop)];
+                let frames = futures_util::stream::iter(steps).then(|(ms, text)| async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(text)))
+                });
+                let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
+                response
+                    .headers_mut()
+                    .insert("content-type", "text/event-stream".parse()?);
+                Ok::<_, BoxError>(response)
+            }
+        },
+    ))
+}
+
+/// A streamed writer's head and `message_start` come before its answer has
+/// begun (the server makes the prefix readable at the first output): the
+/// waiting reader goes at the first `content_block_delta` (1 s), not at the
+/// head (at once), charged only for what follows the prefix.
+#[tokio::test(start_paused = true)]
+async fn a_streamed_writer_is_readable_at_its_first_output() {
+    let log = Log::default();
+    let layer = layer();
+    let svc = layer.layer(streaming_upstream(Arc::clone(&log), 1_000));
+    let w = tokio::spawn(send(svc.clone(), writer(0, 200)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let r = tokio::spawn(send(svc.clone(), reader(6_000)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The writer's head arrived at once; the reader still holds.
+    assert_eq!(sent_at(&log, "reader"), None);
+    w.await.unwrap().unwrap();
+    r.await.unwrap().unwrap();
+    let at = sent_at(&log, "reader").expect("the reader was sent");
+    assert!(
+        at >= Duration::from_millis(1_000) && at < Duration::from_millis(1_100),
+        "{at:?}"
+    );
+    // Charged about 1,000, not 6,000: 4,000 + 3 s of refill (the reader's
+    // own stream ends at 3 s) - 1,000.
+    let input = remaining_input(&layer);
+    assert!((3_300.0..3_700.0).contains(&input), "{input}");
 }

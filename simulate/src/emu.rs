@@ -3,6 +3,8 @@
 //! Every use of the emulator in this crate goes through this module: the
 //! rest of the crate names only what it re-exports.
 
+use std::time::Duration;
+
 use tower::util::BoxCloneService;
 use tower::ServiceExt;
 use tower_llm_limits::clock::WallClock;
@@ -10,7 +12,7 @@ pub use tower_llm_limits_emulator::{
     CacheBound, Emulator, TokenCounter, Tokenizer, UnknownTokenizer,
 };
 use tower_llm_limits_emulator::{
-    Faults, Limits, OutputLength, OutputMode, DEFAULT_CACHE_MIN_TOKENS,
+    Faults, Latency, Limits, OutputLength, OutputMode, DEFAULT_CACHE_MIN_TOKENS,
 };
 
 use super::args::Args;
@@ -159,6 +161,39 @@ pub fn answer_tokens<'a>(a: &Args, bodies: impl Iterator<Item = &'a [u8]>) -> Re
         .build()
         .map_err(|e| format!("emulator: {e}"))?;
     Ok(bodies.filter_map(|b| emulator.answer_tokens(b).ok()).sum())
+}
+
+/// The least time the run's emulator takes to answer any of `bodies`: for
+/// each, its default latency model at its fastest (time to first token plus
+/// the answer's tokens, times the smallest jitter factor), the shortest of
+/// them. Every client waits at least this long for its last answer.
+///
+/// # Errors
+/// A scale the emulator refuses.
+pub fn quickest_answer<'a>(
+    a: &Args,
+    bodies: impl Iterator<Item = &'a [u8]>,
+) -> Result<Duration, String> {
+    let emulator = Emulator::builder()
+        .seed(a.seed)
+        .token_counter(counter(a)?)
+        .output_length(output_length())
+        .build()
+        .map_err(|e| format!("emulator: {e}"))?;
+    let latency = Latency::default();
+    let fastest = (1.0 - latency.jitter.clamp(0.0, 1.0)).max(0.0);
+    let quickest = bodies
+        .filter_map(|b| emulator.answer_tokens(b).ok())
+        .map(|n| {
+            let per_token = latency.per_output_token.as_secs_f64();
+            (latency.time_to_first_token.as_secs_f64() + n as f64 * per_token) * fastest
+        })
+        .fold(f64::INFINITY, f64::min);
+    Ok(if quickest.is_finite() {
+        Duration::from_secs_f64(quickest)
+    } else {
+        Duration::ZERO
+    })
 }
 
 /// What the emulator read from and wrote to its prompt cache: (read, written).

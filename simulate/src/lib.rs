@@ -423,6 +423,9 @@ struct Truth {
     possible_reads: u64,
     /// Output tokens of every answer (the same for every client).
     output: u64,
+    /// The least time the emulator takes to answer any request of the
+    /// workload, in seconds (its latency model at its fastest).
+    quickest_answer: f64,
 }
 
 impl Truth {
@@ -434,6 +437,8 @@ impl Truth {
             ideal_input: 0,
             possible_reads: 0,
             output: emu::answer_tokens(args, w.items.iter().map(|i| &i.body[..]))?,
+            quickest_answer: emu::quickest_answer(args, w.items.iter().map(|i| &i.body[..]))?
+                .as_secs_f64(),
         };
         for item in &w.items {
             let model = serde_json::from_slice::<serde_json::Value>(&item.body)
@@ -495,8 +500,19 @@ impl Truth {
         cache_read_tokens: u64,
     ) {
         let output = (args.reserve_mode() && args.target.is_none()).then_some(self.output);
-        row.workload_minimum_seconds =
-            report::workload_minimum_seconds(limits, items.len(), self.ideal_input, output);
+        // A remote server's latency is not the emulator's.
+        row.quickest_answer_seconds = if args.target.is_none() {
+            self.quickest_answer
+        } else {
+            0.0
+        };
+        row.workload_minimum_seconds = report::workload_minimum_seconds(
+            limits,
+            items.len(),
+            self.ideal_input,
+            output,
+            row.quickest_answer_seconds,
+        );
         row.cache_read_possible = self.possible_reads;
         row.cache_read_tokens = cache_read_tokens;
         for a in row.attempts_log.iter().filter(|a| a.status == Some(429)) {
@@ -745,11 +761,13 @@ mod tests {
             assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
         }
         // The workload minimum bounds every strategy, below its own minimum
-        // (which counts the cache writes it paid for).
+        // (which counts the cache writes it paid for) plus the quickest
+        // answer after its last admission.
         for r in &rows {
             if r.failed == 0 {
                 assert!(
-                    r.workload_minimum_seconds <= r.minimum_seconds + 1e-9,
+                    r.workload_minimum_seconds
+                        <= r.minimum_seconds + r.quickest_answer_seconds + 1e-9,
                     "{}",
                     r.name
                 );
@@ -766,12 +784,14 @@ mod tests {
 
     /// The targets for the crate's stack on the default run: no request
     /// lost, no 429, and at least [`TARGET_SHARE_OF_WORKLOAD_MINIMUM`] of the
-    /// workload's minimum. Ignored until the estimator and admission meet
-    /// them on this workload: today an over-estimated request of 17k tokens
-    /// is refused as larger than the ITPM limit, and 1 request meets a 429
-    /// (`cargo test -p simulate -- --ignored` runs it).
+    /// workload's minimum. Ignored until the stack meets them on this
+    /// workload: today no request fails and none meets a 429, but the share
+    /// is 0.954 (127.6 s against 121.7 s): the last request is admitted
+    /// 1.1 s after the limit-bound time and its answer takes 5.7 s where the
+    /// quickest answer takes 0.9 s (`cargo test -p simulate -- --ignored`
+    /// runs it).
     #[test]
-    #[ignore = "the crate's stack does not meet these targets yet on the mixed workload"]
+    #[ignore = "0 failed and 0 429s are met; the share is 0.954 of the workload minimum, not 0.97"]
     fn default_run_meets_the_targets() {
         let (workload, _, rows) = simulate(&args(&["--json", "--strategy", "d"]));
         let d = &rows[0];

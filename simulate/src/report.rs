@@ -122,6 +122,10 @@ pub struct Row {
     /// The bound for the whole workload, the same for every strategy: see
     /// [`workload_minimum_seconds`].
     pub workload_minimum_seconds: f64,
+    /// The least time the server takes to answer any request of the
+    /// workload (0 against a remote server): the part of the workload's
+    /// bound that comes after the last admission.
+    pub quickest_answer_seconds: f64,
     /// Prompt-cache tokens read in this run.
     pub cache_read_tokens: u64,
     /// Prompt-cache tokens an ideal client reads on this workload (every
@@ -168,20 +172,35 @@ impl Row {
 /// term is left out: answers in flight may overdraw the bucket, so no tight
 /// client-independent bound comes from it (leaving it out only lowers the
 /// bound).
+///
+/// Plus `quickest_answer`, the least time the server takes to answer any
+/// request of the workload (its latency model at its fastest, for the
+/// shortest answer it gives the workload), when the limits bind at all: the
+/// last request cannot be admitted before the limit-bound time (the bucket
+/// must refill everything charged beyond its capacity first), and no
+/// request's answer is over before it has taken that long, so no client
+/// finishes sooner. (A workload that fits in the first burst has no bound:
+/// 0.)
 pub fn workload_minimum_seconds(
     l: &LimitSpec,
     requests: usize,
     ideal_input: u64,
     output: Option<u64>,
+    quickest_answer: f64,
 ) -> f64 {
-    Charged {
+    let admissions = Charged {
         requests: requests as u64,
         input_tokens: ideal_input,
         output_tokens: output.unwrap_or(0),
         output_for_bound: output.unwrap_or(0),
         from_server_stats: false,
     }
-    .minimum_seconds(l)
+    .minimum_seconds(l);
+    if admissions > 0.0 {
+        admissions + quickest_answer.max(0.0)
+    } else {
+        0.0
+    }
 }
 
 /// The error of the input estimates for one kind of content: over its
@@ -348,6 +367,7 @@ pub fn row(
         failures,
         attempts_log: attempts,
         workload_minimum_seconds: 0.0,
+        quickest_answer_seconds: 0.0,
         cache_read_tokens: 0,
         cache_read_possible: 0,
         rate_limited_by_class: BTreeMap::new(),
@@ -690,10 +710,88 @@ mod tests {
     #[test]
     fn the_workload_minimum_leaves_out_realtime_output() {
         // 12,000 ideal input tokens: (12000 - 6000) / 100 per s = 60 s.
-        assert!((workload_minimum_seconds(&spec(), 10, 12_000, None) - 60.0).abs() < 1e-9);
+        assert!((workload_minimum_seconds(&spec(), 10, 12_000, None, 0.0) - 60.0).abs() < 1e-9);
         // Reserved output of 1,800: (1800 - 600) / 10 per s = 120 s binds.
-        let reserve = workload_minimum_seconds(&spec(), 10, 12_000, Some(1_800));
+        let reserve = workload_minimum_seconds(&spec(), 10, 12_000, Some(1_800), 0.0);
         assert!((reserve - 120.0).abs() < 1e-9);
+        // The quickest answer comes after the last admission; a workload
+        // that fits in the burst has no bound.
+        let tail = workload_minimum_seconds(&spec(), 10, 12_000, None, 1.5);
+        assert!((tail - 61.5).abs() < 1e-9);
+        assert_eq!(workload_minimum_seconds(&spec(), 10, 100, None, 1.5), 0.0);
+    }
+
+    /// A request of the test workloads: (input tokens, answer duration).
+    type Job = (f64, f64);
+
+    /// The earliest finish of the best schedule of `jobs` (input tokens,
+    /// answer duration) against one token bucket of `capacity` refilled at
+    /// `rate` per second, found by trying every order: each request is
+    /// admitted as soon as the bucket holds its tokens (never sooner than
+    /// the one before: a later admission never helps an earlier one), and
+    /// the run ends when the last answer is over.
+    fn best_schedule(jobs: &[Job], capacity: f64, rate: f64) -> f64 {
+        fn permute(rest: &mut Vec<Job>, order: &mut Vec<Job>, f: &mut dyn FnMut(&[Job])) {
+            if rest.is_empty() {
+                f(order);
+                return;
+            }
+            for i in 0..rest.len() {
+                let job = rest.remove(i);
+                order.push(job);
+                permute(rest, order, f);
+                order.pop();
+                rest.insert(i, job);
+            }
+        }
+        let mut best = f64::INFINITY;
+        permute(&mut jobs.to_vec(), &mut Vec::new(), &mut |order| {
+            let (mut charged, mut at, mut end) = (0.0f64, 0.0f64, 0.0f64);
+            for &(tokens, duration) in order {
+                charged += tokens;
+                // The bucket holds `capacity + rate * t - charged before`.
+                at = at.max((charged - capacity) / rate);
+                end = end.max(at + duration);
+            }
+            best = best.min(end);
+        });
+        best
+    }
+
+    #[test]
+    fn the_workload_minimum_never_exceeds_a_perfect_schedule() {
+        let l = spec(); // 6,000 input tokens of capacity, 100 per second
+        let mut seed = 7u64;
+        let mut draw = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for _ in 0..200 {
+            let n = 1 + draw(6) as usize;
+            let jobs: Vec<Job> = (0..n)
+                .map(|_| ((500 + draw(4_000)) as f64, (1 + draw(80)) as f64 / 10.0))
+                .collect();
+            let input: f64 = jobs.iter().map(|j| j.0).sum();
+            let quickest = jobs.iter().map(|j| j.1).fold(f64::INFINITY, f64::min);
+            let bound = workload_minimum_seconds(&l, n, input as u64, None, quickest);
+            let best = best_schedule(
+                &jobs,
+                l.input_capacity,
+                l.input_tokens_per_minute as f64 / 60.0,
+            );
+            assert!(
+                bound <= best + 1e-9,
+                "bound {bound} above the best schedule {best} for {jobs:?}"
+            );
+        }
+        // Tight when the quickest answer can go last: 2 x 5,000 tokens, the
+        // second admitted at 40 s, its 1 s answer ends at 41 s.
+        let jobs = [(5_000.0, 9.0), (5_000.0, 1.0)];
+        let best = best_schedule(&jobs, 6_000.0, 100.0);
+        let bound = workload_minimum_seconds(&l, 2, 10_000, None, 1.0);
+        assert!((best - 41.0).abs() < 1e-9 && (bound - 41.0).abs() < 1e-9);
     }
 
     #[test]

@@ -374,6 +374,10 @@ impl TokenEstimator for Recording {
         self.log.settled.fetch_add(1, Ordering::Relaxed);
         self.inner.observe(estimate, usage);
     }
+
+    fn observe_count(&self, estimate: &Estimate, counted: u64) {
+        self.inner.observe_count(estimate, counted);
+    }
 }
 
 /// (d) This crate: `LimitsLayer::anthropic(limits)`, its budget

@@ -325,7 +325,7 @@ where
                         polled_after_completion();
                     };
                     let counter = shared.counter.as_ref();
-                    count.poll(counter, ch, cx);
+                    count.poll(counter, &*shared.estimator, ch, cx);
                     let polled = match poll_prefix(shared, ch, prefix, cx) {
                         Poll::Ready(()) => shared.poll_admit(ch, admission, cx),
                         Poll::Pending => Poll::Pending,
@@ -685,10 +685,15 @@ fn respond<ResB: Body>(
     response: Response<ResB>,
 ) -> Response<ResponseBody<ResB>> {
     let status = response.status();
+    let sse = is_event_stream(response.headers()).unwrap_or(charge.estimate.stream);
     if status.is_success() {
-        // Its cache writes are readable from now on.
-        if let Some(writing) = charge.writing.as_mut() {
-            writing.begin();
+        // A whole JSON answer has begun: its cache writes are readable from
+        // now on. A stream's are once its first output arrives (the
+        // response body's tracker sees it).
+        if !sse {
+            if let Some(writing) = charge.writing.as_mut() {
+                writing.begin();
+            }
         }
     } else {
         // Nothing written: requests waiting for it go, charged in full.
@@ -714,7 +719,6 @@ fn respond<ResB: Body>(
         );
         return Response::from_parts(parts, ResponseBody::plain(body));
     }
-    let sse = is_event_stream(&parts.headers).unwrap_or(charge.estimate.stream);
     let tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
     if body.is_end_stream() {
         // An empty body may never be polled: settle now.

@@ -499,8 +499,8 @@ impl TokenBudgetBuilder {
     }
 
     /// The opt-in `count_tokens` mode (off by default; on in
-    /// [`TokenBudgetLayer::anthropic`]): a request that waits anyway, and is
-    /// estimated at [`CountTokens::min_input_tokens`] or more, is counted
+    /// [`TokenBudgetLayer::anthropic`]): a request that waits anyway (of
+    /// any size, unless [`CountTokens::min_input_tokens`] says otherwise) is counted
     /// exactly by the API's free `POST /v1/messages/count_tokens` through
     /// the same inner service while it waits, paced to the endpoint's own
     /// rate; answers are kept by body hash. A request that could go now is

@@ -8,10 +8,13 @@
 //! [`Estimate::cache_writes`](crate::estimate::Estimate::cache_writes)), the
 //! requests in flight that write it:
 //!
-//! - **sent**: admitted, response head not yet arrived;
-//! - **begun**: a success response head arrived (the prefix is readable)
-//!   and its body has not been settled yet (after that the estimator
-//!   knows the prefix is warm and charges it as a read itself).
+//! - **sent**: admitted, its answer not yet begun;
+//! - **begun**: its answer has begun (the prefix is readable): a JSON
+//!   answer's success head arrived, or a stream's first output (a
+//!   `content_block_delta` event; a stream's head and `message_start` can
+//!   come before the answer begins), and its body has not been settled
+//!   yet (after that the estimator knows the prefix is warm and charges it
+//!   as a read itself).
 //!
 //! # The rule
 //!
@@ -22,14 +25,14 @@
 //!    (it is never delayed);
 //! 2. else (it would wait anyway: for input-token, output-token or request
 //!    room, or behind other waiters) it gives back its place in line and
-//!    waits for the writer's response head, then asks again charged only for
+//!    waits for the writer's answer to begin, then asks again charged only for
 //!    what follows the prefix; if the writer fails, is refused (429, 529,
 //!    503, any non-2xx) or is cancelled, it asks again charged in full. The
 //!    request's own deadline still bounds the wait.
 //!
 //! Classes whose cache reads count toward ITPM (Haiku 3.5) gain nothing and
 //! are never held. The longest pending prefix with a writer in flight
-//! decides. A request that arrives after the writer's response head is not
+//! decides. A request that arrives after the writer's answer began is not
 //! charged as a read here: the estimator does so once a response confirmed
 //! the write (`cache_creation_input_tokens`), since a head alone does not
 //! say the server cached the prefix (measured: charging such late requests

@@ -268,8 +268,22 @@ impl Tracker {
 
     fn push(&mut self, data: &[u8]) {
         match &mut self.scanner {
-            Scanner::Sse(s) => s.push(data),
+            Scanner::Sse(s) => {
+                s.push(data);
+                if output_began(data) {
+                    self.begin_writes();
+                }
+            }
             Scanner::Json(j) => j.push(data),
+        }
+    }
+
+    /// The answer has begun (its first output arrived, or it completed): the
+    /// prompt-cache prefixes it writes are readable from now on, and the
+    /// requests holding for them go (see `prefix.rs`).
+    fn begin_writes(&mut self) {
+        if let Some(writing) = self.charge.writing.as_mut() {
+            writing.begin();
         }
     }
 
@@ -284,6 +298,11 @@ impl Tracker {
             return;
         }
         let outcome = self.outcome(end);
+        if matches!(outcome, Outcome::Complete(_)) {
+            // A stream that completed wrote its prefixes, even if no delta
+            // was seen (an empty answer, or a delta split across frames).
+            self.begin_writes();
+        }
         let reserved = self.charge.costs;
         let (delta, ratio, observed) = self.settlement(outcome);
         if let Some(usage) = observed.as_ref() {
@@ -399,6 +418,15 @@ impl Tracker {
         };
         (CostDelta::between(reserved, actual), ratio, observed)
     }
+}
+
+/// Whether a chunk of an event stream carries the answer's first output: a
+/// `content_block_delta` event. The server makes a prefix readable only once
+/// the answer that writes it has begun; for a stream, the response head and
+/// `message_start` may come before that (they do in the crate's emulator),
+/// so they do not count.
+fn output_began(data: &[u8]) -> bool {
+    memchr::memmem::find(data, b"content_block_delta").is_some()
 }
 
 impl Drop for Tracker {

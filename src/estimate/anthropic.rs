@@ -1291,6 +1291,18 @@ impl AnthropicEstimator {
         kinds.push_back((key, raw, cache_read, kind));
     }
 
+    /// The kind of content of an estimate still waiting for its usage, if
+    /// remembered (it stays remembered).
+    fn peek_kind(&self, e: &Estimate) -> Option<ContentKind> {
+        let key = self.model_key(e.model.as_deref());
+        let want = (key, e.raw_input_tokens, e.cache_read_tokens);
+        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds
+            .iter()
+            .find(|&&(k, r, c, _)| (k, r, c) == want)
+            .map(|&(_, _, _, kind)| kind)
+    }
+
     /// The kind of content of an estimate whose usage arrived, if remembered.
     fn take_kind(&self, e: &Estimate) -> Option<ContentKind> {
         let key = self.model_key(e.model.as_deref());
@@ -1504,6 +1516,31 @@ impl TokenEstimator for AnthropicEstimator {
         }
     }
 
+    /// Learns from an exact count of the whole prompt (a `count_tokens`
+    /// answer): one calibration sample, `counted / (raw_input_tokens +
+    /// cache_read_tokens)`, into the model's window and its kind of content's,
+    /// as a settled response gives. A request that is counted and then
+    /// settles gives two samples of the same ratio. Fallback estimates teach
+    /// nothing.
+    fn observe_count(&self, estimate: &Estimate, counted: u64) {
+        if estimate.fallback {
+            return;
+        }
+        let model = estimate.model.as_deref().unwrap_or("");
+        if model.len() > MAX_MODEL_LEN {
+            return;
+        }
+        let est_total = estimate
+            .raw_input_tokens
+            .saturating_add(estimate.cache_read_tokens);
+        match self.peek_kind(estimate) {
+            Some(kind) => self
+                .calibration
+                .observe_kind(model, kind, est_total, counted),
+            None => self.calibration.observe(model, est_total, counted),
+        };
+    }
+
     /// Learns from a settled response.
     ///
     /// Calibration records `(input + cache_creation + cache_read) /
@@ -1598,6 +1635,38 @@ mod tests {
         assert_eq!(kept, MAX_MODEL_NAMES);
         let c = model(&body("claude-sonnet-4-5"));
         assert!(matches!((&a, &c), (Some(a), Some(c)) if Arc::ptr_eq(a, c)));
+    }
+
+    /// An exact count of the whole prompt is a calibration sample: five
+    /// counts 30 % below the estimate bring the next estimate down, with no
+    /// response settled, and the kind stays remembered for the settlement.
+    #[test]
+    fn counts_calibrate_like_settlements() {
+        let e = AnthropicEstimator::new();
+        let (parts, ()) = http::Request::post("/v1/messages")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let body = br#"{"model":"claude-sonnet-4-5","max_tokens":100,
+            "messages":[{"role":"user","content":"Summarise the attached notes, please, in two lines."}]}"#;
+        let first = e.estimate(&parts, body);
+        assert!(first.raw_input_tokens > 0);
+        for _ in 0..5 {
+            let est = e.estimate(&parts, body);
+            e.observe_count(&est, est.raw_input_tokens * 7 / 10);
+        }
+        assert_eq!(e.calibration().samples("claude-sonnet-4-5"), 5);
+        let after = e.estimate(&parts, body);
+        assert!(
+            after.input_tokens < first.input_tokens * 8 / 10,
+            "{} then {}",
+            first.input_tokens,
+            after.input_tokens
+        );
+        // A fallback estimate teaches nothing.
+        let fallback = e.estimate(&parts, b"not json");
+        e.observe_count(&fallback, 1);
+        assert_eq!(e.calibration().samples("claude-sonnet-4-5"), 5);
     }
 
     #[test]

@@ -132,4 +132,12 @@ pub trait TokenEstimator: Send + Sync + 'static {
     fn observe(&self, estimate: &Estimate, usage: &Usage) {
         let _ = (estimate, usage);
     }
+
+    /// Feeds back an exact count of a request's whole prompt (input, cache
+    /// writes and cache reads together), such as the API's free
+    /// `count_tokens` answer, for a request this estimator estimated: a
+    /// calibration sample that needs no response. The default does nothing.
+    fn observe_count(&self, estimate: &Estimate, counted: u64) {
+        let _ = (estimate, counted);
+    }
 }
