@@ -408,6 +408,98 @@ async fn a_response_costs_at_most_two_calls() {
     );
 }
 
+/// A response whose head carries the rate-limit headers and whose body
+/// (the usage) ends `body_after` later, as a streamed answer does.
+fn slow_body_upstream(
+    body_after: Duration,
+) -> tower::util::BoxCloneService<
+    http::Request<tower_llm_limits::body::ReplayBody<http_body_util::Full<bytes::Bytes>>>,
+    http::Response<http_body_util::StreamBody<SlowFrames>>,
+    std::convert::Infallible,
+> {
+    tower::util::BoxCloneService::new(tower::service_fn(move |_req| async move {
+        let body = r#"{"type":"message","usage":{"input_tokens":12,"output_tokens":30}}"#;
+        let frames: SlowFrames = Box::pin(futures_util::stream::once(async move {
+            tokio::time::sleep(body_after).await;
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(body)))
+        }));
+        let response = http::Response::builder()
+            .header("content-type", "application/json")
+            .header("anthropic-ratelimit-requests-limit", "1000")
+            .header("anthropic-ratelimit-requests-remaining", "900")
+            .header("anthropic-ratelimit-input-tokens-limit", "1000000")
+            .header("anthropic-ratelimit-input-tokens-remaining", "500000")
+            .header("anthropic-ratelimit-output-tokens-limit", "100000")
+            .header("anthropic-ratelimit-output-tokens-remaining", "99000")
+            .body(http_body_util::StreamBody::new(frames))
+            .expect("response");
+        Ok::<_, std::convert::Infallible>(response)
+    }))
+}
+
+type SlowFrames = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+/// Through the budget layer (with the preset's input headroom), a request
+/// admitted at its first ask costs at most two Redis calls: the
+/// reservation (which checks the headroom itself), and one batch with the
+/// header sync and the usage settlement, although the body ends long after
+/// the head. The sync is applied: the ledger follows the server's
+/// `remaining`.
+#[tokio::test]
+async fn a_request_through_the_budget_costs_at_most_two_calls_with_its_sync() {
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+    use tower_llm_limits::budget::TokenBudgetLayer;
+    let Some(url) = redis_url() else { return };
+    let ledger = RedisLedger::builder(&url)
+        .prefix(unique_prefix("layer-calls"))
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(1_000).itpm(1_000_000).otpm(100_000);
+    let layer = TokenBudgetLayer::builder()
+        .limits(limits)
+        .input_headroom(0.02)
+        .ledger(Arc::new(ledger.clone()))
+        .build();
+    // The body ends 30 ms after the head: far past the 2 ms write delay.
+    let svc = layer.layer(slow_body_upstream(Duration::from_millis(30)));
+    const REQUESTS: u64 = 8;
+    for i in 0..REQUESTS {
+        let response = svc.clone().oneshot(message(None)).await.expect("sent");
+        assert_eq!(response.status(), 200, "request {i}");
+        let _ = response.into_body().collect().await.expect("body");
+        // The batch's own delay (2 ms), so it goes before the next request
+        // could carry it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ledger.flush().await.expect("flush");
+    let stats = ledger.stats();
+    assert_eq!(stats.reserves, REQUESTS, "{stats:?}");
+    assert_eq!(stats.failures, 0, "{stats:?}");
+    assert!(
+        stats.calls <= 2 * REQUESTS,
+        "at most 2 calls per request, header sync included: {stats:?}"
+    );
+    // The budget's key is the model class.
+    let state = ledger
+        .state("haiku-4-5", &limits)
+        .await
+        .expect("state")
+        .expect("the key is known");
+    assert!(
+        state[1].available < 600_000.0,
+        "the input bucket follows the server's remaining: {:?}",
+        state[1]
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Large requests across processes: the claim.
 

@@ -248,9 +248,8 @@ struct Timed {
     timing: Arc<Timing>,
 }
 
-impl Ledger for Timed {
-    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
-        let fut = self.inner.reserve(key, limits, costs);
+impl Timed {
+    fn time(&self, fut: LedgerFuture<Reservation>) -> LedgerFuture<Reservation> {
         let timing = self.timing.clone();
         let start = Instant::now();
         LedgerFuture::new(async move {
@@ -260,6 +259,43 @@ impl Ledger for Timed {
             }
             answer
         })
+    }
+}
+
+impl Ledger for Timed {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        self.time(self.inner.reserve(key, limits, costs))
+    }
+
+    fn reserve_with_headroom(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let fut = self
+            .inner
+            .reserve_with_headroom(key, limits, costs, headroom)?;
+        Some(self.time(fut))
+    }
+
+    fn sync_with_settlement(&self) -> bool {
+        self.inner.sync_with_settlement()
+    }
+
+    fn settle_and_sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        delta: CostDelta,
+        statuses: [LimitStatus; 3],
+    ) -> LedgerFuture<()> {
+        self.inner.settle_and_sync(key, limits, delta, statuses)
+    }
+
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        self.inner.sync_all(key, limits, statuses)
     }
 
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {

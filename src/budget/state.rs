@@ -428,6 +428,8 @@ pub(crate) struct Admission {
     headroom: u64,
     /// Set when the request fits only without the headroom.
     no_headroom: bool,
+    /// Set when the ledger kept the headroom itself (nothing to give back).
+    headroom_kept: bool,
 }
 
 /// The probe role of a request not yet admitted.
@@ -755,8 +757,7 @@ impl Shared {
         if let Some(step) = self.hold_for_probe(&mut ks, charge, adm, &turn) {
             return step;
         }
-        let costs = self.with_headroom(&ks, charge, adm);
-        let fut = self.ledger.reserve(&charge.key, &charge.limits, costs);
+        let (fut, costs) = self.reserve(&ks, charge, adm);
         let answer = fut.into_ready();
         ks.ledger_at_once = answer.is_ok();
         match answer {
@@ -916,6 +917,18 @@ impl Shared {
         delta: CostDelta,
         output_ratio: Option<f64>,
     ) {
+        self.correct_and_sync(charge, delta, output_ratio, None);
+    }
+
+    /// [`correct`](Self::correct), with the header sync held for it
+    /// ([`Ledger::sync_with_settlement`]) applied in the same operation.
+    pub(crate) fn correct_and_sync(
+        self: &Arc<Self>,
+        charge: &Charge,
+        delta: CostDelta,
+        output_ratio: Option<f64>,
+        held_sync: Option<[LimitStatus; 3]>,
+    ) {
         self.end_probe(charge, Probe::Off);
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
         if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
@@ -926,7 +939,12 @@ impl Shared {
                 .push(r.clamp(0.0, 1.0));
             ks.ratio_samples += 1;
         }
-        if !delta.is_zero() {
+        if let Some(statuses) = held_sync {
+            let op = self
+                .ledger
+                .settle_and_sync(&charge.key, &charge.limits, delta, statuses);
+            self.run(charge, op, true);
+        } else if !delta.is_zero() {
             let op = self.ledger.settle(&charge.key, &charge.limits, delta);
             self.run(charge, op, freed);
         }
@@ -961,7 +979,16 @@ impl Shared {
     /// reported limit reaches the ledger only once it is plausible (see
     /// `learn`): never below the floor, and never from one response that
     /// disagrees with the last ones.
-    pub(crate) fn sync(self: &Arc<Self>, charge: &Charge, snap: &RateLimitSnapshot) {
+    ///
+    /// With `hold` and a ledger that asks for it
+    /// ([`Ledger::sync_with_settlement`]), the statuses are not applied now
+    /// but returned, for the response's settlement to apply.
+    pub(crate) fn sync(
+        self: &Arc<Self>,
+        charge: &Charge,
+        snap: &RateLimitSnapshot,
+        hold: bool,
+    ) -> Option<[LimitStatus; 3]> {
         let mut statuses = Dimension::ALL.map(|dimension| {
             let status = *snap.dimension(dimension);
             if dimension == Dimension::InputTokens && status == LimitStatus::default() {
@@ -985,13 +1012,19 @@ impl Shared {
                 tracing::debug!(key = super::callers::logged_key(&charge.key), rule = ?ks.output_rule, "budget: limits learned from the probe");
             }
         }
+        let mut held = None;
         if !statuses.iter().all(LimitStatus::is_empty) {
-            // All three dimensions in one ledger operation (one lock for the
-            // in-memory ledger); the head's turn comes once it is done.
-            let op = self.ledger.sync_all(&charge.key, &charge.limits, statuses);
-            self.run(charge, op, true);
+            if hold && self.ledger.sync_with_settlement() {
+                held = Some(statuses);
+            } else {
+                // All three dimensions in one ledger operation (one lock for
+                // the in-memory ledger); the head's turn comes once it is done.
+                let op = self.ledger.sync_all(&charge.key, &charge.limits, statuses);
+                self.run(charge, op, true);
+            }
         }
         self.end_probe(charge, Probe::Off);
+        held
     }
 
     /// A request that may have reached the server will get no answer (its
@@ -1034,10 +1067,42 @@ impl Shared {
         costs
     }
 
+    /// Asks the ledger to reserve the request's costs with the input
+    /// headroom kept free: in one operation where the ledger has one, else
+    /// as `costs + headroom` (given back once admitted). Returns the future
+    /// and the costs it debits if admitted.
+    fn reserve(
+        &self,
+        ks: &KeyState,
+        charge: &Charge,
+        adm: &mut Admission,
+    ) -> (LedgerFuture<Reservation>, Costs) {
+        let with = self.with_headroom(ks, charge, adm);
+        adm.headroom_kept = false;
+        if adm.headroom > 0 {
+            let headroom = Costs {
+                requests: 0,
+                input_tokens: adm.headroom,
+                output_tokens: 0,
+            };
+            let kept = self.ledger.reserve_with_headroom(
+                &charge.key,
+                &charge.limits,
+                charge.costs,
+                headroom,
+            );
+            if let Some(fut) = kept {
+                adm.headroom_kept = true;
+                return (fut, charge.costs);
+            }
+        }
+        (self.ledger.reserve(&charge.key, &charge.limits, with), with)
+    }
+
     /// Gives back the headroom an admitted request's reservation held.
     fn release_headroom(self: &Arc<Self>, charge: &Charge, adm: &mut Admission) {
         let headroom = std::mem::take(&mut adm.headroom);
-        if headroom == 0 {
+        if headroom == 0 || std::mem::take(&mut adm.headroom_kept) {
             return;
         }
         let delta = CostDelta {
@@ -1105,11 +1170,8 @@ impl Shared {
         if !ks.queue.allow_passing(head, delay) {
             return None;
         }
-        let costs = self.with_headroom(ks, charge, adm);
-        let answer = self
-            .ledger
-            .reserve(&charge.key, &charge.limits, costs)
-            .into_ready();
+        let (fut, costs) = self.reserve(ks, charge, adm);
+        let answer = fut.into_ready();
         match answer {
             Ok(Ok(Reservation::Admitted)) => {
                 self.release_headroom(charge, adm);

@@ -260,7 +260,12 @@ impl RedisLedger {
         limits: &Limits,
         costs: Costs,
     ) -> Result<(Reservation, Option<Duration>), LedgerError> {
-        self.inner.reserve(Arc::from(key), *limits, costs).await
+        let ask = Ask {
+            limits: *limits,
+            costs,
+            headroom: None,
+        };
+        self.inner.reserve(Arc::from(key), ask).await
     }
 
     /// Sends every buffered settlement and sync now. Returns the Redis time
@@ -376,6 +381,15 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// `a + b` in every dimension, saturating.
+fn add(a: Costs, b: Costs) -> Costs {
+    Costs {
+        requests: a.requests.saturating_add(b.requests),
+        input_tokens: a.input_tokens.saturating_add(b.input_tokens),
+        output_tokens: a.output_tokens.saturating_add(b.output_tokens),
+    }
+}
+
 /// Limits divided by the number of replicas (at least 1 each).
 fn share(limits: &Limits, replicas: u32) -> Limits {
     let part = |l: Option<u64>| l.map(|l| (l / u64::from(replicas)).max(1));
@@ -440,7 +454,7 @@ impl Inner {
         &self,
         key: &str,
         ops: &[Op],
-        reserve: Option<(Limits, Costs)>,
+        reserve: Option<Ask>,
     ) -> Result<Applied, RedisLedgerError> {
         let s = &self.settings;
         let mut inv = self.apply.key(self.hash_key(key));
@@ -451,8 +465,8 @@ impl Inner {
         for op in ops {
             wire::push_op(&mut inv, op);
         }
-        if let Some((limits, costs)) = reserve {
-            wire::push_reserve(&mut inv, &limits, costs);
+        if let Some(ask) = reserve {
+            wire::push_reserve(&mut inv, &ask.limits, ask.costs, ask.headroom);
         }
         bump(&self.stats.calls);
         let reply: Vec<i64> = tokio::time::timeout(s.timeout, self.conn.invoke(&inv))
@@ -467,7 +481,7 @@ impl Inner {
         &self,
         key: &str,
         ops: &[Op],
-        reserve: Option<(Limits, Costs)>,
+        reserve: Option<Ask>,
     ) -> Result<Applied, RedisLedgerError> {
         if let Err(retry_in) = self.usable() {
             return Err(RedisLedgerError::Unavailable { retry_in });
@@ -508,12 +522,16 @@ impl Inner {
     async fn reserve(
         self: &Arc<Self>,
         key: Arc<str>,
-        limits: Limits,
-        costs: Costs,
+        ask: Ask,
     ) -> Result<(Reservation, Option<Duration>), LedgerError> {
         bump(&self.stats.reserves);
+        let Ask {
+            limits,
+            costs,
+            headroom,
+        } = ask;
         let ops = self.take_pending(&key);
-        let error = match self.guarded_apply(&key, &ops, Some((limits, costs))).await {
+        let error = match self.guarded_apply(&key, &ops, Some(ask)).await {
             Ok(Applied {
                 now_us,
                 reservation: Some(r),
@@ -532,9 +550,18 @@ impl Inner {
                 self.apply_locally(&key, &ops);
                 bump(&self.stats.fallback_answers);
                 let local = share(&limits, self.settings.replicas);
+                let now = Instant::now();
+                let Some(headroom) = headroom else {
+                    let answer = self.fallback.reserve_at(&key, &local, costs, now);
+                    return Ok((answer, None));
+                };
                 let answer = self
                     .fallback
-                    .reserve_at(&key, &local, costs, Instant::now());
+                    .reserve_at(&key, &local, add(costs, headroom), now);
+                if answer == Reservation::Admitted {
+                    let back = CostDelta::refund(headroom);
+                    self.fallback.settle_at(&key, &local, back, now);
+                }
                 Ok((answer, None))
             }
         }
@@ -591,8 +618,9 @@ impl Inner {
         }
     }
 
-    /// Buffers a write; the first write of a batch schedules its flush.
-    fn enqueue(self: &Arc<Self>, key: &str, op: Op) {
+    /// Buffers writes (together: they go in one batch); the first write of
+    /// a batch schedules its flush.
+    fn enqueue(self: &Arc<Self>, key: &str, ops: impl IntoIterator<Item = Op>) {
         let (key, schedule, full) = {
             let mut pending = lock(&self.pending);
             let key: Arc<str> = match pending.get_key_value(key) {
@@ -600,8 +628,12 @@ impl Inner {
                 None => Arc::from(key),
             };
             let queue = pending.entry(Arc::clone(&key)).or_default();
-            queue.push(op);
-            (key, queue.len() == 1, queue.len() >= MAX_BATCH)
+            let before = queue.len();
+            queue.extend(ops);
+            if queue.len() == before {
+                return;
+            }
+            (key, before == 0, queue.len() >= MAX_BATCH)
         };
         if !schedule && !full {
             return;
@@ -665,6 +697,48 @@ impl Inner {
     }
 }
 
+/// A reservation to ask: the costs to debit, and the headroom that must
+/// stay free after them.
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    limits: Limits,
+    costs: Costs,
+    headroom: Option<Costs>,
+}
+
+/// A response's non-empty statuses as sync operations, in dimension order.
+fn sync_ops(limits: &Limits, statuses: [LimitStatus; 3]) -> impl Iterator<Item = Op> {
+    let limits = *limits;
+    Dimension::ALL
+        .into_iter()
+        .zip(statuses)
+        .filter(|(_, status)| !status.is_empty())
+        .map(move |(dimension, status)| Op::Sync {
+            limits,
+            dimension,
+            status,
+        })
+}
+
+impl RedisLedger {
+    fn ask(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Option<Costs>,
+    ) -> LedgerFuture<Reservation> {
+        let inner = Arc::clone(&self.inner);
+        let key = Arc::from(key);
+        let ask = Ask {
+            limits: *limits,
+            costs,
+            headroom,
+        };
+        LedgerFuture::new(async move { Ok(inner.reserve(key, ask).await?.0) })
+    }
+}
+
 /// Reservations and snapshots take a round trip ([`LedgerFuture::new`]);
 /// settlements and syncs are buffered and answer at once. A reservation
 /// carries the key's buffered writes: drive its future to the end (the
@@ -672,16 +746,49 @@ impl Inner {
 /// writes may be lost with it.
 impl Ledger for RedisLedger {
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
-        let inner = Arc::clone(&self.inner);
-        let (key, limits) = (Arc::from(key), *limits);
-        LedgerFuture::new(async move { Ok(inner.reserve(key, limits, costs).await?.0) })
+        self.ask(key, limits, costs, None)
+    }
+
+    /// The headroom is checked by the reservation's own script call.
+    fn reserve_with_headroom(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+    ) -> Option<LedgerFuture<Reservation>> {
+        Some(self.ask(key, limits, costs, Some(headroom)))
+    }
+
+    /// `true`: a response's sync and settlement go in one batch.
+    fn sync_with_settlement(&self) -> bool {
+        true
+    }
+
+    fn settle_and_sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        delta: CostDelta,
+        statuses: [LimitStatus; 3],
+    ) -> LedgerFuture<()> {
+        let limits = *limits;
+        let syncs = sync_ops(&limits, statuses);
+        let settle = (!delta.is_zero()).then_some(Op::Settle { limits, delta });
+        self.inner.enqueue(key, syncs.chain(settle));
+        LedgerFuture::ready(Ok(()))
     }
 
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
         if !delta.is_zero() {
             let limits = *limits;
-            self.inner.enqueue(key, Op::Settle { limits, delta });
+            self.inner.enqueue(key, [Op::Settle { limits, delta }]);
         }
+        LedgerFuture::ready(Ok(()))
+    }
+
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        self.inner.enqueue(key, sync_ops(limits, statuses));
         LedgerFuture::ready(Ok(()))
     }
 
@@ -697,7 +804,7 @@ impl Ledger for RedisLedger {
             dimension,
             status,
         };
-        self.inner.enqueue(key, op);
+        self.inner.enqueue(key, [op]);
         LedgerFuture::ready(Ok(()))
     }
 
