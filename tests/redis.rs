@@ -2,10 +2,12 @@
 //! in-memory ledger, one budget for several processes, the cross-process
 //! claim, and faults (a killed, slow or flushed Redis, deleted keys).
 //!
-//! Needs `REDIS_URL` (a server on loopback; `.ci/run` starts one). Without
-//! it the tests print a notice and pass, except under `CI=true`, where they
-//! fail. The fault tests start their own `redis-server` (on `PATH`) on a
-//! free loopback port, so that killing it disturbs no other test.
+//! Needs `REDIS_URL` (a server on loopback; `.ci/run` starts one, and runs
+//! these tests again against Valkey). Without it the tests print a notice
+//! and pass, except under `CI=true`, where they fail. The fault tests start
+//! their own server (`REDIS_SERVER`, else `redis-server` on `PATH`; the
+//! Cluster test also `REDIS_CLI`, else `redis-cli`) on a free loopback port,
+//! so that killing it disturbs no other test.
 //!
 //! Redis reads its own clock (`TIME`), which tokio cannot pause: the few
 //! waits here are real and short (at most about a second).
@@ -50,6 +52,24 @@ fn redis_url() -> Option<String> {
             None
         }
     }
+}
+
+/// The server the fault and Cluster tests start: `REDIS_SERVER` (a path to
+/// `valkey-server`, say), else `redis-server` on `PATH`.
+fn server_binary() -> String {
+    std::env::var("REDIS_SERVER")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "redis-server".into())
+}
+
+/// The command-line client for the Cluster test: `REDIS_CLI`, else
+/// `redis-cli` on `PATH`.
+fn cli_binary() -> String {
+    std::env::var("REDIS_CLI")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "redis-cli".into())
 }
 
 /// A prefix no other test (or earlier run) uses.
@@ -99,7 +119,7 @@ impl OwnServer {
     }
 
     async fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let child = Command::new(server_binary())
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .stdout(Stdio::null())
@@ -1121,7 +1141,7 @@ async fn start_cluster() -> (Cluster, Vec<String>) {
         let dir = std::env::temp_dir().join(format!("tll-cluster-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("cluster dir");
         cluster.dirs.push(dir.clone());
-        let child = Command::new("redis-server")
+        let child = Command::new(server_binary())
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--cluster-enabled", "yes", "--dir"])
@@ -1151,7 +1171,7 @@ async fn start_cluster() -> (Cluster, Vec<String>) {
         .iter()
         .map(|s| format!("127.0.0.1:{}", s.port))
         .collect();
-    let status = Command::new("redis-cli")
+    let status = Command::new(cli_binary())
         .args(["--cluster", "create"])
         .args(&nodes)
         .args(["--cluster-replicas", "0", "--cluster-yes"])
