@@ -167,6 +167,8 @@ async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
 #[derive(Debug, Clone)]
 enum Op {
     Reserve(Costs),
+    /// A reservation that must leave this many input tokens free.
+    ReserveKeeping(Costs, u64),
     Settle(CostDelta),
     Sync(Dimension, LimitStatus),
     /// A sync whose `remaining` is `offset` tokens from the in-memory
@@ -188,6 +190,8 @@ fn op(limit: u64) -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..=2u64, amount.clone(), amount.clone())
             .prop_map(|(r, i, o)| Op::Reserve(costs(r, i, o))),
+        2 => (0..=2u64, amount.clone(), amount.clone(), 0..=limit / 10)
+            .prop_map(|(r, i, o, h)| Op::ReserveKeeping(costs(r, i, o), h)),
         2 => (-3..=3i64, -(limit as i64)..=limit as i64, -(limit as i64)..=limit as i64)
             .prop_map(|(r, i, o)| Op::Settle(CostDelta { requests: r, input_tokens: i, output_tokens: o })),
         1 => (
@@ -269,6 +273,26 @@ async fn differential(url: &str, limits: Limits, short_window: bool, ops: Vec<Op
                 assert!(
                     same_answer(answer, expected),
                     "step {step}: reserve {c:?}: redis {answer:?}, in memory {expected:?}"
+                );
+            }
+            Op::ReserveKeeping(c, h) => {
+                // In memory: the budget's way without the operation,
+                // `costs + headroom`, the headroom given back once admitted.
+                let headroom = costs(0, h, 0);
+                let (answer, time) = redis
+                    .reserve_with_headroom_timed("k", &limits, c, headroom)
+                    .await
+                    .expect("reserve");
+                let now = at(time.expect("redis time"));
+                let with = costs(c.requests, c.input_tokens + h, c.output_tokens);
+                let with = if c.input_tokens == 0 { c } else { with };
+                let expected = memory.reserve_at("k", &limits, with, now);
+                if expected == Reservation::Admitted && c.input_tokens > 0 {
+                    memory.settle_at("k", &limits, CostDelta::refund(headroom), now);
+                }
+                assert!(
+                    same_answer(answer, expected),
+                    "step {step}: reserve {c:?} keeping {h}: redis {answer:?}, in memory {expected:?}"
                 );
             }
             Op::Settle(delta) => {

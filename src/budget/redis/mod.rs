@@ -185,6 +185,7 @@ struct Health {
 struct Counters {
     calls: AtomicU64,
     reserves: AtomicU64,
+    batches: AtomicU64,
     fallback_answers: AtomicU64,
     failures: AtomicU64,
 }
@@ -196,8 +197,12 @@ pub struct RedisLedgerStats {
     /// Script calls made, failed ones included (round trips; a script
     /// loaded again after `SCRIPT FLUSH` costs two more, not counted).
     pub calls: u64,
-    /// Reservations asked.
+    /// Reservations asked (each one call, which also carries the key's
+    /// buffered writes).
     pub reserves: u64,
+    /// Calls that sent buffered settlements and syncs alone (no
+    /// reservation).
+    pub write_batches: u64,
     /// Reservations, settlements and syncs answered by the local fallback.
     pub fallback_answers: u64,
     /// Calls that failed or timed out.
@@ -237,6 +242,7 @@ impl RedisLedger {
         RedisLedgerStats {
             calls: c.calls.load(Ordering::Relaxed),
             reserves: c.reserves.load(Ordering::Relaxed),
+            write_batches: c.batches.load(Ordering::Relaxed),
             fallback_answers: c.fallback_answers.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
         }
@@ -264,6 +270,27 @@ impl RedisLedger {
             limits: *limits,
             costs,
             headroom: None,
+        };
+        self.inner.reserve(Arc::from(key), ask).await
+    }
+
+    /// [`Ledger::reserve_with_headroom`], also returning the Redis time the
+    /// decision was taken at (`None` when the fallback answered).
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve_timed`](Self::reserve_timed).
+    pub async fn reserve_with_headroom_timed(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+    ) -> Result<(Reservation, Option<Duration>), LedgerError> {
+        let ask = Ask {
+            limits: *limits,
+            costs,
+            headroom: Some(headroom),
         };
         self.inner.reserve(Arc::from(key), ask).await
     }
@@ -603,6 +630,7 @@ impl Inner {
         if ops.is_empty() {
             return Ok(None);
         }
+        bump(&self.stats.batches);
         match self.guarded_apply(key, &ops, None).await {
             Ok(applied) => Ok(Some(Duration::from_micros(applied.now_us))),
             Err(e) => match self.settings.policy {
