@@ -454,13 +454,7 @@ async fn a_response_costs_at_most_two_calls() {
 
 /// A response whose head carries the rate-limit headers and whose body
 /// (the usage) ends `body_after` later, as a streamed answer does.
-fn slow_body_upstream(
-    body_after: Duration,
-) -> tower::util::BoxCloneService<
-    http::Request<tower_llm_limits::body::ReplayBody<http_body_util::Full<bytes::Bytes>>>,
-    http::Response<http_body_util::StreamBody<SlowFrames>>,
-    std::convert::Infallible,
-> {
+fn slow_body_upstream(body_after: Duration) -> SlowUpstream {
     tower::util::BoxCloneService::new(tower::service_fn(move |_req| async move {
         let body = r#"{"type":"message","usage":{"input_tokens":12,"output_tokens":30}}"#;
         let frames: SlowFrames = Box::pin(futures_util::stream::once(async move {
@@ -480,6 +474,12 @@ fn slow_body_upstream(
         Ok::<_, std::convert::Infallible>(response)
     }))
 }
+
+type SlowUpstream = tower::util::BoxCloneService<
+    http::Request<tower_llm_limits::body::ReplayBody<http_body_util::Full<bytes::Bytes>>>,
+    http::Response<http_body_util::StreamBody<SlowFrames>>,
+    std::convert::Infallible,
+>;
 
 type SlowFrames = std::pin::Pin<
     Box<
