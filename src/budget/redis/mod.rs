@@ -44,12 +44,17 @@
 //!   restart) over a `ConnectionManager` that reconnects by itself, or over
 //!   redis-rs's cluster client for a Redis Cluster
 //!   ([`RedisLedgerBuilder::cluster`]).
-//! - **Round trips**: a reservation is one call. Settlements and syncs are
-//!   buffered for [`write_delay`](RedisLedgerBuilder::write_delay) (2 ms)
-//!   and sent together, or carried by the key's next reservation, which
-//!   applies them first: a response's header sync and usage settlement
-//!   usually cost one call, so a request costs at most 2 calls, often
-//!   fewer under load. [`RedisLedger::stats`] counts them.
+//! - **Round trips**: a reservation is one call, and checks the budget's
+//!   input headroom itself ([`Ledger::reserve_with_headroom`]). Settlements
+//!   and syncs are buffered for
+//!   [`write_delay`](RedisLedgerBuilder::write_delay) (2 ms) and sent
+//!   together, or carried by the key's next reservation, which applies them
+//!   first. The ledger asks the budget to hold a response's header sync
+//!   until its usage is settled ([`Ledger::sync_with_settlement`]), so both
+//!   go in one batch ([`Ledger::settle_and_sync`]) however long the body
+//!   streams: a request admitted at its first ask costs at most 2 calls,
+//!   often fewer under load. The server's `remaining` reaches the shared
+//!   bucket when the body ends. [`RedisLedger::stats`] counts the calls.
 //! - **Semantics**: the same as
 //!   [`InMemoryLedger`](crate::budget::ledger::InMemoryLedger) (the same
 //!   decisions and waits, within a microsecond, for the same operations at
