@@ -2778,3 +2778,142 @@ async fn the_budgets_own_ledger_is_seen_through_ledger() {
         Reservation::Never { .. }
     ));
 }
+
+/// A ledger across a network in miniature: asks for the header sync to go
+/// with the settlement and checks the headroom in the reservation, and
+/// records what the budget asks of it (over an in-memory ledger).
+#[derive(Debug, Default)]
+struct HeldSync {
+    inner: InMemoryLedger,
+    calls: Mutex<Vec<&'static str>>,
+    held: Mutex<Vec<[LimitStatus; 3]>>,
+}
+
+impl HeldSync {
+    fn note(&self, call: &'static str) {
+        self.calls.lock().unwrap().push(call);
+    }
+}
+
+impl Ledger for HeldSync {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        self.note("reserve");
+        self.inner.reserve(key, limits, costs)
+    }
+
+    fn reserve_with_headroom(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+    ) -> Option<LedgerFuture<Reservation>> {
+        self.note("reserve_with_headroom");
+        let with = Costs {
+            input_tokens: costs.input_tokens + headroom.input_tokens,
+            ..costs
+        };
+        let answer = self.inner.reserve(key, limits, with).into_ready().ok()?;
+        if let Ok(Reservation::Admitted) = answer {
+            let _ = self
+                .inner
+                .settle(key, limits, CostDelta::refund(headroom))
+                .into_ready();
+        }
+        Some(LedgerFuture::ready(answer))
+    }
+
+    fn sync_with_settlement(&self) -> bool {
+        true
+    }
+
+    fn settle_and_sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        delta: CostDelta,
+        statuses: [LimitStatus; 3],
+    ) -> LedgerFuture<()> {
+        self.note("settle_and_sync");
+        self.held.lock().unwrap().push(statuses);
+        let _ = self.inner.sync_all(key, limits, statuses).into_ready();
+        self.inner.settle(key, limits, delta)
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        self.note("settle");
+        self.inner.settle(key, limits, delta)
+    }
+
+    fn sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        dimension: Dimension,
+        sync: LimitStatus,
+    ) -> LedgerFuture<()> {
+        self.note("sync");
+        self.inner.sync(key, limits, dimension, sync)
+    }
+
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        self.note("sync_all");
+        self.inner.sync_all(key, limits, statuses)
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        self.inner.state(key, limits)
+    }
+}
+
+/// With a ledger that asks for it, a response's header sync is held until
+/// its body is settled and goes in the same `settle_and_sync`; the input
+/// headroom is checked by the reservation itself (no settlement gives it
+/// back). So the ledger is asked twice for the request: a reservation,
+/// then one write.
+#[tokio::test(start_paused = true)]
+async fn a_ledger_across_a_network_gets_one_write_per_response() {
+    let h = headers(&[
+        ("anthropic-ratelimit-requests-limit", "1000"),
+        ("anthropic-ratelimit-requests-remaining", "990"),
+        ("anthropic-ratelimit-input-tokens-limit", "100000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "50000"),
+        ("anthropic-ratelimit-output-tokens-limit", "100000"),
+        ("anthropic-ratelimit-output-tokens-remaining", "99000"),
+    ]);
+    let script = Arc::new(Mutex::new(vec![(StatusCode::OK, h)]));
+    let ledger = Arc::new(HeldSync::default());
+    let shared: Arc<dyn Ledger> = Arc::clone(&ledger) as Arc<dyn Ledger>;
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1_000).itpm(100_000).otpm(100_000))
+        .input_headroom(0.02)
+        .estimator(Arc::new(ExactEstimator::default()))
+        .ledger(shared)
+        .build();
+    let mut svc = layer.layer(scripted(script, Arc::new(AtomicUsize::new(0))));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(1_000, 100))
+        .await
+        .unwrap();
+    assert_eq!(
+        *ledger.calls.lock().unwrap(),
+        ["reserve_with_headroom"],
+        "the head alone writes nothing"
+    );
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(
+        *ledger.calls.lock().unwrap(),
+        ["reserve_with_headroom", "settle_and_sync"]
+    );
+    let held = ledger.held.lock().unwrap().clone();
+    assert_eq!(
+        held[0].map(|s| s.remaining),
+        [Some(990), Some(50_000), Some(99_000)]
+    );
+    let snap = layer.snapshot();
+    let input = snap.key(KEY).unwrap().dimension(Dimension::InputTokens);
+    assert!(input.remaining.unwrap() <= 50_500.0, "{input:?}");
+}

@@ -2,10 +2,12 @@
 //! in-memory ledger, one budget for several processes, the cross-process
 //! claim, and faults (a killed, slow or flushed Redis, deleted keys).
 //!
-//! Needs `REDIS_URL` (a server on loopback; `.ci/run` starts one). Without
-//! it the tests print a notice and pass, except under `CI=true`, where they
-//! fail. The fault tests start their own `redis-server` (on `PATH`) on a
-//! free loopback port, so that killing it disturbs no other test.
+//! Needs `REDIS_URL` (a server on loopback; `.ci/run` starts one, and runs
+//! these tests again against Valkey). Without it the tests print a notice
+//! and pass, except under `CI=true`, where they fail. The fault tests start
+//! their own server (`REDIS_SERVER`, else `redis-server` on `PATH`; the
+//! Cluster test also `REDIS_CLI`, else `redis-cli`) on a free loopback port,
+//! so that killing it disturbs no other test.
 //!
 //! Redis reads its own clock (`TIME`), which tokio cannot pause: the few
 //! waits here are real and short (at most about a second).
@@ -50,6 +52,24 @@ fn redis_url() -> Option<String> {
             None
         }
     }
+}
+
+/// The server the fault and Cluster tests start: `REDIS_SERVER` (a path to
+/// `valkey-server`, say), else `redis-server` on `PATH`.
+fn server_binary() -> String {
+    std::env::var("REDIS_SERVER")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "redis-server".into())
+}
+
+/// The command-line client for the Cluster test: `REDIS_CLI`, else
+/// `redis-cli` on `PATH`.
+fn cli_binary() -> String {
+    std::env::var("REDIS_CLI")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "redis-cli".into())
 }
 
 /// A prefix no other test (or earlier run) uses.
@@ -99,7 +119,7 @@ impl OwnServer {
     }
 
     async fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let child = Command::new(server_binary())
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .stdout(Stdio::null())
@@ -147,6 +167,8 @@ async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
 #[derive(Debug, Clone)]
 enum Op {
     Reserve(Costs),
+    /// A reservation that must leave this many input tokens free.
+    ReserveKeeping(Costs, u64),
     Settle(CostDelta),
     Sync(Dimension, LimitStatus),
     /// A sync whose `remaining` is `offset` tokens from the in-memory
@@ -168,6 +190,8 @@ fn op(limit: u64) -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..=2u64, amount.clone(), amount.clone())
             .prop_map(|(r, i, o)| Op::Reserve(costs(r, i, o))),
+        2 => (0..=2u64, amount.clone(), amount.clone(), 0..=limit / 10)
+            .prop_map(|(r, i, o, h)| Op::ReserveKeeping(costs(r, i, o), h)),
         2 => (-3..=3i64, -(limit as i64)..=limit as i64, -(limit as i64)..=limit as i64)
             .prop_map(|(r, i, o)| Op::Settle(CostDelta { requests: r, input_tokens: i, output_tokens: o })),
         1 => (
@@ -249,6 +273,26 @@ async fn differential(url: &str, limits: Limits, short_window: bool, ops: Vec<Op
                 assert!(
                     same_answer(answer, expected),
                     "step {step}: reserve {c:?}: redis {answer:?}, in memory {expected:?}"
+                );
+            }
+            Op::ReserveKeeping(c, h) => {
+                // In memory: the budget's way without the operation,
+                // `costs + headroom`, the headroom given back once admitted.
+                let headroom = costs(0, h, 0);
+                let (answer, time) = redis
+                    .reserve_with_headroom_timed("k", &limits, c, headroom)
+                    .await
+                    .expect("reserve");
+                let now = at(time.expect("redis time"));
+                let with = costs(c.requests, c.input_tokens + h, c.output_tokens);
+                let with = if c.input_tokens == 0 { c } else { with };
+                let expected = memory.reserve_at("k", &limits, with, now);
+                if expected == Reservation::Admitted && c.input_tokens > 0 {
+                    memory.settle_at("k", &limits, CostDelta::refund(headroom), now);
+                }
+                assert!(
+                    same_answer(answer, expected),
+                    "step {step}: reserve {c:?} keeping {h}: redis {answer:?}, in memory {expected:?}"
                 );
             }
             Op::Settle(delta) => {
@@ -405,6 +449,98 @@ async fn a_response_costs_at_most_two_calls() {
     assert_eq!(
         stats.calls, 20,
         "one reservation and one batch of writes per request"
+    );
+}
+
+/// A response whose head carries the rate-limit headers and whose body
+/// (the usage) ends `body_after` later, as a streamed answer does.
+fn slow_body_upstream(body_after: Duration) -> SlowUpstream {
+    tower::util::BoxCloneService::new(tower::service_fn(move |_req| async move {
+        let body = r#"{"type":"message","usage":{"input_tokens":12,"output_tokens":30}}"#;
+        let frames: SlowFrames = Box::pin(futures_util::stream::once(async move {
+            tokio::time::sleep(body_after).await;
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(body)))
+        }));
+        let response = http::Response::builder()
+            .header("content-type", "application/json")
+            .header("anthropic-ratelimit-requests-limit", "1000")
+            .header("anthropic-ratelimit-requests-remaining", "900")
+            .header("anthropic-ratelimit-input-tokens-limit", "1000000")
+            .header("anthropic-ratelimit-input-tokens-remaining", "500000")
+            .header("anthropic-ratelimit-output-tokens-limit", "100000")
+            .header("anthropic-ratelimit-output-tokens-remaining", "99000")
+            .body(http_body_util::StreamBody::new(frames))
+            .expect("response");
+        Ok::<_, std::convert::Infallible>(response)
+    }))
+}
+
+type SlowUpstream = tower::util::BoxCloneService<
+    http::Request<tower_llm_limits::body::ReplayBody<http_body_util::Full<bytes::Bytes>>>,
+    http::Response<http_body_util::StreamBody<SlowFrames>>,
+    std::convert::Infallible,
+>;
+
+type SlowFrames = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+/// Through the budget layer (with the preset's input headroom), a request
+/// admitted at its first ask costs at most two Redis calls: the
+/// reservation (which checks the headroom itself), and one batch with the
+/// header sync and the usage settlement, although the body ends long after
+/// the head. The sync is applied: the ledger follows the server's
+/// `remaining`.
+#[tokio::test]
+async fn a_request_through_the_budget_costs_at_most_two_calls_with_its_sync() {
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+    use tower_llm_limits::budget::TokenBudgetLayer;
+    let Some(url) = redis_url() else { return };
+    let ledger = RedisLedger::builder(&url)
+        .prefix(unique_prefix("layer-calls"))
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(1_000).itpm(1_000_000).otpm(100_000);
+    let layer = TokenBudgetLayer::builder()
+        .limits(limits)
+        .input_headroom(0.02)
+        .ledger(Arc::new(ledger.clone()))
+        .build();
+    // The body ends 30 ms after the head: far past the 2 ms write delay.
+    let svc = layer.layer(slow_body_upstream(Duration::from_millis(30)));
+    const REQUESTS: u64 = 8;
+    for i in 0..REQUESTS {
+        let response = svc.clone().oneshot(message(None)).await.expect("sent");
+        assert_eq!(response.status(), 200, "request {i}");
+        let _ = response.into_body().collect().await.expect("body");
+        // The batch's own delay (2 ms), so it goes before the next request
+        // could carry it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ledger.flush().await.expect("flush");
+    let stats = ledger.stats();
+    assert_eq!(stats.reserves, REQUESTS, "{stats:?}");
+    assert_eq!(stats.failures, 0, "{stats:?}");
+    assert!(
+        stats.calls <= 2 * REQUESTS,
+        "at most 2 calls per request, header sync included: {stats:?}"
+    );
+    // The budget's key is the model class.
+    let state = ledger
+        .state("haiku-4-5", &limits)
+        .await
+        .expect("state")
+        .expect("the key is known");
+    assert!(
+        state[1].available < 600_000.0,
+        "the input bucket follows the server's remaining: {:?}",
+        state[1]
     );
 }
 
@@ -1029,7 +1165,7 @@ async fn start_cluster() -> (Cluster, Vec<String>) {
         let dir = std::env::temp_dir().join(format!("tll-cluster-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("cluster dir");
         cluster.dirs.push(dir.clone());
-        let child = Command::new("redis-server")
+        let child = Command::new(server_binary())
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--cluster-enabled", "yes", "--dir"])
@@ -1059,7 +1195,7 @@ async fn start_cluster() -> (Cluster, Vec<String>) {
         .iter()
         .map(|s| format!("127.0.0.1:{}", s.port))
         .collect();
-    let status = Command::new("redis-cli")
+    let status = Command::new(cli_binary())
         .args(["--cluster", "create"])
         .args(&nodes)
         .args(["--cluster-replicas", "0", "--cluster-yes"])

@@ -62,12 +62,20 @@ pub async fn run(
         }
     }
     let items = Arc::new(workload.items.clone());
+    // The workload's bound (every cacheable prefix read after its first
+    // write), the same for every row.
+    let truth = super::Truth::of(args, &workload)?;
     let mut rows = Vec::new();
     for &n in sizes {
+        let mut runs = Vec::new();
         if let Some(url) = &args.redis {
-            rows.push(run_fleet(args, n, Some(url), &items, &limits, virtual_time).await?);
+            runs.push(run_fleet(args, n, Some(url), &items, &limits, virtual_time).await?);
         }
-        rows.push(run_fleet(args, n, None, &items, &limits, virtual_time).await?);
+        runs.push(run_fleet(args, n, None, &items, &limits, virtual_time).await?);
+        for (mut row, cache_read_tokens) in runs {
+            truth.complete(&mut row, args, &limits, &items, None, cache_read_tokens);
+            rows.push(row);
+        }
     }
     Ok((workload, limits, rows))
 }
@@ -103,7 +111,7 @@ async fn run_fleet(
     items: &Arc<Vec<Item>>,
     limits: &LimitSpec,
     virtual_time: bool,
-) -> Result<Row, String> {
+) -> Result<(Row, u64), String> {
     let clock = super::wall_clock(virtual_time);
     let (transport, emulator) = emu::transport(args, clock)?;
     let log = Log::new();
@@ -154,30 +162,42 @@ async fn run_fleet(
     .await;
     progress.finish();
     let charged = emu::charged(&emulator, args.reserve_mode());
+    let cache_read_tokens = emu::cache_tokens(&emulator).0;
     let row = report::row(&name, &outcomes, log.snapshot(), charged, limits, None);
     if redis.is_some() && !args.json {
         println!("{}", redis_figures(&name, &row, &shared, &timing));
     }
-    Ok(row)
+    Ok((row, cache_read_tokens))
 }
 
 /// Calls per request and reserve latency of one Redis run.
 fn redis_figures(name: &str, row: &Row, ledgers: &[RedisLedger], timing: &Timing) -> String {
-    let (calls, reserves, fallback) = ledgers.iter().fold((0, 0, 0), |(c, r, f), l| {
-        let s = l.stats();
-        (c + s.calls, r + s.reserves, f + s.fallback_answers)
-    });
+    let (calls, reserves, batches, fallback) =
+        ledgers.iter().fold((0, 0, 0, 0), |(c, r, b, f), l| {
+            let s = l.stats();
+            (
+                c + s.calls,
+                r + s.reserves,
+                b + s.write_batches,
+                f + s.fallback_answers,
+            )
+        });
     let mut samples = timing.samples.lock().map(|s| s.clone()).unwrap_or_default();
     samples.sort();
     let pick = |q: f64| {
         let i = ((samples.len() as f64 * q).ceil() as usize).saturating_sub(1);
         samples.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
     };
+    let attempts = row.attempts.max(1) as f64;
     format!(
-        "{name}: {:.2} Redis calls per request attempt ({calls} calls, {reserves} reservations, {} attempts), \
+        "{name}: {:.2} Redis calls per request attempt ({calls} calls for {} attempts: \
+{:.2} reservations per attempt, the first ask and the asks again after a wait, \
+{:.2} write batches per attempt, a response's sync and settlement), \
 {fallback} fallback answers; reserve latency p50 {:.0} us, p99 {:.0} us",
-        calls as f64 / row.attempts.max(1) as f64,
+        calls as f64 / attempts,
         row.attempts,
+        reserves as f64 / attempts,
+        batches as f64 / attempts,
         pick(0.5),
         pick(0.99),
     )
@@ -248,9 +268,8 @@ struct Timed {
     timing: Arc<Timing>,
 }
 
-impl Ledger for Timed {
-    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
-        let fut = self.inner.reserve(key, limits, costs);
+impl Timed {
+    fn time(&self, fut: LedgerFuture<Reservation>) -> LedgerFuture<Reservation> {
         let timing = self.timing.clone();
         let start = Instant::now();
         LedgerFuture::new(async move {
@@ -260,6 +279,43 @@ impl Ledger for Timed {
             }
             answer
         })
+    }
+}
+
+impl Ledger for Timed {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        self.time(self.inner.reserve(key, limits, costs))
+    }
+
+    fn reserve_with_headroom(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let fut = self
+            .inner
+            .reserve_with_headroom(key, limits, costs, headroom)?;
+        Some(self.time(fut))
+    }
+
+    fn sync_with_settlement(&self) -> bool {
+        self.inner.sync_with_settlement()
+    }
+
+    fn settle_and_sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        delta: CostDelta,
+        statuses: [LimitStatus; 3],
+    ) -> LedgerFuture<()> {
+        self.inner.settle_and_sync(key, limits, delta, statuses)
+    }
+
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        self.inner.sync_all(key, limits, statuses)
     }
 
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {

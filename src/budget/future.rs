@@ -705,11 +705,13 @@ fn respond<ResB: Body>(
         shared.refund(&charge);
     }
     let (mut parts, body) = response.into_parts();
+    let mut held_sync = None;
     if shared.settings.enforce {
         enforce::insert_headers(shared, &charge, &mut parts.headers);
     } else if parts.headers.keys().any(is_rate_limit_header) {
         let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
-        shared.sync(&charge, &snapshot);
+        // A body to settle: the sync may go with its settlement.
+        held_sync = shared.sync(&charge, &snapshot, !was_refused);
     }
     if was_refused {
         tracing::debug!(
@@ -719,7 +721,8 @@ fn respond<ResB: Body>(
         );
         return Response::from_parts(parts, ResponseBody::plain(body));
     }
-    let tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
+    let mut tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
+    tracker.hold_sync(held_sync);
     if body.is_end_stream() {
         // An empty body may never be polled: settle now.
         tracker.conclude_empty();

@@ -322,6 +322,71 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
         })
     }
 
+    /// [`Ledger::reserve`] of `costs` that admits only when every bucket
+    /// would still hold `headroom` after the debit, and debits `costs` alone.
+    ///
+    /// The budget keeps a share of the input limit free this way
+    /// ([`input_headroom`](crate::budget::TokenBudgetBuilder::input_headroom)).
+    /// The answers are those of `reserve(costs + headroom)` (a wait counts
+    /// the headroom; [`Reservation::Never`] names `cost + headroom`). `None`
+    /// (the default) means the ledger has no such operation: the budget then
+    /// reserves `costs + headroom` and gives the headroom back with a
+    /// [`Ledger::settle`], which leaves the buckets the same. A ledger across
+    /// a network overrides it to save that second write.
+    fn reserve_with_headroom(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let _ = (key, limits, costs, headroom);
+        None
+    }
+
+    /// Whether the budget should hold a response's header sync until the
+    /// response's usage is settled, and apply both with one
+    /// [`Ledger::settle_and_sync`]. `false` (the default): the headers are
+    /// synced when the response head arrives. A ledger across a network
+    /// answers `true`, so that a response costs it one write, not two; the
+    /// server's view then reaches the ledger when the body ends.
+    fn sync_with_settlement(&self) -> bool {
+        false
+    }
+
+    /// [`Ledger::sync_all`] with `statuses`, then [`Ledger::settle`] with
+    /// `delta` (a zero delta settles nothing), as one operation where the
+    /// ledger can. The default runs the two in that order and answers the
+    /// first error once both have run.
+    fn settle_and_sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        delta: CostDelta,
+        statuses: [LimitStatus; 3],
+    ) -> LedgerFuture<()> {
+        let sync = self.sync_all(key, limits, statuses);
+        let settle = if delta.is_zero() {
+            LedgerFuture::ready(Ok(()))
+        } else {
+            self.settle(key, limits, delta)
+        };
+        match (sync.into_ready(), settle.into_ready()) {
+            (Ok(a), Ok(b)) => LedgerFuture::ready(a.and(b)),
+            (a, b) => LedgerFuture::new(async move {
+                let a = match a {
+                    Ok(done) => done,
+                    Err(op) => op.await,
+                };
+                let b = match b {
+                    Ok(done) => done,
+                    Err(op) => op.await,
+                };
+                a.and(b)
+            }),
+        }
+    }
+
     /// The state of the key's three buckets (requests, input, output), if the
     /// key is known: a snapshot.
     ///

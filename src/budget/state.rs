@@ -522,6 +522,8 @@ pub(crate) struct Admission {
     headroom: u64,
     /// Set when the request fits only without the headroom.
     no_headroom: bool,
+    /// Set when the ledger kept the headroom itself (nothing to give back).
+    headroom_kept: bool,
 }
 
 /// The probe role of a request not yet admitted.
@@ -873,8 +875,7 @@ impl Shared {
         if let Some(step) = self.hold_for_probe(&mut ks, charge, adm, &turn) {
             return step;
         }
-        let costs = self.with_headroom(&ks, charge, adm);
-        let answer = self.reserve(&mut ks, charge, costs, turn.now);
+        let (answer, costs) = self.reserve(&mut ks, charge, adm, turn.now);
         ks.ledger_at_once = answer.is_ok();
         match answer {
             Ok(answer) => {
@@ -1032,12 +1033,26 @@ impl Shared {
         delta: CostDelta,
         output_ratio: Option<f64>,
     ) {
+        self.correct_and_sync(charge, delta, output_ratio, None);
+    }
+
+    /// [`correct`](Self::correct), with the header sync held for it
+    /// ([`Ledger::sync_with_settlement`]) applied in the same operation.
+    pub(crate) fn correct_and_sync(
+        self: &Arc<Self>,
+        charge: &Charge,
+        delta: CostDelta,
+        output_ratio: Option<f64>,
+        held_sync: Option<[LimitStatus; 3]>,
+    ) {
         self.end_probe(charge, Probe::Off);
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
         if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
             lock_key(&charge.cell).push_ratio(r.clamp(0.0, 1.0), &self.settings);
         }
-        if !delta.is_zero() {
+        if let Some(statuses) = held_sync {
+            self.settle_and_sync(charge, delta, statuses);
+        } else if !delta.is_zero() {
             self.settle(charge, delta, freed);
         }
         bump(&self.counters.settled);
@@ -1059,6 +1074,32 @@ impl Shared {
         } else {
             None
         };
+        drop(ks);
+        wake(next);
+    }
+
+    /// Syncs the request's key to a response's statuses held for its
+    /// settlement, then settles `delta`, in one ledger operation (the
+    /// budget's own buckets: both under the key's lock); then gives the
+    /// key's head its turn.
+    fn settle_and_sync(
+        self: &Arc<Self>,
+        charge: &Charge,
+        delta: CostDelta,
+        statuses: [LimitStatus; 3],
+    ) {
+        if !self.own {
+            let op = self
+                .ledger
+                .settle_and_sync(charge.key(), &charge.limits, delta, statuses);
+            return self.run(charge, op, true);
+        }
+        let mut ks = lock_key(&charge.cell);
+        let now = Instant::now();
+        ks.buckets
+            .sync_all(&charge.limits, statuses, now, self.epoch);
+        ks.buckets.settle(&charge.limits, delta, now, self.epoch);
+        let next = ks.notify_head(&self.counters);
         drop(ks);
         wake(next);
     }
@@ -1107,7 +1148,16 @@ impl Shared {
     /// reported limit reaches the ledger only once it is plausible (see
     /// `learn`): never below the floor, and never from one response that
     /// disagrees with the last ones.
-    pub(crate) fn sync(self: &Arc<Self>, charge: &Charge, snap: &RateLimitSnapshot) {
+    ///
+    /// With `hold` and a ledger that asks for it
+    /// ([`Ledger::sync_with_settlement`]), the statuses are not applied now
+    /// but returned, for the response's settlement to apply.
+    pub(crate) fn sync(
+        self: &Arc<Self>,
+        charge: &Charge,
+        snap: &RateLimitSnapshot,
+        hold: bool,
+    ) -> Option<[LimitStatus; 3]> {
         let mut statuses = Dimension::ALL.map(|dimension| {
             let status = *snap.dimension(dimension);
             if dimension == Dimension::InputTokens && status == LimitStatus::default() {
@@ -1131,10 +1181,16 @@ impl Shared {
                 tracing::debug!(key = super::callers::logged_key(charge.key()), rule = ?ks.output_rule, "budget: limits learned from the probe");
             }
         }
+        let mut held = None;
         if !statuses.iter().all(LimitStatus::is_empty) {
-            self.sync_buckets(charge, statuses);
+            if hold && !self.own && self.ledger.sync_with_settlement() {
+                held = Some(statuses);
+            } else {
+                self.sync_buckets(charge, statuses);
+            }
         }
         self.end_probe(charge, Probe::Off);
+        held
     }
 
     /// A request that may have reached the server will get no answer (its
@@ -1177,11 +1233,55 @@ impl Shared {
         costs
     }
 
+    /// Asks for a reservation under the key's lock (`ks`) of the request's
+    /// costs with the input headroom kept free: answered at once by the
+    /// budget's own buckets, else by the ledger (`Err` with its future if it
+    /// needs a round trip), in one operation where the ledger has one, else
+    /// as `costs + headroom` (given back once admitted). Returns the answer
+    /// and the costs it debits if admitted.
+    #[allow(clippy::type_complexity)]
+    fn reserve(
+        &self,
+        ks: &mut KeyState,
+        charge: &Charge,
+        adm: &mut Admission,
+        now: Instant,
+    ) -> (
+        Result<Result<Reservation, LedgerError>, LedgerFuture<Reservation>>,
+        Costs,
+    ) {
+        let with = self.with_headroom(ks, charge, adm);
+        adm.headroom_kept = false;
+        if self.own {
+            let answer = ks.buckets.reserve(&charge.limits, with, now, self.epoch);
+            return (Ok(Ok(answer)), with);
+        }
+        if adm.headroom > 0 {
+            let headroom = Costs {
+                requests: 0,
+                input_tokens: adm.headroom,
+                output_tokens: 0,
+            };
+            let kept = self.ledger.reserve_with_headroom(
+                charge.key(),
+                &charge.limits,
+                charge.costs,
+                headroom,
+            );
+            if let Some(fut) = kept {
+                adm.headroom_kept = true;
+                return (fut.into_ready(), charge.costs);
+            }
+        }
+        let fut = self.ledger.reserve(charge.key(), &charge.limits, with);
+        (fut.into_ready(), with)
+    }
+
     /// Gives back the headroom an admitted request's reservation held
     /// (under the key's lock, `ks`).
     fn release_headroom(self: &Arc<Self>, ks: &mut KeyState, charge: &Charge, adm: &mut Admission) {
         let headroom = std::mem::take(&mut adm.headroom);
-        if headroom == 0 {
+        if headroom == 0 || std::mem::take(&mut adm.headroom_kept) {
             return;
         }
         let delta = CostDelta {
@@ -1195,30 +1295,6 @@ impl Shared {
             let op = self.ledger.settle(charge.key(), &charge.limits, delta);
             self.run(charge, op, false);
         }
-    }
-
-    /// Asks for a reservation under the key's lock (`ks`): answered at once
-    /// by the budget's own buckets, else by the ledger (`Err` with its
-    /// future if it needs a round trip).
-    #[allow(clippy::type_complexity)]
-    fn reserve(
-        &self,
-        ks: &mut KeyState,
-        charge: &Charge,
-        costs: Costs,
-        now: Instant,
-    ) -> Result<Result<Reservation, LedgerError>, LedgerFuture<Reservation>> {
-        if self.own {
-            return Ok(Ok(ks.buckets.reserve(
-                &charge.limits,
-                costs,
-                now,
-                self.epoch,
-            )));
-        }
-        self.ledger
-            .reserve(charge.key(), &charge.limits, costs)
-            .into_ready()
     }
 
     /// Unknown limits: takes the probe role for this request if it is
@@ -1278,8 +1354,7 @@ impl Shared {
         if !ks.queue.allow_passing(head, delay) {
             return None;
         }
-        let costs = self.with_headroom(ks, charge, adm);
-        let answer = self.reserve(ks, charge, costs, Instant::now());
+        let (answer, costs) = self.reserve(ks, charge, adm, Instant::now());
         match answer {
             Ok(Ok(Reservation::Admitted)) => {
                 self.release_headroom(ks, charge, adm);

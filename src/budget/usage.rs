@@ -10,6 +10,7 @@ use pin_project_lite::pin_project;
 
 use super::ledger::{CostDelta, Costs};
 use super::state::{Charge, Shared};
+use crate::headers::LimitStatus;
 use crate::observe::SettleEvent;
 use crate::wire::json::UsageScanner;
 use crate::wire::{StreamEnd, StreamUsage, Usage};
@@ -244,6 +245,9 @@ pub(crate) struct Tracker {
     scanner: Scanner,
     error_status: bool,
     done: bool,
+    /// The response head's sync, held for the settlement
+    /// ([`Ledger::sync_with_settlement`](crate::budget::ledger::Ledger::sync_with_settlement)).
+    held_sync: Option<[LimitStatus; 3]>,
 }
 
 impl Tracker {
@@ -258,7 +262,14 @@ impl Tracker {
             },
             error_status,
             done: false,
+            held_sync: None,
         }
+    }
+
+    /// Holds the response head's sync until the settlement, which applies
+    /// both in one ledger operation.
+    pub(crate) fn hold_sync(&mut self, statuses: Option<[LimitStatus; 3]>) {
+        self.held_sync = statuses;
     }
 
     /// Settles a response whose body is empty (ended before any frame).
@@ -310,7 +321,9 @@ impl Tracker {
         }
         // The estimator knows the prefixes it wrote from now on.
         self.charge.writing = None;
-        self.shared.correct(&self.charge, delta, ratio);
+        let held = self.held_sync.take();
+        self.shared
+            .correct_and_sync(&self.charge, delta, ratio, held);
         self.shared.settings.hooks.settle(SettleEvent {
             reserved_input_tokens: reserved.input_tokens,
             reserved_output_tokens: reserved.output_tokens,

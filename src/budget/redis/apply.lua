@@ -11,6 +11,8 @@
 --   S L1 L2 L3 d1 d2 d3            settle (a correction, + charges, - refunds)
 --   Y L1 L2 L3 dim limit rem reset  sync (-1 = absent; reset in microseconds)
 --   R L1 L2 L3 c1 c2 c3            reserve (last operation only)
+--   H L1 L2 L3 c1 c2 c3 h1 h2 h3   reserve c, admitted only if h stays free
+--                                  after it (last operation only)
 -- L<i> is the configured limit per minute, 0 for none.
 --
 -- Units: a level counts 1/60,000,000 of a token (one minute in
@@ -125,7 +127,7 @@ local function sync(limits, i, reported, remaining, reset)
   if level > server + tolerance then h['l' .. i] = server end
 end
 
-local function reserve(limits, costs)
+local function reserve(limits, costs, headroom)
   exists = true
   h.k = 1
   local claim = h.co ~= nil and h.co ~= owner and (h.ce or 0) > now
@@ -138,6 +140,7 @@ local function reserve(limits, costs)
       local level = refill(i, limit, cap)
       local cost = costs[i]
       if cost > 0 then
+        cost = cost + headroom[i]
         if cost > limit then return {3, i, cost, limit} end
         local needed = math.min(cost * UNIT, cap)
         if claim then needed = needed + math.min((h['c' .. i] or 0) * UNIT, cap) end
@@ -152,7 +155,7 @@ local function reserve(limits, costs)
   if wait ~= nil then
     if not claim then
       h.co = owner
-      h.c1, h.c2, h.c3 = costs[1], costs[2], costs[3]
+      h.c1, h.c2, h.c3 = costs[1] + headroom[1], costs[2] + headroom[2], costs[3] + headroom[3]
       h.ce = now + wait + grace
     end
     return {2, wait, dim, 0}
@@ -180,8 +183,13 @@ while n <= #ARGV do
       tonumber(ARGV[n + 7]))
     n = n + 8
   elseif op == 'R' then
-    answer = reserve(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]), tonumber(ARGV[n + 6])})
+    answer = reserve(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]), tonumber(ARGV[n + 6])},
+      {0, 0, 0})
     n = n + 7
+  elseif op == 'H' then
+    answer = reserve(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]), tonumber(ARGV[n + 6])},
+      {tonumber(ARGV[n + 7]), tonumber(ARGV[n + 8]), tonumber(ARGV[n + 9])})
+    n = n + 10
   else
     return redis.error_reply('tower-llm-limits: unknown ledger operation ' .. tostring(op))
   end

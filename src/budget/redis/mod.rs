@@ -44,12 +44,17 @@
 //!   restart) over a `ConnectionManager` that reconnects by itself, or over
 //!   redis-rs's cluster client for a Redis Cluster
 //!   ([`RedisLedgerBuilder::cluster`]).
-//! - **Round trips**: a reservation is one call. Settlements and syncs are
-//!   buffered for [`write_delay`](RedisLedgerBuilder::write_delay) (2 ms)
-//!   and sent together, or carried by the key's next reservation, which
-//!   applies them first: a response's header sync and usage settlement
-//!   usually cost one call, so a request costs at most 2 calls, often
-//!   fewer under load. [`RedisLedger::stats`] counts them.
+//! - **Round trips**: a reservation is one call, and checks the budget's
+//!   input headroom itself ([`Ledger::reserve_with_headroom`]). Settlements
+//!   and syncs are buffered for
+//!   [`write_delay`](RedisLedgerBuilder::write_delay) (2 ms) and sent
+//!   together, or carried by the key's next reservation, which applies them
+//!   first. The ledger asks the budget to hold a response's header sync
+//!   until its usage is settled ([`Ledger::sync_with_settlement`]), so both
+//!   go in one batch ([`Ledger::settle_and_sync`]) however long the body
+//!   streams: a request admitted at its first ask costs at most 2 calls,
+//!   often fewer under load. The server's `remaining` reaches the shared
+//!   bucket when the body ends. [`RedisLedger::stats`] counts the calls.
 //! - **Semantics**: the same as
 //!   [`InMemoryLedger`](crate::budget::ledger::InMemoryLedger) (the same
 //!   decisions and waits, within a microsecond, for the same operations at
@@ -185,6 +190,7 @@ struct Health {
 struct Counters {
     calls: AtomicU64,
     reserves: AtomicU64,
+    batches: AtomicU64,
     fallback_answers: AtomicU64,
     failures: AtomicU64,
 }
@@ -196,8 +202,12 @@ pub struct RedisLedgerStats {
     /// Script calls made, failed ones included (round trips; a script
     /// loaded again after `SCRIPT FLUSH` costs two more, not counted).
     pub calls: u64,
-    /// Reservations asked.
+    /// Reservations asked (each one call, which also carries the key's
+    /// buffered writes).
     pub reserves: u64,
+    /// Calls that sent buffered settlements and syncs alone (no
+    /// reservation).
+    pub write_batches: u64,
     /// Reservations, settlements and syncs answered by the local fallback.
     pub fallback_answers: u64,
     /// Calls that failed or timed out.
@@ -237,6 +247,7 @@ impl RedisLedger {
         RedisLedgerStats {
             calls: c.calls.load(Ordering::Relaxed),
             reserves: c.reserves.load(Ordering::Relaxed),
+            write_batches: c.batches.load(Ordering::Relaxed),
             fallback_answers: c.fallback_answers.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
         }
@@ -260,7 +271,33 @@ impl RedisLedger {
         limits: &Limits,
         costs: Costs,
     ) -> Result<(Reservation, Option<Duration>), LedgerError> {
-        self.inner.reserve(Arc::from(key), *limits, costs).await
+        let ask = Ask {
+            limits: *limits,
+            costs,
+            headroom: None,
+        };
+        self.inner.reserve(Arc::from(key), ask).await
+    }
+
+    /// [`Ledger::reserve_with_headroom`], also returning the Redis time the
+    /// decision was taken at (`None` when the fallback answered).
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve_timed`](Self::reserve_timed).
+    pub async fn reserve_with_headroom_timed(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+    ) -> Result<(Reservation, Option<Duration>), LedgerError> {
+        let ask = Ask {
+            limits: *limits,
+            costs,
+            headroom: Some(headroom),
+        };
+        self.inner.reserve(Arc::from(key), ask).await
     }
 
     /// Sends every buffered settlement and sync now. Returns the Redis time
@@ -376,6 +413,15 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// `a + b` in every dimension, saturating.
+fn add(a: Costs, b: Costs) -> Costs {
+    Costs {
+        requests: a.requests.saturating_add(b.requests),
+        input_tokens: a.input_tokens.saturating_add(b.input_tokens),
+        output_tokens: a.output_tokens.saturating_add(b.output_tokens),
+    }
+}
+
 /// Limits divided by the number of replicas (at least 1 each).
 fn share(limits: &Limits, replicas: u32) -> Limits {
     let part = |l: Option<u64>| l.map(|l| (l / u64::from(replicas)).max(1));
@@ -440,7 +486,7 @@ impl Inner {
         &self,
         key: &str,
         ops: &[Op],
-        reserve: Option<(Limits, Costs)>,
+        reserve: Option<Ask>,
     ) -> Result<Applied, RedisLedgerError> {
         let s = &self.settings;
         let mut inv = self.apply.key(self.hash_key(key));
@@ -451,8 +497,8 @@ impl Inner {
         for op in ops {
             wire::push_op(&mut inv, op);
         }
-        if let Some((limits, costs)) = reserve {
-            wire::push_reserve(&mut inv, &limits, costs);
+        if let Some(ask) = reserve {
+            wire::push_reserve(&mut inv, &ask.limits, ask.costs, ask.headroom);
         }
         bump(&self.stats.calls);
         let reply: Vec<i64> = tokio::time::timeout(s.timeout, self.conn.invoke(&inv))
@@ -467,7 +513,7 @@ impl Inner {
         &self,
         key: &str,
         ops: &[Op],
-        reserve: Option<(Limits, Costs)>,
+        reserve: Option<Ask>,
     ) -> Result<Applied, RedisLedgerError> {
         if let Err(retry_in) = self.usable() {
             return Err(RedisLedgerError::Unavailable { retry_in });
@@ -508,12 +554,16 @@ impl Inner {
     async fn reserve(
         self: &Arc<Self>,
         key: Arc<str>,
-        limits: Limits,
-        costs: Costs,
+        ask: Ask,
     ) -> Result<(Reservation, Option<Duration>), LedgerError> {
         bump(&self.stats.reserves);
+        let Ask {
+            limits,
+            costs,
+            headroom,
+        } = ask;
         let ops = self.take_pending(&key);
-        let error = match self.guarded_apply(&key, &ops, Some((limits, costs))).await {
+        let error = match self.guarded_apply(&key, &ops, Some(ask)).await {
             Ok(Applied {
                 now_us,
                 reservation: Some(r),
@@ -532,9 +582,18 @@ impl Inner {
                 self.apply_locally(&key, &ops);
                 bump(&self.stats.fallback_answers);
                 let local = share(&limits, self.settings.replicas);
+                let now = Instant::now();
+                let Some(headroom) = headroom else {
+                    let answer = self.fallback.reserve_at(&key, &local, costs, now);
+                    return Ok((answer, None));
+                };
                 let answer = self
                     .fallback
-                    .reserve_at(&key, &local, costs, Instant::now());
+                    .reserve_at(&key, &local, add(costs, headroom), now);
+                if answer == Reservation::Admitted {
+                    let back = CostDelta::refund(headroom);
+                    self.fallback.settle_at(&key, &local, back, now);
+                }
                 Ok((answer, None))
             }
         }
@@ -576,6 +635,7 @@ impl Inner {
         if ops.is_empty() {
             return Ok(None);
         }
+        bump(&self.stats.batches);
         match self.guarded_apply(key, &ops, None).await {
             Ok(applied) => Ok(Some(Duration::from_micros(applied.now_us))),
             Err(e) => match self.settings.policy {
@@ -591,8 +651,9 @@ impl Inner {
         }
     }
 
-    /// Buffers a write; the first write of a batch schedules its flush.
-    fn enqueue(self: &Arc<Self>, key: &str, op: Op) {
+    /// Buffers writes (together: they go in one batch); the first write of
+    /// a batch schedules its flush.
+    fn enqueue(self: &Arc<Self>, key: &str, ops: impl IntoIterator<Item = Op>) {
         let (key, schedule, full) = {
             let mut pending = lock(&self.pending);
             let key: Arc<str> = match pending.get_key_value(key) {
@@ -600,8 +661,12 @@ impl Inner {
                 None => Arc::from(key),
             };
             let queue = pending.entry(Arc::clone(&key)).or_default();
-            queue.push(op);
-            (key, queue.len() == 1, queue.len() >= MAX_BATCH)
+            let before = queue.len();
+            queue.extend(ops);
+            if queue.len() == before {
+                return;
+            }
+            (key, before == 0, queue.len() >= MAX_BATCH)
         };
         if !schedule && !full {
             return;
@@ -665,6 +730,48 @@ impl Inner {
     }
 }
 
+/// A reservation to ask: the costs to debit, and the headroom that must
+/// stay free after them.
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    limits: Limits,
+    costs: Costs,
+    headroom: Option<Costs>,
+}
+
+/// A response's non-empty statuses as sync operations, in dimension order.
+fn sync_ops(limits: &Limits, statuses: [LimitStatus; 3]) -> impl Iterator<Item = Op> {
+    let limits = *limits;
+    Dimension::ALL
+        .into_iter()
+        .zip(statuses)
+        .filter(|(_, status)| !status.is_empty())
+        .map(move |(dimension, status)| Op::Sync {
+            limits,
+            dimension,
+            status,
+        })
+}
+
+impl RedisLedger {
+    fn ask(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Option<Costs>,
+    ) -> LedgerFuture<Reservation> {
+        let inner = Arc::clone(&self.inner);
+        let key = Arc::from(key);
+        let ask = Ask {
+            limits: *limits,
+            costs,
+            headroom,
+        };
+        LedgerFuture::new(async move { Ok(inner.reserve(key, ask).await?.0) })
+    }
+}
+
 /// Reservations and snapshots take a round trip ([`LedgerFuture::new`]);
 /// settlements and syncs are buffered and answer at once. A reservation
 /// carries the key's buffered writes: drive its future to the end (the
@@ -672,16 +779,49 @@ impl Inner {
 /// writes may be lost with it.
 impl Ledger for RedisLedger {
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
-        let inner = Arc::clone(&self.inner);
-        let (key, limits) = (Arc::from(key), *limits);
-        LedgerFuture::new(async move { Ok(inner.reserve(key, limits, costs).await?.0) })
+        self.ask(key, limits, costs, None)
+    }
+
+    /// The headroom is checked by the reservation's own script call.
+    fn reserve_with_headroom(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+    ) -> Option<LedgerFuture<Reservation>> {
+        Some(self.ask(key, limits, costs, Some(headroom)))
+    }
+
+    /// `true`: a response's sync and settlement go in one batch.
+    fn sync_with_settlement(&self) -> bool {
+        true
+    }
+
+    fn settle_and_sync(
+        &self,
+        key: &str,
+        limits: &Limits,
+        delta: CostDelta,
+        statuses: [LimitStatus; 3],
+    ) -> LedgerFuture<()> {
+        let limits = *limits;
+        let syncs = sync_ops(&limits, statuses);
+        let settle = (!delta.is_zero()).then_some(Op::Settle { limits, delta });
+        self.inner.enqueue(key, syncs.chain(settle));
+        LedgerFuture::ready(Ok(()))
     }
 
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
         if !delta.is_zero() {
             let limits = *limits;
-            self.inner.enqueue(key, Op::Settle { limits, delta });
+            self.inner.enqueue(key, [Op::Settle { limits, delta }]);
         }
+        LedgerFuture::ready(Ok(()))
+    }
+
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        self.inner.enqueue(key, sync_ops(limits, statuses));
         LedgerFuture::ready(Ok(()))
     }
 
@@ -697,7 +837,7 @@ impl Ledger for RedisLedger {
             dimension,
             status,
         };
-        self.inner.enqueue(key, op);
+        self.inner.enqueue(key, [op]);
         LedgerFuture::ready(Ok(()))
     }
 

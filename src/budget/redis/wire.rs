@@ -91,12 +91,23 @@ pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
     }
 }
 
-/// Appends the reservation (the batch's last operation).
-pub(super) fn push_reserve(inv: &mut ScriptInvocation<'_>, limits: &Limits, costs: Costs) {
-    inv.arg("R");
+/// Appends the reservation (the batch's last operation), with the
+/// headroom that must stay free after it, if any.
+pub(super) fn push_reserve(
+    inv: &mut ScriptInvocation<'_>,
+    limits: &Limits,
+    costs: Costs,
+    headroom: Option<Costs>,
+) {
+    inv.arg(if headroom.is_some() { "H" } else { "R" });
     push_limits(inv, limits);
     for d in Dimension::ALL {
         inv.arg(costs.get(d));
+    }
+    if let Some(headroom) = headroom {
+        for d in Dimension::ALL {
+            inv.arg(headroom.get(d));
+        }
     }
 }
 
