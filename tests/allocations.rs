@@ -114,7 +114,7 @@ fn request() -> Request<Full<Bytes>> {
 /// Allocations per request through `svc`, after a warm-up.
 async fn per_request(mut svc: Boxed) -> f64 {
     const N: usize = 500;
-    let mut one = async |svc: &mut Boxed| {
+    let one = async |svc: &mut Boxed| {
         let resp = svc.ready().await.unwrap().call(request()).await.unwrap();
         resp.into_body().collect().await.unwrap();
     };
