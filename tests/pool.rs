@@ -243,6 +243,33 @@ async fn a_burst_goes_where_it_is_admitted_soonest() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_that_waits_is_counted_through_its_upstream() {
+    // The default budget of an upstream counts a large request that waits
+    // (`count_tokens`): the count goes to that upstream, with its key.
+    let limits = Limits::new().rpm(1_000).itpm(6_000).otpm(100_000);
+    let e = emulator(limits);
+    let (t, calls) = transport(vec![("a", Backend::Emu(e.clone()))]);
+    let pool = Pool::builder()
+        .upstream(upstream("a", limits))
+        .build(t)
+        .expect("pool");
+    let first = plain(&"lorem ipsum dolor sit amet ".repeat(700));
+    assert_eq!(send(&pool, &first).await.expect("answer").0, 200);
+    let second = plain(&"consectetur adipiscing elit sed do ".repeat(550));
+    assert_eq!(send(&pool, &second).await.expect("answer").0, 200);
+    let calls = calls.lock().expect("calls").clone();
+    let counts: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.uri.ends_with("/v1/messages/count_tokens"))
+        .collect();
+    let uris: Vec<&str> = calls.iter().map(|c| c.uri.as_str()).collect();
+    assert_eq!(counts.len(), 1, "{uris:?}");
+    assert_eq!(counts[0].uri, "http://a.example/v1/messages/count_tokens");
+    assert_eq!(counts[0].api_key.as_deref(), Some("sk-secret-a"));
+    assert_eq!(support::rate_limited(&e), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn requests_that_must_wait_count_those_already_waiting() {
     // Both upstreams used up (a: 2 a minute, b: 4). Six more at once: b
     // frees a request every 15 s, a every 30 s; counting the requests

@@ -49,7 +49,7 @@ use tower_service::Service;
 
 use super::limits::Tier;
 use super::state::Charge;
-use crate::body::ReplayBody;
+use crate::body::{BufferedBytes, ReplayBody};
 
 /// The largest `count_tokens` answer read (a real one is about 20 bytes).
 const MAX_ANSWER: usize = 4 * 1024;
@@ -292,6 +292,9 @@ fn count_request<B>(
     }
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CONTENT_LENGTH, HeaderValue::from(json.len()));
+    // Its whole body, as for any request a layer holds buffered: an inner
+    // layer that sends the buffered bytes (a pool's upstream) can send it.
+    count.extensions_mut().insert(BufferedBytes(json));
     Some(count)
 }
 
