@@ -8,6 +8,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -21,11 +22,15 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{service_fn, ServiceExt};
-use tower_llm_limits::budget::{Limits, LimitsConfig, ModelClass};
+use tower_llm_limits::budget::{
+    Limits, LimitsConfig, ModelClass, TokenBudgetBuilder, TokenBudgetLayer,
+};
+use tower_llm_limits::estimate::{AnthropicEstimator, Estimate, TokenEstimator};
 use tower_llm_limits::pool::{
     AllowFallback, DrainReason, Pool, PoolBuilder, PoolError, Upstream, MODEL_HEADER,
     UPSTREAM_HEADER,
 };
+use tower_llm_limits::wire::Usage;
 use tower_llm_limits::BoxError;
 use tower_llm_limits_emulator::{Emulator, Latency};
 
@@ -781,6 +786,87 @@ async fn a_cancelled_request_leaves_no_reservation_or_permit() {
     let remaining = requests.remaining.expect("remaining");
     assert!(remaining > 0.0 && remaining < 0.2, "{remaining}");
     assert_eq!(a.concurrency.in_flight, 0);
+}
+
+// ---------------------------------------------------------------- one estimate
+
+/// An estimator that counts its estimates and the usages it is taught.
+#[derive(Default)]
+struct Counting {
+    inner: AnthropicEstimator,
+    estimates: AtomicUsize,
+    observed: AtomicUsize,
+}
+
+impl TokenEstimator for Counting {
+    fn estimate(&self, parts: &http::request::Parts, body: &[u8]) -> Estimate {
+        self.estimates.fetch_add(1, Ordering::Relaxed);
+        self.inner.estimate(parts, body)
+    }
+
+    fn estimate_unbuffered(&self, parts: &http::request::Parts, len: Option<u64>) -> Estimate {
+        self.estimates.fetch_add(1, Ordering::Relaxed);
+        self.inner.estimate_unbuffered(parts, len)
+    }
+
+    fn observe(&self, estimate: &Estimate, usage: &Usage) {
+        self.observed.fetch_add(1, Ordering::Relaxed);
+        self.inner.observe(estimate, usage);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_request_is_estimated_once_and_its_usage_teaches_the_pools_estimator() {
+    let counting = Arc::new(Counting::default());
+    let estimator: Arc<dyn TokenEstimator> = counting.clone();
+    let (ea, eb, ec) = (emulator(BIG), emulator(BIG), emulator(BIG));
+    let (t, _) = transport(vec![
+        ("a", Backend::Emu(ea.clone())),
+        ("b", Backend::Emu(eb.clone())),
+        ("c", Backend::Emu(ec.clone())),
+    ]);
+    // `a` has the default budget; `b` a budget of its own given the pool's
+    // estimator: neither estimates the body again.
+    let b = upstream("b", BIG).budget(
+        TokenBudgetBuilder::anthropic(BIG)
+            .estimator(Arc::clone(&estimator))
+            .build(),
+    );
+    let pool = Pool::builder()
+        .estimator(Arc::clone(&estimator))
+        .upstream(upstream("a", BIG))
+        .upstream(b)
+        .build(t.clone())
+        .expect("pool");
+    for i in 0..6 {
+        let (status, _, _) = send(&pool, &plain(&format!("once {i}")))
+            .await
+            .expect("answer");
+        assert_eq!(status, 200);
+    }
+    assert!(
+        admitted(&ea) > 0 && admitted(&eb) > 0,
+        "both upstreams served"
+    );
+    assert_eq!(counting.estimates.load(Ordering::Relaxed), 6);
+    // Each response's usage reached the estimator that made the estimate:
+    // calibration learns from every upstream.
+    assert_eq!(counting.observed.load(Ordering::Relaxed), 6);
+    // A budget with an estimator of its own estimates the body itself (and
+    // learns from its own responses).
+    let c = upstream("c", BIG).budget(TokenBudgetLayer::anthropic(BIG));
+    let pool = Pool::builder()
+        .estimator(estimator)
+        .upstream(c)
+        .build(t)
+        .expect("pool");
+    assert_eq!(
+        send(&pool, &plain("elsewhere")).await.expect("answer").0,
+        200
+    );
+    assert_eq!(counting.estimates.load(Ordering::Relaxed), 7);
+    assert_eq!(counting.observed.load(Ordering::Relaxed), 6);
+    assert_eq!(admitted(&ec), 1);
 }
 
 // ---------------------------------------------------------------- addressing, keys, logs

@@ -25,8 +25,9 @@ use http::Request;
 use http_body_util::Full;
 use tower::util::BoxCloneService;
 use tower::{service_fn, Service, ServiceExt};
-use tower_llm_limits::budget::{Limits, OutputMode, TokenBudgetLayer};
+use tower_llm_limits::budget::{Limits, OutputMode, TokenBudgetBuilder};
 use tower_llm_limits::clock::WallClock;
+use tower_llm_limits::estimate::{AnthropicEstimator, TokenEstimator};
 use tower_llm_limits::pool::{Pool, Upstream};
 use tower_llm_limits::retry::RetryAfterLayer;
 use tower_llm_limits::BoxError;
@@ -275,10 +276,15 @@ fn round_robin(meters: Vec<Meter>, args: &Args, clock: WallClock) -> Result<Clie
 /// emulator's clock.
 fn pool(meters: Vec<Meter>, args: &Args, clock: WallClock) -> Result<Client, String> {
     let limits = Limits::new().rpm(args.rpm).itpm(args.itpm).otpm(args.otpm);
-    let mut builder = Pool::builder();
+    // One estimator for the pool and every upstream's budget, as the pool
+    // gives its default budgets: each request is estimated once.
+    let estimator: Arc<dyn TokenEstimator> = Arc::new(AnthropicEstimator::new());
+    let mut builder = Pool::builder().estimator(Arc::clone(&estimator));
     for i in 0..meters.len() {
-        let budget = TokenBudgetLayer::builder()
-            .limits(limits)
+        // The preset's budget (input headroom, `count_tokens`), as
+        // `Upstream::new` builds it, in the run's output mode.
+        let budget = TokenBudgetBuilder::anthropic(limits)
+            .estimator(Arc::clone(&estimator))
             .output_mode(if args.reserve_mode() {
                 OutputMode::Reserve
             } else {

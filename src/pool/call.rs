@@ -22,7 +22,7 @@ use super::{
     UPSTREAM_HEADER,
 };
 use crate::body::BufferedBytes;
-use crate::estimate::{Estimate, TokenEstimator};
+use crate::estimate::{Estimate, Estimated};
 use crate::{BoxError, Error};
 
 /// The request as the pool keeps it between attempts.
@@ -84,7 +84,7 @@ where
         let Some(service) = service else {
             break;
         };
-        let outcome = attempt_on(up, service, &prepared).await;
+        let outcome = attempt_on(&shared, i, service, &prepared).await;
         count_received(up, &outcome);
         let (reason, answer) = match outcome {
             Outcome::Done(answer) => {
@@ -298,8 +298,15 @@ fn all_drained(shared: &Shared, now: Instant) -> PoolError {
 }
 
 /// Sends the request to one upstream and sorts out what came back.
+///
+/// The request carries the pool's estimate ([`Estimated`]), so that an
+/// upstream budget with the pool's estimator charges it without estimating
+/// the body again; cache reads in it are kept only on the upstream its
+/// prefix last went to (a prompt cache lives in one upstream), elsewhere
+/// they are charged as input.
 async fn attempt_on<S, ResB>(
-    up: &Arc<UpstreamState>,
+    shared: &Shared,
+    i: usize,
     service: UpstreamService<S>,
     p: &Prepared,
 ) -> Outcome
@@ -310,6 +317,7 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
+    let up = &shared.upstreams[i];
     up.routed.fetch_add(1, Ordering::Relaxed);
     let body = match (&p.model, p.scan.model) {
         (Some(model), Some(span)) => match up.config.models.get(model) {
@@ -320,10 +328,23 @@ where
         },
         _ => p.body.clone(),
     };
-    let costs = up.config.budget.preview(&p.estimate).costs;
+    let cached_here = p.estimate.cache_read_tokens == 0
+        || p.scan
+            .affinity
+            .and_then(|key| lock_affinity(shared).get(key, Instant::now()))
+            == Some(i);
+    let estimate = if cached_here {
+        p.estimate.clone()
+    } else {
+        route::uncached(&p.estimate)
+    };
+    let costs = up.config.budget.preview(&estimate).costs;
     let mut parts = p.parts.clone();
     parts.extensions.insert(BufferedBytes(body.clone()));
     parts.extensions.insert(Ticket::new(Arc::clone(up), costs));
+    parts
+        .extensions
+        .insert(Estimated::new(estimate, Arc::clone(&shared.estimator)));
     let request = Request::from_parts(parts, Full::new(body));
     let result = oneshot(service, request).await;
     classify(result, up, p)

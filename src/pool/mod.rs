@@ -162,8 +162,9 @@ use tower_service::Service;
 pub use snapshot::{PoolSnapshot, UpstreamSnapshot};
 pub use upstream::{Address, Admit, Upstream, UpstreamFuture, UpstreamService};
 
+use crate::budget::TokenBudgetBuilder;
 use crate::concurrency::{ConcurrencyBuilder, ConcurrencyLayer};
-use crate::estimate::AnthropicEstimator;
+use crate::estimate::{AnthropicEstimator, TokenEstimator};
 use crate::BoxError;
 
 /// The body of a pool's responses: the upstream's body, boxed.
@@ -302,7 +303,7 @@ pub(crate) struct Fallback {
 }
 
 /// Builds a [`Pool`] or a [`PoolLayer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PoolBuilder {
     upstreams: Vec<Upstream>,
     affinity_threshold: Duration,
@@ -310,6 +311,20 @@ pub struct PoolBuilder {
     max_attempts: usize,
     buffer_limit: usize,
     fallback: Option<Fallback>,
+    estimator: Option<Arc<dyn TokenEstimator>>,
+}
+
+impl fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("upstreams", &self.upstreams)
+            .field("affinity_threshold", &self.affinity_threshold)
+            .field("drain_for", &self.drain_for)
+            .field("max_attempts", &self.max_attempts)
+            .field("buffer_limit", &self.buffer_limit)
+            .field("fallback", &self.fallback)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for PoolBuilder {
@@ -321,6 +336,7 @@ impl Default for PoolBuilder {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             buffer_limit: DEFAULT_BUFFER_LIMIT,
             fallback: None,
+            estimator: None,
         }
     }
 }
@@ -371,6 +387,16 @@ impl PoolBuilder {
         self
     }
 
+    /// The estimator the pool routes with (default: a new
+    /// [`AnthropicEstimator`]). Each upstream's default budget shares it,
+    /// so that a request is estimated once and calibration learns from every
+    /// upstream's responses; see [`Upstream::budget`] for a budget of your
+    /// own.
+    pub fn estimator(mut self, estimator: Arc<dyn TokenEstimator>) -> Self {
+        self.estimator = Some(estimator);
+        self
+    }
+
     fn validate(&self) -> Result<(), PoolError> {
         if self.upstreams.is_empty() {
             return Err(PoolError::NoUpstreams);
@@ -398,11 +424,20 @@ impl PoolBuilder {
     /// [`PoolError::InvalidFallback`].
     pub fn into_layer(self) -> Result<PoolLayer, PoolError> {
         self.validate()?;
+        let estimator = self
+            .estimator
+            .unwrap_or_else(|| Arc::new(AnthropicEstimator::new()));
         let upstreams = self
             .upstreams
-            .iter()
-            .cloned()
-            .map(|u| Arc::new(upstream::UpstreamState::new(u)))
+            .into_iter()
+            .map(|mut u| {
+                if let Some(limits) = u.default_budget.take() {
+                    u.budget = TokenBudgetBuilder::anthropic(limits)
+                        .estimator(Arc::clone(&estimator))
+                        .build();
+                }
+                Arc::new(upstream::UpstreamState::new(u))
+            })
             .collect();
         Ok(PoolLayer {
             shared: Arc::new(Shared {
@@ -412,7 +447,7 @@ impl PoolBuilder {
                 max_attempts: self.max_attempts,
                 buffer_limit: self.buffer_limit,
                 fallback: self.fallback,
-                estimator: AnthropicEstimator::new(),
+                estimator,
                 hasher: RandomState::new(),
                 affinity: Mutex::new(route::Affinity::default()),
                 counters: Counters::default(),
@@ -438,7 +473,7 @@ pub(crate) struct Shared {
     pub(crate) max_attempts: usize,
     pub(crate) buffer_limit: usize,
     pub(crate) fallback: Option<Fallback>,
-    pub(crate) estimator: AnthropicEstimator,
+    pub(crate) estimator: Arc<dyn TokenEstimator>,
     pub(crate) hasher: RandomState,
     pub(crate) affinity: Mutex<route::Affinity>,
     pub(crate) counters: Counters,

@@ -101,6 +101,24 @@ pub(crate) fn model_at(body: &[u8], span: (usize, usize)) -> Option<String> {
     serde_json::from_slice::<String>(body.get(span.0..span.1)?).ok()
 }
 
+/// `estimate` with its expected cache reads charged as uncached input (at
+/// the estimate's calibration factor): for an upstream that does not hold
+/// the prefix's cache.
+pub(crate) fn uncached(estimate: &Estimate) -> Estimate {
+    let mut e = estimate.clone();
+    let read = std::mem::take(&mut e.cache_read_tokens);
+    let factor = if e.raw_input_tokens > 0 {
+        e.input_tokens as f64 / e.raw_input_tokens as f64
+    } else {
+        1.0
+    };
+    e.raw_input_tokens = e.raw_input_tokens.saturating_add(read);
+    e.input_tokens = e
+        .input_tokens
+        .saturating_add((read as f64 * factor).ceil() as u64);
+    e
+}
+
 /// How long until `upstream` could admit `estimate`: the longest of its
 /// cooldown and, per dimension, the time its bucket needs to refill what
 /// the requests already routed to it and not yet admitted, plus this one,
@@ -243,6 +261,22 @@ mod tests {
         let span = scan(&body, &RandomState::new()).model.unwrap_or_default();
         let out = with_model(&body, span, "b\"c").unwrap_or_default();
         assert_eq!(&out[..], br#"{"model":"b\"c","max_tokens":1}"#);
+    }
+
+    #[test]
+    fn cache_reads_become_input_at_the_calibration_factor() {
+        let e = Estimate {
+            input_tokens: 150,
+            raw_input_tokens: 100,
+            cache_read_tokens: 1_000,
+            ..Estimate::default()
+        };
+        let u = uncached(&e);
+        assert_eq!(
+            (u.input_tokens, u.raw_input_tokens, u.cache_read_tokens),
+            (1_650, 1_100, 0)
+        );
+        assert_eq!(uncached(&u), u, "nothing left to move");
     }
 
     #[test]
