@@ -316,6 +316,73 @@ async fn requests_that_must_wait_count_those_already_waiting() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_waiting_request_moves_to_an_upstream_that_became_sooner() {
+    // Two upstreams of 2 requests a minute, both used up. Four requests:
+    // two wait on each (30 s and 60 s). The two on `b` are cancelled: one of
+    // those waiting on `a` moves to `b` (free in 30 s), unsent until then.
+    let limits = Limits::new().rpm(2).itpm(100_000).otpm(100_000);
+    let (ea, eb) = (emulator(limits), emulator(limits));
+    let (t, _) = transport(vec![
+        ("a", Backend::Emu(ea.clone())),
+        ("b", Backend::Emu(eb.clone())),
+    ]);
+    let pool = Pool::builder()
+        .upstream(upstream("a", limits))
+        .upstream(upstream("b", limits))
+        .build(t)
+        .expect("pool");
+    for i in 0..4 {
+        send(&pool, &plain(&format!("warm {i}")))
+            .await
+            .expect("answer");
+    }
+    assert_eq!((admitted(&ea), admitted(&eb)), (2, 2));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let answer = send(&pool, &plain(&format!("q{i}"))).await;
+            (answer, Instant::now())
+        }));
+        tokio::task::yield_now().await;
+    }
+    let pending = |name: &str| {
+        pool.snapshot()
+            .upstream(name)
+            .map_or(0, |u| u.pending.requests)
+    };
+    assert_eq!((pending("a"), pending("b")), (2, 2));
+    // Requests 1 and 3 went to `b`.
+    tasks[1].abort();
+    tasks[3].abort();
+    tokio::task::yield_now().await;
+    assert_eq!(pending("b"), 0);
+    let mut done = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        if i % 2 == 0 {
+            let ((status, upstream, _), at) = {
+                let (answer, at) = t.await.expect("task");
+                (answer.expect("answer"), at)
+            };
+            assert_eq!(status, 200);
+            done.push((upstream, at - start));
+        }
+    }
+    // One of the two waiting on `a` moved to `b`: both are answered in
+    // 30 s, one by each upstream, where staying would take 60 s.
+    let mut by: Vec<&str> = done.iter().map(|(u, _)| u.as_str()).collect();
+    by.sort_unstable();
+    assert_eq!(by, ["a", "b"]);
+    for (_, took) in &done {
+        assert!(*took <= Duration::from_secs(31), "{took:?}");
+    }
+    assert_eq!(pool.snapshot().moved, 1);
+    assert_eq!((admitted(&ea), admitted(&eb)), (3, 3));
+    assert_eq!(support::rate_limited(&ea) + support::rate_limited(&eb), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_upstream_in_its_cooldown_is_avoided() {
     // a answers a 429 with retry-after 30: the request fails over to b, and
     // the next ones go to b while a's cooldown runs.

@@ -23,8 +23,9 @@
 //! # Routing
 //!
 //! The pool reads the request's body once (up to
-//! [`PoolBuilder::buffer_limit`], 32 MiB by default), estimates it (the
-//! [`crate::estimate::AnthropicEstimator`]), and asks
+//! [`PoolBuilder::buffer_limit`], 32 MiB by default), estimates it once
+//! (with [`PoolBuilder::estimator`], by default an
+//! [`AnthropicEstimator`](crate::estimate::AnthropicEstimator)), and asks
 //! each upstream in rotation how long until it could admit it: the longest
 //! of its retry cooldown and, for each of requests, input tokens and output
 //! tokens of the request's model class, the time its bucket needs to refill
@@ -34,6 +35,29 @@
 //! within a millisecond of each other), to the one with the fewest requests
 //! waiting, then the fewest routed, per unit of [weight](Upstream::weight).
 //! The request then waits in that upstream's budget queue, in order.
+//!
+//! While it waits there, unsent, it looks again every second: if another
+//! upstream not yet tried would admit it more than 5 s sooner than its turn
+//! can come where it waits (the affinity threshold instead, if its prompt
+//! cache is there), it leaves the queue (giving back anything reserved for
+//! it) and goes there; at most 3 times per request. Estimates are off, and
+//! requests are cancelled: without this an upstream can sit idle at the end
+//! of a burst while another still has a queue.
+//!
+//! # One estimate
+//!
+//! The request carries the pool's estimate to the upstream
+//! ([`Estimated`](crate::estimate::Estimated)). Each upstream's default
+//! budget ([`TokenBudgetLayer::anthropic`](crate::budget::TokenBudgetLayer::anthropic)
+//! with its limits) is built with the pool's estimator, so it charges that
+//! estimate instead of estimating the body again; its `count_tokens` mode
+//! still applies, and every upstream's responses calibrate the one
+//! estimator. A budget given with [`Upstream::budget`] does the same if it
+//! has the pool's estimator (the same `Arc`), else estimates the body
+//! itself. The estimator's prompt-cache records are one for the pool, but a
+//! cache lives in one upstream: a request's expected cache reads are kept
+//! only on the upstream its affinity key (below) last went to, and charged
+//! as input elsewhere.
 //!
 //! # Cache affinity
 //!
@@ -499,6 +523,7 @@ pub(crate) struct Counters {
     pub(crate) affinity_routed: AtomicU64,
     pub(crate) affinity_overridden: AtomicU64,
     pub(crate) fallbacks: AtomicU64,
+    pub(crate) moved: AtomicU64,
 }
 
 /// A [`Layer`] that builds a [`Pool`] over a transport. Clones share the

@@ -124,6 +124,27 @@ pub(crate) fn uncached(estimate: &Estimate) -> Estimate {
 /// the requests already routed to it and not yet admitted, plus this one,
 /// need beyond what it holds now.
 pub(crate) fn wait(upstream: &UpstreamState, estimate: &Estimate) -> Duration {
+    wait_beyond(upstream, estimate, upstream.pending())
+}
+
+/// How long until `upstream` has admitted what is pending there, `own`
+/// (a request already routed there) excepted, and then `estimate`: for a
+/// request waiting there, about when its turn comes (at most).
+pub(crate) fn wait_excluding(
+    upstream: &UpstreamState,
+    estimate: &Estimate,
+    own: Costs,
+) -> Duration {
+    let pending = upstream.pending();
+    let rest = Costs {
+        requests: pending.requests.saturating_sub(own.requests),
+        input_tokens: pending.input_tokens.saturating_sub(own.input_tokens),
+        output_tokens: pending.output_tokens.saturating_sub(own.output_tokens),
+    };
+    wait_beyond(upstream, estimate, rest)
+}
+
+fn wait_beyond(upstream: &UpstreamState, estimate: &Estimate, pending: Costs) -> Duration {
     let preview = upstream.config.budget.preview(estimate);
     let ledger = upstream.config.budget.ledger();
     let state = match ledger.state(&preview.key, &preview.limits).into_ready() {
@@ -132,7 +153,7 @@ pub(crate) fn wait(upstream: &UpstreamState, estimate: &Estimate) -> Duration {
         // and the pending costs alone.
         Ok(Err(_)) | Err(_) => None,
     };
-    let budget = budget_wait(&preview.limits, state, preview.costs, upstream.pending());
+    let budget = budget_wait(&preview.limits, state, preview.costs, pending);
     let cooldown = cooldown(&upstream.config.retry.snapshot());
     budget.max(cooldown)
 }

@@ -367,6 +367,16 @@ impl Ticket {
     pub(crate) fn release(&self) {
         self.0.release();
     }
+
+    /// Whether the request was admitted (or dropped).
+    pub(crate) fn released(&self) -> bool {
+        self.0.released.load(Ordering::Acquire)
+    }
+
+    /// The costs counted in the upstream's `pending`.
+    pub(crate) fn costs(&self) -> Costs {
+        self.0.costs
+    }
 }
 
 impl TicketInner {
