@@ -136,8 +136,8 @@ pub trait TokenEstimator: Send + Sync + 'static {
 /// A request extension: an estimate made before the request reached the
 /// budget, and the estimator that made it.
 ///
-/// A [`Pool`](crate::pool::Pool) estimates each request to route it and
-/// attaches this, so that the upstream's budget does not estimate the same
+/// A pool (`pool::Pool`, feature `pool`) estimates each request to route
+/// it and attaches this, so that the upstream's budget does not estimate the same
 /// bytes again. A [`TokenBudget`](crate::budget::TokenBudget) whose
 /// estimator is the same one (the same `Arc`) charges this estimate instead
 /// of estimating the body (its `count_tokens` mode still applies, and the
