@@ -410,6 +410,42 @@ async fn the_python_sdk_goes_through_the_gateway() {
     assert_eq!(admitted(&ea) + admitted(&eb), 2);
 }
 
+#[tokio::test]
+async fn the_typescript_sdk_goes_through_the_gateway() {
+    let (addr, [ea, eb], _stop) = gateway(quick()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/gateway_ts.mjs");
+    // Where `.ci/run` installs the SDK (for the emulator's own check).
+    let sdk_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../emulator/tests/sdk");
+    let run = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(format!("http://{addr}"))
+        .arg("gw-alice")
+        .arg(sdk_dir)
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(Duration::from_secs(60), run).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return skip(&format!("node cannot run: {e}")),
+        Err(_) => panic!("the SDK script hung"),
+    };
+    if output.status.code() == Some(3) {
+        return skip(
+            "@anthropic-ai/sdk is not installed (npm install --prefix emulator/tests/sdk \
+             --no-save --no-package-lock \"@anthropic-ai/sdk@1.14.0\")",
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for check in ["json ok", "stream ok", "auth ok"] {
+        assert!(stdout.contains(check), "{check}: {stdout}");
+    }
+    assert_eq!(admitted(&ea) + admitted(&eb), 2);
+}
+
 fn skip(why: &str) {
     assert!(std::env::var_os("CI").is_none(), "CI is set and {why}");
     eprintln!("skipped: {why}");
