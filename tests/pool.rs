@@ -8,6 +8,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -21,11 +22,15 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{service_fn, ServiceExt};
-use tower_llm_limits::budget::{Limits, LimitsConfig, ModelClass};
+use tower_llm_limits::budget::{
+    Limits, LimitsConfig, ModelClass, TokenBudgetBuilder, TokenBudgetLayer,
+};
+use tower_llm_limits::estimate::{AnthropicEstimator, Estimate, TokenEstimator};
 use tower_llm_limits::pool::{
     AllowFallback, DrainReason, Pool, PoolBuilder, PoolError, Upstream, MODEL_HEADER,
     UPSTREAM_HEADER,
 };
+use tower_llm_limits::wire::Usage;
 use tower_llm_limits::BoxError;
 use tower_llm_limits_emulator::{Emulator, Latency};
 
@@ -243,6 +248,33 @@ async fn a_burst_goes_where_it_is_admitted_soonest() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_that_waits_is_counted_through_its_upstream() {
+    // The default budget of an upstream counts a large request that waits
+    // (`count_tokens`): the count goes to that upstream, with its key.
+    let limits = Limits::new().rpm(1_000).itpm(6_000).otpm(100_000);
+    let e = emulator(limits);
+    let (t, calls) = transport(vec![("a", Backend::Emu(e.clone()))]);
+    let pool = Pool::builder()
+        .upstream(upstream("a", limits))
+        .build(t)
+        .expect("pool");
+    let first = plain(&"lorem ipsum dolor sit amet ".repeat(700));
+    assert_eq!(send(&pool, &first).await.expect("answer").0, 200);
+    let second = plain(&"consectetur adipiscing elit sed do ".repeat(550));
+    assert_eq!(send(&pool, &second).await.expect("answer").0, 200);
+    let calls = calls.lock().expect("calls").clone();
+    let counts: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.uri.ends_with("/v1/messages/count_tokens"))
+        .collect();
+    let uris: Vec<&str> = calls.iter().map(|c| c.uri.as_str()).collect();
+    assert_eq!(counts.len(), 1, "{uris:?}");
+    assert_eq!(counts[0].uri, "http://a.example/v1/messages/count_tokens");
+    assert_eq!(counts[0].api_key.as_deref(), Some("sk-secret-a"));
+    assert_eq!(support::rate_limited(&e), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn requests_that_must_wait_count_those_already_waiting() {
     // Both upstreams used up (a: 2 a minute, b: 4). Six more at once: b
     // frees a request every 15 s, a every 30 s; counting the requests
@@ -280,6 +312,73 @@ async fn requests_that_must_wait_count_those_already_waiting() {
     let took = start.elapsed();
     assert!(took <= Duration::from_secs(61), "{took:?}");
     assert_eq!((admitted(&ea), admitted(&eb)), (4, 8));
+    assert_eq!(support::rate_limited(&ea) + support::rate_limited(&eb), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_moves_to_an_upstream_that_became_sooner() {
+    // Two upstreams of 2 requests a minute, both used up. Four requests:
+    // two wait on each (30 s and 60 s). The two on `b` are cancelled: one of
+    // those waiting on `a` moves to `b` (free in 30 s), unsent until then.
+    let limits = Limits::new().rpm(2).itpm(100_000).otpm(100_000);
+    let (ea, eb) = (emulator(limits), emulator(limits));
+    let (t, _) = transport(vec![
+        ("a", Backend::Emu(ea.clone())),
+        ("b", Backend::Emu(eb.clone())),
+    ]);
+    let pool = Pool::builder()
+        .upstream(upstream("a", limits))
+        .upstream(upstream("b", limits))
+        .build(t)
+        .expect("pool");
+    for i in 0..4 {
+        send(&pool, &plain(&format!("warm {i}")))
+            .await
+            .expect("answer");
+    }
+    assert_eq!((admitted(&ea), admitted(&eb)), (2, 2));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let answer = send(&pool, &plain(&format!("q{i}"))).await;
+            (answer, Instant::now())
+        }));
+        tokio::task::yield_now().await;
+    }
+    let pending = |name: &str| {
+        pool.snapshot()
+            .upstream(name)
+            .map_or(0, |u| u.pending.requests)
+    };
+    assert_eq!((pending("a"), pending("b")), (2, 2));
+    // Requests 1 and 3 went to `b`.
+    tasks[1].abort();
+    tasks[3].abort();
+    tokio::task::yield_now().await;
+    assert_eq!(pending("b"), 0);
+    let mut done = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        if i % 2 == 0 {
+            let ((status, upstream, _), at) = {
+                let (answer, at) = t.await.expect("task");
+                (answer.expect("answer"), at)
+            };
+            assert_eq!(status, 200);
+            done.push((upstream, at - start));
+        }
+    }
+    // One of the two waiting on `a` moved to `b`: both are answered in
+    // 30 s, one by each upstream, where staying would take 60 s.
+    let mut by: Vec<&str> = done.iter().map(|(u, _)| u.as_str()).collect();
+    by.sort_unstable();
+    assert_eq!(by, ["a", "b"]);
+    for (_, took) in &done {
+        assert!(*took <= Duration::from_secs(31), "{took:?}");
+    }
+    assert_eq!(pool.snapshot().moved, 1);
+    assert_eq!((admitted(&ea), admitted(&eb)), (3, 3));
     assert_eq!(support::rate_limited(&ea) + support::rate_limited(&eb), 0);
 }
 
@@ -754,6 +853,87 @@ async fn a_cancelled_request_leaves_no_reservation_or_permit() {
     let remaining = requests.remaining.expect("remaining");
     assert!(remaining > 0.0 && remaining < 0.2, "{remaining}");
     assert_eq!(a.concurrency.in_flight, 0);
+}
+
+// ---------------------------------------------------------------- one estimate
+
+/// An estimator that counts its estimates and the usages it is taught.
+#[derive(Default)]
+struct Counting {
+    inner: AnthropicEstimator,
+    estimates: AtomicUsize,
+    observed: AtomicUsize,
+}
+
+impl TokenEstimator for Counting {
+    fn estimate(&self, parts: &http::request::Parts, body: &[u8]) -> Estimate {
+        self.estimates.fetch_add(1, Ordering::Relaxed);
+        self.inner.estimate(parts, body)
+    }
+
+    fn estimate_unbuffered(&self, parts: &http::request::Parts, len: Option<u64>) -> Estimate {
+        self.estimates.fetch_add(1, Ordering::Relaxed);
+        self.inner.estimate_unbuffered(parts, len)
+    }
+
+    fn observe(&self, estimate: &Estimate, usage: &Usage) {
+        self.observed.fetch_add(1, Ordering::Relaxed);
+        self.inner.observe(estimate, usage);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_request_is_estimated_once_and_its_usage_teaches_the_pools_estimator() {
+    let counting = Arc::new(Counting::default());
+    let estimator: Arc<dyn TokenEstimator> = counting.clone();
+    let (ea, eb, ec) = (emulator(BIG), emulator(BIG), emulator(BIG));
+    let (t, _) = transport(vec![
+        ("a", Backend::Emu(ea.clone())),
+        ("b", Backend::Emu(eb.clone())),
+        ("c", Backend::Emu(ec.clone())),
+    ]);
+    // `a` has the default budget; `b` a budget of its own given the pool's
+    // estimator: neither estimates the body again.
+    let b = upstream("b", BIG).budget(
+        TokenBudgetBuilder::anthropic(BIG)
+            .estimator(Arc::clone(&estimator))
+            .build(),
+    );
+    let pool = Pool::builder()
+        .estimator(Arc::clone(&estimator))
+        .upstream(upstream("a", BIG))
+        .upstream(b)
+        .build(t.clone())
+        .expect("pool");
+    for i in 0..6 {
+        let (status, _, _) = send(&pool, &plain(&format!("once {i}")))
+            .await
+            .expect("answer");
+        assert_eq!(status, 200);
+    }
+    assert!(
+        admitted(&ea) > 0 && admitted(&eb) > 0,
+        "both upstreams served"
+    );
+    assert_eq!(counting.estimates.load(Ordering::Relaxed), 6);
+    // Each response's usage reached the estimator that made the estimate:
+    // calibration learns from every upstream.
+    assert_eq!(counting.observed.load(Ordering::Relaxed), 6);
+    // A budget with an estimator of its own estimates the body itself (and
+    // learns from its own responses).
+    let c = upstream("c", BIG).budget(TokenBudgetLayer::anthropic(BIG));
+    let pool = Pool::builder()
+        .estimator(estimator)
+        .upstream(c)
+        .build(t)
+        .expect("pool");
+    assert_eq!(
+        send(&pool, &plain("elsewhere")).await.expect("answer").0,
+        200
+    );
+    assert_eq!(counting.estimates.load(Ordering::Relaxed), 7);
+    assert_eq!(counting.observed.load(Ordering::Relaxed), 6);
+    assert_eq!(admitted(&ec), 1);
 }
 
 // ---------------------------------------------------------------- addressing, keys, logs

@@ -5,6 +5,7 @@
 //! body_limit = 33554432          # bytes, optional (default 32 MiB)
 //!
 //! [timeouts]                     # optional
+//! header_read_secs = 30          # a request's head must arrive within this
 //! body_read_secs = 30            # a request body must arrive within this
 //! shutdown_grace_secs = 30       # in-flight answers may finish within this
 //!
@@ -83,6 +84,7 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTimeouts {
+    header_read_secs: Option<u64>,
     body_read_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
 }
@@ -127,6 +129,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The largest request body read.
     pub body_limit: usize,
+    /// The time a request's head (request line and headers) has to arrive,
+    /// counted from the moment the connection waits for it: a client that
+    /// sends part of a head, or keeps an idle connection open, is cut off
+    /// after it.
+    pub header_read_timeout: Duration,
     /// The time a request body has to arrive.
     pub body_read_timeout: Duration,
     /// The time in-flight answers have to finish at shutdown.
@@ -250,10 +257,13 @@ impl Config {
         unique(callers.iter().map(|c| c.name.as_str()), "callers", "name")?;
         unique(callers.iter().map(|c| c.key.as_str()), "callers", "key_env")?;
         let timeouts = raw.timeouts;
+        let header_read_secs = seconds("header_read_secs", timeouts.header_read_secs)?;
+        let body_read_secs = seconds("body_read_secs", timeouts.body_read_secs)?;
         Ok(Config {
             listen,
             body_limit: raw.body_limit.unwrap_or(32 * 1024 * 1024),
-            body_read_timeout: Duration::from_secs(timeouts.body_read_secs.unwrap_or(30)),
+            header_read_timeout: Duration::from_secs(header_read_secs),
+            body_read_timeout: Duration::from_secs(body_read_secs),
             shutdown_grace: Duration::from_secs(timeouts.shutdown_grace_secs.unwrap_or(30)),
             upstreams,
             callers,
@@ -269,6 +279,19 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new("", format!("cannot read {path}: {e}")))?;
         Config::parse(&text, |name| std::env::var(name).ok())
+    }
+}
+
+/// A read timeout in seconds: 30 by default, never zero (every request
+/// would be cut off).
+fn seconds(field: &str, value: Option<u64>) -> Result<u64, ConfigError> {
+    match value {
+        None => Ok(30),
+        Some(0) => Err(ConfigError::new(
+            format!("timeouts.{field}"),
+            "must be above zero",
+        )),
+        Some(s) => Ok(s),
     }
 }
 

@@ -17,6 +17,7 @@ mod metrics;
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use axum::body::Body as AxumBody;
@@ -29,7 +30,7 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
@@ -93,6 +94,8 @@ pub(crate) struct App {
     upstreams: Vec<(String, HeaderValue)>,
     body_limit: usize,
     pub(crate) metrics: metrics::Metrics,
+    /// Connections open now (counted by [`serve`]).
+    pub(crate) connections: Arc<AtomicU64>,
 }
 
 /// Builds the gateway's router over `transport`.
@@ -101,6 +104,12 @@ pub(crate) struct App {
 ///
 /// An upstream or caller the crate refuses (a [`PoolError`]).
 pub fn router(config: &Config, transport: Transport) -> Result<Router, BoxError> {
+    build(config, transport).map(|(router, _)| router)
+}
+
+/// The router, and the count of open connections its `/metrics` reports
+/// (kept by [`serve`]).
+fn build(config: &Config, transport: Transport) -> Result<(Router, Arc<AtomicU64>), BoxError> {
     let mut pool = Pool::builder().buffer_limit(config.body_limit);
     let mut upstreams = Vec::new();
     for u in &config.upstreams {
@@ -137,7 +146,9 @@ pub fn router(config: &Config, transport: Transport) -> Result<Router, BoxError>
             }
         })
         .collect();
+    let open = Arc::new(AtomicU64::new(0));
     let app = Arc::new(App {
+        connections: Arc::clone(&open),
         callers,
         pool,
         transport,
@@ -145,7 +156,7 @@ pub fn router(config: &Config, transport: Transport) -> Result<Router, BoxError>
         body_limit: config.body_limit,
         metrics: metrics::Metrics::default(),
     });
-    Ok(Router::new()
+    let router = Router::new()
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/health", get(health))
@@ -153,39 +164,74 @@ pub fn router(config: &Config, transport: Transport) -> Result<Router, BoxError>
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             config.body_read_timeout,
         ))
-        .with_state(app))
+        .with_state(app);
+    Ok((router, open))
 }
 
 /// Serves `config` on `listener` until `shutdown` resolves; then refuses new
 /// connections and lets the answers in flight (streams included) finish,
 /// for at most `config.shutdown_grace`.
 ///
+/// Each connection is HTTP/1.1 with a header read timeout
+/// (`config.header_read_timeout`): a client that has not sent a whole
+/// request head that long after the connection began waiting for one (a
+/// half-sent request line, or an idle keep-alive connection) is
+/// disconnected, so slow clients cannot hold connections open. The body
+/// has its own timeout (`config.body_read_timeout`, answered with 408).
+///
 /// # Errors
 ///
-/// The router cannot be built, or the server fails.
+/// The router cannot be built.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     transport: Transport,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
-    let app = router(&config, transport)?;
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let notify = Arc::clone(&stopping);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections; finishing answers in flight");
-        notify.notify_one();
-    });
-    let grace = config.shutdown_grace;
+    let (app, open) = build(&config, transport)?;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before
+                    // it was accepted: wait a little, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let guard = metrics::Open::new(&open);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+            drop(guard);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections; finishing answers in flight");
     tokio::select! {
-        served = server => served.map_err(BoxError::from),
-        () = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
+        () = graceful.shutdown() => Ok(()),
+        () = tokio::time::sleep(config.shutdown_grace) => {
             tracing::warn!("shutdown grace period over; answers still in flight were cut");
             Ok(())
         }
     }
 }
+
+/// How long the accept loop pauses after a failed `accept`.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn error(kind: ErrorKind, message: &str) -> Response {
     ErrorBody::new(kind, message)

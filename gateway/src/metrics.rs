@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::extract::State;
@@ -22,6 +23,22 @@ impl Metrics {
         *served
             .entry((caller.to_string(), status.as_u16()))
             .or_default() += 1;
+    }
+}
+
+/// One open connection, counted in the gauge while it lives.
+pub(crate) struct Open(Arc<AtomicU64>);
+
+impl Open {
+    pub(crate) fn new(gauge: &Arc<AtomicU64>) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Open(Arc::clone(gauge))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -53,6 +70,16 @@ pub(crate) async fn render(State(app): State<Arc<App>>) -> Response {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP llm_gateway_connections_open Client connections open now."
+    );
+    let _ = writeln!(out, "# TYPE llm_gateway_connections_open gauge");
+    let _ = writeln!(
+        out,
+        "llm_gateway_connections_open {}",
+        app.connections.load(Ordering::Relaxed)
+    );
     let snap = app.pool.snapshot();
     let _ = writeln!(out, "# TYPE llm_gateway_failovers_total counter");
     let _ = writeln!(out, "llm_gateway_failovers_total {}", snap.failovers);

@@ -410,6 +410,42 @@ async fn the_python_sdk_goes_through_the_gateway() {
     assert_eq!(admitted(&ea) + admitted(&eb), 2);
 }
 
+#[tokio::test]
+async fn the_typescript_sdk_goes_through_the_gateway() {
+    let (addr, [ea, eb], _stop) = gateway(quick()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/gateway_ts.mjs");
+    // Where `.ci/run` installs the SDK (for the emulator's own check).
+    let sdk_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../emulator/tests/sdk");
+    let run = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(format!("http://{addr}"))
+        .arg("gw-alice")
+        .arg(sdk_dir)
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(Duration::from_secs(60), run).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return skip(&format!("node cannot run: {e}")),
+        Err(_) => panic!("the SDK script hung"),
+    };
+    if output.status.code() == Some(3) {
+        return skip(
+            "@anthropic-ai/sdk is not installed (npm install --prefix emulator/tests/sdk \
+             --no-save --no-package-lock \"@anthropic-ai/sdk@1.14.0\")",
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for check in ["json ok", "stream ok", "auth ok"] {
+        assert!(stdout.contains(check), "{check}: {stdout}");
+    }
+    assert_eq!(admitted(&ea) + admitted(&eb), 2);
+}
+
 fn skip(why: &str) {
     assert!(std::env::var_os("CI").is_none(), "CI is set and {why}");
     eprintln!("skipped: {why}");
@@ -462,6 +498,73 @@ async fn a_body_too_large_or_too_slow_is_refused() {
     assert_eq!(admitted(&ea), 0);
 }
 
+/// The gateway's `/metrics` text.
+async fn metrics_text(addr: SocketAddr) -> String {
+    let req = Request::get(format!("http://{addr}/metrics"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = client().request(req).await.expect("response");
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test]
+async fn a_client_that_sends_half_a_request_line_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ea, a) = emulator(BIG, quick()).await;
+    let text = config_text(a, a).replace(
+        "body_read_secs = 5",
+        "header_read_secs = 1\nbody_read_secs = 5",
+    );
+    let config = Config::parse(&text, env).expect("config");
+    assert_eq!(config.header_read_timeout, Duration::from_secs(1));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve(
+        config,
+        listener,
+        https_transport(),
+        std::future::pending(),
+    ));
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"POST /v1/mess").await.expect("write");
+    assert!(
+        metrics_text(addr)
+            .await
+            .contains("llm_gateway_connections_open 2"),
+        "the slow connection and this one are open"
+    );
+    let started = tokio::time::Instant::now();
+    let mut answer = vec![0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut answer))
+        .await
+        .expect("the gateway closed the connection within the timeout");
+    // Closed without an answer (an end of stream, or a reset).
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    // The slow client holds nothing: only the metrics request's own
+    // connection is open.
+    let text = metrics_text(addr).await;
+    assert!(text.contains("llm_gateway_connections_open 1"), "{text}");
+    // Someone who sends a whole request is served as before.
+    let (status, _, _) = post(addr, "/v1/messages", "gw-alice", &message("hi", false)).await;
+    assert_eq!(status, 200);
+    assert_eq!(admitted(&ea), 1);
+}
+
+#[test]
+fn a_read_timeout_of_zero_is_refused() {
+    let text = config_text(
+        "127.0.0.1:1".parse().expect("addr"),
+        "127.0.0.1:2".parse().expect("addr"),
+    );
+    for field in ["header_read_secs", "body_read_secs"] {
+        let bad = text.replace("body_read_secs = 5", &format!("{field} = 0"));
+        let e = Config::parse(&bad, env).expect_err("a zero timeout");
+        assert_eq!(e.field, format!("timeouts.{field}"));
+    }
+}
+
 #[test]
 fn the_example_configuration_parses() {
     let text =
@@ -471,4 +574,5 @@ fn the_example_configuration_parses() {
         Config::parse(&text, |name| Some(format!("value-of-{name}"))).expect("example config");
     assert_eq!((config.upstreams.len(), config.callers.len()), (2, 2));
     assert_eq!(config.body_read_timeout, Duration::from_secs(30));
+    assert_eq!(config.header_read_timeout, Duration::from_secs(30));
 }

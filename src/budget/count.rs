@@ -7,10 +7,14 @@
 //!   kept by a keyed hash of the body, in a bounded cache) is charged the
 //!   known count at once.
 //! - Otherwise a request is counted when the budget does not admit it at
-//!   once (it waits anyway), whatever its size by default (see
-//!   [`CountTokens::min_input_tokens`]): the call is free, it fits in the
-//!   endpoint's own rate, and an exact charge for a request that waits
-//!   frees the room an over-estimate would hold. The count runs while the request waits, through the same inner
+//!   once (it waits anyway) and its estimate is at least
+//!   [`CountTokens::min_input_tokens`] (0 by default: every request that
+//!   waits; the call is free, it fits in the endpoint's own rate, and an
+//!   exact charge for a request that waits frees the room an over-estimate
+//!   would hold), or it carries an image or a document, whatever its size:
+//!   their cost is estimated from the documented rule (`width × height /
+//!   750`, pages), which the server's own resizing and rendering may not
+//!   follow, so their error is not small. The count runs while the request waits, through the same inner
 //!   service, with the request's own headers (API key, version, betas); if
 //!   the request's turn comes first, it goes with its estimate and the count
 //!   is dropped. A request that could go now is never delayed.
@@ -53,7 +57,7 @@ use tower_service::Service;
 
 use super::limits::Tier;
 use super::state::Charge;
-use crate::body::ReplayBody;
+use crate::body::{BufferedBytes, ReplayBody};
 use crate::estimate::{Estimate, TokenEstimator};
 
 /// The largest `count_tokens` answer read (a real one is about 20 bytes).
@@ -237,7 +241,8 @@ impl Counter {
             .estimate
             .raw_input_tokens
             .saturating_add(charge.estimate.cache_read_tokens);
-        if charge.estimate.fallback || size < self.config.min_input_tokens || svc.is_none() {
+        let small = size < self.config.min_input_tokens && !carries_media(body);
+        if charge.estimate.fallback || small || svc.is_none() {
             return None;
         }
         // Checked first, so that a request woken while no call is free does
@@ -259,6 +264,14 @@ impl Counter {
             },
         })
     }
+}
+
+/// Whether a body holds a content block of type `image` or `document` (a
+/// JSON string that is exactly one of these words; a false match costs one
+/// count call).
+fn carries_media(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"\"image\"").is_some()
+        || memchr::memmem::find(body, b"\"document\"").is_some()
 }
 
 /// The `count_tokens` request for a Messages request: same scheme, authority
@@ -301,6 +314,9 @@ fn count_request<B>(
     }
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CONTENT_LENGTH, HeaderValue::from(json.len()));
+    // Its whole body, as for any request a layer holds buffered: an inner
+    // layer that sends the buffered bytes (a pool's upstream) can send it.
+    count.extensions_mut().insert(BufferedBytes(json));
     Some(count)
 }
 
@@ -639,6 +655,18 @@ fn parse_answer(bytes: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn media_is_found_as_a_content_type_only() {
+        assert!(carries_media(
+            br#"{"messages":[{"role":"user","content":[{"type":"image","source":{}}]}]}"#
+        ));
+        assert!(carries_media(br#"{"content":[{"type": "document"}]}"#));
+        // The word inside a text (quoted there or not) is not a block.
+        assert!(!carries_media(
+            br#"{"content":"an image, a \"document\", \"image\""}"#
+        ));
+    }
 
     #[test]
     fn reads_answers() {

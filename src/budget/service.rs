@@ -12,6 +12,7 @@ use super::snapshot::BudgetSnapshot;
 use super::state::Shared;
 use super::usage::ResponseBody;
 use crate::body::{self, BufferedBytes, ReplayBody};
+use crate::estimate::Estimated;
 use crate::BoxError;
 
 /// Paces requests to the limits of a token budget; built by
@@ -84,19 +85,22 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         crate::dispatch::Dispatch::received(&parts.extensions);
         let caller = match shared.caller(&parts) {
             Ok(caller) => caller,
             Err(refusal) => return ResponseFuture::refused(shared, refusal),
         };
         // An outer layer that holds the whole body put its bytes here:
-        // estimate from them and pass the body through unread.
+        // estimate from them (or take the estimate it made with this
+        // budget's own estimator) and pass the body through unread.
         let count_svc = shared.counter.as_ref().map(|_| self.inner.clone());
         let buffered = parts.extensions.get::<BufferedBytes>().map(|b| b.0.clone());
-        let estimate = buffered
-            .as_ref()
-            .map(|b| shared.estimator.estimate(&parts, b));
+        let pre = parts.extensions.remove::<Estimated>();
+        let estimate = buffered.as_ref().map(|b| match pre {
+            Some(pre) if pre.made_by(&shared.estimator) => pre.into_estimate(),
+            _ => shared.estimator.estimate(&parts, b),
+        });
         match estimate {
             Some(estimate) => {
                 if let Err(e) = check_model(&estimate) {

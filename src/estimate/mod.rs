@@ -42,6 +42,7 @@
 //! calibration. Output tokens are not estimated beyond
 //! `max_tokens` (the budget learns expected output per model itself).
 
+use std::fmt;
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -139,5 +140,53 @@ pub trait TokenEstimator: Send + Sync + 'static {
     /// calibration sample that needs no response. The default does nothing.
     fn observe_count(&self, estimate: &Estimate, counted: u64) {
         let _ = (estimate, counted);
+    }
+}
+
+/// A request extension: an estimate made before the request reached the
+/// budget, and the estimator that made it.
+///
+/// A pool (`pool::Pool`, feature `pool`) estimates each request to route
+/// it and attaches this, so that the upstream's budget does not estimate the same
+/// bytes again. A [`TokenBudget`](crate::budget::TokenBudget) whose
+/// estimator is the same one (the same `Arc`) charges this estimate instead
+/// of estimating the body (its `count_tokens` mode still applies, and the
+/// response's usage still teaches that estimator, so calibration learns as
+/// usual); a budget with another estimator ignores it and estimates the body
+/// itself, since its calibration and prompt-cache records are its own.
+#[derive(Clone)]
+pub struct Estimated {
+    estimate: Estimate,
+    by: Arc<dyn TokenEstimator>,
+}
+
+impl Estimated {
+    /// `estimate`, made by `by`.
+    pub fn new(estimate: Estimate, by: Arc<dyn TokenEstimator>) -> Self {
+        Estimated { estimate, by }
+    }
+
+    /// The estimate.
+    pub fn estimate(&self) -> &Estimate {
+        &self.estimate
+    }
+
+    /// Whether `estimator` is the one that made the estimate (the same
+    /// `Arc`).
+    pub fn made_by(&self, estimator: &Arc<dyn TokenEstimator>) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.by), Arc::as_ptr(estimator))
+    }
+
+    /// The estimate, taken out.
+    pub fn into_estimate(self) -> Estimate {
+        self.estimate
+    }
+}
+
+impl fmt::Debug for Estimated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Estimated")
+            .field("estimate", &self.estimate)
+            .finish_non_exhaustive()
     }
 }

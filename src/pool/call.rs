@@ -22,7 +22,7 @@ use super::{
     UPSTREAM_HEADER,
 };
 use crate::body::BufferedBytes;
-use crate::estimate::{Estimate, TokenEstimator};
+use crate::estimate::{Estimate, Estimated};
 use crate::{BoxError, Error};
 
 /// The request as the pool keeps it between attempts.
@@ -45,7 +45,19 @@ enum Outcome {
     Failover(&'static str, Result<Response<PoolBody>, BoxError>),
     /// Drain the upstream, then try another.
     Drain(DrainReason, Result<Response<PoolBody>, BoxError>),
+    /// The request left this upstream's queue, unsent: send it to that one.
+    Moved(usize),
 }
+
+/// How often a request waiting in an upstream's budget queue looks for an
+/// upstream that would admit it sooner.
+const MOVE_CHECK: Duration = Duration::from_secs(1);
+/// How much sooner another upstream must admit a waiting request for it to
+/// move there (the affinity threshold instead, if its prompt cache is where
+/// it waits).
+const MOVE_MARGIN: Duration = Duration::from_secs(5);
+/// The most times one request moves.
+const MAX_MOVES: usize = 3;
 
 pub(crate) async fn serve<S, B, ResB>(
     shared: Arc<Shared>,
@@ -67,8 +79,14 @@ where
     let n = shared.upstreams.len();
     let mut tried = vec![false; n];
     let mut last: Option<Result<Response<PoolBody>, BoxError>> = None;
-    for attempt in 1..=shared.max_attempts {
-        let i = match choose(&shared, &mut prepared, &tried) {
+    let (mut attempt, mut moves, mut moved_to) = (0, 0, None);
+    while attempt < shared.max_attempts {
+        attempt += 1;
+        let chosen = match moved_to.take() {
+            Some(j) => Ok(j),
+            None => choose(&shared, &mut prepared, &tried),
+        };
+        let i = match chosen {
             Ok(i) => i,
             Err(e) => {
                 shared.counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -84,9 +102,18 @@ where
         let Some(service) = service else {
             break;
         };
-        let outcome = attempt_on(up, service, &prepared).await;
+        let may_move = (moves < MAX_MOVES).then_some(tried.as_slice());
+        let outcome = attempt_on(&shared, i, service, &prepared, may_move).await;
         count_received(up, &outcome);
         let (reason, answer) = match outcome {
+            Outcome::Moved(j) => {
+                moves += 1;
+                attempt -= 1;
+                moved_to = Some(j);
+                shared.counters.moved.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(from = %up.config.name, to = %shared.upstreams[j].config.name, "waiting request moved");
+                continue;
+            }
             Outcome::Done(answer) => {
                 if answer.is_ok() {
                     up.succeeded.fetch_add(1, Ordering::Relaxed);
@@ -298,10 +325,22 @@ fn all_drained(shared: &Shared, now: Instant) -> PoolError {
 }
 
 /// Sends the request to one upstream and sorts out what came back.
+///
+/// The request carries the pool's estimate ([`Estimated`]), so that an
+/// upstream budget with the pool's estimator charges it without estimating
+/// the body again; cache reads in it are kept only on the upstream its
+/// prefix last went to (a prompt cache lives in one upstream), elsewhere
+/// they are charged as input.
+///
+/// With `may_move` (the upstreams already tried), a request still waiting
+/// for the budget of this upstream moves, unsent, to another that would
+/// admit it clearly sooner (see [`better_elsewhere`]).
 async fn attempt_on<S, ResB>(
-    up: &Arc<UpstreamState>,
+    shared: &Shared,
+    i: usize,
     service: UpstreamService<S>,
     p: &Prepared,
+    may_move: Option<&[bool]>,
 ) -> Outcome
 where
     S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -310,6 +349,7 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
+    let up = &shared.upstreams[i];
     up.routed.fetch_add(1, Ordering::Relaxed);
     let body = match (&p.model, p.scan.model) {
         (Some(model), Some(span)) => match up.config.models.get(model) {
@@ -320,13 +360,87 @@ where
         },
         _ => p.body.clone(),
     };
-    let costs = up.config.budget.preview(&p.estimate).costs;
+    let cached_here = p.estimate.cache_read_tokens == 0
+        || p.scan
+            .affinity
+            .and_then(|key| lock_affinity(shared).get(key, Instant::now()))
+            == Some(i);
+    let estimate = if cached_here {
+        p.estimate.clone()
+    } else {
+        route::uncached(&p.estimate)
+    };
+    let costs = up.config.budget.preview(&estimate).costs;
+    let ticket = Ticket::new(Arc::clone(up), costs);
     let mut parts = p.parts.clone();
     parts.extensions.insert(BufferedBytes(body.clone()));
-    parts.extensions.insert(Ticket::new(Arc::clone(up), costs));
+    parts.extensions.insert(ticket.clone());
+    parts
+        .extensions
+        .insert(Estimated::new(estimate, Arc::clone(&shared.estimator)));
     let request = Request::from_parts(parts, Full::new(body));
-    let result = oneshot(service, request).await;
-    classify(result, up, p)
+    let mut attempt = oneshot(service, request);
+    let Some(tried) = may_move else {
+        return classify(attempt.await, up, p);
+    };
+    loop {
+        let mut check = Box::pin(tokio::time::sleep(MOVE_CHECK));
+        let ready = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = attempt.as_mut().poll(cx) {
+                return Poll::Ready(Some(result));
+            }
+            check.as_mut().poll(cx).map(|()| None)
+        })
+        .await;
+        if let Some(result) = ready {
+            return classify(result, up, p);
+        }
+        if ticket.released() {
+            return classify(attempt.await, up, p);
+        }
+        if let Some(j) = better_elsewhere(shared, i, p, &ticket, tried) {
+            // Dropping the attempt takes it out of the budget's queue and
+            // gives back anything reserved for it.
+            drop(attempt);
+            return Outcome::Moved(j);
+        }
+    }
+}
+
+/// Another upstream, not yet tried, that would admit a request waiting on
+/// upstream `i` more than [`MOVE_MARGIN`] sooner than its turn comes there
+/// (at most: what is pending there before it); more than the affinity
+/// threshold sooner if `i` holds its prompt cache.
+fn better_elsewhere(
+    shared: &Shared,
+    i: usize,
+    p: &Prepared,
+    ticket: &Ticket,
+    tried: &[bool],
+) -> Option<usize> {
+    let here = route::wait_excluding(&shared.upstreams[i], &p.estimate, ticket.costs());
+    if here <= MOVE_MARGIN {
+        return None;
+    }
+    let mut others = tried.to_vec();
+    if let Some(t) = others.get_mut(i) {
+        *t = true;
+    }
+    let (j, there) = soonest(shared, &p.estimate, &others).ok()?;
+    if j == i {
+        return None;
+    }
+    let cached_here = p
+        .scan
+        .affinity
+        .and_then(|key| lock_affinity(shared).get(key, Instant::now()))
+        == Some(i);
+    let margin = if cached_here {
+        shared.affinity_threshold.max(MOVE_MARGIN)
+    } else {
+        MOVE_MARGIN
+    };
+    (there.saturating_add(margin) < here).then_some(j)
 }
 
 /// One call of an upstream's service (readiness, then the call), its

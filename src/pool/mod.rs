@@ -23,8 +23,9 @@
 //! # Routing
 //!
 //! The pool reads the request's body once (up to
-//! [`PoolBuilder::buffer_limit`], 32 MiB by default), estimates it (the
-//! [`crate::estimate::AnthropicEstimator`]), and asks
+//! [`PoolBuilder::buffer_limit`], 32 MiB by default), estimates it once
+//! (with [`PoolBuilder::estimator`], by default an
+//! [`AnthropicEstimator`](crate::estimate::AnthropicEstimator)), and asks
 //! each upstream in rotation how long until it could admit it: the longest
 //! of its retry cooldown and, for each of requests, input tokens and output
 //! tokens of the request's model class, the time its bucket needs to refill
@@ -34,6 +35,29 @@
 //! within a millisecond of each other), to the one with the fewest requests
 //! waiting, then the fewest routed, per unit of [weight](Upstream::weight).
 //! The request then waits in that upstream's budget queue, in order.
+//!
+//! While it waits there, unsent, it looks again every second: if another
+//! upstream not yet tried would admit it more than 5 s sooner than its turn
+//! can come where it waits (the affinity threshold instead, if its prompt
+//! cache is there), it leaves the queue (giving back anything reserved for
+//! it) and goes there; at most 3 times per request. Estimates are off, and
+//! requests are cancelled: without this an upstream can sit idle at the end
+//! of a burst while another still has a queue.
+//!
+//! # One estimate
+//!
+//! The request carries the pool's estimate to the upstream
+//! ([`Estimated`](crate::estimate::Estimated)). Each upstream's default
+//! budget ([`TokenBudgetLayer::anthropic`](crate::budget::TokenBudgetLayer::anthropic)
+//! with its limits) is built with the pool's estimator, so it charges that
+//! estimate instead of estimating the body again; its `count_tokens` mode
+//! still applies, and every upstream's responses calibrate the one
+//! estimator. A budget given with [`Upstream::budget`] does the same if it
+//! has the pool's estimator (the same `Arc`), else estimates the body
+//! itself. The estimator's prompt-cache records are one for the pool, but a
+//! cache lives in one upstream: a request's expected cache reads are kept
+//! only on the upstream its affinity key (below) last went to, and charged
+//! as input elsewhere.
 //!
 //! # Cache affinity
 //!
@@ -162,8 +186,9 @@ use tower_service::Service;
 pub use snapshot::{PoolSnapshot, UpstreamSnapshot};
 pub use upstream::{Address, Admit, Upstream, UpstreamFuture, UpstreamService};
 
+use crate::budget::TokenBudgetBuilder;
 use crate::concurrency::{ConcurrencyBuilder, ConcurrencyLayer};
-use crate::estimate::AnthropicEstimator;
+use crate::estimate::{AnthropicEstimator, TokenEstimator};
 use crate::BoxError;
 
 /// The body of a pool's responses: the upstream's body, boxed.
@@ -302,7 +327,7 @@ pub(crate) struct Fallback {
 }
 
 /// Builds a [`Pool`] or a [`PoolLayer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PoolBuilder {
     upstreams: Vec<Upstream>,
     affinity_threshold: Duration,
@@ -310,6 +335,20 @@ pub struct PoolBuilder {
     max_attempts: usize,
     buffer_limit: usize,
     fallback: Option<Fallback>,
+    estimator: Option<Arc<dyn TokenEstimator>>,
+}
+
+impl fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("upstreams", &self.upstreams)
+            .field("affinity_threshold", &self.affinity_threshold)
+            .field("drain_for", &self.drain_for)
+            .field("max_attempts", &self.max_attempts)
+            .field("buffer_limit", &self.buffer_limit)
+            .field("fallback", &self.fallback)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for PoolBuilder {
@@ -321,6 +360,7 @@ impl Default for PoolBuilder {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             buffer_limit: DEFAULT_BUFFER_LIMIT,
             fallback: None,
+            estimator: None,
         }
     }
 }
@@ -371,6 +411,16 @@ impl PoolBuilder {
         self
     }
 
+    /// The estimator the pool routes with (default: a new
+    /// [`AnthropicEstimator`]). Each upstream's default budget shares it,
+    /// so that a request is estimated once and calibration learns from every
+    /// upstream's responses; see [`Upstream::budget`] for a budget of your
+    /// own.
+    pub fn estimator(mut self, estimator: Arc<dyn TokenEstimator>) -> Self {
+        self.estimator = Some(estimator);
+        self
+    }
+
     fn validate(&self) -> Result<(), PoolError> {
         if self.upstreams.is_empty() {
             return Err(PoolError::NoUpstreams);
@@ -398,11 +448,20 @@ impl PoolBuilder {
     /// [`PoolError::InvalidFallback`].
     pub fn into_layer(self) -> Result<PoolLayer, PoolError> {
         self.validate()?;
+        let estimator = self
+            .estimator
+            .unwrap_or_else(|| Arc::new(AnthropicEstimator::new()));
         let upstreams = self
             .upstreams
-            .iter()
-            .cloned()
-            .map(|u| Arc::new(upstream::UpstreamState::new(u)))
+            .into_iter()
+            .map(|mut u| {
+                if let Some(limits) = u.default_budget.take() {
+                    u.budget = TokenBudgetBuilder::anthropic(limits)
+                        .estimator(Arc::clone(&estimator))
+                        .build();
+                }
+                Arc::new(upstream::UpstreamState::new(u))
+            })
             .collect();
         Ok(PoolLayer {
             shared: Arc::new(Shared {
@@ -412,7 +471,7 @@ impl PoolBuilder {
                 max_attempts: self.max_attempts,
                 buffer_limit: self.buffer_limit,
                 fallback: self.fallback,
-                estimator: AnthropicEstimator::new(),
+                estimator,
                 hasher: RandomState::new(),
                 affinity: Mutex::new(route::Affinity::default()),
                 counters: Counters::default(),
@@ -438,7 +497,7 @@ pub(crate) struct Shared {
     pub(crate) max_attempts: usize,
     pub(crate) buffer_limit: usize,
     pub(crate) fallback: Option<Fallback>,
-    pub(crate) estimator: AnthropicEstimator,
+    pub(crate) estimator: Arc<dyn TokenEstimator>,
     pub(crate) hasher: RandomState,
     pub(crate) affinity: Mutex<route::Affinity>,
     pub(crate) counters: Counters,
@@ -464,6 +523,7 @@ pub(crate) struct Counters {
     pub(crate) affinity_routed: AtomicU64,
     pub(crate) affinity_overridden: AtomicU64,
     pub(crate) fallbacks: AtomicU64,
+    pub(crate) moved: AtomicU64,
 }
 
 /// A [`Layer`] that builds a [`Pool`] over a transport. Clones share the

@@ -101,11 +101,50 @@ pub(crate) fn model_at(body: &[u8], span: (usize, usize)) -> Option<String> {
     serde_json::from_slice::<String>(body.get(span.0..span.1)?).ok()
 }
 
+/// `estimate` with its expected cache reads charged as uncached input (at
+/// the estimate's calibration factor): for an upstream that does not hold
+/// the prefix's cache.
+pub(crate) fn uncached(estimate: &Estimate) -> Estimate {
+    let mut e = estimate.clone();
+    let read = std::mem::take(&mut e.cache_read_tokens);
+    let factor = if e.raw_input_tokens > 0 {
+        e.input_tokens as f64 / e.raw_input_tokens as f64
+    } else {
+        1.0
+    };
+    e.raw_input_tokens = e.raw_input_tokens.saturating_add(read);
+    e.input_tokens = e
+        .input_tokens
+        .saturating_add((read as f64 * factor).ceil() as u64);
+    e
+}
+
 /// How long until `upstream` could admit `estimate`: the longest of its
 /// cooldown and, per dimension, the time its bucket needs to refill what
 /// the requests already routed to it and not yet admitted, plus this one,
 /// need beyond what it holds now.
 pub(crate) fn wait(upstream: &UpstreamState, estimate: &Estimate) -> Duration {
+    wait_beyond(upstream, estimate, upstream.pending())
+}
+
+/// How long until `upstream` has admitted what is pending there, `own`
+/// (a request already routed there) excepted, and then `estimate`: for a
+/// request waiting there, about when its turn comes (at most).
+pub(crate) fn wait_excluding(
+    upstream: &UpstreamState,
+    estimate: &Estimate,
+    own: Costs,
+) -> Duration {
+    let pending = upstream.pending();
+    let rest = Costs {
+        requests: pending.requests.saturating_sub(own.requests),
+        input_tokens: pending.input_tokens.saturating_sub(own.input_tokens),
+        output_tokens: pending.output_tokens.saturating_sub(own.output_tokens),
+    };
+    wait_beyond(upstream, estimate, rest)
+}
+
+fn wait_beyond(upstream: &UpstreamState, estimate: &Estimate, pending: Costs) -> Duration {
     let preview = upstream.config.budget.preview(estimate);
     let ledger = upstream.config.budget.ledger();
     let state = match ledger.state(&preview.key, &preview.limits).into_ready() {
@@ -114,7 +153,7 @@ pub(crate) fn wait(upstream: &UpstreamState, estimate: &Estimate) -> Duration {
         // and the pending costs alone.
         Ok(Err(_)) | Err(_) => None,
     };
-    let budget = budget_wait(&preview.limits, state, preview.costs, upstream.pending());
+    let budget = budget_wait(&preview.limits, state, preview.costs, pending);
     let cooldown = cooldown(&upstream.config.retry.snapshot());
     budget.max(cooldown)
 }
@@ -243,6 +282,22 @@ mod tests {
         let span = scan(&body, &RandomState::new()).model.unwrap_or_default();
         let out = with_model(&body, span, "b\"c").unwrap_or_default();
         assert_eq!(&out[..], br#"{"model":"b\"c","max_tokens":1}"#);
+    }
+
+    #[test]
+    fn cache_reads_become_input_at_the_calibration_factor() {
+        let e = Estimate {
+            input_tokens: 150,
+            raw_input_tokens: 100,
+            cache_read_tokens: 1_000,
+            ..Estimate::default()
+        };
+        let u = uncached(&e);
+        assert_eq!(
+            (u.input_tokens, u.raw_input_tokens, u.cache_read_tokens),
+            (1_650, 1_100, 0)
+        );
+        assert_eq!(uncached(&u), u, "nothing left to move");
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct PoolSnapshot {
     pub affinity_overridden: u64,
     /// Requests sent as the fallback model.
     pub fallbacks: u64,
+    /// Requests that left an upstream's queue, unsent, for an upstream that
+    /// would admit them sooner.
+    pub moved: u64,
     /// Cache-affinity keys remembered.
     pub affinity_keys: usize,
 }
@@ -117,6 +120,7 @@ pub(crate) fn of(shared: &Shared) -> PoolSnapshot {
         affinity_routed: c.affinity_routed.load(Ordering::Relaxed),
         affinity_overridden: c.affinity_overridden.load(Ordering::Relaxed),
         fallbacks: c.fallbacks.load(Ordering::Relaxed),
+        moved: c.moved.load(Ordering::Relaxed),
         affinity_keys,
     }
 }

@@ -62,6 +62,9 @@ pub struct Upstream {
     pub(crate) models: HashMap<String, String>,
     pub(crate) weight: u32,
     pub(crate) budget: TokenBudgetLayer,
+    /// The limits of the default budget, until the pool builds it with its
+    /// estimator; `None` once [`Upstream::budget`] replaced it.
+    pub(crate) default_budget: Option<LimitsConfig>,
     pub(crate) retry: RetryAfterLayer,
     pub(crate) concurrency: ConcurrencyLayer,
 }
@@ -152,13 +155,15 @@ impl Upstream {
         limits: impl Into<LimitsConfig>,
     ) -> Result<Self, PoolError> {
         let base = Base::parse(base_url)?;
+        let limits = limits.into();
         Ok(Upstream {
             name: Arc::from(name.into()),
             base,
             key: None,
             models: HashMap::new(),
             weight: 1,
-            budget: TokenBudgetLayer::anthropic(limits),
+            budget: TokenBudgetLayer::anthropic(limits.clone()),
+            default_budget: Some(limits),
             retry: default_retry(),
             concurrency: super::default_concurrency(),
         })
@@ -199,8 +204,16 @@ impl Upstream {
 
     /// Replaces the token budget (for example one with a shared ledger, or
     /// in reserve mode).
+    ///
+    /// The default budget ([`TokenBudgetLayer::anthropic`] with the limits
+    /// given to [`Upstream::new`]) shares the pool's estimator, so a request
+    /// is estimated once, by the pool. Give this budget the pool's estimator
+    /// too ([`TokenBudgetBuilder::estimator`](crate::budget::TokenBudgetBuilder::estimator)
+    /// with the `Arc` given to [`PoolBuilder::estimator`](super::PoolBuilder::estimator))
+    /// for the same; with another estimator, it estimates each request again.
     pub fn budget(mut self, budget: TokenBudgetLayer) -> Self {
         self.budget = budget;
+        self.default_budget = None;
         self
     }
 
@@ -353,6 +366,16 @@ impl Ticket {
     /// The request was admitted (or dropped): its costs leave `pending`.
     pub(crate) fn release(&self) {
         self.0.release();
+    }
+
+    /// Whether the request was admitted (or dropped).
+    pub(crate) fn released(&self) -> bool {
+        self.0.released.load(Ordering::Acquire)
+    }
+
+    /// The costs counted in the upstream's `pending`.
+    pub(crate) fn costs(&self) -> Costs {
+        self.0.costs
     }
 }
 
