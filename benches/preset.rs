@@ -492,7 +492,46 @@ fn tcp_figures(name: &str, rt: &tokio::runtime::Runtime) {
 
 criterion_group!(benches, in_memory);
 
+/// `PRESET_PROFILE=<stack>[:<requests>]` (`bare`, `tower`, `preset`, or one
+/// layer alone: `retry`, `budget`, `concurrency`): only that stack, in
+/// memory, for a fixed number of requests (default 100,000) after a warm-up,
+/// then exit. For an instruction-counting profiler, whose counts do not
+/// depend on the machine's load:
+/// `PRESET_PROFILE=preset valgrind --tool=callgrind target/release/deps/preset-*`.
+fn profile(spec: &str) {
+    let (name, n) = match spec.split_once(':') {
+        Some((name, n)) => (name, n.parse().expect("PRESET_PROFILE=<stack>:<requests>")),
+        None => (spec, 100_000u64),
+    };
+    let make: MakeStack = match name {
+        "bare" => bare,
+        "tower" => tower_stack,
+        "preset" => preset,
+        "retry" => retry_alone,
+        "budget" => budget_alone,
+        "concurrency" => concurrency_alone,
+        other => panic!("PRESET_PROFILE: unknown stack {other:?}"),
+    };
+    let rt = runtime();
+    rt.block_on(async {
+        let mut svc = make();
+        for _ in 0..1_000 {
+            one(&mut svc).await;
+        }
+        let t = Instant::now();
+        for _ in 0..n {
+            one(&mut svc).await;
+        }
+        let per = t.elapsed().as_nanos() as f64 / n as f64;
+        println!("{name}: {n} requests, {per:.0} ns each");
+    });
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("PRESET_PROFILE") {
+        profile(&spec);
+        return;
+    }
     allocation_figures();
     waiter_figure();
     tcp_figures("current_thread", &runtime());
