@@ -513,13 +513,14 @@ impl Shared {
     /// `None` if the key is new and the budget holds its most keys, none idle.
     fn key_cell(&self, lookup: &str, limits: Limits) -> Option<(Arc<str>, Arc<KeyCell>)> {
         let idle = self.settings.idle_key_eviction;
-        let now = Instant::now();
+        // Read only when keys are swept (a new key): not per request.
+        let now = std::cell::OnceCell::new();
         self.keys.get_or_insert(
             lookup,
             self.settings.max_keys,
             idle / 2,
             || Mutex::new(KeyState::new(limits)),
-            |cell| is_active(cell, now, idle),
+            |cell| is_active(cell, *now.get_or_init(Instant::now), idle),
         )
     }
 
@@ -756,7 +757,9 @@ impl Shared {
             return step;
         }
         let costs = self.with_headroom(&ks, charge, adm);
-        let fut = self.ledger.reserve(&charge.key, &charge.limits, costs);
+        let fut = self
+            .ledger
+            .reserve_with_clock(&charge.key, &charge.limits, costs, turn.now);
         let answer = fut.into_ready();
         ks.ledger_at_once = answer.is_ok();
         match answer {

@@ -53,6 +53,9 @@ pub(crate) struct Shared {
     /// mode, whose limit moves under the lock).
     slots: Slots,
     adaptive: bool,
+    /// Adaptive mode with a latency tolerance: requests are timed (a clock
+    /// reading when sent and one at the response head); otherwise not.
+    timed: bool,
     classifier: Classifier,
 }
 
@@ -247,6 +250,7 @@ impl Shared {
         Shared {
             slots: Slots(AtomicUsize::new(limit.saturating_mul(ONE))),
             adaptive: controller.is_some(),
+            timed: controller.as_ref().is_some_and(Controller::uses_latency),
             state: Mutex::new(State {
                 limit,
                 in_flight: 0,
@@ -515,6 +519,12 @@ impl Permit {
     /// Whether adaptive mode wants outcomes (fixed mode skips the work).
     pub(crate) fn is_adaptive(&self) -> bool {
         self.shared.adaptive
+    }
+
+    /// Whether the time to the response head is wanted (adaptive mode with
+    /// a latency tolerance): otherwise the clock is not read.
+    pub(crate) fn is_timed(&self) -> bool {
+        self.shared.timed
     }
 
     /// Whether the layer's classifier calls this inner error a timeout.
