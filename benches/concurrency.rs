@@ -11,7 +11,11 @@
 //! - `cancel_100k/*`: 100,000 queued waiters cancelled (dropped) oldest-first
 //!   and newest-first, ours against tokio's `Semaphore`; each order must
 //!   stay within 2x of the oldest-first time (removal is O(1), not a search).
-//! - Before the timings, a one-shot measurement prints the memory per waiter
+//! - Before the timings, `fixed_overhead`'s three services are measured in
+//!   interleaved rounds (robust to the machine's load changing between
+//!   them): the median of each round's ratio of `ConcurrencyLayer::fixed`
+//!   to tower's `ConcurrencyLimit` is the figure to compare.
+//! - Then a one-shot measurement prints the memory per waiter
 //!   (counting global allocator) and the wakeups per admission (counting
 //!   wakers) for a queue of 10,000.
 
@@ -443,7 +447,117 @@ fn cancel_100k(c: &mut Criterion) {
 
 criterion_group!(benches, fixed_overhead, contended, queue_10k, cancel_100k);
 
+/// `CONCURRENCY_PROFILE=<no_limit|tower|fixed>[:<requests>]`: only that
+/// service of `fixed_overhead`, for a fixed number of requests (default
+/// 200,000) after a warm-up, then exit; for an instruction-counting
+/// profiler (`valgrind --tool=callgrind`), whose counts do not depend on the
+/// machine's load.
+fn profile(spec: &str) {
+    let (name, n) = match spec.split_once(':') {
+        Some((name, n)) => (
+            name,
+            n.parse().expect("CONCURRENCY_PROFILE=<service>:<requests>"),
+        ),
+        None => (spec, 200_000u64),
+    };
+    async fn run<S, B>(mut svc: S, n: u64) -> Duration
+    where
+        S: Service<Req, Response = Response<B>>,
+        S::Error: std::fmt::Debug,
+        B: http_body::Body,
+        B::Error: std::fmt::Debug,
+    {
+        for _ in 0..1_000 {
+            one(&mut svc).await;
+        }
+        let t = Instant::now();
+        for _ in 0..n {
+            one(&mut svc).await;
+        }
+        t.elapsed()
+    }
+    let rt = runtime();
+    let took = match name {
+        "no_limit" => rt.block_on(run(inner(), n)),
+        "tower" => rt.block_on(run(tower::limit::ConcurrencyLimit::new(inner(), 64), n)),
+        "fixed" => {
+            let layer = ConcurrencyBuilder::fixed(64).build().expect("valid");
+            rt.block_on(run(layer.layer(inner()), n))
+        }
+        other => panic!("CONCURRENCY_PROFILE: unknown service {other:?}"),
+    };
+    println!(
+        "{name}: {n} requests, {:.0} ns each",
+        took.as_nanos() as f64 / n as f64
+    );
+}
+
+/// `fixed_overhead`'s three services measured in interleaved rounds: each
+/// round times a batch of requests through each of them, one after the
+/// other, so that a change in the machine's load between rounds moves all
+/// three alike; the figure is the median over the rounds of each round's
+/// ratio, with its quartiles.
+fn interleaved_ratios() {
+    // Short batches (well under a scheduler's time slice), many rounds: a
+    // round that the loaded machine preempted is an outlier the median
+    // drops.
+    const ROUNDS: usize = 301;
+    const BATCH: u64 = 2_000;
+    async fn batch<S, B>(svc: &mut S) -> f64
+    where
+        S: Service<Req, Response = Response<B>>,
+        S::Error: std::fmt::Debug,
+        B: http_body::Body,
+        B::Error: std::fmt::Debug,
+    {
+        let t = Instant::now();
+        for _ in 0..BATCH {
+            one(svc).await;
+        }
+        t.elapsed().as_nanos() as f64 / BATCH as f64
+    }
+    let rt = runtime();
+    let mut bare = inner();
+    let mut tower = tower::limit::ConcurrencyLimit::new(inner(), 64);
+    let mut ours = ConcurrencyBuilder::fixed(64)
+        .build()
+        .expect("valid")
+        .layer(inner());
+    let mut rows: Vec<(f64, f64, f64)> = Vec::with_capacity(ROUNDS);
+    rt.block_on(async {
+        // Warm-up round, not counted.
+        batch(&mut bare).await;
+        batch(&mut tower).await;
+        batch(&mut ours).await;
+        for _ in 0..ROUNDS {
+            let b = batch(&mut bare).await;
+            let t = batch(&mut tower).await;
+            let o = batch(&mut ours).await;
+            rows.push((b, t, o));
+        }
+    });
+    // The quartiles and the median.
+    let median = |mut v: Vec<f64>| -> (f64, f64, f64) {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 4], v[v.len() / 2], v[v.len() * 3 / 4])
+    };
+    let (_, b, _) = median(rows.iter().map(|r| r.0).collect());
+    let (_, t, _) = median(rows.iter().map(|r| r.1).collect());
+    let (_, o, _) = median(rows.iter().map(|r| r.2).collect());
+    let (lo, mid, hi) = median(rows.iter().map(|r| r.2 / r.1).collect());
+    println!(
+        "fixed_overhead, {ROUNDS} interleaved rounds of {BATCH} requests (medians): no limit {b:.0} ns, \
+         tower ConcurrencyLimit {t:.0} ns, ConcurrencyLayer::fixed {o:.0} ns; \
+         fixed / tower per round: median {mid:.2}x (quartiles {lo:.2}x and {hi:.2}x; target <= 1.3x)"
+    );
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("CONCURRENCY_PROFILE") {
+        profile(&spec);
+        return;
+    }
+    interleaved_ratios();
     queue_figures();
     benches();
     Criterion::default().configure_from_args().final_summary();

@@ -340,6 +340,7 @@ fn give_up_label(reason: crate::GiveUpReason) -> &'static str {
 /// Records a field of the current span (the retry layer's `llm_request`
 /// span when the request runs inside one; a span without that field
 /// ignores it). Costs one atomic load when no subscriber was ever set.
+#[inline]
 pub(crate) fn record_span(field: &'static str, value: impl tracing::Value) {
     if tracing::dispatcher::has_been_set() {
         tracing::Span::current().record(field, value);

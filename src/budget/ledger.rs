@@ -115,6 +115,13 @@
 //! (1.7e38), and every operation saturates anyway. A clock that steps back
 //! refills nothing and never moves a bucket's timestamp back.
 //!
+//! Only the level is stored in 128 bits. The products that make it (time
+//! elapsed times the limit, a limit times the window, a deficit divided by
+//! the limit) are done in 64 bits, where realistic values keep them (a
+//! 60 s window times a limit up to 307 million per minute), with a 128-bit
+//! path taken only on overflow, so the results are the same exact integers.
+//! A full bucket skips the refill product altogether.
+//!
 //! The same state (two numbers per bucket) and the same operations fit a
 //! Redis Lua script: each trait method is one atomic step on one key.
 //!
@@ -259,6 +266,25 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// A dimension whose cost is zero, or that has no limit, does not constrain
     /// the request.
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation>;
+
+    /// [`Ledger::reserve`], for a caller that has just read tokio's clock:
+    /// `now` is that reading. A ledger that keeps time on tokio's clock (the
+    /// in-memory one) may take it instead of reading the clock again; a
+    /// ledger on another clock ignores it. The budget calls this, with the
+    /// instant it read for its own bookkeeping: one clock reading per
+    /// admission, not two.
+    ///
+    /// The default calls [`Ledger::reserve`].
+    fn reserve_with_clock(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        now: Instant,
+    ) -> LedgerFuture<Reservation> {
+        let _ = now;
+        self.reserve(key, limits, costs)
+    }
 
     /// Applies a correction after admission (settlement with real usage, or a refund).
     ///
@@ -568,8 +594,12 @@ fn neg_saturating(value: u64) -> i64 {
 }
 
 fn diff_saturating(a: u64, b: u64) -> i64 {
-    let d = i128::from(a) - i128::from(b);
-    i64::try_from(d).unwrap_or(if d < 0 { i64::MIN } else { i64::MAX })
+    if a >= b {
+        i64::try_from(a - b).unwrap_or(i64::MAX)
+    } else {
+        // `b - a` of 2^63 is exactly `i64::MIN`.
+        i64::try_from(b - a).map_or(i64::MIN, |d| -d)
+    }
 }
 
 /// The error of [`InMemoryLedger::with_window`]: the enforcement window must
@@ -605,13 +635,16 @@ const UNITS_PER_TOKEN: i128 = 60_000_000_000;
 /// The longest enforcement window (and the default): one minute.
 const MINUTE: Duration = Duration::from_secs(60);
 
+/// [`MINUTE`] in nanoseconds.
+const MINUTE_NANOS: u64 = 60_000_000_000;
+
 /// How far below the ledger's level a token `remaining` that is a multiple of
 /// 1,000 may be before the ledger takes it for a change: the API rounds token
 /// counts "to the nearest thousand", so the true value is below `r + 500`.
 const TOKEN_ROUNDING_TOLERANCE: u64 = 500;
 
 /// How much a `-reset` value may be off: the header has second precision.
-const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
+const RESET_PRECISION_NANOS: u64 = 1_000_000_000;
 
 /// The default in-memory implementation of [`Ledger`].
 ///
@@ -692,7 +725,8 @@ const RESET_PRECISION_NANOS: u128 = 1_000_000_000;
 /// # Ok::<(), tower_llm_limits::budget::ledger::InvalidWindow>(())
 /// ```
 pub struct InMemoryLedger {
-    window_nanos: u128,
+    /// At most 60 s: it fits in 64 bits.
+    window_nanos: u64,
     /// The keys in [`SHARDS`] shards with a lock each: a sweep of idle keys
     /// locks one shard at a time, so no operation waits for work over all
     /// keys.
@@ -752,7 +786,7 @@ impl InMemoryLedger {
     /// A ledger enforcing each limit over the whole minute (capacity = limit).
     pub fn new() -> Self {
         InMemoryLedger {
-            window_nanos: MINUTE.as_nanos(),
+            window_nanos: MINUTE_NANOS,
             shards: new_shards(),
             hasher: RandomState::new(),
             swept_at: Mutex::new(Instant::now()),
@@ -778,7 +812,8 @@ impl InMemoryLedger {
             return Err(InvalidWindow { window });
         }
         Ok(InMemoryLedger {
-            window_nanos: window.as_nanos(),
+            // Validated above: at most 60 s.
+            window_nanos: u64::try_from(window.as_nanos()).unwrap_or(MINUTE_NANOS),
             shards: new_shards(),
             hasher: RandomState::new(),
             swept_at: Mutex::new(Instant::now()),
@@ -788,7 +823,7 @@ impl InMemoryLedger {
     /// The enforcement window.
     pub fn window(&self) -> Duration {
         // Validated at construction: at most 60 s, so it fits in u64 nanoseconds.
-        Duration::from_nanos(u64::try_from(self.window_nanos).unwrap_or(u64::MAX))
+        Duration::from_nanos(self.window_nanos)
     }
 
     /// The number of keys held.
@@ -897,7 +932,7 @@ fn write(shard: &RwLock<Shard>) -> std::sync::RwLockWriteGuard<'_, Shard> {
 
 /// Drops the keys unused for `idle` before `now` whose buckets are full
 /// again; returns how many.
-fn evict_from(shard: &mut Shard, now: Instant, idle: Duration, window_nanos: u128) -> usize {
+fn evict_from(shard: &mut Shard, now: Instant, idle: Duration, window_nanos: u64) -> usize {
     let keys = &mut shard.keys;
     let before = keys.len();
     keys.retain(|_, state| {
@@ -939,7 +974,7 @@ impl KeyState {
         }
     }
 
-    fn is_full(&self, now: Instant, window_nanos: u128) -> bool {
+    fn is_full(&self, now: Instant, window_nanos: u64) -> bool {
         self.buckets.iter().all(|bucket| match bucket.last_limit {
             None => true,
             Some(limit) => {
@@ -991,11 +1026,20 @@ impl Bucket {
                 self.updated = Some(now);
             }
             Some(updated) => {
-                let elapsed = now.saturating_duration_since(updated).as_nanos();
-                let added = clamp_i128(elapsed.saturating_mul(u128::from(limit)));
-                self.level = self.level.saturating_add(added).min(capacity);
                 if now > updated {
+                    self.level = if self.level < capacity {
+                        let elapsed = nanos(now.saturating_duration_since(updated));
+                        let added = refill_units(elapsed, limit);
+                        self.level.saturating_add(added).min(capacity)
+                    } else {
+                        // Full (or above a capacity that shrank): cut to it.
+                        capacity
+                    };
                     self.updated = Some(now);
+                } else {
+                    // A clock that went back refills nothing; a shrunk
+                    // capacity still cuts the level.
+                    self.level = self.level.min(capacity);
                 }
             }
         }
@@ -1012,7 +1056,7 @@ impl Bucket {
         dimension: Dimension,
         sync: LimitStatus,
         now: Instant,
-        window_nanos: u128,
+        window_nanos: u64,
     ) {
         // A server never advertises a zero limit; taking a garbled header
         // for one would refuse every request for ever.
@@ -1035,9 +1079,9 @@ impl Bucket {
             }
             (None, Some(reset_in)) => {
                 // Full at `reset_in` means `capacity - reset_in * rate` now.
-                let refill = reset_in.as_nanos().saturating_mul(u128::from(limit));
-                let implied = capacity.saturating_sub(clamp_i128(refill)).max(0);
-                let tolerance = clamp_i128(RESET_PRECISION_NANOS.saturating_mul(u128::from(limit)));
+                let refill = refill_units(nanos(reset_in), limit);
+                let implied = capacity.saturating_sub(refill).max(0);
+                let tolerance = refill_units(RESET_PRECISION_NANOS, limit);
                 (implied, tolerance)
             }
             (None, None) => return,
@@ -1054,16 +1098,51 @@ impl Bucket {
     }
 }
 
-fn clamp_i128(value: u128) -> i128 {
-    i128::try_from(value).unwrap_or(i128::MAX)
+// The arithmetic: levels are `i128` units (exact, see the module docs), but
+// every product below is first tried in 64 bits, where realistic limits,
+// costs and delays keep it (a limit times a window of 60 s fits up to 307
+// million per minute), and only an overflow takes the 128-bit path; the
+// results are the same either way.
+
+/// `elapsed` nanoseconds of refill at `limit` per minute, in units:
+/// `elapsed * limit`.
+#[inline]
+fn refill_units(elapsed: u64, limit: u64) -> i128 {
+    match elapsed.checked_mul(limit) {
+        Some(units) => i128::from(units),
+        // At most (2^64)^2 < 2^128: exact in u128; clamped into i128.
+        None => i128::try_from(u128::from(elapsed) * u128::from(limit)).unwrap_or(i128::MAX),
+    }
 }
 
+/// A duration in nanoseconds, saturating at `u64::MAX` (584 years).
+#[inline]
+fn nanos(d: Duration) -> u64 {
+    d.as_secs()
+        .checked_mul(1_000_000_000)
+        .and_then(|n| n.checked_add(u64::from(d.subsec_nanos())))
+        .unwrap_or(u64::MAX)
+}
+
+#[inline]
 fn units(tokens: u64) -> i128 {
-    i128::from(tokens).saturating_mul(UNITS_PER_TOKEN)
+    // At most 2^64 * 6e10 < 2^100: exact.
+    i128::from(tokens) * UNITS_PER_TOKEN
 }
 
-fn capacity_units(limit: u64, window_nanos: u128) -> i128 {
-    clamp_i128(u128::from(limit).saturating_mul(window_nanos))
+#[inline]
+fn capacity_units(limit: u64, window_nanos: u64) -> i128 {
+    refill_units(window_nanos, limit)
+}
+
+/// The nanoseconds of refill at `limit` per minute that cover `deficit`
+/// units, rounded up (`limit > 0`).
+#[inline]
+fn refill_nanos(deficit: u128, limit: u64) -> u128 {
+    match u64::try_from(deficit) {
+        Ok(d) => u128::from(d.div_ceil(limit)),
+        Err(_) => deficit.div_ceil(u128::from(limit)),
+    }
 }
 
 fn to_tokens(units: i128) -> f64 {
@@ -1085,10 +1164,15 @@ fn configured(limits: &Limits, dimension: Dimension) -> Option<u64> {
 /// `now + nanos`, or an instant decades away where that overflows (a debt
 /// so large it will never be repaid in practice).
 fn instant_after(now: Instant, nanos: u128) -> Instant {
-    let secs = u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX);
-    // The remainder is below 10^9: it fits in u32 and cannot carry.
-    let sub = u32::try_from(nanos % 1_000_000_000).unwrap_or(0);
-    let wait = Duration::new(secs, sub);
+    let wait = match u64::try_from(nanos) {
+        Ok(n) => Duration::from_nanos(n),
+        Err(_) => {
+            let secs = u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX);
+            // The remainder is below 10^9: it fits in u32 and cannot carry.
+            let sub = u32::try_from(nanos % 1_000_000_000).unwrap_or(0);
+            Duration::new(secs, sub)
+        }
+    };
     now.checked_add(wait)
         .or_else(|| now.checked_add(Duration::from_secs(30 * 365 * 86_400)))
         .or_else(|| now.checked_add(Duration::from_secs(86_400)))
@@ -1179,7 +1263,7 @@ impl KeyState {
         limits: &Limits,
         costs: Costs,
         now: Instant,
-        window_nanos: u128,
+        window_nanos: u64,
     ) -> Reservation {
         let state = self;
         state.touch(now);
@@ -1210,7 +1294,7 @@ impl KeyState {
                 let deficit = needed.saturating_sub(bucket.level).unsigned_abs();
                 // limit > 0 here (cost > 0 and cost <= limit); round up so
                 // that the refill at `at` covers the deficit exactly.
-                let wait = deficit.div_ceil(u128::from(limit));
+                let wait = refill_nanos(deficit, limit);
                 // Counted from the bucket's own timestamp, which is later
                 // than `now` if the clock stepped back.
                 let at = instant_after(bucket.updated.unwrap_or(now).max(now), wait);
@@ -1235,7 +1319,7 @@ impl KeyState {
     }
 
     /// [`InMemoryLedger::settle_at`] on these buckets.
-    fn settle(&mut self, limits: &Limits, delta: CostDelta, now: Instant, window_nanos: u128) {
+    fn settle(&mut self, limits: &Limits, delta: CostDelta, now: Instant, window_nanos: u64) {
         let state = self;
         state.touch(now);
         for dimension in Dimension::ALL {
@@ -1266,7 +1350,7 @@ impl KeyState {
         limits: &Limits,
         statuses: [LimitStatus; 3],
         now: Instant,
-        window_nanos: u128,
+        window_nanos: u64,
     ) {
         let state = self;
         state.touch(now);
@@ -1278,7 +1362,7 @@ impl KeyState {
     }
 
     /// [`InMemoryLedger::state_at`] on these buckets.
-    fn state(&self, limits: &Limits, now: Instant, window_nanos: u128) -> [BucketState; 3] {
+    fn state(&self, limits: &Limits, now: Instant, window_nanos: u64) -> [BucketState; 3] {
         let state = self;
         Dimension::ALL.map(|dimension| {
             let bucket = state.buckets[index(dimension)];
@@ -1416,7 +1500,7 @@ impl PackedBuckets {
         epoch: Epoch,
     ) -> Reservation {
         let mut state = self.unpack(epoch);
-        let answer = state.reserve(limits, costs, now, MINUTE.as_nanos());
+        let answer = state.reserve(limits, costs, now, MINUTE_NANOS);
         self.pack(&state, epoch);
         answer
     }
@@ -1427,7 +1511,7 @@ impl PackedBuckets {
             return;
         }
         let mut state = self.unpack(epoch);
-        state.settle(limits, delta, now, MINUTE.as_nanos());
+        state.settle(limits, delta, now, MINUTE_NANOS);
         self.pack(&state, epoch);
     }
 
@@ -1443,13 +1527,13 @@ impl PackedBuckets {
             return;
         }
         let mut state = self.unpack(epoch);
-        state.sync_all(limits, statuses, now, MINUTE.as_nanos());
+        state.sync_all(limits, statuses, now, MINUTE_NANOS);
         self.pack(&state, epoch);
     }
 
     /// [`InMemoryLedger::state_at`] on these buckets.
     pub(crate) fn state(&self, limits: &Limits, now: Instant, epoch: Epoch) -> [BucketState; 3] {
-        self.unpack(epoch).state(limits, now, MINUTE.as_nanos())
+        self.unpack(epoch).state(limits, now, MINUTE_NANOS)
     }
 
     /// Whether every bucket with a limit in force (under `limits`) is full
@@ -1462,7 +1546,7 @@ impl PackedBuckets {
                 .limit(configured(limits, dimension))
                 .and_then(|(limit, _)| NonZeroU64::new(limit));
         }
-        state.is_full(now, MINUTE.as_nanos())
+        state.is_full(now, MINUTE_NANOS)
     }
 }
 
@@ -1472,6 +1556,17 @@ impl Ledger for InMemoryLedger {
     #[inline]
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
         LedgerFuture::ready(Ok(self.reserve_at(key, limits, costs, Instant::now())))
+    }
+
+    #[inline]
+    fn reserve_with_clock(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        now: Instant,
+    ) -> LedgerFuture<Reservation> {
+        LedgerFuture::ready(Ok(self.reserve_at(key, limits, costs, now)))
     }
 
     #[inline]
@@ -1598,7 +1693,7 @@ mod tests {
             }
             let later = now + Duration::from_secs(600);
             let ledger_full =
-                ledger.with_key(KEY, false, later, |s| s.is_full(later, MINUTE.as_nanos()));
+                ledger.with_key(KEY, false, later, |s| s.is_full(later, MINUTE_NANOS));
             if let Some(full) = ledger_full {
                 assert_eq!(full, packed.is_full(&limits, later, epoch), "seed {seed}");
             }
@@ -1624,5 +1719,38 @@ mod tests {
     fn packed_buckets_are_small() {
         // Three buckets inline, the learned limits boxed.
         assert!(std::mem::size_of::<PackedBuckets>() <= 80);
+    }
+    use proptest::prelude::*;
+
+    /// Small values (the 64-bit paths) and any values (the 128-bit ones).
+    fn value() -> impl Strategy<Value = u64> {
+        prop_oneof![0u64..1 << 32, 0u64..1 << 40, any::<u64>()]
+    }
+
+    proptest! {
+        #[test]
+        fn the_64_bit_paths_give_the_exact_128_bit_results(
+            elapsed in value(),
+            limit in value(),
+            deficit in prop_oneof![(0u64..1 << 48).prop_map(u128::from), any::<u128>()],
+            secs in value(),
+            sub in 0u32..1_000_000_000,
+        ) {
+            let product = u128::from(elapsed) * u128::from(limit);
+            prop_assert_eq!(
+                refill_units(elapsed, limit),
+                i128::try_from(product).unwrap_or(i128::MAX)
+            );
+            let d = Duration::new(secs, sub);
+            prop_assert_eq!(u128::from(nanos(d)), d.as_nanos().min(u128::from(u64::MAX)));
+            let limit = limit.max(1);
+            prop_assert_eq!(refill_nanos(deficit, limit), deficit.div_ceil(u128::from(limit)));
+            let (a, b) = (elapsed, limit);
+            let exact = i128::from(a) - i128::from(b);
+            prop_assert_eq!(
+                i128::from(diff_saturating(a, b)),
+                exact.clamp(i128::from(i64::MIN), i128::from(i64::MAX))
+            );
+        }
     }
 }

@@ -1273,7 +1273,9 @@ impl Shared {
                 return (fut.into_ready(), charge.costs);
             }
         }
-        let fut = self.ledger.reserve(charge.key(), &charge.limits, with);
+        let fut = self
+            .ledger
+            .reserve_with_clock(charge.key(), &charge.limits, with, now);
         (fut.into_ready(), with)
     }
 

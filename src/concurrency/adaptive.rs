@@ -149,6 +149,12 @@ impl Controller {
     /// Learn from one outcome. `epoch` is the epoch the request was admitted in,
     /// `in_flight` the requests in flight counting this one, `limit` the current
     /// limit. Returns the change to apply, if any.
+    /// Whether the time to the response head is a signal (a latency
+    /// tolerance is set): without one, requests are not timed at all.
+    pub(crate) fn uses_latency(&self) -> bool {
+        self.cfg.latency_tolerance.is_some()
+    }
+
     pub(crate) fn observe(
         &mut self,
         outcome: Outcome,

@@ -78,8 +78,8 @@ where
     S: Service<Request<B>>,
 {
     pub(crate) fn called(future: S::Future, permit: Permit) -> Self {
-        // Fixed mode never reads the start time: skip the clock.
-        let started = permit.is_adaptive().then(Instant::now);
+        // Only a latency tolerance reads the start time: else skip the clock.
+        let started = permit.is_timed().then(Instant::now);
         ResponseFuture {
             state: State::Called {
                 future,
@@ -173,7 +173,7 @@ where
                     waited(&mut wait, hooks.as_deref());
                     let marker = Dispatch::of(request.extensions());
                     let future = Dispatch::pass(marker.as_ref(), || service.call(request));
-                    let started = Some(Instant::now());
+                    let started = permit.is_timed().then(Instant::now);
                     this.state.set(State::Called {
                         future,
                         permit: Some(permit),

@@ -19,7 +19,19 @@
 //! ([`WaitQueue`](crate::queue::WaitQueue): lanes, aging, hand-off), the
 //! limit, the count in flight and, in adaptive mode, the [`Controller`].
 //! Critical sections are a few pointer moves.
+//!
+//! # Fixed mode: no lock while nobody waits
+//!
+//! With a fixed limit, the free slots and whether anyone waits are one
+//! atomic word ([`Slots`]), as tokio's semaphore keeps its permits: while
+//! nobody waits, a request takes a slot and gives it back with one
+//! compare-and-swap each, without the lock. The lock is taken only to join
+//! the queue or to hand a slot to a waiter. Fairness holds: while the
+//! waiting flag is set the word holds no free slot (every slot freed goes to
+//! a waiter under the lock), so no newcomer passes the queue; the flag and
+//! the queue change together, under the lock.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -37,8 +49,107 @@ pub(crate) type Classifier =
 /// The shared run-time state of one layer and every service it built.
 pub(crate) struct Shared {
     state: Mutex<State>,
+    /// Fixed mode: the free slots and the waiting flag (unused in adaptive
+    /// mode, whose limit moves under the lock).
+    slots: Slots,
     adaptive: bool,
+    /// Adaptive mode with a latency tolerance: requests are timed (a clock
+    /// reading when sent and one at the response head); otherwise not.
+    timed: bool,
     classifier: Classifier,
+}
+
+/// Fixed mode's free slots and waiting flag in one word: `free << 1 |
+/// WAITING`. The flag is set and cleared only under the lock, together with
+/// the queue becoming non-empty or empty; while it is set, `free` is zero.
+#[derive(Debug)]
+struct Slots(AtomicUsize);
+
+/// The flag of [`Slots`]: someone is in the queue.
+const WAITING: usize = 1;
+/// One free slot in [`Slots`].
+const ONE: usize = 2;
+
+impl Slots {
+    /// Takes a free slot if nobody waits: one compare-and-swap.
+    #[inline]
+    fn try_take(&self) -> bool {
+        let mut word = self.0.load(Ordering::Acquire);
+        while word & WAITING == 0 && word >= ONE {
+            match self.0.compare_exchange_weak(
+                word,
+                word - ONE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => word = now,
+            }
+        }
+        false
+    }
+
+    /// Gives a slot back if nobody waits; `false` if someone does (the
+    /// caller hands the slot over under the lock).
+    #[inline]
+    fn try_give(&self) -> bool {
+        let mut word = self.0.load(Ordering::Acquire);
+        while word & WAITING == 0 {
+            match self.0.compare_exchange_weak(
+                word,
+                word + ONE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => word = now,
+            }
+        }
+        false
+    }
+
+    /// Under the lock, with the queue empty: sets the waiting flag if no
+    /// slot is free (`true`: the caller joins the queue), or takes a slot
+    /// freed meanwhile (`false`: the caller is admitted).
+    fn mark_waiting_or_take(&self) -> bool {
+        let mut word = self.0.load(Ordering::Acquire);
+        loop {
+            let (next, waits) = if word >= ONE {
+                (word - ONE, false)
+            } else {
+                (WAITING, true)
+            };
+            match self
+                .0
+                .compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return waits,
+                Err(now) => word = now,
+            }
+        }
+    }
+
+    /// Under the lock, once the queue is empty again: clears the flag and
+    /// adds `free` slots (a slot that had no waiter left to go to).
+    fn clear_waiting(&self, free: usize) {
+        // While the flag is set nothing else changes the word.
+        self.0.store(free.saturating_mul(ONE), Ordering::Release);
+    }
+
+    /// Under the lock, with the queue empty: one more free slot (clearing
+    /// the waiting flag if it was still set).
+    fn give_locked(&self) {
+        if self.0.load(Ordering::Acquire) & WAITING != 0 {
+            self.clear_waiting(1);
+        } else {
+            // Only compare-and-swaps race with this add: no lost update.
+            self.0.fetch_add(ONE, Ordering::AcqRel);
+        }
+    }
+
+    fn free(&self) -> usize {
+        self.0.load(Ordering::Acquire) >> 1
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -113,10 +224,10 @@ impl Wakes {
         }
     }
 
+    #[inline]
     fn wake(self) {
-        if let Some(w) = self.first {
-            w.wake();
-        }
+        let Some(first) = self.first else { return };
+        first.wake();
         for w in self.rest {
             w.wake();
         }
@@ -133,10 +244,13 @@ impl Shared {
     ) -> Self {
         let limit = match &controller {
             Some(c) => c.initial_limit(),
-            None => limit.max(1),
+            // At most half the word: the free count is kept shifted by one.
+            None => limit.clamp(1, usize::MAX >> 1),
         };
         Shared {
+            slots: Slots(AtomicUsize::new(limit.saturating_mul(ONE))),
             adaptive: controller.is_some(),
+            timed: controller.as_ref().is_some_and(Controller::uses_latency),
             state: Mutex::new(State {
                 limit,
                 in_flight: 0,
@@ -156,6 +270,9 @@ impl Shared {
 
     /// Admit a request at once, queue it in its lane, or shed it.
     pub(crate) fn enqueue(self: &Arc<Self>, priority: Priority) -> Ticket {
+        if !self.adaptive {
+            return self.enqueue_fixed(priority);
+        }
         let mut st = self.lock();
         let waiting = st.queue.len();
         if waiting == 0 && st.in_flight < st.limit {
@@ -177,7 +294,47 @@ impl Shared {
         })
     }
 
+    /// [`enqueue`](Self::enqueue) in fixed mode: a free slot is taken
+    /// without the lock while nobody waits.
+    fn enqueue_fixed(self: &Arc<Self>, priority: Priority) -> Ticket {
+        if self.slots.try_take() {
+            return self.admitted(0);
+        }
+        let mut st = self.lock();
+        let waiting = st.queue.len();
+        if waiting >= st.max_waiting {
+            return Ticket::Shed { waiting };
+        }
+        if waiting == 0 && !self.slots.mark_waiting_or_take() {
+            // A slot was freed between the first try and the lock.
+            drop(st);
+            return self.admitted(0);
+        }
+        let key = st.queue.push(priority.lane(), Instant::now(), None);
+        Ticket::Queued(Waiter {
+            shared: Arc::clone(self),
+            key: Some(key),
+        })
+    }
+
+    fn admitted(self: &Arc<Self>, epoch: u64) -> Ticket {
+        Ticket::Admitted(Permit {
+            shared: Arc::clone(self),
+            epoch,
+        })
+    }
+
     fn release(&self) {
+        if !self.adaptive {
+            if self.slots.try_give() {
+                return;
+            }
+            let mut st = self.lock();
+            let wakes = st.pass_on_fixed(&self.slots);
+            drop(st);
+            wakes.wake();
+            return;
+        }
         let mut st = self.lock();
         st.in_flight = st.in_flight.saturating_sub(1);
         let wakes = st.grant_free_slots();
@@ -207,7 +364,14 @@ impl Shared {
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
-        self.lock().snapshot()
+        let st = self.lock();
+        let mut snap = st.snapshot();
+        if !self.adaptive {
+            // Under the lock the free count is exact, bar fast-path
+            // admissions and releases racing with this read.
+            snap.in_flight = st.limit.saturating_sub(self.slots.free());
+        }
+        snap
     }
 }
 
@@ -237,6 +401,25 @@ fn trace_change(change: Change, s: &Snapshot) {
 impl State {
     fn epoch(&self) -> u64 {
         self.controller.as_ref().map_or(0, Controller::epoch)
+    }
+
+    /// Fixed mode, under the lock: a slot freed (a release, or a grant its
+    /// waiter dropped) goes to the next waiter, or back to the free slots
+    /// (clearing the waiting flag) if the queue emptied meanwhile.
+    fn pass_on_fixed(&mut self, slots: &Slots) -> Wakes {
+        let mut wakes = Wakes::default();
+        match self.queue.grant_next(0) {
+            Some(waker) => {
+                if self.queue.is_empty() {
+                    slots.clear_waiting(0);
+                }
+                if let Some(w) = waker {
+                    wakes.push(w);
+                }
+            }
+            None => slots.give_locked(),
+        }
+        wakes
     }
 
     /// Hand free slots to waiters, one at a time, and collect their wakers.
@@ -301,6 +484,22 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         let Some(key) = self.key.take() else { return };
         let mut st = self.shared.lock();
+        if !self.shared.adaptive {
+            let wakes = match st.queue.remove(key) {
+                // A slot was handed to us but never used: pass it on.
+                Removed::Granted(_) => st.pass_on_fixed(&self.shared.slots),
+                Removed::Waiting { .. } => {
+                    if st.queue.is_empty() {
+                        self.shared.slots.clear_waiting(0);
+                    }
+                    Wakes::default()
+                }
+                Removed::Gone => Wakes::default(),
+            };
+            drop(st);
+            wakes.wake();
+            return;
+        }
         if let Removed::Granted(_) = st.queue.remove(key) {
             // A slot was handed to us but never used: pass it on.
             st.in_flight = st.in_flight.saturating_sub(1);
@@ -320,6 +519,12 @@ impl Permit {
     /// Whether adaptive mode wants outcomes (fixed mode skips the work).
     pub(crate) fn is_adaptive(&self) -> bool {
         self.shared.adaptive
+    }
+
+    /// Whether the time to the response head is wanted (adaptive mode with
+    /// a latency tolerance): otherwise the clock is not read.
+    pub(crate) fn is_timed(&self) -> bool {
+        self.shared.timed
     }
 
     /// Whether the layer's classifier calls this inner error a timeout.
@@ -394,6 +599,97 @@ mod tests {
         assert_eq!(woken, vec![1, 0, 0, 0, 0]);
         assert_eq!(s.snapshot().in_flight, 1);
         assert_eq!(s.snapshot().waiting.total(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fixed_mode_no_newcomer_passes_a_waiter() {
+        let s = shared(1, 100);
+        let p = admitted(s.enqueue(Priority::Normal));
+        let w = queued(s.enqueue(Priority::Normal));
+        assert!(p.is_some() && w.is_some());
+        // The slot goes to the waiter, not back to the free slots.
+        drop(p);
+        assert_eq!(s.snapshot().in_flight, 1);
+        let newcomer = s.enqueue(Priority::Interactive);
+        assert!(matches!(newcomer, Ticket::Queued(_)), "passed the queue");
+        // The waiter gives up its unused grant: it goes to the newcomer.
+        drop(w);
+        let Ticket::Queued(mut newcomer) = newcomer else {
+            panic!("not queued")
+        };
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let permit = match newcomer.poll_acquire(&mut Context::from_waker(&waker)) {
+            Poll::Ready(p) => p,
+            Poll::Pending => panic!("the grant was not passed on"),
+        };
+        drop(permit);
+        // Nobody waits: the slot is free again and taken without queueing.
+        let snap = s.snapshot();
+        assert_eq!((snap.in_flight, snap.waiting.total()), (0, 0));
+        assert!(admitted(s.enqueue(Priority::Normal)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fixed_mode_a_waiter_that_leaves_unblocks_the_fast_path() {
+        let s = shared(2, 100);
+        let a = admitted(s.enqueue(Priority::Normal));
+        let b = admitted(s.enqueue(Priority::Normal));
+        let w = queued(s.enqueue(Priority::Normal));
+        assert!(a.is_some() && b.is_some() && w.is_some());
+        drop(w);
+        drop(a);
+        // The waiter left before any release: the released slot is free.
+        assert_eq!(s.snapshot().in_flight, 1);
+        let c = admitted(s.enqueue(Priority::Normal));
+        assert!(c.is_some());
+        assert!(matches!(s.enqueue(Priority::Normal), Ticket::Queued(_)));
+        drop((b, c));
+    }
+
+    /// Threads racing through the fast path and the queue: never more in
+    /// flight than the limit, every request served, every slot back.
+    #[test]
+    fn fixed_mode_holds_its_limit_across_threads() {
+        const LIMIT: usize = 3;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let s = shared(LIMIT, usize::MAX);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let (s, in_flight, peak) =
+                        (Arc::clone(&s), Arc::clone(&in_flight), Arc::clone(&peak));
+                    tokio::spawn(async move {
+                        for _ in 0..2_000 {
+                            let permit = match s.enqueue(Priority::Normal) {
+                                Ticket::Admitted(p) => p,
+                                Ticket::Queued(mut w) => {
+                                    std::future::poll_fn(|cx| w.poll_acquire(cx)).await
+                                }
+                                Ticket::Shed { .. } => panic!("shed"),
+                            };
+                            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                            peak.fetch_max(now, Ordering::SeqCst);
+                            tokio::task::yield_now().await;
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                            drop(permit);
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.expect("task");
+            }
+        });
+        assert!(peak.load(Ordering::SeqCst) <= LIMIT);
+        let snap = s.snapshot();
+        assert_eq!((snap.in_flight, snap.waiting.total()), (0, 0));
+        assert_eq!(s.slots.free(), LIMIT);
     }
 
     #[tokio::test(start_paused = true)]

@@ -104,8 +104,12 @@ where
         crate::observe::record_span("lane", priority.as_str());
         match self.shared.enqueue(priority) {
             Ticket::Admitted(permit) => {
-                let marker = Dispatch::of(req.extensions());
-                let future = Dispatch::pass(marker.as_ref(), || self.inner.call(req));
+                let future = match Dispatch::of(req.extensions()) {
+                    // No budget outside: nothing to mark, no closure to move
+                    // the request through.
+                    None => self.inner.call(req),
+                    Some(marker) => Dispatch::pass(Some(&marker), || self.inner.call(req)),
+                };
                 ResponseFuture::called(future, permit)
             }
             Ticket::Queued(waiter) => {
