@@ -25,7 +25,7 @@
 //! The pool reads the request's body once (up to
 //! [`PoolBuilder::buffer_limit`], 32 MiB by default), estimates it once
 //! (with [`PoolBuilder::estimator`], by default an
-//! [`AnthropicEstimator`](crate::estimate::AnthropicEstimator)), and asks
+//! [`AnthropicEstimator`]), and asks
 //! each upstream in rotation how long until it could admit it: the longest
 //! of its retry cooldown and, for each of requests, input tokens and output
 //! tokens of the request's model class, the time its bucket needs to refill

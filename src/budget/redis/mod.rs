@@ -56,7 +56,7 @@
 //!   often fewer under load. The server's `remaining` reaches the shared
 //!   bucket when the body ends. [`RedisLedger::stats`] counts the calls.
 //! - **Semantics**: the same as
-//!   [`InMemoryLedger`](crate::budget::ledger::InMemoryLedger) (the same
+//!   [`InMemoryLedger`] (the same
 //!   decisions and waits, within a microsecond, for the same operations at
 //!   the same instants: a property test checks it), including learned
 //!   limits, the thousands rounding of the server's `remaining`, and a sync
