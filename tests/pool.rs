@@ -406,28 +406,32 @@ async fn a_waiting_request_moves_to_an_upstream_that_became_sooner() {
 
 #[tokio::test(start_paused = true)]
 async fn a_request_that_failed_over_on_a_529_moves_back_while_it_waits() {
-    // `b` admits 2 requests a minute and is used up; `a` has room but
-    // answers its third call with a 529. That request fails over to `b`,
-    // where it would wait about 30 s; a 529 is momentary, so it moves back
-    // to `a` (free now) at the first check, a second later.
+    // `b` and `c` admit 2 requests a minute and are used up; `a` has room
+    // but answers its third call with a 529. That request fails over to `b`,
+    // the soonest not yet tried, where it would wait about 30 s (as on `c`);
+    // a 529 is momentary, so it moves back to `a` (free now) at the first
+    // check, a second later, though `c` was never tried.
     let slow = Limits::new().rpm(2).itpm(100_000).otpm(100_000);
-    let (ea, eb) = (emulator(BIG), emulator(slow));
+    let (ea, eb, ec) = (emulator(BIG), emulator(slow), emulator(slow));
     let (t, calls) = transport(vec![
         ("a", Backend::OverloadedOnce(2, ea.clone())),
         ("b", Backend::Emu(eb.clone())),
+        ("c", Backend::Emu(ec.clone())),
     ]);
     let pool = Pool::builder()
         .upstream(upstream("a", BIG))
         .upstream(upstream("b", slow))
+        .upstream(upstream("c", slow))
         .build(t)
         .expect("pool");
-    // Equal waits and loads alternate: a, b, a, b.
-    for i in 0..4 {
+    // Equal waits and loads take turns: a, b, c, a, b, c.
+    for i in 0..6 {
         send(&pool, &plain(&format!("warm {i}")))
             .await
             .expect("answer");
     }
-    assert_eq!((admitted(&ea), admitted(&eb)), (2, 2));
+    let admitted_each = || (admitted(&ea), admitted(&eb), admitted(&ec));
+    assert_eq!(admitted_each(), (2, 2, 2));
     let start = Instant::now();
     let (status, up, _) = send(&pool, &plain("overloaded once"))
         .await
@@ -444,13 +448,17 @@ async fn a_request_that_failed_over_on_a_529_moves_back_while_it_waits() {
         .lock()
         .expect("calls")
         .iter()
-        .skip(4)
+        .skip(6)
         .filter(|c| c.uri.ends_with("/v1/messages"))
         .map(|c| c.host.clone())
         .collect();
     assert_eq!(hosts, ["a", "a"], "529 on a, unsent on b, answered by a");
-    assert_eq!((admitted(&ea), admitted(&eb)), (3, 2));
-    assert_eq!(support::rate_limited(&ea) + support::rate_limited(&eb), 0);
+    assert_eq!(admitted_each(), (3, 2, 2));
+    let limited: u64 = [&ea, &eb, &ec]
+        .iter()
+        .map(|e| support::rate_limited(e))
+        .sum();
+    assert_eq!(limited, 0);
 }
 
 #[tokio::test(start_paused = true)]
