@@ -58,6 +58,9 @@ enum Backend {
     Fail(io::ErrorKind),
     /// A 200 event stream whose body fails after its first event.
     StreamThenFail,
+    /// The emulator, except that this host's call number `n` (from 0) gets
+    /// a `529 overloaded_error`.
+    OverloadedOnce(usize, Emulator),
 }
 
 /// One request as a host received it.
@@ -106,8 +109,27 @@ fn transport(hosts: Vec<(&'static str, Backend)>) -> (Transport, Calls) {
                 authorization: parts.headers.contains_key("authorization"),
                 body: body.clone(),
             });
+            let nth = log
+                .lock()
+                .expect("log")
+                .iter()
+                .filter(|c| c.host == host)
+                .count()
+                - 1;
             let backend = hosts.get(host.as_str()).cloned();
             match backend {
+                Some(Backend::OverloadedOnce(n, _)) if n == nth => {
+                    let text = r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+                    let mut resp =
+                        Response::new(boxed(Full::new(Bytes::from_static(text.as_bytes()))));
+                    *resp.status_mut() = StatusCode::from_u16(529)?;
+                    Ok(resp)
+                }
+                Some(Backend::OverloadedOnce(_, e)) => {
+                    let req = Request::from_parts(parts, Full::new(body));
+                    let resp = e.service().oneshot(req).await?;
+                    Ok(resp.map(boxed))
+                }
                 Some(Backend::Emu(e)) => {
                     let req = Request::from_parts(parts, Full::new(body));
                     let resp = e.service().oneshot(req).await?;
@@ -380,6 +402,63 @@ async fn a_waiting_request_moves_to_an_upstream_that_became_sooner() {
     assert_eq!(pool.snapshot().moved, 1);
     assert_eq!((admitted(&ea), admitted(&eb)), (3, 3));
     assert_eq!(support::rate_limited(&ea) + support::rate_limited(&eb), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_failed_over_on_a_529_moves_back_while_it_waits() {
+    // `b` and `c` admit 2 requests a minute and are used up; `a` has room
+    // but answers its third call with a 529. That request fails over to `b`,
+    // the soonest not yet tried, where it would wait about 30 s (as on `c`);
+    // a 529 is momentary, so it moves back to `a` (free now) at the first
+    // check, a second later, though `c` was never tried.
+    let slow = Limits::new().rpm(2).itpm(100_000).otpm(100_000);
+    let (ea, eb, ec) = (emulator(BIG), emulator(slow), emulator(slow));
+    let (t, calls) = transport(vec![
+        ("a", Backend::OverloadedOnce(2, ea.clone())),
+        ("b", Backend::Emu(eb.clone())),
+        ("c", Backend::Emu(ec.clone())),
+    ]);
+    let pool = Pool::builder()
+        .upstream(upstream("a", BIG))
+        .upstream(upstream("b", slow))
+        .upstream(upstream("c", slow))
+        .build(t)
+        .expect("pool");
+    // Equal waits and loads take turns: a, b, c, a, b, c.
+    for i in 0..6 {
+        send(&pool, &plain(&format!("warm {i}")))
+            .await
+            .expect("answer");
+    }
+    let admitted_each = || (admitted(&ea), admitted(&eb), admitted(&ec));
+    assert_eq!(admitted_each(), (2, 2, 2));
+    let start = Instant::now();
+    let (status, up, _) = send(&pool, &plain("overloaded once"))
+        .await
+        .expect("answer");
+    assert_eq!((status, up.as_str()), (200, "a"));
+    assert!(
+        start.elapsed() <= Duration::from_secs(2),
+        "{:?}: it waited on b",
+        start.elapsed()
+    );
+    let snap = pool.snapshot();
+    assert_eq!((snap.failovers, snap.moved, snap.failed), (1, 1, 0));
+    let hosts: Vec<String> = calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .skip(6)
+        .filter(|c| c.uri.ends_with("/v1/messages"))
+        .map(|c| c.host.clone())
+        .collect();
+    assert_eq!(hosts, ["a", "a"], "529 on a, unsent on b, answered by a");
+    assert_eq!(admitted_each(), (3, 2, 2));
+    let limited: u64 = [&ea, &eb, &ec]
+        .iter()
+        .map(|e| support::rate_limited(e))
+        .sum();
+    assert_eq!(limited, 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -243,12 +243,34 @@ async fn run_one(
         charged.output_for_bound += c.output_for_bound;
         admitted.push(c.requests);
     }
-    let row = report::row(&name, &outcomes, attempts, charged, spec, None);
+    let mut row = report::row(&name, &outcomes, attempts, charged, spec, None);
+    // As the single-upstream bound does (`report::workload_minimum_seconds`):
+    // once the limits bind, the upstream whose own charges need the longest
+    // refill (at least the aggregate's, which is their weighted mean) admits
+    // its last request no sooner than that, and no answer is over before the
+    // quickest one the emulators give this workload.
+    if row.minimum_seconds > 0.0 {
+        row.quickest_answer_seconds = quickest_answer(args, used, items)?;
+        row.minimum_seconds += row.quickest_answer_seconds;
+    }
     Ok(Measured {
         row,
         admitted,
         received_529,
     })
+}
+
+/// The least time any of the first `n` upstreams' emulators (seeded `seed +
+/// i`) takes to answer any request of the workload, in seconds.
+fn quickest_answer(args: &Args, n: usize, items: &[Item]) -> Result<f64, String> {
+    let mut quickest = f64::INFINITY;
+    for i in 0..n {
+        let mut a = args.clone();
+        a.seed = args.seed.wrapping_add(i as u64);
+        let q = emu::quickest_answer(&a, items.iter().map(|i| &i.body[..]))?;
+        quickest = quickest.min(q.as_secs_f64());
+    }
+    Ok(if quickest.is_finite() { quickest } else { 0.0 })
 }
 
 /// The preset stack over each meter, requests dealt in turn.
@@ -379,6 +401,15 @@ fn json_row(m: &Measured) -> serde_json::Value {
         "received_529": m.received_529,
         "seconds": r.seconds,
         "minimum_seconds": r.minimum_seconds,
+        "quickest_answer_seconds": r.quickest_answer_seconds,
+        "last_sent_seconds": r.last_sent,
+        "bound_by": r.binding,
+        "charged": {
+            "requests": r.charged.requests,
+            "input_tokens": r.charged.input_tokens,
+            "output_tokens": r.charged.output_tokens,
+            "output_for_bound": r.charged.output_for_bound,
+        },
         "share_of_sum_of_limits": r.share_of_minimum(),
         "p50_ms": r.p50_ms,
         "p99_ms": r.p99_ms,
@@ -393,16 +424,15 @@ mod tests {
 
     /// The proof of `--upstreams 3`, kept true by CI (virtual time, tier
     /// limits, one upstream answering 529 on 10 % of its requests), over
-    /// five seeds (42 and 1 to 4), since one seed's 429s are a matter of
-    /// luck: the pool loses nothing, and over all five runs receives at most
-    /// 1 % 429s and reaches on average 0.88 of the sum of the three
+    /// five seeds (42 and 1 to 4): the bars. The pool loses nothing;
+    /// over all five runs it receives at most 0.5 % 429s (one 429 in a run
+    /// of 133 requests is already 0.75 %, so the bar is over the runs
+    /// together); on every seed it reaches 0.9 of the sum of the three
     /// upstreams' limits, more than round-robin; with a spend cap reached
     /// mid-run it still loses nothing, where round-robin does.
     ///
-    /// Measured when written (release build, `--spend-cap-at 0 --seed N`):
-    /// 3 429s in 653 requests (0.46 %) and 0.901 on average. The issue's
-    /// bars are 0.5 % and 0.9: the checks keep a margin because the
-    /// estimator's errors on the mixed workload move both figures by seed.
+    /// Measured when written (`--spend-cap-at 0 --seed N`): 1 429 in 653
+    /// requests (0.15 %), shares 0.941, 0.951, 0.951, 0.901 and 0.920.
     #[test]
     fn three_upstreams_meet_the_proof() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -410,7 +440,7 @@ mod tests {
             .start_paused(true)
             .build()
             .expect("runtime");
-        let (mut requests, mut received_429, mut pool_share, mut rr_share) = (0, 0, 0.0, 0.0);
+        let (mut requests, mut received_429) = (0, 0);
         let seeds = ["42", "1", "2", "3", "4"];
         for seed in seeds {
             let args =
@@ -430,8 +460,12 @@ mod tests {
             assert!(pool.received_529 > 0, "the faulty upstream answered 529s");
             requests += n;
             received_429 += pool.row.rate_limited;
-            pool_share += pool.row.share_of_minimum();
-            rr_share += rr.row.share_of_minimum();
+            let (share, rr_share) = (pool.row.share_of_minimum(), rr.row.share_of_minimum());
+            assert!(share >= 0.9, "seed {seed}: {share:.3} of the sum of limits");
+            assert!(
+                share > rr_share,
+                "seed {seed}: {share:.3} against {rr_share:.3}"
+            );
             if seed == "42" {
                 let alone = run(Setup::Alone, None);
                 assert!(alone.row.share_of_minimum() < 0.5);
@@ -441,15 +475,9 @@ mod tests {
                 assert!(rr_capped.row.failed > 0);
             }
         }
-        let runs = seeds.len() as f64;
         assert!(
-            received_429 as f64 <= 0.01 * requests as f64,
+            received_429 as f64 <= 0.005 * requests as f64,
             "{received_429} 429s in {requests} requests"
-        );
-        assert!(pool_share / runs >= 0.88, "{:.3}", pool_share / runs);
-        assert!(
-            pool_share > rr_share,
-            "{pool_share:.3} against {rr_share:.3}"
         );
     }
 }

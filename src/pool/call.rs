@@ -58,6 +58,15 @@ const MOVE_CHECK: Duration = Duration::from_secs(1);
 const MOVE_MARGIN: Duration = Duration::from_secs(5);
 /// The most times one request moves.
 const MAX_MOVES: usize = 3;
+/// Failover reasons that say nothing about the request or a lasting state
+/// of the upstream: a 529 (`overloaded_error`, momentary) or a 429 (its
+/// `retry-after` is in the upstream's cooldown, which its wait counts). A
+/// request that failed over for one of these is first sent elsewhere, but
+/// while it waits there it may move back to that upstream when it would
+/// admit it clearly sooner; otherwise a request that failed over late, and
+/// joined the back of another upstream's queue, could wait there while the
+/// upstream that answered 529 stands idle.
+const TRANSIENT: [&str; 2] = ["429", "529"];
 
 pub(crate) async fn serve<S, B, ResB>(
     shared: Arc<Shared>,
@@ -78,6 +87,9 @@ where
     let mut prepared = prepare(&shared, request).await?;
     let n = shared.upstreams.len();
     let mut tried = vec![false; n];
+    // The upstreams a waiting request may not move to: those tried, except
+    // the ones that only said "later" (see `TRANSIENT`).
+    let mut barred = vec![false; n];
     let mut last: Option<Result<Response<PoolBody>, BoxError>> = None;
     let (mut attempt, mut moves, mut moved_to) = (0, 0, None);
     while attempt < shared.max_attempts {
@@ -102,7 +114,7 @@ where
         let Some(service) = service else {
             break;
         };
-        let may_move = (moves < MAX_MOVES).then_some(tried.as_slice());
+        let may_move = (moves < MAX_MOVES).then_some(barred.as_slice());
         let outcome = attempt_on(&shared, i, service, &prepared, may_move).await;
         count_received(up, &outcome);
         let (reason, answer) = match outcome {
@@ -132,6 +144,7 @@ where
             }
         };
         tried[i] = true;
+        barred[i] = !TRANSIENT.contains(&reason);
         up.failovers.fetch_add(1, Ordering::Relaxed);
         if attempt < shared.max_attempts {
             shared.counters.failovers.fetch_add(1, Ordering::Relaxed);
@@ -332,7 +345,8 @@ fn all_drained(shared: &Shared, now: Instant) -> PoolError {
 /// prefix last went to (a prompt cache lives in one upstream), elsewhere
 /// they are charged as input.
 ///
-/// With `may_move` (the upstreams already tried), a request still waiting
+/// With `may_move` (the upstreams it may not move to: those tried, except
+/// the ones that answered only a [`TRANSIENT`] failure), a request still waiting
 /// for the budget of this upstream moves, unsent, to another that would
 /// admit it clearly sooner (see [`better_elsewhere`]).
 async fn attempt_on<S, ResB>(
@@ -407,7 +421,7 @@ where
     }
 }
 
-/// Another upstream, not yet tried, that would admit a request waiting on
+/// Another upstream, not barred (see [`TRANSIENT`]), that would admit a request waiting on
 /// upstream `i` more than [`MOVE_MARGIN`] sooner than its turn comes there
 /// (at most: what is pending there before it); more than the affinity
 /// threshold sooner if `i` holds its prompt cache.

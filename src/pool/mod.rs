@@ -42,7 +42,11 @@
 //! cache is there), it leaves the queue (giving back anything reserved for
 //! it) and goes there; at most 3 times per request. Estimates are off, and
 //! requests are cancelled: without this an upstream can sit idle at the end
-//! of a burst while another still has a queue.
+//! of a burst while another still has a queue. An upstream that answered the
+//! request only a 429 or a 529 counts as not tried here: the request fails
+//! over elsewhere first, but may move back to it while it waits (a 529 is
+//! momentary, and a 429's `retry-after` is in that upstream's cooldown,
+//! which its wait counts).
 //!
 //! # One estimate
 //!
