@@ -1050,72 +1050,52 @@ impl Shared {
         if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
             lock_key(&charge.cell).push_ratio(r.clamp(0.0, 1.0), &self.settings);
         }
-        if let Some(statuses) = held_sync {
-            self.settle_and_sync(charge, delta, statuses);
+        if held_sync.is_some() {
+            self.apply(charge, Some(delta), held_sync, true);
         } else if !delta.is_zero() {
-            self.settle(charge, delta, freed);
+            self.apply(charge, Some(delta), None, freed);
         }
         bump(&self.counters.settled);
     }
 
-    /// Settles `delta` on the request's key (in the budget's own buckets
-    /// under the key's lock, else through the ledger); then gives the key's
-    /// head its turn if `wake_head`.
-    fn settle(self: &Arc<Self>, charge: &Charge, delta: CostDelta, wake_head: bool) {
+    /// Applies a response's statuses (if any) and then `delta` (if any) to
+    /// the request's key: in the budget's own buckets under the key's lock,
+    /// else in one ledger operation (`sync_all`, `settle` or
+    /// `settle_and_sync`); then gives the key's head its turn if
+    /// `wake_head`.
+    fn apply(
+        self: &Arc<Self>,
+        charge: &Charge,
+        delta: Option<CostDelta>,
+        statuses: Option<[LimitStatus; 3]>,
+        wake_head: bool,
+    ) {
         if !self.own {
-            let op = self.ledger.settle(charge.key(), &charge.limits, delta);
+            let (key, limits) = (charge.key(), &charge.limits);
+            let op = match (delta, statuses) {
+                (Some(delta), Some(statuses)) => {
+                    self.ledger.settle_and_sync(key, limits, delta, statuses)
+                }
+                (Some(delta), None) => self.ledger.settle(key, limits, delta),
+                (None, Some(statuses)) => self.ledger.sync_all(key, limits, statuses),
+                (None, None) => return,
+            };
             return self.run(charge, op, wake_head);
         }
         let mut ks = lock_key(&charge.cell);
-        ks.buckets
-            .settle(&charge.limits, delta, Instant::now(), self.epoch);
+        let now = Instant::now();
+        if let Some(statuses) = statuses {
+            ks.buckets
+                .sync_all(&charge.limits, statuses, now, self.epoch);
+        }
+        if let Some(delta) = delta {
+            ks.buckets.settle(&charge.limits, delta, now, self.epoch);
+        }
         let next = if wake_head {
             ks.notify_head(&self.counters)
         } else {
             None
         };
-        drop(ks);
-        wake(next);
-    }
-
-    /// Syncs the request's key to a response's statuses held for its
-    /// settlement, then settles `delta`, in one ledger operation (the
-    /// budget's own buckets: both under the key's lock); then gives the
-    /// key's head its turn.
-    fn settle_and_sync(
-        self: &Arc<Self>,
-        charge: &Charge,
-        delta: CostDelta,
-        statuses: [LimitStatus; 3],
-    ) {
-        if !self.own {
-            let op = self
-                .ledger
-                .settle_and_sync(charge.key(), &charge.limits, delta, statuses);
-            return self.run(charge, op, true);
-        }
-        let mut ks = lock_key(&charge.cell);
-        let now = Instant::now();
-        ks.buckets
-            .sync_all(&charge.limits, statuses, now, self.epoch);
-        ks.buckets.settle(&charge.limits, delta, now, self.epoch);
-        let next = ks.notify_head(&self.counters);
-        drop(ks);
-        wake(next);
-    }
-
-    /// Syncs the request's key to a response's statuses (the budget's own
-    /// buckets under the key's lock, else all three dimensions in one ledger
-    /// operation); then gives the key's head its turn.
-    fn sync_buckets(self: &Arc<Self>, charge: &Charge, statuses: [LimitStatus; 3]) {
-        if !self.own {
-            let op = self.ledger.sync_all(charge.key(), &charge.limits, statuses);
-            return self.run(charge, op, true);
-        }
-        let mut ks = lock_key(&charge.cell);
-        ks.buckets
-            .sync_all(&charge.limits, statuses, Instant::now(), self.epoch);
-        let next = ks.notify_head(&self.counters);
         drop(ks);
         wake(next);
     }
@@ -1186,7 +1166,7 @@ impl Shared {
             if hold && !self.own && self.ledger.sync_with_settlement() {
                 held = Some(statuses);
             } else {
-                self.sync_buckets(charge, statuses);
+                self.apply(charge, None, Some(statuses), true);
             }
         }
         self.end_probe(charge, Probe::Off);
