@@ -175,6 +175,31 @@ impl Drop for Admission {
     }
 }
 
+/// Reads a request's body within the configured size and time, or the
+/// 413 that a body too large gets (answered by the edge, Cloudflare, before
+/// the API: no request id); `Err` if the body failed or timed out.
+async fn read_or_refuse<B>(
+    shared: &Shared,
+    body: B,
+) -> Result<Result<Bytes, Response<EmulatorBody>>, BoxError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let limit = shared.config.body_limit;
+    match read_body(body, limit, shared.config.body_read_timeout).await {
+        Ok(bytes) => Ok(Ok(bytes)),
+        Err(ReadError::TooLarge) => Ok(Err(invalid(
+            shared,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::RequestTooLarge,
+            "Request exceeds the maximum allowed number of bytes.",
+            None,
+        ))),
+        Err(ReadError::Failed(e)) => Err(e),
+    }
+}
+
 enum ReadError {
     TooLarge,
     Failed(BoxError),
@@ -275,24 +300,9 @@ where
     let (parts, body) = request.into_parts();
 
     if let Some(rest) = batch_path(parts.uri.path()) {
-        let bytes = match read_body(
-            body,
-            shared.config.body_limit,
-            shared.config.body_read_timeout,
-        )
-        .await
-        {
-            Ok(b) => b,
-            Err(ReadError::TooLarge) => {
-                return Ok(invalid(
-                    &shared,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    ErrorKind::RequestTooLarge,
-                    "Request exceeds the maximum allowed number of bytes.",
-                    None,
-                ));
-            }
-            Err(ReadError::Failed(e)) => return Err(e),
+        let bytes = match read_or_refuse(&shared, body).await? {
+            Ok(bytes) => bytes,
+            Err(too_large) => return Ok(too_large),
         };
         let method = &parts.method;
         return Ok(batch::answer(
@@ -310,25 +320,9 @@ where
             return Ok(invalid(&shared, status, kind, message, Some(&request_id)));
         }
     };
-    let bytes = match read_body(
-        body,
-        shared.config.body_limit,
-        shared.config.body_read_timeout,
-    )
-    .await
-    {
-        Ok(b) => b,
-        // Answered by the edge (Cloudflare) before the API: no request id.
-        Err(ReadError::TooLarge) => {
-            return Ok(invalid(
-                &shared,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorKind::RequestTooLarge,
-                "Request exceeds the maximum allowed number of bytes.",
-                None,
-            ));
-        }
-        Err(ReadError::Failed(e)) => return Err(e),
+    let bytes = match read_or_refuse(&shared, body).await? {
+        Ok(bytes) => bytes,
+        Err(too_large) => return Ok(too_large),
     };
     let parsed = match parse_request(&bytes, endpoint, &shared.config.token_counter)
         .and_then(|p| validate(&shared, &p).map(|()| p))
