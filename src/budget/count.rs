@@ -336,7 +336,11 @@ pub(crate) fn apply(charge: &mut Charge, counted: u64) {
     let read = if charge.cache_reads_count {
         0
     } else {
-        read_in_counted_units(&charge.estimate, charge.prefix_read, counted)
+        read_in_counted_units(
+            &charge.estimate,
+            (charge.prefix_read, charge.prefix_served),
+            counted,
+        )
     };
     let input = counted.saturating_sub(read);
     tracing::debug!(
@@ -349,10 +353,26 @@ pub(crate) fn apply(charge: &mut Charge, counted: u64) {
 }
 
 /// The cache read expected for a request (the longer of the estimate's and
-/// the prefix charged as read by cache-aware admission), converted from the
-/// estimator's units to the count's: `read * counted / estimated whole
-/// prompt`, rounded down, at most `counted`.
-fn read_in_counted_units(estimate: &Estimate, prefix_read: u64, counted: u64) -> u64 {
+/// the prefix charged as read by cache-aware admission, each as estimated
+/// and, when a response said, as the server counted it), in the count's
+/// units, at most `counted`: the server's size when known, else the
+/// estimate converted at `read * counted / estimated whole prompt`,
+/// rounded down.
+fn read_in_counted_units(
+    estimate: &Estimate,
+    (prefix_read, prefix_served): (u64, Option<u64>),
+    counted: u64,
+) -> u64 {
+    let served = if prefix_read > estimate.cache_read_tokens {
+        prefix_served
+    } else if estimate.cache_read_tokens > 0 {
+        estimate.cache_read_served
+    } else {
+        None
+    };
+    if let Some(served) = served {
+        return served.min(counted);
+    }
     let read = estimate.cache_read_tokens.max(prefix_read);
     let whole = estimate
         .raw_input_tokens
@@ -712,17 +732,58 @@ mod tests {
             cache_read_tokens: 6_000,
             ..Estimate::default()
         };
-        assert_eq!(read_in_counted_units(&estimate, 0, 7_000), 4_200);
+        assert_eq!(read_in_counted_units(&estimate, (0, None), 7_000), 4_200);
         // A longer prefix charged as read by cache-aware admission decides.
-        assert_eq!(read_in_counted_units(&estimate, 8_000, 7_000), 5_600);
+        assert_eq!(
+            read_in_counted_units(&estimate, (8_000, None), 7_000),
+            5_600
+        );
         // Never more than the count, nothing to read without an estimate.
         let odd = Estimate {
             raw_input_tokens: 0,
             cache_read_tokens: 0,
             ..Estimate::default()
         };
-        assert_eq!(read_in_counted_units(&odd, 500, 300), 300);
-        assert_eq!(read_in_counted_units(&Estimate::default(), 0, 300), 0);
+        assert_eq!(read_in_counted_units(&odd, (500, None), 300), 300);
+        assert_eq!(
+            read_in_counted_units(&Estimate::default(), (0, None), 300),
+            0
+        );
+    }
+
+    #[test]
+    fn the_servers_size_of_the_prefix_beats_a_conversion() {
+        // The estimate put 89 % of the prompt in the prefix; the server's
+        // answer to the writer said the prefix is 3,114 of its tokens. The
+        // count is 4,851: 1,737 are charged, not 517.
+        let estimate = Estimate {
+            raw_input_tokens: 600,
+            cache_read_tokens: 0,
+            ..Estimate::default()
+        };
+        assert_eq!(
+            read_in_counted_units(&estimate, (5_000, Some(3_114)), 4_851),
+            3_114
+        );
+        // A prefix the estimator believes warm, sized by an earlier answer.
+        let warm = Estimate {
+            raw_input_tokens: 600,
+            cache_read_tokens: 5_000,
+            cache_read_served: Some(3_114),
+            ..Estimate::default()
+        };
+        assert_eq!(read_in_counted_units(&warm, (0, None), 4_851), 3_114);
+        // The longer of the two decides, with its own size.
+        assert_eq!(
+            read_in_counted_units(&warm, (6_000, Some(4_000)), 4_851),
+            4_000
+        );
+        assert_eq!(
+            read_in_counted_units(&warm, (6_000, None), 4_851),
+            6_000 * 4_851 / 6_000
+        );
+        // Never more than the count.
+        assert_eq!(read_in_counted_units(&warm, (0, None), 3_000), 3_000);
     }
 
     #[tokio::test(start_paused = true)]

@@ -435,8 +435,8 @@ fn poll_prefix(
         // arrives after the writer's head is left to the estimator, which
         // counts a prefix as a read once a response confirmed the write (a
         // head alone does not say the server cached it).
-        PrefixState::Readable(tokens) if holding => {
-            prefix::read_prefix(charge, tokens);
+        PrefixState::Readable(read) if holding => {
+            prefix::read_prefix(charge, read);
             *state = PrefixWait::Done;
         }
         PrefixState::Readable(_) => *state = PrefixWait::Done,
@@ -686,16 +686,7 @@ fn respond<ResB: Body>(
 ) -> Response<ResponseBody<ResB>> {
     let status = response.status();
     let sse = is_event_stream(response.headers()).unwrap_or(charge.estimate.stream);
-    if status.is_success() {
-        // A whole JSON answer has begun: its cache writes are readable from
-        // now on. A stream's are once its first output arrives (the
-        // response body's tracker sees it).
-        if !sse {
-            if let Some(writing) = charge.writing.as_mut() {
-                writing.begin();
-            }
-        }
-    } else {
+    if !status.is_success() {
         // Nothing written: requests waiting for it go, charged in full.
         charge.writing = None;
     }

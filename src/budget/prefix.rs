@@ -9,12 +9,25 @@
 //! requests in flight that write it:
 //!
 //! - **sent**: admitted, its answer not yet begun;
-//! - **begun**: its answer has begun (the prefix is readable): a JSON
-//!   answer's success head arrived, or a stream's first output (a
-//!   `content_block_delta` event; a stream's head and `message_start` can
-//!   come before the answer begins), and its body has not been settled
-//!   yet (after that the estimator knows the prefix is warm and charges it
-//!   as a read itself).
+//! - **begun**: its answer has begun (the prefix is readable): a stream's
+//!   first output arrived (a `content_block_delta` event; a stream's head
+//!   and `message_start` can come before the answer begins), or a JSON
+//!   answer's body was read to its end (the server sends a JSON answer
+//!   once it is whole, so its body follows its head at once, with the
+//!   usage), and the body has not been settled yet (after that the
+//!   estimator knows the prefix is warm and charges it as a read itself).
+//!
+//! # The prefix's size
+//!
+//! The writer's usage (`message_start`'s for a stream, the body's for a
+//! JSON answer) says how many of the server's tokens the prefix holds:
+//! `cache_creation_input_tokens + cache_read_input_tokens` is the prompt up
+//! to the writer's last breakpoint. A waiter is told it with the prefix, and
+//! a waiter charged its `count_tokens` answer subtracts that size, not the
+//! estimate converted at the request's own ratio (a prefix estimated at
+//! 89 % of a prompt that held 64 % left a request charged 517 tokens for
+//! 1,737 uncached, and the server answered 429). A shorter prefix of the
+//! same writer is sized in proportion to its estimate.
 //!
 //! # The rule
 //!
@@ -57,6 +70,9 @@ pub(crate) struct Writers {
 struct Writing {
     sent: u32,
     begun: u32,
+    /// The prefix's size as the server counted it, told by the first writer
+    /// whose answer began with its usage (0: not known).
+    served: u64,
     waiters: Vec<Waiter>,
 }
 
@@ -70,9 +86,47 @@ struct Waiter {
     tokens: u64,
 }
 
-/// Where a writer's response head tells a waiter the tokens it may read (0:
-/// not yet, or never).
-pub(crate) type Slot = Arc<AtomicU64>;
+/// Where a writer's answer tells a waiter the prefix it may read.
+pub(crate) type Slot = Arc<Told>;
+
+/// What a waiter is told when the write begins: the prefix's tokens as
+/// estimated (0: not yet, or never) and as the server counted them (0: not
+/// known).
+#[derive(Debug, Default)]
+pub(crate) struct Told {
+    tokens: AtomicU64,
+    served: AtomicU64,
+}
+
+impl Told {
+    fn tell(&self, tokens: u64, served: u64) {
+        // `served` first: a reader that sees `tokens` sees it too.
+        self.served.store(served, Ordering::Relaxed);
+        self.tokens.store(tokens, Ordering::Release);
+    }
+
+    fn read(&self) -> Option<Readable> {
+        let tokens = self.tokens.load(Ordering::Acquire);
+        (tokens > 0).then(|| Readable {
+            tokens,
+            served: nonzero(self.served.load(Ordering::Relaxed)),
+        })
+    }
+}
+
+fn nonzero(n: u64) -> Option<u64> {
+    (n > 0).then_some(n)
+}
+
+/// A prefix that a request may read from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Readable {
+    /// Its tokens as estimated (before calibration).
+    pub(crate) tokens: u64,
+    /// Its tokens as the server counted them, when the writer's answer said
+    /// (`cache_creation_input_tokens + cache_read_input_tokens`).
+    pub(crate) served: Option<u64>,
+}
 
 impl Writing {
     fn idle(&self) -> bool {
@@ -88,8 +142,8 @@ pub(crate) enum PrefixState {
     /// A writer was sent and its response has not begun (the waker was
     /// registered).
     Writing,
-    /// A writer's response began: a prefix of this many tokens is readable.
-    Readable(u64),
+    /// A writer's response began: this prefix is readable.
+    Readable(Readable),
 }
 
 /// Where a request stands with cache-aware admission (lives in its
@@ -125,7 +179,7 @@ impl Writers {
         }
         Some(WriteGuard {
             writers: Arc::clone(self),
-            hashes: writes.iter().map(|w| w.hash).collect(),
+            writes: writes.to_vec(),
             begun: false,
         })
     }
@@ -138,8 +192,7 @@ impl Writers {
         cx: &Context<'_>,
         slot: &Slot,
     ) -> PrefixState {
-        let told = slot.load(Ordering::Acquire);
-        if told > 0 {
+        if let Some(told) = slot.read() {
             return PrefixState::Readable(told);
         }
         let mut map = self.lock();
@@ -148,7 +201,10 @@ impl Writers {
                 continue;
             };
             if e.begun > 0 {
-                return PrefixState::Readable(p.tokens);
+                return PrefixState::Readable(Readable {
+                    tokens: p.tokens,
+                    served: nonzero(e.served),
+                });
             }
             if e.sent > 0 {
                 match e.waiters.iter_mut().find(|w| Arc::ptr_eq(&w.slot, slot)) {
@@ -177,26 +233,37 @@ impl Writers {
 #[derive(Debug)]
 pub(crate) struct WriteGuard {
     writers: Arc<Writers>,
-    hashes: Vec<u64>,
+    writes: Vec<CachePrefix>,
     begun: bool,
 }
 
 impl WriteGuard {
-    /// The writer's response head arrived with a success: its prefixes are
+    /// The writer's answer has begun with a success: its prefixes are
     /// readable; the waiters are woken.
-    pub(crate) fn begin(&mut self) {
+    ///
+    /// `served` is what the answer's usage says the server cached or read
+    /// (`cache_creation_input_tokens + cache_read_input_tokens`), when
+    /// known: the size, in the server's tokens, of the writer's longest
+    /// prefix (the server caches up to the last breakpoint). A shorter
+    /// prefix of the same request is sized in proportion to its estimate
+    /// (see [`served_share`]).
+    pub(crate) fn begin(&mut self, served: Option<u64>) {
         if std::mem::replace(&mut self.begun, true) {
             return;
         }
+        let longest = self.writes.iter().map(|w| w.tokens).max().unwrap_or(0);
         let mut wake = Vec::new();
         let mut map = self.writers.lock();
-        for h in &self.hashes {
-            if let Some(e) = map.get_mut(h) {
+        for w in &self.writes {
+            if let Some(e) = map.get_mut(&w.hash) {
                 e.sent = e.sent.saturating_sub(1);
                 e.begun = e.begun.saturating_add(1);
-                for w in e.waiters.drain(..) {
-                    w.slot.store(w.tokens, Ordering::Release);
-                    wake.push(w.waker);
+                if let Some(served) = served.filter(|s| *s > 0) {
+                    e.served = served_share(served, w.tokens, longest);
+                }
+                for waiter in e.waiters.drain(..) {
+                    waiter.slot.tell(waiter.tokens, e.served);
+                    wake.push(waiter.waker);
                 }
             }
         }
@@ -205,11 +272,23 @@ impl WriteGuard {
     }
 }
 
+/// The server's size of a prefix of `tokens` (as estimated), from the
+/// server's size of the writer's longest prefix (`longest` as estimated):
+/// in proportion, rounded down, at most `served`.
+fn served_share(served: u64, tokens: u64, longest: u64) -> u64 {
+    if tokens >= longest || longest == 0 {
+        return served;
+    }
+    let share = u128::from(served) * u128::from(tokens) / u128::from(longest);
+    u64::try_from(share).unwrap_or(served).min(served)
+}
+
 impl Drop for WriteGuard {
     fn drop(&mut self) {
         let mut wake = Vec::new();
         let mut map = self.writers.lock();
-        for h in &self.hashes {
+        for w in &self.writes {
+            let h = &w.hash;
             let Some(e) = map.get_mut(h) else {
                 continue;
             };
@@ -237,11 +316,17 @@ pub(crate) fn applies(charge: &Charge) -> bool {
     !charge.cache_reads_count && !charge.estimate.cache_pending.is_empty()
 }
 
-/// Charges a request as reading a prefix of `tokens` (as estimated, before
+/// Charges a request as reading a prefix (`tokens` as estimated, before
 /// calibration) from the cache: its input reservation shrinks by the part of
-/// the prefix it was charged for, at its calibration.
-pub(crate) fn read_prefix(charge: &mut Charge, tokens: u64) {
-    charge.prefix_read = charge.prefix_read.max(tokens);
+/// the prefix it was charged for, at its calibration; a counted request's,
+/// by the prefix's size as the server counted it when its writer's answer
+/// said (see `count.rs`).
+pub(crate) fn read_prefix(charge: &mut Charge, read: Readable) {
+    let tokens = read.tokens;
+    if tokens >= charge.prefix_read {
+        charge.prefix_read = tokens;
+        charge.prefix_served = read.served;
+    }
     if let Some(counted) = charge.counted {
         super::count::apply(charge, counted);
         return;
@@ -272,6 +357,57 @@ mod tests {
         CachePrefix { hash, tokens }
     }
 
+    fn readable(tokens: u64, served: Option<u64>) -> PrefixState {
+        PrefixState::Readable(Readable { tokens, served })
+    }
+
+    #[test]
+    fn the_writers_usage_sizes_its_prefixes_in_the_servers_tokens() {
+        let writers = Arc::new(Writers::default());
+        let cx = Context::from_waker(Waker::noop());
+        // The writer writes two breakpoints, estimated 2,000 and 8,000
+        // tokens; its answer says the server cached or read 6,000.
+        let mut guard = writers
+            .start(&[prefix(1, 2_000), prefix(2, 8_000)])
+            .expect("two writes");
+        let (long, short) = (Slot::default(), Slot::default());
+        assert_eq!(
+            writers.poll(&[prefix(2, 8_000)], &cx, &long),
+            PrefixState::Writing
+        );
+        assert_eq!(
+            writers.poll(&[prefix(1, 2_000)], &cx, &short),
+            PrefixState::Writing
+        );
+        guard.begin(Some(6_000));
+        // The held requests are told: the longest exactly, the shorter in
+        // proportion.
+        assert_eq!(
+            writers.poll(&[prefix(2, 8_000)], &cx, &long),
+            readable(8_000, Some(6_000))
+        );
+        assert_eq!(
+            writers.poll(&[prefix(1, 2_000)], &cx, &short),
+            readable(2_000, Some(1_500))
+        );
+        // A request that looks after the write began is told the same.
+        assert_eq!(
+            writers.poll(&[prefix(2, 8_000)], &cx, &Slot::default()),
+            readable(8_000, Some(6_000))
+        );
+        drop(guard);
+        assert_eq!(writers.len(), 0);
+    }
+
+    #[test]
+    fn a_share_never_exceeds_the_served_size() {
+        assert_eq!(served_share(6_000, 8_000, 8_000), 6_000);
+        assert_eq!(served_share(6_000, 9_000, 8_000), 6_000);
+        assert_eq!(served_share(6_000, 1, 8_000), 0);
+        assert_eq!(served_share(6_000, 4_000, 0), 6_000);
+        assert_eq!(served_share(u64::MAX, u64::MAX - 1, u64::MAX), u64::MAX - 1);
+    }
+
     #[test]
     fn a_write_is_readable_once_begun_and_forgotten_once_done() {
         let writers = Arc::new(Writers::default());
@@ -282,19 +418,13 @@ mod tests {
         let mut guard = writers.start(&pending).expect("one write");
         let held = Slot::default();
         assert_eq!(writers.poll(&pending, &cx, &held), PrefixState::Writing);
-        guard.begin();
-        assert_eq!(
-            writers.poll(&pending, &cx, &later),
-            PrefixState::Readable(5_000)
-        );
+        guard.begin(None);
+        assert_eq!(writers.poll(&pending, &cx, &later), readable(5_000, None));
         drop(guard);
         // A request that held for the write reads it even after the writer
         // finished; one that arrives later finds nothing in flight (the
         // estimator knows the prefix is warm by then).
-        assert_eq!(
-            writers.poll(&pending, &cx, &held),
-            PrefixState::Readable(5_000)
-        );
+        assert_eq!(writers.poll(&pending, &cx, &held), readable(5_000, None));
         assert_eq!(
             writers.poll(&pending, &cx, &Slot::default()),
             PrefixState::Unwritten
@@ -308,16 +438,13 @@ mod tests {
         let cx = Context::from_waker(Waker::noop());
         let short = writers.start(&[prefix(2, 2_000)]).expect("one write");
         let mut short = short;
-        short.begin();
+        short.begin(None);
         let long = writers.start(&[prefix(1, 6_000)]).expect("one write");
         let pending = [prefix(1, 6_000), prefix(2, 2_000)];
         let slot = Slot::default();
         assert_eq!(writers.poll(&pending, &cx, &slot), PrefixState::Writing);
         drop(long);
-        assert_eq!(
-            writers.poll(&pending, &cx, &slot),
-            PrefixState::Readable(2_000)
-        );
+        assert_eq!(writers.poll(&pending, &cx, &slot), readable(2_000, None));
         drop(short);
         assert_eq!(writers.len(), 0);
     }

@@ -323,6 +323,9 @@ pub(crate) struct Charge {
     pub(crate) writing: Option<WriteGuard>,
     /// The prefix tokens charged as a read by cache-aware admission.
     pub(crate) prefix_read: u64,
+    /// That prefix's size as the server counted it, when its writer's
+    /// answer said.
+    pub(crate) prefix_served: Option<u64>,
     /// The `count_tokens` answer charged, if any (`count.rs`).
     pub(crate) counted: Option<u64>,
 }
@@ -693,6 +696,7 @@ impl Shared {
             probe: false,
             writing: None,
             prefix_read: 0,
+            prefix_served: None,
             counted: None,
         })
     }

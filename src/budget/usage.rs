@@ -282,19 +282,23 @@ impl Tracker {
             Scanner::Sse(s) => {
                 s.push(data);
                 if output_began(data) {
-                    self.begin_writes();
+                    let served = s.started().then(|| cached_prefix(&s.usage()));
+                    self.begin_writes(served);
                 }
             }
             Scanner::Json(j) => j.push(data),
         }
     }
 
-    /// The answer has begun (its first output arrived, or it completed): the
-    /// prompt-cache prefixes it writes are readable from now on, and the
-    /// requests holding for them go (see `prefix.rs`).
-    fn begin_writes(&mut self) {
+    /// The answer has begun (a stream's first output arrived, or the
+    /// answer completed): the prompt-cache prefixes it writes are readable
+    /// from now on, and the requests holding for them go (see `prefix.rs`),
+    /// told the prefix's size as the server counted it when the usage said
+    /// (`message_start` for a stream; a JSON answer's usage comes with the
+    /// whole answer, so its writes begin when its body ends).
+    fn begin_writes(&mut self, served: Option<u64>) {
         if let Some(writing) = self.charge.writing.as_mut() {
-            writing.begin();
+            writing.begin(served);
         }
     }
 
@@ -309,10 +313,11 @@ impl Tracker {
             return;
         }
         let outcome = self.outcome(end);
-        if matches!(outcome, Outcome::Complete(_)) {
-            // A stream that completed wrote its prefixes, even if no delta
-            // was seen (an empty answer, or a delta split across frames).
-            self.begin_writes();
+        if let Outcome::Complete(usage) = &outcome {
+            // An answer that completed wrote its prefixes (a stream's even if
+            // no delta was seen: an empty answer, or a delta split across
+            // frames).
+            self.begin_writes(Some(cached_prefix(usage)));
         }
         let reserved = self.charge.costs;
         let (delta, ratio, observed) = self.settlement(outcome);
@@ -431,6 +436,16 @@ impl Tracker {
         };
         (CostDelta::between(reserved, actual), ratio, observed)
     }
+}
+
+/// What an answer's usage says of its prompt-cache prefix: the server read
+/// the longest cached prefix and wrote the rest up to the last breakpoint,
+/// so their sum is the size of the prefix up to that breakpoint, in the
+/// server's tokens (0 when nothing was cached).
+fn cached_prefix(usage: &Usage) -> u64 {
+    usage
+        .cache_creation_input_tokens
+        .saturating_add(usage.cache_read_input_tokens)
 }
 
 /// Whether a chunk of an event stream carries the answer's first output: a

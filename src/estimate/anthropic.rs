@@ -1273,6 +1273,7 @@ impl AnthropicEstimator {
             input_tokens: input,
             raw_input_tokens: raw,
             cache_read_tokens: cache_read,
+            cache_read_served: cache.served,
             max_tokens: w.max_tokens,
             stream: w.stream,
             fallback: false,
@@ -1342,9 +1343,11 @@ impl AnthropicEstimator {
             }
         }
         let mut cache_read = 0;
+        let mut served = None;
         if let Some((key, p)) = best {
             cache.touch(key, now);
             cache_read = (p.floor() as u64).min(total);
+            served = cache.served(key);
             tracing::trace!(cache_read, "prompt cache prefix believed warm");
         }
         // Sent by an earlier request, not yet confirmed: checked before this
@@ -1385,6 +1388,7 @@ impl AnthropicEstimator {
         }
         CacheUse {
             read: cache_read,
+            served,
             writes,
             pending,
         }
@@ -1396,6 +1400,8 @@ impl AnthropicEstimator {
 struct CacheUse {
     /// The tokens of the longest prefix believed warm.
     read: u64,
+    /// Its size as the server counted it, if a response said.
+    served: Option<u64>,
     /// The prefixes its breakpoints write.
     writes: Vec<CachePrefix>,
     /// Longer prefixes whose write may be in flight, longest first.

@@ -30,6 +30,9 @@ struct Entry {
     last_seen: Instant,
     ttl: Duration,
     confirmed: bool,
+    /// The prefix's size as the server counted it, when a response said (0:
+    /// not known).
+    served: u64,
 }
 
 impl Entry {
@@ -95,6 +98,12 @@ impl PromptCache {
             .is_some_and(|e| !e.confirmed && e.alive(now))
     }
 
+    /// The size of a warm prefix as the server counted it, if a response
+    /// said.
+    pub(crate) fn served(&self, key: u64) -> Option<u64> {
+        self.entries.get(&key).map(|e| e.served).filter(|s| *s > 0)
+    }
+
     /// A read refreshes the server's lifetime of the entry.
     pub(crate) fn touch(&mut self, key: u64, now: Instant) {
         if let Some(e) = self.entries.get_mut(&key) {
@@ -119,6 +128,7 @@ impl PromptCache {
                 last_seen: now,
                 ttl,
                 confirmed: false,
+                served: 0,
             },
         );
     }
@@ -170,6 +180,13 @@ impl PromptCache {
     }
 
     /// Applies what the server said about a request's cache use.
+    ///
+    /// The server caches a request's prompt up to its last breakpoint and
+    /// reads the longest cached prefix of it, so `cache_read +
+    /// cache_creation` is the size, in its tokens, of the longest prefix
+    /// this request wrote (`written` is in the request's order, the last
+    /// the longest); a request that wrote nothing read exactly the prefix
+    /// it was charged as reading.
     pub(crate) fn settle(
         &mut self,
         p: &Pending,
@@ -193,11 +210,22 @@ impl PromptCache {
             }
             return;
         }
+        let longest = p.written.last().map(|&(k, _)| k);
+        if longest.is_none() && cache_creation == 0 {
+            if let Some(e) = p.read.and_then(|k| self.entries.get_mut(&k)) {
+                e.served = cache_read;
+            }
+        }
+        let served = cache_read.saturating_add(cache_creation);
         // The breakpoints of this request are in the cache now.
         for &(k, ttl) in &p.written {
+            let size = if Some(k) == longest { served } else { 0 };
             match self.entries.get_mut(&k) {
                 Some(e) => {
                     e.confirmed = true;
+                    if size > 0 {
+                        e.served = size;
+                    }
                     if e.last_seen < p.at {
                         e.last_seen = p.at;
                     }
@@ -210,6 +238,7 @@ impl PromptCache {
                             last_seen: p.at,
                             ttl,
                             confirmed: true,
+                            served: size,
                         },
                     );
                 }
@@ -239,6 +268,40 @@ mod tests {
         c.settle(&p, 0, 100, now);
         assert!(c.is_warm(1, now));
         assert!(!c.is_warm(1, now + TTL_5M));
+    }
+
+    #[test]
+    fn the_longest_write_is_sized_by_the_servers_usage() {
+        let now = Instant::now();
+        let mut c = PromptCache::new(8);
+        c.sent(1, TTL_5M, now);
+        c.sent(2, TTL_5M, now);
+        let writer = Pending {
+            model: 0,
+            raw_input_tokens: 9_000,
+            cache_read_tokens: 0,
+            read: None,
+            written: vec![(1, TTL_5M), (2, TTL_5M)],
+            at: now,
+        };
+        // It read 2,500 tokens cached earlier and wrote 4,000 more: the
+        // prefix up to its last breakpoint is 6,500 tokens; the shorter
+        // one's size is not known.
+        c.settle(&writer, 2_500, 4_000, now);
+        assert_eq!(c.served(2), Some(6_500));
+        assert_eq!(c.served(1), None);
+        // A request that wrote nothing and read prefix 1 sizes it exactly.
+        let reader = Pending {
+            model: 0,
+            raw_input_tokens: 300,
+            cache_read_tokens: 2_000,
+            read: Some(1),
+            written: vec![],
+            at: now,
+        };
+        c.settle(&reader, 2_450, 0, now);
+        assert_eq!(c.served(1), Some(2_450));
+        assert_eq!(c.served(2), Some(6_500));
     }
 
     #[test]

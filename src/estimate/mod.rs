@@ -85,6 +85,13 @@ pub struct Estimate {
     /// Input tokens expected to be read from the prompt cache (not charged to
     /// ITPM for most models).
     pub cache_read_tokens: u64,
+    /// The prefix counted in `cache_read_tokens` as the server counted it,
+    /// when an earlier response reported it (its
+    /// `cache_creation_input_tokens + cache_read_input_tokens`, for the
+    /// request whose last breakpoint ended the prefix): a budget that
+    /// subtracts the read from an exact count subtracts this, in the
+    /// server's tokens, rather than converting the estimate.
+    pub cache_read_served: Option<u64>,
     /// The request's `max_tokens`, if it could be read.
     pub max_tokens: Option<u64>,
     /// Whether the request asked for a streamed (SSE) answer.

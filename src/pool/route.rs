@@ -107,6 +107,7 @@ pub(crate) fn model_at(body: &[u8], span: (usize, usize)) -> Option<String> {
 pub(crate) fn uncached(estimate: &Estimate) -> Estimate {
     let mut e = estimate.clone();
     let read = std::mem::take(&mut e.cache_read_tokens);
+    e.cache_read_served = None;
     let factor = if e.raw_input_tokens > 0 {
         e.input_tokens as f64 / e.raw_input_tokens as f64
     } else {
@@ -290,9 +291,11 @@ mod tests {
             input_tokens: 150,
             raw_input_tokens: 100,
             cache_read_tokens: 1_000,
+            cache_read_served: Some(900),
             ..Estimate::default()
         };
         let u = uncached(&e);
+        assert_eq!(u.cache_read_served, None, "no read left to size");
         assert_eq!(
             (u.input_tokens, u.raw_input_tokens, u.cache_read_tokens),
             (1_650, 1_100, 0)
