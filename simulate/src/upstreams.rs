@@ -460,6 +460,11 @@ mod tests {
             assert!(pool.received_529 > 0, "the faulty upstream answered 529s");
             requests += n;
             received_429 += pool.row.rate_limited;
+            assert!(
+                pool.row.rate_limited as f64 <= 0.005 * n as f64,
+                "seed {seed}: {} 429s in {n} requests",
+                pool.row.rate_limited
+            );
             let (share, rr_share) = (pool.row.share_of_minimum(), rr.row.share_of_minimum());
             assert!(share >= 0.9, "seed {seed}: {share:.3} of the sum of limits");
             assert!(
