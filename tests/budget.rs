@@ -652,6 +652,47 @@ async fn sse_settles_at_message_stop_without_waiting_for_the_end() {
     assert_eq!(layer.snapshot().settled, 1);
 }
 
+/// A stream's `message_start` says what the server charged for input: the
+/// over-reservation is given back at once, while the answer is still being
+/// generated, and the end settles only the output (the input is not
+/// corrected twice).
+#[tokio::test(start_paused = true)]
+async fn sse_input_is_settled_at_message_start() {
+    let (layer, _) = budget(Limits::new().rpm(1_000).itpm(100_000).otpm(10_000));
+    let cut = SSE.find("event: content_block_start").unwrap();
+    let (start, rest) = (
+        Bytes::from_static(&SSE.as_bytes()[..cut]),
+        Bytes::from_static(&SSE.as_bytes()[cut..]),
+    );
+    let mut svc = layer.layer(sse_upstream(move || {
+        frames(vec![start.clone(), rest.clone()], None)
+    }));
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(stream_request(6_000, 1_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining(&layer.snapshot(), Dimension::InputTokens),
+        94_000.0,
+        "6,000 reserved"
+    );
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    // Only `message_start` was read, the answer goes on: 472 uncached + 28
+    // cache writes charged, not 6,000.
+    let snap = layer.snapshot();
+    assert_eq!(remaining(&snap, Dimension::InputTokens), 99_500.0);
+    assert_eq!(snap.settled, 0, "the answer is not settled yet");
+    body.frame().await.unwrap().unwrap();
+    let snap = layer.snapshot();
+    assert_eq!(snap.settled, 1);
+    assert_eq!(remaining(&snap, Dimension::InputTokens), 99_500.0);
+    assert_eq!(remaining(&snap, Dimension::OutputTokens), 9_985.0);
+}
+
 /// A stream that ends in an `event: error` after a 200 settles with what its
 /// events said; a stream dropped half-way keeps the output reservation.
 #[tokio::test(start_paused = true)]

@@ -1104,6 +1104,18 @@ impl Shared {
         wake(next);
     }
 
+    /// Corrects a request's input reservation (`delta` in input tokens
+    /// only) as soon as the server said what it charged, before the answer
+    /// ends: a stream's `message_start` carries the final input usage, and
+    /// the server charged it when it admitted the request, so an
+    /// over-reservation is given back while the answer is still being
+    /// generated (an answer can take a minute).
+    pub(crate) fn settle_input(self: &Arc<Self>, charge: &Charge, delta: CostDelta) {
+        if !delta.is_zero() {
+            self.apply(charge, Some(delta), None, delta.input_tokens < 0);
+        }
+    }
+
     /// Refunds everything a request reserved: the server answered 429 and
     /// charged nothing.
     pub(crate) fn refund(self: &Arc<Self>, charge: &Charge) {

@@ -245,6 +245,10 @@ pub(crate) struct Tracker {
     scanner: Scanner,
     error_status: bool,
     done: bool,
+    /// The input tokens reserved at admission, when the reservation was
+    /// corrected to a stream's `message_start` before the end (`None`: not
+    /// corrected).
+    reserved_input: Option<u64>,
     /// The response head's sync, held for the settlement
     /// ([`Ledger::sync_with_settlement`](crate::budget::ledger::Ledger::sync_with_settlement)).
     held_sync: Option<[LimitStatus; 3]>,
@@ -262,6 +266,7 @@ impl Tracker {
             },
             error_status,
             done: false,
+            reserved_input: None,
             held_sync: None,
         }
     }
@@ -281,6 +286,16 @@ impl Tracker {
         match &mut self.scanner {
             Scanner::Sse(s) => {
                 s.push(data);
+                if self.reserved_input.is_none() && !self.error_status && s.started() {
+                    let actual = s
+                        .usage()
+                        .charged_input_tokens(self.charge.cache_reads_count);
+                    let reserved = self.charge.costs;
+                    self.reserved_input = Some(reserved.input_tokens);
+                    self.charge.costs.input_tokens = actual;
+                    let delta = CostDelta::between(reserved, self.charge.costs);
+                    self.shared.settle_input(&self.charge, delta);
+                }
                 if output_began(data) {
                     let served = s.started().then(|| cached_prefix(&s.usage()));
                     self.begin_writes(served);
@@ -319,7 +334,7 @@ impl Tracker {
             // frames).
             self.begin_writes(Some(cached_prefix(usage)));
         }
-        let reserved = self.charge.costs;
+        let costs = self.charge.costs;
         let (delta, ratio, observed) = self.settlement(outcome);
         if let Some(usage) = observed.as_ref() {
             self.shared.estimator.observe(&self.charge.estimate, usage);
@@ -329,13 +344,12 @@ impl Tracker {
         let held = self.held_sync.take();
         self.shared
             .correct_and_sync(&self.charge, delta, ratio, held);
+        let reserved_input = self.reserved_input.unwrap_or(costs.input_tokens);
         self.shared.settings.hooks.settle(SettleEvent {
-            reserved_input_tokens: reserved.input_tokens,
-            reserved_output_tokens: reserved.output_tokens,
-            input_tokens: reserved
-                .input_tokens
-                .saturating_add_signed(delta.input_tokens),
-            output_tokens: reserved
+            reserved_input_tokens: reserved_input,
+            reserved_output_tokens: costs.output_tokens,
+            input_tokens: costs.input_tokens.saturating_add_signed(delta.input_tokens),
+            output_tokens: costs
                 .output_tokens
                 .saturating_add_signed(delta.output_tokens),
             usage_known: matches!(outcome, Outcome::Complete(_) | Outcome::Stopped { .. }),
@@ -344,8 +358,8 @@ impl Tracker {
             key = super::callers::logged_key(self.charge.key()),
             outcome = outcome.name(),
             end = ?end,
-            reserved_input = reserved.input_tokens,
-            reserved_output = reserved.output_tokens,
+            reserved_input,
+            reserved_output = costs.output_tokens,
             delta_input = delta.input_tokens,
             delta_output = delta.output_tokens,
             "budget: settled"
