@@ -92,9 +92,10 @@ fn upstream(log: Log) -> Upstream {
                 let status = v["status"].as_u64().unwrap_or(200) as u16;
                 let input = v["input"].as_u64().unwrap_or(0);
                 let read = v["read"].as_u64().unwrap_or(0);
+                let created = v["created"].as_u64().unwrap_or(0);
                 let body = format!(
-                    r#"{{"type":"message","usage":{{"input_tokens":{},"cache_read_input_tokens":{read},"output_tokens":1}}}}"#,
-                    input.saturating_sub(read)
+                    r#"{{"type":"message","usage":{{"input_tokens":{},"cache_read_input_tokens":{read},"cache_creation_input_tokens":{created},"output_tokens":1}}}}"#,
+                    input.saturating_sub(read).saturating_sub(created)
                 );
                 let body = Full::new(Bytes::from(body))
                     .map_err(|e: Infallible| match e {})
@@ -342,4 +343,47 @@ async fn a_streamed_writer_is_readable_at_its_first_output() {
     // own stream ends at 3 s) - 1,000.
     let input = remaining_input(&layer);
     assert!((3_300.0..3_700.0).contains(&input), "{input}");
+}
+
+/// A conversation's turns queued together: the next turn was estimated
+/// before the turn that writes its prefix was even sent, so nothing was in
+/// flight to hold for. While it waits in line, that turn goes and its
+/// answer says the server cached the prefix (4,000 of its tokens): the
+/// waiting turn is charged only what follows it at its next try, and goes
+/// when 2,000 tokens have refilled rather than 6,000.
+#[tokio::test(start_paused = true)]
+async fn a_turn_waiting_in_line_reads_the_prefix_written_meanwhile() {
+    let log = Log::default();
+    let layer = layer();
+    let svc = layer.layer(upstream(Arc::clone(&log)));
+    // Takes 9,000 of the 10,000 at once.
+    let first = request(serde_json::json!({"name": "first", "input": 9_000}));
+    send(svc.clone(), first).await.unwrap();
+    // The writer waits for 6,000 (30 s at 10,000 a minute), the next turn
+    // behind it.
+    let writer = request(serde_json::json!({
+        "name": "writer", "input": 6_000, "created": 4_000,
+        "writes": [[PREFIX, PREFIX_TOKENS]],
+    }));
+    let turn = request(serde_json::json!({
+        "name": "turn", "input": 6_000, "read": 4_000,
+        "pending": [[PREFIX, PREFIX_TOKENS]],
+    }));
+    let w = tokio::spawn(send(svc.clone(), writer));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let r = tokio::spawn(send(svc.clone(), turn));
+    w.await.unwrap().unwrap();
+    r.await.unwrap().unwrap();
+    let (w_at, r_at) = (
+        sent_at(&log, "writer").expect("the writer was sent"),
+        sent_at(&log, "turn").expect("the turn was sent"),
+    );
+    assert!(w_at >= Duration::from_secs(29), "{w_at:?}");
+    // After the writer: 2,000 (6,000 less the 4,000 the server sized the
+    // prefix at) refill in 12 s; in full it would take 36 s.
+    let gap = r_at - w_at;
+    assert!(
+        gap >= Duration::from_secs(11) && gap < Duration::from_secs(14),
+        "{gap:?}"
+    );
 }

@@ -327,7 +327,10 @@ where
                     let counter = shared.counter.as_ref();
                     count.poll(counter, &*shared.estimator, ch, cx);
                     let polled = match poll_prefix(shared, ch, prefix, cx) {
-                        Poll::Ready(()) => shared.poll_admit(ch, admission, cx),
+                        Poll::Ready(()) => {
+                            prefix::refresh(shared, ch, cx);
+                            shared.poll_admit(ch, admission, cx)
+                        }
                         Poll::Pending => Poll::Pending,
                     };
                     let admitted = match polled {

@@ -56,8 +56,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Waker};
+use std::time::Duration;
 
-use super::state::Charge;
+use tokio::time::Instant;
+
+use super::state::{Charge, Shared};
 use crate::estimate::CachePrefix;
 
 /// The writers in flight of each prefix, shared by a budget's requests.
@@ -73,6 +76,9 @@ struct Writing {
     /// The prefix's size as the server counted it, told by the first writer
     /// whose answer began with its usage (0: not known).
     served: u64,
+    /// Until when a writer that completed here keeps the prefix readable
+    /// (its start plus the server's shortest cache lifetime).
+    written_until: Option<Instant>,
     waiters: Vec<Waiter>,
 }
 
@@ -83,7 +89,7 @@ struct Writing {
 struct Waiter {
     waker: Waker,
     slot: Slot,
-    tokens: u64,
+    prefix: CachePrefix,
 }
 
 /// Where a writer's answer tells a waiter the prefix it may read.
@@ -94,20 +100,23 @@ pub(crate) type Slot = Arc<Told>;
 /// known).
 #[derive(Debug, Default)]
 pub(crate) struct Told {
+    hash: AtomicU64,
     tokens: AtomicU64,
     served: AtomicU64,
 }
 
 impl Told {
-    fn tell(&self, tokens: u64, served: u64) {
-        // `served` first: a reader that sees `tokens` sees it too.
+    fn tell(&self, prefix: CachePrefix, served: u64) {
+        // The rest first: a reader that sees `tokens` sees them too.
+        self.hash.store(prefix.hash, Ordering::Relaxed);
         self.served.store(served, Ordering::Relaxed);
-        self.tokens.store(tokens, Ordering::Release);
+        self.tokens.store(prefix.tokens, Ordering::Release);
     }
 
     fn read(&self) -> Option<Readable> {
         let tokens = self.tokens.load(Ordering::Acquire);
         (tokens > 0).then(|| Readable {
+            hash: self.hash.load(Ordering::Relaxed),
             tokens,
             served: nonzero(self.served.load(Ordering::Relaxed)),
         })
@@ -121,6 +130,8 @@ fn nonzero(n: u64) -> Option<u64> {
 /// A prefix that a request may read from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Readable {
+    /// Its hash.
+    pub(crate) hash: u64,
     /// Its tokens as estimated (before calibration).
     pub(crate) tokens: u64,
     /// Its tokens as the server counted them, when the writer's answer said
@@ -129,10 +140,17 @@ pub(crate) struct Readable {
 }
 
 impl Writing {
-    fn idle(&self) -> bool {
-        self.sent == 0 && self.begun == 0
+    fn idle(&self, now: Instant) -> bool {
+        self.sent == 0 && self.begun == 0 && self.written_until.is_none_or(|u| u <= now)
     }
 }
+
+/// The server's default (and shortest) prompt-cache lifetime, counted from
+/// the start of the request that wrote the entry.
+const CACHE_TTL: Duration = Duration::from_secs(5 * 60);
+
+/// Prefixes remembered before the idle ones are dropped.
+const PRUNE_AT: usize = 4_096;
 
 /// Where a request's pending prefix stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +190,11 @@ impl Writers {
         if writes.is_empty() {
             return None;
         }
+        let now = Instant::now();
         let mut map = self.lock();
+        if map.len() >= PRUNE_AT {
+            map.retain(|_, e| !e.idle(now));
+        }
         for w in writes {
             let e = map.entry(w.hash).or_default();
             e.sent = e.sent.saturating_add(1);
@@ -181,6 +203,7 @@ impl Writers {
             writers: Arc::clone(self),
             writes: writes.to_vec(),
             begun: false,
+            started: now,
         })
     }
 
@@ -202,6 +225,7 @@ impl Writers {
             };
             if e.begun > 0 {
                 return PrefixState::Readable(Readable {
+                    hash: p.hash,
                     tokens: p.tokens,
                     served: nonzero(e.served),
                 });
@@ -212,13 +236,40 @@ impl Writers {
                     None => e.waiters.push(Waiter {
                         waker: cx.waker().clone(),
                         slot: Arc::clone(slot),
-                        tokens: p.tokens,
+                        prefix: *p,
                     }),
                 }
                 return PrefixState::Writing;
             }
         }
         PrefixState::Unwritten
+    }
+
+    /// Whether the prefix `hash` is readable now (a writer's answer has
+    /// begun, or one completed here within the cache's lifetime), and then
+    /// its size as the server counted it, if an answer said.
+    fn readable(&self, hash: u64, now: Instant) -> Option<Option<u64>> {
+        self.lock()
+            .get(&hash)
+            .filter(|e| e.begun > 0 || e.written_until.is_some_and(|u| u > now))
+            .map(|e| nonzero(e.served))
+    }
+
+    /// Wakes the task of `cx` when a writer of `prefix` in flight begins or
+    /// goes (once: the task asks again); whether one is in flight.
+    fn watch(&self, prefix: &CachePrefix, cx: &Context<'_>) -> bool {
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(&prefix.hash).filter(|e| e.sent > 0) else {
+            return false;
+        };
+        if !e.waiters.iter().any(|w| w.waker.will_wake(cx.waker())) {
+            e.waiters.push(Waiter {
+                waker: cx.waker().clone(),
+                slot: Slot::default(),
+                prefix: *prefix,
+            });
+        }
+        true
     }
 
     /// Prefixes tracked (for tests).
@@ -235,6 +286,9 @@ pub(crate) struct WriteGuard {
     writers: Arc<Writers>,
     writes: Vec<CachePrefix>,
     begun: bool,
+    /// When the writer was admitted: the server's cache lifetime counts
+    /// from the request's start, no sooner.
+    started: Instant,
 }
 
 impl WriteGuard {
@@ -262,7 +316,7 @@ impl WriteGuard {
                     e.served = served_share(served, w.tokens, longest);
                 }
                 for waiter in e.waiters.drain(..) {
-                    waiter.slot.tell(waiter.tokens, e.served);
+                    waiter.slot.tell(waiter.prefix, e.served);
                     wake.push(waiter.waker);
                 }
             }
@@ -285,6 +339,7 @@ fn served_share(served: u64, tokens: u64, longest: u64) -> u64 {
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
+        let now = Instant::now();
         let mut wake = Vec::new();
         let mut map = self.writers.lock();
         for w in &self.writes {
@@ -294,6 +349,8 @@ impl Drop for WriteGuard {
             };
             if self.begun {
                 e.begun = e.begun.saturating_sub(1);
+                let until = self.started + CACHE_TTL;
+                e.written_until = Some(e.written_until.map_or(until, |u| u.max(until)));
             } else {
                 e.sent = e.sent.saturating_sub(1);
             }
@@ -301,7 +358,7 @@ impl Drop for WriteGuard {
                 // No write left in flight: the waiters go, in full.
                 wake.extend(e.waiters.drain(..).map(|w| w.waker));
             }
-            if e.idle() {
+            if e.idle(now) {
                 map.remove(h);
             }
         }
@@ -316,36 +373,111 @@ pub(crate) fn applies(charge: &Charge) -> bool {
     !charge.cache_reads_count && !charge.estimate.cache_pending.is_empty()
 }
 
+/// Before each try of a waiting request: the longest of its pending
+/// prefixes, longer than what it is charged as reading, that has become
+/// readable through this budget since it was estimated is charged as read,
+/// at the size its writer's answer said: a writer's answer has begun, or
+/// one completed within the server's shortest cache lifetime (5 minutes
+/// from its start). A conversation's turns queued together are estimated
+/// before any is answered: each turn reads the turn before it, whose write
+/// is confirmed only while it waits. Only this budget's own writers count:
+/// a cache lives in one organization, and a budget paces one upstream.
+///
+/// A longer prefix whose writer is in flight wakes the request when that
+/// writer's answer begins, so that it asks again then, charged less (it
+/// keeps its place in line meanwhile).
+pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) {
+    if !applies(charge) {
+        return;
+    }
+    let now = Instant::now();
+    if charge.prefix_read > 0 && shared.writers.readable(charge.prefix_hash, now).is_none() {
+        // Its write failed, or the server's cache lifetime may have ended
+        // while the request waited: charged in full again.
+        unread(charge);
+    }
+    let floor = charge.prefix_read.max(charge.estimate.cache_read_tokens);
+    let mut watched = false;
+    let mut found = None;
+    for p in charge
+        .estimate
+        .cache_pending
+        .iter()
+        .take_while(|p| p.tokens > floor)
+    {
+        if let Some(Some(served)) = shared.writers.readable(p.hash, now) {
+            found = Some(Readable {
+                hash: p.hash,
+                tokens: p.tokens,
+                served: Some(served),
+            });
+            break;
+        }
+        if !watched {
+            watched = shared.writers.watch(p, cx);
+        }
+    }
+    if let Some(read) = found {
+        read_prefix(charge, read);
+    }
+}
+
+/// Takes back a prefix read: the request is charged as if it read only what
+/// its estimate expected.
+fn unread(charge: &mut Charge) {
+    tracing::debug!(
+        key = super::callers::logged_key(charge.key()),
+        "budget: the prefix charged as a read is no longer readable; charged in full"
+    );
+    charge.prefix_read = 0;
+    charge.prefix_served = None;
+    charge.prefix_hash = 0;
+    match charge.counted {
+        Some(counted) => super::count::apply(charge, counted),
+        None => charge.costs.input_tokens = charge.estimate.input_tokens,
+    }
+}
+
 /// Charges a request as reading a prefix (`tokens` as estimated, before
 /// calibration) from the cache: its input reservation shrinks by the part of
 /// the prefix it was charged for, at its calibration; a counted request's,
 /// by the prefix's size as the server counted it when its writer's answer
 /// said (see `count.rs`).
 pub(crate) fn read_prefix(charge: &mut Charge, read: Readable) {
-    let tokens = read.tokens;
-    if tokens >= charge.prefix_read {
-        charge.prefix_read = tokens;
+    if read.tokens >= charge.prefix_read {
+        charge.prefix_read = read.tokens;
         charge.prefix_served = read.served;
+        charge.prefix_hash = read.hash;
     }
     if let Some(counted) = charge.counted {
         super::count::apply(charge, counted);
         return;
     }
-    let raw = charge.estimate.raw_input_tokens;
-    let extra = tokens.saturating_sub(charge.estimate.cache_read_tokens);
+    let estimate = &charge.estimate;
+    let raw = estimate.raw_input_tokens;
+    let extra = charge
+        .prefix_read
+        .saturating_sub(estimate.cache_read_tokens);
     if raw == 0 || extra == 0 {
         return;
     }
-    let factor = charge.costs.input_tokens as f64 / raw as f64;
-    let uncached = raw.saturating_sub(extra);
-    let input = (uncached as f64 * factor).ceil() as u64;
+    // What follows the prefix, at the estimate's calibration; and, when the
+    // writer's answer sized the prefix, the calibrated whole less that
+    // size. The larger stands: a prefix that is most of the prompt leaves
+    // a remainder whose estimate errs by more than itself.
+    let factor = estimate.input_tokens as f64 / raw as f64;
+    let after = (raw.saturating_sub(extra) as f64 * factor).ceil() as u64;
+    let less_served = charge
+        .prefix_served
+        .map_or(0, |served| estimate.input_tokens.saturating_sub(served));
+    let input = after.max(less_served).min(estimate.input_tokens);
     tracing::debug!(
         key = super::callers::logged_key(charge.key()),
         from = charge.costs.input_tokens,
         to = input,
         "budget: prefix written by a request in flight; charged as a cache read"
     );
-    charge.costs.input_tokens = input.min(charge.costs.input_tokens);
+    charge.costs.input_tokens = input;
 }
 
 #[cfg(test)]
@@ -357,8 +489,12 @@ mod tests {
         CachePrefix { hash, tokens }
     }
 
-    fn readable(tokens: u64, served: Option<u64>) -> PrefixState {
-        PrefixState::Readable(Readable { tokens, served })
+    fn readable(hash: u64, tokens: u64, served: Option<u64>) -> PrefixState {
+        PrefixState::Readable(Readable {
+            hash,
+            tokens,
+            served,
+        })
     }
 
     #[test]
@@ -384,19 +520,21 @@ mod tests {
         // proportion.
         assert_eq!(
             writers.poll(&[prefix(2, 8_000)], &cx, &long),
-            readable(8_000, Some(6_000))
+            readable(2, 8_000, Some(6_000))
         );
         assert_eq!(
             writers.poll(&[prefix(1, 2_000)], &cx, &short),
-            readable(2_000, Some(1_500))
+            readable(1, 2_000, Some(1_500))
         );
         // A request that looks after the write began is told the same.
         assert_eq!(
             writers.poll(&[prefix(2, 8_000)], &cx, &Slot::default()),
-            readable(8_000, Some(6_000))
+            readable(2, 8_000, Some(6_000))
         );
         drop(guard);
-        assert_eq!(writers.len(), 0);
+        // Both stay readable here, with their sizes, after the writer ends.
+        assert_eq!(writers.readable(2, Instant::now()), Some(Some(6_000)));
+        assert_eq!(writers.readable(1, Instant::now()), Some(Some(1_500)));
     }
 
     #[test]
@@ -408,8 +546,8 @@ mod tests {
         assert_eq!(served_share(u64::MAX, u64::MAX - 1, u64::MAX), u64::MAX - 1);
     }
 
-    #[test]
-    fn a_write_is_readable_once_begun_and_forgotten_once_done() {
+    #[tokio::test(start_paused = true)]
+    async fn a_write_is_readable_once_begun_and_for_the_caches_lifetime() {
         let writers = Arc::new(Writers::default());
         let cx = Context::from_waker(Waker::noop());
         let pending = [prefix(1, 5_000)];
@@ -419,17 +557,47 @@ mod tests {
         let held = Slot::default();
         assert_eq!(writers.poll(&pending, &cx, &held), PrefixState::Writing);
         guard.begin(None);
-        assert_eq!(writers.poll(&pending, &cx, &later), readable(5_000, None));
+        assert_eq!(
+            writers.poll(&pending, &cx, &later),
+            readable(1, 5_000, None)
+        );
         drop(guard);
         // A request that held for the write reads it even after the writer
         // finished; one that arrives later finds nothing in flight (the
         // estimator knows the prefix is warm by then).
-        assert_eq!(writers.poll(&pending, &cx, &held), readable(5_000, None));
+        assert_eq!(writers.poll(&pending, &cx, &held), readable(1, 5_000, None));
         assert_eq!(
             writers.poll(&pending, &cx, &Slot::default()),
             PrefixState::Unwritten
         );
+        // Remembered as readable for the server's shortest cache lifetime
+        // from the writer's start, then dropped at the next write.
+        assert_eq!(writers.readable(1, Instant::now()), Some(None));
+        tokio::time::advance(CACHE_TTL).await;
+        assert_eq!(writers.readable(1, Instant::now()), None);
+        drop(writers.start(&[prefix(1, 5_000)]));
         assert_eq!(writers.len(), 0);
+    }
+
+    /// A waiting request's read is refreshed before each try: the longest
+    /// pending prefix readable with a known size is read, and a read whose
+    /// prefix stopped being readable is taken back.
+    #[tokio::test(start_paused = true)]
+    async fn a_read_is_refreshed_and_taken_back() {
+        let writers = Arc::new(Writers::default());
+        let mut guard = writers.start(&[prefix(3, 6_000)]).expect("one write");
+        assert_eq!(writers.readable(3, Instant::now()), None, "not begun");
+        guard.begin(Some(4_000));
+        assert_eq!(writers.readable(3, Instant::now()), Some(Some(4_000)));
+        drop(guard);
+        tokio::time::advance(CACHE_TTL - Duration::from_secs(1)).await;
+        assert_eq!(writers.readable(3, Instant::now()), Some(Some(4_000)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            writers.readable(3, Instant::now()),
+            None,
+            "may have expired"
+        );
     }
 
     #[test]
@@ -444,8 +612,10 @@ mod tests {
         let slot = Slot::default();
         assert_eq!(writers.poll(&pending, &cx, &slot), PrefixState::Writing);
         drop(long);
-        assert_eq!(writers.poll(&pending, &cx, &slot), readable(2_000, None));
+        assert_eq!(writers.poll(&pending, &cx, &slot), readable(2, 2_000, None));
         drop(short);
-        assert_eq!(writers.len(), 0);
+        // The failed write is forgotten; the one that began is remembered.
+        assert_eq!(writers.len(), 1);
+        assert_eq!(writers.readable(1, Instant::now()), None);
     }
 }

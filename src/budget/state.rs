@@ -326,6 +326,8 @@ pub(crate) struct Charge {
     /// That prefix's size as the server counted it, when its writer's
     /// answer said.
     pub(crate) prefix_served: Option<u64>,
+    /// That prefix's hash.
+    pub(crate) prefix_hash: u64,
     /// The `count_tokens` answer charged, if any (`count.rs`).
     pub(crate) counted: Option<u64>,
 }
@@ -697,6 +699,7 @@ impl Shared {
             writing: None,
             prefix_read: 0,
             prefix_served: None,
+            prefix_hash: 0,
             counted: None,
         })
     }

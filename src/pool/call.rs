@@ -374,7 +374,8 @@ where
         },
         _ => p.body.clone(),
     };
-    let cached_here = p.estimate.cache_read_tokens == 0
+    let nothing_cached = p.estimate.cache_read_tokens == 0 && p.estimate.cache_pending.is_empty();
+    let cached_here = nothing_cached
         || p.scan
             .affinity
             .and_then(|key| lock_affinity(shared).get(key, Instant::now()))

@@ -59,9 +59,11 @@
 //! estimator. A budget given with [`Upstream::budget`] does the same if it
 //! has the pool's estimator (the same `Arc`), else estimates the body
 //! itself. The estimator's prompt-cache records are one for the pool, but a
-//! cache lives in one upstream: a request's expected cache reads are kept
-//! only on the upstream its affinity key (below) last went to, and charged
-//! as input elsewhere.
+//! cache lives in one upstream: a request's expected cache reads, and the
+//! prefixes it may come to read while it waits (written by a request in
+//! flight, or confirmed since it was estimated), are kept only on the
+//! upstream its affinity key (below) last went to, and charged as input
+//! elsewhere.
 //!
 //! # Cache affinity
 //!

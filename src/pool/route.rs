@@ -102,12 +102,14 @@ pub(crate) fn model_at(body: &[u8], span: (usize, usize)) -> Option<String> {
 }
 
 /// `estimate` with its expected cache reads charged as uncached input (at
-/// the estimate's calibration factor): for an upstream that does not hold
-/// the prefix's cache.
+/// the estimate's calibration factor), and no prefix left to read: for an
+/// upstream that does not hold the prefix's cache (the estimator's records
+/// of warm and pending prefixes are the pool's, not this upstream's).
 pub(crate) fn uncached(estimate: &Estimate) -> Estimate {
     let mut e = estimate.clone();
     let read = std::mem::take(&mut e.cache_read_tokens);
     e.cache_read_served = None;
+    e.cache_pending.clear();
     let factor = if e.raw_input_tokens > 0 {
         e.input_tokens as f64 / e.raw_input_tokens as f64
     } else {
@@ -255,6 +257,7 @@ pub(crate) fn load(upstream: &UpstreamState) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::estimate::CachePrefix;
     use std::collections::hash_map::RandomState;
 
     #[test]
@@ -292,10 +295,15 @@ mod tests {
             raw_input_tokens: 100,
             cache_read_tokens: 1_000,
             cache_read_served: Some(900),
+            cache_pending: vec![CachePrefix {
+                hash: 1,
+                tokens: 2_000,
+            }],
             ..Estimate::default()
         };
         let u = uncached(&e);
         assert_eq!(u.cache_read_served, None, "no read left to size");
+        assert!(u.cache_pending.is_empty(), "no prefix to read here");
         assert_eq!(
             (u.input_tokens, u.raw_input_tokens, u.cache_read_tokens),
             (1_650, 1_100, 0)
