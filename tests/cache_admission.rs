@@ -222,6 +222,57 @@ async fn a_request_that_fits_now_is_not_held() {
     r.await.unwrap().unwrap();
 }
 
+fn holding_layer(hold: Duration) -> TokenBudgetLayer {
+    TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10_000).itpm(20_000).otpm(1_000_000))
+        .estimator(Arc::new(JsonEstimator))
+        .cache_hold(hold)
+        .build()
+}
+
+/// With a cache hold, a request that fits now holds for the writer in
+/// flight, at most that long: it goes when the write begins (1 s), charged
+/// only what follows the prefix; for a writer slower than the bound, it goes
+/// at the bound (2 s), charged in full.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_fits_now_holds_for_at_most_the_cache_hold() {
+    for (writer_ms, sent_ms, charged) in [(1_000, 1_000, 1_000.0), (5_000, 2_000, 6_000.0)] {
+        let log = Log::default();
+        let layer = holding_layer(Duration::from_secs(2));
+        let svc = layer.layer(upstream(Arc::clone(&log)));
+        let w = tokio::spawn(send(svc.clone(), writer(writer_ms, 200)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // 6,000 of 20,000 taken by the writer: the reader's 6,000 fit now.
+        let mut reader = reader(6_000);
+        // The reader's answer takes a while, so its charge can be read.
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&reader.body().clone().collect().await.unwrap().to_bytes())
+                .unwrap();
+        json["delay_ms"] = 10_000.into();
+        *reader.body_mut() = Full::new(Bytes::from(json.to_string()));
+        let before = remaining_input(&layer);
+        let r = tokio::spawn(send(svc.clone(), reader));
+        tokio::time::sleep(Duration::from_millis(sent_ms + 100)).await;
+        let at = sent_at(&log, "reader").expect("the reader was sent");
+        let want = Duration::from_millis(sent_ms);
+        assert!(
+            at >= want && at < want + Duration::from_millis(100),
+            "writer {writer_ms} ms: sent at {at:?}"
+        );
+        // What it reserved: the remaining input fell by its charge, less
+        // the refill while it held (20,000 a minute) and the writer's own
+        // settlement (6,000 reserved, 6,000 counted).
+        let refill = (sent_ms + 100) as f64 * 20_000.0 / 60_000.0;
+        let spent = before + refill - remaining_input(&layer);
+        assert!(
+            (spent - charged).abs() < 20.0,
+            "writer {writer_ms} ms: charged {spent}, want {charged}"
+        );
+        w.await.unwrap().unwrap();
+        r.await.unwrap().unwrap();
+    }
+}
+
 /// A writer answered with an error status releases the request holding for
 /// it, which is then charged in full: it goes when 6,000 tokens fit.
 #[tokio::test(start_paused = true)]

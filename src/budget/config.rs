@@ -172,6 +172,12 @@ pub(crate) const DEFAULT_MAX_KEYS: usize = 100_000;
 /// `TokenBudgetLayer::anthropic` (the builder's default is none).
 pub(crate) const ANTHROPIC_INPUT_HEADROOM: f64 = 0.02;
 
+/// How long [`TokenBudgetLayer::anthropic`](super::TokenBudgetLayer::anthropic)
+/// lets a request that could go now hold for the prompt-cache prefix a
+/// request in flight is writing: about the time a streamed answer takes to
+/// begin, when the server makes the entry readable.
+pub(crate) const ANTHROPIC_CACHE_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The `max_tokens` assumed for a request that does not say.
 pub(crate) const DEFAULT_MAX_TOKENS: u64 = 4096;
 

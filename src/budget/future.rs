@@ -347,7 +347,7 @@ where
                                 // It would wait anyway: out of line, it waits
                                 // for the writer's response head instead.
                                 *admission = Admission::default();
-                                *prefix = PrefixWait::Holding(Arc::clone(slot));
+                                *prefix = PrefixWait::Holding(Arc::clone(slot), None);
                                 continue;
                             }
                             let reached = ready!(wait_deadline(shared, wait, cx));
@@ -428,7 +428,7 @@ fn poll_prefix(
             return Poll::Ready(());
         }
         PrefixWait::Unchecked => (prefix::Slot::default(), false),
-        PrefixWait::Holding(slot) => (Arc::clone(slot), true),
+        PrefixWait::Holding(slot, _) => (Arc::clone(slot), true),
     };
     match shared
         .writers
@@ -444,7 +444,29 @@ fn poll_prefix(
         }
         PrefixState::Readable(_) => *state = PrefixWait::Done,
         PrefixState::Unwritten => *state = PrefixWait::Done,
-        PrefixState::Writing if holding => return Poll::Pending,
+        PrefixState::Writing if holding => {
+            let PrefixWait::Holding(_, Some(bound)) = state else {
+                return Poll::Pending;
+            };
+            if bound.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Held as long as a request that could go may: it goes now,
+            // charged in full (a read still counts if the write begins
+            // while it waits in line: `prefix::refresh`).
+            *state = PrefixWait::Done;
+        }
+        PrefixState::Writing if !shared.settings.cache_hold.is_zero() => {
+            // It may fit now, but sent now it pays the prefix again: it
+            // holds for the write, at most the budget's cache hold.
+            let mut bound = Box::pin(tokio::time::sleep(shared.settings.cache_hold));
+            if bound.as_mut().poll(cx).is_ready() {
+                *state = PrefixWait::Done;
+            } else {
+                *state = PrefixWait::Holding(slot, Some(bound));
+                return Poll::Pending;
+            }
+        }
         PrefixState::Writing => *state = PrefixWait::Candidate(slot),
     }
     Poll::Ready(())

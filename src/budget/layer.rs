@@ -2,13 +2,14 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tower_layer::Layer;
 
 use super::config::{
-    BudgetMode, KeyExtractor, LimitsConfig, ANTHROPIC_INPUT_HEADROOM, DEFAULT_IDLE_KEY_EVICTION,
-    DEFAULT_LEARN_CONFIRMATIONS, DEFAULT_MAX_KEYS, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUT_QUANTILE,
-    OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
+    BudgetMode, KeyExtractor, LimitsConfig, ANTHROPIC_CACHE_HOLD, ANTHROPIC_INPUT_HEADROOM,
+    DEFAULT_IDLE_KEY_EVICTION, DEFAULT_LEARN_CONFIRMATIONS, DEFAULT_MAX_KEYS, DEFAULT_MAX_TOKENS,
+    DEFAULT_OUTPUT_QUANTILE, OUTPUT_RATIO_MIN_SAMPLES, OUTPUT_RATIO_PRIOR, OUTPUT_RATIO_WINDOW,
 };
 use super::count::CountTokens;
 use super::learn::LearnRules;
@@ -218,6 +219,7 @@ pub struct TokenBudgetBuilder {
     hooks: Hooks,
     input_headroom: f64,
     count_tokens: Option<CountTokens>,
+    cache_hold: Duration,
 }
 
 impl Default for TokenBudgetBuilder {
@@ -241,6 +243,7 @@ impl Default for TokenBudgetBuilder {
             hooks: Hooks::default(),
             input_headroom: 0.0,
             count_tokens: None,
+            cache_hold: Duration::ZERO,
             learn: LearnRules {
                 floor: Limits::smallest_published(),
                 confirmations: DEFAULT_LEARN_CONFIRMATIONS,
@@ -267,6 +270,7 @@ impl fmt::Debug for TokenBudgetBuilder {
             .field("learn", &self.learn)
             .field("hooks", &self.hooks)
             .field("count_tokens", &self.count_tokens)
+            .field("cache_hold", &self.cache_hold)
             .finish_non_exhaustive()
     }
 }
@@ -298,6 +302,7 @@ impl TokenBudgetBuilder {
             .limits(limits)
             .input_headroom(ANTHROPIC_INPUT_HEADROOM)
             .count_tokens(Some(count))
+            .cache_hold(ANTHROPIC_CACHE_HOLD)
     }
 }
 
@@ -511,6 +516,27 @@ impl TokenBudgetBuilder {
         self
     }
 
+    /// How long a request that could be admitted now may hold for the
+    /// prompt-cache prefix that a request in flight is writing (cache-aware
+    /// admission; default zero: it goes at once, charged in full;
+    /// [`TokenBudgetLayer::anthropic`] sets 5 s).
+    ///
+    /// The server makes a cache entry readable only once the answer that
+    /// writes it has begun, and a request sent before then pays the whole
+    /// prefix again, against the input-token limit. Holding trades this
+    /// request's latency (at most `hold`) for those tokens, which under an
+    /// input-token limit are the whole stack's throughput: in the crate's
+    /// simulation, a burst of requests sharing a system prompt otherwise
+    /// wrote it two or three times. A request that would wait for room
+    /// anyway holds until the write begins, whatever this is. The writer's
+    /// answer shows it has begun at a stream's first output, and a JSON
+    /// answer only at its end, so a hold for a JSON writer often lasts the
+    /// whole bound.
+    pub fn cache_hold(mut self, hold: Duration) -> Self {
+        self.cache_hold = hold;
+        self
+    }
+
     /// Builds the layer (and the budget its services share).
     pub fn build(self) -> TokenBudgetLayer {
         let key_extractor = self.key_extractor;
@@ -532,6 +558,7 @@ impl TokenBudgetBuilder {
             hooks: self.hooks,
             input_headroom: self.input_headroom,
             count_tokens: self.count_tokens,
+            cache_hold: self.cache_hold,
         };
         let ledger = self.ledger;
         let estimator = self

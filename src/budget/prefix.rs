@@ -34,14 +34,26 @@
 //! A request whose [`cache_pending`](crate::estimate::Estimate::cache_pending)
 //! prefix is written by a request in flight:
 //!
-//! 1. if the budget admits it now at full charge, goes now at full charge
-//!    (it is never delayed);
+//! 1. if the budget admits it now at full charge, it holds for the writer's
+//!    answer to begin at most the budget's cache hold
+//!    ([`TokenBudgetBuilder::cache_hold`](crate::budget::TokenBudgetBuilder::cache_hold):
+//!    zero by default, so it goes now at full charge; 5 s in
+//!    [`TokenBudgetLayer::anthropic`](crate::budget::TokenBudgetLayer::anthropic)),
+//!    then goes charged only for what follows the prefix, or in full at the
+//!    bound;
 //! 2. else (it would wait anyway: for input-token, output-token or request
 //!    room, or behind other waiters) it gives back its place in line and
 //!    waits for the writer's answer to begin, then asks again charged only for
 //!    what follows the prefix; if the writer fails, is refused (429, 529,
 //!    503, any non-2xx) or is cancelled, it asks again charged in full. The
 //!    request's own deadline still bounds the wait.
+//!
+//! 3. before each try, a request waiting in line reads the longest of its
+//!    pending prefixes that has become readable through this budget since
+//!    it was estimated (a writer's answer began, or one completed within
+//!    the server's shortest cache lifetime, 5 minutes from its start) and
+//!    whose size an answer said; and a read whose prefix stopped being
+//!    readable is taken back ([`refresh`]).
 //!
 //! Classes whose cache reads count toward ITPM (Haiku 3.5) gain nothing and
 //! are never held. The longest pending prefix with a writer in flight
@@ -53,12 +65,13 @@
 //! 125.5 s without it).
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Waker};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::state::{Charge, Shared};
 use crate::estimate::CachePrefix;
@@ -166,15 +179,17 @@ pub(crate) enum PrefixState {
 
 /// Where a request stands with cache-aware admission (lives in its
 /// response future).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub(crate) enum PrefixWait {
     /// Not looked at yet.
     #[default]
     Unchecked,
     /// A writer is in flight: held if the budget says wait.
     Candidate(Slot),
-    /// Out of line, waiting for the writer's response head.
-    Holding(Slot),
+    /// Out of line, waiting for the writer's answer to begin: until it
+    /// does, or (for a request that could have gone at once) until the
+    /// bound of the budget's cache hold.
+    Holding(Slot, Option<Pin<Box<Sleep>>>),
     /// Decided (charged as a read, or in full).
     Done,
 }

@@ -85,6 +85,9 @@ pub(crate) struct Settings {
     pub(crate) input_headroom: f64,
     /// The `count_tokens` mode, if on.
     pub(crate) count_tokens: Option<CountTokens>,
+    /// How long a request that could go now holds for a prefix being
+    /// written (`prefix.rs`).
+    pub(crate) cache_hold: Duration,
 }
 
 /// Counters of the decisions taken, for snapshots.
