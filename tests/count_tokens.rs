@@ -210,6 +210,60 @@ async fn a_waiting_request_is_charged_the_exact_count() {
     assert_eq!(api.counts().len(), 1);
 }
 
+/// The input headroom absorbs estimate errors: a counted request waits for
+/// it only while a request admitted on an estimate awaits the server's
+/// count. With a 10 % headroom (1,000 of 10,000), `b` (counted 3,000) goes
+/// at 18 s when the bucket's last estimate was settled, not at 24 s; while
+/// an estimated request is in flight, `c` (counted 3,000) waits for 4,000.
+#[tokio::test(start_paused = true)]
+async fn the_headroom_is_kept_only_while_estimates_are_in_flight() {
+    let api = Api::new(Answer::Count(3_000, Duration::from_millis(50)));
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10_000).itpm(10_000).otpm(1_000_000))
+        .estimator(Arc::new(JsonEstimator))
+        .count_tokens(Some(CountTokens::new(100)))
+        .input_headroom(0.1)
+        .build();
+    let svc = layer.layer(upstream(Arc::clone(&api)));
+    let start = Instant::now();
+    // Settled at once: nothing estimated stays in flight.
+    send(svc.clone(), request("drain", 9_000, 9_000))
+        .await
+        .unwrap();
+    send(svc.clone(), request("b", 6_000, 3_000)).await.unwrap();
+    let b = api.sent("b").unwrap() - start;
+    // 1,000 left, 2,000 more at 10,000 a minute: 12 s.
+    assert!(
+        b >= Duration::from_secs(11) && b <= Duration::from_secs(13),
+        "{b:?}"
+    );
+    // Now one request on its estimate, unanswered (its answer hangs), and
+    // `c` behind it: the headroom stands.
+    let mut hang = request("hang", 500, 500);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&hang.body().clone().collect().await.unwrap().to_bytes()).unwrap();
+    json["actual"] = 500.into();
+    *hang.body_mut() = Full::new(Bytes::from(json.to_string()));
+    let svc2 = layer.layer(BoxCloneService::new(tower::service_fn(
+        |_req: Request<ReplayBody<Full<Bytes>>>| async move {
+            std::future::pending::<Result<Response<ResBody>, BoxError>>().await
+        },
+    )));
+    let pending = tokio::spawn(svc2.oneshot(hang));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let before = Instant::now();
+    send(svc.clone(), request("c", 6_000, 3_000)).await.unwrap();
+    let c = api.sent("c").unwrap() - before;
+    // b left the bucket empty; the hanging request waits 3 s for its 500,
+    // then c for its 3,000 and the 1,000 of headroom: 27 s (21 s without
+    // the headroom).
+    assert!(
+        c >= Duration::from_secs(26) && c <= Duration::from_secs(28),
+        "{c:?}"
+    );
+    pending.abort();
+}
+
 /// A request that fits now goes now, with its estimate: no count is asked.
 #[tokio::test(start_paused = true)]
 async fn a_request_that_could_go_now_is_not_delayed() {

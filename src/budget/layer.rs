@@ -493,7 +493,11 @@ impl TokenBudgetBuilder {
     /// charged (plus a margin from their spread), so some come out low; the
     /// headroom absorbs a run of those. A request that fits only into the
     /// headroom (larger than 98 % of the limit) is still admitted once the
-    /// bucket is full. Clamped to `[0, 0.5]`; NaN is taken as 0.
+    /// bucket is full. A request whose input is exact (a `count_tokens`
+    /// answer, less a cache read whose size the server reported) skips the
+    /// headroom while no request admitted on an estimate awaits the
+    /// server's count of its input: there is no error to absorb. Clamped to
+    /// `[0, 0.5]`; NaN is taken as 0.
     pub fn input_headroom(mut self, share: f64) -> Self {
         self.input_headroom = if share.is_nan() {
             0.0

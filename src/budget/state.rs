@@ -125,6 +125,9 @@ struct KeyState {
     output_ratio: Option<Box<RatioSamples>>,
     estimates: u64,
     fallback_estimates: u32,
+    /// Requests admitted on an estimate whose input the server has not yet
+    /// reported: the input headroom covers their errors.
+    inexact: u32,
     /// The last estimate's calibration factor (NaN: none yet).
     calibration: f32,
     /// The first two output ratios, kept inline until the window is
@@ -162,6 +165,7 @@ impl KeyState {
             output_ratio: None,
             estimates: 0,
             fallback_estimates: 0,
+            inexact: 0,
             calibration: f32::NAN,
             early_ratios: [f64::NAN; 2],
             learners: Learners::default(),
@@ -331,6 +335,9 @@ pub(crate) struct Charge {
     pub(crate) prefix_served: Option<u64>,
     /// That prefix's hash.
     pub(crate) prefix_hash: u64,
+    /// Admitted on an estimate, counted in its key's `inexact` until the
+    /// server reports its input.
+    inexact: bool,
     /// The `count_tokens` answer charged, if any (`count.rs`).
     pub(crate) counted: Option<u64>,
 }
@@ -339,6 +346,33 @@ impl Charge {
     /// The budget key (`[caller/]class`) the request is charged to.
     pub(crate) fn key(&self) -> &str {
         &self.cell.key
+    }
+
+    /// Whether the input charged is what the server will count: a
+    /// `count_tokens` answer, less a cache read the server sized (or none).
+    fn input_exact(&self) -> bool {
+        let estimate = &self.estimate;
+        let read_exact = if self.prefix_read > estimate.cache_read_tokens {
+            self.prefix_served.is_some()
+        } else {
+            estimate.cache_read_tokens == 0 || estimate.cache_read_served.is_some()
+        };
+        self.counted.is_some() && (read_exact || self.cache_reads_count)
+    }
+
+    /// The server reported this request's input (or charged nothing): it
+    /// no longer counts among its key's estimates in flight.
+    pub(crate) fn release_inexact(&mut self) {
+        if std::mem::take(&mut self.inexact) {
+            let mut ks = lock_key(&self.cell);
+            ks.inexact = ks.inexact.saturating_sub(1);
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.release_inexact();
     }
 }
 
@@ -703,6 +737,7 @@ impl Shared {
             prefix_read: 0,
             prefix_served: None,
             prefix_hash: 0,
+            inexact: false,
             counted: None,
         })
     }
@@ -774,6 +809,10 @@ impl Shared {
                         charge.probe = true;
                     }
                     self.admitted(charge, adm);
+                    if !charge.input_exact() {
+                        lock_key(&charge.cell).inexact += 1;
+                        charge.inexact = true;
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Step::Refused(refusal) => {
@@ -1224,8 +1263,12 @@ impl Shared {
     /// bucket: a request is admitted only when it leaves that much).
     fn with_headroom(&self, ks: &KeyState, charge: &Charge, adm: &mut Admission) -> Costs {
         let itpm = limits_in_force(ks, charge)[dim_index(Dimension::InputTokens)];
+        // The headroom absorbs estimate errors: none is needed when this
+        // request's input is exact and no request admitted on an estimate
+        // awaits the server's count.
+        let exact = ks.inexact == 0 && charge.input_exact();
         adm.headroom = match itpm {
-            Some(limit) if !adm.no_headroom && charge.costs.input_tokens > 0 => {
+            Some(limit) if !adm.no_headroom && !exact && charge.costs.input_tokens > 0 => {
                 (limit as f64 * self.settings.input_headroom).ceil() as u64
             }
             _ => 0,

@@ -295,6 +295,7 @@ impl Tracker {
                     self.charge.costs.input_tokens = actual;
                     let delta = CostDelta::between(reserved, self.charge.costs);
                     self.shared.settle_input(&self.charge, delta);
+                    self.charge.release_inexact();
                 }
                 if output_began(data) {
                     let served = s.started().then(|| cached_prefix(&s.usage()));
@@ -344,6 +345,7 @@ impl Tracker {
         let held = self.held_sync.take();
         self.shared
             .correct_and_sync(&self.charge, delta, ratio, held);
+        self.charge.release_inexact();
         let reserved_input = self.reserved_input.unwrap_or(costs.input_tokens);
         self.shared.settings.hooks.settle(SettleEvent {
             reserved_input_tokens: reserved_input,
