@@ -438,3 +438,46 @@ async fn a_turn_waiting_in_line_reads_the_prefix_written_meanwhile() {
         "{gap:?}"
     );
 }
+
+/// A request waiting in line whose prefix begins to be written while it
+/// waits holds, keeping its place, until that write begins (at most the
+/// cache hold) rather than paying the prefix again: the writer, admitted at
+/// 18 s, answers at 48 s; the turn, whose 6,000 would fit at 36 s, goes at
+/// 48 s charged 2,000 (6,000 less the 4,000 the server sized the prefix
+/// at).
+#[tokio::test(start_paused = true)]
+async fn a_turn_in_line_holds_for_a_prefix_written_meanwhile() {
+    let log = Log::default();
+    let layer = holding_layer(Duration::from_secs(60));
+    let svc = layer.layer(upstream(Arc::clone(&log)));
+    let first = request(serde_json::json!({"name": "first", "input": 20_000}));
+    send(svc.clone(), first).await.unwrap();
+    let writer = request(serde_json::json!({
+        "name": "writer", "input": 6_000, "created": 4_000, "delay_ms": 30_000,
+        "writes": [[PREFIX, PREFIX_TOKENS]],
+    }));
+    let turn = request(serde_json::json!({
+        "name": "turn", "input": 6_000, "read": 4_000, "delay_ms": 10_000,
+        "pending": [[PREFIX, PREFIX_TOKENS]],
+    }));
+    let w = tokio::spawn(send(svc.clone(), writer));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let r = tokio::spawn(send(svc.clone(), turn));
+    tokio::time::sleep(Duration::from_secs(49)).await;
+    let w_at = sent_at(&log, "writer").expect("the writer was sent");
+    assert!(
+        w_at >= Duration::from_secs(17) && w_at < Duration::from_secs(19),
+        "{w_at:?}"
+    );
+    let r_at = sent_at(&log, "turn").expect("the turn was sent");
+    assert!(
+        r_at >= Duration::from_secs(47) && r_at < Duration::from_secs(49),
+        "{r_at:?}"
+    );
+    // 30 s of refill (10,000) after the writer took the bucket, less the
+    // turn's 2,000.
+    let input = remaining_input(&layer);
+    assert!((7_500.0..8_500.0).contains(&input), "{input}");
+    w.await.unwrap().unwrap();
+    r.await.unwrap().unwrap();
+}

@@ -328,8 +328,12 @@ where
                     count.poll(counter, &*shared.estimator, ch, cx);
                     let polled = match poll_prefix(shared, ch, prefix, cx) {
                         Poll::Ready(()) => {
-                            prefix::refresh(shared, ch, cx);
-                            shared.poll_admit(ch, admission, cx)
+                            let writing = prefix::refresh(shared, ch, cx);
+                            if hold_in_line(shared, prefix, writing, cx) {
+                                Poll::Pending
+                            } else {
+                                shared.poll_admit(ch, admission, cx)
+                            }
                         }
                         Poll::Pending => Poll::Pending,
                     };
@@ -413,6 +417,34 @@ where
     }
 }
 
+/// Whether a request waiting in line holds before asking, keeping its
+/// place: a longer prefix of it is being written (`writing`, from
+/// `prefix::refresh`, which also wakes it when that write begins), and the
+/// budget's cache hold bounds the hold (once per request).
+fn hold_in_line(
+    shared: &Shared,
+    state: &mut PrefixWait,
+    writing: bool,
+    cx: &mut Context<'_>,
+) -> bool {
+    if writing && matches!(state, PrefixWait::Done) && !shared.settings.cache_hold.is_zero() {
+        *state = PrefixWait::InLine(Box::pin(tokio::time::sleep(shared.settings.cache_hold)));
+    }
+    let PrefixWait::InLine(bound) = state else {
+        return false;
+    };
+    if !writing {
+        // The write began (and was read) or failed.
+        *state = PrefixWait::Done;
+        return false;
+    }
+    if bound.as_mut().poll(cx).is_ready() {
+        *state = PrefixWait::HeldToBound;
+        return false;
+    }
+    true
+}
+
 /// Cache-aware admission before asking the budget (see `prefix.rs`):
 /// `Pending` while the request holds for a writer's response head.
 fn poll_prefix(
@@ -422,7 +454,10 @@ fn poll_prefix(
     cx: &mut Context<'_>,
 ) -> Poll<()> {
     let (slot, holding) = match state {
-        PrefixWait::Done | PrefixWait::Candidate(_) => return Poll::Ready(()),
+        PrefixWait::Done
+        | PrefixWait::InLine(_)
+        | PrefixWait::HeldToBound
+        | PrefixWait::Candidate(_) => return Poll::Ready(()),
         PrefixWait::Unchecked if !prefix::applies(charge) => {
             *state = PrefixWait::Done;
             return Poll::Ready(());
@@ -454,7 +489,7 @@ fn poll_prefix(
             // Held as long as a request that could go may: it goes now,
             // charged in full (a read still counts if the write begins
             // while it waits in line: `prefix::refresh`).
-            *state = PrefixWait::Done;
+            *state = PrefixWait::HeldToBound;
         }
         PrefixState::Writing if !shared.settings.cache_hold.is_zero() => {
             // It may fit now, but sent now it pays the prefix again: it

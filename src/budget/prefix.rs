@@ -53,7 +53,11 @@
 //!    it was estimated (a writer's answer began, or one completed within
 //!    the server's shortest cache lifetime, 5 minutes from its start) and
 //!    whose size an answer said; and a read whose prefix stopped being
-//!    readable is taken back ([`refresh`]).
+//!    readable is taken back ([`refresh`]). If instead a longer prefix of
+//!    it has begun to be written meanwhile, it holds before asking, keeping
+//!    its place in line, until that write begins, at most the cache hold
+//!    (once per request): tokens refill while it holds, so under an
+//!    input-token limit the hold costs the others nothing.
 //!
 //! Classes whose cache reads count toward ITPM (Haiku 3.5) gain nothing and
 //! are never held. The longest pending prefix with a writer in flight
@@ -192,6 +196,12 @@ pub(crate) enum PrefixWait {
     Holding(Slot, Option<Pin<Box<Sleep>>>),
     /// Decided (charged as a read, or in full).
     Done,
+    /// In line (its place kept), a longer prefix began to be written while
+    /// it waited: it does not ask until that write begins, or until the
+    /// bound of the cache hold.
+    InLine(Pin<Box<Sleep>>),
+    /// Held to the bound of the cache hold, which it does not do twice.
+    HeldToBound,
 }
 
 impl Writers {
@@ -400,10 +410,10 @@ pub(crate) fn applies(charge: &Charge) -> bool {
 ///
 /// A longer prefix whose writer is in flight wakes the request when that
 /// writer's answer begins, so that it asks again then, charged less (it
-/// keeps its place in line meanwhile).
-pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) {
+/// keeps its place in line meanwhile); returns whether there is one.
+pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) -> bool {
     if !applies(charge) {
-        return;
+        return false;
     }
     let now = Instant::now();
     if charge.prefix_read > 0 && shared.writers.readable(charge.prefix_hash, now).is_none() {
@@ -434,7 +444,9 @@ pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) {
     }
     if let Some(read) = found {
         read_prefix(charge, read);
+        return false;
     }
+    watched
 }
 
 /// Takes back a prefix read: the request is charged as if it read only what
