@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
 use tower_llm_limits::body::ReplayBody;
-use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+use tower_llm_limits::budget::{CountTokens, Limits, TokenBudgetLayer};
 use tower_llm_limits::estimate::{CachePrefix, Estimate, TokenEstimator};
 use tower_llm_limits::{BoxError, Dimension};
 
@@ -83,8 +83,19 @@ fn upstream(log: Log) -> Upstream {
         move |req: Request<ReplayBody<Full<Bytes>>>| {
             let log = Arc::clone(&log);
             async move {
+                let counting = req.uri().path().ends_with("/count_tokens");
                 let bytes = req.into_body().collect().await?.to_bytes();
                 let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+                if counting {
+                    // The whole prompt as the server counts it, carried in
+                    // the system prompt (`count_tokens` takes only its own
+                    // fields).
+                    let n: u64 = v["system"].as_str().unwrap_or("0").parse()?;
+                    let answer = Full::new(Bytes::from(format!(r#"{{"input_tokens":{n}}}"#)))
+                        .map_err(|e: Infallible| match e {})
+                        .boxed_unsync();
+                    return Ok(Response::new(answer));
+                }
                 let name = v["name"].as_str().unwrap_or("").to_owned();
                 log.lock().unwrap().push((name, Instant::now()));
                 let delay = v["delay_ms"].as_u64().unwrap_or(0);
@@ -117,6 +128,11 @@ fn layer() -> TokenBudgetLayer {
 
 fn request(json: serde_json::Value) -> Request<Full<Bytes>> {
     let mut json = json;
+    if json.get("system").is_none() {
+        // What `count_tokens` answers (the mock reads it from the system
+        // prompt): the whole prompt, as the estimate says.
+        json["system"] = json["input"].as_u64().unwrap_or(0).to_string().into();
+    }
     json["model"] = MODEL.into();
     json["max_tokens"] = 10.into();
     json["messages"] = serde_json::json!([]);
@@ -227,6 +243,7 @@ fn holding_layer(hold: Duration) -> TokenBudgetLayer {
         .limits(Limits::new().rpm(10_000).itpm(20_000).otpm(1_000_000))
         .estimator(Arc::new(JsonEstimator))
         .cache_hold(hold)
+        .count_tokens(Some(CountTokens::new(100)))
         .build()
 }
 
@@ -405,7 +422,11 @@ async fn a_streamed_writer_is_readable_at_its_first_output() {
 #[tokio::test(start_paused = true)]
 async fn a_turn_waiting_in_line_reads_the_prefix_written_meanwhile() {
     let log = Log::default();
-    let layer = layer();
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10_000).itpm(10_000).otpm(1_000_000))
+        .estimator(Arc::new(JsonEstimator))
+        .count_tokens(Some(CountTokens::new(100)))
+        .build();
     let svc = layer.layer(upstream(Arc::clone(&log)));
     // Takes 9,000 of the 10,000 at once.
     let first = request(serde_json::json!({"name": "first", "input": 9_000}));
@@ -416,6 +437,7 @@ async fn a_turn_waiting_in_line_reads_the_prefix_written_meanwhile() {
         "name": "writer", "input": 6_000, "created": 4_000,
         "writes": [[PREFIX, PREFIX_TOKENS]],
     }));
+    // Counted while it waits: 6,000 in all, as the estimate says.
     let turn = request(serde_json::json!({
         "name": "turn", "input": 6_000, "read": 4_000,
         "pending": [[PREFIX, PREFIX_TOKENS]],
@@ -456,6 +478,7 @@ async fn a_turn_in_line_holds_for_a_prefix_written_meanwhile() {
         "name": "writer", "input": 6_000, "created": 4_000, "delay_ms": 30_000,
         "writes": [[PREFIX, PREFIX_TOKENS]],
     }));
+    // Counted while it waits: 6,000 in all, as the estimate says.
     let turn = request(serde_json::json!({
         "name": "turn", "input": 6_000, "read": 4_000, "delay_ms": 10_000,
         "pending": [[PREFIX, PREFIX_TOKENS]],

@@ -52,7 +52,8 @@
 //!    pending prefixes that has become readable through this budget since
 //!    it was estimated (a writer's answer began, or one completed within
 //!    the server's shortest cache lifetime, 5 minutes from its start) and
-//!    whose size an answer said; and a read whose prefix stopped being
+//!    whose size an answer said, when its input was counted (the count less
+//!    that size is exact); and a read whose prefix stopped being
 //!    readable is taken back ([`refresh`]). If instead a longer prefix of
 //!    it has begun to be written meanwhile, it holds before asking, keeping
 //!    its place in line, until that write begins, at most the cache hold
@@ -430,7 +431,11 @@ pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) ->
         .iter()
         .take_while(|p| p.tokens > floor)
     {
-        if let Some(Some(served)) = shared.writers.readable(p.hash, now) {
+        // Read only where the charge is exact (a count less the served
+        // size): a remainder estimated after a read errs by more than itself.
+        if let (Some(Some(served)), Some(_)) =
+            (shared.writers.readable(p.hash, now), charge.counted)
+        {
             found = Some(Readable {
                 hash: p.hash,
                 tokens: p.tokens,
