@@ -420,8 +420,10 @@ fn waiter_figure() {
         }));
     let before = LIVE.load(Ordering::SeqCst);
     let mut futures = Vec::with_capacity(WAITERS);
+    let mut inline = 0;
     for _ in 0..WAITERS {
         let mut f = Box::pin(svc.call(request()));
+        inline = std::mem::size_of_val(&*f);
         assert!(std::future::Future::poll(f.as_mut(), &mut cx).is_pending());
         futures.push(f);
     }
@@ -429,7 +431,8 @@ fn waiter_figure() {
     let waiting = limits.concurrency().snapshot().waiting.total();
     println!(
         "memory per waiter, full preset: {:.0} B ({waiting} of {WAITERS} requests waiting for a slot; \
-         the requests themselves, {:.0} B each, not counted; target <= 600 B)",
+         the requests themselves, {:.0} B each, not counted; target <= 600 B), of which the \
+         response future's own {inline} B",
         (held.saturating_sub(bare)) as f64 / WAITERS as f64,
         bare as f64 / WAITERS as f64,
     );
@@ -578,10 +581,15 @@ criterion_group!(benches, in_memory);
 /// then exit. For an instruction-counting profiler, whose counts do not
 /// depend on the machine's load:
 /// `PRESET_PROFILE=preset valgrind --tool=callgrind target/release/deps/preset-*`.
-/// `PRESET_PROFILE=interleaved` prints only the interleaved in-memory figure.
+/// `PRESET_PROFILE=interleaved` prints only the interleaved in-memory figure,
+/// `PRESET_PROFILE=waiter` only the memory per waiter.
 fn profile(spec: &str) {
     if spec == "interleaved" {
         interleaved_in_memory();
+        return;
+    }
+    if spec == "waiter" {
+        waiter_figure();
         return;
     }
     let (name, n) = match spec.split_once(':') {
