@@ -546,6 +546,14 @@ struct Source {
     data: Option<Span>,
 }
 
+/// The search for `cache_control` in a body, built once (building one costs
+/// more than searching a small body).
+fn cache_control_finder() -> &'static memchr::memmem::Finder<'static> {
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"cache_control"));
+    &FINDER
+}
+
 /// One pass over a body.
 struct Walk<'a, 'c> {
     sc: Scanner<'a>,
@@ -576,7 +584,7 @@ impl<'a, 'c> Walk<'a, 'c> {
             has_messages: false,
             // Keys are matched unescaped, so a body without these bytes has
             // no breakpoint.
-            may_cache: memchr::memmem::find(b, b"cache_control").is_some(),
+            may_cache: cache_control_finder().find(b).is_some(),
             sections: Default::default(),
             cc: None,
             breakpoints: Vec::new(),
