@@ -582,7 +582,8 @@ criterion_group!(benches, in_memory);
 /// depend on the machine's load:
 /// `PRESET_PROFILE=preset valgrind --tool=callgrind target/release/deps/preset-*`.
 /// `PRESET_PROFILE=interleaved` prints only the interleaved in-memory figure,
-/// `PRESET_PROFILE=waiter` only the memory per waiter.
+/// `PRESET_PROFILE=waiter` only the memory per waiter, `PRESET_PROFILE=tcp`
+/// only the TCP figures.
 fn profile(spec: &str) {
     if spec == "interleaved" {
         interleaved_in_memory();
@@ -590,6 +591,11 @@ fn profile(spec: &str) {
     }
     if spec == "waiter" {
         waiter_figure();
+        return;
+    }
+    if spec == "tcp" {
+        tcp_figures("current_thread", &runtime());
+        tcp_figures("2 workers", &two_workers());
         return;
     }
     let (name, n) = match spec.split_once(':') {
@@ -620,6 +626,14 @@ fn profile(spec: &str) {
     });
 }
 
+fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn main() {
     if let Ok(spec) = std::env::var("PRESET_PROFILE") {
         profile(&spec);
@@ -629,12 +643,7 @@ fn main() {
     allocation_figures();
     waiter_figure();
     tcp_figures("current_thread", &runtime());
-    let two = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    tcp_figures("2 workers", &two);
+    tcp_figures("2 workers", &two_workers());
     benches();
     Criterion::default().configure_from_args().final_summary();
 }
