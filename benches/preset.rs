@@ -38,7 +38,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::Policy;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_llm_limits::budget::Limits;
-use tower_llm_limits::preset::LimitsLayer;
+use tower_llm_limits::preset::{LimitsLayer, TransportBody};
 use tower_llm_limits::wire::ratelimit::{insert_rate_limit_headers, LimitState};
 use tower_llm_limits::BoxError;
 
@@ -445,8 +445,6 @@ fn waiter_figure() {
 const TCP_REQUESTS: usize = 20_000;
 const IN_FLIGHT: usize = 64;
 
-type ClientBody = UnsyncBoxBody<Bytes, BoxError>;
-
 async fn serve(listener: tokio::net::TcpListener) {
     let headers = Arc::new(answer_headers());
     loop {
@@ -507,14 +505,6 @@ where
     (TCP_REQUESTS / IN_FLIGHT * IN_FLIGHT) as f64 / t.elapsed().as_secs_f64()
 }
 
-fn box_request<B>(req: Request<B>) -> Request<ClientBody>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    req.map(|b| b.map_err(Into::into).boxed_unsync())
-}
-
 /// Interleaved rounds over TCP, after a warm-up round (connections opened,
 /// the preset's adaptive concurrency limit grown, allocator warm) on the
 /// same two clients: each round drives the bare client and the preset,
@@ -522,10 +512,11 @@ where
 /// moves both alike. Returns each round's (bare, preset) requests per second.
 async fn tcp_rounds(uri: &http::Uri) -> Vec<(f64, f64)> {
     let bare = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let client = Client::builder(TokioExecutor::new()).build_http::<ClientBody>();
+    // The transport takes the preset's own request body, unboxed (as the
+    // preset's docs say a hyper-util client goes under it).
+    let client = Client::builder(TokioExecutor::new()).build_http::<TransportBody<Full<Bytes>>>();
     let stack = ServiceBuilder::new()
         .layer(LimitsLayer::anthropic(limits()))
-        .map_request(box_request)
         .service(client);
     drive(bare.clone(), uri).await;
     drive(stack.clone(), uri).await;
