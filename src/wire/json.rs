@@ -41,6 +41,7 @@
 //! ```
 
 use crate::wire::usage::Usage;
+use crate::wire::usage_read::read_usage;
 
 /// The scanner met something it cannot walk (the body is not JSON, or is cut short).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -565,7 +566,8 @@ const SHORT_STRING: usize = 32;
 /// The index of the first `"` in `bytes`. Most strings of an answer are
 /// short keys and values: eight bytes at a time finds their end sooner than
 /// a vector search starts; past [`SHORT_STRING`] bytes, `memchr`.
-fn find_quote(bytes: &[u8]) -> Option<usize> {
+#[inline]
+pub(super) fn find_quote(bytes: &[u8]) -> Option<usize> {
     let mut i = 0;
     while i < SHORT_STRING {
         let Some(word) = bytes
@@ -764,16 +766,18 @@ impl UsageScanner {
             Capture::InChunk(start) => chunk
                 .get(start..=pos)
                 .filter(|json| json.len() <= MAX_USAGE_JSON)
-                .map(serde_json::from_slice::<Usage>),
+                .and_then(read_usage),
             Capture::Buffered(mut kept) => {
                 let tail = chunk.get(..=pos).unwrap_or_default();
-                (kept.len() + tail.len() <= MAX_USAGE_JSON).then(|| {
-                    kept.extend_from_slice(tail);
-                    serde_json::from_slice::<Usage>(&kept)
-                })
+                (kept.len() + tail.len() <= MAX_USAGE_JSON)
+                    .then(|| {
+                        kept.extend_from_slice(tail);
+                        read_usage(&kept)
+                    })
+                    .flatten()
             }
         };
-        if let Some(Ok(usage)) = parsed {
+        if let Some(usage) = parsed {
             self.usage = Some(usage);
         }
     }
