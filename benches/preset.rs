@@ -38,7 +38,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::Policy;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_llm_limits::budget::Limits;
-use tower_llm_limits::preset::LimitsLayer;
+use tower_llm_limits::preset::{LimitsLayer, TransportBody};
 use tower_llm_limits::wire::ratelimit::{insert_rate_limit_headers, LimitState};
 use tower_llm_limits::BoxError;
 
@@ -420,8 +420,10 @@ fn waiter_figure() {
         }));
     let before = LIVE.load(Ordering::SeqCst);
     let mut futures = Vec::with_capacity(WAITERS);
+    let mut inline = 0;
     for _ in 0..WAITERS {
         let mut f = Box::pin(svc.call(request()));
+        inline = std::mem::size_of_val(&*f);
         assert!(std::future::Future::poll(f.as_mut(), &mut cx).is_pending());
         futures.push(f);
     }
@@ -429,7 +431,8 @@ fn waiter_figure() {
     let waiting = limits.concurrency().snapshot().waiting.total();
     println!(
         "memory per waiter, full preset: {:.0} B ({waiting} of {WAITERS} requests waiting for a slot; \
-         the requests themselves, {:.0} B each, not counted; target <= 600 B)",
+         the requests themselves, {:.0} B each, not counted; target <= 600 B), of which the \
+         response future's own {inline} B",
         (held.saturating_sub(bare)) as f64 / WAITERS as f64,
         bare as f64 / WAITERS as f64,
     );
@@ -441,8 +444,6 @@ fn waiter_figure() {
 
 const TCP_REQUESTS: usize = 20_000;
 const IN_FLIGHT: usize = 64;
-
-type ClientBody = UnsyncBoxBody<Bytes, BoxError>;
 
 async fn serve(listener: tokio::net::TcpListener) {
     let headers = Arc::new(answer_headers());
@@ -504,14 +505,6 @@ where
     (TCP_REQUESTS / IN_FLIGHT * IN_FLIGHT) as f64 / t.elapsed().as_secs_f64()
 }
 
-fn box_request<B>(req: Request<B>) -> Request<ClientBody>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    req.map(|b| b.map_err(Into::into).boxed_unsync())
-}
-
 /// Interleaved rounds over TCP, after a warm-up round (connections opened,
 /// the preset's adaptive concurrency limit grown, allocator warm) on the
 /// same two clients: each round drives the bare client and the preset,
@@ -519,10 +512,11 @@ where
 /// moves both alike. Returns each round's (bare, preset) requests per second.
 async fn tcp_rounds(uri: &http::Uri) -> Vec<(f64, f64)> {
     let bare = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let client = Client::builder(TokioExecutor::new()).build_http::<ClientBody>();
+    // The transport takes the preset's own request body, unboxed (as the
+    // preset's docs say a hyper-util client goes under it).
+    let client = Client::builder(TokioExecutor::new()).build_http::<TransportBody<Full<Bytes>>>();
     let stack = ServiceBuilder::new()
         .layer(LimitsLayer::anthropic(limits()))
-        .map_request(box_request)
         .service(client);
     drive(bare.clone(), uri).await;
     drive(stack.clone(), uri).await;
@@ -578,10 +572,21 @@ criterion_group!(benches, in_memory);
 /// then exit. For an instruction-counting profiler, whose counts do not
 /// depend on the machine's load:
 /// `PRESET_PROFILE=preset valgrind --tool=callgrind target/release/deps/preset-*`.
-/// `PRESET_PROFILE=interleaved` prints only the interleaved in-memory figure.
+/// `PRESET_PROFILE=interleaved` prints only the interleaved in-memory figure,
+/// `PRESET_PROFILE=waiter` only the memory per waiter, `PRESET_PROFILE=tcp`
+/// only the TCP figures.
 fn profile(spec: &str) {
     if spec == "interleaved" {
         interleaved_in_memory();
+        return;
+    }
+    if spec == "waiter" {
+        waiter_figure();
+        return;
+    }
+    if spec == "tcp" {
+        tcp_figures("current_thread", &runtime());
+        tcp_figures("2 workers", &two_workers());
         return;
     }
     let (name, n) = match spec.split_once(':') {
@@ -612,6 +617,14 @@ fn profile(spec: &str) {
     });
 }
 
+fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn main() {
     if let Ok(spec) = std::env::var("PRESET_PROFILE") {
         profile(&spec);
@@ -621,12 +634,7 @@ fn main() {
     allocation_figures();
     waiter_figure();
     tcp_figures("current_thread", &runtime());
-    let two = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    tcp_figures("2 workers", &two);
+    tcp_figures("2 workers", &two_workers());
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

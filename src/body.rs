@@ -114,7 +114,9 @@ pin_project! {
     enum Kind<B> {
         Full {
             data: Option<Bytes>,
-            trailers: Option<HeaderMap>,
+            // Boxed: requests rarely have trailers, and every future that
+            // holds a request holds this inline.
+            trailers: Option<Box<HeaderMap>>,
         },
         Stream {
             prefix: VecDeque<Frame<Bytes>>,
@@ -129,6 +131,10 @@ pin_project! {
 impl<B> ReplayBody<B> {
     /// A body of these bytes, then these trailers.
     pub fn full(bytes: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self::full_boxed(bytes, trailers.map(Box::new))
+    }
+
+    fn full_boxed(bytes: Bytes, trailers: Option<Box<HeaderMap>>) -> Self {
         ReplayBody {
             kind: Kind::Full {
                 data: (!bytes.is_empty()).then_some(bytes),
@@ -176,7 +182,7 @@ where
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
             KindProj::Stream {
                 prefix,
@@ -265,7 +271,7 @@ impl BufferedBody {
 
     /// A new body yielding the same bytes and trailers. The bytes are shared, not copied.
     pub(crate) fn replay<B>(&self) -> ReplayBody<B> {
-        ReplayBody::full(self.bytes.clone(), self.trailers.as_deref().cloned())
+        ReplayBody::full_boxed(self.bytes.clone(), self.trailers.clone())
     }
 }
 

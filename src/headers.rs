@@ -129,8 +129,12 @@ impl RateLimitSnapshot {
             .and_then(parse_retry_after_ms)
             .or_else(|| found.retry_after.and_then(|v| parse_retry_after(v, now)));
         let should_retry = found.should_retry.and_then(parse_bool);
-        let [requests, tokens, input_tokens, output_tokens] =
-            found.anthropic.map(|fields| read_anthropic(fields, now));
+        // The API writes the same reset instant in several headers: each
+        // distinct value is parsed once.
+        let mut last_reset = None;
+        let [requests, tokens, input_tokens, output_tokens] = found
+            .anthropic
+            .map(|fields| read_anthropic(fields, now, &mut last_reset));
         let mut snap = RateLimitSnapshot {
             retry_after,
             should_retry,
@@ -283,10 +287,16 @@ fn parse_u64(value: &HeaderValue) -> Option<u64> {
     if bytes.len() > MAX_VALUE_LEN {
         return None;
     }
-    let blank = |b: &u8| *b == b' ' || *b == b'\t';
-    let start = bytes.iter().position(|b| !blank(b))?;
-    let end = bytes.iter().rposition(|b| !blank(b))?;
-    let digits = bytes.get(start..=end)?;
+    let mut digits = bytes;
+    while let [b' ' | b'\t', rest @ ..] = digits {
+        digits = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = digits {
+        digits = rest;
+    }
+    if digits.is_empty() {
+        return None;
+    }
     digits.iter().try_fold(0u64, |n, &b| {
         let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
         n.checked_mul(10)?.checked_add(u64::from(digit))
@@ -323,7 +333,10 @@ impl<'a> Found<'a> {
     /// Where the value of the header `name` goes, if it is one that is read.
     fn slot(&mut self, name: &str) -> Option<&mut Option<&'a HeaderValue>> {
         if let Some(rest) = name.strip_prefix("anthropic-ratelimit-") {
-            let (kind, field) = rest.rsplit_once('-')?;
+            // The field by its suffix: no search for the last `-`.
+            let (kind, field) = [("-limit", 0), ("-remaining", 1), ("-reset", 2)]
+                .into_iter()
+                .find_map(|(suffix, i)| Some((rest.strip_suffix(suffix)?, i)))?;
             let kind = match kind {
                 "requests" => 0,
                 "tokens" => 1,
@@ -331,7 +344,7 @@ impl<'a> Found<'a> {
                 "output-tokens" => 3,
                 _ => return None,
             };
-            return self.anthropic.get_mut(kind)?.get_mut(field_index(field)?);
+            return self.anthropic.get_mut(kind)?.get_mut(field);
         }
         if let Some(rest) = name.strip_prefix("x-ratelimit-") {
             let (field, kind) = rest.split_once('-')?;
@@ -360,14 +373,30 @@ fn field_index(field: &str) -> Option<usize> {
     }
 }
 
-fn read_anthropic([limit, remaining, reset]: Fields<'_>, now: SystemTime) -> LimitStatus {
+/// One `anthropic-ratelimit-*` limit. `last_reset` holds the last reset
+/// value read and what it gave, reused when the next value is the same bytes.
+fn read_anthropic<'a>(
+    [limit, remaining, reset]: Fields<'a>,
+    now: SystemTime,
+    last_reset: &mut Option<(&'a [u8], Option<Duration>)>,
+) -> LimitStatus {
+    let reset_in = reset.and_then(|value| {
+        let raw = value.as_bytes();
+        match *last_reset {
+            Some((seen, reset_in)) if seen == raw => reset_in,
+            _ => {
+                let reset_in = value_str(value)
+                    .and_then(parse_rfc3339)
+                    .map(|at| bounded(at.duration_since(now).unwrap_or(Duration::ZERO)));
+                *last_reset = Some((raw, reset_in));
+                reset_in
+            }
+        }
+    });
     LimitStatus {
         limit: limit.and_then(parse_u64),
         remaining: remaining.and_then(parse_u64),
-        reset_in: reset
-            .and_then(value_str)
-            .and_then(parse_rfc3339)
-            .map(|at| bounded(at.duration_since(now).unwrap_or(Duration::ZERO))),
+        reset_in,
     }
 }
 

@@ -4,17 +4,18 @@
 //! [`KeyMap::entries`] (snapshots) lock one shard at a time, each for a
 //! sixteenth of the keys.
 //!
-//! Each entry holds its own key name ([`Keyed`]), so a shard is a set of
-//! pointers (8 bytes a slot) and the name is stored once.
+//! Each entry holds its own key name ([`Keyed`]), so a shard is a table of
+//! pointers (8 bytes a slot) and the name is stored once. A key is hashed
+//! once per lookup (keyed SipHash): the hash picks the shard and finds the
+//! entry in it.
 
-use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
-use std::collections::HashSet;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use hashbrown::HashTable;
 use tokio::time::Instant;
 
 /// How many shards the map has.
@@ -42,34 +43,10 @@ pub(super) struct KeyMap<T> {
 }
 
 struct Shard<T> {
-    map: HashSet<ByKey<T>>,
+    map: HashTable<Arc<T>>,
     /// The size of this shard that calls for its next sweep.
     next_len: usize,
 }
-
-/// An entry found in a shard's set by its key's name.
-struct ByKey<T>(Arc<T>);
-
-impl<T: Keyed> Borrow<str> for ByKey<T> {
-    fn borrow(&self) -> &str {
-        self.0.key()
-    }
-}
-
-impl<T: Keyed> Hash for ByKey<T> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // As `str` hashes, so that a lookup by `&str` finds it.
-        self.0.key().hash(state);
-    }
-}
-
-impl<T: Keyed> PartialEq for ByKey<T> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.key() == other.0.key()
-    }
-}
-
-impl<T: Keyed> Eq for ByKey<T> {}
 
 impl<T> std::fmt::Debug for KeyMap<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,7 +63,7 @@ impl<T: Keyed> KeyMap<T> {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
-                        map: HashSet::new(),
+                        map: HashTable::new(),
                         next_len: FIRST_SWEEP_LEN,
                     })
                 })
@@ -105,11 +82,19 @@ impl<T: Keyed> KeyMap<T> {
     /// The key's state, if the map holds it (never creates it).
     #[cfg_attr(not(feature = "pool"), allow(dead_code))]
     pub(super) fn get(&self, key: &str) -> Option<Arc<T>> {
-        self.shard(key).map.get(key).map(|e| Arc::clone(&e.0))
+        self.get_hashed(key, self.hasher.hash_one(key))
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, Shard<T>> {
-        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+    /// [`get`](Self::get) with the key's hash already computed.
+    fn get_hashed(&self, key: &str, hash: u64) -> Option<Arc<T>> {
+        let shard = self.shard(hash);
+        shard.map.find(hash, |e| e.key() == key).map(Arc::clone)
+    }
+
+    /// The shard of a key's hash: bits that a shard's table uses neither
+    /// for the slot (low bits) nor for the tag (the top seven).
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard<T>> {
+        let i = ((hash >> 32) as usize) % SHARDS;
         lock(&self.shards[i])
     }
 
@@ -126,25 +111,28 @@ impl<T: Keyed> KeyMap<T> {
         make: impl FnOnce(&str) -> T,
         keep: impl Fn(&T) -> bool,
     ) -> Option<Arc<T>> {
-        if let Some(found) = self.get(key) {
+        let hash = self.hasher.hash_one(key);
+        if let Some(found) = self.get_hashed(key, hash) {
             return Some(found);
         }
         if !self.take_slot(max_keys) {
             self.retain(&keep);
             if !self.take_slot(max_keys) {
                 // Another request may have created it meanwhile.
-                return self.get(key);
+                return self.get_hashed(key, hash);
             }
         }
         let entry = {
-            let mut shard = self.shard(key);
-            if let Some(found) = shard.map.get(key) {
+            let mut shard = self.shard(hash);
+            if let Some(found) = shard.map.find(hash, |e| e.key() == key) {
                 // Created meanwhile: give the slot back.
                 self.len.fetch_sub(1, Ordering::Relaxed);
-                return Some(Arc::clone(&found.0));
+                return Some(Arc::clone(found));
             }
             let entry = Arc::new(make(key));
-            shard.map.insert(ByKey(Arc::clone(&entry)));
+            shard
+                .map
+                .insert_unique(hash, Arc::clone(&entry), |e| self.hasher.hash_one(e.key()));
             if shard.map.len() >= shard.next_len {
                 self.sweep_shard(&mut shard, &keep);
             }
@@ -180,14 +168,12 @@ impl<T: Keyed> KeyMap<T> {
         let before = shard.map.len();
         // An entry held elsewhere (a request in flight) stays, or a second
         // state could start for its key.
-        shard
-            .map
-            .retain(|e| Arc::strong_count(&e.0) > 1 || keep(&e.0));
+        shard.map.retain(|e| Arc::strong_count(e) > 1 || keep(e));
         let dropped = before - shard.map.len();
         self.len.fetch_sub(dropped, Ordering::Relaxed);
         // A shard that shrank to a quarter gives its memory back.
         if shard.map.capacity() > 4 * shard.map.len().max(16) {
-            shard.map.shrink_to_fit();
+            shard.map.shrink_to_fit(|e| self.hasher.hash_one(e.key()));
         }
         shard.next_len = shard.map.len().saturating_mul(2).max(FIRST_SWEEP_LEN);
         dropped
@@ -208,7 +194,7 @@ impl<T: Keyed> KeyMap<T> {
         let mut out = Vec::with_capacity(self.len());
         for shard in self.shards.iter() {
             let shard = lock(shard);
-            out.extend(shard.map.iter().map(|e| Arc::clone(&e.0)));
+            out.extend(shard.map.iter().map(Arc::clone));
         }
         out
     }

@@ -550,7 +550,9 @@ fn spawn_ledger_op(op: impl Future<Output = Result<(), LedgerError>> + Send + 's
 #[derive(Debug, Default)]
 pub(crate) struct Admission {
     place: Option<Place>,
-    asking: Option<Asking>,
+    /// Boxed: only a ledger that answers over a round trip (Redis) makes
+    /// one, and every waiting request holds this field inline.
+    asking: Option<Box<Asking>>,
     sleep: Option<Pin<Box<Sleep>>>,
     started: Option<Instant>,
     /// Set while this request holds its key's probe role and is not yet
@@ -939,13 +941,13 @@ impl Shared {
                     self.join(&mut ks, charge, adm, &turn);
                 }
                 drop(ks);
-                adm.asking = Some(Asking {
+                adm.asking = Some(Box::new(Asking {
                     fut: Some(fut),
                     shared: Arc::clone(self),
                     cell: Arc::clone(&charge.cell),
                     limits: charge.limits,
                     costs,
-                });
+                }));
                 Step::Asking
             }
         }

@@ -479,24 +479,30 @@ struct Boundary {
     tally: Tally,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct SectionState {
     present: bool,
     start: usize,
     end: usize,
     tally: Tally,
-    ring: [Boundary; LOOKBACK],
-    ring_len: usize,
+    /// The last [`LOOKBACK`] boundaries (in ring order), kept only for a
+    /// body that may hold a breakpoint: empty, so never allocated nor
+    /// zeroed, for the others.
+    ring: Vec<Boundary>,
     ring_next: usize,
 }
 
 impl SectionState {
     fn push(&mut self, b: Boundary) {
-        if let Some(slot) = self.ring.get_mut(self.ring_next) {
+        if self.ring.len() < LOOKBACK {
+            if self.ring.is_empty() {
+                self.ring.reserve_exact(LOOKBACK);
+            }
+            self.ring.push(b);
+        } else if let Some(slot) = self.ring.get_mut(self.ring_next) {
             *slot = b;
         }
         self.ring_next = (self.ring_next + 1) % LOOKBACK;
-        self.ring_len = (self.ring_len + 1).min(LOOKBACK);
     }
 }
 
@@ -505,8 +511,8 @@ struct Breakpoint {
     section: Section,
     ttl: Duration,
     at: Boundary,
-    lookback: [Boundary; LOOKBACK],
-    lookback_len: usize,
+    /// The boundaries before it in its section, at most [`LOOKBACK`].
+    lookback: Vec<Boundary>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -540,6 +546,14 @@ struct Source {
     data: Option<Span>,
 }
 
+/// The search for `cache_control` in a body, built once (building one costs
+/// more than searching a small body).
+fn cache_control_finder() -> &'static memchr::memmem::Finder<'static> {
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"cache_control"));
+    &FINDER
+}
+
 /// One pass over a body.
 struct Walk<'a, 'c> {
     sc: Scanner<'a>,
@@ -548,6 +562,9 @@ struct Walk<'a, 'c> {
     max_tokens: Option<u64>,
     stream: bool,
     has_messages: bool,
+    /// Whether the body has a `cache_control` key anywhere, so may hold a
+    /// breakpoint: only then are the boundaries before one kept.
+    may_cache: bool,
     sections: [SectionState; 3],
     /// A `cache_control` seen in the block being walked (its lifetime).
     cc: Option<Duration>,
@@ -565,7 +582,10 @@ impl<'a, 'c> Walk<'a, 'c> {
             max_tokens: None,
             stream: false,
             has_messages: false,
-            sections: [SectionState::default(); 3],
+            // Keys are matched unescaped, so a body without these bytes has
+            // no breakpoint.
+            may_cache: cache_control_finder().find(b).is_some(),
+            sections: Default::default(),
             cc: None,
             breakpoints: Vec::new(),
             cc_spans: Vec::new(),
@@ -621,6 +641,7 @@ impl<'a, 'c> Walk<'a, 'c> {
         let end = self.sc.position();
         let cc = self.cc.take();
         let room = self.breakpoints.len() < MAX_BREAKPOINTS;
+        let keep = self.may_cache;
         let s = self.section(sec);
         s.tally.add(t);
         s.end = end;
@@ -633,12 +654,13 @@ impl<'a, 'c> Walk<'a, 'c> {
                 section: sec,
                 ttl,
                 at,
-                lookback: s.ring,
-                lookback_len: s.ring_len,
+                lookback: s.ring.clone(),
             }),
             _ => None,
         };
-        s.push(at);
+        if keep {
+            s.push(at);
+        }
         if let Some(bp) = bp {
             self.breakpoints.push(bp);
         }
@@ -1414,7 +1436,7 @@ fn cache_candidates(w: &Walk<'_, '_>) -> Vec<(Section, Boundary, Option<Duration
     let mut cands = Vec::new();
     for bp in &w.breakpoints {
         cands.push((bp.section, bp.at, Some(bp.ttl)));
-        for b in bp.lookback.iter().take(bp.lookback_len) {
+        for b in &bp.lookback {
             cands.push((bp.section, *b, None));
         }
         for sec in SECTIONS.iter().take(bp.section as usize) {

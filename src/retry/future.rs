@@ -457,16 +457,21 @@ impl<S, B> Ctx<S, B> {
     }
 }
 
-/// What the future does next: the outcome of one state's work.
-enum Step<F, R> {
+/// The request of an attempt.
+type Attempt<B> = Request<ReplayBody<B>>;
+
+/// What the future does next: the outcome of one state's work. An attempt
+/// goes as its request, called straight into [`State::Calling`]: the inner
+/// future, often the largest thing here, is then not moved through it.
+enum Step<Q, R> {
     /// Decide whether the next attempt may start.
     Gate,
     /// Sleep until this instant, then go to the gate.
     Wait(Instant),
     /// Poll the inner service for readiness, then go to the gate.
     Ready,
-    /// An attempt was started.
-    Call(F),
+    /// Start an attempt with this request.
+    Call(Q),
     /// Read an error body, then do what `Then` says.
     Read(R, Then),
     /// The attempt failed and may be retried after this delay.
@@ -580,7 +585,7 @@ where
     B::Error: Into<BoxError>,
 {
     /// `Buffering`: reads the request body, once.
-    fn poll_buffer(&mut self, cx: &mut Context<'_>) -> Poll<Step<S::Future, R>> {
+    fn poll_buffer(&mut self, cx: &mut Context<'_>) -> Poll<Step<Attempt<B>, R>> {
         if let Payload::Buffering(buffer) = &mut self.payload {
             self.payload = match ready!(Pin::new(buffer).poll(cx)) {
                 Ok(Buffered::Complete(kept)) => Payload::Replay(kept),
@@ -592,7 +597,7 @@ where
     }
 
     /// `Gate`: waits, readies the service, starts an attempt, or gives up.
-    fn pass_gate(&mut self) -> Step<S::Future, R> {
+    fn pass_gate(&mut self) -> Step<Attempt<B>, R> {
         match self.gate() {
             Err(e) => Step::Return(Err(e)),
             Ok(Gate::Wait(until)) => Step::Wait(until),
@@ -600,9 +605,7 @@ where
             Ok(Gate::Go) => match self.next_request() {
                 Ok(req) => {
                     self.ready = false;
-                    let marker = Dispatch::of(req.extensions());
-                    let service = &mut self.service;
-                    Step::Call(Dispatch::pass(marker.as_ref(), || service.call(req)))
+                    Step::Call(req)
                 }
                 Err(e) => Step::Return(Err(e)),
             },
@@ -610,7 +613,7 @@ where
     }
 
     /// `Waiting`: sleeps, and counts the time waited.
-    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Step<S::Future, R>> {
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Step<Attempt<B>, R>> {
         if let Some(sleep) = self.sleep.as_mut() {
             ready!(sleep.as_mut().poll(cx));
         }
@@ -621,7 +624,7 @@ where
     }
 
     /// `Readying`: waits for the inner service to accept a retry.
-    fn poll_service(&mut self, cx: &mut Context<'_>) -> Poll<Step<S::Future, R>> {
+    fn poll_service(&mut self, cx: &mut Context<'_>) -> Poll<Step<Attempt<B>, R>> {
         if let Err(e) = ready!(self.service.poll_ready(cx)) {
             return Poll::Ready(Step::Return(Err(e.into())));
         }
@@ -631,7 +634,7 @@ where
 
     /// `Reading` is over: the spend-cap 429 fails; any other is retried as
     /// planned, or its body goes into the give-up error.
-    fn after_error_body(&mut self, finished: bool, body: &[u8], then: Then) -> Step<S::Future, R> {
+    fn after_error_body(&mut self, finished: bool, body: &[u8], then: Then) -> Step<Attempt<B>, R> {
         if finished && policy::is_spend_limit_body(body) {
             Counters::bump(&self.shared.counters.spend_limit);
             tracing::warn!("spend limit reached (enforced_spend_limit_reached); not retried");
@@ -719,7 +722,7 @@ where
     fn advance(
         mut state: Pin<&mut State<S::Future, R>>,
         ctx: &mut Ctx<S, B>,
-        step: Step<S::Future, R>,
+        step: Step<Attempt<B>, R>,
     ) -> Option<Result<Response<R>, BoxError>> {
         match step {
             Step::Gate => state.set(State::Gate),
@@ -728,7 +731,13 @@ where
                 state.set(State::Waiting);
             }
             Step::Ready => state.set(State::Readying),
-            Step::Call(future) => state.set(State::Calling { future }),
+            Step::Call(req) => {
+                let marker = Dispatch::of(req.extensions());
+                let service = &mut ctx.service;
+                state.set(State::Calling {
+                    future: Dispatch::pass(marker.as_ref(), || service.call(req)),
+                });
+            }
             Step::Read(body, then) => {
                 ctx.start_reading();
                 state.set(State::Reading {
@@ -775,6 +784,13 @@ where
                 StateProj::Waiting => ready!(ctx.poll_wait(cx)),
                 StateProj::Readying => ready!(ctx.poll_service(cx)),
                 StateProj::Calling { future } => match ready!(future.poll(cx)) {
+                    // The common case, an answer below 400 (one no policy
+                    // retries): returned as it came, without going through
+                    // `Step` (each pass copies it).
+                    Ok(response) if response.status().as_u16() < 400 => {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response));
+                    }
                     Ok(response) => ctx.on_response(response),
                     Err(e) => ctx.on_error(e.into()),
                 },

@@ -45,6 +45,7 @@ pub mod json;
 pub mod ratelimit;
 pub mod sse;
 mod usage;
+mod usage_read;
 
 pub use usage::{
     usage_of, CacheCreation, StreamEnd, StreamUsage, Usage, UsageDelta, MAX_USAGE_EVENT,
