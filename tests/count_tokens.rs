@@ -18,7 +18,7 @@ use tower::{Layer, ServiceExt};
 use tower_llm_limits::body::ReplayBody;
 use tower_llm_limits::budget::{CountTokens, Limits, TokenBudget, TokenBudgetLayer};
 use tower_llm_limits::estimate::{Estimate, TokenEstimator};
-use tower_llm_limits::{BoxError, Dimension};
+use tower_llm_limits::{BoxError, Dimension, Error};
 
 const MODEL: &str = "claude-sonnet-4-5";
 const KEY: &str = "sonnet-4";
@@ -262,6 +262,32 @@ async fn the_headroom_is_kept_only_while_estimates_are_in_flight() {
         "{c:?}"
     );
     pending.abort();
+}
+
+/// A request too large by its estimate alone (15,000 against 10,000 a
+/// minute) is counted before it is refused: counted 6,000, it goes once
+/// 6,000 fit; when the count fails, it is refused as too large, unsent.
+#[tokio::test(start_paused = true)]
+async fn a_request_too_large_by_its_estimate_is_counted_first() {
+    let api = Api::new(Answer::Count(6_000, Duration::from_millis(50)));
+    let counted = layer(CountTokens::new(100));
+    let svc = counted.layer(upstream(Arc::clone(&api)));
+    send(svc.clone(), request("big", 15_000, 6_000))
+        .await
+        .unwrap();
+    assert!(api.sent("big").is_some());
+    assert_eq!(api.counts().len(), 1);
+
+    let api = Api::new(Answer::Status(500));
+    let failed = layer(CountTokens::new(100));
+    let svc = failed.layer(upstream(Arc::clone(&api)));
+    let err = send(svc.clone(), request("big", 15_000, 6_000))
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<Error>().expect("a typed error");
+    assert!(matches!(err, Error::RequestTooLarge { .. }), "{err:?}");
+    assert!(api.sent("big").is_none(), "never sent");
+    assert_eq!(remaining_input(&failed), 10_000.0, "nothing kept");
 }
 
 /// A request that fits now goes now, with its estimate: no count is asked.

@@ -639,6 +639,11 @@ where
         }
     }
 
+    /// Whether a count is being asked or read.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.call.is_some() || self.reading.is_some()
+    }
+
     /// The budget said wait: starts the count if it is worth it and a call
     /// is free. True if it started (poll it next).
     pub(crate) fn start(

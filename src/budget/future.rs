@@ -329,7 +329,9 @@ where
                     let polled = match poll_prefix(shared, ch, prefix, cx) {
                         Poll::Ready(()) => {
                             let writing = prefix::refresh(shared, ch, cx);
-                            if hold_in_line(shared, prefix, writing, cx) {
+                            let counting_first =
+                                ch.input_capped && ch.counted.is_none() && count.in_flight();
+                            if counting_first || hold_in_line(shared, prefix, writing, cx) {
                                 Poll::Pending
                             } else {
                                 shared.poll_admit(ch, admission, cx)

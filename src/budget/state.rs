@@ -338,6 +338,11 @@ pub(crate) struct Charge {
     /// Admitted on an estimate, counted in its key's `inexact` until the
     /// server reports its input.
     inexact: bool,
+    /// Too large by its estimate: its input reservation was capped to the
+    /// whole bucket until a count says what it is (it does not ask while
+    /// its count is in flight; admitted uncounted, it is refused as too
+    /// large).
+    pub(crate) input_capped: bool,
     /// The `count_tokens` answer charged, if any (`count.rs`).
     pub(crate) counted: Option<u64>,
 }
@@ -612,6 +617,9 @@ enum Step {
     Again,
     /// Ask again now with the output reservation capped to this.
     Capped(u64),
+    /// Ask again now with the input reservation capped to this (the whole
+    /// bucket), until a `count_tokens` answer says what it really is.
+    CappedInput(u64),
     Sleep(Instant),
 }
 
@@ -740,6 +748,7 @@ impl Shared {
             prefix_served: None,
             prefix_hash: 0,
             inexact: false,
+            input_capped: false,
             counted: None,
         })
     }
@@ -804,6 +813,18 @@ impl Shared {
                 }
             };
             match step {
+                Step::Admitted if charge.input_capped && charge.counted.is_none() => {
+                    // Admitted at the whole bucket with no count to say the
+                    // estimate was high: too large, as it said.
+                    self.correct(charge, CostDelta::refund(charge.costs), None);
+                    let refusal = Refusal::Denied(Denied::TooLarge {
+                        dimension: Dimension::InputTokens,
+                        cost: charge.estimate.input_tokens,
+                        limit: charge.costs.input_tokens,
+                    });
+                    self.refused(charge, &refusal);
+                    return Poll::Ready(Err(refusal));
+                }
                 Step::Admitted => {
                     if let Some(mut role) = adm.probe.take() {
                         // The role now ends with the charge (see `end_probe`).
@@ -824,6 +845,14 @@ impl Shared {
                 Step::Queued => return Poll::Pending,
                 Step::Asking | Step::Again => {}
                 Step::Capped(output_tokens) => charge.costs.output_tokens = output_tokens,
+                Step::CappedInput(capacity) => {
+                    charge.input_capped = true;
+                    charge.costs.input_tokens = capacity;
+                    // Its future starts the count, then asks again (see
+                    // `input_capped`).
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 Step::Sleep(at) => {
                     if !poll_sleep(adm, at, cx) {
                         return Poll::Pending;
@@ -996,6 +1025,17 @@ impl Shared {
                     // It fits only into the headroom: ask again without it.
                     adm.no_headroom = true;
                     return (Step::Again, None);
+                }
+                if dimension == Dimension::InputTokens
+                    && self.counter.is_some()
+                    && charge.counted.is_none()
+                    && !charge.input_capped
+                    && !charge.estimate.fallback
+                {
+                    // Too large by its estimate only: it waits for the
+                    // whole bucket while `count_tokens` says what it is
+                    // (an estimate can run 40 % high before calibration).
+                    return (Step::CappedInput(capacity), None);
                 }
                 if dimension == Dimension::OutputTokens
                     && ks.output_rule.unwrap_or(self.settings.output_mode) == OutputMode::Realtime
