@@ -29,6 +29,7 @@ use tower_llm_limits::budget::ledger::{
 use tower_llm_limits::budget::redis::RedisLedger;
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetLayer};
 use tower_llm_limits::clock::WallClock;
+use tower_llm_limits::estimate::SharedPromptCache;
 use tower_llm_limits::headers::LimitStatus;
 use tower_llm_limits::preset::LimitsLayer;
 use tower_llm_limits::retry::RetryAfterLayer;
@@ -125,6 +126,7 @@ async fn run_fleet(
                 let ledger = RedisLedger::builder(url)
                     .prefix(&prefix)
                     .replicas(u32::try_from(n).unwrap_or(u32::MAX))
+                    .share_prompt_cache(true)
                     .connect()
                     .await
                     .map_err(|e| format!("--redis {url}: {e}"))?;
@@ -328,6 +330,14 @@ impl Ledger for Timed {
 
     fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
         self.inner.state(key, limits)
+    }
+
+    fn prompt_cache(&self) -> Option<Arc<dyn SharedPromptCache>> {
+        self.inner.prompt_cache()
+    }
+
+    fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
+        self.inner.prefixes_cached(key, hashes);
     }
 }
 

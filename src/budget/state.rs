@@ -297,6 +297,10 @@ pub(crate) struct Shared {
     counters: Counters,
     /// The prompt-cache prefixes being written by requests in flight.
     pub(crate) writers: Arc<Writers>,
+    /// Whether the ledger shares a prompt-cache view with other processes
+    /// ([`Ledger::prompt_cache`]): responses then tell it the prefixes they
+    /// confirmed cached.
+    pub(crate) shares_prompt_cache: bool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -591,7 +595,9 @@ impl Shared {
                 epoch,
             })
         });
+        let shares_prompt_cache = ledger.prompt_cache().is_some();
         Self {
+            shares_prompt_cache,
             counter: settings.count_tokens.map(Counter::new),
             settings,
             ledger,

@@ -298,6 +298,24 @@ impl Tracker {
         }
     }
 
+    /// Tells a ledger that shares the fleet's prompt-cache view the
+    /// prefixes this response confirmed cached (any cache write or read
+    /// reported, the rule the estimator applies to its own records); it
+    /// goes with the settlement that follows.
+    fn publish_cached(&self, usage: &Usage) {
+        let writes = &self.charge.estimate.cache_writes;
+        if !self.shared.shares_prompt_cache
+            || writes.is_empty()
+            || usage.cache_creation_input_tokens == 0 && usage.cache_read_input_tokens == 0
+        {
+            return;
+        }
+        let hashes: Vec<u64> = writes.iter().map(|w| w.hash).collect();
+        self.shared
+            .ledger
+            .prefixes_cached(self.charge.key(), &hashes);
+    }
+
     fn is_final(&self) -> bool {
         matches!(&self.scanner, Scanner::Sse(s) if s.end().is_some())
     }
@@ -318,6 +336,7 @@ impl Tracker {
         let (delta, ratio, observed) = self.settlement(outcome);
         if let Some(usage) = observed.as_ref() {
             self.shared.estimator.observe(&self.charge.estimate, usage);
+            self.publish_cached(usage);
         }
         // The estimator knows the prefixes it wrote from now on.
         self.charge.writing = None;

@@ -101,6 +101,7 @@
 
 mod config;
 mod error;
+mod prompt;
 mod wire;
 
 use std::collections::HashMap;
@@ -120,8 +121,10 @@ use super::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, Reservation,
 };
 use super::Limits;
+use crate::estimate::SharedPromptCache;
 use crate::headers::LimitStatus;
 use crate::Dimension;
+use prompt::PromptMirror;
 use wire::{Applied, Op};
 
 /// At most this many buffered writes per key go in one call.
@@ -164,6 +167,23 @@ impl Conn {
             Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
         }
     }
+
+    /// The fleet's prompt-cache key, stored at `name`: set to `mine` by the
+    /// first process, read by the others.
+    async fn fleet_key(&self, name: &str, mine: &[u8; 16]) -> Result<[u8; 16], RedisLedgerError> {
+        let script = Script::new(
+            "redis.call('SET', KEYS[1], ARGV[1], 'NX') return redis.call('GET', KEYS[1])",
+        );
+        let mut inv = script.key(name);
+        inv.arg(prompt::key_to_hex(mine));
+        let stored: String = match self {
+            Conn::Single(c) => inv.invoke_async(&mut c.clone()).await?,
+            Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await?,
+        };
+        prompt::key_from_hex(&stored).ok_or(RedisLedgerError::InvalidConfig(
+            "the stored prompt-cache key is not 32 hex digits",
+        ))
+    }
 }
 
 struct Inner {
@@ -176,6 +196,8 @@ struct Inner {
     health: Mutex<Health>,
     pending: Mutex<HashMap<Arc<str>, Vec<Op>>>,
     stats: Counters,
+    /// The fleet's prompt-cache view, if shared.
+    prompt: Option<Arc<PromptMirror>>,
 }
 
 #[derive(Debug, Default)]
@@ -339,10 +361,19 @@ impl RedisLedgerBuilder {
             let conn = self.open().await?;
             conn.load(&apply).await?;
             conn.load(&read).await?;
-            Ok::<_, RedisLedgerError>(conn)
+            let prompt = match self.share_prompt {
+                true => {
+                    let name = format!("{}:prompt-key", self.prefix);
+                    let key = conn.fleet_key(&name, &prompt::random_key()).await?;
+                    Some(Arc::new(PromptMirror::new(key)))
+                }
+                false => None,
+            };
+            Ok::<_, RedisLedgerError>((conn, prompt))
         })
         .await
         .map_err(|_| RedisLedgerError::Timeout(wait))??;
+        let (conn, prompt) = conn;
         let fallback = InMemoryLedger::with_window(self.window)
             .map_err(|_| RedisLedgerError::InvalidConfig("window"))?;
         Ok(RedisLedger {
@@ -356,6 +387,7 @@ impl RedisLedgerBuilder {
                 health: Mutex::new(Health::default()),
                 pending: Mutex::new(HashMap::new()),
                 stats: Counters::default(),
+                prompt,
             }),
         })
     }
@@ -489,11 +521,20 @@ impl Inner {
         reserve: Option<Ask>,
     ) -> Result<Applied, RedisLedgerError> {
         let s = &self.settings;
-        let mut inv = self.apply.key(self.hash_key(key));
+        let hash_key = self.hash_key(key);
+        let mut inv = self.apply.key(&hash_key);
+        if self.prompt.is_some() {
+            inv.key(format!("{hash_key}:pc"))
+                .key(format!("{hash_key}:pv"));
+        }
         inv.arg(s.window.as_micros().min(u128::from(u64::MAX)) as u64)
             .arg(s.idle.as_millis().min(u128::from(u64::MAX)) as u64)
             .arg(&self.owner)
             .arg(s.claim_grace.as_micros().min(u128::from(u64::MAX)) as u64);
+        match &self.prompt {
+            Some(p) => inv.arg(p.since(key)),
+            None => inv.arg(-1),
+        };
         for op in ops {
             wire::push_op(&mut inv, op);
         }
@@ -505,7 +546,11 @@ impl Inner {
             .await
             .map_err(|_| RedisLedgerError::Timeout(s.timeout))?
             .map_err(|e| typed(e, s.timeout))?;
-        wire::parse_applied(&reply)
+        let applied = wire::parse_applied(&reply)?;
+        if let (Some(p), Some(m)) = (&self.prompt, &applied.markers) {
+            p.absorb(key, applied.now_us, m);
+        }
+        Ok(applied)
     }
 
     /// Asks Redis unless it failed recently; records the outcome.
@@ -567,6 +612,7 @@ impl Inner {
             Ok(Applied {
                 now_us,
                 reservation: Some(r),
+                ..
             }) => return Ok((r, Some(Duration::from_micros(now_us)))),
             Ok(Applied {
                 reservation: None, ..
@@ -607,6 +653,8 @@ impl Inner {
         for op in ops {
             bump(&self.stats.fallback_answers);
             match op {
+                // Nothing to share without Redis.
+                Op::Cached { .. } => {}
                 Op::Settle { limits, delta } => {
                     self.fallback
                         .settle_at(key, &share(limits, replicas), *delta, now);
@@ -845,5 +893,25 @@ impl Ledger for RedisLedger {
         let inner = Arc::clone(&self.inner);
         let (key, limits) = (key.to_owned(), *limits);
         LedgerFuture::new(async move { inner.state(&key, limits).await })
+    }
+
+    /// With [`share_prompt_cache`](RedisLedgerBuilder::share_prompt_cache):
+    /// the fleet's prompt-cache view (see the module docs).
+    fn prompt_cache(&self) -> Option<Arc<dyn SharedPromptCache>> {
+        let p = self.inner.prompt.as_ref()?;
+        Some(Arc::clone(p) as Arc<dyn SharedPromptCache>)
+    }
+
+    /// Buffered with the response's settlement, which follows.
+    fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
+        if self.inner.prompt.is_none() || hashes.is_empty() {
+            return;
+        }
+        let names = hashes.iter().map(|&h| prompt::name(h)).collect();
+        let op = Op::Cached {
+            names,
+            for_us: prompt::CACHED_FOR_US,
+        };
+        self.inner.enqueue(key, [op]);
     }
 }
