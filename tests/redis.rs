@@ -644,6 +644,10 @@ async fn reserved_by_two_processes(url: &str, share: bool) -> Vec<u64> {
     }
     let reserved = reserved.lock().expect("lock").clone();
     assert_eq!(reserved.len(), sequence.len());
+    // The markers ride on the calls a request makes anyway: a reservation
+    // and one batch (its settlement) each.
+    let calls: u64 = processes.iter().map(|(l, _)| l.stats().calls).sum();
+    assert_eq!(calls, 2 * sequence.len() as u64, "{calls} calls");
     reserved
 }
 
@@ -1358,14 +1362,25 @@ async fn a_cluster_shares_one_budget_across_slots() {
             .cluster(urls[1..].to_vec())
             .timeout(Duration::from_millis(500))
             .fault_policy(FaultPolicy::FailClosed)
+            .share_prompt_cache(true)
             .connect()
     };
     let a = connect().await.expect("a");
     let b = connect().await.expect("b");
+    let (a_cache, b_cache) = (
+        a.prompt_cache().expect("shared"),
+        b.prompt_cache().expect("shared"),
+    );
+    assert_eq!(a_cache.hash_key(), b_cache.hash_key(), "one fleet key");
     let limits = Limits::new().rpm(2);
     let one = costs(1, 0, 0);
-    // Keys in different slots, each shared by both processes.
-    for key in ["sonnet", "opus", "haiku", "caller-7/sonnet-4"] {
+    // Keys in different slots, each shared by both processes, with their
+    // prompt-cache markers beside them (one slot per call).
+    for (i, key) in ["sonnet", "opus", "haiku", "caller-7/sonnet-4"]
+        .into_iter()
+        .enumerate()
+    {
+        let prefix = 0x5eed_0000_0000_0000_u64 + ((i as u64) << 20);
         assert_eq!(
             a.reserve(key, &limits, one).await.expect("a"),
             Reservation::Admitted
@@ -1379,6 +1394,7 @@ async fn a_cluster_shares_one_budget_across_slots() {
             matches!(third, Reservation::Wait { .. }),
             "{key}: {third:?}"
         );
+        b.prefixes_cached(key, &[prefix]);
         b.settle(
             key,
             &limits,
@@ -1390,11 +1406,16 @@ async fn a_cluster_shares_one_budget_across_slots() {
         .await
         .expect("refund");
         b.flush().await.expect("flush");
+        assert!(
+            !a_cache.is_cached(prefix),
+            "{key}: not before a's next call"
+        );
         assert_eq!(
             a.reserve(key, &limits, one)
                 .await
                 .expect("after the refund"),
             Reservation::Admitted
         );
+        assert!(a_cache.is_cached(prefix), "{key}: b's marker reached a");
     }
 }

@@ -53,7 +53,7 @@ use super::limits::{Limits, ModelClass, OutputMode};
 use super::prefix::{WriteGuard, Writers};
 use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 use crate::estimate::SlidingQuantile;
-use crate::estimate::{Estimate, TokenEstimator};
+use crate::estimate::{Estimate, SharedPromptCache, TokenEstimator};
 use crate::headers::{LimitStatus, RateLimitSnapshot};
 use crate::queue::Removed;
 use crate::Dimension;
@@ -297,10 +297,11 @@ pub(crate) struct Shared {
     counters: Counters,
     /// The prompt-cache prefixes being written by requests in flight.
     pub(crate) writers: Arc<Writers>,
-    /// Whether the ledger shares a prompt-cache view with other processes
-    /// ([`Ledger::prompt_cache`]): responses then tell it the prefixes they
-    /// confirmed cached.
-    pub(crate) shares_prompt_cache: bool,
+    /// The prompt-cache view the ledger shares with other processes
+    /// ([`Ledger::prompt_cache`]): waiting requests read the prefixes it
+    /// says are cached, and responses tell the ledger the prefixes they
+    /// wrote (`fleet.rs`).
+    pub(crate) prompt_cache: Option<Arc<dyn SharedPromptCache>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -530,6 +531,14 @@ pub(crate) struct Admission {
     headroom_kept: bool,
 }
 
+impl Admission {
+    /// Whether a reservation is in flight (the charge's costs must not
+    /// change meanwhile).
+    pub(crate) fn is_asking(&self) -> bool {
+        self.asking.is_some()
+    }
+}
+
 /// The probe role of a request not yet admitted.
 #[derive(Debug)]
 struct ProbeRole {
@@ -595,9 +604,9 @@ impl Shared {
                 epoch,
             })
         });
-        let shares_prompt_cache = ledger.prompt_cache().is_some();
+        let prompt_cache = ledger.prompt_cache();
         Self {
-            shares_prompt_cache,
+            prompt_cache,
             counter: settings.count_tokens.map(Counter::new),
             settings,
             ledger,

@@ -248,6 +248,8 @@ pub(crate) struct Tracker {
     /// The response head's sync, held for the settlement
     /// ([`Ledger::sync_with_settlement`](crate::budget::ledger::Ledger::sync_with_settlement)).
     held_sync: Option<[LimitStatus; 3]>,
+    /// Whether the fleet was told that the answer began (`fleet.rs`).
+    told_begun: bool,
 }
 
 impl Tracker {
@@ -263,6 +265,7 @@ impl Tracker {
             error_status,
             done: false,
             held_sync: None,
+            told_begun: false,
         }
     }
 
@@ -295,6 +298,9 @@ impl Tracker {
     fn begin_writes(&mut self) {
         if let Some(writing) = self.charge.writing.as_mut() {
             writing.begin();
+            if !std::mem::replace(&mut self.told_begun, true) {
+                super::fleet::tell_cached(&self.shared, &self.charge);
+            }
         }
     }
 
@@ -303,17 +309,9 @@ impl Tracker {
     /// reported, the rule the estimator applies to its own records); it
     /// goes with the settlement that follows.
     fn publish_cached(&self, usage: &Usage) {
-        let writes = &self.charge.estimate.cache_writes;
-        if !self.shared.shares_prompt_cache
-            || writes.is_empty()
-            || usage.cache_creation_input_tokens == 0 && usage.cache_read_input_tokens == 0
-        {
-            return;
+        if usage.cache_creation_input_tokens > 0 || usage.cache_read_input_tokens > 0 {
+            super::fleet::tell_cached(&self.shared, &self.charge);
         }
-        let hashes: Vec<u64> = writes.iter().map(|w| w.hash).collect();
-        self.shared
-            .ledger
-            .prefixes_cached(self.charge.key(), &hashes);
     }
 
     fn is_final(&self) -> bool {

@@ -700,7 +700,8 @@ impl Inner {
     }
 
     /// Buffers writes (together: they go in one batch); the first write of
-    /// a batch schedules its flush.
+    /// a batch that is not a prompt-cache marker schedules its flush (a
+    /// marker alone waits for the key's next call: it never costs one).
     fn enqueue(self: &Arc<Self>, key: &str, ops: impl IntoIterator<Item = Op>) {
         let (key, schedule, full) = {
             let mut pending = lock(&self.pending);
@@ -710,11 +711,13 @@ impl Inner {
             };
             let queue = pending.entry(Arc::clone(&key)).or_default();
             let before = queue.len();
+            let scheduled = queue.iter().any(|op| !op.is_marker());
             queue.extend(ops);
             if queue.len() == before {
                 return;
             }
-            (key, before == 0, queue.len() >= MAX_BATCH)
+            let due = !scheduled && queue.iter().any(|op| !op.is_marker());
+            (key, due, queue.len() >= MAX_BATCH)
         };
         if !schedule && !full {
             return;
@@ -902,7 +905,8 @@ impl Ledger for RedisLedger {
         Some(Arc::clone(p) as Arc<dyn SharedPromptCache>)
     }
 
-    /// Buffered with the response's settlement, which follows.
+    /// Buffered: sent with the key's next call (the response's settlement,
+    /// which follows, or a reservation), never alone.
     fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
         if self.inner.prompt.is_none() || hashes.is_empty() {
             return;

@@ -34,6 +34,13 @@ pub(super) enum Op {
     },
 }
 
+impl Op {
+    /// A prompt-cache marker: it waits for the key's next call.
+    pub(super) fn is_marker(&self) -> bool {
+        matches!(self, Op::Cached { .. })
+    }
+}
+
 /// What a batch answered.
 #[derive(Debug, Clone)]
 pub(super) struct Applied {
