@@ -70,9 +70,16 @@ pub async fn run(
     for &n in sizes {
         let mut runs = Vec::new();
         if let Some(url) = &args.redis {
-            runs.push(run_fleet(args, n, Some(url), &items, &limits, virtual_time).await?);
+            let shared = Redis { url, share: true };
+            runs.push(run_fleet(args, n, Some(shared), &items, &limits, virtual_time).await?);
+            if args.fleet_unshared {
+                let own = Redis { url, share: false };
+                runs.push(run_fleet(args, n, Some(own), &items, &limits, virtual_time).await?);
+            }
         }
-        runs.push(run_fleet(args, n, None, &items, &limits, virtual_time).await?);
+        if !args.no_contrast {
+            runs.push(run_fleet(args, n, None, &items, &limits, virtual_time).await?);
+        }
         for (mut row, cache_read_tokens) in runs {
             truth.complete(&mut row, args, &limits, &items, None, cache_read_tokens);
             rows.push(row);
@@ -105,10 +112,17 @@ fn stack(meter: Meter, args: &Args, clock: WallClock, ledger: Arc<dyn Ledger>) -
     BoxCloneService::new(svc)
 }
 
+/// The Redis a fleet shares, and whether it shares the prompt cache there.
+#[derive(Debug, Clone, Copy)]
+struct Redis<'a> {
+    url: &'a str,
+    share: bool,
+}
+
 async fn run_fleet(
     args: &Args,
     n: usize,
-    redis: Option<&str>,
+    redis: Option<Redis<'_>>,
     items: &Arc<Vec<Item>>,
     limits: &LimitSpec,
     virtual_time: bool,
@@ -122,11 +136,11 @@ async fn run_fleet(
     let mut shared = Vec::new();
     for _ in 0..n {
         let ledger: Arc<dyn Ledger> = match redis {
-            Some(url) => {
+            Some(Redis { url, share }) => {
                 let ledger = RedisLedger::builder(url)
                     .prefix(&prefix)
                     .replicas(u32::try_from(n).unwrap_or(u32::MAX))
-                    .share_prompt_cache(true)
+                    .share_prompt_cache(share)
                     .connect()
                     .await
                     .map_err(|e| format!("--redis {url}: {e}"))?;
@@ -146,7 +160,8 @@ async fn run_fleet(
         ));
     }
     let name = match redis {
-        Some(_) => format!("fleet {n}, redis"),
+        Some(Redis { share: true, .. }) => format!("fleet {n}, redis"),
+        Some(Redis { share: false, .. }) => format!("fleet {n}, redis, own cache"),
         None => format!("fleet {n}, in-memory"),
     };
     let progress = progress::Progress::new(&name, items.len(), !virtual_time && !args.json);

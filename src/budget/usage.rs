@@ -285,7 +285,9 @@ impl Tracker {
             Scanner::Sse(s) => {
                 s.push(data);
                 if output_began(data) {
+                    let so_far = s.usage();
                     self.begin_writes();
+                    self.tell_begun(&so_far);
                 }
             }
             Scanner::Json(j) => j.push(data),
@@ -298,9 +300,15 @@ impl Tracker {
     fn begin_writes(&mut self) {
         if let Some(writing) = self.charge.writing.as_mut() {
             writing.begin();
-            if !std::mem::replace(&mut self.told_begun, true) {
-                super::fleet::tell_cached(&self.shared, &self.charge);
-            }
+        }
+    }
+
+    /// A stream's answer began and its `message_start` reported a cache
+    /// write or read: the fleet is told now, not when the stream ends.
+    fn tell_begun(&mut self, so_far: &Usage) {
+        let cached = so_far.cache_creation_input_tokens > 0 || so_far.cache_read_input_tokens > 0;
+        if cached && !std::mem::replace(&mut self.told_begun, true) {
+            super::fleet::tell_cached(&self.shared, &self.charge);
         }
     }
 
@@ -309,7 +317,8 @@ impl Tracker {
     /// reported, the rule the estimator applies to its own records); it
     /// goes with the settlement that follows.
     fn publish_cached(&self, usage: &Usage) {
-        if usage.cache_creation_input_tokens > 0 || usage.cache_read_input_tokens > 0 {
+        let cached = usage.cache_creation_input_tokens > 0 || usage.cache_read_input_tokens > 0;
+        if cached && !self.told_begun {
             super::fleet::tell_cached(&self.shared, &self.charge);
         }
     }
