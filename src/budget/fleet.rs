@@ -17,7 +17,6 @@
 //!
 //! Without a shared view none of this runs.
 
-use super::prefix;
 use super::state::{Admission, Charge, Shared};
 
 /// Charges a waiting request as reading the longest of its prefixes the
@@ -46,8 +45,30 @@ pub(crate) fn read_cached(shared: &Shared, charge: &mut Charge, adm: &Admission)
             tokens,
             "budget: a prefix the fleet has cached; charged as a read"
         );
-        prefix::read_prefix(charge, tokens);
+        read(charge, tokens);
     }
+}
+
+/// Charges `charge` as reading a prefix of `tokens` (as estimated): a
+/// counted request, its count less the prefix in the count's units; else
+/// what follows the prefix at the estimate's calibration. Asked again with
+/// a longer prefix, it starts from the estimate, not from the charge the
+/// shorter one left.
+fn read(charge: &mut Charge, tokens: u64) {
+    charge.prefix_read = charge.prefix_read.max(tokens);
+    if let Some(counted) = charge.counted {
+        super::count::apply(charge, counted);
+        return;
+    }
+    let e = &charge.estimate;
+    let extra = tokens.saturating_sub(e.cache_read_tokens);
+    if e.raw_input_tokens == 0 || extra == 0 {
+        return;
+    }
+    let factor = e.input_tokens as f64 / e.raw_input_tokens as f64;
+    let uncached = e.raw_input_tokens.saturating_sub(extra);
+    let input = (uncached as f64 * factor).ceil() as u64;
+    charge.costs.input_tokens = input.min(charge.costs.input_tokens);
 }
 
 /// Tells the ledger the prefixes a response wrote: `confirmed` by its

@@ -1370,18 +1370,10 @@ impl AnthropicEstimator {
         // Sent by an earlier request, not yet confirmed: checked before this
         // request marks its own breakpoints as sent.
         let mut pending: Vec<CachePrefix> = Vec::new();
-        // With a fleet's shared view, any place a prefix may end is pending
-        // too: another process may write it (the budget reads it once the
-        // fleet says it is cached).
-        let fleet_min = match self.shared {
-            Some(_) => self.config.cache_min_tokens,
-            None => u64::MAX,
-        };
-        for ((sec, b, ttl), &key) in cands.iter().zip(&hashes) {
+        for ((sec, b, _), &key) in cands.iter().zip(&hashes) {
             let tokens = (prefix(*sec, b).floor() as u64).min(total);
-            let elsewhere = ttl.is_none() && tokens >= fleet_min;
             if tokens > cache_read
-                && (elsewhere || cache.is_unconfirmed(key, now))
+                && cache.is_unconfirmed(key, now)
                 && pending.iter().all(|p| p.hash != key)
             {
                 pending.push(CachePrefix { hash: key, tokens });

@@ -103,10 +103,7 @@ pub struct Estimate {
     /// Prefixes of this request longer than the one counted in
     /// `cache_read_tokens` that an earlier request sent with a breakpoint and
     /// no response has confirmed yet: their write may still be in flight.
-    /// With a fleet's
-    /// [`shared_prompt_cache`](AnthropicEstimatorBuilder::shared_prompt_cache),
-    /// also every other place before a breakpoint where a cacheable prefix
-    /// may end (another process may write it). Longest first.
+    /// Longest first.
     pub cache_pending: Vec<CachePrefix>,
 }
 

@@ -30,7 +30,9 @@ pub trait SharedPromptCache: Send + Sync + fmt::Debug + 'static {
     fn hash_key(&self) -> [u8; 16];
 
     /// Whether another process saw a response confirm the prefix `hash` as
-    /// cached by the server, within the prefix's lifetime.
+    /// cached by the server, within the prefix's lifetime. (A prefix this
+    /// process's own responses confirmed is for its estimator to know, and
+    /// may be answered `false`.)
     fn is_cached(&self, hash: u64) -> bool;
 
     /// The server read nothing for a request charged as reading `hash`:

@@ -908,10 +908,14 @@ impl Ledger for RedisLedger {
     /// Buffered: sent with the key's next call (the response's settlement,
     /// which follows, or a reservation), never alone.
     fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
-        if self.inner.prompt.is_none() || hashes.is_empty() {
+        let Some(mirror) = self.inner.prompt.as_ref() else {
+            return;
+        };
+        if hashes.is_empty() {
             return;
         }
-        let names = hashes.iter().map(|&h| prompt::name(h)).collect();
+        let names: Vec<u64> = hashes.iter().map(|&h| prompt::name(h)).collect();
+        mirror.told(&names);
         let op = Op::Cached {
             names,
             for_us: prompt::CACHED_FOR_US,

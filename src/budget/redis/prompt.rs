@@ -57,6 +57,9 @@ pub(super) struct PromptMirror {
     seen: Mutex<HashMap<Arc<str>, u64>>,
     /// The last Redis time seen, and the local instant it was seen at.
     clock: Mutex<Option<(u64, Instant)>>,
+    /// The names this process told the fleet (its own estimator knows
+    /// them), newest last, at most [`MAX_MIRRORED`].
+    own: Mutex<std::collections::VecDeque<u64>>,
 }
 
 impl fmt::Debug for PromptMirror {
@@ -75,6 +78,22 @@ impl PromptMirror {
             cached: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             clock: Mutex::new(None),
+            own: Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    /// Remembers names this process tells the fleet: they are its own
+    /// requests' prefixes, which its estimator and cache-aware admission
+    /// already know.
+    pub(super) fn told(&self, names: &[u64]) {
+        let mut own = lock(&self.own);
+        for &name in names {
+            if !own.contains(&name) {
+                if own.len() >= MAX_MIRRORED {
+                    own.pop_front();
+                }
+                own.push_back(name);
+            }
         }
     }
 
@@ -129,9 +148,13 @@ impl SharedPromptCache for PromptMirror {
     }
 
     fn is_cached(&self, hash: u64) -> bool {
-        let Some(until) = lock(&self.cached).get(&name(hash)).copied() else {
+        let name = name(hash);
+        let Some(until) = lock(&self.cached).get(&name).copied() else {
             return false;
         };
+        if lock(&self.own).contains(&name) {
+            return false;
+        }
         self.redis_now().is_some_and(|now| now < until)
     }
 
