@@ -208,7 +208,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    fn markers_count_until_they_end_and_a_miss_forgets() {
+    async fn markers_count_until_they_end_and_a_miss_forgets() {
         let mirror = PromptMirror::new([1; 16]);
         let hash = 0xdead_beef_0000_1234_u64;
         assert!(!mirror.is_cached(hash), "nothing seen yet");
@@ -227,6 +227,19 @@ mod tests {
         assert!(mirror.is_cached(hash));
         mirror.not_cached(hash);
         assert!(!mirror.is_cached(hash));
+        // A prefix this process told the fleet is its own estimator's.
+        let own = hash ^ (1 << 40);
+        mirror.absorb(
+            "sonnet",
+            2_000_000,
+            &Markers {
+                version: 4,
+                cached: vec![(name(own), 3_000_000 + CACHED_FOR_US)],
+            },
+        );
+        assert!(mirror.is_cached(own));
+        mirror.told(&[name(own)]);
+        assert!(!mirror.is_cached(own));
     }
 
     #[test]
