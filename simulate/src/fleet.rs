@@ -570,6 +570,31 @@ mod tests {
         );
     }
 
+    /// Stacks that share one ledger pace as one: no request lost, no more
+    /// 429s than one stack meets, with the prompt-cache view shared or not;
+    /// the rows are named for what they share.
+    #[test]
+    fn stacks_sharing_one_ledger_pace_as_one() {
+        let a = args("--json --fleet 4 --fleet-one-ledger --fleet-unshared --no-contrast")
+            .expect("parses");
+        assert!(args("--fleet-unshared").is_err(), "needs --fleet");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        let (_, _, rows) = rt.block_on(run(&a, &[4], true)).expect("runs");
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["fleet 4, one ledger", "fleet 4, one ledger, own cache"]
+        );
+        for row in &rows {
+            assert_eq!((row.ok, row.failed), (30, 0), "{}", row.name);
+            assert_eq!(row.rate_limited, 0, "{}", row.name);
+        }
+    }
+
     /// Without Redis, N stacks with a ledger each pace to N times the limit:
     /// the contrast row meets 429s that one stack would not.
     #[test]
