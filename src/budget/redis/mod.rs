@@ -61,6 +61,16 @@
 //!   the same instants: a property test checks it), including learned
 //!   limits, the thousands rounding of the server's `remaining`, and a sync
 //!   that only ever lowers a bucket. Learned limits are shared by the fleet.
+//! - **Prompt cache** (opt-in,
+//!   [`share_prompt_cache`](RedisLedgerBuilder::share_prompt_cache)): the
+//!   processes share the server's prompt cache, so they share what they know
+//!   of it. Their estimators hash prefixes with one secret kept in Redis,
+//!   and a prefix a response confirmed cached is marked under the budget
+//!   key's hash tag, in the call that carries that response's settlement;
+//!   each call on the key brings back the markers set since the process's
+//!   last one. A request of another process is then charged only for what
+//!   follows that prefix, from its estimate on if it arrives later, or from
+//!   its next ask if it is waiting. No call is added for it.
 //! - **Expiry**: a key expires [`idle_ttl`](RedisLedgerBuilder::idle_ttl)
 //!   (10 minutes) after its buckets would be full again. A key deleted under
 //!   the ledger starts again with full buckets.
