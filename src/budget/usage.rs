@@ -287,7 +287,9 @@ impl Tracker {
                 if output_began(data) {
                     let so_far = s.usage();
                     self.begin_writes();
-                    self.tell_begun(&so_far);
+                    if self.shared.prompt_cache.is_some() {
+                        self.tell_begun(&so_far);
+                    }
                 }
             }
             Scanner::Json(j) => j.push(data),

@@ -14,9 +14,9 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 
 /// What the processes of a fleet know together about the server's prompt
-/// cache. The estimator asks it, under no lock of its own, once per
-/// candidate prefix of a request that carries `cache_control`: answer from
-/// memory, never from the network.
+/// cache. The estimator asks it once per candidate prefix of a request
+/// that carries `cache_control`, holding its own prompt-cache lock: answer
+/// quickly, from memory, never from the network.
 ///
 /// `RedisLedger::prompt_cache` (feature `redis`) is the implementation that
 /// ships: its markers ride on the ledger's own script calls.
