@@ -545,6 +545,137 @@ async fn a_request_through_the_budget_costs_at_most_two_calls_with_its_sync() {
 }
 
 // ---------------------------------------------------------------------------
+// The fleet's prompt cache.
+
+/// A request whose system prompt (about 3,000 tokens) ends at a
+/// `cache_control` breakpoint, then a short question; without `prefix`, the
+/// question alone.
+fn cached_prompt_message(
+    prefix: bool,
+    question: &str,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let system = "Answer as the reference manual of the tower-llm-limits crate would. ".repeat(230);
+    let body = match prefix {
+        true => serde_json::json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 100,
+            "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": question}],
+        }),
+        false => serde_json::json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 100,
+            "messages": [{"role": "user", "content": question}],
+        }),
+    };
+    http::Request::post("/v1/messages")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .expect("request")
+}
+
+/// The server's answers to the sequence below: the first request writes
+/// the prefix, the second has none, the third reads it.
+fn caching_upstream() -> Upstream {
+    let calls = Arc::new(AtomicU64::new(0));
+    tower::util::BoxCloneService::new(tower::service_fn(move |_req| {
+        let call = calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let (write, read) = match call {
+                0 => (3_000, 0),
+                1 => (0, 0),
+                _ => (0, 3_000),
+            };
+            let body = format!(
+                r#"{{"type":"message","usage":{{"input_tokens":12,"cache_creation_input_tokens":{write},"cache_read_input_tokens":{read},"output_tokens":30}}}}"#
+            );
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from(body),
+            )))
+        }
+    }))
+}
+
+/// Two processes with the budget's default estimator: the input tokens
+/// reserved by three requests sent in turn, each after the previous one's
+/// settlement reached Redis: process A's with the prefix, then process B's
+/// without it (B's first call on the key), then B's with it.
+async fn reserved_by_two_processes(url: &str, share: bool) -> Vec<u64> {
+    use http_body_util::BodyExt;
+    use std::sync::Mutex;
+    use tower::{Layer, ServiceExt};
+    use tower_llm_limits::budget::TokenBudgetLayer;
+    let prefix = unique_prefix("prompt-cache");
+    let limits = Limits::new().rpm(1_000).itpm(1_000_000).otpm(100_000);
+    let reserved = Arc::new(Mutex::new(Vec::new()));
+    let upstream = caching_upstream();
+    let mut processes = Vec::new();
+    for _ in 0..2 {
+        let ledger = RedisLedger::builder(url)
+            .prefix(&prefix)
+            .share_prompt_cache(share)
+            .connect()
+            .await
+            .expect("connect");
+        let seen = Arc::clone(&reserved);
+        let layer = TokenBudgetLayer::builder()
+            .limits(limits)
+            .ledger(Arc::new(ledger.clone()))
+            .on_settle(move |e| seen.lock().expect("lock").push(e.reserved_input_tokens))
+            .build();
+        processes.push((ledger, layer.layer(upstream.clone())));
+    }
+    let sequence = [
+        (0, true, "What is a ledger?"),
+        (1, false, "What is a claim?"),
+        (1, true, "What is a window?"),
+    ];
+    for (process, prefix, question) in sequence {
+        let (ledger, svc) = &processes[process];
+        let response = svc
+            .clone()
+            .oneshot(cached_prompt_message(prefix, question))
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), 200);
+        let _ = response.into_body().collect().await.expect("body");
+        ledger.flush().await.expect("flush");
+    }
+    let reserved = reserved.lock().expect("lock").clone();
+    assert_eq!(reserved.len(), sequence.len());
+    // The markers ride on the calls a request makes anyway: a reservation
+    // and one batch (its settlement) each.
+    let calls: u64 = processes.iter().map(|(l, _)| l.stats().calls).sum();
+    assert_eq!(calls, 2 * sequence.len() as u64, "{calls} calls");
+    reserved
+}
+
+/// With `share_prompt_cache`, a prefix that process A's response confirmed
+/// cached is charged as a read by process B, from B's next call on the key
+/// on; without it, B charges the whole prompt again (the input the server
+/// will not count holds back B's other requests until settlement).
+#[tokio::test]
+async fn a_prefix_another_process_cached_is_charged_as_a_read() {
+    let Some(url) = redis_url() else { return };
+    let shared = reserved_by_two_processes(&url, true).await;
+    let alone = reserved_by_two_processes(&url, false).await;
+    // The whole prompt, about 3,000 tokens, the first time, in either case.
+    assert!(shared[0] > 2_000, "{shared:?}");
+    assert!(alone[0] > 2_000, "{alone:?}");
+    // B's request without the prefix was B's first call on the key: its
+    // answer brought A's marker.
+    assert!(
+        shared[2] * 10 < shared[0],
+        "charged as a read with the shared cache: {shared:?}"
+    );
+    assert!(
+        alone[2] * 10 > alone[0] * 9,
+        "charged in full by a process of its own: {alone:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
 // Large requests across processes: the claim.
 
 #[tokio::test]
@@ -1231,14 +1362,25 @@ async fn a_cluster_shares_one_budget_across_slots() {
             .cluster(urls[1..].to_vec())
             .timeout(Duration::from_millis(500))
             .fault_policy(FaultPolicy::FailClosed)
+            .share_prompt_cache(true)
             .connect()
     };
     let a = connect().await.expect("a");
     let b = connect().await.expect("b");
+    let (a_cache, b_cache) = (
+        a.prompt_cache().expect("shared"),
+        b.prompt_cache().expect("shared"),
+    );
+    assert_eq!(a_cache.hash_key(), b_cache.hash_key(), "one fleet key");
     let limits = Limits::new().rpm(2);
     let one = costs(1, 0, 0);
-    // Keys in different slots, each shared by both processes.
-    for key in ["sonnet", "opus", "haiku", "caller-7/sonnet-4"] {
+    // Keys in different slots, each shared by both processes, with their
+    // prompt-cache markers beside them (one slot per call).
+    for (i, key) in ["sonnet", "opus", "haiku", "caller-7/sonnet-4"]
+        .into_iter()
+        .enumerate()
+    {
+        let prefix = 0x5eed_0000_0000_0000_u64 + ((i as u64) << 20);
         assert_eq!(
             a.reserve(key, &limits, one).await.expect("a"),
             Reservation::Admitted
@@ -1252,6 +1394,7 @@ async fn a_cluster_shares_one_budget_across_slots() {
             matches!(third, Reservation::Wait { .. }),
             "{key}: {third:?}"
         );
+        b.prefixes_cached(key, &[prefix]);
         b.settle(
             key,
             &limits,
@@ -1263,11 +1406,16 @@ async fn a_cluster_shares_one_budget_across_slots() {
         .await
         .expect("refund");
         b.flush().await.expect("flush");
+        assert!(
+            !a_cache.is_cached(prefix),
+            "{key}: not before a's next call"
+        );
         assert_eq!(
             a.reserve(key, &limits, one)
                 .await
                 .expect("after the refund"),
             Reservation::Admitted
         );
+        assert!(a_cache.is_cached(prefix), "{key}: b's marker reached a");
     }
 }

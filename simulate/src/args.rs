@@ -157,6 +157,23 @@ pub struct Args {
     #[arg(long, value_name = "URL", requires = "fleet")]
     pub redis: Option<String>,
 
+    /// With --redis or --fleet-one-ledger, also run each size sharing the
+    /// budget but not the prompt cache (each stack's estimator alone knows
+    /// its prefixes), as a baseline in the same run.
+    #[arg(long, requires = "fleet")]
+    pub fleet_unshared: bool,
+
+    /// With --fleet, also run the stacks sharing one in-memory ledger and
+    /// prompt-cache view (a store without a network or a clock of its own:
+    /// what a shared budget does at best; runs in virtual time without
+    /// --redis).
+    #[arg(long, requires = "fleet")]
+    pub fleet_one_ledger: bool,
+
+    /// With --fleet, leave out the rows with a ledger per stack.
+    #[arg(long, requires = "fleet")]
+    pub no_contrast: bool,
+
     /// Environment variable holding the key for --target (sent as x-api-key).
     #[arg(long, value_name = "NAME", default_value = "ANTHROPIC_API_KEY")]
     pub api_key_env: String,

@@ -29,6 +29,7 @@ use tower_llm_limits::budget::ledger::{
 use tower_llm_limits::budget::redis::RedisLedger;
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetLayer};
 use tower_llm_limits::clock::WallClock;
+use tower_llm_limits::estimate::SharedPromptCache;
 use tower_llm_limits::headers::LimitStatus;
 use tower_llm_limits::preset::LimitsLayer;
 use tower_llm_limits::retry::RetryAfterLayer;
@@ -67,11 +68,25 @@ pub async fn run(
     let truth = super::Truth::of(args, &workload)?;
     let mut rows = Vec::new();
     for &n in sizes {
-        let mut runs = Vec::new();
-        if let Some(url) = &args.redis {
-            runs.push(run_fleet(args, n, Some(url), &items, &limits, virtual_time).await?);
+        let mut stores = Vec::new();
+        for share in [true, false] {
+            if !share && !args.fleet_unshared {
+                continue;
+            }
+            if let Some(url) = &args.redis {
+                stores.push(Store::Redis { url, share });
+            }
+            if args.fleet_one_ledger {
+                stores.push(Store::One { share });
+            }
         }
-        runs.push(run_fleet(args, n, None, &items, &limits, virtual_time).await?);
+        if !args.no_contrast {
+            stores.push(Store::Each);
+        }
+        let mut runs = Vec::new();
+        for store in stores {
+            runs.push(run_fleet(args, n, store, &items, &limits, virtual_time).await?);
+        }
         for (mut row, cache_read_tokens) in runs {
             truth.complete(&mut row, args, &limits, &items, None, cache_read_tokens);
             rows.push(row);
@@ -104,10 +119,19 @@ fn stack(meter: Meter, args: &Args, clock: WallClock, ledger: Arc<dyn Ledger>) -
     BoxCloneService::new(svc)
 }
 
+/// What the stacks of a fleet share: a Redis (and there the prompt cache,
+/// if `share`), one in-memory ledger, or nothing (a ledger each).
+#[derive(Debug, Clone, Copy)]
+enum Store<'a> {
+    Redis { url: &'a str, share: bool },
+    One { share: bool },
+    Each,
+}
+
 async fn run_fleet(
     args: &Args,
     n: usize,
-    redis: Option<&str>,
+    store: Store<'_>,
     items: &Arc<Vec<Item>>,
     limits: &LimitSpec,
     virtual_time: bool,
@@ -119,12 +143,14 @@ async fn run_fleet(
     let prefix = format!("tll-simulate-{}-{}-{n}", std::process::id(), now_nanos());
     let mut clients = Vec::with_capacity(n);
     let mut shared = Vec::new();
+    let one = Arc::new(OneLedger::default());
     for _ in 0..n {
-        let ledger: Arc<dyn Ledger> = match redis {
-            Some(url) => {
+        let ledger: Arc<dyn Ledger> = match store {
+            Store::Redis { url, share } => {
                 let ledger = RedisLedger::builder(url)
                     .prefix(&prefix)
                     .replicas(u32::try_from(n).unwrap_or(u32::MAX))
+                    .share_prompt_cache(share)
                     .connect()
                     .await
                     .map_err(|e| format!("--redis {url}: {e}"))?;
@@ -134,7 +160,16 @@ async fn run_fleet(
                     timing: timing.clone(),
                 })
             }
-            None => Arc::new(InMemoryLedger::new()),
+            Store::One { share } => Arc::new(OneView {
+                view: share.then(|| {
+                    Arc::new(OnePromptView {
+                        prompt: Arc::clone(&one.prompt),
+                        stack: clients.len(),
+                    })
+                }),
+                one: Arc::clone(&one),
+            }),
+            Store::Each => Arc::new(InMemoryLedger::new()),
         };
         clients.push(stack(
             Meter::new(transport.clone(), log.clone()),
@@ -143,9 +178,12 @@ async fn run_fleet(
             ledger,
         ));
     }
-    let name = match redis {
-        Some(_) => format!("fleet {n}, redis"),
-        None => format!("fleet {n}, in-memory"),
+    let name = match store {
+        Store::Redis { share: true, .. } => format!("fleet {n}, redis"),
+        Store::Redis { share: false, .. } => format!("fleet {n}, redis, own cache"),
+        Store::One { share: true } => format!("fleet {n}, one ledger"),
+        Store::One { share: false } => format!("fleet {n}, one ledger, own cache"),
+        Store::Each => format!("fleet {n}, in-memory"),
     };
     let progress = progress::Progress::new(&name, items.len(), !virtual_time && !args.json);
     let client = BoxCloneService::new(Fleet::new(clients));
@@ -164,7 +202,7 @@ async fn run_fleet(
     let charged = emu::charged(&emulator, args.reserve_mode());
     let cache_read_tokens = emu::cache_tokens(&emulator).0;
     let row = report::row(&name, &outcomes, log.snapshot(), charged, limits, None);
-    if redis.is_some() && !args.json {
+    if matches!(store, Store::Redis { .. }) && !args.json {
         println!("{}", redis_figures(&name, &row, &shared, &timing));
     }
     Ok((row, cache_read_tokens))
@@ -255,6 +293,93 @@ impl Service<Request<Full<Bytes>>> for Fleet {
     }
 }
 
+/// One in-memory ledger and prompt-cache view for every stack
+/// (`--fleet-one-ledger`).
+#[derive(Debug, Default)]
+struct OneLedger {
+    ledger: InMemoryLedger,
+    prompt: Arc<OnePrompt>,
+}
+
+/// The prefixes a response confirmed cached: until when, and which stack
+/// said so last.
+#[derive(Debug, Default)]
+struct OnePrompt {
+    cached: Mutex<std::collections::HashMap<u64, (Instant, usize)>>,
+}
+
+/// One stack's view of the [`OnePrompt`]: the prefixes the other stacks
+/// confirmed.
+#[derive(Debug)]
+struct OnePromptView {
+    prompt: Arc<OnePrompt>,
+    stack: usize,
+}
+
+impl SharedPromptCache for OnePromptView {
+    fn hash_key(&self) -> [u8; 16] {
+        [0x5a; 16]
+    }
+
+    fn is_cached(&self, hash: u64) -> bool {
+        let cached = self.prompt.cached.lock().unwrap_or_else(|e| e.into_inner());
+        cached
+            .get(&hash)
+            .is_some_and(|(until, by)| *by != self.stack && Instant::now() < *until)
+    }
+}
+
+/// A stack's handle on the [`OneLedger`]; with `share`, its prompt-cache
+/// view too.
+#[derive(Debug)]
+struct OneView {
+    one: Arc<OneLedger>,
+    view: Option<Arc<OnePromptView>>,
+}
+
+impl Ledger for OneView {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        self.one.ledger.reserve(key, limits, costs)
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        self.one.ledger.settle(key, limits, delta)
+    }
+
+    fn sync(&self, key: &str, limits: &Limits, d: Dimension, s: LimitStatus) -> LedgerFuture<()> {
+        self.one.ledger.sync(key, limits, d, s)
+    }
+
+    fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
+        self.one.ledger.sync_all(key, limits, statuses)
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        self.one.ledger.state(key, limits)
+    }
+
+    fn prompt_cache(&self) -> Option<Arc<dyn SharedPromptCache>> {
+        let view = self.view.as_ref()?;
+        Some(Arc::clone(view) as Arc<dyn SharedPromptCache>)
+    }
+
+    fn prefixes_cached(&self, _key: &str, hashes: &[u64]) {
+        let Some(view) = self.view.as_ref() else {
+            return;
+        };
+        let until = (Instant::now() + Duration::from_secs(300), view.stack);
+        let mut cached = self
+            .one
+            .prompt
+            .cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for h in hashes {
+            cached.insert(*h, until);
+        }
+    }
+}
+
 /// Reserve latencies, as the budget layer waited for them.
 #[derive(Debug, Default)]
 struct Timing {
@@ -328,6 +453,14 @@ impl Ledger for Timed {
 
     fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
         self.inner.state(key, limits)
+    }
+
+    fn prompt_cache(&self) -> Option<Arc<dyn SharedPromptCache>> {
+        self.inner.prompt_cache()
+    }
+
+    fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
+        self.inner.prefixes_cached(key, hashes);
     }
 }
 
@@ -435,6 +568,31 @@ mod tests {
             args("--redis redis://127.0.0.1:1/").is_err(),
             "--redis needs --fleet"
         );
+    }
+
+    /// Stacks that share one ledger pace as one: no request lost, no more
+    /// 429s than one stack meets, with the prompt-cache view shared or not;
+    /// the rows are named for what they share.
+    #[test]
+    fn stacks_sharing_one_ledger_pace_as_one() {
+        let a = args("--json --fleet 4 --fleet-one-ledger --fleet-unshared --no-contrast")
+            .expect("parses");
+        assert!(args("--fleet-unshared").is_err(), "needs --fleet");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        let (_, _, rows) = rt.block_on(run(&a, &[4], true)).expect("runs");
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["fleet 4, one ledger", "fleet 4, one ledger, own cache"]
+        );
+        for row in &rows {
+            assert_eq!((row.ok, row.failed), (30, 0), "{}", row.name);
+            assert_eq!(row.rate_limited, 0, "{}", row.name);
+        }
     }
 
     /// Without Redis, N stacks with a ledger each pace to N times the limit:

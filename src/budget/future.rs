@@ -326,6 +326,7 @@ where
                     };
                     let counter = shared.counter.as_ref();
                     count.poll(counter, &*shared.estimator, ch, cx);
+                    super::fleet::read_cached(shared, ch, admission);
                     let polled = match poll_prefix(shared, ch, prefix, cx) {
                         Poll::Ready(()) => {
                             let writing = prefix::refresh(shared, ch, cx);

@@ -565,9 +565,17 @@ impl TokenBudgetBuilder {
             cache_hold: self.cache_hold,
         };
         let ledger = self.ledger;
-        let estimator = self
-            .estimator
-            .unwrap_or_else(|| Arc::new(AnthropicEstimator::new()));
+        let estimator = self.estimator.unwrap_or_else(|| {
+            let shared = ledger.as_ref().and_then(|l| l.prompt_cache());
+            match shared {
+                Some(shared) => Arc::new(
+                    AnthropicEstimator::builder()
+                        .shared_prompt_cache(shared)
+                        .build(),
+                ),
+                None => Arc::new(AnthropicEstimator::new()),
+            }
+        });
         TokenBudgetLayer {
             shared: Arc::new(Shared::new(settings, ledger, estimator)),
         }

@@ -154,6 +154,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::limits::Limits;
+use crate::estimate::SharedPromptCache;
 use crate::headers::LimitStatus;
 use crate::{BoxError, Dimension};
 
@@ -420,6 +421,27 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// without any limit reports `limit: None` and an infinite `available`
     /// and `capacity`.
     fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>>;
+
+    /// The prompt-cache view this ledger shares with the other processes of
+    /// a fleet, if it keeps one. A budget built with this ledger and without
+    /// an estimator of its own gives it to its default
+    /// [`AnthropicEstimator`](crate::estimate::AnthropicEstimator)
+    /// ([`shared_prompt_cache`](crate::estimate::AnthropicEstimatorBuilder::shared_prompt_cache)).
+    /// The default: `None`.
+    fn prompt_cache(&self) -> Option<Arc<dyn SharedPromptCache>> {
+        None
+    }
+
+    /// A response on `key` confirmed that the server cached the prompt
+    /// prefixes `hashes` (its `cache_control` breakpoints, as
+    /// [`CachePrefix::hash`](crate::estimate::CachePrefix::hash) names
+    /// them): the ledger tells the other processes, with the response's
+    /// settlement where it can. The budget calls it just before that
+    /// settlement, only when [`prompt_cache`](Ledger::prompt_cache) is
+    /// `Some`. The default does nothing.
+    fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
+        let _ = (key, hashes);
+    }
 }
 
 /// The future of one [`Ledger`] operation: an answer ready at once (no

@@ -268,6 +268,7 @@ mod callers;
 mod config;
 mod count;
 mod enforce;
+mod fleet;
 mod future;
 mod gateway;
 mod keys;

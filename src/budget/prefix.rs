@@ -417,7 +417,10 @@ pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) ->
         return false;
     }
     let now = Instant::now();
-    if charge.prefix_read > 0 && shared.writers.readable(charge.prefix_hash, now).is_none() {
+    if charge.prefix_read > 0
+        && !charge.prefix_from_fleet
+        && shared.writers.readable(charge.prefix_hash, now).is_none()
+    {
         // Its write failed, or the server's cache lifetime may have ended
         // while the request waited: charged in full again.
         unread(charge);
@@ -464,6 +467,7 @@ fn unread(charge: &mut Charge) {
     charge.prefix_read = 0;
     charge.prefix_served = None;
     charge.prefix_hash = 0;
+    charge.prefix_from_fleet = false;
     match charge.counted {
         Some(counted) => super::count::apply(charge, counted),
         None => charge.costs.input_tokens = charge.estimate.input_tokens,
@@ -480,6 +484,7 @@ pub(crate) fn read_prefix(charge: &mut Charge, read: Readable) {
         charge.prefix_read = read.tokens;
         charge.prefix_served = read.served;
         charge.prefix_hash = read.hash;
+        charge.prefix_from_fleet = false;
     }
     if let Some(counted) = charge.counted {
         super::count::apply(charge, counted);

@@ -53,7 +53,7 @@ use super::limits::{Limits, ModelClass, OutputMode};
 use super::prefix::{WriteGuard, Writers};
 use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 use crate::estimate::SlidingQuantile;
-use crate::estimate::{Estimate, TokenEstimator};
+use crate::estimate::{Estimate, SharedPromptCache, TokenEstimator};
 use crate::headers::{LimitStatus, RateLimitSnapshot};
 use crate::queue::Removed;
 use crate::Dimension;
@@ -304,6 +304,11 @@ pub(crate) struct Shared {
     counters: Counters,
     /// The prompt-cache prefixes being written by requests in flight.
     pub(crate) writers: Arc<Writers>,
+    /// The prompt-cache view the ledger shares with other processes
+    /// ([`Ledger::prompt_cache`]): waiting requests read the prefixes it
+    /// says are cached, and responses tell the ledger the prefixes they
+    /// wrote (`fleet.rs`).
+    pub(crate) prompt_cache: Option<Arc<dyn SharedPromptCache>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -335,6 +340,9 @@ pub(crate) struct Charge {
     pub(crate) prefix_served: Option<u64>,
     /// That prefix's hash.
     pub(crate) prefix_hash: u64,
+    /// That prefix was read from what other processes told the fleet
+    /// (`fleet.rs`), not through this budget's writers.
+    pub(crate) prefix_from_fleet: bool,
     /// Admitted on an estimate, counted in its key's `inexact` until the
     /// server reports its input.
     inexact: bool,
@@ -575,6 +583,14 @@ pub(crate) struct Admission {
     headroom_kept: bool,
 }
 
+impl Admission {
+    /// Whether a reservation is in flight (the charge's costs must not
+    /// change meanwhile).
+    pub(crate) fn is_asking(&self) -> bool {
+        self.asking.is_some()
+    }
+}
+
 /// The probe role of a request not yet admitted.
 #[derive(Debug)]
 struct ProbeRole {
@@ -643,7 +659,9 @@ impl Shared {
                 epoch,
             })
         });
+        let prompt_cache = ledger.prompt_cache();
         Self {
+            prompt_cache,
             counter: settings.count_tokens.map(Counter::new),
             settings,
             ledger,
@@ -747,6 +765,7 @@ impl Shared {
             prefix_read: 0,
             prefix_served: None,
             prefix_hash: 0,
+            prefix_from_fleet: false,
             inexact: false,
             input_capped: false,
             counted: None,

@@ -252,6 +252,8 @@ pub(crate) struct Tracker {
     /// The response head's sync, held for the settlement
     /// ([`Ledger::sync_with_settlement`](crate::budget::ledger::Ledger::sync_with_settlement)).
     held_sync: Option<[LimitStatus; 3]>,
+    /// Whether the fleet was told that the answer began (`fleet.rs`).
+    told_begun: bool,
 }
 
 impl Tracker {
@@ -268,6 +270,7 @@ impl Tracker {
             done: false,
             reserved_input: None,
             held_sync: None,
+            told_begun: false,
         }
     }
 
@@ -298,8 +301,12 @@ impl Tracker {
                     self.charge.release_inexact();
                 }
                 if output_began(data) {
-                    let served = s.started().then(|| cached_prefix(&s.usage()));
+                    let so_far = s.usage();
+                    let served = s.started().then(|| cached_prefix(&so_far));
                     self.begin_writes(served);
+                    if self.shared.prompt_cache.is_some() {
+                        self.tell_begun(&so_far);
+                    }
                 }
             }
             Scanner::Json(j) => j.push(data),
@@ -315,6 +322,26 @@ impl Tracker {
     fn begin_writes(&mut self, served: Option<u64>) {
         if let Some(writing) = self.charge.writing.as_mut() {
             writing.begin(served);
+        }
+    }
+
+    /// A stream's answer began and its `message_start` reported a cache
+    /// write or read: the fleet is told now, not when the stream ends.
+    fn tell_begun(&mut self, so_far: &Usage) {
+        let cached = so_far.cache_creation_input_tokens > 0 || so_far.cache_read_input_tokens > 0;
+        if cached && !std::mem::replace(&mut self.told_begun, true) {
+            super::fleet::tell_cached(&self.shared, &self.charge);
+        }
+    }
+
+    /// Tells a ledger that shares the fleet's prompt-cache view the
+    /// prefixes this response confirmed cached (any cache write or read
+    /// reported, the rule the estimator applies to its own records); it
+    /// goes with the settlement that follows.
+    fn publish_cached(&self, usage: &Usage) {
+        let cached = usage.cache_creation_input_tokens > 0 || usage.cache_read_input_tokens > 0;
+        if cached && !self.told_begun {
+            super::fleet::tell_cached(&self.shared, &self.charge);
         }
     }
 
@@ -339,6 +366,7 @@ impl Tracker {
         let (delta, ratio, observed) = self.settlement(outcome);
         if let Some(usage) = observed.as_ref() {
             self.shared.estimator.observe(&self.charge.estimate, usage);
+            self.publish_cached(usage);
         }
         // The estimator knows the prefixes it wrote from now on.
         self.charge.writing = None;

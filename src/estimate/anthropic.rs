@@ -3,7 +3,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +15,7 @@ use super::cache::{Pending, PromptCache, TTL_1H, TTL_5M};
 use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration};
 use super::classes::{Classes, ContentKind, TextModel};
 use super::media;
+use super::shared::{PrefixKey, SharedPromptCache};
 use super::{CachePrefix, Estimate, TokenEstimator, MAX_MODEL_LEN};
 use crate::headers::content_length;
 use crate::wire::json::{Malformed, Result, Scanner, Span};
@@ -105,9 +106,22 @@ fn positive(v: f64) -> Option<f64> {
 #[derive(Debug, Clone, Default)]
 pub struct AnthropicEstimatorBuilder {
     config: Config,
+    shared: Option<Arc<dyn SharedPromptCache>>,
 }
 
 impl AnthropicEstimatorBuilder {
+    /// Shares the prompt-cache view of a fleet of processes on one API key
+    /// (for example `RedisLedger::prompt_cache`, feature `redis`): prefixes
+    /// are hashed with the fleet's key, so every process names a prefix
+    /// alike, and a prefix another process saw confirmed as cached is
+    /// charged as a read, as one this estimator's own requests made warm.
+    /// Default: none (prefix hashes keyed per estimator, only its own
+    /// requests' prefixes known).
+    pub fn shared_prompt_cache(mut self, shared: Arc<dyn SharedPromptCache>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
     /// Text tokens are the character-class model's count (fitted against
     /// the `o200k_base` byte-pair tokenizer) times `scale`. Default 1.3:
     /// Claude's tokenizers are not published; Anthropic's glossary puts a
@@ -267,7 +281,11 @@ impl AnthropicEstimatorBuilder {
             cache: Mutex::new(PromptCache::new(config.cache_max_entries)),
             kinds: Mutex::new(VecDeque::new()),
             models: Mutex::new(Vec::new()),
-            hash_state: RandomState::new(),
+            hash_state: match &self.shared {
+                Some(shared) => PrefixKey::Fleet(shared.hash_key()),
+                None => PrefixKey::Own(RandomState::new()),
+            },
+            shared: self.shared,
             estimates: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
             config,
@@ -429,7 +447,9 @@ pub struct AnthropicEstimator {
     /// [`MAX_MODEL_LEN`] bytes), handed out shared: a request of a known
     /// model allocates no name.
     models: Mutex<Vec<Arc<str>>>,
-    hash_state: RandomState,
+    hash_state: PrefixKey,
+    /// The fleet's view of the prompt cache, if shared.
+    shared: Option<Arc<dyn SharedPromptCache>>,
     estimates: AtomicU64,
     fallbacks: AtomicU64,
 }
@@ -1187,7 +1207,7 @@ impl AnthropicEstimator {
     /// What the prompt-cache records keep of a model name: its keyed hash
     /// (the name itself is never copied there).
     fn model_key(&self, model: Option<&str>) -> u64 {
-        let mut h = self.hash_state.build_hasher();
+        let mut h = self.hash_state.hasher();
         match model {
             Some(m) => {
                 h.write_u8(1);
@@ -1230,7 +1250,7 @@ impl AnthropicEstimator {
         let mut out = vec![0u64; checkpoints.len()];
         let mut order: Vec<usize> = (0..checkpoints.len()).collect();
         order.sort_by_key(|&i| checkpoints.get(i).copied());
-        let mut h = self.hash_state.build_hasher();
+        let mut h = self.hash_state.hasher();
         h.write(model.unwrap_or("").as_bytes());
         h.write(&[0xff]);
         let mut next = order.iter().peekable();
@@ -1357,7 +1377,7 @@ impl AnthropicEstimator {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let mut best: Option<(u64, f64)> = None;
         for ((sec, b, _), &key) in cands.iter().zip(&hashes) {
-            if cache.is_warm(key, now) {
+            if cache.is_warm(key, now) || self.shared.as_ref().is_some_and(|s| s.is_cached(key)) {
                 let p = prefix(*sec, b);
                 if best.is_none_or(|(_, bp)| p > bp) {
                     best = Some((key, p));
@@ -1614,6 +1634,12 @@ impl TokenEstimator for AnthropicEstimator {
                 usage.cache_creation_input_tokens,
                 Instant::now(),
             );
+            drop(cache);
+            if let (Some(shared), Some(read), 0) =
+                (&self.shared, p.read, usage.cache_read_input_tokens)
+            {
+                shared.not_cached(read);
+            }
         }
     }
 }

@@ -56,10 +56,12 @@ mod classes;
 #[cfg(test)]
 mod corpus;
 mod media;
+mod shared;
 
 pub use anthropic::{AnthropicEstimator, AnthropicEstimatorBuilder, EstimatorSnapshot};
 pub(crate) use calibrate::SlidingQuantile;
 pub use calibrate::{Calibration, CalibrationConfig, ModelCalibration};
+pub use shared::SharedPromptCache;
 
 /// The longest `model` name, in bytes, that the estimator learns from and the
 /// budget admits (no model name comes near it).
@@ -116,7 +118,9 @@ pub struct Estimate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CachePrefix {
     /// A keyed hash of the prefix and the model (keyed per estimator: two
-    /// estimators give the same prefix different hashes).
+    /// estimators give the same prefix different hashes, unless they share
+    /// a fleet's key through
+    /// [`shared_prompt_cache`](AnthropicEstimatorBuilder::shared_prompt_cache)).
     pub hash: u64,
     /// The input tokens of the whole prefix, as estimated (before
     /// calibration).

@@ -6,8 +6,14 @@
 -- ARGV[1]  window in microseconds (capacity = limit * window units)
 -- ARGV[2]  idle time to live in milliseconds, after the buckets are full
 -- ARGV[3]  this ledger's owner id (for the claim)
+-- KEYS[2], KEYS[3]  with a shared prompt cache: the prompt-cache markers
+--          (hash: prefix name -> Redis time it is cached until) and their
+--          log (sorted set: prefix name by version)
 -- ARGV[4]  claim grace in microseconds
--- ARGV[5..] operations, each 7 or 8 arguments:
+-- ARGV[5]  the marker version this ledger saw last, -1 for no shared
+--          prompt cache
+-- ARGV[6..] operations, each 7 to 10 arguments (C: 2 + n):
+--   C for n name1..namen           prefixes cached, for `for` microseconds
 --   S L1 L2 L3 d1 d2 d3            settle (a correction, + charges, - refunds)
 --   Y L1 L2 L3 dim limit rem reset  sync (-1 = absent; reset in microseconds)
 --   R L1 L2 L3 c1 c2 c3            reserve (last operation only)
@@ -22,12 +28,18 @@
 --
 -- Returns {now, kind, a, b, c}: kind 0 no reserve, 1 admitted,
 -- 2 wait (a = microseconds, b = dimension), 3 never (a = dimension,
--- b = cost, c = limit).
+-- b = cost, c = limit); with a shared prompt cache, then {version, n,
+-- name1, until1, ...}: the markers after ARGV[5] (at most 64), and the
+-- newest version among them.
 local key = KEYS[1]
 local window = tonumber(ARGV[1])
 local idle_ms = tonumber(ARGV[2])
 local owner = ARGV[3]
 local grace = tonumber(ARGV[4])
+local since = tonumber(ARGV[5])
+local marks, log = KEYS[2], KEYS[3]
+local MAX_MARKS = 4096
+local MARKS_PER_REPLY = 64
 local UNIT = 60000000
 local TOLERANCE = 500 * UNIT
 local RESET_PRECISION = 1000000
@@ -169,29 +181,85 @@ local function reserve(limits, costs, headroom)
   return {1, 0, 0, 0}
 end
 
+-- The newest marker version (0 for none).
+local function newest()
+  local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
+  if #top == 0 then return 0 end
+  return tonumber(top[2])
+end
+
+local function cached(for_us, names)
+  if since < 0 then return end
+  local v = newest()
+  local until_us = string.format('%.0f', now + for_us)
+  for _, name in ipairs(names) do
+    v = v + 1
+    redis.call('HSET', marks, name, until_us)
+    redis.call('ZADD', log, v, name)
+  end
+  local count = redis.call('ZCARD', log)
+  if count > MAX_MARKS then
+    local old = redis.call('ZRANGE', log, 0, count - MAX_MARKS - 1)
+    redis.call('HDEL', marks, unpack(old))
+    redis.call('ZREMRANGEBYRANK', log, 0, count - MAX_MARKS - 1)
+  end
+  local keep = math.floor(for_us / 1000) + idle_ms
+  for _, k in ipairs({marks, log}) do
+    if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, keep) end
+  end
+end
+
+-- The markers recorded after version `since`: {version, n, name, until...}.
+local function markers()
+  local after = since
+  if after > newest() then after = 0 end
+  local got = redis.call('ZRANGEBYSCORE', log, '(' .. string.format('%.0f', after), '+inf',
+    'WITHSCORES', 'LIMIT', 0, MARKS_PER_REPLY)
+  local out = {after, 0}
+  for i = 1, #got, 2 do
+    out[1] = tonumber(got[i + 1])
+    local until_us = redis.call('HGET', marks, got[i])
+    if until_us then
+      table.insert(out, tonumber(got[i]))
+      table.insert(out, tonumber(until_us))
+      out[2] = out[2] + 1
+    end
+  end
+  return out
+end
+
 local answer = {0, 0, 0, 0}
-local n = 5
+local n = 6
 while n <= #ARGV do
   local op = ARGV[n]
-  local limits = {tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), tonumber(ARGV[n + 3])}
-  last_limits = limits
-  if op == 'S' then
-    settle(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]), tonumber(ARGV[n + 6])})
-    n = n + 7
-  elseif op == 'Y' then
-    sync(limits, tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]), tonumber(ARGV[n + 6]),
-      tonumber(ARGV[n + 7]))
-    n = n + 8
-  elseif op == 'R' then
-    answer = reserve(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]), tonumber(ARGV[n + 6])},
-      {0, 0, 0})
-    n = n + 7
-  elseif op == 'H' then
-    answer = reserve(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]), tonumber(ARGV[n + 6])},
-      {tonumber(ARGV[n + 7]), tonumber(ARGV[n + 8]), tonumber(ARGV[n + 9])})
-    n = n + 10
+  if op == 'C' then
+    local count = tonumber(ARGV[n + 2])
+    local names = {}
+    for i = 1, count do names[i] = ARGV[n + 2 + i] end
+    cached(tonumber(ARGV[n + 1]), names)
+    n = n + 3 + count
   else
-    return redis.error_reply('tower-llm-limits: unknown ledger operation ' .. tostring(op))
+    local limits = {tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), tonumber(ARGV[n + 3])}
+    last_limits = limits
+    if op == 'S' then
+      settle(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]), tonumber(ARGV[n + 6])})
+      n = n + 7
+    elseif op == 'Y' then
+      sync(limits, tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]), tonumber(ARGV[n + 6]),
+        tonumber(ARGV[n + 7]))
+      n = n + 8
+    elseif op == 'R' then
+      answer = reserve(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]),
+        tonumber(ARGV[n + 6])}, {0, 0, 0})
+      n = n + 7
+    elseif op == 'H' then
+      answer = reserve(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]),
+        tonumber(ARGV[n + 6])},
+        {tonumber(ARGV[n + 7]), tonumber(ARGV[n + 8]), tonumber(ARGV[n + 9])})
+      n = n + 10
+    else
+      return redis.error_reply('tower-llm-limits: unknown ledger operation ' .. tostring(op))
+    end
   end
 end
 
@@ -219,4 +287,8 @@ if exists then
   end
   redis.call('PEXPIRE', key, math.floor(full_us / 1000) + 1 + idle_ms)
 end
-return {now, answer[1], answer[2], answer[3], answer[4]}
+local reply = {now, answer[1], answer[2], answer[3], answer[4]}
+if since >= 0 then
+  for _, v in ipairs(markers()) do table.insert(reply, v) end
+end
+return reply

@@ -36,6 +36,7 @@ pub struct RedisLedgerBuilder {
     pub(super) write_delay: Duration,
     pub(super) retry_interval: Duration,
     pub(super) claim_grace: Duration,
+    pub(super) share_prompt: bool,
 }
 
 impl std::fmt::Debug for RedisLedgerBuilder {
@@ -52,6 +53,7 @@ impl std::fmt::Debug for RedisLedgerBuilder {
             .field("write_delay", &self.write_delay)
             .field("retry_interval", &self.retry_interval)
             .field("claim_grace", &self.claim_grace)
+            .field("share_prompt_cache", &self.share_prompt)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +72,7 @@ impl RedisLedgerBuilder {
             write_delay: Duration::from_millis(2),
             retry_interval: Duration::from_secs(1),
             claim_grace: Duration::from_secs(1),
+            share_prompt: false,
         }
     }
 
@@ -151,6 +154,25 @@ impl RedisLedgerBuilder {
     /// [`RedisLedger`](super::RedisLedger)).
     pub fn claim_grace(mut self, grace: Duration) -> Self {
         self.claim_grace = grace;
+        self
+    }
+
+    /// Shares the server's prompt cache among the processes (default
+    /// `false`): the processes' estimators name a prompt prefix alike, and
+    /// a prefix one process saw a response confirm as cached is charged as
+    /// a read by the others (instead of as input they will not be charged),
+    /// from their next call on the same budget key. The markers ride on the
+    /// ledger's own calls: no call is added. A budget built with this
+    /// ledger and its default estimator uses it by itself; an estimator of
+    /// your own takes it through
+    /// [`AnthropicEstimatorBuilder::shared_prompt_cache`](crate::estimate::AnthropicEstimatorBuilder::shared_prompt_cache)
+    /// with [`Ledger::prompt_cache`](crate::budget::ledger::Ledger::prompt_cache).
+    /// Stored in Redis: one key with the fleet's random hashing secret
+    /// (`<prefix>:prompt-key`, kept), and per budget key at most 4,096
+    /// prefix markers (two keys beside the buckets, under the same hash tag,
+    /// expiring with the markers).
+    pub fn share_prompt_cache(mut self, share: bool) -> Self {
+        self.share_prompt = share;
         self
     }
 

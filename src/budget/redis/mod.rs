@@ -61,6 +61,16 @@
 //!   the same instants: a property test checks it), including learned
 //!   limits, the thousands rounding of the server's `remaining`, and a sync
 //!   that only ever lowers a bucket. Learned limits are shared by the fleet.
+//! - **Prompt cache** (opt-in,
+//!   [`share_prompt_cache`](RedisLedgerBuilder::share_prompt_cache)): the
+//!   processes share the server's prompt cache, so they share what they know
+//!   of it. Their estimators hash prefixes with one secret kept in Redis,
+//!   and a prefix a response confirmed cached is marked under the budget
+//!   key's hash tag, in the call that carries that response's settlement;
+//!   each call on the key brings back the markers set since the process's
+//!   last one. A request of another process is then charged only for what
+//!   follows that prefix, from its estimate on if it arrives later, or from
+//!   its next ask if it is waiting. No call is added for it.
 //! - **Expiry**: a key expires [`idle_ttl`](RedisLedgerBuilder::idle_ttl)
 //!   (10 minutes) after its buckets would be full again. A key deleted under
 //!   the ledger starts again with full buckets.
@@ -101,6 +111,7 @@
 
 mod config;
 mod error;
+mod prompt;
 mod wire;
 
 use std::collections::HashMap;
@@ -120,8 +131,10 @@ use super::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, Reservation,
 };
 use super::Limits;
+use crate::estimate::SharedPromptCache;
 use crate::headers::LimitStatus;
 use crate::Dimension;
+use prompt::PromptMirror;
 use wire::{Applied, Op};
 
 /// At most this many buffered writes per key go in one call.
@@ -164,6 +177,23 @@ impl Conn {
             Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
         }
     }
+
+    /// The fleet's prompt-cache key, stored at `name`: set to `mine` by the
+    /// first process, read by the others.
+    async fn fleet_key(&self, name: &str, mine: &[u8; 16]) -> Result<[u8; 16], RedisLedgerError> {
+        let script = Script::new(
+            "redis.call('SET', KEYS[1], ARGV[1], 'NX') return redis.call('GET', KEYS[1])",
+        );
+        let mut inv = script.key(name);
+        inv.arg(prompt::key_to_hex(mine));
+        let stored: String = match self {
+            Conn::Single(c) => inv.invoke_async(&mut c.clone()).await?,
+            Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await?,
+        };
+        prompt::key_from_hex(&stored).ok_or(RedisLedgerError::InvalidConfig(
+            "the stored prompt-cache key is not 32 hex digits",
+        ))
+    }
 }
 
 struct Inner {
@@ -176,6 +206,8 @@ struct Inner {
     health: Mutex<Health>,
     pending: Mutex<HashMap<Arc<str>, Vec<Op>>>,
     stats: Counters,
+    /// The fleet's prompt-cache view, if shared.
+    prompt: Option<Arc<PromptMirror>>,
 }
 
 #[derive(Debug, Default)]
@@ -339,10 +371,19 @@ impl RedisLedgerBuilder {
             let conn = self.open().await?;
             conn.load(&apply).await?;
             conn.load(&read).await?;
-            Ok::<_, RedisLedgerError>(conn)
+            let prompt = match self.share_prompt {
+                true => {
+                    let name = format!("{}:prompt-key", self.prefix);
+                    let key = conn.fleet_key(&name, &prompt::random_key()).await?;
+                    Some(Arc::new(PromptMirror::new(key)))
+                }
+                false => None,
+            };
+            Ok::<_, RedisLedgerError>((conn, prompt))
         })
         .await
         .map_err(|_| RedisLedgerError::Timeout(wait))??;
+        let (conn, prompt) = conn;
         let fallback = InMemoryLedger::with_window(self.window)
             .map_err(|_| RedisLedgerError::InvalidConfig("window"))?;
         Ok(RedisLedger {
@@ -356,6 +397,7 @@ impl RedisLedgerBuilder {
                 health: Mutex::new(Health::default()),
                 pending: Mutex::new(HashMap::new()),
                 stats: Counters::default(),
+                prompt,
             }),
         })
     }
@@ -489,11 +531,20 @@ impl Inner {
         reserve: Option<Ask>,
     ) -> Result<Applied, RedisLedgerError> {
         let s = &self.settings;
-        let mut inv = self.apply.key(self.hash_key(key));
+        let hash_key = self.hash_key(key);
+        let mut inv = self.apply.key(&hash_key);
+        if self.prompt.is_some() {
+            inv.key(format!("{hash_key}:pc"))
+                .key(format!("{hash_key}:pv"));
+        }
         inv.arg(s.window.as_micros().min(u128::from(u64::MAX)) as u64)
             .arg(s.idle.as_millis().min(u128::from(u64::MAX)) as u64)
             .arg(&self.owner)
             .arg(s.claim_grace.as_micros().min(u128::from(u64::MAX)) as u64);
+        match &self.prompt {
+            Some(p) => inv.arg(p.since(key)),
+            None => inv.arg(-1),
+        };
         for op in ops {
             wire::push_op(&mut inv, op);
         }
@@ -505,7 +556,11 @@ impl Inner {
             .await
             .map_err(|_| RedisLedgerError::Timeout(s.timeout))?
             .map_err(|e| typed(e, s.timeout))?;
-        wire::parse_applied(&reply)
+        let applied = wire::parse_applied(&reply)?;
+        if let (Some(p), Some(m)) = (&self.prompt, &applied.markers) {
+            p.absorb(key, applied.now_us, m);
+        }
+        Ok(applied)
     }
 
     /// Asks Redis unless it failed recently; records the outcome.
@@ -567,6 +622,7 @@ impl Inner {
             Ok(Applied {
                 now_us,
                 reservation: Some(r),
+                ..
             }) => return Ok((r, Some(Duration::from_micros(now_us)))),
             Ok(Applied {
                 reservation: None, ..
@@ -607,6 +663,8 @@ impl Inner {
         for op in ops {
             bump(&self.stats.fallback_answers);
             match op {
+                // Nothing to share without Redis.
+                Op::Cached { .. } => {}
                 Op::Settle { limits, delta } => {
                     self.fallback
                         .settle_at(key, &share(limits, replicas), *delta, now);
@@ -652,7 +710,8 @@ impl Inner {
     }
 
     /// Buffers writes (together: they go in one batch); the first write of
-    /// a batch schedules its flush.
+    /// a batch that is not a prompt-cache marker schedules its flush (a
+    /// marker alone waits for the key's next call: it never costs one).
     fn enqueue(self: &Arc<Self>, key: &str, ops: impl IntoIterator<Item = Op>) {
         let (key, schedule, full) = {
             let mut pending = lock(&self.pending);
@@ -662,11 +721,13 @@ impl Inner {
             };
             let queue = pending.entry(Arc::clone(&key)).or_default();
             let before = queue.len();
+            let scheduled = queue.iter().any(|op| !op.is_marker());
             queue.extend(ops);
             if queue.len() == before {
                 return;
             }
-            (key, before == 0, queue.len() >= MAX_BATCH)
+            let due = !scheduled && queue.iter().any(|op| !op.is_marker());
+            (key, due, queue.len() >= MAX_BATCH)
         };
         if !schedule && !full {
             return;
@@ -845,5 +906,30 @@ impl Ledger for RedisLedger {
         let inner = Arc::clone(&self.inner);
         let (key, limits) = (key.to_owned(), *limits);
         LedgerFuture::new(async move { inner.state(&key, limits).await })
+    }
+
+    /// With [`share_prompt_cache`](RedisLedgerBuilder::share_prompt_cache):
+    /// the fleet's prompt-cache view (see the module docs).
+    fn prompt_cache(&self) -> Option<Arc<dyn SharedPromptCache>> {
+        let p = self.inner.prompt.as_ref()?;
+        Some(Arc::clone(p) as Arc<dyn SharedPromptCache>)
+    }
+
+    /// Buffered: sent with the key's next call (the response's settlement,
+    /// which follows, or a reservation), never alone.
+    fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
+        let Some(mirror) = self.inner.prompt.as_ref() else {
+            return;
+        };
+        if hashes.is_empty() {
+            return;
+        }
+        let names: Vec<u64> = hashes.iter().map(|&h| prompt::name(h)).collect();
+        mirror.told(&names);
+        let op = Op::Cached {
+            names,
+            for_us: prompt::CACHED_FOR_US,
+        };
+        self.inner.enqueue(key, [op]);
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use redis::ScriptInvocation;
 
 use super::error::RedisLedgerError;
+use super::prompt::Markers;
 use crate::budget::ledger::{BucketState, CostDelta, Costs, Reservation};
 use crate::budget::Limits;
 use crate::headers::LimitStatus;
@@ -14,8 +15,14 @@ use crate::Dimension;
 pub(super) const UNITS_PER_TOKEN: f64 = 60_000_000.0;
 
 /// A buffered write: applied by the next batch for its key.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) enum Op {
+    /// Prompt-cache prefixes a response confirmed cached (their marker
+    /// names), for `for_us` from the batch's Redis time.
+    Cached {
+        names: Vec<u64>,
+        for_us: u64,
+    },
     Settle {
         limits: Limits,
         delta: CostDelta,
@@ -27,13 +34,23 @@ pub(super) enum Op {
     },
 }
 
+impl Op {
+    /// A prompt-cache marker: it waits for the key's next call.
+    pub(super) fn is_marker(&self) -> bool {
+        matches!(self, Op::Cached { .. })
+    }
+}
+
 /// What a batch answered.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Applied {
     /// Redis `TIME` at which the batch ran, in microseconds since the epoch.
     pub now_us: u64,
     /// The reservation's answer, if the batch ended with one.
     pub reservation: Option<Reservation>,
+    /// The prompt-cache markers recorded since the version asked after (when
+    /// the ledger shares the prompt cache).
+    pub markers: Option<Markers>,
 }
 
 fn push_limits(inv: &mut ScriptInvocation<'_>, limits: &Limits) {
@@ -66,6 +83,12 @@ fn as_i64_or_absent(v: Option<u64>) -> i64 {
 /// Appends one buffered write.
 pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
     match op {
+        Op::Cached { names, for_us } => {
+            inv.arg("C").arg(*for_us).arg(names.len());
+            for name in names {
+                inv.arg(*name);
+            }
+        }
         Op::Settle { limits, delta } => {
             inv.arg("S");
             push_limits(inv, limits);
@@ -115,13 +138,36 @@ fn non_negative(v: i64) -> Result<u64, RedisLedgerError> {
     u64::try_from(v).map_err(|_| RedisLedgerError::Reply(format!("negative value {v}")))
 }
 
-/// Decodes the apply script's `{now, kind, a, b, c}`.
+/// Decodes the apply script's `{now, kind, a, b, c}`, followed, when the
+/// prompt cache is shared, by `{version, n, name1, until1, ...}`.
 pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> {
-    let [now, kind, a, b, c] = reply else {
+    let (head, tail) = reply.split_at(reply.len().min(5));
+    let [now, kind, a, b, c] = head else {
         return Err(RedisLedgerError::Reply(format!(
             "{} values instead of 5",
             reply.len()
         )));
+    };
+    let markers = match tail {
+        [] => None,
+        [version, n, rest @ ..]
+            if usize::try_from(*n).ok() == Some(rest.len() / 2) && rest.len() % 2 == 0 =>
+        {
+            let mut cached = Vec::with_capacity(rest.len() / 2);
+            for pair in rest.chunks_exact(2) {
+                cached.push((non_negative(pair[0])?, non_negative(pair[1])?));
+            }
+            Some(Markers {
+                version: non_negative(*version)?,
+                cached,
+            })
+        }
+        _ => {
+            return Err(RedisLedgerError::Reply(format!(
+                "{} values after the answer",
+                tail.len()
+            )))
+        }
     };
     let reservation = match kind {
         0 => None,
@@ -140,6 +186,7 @@ pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> 
     Ok(Applied {
         now_us: non_negative(*now)?,
         reservation,
+        markers,
     })
 }
 
@@ -205,6 +252,21 @@ mod tests {
             })
         );
         assert!(parse_applied(&[5, 1, 0, 0]).is_err());
+        let marked = parse_applied(&[5, 1, 0, 0, 0, 9, 2, 11, 700, 12, 800]).unwrap();
+        assert_eq!(
+            marked.markers,
+            Some(Markers {
+                version: 9,
+                cached: vec![(11, 700), (12, 800)]
+            })
+        );
+        assert_eq!(
+            parse_applied(&[5, 1, 0, 0, 0, 9, 0]).unwrap().markers,
+            Some(Markers::default()).map(|m| Markers { version: 9, ..m })
+        );
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 9, 2, 11, 700]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 9]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 9, 1, 11, -1]).is_err());
         assert!(parse_applied(&[5, 7, 0, 0, 0]).is_err());
         assert!(parse_applied(&[5, 2, 10, 4, 0]).is_err());
         assert!(parse_applied(&[5, 2, -1, 1, 0]).is_err());

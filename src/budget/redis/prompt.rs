@@ -1,0 +1,256 @@
+//! The fleet's prompt-cache view kept by a [`RedisLedger`](super::RedisLedger)
+//! ([`RedisLedgerBuilder::share_prompt_cache`](super::RedisLedgerBuilder::share_prompt_cache)).
+//!
+//! - **One name per prefix**: the estimators of the fleet key their prefix
+//!   hashes with one random 128-bit secret, stored once in Redis
+//!   (`<prefix>:prompt-key`, set by the first process that connects, read by
+//!   the others, never expired).
+//! - **Markers**: when a response confirms its `cache_control` prefixes as
+//!   cached, its process records them under the budget key's hash tag
+//!   (`<prefix>:{key}:pc`, prefix name to the Redis time it stays cached
+//!   until, 5 minutes on; `<prefix>:{key}:pv`, a log of the names by
+//!   version, at most 4,096), in the call that carries the response's
+//!   settlement.
+//! - **The mirror**: every call of the apply script on a key also returns
+//!   the markers recorded since the last version this process saw (at most
+//!   64 a call), which the process keeps in memory. The estimator asks that
+//!   memory: a request finds what the fleet knew at the process's last call,
+//!   and no call is added.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use tokio::time::Instant;
+
+use super::lock;
+use crate::estimate::SharedPromptCache;
+
+/// Markers kept in memory; past it, the expired go, then the ones that end
+/// soonest.
+const MAX_MIRRORED: usize = 16_384;
+
+/// How long a confirmed prefix is believed cached: the server's default
+/// lifetime, 5 minutes (a prefix asked for an hour is believed for less
+/// than it lives: charged in full sooner, never less).
+pub(super) const CACHED_FOR_US: u64 = 5 * 60 * 1_000_000;
+
+/// The marker name of a prefix hash: 52 bits, exact in the scripts' numbers.
+pub(super) fn name(hash: u64) -> u64 {
+    hash >> 12
+}
+
+/// Markers returned by one script call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Markers {
+    /// The newest version the reply covers.
+    pub version: u64,
+    /// (name, cached until, Redis microseconds since the epoch).
+    pub cached: Vec<(u64, u64)>,
+}
+
+/// The view the estimators of a process read; see the module docs.
+pub(super) struct PromptMirror {
+    key: [u8; 16],
+    cached: Mutex<HashMap<u64, u64>>,
+    /// The last version seen per budget key.
+    seen: Mutex<HashMap<Arc<str>, u64>>,
+    /// The last Redis time seen, and the local instant it was seen at.
+    clock: Mutex<Option<(u64, Instant)>>,
+    /// The names this process told the fleet (its own estimator knows
+    /// them), newest last, at most [`MAX_MIRRORED`].
+    own: Mutex<std::collections::VecDeque<u64>>,
+}
+
+impl fmt::Debug for PromptMirror {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The key is a secret: never printed.
+        f.debug_struct("PromptMirror")
+            .field("cached", &lock(&self.cached).len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PromptMirror {
+    pub(super) fn new(key: [u8; 16]) -> Self {
+        PromptMirror {
+            key,
+            cached: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
+            clock: Mutex::new(None),
+            own: Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    /// Remembers names this process tells the fleet: they are its own
+    /// requests' prefixes, which its estimator and cache-aware admission
+    /// already know.
+    pub(super) fn told(&self, names: &[u64]) {
+        let mut own = lock(&self.own);
+        for &name in names {
+            if !own.contains(&name) {
+                if own.len() >= MAX_MIRRORED {
+                    own.pop_front();
+                }
+                own.push_back(name);
+            }
+        }
+    }
+
+    /// The version to ask markers after, for a budget key.
+    pub(super) fn since(&self, key: &str) -> u64 {
+        lock(&self.seen).get(key).copied().unwrap_or(0)
+    }
+
+    /// Takes in what a call on `key` returned at Redis time `now_us`.
+    pub(super) fn absorb(&self, key: &str, now_us: u64, markers: &Markers) {
+        *lock(&self.clock) = Some((now_us, Instant::now()));
+        {
+            let mut seen = lock(&self.seen);
+            match seen.get_mut(key) {
+                Some(v) => *v = markers.version,
+                None => {
+                    seen.insert(Arc::from(key), markers.version);
+                }
+            }
+        }
+        if markers.cached.is_empty() {
+            return;
+        }
+        let mut cached = lock(&self.cached);
+        for &(name, until) in &markers.cached {
+            let e = cached.entry(name).or_insert(until);
+            *e = (*e).max(until);
+        }
+        if cached.len() > MAX_MIRRORED {
+            cached.retain(|_, until| *until > now_us);
+            if cached.len() > MAX_MIRRORED {
+                let mut ends: Vec<u64> = cached.values().copied().collect();
+                let cut = cached.len() - MAX_MIRRORED;
+                ends.select_nth_unstable(cut);
+                let limit = ends[cut];
+                cached.retain(|_, until| *until > limit);
+            }
+        }
+    }
+
+    /// Redis's time now, as last seen plus the time elapsed here since.
+    fn redis_now(&self) -> Option<u64> {
+        let (at_us, at) = (*lock(&self.clock))?;
+        let elapsed = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Some(at_us.saturating_add(elapsed))
+    }
+}
+
+impl SharedPromptCache for PromptMirror {
+    fn hash_key(&self) -> [u8; 16] {
+        self.key
+    }
+
+    fn is_cached(&self, hash: u64) -> bool {
+        let name = name(hash);
+        let Some(until) = lock(&self.cached).get(&name).copied() else {
+            return false;
+        };
+        if lock(&self.own).contains(&name) {
+            return false;
+        }
+        self.redis_now().is_some_and(|now| now < until)
+    }
+
+    fn not_cached(&self, hash: u64) {
+        lock(&self.cached).remove(&name(hash));
+    }
+}
+
+/// A random 128-bit secret (from the standard library's per-process random
+/// hash keys).
+pub(super) fn random_key() -> [u8; 16] {
+    use std::hash::BuildHasher;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let a = std::collections::hash_map::RandomState::new().hash_one(nanos);
+    let b = std::collections::hash_map::RandomState::new().hash_one(!nanos);
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&a.to_le_bytes());
+    key[8..].copy_from_slice(&b.to_le_bytes());
+    key
+}
+
+/// The hex form the key is stored in, and back.
+pub(super) fn key_to_hex(key: &[u8; 16]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(super) fn key_from_hex(hex: &str) -> Option<[u8; 16]> {
+    if hex.len() != 32 || !hex.is_ascii() {
+        return None;
+    }
+    let mut key = [0u8; 16];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_round_trips_and_bad_text_is_refused() {
+        let key = random_key();
+        assert_eq!(key_from_hex(&key_to_hex(&key)), Some(key));
+        assert_ne!(random_key(), random_key());
+        assert_eq!(key_from_hex("abc"), None);
+        assert_eq!(key_from_hex(&"zz".repeat(16)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn markers_count_until_they_end_and_a_miss_forgets() {
+        let mirror = PromptMirror::new([1; 16]);
+        let hash = 0xdead_beef_0000_1234_u64;
+        assert!(!mirror.is_cached(hash), "nothing seen yet");
+        let markers = Markers {
+            version: 3,
+            cached: vec![(name(hash), 1_000_000 + CACHED_FOR_US)],
+        };
+        mirror.absorb("sonnet", 1_000_000, &markers);
+        assert_eq!(mirror.since("sonnet"), 3);
+        assert_eq!(mirror.since("opus"), 0);
+        assert!(mirror.is_cached(hash));
+        assert!(!mirror.is_cached(hash ^ (1 << 20)));
+        tokio::time::advance(std::time::Duration::from_micros(CACHED_FOR_US)).await;
+        assert!(!mirror.is_cached(hash), "past its lifetime");
+        mirror.absorb("sonnet", 2_000_000, &markers);
+        assert!(mirror.is_cached(hash));
+        mirror.not_cached(hash);
+        assert!(!mirror.is_cached(hash));
+        // A prefix this process told the fleet is its own estimator's.
+        let own = hash ^ (1 << 40);
+        mirror.absorb(
+            "sonnet",
+            2_000_000,
+            &Markers {
+                version: 4,
+                cached: vec![(name(own), 3_000_000 + CACHED_FOR_US)],
+            },
+        );
+        assert!(mirror.is_cached(own));
+        mirror.told(&[name(own)]);
+        assert!(!mirror.is_cached(own));
+    }
+
+    #[test]
+    fn the_mirror_stays_bounded() {
+        let mirror = PromptMirror::new([1; 16]);
+        let cached = (0..MAX_MIRRORED as u64 + 100)
+            .map(|n| (n, 10 + n))
+            .collect();
+        mirror.absorb("k", 0, &Markers { version: 1, cached });
+        let n = lock(&mirror.cached).len();
+        assert!(n <= MAX_MIRRORED, "{n}");
+        assert!(lock(&mirror.cached).contains_key(&(MAX_MIRRORED as u64 + 99)));
+    }
+}
