@@ -153,9 +153,14 @@ fn writer(delay_ms: u64, status: u16) -> Request<Full<Bytes>> {
 /// A request of `input` uncached tokens (as estimated) whose prefix the
 /// writer is writing.
 fn reader(input: u64) -> Request<Full<Bytes>> {
+    reader_answered_after(input, 0)
+}
+
+/// [`reader`], its response head arriving after `delay_ms`.
+fn reader_answered_after(input: u64, delay_ms: u64) -> Request<Full<Bytes>> {
     request(serde_json::json!({
         "name": "reader", "input": input, "read": PREFIX_TOKENS,
-        "pending": [[PREFIX, PREFIX_TOKENS]],
+        "pending": [[PREFIX, PREFIX_TOKENS]], "delay_ms": delay_ms,
     }))
 }
 
@@ -222,11 +227,7 @@ async fn a_request_that_fits_now_is_not_held() {
     let svc = layer.layer(upstream(Arc::clone(&log)));
     let w = tokio::spawn(send(svc.clone(), writer(5_000, 200)));
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let mut slow = reader(3_000);
-    let mut json: serde_json::Value =
-        serde_json::from_slice(&slow.body().clone().collect().await.unwrap().to_bytes()).unwrap();
-    json["delay_ms"] = 1_000.into();
-    *slow.body_mut() = Full::new(Bytes::from(json.to_string()));
+    let slow = reader_answered_after(3_000, 1_000);
     let r = tokio::spawn(send(svc.clone(), slow));
     tokio::time::sleep(Duration::from_millis(10)).await;
     let at = sent_at(&log, "reader").expect("sent at once");
@@ -260,13 +261,8 @@ async fn a_request_that_fits_now_holds_for_at_most_the_cache_hold() {
         let w = tokio::spawn(send(svc.clone(), writer(writer_ms, 200)));
         tokio::time::sleep(Duration::from_millis(10)).await;
         // 6,000 of 20,000 taken by the writer: the reader's 6,000 fit now.
-        let mut reader = reader(6_000);
         // The reader's answer takes a while, so its charge can be read.
-        let mut json: serde_json::Value =
-            serde_json::from_slice(&reader.body().clone().collect().await.unwrap().to_bytes())
-                .unwrap();
-        json["delay_ms"] = 10_000.into();
-        *reader.body_mut() = Full::new(Bytes::from(json.to_string()));
+        let reader = reader_answered_after(6_000, 10_000);
         let before = remaining_input(&layer);
         let r = tokio::spawn(send(svc.clone(), reader));
         tokio::time::sleep(Duration::from_millis(sent_ms + 100)).await;

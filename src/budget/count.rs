@@ -352,6 +352,22 @@ pub(crate) fn apply(charge: &mut Charge, counted: u64) {
     charge.costs.input_tokens = input;
 }
 
+/// The server's size of the cache read a request expects (the longer of the
+/// estimate's and the prefix charged as read by cache-aware admission), if
+/// an answer said it; `None` too when no read is expected.
+pub(crate) fn served_read(
+    estimate: &Estimate,
+    (prefix_read, prefix_served): (u64, Option<u64>),
+) -> Option<u64> {
+    if prefix_read > estimate.cache_read_tokens {
+        prefix_served
+    } else if estimate.cache_read_tokens > 0 {
+        estimate.cache_read_served
+    } else {
+        None
+    }
+}
+
 /// The cache read expected for a request (the longer of the estimate's and
 /// the prefix charged as read by cache-aware admission, each as estimated
 /// and, when a response said, as the server counted it), in the count's
@@ -363,14 +379,7 @@ fn read_in_counted_units(
     (prefix_read, prefix_served): (u64, Option<u64>),
     counted: u64,
 ) -> u64 {
-    let served = if prefix_read > estimate.cache_read_tokens {
-        prefix_served
-    } else if estimate.cache_read_tokens > 0 {
-        estimate.cache_read_served
-    } else {
-        None
-    };
-    if let Some(served) = served {
+    if let Some(served) = served_read(estimate, (prefix_read, prefix_served)) {
         return served.min(counted);
     }
     let read = estimate.cache_read_tokens.max(prefix_read);

@@ -430,8 +430,10 @@ fn hold_in_line(
     writing: bool,
     cx: &mut Context<'_>,
 ) -> bool {
-    if writing && matches!(state, PrefixWait::Done) && !shared.settings.cache_hold.is_zero() {
-        *state = PrefixWait::InLine(Box::pin(tokio::time::sleep(shared.settings.cache_hold)));
+    if writing && matches!(state, PrefixWait::Done) {
+        if let Some(bound) = cache_hold_bound(shared) {
+            *state = PrefixWait::InLine(bound);
+        }
     }
     let PrefixWait::InLine(bound) = state else {
         return false;
@@ -446,6 +448,13 @@ fn hold_in_line(
         return false;
     }
     true
+}
+
+/// The timer bounding a hold for a prefix being written: the budget's cache
+/// hold (none when it is zero).
+fn cache_hold_bound(shared: &Shared) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    let hold = shared.settings.cache_hold;
+    (!hold.is_zero()).then(|| Box::pin(tokio::time::sleep(hold)))
 }
 
 /// Cache-aware admission before asking the budget (see `prefix.rs`):
@@ -494,18 +503,19 @@ fn poll_prefix(
             // while it waits in line: `prefix::refresh`).
             *state = PrefixWait::HeldToBound;
         }
-        PrefixState::Writing if !shared.settings.cache_hold.is_zero() => {
+        PrefixState::Writing => match cache_hold_bound(shared) {
             // It may fit now, but sent now it pays the prefix again: it
             // holds for the write, at most the budget's cache hold.
-            let mut bound = Box::pin(tokio::time::sleep(shared.settings.cache_hold));
-            if bound.as_mut().poll(cx).is_ready() {
-                *state = PrefixWait::Done;
-            } else {
-                *state = PrefixWait::Holding(slot, Some(bound));
-                return Poll::Pending;
+            Some(mut bound) => {
+                if bound.as_mut().poll(cx).is_ready() {
+                    *state = PrefixWait::Done;
+                } else {
+                    *state = PrefixWait::Holding(slot, Some(bound));
+                    return Poll::Pending;
+                }
             }
-        }
-        PrefixState::Writing => *state = PrefixWait::Candidate(slot),
+            None => *state = PrefixWait::Candidate(slot),
+        },
     }
     Poll::Ready(())
 }

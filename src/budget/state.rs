@@ -364,12 +364,10 @@ impl Charge {
     /// Whether the input charged is what the server will count: a
     /// `count_tokens` answer, less a cache read the server sized (or none).
     fn input_exact(&self) -> bool {
-        let estimate = &self.estimate;
-        let read_exact = if self.prefix_read > estimate.cache_read_tokens {
-            self.prefix_served.is_some()
-        } else {
-            estimate.cache_read_tokens == 0 || estimate.cache_read_served.is_some()
-        };
+        let reads = self.prefix_read.max(self.estimate.cache_read_tokens) > 0;
+        let read_exact = !reads
+            || super::count::served_read(&self.estimate, (self.prefix_read, self.prefix_served))
+                .is_some();
         self.counted.is_some() && (read_exact || self.cache_reads_count)
     }
 
