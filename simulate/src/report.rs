@@ -477,6 +477,18 @@ pub fn notes(rows: &[Row]) -> String {
             },
             r.binding
         ));
+        if r.workload_minimum_seconds > 0.0 {
+            // The two parts of the workload's bound beside this run's: when
+            // the limits let the last admission happen at the earliest, and
+            // the answer time after it.
+            out.push_str(&format!(
+                "; workload bound: last admission at {:.2} s + quickest answer {:.2} s, this run: {:.2} s + {:.2} s",
+                r.workload_minimum_seconds - r.quickest_answer_seconds,
+                r.quickest_answer_seconds,
+                r.last_sent,
+                (r.seconds - r.last_sent).max(0.0),
+            ));
+        }
         if r.other_errors > 0 {
             out.push_str(&format!("; {} other errors (5xx, resets)", r.other_errors));
         }
