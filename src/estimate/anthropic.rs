@@ -12,7 +12,7 @@ use http::request::Parts;
 use tokio::time::Instant;
 
 use super::cache::{Pending, PromptCache, TTL_1H, TTL_5M};
-use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration};
+use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration, NonText};
 use super::classes::{Classes, ContentKind, TextModel};
 use super::media;
 use super::shared::{PrefixKey, SharedPromptCache};
@@ -442,7 +442,7 @@ pub struct AnthropicEstimator {
     cache: Mutex<PromptCache>,
     /// The kind of content of recent estimates, until their usage arrives:
     /// (model key, raw input tokens, cache read tokens, kind).
-    kinds: Mutex<VecDeque<(u64, u64, u64, ContentKind)>>,
+    kinds: Mutex<VecDeque<(u64, u64, u64, Learned)>>,
     /// The model names seen (at most [`MAX_MODEL_NAMES`], each at most
     /// [`MAX_MODEL_LEN`] bytes), handed out shared: a request of a known
     /// model allocates no name.
@@ -469,16 +469,40 @@ impl fmt::Debug for AnthropicEstimator {
     }
 }
 
+/// What an estimate remembers for the calibration sample its count or usage
+/// gives: the kind of its text, and its parts that are not text.
+#[derive(Debug, Clone, Copy)]
+struct Learned {
+    kind: ContentKind,
+    parts: NonText,
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Tally {
     text: Classes,
     fixed: u64,
+    /// The part of `fixed` that images and documents cost.
+    media: u64,
+    /// Images and document pages in `media`.
+    items: u64,
+    /// The part of `fixed` that is the tool-use overhead.
+    overhead: u64,
 }
 
 impl Tally {
     fn add(&mut self, o: Tally) {
         self.text.add(&o.text);
         self.fixed = self.fixed.saturating_add(o.fixed);
+        self.media = self.media.saturating_add(o.media);
+        self.items = self.items.saturating_add(o.items);
+        self.overhead = self.overhead.saturating_add(o.overhead);
+    }
+
+    /// Adds the cost of `items` images or document pages.
+    fn add_media(&mut self, tokens: u64, items: u64) {
+        self.fixed = self.fixed.saturating_add(tokens);
+        self.media = self.media.saturating_add(tokens);
+        self.items = self.items.saturating_add(items);
     }
 }
 
@@ -772,7 +796,10 @@ impl<'a, 'c> Walk<'a, 'c> {
                     b'"' => {
                         let (span, _) = self.sc.string(false)?;
                         let c = span_classes(self.sc.input(), span);
-                        let t = Tally { text: c, fixed: 0 };
+                        let t = Tally {
+                            text: c,
+                            ..Tally::default()
+                        };
                         self.end_element(Section::Messages, t);
                     }
                     b'[' => {
@@ -814,6 +841,7 @@ impl<'a, 'c> Walk<'a, 'c> {
         let overhead = self.cfg.tools_overhead;
         let s = self.section(Section::Tools);
         s.tally.fixed = s.tally.fixed.saturating_add(overhead);
+        s.tally.overhead = s.tally.overhead.saturating_add(overhead);
         loop {
             let t = if self.sc.peek()? == b'{' {
                 self.tool()?
@@ -962,7 +990,7 @@ impl<'a, 'c> Walk<'a, 'c> {
             (k, _) => k,
         };
         match media_kind {
-            BlockKind::Image => t.fixed = t.fixed.saturating_add(self.image_cost(source)),
+            BlockKind::Image => t.add_media(self.image_cost(source), 1),
             BlockKind::Document => self.document_cost(source, t),
             BlockKind::Other => {
                 if let Some(Source {
@@ -1126,7 +1154,7 @@ impl<'a, 'c> Walk<'a, 'c> {
             _ => cfg.pdf_unknown_pages,
         };
         let pages = pages.clamp(1, cfg.pdf_max_pages);
-        t.fixed = t.fixed.saturating_add(pages.saturating_mul(per_page));
+        t.add_media(pages.saturating_mul(per_page), pages);
     }
 }
 
@@ -1299,16 +1327,28 @@ impl AnthropicEstimator {
         let cache_read = cache.read;
         let raw = total - cache_read;
         let mut text = Classes::default();
+        let mut parts = NonText::default();
         for s in &w.sections {
             text.add(&s.tally.text);
+            parts.media = parts.media.saturating_add(s.tally.media);
+            parts.items = parts.items.saturating_add(s.tally.items);
+            parts.overhead = parts.overhead.saturating_add(s.tally.overhead);
         }
         let kind = text.kind();
-        let f = self
-            .calibration
-            .factor_for(model.as_deref().unwrap_or(""), kind);
-        let input = (raw as f64 * f).ceil() as u64;
+        // Text, media and the tool-use overhead calibrate apart
+        // (`Calibration::observe_parts`); the calibrated whole applies to
+        // what is not read from the cache in proportion.
+        let text_tokens = total.saturating_sub(parts.media.saturating_add(parts.overhead));
+        let whole =
+            self.calibration
+                .predict(model.as_deref().unwrap_or(""), kind, text_tokens, parts);
+        let input = if total == 0 {
+            0
+        } else {
+            (whole * raw as f64 / total as f64).ceil() as u64
+        };
         if storable {
-            self.note_kind(model.as_deref(), raw, cache_read, kind);
+            self.note_kind(model.as_deref(), raw, cache_read, Learned { kind, parts });
         }
         Estimate {
             model,
@@ -1325,34 +1365,47 @@ impl AnthropicEstimator {
     }
 
     /// Remembers an estimate's kind of content until its usage arrives.
-    fn note_kind(&self, model: Option<&str>, raw: u64, cache_read: u64, kind: ContentKind) {
+    fn note_kind(&self, model: Option<&str>, raw: u64, cache_read: u64, learned: Learned) {
         let key = self.model_key(model);
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         if kinds.len() >= MAX_PENDING_KINDS {
             kinds.pop_front();
         }
-        kinds.push_back((key, raw, cache_read, kind));
+        kinds.push_back((key, raw, cache_read, learned));
     }
 
     /// The kind of content of an estimate still waiting for its usage, if
     /// remembered (it stays remembered).
-    fn peek_kind(&self, e: &Estimate) -> Option<ContentKind> {
+    fn peek_kind(&self, e: &Estimate) -> Option<Learned> {
         let key = self.model_key(e.model.as_deref());
         let want = (key, e.raw_input_tokens, e.cache_read_tokens);
         let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         kinds
             .iter()
             .find(|&&(k, r, c, _)| (k, r, c) == want)
-            .map(|&(_, _, _, kind)| kind)
+            .map(|&(_, _, _, learned)| learned)
     }
 
     /// The kind of content of an estimate whose usage arrived, if remembered.
-    fn take_kind(&self, e: &Estimate) -> Option<ContentKind> {
+    fn take_kind(&self, e: &Estimate) -> Option<Learned> {
         let key = self.model_key(e.model.as_deref());
         let want = (key, e.raw_input_tokens, e.cache_read_tokens);
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         let i = kinds.iter().position(|&(k, r, c, _)| (k, r, c) == want)?;
-        kinds.remove(i).map(|(_, _, _, kind)| kind)
+        kinds.remove(i).map(|(_, _, _, learned)| learned)
+    }
+
+    /// One calibration sample: the whole prompt as estimated against as
+    /// counted, split between text and media when the kind is remembered.
+    fn learn(&self, model: &str, learned: Option<Learned>, est_total: u64, actual_total: u64) {
+        match learned {
+            Some(l) => {
+                let text = est_total.saturating_sub(l.parts.media.saturating_add(l.parts.overhead));
+                self.calibration
+                    .observe_parts(model, l.kind, text, l.parts, actual_total)
+            }
+            None => self.calibration.observe(model, est_total, actual_total),
+        };
     }
 
     /// The tokens of the longest prefix believed warm in the prompt cache (at
@@ -1387,7 +1440,6 @@ impl AnthropicEstimator {
         let mut cache_read = 0;
         let mut served = None;
         if let Some((key, p)) = best {
-            cache.touch(key, now);
             cache_read = (p.floor() as u64).min(total);
             served = cache.served(key);
             tracing::trace!(cache_read, "prompt cache prefix believed warm");
@@ -1581,12 +1633,7 @@ impl TokenEstimator for AnthropicEstimator {
         let est_total = estimate
             .raw_input_tokens
             .saturating_add(estimate.cache_read_tokens);
-        match self.peek_kind(estimate) {
-            Some(kind) => self
-                .calibration
-                .observe_kind(model, kind, est_total, counted),
-            None => self.calibration.observe(model, est_total, counted),
-        };
+        self.learn(model, self.peek_kind(estimate), est_total, counted);
     }
 
     /// Learns from a settled response.
@@ -1616,12 +1663,7 @@ impl TokenEstimator for AnthropicEstimator {
             .input_tokens
             .saturating_add(usage.cache_creation_input_tokens)
             .saturating_add(usage.cache_read_input_tokens);
-        match self.take_kind(estimate) {
-            Some(kind) => self
-                .calibration
-                .observe_kind(model, kind, est_total, actual_total),
-            None => self.calibration.observe(model, est_total, actual_total),
-        };
+        self.learn(model, self.take_kind(estimate), est_total, actual_total);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = cache.take_pending(
             self.model_key(estimate.model.as_deref()),

@@ -104,21 +104,21 @@ impl PromptCache {
         self.entries.get(&key).map(|e| e.served).filter(|s| *s > 0)
     }
 
-    /// A read refreshes the server's lifetime of the entry.
-    pub(crate) fn touch(&mut self, key: u64, now: Instant) {
-        if let Some(e) = self.entries.get_mut(&key) {
-            e.last_seen = now;
-        }
-    }
-
     /// Records that a request carrying this breakpoint was sent now. An entry
-    /// still alive keeps its confirmation; a new or expired one waits for one.
+    /// still alive keeps its confirmation and its lifetime: only a response
+    /// that used the cache refreshes it ([`settle`](Self::settle)), since a
+    /// request refused with a 429, or one still waiting in line, did not
+    /// reach the server's cache. A new or expired one waits for a
+    /// confirmation.
     pub(crate) fn sent(&mut self, key: u64, ttl: Duration, now: Instant) {
         if let Some(e) = self.entries.get_mut(&key) {
-            let alive = e.alive(now);
-            e.confirmed &= alive;
-            e.last_seen = now;
-            e.ttl = if alive { e.ttl.max(ttl) } else { ttl };
+            if e.alive(now) {
+                e.ttl = e.ttl.max(ttl);
+            } else {
+                e.confirmed = false;
+                e.last_seen = now;
+                e.ttl = ttl;
+            }
             return;
         }
         self.make_room(now);
@@ -210,6 +210,15 @@ impl PromptCache {
             }
             return;
         }
+        // A read refreshes the server's lifetime of the entry, from when the
+        // request was sent.
+        if cache_read > 0 {
+            if let Some(e) = p.read.and_then(|k| self.entries.get_mut(&k)) {
+                if e.last_seen < p.at {
+                    e.last_seen = p.at;
+                }
+            }
+        }
         let longest = p.written.last().map(|&(k, _)| k);
         if longest.is_none() && cache_creation == 0 {
             if let Some(e) = p.read.and_then(|k| self.entries.get_mut(&k)) {
@@ -268,6 +277,41 @@ mod tests {
         c.settle(&p, 0, 100, now);
         assert!(c.is_warm(1, now));
         assert!(!c.is_warm(1, now + TTL_5M));
+    }
+
+    #[test]
+    fn only_a_read_the_server_confirmed_extends_an_entrys_life() {
+        let t0 = Instant::now();
+        let mut c = PromptCache::new(8);
+        c.sent(1, TTL_5M, t0);
+        let write = Pending {
+            model: 0,
+            raw_input_tokens: 10,
+            cache_read_tokens: 0,
+            read: None,
+            written: vec![(1, TTL_5M)],
+            at: t0,
+        };
+        c.settle(&write, 0, 100, t0);
+        // Four minutes on, a request carrying the breakpoint is sent and
+        // refused with a 429: no usage, no settlement. The entry still ends
+        // five minutes after the write, as the server's does.
+        let t4 = t0 + Duration::from_secs(240);
+        c.sent(1, TTL_5M, t4);
+        assert!(c.is_warm(1, t4));
+        assert!(!c.is_warm(1, t0 + TTL_5M));
+        // A read the server answered refreshes it from when it was sent.
+        let read = Pending {
+            model: 0,
+            raw_input_tokens: 5,
+            cache_read_tokens: 100,
+            read: Some(1),
+            written: Vec::new(),
+            at: t4,
+        };
+        c.settle(&read, 100, 0, t4 + Duration::from_secs(1));
+        assert!(c.is_warm(1, t0 + TTL_5M));
+        assert!(!c.is_warm(1, t4 + TTL_5M));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Online calibration: the median of observed ratios plus a margin sized from
 //! their spread, per model and per kind of content.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Mutex;
 
@@ -247,11 +247,117 @@ struct ModelWindow {
     window: SlidingQuantile,
     /// Windows per kind of content, created at a kind's first sample.
     kinds: Vec<(ContentKind, SlidingQuantile)>,
+    /// The windows of the parts that calibrate apart from text, created at
+    /// their first sample.
+    parts: Option<Box<PartWindows>>,
     /// Logical time of the last observation, for least-recently-observed eviction.
     last: u64,
 }
 
+/// What the server charged for the parts of a prompt that are not text.
+struct PartWindows {
+    /// Media: what the server charged over what the media formula gave.
+    media_ratio: SlidingQuantile,
+    /// Media: what the server charged per image or document page.
+    media_item: SlidingQuantile,
+    /// Requests with tools: their text as estimated against what the server
+    /// charged for them beyond their media.
+    tools: ToolsFit,
+}
+
+/// The cost of requests with tools as `a × text + b`, fitted by least
+/// squares over the last `cap` of them: `b` is the tool-use overhead the
+/// server adds (a constant per request, which no ratio can learn), `a` the
+/// ratio of their text (tool definitions are JSON, with a ratio of their own).
+struct ToolsFit {
+    pairs: VecDeque<(f64, f64)>,
+    cap: usize,
+}
+
+impl ToolsFit {
+    fn new(cap: usize) -> Self {
+        Self {
+            pairs: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn push(&mut self, text: f64, actual: f64) -> bool {
+        if !text.is_finite() || !actual.is_finite() || text <= 0.0 {
+            return false;
+        }
+        if self.pairs.len() >= self.cap {
+            self.pairs.pop_front();
+        }
+        self.pairs.push_back((text, actual.max(0.0)));
+        true
+    }
+
+    /// `(a, b, margin)` once `min_samples` are kept: the fit, with `a` within
+    /// `[min, max]` and `b` never negative (a fit through the origin when
+    /// the texts are too alike in size to tell an intercept, or the
+    /// intercept comes out negative), and the margin, a fraction of the
+    /// prediction: `spread_weight` times the `quantile` of the relative
+    /// residuals above their median.
+    fn fit(&self, config: &CalibrationConfig) -> Option<(f64, f64, f64)> {
+        let n = self.pairs.len();
+        if n < config.min_samples {
+            return None;
+        }
+        let nf = n as f64;
+        let (sx, sy) = self
+            .pairs
+            .iter()
+            .fold((0.0, 0.0), |(sx, sy), (x, y)| (sx + x, sy + y));
+        let (mx, my) = (sx / nf, sy / nf);
+        let (sxx, sxy) = self.pairs.iter().fold((0.0, 0.0), |(sxx, sxy), (x, y)| {
+            (sxx + (x - mx) * (x - mx), sxy + (x - mx) * (y - my))
+        });
+        // The sizes must scatter by 10 % or more to tell an intercept.
+        let mut fit = if sxx > 0.01 * mx * mx * nf {
+            let a = sxy / sxx;
+            Some((a, my - a * mx)).filter(|(a, b)| *a > 0.0 && *b >= 0.0)
+        } else {
+            None
+        };
+        if fit.is_none() {
+            let (xx, xy) = self
+                .pairs
+                .iter()
+                .fold((0.0, 0.0), |(xx, xy), (x, y)| (xx + x * x, xy + x * y));
+            fit = (xx > 0.0).then(|| (xy / xx, 0.0));
+        }
+        let (a, b) = fit?;
+        let a = a.clamp(config.min_factor, config.max_factor);
+        let mut residuals: Vec<f64> = self
+            .pairs
+            .iter()
+            .filter(|(_, y)| *y > 0.0)
+            .map(|(x, y)| (y - (a * x + b)) / y)
+            .collect();
+        residuals.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            let i = ((q * residuals.len() as f64).ceil() as usize).saturating_sub(1);
+            residuals.get(i).copied()
+        };
+        let margin = match (at(0.5), at(config.quantile)) {
+            (Some(m), Some(q)) => config.spread_weight * (q - m).max(0.0),
+            _ => 0.0,
+        };
+        Some((a, b, margin))
+    }
+}
+
 impl ModelWindow {
+    fn new(window: usize, tick: u64) -> Self {
+        Self {
+            window: SlidingQuantile::new(window),
+            kinds: Vec::new(),
+            parts: None,
+            last: tick,
+        }
+    }
+
     fn push_kind(&mut self, kind: ContentKind, ratio: f64, window: usize) {
         match self.kinds.iter_mut().find(|(k, _)| *k == kind) {
             Some((_, w)) => {
@@ -263,6 +369,42 @@ impl ModelWindow {
                 self.kinds.push((kind, w));
             }
         }
+    }
+
+    fn kind(&self, kind: ContentKind) -> Option<&SlidingQuantile> {
+        self.kinds.iter().find(|(k, _)| *k == kind).map(|(_, w)| w)
+    }
+
+    fn parts_mut(&mut self, window: usize) -> &mut PartWindows {
+        self.parts.get_or_insert_with(|| {
+            Box::new(PartWindows {
+                media_ratio: SlidingQuantile::new(window),
+                media_item: SlidingQuantile::new(window),
+                tools: ToolsFit::new(window),
+            })
+        })
+    }
+}
+
+/// The parts of an estimate that are not text, which calibrate apart from
+/// it: their errors are not the tokenizer's. A server may charge an image a
+/// fixed amount where the documented formula (width × height / 750) gives
+/// less, or add no tool-use system prompt where the estimator adds one; as
+/// one ratio over the whole prompt such errors would scale with the text
+/// and widen every text estimate's margin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct NonText {
+    /// Tokens the media formula gave the images and documents.
+    pub(crate) media: u64,
+    /// Images and document pages.
+    pub(crate) items: u64,
+    /// The tool-use overhead the estimate added (once per request with tools).
+    pub(crate) overhead: u64,
+}
+
+impl NonText {
+    fn is_empty(&self) -> bool {
+        self.media == 0 && self.overhead == 0
     }
 }
 
@@ -292,7 +434,12 @@ struct Inner {
 /// consistent estimator is charged almost exactly and a noisy one keeps
 /// room for its misses. The estimator also keeps a window per kind of content
 /// it can tell apart (prose, code, data, base64, CJK, other scripts), used
-/// once that kind has `min_samples` of its own.
+/// once that kind has `min_samples` of its own, and learns the parts of a
+/// prompt that are not text apart from it: images and documents (as a ratio
+/// to the media formula or as tokens per item, whichever the server's counts
+/// scatter less around) and the tool-use overhead (in tokens). Their errors
+/// are not the tokenizer's, and as one ratio with the text they would widen
+/// every text estimate's margin.
 ///
 /// The same pieces serve any "learn a conservative ratio per model" need, for
 /// example the budget's expected `output_tokens / max_tokens`.
@@ -373,6 +520,7 @@ impl Calibration {
 
     /// The factor for `model` and a kind of content: the kind's own when it
     /// has enough samples, else the model's.
+    #[cfg(test)]
     pub(crate) fn factor_for(&self, model: &str, kind: ContentKind) -> f64 {
         let inner = self.lock();
         let Some(m) = inner.models.get(model) else {
@@ -381,6 +529,192 @@ impl Calibration {
         match m.kinds.iter().find(|(k, _)| *k == kind) {
             Some((_, w)) if w.len() >= self.config.min_samples => self.factor_of(w),
             _ => self.factor_of(&m.window),
+        }
+    }
+
+    /// The median of a window with enough samples.
+    fn center_of(&self, w: &SlidingQuantile) -> Option<f64> {
+        if w.len() < self.config.min_samples {
+            return None;
+        }
+        w.quantile(0.5)
+    }
+
+    /// The median of a window with enough samples plus the margin from its
+    /// spread (as the factor's), not clamped: for windows of tokens.
+    fn value_of(&self, w: &SlidingQuantile) -> Option<f64> {
+        let median = self.center_of(w)?;
+        let q = w.quantile(self.config.quantile)?;
+        Some(median + self.config.spread_weight * (q - median).max(0.0))
+    }
+
+    /// How widely a window's samples scatter around their median (p90 − p10
+    /// over the median); infinite when it cannot tell.
+    fn scatter(w: &SlidingQuantile) -> f64 {
+        match (w.quantile(0.1), w.quantile(0.5), w.quantile(0.9)) {
+            (Some(lo), Some(m), Some(hi)) if m > 0.0 => (hi - lo) / m,
+            _ => f64::INFINITY,
+        }
+    }
+
+    /// What the media of `parts` cost: by the formula until the server's
+    /// counts have taught enough, then by whichever of the two learned rules
+    /// (a ratio to the formula, or tokens per item) scatters less.
+    /// `conservative` adds each window's margin; else its median.
+    fn media_cost(&self, m: &ModelWindow, parts: NonText, conservative: bool) -> f64 {
+        let formula = parts.media as f64;
+        let Some(w) = m.parts.as_deref() else {
+            return formula;
+        };
+        let pick = |w: &SlidingQuantile| {
+            if conservative {
+                self.value_of(w)
+            } else {
+                self.center_of(w)
+            }
+        };
+        let by_ratio = pick(&w.media_ratio).map(|r| {
+            let r = r.clamp(self.config.min_factor, self.config.max_factor);
+            (formula * r, Self::scatter(&w.media_ratio))
+        });
+        let by_item = (parts.items > 0)
+            .then(|| pick(&w.media_item))
+            .flatten()
+            .map(|t| {
+                (
+                    parts.items as f64 * t.max(0.0),
+                    Self::scatter(&w.media_item),
+                )
+            });
+        match (by_ratio, by_item) {
+            (Some((r, sr)), Some((i, si))) => {
+                if si < sr {
+                    i
+                } else {
+                    r
+                }
+            }
+            (Some((r, _)), None) => r,
+            (None, Some((i, _))) => i,
+            (None, None) => formula,
+        }
+    }
+
+    /// The calibrated tokens of a prompt whose estimate is `text` tokens of
+    /// text of kind `kind` plus `parts`: its media as learned, plus, with
+    /// tools, the fit of requests with tools once it has enough samples,
+    /// else the text times its factor (its kind's once that has enough
+    /// samples, else the model's) plus the overhead as estimated.
+    pub(crate) fn predict(&self, model: &str, kind: ContentKind, text: u64, parts: NonText) -> f64 {
+        let inner = self.lock();
+        let Some(m) = inner.models.get(model) else {
+            return self.config.neutral * text as f64 + (parts.media + parts.overhead) as f64;
+        };
+        let media = self.media_cost(m, parts, true);
+        if parts.overhead > 0 {
+            if let Some((a, b, margin)) = m.parts.as_deref().and_then(|w| w.tools.fit(&self.config))
+            {
+                return (a * text as f64 + b) * (1.0 + margin) + media;
+            }
+        }
+        let f = match m.kind(kind) {
+            Some(w) if w.len() >= self.config.min_samples => self.factor_of(w),
+            _ => self.factor_of(&m.window),
+        };
+        text as f64 * f + media + parts.overhead as f64
+    }
+
+    /// Records a prompt whose estimate was `text` tokens of text of kind
+    /// `kind` plus `parts`, and which really cost `actual`, as one sample of
+    /// the part that dominates its estimate; the other parts are taken at
+    /// their current medians (or as estimated, before enough samples):
+    ///
+    /// - media a quarter of the estimate or more: what the text and the
+    ///   overhead leave is a sample of the media, as a ratio to the formula
+    ///   and per item;
+    /// - else, with tools: what the media leave is a sample of the fit of
+    ///   requests with tools (`a × text + b`);
+    /// - else a sample of the text's ratio, into its kind's window and the
+    ///   model's, as [`observe`](Self::observe).
+    pub(crate) fn observe_parts(
+        &self,
+        model: &str,
+        kind: ContentKind,
+        text: u64,
+        parts: NonText,
+        actual: u64,
+    ) -> bool {
+        if parts.is_empty() {
+            return self.observe_kind(model, kind, text, actual);
+        }
+        let (text_center, media, overhead) = {
+            let inner = self.lock();
+            match inner.models.get(model) {
+                None => (
+                    self.config.neutral,
+                    parts.media as f64,
+                    parts.overhead as f64,
+                ),
+                Some(m) => {
+                    let fit = (parts.overhead > 0)
+                        .then(|| m.parts.as_deref().and_then(|w| w.tools.fit(&self.config)))
+                        .flatten();
+                    let center = m
+                        .kind(kind)
+                        .and_then(|w| self.center_of(w))
+                        .or_else(|| self.center_of(&m.window))
+                        .unwrap_or(self.config.neutral);
+                    match fit {
+                        // With tools, the fit stands for the text and the overhead.
+                        Some((a, b, _)) => (a, self.media_cost(m, parts, false), b),
+                        None => (
+                            center,
+                            self.media_cost(m, parts, false),
+                            parts.overhead as f64,
+                        ),
+                    }
+                }
+            }
+        };
+        let actual = actual as f64;
+        let whole = text
+            .saturating_add(parts.media)
+            .saturating_add(parts.overhead);
+        if parts.media > 0 && parts.media.saturating_mul(4) >= whole {
+            let rest = (actual - text as f64 * text_center - overhead).max(0.0);
+            return self.observe_part(model, |w| {
+                let ratio = w.media_ratio.push(rest / parts.media as f64);
+                if parts.items > 0 {
+                    w.media_item.push(rest / parts.items as f64);
+                }
+                ratio
+            });
+        }
+        if parts.overhead > 0 {
+            let rest = (actual - media).max(0.0);
+            return self.observe_part(model, |w| w.tools.push(text as f64, rest));
+        }
+        if text == 0 {
+            return false;
+        }
+        let rest = (actual - media).max(0.0);
+        self.observe_ratio(model, Some(kind), rest / text as f64)
+    }
+
+    /// Pushes into `model`'s part windows (a model seen for the first time
+    /// is added, as in [`observe_ratio`](Self::observe_ratio)).
+    fn observe_part(&self, model: &str, push: impl FnOnce(&mut PartWindows) -> bool) -> bool {
+        if model.len() > super::MAX_MODEL_LEN {
+            return false;
+        }
+        let window = self.config.window;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        inner.tick = inner.tick.wrapping_add(1);
+        let tick = inner.tick;
+        match self.model_entry(inner, model, tick) {
+            Some(m) => push(m.parts_mut(window)),
+            None => false,
         }
     }
 
@@ -429,39 +763,47 @@ impl Calibration {
         if !ratio.is_finite() || model.len() > super::MAX_MODEL_LEN {
             return false;
         }
+        let window = self.config.window;
         let mut guard = self.lock();
         let inner = &mut *guard;
         inner.tick = inner.tick.wrapping_add(1);
         let tick = inner.tick;
-        if let Some(m) = inner.models.get_mut(model) {
-            m.last = tick;
-            if let Some(kind) = kind {
-                m.push_kind(kind, ratio, self.config.window);
-            }
-            return m.window.push(ratio);
-        }
-        if inner.models.len() >= self.config.max_models {
-            let oldest = inner
-                .models
-                .iter()
-                .min_by_key(|(_, m)| m.last)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                inner.models.remove(&k);
-            }
-        }
-        let mut window = SlidingQuantile::new(self.config.window);
-        let pushed = window.push(ratio);
-        let mut m = ModelWindow {
-            window,
-            kinds: Vec::new(),
-            last: tick,
+        let Some(m) = self.model_entry(inner, model, tick) else {
+            return false;
         };
         if let Some(kind) = kind {
-            m.push_kind(kind, ratio, self.config.window);
+            m.push_kind(kind, ratio, window);
         }
-        inner.models.insert(model.to_owned(), m);
-        pushed
+        m.window.push(ratio)
+    }
+
+    /// `model`'s windows, marked used at `tick`; a model seen for the first
+    /// time is added, forgetting the least recently observed one when
+    /// [`max_models`](CalibrationConfig::max_models) are tracked.
+    fn model_entry<'a>(
+        &self,
+        inner: &'a mut Inner,
+        model: &str,
+        tick: u64,
+    ) -> Option<&'a mut ModelWindow> {
+        if !inner.models.contains_key(model) {
+            if inner.models.len() >= self.config.max_models {
+                let oldest = inner
+                    .models
+                    .iter()
+                    .min_by_key(|(_, m)| m.last)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    inner.models.remove(&k);
+                }
+            }
+            inner
+                .models
+                .insert(model.to_owned(), ModelWindow::new(self.config.window, tick));
+        }
+        let m = inner.models.get_mut(model)?;
+        m.last = tick;
+        Some(m)
     }
 
     /// What has been learned, per model, sorted by model name.
@@ -620,6 +962,67 @@ mod tests {
             cal.observe("m", 1000, 800);
         }
         assert!((cal.factor("m") - 0.8).abs() < 1e-9, "{}", cal.factor("m"));
+    }
+
+    #[test]
+    fn media_learn_apart_from_text() {
+        let cal = Calibration::default();
+        let image = |formula: u64| NonText {
+            media: formula,
+            items: 1,
+            overhead: 0,
+        };
+        // The text counts 0.8 of its estimate; images of every size cost
+        // the server 1,600 tokens, where the formula says 350 to 1,600.
+        for i in 0..20u64 {
+            cal.observe_kind("m", ContentKind::Prose, 1_000, 800);
+            let formula = [350, 640, 1_229, 1_600][(i % 4) as usize];
+            assert!(cal.observe_parts("m", ContentKind::Prose, 200, image(formula), 160 + 1_600));
+        }
+        // The text's factor carries none of the images' error.
+        assert!((cal.factor("m") - 0.8).abs() < 1e-9, "{}", cal.factor("m"));
+        // Tokens per image scatter less than the ratio: 1,600 an image.
+        let small = cal.predict("m", ContentKind::Prose, 200, image(640));
+        assert!((small - (160.0 + 1_600.0)).abs() < 1.0, "{small}");
+
+        // A server that follows the formula: the ratio wins.
+        let cal = Calibration::default();
+        for i in 0..20u64 {
+            cal.observe_kind("m", ContentKind::Prose, 1_000, 800);
+            let formula = [350, 640, 1_229, 1_600][(i % 4) as usize];
+            cal.observe_parts("m", ContentKind::Prose, 200, image(formula), 160 + formula);
+        }
+        let small = cal.predict("m", ContentKind::Prose, 200, image(640));
+        assert!((small - (160.0 + 640.0)).abs() < 1.0, "{small}");
+    }
+
+    #[test]
+    fn tools_learn_the_servers_overhead() {
+        let tools = NonText {
+            media: 0,
+            items: 0,
+            overhead: 530,
+        };
+        for server_overhead in [0.0, 346.0] {
+            let cal = Calibration::default();
+            for i in 0..20u64 {
+                let text = 500 + 300 * (i % 7);
+                let actual = (0.75 * text as f64 + server_overhead) as u64;
+                assert!(cal.observe_parts("m", ContentKind::Code, text, tools, actual));
+            }
+            for text in [400u64, 1_000, 5_000] {
+                let want = 0.75 * text as f64 + server_overhead;
+                let got = cal.predict("m", ContentKind::Code, text, tools);
+                // At most the rounding of the samples above the truth, never
+                // the estimator's 530.
+                assert!(
+                    got >= want - 1.0 && got <= want * 1.01 + 1.0,
+                    "{text}: {got} vs {want}"
+                );
+            }
+            // Requests with tools do not move the text's factor.
+            assert_eq!(cal.factor("m"), 1.0);
+        }
     }
 
     #[test]
