@@ -632,6 +632,8 @@ impl Calibration {
     /// - media a quarter of the estimate or more: what the text and the
     ///   overhead leave is a sample of the media, as a ratio to the formula
     ///   and per item;
+    /// - media of 5 % or more while the media have too few samples of their
+    ///   own: nothing (their error would pass for the rest's);
     /// - else, with tools: what the media leave is a sample of the fit of
     ///   requests with tools (`a × text + b`);
     /// - else a sample of the text's ratio, into its kind's window and the
@@ -647,13 +649,14 @@ impl Calibration {
         if parts.is_empty() {
             return self.observe_kind(model, kind, text, actual);
         }
-        let (text_center, media, overhead) = {
+        let (text_center, media, overhead, media_known) = {
             let inner = self.lock();
             match inner.models.get(model) {
                 None => (
                     self.config.neutral,
                     parts.media as f64,
                     parts.overhead as f64,
+                    false,
                 ),
                 Some(m) => {
                     let fit = (parts.overhead > 0)
@@ -664,14 +667,15 @@ impl Calibration {
                         .and_then(|w| self.center_of(w))
                         .or_else(|| self.center_of(&m.window))
                         .unwrap_or(self.config.neutral);
+                    let media_known = m
+                        .parts
+                        .as_deref()
+                        .is_some_and(|w| w.media_ratio.len() >= self.config.min_samples);
+                    let media = self.media_cost(m, parts, false);
                     match fit {
                         // With tools, the fit stands for the text and the overhead.
-                        Some((a, b, _)) => (a, self.media_cost(m, parts, false), b),
-                        None => (
-                            center,
-                            self.media_cost(m, parts, false),
-                            parts.overhead as f64,
-                        ),
+                        Some((a, b, _)) => (a, media, b, media_known),
+                        None => (center, media, parts.overhead as f64, media_known),
                     }
                 }
             }
@@ -689,6 +693,13 @@ impl Calibration {
                 }
                 ratio
             });
+        }
+        // Media of 5 % or more, before the server's counts have taught what
+        // media cost: the rest would carry their error (an image the server
+        // charges 1,600 tokens where the formula gives 640 is 25 % of a
+        // 3,800-token request), so nothing is learned from it.
+        if parts.media > 0 && !media_known && parts.media.saturating_mul(20) >= whole {
+            return false;
         }
         if parts.overhead > 0 {
             let rest = (actual - media).max(0.0);
@@ -972,6 +983,13 @@ mod tests {
             items: 1,
             overhead: 0,
         };
+        // A request whose image is a sixth of it, before any request made
+        // mostly of media: nothing is learned (the image's error would pass
+        // for the text's).
+        for _ in 0..10 {
+            assert!(!cal.observe_parts("m", ContentKind::Prose, 3_200, image(640), 2_560 + 1_600));
+        }
+        assert_eq!(cal.samples("m"), 0);
         // The text counts 0.8 of its estimate; images of every size cost
         // the server 1,600 tokens, where the formula says 350 to 1,600.
         for i in 0..20u64 {
@@ -984,6 +1002,12 @@ mod tests {
         // Tokens per image scatter less than the ratio: 1,600 an image.
         let small = cal.predict("m", ContentKind::Prose, 200, image(640));
         assert!((small - (160.0 + 1_600.0)).abs() < 1.0, "{small}");
+        // Once media cost is known, a request with a little media teaches
+        // the text, its media taken at what they are known to cost.
+        let before = cal.samples("m");
+        assert!(cal.observe_parts("m", ContentKind::Prose, 3_200, image(640), 2_560 + 1_600));
+        assert_eq!(cal.samples("m"), before + 1);
+        assert!((cal.factor("m") - 0.8).abs() < 1e-9, "{}", cal.factor("m"));
 
         // A server that follows the formula: the ratio wins.
         let cal = Calibration::default();
