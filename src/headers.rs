@@ -297,11 +297,21 @@ fn parse_u64(value: &HeaderValue) -> Option<u64> {
     if digits.is_empty() {
         return None;
     }
+    if digits.len() <= MAX_EXACT_DIGITS {
+        // Too few digits to overflow: no check per digit.
+        return digits.iter().try_fold(0u64, |n, &b| {
+            let digit = b.wrapping_sub(b'0');
+            (digit <= 9).then(|| n * 10 + u64::from(digit))
+        });
+    }
     digits.iter().try_fold(0u64, |n, &b| {
         let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
         n.checked_mul(10)?.checked_add(u64::from(digit))
     })
 }
+
+/// The most decimal digits that always fit a `u64` (`u64::MAX` has 20).
+const MAX_EXACT_DIGITS: usize = 19;
 
 /// One response header per field of a limit: `limit`, `remaining`, `reset`.
 type Fields<'a> = [Option<&'a HeaderValue>; 3];
@@ -642,6 +652,10 @@ mod tests {
             (" 42\t", Some(42)),
             ("18446744073709551615", Some(u64::MAX)),
             ("18446744073709551616", None),
+            ("9999999999999999999", Some(9_999_999_999_999_999_999)),
+            ("09999999999999999999", Some(9_999_999_999_999_999_999)),
+            ("99999999999999999999", None),
+            ("999999999999999999/", None),
             ("", None),
             ("  ", None),
             ("+1", None),

@@ -1120,6 +1120,13 @@ fn model_names_map_to_their_shared_class() {
         ("claude-sonnet-4-5@20250929", ModelClass::Sonnet4),
         ("claude-3-5-haiku@20241022", ModelClass::Haiku35),
         ("CLAUDE-OPUS-4-1", ModelClass::Opus4),
+        // A non-ASCII character separates words, as `-` does.
+        (
+            "claude\u{2010}sonnet\u{2010}4\u{2010}5",
+            ModelClass::Sonnet4,
+        ),
+        ("claudé-opus-4-1", ModelClass::Opus4),
+        ("claude-opus-٤-1", ModelClass::Other),
         // Not one of the classes.
         ("claude-3-opus-20240229", ModelClass::Other),
         ("claude-3-5-sonnet-20241022", ModelClass::Other),

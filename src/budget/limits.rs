@@ -181,9 +181,12 @@ impl ModelClass {
     /// assert_eq!(ModelClass::of("claude-2.1"), ModelClass::Other);
     /// ```
     pub fn of(model: &str) -> Self {
-        // Split on separators without allocating: `-`, `.`, `@`, `:`, `_`, `/`.
+        // Split on separators without allocating: `-`, `.`, `@`, `:`, `_`, `/`
+        // (any byte but an ASCII letter or digit: every byte of a non-ASCII
+        // character is one, as the character itself is).
         let mut tokens = model
-            .split(|c: char| !c.is_ascii_alphanumeric())
+            .as_bytes()
+            .split(|b| !b.is_ascii_alphanumeric())
             .filter(|t| !t.is_empty());
         // Small numbers (one or two digits) seen before the family name, and
         // after it; dates (eight digits) and other words end a version.
@@ -273,12 +276,12 @@ enum Family {
 }
 
 impl Family {
-    fn of(token: &str) -> Option<Self> {
-        if token.eq_ignore_ascii_case("opus") {
+    fn of(token: &[u8]) -> Option<Self> {
+        if token.eq_ignore_ascii_case(b"opus") {
             Some(Family::Opus)
-        } else if token.eq_ignore_ascii_case("sonnet") {
+        } else if token.eq_ignore_ascii_case(b"sonnet") {
             Some(Family::Sonnet)
-        } else if token.eq_ignore_ascii_case("haiku") {
+        } else if token.eq_ignore_ascii_case(b"haiku") {
             Some(Family::Haiku)
         } else {
             None
@@ -287,11 +290,11 @@ impl Family {
 }
 
 /// A version number: one or two ASCII digits.
-fn small_number(token: &str) -> Option<u8> {
-    if token.len() <= 2 && token.bytes().all(|b| b.is_ascii_digit()) {
-        token.parse().ok()
-    } else {
-        None
+fn small_number(token: &[u8]) -> Option<u8> {
+    match *token {
+        [d] if d.is_ascii_digit() => Some(d - b'0'),
+        [t, d] if t.is_ascii_digit() && d.is_ascii_digit() => Some((t - b'0') * 10 + (d - b'0')),
+        _ => None,
     }
 }
 

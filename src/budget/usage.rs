@@ -251,7 +251,9 @@ pub(crate) struct Tracker {
     reserved_input: Option<u64>,
     /// The response head's sync, held for the settlement
     /// ([`Ledger::sync_with_settlement`](crate::budget::ledger::Ledger::sync_with_settlement)).
-    held_sync: Option<[LimitStatus; 3]>,
+    /// Boxed: only a ledger across a network holds one, and every response
+    /// body carries this field.
+    held_sync: Option<Box<[LimitStatus; 3]>>,
     /// Whether the fleet was told that the answer began (`fleet.rs`).
     told_begun: bool,
 }
@@ -277,7 +279,7 @@ impl Tracker {
     /// Holds the response head's sync until the settlement, which applies
     /// both in one ledger operation.
     pub(crate) fn hold_sync(&mut self, statuses: Option<[LimitStatus; 3]>) {
-        self.held_sync = statuses;
+        self.held_sync = statuses.map(Box::new);
     }
 
     /// Settles a response whose body is empty (ended before any frame).
@@ -370,7 +372,7 @@ impl Tracker {
         }
         // The estimator knows the prefixes it wrote from now on.
         self.charge.writing = None;
-        let held = self.held_sync.take();
+        let held = self.held_sync.take().map(|held| *held);
         self.shared
             .correct_and_sync(&self.charge, delta, ratio, held);
         self.charge.release_inexact();

@@ -445,8 +445,9 @@ pub struct AnthropicEstimator {
     kinds: Mutex<VecDeque<(u64, u64, u64, Learned)>>,
     /// The model names seen (at most [`MAX_MODEL_NAMES`], each at most
     /// [`MAX_MODEL_LEN`] bytes), handed out shared: a request of a known
-    /// model allocates no name.
-    models: Mutex<Vec<Arc<str>>>,
+    /// model allocates no name; each with its text scale, worked out once
+    /// (it depends on the name and the configuration only).
+    models: Mutex<Vec<(Arc<str>, f64)>>,
     hash_state: PrefixKey,
     /// The fleet's view of the prompt cache, if shared.
     shared: Option<Arc<dyn SharedPromptCache>>,
@@ -1260,7 +1261,10 @@ impl AnthropicEstimator {
             ..Estimate::default()
         };
         if let Some(w) = partial {
-            e.model = w.model.and_then(|s| self.model_name(w.sc.input(), s));
+            e.model = w
+                .model
+                .and_then(|s| self.model_name(w.sc.input(), s))
+                .map(|(name, _)| name);
             e.max_tokens = w.max_tokens;
             e.stream = w.stream;
         }
@@ -1310,8 +1314,11 @@ impl AnthropicEstimator {
     }
 
     fn finish(&self, w: &Walk<'_, '_>) -> Estimate {
-        let model = w.model.and_then(|s| self.model_name(w.sc.input(), s));
-        let scale = self.text_scale(model.as_deref());
+        let named = w.model.and_then(|s| self.model_name(w.sc.input(), s));
+        let (model, scale) = match named {
+            Some((name, scale)) => (Some(name), scale),
+            None => (None, self.text_scale(None)),
+        };
         let tokens =
             |t: &Tally| -> f64 { TextModel::FITTED.tokens(&t.text) * scale + t.fixed as f64 };
         let section_tokens: [f64; 3] = SECTIONS.map(|s| tokens(&w.sections[s as usize].tally));
@@ -1386,9 +1393,9 @@ impl AnthropicEstimator {
             .map(|&(_, _, _, learned)| learned)
     }
 
-    /// The kind of content of an estimate whose usage arrived, if remembered.
-    fn take_kind(&self, e: &Estimate) -> Option<Learned> {
-        let key = self.model_key(e.model.as_deref());
+    /// The kind of content of an estimate whose usage arrived, if remembered
+    /// (`key`: its model's key).
+    fn take_kind(&self, key: u64, e: &Estimate) -> Option<Learned> {
         let want = (key, e.raw_input_tokens, e.cache_read_tokens);
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         let i = kinds.iter().position(|&(k, r, c, _)| (k, r, c) == want)?;
@@ -1550,10 +1557,10 @@ const MAX_MODEL_NAMES: usize = 32;
 
 impl AnthropicEstimator {
     /// The model name in the string span, shared with the earlier requests
-    /// that named it (no allocation once seen); a name never kept (beyond
-    /// [`MAX_MODEL_NAMES`] names, or longer than [`MAX_MODEL_LEN`]) is
-    /// allocated each time.
-    fn model_name(&self, b: &[u8], span: Span) -> Option<Arc<str>> {
+    /// that named it (no allocation once seen), and its text scale; a name
+    /// never kept (beyond [`MAX_MODEL_NAMES`] names, or longer than
+    /// [`MAX_MODEL_LEN`]) is allocated (and its scale worked out) each time.
+    fn model_name(&self, b: &[u8], span: Span) -> Option<(Arc<str>, f64)> {
         let raw = (!span.escaped)
             .then(|| b.get(span.start..span.end))
             .flatten()
@@ -1567,14 +1574,15 @@ impl AnthropicEstimator {
             }
         };
         let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(known) = models.iter().find(|m| ***m == *name) {
-            return Some(Arc::clone(known));
+        if let Some((known, scale)) = models.iter().find(|(m, _)| **m == *name) {
+            return Some((Arc::clone(known), *scale));
         }
+        let scale = self.text_scale(Some(name));
         let name: Arc<str> = Arc::from(name);
         if name.len() <= MAX_MODEL_LEN && models.len() < MAX_MODEL_NAMES {
-            models.push(Arc::clone(&name));
+            models.push((Arc::clone(&name), scale));
         }
-        Some(name)
+        Some((name, scale))
     }
 }
 
@@ -1663,13 +1671,12 @@ impl TokenEstimator for AnthropicEstimator {
             .input_tokens
             .saturating_add(usage.cache_creation_input_tokens)
             .saturating_add(usage.cache_read_input_tokens);
-        self.learn(model, self.take_kind(estimate), est_total, actual_total);
+        let key = self.model_key(estimate.model.as_deref());
+        self.learn(model, self.take_kind(key, estimate), est_total, actual_total);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = cache.take_pending(
-            self.model_key(estimate.model.as_deref()),
-            estimate.raw_input_tokens,
-            estimate.cache_read_tokens,
-        ) {
+        if let Some(p) =
+            cache.take_pending(key, estimate.raw_input_tokens, estimate.cache_read_tokens)
+        {
             cache.settle(
                 &p,
                 usage.cache_read_input_tokens,
@@ -1780,6 +1787,43 @@ mod tests {
             .model_text_scale("opus-4-7", 2.0)
             .build();
         assert!(close(e.text_scale(Some("claude-opus-4-7")), 2.0));
+    }
+
+    /// A model's text scale is worked out when its name is first kept and
+    /// remembered with it: a request of a known name is estimated as one of
+    /// a name never kept (too many names) is.
+    #[test]
+    fn remembered_scale_estimates_as_a_fresh_one() {
+        let parts = http::Request::new(()).into_parts().0;
+        let body = |m: &str| {
+            format!(
+                r#"{{"model":"{m}","max_tokens":5,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+                "some words to count ".repeat(40)
+            )
+        };
+        let kept = AnthropicEstimator::builder()
+            .model_text_scale("opus-4-7", 2.0)
+            .build();
+        let full = AnthropicEstimator::builder()
+            .model_text_scale("opus-4-7", 2.0)
+            .build();
+        for i in 0..MAX_MODEL_NAMES {
+            full.estimate(&parts, body(&format!("model-{i}")).as_bytes());
+        }
+        for model in [
+            "claude-opus-4-7",
+            "claude-opus-5",
+            "claude-sonnet-4-5",
+            "gpt-4o",
+        ] {
+            let first = kept.estimate(&parts, body(model).as_bytes());
+            let again = kept.estimate(&parts, body(model).as_bytes());
+            let fresh = full.estimate(&parts, body(model).as_bytes());
+            assert_eq!(first.raw_input_tokens, again.raw_input_tokens, "{model}");
+            assert_eq!(first.raw_input_tokens, fresh.raw_input_tokens, "{model}");
+        }
+        let tokens = |m: &str| kept.estimate(&parts, body(m).as_bytes()).raw_input_tokens;
+        assert!(tokens("claude-opus-4-7") > tokens("claude-sonnet-4-5"));
     }
 
     /// A seeded mixed workload: each request a system prompt and one to

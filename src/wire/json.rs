@@ -560,6 +560,18 @@ enum KeyPhase {
 
 const USAGE_KEY: &[u8] = b"usage";
 
+/// The bytes [`UsageScanner`] must look at outside strings when no `usage`
+/// key is pending: `"`, and those that open or close an object or array.
+static OPENS_OR_CLOSES: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b']' as usize] = true;
+    t
+};
+
 /// How many bytes of a string are searched a word at a time before `memchr`.
 const SHORT_STRING: usize = 32;
 
@@ -660,10 +672,22 @@ impl UsageScanner {
         while let Some(&b) = chunk.get(pos) {
             if self.in_string {
                 pos = self.string_run(chunk, pos);
-            } else {
-                self.structural_byte(b, chunk, pos);
-                pos += 1;
+                continue;
             }
+            if self.phase == KeyPhase::None && !OPENS_OR_CLOSES[usize::from(b)] {
+                // Outside strings with no key pending, a byte that neither
+                // opens a string nor opens or closes a value changes
+                // nothing (blanks, `:`, `,`, numbers, literals): jump to the
+                // next one that does.
+                let rest = chunk.get(pos..).unwrap_or_default();
+                match rest.iter().position(|&b| OPENS_OR_CLOSES[usize::from(b)]) {
+                    Some(i) => pos += i,
+                    None => break,
+                }
+                continue;
+            }
+            self.structural_byte(b, chunk, pos);
+            pos += 1;
         }
         // A `usage` object still open at the end of the chunk: its bytes are
         // kept (once per chunk, at most `MAX_USAGE_JSON` of them).
@@ -695,13 +719,18 @@ impl UsageScanner {
         let end = find_quote(rest).unwrap_or(rest.len());
         let segment = rest.get(..end).unwrap_or_default();
         if let Some(n) = self.key_match {
-            let plain = !self.escape && memchr::memchr(b'\\', segment).is_none();
+            // A segment equal to part of `usage` holds no backslash: only an
+            // escape pending from before it can make it another string.
             let expected = USAGE_KEY.get(n..n + segment.len());
-            self.key_match = (plain && expected == Some(segment)).then_some(n + segment.len());
+            self.key_match =
+                (!self.escape && expected == Some(segment)).then_some(n + segment.len());
         }
         // The escape state after the segment: a run of backslashes toggles it;
         // any other byte ends an escape.
-        let trailing = segment.iter().rev().take_while(|&&b| b == b'\\').count();
+        let trailing = match segment.last() {
+            Some(b'\\') => segment.iter().rev().take_while(|&&b| b == b'\\').count(),
+            _ => 0,
+        };
         let odd = trailing % 2 == 1;
         self.escape = if trailing == segment.len() {
             self.escape ^ odd
@@ -967,6 +996,36 @@ mod tests {
                 }
                 let want = bytes.iter().position(|&b| b == b'"');
                 assert_eq!(find_quote(&bytes), want, "len {len} at {at}");
+            }
+        }
+    }
+
+    /// The key `usage` is read across blanks and any split; a `usage` that
+    /// is not a top-level key followed by an object (a value, a key not
+    /// followed by `:`, a nested key, one followed by a number or an array)
+    /// is not.
+    #[test]
+    fn usage_scanner_reads_only_a_top_level_usage_object() {
+        let found: [&[u8]; 3] = [
+            b"{ \"usage\" \t:\n { \"input_tokens\" : 3 , \"output_tokens\":4 } }",
+            br#"{"a":"usage","b":["usage",{"usage":{"input_tokens":9}}],"usage":{"input_tokens":3,"output_tokens":4}}"#,
+            br#"{"usage" ,"x":1,"usage":12,"y":{"usage":{}},"usage":{"input_tokens":3,"output_tokens":4}}"#,
+        ];
+        let missed: [&[u8]; 4] = [
+            br#"{"usage":12,"input_tokens":3}"#,
+            br#"{"usage":[{"input_tokens":3,"output_tokens":4}]}"#,
+            br#"{"x":{"usage":{"input_tokens":3,"output_tokens":4}}}"#,
+            br#"[{"usage":{"input_tokens":3,"output_tokens":4}}]"#,
+        ];
+        for (bodies, want) in [(&found[..], Some((3, 4))), (&missed[..], None)] {
+            for body in bodies {
+                let text = String::from_utf8_lossy(body);
+                for cut in 0..=body.len() {
+                    let (a, b) = body.split_at(cut);
+                    assert_eq!(scan_in(&[a, b]), want, "{text} cut at {cut}");
+                }
+                let bytes: Vec<&[u8]> = body.chunks(1).collect();
+                assert_eq!(scan_in(&bytes), want, "{text} byte by byte");
             }
         }
     }
