@@ -1672,7 +1672,12 @@ impl TokenEstimator for AnthropicEstimator {
             .saturating_add(usage.cache_creation_input_tokens)
             .saturating_add(usage.cache_read_input_tokens);
         let key = self.model_key(estimate.model.as_deref());
-        self.learn(model, self.take_kind(key, estimate), est_total, actual_total);
+        self.learn(
+            model,
+            self.take_kind(key, estimate),
+            est_total,
+            actual_total,
+        );
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) =
             cache.take_pending(key, estimate.raw_input_tokens, estimate.cache_read_tokens)
