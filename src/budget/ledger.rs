@@ -209,6 +209,54 @@ pub enum Reservation {
     },
 }
 
+/// Who asks [`Ledger::reserve_in_line`]: the budget, and its request's
+/// place in the budget's own line for the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinePlace {
+    /// The asking budget: one id per budget (per process of a fleet), unique
+    /// across the fleet ([`LinePlace::new_owner`]). The ledger keeps at most
+    /// one ticket per owner and key: its head's.
+    pub owner: u64,
+    /// Whether the request is the head of its budget's line for the key (a
+    /// refused head leaves a ticket in the fleet's line); `false` for a
+    /// request that asks before joining a line or passes a waiting head.
+    pub head: bool,
+    /// How long the request has waited in its budget so far (zero for a
+    /// first ask): the ledger dates its ticket that long before its own now,
+    /// so the fleet's line is in order of arrival whatever the processes'
+    /// clocks say.
+    pub waited: Duration,
+}
+
+impl LinePlace {
+    /// A random owner id for a new budget (64 bits from the standard
+    /// library's per-process random hasher keys, the process id and the
+    /// time): distinct across a fleet with overwhelming probability.
+    pub fn new_owner() -> u64 {
+        use std::hash::Hasher;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mut h = RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.finish()
+    }
+}
+
+/// How long past its announced wait a ticket of the fleet's line lives
+/// without its head asking again (a process that went away): the
+/// [`InMemoryLedger`]'s; `RedisLedger` uses its `claim_grace`.
+pub const LINE_GRACE: Duration = Duration::from_secs(1);
+
+/// The most that requests passing the oldest ticket of the fleet's line may
+/// delay it, in all: the budget's own head-of-line bound.
+pub const LINE_DELAY_BOUND: Duration = super::admission::HEAD_DELAY_BOUND;
+
 /// The state of one bucket, for snapshots.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BucketState {
@@ -442,6 +490,51 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
         let _ = (key, hashes);
     }
+
+    /// [`Ledger::reserve_with_headroom`] of `costs` (with `headroom` kept
+    /// free; zero for none) in the line of every budget that shares this
+    /// ledger: the fleet's line. `None` (the default) means the ledger keeps
+    /// no such line; the budget then asks [`Ledger::reserve_with_headroom`]
+    /// or [`Ledger::reserve`]. A budget with a ledger of the user's asks
+    /// this first, every time.
+    ///
+    /// # The rule: the oldest waiting head first
+    ///
+    /// Inside one budget only the head of a key's line asks, so its large
+    /// request is not overtaken there; budgets in other processes would take
+    /// every bit of refill before its wait is over. So per key the ledger
+    /// keeps a ticket for each budget's refused head: its owner, its costs
+    /// (with headroom), and its date, the ledger's now less
+    /// [`LinePlace::waited`] (the order of arrival). A reservation of a
+    /// request of another owner that arrived later than the oldest ticket
+    /// is admitted only
+    ///
+    /// - if it fits beside that ticket's costs (the ticket is not delayed at
+    ///   all), or
+    /// - if it fits and the refill time of its costs (in the tightest
+    ///   dimension), added to what passing requests already delayed that
+    ///   ticket, stays within [`LINE_DELAY_BOUND`] (2 s, the budget's own
+    ///   head-of-line bound);
+    ///
+    /// otherwise it waits until it would fit after the ticket. A request of
+    /// the oldest ticket's owner, or older than every ticket, reserves as
+    /// [`Ledger::reserve_with_headroom`]. A head's admission removes its
+    /// ticket; a head refused again dates and costs its ticket anew, with
+    /// an expiry of its wait plus a grace ([`LINE_GRACE`]), so the ticket of
+    /// a process that went away ends by itself. So the fleet admits its
+    /// waiting heads in order of arrival, within the same bound as one
+    /// budget, and nothing starves.
+    fn reserve_in_line(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let _ = (key, limits, costs, headroom, place);
+        None
+    }
 }
 
 /// The future of one [`Ledger`] operation: an answer ready at once (no
@@ -611,6 +704,23 @@ impl CostDelta {
     }
 }
 
+/// The next ticket number of a line: one above its newest.
+fn next_seq(line: &[Ticket]) -> u64 {
+    line.iter()
+        .map(|t| t.seq.saturating_add(1))
+        .max()
+        .unwrap_or(0)
+}
+
+/// `a + b` in every dimension, saturating.
+pub(crate) fn add_costs(a: Costs, b: Costs) -> Costs {
+    Costs {
+        requests: a.requests.saturating_add(b.requests),
+        input_tokens: a.input_tokens.saturating_add(b.input_tokens),
+        output_tokens: a.output_tokens.saturating_add(b.output_tokens),
+    }
+}
+
 fn neg_saturating(value: u64) -> i64 {
     i64::try_from(value).map_or(i64::MIN + 1, |v| -v)
 }
@@ -756,6 +866,28 @@ pub struct InMemoryLedger {
     hasher: RandomState,
     /// When every shard was last swept of idle keys.
     swept_at: Mutex<Instant>,
+    /// The fleet's line per key ([`Ledger::reserve_in_line`]): only budgets
+    /// that share this ledger through the trait touch it.
+    lines: Mutex<HashMap<Box<str>, Vec<Ticket>>>,
+}
+
+/// One budget's waiting head in the fleet's line of a key.
+#[derive(Debug, Clone, Copy)]
+struct Ticket {
+    owner: u64,
+    /// When it arrived, on the ledger's clock.
+    since: Instant,
+    /// The line's count of tickets when it first waited there: the order
+    /// among tickets that arrived at the same instant.
+    seq: u64,
+    /// Its costs, headroom included.
+    costs: Costs,
+    /// When its wait ends, as last told.
+    due: Instant,
+    /// When the ticket ends without its head asking again.
+    expires: Instant,
+    /// How much passing requests delayed it.
+    delayed: Duration,
 }
 
 /// One shard of the map of keys. A key's state is boxed: the map's spare
@@ -812,6 +944,7 @@ impl InMemoryLedger {
             shards: new_shards(),
             hasher: RandomState::new(),
             swept_at: Mutex::new(Instant::now()),
+            lines: Mutex::new(HashMap::new()),
         }
     }
 
@@ -839,6 +972,7 @@ impl InMemoryLedger {
             shards: new_shards(),
             hasher: RandomState::new(),
             swept_at: Mutex::new(Instant::now()),
+            lines: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1219,6 +1353,34 @@ impl InMemoryLedger {
         answer.unwrap_or(Reservation::Admitted)
     }
 
+    /// [`Ledger::reserve_in_line`] at `now` on tokio's clock (see the rule
+    /// there); `Wait`'s `retry_in` is counted from `now`.
+    pub fn reserve_in_line_at(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+        now: Instant,
+    ) -> Reservation {
+        let window_nanos = self.window_nanos;
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut empty = Vec::new();
+        let line = lines.get_mut(key).unwrap_or(&mut empty);
+        line.retain(|t| t.expires > now);
+        let answer = self.with_key(key, true, now, |state| {
+            state.reserve_in_line(limits, costs, headroom, place, line, now, window_nanos)
+        });
+        let answer = answer.unwrap_or(Reservation::Admitted);
+        if line.is_empty() {
+            lines.remove(key);
+        } else if !empty.is_empty() {
+            lines.insert(Box::from(key), empty);
+        }
+        answer
+    }
+
     /// [`Ledger::settle`] at `now` on tokio's clock.
     pub fn settle_at(&self, key: &str, limits: &Limits, delta: CostDelta, now: Instant) {
         if delta.is_zero() {
@@ -1338,6 +1500,157 @@ impl KeyState {
             }
         }
         Reservation::Admitted
+    }
+
+    /// [`InMemoryLedger::reserve_in_line_at`] on these buckets, with the
+    /// key's line (expired tickets already dropped).
+    #[allow(clippy::too_many_arguments)]
+    fn reserve_in_line(
+        &mut self,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+        line: &mut Vec<Ticket>,
+        now: Instant,
+        window_nanos: u64,
+    ) -> Reservation {
+        let with = add_costs(costs, headroom);
+        let since = now.checked_sub(place.waited).unwrap_or(now);
+        let mine = line
+            .iter()
+            .position(|t| t.owner == place.owner && t.since == since);
+        // In order of arrival; of two that arrived together, the one that
+        // waited in the line first.
+        let seq = mine.map_or(u64::MAX, |j| line[j].seq);
+        let oldest = line
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.owner != place.owner && (t.since, t.seq) < (since, seq))
+            .min_by_key(|(_, t)| (t.since, t.seq))
+            .map(|(i, _)| i);
+        let answer = match oldest {
+            None => self.reserve_keeping(limits, with, headroom, now, window_nanos),
+            Some(i) => {
+                let ticket = line[i];
+                let beside = add_costs(with, ticket.costs);
+                match self.reserve(limits, beside, now, window_nanos) {
+                    Reservation::Admitted => {
+                        let back = CostDelta::refund(add_costs(ticket.costs, headroom));
+                        self.settle(limits, back, now, window_nanos);
+                        Reservation::Admitted
+                    }
+                    refused => {
+                        let delay = self.refill_time(limits, costs);
+                        let passes = ticket
+                            .delayed
+                            .checked_add(delay)
+                            .is_some_and(|d| d <= LINE_DELAY_BOUND);
+                        let alone = if passes {
+                            self.reserve_keeping(limits, with, headroom, now, window_nanos)
+                        } else {
+                            refused
+                        };
+                        match (alone, refused) {
+                            (Reservation::Admitted, _) => {
+                                line[i].delayed = ticket.delayed.saturating_add(delay);
+                                Reservation::Admitted
+                            }
+                            (Reservation::Never { .. }, _) if passes => alone,
+                            (_, Reservation::Wait { .. }) => refused,
+                            (
+                                _,
+                                Reservation::Never {
+                                    dimension,
+                                    capacity,
+                                    ..
+                                },
+                            ) => {
+                                if with.get(dimension) > capacity {
+                                    Reservation::Never {
+                                        dimension,
+                                        cost: with.get(dimension),
+                                        capacity,
+                                    }
+                                } else {
+                                    // Never beside it: after it.
+                                    let after = ticket.due.saturating_duration_since(now);
+                                    Reservation::Wait {
+                                        retry_in: after
+                                            .saturating_add(self.refill_time(limits, with))
+                                            .max(Duration::from_millis(1)),
+                                        dimension,
+                                    }
+                                }
+                            }
+                            (_, Reservation::Admitted) => Reservation::Admitted,
+                        }
+                    }
+                }
+            }
+        };
+        if place.head {
+            let mine = line.iter().position(|t| t.owner == place.owner);
+            match answer {
+                Reservation::Wait { retry_in, .. } => {
+                    let due = instant_after(now, retry_in.as_nanos());
+                    // The same head keeps its place and what it was delayed.
+                    let same = mine.map(|j| line[j]).filter(|t| t.since == since);
+                    let ticket = Ticket {
+                        owner: place.owner,
+                        since,
+                        seq: same.map_or_else(|| next_seq(line), |t| t.seq),
+                        costs: with,
+                        due,
+                        expires: due.checked_add(LINE_GRACE).unwrap_or(due),
+                        delayed: same.map_or(Duration::ZERO, |t| t.delayed),
+                    };
+                    match mine {
+                        Some(j) => line[j] = ticket,
+                        None => line.push(ticket),
+                    }
+                }
+                _ => {
+                    if let Some(j) = mine {
+                        line.swap_remove(j);
+                    }
+                }
+            }
+        }
+        answer
+    }
+
+    /// Reserves `with` (costs and headroom) and gives the headroom back
+    /// once admitted.
+    fn reserve_keeping(
+        &mut self,
+        limits: &Limits,
+        with: Costs,
+        headroom: Costs,
+        now: Instant,
+        window_nanos: u64,
+    ) -> Reservation {
+        let answer = self.reserve(limits, with, now, window_nanos);
+        if answer == Reservation::Admitted && headroom != Costs::default() {
+            self.settle(limits, CostDelta::refund(headroom), now, window_nanos);
+        }
+        answer
+    }
+
+    /// The refill time of `costs` in the tightest dimension with a limit in
+    /// force (zero for none).
+    fn refill_time(&self, limits: &Limits, costs: Costs) -> Duration {
+        Dimension::ALL
+            .into_iter()
+            .filter_map(|d| {
+                let (limit, _) = self.buckets[index(d)].limit(configured(limits, d))?;
+                let nanos = refill_nanos(units(costs.get(d)).unsigned_abs(), limit.max(1));
+                Some(Duration::from_nanos(
+                    u64::try_from(nanos).unwrap_or(u64::MAX),
+                ))
+            })
+            .max()
+            .unwrap_or(Duration::ZERO)
     }
 
     /// [`InMemoryLedger::settle_at`] on these buckets.
@@ -1611,6 +1924,18 @@ impl Ledger for InMemoryLedger {
     fn sync_all(&self, key: &str, limits: &Limits, statuses: [LimitStatus; 3]) -> LedgerFuture<()> {
         self.sync_all_at(key, limits, statuses, Instant::now());
         LedgerFuture::ready(Ok(()))
+    }
+
+    fn reserve_in_line(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let answer = self.reserve_in_line_at(key, limits, costs, headroom, place, Instant::now());
+        Some(LedgerFuture::ready(Ok(answer)))
     }
 
     fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
