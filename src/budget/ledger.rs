@@ -221,6 +221,9 @@ pub struct LinePlace {
     /// refused head leaves a ticket in the fleet's line); `false` for a
     /// request that asks before joining a line or passes a waiting head.
     pub head: bool,
+    /// The request, unique within its budget (a head that asks again keeps
+    /// its ticket's date and place; a new head gets a new ticket).
+    pub request: u64,
     /// How long the request has waited in its budget so far (zero for a
     /// first ask): the ledger dates its ticket that long before its own now,
     /// so the fleet's line is in order of arrival whatever the processes'
@@ -875,6 +878,8 @@ pub struct InMemoryLedger {
 #[derive(Debug, Clone, Copy)]
 struct Ticket {
     owner: u64,
+    /// The head's [`LinePlace::request`].
+    request: u64,
     /// When it arrived, on the ledger's clock.
     since: Instant,
     /// The line's count of tickets when it first waited there: the order
@@ -1516,10 +1521,14 @@ impl KeyState {
         window_nanos: u64,
     ) -> Reservation {
         let with = add_costs(costs, headroom);
-        let since = now.checked_sub(place.waited).unwrap_or(now);
         let mine = line
             .iter()
-            .position(|t| t.owner == place.owner && t.since == since);
+            .position(|t| t.owner == place.owner && t.request == place.request);
+        // A head asking again keeps its date; a new one is dated by its wait.
+        let since = match mine {
+            Some(j) => line[j].since,
+            None => now.checked_sub(place.waited).unwrap_or(now),
+        };
         // In order of arrival; of two that arrived together, the one that
         // waited in the line first.
         let seq = mine.map_or(u64::MAX, |j| line[j].seq);
@@ -1595,9 +1604,10 @@ impl KeyState {
                 Reservation::Wait { retry_in, .. } => {
                     let due = instant_after(now, retry_in.as_nanos());
                     // The same head keeps its place and what it was delayed.
-                    let same = mine.map(|j| line[j]).filter(|t| t.since == since);
+                    let same = mine.map(|j| line[j]);
                     let ticket = Ticket {
                         owner: place.owner,
+                        request: place.request,
                         since,
                         seq: same.map_or_else(|| next_seq(line), |t| t.seq),
                         costs: with,
@@ -1946,6 +1956,131 @@ impl Ledger for InMemoryLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn input(tokens: u64) -> Costs {
+        Costs {
+            requests: 0,
+            input_tokens: tokens,
+            output_tokens: 0,
+        }
+    }
+
+    fn at(owner: u64, request: u64, head: bool) -> LinePlace {
+        LinePlace {
+            owner,
+            head,
+            request,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// 6,000,000 ITPM: 100 tokens per millisecond, 2 s of refill is
+    /// 200,000 tokens.
+    fn fast() -> Limits {
+        Limits::new().itpm(6_000_000)
+    }
+
+    /// The fleet's line: a waiting head of one budget is not starved by
+    /// another budget's requests. They pass it only beside its costs or
+    /// within the head-of-line bound (2 s of its refill in all); its own
+    /// budget's requests are not held by its ticket; once admitted, its
+    /// ticket is gone.
+    #[tokio::test(start_paused = true)]
+    async fn the_fleets_line_holds_the_refill_for_the_oldest_head() {
+        let ledger = InMemoryLedger::new();
+        let (l, none) = (fast(), Costs::default());
+        let ask =
+            |costs, place| ledger.reserve_in_line_at("k", &l, costs, none, place, Instant::now());
+        // Budget 1 leaves 250,000 tokens, then its head needs 280,000: a
+        // 300 ms wait.
+        assert_eq!(ask(input(5_750_000), at(1, 1, true)), Reservation::Admitted);
+        let Reservation::Wait { retry_in, .. } = ask(input(280_000), at(1, 2, true)) else {
+            panic!("the head waits");
+        };
+        assert_eq!(retry_in, Duration::from_millis(300));
+        // Budget 2's 250,000 fits alone but not beside it, and would delay it
+        // 2.5 s: it waits until it fits after the head.
+        let Reservation::Wait { retry_in, .. } = ask(input(250_000), at(2, 10, true)) else {
+            panic!("held for the head");
+        };
+        assert_eq!(retry_in, Duration::from_millis(2_800));
+        // Two of 100,000 delay it 1 s each: within the bound; a third is not.
+        assert_eq!(ask(input(100_000), at(2, 11, false)), Reservation::Admitted);
+        assert_eq!(ask(input(100_000), at(2, 12, false)), Reservation::Admitted);
+        assert!(matches!(
+            ask(input(10_000), at(2, 13, false)),
+            Reservation::Wait { .. }
+        ));
+        // Its own budget's requests are not held by its ticket.
+        assert_eq!(ask(input(10_000), at(1, 3, false)), Reservation::Admitted);
+        // The plain reservation, outside the line, would have taken it.
+        assert_eq!(
+            ledger.reserve_at("k", &l, input(10_000), Instant::now()),
+            Reservation::Admitted
+        );
+        ledger.settle_at("k", &l, CostDelta::refund(input(10_000)), Instant::now());
+        // The head asks again when its wait is over (its ticket keeps its
+        // place), and is admitted when the refill covers it: 280,000 less
+        // the 40,000 left, 2.4 s from the start.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        let Reservation::Wait { retry_in, .. } = ask(input(280_000), at(1, 2, true)) else {
+            panic!("still short");
+        };
+        assert_eq!(retry_in, Duration::from_millis(2_100));
+        tokio::time::advance(Duration::from_millis(2_099)).await;
+        assert!(matches!(
+            ask(input(280_000), at(1, 2, true)),
+            Reservation::Wait { .. }
+        ));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(ask(input(280_000), at(1, 2, true)), Reservation::Admitted);
+        // Its ticket is gone: budget 2's head now goes when it fits.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(ask(input(10_000), at(2, 10, true)), Reservation::Admitted);
+        assert!(ledger.lines.lock().map(|l| l.is_empty()).unwrap_or(false));
+    }
+
+    /// Tickets are in order of arrival ([`LinePlace::waited`]), then of
+    /// first refusal; a head that went away loses its ticket at its wait
+    /// plus [`LINE_GRACE`].
+    #[tokio::test(start_paused = true)]
+    async fn the_line_is_in_order_of_arrival_and_a_lost_head_expires() {
+        let ledger = InMemoryLedger::new();
+        let (l, none) = (fast(), Costs::default());
+        let ask =
+            |costs, place| ledger.reserve_in_line_at("k", &l, costs, none, place, Instant::now());
+        let wait = |r| matches!(r, Reservation::Wait { .. });
+        // Heads of 300,000 tokens: 3 s of refill, above the 2 s bound.
+        let head = input(300_000);
+        assert_eq!(
+            ask(input(6_000_000), at(9, 1, false)),
+            Reservation::Admitted
+        );
+        // Two heads refused at the same instant: the first refused is older.
+        assert!(wait(ask(head, at(1, 1, true))));
+        assert!(wait(ask(head, at(2, 1, true))));
+        // A head that arrived 5 s ago is older than both.
+        let early = LinePlace {
+            waited: Duration::from_secs(5),
+            ..at(3, 1, true)
+        };
+        assert!(wait(ask(head, early)));
+        // At 3 s the refill covers one of them: the oldest.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(wait(ask(head, at(2, 1, true))));
+        assert!(wait(ask(head, at(1, 1, true))));
+        assert_eq!(ask(head, early), Reservation::Admitted);
+        // At 6 s, the first refused of the other two goes first...
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(wait(ask(head, at(2, 1, true))));
+        // ...but head 1 never asks again: its ticket ends at its wait (6 s)
+        // plus the grace, and head 2 goes.
+        tokio::time::advance(LINE_GRACE - Duration::from_millis(1)).await;
+        assert!(wait(ask(head, at(2, 1, true))));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(ask(head, at(2, 1, true)), Reservation::Admitted);
+        assert!(ledger.lines.lock().map(|l| l.is_empty()).unwrap_or(false));
+    }
 
     /// A small deterministic generator, so each seed replays.
     struct Lcg(u64);

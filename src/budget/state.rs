@@ -582,6 +582,14 @@ pub(crate) struct Admission {
     no_headroom: bool,
     /// Set when the ledger kept the headroom itself (nothing to give back).
     headroom_kept: bool,
+    /// This request's id in the fleet's line (0 until it first asks there).
+    line_id: u64,
+}
+
+/// A new request id for the fleet's line, unique in the process (from 1).
+fn next_line_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Admission {
@@ -1374,9 +1382,13 @@ impl Shared {
         };
         // The fleet's line, where the ledger keeps one (shared by budgets
         // in other processes): the oldest waiting head first.
+        if adm.line_id == 0 {
+            adm.line_id = next_line_id();
+        }
         let place = LinePlace {
             owner: self.line_owner,
             head,
+            request: adm.line_id,
             waited: adm
                 .started
                 .map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),

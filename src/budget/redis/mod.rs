@@ -128,7 +128,8 @@ pub use config::{FaultPolicy, RedisLedgerBuilder};
 pub use error::RedisLedgerError;
 
 use super::ledger::{
-    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, Reservation,
+    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, LinePlace,
+    Reservation,
 };
 use super::Limits;
 use crate::estimate::SharedPromptCache;
@@ -307,6 +308,7 @@ impl RedisLedger {
             limits: *limits,
             costs,
             headroom: None,
+            line: None,
         };
         self.inner.reserve(Arc::from(key), ask).await
     }
@@ -328,6 +330,7 @@ impl RedisLedger {
             limits: *limits,
             costs,
             headroom: Some(headroom),
+            line: None,
         };
         self.inner.reserve(Arc::from(key), ask).await
     }
@@ -549,7 +552,7 @@ impl Inner {
             wire::push_op(&mut inv, op);
         }
         if let Some(ask) = reserve {
-            wire::push_reserve(&mut inv, &ask.limits, ask.costs, ask.headroom);
+            wire::push_reserve(&mut inv, &ask.limits, ask.costs, ask.headroom, ask.line);
         }
         bump(&self.stats.calls);
         let reply: Vec<i64> = tokio::time::timeout(s.timeout, self.conn.invoke(&inv))
@@ -616,6 +619,7 @@ impl Inner {
             limits,
             costs,
             headroom,
+            line: _,
         } = ask;
         let ops = self.take_pending(&key);
         let error = match self.guarded_apply(&key, &ops, Some(ask)).await {
@@ -798,6 +802,8 @@ struct Ask {
     limits: Limits,
     costs: Costs,
     headroom: Option<Costs>,
+    /// In the fleet's line ([`Ledger::reserve_in_line`]).
+    line: Option<LinePlace>,
 }
 
 /// A response's non-empty statuses as sync operations, in dimension order.
@@ -821,6 +827,7 @@ impl RedisLedger {
         limits: &Limits,
         costs: Costs,
         headroom: Option<Costs>,
+        line: Option<LinePlace>,
     ) -> LedgerFuture<Reservation> {
         let inner = Arc::clone(&self.inner);
         let key = Arc::from(key);
@@ -828,6 +835,7 @@ impl RedisLedger {
             limits: *limits,
             costs,
             headroom,
+            line,
         };
         LedgerFuture::new(async move { Ok(inner.reserve(key, ask).await?.0) })
     }
@@ -840,7 +848,7 @@ impl RedisLedger {
 /// writes may be lost with it.
 impl Ledger for RedisLedger {
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
-        self.ask(key, limits, costs, None)
+        self.ask(key, limits, costs, None, None)
     }
 
     /// The headroom is checked by the reservation's own script call.
@@ -851,7 +859,20 @@ impl Ledger for RedisLedger {
         costs: Costs,
         headroom: Costs,
     ) -> Option<LedgerFuture<Reservation>> {
-        Some(self.ask(key, limits, costs, Some(headroom)))
+        Some(self.ask(key, limits, costs, Some(headroom), None))
+    }
+
+    /// The fleet's line is kept in the key's hash, by the reservation's own
+    /// script call (see the module docs).
+    fn reserve_in_line(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+    ) -> Option<LedgerFuture<Reservation>> {
+        Some(self.ask(key, limits, costs, Some(headroom), Some(place)))
     }
 
     /// `true`: a response's sync and settlement go in one batch.
