@@ -23,7 +23,9 @@ use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tower_llm_limits::budget::ledger::{CostDelta, Costs, InMemoryLedger, Ledger, Reservation};
+use tower_llm_limits::budget::ledger::{
+    CostDelta, Costs, InMemoryLedger, Ledger, LinePlace, Reservation,
+};
 use tower_llm_limits::budget::redis::{FaultPolicy, RedisLedger, RedisLedgerError};
 use tower_llm_limits::budget::Limits;
 use tower_llm_limits::headers::LimitStatus;
@@ -759,6 +761,89 @@ async fn a_large_request_is_not_starved_by_other_processes() {
             .reserve("k", &limits, costs(0, 50, 0))
             .await
             .expect("small"),
+        Reservation::Admitted
+    );
+}
+
+/// The fleet's line (`Ledger::reserve_in_line`) in Redis: another
+/// process's requests pass a waiting head only beside its costs or within
+/// the head-of-line bound (2 s of refill in all), its own process's are not
+/// held, and its admission ends its ticket (the in-memory ledger's rule,
+/// tested there on a paused clock).
+#[tokio::test]
+async fn the_fleets_line_holds_the_refill_for_the_oldest_head() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("line");
+    let connect = || RedisLedger::builder(&url).prefix(&prefix).connect();
+    let one = connect().await.expect("one");
+    let two = connect().await.expect("two");
+    let place = |owner, request, head| LinePlace {
+        owner,
+        head,
+        request,
+        waited: Duration::ZERO,
+    };
+    let none = Costs::default();
+    // 6,000,000 ITPM: 100 tokens per millisecond; 2 s is 200,000 tokens.
+    let limits = Limits::new().itpm(6_000_000);
+    let ask = |ledger: &RedisLedger, tokens, place| {
+        let fut = ledger
+            .reserve_in_line("k", &limits, costs(0, tokens, 0), none, place)
+            .expect("a redis ledger keeps the line");
+        async move { fut.await.expect("reserve") }
+    };
+    // Process one leaves about 250,000 tokens; its head needs 400,000
+    // (about 1.5 s).
+    assert_eq!(
+        ask(&one, 5_750_000, place(1, 1, true)).await,
+        Reservation::Admitted
+    );
+    let asked = Instant::now();
+    let Reservation::Wait { retry_in, .. } = ask(&one, 400_000, place(1, 2, true)).await else {
+        panic!("the head waits");
+    };
+    assert!(retry_in > Duration::from_millis(1_000), "{retry_in:?}");
+    // Process two's 250,000 would fit alone, but would delay it 2.5 s.
+    assert!(matches!(
+        ask(&two, 250_000, place(2, 10, true)).await,
+        Reservation::Wait { .. }
+    ));
+    // Two of 90,000 delay it 0.9 s each: within the bound; a third is not.
+    assert_eq!(
+        ask(&two, 90_000, place(2, 11, false)).await,
+        Reservation::Admitted
+    );
+    assert_eq!(
+        ask(&two, 90_000, place(2, 12, false)).await,
+        Reservation::Admitted
+    );
+    assert!(matches!(
+        ask(&two, 30_000, place(2, 13, false)).await,
+        Reservation::Wait { .. }
+    ));
+    // Its own process's requests are not held by its ticket.
+    assert_eq!(
+        ask(&one, 10_000, place(1, 3, false)).await,
+        Reservation::Admitted
+    );
+    // The head is admitted once the refill covers it.
+    let mut admitted = false;
+    for _ in 0..20 {
+        match ask(&one, 400_000, place(1, 2, true)).await {
+            Reservation::Admitted => {
+                admitted = true;
+                break;
+            }
+            Reservation::Wait { retry_in, .. } => tokio::time::sleep(retry_in).await,
+            never => panic!("{never:?}"),
+        }
+    }
+    assert!(admitted, "the head is admitted");
+    assert!(asked.elapsed() < Duration::from_secs(10));
+    // Its ticket is gone: process two's head goes when it fits alone.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        ask(&two, 10_000, place(2, 10, true)).await,
         Reservation::Admitted
     );
 }

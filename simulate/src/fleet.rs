@@ -24,10 +24,10 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder};
 use tower_llm_limits::budget::ledger::{
-    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, Reservation,
+    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, Reservation,
 };
 use tower_llm_limits::budget::redis::RedisLedger;
-use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetLayer};
+use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetBuilder};
 use tower_llm_limits::clock::WallClock;
 use tower_llm_limits::estimate::SharedPromptCache;
 use tower_llm_limits::headers::LimitStatus;
@@ -96,11 +96,12 @@ pub async fn run(
 }
 
 /// One stack of the crate with the given ledger (the simulation's
-/// `tower-llm-limits` strategy, without its estimate recording).
+/// `tower-llm-limits` strategy, without its estimate recording): the
+/// preset's budget (`TokenBudgetBuilder::anthropic`, every setting of it)
+/// given the ledger.
 fn stack(meter: Meter, args: &Args, clock: WallClock, ledger: Arc<dyn Ledger>) -> Client {
     let limits = LimitsConfig::from(Limits::new().rpm(args.rpm).itpm(args.itpm).otpm(args.otpm));
-    let budget = TokenBudgetLayer::builder()
-        .limits(limits.clone())
+    let budget = TokenBudgetBuilder::anthropic(limits.clone())
         .output_mode(if args.reserve_mode() {
             OutputMode::Reserve
         } else {
@@ -342,6 +343,19 @@ impl Ledger for OneView {
         self.one.ledger.reserve(key, limits, costs)
     }
 
+    fn reserve_in_line(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+    ) -> Option<LedgerFuture<Reservation>> {
+        self.one
+            .ledger
+            .reserve_in_line(key, limits, costs, headroom, place)
+    }
+
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
         self.one.ledger.settle(key, limits, delta)
     }
@@ -422,6 +436,20 @@ impl Ledger for Timed {
         let fut = self
             .inner
             .reserve_with_headroom(key, limits, costs, headroom)?;
+        Some(self.time(fut))
+    }
+
+    fn reserve_in_line(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let fut = self
+            .inner
+            .reserve_in_line(key, limits, costs, headroom, place)?;
         Some(self.time(fut))
     }
 

@@ -209,6 +209,57 @@ pub enum Reservation {
     },
 }
 
+/// Who asks [`Ledger::reserve_in_line`]: the budget, and its request's
+/// place in the budget's own line for the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinePlace {
+    /// The asking budget: one id per budget (per process of a fleet), unique
+    /// across the fleet ([`LinePlace::new_owner`]). The ledger keeps at most
+    /// one ticket per owner and key: its head's.
+    pub owner: u64,
+    /// Whether the request is the head of its budget's line for the key (a
+    /// refused head leaves a ticket in the fleet's line); `false` for a
+    /// request that asks before joining a line or passes a waiting head.
+    pub head: bool,
+    /// The request, unique within its budget (a head that asks again keeps
+    /// its ticket's date and place; a new head gets a new ticket).
+    pub request: u64,
+    /// How long the request has waited in its budget so far (zero for a
+    /// first ask): the ledger dates its ticket that long before its own now,
+    /// so the fleet's line is in order of arrival whatever the processes'
+    /// clocks say.
+    pub waited: Duration,
+}
+
+impl LinePlace {
+    /// A random owner id for a new budget (64 bits from the standard
+    /// library's per-process random hasher keys, the process id and the
+    /// time): distinct across a fleet with overwhelming probability.
+    pub fn new_owner() -> u64 {
+        use std::hash::Hasher;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mut h = RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.finish()
+    }
+}
+
+/// How long past its announced wait a ticket of the fleet's line lives
+/// without its head asking again (a process that went away): the
+/// [`InMemoryLedger`]'s; `RedisLedger` uses its `claim_grace`.
+pub const LINE_GRACE: Duration = Duration::from_secs(1);
+
+/// The most that requests passing the oldest ticket of the fleet's line may
+/// delay it, in all: the budget's own head-of-line bound.
+pub const LINE_DELAY_BOUND: Duration = super::admission::HEAD_DELAY_BOUND;
+
 /// The state of one bucket, for snapshots.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BucketState {
@@ -442,6 +493,51 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
         let _ = (key, hashes);
     }
+
+    /// [`Ledger::reserve_with_headroom`] of `costs` (with `headroom` kept
+    /// free; zero for none) in the line of every budget that shares this
+    /// ledger: the fleet's line. `None` (the default) means the ledger keeps
+    /// no such line; the budget then asks [`Ledger::reserve_with_headroom`]
+    /// or [`Ledger::reserve`]. A budget with a ledger of the user's asks
+    /// this first, every time.
+    ///
+    /// # The rule: the oldest waiting head first
+    ///
+    /// Inside one budget only the head of a key's line asks, so its large
+    /// request is not overtaken there; budgets in other processes would take
+    /// every bit of refill before its wait is over. So per key the ledger
+    /// keeps a ticket for each budget's refused head: its owner, its costs
+    /// (with headroom), and its date, the ledger's now less
+    /// [`LinePlace::waited`] (the order of arrival). A reservation of a
+    /// request of another owner that arrived later than the oldest ticket
+    /// is admitted only
+    ///
+    /// - if it fits beside that ticket's costs (the ticket is not delayed at
+    ///   all), or
+    /// - if it fits and the refill time of its costs (in the tightest
+    ///   dimension), added to what passing requests already delayed that
+    ///   ticket, stays within [`LINE_DELAY_BOUND`] (2 s, the budget's own
+    ///   head-of-line bound);
+    ///
+    /// otherwise it waits until it would fit after the ticket. A request of
+    /// the oldest ticket's owner, or older than every ticket, reserves as
+    /// [`Ledger::reserve_with_headroom`]. A head's admission removes its
+    /// ticket; a head refused again dates and costs its ticket anew, with
+    /// an expiry of its wait plus a grace ([`LINE_GRACE`]), so the ticket of
+    /// a process that went away ends by itself. So the fleet admits its
+    /// waiting heads in order of arrival, within the same bound as one
+    /// budget, and nothing starves.
+    fn reserve_in_line(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let _ = (key, limits, costs, headroom, place);
+        None
+    }
 }
 
 /// The future of one [`Ledger`] operation: an answer ready at once (no
@@ -611,6 +707,23 @@ impl CostDelta {
     }
 }
 
+/// The next ticket number of a line: one above its newest.
+fn next_seq(line: &[Ticket]) -> u64 {
+    line.iter()
+        .map(|t| t.seq.saturating_add(1))
+        .max()
+        .unwrap_or(0)
+}
+
+/// `a + b` in every dimension, saturating.
+pub(crate) fn add_costs(a: Costs, b: Costs) -> Costs {
+    Costs {
+        requests: a.requests.saturating_add(b.requests),
+        input_tokens: a.input_tokens.saturating_add(b.input_tokens),
+        output_tokens: a.output_tokens.saturating_add(b.output_tokens),
+    }
+}
+
 fn neg_saturating(value: u64) -> i64 {
     i64::try_from(value).map_or(i64::MIN + 1, |v| -v)
 }
@@ -756,6 +869,30 @@ pub struct InMemoryLedger {
     hasher: RandomState,
     /// When every shard was last swept of idle keys.
     swept_at: Mutex<Instant>,
+    /// The fleet's line per key ([`Ledger::reserve_in_line`]): only budgets
+    /// that share this ledger through the trait touch it.
+    lines: Mutex<HashMap<Box<str>, Vec<Ticket>>>,
+}
+
+/// One budget's waiting head in the fleet's line of a key.
+#[derive(Debug, Clone, Copy)]
+struct Ticket {
+    owner: u64,
+    /// The head's [`LinePlace::request`].
+    request: u64,
+    /// When it arrived, on the ledger's clock.
+    since: Instant,
+    /// The line's count of tickets when it first waited there: the order
+    /// among tickets that arrived at the same instant.
+    seq: u64,
+    /// Its costs, headroom included.
+    costs: Costs,
+    /// When its wait ends, as last told.
+    due: Instant,
+    /// When the ticket ends without its head asking again.
+    expires: Instant,
+    /// How much passing requests delayed it.
+    delayed: Duration,
 }
 
 /// One shard of the map of keys. A key's state is boxed: the map's spare
@@ -812,6 +949,7 @@ impl InMemoryLedger {
             shards: new_shards(),
             hasher: RandomState::new(),
             swept_at: Mutex::new(Instant::now()),
+            lines: Mutex::new(HashMap::new()),
         }
     }
 
@@ -839,6 +977,7 @@ impl InMemoryLedger {
             shards: new_shards(),
             hasher: RandomState::new(),
             swept_at: Mutex::new(Instant::now()),
+            lines: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1219,6 +1358,34 @@ impl InMemoryLedger {
         answer.unwrap_or(Reservation::Admitted)
     }
 
+    /// [`Ledger::reserve_in_line`] at `now` on tokio's clock (see the rule
+    /// there); `Wait`'s `retry_in` is counted from `now`.
+    pub fn reserve_in_line_at(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+        now: Instant,
+    ) -> Reservation {
+        let window_nanos = self.window_nanos;
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut empty = Vec::new();
+        let line = lines.get_mut(key).unwrap_or(&mut empty);
+        line.retain(|t| t.expires > now);
+        let answer = self.with_key(key, true, now, |state| {
+            state.reserve_in_line(limits, costs, headroom, place, line, now, window_nanos)
+        });
+        let answer = answer.unwrap_or(Reservation::Admitted);
+        if line.is_empty() {
+            lines.remove(key);
+        } else if !empty.is_empty() {
+            lines.insert(Box::from(key), empty);
+        }
+        answer
+    }
+
     /// [`Ledger::settle`] at `now` on tokio's clock.
     pub fn settle_at(&self, key: &str, limits: &Limits, delta: CostDelta, now: Instant) {
         if delta.is_zero() {
@@ -1338,6 +1505,162 @@ impl KeyState {
             }
         }
         Reservation::Admitted
+    }
+
+    /// [`InMemoryLedger::reserve_in_line_at`] on these buckets, with the
+    /// key's line (expired tickets already dropped).
+    #[allow(clippy::too_many_arguments)]
+    fn reserve_in_line(
+        &mut self,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+        line: &mut Vec<Ticket>,
+        now: Instant,
+        window_nanos: u64,
+    ) -> Reservation {
+        let with = add_costs(costs, headroom);
+        let mine = line
+            .iter()
+            .position(|t| t.owner == place.owner && t.request == place.request);
+        // A head asking again keeps its date; a new one is dated by its wait.
+        let since = match mine {
+            Some(j) => line[j].since,
+            None => now.checked_sub(place.waited).unwrap_or(now),
+        };
+        // In order of arrival; of two that arrived together, the one that
+        // waited in the line first.
+        let seq = mine.map_or(u64::MAX, |j| line[j].seq);
+        let oldest = line
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.owner != place.owner && (t.since, t.seq) < (since, seq))
+            .min_by_key(|(_, t)| (t.since, t.seq))
+            .map(|(i, _)| i);
+        let answer = match oldest {
+            None => self.reserve_keeping(limits, with, headroom, now, window_nanos),
+            Some(i) => {
+                let ticket = line[i];
+                let beside = add_costs(with, ticket.costs);
+                match self.reserve(limits, beside, now, window_nanos) {
+                    Reservation::Admitted => {
+                        let back = CostDelta::refund(add_costs(ticket.costs, headroom));
+                        self.settle(limits, back, now, window_nanos);
+                        Reservation::Admitted
+                    }
+                    refused => {
+                        let delay = self.refill_time(limits, costs);
+                        let passes = ticket
+                            .delayed
+                            .checked_add(delay)
+                            .is_some_and(|d| d <= LINE_DELAY_BOUND);
+                        let alone = if passes {
+                            self.reserve_keeping(limits, with, headroom, now, window_nanos)
+                        } else {
+                            refused
+                        };
+                        match (alone, refused) {
+                            (Reservation::Admitted, _) => {
+                                line[i].delayed = ticket.delayed.saturating_add(delay);
+                                Reservation::Admitted
+                            }
+                            (Reservation::Never { .. }, _) if passes => alone,
+                            (_, Reservation::Wait { .. }) => refused,
+                            (
+                                _,
+                                Reservation::Never {
+                                    dimension,
+                                    capacity,
+                                    ..
+                                },
+                            ) => {
+                                if with.get(dimension) > capacity {
+                                    Reservation::Never {
+                                        dimension,
+                                        cost: with.get(dimension),
+                                        capacity,
+                                    }
+                                } else {
+                                    // Never beside it: after it.
+                                    let after = ticket.due.saturating_duration_since(now);
+                                    Reservation::Wait {
+                                        retry_in: after
+                                            .saturating_add(self.refill_time(limits, with))
+                                            .max(Duration::from_millis(1)),
+                                        dimension,
+                                    }
+                                }
+                            }
+                            (_, Reservation::Admitted) => Reservation::Admitted,
+                        }
+                    }
+                }
+            }
+        };
+        if place.head {
+            let mine = line.iter().position(|t| t.owner == place.owner);
+            match answer {
+                Reservation::Wait { retry_in, .. } => {
+                    let due = instant_after(now, retry_in.as_nanos());
+                    // The same head keeps its place and what it was delayed.
+                    let same = mine.map(|j| line[j]);
+                    let ticket = Ticket {
+                        owner: place.owner,
+                        request: place.request,
+                        since,
+                        seq: same.map_or_else(|| next_seq(line), |t| t.seq),
+                        costs: with,
+                        due,
+                        expires: due.checked_add(LINE_GRACE).unwrap_or(due),
+                        delayed: same.map_or(Duration::ZERO, |t| t.delayed),
+                    };
+                    match mine {
+                        Some(j) => line[j] = ticket,
+                        None => line.push(ticket),
+                    }
+                }
+                _ => {
+                    if let Some(j) = mine {
+                        line.swap_remove(j);
+                    }
+                }
+            }
+        }
+        answer
+    }
+
+    /// Reserves `with` (costs and headroom) and gives the headroom back
+    /// once admitted.
+    fn reserve_keeping(
+        &mut self,
+        limits: &Limits,
+        with: Costs,
+        headroom: Costs,
+        now: Instant,
+        window_nanos: u64,
+    ) -> Reservation {
+        let answer = self.reserve(limits, with, now, window_nanos);
+        if answer == Reservation::Admitted && headroom != Costs::default() {
+            self.settle(limits, CostDelta::refund(headroom), now, window_nanos);
+        }
+        answer
+    }
+
+    /// The refill time of `costs` in the tightest dimension with a limit in
+    /// force (zero for none).
+    fn refill_time(&self, limits: &Limits, costs: Costs) -> Duration {
+        Dimension::ALL
+            .into_iter()
+            .filter_map(|d| {
+                let (limit, _) = self.buckets[index(d)].limit(configured(limits, d))?;
+                let nanos = refill_nanos(units(costs.get(d)).unsigned_abs(), limit.max(1));
+                Some(Duration::from_nanos(
+                    u64::try_from(nanos).unwrap_or(u64::MAX),
+                ))
+            })
+            .max()
+            .unwrap_or(Duration::ZERO)
     }
 
     /// [`InMemoryLedger::settle_at`] on these buckets.
@@ -1613,6 +1936,18 @@ impl Ledger for InMemoryLedger {
         LedgerFuture::ready(Ok(()))
     }
 
+    fn reserve_in_line(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let answer = self.reserve_in_line_at(key, limits, costs, headroom, place, Instant::now());
+        Some(LedgerFuture::ready(Ok(answer)))
+    }
+
     fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
         LedgerFuture::ready(Ok(self.state_at(key, limits, Instant::now())))
     }
@@ -1621,6 +1956,131 @@ impl Ledger for InMemoryLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn input(tokens: u64) -> Costs {
+        Costs {
+            requests: 0,
+            input_tokens: tokens,
+            output_tokens: 0,
+        }
+    }
+
+    fn at(owner: u64, request: u64, head: bool) -> LinePlace {
+        LinePlace {
+            owner,
+            head,
+            request,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// 6,000,000 ITPM: 100 tokens per millisecond, 2 s of refill is
+    /// 200,000 tokens.
+    fn fast() -> Limits {
+        Limits::new().itpm(6_000_000)
+    }
+
+    /// The fleet's line: a waiting head of one budget is not starved by
+    /// another budget's requests. They pass it only beside its costs or
+    /// within the head-of-line bound (2 s of its refill in all); its own
+    /// budget's requests are not held by its ticket; once admitted, its
+    /// ticket is gone.
+    #[tokio::test(start_paused = true)]
+    async fn the_fleets_line_holds_the_refill_for_the_oldest_head() {
+        let ledger = InMemoryLedger::new();
+        let (l, none) = (fast(), Costs::default());
+        let ask =
+            |costs, place| ledger.reserve_in_line_at("k", &l, costs, none, place, Instant::now());
+        // Budget 1 leaves 250,000 tokens, then its head needs 280,000: a
+        // 300 ms wait.
+        assert_eq!(ask(input(5_750_000), at(1, 1, true)), Reservation::Admitted);
+        let Reservation::Wait { retry_in, .. } = ask(input(280_000), at(1, 2, true)) else {
+            panic!("the head waits");
+        };
+        assert_eq!(retry_in, Duration::from_millis(300));
+        // Budget 2's 250,000 fits alone but not beside it, and would delay it
+        // 2.5 s: it waits until it fits after the head.
+        let Reservation::Wait { retry_in, .. } = ask(input(250_000), at(2, 10, true)) else {
+            panic!("held for the head");
+        };
+        assert_eq!(retry_in, Duration::from_millis(2_800));
+        // Two of 100,000 delay it 1 s each: within the bound; a third is not.
+        assert_eq!(ask(input(100_000), at(2, 11, false)), Reservation::Admitted);
+        assert_eq!(ask(input(100_000), at(2, 12, false)), Reservation::Admitted);
+        assert!(matches!(
+            ask(input(10_000), at(2, 13, false)),
+            Reservation::Wait { .. }
+        ));
+        // Its own budget's requests are not held by its ticket.
+        assert_eq!(ask(input(10_000), at(1, 3, false)), Reservation::Admitted);
+        // The plain reservation, outside the line, would have taken it.
+        assert_eq!(
+            ledger.reserve_at("k", &l, input(10_000), Instant::now()),
+            Reservation::Admitted
+        );
+        ledger.settle_at("k", &l, CostDelta::refund(input(10_000)), Instant::now());
+        // The head asks again when its wait is over (its ticket keeps its
+        // place), and is admitted when the refill covers it: 280,000 less
+        // the 40,000 left, 2.4 s from the start.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        let Reservation::Wait { retry_in, .. } = ask(input(280_000), at(1, 2, true)) else {
+            panic!("still short");
+        };
+        assert_eq!(retry_in, Duration::from_millis(2_100));
+        tokio::time::advance(Duration::from_millis(2_099)).await;
+        assert!(matches!(
+            ask(input(280_000), at(1, 2, true)),
+            Reservation::Wait { .. }
+        ));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(ask(input(280_000), at(1, 2, true)), Reservation::Admitted);
+        // Its ticket is gone: budget 2's head now goes when it fits.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(ask(input(10_000), at(2, 10, true)), Reservation::Admitted);
+        assert!(ledger.lines.lock().map(|l| l.is_empty()).unwrap_or(false));
+    }
+
+    /// Tickets are in order of arrival ([`LinePlace::waited`]), then of
+    /// first refusal; a head that went away loses its ticket at its wait
+    /// plus [`LINE_GRACE`].
+    #[tokio::test(start_paused = true)]
+    async fn the_line_is_in_order_of_arrival_and_a_lost_head_expires() {
+        let ledger = InMemoryLedger::new();
+        let (l, none) = (fast(), Costs::default());
+        let ask =
+            |costs, place| ledger.reserve_in_line_at("k", &l, costs, none, place, Instant::now());
+        let wait = |r| matches!(r, Reservation::Wait { .. });
+        // Heads of 300,000 tokens: 3 s of refill, above the 2 s bound.
+        let head = input(300_000);
+        assert_eq!(
+            ask(input(6_000_000), at(9, 1, false)),
+            Reservation::Admitted
+        );
+        // Two heads refused at the same instant: the first refused is older.
+        assert!(wait(ask(head, at(1, 1, true))));
+        assert!(wait(ask(head, at(2, 1, true))));
+        // A head that arrived 5 s ago is older than both.
+        let early = LinePlace {
+            waited: Duration::from_secs(5),
+            ..at(3, 1, true)
+        };
+        assert!(wait(ask(head, early)));
+        // At 3 s the refill covers one of them: the oldest.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(wait(ask(head, at(2, 1, true))));
+        assert!(wait(ask(head, at(1, 1, true))));
+        assert_eq!(ask(head, early), Reservation::Admitted);
+        // At 6 s, the first refused of the other two goes first...
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(wait(ask(head, at(2, 1, true))));
+        // ...but head 1 never asks again: its ticket ends at its wait (6 s)
+        // plus the grace, and head 2 goes.
+        tokio::time::advance(LINE_GRACE - Duration::from_millis(1)).await;
+        assert!(wait(ask(head, at(2, 1, true))));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(ask(head, at(2, 1, true)), Reservation::Admitted);
+        assert!(ledger.lines.lock().map(|l| l.is_empty()).unwrap_or(false));
+    }
 
     /// A small deterministic generator, so each seed replays.
     struct Lcg(u64);

@@ -46,8 +46,8 @@ use super::keys::{KeyMap, Keyed};
 use super::lazy::{LazyQueue, Learners};
 use super::learn::LearnRules;
 use super::ledger::{
-    BucketState, CostDelta, Costs, Epoch, Ledger, LedgerError, LedgerFuture, PackedBuckets,
-    Reservation,
+    BucketState, CostDelta, Costs, Epoch, Ledger, LedgerError, LedgerFuture, LinePlace,
+    PackedBuckets, Reservation,
 };
 use super::limits::{Limits, ModelClass, OutputMode};
 use super::prefix::{WriteGuard, Writers};
@@ -309,6 +309,9 @@ pub(crate) struct Shared {
     /// says are cached, and responses tell the ledger the prefixes they
     /// wrote (`fleet.rs`).
     pub(crate) prompt_cache: Option<Arc<dyn SharedPromptCache>>,
+    /// This budget's id in the fleet's line of a shared ledger
+    /// ([`Ledger::reserve_in_line`]).
+    line_owner: u64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -579,6 +582,14 @@ pub(crate) struct Admission {
     no_headroom: bool,
     /// Set when the ledger kept the headroom itself (nothing to give back).
     headroom_kept: bool,
+    /// This request's id in the fleet's line (0 until it first asks there).
+    line_id: u64,
+}
+
+/// A new request id for the fleet's line, unique in the process (from 1).
+fn next_line_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Admission {
@@ -669,6 +680,7 @@ impl Shared {
             epoch,
             counters: Counters::default(),
             writers: Arc::default(),
+            line_owner: if own { 0 } else { LinePlace::new_owner() },
         }
     }
 
@@ -972,7 +984,7 @@ impl Shared {
         if let Some(step) = self.hold_for_probe(&mut ks, charge, adm, &turn) {
             return step;
         }
-        let (answer, costs) = self.reserve(&mut ks, charge, adm, turn.now);
+        let (answer, costs) = self.reserve(&mut ks, charge, adm, turn.now, true);
         ks.ledger_at_once = answer.is_ok();
         match answer {
             Ok(answer) => {
@@ -1324,8 +1336,10 @@ impl Shared {
         let itpm = limits_in_force(ks, charge)[dim_index(Dimension::InputTokens)];
         // The headroom absorbs estimate errors: none is needed when this
         // request's input is exact and no request admitted on an estimate
-        // awaits the server's count.
-        let exact = ks.inexact == 0 && charge.input_exact();
+        // awaits the server's count. A ledger of the user's may be shared
+        // by other processes, whose estimates in flight this budget does
+        // not see: the headroom is kept for every request there.
+        let exact = self.own && ks.inexact == 0 && charge.input_exact();
         adm.headroom = match itpm {
             Some(limit) if !adm.no_headroom && !exact && charge.costs.input_tokens > 0 => {
                 (limit as f64 * self.settings.input_headroom).ceil() as u64
@@ -1350,6 +1364,7 @@ impl Shared {
         charge: &Charge,
         adm: &mut Admission,
         now: Instant,
+        head: bool,
     ) -> (
         Result<Result<Reservation, LedgerError>, LedgerFuture<Reservation>>,
         Costs,
@@ -1360,12 +1375,32 @@ impl Shared {
             let answer = ks.buckets.reserve(&charge.limits, with, now, self.epoch);
             return (Ok(Ok(answer)), with);
         }
+        let headroom = Costs {
+            requests: 0,
+            input_tokens: adm.headroom,
+            output_tokens: 0,
+        };
+        // The fleet's line, where the ledger keeps one (shared by budgets
+        // in other processes): the oldest waiting head first.
+        if adm.line_id == 0 {
+            adm.line_id = next_line_id();
+        }
+        let place = LinePlace {
+            owner: self.line_owner,
+            head,
+            request: adm.line_id,
+            waited: adm
+                .started
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
+        };
+        if let Some(fut) =
+            self.ledger
+                .reserve_in_line(charge.key(), &charge.limits, charge.costs, headroom, place)
+        {
+            adm.headroom_kept = true;
+            return (fut.into_ready(), charge.costs);
+        }
         if adm.headroom > 0 {
-            let headroom = Costs {
-                requests: 0,
-                input_tokens: adm.headroom,
-                output_tokens: 0,
-            };
             let kept = self.ledger.reserve_with_headroom(
                 charge.key(),
                 &charge.limits,
@@ -1460,7 +1495,7 @@ impl Shared {
         if !ks.queue.allow_passing(head, delay) {
             return None;
         }
-        let (answer, costs) = self.reserve(ks, charge, adm, Instant::now());
+        let (answer, costs) = self.reserve(ks, charge, adm, Instant::now(), false);
         match answer {
             Ok(Ok(Reservation::Admitted)) => {
                 self.release_headroom(ks, charge, adm);

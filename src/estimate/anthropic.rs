@@ -1452,12 +1452,16 @@ impl AnthropicEstimator {
             tracing::trace!(cache_read, "prompt cache prefix believed warm");
         }
         // Sent by an earlier request, not yet confirmed: checked before this
-        // request marks its own breakpoints as sent.
+        // request marks its own breakpoints as sent. With a fleet's shared
+        // view, every longer prefix where a cache may hold it: another
+        // process may be writing it (its breakpoint is one of this
+        // request's look-back boundaries), and a waiting request reads it
+        // once the fleet says it is cached.
         let mut pending: Vec<CachePrefix> = Vec::new();
         for ((sec, b, _), &key) in cands.iter().zip(&hashes) {
             let tokens = (prefix(*sec, b).floor() as u64).min(total);
             if tokens > cache_read
-                && cache.is_unconfirmed(key, now)
+                && (self.shared.is_some() || cache.is_unconfirmed(key, now))
                 && pending.iter().all(|p| p.hash != key)
             {
                 pending.push(CachePrefix { hash: key, tokens });

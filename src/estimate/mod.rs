@@ -110,7 +110,11 @@ pub struct Estimate {
     /// Prefixes of this request longer than the one counted in
     /// `cache_read_tokens` that an earlier request sent with a breakpoint and
     /// no response has confirmed yet: their write may still be in flight.
-    /// Longest first.
+    /// With a fleet's shared prompt-cache view
+    /// ([`shared_prompt_cache`](AnthropicEstimatorBuilder::shared_prompt_cache)),
+    /// every longer prefix where the cache may hold one (its breakpoints and
+    /// the boundaries a look-back reaches): another process may be writing
+    /// it. Longest first.
     pub cache_pending: Vec<CachePrefix>,
 }
 

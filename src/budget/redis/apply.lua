@@ -2,7 +2,8 @@
 --
 -- KEYS[1]  the key's hash (fields: l<i> level, t<i> updated, n<i> learned
 --          limit for dimension i = 1 requests, 2 input, 3 output; k marker;
---          co/c1/c2/c3/ce the cross-process claim).
+--          co/c1/c2/c3/ce the cross-process claim; q<owner> a ticket of the
+--          fleet's line: "request,since,seq,c1,c2,c3,due,expires,delayed").
 -- ARGV[1]  window in microseconds (capacity = limit * window units)
 -- ARGV[2]  idle time to live in milliseconds, after the buckets are full
 -- ARGV[3]  this ledger's owner id (for the claim)
@@ -19,6 +20,12 @@
 --   R L1 L2 L3 c1 c2 c3            reserve (last operation only)
 --   H L1 L2 L3 c1 c2 c3 h1 h2 h3   reserve c, admitted only if h stays free
 --                                  after it (last operation only)
+--   Q L1 L2 L3 c1 c2 c3 h1 h2 h3 owner head request waited
+--                                  H in the fleet's line (last operation
+--                                  only): owner a budget's id, head 1 for
+--                                  the head of its line, request its id in
+--                                  the budget, waited in microseconds (see
+--                                  `reserve_line`)
 -- L<i> is the configured limit per minute, 0 for none.
 --
 -- Units: a level counts 1/60,000,000 of a token (one minute in
@@ -181,6 +188,175 @@ local function reserve(limits, costs, headroom)
   return {1, 0, 0, 0}
 end
 
+-- The fleet's line (`Ledger::reserve_in_line`, the same rule as the
+-- in-memory ledger's): a ticket per budget's refused head, in order of
+-- arrival (since), then of first refusal (seq). A request of another owner
+-- that arrived after the oldest ticket is admitted if it fits beside the
+-- ticket's costs, or if it fits and its refill time keeps what passing
+-- requests delayed the ticket within LINE_BOUND; otherwise it waits to fit
+-- after the ticket.
+local LINE_BOUND = 2000000 -- microseconds: the budget's head-of-line bound
+
+-- Whether costs fit now: {1} fits, {2, wait, dim} waits, {3, dim, cost,
+-- limit} never (brings the buckets up to now).
+local function check(limits, costs)
+  local wait, dim = nil, 0
+  for i = 1, 3 do
+    local limit = limit_of(i, limits[i])
+    if limit then
+      local cap = limit * window
+      local level = refill(i, limit, cap)
+      local cost = costs[i]
+      if cost > 0 then
+        if cost > limit then return {3, i, cost, limit} end
+        local needed = math.min(cost * UNIT, cap)
+        if level < needed then
+          local from = math.max(h['t' .. i], now) - now
+          local w = from + div_ceil(needed - level, limit)
+          if wait == nil or w > wait then wait, dim = w, i end
+        end
+      end
+    end
+  end
+  if wait ~= nil then return {2, wait, dim, 0} end
+  return {1, 0, 0, 0}
+end
+
+local function debit(limits, costs)
+  for i = 1, 3 do
+    if limit_of(i, limits[i]) then
+      h['l' .. i] = h['l' .. i] - costs[i] * UNIT
+    end
+  end
+end
+
+-- The refill time of costs in the tightest dimension with a limit.
+local function refill_us(limits, costs)
+  local t = 0
+  for i = 1, 3 do
+    local limit = limit_of(i, limits[i])
+    if limit and costs[i] > 0 then
+      local w = div_ceil(costs[i] * UNIT, limit)
+      if w > t then t = w end
+    end
+  end
+  return t
+end
+
+local function tickets()
+  local list = {}
+  for f, v in pairs(h) do
+    if type(v) == 'string' and string.sub(f, 1, 1) == 'q' then
+      local t = {}
+      for x in string.gmatch(v, '[^,]+') do t[#t + 1] = tonumber(x) end
+      if #t == 9 then
+        list[#list + 1] = {owner = string.sub(f, 2), request = t[1], since = t[2], seq = t[3],
+          c = {t[4], t[5], t[6]}, due = t[7], expires = t[8], delayed = t[9]}
+      end
+    end
+  end
+  return list
+end
+
+local function drop_field(f)
+  if h[f] ~= nil then
+    h[f] = nil
+    table.insert(removed, f)
+  end
+end
+
+local function write_ticket(t)
+  local f = 'q' .. t.owner
+  for j = #removed, 1, -1 do
+    if removed[j] == f then table.remove(removed, j) end
+  end
+  h[f] = string.format('%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f', t.request, t.since,
+    t.seq, t.c[1], t.c[2], t.c[3], t.due, t.expires, t.delayed)
+end
+
+local function before(a, since, seq)
+  return a.since < since or (a.since == since and a.seq < seq)
+end
+
+local function reserve_line(limits, costs, headroom, owner, head, request, waited)
+  exists = true
+  h.k = 1
+  local with = {costs[1] + headroom[1], costs[2] + headroom[2], costs[3] + headroom[3]}
+  local live = {}
+  local mine = nil
+  local next_seq = 0
+  for _, t in ipairs(tickets()) do
+    if t.expires <= now then
+      drop_field('q' .. t.owner)
+    else
+      live[#live + 1] = t
+      if t.seq + 1 > next_seq then next_seq = t.seq + 1 end
+      if t.owner == owner then mine = t end
+    end
+  end
+  -- A head asking again keeps its date; a new one is dated by its wait.
+  local same = mine ~= nil and mine.request == request
+  local since = now - waited
+  if same then since = mine.since end
+  local myseq = math.huge
+  if same then myseq = mine.seq end
+  local oldest = nil
+  for _, t in ipairs(live) do
+    if t.owner ~= owner and before(t, since, myseq) then
+      if oldest == nil or before(t, oldest.since, oldest.seq) then oldest = t end
+    end
+  end
+  local answer
+  if oldest == nil then
+    answer = check(limits, with)
+    if answer[1] == 1 then debit(limits, costs) end
+  else
+    local c = oldest.c
+    local beside = check(limits, {with[1] + c[1], with[2] + c[2], with[3] + c[3]})
+    if beside[1] == 1 then
+      debit(limits, costs)
+      answer = {1, 0, 0, 0}
+    else
+      local delay = refill_us(limits, costs)
+      local passes = oldest.delayed + delay <= LINE_BOUND
+      local alone = beside
+      if passes then alone = check(limits, with) end
+      if passes and alone[1] == 1 then
+        debit(limits, costs)
+        oldest.delayed = oldest.delayed + delay
+        write_ticket(oldest)
+        answer = {1, 0, 0, 0}
+      elseif passes and alone[1] == 3 then
+        answer = alone
+      elseif beside[1] == 2 then
+        answer = beside
+      else
+        local d, limit = beside[2], beside[4]
+        if with[d] > limit then
+          answer = {3, d, with[d], limit}
+        else
+          -- Never beside it: after it.
+          local after = math.max(oldest.due - now, 0) + refill_us(limits, with)
+          if after < 1000 then after = 1000 end
+          answer = {2, after, d, 0}
+        end
+      end
+    end
+  end
+  if head then
+    if answer[1] == 2 then
+      local seq, delayed = next_seq, 0
+      if same then seq, delayed = mine.seq, mine.delayed end
+      local due = now + answer[2]
+      write_ticket({owner = owner, request = request, since = since, seq = seq, c = with,
+        due = due, expires = due + grace, delayed = delayed})
+    elseif mine ~= nil then
+      drop_field('q' .. owner)
+    end
+  end
+  return answer
+end
+
 -- The newest marker version (0 for none).
 local function newest()
   local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
@@ -252,6 +428,12 @@ while n <= #ARGV do
       answer = reserve(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]),
         tonumber(ARGV[n + 6])}, {0, 0, 0})
       n = n + 7
+    elseif op == 'Q' then
+      answer = reserve_line(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]),
+        tonumber(ARGV[n + 6])},
+        {tonumber(ARGV[n + 7]), tonumber(ARGV[n + 8]), tonumber(ARGV[n + 9])},
+        ARGV[n + 10], ARGV[n + 11] == '1', tonumber(ARGV[n + 12]), tonumber(ARGV[n + 13]))
+      n = n + 14
     elseif op == 'H' then
       answer = reserve(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]),
         tonumber(ARGV[n + 6])},

@@ -149,8 +149,9 @@ impl RedisLedgerBuilder {
         self
     }
 
-    /// How long past its announced wait a process's claim on a key's
-    /// capacity is held for it (default 1 s; see the cross-process rule in
+    /// How long past its announced wait a process's ticket in the fleet's
+    /// line (or its claim, outside the line) is kept for it when it does not
+    /// ask again (default 1 s; see the cross-process rule in
     /// [`RedisLedger`](super::RedisLedger)).
     pub fn claim_grace(mut self, grace: Duration) -> Self {
         self.claim_grace = grace;

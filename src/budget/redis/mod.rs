@@ -75,21 +75,37 @@
 //!   (10 minutes) after its buckets would be full again. A key deleted under
 //!   the ledger starts again with full buckets.
 //!
-//! # Large requests across processes: the claim
+//! # Large requests across processes: the fleet's line
 //!
 //! Inside one process, the budget's FIFO queue per key lets only its head
 //! ask the ledger, so a large request is not overtaken there. Across
 //! processes, small requests from other processes could take every bit of
-//! refill before a large request's wait is over. The rule: **the first
-//! process refused on a key holds the key's claim.** Its refusal records its
-//! costs and an expiry (its wait plus
-//! [`claim_grace`](RedisLedgerBuilder::claim_grace), 1 s by default). While
-//! the claim lives, another process's reservation is admitted only if it
-//! fits beside the claimed costs, and its wait counts them; the claimant's
-//! own reservation ignores its claim, and its admission clears it. A
-//! claimant that went away loses its claim when it expires. So a large
-//! request waits for the refill, not for the other processes' traffic, and
-//! the next refused process claims once the key is free again.
+//! refill before a large request's wait is over. The rule
+//! ([`Ledger::reserve_in_line`], the budget's every reservation on this
+//! ledger): **the oldest waiting head of the fleet goes first.** Each
+//! process's refused head leaves a ticket in the key's hash: its process
+//! (the budget's owner id), its costs, its date (Redis's `TIME` less how
+//! long it has waited in its process, so the line is in order of arrival;
+//! among heads that arrived together, the first refused goes first) and an
+//! expiry (its wait plus [`claim_grace`](RedisLedgerBuilder::claim_grace),
+//! 1 s by default). A reservation from another process, of a request that
+//! arrived after the oldest ticket, is admitted only if it fits beside that
+//! ticket's costs, or if it fits and its refill time, added to what passing
+//! requests already delayed the ticket, stays within 2 s (the budget's own
+//! head-of-line bound, [`LINE_DELAY_BOUND`](super::ledger::LINE_DELAY_BOUND));
+//! otherwise it waits to fit after the ticket. The oldest head's own
+//! process is not held by its ticket (its local queue already is), a head's
+//! admission removes its ticket, and a process that went away loses its
+//! ticket when it expires. So a large request waits for the refill and at
+//! most 2 s of others' traffic, and the fleet's heads go in order of
+//! arrival, not one process after another. It costs no call: the line is
+//! read and written by the reservation's own script call.
+//!
+//! A caller that reserves outside the line ([`Ledger::reserve`] or
+//! [`Ledger::reserve_with_headroom`] directly, not through a budget) is
+//! under the earlier rule, the claim: the first process refused on a key
+//! records its costs until its wait plus the grace, and another process's
+//! reservation is admitted only if it fits beside them.
 //!
 //! # Faults
 //!
@@ -128,7 +144,8 @@ pub use config::{FaultPolicy, RedisLedgerBuilder};
 pub use error::RedisLedgerError;
 
 use super::ledger::{
-    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, Reservation,
+    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, LinePlace,
+    Reservation,
 };
 use super::Limits;
 use crate::estimate::SharedPromptCache;
@@ -307,6 +324,7 @@ impl RedisLedger {
             limits: *limits,
             costs,
             headroom: None,
+            line: None,
         };
         self.inner.reserve(Arc::from(key), ask).await
     }
@@ -328,6 +346,7 @@ impl RedisLedger {
             limits: *limits,
             costs,
             headroom: Some(headroom),
+            line: None,
         };
         self.inner.reserve(Arc::from(key), ask).await
     }
@@ -549,7 +568,7 @@ impl Inner {
             wire::push_op(&mut inv, op);
         }
         if let Some(ask) = reserve {
-            wire::push_reserve(&mut inv, &ask.limits, ask.costs, ask.headroom);
+            wire::push_reserve(&mut inv, &ask.limits, ask.costs, ask.headroom, ask.line);
         }
         bump(&self.stats.calls);
         let reply: Vec<i64> = tokio::time::timeout(s.timeout, self.conn.invoke(&inv))
@@ -616,6 +635,7 @@ impl Inner {
             limits,
             costs,
             headroom,
+            line: _,
         } = ask;
         let ops = self.take_pending(&key);
         let error = match self.guarded_apply(&key, &ops, Some(ask)).await {
@@ -798,6 +818,8 @@ struct Ask {
     limits: Limits,
     costs: Costs,
     headroom: Option<Costs>,
+    /// In the fleet's line ([`Ledger::reserve_in_line`]).
+    line: Option<LinePlace>,
 }
 
 /// A response's non-empty statuses as sync operations, in dimension order.
@@ -821,6 +843,7 @@ impl RedisLedger {
         limits: &Limits,
         costs: Costs,
         headroom: Option<Costs>,
+        line: Option<LinePlace>,
     ) -> LedgerFuture<Reservation> {
         let inner = Arc::clone(&self.inner);
         let key = Arc::from(key);
@@ -828,6 +851,7 @@ impl RedisLedger {
             limits: *limits,
             costs,
             headroom,
+            line,
         };
         LedgerFuture::new(async move { Ok(inner.reserve(key, ask).await?.0) })
     }
@@ -840,7 +864,7 @@ impl RedisLedger {
 /// writes may be lost with it.
 impl Ledger for RedisLedger {
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
-        self.ask(key, limits, costs, None)
+        self.ask(key, limits, costs, None, None)
     }
 
     /// The headroom is checked by the reservation's own script call.
@@ -851,7 +875,20 @@ impl Ledger for RedisLedger {
         costs: Costs,
         headroom: Costs,
     ) -> Option<LedgerFuture<Reservation>> {
-        Some(self.ask(key, limits, costs, Some(headroom)))
+        Some(self.ask(key, limits, costs, Some(headroom), None))
+    }
+
+    /// The fleet's line is kept in the key's hash, by the reservation's own
+    /// script call (see the module docs).
+    fn reserve_in_line(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+    ) -> Option<LedgerFuture<Reservation>> {
+        Some(self.ask(key, limits, costs, Some(headroom), Some(place)))
     }
 
     /// `true`: a response's sync and settlement go in one batch.

@@ -6,7 +6,7 @@ use redis::ScriptInvocation;
 
 use super::error::RedisLedgerError;
 use super::prompt::Markers;
-use crate::budget::ledger::{BucketState, CostDelta, Costs, Reservation};
+use crate::budget::ledger::{BucketState, CostDelta, Costs, LinePlace, Reservation};
 use crate::budget::Limits;
 use crate::headers::LimitStatus;
 use crate::Dimension;
@@ -121,7 +121,25 @@ pub(super) fn push_reserve(
     limits: &Limits,
     costs: Costs,
     headroom: Option<Costs>,
+    line: Option<LinePlace>,
 ) {
+    if let Some(place) = line {
+        // Q: in the fleet's line (`Ledger::reserve_in_line`).
+        inv.arg("Q");
+        push_limits(inv, limits);
+        let headroom = headroom.unwrap_or_default();
+        for d in Dimension::ALL {
+            inv.arg(costs.get(d));
+        }
+        for d in Dimension::ALL {
+            inv.arg(headroom.get(d));
+        }
+        inv.arg(format!("{:016x}", place.owner));
+        inv.arg(u8::from(place.head));
+        inv.arg(place.request);
+        inv.arg(u64::try_from(place.waited.as_micros()).unwrap_or(u64::MAX));
+        return;
+    }
     inv.arg(if headroom.is_some() { "H" } else { "R" });
     push_limits(inv, limits);
     for d in Dimension::ALL {

@@ -1,0 +1,134 @@
+//! The fleet's line through the budget layer, without Redis: two budgets
+//! (two processes of a fleet) over one `InMemoryLedger`, on tokio's paused
+//! clock. A large request waiting in one is not starved by the other's
+//! stream of small requests (`Ledger::reserve_in_line`).
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tower::util::BoxCloneService;
+use tower::{Layer, ServiceExt};
+use tower_llm_limits::body::ReplayBody;
+use tower_llm_limits::budget::ledger::{InMemoryLedger, Ledger};
+use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+use tower_llm_limits::estimate::{Estimate, TokenEstimator};
+
+/// The request says what it costs (`"input": N`).
+#[derive(Debug)]
+struct Exact;
+
+fn input_of(body: &[u8]) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    v["input"].as_u64().unwrap_or(0)
+}
+
+impl TokenEstimator for Exact {
+    fn estimate(&self, _parts: &Parts, body: &[u8]) -> Estimate {
+        let input = input_of(body);
+        Estimate {
+            model: Some("claude-sonnet-4-5".into()),
+            input_tokens: input,
+            raw_input_tokens: input,
+            max_tokens: Some(1),
+            ..Estimate::default()
+        }
+    }
+
+    fn estimate_unbuffered(&self, _parts: &Parts, _body_len: Option<u64>) -> Estimate {
+        Estimate::default()
+    }
+}
+
+type Upstream =
+    BoxCloneService<Request<ReplayBody<Full<Bytes>>>, Response<Full<Bytes>>, Infallible>;
+
+/// Answers with the input the request said; records when each was sent.
+fn upstream(sent: Arc<Mutex<Vec<(Instant, u64)>>>) -> Upstream {
+    BoxCloneService::new(tower::service_fn(
+        move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let sent = Arc::clone(&sent);
+            async move {
+                let bytes = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                let input = input_of(&bytes);
+                sent.lock().expect("lock").push((Instant::now(), input));
+                let body = format!(
+                    r#"{{"type":"message","usage":{{"input_tokens":{input},"output_tokens":1}}}}"#
+                );
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            }
+        },
+    ))
+}
+
+fn request(input: u64) -> Request<Full<Bytes>> {
+    let body = format!(r#"{{"model":"claude-sonnet-4-5","max_tokens":1,"input":{input}}}"#);
+    Request::post("/v1/messages")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request")
+}
+
+/// Budget A's 30,000-token request waits for 30 s of refill while budget B
+/// sends a 500-token request every half second, as much as the refill:
+/// without the fleet's line B's requests would take the refill as it comes
+/// and A's would wait until B stops (60 s). With it, B passes A only within
+/// the head-of-line bound (2 s of A's refill in all), and A goes at 32 s.
+#[tokio::test(start_paused = true)]
+async fn a_large_request_is_not_starved_by_another_budget_on_the_same_ledger() {
+    // 60,000 ITPM: 1,000 tokens a second.
+    let limits = Limits::new().rpm(100_000).itpm(60_000).otpm(1_000_000);
+    let ledger: Arc<dyn Ledger> = Arc::new(InMemoryLedger::new());
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let budget = || {
+        TokenBudgetLayer::builder()
+            .limits(limits)
+            .estimator(Arc::new(Exact))
+            .ledger(Arc::clone(&ledger))
+            .build()
+            .layer(upstream(Arc::clone(&sent)))
+    };
+    let (a, b) = (budget(), budget());
+    let go = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>, input| {
+        let svc = svc.clone();
+        async move {
+            let response = svc.oneshot(request(input)).await.expect("answered");
+            let _ = response.into_body().collect().await;
+            Instant::now()
+        }
+    };
+    // B takes the whole bucket.
+    go(&b, 60_000).await;
+    let start = Instant::now();
+    let large = tokio::spawn(go(&a, 30_000));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut small = Vec::new();
+    for _ in 0..120 {
+        small.push(tokio::spawn(go(&b, 500)));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let admitted = large.await.expect("large") - start;
+    for s in small {
+        s.await.expect("small");
+    }
+    assert!(
+        admitted >= Duration::from_secs(30),
+        "it needs 30 s of refill: {admitted:?}"
+    );
+    assert!(
+        admitted <= Duration::from_millis(32_100),
+        "delayed by at most the 2 s bound: {admitted:?}"
+    );
+    // B's requests went on before and after it: none was lost.
+    let sent = sent.lock().expect("lock").clone();
+    assert_eq!(sent.len(), 122);
+}
