@@ -715,18 +715,27 @@ impl Calibration {
     /// Pushes into `model`'s part windows (a model seen for the first time
     /// is added, as in [`observe_ratio`](Self::observe_ratio)).
     fn observe_part(&self, model: &str, push: impl FnOnce(&mut PartWindows) -> bool) -> bool {
+        self.with_model(model, |m, window| push(m.parts_mut(window)))
+            .unwrap_or(false)
+    }
+
+    /// Runs `f` on `model`'s windows (and the window size), marked used
+    /// now; a model seen for the first time is added. `None` for a model
+    /// name longer than [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes.
+    fn with_model<R>(
+        &self,
+        model: &str,
+        f: impl FnOnce(&mut ModelWindow, usize) -> R,
+    ) -> Option<R> {
         if model.len() > super::MAX_MODEL_LEN {
-            return false;
+            return None;
         }
-        let window = self.config.window;
         let mut guard = self.lock();
         let inner = &mut *guard;
         inner.tick = inner.tick.wrapping_add(1);
         let tick = inner.tick;
-        match self.model_entry(inner, model, tick) {
-            Some(m) => push(m.parts_mut(window)),
-            None => false,
-        }
+        self.model_entry(inner, model, tick)
+            .map(|m| f(m, self.config.window))
     }
 
     /// The factor to multiply the next raw estimate for `model` by.
@@ -771,21 +780,16 @@ impl Calibration {
     /// model names longer than [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes,
     /// are ignored (returns false).
     fn observe_ratio(&self, model: &str, kind: Option<ContentKind>, ratio: f64) -> bool {
-        if !ratio.is_finite() || model.len() > super::MAX_MODEL_LEN {
+        if !ratio.is_finite() {
             return false;
         }
-        let window = self.config.window;
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        inner.tick = inner.tick.wrapping_add(1);
-        let tick = inner.tick;
-        let Some(m) = self.model_entry(inner, model, tick) else {
-            return false;
-        };
-        if let Some(kind) = kind {
-            m.push_kind(kind, ratio, window);
-        }
-        m.window.push(ratio)
+        self.with_model(model, |m, window| {
+            if let Some(kind) = kind {
+                m.push_kind(kind, ratio, window);
+            }
+            m.window.push(ratio)
+        })
+        .unwrap_or(false)
     }
 
     /// `model`'s windows, marked used at `tick`; a model seen for the first
