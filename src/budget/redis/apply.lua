@@ -146,60 +146,11 @@ local function sync(limits, i, reported, remaining, reset)
   if level > server + tolerance then h['l' .. i] = server end
 end
 
-local function reserve(limits, costs, headroom)
-  exists = true
-  h.k = 1
-  local claim = h.co ~= nil and h.co ~= owner and (h.ce or 0) > now
-  if h.co ~= nil and not claim and h.co ~= owner then clear_claim() end
-  local wait, dim = nil, 0
-  for i = 1, 3 do
-    local limit = limit_of(i, limits[i])
-    if limit then
-      local cap = limit * window
-      local level = refill(i, limit, cap)
-      local cost = costs[i]
-      if cost > 0 then
-        cost = cost + headroom[i]
-        if cost > limit then return {3, i, cost, limit} end
-        local needed = math.min(cost * UNIT, cap)
-        if claim then needed = needed + math.min((h['c' .. i] or 0) * UNIT, cap) end
-        if level < needed then
-          local from = math.max(h['t' .. i], now) - now
-          local w = from + div_ceil(needed - level, limit)
-          if wait == nil or w > wait then wait, dim = w, i end
-        end
-      end
-    end
-  end
-  if wait ~= nil then
-    if not claim then
-      h.co = owner
-      h.c1, h.c2, h.c3 = costs[1] + headroom[1], costs[2] + headroom[2], costs[3] + headroom[3]
-      h.ce = now + wait + grace
-    end
-    return {2, wait, dim, 0}
-  end
-  for i = 1, 3 do
-    if limit_of(i, limits[i]) then
-      h['l' .. i] = h['l' .. i] - costs[i] * UNIT
-    end
-  end
-  if h.co == owner then clear_claim() end
-  return {1, 0, 0, 0}
-end
-
--- The fleet's line (`Ledger::reserve_in_line`, the same rule as the
--- in-memory ledger's): a ticket per budget's refused head, in order of
--- arrival (since), then of first refusal (seq). A request of another owner
--- that arrived after the oldest ticket is admitted if it fits beside the
--- ticket's costs, or if it fits and its refill time keeps what passing
--- requests delayed the ticket within LINE_BOUND; otherwise it waits to fit
--- after the ticket.
-local LINE_BOUND = 2000000 -- microseconds: the budget's head-of-line bound
-
 -- Whether costs fit now: {1} fits, {2, wait, dim} waits, {3, dim, cost,
--- limit} never (brings the buckets up to now).
-local function check(limits, costs)
+-- limit} never (brings the buckets up to now). `extra` (optional), per
+-- dimension with a cost, is needed beside it (a claim's costs), each part
+-- at most the bucket's capacity.
+local function check(limits, costs, extra)
   local wait, dim = nil, 0
   for i = 1, 3 do
     local limit = limit_of(i, limits[i])
@@ -210,6 +161,7 @@ local function check(limits, costs)
       if cost > 0 then
         if cost > limit then return {3, i, cost, limit} end
         local needed = math.min(cost * UNIT, cap)
+        if extra then needed = needed + math.min(extra[i] * UNIT, cap) end
         if level < needed then
           local from = math.max(h['t' .. i], now) - now
           local w = from + div_ceil(needed - level, limit)
@@ -229,6 +181,41 @@ local function debit(limits, costs)
     end
   end
 end
+
+local function reserve(limits, costs, headroom)
+  exists = true
+  h.k = 1
+  local claim = h.co ~= nil and h.co ~= owner and (h.ce or 0) > now
+  if h.co ~= nil and not claim and h.co ~= owner then clear_claim() end
+  -- The headroom is kept in a dimension only where the request costs something.
+  local with = {0, 0, 0}
+  for i = 1, 3 do
+    if costs[i] > 0 then with[i] = costs[i] + headroom[i] end
+  end
+  local claimed = nil
+  if claim then claimed = {h.c1 or 0, h.c2 or 0, h.c3 or 0} end
+  local answer = check(limits, with, claimed)
+  if answer[1] == 3 then return answer end
+  if answer[1] == 2 then
+    if not claim then
+      h.co = owner
+      h.c1, h.c2, h.c3 = costs[1] + headroom[1], costs[2] + headroom[2], costs[3] + headroom[3]
+      h.ce = now + answer[2] + grace
+    end
+    return answer
+  end
+  debit(limits, costs)
+  if h.co == owner then clear_claim() end
+  return {1, 0, 0, 0}
+end
+-- The fleet's line (`Ledger::reserve_in_line`, the same rule as the
+-- in-memory ledger's): a ticket per budget's refused head, in order of
+-- arrival (since), then of first refusal (seq). A request of another owner
+-- that arrived after the oldest ticket is admitted if it fits beside the
+-- ticket's costs, or if it fits and its refill time keeps what passing
+-- requests delayed the ticket within LINE_BOUND; otherwise it waits to fit
+-- after the ticket.
+local LINE_BOUND = 2000000 -- microseconds: the budget's head-of-line bound
 
 -- The refill time of costs in the tightest dimension with a limit.
 local function refill_us(limits, costs)
