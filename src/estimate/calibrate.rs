@@ -523,12 +523,18 @@ impl Calibration {
     #[cfg(test)]
     pub(crate) fn factor_for(&self, model: &str, kind: ContentKind) -> f64 {
         let inner = self.lock();
-        let Some(m) = inner.models.get(model) else {
-            return self.config.neutral;
-        };
-        match m.kinds.iter().find(|(k, _)| *k == kind) {
-            Some((_, w)) if w.len() >= self.config.min_samples => self.factor_of(w),
-            _ => self.factor_of(&m.window),
+        match inner.models.get(model) {
+            Some(m) => self.factor_of(self.text_window(m, kind)),
+            None => self.config.neutral,
+        }
+    }
+
+    /// The window that calibrates text of `kind`: the kind's own once it has
+    /// `min_samples`, else the model's.
+    fn text_window<'a>(&self, m: &'a ModelWindow, kind: ContentKind) -> &'a SlidingQuantile {
+        match m.kind(kind) {
+            Some(w) if w.len() >= self.config.min_samples => w,
+            _ => &m.window,
         }
     }
 
@@ -617,10 +623,7 @@ impl Calibration {
                 return (a * text as f64 + b) * (1.0 + margin) + media;
             }
         }
-        let f = match m.kind(kind) {
-            Some(w) if w.len() >= self.config.min_samples => self.factor_of(w),
-            _ => self.factor_of(&m.window),
-        };
+        let f = self.factor_of(self.text_window(m, kind));
         text as f64 * f + media + parts.overhead as f64
     }
 
@@ -662,10 +665,8 @@ impl Calibration {
                     let fit = (parts.overhead > 0)
                         .then(|| m.parts.as_deref().and_then(|w| w.tools.fit(&self.config)))
                         .flatten();
-                    let center = m
-                        .kind(kind)
-                        .and_then(|w| self.center_of(w))
-                        .or_else(|| self.center_of(&m.window))
+                    let center = self
+                        .center_of(self.text_window(m, kind))
                         .unwrap_or(self.config.neutral);
                     let media_known = m
                         .parts
