@@ -260,20 +260,37 @@ impl PromptCache {
 mod tests {
     use super::*;
 
+    /// A request that wrote the breakpoints `keys` (5-minute lifetime).
+    fn writer(keys: &[u64], raw_input_tokens: u64, at: Instant) -> Pending {
+        Pending {
+            model: 0,
+            raw_input_tokens,
+            cache_read_tokens: 0,
+            read: None,
+            written: keys.iter().map(|&k| (k, TTL_5M)).collect(),
+            at,
+        }
+    }
+
+    /// A request that wrote nothing and was charged as reading `key`.
+    fn reader(key: u64, raw_input_tokens: u64, cache_read_tokens: u64, at: Instant) -> Pending {
+        Pending {
+            model: 0,
+            raw_input_tokens,
+            cache_read_tokens,
+            read: Some(key),
+            written: Vec::new(),
+            at,
+        }
+    }
+
     #[test]
     fn unconfirmed_entries_are_cold() {
         let now = Instant::now();
         let mut c = PromptCache::new(8);
         c.sent(1, TTL_5M, now);
         assert!(!c.is_warm(1, now));
-        let p = Pending {
-            model: 0,
-            raw_input_tokens: 10,
-            cache_read_tokens: 0,
-            read: None,
-            written: vec![(1, TTL_5M)],
-            at: now,
-        };
+        let p = writer(&[1], 10, now);
         c.settle(&p, 0, 100, now);
         assert!(c.is_warm(1, now));
         assert!(!c.is_warm(1, now + TTL_5M));
@@ -284,14 +301,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = PromptCache::new(8);
         c.sent(1, TTL_5M, t0);
-        let write = Pending {
-            model: 0,
-            raw_input_tokens: 10,
-            cache_read_tokens: 0,
-            read: None,
-            written: vec![(1, TTL_5M)],
-            at: t0,
-        };
+        let write = writer(&[1], 10, t0);
         c.settle(&write, 0, 100, t0);
         // Four minutes on, a request carrying the breakpoint is sent and
         // refused with a 429: no usage, no settlement. The entry still ends
@@ -301,14 +311,7 @@ mod tests {
         assert!(c.is_warm(1, t4));
         assert!(!c.is_warm(1, t0 + TTL_5M));
         // A read the server answered refreshes it from when it was sent.
-        let read = Pending {
-            model: 0,
-            raw_input_tokens: 5,
-            cache_read_tokens: 100,
-            read: Some(1),
-            written: Vec::new(),
-            at: t4,
-        };
+        let read = reader(1, 5, 100, t4);
         c.settle(&read, 100, 0, t4 + Duration::from_secs(1));
         assert!(c.is_warm(1, t0 + TTL_5M));
         assert!(!c.is_warm(1, t4 + TTL_5M));
@@ -320,14 +323,7 @@ mod tests {
         let mut c = PromptCache::new(8);
         c.sent(1, TTL_5M, now);
         c.sent(2, TTL_5M, now);
-        let writer = Pending {
-            model: 0,
-            raw_input_tokens: 9_000,
-            cache_read_tokens: 0,
-            read: None,
-            written: vec![(1, TTL_5M), (2, TTL_5M)],
-            at: now,
-        };
+        let writer = writer(&[1, 2], 9_000, now);
         // It read 2,500 tokens cached earlier and wrote 4,000 more: the
         // prefix up to its last breakpoint is 6,500 tokens; the shorter
         // one's size is not known.
@@ -335,14 +331,7 @@ mod tests {
         assert_eq!(c.served(2), Some(6_500));
         assert_eq!(c.served(1), None);
         // A request that wrote nothing and read prefix 1 sizes it exactly.
-        let reader = Pending {
-            model: 0,
-            raw_input_tokens: 300,
-            cache_read_tokens: 2_000,
-            read: Some(1),
-            written: vec![],
-            at: now,
-        };
+        let reader = reader(1, 300, 2_000, now);
         c.settle(&reader, 2_450, 0, now);
         assert_eq!(c.served(1), Some(2_450));
         assert_eq!(c.served(2), Some(6_500));
