@@ -148,25 +148,10 @@ pub fn scaled_cache_bound(a: &Args) -> Result<CacheBound, String> {
     Ok(CacheBound::new(counter(a)?, DEFAULT_CACHE_MIN_TOKENS))
 }
 
-/// The output tokens the run's emulator will answer the workload with, in
-/// all (drawn from the seed and each body only, the same for every client).
-///
-/// # Errors
-/// A scale the emulator refuses.
-pub fn answer_tokens<'a>(a: &Args, bodies: impl Iterator<Item = &'a [u8]>) -> Result<u64, String> {
-    let emulator = Emulator::builder()
-        .seed(a.seed)
-        .token_counter(counter(a)?)
-        .output_length(output_length())
-        .build()
-        .map_err(|e| format!("emulator: {e}"))?;
-    Ok(bodies.filter_map(|b| emulator.answer_tokens(b).ok()).sum())
-}
-
 /// The least time the run's emulator takes to answer any of `bodies`: for
-/// each, its default latency model at its fastest (time to first token plus
-/// the answer's tokens, times the smallest jitter factor), the shortest of
-/// them. Every client waits at least this long for its last answer.
+/// each, its default latency model at its fastest (see [`answers`]), the
+/// shortest of them. Every client waits at least this long for its last
+/// answer.
 ///
 /// # Errors
 /// A scale the emulator refuses.
@@ -174,6 +159,29 @@ pub fn quickest_answer<'a>(
     a: &Args,
     bodies: impl Iterator<Item = &'a [u8]>,
 ) -> Result<Duration, String> {
+    let quickest = answers(a, bodies)?
+        .into_iter()
+        .filter_map(|answer| answer.map(|(_, seconds)| seconds))
+        .fold(f64::INFINITY, f64::min);
+    Ok(if quickest.is_finite() {
+        Duration::from_secs_f64(quickest)
+    } else {
+        Duration::ZERO
+    })
+}
+
+/// What the run's emulator answers each of `bodies` with: its output tokens
+/// (drawn from the seed and the body only, the same for every client) and
+/// the least time it takes, in seconds: its default latency model at its
+/// fastest (time to first token plus the answer's tokens, times the
+/// smallest jitter factor). None for a body it refuses.
+///
+/// # Errors
+/// A scale the emulator refuses.
+pub fn answers<'a>(
+    a: &Args,
+    bodies: impl Iterator<Item = &'a [u8]>,
+) -> Result<Vec<Option<(u64, f64)>>, String> {
     let emulator = Emulator::builder()
         .seed(a.seed)
         .token_counter(counter(a)?)
@@ -182,18 +190,16 @@ pub fn quickest_answer<'a>(
         .map_err(|e| format!("emulator: {e}"))?;
     let latency = Latency::default();
     let fastest = (1.0 - latency.jitter.clamp(0.0, 1.0)).max(0.0);
-    let quickest = bodies
-        .filter_map(|b| emulator.answer_tokens(b).ok())
-        .map(|n| {
-            let per_token = latency.per_output_token.as_secs_f64();
-            (latency.time_to_first_token.as_secs_f64() + n as f64 * per_token) * fastest
+    let per_token = latency.per_output_token.as_secs_f64();
+    let first = latency.time_to_first_token.as_secs_f64();
+    Ok(bodies
+        .map(|b| {
+            emulator
+                .answer_tokens(b)
+                .ok()
+                .map(|n| (n, (first + n as f64 * per_token) * fastest))
         })
-        .fold(f64::INFINITY, f64::min);
-    Ok(if quickest.is_finite() {
-        Duration::from_secs_f64(quickest)
-    } else {
-        Duration::ZERO
-    })
+        .collect())
 }
 
 /// What the emulator read from and wrote to its prompt cache: (read, written).

@@ -122,10 +122,10 @@ pub struct Row {
     /// The bound for the whole workload, the same for every strategy: see
     /// [`workload_minimum_seconds`].
     pub workload_minimum_seconds: f64,
-    /// The least time the server takes to answer any request of the
-    /// workload (0 against a remote server): the part of the workload's
-    /// bound that comes after the last admission.
-    pub quickest_answer_seconds: f64,
+    /// The part of the workload's bound that comes after the last
+    /// admission: the least answer time of the requests that set it (0
+    /// against a remote server).
+    pub bound_answer_seconds: f64,
     /// Prompt-cache tokens read in this run.
     pub cache_read_tokens: u64,
     /// Prompt-cache tokens an ideal client reads on this workload (every
@@ -163,44 +163,99 @@ impl Row {
     }
 }
 
-/// The limit-bound lower bound of a whole workload, whatever the client:
-/// `requests` requests, `ideal_input` input tokens charged to ITPM when every
-/// cacheable prefix is read from the cache after its first write, and, when
-/// `output` is given (output reserved at admission), that many output
-/// tokens. For each dimension, what is charged beyond the bucket's initial
-/// capacity over the refill rate; the largest. In realtime mode the OTPM
-/// term is left out: answers in flight may overdraw the bucket, so no tight
-/// client-independent bound comes from it (leaving it out only lowers the
-/// bound).
+/// One request of the workload as its bound sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BoundRequest {
+    /// Input tokens charged to ITPM when every cacheable prefix of the
+    /// workload is read from the cache after its first write.
+    pub input: u64,
+    /// The output tokens its answer carries (charged at admission when
+    /// output is reserved).
+    pub output: u64,
+    /// The least time the server takes to answer it, in seconds (its
+    /// latency model at its fastest; 0 when unknown).
+    pub answer: f64,
+}
+
+/// The bound for a whole workload and its two parts.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WorkloadBound {
+    /// The least time any client takes to finish the workload, in seconds
+    /// (0 when the workload fits in the first burst).
+    pub seconds: f64,
+    /// The earliest the last of the requests that set the bound can be
+    /// admitted.
+    pub admissions: f64,
+    /// The least answer time among those requests.
+    pub answer: f64,
+}
+
+/// The limit-bound lower bound of a whole workload, whatever the client
+/// and whatever the order it sends in.
 ///
-/// Plus `quickest_answer`, the least time the server takes to answer any
-/// request of the workload (its latency model at its fastest, for the
-/// shortest answer it gives the workload), when the limits bind at all: the
-/// last request cannot be admitted before the limit-bound time (the bucket
-/// must refill everything charged beyond its capacity first), and no
-/// request's answer is over before it has taken that long, so no client
-/// finishes sooner. (A workload that fits in the first burst has no bound:
-/// 0.)
-pub fn workload_minimum_seconds(
+/// For a set of requests, the limits let the last of them be admitted no
+/// sooner than, for each dimension, what the set is charged beyond the
+/// bucket's initial capacity over the refill rate (requests; input tokens,
+/// each request charged as if every cacheable prefix were read after its
+/// first write; output tokens when `reserve_output`, since in realtime mode
+/// answers in flight may overdraw that bucket, so no client-independent
+/// bound comes from it); and that request's answer then takes at least the
+/// least answer time of the set. So for every answer time `a`, the requests
+/// whose answers take at least `a` give a bound: their admission bound plus
+/// `a`. This is the largest of those bounds, over every `a` the workload
+/// has. With `a` the quickest answer of all it is the whole workload's
+/// admission bound plus that answer; a larger `a` counts that a request
+/// whose answer is long cannot go last without finishing later, so a client
+/// that knew every answer's length in advance could at best send the short
+/// answers last. A request charged read prices in a set that leaves out
+/// its prefix's writer is charged less than it could be, which only lowers
+/// the bound. A workload that fits in the first burst has no bound: 0.
+pub fn workload_minimum(
     l: &LimitSpec,
-    requests: usize,
-    ideal_input: u64,
-    output: Option<u64>,
-    quickest_answer: f64,
-) -> f64 {
-    let admissions = Charged {
-        requests: requests as u64,
-        input_tokens: ideal_input,
-        output_tokens: output.unwrap_or(0),
-        output_for_bound: output.unwrap_or(0),
-        from_server_stats: false,
+    requests: &[BoundRequest],
+    reserve_output: bool,
+) -> WorkloadBound {
+    let charged = |set: &[BoundRequest]| {
+        let output = if reserve_output {
+            set.iter().map(|r| r.output).sum()
+        } else {
+            0
+        };
+        Charged {
+            requests: set.len() as u64,
+            input_tokens: set.iter().map(|r| r.input).sum(),
+            output_tokens: output,
+            output_for_bound: output,
+            from_server_stats: false,
+        }
+        .minimum_seconds(l)
+    };
+    if requests.is_empty() || charged(requests) <= 0.0 {
+        return WorkloadBound::default();
     }
-    .minimum_seconds(l);
-    if admissions > 0.0 {
-        admissions + quickest_answer.max(0.0)
-    } else {
-        0.0
+    let mut by_answer: Vec<BoundRequest> = requests.to_vec();
+    by_answer.sort_by(|a, b| b.answer.max(0.0).total_cmp(&a.answer.max(0.0)));
+    let mut best = WorkloadBound::default();
+    for (i, r) in by_answer.iter().enumerate() {
+        // The set of every request whose answer takes at least this one's:
+        // only at the last of equal answer times.
+        let a = r.answer.max(0.0);
+        if by_answer
+            .get(i + 1)
+            .is_some_and(|next| next.answer.max(0.0) >= a)
+        {
+            continue;
+        }
+        let admissions = charged(&by_answer[..=i]);
+        if admissions + a > best.seconds {
+            best = WorkloadBound {
+                seconds: admissions + a,
+                admissions,
+                answer: a,
+            };
+        }
     }
+    best
 }
 
 /// The error of the input estimates for one kind of content: over its
@@ -367,7 +422,7 @@ pub fn row(
         failures,
         attempts_log: attempts,
         workload_minimum_seconds: 0.0,
-        quickest_answer_seconds: 0.0,
+        bound_answer_seconds: 0.0,
         cache_read_tokens: 0,
         cache_read_possible: 0,
         rate_limited_by_class: BTreeMap::new(),
@@ -482,9 +537,9 @@ pub fn notes(rows: &[Row]) -> String {
             // the limits let the last admission happen at the earliest, and
             // the answer time after it.
             out.push_str(&format!(
-                "; workload bound: last admission at {:.2} s + quickest answer {:.2} s, this run: {:.2} s + {:.2} s",
-                r.workload_minimum_seconds - r.quickest_answer_seconds,
-                r.quickest_answer_seconds,
+                "; workload bound: last admission at {:.2} s + answer {:.2} s, this run: {:.2} s + {:.2} s",
+                r.workload_minimum_seconds - r.bound_answer_seconds,
+                r.bound_answer_seconds,
                 r.last_sent,
                 (r.seconds - r.last_sent).max(0.0),
             ));
@@ -719,18 +774,58 @@ mod tests {
         assert_eq!(within_burst.minimum_seconds(&spec()), 0.0);
     }
 
+    /// `n` requests of `input` tokens each, answering in `answer` seconds.
+    fn alike(n: usize, input: u64, output: u64, answer: f64) -> Vec<BoundRequest> {
+        vec![
+            BoundRequest {
+                input,
+                output,
+                answer,
+            };
+            n
+        ]
+    }
+
     #[test]
     fn the_workload_minimum_leaves_out_realtime_output() {
         // 12,000 ideal input tokens: (12000 - 6000) / 100 per s = 60 s.
-        assert!((workload_minimum_seconds(&spec(), 10, 12_000, None, 0.0) - 60.0).abs() < 1e-9);
+        let w = alike(10, 1_200, 180, 0.0);
+        assert!((workload_minimum(&spec(), &w, false).seconds - 60.0).abs() < 1e-9);
         // Reserved output of 1,800: (1800 - 600) / 10 per s = 120 s binds.
-        let reserve = workload_minimum_seconds(&spec(), 10, 12_000, Some(1_800), 0.0);
-        assert!((reserve - 120.0).abs() < 1e-9);
-        // The quickest answer comes after the last admission; a workload
-        // that fits in the burst has no bound.
-        let tail = workload_minimum_seconds(&spec(), 10, 12_000, None, 1.5);
-        assert!((tail - 61.5).abs() < 1e-9);
-        assert_eq!(workload_minimum_seconds(&spec(), 10, 100, None, 1.5), 0.0);
+        assert!((workload_minimum(&spec(), &w, true).seconds - 120.0).abs() < 1e-9);
+        // The answer comes after the last admission; a workload that fits
+        // in the burst has no bound.
+        let tail = workload_minimum(&spec(), &alike(10, 1_200, 0, 1.5), false);
+        assert!((tail.seconds - 61.5).abs() < 1e-9);
+        assert!((tail.admissions - 60.0).abs() < 1e-9 && (tail.answer - 1.5).abs() < 1e-9);
+        let small = workload_minimum(&spec(), &alike(10, 10, 0, 1.5), false);
+        assert_eq!(small, WorkloadBound::default());
+        assert_eq!(
+            workload_minimum(&spec(), &[], false),
+            WorkloadBound::default()
+        );
+    }
+
+    #[test]
+    fn a_long_answer_cannot_go_last_for_free() {
+        // Ten requests of 1,200 tokens answering in 5 s, one of 100 tokens
+        // answering in 1 s. All admitted at (12,100 - 6,000) / 100 = 61 s at
+        // the earliest; the ten long answers are admitted at 60 s at the
+        // earliest and take 5 s more: 65 s, later than 61 s + 1 s.
+        let mut w = alike(10, 1_200, 0, 5.0);
+        w.push(BoundRequest {
+            input: 100,
+            output: 0,
+            answer: 1.0,
+        });
+        let b = workload_minimum(&spec(), &w, false);
+        assert!((b.seconds - 65.0).abs() < 1e-9, "{b:?}");
+        assert!((b.admissions - 60.0).abs() < 1e-9 && (b.answer - 5.0).abs() < 1e-9);
+        // A large quick request: sending it last is the best order, and the
+        // bound is the whole workload's admissions plus its answer.
+        w[10].input = 3_000;
+        let b = workload_minimum(&spec(), &w, false);
+        assert!((b.seconds - 91.0).abs() < 1e-9, "{b:?}");
     }
 
     /// A request of the test workloads: (input tokens, answer duration).
@@ -785,9 +880,15 @@ mod tests {
             let jobs: Vec<Job> = (0..n)
                 .map(|_| ((500 + draw(4_000)) as f64, (1 + draw(80)) as f64 / 10.0))
                 .collect();
-            let input: f64 = jobs.iter().map(|j| j.0).sum();
-            let quickest = jobs.iter().map(|j| j.1).fold(f64::INFINITY, f64::min);
-            let bound = workload_minimum_seconds(&l, n, input as u64, None, quickest);
+            let requests: Vec<BoundRequest> = jobs
+                .iter()
+                .map(|&(input, answer)| BoundRequest {
+                    input: input as u64,
+                    output: 0,
+                    answer,
+                })
+                .collect();
+            let bound = workload_minimum(&l, &requests, false).seconds;
             let best = best_schedule(
                 &jobs,
                 l.input_capacity,
@@ -802,7 +903,12 @@ mod tests {
         // second admitted at 40 s, its 1 s answer ends at 41 s.
         let jobs = [(5_000.0, 9.0), (5_000.0, 1.0)];
         let best = best_schedule(&jobs, 6_000.0, 100.0);
-        let bound = workload_minimum_seconds(&l, 2, 10_000, None, 1.0);
+        let requests = [(5_000, 9.0), (5_000, 1.0)].map(|(input, answer)| BoundRequest {
+            input,
+            output: 0,
+            answer,
+        });
+        let bound = workload_minimum(&l, &requests, false).seconds;
         assert!((best - 41.0).abs() < 1e-9 && (bound - 41.0).abs() < 1e-9);
     }
 

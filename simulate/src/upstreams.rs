@@ -250,8 +250,8 @@ async fn run_one(
     // its last request no sooner than that, and no answer is over before the
     // quickest one the emulators give this workload.
     if row.minimum_seconds > 0.0 {
-        row.quickest_answer_seconds = quickest_answer(args, used, items)?;
-        row.minimum_seconds += row.quickest_answer_seconds;
+        row.bound_answer_seconds = quickest_answer(args, used, items)?;
+        row.minimum_seconds += row.bound_answer_seconds;
     }
     Ok(Measured {
         row,
@@ -401,7 +401,7 @@ fn json_row(m: &Measured) -> serde_json::Value {
         "received_529": m.received_529,
         "seconds": r.seconds,
         "minimum_seconds": r.minimum_seconds,
-        "quickest_answer_seconds": r.quickest_answer_seconds,
+        "quickest_answer_seconds": r.bound_answer_seconds,
         "last_sent_seconds": r.last_sent,
         "bound_by": r.binding,
         "charged": {
