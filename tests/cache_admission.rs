@@ -500,3 +500,96 @@ async fn a_turn_in_line_holds_for_a_prefix_written_meanwhile() {
     w.await.unwrap().unwrap();
     r.await.unwrap().unwrap();
 }
+
+/// Reads `input` (uncached) and `cached` (a cache read) from the body; the
+/// read leaves the cache at `cold_at` (`TokenEstimator::recheck_cache_read`).
+#[derive(Debug)]
+struct ExpiringRead {
+    cold_at: Instant,
+    /// The estimates settled, as the budget handed them back.
+    settled: Mutex<Vec<Estimate>>,
+}
+
+impl TokenEstimator for ExpiringRead {
+    fn estimate(&self, _parts: &Parts, body: &[u8]) -> Estimate {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let input = v["input"].as_u64().unwrap_or(0);
+        Estimate {
+            model: Some(MODEL.into()),
+            input_tokens: input,
+            raw_input_tokens: input,
+            cache_read_tokens: v["cached"].as_u64().unwrap_or(0),
+            max_tokens: Some(10),
+            ..Estimate::default()
+        }
+    }
+
+    fn estimate_unbuffered(&self, parts: &Parts, len: Option<u64>) -> Estimate {
+        JsonEstimator.estimate_unbuffered(parts, len)
+    }
+
+    fn observe(&self, estimate: &Estimate, _usage: &tower_llm_limits::wire::Usage) {
+        self.settled.lock().unwrap().push(estimate.clone());
+    }
+
+    fn recheck_cache_read(&self, e: &Estimate) -> Option<Estimate> {
+        (e.cache_read_tokens > 0 && Instant::now() >= self.cold_at).then(|| Estimate {
+            input_tokens: e.input_tokens + e.cache_read_tokens,
+            raw_input_tokens: e.raw_input_tokens + e.cache_read_tokens,
+            cache_read_tokens: 0,
+            ..e.clone()
+        })
+    }
+}
+
+/// When `waiting` (1,000 tokens, 5,000 more read from the cache) is sent, and
+/// what was settled for it, if its read leaves the cache `cold_after` in.
+/// `big` takes the whole bucket (10,000 ITPM) first.
+async fn expiring_read(cold_after: Duration) -> (Duration, Vec<Estimate>) {
+    let log = Log::default();
+    let estimator = Arc::new(ExpiringRead {
+        cold_at: Instant::now() + cold_after,
+        settled: Mutex::new(Vec::new()),
+    });
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(10_000).itpm(10_000).otpm(1_000_000))
+        .estimator(Arc::clone(&estimator) as Arc<dyn TokenEstimator>)
+        .build();
+    let svc = layer.layer(upstream(Arc::clone(&log)));
+    send(
+        svc.clone(),
+        request(serde_json::json!({"name": "big", "input": 10_000})),
+    )
+    .await
+    .unwrap();
+    let waiting = request(serde_json::json!({"name": "waiting", "input": 1_000, "cached": 5_000}));
+    send(svc, waiting).await.unwrap();
+    let at = sent_at(&log, "waiting").expect("sent");
+    let settled = estimator.settled.lock().unwrap().clone();
+    (at, settled)
+}
+
+/// A request charged as reading a prefix from the cache waits in line; its
+/// read leaves the cache meanwhile: it is charged the whole prompt (6,000
+/// tokens: 36 s of refill), not the 1,000 that follow the prefix (6 s), and
+/// settles against the estimate without the read.
+#[tokio::test(start_paused = true)]
+async fn a_read_that_leaves_the_cache_while_waiting_is_charged_in_full() {
+    let (at, settled) = expiring_read(Duration::from_secs(3)).await;
+    assert!(
+        at >= Duration::from_secs(35) && at < Duration::from_secs(37),
+        "{at:?}"
+    );
+    let waiting = settled.last().expect("settled");
+    assert_eq!(
+        (waiting.cache_read_tokens, waiting.input_tokens),
+        (0, 6_000)
+    );
+    // The read that stands: sent after 6 s, charged 1,000.
+    let (at, settled) = expiring_read(Duration::from_secs(3_600)).await;
+    assert!(
+        at >= Duration::from_secs(5) && at < Duration::from_secs(7),
+        "{at:?}"
+    );
+    assert_eq!(settled.last().map(|e| e.cache_read_tokens), Some(5_000));
+}

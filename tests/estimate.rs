@@ -894,3 +894,61 @@ proptest! {
         prop_assert!(est(&e, &two).input_tokens >= a.input_tokens + 5);
     }
 }
+
+/// A request estimated while its prefix was warm, that waits in line past
+/// the prefix's lifetime, is charged the whole prompt again; the usage it
+/// then gets (a cache write) settles against the estimate without the read.
+#[tokio::test(start_paused = true)]
+async fn a_read_that_expires_while_its_request_waits_is_taken_back() {
+    let e = AnthropicEstimator::new();
+    let first = est(&e, &cached_request(None, "first question"));
+    e.observe(&first, &created(&first));
+    let waiting = est(&e, &cached_request(None, "a question that waits"));
+    assert!(near(waiting.cache_read_tokens, sys()), "{waiting:?}");
+    // Four minutes on the prefix stands.
+    tokio::time::advance(Duration::from_secs(4 * 60)).await;
+    assert_eq!(e.recheck_cache_read(&waiting), None);
+    // 4 min 55 s: the five minutes of its lifetime end within the margin.
+    tokio::time::advance(Duration::from_secs(55)).await;
+    let whole = e
+        .recheck_cache_read(&waiting)
+        .expect("the read is taken back");
+    assert_eq!(whole.cache_read_tokens, 0);
+    assert_eq!(whole.cache_read_served, None);
+    assert_eq!(
+        whole.raw_input_tokens,
+        waiting.raw_input_tokens + waiting.cache_read_tokens
+    );
+    assert!(
+        whole.input_tokens >= whole.raw_input_tokens * 9 / 10,
+        "{whole:?}"
+    );
+    assert!(whole.input_tokens > waiting.input_tokens, "{whole:?}");
+    assert_eq!(whole.cache_writes, waiting.cache_writes);
+    // Taken back once: the record now expects no read.
+    assert_eq!(e.recheck_cache_read(&whole), None);
+    // Its usage, a write of the prefix, confirms the prefix again: the next
+    // request reads it.
+    e.observe(&whole, &created(&whole));
+    let next = est(&e, &cached_request(None, "the next one"));
+    assert!(near(next.cache_read_tokens, sys()), "{next:?}");
+}
+
+/// A read the server confirmed meanwhile (another request read the prefix
+/// and its usage said so) extends the prefix's life: the waiting request's
+/// read stands.
+#[tokio::test(start_paused = true)]
+async fn a_read_another_answer_extended_stands() {
+    let e = AnthropicEstimator::new();
+    let first = est(&e, &cached_request(None, "first question"));
+    e.observe(&first, &created(&first));
+    let waiting = est(&e, &cached_request(None, "a question that waits"));
+    tokio::time::advance(Duration::from_secs(3 * 60)).await;
+    let other = est(&e, &cached_request(None, "another reader"));
+    assert!(near(other.cache_read_tokens, sys()), "{other:?}");
+    e.observe(&other, &read(&other));
+    tokio::time::advance(Duration::from_secs(2 * 60 + 30)).await;
+    assert_eq!(e.recheck_cache_read(&waiting), None);
+    // Nothing to check for a request that reads nothing.
+    assert_eq!(e.recheck_cache_read(&first), None);
+}

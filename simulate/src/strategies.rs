@@ -378,6 +378,10 @@ impl TokenEstimator for Recording {
     fn observe_count(&self, estimate: &Estimate, counted: u64) {
         self.inner.observe_count(estimate, counted);
     }
+
+    fn recheck_cache_read(&self, estimate: &Estimate) -> Option<Estimate> {
+        self.inner.recheck_cache_read(estimate)
+    }
 }
 
 /// (d) This crate: `LimitsLayer::anthropic(limits)`, its budget

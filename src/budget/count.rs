@@ -56,7 +56,8 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::limits::Tier;
-use super::state::Charge;
+use super::prefix::Readable;
+use super::state::{Admission, Charge, Shared};
 use crate::body::{BufferedBytes, ReplayBody};
 use crate::estimate::{Estimate, TokenEstimator};
 
@@ -359,6 +360,37 @@ pub(crate) fn apply(charge: &mut Charge, counted: u64) {
         "budget: charged the count_tokens answer"
     );
     charge.costs.input_tokens = input;
+}
+
+/// Before a new try of a request that has waited: when the prompt-cache
+/// read its estimate counts may have left the server's cache while it
+/// waited (`TokenEstimator::recheck_cache_read`), it is charged the whole
+/// prompt again: the estimate without the read, or its count whole (less
+/// a prefix cache-aware admission charges as read, which its own writer's
+/// answer keeps readable, `prefix::refresh`). Not while a reservation is in
+/// flight: its costs are the ones asked.
+pub(crate) fn recheck_read(shared: &Shared, charge: &mut Charge, adm: &Admission) {
+    if charge.estimate.cache_read_tokens == 0 || adm.is_asking() || !adm.has_waited() {
+        return;
+    }
+    let Some(estimate) = shared.estimator.recheck_cache_read(&charge.estimate) else {
+        return;
+    };
+    charge.estimate = estimate;
+    if let Some(counted) = charge.counted {
+        apply(charge, counted);
+    } else if charge.input_capped {
+        // Capped at the whole bucket until its count comes: it stays so.
+    } else if charge.prefix_read > 0 {
+        let read = Readable {
+            hash: charge.prefix_hash,
+            tokens: charge.prefix_read,
+            served: charge.prefix_served,
+        };
+        super::prefix::read_prefix(charge, read);
+    } else {
+        charge.costs.input_tokens = charge.estimate.input_tokens;
+    }
 }
 
 /// The server's size of the cache read a request expects (the longer of the

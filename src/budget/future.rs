@@ -326,6 +326,7 @@ where
                     };
                     let counter = shared.counter.as_ref();
                     count.poll(counter, &*shared.estimator, ch, cx);
+                    super::count::recheck_read(shared, ch, admission);
                     super::fleet::read_cached(shared, ch, admission);
                     let polled = match poll_prefix(shared, ch, prefix, cx) {
                         Poll::Ready(()) => {

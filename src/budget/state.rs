@@ -598,6 +598,12 @@ impl Admission {
     pub(crate) fn is_asking(&self) -> bool {
         self.asking.is_some()
     }
+
+    /// Whether the request has waited (refused once, or queued behind
+    /// another).
+    pub(crate) fn has_waited(&self) -> bool {
+        self.started.is_some()
+    }
 }
 
 /// The probe role of a request not yet admitted.

@@ -1602,6 +1602,11 @@ fn decode_str(b: &[u8], span: Span) -> Option<String> {
     }
 }
 
+/// How far ahead [`AnthropicEstimator`] checks that a waiting request's
+/// cache read is still warm before it tries again (see
+/// [`TokenEstimator::recheck_cache_read`]).
+pub(crate) const READ_RECHECK_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl TokenEstimator for AnthropicEstimator {
     fn estimate(&self, _parts: &Parts, body: &[u8]) -> Estimate {
         self.estimates.fetch_add(1, Ordering::Relaxed);
@@ -1646,6 +1651,74 @@ impl TokenEstimator for AnthropicEstimator {
             .raw_input_tokens
             .saturating_add(estimate.cache_read_tokens);
         self.learn(model, self.peek_kind(estimate), est_total, counted);
+    }
+
+    /// The read is checked 10 s ahead: a request
+    /// admitted now may still wait for a concurrency slot before the server
+    /// reads its prompt, and the server's lifetime of a prefix runs from
+    /// when it read it, a little after this estimator saw the request sent.
+    fn recheck_cache_read(&self, estimate: &Estimate) -> Option<Estimate> {
+        if estimate.fallback || estimate.cache_read_tokens == 0 {
+            return None;
+        }
+        let model = estimate.model.as_deref();
+        let key = self.model_key(model);
+        let at = Instant::now() + READ_RECHECK_MARGIN;
+        let dropped = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.drop_cold_read(
+                key,
+                estimate.raw_input_tokens,
+                estimate.cache_read_tokens,
+                at,
+                |hash| self.shared.as_ref().is_some_and(|s| s.is_cached(hash)),
+            )
+        };
+        if !dropped {
+            return None;
+        }
+        let raw = estimate
+            .raw_input_tokens
+            .saturating_add(estimate.cache_read_tokens);
+        let learned = {
+            let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            let want = (key, estimate.raw_input_tokens, estimate.cache_read_tokens);
+            kinds
+                .iter_mut()
+                .rev()
+                .find(|&&mut (k, r, c, _)| (k, r, c) == want)
+                .map(|entry| {
+                    entry.1 = raw;
+                    entry.2 = 0;
+                    entry.3
+                })
+        };
+        // The whole prompt calibrated as an estimate without a read is;
+        // without its kind, at the estimate's own calibration.
+        let input = match learned {
+            Some(l) => {
+                let text = raw.saturating_sub(l.parts.media.saturating_add(l.parts.overhead));
+                self.calibration
+                    .predict(model.unwrap_or(""), l.kind, text, l.parts)
+                    .ceil() as u64
+            }
+            None if estimate.raw_input_tokens > 0 => {
+                let factor = estimate.input_tokens as f64 / estimate.raw_input_tokens as f64;
+                (raw as f64 * factor).ceil() as u64
+            }
+            None => raw,
+        };
+        tracing::debug!(
+            read = estimate.cache_read_tokens,
+            "estimate: the prefix charged as a cache read may have left the cache; charged in full"
+        );
+        Some(Estimate {
+            input_tokens: input.max(estimate.input_tokens),
+            raw_input_tokens: raw,
+            cache_read_tokens: 0,
+            cache_read_served: None,
+            ..estimate.clone()
+        })
     }
 
     /// Learns from a settled response.

@@ -179,6 +179,39 @@ impl PromptCache {
         self.pending.remove(idx)
     }
 
+    /// A pending request's read, checked again at `at`: when the prefix it
+    /// is charged as reading is neither warm then nor `cached_elsewhere`,
+    /// its record changes to read nothing (the read's tokens counted as
+    /// uncached, as its usage will be), and this returns true. False when
+    /// the read stands, or no record matches.
+    pub(crate) fn drop_cold_read(
+        &mut self,
+        model: u64,
+        raw_input_tokens: u64,
+        cache_read_tokens: u64,
+        at: Instant,
+        cached_elsewhere: impl Fn(u64) -> bool,
+    ) -> bool {
+        let Some(idx) = self.pending.iter().rposition(|p| {
+            p.raw_input_tokens == raw_input_tokens
+                && p.cache_read_tokens == cache_read_tokens
+                && p.model == model
+        }) else {
+            return false;
+        };
+        let Some(read) = self.pending[idx].read else {
+            return false;
+        };
+        if self.is_warm(read, at) || cached_elsewhere(read) {
+            return false;
+        }
+        let p = &mut self.pending[idx];
+        p.raw_input_tokens = raw_input_tokens.saturating_add(cache_read_tokens);
+        p.cache_read_tokens = 0;
+        p.read = None;
+        true
+    }
+
     /// Applies what the server said about a request's cache use.
     ///
     /// The server caches a request's prompt up to its last breakpoint and

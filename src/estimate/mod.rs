@@ -156,6 +156,20 @@ pub trait TokenEstimator: Send + Sync + 'static {
     fn observe_count(&self, estimate: &Estimate, counted: u64) {
         let _ = (estimate, counted);
     }
+
+    /// Checks again, before a new try of a request that has waited, the
+    /// prompt-cache read its estimate counts (`cache_read_tokens`): a
+    /// prefix that was warm when the request was estimated leaves the
+    /// server's cache when its lifetime ends with no read to extend it, and
+    /// a request that waited in line past that is charged for the whole
+    /// prefix. Returns the estimate without that read (its tokens moved to
+    /// `raw_input_tokens` and `input_tokens`), which the estimator then
+    /// expects the request's usage against; `None` while the read stands,
+    /// or when the estimator cannot tell (the default).
+    fn recheck_cache_read(&self, estimate: &Estimate) -> Option<Estimate> {
+        let _ = estimate;
+        None
+    }
 }
 
 /// A request extension: an estimate made before the request reached the
