@@ -141,12 +141,13 @@ fn request(json: serde_json::Value) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-/// The writer: 6,000 input tokens, writes the prefix, its response head
-/// arrives after `delay_ms` with `status`.
+/// The writer: 6,000 input tokens, writes the prefix (its usage says the
+/// server cached 5,000 of them), its response head arrives after
+/// `delay_ms` with `status`.
 fn writer(delay_ms: u64, status: u16) -> Request<Full<Bytes>> {
     request(serde_json::json!({
         "name": "writer", "input": 6_000, "delay_ms": delay_ms, "status": status,
-        "writes": [[PREFIX, PREFIX_TOKENS]],
+        "created": PREFIX_TOKENS, "writes": [[PREFIX, PREFIX_TOKENS]],
     }))
 }
 
@@ -360,9 +361,10 @@ fn streaming_upstream(log: Log, first_ms: u64) -> Upstream {
                 log.lock().unwrap().push((name, Instant::now()));
                 let input = v["input"].as_u64().unwrap_or(0);
                 let read = v["read"].as_u64().unwrap_or(0);
+                let created = v["created"].as_u64().unwrap_or(0);
                 let start = format!(
-                    "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"usage\":{{\"input_tokens\":{},\"cache_read_input_tokens\":{read},\"output_tokens\":1}}}}}}\n\n",
-                    input.saturating_sub(read)
+                    "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"usage\":{{\"input_tokens\":{},\"cache_read_input_tokens\":{read},\"cache_creation_input_tokens\":{created},\"output_tokens\":1}}}}}}\n\n",
+                    input.saturating_sub(read).saturating_sub(created)
                 );
                 let delta = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n".to_owned();
                 let stop = "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":2}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_owned();

@@ -167,6 +167,12 @@ impl Writing {
 /// the start of the request that wrote the entry.
 const CACHE_TTL: Duration = Duration::from_secs(5 * 60);
 
+/// The fewest tokens a prompt-cache entry holds for any model (the API's
+/// minimum cacheable prompt length is 1,024 tokens for Sonnet and Opus,
+/// more for some models): a prefix whose writer's usage sizes it below this
+/// was not written.
+const MIN_CACHED_TOKENS: u64 = 1_024;
+
 /// Prefixes remembered before the idle ones are dropped.
 const PRUNE_AT: usize = 4_096;
 
@@ -326,26 +332,47 @@ impl WriteGuard {
     /// known: the size, in the server's tokens, of the writer's longest
     /// prefix (the server caches up to the last breakpoint). A shorter
     /// prefix of the same request is sized in proportion to its estimate
-    /// (see [`served_share`]).
+    /// (see [`served_share`]). A prefix so sized below the minimum any model
+    /// caches (1,024 tokens) was not written: it is not readable, and the
+    /// requests holding for it go in full (an answer whose usage says the
+    /// server cached and read nothing wrote none of its prefixes).
     pub(crate) fn begin(&mut self, served: Option<u64>) {
         if std::mem::replace(&mut self.begun, true) {
             return;
         }
         let longest = self.writes.iter().map(|w| w.tokens).max().unwrap_or(0);
+        let now = Instant::now();
         let mut wake = Vec::new();
         let mut map = self.writers.lock();
-        for w in &self.writes {
-            if let Some(e) = map.get_mut(&w.hash) {
-                e.sent = e.sent.saturating_sub(1);
-                e.begun = e.begun.saturating_add(1);
-                if let Some(served) = served.filter(|s| *s > 0) {
-                    e.served = served_share(served, w.tokens, longest);
+        let writes = std::mem::take(&mut self.writes);
+        for w in writes {
+            let Some(e) = map.get_mut(&w.hash) else {
+                continue;
+            };
+            e.sent = e.sent.saturating_sub(1);
+            let size = served.map(|served| served_share(served, w.tokens, longest));
+            if size.is_some_and(|size| size < MIN_CACHED_TOKENS) {
+                // The answer says the server holds less of the prompt than
+                // any model caches: this prefix was not written (nothing
+                // was, or it is a shorter breakpoint below the minimum).
+                // Its waiters go as after a failed write, in full.
+                if e.sent == 0 {
+                    wake.extend(e.waiters.drain(..).map(|w| w.waker));
                 }
-                for waiter in e.waiters.drain(..) {
-                    waiter.slot.tell(waiter.prefix, e.served);
-                    wake.push(waiter.waker);
+                if e.idle(now) {
+                    map.remove(&w.hash);
                 }
+                continue;
             }
+            e.begun = e.begun.saturating_add(1);
+            if let Some(size) = size {
+                e.served = size;
+            }
+            for waiter in e.waiters.drain(..) {
+                waiter.slot.tell(waiter.prefix, e.served);
+                wake.push(waiter.waker);
+            }
+            self.writes.push(w);
         }
         drop(map);
         wake.into_iter().for_each(Waker::wake);
@@ -572,6 +599,41 @@ mod tests {
         // Both stay readable here, with their sizes, after the writer ends.
         assert_eq!(writers.readable(2, Instant::now()), Some(Some(6_000)));
         assert_eq!(writers.readable(1, Instant::now()), Some(Some(1_500)));
+    }
+
+    /// A shorter breakpoint that the writer's usage sizes below the
+    /// minimum any model caches was not written: not readable, and its
+    /// waiters go in full; an answer that cached nothing wrote nothing.
+    #[test]
+    fn a_prefix_the_usage_sizes_below_the_minimum_was_not_written() {
+        let writers = Arc::new(Writers::default());
+        let cx = Context::from_waker(Waker::noop());
+        // Estimated 1,100 and 3,400 tokens; the server holds 2,700 of the
+        // prompt: the shorter one is about 873 of its tokens.
+        let mut guard = writers
+            .start(&[prefix(1, 1_100), prefix(2, 3_400)])
+            .expect("two writes");
+        let short = Slot::default();
+        assert_eq!(
+            writers.poll(&[prefix(1, 1_100)], &cx, &short),
+            PrefixState::Writing
+        );
+        guard.begin(Some(2_700));
+        assert_eq!(
+            writers.poll(&[prefix(1, 1_100)], &cx, &short),
+            PrefixState::Unwritten
+        );
+        assert_eq!(writers.readable(1, Instant::now()), None);
+        assert_eq!(writers.readable(2, Instant::now()), Some(Some(2_700)));
+        drop(guard);
+        assert_eq!(writers.readable(1, Instant::now()), None);
+        assert_eq!(writers.readable(2, Instant::now()), Some(Some(2_700)));
+
+        let mut nothing = writers.start(&[prefix(3, 5_000)]).expect("one write");
+        nothing.begin(Some(0));
+        assert_eq!(writers.readable(3, Instant::now()), None);
+        drop(nothing);
+        assert_eq!(writers.readable(3, Instant::now()), None);
     }
 
     #[test]
