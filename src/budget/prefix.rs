@@ -383,11 +383,7 @@ impl WriteGuard {
 /// server's size of the writer's longest prefix (`longest` as estimated):
 /// in proportion, rounded down, at most `served`.
 fn served_share(served: u64, tokens: u64, longest: u64) -> u64 {
-    if tokens >= longest || longest == 0 {
-        return served;
-    }
-    let share = u128::from(served) * u128::from(tokens) / u128::from(longest);
-    u64::try_from(share).unwrap_or(served).min(served)
+    crate::estimate::cache::share(served, tokens, longest)
 }
 
 impl Drop for WriteGuard {

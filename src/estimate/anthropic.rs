@@ -278,7 +278,9 @@ impl AnthropicEstimatorBuilder {
         let config = self.config;
         AnthropicEstimator {
             calibration: Calibration::new(config.calibration),
-            cache: Mutex::new(PromptCache::new(config.cache_max_entries)),
+            cache: Mutex::new(
+                PromptCache::new(config.cache_max_entries).min_tokens(config.cache_min_tokens),
+            ),
             kinds: Mutex::new(VecDeque::new()),
             models: Mutex::new(Vec::new()),
             hash_state: match &self.shared {
@@ -1475,7 +1477,7 @@ impl AnthropicEstimator {
                 let p = prefix(*sec, b);
                 if p >= self.config.cache_min_tokens as f64 {
                     cache.sent(key, *ttl, now);
-                    written.push((key, *ttl));
+                    written.push((key, *ttl, (p.floor() as u64).min(total)));
                     let tokens = (p.floor() as u64).min(total);
                     writes.push(CachePrefix { hash: key, tokens });
                 }

@@ -51,8 +51,9 @@ pub(crate) struct Pending {
     pub(crate) cache_read_tokens: u64,
     /// The prefix charged as a cache read, if any.
     pub(crate) read: Option<u64>,
-    /// Prefixes this request writes (its breakpoints), with their lifetimes.
-    pub(crate) written: Vec<(u64, Duration)>,
+    /// Prefixes this request writes (its breakpoints), with their lifetimes
+    /// and their tokens as estimated.
+    pub(crate) written: Vec<(u64, Duration, u64)>,
     pub(crate) at: Instant,
 }
 
@@ -61,6 +62,8 @@ pub(crate) struct PromptCache {
     entries: HashMap<u64, Entry>,
     pending: VecDeque<Pending>,
     max_entries: usize,
+    /// The fewest of the server's tokens it caches (0: any).
+    min_tokens: u64,
 }
 
 impl PromptCache {
@@ -69,7 +72,16 @@ impl PromptCache {
             entries: HashMap::new(),
             pending: VecDeque::new(),
             max_entries: max_entries.max(1),
+            min_tokens: 0,
         }
+    }
+
+    /// The fewest of the server's tokens a prefix holds for the server to
+    /// cache it: a breakpoint that a response's usage sizes below it was
+    /// not written.
+    pub(crate) fn min_tokens(mut self, tokens: u64) -> Self {
+        self.min_tokens = tokens;
+        self
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -236,7 +248,7 @@ impl PromptCache {
         if cache_read == 0 && cache_creation == 0 {
             // Nothing was cached (a prefix under the model's minimum, say):
             // forget the breakpoints this request claimed.
-            for (k, _) in &p.written {
+            for (k, _, _) in &p.written {
                 if self.entries.get(k).is_some_and(|e| !e.confirmed) {
                     self.entries.remove(k);
                 }
@@ -252,15 +264,23 @@ impl PromptCache {
                 }
             }
         }
-        let longest = p.written.last().map(|&(k, _)| k);
+        let longest = p.written.last().map(|&(k, _, _)| k);
         if longest.is_none() && cache_creation == 0 {
             if let Some(e) = p.read.and_then(|k| self.entries.get_mut(&k)) {
                 e.served = cache_read;
             }
         }
         let served = cache_read.saturating_add(cache_creation);
-        // The breakpoints of this request are in the cache now.
-        for &(k, ttl) in &p.written {
+        let longest_tokens = p.written.iter().map(|w| w.2).max().unwrap_or(0);
+        // The breakpoints of this request are in the cache now, but for one
+        // that `served` sizes, in proportion, below what the server caches.
+        for &(k, ttl, tokens) in &p.written {
+            if share(served, tokens, longest_tokens) < self.min_tokens {
+                if self.entries.get(&k).is_some_and(|e| !e.confirmed) {
+                    self.entries.remove(&k);
+                }
+                continue;
+            }
             let size = if Some(k) == longest { served } else { 0 };
             match self.entries.get_mut(&k) {
                 Some(e) => {
@@ -289,6 +309,17 @@ impl PromptCache {
     }
 }
 
+/// The server's size of a prefix of `tokens` (as estimated), from the
+/// server's size `served` of the longest prefix of the same request
+/// (`longest` as estimated): in proportion, rounded down, at most `served`.
+pub(crate) fn share(served: u64, tokens: u64, longest: u64) -> u64 {
+    if tokens >= longest || longest == 0 {
+        return served;
+    }
+    let share = u128::from(served) * u128::from(tokens) / u128::from(longest);
+    u64::try_from(share).unwrap_or(served).min(served)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,7 +331,10 @@ mod tests {
             raw_input_tokens,
             cache_read_tokens: 0,
             read: None,
-            written: keys.iter().map(|&k| (k, TTL_5M)).collect(),
+            written: keys
+                .iter()
+                .map(|&k| (k, TTL_5M, raw_input_tokens))
+                .collect(),
             at,
         }
     }
@@ -315,6 +349,25 @@ mod tests {
             written: Vec::new(),
             at,
         }
+    }
+
+    /// A shorter breakpoint that the answer's usage sizes, in proportion,
+    /// below what the server caches was not written: it stays cold.
+    #[test]
+    fn a_breakpoint_sized_below_the_minimum_is_not_confirmed() {
+        let now = Instant::now();
+        let mut c = PromptCache::new(8).min_tokens(1_024);
+        c.sent(1, TTL_5M, now);
+        c.sent(2, TTL_5M, now);
+        let mut p = writer(&[1, 2], 3_400, now);
+        // Estimated 1,100 and 3,400 tokens; the server holds 2,700 of the
+        // prompt: the shorter is about 873 of its tokens.
+        p.written[0].2 = 1_100;
+        c.settle(&p, 2_700, 0, now);
+        assert!(!c.is_warm(1, now) && !c.is_unconfirmed(1, now));
+        assert!(c.is_warm(2, now));
+        assert_eq!(c.served(2), Some(2_700));
+        assert_eq!(share(2_700, 1_100, 3_400), 873);
     }
 
     #[test]

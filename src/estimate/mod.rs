@@ -50,7 +50,7 @@ use http::request::Parts;
 use crate::wire::Usage;
 
 mod anthropic;
-mod cache;
+pub(crate) mod cache;
 mod calibrate;
 mod classes;
 #[cfg(test)]
