@@ -2958,3 +2958,40 @@ async fn a_ledger_across_a_network_gets_one_write_per_response() {
     let input = snap.key(KEY).unwrap().dimension(Dimension::InputTokens);
     assert!(input.remaining.unwrap() <= 50_500.0, "{input:?}");
 }
+
+/// A request admitted on an estimate that runs under the server's count: the
+/// server's `remaining` (at the response's head) already holds what the
+/// estimate missed, and the settlement (at the body) must not charge it a
+/// second time. Estimated 1,000, counted 4,321: the bucket ends at 30,000 -
+/// 4,321, where the server is, not 3,321 below.
+#[tokio::test(start_paused = true)]
+async fn a_sync_and_the_settlement_charge_an_under_estimate_once() {
+    let answer = BoxCloneService::new(tower::service_fn(
+        |req: Request<ReplayBody<Full<Bytes>>>| async move {
+            let bytes = req.into_body().collect().await?.to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+            let actual = v["actual"].as_u64().unwrap_or(0);
+            let mut resp = Response::new(full(json_usage(actual, 10)));
+            *resp.headers_mut() = headers(&[
+                ("anthropic-ratelimit-input-tokens-limit", "30000"),
+                (
+                    "anthropic-ratelimit-input-tokens-remaining",
+                    &(30_000 - actual).to_string(),
+                ),
+            ]);
+            Ok::<_, BoxError>(resp)
+        },
+    ));
+    let (layer, _) = budget(Limits::new().rpm(1_000).itpm(30_000).otpm(100_000));
+    let svc = layer.layer(answer);
+    let body = format!(
+        r#"{{"model":"{MODEL}","max_tokens":10,"input":1000,"actual":4321,"messages":[]}}"#
+    );
+    let req = Request::post("http://localhost/v1/messages")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = svc.oneshot(req).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    let left = remaining(&layer.snapshot(), Dimension::InputTokens);
+    assert!((left - 25_679.0).abs() < 1.0, "{left}");
+}

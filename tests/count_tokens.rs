@@ -210,6 +210,40 @@ async fn a_waiting_request_is_charged_the_exact_count() {
     assert_eq!(api.counts().len(), 1);
 }
 
+/// A request that reaches the head of its queue while no count call is free
+/// is counted once one is, not admitted later on its estimate. At 2 counts
+/// a minute (one every 30 s), `a` is counted as it arrives and goes at 18 s
+/// (3,000 refilled); `b`, estimated 6,000 and counted 3,000, arrived with it
+/// and is counted at 30 s: it goes at 36 s (3,000 more refilled after
+/// `a`), not at 54 s (6,000).
+#[tokio::test(start_paused = true)]
+async fn the_head_is_counted_when_a_count_call_frees() {
+    let api = Api::new(Answer::Count(3_000, Duration::from_millis(50)));
+    let layer = layer(CountTokens::new(2));
+    let svc = layer.layer(upstream(Arc::clone(&api)));
+    let start = Instant::now();
+    drain(&svc).await;
+    let (a, b) = tokio::join!(send(svc.clone(), request("a", 6_000, 3_000)), async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        send(svc.clone(), request("b", 6_000, 3_000)).await
+    });
+    a.unwrap();
+    b.unwrap();
+    let a_at = api.sent("a").unwrap() - start;
+    let b_at = api.sent("b").unwrap() - start;
+    assert!(
+        a_at >= Duration::from_secs(17) && a_at <= Duration::from_secs(19),
+        "{a_at:?}"
+    );
+    assert!(
+        b_at >= Duration::from_secs(35) && b_at <= Duration::from_secs(37),
+        "{b_at:?}"
+    );
+    let counts: Vec<Duration> = api.counts().iter().map(|at| *at - start).collect();
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(counts[1] >= Duration::from_secs(30), "{counts:?}");
+}
+
 /// The input headroom absorbs estimate errors: a counted request waits for
 /// it only while a request admitted on an estimate awaits the server's
 /// count. With a 10 % headroom (1,000 of 10,000), `b` (counted 3,000) goes

@@ -212,6 +212,23 @@ impl Counter {
         self.cached(self.hash(body))
     }
 
+    /// Whether counting this request is worth a call: not a fallback
+    /// estimate, and large enough (or carrying media, which the estimator
+    /// sizes by formula).
+    fn worth(&self, charge: &Charge, body: &[u8]) -> bool {
+        let size = charge
+            .estimate
+            .raw_input_tokens
+            .saturating_add(charge.estimate.cache_read_tokens);
+        let small = size < self.config.min_input_tokens && !carries_media(body);
+        !charge.estimate.fallback && !small
+    }
+
+    /// When the next call is free, if not now.
+    fn next_free(&self) -> Option<Instant> {
+        self.lock().next.filter(|next| Instant::now() < *next)
+    }
+
     /// Takes the next call slot if it is free now.
     fn take_slot(&self, now: Instant) -> bool {
         let spacing = Duration::from_secs(60) / u32::try_from(self.config.rpm).unwrap_or(u32::MAX);
@@ -247,17 +264,12 @@ impl Counter {
     where
         S: Service<Request<ReplayBody<B>>>,
     {
-        let size = charge
-            .estimate
-            .raw_input_tokens
-            .saturating_add(charge.estimate.cache_read_tokens);
-        let small = size < self.config.min_input_tokens && !carries_media(body);
-        if charge.estimate.fallback || small || svc.is_none() {
+        if !self.worth(charge, body) || svc.is_none() {
             return None;
         }
         // Checked first, so that a request woken while no call is free does
         // not build its count request again.
-        if self.lock().next.is_some_and(|next| Instant::now() < next) {
+        if self.next_free().is_some() {
             return None;
         }
         let count = count_request(request, body)?;
@@ -601,6 +613,9 @@ pub(crate) struct Counting<S, F, B, RB> {
     checked: bool,
     call: Option<Pin<Box<CountCall<S, F, B>>>>,
     reading: Option<CountBody<RB>>,
+    /// Wakes a request waiting at its queue's head, uncounted, when the next
+    /// call is free ([`retry_when_free`](Self::retry_when_free)).
+    retry: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S, F, B, RB> std::fmt::Debug for Counting<S, F, B, RB> {
@@ -622,6 +637,7 @@ impl<S, F, B, RB> Counting<S, F, B, RB> {
             checked: false,
             call: None,
             reading: None,
+            retry: None,
         }
     }
 
@@ -630,6 +646,7 @@ impl<S, F, B, RB> Counting<S, F, B, RB> {
         self.body = None;
         self.call = None;
         self.reading = None;
+        self.retry = None;
     }
 }
 
@@ -689,6 +706,42 @@ where
     /// Whether a count is being asked or read.
     pub(crate) fn in_flight(&self) -> bool {
         self.call.is_some() || self.reading.is_some()
+    }
+
+    /// The request waits at its queue's head (the ledger named a wait) and
+    /// no count call was free when it was refused: wakes it when the next
+    /// call is free, so that it is counted then rather than admitted later
+    /// on its estimate. The requests behind the head ask for no wakeup (a
+    /// count each as they arrive, when a call is free): one task wakes per
+    /// call.
+    pub(crate) fn retry_when_free(
+        &mut self,
+        counter: Option<&Counter>,
+        charge: &Charge,
+        cx: &mut Context<'_>,
+    ) {
+        let Some(counter) = counter else {
+            return;
+        };
+        let worth = self.body.as_ref().is_some_and(|b| counter.worth(charge, b));
+        if !worth || self.svc.is_none() || self.in_flight() || charge.counted.is_some() {
+            self.retry = None;
+            return;
+        }
+        let Some(next) = counter.next_free() else {
+            // A call is free, and yet none started: nothing to wait for.
+            self.retry = None;
+            return;
+        };
+        let sleep = self
+            .retry
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
+        if sleep.deadline() != next {
+            sleep.as_mut().reset(next);
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
     }
 
     /// The budget said wait: starts the count if it is worth it and a call

@@ -351,6 +351,9 @@ where
                                 // Polled next, while the request waits.
                                 continue;
                             }
+                            if admission.waits_at_head() {
+                                count.retry_when_free(counter, ch, cx);
+                            }
                             if let PrefixWait::Candidate(slot) = prefix {
                                 // It would wait anyway: out of line, it waits
                                 // for the writer's response head instead.

@@ -1211,6 +1211,7 @@ impl Bucket {
 impl Bucket {
     /// What [`Ledger::sync`] does to one bucket (see [`InMemoryLedger`]'s
     /// docs): learns the reported limit, lowers the level to the server's.
+    /// Returns by how many units it lowered the level (0: left alone).
     fn sync(
         &mut self,
         limits: &Limits,
@@ -1218,7 +1219,7 @@ impl Bucket {
         sync: LimitStatus,
         now: Instant,
         window_nanos: u64,
-    ) {
+    ) -> i128 {
         // A server never advertises a zero limit; taking a garbled header
         // for one would refuse every request for ever.
         if let Some(limit) = sync.limit.and_then(NonZeroU64::new) {
@@ -1228,7 +1229,7 @@ impl Bucket {
             self.learned = Some(limit);
         }
         let Some((limit, _)) = self.limit(configured(limits, dimension)) else {
-            return;
+            return 0;
         };
         let capacity = capacity_units(limit, window_nanos);
         self.refill(limit, capacity, now);
@@ -1245,7 +1246,7 @@ impl Bucket {
                 let tolerance = refill_units(RESET_PRECISION_NANOS, limit);
                 (implied, tolerance)
             }
-            (None, None) => return,
+            (None, None) => return 0,
         };
         if self.level > server.saturating_add(tolerance) {
             tracing::debug!(
@@ -1254,8 +1255,11 @@ impl Bucket {
                 server = to_tokens(server),
                 "ledger lowered to the server's remaining"
             );
+            let lowered = self.level.saturating_sub(server);
             self.level = server;
+            return lowered;
         }
+        0
     }
 }
 
@@ -1412,7 +1416,8 @@ impl InMemoryLedger {
         let window_nanos = self.window_nanos;
         self.with_key(key, true, now, |state| {
             state.touch(now);
-            state.buckets[index(dimension)].sync(limits, dimension, sync, now, window_nanos);
+            let _lowered =
+                state.buckets[index(dimension)].sync(limits, dimension, sync, now, window_nanos);
         });
     }
 
@@ -1430,7 +1435,7 @@ impl InMemoryLedger {
         }
         let window_nanos = self.window_nanos;
         self.with_key(key, true, now, |state| {
-            state.sync_all(limits, statuses, now, window_nanos);
+            let _lowered_input = state.sync_all(limits, statuses, now, window_nanos);
         });
     }
 
@@ -1689,21 +1694,33 @@ impl KeyState {
         }
     }
 
-    /// [`InMemoryLedger::sync_all_at`] on these buckets.
+    /// [`InMemoryLedger::sync_all_at`] on these buckets. Returns the input
+    /// tokens by which it lowered the input bucket, rounded down.
     fn sync_all(
         &mut self,
         limits: &Limits,
         statuses: [LimitStatus; 3],
         now: Instant,
         window_nanos: u64,
-    ) {
+    ) -> u64 {
         let state = self;
         state.touch(now);
+        let mut lowered_input = 0;
         for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
             if !status.is_empty() {
-                state.buckets[index(dimension)].sync(limits, dimension, status, now, window_nanos);
+                let lowered = state.buckets[index(dimension)].sync(
+                    limits,
+                    dimension,
+                    status,
+                    now,
+                    window_nanos,
+                );
+                if dimension == Dimension::InputTokens {
+                    lowered_input = u64::try_from(lowered / UNITS_PER_TOKEN).unwrap_or(0);
+                }
             }
         }
+        lowered_input
     }
 
     /// [`InMemoryLedger::state_at`] on these buckets.
@@ -1860,20 +1877,22 @@ impl PackedBuckets {
         self.pack(&state, epoch);
     }
 
-    /// [`InMemoryLedger::sync_all_at`] on these buckets.
+    /// [`InMemoryLedger::sync_all_at`] on these buckets. Returns the input
+    /// tokens by which it lowered the input bucket.
     pub(crate) fn sync_all(
         &mut self,
         limits: &Limits,
         statuses: [LimitStatus; 3],
         now: Instant,
         epoch: Epoch,
-    ) {
+    ) -> u64 {
         if statuses.iter().all(LimitStatus::is_empty) {
-            return;
+            return 0;
         }
         let mut state = self.unpack(epoch);
-        state.sync_all(limits, statuses, now, MINUTE_NANOS);
+        let lowered_input = state.sync_all(limits, statuses, now, MINUTE_NANOS);
         self.pack(&state, epoch);
+        lowered_input
     }
 
     /// [`InMemoryLedger::state_at`] on these buckets.

@@ -130,6 +130,11 @@ struct KeyState {
     inexact: u32,
     /// The last estimate's calibration factor (NaN: none yet).
     calibration: f32,
+    /// Input tokens a header sync took off the key's own bucket while
+    /// requests admitted on an estimate were in flight: the server had
+    /// already charged what those estimates missed, so their settlements
+    /// do not charge it again, up to this many ([`Shared::apply`]).
+    absorbed: u32,
     /// The first two output ratios, kept inline until the window is
     /// created (NaN: none).
     early_ratios: [f64; 2],
@@ -167,6 +172,7 @@ impl KeyState {
             fallback_estimates: 0,
             inexact: 0,
             calibration: f32::NAN,
+            absorbed: 0,
             early_ratios: [f64::NAN; 2],
             learners: Learners::default(),
             class,
@@ -603,6 +609,12 @@ impl Admission {
     /// another).
     pub(crate) fn has_waited(&self) -> bool {
         self.started.is_some()
+    }
+
+    /// Whether the request waits at its queue's head for the time the ledger
+    /// named (the requests behind it wait for their turn, with no timer).
+    pub(crate) fn waits_at_head(&self) -> bool {
+        self.sleep.is_some() && self.place.is_some()
     }
 }
 
@@ -1211,10 +1223,26 @@ impl Shared {
         let mut ks = lock_key(&charge.cell);
         let now = Instant::now();
         if let Some(statuses) = statuses {
-            ks.buckets
+            let lowered = ks
+                .buckets
                 .sync_all(&charge.limits, statuses, now, self.epoch);
+            // Lowered while estimates are in flight: the server's remaining
+            // already holds what they missed, which their settlements would
+            // charge again. With none in flight, the lowering is another
+            // client's use of the key (or rounding): nothing to carry.
+            ks.absorbed = if ks.inexact == 0 {
+                0
+            } else {
+                ks.absorbed
+                    .saturating_add(u32::try_from(lowered).unwrap_or(u32::MAX))
+            };
         }
-        if let Some(delta) = delta {
+        if let Some(mut delta) = delta {
+            if delta.input_tokens > 0 && ks.inexact > 0 && ks.absorbed > 0 {
+                let taken = delta.input_tokens.min(i64::from(ks.absorbed));
+                delta.input_tokens -= taken;
+                ks.absorbed -= u32::try_from(taken).unwrap_or(ks.absorbed);
+            }
             ks.buckets.settle(&charge.limits, delta, now, self.epoch);
         }
         let next = if wake_head {
