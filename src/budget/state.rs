@@ -123,7 +123,8 @@ struct KeyState {
     /// Created at the third sample (its window is allocated up front), so a
     /// key that got few answers with usage stays small.
     output_ratio: Option<Box<RatioSamples>>,
-    estimates: u64,
+    /// Saturating: a key estimated over 4 billion times reports that many.
+    estimates: u32,
     fallback_estimates: u32,
     /// Requests admitted on an estimate whose input the server has not yet
     /// reported: the input headroom covers their errors.
@@ -761,7 +762,7 @@ impl Shared {
         .ok_or(CallerRefusal::TooManyKeys)?;
         let output_tokens = {
             let mut ks = lock_key(&cell);
-            ks.estimates += 1;
+            ks.estimates = ks.estimates.saturating_add(1);
             if estimate.fallback {
                 ks.fallback_estimates = ks.fallback_estimates.saturating_add(1);
             }
@@ -1611,7 +1612,7 @@ impl Shared {
                     calibration_factor: (!ks.calibration.is_nan())
                         .then_some(f64::from(ks.calibration)),
                     fallback_estimates: u64::from(ks.fallback_estimates),
-                    estimates: ks.estimates,
+                    estimates: u64::from(ks.estimates),
                     expected_output_ratio: ks.expected_ratio(&self.settings),
                 };
                 // The budget's own buckets are read under the key's lock
