@@ -52,9 +52,11 @@ pin_project! {
         Calling { #[pin] future: F },
         // Reading an error body until `Ctx::sleep` (the read timeout)
         // fires: a 429's, looking for the spend-cap code, or the last
-        // response's, for the give-up error.
+        // response's, for the give-up error. Boxed: rare, and a body with
+        // an inner layer's settlement in it is larger than the rest of the
+        // state (every request waiting in an inner layer holds it inline).
         Reading {
-            #[pin] body: R,
+            body: Pin<Box<R>>,
             then: Then,
             collected: Vec<u8>,
         },
@@ -741,7 +743,7 @@ where
             Step::Read(body, then) => {
                 ctx.start_reading();
                 state.set(State::Reading {
-                    body,
+                    body: Box::pin(body),
                     then,
                     collected: Vec::new(),
                 });
@@ -801,7 +803,7 @@ where
                 } => {
                     // A body that stalls past the timeout is decided on as
                     // if it said nothing (and dropped, freeing what it holds).
-                    let finished = match poll_error_body(body, collected, cx) {
+                    let finished = match poll_error_body(body.as_mut(), collected, cx) {
                         Poll::Ready(finished) => finished,
                         Poll::Pending => {
                             ready!(ctx.poll_read_timeout(cx));
