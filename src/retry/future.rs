@@ -27,10 +27,12 @@ use crate::wait::{DeadlineReached, Log, WaitLog};
 use crate::{BoxError, Error, GiveUpReason, LastResponse};
 
 /// The request body as the attempts see it. Kept small: the future is moved
-/// a few times before its first poll, and every byte of it is copied then.
+/// a few times before its first poll, and every byte of it is copied then;
+/// and a request waiting in an inner layer holds it.
 enum Payload<B> {
-    /// Still being read into memory.
-    Buffering(body::Buffer<B>),
+    /// Still being read into memory (by [`State::Buffering`], which holds the
+    /// reading: the state's size is set by the inner future's anyway).
+    Reading,
     /// Kept whole: every attempt replays it.
     Replay(BufferedBody),
     /// Too large to keep: sent once (`None` once sent). Boxed: rare, and large.
@@ -39,9 +41,9 @@ enum Payload<B> {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, R> {
+    enum State<F, R, B> {
         // Reading the request body.
-        Buffering,
+        Buffering { buffer: body::Buffer<B> },
         // Deciding whether the next attempt may start, must wait, or is refused.
         Gate,
         // Sleeping in `Ctx::sleep` (cooldown or backoff).
@@ -85,7 +87,7 @@ pin_project! {
         S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
     {
         #[pin]
-        state: State<S::Future, R>,
+        state: State<S::Future, R, B>,
         ctx: Ctx<S, B>,
         // The request's `llm_request` span, entered while polling
         // (disabled without a subscriber).
@@ -105,14 +107,14 @@ struct Ctx<S, B> {
     attempts: u32,
     /// Whether `service` is ready for a call.
     ready: bool,
-    deadline: Option<Instant>,
     waited: Duration,
     wait_started: Option<Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
     last_status: Option<StatusCode>,
     last_error: Option<BoxError>,
     /// The waits of the layers inside this one in the current attempt (those
-    /// of the attempts before are in `waited`), and the deadline they obey.
+    /// of the attempts before are in `waited`), and the deadline they obey
+    /// (the request's, kept only there).
     log: Arc<Log>,
 }
 
@@ -192,15 +194,16 @@ where
             lane = tracing::field::Empty,
         );
         ResponseFuture {
-            state: State::Buffering,
+            state: State::Buffering {
+                buffer: body::buffer(body, limit),
+            },
             ctx: Ctx {
                 service,
                 shared,
                 head: Some(head),
-                payload: Payload::Buffering(body::buffer(body, limit)),
+                payload: Payload::Reading,
                 attempts: 0,
                 ready: true,
-                deadline,
                 waited: Duration::ZERO,
                 wait_started: None,
                 sleep: None,
@@ -214,6 +217,11 @@ where
 }
 
 impl<S, B> Ctx<S, B> {
+    /// The request's deadline, if the layer has one.
+    fn deadline(&self) -> Option<Instant> {
+        self.log.deadline()
+    }
+
     /// Every wait of the request so far: this layer's, and those of the
     /// layers inside it.
     fn waited(&self) -> Duration {
@@ -265,13 +273,13 @@ impl<S, B> Ctx<S, B> {
             let t = *now.get_or_insert_with(Instant::now);
             if until > t {
                 // Never longer than `max_server_delay`: the cooldown is clamped to it.
-                if self.deadline.is_some_and(|d| until > d) {
+                if self.deadline().is_some_and(|d| until > d) {
                     return Err(self.give_up(GiveUpReason::Deadline));
                 }
                 return Ok(Gate::Wait(until));
             }
         }
-        if let Some(deadline) = self.deadline {
+        if let Some(deadline) = self.deadline() {
             if now.unwrap_or_else(Instant::now) > deadline {
                 return Err(self.give_up(GiveUpReason::Deadline));
             }
@@ -361,7 +369,7 @@ impl<S, B> Ctx<S, B> {
         };
         let now = Instant::now();
         let wake = later(now, d);
-        if self.deadline.is_some_and(|deadline| wake > deadline) {
+        if self.deadline().is_some_and(|deadline| wake > deadline) {
             return Err(self.give_up(GiveUpReason::Deadline));
         }
         if let Some(budget) = &self.shared.budget {
@@ -433,7 +441,7 @@ impl<S, B> Ctx<S, B> {
                 let head = self.head.take().ok_or_else(not_replayable)?;
                 Request::from_parts(head, body)
             }
-            Payload::Buffering(_) => return Err(not_replayable()),
+            Payload::Reading => return Err(not_replayable()),
         };
         if self.attempts > 0 {
             req.headers_mut()
@@ -587,14 +595,16 @@ where
     B::Error: Into<BoxError>,
 {
     /// `Buffering`: reads the request body, once.
-    fn poll_buffer(&mut self, cx: &mut Context<'_>) -> Poll<Step<Attempt<B>, R>> {
-        if let Payload::Buffering(buffer) = &mut self.payload {
-            self.payload = match ready!(Pin::new(buffer).poll(cx)) {
-                Ok(Buffered::Complete(kept)) => Payload::Replay(kept),
-                Ok(Buffered::TooLarge(body)) => Payload::Once(Some(Box::new(body))),
-                Err(e) => return Poll::Ready(Step::Return(Err(Box::new(Error::Body(e))))),
-            };
-        }
+    fn poll_buffer(
+        &mut self,
+        buffer: &mut body::Buffer<B>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Step<Attempt<B>, R>> {
+        self.payload = match ready!(Pin::new(buffer).poll(cx)) {
+            Ok(Buffered::Complete(kept)) => Payload::Replay(kept),
+            Ok(Buffered::TooLarge(body)) => Payload::Once(Some(Box::new(body))),
+            Err(e) => return Poll::Ready(Step::Return(Err(Box::new(Error::Body(e))))),
+        };
         Poll::Ready(Step::Gate)
     }
 
@@ -651,7 +661,7 @@ where
                 self.note_server_delay(status, server_delay);
                 // The delay counts from the end of the read.
                 planned.wake = later(Instant::now(), planned.delay);
-                if self.deadline.is_some_and(|d| planned.wake > d) {
+                if self.deadline().is_some_and(|d| planned.wake > d) {
                     return Step::Return(Err(self.give_up(GiveUpReason::Deadline)));
                 }
                 Step::Planned(planned)
@@ -709,7 +719,7 @@ where
     S: Service<Request<ReplayBody<B>>, Response = Response<R>>,
 {
     /// Begins a planned retry: waits for it, or goes to the gate at once.
-    fn retry(state: Pin<&mut State<S::Future, R>>, ctx: &mut Ctx<S, B>, planned: &Planned) {
+    fn retry(state: Pin<&mut State<S::Future, R, B>>, ctx: &mut Ctx<S, B>, planned: &Planned) {
         ctx.begin_retry(planned);
         let mut state = state;
         if planned.wake > Instant::now() {
@@ -722,7 +732,7 @@ where
 
     /// Moves to the state `step` names; `Some` with the output when it is the end.
     fn advance(
-        mut state: Pin<&mut State<S::Future, R>>,
+        mut state: Pin<&mut State<S::Future, R, B>>,
         ctx: &mut Ctx<S, B>,
         step: Step<Attempt<B>, R>,
     ) -> Option<Result<Response<R>, BoxError>> {
@@ -781,7 +791,7 @@ where
         let _entered = this.span.enter();
         loop {
             let step = match this.state.as_mut().project() {
-                StateProj::Buffering => ready!(ctx.poll_buffer(cx)),
+                StateProj::Buffering { buffer } => ready!(ctx.poll_buffer(buffer, cx)),
                 StateProj::Gate => ctx.pass_gate(),
                 StateProj::Waiting => ready!(ctx.poll_wait(cx)),
                 StateProj::Readying => ready!(ctx.poll_service(cx)),
@@ -856,15 +866,20 @@ mod tests {
     /// The future is moved (copied) a few times before its first poll: a
     /// guard against it growing unnoticed (it was 672 bytes before the payload
     /// was slimmed down, 560 with a reader of its own for exact-size bodies,
-    /// 584 with the crate's one `body::Buffer`, which the budget shares, and
+    /// 584 with the crate's one `body::Buffer`, which the budget shares,
     /// 624 with the request's tracing span (40 bytes, no allocation) and its
-    /// wait log (8)).
+    /// wait log (8), and 544 once the body's reading moved into the state
+    /// that reads it and the deadline was kept in the wait log only). Every
+    /// request waiting in an inner layer holds the context inline: it must
+    /// not grow either.
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn future_stays_small() {
         let size = std::mem::size_of::<Fut>();
-        assert!(size <= 624, "ResponseFuture is {size} bytes");
+        assert!(size <= 544, "ResponseFuture is {size} bytes");
         let payload = std::mem::size_of::<Payload<Full<Bytes>>>();
-        assert!(payload <= 112, "Payload is {payload} bytes");
+        assert!(payload <= 48, "Payload is {payload} bytes");
+        let ctx = std::mem::size_of::<Ctx<(), Full<Bytes>>>();
+        assert!(ctx <= 352, "Ctx is {ctx} bytes");
     }
 }
