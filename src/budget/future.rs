@@ -133,8 +133,10 @@ struct Pending<S, F, B, RB> {
     /// service `call` got, polled ready by its caller, until the request
     /// waits.
     ready: bool,
-    /// The wait for the budget, as the request's deadline bounds it.
-    wait: Wait,
+    /// The wait for the budget, as the request's deadline bounds it: taken
+    /// from the request's extensions when it first waits (a request
+    /// admitted at once never looks).
+    wait: Option<Wait>,
     /// Cache-aware admission (see `prefix.rs`).
     prefix: PrefixWait,
     /// The `count_tokens` mode (see `count.rs`).
@@ -156,7 +158,7 @@ impl<S, F, B, RB> Pending<S, F, B, RB> {
             count,
             charge: Some(charge),
             admission: Admission::default(),
-            wait: Wait::of(request.extensions()),
+            wait: None,
             prefix: PrefixWait::default(),
             request: Some(request),
             svc: Some(svc),
@@ -503,7 +505,9 @@ where
         };
         match polled {
             Poll::Ready(admitted) => {
-                waited(shared, &mut p.wait);
+                if let Some(wait) = p.wait.as_mut() {
+                    waited(shared, wait);
+                }
                 return Poll::Ready(admitted.map_err(|refusal| {
                     NotAdmitted::Refused(Box::new((p.charge.take(), refusal)))
                 }));
@@ -522,7 +526,13 @@ where
                     p.prefix = PrefixWait::Holding(Arc::clone(slot), None);
                     continue;
                 }
-                let reached = ready!(wait_deadline(shared, &mut p.wait, cx));
+                let request = p.request.as_ref();
+                let wait = p.wait.get_or_insert_with(|| {
+                    request
+                        .map(|r| Wait::of(r.extensions()))
+                        .unwrap_or_default()
+                });
+                let reached = ready!(wait_deadline(shared, wait, cx));
                 return Poll::Ready(Err(NotAdmitted::Error(Box::new(reached))));
             }
         }
