@@ -573,8 +573,9 @@ criterion_group!(benches, in_memory);
 /// depend on the machine's load:
 /// `PRESET_PROFILE=preset valgrind --tool=callgrind target/release/deps/preset-*`.
 /// `PRESET_PROFILE=interleaved` prints only the interleaved in-memory figure,
-/// `PRESET_PROFILE=waiter` only the memory per waiter, `PRESET_PROFILE=tcp`
-/// only the TCP figures.
+/// `PRESET_PROFILE=waiter` only the memory per waiter,
+/// `PRESET_PROFILE=allocations` only the allocations per request,
+/// `PRESET_PROFILE=tcp` only the TCP figures.
 fn profile(spec: &str) {
     if spec == "interleaved" {
         interleaved_in_memory();
@@ -582,6 +583,10 @@ fn profile(spec: &str) {
     }
     if spec == "waiter" {
         waiter_figure();
+        return;
+    }
+    if spec == "allocations" {
+        allocation_figures();
         return;
     }
     if spec == "tcp" {

@@ -119,13 +119,23 @@ pin_project! {
             trailers: Option<Box<HeaderMap>>,
         },
         Stream {
-            prefix: VecDeque<Frame<Bytes>>,
-            prefix_len: u64,
+            // Boxed, and `None` for a body passed through unread (the
+            // common case): every future that holds a request holds this
+            // inline, and a layer's body may wrap another's.
+            prefix: Option<Box<Prefix>>,
             #[pin]
             rest: B,
             done: bool,
         },
     }
+}
+
+/// The frames read from a body before it was passed on (never empty), and
+/// the length of their data.
+#[derive(Debug)]
+struct Prefix {
+    frames: VecDeque<Frame<Bytes>>,
+    len: u64,
 }
 
 impl<B> ReplayBody<B> {
@@ -148,16 +158,18 @@ impl<B> ReplayBody<B> {
         Self::prefixed(VecDeque::new(), body)
     }
 
-    fn prefixed(prefix: VecDeque<Frame<Bytes>>, rest: B) -> Self {
-        let prefix_len = prefix
-            .iter()
-            .filter_map(Frame::data_ref)
-            .map(|d| d.len() as u64)
-            .sum();
+    fn prefixed(frames: VecDeque<Frame<Bytes>>, rest: B) -> Self {
+        let prefix = (!frames.is_empty()).then(|| {
+            let len = frames
+                .iter()
+                .filter_map(Frame::data_ref)
+                .map(|d| d.len() as u64)
+                .sum();
+            Box::new(Prefix { frames, len })
+        });
         ReplayBody {
             kind: Kind::Stream {
                 prefix,
-                prefix_len,
                 rest,
                 done: false,
             },
@@ -184,17 +196,18 @@ where
                 }
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
-            KindProj::Stream {
-                prefix,
-                prefix_len,
-                rest,
-                done,
-            } => {
-                if let Some(frame) = prefix.pop_front() {
-                    if let Some(d) = frame.data_ref() {
-                        *prefix_len = prefix_len.saturating_sub(d.len() as u64);
+            KindProj::Stream { prefix, rest, done } => {
+                if let Some(p) = prefix.as_mut() {
+                    let frame = p.frames.pop_front();
+                    if let Some(d) = frame.as_ref().and_then(Frame::data_ref) {
+                        p.len = p.len.saturating_sub(d.len() as u64);
                     }
-                    return Poll::Ready(Some(Ok(frame)));
+                    if p.frames.is_empty() {
+                        *prefix = None;
+                    }
+                    if let Some(frame) = frame {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                 }
                 if *done {
                     return Poll::Ready(None);
@@ -217,9 +230,9 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
-            Kind::Stream {
-                prefix, rest, done, ..
-            } => prefix.is_empty() && (*done || rest.is_end_stream()),
+            Kind::Stream { prefix, rest, done } => {
+                prefix.is_none() && (*done || rest.is_end_stream())
+            }
         }
     }
 
@@ -228,20 +241,16 @@ where
             Kind::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Kind::Stream {
-                prefix_len,
-                rest,
-                done,
-                ..
-            } => {
+            Kind::Stream { prefix, rest, done } => {
+                let prefix_len = prefix.as_ref().map_or(0, |p| p.len);
                 if *done {
-                    return SizeHint::with_exact(*prefix_len);
+                    return SizeHint::with_exact(prefix_len);
                 }
                 let hint = rest.size_hint();
                 let mut out = SizeHint::new();
-                out.set_lower(hint.lower().saturating_add(*prefix_len));
+                out.set_lower(hint.lower().saturating_add(prefix_len));
                 if let Some(upper) = hint.upper() {
-                    out.set_upper(upper.saturating_add(*prefix_len));
+                    out.set_upper(upper.saturating_add(prefix_len));
                 }
                 out
             }
@@ -499,6 +508,19 @@ mod tests {
 
     type Frames = Vec<Result<Frame<Bytes>, Infallible>>;
 
+    /// Every request a layer holds (the concurrency queue's, the budget's
+    /// while it waits) holds its body inline, and the preset's transport
+    /// gets one replay body inside another: a guard against them growing
+    /// (80 and 128 bytes while the frames read before a body was passed on
+    /// were held inline).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn replay_bodies_stay_small() {
+        let one = std::mem::size_of::<ReplayBody<Full<Bytes>>>();
+        let two = std::mem::size_of::<ReplayBody<ReplayBody<Full<Bytes>>>>();
+        assert!(one <= 48 && two <= 64, "ReplayBody: {one} and {two} bytes");
+    }
+
     fn frames(chunks: usize, size: usize, trailers: bool) -> Frames {
         let mut out: Frames = (0..chunks)
             .map(|i| {
@@ -577,7 +599,7 @@ mod tests {
         match buffer(body, 1024).await {
             Ok(Buffered::TooLarge(b)) => {
                 assert_eq!(b.size_hint().exact(), Some(2048));
-                assert!(matches!(&b.kind, Kind::Stream { prefix, .. } if prefix.is_empty()));
+                assert!(matches!(&b.kind, Kind::Stream { prefix, .. } if prefix.is_none()));
                 assert_eq!(drain(b).await.0, vec![7u8; 2048]);
             }
             other => panic!("expected TooLarge, got {other:?}"),

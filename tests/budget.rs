@@ -2995,3 +2995,36 @@ async fn a_sync_and_the_settlement_charge_an_under_estimate_once() {
     let left = remaining(&layer.snapshot(), Dimension::InputTokens);
     assert!((left - 25_679.0).abs() < 1.0, "{left}");
 }
+
+/// A request whose body an outer layer already read (the preset's retry
+/// layer does) takes its place in the budget's line when it is called, as
+/// in the concurrency queue: the first called goes first, whichever future
+/// is polled first.
+#[tokio::test(start_paused = true)]
+async fn a_read_request_takes_its_place_in_line_when_called() {
+    let (layer, _) = budget(Limits::new().rpm(1).itpm(1_000_000).otpm(1_000_000));
+    let log = Arc::new(Log::default());
+    let mut svc = layer.layer(upstream(Arc::clone(&log), 1));
+    let read = |input| {
+        let mut req = request(input, 10);
+        let body = Bytes::from(request_body(input, 10));
+        req.extensions_mut().insert(BufferedBytes(body));
+        req
+    };
+    ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+        .await
+        .unwrap();
+    let first = svc.call(read(100));
+    ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+        .await
+        .unwrap();
+    let mut second = Box::pin(svc.call(read(200)));
+    // Polled first, the second waits for the next request of the minute.
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    assert!(second.as_mut().poll(&mut cx).is_pending());
+    let resp = first.await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    let sent: Vec<u64> = log.sent().iter().map(|s| s.input).collect();
+    assert_eq!(sent, vec![100]);
+    assert!(second.as_mut().poll(&mut cx).is_pending());
+}

@@ -389,6 +389,52 @@ proptest! {
     }
 }
 
+proptest! {
+    /// The JSON usage scanner given a whole valid body at once
+    /// (`push_last`, which reads a trailing `usage` walking back from the
+    /// end) reads what it reads walking the body forward, whatever the text
+    /// holds (quotes, backslashes, braces, `"usage"`) and wherever the
+    /// `usage` member is.
+    #[test]
+    fn usage_read_from_the_end_is_the_usage_read_forward(
+        body in prop_oneof![json_usage_body(), json_body_with_any_text()],
+    ) {
+        let mut forward = UsageScanner::new();
+        forward.push(&body);
+        let mut whole = UsageScanner::new();
+        whole.push_last(&body);
+        prop_assert_eq!(forward.usage(), whole.usage());
+    }
+}
+
+/// A valid Messages answer whose text is any string (escaped as JSON
+/// escapes it), with its `usage` member last or not, nested or not.
+fn json_body_with_any_text() -> impl Strategy<Value = Vec<u8>> {
+    (
+        any::<String>(),
+        "[{}\\[\\]\"\\\\:, a-z]{0,40}",
+        0usize..3,
+        any::<u32>(),
+        any::<bool>(),
+    )
+        .prop_map(|(text, symbols, place, n, blanks)| {
+            let text = serde_json::to_string(&format!("{text}{symbols}")).unwrap_or_default();
+            let tier = serde_json::to_string(&symbols).unwrap_or_default();
+            let usage = format!(
+                r#""usage":{{"input_tokens":{n},"service_tier":{tier},"output_tokens":{}}}"#,
+                n / 3
+            );
+            let content = format!(r#""content":[{{"type":"text","text":{text}}}]"#);
+            let ws = if blanks { " \n\t" } else { "" };
+            let body = match place {
+                0 => format!("{ws}{{{ws}\"type\":\"message\",{content},{ws}{usage}{ws}}}{ws}"),
+                1 => format!("{{{usage},{content}}}"),
+                _ => format!(r#"{{"type":"message",{content},"meta":{{{usage}}}}}"#),
+            };
+            body.into_bytes()
+        })
+}
+
 fn json_usage_body() -> impl Strategy<Value = Vec<u8>> {
     (
         proptest::collection::vec("[a-z_]{1,12}|usage", 0..6),

@@ -348,3 +348,39 @@ async fn a_request_cancelled_in_the_retry_cooldown_is_refunded() {
     let snap = layer.snapshot();
     assert_eq!((snap.admitted, snap.refunded_unsent), (2, 1), "{snap:?}");
 }
+
+/// A request whose body an outer layer read is admitted by the budget in
+/// its `call` and handed on there: dropped without ever being polled, it
+/// is refunded if it was still waiting in the concurrency queue, and kept
+/// if it had been handed to the transport.
+#[tokio::test(start_paused = true)]
+async fn requests_admitted_in_call_and_dropped_unpolled_are_refunded_unless_sent() {
+    let budget = budget();
+    let concurrency = ConcurrencyLayer::fixed(1);
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut svc = ServiceBuilder::new()
+        .layer(budget.clone())
+        .layer(concurrency.clone())
+        .service(upstream(Arc::clone(&sent), Duration::from_secs(10)));
+    let mut futures = Vec::new();
+    for _ in 0..3 {
+        let mut req = request();
+        let bytes = req.body().clone().collect().await.expect("body").to_bytes();
+        req.extensions_mut()
+            .insert(tower_llm_limits::body::BufferedBytes(bytes));
+        ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+            .await
+            .expect("ready");
+        futures.push(svc.call(req));
+    }
+    // Admitted in `call`: one went to the transport, two wait for its slot.
+    let snap = budget.snapshot();
+    assert_eq!((snap.admitted, sent.load(Ordering::SeqCst)), (3, 1));
+    assert_eq!(concurrency.snapshot().waiting.total(), 2);
+    drop(futures);
+    let snap = budget.snapshot();
+    assert_eq!(kept(&snap), 1, "{snap:?}");
+    assert!(requests_used(&snap) < 1.5, "{snap:?}");
+    let c = concurrency.snapshot();
+    assert_eq!((c.in_flight, c.waiting.total()), (0, 0));
+}

@@ -37,6 +37,13 @@ pin_project! {
     /// (or fails at once), then calls the inner service and wraps its
     /// response for settlement.
     ///
+    /// A request whose body an outer layer already read is estimated and
+    /// asks the budget in [`call`](tower_service::Service::call) itself:
+    /// admitted at once, it is handed to the inner service there, and the
+    /// future only holds the inner service's future and the charge. Only a
+    /// request that must wait (for the budget, or for the inner service to
+    /// be ready again) keeps its admission state, in one allocation.
+    ///
     /// # Cancellation
     ///
     /// Dropped while waiting for the budget: the request gives back its place
@@ -88,22 +95,12 @@ pin_project! {
             svc: Option<S>,
             count_svc: Option<S>,
         },
+        // Waiting for the budget, then for the inner service: boxed, so
+        // that only a request that waits pays for carrying its request,
+        // charge and admission state (the future stays the size of the
+        // state it calls in, which an outer retry layer holds inline).
         Admitting {
-            charge: Option<Charge>,
-            admission: Admission,
-            request: Option<Request<ReplayBody<B>>>,
-            svc: Option<S>,
-            // The wait for the budget, as the request's deadline bounds it.
-            wait: Wait,
-            // Cache-aware admission (see `prefix.rs`).
-            prefix: PrefixWait,
-            // The `count_tokens` mode (see `count.rs`).
-            count: Counting<S, F, B, RB>,
-        },
-        Readying {
-            held: Held,
-            request: Option<Request<ReplayBody<B>>>,
-            svc: Option<S>,
+            pending: Box<Pending<S, F, B, RB>>,
         },
         Calling {
             #[pin]
@@ -116,28 +113,69 @@ pin_project! {
         Refused {
             refusal: Option<CallerRefusal>,
         },
+        // Refused by the budget when it asked in `call` (boxed: rare).
+        Rejected {
+            rejected: Option<Box<(Option<Charge>, Refusal)>>,
+        },
         Done,
     }
 }
 
-impl<S, F, B, RB> State<S, F, B, RB> {
+/// An estimated request on its way through the budget: waiting to be
+/// admitted, then (admitted, its charge in `held`) for the inner service to
+/// be ready.
+struct Pending<S, F, B, RB> {
+    charge: Option<Charge>,
+    admission: Admission,
+    request: Option<Request<ReplayBody<B>>>,
+    svc: Option<S>,
+    /// Whether `svc` is ready for a call without asking it again: the
+    /// service `call` got, polled ready by its caller, until the request
+    /// waits.
+    ready: bool,
+    /// The wait for the budget, as the request's deadline bounds it: taken
+    /// from the request's extensions when it first waits (a request
+    /// admitted at once never looks).
+    wait: Option<Wait>,
+    /// Cache-aware admission (see `prefix.rs`).
+    prefix: PrefixWait,
+    /// The `count_tokens` mode (see `count.rs`).
+    count: Counting<S, F, B, RB>,
+    /// Set once admitted: the charge, until the request is handed on.
+    held: Option<Held>,
+}
+
+impl<S, F, B, RB> Pending<S, F, B, RB> {
     /// An estimated request, to be admitted by the budget.
-    fn admitting(
+    fn new(
         charge: Charge,
         request: Request<ReplayBody<B>>,
         svc: S,
+        ready: bool,
         count: Counting<S, F, B, RB>,
     ) -> Self {
-        State::Admitting {
+        Pending {
             count,
             charge: Some(charge),
             admission: Admission::default(),
-            wait: Wait::of(request.extensions()),
+            wait: None,
             prefix: PrefixWait::default(),
             request: Some(request),
             svc: Some(svc),
+            ready,
+            held: None,
         }
     }
+}
+
+/// Why an estimated request was not handed on.
+enum NotAdmitted {
+    /// The budget refused it (with its charge, for an enforce-mode answer;
+    /// boxed: rare, and polled through every state that waits).
+    Refused(Box<(Option<Charge>, Refusal)>),
+    /// Its deadline passed while it waited, or the inner service failed to
+    /// get ready: not sent, nothing debited.
+    Error(BoxError),
 }
 
 /// The charge of an admitted request until its answer: dropped with the
@@ -181,11 +219,11 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Buffering { .. } => "buffering",
+            State::Admitting { pending } if pending.held.is_some() => "readying",
             State::Admitting { .. } => "admitting",
-            State::Readying { .. } => "readying",
             State::Calling { .. } => "calling",
             State::Failed { .. } => "failed",
-            State::Refused { .. } => "refused",
+            State::Refused { .. } | State::Rejected { .. } => "refused",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
@@ -239,9 +277,19 @@ where
             },
         }
     }
+}
 
+impl<S, B, ResB> ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: Body,
+{
     /// A request already estimated (`count`: the inner service clone and
-    /// the body for the `count_tokens` mode, if on).
+    /// the body for the `count_tokens` mode, if on), from the budget's
+    /// `call`: it asks the budget now, and is handed to `svc` (polled ready
+    /// by the caller of `call`) at once if admitted; it waits in the future
+    /// otherwise.
     pub(crate) fn admitting(
         shared: Arc<Shared>,
         charge: Charge,
@@ -249,9 +297,42 @@ where
         svc: S,
         count: (Option<S>, Option<Bytes>),
     ) -> Self {
-        Self {
-            shared,
-            state: State::admitting(charge, request, svc, Counting::new(count.0, count.1)),
+        let count = Counting::new(count.0, count.1);
+        let pending = Pending::new(charge, request, svc, true, count);
+        // Not yet polled: anything that waits is polled again, with the
+        // task's waker, when the future first is.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let state = State::after(&shared, pending, &mut cx);
+        Self { shared, state }
+    }
+}
+
+impl<S, B, ResB> State<S, S::Future, B, ResB>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: Body,
+{
+    /// The state of an estimated request after asking the budget (and the
+    /// inner service) once: calling, waiting (boxed), or refused.
+    fn after(
+        shared: &Arc<Shared>,
+        mut pending: Pending<S, S::Future, B, ResB>,
+        cx: &mut Context<'_>,
+    ) -> Self {
+        match poll_pending(shared, &mut pending, cx) {
+            Poll::Ready(Ok((fut, held))) => State::Calling { fut, held },
+            Poll::Ready(Err(NotAdmitted::Refused(rejected))) => {
+                // Not sent: dropping the admission gives back the place in line.
+                drop(pending);
+                State::Rejected {
+                    rejected: Some(rejected),
+                }
+            }
+            Poll::Ready(Err(NotAdmitted::Error(e))) => State::Failed { error: Some(e) },
+            Poll::Pending => State::Admitting {
+                pending: Box::new(pending),
+            },
         }
     }
 }
@@ -292,8 +373,10 @@ where
                     match estimated(shared, buffered, parts, caller.as_deref()) {
                         Ok((request, charge, body)) => {
                             let count = Counting::new(count_svc.take(), body);
-                            this.state
-                                .set(State::admitting(charge, request, svc, count))
+                            // Asked again before the call: the body took time.
+                            let pending = Pending::new(charge, request, svc, false, count);
+                            let next = State::after(shared, pending, cx);
+                            this.state.set(next);
                         }
                         Err(NotCharged::Error(e)) => {
                             this.state.set(State::Done);
@@ -312,90 +395,19 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(fail(shared, e));
                 }
-                StateProj::Admitting {
-                    charge,
-                    admission,
-                    request,
-                    svc,
-                    wait,
-                    prefix,
-                    count,
-                } => {
-                    let Some(ch) = charge.as_mut() else {
-                        polled_after_completion();
-                    };
-                    let counter = shared.counter.as_ref();
-                    count.poll(counter, &*shared.estimator, ch, cx);
-                    super::count::recheck_read(shared, ch, admission);
-                    super::fleet::read_cached(shared, ch, admission);
-                    let polled = match poll_prefix(shared, ch, prefix, cx) {
-                        Poll::Ready(()) => {
-                            let writing = prefix::refresh(shared, ch, cx);
-                            let counting_first =
-                                ch.input_capped && ch.counted.is_none() && count.in_flight();
-                            if counting_first || hold_in_line(shared, prefix, writing, cx) {
-                                Poll::Pending
-                            } else {
-                                shared.poll_admit(ch, admission, cx)
-                            }
-                        }
-                        Poll::Pending => Poll::Pending,
-                    };
-                    let admitted = match polled {
-                        Poll::Ready(admitted) => {
-                            waited(shared, wait);
-                            admitted
-                        }
-                        Poll::Pending => {
-                            if count.start(counter, ch, request.as_ref()) {
-                                // Polled next, while the request waits.
-                                continue;
-                            }
-                            if admission.waits_at_head() {
-                                count.retry_when_free(counter, ch, cx);
-                            }
-                            if let PrefixWait::Candidate(slot) = prefix {
-                                // It would wait anyway: out of line, it waits
-                                // for the writer's response head instead.
-                                *admission = Admission::default();
-                                *prefix = PrefixWait::Holding(Arc::clone(slot), None);
-                                continue;
-                            }
-                            let reached = ready!(wait_deadline(shared, wait, cx));
-                            // Not sent: dropping the admission gives back
-                            // the place in line; nothing was debited.
+                StateProj::Admitting { pending } => {
+                    let polled = ready!(poll_pending(shared, pending, cx));
+                    match polled {
+                        Ok((fut, held)) => this.state.set(State::Calling { fut, held }),
+                        Err(NotAdmitted::Refused(rejected)) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(Box::new(reached)));
-                        }
-                    };
-                    match admitted {
-                        Ok(()) => {
-                            ch.writing = shared.writers.start(&ch.estimate.cache_writes);
-                            let mut request = request.take();
-                            let marker = mark(request.as_mut());
-                            let next = State::Readying {
-                                held: Held {
-                                    shared: Arc::clone(shared),
-                                    charge: charge.take(),
-                                    marker,
-                                },
-                                request,
-                                svc: svc.take(),
-                            };
-                            this.state.set(next);
-                        }
-                        Err(refusal) => {
-                            let charge = charge.take();
-                            this.state.set(State::Done);
+                            let (charge, refusal) = *rejected;
                             return Poll::Ready(refuse(shared, charge, refusal));
                         }
-                    }
-                }
-                StateProj::Readying { held, request, svc } => {
-                    match ready!(poll_send(held, request, svc, cx)) {
-                        Ok((fut, held)) => this.state.set(State::Calling { fut, held }),
-                        Err(e) => {
-                            // Not sent: dropping `held` gives the reservation back.
+                        Err(NotAdmitted::Error(e)) => {
+                            // Not sent: dropping the admission gives back
+                            // the place in line, and dropping `held` the
+                            // reservation; nothing was debited.
                             this.state.set(State::Done);
                             return Poll::Ready(Err(e));
                         }
@@ -418,7 +430,114 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(caller_refused(shared, refusal));
                 }
+                StateProj::Rejected { rejected } => {
+                    let Some(rejected) = rejected.take() else {
+                        polled_after_completion();
+                    };
+                    let (charge, refusal) = *rejected;
+                    this.state.set(State::Done);
+                    return Poll::Ready(refuse(shared, charge, refusal));
+                }
                 StateProj::Done => polled_after_completion(),
+            }
+        }
+    }
+}
+
+/// Takes an estimated request through the budget, then hands it to the
+/// inner service: `Ready` with the inner service's future and the charge
+/// it holds, or with why it was not sent.
+fn poll_pending<S, B, ResB>(
+    shared: &Arc<Shared>,
+    p: &mut Pending<S, S::Future, B, ResB>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(S::Future, Held), NotAdmitted>>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: Body,
+{
+    if p.held.is_none() {
+        ready!(poll_admission(shared, p, cx))?;
+        let Some(ch) = p.charge.as_mut() else {
+            polled_after_completion();
+        };
+        ch.writing = shared.writers.start(&ch.estimate.cache_writes);
+        let marker = mark(p.request.as_mut());
+        p.held = Some(Held {
+            shared: Arc::clone(shared),
+            charge: p.charge.take(),
+            marker,
+        });
+    }
+    poll_send(p, cx).map_err(NotAdmitted::Error)
+}
+
+/// Waits until the budget admits the request (or refuses it, or its
+/// deadline passes).
+fn poll_admission<S, B, ResB>(
+    shared: &Arc<Shared>,
+    p: &mut Pending<S, S::Future, B, ResB>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), NotAdmitted>>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+    ResB: Body,
+{
+    loop {
+        let Some(ch) = p.charge.as_mut() else {
+            polled_after_completion();
+        };
+        let counter = shared.counter.as_ref();
+        p.count.poll(counter, &*shared.estimator, ch, cx);
+        super::count::recheck_read(shared, ch, &p.admission);
+        super::fleet::read_cached(shared, ch, &p.admission);
+        let polled = match poll_prefix(shared, ch, &mut p.prefix, cx) {
+            Poll::Ready(()) => {
+                let writing = prefix::refresh(shared, ch, cx);
+                let counting_first = ch.input_capped && ch.counted.is_none() && p.count.in_flight();
+                if counting_first || hold_in_line(shared, &mut p.prefix, writing, cx) {
+                    Poll::Pending
+                } else {
+                    shared.poll_admit(ch, &mut p.admission, cx)
+                }
+            }
+            Poll::Pending => Poll::Pending,
+        };
+        match polled {
+            Poll::Ready(admitted) => {
+                if let Some(wait) = p.wait.as_mut() {
+                    waited(shared, wait);
+                }
+                return Poll::Ready(admitted.map_err(|refusal| {
+                    NotAdmitted::Refused(Box::new((p.charge.take(), refusal)))
+                }));
+            }
+            Poll::Pending => {
+                // It waits: the inner service is asked again before the call.
+                p.ready = false;
+                if p.count.start(counter, ch, p.request.as_ref()) {
+                    // Polled next, while the request waits.
+                    continue;
+                }
+                if p.admission.waits_at_head() {
+                    p.count.retry_when_free(counter, ch, cx);
+                }
+                if let PrefixWait::Candidate(slot) = &p.prefix {
+                    // It would wait anyway: out of line, it waits for the
+                    // writer's response head instead.
+                    p.admission = Admission::default();
+                    p.prefix = PrefixWait::Holding(Arc::clone(slot), None);
+                    continue;
+                }
+                let request = p.request.as_ref();
+                let wait = p.wait.get_or_insert_with(|| {
+                    request
+                        .map(|r| Wait::of(r.extensions()))
+                        .unwrap_or_default()
+                });
+                let reached = ready!(wait_deadline(shared, wait, cx));
+                return Poll::Ready(Err(NotAdmitted::Error(Box::new(reached))));
             }
         }
     }
@@ -615,37 +734,33 @@ fn connection_refused(err: &(dyn std::error::Error + 'static)) -> bool {
     })
 }
 
-/// Hands an admitted request to the inner service once it is ready again
-/// (normally at once: `poll_ready` said so before `call`; asked again because
-/// the wait for the budget may have been long).
-fn poll_send<S, B>(
-    held: &mut Held,
-    request: &mut Option<Request<ReplayBody<B>>>,
-    svc: &mut Option<S>,
+/// Hands an admitted request to the inner service once it is ready: at
+/// once if it was never made to wait (`poll_ready` said so before `call`),
+/// else once `poll_ready` says so again (the wait may have been long).
+fn poll_send<S, B, F, RB>(
+    p: &mut Pending<S, F, B, RB>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<(S::Future, Held), BoxError>>
 where
-    S: Service<Request<ReplayBody<B>>>,
+    S: Service<Request<ReplayBody<B>>, Future = F>,
     S::Error: Into<BoxError>,
 {
-    let Some(service) = svc.as_mut() else {
-        polled_after_completion();
-    };
-    if let Err(e) = ready!(service.poll_ready(cx)) {
-        return Poll::Ready(Err(e.into()));
+    if !p.ready {
+        let Some(service) = p.svc.as_mut() else {
+            polled_after_completion();
+        };
+        if let Err(e) = ready!(service.poll_ready(cx)) {
+            // Not sent: dropping `held` gives the reservation back.
+            return Poll::Ready(Err(e.into()));
+        }
+        p.ready = true;
     }
-    let (Some(request), Some(mut service), Some(charge)) =
-        (request.take(), svc.take(), held.charge.take())
+    let (Some(request), Some(mut service), Some(held)) =
+        (p.request.take(), p.svc.take(), p.held.take())
     else {
         polled_after_completion();
     };
-    let marker = held.marker.clone();
-    let future = Dispatch::pass(Some(&marker), || service.call(request));
-    let held = Held {
-        shared: Arc::clone(&held.shared),
-        charge: Some(charge),
-        marker,
-    };
+    let future = Dispatch::pass(Some(&held.marker), || service.call(request));
     Poll::Ready(Ok((future, held)))
 }
 
@@ -797,4 +912,39 @@ fn respond<ResB: Body>(
         return Response::from_parts(parts, ResponseBody::plain(body));
     }
     Response::from_parts(parts, ResponseBody::observed(body, tracker))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use std::convert::Infallible;
+
+    /// The service under the budget in the preset, over a transport whose
+    /// future is small.
+    type Under = crate::concurrency::Concurrency<
+        tower::util::ServiceFn<
+            fn(
+                Request<ReplayBody<ReplayBody<Full<Bytes>>>>,
+            ) -> std::future::Pending<Result<Response<Full<Bytes>>, Infallible>>,
+        >,
+    >;
+
+    /// An outer retry layer holds this future inline, and every request
+    /// waiting in the concurrency queue holds that: a guard against it
+    /// growing unnoticed. It was 992 bytes while it held the request, the
+    /// charge and the admission inline (set by the state that asks the
+    /// budget, 984 bytes); that state is boxed now (only for requests that
+    /// wait), and the future is the size of the state that reads a body
+    /// (the preset's budget never does: its retry layer reads it) or calls
+    /// (the inner future and the charge).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn future_stays_small() {
+        let size = std::mem::size_of::<ResponseFuture<Under, ReplayBody<Full<Bytes>>>>();
+        assert!(size <= 432, "budget::ResponseFuture is {size} bytes");
+        let calling = std::mem::size_of::<Held>();
+        assert!(calling <= 336, "Held is {calling} bytes");
+    }
 }

@@ -110,7 +110,10 @@
 //!
 //! `poll_ready` only forwards the inner service's readiness: a request's cost
 //! is known only from the request ([tower#713](https://github.com/tower-rs/tower/issues/713)), so admission happens in
-//! the response future. State lives in one `Arc` shared by every clone and
+//! `call` (a request whose body an outer layer already read, as the retry
+//! layer does: it takes its place in line there, and is handed on at once if
+//! admitted) or in the response future (one whose body the budget reads
+//! first, and any request that waits). State lives in one `Arc` shared by every clone and
 //! every service the layer builds (unlike tower's `RateLimit`, whose state is
 //! per clone and so does not limit under axum).
 //!

@@ -74,7 +74,10 @@ where
     type Future = ResponseFuture<S, B>;
 
     /// Forwards the inner service's readiness: the budget cannot decide
-    /// before it sees the request, so it decides in the response future.
+    /// before it sees the request, so it decides in `call` (a request whose
+    /// body an outer layer read: admitted at once, it is handed to the inner
+    /// service there) or in the response future (a request that must wait,
+    /// or whose body it reads first).
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }

@@ -172,7 +172,7 @@ where
                     let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
                     if let Some(t) = tracker.as_mut() {
                         if let Some(data) = frame.data_ref() {
-                            t.push(data);
+                            t.push(data, body.is_end_stream());
                         }
                         if t.is_final() {
                             t.conclude(End::Final);
@@ -287,7 +287,8 @@ impl Tracker {
         self.conclude(End::Ended);
     }
 
-    fn push(&mut self, data: &[u8]) {
+    /// Reads the next bytes of the body (`last`: nothing follows them).
+    fn push(&mut self, data: &[u8], last: bool) {
         match &mut self.scanner {
             Scanner::Sse(s) => {
                 s.push(data);
@@ -311,6 +312,7 @@ impl Tracker {
                     }
                 }
             }
+            Scanner::Json(j) if last => j.push_last(data),
             Scanner::Json(j) => j.push(data),
         }
     }

@@ -639,6 +639,86 @@ pub struct UsageScanner {
     phase: KeyPhase,
     capture: Capture,
     usage: Option<Usage>,
+    /// Whether any bytes were pushed.
+    pushed: bool,
+}
+
+/// The index of the last byte of `body[..end]` that is not JSON whitespace.
+fn last_non_blank(body: &[u8], end: usize) -> Option<usize> {
+    body.get(..end)?
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
+/// The index of the `{` or `[` that the `}` or `]` at `close` closes,
+/// walking back over the strings between them (a `"` is escaped when an odd
+/// run of backslashes precedes it).
+fn matching_open(body: &[u8], close: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut i = close;
+    loop {
+        match *body.get(i)? {
+            b'}' | b']' => depth += 1,
+            b'{' | b'[' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            b'"' => i = opening_quote(body, i)?,
+            _ => {}
+        }
+        i = i.checked_sub(1)?;
+    }
+}
+
+/// The index of the quote that opens the string whose closing quote is at
+/// `close`.
+fn opening_quote(body: &[u8], close: usize) -> Option<usize> {
+    let mut end = close;
+    loop {
+        let q = memchr::memrchr(b'"', body.get(..end)?)?;
+        let backslashes = body
+            .get(..q)?
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if backslashes % 2 == 0 {
+            return Some(q);
+        }
+        end = q;
+    }
+}
+
+/// The `usage` object that is the last member of the top-level object
+/// `body` (blanks around it allowed), read where it lies; `None` if the body
+/// does not end so, or that object does not read as a usage.
+fn trailing_usage(body: &[u8]) -> Option<Usage> {
+    let first = body
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))?;
+    let end = last_non_blank(body, body.len())?;
+    if body.get(first) != Some(&b'{') || body.get(end) != Some(&b'}') {
+        return None;
+    }
+    let close = last_non_blank(body, end)?;
+    if body.get(close) != Some(&b'}') {
+        return None;
+    }
+    let open = matching_open(body, close)?;
+    let colon = last_non_blank(body, open)?;
+    let quote = last_non_blank(body, colon)?;
+    let key = quote.checked_sub(USAGE_KEY.len() + 1)?;
+    let before = last_non_blank(body, key)?;
+    let shape = body.get(colon) == Some(&b':')
+        && body.get(key..=quote) == Some(&b"\"usage\""[..])
+        && matches!(body.get(before), Some(b',' | b'{'));
+    let json = body.get(open..=close)?;
+    if !shape || json.len() > MAX_USAGE_JSON {
+        return None;
+    }
+    read_usage(json)
 }
 
 /// Where the bytes of the `usage` object being read are.
@@ -666,8 +746,42 @@ impl UsageScanner {
         self.usage
     }
 
+    /// Feeds the last bytes of the body (the same as [`push`](Self::push)
+    /// followed by nothing).
+    ///
+    /// When nothing was pushed before (`chunk` is the whole body, as a short
+    /// answer often comes in one frame) and the top-level object ends with
+    /// its `usage` member, as the Messages API writes it, the `usage` object
+    /// is read where it lies, found by walking back from the end of the body:
+    /// the answer before it is not walked at all. For a body that is valid
+    /// JSON this reads what [`push`](Self::push) reads; for one that ends
+    /// otherwise, it is `push`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_llm_limits::wire::json::UsageScanner;
+    ///
+    /// let body = br#"{"type":"message","content":[{"type":"text","text":"}}"}],
+    ///     "usage":{"input_tokens":12,"output_tokens":34}}"#;
+    /// let mut scanner = UsageScanner::new();
+    /// scanner.push_last(body);
+    /// assert_eq!(scanner.usage().map(|u| u.output_tokens), Some(34));
+    /// ```
+    pub fn push_last(&mut self, chunk: &[u8]) {
+        if !self.pushed {
+            if let Some(usage) = trailing_usage(chunk) {
+                self.pushed = true;
+                self.usage = Some(usage);
+                return;
+            }
+        }
+        self.push(chunk);
+    }
+
     /// Feeds the next bytes of the body.
     pub fn push(&mut self, chunk: &[u8]) {
+        self.pushed = true;
         let mut pos = 0;
         while let Some(&b) = chunk.get(pos) {
             if self.in_string {
@@ -815,6 +929,69 @@ impl UsageScanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn forward_and_whole(body: &str) -> (Option<Usage>, Option<Usage>) {
+        let mut forward = UsageScanner::new();
+        forward.push(body.as_bytes());
+        let mut whole = UsageScanner::new();
+        whole.push_last(body.as_bytes());
+        (forward.usage(), whole.usage())
+    }
+
+    /// A whole body read from its end gives the usage the forward walk
+    /// gives: a trailing one, one among other members, one only nested, a
+    /// text full of quotes, backslashes and braces before it.
+    #[test]
+    fn a_whole_body_is_read_from_its_end_as_forward() {
+        for body in [
+            r#"{"type":"message","usage":{"input_tokens":3,"output_tokens":4}}"#,
+            " {\"usage\" : {\"input_tokens\":3,\"output_tokens\":4} } \n",
+            r#"{"usage":{"input_tokens":3,"output_tokens":4},"type":"message"}"#,
+            r#"{"text":"a\"}\\","usage":{"input_tokens":5,"output_tokens":6}}"#,
+            r#"{"text":"\\\"usage\\\":{}}","usage":{"input_tokens":7,"output_tokens":8}}"#,
+            r#"{"a":{"usage":{"input_tokens":1,"output_tokens":1}}}"#,
+            r#"{"a":1,"usage":{"input_tokens":"x"}}"#,
+            r#"{"usage":{"input_tokens":1,"output_tokens":2},"usage":{"input_tokens":3,"output_tokens":4}}"#,
+            r#"["usage",{"input_tokens":1}]"#,
+            "",
+        ] {
+            let (forward, whole) = forward_and_whole(body);
+            assert_eq!(forward, whole, "{body}");
+        }
+        assert_eq!(
+            forward_and_whole(r#"{"x":"}","usage":{"input_tokens":9,"output_tokens":1}}"#)
+                .1
+                .map(|u| u.input_tokens),
+            Some(9)
+        );
+    }
+
+    /// The walk back skips the strings of the usage object, escaped quotes,
+    /// backslashes and brackets in them included, and finds its start.
+    #[test]
+    fn the_walk_back_skips_strings_in_the_usage_object() {
+        let body = r#"{"id":"x","usage":{"input_tokens":1,"tier":"a\"{[\\","output_tokens":2}}"#;
+        let usage = trailing_usage(body.as_bytes()).map(|u| (u.input_tokens, u.output_tokens));
+        assert_eq!(usage, Some((1, 2)));
+        // Not the last member, or not at the top: not read from the end.
+        assert!(trailing_usage(br#"{"usage":{"input_tokens":1},"a":{}}"#).is_none());
+        assert!(trailing_usage(br#"{"a":{"usage":{"input_tokens":1}}}"#).is_none());
+    }
+
+    /// After bytes were pushed, the last ones are walked forward too (the
+    /// end of the body is not the whole body).
+    #[test]
+    fn the_last_chunk_of_several_is_walked_forward() {
+        // Alone, the tail would be a body whose top-level usage is last.
+        let (head, tail) = (
+            r#"{"a":"#,
+            r#"{"usage":{"input_tokens":1,"output_tokens":2}}"#,
+        );
+        let mut s = UsageScanner::new();
+        s.push(head.as_bytes());
+        s.push_last(tail.as_bytes());
+        assert_eq!(s.usage(), None);
+    }
 
     fn str_chars(json: &str) -> (Chars, usize) {
         let mut s = Scanner::new(json.as_bytes());
