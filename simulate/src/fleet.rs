@@ -212,13 +212,14 @@ async fn run_fleet(
 
 /// Calls per request and reserve latency of one Redis run.
 fn redis_figures(name: &str, row: &Row, ledgers: &[RedisLedger], timing: &Timing) -> String {
-    let (calls, reserves, batches, fallback) =
-        ledgers.iter().fold((0, 0, 0, 0), |(c, r, b, f), l| {
+    let (calls, reserves, batches, watches, fallback) =
+        ledgers.iter().fold((0, 0, 0, 0, 0), |(c, r, b, w, f), l| {
             let s = l.stats();
             (
                 c + s.calls,
                 r + s.reserves,
                 b + s.write_batches,
+                w + s.watch_calls,
                 f + s.fallback_answers,
             )
         });
@@ -232,12 +233,14 @@ fn redis_figures(name: &str, row: &Row, ledgers: &[RedisLedger], timing: &Timing
     format!(
         "{name}: {:.2} Redis calls per request attempt ({calls} calls for {} attempts: \
 {:.2} reservations per attempt, the first ask and the asks again after a wait, \
-{:.2} write batches per attempt, a response's sync and settlement), \
-{fallback} fallback answers; reserve latency p50 {:.0} us, p99 {:.0} us",
+{:.2} write batches per attempt, a response's sync and settlement, \
+{:.2} watch calls per attempt, asking for markers while a request holds for another \
+process's writer), {fallback} fallback answers; reserve latency p50 {:.0} us, p99 {:.0} us",
         calls as f64 / attempts,
         row.attempts,
         reserves as f64 / attempts,
         batches as f64 / attempts,
+        watches as f64 / attempts,
         pick(0.5),
         pick(0.99),
     )

@@ -603,8 +603,9 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     ///   `prefixes.pending` is being written by another process (its writer
     ///   admitted, its answer not begun, its marker not expired), nothing
     ///   is debited and the answer is a [`Reservation::Wait`] of
-    ///   [`PREFIX_WRITING_WAIT`]; a head keeps its ticket in the fleet's
-    ///   line (its date and place) for `prefixes.hold` plus [`LINE_GRACE`];
+    ///   [`PREFIX_WRITING_WAIT`]; a head keeps its place in the fleet's
+    ///   line (its ticket's date and order, without costs: the others use
+    ///   the refill meanwhile) for `prefixes.hold` plus [`LINE_GRACE`];
     ///   from then on [`Ledger::prefix_writing`] reports that writer. (A
     ///   request that waits for capacity anyway is answered that wait: it
     ///   asks again after it);
@@ -815,14 +816,10 @@ impl CostDelta {
 
 /// The next ticket number of a line: one above its newest.
 /// Keeps (or makes) a held head's ticket: its date and place as a refused
-/// head's, due now, expiring after `hold` plus the grace.
-fn hold_ticket(
-    line: &mut Vec<Ticket>,
-    place: LinePlace,
-    with: Costs,
-    hold: Duration,
-    now: Instant,
-) {
+/// head's, due now, expiring after `hold` plus the grace, with no costs:
+/// the others use the refill while it holds (it asks again when the hold
+/// ends, and its ticket then takes its costs, or goes with its admission).
+fn hold_ticket(line: &mut Vec<Ticket>, place: LinePlace, hold: Duration, now: Instant) {
     let mine = line.iter().position(|t| t.owner == place.owner);
     let same = mine.map(|j| line[j]).filter(|t| t.request == place.request);
     let ticket = Ticket {
@@ -830,7 +827,7 @@ fn hold_ticket(
         request: place.request,
         since: same.map_or_else(|| now.checked_sub(place.waited).unwrap_or(now), |t| t.since),
         seq: same.map_or_else(|| next_seq(line), |t| t.seq),
-        costs: with,
+        costs: Costs::default(),
         due: now,
         expires: now
             .checked_add(hold.saturating_add(LINE_GRACE))
@@ -1534,7 +1531,7 @@ impl InMemoryLedger {
         if answer == Reservation::Admitted {
             *line = before;
             if place.head {
-                hold_ticket(line, place, add_costs(costs, headroom), hold, now);
+                hold_ticket(line, place, hold, now);
             }
         }
         if line.is_empty() {

@@ -300,7 +300,8 @@ local function reserve_line(limits, costs, headroom, owner, head, request, waite
   h.k = 1
   -- A request that would go now while another ledger writes one of its
   -- prefixes is held for that writer's answer: nothing debited, the line
-  -- as it was, a head's ticket kept for the hold; one that waits anyway
+  -- as it was, a head's ticket kept for the hold (its date and place, no
+  -- costs: the others use the refill meanwhile); one that waits anyway
   -- asks again after its wait.
   local busy = written_elsewhere(intent_pending)
   local saved, saved_removed = nil, 0
@@ -377,7 +378,8 @@ local function reserve_line(limits, costs, headroom, owner, head, request, waite
     if head then
       local seq, delayed = next_seq, 0
       if same then seq, delayed = mine.seq, mine.delayed end
-      write_ticket({owner = owner, request = request, since = since, seq = seq, c = with,
+      -- Its place and date, no costs: the others use the refill meanwhile.
+      write_ticket({owner = owner, request = request, since = since, seq = seq, c = {0, 0, 0},
         due = now, expires = now + intent_hold + grace, delayed = delayed})
     end
     return {2, PREFIX_WAIT, 2, tonumber(busy)}
