@@ -70,7 +70,13 @@
 //!   each call on the key brings back the markers set since the process's
 //!   last one. A request of another process is then charged only for what
 //!   follows that prefix, from its estimate on if it arrives later, or from
-//!   its next ask if it is waiting. No call is added for it.
+//!   its next ask if it is waiting. No call is added for it. The prefixes a
+//!   request writes are marked as being written by the call that admits it
+//!   (`<prefix>:{key}:pw`), until its answer begins or it ends; a request of
+//!   another process that would go now while one of its prefixes is being
+//!   written is held by its own reservation's call, and waits for that
+//!   write as for one of its own process
+//!   ([`Ledger::reserve_in_line_with_prefixes`]).
 //! - **Expiry**: a key expires [`idle_ttl`](RedisLedgerBuilder::idle_ttl)
 //!   (10 minutes) after its buckets would be full again. A key deleted under
 //!   the ledger starts again with full buckets.

@@ -74,6 +74,17 @@ pub(super) struct Markers {
     pub cached: Vec<Marker>,
 }
 
+/// Another process's write of a prefix, as this process saw it.
+#[derive(Debug)]
+struct Writer {
+    /// The Redis time its marker expires.
+    until: u64,
+    /// The budget key it was seen on.
+    key: Arc<str>,
+    /// Whether a reservation of this process was held for it.
+    held: bool,
+}
+
 /// The view the estimators of a process read; see the module docs.
 pub(super) struct PromptMirror {
     key: [u8; 16],
@@ -88,7 +99,7 @@ pub(super) struct PromptMirror {
     /// Prefixes other processes write: name to the Redis time the marker
     /// expires, the budget key it was seen on, and whether a reservation
     /// of this process was held for it.
-    writing: Mutex<HashMap<u64, (u64, Arc<str>, bool)>>,
+    writing: Mutex<HashMap<u64, Writer>>,
     /// Requests holding for those writers, by name.
     watchers: Mutex<HashMap<u64, Vec<Waker>>>,
     /// Prefixes this process's admitted requests write: name to the
@@ -158,11 +169,13 @@ impl PromptMirror {
         *lock(&self.clock) = Some((now_us, Instant::now()));
         let until = now_us.saturating_add(WRITING_FOR_US);
         let mut writing = lock(&self.writing);
-        let e = writing
-            .entry(name)
-            .or_insert_with(|| (until, Arc::from(key), true));
-        e.0 = e.0.max(until);
-        e.2 = true;
+        let e = writing.entry(name).or_insert_with(|| Writer {
+            until,
+            key: Arc::from(key),
+            held: true,
+        });
+        e.until = e.until.max(until);
+        e.held = true;
     }
 
     /// Whether another process writes the prefix `hash` and a reservation
@@ -175,11 +188,11 @@ impl PromptMirror {
         let now = self.redis_now()?;
         let key = {
             let writing = lock(&self.writing);
-            let (until, key, held) = writing.get(&name)?;
-            if *until <= now || !*held {
+            let w = writing.get(&name)?;
+            if w.until <= now || !w.held {
                 return None;
             }
-            Arc::clone(key)
+            Arc::clone(&w.key)
         };
         let mut watchers = lock(&self.watchers);
         let list = watchers.entry(name).or_default();
@@ -195,7 +208,7 @@ impl PromptMirror {
         let writing = lock(&self.writing);
         watchers
             .keys()
-            .any(|name| writing.get(name).is_some_and(|(_, k, _)| &**k == key))
+            .any(|name| writing.get(name).is_some_and(|w| &*w.key == key))
     }
 
     /// Wakes the requests holding for writers that are over (their marker
@@ -206,7 +219,7 @@ impl PromptMirror {
         {
             let mut watchers = lock(&self.watchers);
             let mut writing = lock(&self.writing);
-            writing.retain(|_, (until, _, _)| now.is_some_and(|n| n < *until));
+            writing.retain(|_, w| now.is_some_and(|n| n < w.until));
             watchers.retain(|name, list| {
                 let over = all || !writing.contains_key(name);
                 if over {
@@ -261,16 +274,18 @@ impl PromptMirror {
             let mut changed = false;
             for m in &markers.cached {
                 if m.writing_until > now_us {
-                    let e = writing
-                        .entry(m.name)
-                        .or_insert_with(|| (m.writing_until, Arc::from(key), false));
-                    e.0 = m.writing_until;
+                    let e = writing.entry(m.name).or_insert_with(|| Writer {
+                        until: m.writing_until,
+                        key: Arc::from(key),
+                        held: false,
+                    });
+                    e.until = m.writing_until;
                 } else {
                     changed |= writing.remove(&m.name).is_some();
                 }
             }
             if writing.len() > MAX_MIRRORED {
-                writing.retain(|_, (until, _, _)| *until > now_us);
+                writing.retain(|_, w| w.until > now_us);
             }
             drop(writing);
             if changed {

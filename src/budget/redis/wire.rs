@@ -232,7 +232,7 @@ pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> 
             )))
         }
     };
-    let writing = (*kind == 2 && *c > 0)
+    let writing = (*kind == 2 && *c != 0)
         .then(|| non_negative(*c))
         .transpose()?;
     let reservation = match kind {
