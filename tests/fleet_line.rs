@@ -15,9 +15,13 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Layer, ServiceExt};
 use tower_llm_limits::body::ReplayBody;
-use tower_llm_limits::budget::ledger::{InMemoryLedger, Ledger};
+use tower_llm_limits::budget::ledger::{
+    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, Reservation,
+};
 use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
 use tower_llm_limits::estimate::{Estimate, TokenEstimator};
+use tower_llm_limits::headers::LimitStatus;
+use tower_llm_limits::Dimension;
 
 /// The request says what it costs (`"input": N`).
 #[derive(Debug)]
@@ -131,4 +135,81 @@ async fn a_large_request_is_not_starved_by_another_budget_on_the_same_ledger() {
     // B's requests went on before and after it: none was lost.
     let sent = sent.lock().expect("lock").clone();
     assert_eq!(sent.len(), 122);
+}
+
+/// A ledger shared by two budgets that keeps no fleet's line (a ledger of
+/// the user's that implements only the required operations).
+#[derive(Debug)]
+struct NoLine(InMemoryLedger);
+
+impl Ledger for NoLine {
+    fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
+        self.0.reserve(key, limits, costs)
+    }
+
+    fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
+        self.0.settle(key, limits, delta)
+    }
+
+    fn sync(&self, key: &str, limits: &Limits, d: Dimension, s: LimitStatus) -> LedgerFuture<()> {
+        self.0.sync(key, limits, d, s)
+    }
+
+    fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
+        self.0.state(key, limits)
+    }
+}
+
+/// Without the fleet's line, two budgets on one ledger still serve every
+/// request, each waking a bounded number of times: the large request waits
+/// until the other budget's stream leaves room (it may be overtaken: that
+/// is what the line prevents), and nobody polls in a loop at one instant.
+#[tokio::test(start_paused = true)]
+async fn without_the_line_two_budgets_on_one_ledger_serve_everything_without_spinning() {
+    let limits = Limits::new().rpm(100_000).itpm(60_000).otpm(1_000_000);
+    let ledger: Arc<dyn Ledger> = Arc::new(NoLine(InMemoryLedger::new()));
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let budget = || {
+        TokenBudgetLayer::builder()
+            .limits(limits)
+            .estimator(Arc::new(Exact))
+            .ledger(Arc::clone(&ledger))
+            .build()
+    };
+    let (layer_a, layer_b) = (budget(), budget());
+    let (a, b) = (
+        layer_a.layer(upstream(Arc::clone(&sent))),
+        layer_b.layer(upstream(Arc::clone(&sent))),
+    );
+    let go = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>, input| {
+        let svc = svc.clone();
+        async move {
+            let response = svc.oneshot(request(input)).await.expect("answered");
+            let _ = response.into_body().collect().await;
+            Instant::now()
+        }
+    };
+    go(&b, 60_000).await;
+    let start = Instant::now();
+    let large = tokio::spawn(go(&a, 30_000));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut small = Vec::new();
+    for _ in 0..120 {
+        small.push(tokio::spawn(go(&b, 500)));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let admitted = large.await.expect("large") - start;
+    for s in small {
+        s.await.expect("small");
+    }
+    assert!(admitted >= Duration::from_secs(30), "{admitted:?}");
+    assert!(admitted <= Duration::from_secs(95), "{admitted:?}");
+    assert_eq!(sent.lock().expect("lock").len(), 122);
+    let (snap_a, snap_b) = (layer_a.snapshot(), layer_b.snapshot());
+    assert!(
+        snap_a.wakeups + snap_b.wakeups < 2_000,
+        "wakeups {} and {}",
+        snap_a.wakeups,
+        snap_b.wakeups
+    );
 }

@@ -24,7 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{
-    CostDelta, Costs, InMemoryLedger, Ledger, LinePlace, Reservation,
+    CostDelta, Costs, InMemoryLedger, Ledger, LinePlace, PrefixIntent, Reservation,
+    PREFIX_WRITING_WAIT,
 };
 use tower_llm_limits::budget::redis::{FaultPolicy, RedisLedger, RedisLedgerError};
 use tower_llm_limits::budget::Limits;
@@ -846,6 +847,115 @@ async fn the_fleets_line_holds_the_refill_for_the_oldest_head() {
         ask(&two, 10_000, place(2, 10, true)).await,
         Reservation::Admitted
     );
+}
+
+/// A waker that counts its wakes.
+#[derive(Default)]
+struct Count(AtomicU64);
+
+impl std::task::Wake for Count {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Process A's request is admitted writing a prefix; process B's request
+/// that reads it and would go now is held (nothing debited) until A's
+/// answer begins, and B's process learns when it does (the task that asks
+/// for markers wakes the held request); a request that waits for capacity
+/// anyway is answered its wait, not held.
+#[tokio::test]
+async fn a_prefix_another_process_writes_holds_a_request_that_would_go() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("writing");
+    let connect = || {
+        RedisLedger::builder(&url)
+            .prefix(&prefix)
+            .share_prompt_cache(true)
+            .connect()
+    };
+    let a = connect().await.expect("a");
+    let b = connect().await.expect("b");
+    let limits = Limits::new().itpm(30_000);
+    let none = Costs::default();
+    let place = |owner, request| LinePlace {
+        owner,
+        head: true,
+        request,
+        waited: Duration::ZERO,
+    };
+    let hold = Duration::from_secs(5);
+    let prefix_hash = 0x5eed_0000_0000_1000_u64;
+    let other_hash = 0x5eed_0000_0000_2000_u64;
+    let ask = |ledger: &RedisLedger, tokens, place, writes: Vec<u64>, pending: Vec<u64>| {
+        let fut = ledger
+            .reserve_in_line_with_prefixes(
+                "k",
+                &limits,
+                costs(0, tokens, 0),
+                none,
+                place,
+                PrefixIntent::new(&writes, &pending, hold),
+            )
+            .expect("a redis ledger keeps the line");
+        async move { fut.await.expect("reserve") }
+    };
+    // A writes the prefix.
+    assert_eq!(
+        ask(&a, 5_000, place(1, 1), vec![prefix_hash], vec![prefix_hash]).await,
+        Reservation::Admitted
+    );
+    let count = Arc::new(Count::default());
+    let waker = std::task::Waker::from(Arc::clone(&count));
+    assert!(!b.prefix_writing(prefix_hash, &waker), "not seen yet");
+    // B's request would go now: held, nothing debited.
+    let held = ask(
+        &b,
+        10_000,
+        place(2, 1),
+        vec![],
+        vec![other_hash, prefix_hash],
+    )
+    .await;
+    assert_eq!(
+        held,
+        Reservation::Wait {
+            retry_in: PREFIX_WRITING_WAIT,
+            dimension: Dimension::InputTokens
+        }
+    );
+    let state = b.state("k", &limits).await.expect("state").expect("known");
+    assert!(
+        state[1].available > 24_000.0,
+        "only A's 5,000 debited: {:?}",
+        state[1]
+    );
+    assert!(
+        b.prefix_writing(prefix_hash, &waker),
+        "B holds for A's writer"
+    );
+    assert!(!b.prefix_writing(other_hash, &waker));
+    assert!(!a.prefix_writing(prefix_hash, &waker), "its own write");
+    // A request that waits for capacity anyway is not held for it.
+    let waits = ask(&b, 29_000, place(3, 1), vec![], vec![prefix_hash]).await;
+    let Reservation::Wait { retry_in, .. } = waits else {
+        panic!("{waits:?}");
+    };
+    assert!(retry_in > Duration::from_secs(1), "{retry_in:?}");
+    // A's answer begins: B's held request is woken, and goes.
+    a.prefixes_written(&[prefix_hash]);
+    a.flush().await.expect("flush");
+    let woken = Instant::now();
+    while count.0.load(Ordering::SeqCst) == 0 {
+        assert!(woken.elapsed() < Duration::from_secs(2), "never woken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!b.prefix_writing(prefix_hash, &waker));
+    assert_eq!(
+        ask(&b, 10_000, place(2, 1), vec![], vec![prefix_hash]).await,
+        Reservation::Admitted
+    );
+    assert!(b.stats().watch_calls >= 1, "{:?}", b.stats());
 }
 
 // ---------------------------------------------------------------------------

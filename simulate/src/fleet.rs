@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +24,8 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder};
 use tower_llm_limits::budget::ledger::{
-    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, Reservation,
+    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, PrefixIntent,
+    Reservation, PREFIX_WRITING_WAIT,
 };
 use tower_llm_limits::budget::redis::RedisLedger;
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetBuilder};
@@ -211,13 +212,14 @@ async fn run_fleet(
 
 /// Calls per request and reserve latency of one Redis run.
 fn redis_figures(name: &str, row: &Row, ledgers: &[RedisLedger], timing: &Timing) -> String {
-    let (calls, reserves, batches, fallback) =
-        ledgers.iter().fold((0, 0, 0, 0), |(c, r, b, f), l| {
+    let (calls, reserves, batches, watches, fallback) =
+        ledgers.iter().fold((0, 0, 0, 0, 0), |(c, r, b, w, f), l| {
             let s = l.stats();
             (
                 c + s.calls,
                 r + s.reserves,
                 b + s.write_batches,
+                w + s.watch_calls,
                 f + s.fallback_answers,
             )
         });
@@ -231,12 +233,14 @@ fn redis_figures(name: &str, row: &Row, ledgers: &[RedisLedger], timing: &Timing
     format!(
         "{name}: {:.2} Redis calls per request attempt ({calls} calls for {} attempts: \
 {:.2} reservations per attempt, the first ask and the asks again after a wait, \
-{:.2} write batches per attempt, a response's sync and settlement), \
-{fallback} fallback answers; reserve latency p50 {:.0} us, p99 {:.0} us",
+{:.2} write batches per attempt, a response's sync and settlement, \
+{:.2} watch calls per attempt, asking for markers while a request holds for another \
+process's writer), {fallback} fallback answers; reserve latency p50 {:.0} us, p99 {:.0} us",
         calls as f64 / attempts,
         row.attempts,
         reserves as f64 / attempts,
         batches as f64 / attempts,
+        watches as f64 / attempts,
         pick(0.5),
         pick(0.99),
     )
@@ -302,11 +306,29 @@ struct OneLedger {
     prompt: Arc<OnePrompt>,
 }
 
-/// The prefixes a response confirmed cached: until when, and which stack
-/// said so last.
+/// The prefixes a response confirmed cached (until when, and which stack
+/// said so last), and the prefixes being written: by which stacks (one
+/// entry per request in flight, admitted and its answer not begun), and
+/// the requests of other stacks holding for them. The same rules as a
+/// `RedisLedger` with a shared prompt cache, with no network between.
 #[derive(Debug, Default)]
 struct OnePrompt {
     cached: Mutex<std::collections::HashMap<u64, (Instant, usize)>>,
+    writing: Mutex<std::collections::HashMap<u64, Vec<usize>>>,
+    watchers: Mutex<std::collections::HashMap<u64, Vec<Waker>>>,
+    /// (prefix, stack): a reservation of the stack was held for the
+    /// prefix's writer.
+    held: Mutex<std::collections::HashSet<(u64, usize)>>,
+}
+
+impl OnePrompt {
+    /// Whether a stack other than `stack` writes `hash`.
+    fn written_by_another(&self, hash: u64, stack: usize) -> bool {
+        let writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        writing
+            .get(&hash)
+            .is_some_and(|by| by.iter().any(|s| *s != stack))
+    }
 }
 
 /// One stack's view of the [`OnePrompt`]: the prefixes the other stacks
@@ -354,6 +376,103 @@ impl Ledger for OneView {
         self.one
             .ledger
             .reserve_in_line(key, limits, costs, headroom, place)
+    }
+
+    fn reserve_in_line_with_prefixes(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+        prefixes: PrefixIntent<'_>,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let Some(view) = self.view.as_ref() else {
+            return self.reserve_in_line(key, limits, costs, headroom, place);
+        };
+        let prompt = &self.one.prompt;
+        let busy = prefixes
+            .pending
+            .iter()
+            .find(|h| prompt.written_by_another(**h, view.stack))
+            .copied();
+        let answer = self.one.ledger.reserve_in_line_or_hold_at(
+            key,
+            limits,
+            costs,
+            headroom,
+            place,
+            busy.map(|_| prefixes.hold),
+            Instant::now(),
+        );
+        match answer {
+            Reservation::Wait { retry_in, .. }
+                if busy.is_some() && retry_in == PREFIX_WRITING_WAIT =>
+            {
+                // It would go now while another stack writes its prefix:
+                // held for that writer's answer, nothing debited.
+                if let Some(h) = busy {
+                    let mut held = prompt.held.lock().unwrap_or_else(|e| e.into_inner());
+                    held.insert((h, view.stack));
+                }
+            }
+            Reservation::Admitted => {
+                let mut writing = prompt.writing.lock().unwrap_or_else(|e| e.into_inner());
+                for h in prefixes.writes {
+                    writing.entry(*h).or_default().push(view.stack);
+                }
+            }
+            _ => {}
+        }
+        Some(LedgerFuture::ready(Ok(answer)))
+    }
+
+    fn prefix_writing(&self, hash: u64, waker: &Waker) -> bool {
+        let Some(view) = self.view.as_ref() else {
+            return false;
+        };
+        let prompt = &self.one.prompt;
+        let held = prompt.held.lock().unwrap_or_else(|e| e.into_inner());
+        if !held.contains(&(hash, view.stack)) || !prompt.written_by_another(hash, view.stack) {
+            return false;
+        }
+        drop(held);
+        let mut watchers = prompt.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        let list = watchers.entry(hash).or_default();
+        if !list.iter().any(|w| w.will_wake(waker)) {
+            list.push(waker.clone());
+        }
+        true
+    }
+
+    fn prefixes_written(&self, hashes: &[u64]) {
+        let Some(view) = self.view.as_ref() else {
+            return;
+        };
+        let prompt = &self.one.prompt;
+        let mut wake = Vec::new();
+        {
+            let mut writing = prompt.writing.lock().unwrap_or_else(|e| e.into_inner());
+            let mut watchers = prompt.watchers.lock().unwrap_or_else(|e| e.into_inner());
+            for h in hashes {
+                if let Some(by) = writing.get_mut(h) {
+                    if let Some(i) = by.iter().position(|s| *s == view.stack) {
+                        by.swap_remove(i);
+                    }
+                    if by.is_empty() {
+                        writing.remove(h);
+                    }
+                }
+                if let Some(list) = watchers.remove(h) {
+                    wake.extend(list);
+                }
+                if !writing.contains_key(h) {
+                    let mut held = prompt.held.lock().unwrap_or_else(|e| e.into_inner());
+                    held.retain(|(p, _)| p != h);
+                }
+            }
+        }
+        wake.into_iter().for_each(Waker::wake);
     }
 
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
@@ -451,6 +570,29 @@ impl Ledger for Timed {
             .inner
             .reserve_in_line(key, limits, costs, headroom, place)?;
         Some(self.time(fut))
+    }
+
+    fn reserve_in_line_with_prefixes(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+        prefixes: PrefixIntent<'_>,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let fut = self
+            .inner
+            .reserve_in_line_with_prefixes(key, limits, costs, headroom, place, prefixes)?;
+        Some(self.time(fut))
+    }
+
+    fn prefix_writing(&self, hash: u64, waker: &Waker) -> bool {
+        self.inner.prefix_writing(hash, waker)
+    }
+
+    fn prefixes_written(&self, hashes: &[u64]) {
+        self.inner.prefixes_written(hashes);
     }
 
     fn sync_with_settlement(&self) -> bool {

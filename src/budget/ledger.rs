@@ -251,6 +251,55 @@ impl LinePlace {
     }
 }
 
+/// What a reservation in the fleet's line tells a ledger that shares a
+/// fleet's prompt-cache view about the request's `cache_control` prefixes
+/// ([`Ledger::reserve_in_line_with_prefixes`]), as
+/// [`CachePrefix::hash`](crate::estimate::CachePrefix::hash) names them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PrefixIntent<'a> {
+    /// The prefixes the request writes: if it is admitted, the ledger marks
+    /// them as being written by this process until
+    /// [`Ledger::prefixes_written`] says the answer began (or the request
+    /// ended without one), or the marker expires.
+    pub writes: &'a [u64],
+    /// The prefixes it would read if cached, longest first, longer than
+    /// what it is already charged as reading, that it has not held for
+    /// yet: while another process writes one of them, the ledger does not
+    /// admit it, and answers a short [`Reservation::Wait`] after which
+    /// [`Ledger::prefix_writing`] reports the writer (the budget then holds
+    /// for it as for a writer of its own process).
+    pub pending: &'a [u64],
+    /// How long the budget holds a request for another process's writer at
+    /// most (its [`cache_hold`](crate::budget::TokenBudgetBuilder::cache_hold)):
+    /// a head held keeps its ticket in the fleet's line that long, plus
+    /// [`LINE_GRACE`].
+    pub hold: Duration,
+}
+
+impl<'a> PrefixIntent<'a> {
+    /// The prefixes a request writes, and those it would read that another
+    /// process may be writing; held at most `hold`.
+    pub fn new(writes: &'a [u64], pending: &'a [u64], hold: Duration) -> Self {
+        PrefixIntent {
+            writes,
+            pending,
+            hold,
+        }
+    }
+
+    /// Whether it says nothing (no write, nothing pending).
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.pending.is_empty()
+    }
+}
+
+/// How long the wait is that a ledger answers a request whose pending
+/// prefix another process is writing
+/// ([`Ledger::reserve_in_line_with_prefixes`]): enough for the budget to
+/// look at [`Ledger::prefix_writing`] before it asks again.
+pub const PREFIX_WRITING_WAIT: Duration = Duration::from_millis(1);
+
 /// How long past its announced wait a ticket of the fleet's line lives
 /// without its head asking again (a process that went away): the
 /// [`InMemoryLedger`]'s; `RedisLedger` uses its `claim_grace`.
@@ -538,6 +587,64 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
         let _ = (key, limits, costs, headroom, place);
         None
     }
+    /// [`Ledger::reserve_in_line`] of a request that writes or may read
+    /// `cache_control` prefixes, for a ledger that shares a fleet's view of
+    /// the prompt cache ([`Ledger::prompt_cache`]): the budget calls this
+    /// instead when that view is shared and it holds for prefixes being
+    /// written ([`cache_hold`](crate::budget::TokenBudgetBuilder::cache_hold)
+    /// above zero).
+    ///
+    /// The server makes a prefix readable only once the first answer that
+    /// writes it has begun; a request of another process sent before that
+    /// pays the whole prefix again. So, in the same operation as the
+    /// reservation:
+    ///
+    /// - if the request would be admitted now while one of
+    ///   `prefixes.pending` is being written by another process (its writer
+    ///   admitted, its answer not begun, its marker not expired), nothing
+    ///   is debited and the answer is a [`Reservation::Wait`] of
+    ///   [`PREFIX_WRITING_WAIT`]; a head keeps its place in the fleet's
+    ///   line (its ticket's date and order, without costs: the others use
+    ///   the refill meanwhile) for `prefixes.hold` plus [`LINE_GRACE`];
+    ///   from then on [`Ledger::prefix_writing`] reports that writer. (A
+    ///   request that waits for capacity anyway is answered that wait: it
+    ///   asks again after it);
+    /// - if the request is admitted, `prefixes.writes` are marked as being
+    ///   written by this process.
+    ///
+    /// The default ignores `prefixes` and calls [`Ledger::reserve_in_line`].
+    fn reserve_in_line_with_prefixes(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+        prefixes: PrefixIntent<'_>,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let _ = prefixes;
+        self.reserve_in_line(key, limits, costs, headroom, place)
+    }
+
+    /// Whether another process of the fleet is writing the prompt-cache
+    /// prefix `hash` (its writer admitted, its answer not begun), as far as
+    /// this ledger's view knows. If so, `waker` is woken when that changes
+    /// (the write began or ended, or its marker expired), so that a request
+    /// holding for it asks again then. The default: `false`.
+    fn prefix_writing(&self, hash: u64, waker: &std::task::Waker) -> bool {
+        let _ = (hash, waker);
+        false
+    }
+
+    /// A request of this process that was admitted writing `hashes`
+    /// ([`PrefixIntent::writes`]) no longer writes them: its answer began
+    /// (the prefixes are readable), or it ended without one (refused,
+    /// failed, cancelled). The ledger clears their markers, so that the
+    /// other processes' requests holding for them go. The default does
+    /// nothing.
+    fn prefixes_written(&self, hashes: &[u64]) {
+        let _ = hashes;
+    }
 }
 
 /// The future of one [`Ledger`] operation: an answer ready at once (no
@@ -708,6 +815,31 @@ impl CostDelta {
 }
 
 /// The next ticket number of a line: one above its newest.
+/// Keeps (or makes) a held head's ticket: its date and place as a refused
+/// head's, due now, expiring after `hold` plus the grace, with no costs:
+/// the others use the refill while it holds (it asks again when the hold
+/// ends, and its ticket then takes its costs, or goes with its admission).
+fn hold_ticket(line: &mut Vec<Ticket>, place: LinePlace, hold: Duration, now: Instant) {
+    let mine = line.iter().position(|t| t.owner == place.owner);
+    let same = mine.map(|j| line[j]).filter(|t| t.request == place.request);
+    let ticket = Ticket {
+        owner: place.owner,
+        request: place.request,
+        since: same.map_or_else(|| now.checked_sub(place.waited).unwrap_or(now), |t| t.since),
+        seq: same.map_or_else(|| next_seq(line), |t| t.seq),
+        costs: Costs::default(),
+        due: now,
+        expires: now
+            .checked_add(hold.saturating_add(LINE_GRACE))
+            .unwrap_or(now),
+        delayed: same.map_or(Duration::ZERO, |t| t.delayed),
+    };
+    match mine {
+        Some(j) => line[j] = ticket,
+        None => line.push(ticket),
+    }
+}
+
 fn next_seq(line: &[Ticket]) -> u64 {
     line.iter()
         .map(|t| t.seq.saturating_add(1))
@@ -1360,6 +1492,64 @@ impl InMemoryLedger {
         });
         // `with_key` with `create` always runs the closure.
         answer.unwrap_or(Reservation::Admitted)
+    }
+
+    /// [`InMemoryLedger::reserve_in_line_at`], for a request that another
+    /// process's writer of its prefix holds if it would be admitted now
+    /// (`hold`: the budget's cache hold; see
+    /// [`Ledger::reserve_in_line_with_prefixes`]): then nothing is debited,
+    /// the line is as it was, a head keeps its ticket (its date and place)
+    /// for `hold` plus [`LINE_GRACE`], and the answer is a
+    /// [`Reservation::Wait`] of [`PREFIX_WRITING_WAIT`]. For a ledger that
+    /// keeps a fleet's prompt-cache view in memory (the simulation's
+    /// fleets sharing one ledger), with the same rule as `RedisLedger`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reserve_in_line_or_hold_at(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+        hold: Option<Duration>,
+        now: Instant,
+    ) -> Reservation {
+        let Some(hold) = hold else {
+            return self.reserve_in_line_at(key, limits, costs, headroom, place, now);
+        };
+        let window_nanos = self.window_nanos;
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut empty = Vec::new();
+        let line = lines.get_mut(key).unwrap_or(&mut empty);
+        line.retain(|t| t.expires > now);
+        let before = line.clone();
+        let answer = self.with_key(key, true, now, |state| {
+            let answer =
+                state.reserve_in_line(limits, costs, headroom, place, line, now, window_nanos);
+            if answer == Reservation::Admitted {
+                state.settle(limits, CostDelta::refund(costs), now, window_nanos);
+            }
+            answer
+        });
+        let answer = answer.unwrap_or(Reservation::Admitted);
+        if answer == Reservation::Admitted {
+            *line = before;
+            if place.head {
+                hold_ticket(line, place, hold, now);
+            }
+        }
+        if line.is_empty() {
+            lines.remove(key);
+        } else if !empty.is_empty() {
+            lines.insert(Box::from(key), empty);
+        }
+        match answer {
+            Reservation::Admitted => Reservation::Wait {
+                retry_in: PREFIX_WRITING_WAIT,
+                dimension: Dimension::InputTokens,
+            },
+            other => other,
+        }
     }
 
     /// [`Ledger::reserve_in_line`] at `now` on tokio's clock (see the rule

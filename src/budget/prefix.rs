@@ -78,6 +78,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+use super::ledger::Ledger;
 use super::state::{Charge, Shared};
 use crate::estimate::CachePrefix;
 
@@ -85,6 +86,10 @@ use crate::estimate::CachePrefix;
 #[derive(Debug, Default)]
 pub(crate) struct Writers {
     map: Mutex<HashMap<u64, Writing>>,
+    /// The ledger that shares the fleet's prompt-cache view, when the
+    /// budget holds for other processes' writers too (see
+    /// [`Ledger::reserve_in_line_with_prefixes`]).
+    fleet: Option<Arc<dyn Ledger>>,
 }
 
 #[derive(Debug, Default)]
@@ -212,6 +217,21 @@ pub(crate) enum PrefixWait {
 }
 
 impl Writers {
+    /// Writers of this budget, and of the fleet's other processes through
+    /// `fleet`'s view if given.
+    pub(crate) fn new(fleet: Option<Arc<dyn Ledger>>) -> Self {
+        Writers {
+            map: Mutex::default(),
+            fleet,
+        }
+    }
+
+    /// The ledger through which the budget holds for other processes'
+    /// writers, if it does.
+    pub(crate) fn fleet(&self) -> Option<&Arc<dyn Ledger>> {
+        self.fleet.as_ref()
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, Writing>> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -340,6 +360,7 @@ impl WriteGuard {
         if std::mem::replace(&mut self.begun, true) {
             return;
         }
+        self.tell_fleet();
         let longest = self.writes.iter().map(|w| w.tokens).max().unwrap_or(0);
         let now = Instant::now();
         let mut wake = Vec::new();
@@ -379,6 +400,18 @@ impl WriteGuard {
     }
 }
 
+impl WriteGuard {
+    /// Tells the fleet's other processes that this request no longer
+    /// writes its prefixes (once: at its answer's beginning, or when it
+    /// ends without one).
+    fn tell_fleet(&self) {
+        if let Some(fleet) = &self.writers.fleet {
+            let hashes: Vec<u64> = self.writes.iter().map(|w| w.hash).collect();
+            fleet.prefixes_written(&hashes);
+        }
+    }
+}
+
 /// The server's size of a prefix of `tokens` (as estimated), from the
 /// server's size of the writer's longest prefix (`longest` as estimated):
 /// in proportion, rounded down, at most `served`.
@@ -388,6 +421,9 @@ fn served_share(served: u64, tokens: u64, longest: u64) -> u64 {
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
+        if !self.begun {
+            self.tell_fleet();
+        }
         let now = Instant::now();
         let mut wake = Vec::new();
         let mut map = self.writers.lock();
@@ -451,6 +487,7 @@ pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) ->
     let floor = charge.prefix_read.max(charge.estimate.cache_read_tokens);
     let mut watched = false;
     let mut found = None;
+    let mut fleet_held = charge.fleet_held;
     for p in charge
         .estimate
         .cache_pending
@@ -470,14 +507,75 @@ pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) ->
             break;
         }
         if !watched {
-            watched = shared.writers.watch(p, cx);
+            watched = shared.writers.watch(p, cx)
+                || fleet_writing(shared, charge.key(), &mut fleet_held, p, cx);
         }
     }
+    charge.fleet_held = fleet_held;
     if let Some(read) = found {
         read_prefix(charge, read);
         return false;
     }
     watched
+}
+
+/// Whether another process of the fleet writes `p` (through the ledger's
+/// view, which then wakes the task of `cx` when that changes), and the
+/// request may hold for it: once per prefix at most as long as the longest
+/// it held for (the hold ends when the write begins or at the cache hold's
+/// bound, and the request then asks without holding for it again).
+fn fleet_writing(
+    shared: &Shared,
+    key: &str,
+    held: &mut u64,
+    p: &CachePrefix,
+    cx: &Context<'_>,
+) -> bool {
+    let Some(fleet) = shared.writers.fleet() else {
+        return false;
+    };
+    if p.tokens < *held || !fleet.prefix_writing(p.hash, cx.waker()) {
+        return false;
+    }
+    if p.tokens > *held {
+        tracing::debug!(
+            key = super::callers::logged_key(key),
+            tokens = p.tokens,
+            "budget: another process writes a prefix of this request; holding for its answer"
+        );
+        *held = p.tokens;
+    }
+    true
+}
+
+/// What a reservation tells a ledger that shares the fleet's prompt-cache
+/// view ([`PrefixIntent`](super::ledger::PrefixIntent)): the prefixes the
+/// request writes, and, in wait mode where cache-aware admission applies,
+/// its pending prefixes longer than what it reads and than any it already
+/// held for (so that a prefix being written elsewhere makes it hold once,
+/// not every time it asks).
+pub(crate) fn fleet_intent(shared: &Shared, charge: &Charge) -> (Vec<u64>, Vec<u64>) {
+    let writes = charge
+        .estimate
+        .cache_writes
+        .iter()
+        .map(|w| w.hash)
+        .collect();
+    if shared.settings.mode != super::BudgetMode::Wait || !applies(charge) {
+        return (writes, Vec::new());
+    }
+    let floor = charge
+        .prefix_read
+        .max(charge.estimate.cache_read_tokens)
+        .max(charge.fleet_held);
+    let pending = charge
+        .estimate
+        .cache_pending
+        .iter()
+        .take_while(|p| p.tokens > floor)
+        .map(|p| p.hash)
+        .collect();
+    (writes, pending)
 }
 
 /// Takes back a prefix read: the request is charged as if it read only what

@@ -47,7 +47,7 @@ use super::lazy::{LazyQueue, Learners};
 use super::learn::LearnRules;
 use super::ledger::{
     BucketState, CostDelta, Costs, Epoch, Ledger, LedgerError, LedgerFuture, LinePlace,
-    PackedBuckets, Reservation,
+    PackedBuckets, PrefixIntent, Reservation,
 };
 use super::limits::{Limits, ModelClass, OutputMode};
 use super::prefix::{WriteGuard, Writers};
@@ -353,6 +353,10 @@ pub(crate) struct Charge {
     /// That prefix was read from what other processes told the fleet
     /// (`fleet.rs`), not through this budget's writers.
     pub(crate) prefix_from_fleet: bool,
+    /// The estimated tokens of the longest pending prefix this request
+    /// held for while another process wrote it (`prefix.rs`): it holds for
+    /// another process's writer of a prefix no longer than that again.
+    pub(crate) fleet_held: u64,
     /// Admitted on an estimate, counted in its key's `inexact` until the
     /// server reports its input.
     inexact: bool,
@@ -688,6 +692,10 @@ impl Shared {
             })
         });
         let prompt_cache = ledger.prompt_cache();
+        // Another process's writers are held for through the ledger where
+        // it shares the fleet's prompt-cache view and the budget holds.
+        let fleet_writes =
+            (prompt_cache.is_some() && !settings.cache_hold.is_zero()).then(|| Arc::clone(&ledger));
         Self {
             prompt_cache,
             counter: settings.count_tokens.map(Counter::new),
@@ -698,7 +706,7 @@ impl Shared {
             own,
             epoch,
             counters: Counters::default(),
-            writers: Arc::default(),
+            writers: Arc::new(Writers::new(fleet_writes)),
             line_owner: if own { 0 } else { LinePlace::new_owner() },
         }
     }
@@ -795,6 +803,7 @@ impl Shared {
             prefix_served: None,
             prefix_hash: 0,
             prefix_from_fleet: false,
+            fleet_held: 0,
             inexact: false,
             input_capped: false,
             counted: None,
@@ -1428,10 +1437,28 @@ impl Shared {
                 .started
                 .map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
         };
-        if let Some(fut) =
-            self.ledger
-                .reserve_in_line(charge.key(), &charge.limits, charge.costs, headroom, place)
-        {
+        let fut = match self.writers.fleet() {
+            Some(_) => {
+                let (writes, pending) = super::prefix::fleet_intent(self, charge);
+                let prefixes = PrefixIntent::new(&writes, &pending, self.settings.cache_hold);
+                self.ledger.reserve_in_line_with_prefixes(
+                    charge.key(),
+                    &charge.limits,
+                    charge.costs,
+                    headroom,
+                    place,
+                    prefixes,
+                )
+            }
+            None => self.ledger.reserve_in_line(
+                charge.key(),
+                &charge.limits,
+                charge.costs,
+                headroom,
+                place,
+            ),
+        };
+        if let Some(fut) = fut {
             adm.headroom_kept = true;
             return (fut.into_ready(), charge.costs);
         }

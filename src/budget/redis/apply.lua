@@ -7,14 +7,26 @@
 -- ARGV[1]  window in microseconds (capacity = limit * window units)
 -- ARGV[2]  idle time to live in milliseconds, after the buckets are full
 -- ARGV[3]  this ledger's owner id (for the claim)
--- KEYS[2], KEYS[3]  with a shared prompt cache: the prompt-cache markers
---          (hash: prefix name -> Redis time it is cached until) and their
---          log (sorted set: prefix name by version)
+-- KEYS[2], KEYS[3], KEYS[4]  with a shared prompt cache: the prompt-cache
+--          markers (hash: prefix name -> Redis time it is cached until),
+--          their log (sorted set: prefix name by version), and the
+--          prefixes being written (hash: prefix name -> "until,owner", the
+--          Redis time the marker expires and the writer's ledger)
 -- ARGV[4]  claim grace in microseconds
 -- ARGV[5]  the marker version this ledger saw last, -1 for no shared
 --          prompt cache
--- ARGV[6..] operations, each 7 to 10 arguments (C: 2 + n):
+-- ARGV[6..] operations, each 7 to 10 arguments (C: 2 + n, W: 1 + n,
+-- P: 2 + n + m):
 --   C for n name1..namen           prefixes cached, for `for` microseconds
+--                                  (no longer being written)
+--   W n name1..namen               prefixes this ledger no longer writes
+--                                  (the answer began, or ended without)
+--   P for hold n w1..wn m p1..pm   the next Q's prefixes: if admitted, it
+--                                  writes w1..wn (marked for `for`
+--                                  microseconds); it is not admitted while
+--                                  another ledger writes one of p1..pm
+--                                  (a head held keeps its ticket for
+--                                  `hold` microseconds plus the grace)
 --   S L1 L2 L3 d1 d2 d3            settle (a correction, + charges, - refunds)
 --   Y L1 L2 L3 dim limit rem reset  sync (-1 = absent; reset in microseconds)
 --   R L1 L2 L3 c1 c2 c3            reserve (last operation only)
@@ -34,22 +46,27 @@
 -- Time is the server's TIME, in microseconds.
 --
 -- Returns {now, kind, a, b, c}: kind 0 no reserve, 1 admitted,
--- 2 wait (a = microseconds, b = dimension), 3 never (a = dimension,
+-- 2 wait (a = microseconds, b = dimension, c = the name of a pending
+-- prefix another ledger writes, 0 for none), 3 never (a = dimension,
 -- b = cost, c = limit); with a shared prompt cache, then {version, n,
--- name1, until1, ...}: the markers after ARGV[5] (at most 64), and the
--- newest version among them.
+-- name1, cached1, writing1, ...}: the markers after ARGV[5] (at most 64),
+-- each with the Redis time it is cached until and the time its marker of
+-- being written by another ledger expires (0: none), and the newest
+-- version among them.
 local key = KEYS[1]
 local window = tonumber(ARGV[1])
 local idle_ms = tonumber(ARGV[2])
 local owner = ARGV[3]
 local grace = tonumber(ARGV[4])
 local since = tonumber(ARGV[5])
-local marks, log = KEYS[2], KEYS[3]
+local marks, log, writing = KEYS[2], KEYS[3], KEYS[4]
 local MAX_MARKS = 4096
 local MARKS_PER_REPLY = 64
 local UNIT = 60000000
 local TOLERANCE = 500 * UNIT
 local RESET_PRECISION = 1000000
+local PREFIX_WAIT = 1000 -- microseconds: `PREFIX_WRITING_WAIT`
+local intent_writes, intent_pending, intent_for, intent_hold = {}, {}, 0, 0
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -265,9 +282,34 @@ local function before(a, since, seq)
   return a.since < since or (a.since == since and a.seq < seq)
 end
 
+-- The name of the first of `names` another ledger is writing, or nil.
+local function written_elsewhere(names)
+  if since < 0 then return nil end
+  for _, name in ipairs(names) do
+    local v = redis.call('HGET', writing, name)
+    if v then
+      local w_until, w_owner = string.match(v, '^(%d+),(.+)$')
+      if w_owner ~= owner and tonumber(w_until) > now then return name end
+    end
+  end
+  return nil
+end
+
 local function reserve_line(limits, costs, headroom, owner, head, request, waited)
   exists = true
   h.k = 1
+  -- A request that would go now while another ledger writes one of its
+  -- prefixes is held for that writer's answer: nothing debited, the line
+  -- as it was, a head's ticket kept for the hold (its date and place, no
+  -- costs: the others use the refill meanwhile); one that waits anyway
+  -- asks again after its wait.
+  local busy = written_elsewhere(intent_pending)
+  local saved, saved_removed = nil, 0
+  if busy ~= nil then
+    saved = {}
+    for f, v in pairs(h) do saved[f] = v end
+    saved_removed = #removed
+  end
   local with = {costs[1] + headroom[1], costs[2] + headroom[2], costs[3] + headroom[3]}
   local live = {}
   local mine = nil
@@ -330,6 +372,18 @@ local function reserve_line(limits, costs, headroom, owner, head, request, waite
       end
     end
   end
+  if saved ~= nil and answer[1] == 1 then
+    h = saved
+    while #removed > saved_removed do table.remove(removed) end
+    if head then
+      local seq, delayed = next_seq, 0
+      if same then seq, delayed = mine.seq, mine.delayed end
+      -- Its place and date, no costs: the others use the refill meanwhile.
+      write_ticket({owner = owner, request = request, since = since, seq = seq, c = {0, 0, 0},
+        due = now, expires = now + intent_hold + grace, delayed = delayed})
+    end
+    return {2, PREFIX_WAIT, 2, tonumber(busy)}
+  end
   if head then
     if answer[1] == 2 then
       local seq, delayed = next_seq, 0
@@ -351,6 +405,43 @@ local function newest()
   return tonumber(top[2])
 end
 
+-- Keeps the marker keys at least `for_us` plus the idle time.
+local function keep_marks(for_us)
+  local keep = math.floor(for_us / 1000) + idle_ms
+  for _, k in ipairs({marks, log, writing}) do
+    if redis.call('PTTL', k) < keep then
+      redis.call('PEXPIRE', k, keep)
+    end
+  end
+end
+
+-- Marks names as being written by this ledger for `for_us`.
+local function mark_writing(for_us, names)
+  if since < 0 or #names == 0 then return end
+  local v = newest()
+  local value = string.format('%.0f', now + for_us) .. ',' .. owner
+  for _, name in ipairs(names) do
+    v = v + 1
+    redis.call('HSET', writing, name, value)
+    redis.call('ZADD', log, v, name)
+  end
+  keep_marks(for_us)
+end
+
+-- Clears this ledger's being-written markers of names.
+local function written(names)
+  if since < 0 then return end
+  local v = newest()
+  for _, name in ipairs(names) do
+    local w = redis.call('HGET', writing, name)
+    if w and string.match(w, '^%d+,(.+)$') == owner then
+      redis.call('HDEL', writing, name)
+      v = v + 1
+      redis.call('ZADD', log, v, name)
+    end
+  end
+end
+
 local function cached(for_us, names)
   if since < 0 then return end
   local v = newest()
@@ -358,18 +449,17 @@ local function cached(for_us, names)
   for _, name in ipairs(names) do
     v = v + 1
     redis.call('HSET', marks, name, until_us)
+    redis.call('HDEL', writing, name)
     redis.call('ZADD', log, v, name)
   end
   local count = redis.call('ZCARD', log)
   if count > MAX_MARKS then
     local old = redis.call('ZRANGE', log, 0, count - MAX_MARKS - 1)
     redis.call('HDEL', marks, unpack(old))
+    redis.call('HDEL', writing, unpack(old))
     redis.call('ZREMRANGEBYRANK', log, 0, count - MAX_MARKS - 1)
   end
-  local keep = math.floor(for_us / 1000) + idle_ms
-  for _, k in ipairs({marks, log}) do
-    if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, keep) end
-  end
+  keep_marks(for_us)
 end
 
 -- The markers recorded after version `since`: {version, n, name, until...}.
@@ -381,12 +471,17 @@ local function markers()
   local out = {after, 0}
   for i = 1, #got, 2 do
     out[1] = tonumber(got[i + 1])
-    local until_us = redis.call('HGET', marks, got[i])
-    if until_us then
-      table.insert(out, tonumber(got[i]))
-      table.insert(out, tonumber(until_us))
-      out[2] = out[2] + 1
+    local until_us = tonumber(redis.call('HGET', marks, got[i]) or 0)
+    local w_until = 0
+    local w = redis.call('HGET', writing, got[i])
+    if w then
+      local u, o = string.match(w, '^(%d+),(.+)$')
+      if o ~= owner then w_until = tonumber(u) end
     end
+    table.insert(out, tonumber(got[i]))
+    table.insert(out, until_us)
+    table.insert(out, w_until)
+    out[2] = out[2] + 1
   end
   return out
 end
@@ -401,6 +496,22 @@ while n <= #ARGV do
     for i = 1, count do names[i] = ARGV[n + 2 + i] end
     cached(tonumber(ARGV[n + 1]), names)
     n = n + 3 + count
+  elseif op == 'W' then
+    local count = tonumber(ARGV[n + 1])
+    local names = {}
+    for i = 1, count do names[i] = ARGV[n + 1 + i] end
+    written(names)
+    n = n + 2 + count
+  elseif op == 'P' then
+    intent_for = tonumber(ARGV[n + 1])
+    intent_hold = tonumber(ARGV[n + 2])
+    local nw = tonumber(ARGV[n + 3])
+    intent_writes = {}
+    for i = 1, nw do intent_writes[i] = ARGV[n + 3 + i] end
+    local np = tonumber(ARGV[n + 4 + nw])
+    intent_pending = {}
+    for i = 1, np do intent_pending[i] = ARGV[n + 4 + nw + i] end
+    n = n + 5 + nw + np
   else
     local limits = {tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), tonumber(ARGV[n + 3])}
     last_limits = limits
@@ -430,6 +541,10 @@ while n <= #ARGV do
       return redis.error_reply('tower-llm-limits: unknown ledger operation ' .. tostring(op))
     end
   end
+end
+
+if answer[1] == 1 and #intent_writes > 0 then
+  mark_writing(intent_for, intent_writes)
 end
 
 if exists then

@@ -70,7 +70,13 @@
 //!   each call on the key brings back the markers set since the process's
 //!   last one. A request of another process is then charged only for what
 //!   follows that prefix, from its estimate on if it arrives later, or from
-//!   its next ask if it is waiting. No call is added for it.
+//!   its next ask if it is waiting. No call is added for it. The prefixes a
+//!   request writes are marked as being written by the call that admits it
+//!   (`<prefix>:{key}:pw`), until its answer begins or it ends; a request of
+//!   another process that would go now while one of its prefixes is being
+//!   written is held by its own reservation's call, and waits for that
+//!   write as for one of its own process
+//!   ([`Ledger::reserve_in_line_with_prefixes`]).
 //! - **Expiry**: a key expires [`idle_ttl`](RedisLedgerBuilder::idle_ttl)
 //!   (10 minutes) after its buckets would be full again. A key deleted under
 //!   the ledger starts again with full buckets.
@@ -131,9 +137,11 @@ mod prompt;
 mod wire;
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -145,7 +153,7 @@ pub use error::RedisLedgerError;
 
 use super::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, LinePlace,
-    Reservation,
+    PrefixIntent, Reservation,
 };
 use super::Limits;
 use crate::estimate::SharedPromptCache;
@@ -225,6 +233,9 @@ struct Inner {
     stats: Counters,
     /// The fleet's prompt-cache view, if shared.
     prompt: Option<Arc<PromptMirror>>,
+    /// The budget keys a task asks for markers on, while requests hold
+    /// for another process's writer there.
+    watching: Mutex<HashSet<Arc<str>>>,
 }
 
 #[derive(Debug, Default)]
@@ -240,6 +251,7 @@ struct Counters {
     calls: AtomicU64,
     reserves: AtomicU64,
     batches: AtomicU64,
+    watch_calls: AtomicU64,
     fallback_answers: AtomicU64,
     failures: AtomicU64,
 }
@@ -257,6 +269,11 @@ pub struct RedisLedgerStats {
     /// Calls that sent buffered settlements and syncs alone (no
     /// reservation).
     pub write_batches: u64,
+    /// Calls that asked for the fleet's prompt-cache markers while a
+    /// request held for another process's writer of its prefix (every
+    /// 100 ms while one does; buffered writes go with them, and such a call
+    /// is counted here, not among `write_batches`).
+    pub watch_calls: u64,
     /// Reservations, settlements and syncs answered by the local fallback.
     pub fallback_answers: u64,
     /// Calls that failed or timed out.
@@ -297,6 +314,7 @@ impl RedisLedger {
             calls: c.calls.load(Ordering::Relaxed),
             reserves: c.reserves.load(Ordering::Relaxed),
             write_batches: c.batches.load(Ordering::Relaxed),
+            watch_calls: c.watch_calls.load(Ordering::Relaxed),
             fallback_answers: c.fallback_answers.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
         }
@@ -325,6 +343,7 @@ impl RedisLedger {
             costs,
             headroom: None,
             line: None,
+            names: None,
         };
         self.inner.reserve(Arc::from(key), ask).await
     }
@@ -347,6 +366,7 @@ impl RedisLedger {
             costs,
             headroom: Some(headroom),
             line: None,
+            names: None,
         };
         self.inner.reserve(Arc::from(key), ask).await
     }
@@ -417,6 +437,7 @@ impl RedisLedgerBuilder {
                 pending: Mutex::new(HashMap::new()),
                 stats: Counters::default(),
                 prompt,
+                watching: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -547,14 +568,15 @@ impl Inner {
         &self,
         key: &str,
         ops: &[Op],
-        reserve: Option<Ask>,
+        reserve: Option<&Ask>,
     ) -> Result<Applied, RedisLedgerError> {
         let s = &self.settings;
         let hash_key = self.hash_key(key);
         let mut inv = self.apply.key(&hash_key);
         if self.prompt.is_some() {
             inv.key(format!("{hash_key}:pc"))
-                .key(format!("{hash_key}:pv"));
+                .key(format!("{hash_key}:pv"))
+                .key(format!("{hash_key}:pw"));
         }
         inv.arg(s.window.as_micros().min(u128::from(u64::MAX)) as u64)
             .arg(s.idle.as_millis().min(u128::from(u64::MAX)) as u64)
@@ -567,7 +589,10 @@ impl Inner {
         for op in ops {
             wire::push_op(&mut inv, op);
         }
-        if let Some(ask) = reserve {
+        if let Some(ask) = &reserve {
+            if let (Some(names), Some(_), Some(_)) = (&ask.names, &ask.line, &self.prompt) {
+                wire::push_names(&mut inv, names);
+            }
             wire::push_reserve(&mut inv, &ask.limits, ask.costs, ask.headroom, ask.line);
         }
         bump(&self.stats.calls);
@@ -576,8 +601,19 @@ impl Inner {
             .map_err(|_| RedisLedgerError::Timeout(s.timeout))?
             .map_err(|e| typed(e, s.timeout))?;
         let applied = wire::parse_applied(&reply)?;
-        if let (Some(p), Some(m)) = (&self.prompt, &applied.markers) {
-            p.absorb(key, applied.now_us, m);
+        if let Some(p) = &self.prompt {
+            if let Some(m) = &applied.markers {
+                p.absorb(key, applied.now_us, m);
+            }
+            if let Some(name) = applied.writing {
+                p.writing_seen(key, name, applied.now_us);
+            }
+            let writes = reserve.as_ref().and_then(|a| a.names.as_ref());
+            if let (Some(Reservation::Admitted), Some(names)) = (applied.reservation, writes) {
+                if !names.writes.is_empty() {
+                    p.writes_admitted(key, &names.writes);
+                }
+            }
         }
         Ok(applied)
     }
@@ -587,7 +623,7 @@ impl Inner {
         &self,
         key: &str,
         ops: &[Op],
-        reserve: Option<Ask>,
+        reserve: Option<&Ask>,
     ) -> Result<Applied, RedisLedgerError> {
         if let Err(retry_in) = self.usable() {
             return Err(RedisLedgerError::Unavailable { retry_in });
@@ -631,14 +667,15 @@ impl Inner {
         ask: Ask,
     ) -> Result<(Reservation, Option<Duration>), LedgerError> {
         bump(&self.stats.reserves);
+        let ops = self.take_pending(&key);
+        let answer = self.guarded_apply(&key, &ops, Some(&ask)).await;
         let Ask {
             limits,
             costs,
             headroom,
-            line: _,
+            ..
         } = ask;
-        let ops = self.take_pending(&key);
-        let error = match self.guarded_apply(&key, &ops, Some(ask)).await {
+        let error = match answer {
             Ok(Applied {
                 now_us,
                 reservation: Some(r),
@@ -684,7 +721,7 @@ impl Inner {
             bump(&self.stats.fallback_answers);
             match op {
                 // Nothing to share without Redis.
-                Op::Cached { .. } => {}
+                Op::Cached { .. } | Op::Written { .. } => {}
                 Op::Settle { limits, delta } => {
                     self.fallback
                         .settle_at(key, &share(limits, replicas), *delta, now);
@@ -702,6 +739,60 @@ impl Inner {
                     };
                     let local = share(limits, replicas);
                     self.fallback.sync_at(key, &local, *dimension, status, now);
+                }
+            }
+        }
+    }
+
+    /// Asks Redis for `key`'s markers every [`prompt::WATCH_EVERY`] while
+    /// requests of this process hold for another process's writer there
+    /// (one task per key), and wakes them when the write is over.
+    fn watch_key(self: &Arc<Self>, key: Arc<str>) {
+        if !lock(&self.watching).insert(Arc::clone(&key)) {
+            return;
+        }
+        let inner = Arc::clone(self);
+        let watched = Arc::clone(&key);
+        let run = async move {
+            let key = watched;
+            let Some(mirror) = inner.prompt.clone() else {
+                return;
+            };
+            loop {
+                tokio::time::sleep(prompt::WATCH_EVERY).await;
+                if !mirror.watched_on(&key) {
+                    break;
+                }
+                let ops = inner.take_pending(&key);
+                if !ops.is_empty() {
+                    bump(&inner.stats.batches);
+                }
+                bump(&inner.stats.watch_calls);
+                if let Err(e) = inner.guarded_apply(&key, &ops, None).await {
+                    tracing::debug!(error = %e, "redis ledger: no markers; the held requests go");
+                    match inner.settings.policy {
+                        FaultPolicy::FailOpen => inner.apply_locally(&key, &ops),
+                        FaultPolicy::FailClosed => inner.restore_pending(&key, ops),
+                    }
+                    mirror.wake_ended(true);
+                    break;
+                }
+                mirror.wake_ended(false);
+            }
+            lock(&inner.watching).remove(&key);
+            // A request may have begun holding since the last look.
+            if mirror.watched_on(&key) {
+                inner.watch_key(key);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(run);
+            }
+            Err(_) => {
+                lock(&self.watching).remove(&key);
+                if let Some(mirror) = &self.prompt {
+                    mirror.wake_ended(true);
                 }
             }
         }
@@ -813,13 +904,15 @@ impl Inner {
 
 /// A reservation to ask: the costs to debit, and the headroom that must
 /// stay free after them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Ask {
     limits: Limits,
     costs: Costs,
     headroom: Option<Costs>,
     /// In the fleet's line ([`Ledger::reserve_in_line`]).
     line: Option<LinePlace>,
+    /// Its prefixes ([`Ledger::reserve_in_line_with_prefixes`]).
+    names: Option<wire::Names>,
 }
 
 /// A response's non-empty statuses as sync operations, in dimension order.
@@ -844,6 +937,7 @@ impl RedisLedger {
         costs: Costs,
         headroom: Option<Costs>,
         line: Option<LinePlace>,
+        names: Option<wire::Names>,
     ) -> LedgerFuture<Reservation> {
         let inner = Arc::clone(&self.inner);
         let key = Arc::from(key);
@@ -852,6 +946,7 @@ impl RedisLedger {
             costs,
             headroom,
             line,
+            names,
         };
         LedgerFuture::new(async move { Ok(inner.reserve(key, ask).await?.0) })
     }
@@ -864,7 +959,7 @@ impl RedisLedger {
 /// writes may be lost with it.
 impl Ledger for RedisLedger {
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
-        self.ask(key, limits, costs, None, None)
+        self.ask(key, limits, costs, None, None, None)
     }
 
     /// The headroom is checked by the reservation's own script call.
@@ -875,7 +970,7 @@ impl Ledger for RedisLedger {
         costs: Costs,
         headroom: Costs,
     ) -> Option<LedgerFuture<Reservation>> {
-        Some(self.ask(key, limits, costs, Some(headroom), None))
+        Some(self.ask(key, limits, costs, Some(headroom), None, None))
     }
 
     /// The fleet's line is kept in the key's hash, by the reservation's own
@@ -888,7 +983,60 @@ impl Ledger for RedisLedger {
         headroom: Costs,
         place: LinePlace,
     ) -> Option<LedgerFuture<Reservation>> {
-        Some(self.ask(key, limits, costs, Some(headroom), Some(place)))
+        Some(self.ask(key, limits, costs, Some(headroom), Some(place), None))
+    }
+
+    /// With a shared prompt cache, the prefixes go in the reservation's
+    /// own script call: a pending prefix another process writes holds the
+    /// request ([`PREFIX_WRITING_WAIT`](super::ledger::PREFIX_WRITING_WAIT)), and an admitted request's writes
+    /// are marked (for 60 s at most, cleared when its answer begins or it
+    /// ends). No call is added.
+    fn reserve_in_line_with_prefixes(
+        &self,
+        key: &str,
+        limits: &Limits,
+        costs: Costs,
+        headroom: Costs,
+        place: LinePlace,
+        prefixes: PrefixIntent<'_>,
+    ) -> Option<LedgerFuture<Reservation>> {
+        let names = (self.inner.prompt.is_some() && !prefixes.is_empty()).then(|| wire::Names {
+            writes: prefixes.writes.iter().map(|&h| prompt::name(h)).collect(),
+            pending: prefixes.pending.iter().map(|&h| prompt::name(h)).collect(),
+            for_us: prompt::WRITING_FOR_US,
+            hold_us: u64::try_from(prefixes.hold.as_micros()).unwrap_or(u64::MAX),
+        });
+        Some(self.ask(key, limits, costs, Some(headroom), Some(place), names))
+    }
+
+    /// From the markers the key's calls brought back; while a request
+    /// holds for one, the process asks Redis for the markers every 100 ms
+    /// (a call with no operation), so that it goes when the write begins.
+    fn prefix_writing(&self, hash: u64, waker: &Waker) -> bool {
+        let Some(mirror) = self.inner.prompt.as_ref() else {
+            return false;
+        };
+        match mirror.watch(hash, waker) {
+            Some(key) => {
+                self.inner.watch_key(key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Buffered and sent within the write delay (2 ms), with whatever else
+    /// is buffered for the key (the response's settlement, for a JSON
+    /// answer): the other processes' requests holding for these prefixes
+    /// learn it at their next call.
+    fn prefixes_written(&self, hashes: &[u64]) {
+        let Some(mirror) = self.inner.prompt.as_ref() else {
+            return;
+        };
+        let names: Vec<u64> = hashes.iter().map(|&h| prompt::name(h)).collect();
+        if let Some((key, names)) = mirror.writes_ended(&names) {
+            self.inner.enqueue(&key, [Op::Written { names }]);
+        }
     }
 
     /// `true`: a response's sync and settlement go in one batch.

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 
 use tokio::time::Instant;
 
@@ -40,13 +41,48 @@ pub(super) fn name(hash: u64) -> u64 {
     hash >> 12
 }
 
+/// How long a prefix is believed being written after its writer's
+/// admission, unless its writer says sooner that its answer began or that
+/// it ended: longer than a writer waits for a connection and for its
+/// answer to begin, so that a marker outlives its write only when its
+/// process went away (a request holding for it goes at its own bound, the
+/// budget's cache hold).
+pub(super) const WRITING_FOR_US: u64 = 60 * 1_000_000;
+
+/// How often a process that holds requests for another process's writer
+/// asks Redis for the fleet's markers, while it does.
+pub(super) const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// One prefix's marker, as a script call returned it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Marker {
+    pub name: u64,
+    /// The Redis time (microseconds since the epoch) it is cached until;
+    /// 0: not known cached.
+    pub cached_until: u64,
+    /// The Redis time its marker of being written by another process
+    /// expires; 0: no other process writes it.
+    pub writing_until: u64,
+}
+
 /// Markers returned by one script call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Markers {
     /// The newest version the reply covers.
     pub version: u64,
-    /// (name, cached until, Redis microseconds since the epoch).
-    pub cached: Vec<(u64, u64)>,
+    /// The markers changed after the version asked after.
+    pub cached: Vec<Marker>,
+}
+
+/// Another process's write of a prefix, as this process saw it.
+#[derive(Debug)]
+struct Writer {
+    /// The Redis time its marker expires.
+    until: u64,
+    /// The budget key it was seen on.
+    key: Arc<str>,
+    /// Whether a reservation of this process was held for it.
+    held: bool,
 }
 
 /// The view the estimators of a process read; see the module docs.
@@ -60,6 +96,15 @@ pub(super) struct PromptMirror {
     /// The names this process told the fleet (its own estimator knows
     /// them), newest last, at most [`MAX_MIRRORED`].
     own: Mutex<std::collections::VecDeque<u64>>,
+    /// Prefixes other processes write: name to the Redis time the marker
+    /// expires, the budget key it was seen on, and whether a reservation
+    /// of this process was held for it.
+    writing: Mutex<HashMap<u64, Writer>>,
+    /// Requests holding for those writers, by name.
+    watchers: Mutex<HashMap<u64, Vec<Waker>>>,
+    /// Prefixes this process's admitted requests write: name to the
+    /// budget key and how many write it.
+    mine: Mutex<HashMap<u64, (Arc<str>, u32)>>,
 }
 
 impl fmt::Debug for PromptMirror {
@@ -79,7 +124,114 @@ impl PromptMirror {
             seen: Mutex::new(HashMap::new()),
             clock: Mutex::new(None),
             own: Mutex::new(std::collections::VecDeque::new()),
+            writing: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(HashMap::new()),
+            mine: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Requests of this process on `key` were admitted writing `names`.
+    pub(super) fn writes_admitted(&self, key: &str, names: &[u64]) {
+        let mut mine = lock(&self.mine);
+        if mine.len() >= MAX_MIRRORED {
+            mine.clear();
+        }
+        for &name in names {
+            let e = mine.entry(name).or_insert_with(|| (Arc::from(key), 0));
+            e.1 = e.1.saturating_add(1);
+        }
+    }
+
+    /// This process no longer writes `names` (one request each): the
+    /// budget key to clear their markers on, and the names that have no
+    /// writer left here.
+    pub(super) fn writes_ended(&self, names: &[u64]) -> Option<(Arc<str>, Vec<u64>)> {
+        let mut mine = lock(&self.mine);
+        let mut key = None;
+        let mut done = Vec::new();
+        for name in names {
+            let Some(e) = mine.get_mut(name) else {
+                continue;
+            };
+            e.1 = e.1.saturating_sub(1);
+            key.get_or_insert_with(|| Arc::clone(&e.0));
+            if e.1 == 0 {
+                mine.remove(name);
+                done.push(*name);
+            }
+        }
+        Some((key?, done)).filter(|(_, d)| !d.is_empty())
+    }
+
+    /// A reservation was held because another process writes `name`,
+    /// seen on `key` at Redis time `now_us`.
+    pub(super) fn writing_seen(&self, key: &str, name: u64, now_us: u64) {
+        *lock(&self.clock) = Some((now_us, Instant::now()));
+        let until = now_us.saturating_add(WRITING_FOR_US);
+        let mut writing = lock(&self.writing);
+        let e = writing.entry(name).or_insert_with(|| Writer {
+            until,
+            key: Arc::from(key),
+            held: true,
+        });
+        e.until = e.until.max(until);
+        e.held = true;
+    }
+
+    /// Whether another process writes the prefix `hash` and a reservation
+    /// of this process was held for it (a request that would wait for
+    /// capacity anyway does not hold: it asks again after its wait); if
+    /// so, `waker` is woken when that changes, and the budget key to watch
+    /// it on is returned.
+    pub(super) fn watch(&self, hash: u64, waker: &Waker) -> Option<Arc<str>> {
+        let name = name(hash);
+        let now = self.redis_now()?;
+        let key = {
+            let writing = lock(&self.writing);
+            let w = writing.get(&name)?;
+            if w.until <= now || !w.held {
+                return None;
+            }
+            Arc::clone(&w.key)
+        };
+        let mut watchers = lock(&self.watchers);
+        let list = watchers.entry(name).or_default();
+        if !list.iter().any(|w| w.will_wake(waker)) {
+            list.push(waker.clone());
+        }
+        Some(key)
+    }
+
+    /// Whether requests hold for a writer seen on `key`.
+    pub(super) fn watched_on(&self, key: &str) -> bool {
+        let watchers = lock(&self.watchers);
+        let writing = lock(&self.writing);
+        watchers
+            .keys()
+            .any(|name| writing.get(name).is_some_and(|w| &*w.key == key))
+    }
+
+    /// Wakes the requests holding for writers that are over (their marker
+    /// cleared or expired), or all of them (`all`: Redis cannot tell).
+    pub(super) fn wake_ended(&self, all: bool) {
+        let now = self.redis_now();
+        let mut wake = Vec::new();
+        {
+            let mut watchers = lock(&self.watchers);
+            let mut writing = lock(&self.writing);
+            writing.retain(|_, w| now.is_some_and(|n| n < w.until));
+            watchers.retain(|name, list| {
+                let over = all || !writing.contains_key(name);
+                if over {
+                    wake.append(list);
+                }
+                !over
+            });
+            if all {
+                writing.clear();
+            }
+        }
+        wake.into_iter().for_each(Waker::wake);
     }
 
     /// Remembers names this process tells the fleet: they are its own
@@ -117,10 +269,33 @@ impl PromptMirror {
         if markers.cached.is_empty() {
             return;
         }
+        {
+            let mut writing = lock(&self.writing);
+            let mut changed = false;
+            for m in &markers.cached {
+                if m.writing_until > now_us {
+                    let e = writing.entry(m.name).or_insert_with(|| Writer {
+                        until: m.writing_until,
+                        key: Arc::from(key),
+                        held: false,
+                    });
+                    e.until = m.writing_until;
+                } else {
+                    changed |= writing.remove(&m.name).is_some();
+                }
+            }
+            if writing.len() > MAX_MIRRORED {
+                writing.retain(|_, w| w.until > now_us);
+            }
+            drop(writing);
+            if changed {
+                self.wake_ended(false);
+            }
+        }
         let mut cached = lock(&self.cached);
-        for &(name, until) in &markers.cached {
-            let e = cached.entry(name).or_insert(until);
-            *e = (*e).max(until);
+        for m in markers.cached.iter().filter(|m| m.cached_until > 0) {
+            let e = cached.entry(m.name).or_insert(m.cached_until);
+            *e = (*e).max(m.cached_until);
         }
         if cached.len() > MAX_MIRRORED {
             cached.retain(|_, until| *until > now_us);
@@ -195,7 +370,17 @@ pub(super) fn key_from_hex(hex: &str) -> Option<[u8; 16]> {
 }
 
 #[cfg(test)]
+fn cached_marker(name: u64, until: u64) -> Marker {
+    Marker {
+        name,
+        cached_until: until,
+        writing_until: 0,
+    }
+}
+
+#[cfg(test)]
 mod tests {
+    use super::cached_marker as cached;
     use super::*;
 
     #[test]
@@ -214,7 +399,7 @@ mod tests {
         assert!(!mirror.is_cached(hash), "nothing seen yet");
         let markers = Markers {
             version: 3,
-            cached: vec![(name(hash), 1_000_000 + CACHED_FOR_US)],
+            cached: vec![cached(name(hash), 1_000_000 + CACHED_FOR_US)],
         };
         mirror.absorb("sonnet", 1_000_000, &markers);
         assert_eq!(mirror.since("sonnet"), 3);
@@ -234,7 +419,7 @@ mod tests {
             2_000_000,
             &Markers {
                 version: 4,
-                cached: vec![(name(own), 3_000_000 + CACHED_FOR_US)],
+                cached: vec![cached(name(own), 3_000_000 + CACHED_FOR_US)],
             },
         );
         assert!(mirror.is_cached(own));
@@ -246,7 +431,7 @@ mod tests {
     fn the_mirror_stays_bounded() {
         let mirror = PromptMirror::new([1; 16]);
         let cached = (0..MAX_MIRRORED as u64 + 100)
-            .map(|n| (n, 10 + n))
+            .map(|n| super::cached_marker(n, 10 + n))
             .collect();
         mirror.absorb("k", 0, &Markers { version: 1, cached });
         let n = lock(&mirror.cached).len();

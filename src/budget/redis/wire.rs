@@ -23,6 +23,11 @@ pub(super) enum Op {
         names: Vec<u64>,
         for_us: u64,
     },
+    /// Prefixes this ledger no longer writes (their marker names): the
+    /// answer began, or the request ended without one.
+    Written {
+        names: Vec<u64>,
+    },
     Settle {
         limits: Limits,
         delta: CostDelta,
@@ -51,6 +56,21 @@ pub(super) struct Applied {
     /// The prompt-cache markers recorded since the version asked after (when
     /// the ledger shares the prompt cache).
     pub markers: Option<Markers>,
+    /// A wait answered because another ledger writes this pending prefix
+    /// (its marker name).
+    pub writing: Option<u64>,
+}
+
+/// A reservation's prefixes, as marker names ([`PrefixIntent`](crate::budget::ledger::PrefixIntent)).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Names {
+    /// Marked as being written if admitted, for `for_us`.
+    pub writes: Vec<u64>,
+    /// Not admitted while another ledger writes one of them.
+    pub pending: Vec<u64>,
+    pub for_us: u64,
+    /// How long a held head keeps its ticket (the budget's cache hold).
+    pub hold_us: u64,
 }
 
 fn push_limits(inv: &mut ScriptInvocation<'_>, limits: &Limits) {
@@ -89,6 +109,12 @@ pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
                 inv.arg(*name);
             }
         }
+        Op::Written { names } => {
+            inv.arg("W").arg(names.len());
+            for name in names {
+                inv.arg(*name);
+            }
+        }
         Op::Settle { limits, delta } => {
             inv.arg("S");
             push_limits(inv, limits);
@@ -111,6 +137,21 @@ pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
                 .map(|r| u64::try_from(r.as_micros()).unwrap_or(u64::MAX));
             inv.arg(as_i64_or_absent(reset));
         }
+    }
+}
+
+/// Appends a reservation's prefixes (just before it).
+pub(super) fn push_names(inv: &mut ScriptInvocation<'_>, names: &Names) {
+    inv.arg("P")
+        .arg(names.for_us)
+        .arg(names.hold_us)
+        .arg(names.writes.len());
+    for name in &names.writes {
+        inv.arg(*name);
+    }
+    inv.arg(names.pending.len());
+    for name in &names.pending {
+        inv.arg(*name);
     }
 }
 
@@ -157,7 +198,7 @@ fn non_negative(v: i64) -> Result<u64, RedisLedgerError> {
 }
 
 /// Decodes the apply script's `{now, kind, a, b, c}`, followed, when the
-/// prompt cache is shared, by `{version, n, name1, until1, ...}`.
+/// prompt cache is shared, by `{version, n, name1, cached1, writing1, ...}`.
 pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> {
     let (head, tail) = reply.split_at(reply.len().min(5));
     let [now, kind, a, b, c] = head else {
@@ -169,11 +210,15 @@ pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> 
     let markers = match tail {
         [] => None,
         [version, n, rest @ ..]
-            if usize::try_from(*n).ok() == Some(rest.len() / 2) && rest.len() % 2 == 0 =>
+            if usize::try_from(*n).ok() == Some(rest.len() / 3) && rest.len() % 3 == 0 =>
         {
-            let mut cached = Vec::with_capacity(rest.len() / 2);
-            for pair in rest.chunks_exact(2) {
-                cached.push((non_negative(pair[0])?, non_negative(pair[1])?));
+            let mut cached = Vec::with_capacity(rest.len() / 3);
+            for m in rest.chunks_exact(3) {
+                cached.push(super::prompt::Marker {
+                    name: non_negative(m[0])?,
+                    cached_until: non_negative(m[1])?,
+                    writing_until: non_negative(m[2])?,
+                });
             }
             Some(Markers {
                 version: non_negative(*version)?,
@@ -187,6 +232,9 @@ pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> 
             )))
         }
     };
+    let writing = (*kind == 2 && *c != 0)
+        .then(|| non_negative(*c))
+        .transpose()?;
     let reservation = match kind {
         0 => None,
         1 => Some(Reservation::Admitted),
@@ -205,6 +253,7 @@ pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> 
         now_us: non_negative(*now)?,
         reservation,
         markers,
+        writing,
     })
 }
 
@@ -270,21 +319,30 @@ mod tests {
             })
         );
         assert!(parse_applied(&[5, 1, 0, 0]).is_err());
-        let marked = parse_applied(&[5, 1, 0, 0, 0, 9, 2, 11, 700, 12, 800]).unwrap();
+        let marked = parse_applied(&[5, 1, 0, 0, 0, 9, 2, 11, 700, 0, 12, 0, 900]).unwrap();
+        let marker = |name, cached_until, writing_until| super::super::prompt::Marker {
+            name,
+            cached_until,
+            writing_until,
+        };
         assert_eq!(
             marked.markers,
             Some(Markers {
                 version: 9,
-                cached: vec![(11, 700), (12, 800)]
+                cached: vec![marker(11, 700, 0), marker(12, 0, 900)]
             })
         );
+        assert_eq!(marked.writing, None);
+        let held = parse_applied(&[5, 2, 1_000, 2, 77, 9, 0]).unwrap();
+        assert_eq!(held.writing, Some(77));
         assert_eq!(
             parse_applied(&[5, 1, 0, 0, 0, 9, 0]).unwrap().markers,
             Some(Markers::default()).map(|m| Markers { version: 9, ..m })
         );
-        assert!(parse_applied(&[5, 1, 0, 0, 0, 9, 2, 11, 700]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 9, 2, 11, 700, 0]).is_err());
         assert!(parse_applied(&[5, 1, 0, 0, 0, 9]).is_err());
-        assert!(parse_applied(&[5, 1, 0, 0, 0, 9, 1, 11, -1]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 9, 1, 11, -1, 0]).is_err());
+        assert!(parse_applied(&[5, 2, 1_000, 2, -4, 9, 0]).is_err());
         assert!(parse_applied(&[5, 7, 0, 0, 0]).is_err());
         assert!(parse_applied(&[5, 2, 10, 4, 0]).is_err());
         assert!(parse_applied(&[5, 2, -1, 1, 0]).is_err());
