@@ -944,7 +944,9 @@ mod tests {
     fn future_stays_small() {
         let size = std::mem::size_of::<ResponseFuture<Under, ReplayBody<Full<Bytes>>>>();
         assert!(size <= 432, "budget::ResponseFuture is {size} bytes");
+        // 336 bytes, then 344 with the prefix a fleet's request held for
+        // (`Charge::fleet_held`).
         let calling = std::mem::size_of::<Held>();
-        assert!(calling <= 336, "Held is {calling} bytes");
+        assert!(calling <= 344, "Held is {calling} bytes");
     }
 }
