@@ -369,6 +369,12 @@ impl Counter {
 }
 
 impl Classes {
+    /// True when nothing was counted.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.n.iter().all(|&n| n == 0)
+    }
+
     /// Adds `other`'s counts (saturating).
     pub(crate) fn add(&mut self, other: &Classes) {
         for (a, b) in self.n.iter_mut().zip(other.n.iter()) {
