@@ -372,7 +372,8 @@ impl Classes {
     /// True when nothing was counted.
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
-        self.n.iter().all(|&n| n == 0)
+        // One OR over the counts (no branch per count).
+        self.n.iter().fold(0, |acc, &n| acc | n) == 0
     }
 
     /// Adds `other`'s counts (saturating).
