@@ -54,6 +54,7 @@
 //! assert_eq!(snap.exhausted_reset(), Some(Duration::from_secs(12)));
 //! ```
 
+use std::cell::Cell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -426,8 +427,7 @@ fn read_anthropic<'a>(
         match *last_reset {
             Some((seen, reset_in)) if seen == raw => reset_in,
             _ => {
-                let reset_in = value_str(value)
-                    .and_then(parse_rfc3339)
+                let reset_in = parse_reset(value)
                     .map(|at| bounded(at.duration_since(now).unwrap_or(Duration::ZERO)));
                 *last_reset = Some((raw, reset_in));
                 reset_in
@@ -439,6 +439,39 @@ fn read_anthropic<'a>(
         remaining: remaining.and_then(parse_u64),
         reset_in,
     }
+}
+
+/// The longest reset value [`parse_reset`] remembers.
+const RESET_KEPT: usize = 32;
+
+/// A reset value and the instant it names.
+type KeptReset = Option<([u8; RESET_KEPT], usize, Option<SystemTime>)>;
+
+/// An `anthropic-ratelimit-*-reset` value read as RFC 3339, the last value
+/// read on this thread remembered with what it gave: the API writes the
+/// same instant, rounded to the second, in every answer of that second.
+fn parse_reset(value: &HeaderValue) -> Option<SystemTime> {
+    thread_local! {
+        static LAST: Cell<KeptReset> = const { Cell::new(None) };
+    }
+    let raw = value.as_bytes();
+    if raw.len() > RESET_KEPT {
+        return value_str(value).and_then(parse_rfc3339);
+    }
+    LAST.with(|last| {
+        if let Some((kept, len, at)) = last.get() {
+            if kept.get(..len) == Some(raw) {
+                return at;
+            }
+        }
+        let at = value_str(value).and_then(parse_rfc3339);
+        let mut kept = [0u8; RESET_KEPT];
+        if let Some(head) = kept.get_mut(..raw.len()) {
+            head.copy_from_slice(raw);
+            last.set(Some((kept, raw.len(), at)));
+        }
+        at
+    })
 }
 
 fn read_openai([limit, remaining, reset]: Fields<'_>) -> LimitStatus {
@@ -731,6 +764,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The reset remembered from the last answer is used only for the same
+    /// bytes: a new value, or one that does not parse, is read afresh.
+    #[test]
+    fn a_remembered_reset_is_used_only_for_the_same_value() {
+        let at = |s: &'static str| parse_reset(&HeaderValue::from_static(s));
+        let base = UNIX_EPOCH + Duration::from_secs(1_795_850_100);
+        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
+        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
+        assert_eq!(
+            at("2026-11-28T07:15:01Z"),
+            Some(base + Duration::from_secs(1))
+        );
+        assert_eq!(at("2026-11-28T07:15:0xZ"), None);
+        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
+        let long = "2026-11-28T07:15:00.000000000000+00:00";
+        assert!(long.len() > RESET_KEPT);
+        assert_eq!(at(long), Some(base));
     }
 
     #[test]
