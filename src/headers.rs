@@ -302,47 +302,16 @@ fn parse_u64(value: &HeaderValue) -> Option<u64> {
         return None;
     }
     if digits.len() <= MAX_EXACT_DIGITS {
-        // Too few digits to overflow: eight digits at a time, the first
-        // group the rest of a division by eight.
-        let first = match digits.len() % 8 {
-            0 => 8,
-            r => r,
-        };
-        let (head, mut rest) = digits.split_at(first.min(digits.len()));
-        let mut n = eight_digits(head)?;
-        while let (Some(group), Some(tail)) = (rest.get(..8), rest.get(8..)) {
-            n = n * 100_000_000 + eight_digits(group)?;
-            rest = tail;
-        }
-        return Some(n);
+        // Too few digits to overflow: no check per digit.
+        return digits.iter().try_fold(0u64, |n, &b| {
+            let digit = b.wrapping_sub(b'0');
+            (digit <= 9).then(|| n * 10 + u64::from(digit))
+        });
     }
     digits.iter().try_fold(0u64, |n, &b| {
         let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
         n.checked_mul(10)?.checked_add(u64::from(digit))
     })
-}
-
-/// The value of at most eight ASCII digits (SWAR: one word, three
-/// multiplications), `None` when a byte is not a digit or there are more.
-#[inline]
-fn eight_digits(digits: &[u8]) -> Option<u64> {
-    const F0: u64 = 0xf0f0_f0f0_f0f0_f0f0;
-    // Right-aligned among leading '0's, which change nothing; the first
-    // digit is the lowest byte.
-    let mut word = [b'0'; 8];
-    let pad = 8usize.checked_sub(digits.len())?;
-    word.get_mut(pad..)?.copy_from_slice(digits);
-    let v = u64::from_le_bytes(word);
-    // A digit's high nibble is 3, and stays 3 when 6 is added.
-    if (v & F0) | ((v.wrapping_add(0x0606_0606_0606_0606) & F0) >> 4) != 0x3333_3333_3333_3333 {
-        return None;
-    }
-    // Pairs, then groups of four, then the eight: each step keeps every
-    // lane below its width (99, 9,999, 99,999,999).
-    let v = v & 0x0f0f_0f0f_0f0f_0f0f;
-    let v = (v * 10 + (v >> 8)) & 0x00ff_00ff_00ff_00ff;
-    let v = (v * 100 + (v >> 16)) & 0x0000_ffff_0000_ffff;
-    Some((v * 10_000 + (v >> 32)) & 0xffff_ffff)
 }
 
 /// The most decimal digits that always fit a `u64` (`u64::MAX` has 20).
@@ -746,9 +715,8 @@ mod tests {
         );
     }
 
-    /// Every length up to 20 digits (the groups of eight and what is left),
-    /// each with one byte made a non-digit (the bytes next to `0` and `9`
-    /// among them) or left alone.
+    /// Every length up to 20 digits, each with one byte made a non-digit
+    /// (the bytes next to `0` and `9` among them) or left alone.
     #[test]
     fn digit_groups_parse_as_str_parse_does() {
         let digits = b"98765432109876543210";
