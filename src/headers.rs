@@ -54,6 +54,7 @@
 //! assert_eq!(snap.exhausted_reset(), Some(Duration::from_secs(12)));
 //! ```
 
+use std::cell::Cell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -132,9 +133,12 @@ impl RateLimitSnapshot {
         // The API writes the same reset instant in several headers: each
         // distinct value is parsed once.
         let mut last_reset = None;
-        let [requests, tokens, input_tokens, output_tokens] = found
-            .anthropic
-            .map(|fields| read_anthropic(fields, now, &mut last_reset));
+        let mut kind = 0;
+        let [requests, tokens, input_tokens, output_tokens] = found.anthropic.map(|fields| {
+            let status = read_anthropic(fields, kind, now, &mut last_reset);
+            kind += 1;
+            status
+        });
         let mut snap = RateLimitSnapshot {
             retry_after,
             should_retry,
@@ -387,6 +391,7 @@ fn field_index(field: &str) -> Option<usize> {
 /// value read and what it gave, reused when the next value is the same bytes.
 fn read_anthropic<'a>(
     [limit, remaining, reset]: Fields<'a>,
+    kind: usize,
     now: SystemTime,
     last_reset: &mut Option<(&'a [u8], Option<Duration>)>,
 ) -> LimitStatus {
@@ -395,8 +400,7 @@ fn read_anthropic<'a>(
         match *last_reset {
             Some((seen, reset_in)) if seen == raw => reset_in,
             _ => {
-                let reset_in = value_str(value)
-                    .and_then(parse_rfc3339)
+                let reset_in = parse_reset(value, kind)
                     .map(|at| bounded(at.duration_since(now).unwrap_or(Duration::ZERO)));
                 *last_reset = Some((raw, reset_in));
                 reset_in
@@ -408,6 +412,43 @@ fn read_anthropic<'a>(
         remaining: remaining.and_then(parse_u64),
         reset_in,
     }
+}
+
+/// The longest reset value [`parse_reset`] remembers.
+const RESET_KEPT: usize = 32;
+
+/// A reset value and the instant it names.
+type KeptReset = Option<([u8; RESET_KEPT], usize, Option<SystemTime>)>;
+
+/// An `anthropic-ratelimit-*-reset` value read as RFC 3339. The last value
+/// of each `kind` (requests, tokens, input, output tokens) read on this
+/// thread is remembered with what it gave: the API writes a limit's reset
+/// instant rounded to the second, the same in every answer of that second.
+fn parse_reset(value: &HeaderValue, kind: usize) -> Option<SystemTime> {
+    thread_local! {
+        static LAST: [Cell<KeptReset>; 4] = const { [const { Cell::new(None) }; 4] };
+    }
+    let raw = value.as_bytes();
+    if raw.len() > RESET_KEPT {
+        return value_str(value).and_then(parse_rfc3339);
+    }
+    LAST.with(|last| {
+        let Some(last) = last.get(kind) else {
+            return value_str(value).and_then(parse_rfc3339);
+        };
+        if let Some((kept, len, at)) = last.get() {
+            if kept.get(..len) == Some(raw) {
+                return at;
+            }
+        }
+        let at = value_str(value).and_then(parse_rfc3339);
+        let mut kept = [0u8; RESET_KEPT];
+        if let Some(head) = kept.get_mut(..raw.len()) {
+            head.copy_from_slice(raw);
+            last.set(Some((kept, raw.len(), at)));
+        }
+        at
+    })
 }
 
 fn read_openai([limit, remaining, reset]: Fields<'_>) -> LimitStatus {
@@ -672,6 +713,58 @@ mod tests {
             parse_u64(&HeaderValue::from_str(&long).unwrap_or(HeaderValue::from_static("x"))),
             None
         );
+    }
+
+    /// Every length up to 20 digits, each with one byte made a non-digit
+    /// (the bytes next to `0` and `9` among them) or left alone.
+    #[test]
+    fn digit_groups_parse_as_str_parse_does() {
+        let digits = b"98765432109876543210";
+        for len in 1..=digits.len() {
+            for pos in 0..=len {
+                for bad in [b'/', b':', b'a', b' ', b'\t', 0x80, 0xfa, 0xff] {
+                    let mut raw = digits[..len].to_vec();
+                    if let Some(b) = raw.get_mut(pos) {
+                        *b = bad;
+                    }
+                    let Ok(value) = HeaderValue::from_bytes(&raw) else {
+                        continue;
+                    };
+                    let text = String::from_utf8_lossy(&raw);
+                    let trimmed = text.trim_matches([' ', '\t']);
+                    let expected = (!trimmed.is_empty()
+                        && trimmed.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| trimmed.parse::<u64>().ok())
+                    .flatten();
+                    assert_eq!(parse_u64(&value), expected, "{raw:?}");
+                }
+            }
+        }
+    }
+
+    /// The reset remembered from the last answer is used only for the same
+    /// bytes: a new value, or one that does not parse, is read afresh.
+    #[test]
+    fn a_remembered_reset_is_used_only_for_the_same_value() {
+        let at = |s: &'static str| parse_reset(&HeaderValue::from_static(s), 0);
+        let base = UNIX_EPOCH + Duration::from_secs(1_795_850_100);
+        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
+        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
+        assert_eq!(
+            at("2026-11-28T07:15:01Z"),
+            Some(base + Duration::from_secs(1))
+        );
+        assert_eq!(at("2026-11-28T07:15:0xZ"), None);
+        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
+        let long = "2026-11-28T07:15:00.000000000000+00:00";
+        assert!(long.len() > RESET_KEPT);
+        assert_eq!(at(long), Some(base));
+        // Each kind of limit remembers its own.
+        let other = HeaderValue::from_static("2026-11-28T07:16:00Z");
+        assert_eq!(parse_reset(&other, 1), Some(base + Duration::from_secs(60)));
+        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
+        assert_eq!(parse_reset(&other, 1), Some(base + Duration::from_secs(60)));
+        assert_eq!(parse_reset(&other, 4), Some(base + Duration::from_secs(60)));
     }
 
     #[test]

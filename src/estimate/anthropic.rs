@@ -276,17 +276,19 @@ impl AnthropicEstimatorBuilder {
     /// Builds the estimator.
     pub fn build(self) -> AnthropicEstimator {
         let config = self.config;
+        let hash_state = match &self.shared {
+            Some(shared) => PrefixKey::Fleet(shared.hash_key()),
+            None => PrefixKey::Own(RandomState::new()),
+        };
         AnthropicEstimator {
+            no_model_key: hash_model(&hash_state, None),
             calibration: Calibration::new(config.calibration),
             cache: Mutex::new(
                 PromptCache::new(config.cache_max_entries).min_tokens(config.cache_min_tokens),
             ),
             kinds: Mutex::new(VecDeque::new()),
             models: Mutex::new(Vec::new()),
-            hash_state: match &self.shared {
-                Some(shared) => PrefixKey::Fleet(shared.hash_key()),
-                None => PrefixKey::Own(RandomState::new()),
-            },
+            hash_state,
             shared: self.shared,
             estimates: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
@@ -448,9 +450,11 @@ pub struct AnthropicEstimator {
     /// The model names seen (at most [`MAX_MODEL_NAMES`], each at most
     /// [`MAX_MODEL_LEN`] bytes), handed out shared: a request of a known
     /// model allocates no name; each with its text scale, worked out once
-    /// (it depends on the name and the configuration only).
-    models: Mutex<Vec<(Arc<str>, f64)>>,
+    /// (it depends on the name and the configuration only), and its key.
+    models: Mutex<Vec<KnownModel>>,
     hash_state: PrefixKey,
+    /// [`hash_model`](AnthropicEstimator::hash_model) of no model name.
+    no_model_key: u64,
     /// The fleet's view of the prompt cache, if shared.
     shared: Option<Arc<dyn SharedPromptCache>>,
     estimates: AtomicU64,
@@ -1236,17 +1240,20 @@ impl AnthropicEstimator {
     }
 
     /// What the prompt-cache records keep of a model name: its keyed hash
-    /// (the name itself is never copied there).
+    /// (the name itself is never copied there), worked out once for each
+    /// name kept shared (see [`model_name`](Self::model_name)).
     fn model_key(&self, model: Option<&str>) -> u64 {
-        let mut h = self.hash_state.hasher();
-        match model {
-            Some(m) => {
-                h.write_u8(1);
-                h.write(m.as_bytes());
+        let Some(m) = model else {
+            return self.no_model_key;
+        };
+        let models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        match models.iter().find(|k| *k.name == *m) {
+            Some(known) => known.key,
+            None => {
+                drop(models);
+                hash_model(&self.hash_state, model)
             }
-            None => h.write_u8(0),
         }
-        h.finish()
     }
 
     fn fallback_estimate(&self, len: u64, partial: Option<&Walk<'_, '_>>) -> Estimate {
@@ -1266,7 +1273,7 @@ impl AnthropicEstimator {
             e.model = w
                 .model
                 .and_then(|s| self.model_name(w.sc.input(), s))
-                .map(|(name, _)| name);
+                .map(|known| known.name);
             e.max_tokens = w.max_tokens;
             e.stream = w.stream;
         }
@@ -1317,12 +1324,20 @@ impl AnthropicEstimator {
 
     fn finish(&self, w: &Walk<'_, '_>) -> Estimate {
         let named = w.model.and_then(|s| self.model_name(w.sc.input(), s));
-        let (model, scale) = match named {
-            Some((name, scale)) => (Some(name), scale),
-            None => (None, self.text_scale(None)),
+        let (model, scale, key) = match named {
+            Some(known) => (Some(known.name), known.scale, known.key),
+            None => (None, self.text_scale(None), self.no_model_key),
         };
-        let tokens =
-            |t: &Tally| -> f64 { TextModel::FITTED.tokens(&t.text) * scale + t.fixed as f64 };
+        // A tally without text (a section the request does not have) is its
+        // fixed tokens: the model's sum over zero counts is a zero, which
+        // adding them leaves exactly as they are.
+        let finite = scale.is_finite();
+        let tokens = |t: &Tally| -> f64 {
+            if finite && t.text.is_empty() {
+                return t.fixed as f64;
+            }
+            TextModel::FITTED.tokens(&t.text) * scale + t.fixed as f64
+        };
         let section_tokens: [f64; 3] = SECTIONS.map(|s| tokens(&w.sections[s as usize].tally));
         let total_f = self.config.request_overhead as f64 + section_tokens.iter().sum::<f64>();
         let total = total_f.ceil() as u64;
@@ -1357,7 +1372,7 @@ impl AnthropicEstimator {
             (whole * raw as f64 / total as f64).ceil() as u64
         };
         if storable {
-            self.note_kind(model.as_deref(), raw, cache_read, Learned { kind, parts });
+            self.note_kind(key, raw, cache_read, Learned { kind, parts });
         }
         Estimate {
             model,
@@ -1373,9 +1388,9 @@ impl AnthropicEstimator {
         }
     }
 
-    /// Remembers an estimate's kind of content until its usage arrives.
-    fn note_kind(&self, model: Option<&str>, raw: u64, cache_read: u64, learned: Learned) {
-        let key = self.model_key(model);
+    /// Remembers an estimate's kind of content until its usage arrives
+    /// (`key`: its model's key).
+    fn note_kind(&self, key: u64, raw: u64, cache_read: u64, learned: Learned) {
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         if kinds.len() >= MAX_PENDING_KINDS {
             kinds.pop_front();
@@ -1566,7 +1581,7 @@ impl AnthropicEstimator {
     /// that named it (no allocation once seen), and its text scale; a name
     /// never kept (beyond [`MAX_MODEL_NAMES`] names, or longer than
     /// [`MAX_MODEL_LEN`]) is allocated (and its scale worked out) each time.
-    fn model_name(&self, b: &[u8], span: Span) -> Option<(Arc<str>, f64)> {
+    fn model_name(&self, b: &[u8], span: Span) -> Option<KnownModel> {
         let raw = (!span.escaped)
             .then(|| b.get(span.start..span.end))
             .flatten()
@@ -1580,16 +1595,42 @@ impl AnthropicEstimator {
             }
         };
         let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((known, scale)) = models.iter().find(|(m, _)| **m == *name) {
-            return Some((Arc::clone(known), *scale));
+        if let Some(known) = models.iter().find(|k| *k.name == *name) {
+            return Some(known.clone());
         }
-        let scale = self.text_scale(Some(name));
-        let name: Arc<str> = Arc::from(name);
-        if name.len() <= MAX_MODEL_LEN && models.len() < MAX_MODEL_NAMES {
-            models.push((Arc::clone(&name), scale));
+        let known = KnownModel {
+            scale: self.text_scale(Some(name)),
+            key: hash_model(&self.hash_state, Some(name)),
+            name: Arc::from(name),
+        };
+        if known.name.len() <= MAX_MODEL_LEN && models.len() < MAX_MODEL_NAMES {
+            models.push(known.clone());
         }
-        Some((name, scale))
+        Some(known)
     }
+}
+
+/// A model name handed out shared, with what is worked out from it once.
+#[derive(Debug, Clone)]
+struct KnownModel {
+    name: Arc<str>,
+    /// Its text scale.
+    scale: f64,
+    /// Its key in the prompt-cache records and the kinds remembered.
+    key: u64,
+}
+
+/// A model name's keyed hash.
+fn hash_model(state: &PrefixKey, model: Option<&str>) -> u64 {
+    let mut h = state.hasher();
+    match model {
+        Some(m) => {
+            h.write_u8(1);
+            h.write(m.as_bytes());
+        }
+        None => h.write_u8(0),
+    }
+    h.finish()
 }
 
 /// The contents of a string span as a `String` (escapes decoded).

@@ -369,6 +369,13 @@ impl Counter {
 }
 
 impl Classes {
+    /// True when nothing was counted.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        // One OR over the counts (no branch per count).
+        self.n.iter().fold(0, |acc, &n| acc | n) == 0
+    }
+
     /// Adds `other`'s counts (saturating).
     pub(crate) fn add(&mut self, other: &Classes) {
         for (a, b) in self.n.iter_mut().zip(other.n.iter()) {

@@ -371,7 +371,49 @@ impl<'a> Scanner<'a> {
     }
 
     /// Scans a string whose opening quote was just consumed.
+    #[inline]
     pub fn string_body(&mut self, count: bool) -> Result<(Span, Chars)> {
+        let start = self.i;
+        // Most keys and many values are short and plain: their closing quote
+        // is in the next sixteen bytes, before any backslash, found by a test
+        // of each word (the lowest flagged byte is exact).
+        let mut c = Chars::default();
+        let mut at = start;
+        for _ in 0..2 {
+            let Some(w) = word_at(self.b, at) else {
+                break;
+            };
+            let special = has_byte(w, b'"') | has_byte(w, b'\\');
+            if special == 0 {
+                if count {
+                    count_word(w, &mut c);
+                }
+                at += 8;
+                continue;
+            }
+            let bits = special.trailing_zeros() & !7;
+            let end = at + (bits / 8) as usize;
+            if self.b.get(end) != Some(&b'"') {
+                break;
+            }
+            if count && bits > 0 {
+                count_masked(w, (1u64 << bits) - 1, &mut c);
+            }
+            self.i = end + 1;
+            let span = Span {
+                start,
+                end,
+                escaped: false,
+            };
+            return Ok((span, c));
+        }
+        self.string_rest(count)
+    }
+
+    /// [`string_body`](Self::string_body) when its first sixteen bytes did
+    /// not end it (scanned again from the start).
+    #[inline(never)]
+    fn string_rest(&mut self, count: bool) -> Result<(Span, Chars)> {
         let start = self.i;
         let mut c = Chars::default();
         let mut escaped = false;
