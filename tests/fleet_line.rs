@@ -82,6 +82,38 @@ fn request(input: u64) -> Request<Full<Bytes>> {
         .expect("request")
 }
 
+/// B takes the whole bucket (60,000 tokens); then A sends a 30,000-token
+/// request while B sends a 500-token request every half second, 120 of
+/// them. Returns when A's request was answered, from its sending; every
+/// request has been answered.
+async fn large_among_small(
+    a: &tower_llm_limits::budget::TokenBudget<Upstream>,
+    b: &tower_llm_limits::budget::TokenBudget<Upstream>,
+) -> Duration {
+    let go = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>, input| {
+        let svc = svc.clone();
+        async move {
+            let response = svc.oneshot(request(input)).await.expect("answered");
+            let _ = response.into_body().collect().await;
+            Instant::now()
+        }
+    };
+    go(b, 60_000).await;
+    let start = Instant::now();
+    let large = tokio::spawn(go(a, 30_000));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut small = Vec::new();
+    for _ in 0..120 {
+        small.push(tokio::spawn(go(b, 500)));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let admitted = large.await.expect("large") - start;
+    for s in small {
+        s.await.expect("small");
+    }
+    admitted
+}
+
 /// Budget A's 30,000-token request waits for 30 s of refill while budget B
 /// sends a 500-token request every half second, as much as the refill:
 /// without the fleet's line B's requests would take the refill as it comes
@@ -102,28 +134,7 @@ async fn a_large_request_is_not_starved_by_another_budget_on_the_same_ledger() {
             .layer(upstream(Arc::clone(&sent)))
     };
     let (a, b) = (budget(), budget());
-    let go = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>, input| {
-        let svc = svc.clone();
-        async move {
-            let response = svc.oneshot(request(input)).await.expect("answered");
-            let _ = response.into_body().collect().await;
-            Instant::now()
-        }
-    };
-    // B takes the whole bucket.
-    go(&b, 60_000).await;
-    let start = Instant::now();
-    let large = tokio::spawn(go(&a, 30_000));
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let mut small = Vec::new();
-    for _ in 0..120 {
-        small.push(tokio::spawn(go(&b, 500)));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let admitted = large.await.expect("large") - start;
-    for s in small {
-        s.await.expect("small");
-    }
+    let admitted = large_among_small(&a, &b).await;
     assert!(
         admitted >= Duration::from_secs(30),
         "it needs 30 s of refill: {admitted:?}"
@@ -181,27 +192,7 @@ async fn without_the_line_two_budgets_on_one_ledger_serve_everything_without_spi
         layer_a.layer(upstream(Arc::clone(&sent))),
         layer_b.layer(upstream(Arc::clone(&sent))),
     );
-    let go = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>, input| {
-        let svc = svc.clone();
-        async move {
-            let response = svc.oneshot(request(input)).await.expect("answered");
-            let _ = response.into_body().collect().await;
-            Instant::now()
-        }
-    };
-    go(&b, 60_000).await;
-    let start = Instant::now();
-    let large = tokio::spawn(go(&a, 30_000));
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let mut small = Vec::new();
-    for _ in 0..120 {
-        small.push(tokio::spawn(go(&b, 500)));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let admitted = large.await.expect("large") - start;
-    for s in small {
-        s.await.expect("small");
-    }
+    let admitted = large_among_small(&a, &b).await;
     assert!(admitted >= Duration::from_secs(30), "{admitted:?}");
     assert!(admitted <= Duration::from_secs(95), "{admitted:?}");
     assert_eq!(sent.lock().expect("lock").len(), 122);
