@@ -1362,7 +1362,7 @@ impl AnthropicEstimator {
         // Text, media and the tool-use overhead calibrate apart
         // (`Calibration::observe_parts`); the calibrated whole applies to
         // what is not read from the cache in proportion.
-        let text_tokens = total.saturating_sub(parts.media.saturating_add(parts.overhead));
+        let text_tokens = parts.text_of(total);
         let whole =
             self.calibration
                 .predict(model.as_deref().unwrap_or(""), kind, text_tokens, parts);
@@ -1424,7 +1424,7 @@ impl AnthropicEstimator {
     fn learn(&self, model: &str, learned: Option<Learned>, est_total: u64, actual_total: u64) {
         match learned {
             Some(l) => {
-                let text = est_total.saturating_sub(l.parts.media.saturating_add(l.parts.overhead));
+                let text = l.parts.text_of(est_total);
                 self.calibration
                     .observe_parts(model, l.kind, text, l.parts, actual_total)
             }
@@ -1740,7 +1740,7 @@ impl TokenEstimator for AnthropicEstimator {
         // without its kind, at the estimate's own calibration.
         let input = match learned {
             Some(l) => {
-                let text = raw.saturating_sub(l.parts.media.saturating_add(l.parts.overhead));
+                let text = l.parts.text_of(raw);
                 self.calibration
                     .predict(model.unwrap_or(""), l.kind, text, l.parts)
                     .ceil() as u64

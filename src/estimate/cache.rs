@@ -183,12 +183,23 @@ impl PromptCache {
         raw_input_tokens: u64,
         cache_read_tokens: u64,
     ) -> Option<Pending> {
-        let idx = self.pending.iter().rposition(|p| {
+        let idx = self.pending_index(model, raw_input_tokens, cache_read_tokens)?;
+        self.pending.remove(idx)
+    }
+
+    /// The newest pending record of an estimate, by its model's key, raw
+    /// input and cache read.
+    fn pending_index(
+        &self,
+        model: u64,
+        raw_input_tokens: u64,
+        cache_read_tokens: u64,
+    ) -> Option<usize> {
+        self.pending.iter().rposition(|p| {
             p.raw_input_tokens == raw_input_tokens
                 && p.cache_read_tokens == cache_read_tokens
                 && p.model == model
-        })?;
-        self.pending.remove(idx)
+        })
     }
 
     /// A pending request's read, checked again at `at`: when the prefix it
@@ -204,11 +215,7 @@ impl PromptCache {
         at: Instant,
         cached_elsewhere: impl Fn(u64) -> bool,
     ) -> bool {
-        let Some(idx) = self.pending.iter().rposition(|p| {
-            p.raw_input_tokens == raw_input_tokens
-                && p.cache_read_tokens == cache_read_tokens
-                && p.model == model
-        }) else {
+        let Some(idx) = self.pending_index(model, raw_input_tokens, cache_read_tokens) else {
             return false;
         };
         let Some(read) = self.pending[idx].read else {

@@ -404,6 +404,12 @@ pub(crate) struct NonText {
 }
 
 impl NonText {
+    /// The text's share of a request of `total` tokens (as estimated):
+    /// what the media and the tool-use overhead leave.
+    pub(crate) fn text_of(&self, total: u64) -> u64 {
+        total.saturating_sub(self.media.saturating_add(self.overhead))
+    }
+
     fn is_empty(&self) -> bool {
         self.media == 0 && self.overhead == 0
     }
