@@ -215,28 +215,34 @@ pub fn workload_minimum(
     requests: &[BoundRequest],
     reserve_output: bool,
 ) -> WorkloadBound {
-    let charged = |set: &[BoundRequest]| {
-        let output = if reserve_output {
-            set.iter().map(|r| r.output).sum()
-        } else {
-            0
-        };
+    // The admission bound of `requests` requests charged `input` input
+    // tokens and `output` output tokens.
+    let admission_bound = |requests: u64, input: u64, output: u64| {
+        let output = if reserve_output { output } else { 0 };
         Charged {
-            requests: set.len() as u64,
-            input_tokens: set.iter().map(|r| r.input).sum(),
+            requests,
+            input_tokens: input,
             output_tokens: output,
             output_for_bound: output,
             from_server_stats: false,
         }
         .minimum_seconds(l)
     };
-    if requests.is_empty() || charged(requests) <= 0.0 {
+    let all_input = requests.iter().map(|r| r.input).sum();
+    let all_output = requests.iter().map(|r| r.output).sum();
+    if requests.is_empty() || admission_bound(requests.len() as u64, all_input, all_output) <= 0.0 {
         return WorkloadBound::default();
     }
     let mut by_answer: Vec<BoundRequest> = requests.to_vec();
     by_answer.sort_by(|a, b| b.answer.max(0.0).total_cmp(&a.answer.max(0.0)));
     let mut best = WorkloadBound::default();
+    // The running totals of the requests whose answers take at least the
+    // current one's.
+    let (mut count, mut input, mut output) = (0u64, 0u64, 0u64);
     for (i, r) in by_answer.iter().enumerate() {
+        count += 1;
+        input = input.saturating_add(r.input);
+        output = output.saturating_add(r.output);
         // The set of every request whose answer takes at least this one's:
         // only at the last of equal answer times.
         let a = r.answer.max(0.0);
@@ -246,7 +252,7 @@ pub fn workload_minimum(
         {
             continue;
         }
-        let admissions = charged(&by_answer[..=i]);
+        let admissions = admission_bound(count, input, output);
         if admissions + a > best.seconds {
             best = WorkloadBound {
                 seconds: admissions + a,
