@@ -3028,3 +3028,81 @@ async fn a_read_request_takes_its_place_in_line_when_called() {
     assert_eq!(sent, vec![100]);
     assert!(second.as_mut().poll(&mut cx).is_pending());
 }
+
+/// Under the realtime rule the server charges output as it is produced, so
+/// the `output-tokens-remaining` of an answer already holds what the
+/// request's reservation missed; its settlement must not charge it again.
+/// Reserved 410 output tokens (a prior of 0.1 of `max_tokens` 4,096),
+/// produced 3,000: the bucket ends at 8,000 - 3,000, where the server is,
+/// not 2,590 below.
+#[tokio::test(start_paused = true)]
+async fn a_sync_and_the_settlement_charge_an_output_beyond_its_reservation_once() {
+    let answer = BoxCloneService::new(tower::service_fn(
+        |req: Request<ReplayBody<Full<Bytes>>>| async move {
+            let bytes = req.into_body().collect().await?.to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+            let produced = v["produced"].as_u64().unwrap_or(0);
+            let mut resp = Response::new(full(json_usage(100, produced)));
+            *resp.headers_mut() = headers(&[
+                ("anthropic-ratelimit-output-tokens-limit", "8000"),
+                (
+                    "anthropic-ratelimit-output-tokens-remaining",
+                    &(8_000 - produced).to_string(),
+                ),
+            ]);
+            Ok::<_, BoxError>(resp)
+        },
+    ));
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1_000).itpm(100_000).otpm(8_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .output_ratio_prior(0.1)
+        .build();
+    let svc = layer.layer(answer);
+    let body = format!(
+        r#"{{"model":"{MODEL}","max_tokens":4096,"input":100,"produced":3000,"messages":[]}}"#
+    );
+    let req = Request::post("http://localhost/v1/messages")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = svc.oneshot(req).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    let left = remaining(&layer.snapshot(), Dimension::OutputTokens);
+    assert!((left - 5_000.0).abs() < 1.0, "{left}");
+}
+
+/// Requests that wait ask with the output the budget expects when they
+/// ask, not when they arrived: six requests of `max_tokens` 1,000 arrive
+/// together under an output limit of 1,000 per minute, each answering 50
+/// tokens. The first reserves the whole `max_tokens` (nothing learned
+/// yet); once it has answered, the others reserve what answers produce
+/// and go at once, instead of waiting a minute's refill each.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_reserves_the_output_learned_while_it_waited() {
+    let answer = BoxCloneService::new(tower::service_fn(
+        |_req: Request<ReplayBody<Full<Bytes>>>| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, BoxError>(Response::new(full(json_usage(100, 50))))
+        },
+    ));
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1_000).itpm(100_000).otpm(1_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .output_ratio_min_samples(1)
+        .build();
+    let svc = layer.layer(answer);
+    let start = Instant::now();
+    let calls = (0..6).map(|_| {
+        let svc = svc.clone();
+        async move {
+            let resp = svc.oneshot(request(100, 1_000)).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // What the six produced (300) is charged, not their `max_tokens`.
+    let left = remaining(&layer.snapshot(), Dimension::OutputTokens);
+    assert!(left > 600.0, "{left}");
+}

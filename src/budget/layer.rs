@@ -371,10 +371,14 @@ impl TokenBudgetBuilder {
         self
     }
 
-    /// The quantile of `output_tokens / max_tokens` reserved as expected
-    /// output in realtime mode. Default 0.9 (p90), so the reservation covers
-    /// most answers and the rare longer one is charged at settlement. Clamped
-    /// to `[0, 1]`, NaN taken as 1.
+    /// The quantile of recent answers reserved as expected output in
+    /// realtime mode: the smaller of that quantile of `output_tokens /
+    /// max_tokens` times the request's `max_tokens`, and that quantile of
+    /// `output_tokens` (answers are often bounded by what they say, not by
+    /// `max_tokens`). A request that waits asks with the expectation of its
+    /// turn (never more than it was charged). Default 0.9 (p90), so the
+    /// reservation covers most answers and the rare longer one is charged at
+    /// settlement. Clamped to `[0, 1]`, NaN taken as 1.
     pub fn output_quantile(mut self, q: f64) -> Self {
         self.output_quantile = if q.is_nan() { 1.0 } else { q.clamp(0.0, 1.0) };
         self

@@ -1625,7 +1625,7 @@ impl InMemoryLedger {
         }
         let window_nanos = self.window_nanos;
         self.with_key(key, true, now, |state| {
-            let _lowered_input = state.sync_all(limits, statuses, now, window_nanos);
+            let _lowered = state.sync_all(limits, statuses, now, window_nanos);
         });
     }
 
@@ -1885,17 +1885,17 @@ impl KeyState {
     }
 
     /// [`InMemoryLedger::sync_all_at`] on these buckets. Returns the input
-    /// tokens by which it lowered the input bucket, rounded down.
+    /// and output tokens by which it lowered those buckets, rounded down.
     fn sync_all(
         &mut self,
         limits: &Limits,
         statuses: [LimitStatus; 3],
         now: Instant,
         window_nanos: u64,
-    ) -> u64 {
+    ) -> [u64; 2] {
         let state = self;
         state.touch(now);
-        let mut lowered_input = 0;
+        let mut lowered_tokens = [0; 2];
         for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
             if !status.is_empty() {
                 let lowered = state.buckets[index(dimension)].sync(
@@ -1905,12 +1905,17 @@ impl KeyState {
                     now,
                     window_nanos,
                 );
-                if dimension == Dimension::InputTokens {
-                    lowered_input = u64::try_from(lowered / UNITS_PER_TOKEN).unwrap_or(0);
+                let slot = match dimension {
+                    Dimension::Requests => None,
+                    Dimension::InputTokens => lowered_tokens.get_mut(0),
+                    Dimension::OutputTokens => lowered_tokens.get_mut(1),
+                };
+                if let Some(slot) = slot {
+                    *slot = u64::try_from(lowered / UNITS_PER_TOKEN).unwrap_or(0);
                 }
             }
         }
-        lowered_input
+        lowered_tokens
     }
 
     /// [`InMemoryLedger::state_at`] on these buckets.
@@ -2068,21 +2073,21 @@ impl PackedBuckets {
     }
 
     /// [`InMemoryLedger::sync_all_at`] on these buckets. Returns the input
-    /// tokens by which it lowered the input bucket.
+    /// and output tokens by which it lowered those buckets.
     pub(crate) fn sync_all(
         &mut self,
         limits: &Limits,
         statuses: [LimitStatus; 3],
         now: Instant,
         epoch: Epoch,
-    ) -> u64 {
+    ) -> [u64; 2] {
         if statuses.iter().all(LimitStatus::is_empty) {
-            return 0;
+            return [0; 2];
         }
         let mut state = self.unpack(epoch);
-        let lowered_input = state.sync_all(limits, statuses, now, MINUTE_NANOS);
+        let lowered = state.sync_all(limits, statuses, now, MINUTE_NANOS);
         self.pack(&state, epoch);
-        lowered_input
+        lowered
     }
 
     /// [`InMemoryLedger::state_at`] on these buckets.

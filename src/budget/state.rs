@@ -107,7 +107,7 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// What the budget keeps per key: 152 bytes, the buckets of its own ledger
+/// What the budget keeps per key: 160 bytes, the buckets of its own ledger
 /// included, until the key has more than two samples of its output ratio,
 /// limits reported by the server or waiters, when the parts that need them
 /// are allocated.
@@ -136,9 +136,18 @@ struct KeyState {
     /// already charged what those estimates missed, so their settlements
     /// do not charge it again, up to this many ([`Shared::apply`]).
     absorbed: u32,
-    /// The first two output ratios, kept inline until the window is
-    /// created (NaN: none).
-    early_ratios: [f64; 2],
+    /// Requests in flight that reserved an expected output (realtime
+    /// rule): the server charges their output as it is produced, before
+    /// their settlement says how much it was.
+    output_pending: u32,
+    /// Output tokens a header sync took off the key's own bucket while
+    /// such requests were in flight: the output the server had already
+    /// charged them beyond their reservations, which their settlements do
+    /// not charge again, up to this many.
+    absorbed_output: u32,
+    /// The first two outputs (tokens, `max_tokens`), kept inline until the
+    /// windows are created (`max_tokens` 0: none).
+    early_outputs: [(u32, u32); 2],
     /// The limits learned from the server's headers, per dimension
     /// (allocated at the first reported limit).
     learners: Learners,
@@ -154,11 +163,12 @@ struct KeyState {
     ledger_at_once: bool,
 }
 
-/// The recent `output_tokens / max_tokens` ratios of a key, and how many
-/// were seen.
+/// The recent outputs of a key, as `output_tokens / max_tokens` ratios
+/// and as tokens, and how many were seen.
 #[derive(Debug)]
 struct RatioSamples {
     window: SlidingQuantile,
+    tokens: SlidingQuantile,
     seen: u64,
 }
 
@@ -174,7 +184,9 @@ impl KeyState {
             inexact: 0,
             calibration: f32::NAN,
             absorbed: 0,
-            early_ratios: [f64::NAN; 2],
+            output_pending: 0,
+            absorbed_output: 0,
+            early_outputs: [(0, 0); 2],
             learners: Learners::default(),
             class,
             probe: Probe::for_limits(limits),
@@ -203,30 +215,67 @@ impl KeyState {
             .map_or(prior, |r| r.clamp(0.0, 1.0))
     }
 
-    /// Learns an output ratio in `[0, 1]`. The first two are kept inline
-    /// while more than two samples are needed before they count; the window
-    /// is created with the third (the two moved into it).
-    fn push_ratio(&mut self, ratio: f64, settings: &Settings) {
+    /// The output to reserve for a request of `max_tokens` in realtime
+    /// mode, in tokens: the prior share of `max_tokens` until
+    /// `settings.output_ratio_min_samples` responses were seen, then the
+    /// smaller of two learned bounds, each the `settings.output_quantile`
+    /// of its window: the ratio's share of `max_tokens`, and the output in
+    /// tokens. Answers are often bounded by what they say rather than by
+    /// `max_tokens` (a 300-token answer under a `max_tokens` of 4,096),
+    /// and where they are not, the ratio is the tighter bound.
+    fn expected_output(&self, settings: &Settings, max_tokens: u64) -> f64 {
+        let by_ratio = max_tokens as f64 * self.expected_ratio(settings);
+        let Some(samples) = self.output_ratio.as_ref() else {
+            return by_ratio;
+        };
+        if samples.seen < settings.output_ratio_min_samples as u64 {
+            return by_ratio;
+        }
+        match samples
+            .tokens
+            .quantile(settings.output_quantile)
+            .filter(|t| t.is_finite())
+        {
+            Some(tokens) => by_ratio.min(tokens.max(0.0)),
+            None => by_ratio,
+        }
+    }
+
+    /// Learns an answer's output: `output` tokens under a `max_tokens` of
+    /// `max_tokens` (above 0). The first two are kept inline while more
+    /// than two samples are needed before they count; the windows are
+    /// created with the third (the two moved into them).
+    fn push_output(&mut self, output: u64, max_tokens: u64, settings: &Settings) {
+        if max_tokens == 0 {
+            return;
+        }
+        let small = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let (output, max_tokens) = (small(output.min(max_tokens)), small(max_tokens));
         if self.output_ratio.is_none() && settings.output_ratio_min_samples > 2 {
-            if let Some(slot) = self.early_ratios.iter_mut().find(|s| s.is_nan()) {
-                *slot = ratio;
+            if let Some(slot) = self.early_outputs.iter_mut().find(|s| s.1 == 0) {
+                *slot = (output, max_tokens);
                 return;
             }
         }
-        let early = std::mem::replace(&mut self.early_ratios, [f64::NAN; 2]);
+        let early = std::mem::take(&mut self.early_outputs);
         let samples = self.output_ratio.get_or_insert_with(|| {
-            let mut samples = RatioSamples {
+            Box::new(RatioSamples {
                 window: SlidingQuantile::new(settings.output_ratio_window),
+                tokens: SlidingQuantile::new(settings.output_ratio_window),
                 seen: 0,
-            };
-            for r in early.into_iter().filter(|r| !r.is_nan()) {
-                samples.window.push(r);
-                samples.seen += 1;
-            }
-            Box::new(samples)
+            })
         });
-        samples.window.push(ratio);
-        samples.seen += 1;
+        for (output, max_tokens) in early
+            .into_iter()
+            .filter(|s| s.1 > 0)
+            .chain(std::iter::once((output, max_tokens)))
+        {
+            samples
+                .window
+                .push(f64::from(output) / f64::from(max_tokens));
+            samples.tokens.push(f64::from(output));
+            samples.seen += 1;
+        }
     }
 
     /// Gives the head of the queue its turn to ask; returns its waker (to
@@ -237,6 +286,18 @@ impl KeyState {
             bump(&counters.wakeups);
         }
         waker
+    }
+}
+
+/// What a sync's lowering of a bucket by `lowered` tokens leaves to absorb:
+/// added to `absorbed` while `pending` requests whose true cost the server
+/// charges before their settlement are in flight; else nothing (the
+/// lowering is another client's use of the key, or rounding).
+fn carry(absorbed: u32, pending: u32, lowered: u64) -> u32 {
+    if pending == 0 {
+        0
+    } else {
+        absorbed.saturating_add(u32::try_from(lowered).unwrap_or(u32::MAX))
     }
 }
 
@@ -360,6 +421,9 @@ pub(crate) struct Charge {
     /// Admitted on an estimate, counted in its key's `inexact` until the
     /// server reports its input.
     inexact: bool,
+    /// Admitted with an expected output (realtime rule), counted in its
+    /// key's `output_pending` until its settlement.
+    output_pending: bool,
     /// Too large by its estimate: its input reservation was capped to the
     /// whole bucket until a count says what it is (it does not ask while
     /// its count is in flight; admitted uncounted, it is refused as too
@@ -393,11 +457,24 @@ impl Charge {
             ks.inexact = ks.inexact.saturating_sub(1);
         }
     }
+
+    /// The request's output is settled (or never will be): it no longer
+    /// counts among its key's outputs in flight.
+    pub(crate) fn release_output(&mut self) {
+        if std::mem::take(&mut self.output_pending) {
+            let mut ks = lock_key(&self.cell);
+            ks.output_pending = ks.output_pending.saturating_sub(1);
+            if ks.output_pending == 0 {
+                ks.absorbed_output = 0;
+            }
+        }
+    }
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
         self.release_inexact();
+        self.release_output();
     }
 }
 
@@ -805,6 +882,7 @@ impl Shared {
             prefix_from_fleet: false,
             fleet_held: 0,
             inexact: false,
+            output_pending: false,
             input_capped: false,
             counted: None,
         })
@@ -816,8 +894,7 @@ impl Shared {
         match ks.output_rule.unwrap_or(self.settings.output_mode) {
             OutputMode::Reserve => max_tokens,
             OutputMode::Realtime => {
-                let ratio = ks.expected_ratio(&self.settings);
-                let expected = max_tokens as f64 * ratio;
+                let expected = ks.expected_output(&self.settings, max_tokens);
                 // Round up, but not for floating-point noise (4000 × 0.025).
                 let nearest = expected.round();
                 let expected = if (expected - nearest).abs() < 1e-6 {
@@ -861,10 +938,22 @@ impl Shared {
                     step
                 }
                 None => {
+                    // Behind a probe, whose answer may teach the output
+                    // rule: the output is worked out again. A request that
+                    // waited asks with no more than the output the budget
+                    // expects now (answers that settled meanwhile may have
+                    // lowered it since it was charged); never more, so a
+                    // reservation capped to the bucket stays capped.
                     if std::mem::take(&mut adm.held_by_probe) {
                         let ks = lock_key(&charge.cell);
                         charge.costs.output_tokens =
                             self.output_tokens(&ks, charge.estimate.max_tokens);
+                    } else if adm.place.is_some() {
+                        let ks = lock_key(&charge.cell);
+                        charge.costs.output_tokens = charge
+                            .costs
+                            .output_tokens
+                            .min(self.output_tokens(&ks, charge.estimate.max_tokens));
                     }
                     self.ask(charge, adm, cx.waker())
                 }
@@ -889,9 +978,24 @@ impl Shared {
                         charge.probe = true;
                     }
                     self.admitted(charge, adm);
-                    if !charge.input_exact() {
-                        lock_key(&charge.cell).inexact += 1;
-                        charge.inexact = true;
+                    let inexact = !charge.input_exact();
+                    let expected_output = self.own
+                        && charge.costs.output_tokens > 0
+                        && charge
+                            .estimate
+                            .max_tokens
+                            .unwrap_or(self.settings.default_max_tokens)
+                            > charge.costs.output_tokens;
+                    if inexact || expected_output {
+                        let mut ks = lock_key(&charge.cell);
+                        if inexact {
+                            ks.inexact += 1;
+                            charge.inexact = true;
+                        }
+                        if expected_output {
+                            ks.output_pending += 1;
+                            charge.output_pending = true;
+                        }
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -1174,14 +1278,15 @@ impl Shared {
     }
 
     /// Applies a correction to a request's charge; wakes the key's head when
-    /// capacity was freed, and learns the output ratio if given.
+    /// capacity was freed, and learns the answer's output if given
+    /// (`(output_tokens, max_tokens)`).
     pub(crate) fn correct(
         self: &Arc<Self>,
         charge: &Charge,
         delta: CostDelta,
-        output_ratio: Option<f64>,
+        output: Option<(u64, u64)>,
     ) {
-        self.correct_and_sync(charge, delta, output_ratio, None);
+        self.correct_and_sync(charge, delta, output, None);
     }
 
     /// [`correct`](Self::correct), with the header sync held for it
@@ -1190,13 +1295,13 @@ impl Shared {
         self: &Arc<Self>,
         charge: &Charge,
         delta: CostDelta,
-        output_ratio: Option<f64>,
+        output: Option<(u64, u64)>,
         held_sync: Option<[LimitStatus; 3]>,
     ) {
         self.end_probe(charge, Probe::Off);
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
-        if let Some(r) = output_ratio.filter(|r| r.is_finite()) {
-            lock_key(&charge.cell).push_ratio(r.clamp(0.0, 1.0), &self.settings);
+        if let Some((tokens, max_tokens)) = output {
+            lock_key(&charge.cell).push_output(tokens, max_tokens, &self.settings);
         }
         if held_sync.is_some() {
             self.apply(charge, Some(delta), held_sync, true);
@@ -1233,25 +1338,28 @@ impl Shared {
         let mut ks = lock_key(&charge.cell);
         let now = Instant::now();
         if let Some(statuses) = statuses {
-            let lowered = ks
-                .buckets
-                .sync_all(&charge.limits, statuses, now, self.epoch);
+            let [lowered, lowered_output] =
+                ks.buckets
+                    .sync_all(&charge.limits, statuses, now, self.epoch);
             // Lowered while estimates are in flight: the server's remaining
             // already holds what they missed, which their settlements would
             // charge again. With none in flight, the lowering is another
-            // client's use of the key (or rounding): nothing to carry.
-            ks.absorbed = if ks.inexact == 0 {
-                0
-            } else {
-                ks.absorbed
-                    .saturating_add(u32::try_from(lowered).unwrap_or(u32::MAX))
-            };
+            // client's use of the key (or rounding): nothing to carry. The
+            // same for output: the server charges it as it is produced,
+            // before the settlements of the requests producing it.
+            ks.absorbed = carry(ks.absorbed, ks.inexact, lowered);
+            ks.absorbed_output = carry(ks.absorbed_output, ks.output_pending, lowered_output);
         }
         if let Some(mut delta) = delta {
             if delta.input_tokens > 0 && ks.inexact > 0 && ks.absorbed > 0 {
                 let taken = delta.input_tokens.min(i64::from(ks.absorbed));
                 delta.input_tokens -= taken;
                 ks.absorbed -= u32::try_from(taken).unwrap_or(ks.absorbed);
+            }
+            if delta.output_tokens > 0 && ks.output_pending > 0 && ks.absorbed_output > 0 {
+                let taken = delta.output_tokens.min(i64::from(ks.absorbed_output));
+                delta.output_tokens -= taken;
+                ks.absorbed_output -= u32::try_from(taken).unwrap_or(ks.absorbed_output);
             }
             ks.buckets.settle(&charge.limits, delta, now, self.epoch);
         }
@@ -1886,42 +1994,63 @@ mod tests {
     /// class (with its name and the map's slot: under 256 bytes).
     #[test]
     fn a_key_entry_is_small() {
-        assert!(std::mem::size_of::<KeyState>() <= 152);
-        assert!(std::mem::size_of::<KeyCell>() <= 176);
+        assert!(std::mem::size_of::<KeyState>() <= 160);
+        assert!(std::mem::size_of::<KeyCell>() <= 184);
     }
 
-    /// The first two ratios are kept inline and moved, exact, into the
-    /// window created by the third: the learned ratio is the one a window
+    /// The first two outputs are kept inline and moved, exact, into the
+    /// windows created by the third: the learned ratio is the one a window
     /// fed from the start gives.
     #[test]
-    fn early_ratios_move_into_the_window_exactly() {
+    fn early_outputs_move_into_the_window_exactly() {
         let settings = settings(3);
         let mut ks = KeyState::new(ModelClass::Other, &Limits::new().rpm(10), 0);
-        let ratios = [0.2, 0.7, 0.45, 0.05];
-        ks.push_ratio(ratios[0], &settings);
-        ks.push_ratio(ratios[1], &settings);
+        let outputs = [(200, 1_000), (700, 1_000), (450, 1_000), (50, 1_000)];
+        ks.push_output(outputs[0].0, outputs[0].1, &settings);
+        ks.push_output(outputs[1].0, outputs[1].1, &settings);
         assert!(ks.output_ratio.is_none(), "no window for two samples");
         assert_eq!(ks.expected_ratio(&settings), settings.output_ratio_prior);
-        ks.push_ratio(ratios[2], &settings);
+        ks.push_output(outputs[2].0, outputs[2].1, &settings);
         let mut direct = SlidingQuantile::new(settings.output_ratio_window);
-        for r in &ratios[..3] {
-            direct.push(*r);
+        for (o, m) in &outputs[..3] {
+            direct.push(*o as f64 / *m as f64);
         }
         assert_eq!(ks.output_ratio.as_ref().map(|s| s.seen), Some(3));
         assert_eq!(Some(ks.expected_ratio(&settings)), direct.quantile(0.5));
         assert_eq!(ks.expected_ratio(&settings), 0.45);
-        ks.push_ratio(ratios[3], &settings);
-        direct.push(ratios[3]);
+        ks.push_output(outputs[3].0, outputs[3].1, &settings);
+        direct.push(0.05);
         assert_eq!(Some(ks.expected_ratio(&settings)), direct.quantile(0.5));
     }
 
-    /// With a ratio learned from the first samples, no ratio is held inline
-    /// (the window is created at once).
+    /// With a ratio learned from the first samples, no output is held
+    /// inline (the windows are created at once).
     #[test]
     fn one_sample_needed_creates_the_window_at_once() {
         let settings = settings(1);
         let mut ks = KeyState::new(ModelClass::Other, &Limits::new().rpm(10), 0);
-        ks.push_ratio(0.3, &settings);
+        ks.push_output(300, 1_000, &settings);
         assert_eq!(ks.expected_ratio(&settings), 0.3);
+    }
+
+    /// The expected output is the smaller of the ratio's share of
+    /// `max_tokens` and the learned output in tokens: answers of 300
+    /// tokens under `max_tokens` from 512 to 4,096 expect 300 of a request
+    /// of 4,096 (the ratio alone says about 900), and of a request of 256
+    /// the ratio's share (the tokens alone say more than it may produce).
+    #[test]
+    fn the_expected_output_is_the_tighter_of_ratio_and_tokens() {
+        let settings = settings(1);
+        let mut ks = KeyState::new(ModelClass::Other, &Limits::new().rpm(10), 0);
+        for max_tokens in [512, 1_024, 2_048, 4_096] {
+            ks.push_output(300, max_tokens, &settings);
+        }
+        assert_eq!(ks.expected_output(&settings, 4_096), 300.0);
+        let by_ratio = 256.0 * ks.expected_ratio(&settings);
+        assert!(by_ratio < 300.0, "{by_ratio}");
+        assert_eq!(ks.expected_output(&settings, 256), by_ratio);
+        // An answer longer than `max_tokens` (it cannot be) is taken at it.
+        ks.push_output(5_000, 100, &settings);
+        assert_eq!(ks.output_ratio.as_ref().map(|s| s.seen), Some(5));
     }
 }

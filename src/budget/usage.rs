@@ -378,6 +378,7 @@ impl Tracker {
         self.shared
             .correct_and_sync(&self.charge, delta, ratio, held);
         self.charge.release_inexact();
+        self.charge.release_output();
         let reserved_input = self.reserved_input.unwrap_or(costs.input_tokens);
         self.shared.settings.hooks.settle(SettleEvent {
             reserved_input_tokens: reserved_input,
@@ -432,8 +433,9 @@ impl Tracker {
     }
 
     /// The correction an outcome calls for (`actual - reserved`), the output
-    /// ratio to learn, and the usage to tell the estimator.
-    fn settlement(&self, outcome: Outcome) -> (CostDelta, Option<f64>, Option<Usage>) {
+    /// to learn (`(output_tokens, max_tokens)`), and the usage to tell the
+    /// estimator.
+    fn settlement(&self, outcome: Outcome) -> (CostDelta, Option<(u64, u64)>, Option<Usage>) {
         let reserved = self.charge.costs;
         let input_of = |u: &Usage, known: bool| {
             if known {
@@ -449,7 +451,7 @@ impl Tracker {
                     .estimate
                     .max_tokens
                     .filter(|m| *m > 0)
-                    .map(|m| u.output_tokens as f64 / m as f64);
+                    .map(|m| (u.output_tokens, m));
                 let actual = Costs {
                     input_tokens: input_of(&u, true),
                     output_tokens: u.output_tokens,
