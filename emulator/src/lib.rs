@@ -143,9 +143,10 @@
 //! [`Emulator::stats`] at the end (tokens really charged per class, 429s
 //! sent, the per-second [`ClassStats::timeline`] for plots) and
 //! [`Emulator::minimum_time`] for the limit-bound lower bound of the run's
-//! duration. Answer lengths depend only on the seed and the request body, so
-//! every strategy of a side-by-side run gets the same answers; faults and
-//! latency jitter are drawn per request in arrival order. A fresh emulator
+//! duration. Answer lengths and paces (the latency jitter) depend only on the
+//! seed and the request body, so every strategy of a side-by-side run gets
+//! the same answers at the same speed, in whatever order it sends them;
+//! faults are drawn per request in arrival order. A fresh emulator
 //! per strategy starts from full buckets and an empty cache.
 //!
 //! The headers' reset times are the system clock plus the bucket's time to
@@ -498,6 +499,28 @@ impl Emulator {
         let mut rng = rng::Rng::new(rng::mix(config.seed, parsed.content_hash));
         let max_tokens = parsed.max_tokens.unwrap_or(1).max(1);
         Ok(config.output_length.draw(&mut rng, max_tokens))
+    }
+
+    /// The output tokens of this emulator's answer to `body` and its pace:
+    /// the factor its latency model's times are multiplied by (drawn, like
+    /// the length, from the seed and the body only). The answer takes
+    /// `(time_to_first_token + tokens * per_output_token) * factor`.
+    ///
+    /// # Errors
+    ///
+    /// The `invalid_request_error` message, when the body is not a valid
+    /// Messages request.
+    pub fn answer_pace(&self, body: &[u8]) -> Result<(u64, f64), String> {
+        let config = &self.shared.config;
+        let parsed =
+            tokens::parse_request(body, tokens::Endpoint::Messages, &config.token_counter)?;
+        let mut rng = rng::Rng::new(rng::mix(config.seed, parsed.content_hash));
+        let max_tokens = parsed.max_tokens.unwrap_or(1).max(1);
+        let tokens = config.output_length.draw(&mut rng, max_tokens);
+        let factor = config
+            .latency
+            .factor(&mut service::pace_rng(config.seed, parsed.content_hash));
+        Ok((tokens, factor))
     }
 
     /// Switches the spend-cap 429 on or off: while on, every

@@ -728,9 +728,20 @@ struct Answer {
     stream_error: bool,
 }
 
+/// The generator of an answer's pace (its latency jitter factor): from the
+/// seed and the request's content only, apart from its length and text, so
+/// that the same request is answered at the same pace whoever sends it and
+/// in whatever order, and a bound can know it ([`crate::Emulator::answer_pace`]).
+pub(crate) fn pace_rng(seed: u64, content_hash: u64) -> Rng {
+    Rng::new(mix(mix(seed, content_hash), PACE_STREAM))
+}
+
+/// Tells the pace's draws apart from the content's.
+const PACE_STREAM: u64 = 0x7061_6365;
+
 impl Answer {
-    /// Draws the answer: its length and text from the seed and the request
-    /// only (every strategy of a run gets the same), its pace and id from the
+    /// Draws the answer: its length, text and pace from the seed and the
+    /// request only (every strategy of a run gets the same), its id from the
     /// request's own draws.
     fn draw(
         shared: &Shared,
@@ -752,7 +763,7 @@ impl Answer {
         let chunk_sizes = (0..chunks.len() as u64)
             .map(|i| per_delta.min(output_tokens.saturating_sub(i.saturating_mul(per_delta))))
             .collect();
-        let factor = latency.factor(rng);
+        let factor = latency.factor(&mut pace_rng(shared.config.seed, parsed.content_hash));
         let message_id = random_id("msg_", rng);
         let slow = if fault == Some(Fault::Slow) {
             shared.lock_stats().class(class.as_str()).slow_responses += 1;

@@ -149,8 +149,8 @@ pub fn scaled_cache_bound(a: &Args) -> Result<CacheBound, String> {
 }
 
 /// The least time the run's emulator takes to answer any of `bodies`: for
-/// each, its default latency model at its fastest (see [`answers`]), the
-/// shortest of them. Every client waits at least this long for its last
+/// each, its default latency model at the pace it gives that body (see
+/// [`answers`]), the shortest of them. Every client waits at least this long for its last
 /// answer.
 ///
 /// # Errors
@@ -171,10 +171,10 @@ pub fn quickest_answer<'a>(
 }
 
 /// What the run's emulator answers each of `bodies` with: its output tokens
-/// (drawn from the seed and the body only, the same for every client) and
-/// the least time it takes, in seconds: its default latency model at its
-/// fastest (time to first token plus the answer's tokens, times the
-/// smallest jitter factor). None for a body it refuses.
+/// and the time it takes, in seconds (time to first token plus the answer's
+/// tokens, at the pace the emulator gives that body), both drawn from the
+/// seed and the body only, the same for every client in any order. None for
+/// a body it refuses.
 ///
 /// # Errors
 /// A scale the emulator refuses.
@@ -189,15 +189,14 @@ pub fn answers<'a>(
         .build()
         .map_err(|e| format!("emulator: {e}"))?;
     let latency = Latency::default();
-    let fastest = (1.0 - latency.jitter.clamp(0.0, 1.0)).max(0.0);
     let per_token = latency.per_output_token.as_secs_f64();
     let first = latency.time_to_first_token.as_secs_f64();
     Ok(bodies
         .map(|b| {
             emulator
-                .answer_tokens(b)
+                .answer_pace(b)
                 .ok()
-                .map(|n| (n, (first + n as f64 * per_token) * fastest))
+                .map(|(n, factor)| (n, (first + n as f64 * per_token) * factor))
         })
         .collect())
 }

@@ -778,16 +778,10 @@ mod tests {
 
     /// The targets for the crate's stack on the default run: no request
     /// lost, no 429, and at least [`TARGET_SHARE_OF_WORKLOAD_MINIMUM`] of the
-    /// workload's minimum. Ignored until the stack meets them on this
-    /// workload: today no request fails and none meets a 429, but the share
-    /// is 0.969 (125.6 s against 121.7 s): the last request is admitted at
-    /// the limit-bound time itself, 120.78 s, and its answer (300 tokens)
-    /// takes 4.85 s, where the bound's order sends last the one request
-    /// whose answer takes 0.94 s at the quickest (44 tokens), which no
-    /// client can tell before it answers (`cargo test -p simulate --
-    /// --ignored` runs it).
+    /// workload's minimum (0.976 today: the last request is admitted at the
+    /// limit-bound time itself, 120.78 s, and answers in 4.09 s, where the
+    /// bound's order sends last the one request that answers in 1.10 s).
     #[test]
-    #[ignore = "0 failed and 0 429s are met; the share is 0.969 of the workload minimum, not 0.97"]
     fn default_run_meets_the_targets() {
         let (workload, _, rows) = simulate(&args(&["--json", "--strategy", "d"]));
         let d = &rows[0];

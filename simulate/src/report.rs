@@ -172,8 +172,8 @@ pub struct BoundRequest {
     /// The output tokens its answer carries (charged at admission when
     /// output is reserved).
     pub output: u64,
-    /// The least time the server takes to answer it, in seconds (its
-    /// latency model at its fastest; 0 when unknown).
+    /// The time the server takes to answer it, in seconds (its latency
+    /// model at the pace it gives this request; 0 when unknown).
     pub answer: f64,
 }
 

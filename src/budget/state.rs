@@ -215,6 +215,15 @@ impl KeyState {
             .map_or(prior, |r| r.clamp(0.0, 1.0))
     }
 
+    /// Answers with usage (and a `max_tokens`) the key has settled, as its
+    /// output samples count them.
+    fn answers_seen(&self) -> u64 {
+        match self.output_ratio.as_ref() {
+            Some(samples) => samples.seen,
+            None => self.early_outputs.iter().filter(|s| s.1 > 0).count() as u64,
+        }
+    }
+
     /// The output to reserve for a request of `max_tokens` in realtime
     /// mode, in tokens: the prior share of `max_tokens` until
     /// `settings.output_ratio_min_samples` responses were seen, then the
@@ -300,6 +309,15 @@ fn carry(absorbed: u32, pending: u32, lowered: u64) -> u32 {
         absorbed.saturating_add(u32::try_from(lowered).unwrap_or(u32::MAX))
     }
 }
+
+/// Answers a key settles before its input headroom is the configured share:
+/// until then it is [`COLD_HEADROOM_FACTOR`] times that (the estimator's
+/// calibration needs as many samples of a model before it corrects it).
+const COLD_ANSWERS: u64 = 5;
+
+/// How much larger the input headroom is before a key's first
+/// [`COLD_ANSWERS`] answers: 10 % of the limit in the preset (2 % after).
+const COLD_HEADROOM_FACTOR: f64 = 5.0;
 
 /// One key: its name, and its state behind its own lock.
 #[derive(Debug)]
@@ -1494,7 +1512,15 @@ impl Shared {
         let exact = self.own && ks.inexact == 0 && charge.input_exact();
         adm.headroom = match itpm {
             Some(limit) if !adm.no_headroom && !exact && charge.costs.input_tokens > 0 => {
-                (limit as f64 * self.settings.input_headroom).ceil() as u64
+                // Before the key's first answers, nothing has measured the
+                // estimator's error on this traffic and tokenizer, and the
+                // whole bucket is there to be filled at once: keep more.
+                let share = if ks.answers_seen() < COLD_ANSWERS {
+                    self.settings.input_headroom * COLD_HEADROOM_FACTOR
+                } else {
+                    self.settings.input_headroom
+                };
+                (limit as f64 * share.min(0.5)).ceil() as u64
             }
             _ => 0,
         };
