@@ -3106,3 +3106,57 @@ async fn a_waiting_request_reserves_the_output_learned_while_it_waited() {
     let left = remaining(&layer.snapshot(), Dimension::OutputTokens);
     assert!(left > 600.0, "{left}");
 }
+
+/// Before a key's first answers, nothing has measured how far its estimates
+/// are from what the server counts, and the whole bucket is there to be
+/// filled at once: the input headroom is five times its share (10 % of
+/// 10,000 for a share of 2 %), so 5,000 + 4,500 tokens do not go together
+/// at the start. Once 5 answers have settled, the same pair does.
+#[tokio::test(start_paused = true)]
+async fn the_first_burst_keeps_a_larger_input_headroom() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1_000).itpm(10_000).otpm(100_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .input_headroom(0.02)
+        .build();
+    let svc = layer.layer(upstream(Arc::clone(&log), 10));
+    let pair = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>| {
+        let (a, b) = (svc.clone(), svc.clone());
+        async move {
+            let first = async move {
+                let resp = a.oneshot(request(5_000, 100)).await.unwrap();
+                resp.into_body().collect().await.unwrap();
+            };
+            let second = async move {
+                let resp = b.oneshot(request(4_500, 100)).await.unwrap();
+                resp.into_body().collect().await.unwrap();
+            };
+            tokio::join!(first, second);
+        }
+    };
+    let start = Instant::now();
+    pair(&svc).await;
+    let sent = log.sent();
+    assert_eq!(sent.len(), 2);
+    assert!(
+        sent[1].at > start,
+        "the second went at once: {:?}",
+        sent[1].at - start
+    );
+    // Five small answers, then a full bucket.
+    for _ in 0..5 {
+        let resp = svc.clone().oneshot(request(10, 100)).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let again = Instant::now();
+    pair(&svc).await;
+    let sent = log.sent();
+    assert_eq!(sent.len(), 9);
+    assert!(
+        sent[7].at == again && sent[8].at == again,
+        "{:?}",
+        &sent[7..]
+    );
+}

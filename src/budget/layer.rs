@@ -500,8 +500,11 @@ impl TokenBudgetBuilder {
     /// bucket is full. A request whose input is exact (a `count_tokens`
     /// answer, less a cache read whose size the server reported) skips the
     /// headroom while no request admitted on an estimate awaits the
-    /// server's count of its input: there is no error to absorb. Clamped to
-    /// `[0, 0.5]`; NaN is taken as 0.
+    /// server's count of its input: there is no error to absorb. Until a
+    /// key has settled 5 answers, the headroom is five times the share (at
+    /// most half the limit): nothing has yet measured the estimator's error
+    /// on the traffic, and the whole bucket is there to be filled at once.
+    /// Clamped to `[0, 0.5]`; NaN is taken as 0.
     pub fn input_headroom(mut self, share: f64) -> Self {
         self.input_headroom = if share.is_nan() {
             0.0
