@@ -474,6 +474,18 @@ pub(crate) enum ContentKind {
     OtherScript,
 }
 
+impl ContentKind {
+    /// Every kind, in the order of their discriminants.
+    pub(crate) const ALL: [ContentKind; 6] = [
+        ContentKind::Prose,
+        ContentKind::Code,
+        ContentKind::Data,
+        ContentKind::Encoded,
+        ContentKind::Cjk,
+        ContentKind::OtherScript,
+    ];
+}
+
 /// Tokens per feature.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct TextModel {
@@ -497,7 +509,71 @@ impl TextModel {
             .map(|(k, n)| k * *n as f64)
             .sum()
     }
+
+    /// The tokens of text with these counts, split by [`Group`]: their sum
+    /// is [`tokens`](Self::tokens).
+    pub(crate) fn group_tokens(&self, c: &Classes) -> [f64; GROUPS] {
+        let mut out = [0.0; GROUPS];
+        for ((k, n), g) in self.coef.iter().zip(c.n.iter()).zip(GROUP_OF.iter()) {
+            if let Some(slot) = out.get_mut(*g as usize) {
+                *slot += k * *n as f64;
+            }
+        }
+        out
+    }
 }
+
+/// Groups of [`Feature`]s whose tokens calibration learns apart: the parts
+/// of a text a tokenizer other than the model's reference may count at
+/// different rates (a tokenizer with more CJK merges, or fewer for code
+/// symbols), so that a request mixing them gets each part's own ratio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub(crate) enum Group {
+    /// ASCII letters and words (with case switches).
+    Words = 0,
+    /// Digits and their runs.
+    Digits,
+    /// Line breaks, tabs and indentation.
+    Space,
+    /// ASCII punctuation and symbols.
+    Punct,
+    /// Latin-1 supplement, Latin extended and Greek.
+    Latin,
+    /// Cyrillic and the other two-byte scripts, with their words.
+    TwoByte,
+    /// CJK ideographs, punctuation and kana.
+    Cjk,
+    /// Hangul and Yi.
+    Hangul,
+    /// Other three-byte and four-byte characters (Indic scripts, emoji).
+    Other,
+}
+
+/// The number of groups.
+pub(crate) const GROUPS: usize = 9;
+
+/// The group of each feature, in the order of [`Feature`].
+const GROUP_OF: [Group; FEATURES] = [
+    Group::Words,   // Letters
+    Group::Words,   // Words
+    Group::Words,   // CaseSwitches
+    Group::Digits,  // Digits
+    Group::Digits,  // DigitRuns
+    Group::Space,   // Breaks
+    Group::Space,   // Indent
+    Group::Punct,   // Punct
+    Group::Punct,   // PunctRuns
+    Group::Latin,   // Latin
+    Group::TwoByte, // Cyrillic
+    Group::TwoByte, // OtherTwoByte
+    Group::Cjk,     // Cjk
+    Group::Hangul,  // Hangul
+    Group::Other,   // OtherThreeByte
+    Group::Other,   // FourByte
+    Group::TwoByte, // NonAsciiWords
+    Group::Cjk,     // Kana
+];
 
 #[cfg(test)]
 mod tests {

@@ -53,6 +53,7 @@ mod anthropic;
 pub(crate) mod cache;
 mod calibrate;
 mod classes;
+mod fit;
 #[cfg(test)]
 mod corpus;
 mod media;
