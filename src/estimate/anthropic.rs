@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use super::cache::{Pending, PromptCache, TTL_1H, TTL_5M};
 use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration};
-use super::fit::Split;
 use super::classes::{Classes, ContentKind, TextModel};
+use super::fit::Split;
 use super::media;
 use super::shared::{PrefixKey, SharedPromptCache};
 use super::{CachePrefix, Estimate, TokenEstimator, MAX_MODEL_LEN};
@@ -1439,10 +1439,9 @@ impl AnthropicEstimator {
     /// counted, by its parts when the estimate's record is remembered.
     fn learn(&self, model: &str, learned: Option<Learned>, est_total: u64, actual_total: u64) {
         match learned {
-            Some(l) => {
-                self.calibration
-                    .observe_parts(model, l.kind, &l.split, actual_total)
-            }
+            Some(l) => self
+                .calibration
+                .observe_parts(model, l.kind, &l.split, actual_total),
             None => self.calibration.observe(model, est_total, actual_total),
         };
     }

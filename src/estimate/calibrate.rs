@@ -739,6 +739,142 @@ mod tests {
         assert!((cal.factor("m") - 0.8).abs() < 1e-9, "{}", cal.factor("m"));
     }
 
+    use super::super::classes::{Group, GROUPS};
+
+    /// A split of `words` tokens of ASCII words, `cjk` of CJK, 10 of
+    /// framing, and the media and overhead given.
+    fn split(words: f64, cjk: f64, overhead: u64, media: u64, items: u64) -> Split {
+        let mut g = [0.0; GROUPS];
+        g[Group::Words as usize] = words;
+        g[Group::Cjk as usize] = cjk;
+        Split::new(g, 10.0, overhead, media, items)
+    }
+
+    fn near(got: f64, want: f64, tolerance: f64) -> bool {
+        (got - want).abs() <= tolerance * want
+    }
+
+    /// A tokenizer that counts English words at 0.8 of the estimate and
+    /// Chinese at 1.3: a request that mixes them is predicted with each
+    /// part's own ratio, which no single ratio per request can do.
+    #[test]
+    fn a_request_mixing_kinds_gets_each_parts_ratio() {
+        let cal = Calibration::default();
+        for i in 0..40u64 {
+            let (w, c) = if i % 2 == 0 {
+                (500.0 + 100.0 * (i % 7) as f64, 0.0)
+            } else {
+                (0.0, 400.0 + 150.0 * (i % 5) as f64)
+            };
+            let actual = (0.8 * (w + 10.0) + 1.3 * c).round() as u64;
+            let kind = if c > 0.0 {
+                ContentKind::Cjk
+            } else {
+                ContentKind::Prose
+            };
+            assert!(cal.observe_parts("m", kind, &split(w, c, 0, 0, 0), actual));
+        }
+        let mixed = split(1_000.0, 1_000.0, 0, 0, 0);
+        let want = 0.8 * 1_010.0 + 1.3 * 1_000.0;
+        for kind in [ContentKind::Prose, ContentKind::Cjk] {
+            let got = cal.predict("m", kind, &mixed);
+            assert!(near(got, want, 0.03), "{kind:?}: {got} vs {want}");
+        }
+    }
+
+    /// The server charges 1,600 tokens an image whatever its size, where the
+    /// formula says 350 to 1,600: images learn their cost per item from
+    /// requests where they are a small part, and the text's ratio carries
+    /// none of their error.
+    #[test]
+    fn images_learn_per_item_from_requests_mostly_text() {
+        let cal = Calibration::default();
+        for i in 0..30u64 {
+            let w = 1_500.0 + 200.0 * (i % 5) as f64;
+            if i % 3 == 2 {
+                let formula = [350, 640, 1_229][(i % 9 / 3) as usize];
+                let actual = (0.8 * (w + 10.0)).round() as u64 + 1_600;
+                cal.observe_parts(
+                    "m",
+                    ContentKind::Prose,
+                    &split(w, 0.0, 0, formula, 1),
+                    actual,
+                );
+            } else {
+                let actual = (0.8 * (w + 10.0)).round() as u64;
+                cal.observe_parts("m", ContentKind::Prose, &split(w, 0.0, 0, 0, 0), actual);
+            }
+        }
+        let small = cal.predict("m", ContentKind::Prose, &split(200.0, 0.0, 0, 350, 1));
+        assert!(near(small, 0.8 * 210.0 + 1_600.0, 0.05), "{small}");
+        let text = cal.predict("m", ContentKind::Prose, &split(2_000.0, 0.0, 0, 0, 0));
+        assert!(near(text, 0.8 * 2_010.0, 0.02), "{text}");
+
+        // A server that follows the formula: the ratio wins.
+        let cal = Calibration::default();
+        for i in 0..30u64 {
+            let formula = [350, 640, 1_229, 1_600][(i % 4) as usize];
+            let actual = (0.8 * 210.0) as u64 + formula;
+            cal.observe_parts(
+                "m",
+                ContentKind::Prose,
+                &split(200.0, 0.0, 0, formula, 1),
+                actual,
+            );
+            cal.observe_parts("m", ContentKind::Prose, &split(1_000.0, 0.0, 0, 0, 0), 808);
+        }
+        let small = cal.predict("m", ContentKind::Prose, &split(200.0, 0.0, 0, 640, 1));
+        assert!(near(small, 0.8 * 210.0 + 640.0, 0.05), "{small}");
+    }
+
+    /// The estimator adds 530 tokens of tool-use system prompt; a server
+    /// that adds none, or 346, is learned from requests with tools alone.
+    #[test]
+    fn tools_learn_the_servers_overhead() {
+        for server_overhead in [0.0, 346.0] {
+            let cal = Calibration::default();
+            for i in 0..20u64 {
+                let w = 500.0 + 300.0 * (i % 7) as f64;
+                let actual = (0.75 * (w + 10.0) + server_overhead) as u64;
+                assert!(cal.observe_parts(
+                    "m",
+                    ContentKind::Code,
+                    &split(w, 0.0, 530, 0, 0),
+                    actual
+                ));
+            }
+            for w in [400.0, 1_000.0, 5_000.0] {
+                let want = 0.75 * (w + 10.0) + server_overhead;
+                let got = cal.predict("m", ContentKind::Code, &split(w, 0.0, 530, 0, 0));
+                assert!(
+                    near(got, want, 0.05),
+                    "{server_overhead} {w}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// The margin comes from the spread of the fit's errors, per kind:
+    /// text whose count scatters is charged above its centre, text that is
+    /// counted exactly at its centre.
+    #[test]
+    fn the_margin_follows_each_kinds_spread() {
+        let cal = Calibration::default();
+        for i in 0..60u64 {
+            let w = 800.0 + 50.0 * (i % 5) as f64;
+            let exact = (0.8 * (w + 10.0)).round() as u64;
+            cal.observe_parts("m", ContentKind::Data, &split(w, 0.0, 0, 0, 0), exact);
+            // Prose counted 0.8 on average, ±10 %.
+            let noisy = (0.8 * (w + 10.0) * [0.9, 1.0, 1.1][(i % 3) as usize]).round() as u64;
+            cal.observe_parts("m", ContentKind::Prose, &split(w, 0.0, 0, 0, 0), noisy);
+        }
+        let centre = 0.8 * 1_010.0;
+        let data = cal.predict("m", ContentKind::Data, &split(1_000.0, 0.0, 0, 0, 0));
+        let prose = cal.predict("m", ContentKind::Prose, &split(1_000.0, 0.0, 0, 0, 0));
+        assert!(near(data, centre, 0.01), "{data}");
+        assert!(prose > centre * 1.02 && prose < centre * 1.1, "{prose}");
+    }
+
     #[test]
     fn calibration_ignores_zero_estimate() {
         let cal = Calibration::default();

@@ -69,7 +69,17 @@ pub(crate) const PARTS: usize = FIT + 2;
 /// that hold a part, at the part's average share in them. Small beside a
 /// window of requests, large enough that a part seen in one request does
 /// not take all of that request's error.
-const RIDGE: f64 = 1.0;
+const RIDGE: f64 = 0.25;
+
+/// The least average share for the prior's weight on a part: a part that
+/// is a sliver of every request holding it is otherwise free to take any
+/// value.
+const MIN_RIDGE_SHARE: f64 = 0.01;
+
+/// The weight that holds a coefficient at a value (the framing at the
+/// prior, a coefficient found out of its bounds at the bound) while the
+/// others are solved.
+const HOLD: f64 = 1e6;
 
 /// The share of a request its media must have (as predicted) for its
 /// margin to be the media's, not its text's kind.
@@ -361,19 +371,45 @@ impl PartsFit {
         }
         for i in 0..FIT {
             let (sum, n) = held[i];
-            let ridge = if n > 0 { RIDGE * sum / f64::from(n) } else { RIDGE };
+            let share = if n > 0 { sum / f64::from(n) } else { 1.0 };
+            // The framing is held at the text's prior ratio: a constant per
+            // message, it cannot be told from the tool-use overhead (a
+            // constant per request) in requests with tools.
+            let ridge = if i == FRAMING {
+                HOLD
+            } else {
+                RIDGE * share.max(MIN_RIDGE_SHARE)
+            };
             m[i][i] += ridge;
             v[i] += ridge * prior[i];
         }
-        let Some(l) = cholesky(&m) else {
-            return;
-        };
-        let w = back_substitute(&l, &forward_substitute(&l, &v));
-        if w.iter().any(|x| !x.is_finite()) {
-            return;
+        // A coefficient out of its bounds is held at the bound, and the
+        // others solved again without it.
+        for _ in 0..2 {
+            let Some(l) = cholesky(&m) else {
+                return;
+            };
+            let w = back_substitute(&l, &forward_substitute(&l, &v));
+            if w.iter().any(|x| !x.is_finite()) {
+                return;
+            }
+            let bounded = clamp(w, config);
+            if bounded == w {
+                self.w = w;
+                self.margins(&l, config);
+                return;
+            }
+            for i in 0..FIT {
+                if bounded[i] != w[i] {
+                    m[i][i] += HOLD;
+                    v[i] += HOLD * bounded[i];
+                }
+            }
+            self.w = bounded;
         }
-        self.w = clamp(w, config);
-        self.margins(&l, config);
+        if let Some(l) = cholesky(&m) {
+            self.margins(&l, config);
+        }
     }
 
     /// The factors per class and over the window from each request's

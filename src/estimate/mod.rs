@@ -53,9 +53,9 @@ mod anthropic;
 pub(crate) mod cache;
 mod calibrate;
 mod classes;
-mod fit;
 #[cfg(test)]
 mod corpus;
+mod fit;
 mod media;
 mod shared;
 
