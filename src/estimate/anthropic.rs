@@ -1691,9 +1691,8 @@ impl TokenEstimator for AnthropicEstimator {
     }
 
     /// Learns from an exact count of the whole prompt (a `count_tokens`
-    /// answer): one calibration sample, `counted / (raw_input_tokens +
-    /// cache_read_tokens)`, into the model's window and its kind of content's,
-    /// as a settled response gives. A request that is counted and then
+    /// answer): one calibration sample of the whole prompt, by its parts
+    /// (see [`Calibration`]), as a settled response gives. A request that is counted and then
     /// settles gives two samples of the same ratio. Fallback estimates teach
     /// nothing.
     fn observe_count(&self, estimate: &Estimate, counted: u64) {

@@ -1,5 +1,6 @@
-//! Online calibration: the median of observed ratios plus a margin sized from
-//! their spread, per model and per kind of content.
+//! Online calibration: per model, the median of observed ratios plus a
+//! margin sized from their spread, and a fit over the parts of each request
+//! (see the `fit` module) with margins per kind of content.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -343,14 +344,18 @@ struct Inner {
 /// / estimated` in a per-model sliding window. The median follows the ratio
 /// up or down; the margin grows with how much the ratios scatter, so a
 /// consistent estimator is charged almost exactly and a noisy one keeps
-/// room for its misses. The estimator also keeps a window per kind of content
-/// it can tell apart (prose, code, data, base64, CJK, other scripts), used
-/// once that kind has `min_samples` of its own, and learns the parts of a
-/// prompt that are not text apart from it: images and documents (as a ratio
-/// to the media formula or as tokens per item, whichever the server's counts
-/// scatter less around) and the tool-use overhead (in tokens). Their errors
-/// are not the tokenizer's, and as one ratio with the text they would widen
-/// every text estimate's margin.
+/// room for its misses. The estimator calibrates by the parts of each
+/// request rather than by one ratio: a ridge least-squares fit, over the
+/// last `window` requests, of what the server charged against the
+/// estimate's tokens per character-class group (ASCII words, digits,
+/// whitespace, punctuation, each non-ASCII script group), its framing and
+/// its tool-use overhead, leaning toward the model's ratio above; images
+/// and documents learned from what the fitted text leaves (as a ratio to
+/// the media formula or as tokens per item, whichever scatters less); and
+/// a margin from the spread of the fit's leave-one-out errors, per kind of
+/// content (prose, code, data, base64, CJK, other scripts), with requests
+/// holding media or tools apart. A request that mixes kinds gets each
+/// part's own ratio (see the `fit` module's docs).
 ///
 /// The same pieces serve any "learn a conservative ratio per model" need, for
 /// example the budget's expected `output_tokens / max_tokens`.
@@ -372,9 +377,10 @@ struct Inner {
 ///
 /// # What it does not do
 ///
-/// It does not weigh samples by size or age inside the window (every one of
-/// the last `window` observations counts the same), and it does not persist
-/// anything: a new process starts neutral.
+/// It does not weigh samples by age inside the window (every one of the
+/// last `window` observations counts the same; the fit weighs each request
+/// by its relative error, so a large request counts no more than a small
+/// one), and it does not persist anything: a new process starts neutral.
 pub struct Calibration {
     config: CalibrationConfig,
     inner: Mutex<Inner>,

@@ -42,8 +42,9 @@
 //! `o200k_base` (every Claude model) is off by its own ratio. Both are what
 //! calibration learns.
 //!
-//! Calibration (per model and per kind of content) then learns the ratio
-//! between this model and the tokenizer of the model really called.
+//! Calibration (per model, by [`Group`] of features, with margins per kind
+//! of content) then learns the ratio between this model and the tokenizer
+//! of the model really called.
 
 /// Character-class counts of some text. All counts saturate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -456,8 +457,8 @@ impl Classes {
     }
 }
 
-/// A kind of content the character classes tell apart; calibration learns a
-/// separate ratio for each.
+/// A kind of content the character classes tell apart; calibration sizes a
+/// separate margin for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum ContentKind {
     /// Natural language in Latin letters.
