@@ -193,6 +193,8 @@ pub(crate) struct PartsFit {
     factor: f64,
     /// Scratch for the leave-one-out errors: (class, actual / predicted − 1).
     errors: Vec<(usize, f64)>,
+    /// Requests added since the last refit.
+    since_refit: usize,
 }
 
 impl PartsFit {
@@ -209,6 +211,7 @@ impl PartsFit {
             class_factor: [None; CLASSES],
             factor: 1.0,
             errors: Vec::new(),
+            since_refit: 0,
         }
     }
 
@@ -330,16 +333,31 @@ impl PartsFit {
             *slot = row;
         }
         self.next = (self.next + 1) % self.cap;
-        self.refit(prior, config);
+        // Refit after each eighth of the window has changed (after every
+        // request while it holds fewer than 16): one request moves a fit
+        // over many little, and a refit costs a pass over the window.
+        self.since_refit += 1;
+        if self.since_refit >= (self.rows.len() / 8).max(1) {
+            self.since_refit = 0;
+            self.refit(prior, config);
+        }
         true
+    }
+
+    /// Whether the media have taught enough for their cost to be used in
+    /// place of the formula's.
+    fn media_known(&self, config: &CalibrationConfig) -> bool {
+        self.media_item.len().max(self.media_ratio.len()) >= config.min_samples
     }
 
     /// What the fitted parts of a row had to account for: 1 less its media's
     /// share at what they are now known to cost; `None` (the row stays out
-    /// of the solve) while media not yet learned are 5 % of it or more.
-    fn target(&self, r: &Row, config: &CalibrationConfig) -> Option<f64> {
+    /// of the solve) while media not yet `known` are 5 % of it or more.
+    fn target(&self, r: &Row, known: bool, config: &CalibrationConfig) -> Option<f64> {
+        if r.media == (0.0, 0.0) {
+            return Some(1.0);
+        }
         let media = self.media_cost(r.media.0, r.media.1, config);
-        let known = self.media_item.len().max(self.media_ratio.len()) >= config.min_samples;
         (media == 0.0 || known || media < MEDIA_UNKNOWN_SHARE).then_some(1.0 - media)
     }
 
@@ -348,23 +366,24 @@ impl PartsFit {
     // Matrix code reads best with indices.
     #[allow(clippy::needless_range_loop)]
     fn refit(&mut self, prior: &[f64; FIT], config: &CalibrationConfig) {
+        let known = self.media_known(config);
         let mut m = [[0.0f64; FIT]; FIT];
         let mut v = [0.0f64; FIT];
         // Per part: the sum of its squared shares and the rows holding it.
         let mut held = [(0.0f64, 0u32); FIT];
         for r in &self.rows {
-            let Some(target) = self.target(r, config) else {
+            let Some(target) = self.target(r, known, config) else {
                 continue;
             };
-            for i in 0..FIT {
+            let (idx, k) = nonzero(&r.z);
+            for a in 0..k {
+                let i = idx[a];
                 let zi = r.z[i];
-                if zi == 0.0 {
-                    continue;
-                }
                 held[i].0 += zi * zi;
                 held[i].1 += 1;
                 v[i] += zi * target;
-                for j in 0..=i {
+                // The indices ascend: the lower triangle.
+                for &j in &idx[..=a] {
                     m[i][j] += zi * r.z[j];
                 }
             }
@@ -396,7 +415,7 @@ impl PartsFit {
             let bounded = clamp(w, config);
             if bounded == w {
                 self.w = w;
-                self.margins(&l, config);
+                self.margins(&l, known, config);
                 return;
             }
             for i in 0..FIT {
@@ -408,20 +427,33 @@ impl PartsFit {
             self.w = bounded;
         }
         if let Some(l) = cholesky(&m) {
-            self.margins(&l, config);
+            self.margins(&l, known, config);
         }
     }
 
     /// The factors per class and over the window from each request's
     /// leave-one-out error (its plain error for a request not in the solve).
-    fn margins(&mut self, l: &[[f64; FIT]; FIT], config: &CalibrationConfig) {
+    // Matrix code reads best with indices.
+    #[allow(clippy::needless_range_loop)]
+    fn margins(&mut self, l: &[[f64; FIT]; FIT], known: bool, config: &CalibrationConfig) {
+        let inverse = inverse(l);
         self.errors.clear();
         for r in &self.rows {
+            let (idx, k) = nonzero(&r.z);
+            let idx = &idx[..k];
+            let fitted: f64 = idx.iter().map(|&i| r.z[i] * self.w[i]).sum();
             // Relative residual (actual − predicted) / actual, then left
-            // out: divided by 1 − leverage.
-            let fitted: f64 = r.z.iter().zip(self.w.iter()).map(|(z, w)| z * w).sum();
-            let (target, h) = match self.target(r, config) {
-                Some(t) => (t, forward_substitute(l, &r.z).iter().map(|y| y * y).sum()),
+            // out: divided by 1 − leverage, `z' M⁻¹ z`.
+            let (target, h) = match self.target(r, known, config) {
+                Some(t) => {
+                    let mut h = 0.0;
+                    for &i in idx {
+                        for &j in idx {
+                            h += r.z[i] * inverse[i][j] * r.z[j];
+                        }
+                    }
+                    (t, h)
+                }
                 None => (1.0 - self.media_cost(r.media.0, r.media.1, config), 0.0),
             };
             let residual = target - fitted;
@@ -435,41 +467,81 @@ impl PartsFit {
                 self.errors.push((r.class, loo / (1.0 - loo)));
             }
         }
-        self.errors.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let min = config.min_samples;
-        self.factor = self.factor_of(None, min, config).unwrap_or(1.0);
-        let mut classes = [None; CLASSES];
-        for (c, slot) in classes.iter_mut().enumerate() {
-            *slot = self.factor_of(Some(c), min, config);
+        self.errors.sort_unstable_by(|a, b| a.1.total_cmp(&b.1));
+        // The median and the quantile of each class, and of all, in one
+        // pass over the sorted errors (nearest rank).
+        let rank = |q: f64, n: usize| ((q * n as f64).ceil() as usize).clamp(1, n.max(1));
+        let mut count = [0usize; CLASSES];
+        for e in &self.errors {
+            if let Some(c) = count.get_mut(e.0) {
+                *c += 1;
+            }
         }
-        self.class_factor = classes;
-    }
-
-    /// `1 + median + spread_weight × (quantile − median)` of the sorted
-    /// errors of `class` (all with `None`), when at least `min` of them.
-    fn factor_of(
-        &self,
-        class: Option<usize>,
-        min: usize,
-        config: &CalibrationConfig,
-    ) -> Option<f64> {
-        let of_class = |e: &&(usize, f64)| class.is_none_or(|c| e.0 == c);
-        let n = self.errors.iter().filter(of_class).count();
-        if n < min.max(1) {
-            return None;
+        let mut seen = [0usize; CLASSES];
+        let mut median = [0.0f64; CLASSES];
+        let mut high = [0.0f64; CLASSES];
+        let n = self.errors.len();
+        let (mut all_median, mut all_high) = (0.0, 0.0);
+        for (k, e) in self.errors.iter().enumerate() {
+            if k + 1 == rank(0.5, n) {
+                all_median = e.1;
+            }
+            if k + 1 == rank(config.quantile, n) {
+                all_high = e.1;
+            }
+            let c = e.0.min(CLASSES - 1);
+            seen[c] += 1;
+            if seen[c] == rank(0.5, count[c]) {
+                median[c] = e.1;
+            }
+            if seen[c] == rank(config.quantile, count[c]) {
+                high[c] = e.1;
+            }
         }
-        let at = |q: f64| {
-            let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
-            self.errors
-                .iter()
-                .filter(of_class)
-                .nth(rank - 1)
-                .map(|e| e.1)
+        let factor = |median: f64, high: f64| {
+            let f = 1.0 + median + config.spread_weight * (high - median).max(0.0);
+            f.clamp(config.min_factor, config.max_factor)
         };
-        let (median, q) = (at(0.5)?, at(config.quantile)?);
-        let f = 1.0 + median + config.spread_weight * (q - median).max(0.0);
-        Some(f.clamp(config.min_factor, config.max_factor))
+        let min = config.min_samples.max(1);
+        self.factor = if n >= min {
+            factor(all_median, all_high)
+        } else {
+            1.0
+        };
+        for c in 0..CLASSES {
+            self.class_factor[c] = (count[c] >= min).then(|| factor(median[c], high[c]));
+        }
     }
+}
+
+/// The indices of the non-zero entries of `z`, ascending, and how many.
+fn nonzero(z: &[f64; FIT]) -> ([usize; FIT], usize) {
+    let mut idx = [0usize; FIT];
+    let mut k = 0;
+    for (i, x) in z.iter().enumerate() {
+        if *x != 0.0 {
+            if let Some(slot) = idx.get_mut(k) {
+                *slot = i;
+            }
+            k += 1;
+        }
+    }
+    (idx, k)
+}
+
+/// `M⁻¹` from the Cholesky factor `L` of `M`, column by column.
+#[allow(clippy::needless_range_loop)]
+fn inverse(l: &[[f64; FIT]; FIT]) -> [[f64; FIT]; FIT] {
+    let mut out = [[0.0f64; FIT]; FIT];
+    for j in 0..FIT {
+        let mut e = [0.0f64; FIT];
+        e[j] = 1.0;
+        let col = back_substitute(l, &forward_substitute(l, &e));
+        for i in 0..FIT {
+            out[i][j] = col[i];
+        }
+    }
+    out
 }
 
 /// How widely a window's samples scatter around their median (p90 − p10
