@@ -446,11 +446,15 @@ impl PartsFit {
             // out: divided by 1 − leverage, `z' M⁻¹ z`.
             let (target, h) = match self.target(r, known, config) {
                 Some(t) => {
+                    // Symmetric: the diagonal once, each pair below it twice.
                     let mut h = 0.0;
-                    for &i in idx {
-                        for &j in idx {
-                            h += r.z[i] * inverse[i][j] * r.z[j];
+                    for (a, &i) in idx.iter().enumerate() {
+                        let row = &inverse[i];
+                        let mut below = 0.0;
+                        for &j in &idx[..a] {
+                            below += row[j] * r.z[j];
                         }
+                        h += r.z[i] * (row[i] * r.z[i] + 2.0 * below);
                     }
                     (t, h)
                 }
@@ -477,24 +481,26 @@ impl PartsFit {
                 *c += 1;
             }
         }
+        let ranks = count.map(|n| (rank(0.5, n), rank(config.quantile, n)));
+        let n = self.errors.len();
+        let all_ranks = (rank(0.5, n), rank(config.quantile, n));
         let mut seen = [0usize; CLASSES];
         let mut median = [0.0f64; CLASSES];
         let mut high = [0.0f64; CLASSES];
-        let n = self.errors.len();
         let (mut all_median, mut all_high) = (0.0, 0.0);
         for (k, e) in self.errors.iter().enumerate() {
-            if k + 1 == rank(0.5, n) {
+            if k + 1 == all_ranks.0 {
                 all_median = e.1;
             }
-            if k + 1 == rank(config.quantile, n) {
+            if k + 1 == all_ranks.1 {
                 all_high = e.1;
             }
             let c = e.0.min(CLASSES - 1);
             seen[c] += 1;
-            if seen[c] == rank(0.5, count[c]) {
+            if seen[c] == ranks[c].0 {
                 median[c] = e.1;
             }
-            if seen[c] == rank(config.quantile, count[c]) {
+            if seen[c] == ranks[c].1 {
                 high[c] = e.1;
             }
         }
@@ -529,16 +535,30 @@ fn nonzero(z: &[f64; FIT]) -> ([usize; FIT], usize) {
     (idx, k)
 }
 
-/// `M⁻¹` from the Cholesky factor `L` of `M`, column by column.
+/// `M⁻¹` from the Cholesky factor `L` of `M`: `L⁻¹` (lower triangular),
+/// then `M⁻¹ = L⁻ᵀ L⁻¹`, each entry a sum over the rows below both.
 #[allow(clippy::needless_range_loop)]
 fn inverse(l: &[[f64; FIT]; FIT]) -> [[f64; FIT]; FIT] {
-    let mut out = [[0.0f64; FIT]; FIT];
+    let mut li = [[0.0f64; FIT]; FIT];
     for j in 0..FIT {
-        let mut e = [0.0f64; FIT];
-        e[j] = 1.0;
-        let col = back_substitute(l, &forward_substitute(l, &e));
-        for i in 0..FIT {
-            out[i][j] = col[i];
+        li[j][j] = 1.0 / l[j][j];
+        for i in j + 1..FIT {
+            let mut s = 0.0;
+            for k in j..i {
+                s -= l[i][k] * li[k][j];
+            }
+            li[i][j] = s / l[i][i];
+        }
+    }
+    let mut out = [[0.0f64; FIT]; FIT];
+    for i in 0..FIT {
+        for j in 0..=i {
+            let mut s = 0.0;
+            for k in i..FIT {
+                s += li[k][i] * li[k][j];
+            }
+            out[i][j] = s;
+            out[j][i] = s;
         }
     }
     out
@@ -619,4 +639,34 @@ fn back_substitute(l: &[[f64; FIT]; FIT], y: &[f64; FIT]) -> [f64; FIT] {
         x[i] = s / l[i][i];
     }
     x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inverse from the Cholesky factor is the inverse: `M · M⁻¹ = I`
+    /// for a dense symmetric positive definite `M`.
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn inverse_inverts() {
+        let mut m = [[0.0f64; FIT]; FIT];
+        for i in 0..FIT {
+            for j in 0..FIT {
+                m[i][j] = 1.0 / (1.0 + i as f64 + j as f64);
+            }
+            m[i][i] += 1.0;
+        }
+        let Some(l) = cholesky(&m) else {
+            panic!("positive definite");
+        };
+        let inv = inverse(&l);
+        for i in 0..FIT {
+            for j in 0..FIT {
+                let p: f64 = (0..FIT).map(|k| m[i][k] * inv[k][j]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((p - want).abs() < 1e-9, "({i}, {j}): {p}");
+            }
+        }
+    }
 }
