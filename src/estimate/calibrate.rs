@@ -242,7 +242,8 @@ pub struct ModelCalibration {
     pub model: String,
     /// The factor [`Calibration::factor`] returns for it now.
     pub factor: f64,
-    /// Samples in its window.
+    /// Samples kept: the larger of its window of whole-request ratios and
+    /// the window of requests its fit over parts holds.
     pub samples: usize,
 }
 
@@ -264,6 +265,13 @@ impl ModelWindow {
             fit: None,
             last: tick,
         }
+    }
+
+    /// The larger of its window of ratios and its fit's window of requests.
+    fn samples(&self) -> usize {
+        self.window
+            .len()
+            .max(self.fit.as_deref().map_or(0, PartsFit::len))
     }
 }
 
@@ -532,9 +540,13 @@ impl Calibration {
         }
     }
 
-    /// The number of samples kept for `model`.
+    /// The number of samples kept for `model`: the larger of its window of
+    /// ratios and its fit's window of requests.
     pub fn samples(&self, model: &str) -> usize {
-        self.lock().models.get(model).map_or(0, |m| m.window.len())
+        self.lock()
+            .models
+            .get(model)
+            .map_or(0, ModelWindow::samples)
     }
 
     /// Records that a request estimated at `estimated` really cost `actual`.
@@ -596,7 +608,7 @@ impl Calibration {
             .map(|(k, m)| ModelCalibration {
                 model: k.clone(),
                 factor: self.factor_of(&m.window),
-                samples: m.window.len(),
+                samples: m.samples(),
             })
             .collect();
         out.sort_by(|a, b| a.model.cmp(&b.model));

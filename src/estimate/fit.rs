@@ -1,6 +1,7 @@
 //! The calibration of an estimate by its parts: a least-squares fit of what
-//! the server charged against the estimate's tokens split by character-class
-//! group, framing, media and tool-use overhead.
+//! the server charged against the estimate's text split by character-class
+//! group and its tool-use overhead, with the media learned from what the
+//! fitted text leaves.
 //!
 //! # Why a fit over parts, not one ratio per kind of request
 //!
@@ -13,40 +14,60 @@
 //! its error. The fit gives each part its own coefficient, learned from
 //! every request that holds some of it:
 //!
-//! `actual ≈ Σ w_g · x_g`
+//! `actual − media ≈ Σ w_g · x_g`
 //!
 //! where `x_g` is the estimate's tokens of part `g`: each
 //! [`Group`](super::classes::Group) of the text model's features, the
-//! per-message and per-request framing, the media formula (images as
-//! width × height / 750, PDF pages), the number of images and pages, and
-//! the tool-use overhead. It minimises the relative error (each request's
-//! row divided by what the server charged, so a large request weighs no
-//! more than a small one) over the last `window` requests, regularised
-//! toward a prior (ridge): the model's text ratio for the text and framing,
-//! the formula for the media, no cost per item, the overhead as estimated.
-//! A part the traffic has not shown keeps its prior; a part seen in a few
-//! requests moves as far as they tell.
+//! per-message and per-request framing (held at the text's prior ratio: a
+//! constant per message cannot be told from the tool-use overhead, a
+//! constant per request, in requests with tools), and the tool-use
+//! overhead. It minimises the relative error (each request's row divided by
+//! what the server charged, so a large request weighs no more than a small
+//! one) over the last `window` requests, regularised toward a prior
+//! (ridge): the model's median ratio of requests made of text for the text,
+//! the overhead as estimated. The prior weighs as a quarter of a request
+//! holding the part at its average share in the requests that hold it: a
+//! part the traffic has not shown keeps its prior, a part seen in a few
+//! requests moves about as far as they tell. A coefficient outside the
+//! calibration's bounds is held at the bound and the others solved again.
+//!
+//! # Media
+//!
+//! What the fitted text leaves of a request's count is a sample of its
+//! images' and documents' cost, as a ratio to the media formula (width ×
+//! height / 750, PDF pages) and per item, whenever it is a tenth of the
+//! count or more: images learn from requests where they are a small share
+//! of the estimate too. Until five samples, media cost the larger of the
+//! formula and the median cost per item seen (the two rules cannot be told
+//! apart yet, and the documented formula is the least a server charges);
+//! then the rule whose samples scatter less. A request whose media, not
+//! yet learned, are 5 % of it or more stays out of the text's solve.
 //!
 //! # The margin
 //!
 //! Safety comes from the spread of the fit's own errors, measured out of
 //! sample: the leave-one-out error of each request in the window (its
-//! residual scaled by `1 / (1 - h)`, `h` its leverage), as the ratio
-//! actual / predicted. A prediction is multiplied by `1 + median +
-//! spread_weight × (quantile − median)` of those ratios, per kind of
-//! content once a kind has enough requests in the window (data is
-//! predicted more tightly than prose in another script), else over the
-//! whole window.
+//! residual scaled by `1 / (1 − h)`, `h` its leverage; a request out of the
+//! solve, its plain error), as the ratio actual / predicted. A prediction
+//! is multiplied by `1 + median + spread_weight × (quantile − median)` of
+//! those ratios over its class once the class has `min_samples` requests
+//! in the window, else over the whole window. The classes: each kind of
+//! content, then requests whose media are a tenth of them or more, then
+//! requests with tools (data is predicted more tightly than prose, and an
+//! image's miss must not widen every text's margin).
 //!
 //! # Cost
 //!
 //! The estimate side is one dot product over [`PARTS`] numbers (the group
-//! tokens come from the character-class counts the estimator makes anyway).
-//! The settlement side refits: a [`PARTS`]-square system built from the
-//! window (`window × PARTS²/2` multiply-adds), its Cholesky factor, and one
-//! triangular solve per request of the window for the leave-one-out errors:
-//! about 20,000 floating-point operations for a window of 64, and no
-//! allocation once the window is full.
+//! tokens come from the character-class counts the estimator makes anyway)
+//! and no allocation. The settlement side pushes a row, and refits after
+//! each eighth of the window has changed (after every request while it
+//! holds fewer than 16): a system of [`FIT`] unknowns built from each
+//! request's non-zero parts, its Cholesky factor and inverse, and one
+//! quadratic form per request for its leverage. In the preset's in-memory
+//! profile (callgrind, a window of 64 requests alike) that is about 5,700
+//! instructions per request on average; no allocation once the window is
+//! full.
 
 use super::calibrate::{CalibrationConfig, SlidingQuantile};
 use super::classes::{ContentKind, GROUPS};
@@ -213,6 +234,11 @@ impl PartsFit {
             errors: Vec::new(),
             since_refit: 0,
         }
+    }
+
+    /// The requests in the window.
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len()
     }
 
     /// The class whose errors size the margin of a request of `kind`
