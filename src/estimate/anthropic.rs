@@ -1439,9 +1439,10 @@ impl AnthropicEstimator {
     /// counted, by its parts when the estimate's record is remembered.
     fn learn(&self, model: &str, learned: Option<Learned>, est_total: u64, actual_total: u64) {
         match learned {
-            Some(l) => self
-                .calibration
-                .observe_parts(model, l.kind, &l.split, actual_total),
+            Some(l) => {
+                self.calibration
+                    .observe_parts(model, l.kind, &l.split, est_total, actual_total)
+            }
             None => self.calibration.observe(model, est_total, actual_total),
         };
     }

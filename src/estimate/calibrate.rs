@@ -482,10 +482,11 @@ impl Calibration {
         self.factor_of(&m.window) * split.text() + split.media() + split.overhead()
     }
 
-    /// Records that a prompt estimated as `split`, whose text is mostly of
-    /// `kind`, really cost `actual`: one request of the fit over parts
-    /// (see [`fit`](super::fit)), and, when its text is 95 % of it or
-    /// more, a sample of the model's text ratio. Returns false (nothing
+    /// Records that a prompt estimated as `split` (`estimated` tokens in
+    /// all, as the estimate said), whose text is mostly of `kind`, really
+    /// cost `actual`: one request of the fit over parts (see
+    /// [`fit`](super::fit)), and, when its text is 95 % of it or more, a
+    /// sample `actual / estimated` of the model's ratio. Returns false (nothing
     /// learned) for an empty estimate, a count of 0, or a model name longer
     /// than [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes.
     pub(crate) fn observe_parts(
@@ -493,6 +494,7 @@ impl Calibration {
         model: &str,
         kind: ContentKind,
         split: &Split,
+        estimated: u64,
         actual: u64,
     ) -> bool {
         let total = split.total();
@@ -501,8 +503,8 @@ impl Calibration {
         }
         let actual = actual as f64;
         self.with_model(model, |m, window| {
-            if split.text() >= TEXT_ONLY_SHARE * total {
-                m.window.push(actual / total);
+            if split.text() >= TEXT_ONLY_SHARE * total && estimated > 0 {
+                m.window.push(actual / estimated as f64);
             }
             let prior = self.prior(m);
             m.fit
@@ -768,6 +770,17 @@ mod tests {
         Split::new(g, 10.0, overhead, media, items)
     }
 
+    /// One settled request of the fit, estimated at its split's total.
+    fn learn(
+        cal: &Calibration,
+        model: &str,
+        kind: ContentKind,
+        split: &Split,
+        actual: u64,
+    ) -> bool {
+        cal.observe_parts(model, kind, split, split.total().ceil() as u64, actual)
+    }
+
     fn near(got: f64, want: f64, tolerance: f64) -> bool {
         (got - want).abs() <= tolerance * want
     }
@@ -790,7 +803,7 @@ mod tests {
             } else {
                 ContentKind::Prose
             };
-            assert!(cal.observe_parts("m", kind, &split(w, c, 0, 0, 0), actual));
+            assert!(learn(&cal, "m", kind, &split(w, c, 0, 0, 0), actual));
         }
         let mixed = split(1_000.0, 1_000.0, 0, 0, 0);
         let want = 0.8 * 1_010.0 + 1.3 * 1_000.0;
@@ -812,7 +825,8 @@ mod tests {
             if i % 3 == 2 {
                 let formula = [350, 640, 1_229][(i % 9 / 3) as usize];
                 let actual = (0.8 * (w + 10.0)).round() as u64 + 1_600;
-                cal.observe_parts(
+                learn(
+                    &cal,
                     "m",
                     ContentKind::Prose,
                     &split(w, 0.0, 0, formula, 1),
@@ -820,7 +834,13 @@ mod tests {
                 );
             } else {
                 let actual = (0.8 * (w + 10.0)).round() as u64;
-                cal.observe_parts("m", ContentKind::Prose, &split(w, 0.0, 0, 0, 0), actual);
+                learn(
+                    &cal,
+                    "m",
+                    ContentKind::Prose,
+                    &split(w, 0.0, 0, 0, 0),
+                    actual,
+                );
             }
         }
         let small = cal.predict("m", ContentKind::Prose, &split(200.0, 0.0, 0, 350, 1));
@@ -833,13 +853,20 @@ mod tests {
         for i in 0..30u64 {
             let formula = [350, 640, 1_229, 1_600][(i % 4) as usize];
             let actual = (0.8 * 210.0) as u64 + formula;
-            cal.observe_parts(
+            learn(
+                &cal,
                 "m",
                 ContentKind::Prose,
                 &split(200.0, 0.0, 0, formula, 1),
                 actual,
             );
-            cal.observe_parts("m", ContentKind::Prose, &split(1_000.0, 0.0, 0, 0, 0), 808);
+            learn(
+                &cal,
+                "m",
+                ContentKind::Prose,
+                &split(1_000.0, 0.0, 0, 0, 0),
+                808,
+            );
         }
         let small = cal.predict("m", ContentKind::Prose, &split(200.0, 0.0, 0, 640, 1));
         assert!(near(small, 0.8 * 210.0 + 640.0, 0.05), "{small}");
@@ -854,7 +881,8 @@ mod tests {
             for i in 0..20u64 {
                 let w = 500.0 + 300.0 * (i % 7) as f64;
                 let actual = (0.75 * (w + 10.0) + server_overhead) as u64;
-                assert!(cal.observe_parts(
+                assert!(learn(
+                    &cal,
                     "m",
                     ContentKind::Code,
                     &split(w, 0.0, 530, 0, 0),
@@ -881,10 +909,16 @@ mod tests {
         for i in 0..60u64 {
             let w = 800.0 + 50.0 * (i % 5) as f64;
             let exact = (0.8 * (w + 10.0)).round() as u64;
-            cal.observe_parts("m", ContentKind::Data, &split(w, 0.0, 0, 0, 0), exact);
+            learn(&cal, "m", ContentKind::Data, &split(w, 0.0, 0, 0, 0), exact);
             // Prose counted 0.8 on average, ±10 %.
             let noisy = (0.8 * (w + 10.0) * [0.9, 1.0, 1.1][(i % 3) as usize]).round() as u64;
-            cal.observe_parts("m", ContentKind::Prose, &split(w, 0.0, 0, 0, 0), noisy);
+            learn(
+                &cal,
+                "m",
+                ContentKind::Prose,
+                &split(w, 0.0, 0, 0, 0),
+                noisy,
+            );
         }
         let centre = 0.8 * 1_010.0;
         let data = cal.predict("m", ContentKind::Data, &split(1_000.0, 0.0, 0, 0, 0));
