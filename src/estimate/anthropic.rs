@@ -410,8 +410,11 @@ pub struct EstimatorSnapshot {
 /// What is remembered stays small whatever the requests: at most
 /// [`cache_max_entries`](AnthropicEstimatorBuilder::cache_max_entries)
 /// prefix hashes, at most 1,024 requests awaiting their usage (each keeps a
-/// hash of its model name, never the name), and calibration for at most
-/// [`max_models`](CalibrationConfig::max_models) names. A `model` longer than
+/// hash of its model name, never the name, and its tokens per part: about
+/// 140 bytes), and calibration for at most
+/// [`max_models`](CalibrationConfig::max_models) names (each at most about
+/// 11 KB with the default window of 64: its ratios, and its fit's requests
+/// and media samples). A `model` longer than
 /// [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes is estimated, but nothing is
 /// remembered or learned for it.
 ///
