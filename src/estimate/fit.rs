@@ -184,10 +184,10 @@ impl Split {
     }
 }
 
-/// One request of the window: its fitted parts over what the server
-/// charged, what they had to account for (1 less the media's share as
-/// predicted when it settled), its class, and whether it takes part in the
-/// solve (not while media it holds in a large share are not yet learned).
+/// One request of the window: its fitted parts and its media over what the
+/// server charged, and the class whose margin its error sizes. What its
+/// fitted parts had to account for (1 less its media's share) is worked out
+/// at each refit, from what media are known to cost by then.
 #[derive(Debug, Clone, Copy)]
 struct Row {
     z: [f64; FIT],
@@ -670,6 +670,15 @@ fn back_substitute(l: &[[f64; FIT]; FIT], y: &[f64; FIT]) -> [f64; FIT] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The classes index arrays by a kind's discriminant.
+    #[test]
+    fn kinds_are_listed_in_discriminant_order() {
+        for (i, k) in ContentKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+        assert!(MEDIA_CLASS >= ContentKind::ALL.len() && TOOLS_CLASS < CLASSES);
+    }
 
     /// The inverse from the Cholesky factor is the inverse: `M · M⁻¹ = I`
     /// for a dense symmetric positive definite `M`.
