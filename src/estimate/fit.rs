@@ -63,11 +63,12 @@
 //! and no allocation. The settlement side pushes a row, and refits after
 //! each eighth of the window has changed (after every request while it
 //! holds fewer than 16): a system of [`FIT`] unknowns built from each
-//! request's non-zero parts, its Cholesky factor and inverse, and one
-//! quadratic form per request for its leverage. In the preset's in-memory
-//! profile (callgrind, a window of 64 requests alike) that is about 5,700
-//! instructions per request on average; no allocation once the window is
-//! full.
+//! request's non-zero parts (listed once, when the request is pushed), its
+//! Cholesky factor and inverse, and one quadratic form per request for its
+//! leverage. In the preset's in-memory profile (callgrind, a window of 64
+//! requests alike) the settlement costs about 4,400 instructions more per
+//! request on average than one ratio per kind did; no allocation once the
+//! window is full.
 
 use super::calibrate::{CalibrationConfig, SlidingQuantile};
 use super::classes::{ContentKind, GROUPS};
@@ -191,6 +192,10 @@ impl Split {
 #[derive(Debug, Clone, Copy)]
 struct Row {
     z: [f64; FIT],
+    /// The indices of the non-zero entries of `z`, ascending: the first
+    /// `parts` of them.
+    nonzero: [u8; FIT],
+    parts: u8,
     /// The media formula's tokens and the items over what the server charged.
     media: (f64, f64),
     class: usize,
@@ -348,8 +353,11 @@ impl PartsFit {
         for (z, x) in z.iter_mut().zip(split.x.iter()) {
             *z = x / actual;
         }
+        let (nonzero, parts) = nonzero(&z);
         let row = Row {
             z,
+            nonzero,
+            parts,
             media: (split.media() / actual, split.x[ITEMS] / actual),
             class: Self::class(split, kind, media, split.fitted(&self.w).max(0.0) + media),
         };
@@ -401,15 +409,16 @@ impl PartsFit {
             let Some(target) = self.target(r, known, config) else {
                 continue;
             };
-            let (idx, k) = nonzero(&r.z);
-            for a in 0..k {
-                let i = idx[a];
+            let idx = r.indices();
+            for a in 0..idx.len() {
+                let i = usize::from(idx[a]);
                 let zi = r.z[i];
                 held[i].0 += zi * zi;
                 held[i].1 += 1;
                 v[i] += zi * target;
                 // The indices ascend: the lower triangle.
                 for &j in &idx[..=a] {
+                    let j = usize::from(j);
                     m[i][j] += zi * r.z[j];
                 }
             }
@@ -465,9 +474,11 @@ impl PartsFit {
         let inverse = inverse(l);
         self.errors.clear();
         for r in &self.rows {
-            let (idx, k) = nonzero(&r.z);
-            let idx = &idx[..k];
-            let fitted: f64 = idx.iter().map(|&i| r.z[i] * self.w[i]).sum();
+            let idx = r.indices();
+            let fitted: f64 = idx
+                .iter()
+                .map(|&i| r.z[usize::from(i)] * self.w[usize::from(i)])
+                .sum();
             // Relative residual (actual − predicted) / actual, then left
             // out: divided by 1 − leverage, `z' M⁻¹ z`.
             let (target, h) = match self.target(r, known, config) {
@@ -475,9 +486,11 @@ impl PartsFit {
                     // Symmetric: the diagonal once, each pair below it twice.
                     let mut h = 0.0;
                     for (a, &i) in idx.iter().enumerate() {
+                        let i = usize::from(i);
                         let row = &inverse[i];
                         let mut below = 0.0;
                         for &j in &idx[..a] {
+                            let j = usize::from(j);
                             below += row[j] * r.z[j];
                         }
                         h += r.z[i] * (row[i] * r.z[i] + 2.0 * below);
@@ -547,18 +560,27 @@ impl PartsFit {
 }
 
 /// The indices of the non-zero entries of `z`, ascending, and how many.
-fn nonzero(z: &[f64; FIT]) -> ([usize; FIT], usize) {
-    let mut idx = [0usize; FIT];
-    let mut k = 0;
-    for (i, x) in z.iter().enumerate() {
+fn nonzero(z: &[f64; FIT]) -> ([u8; FIT], u8) {
+    let mut idx = [0u8; FIT];
+    let mut k = 0u8;
+    for (i, x) in (0u8..).zip(z.iter()) {
         if *x != 0.0 {
-            if let Some(slot) = idx.get_mut(k) {
+            if let Some(slot) = idx.get_mut(usize::from(k)) {
                 *slot = i;
             }
             k += 1;
         }
     }
     (idx, k)
+}
+
+impl Row {
+    /// The indices of its non-zero parts.
+    fn indices(&self) -> &[u8] {
+        self.nonzero
+            .get(..usize::from(self.parts))
+            .unwrap_or(&self.nonzero)
+    }
 }
 
 /// `M⁻¹` from the Cholesky factor `L` of `M`: `L⁻¹` (lower triangular),
