@@ -12,8 +12,9 @@ use http::request::Parts;
 use tokio::time::Instant;
 
 use super::cache::{Pending, PromptCache, TTL_1H, TTL_5M};
-use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration, NonText};
+use super::calibrate::{Calibration, CalibrationConfig, ModelCalibration};
 use super::classes::{Classes, ContentKind, TextModel};
+use super::fit::Split;
 use super::media;
 use super::shared::{PrefixKey, SharedPromptCache};
 use super::{CachePrefix, Estimate, TokenEstimator, MAX_MODEL_LEN};
@@ -409,8 +410,11 @@ pub struct EstimatorSnapshot {
 /// What is remembered stays small whatever the requests: at most
 /// [`cache_max_entries`](AnthropicEstimatorBuilder::cache_max_entries)
 /// prefix hashes, at most 1,024 requests awaiting their usage (each keeps a
-/// hash of its model name, never the name), and calibration for at most
-/// [`max_models`](CalibrationConfig::max_models) names. A `model` longer than
+/// hash of its model name, never the name, and its tokens per part: about
+/// 140 bytes), and calibration for at most
+/// [`max_models`](CalibrationConfig::max_models) names (each at most about
+/// 11 KB with the default window of 64: its ratios, and its fit's requests
+/// and media samples). A `model` longer than
 /// [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes is estimated, but nothing is
 /// remembered or learned for it.
 ///
@@ -477,11 +481,11 @@ impl fmt::Debug for AnthropicEstimator {
 }
 
 /// What an estimate remembers for the calibration sample its count or usage
-/// gives: the kind of its text, and its parts that are not text.
+/// gives: the kind of its text, and its tokens split by part.
 #[derive(Debug, Clone, Copy)]
 struct Learned {
     kind: ContentKind,
-    parts: NonText,
+    split: Split,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -1351,28 +1355,43 @@ impl AnthropicEstimator {
         let cache_read = cache.read;
         let raw = total - cache_read;
         let mut text = Classes::default();
-        let mut parts = NonText::default();
+        let mut sum = Tally::default();
         for s in &w.sections {
             text.add(&s.tally.text);
-            parts.media = parts.media.saturating_add(s.tally.media);
-            parts.items = parts.items.saturating_add(s.tally.items);
-            parts.overhead = parts.overhead.saturating_add(s.tally.overhead);
+            sum.fixed = sum.fixed.saturating_add(s.tally.fixed);
+            sum.media = sum.media.saturating_add(s.tally.media);
+            sum.items = sum.items.saturating_add(s.tally.items);
+            sum.overhead = sum.overhead.saturating_add(s.tally.overhead);
         }
         let kind = text.kind();
-        // Text, media and the tool-use overhead calibrate apart
-        // (`Calibration::observe_parts`); the calibrated whole applies to
-        // what is not read from the cache in proportion.
-        let text_tokens = parts.text_of(total);
-        let whole =
+        // The text by character-class group, its framing, the media and the
+        // tool-use overhead calibrate apart (`Calibration::observe_parts`);
+        // the calibrated whole applies to what is not read from the cache
+        // in proportion.
+        let framing = self.config.request_overhead.saturating_add(
+            sum.fixed
+                .saturating_sub(sum.media.saturating_add(sum.overhead)),
+        );
+        let split = Split::new(
+            TextModel::FITTED.group_tokens(&text).map(|g| g * scale),
+            framing as f64,
+            sum.overhead,
+            sum.media,
+            sum.items,
+        );
+        let whole = if split.total().is_finite() {
             self.calibration
-                .predict(model.as_deref().unwrap_or(""), kind, text_tokens, parts);
+                .predict(model.as_deref().unwrap_or(""), kind, &split)
+        } else {
+            total as f64
+        };
         let input = if total == 0 {
             0
         } else {
             (whole * raw as f64 / total as f64).ceil() as u64
         };
         if storable {
-            self.note_kind(key, raw, cache_read, Learned { kind, parts });
+            self.note_kind(key, raw, cache_read, Learned { kind, split });
         }
         Estimate {
             model,
@@ -1420,13 +1439,12 @@ impl AnthropicEstimator {
     }
 
     /// One calibration sample: the whole prompt as estimated against as
-    /// counted, split between text and media when the kind is remembered.
+    /// counted, by its parts when the estimate's record is remembered.
     fn learn(&self, model: &str, learned: Option<Learned>, est_total: u64, actual_total: u64) {
         match learned {
             Some(l) => {
-                let text = l.parts.text_of(est_total);
                 self.calibration
-                    .observe_parts(model, l.kind, text, l.parts, actual_total)
+                    .observe_parts(model, l.kind, &l.split, est_total, actual_total)
             }
             None => self.calibration.observe(model, est_total, actual_total),
         };
@@ -1677,9 +1695,8 @@ impl TokenEstimator for AnthropicEstimator {
     }
 
     /// Learns from an exact count of the whole prompt (a `count_tokens`
-    /// answer): one calibration sample, `counted / (raw_input_tokens +
-    /// cache_read_tokens)`, into the model's window and its kind of content's,
-    /// as a settled response gives. A request that is counted and then
+    /// answer): one calibration sample of the whole prompt, by its parts
+    /// (see [`Calibration`]), as a settled response gives. A request that is counted and then
     /// settles gives two samples of the same ratio. Fallback estimates teach
     /// nothing.
     fn observe_count(&self, estimate: &Estimate, counted: u64) {
@@ -1739,12 +1756,10 @@ impl TokenEstimator for AnthropicEstimator {
         // The whole prompt calibrated as an estimate without a read is;
         // without its kind, at the estimate's own calibration.
         let input = match learned {
-            Some(l) => {
-                let text = l.parts.text_of(raw);
-                self.calibration
-                    .predict(model.unwrap_or(""), l.kind, text, l.parts)
-                    .ceil() as u64
-            }
+            Some(l) => self
+                .calibration
+                .predict(model.unwrap_or(""), l.kind, &l.split)
+                .ceil() as u64,
             None if estimate.raw_input_tokens > 0 => {
                 let factor = estimate.input_tokens as f64 / estimate.raw_input_tokens as f64;
                 (raw as f64 * factor).ceil() as u64

@@ -1,12 +1,14 @@
-//! Online calibration: the median of observed ratios plus a margin sized from
-//! their spread, per model and per kind of content.
+//! Online calibration: per model, the median of observed ratios plus a
+//! margin sized from their spread, and a fit over the parts of each request
+//! (see the `fit` module) with margins per kind of content.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 
 use super::classes::ContentKind;
+use super::fit::{PartsFit, Split, FIT};
 
 /// A fixed-size sliding window of `f64` samples that answers quantiles.
 ///
@@ -240,180 +242,45 @@ pub struct ModelCalibration {
     pub model: String,
     /// The factor [`Calibration::factor`] returns for it now.
     pub factor: f64,
-    /// Samples in its window.
+    /// Samples kept: the larger of its window of whole-request ratios and
+    /// the window of requests its fit over parts holds.
     pub samples: usize,
 }
 
 struct ModelWindow {
+    /// Ratios of whole requests made (almost) only of text: the model's
+    /// factor, and the prior of the fit's text coefficients.
     window: SlidingQuantile,
-    /// Windows per kind of content, created at a kind's first sample.
-    kinds: Vec<(ContentKind, SlidingQuantile)>,
-    /// The windows of the parts that calibrate apart from text, created at
-    /// their first sample.
-    parts: Option<Box<PartWindows>>,
+    /// The fit over the parts of requests, created at the first request
+    /// that gives one.
+    fit: Option<Box<PartsFit>>,
     /// Logical time of the last observation, for least-recently-observed eviction.
     last: u64,
-}
-
-/// What the server charged for the parts of a prompt that are not text.
-struct PartWindows {
-    /// Media: what the server charged over what the media formula gave.
-    media_ratio: SlidingQuantile,
-    /// Media: what the server charged per image or document page.
-    media_item: SlidingQuantile,
-    /// Requests with tools: their text as estimated against what the server
-    /// charged for them beyond their media.
-    tools: ToolsFit,
-}
-
-/// The cost of requests with tools as `a × text + b`, fitted by least
-/// squares over the last `cap` of them: `b` is the tool-use overhead the
-/// server adds (a constant per request, which no ratio can learn), `a` the
-/// ratio of their text (tool definitions are JSON, with a ratio of their own).
-struct ToolsFit {
-    pairs: VecDeque<(f64, f64)>,
-    cap: usize,
-}
-
-impl ToolsFit {
-    fn new(cap: usize) -> Self {
-        Self {
-            pairs: VecDeque::new(),
-            cap: cap.max(1),
-        }
-    }
-
-    fn push(&mut self, text: f64, actual: f64) -> bool {
-        if !text.is_finite() || !actual.is_finite() || text <= 0.0 {
-            return false;
-        }
-        if self.pairs.len() >= self.cap {
-            self.pairs.pop_front();
-        }
-        self.pairs.push_back((text, actual.max(0.0)));
-        true
-    }
-
-    /// `(a, b, margin)` once `min_samples` are kept: the fit, with `a` within
-    /// `[min, max]` and `b` never negative (a fit through the origin when
-    /// the texts are too alike in size to tell an intercept, or the
-    /// intercept comes out negative), and the margin, a fraction of the
-    /// prediction: `spread_weight` times the `quantile` of the relative
-    /// residuals above their median.
-    fn fit(&self, config: &CalibrationConfig) -> Option<(f64, f64, f64)> {
-        let n = self.pairs.len();
-        if n < config.min_samples {
-            return None;
-        }
-        let nf = n as f64;
-        let (sx, sy) = self
-            .pairs
-            .iter()
-            .fold((0.0, 0.0), |(sx, sy), (x, y)| (sx + x, sy + y));
-        let (mx, my) = (sx / nf, sy / nf);
-        let (sxx, sxy) = self.pairs.iter().fold((0.0, 0.0), |(sxx, sxy), (x, y)| {
-            (sxx + (x - mx) * (x - mx), sxy + (x - mx) * (y - my))
-        });
-        // The sizes must scatter by 10 % or more to tell an intercept.
-        let mut fit = if sxx > 0.01 * mx * mx * nf {
-            let a = sxy / sxx;
-            Some((a, my - a * mx)).filter(|(a, b)| *a > 0.0 && *b >= 0.0)
-        } else {
-            None
-        };
-        if fit.is_none() {
-            let (xx, xy) = self
-                .pairs
-                .iter()
-                .fold((0.0, 0.0), |(xx, xy), (x, y)| (xx + x * x, xy + x * y));
-            fit = (xx > 0.0).then(|| (xy / xx, 0.0));
-        }
-        let (a, b) = fit?;
-        let a = a.clamp(config.min_factor, config.max_factor);
-        let mut residuals: Vec<f64> = self
-            .pairs
-            .iter()
-            .filter(|(_, y)| *y > 0.0)
-            .map(|(x, y)| (y - (a * x + b)) / y)
-            .collect();
-        residuals.sort_by(f64::total_cmp);
-        let at = |q: f64| {
-            let i = ((q * residuals.len() as f64).ceil() as usize).saturating_sub(1);
-            residuals.get(i).copied()
-        };
-        let margin = match (at(0.5), at(config.quantile)) {
-            (Some(m), Some(q)) => config.spread_weight * (q - m).max(0.0),
-            _ => 0.0,
-        };
-        Some((a, b, margin))
-    }
 }
 
 impl ModelWindow {
     fn new(window: usize, tick: u64) -> Self {
         Self {
             window: SlidingQuantile::new(window),
-            kinds: Vec::new(),
-            parts: None,
+            fit: None,
             last: tick,
         }
     }
 
-    fn push_kind(&mut self, kind: ContentKind, ratio: f64, window: usize) {
-        match self.kinds.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, w)) => {
-                w.push(ratio);
-            }
-            None => {
-                let mut w = SlidingQuantile::new(window);
-                w.push(ratio);
-                self.kinds.push((kind, w));
-            }
-        }
-    }
-
-    fn kind(&self, kind: ContentKind) -> Option<&SlidingQuantile> {
-        self.kinds.iter().find(|(k, _)| *k == kind).map(|(_, w)| w)
-    }
-
-    fn parts_mut(&mut self, window: usize) -> &mut PartWindows {
-        self.parts.get_or_insert_with(|| {
-            Box::new(PartWindows {
-                media_ratio: SlidingQuantile::new(window),
-                media_item: SlidingQuantile::new(window),
-                tools: ToolsFit::new(window),
-            })
-        })
+    /// The larger of its window of ratios and its fit's window of requests.
+    fn samples(&self) -> usize {
+        self.window
+            .len()
+            .max(self.fit.as_deref().map_or(0, PartsFit::len))
     }
 }
 
-/// The parts of an estimate that are not text, which calibrate apart from
-/// it: their errors are not the tokenizer's. A server may charge an image a
-/// fixed amount where the documented formula (width × height / 750) gives
-/// less, or add no tool-use system prompt where the estimator adds one; as
-/// one ratio over the whole prompt such errors would scale with the text
-/// and widen every text estimate's margin.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct NonText {
-    /// Tokens the media formula gave the images and documents.
-    pub(crate) media: u64,
-    /// Images and document pages.
-    pub(crate) items: u64,
-    /// The tool-use overhead the estimate added (once per request with tools).
-    pub(crate) overhead: u64,
-}
-
-impl NonText {
-    /// The text's share of a request of `total` tokens (as estimated):
-    /// what the media and the tool-use overhead leave.
-    pub(crate) fn text_of(&self, total: u64) -> u64 {
-        total.saturating_sub(self.media.saturating_add(self.overhead))
-    }
-
-    fn is_empty(&self) -> bool {
-        self.media == 0 && self.overhead == 0
-    }
-}
+/// The share of a request's estimate its text must have for the request's
+/// whole ratio to be a sample of the model's text ratio (the prior of the
+/// fit, and [`Calibration::factor`]): an image the server charges four
+/// times the formula's figure moves a request's ratio by less than its
+/// text's own error when it is under 5 % of it.
+const TEXT_ONLY_SHARE: f64 = 0.95;
 
 /// The hasher of [`Inner::models`]: FxHash's multiply and rotate over eight
 /// bytes at a time, a tenth of SipHash's instructions on a model name (the
@@ -485,14 +352,18 @@ struct Inner {
 /// / estimated` in a per-model sliding window. The median follows the ratio
 /// up or down; the margin grows with how much the ratios scatter, so a
 /// consistent estimator is charged almost exactly and a noisy one keeps
-/// room for its misses. The estimator also keeps a window per kind of content
-/// it can tell apart (prose, code, data, base64, CJK, other scripts), used
-/// once that kind has `min_samples` of its own, and learns the parts of a
-/// prompt that are not text apart from it: images and documents (as a ratio
-/// to the media formula or as tokens per item, whichever the server's counts
-/// scatter less around) and the tool-use overhead (in tokens). Their errors
-/// are not the tokenizer's, and as one ratio with the text they would widen
-/// every text estimate's margin.
+/// room for its misses. The estimator calibrates by the parts of each
+/// request rather than by one ratio: a ridge least-squares fit, over the
+/// last `window` requests, of what the server charged against the
+/// estimate's tokens per character-class group (ASCII words, digits,
+/// whitespace, punctuation, each non-ASCII script group), its framing and
+/// its tool-use overhead, leaning toward the model's ratio above; images
+/// and documents learned from what the fitted text leaves (as a ratio to
+/// the media formula or as tokens per item, whichever scatters less); and
+/// a margin from the spread of the fit's leave-one-out errors, per kind of
+/// content (prose, code, data, base64, CJK, other scripts), with requests
+/// holding media or tools apart. A request that mixes kinds gets each
+/// part's own ratio (see the `fit` module's docs).
 ///
 /// The same pieces serve any "learn a conservative ratio per model" need, for
 /// example the budget's expected `output_tokens / max_tokens`.
@@ -514,9 +385,10 @@ struct Inner {
 ///
 /// # What it does not do
 ///
-/// It does not weigh samples by size or age inside the window (every one of
-/// the last `window` observations counts the same), and it does not persist
-/// anything: a new process starts neutral.
+/// It does not weigh samples by age inside the window (every one of the
+/// last `window` observations counts the same; the fit weighs each request
+/// by its relative error, so a large request counts no more than a small
+/// one), and it does not persist anything: a new process starts neutral.
 pub struct Calibration {
     config: CalibrationConfig,
     inner: Mutex<Inner>,
@@ -571,26 +443,6 @@ impl Calibration {
         f.clamp(self.config.min_factor, self.config.max_factor)
     }
 
-    /// The factor for `model` and a kind of content: the kind's own when it
-    /// has enough samples, else the model's.
-    #[cfg(test)]
-    pub(crate) fn factor_for(&self, model: &str, kind: ContentKind) -> f64 {
-        let inner = self.lock();
-        match inner.models.get(model) {
-            Some(m) => self.factor_of(self.text_window(m, kind)),
-            None => self.config.neutral,
-        }
-    }
-
-    /// The window that calibrates text of `kind`: the kind's own once it has
-    /// `min_samples`, else the model's.
-    fn text_window<'a>(&self, m: &'a ModelWindow, kind: ContentKind) -> &'a SlidingQuantile {
-        match m.kind(kind) {
-            Some(w) if w.len() >= self.config.min_samples => w,
-            _ => &m.window,
-        }
-    }
-
     /// The median of a window with enough samples.
     fn center_of(&self, w: &SlidingQuantile) -> Option<f64> {
         if w.len() < self.config.min_samples {
@@ -599,178 +451,67 @@ impl Calibration {
         w.quantile(0.5)
     }
 
-    /// The median of a window with enough samples plus the margin from its
-    /// spread (as the factor's), not clamped: for windows of tokens.
-    fn value_of(&self, w: &SlidingQuantile) -> Option<f64> {
-        let median = self.center_of(w)?;
-        let q = w.quantile(self.config.quantile)?;
-        Some(median + self.config.spread_weight * (q - median).max(0.0))
+    /// The coefficients the fit of `m` leans toward: the model's text ratio
+    /// (the median of its window once it has enough samples, else neutral)
+    /// for the text, the media formula and the overhead as estimated.
+    fn prior(&self, m: &ModelWindow) -> [f64; FIT] {
+        let ratio = self
+            .center_of(&m.window)
+            .unwrap_or(self.config.neutral)
+            .clamp(self.config.min_factor, self.config.max_factor);
+        Split::prior(ratio)
     }
 
-    /// How widely a window's samples scatter around their median (p90 − p10
-    /// over the median); infinite when it cannot tell.
-    fn scatter(w: &SlidingQuantile) -> f64 {
-        match (w.quantile(0.1), w.quantile(0.5), w.quantile(0.9)) {
-            (Some(lo), Some(m), Some(hi)) if m > 0.0 => (hi - lo) / m,
-            _ => f64::INFINITY,
-        }
-    }
-
-    /// What the media of `parts` cost: by the formula until the server's
-    /// counts have taught enough, then by whichever of the two learned rules
-    /// (a ratio to the formula, or tokens per item) scatters less.
-    /// `conservative` adds each window's margin; else its median.
-    fn media_cost(&self, m: &ModelWindow, parts: NonText, conservative: bool) -> f64 {
-        let formula = parts.media as f64;
-        let Some(w) = m.parts.as_deref() else {
-            return formula;
-        };
-        let pick = |w: &SlidingQuantile| {
-            if conservative {
-                self.value_of(w)
-            } else {
-                self.center_of(w)
-            }
-        };
-        let by_ratio = pick(&w.media_ratio).map(|r| {
-            let r = r.clamp(self.config.min_factor, self.config.max_factor);
-            (formula * r, Self::scatter(&w.media_ratio))
-        });
-        let by_item = (parts.items > 0)
-            .then(|| pick(&w.media_item))
-            .flatten()
-            .map(|t| {
-                (
-                    parts.items as f64 * t.max(0.0),
-                    Self::scatter(&w.media_item),
-                )
-            });
-        match (by_ratio, by_item) {
-            (Some((r, sr)), Some((i, si))) => {
-                if si < sr {
-                    i
-                } else {
-                    r
-                }
-            }
-            (Some((r, _)), None) => r,
-            (None, Some((i, _))) => i,
-            (None, None) => formula,
-        }
-    }
-
-    /// The calibrated tokens of a prompt whose estimate is `text` tokens of
-    /// text of kind `kind` plus `parts`: its media as learned, plus, with
-    /// tools, the fit of requests with tools once it has enough samples,
-    /// else the text times its factor (its kind's once that has enough
-    /// samples, else the model's) plus the overhead as estimated.
-    pub(crate) fn predict(&self, model: &str, kind: ContentKind, text: u64, parts: NonText) -> f64 {
+    /// The calibrated tokens of a prompt estimated as `split`, whose text is
+    /// mostly of `kind`: the fit over its parts with its margin (the kind's
+    /// own once the fit has seen enough of that kind), once the fit has
+    /// `min_samples` requests; before, the text times the model's factor
+    /// plus the media and the overhead as estimated.
+    pub(crate) fn predict(&self, model: &str, kind: ContentKind, split: &Split) -> f64 {
         let inner = self.lock();
         let Some(m) = inner.models.get(model) else {
-            return self.config.neutral * text as f64 + (parts.media + parts.overhead) as f64;
+            return self.config.neutral * split.text() + split.media() + split.overhead();
         };
-        let media = self.media_cost(m, parts, true);
-        if parts.overhead > 0 {
-            if let Some((a, b, margin)) = m.parts.as_deref().and_then(|w| w.tools.fit(&self.config))
-            {
-                return (a * text as f64 + b) * (1.0 + margin) + media;
-            }
+        if let Some(p) = m
+            .fit
+            .as_deref()
+            .and_then(|f| f.predict(split, kind, &self.config))
+        {
+            return p;
         }
-        let f = self.factor_of(self.text_window(m, kind));
-        text as f64 * f + media + parts.overhead as f64
+        self.factor_of(&m.window) * split.text() + split.media() + split.overhead()
     }
 
-    /// Records a prompt whose estimate was `text` tokens of text of kind
-    /// `kind` plus `parts`, and which really cost `actual`, as one sample of
-    /// the part that dominates its estimate; the other parts are taken at
-    /// their current medians (or as estimated, before enough samples):
-    ///
-    /// - media a quarter of the estimate or more: what the text and the
-    ///   overhead leave is a sample of the media, as a ratio to the formula
-    ///   and per item;
-    /// - media of 5 % or more while the media have too few samples of their
-    ///   own: nothing (their error would pass for the rest's);
-    /// - else, with tools: what the media leave is a sample of the fit of
-    ///   requests with tools (`a × text + b`);
-    /// - else a sample of the text's ratio, into its kind's window and the
-    ///   model's, as [`observe`](Self::observe).
+    /// Records that a prompt estimated as `split` (`estimated` tokens in
+    /// all, as the estimate said), whose text is mostly of `kind`, really
+    /// cost `actual`: one request of the fit over parts (see
+    /// [`fit`](super::fit)), and, when its text is 95 % of it or more, a
+    /// sample `actual / estimated` of the model's ratio. Returns false (nothing
+    /// learned) for an empty estimate, a count of 0, or a model name longer
+    /// than [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes.
     pub(crate) fn observe_parts(
         &self,
         model: &str,
         kind: ContentKind,
-        text: u64,
-        parts: NonText,
+        split: &Split,
+        estimated: u64,
         actual: u64,
     ) -> bool {
-        if parts.is_empty() {
-            return self.observe_kind(model, kind, text, actual);
+        let total = split.total();
+        if !(total > 0.0 && total.is_finite()) || actual == 0 {
+            return false;
         }
-        let (text_center, media, overhead, media_known) = {
-            let inner = self.lock();
-            match inner.models.get(model) {
-                None => (
-                    self.config.neutral,
-                    parts.media as f64,
-                    parts.overhead as f64,
-                    false,
-                ),
-                Some(m) => {
-                    let fit = (parts.overhead > 0)
-                        .then(|| m.parts.as_deref().and_then(|w| w.tools.fit(&self.config)))
-                        .flatten();
-                    let center = self
-                        .center_of(self.text_window(m, kind))
-                        .unwrap_or(self.config.neutral);
-                    let media_known = m
-                        .parts
-                        .as_deref()
-                        .is_some_and(|w| w.media_ratio.len() >= self.config.min_samples);
-                    let media = self.media_cost(m, parts, false);
-                    match fit {
-                        // With tools, the fit stands for the text and the overhead.
-                        Some((a, b, _)) => (a, media, b, media_known),
-                        None => (center, media, parts.overhead as f64, media_known),
-                    }
-                }
-            }
-        };
         let actual = actual as f64;
-        let whole = text
-            .saturating_add(parts.media)
-            .saturating_add(parts.overhead);
-        if parts.media > 0 && parts.media.saturating_mul(4) >= whole {
-            let rest = (actual - text as f64 * text_center - overhead).max(0.0);
-            return self.observe_part(model, |w| {
-                let ratio = w.media_ratio.push(rest / parts.media as f64);
-                if parts.items > 0 {
-                    w.media_item.push(rest / parts.items as f64);
-                }
-                ratio
-            });
-        }
-        // Media of 5 % or more, before the server's counts have taught what
-        // media cost: the rest would carry their error (an image the server
-        // charges 1,600 tokens where the formula gives 640 is 25 % of a
-        // 3,800-token request), so nothing is learned from it.
-        if parts.media > 0 && !media_known && parts.media.saturating_mul(20) >= whole {
-            return false;
-        }
-        if parts.overhead > 0 {
-            let rest = (actual - media).max(0.0);
-            return self.observe_part(model, |w| w.tools.push(text as f64, rest));
-        }
-        if text == 0 {
-            return false;
-        }
-        let rest = (actual - media).max(0.0);
-        self.observe_ratio(model, Some(kind), rest / text as f64)
-    }
-
-    /// Pushes into `model`'s part windows (a model seen for the first time
-    /// is added, as in [`observe_ratio`](Self::observe_ratio)).
-    fn observe_part(&self, model: &str, push: impl FnOnce(&mut PartWindows) -> bool) -> bool {
-        self.with_model(model, |m, window| push(m.parts_mut(window)))
-            .unwrap_or(false)
+        self.with_model(model, |m, window| {
+            if split.text() >= TEXT_ONLY_SHARE * total && estimated > 0 {
+                m.window.push(actual / estimated as f64);
+            }
+            let prior = self.prior(m);
+            m.fit
+                .get_or_insert_with(|| Box::new(PartsFit::new(window)))
+                .push(split, kind, actual, &prior, &self.config)
+        })
+        .unwrap_or(false)
     }
 
     /// Runs `f` on `model`'s windows (and the window size), marked used
@@ -801,9 +542,13 @@ impl Calibration {
         }
     }
 
-    /// The number of samples kept for `model`.
+    /// The number of samples kept for `model`: the larger of its window of
+    /// ratios and its fit's window of requests.
     pub fn samples(&self, model: &str) -> usize {
-        self.lock().models.get(model).map_or(0, |m| m.window.len())
+        self.lock()
+            .models
+            .get(model)
+            .map_or(0, ModelWindow::samples)
     }
 
     /// Records that a request estimated at `estimated` really cost `actual`.
@@ -813,37 +558,18 @@ impl Calibration {
         if estimated == 0 {
             return false;
         }
-        self.observe_ratio(model, None, actual as f64 / estimated as f64)
+        self.observe_ratio(model, actual as f64 / estimated as f64)
     }
 
-    /// [`observe`](Self::observe), also into the window of a kind of content.
-    pub(crate) fn observe_kind(
-        &self,
-        model: &str,
-        kind: ContentKind,
-        estimated: u64,
-        actual: u64,
-    ) -> bool {
-        if estimated == 0 {
-            return false;
-        }
-        self.observe_ratio(model, Some(kind), actual as f64 / estimated as f64)
-    }
-
-    /// Records one ratio for `model` (and `kind`). Non-finite ratios, and
-    /// model names longer than [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes,
-    /// are ignored (returns false).
-    fn observe_ratio(&self, model: &str, kind: Option<ContentKind>, ratio: f64) -> bool {
+    /// Records one ratio for `model`. Non-finite ratios, and model names
+    /// longer than [`MAX_MODEL_LEN`](super::MAX_MODEL_LEN) bytes, are
+    /// ignored (returns false).
+    fn observe_ratio(&self, model: &str, ratio: f64) -> bool {
         if !ratio.is_finite() {
             return false;
         }
-        self.with_model(model, |m, window| {
-            if let Some(kind) = kind {
-                m.push_kind(kind, ratio, window);
-            }
-            m.window.push(ratio)
-        })
-        .unwrap_or(false)
+        self.with_model(model, |m, _| m.window.push(ratio))
+            .unwrap_or(false)
     }
 
     /// `model`'s windows, marked used at `tick`; a model seen for the first
@@ -884,7 +610,7 @@ impl Calibration {
             .map(|(k, m)| ModelCalibration {
                 model: k.clone(),
                 factor: self.factor_of(&m.window),
-                samples: m.window.len(),
+                samples: m.samples(),
             })
             .collect();
         out.sort_by(|a, b| a.model.cmp(&b.model));
@@ -1033,93 +759,172 @@ mod tests {
         assert!((cal.factor("m") - 0.8).abs() < 1e-9, "{}", cal.factor("m"));
     }
 
+    use super::super::classes::{Group, GROUPS};
+
+    /// A split of `words` tokens of ASCII words, `cjk` of CJK, 10 of
+    /// framing, and the media and overhead given.
+    fn split(words: f64, cjk: f64, overhead: u64, media: u64, items: u64) -> Split {
+        let mut g = [0.0; GROUPS];
+        g[Group::Words as usize] = words;
+        g[Group::Cjk as usize] = cjk;
+        Split::new(g, 10.0, overhead, media, items)
+    }
+
+    /// One settled request of the fit, estimated at its split's total.
+    fn learn(
+        cal: &Calibration,
+        model: &str,
+        kind: ContentKind,
+        split: &Split,
+        actual: u64,
+    ) -> bool {
+        cal.observe_parts(model, kind, split, split.total().ceil() as u64, actual)
+    }
+
+    fn near(got: f64, want: f64, tolerance: f64) -> bool {
+        (got - want).abs() <= tolerance * want
+    }
+
+    /// A tokenizer that counts English words at 0.8 of the estimate and
+    /// Chinese at 1.3: a request that mixes them is predicted with each
+    /// part's own ratio, which no single ratio per request can do.
     #[test]
-    fn media_learn_apart_from_text() {
+    fn a_request_mixing_kinds_gets_each_parts_ratio() {
         let cal = Calibration::default();
-        let image = |formula: u64| NonText {
-            media: formula,
-            items: 1,
-            overhead: 0,
-        };
-        // A request whose image is a sixth of it, before any request made
-        // mostly of media: nothing is learned (the image's error would pass
-        // for the text's).
-        for _ in 0..10 {
-            assert!(!cal.observe_parts("m", ContentKind::Prose, 3_200, image(640), 2_560 + 1_600));
+        for i in 0..40u64 {
+            let (w, c) = if i % 2 == 0 {
+                (500.0 + 100.0 * (i % 7) as f64, 0.0)
+            } else {
+                (0.0, 400.0 + 150.0 * (i % 5) as f64)
+            };
+            let actual = (0.8 * (w + 10.0) + 1.3 * c).round() as u64;
+            let kind = if c > 0.0 {
+                ContentKind::Cjk
+            } else {
+                ContentKind::Prose
+            };
+            assert!(learn(&cal, "m", kind, &split(w, c, 0, 0, 0), actual));
         }
-        assert_eq!(cal.samples("m"), 0);
-        // The text counts 0.8 of its estimate; images of every size cost
-        // the server 1,600 tokens, where the formula says 350 to 1,600.
-        for i in 0..20u64 {
-            cal.observe_kind("m", ContentKind::Prose, 1_000, 800);
-            let formula = [350, 640, 1_229, 1_600][(i % 4) as usize];
-            assert!(cal.observe_parts("m", ContentKind::Prose, 200, image(formula), 160 + 1_600));
+        let mixed = split(1_000.0, 1_000.0, 0, 0, 0);
+        let want = 0.8 * 1_010.0 + 1.3 * 1_000.0;
+        for kind in [ContentKind::Prose, ContentKind::Cjk] {
+            let got = cal.predict("m", kind, &mixed);
+            assert!(near(got, want, 0.03), "{kind:?}: {got} vs {want}");
         }
-        // The text's factor carries none of the images' error.
-        assert!((cal.factor("m") - 0.8).abs() < 1e-9, "{}", cal.factor("m"));
-        // Tokens per image scatter less than the ratio: 1,600 an image.
-        let small = cal.predict("m", ContentKind::Prose, 200, image(640));
-        assert!((small - (160.0 + 1_600.0)).abs() < 1.0, "{small}");
-        // Once media cost is known, a request with a little media teaches
-        // the text, its media taken at what they are known to cost.
-        let before = cal.samples("m");
-        assert!(cal.observe_parts("m", ContentKind::Prose, 3_200, image(640), 2_560 + 1_600));
-        assert_eq!(cal.samples("m"), before + 1);
-        assert!((cal.factor("m") - 0.8).abs() < 1e-9, "{}", cal.factor("m"));
+    }
+
+    /// The server charges 1,600 tokens an image whatever its size, where the
+    /// formula says 350 to 1,600: images learn their cost per item from
+    /// requests where they are a small part, and the text's ratio carries
+    /// none of their error.
+    #[test]
+    fn images_learn_per_item_from_requests_mostly_text() {
+        let cal = Calibration::default();
+        for i in 0..30u64 {
+            let w = 1_500.0 + 200.0 * (i % 5) as f64;
+            if i % 3 == 2 {
+                let formula = [350, 640, 1_229][(i % 9 / 3) as usize];
+                let actual = (0.8 * (w + 10.0)).round() as u64 + 1_600;
+                learn(
+                    &cal,
+                    "m",
+                    ContentKind::Prose,
+                    &split(w, 0.0, 0, formula, 1),
+                    actual,
+                );
+            } else {
+                let actual = (0.8 * (w + 10.0)).round() as u64;
+                learn(
+                    &cal,
+                    "m",
+                    ContentKind::Prose,
+                    &split(w, 0.0, 0, 0, 0),
+                    actual,
+                );
+            }
+        }
+        let small = cal.predict("m", ContentKind::Prose, &split(200.0, 0.0, 0, 350, 1));
+        assert!(near(small, 0.8 * 210.0 + 1_600.0, 0.05), "{small}");
+        let text = cal.predict("m", ContentKind::Prose, &split(2_000.0, 0.0, 0, 0, 0));
+        assert!(near(text, 0.8 * 2_010.0, 0.02), "{text}");
 
         // A server that follows the formula: the ratio wins.
         let cal = Calibration::default();
-        for i in 0..20u64 {
-            cal.observe_kind("m", ContentKind::Prose, 1_000, 800);
+        for i in 0..30u64 {
             let formula = [350, 640, 1_229, 1_600][(i % 4) as usize];
-            cal.observe_parts("m", ContentKind::Prose, 200, image(formula), 160 + formula);
+            let actual = (0.8 * 210.0) as u64 + formula;
+            learn(
+                &cal,
+                "m",
+                ContentKind::Prose,
+                &split(200.0, 0.0, 0, formula, 1),
+                actual,
+            );
+            learn(
+                &cal,
+                "m",
+                ContentKind::Prose,
+                &split(1_000.0, 0.0, 0, 0, 0),
+                808,
+            );
         }
-        let small = cal.predict("m", ContentKind::Prose, 200, image(640));
-        assert!((small - (160.0 + 640.0)).abs() < 1.0, "{small}");
+        let small = cal.predict("m", ContentKind::Prose, &split(200.0, 0.0, 0, 640, 1));
+        assert!(near(small, 0.8 * 210.0 + 640.0, 0.05), "{small}");
     }
 
+    /// The estimator adds 530 tokens of tool-use system prompt; a server
+    /// that adds none, or 346, is learned from requests with tools alone.
     #[test]
     fn tools_learn_the_servers_overhead() {
-        let tools = NonText {
-            media: 0,
-            items: 0,
-            overhead: 530,
-        };
         for server_overhead in [0.0, 346.0] {
             let cal = Calibration::default();
             for i in 0..20u64 {
-                let text = 500 + 300 * (i % 7);
-                let actual = (0.75 * text as f64 + server_overhead) as u64;
-                assert!(cal.observe_parts("m", ContentKind::Code, text, tools, actual));
+                let w = 500.0 + 300.0 * (i % 7) as f64;
+                let actual = (0.75 * (w + 10.0) + server_overhead) as u64;
+                assert!(learn(
+                    &cal,
+                    "m",
+                    ContentKind::Code,
+                    &split(w, 0.0, 530, 0, 0),
+                    actual
+                ));
             }
-            for text in [400u64, 1_000, 5_000] {
-                let want = 0.75 * text as f64 + server_overhead;
-                let got = cal.predict("m", ContentKind::Code, text, tools);
-                // At most the rounding of the samples above the truth, never
-                // the estimator's 530.
+            for w in [400.0, 1_000.0, 5_000.0] {
+                let want = 0.75 * (w + 10.0) + server_overhead;
+                let got = cal.predict("m", ContentKind::Code, &split(w, 0.0, 530, 0, 0));
                 assert!(
-                    got >= want - 1.0 && got <= want * 1.01 + 1.0,
-                    "{text}: {got} vs {want}"
+                    near(got, want, 0.05),
+                    "{server_overhead} {w}: {got} vs {want}"
                 );
             }
-            // Requests with tools do not move the text's factor.
-            assert_eq!(cal.factor("m"), 1.0);
         }
     }
 
+    /// The margin comes from the spread of the fit's errors, per kind:
+    /// text whose count scatters is charged above its centre, text that is
+    /// counted exactly at its centre.
     #[test]
-    fn calibration_per_kind_of_content() {
+    fn the_margin_follows_each_kinds_spread() {
         let cal = Calibration::default();
-        for _ in 0..10 {
-            cal.observe_kind("m", ContentKind::Code, 100, 80);
-            cal.observe_kind("m", ContentKind::Cjk, 100, 130);
+        for i in 0..60u64 {
+            let w = 800.0 + 50.0 * (i % 5) as f64;
+            let exact = (0.8 * (w + 10.0)).round() as u64;
+            learn(&cal, "m", ContentKind::Data, &split(w, 0.0, 0, 0, 0), exact);
+            // Prose counted 0.8 on average, ±10 %.
+            let noisy = (0.8 * (w + 10.0) * [0.9, 1.0, 1.1][(i % 3) as usize]).round() as u64;
+            learn(
+                &cal,
+                "m",
+                ContentKind::Prose,
+                &split(w, 0.0, 0, 0, 0),
+                noisy,
+            );
         }
-        assert!((cal.factor_for("m", ContentKind::Code) - 0.8).abs() < 1e-9);
-        assert!((cal.factor_for("m", ContentKind::Cjk) - 1.3).abs() < 1e-9);
-        // A kind without samples of its own gets the model's factor.
-        let model = cal.factor("m");
-        assert_eq!(cal.factor_for("m", ContentKind::Prose), model);
-        assert!(model > 0.8 && model < 1.3, "{model}");
+        let centre = 0.8 * 1_010.0;
+        let data = cal.predict("m", ContentKind::Data, &split(1_000.0, 0.0, 0, 0, 0));
+        let prose = cal.predict("m", ContentKind::Prose, &split(1_000.0, 0.0, 0, 0, 0));
+        assert!(near(data, centre, 0.01), "{data}");
+        assert!(prose > centre * 1.02 && prose < centre * 1.1, "{prose}");
     }
 
     #[test]

@@ -42,8 +42,9 @@
 //! `o200k_base` (every Claude model) is off by its own ratio. Both are what
 //! calibration learns.
 //!
-//! Calibration (per model and per kind of content) then learns the ratio
-//! between this model and the tokenizer of the model really called.
+//! Calibration (per model, by [`Group`] of features, with margins per kind
+//! of content) then learns the ratio between this model and the tokenizer
+//! of the model really called.
 
 /// Character-class counts of some text. All counts saturate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -456,8 +457,8 @@ impl Classes {
     }
 }
 
-/// A kind of content the character classes tell apart; calibration learns a
-/// separate ratio for each.
+/// A kind of content the character classes tell apart; calibration sizes a
+/// separate margin for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum ContentKind {
     /// Natural language in Latin letters.
@@ -472,6 +473,18 @@ pub(crate) enum ContentKind {
     Cjk,
     /// Other non-ASCII scripts (Cyrillic, Greek, accented Latin, Arabic...).
     OtherScript,
+}
+
+impl ContentKind {
+    /// Every kind, in the order of their discriminants.
+    pub(crate) const ALL: [ContentKind; 6] = [
+        ContentKind::Prose,
+        ContentKind::Code,
+        ContentKind::Data,
+        ContentKind::Encoded,
+        ContentKind::Cjk,
+        ContentKind::OtherScript,
+    ];
 }
 
 /// Tokens per feature.
@@ -497,7 +510,71 @@ impl TextModel {
             .map(|(k, n)| k * *n as f64)
             .sum()
     }
+
+    /// The tokens of text with these counts, split by [`Group`]: their sum
+    /// is [`tokens`](Self::tokens).
+    pub(crate) fn group_tokens(&self, c: &Classes) -> [f64; GROUPS] {
+        let mut out = [0.0; GROUPS];
+        for ((k, n), g) in self.coef.iter().zip(c.n.iter()).zip(GROUP_OF.iter()) {
+            if let Some(slot) = out.get_mut(*g as usize) {
+                *slot += k * *n as f64;
+            }
+        }
+        out
+    }
 }
+
+/// Groups of [`Feature`]s whose tokens calibration learns apart: the parts
+/// of a text a tokenizer other than the model's reference may count at
+/// different rates (a tokenizer with more CJK merges, or fewer for code
+/// symbols), so that a request mixing them gets each part's own ratio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub(crate) enum Group {
+    /// ASCII letters and words (with case switches).
+    Words = 0,
+    /// Digits and their runs.
+    Digits,
+    /// Line breaks, tabs and indentation.
+    Space,
+    /// ASCII punctuation and symbols.
+    Punct,
+    /// Latin-1 supplement, Latin extended and Greek.
+    Latin,
+    /// Cyrillic and the other two-byte scripts, with their words.
+    TwoByte,
+    /// CJK ideographs, punctuation and kana.
+    Cjk,
+    /// Hangul and Yi.
+    Hangul,
+    /// Other three-byte and four-byte characters (Indic scripts, emoji).
+    Other,
+}
+
+/// The number of groups.
+pub(crate) const GROUPS: usize = 9;
+
+/// The group of each feature, in the order of [`Feature`].
+const GROUP_OF: [Group; FEATURES] = [
+    Group::Words,   // Letters
+    Group::Words,   // Words
+    Group::Words,   // CaseSwitches
+    Group::Digits,  // Digits
+    Group::Digits,  // DigitRuns
+    Group::Space,   // Breaks
+    Group::Space,   // Indent
+    Group::Punct,   // Punct
+    Group::Punct,   // PunctRuns
+    Group::Latin,   // Latin
+    Group::TwoByte, // Cyrillic
+    Group::TwoByte, // OtherTwoByte
+    Group::Cjk,     // Cjk
+    Group::Hangul,  // Hangul
+    Group::Other,   // OtherThreeByte
+    Group::Other,   // FourByte
+    Group::TwoByte, // NonAsciiWords
+    Group::Cjk,     // Kana
+];
 
 #[cfg(test)]
 mod tests {

@@ -55,6 +55,7 @@ mod calibrate;
 mod classes;
 #[cfg(test)]
 mod corpus;
+mod fit;
 mod media;
 mod shared;
 

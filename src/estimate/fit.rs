@@ -1,0 +1,729 @@
+//! The calibration of an estimate by its parts: a least-squares fit of what
+//! the server charged against the estimate's text split by character-class
+//! group and its tool-use overhead, with the media learned from what the
+//! fitted text leaves.
+//!
+//! # Why a fit over parts, not one ratio per kind of request
+//!
+//! A request is rarely one kind of text: a conversation mixes prose, code
+//! and data, a tool call JSON schemas and a tool result, a multilingual
+//! message Chinese and Russian. A tokenizer other than the estimator's
+//! reference counts each part at its own rate, and an image costs what the
+//! server says whatever its share of the request. One ratio per request,
+//! labelled by the kind that dominates it, leaves each request's mixture in
+//! its error. The fit gives each part its own coefficient, learned from
+//! every request that holds some of it:
+//!
+//! `actual − media ≈ Σ w_g · x_g`
+//!
+//! where `x_g` is the estimate's tokens of part `g`: each
+//! [`Group`](super::classes::Group) of the text model's features, the
+//! per-message and per-request framing (held at the text's prior ratio: a
+//! constant per message cannot be told from the tool-use overhead, a
+//! constant per request, in requests with tools), and the tool-use
+//! overhead. It minimises the relative error (each request's row divided by
+//! what the server charged, so a large request weighs no more than a small
+//! one) over the last `window` requests, regularised toward a prior
+//! (ridge): the model's median ratio of requests made of text for the text,
+//! the overhead as estimated. The prior weighs as a quarter of a request
+//! holding the part at its average share in the requests that hold it: a
+//! part the traffic has not shown keeps its prior, a part seen in a few
+//! requests moves about as far as they tell. A coefficient outside the
+//! calibration's bounds is held at the bound and the others solved again.
+//!
+//! # Media
+//!
+//! What the fitted text leaves of a request's count is a sample of its
+//! images' and documents' cost, as a ratio to the media formula (width ×
+//! height / 750, PDF pages) and per item, whenever it is a tenth of the
+//! count or more: images learn from requests where they are a small share
+//! of the estimate too. Until five samples, media cost the larger of the
+//! formula and the median cost per item seen (the two rules cannot be told
+//! apart yet, and the documented formula is the least a server charges);
+//! then the rule whose samples scatter less. A request whose media, not
+//! yet learned, are 5 % of it or more stays out of the text's solve.
+//!
+//! # The margin
+//!
+//! Safety comes from the spread of the fit's own errors, measured out of
+//! sample: the leave-one-out error of each request in the window (its
+//! residual scaled by `1 / (1 − h)`, `h` its leverage; a request out of the
+//! solve, its plain error), as the ratio actual / predicted. A prediction
+//! is multiplied by `1 + median + spread_weight × (quantile − median)` of
+//! those ratios over its class once the class has `min_samples` requests
+//! in the window, else over the whole window. The classes: each kind of
+//! content, then requests whose media are a tenth of them or more, then
+//! requests with tools (data is predicted more tightly than prose, and an
+//! image's miss must not widen every text's margin).
+//!
+//! # Cost
+//!
+//! The estimate side is one dot product over [`PARTS`] numbers (the group
+//! tokens come from the character-class counts the estimator makes anyway)
+//! and no allocation. The settlement side pushes a row, and refits after
+//! each eighth of the window has changed (after every request while it
+//! holds fewer than 16): a system of [`FIT`] unknowns built from each
+//! request's non-zero parts (listed once, when the request is pushed), its
+//! Cholesky factor and inverse, and one quadratic form per request for its
+//! leverage. In the preset's in-memory profile (callgrind, a window of 64
+//! requests alike) the settlement costs about 4,400 instructions more per
+//! request on average than one ratio per kind did; no allocation once the
+//! window is full.
+
+use super::calibrate::{CalibrationConfig, SlidingQuantile};
+use super::classes::{ContentKind, GROUPS};
+
+/// Where the per-message and per-request framing is in a [`Split`].
+pub(crate) const FRAMING: usize = GROUPS;
+/// Where the tool-use overhead is.
+pub(crate) const OVERHEAD: usize = GROUPS + 1;
+/// The parts the least squares fits: the text's groups, the framing and
+/// the overhead.
+pub(crate) const FIT: usize = GROUPS + 2;
+/// Where the media formula's tokens are.
+pub(crate) const MEDIA: usize = FIT;
+/// Where the number of images and document pages is.
+pub(crate) const ITEMS: usize = FIT + 1;
+/// The number of parts.
+pub(crate) const PARTS: usize = FIT + 2;
+
+/// How much the prior counts: as this many of the requests in the window
+/// that hold a part, at the part's average share in them. Small beside a
+/// window of requests, large enough that a part seen in one request does
+/// not take all of that request's error.
+const RIDGE: f64 = 0.25;
+
+/// The least average share for the prior's weight on a part: a part that
+/// is a sliver of every request holding it is otherwise free to take any
+/// value.
+const MIN_RIDGE_SHARE: f64 = 0.01;
+
+/// The weight that holds a coefficient at a value (the framing at the
+/// prior, a coefficient found out of its bounds at the bound) while the
+/// others are solved.
+const HOLD: f64 = 1e6;
+
+/// The share of a request its media must have (as predicted) for its
+/// margin to be the media's, not its text's kind.
+const MEDIA_CLASS_SHARE: f64 = 0.1;
+
+/// The share of what the server charged a request that what its text
+/// leaves must reach for the rest to be a sample of its media's cost: under
+/// it, the text's own error would pass for the media's.
+const MEDIA_SAMPLE_SHARE: f64 = 0.1;
+
+/// The share of what the server charged a request under which media not
+/// yet learned let it still teach the text: their error is then within the
+/// text's own.
+const MEDIA_UNKNOWN_SHARE: f64 = 0.05;
+
+/// The classes whose errors size the margin apart: each kind of content,
+/// then requests with media, then requests with tools.
+const CLASSES: usize = ContentKind::ALL.len() + 2;
+const MEDIA_CLASS: usize = ContentKind::ALL.len();
+const TOOLS_CLASS: usize = ContentKind::ALL.len() + 1;
+
+/// An estimate's tokens split into the parts that calibrate apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Split {
+    pub(crate) x: [f64; PARTS],
+}
+
+impl Split {
+    /// The split of an estimate: its text's tokens per group, its framing,
+    /// its tool-use overhead, and what the media formula gave its `items`
+    /// images and pages.
+    pub(crate) fn new(
+        groups: [f64; GROUPS],
+        framing: f64,
+        overhead: u64,
+        media: u64,
+        items: u64,
+    ) -> Self {
+        let mut x = [0.0; PARTS];
+        if let Some(head) = x.get_mut(..GROUPS) {
+            head.copy_from_slice(&groups);
+        }
+        x[FRAMING] = framing.max(0.0);
+        x[OVERHEAD] = overhead as f64;
+        x[MEDIA] = media as f64;
+        x[ITEMS] = items as f64;
+        Split { x }
+    }
+
+    /// The text's tokens (its groups and the framing), as estimated.
+    pub(crate) fn text(&self) -> f64 {
+        self.x.get(..=FRAMING).map_or(0.0, |t| t.iter().sum())
+    }
+
+    /// The media formula's tokens.
+    pub(crate) fn media(&self) -> f64 {
+        self.x[MEDIA]
+    }
+
+    /// The tool-use overhead, as estimated.
+    pub(crate) fn overhead(&self) -> f64 {
+        self.x[OVERHEAD]
+    }
+
+    /// The whole estimate: text, overhead and media.
+    pub(crate) fn total(&self) -> f64 {
+        self.text() + self.overhead() + self.media()
+    }
+
+    /// The coefficients of the fitted parts with which the prior predicts
+    /// the estimate itself, the text at `ratio`.
+    pub(crate) fn prior(ratio: f64) -> [f64; FIT] {
+        let mut w = [ratio; FIT];
+        w[OVERHEAD] = 1.0;
+        w
+    }
+
+    /// The fitted parts' prediction with coefficients `w`.
+    fn fitted(&self, w: &[f64; FIT]) -> f64 {
+        self.x.iter().zip(w.iter()).map(|(x, w)| x * w).sum()
+    }
+}
+
+/// One request of the window: its fitted parts and its media over what the
+/// server charged, and the class whose margin its error sizes. What its
+/// fitted parts had to account for (1 less its media's share) is worked out
+/// at each refit, from what media are known to cost by then.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    z: [f64; FIT],
+    /// The indices of the non-zero entries of `z`, ascending: the first
+    /// `parts` of them.
+    nonzero: [u8; FIT],
+    parts: u8,
+    /// The media formula's tokens and the items over what the server charged.
+    media: (f64, f64),
+    class: usize,
+}
+
+/// The fit of one model: the window of requests, the coefficients, the
+/// media's windows and the margins last worked out from them.
+#[derive(Debug, Clone)]
+pub(crate) struct PartsFit {
+    rows: Vec<Row>,
+    next: usize,
+    cap: usize,
+    w: [f64; FIT],
+    /// What the server charged for media over what the formula gave.
+    media_ratio: SlidingQuantile,
+    /// What the server charged per image or document page.
+    media_item: SlidingQuantile,
+    /// The factor (1 + centre + margin) per class with enough requests.
+    class_factor: [Option<f64>; CLASSES],
+    /// The same over the whole window.
+    factor: f64,
+    /// Scratch for the leave-one-out errors: (class, actual / predicted − 1).
+    errors: Vec<(usize, f64)>,
+    /// Requests added since the last refit.
+    since_refit: usize,
+}
+
+impl PartsFit {
+    /// An empty fit over the last `cap` requests (at least one).
+    pub(crate) fn new(cap: usize) -> Self {
+        let cap = cap.max(1);
+        PartsFit {
+            rows: Vec::new(),
+            next: 0,
+            cap,
+            w: Split::prior(1.0),
+            media_ratio: SlidingQuantile::new(cap),
+            media_item: SlidingQuantile::new(cap),
+            class_factor: [None; CLASSES],
+            factor: 1.0,
+            errors: Vec::new(),
+            since_refit: 0,
+        }
+    }
+
+    /// The requests in the window.
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// The class whose errors size the margin of a request of `kind`
+    /// estimated as `split`, whose media are predicted at `media` of a
+    /// whole `whole`.
+    fn class(split: &Split, kind: ContentKind, media: f64, whole: f64) -> usize {
+        if media > 0.0 && media >= MEDIA_CLASS_SHARE * whole {
+            MEDIA_CLASS
+        } else if split.overhead() > 0.0 {
+            TOOLS_CLASS
+        } else {
+            kind as usize
+        }
+    }
+
+    /// What the media of `split` cost: by the formula before any sample;
+    /// with fewer than `min_samples`, the larger of the formula and the
+    /// cost per item seen (the two rules cannot be told apart yet, and the
+    /// documented formula stays the least); then by whichever learned rule
+    /// (a ratio to the formula, or tokens per item) scatters less.
+    fn media_cost(&self, formula: f64, items: f64, config: &CalibrationConfig) -> f64 {
+        if formula <= 0.0 && items <= 0.0 {
+            return 0.0;
+        }
+        let seen = self.media_item.len().max(self.media_ratio.len());
+        let per_item = self.media_item.quantile(0.5).map(|t| items * t.max(0.0));
+        let by_ratio = self
+            .media_ratio
+            .quantile(0.5)
+            .map(|r| formula * r.clamp(config.min_factor, config.max_factor));
+        if seen == 0 {
+            return formula;
+        }
+        if seen < config.min_samples {
+            return match (per_item, by_ratio) {
+                (Some(i), _) if items > 0.0 => formula.max(i),
+                (_, Some(r)) => r,
+                _ => formula,
+            };
+        }
+        match (per_item, by_ratio) {
+            (Some(i), Some(r)) if items > 0.0 => {
+                if scatter(&self.media_item) < scatter(&self.media_ratio) {
+                    i
+                } else {
+                    r
+                }
+            }
+            (_, Some(r)) => r,
+            (Some(i), None) if items > 0.0 => i,
+            _ => formula,
+        }
+    }
+
+    /// The calibrated tokens of a request estimated as `split`, of `kind`,
+    /// with the margin; `None` before `min_samples` requests.
+    pub(crate) fn predict(
+        &self,
+        split: &Split,
+        kind: ContentKind,
+        config: &CalibrationConfig,
+    ) -> Option<f64> {
+        if self.rows.len() < config.min_samples {
+            return None;
+        }
+        let text = split.fitted(&self.w).max(0.0);
+        let media = self.media_cost(split.media(), split.x[ITEMS], config);
+        let class = Self::class(split, kind, media, text + media);
+        let factor = self
+            .class_factor
+            .get(class)
+            .copied()
+            .flatten()
+            .unwrap_or(self.factor);
+        Some((text + media) * factor)
+    }
+
+    /// Adds a request estimated as `split` that the server charged `actual`
+    /// tokens for, and refits toward the `prior` coefficients. Returns false
+    /// (and changes nothing) when either carries no information (a zero or
+    /// non-finite figure).
+    pub(crate) fn push(
+        &mut self,
+        split: &Split,
+        kind: ContentKind,
+        actual: f64,
+        prior: &[f64; FIT],
+        config: &CalibrationConfig,
+    ) -> bool {
+        let total = split.total();
+        if !(actual.is_finite() && actual > 0.0 && total.is_finite() && total > 0.0) {
+            return false;
+        }
+        let media = self.media_cost(split.media(), split.x[ITEMS], config);
+        // What the text leaves, as the fit predicts it now, is a sample of
+        // the media when it is a large enough part of the whole.
+        let rest = actual - split.fitted(&self.w).max(0.0);
+        if media > 0.0 && rest >= MEDIA_SAMPLE_SHARE * actual {
+            if split.media() > 0.0 {
+                self.media_ratio.push(rest / split.media());
+            }
+            if split.x[ITEMS] > 0.0 {
+                self.media_item.push(rest / split.x[ITEMS]);
+            }
+        }
+        let mut z = [0.0; FIT];
+        for (z, x) in z.iter_mut().zip(split.x.iter()) {
+            *z = x / actual;
+        }
+        let (nonzero, parts) = nonzero(&z);
+        let row = Row {
+            z,
+            nonzero,
+            parts,
+            media: (split.media() / actual, split.x[ITEMS] / actual),
+            class: Self::class(split, kind, media, split.fitted(&self.w).max(0.0) + media),
+        };
+        if self.rows.len() < self.cap {
+            self.rows.push(row);
+        } else if let Some(slot) = self.rows.get_mut(self.next) {
+            *slot = row;
+        }
+        self.next = (self.next + 1) % self.cap;
+        // Refit after each eighth of the window has changed (after every
+        // request while it holds fewer than 16): one request moves a fit
+        // over many little, and a refit costs a pass over the window.
+        self.since_refit += 1;
+        if self.since_refit >= (self.rows.len() / 8).max(1) {
+            self.since_refit = 0;
+            self.refit(prior, config);
+        }
+        true
+    }
+
+    /// Whether the media have taught enough for their cost to be used in
+    /// place of the formula's.
+    fn media_known(&self, config: &CalibrationConfig) -> bool {
+        self.media_item.len().max(self.media_ratio.len()) >= config.min_samples
+    }
+
+    /// What the fitted parts of a row had to account for: 1 less its media's
+    /// share at what they are now known to cost; `None` (the row stays out
+    /// of the solve) while media not yet `known` are 5 % of it or more.
+    fn target(&self, r: &Row, known: bool, config: &CalibrationConfig) -> Option<f64> {
+        if r.media == (0.0, 0.0) {
+            return Some(1.0);
+        }
+        let media = self.media_cost(r.media.0, r.media.1, config);
+        (media == 0.0 || known || media < MEDIA_UNKNOWN_SHARE).then_some(1.0 - media)
+    }
+
+    /// Solves the ridge least squares over the window, then works out the
+    /// margins from the leave-one-out errors.
+    // Matrix code reads best with indices.
+    #[allow(clippy::needless_range_loop)]
+    fn refit(&mut self, prior: &[f64; FIT], config: &CalibrationConfig) {
+        let known = self.media_known(config);
+        let mut m = [[0.0f64; FIT]; FIT];
+        let mut v = [0.0f64; FIT];
+        // Per part: the sum of its squared shares and the rows holding it.
+        let mut held = [(0.0f64, 0u32); FIT];
+        for r in &self.rows {
+            let Some(target) = self.target(r, known, config) else {
+                continue;
+            };
+            let idx = r.indices();
+            for a in 0..idx.len() {
+                let i = usize::from(idx[a]);
+                let zi = r.z[i];
+                held[i].0 += zi * zi;
+                held[i].1 += 1;
+                v[i] += zi * target;
+                // The indices ascend: the lower triangle.
+                for &j in &idx[..=a] {
+                    let j = usize::from(j);
+                    m[i][j] += zi * r.z[j];
+                }
+            }
+        }
+        for i in 0..FIT {
+            let (sum, n) = held[i];
+            let share = if n > 0 { sum / f64::from(n) } else { 1.0 };
+            // The framing is held at the text's prior ratio: a constant per
+            // message, it cannot be told from the tool-use overhead (a
+            // constant per request) in requests with tools.
+            let ridge = if i == FRAMING {
+                HOLD
+            } else {
+                RIDGE * share.max(MIN_RIDGE_SHARE)
+            };
+            m[i][i] += ridge;
+            v[i] += ridge * prior[i];
+        }
+        // A coefficient out of its bounds is held at the bound, and the
+        // others solved again without it.
+        for _ in 0..2 {
+            let Some(l) = cholesky(&m) else {
+                return;
+            };
+            let w = back_substitute(&l, &forward_substitute(&l, &v));
+            if w.iter().any(|x| !x.is_finite()) {
+                return;
+            }
+            let bounded = clamp(w, config);
+            if bounded == w {
+                self.w = w;
+                self.margins(&l, known, config);
+                return;
+            }
+            for i in 0..FIT {
+                if bounded[i] != w[i] {
+                    m[i][i] += HOLD;
+                    v[i] += HOLD * bounded[i];
+                }
+            }
+            self.w = bounded;
+        }
+        if let Some(l) = cholesky(&m) {
+            self.margins(&l, known, config);
+        }
+    }
+
+    /// The factors per class and over the window from each request's
+    /// leave-one-out error (its plain error for a request not in the solve).
+    // Matrix code reads best with indices.
+    #[allow(clippy::needless_range_loop)]
+    fn margins(&mut self, l: &[[f64; FIT]; FIT], known: bool, config: &CalibrationConfig) {
+        let inverse = inverse(l);
+        self.errors.clear();
+        for r in &self.rows {
+            let idx = r.indices();
+            let fitted: f64 = idx
+                .iter()
+                .map(|&i| r.z[usize::from(i)] * self.w[usize::from(i)])
+                .sum();
+            // Relative residual (actual − predicted) / actual, then left
+            // out: divided by 1 − leverage, `z' M⁻¹ z`.
+            let (target, h) = match self.target(r, known, config) {
+                Some(t) => {
+                    // Symmetric: the diagonal once, each pair below it twice.
+                    let mut h = 0.0;
+                    for (a, &i) in idx.iter().enumerate() {
+                        let i = usize::from(i);
+                        let row = &inverse[i];
+                        let mut below = 0.0;
+                        for &j in &idx[..a] {
+                            let j = usize::from(j);
+                            below += row[j] * r.z[j];
+                        }
+                        h += r.z[i] * (row[i] * r.z[i] + 2.0 * below);
+                    }
+                    (t, h)
+                }
+                None => (1.0 - self.media_cost(r.media.0, r.media.1, config), 0.0),
+            };
+            let residual = target - fitted;
+            let loo = if h < 1.0 {
+                residual / (1.0 - h)
+            } else {
+                residual
+            };
+            // As actual / predicted − 1, the factor's own terms.
+            if loo < 1.0 {
+                self.errors.push((r.class, loo / (1.0 - loo)));
+            }
+        }
+        self.errors.sort_unstable_by(|a, b| a.1.total_cmp(&b.1));
+        // The median and the quantile of each class, and of all, in one
+        // pass over the sorted errors (nearest rank).
+        let rank = |q: f64, n: usize| ((q * n as f64).ceil() as usize).clamp(1, n.max(1));
+        let mut count = [0usize; CLASSES];
+        for e in &self.errors {
+            if let Some(c) = count.get_mut(e.0) {
+                *c += 1;
+            }
+        }
+        let ranks = count.map(|n| (rank(0.5, n), rank(config.quantile, n)));
+        let n = self.errors.len();
+        let all_ranks = (rank(0.5, n), rank(config.quantile, n));
+        let mut seen = [0usize; CLASSES];
+        let mut median = [0.0f64; CLASSES];
+        let mut high = [0.0f64; CLASSES];
+        let (mut all_median, mut all_high) = (0.0, 0.0);
+        for (k, e) in self.errors.iter().enumerate() {
+            if k + 1 == all_ranks.0 {
+                all_median = e.1;
+            }
+            if k + 1 == all_ranks.1 {
+                all_high = e.1;
+            }
+            let c = e.0.min(CLASSES - 1);
+            seen[c] += 1;
+            if seen[c] == ranks[c].0 {
+                median[c] = e.1;
+            }
+            if seen[c] == ranks[c].1 {
+                high[c] = e.1;
+            }
+        }
+        let factor = |median: f64, high: f64| {
+            let f = 1.0 + median + config.spread_weight * (high - median).max(0.0);
+            f.clamp(config.min_factor, config.max_factor)
+        };
+        let min = config.min_samples.max(1);
+        self.factor = if n >= min {
+            factor(all_median, all_high)
+        } else {
+            1.0
+        };
+        for c in 0..CLASSES {
+            self.class_factor[c] = (count[c] >= min).then(|| factor(median[c], high[c]));
+        }
+    }
+}
+
+/// The indices of the non-zero entries of `z`, ascending, and how many.
+fn nonzero(z: &[f64; FIT]) -> ([u8; FIT], u8) {
+    let mut idx = [0u8; FIT];
+    let mut k = 0u8;
+    for (i, x) in (0u8..).zip(z.iter()) {
+        if *x != 0.0 {
+            if let Some(slot) = idx.get_mut(usize::from(k)) {
+                *slot = i;
+            }
+            k += 1;
+        }
+    }
+    (idx, k)
+}
+
+impl Row {
+    /// The indices of its non-zero parts.
+    fn indices(&self) -> &[u8] {
+        self.nonzero
+            .get(..usize::from(self.parts))
+            .unwrap_or(&self.nonzero)
+    }
+}
+
+/// `M⁻¹` from the Cholesky factor `L` of `M`: `L⁻¹` (lower triangular),
+/// then `M⁻¹ = L⁻ᵀ L⁻¹`, each entry a sum over the rows below both.
+#[allow(clippy::needless_range_loop)]
+fn inverse(l: &[[f64; FIT]; FIT]) -> [[f64; FIT]; FIT] {
+    let mut li = [[0.0f64; FIT]; FIT];
+    for j in 0..FIT {
+        li[j][j] = 1.0 / l[j][j];
+        for i in j + 1..FIT {
+            let mut s = 0.0;
+            for k in j..i {
+                s -= l[i][k] * li[k][j];
+            }
+            li[i][j] = s / l[i][i];
+        }
+    }
+    let mut out = [[0.0f64; FIT]; FIT];
+    for i in 0..FIT {
+        for j in 0..=i {
+            let mut s = 0.0;
+            for k in i..FIT {
+                s += li[k][i] * li[k][j];
+            }
+            out[i][j] = s;
+            out[j][i] = s;
+        }
+    }
+    out
+}
+
+/// How widely a window's samples scatter around their median (p90 − p10
+/// over the median); infinite when it cannot tell.
+fn scatter(w: &SlidingQuantile) -> f64 {
+    match (w.quantile(0.1), w.quantile(0.5), w.quantile(0.9)) {
+        (Some(lo), Some(m), Some(hi)) if m > 0.0 => (hi - lo) / m,
+        _ => f64::INFINITY,
+    }
+}
+
+/// The coefficients within their bounds: the text's and the framing's
+/// ratios within the calibration's factors, the overhead's never negative.
+fn clamp(mut w: [f64; FIT], config: &CalibrationConfig) -> [f64; FIT] {
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = match i {
+            OVERHEAD => x.clamp(0.0, config.max_factor),
+            _ => x.clamp(config.min_factor, config.max_factor),
+        };
+    }
+    w
+}
+
+/// The lower Cholesky factor of the symmetric matrix whose lower triangle
+/// is `m`; `None` when it is not positive definite (it always is with a
+/// ridge, unless the figures overflowed).
+// Matrix code reads best with indices.
+#[allow(clippy::needless_range_loop)]
+fn cholesky(m: &[[f64; FIT]; FIT]) -> Option<[[f64; FIT]; FIT]> {
+    let mut l = [[0.0f64; FIT]; FIT];
+    for j in 0..FIT {
+        let mut d = m[j][j];
+        for k in 0..j {
+            d -= l[j][k] * l[j][k];
+        }
+        if !(d.is_finite() && d > 0.0) {
+            return None;
+        }
+        let d = d.sqrt();
+        l[j][j] = d;
+        for i in j + 1..FIT {
+            let mut s = m[i][j];
+            for k in 0..j {
+                s -= l[i][k] * l[j][k];
+            }
+            l[i][j] = s / d;
+        }
+    }
+    Some(l)
+}
+
+/// `L⁻¹ v` for a lower-triangular `L`.
+#[allow(clippy::needless_range_loop)]
+fn forward_substitute(l: &[[f64; FIT]; FIT], v: &[f64; FIT]) -> [f64; FIT] {
+    let mut y = [0.0f64; FIT];
+    for i in 0..FIT {
+        let mut s = v[i];
+        for k in 0..i {
+            s -= l[i][k] * y[k];
+        }
+        y[i] = s / l[i][i];
+    }
+    y
+}
+
+/// `L⁻ᵀ y` for a lower-triangular `L`.
+#[allow(clippy::needless_range_loop)]
+fn back_substitute(l: &[[f64; FIT]; FIT], y: &[f64; FIT]) -> [f64; FIT] {
+    let mut x = [0.0f64; FIT];
+    for i in (0..FIT).rev() {
+        let mut s = y[i];
+        for k in i + 1..FIT {
+            s -= l[k][i] * x[k];
+        }
+        x[i] = s / l[i][i];
+    }
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The classes index arrays by a kind's discriminant.
+    #[test]
+    fn kinds_are_listed_in_discriminant_order() {
+        for (i, k) in ContentKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+        assert!(MEDIA_CLASS >= ContentKind::ALL.len() && TOOLS_CLASS < CLASSES);
+    }
+
+    /// The inverse from the Cholesky factor is the inverse: `M · M⁻¹ = I`
+    /// for a dense symmetric positive definite `M`.
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn inverse_inverts() {
+        let mut m = [[0.0f64; FIT]; FIT];
+        for i in 0..FIT {
+            for j in 0..FIT {
+                m[i][j] = 1.0 / (1.0 + i as f64 + j as f64);
+            }
+            m[i][i] += 1.0;
+        }
+        let Some(l) = cholesky(&m) else {
+            panic!("positive definite");
+        };
+        let inv = inverse(&l);
+        for i in 0..FIT {
+            for j in 0..FIT {
+                let p: f64 = (0..FIT).map(|k| m[i][k] * inv[k][j]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((p - want).abs() < 1e-9, "({i}, {j}): {p}");
+            }
+        }
+    }
+}
