@@ -3109,8 +3109,8 @@ async fn a_waiting_request_reserves_the_output_learned_while_it_waited() {
 
 /// Before a key's first answers, nothing has measured how far its estimates
 /// are from what the server counts, and the whole bucket is there to be
-/// filled at once: the input headroom is five times its share (10 % of
-/// 10,000 for a share of 2 %), so 5,000 + 4,500 tokens do not go together
+/// filled at once: the input headroom is at least 10 % of the limit (1,000
+/// of 10,000 for a share of 2 %), so 5,000 + 4,500 tokens do not go together
 /// at the start. Once 5 answers have settled, the same pair does.
 #[tokio::test(start_paused = true)]
 async fn the_first_burst_keeps_a_larger_input_headroom() {

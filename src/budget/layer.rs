@@ -501,8 +501,8 @@ impl TokenBudgetBuilder {
     /// answer, less a cache read whose size the server reported) skips the
     /// headroom while no request admitted on an estimate awaits the
     /// server's count of its input: there is no error to absorb. Until a
-    /// key has settled 5 answers, the headroom is five times the share (at
-    /// most half the limit): nothing has yet measured the estimator's error
+    /// key has settled 5 answers, a share above 0 is taken as at least
+    /// 0.1: nothing has yet measured the estimator's error
     /// on the traffic, and the whole bucket is there to be filled at once.
     /// Clamped to `[0, 0.5]`; NaN is taken as 0.
     pub fn input_headroom(mut self, share: f64) -> Self {

@@ -311,13 +311,14 @@ fn carry(absorbed: u32, pending: u32, lowered: u64) -> u32 {
 }
 
 /// Answers a key settles before its input headroom is the configured share:
-/// until then it is [`COLD_HEADROOM_FACTOR`] times that (the estimator's
-/// calibration needs as many samples of a model before it corrects it).
+/// until then it is at least [`COLD_HEADROOM`] (the estimator's calibration
+/// needs as many samples of a model before it corrects it).
 const COLD_ANSWERS: u64 = 5;
 
-/// How much larger the input headroom is before a key's first
-/// [`COLD_ANSWERS`] answers: 10 % of the limit in the preset (2 % after).
-const COLD_HEADROOM_FACTOR: f64 = 5.0;
+/// The least input headroom, as a share of the limit, before a key's first
+/// [`COLD_ANSWERS`] answers, when the budget keeps one at all (the preset
+/// keeps 2 % after them).
+const COLD_HEADROOM: f64 = 0.1;
 
 /// One key: its name, and its state behind its own lock.
 #[derive(Debug)]
@@ -1515,11 +1516,12 @@ impl Shared {
                 // Before the key's first answers, nothing has measured the
                 // estimator's error on this traffic and tokenizer, and the
                 // whole bucket is there to be filled at once: keep more.
-                let share = if ks.answers_seen() < COLD_ANSWERS {
-                    self.settings.input_headroom * COLD_HEADROOM_FACTOR
-                } else {
-                    self.settings.input_headroom
-                };
+                let share =
+                    if self.settings.input_headroom > 0.0 && ks.answers_seen() < COLD_ANSWERS {
+                        self.settings.input_headroom.max(COLD_HEADROOM)
+                    } else {
+                        self.settings.input_headroom
+                    };
                 (limit as f64 * share.min(0.5)).ceil() as u64
             }
             _ => 0,
