@@ -271,7 +271,8 @@ pub struct PrefixIntent<'a> {
     /// for it as for a writer of its own process).
     pub pending: &'a [u64],
     /// How long the budget holds a request for another process's writer at
-    /// most (its [`cache_hold`](crate::budget::TokenBudgetBuilder::cache_hold)):
+    /// most (its [`cache_hold`](crate::budget::TokenBudgetBuilder::cache_hold),
+    /// or the refill time of the longest pending prefix when longer):
     /// a head held keeps its ticket in the fleet's line that long, plus
     /// [`LINE_GRACE`].
     pub hold: Duration,
