@@ -250,12 +250,18 @@ fn holding_layer(hold: Duration) -> TokenBudgetLayer {
 }
 
 /// With a cache hold, a request that fits now holds for the writer in
-/// flight, at most that long: it goes when the write begins (1 s), charged
-/// only what follows the prefix; for a writer slower than the bound, it goes
-/// at the bound (2 s), charged in full.
+/// flight, at most that long or, for a prefix whose refill takes longer,
+/// its refill time (5,000 tokens at 20,000 ITPM: 15 s): it goes when the
+/// write begins (1 s, or 5 s: past the 2 s hold, within the refill time),
+/// charged only what follows the prefix; for a writer slower than the
+/// bound, it goes at the bound (15 s), charged in full.
 #[tokio::test(start_paused = true)]
-async fn a_request_that_fits_now_holds_for_at_most_the_cache_hold() {
-    for (writer_ms, sent_ms, charged) in [(1_000, 1_000, 1_000.0), (5_000, 2_000, 6_000.0)] {
+async fn a_request_that_fits_now_holds_for_at_most_the_cache_hold_or_the_prefixs_refill() {
+    for (writer_ms, sent_ms, charged) in [
+        (1_000, 1_000, 1_000.0),
+        (5_000, 5_000, 1_000.0),
+        (20_000, 15_000, 6_000.0),
+    ] {
         let log = Log::default();
         let layer = holding_layer(Duration::from_secs(2));
         let svc = layer.layer(upstream(Arc::clone(&log)));

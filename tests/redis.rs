@@ -547,6 +547,59 @@ async fn a_request_through_the_budget_costs_at_most_two_calls_with_its_sync() {
     );
 }
 
+/// A response's header sync does not wait for its body's end, nor cost a
+/// call of its own: the key's next call carries it, here a reservation
+/// made while the first answer still streams, and the shared bucket
+/// follows the server's `remaining` from then on. (Held until the body
+/// ended, the server's view came late: seconds of refill later, lowering
+/// the bucket to an old `remaining` threw that refill away.)
+#[tokio::test]
+async fn a_header_sync_rides_on_the_next_call_before_the_body_ends() {
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+    use tower_llm_limits::budget::TokenBudgetLayer;
+    let Some(url) = redis_url() else { return };
+    let ledger = RedisLedger::builder(&url)
+        .prefix(unique_prefix("sync-rides"))
+        .connect()
+        .await
+        .expect("connect");
+    let limits = Limits::new().rpm(1_000).itpm(1_000_000).otpm(100_000);
+    let layer = TokenBudgetLayer::builder()
+        .limits(limits)
+        .ledger(Arc::new(ledger.clone()))
+        .build();
+    let svc = layer.layer(slow_body_upstream(Duration::from_millis(600)));
+    let first = svc.clone().oneshot(message(None)).await.expect("sent");
+    // Past the write delay: nothing was flushed for the head's sync.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(ledger.stats().calls, 1, "{:?}", ledger.stats());
+    let second = svc.clone().oneshot(message(None)).await.expect("sent");
+    assert_eq!(
+        ledger.stats().calls,
+        2,
+        "the sync rode on the reservation: {:?}",
+        ledger.stats()
+    );
+    let state = ledger
+        .state("haiku-4-5", &limits)
+        .await
+        .expect("state")
+        .expect("the key is known");
+    assert!(
+        state[1].available < 600_000.0,
+        "the server's remaining (500,000) is in the bucket while the first body streams: {:?}",
+        state[1]
+    );
+    let _ = first.into_body().collect().await.expect("body");
+    let _ = second.into_body().collect().await.expect("body");
+    ledger.flush().await.expect("flush");
+    let stats = ledger.stats();
+    assert_eq!(stats.failures, 0, "{stats:?}");
+    // Two reservations, one state read, and the settlements' batch(es).
+    assert!(stats.calls <= 5, "{stats:?}");
+}
+
 // ---------------------------------------------------------------------------
 // The fleet's prompt cache.
 

@@ -496,7 +496,7 @@ where
             Poll::Ready(()) => {
                 let writing = prefix::refresh(shared, ch, cx);
                 let counting_first = ch.input_capped && ch.counted.is_none() && p.count.in_flight();
-                if counting_first || hold_in_line(shared, &mut p.prefix, writing, cx) {
+                if counting_first || hold_in_line(shared, ch, &mut p.prefix, writing, cx) {
                     Poll::Pending
                 } else {
                     shared.poll_admit(ch, &mut p.admission, cx)
@@ -544,24 +544,25 @@ where
 }
 
 /// Whether a request waiting in line holds before asking, keeping its
-/// place: a longer prefix of it is being written (`writing`, from
-/// `prefix::refresh`, which also wakes it when that write begins), and the
-/// budget's cache hold bounds the hold (once per request).
+/// place: a longer prefix of it is being written (`writing`, its tokens,
+/// from `prefix::refresh`, which also wakes it when that write begins), and
+/// the hold is bounded (`prefix::hold_bound`; once per request).
 fn hold_in_line(
     shared: &Shared,
+    charge: &Charge,
     state: &mut PrefixWait,
-    writing: bool,
+    writing: Option<u64>,
     cx: &mut Context<'_>,
 ) -> bool {
-    if writing && matches!(state, PrefixWait::Done) {
-        if let Some(bound) = cache_hold_bound(shared) {
+    if let (Some(tokens), PrefixWait::Done) = (writing, &state) {
+        if let Some(bound) = cache_hold_bound(shared, charge, tokens) {
             *state = PrefixWait::InLine(bound);
         }
     }
     let PrefixWait::InLine(bound) = state else {
         return false;
     };
-    if !writing {
+    if writing.is_none() {
         // The write began (and was read) or failed.
         *state = PrefixWait::Done;
         return false;
@@ -573,10 +574,16 @@ fn hold_in_line(
     true
 }
 
-/// The timer bounding a hold for a prefix being written: the budget's cache
-/// hold (none when it is zero).
-fn cache_hold_bound(shared: &Shared) -> Option<Pin<Box<tokio::time::Sleep>>> {
-    let hold = shared.settings.cache_hold;
+/// The timer bounding a hold for a prefix of `tokens` being written: the
+/// budget's cache hold, longer for a prefix whose refill takes longer
+/// (`prefix::hold_bound`); none when the cache hold is zero.
+fn cache_hold_bound(
+    shared: &Shared,
+    charge: &Charge,
+    tokens: u64,
+) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    let itpm = charge.limits.input_tokens_per_minute;
+    let hold = prefix::hold_bound(shared.settings.cache_hold, itpm, tokens);
     (!hold.is_zero()).then(|| Box::pin(tokio::time::sleep(hold)))
 }
 
@@ -614,7 +621,7 @@ fn poll_prefix(
         }
         PrefixState::Readable(_) => *state = PrefixWait::Done,
         PrefixState::Unwritten => *state = PrefixWait::Done,
-        PrefixState::Writing if holding => {
+        PrefixState::Writing(_) if holding => {
             let PrefixWait::Holding(_, Some(bound)) = state else {
                 return Poll::Pending;
             };
@@ -626,7 +633,7 @@ fn poll_prefix(
             // while it waits in line: `prefix::refresh`).
             *state = PrefixWait::HeldToBound;
         }
-        PrefixState::Writing => match cache_hold_bound(shared) {
+        PrefixState::Writing(tokens) => match cache_hold_bound(shared, charge, tokens) {
             // It may fit now, but sent now it pays the prefix again: it
             // holds for the write, at most the budget's cache hold.
             Some(mut bound) => {

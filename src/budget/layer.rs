@@ -543,6 +543,12 @@ impl TokenBudgetBuilder {
     /// answer shows it has begun at a stream's first output, and a JSON
     /// answer only at its end, so a hold for a JSON writer often lasts the
     /// whole bound.
+    ///
+    /// A prefix whose refill takes longer than `hold` at the key's
+    /// configured input-token limit (`prefix tokens · 60 s / ITPM`) is held
+    /// for up to that refill time, at most 30 s: holding is worth it while
+    /// waiting costs less than a second write of the prefix costs the
+    /// budget.
     pub fn cache_hold(mut self, hold: Duration) -> Self {
         self.cache_hold = hold;
         self

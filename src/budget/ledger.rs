@@ -271,7 +271,8 @@ pub struct PrefixIntent<'a> {
     /// for it as for a writer of its own process).
     pub pending: &'a [u64],
     /// How long the budget holds a request for another process's writer at
-    /// most (its [`cache_hold`](crate::budget::TokenBudgetBuilder::cache_hold)):
+    /// most (its [`cache_hold`](crate::budget::TokenBudgetBuilder::cache_hold),
+    /// or the refill time of the longest pending prefix when longer):
     /// a head held keeps its ticket in the fleet's line that long, plus
     /// [`LINE_GRACE`].
     pub hold: Duration,
@@ -475,8 +476,11 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// response's usage is settled, and apply both with one
     /// [`Ledger::settle_and_sync`]. `false` (the default): the headers are
     /// synced when the response head arrives. A ledger across a network
-    /// answers `true`, so that a response costs it one write, not two; the
-    /// server's view then reaches the ledger when the body ends.
+    /// may answer `true`, so that a response costs it one write, not two;
+    /// the server's view then reaches the ledger when the body ends, and
+    /// the refill since the head is lost if the sync lowers the bucket
+    /// (`RedisLedger` answers `false`, and buffers the sync until its next
+    /// call instead).
     fn sync_with_settlement(&self) -> bool {
         false
     }

@@ -39,8 +39,9 @@
 //!    ([`TokenBudgetBuilder::cache_hold`](crate::budget::TokenBudgetBuilder::cache_hold):
 //!    zero by default, so it goes now at full charge; 5 s in
 //!    [`TokenBudgetLayer::anthropic`](crate::budget::TokenBudgetLayer::anthropic)),
-//!    then goes charged only for what follows the prefix, or in full at the
-//!    bound;
+//!    or, for a prefix whose refill at the key's input-token limit takes
+//!    longer, that refill time (at most 30 s, see [`hold_bound`]), then goes
+//!    charged only for what follows the prefix, or in full at the bound;
 //! 2. else (it would wait anyway: for input-token, output-token or request
 //!    room, or behind other waiters) it gives back its place in line and
 //!    waits for the writer's answer to begin, then asks again charged only for
@@ -56,7 +57,7 @@
 //!    that size is exact); and a read whose prefix stopped being
 //!    readable is taken back ([`refresh`]). If instead a longer prefix of
 //!    it has begun to be written meanwhile, it holds before asking, keeping
-//!    its place in line, until that write begins, at most the cache hold
+//!    its place in line, until that write begins, at most the hold bound of rule 1
 //!    (once per request): tokens refill while it holds, so under an
 //!    input-token limit the hold costs the others nothing.
 //!
@@ -181,14 +182,49 @@ const MIN_CACHED_TOKENS: u64 = 1_024;
 /// Prefixes remembered before the idle ones are dropped.
 const PRUNE_AT: usize = 4_096;
 
+/// The longest a request holds for a writer of its prefix, however large
+/// the prefix: a writer whose answer has not begun by then is most likely
+/// stuck (a slow upstream, a lost connection), and the held request's own
+/// latency matters too.
+pub(crate) const MAX_CACHE_HOLD: Duration = Duration::from_secs(30);
+
+/// How long a request may hold for a writer of a prefix of `tokens` (as
+/// estimated): the budget's cache hold (`cache_hold`; zero: never held),
+/// or longer for a large prefix, up to the time the key's input-token
+/// limit takes to refill the prefix (`tokens · 60 s / ITPM`), at most
+/// [`MAX_CACHE_HOLD`].
+///
+/// Holding is worth it while waiting costs less than writing the prefix a
+/// second time costs: the second write takes the prefix's tokens from the
+/// bucket, which the whole stack (or fleet) then waits for, so a hold
+/// shorter than the refill time gives up more than it saves. (Traced on
+/// the crate's 16-process simulation: a request held for another process's
+/// writer of a 3,870-token prefix went at the fixed 5 s bound, charged in
+/// full, and the writer's answer began at 5.8 s; the prefix's refill at
+/// 30,000 ITPM is 7.7 s.) With the input-token limit unknown, the cache
+/// hold alone.
+pub(crate) fn hold_bound(cache_hold: Duration, itpm: Option<u64>, tokens: u64) -> Duration {
+    if cache_hold.is_zero() {
+        return Duration::ZERO;
+    }
+    let refill = match itpm {
+        Some(itpm) if itpm > 0 => {
+            let micros = u128::from(tokens).saturating_mul(60_000_000) / u128::from(itpm);
+            Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX))
+        }
+        _ => Duration::ZERO,
+    };
+    cache_hold.max(refill.min(MAX_CACHE_HOLD))
+}
+
 /// Where a request's pending prefix stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PrefixState {
     /// No request in flight writes it.
     Unwritten,
     /// A writer was sent and its response has not begun (the waker was
-    /// registered).
-    Writing,
+    /// registered): the prefix's tokens as estimated.
+    Writing(u64),
     /// A writer's response began: this prefix is readable.
     Readable(Readable),
 }
@@ -291,7 +327,7 @@ impl Writers {
                         prefix: *p,
                     }),
                 }
-                return PrefixState::Writing;
+                return PrefixState::Writing(p.tokens);
             }
         }
         PrefixState::Unwritten
@@ -470,10 +506,11 @@ pub(crate) fn applies(charge: &Charge) -> bool {
 ///
 /// A longer prefix whose writer is in flight wakes the request when that
 /// writer's answer begins, so that it asks again then, charged less (it
-/// keeps its place in line meanwhile); returns whether there is one.
-pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) -> bool {
+/// keeps its place in line meanwhile); returns its tokens (as estimated)
+/// if there is one.
+pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) -> Option<u64> {
     if !applies(charge) {
-        return false;
+        return None;
     }
     let now = Instant::now();
     if charge.prefix_read > 0
@@ -485,7 +522,7 @@ pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) ->
         unread(charge);
     }
     let floor = charge.prefix_read.max(charge.estimate.cache_read_tokens);
-    let mut watched = false;
+    let mut watched = None;
     let mut found = None;
     let mut fleet_held = charge.fleet_held;
     for p in charge
@@ -506,15 +543,17 @@ pub(crate) fn refresh(shared: &Shared, charge: &mut Charge, cx: &Context<'_>) ->
             });
             break;
         }
-        if !watched {
-            watched = shared.writers.watch(p, cx)
-                || fleet_writing(shared, charge.key(), &mut fleet_held, p, cx);
+        if watched.is_none()
+            && (shared.writers.watch(p, cx)
+                || fleet_writing(shared, charge.key(), &mut fleet_held, p, cx))
+        {
+            watched = Some(p.tokens);
         }
     }
     charge.fleet_held = fleet_held;
     if let Some(read) = found {
         read_prefix(charge, read);
-        return false;
+        return None;
     }
     watched
 }
@@ -553,29 +592,32 @@ fn fleet_writing(
 /// request writes, and, in wait mode where cache-aware admission applies,
 /// its pending prefixes longer than what it reads and than any it already
 /// held for (so that a prefix being written elsewhere makes it hold once,
-/// not every time it asks).
-pub(crate) fn fleet_intent(shared: &Shared, charge: &Charge) -> (Vec<u64>, Vec<u64>) {
+/// not every time it asks), and how long it would hold at most: the
+/// [`hold_bound`] of the longest of them.
+pub(crate) fn fleet_intent(shared: &Shared, charge: &Charge) -> (Vec<u64>, Vec<u64>, Duration) {
     let writes = charge
         .estimate
         .cache_writes
         .iter()
         .map(|w| w.hash)
         .collect();
+    let cache_hold = shared.settings.cache_hold;
     if shared.settings.mode != super::BudgetMode::Wait || !applies(charge) {
-        return (writes, Vec::new());
+        return (writes, Vec::new(), cache_hold);
     }
     let floor = charge
         .prefix_read
         .max(charge.estimate.cache_read_tokens)
         .max(charge.fleet_held);
-    let pending = charge
+    let pending: Vec<&CachePrefix> = charge
         .estimate
         .cache_pending
         .iter()
         .take_while(|p| p.tokens > floor)
-        .map(|p| p.hash)
         .collect();
-    (writes, pending)
+    let longest = pending.iter().map(|p| p.tokens).max().unwrap_or(0);
+    let hold = hold_bound(cache_hold, charge.limits.input_tokens_per_minute, longest);
+    (writes, pending.iter().map(|p| p.hash).collect(), hold)
 }
 
 /// Takes back a prefix read: the request is charged as if it read only what
@@ -667,11 +709,11 @@ mod tests {
         let (long, short) = (Slot::default(), Slot::default());
         assert_eq!(
             writers.poll(&[prefix(2, 8_000)], &cx, &long),
-            PrefixState::Writing
+            PrefixState::Writing(8_000)
         );
         assert_eq!(
             writers.poll(&[prefix(1, 2_000)], &cx, &short),
-            PrefixState::Writing
+            PrefixState::Writing(2_000)
         );
         guard.begin(Some(6_000));
         // The held requests are told: the longest exactly, the shorter in
@@ -710,7 +752,7 @@ mod tests {
         let short = Slot::default();
         assert_eq!(
             writers.poll(&[prefix(1, 1_100)], &cx, &short),
-            PrefixState::Writing
+            PrefixState::Writing(1_100)
         );
         guard.begin(Some(2_700));
         assert_eq!(
@@ -728,6 +770,35 @@ mod tests {
         assert_eq!(writers.readable(3, Instant::now()), None);
         drop(nothing);
         assert_eq!(writers.readable(3, Instant::now()), None);
+    }
+
+    /// A hold lasts while waiting costs less than a second write: the
+    /// cache hold, or the prefix's refill time at the key's input-token
+    /// limit when that is longer, at most `MAX_CACHE_HOLD`; never with the
+    /// cache hold off.
+    #[test]
+    fn a_hold_is_bounded_by_the_prefixs_refill_time() {
+        let hold = Duration::from_secs(5);
+        // 3,870 tokens at 30,000 ITPM: 7.74 s of refill.
+        assert_eq!(
+            hold_bound(hold, Some(30_000), 3_870),
+            Duration::from_millis(7_740)
+        );
+        // A small prefix refills sooner than the cache hold: the hold stands.
+        assert_eq!(hold_bound(hold, Some(30_000), 1_024), hold);
+        // A whole minute's refill is capped.
+        assert_eq!(hold_bound(hold, Some(30_000), 30_000), MAX_CACHE_HOLD);
+        // Unknown limit: the cache hold; cache hold off: no hold.
+        assert_eq!(hold_bound(hold, None, 30_000), hold);
+        assert_eq!(hold_bound(hold, Some(0), 30_000), hold);
+        assert_eq!(
+            hold_bound(Duration::ZERO, Some(30_000), 3_870),
+            Duration::ZERO
+        );
+        // A cache hold above the cap is kept.
+        let long = Duration::from_secs(45);
+        assert_eq!(hold_bound(long, Some(30_000), 3_870), long);
+        assert_eq!(hold_bound(hold, Some(1), u64::MAX), MAX_CACHE_HOLD);
     }
 
     #[test]
@@ -748,7 +819,10 @@ mod tests {
         assert_eq!(writers.poll(&pending, &cx, &later), PrefixState::Unwritten);
         let mut guard = writers.start(&pending).expect("one write");
         let held = Slot::default();
-        assert_eq!(writers.poll(&pending, &cx, &held), PrefixState::Writing);
+        assert_eq!(
+            writers.poll(&pending, &cx, &held),
+            PrefixState::Writing(5_000)
+        );
         guard.begin(None);
         assert_eq!(
             writers.poll(&pending, &cx, &later),
@@ -803,7 +877,10 @@ mod tests {
         let long = writers.start(&[prefix(1, 6_000)]).expect("one write");
         let pending = [prefix(1, 6_000), prefix(2, 2_000)];
         let slot = Slot::default();
-        assert_eq!(writers.poll(&pending, &cx, &slot), PrefixState::Writing);
+        assert_eq!(
+            writers.poll(&pending, &cx, &slot),
+            PrefixState::Writing(6_000)
+        );
         drop(long);
         assert_eq!(writers.poll(&pending, &cx, &slot), readable(2, 2_000, None));
         drop(short);

