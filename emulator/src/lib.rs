@@ -493,12 +493,7 @@ impl Emulator {
     /// The `invalid_request_error` message, when the body is not a valid
     /// Messages request.
     pub fn answer_tokens(&self, body: &[u8]) -> Result<u64, String> {
-        let config = &self.shared.config;
-        let parsed =
-            tokens::parse_request(body, tokens::Endpoint::Messages, &config.token_counter)?;
-        let mut rng = rng::Rng::new(rng::mix(config.seed, parsed.content_hash));
-        let max_tokens = parsed.max_tokens.unwrap_or(1).max(1);
-        Ok(config.output_length.draw(&mut rng, max_tokens))
+        self.answer_pace(body).map(|(tokens, _)| tokens)
     }
 
     /// The output tokens of this emulator's answer to `body` and its pace:

@@ -320,6 +320,16 @@ const COLD_ANSWERS: u64 = 5;
 /// keeps 2 % after them).
 const COLD_HEADROOM: f64 = 0.1;
 
+/// Takes what a settlement's extra `debit` finds in `absorbed` off both,
+/// while `pending` requests are in flight (see [`carry`]).
+fn use_absorbed(pending: u32, absorbed: &mut u32, debit: &mut i64) {
+    if *debit > 0 && pending > 0 && *absorbed > 0 {
+        let taken = (*debit).min(i64::from(*absorbed));
+        *debit -= taken;
+        *absorbed -= u32::try_from(taken).unwrap_or(*absorbed);
+    }
+}
+
 /// One key: its name, and its state behind its own lock.
 #[derive(Debug)]
 struct KeyCell {
@@ -966,16 +976,12 @@ impl Shared {
                     // expects now (answers that settled meanwhile may have
                     // lowered it since it was charged); never more, so a
                     // reservation capped to the bucket stays capped.
-                    if std::mem::take(&mut adm.held_by_probe) {
+                    let held = std::mem::take(&mut adm.held_by_probe);
+                    if held || adm.place.is_some() {
                         let ks = lock_key(&charge.cell);
-                        charge.costs.output_tokens =
-                            self.output_tokens(&ks, charge.estimate.max_tokens);
-                    } else if adm.place.is_some() {
-                        let ks = lock_key(&charge.cell);
-                        charge.costs.output_tokens = charge
-                            .costs
-                            .output_tokens
-                            .min(self.output_tokens(&ks, charge.estimate.max_tokens));
+                        let now = self.output_tokens(&ks, charge.estimate.max_tokens);
+                        let output = &mut charge.costs.output_tokens;
+                        *output = if held { now } else { now.min(*output) };
                     }
                     self.ask(charge, adm, cx.waker())
                 }
@@ -1406,16 +1412,13 @@ impl Shared {
             ks.absorbed_output = carry(ks.absorbed_output, ks.output_pending, lowered_output);
         }
         if let Some(mut delta) = delta {
-            if delta.input_tokens > 0 && ks.inexact > 0 && ks.absorbed > 0 {
-                let taken = delta.input_tokens.min(i64::from(ks.absorbed));
-                delta.input_tokens -= taken;
-                ks.absorbed -= u32::try_from(taken).unwrap_or(ks.absorbed);
-            }
-            if delta.output_tokens > 0 && ks.output_pending > 0 && ks.absorbed_output > 0 {
-                let taken = delta.output_tokens.min(i64::from(ks.absorbed_output));
-                delta.output_tokens -= taken;
-                ks.absorbed_output -= u32::try_from(taken).unwrap_or(ks.absorbed_output);
-            }
+            let ks = &mut *ks;
+            use_absorbed(ks.inexact, &mut ks.absorbed, &mut delta.input_tokens);
+            use_absorbed(
+                ks.output_pending,
+                &mut ks.absorbed_output,
+                &mut delta.output_tokens,
+            );
             ks.buckets.settle(&charge.limits, delta, now, self.epoch);
         }
         let next = if wake_head {
