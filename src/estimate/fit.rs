@@ -60,15 +60,16 @@
 //!
 //! The estimate side is one dot product over [`PARTS`] numbers (the group
 //! tokens come from the character-class counts the estimator makes anyway)
-//! and no allocation. The settlement side pushes a row, and refits after
-//! each eighth of the window has changed (after every request while it
-//! holds fewer than 16): a system of [`FIT`] unknowns built from each
-//! request's non-zero parts (listed once, when the request is pushed), its
-//! Cholesky factor and inverse, and one quadratic form per request for its
-//! leverage. In the preset's in-memory profile (callgrind, a window of 64
-//! requests alike) the settlement costs about 4,400 instructions more per
-//! request on average than one ratio per kind did; no allocation once the
-//! window is full.
+//! and no allocation. The settlement side pushes a row (its non-zero parts
+//! packed, listed once) and keeps the normal equations of the rows without
+//! media as sums, adding the new row and taking away the one it evicts
+//! (summed afresh once per window, so that rounding never builds up). It
+//! refits after each eighth of the window has changed (after every request
+//! while it holds fewer than 16): the kept sums plus the rows with media
+//! (their targets change as media are learned), a Cholesky factor of the
+//! system of [`FIT`] unknowns, the inverse's entries between the parts some
+//! row holds, and one quadratic form per request for its leverage. No
+//! allocation once the window is full.
 
 use super::calibrate::{CalibrationConfig, SlidingQuantile};
 use super::classes::{ContentKind, GROUPS};
@@ -191,14 +192,60 @@ impl Split {
 /// at each refit, from what media are known to cost by then.
 #[derive(Debug, Clone, Copy)]
 struct Row {
-    z: [f64; FIT],
-    /// The indices of the non-zero entries of `z`, ascending: the first
-    /// `parts` of them.
-    nonzero: [u8; FIT],
+    /// The non-zero fitted parts over what the server charged, packed: the
+    /// first `parts` entries, at the parts `index` names.
+    value: [f64; FIT],
+    /// The part of each entry of `value`, ascending.
+    index: [u8; FIT],
     parts: u8,
     /// The media formula's tokens and the items over what the server charged.
     media: (f64, f64),
     class: usize,
+}
+
+/// The normal equations of the least squares over a set of rows, as sums
+/// that a row is added to and taken from: the lower triangle of `Σ z zᵀ`,
+/// `Σ z · target`, and per part the sum of its squared shares and the rows
+/// holding it.
+#[derive(Debug, Clone, Copy)]
+struct Normal {
+    m: [[f64; FIT]; FIT],
+    v: [f64; FIT],
+    held: [(f64, u32); FIT],
+}
+
+impl Normal {
+    const EMPTY: Normal = Normal {
+        m: [[0.0; FIT]; FIT],
+        v: [0.0; FIT],
+        held: [(0.0, 0); FIT],
+    };
+
+    /// Adds `r` with `target` (`sign` 1), or takes it away (`sign` −1).
+    fn add(&mut self, r: &Row, target: f64, sign: f64) {
+        let (value, index) = r.entries();
+        for (a, (&zi, &i)) in value.iter().zip(index).enumerate() {
+            let i = usize::from(i);
+            let (Some(m), Some(v), Some(held)) =
+                (self.m.get_mut(i), self.v.get_mut(i), self.held.get_mut(i))
+            else {
+                continue;
+            };
+            held.0 += sign * (zi * zi);
+            if sign > 0.0 {
+                held.1 += 1;
+            } else {
+                held.1 = held.1.saturating_sub(1);
+            }
+            *v += sign * (zi * target);
+            // The indices ascend: the lower triangle.
+            for (&zj, &j) in value.iter().zip(index).take(a + 1) {
+                if let Some(m) = m.get_mut(usize::from(j)) {
+                    *m += sign * (zi * zj);
+                }
+            }
+        }
+    }
 }
 
 /// The fit of one model: the window of requests, the coefficients, the
@@ -221,6 +268,15 @@ pub(crate) struct PartsFit {
     errors: Vec<(usize, f64)>,
     /// Requests added since the last refit.
     since_refit: usize,
+    /// The normal equations of the rows without media (whose target is
+    /// always 1), kept as each request comes and goes: a refit adds only
+    /// the rows with media, whose targets change as media are learned.
+    sums: Normal,
+    /// The rows with media in the window.
+    media_rows: usize,
+    /// Requests added since `sums` was last summed afresh: once per window,
+    /// so that rounding in what is added and taken away never builds up.
+    since_sum: usize,
 }
 
 impl PartsFit {
@@ -238,6 +294,9 @@ impl PartsFit {
             factor: 1.0,
             errors: Vec::new(),
             since_refit: 0,
+            sums: Normal::EMPTY,
+            media_rows: 0,
+            since_sum: 0,
         }
     }
 
@@ -349,22 +408,42 @@ impl PartsFit {
                 self.media_item.push(rest / split.x[ITEMS]);
             }
         }
-        let mut z = [0.0; FIT];
-        for (z, x) in z.iter_mut().zip(split.x.iter()) {
-            *z = x / actual;
+        let mut value = [0.0; FIT];
+        let mut index = [0u8; FIT];
+        let mut parts = 0u8;
+        for (i, x) in (0u8..).zip(split.x.iter().take(FIT)) {
+            let z = x / actual;
+            if z != 0.0 {
+                let k = usize::from(parts);
+                if let (Some(v), Some(j)) = (value.get_mut(k), index.get_mut(k)) {
+                    *v = z;
+                    *j = i;
+                }
+                parts += 1;
+            }
         }
-        let (nonzero, parts) = nonzero(&z);
         let row = Row {
-            z,
-            nonzero,
+            value,
+            index,
             parts,
             media: (split.media() / actual, split.x[ITEMS] / actual),
             class: Self::class(split, kind, media, split.fitted(&self.w).max(0.0) + media),
         };
-        if self.rows.len() < self.cap {
+        let evicted = if self.rows.len() < self.cap {
             self.rows.push(row);
-        } else if let Some(slot) = self.rows.get_mut(self.next) {
-            *slot = row;
+            None
+        } else {
+            self.rows
+                .get_mut(self.next)
+                .map(|slot| std::mem::replace(slot, row))
+        };
+        self.count(&row, 1.0);
+        if let Some(old) = evicted {
+            self.count(&old, -1.0);
+        }
+        self.since_sum += 1;
+        if self.since_sum >= self.cap {
+            self.sum_afresh();
         }
         self.next = (self.next + 1) % self.cap;
         // Refit after each eighth of the window has changed (after every
@@ -384,6 +463,30 @@ impl PartsFit {
         self.media_item.len().max(self.media_ratio.len()) >= config.min_samples
     }
 
+    /// Adds a row of the window to the sums (`sign` 1) or takes it away
+    /// (`sign` −1): a row without media to the normal equations, one with
+    /// media to their count.
+    fn count(&mut self, r: &Row, sign: f64) {
+        if r.media == (0.0, 0.0) {
+            self.sums.add(r, 1.0, sign);
+        } else if sign > 0.0 {
+            self.media_rows += 1;
+        } else {
+            self.media_rows = self.media_rows.saturating_sub(1);
+        }
+    }
+
+    /// Sums the rows without media afresh.
+    fn sum_afresh(&mut self) {
+        self.since_sum = 0;
+        self.sums = Normal::EMPTY;
+        for r in &self.rows {
+            if r.media == (0.0, 0.0) {
+                self.sums.add(r, 1.0, 1.0);
+            }
+        }
+    }
+
     /// What the fitted parts of a row had to account for: 1 less its media's
     /// share at what they are now known to cost; `None` (the row stays out
     /// of the solve) while media not yet `known` are 5 % of it or more.
@@ -401,28 +504,21 @@ impl PartsFit {
     #[allow(clippy::needless_range_loop)]
     fn refit(&mut self, prior: &[f64; FIT], config: &CalibrationConfig) {
         let known = self.media_known(config);
-        let mut m = [[0.0f64; FIT]; FIT];
-        let mut v = [0.0f64; FIT];
-        // Per part: the sum of its squared shares and the rows holding it.
-        let mut held = [(0.0f64, 0u32); FIT];
-        for r in &self.rows {
-            let Some(target) = self.target(r, known, config) else {
-                continue;
-            };
-            let idx = r.indices();
-            for a in 0..idx.len() {
-                let i = usize::from(idx[a]);
-                let zi = r.z[i];
-                held[i].0 += zi * zi;
-                held[i].1 += 1;
-                v[i] += zi * target;
-                // The indices ascend: the lower triangle.
-                for &j in &idx[..=a] {
-                    let j = usize::from(j);
-                    m[i][j] += zi * r.z[j];
+        let mut normal = self.sums;
+        if self.media_rows > 0 {
+            for r in &self.rows {
+                if r.media == (0.0, 0.0) {
+                    continue;
+                }
+                if let Some(target) = self.target(r, known, config) {
+                    normal.add(r, target, 1.0);
                 }
             }
         }
+        let Normal { mut m, mut v, held } = normal;
+        // The parts some row in the solve holds: the leverages need the
+        // inverse's entries between them only.
+        let used = held.map(|(_, n)| n > 0);
         for i in 0..FIT {
             let (sum, n) = held[i];
             let share = if n > 0 { sum / f64::from(n) } else { 1.0 };
@@ -450,7 +546,7 @@ impl PartsFit {
             let bounded = clamp(w, config);
             if bounded == w {
                 self.w = w;
-                self.margins(&l, known, config);
+                self.margins(&l, &used, known, config);
                 return;
             }
             for i in 0..FIT {
@@ -462,7 +558,7 @@ impl PartsFit {
             self.w = bounded;
         }
         if let Some(l) = cholesky(&m) {
-            self.margins(&l, known, config);
+            self.margins(&l, &used, known, config);
         }
     }
 
@@ -470,33 +566,21 @@ impl PartsFit {
     /// leave-one-out error (its plain error for a request not in the solve).
     // Matrix code reads best with indices.
     #[allow(clippy::needless_range_loop)]
-    fn margins(&mut self, l: &[[f64; FIT]; FIT], known: bool, config: &CalibrationConfig) {
-        let inverse = inverse(l);
+    fn margins(
+        &mut self,
+        l: &[[f64; FIT]; FIT],
+        used: &[bool; FIT],
+        known: bool,
+        config: &CalibrationConfig,
+    ) {
+        let inverse = inverse(l, used);
         self.errors.clear();
         for r in &self.rows {
-            let idx = r.indices();
-            let fitted: f64 = idx
-                .iter()
-                .map(|&i| r.z[usize::from(i)] * self.w[usize::from(i)])
-                .sum();
+            let fitted = r.fitted(&self.w);
             // Relative residual (actual − predicted) / actual, then left
             // out: divided by 1 − leverage, `z' M⁻¹ z`.
             let (target, h) = match self.target(r, known, config) {
-                Some(t) => {
-                    // Symmetric: the diagonal once, each pair below it twice.
-                    let mut h = 0.0;
-                    for (a, &i) in idx.iter().enumerate() {
-                        let i = usize::from(i);
-                        let row = &inverse[i];
-                        let mut below = 0.0;
-                        for &j in &idx[..a] {
-                            let j = usize::from(j);
-                            below += row[j] * r.z[j];
-                        }
-                        h += r.z[i] * (row[i] * r.z[i] + 2.0 * below);
-                    }
-                    (t, h)
-                }
+                Some(t) => (t, leverage(&inverse, r)),
                 None => (1.0 - self.media_cost(r.media.0, r.media.1, config), 0.0),
             };
             let residual = target - fitted;
@@ -559,36 +643,60 @@ impl PartsFit {
     }
 }
 
-/// The indices of the non-zero entries of `z`, ascending, and how many.
-fn nonzero(z: &[f64; FIT]) -> ([u8; FIT], u8) {
-    let mut idx = [0u8; FIT];
-    let mut k = 0u8;
-    for (i, x) in (0u8..).zip(z.iter()) {
-        if *x != 0.0 {
-            if let Some(slot) = idx.get_mut(usize::from(k)) {
-                *slot = i;
-            }
-            k += 1;
-        }
-    }
-    (idx, k)
-}
-
 impl Row {
-    /// The indices of its non-zero parts.
-    fn indices(&self) -> &[u8] {
-        self.nonzero
-            .get(..usize::from(self.parts))
-            .unwrap_or(&self.nonzero)
+    /// Its fitted parts' prediction with coefficients `w`, over what the
+    /// server charged.
+    // Matrix code reads best with indices.
+    #[allow(clippy::needless_range_loop)]
+    fn fitted(&self, w: &[f64; FIT]) -> f64 {
+        let mut sum = 0.0;
+        for a in 0..usize::from(self.parts).min(FIT) {
+            sum += self.value[a] * w[usize::from(self.index[a])];
+        }
+        sum
+    }
+
+    /// Its non-zero parts' values and indices.
+    fn entries(&self) -> (&[f64], &[u8]) {
+        let n = usize::from(self.parts);
+        (
+            self.value.get(..n).unwrap_or(&self.value),
+            self.index.get(..n).unwrap_or(&self.index),
+        )
     }
 }
 
-/// `M⁻¹` from the Cholesky factor `L` of `M`: `L⁻¹` (lower triangular),
-/// then `M⁻¹ = L⁻ᵀ L⁻¹`, each entry a sum over the rows below both.
+/// The leverage `zᵀ M⁻¹ z` of a row, from `M⁻¹`: symmetric, so the
+/// diagonal once and each pair below it twice.
+// Matrix code reads best with indices.
 #[allow(clippy::needless_range_loop)]
-fn inverse(l: &[[f64; FIT]; FIT]) -> [[f64; FIT]; FIT] {
+fn leverage(inverse: &[[f64; FIT]; FIT], r: &Row) -> f64 {
+    let n = usize::from(r.parts).min(FIT);
+    let mut h = 0.0;
+    for a in 0..n {
+        let i = usize::from(r.index[a]);
+        let row = &inverse[i];
+        let mut below = 0.0;
+        for b in 0..a {
+            below += row[usize::from(r.index[b])] * r.value[b];
+        }
+        let zi = r.value[a];
+        h += zi * (row[i] * zi + 2.0 * below);
+    }
+    h
+}
+
+/// The entries of `M⁻¹` between the `used` parts, from the Cholesky factor
+/// `L` of `M` (the others are left 0): the columns of `L⁻¹` (lower
+/// triangular) for those parts, then `M⁻¹ = L⁻ᵀ L⁻¹`, each entry a sum over
+/// the rows below both.
+#[allow(clippy::needless_range_loop)]
+fn inverse(l: &[[f64; FIT]; FIT], used: &[bool; FIT]) -> [[f64; FIT]; FIT] {
     let mut li = [[0.0f64; FIT]; FIT];
     for j in 0..FIT {
+        if !used[j] {
+            continue;
+        }
         li[j][j] = 1.0 / l[j][j];
         for i in j + 1..FIT {
             let mut s = 0.0;
@@ -600,7 +708,13 @@ fn inverse(l: &[[f64; FIT]; FIT]) -> [[f64; FIT]; FIT] {
     }
     let mut out = [[0.0f64; FIT]; FIT];
     for i in 0..FIT {
+        if !used[i] {
+            continue;
+        }
         for j in 0..=i {
+            if !used[j] {
+                continue;
+            }
             let mut s = 0.0;
             for k in i..FIT {
                 s += li[k][i] * li[k][j];
@@ -717,12 +831,99 @@ mod tests {
         let Some(l) = cholesky(&m) else {
             panic!("positive definite");
         };
-        let inv = inverse(&l);
+        let inv = inverse(&l, &[true; FIT]);
         for i in 0..FIT {
             for j in 0..FIT {
                 let p: f64 = (0..FIT).map(|k| m[i][k] * inv[k][j]).sum();
                 let want = if i == j { 1.0 } else { 0.0 };
                 assert!((p - want).abs() < 1e-9, "({i}, {j}): {p}");
+            }
+        }
+    }
+
+    /// The entries between the parts in use are those of the whole
+    /// inverse: a part no row holds changes none of them.
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn inverse_between_used_parts_is_the_whole_inverse() {
+        let mut m = [[0.0f64; FIT]; FIT];
+        for i in 0..FIT {
+            for j in 0..FIT {
+                m[i][j] = 1.0 / (2.0 + i as f64 + j as f64);
+            }
+            m[i][i] += 0.5;
+        }
+        let Some(l) = cholesky(&m) else {
+            panic!("positive definite");
+        };
+        let whole = inverse(&l, &[true; FIT]);
+        let mut used = [false; FIT];
+        for i in [0, 3, FRAMING, OVERHEAD] {
+            used[i] = true;
+        }
+        let part = inverse(&l, &used);
+        for i in 0..FIT {
+            for j in 0..FIT {
+                if used[i] && used[j] {
+                    assert!((part[i][j] - whole[i][j]).abs() < 1e-12, "({i}, {j})");
+                }
+            }
+        }
+    }
+
+    /// A small deterministic generator for the tests below.
+    fn next(state: &mut u64) -> f64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        (*state >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The sums kept as requests come and go are those of the rows without
+    /// media in the window, and the count of rows with media is theirs,
+    /// after the window has turned over many times.
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn kept_sums_are_the_window_s_sums() {
+        let config = CalibrationConfig::default();
+        let prior = Split::prior(1.0);
+        let mut fit = PartsFit::new(16);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for step in 0..500 {
+            let mut groups = [0.0; GROUPS];
+            for _ in 0..3 {
+                let g = (next(&mut state) * GROUPS as f64) as usize % GROUPS;
+                groups[g] += (next(&mut state) * 2_000.0).floor();
+            }
+            let tools = next(&mut state) < 0.3;
+            let media = next(&mut state) < 0.2;
+            let split = Split::new(
+                groups,
+                4.0 + (step % 7) as f64,
+                if tools { 350 } else { 0 },
+                if media { 1_200 } else { 0 },
+                u64::from(media),
+            );
+            let actual = (split.total() * (0.8 + 0.4 * next(&mut state))).round();
+            assert!(fit.push(&split, ContentKind::Prose, actual, &prior, &config));
+            let mut fresh = Normal::EMPTY;
+            let mut media_rows = 0;
+            for r in &fit.rows {
+                if r.media == (0.0, 0.0) {
+                    fresh.add(r, 1.0, 1.0);
+                } else {
+                    media_rows += 1;
+                }
+            }
+            assert_eq!(fit.media_rows, media_rows, "step {step}");
+            for i in 0..FIT {
+                assert_eq!(fit.sums.held[i].1, fresh.held[i].1, "step {step}");
+                let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + b.abs());
+                assert!(close(fit.sums.held[i].0, fresh.held[i].0), "step {step}");
+                assert!(close(fit.sums.v[i], fresh.v[i]), "step {step}");
+                for j in 0..=i {
+                    assert!(close(fit.sums.m[i][j], fresh.m[i][j]), "step {step}");
+                }
             }
         }
     }
