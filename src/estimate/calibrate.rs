@@ -16,16 +16,19 @@ use super::fit::{PartsFit, Split, FIT};
 /// to know which one leaves) and sorted (to answer a quantile in O(1)).
 /// Memory is O(samples kept), grown as samples arrive up to the capacity
 /// (an unused window costs nothing); [`push`](Self::push) costs O(capacity)
-/// moves in the worst case (two binary searches and one shift of the sorted
-/// copy) and allocates only while the window is not yet full.
+/// moves in the worst case (two binary searches of integer keys and one
+/// shift of the sorted copy, between where the sample leaving was and where
+/// the new one goes: none for a repeated figure) and allocates only while
+/// the window is not yet full.
 ///
 /// Non-finite samples (NaN, infinities) are ignored.
 #[derive(Clone)]
 pub(crate) struct SlidingQuantile {
     /// Samples in arrival order; the oldest is at `next` once full.
     ring: Vec<f64>,
-    /// The same samples, sorted ascending by `f64::total_cmp`; the first `len` are live.
-    sorted: Vec<f64>,
+    /// The same samples as [`order_key`]s, sorted ascending (the order of
+    /// `f64::total_cmp`, compared as integers); the first `len` are live.
+    sorted: Vec<i64>,
     cap: usize,
     len: usize,
     next: usize,
@@ -71,31 +74,59 @@ impl SlidingQuantile {
         if self.ring.len() < cap {
             // Not full yet: one more slot in each copy.
             self.ring.push(0.0);
-            self.sorted.push(0.0);
+            self.sorted.push(0);
         } else if self.len == cap {
-            // Remove the oldest sample from the sorted copy.
+            // Full: the oldest sample leaves and `x` takes its place in the
+            // sorted copy, moving only the samples between the two (none
+            // when they are equal, as repeated figures often are).
             let Some(old) = self.ring.get(self.next).copied() else {
                 return false;
             };
+            let (old, key) = (order_key(old), order_key(x));
             let live = &mut self.sorted[..self.len];
-            // total_cmp is a total order, so an equal element is found.
-            if let Ok(pos) = live.binary_search_by(|p| p.total_cmp(&old)) {
-                live.copy_within(pos + 1.., pos);
-                self.len -= 1;
-            } else {
+            // The last copy of `old`, and where `x` goes: after the samples
+            // at most it, as in a push.
+            let at = live.partition_point(|p| *p <= old).wrapping_sub(1);
+            if live.get(at) != Some(&old) {
                 // Unreachable by construction: ring and sorted hold the same
                 // multiset. Recover by rebuilding the sorted copy.
                 self.rebuild_sorted();
                 return self.push(x);
             }
+            let to = live.partition_point(|p| *p <= key);
+            let slot = if to > at + 1 {
+                live.copy_within(at + 1..to, at);
+                to - 1
+            } else if to < at {
+                live.copy_within(to..at, to + 1);
+                to
+            } else {
+                // Its own place (`to` is `at`, or just after it).
+                at
+            };
+            if let Some(slot) = live.get_mut(slot) {
+                *slot = key;
+            }
+            if let Some(slot) = self.ring.get_mut(self.next) {
+                *slot = x;
+            }
+            self.next = (self.next + 1) % cap;
+            return true;
         }
+        self.insert(x)
+    }
+
+    /// Inserts `x` into a window that has a free slot in both copies.
+    fn insert(&mut self, x: f64) -> bool {
+        let cap = self.cap;
         // Insert into the sorted copy (after equal elements, which is stable).
+        let key = order_key(x);
         let live = &self.sorted[..self.len];
-        let pos = live.partition_point(|p| p.total_cmp(&x).is_le());
+        let pos = live.partition_point(|p| *p <= key);
         let end = self.len;
         self.sorted.copy_within(pos..end, pos + 1);
         if let Some(slot) = self.sorted.get_mut(pos) {
-            *slot = x;
+            *slot = key;
         }
         self.len += 1;
         if let Some(slot) = self.ring.get_mut(self.next) {
@@ -108,8 +139,10 @@ impl SlidingQuantile {
     fn rebuild_sorted(&mut self) {
         let n = self.len;
         // While full, the live ring is the whole ring.
-        self.sorted[..n].copy_from_slice(&self.ring[..n]);
-        self.sorted[..n].sort_by(f64::total_cmp);
+        for (key, x) in self.sorted[..n].iter_mut().zip(&self.ring[..n]) {
+            *key = order_key(*x);
+        }
+        self.sorted[..n].sort_unstable();
     }
 
     /// The `q` quantile of the window (nearest rank: the smallest sample such
@@ -126,7 +159,7 @@ impl SlidingQuantile {
         // rank in 1..=len
         let rank = (q * self.len as f64).ceil() as usize;
         let idx = rank.clamp(1, self.len) - 1;
-        self.sorted.get(idx).copied()
+        self.sorted.get(idx).map(|key| from_order_key(*key))
     }
 
     /// The samples in the window, in arrival order (oldest first).
@@ -136,6 +169,20 @@ impl SlidingQuantile {
         let start = if self.len == cap { self.next } else { 0 };
         (0..self.len).filter_map(move |i| self.ring.get((start + i) % cap).copied())
     }
+}
+
+/// `x` as an integer that orders as `f64::total_cmp` orders the floats (its
+/// own transform of the bits): a binary search of the sorted copy compares
+/// integers.
+fn order_key(x: f64) -> i64 {
+    let bits = x.to_bits() as i64;
+    bits ^ ((((bits >> 63) as u64) >> 1) as i64)
+}
+
+/// The float whose [`order_key`] is `key` (the transform is its own inverse:
+/// it keeps the sign bit).
+fn from_order_key(key: i64) -> f64 {
+    f64::from_bits((key ^ ((((key >> 63) as u64) >> 1) as i64)) as u64)
 }
 
 impl fmt::Debug for SlidingQuantile {
@@ -676,6 +723,35 @@ mod tests {
             for q in [0.0, 0.1, 0.5, 0.9, 1.0] {
                 let rank = ((q * naive.len() as f64).ceil() as usize).clamp(1, naive.len());
                 assert_eq!(w.quantile(q), Some(naive[rank - 1]));
+            }
+        }
+    }
+
+    /// The sorted copy is the window sorted after every push, with many
+    /// repeated figures (and both zeros, which `total_cmp` tells apart).
+    #[test]
+    fn sorted_copy_is_the_window_sorted_with_repeats() {
+        let figures = [-0.0, 0.0, 1.0, 1.0, 2.5, 3.0, 3.0, 7.0];
+        let mut s: u64 = 0x9e37_79b9;
+        for cap in [1, 2, 5, 16, 64] {
+            let mut w = SlidingQuantile::new(cap);
+            let mut all = Vec::new();
+            for _ in 0..400 {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let x = figures[((s >> 33) % figures.len() as u64) as usize];
+                assert!(w.push(x));
+                all.push(x);
+                let start = all.len().saturating_sub(cap);
+                let mut naive = all[start..].to_vec();
+                naive.sort_by(f64::total_cmp);
+                let kept: Vec<u64> = w.sorted[..w.len]
+                    .iter()
+                    .map(|k| from_order_key(*k).to_bits())
+                    .collect();
+                let want: Vec<u64> = naive.iter().map(|x| x.to_bits()).collect();
+                assert_eq!(kept, want, "capacity {cap}");
             }
         }
     }

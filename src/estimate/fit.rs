@@ -576,11 +576,11 @@ impl PartsFit {
         let inverse = inverse(l, used);
         self.errors.clear();
         for r in &self.rows {
-            let fitted = r.fitted(&self.w);
+            let (fitted, h) = fitted_and_leverage(r, &self.w, &inverse);
             // Relative residual (actual − predicted) / actual, then left
             // out: divided by 1 − leverage, `z' M⁻¹ z`.
             let (target, h) = match self.target(r, known, config) {
-                Some(t) => (t, leverage(&inverse, r)),
+                Some(t) => (t, h),
                 None => (1.0 - self.media_cost(r.media.0, r.media.1, config), 0.0),
             };
             let residual = target - fitted;
@@ -644,18 +644,6 @@ impl PartsFit {
 }
 
 impl Row {
-    /// Its fitted parts' prediction with coefficients `w`, over what the
-    /// server charged.
-    // Matrix code reads best with indices.
-    #[allow(clippy::needless_range_loop)]
-    fn fitted(&self, w: &[f64; FIT]) -> f64 {
-        let mut sum = 0.0;
-        for a in 0..usize::from(self.parts).min(FIT) {
-            sum += self.value[a] * w[usize::from(self.index[a])];
-        }
-        sum
-    }
-
     /// Its non-zero parts' values and indices.
     fn entries(&self) -> (&[f64], &[u8]) {
         let n = usize::from(self.parts);
@@ -666,24 +654,28 @@ impl Row {
     }
 }
 
-/// The leverage `zᵀ M⁻¹ z` of a row, from `M⁻¹`: symmetric, so the
-/// diagonal once and each pair below it twice.
+/// A row's fitted parts' prediction with coefficients `w` (over what the
+/// server charged), and its leverage `zᵀ M⁻¹ z` from the entries of `M⁻¹`
+/// between its parts (symmetric: the diagonal once, each pair below it
+/// twice), in one pass over its parts.
 // Matrix code reads best with indices.
 #[allow(clippy::needless_range_loop)]
-fn leverage(inverse: &[[f64; FIT]; FIT], r: &Row) -> f64 {
+fn fitted_and_leverage(r: &Row, w: &[f64; FIT], inverse: &[[f64; FIT]; FIT]) -> (f64, f64) {
     let n = usize::from(r.parts).min(FIT);
-    let mut h = 0.0;
+    let (value, index) = (&r.value[..n], &r.index[..n]);
+    let (mut fitted, mut h) = (0.0, 0.0);
     for a in 0..n {
-        let i = usize::from(r.index[a]);
+        let i = usize::from(index[a]);
+        let zi = value[a];
+        fitted += zi * w[i];
         let row = &inverse[i];
         let mut below = 0.0;
         for b in 0..a {
-            below += row[usize::from(r.index[b])] * r.value[b];
+            below += row[usize::from(index[b])] * value[b];
         }
-        let zi = r.value[a];
         h += zi * (row[i] * zi + 2.0 * below);
     }
-    h
+    (fitted, h)
 }
 
 /// The entries of `M⁻¹` between the `used` parts, from the Cholesky factor
