@@ -516,9 +516,17 @@ impl PartsFit {
             }
         }
         let Normal { mut m, mut v, held } = normal;
-        // The parts some row in the solve holds: the leverages need the
-        // inverse's entries between them only.
-        let used = held.map(|(_, n)| n > 0);
+        // The parts some row in the solve holds, solved together; the
+        // others' rows and columns are only their ridge.
+        let mut part = [0usize; FIT];
+        let mut k = 0;
+        for (i, (_, n)) in held.iter().enumerate() {
+            if *n > 0 {
+                part[k] = i;
+                k += 1;
+            }
+        }
+        let part = &part[..k];
         for i in 0..FIT {
             let (sum, n) = held[i];
             let share = if n > 0 { sum / f64::from(n) } else { 1.0 };
@@ -536,17 +544,16 @@ impl PartsFit {
         // A coefficient out of its bounds is held at the bound, and the
         // others solved again without it.
         for _ in 0..2 {
-            let Some(l) = cholesky(&m) else {
+            let Some((w, l)) = solve(&m, &v, part) else {
                 return;
             };
-            let w = back_substitute(&l, &forward_substitute(&l, &v));
             if w.iter().any(|x| !x.is_finite()) {
                 return;
             }
             let bounded = clamp(w, config);
             if bounded == w {
                 self.w = w;
-                self.margins(&l, &used, known, config);
+                self.margins(&l, part, known, config);
                 return;
             }
             for i in 0..FIT {
@@ -557,8 +564,8 @@ impl PartsFit {
             }
             self.w = bounded;
         }
-        if let Some(l) = cholesky(&m) {
-            self.margins(&l, &used, known, config);
+        if let Some((_, l)) = solve(&m, &v, part) {
+            self.margins(&l, part, known, config);
         }
     }
 
@@ -569,11 +576,19 @@ impl PartsFit {
     fn margins(
         &mut self,
         l: &[[f64; FIT]; FIT],
-        used: &[bool; FIT],
+        part: &[usize],
         known: bool,
         config: &CalibrationConfig,
     ) {
-        let inverse = inverse(l, used);
+        // `M⁻¹` between the parts solved together (the leverage of a row in
+        // the solve needs no other entry).
+        let reduced = inverse(l, part.len());
+        let mut inverse = [[0.0f64; FIT]; FIT];
+        for (a, &i) in part.iter().enumerate() {
+            for (b, &j) in part.iter().enumerate() {
+                inverse[i][j] = reduced[a][b];
+            }
+        }
         self.errors.clear();
         for r in &self.rows {
             let (fitted, h) = fitted_and_leverage(r, &self.w, &inverse);
@@ -678,44 +693,68 @@ fn fitted_and_leverage(r: &Row, w: &[f64; FIT], inverse: &[[f64; FIT]; FIT]) -> 
     (fitted, h)
 }
 
-/// The entries of `M⁻¹` between the `used` parts, from the Cholesky factor
-/// `L` of `M` (the others are left 0): the columns of `L⁻¹` (lower
-/// triangular) for those parts, then `M⁻¹ = L⁻ᵀ L⁻¹`, each entry a sum over
-/// the rows below both.
+/// `M⁻¹` from the Cholesky factor `L` of `M`, both `k × k` (the top-left
+/// corner of the arrays): `L⁻¹` (lower triangular), then `M⁻¹ = L⁻ᵀ L⁻¹`,
+/// each entry a sum over the rows below both.
 #[allow(clippy::needless_range_loop)]
-fn inverse(l: &[[f64; FIT]; FIT], used: &[bool; FIT]) -> [[f64; FIT]; FIT] {
+fn inverse(l: &[[f64; FIT]; FIT], k: usize) -> [[f64; FIT]; FIT] {
+    let k = k.min(FIT);
     let mut li = [[0.0f64; FIT]; FIT];
-    for j in 0..FIT {
-        if !used[j] {
-            continue;
-        }
+    for j in 0..k {
         li[j][j] = 1.0 / l[j][j];
-        for i in j + 1..FIT {
+        for i in j + 1..k {
             let mut s = 0.0;
-            for k in j..i {
-                s -= l[i][k] * li[k][j];
+            for t in j..i {
+                s -= l[i][t] * li[t][j];
             }
             li[i][j] = s / l[i][i];
         }
     }
     let mut out = [[0.0f64; FIT]; FIT];
-    for i in 0..FIT {
-        if !used[i] {
-            continue;
-        }
+    for i in 0..k {
         for j in 0..=i {
-            if !used[j] {
-                continue;
-            }
             let mut s = 0.0;
-            for k in i..FIT {
-                s += li[k][i] * li[k][j];
+            for t in i..k {
+                s += li[t][i] * li[t][j];
             }
             out[i][j] = s;
             out[j][i] = s;
         }
     }
     out
+}
+
+/// Solves `M w = v` (`M` given by its lower triangle) where only the parts
+/// listed in `part` (ascending) are coupled: every other part's row and
+/// column of `M` is its diagonal alone, so it solves alone. Returns the
+/// solution and the Cholesky factor of `M` between the listed parts (their
+/// `k × k` corner, in the order of `part`); `None` when that is not
+/// positive definite.
+#[allow(clippy::needless_range_loop)]
+fn solve(
+    m: &[[f64; FIT]; FIT],
+    v: &[f64; FIT],
+    part: &[usize],
+) -> Option<([f64; FIT], [[f64; FIT]; FIT])> {
+    let k = part.len().min(FIT);
+    let mut sub = [[0.0f64; FIT]; FIT];
+    let mut sub_v = [0.0f64; FIT];
+    for a in 0..k {
+        sub_v[a] = v[part[a]];
+        for b in 0..=a {
+            sub[a][b] = m[part[a]][part[b]];
+        }
+    }
+    let l = cholesky(&sub, k)?;
+    let x = back_substitute(&l, &forward_substitute(&l, &sub_v, k), k);
+    let mut w = [0.0f64; FIT];
+    for i in 0..FIT {
+        w[i] = v[i] / m[i][i];
+    }
+    for a in 0..k {
+        w[part[a]] = x[a];
+    }
+    Some((w, l))
 }
 
 /// How widely a window's samples scatter around their median (p90 − p10
@@ -739,14 +778,15 @@ fn clamp(mut w: [f64; FIT], config: &CalibrationConfig) -> [f64; FIT] {
     w
 }
 
-/// The lower Cholesky factor of the symmetric matrix whose lower triangle
-/// is `m`; `None` when it is not positive definite (it always is with a
+/// The lower Cholesky factor of the symmetric `k × k` matrix (the top-left
+/// corner of `m`) whose lower triangle is `m`; `None` when it is not positive definite (it always is with a
 /// ridge, unless the figures overflowed).
 // Matrix code reads best with indices.
 #[allow(clippy::needless_range_loop)]
-fn cholesky(m: &[[f64; FIT]; FIT]) -> Option<[[f64; FIT]; FIT]> {
+fn cholesky(m: &[[f64; FIT]; FIT], k: usize) -> Option<[[f64; FIT]; FIT]> {
+    let n = k.min(FIT);
     let mut l = [[0.0f64; FIT]; FIT];
-    for j in 0..FIT {
+    for j in 0..n {
         let mut d = m[j][j];
         for k in 0..j {
             d -= l[j][k] * l[j][k];
@@ -756,7 +796,7 @@ fn cholesky(m: &[[f64; FIT]; FIT]) -> Option<[[f64; FIT]; FIT]> {
         }
         let d = d.sqrt();
         l[j][j] = d;
-        for i in j + 1..FIT {
+        for i in j + 1..n {
             let mut s = m[i][j];
             for k in 0..j {
                 s -= l[i][k] * l[j][k];
@@ -767,11 +807,11 @@ fn cholesky(m: &[[f64; FIT]; FIT]) -> Option<[[f64; FIT]; FIT]> {
     Some(l)
 }
 
-/// `L⁻¹ v` for a lower-triangular `L`.
+/// `L⁻¹ v` for a lower-triangular `k × k` `L`.
 #[allow(clippy::needless_range_loop)]
-fn forward_substitute(l: &[[f64; FIT]; FIT], v: &[f64; FIT]) -> [f64; FIT] {
+fn forward_substitute(l: &[[f64; FIT]; FIT], v: &[f64; FIT], k: usize) -> [f64; FIT] {
     let mut y = [0.0f64; FIT];
-    for i in 0..FIT {
+    for i in 0..k.min(FIT) {
         let mut s = v[i];
         for k in 0..i {
             s -= l[i][k] * y[k];
@@ -781,14 +821,15 @@ fn forward_substitute(l: &[[f64; FIT]; FIT], v: &[f64; FIT]) -> [f64; FIT] {
     y
 }
 
-/// `L⁻ᵀ y` for a lower-triangular `L`.
+/// `L⁻ᵀ y` for a lower-triangular `k × k` `L`.
 #[allow(clippy::needless_range_loop)]
-fn back_substitute(l: &[[f64; FIT]; FIT], y: &[f64; FIT]) -> [f64; FIT] {
+fn back_substitute(l: &[[f64; FIT]; FIT], y: &[f64; FIT], k: usize) -> [f64; FIT] {
+    let n = k.min(FIT);
     let mut x = [0.0f64; FIT];
-    for i in (0..FIT).rev() {
+    for i in (0..n).rev() {
         let mut s = y[i];
-        for k in i + 1..FIT {
-            s -= l[k][i] * x[k];
+        for t in i + 1..n {
+            s -= l[t][i] * x[t];
         }
         x[i] = s / l[i][i];
     }
@@ -820,10 +861,10 @@ mod tests {
             }
             m[i][i] += 1.0;
         }
-        let Some(l) = cholesky(&m) else {
+        let Some(l) = cholesky(&m, FIT) else {
             panic!("positive definite");
         };
-        let inv = inverse(&l, &[true; FIT]);
+        let inv = inverse(&l, FIT);
         for i in 0..FIT {
             for j in 0..FIT {
                 let p: f64 = (0..FIT).map(|k| m[i][k] * inv[k][j]).sum();
@@ -833,32 +874,49 @@ mod tests {
         }
     }
 
-    /// The entries between the parts in use are those of the whole
-    /// inverse: a part no row holds changes none of them.
+    /// Solving only the parts some row holds gives the solution and the
+    /// inverse of the whole system, when the others' rows and columns are
+    /// their diagonal alone.
     #[test]
     #[allow(clippy::needless_range_loop)]
-    fn inverse_between_used_parts_is_the_whole_inverse() {
+    fn solving_the_coupled_parts_alone_solves_the_whole_system() {
+        let part = [0, 3, FRAMING, OVERHEAD];
         let mut m = [[0.0f64; FIT]; FIT];
+        let mut v = [0.0f64; FIT];
         for i in 0..FIT {
-            for j in 0..FIT {
-                m[i][j] = 1.0 / (2.0 + i as f64 + j as f64);
-            }
-            m[i][i] += 0.5;
+            m[i][i] = 0.25 + i as f64;
+            v[i] = 1.0 + 0.1 * i as f64;
         }
-        let Some(l) = cholesky(&m) else {
+        for &i in &part {
+            for &j in &part {
+                if j < i {
+                    m[i][j] = 1.0 / (2.0 + i as f64 + j as f64);
+                }
+            }
+            m[i][i] += 1.0;
+        }
+        // The whole system, symmetric, by Cholesky over all the parts.
+        let Some(l) = cholesky(&m, FIT) else {
             panic!("positive definite");
         };
-        let whole = inverse(&l, &[true; FIT]);
-        let mut used = [false; FIT];
-        for i in [0, 3, FRAMING, OVERHEAD] {
-            used[i] = true;
-        }
-        let part = inverse(&l, &used);
+        let whole = back_substitute(&l, &forward_substitute(&l, &v, FIT), FIT);
+        let whole_inverse = inverse(&l, FIT);
+        let Some((w, l_part)) = solve(&m, &v, &part) else {
+            panic!("positive definite");
+        };
         for i in 0..FIT {
-            for j in 0..FIT {
-                if used[i] && used[j] {
-                    assert!((part[i][j] - whole[i][j]).abs() < 1e-12, "({i}, {j})");
-                }
+            assert!(
+                (w[i] - whole[i]).abs() < 1e-12,
+                "w[{i}]: {} vs {}",
+                w[i],
+                whole[i]
+            );
+        }
+        let reduced = inverse(&l_part, part.len());
+        for (a, &i) in part.iter().enumerate() {
+            for (b, &j) in part.iter().enumerate() {
+                let (x, y) = (reduced[a][b], whole_inverse[i][j]);
+                assert!((x - y).abs() < 1e-12, "({i}, {j}): {x} vs {y}");
             }
         }
     }
