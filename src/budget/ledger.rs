@@ -2023,12 +2023,23 @@ impl Default for PackedBucket {
 impl PackedBuckets {
     fn unpack(&self, epoch: Epoch) -> KeyState {
         let learned = self.learned.as_deref().copied().unwrap_or_default();
+        // The buckets are mostly brought up to date together: an instant
+        // the previous bucket had is converted once.
+        let mut last: Option<(i64, Instant)> = None;
         KeyState {
             buckets: std::array::from_fn(|i| {
                 let p = self.buckets[i];
+                let updated = (p.updated != PackedBucket::NEVER).then(|| match last {
+                    Some((nanos, at)) if nanos == p.updated => at,
+                    _ => {
+                        let at = epoch.instant(p.updated);
+                        last = Some((p.updated, at));
+                        at
+                    }
+                });
                 Bucket {
                     level: (i128::from(p.level_hi) << 64) | i128::from(p.level_lo),
-                    updated: (p.updated != PackedBucket::NEVER).then(|| epoch.instant(p.updated)),
+                    updated,
                     learned: learned[i],
                     last_limit: None,
                 }
@@ -2038,11 +2049,20 @@ impl PackedBuckets {
     }
 
     fn pack(&mut self, state: &KeyState, epoch: Epoch) {
+        // As in `unpack`: an instant the previous bucket had is converted once.
+        let mut last: Option<(Instant, i64)> = None;
         for (p, b) in self.buckets.iter_mut().zip(&state.buckets) {
             // The two halves of the level: truncation is the point.
             p.level_lo = b.level as u64;
             p.level_hi = (b.level >> 64) as i64;
-            p.updated = b.updated.map_or(PackedBucket::NEVER, |t| epoch.nanos(t));
+            p.updated = b.updated.map_or(PackedBucket::NEVER, |t| match last {
+                Some((at, nanos)) if at == t => nanos,
+                _ => {
+                    let nanos = epoch.nanos(t);
+                    last = Some((t, nanos));
+                    nanos
+                }
+            });
         }
         let learned = state.buckets.map(|b| b.learned);
         match (&mut self.learned, learned.iter().any(Option::is_some)) {
