@@ -576,6 +576,11 @@ impl Calibration {
         let inner = &mut *guard;
         inner.tick = inner.tick.wrapping_add(1);
         let tick = inner.tick;
+        // A model seen before: one lookup.
+        if let Some(m) = inner.models.get_mut(model) {
+            m.last = tick;
+            return Some(f(m, self.config.window));
+        }
         self.model_entry(inner, model, tick)
             .map(|m| f(m, self.config.window))
     }
