@@ -24,7 +24,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::future::{ready, Ready};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -48,21 +48,36 @@ use tower_llm_limits::BoxError;
 struct Counting;
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// While set, [`BY_SIZE`] counts live blocks by size (the waiter figure's
+/// breakdown).
+static TRACK: AtomicBool = AtomicBool::new(false);
+/// Live blocks per size in bytes (sizes of 4,096 and more in the last slot).
+static BY_SIZE: [AtomicIsize; 4097] = [const { AtomicIsize::new(0) }; 4097];
+
+fn track(size: usize, delta: isize) {
+    if TRACK.load(Ordering::Relaxed) {
+        BY_SIZE[size.min(4096)].fetch_add(delta, Ordering::Relaxed);
+    }
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        track(layout.size(), 1);
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        track(layout.size(), -1);
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         LIVE.fetch_add(new, Ordering::Relaxed);
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        track(new, 1);
+        track(layout.size(), -1);
         unsafe { System.realloc(ptr, layout, new) }
     }
 }
@@ -421,12 +436,14 @@ fn waiter_figure() {
     let before = LIVE.load(Ordering::SeqCst);
     let mut futures = Vec::with_capacity(WAITERS);
     let mut inline = 0;
+    TRACK.store(true, Ordering::SeqCst);
     for _ in 0..WAITERS {
         let mut f = Box::pin(svc.call(request()));
         inline = std::mem::size_of_val(&*f);
         assert!(std::future::Future::poll(f.as_mut(), &mut cx).is_pending());
         futures.push(f);
     }
+    TRACK.store(false, Ordering::SeqCst);
     let held = LIVE.load(Ordering::SeqCst) - before;
     let waiting = limits.concurrency().snapshot().waiting.total();
     println!(
@@ -435,6 +452,21 @@ fn waiter_figure() {
          response future's own {inline} B",
         (held.saturating_sub(bare)) as f64 / WAITERS as f64,
         bare as f64 / WAITERS as f64,
+    );
+    // What each waiter keeps, by block size: the blocks alive for most of
+    // them (the requests' own included: they are held too).
+    let blocks: Vec<String> = BY_SIZE
+        .iter()
+        .enumerate()
+        .filter_map(|(size, n)| {
+            let n = n.swap(0, Ordering::SeqCst);
+            (n >= WAITERS as isize / 2)
+                .then(|| format!("{size} B x{:.2}", n as f64 / WAITERS as f64))
+        })
+        .collect();
+    println!(
+        "  blocks per waiter, requests included: {}",
+        blocks.join(", ")
     );
     drop(futures);
 }

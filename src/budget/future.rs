@@ -88,12 +88,11 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S, F, B, RB> {
+        // Reading the body (boxed: an outer retry layer reads it in the
+        // preset, and this state, the largest, would set the size of the
+        // future that every request waiting in an inner queue holds).
         Buffering {
-            fut: BufferFuture<B>,
-            parts: Option<Parts>,
-            caller: Option<String>,
-            svc: Option<S>,
-            count_svc: Option<S>,
+            reading: Box<Reading<S, B>>,
         },
         // Waiting for the budget, then for the inner service: boxed, so
         // that only a request that waits pays for carrying its request,
@@ -119,6 +118,15 @@ pin_project! {
         },
         Done,
     }
+}
+
+/// A request whose body the budget reads itself, before estimating it.
+struct Reading<S, B> {
+    fut: BufferFuture<B>,
+    parts: Option<Parts>,
+    caller: Option<String>,
+    svc: Option<S>,
+    count_svc: Option<S>,
 }
 
 /// An estimated request on its way through the budget: waiting to be
@@ -250,11 +258,13 @@ where
         Self {
             shared,
             state: State::Buffering {
-                fut,
-                parts: Some(parts),
-                caller,
-                svc: Some(svc),
-                count_svc,
+                reading: Box::new(Reading {
+                    fut,
+                    parts: Some(parts),
+                    caller,
+                    svc: Some(svc),
+                    count_svc,
+                }),
             },
         }
     }
@@ -359,13 +369,14 @@ where
             let mut this = self.as_mut().project();
             let shared: &Arc<Shared> = this.shared;
             match this.state.as_mut().project() {
-                StateProj::Buffering {
-                    fut,
-                    parts,
-                    caller,
-                    svc,
-                    count_svc,
-                } => {
+                StateProj::Buffering { reading } => {
+                    let Reading {
+                        fut,
+                        parts,
+                        caller,
+                        svc,
+                        count_svc,
+                    } = &mut **reading;
                     let buffered = ready!(Pin::new(fut).poll(cx));
                     let (Some(parts), Some(svc)) = (parts.take(), svc.take()) else {
                         polled_after_completion();
@@ -943,14 +954,15 @@ mod tests {
     /// growing unnoticed. It was 992 bytes while it held the request, the
     /// charge and the admission inline (set by the state that asks the
     /// budget, 984 bytes); that state is boxed now (only for requests that
-    /// wait), and the future is the size of the state that reads a body
-    /// (the preset's budget never does: its retry layer reads it) or calls
-    /// (the inner future and the charge).
+    /// wait), and so is the state that reads a body (424 bytes while it was
+    /// inline; the preset's budget never reads one: its retry layer does):
+    /// the future is the size of the state that calls (the inner future
+    /// and the charge).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn future_stays_small() {
         let size = std::mem::size_of::<ResponseFuture<Under, ReplayBody<Full<Bytes>>>>();
-        assert!(size <= 432, "budget::ResponseFuture is {size} bytes");
+        assert!(size <= 392, "budget::ResponseFuture is {size} bytes");
         // 336 bytes, then 344 with the prefix a fleet's request held for
         // (`Charge::fleet_held`).
         let calling = std::mem::size_of::<Held>();

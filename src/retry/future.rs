@@ -89,9 +89,10 @@ pin_project! {
         #[pin]
         state: State<S::Future, R, B>,
         ctx: Ctx<S, B>,
-        // The request's `llm_request` span, entered while polling
-        // (disabled without a subscriber).
-        span: tracing::Span,
+        // The request's `llm_request` span, entered while polling: kept
+        // (boxed) only when a subscriber is interested in it, so that a
+        // request waiting in an inner layer does not carry a disabled one.
+        span: Option<Box<tracing::Span>>,
     }
 }
 
@@ -205,6 +206,7 @@ where
             model = tracing::field::Empty,
             lane = tracing::field::Empty,
         );
+        let span = (!span.is_disabled()).then(|| Box::new(span));
         ResponseFuture {
             state: State::Buffering {
                 buffer: body::buffer(body, limit),
@@ -825,7 +827,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let ctx = this.ctx;
-        let _entered = this.span.enter();
+        let _entered = this.span.as_deref().map(tracing::Span::enter);
         loop {
             let step = match this.state.as_mut().project() {
                 StateProj::Buffering { buffer } => ready!(ctx.poll_buffer(buffer, cx)),
@@ -906,15 +908,16 @@ mod tests {
     /// 584 with the crate's one `body::Buffer`, which the budget shares,
     /// 624 with the request's tracing span (40 bytes, no allocation) and its
     /// wait log (8), 544 once the body's reading moved into the state that
-    /// reads it and the deadline was kept in the wait log only, and 496 with
-    /// what a request that waits or fails carries in its boxed history).
+    /// reads it and the deadline was kept in the wait log only, 496 with
+    /// what a request that waits or fails carries in its boxed history, and
+    /// 464 with the span boxed, kept only when a subscriber wants it).
     /// Every request waiting in an inner layer holds the context inline: it
     /// must not grow either.
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn future_stays_small() {
         let size = std::mem::size_of::<Fut>();
-        assert!(size <= 496, "ResponseFuture is {size} bytes");
+        assert!(size <= 464, "ResponseFuture is {size} bytes");
         let payload = std::mem::size_of::<Payload<Full<Bytes>>>();
         assert!(payload <= 48, "Payload is {payload} bytes");
         let ctx = std::mem::size_of::<Ctx<(), Full<Bytes>>>();
