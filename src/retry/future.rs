@@ -8,7 +8,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Buf;
-use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -100,9 +99,6 @@ pin_project! {
 struct Ctx<S, B> {
     service: S,
     shared: Arc<Shared>,
-    /// The request head, copied for each attempt (`None` once moved into the
-    /// only attempt of a body that cannot be replayed).
-    head: Option<Parts>,
     payload: Payload<B>,
     /// Attempts made so far.
     attempts: u32,
@@ -112,8 +108,13 @@ struct Ctx<S, B> {
     /// failed (`None` until then).
     history: Option<Box<History>>,
     /// The waits of the layers inside this one in the current attempt (those
-    /// of the attempts before are in the history's `waited`), and the
-    /// deadline they obey (the request's, kept only there).
+    /// of the attempts before are in the history's `waited`), the deadline
+    /// they obey (the request's, kept only there), and the request head:
+    /// before the first attempt the request's own, then the copy that the
+    /// next attempt sends (none for a body that cannot be sent again). Kept
+    /// there, not here, so that a layer inside that holds the attempt
+    /// waiting can lend the copy while it holds an equal head
+    /// ([`WaitLog::lend_head`]): a waiting request carries one head.
     log: Arc<Log>,
 }
 
@@ -198,7 +199,8 @@ where
             (Some(d), Some(now)) => Some(later(now, d)),
             _ => None,
         };
-        let log = Log::new(deadline, Dispatch::of(&head.extensions));
+        let mut log = Log::new(deadline, Dispatch::of(&head.extensions));
+        Log::keep_head(&mut log, head);
         shared.config.hooks.request();
         let span = tracing::info_span!(
             "llm_request",
@@ -214,7 +216,6 @@ where
             ctx: Ctx {
                 service,
                 shared,
-                head: Some(head),
                 payload: Payload::Reading,
                 attempts: 0,
                 ready: true,
@@ -458,48 +459,53 @@ impl<S, B> Ctx<S, B> {
         });
     }
 
-    /// The request of the next attempt.
-    fn next_request(&mut self) -> Result<Request<ReplayBody<B>>, BoxError> {
+    /// The request of the next attempt: the head kept in the log (the
+    /// request's own for the first), its copy kept in the attempt's log for
+    /// the attempt after, if the body can be sent again.
+    fn next_request(&mut self) -> Result<Attempt<B>, BoxError> {
         let not_replayable = || -> BoxError {
             Box::new(Error::NotReplayable {
                 status: None,
                 source: None,
             })
         };
-        let mut req = match &mut self.payload {
-            Payload::Replay(kept) => {
-                let head = self.head.as_ref().ok_or_else(not_replayable)?;
-                let mut req = Request::from_parts(head.clone(), kept.replay());
-                req.extensions_mut()
-                    .insert(BufferedBytes(kept.bytes().clone()));
-                req
-            }
-            Payload::Once(slot) => {
-                let body = *slot.take().ok_or_else(not_replayable)?;
-                let head = self.head.take().ok_or_else(not_replayable)?;
-                Request::from_parts(head, body)
-            }
+        let body = match &mut self.payload {
+            Payload::Replay(kept) => kept.replay(),
+            Payload::Once(slot) => *slot.take().ok_or_else(not_replayable)?,
             Payload::Reading => return Err(not_replayable()),
         };
-        if self.attempts > 0 {
-            req.headers_mut()
+        let replay = matches!(self.payload, Payload::Replay(_));
+        let (mut head, marker) = if self.attempts == 0 {
+            // The request's own head goes; its copy stays, for the next.
+            let head = Log::swap_head(&mut self.log, replay).ok_or_else(not_replayable)?;
+            let marker = Dispatch::of(&head.extensions);
+            (head, marker)
+        } else {
+            let mut head = Log::take_head(&mut self.log).ok_or_else(not_replayable)?;
+            head.headers
                 .insert(RETRY_COUNT, HeaderValue::from(self.attempts));
-        }
-        let marker = Dispatch::of(req.extensions());
-        if self.attempts > 0 {
+            let marker = Dispatch::of(&head.extensions);
             // A fresh log (and dispatch node) for each attempt; the waits of
             // the attempts before are kept.
             let waited = self.log.waited();
             let history = self.history();
             history.waited = history.waited.saturating_add(waited);
             self.log = Log::new(self.log.deadline(), marker.clone());
+            if replay {
+                Log::keep_head(&mut self.log, head.clone());
+            }
+            (head, marker)
+        };
+        // The copy was made before this attempt's extensions go on: it
+        // holds no log (which holds it), and stays cheap.
+        if let Payload::Replay(kept) = &self.payload {
+            head.extensions.insert(BufferedBytes(kept.bytes().clone()));
         }
-        // On the attempt, not the head: the head's clones stay cheap.
-        req.extensions_mut()
-            .insert(WaitLog::new(Arc::clone(&self.log), marker));
+        head.extensions
+            .insert(WaitLog::new(Arc::clone(&self.log), marker.clone()));
         self.attempts += 1;
         crate::observe::record_span("attempt", self.attempts);
-        Ok(req)
+        Ok((Request::from_parts(head, body), marker))
     }
 
     fn replayable(&self) -> bool {
@@ -507,8 +513,8 @@ impl<S, B> Ctx<S, B> {
     }
 }
 
-/// The request of an attempt.
-type Attempt<B> = Request<ReplayBody<B>>;
+/// The request of an attempt, and the dispatch marker in its wait log.
+type Attempt<B> = (Request<ReplayBody<B>>, Option<Dispatch>);
 
 /// What the future does next: the outcome of one state's work. An attempt
 /// goes as its request, called straight into [`State::Calling`]: the inner
@@ -782,8 +788,7 @@ where
                 state.set(State::Waiting);
             }
             Step::Ready => state.set(State::Readying),
-            Step::Call(req) => {
-                let marker = Dispatch::of(req.extensions());
+            Step::Call((req, marker)) => {
                 let service = &mut ctx.service;
                 state.set(State::Calling {
                     future: Dispatch::pass(marker.as_ref(), || service.call(req)),
