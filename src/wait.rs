@@ -175,6 +175,47 @@ impl Log {
         self.deadline
     }
 
+    /// A layer holds `request`, this attempt's, waiting: if the retry
+    /// layer's copy of the head is the same as the request's (no layer in
+    /// between changed it), the copy's method, URI and headers are dropped
+    /// until [`restore_head`](Self::restore_head) or
+    /// [`give_back_head`](Self::give_back_head) (either does nothing if
+    /// they were not).
+    pub(crate) fn lend_head<B>(&self, request: &Request<B>) {
+        let mut kept = self.kept();
+        if let Kept::Head(copy) = &mut *kept {
+            if same_head(copy, request) {
+                let extensions = std::mem::take(&mut copy.extensions);
+                *kept = Kept::Lent(extensions);
+            }
+        }
+    }
+
+    /// The layer that [lent](Self::lend_head) the copy passes `request` on:
+    /// the copy is made again from its head.
+    pub(crate) fn restore_head<B>(&self, request: &Request<B>) {
+        let mut kept = self.kept();
+        if let Kept::Lent(extensions) = &mut *kept {
+            let (mut head, ()) = Request::new(()).into_parts();
+            head.method = request.method().clone();
+            head.uri = request.uri().clone();
+            head.version = request.version();
+            head.headers = request.headers().clone();
+            head.extensions = std::mem::take(extensions);
+            *kept = Kept::Head(head);
+        }
+    }
+
+    /// The layer that [lent](Self::lend_head) the copy drops the request
+    /// without passing it on: its head becomes the copy again (no clone).
+    pub(crate) fn give_back_head(&self, mut head: Parts) {
+        let mut kept = self.kept();
+        if let Kept::Lent(extensions) = &mut *kept {
+            head.extensions = std::mem::take(extensions);
+            *kept = Kept::Head(head);
+        }
+    }
+
     /// Adds a finished wait.
     pub(crate) fn add(&self, d: Duration) {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -198,11 +239,6 @@ impl WaitLog {
         WaitLog { log, marker }
     }
 
-    /// The log on a request, if a retry layer put one there.
-    pub(crate) fn of(extensions: &http::Extensions) -> Option<WaitLog> {
-        extensions.get::<WaitLog>().cloned()
-    }
-
     /// The request's current dispatch marker, if one is kept here.
     pub(crate) fn marker(&self) -> Option<&Dispatch> {
         self.marker.as_ref()
@@ -219,54 +255,6 @@ impl WaitLog {
         self.log.node.claim().then(|| Arc::clone(&self.log))
     }
 
-    /// Adds a finished wait.
-    pub(crate) fn add(&self, d: Duration) {
-        self.log.add(d);
-    }
-
-    /// A layer holds `request`, this attempt's, waiting: if the retry
-    /// layer's copy of the head is the same as the request's (no layer in
-    /// between changed it), the copy's method, URI and headers are dropped
-    /// until [`restore_head`](Self::restore_head) or
-    /// [`give_back_head`](Self::give_back_head). Returns whether they were.
-    pub(crate) fn lend_head<B>(&self, request: &Request<B>) -> bool {
-        let mut kept = self.log.kept();
-        let Kept::Head(copy) = &mut *kept else {
-            return false;
-        };
-        if !same_head(copy, request) {
-            return false;
-        }
-        let extensions = std::mem::take(&mut copy.extensions);
-        *kept = Kept::Lent(extensions);
-        true
-    }
-
-    /// The layer that [lent](Self::lend_head) the copy passes `request` on:
-    /// the copy is made again from its head.
-    pub(crate) fn restore_head<B>(&self, request: &Request<B>) {
-        let mut kept = self.log.kept();
-        if let Kept::Lent(extensions) = &mut *kept {
-            let (mut head, ()) = Request::new(()).into_parts();
-            head.method = request.method().clone();
-            head.uri = request.uri().clone();
-            head.version = request.version();
-            head.headers = request.headers().clone();
-            head.extensions = std::mem::take(extensions);
-            *kept = Kept::Head(head);
-        }
-    }
-
-    /// The layer that [lent](Self::lend_head) the copy drops the request
-    /// without passing it on: its head becomes the copy again (no clone).
-    pub(crate) fn give_back_head(&self, mut head: Parts) {
-        let mut kept = self.log.kept();
-        if let Kept::Lent(extensions) = &mut *kept {
-            head.extensions = std::mem::take(extensions);
-            *kept = Kept::Head(head);
-        }
-    }
-
     /// The time waited in inner layers so far.
     #[cfg(test)]
     pub(crate) fn waited(&self) -> Duration {
@@ -279,7 +267,7 @@ impl WaitLog {
 /// deadline.
 #[derive(Default)]
 pub(crate) struct Wait {
-    log: Option<WaitLog>,
+    log: Option<Arc<Log>>,
     started: Option<Instant>,
     /// The deadline's timer, armed at the first `Pending` (boxed: only
     /// requests that wait under a deadline pay for it).
@@ -299,7 +287,7 @@ impl Wait {
     /// A wait for the request with these extensions.
     pub(crate) fn of(extensions: &http::Extensions) -> Self {
         Wait {
-            log: WaitLog::of(extensions),
+            log: extensions.get::<WaitLog>().map(|w| Arc::clone(&w.log)),
             started: None,
             timer: None,
         }
@@ -311,7 +299,7 @@ impl Wait {
     pub(crate) fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<DeadlineReached> {
         if self.started.is_none() {
             self.started = Some(Instant::now());
-            if let Some(deadline) = self.log.as_ref().and_then(|log| log.log.deadline) {
+            if let Some(deadline) = self.log.as_ref().and_then(|log| log.deadline) {
                 self.timer = Some(Box::pin(tokio::time::sleep_until(deadline)));
             }
         }
@@ -339,9 +327,9 @@ impl Wait {
         self.started
     }
 
-    /// The request's wait log, if a retry layer put one there.
-    pub(crate) fn log(&self) -> Option<&WaitLog> {
-        self.log.as_ref()
+    /// The log of the request's attempt, if a retry layer put one there.
+    pub(crate) fn log(&self) -> Option<&Log> {
+        self.log.as_deref()
     }
 }
 
@@ -433,9 +421,9 @@ mod tests {
         let mut attempt = head("a");
         attempt.extensions_mut().insert(log.clone());
         attempt.extensions_mut().insert(9u32);
-        assert!(log.lend_head(&attempt));
+        log.log.lend_head(&attempt);
         assert!(take(&log).is_none(), "lent, not kept");
-        log.restore_head(&attempt);
+        log.log.restore_head(&attempt);
         let restored = take(&log).unwrap_or_else(|| panic!("kept again"));
         assert_eq!(restored.headers, *attempt.headers());
         assert_eq!(restored.uri, *attempt.uri());
@@ -450,8 +438,8 @@ mod tests {
         let log = WaitLog::new(Log::new(None, None), None);
         keep(&log, head("a").into_parts().0);
         let attempt = head("a");
-        assert!(log.lend_head(&attempt));
-        log.give_back_head(attempt.into_parts().0);
+        log.log.lend_head(&attempt);
+        log.log.give_back_head(attempt.into_parts().0);
         let back = take(&log).unwrap_or_else(|| panic!("given back"));
         assert_eq!(back.headers["x-request-name"], "a");
         assert_eq!(back.extensions.get::<u32>(), Some(&7));
@@ -462,7 +450,7 @@ mod tests {
     fn a_changed_head_is_not_lent() {
         let log = WaitLog::new(Log::new(None, None), None);
         keep(&log, head("a").into_parts().0);
-        assert!(!log.lend_head(&head("b")));
+        log.log.lend_head(&head("b"));
         let kept = take(&log).unwrap_or_else(|| panic!("kept"));
         assert_eq!(kept.headers["x-request-name"], "a");
     }

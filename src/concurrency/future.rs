@@ -98,7 +98,9 @@ where
         let wait = Wait::of(request.extensions());
         // Under a retry layer, its copy of the head is lent while the
         // request waits here: a waiting request carries one head.
-        let lent = wait.log().is_some_and(|log| log.lend_head(&request));
+        if let Some(log) = wait.log() {
+            log.lend_head(&request);
+        }
         ResponseFuture {
             state: State::Waiting {
                 waiter,
@@ -107,7 +109,6 @@ where
                     request: Some(request),
                     wait,
                     hooks,
-                    lent,
                 })),
             },
         }
@@ -223,9 +224,6 @@ struct Queued<S, B> {
     request: Option<Request<B>>,
     wait: Wait,
     hooks: Option<Arc<Hooks>>,
-    /// Whether the retry layer's copy of the head was lent while the
-    /// request waits ([`WaitLog::lend_head`](crate::wait::WaitLog::lend_head)).
-    lent: bool,
 }
 
 impl<S, B> Queued<S, B>
@@ -236,10 +234,8 @@ where
     /// its head is made again if it was lent, and it is passed on.
     fn dispatch(&mut self, request: Request<B>) -> S::Future {
         waited(&mut self.wait, self.hooks.as_deref());
-        if std::mem::take(&mut self.lent) {
-            if let Some(log) = self.wait.log() {
-                log.restore_head(&request);
-            }
+        if let Some(log) = self.wait.log() {
+            log.restore_head(&request);
         }
         let marker = Dispatch::of(request.extensions());
         let service = &mut self.service;
@@ -251,8 +247,7 @@ impl<S, B> Drop for Queued<S, B> {
     /// Dropped before it was passed on (cancelled, or its deadline passed):
     /// a lent copy of the head is given back, from the request's own.
     fn drop(&mut self) {
-        if let (true, Some(request), Some(log)) = (self.lent, self.request.take(), self.wait.log())
-        {
+        if let (Some(request), Some(log)) = (self.request.take(), self.wait.log()) {
             log.give_back_head(request.into_parts().0);
         }
     }
