@@ -414,10 +414,27 @@ fn allocation_figures() {
     }
 }
 
-/// Bytes per request waiting in the preset's queue: `WAITERS` requests
-/// called (each polled once) while an upstream that never answers holds
-/// every slot, less the bytes of the same requests merely kept in a `Vec`.
+/// Where the waiters of [`waiters_in`] wait.
+#[derive(Clone, Copy)]
+enum Line {
+    /// The concurrency queue: the budget admits every request (limits far
+    /// above what is sent), the upstream never answers and holds every slot.
+    Slots,
+    /// The budget's line for the model's key: one request a minute.
+    Budget,
+}
+
+/// Bytes per request waiting in the preset's queue (the concurrency
+/// layer's), and in the budget's line: see [`waiters_in`].
 fn waiter_figure() {
+    waiters_in(Line::Slots);
+    waiters_in(Line::Budget);
+}
+
+/// Bytes per request waiting in `line`: `WAITERS` requests called (each
+/// polled once) while an upstream that never answers holds every slot, less
+/// the bytes of the same requests merely kept in a `Vec`.
+fn waiters_in(line: Line) {
     const WAITERS: usize = 10_000;
     let rt = runtime();
     let _guard = rt.enter();
@@ -427,7 +444,10 @@ fn waiter_figure() {
     let requests: Vec<Request<Full<Bytes>>> = (0..WAITERS).map(|_| request()).collect();
     let bare = LIVE.load(Ordering::SeqCst) - before;
     drop(requests);
-    let limits = LimitsLayer::anthropic(limits());
+    let limits = LimitsLayer::anthropic(match line {
+        Line::Slots => limits(),
+        Line::Budget => Limits::new().rpm(1).itpm(HUGE).otpm(HUGE),
+    });
     let mut svc = ServiceBuilder::new()
         .layer(limits.clone())
         .service(service_fn(|_req: Request<_>| {
@@ -445,11 +465,26 @@ fn waiter_figure() {
     }
     TRACK.store(false, Ordering::SeqCst);
     let held = LIVE.load(Ordering::SeqCst) - before;
-    let waiting = limits.concurrency().snapshot().waiting.total();
+    let (waiting, queue) = match line {
+        Line::Slots => (
+            limits.concurrency().snapshot().waiting.total(),
+            "the preset's queue (for a slot)",
+        ),
+        Line::Budget => (
+            limits
+                .budget()
+                .snapshot()
+                .keys
+                .iter()
+                .map(|k| k.waiting)
+                .sum(),
+            "the budget's line (for its turn)",
+        ),
+    };
     println!(
-        "memory per waiter, full preset: {:.0} B ({waiting} of {WAITERS} requests waiting for a slot; \
-         the requests themselves, {:.0} B each, not counted; target <= 600 B), of which the \
-         response future's own {inline} B",
+        "memory per waiter, full preset, in {queue}: {:.0} B ({waiting} of {WAITERS} requests \
+         waiting; the requests themselves, {:.0} B each, not counted; target <= 600 B), of \
+         which the response future's own {inline} B",
         (held.saturating_sub(bare)) as f64 / WAITERS as f64,
         bare as f64 / WAITERS as f64,
     );

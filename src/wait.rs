@@ -58,6 +58,9 @@ pub(crate) struct Log {
 /// that holds the attempt waiting (the concurrency queue, the budget's
 /// line) can [lend](WaitLog::lend_head) the copy's heavy parts while it
 /// holds an equal head, and a waiting request carries one head, not two.
+// The copy inline: boxed, it would cost an allocation per request, and the
+// log's allocation holds the slot anyway.
+#[allow(clippy::large_enum_variant)]
 #[derive(Default)]
 enum Kept {
     /// No copy: the body cannot be sent again, or the head went out with

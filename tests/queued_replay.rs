@@ -39,20 +39,24 @@ fn request(id: &str) -> Request<Full<Bytes>> {
 
 /// The upstream: records each attempt; the request named `slow` takes
 /// `hold`, `b`'s first attempt is answered 503, the rest 200 at once.
-fn upstream(
+fn upstream<B>(
     seen: Arc<Mutex<Vec<Seen>>>,
     hold: Duration,
 ) -> impl tower::Service<
-    Request<ReplayBody<Full<Bytes>>>,
+    Request<B>,
     Response = Response<Full<Bytes>>,
     Error = BoxError,
     Future = impl Send,
-> + Clone {
-    service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+> + Clone
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    service_fn(move |req: Request<B>| {
         let seen = Arc::clone(&seen);
         async move {
             let (parts, body) = req.into_parts();
-            let body = body.collect().await?.to_bytes();
+            let body = body.collect().await.map_err(Into::into)?.to_bytes();
             let name = parts
                 .headers
                 .get("x-request-name")
@@ -165,4 +169,34 @@ async fn a_request_dropped_while_it_waited_is_sent_again_with_its_head() {
         assert_eq!(attempt.body, Bytes::from_static(br#"{"id":"b"}"#));
     }
     drop(slow);
+}
+
+/// `b` waits for its turn in the budget's line (one request a minute),
+/// is answered 503 once admitted, and is sent again with the same head.
+#[cfg(feature = "budget")]
+#[tokio::test(start_paused = true)]
+async fn a_request_that_waited_in_the_budgets_line_is_sent_again_with_its_head() {
+    use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let budget = TokenBudgetLayer::anthropic(Limits::new().rpm(1).itpm(1_000_000).otpm(1_000_000));
+    let client = ServiceBuilder::new()
+        .layer(RetryAfterLayer::builder().jitter(|| 0.0).build())
+        .layer(budget.clone())
+        .service(upstream(Arc::clone(&seen), Duration::ZERO));
+    let first = client.clone().oneshot(request("slow")).await;
+    assert_eq!(first.map(|r| r.status()).ok(), Some(StatusCode::OK));
+    let started = tokio::time::Instant::now();
+    let b = client.clone().oneshot(request("b")).await;
+    assert_eq!(b.map(|r| r.status()).ok(), Some(StatusCode::OK));
+    assert!(
+        started.elapsed() >= Duration::from_secs(30),
+        "b waited for its turn: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        budget.snapshot().waited >= 1,
+        "{:?}",
+        budget.snapshot().waited
+    );
+    assert_replayed(&attempts_of(&seen, "b"));
 }

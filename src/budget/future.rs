@@ -130,10 +130,10 @@ struct Reading<S, B> {
 }
 
 /// An estimated request on its way through the budget: waiting to be
-/// admitted, then (admitted, its charge in `held`) for the inner service to
-/// be ready.
+/// admitted, then (admitted, its charge held) for the inner service to be
+/// ready.
 struct Pending<S, F, B, RB> {
-    charge: Option<Charge>,
+    charge: Stage,
     admission: Admission,
     request: Option<Request<ReplayBody<B>>>,
     svc: Option<S>,
@@ -149,8 +149,37 @@ struct Pending<S, F, B, RB> {
     prefix: PrefixWait,
     /// The `count_tokens` mode (see `count.rs`).
     count: Counting<S, F, B, RB>,
-    /// Set once admitted: the charge, until the request is handed on.
-    held: Option<Held>,
+}
+
+/// Where a waiting request's charge stands: one of the two at a time, so
+/// that a request in the budget's line does not carry room for both.
+enum Stage {
+    /// Asking the budget.
+    Asking(Charge),
+    /// Admitted: held until the request is handed on (refunded if it is
+    /// dropped before).
+    Admitted(Held),
+    /// Taken: handed on, or refused.
+    Taken,
+}
+
+impl Stage {
+    fn take(&mut self) -> Stage {
+        std::mem::replace(self, Stage::Taken)
+    }
+}
+
+impl<S, F, B, RB> Drop for Pending<S, F, B, RB> {
+    /// Dropped before the request was handed on (cancelled, refused, its
+    /// deadline passed): a retry layer's copy of its head that it lent
+    /// while it waited is given back, from the request's own.
+    fn drop(&mut self) {
+        if let (Some(request), Some(log)) =
+            (self.request.take(), self.wait.as_ref().and_then(Wait::log))
+        {
+            log.give_back_head(request.into_parts().0);
+        }
+    }
 }
 
 impl<S, F, B, RB> Pending<S, F, B, RB> {
@@ -164,14 +193,13 @@ impl<S, F, B, RB> Pending<S, F, B, RB> {
     ) -> Self {
         Pending {
             count,
-            charge: Some(charge),
+            charge: Stage::Asking(charge),
             admission: Admission::default(),
             wait: None,
             prefix: PrefixWait::default(),
             request: Some(request),
             svc: Some(svc),
             ready,
-            held: None,
         }
     }
 }
@@ -227,7 +255,9 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Buffering { .. } => "buffering",
-            State::Admitting { pending } if pending.held.is_some() => "readying",
+            State::Admitting { pending } if matches!(pending.charge, Stage::Admitted(_)) => {
+                "readying"
+            }
             State::Admitting { .. } => "admitting",
             State::Calling { .. } => "calling",
             State::Failed { .. } => "failed",
@@ -468,9 +498,9 @@ where
     S::Error: Into<BoxError>,
     ResB: Body,
 {
-    if p.held.is_none() {
+    if !matches!(p.charge, Stage::Admitted(_)) {
         ready!(poll_admission(shared, p, cx))?;
-        let Some(mut charge) = p.charge.take() else {
+        let Stage::Asking(mut charge) = p.charge.take() else {
             polled_after_completion();
         };
         charge.writing = shared.writers.start(&charge.estimate.cache_writes);
@@ -484,7 +514,7 @@ where
             // Never made to wait: sent at once, the charge not parked.
             return Poll::Ready(Ok(send(p, held)));
         }
-        p.held = Some(held);
+        p.charge = Stage::Admitted(held);
     }
     poll_send(p, cx).map_err(NotAdmitted::Error)
 }
@@ -501,7 +531,7 @@ where
     ResB: Body,
 {
     loop {
-        let Some(ch) = p.charge.as_mut() else {
+        let Stage::Asking(ch) = &mut p.charge else {
             polled_after_completion();
         };
         let counter = shared.counter.as_ref();
@@ -526,7 +556,11 @@ where
                     waited(shared, wait);
                 }
                 return Poll::Ready(admitted.map_err(|refusal| {
-                    NotAdmitted::Refused(Box::new((p.charge.take(), refusal)))
+                    let charge = match p.charge.take() {
+                        Stage::Asking(charge) => Some(charge),
+                        _ => None,
+                    };
+                    NotAdmitted::Refused(Box::new((charge, refusal)))
                 }));
             }
             Poll::Pending => {
@@ -548,9 +582,16 @@ where
                 }
                 let request = p.request.as_ref();
                 let wait = p.wait.get_or_insert_with(|| {
-                    request
-                        .map(|r| Wait::of(r.extensions()))
-                        .unwrap_or_default()
+                    let Some(request) = request else {
+                        return Wait::default();
+                    };
+                    let wait = Wait::of(request.extensions());
+                    if let Some(log) = wait.log() {
+                        // Under a retry layer, its copy of the head is lent
+                        // while the request waits in line.
+                        log.lend_head(request);
+                    }
+                    wait
                 });
                 let reached = ready!(wait_deadline(shared, wait, cx));
                 return Poll::Ready(Err(NotAdmitted::Error(Box::new(reached))));
@@ -778,7 +819,7 @@ where
         }
         p.ready = true;
     }
-    let Some(held) = p.held.take() else {
+    let Stage::Admitted(held) = p.charge.take() else {
         polled_after_completion();
     };
     Poll::Ready(Ok(send(p, held)))
@@ -793,6 +834,10 @@ where
     let (Some(request), Some(mut service)) = (p.request.take(), p.svc.take()) else {
         polled_after_completion();
     };
+    if let Some(log) = p.wait.as_ref().and_then(Wait::log) {
+        // Its head was lent while it waited: the copy is made again.
+        log.restore_head(&request);
+    }
     let future = Dispatch::pass(Some(&held.marker), || service.call(request));
     (future, held)
 }
