@@ -174,9 +174,11 @@ impl<S, F, B, RB> Drop for Pending<S, F, B, RB> {
     /// deadline passed): a retry layer's copy of its head that it lent
     /// while it waited is given back, from the request's own.
     fn drop(&mut self) {
-        if let (Some(request), Some(log)) =
-            (self.request.take(), self.wait.as_ref().and_then(Wait::log))
-        {
+        // A request that never waited (the common case) lent nothing.
+        let Some(log) = self.wait.as_ref().and_then(Wait::log) else {
+            return;
+        };
+        if let Some(request) = self.request.take() {
             log.give_back_head(request.into_parts().0);
         }
     }

@@ -247,7 +247,10 @@ impl<S, B> Drop for Queued<S, B> {
     /// Dropped before it was passed on (cancelled, or its deadline passed):
     /// a lent copy of the head is given back, from the request's own.
     fn drop(&mut self) {
-        if let (Some(request), Some(log)) = (self.request.take(), self.wait.log()) {
+        let Some(log) = self.wait.log() else {
+            return;
+        };
+        if let Some(request) = self.request.take() {
             log.give_back_head(request.into_parts().0);
         }
     }
