@@ -12,7 +12,9 @@
 //!   stacks in interleaved rounds (the median of each round's ratio of added
 //!   costs, robust to the machine's load changing), allocations per
 //!   request (counting global allocator) for each of the three, the memory
-//!   per request waiting in the preset's queue, and the TCP
+//!   per request waiting in the preset's queue (for a concurrency slot) and
+//!   in the budget's line (with the blocks each waiter keeps, by size), and
+//!   the TCP
 //!   benchmark: a hyper-util client against a hyper server on loopback
 //!   answering the same response, 64 requests in flight, requests per second
 //!   bare and through the preset, on a current-thread runtime and on two
