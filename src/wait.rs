@@ -56,7 +56,7 @@ pub(crate) struct Log {
 /// The head a retry layer keeps to send its request again, in the
 /// attempt's log rather than in its own future: so that a layer inside it
 /// that holds the attempt waiting (the concurrency queue, the budget's
-/// line) can [lend](WaitLog::lend_head) the copy's heavy parts while it
+/// line) can [lend](Log::lend_head) the copy's heavy parts while it
 /// holds an equal head, and a waiting request carries one head, not two.
 // The copy inline: boxed, it would cost an allocation per request, and the
 // log's allocation holds the slot anyway.

@@ -114,7 +114,7 @@ struct Ctx<S, B> {
     /// next attempt sends (none for a body that cannot be sent again). Kept
     /// there, not here, so that a layer inside that holds the attempt
     /// waiting can lend the copy while it holds an equal head
-    /// ([`WaitLog::lend_head`]): a waiting request carries one head.
+    /// ([`Log::lend_head`]): a waiting request carries one head.
     log: Arc<Log>,
 }
 
