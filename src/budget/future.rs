@@ -1032,4 +1032,16 @@ mod tests {
         let calling = std::mem::size_of::<Held>();
         assert!(calling <= 352, "Held is {calling} bytes");
     }
+
+    /// Every request waiting in the budget's line holds its admission
+    /// state (boxed): it had room for both the charge that asks and the
+    /// charge held once admitted (about 330 bytes more), one of them now.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_waiting_requests_state_stays_small() {
+        type Fut = <Under as Service<Request<ReplayBody<ReplayBody<Full<Bytes>>>>>>::Future;
+        type Body = crate::concurrency::ConcurrencyBody<Full<Bytes>>;
+        let size = std::mem::size_of::<Pending<Under, Fut, ReplayBody<Full<Bytes>>, Body>>();
+        assert!(size <= 968, "Pending is {size} bytes");
+    }
 }
