@@ -12,7 +12,9 @@
 //!   stacks in interleaved rounds (the median of each round's ratio of added
 //!   costs, robust to the machine's load changing), allocations per
 //!   request (counting global allocator) for each of the three, the memory
-//!   per request waiting in the preset's queue, and the TCP
+//!   per request waiting in the preset's queue (for a concurrency slot) and
+//!   in the budget's line (with the blocks each waiter keeps, by size), and
+//!   the TCP
 //!   benchmark: a hyper-util client against a hyper server on loopback
 //!   answering the same response, 64 requests in flight, requests per second
 //!   bare and through the preset, on a current-thread runtime and on two
@@ -24,7 +26,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::future::{ready, Ready};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -48,21 +50,36 @@ use tower_llm_limits::BoxError;
 struct Counting;
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// While set, [`BY_SIZE`] counts live blocks by size (the waiter figure's
+/// breakdown).
+static TRACK: AtomicBool = AtomicBool::new(false);
+/// Live blocks per size in bytes (sizes of 4,096 and more in the last slot).
+static BY_SIZE: [AtomicIsize; 4097] = [const { AtomicIsize::new(0) }; 4097];
+
+fn track(size: usize, delta: isize) {
+    if TRACK.load(Ordering::Relaxed) {
+        BY_SIZE[size.min(4096)].fetch_add(delta, Ordering::Relaxed);
+    }
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        track(layout.size(), 1);
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        track(layout.size(), -1);
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         LIVE.fetch_add(new, Ordering::Relaxed);
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        track(new, 1);
+        track(layout.size(), -1);
         unsafe { System.realloc(ptr, layout, new) }
     }
 }
@@ -399,10 +416,27 @@ fn allocation_figures() {
     }
 }
 
-/// Bytes per request waiting in the preset's queue: `WAITERS` requests
-/// called (each polled once) while an upstream that never answers holds
-/// every slot, less the bytes of the same requests merely kept in a `Vec`.
+/// Where the waiters of [`waiters_in`] wait.
+#[derive(Clone, Copy)]
+enum Line {
+    /// The concurrency queue: the budget admits every request (limits far
+    /// above what is sent), the upstream never answers and holds every slot.
+    Slots,
+    /// The budget's line for the model's key: one request a minute.
+    Budget,
+}
+
+/// Bytes per request waiting in the preset's queue (the concurrency
+/// layer's), and in the budget's line: see [`waiters_in`].
 fn waiter_figure() {
+    waiters_in(Line::Slots);
+    waiters_in(Line::Budget);
+}
+
+/// Bytes per request waiting in `line`: `WAITERS` requests called (each
+/// polled once) while an upstream that never answers holds every slot, less
+/// the bytes of the same requests merely kept in a `Vec`.
+fn waiters_in(line: Line) {
     const WAITERS: usize = 10_000;
     let rt = runtime();
     let _guard = rt.enter();
@@ -412,7 +446,10 @@ fn waiter_figure() {
     let requests: Vec<Request<Full<Bytes>>> = (0..WAITERS).map(|_| request()).collect();
     let bare = LIVE.load(Ordering::SeqCst) - before;
     drop(requests);
-    let limits = LimitsLayer::anthropic(limits());
+    let limits = LimitsLayer::anthropic(match line {
+        Line::Slots => limits(),
+        Line::Budget => Limits::new().rpm(1).itpm(HUGE).otpm(HUGE),
+    });
     let mut svc = ServiceBuilder::new()
         .layer(limits.clone())
         .service(service_fn(|_req: Request<_>| {
@@ -421,20 +458,52 @@ fn waiter_figure() {
     let before = LIVE.load(Ordering::SeqCst);
     let mut futures = Vec::with_capacity(WAITERS);
     let mut inline = 0;
+    TRACK.store(true, Ordering::SeqCst);
     for _ in 0..WAITERS {
         let mut f = Box::pin(svc.call(request()));
         inline = std::mem::size_of_val(&*f);
         assert!(std::future::Future::poll(f.as_mut(), &mut cx).is_pending());
         futures.push(f);
     }
+    TRACK.store(false, Ordering::SeqCst);
     let held = LIVE.load(Ordering::SeqCst) - before;
-    let waiting = limits.concurrency().snapshot().waiting.total();
+    let (waiting, queue) = match line {
+        Line::Slots => (
+            limits.concurrency().snapshot().waiting.total(),
+            "the preset's queue (for a slot)",
+        ),
+        Line::Budget => (
+            limits
+                .budget()
+                .snapshot()
+                .keys
+                .iter()
+                .map(|k| k.waiting)
+                .sum(),
+            "the budget's line (for its turn)",
+        ),
+    };
     println!(
-        "memory per waiter, full preset: {:.0} B ({waiting} of {WAITERS} requests waiting for a slot; \
-         the requests themselves, {:.0} B each, not counted; target <= 600 B), of which the \
-         response future's own {inline} B",
+        "memory per waiter, full preset, in {queue}: {:.0} B ({waiting} of {WAITERS} requests \
+         waiting; the requests themselves, {:.0} B each, not counted; target <= 600 B), of \
+         which the response future's own {inline} B",
         (held.saturating_sub(bare)) as f64 / WAITERS as f64,
         bare as f64 / WAITERS as f64,
+    );
+    // What each waiter keeps, by block size: the blocks alive for most of
+    // them (the requests' own included: they are held too).
+    let blocks: Vec<String> = BY_SIZE
+        .iter()
+        .enumerate()
+        .filter_map(|(size, n)| {
+            let n = n.swap(0, Ordering::SeqCst);
+            (n >= WAITERS as isize / 2)
+                .then(|| format!("{size} B x{:.2}", n as f64 / WAITERS as f64))
+        })
+        .collect();
+    println!(
+        "  blocks per waiter, requests included: {}",
+        blocks.join(", ")
     );
     drop(futures);
 }

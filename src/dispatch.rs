@@ -42,10 +42,15 @@ const SENT: u8 = 2;
 
 /// A marker shared by the clones of one request (extensions are cloned with
 /// the request head), telling whether the request reached the transport: the
-/// node inside an attempt's wait log, or inside a log of its own (no deadline,
-/// no waits) where the request has no retry layer outside.
+/// node inside an attempt's wait log, or a node of its own where the request
+/// has no retry layer outside (or the log's node was taken).
 #[derive(Clone, Debug)]
-pub(crate) struct Dispatch(Arc<Log>);
+pub(crate) enum Dispatch {
+    /// The node inside an attempt's wait log.
+    InLog(Arc<Log>),
+    /// A node of its own (the size of the node: no wait log's parts).
+    Own(Arc<Node>),
+}
 
 /// The state of one marker.
 #[derive(Debug, Default)]
@@ -73,11 +78,14 @@ impl Dispatch {
     /// A fresh marker for a request, chained to the one an outer budget put
     /// on it (if any), which is told of the sending too.
     pub(crate) fn new(parent: Option<Dispatch>) -> Self {
-        Dispatch(Log::new(None, parent))
+        Dispatch::Own(Arc::new(Node::new(parent)))
     }
 
     fn node(&self) -> &Node {
-        self.0.node()
+        match self {
+            Dispatch::InLog(log) => log.node(),
+            Dispatch::Own(node) => node,
+        }
     }
 
     /// The marker on a request, if a budget put one there.
@@ -94,7 +102,7 @@ impl Dispatch {
     pub(crate) fn mark(extensions: &mut http::Extensions) -> Dispatch {
         if let Some(log) = extensions.get_mut::<WaitLog>() {
             let marker = match log.claim_node() {
-                Some(log) => Dispatch(log),
+                Some(log) => Dispatch::InLog(log),
                 None => Dispatch::new(log.marker().cloned()),
             };
             log.set_marker(marker.clone());
@@ -111,6 +119,15 @@ impl Dispatch {
         if let Some(d) = current(extensions) {
             d.node().state.fetch_and(!PASSING, Ordering::AcqRel);
         }
+    }
+
+    /// [`received`](Self::received), returning the request's marker (as
+    /// [`of`](Self::of) would: one lookup for both).
+    #[cfg_attr(not(feature = "concurrency"), allow(dead_code))]
+    pub(crate) fn receive(extensions: &http::Extensions) -> Option<Dispatch> {
+        let d = current(extensions)?;
+        d.node().state.fetch_and(!PASSING, Ordering::AcqRel);
+        Some(d.clone())
     }
 
     /// Calls `call` (the inner service's `call`), noting the request as sent
@@ -197,11 +214,16 @@ mod tests {
         let marker = Dispatch::of(&ext);
         ext.insert(WaitLog::new(Arc::clone(&log), marker));
         let first = Dispatch::mark(&mut ext);
-        assert!(Arc::ptr_eq(&first.0, &log), "the node in the log is taken");
+        assert!(
+            matches!(&first, Dispatch::InLog(l) if Arc::ptr_eq(l, &log)),
+            "the node in the log is taken"
+        );
         let second = Dispatch::mark(&mut ext);
-        assert!(!Arc::ptr_eq(&second.0, &log), "a node serves one budget");
-        let current = Dispatch::of(&ext).map(|d| d.0);
-        assert!(current.is_some_and(|c| Arc::ptr_eq(&c, &second.0)));
+        let Dispatch::Own(own) = &second else {
+            panic!("a node serves one budget");
+        };
+        let current = Dispatch::of(&ext);
+        assert!(matches!(current, Some(Dispatch::Own(c)) if Arc::ptr_eq(&c, own)));
         // A layer of the crate receives it: not sent.
         Dispatch::pass(Some(&second), || Dispatch::received(&ext));
         assert!(!second.sent() && !first.sent() && !outer.sent());

@@ -20,8 +20,8 @@
 //! The preset's concurrency queue has no bound: a burst of requests waits
 //! for slots instead of failing locally. The token budget in front of it
 //! already paces what is admitted, so the queue only holds what the budget
-//! let through; each waiting request costs about 1.6 KB besides the request
-//! itself (the three layers' state; a burst of 50,000 queues about 80 MB).
+//! let through; each waiting request costs about 1.3 KB besides the request
+//! itself (the three layers' state; a burst of 50,000 queues about 65 MB).
 //! To fail fast instead, replace the concurrency layer with one whose
 //! [`max_waiting`](ConcurrencyBuilder::max_waiting) is bounded: a
 //! request past the bound fails at once with

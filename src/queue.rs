@@ -26,8 +26,8 @@
 //!   registered) is remembered ([`WaitQueue::take_notified`]).
 //!
 //! Waiters live in a slab of nodes, each in a doubly linked list of its lane:
-//! push, pop and removal from the middle are O(1), and a node takes under
-//! 100 bytes.
+//! push, pop and removal from the middle are O(1), and a node takes 64
+//! bytes (88 before its links and flags were packed).
 
 // Each primitive uses its own half of the engine: hand-off (concurrency) or
 // turns (budget).
@@ -66,19 +66,53 @@ enum Slot {
     Occupied(Node),
 }
 
+/// Every waiting request holds a node (the slab keeps the capacity it grew
+/// to): kept at 64 bytes, its links without an `Option`'s word each, its
+/// flags in one.
 #[derive(Debug)]
 struct Node {
-    /// Below [`LANES`]; a `u8` so that it shares a word with `notified`.
-    lane: u8,
     since: Instant,
-    prev: Option<usize>,
-    next: Option<usize>,
     waker: Option<Waker>,
-    /// `Some(tag)` once [`WaitQueue::grant_next`] handed this waiter capacity;
-    /// it is then out of its lane's list.
-    granted: Option<u64>,
+    /// The tag [`WaitQueue::grant_next`] handed this waiter with capacity,
+    /// once `granted`.
+    tag: u64,
+    prev: Link,
+    next: Link,
+    /// Below [`LANES`].
+    lane: u8,
+    /// Set once [`WaitQueue::grant_next`] handed this waiter capacity; it is
+    /// then out of its lane's list.
+    granted: bool,
     /// Set by [`WaitQueue::notify_next`], cleared by [`WaitQueue::take_notified`].
     notified: bool,
+}
+
+impl Node {
+    /// The tag of the grant handed to this waiter, if it was granted.
+    fn grant(&self) -> Option<u64> {
+        self.granted.then_some(self.tag)
+    }
+}
+
+/// A node's key in the slab, or none: an `Option<usize>` in one word (no
+/// slab reaches `usize::MAX` nodes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link(usize);
+
+impl Link {
+    const NONE: Link = Link(usize::MAX);
+
+    fn get(self) -> Option<usize> {
+        (self != Link::NONE).then_some(self.0)
+    }
+
+    fn to(key: Option<usize>) -> Link {
+        key.map_or(Link::NONE, Link)
+    }
+
+    fn take(&mut self) -> Option<usize> {
+        std::mem::replace(self, Link::NONE).get()
+    }
 }
 
 /// What [`WaitQueue::remove`] took out.
@@ -141,17 +175,18 @@ impl WaitQueue {
         let lane = lane.min(LANES - 1);
         let tail = self.lanes.get(lane).and_then(|l| l.tail);
         let node = Node {
-            lane: lane as u8,
             since,
-            prev: tail,
-            next: None,
             waker,
-            granted: None,
+            tag: 0,
+            prev: Link::to(tail),
+            next: Link::NONE,
+            lane: lane as u8,
+            granted: false,
             notified: false,
         };
         let key = self.alloc(node);
         match tail.and_then(|t| self.node_mut(t)) {
-            Some(t) => t.next = Some(key),
+            Some(t) => t.next = Link(key),
             None => {
                 if let Some(l) = self.lanes.get_mut(lane) {
                     l.head = Some(key);
@@ -190,12 +225,12 @@ impl WaitQueue {
         let Some(node) = self.node_mut(key) else {
             return;
         };
-        if node.granted.is_some() {
+        if node.granted {
             return;
         }
         let (lane, prev, next) = (usize::from(node.lane), node.prev.take(), node.next.take());
         match prev.and_then(|p| self.node_mut(p)) {
-            Some(p) => p.next = next,
+            Some(p) => p.next = Link::to(next),
             None => {
                 if let Some(l) = self.lanes.get_mut(lane) {
                     l.head = next;
@@ -203,7 +238,7 @@ impl WaitQueue {
             }
         }
         match next.and_then(|n| self.node_mut(n)) {
-            Some(n) => n.prev = prev,
+            Some(n) => n.prev = Link::to(prev),
             None => {
                 if let Some(l) = self.lanes.get_mut(lane) {
                     l.tail = prev;
@@ -278,7 +313,8 @@ impl WaitQueue {
         let key = self.next()?;
         self.unlink(key);
         let node = self.node_mut(key)?;
-        node.granted = Some(tag);
+        node.granted = true;
+        node.tag = tag;
         Some(node.waker.take())
     }
 
@@ -311,7 +347,7 @@ impl WaitQueue {
     /// Takes the grant handed to this waiter (freeing its node), or registers
     /// `waker` and stays pending.
     pub(crate) fn poll_grant(&mut self, key: usize, waker: &Waker) -> Poll<u64> {
-        match self.node(key).and_then(|n| n.granted) {
+        match self.node(key).and_then(Node::grant) {
             Some(tag) => {
                 self.free_slot(key);
                 Poll::Ready(tag)
@@ -330,7 +366,7 @@ impl WaitQueue {
         let Some(node) = self.node(key) else {
             return Removed::Gone;
         };
-        if let Some(tag) = node.granted {
+        if let Some(tag) = node.grant() {
             self.free_slot(key);
             return Removed::Granted(tag);
         }
@@ -380,6 +416,15 @@ mod tests {
         if let Some(Some(w)) = w {
             w.wake();
         }
+    }
+
+    /// Every waiting request holds a slot (and the slab the capacity it
+    /// grew to): a guard against it growing unnoticed.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_node_stays_small() {
+        let size = std::mem::size_of::<Slot>();
+        assert!(size <= 64, "a queue slot is {size} bytes");
     }
 
     #[tokio::test(start_paused = true)]

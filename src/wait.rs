@@ -19,10 +19,12 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::request::Parts;
+use http::Request;
 use tokio::time::{Instant, Sleep};
 
 use crate::dispatch::{Dispatch, Node};
@@ -37,15 +39,62 @@ pub(crate) struct WaitLog {
 }
 
 /// Shared by the clones of one attempt of a request: the time it waited
-/// inside the retry layer's inner layers and the request's deadline, and in
-/// the same allocation the attempt's [`Dispatch`] node, taken by the first
-/// budget inside.
+/// inside the retry layer's inner layers and the request's deadline, the
+/// head the retry layer keeps to send the request again, and in the same
+/// allocation the attempt's [`Dispatch`] node, taken by the first budget
+/// inside.
 #[derive(Debug)]
 pub(crate) struct Log {
     /// Nanoseconds waited in inner layers (saturating).
     waited: AtomicU64,
     deadline: Option<Instant>,
     node: Node,
+    /// The retry layer's copy of the head (see [`Kept`]).
+    head: Mutex<Kept>,
+}
+
+/// The head a retry layer keeps to send its request again, in the
+/// attempt's log rather than in its own future: so that a layer inside it
+/// that holds the attempt waiting (the concurrency queue, the budget's
+/// line) can [lend](Log::lend_head) the copy's heavy parts while it
+/// holds an equal head, and a waiting request carries one head, not two.
+// The copy inline: boxed, it would cost an allocation per request, and the
+// log's allocation holds the slot anyway.
+#[allow(clippy::large_enum_variant)]
+#[derive(Default)]
+enum Kept {
+    /// No copy: the body cannot be sent again, or the head went out with
+    /// the attempt.
+    #[default]
+    Empty,
+    /// The head as the retry layer sent the attempt (before the layers
+    /// inside it), without the extensions it adds to each attempt.
+    Head(Parts),
+    /// Lent to the layer that holds the attempt: the copy's method, URI,
+    /// version and headers were those of the attempt's request, and are
+    /// copied back from it when that layer passes it on (or taken back when
+    /// it drops it); its extensions wait here.
+    Lent(http::Extensions),
+}
+
+impl fmt::Debug for Kept {
+    // Never the headers: they hold the API key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kept::Empty => "Empty",
+            Kept::Head(_) => "Head",
+            Kept::Lent(_) => "Lent",
+        })
+    }
+}
+
+/// Whether `copy` and the request's head have the same method, URI,
+/// version and headers (extensions are not compared: see [`Kept::Lent`]).
+fn same_head<B>(copy: &Parts, request: &Request<B>) -> bool {
+    copy.method == request.method()
+        && copy.version == request.version()
+        && copy.uri == *request.uri()
+        && copy.headers == *request.headers()
 }
 
 impl Log {
@@ -56,7 +105,67 @@ impl Log {
             waited: AtomicU64::new(0),
             deadline,
             node: Node::new(parent),
+            head: Mutex::new(Kept::Empty),
         })
+    }
+
+    fn kept(&self) -> MutexGuard<'_, Kept> {
+        // A panic while the lock was held left a whole value: use it.
+        self.head.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `head`, the retry layer's copy to send the request again
+    /// (without a lock while the log is not shared yet: the attempt's
+    /// request is made after).
+    pub(crate) fn keep_head(log: &mut Arc<Log>, head: Parts) {
+        match Arc::get_mut(log) {
+            Some(log) => {
+                *log.head.get_mut().unwrap_or_else(PoisonError::into_inner) = Kept::Head(head);
+            }
+            None => *log.kept() = Kept::Head(head),
+        }
+    }
+
+    /// Takes the kept head, leaving a copy of it if `copy` (one operation:
+    /// the first attempt's).
+    pub(crate) fn swap_head(log: &mut Arc<Log>, copy: bool) -> Option<Parts> {
+        let swapped = |kept: &mut Kept| {
+            let Kept::Head(head) = kept else {
+                return None;
+            };
+            if copy {
+                let copied = head.clone();
+                Some(std::mem::replace(head, copied))
+            } else {
+                match std::mem::take(kept) {
+                    Kept::Head(head) => Some(head),
+                    _ => None,
+                }
+            }
+        };
+        match Arc::get_mut(log) {
+            Some(log) => swapped(log.head.get_mut().unwrap_or_else(PoisonError::into_inner)),
+            None => swapped(&mut log.kept()),
+        }
+    }
+
+    /// Takes the kept head, if there is one (`None` if the body cannot be
+    /// sent again, or a layer inside still holds the attempt); without a
+    /// lock if no attempt's request holds the log any more.
+    pub(crate) fn take_head(log: &mut Arc<Log>) -> Option<Parts> {
+        fn taken(kept: &mut Kept) -> Option<Parts> {
+            if !matches!(kept, Kept::Head(_)) {
+                return None;
+            }
+            match std::mem::take(kept) {
+                Kept::Head(head) => Some(head),
+                _ => None,
+            }
+        }
+        match Arc::get_mut(log) {
+            Some(log) => taken(log.head.get_mut().unwrap_or_else(PoisonError::into_inner)),
+            None => taken(&mut log.kept()),
+        }
     }
 
     /// The dispatch node inside this log.
@@ -67,6 +176,47 @@ impl Log {
     /// The deadline of the request.
     pub(crate) fn deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+
+    /// A layer holds `request`, this attempt's, waiting: if the retry
+    /// layer's copy of the head is the same as the request's (no layer in
+    /// between changed it), the copy's method, URI and headers are dropped
+    /// until [`restore_head`](Self::restore_head) or
+    /// [`give_back_head`](Self::give_back_head) (either does nothing if
+    /// they were not).
+    pub(crate) fn lend_head<B>(&self, request: &Request<B>) {
+        let mut kept = self.kept();
+        if let Kept::Head(copy) = &mut *kept {
+            if same_head(copy, request) {
+                let extensions = std::mem::take(&mut copy.extensions);
+                *kept = Kept::Lent(extensions);
+            }
+        }
+    }
+
+    /// The layer that [lent](Self::lend_head) the copy passes `request` on:
+    /// the copy is made again from its head.
+    pub(crate) fn restore_head<B>(&self, request: &Request<B>) {
+        let mut kept = self.kept();
+        if let Kept::Lent(extensions) = &mut *kept {
+            let (mut head, ()) = Request::new(()).into_parts();
+            head.method = request.method().clone();
+            head.uri = request.uri().clone();
+            head.version = request.version();
+            head.headers = request.headers().clone();
+            head.extensions = std::mem::take(extensions);
+            *kept = Kept::Head(head);
+        }
+    }
+
+    /// The layer that [lent](Self::lend_head) the copy drops the request
+    /// without passing it on: its head becomes the copy again (no clone).
+    pub(crate) fn give_back_head(&self, mut head: Parts) {
+        let mut kept = self.kept();
+        if let Kept::Lent(extensions) = &mut *kept {
+            head.extensions = std::mem::take(extensions);
+            *kept = Kept::Head(head);
+        }
     }
 
     /// Adds a finished wait.
@@ -92,11 +242,6 @@ impl WaitLog {
         WaitLog { log, marker }
     }
 
-    /// The log on a request, if a retry layer put one there.
-    pub(crate) fn of(extensions: &http::Extensions) -> Option<WaitLog> {
-        extensions.get::<WaitLog>().cloned()
-    }
-
     /// The request's current dispatch marker, if one is kept here.
     pub(crate) fn marker(&self) -> Option<&Dispatch> {
         self.marker.as_ref()
@@ -113,11 +258,6 @@ impl WaitLog {
         self.log.node.claim().then(|| Arc::clone(&self.log))
     }
 
-    /// Adds a finished wait.
-    pub(crate) fn add(&self, d: Duration) {
-        self.log.add(d);
-    }
-
     /// The time waited in inner layers so far.
     #[cfg(test)]
     pub(crate) fn waited(&self) -> Duration {
@@ -130,7 +270,7 @@ impl WaitLog {
 /// deadline.
 #[derive(Default)]
 pub(crate) struct Wait {
-    log: Option<WaitLog>,
+    log: Option<Arc<Log>>,
     started: Option<Instant>,
     /// The deadline's timer, armed at the first `Pending` (boxed: only
     /// requests that wait under a deadline pay for it).
@@ -150,7 +290,7 @@ impl Wait {
     /// A wait for the request with these extensions.
     pub(crate) fn of(extensions: &http::Extensions) -> Self {
         Wait {
-            log: WaitLog::of(extensions),
+            log: extensions.get::<WaitLog>().map(|w| Arc::clone(&w.log)),
             started: None,
             timer: None,
         }
@@ -162,7 +302,7 @@ impl Wait {
     pub(crate) fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<DeadlineReached> {
         if self.started.is_none() {
             self.started = Some(Instant::now());
-            if let Some(deadline) = self.log.as_ref().and_then(|log| log.log.deadline) {
+            if let Some(deadline) = self.log.as_ref().and_then(|log| log.deadline) {
                 self.timer = Some(Box::pin(tokio::time::sleep_until(deadline)));
             }
         }
@@ -188,6 +328,11 @@ impl Wait {
     /// When the request started waiting, if it did (a `Pending` was seen).
     pub(crate) fn started(&self) -> Option<Instant> {
         self.started
+    }
+
+    /// The log of the request's attempt, if a retry layer put one there.
+    pub(crate) fn log(&self) -> Option<&Log> {
+        self.log.as_deref()
     }
 }
 
@@ -249,5 +394,67 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert!(wait.poll_deadline(&mut cx).is_pending());
         assert!(wait.started().is_some());
+    }
+
+    fn keep(log: &WaitLog, head: Parts) {
+        Log::keep_head(&mut Arc::clone(&log.log), head);
+    }
+
+    fn take(log: &WaitLog) -> Option<Parts> {
+        Log::take_head(&mut Arc::clone(&log.log))
+    }
+
+    fn head(name: &'static str) -> Request<()> {
+        let mut request = Request::post("/v1/messages")
+            .header("x-request-name", name)
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        request.extensions_mut().insert(7u32);
+        request
+    }
+
+    /// A layer that holds the attempt lends the copy of an equal head, and
+    /// makes it again from its request when it passes it on: the copy's
+    /// extensions, the request's head.
+    #[test]
+    fn a_lent_head_is_made_again_with_the_copys_extensions() {
+        let log = WaitLog::new(Log::new(None, None), None);
+        let (copy, ()) = head("a").into_parts();
+        keep(&log, copy);
+        let mut attempt = head("a");
+        attempt.extensions_mut().insert(log.clone());
+        attempt.extensions_mut().insert(9u32);
+        log.log.lend_head(&attempt);
+        assert!(take(&log).is_none(), "lent, not kept");
+        log.log.restore_head(&attempt);
+        let restored = take(&log).unwrap_or_else(|| panic!("kept again"));
+        assert_eq!(restored.headers, *attempt.headers());
+        assert_eq!(restored.uri, *attempt.uri());
+        assert_eq!(restored.method, *attempt.method());
+        assert_eq!(restored.extensions.get::<u32>(), Some(&7));
+        assert!(restored.extensions.get::<WaitLog>().is_none(), "no cycle");
+    }
+
+    /// Dropped while it holds the attempt, the layer gives its head back.
+    #[test]
+    fn a_lent_head_is_given_back_when_the_request_is_dropped() {
+        let log = WaitLog::new(Log::new(None, None), None);
+        keep(&log, head("a").into_parts().0);
+        let attempt = head("a");
+        log.log.lend_head(&attempt);
+        log.log.give_back_head(attempt.into_parts().0);
+        let back = take(&log).unwrap_or_else(|| panic!("given back"));
+        assert_eq!(back.headers["x-request-name"], "a");
+        assert_eq!(back.extensions.get::<u32>(), Some(&7));
+    }
+
+    /// A head that a layer in between changed is not lent: the copy stays.
+    #[test]
+    fn a_changed_head_is_not_lent() {
+        let log = WaitLog::new(Log::new(None, None), None);
+        keep(&log, head("a").into_parts().0);
+        log.log.lend_head(&head("b"));
+        let kept = take(&log).unwrap_or_else(|| panic!("kept"));
+        assert_eq!(kept.headers["x-request-name"], "a");
     }
 }

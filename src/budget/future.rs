@@ -88,12 +88,11 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S, F, B, RB> {
+        // Reading the body (boxed: an outer retry layer reads it in the
+        // preset, and this state, the largest, would set the size of the
+        // future that every request waiting in an inner queue holds).
         Buffering {
-            fut: BufferFuture<B>,
-            parts: Option<Parts>,
-            caller: Option<String>,
-            svc: Option<S>,
-            count_svc: Option<S>,
+            reading: Box<Reading<S, B>>,
         },
         // Waiting for the budget, then for the inner service: boxed, so
         // that only a request that waits pays for carrying its request,
@@ -121,11 +120,20 @@ pin_project! {
     }
 }
 
+/// A request whose body the budget reads itself, before estimating it.
+struct Reading<S, B> {
+    fut: BufferFuture<B>,
+    parts: Option<Parts>,
+    caller: Option<String>,
+    svc: Option<S>,
+    count_svc: Option<S>,
+}
+
 /// An estimated request on its way through the budget: waiting to be
-/// admitted, then (admitted, its charge in `held`) for the inner service to
-/// be ready.
+/// admitted, then (admitted, its charge held) for the inner service to be
+/// ready.
 struct Pending<S, F, B, RB> {
-    charge: Option<Charge>,
+    charge: Stage,
     admission: Admission,
     request: Option<Request<ReplayBody<B>>>,
     svc: Option<S>,
@@ -141,8 +149,39 @@ struct Pending<S, F, B, RB> {
     prefix: PrefixWait,
     /// The `count_tokens` mode (see `count.rs`).
     count: Counting<S, F, B, RB>,
-    /// Set once admitted: the charge, until the request is handed on.
-    held: Option<Held>,
+}
+
+/// Where a waiting request's charge stands: one of the two at a time, so
+/// that a request in the budget's line does not carry room for both.
+enum Stage {
+    /// Asking the budget.
+    Asking(Charge),
+    /// Admitted: held until the request is handed on (refunded if it is
+    /// dropped before).
+    Admitted(Held),
+    /// Taken: handed on, or refused.
+    Taken,
+}
+
+impl Stage {
+    fn take(&mut self) -> Stage {
+        std::mem::replace(self, Stage::Taken)
+    }
+}
+
+impl<S, F, B, RB> Drop for Pending<S, F, B, RB> {
+    /// Dropped before the request was handed on (cancelled, refused, its
+    /// deadline passed): a retry layer's copy of its head that it lent
+    /// while it waited is given back, from the request's own.
+    fn drop(&mut self) {
+        // A request that never waited (the common case) lent nothing.
+        let Some(log) = self.wait.as_ref().and_then(Wait::log) else {
+            return;
+        };
+        if let Some(request) = self.request.take() {
+            log.give_back_head(request.into_parts().0);
+        }
+    }
 }
 
 impl<S, F, B, RB> Pending<S, F, B, RB> {
@@ -156,14 +195,13 @@ impl<S, F, B, RB> Pending<S, F, B, RB> {
     ) -> Self {
         Pending {
             count,
-            charge: Some(charge),
+            charge: Stage::Asking(charge),
             admission: Admission::default(),
             wait: None,
             prefix: PrefixWait::default(),
             request: Some(request),
             svc: Some(svc),
             ready,
-            held: None,
         }
     }
 }
@@ -219,7 +257,9 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Buffering { .. } => "buffering",
-            State::Admitting { pending } if pending.held.is_some() => "readying",
+            State::Admitting { pending } if matches!(pending.charge, Stage::Admitted(_)) => {
+                "readying"
+            }
             State::Admitting { .. } => "admitting",
             State::Calling { .. } => "calling",
             State::Failed { .. } => "failed",
@@ -250,11 +290,13 @@ where
         Self {
             shared,
             state: State::Buffering {
-                fut,
-                parts: Some(parts),
-                caller,
-                svc: Some(svc),
-                count_svc,
+                reading: Box::new(Reading {
+                    fut,
+                    parts: Some(parts),
+                    caller,
+                    svc: Some(svc),
+                    count_svc,
+                }),
             },
         }
     }
@@ -359,13 +401,14 @@ where
             let mut this = self.as_mut().project();
             let shared: &Arc<Shared> = this.shared;
             match this.state.as_mut().project() {
-                StateProj::Buffering {
-                    fut,
-                    parts,
-                    caller,
-                    svc,
-                    count_svc,
-                } => {
+                StateProj::Buffering { reading } => {
+                    let Reading {
+                        fut,
+                        parts,
+                        caller,
+                        svc,
+                        count_svc,
+                    } = &mut **reading;
                     let buffered = ready!(Pin::new(fut).poll(cx));
                     let (Some(parts), Some(svc)) = (parts.take(), svc.take()) else {
                         polled_after_completion();
@@ -457,18 +500,23 @@ where
     S::Error: Into<BoxError>,
     ResB: Body,
 {
-    if p.held.is_none() {
+    if !matches!(p.charge, Stage::Admitted(_)) {
         ready!(poll_admission(shared, p, cx))?;
-        let Some(ch) = p.charge.as_mut() else {
+        let Stage::Asking(mut charge) = p.charge.take() else {
             polled_after_completion();
         };
-        ch.writing = shared.writers.start(&ch.estimate.cache_writes);
+        charge.writing = shared.writers.start(&charge.estimate.cache_writes);
         let marker = mark(p.request.as_mut());
-        p.held = Some(Held {
+        let held = Held {
             shared: Arc::clone(shared),
-            charge: p.charge.take(),
+            charge: Some(charge),
             marker,
-        });
+        };
+        if p.ready {
+            // Never made to wait: sent at once, the charge not parked.
+            return Poll::Ready(Ok(send(p, held)));
+        }
+        p.charge = Stage::Admitted(held);
     }
     poll_send(p, cx).map_err(NotAdmitted::Error)
 }
@@ -485,7 +533,7 @@ where
     ResB: Body,
 {
     loop {
-        let Some(ch) = p.charge.as_mut() else {
+        let Stage::Asking(ch) = &mut p.charge else {
             polled_after_completion();
         };
         let counter = shared.counter.as_ref();
@@ -510,7 +558,11 @@ where
                     waited(shared, wait);
                 }
                 return Poll::Ready(admitted.map_err(|refusal| {
-                    NotAdmitted::Refused(Box::new((p.charge.take(), refusal)))
+                    let charge = match p.charge.take() {
+                        Stage::Asking(charge) => Some(charge),
+                        _ => None,
+                    };
+                    NotAdmitted::Refused(Box::new((charge, refusal)))
                 }));
             }
             Poll::Pending => {
@@ -532,9 +584,16 @@ where
                 }
                 let request = p.request.as_ref();
                 let wait = p.wait.get_or_insert_with(|| {
-                    request
-                        .map(|r| Wait::of(r.extensions()))
-                        .unwrap_or_default()
+                    let Some(request) = request else {
+                        return Wait::default();
+                    };
+                    let wait = Wait::of(request.extensions());
+                    if let Some(log) = wait.log() {
+                        // Under a retry layer, its copy of the head is lent
+                        // while the request waits in line.
+                        log.lend_head(request);
+                    }
+                    wait
                 });
                 let reached = ready!(wait_deadline(shared, wait, cx));
                 return Poll::Ready(Err(NotAdmitted::Error(Box::new(reached))));
@@ -762,13 +821,27 @@ where
         }
         p.ready = true;
     }
-    let (Some(request), Some(mut service), Some(held)) =
-        (p.request.take(), p.svc.take(), p.held.take())
-    else {
+    let Stage::Admitted(held) = p.charge.take() else {
         polled_after_completion();
     };
+    Poll::Ready(Ok(send(p, held)))
+}
+
+/// Hands an admitted request, whose charge `held` holds, to the inner
+/// service (ready for it).
+fn send<S, B, F, RB>(p: &mut Pending<S, F, B, RB>, held: Held) -> (S::Future, Held)
+where
+    S: Service<Request<ReplayBody<B>>, Future = F>,
+{
+    let (Some(request), Some(mut service)) = (p.request.take(), p.svc.take()) else {
+        polled_after_completion();
+    };
+    if let Some(log) = p.wait.as_ref().and_then(Wait::log) {
+        // Its head was lent while it waited: the copy is made again.
+        log.restore_head(&request);
+    }
     let future = Dispatch::pass(Some(&held.marker), || service.call(request));
-    Poll::Ready(Ok((future, held)))
+    (future, held)
 }
 
 /// A read request rebuilt around its body, its charge, and its bytes when
@@ -943,17 +1016,32 @@ mod tests {
     /// growing unnoticed. It was 992 bytes while it held the request, the
     /// charge and the admission inline (set by the state that asks the
     /// budget, 984 bytes); that state is boxed now (only for requests that
-    /// wait), and the future is the size of the state that reads a body
-    /// (the preset's budget never does: its retry layer reads it) or calls
-    /// (the inner future and the charge).
+    /// wait), and so is the state that reads a body (424 bytes while it was
+    /// inline; the preset's budget never reads one: its retry layer does):
+    /// the future is the size of the state that calls (the inner future
+    /// and the charge; 400 bytes since the dispatch marker names which
+    /// kind of node it holds, so that a budget's own marker does not
+    /// carry a retry layer's wait log).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn future_stays_small() {
         let size = std::mem::size_of::<ResponseFuture<Under, ReplayBody<Full<Bytes>>>>();
-        assert!(size <= 432, "budget::ResponseFuture is {size} bytes");
+        assert!(size <= 400, "budget::ResponseFuture is {size} bytes");
         // 336 bytes, then 344 with the prefix a fleet's request held for
-        // (`Charge::fleet_held`).
+        // (`Charge::fleet_held`), and 352 with the marker's kind.
         let calling = std::mem::size_of::<Held>();
-        assert!(calling <= 344, "Held is {calling} bytes");
+        assert!(calling <= 352, "Held is {calling} bytes");
+    }
+
+    /// Every request waiting in the budget's line holds its admission
+    /// state (boxed): it had room for both the charge that asks and the
+    /// charge held once admitted (about 330 bytes more), one of them now.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_waiting_requests_state_stays_small() {
+        type Fut = <Under as Service<Request<ReplayBody<ReplayBody<Full<Bytes>>>>>>::Future;
+        type Body = crate::concurrency::ConcurrencyBody<Full<Bytes>>;
+        let size = std::mem::size_of::<Pending<Under, Fut, ReplayBody<Full<Bytes>>, Body>>();
+        assert!(size <= 968, "Pending is {size} bytes");
     }
 }

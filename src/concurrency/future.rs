@@ -96,12 +96,17 @@ where
         hooks: Option<Arc<Hooks>>,
     ) -> Self {
         let wait = Wait::of(request.extensions());
+        // Under a retry layer, its copy of the head is lent while the
+        // request waits here: a waiting request carries one head.
+        if let Some(log) = wait.log() {
+            log.lend_head(&request);
+        }
         ResponseFuture {
             state: State::Waiting {
                 waiter,
                 call: Some(Box::new(Queued {
                     service,
-                    request,
+                    request: Some(request),
                     wait,
                     hooks,
                 })),
@@ -159,20 +164,15 @@ where
                             return Poll::Ready(Err(Box::new(reached)));
                         }
                     };
-                    let Some(pending) = call.take() else {
+                    let Some((mut queued, request)) = call
+                        .take()
+                        .and_then(|mut q| q.request.take().map(|r| (q, r)))
+                    else {
                         // Unreachable: both are taken only here, right before leaving this state.
                         this.state.set(State::Done);
                         return Poll::Ready(Err(Error::Overloaded { waiting: 0 }.into()));
                     };
-                    let Queued {
-                        mut service,
-                        request,
-                        mut wait,
-                        hooks,
-                    } = *pending;
-                    waited(&mut wait, hooks.as_deref());
-                    let marker = Dispatch::of(request.extensions());
-                    let future = Dispatch::pass(marker.as_ref(), || service.call(request));
+                    let future = queued.dispatch(request);
                     let started = permit.is_timed().then(Instant::now);
                     this.state.set(State::Called {
                         future,
@@ -220,9 +220,40 @@ where
 /// A queued request: what it needs once it gets a slot, and its wait.
 struct Queued<S, B> {
     service: S,
-    request: Request<B>,
+    /// Taken when it is passed on.
+    request: Option<Request<B>>,
     wait: Wait,
     hooks: Option<Arc<Hooks>>,
+}
+
+impl<S, B> Queued<S, B>
+where
+    S: Service<Request<B>>,
+{
+    /// The request got its slot: its wait ends, the retry layer's copy of
+    /// its head is made again if it was lent, and it is passed on.
+    fn dispatch(&mut self, request: Request<B>) -> S::Future {
+        waited(&mut self.wait, self.hooks.as_deref());
+        if let Some(log) = self.wait.log() {
+            log.restore_head(&request);
+        }
+        let marker = Dispatch::of(request.extensions());
+        let service = &mut self.service;
+        Dispatch::pass(marker.as_ref(), || service.call(request))
+    }
+}
+
+impl<S, B> Drop for Queued<S, B> {
+    /// Dropped before it was passed on (cancelled, or its deadline passed):
+    /// a lent copy of the head is given back, from the request's own.
+    fn drop(&mut self) {
+        let Some(log) = self.wait.log() else {
+            return;
+        };
+        if let Some(request) = self.request.take() {
+            log.give_back_head(request.into_parts().0);
+        }
+    }
 }
 
 impl<S, B> Queued<S, B> {

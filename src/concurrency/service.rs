@@ -100,11 +100,11 @@ where
             .get::<Priority>()
             .copied()
             .unwrap_or_default();
-        Dispatch::received(req.extensions());
+        let marker = Dispatch::receive(req.extensions());
         crate::observe::record_span("lane", priority.as_str());
         match self.shared.enqueue(priority) {
             Ticket::Admitted(permit) => {
-                let future = match Dispatch::of(req.extensions()) {
+                let future = match marker {
                     // No budget outside: nothing to mark, no closure to move
                     // the request through.
                     None => self.inner.call(req),

@@ -8,7 +8,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Buf;
-use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -89,9 +88,10 @@ pin_project! {
         #[pin]
         state: State<S::Future, R, B>,
         ctx: Ctx<S, B>,
-        // The request's `llm_request` span, entered while polling
-        // (disabled without a subscriber).
-        span: tracing::Span,
+        // The request's `llm_request` span, entered while polling: kept
+        // (boxed) only when a subscriber is interested in it, so that a
+        // request waiting in an inner layer does not carry a disabled one.
+        span: Option<Box<tracing::Span>>,
     }
 }
 
@@ -99,9 +99,6 @@ pin_project! {
 struct Ctx<S, B> {
     service: S,
     shared: Arc<Shared>,
-    /// The request head, copied for each attempt (`None` once moved into the
-    /// only attempt of a body that cannot be replayed).
-    head: Option<Parts>,
     payload: Payload<B>,
     /// Attempts made so far.
     attempts: u32,
@@ -111,8 +108,13 @@ struct Ctx<S, B> {
     /// failed (`None` until then).
     history: Option<Box<History>>,
     /// The waits of the layers inside this one in the current attempt (those
-    /// of the attempts before are in the history's `waited`), and the
-    /// deadline they obey (the request's, kept only there).
+    /// of the attempts before are in the history's `waited`), the deadline
+    /// they obey (the request's, kept only there), and the request head:
+    /// before the first attempt the request's own, then the copy that the
+    /// next attempt sends (none for a body that cannot be sent again). Kept
+    /// there, not here, so that a layer inside that holds the attempt
+    /// waiting can lend the copy while it holds an equal head
+    /// ([`Log::lend_head`]): a waiting request carries one head.
     log: Arc<Log>,
 }
 
@@ -197,7 +199,8 @@ where
             (Some(d), Some(now)) => Some(later(now, d)),
             _ => None,
         };
-        let log = Log::new(deadline, Dispatch::of(&head.extensions));
+        let mut log = Log::new(deadline, Dispatch::of(&head.extensions));
+        Log::keep_head(&mut log, head);
         shared.config.hooks.request();
         let span = tracing::info_span!(
             "llm_request",
@@ -205,6 +208,7 @@ where
             model = tracing::field::Empty,
             lane = tracing::field::Empty,
         );
+        let span = (!span.is_disabled()).then(|| Box::new(span));
         ResponseFuture {
             state: State::Buffering {
                 buffer: body::buffer(body, limit),
@@ -212,7 +216,6 @@ where
             ctx: Ctx {
                 service,
                 shared,
-                head: Some(head),
                 payload: Payload::Reading,
                 attempts: 0,
                 ready: true,
@@ -456,48 +459,53 @@ impl<S, B> Ctx<S, B> {
         });
     }
 
-    /// The request of the next attempt.
-    fn next_request(&mut self) -> Result<Request<ReplayBody<B>>, BoxError> {
+    /// The request of the next attempt: the head kept in the log (the
+    /// request's own for the first), its copy kept in the attempt's log for
+    /// the attempt after, if the body can be sent again.
+    fn next_request(&mut self) -> Result<Attempt<B>, BoxError> {
         let not_replayable = || -> BoxError {
             Box::new(Error::NotReplayable {
                 status: None,
                 source: None,
             })
         };
-        let mut req = match &mut self.payload {
-            Payload::Replay(kept) => {
-                let head = self.head.as_ref().ok_or_else(not_replayable)?;
-                let mut req = Request::from_parts(head.clone(), kept.replay());
-                req.extensions_mut()
-                    .insert(BufferedBytes(kept.bytes().clone()));
-                req
-            }
-            Payload::Once(slot) => {
-                let body = *slot.take().ok_or_else(not_replayable)?;
-                let head = self.head.take().ok_or_else(not_replayable)?;
-                Request::from_parts(head, body)
-            }
+        let body = match &mut self.payload {
+            Payload::Replay(kept) => kept.replay(),
+            Payload::Once(slot) => *slot.take().ok_or_else(not_replayable)?,
             Payload::Reading => return Err(not_replayable()),
         };
-        if self.attempts > 0 {
-            req.headers_mut()
+        let replay = matches!(self.payload, Payload::Replay(_));
+        let (mut head, marker) = if self.attempts == 0 {
+            // The request's own head goes; its copy stays, for the next.
+            let head = Log::swap_head(&mut self.log, replay).ok_or_else(not_replayable)?;
+            let marker = Dispatch::of(&head.extensions);
+            (head, marker)
+        } else {
+            let mut head = Log::take_head(&mut self.log).ok_or_else(not_replayable)?;
+            head.headers
                 .insert(RETRY_COUNT, HeaderValue::from(self.attempts));
-        }
-        let marker = Dispatch::of(req.extensions());
-        if self.attempts > 0 {
+            let marker = Dispatch::of(&head.extensions);
             // A fresh log (and dispatch node) for each attempt; the waits of
             // the attempts before are kept.
             let waited = self.log.waited();
             let history = self.history();
             history.waited = history.waited.saturating_add(waited);
             self.log = Log::new(self.log.deadline(), marker.clone());
+            if replay {
+                Log::keep_head(&mut self.log, head.clone());
+            }
+            (head, marker)
+        };
+        // The copy was made before this attempt's extensions go on: it
+        // holds no log (which holds it), and stays cheap.
+        if let Payload::Replay(kept) = &self.payload {
+            head.extensions.insert(BufferedBytes(kept.bytes().clone()));
         }
-        // On the attempt, not the head: the head's clones stay cheap.
-        req.extensions_mut()
-            .insert(WaitLog::new(Arc::clone(&self.log), marker));
+        head.extensions
+            .insert(WaitLog::new(Arc::clone(&self.log), marker.clone()));
         self.attempts += 1;
         crate::observe::record_span("attempt", self.attempts);
-        Ok(req)
+        Ok((Request::from_parts(head, body), marker))
     }
 
     fn replayable(&self) -> bool {
@@ -505,8 +513,8 @@ impl<S, B> Ctx<S, B> {
     }
 }
 
-/// The request of an attempt.
-type Attempt<B> = Request<ReplayBody<B>>;
+/// The request of an attempt, and the dispatch marker in its wait log.
+type Attempt<B> = (Request<ReplayBody<B>>, Option<Dispatch>);
 
 /// What the future does next: the outcome of one state's work. An attempt
 /// goes as its request, called straight into [`State::Calling`]: the inner
@@ -780,8 +788,7 @@ where
                 state.set(State::Waiting);
             }
             Step::Ready => state.set(State::Readying),
-            Step::Call(req) => {
-                let marker = Dispatch::of(req.extensions());
+            Step::Call((req, marker)) => {
                 let service = &mut ctx.service;
                 state.set(State::Calling {
                     future: Dispatch::pass(marker.as_ref(), || service.call(req)),
@@ -825,7 +832,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let ctx = this.ctx;
-        let _entered = this.span.enter();
+        let _entered = this.span.as_deref().map(tracing::Span::enter);
         loop {
             let step = match this.state.as_mut().project() {
                 StateProj::Buffering { buffer } => ready!(ctx.poll_buffer(buffer, cx)),
@@ -906,18 +913,21 @@ mod tests {
     /// 584 with the crate's one `body::Buffer`, which the budget shares,
     /// 624 with the request's tracing span (40 bytes, no allocation) and its
     /// wait log (8), 544 once the body's reading moved into the state that
-    /// reads it and the deadline was kept in the wait log only, and 496 with
-    /// what a request that waits or fails carries in its boxed history).
-    /// Every request waiting in an inner layer holds the context inline: it
-    /// must not grow either.
+    /// reads it and the deadline was kept in the wait log only, 496 with
+    /// what a request that waits or fails carries in its boxed history, 464
+    /// with the span boxed, kept only when a subscriber wants it, and 240
+    /// with the request head kept in the attempt's wait log, where a layer
+    /// that holds the attempt can lend it). Every request waiting in an
+    /// inner layer holds the context inline: it must not grow either (304
+    /// bytes with the head, 80 without).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn future_stays_small() {
         let size = std::mem::size_of::<Fut>();
-        assert!(size <= 496, "ResponseFuture is {size} bytes");
+        assert!(size <= 240, "ResponseFuture is {size} bytes");
         let payload = std::mem::size_of::<Payload<Full<Bytes>>>();
         assert!(payload <= 48, "Payload is {payload} bytes");
         let ctx = std::mem::size_of::<Ctx<(), Full<Bytes>>>();
-        assert!(ctx <= 304, "Ctx is {ctx} bytes");
+        assert!(ctx <= 80, "Ctx is {ctx} bytes");
     }
 }

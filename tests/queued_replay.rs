@@ -1,0 +1,202 @@
+//! A request that waited in the concurrency queue under the retry layer is
+//! sent again with its own head: while it waits, the retry layer's copy of
+//! the head is lent to the queue (one head per waiting request), and made
+//! again when the request leaves the queue, or given back when the queue
+//! drops it. On tokio's paused clock.
+#![cfg(all(feature = "retry", feature = "concurrency"))]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower_llm_limits::body::ReplayBody;
+use tower_llm_limits::concurrency::ConcurrencyLayer;
+use tower_llm_limits::retry::{RetryAfterLayer, RETRY_COUNT};
+use tower_llm_limits::BoxError;
+
+/// What the upstream saw of one attempt.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// A request with a header made at run time (its bytes are copied when the
+/// head is).
+fn request(id: &str) -> Request<Full<Bytes>> {
+    Request::post("https://api.anthropic.com/v1/messages?beta=true")
+        .header("x-api-key", "sk-ant-test")
+        .header("anthropic-version", "2023-06-01")
+        .header("x-request-name", id)
+        .body(Full::new(Bytes::from(format!(r#"{{"id":"{id}"}}"#))))
+        .unwrap_or_else(|e| panic!("request: {e}"))
+}
+
+/// The upstream: records each attempt; the request named `slow` takes
+/// `hold`, `b`'s first attempt is answered 503, the rest 200 at once.
+fn upstream<B>(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    hold: Duration,
+) -> impl tower::Service<
+    Request<B>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    service_fn(move |req: Request<B>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.map_err(Into::into)?.to_bytes();
+            let name = parts
+                .headers
+                .get("x-request-name")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let first_of_b = {
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                let first = name == "b" && !seen.iter().any(|s| s.headers["x-request-name"] == "b");
+                seen.push(Seen {
+                    method: parts.method,
+                    uri: parts.uri,
+                    headers: parts.headers,
+                    body,
+                });
+                first
+            };
+            if name == "slow" {
+                tokio::time::sleep(hold).await;
+            }
+            let status = if first_of_b {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            Ok::<_, BoxError>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::new()))?,
+            )
+        }
+    })
+}
+
+fn attempts_of(seen: &Mutex<Vec<Seen>>, name: &str) -> Vec<Seen> {
+    seen.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|s| s.headers["x-request-name"] == name)
+        .cloned()
+        .collect()
+}
+
+/// Every attempt of `b` carries its method, URI, headers and body; the
+/// second one also the retry count.
+fn assert_replayed(attempts: &[Seen]) {
+    let original = request("b");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    for (i, attempt) in attempts.iter().enumerate() {
+        assert_eq!(attempt.method, Method::POST);
+        assert_eq!(&attempt.uri, original.uri());
+        assert_eq!(attempt.body, Bytes::from_static(br#"{"id":"b"}"#));
+        let mut expected = original.headers().clone();
+        if i > 0 {
+            expected.insert(RETRY_COUNT, i.into());
+        }
+        assert_eq!(attempt.headers, expected, "attempt {i}");
+    }
+}
+
+/// `b` waits for the one slot, is answered 503 once it gets it, and is
+/// sent again with the same head.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_waited_in_the_queue_is_sent_again_with_its_head() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let client = ServiceBuilder::new()
+        .layer(RetryAfterLayer::builder().jitter(|| 0.0).build())
+        .layer(ConcurrencyLayer::fixed(1))
+        .service(upstream(Arc::clone(&seen), Duration::from_secs(2)));
+    let slow = tokio::spawn(client.clone().oneshot(request("slow")));
+    tokio::task::yield_now().await;
+    let b = client.clone().oneshot(request("b")).await;
+    assert_eq!(b.map(|r| r.status()).ok(), Some(StatusCode::OK));
+    assert_eq!(
+        slow.await.ok().and_then(|r| r.ok()).map(|r| r.status()),
+        Some(StatusCode::OK)
+    );
+    assert_replayed(&attempts_of(&seen, "b"));
+}
+
+/// A layer between the retry layer and the queue (a timeout) drops `b`
+/// while it waits: the queue gives the head back, and the retry layer
+/// sends `b` again with it.
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_while_it_waited_is_sent_again_with_its_head() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    // One slot, shared by a client with a timeout and one without.
+    let slot = ConcurrencyLayer::fixed(1);
+    let up = upstream(Arc::clone(&seen), Duration::from_millis(1_500));
+    let client = ServiceBuilder::new()
+        .layer(RetryAfterLayer::builder().jitter(|| 0.0).build())
+        .timeout(Duration::from_secs(1))
+        .layer(slot.clone())
+        .service(up.clone());
+    let patient = ServiceBuilder::new().layer(slot).service(up);
+    let slow = tokio::spawn(patient.oneshot(request("slow").map(ReplayBody::passthrough)));
+    tokio::task::yield_now().await;
+    // Its first attempt waits a second in the queue and is cut; the second
+    // gets the slot at 1.5 s and is answered 503; the third, 200.
+    let b = client.clone().oneshot(request("b")).await;
+    assert_eq!(b.map(|r| r.status()).ok(), Some(StatusCode::OK));
+    let attempts = attempts_of(&seen, "b");
+    let original = request("b");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    for (attempt, count) in attempts.iter().zip([1u32, 2]) {
+        let mut expected = original.headers().clone();
+        expected.insert(RETRY_COUNT, count.into());
+        assert_eq!(attempt.headers, expected);
+        assert_eq!(&attempt.uri, original.uri());
+        assert_eq!(attempt.body, Bytes::from_static(br#"{"id":"b"}"#));
+    }
+    drop(slow);
+}
+
+/// `b` waits for its turn in the budget's line (one request a minute),
+/// is answered 503 once admitted, and is sent again with the same head.
+#[cfg(feature = "budget")]
+#[tokio::test(start_paused = true)]
+async fn a_request_that_waited_in_the_budgets_line_is_sent_again_with_its_head() {
+    use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let budget = TokenBudgetLayer::anthropic(Limits::new().rpm(1).itpm(1_000_000).otpm(1_000_000));
+    let client = ServiceBuilder::new()
+        .layer(RetryAfterLayer::builder().jitter(|| 0.0).build())
+        .layer(budget.clone())
+        .service(upstream(Arc::clone(&seen), Duration::ZERO));
+    let first = client.clone().oneshot(request("slow")).await;
+    assert_eq!(first.map(|r| r.status()).ok(), Some(StatusCode::OK));
+    let started = tokio::time::Instant::now();
+    let b = client.clone().oneshot(request("b")).await;
+    assert_eq!(b.map(|r| r.status()).ok(), Some(StatusCode::OK));
+    assert!(
+        started.elapsed() >= Duration::from_secs(30),
+        "b waited for its turn: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        budget.snapshot().waited >= 1,
+        "{:?}",
+        budget.snapshot().waited
+    );
+    assert_replayed(&attempts_of(&seen, "b"));
+}
