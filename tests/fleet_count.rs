@@ -237,3 +237,36 @@ async fn a_request_counted_during_the_round_trip_does_not_wait_for_its_estimate(
         "available {available}, expected {refilled}"
     );
 }
+
+/// Before a key's first answers a budget keeps a larger input headroom
+/// (10 % of ITPM) for its own estimates, which nothing has measured yet.
+/// On a shared ledger, a counted request, with none of its budget's
+/// estimates in flight, keeps the configured share (2 % here): its own
+/// input is exact, and its budget's coldness says nothing of the other
+/// processes' estimates. With 10,000 tokens left, a request estimated at
+/// 8,500 and counted at 8,000 goes once counted, not after the 4 s that
+/// 10 % would take.
+#[tokio::test(start_paused = true)]
+async fn a_counted_request_on_a_shared_ledger_keeps_the_configured_headroom_while_cold() {
+    let ledger = Arc::new(RoundTrip::default());
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let svc = TokenBudgetLayer::builder()
+        .limits(limits())
+        .estimator(Arc::new(Field))
+        .count_tokens(Some(CountTokens::new(1_000)))
+        .input_headroom(0.02)
+        .ledger(Arc::clone(&ledger) as Arc<dyn Ledger>)
+        .build()
+        .layer(upstream(Arc::clone(&sent)));
+    // An estimate, admitted at once with the cold 6,000 kept free.
+    send(&svc, 50_000, 50_000).await;
+    let start = Instant::now();
+    send(&svc, 8_500, 8_000).await;
+    let sent = sent.lock().expect("lock").clone();
+    assert_eq!(sent.len(), 2);
+    let waited = sent[1] - start;
+    assert!(
+        waited < Duration::from_millis(500),
+        "sent after {waited:?}: it kept the cold headroom"
+    );
+}

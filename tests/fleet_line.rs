@@ -204,3 +204,57 @@ async fn without_the_line_two_budgets_on_one_ledger_serve_everything_without_spi
         snap_b.wakeups
     );
 }
+
+/// Budget A's head waits for its costs and its headroom; budget B's head,
+/// behind it in the fleet's line, does not fit beside it. Nothing in A
+/// wakes B when A's head goes, and A's head leaves its headroom in the
+/// bucket: B asks again 20 ms after A's head was due
+/// (`LINE_RECHECK`), and goes once the refill covers its own costs from
+/// what A left, not once the bucket holds both (6 s later).
+#[tokio::test(start_paused = true)]
+async fn a_head_behind_another_budgets_head_asks_again_when_that_head_goes() {
+    // 60,000 ITPM: 1,000 tokens a second; 10 % headroom: 6,000 tokens.
+    let limits = Limits::new().rpm(100_000).itpm(60_000).otpm(1_000_000);
+    let ledger: Arc<dyn Ledger> = Arc::new(InMemoryLedger::new());
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let budget = || {
+        TokenBudgetLayer::builder()
+            .limits(limits)
+            .estimator(Arc::new(Exact))
+            .input_headroom(0.1)
+            .ledger(Arc::clone(&ledger))
+            .build()
+            .layer(upstream(Arc::clone(&sent)))
+    };
+    let (a, b) = (budget(), budget());
+    let go = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>, input| {
+        let svc = svc.clone();
+        async move {
+            let response = svc.oneshot(request(input)).await.expect("answered");
+            let _ = response.into_body().collect().await;
+            Instant::now()
+        }
+    };
+    // B empties the bucket (the headroom kept: 54,000 of 60,000).
+    go(&b, 54_000).await;
+    let start = Instant::now();
+    let first = tokio::spawn(go(&a, 20_000));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let second = tokio::spawn(go(&b, 20_000));
+    let (first, second) = (
+        first.await.expect("a") - start,
+        second.await.expect("b") - start,
+    );
+    // A's head needs 26,000 with its headroom, from 6,000: 20 s.
+    assert!(
+        first >= Duration::from_secs(20) && first <= Duration::from_millis(20_010),
+        "{first:?}"
+    );
+    // B's then needs 26,000 from the 6,000 A left: 20 s more, not the
+    // 26 s it takes for the bucket to hold both.
+    assert!(
+        second >= Duration::from_secs(40) && second <= Duration::from_millis(40_100),
+        "{second:?}"
+    );
+    assert_eq!(sent.lock().expect("lock").len(), 3);
+}

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{
-    CostDelta, Costs, InMemoryLedger, Ledger, LinePlace, PrefixIntent, Reservation,
+    CostDelta, Costs, InMemoryLedger, Ledger, LinePlace, PrefixIntent, Reservation, LINE_RECHECK,
     PREFIX_WRITING_WAIT,
 };
 use tower_llm_limits::budget::redis::{FaultPolicy, RedisLedger, RedisLedgerError};
@@ -857,11 +857,17 @@ async fn the_fleets_line_holds_the_refill_for_the_oldest_head() {
         panic!("the head waits");
     };
     assert!(retry_in > Duration::from_millis(1_000), "{retry_in:?}");
-    // Process two's 250,000 would fit alone, but would delay it 2.5 s.
-    assert!(matches!(
-        ask(&two, 250_000, place(2, 10, true)).await,
-        Reservation::Wait { .. }
-    ));
+    // Process two's 250,000 would fit alone, but would delay it 2.5 s. It
+    // would fit after the head in about 4 s, but asks again 20 ms after the
+    // head's due: nothing wakes it when the head goes.
+    let head_due = retry_in;
+    let Reservation::Wait { retry_in, .. } = ask(&two, 250_000, place(2, 10, true)).await else {
+        panic!("held for the head");
+    };
+    assert!(
+        retry_in <= head_due + LINE_RECHECK && retry_in + Duration::from_millis(200) >= head_due,
+        "{retry_in:?} against the head's {head_due:?}"
+    );
     // Two of 90,000 delay it 0.9 s each: within the bound; a third is not.
     assert_eq!(
         ask(&two, 90_000, place(2, 11, false)).await,

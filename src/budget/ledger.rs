@@ -310,6 +310,11 @@ pub const LINE_GRACE: Duration = Duration::from_secs(1);
 /// delay it, in all: the budget's own head-of-line bound.
 pub const LINE_DELAY_BOUND: Duration = super::admission::HEAD_DELAY_BOUND;
 
+/// How long after the oldest ticket's due a request that waits behind it
+/// asks again, at the latest ([`Ledger::reserve_in_line`]): time for that
+/// ticket's head, whose own wait ends then, to ask first.
+pub const LINE_RECHECK: Duration = Duration::from_millis(20);
+
 /// The state of one bucket, for snapshots.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BucketState {
@@ -572,7 +577,14 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     ///   ticket, stays within [`LINE_DELAY_BOUND`] (2 s, the budget's own
     ///   head-of-line bound);
     ///
-    /// otherwise it waits until it would fit after the ticket. A request of
+    /// otherwise it waits until it would fit after the ticket, but asks
+    /// again no later than the ticket's due plus [`LINE_RECHECK`] (20 ms;
+    /// or, for a ticket with costs whose head is late, after as long again
+    /// as it is late, at least 20 ms): a budget in another process is not
+    /// woken when the ticket's head goes, and that wait assumed the
+    /// ticket's costs and headroom all taken from the refill, where its
+    /// head, once admitted, leaves its headroom in the bucket and may have
+    /// been charged less (a cache read, a count). A request of
     /// the oldest ticket's owner, or older than every ticket, reserves as
     /// [`Ledger::reserve_with_headroom`]. A head's admission removes its
     /// ticket; a head refused again dates and costs its ticket anew, with
@@ -1029,6 +1041,23 @@ struct Ticket {
     expires: Instant,
     /// How much passing requests delayed it.
     delayed: Duration,
+}
+
+/// A wait of a request behind `ticket` (another owner's, older), cut to
+/// end [`LINE_RECHECK`] after the ticket's due, when its head asks again
+/// and the line moves; for a ticket with costs whose head is late, after as
+/// long again as it is late (at least [`LINE_RECHECK`]), so that a process
+/// that went away costs a few asks before its ticket expires. A ticket
+/// held for a prefix's writer has no costs and no due to wait for.
+fn until_line_moves(wait: Duration, ticket: &Ticket, now: Instant) -> Duration {
+    let moves = if ticket.due > now {
+        (ticket.due - now).saturating_add(LINE_RECHECK)
+    } else if ticket.costs != Costs::default() {
+        now.saturating_duration_since(ticket.due).max(LINE_RECHECK)
+    } else {
+        return wait;
+    };
+    wait.min(moves)
 }
 
 /// One shard of the map of keys. A key's state is boxed: the map's spare
@@ -1797,6 +1826,21 @@ impl KeyState {
                 }
             }
         };
+        // A wait behind another owner's ticket ends, at the latest, when
+        // the line moves (see `Ledger::reserve_in_line`).
+        let answer = match (answer, oldest) {
+            (
+                Reservation::Wait {
+                    retry_in,
+                    dimension,
+                },
+                Some(i),
+            ) => Reservation::Wait {
+                retry_in: until_line_moves(retry_in, &line[i], now),
+                dimension,
+            },
+            (answer, _) => answer,
+        };
         if place.head {
             let mine = line.iter().position(|t| t.owner == place.owner);
             match answer {
@@ -2237,11 +2281,13 @@ mod tests {
         };
         assert_eq!(retry_in, Duration::from_millis(300));
         // Budget 2's 250,000 fits alone but not beside it, and would delay it
-        // 2.5 s: it waits until it fits after the head.
+        // 2.5 s: it waits until it fits after the head (2.8 s), but asks
+        // again when the head's wait is over, 20 ms after its due: nothing
+        // wakes it when the head goes.
         let Reservation::Wait { retry_in, .. } = ask(input(250_000), at(2, 10, true)) else {
             panic!("held for the head");
         };
-        assert_eq!(retry_in, Duration::from_millis(2_800));
+        assert_eq!(retry_in, Duration::from_millis(300) + LINE_RECHECK);
         // Two of 100,000 delay it 1 s each: within the bound; a third is not.
         assert_eq!(ask(input(100_000), at(2, 11, false)), Reservation::Admitted);
         assert_eq!(ask(input(100_000), at(2, 12, false)), Reservation::Admitted);
@@ -2308,8 +2354,14 @@ mod tests {
         assert!(wait(ask(head, at(2, 1, true))));
         assert!(wait(ask(head, at(1, 1, true))));
         assert_eq!(ask(head, early), Reservation::Admitted);
+        // The other two were told to ask again 20 ms after its due (the
+        // line moves then): the first refused is now the oldest, and waits
+        // for its refill, until 6 s.
+        tokio::time::advance(LINE_RECHECK).await;
+        assert!(wait(ask(head, at(1, 1, true))));
+        assert!(wait(ask(head, at(2, 1, true))));
         // At 6 s, the first refused of the other two goes first...
-        tokio::time::advance(Duration::from_secs(3)).await;
+        tokio::time::advance(Duration::from_secs(3) - LINE_RECHECK).await;
         assert!(wait(ask(head, at(2, 1, true))));
         // ...but head 1 never asks again: its ticket ends at its wait (6 s)
         // plus the grace, and head 2 goes.

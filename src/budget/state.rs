@@ -1549,18 +1549,27 @@ impl Shared {
         // awaits the server's count. A ledger of the user's may be shared
         // by other processes, whose estimates in flight this budget does
         // not see: the headroom is kept for every request there.
-        let exact = self.own && ks.inexact == 0 && charge.input_exact();
+        let own_exact = ks.inexact == 0 && charge.input_exact();
+        let exact = self.own && own_exact;
         adm.headroom = match itpm {
             Some(limit) if !adm.no_headroom && !exact && charge.costs.input_tokens > 0 => {
                 // Before the key's first answers, nothing has measured the
                 // estimator's error on this traffic and tokenizer, and the
-                // whole bucket is there to be filled at once: keep more.
-                let share =
-                    if self.settings.input_headroom > 0.0 && ks.answers_seen() < COLD_ANSWERS {
-                        self.settings.input_headroom.max(COLD_HEADROOM)
-                    } else {
-                        self.settings.input_headroom
-                    };
+                // whole bucket is there to be filled at once: keep more,
+                // where this budget's own estimates are at stake (this
+                // request's, or one in flight). A counted request with none
+                // in flight on a shared ledger keeps the configured share
+                // for the other processes' estimates: a process's coldness
+                // says nothing of theirs (a 16-process fleet, each process
+                // seeing two answers, kept 10 % of ITPM idle all run).
+                let share = if self.settings.input_headroom > 0.0
+                    && ks.answers_seen() < COLD_ANSWERS
+                    && !own_exact
+                {
+                    self.settings.input_headroom.max(COLD_HEADROOM)
+                } else {
+                    self.settings.input_headroom
+                };
                 (limit as f64 * share.min(0.5)).ceil() as u64
             }
             _ => 0,

@@ -278,6 +278,26 @@ local function write_ticket(t)
     t.seq, t.c[1], t.c[2], t.c[3], t.due, t.expires, t.delayed)
 end
 
+-- A wait behind t (another owner's older ticket) ends, at the latest,
+-- RECHECK after its due, when its head asks again and the line moves; for
+-- a ticket with costs whose head is late, after as long again as it is
+-- late (at least RECHECK). A ticket held for a prefix's writer has no
+-- costs: the wait stands (`until_line_moves` in the in-memory ledger).
+local RECHECK = 20000 -- microseconds: `LINE_RECHECK`
+local function until_line_moves(answer, t)
+  if answer[1] ~= 2 then return answer end
+  local moves
+  if t.due > now then
+    moves = t.due - now + RECHECK
+  elseif t.c[1] + t.c[2] + t.c[3] > 0 then
+    moves = math.max(now - t.due, RECHECK)
+  else
+    return answer
+  end
+  if moves < answer[2] then return {2, moves, answer[3], answer[4]} end
+  return answer
+end
+
 local function before(a, since, seq)
   return a.since < since or (a.since == since and a.seq < seq)
 end
@@ -371,6 +391,7 @@ local function reserve_line(limits, costs, headroom, owner, head, request, waite
         end
       end
     end
+    answer = until_line_moves(answer, oldest)
   end
   if saved ~= nil and answer[1] == 1 then
     h = saved

@@ -104,7 +104,10 @@
 //! ticket's costs, or if it fits and its refill time, added to what passing
 //! requests already delayed the ticket, stays within 2 s (the budget's own
 //! head-of-line bound, [`LINE_DELAY_BOUND`](super::ledger::LINE_DELAY_BOUND));
-//! otherwise it waits to fit after the ticket. The oldest head's own
+//! otherwise it waits to fit after the ticket, and asks again at the
+//! latest [`LINE_RECHECK`](super::ledger::LINE_RECHECK) (20 ms) after the
+//! ticket's due: nothing wakes it when that ticket's head goes, and that
+//! head leaves its headroom in the bucket. The oldest head's own
 //! process is not held by its ticket (its local queue already is), a head's
 //! admission removes its ticket, and a process that went away loses its
 //! ticket when it expires. So a large request waits for the refill and at
