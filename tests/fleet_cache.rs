@@ -900,3 +900,56 @@ async fn a_vanished_processes_queued_marker_expires() {
         "not held: {expired:?}"
     );
 }
+
+/// The same two processes over `RedisLedger` (`REDIS_URL`; skipped with a
+/// notice without it, except under `CI=true`): turn 2 goes once turn 1's
+/// answer began, not before turn 1 (on Redis's clock: real time, about
+/// 3 s).
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn over_redis_a_later_turn_holds_for_an_earlier_turn_queued_in_another_process() {
+    use tower_llm_limits::budget::redis::RedisLedger;
+    let url = match std::env::var("REDIS_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "REDIS_URL is not set: with CI=true the Redis tests must run"
+            );
+            eprintln!("NOTICE tests/fleet_cache.rs: REDIS_URL is not set, the Redis test is skipped");
+            return;
+        }
+    };
+    let prefix = format!(
+        "tll-test-turns-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let connect = || async {
+        let ledger = RedisLedger::builder(&url)
+            .prefix(&prefix)
+            .share_prompt_cache(true)
+            .connect()
+            .await
+            .expect("connect");
+        Arc::new(ledger) as Arc<dyn Ledger>
+    };
+    let start = Instant::now();
+    let sent = turns_split(connect().await, connect().await).await;
+    let at = |name| sent[name].0 - start;
+    let began = |name| sent[name].1 - start;
+    assert!(at("t1") > at("h2"), "turn 1 queued behind B's head");
+    assert!(
+        at("t2") >= began("t1"),
+        "turn 2 went after turn 1's answer began: {:?} {:?}",
+        at("t2"),
+        began("t1")
+    );
+    assert!(
+        at("t2") < Duration::from_secs(5),
+        "held within the bound: {:?}",
+        at("t2")
+    );
+}
