@@ -219,8 +219,12 @@ struct Markers {
     watchers: Mutex<Vec<Waker>>,
     /// Prefixes queued requests will write: (budget, request, tokens of
     /// its longest write, until when).
-    queued: Mutex<HashMap<u64, Vec<(usize, u64, u64, Instant)>>>,
+    queued: Mutex<HashMap<u64, Vec<QueuedBy>>>,
 }
+
+/// A queued request's marker: its budget, its id, the tokens of its
+/// longest write, until when.
+type QueuedBy = (usize, u64, u64, Instant);
 
 impl Markers {
     /// Whether a queued request of a budget other than `id` writes `hash`,
@@ -788,8 +792,12 @@ async fn held_turn_two(then: B) -> Duration {
 #[derive(Debug)]
 struct Recorder {
     inner: Arc<dyn Ledger>,
-    queued: Mutex<Vec<(u64, Vec<u64>, u64, Duration)>>,
+    queued: Mutex<Vec<Published>>,
 }
+
+/// A published marker: the request, its writes, the tokens of the
+/// longest, how long it lives.
+type Published = (u64, Vec<u64>, u64, Duration);
 
 impl Ledger for Recorder {
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
@@ -916,7 +924,9 @@ async fn over_redis_a_later_turn_holds_for_an_earlier_turn_queued_in_another_pro
                 std::env::var("CI").as_deref() != Ok("true"),
                 "REDIS_URL is not set: with CI=true the Redis tests must run"
             );
-            eprintln!("NOTICE tests/fleet_cache.rs: REDIS_URL is not set, the Redis test is skipped");
+            eprintln!(
+                "NOTICE tests/fleet_cache.rs: REDIS_URL is not set, the Redis test is skipped"
+            );
             return;
         }
     };
