@@ -81,7 +81,13 @@
 //!   another process that would go now while one of its prefixes is being
 //!   written is held by its own reservation's call, and waits for that
 //!   write as for one of its own process
-//!   ([`Ledger::reserve_in_line_with_prefixes`]).
+//!   ([`Ledger::reserve_in_line_with_prefixes`]). The prefixes a queued
+//!   request will write are marked too (`<prefix>:{key}:pq`): by a refused
+//!   head's own reservation call, or, for a request that joined its line
+//!   behind others, by one buffered call within the write delay
+//!   ([`Ledger::prefixes_queued`]); a request of another process whose
+//!   longer write extends one of them holds for it the same way, so that
+//!   nested prefixes are written shortest first.
 //! - **Expiry**: a key expires [`idle_ttl`](RedisLedgerBuilder::idle_ttl)
 //!   (10 minutes) after its buckets would be full again. A key deleted under
 //!   the ledger starts again with full buckets.
