@@ -1017,6 +1017,192 @@ async fn a_prefix_another_process_writes_holds_a_request_that_would_go() {
     assert!(b.stats().watch_calls >= 1, "{:?}", b.stats());
 }
 
+/// Process B's request that will write a prefix is queued (its budget
+/// published the marker as it joined its line): process A's request whose
+/// own longer prefix extends it, and that would go now, is held (nothing
+/// debited) until B's request is admitted and its answer begins; the hold
+/// then stands for B's writer. A request that writes the same prefix
+/// itself, or whose longest write is not longer than the queued one's, is
+/// not held. A queued request that leaves its line (cancelled) clears its
+/// marker, and the marker of a process that went away expires.
+#[tokio::test]
+async fn a_shorter_prefix_queued_in_another_process_holds_a_longer_write() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("queued");
+    let connect = || {
+        RedisLedger::builder(&url)
+            .prefix(&prefix)
+            .share_prompt_cache(true)
+            .connect()
+    };
+    let a = connect().await.expect("a");
+    let b = connect().await.expect("b");
+    let limits = Limits::new().itpm(30_000);
+    let none = Costs::default();
+    let place = |owner, request| LinePlace {
+        owner,
+        head: true,
+        request,
+        waited: Duration::ZERO,
+    };
+    let hold = Duration::from_secs(5);
+    let (turn1, turn2) = (0x9e11_0000_0000_1000_u64, 0x9e11_0000_0000_2000_u64);
+    let ask = |ledger: &RedisLedger, place, writes: Vec<u64>, pending: Vec<u64>, tokens| {
+        let fut = ledger
+            .reserve_in_line_with_prefixes(
+                "k",
+                &limits,
+                costs(0, 2_000, 0),
+                none,
+                place,
+                PrefixIntent::new(&writes, &pending, hold).queued(tokens, Duration::from_secs(3)),
+            )
+            .expect("a redis ledger keeps the line");
+        async move { fut.await.expect("reserve") }
+    };
+    let held = Reservation::Wait {
+        retry_in: PREFIX_WRITING_WAIT,
+        dimension: Dimension::InputTokens,
+    };
+    // B's turn 1 (1,200 tokens) joins its line behind others.
+    b.prefixes_queued("k", 7, &[turn1], 1_200, Duration::from_secs(3));
+    b.flush().await.expect("flush");
+    // A's turn 2 (3,300 tokens, reading turn 1's prefix) would go: held.
+    assert_eq!(
+        ask(&a, place(1, 1), vec![turn2], vec![turn2, turn1], 3_300).await,
+        held
+    );
+    let count = Arc::new(Count::default());
+    let waker = std::task::Waker::from(Arc::clone(&count));
+    assert!(
+        a.prefix_writing(turn1, &waker),
+        "A holds for B's queued turn"
+    );
+    let state = a.state("k", &limits).await.expect("state").expect("known");
+    assert!(
+        state[1].available > 29_000.0,
+        "nothing debited: {:?}",
+        state[1]
+    );
+    // Not held: a request that writes turn 1's prefix itself, or one whose
+    // longest write is not longer than the queued one's.
+    assert_eq!(
+        ask(&a, place(2, 1), vec![turn1], vec![turn1], 3_300).await,
+        Reservation::Admitted
+    );
+    assert_eq!(
+        ask(&a, place(3, 1), vec![], vec![turn1], 1_200).await,
+        Reservation::Admitted
+    );
+    // (The first of them wrote turn 1's prefix: its answer begins.)
+    a.prefixes_written(&[turn1]);
+    a.flush().await.expect("flush");
+    // B's turn 1 is admitted: its marker becomes a writer's, A holds on.
+    assert_eq!(
+        ask(&b, place(4, 7), vec![turn1], vec![turn1], 1_200).await,
+        Reservation::Admitted
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(a.prefix_writing(turn1, &waker), "B's writer now");
+    // Its answer begins: A's held request is woken, and goes.
+    b.prefixes_written(&[turn1]);
+    b.flush().await.expect("flush");
+    let woken = Instant::now();
+    while count.0.load(Ordering::SeqCst) == 0 {
+        assert!(woken.elapsed() < Duration::from_secs(2), "never woken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!a.prefix_writing(turn1, &waker));
+    assert_eq!(
+        ask(&a, place(1, 1), vec![turn2], vec![turn2], 3_300).await,
+        Reservation::Admitted
+    );
+
+    // A queued request that leaves its line clears its marker.
+    let (turn1b, turn2b) = (turn1 + (1 << 20), turn2 + (1 << 20));
+    b.prefixes_queued("k", 8, &[turn1b], 1_200, Duration::from_secs(3));
+    b.prefixes_dequeued("k", 8);
+    b.flush().await.expect("flush");
+    assert_eq!(
+        ask(&a, place(5, 1), vec![turn2b], vec![turn2b, turn1b], 3_300).await,
+        Reservation::Admitted
+    );
+
+    // The marker of a process that went away expires.
+    let (turn1c, turn2c) = (turn1 + (2 << 20), turn2 + (2 << 20));
+    let gone = connect().await.expect("gone");
+    gone.prefixes_queued("k", 9, &[turn1c], 1_200, Duration::from_millis(300));
+    gone.flush().await.expect("flush");
+    drop(gone);
+    assert_eq!(
+        ask(&a, place(6, 1), vec![turn2c], vec![turn2c, turn1c], 3_300).await,
+        held
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        ask(&a, place(7, 1), vec![turn2c], vec![turn2c, turn1c], 3_300).await,
+        Reservation::Admitted
+    );
+}
+
+/// A refused head's writes are marked as queued by its own reservation (no
+/// call added), and its admission clears them.
+#[tokio::test]
+async fn a_refused_heads_writes_are_marked_queued_by_its_reservation() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("queued-head");
+    let connect = || {
+        RedisLedger::builder(&url)
+            .prefix(&prefix)
+            .share_prompt_cache(true)
+            .connect()
+    };
+    let a = connect().await.expect("a");
+    let b = connect().await.expect("b");
+    let limits = Limits::new().itpm(60_000);
+    let none = Costs::default();
+    let hold = Duration::from_secs(5);
+    let (turn1, turn2) = (0x9e12_0000_0000_1000_u64, 0x9e12_0000_0000_2000_u64);
+    let ask = |ledger: &RedisLedger, owner, tokens, writes: Vec<u64>, pending: Vec<u64>, depth| {
+        let place = LinePlace {
+            owner,
+            head: true,
+            request: 1,
+            waited: Duration::ZERO,
+        };
+        let fut = ledger
+            .reserve_in_line_with_prefixes(
+                "k",
+                &limits,
+                costs(0, tokens, 0),
+                none,
+                place,
+                PrefixIntent::new(&writes, &pending, hold).queued(depth, Duration::from_secs(3)),
+            )
+            .expect("a redis ledger keeps the line");
+        async move { fut.await.expect("reserve") }
+    };
+    // B's head does not fit (61,000 tokens): refused, its write queued.
+    let refused = ask(&b, 2, 61_000, vec![turn1], vec![turn1], 1_200).await;
+    assert!(matches!(refused, Reservation::Never { .. }), "{refused:?}");
+    let waits = ask(&b, 2, 59_000, vec![], vec![], 0).await;
+    assert_eq!(waits, Reservation::Admitted);
+    let refused = ask(&b, 2, 50_000, vec![turn1], vec![turn1], 1_200).await;
+    assert!(matches!(refused, Reservation::Wait { .. }), "{refused:?}");
+    let calls = b.stats().calls;
+    // A's longer write that would go (it fits beside nothing, so it is
+    // small): held for B's queued head.
+    let held = ask(&a, 1, 500, vec![turn2], vec![turn2, turn1], 3_300).await;
+    assert_eq!(
+        held,
+        Reservation::Wait {
+            retry_in: PREFIX_WRITING_WAIT,
+            dimension: Dimension::InputTokens
+        }
+    );
+    assert_eq!(b.stats().calls, calls, "no call of B's added");
+}
+
 // ---------------------------------------------------------------------------
 // Faults.
 

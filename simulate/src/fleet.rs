@@ -319,6 +319,19 @@ struct OnePrompt {
     /// (prefix, stack): a reservation of the stack was held for the
     /// prefix's writer.
     held: Mutex<std::collections::HashSet<(u64, usize)>>,
+    /// The prefixes that queued requests will write: by which stack and
+    /// request, the tokens of that request's longest write, and until when
+    /// the marker lives.
+    queued: Mutex<std::collections::HashMap<u64, Vec<Queued>>>,
+}
+
+/// A queued request's marker on one prefix it will write.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    stack: usize,
+    request: u64,
+    tokens: u64,
+    until: Instant,
 }
 
 impl OnePrompt {
@@ -328,6 +341,59 @@ impl OnePrompt {
         writing
             .get(&hash)
             .is_some_and(|by| by.iter().any(|s| *s != stack))
+    }
+
+    /// Whether a queued request of a stack other than `stack` writes
+    /// `hash`, with a longest write shorter than `below` tokens.
+    fn queued_by_another(&self, hash: u64, stack: usize, below: u64) -> bool {
+        let now = Instant::now();
+        let queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        queued.get(&hash).is_some_and(|by| {
+            by.iter()
+                .any(|q| q.stack != stack && q.tokens < below && q.until > now)
+        })
+    }
+
+    /// Marks `writes` as queued by a stack's request.
+    fn mark_queued(&self, stack: usize, request: u64, writes: &[u64], tokens: u64, for_: Duration) {
+        let now = Instant::now();
+        let until = now + for_;
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        for h in writes {
+            let list = queued.entry(*h).or_default();
+            list.retain(|q| (q.stack, q.request) != (stack, request) && q.until > now);
+            list.push(Queued {
+                stack,
+                request,
+                tokens,
+                until,
+            });
+        }
+    }
+
+    /// Clears a stack's request's queued markers; returns the wakers of the
+    /// requests holding for prefixes no longer written nor queued.
+    fn unmark_queued(&self, stack: usize, request: u64) -> Vec<Waker> {
+        let mut gone = Vec::new();
+        {
+            let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+            queued.retain(|h, list| {
+                let before = list.len();
+                list.retain(|q| (q.stack, q.request) != (stack, request));
+                if list.len() < before {
+                    gone.push(*h);
+                }
+                !list.is_empty()
+            });
+        }
+        let mut wake = Vec::new();
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        for h in gone {
+            if let Some(list) = watchers.remove(&h) {
+                wake.extend(list);
+            }
+        }
+        wake
     }
 }
 
@@ -391,10 +457,17 @@ impl Ledger for OneView {
             return self.reserve_in_line(key, limits, costs, headroom, place);
         };
         let prompt = &self.one.prompt;
+        // Held for a writer admitted, or for a queued request that writes
+        // a shorter prefix of it (nested prefixes are written shortest
+        // first: `Ledger::prefixes_queued`).
         let busy = prefixes
             .pending
             .iter()
-            .find(|h| prompt.written_by_another(**h, view.stack))
+            .find(|h| {
+                prompt.written_by_another(**h, view.stack)
+                    || (!prefixes.writes.contains(h)
+                        && prompt.queued_by_another(**h, view.stack, prefixes.tokens))
+            })
             .copied();
         let answer = self.one.ledger.reserve_in_line_or_hold_at(
             key,
@@ -421,10 +494,44 @@ impl Ledger for OneView {
                 for h in prefixes.writes {
                     writing.entry(*h).or_default().push(view.stack);
                 }
+                drop(writing);
+                // Its queued markers became a writer's: whoever held for
+                // them holds on.
+                let _ = prompt.unmark_queued(view.stack, place.request);
             }
             _ => {}
         }
+        if matches!(answer, Reservation::Wait { .. }) && !prefixes.queued_for.is_zero() {
+            prompt.mark_queued(
+                view.stack,
+                place.request,
+                prefixes.writes,
+                prefixes.tokens,
+                prefixes.queued_for,
+            );
+        }
         Some(LedgerFuture::ready(Ok(answer)))
+    }
+
+    fn prefixes_queued(
+        &self,
+        _key: &str,
+        request: u64,
+        writes: &[u64],
+        tokens: u64,
+        queued_for: Duration,
+    ) {
+        if let Some(view) = self.view.as_ref() {
+            let prompt = &self.one.prompt;
+            prompt.mark_queued(view.stack, request, writes, tokens, queued_for);
+        }
+    }
+
+    fn prefixes_dequeued(&self, _key: &str, request: u64) {
+        if let Some(view) = self.view.as_ref() {
+            let wake = self.one.prompt.unmark_queued(view.stack, request);
+            wake.into_iter().for_each(Waker::wake);
+        }
     }
 
     fn prefix_writing(&self, hash: u64, waker: &Waker) -> bool {
@@ -433,7 +540,10 @@ impl Ledger for OneView {
         };
         let prompt = &self.one.prompt;
         let held = prompt.held.lock().unwrap_or_else(|e| e.into_inner());
-        if !held.contains(&(hash, view.stack)) || !prompt.written_by_another(hash, view.stack) {
+        if !held.contains(&(hash, view.stack))
+            || !(prompt.written_by_another(hash, view.stack)
+                || prompt.queued_by_another(hash, view.stack, u64::MAX))
+        {
             return false;
         }
         drop(held);

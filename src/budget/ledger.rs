@@ -276,6 +276,13 @@ pub struct PrefixIntent<'a> {
     /// a head held keeps its ticket in the fleet's line that long, plus
     /// [`LINE_GRACE`].
     pub hold: Duration,
+    /// The tokens of the longest prefix the request writes, as estimated
+    /// (0: it writes none): the order of nested writes across processes
+    /// (see [`Ledger::prefixes_queued`]).
+    pub tokens: u64,
+    /// How long a marker of `writes` as queued lives when the request is
+    /// not admitted ([`Ledger::prefixes_queued`]); zero: no marker.
+    pub queued_for: Duration,
 }
 
 impl<'a> PrefixIntent<'a> {
@@ -286,7 +293,18 @@ impl<'a> PrefixIntent<'a> {
             writes,
             pending,
             hold,
+            tokens: 0,
+            queued_for: Duration::ZERO,
         }
+    }
+
+    /// With the tokens of the longest prefix the request writes, and how
+    /// long its writes stay marked as queued if it is not admitted (see
+    /// [`Ledger::prefixes_queued`]).
+    pub fn queued(mut self, tokens: u64, queued_for: Duration) -> Self {
+        self.tokens = tokens;
+        self.queued_for = queued_for;
+        self
     }
 
     /// Whether it says nothing (no write, nothing pending).
@@ -625,8 +643,14 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     ///   from then on [`Ledger::prefix_writing`] reports that writer. (A
     ///   request that waits for capacity anyway is answered that wait: it
     ///   asks again after it);
+    ///   The same holds while another process's request that is still
+    ///   queued writes one of `prefixes.pending` that is not among
+    ///   `prefixes.writes`, with a longest write shorter than
+    ///   `prefixes.tokens` ([`Ledger::prefixes_queued`]);
     /// - if the request is admitted, `prefixes.writes` are marked as being
-    ///   written by this process.
+    ///   written by this process (and no longer as queued);
+    /// - if it is answered a wait and `prefixes.queued_for` is not zero,
+    ///   `prefixes.writes` are marked as queued for that long.
     ///
     /// The default ignores `prefixes` and calls [`Ledger::reserve_in_line`].
     fn reserve_in_line_with_prefixes(
@@ -660,6 +684,51 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// nothing.
     fn prefixes_written(&self, hashes: &[u64]) {
         let _ = hashes;
+    }
+
+    /// A request of this process on `key` that will write the prompt-cache
+    /// prefixes `writes` (`tokens`: the longest of them, as estimated)
+    /// joined its budget's line behind others: the ledger marks them as
+    /// queued for the other processes for `queued_for`, until the request
+    /// is admitted (its reservation turns the marker into one of a writer),
+    /// or [`Ledger::prefixes_dequeued`] says it left the line.
+    ///
+    /// # Why: nested prefixes are written shortest first
+    ///
+    /// When one request's cache prefix is a proper prefix of another's (a
+    /// conversation's earlier turn and its later turn), the shorter should
+    /// be written first: the longer then reads it and writes only the
+    /// difference, where the reverse order writes the shorter twice (the
+    /// server's entry for the longer ends at its breakpoint, which the
+    /// shorter cannot read). Inside one process the budget's line sends the
+    /// turns in order of arrival; across processes a request about to be
+    /// admitted whose pending prefixes ([`PrefixIntent::pending`]) include
+    /// one, not among its own writes, that another process's queued request
+    /// writes, with a longest write shorter than its own
+    /// ([`PrefixIntent::tokens`]; the strict order keeps two requests from
+    /// holding for each other), holds for it as for a writer already
+    /// admitted ([`Ledger::reserve_in_line_with_prefixes`]), within the same
+    /// bound. A reservation in the line that is answered a wait marks its
+    /// writes as queued itself ([`PrefixIntent::queued_for`]). `request` is
+    /// [`LinePlace::request`]. The default does nothing.
+    fn prefixes_queued(
+        &self,
+        key: &str,
+        request: u64,
+        writes: &[u64],
+        tokens: u64,
+        queued_for: Duration,
+    ) {
+        let _ = (key, request, writes, tokens, queued_for);
+    }
+
+    /// The request `request` ([`LinePlace::request`]) of this process on
+    /// `key`, whose writes were marked as queued, left its budget's line
+    /// without being admitted (cancelled, refused, out of time): the ledger
+    /// clears its markers, so that requests holding for them go. Unknown
+    /// requests are ignored. The default does nothing.
+    fn prefixes_dequeued(&self, key: &str, request: u64) {
+        let _ = (key, request);
     }
 }
 

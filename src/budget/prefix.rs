@@ -620,6 +620,30 @@ pub(crate) fn fleet_intent(shared: &Shared, charge: &Charge) -> (Vec<u64>, Vec<u
     (writes, pending.iter().map(|p| p.hash).collect(), hold)
 }
 
+/// How a request's writes are marked as queued for the fleet
+/// ([`Ledger::prefixes_queued`](super::ledger::Ledger::prefixes_queued)):
+/// the tokens of its longest write, and how long the marker lives, the
+/// longest another process's request holds for a write of that size
+/// ([`hold_bound`]) plus the line's grace (a marker that outlives every
+/// hold for it holds no one more; a head refused again marks its writes
+/// anew). `None` where nothing is marked: no write, no fleet to tell, or
+/// not in wait mode (a request is never queued in reject mode).
+pub(crate) fn queued_marker(shared: &Shared, charge: &Charge) -> Option<(u64, Duration)> {
+    shared.writers.fleet()?;
+    if shared.settings.mode != super::BudgetMode::Wait {
+        return None;
+    }
+    let tokens = charge
+        .estimate
+        .cache_writes
+        .iter()
+        .map(|w| w.tokens)
+        .max()?;
+    let itpm = charge.limits.input_tokens_per_minute;
+    let hold = hold_bound(shared.settings.cache_hold, itpm, tokens);
+    Some((tokens, hold.saturating_add(super::ledger::LINE_GRACE)))
+}
+
 /// Takes back a prefix read: the request is charged as if it read only what
 /// its estimate expected.
 fn unread(charge: &mut Charge) {

@@ -703,6 +703,25 @@ pub(crate) struct Admission {
     headroom_kept: bool,
     /// This request's id in the fleet's line (0 until it first asks there).
     line_id: u64,
+    /// Its writes may be marked as queued for the fleet
+    /// ([`Ledger::prefixes_queued`]): cleared if it leaves unadmitted.
+    queued: bool,
+}
+
+/// A request that leaves the line unadmitted (cancelled, out of time)
+/// takes its writes' queued markers with it.
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if !std::mem::take(&mut self.queued) {
+            return;
+        }
+        if let Some(place) = &self.place {
+            place
+                .shared
+                .ledger
+                .prefixes_dequeued(&place.cell.key, self.line_id);
+        }
+    }
 }
 
 /// A new request id for the fleet's line, unique in the process (from 1).
@@ -1000,6 +1019,9 @@ impl Shared {
                     return Poll::Ready(Err(refusal));
                 }
                 Step::Admitted => {
+                    // Its reservation turned its queued markers into a
+                    // writer's.
+                    adm.queued = false;
                     if let Some(mut role) = adm.probe.take() {
                         // The role now ends with the charge (see `end_probe`).
                         role.armed = false;
@@ -1028,6 +1050,9 @@ impl Shared {
                     return Poll::Ready(Ok(()));
                 }
                 Step::Refused(refusal) => {
+                    if std::mem::take(&mut adm.queued) {
+                        self.ledger.prefixes_dequeued(charge.key(), adm.line_id);
+                    }
                     self.refused(charge, &refusal);
                     return Poll::Ready(Err(refusal));
                 }
@@ -1143,6 +1168,29 @@ impl Shared {
         }
     }
 
+    /// Tells the fleet that a request that joined the line behind others
+    /// will write its prefixes ([`Ledger::prefixes_queued`]), so that a
+    /// request of another process that would write a longer prefix of them
+    /// holds for it (`prefix.rs`). Costs no call of its own on a ledger
+    /// that buffers it.
+    fn mark_queued(&self, charge: &Charge, adm: &mut Admission) {
+        let Some((tokens, queued_for)) = super::prefix::queued_marker(self, charge) else {
+            return;
+        };
+        if adm.line_id == 0 {
+            adm.line_id = next_line_id();
+        }
+        let writes: Vec<u64> = charge
+            .estimate
+            .cache_writes
+            .iter()
+            .map(|w| w.hash)
+            .collect();
+        self.ledger
+            .prefixes_queued(charge.key(), adm.line_id, &writes, tokens, queued_for);
+        adm.queued = true;
+    }
+
     /// Asks the ledger if this request's turn has come, or waits in line.
     fn ask(self: &Arc<Self>, charge: &Charge, adm: &mut Admission, waker: &Waker) -> Step {
         // One clock reading per question: the in-memory ledger reads the
@@ -1164,7 +1212,11 @@ impl Shared {
             // Behind a probe: its answer may teach the output rule.
             adm.held_by_probe |= ks.probe != Probe::Off;
             match &adm.place {
-                None => self.join(&mut ks, charge, adm, &turn),
+                None => {
+                    self.join(&mut ks, charge, adm, &turn);
+                    drop(ks);
+                    self.mark_queued(charge, adm);
+                }
                 Some(place) => ks.queue.register(place.id(), waker),
             }
             return Step::Queued;
@@ -1624,7 +1676,13 @@ impl Shared {
         let fut = match self.writers.fleet() {
             Some(_) => {
                 let (writes, pending, hold) = super::prefix::fleet_intent(self, charge);
-                let prefixes = PrefixIntent::new(&writes, &pending, hold);
+                let mut prefixes = PrefixIntent::new(&writes, &pending, hold);
+                if let Some((tokens, queued_for)) = super::prefix::queued_marker(self, charge) {
+                    // Marked as queued if answered a wait (and as a writer
+                    // if admitted) by the reservation itself.
+                    prefixes = prefixes.queued(tokens, queued_for);
+                    adm.queued = true;
+                }
                 self.ledger.reserve_in_line_with_prefixes(
                     charge.key(),
                     &charge.limits,

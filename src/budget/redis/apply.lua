@@ -12,21 +12,34 @@
 --          their log (sorted set: prefix name by version), and the
 --          prefixes being written (hash: prefix name -> "until,owner", the
 --          Redis time the marker expires and the writer's ledger)
+-- KEYS[5]  with a shared prompt cache: the prefixes queued requests will
+--          write (hash: prefix name -> "until,owner,tokens", the Redis time
+--          the marker expires, the ledger, the tokens of the queued
+--          request's longest write)
 -- ARGV[4]  claim grace in microseconds
 -- ARGV[5]  the marker version this ledger saw last, -1 for no shared
 --          prompt cache
 -- ARGV[6..] operations, each 7 to 10 arguments (C: 2 + n, W: 1 + n,
--- P: 2 + n + m):
+-- P: 4 + n + m, U: 3 + n, D: 1 + n):
 --   C for n name1..namen           prefixes cached, for `for` microseconds
 --                                  (no longer being written)
 --   W n name1..namen               prefixes this ledger no longer writes
 --                                  (the answer began, or ended without)
---   P for hold n w1..wn m p1..pm   the next Q's prefixes: if admitted, it
+--   P for hold tokens qfor n w1..wn m p1..pm
+--                                  the next Q's prefixes: if admitted, it
 --                                  writes w1..wn (marked for `for`
 --                                  microseconds); it is not admitted while
---                                  another ledger writes one of p1..pm
---                                  (a head held keeps its ticket for
---                                  `hold` microseconds plus the grace)
+--                                  another ledger writes one of p1..pm, or
+--                                  while another ledger's queued request
+--                                  whose longest write is below `tokens`
+--                                  will write one of them that is not among
+--                                  w1..wn (a head held keeps its ticket for
+--                                  `hold` microseconds plus the grace); if
+--                                  answered a wait, w1..wn are marked as
+--                                  queued for `qfor` microseconds (0: not)
+--   U for tokens n name1..namen    prefixes a queued request of this ledger
+--                                  will write (longest `tokens`), for `for`
+--   D n name1..namen               prefixes no longer queued here
 --   S L1 L2 L3 d1 d2 d3            settle (a correction, + charges, - refunds)
 --   Y L1 L2 L3 dim limit rem reset  sync (-1 = absent; reset in microseconds)
 --   R L1 L2 L3 c1 c2 c3            reserve (last operation only)
@@ -59,7 +72,7 @@ local idle_ms = tonumber(ARGV[2])
 local owner = ARGV[3]
 local grace = tonumber(ARGV[4])
 local since = tonumber(ARGV[5])
-local marks, log, writing = KEYS[2], KEYS[3], KEYS[4]
+local marks, log, writing, queued = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local MAX_MARKS = 4096
 local MARKS_PER_REPLY = 64
 local UNIT = 60000000
@@ -67,6 +80,7 @@ local TOLERANCE = 500 * UNIT
 local RESET_PRECISION = 1000000
 local PREFIX_WAIT = 1000 -- microseconds: `PREFIX_WRITING_WAIT`
 local intent_writes, intent_pending, intent_for, intent_hold = {}, {}, 0, 0
+local intent_tokens, intent_queued = 0, 0
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -315,15 +329,39 @@ local function written_elsewhere(names)
   return nil
 end
 
+-- The name of the first of `names`, not among this request's own writes,
+-- that another ledger's queued request will write, its longest write
+-- shorter than this request's: nested prefixes are written shortest first
+-- (the longer then reads the shorter), and the strict order keeps two
+-- requests from holding for each other.
+local function queued_elsewhere(names)
+  if since < 0 or intent_tokens <= 0 then return nil end
+  local own = {}
+  for _, name in ipairs(intent_writes) do own[name] = true end
+  for _, name in ipairs(names) do
+    if not own[name] then
+      local v = redis.call('HGET', queued, name)
+      if v then
+        local q_until, q_owner, q_tokens = string.match(v, '^(%d+),(.+),(%d+)$')
+        if q_owner ~= owner and tonumber(q_until) > now and tonumber(q_tokens) < intent_tokens then
+          return name
+        end
+      end
+    end
+  end
+  return nil
+end
+
 local function reserve_line(limits, costs, headroom, owner, head, request, waited)
   exists = true
   h.k = 1
   -- A request that would go now while another ledger writes one of its
-  -- prefixes is held for that writer's answer: nothing debited, the line
-  -- as it was, a head's ticket kept for the hold (its date and place, no
-  -- costs: the others use the refill meanwhile); one that waits anyway
-  -- asks again after its wait.
-  local busy = written_elsewhere(intent_pending)
+  -- prefixes, or will write a shorter one of them from its queue, is held
+  -- for that writer's answer: nothing debited, the line as it was, a
+  -- head's ticket kept for the hold (its date and place, no costs: the
+  -- others use the refill meanwhile); one that waits anyway asks again
+  -- after its wait.
+  local busy = written_elsewhere(intent_pending) or queued_elsewhere(intent_pending)
   local saved, saved_removed = nil, 0
   if busy ~= nil then
     saved = {}
@@ -429,7 +467,7 @@ end
 -- Keeps the marker keys at least `for_us` plus the idle time.
 local function keep_marks(for_us)
   local keep = math.floor(for_us / 1000) + idle_ms
-  for _, k in ipairs({marks, log, writing}) do
+  for _, k in ipairs({marks, log, writing, queued}) do
     if redis.call('PTTL', k) < keep then
       redis.call('PEXPIRE', k, keep)
     end
@@ -447,6 +485,40 @@ local function mark_writing(for_us, names)
     redis.call('ZADD', log, v, name)
   end
   keep_marks(for_us)
+end
+
+-- Marks names as queued by this ledger for `for_us` (a request whose
+-- longest write is `tokens`); a new marker is logged.
+local function mark_queued(for_us, tokens, names)
+  if since < 0 or #names == 0 or for_us <= 0 then return end
+  local v = newest()
+  local value = string.format('%.0f', now + for_us) .. ',' .. owner .. ',' ..
+    string.format('%.0f', tokens)
+  for _, name in ipairs(names) do
+    local old = redis.call('HGET', queued, name)
+    local o_owner = nil
+    if old then o_owner = string.match(old, '^%d+,(.+),%d+$') end
+    redis.call('HSET', queued, name, value)
+    if o_owner ~= owner then
+      v = v + 1
+      redis.call('ZADD', log, v, name)
+    end
+  end
+  keep_marks(for_us)
+end
+
+-- Clears this ledger's queued markers of names.
+local function unqueue(names)
+  if since < 0 then return end
+  local v = newest()
+  for _, name in ipairs(names) do
+    local q = redis.call('HGET', queued, name)
+    if q and string.match(q, '^%d+,(.+),%d+$') == owner then
+      redis.call('HDEL', queued, name)
+      v = v + 1
+      redis.call('ZADD', log, v, name)
+    end
+  end
 end
 
 -- Clears this ledger's being-written markers of names.
@@ -478,6 +550,7 @@ local function cached(for_us, names)
     local old = redis.call('ZRANGE', log, 0, count - MAX_MARKS - 1)
     redis.call('HDEL', marks, unpack(old))
     redis.call('HDEL', writing, unpack(old))
+    redis.call('HDEL', queued, unpack(old))
     redis.call('ZREMRANGEBYRANK', log, 0, count - MAX_MARKS - 1)
   end
   keep_marks(for_us)
@@ -498,6 +571,12 @@ local function markers()
     if w then
       local u, o = string.match(w, '^(%d+),(.+)$')
       if o ~= owner then w_until = tonumber(u) end
+    end
+    -- A queued request's marker counts as a write to come.
+    local q = redis.call('HGET', queued, got[i])
+    if q then
+      local u, o = string.match(q, '^(%d+),(.+),%d+$')
+      if o ~= owner and tonumber(u) > now and tonumber(u) > w_until then w_until = tonumber(u) end
     end
     table.insert(out, tonumber(got[i]))
     table.insert(out, until_us)
@@ -526,13 +605,27 @@ while n <= #ARGV do
   elseif op == 'P' then
     intent_for = tonumber(ARGV[n + 1])
     intent_hold = tonumber(ARGV[n + 2])
-    local nw = tonumber(ARGV[n + 3])
+    intent_tokens = tonumber(ARGV[n + 3])
+    intent_queued = tonumber(ARGV[n + 4])
+    local nw = tonumber(ARGV[n + 5])
     intent_writes = {}
-    for i = 1, nw do intent_writes[i] = ARGV[n + 3 + i] end
-    local np = tonumber(ARGV[n + 4 + nw])
+    for i = 1, nw do intent_writes[i] = ARGV[n + 5 + i] end
+    local np = tonumber(ARGV[n + 6 + nw])
     intent_pending = {}
-    for i = 1, np do intent_pending[i] = ARGV[n + 4 + nw + i] end
-    n = n + 5 + nw + np
+    for i = 1, np do intent_pending[i] = ARGV[n + 6 + nw + i] end
+    n = n + 7 + nw + np
+  elseif op == 'U' then
+    local count = tonumber(ARGV[n + 3])
+    local names = {}
+    for i = 1, count do names[i] = ARGV[n + 3 + i] end
+    mark_queued(tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), names)
+    n = n + 4 + count
+  elseif op == 'D' then
+    local count = tonumber(ARGV[n + 1])
+    local names = {}
+    for i = 1, count do names[i] = ARGV[n + 1 + i] end
+    unqueue(names)
+    n = n + 2 + count
   else
     local limits = {tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), tonumber(ARGV[n + 3])}
     last_limits = limits
@@ -565,7 +658,11 @@ while n <= #ARGV do
 end
 
 if answer[1] == 1 and #intent_writes > 0 then
+  -- Its queued markers become a writer's.
+  unqueue(intent_writes)
   mark_writing(intent_for, intent_writes)
+elseif answer[1] == 2 and #intent_writes > 0 then
+  mark_queued(intent_queued, intent_tokens, intent_writes)
 end
 
 if exists then

@@ -81,7 +81,13 @@
 //!   another process that would go now while one of its prefixes is being
 //!   written is held by its own reservation's call, and waits for that
 //!   write as for one of its own process
-//!   ([`Ledger::reserve_in_line_with_prefixes`]).
+//!   ([`Ledger::reserve_in_line_with_prefixes`]). The prefixes a queued
+//!   request will write are marked too (`<prefix>:{key}:pq`): by a refused
+//!   head's own reservation call, or, for a request that joined its line
+//!   behind others, by one buffered call within the write delay
+//!   ([`Ledger::prefixes_queued`]); a request of another process whose
+//!   longer write extends one of them holds for it the same way, so that
+//!   nested prefixes are written shortest first.
 //! - **Expiry**: a key expires [`idle_ttl`](RedisLedgerBuilder::idle_ttl)
 //!   (10 minutes) after its buckets would be full again. A key deleted under
 //!   the ledger starts again with full buckets.
@@ -584,7 +590,8 @@ impl Inner {
         if self.prompt.is_some() {
             inv.key(format!("{hash_key}:pc"))
                 .key(format!("{hash_key}:pv"))
-                .key(format!("{hash_key}:pw"));
+                .key(format!("{hash_key}:pw"))
+                .key(format!("{hash_key}:pq"));
         }
         inv.arg(s.window.as_micros().min(u128::from(u64::MAX)) as u64)
             .arg(s.idle.as_millis().min(u128::from(u64::MAX)) as u64)
@@ -616,11 +623,22 @@ impl Inner {
             if let Some(name) = applied.writing {
                 p.writing_seen(key, name, applied.now_us);
             }
-            let writes = reserve.as_ref().and_then(|a| a.names.as_ref());
-            if let (Some(Reservation::Admitted), Some(names)) = (applied.reservation, writes) {
-                if !names.writes.is_empty() {
-                    p.writes_admitted(key, &names.writes);
+            let writes = reserve.and_then(|a| Some((a.names.as_ref()?, a.line?.request)));
+            match (applied.reservation, writes) {
+                (Some(Reservation::Admitted), Some((names, request))) => {
+                    // Its queued markers, if any, became a writer's.
+                    let _ = p.dequeue(request);
+                    if !names.writes.is_empty() {
+                        p.writes_admitted(key, &names.writes);
+                    }
                 }
+                (Some(Reservation::Wait { .. }), Some((names, request)))
+                    if names.queued_us > 0 && !names.writes.is_empty() =>
+                {
+                    // Marked as queued by the script.
+                    p.queue(key, request, &names.writes);
+                }
+                _ => {}
             }
         }
         Ok(applied)
@@ -729,7 +747,10 @@ impl Inner {
             bump(&self.stats.fallback_answers);
             match op {
                 // Nothing to share without Redis.
-                Op::Cached { .. } | Op::Written { .. } => {}
+                Op::Cached { .. }
+                | Op::Written { .. }
+                | Op::Queued { .. }
+                | Op::Dequeued { .. } => {}
                 Op::Settle { limits, delta } => {
                     self.fallback
                         .settle_at(key, &share(limits, replicas), *delta, now);
@@ -1013,6 +1034,8 @@ impl Ledger for RedisLedger {
             pending: prefixes.pending.iter().map(|&h| prompt::name(h)).collect(),
             for_us: prompt::WRITING_FOR_US,
             hold_us: u64::try_from(prefixes.hold.as_micros()).unwrap_or(u64::MAX),
+            tokens: prefixes.tokens,
+            queued_us: u64::try_from(prefixes.queued_for.as_micros()).unwrap_or(u64::MAX),
         });
         Some(self.ask(key, limits, costs, Some(headroom), Some(place), names))
     }
@@ -1107,6 +1130,50 @@ impl Ledger for RedisLedger {
     fn prompt_cache(&self) -> Option<Arc<dyn SharedPromptCache>> {
         let p = self.inner.prompt.as_ref()?;
         Some(Arc::clone(p) as Arc<dyn SharedPromptCache>)
+    }
+
+    /// Buffered and sent within the write delay (2 ms), in one call with
+    /// whatever else is buffered for the key (the markers of every request
+    /// that joined a line meanwhile), or with the key's next reservation if
+    /// that comes first: a request that waits in line costs at most this
+    /// one call more, and a request admitted at its first ask none.
+    fn prefixes_queued(
+        &self,
+        key: &str,
+        request: u64,
+        writes: &[u64],
+        tokens: u64,
+        queued_for: Duration,
+    ) {
+        let Some(mirror) = self.inner.prompt.as_ref() else {
+            return;
+        };
+        if writes.is_empty() || queued_for.is_zero() {
+            return;
+        }
+        let names: Vec<u64> = writes.iter().map(|&h| prompt::name(h)).collect();
+        if !mirror.queue(key, request, &names) {
+            return;
+        }
+        let op = Op::Queued {
+            names,
+            tokens,
+            for_us: u64::try_from(queued_for.as_micros()).unwrap_or(u64::MAX),
+        };
+        self.inner.enqueue(key, [op]);
+    }
+
+    /// Buffered as [`prefixes_queued`](Ledger::prefixes_queued) is.
+    fn prefixes_dequeued(&self, key: &str, request: u64) {
+        let Some(mirror) = self.inner.prompt.as_ref() else {
+            return;
+        };
+        let _ = key;
+        if let Some((key, names)) = mirror.dequeue(request) {
+            if !names.is_empty() {
+                self.inner.enqueue(&key, [Op::Dequeued { names }]);
+            }
+        }
     }
 
     /// Buffered: sent with the key's next call (the response's settlement,

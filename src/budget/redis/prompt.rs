@@ -105,6 +105,35 @@ pub(super) struct PromptMirror {
     /// Prefixes this process's admitted requests write: name to the
     /// budget key and how many write it.
     mine: Mutex<HashMap<u64, (Arc<str>, u32)>>,
+    /// This process's queued requests whose writes are marked as queued.
+    queued: Mutex<Queued>,
+}
+
+/// This process's queued requests with marked writes: by request, its
+/// budget key and names; and how many of them will write each name.
+#[derive(Debug, Default)]
+struct Queued {
+    requests: HashMap<u64, (Arc<str>, Vec<u64>)>,
+    names: HashMap<u64, u32>,
+}
+
+impl Queued {
+    /// Forgets a request; returns its key and the names no other request
+    /// of this process will write.
+    fn remove(&mut self, request: u64) -> Option<(Arc<str>, Vec<u64>)> {
+        let (key, names) = self.requests.remove(&request)?;
+        let mut done = Vec::new();
+        for name in names {
+            if let Some(n) = self.names.get_mut(&name) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.names.remove(&name);
+                    done.push(name);
+                }
+            }
+        }
+        Some((key, done))
+    }
 }
 
 impl fmt::Debug for PromptMirror {
@@ -127,7 +156,33 @@ impl PromptMirror {
             writing: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             mine: Mutex::new(HashMap::new()),
+            queued: Mutex::new(Queued::default()),
         }
+    }
+
+    /// A request of this process on `key` will write `names` from its
+    /// queue: remembered until it is admitted or leaves the line. Returns
+    /// whether it is new here.
+    pub(super) fn queue(&self, key: &str, request: u64, names: &[u64]) -> bool {
+        let mut q = lock(&self.queued);
+        if q.requests.contains_key(&request) {
+            return false;
+        }
+        if q.requests.len() >= MAX_MIRRORED {
+            *q = Queued::default();
+        }
+        for &name in names {
+            *q.names.entry(name).or_insert(0) += 1;
+        }
+        q.requests.insert(request, (Arc::from(key), names.to_vec()));
+        true
+    }
+
+    /// A queued request was admitted (its reservation cleared its
+    /// markers in Redis) or left the line: the key and the names no other
+    /// request of this process will write, to clear in Redis.
+    pub(super) fn dequeue(&self, request: u64) -> Option<(Arc<str>, Vec<u64>)> {
+        lock(&self.queued).remove(request)
     }
 
     /// Requests of this process on `key` were admitted writing `names`.

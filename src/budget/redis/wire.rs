@@ -28,6 +28,17 @@ pub(super) enum Op {
     Written {
         names: Vec<u64>,
     },
+    /// Prefixes a queued request of this ledger will write (the longest
+    /// `tokens`), marked for `for_us` ([`Ledger::prefixes_queued`](crate::budget::ledger::Ledger::prefixes_queued)).
+    Queued {
+        names: Vec<u64>,
+        tokens: u64,
+        for_us: u64,
+    },
+    /// Prefixes no longer queued here (the request left the line).
+    Dequeued {
+        names: Vec<u64>,
+    },
     Settle {
         limits: Limits,
         delta: CostDelta,
@@ -73,6 +84,10 @@ pub(super) struct Names {
     pub for_us: u64,
     /// How long a held head keeps its ticket (the budget's cache hold).
     pub hold_us: u64,
+    /// The tokens of the longest write.
+    pub tokens: u64,
+    /// How long the writes are marked as queued if answered a wait (0: not).
+    pub queued_us: u64,
 }
 
 fn push_limits(inv: &mut ScriptInvocation<'_>, limits: &Limits) {
@@ -117,6 +132,22 @@ pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
                 inv.arg(*name);
             }
         }
+        Op::Queued {
+            names,
+            tokens,
+            for_us,
+        } => {
+            inv.arg("U").arg(*for_us).arg(*tokens).arg(names.len());
+            for name in names {
+                inv.arg(*name);
+            }
+        }
+        Op::Dequeued { names } => {
+            inv.arg("D").arg(names.len());
+            for name in names {
+                inv.arg(*name);
+            }
+        }
         Op::Settle { limits, delta } => {
             inv.arg("S");
             push_limits(inv, limits);
@@ -147,6 +178,8 @@ pub(super) fn push_names(inv: &mut ScriptInvocation<'_>, names: &Names) {
     inv.arg("P")
         .arg(names.for_us)
         .arg(names.hold_us)
+        .arg(names.tokens)
+        .arg(names.queued_us)
         .arg(names.writes.len());
     for name in &names.writes {
         inv.arg(*name);
