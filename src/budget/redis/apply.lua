@@ -507,32 +507,29 @@ local function mark_queued(for_us, tokens, names)
   keep_marks(for_us)
 end
 
--- Clears this ledger's queued markers of names.
-local function unqueue(names)
+-- Clears this ledger's markers of names in the hash marks, whose values
+-- give their owner by the capture of pattern, and logs each change.
+local function clear_own(marks, pattern, names)
   if since < 0 then return end
   local v = newest()
   for _, name in ipairs(names) do
-    local q = redis.call('HGET', queued, name)
-    if q and string.match(q, '^%d+,(.+),%d+$') == owner then
-      redis.call('HDEL', queued, name)
+    local m = redis.call('HGET', marks, name)
+    if m and string.match(m, pattern) == owner then
+      redis.call('HDEL', marks, name)
       v = v + 1
       redis.call('ZADD', log, v, name)
     end
   end
 end
 
+-- Clears this ledger's queued markers of names.
+local function unqueue(names)
+  clear_own(queued, '^%d+,(.+),%d+$', names)
+end
+
 -- Clears this ledger's being-written markers of names.
 local function written(names)
-  if since < 0 then return end
-  local v = newest()
-  for _, name in ipairs(names) do
-    local w = redis.call('HGET', writing, name)
-    if w and string.match(w, '^%d+,(.+)$') == owner then
-      redis.call('HDEL', writing, name)
-      v = v + 1
-      redis.call('ZADD', log, v, name)
-    end
-  end
+  clear_own(writing, '^%d+,(.+)$', names)
 end
 
 local function cached(for_us, names)
@@ -586,21 +583,24 @@ local function markers()
   return out
 end
 
+-- The count arguments after ARGV[at], as a list.
+local function names_after(at, count)
+  local names = {}
+  for i = 1, count do names[i] = ARGV[at + i] end
+  return names
+end
+
 local answer = {0, 0, 0, 0}
 local n = 6
 while n <= #ARGV do
   local op = ARGV[n]
   if op == 'C' then
     local count = tonumber(ARGV[n + 2])
-    local names = {}
-    for i = 1, count do names[i] = ARGV[n + 2 + i] end
-    cached(tonumber(ARGV[n + 1]), names)
+    cached(tonumber(ARGV[n + 1]), names_after(n + 2, count))
     n = n + 3 + count
   elseif op == 'W' then
     local count = tonumber(ARGV[n + 1])
-    local names = {}
-    for i = 1, count do names[i] = ARGV[n + 1 + i] end
-    written(names)
+    written(names_after(n + 1, count))
     n = n + 2 + count
   elseif op == 'P' then
     intent_for = tonumber(ARGV[n + 1])
@@ -608,23 +608,17 @@ while n <= #ARGV do
     intent_tokens = tonumber(ARGV[n + 3])
     intent_queued = tonumber(ARGV[n + 4])
     local nw = tonumber(ARGV[n + 5])
-    intent_writes = {}
-    for i = 1, nw do intent_writes[i] = ARGV[n + 5 + i] end
+    intent_writes = names_after(n + 5, nw)
     local np = tonumber(ARGV[n + 6 + nw])
-    intent_pending = {}
-    for i = 1, np do intent_pending[i] = ARGV[n + 6 + nw + i] end
+    intent_pending = names_after(n + 6 + nw, np)
     n = n + 7 + nw + np
   elseif op == 'U' then
     local count = tonumber(ARGV[n + 3])
-    local names = {}
-    for i = 1, count do names[i] = ARGV[n + 3 + i] end
-    mark_queued(tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), names)
+    mark_queued(tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), names_after(n + 3, count))
     n = n + 4 + count
   elseif op == 'D' then
     local count = tonumber(ARGV[n + 1])
-    local names = {}
-    for i = 1, count do names[i] = ARGV[n + 1 + i] end
-    unqueue(names)
+    unqueue(names_after(n + 1, count))
     n = n + 2 + count
   else
     local limits = {tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), tonumber(ARGV[n + 3])}
