@@ -3160,3 +3160,30 @@ async fn the_first_burst_keeps_a_larger_input_headroom() {
         &sent[7..]
     );
 }
+
+/// Before the first answers, a request on an estimate with none of its
+/// key's other estimates in flight can only miss by its own error: its
+/// headroom is at most half its input (here 300 of 600), not 10 % of the
+/// limit (1,000), so it goes in the 1,000 tokens a settled request left.
+#[tokio::test(start_paused = true)]
+async fn a_lone_small_estimate_keeps_a_headroom_of_its_size_while_cold() {
+    let log = Arc::new(Log::default());
+    let layer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1_000).itpm(10_000).otpm(100_000))
+        .estimator(Arc::new(ExactEstimator::default()))
+        .input_headroom(0.02)
+        .build();
+    let svc = layer.layer(upstream(Arc::clone(&log), 10));
+    let resp = svc.clone().oneshot(request(9_000, 100)).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    let settled = Instant::now();
+    let resp = svc.clone().oneshot(request(600, 100)).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    let sent = log.sent();
+    assert_eq!(sent.len(), 2);
+    assert!(
+        sent[1].at == settled,
+        "the small request waited {:?} for a headroom of 10 % of the limit",
+        sent[1].at - settled
+    );
+}

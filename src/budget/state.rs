@@ -320,6 +320,13 @@ const COLD_ANSWERS: u64 = 5;
 /// keeps 2 % after them).
 const COLD_HEADROOM: f64 = 0.1;
 
+/// The share of a request's own estimate it may miss by before the key's
+/// first [`COLD_ANSWERS`] answers calibrate the estimator: when no other
+/// estimate of the key is in flight, the cold headroom is at most this
+/// share of the request's input (an uncalibrated estimate of a tokenizer
+/// the estimator does not know missed by up to 27 % at the p90).
+const COLD_ERROR: f64 = 0.5;
+
 /// Takes what a settlement's extra `debit` finds in `absorbed` off both,
 /// while `pending` requests are in flight (see [`carry`]).
 fn use_absorbed(pending: u32, absorbed: &mut u32, debit: &mut i64) {
@@ -1614,15 +1621,26 @@ impl Shared {
                 // for the other processes' estimates: a process's coldness
                 // says nothing of theirs (a 16-process fleet, each process
                 // seeing two answers, kept 10 % of ITPM idle all run).
-                let share = if self.settings.input_headroom > 0.0
+                let configured =
+                    (limit as f64 * self.settings.input_headroom.min(0.5)).ceil() as u64;
+                if self.settings.input_headroom > 0.0
                     && ks.answers_seen() < COLD_ANSWERS
                     && !own_exact
                 {
-                    self.settings.input_headroom.max(COLD_HEADROOM)
+                    let cold = (limit as f64 * COLD_HEADROOM.min(0.5)).ceil() as u64;
+                    if ks.inexact == 0 {
+                        // Only this request's estimate is at stake: it
+                        // cannot miss by more than its own error (a
+                        // 157-token request at the end of a 16-process
+                        // fleet's run kept 3,000 tokens idle for 5 s).
+                        let own = (charge.costs.input_tokens as f64 * COLD_ERROR).ceil() as u64;
+                        configured.max(cold.min(own))
+                    } else {
+                        configured.max(cold)
+                    }
                 } else {
-                    self.settings.input_headroom
-                };
-                (limit as f64 * share.min(0.5)).ceil() as u64
+                    configured
+                }
             }
             _ => 0,
         };
