@@ -503,7 +503,10 @@ impl TokenBudgetBuilder {
     /// server's count of its input: there is no error to absorb. Until a
     /// key has settled 5 answers, a share above 0 is taken as at least
     /// 0.1: nothing has yet measured the estimator's error
-    /// on the traffic, and the whole bucket is there to be filled at once.
+    /// on the traffic, and the whole bucket is there to be filled at once;
+    /// then a request on an estimate with none of its key's other
+    /// estimates in flight keeps only the larger of the share and half its
+    /// own input (it can only miss by its own error).
     /// Clamped to `[0, 0.5]`; NaN is taken as 0.
     pub fn input_headroom(mut self, share: f64) -> Self {
         self.input_headroom = if share.is_nan() {
