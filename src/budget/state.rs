@@ -1627,17 +1627,16 @@ impl Shared {
                     && ks.answers_seen() < COLD_ANSWERS
                     && !own_exact
                 {
-                    let cold = (limit as f64 * COLD_HEADROOM.min(0.5)).ceil() as u64;
+                    let mut cold = (limit as f64 * COLD_HEADROOM).ceil() as u64;
                     if ks.inexact == 0 {
                         // Only this request's estimate is at stake: it
                         // cannot miss by more than its own error (a
                         // 157-token request at the end of a 16-process
                         // fleet's run kept 3,000 tokens idle for 5 s).
                         let own = (charge.costs.input_tokens as f64 * COLD_ERROR).ceil() as u64;
-                        configured.max(cold.min(own))
-                    } else {
-                        configured.max(cold)
+                        cold = cold.min(own);
                     }
+                    configured.max(cold)
                 } else {
                     configured
                 }
