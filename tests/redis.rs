@@ -24,8 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{
-    CostDelta, Costs, InMemoryLedger, Ledger, LinePlace, PrefixIntent, Reservation, LINE_RECHECK,
-    PREFIX_WRITING_WAIT,
+    CostDelta, Costs, InMemoryLedger, Ledger, LinePlace, OutputSample, PrefixIntent, Reservation,
+    LINE_RECHECK, PREFIX_WRITING_WAIT,
 };
 use tower_llm_limits::budget::redis::{FaultPolicy, RedisLedger, RedisLedgerError};
 use tower_llm_limits::budget::Limits;
@@ -413,6 +413,70 @@ async fn processes_share_one_budget_and_learned_limits() {
     assert_eq!(state[1].limit, Some(10_000));
     assert!(state[1].learned);
     assert!(state[1].available < 1_100.0, "{:?}", state[1]);
+}
+
+/// An answer's output told to one process's ledger reaches the others with
+/// their next call on the key (a process that joins later gets the key's
+/// recent samples at its first), never comes back to the process that told
+/// it, and costs no call of its own: it rides on the settlement's batch.
+#[tokio::test]
+async fn processes_share_the_outputs_their_answers_reported() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("outputs");
+    let connect = || async {
+        RedisLedger::builder(&url)
+            .prefix(&prefix)
+            .connect()
+            .await
+            .expect("connect")
+    };
+    let (a, b) = (connect().await, connect().await);
+    let limits = Limits::new().rpm(1_000).otpm(100_000);
+    let sample = |output_tokens| OutputSample {
+        output_tokens,
+        max_tokens: 4_096,
+    };
+    let learned = |ledger: &RedisLedger, after| {
+        let mut into = Vec::new();
+        let next = ledger.outputs_learned("k", after, &mut into);
+        (into, next)
+    };
+    for ledger in [&a, &b] {
+        let answer = ledger.reserve("k", &limits, costs(1, 0, 4_096)).await;
+        assert_eq!(answer.expect("reserve"), Reservation::Admitted);
+    }
+    for output in [100, 120, 140] {
+        a.output_learned("k", sample(output));
+    }
+    let delta = CostDelta {
+        output_tokens: -3_996,
+        ..CostDelta::default()
+    };
+    a.settle("k", &limits, delta).await.expect("settle");
+    a.flush().await.expect("flush");
+    assert_eq!(a.stats().calls, 2, "one reservation, one batch");
+    assert_eq!(learned(&a, 0).0, vec![], "its own samples stay out");
+    assert_eq!(learned(&b, 0).0, vec![], "not before b's next call");
+
+    let answer = b.reserve("k", &limits, costs(1, 0, 100)).await;
+    assert_eq!(answer.expect("reserve"), Reservation::Admitted);
+    let (seen, next) = learned(&b, 0);
+    assert_eq!(seen, vec![sample(100), sample(120), sample(140)]);
+    assert_eq!(learned(&b, next).0, vec![], "read once");
+
+    // A process that joins later gets them at its first call.
+    let c = connect().await;
+    let answer = c.reserve("k", &limits, costs(1, 0, 100)).await;
+    assert_eq!(answer.expect("reserve"), Reservation::Admitted);
+    assert_eq!(learned(&c, 0).0.len(), 3);
+
+    // And b's answers reach a.
+    b.output_learned("k", sample(90));
+    b.settle("k", &limits, delta).await.expect("settle");
+    b.flush().await.expect("flush");
+    let answer = a.reserve("k", &limits, costs(1, 0, 100)).await;
+    assert_eq!(answer.expect("reserve"), Reservation::Admitted);
+    assert_eq!(learned(&a, 0).0, vec![sample(90)]);
 }
 
 #[tokio::test]

@@ -24,8 +24,8 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder};
 use tower_llm_limits::budget::ledger::{
-    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, PrefixIntent,
-    Reservation, PREFIX_WRITING_WAIT,
+    BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, OutputSample,
+    PrefixIntent, Reservation, PREFIX_WRITING_WAIT,
 };
 use tower_llm_limits::budget::redis::RedisLedger;
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetBuilder};
@@ -163,6 +163,7 @@ async fn run_fleet(
                 })
             }
             Store::One { share } => Arc::new(OneView {
+                stack: clients.len(),
                 view: share.then(|| {
                     Arc::new(OnePromptView {
                         prompt: Arc::clone(&one.prompt),
@@ -304,6 +305,9 @@ impl Service<Request<Full<Bytes>>> for Fleet {
 struct OneLedger {
     ledger: InMemoryLedger,
     prompt: Arc<OnePrompt>,
+    /// Per key, the outputs the stacks' answers reported, and which stack
+    /// told each (`Ledger::output_learned`): what a `RedisLedger` shares.
+    outputs: Mutex<std::collections::HashMap<String, Vec<(usize, OutputSample)>>>,
 }
 
 /// The prefixes a response confirmed cached (until when, and which stack
@@ -423,6 +427,7 @@ impl SharedPromptCache for OnePromptView {
 #[derive(Debug)]
 struct OneView {
     one: Arc<OneLedger>,
+    stack: usize,
     view: Option<Arc<OnePromptView>>,
 }
 
@@ -606,6 +611,29 @@ impl Ledger for OneView {
         Some(Arc::clone(view) as Arc<dyn SharedPromptCache>)
     }
 
+    fn output_learned(&self, key: &str, sample: OutputSample) {
+        let mut outputs = self.one.outputs.lock().unwrap_or_else(|e| e.into_inner());
+        outputs
+            .entry(key.to_owned())
+            .or_default()
+            .push((self.stack, sample));
+    }
+
+    fn outputs_learned(&self, key: &str, after: u64, into: &mut Vec<OutputSample>) -> u64 {
+        let outputs = self.one.outputs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(log) = outputs.get(key) else {
+            return after;
+        };
+        let from = usize::try_from(after).unwrap_or(usize::MAX).min(log.len());
+        into.extend(
+            log[from..]
+                .iter()
+                .filter(|(stack, _)| *stack != self.stack)
+                .map(|(_, sample)| *sample),
+        );
+        log.len() as u64
+    }
+
     fn prefixes_cached(&self, _key: &str, hashes: &[u64]) {
         let Some(view) = self.view.as_ref() else {
             return;
@@ -741,6 +769,14 @@ impl Ledger for Timed {
 
     fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
         self.inner.prefixes_cached(key, hashes);
+    }
+
+    fn output_learned(&self, key: &str, sample: OutputSample) {
+        self.inner.output_learned(key, sample);
+    }
+
+    fn outputs_learned(&self, key: &str, after: u64, into: &mut Vec<OutputSample>) -> u64 {
+        self.inner.outputs_learned(key, after, into)
     }
 }
 

@@ -47,7 +47,7 @@ use super::lazy::{LazyQueue, Learners};
 use super::learn::LearnRules;
 use super::ledger::{
     BucketState, CostDelta, Costs, Epoch, Ledger, LedgerError, LedgerFuture, LinePlace,
-    PackedBuckets, PrefixIntent, Reservation,
+    OutputSample, PackedBuckets, PrefixIntent, Reservation,
 };
 use super::limits::{Limits, ModelClass, OutputMode};
 use super::prefix::{WriteGuard, Writers};
@@ -170,6 +170,11 @@ struct RatioSamples {
     window: SlidingQuantile,
     tokens: SlidingQuantile,
     seen: u64,
+    /// Of `seen`, this budget's own answers.
+    own: u64,
+    /// The position in the ledger's shared outputs to read from next
+    /// ([`Ledger::outputs_learned`]; 0 until the fleet's first output).
+    fleet_position: u64,
 }
 
 impl KeyState {
@@ -215,11 +220,13 @@ impl KeyState {
             .map_or(prior, |r| r.clamp(0.0, 1.0))
     }
 
-    /// Answers with usage (and a `max_tokens`) the key has settled, as its
-    /// output samples count them.
+    /// Answers with usage (and a `max_tokens`) the key has settled in this
+    /// budget, as its output samples count them (the outputs other budgets
+    /// on a ledger given to this one settled are not its answers: they do
+    /// not calibrate its estimator).
     fn answers_seen(&self) -> u64 {
         match self.output_ratio.as_ref() {
-            Some(samples) => samples.seen,
+            Some(samples) => samples.own,
             None => self.early_outputs.iter().filter(|s| s.1 > 0).count() as u64,
         }
     }
@@ -255,12 +262,24 @@ impl KeyState {
     /// than two samples are needed before they count; the windows are
     /// created with the third (the two moved into them).
     fn push_output(&mut self, output: u64, max_tokens: u64, settings: &Settings) {
+        self.push_sample(output, max_tokens, settings, true);
+    }
+
+    /// Learns an output another budget on a ledger given to this one
+    /// settled ([`Ledger::outputs_learned`]): as [`push_output`](Self::push_output),
+    /// but not as this budget's answer (the windows are created at once,
+    /// so that the inline outputs stay this budget's own).
+    fn push_fleet_output(&mut self, output: u64, max_tokens: u64, settings: &Settings) {
+        self.push_sample(output, max_tokens, settings, false);
+    }
+
+    fn push_sample(&mut self, output: u64, max_tokens: u64, settings: &Settings, own: bool) {
         if max_tokens == 0 {
             return;
         }
         let small = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
         let (output, max_tokens) = (small(output.min(max_tokens)), small(max_tokens));
-        if self.output_ratio.is_none() && settings.output_ratio_min_samples > 2 {
+        if own && self.output_ratio.is_none() && settings.output_ratio_min_samples > 2 {
             if let Some(slot) = self.early_outputs.iter_mut().find(|s| s.1 == 0) {
                 *slot = (output, max_tokens);
                 return;
@@ -272,18 +291,22 @@ impl KeyState {
                 window: SlidingQuantile::new(settings.output_ratio_window),
                 tokens: SlidingQuantile::new(settings.output_ratio_window),
                 seen: 0,
+                own: 0,
+                fleet_position: 0,
             })
         });
-        for (output, max_tokens) in early
+        for (output, max_tokens, own) in early
             .into_iter()
             .filter(|s| s.1 > 0)
-            .chain(std::iter::once((output, max_tokens)))
+            .map(|(o, m)| (o, m, true))
+            .chain(std::iter::once((output, max_tokens, own)))
         {
             samples
                 .window
                 .push(f64::from(output) / f64::from(max_tokens));
             samples.tokens.push(f64::from(output));
             samples.seen += 1;
+            samples.own += u64::from(own);
         }
     }
 
@@ -912,6 +935,7 @@ impl Shared {
                 ks.calibration =
                     (estimate.input_tokens as f64 / estimate.raw_input_tokens as f64) as f32;
             }
+            self.learn_fleet_outputs(&cell.key, &mut ks);
             self.output_tokens(&ks, estimate.max_tokens)
         };
         let input_tokens = if cache_reads_count {
@@ -943,6 +967,27 @@ impl Shared {
             input_capped: false,
             counted: None,
         })
+    }
+
+    /// Learns the outputs other budgets on a ledger given to this one
+    /// settled on the key since it last looked ([`Ledger::outputs_learned`]):
+    /// the fleet's answers count toward the key's expected output as this
+    /// budget's own do. Nothing with the budget's own ledger.
+    fn learn_fleet_outputs(&self, key: &str, ks: &mut KeyState) {
+        if self.own {
+            return;
+        }
+        // Until the fleet's first output the windows may not exist: the
+        // ledger is read from the start (its other budgets' outputs only).
+        let after = ks.output_ratio.as_ref().map_or(0, |s| s.fleet_position);
+        let mut learned = Vec::new();
+        let next = self.ledger.outputs_learned(key, after, &mut learned);
+        for sample in learned {
+            ks.push_fleet_output(sample.output_tokens, sample.max_tokens, &self.settings);
+        }
+        if let Some(samples) = ks.output_ratio.as_mut() {
+            samples.fleet_position = next;
+        }
     }
 
     /// The output tokens to reserve, per the output mode.
@@ -1004,7 +1049,8 @@ impl Shared {
                     // reservation capped to the bucket stays capped.
                     let held = std::mem::take(&mut adm.held_by_probe);
                     if held || adm.place.is_some() {
-                        let ks = lock_key(&charge.cell);
+                        let mut ks = lock_key(&charge.cell);
+                        self.learn_fleet_outputs(&charge.cell.key, &mut ks);
                         let now = self.output_tokens(&ks, charge.estimate.max_tokens);
                         let output = &mut charge.costs.output_tokens;
                         *output = if held { now } else { now.min(*output) };
@@ -1421,6 +1467,13 @@ impl Shared {
         self.end_probe(charge, Probe::Off);
         let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
         if let Some((tokens, max_tokens)) = output {
+            if !self.own && max_tokens > 0 {
+                let sample = OutputSample {
+                    output_tokens: tokens,
+                    max_tokens,
+                };
+                self.ledger.output_learned(charge.key(), sample);
+            }
             lock_key(&charge.cell).push_output(tokens, max_tokens, &self.settings);
         }
         if held_sync.is_some() {
@@ -2204,5 +2257,25 @@ mod tests {
         // An answer longer than `max_tokens` (it cannot be) is taken at it.
         ks.push_output(5_000, 100, &settings);
         assert_eq!(ks.output_ratio.as_ref().map(|s| s.seen), Some(5));
+    }
+
+    /// The outputs of a fleet's other budgets teach the expected output as
+    /// this budget's answers do, but are not its answers: its cold input
+    /// headroom (its estimator's calibration) still counts only its own,
+    /// and its own first outputs stay inline until the windows exist.
+    #[test]
+    fn the_fleets_outputs_teach_the_output_but_are_not_own_answers() {
+        let settings = settings(3);
+        let mut ks = KeyState::new(ModelClass::Other, &Limits::new().rpm(10), 0);
+        ks.push_output(200, 4_096, &settings);
+        assert!(ks.output_ratio.is_none(), "one own output, inline");
+        for _ in 0..3 {
+            ks.push_fleet_output(300, 4_096, &settings);
+        }
+        assert_eq!(ks.expected_output(&settings, 4_096), 300.0);
+        assert_eq!(ks.answers_seen(), 1);
+        assert_eq!(ks.output_ratio.as_ref().map(|s| s.seen), Some(4));
+        ks.push_output(100, 4_096, &settings);
+        assert_eq!(ks.answers_seen(), 2);
     }
 }

@@ -3,24 +3,29 @@
 -- KEYS[1]  the key's hash (fields: l<i> level, t<i> updated, n<i> learned
 --          limit for dimension i = 1 requests, 2 input, 3 output; k marker;
 --          co/c1/c2/c3/ce the cross-process claim; q<owner> a ticket of the
---          fleet's line: "request,since,seq,c1,c2,c3,due,expires,delayed").
+--          fleet's line: "request,since,seq,c1,c2,c3,due,expires,delayed";
+--          os the position of the key's newest output sample).
+-- KEYS[2]  the key's output samples (list, newest last, at most 256:
+--          "owner,output,max_tokens"), for the fleet's learned output
 -- ARGV[1]  window in microseconds (capacity = limit * window units)
 -- ARGV[2]  idle time to live in milliseconds, after the buckets are full
 -- ARGV[3]  this ledger's owner id (for the claim)
--- KEYS[2], KEYS[3], KEYS[4]  with a shared prompt cache: the prompt-cache
+-- KEYS[3], KEYS[4], KEYS[5]  with a shared prompt cache: the prompt-cache
 --          markers (hash: prefix name -> Redis time it is cached until),
 --          their log (sorted set: prefix name by version), and the
 --          prefixes being written (hash: prefix name -> "until,owner", the
 --          Redis time the marker expires and the writer's ledger)
--- KEYS[5]  with a shared prompt cache: the prefixes queued requests will
+-- KEYS[6]  with a shared prompt cache: the prefixes queued requests will
 --          write (hash: prefix name -> "until,owner,tokens", the Redis time
 --          the marker expires, the ledger, the tokens of the queued
 --          request's longest write)
 -- ARGV[4]  claim grace in microseconds
 -- ARGV[5]  the marker version this ledger saw last, -1 for no shared
 --          prompt cache
--- ARGV[6..] operations, each 7 to 10 arguments (C: 2 + n, W: 1 + n,
--- P: 4 + n + m, U: 3 + n, D: 1 + n):
+-- ARGV[6]  the position of the output sample this ledger saw last
+-- ARGV[7..] operations, each 7 to 10 arguments (C: 2 + n, W: 1 + n,
+-- P: 4 + n + m, U: 3 + n, D: 1 + n, O: 2):
+--   O output max_tokens            an answer's output, added to the samples
 --   C for n name1..namen           prefixes cached, for `for` microseconds
 --                                  (no longer being written)
 --   W n name1..namen               prefixes this ledger no longer writes
@@ -61,7 +66,9 @@
 -- Returns {now, kind, a, b, c}: kind 0 no reserve, 1 admitted,
 -- 2 wait (a = microseconds, b = dimension, c = the name of a pending
 -- prefix another ledger writes, 0 for none), 3 never (a = dimension,
--- b = cost, c = limit); with a shared prompt cache, then {version, n,
+-- b = cost, c = limit); then {position, m, output1, max_tokens1, ...}:
+-- the output samples of other ledgers after ARGV[6] (at most 256), and
+-- the position of the newest; with a shared prompt cache, then {version, n,
 -- name1, cached1, writing1, ...}: the markers after ARGV[5] (at most 64),
 -- each with the Redis time it is cached until and the time its marker of
 -- being written by another ledger expires (0: none), and the newest
@@ -72,7 +79,10 @@ local idle_ms = tonumber(ARGV[2])
 local owner = ARGV[3]
 local grace = tonumber(ARGV[4])
 local since = tonumber(ARGV[5])
-local marks, log, writing, queued = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local outs_after = tonumber(ARGV[6])
+local outs = KEYS[2]
+local marks, log, writing, queued = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local OUTPUTS_KEPT = 256
 local MAX_MARKS = 4096
 local MARKS_PER_REPLY = 64
 local UNIT = 60000000
@@ -590,8 +600,38 @@ local function names_after(at, count)
   return names
 end
 
+-- Adds an answer's output to the key's samples (as the digits given).
+local function output(tokens, max_tokens)
+  local pos = (h['os'] or 0) + 1
+  h['os'] = pos
+  exists = true
+  redis.call('RPUSH', outs, owner .. ',' .. tokens .. ',' .. max_tokens)
+  redis.call('LTRIM', outs, -OUTPUTS_KEPT, -1)
+end
+
+-- The output samples of other ledgers after `outs_after`, oldest first:
+-- {position, m, output1, max_tokens1, ...}.
+local function outputs()
+  local pos = h['os'] or 0
+  local after = outs_after
+  -- A position past the newest: the key expired since; all are new.
+  if after > pos then after = 0 end
+  local new = math.min(pos - after, OUTPUTS_KEPT)
+  local reply = {pos, 0}
+  if new <= 0 then return reply end
+  for _, e in ipairs(redis.call('LRANGE', outs, -new, -1)) do
+    local who, tokens, max_tokens = string.match(e, '^([^,]*),(%d+),(%d+)$')
+    if who and who ~= owner then
+      table.insert(reply, tonumber(tokens))
+      table.insert(reply, tonumber(max_tokens))
+      reply[2] = reply[2] + 1
+    end
+  end
+  return reply
+end
+
 local answer = {0, 0, 0, 0}
-local n = 6
+local n = 7
 while n <= #ARGV do
   local op = ARGV[n]
   if op == 'C' then
@@ -620,6 +660,9 @@ while n <= #ARGV do
     local count = tonumber(ARGV[n + 1])
     unqueue(names_after(n + 1, count))
     n = n + 2 + count
+  elseif op == 'O' then
+    output(ARGV[n + 1], ARGV[n + 2])
+    n = n + 3
   else
     local limits = {tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), tonumber(ARGV[n + 3])}
     last_limits = limits
@@ -681,9 +724,12 @@ if exists then
       end
     end
   end
-  redis.call('PEXPIRE', key, math.floor(full_us / 1000) + 1 + idle_ms)
+  local ttl = math.floor(full_us / 1000) + 1 + idle_ms
+  redis.call('PEXPIRE', key, ttl)
+  if h['os'] then redis.call('PEXPIRE', outs, ttl) end
 end
 local reply = {now, answer[1], answer[2], answer[3], answer[4]}
+for _, v in ipairs(outputs()) do table.insert(reply, v) end
 if since >= 0 then
   for _, v in ipairs(markers()) do table.insert(reply, v) end
 end

@@ -167,7 +167,7 @@ pub use error::RedisLedgerError;
 
 use super::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, LinePlace,
-    PrefixIntent, Reservation,
+    OutputLog, OutputSample, PrefixIntent, Reservation,
 };
 use super::Limits;
 use crate::estimate::SharedPromptCache;
@@ -250,6 +250,35 @@ struct Inner {
     /// The budget keys a task asks for markers on, while requests hold
     /// for another process's writer there.
     watching: Mutex<HashSet<Arc<str>>>,
+    /// The other processes' output samples, as the calls brought them back.
+    outputs: Mutex<OutputMirror>,
+}
+
+/// The fleet's output samples seen by this process: per key, the samples
+/// for the budgets ([`Ledger::outputs_learned`]) and the position in Redis
+/// to ask after.
+#[derive(Debug, Default)]
+struct OutputMirror {
+    log: OutputLog,
+    seen: HashMap<Arc<str>, u64>,
+}
+
+impl OutputMirror {
+    fn since(&self, key: &str) -> u64 {
+        self.seen.get(key).copied().unwrap_or(0)
+    }
+
+    fn absorb(&mut self, key: &str, outputs: wire::Outputs) {
+        match self.seen.get_mut(key) {
+            Some(seen) => *seen = outputs.position,
+            None => {
+                self.seen.insert(Arc::from(key), outputs.position);
+            }
+        }
+        if !outputs.samples.is_empty() {
+            self.log.push(key, outputs.samples);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -452,6 +481,7 @@ impl RedisLedgerBuilder {
                 stats: Counters::default(),
                 prompt,
                 watching: Mutex::new(HashSet::new()),
+                outputs: Mutex::new(OutputMirror::default()),
             }),
         })
     }
@@ -587,6 +617,7 @@ impl Inner {
         let s = &self.settings;
         let hash_key = self.hash_key(key);
         let mut inv = self.apply.key(&hash_key);
+        inv.key(format!("{hash_key}:o"));
         if self.prompt.is_some() {
             inv.key(format!("{hash_key}:pc"))
                 .key(format!("{hash_key}:pv"))
@@ -601,6 +632,7 @@ impl Inner {
             Some(p) => inv.arg(p.since(key)),
             None => inv.arg(-1),
         };
+        inv.arg(lock(&self.outputs).since(key));
         for op in ops {
             wire::push_op(&mut inv, op);
         }
@@ -615,7 +647,8 @@ impl Inner {
             .await
             .map_err(|_| RedisLedgerError::Timeout(s.timeout))?
             .map_err(|e| typed(e, s.timeout))?;
-        let applied = wire::parse_applied(&reply)?;
+        let mut applied = wire::parse_applied(&reply)?;
+        lock(&self.outputs).absorb(key, std::mem::take(&mut applied.outputs));
         if let Some(p) = &self.prompt {
             if let Some(m) = &applied.markers {
                 p.absorb(key, applied.now_us, m);
@@ -750,7 +783,8 @@ impl Inner {
                 Op::Cached { .. }
                 | Op::Written { .. }
                 | Op::Queued { .. }
-                | Op::Dequeued { .. } => {}
+                | Op::Dequeued { .. }
+                | Op::Output(_) => {}
                 Op::Settle { limits, delta } => {
                     self.fallback
                         .settle_at(key, &share(limits, replicas), *delta, now);
@@ -1174,6 +1208,19 @@ impl Ledger for RedisLedger {
                 self.inner.enqueue(&key, [Op::Dequeued { names }]);
             }
         }
+    }
+
+    /// Buffered: sent with the key's next call (the response's settlement,
+    /// which follows, or a reservation), never alone. Kept in the key's
+    /// last 256 samples (`<prefix>:{key}:o`), which expire with the key.
+    fn output_learned(&self, key: &str, sample: OutputSample) {
+        self.inner.enqueue(key, [Op::Output(sample)]);
+    }
+
+    /// From memory: the samples every call on `key` brought back (the
+    /// fleet's last 256 at this process's first call on the key).
+    fn outputs_learned(&self, key: &str, after: u64, into: &mut Vec<OutputSample>) -> u64 {
+        lock(&self.inner.outputs).log.read(key, after, into)
     }
 
     /// Buffered: sent with the key's next call (the response's settlement,

@@ -6,7 +6,7 @@ use redis::ScriptInvocation;
 
 use super::error::RedisLedgerError;
 use super::prompt::Markers;
-use crate::budget::ledger::{BucketState, CostDelta, Costs, LinePlace, Reservation};
+use crate::budget::ledger::{BucketState, CostDelta, Costs, LinePlace, OutputSample, Reservation};
 use crate::budget::Limits;
 use crate::headers::LimitStatus;
 use crate::Dimension;
@@ -39,6 +39,9 @@ pub(super) enum Op {
     Dequeued {
         names: Vec<u64>,
     },
+    /// An answer's output, for the fleet's learned output
+    /// ([`Ledger::output_learned`](crate::budget::ledger::Ledger::output_learned)).
+    Output(OutputSample),
     Settle {
         limits: Limits,
         delta: CostDelta,
@@ -55,7 +58,7 @@ impl Op {
     /// a prompt-cache marker, or a header sync (a response's settlement,
     /// or the key's next reservation in this process, carries it).
     pub(super) fn rides(&self) -> bool {
-        matches!(self, Op::Cached { .. } | Op::Sync { .. })
+        matches!(self, Op::Cached { .. } | Op::Sync { .. } | Op::Output(_))
     }
 }
 
@@ -72,6 +75,17 @@ pub(super) struct Applied {
     /// A wait answered because another ledger writes this pending prefix
     /// (its marker name).
     pub writing: Option<u64>,
+    /// The key's output samples told by other ledgers after the position
+    /// asked after.
+    pub outputs: Outputs,
+}
+
+/// The output samples a batch returned: the key's newest position, and the
+/// samples of other ledgers after the position asked after, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Outputs {
+    pub position: u64,
+    pub samples: Vec<OutputSample>,
 }
 
 /// A reservation's prefixes, as marker names ([`PrefixIntent`](crate::budget::ledger::PrefixIntent)).
@@ -147,6 +161,11 @@ pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
             for name in names {
                 inv.arg(*name);
             }
+        }
+        Op::Output(sample) => {
+            inv.arg("O")
+                .arg(sample.output_tokens)
+                .arg(sample.max_tokens);
         }
         Op::Settle { limits, delta } => {
             inv.arg("S");
@@ -232,16 +251,32 @@ fn non_negative(v: i64) -> Result<u64, RedisLedgerError> {
     u64::try_from(v).map_err(|_| RedisLedgerError::Reply(format!("negative value {v}")))
 }
 
-/// Decodes the apply script's `{now, kind, a, b, c}`, followed, when the
-/// prompt cache is shared, by `{version, n, name1, cached1, writing1, ...}`.
+/// Decodes the apply script's `{now, kind, a, b, c}`, then the output
+/// samples `{position, m, output1, max_tokens1, ...}`, then, when the
+/// prompt cache is shared, `{version, n, name1, cached1, writing1, ...}`.
 pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> {
-    let (head, tail) = reply.split_at(reply.len().min(5));
-    let [now, kind, a, b, c] = head else {
+    let (head, tail) = reply.split_at(reply.len().min(7));
+    let [now, kind, a, b, c, position, m] = head else {
         return Err(RedisLedgerError::Reply(format!(
-            "{} values instead of 5",
+            "{} values instead of at least 7",
             reply.len()
         )));
     };
+    let m = usize::try_from(*m)
+        .ok()
+        .filter(|m| m.saturating_mul(2) <= tail.len())
+        .ok_or_else(|| RedisLedgerError::Reply(format!("{m} output samples")))?;
+    let (samples, tail) = tail.split_at(m * 2);
+    let mut outputs = Outputs {
+        position: non_negative(*position)?,
+        samples: Vec::with_capacity(m),
+    };
+    for s in samples.chunks_exact(2) {
+        outputs.samples.push(OutputSample {
+            output_tokens: non_negative(s[0])?,
+            max_tokens: non_negative(s[1])?,
+        });
+    }
     let markers = match tail {
         [] => None,
         [version, n, rest @ ..]
@@ -289,6 +324,7 @@ pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> 
         reservation,
         markers,
         writing,
+        outputs,
     })
 }
 
@@ -335,7 +371,7 @@ mod tests {
 
     #[test]
     fn replies_decode_and_garbage_is_a_typed_error() {
-        let wait = parse_applied(&[5, 2, 1_500, 2, 0]).unwrap();
+        let wait = parse_applied(&[5, 2, 1_500, 2, 0, 0, 0]).unwrap();
         assert_eq!(wait.now_us, 5);
         assert_eq!(
             wait.reservation,
@@ -344,7 +380,7 @@ mod tests {
                 dimension: Dimension::InputTokens
             })
         );
-        let never = parse_applied(&[5, 3, 3, 9_000, 8_000]).unwrap();
+        let never = parse_applied(&[5, 3, 3, 9_000, 8_000, 0, 0]).unwrap();
         assert_eq!(
             never.reservation,
             Some(Reservation::Never {
@@ -354,7 +390,7 @@ mod tests {
             })
         );
         assert!(parse_applied(&[5, 1, 0, 0]).is_err());
-        let marked = parse_applied(&[5, 1, 0, 0, 0, 9, 2, 11, 700, 0, 12, 0, 900]).unwrap();
+        let marked = parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 2, 11, 700, 0, 12, 0, 900]).unwrap();
         let marker = |name, cached_until, writing_until| super::super::prompt::Marker {
             name,
             cached_until,
@@ -368,19 +404,35 @@ mod tests {
             })
         );
         assert_eq!(marked.writing, None);
-        let held = parse_applied(&[5, 2, 1_000, 2, 77, 9, 0]).unwrap();
+        let held = parse_applied(&[5, 2, 1_000, 2, 77, 0, 0, 9, 0]).unwrap();
         assert_eq!(held.writing, Some(77));
         assert_eq!(
-            parse_applied(&[5, 1, 0, 0, 0, 9, 0]).unwrap().markers,
+            parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 0]).unwrap().markers,
             Some(Markers::default()).map(|m| Markers { version: 9, ..m })
         );
-        assert!(parse_applied(&[5, 1, 0, 0, 0, 9, 2, 11, 700, 0]).is_err());
-        assert!(parse_applied(&[5, 1, 0, 0, 0, 9]).is_err());
-        assert!(parse_applied(&[5, 1, 0, 0, 0, 9, 1, 11, -1, 0]).is_err());
-        assert!(parse_applied(&[5, 2, 1_000, 2, -4, 9, 0]).is_err());
-        assert!(parse_applied(&[5, 7, 0, 0, 0]).is_err());
-        assert!(parse_applied(&[5, 2, 10, 4, 0]).is_err());
-        assert!(parse_applied(&[5, 2, -1, 1, 0]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 2, 11, 700, 0]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 1, 11, -1, 0]).is_err());
+        assert!(parse_applied(&[5, 2, 1_000, 2, -4, 0, 0, 9, 0]).is_err());
+        assert!(parse_applied(&[5, 7, 0, 0, 0, 0, 0]).is_err());
+        let learned = parse_applied(&[5, 1, 0, 0, 0, 40, 2, 300, 4_096, 120, 512]).unwrap();
+        let sample = |output_tokens, max_tokens| OutputSample {
+            output_tokens,
+            max_tokens,
+        };
+        assert_eq!(
+            learned.outputs,
+            Outputs {
+                position: 40,
+                samples: vec![sample(300, 4_096), sample(120, 512)]
+            }
+        );
+        assert_eq!(learned.markers, None);
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 40, 2, 300, 4_096]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 40, 1, -300, 4_096]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0]).is_err());
+        assert!(parse_applied(&[5, 2, 10, 4, 0, 0, 0]).is_err());
+        assert!(parse_applied(&[5, 2, -1, 1, 0, 0, 0]).is_err());
         assert_eq!(parse_state(&[5, 0]).unwrap(), None);
         assert!(parse_state(&[5, 1, 3]).is_err());
     }
