@@ -1668,15 +1668,23 @@ impl Shared {
     ) {
         let with = self.with_headroom(ks, charge, adm);
         adm.headroom_kept = false;
-        if self.own {
-            let answer = ks.buckets.reserve(&charge.limits, with, now, self.epoch);
-            return (Ok(Ok(answer)), with);
-        }
         let headroom = Costs {
             requests: 0,
             input_tokens: adm.headroom,
             output_tokens: 0,
         };
+        if self.own {
+            if adm.headroom == 0 {
+                let answer = ks.buckets.reserve(&charge.limits, with, now, self.epoch);
+                return (Ok(Ok(answer)), with);
+            }
+            // The headroom is given back in the same pass over the buckets.
+            let answer =
+                ks.buckets
+                    .reserve_keeping(&charge.limits, with, headroom, now, self.epoch);
+            adm.headroom_kept = true;
+            return (Ok(Ok(answer)), charge.costs);
+        }
         // The fleet's line, where the ledger keeps one (shared by budgets
         // in other processes): the oldest waiting head first.
         if adm.line_id == 0 {
