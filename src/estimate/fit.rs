@@ -268,6 +268,8 @@ pub(crate) struct PartsFit {
     errors: Vec<(usize, f64)>,
     /// Requests added since the last refit.
     since_refit: usize,
+    /// Requests added since the margins were last worked out.
+    since_margins: usize,
     /// The normal equations of the rows without media (whose target is
     /// always 1), kept as each request comes and goes: a refit adds only
     /// the rows with media, whose targets change as media are learned.
@@ -294,6 +296,7 @@ impl PartsFit {
             factor: 1.0,
             errors: Vec::new(),
             since_refit: 0,
+            since_margins: 0,
             sums: Normal::EMPTY,
             media_rows: 0,
             since_sum: 0,
@@ -450,6 +453,7 @@ impl PartsFit {
         // request while it holds fewer than 16): one request moves a fit
         // over many little, and a refit costs a pass over the window.
         self.since_refit += 1;
+        self.since_margins += 1;
         if self.since_refit >= (self.rows.len() / 8).max(1) {
             self.since_refit = 0;
             self.refit(prior, config);
@@ -553,7 +557,7 @@ impl PartsFit {
             let bounded = clamp(w, config);
             if bounded == w {
                 self.w = w;
-                self.margins(&l, part, known, config);
+                self.margins_due(&l, part, known, config);
                 return;
             }
             for i in 0..FIT {
@@ -565,7 +569,24 @@ impl PartsFit {
             self.w = bounded;
         }
         if let Some((_, l)) = solve(&m, &v, part) {
-            self.margins(&l, part, known, config);
+            self.margins_due(&l, part, known, config);
+        }
+    }
+
+    /// [`margins`](Self::margins) once a quarter of the window has changed
+    /// since they were last worked out (after every request while it holds
+    /// fewer than 8): a pass over the window, whose quantiles a few
+    /// requests move little, at every other refit of a full window.
+    fn margins_due(
+        &mut self,
+        l: &[[f64; FIT]; FIT],
+        part: &[usize],
+        known: bool,
+        config: &CalibrationConfig,
+    ) {
+        if self.since_margins >= (self.rows.len() / 4).max(1) {
+            self.since_margins = 0;
+            self.margins(l, part, known, config);
         }
     }
 
