@@ -893,7 +893,7 @@ impl Shared {
         caller: Option<&str>,
         estimate: Estimate,
     ) -> Result<Charge, CallerRefusal> {
-        let class = ModelClass::of(estimate.model.as_deref().unwrap_or(""));
+        let class = class_of(estimate.model.as_ref());
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
         let name = class.as_str();
@@ -2002,7 +2002,7 @@ impl Shared {
     /// The key, limits and costs that [`Shared::charge`] would give `estimate`
     /// (without a caller), without creating the key or counting an estimate.
     pub(crate) fn preview(&self, estimate: &Estimate) -> Preview {
-        let class = ModelClass::of(estimate.model.as_deref().unwrap_or(""));
+        let class = class_of(estimate.model.as_ref());
         let limits = self.settings.limits.limits_for(class);
         let name = class.as_str();
         let cell = self.keys.get(name);
@@ -2137,6 +2137,40 @@ impl Ledger for OwnLedger {
     }
 }
 
+/// The longest model name whose class [`class_of`] remembers.
+const CLASS_KEPT_LEN: usize = 64;
+
+/// [`ModelClass::of`] the request's model name. The last name of at most
+/// [`CLASS_KEPT_LEN`] bytes seen on this thread is remembered with its
+/// class: requests mostly name one model, or a few, and the class is read
+/// again only when the name changes (the estimator hands out one shared
+/// name per model: mostly a pointer compare).
+fn class_of(model: Option<&Arc<str>>) -> ModelClass {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Arc<str>, ModelClass)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let Some(model) = model else {
+        return ModelClass::of("");
+    };
+    if model.len() > CLASS_KEPT_LEN {
+        return ModelClass::of(model);
+    }
+    LAST.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return ModelClass::of(model);
+        };
+        if let Some((name, class)) = last.as_ref() {
+            if Arc::ptr_eq(name, model) || **name == **model {
+                return *class;
+            }
+        }
+        let class = ModelClass::of(model);
+        *last = Some((Arc::clone(model), class));
+        class
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2148,6 +2182,35 @@ mod tests {
             .output_quantile(0.5)
             .build();
         layer.shared.settings.clone()
+    }
+
+    /// The class a request is charged under is its model name's, whatever
+    /// names came before it on the thread (the same name shared or copied,
+    /// another name, one too long to remember, none).
+    #[test]
+    fn a_remembered_class_is_the_class_of_the_name() {
+        let names = [
+            "claude-sonnet-4-5",
+            "claude-3-5-haiku-latest",
+            "claude-opus-4-1-20250805",
+            "claude-sonnet-4-5",
+            "claude-2.1",
+            "",
+        ];
+        let long = format!("claude-haiku-4-5-{}", "x".repeat(CLASS_KEPT_LEN));
+        let shared: Vec<Arc<str>> = names.iter().map(|n| Arc::from(*n)).collect();
+        for round in 0..3 {
+            for (i, name) in names.iter().chain([&long.as_str()]).enumerate() {
+                let arc: Arc<str> = match shared.get(i) {
+                    Some(a) if round != 1 => Arc::clone(a),
+                    _ => Arc::from(*name),
+                };
+                assert_eq!(class_of(Some(&arc)), ModelClass::of(name), "{name}");
+                assert_eq!(class_of(Some(&arc)), ModelClass::of(name), "{name}");
+            }
+            assert_eq!(class_of(None), ModelClass::of(""));
+        }
+        assert_eq!(ModelClass::of(&long), ModelClass::Haiku45);
     }
 
     /// A key's state stays small: a gateway holds one per caller and model

@@ -1373,7 +1373,9 @@ impl AnthropicEstimator {
         let mut text = Classes::default();
         let mut sum = Tally::default();
         for s in &w.sections {
-            text.add(&s.tally.text);
+            if !s.tally.text.is_empty() {
+                text.add(&s.tally.text);
+            }
             sum.fixed = sum.fixed.saturating_add(s.tally.fixed);
             sum.media = sum.media.saturating_add(s.tally.media);
             sum.items = sum.items.saturating_add(s.tally.items);
