@@ -139,6 +139,37 @@ const ASCII: [u8; 128] = {
     t
 };
 
+/// How many bytes at the start of `b` are ASCII lower-case letters: eight
+/// at a time (a test of each byte's seven low bits against `a` and `z`, and
+/// of its high bit), the last few one by one.
+#[inline(always)]
+fn lower_prefix(b: &[u8]) -> usize {
+    const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut n = 0;
+    while let Some(chunk) = b.get(n..n + 8) {
+        let Ok(bytes) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let w = u64::from_le_bytes(bytes);
+        let low = w & LOW;
+        // Each lane's high bit: at least `a`, above `z`; no carry leaves a
+        // lane (at most 0x7f + 0x1f).
+        let from_a = low.wrapping_add(0x1f1f_1f1f_1f1f_1f1f);
+        let past_z = low.wrapping_add(0x0505_0505_0505_0505);
+        let lower = from_a & !past_z & !w & HIGH;
+        if lower != HIGH {
+            return n + ((!lower & HIGH).trailing_zeros() / 8) as usize;
+        }
+        n += 8;
+    }
+    let tail = b.get(n..).unwrap_or(&[]);
+    n + tail
+        .iter()
+        .position(|x| !x.is_ascii_lowercase())
+        .unwrap_or(tail.len())
+}
+
 /// A counter that keeps the previous character's class across calls.
 #[derive(Debug, Clone, Copy)]
 struct Counter {
@@ -250,10 +281,7 @@ impl Counter {
     #[inline(always)]
     fn lower_run(&mut self, b: &[u8], i: usize) -> usize {
         let rest = b.get(i..).unwrap_or(&[]);
-        let n = rest
-            .iter()
-            .position(|x| !x.is_ascii_lowercase())
-            .unwrap_or(rest.len());
+        let n = lower_prefix(rest);
         if n > 0 {
             let slot = &mut self.c.n[Feature::Letters as usize];
             *slot = slot.saturating_add(n as u64);
@@ -780,6 +808,24 @@ mod tests {
                 p50 * 100.0,
                 p90 * 100.0
             );
+        }
+    }
+
+    /// The run of lower-case letters read eight bytes at a time ends where
+    /// a byte-by-byte read ends it, for every byte at every position.
+    #[test]
+    fn a_lower_case_run_ends_at_the_first_other_byte() {
+        for other in 0..=255u8 {
+            for len in 0..20 {
+                for at in 0..=len {
+                    let mut b: Vec<u8> = (0..len).map(|k| b'a' + (k % 26) as u8).collect();
+                    if at < len {
+                        b[at] = other;
+                    }
+                    let expected = b.iter().position(|x| !x.is_ascii_lowercase()).unwrap_or(len);
+                    assert_eq!(lower_prefix(&b), expected, "{other} at {at} of {len}");
+                }
+            }
         }
     }
 
