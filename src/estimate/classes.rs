@@ -469,7 +469,10 @@ impl Classes {
                     0xf0..=0xf7 => 4,
                     _ => 1,
                 };
-                if b.get(i + 1..i + len)?.iter().any(|&y| y == b'"' || y == b'\\') {
+                if b.get(i + 1..i + len)?
+                    .iter()
+                    .any(|&y| y == b'"' || y == b'\\')
+                {
                     return None;
                 }
                 i = c.lead(b, i, x);
@@ -822,7 +825,10 @@ mod tests {
                     if at < len {
                         b[at] = other;
                     }
-                    let expected = b.iter().position(|x| !x.is_ascii_lowercase()).unwrap_or(len);
+                    let expected = b
+                        .iter()
+                        .position(|x| !x.is_ascii_lowercase())
+                        .unwrap_or(len);
                     assert_eq!(lower_prefix(&b), expected, "{other} at {at} of {len}");
                 }
             }
@@ -836,11 +842,41 @@ mod tests {
     fn a_string_counted_as_it_is_scanned_counts_as_its_span() {
         use crate::wire::json::Scanner;
         let pieces: &[&[u8]] = &[
-            b"hello", b" world", b" the", b"Camel", b"caseSwitch", b"123", b"4.5", b" ",
-            b"  ", b"\t", b"!?", b"--", b"\\n", b"\\t", b"\\r", b"\\\"", b"\\\\", b"\\/",
-            b"\\u00e9", b"\\u0041", b"\\u4e2d", b"\\ud83d\\ude00", b"\\ud83d\\u12", b"\\uzz00",
-            b"\\u+123", b"\\u", b"\\", b"\xc3\xa9", b"\xe4\xb8\xad", b"\xf0\x9f\x98\x80", b"\xc3",
-            b"\xe4\xb8", b"\x80", b"\xff", b"\"",
+            b"hello",
+            b" world",
+            b" the",
+            b"Camel",
+            b"caseSwitch",
+            b"123",
+            b"4.5",
+            b" ",
+            b"  ",
+            b"\t",
+            b"!?",
+            b"--",
+            b"\\n",
+            b"\\t",
+            b"\\r",
+            b"\\\"",
+            b"\\\\",
+            b"\\/",
+            b"\\u00e9",
+            b"\\u0041",
+            b"\\u4e2d",
+            b"\\ud83d\\ude00",
+            b"\\ud83d\\u12",
+            b"\\uzz00",
+            b"\\u+123",
+            b"\\u",
+            b"\\",
+            b"\xc3\xa9",
+            b"\xe4\xb8\xad",
+            b"\xf0\x9f\x98\x80",
+            b"\xc3",
+            b"\xe4\xb8",
+            b"\x80",
+            b"\xff",
+            b"\"",
         ];
         let mut rng = Rng(7);
         let mut counted = 0;
