@@ -1456,6 +1456,22 @@ impl Shared {
             return self.run(charge, op, wake_head);
         }
         let mut ks = lock_key(&charge.cell);
+        let next = self.apply_own(&mut ks, charge, delta, statuses, wake_head);
+        drop(ks);
+        wake(next);
+    }
+
+    /// [`apply`](Self::apply) on the budget's own buckets, under the key's
+    /// lock (`ks`); returns the waker of the head to wake once it is
+    /// released.
+    fn apply_own(
+        &self,
+        ks: &mut KeyState,
+        charge: &Charge,
+        delta: Option<CostDelta>,
+        statuses: Option<[LimitStatus; 3]>,
+        wake_head: bool,
+    ) -> Option<Waker> {
         let now = Instant::now();
         if let Some(statuses) = statuses {
             let [lowered, lowered_output] =
@@ -1471,7 +1487,6 @@ impl Shared {
             ks.absorbed_output = carry(ks.absorbed_output, ks.output_pending, lowered_output);
         }
         if let Some(mut delta) = delta {
-            let ks = &mut *ks;
             use_absorbed(ks.inexact, &mut ks.absorbed, &mut delta.input_tokens);
             use_absorbed(
                 ks.output_pending,
@@ -1480,13 +1495,11 @@ impl Shared {
             );
             ks.buckets.settle(&charge.limits, delta, now, self.epoch);
         }
-        let next = if wake_head {
+        if wake_head {
             ks.notify_head(&self.counters)
         } else {
             None
-        };
-        drop(ks);
-        wake(next);
+        }
     }
 
     /// Corrects a request's input reservation (`delta` in input tokens
@@ -1547,8 +1560,9 @@ impl Shared {
                 status
             }
         });
+        let mut locked = None;
         if statuses.iter().any(|s| s.limit.is_some()) {
-            let mut ks = lock_key(&charge.cell);
+            let ks = locked.insert(lock_key(&charge.cell));
             for (i, dimension) in Dimension::ALL.into_iter().enumerate() {
                 if let Some(reported) = statuses[i].limit {
                     statuses[i].limit =
@@ -1564,12 +1578,25 @@ impl Shared {
         }
         let mut held = None;
         if !statuses.iter().all(LimitStatus::is_empty) {
-            if hold && !self.own && self.ledger.sync_with_settlement() {
-                held = Some(statuses);
-            } else {
-                self.apply(charge, None, Some(statuses), true);
+            match (self.own, locked.as_mut()) {
+                (true, Some(ks)) => {
+                    // The budget's own buckets: synced under the lock the
+                    // limits were learned under.
+                    let next = self.apply_own(ks, charge, None, Some(statuses), true);
+                    drop(locked.take());
+                    wake(next);
+                }
+                _ => {
+                    drop(locked.take());
+                    if hold && !self.own && self.ledger.sync_with_settlement() {
+                        held = Some(statuses);
+                    } else {
+                        self.apply(charge, None, Some(statuses), true);
+                    }
+                }
             }
         }
+        drop(locked);
         self.end_probe(charge, Probe::Off);
         held
     }
