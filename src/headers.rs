@@ -408,10 +408,47 @@ fn read_anthropic<'a>(
         }
     });
     LimitStatus {
-        limit: limit.and_then(parse_u64),
+        limit: limit.and_then(|value| parse_limit(value, kind)),
         remaining: remaining.and_then(parse_u64),
         reset_in,
     }
+}
+
+/// The longest limit value [`parse_limit`] remembers.
+const LIMIT_KEPT: usize = 24;
+
+/// A limit value and the number it gave.
+type KeptLimit = Option<([u8; LIMIT_KEPT], usize, Option<u64>)>;
+
+/// An `anthropic-ratelimit-*-limit` value read as [`parse_u64`] reads it.
+/// The last value of each `kind` read on this thread is remembered with
+/// what it gave: a key's limit is the same in every answer until its tier
+/// changes.
+fn parse_limit(value: &HeaderValue, kind: usize) -> Option<u64> {
+    thread_local! {
+        static LAST: [Cell<KeptLimit>; 4] = const { [const { Cell::new(None) }; 4] };
+    }
+    let raw = value.as_bytes();
+    if raw.len() > LIMIT_KEPT {
+        return parse_u64(value);
+    }
+    LAST.with(|last| {
+        let Some(last) = last.get(kind) else {
+            return parse_u64(value);
+        };
+        if let Some((kept, len, limit)) = last.get() {
+            if kept.get(..len) == Some(raw) {
+                return limit;
+            }
+        }
+        let limit = parse_u64(value);
+        let mut kept = [0u8; LIMIT_KEPT];
+        if let Some(head) = kept.get_mut(..raw.len()) {
+            head.copy_from_slice(raw);
+            last.set(Some((kept, raw.len(), limit)));
+        }
+        limit
+    })
 }
 
 /// The longest reset value [`parse_reset`] remembers.
@@ -685,6 +722,41 @@ mod tests {
     use super::*;
     use crate::wire::ratelimit::insert_limit_headers;
     use http::header::RETRY_AFTER;
+
+    /// A remembered limit is the limit of the value read, whatever values
+    /// of that kind or another came before it on the thread.
+    #[test]
+    fn a_remembered_limit_is_the_value_read() {
+        let values = [
+            "50",
+            "50",
+            " 50 ",
+            "60",
+            "x",
+            "",
+            "4000000",
+            "18446744073709551616",
+            "123456789012345678901234",
+            "1234567890123456789012345",
+            "50",
+        ];
+        for kind in [0, 1, 2, 3, 0, 4] {
+            for raw in values.iter().chain(values.iter().rev()) {
+                let value = HeaderValue::from_static(raw);
+                assert_eq!(parse_limit(&value, kind), parse_u64(&value), "{raw:?}");
+            }
+        }
+        // Through the headers: a changed limit is read, not the last one.
+        for limit in [50, 60, 50] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "anthropic-ratelimit-requests-limit",
+                HeaderValue::from(limit),
+            );
+            let snap = RateLimitSnapshot::from_headers(&h);
+            assert_eq!(snap.requests.limit, Some(limit));
+        }
+    }
 
     #[test]
     fn whole_numbers_parse_as_str_parse_does() {

@@ -2301,6 +2301,23 @@ impl PackedBuckets {
         answer
     }
 
+    /// [`InMemoryLedger::reserve_at`] of `with` (costs and headroom) on
+    /// these buckets, giving the headroom back once admitted, in one pass
+    /// (as [`Ledger::reserve_with_headroom`]).
+    pub(crate) fn reserve_keeping(
+        &mut self,
+        limits: &Limits,
+        with: Costs,
+        headroom: Costs,
+        now: Instant,
+        epoch: Epoch,
+    ) -> Reservation {
+        let mut state = self.unpack(epoch);
+        let answer = state.reserve_keeping(limits, with, headroom, now, MINUTE_NANOS);
+        self.pack(&state, epoch);
+        answer
+    }
+
     /// [`InMemoryLedger::settle_at`] on these buckets.
     pub(crate) fn settle(&mut self, limits: &Limits, delta: CostDelta, now: Instant, epoch: Epoch) {
         if delta.is_zero() {

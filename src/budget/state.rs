@@ -916,7 +916,7 @@ impl Shared {
         caller: Option<&str>,
         estimate: Estimate,
     ) -> Result<Charge, CallerRefusal> {
-        let class = ModelClass::of(estimate.model.as_deref().unwrap_or(""));
+        let class = class_of(estimate.model.as_ref());
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
         let name = class.as_str();
@@ -1509,6 +1509,22 @@ impl Shared {
             return self.run(charge, op, wake_head);
         }
         let mut ks = lock_key(&charge.cell);
+        let next = self.apply_own(&mut ks, charge, delta, statuses, wake_head);
+        drop(ks);
+        wake(next);
+    }
+
+    /// [`apply`](Self::apply) on the budget's own buckets, under the key's
+    /// lock (`ks`); returns the waker of the head to wake once it is
+    /// released.
+    fn apply_own(
+        &self,
+        ks: &mut KeyState,
+        charge: &Charge,
+        delta: Option<CostDelta>,
+        statuses: Option<[LimitStatus; 3]>,
+        wake_head: bool,
+    ) -> Option<Waker> {
         let now = Instant::now();
         if let Some(statuses) = statuses {
             let [lowered, lowered_output] =
@@ -1524,7 +1540,6 @@ impl Shared {
             ks.absorbed_output = carry(ks.absorbed_output, ks.output_pending, lowered_output);
         }
         if let Some(mut delta) = delta {
-            let ks = &mut *ks;
             use_absorbed(ks.inexact, &mut ks.absorbed, &mut delta.input_tokens);
             use_absorbed(
                 ks.output_pending,
@@ -1533,13 +1548,11 @@ impl Shared {
             );
             ks.buckets.settle(&charge.limits, delta, now, self.epoch);
         }
-        let next = if wake_head {
+        if wake_head {
             ks.notify_head(&self.counters)
         } else {
             None
-        };
-        drop(ks);
-        wake(next);
+        }
     }
 
     /// Corrects a request's input reservation (`delta` in input tokens
@@ -1600,8 +1613,9 @@ impl Shared {
                 status
             }
         });
+        let mut locked = None;
         if statuses.iter().any(|s| s.limit.is_some()) {
-            let mut ks = lock_key(&charge.cell);
+            let ks = locked.insert(lock_key(&charge.cell));
             for (i, dimension) in Dimension::ALL.into_iter().enumerate() {
                 if let Some(reported) = statuses[i].limit {
                     statuses[i].limit =
@@ -1617,12 +1631,25 @@ impl Shared {
         }
         let mut held = None;
         if !statuses.iter().all(LimitStatus::is_empty) {
-            if hold && !self.own && self.ledger.sync_with_settlement() {
-                held = Some(statuses);
-            } else {
-                self.apply(charge, None, Some(statuses), true);
+            match (self.own, locked.as_mut()) {
+                (true, Some(ks)) => {
+                    // The budget's own buckets: synced under the lock the
+                    // limits were learned under.
+                    let next = self.apply_own(ks, charge, None, Some(statuses), true);
+                    drop(locked.take());
+                    wake(next);
+                }
+                _ => {
+                    drop(locked.take());
+                    if hold && !self.own && self.ledger.sync_with_settlement() {
+                        held = Some(statuses);
+                    } else {
+                        self.apply(charge, None, Some(statuses), true);
+                    }
+                }
             }
         }
+        drop(locked);
         self.end_probe(charge, Probe::Off);
         held
     }
@@ -1721,15 +1748,23 @@ impl Shared {
     ) {
         let with = self.with_headroom(ks, charge, adm);
         adm.headroom_kept = false;
-        if self.own {
-            let answer = ks.buckets.reserve(&charge.limits, with, now, self.epoch);
-            return (Ok(Ok(answer)), with);
-        }
         let headroom = Costs {
             requests: 0,
             input_tokens: adm.headroom,
             output_tokens: 0,
         };
+        if self.own {
+            if adm.headroom == 0 {
+                let answer = ks.buckets.reserve(&charge.limits, with, now, self.epoch);
+                return (Ok(Ok(answer)), with);
+            }
+            // The headroom is given back in the same pass over the buckets.
+            let answer =
+                ks.buckets
+                    .reserve_keeping(&charge.limits, with, headroom, now, self.epoch);
+            adm.headroom_kept = true;
+            return (Ok(Ok(answer)), charge.costs);
+        }
         // The fleet's line, where the ledger keeps one (shared by budgets
         // in other processes): the oldest waiting head first.
         if adm.line_id == 0 {
@@ -2047,7 +2082,7 @@ impl Shared {
     /// The key, limits and costs that [`Shared::charge`] would give `estimate`
     /// (without a caller), without creating the key or counting an estimate.
     pub(crate) fn preview(&self, estimate: &Estimate) -> Preview {
-        let class = ModelClass::of(estimate.model.as_deref().unwrap_or(""));
+        let class = class_of(estimate.model.as_ref());
         let limits = self.settings.limits.limits_for(class);
         let name = class.as_str();
         let cell = self.keys.get(name);
@@ -2182,6 +2217,40 @@ impl Ledger for OwnLedger {
     }
 }
 
+/// The longest model name whose class [`class_of`] remembers.
+const CLASS_KEPT_LEN: usize = 64;
+
+/// [`ModelClass::of`] the request's model name. The last name of at most
+/// [`CLASS_KEPT_LEN`] bytes seen on this thread is remembered with its
+/// class: requests mostly name one model, or a few, and the class is read
+/// again only when the name changes (the estimator hands out one shared
+/// name per model: mostly a pointer compare).
+fn class_of(model: Option<&Arc<str>>) -> ModelClass {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Arc<str>, ModelClass)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let Some(model) = model else {
+        return ModelClass::of("");
+    };
+    if model.len() > CLASS_KEPT_LEN {
+        return ModelClass::of(model);
+    }
+    LAST.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return ModelClass::of(model);
+        };
+        if let Some((name, class)) = last.as_ref() {
+            if Arc::ptr_eq(name, model) || **name == **model {
+                return *class;
+            }
+        }
+        let class = ModelClass::of(model);
+        *last = Some((Arc::clone(model), class));
+        class
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2193,6 +2262,35 @@ mod tests {
             .output_quantile(0.5)
             .build();
         layer.shared.settings.clone()
+    }
+
+    /// The class a request is charged under is its model name's, whatever
+    /// names came before it on the thread (the same name shared or copied,
+    /// another name, one too long to remember, none).
+    #[test]
+    fn a_remembered_class_is_the_class_of_the_name() {
+        let names = [
+            "claude-sonnet-4-5",
+            "claude-3-5-haiku-latest",
+            "claude-opus-4-1-20250805",
+            "claude-sonnet-4-5",
+            "claude-2.1",
+            "",
+        ];
+        let long = format!("claude-haiku-4-5-{}", "x".repeat(CLASS_KEPT_LEN));
+        let shared: Vec<Arc<str>> = names.iter().map(|n| Arc::from(*n)).collect();
+        for round in 0..3 {
+            for (i, name) in names.iter().chain([&long.as_str()]).enumerate() {
+                let arc: Arc<str> = match shared.get(i) {
+                    Some(a) if round != 1 => Arc::clone(a),
+                    _ => Arc::from(*name),
+                };
+                assert_eq!(class_of(Some(&arc)), ModelClass::of(name), "{name}");
+                assert_eq!(class_of(Some(&arc)), ModelClass::of(name), "{name}");
+            }
+            assert_eq!(class_of(None), ModelClass::of(""));
+        }
+        assert_eq!(ModelClass::of(&long), ModelClass::Haiku45);
     }
 
     /// A key's state stays small: a gateway holds one per caller and model

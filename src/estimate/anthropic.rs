@@ -736,8 +736,7 @@ impl<'a, 'c> Walk<'a, 'c> {
             b'"' => {
                 self.sc.bump();
                 self.open_section(Section::System);
-                let (span, _) = self.sc.string_body(false)?;
-                let c = span_classes(self.sc.input(), span);
+                let c = self.counted_body()?;
                 // The contents only, without the closing quote.
                 let end = self.sc.position() - 1;
                 let s = self.section(Section::System);
@@ -805,8 +804,7 @@ impl<'a, 'c> Walk<'a, 'c> {
             if key == b"content" {
                 match self.sc.peek()? {
                     b'"' => {
-                        let (span, _) = self.sc.string(false)?;
-                        let c = span_classes(self.sc.input(), span);
+                        let c = self.counted_string()?;
                         let t = Tally {
                             text: c,
                             ..Tally::default()
@@ -838,6 +836,25 @@ impl<'a, 'c> Walk<'a, 'c> {
                 return Ok(());
             }
         }
+    }
+
+    /// The classes of the string whose opening quote is next.
+    fn counted_string(&mut self) -> Result<Classes> {
+        self.sc.expect(b'"')?;
+        self.counted_body()
+    }
+
+    /// The classes of the string whose opening quote was just consumed,
+    /// counted in the pass that finds its end (where the string is one the
+    /// scanner takes as it is: see [`Classes::string_at`]), else scanned
+    /// then counted; the scanner is left after its closing quote.
+    fn counted_body(&mut self) -> Result<Classes> {
+        if let Some((c, end)) = Classes::string_at(self.sc.input(), self.sc.position()) {
+            self.sc.set_position(end + 1);
+            return Ok(c);
+        }
+        let (span, _) = self.sc.string_body(false)?;
+        Ok(span_classes(self.sc.input(), span))
     }
 
     fn tools(&mut self) -> Result<()> {
@@ -910,9 +927,8 @@ impl<'a, 'c> Walk<'a, 'c> {
     fn skip_counted(&mut self, text: &mut Classes) -> Result<()> {
         self.sc.skip_ws();
         if self.sc.peek()? == b'"' {
-            // The common case, a string: its span, without a second search.
-            let (span, _) = self.sc.string(false)?;
-            text.add(&span_classes(self.sc.input(), span));
+            // The common case, a string: counted as it is scanned.
+            text.add(&self.counted_string()?);
             return Ok(());
         }
         let start = self.sc.position();
@@ -1357,7 +1373,9 @@ impl AnthropicEstimator {
         let mut text = Classes::default();
         let mut sum = Tally::default();
         for s in &w.sections {
-            text.add(&s.tally.text);
+            if !s.tally.text.is_empty() {
+                text.add(&s.tally.text);
+            }
             sum.fixed = sum.fixed.saturating_add(s.tally.fixed);
             sum.media = sum.media.saturating_add(s.tally.media);
             sum.items = sum.items.saturating_add(s.tally.items);

@@ -139,6 +139,37 @@ const ASCII: [u8; 128] = {
     t
 };
 
+/// How many bytes at the start of `b` are ASCII lower-case letters: eight
+/// at a time (a test of each byte's seven low bits against `a` and `z`, and
+/// of its high bit), the last few one by one.
+#[inline(always)]
+fn lower_prefix(b: &[u8]) -> usize {
+    const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut n = 0;
+    while let Some(chunk) = b.get(n..n + 8) {
+        let Ok(bytes) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let w = u64::from_le_bytes(bytes);
+        let low = w & LOW;
+        // Each lane's high bit: at least `a`, above `z`; no carry leaves a
+        // lane (at most 0x7f + 0x1f).
+        let from_a = low.wrapping_add(0x1f1f_1f1f_1f1f_1f1f);
+        let past_z = low.wrapping_add(0x0505_0505_0505_0505);
+        let lower = from_a & !past_z & !w & HIGH;
+        if lower != HIGH {
+            return n + ((!lower & HIGH).trailing_zeros() / 8) as usize;
+        }
+        n += 8;
+    }
+    let tail = b.get(n..).unwrap_or(&[]);
+    n + tail
+        .iter()
+        .position(|x| !x.is_ascii_lowercase())
+        .unwrap_or(tail.len())
+}
+
 /// A counter that keeps the previous character's class across calls.
 #[derive(Debug, Clone, Copy)]
 struct Counter {
@@ -250,10 +281,7 @@ impl Counter {
     #[inline(always)]
     fn lower_run(&mut self, b: &[u8], i: usize) -> usize {
         let rest = b.get(i..).unwrap_or(&[]);
-        let n = rest
-            .iter()
-            .position(|x| !x.is_ascii_lowercase())
-            .unwrap_or(rest.len());
+        let n = lower_prefix(rest);
         if n > 0 {
             let slot = &mut self.c.n[Feature::Letters as usize];
             *slot = slot.saturating_add(n as u64);
@@ -396,6 +424,60 @@ impl Classes {
         let mut c = Counter::new();
         c.string(b);
         c.c
+    }
+
+    /// Counts the JSON string whose contents begin at `b[start]` (just
+    /// after its opening quote) as [`string`](Self::string) counts them,
+    /// finding its closing quote in the same pass: the counts and the
+    /// closing quote's index. `None` where the string is not closed, holds a
+    /// `\u` escape without four hex digits, or a multi-byte character cut
+    /// by a quote or a backslash: input a JSON scanner would refuse or read
+    /// apart, which the caller scans first and counts after, as before.
+    pub(crate) fn string_at(b: &[u8], start: usize) -> Option<(Classes, usize)> {
+        let mut c = Counter::new();
+        let mut i = start;
+        loop {
+            let x = *b.get(i)?;
+            if x == b'"' {
+                return Some((c.c, i));
+            }
+            if let Some(next) = c.blank_word(b, i) {
+                i = next;
+            } else if x == b'\\' {
+                if *b.get(i + 1)? == b'u' {
+                    // What the scanner checks of each `\u` escape, the
+                    // second of a surrogate pair the count reads too.
+                    let hex = |at: usize| {
+                        b.get(at..at + 4)
+                            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+                    };
+                    if !hex(i + 2) || (b.get(i + 6..i + 8) == Some(b"\\u") && !hex(i + 8)) {
+                        return None;
+                    }
+                }
+                i = c.escape(b, i);
+            } else if x < 0x80 {
+                c.ascii(x);
+                i += 1;
+                if matches!(c.prev, Prev::Lower | Prev::Upper) {
+                    i = c.lower_run(b, i);
+                }
+            } else {
+                let len = match x {
+                    0xc0..=0xdf => 2,
+                    0xe0..=0xef => 3,
+                    0xf0..=0xf7 => 4,
+                    _ => 1,
+                };
+                if b.get(i + 1..i + len)?
+                    .iter()
+                    .any(|&y| y == b'"' || y == b'\\')
+                {
+                    return None;
+                }
+                i = c.lead(b, i, x);
+            }
+        }
     }
 
     /// Counts every string (keys too) of the JSON value `b`.
@@ -730,5 +812,97 @@ mod tests {
                 p90 * 100.0
             );
         }
+    }
+
+    /// The run of lower-case letters read eight bytes at a time ends where
+    /// a byte-by-byte read ends it, for every byte at every position.
+    #[test]
+    fn a_lower_case_run_ends_at_the_first_other_byte() {
+        for other in 0..=255u8 {
+            for len in 0..20 {
+                for at in 0..=len {
+                    let mut b: Vec<u8> = (0..len).map(|k| b'a' + (k % 26) as u8).collect();
+                    if at < len {
+                        b[at] = other;
+                    }
+                    let expected = b
+                        .iter()
+                        .position(|x| !x.is_ascii_lowercase())
+                        .unwrap_or(len);
+                    assert_eq!(lower_prefix(&b), expected, "{other} at {at} of {len}");
+                }
+            }
+        }
+    }
+
+    /// A string counted in the pass that finds its end counts as the
+    /// scanner's span counted apart, and ends where the scanner ends it;
+    /// strings the scanner refuses or reads apart are left to it.
+    #[test]
+    fn a_string_counted_as_it_is_scanned_counts_as_its_span() {
+        use crate::wire::json::Scanner;
+        let pieces: &[&[u8]] = &[
+            b"hello",
+            b" world",
+            b" the",
+            b"Camel",
+            b"caseSwitch",
+            b"123",
+            b"4.5",
+            b" ",
+            b"  ",
+            b"\t",
+            b"!?",
+            b"--",
+            b"\\n",
+            b"\\t",
+            b"\\r",
+            b"\\\"",
+            b"\\\\",
+            b"\\/",
+            b"\\u00e9",
+            b"\\u0041",
+            b"\\u4e2d",
+            b"\\ud83d\\ude00",
+            b"\\ud83d\\u12",
+            b"\\uzz00",
+            b"\\u+123",
+            b"\\u",
+            b"\\",
+            b"\xc3\xa9",
+            b"\xe4\xb8\xad",
+            b"\xf0\x9f\x98\x80",
+            b"\xc3",
+            b"\xe4\xb8",
+            b"\x80",
+            b"\xff",
+            b"\"",
+        ];
+        let mut rng = Rng(7);
+        let mut counted = 0;
+        for _ in 0..50_000 {
+            let mut body = b"\"".to_vec();
+            for _ in 0..rng.below(10) {
+                body.extend_from_slice(pieces[rng.below(pieces.len())]);
+            }
+            if rng.below(5) != 0 {
+                body.extend_from_slice(b"\", 1");
+            }
+            let mut sc = Scanner::new(&body);
+            let apart = sc
+                .string(false)
+                .map(|(span, _)| (Classes::string(&body[span.start..span.end]), span.end));
+            if let Some(one_pass) = Classes::string_at(&body, 1) {
+                assert_eq!(apart, Ok(one_pass), "{:?}", String::from_utf8_lossy(&body));
+                counted += 1;
+            }
+        }
+        // Most of them in one pass.
+        assert!(counted > 20_000, "{counted}");
+        // Plain text, escapes and characters of every width: one pass.
+        let text = "\"Caf\u{e9} \u{4e2d}\u{6587} \u{1f600} tab\\there, a \\\"quote\\\" \\u00e9\\ud83d\\ude00.\"";
+        let (c, end) = Classes::string_at(text.as_bytes(), 1).expect("one pass");
+        assert_eq!(end, text.len() - 1);
+        assert_eq!(c, Classes::string(&text.as_bytes()[1..end]));
     }
 }

@@ -67,9 +67,10 @@
 //! refits after each eighth of the window has changed (after every request
 //! while it holds fewer than 16): the kept sums plus the rows with media
 //! (their targets change as media are learned), a Cholesky factor of the
-//! system of [`FIT`] unknowns, the inverse's entries between the parts some
-//! row holds, and one quadratic form per request for its leverage. No
-//! allocation once the window is full.
+//! system of [`FIT`] unknowns; and after each quarter (after every request
+//! while it holds fewer than 8), at that refit, the margins: the inverse's
+//! entries between the parts some row holds, and one quadratic form per
+//! request for its leverage. No allocation once the window is full.
 
 use super::calibrate::{CalibrationConfig, SlidingQuantile};
 use super::classes::{ContentKind, GROUPS};
@@ -268,6 +269,8 @@ pub(crate) struct PartsFit {
     errors: Vec<(usize, f64)>,
     /// Requests added since the last refit.
     since_refit: usize,
+    /// Requests added since the margins were last worked out.
+    since_margins: usize,
     /// The normal equations of the rows without media (whose target is
     /// always 1), kept as each request comes and goes: a refit adds only
     /// the rows with media, whose targets change as media are learned.
@@ -294,6 +297,7 @@ impl PartsFit {
             factor: 1.0,
             errors: Vec::new(),
             since_refit: 0,
+            since_margins: 0,
             sums: Normal::EMPTY,
             media_rows: 0,
             since_sum: 0,
@@ -450,6 +454,7 @@ impl PartsFit {
         // request while it holds fewer than 16): one request moves a fit
         // over many little, and a refit costs a pass over the window.
         self.since_refit += 1;
+        self.since_margins += 1;
         if self.since_refit >= (self.rows.len() / 8).max(1) {
             self.since_refit = 0;
             self.refit(prior, config);
@@ -553,7 +558,7 @@ impl PartsFit {
             let bounded = clamp(w, config);
             if bounded == w {
                 self.w = w;
-                self.margins(&l, part, known, config);
+                self.margins_due(&l, part, known, config);
                 return;
             }
             for i in 0..FIT {
@@ -565,7 +570,24 @@ impl PartsFit {
             self.w = bounded;
         }
         if let Some((_, l)) = solve(&m, &v, part) {
-            self.margins(&l, part, known, config);
+            self.margins_due(&l, part, known, config);
+        }
+    }
+
+    /// [`margins`](Self::margins) once a quarter of the window has changed
+    /// since they were last worked out (after every request while it holds
+    /// fewer than 8): a pass over the window, whose quantiles a few
+    /// requests move little, at every other refit of a full window.
+    fn margins_due(
+        &mut self,
+        l: &[[f64; FIT]; FIT],
+        part: &[usize],
+        known: bool,
+        config: &CalibrationConfig,
+    ) {
+        if self.since_margins >= (self.rows.len() / 4).max(1) {
+            self.since_margins = 0;
+            self.margins(l, part, known, config);
         }
     }
 
@@ -976,5 +998,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The margin follows the window: requests that the fit predicts less
+    /// closely (as often over as under) widen it once they are a quarter of
+    /// the window, at the next refit (at most an eighth later).
+    #[test]
+    fn the_margin_follows_the_window_within_a_quarter_and_an_eighth_of_it() {
+        let config = CalibrationConfig::default();
+        let prior = Split::prior(1.0);
+        let mut fit = PartsFit::new(config.window);
+        let split = |step: usize| {
+            let mut groups = [0.0; GROUPS];
+            groups[0] = 1_000.0 + 100.0 * (step % 5) as f64;
+            Split::new(groups, 10.0, 0, 0, 0)
+        };
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..200 {
+            let s = split(step);
+            let actual = (s.total() * (1.0 + 0.002 * next(&mut state))).round();
+            assert!(fit.push(&s, ContentKind::Prose, actual, &prior, &config));
+        }
+        let prose = ContentKind::Prose as usize;
+        let calm = fit.class_factor[prose].expect("a factor for prose");
+        for step in 0..config.window / 4 + config.window / 8 {
+            let s = split(step);
+            let actual = (s.total() * (0.7 + 0.6 * next(&mut state))).round();
+            assert!(fit.push(&s, ContentKind::Prose, actual, &prior, &config));
+        }
+        let noisy = fit.class_factor[prose].expect("a factor for prose");
+        assert!(noisy > calm + 0.02, "{calm} -> {noisy}");
     }
 }
