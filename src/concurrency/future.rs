@@ -14,7 +14,7 @@ use super::adaptive::{Outcome, Signal};
 use super::semaphore::{Permit, Waiter};
 use crate::dispatch::Dispatch;
 use crate::observe::{Hooks, LayerKind, WaitEvent};
-use crate::wait::{DeadlineReached, Wait};
+use crate::wait::{DeadlineReached, Parked, Wait};
 use crate::{BoxError, Error};
 
 pin_project! {
@@ -58,7 +58,7 @@ pin_project! {
             waiter: Waiter,
             // Boxed: only queued requests pay for carrying the service and the
             // request, and the future stays small on the fast path.
-            call: Option<Box<Queued<S, B>>>,
+            call: Option<Call<S, B>>,
         },
         Called {
             #[pin]
@@ -96,20 +96,20 @@ where
         hooks: Option<Arc<Hooks>>,
     ) -> Self {
         let wait = Wait::of(request.extensions());
-        // Under a retry layer, its copy of the head is lent while the
-        // request waits here: a waiting request carries one head.
-        if let Some(log) = wait.log() {
-            log.lend_head(&request);
-        }
+        // Under a retry layer whose copy of the head is the same, the
+        // request waits without its head: a waiting request carries one.
+        let request = match wait.shared_log() {
+            Some(log) => Parked::park(request, log),
+            None => Err(request),
+        };
+        let call = match request {
+            Ok(parked) => Call::Parked(Box::new(Queued::new(service, parked, wait, hooks))),
+            Err(request) => Call::Whole(Box::new(Queued::new(service, request, wait, hooks))),
+        };
         ResponseFuture {
             state: State::Waiting {
                 waiter,
-                call: Some(Box::new(Queued {
-                    service,
-                    request: Some(request),
-                    wait,
-                    hooks,
-                })),
+                call: Some(call),
             },
         }
     }
@@ -164,15 +164,19 @@ where
                             return Poll::Ready(Err(Box::new(reached)));
                         }
                     };
-                    let Some((mut queued, request)) = call
-                        .take()
-                        .and_then(|mut q| q.request.take().map(|r| (q, r)))
-                    else {
-                        // Unreachable: both are taken only here, right before leaving this state.
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(Error::Overloaded { waiting: 0 }.into()));
+                    // Not sent if it fails: the slot goes back with the permit.
+                    let future = match call.take().map(Call::dispatch) {
+                        Some(Ok(future)) => future,
+                        Some(Err(e)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(e));
+                        }
+                        None => {
+                            // Unreachable: taken only here, right before leaving this state.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Error::Overloaded { waiting: 0 }.into()));
+                        }
                     };
-                    let future = queued.dispatch(request);
                     let started = permit.is_timed().then(Instant::now);
                     this.state.set(State::Called {
                         future,
@@ -217,46 +221,88 @@ where
     }
 }
 
-/// A queued request: what it needs once it gets a slot, and its wait.
-struct Queued<S, B> {
+/// A queued request, boxed: whole, or parked without its head under a
+/// retry layer whose copy of it stands for it (see [`Parked`]).
+enum Call<S, B> {
+    Whole(Box<Queued<S, Request<B>>>),
+    Parked(Box<Queued<S, Parked<B>>>),
+}
+
+impl<S, B> Call<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<DeadlineReached> {
+        match self {
+            Call::Whole(queued) => queued.poll_deadline(cx),
+            Call::Parked(queued) => queued.poll_deadline(cx),
+        }
+    }
+
+    /// The request got its slot: it is passed on (its head made again
+    /// from the retry layer's copy if it was parked).
+    fn dispatch(self) -> Result<S::Future, BoxError> {
+        match self {
+            Call::Whole(queued) => {
+                let (request, mut queued) = queued.split();
+                Ok(queued.dispatch(request))
+            }
+            Call::Parked(queued) => {
+                let (parked, mut queued) = queued.split();
+                match parked.unpark() {
+                    Some(request) => Ok(queued.dispatch(request)),
+                    None => Err(Box::new(Error::NotReplayable {
+                        status: None,
+                        source: None,
+                    })),
+                }
+            }
+        }
+    }
+}
+
+/// A queued request (`R`: whole or [`Parked`]): what it needs once it gets
+/// a slot, and its wait.
+struct Queued<S, R> {
     service: S,
-    /// Taken when it is passed on.
-    request: Option<Request<B>>,
+    request: R,
     wait: Wait,
     hooks: Option<Arc<Hooks>>,
 }
 
-impl<S, B> Queued<S, B>
-where
-    S: Service<Request<B>>,
-{
-    /// The request got its slot: its wait ends, the retry layer's copy of
-    /// its head is made again if it was lent, and it is passed on.
-    fn dispatch(&mut self, request: Request<B>) -> S::Future {
-        waited(&mut self.wait, self.hooks.as_deref());
-        if let Some(log) = self.wait.log() {
-            log.restore_head(&request);
+impl<S, R> Queued<S, R> {
+    fn new(service: S, request: R, wait: Wait, hooks: Option<Arc<Hooks>>) -> Self {
+        Queued {
+            service,
+            request,
+            wait,
+            hooks,
         }
+    }
+
+    /// The request, and the rest.
+    fn split(self: Box<Self>) -> (R, Queued<S, ()>) {
+        let Queued {
+            service,
+            request,
+            wait,
+            hooks,
+        } = *self;
+        (request, Queued::new(service, (), wait, hooks))
+    }
+
+    /// The request got its slot: its wait ends, and `request` (this one's)
+    /// is passed on.
+    fn dispatch<B>(&mut self, request: Request<B>) -> S::Future
+    where
+        S: Service<Request<B>>,
+    {
+        waited(&mut self.wait, self.hooks.as_deref());
         let marker = Dispatch::of(request.extensions());
         let service = &mut self.service;
         Dispatch::pass(marker.as_ref(), || service.call(request))
     }
-}
 
-impl<S, B> Drop for Queued<S, B> {
-    /// Dropped before it was passed on (cancelled, or its deadline passed):
-    /// a lent copy of the head is given back, from the request's own.
-    fn drop(&mut self) {
-        let Some(log) = self.wait.log() else {
-            return;
-        };
-        if let Some(request) = self.request.take() {
-            log.give_back_head(request.into_parts().0);
-        }
-    }
-}
-
-impl<S, B> Queued<S, B> {
     /// The queue said `Pending`: whether the request's deadline passed.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<DeadlineReached> {
         let started = self.wait.started();
