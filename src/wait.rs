@@ -312,6 +312,9 @@ impl<B> Parked<B> {
     /// layer's copy of the head is the same as its head (no layer in
     /// between changed it) and no other request stands on it; gives it
     /// back whole otherwise.
+    // The `Err` is no error, and no copy: the request itself, handed back
+    // to wait whole.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn park(request: Request<B>, log: &Arc<Log>) -> Result<Self, Request<B>> {
         {
             let mut kept = log.kept();

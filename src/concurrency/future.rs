@@ -243,11 +243,11 @@ where
     fn dispatch(self, hooks: Option<&Hooks>) -> Result<S::Future, BoxError> {
         match self {
             Call::Whole(queued) => {
-                let (request, mut queued) = queued.split();
+                let (request, mut queued) = (*queued).split();
                 Ok(queued.dispatch(request, hooks))
             }
             Call::Parked(queued) => {
-                let (parked, mut queued) = queued.split();
+                let (parked, mut queued) = (*queued).split();
                 match parked.unpark() {
                     Some(request) => Ok(queued.dispatch(request, hooks)),
                     None => Err(Box::new(Error::NotReplayable {
@@ -278,12 +278,12 @@ impl<S, R> Queued<S, R> {
     }
 
     /// The request, and the rest.
-    fn split(self: Box<Self>) -> (R, Queued<S, ()>) {
+    fn split(self) -> (R, Queued<S, ()>) {
         let Queued {
             service,
             request,
             wait,
-        } = *self;
+        } = self;
         (request, Queued::new(service, (), wait))
     }
 

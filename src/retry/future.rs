@@ -113,8 +113,10 @@ struct Ctx<S, B> {
     /// before the first attempt the request's own, then the copy that the
     /// next attempt sends (none for a body that cannot be sent again). Kept
     /// there, not here, so that a layer inside that holds the attempt
-    /// waiting can lend the copy while it holds an equal head
-    /// ([`Log::lend_head`]): a waiting request carries one head.
+    /// waiting can hold the request on the copy while its head is equal
+    /// ([`Parked`](crate::wait::Parked), the concurrency queue) or lend
+    /// the copy ([`Log::lend_head`], the budget's line): a waiting request
+    /// carries one head.
     log: Arc<Log>,
 }
 
