@@ -335,6 +335,28 @@ impl<B> Parked<B> {
         })
     }
 
+    /// `f` of the head it stands on (the retry layer's copy, under its
+    /// log's lock: keep `f` short); `None` if the copy is gone, which a
+    /// parked request prevents.
+    pub(crate) fn with_head<R>(&self, f: impl FnOnce(&Parts) -> R) -> Option<R> {
+        let log = self.on.0.as_ref()?;
+        let kept = log.kept();
+        match &*kept {
+            Kept::Head { head, parked: true } => Some(f(head)),
+            _ => None,
+        }
+    }
+
+    /// The request's extensions.
+    pub(crate) fn extensions(&self) -> &http::Extensions {
+        &self.extensions
+    }
+
+    /// The same, to change them (a budget's dispatch marker).
+    pub(crate) fn extensions_mut(&mut self) -> &mut http::Extensions {
+        &mut self.extensions
+    }
+
     /// The request again, its head a copy of the retry layer's (with the
     /// request's own extensions), to pass it on. `None` only if the copy
     /// is gone, which a parked request prevents: the copy it stands on is
