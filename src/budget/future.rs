@@ -647,7 +647,10 @@ where
         };
         if p.ready {
             // Never made to wait: sent at once, the charge not parked.
-            return Poll::Ready(send(p, held).map_err(NotAdmitted::Error));
+            return Poll::Ready(match send(p, &held.marker) {
+                Ok(future) => Ok((future, held)),
+                Err(e) => Err(NotAdmitted::Error(e)),
+            });
         }
         p.charge = Stage::Admitted(held);
     }
@@ -957,17 +960,17 @@ where
     let Stage::Admitted(held) = p.charge.take() else {
         polled_after_completion();
     };
-    Poll::Ready(send(p, held))
+    Poll::Ready(send(p, &held.marker).map(|future| (future, held)))
 }
 
-/// Hands an admitted request, whose charge `held` holds, to the inner
-/// service (ready for it).
-/// An error only if a request parked on a retry layer's copy of its head
-/// lost it, which its log prevents: not sent, and `held` refunds it.
+/// Hands an admitted request, whose charge holds `marker`, to the inner
+/// service (ready for it). An error only if a request parked on a retry
+/// layer's copy of its head lost it, which its log prevents: not sent, and
+/// its charge is refunded.
 fn send<S, B, F, RB, Q>(
     p: &mut Pending<S, F, B, RB, Q>,
-    held: Held,
-) -> Result<(S::Future, Held), BoxError>
+    marker: &Dispatch,
+) -> Result<S::Future, BoxError>
 where
     S: Service<Request<ReplayBody<B>>, Future = F>,
     Q: Carry<B>,
@@ -982,8 +985,7 @@ where
             source: None,
         }));
     };
-    let future = Dispatch::pass(Some(&held.marker), || service.call(request));
-    Ok((future, held))
+    Ok(Dispatch::pass(Some(marker), || service.call(request)))
 }
 
 /// A read request rebuilt around its body, its charge, and its bytes when
