@@ -55,10 +55,9 @@ pub(crate) struct Log {
 
 /// The head a retry layer keeps to send its request again, in the
 /// attempt's log rather than in its own future: so that a layer inside it
-/// that holds the attempt waiting can hold the request without its head
-/// ([`Parked`], the concurrency queue) or [lend](Log::lend_head) the copy's
-/// heavy parts (the budget's line) while it holds an equal head: a waiting
-/// request carries one head, not two.
+/// that holds the attempt waiting (the concurrency queue, the budget's
+/// line) can hold the request without its head while its head is equal
+/// ([`Parked`]): a waiting request carries one head, not two.
 // The copy inline: boxed, it would cost an allocation per request, and the
 // log's allocation holds the slot anyway.
 #[allow(clippy::large_enum_variant)]
@@ -73,18 +72,13 @@ enum Kept {
     Head {
         head: Parts,
         /// Whether a [`Parked`] request stands on the copy (its own head
-        /// was equal, and dropped): the copy is then cloned, never taken or
-        /// lent, until that request is passed on or dropped. One at a
+        /// was equal, and dropped): the copy is then cloned, never taken,
+        /// until that request is passed on or dropped. One at a
         /// time: a second request of the attempt (a hedging layer's clone)
         /// waits whole. (A flag, not a variant: the enum stays the size of
         /// the head.)
         parked: bool,
     },
-    /// Lent to the layer that holds the attempt: the copy's method, URI,
-    /// version and headers were those of the attempt's request, and are
-    /// copied back from it when that layer passes it on (or taken back when
-    /// it drops it); its extensions wait here.
-    Lent(http::Extensions),
 }
 
 impl Kept {
@@ -122,13 +116,13 @@ impl fmt::Debug for Kept {
             Kept::Empty => "Empty",
             Kept::Head { parked: false, .. } => "Head",
             Kept::Head { parked: true, .. } => "Parked",
-            Kept::Lent(_) => "Lent",
         })
     }
 }
 
 /// Whether `copy` and the request's head have the same method, URI,
-/// version and headers (extensions are not compared: see [`Kept::Lent`]).
+/// version and headers (extensions are not compared: a parked request
+/// keeps its own).
 fn same_head<B>(copy: &Parts, request: &Request<B>) -> bool {
     copy.method == request.method()
         && copy.version == request.version()
@@ -212,52 +206,6 @@ impl Log {
         self.deadline
     }
 
-    /// A layer holds `request`, this attempt's, waiting: if the retry
-    /// layer's copy of the head is the same as the request's (no layer in
-    /// between changed it) and no parked request stands on it, the copy's
-    /// method, URI and headers are dropped until
-    /// [`restore_head`](Self::restore_head) or
-    /// [`give_back_head`](Self::give_back_head) (either does nothing if
-    /// they were not).
-    pub(crate) fn lend_head<B>(&self, request: &Request<B>) {
-        let mut kept = self.kept();
-        if let Kept::Head {
-            head: copy,
-            parked: false,
-        } = &mut *kept
-        {
-            if same_head(copy, request) {
-                let extensions = std::mem::take(&mut copy.extensions);
-                *kept = Kept::Lent(extensions);
-            }
-        }
-    }
-
-    /// The layer that [lent](Self::lend_head) the copy passes `request` on:
-    /// the copy is made again from its head.
-    pub(crate) fn restore_head<B>(&self, request: &Request<B>) {
-        let mut kept = self.kept();
-        if let Kept::Lent(extensions) = &mut *kept {
-            let (mut head, ()) = Request::new(()).into_parts();
-            head.method = request.method().clone();
-            head.uri = request.uri().clone();
-            head.version = request.version();
-            head.headers = request.headers().clone();
-            head.extensions = std::mem::take(extensions);
-            *kept = Kept::head(head);
-        }
-    }
-
-    /// The layer that [lent](Self::lend_head) the copy drops the request
-    /// without passing it on: its head becomes the copy again (no clone).
-    pub(crate) fn give_back_head(&self, mut head: Parts) {
-        let mut kept = self.kept();
-        if let Kept::Lent(extensions) = &mut *kept {
-            head.extensions = std::mem::take(extensions);
-            *kept = Kept::head(head);
-        }
-    }
-
     /// Adds a finished wait.
     pub(crate) fn add(&self, d: Duration) {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -293,7 +241,7 @@ pub(crate) struct Parked<B> {
 struct StandingOn(Option<Arc<Log>>);
 
 impl Drop for StandingOn {
-    /// The claim ends: the copy may be taken or lent again.
+    /// The claim ends: the copy may be taken again.
     fn drop(&mut self) {
         if let Some(log) = self.0.take() {
             log.kept().unpark();
@@ -360,7 +308,7 @@ impl<B> Parked<B> {
     /// The request again, its head a copy of the retry layer's (with the
     /// request's own extensions), to pass it on. `None` only if the copy
     /// is gone, which a parked request prevents: the copy it stands on is
-    /// cloned, never taken or lent, while it does.
+    /// cloned, never taken, while it does.
     pub(crate) fn unpark(mut self) -> Option<Request<B>> {
         let log = self.on.0.take()?;
         let mut head = {
@@ -479,13 +427,9 @@ impl Wait {
         self.started
     }
 
-    /// The log of the request's attempt, if a retry layer put one there.
-    pub(crate) fn log(&self) -> Option<&Log> {
-        self.log.as_deref()
-    }
-
-    /// The same, shared: to [park](Parked::park) the request on it.
-    pub(crate) fn shared_log(&self) -> Option<&Arc<Log>> {
+    /// The log of the request's attempt, if a retry layer put one there
+    /// (to [park](Parked::park) the request on it).
+    pub(crate) fn log(&self) -> Option<&Arc<Log>> {
         self.log.as_ref()
     }
 }
@@ -552,7 +496,8 @@ mod tests {
 
     /// Every request waiting in an inner layer under a retry layer holds
     /// its attempt's log: a guard against it growing unnoticed (280 bytes
-    /// with the head lent, 288 with the flag of a request parked on it).
+    /// when the copy could be lent, 288 with the flag of a request parked
+    /// on it).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn the_log_stays_small() {
@@ -575,41 +520,6 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         request.extensions_mut().insert(7u32);
         request
-    }
-
-    /// A layer that holds the attempt lends the copy of an equal head, and
-    /// makes it again from its request when it passes it on: the copy's
-    /// extensions, the request's head.
-    #[test]
-    fn a_lent_head_is_made_again_with_the_copys_extensions() {
-        let log = WaitLog::new(Log::new(None, None), None);
-        let (copy, ()) = head("a").into_parts();
-        keep(&log, copy);
-        let mut attempt = head("a");
-        attempt.extensions_mut().insert(log.clone());
-        attempt.extensions_mut().insert(9u32);
-        log.log.lend_head(&attempt);
-        assert!(take(&log).is_none(), "lent, not kept");
-        log.log.restore_head(&attempt);
-        let restored = take(&log).unwrap_or_else(|| panic!("kept again"));
-        assert_eq!(restored.headers, *attempt.headers());
-        assert_eq!(restored.uri, *attempt.uri());
-        assert_eq!(restored.method, *attempt.method());
-        assert_eq!(restored.extensions.get::<u32>(), Some(&7));
-        assert!(restored.extensions.get::<WaitLog>().is_none(), "no cycle");
-    }
-
-    /// Dropped while it holds the attempt, the layer gives its head back.
-    #[test]
-    fn a_lent_head_is_given_back_when_the_request_is_dropped() {
-        let log = WaitLog::new(Log::new(None, None), None);
-        keep(&log, head("a").into_parts().0);
-        let attempt = head("a");
-        log.log.lend_head(&attempt);
-        log.log.give_back_head(attempt.into_parts().0);
-        let back = take(&log).unwrap_or_else(|| panic!("given back"));
-        assert_eq!(back.headers["x-request-name"], "a");
-        assert_eq!(back.extensions.get::<u32>(), Some(&7));
     }
 
     /// A layer that holds the attempt parks it on an equal copy: the
@@ -636,8 +546,8 @@ mod tests {
     }
 
     /// While a request stands on the copy, the retry layer gets a clone of
-    /// it (a hedging layer's next attempt), nothing is lent, and no second
-    /// request parks on it; dropped, the parked request leaves the copy.
+    /// it (a hedging layer's next attempt), and no second request parks on
+    /// it; dropped, the parked request leaves the copy.
     #[test]
     fn the_copy_a_request_stands_on_is_cloned_not_taken() {
         let log = WaitLog::new(Log::new(None, None), None);
@@ -645,7 +555,6 @@ mod tests {
         let parked = Parked::park(head("a"), &log.log).unwrap_or_else(|_| panic!("parked"));
         let clone = take(&log).unwrap_or_else(|| panic!("cloned"));
         assert_eq!(clone.headers["x-request-name"], "a");
-        log.log.lend_head(&head("a"));
         assert!(
             Parked::park(head("a"), &log.log).is_err(),
             "one request parks at a time"
@@ -666,16 +575,6 @@ mod tests {
             .err()
             .unwrap_or_else(|| panic!("not parked"));
         assert_eq!(whole.headers()["x-request-name"], "b");
-        let kept = take(&log).unwrap_or_else(|| panic!("kept"));
-        assert_eq!(kept.headers["x-request-name"], "a");
-    }
-
-    /// A head that a layer in between changed is not lent: the copy stays.
-    #[test]
-    fn a_changed_head_is_not_lent() {
-        let log = WaitLog::new(Log::new(None, None), None);
-        keep(&log, head("a").into_parts().0);
-        log.log.lend_head(&head("b"));
         let kept = take(&log).unwrap_or_else(|| panic!("kept"));
         assert_eq!(kept.headers["x-request-name"], "a");
     }

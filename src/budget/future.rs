@@ -24,7 +24,7 @@ use crate::dispatch::Dispatch;
 use crate::estimate::{Estimate, MAX_MODEL_LEN};
 use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
 use crate::observe::{LayerKind, WaitEvent};
-use crate::wait::{DeadlineReached, Log, Parked, Wait};
+use crate::wait::{DeadlineReached, Parked, Wait};
 use crate::wire::sse::is_event_stream;
 use crate::{BoxError, Error};
 
@@ -134,7 +134,7 @@ struct Reading<S, B> {
 /// ready. `Q` carries the request: whole while it is asked about in
 /// `call` (or once read), then, boxed with the rest if it must wait, as a
 /// [`Waiting`] request.
-struct Pending<S, F, B, RB, Q: Carry<B>> {
+struct Pending<S, F, B, RB, Q> {
     charge: Stage,
     admission: Admission,
     request: Option<Q>,
@@ -175,7 +175,8 @@ impl Stage {
 /// the inner service once admitted), boxed with its admission state. Under
 /// a retry layer whose copy of its head is the same, it is parked on that
 /// copy (its body and extensions only: one head per waiting request); else
-/// it waits whole, boxed, and lends the copy's heavy parts if it can.
+/// (no retry layer outside, or a head a layer in between changed) it waits
+/// whole, boxed.
 enum Waiting<B> {
     Parked(Parked<ReplayBody<B>>),
     Whole(Box<Request<ReplayBody<B>>>),
@@ -189,11 +190,8 @@ trait Carry<B> {
     fn extensions(&self) -> &http::Extensions;
     fn extensions_mut(&mut self) -> &mut http::Extensions;
     /// The request to hand on (`None` only if a parked request lost the
-    /// head it stood on, which its log prevents); `log`, if it waited
-    /// under a retry layer, is the attempt's.
-    fn into_request(self, log: Option<&Log>) -> Option<Request<ReplayBody<B>>>;
-    /// Dropped unsent: a head it lent is given back.
-    fn give_back(self, log: &Log);
+    /// head it stood on, which its log prevents).
+    fn into_request(self) -> Option<Request<ReplayBody<B>>>;
 }
 
 impl<B> Carry<B> for Request<ReplayBody<B>> {
@@ -209,12 +207,9 @@ impl<B> Carry<B> for Request<ReplayBody<B>> {
         Request::extensions_mut(self)
     }
 
-    fn into_request(self, _: Option<&Log>) -> Option<Request<ReplayBody<B>>> {
+    fn into_request(self) -> Option<Request<ReplayBody<B>>> {
         Some(self)
     }
-
-    // Not boxed yet: it never lent anything.
-    fn give_back(self, _: &Log) {}
 }
 
 impl<B> Carry<B> for Waiting<B> {
@@ -239,23 +234,10 @@ impl<B> Carry<B> for Waiting<B> {
         }
     }
 
-    fn into_request(self, log: Option<&Log>) -> Option<Request<ReplayBody<B>>> {
+    fn into_request(self) -> Option<Request<ReplayBody<B>>> {
         match self {
-            Waiting::Whole(request) => {
-                if let Some(log) = log {
-                    // Its head was lent while it waited: the copy is made again.
-                    log.restore_head(&request);
-                }
-                Some(*request)
-            }
+            Waiting::Whole(request) => Some(*request),
             Waiting::Parked(parked) => parked.unpark(),
-        }
-    }
-
-    fn give_back(self, log: &Log) {
-        // A parked request leaves the copy as it drops.
-        if let Waiting::Whole(request) = self {
-            log.give_back_head(request.into_parts().0);
         }
     }
 }
@@ -263,32 +245,15 @@ impl<B> Carry<B> for Waiting<B> {
 impl<B> Waiting<B> {
     /// `request`, which must wait: parked on the retry layer's copy of its
     /// head if `wait` has the attempt's log and the head is the same, else
-    /// whole, lending the copy's heavy parts if it can.
+    /// whole.
     fn of(request: Request<ReplayBody<B>>, wait: Option<&Wait>) -> Self {
-        let Some(log) = wait.and_then(Wait::shared_log) else {
-            return Waiting::Whole(Box::new(request));
+        let parked = match wait.and_then(Wait::log) {
+            Some(log) => Parked::park(request, log),
+            None => Err(request),
         };
-        match Parked::park(request, log) {
+        match parked {
             Ok(parked) => Waiting::Parked(parked),
-            Err(request) => {
-                log.lend_head(&request);
-                Waiting::Whole(Box::new(request))
-            }
-        }
-    }
-}
-
-impl<S, F, B, RB, Q: Carry<B>> Drop for Pending<S, F, B, RB, Q> {
-    /// Dropped before the request was handed on (cancelled, refused, its
-    /// deadline passed): a retry layer's copy of its head that it lent
-    /// while it waited is given back, from the request's own.
-    fn drop(&mut self) {
-        // A request that never waited (the common case) lent nothing.
-        let Some(log) = self.wait.as_ref().and_then(Wait::log) else {
-            return;
-        };
-        if let Some(request) = self.request.take() {
-            request.give_back(log);
+            Err(request) => Waiting::Whole(Box::new(request)),
         }
     }
 }
@@ -978,8 +943,7 @@ where
     let (Some(request), Some(mut service)) = (p.request.take(), p.svc.take()) else {
         polled_after_completion();
     };
-    let log = p.wait.as_ref().and_then(Wait::log);
-    let Some(request) = request.into_request(log) else {
+    let Some(request) = request.into_request() else {
         return Err(Box::new(Error::NotReplayable {
             status: None,
             source: None,

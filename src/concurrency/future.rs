@@ -92,7 +92,7 @@ where
         let wait = Wait::of(request.extensions());
         // Under a retry layer whose copy of the head is the same, the
         // request waits without its head: a waiting request carries one.
-        let request = match wait.shared_log() {
+        let request = match wait.log() {
             Some(log) => Parked::park(request, log),
             None => Err(request),
         };
