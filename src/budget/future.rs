@@ -42,7 +42,10 @@ pin_project! {
     /// admitted at once, it is handed to the inner service there, and the
     /// future only holds the inner service's future and the charge. Only a
     /// request that must wait (for the budget, or for the inner service to
-    /// be ready again) keeps its admission state, in one allocation.
+    /// be ready again) keeps its admission state, in one allocation; its
+    /// request is parked there on a retry layer's copy of its head (body
+    /// and extensions only), or, with no such copy, boxed whole (one
+    /// allocation more).
     ///
     /// # Cancellation
     ///
