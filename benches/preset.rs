@@ -13,8 +13,9 @@
 //!   costs, robust to the machine's load changing), allocations per
 //!   request (counting global allocator) for each of the three, the memory
 //!   per request waiting in the preset's queue (for a concurrency slot) and
-//!   in the budget's line (with the blocks each waiter keeps, by size), and
-//!   the TCP
+//!   in the budget's line (with the blocks each waiter keeps, by size; in
+//!   the queue also for a request of six headers, whose header map has no
+//!   spare room), and the TCP
 //!   benchmark: a hyper-util client against a hyper server on loopback
 //!   answering the same response, 64 requests in flight, requests per second
 //!   bare and through the preset, on a current-thread runtime and on two
@@ -129,6 +130,23 @@ fn request() -> Request<Full<Bytes>> {
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
+    req
+}
+
+/// [`request`] with four more headers, as an SDK sends: six, the most a
+/// header map holds before it grows, so that it has no spare room (a
+/// request's map keeps the room it grew to; a copy of it has none).
+fn six_header_request() -> Request<Full<Bytes>> {
+    let mut req = request();
+    let h = req.headers_mut();
+    for (name, value) in [
+        ("x-api-key", "sk-ant-api03-0123456789abcdef0123456789abcdef"),
+        ("user-agent", "Anthropic/Python 0.40.0"),
+        ("x-stainless-lang", "python"),
+        ("x-stainless-package-version", "0.40.0"),
+    ] {
+        h.insert(name, http::HeaderValue::from_static(value));
+    }
     req
 }
 
@@ -429,14 +447,16 @@ enum Line {
 /// Bytes per request waiting in the preset's queue (the concurrency
 /// layer's), and in the budget's line: see [`waiters_in`].
 fn waiter_figure() {
-    waiters_in(Line::Slots);
-    waiters_in(Line::Budget);
+    waiters_in(Line::Slots, request, "");
+    waiters_in(Line::Budget, request, "");
+    waiters_in(Line::Slots, six_header_request, ", six headers");
 }
 
-/// Bytes per request waiting in `line`: `WAITERS` requests called (each
-/// polled once) while an upstream that never answers holds every slot, less
-/// the bytes of the same requests merely kept in a `Vec`.
-fn waiters_in(line: Line) {
+/// Bytes per request waiting in `line`: `WAITERS` requests made by
+/// `request` called (each polled once) while an upstream that never answers
+/// holds every slot, less the bytes of the same requests merely kept in a
+/// `Vec`.
+fn waiters_in(line: Line, request: fn() -> Request<Full<Bytes>>, shape: &str) {
     const WAITERS: usize = 10_000;
     let rt = runtime();
     let _guard = rt.enter();
@@ -484,9 +504,9 @@ fn waiters_in(line: Line) {
         ),
     };
     println!(
-        "memory per waiter, full preset, in {queue}: {:.0} B ({waiting} of {WAITERS} requests \
-         waiting; the requests themselves, {:.0} B each, not counted; target <= 600 B), of \
-         which the response future's own {inline} B",
+        "memory per waiter, full preset, in {queue}{shape}: {:.0} B ({waiting} of {WAITERS} \
+         requests waiting; the requests themselves, {:.0} B each, not counted; target <= 600 \
+         B), of which the response future's own {inline} B",
         (held.saturating_sub(bare)) as f64 / WAITERS as f64,
         bare as f64 / WAITERS as f64,
     );

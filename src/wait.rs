@@ -56,8 +56,8 @@ pub(crate) struct Log {
 /// The head a retry layer keeps to send its request again, in the
 /// attempt's log rather than in its own future: so that a layer inside it
 /// that holds the attempt waiting (the concurrency queue, the budget's
-/// line) can [lend](Log::lend_head) the copy's heavy parts while it
-/// holds an equal head, and a waiting request carries one head, not two.
+/// line) can hold the request without its head while its head is equal
+/// ([`Parked`]): a waiting request carries one head, not two.
 // The copy inline: boxed, it would cost an allocation per request, and the
 // log's allocation holds the slot anyway.
 #[allow(clippy::large_enum_variant)]
@@ -69,12 +69,44 @@ enum Kept {
     Empty,
     /// The head as the retry layer sent the attempt (before the layers
     /// inside it), without the extensions it adds to each attempt.
-    Head(Parts),
-    /// Lent to the layer that holds the attempt: the copy's method, URI,
-    /// version and headers were those of the attempt's request, and are
-    /// copied back from it when that layer passes it on (or taken back when
-    /// it drops it); its extensions wait here.
-    Lent(http::Extensions),
+    Head {
+        head: Parts,
+        /// Whether a [`Parked`] request stands on the copy (its own head
+        /// was equal, and dropped): the copy is then cloned, never taken,
+        /// until that request is passed on or dropped. One at a
+        /// time: a second request of the attempt (a hedging layer's clone)
+        /// waits whole. (A flag, not a variant: the enum stays the size of
+        /// the head.)
+        parked: bool,
+    },
+}
+
+impl Kept {
+    fn head(head: Parts) -> Kept {
+        Kept::Head {
+            head,
+            parked: false,
+        }
+    }
+
+    /// Takes the copy, or clones it if a parked request stands on it.
+    fn take(&mut self) -> Option<Parts> {
+        match self {
+            Kept::Head { head, parked: true } => Some(head.clone()),
+            Kept::Head { .. } => match std::mem::take(self) {
+                Kept::Head { head, .. } => Some(head),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The parked request that stood on the copy left.
+    fn unpark(&mut self) {
+        if let Kept::Head { parked, .. } = self {
+            *parked = false;
+        }
+    }
 }
 
 impl fmt::Debug for Kept {
@@ -82,14 +114,15 @@ impl fmt::Debug for Kept {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Kept::Empty => "Empty",
-            Kept::Head(_) => "Head",
-            Kept::Lent(_) => "Lent",
+            Kept::Head { parked: false, .. } => "Head",
+            Kept::Head { parked: true, .. } => "Parked",
         })
     }
 }
 
 /// Whether `copy` and the request's head have the same method, URI,
-/// version and headers (extensions are not compared: see [`Kept::Lent`]).
+/// version and headers (extensions are not compared: a parked request
+/// keeps its own).
 fn same_head<B>(copy: &Parts, request: &Request<B>) -> bool {
     copy.method == request.method()
         && copy.version == request.version()
@@ -120,28 +153,28 @@ impl Log {
     pub(crate) fn keep_head(log: &mut Arc<Log>, head: Parts) {
         match Arc::get_mut(log) {
             Some(log) => {
-                *log.head.get_mut().unwrap_or_else(PoisonError::into_inner) = Kept::Head(head);
+                *log.head.get_mut().unwrap_or_else(PoisonError::into_inner) = Kept::head(head);
             }
-            None => *log.kept() = Kept::Head(head),
+            None => {
+                let mut kept = log.kept();
+                match &mut *kept {
+                    // A request parked on the copy stands on the new one.
+                    Kept::Head { head: old, .. } => *old = head,
+                    _ => *kept = Kept::head(head),
+                }
+            }
         }
     }
 
     /// Takes the kept head, leaving a copy of it if `copy` (one operation:
     /// the first attempt's).
     pub(crate) fn swap_head(log: &mut Arc<Log>, copy: bool) -> Option<Parts> {
-        let swapped = |kept: &mut Kept| {
-            let Kept::Head(head) = kept else {
-                return None;
-            };
-            if copy {
+        let swapped = |kept: &mut Kept| match kept {
+            Kept::Head { head, .. } if copy => {
                 let copied = head.clone();
                 Some(std::mem::replace(head, copied))
-            } else {
-                match std::mem::take(kept) {
-                    Kept::Head(head) => Some(head),
-                    _ => None,
-                }
             }
+            _ => kept.take(),
         };
         match Arc::get_mut(log) {
             Some(log) => swapped(log.head.get_mut().unwrap_or_else(PoisonError::into_inner)),
@@ -153,18 +186,13 @@ impl Log {
     /// sent again, or a layer inside still holds the attempt); without a
     /// lock if no attempt's request holds the log any more.
     pub(crate) fn take_head(log: &mut Arc<Log>) -> Option<Parts> {
-        fn taken(kept: &mut Kept) -> Option<Parts> {
-            if !matches!(kept, Kept::Head(_)) {
-                return None;
-            }
-            match std::mem::take(kept) {
-                Kept::Head(head) => Some(head),
-                _ => None,
-            }
-        }
         match Arc::get_mut(log) {
-            Some(log) => taken(log.head.get_mut().unwrap_or_else(PoisonError::into_inner)),
-            None => taken(&mut log.kept()),
+            Some(log) => log
+                .head
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+            None => log.kept().take(),
         }
     }
 
@@ -176,47 +204,6 @@ impl Log {
     /// The deadline of the request.
     pub(crate) fn deadline(&self) -> Option<Instant> {
         self.deadline
-    }
-
-    /// A layer holds `request`, this attempt's, waiting: if the retry
-    /// layer's copy of the head is the same as the request's (no layer in
-    /// between changed it), the copy's method, URI and headers are dropped
-    /// until [`restore_head`](Self::restore_head) or
-    /// [`give_back_head`](Self::give_back_head) (either does nothing if
-    /// they were not).
-    pub(crate) fn lend_head<B>(&self, request: &Request<B>) {
-        let mut kept = self.kept();
-        if let Kept::Head(copy) = &mut *kept {
-            if same_head(copy, request) {
-                let extensions = std::mem::take(&mut copy.extensions);
-                *kept = Kept::Lent(extensions);
-            }
-        }
-    }
-
-    /// The layer that [lent](Self::lend_head) the copy passes `request` on:
-    /// the copy is made again from its head.
-    pub(crate) fn restore_head<B>(&self, request: &Request<B>) {
-        let mut kept = self.kept();
-        if let Kept::Lent(extensions) = &mut *kept {
-            let (mut head, ()) = Request::new(()).into_parts();
-            head.method = request.method().clone();
-            head.uri = request.uri().clone();
-            head.version = request.version();
-            head.headers = request.headers().clone();
-            head.extensions = std::mem::take(extensions);
-            *kept = Kept::Head(head);
-        }
-    }
-
-    /// The layer that [lent](Self::lend_head) the copy drops the request
-    /// without passing it on: its head becomes the copy again (no clone).
-    pub(crate) fn give_back_head(&self, mut head: Parts) {
-        let mut kept = self.kept();
-        if let Kept::Lent(extensions) = &mut *kept {
-            head.extensions = std::mem::take(extensions);
-            *kept = Kept::Head(head);
-        }
     }
 
     /// Adds a finished wait.
@@ -233,6 +220,116 @@ impl Log {
     /// The time waited in inner layers so far.
     pub(crate) fn waited(&self) -> Duration {
         Duration::from_nanos(self.waited.load(Ordering::Relaxed))
+    }
+}
+
+/// A request that a layer inside a retry layer holds while it waits (the
+/// concurrency queue), without its head: the retry layer's copy of the
+/// head in the attempt's [`Log`] was the same, and stands for it until the
+/// request is passed on ([`unpark`](Self::unpark), which makes the head
+/// again from the copy) or dropped. A waiting request so carries one head,
+/// and the layer that holds it keeps its body and extensions only.
+pub(crate) struct Parked<B> {
+    body: B,
+    /// The request's own extensions (the copy has none of the attempt's).
+    extensions: http::Extensions,
+    on: StandingOn,
+}
+
+/// A parked request's claim on its log's copy of the head
+/// (its `parked` flag, while it lives).
+struct StandingOn(Option<Arc<Log>>);
+
+impl Drop for StandingOn {
+    /// The claim ends: the copy may be taken again.
+    fn drop(&mut self) {
+        if let Some(log) = self.0.take() {
+            log.kept().unpark();
+        }
+    }
+}
+
+impl<B> fmt::Debug for Parked<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Parked").finish_non_exhaustive()
+    }
+}
+
+impl<B> Parked<B> {
+    /// Parks `request`, this attempt's (whose log is `log`), if the retry
+    /// layer's copy of the head is the same as its head (no layer in
+    /// between changed it) and no other request stands on it; gives it
+    /// back whole otherwise.
+    // The `Err` is no error, and no copy: the request itself, handed back
+    // to wait whole.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn park(request: Request<B>, log: &Arc<Log>) -> Result<Self, Request<B>> {
+        {
+            let mut kept = log.kept();
+            match &mut *kept {
+                Kept::Head {
+                    head,
+                    parked: parked @ false,
+                } if same_head(head, &request) => *parked = true,
+                _ => return Err(request),
+            }
+        }
+        // Its method, URI and headers are dropped outside the lock.
+        let (parts, body) = request.into_parts();
+        Ok(Parked {
+            body,
+            extensions: parts.extensions,
+            on: StandingOn(Some(Arc::clone(log))),
+        })
+    }
+
+    /// `f` of the head it stands on (the retry layer's copy, under its
+    /// log's lock: keep `f` short); `None` if the copy is gone, which a
+    /// parked request prevents.
+    pub(crate) fn with_head<R>(&self, f: impl FnOnce(&Parts) -> R) -> Option<R> {
+        let log = self.on.0.as_ref()?;
+        let kept = log.kept();
+        match &*kept {
+            Kept::Head { head, parked: true } => Some(f(head)),
+            _ => None,
+        }
+    }
+
+    /// The request's extensions.
+    pub(crate) fn extensions(&self) -> &http::Extensions {
+        &self.extensions
+    }
+
+    /// The same, to change them (a budget's dispatch marker).
+    pub(crate) fn extensions_mut(&mut self) -> &mut http::Extensions {
+        &mut self.extensions
+    }
+
+    /// The request again, its head a copy of the retry layer's (with the
+    /// request's own extensions), to pass it on. `None` only if the copy
+    /// is gone, which a parked request prevents: the copy it stands on is
+    /// cloned, never taken, while it does.
+    pub(crate) fn unpark(mut self) -> Option<Request<B>> {
+        let log = self.on.0.take()?;
+        let mut head = {
+            let mut kept = log.kept();
+            let Kept::Head {
+                head: copy,
+                parked: true,
+            } = &*kept
+            else {
+                return None;
+            };
+            let (mut head, ()) = Request::new(()).into_parts();
+            head.method = copy.method.clone();
+            head.uri = copy.uri.clone();
+            head.version = copy.version;
+            head.headers = copy.headers.clone();
+            kept.unpark();
+            head
+        };
+        head.extensions = self.extensions;
+        Some(Request::from_parts(head, self.body))
     }
 }
 
@@ -330,9 +427,10 @@ impl Wait {
         self.started
     }
 
-    /// The log of the request's attempt, if a retry layer put one there.
-    pub(crate) fn log(&self) -> Option<&Log> {
-        self.log.as_deref()
+    /// The log of the request's attempt, if a retry layer put one there
+    /// (to [park](Parked::park) the request on it).
+    pub(crate) fn log(&self) -> Option<&Arc<Log>> {
+        self.log.as_ref()
     }
 }
 
@@ -396,6 +494,17 @@ mod tests {
         assert!(wait.started().is_some());
     }
 
+    /// Every request waiting in an inner layer under a retry layer holds
+    /// its attempt's log: a guard against it growing unnoticed (280 bytes
+    /// when the copy could be lent, 288 with the flag of a request parked
+    /// on it).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn the_log_stays_small() {
+        let size = std::mem::size_of::<Log>();
+        assert!(size <= 288, "Log is {size} bytes");
+    }
+
     fn keep(log: &WaitLog, head: Parts) {
         Log::keep_head(&mut Arc::clone(&log.log), head);
     }
@@ -413,47 +522,59 @@ mod tests {
         request
     }
 
-    /// A layer that holds the attempt lends the copy of an equal head, and
-    /// makes it again from its request when it passes it on: the copy's
-    /// extensions, the request's head.
+    /// A layer that holds the attempt parks it on an equal copy: the
+    /// request keeps its body and extensions, and is made again from the
+    /// copy (with its own extensions) when it is passed on; the copy stays.
     #[test]
-    fn a_lent_head_is_made_again_with_the_copys_extensions() {
+    fn a_parked_request_is_made_again_from_the_copy() {
         let log = WaitLog::new(Log::new(None, None), None);
         let (copy, ()) = head("a").into_parts();
         keep(&log, copy);
-        let mut attempt = head("a");
+        let mut attempt = head("a").map(|()| "body");
         attempt.extensions_mut().insert(log.clone());
         attempt.extensions_mut().insert(9u32);
-        log.log.lend_head(&attempt);
-        assert!(take(&log).is_none(), "lent, not kept");
-        log.log.restore_head(&attempt);
-        let restored = take(&log).unwrap_or_else(|| panic!("kept again"));
-        assert_eq!(restored.headers, *attempt.headers());
-        assert_eq!(restored.uri, *attempt.uri());
-        assert_eq!(restored.method, *attempt.method());
-        assert_eq!(restored.extensions.get::<u32>(), Some(&7));
-        assert!(restored.extensions.get::<WaitLog>().is_none(), "no cycle");
+        let parked = Parked::park(attempt, &log.log).unwrap_or_else(|_| panic!("parked"));
+        let request = parked.unpark().unwrap_or_else(|| panic!("unparked"));
+        assert_eq!(request.headers()["x-request-name"], "a");
+        assert_eq!(request.uri(), "/v1/messages");
+        assert_eq!(request.method(), http::Method::POST);
+        assert_eq!(*request.body(), "body");
+        assert_eq!(request.extensions().get::<u32>(), Some(&9));
+        assert!(request.extensions().get::<WaitLog>().is_some());
+        let copy = take(&log).unwrap_or_else(|| panic!("the copy stays"));
+        assert_eq!(copy.extensions.get::<u32>(), Some(&7));
     }
 
-    /// Dropped while it holds the attempt, the layer gives its head back.
+    /// While a request stands on the copy, the retry layer gets a clone of
+    /// it (a hedging layer's next attempt), and no second request parks on
+    /// it; dropped, the parked request leaves the copy.
     #[test]
-    fn a_lent_head_is_given_back_when_the_request_is_dropped() {
+    fn the_copy_a_request_stands_on_is_cloned_not_taken() {
         let log = WaitLog::new(Log::new(None, None), None);
         keep(&log, head("a").into_parts().0);
-        let attempt = head("a");
-        log.log.lend_head(&attempt);
-        log.log.give_back_head(attempt.into_parts().0);
-        let back = take(&log).unwrap_or_else(|| panic!("given back"));
-        assert_eq!(back.headers["x-request-name"], "a");
-        assert_eq!(back.extensions.get::<u32>(), Some(&7));
+        let parked = Parked::park(head("a"), &log.log).unwrap_or_else(|_| panic!("parked"));
+        let clone = take(&log).unwrap_or_else(|| panic!("cloned"));
+        assert_eq!(clone.headers["x-request-name"], "a");
+        assert!(
+            Parked::park(head("a"), &log.log).is_err(),
+            "one request parks at a time"
+        );
+        drop(parked);
+        let copy = take(&log).unwrap_or_else(|| panic!("left"));
+        assert_eq!(copy.headers["x-request-name"], "a");
+        assert!(take(&log).is_none(), "taken, once nobody stands on it");
     }
 
-    /// A head that a layer in between changed is not lent: the copy stays.
+    /// A head that a layer in between changed is not parked: the request
+    /// is given back whole, and the copy stays.
     #[test]
-    fn a_changed_head_is_not_lent() {
+    fn a_changed_head_is_not_parked() {
         let log = WaitLog::new(Log::new(None, None), None);
         keep(&log, head("a").into_parts().0);
-        log.log.lend_head(&head("b"));
+        let whole = Parked::park(head("b"), &log.log)
+            .err()
+            .unwrap_or_else(|| panic!("not parked"));
+        assert_eq!(whole.headers()["x-request-name"], "b");
         let kept = take(&log).unwrap_or_else(|| panic!("kept"));
         assert_eq!(kept.headers["x-request-name"], "a");
     }

@@ -1,8 +1,10 @@
 //! A request that waited in the concurrency queue under the retry layer is
-//! sent again with its own head: while it waits, the retry layer's copy of
-//! the head is lent to the queue (one head per waiting request), and made
-//! again when the request leaves the queue, or given back when the queue
-//! drops it. On tokio's paused clock.
+//! sent again with its own head: while it waits, the queue holds it without
+//! its head, on the retry layer's equal copy (one head per waiting
+//! request), makes the head again from the copy when the request leaves
+//! the queue, and leaves the copy when it drops the request; a request whose
+//! head a layer between changed waits whole. In the budget's line the copy
+//! is lent instead. On tokio's paused clock.
 #![cfg(all(feature = "retry", feature = "concurrency"))]
 
 use std::sync::{Arc, Mutex};
@@ -138,8 +140,8 @@ async fn a_request_that_waited_in_the_queue_is_sent_again_with_its_head() {
 }
 
 /// A layer between the retry layer and the queue (a timeout) drops `b`
-/// while it waits: the queue gives the head back, and the retry layer
-/// sends `b` again with it.
+/// while it waits: the queue leaves the copy it stood on, and the retry
+/// layer sends `b` again with it.
 #[tokio::test(start_paused = true)]
 async fn a_request_dropped_while_it_waited_is_sent_again_with_its_head() {
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -199,4 +201,150 @@ async fn a_request_that_waited_in_the_budgets_line_is_sent_again_with_its_head()
         budget.snapshot().waited
     );
     assert_replayed(&attempts_of(&seen, "b"));
+}
+
+/// A layer between the retry layer and the queue adds a header: `b` waits
+/// whole (its head is not the retry layer's copy), and each attempt is
+/// sent with the changed head.
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_head_a_layer_between_changed_waits_with_that_head() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let client = ServiceBuilder::new()
+        .layer(RetryAfterLayer::builder().jitter(|| 0.0).build())
+        .map_request(|mut req: Request<ReplayBody<Full<Bytes>>>| {
+            req.headers_mut()
+                .insert("x-between", http::HeaderValue::from_static("1"));
+            req
+        })
+        .layer(ConcurrencyLayer::fixed(1))
+        .service(upstream(Arc::clone(&seen), Duration::from_secs(2)));
+    let slow = tokio::spawn(client.clone().oneshot(request("slow")));
+    tokio::task::yield_now().await;
+    let b = client.clone().oneshot(request("b")).await;
+    assert_eq!(b.map(|r| r.status()).ok(), Some(StatusCode::OK));
+    assert!(slow.await.is_ok());
+    let attempts = attempts_of(&seen, "b");
+    let original = request("b");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    for (i, attempt) in attempts.iter().enumerate() {
+        let mut expected = original.headers().clone();
+        if i > 0 {
+            expected.insert(RETRY_COUNT, i.into());
+        }
+        expected.insert("x-between", http::HeaderValue::from_static("1"));
+        assert_eq!(attempt.headers, expected, "attempt {i}");
+        assert_eq!(&attempt.uri, original.uri());
+        assert_eq!(attempt.body, Bytes::from_static(br#"{"id":"b"}"#));
+    }
+}
+
+/// Through the whole preset (retry, budget, concurrency with one slot):
+/// `b` waits for the slot, is answered 503, and is sent again with the
+/// same head.
+#[cfg(feature = "budget")]
+#[tokio::test(start_paused = true)]
+async fn a_request_that_waited_for_a_slot_in_the_preset_is_sent_again_with_its_head() {
+    use tower_llm_limits::budget::Limits;
+    use tower_llm_limits::preset::LimitsLayer;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let limits = LimitsLayer::anthropic(Limits::new().rpm(1_000).itpm(1_000_000).otpm(1_000_000))
+        .with_retry(RetryAfterLayer::builder().jitter(|| 0.0).build())
+        .with_concurrency(ConcurrencyLayer::fixed(1));
+    let client = ServiceBuilder::new()
+        .layer(limits.clone())
+        .service(upstream(Arc::clone(&seen), Duration::from_secs(2)));
+    let slow = tokio::spawn(client.clone().oneshot(request("slow")));
+    tokio::task::yield_now().await;
+    let b = tokio::spawn(client.clone().oneshot(request("b")));
+    tokio::task::yield_now().await;
+    assert_eq!(
+        limits.concurrency().snapshot().waiting.total(),
+        1,
+        "b waits for the slot"
+    );
+    let b = b.await.ok().and_then(|r| r.ok()).map(|r| r.status());
+    assert_eq!(b, Some(StatusCode::OK));
+    assert!(slow.await.is_ok());
+    assert_replayed(&attempts_of(&seen, "b"));
+}
+
+/// Under the retry layer, a request waiting in the budget's line (one
+/// request a minute) is parked on the retry layer's copy of its head: its
+/// `count_tokens` request, made once a count call is free (one a minute:
+/// `a`, ahead of it, took the first), carries that head (its authority and
+/// headers, the API key among them), and the request is sent with its own
+/// head once its turn comes.
+#[cfg(feature = "budget")]
+#[tokio::test(start_paused = true)]
+async fn a_request_counted_while_it_waits_in_the_budgets_line_carries_its_head() {
+    use tower_llm_limits::budget::{CountTokens, Limits, TokenBudgetLayer};
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::new()));
+    let recorded = Arc::clone(&seen);
+    let upstream = service_fn(move |req: Request<ReplayBody<ReplayBody<Full<Bytes>>>>| {
+        let seen = Arc::clone(&recorded);
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await?.to_bytes();
+            let count = parts.uri.path().ends_with("/count_tokens");
+            seen.lock().unwrap_or_else(|e| e.into_inner()).push(Seen {
+                method: parts.method,
+                uri: parts.uri,
+                headers: parts.headers,
+                body,
+            });
+            let answer = if count {
+                r#"{"input_tokens":7}"#
+            } else {
+                r#"{"type":"message","usage":{"input_tokens":7,"output_tokens":3}}"#
+            };
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(
+                answer.as_bytes(),
+            ))))
+        }
+    });
+    let budget = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1).itpm(1_000_000).otpm(1_000_000))
+        .count_tokens(Some(CountTokens::new(1).min_input_tokens(0)))
+        .build();
+    let client = ServiceBuilder::new()
+        .layer(RetryAfterLayer::builder().jitter(|| 0.0).build())
+        .layer(budget)
+        .service(upstream);
+    let messages = |id: &str| {
+        let body = format!(
+            r#"{{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{{"role":"user","content":"hello {id}"}}]}}"#
+        );
+        let mut req = request(id);
+        *req.body_mut() = Full::new(Bytes::from(body));
+        req
+    };
+    let first = client.clone().oneshot(messages("first")).await;
+    assert_eq!(first.map(|r| r.status()).ok(), Some(StatusCode::OK));
+    let a = tokio::spawn(client.clone().oneshot(messages("a")));
+    tokio::task::yield_now().await;
+    let b = tokio::spawn(client.clone().oneshot(messages("b")));
+    for task in [a, b] {
+        let status = task.await.ok().and_then(|r| r.ok()).map(|r| r.status());
+        assert_eq!(status, Some(StatusCode::OK));
+    }
+    let of_b = attempts_of(&seen, "b");
+    let (counts, sent): (Vec<_>, Vec<_>) = of_b
+        .iter()
+        .partition(|s| s.uri.path().ends_with("/count_tokens"));
+    assert_eq!(counts.len(), 1, "b was counted while it waited: {of_b:?}");
+    let original = messages("b");
+    let count = counts[0];
+    assert_eq!(count.uri.authority(), original.uri().authority());
+    assert_eq!(count.uri.path(), "/v1/messages/count_tokens");
+    for name in ["x-api-key", "anthropic-version", "x-request-name"] {
+        assert_eq!(
+            count.headers.get(name),
+            original.headers().get(name),
+            "{name}"
+        );
+    }
+    assert_eq!(sent.len(), 1, "{of_b:?}");
+    assert_eq!(sent[0].method, Method::POST);
+    assert_eq!(&sent[0].uri, original.uri());
+    assert_eq!(sent[0].headers, *original.headers());
 }

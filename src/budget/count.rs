@@ -49,7 +49,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
-use http::{HeaderValue, Method, Request, Response, Uri};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -252,12 +253,12 @@ impl Counter {
         }
     }
 
-    /// Starts counting a request (built from `request`'s head and `body`)
+    /// Starts counting a request (built from its `head` and `body`)
     /// through `svc`, if it is worth it and a call is free now.
     pub(crate) fn start<S, B>(
         &self,
         charge: &Charge,
-        request: &Request<ReplayBody<B>>,
+        head: HeadRef<'_>,
         body: &Bytes,
         svc: &mut Option<S>,
     ) -> Option<CountCall<S, S::Future, B>>
@@ -272,7 +273,7 @@ impl Counter {
         if self.next_free().is_some() {
             return None;
         }
-        let count = count_request(request, body)?;
+        let count = count_request(head, body)?;
         if !self.take_slot(Instant::now()) {
             return None;
         }
@@ -296,15 +297,42 @@ fn carries_media(body: &[u8]) -> bool {
         || memchr::memmem::find(body, b"\"document\"").is_some()
 }
 
+/// What a `count_tokens` request copies of its request's head: read from
+/// the request, or from the retry layer's copy of the head a waiting
+/// request is parked on ([`Parked`](crate::wait::Parked)).
+#[derive(Clone, Copy)]
+pub(crate) struct HeadRef<'a> {
+    uri: &'a Uri,
+    version: Version,
+    headers: &'a HeaderMap,
+}
+
+impl<'a> HeadRef<'a> {
+    /// The head of `request`.
+    pub(crate) fn of<B>(request: &'a Request<B>) -> Self {
+        HeadRef {
+            uri: request.uri(),
+            version: request.version(),
+            headers: request.headers(),
+        }
+    }
+
+    /// A head in parts.
+    pub(crate) fn of_parts(parts: &'a Parts) -> Self {
+        HeadRef {
+            uri: &parts.uri,
+            version: parts.version,
+            headers: &parts.headers,
+        }
+    }
+}
+
 /// The `count_tokens` request for a Messages request: same scheme, authority
 /// and headers, path `…/messages/count_tokens`, the body's counted fields.
 /// `None` if the path does not end in `/messages` or the body is not a JSON
 /// object.
-fn count_request<B>(
-    request: &Request<ReplayBody<B>>,
-    body: &[u8],
-) -> Option<Request<ReplayBody<B>>> {
-    let uri = request.uri();
+fn count_request<B>(head: HeadRef<'_>, body: &[u8]) -> Option<Request<ReplayBody<B>>> {
+    let uri = head.uri;
     let path = uri.path().trim_end_matches('/');
     if !path.ends_with("/messages") {
         return None;
@@ -327,9 +355,9 @@ fn count_request<B>(
     let mut count = Request::new(ReplayBody::full(json.clone(), None));
     *count.method_mut() = Method::POST;
     *count.uri_mut() = uri;
-    *count.version_mut() = request.version();
+    *count.version_mut() = head.version;
     let headers = count.headers_mut();
-    for (name, value) in request.headers() {
+    for (name, value) in head.headers {
         if name != CONTENT_LENGTH && name != TRANSFER_ENCODING {
             headers.append(name, value.clone());
         }
@@ -750,9 +778,9 @@ where
         &mut self,
         counter: Option<&Counter>,
         charge: &Charge,
-        request: Option<&Request<ReplayBody<B>>>,
+        head: Option<HeadRef<'_>>,
     ) -> bool {
-        let (Some(counter), Some(request)) = (counter, request) else {
+        let (Some(counter), Some(head)) = (counter, head) else {
             return false;
         };
         if self.call.is_some() || charge.counted.is_some() {
@@ -761,7 +789,7 @@ where
         let Some(body) = self.body.as_ref() else {
             return false;
         };
-        match counter.start(charge, request, body, &mut self.svc) {
+        match counter.start(charge, head, body, &mut self.svc) {
             Some(call) => {
                 self.call = Some(Box::pin(call));
                 true
@@ -809,7 +837,7 @@ mod tests {
             .header("content-length", body.len())
             .body(ReplayBody::<()>::full(Bytes::from_static(body), None))
             .unwrap();
-        let count = count_request(&req, body).unwrap();
+        let count = count_request::<()>(HeadRef::of(&req), body).unwrap();
         assert_eq!(
             count.uri(),
             "https://api.example/anthropic/v1/messages/count_tokens"
@@ -824,7 +852,7 @@ mod tests {
         let other = Request::post("/v1/complete")
             .body(ReplayBody::<()>::full(Bytes::from_static(body), None))
             .unwrap();
-        assert!(count_request(&other, body).is_none());
+        assert!(count_request::<()>(HeadRef::of(&other), body).is_none());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::callers::CallerRefusal;
-use super::count::{Counting, HttpResponse};
+use super::count::{Counting, HeadRef, HttpResponse};
 use super::enforce;
 use super::prefix::{self, PrefixState, PrefixWait};
 use super::state::{Admission, Charge, Refusal, Shared};
@@ -24,7 +24,7 @@ use crate::dispatch::Dispatch;
 use crate::estimate::{Estimate, MAX_MODEL_LEN};
 use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
 use crate::observe::{LayerKind, WaitEvent};
-use crate::wait::{DeadlineReached, Wait};
+use crate::wait::{DeadlineReached, Parked, Wait};
 use crate::wire::sse::is_event_stream;
 use crate::{BoxError, Error};
 
@@ -42,7 +42,10 @@ pin_project! {
     /// admitted at once, it is handed to the inner service there, and the
     /// future only holds the inner service's future and the charge. Only a
     /// request that must wait (for the budget, or for the inner service to
-    /// be ready again) keeps its admission state, in one allocation.
+    /// be ready again) keeps its admission state, in one allocation; its
+    /// request is parked there on a retry layer's copy of its head (body
+    /// and extensions only), or, with no such copy, boxed whole (one
+    /// allocation more).
     ///
     /// # Cancellation
     ///
@@ -99,7 +102,7 @@ pin_project! {
         // charge and admission state (the future stays the size of the
         // state it calls in, which an outer retry layer holds inline).
         Admitting {
-            pending: Box<Pending<S, F, B, RB>>,
+            pending: Box<Pending<S, F, B, RB, Waiting<B>>>,
         },
         Calling {
             #[pin]
@@ -131,11 +134,13 @@ struct Reading<S, B> {
 
 /// An estimated request on its way through the budget: waiting to be
 /// admitted, then (admitted, its charge held) for the inner service to be
-/// ready.
-struct Pending<S, F, B, RB> {
+/// ready. `Q` carries the request: whole while it is asked about in
+/// `call` (or once read), then, boxed with the rest if it must wait, as a
+/// [`Waiting`] request.
+struct Pending<S, F, B, RB, Q> {
     charge: Stage,
     admission: Admission,
-    request: Option<Request<ReplayBody<B>>>,
+    request: Option<Q>,
     svc: Option<S>,
     /// Whether `svc` is ready for a call without asking it again: the
     /// service `call` got, polled ready by its caller, until the request
@@ -169,22 +174,94 @@ impl Stage {
     }
 }
 
-impl<S, F, B, RB> Drop for Pending<S, F, B, RB> {
-    /// Dropped before the request was handed on (cancelled, refused, its
-    /// deadline passed): a retry layer's copy of its head that it lent
-    /// while it waited is given back, from the request's own.
-    fn drop(&mut self) {
-        // A request that never waited (the common case) lent nothing.
-        let Some(log) = self.wait.as_ref().and_then(Wait::log) else {
-            return;
-        };
-        if let Some(request) = self.request.take() {
-            log.give_back_head(request.into_parts().0);
+/// A request waiting in the budget's hands (for its turn in line, or for
+/// the inner service once admitted), boxed with its admission state. Under
+/// a retry layer whose copy of its head is the same, it is parked on that
+/// copy (its body and extensions only: one head per waiting request); else
+/// (no retry layer outside, or a head a layer in between changed) it waits
+/// whole, boxed.
+enum Waiting<B> {
+    Parked(Parked<ReplayBody<B>>),
+    Whole(Box<Request<ReplayBody<B>>>),
+}
+
+/// How [`Pending`] reaches the request it carries.
+trait Carry<B> {
+    /// `f` of the request's head (the `count_tokens` mode reads it);
+    /// `None` if a parked request lost the head it stood on.
+    fn with_head<R>(&self, f: impl FnOnce(HeadRef<'_>) -> R) -> Option<R>;
+    fn extensions(&self) -> &http::Extensions;
+    fn extensions_mut(&mut self) -> &mut http::Extensions;
+    /// The request to hand on (`None` only if a parked request lost the
+    /// head it stood on, which its log prevents).
+    fn into_request(self) -> Option<Request<ReplayBody<B>>>;
+}
+
+impl<B> Carry<B> for Request<ReplayBody<B>> {
+    fn with_head<R>(&self, f: impl FnOnce(HeadRef<'_>) -> R) -> Option<R> {
+        Some(f(HeadRef::of(self)))
+    }
+
+    fn extensions(&self) -> &http::Extensions {
+        Request::extensions(self)
+    }
+
+    fn extensions_mut(&mut self) -> &mut http::Extensions {
+        Request::extensions_mut(self)
+    }
+
+    fn into_request(self) -> Option<Request<ReplayBody<B>>> {
+        Some(self)
+    }
+}
+
+impl<B> Carry<B> for Waiting<B> {
+    fn with_head<R>(&self, f: impl FnOnce(HeadRef<'_>) -> R) -> Option<R> {
+        match self {
+            Waiting::Whole(request) => Some(f(HeadRef::of(request))),
+            Waiting::Parked(parked) => parked.with_head(|head| f(HeadRef::of_parts(head))),
+        }
+    }
+
+    fn extensions(&self) -> &http::Extensions {
+        match self {
+            Waiting::Whole(request) => request.extensions(),
+            Waiting::Parked(parked) => parked.extensions(),
+        }
+    }
+
+    fn extensions_mut(&mut self) -> &mut http::Extensions {
+        match self {
+            Waiting::Whole(request) => request.extensions_mut(),
+            Waiting::Parked(parked) => parked.extensions_mut(),
+        }
+    }
+
+    fn into_request(self) -> Option<Request<ReplayBody<B>>> {
+        match self {
+            Waiting::Whole(request) => Some(*request),
+            Waiting::Parked(parked) => parked.unpark(),
         }
     }
 }
 
-impl<S, F, B, RB> Pending<S, F, B, RB> {
+impl<B> Waiting<B> {
+    /// `request`, which must wait: parked on the retry layer's copy of its
+    /// head if `wait` has the attempt's log and the head is the same, else
+    /// whole.
+    fn of(request: Request<ReplayBody<B>>, wait: Option<&Wait>) -> Self {
+        let parked = match wait.and_then(Wait::log) {
+            Some(log) => Parked::park(request, log),
+            None => Err(request),
+        };
+        match parked {
+            Ok(parked) => Waiting::Parked(parked),
+            Err(request) => Waiting::Whole(Box::new(request)),
+        }
+    }
+}
+
+impl<S, F, B, RB> Pending<S, F, B, RB, Request<ReplayBody<B>>> {
     /// An estimated request, to be admitted by the budget.
     fn new(
         charge: Charge,
@@ -203,6 +280,26 @@ impl<S, F, B, RB> Pending<S, F, B, RB> {
             svc: Some(svc),
             ready,
         }
+    }
+
+    /// It must wait: boxed, with its request parked or whole (see
+    /// [`Waiting`]).
+    fn into_waiting(mut self) -> Box<Pending<S, F, B, RB, Waiting<B>>> {
+        let wait = self.wait.take();
+        let request = self
+            .request
+            .take()
+            .map(|request| Waiting::of(request, wait.as_ref()));
+        Box::new(Pending {
+            charge: self.charge.take(),
+            admission: std::mem::take(&mut self.admission),
+            request,
+            svc: self.svc.take(),
+            ready: self.ready,
+            wait,
+            prefix: std::mem::take(&mut self.prefix),
+            count: std::mem::replace(&mut self.count, Counting::new(None, None)),
+        })
     }
 }
 
@@ -359,7 +456,7 @@ where
     /// inner service) once: calling, waiting (boxed), or refused.
     fn after(
         shared: &Arc<Shared>,
-        mut pending: Pending<S, S::Future, B, ResB>,
+        mut pending: Pending<S, S::Future, B, ResB, Request<ReplayBody<B>>>,
         cx: &mut Context<'_>,
     ) -> Self {
         match poll_pending(shared, &mut pending, cx) {
@@ -373,7 +470,7 @@ where
             }
             Poll::Ready(Err(NotAdmitted::Error(e))) => State::Failed { error: Some(e) },
             Poll::Pending => State::Admitting {
-                pending: Box::new(pending),
+                pending: pending.into_waiting(),
             },
         }
     }
@@ -490,23 +587,27 @@ where
 /// Takes an estimated request through the budget, then hands it to the
 /// inner service: `Ready` with the inner service's future and the charge
 /// it holds, or with why it was not sent.
-fn poll_pending<S, B, ResB>(
+fn poll_pending<S, B, ResB, Q>(
     shared: &Arc<Shared>,
-    p: &mut Pending<S, S::Future, B, ResB>,
+    p: &mut Pending<S, S::Future, B, ResB, Q>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<(S::Future, Held), NotAdmitted>>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
     ResB: Body,
+    Q: Carry<B>,
 {
     if !matches!(p.charge, Stage::Admitted(_)) {
         ready!(poll_admission(shared, p, cx))?;
         let Stage::Asking(mut charge) = p.charge.take() else {
             polled_after_completion();
         };
-        charge.writing = shared.writers.start(&charge.estimate.cache_writes);
-        let marker = mark(p.request.as_mut());
+        charge.writing = shared
+            .writers
+            .start(&charge.estimate.cache_writes)
+            .map(Box::new);
+        let marker = mark(p.request.as_mut().map(Carry::extensions_mut));
         let held = Held {
             shared: Arc::clone(shared),
             charge: Some(charge),
@@ -514,7 +615,10 @@ where
         };
         if p.ready {
             // Never made to wait: sent at once, the charge not parked.
-            return Poll::Ready(Ok(send(p, held)));
+            return Poll::Ready(match send(p, &held.marker) {
+                Ok(future) => Ok((future, held)),
+                Err(e) => Err(NotAdmitted::Error(e)),
+            });
         }
         p.charge = Stage::Admitted(held);
     }
@@ -523,14 +627,15 @@ where
 
 /// Waits until the budget admits the request (or refuses it, or its
 /// deadline passes).
-fn poll_admission<S, B, ResB>(
+fn poll_admission<S, B, ResB, Q>(
     shared: &Arc<Shared>,
-    p: &mut Pending<S, S::Future, B, ResB>,
+    p: &mut Pending<S, S::Future, B, ResB, Q>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<(), NotAdmitted>>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
     ResB: Body,
+    Q: Carry<B>,
 {
     loop {
         let Stage::Asking(ch) = &mut p.charge else {
@@ -568,7 +673,11 @@ where
             Poll::Pending => {
                 // It waits: the inner service is asked again before the call.
                 p.ready = false;
-                if p.count.start(counter, ch, p.request.as_ref()) {
+                let (request, count) = (&p.request, &mut p.count);
+                let started = request.as_ref().and_then(|request| {
+                    request.with_head(|head| count.start(counter, ch, Some(head)))
+                });
+                if started == Some(true) {
                     // Polled next, while the request waits.
                     continue;
                 }
@@ -582,18 +691,12 @@ where
                     p.prefix = PrefixWait::Holding(Arc::clone(slot), None);
                     continue;
                 }
+                // Under a retry layer, the request waits on its copy of the
+                // head once boxed (see `Waiting`).
                 let request = p.request.as_ref();
-                let wait = p.wait.get_or_insert_with(|| {
-                    let Some(request) = request else {
-                        return Wait::default();
-                    };
-                    let wait = Wait::of(request.extensions());
-                    if let Some(log) = wait.log() {
-                        // Under a retry layer, its copy of the head is lent
-                        // while the request waits in line.
-                        log.lend_head(request);
-                    }
-                    wait
+                let wait = p.wait.get_or_insert_with(|| match request {
+                    Some(request) => Wait::of(request.extensions()),
+                    None => Wait::default(),
                 });
                 let reached = ready!(wait_deadline(shared, wait, cx));
                 return Poll::Ready(Err(NotAdmitted::Error(Box::new(reached))));
@@ -737,11 +840,11 @@ fn wait_deadline(shared: &Shared, wait: &mut Wait, cx: &mut Context<'_>) -> Poll
 
 /// Puts a fresh [`Dispatch`] marker on the request about to be passed on
 /// (chained to an outer budget's), and returns it.
-fn mark<B>(request: Option<&mut Request<B>>) -> Dispatch {
-    let Some(request) = request else {
+fn mark(extensions: Option<&mut http::Extensions>) -> Dispatch {
+    let Some(extensions) = extensions else {
         return Dispatch::new(None);
     };
-    Dispatch::mark(request.extensions_mut())
+    Dispatch::mark(extensions)
 }
 
 /// A caller refused before any budget was touched: its 401 or 400 in the
@@ -803,13 +906,14 @@ fn connection_refused(err: &(dyn std::error::Error + 'static)) -> bool {
 /// Hands an admitted request to the inner service once it is ready: at
 /// once if it was never made to wait (`poll_ready` said so before `call`),
 /// else once `poll_ready` says so again (the wait may have been long).
-fn poll_send<S, B, F, RB>(
-    p: &mut Pending<S, F, B, RB>,
+fn poll_send<S, B, F, RB, Q>(
+    p: &mut Pending<S, F, B, RB, Q>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<(S::Future, Held), BoxError>>
 where
     S: Service<Request<ReplayBody<B>>, Future = F>,
     S::Error: Into<BoxError>,
+    Q: Carry<B>,
 {
     if !p.ready {
         let Some(service) = p.svc.as_mut() else {
@@ -824,24 +928,31 @@ where
     let Stage::Admitted(held) = p.charge.take() else {
         polled_after_completion();
     };
-    Poll::Ready(Ok(send(p, held)))
+    Poll::Ready(send(p, &held.marker).map(|future| (future, held)))
 }
 
-/// Hands an admitted request, whose charge `held` holds, to the inner
-/// service (ready for it).
-fn send<S, B, F, RB>(p: &mut Pending<S, F, B, RB>, held: Held) -> (S::Future, Held)
+/// Hands an admitted request, whose charge holds `marker`, to the inner
+/// service (ready for it). An error only if a request parked on a retry
+/// layer's copy of its head lost it, which its log prevents: not sent, and
+/// its charge is refunded.
+fn send<S, B, F, RB, Q>(
+    p: &mut Pending<S, F, B, RB, Q>,
+    marker: &Dispatch,
+) -> Result<S::Future, BoxError>
 where
     S: Service<Request<ReplayBody<B>>, Future = F>,
+    Q: Carry<B>,
 {
     let (Some(request), Some(mut service)) = (p.request.take(), p.svc.take()) else {
         polled_after_completion();
     };
-    if let Some(log) = p.wait.as_ref().and_then(Wait::log) {
-        // Its head was lent while it waited: the copy is made again.
-        log.restore_head(&request);
-    }
-    let future = Dispatch::pass(Some(&held.marker), || service.call(request));
-    (future, held)
+    let Some(request) = request.into_request() else {
+        return Err(Box::new(Error::NotReplayable {
+            status: None,
+            source: None,
+        }));
+    };
+    Ok(Dispatch::pass(Some(marker), || service.call(request)))
 }
 
 /// A read request rebuilt around its body, its charge, and its bytes when
@@ -1021,27 +1132,33 @@ mod tests {
     /// the future is the size of the state that calls (the inner future
     /// and the charge; 400 bytes since the dispatch marker names which
     /// kind of node it holds, so that a budget's own marker does not
-    /// carry a retry layer's wait log).
+    /// carry a retry layer's wait log; 352 with the prefixes a request
+    /// writes boxed in its charge).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn future_stays_small() {
         let size = std::mem::size_of::<ResponseFuture<Under, ReplayBody<Full<Bytes>>>>();
-        assert!(size <= 400, "budget::ResponseFuture is {size} bytes");
+        assert!(size <= 352, "budget::ResponseFuture is {size} bytes");
         // 336 bytes, then 344 with the prefix a fleet's request held for
-        // (`Charge::fleet_held`), and 352 with the marker's kind.
+        // (`Charge::fleet_held`), 352 with the marker's kind, and 304 with
+        // the prefixes it writes boxed (`Charge::writing`).
         let calling = std::mem::size_of::<Held>();
-        assert!(calling <= 352, "Held is {calling} bytes");
+        assert!(calling <= 304, "Held is {calling} bytes");
     }
 
     /// Every request waiting in the budget's line holds its admission
     /// state (boxed): it had room for both the charge that asks and the
-    /// charge held once admitted (about 330 bytes more), one of them now.
+    /// charge held once admitted (about 330 bytes more), one of them now
+    /// (968 bytes, 904 with the prefixes a charge writes boxed and the
+    /// concurrency service's callbacks in its shared state, 696 with its
+    /// request parked on a retry layer's copy of its head, or boxed).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn a_waiting_requests_state_stays_small() {
         type Fut = <Under as Service<Request<ReplayBody<ReplayBody<Full<Bytes>>>>>>::Future;
         type Body = crate::concurrency::ConcurrencyBody<Full<Bytes>>;
-        let size = std::mem::size_of::<Pending<Under, Fut, ReplayBody<Full<Bytes>>, Body>>();
-        assert!(size <= 968, "Pending is {size} bytes");
+        type Q = Waiting<ReplayBody<Full<Bytes>>>;
+        let size = std::mem::size_of::<Pending<Under, Fut, ReplayBody<Full<Bytes>>, Body, Q>>();
+        assert!(size <= 696, "Pending is {size} bytes");
     }
 }

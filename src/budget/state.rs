@@ -461,8 +461,10 @@ pub(crate) struct Charge {
     /// Whether this request is its key's probe of unknown limits.
     probe: bool,
     /// The prompt-cache prefixes this request writes, while in flight
-    /// (cache-aware admission, `prefix.rs`).
-    pub(crate) writing: Option<WriteGuard>,
+    /// (cache-aware admission, `prefix.rs`). Boxed: most requests write
+    /// none, and every request waiting in an inner queue holds its charge
+    /// inline (56 bytes inline, 8 boxed).
+    pub(crate) writing: Option<Box<WriteGuard>>,
     /// The prefix tokens charged as a read by cache-aware admission.
     pub(crate) prefix_read: u64,
     /// That prefix's size as the server counted it, when its writer's

@@ -1,7 +1,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::{Request, Response};
@@ -14,7 +13,7 @@ use super::adaptive::{Outcome, Signal};
 use super::semaphore::{Permit, Waiter};
 use crate::dispatch::Dispatch;
 use crate::observe::{Hooks, LayerKind, WaitEvent};
-use crate::wait::{DeadlineReached, Wait};
+use crate::wait::{DeadlineReached, Parked, Wait};
 use crate::{BoxError, Error};
 
 pin_project! {
@@ -58,7 +57,7 @@ pin_project! {
             waiter: Waiter,
             // Boxed: only queued requests pay for carrying the service and the
             // request, and the future stays small on the fast path.
-            call: Option<Box<Queued<S, B>>>,
+            call: Option<Call<S, B>>,
         },
         Called {
             #[pin]
@@ -89,27 +88,22 @@ where
         }
     }
 
-    pub(crate) fn waiting(
-        waiter: Waiter,
-        service: S,
-        request: Request<B>,
-        hooks: Option<Arc<Hooks>>,
-    ) -> Self {
+    pub(crate) fn waiting(waiter: Waiter, service: S, request: Request<B>) -> Self {
         let wait = Wait::of(request.extensions());
-        // Under a retry layer, its copy of the head is lent while the
-        // request waits here: a waiting request carries one head.
-        if let Some(log) = wait.log() {
-            log.lend_head(&request);
-        }
+        // Under a retry layer whose copy of the head is the same, the
+        // request waits without its head: a waiting request carries one.
+        let request = match wait.log() {
+            Some(log) => Parked::park(request, log),
+            None => Err(request),
+        };
+        let call = match request {
+            Ok(parked) => Call::Parked(Box::new(Queued::new(service, parked, wait))),
+            Err(request) => Call::Whole(Box::new(Queued::new(service, request, wait))),
+        };
         ResponseFuture {
             state: State::Waiting {
                 waiter,
-                call: Some(Box::new(Queued {
-                    service,
-                    request: Some(request),
-                    wait,
-                    hooks,
-                })),
+                call: Some(call),
             },
         }
     }
@@ -157,22 +151,27 @@ where
                             let Some(queued) = call.as_mut() else {
                                 return Poll::Pending;
                             };
-                            let reached = ready!(queued.poll_deadline(cx));
+                            let reached = ready!(queued.poll_deadline(waiter.hooks(), cx));
                             // Not sent: dropping the waiter gives back the
                             // place in line (or the slot just handed to it).
                             this.state.set(State::Done);
                             return Poll::Ready(Err(Box::new(reached)));
                         }
                     };
-                    let Some((mut queued, request)) = call
-                        .take()
-                        .and_then(|mut q| q.request.take().map(|r| (q, r)))
-                    else {
-                        // Unreachable: both are taken only here, right before leaving this state.
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(Error::Overloaded { waiting: 0 }.into()));
+                    // Not sent if it fails: the slot goes back with the permit.
+                    let hooks = waiter.hooks();
+                    let future = match call.take().map(|call| call.dispatch(hooks)) {
+                        Some(Ok(future)) => future,
+                        Some(Err(e)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(e));
+                        }
+                        None => {
+                            // Unreachable: taken only here, right before leaving this state.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Error::Overloaded { waiting: 0 }.into()));
+                        }
                     };
-                    let future = queued.dispatch(request);
                     let started = permit.is_timed().then(Instant::now);
                     this.state.set(State::Called {
                         future,
@@ -217,48 +216,95 @@ where
     }
 }
 
-/// A queued request: what it needs once it gets a slot, and its wait.
-struct Queued<S, B> {
-    service: S,
-    /// Taken when it is passed on.
-    request: Option<Request<B>>,
-    wait: Wait,
-    hooks: Option<Arc<Hooks>>,
+/// A queued request, boxed: whole, or parked without its head under a
+/// retry layer whose copy of it stands for it (see [`Parked`]).
+enum Call<S, B> {
+    Whole(Box<Queued<S, Request<B>>>),
+    Parked(Box<Queued<S, Parked<B>>>),
 }
 
-impl<S, B> Queued<S, B>
+impl<S, B> Call<S, B>
 where
     S: Service<Request<B>>,
 {
-    /// The request got its slot: its wait ends, the retry layer's copy of
-    /// its head is made again if it was lent, and it is passed on.
-    fn dispatch(&mut self, request: Request<B>) -> S::Future {
-        waited(&mut self.wait, self.hooks.as_deref());
-        if let Some(log) = self.wait.log() {
-            log.restore_head(&request);
+    fn poll_deadline(
+        &mut self,
+        hooks: Option<&Hooks>,
+        cx: &mut Context<'_>,
+    ) -> Poll<DeadlineReached> {
+        match self {
+            Call::Whole(queued) => queued.poll_deadline(hooks, cx),
+            Call::Parked(queued) => queued.poll_deadline(hooks, cx),
         }
+    }
+
+    /// The request got its slot: it is passed on (its head made again
+    /// from the retry layer's copy if it was parked).
+    fn dispatch(self, hooks: Option<&Hooks>) -> Result<S::Future, BoxError> {
+        match self {
+            Call::Whole(queued) => {
+                let (request, mut queued) = (*queued).split();
+                Ok(queued.dispatch(request, hooks))
+            }
+            Call::Parked(queued) => {
+                let (parked, mut queued) = (*queued).split();
+                match parked.unpark() {
+                    Some(request) => Ok(queued.dispatch(request, hooks)),
+                    None => Err(Box::new(Error::NotReplayable {
+                        status: None,
+                        source: None,
+                    })),
+                }
+            }
+        }
+    }
+}
+
+/// A queued request (`R`: whole or [`Parked`]): what it needs once it gets
+/// a slot, and its wait.
+struct Queued<S, R> {
+    service: S,
+    request: R,
+    wait: Wait,
+}
+
+impl<S, R> Queued<S, R> {
+    fn new(service: S, request: R, wait: Wait) -> Self {
+        Queued {
+            service,
+            request,
+            wait,
+        }
+    }
+
+    /// The request, and the rest.
+    fn split(self) -> (R, Queued<S, ()>) {
+        let Queued {
+            service,
+            request,
+            wait,
+        } = self;
+        (request, Queued::new(service, (), wait))
+    }
+
+    /// The request got its slot: its wait ends, and `request` (this one's)
+    /// is passed on.
+    fn dispatch<B>(&mut self, request: Request<B>, hooks: Option<&Hooks>) -> S::Future
+    where
+        S: Service<Request<B>>,
+    {
+        waited(&mut self.wait, hooks);
         let marker = Dispatch::of(request.extensions());
         let service = &mut self.service;
         Dispatch::pass(marker.as_ref(), || service.call(request))
     }
-}
 
-impl<S, B> Drop for Queued<S, B> {
-    /// Dropped before it was passed on (cancelled, or its deadline passed):
-    /// a lent copy of the head is given back, from the request's own.
-    fn drop(&mut self) {
-        let Some(log) = self.wait.log() else {
-            return;
-        };
-        if let Some(request) = self.request.take() {
-            log.give_back_head(request.into_parts().0);
-        }
-    }
-}
-
-impl<S, B> Queued<S, B> {
     /// The queue said `Pending`: whether the request's deadline passed.
-    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<DeadlineReached> {
+    fn poll_deadline(
+        &mut self,
+        hooks: Option<&Hooks>,
+        cx: &mut Context<'_>,
+    ) -> Poll<DeadlineReached> {
         let started = self.wait.started();
         let reached = ready!(self.wait.poll_deadline(cx));
         let waited = started.map(|s| s.elapsed()).unwrap_or_default();
@@ -266,7 +312,7 @@ impl<S, B> Queued<S, B> {
             waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
             "concurrency: the request's deadline passed while it queued; not sent"
         );
-        if let Some(hooks) = &self.hooks {
+        if let Some(hooks) = hooks {
             hooks.deadline(LayerKind::Concurrency, waited);
         }
         Poll::Ready(reached)
@@ -379,5 +425,40 @@ impl<B: Body> Body for ConcurrencyBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use std::convert::Infallible;
+
+    type Transport = tower::util::ServiceFn<
+        fn(Request<Body>) -> std::future::Pending<Result<Response<Full<Bytes>>, Infallible>>,
+    >;
+    /// The body the preset's concurrency layer holds.
+    type Body = crate::body::ReplayBody<crate::body::ReplayBody<Full<Bytes>>>;
+
+    /// Every request waiting for a slot holds its entry: a guard against it
+    /// growing unnoticed. With this transport (a function pointer, 8
+    /// bytes) it was 336 bytes while it held the request whole (under a
+    /// retry layer whose copy of the head was lent) and the layer's
+    /// callbacks; 120 parked on the copy, the callbacks in the layer's
+    /// shared state.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_parked_requests_entry_stays_small() {
+        let parked = std::mem::size_of::<Queued<Transport, Parked<Body>>>();
+        assert!(parked <= 120, "a parked request's entry is {parked} bytes");
+        let whole = std::mem::size_of::<Queued<Transport, Request<Body>>>();
+        assert!(whole <= 328, "a whole request's entry is {whole} bytes");
+        // The future that holds either stays as small as it was.
+        let future = std::mem::size_of::<ResponseFuture<Transport, Body>>();
+        assert!(
+            future <= 48,
+            "concurrency::ResponseFuture is {future} bytes"
+        );
     }
 }

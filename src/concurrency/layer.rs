@@ -45,8 +45,6 @@ pub(crate) const DEFAULT_LATENCY_TOLERANCE: f64 = 2.0;
 #[derive(Clone)]
 pub struct ConcurrencyLayer {
     shared: Arc<Shared>,
-    /// Callbacks and metrics; `None` when there are none (nothing to clone).
-    hooks: Option<Arc<Hooks>>,
 }
 
 impl fmt::Debug for ConcurrencyLayer {
@@ -88,7 +86,7 @@ impl<S> Layer<S> for ConcurrencyLayer {
     type Service = Concurrency<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Concurrency::from_shared(inner, Arc::clone(&self.shared), self.hooks.clone())
+        Concurrency::from_shared(inner, Arc::clone(&self.shared))
     }
 }
 
@@ -315,8 +313,8 @@ impl ConcurrencyBuilder {
                 self.aging,
                 controller,
                 classifier,
+                observed.then_some(self.hooks),
             )),
-            hooks: observed.then(|| Arc::new(self.hooks)),
         }
     }
 }

@@ -40,6 +40,7 @@ use tokio::time::Instant;
 
 use super::adaptive::{Change, Controller, Outcome, Reason};
 use super::{LaneCounts, Priority, Snapshot};
+use crate::observe::Hooks;
 use crate::queue::{Removed, WaitQueue};
 
 /// Decides whether an inner error is a timeout (a drop signal in adaptive mode).
@@ -57,6 +58,9 @@ pub(crate) struct Shared {
     /// reading when sent and one at the response head); otherwise not.
     timed: bool,
     classifier: Classifier,
+    /// Callbacks and metrics; `None` when there are none. Here rather than
+    /// in each service and queued request: one pointer fewer in each.
+    hooks: Option<Hooks>,
 }
 
 /// Fixed mode's free slots and waiting flag in one word: `free << 1 |
@@ -241,6 +245,7 @@ impl Shared {
         aging: Duration,
         controller: Option<Controller>,
         classifier: Classifier,
+        hooks: Option<Hooks>,
     ) -> Self {
         let limit = match &controller {
             Some(c) => c.initial_limit(),
@@ -259,6 +264,7 @@ impl Shared {
                 controller,
             }),
             classifier,
+            hooks,
         }
     }
 
@@ -363,6 +369,11 @@ impl Shared {
         wakes.wake();
     }
 
+    /// The layer's callbacks, if it has any.
+    pub(crate) fn hooks(&self) -> Option<&Hooks> {
+        self.hooks.as_ref()
+    }
+
     pub(crate) fn snapshot(&self) -> Snapshot {
         let st = self.lock();
         let mut snap = st.snapshot();
@@ -460,6 +471,11 @@ impl State {
 }
 
 impl Waiter {
+    /// The layer's callbacks, if it has any.
+    pub(crate) fn hooks(&self) -> Option<&Hooks> {
+        self.shared.hooks()
+    }
+
     /// Wait for the slot a release hands to this waiter.
     ///
     /// # Cancellation
@@ -559,6 +575,7 @@ mod tests {
             Duration::from_secs(10),
             None,
             Arc::new(|_| false),
+            None,
         ))
     }
 

@@ -9,7 +9,7 @@ use super::future::ResponseFuture;
 use super::semaphore::{Shared, Ticket};
 use super::{Priority, Snapshot};
 use crate::dispatch::Dispatch;
-use crate::observe::{Hooks, LayerKind};
+use crate::observe::LayerKind;
 use crate::{BoxError, Error};
 
 /// Caps the requests in flight to the inner service; built by
@@ -22,16 +22,11 @@ use crate::{BoxError, Error};
 pub struct Concurrency<S> {
     inner: S,
     shared: Arc<Shared>,
-    hooks: Option<Arc<Hooks>>,
 }
 
 impl<S> Concurrency<S> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>, hooks: Option<Arc<Hooks>>) -> Self {
-        Concurrency {
-            inner,
-            shared,
-            hooks,
-        }
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Concurrency { inner, shared }
     }
 
     /// The inner service.
@@ -63,7 +58,6 @@ impl<S: Clone> Clone for Concurrency<S> {
         Concurrency {
             inner: self.inner.clone(),
             shared: Arc::clone(&self.shared),
-            hooks: self.hooks.clone(),
         }
     }
 }
@@ -116,10 +110,10 @@ where
                 // The ready service goes with the request; this one starts over.
                 let fresh = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, fresh);
-                ResponseFuture::waiting(waiter, ready, req, self.hooks.clone())
+                ResponseFuture::waiting(waiter, ready, req)
             }
             Ticket::Shed { waiting } => {
-                if let Some(hooks) = &self.hooks {
+                if let Some(hooks) = self.shared.hooks() {
                     hooks.reject(LayerKind::Concurrency, &Error::Overloaded { waiting });
                 }
                 ResponseFuture::shed(waiting)

@@ -113,8 +113,10 @@ struct Ctx<S, B> {
     /// before the first attempt the request's own, then the copy that the
     /// next attempt sends (none for a body that cannot be sent again). Kept
     /// there, not here, so that a layer inside that holds the attempt
-    /// waiting can lend the copy while it holds an equal head
-    /// ([`Log::lend_head`]): a waiting request carries one head.
+    /// waiting (the concurrency queue, the budget's line) can hold the
+    /// request on the copy while its head is equal
+    /// ([`Parked`](crate::wait::Parked)): a waiting request carries one
+    /// head.
     log: Arc<Log>,
 }
 
@@ -917,7 +919,7 @@ mod tests {
     /// what a request that waits or fails carries in its boxed history, 464
     /// with the span boxed, kept only when a subscriber wants it, and 240
     /// with the request head kept in the attempt's wait log, where a layer
-    /// that holds the attempt can lend it). Every request waiting in an
+    /// that holds the attempt can park the request on it). Every request waiting in an
     /// inner layer holds the context inline: it must not grow either (304
     /// bytes with the head, 80 without).
     #[test]
