@@ -417,8 +417,37 @@ fn read_anthropic<'a>(
 /// The longest limit value [`parse_limit`] remembers.
 const LIMIT_KEPT: usize = 24;
 
-/// A limit value and the number it gave.
-type KeptLimit = Option<([u8; LIMIT_KEPT], usize, Option<u64>)>;
+/// The longest reset value [`parse_reset`] remembers.
+const RESET_KEPT: usize = 32;
+
+/// The bytes of the value last read in one slot (up to `N`, with their
+/// length) and what they gave.
+type Kept<const N: usize, T> = Option<([u8; N], usize, T)>;
+
+/// What `read` gives for a header value of bytes `raw`, remembered in
+/// `slot`: the value last read there is read again only when its bytes
+/// change. A value longer than `N` is read and not remembered.
+fn remembered<const N: usize, T: Copy>(
+    slot: Option<&Cell<Kept<N, T>>>,
+    raw: &[u8],
+    read: impl FnOnce() -> T,
+) -> T {
+    let Some(slot) = slot.filter(|_| raw.len() <= N) else {
+        return read();
+    };
+    if let Some((kept, len, value)) = slot.get() {
+        if kept.get(..len) == Some(raw) {
+            return value;
+        }
+    }
+    let value = read();
+    let mut kept = [0u8; N];
+    if let Some(head) = kept.get_mut(..raw.len()) {
+        head.copy_from_slice(raw);
+        slot.set(Some((kept, raw.len(), value)));
+    }
+    value
+}
 
 /// An `anthropic-ratelimit-*-limit` value read as [`parse_u64`] reads it.
 /// The last value of each `kind` read on this thread is remembered with
@@ -426,36 +455,11 @@ type KeptLimit = Option<([u8; LIMIT_KEPT], usize, Option<u64>)>;
 /// changes.
 fn parse_limit(value: &HeaderValue, kind: usize) -> Option<u64> {
     thread_local! {
-        static LAST: [Cell<KeptLimit>; 4] = const { [const { Cell::new(None) }; 4] };
+        static LAST: [Cell<Kept<LIMIT_KEPT, Option<u64>>>; 4] =
+            const { [const { Cell::new(None) }; 4] };
     }
-    let raw = value.as_bytes();
-    if raw.len() > LIMIT_KEPT {
-        return parse_u64(value);
-    }
-    LAST.with(|last| {
-        let Some(last) = last.get(kind) else {
-            return parse_u64(value);
-        };
-        if let Some((kept, len, limit)) = last.get() {
-            if kept.get(..len) == Some(raw) {
-                return limit;
-            }
-        }
-        let limit = parse_u64(value);
-        let mut kept = [0u8; LIMIT_KEPT];
-        if let Some(head) = kept.get_mut(..raw.len()) {
-            head.copy_from_slice(raw);
-            last.set(Some((kept, raw.len(), limit)));
-        }
-        limit
-    })
+    LAST.with(|last| remembered(last.get(kind), value.as_bytes(), || parse_u64(value)))
 }
-
-/// The longest reset value [`parse_reset`] remembers.
-const RESET_KEPT: usize = 32;
-
-/// A reset value and the instant it names.
-type KeptReset = Option<([u8; RESET_KEPT], usize, Option<SystemTime>)>;
 
 /// An `anthropic-ratelimit-*-reset` value read as RFC 3339. The last value
 /// of each `kind` (requests, tokens, input, output tokens) read on this
@@ -463,28 +467,13 @@ type KeptReset = Option<([u8; RESET_KEPT], usize, Option<SystemTime>)>;
 /// instant rounded to the second, the same in every answer of that second.
 fn parse_reset(value: &HeaderValue, kind: usize) -> Option<SystemTime> {
     thread_local! {
-        static LAST: [Cell<KeptReset>; 4] = const { [const { Cell::new(None) }; 4] };
-    }
-    let raw = value.as_bytes();
-    if raw.len() > RESET_KEPT {
-        return value_str(value).and_then(parse_rfc3339);
+        static LAST: [Cell<Kept<RESET_KEPT, Option<SystemTime>>>; 4] =
+            const { [const { Cell::new(None) }; 4] };
     }
     LAST.with(|last| {
-        let Some(last) = last.get(kind) else {
-            return value_str(value).and_then(parse_rfc3339);
-        };
-        if let Some((kept, len, at)) = last.get() {
-            if kept.get(..len) == Some(raw) {
-                return at;
-            }
-        }
-        let at = value_str(value).and_then(parse_rfc3339);
-        let mut kept = [0u8; RESET_KEPT];
-        if let Some(head) = kept.get_mut(..raw.len()) {
-            head.copy_from_slice(raw);
-            last.set(Some((kept, raw.len(), at)));
-        }
-        at
+        remembered(last.get(kind), value.as_bytes(), || {
+            value_str(value).and_then(parse_rfc3339)
+        })
     })
 }
 
