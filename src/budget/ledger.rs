@@ -280,8 +280,13 @@ pub struct PrefixIntent<'a> {
     /// (0: it writes none): the order of nested writes across processes
     /// (see [`Ledger::prefixes_queued`]).
     pub tokens: u64,
-    /// How long a marker of `writes` as queued lives when the request is
-    /// not admitted ([`Ledger::prefixes_queued`]); zero: no marker.
+    /// How long a marker of `writes` as queued lives at least when the
+    /// request is not admitted ([`Ledger::prefixes_queued`]); zero: no
+    /// marker. A ledger that keeps the markers keeps them for the wait it
+    /// answers plus [`LINE_GRACE`] when that is longer, and renews for as
+    /// long the markers of the budget's other queued requests on the key
+    /// when the request is the head of its line: they wait at least as
+    /// long.
     pub queued_for: Duration,
 }
 
@@ -725,7 +730,12 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// joined its budget's line behind others: the ledger marks them as
     /// queued for the other processes for `queued_for`, until the request
     /// is admitted (its reservation turns the marker into one of a writer),
-    /// or [`Ledger::prefixes_dequeued`] says it left the line.
+    /// or [`Ledger::prefixes_dequeued`] says it left the line. A ledger
+    /// that remembers the wait it last answered the budget's head keeps
+    /// the marker at least until that head asks again, plus the grace
+    /// (the head's refused asks renew it: see
+    /// [`PrefixIntent::queued_for`]), so that it lives while its request
+    /// waits and ends by itself if the process went away.
     ///
     /// # Why: nested prefixes are written shortest first
     ///

@@ -59,7 +59,10 @@
 //!    it has begun to be written meanwhile, it holds before asking, keeping
 //!    its place in line, until that write begins, at most the hold bound of rule 1
 //!    (once per request): tokens refill while it holds, so under an
-//!    input-token limit the hold costs the others nothing.
+//!    input-token limit the hold costs the others nothing. A hold for
+//!    another process's request still queued in its line goes on past
+//!    that bound while the request's marker lives, at most
+//!    [`MAX_QUEUED_HOLD`] in all ([`hold_on`]).
 //!
 //! Classes whose cache reads count toward ITPM (Haiku 3.5) gain nothing and
 //! are never held. The longest pending prefix with a writer in flight
