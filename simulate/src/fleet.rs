@@ -25,7 +25,7 @@ use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder};
 use tower_llm_limits::budget::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, OutputSample,
-    PrefixIntent, Reservation, PREFIX_WRITING_WAIT,
+    PrefixIntent, Reservation, LINE_GRACE, PREFIX_WRITING_WAIT,
 };
 use tower_llm_limits::budget::redis::RedisLedger;
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetBuilder};
@@ -327,6 +327,10 @@ struct OnePrompt {
     /// request, the tokens of that request's longest write, and until when
     /// the marker lives.
     queued: Mutex<std::collections::HashMap<u64, Vec<Queued>>>,
+    /// Per stack, when its head of the line asks again (its last wait's
+    /// end): a queued marker lives at least until then plus the grace, as
+    /// a `RedisLedger` marks and renews it.
+    head_asks: Mutex<std::collections::HashMap<usize, Instant>>,
 }
 
 /// A queued request's marker on one prefix it will write.
@@ -358,10 +362,48 @@ impl OnePrompt {
         })
     }
 
-    /// Marks `writes` as queued by a stack's request.
+    /// Whether a queued request of a stack other than `stack` writes
+    /// `hash` and no admitted request of another stack does.
+    fn only_queued(&self, hash: u64, stack: usize) -> bool {
+        !self.written_by_another(hash, stack) && self.queued_by_another(hash, stack, u64::MAX)
+    }
+
+    /// When the latest marker of another stack's queued request that
+    /// writes `hash` expires.
+    fn queued_until(&self, hash: u64, stack: usize) -> Option<Instant> {
+        let queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        queued
+            .get(&hash)?
+            .iter()
+            .filter(|q| q.stack != stack)
+            .map(|q| q.until)
+            .filter(|until| *until > Instant::now())
+            .max()
+    }
+
+    /// A stack's head was answered a wait of `retry_in`: its other queued
+    /// requests' markers live until it asks again, plus the grace.
+    fn head_waits(&self, stack: usize, request: u64, retry_in: Duration) {
+        let next = Instant::now() + retry_in;
+        let mut asks = self.head_asks.lock().unwrap_or_else(|e| e.into_inner());
+        asks.insert(stack, next);
+        drop(asks);
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        for q in queued.values_mut().flatten() {
+            if q.stack == stack && q.request != request {
+                q.until = q.until.max(next + LINE_GRACE);
+            }
+        }
+    }
+
+    /// Marks `writes` as queued by a stack's request, at least until its
+    /// stack's head asks again, plus the grace.
     fn mark_queued(&self, stack: usize, request: u64, writes: &[u64], tokens: u64, for_: Duration) {
         let now = Instant::now();
-        let until = now + for_;
+        let asks = self.head_asks.lock().unwrap_or_else(|e| e.into_inner());
+        let head = asks.get(&stack).map_or(now, |at| *at + LINE_GRACE);
+        drop(asks);
+        let until = (now + for_).max(head);
         let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
         for h in writes {
             let list = queued.entry(*h).or_default();
@@ -506,14 +548,19 @@ impl Ledger for OneView {
             }
             _ => {}
         }
-        if matches!(answer, Reservation::Wait { .. }) && !prefixes.queued_for.is_zero() {
-            prompt.mark_queued(
-                view.stack,
-                place.request,
-                prefixes.writes,
-                prefixes.tokens,
-                prefixes.queued_for,
-            );
+        if let Reservation::Wait { retry_in, .. } = answer {
+            if place.head {
+                prompt.head_waits(view.stack, place.request, retry_in);
+            }
+            if !prefixes.queued_for.is_zero() {
+                prompt.mark_queued(
+                    view.stack,
+                    place.request,
+                    prefixes.writes,
+                    prefixes.tokens,
+                    prefixes.queued_for.max(retry_in + LINE_GRACE),
+                );
+            }
         }
         Some(LedgerFuture::ready(Ok(answer)))
     }
@@ -557,7 +604,24 @@ impl Ledger for OneView {
         if !list.iter().any(|w| w.will_wake(waker)) {
             list.push(waker.clone());
         }
+        drop(watchers);
+        let queued = prompt.only_queued(hash, view.stack);
+        if let Some(until) = prompt.queued_until(hash, view.stack).filter(|_| queued) {
+            // As a `RedisLedger`'s watch: the held request learns when the
+            // queued marker expired.
+            let waker = waker.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(until).await;
+                waker.wake();
+            });
+        }
         true
+    }
+
+    fn prefix_queued(&self, hash: u64) -> bool {
+        self.view
+            .as_ref()
+            .is_some_and(|view| self.one.prompt.only_queued(hash, view.stack))
     }
 
     fn prefixes_written(&self, hashes: &[u64]) {
@@ -727,6 +791,10 @@ impl Ledger for Timed {
 
     fn prefix_writing(&self, hash: u64, waker: &Waker) -> bool {
         self.inner.prefix_writing(hash, waker)
+    }
+
+    fn prefix_queued(&self, hash: u64) -> bool {
+        self.inner.prefix_queued(hash)
     }
 
     fn prefixes_written(&self, hashes: &[u64]) {

@@ -721,7 +721,7 @@ fn hold_in_line(
             *state = PrefixWait::InLine(bound);
         }
     }
-    let PrefixWait::InLine(bound) = state else {
+    let (PrefixWait::InLine(bound) | PrefixWait::InLineQueued(bound)) = state else {
         return false;
     };
     if writing.is_none() {
@@ -730,6 +730,10 @@ fn hold_in_line(
         return false;
     }
     if bound.as_mut().poll(cx).is_ready() {
+        // Past the bound, on while its writer is still queued elsewhere.
+        if prefix::hold_on(shared, charge, state, cx) {
+            return true;
+        }
         *state = PrefixWait::HeldToBound;
         return false;
     }
@@ -760,6 +764,7 @@ fn poll_prefix(
     let (slot, holding) = match state {
         PrefixWait::Done
         | PrefixWait::InLine(_)
+        | PrefixWait::InLineQueued(_)
         | PrefixWait::HeldToBound
         | PrefixWait::Candidate(_) => return Poll::Ready(()),
         PrefixWait::Unchecked if !prefix::applies(charge) => {

@@ -280,8 +280,13 @@ pub struct PrefixIntent<'a> {
     /// (0: it writes none): the order of nested writes across processes
     /// (see [`Ledger::prefixes_queued`]).
     pub tokens: u64,
-    /// How long a marker of `writes` as queued lives when the request is
-    /// not admitted ([`Ledger::prefixes_queued`]); zero: no marker.
+    /// How long a marker of `writes` as queued lives at least when the
+    /// request is not admitted ([`Ledger::prefixes_queued`]); zero: no
+    /// marker. A ledger that keeps the markers keeps them for the wait it
+    /// answers plus [`LINE_GRACE`] when that is longer, and renews for as
+    /// long the markers of the budget's other queued requests on the key
+    /// when the request is the head of its line: they wait at least as
+    /// long.
     pub queued_for: Duration,
 }
 
@@ -332,6 +337,21 @@ pub const LINE_DELAY_BOUND: Duration = super::admission::HEAD_DELAY_BOUND;
 /// asks again, at the latest ([`Ledger::reserve_in_line`]): time for that
 /// ticket's head, whose own wait ends then, to ask first.
 pub const LINE_RECHECK: Duration = Duration::from_millis(20);
+
+/// The longest a request holds, in all, for another process's request
+/// that writes a shorter prefix of its prompt and is still queued in its
+/// process's line ([`Ledger::prefix_queued`]), through that request's
+/// admission until its answer begins.
+///
+/// Why a minute: it is the limits' window. In a minute every bucket
+/// refills whole, so a queued request that has not gone by then waits
+/// behind more than a full minute of the fleet's traffic, or is stuck; and
+/// it is how long a fleet believes an admitted writer's marker. Traced on
+/// 16 processes, a conversation's turn 3 waited 34 s in its process's line
+/// after its turn 4, in another process, began to hold for it: a hold
+/// bounded by the prefix's refill time (14.4 s there) ended first, and the
+/// server wrote turn 3's prefix twice.
+pub const MAX_QUEUED_HOLD: Duration = Duration::from_secs(60);
 
 /// The state of one bucket, for snapshots.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -676,6 +696,25 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
         false
     }
 
+    /// Whether the writer of `hash` that [`Ledger::prefix_writing`]
+    /// reports is a request still queued in another process's line (its
+    /// marker of [`Ledger::prefixes_queued`] alive), not yet admitted.
+    ///
+    /// A hold for such a writer does not end at the bound of a hold for an
+    /// admitted writer: the queued request may wait in the fleet's line for
+    /// longer than that, and a request that goes before it writes the
+    /// shared part of their prompts first, which the queued request then
+    /// writes again (the server's entry for the longer prompt ends at its
+    /// own breakpoint). The budget holds while this says so, at most
+    /// [`MAX_QUEUED_HOLD`] in all. The
+    /// marker lives while its request waits and asks again (each refused
+    /// ask renews it for its wait plus a grace), so a process that went
+    /// away holds no one for long. The default: `false`.
+    fn prefix_queued(&self, hash: u64) -> bool {
+        let _ = hash;
+        false
+    }
+
     /// A request of this process that was admitted writing `hashes`
     /// ([`PrefixIntent::writes`]) no longer writes them: its answer began
     /// (the prefixes are readable), or it ended without one (refused,
@@ -691,7 +730,12 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// joined its budget's line behind others: the ledger marks them as
     /// queued for the other processes for `queued_for`, until the request
     /// is admitted (its reservation turns the marker into one of a writer),
-    /// or [`Ledger::prefixes_dequeued`] says it left the line.
+    /// or [`Ledger::prefixes_dequeued`] says it left the line. A ledger
+    /// that remembers the wait it last answered the budget's head keeps
+    /// the marker at least until that head asks again, plus the grace
+    /// (the head's refused asks renew it: see
+    /// [`PrefixIntent::queued_for`]), so that it lives while its request
+    /// waits and ends by itself if the process went away.
     ///
     /// # Why: nested prefixes are written shortest first
     ///

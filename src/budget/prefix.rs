@@ -59,7 +59,10 @@
 //!    it has begun to be written meanwhile, it holds before asking, keeping
 //!    its place in line, until that write begins, at most the hold bound of rule 1
 //!    (once per request): tokens refill while it holds, so under an
-//!    input-token limit the hold costs the others nothing.
+//!    input-token limit the hold costs the others nothing. A hold for
+//!    another process's request still queued in its line goes on past
+//!    that bound while the request's marker lives, at most
+//!    [`MAX_QUEUED_HOLD`] in all ([`hold_on`]).
 //!
 //! Classes whose cache reads count toward ITPM (Haiku 3.5) gain nothing and
 //! are never held. The longest pending prefix with a writer in flight
@@ -79,7 +82,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use super::ledger::Ledger;
+use super::ledger::{Ledger, MAX_QUEUED_HOLD};
 use super::state::{Charge, Shared};
 use crate::estimate::CachePrefix;
 
@@ -248,6 +251,12 @@ pub(crate) enum PrefixWait {
     /// it waited: it does not ask until that write begins, or until the
     /// bound of the cache hold.
     InLine(Pin<Box<Sleep>>),
+    /// In line as `InLine`, past that hold's bound, because the writer it
+    /// holds for is another process's request still queued there: it
+    /// holds while that request's marker lives, through its admission
+    /// until its answer begins, at most [`MAX_QUEUED_HOLD`] in all (see
+    /// [`hold_on`]).
+    InLineQueued(Pin<Box<Sleep>>),
     /// Held to the bound of the cache hold, which it does not do twice.
     HeldToBound,
 }
@@ -585,6 +594,63 @@ fn fleet_writing(
         *held = p.tokens;
     }
     true
+}
+
+/// Whether a request in line, holding for a longer prefix being written
+/// (`state`: [`PrefixWait::InLine`] or [`PrefixWait::InLineQueued`]),
+/// goes on holding now that its hold's timer fired: only past the first
+/// bound, and only while the writer is another process's request still
+/// queued in its line ([`Ledger::prefix_queued`]); then the timer is set to
+/// end the hold [`MAX_QUEUED_HOLD`] after it began, and `state` becomes
+/// `InLineQueued` (its end is not extended again).
+///
+/// Why: a hold bounded as for an admitted writer ended while the queued
+/// writer still waited in the fleet's line, and the held request, sent
+/// first, wrote the shared prefix that the queued one then wrote again
+/// (traced on 16 processes on Redis: turn 4 of a conversation held 14.4 s
+/// for its turn 3, went, and turn 3 went 14 s later). Sent after it, the
+/// held request reads it. The hold ends sooner when the marker goes: its
+/// request admitted and its answer begun, cancelled, refused, or its
+/// process gone (the marker is renewed only by its request's asks); the
+/// ledger's view then wakes the held request.
+pub(crate) fn hold_on(
+    shared: &Shared,
+    charge: &Charge,
+    state: &mut PrefixWait,
+    cx: &mut Context<'_>,
+) -> bool {
+    if !matches!(state, PrefixWait::InLine(_)) {
+        return false;
+    }
+    let Some(fleet) = shared.writers.fleet() else {
+        return false;
+    };
+    let queued = charge
+        .estimate
+        .cache_pending
+        .iter()
+        .any(|p| p.tokens == charge.fleet_held && fleet.prefix_queued(p.hash));
+    if !queued {
+        return false;
+    }
+    let itpm = charge.limits.input_tokens_per_minute;
+    let first = hold_bound(shared.settings.cache_hold, itpm, charge.fleet_held);
+    let rest = MAX_QUEUED_HOLD.saturating_sub(first);
+    if rest.is_zero() {
+        return false;
+    }
+    tracing::debug!(
+        key = super::callers::logged_key(charge.key()),
+        tokens = charge.fleet_held,
+        "budget: the writer held for is still queued in another process; holding on"
+    );
+    let PrefixWait::InLine(mut timer) = std::mem::take(state) else {
+        return false;
+    };
+    timer.as_mut().reset(Instant::now() + rest);
+    let going_on = std::future::Future::poll(timer.as_mut(), cx).is_pending();
+    *state = PrefixWait::InLineQueued(timer);
+    going_on
 }
 
 /// What a reservation tells a ledger that shares the fleet's prompt-cache

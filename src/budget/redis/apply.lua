@@ -24,13 +24,13 @@
 --          prompt cache
 -- ARGV[6]  the position of the output sample this ledger saw last
 -- ARGV[7..] operations, each 7 to 10 arguments (C: 2 + n, W: 1 + n,
--- P: 4 + n + m, U: 3 + n, D: 1 + n, O: 2):
+-- P: 5 + n + m + k, U: 3 + n, D: 1 + n, O: 2):
 --   O output max_tokens            an answer's output, added to the samples
 --   C for n name1..namen           prefixes cached, for `for` microseconds
 --                                  (no longer being written)
 --   W n name1..namen               prefixes this ledger no longer writes
 --                                  (the answer began, or ended without)
---   P for hold tokens qfor n w1..wn m p1..pm
+--   P for hold tokens qfor n w1..wn m p1..pm k r1..rk
 --                                  the next Q's prefixes: if admitted, it
 --                                  writes w1..wn (marked for `for`
 --                                  microseconds); it is not admitted while
@@ -41,7 +41,11 @@
 --                                  w1..wn (a head held keeps its ticket for
 --                                  `hold` microseconds plus the grace); if
 --                                  answered a wait, w1..wn are marked as
---                                  queued for `qfor` microseconds (0: not)
+--                                  queued for `qfor` microseconds (0: not),
+--                                  or for its wait plus the grace when that
+--                                  is longer, and this ledger's markers of
+--                                  r1..rk (its other queued requests')
+--                                  renewed for that wait plus the grace
 --   U for tokens n name1..namen    prefixes a queued request of this ledger
 --                                  will write (longest `tokens`), for `for`
 --   D n name1..namen               prefixes no longer queued here
@@ -65,13 +69,15 @@
 --
 -- Returns {now, kind, a, b, c}: kind 0 no reserve, 1 admitted,
 -- 2 wait (a = microseconds, b = dimension, c = the name of a pending
--- prefix another ledger writes, 0 for none), 3 never (a = dimension,
+-- prefix another ledger writes, negative when that writer is a queued
+-- request, 0 for none), 3 never (a = dimension,
 -- b = cost, c = limit); then {position, m, output1, max_tokens1, ...}:
 -- the output samples of other ledgers after ARGV[6] (at most 256), and
 -- the position of the newest; with a shared prompt cache, then {version, n,
 -- name1, cached1, writing1, ...}: the markers after ARGV[5] (at most 64),
 -- each with the Redis time it is cached until and the time its marker of
--- being written by another ledger expires (0: none), and the newest
+-- being written by another ledger expires (0: none; negated for a queued
+-- request's marker), and the newest
 -- version among them.
 local key = KEYS[1]
 local window = tonumber(ARGV[1])
@@ -90,7 +96,7 @@ local TOLERANCE = 500 * UNIT
 local RESET_PRECISION = 1000000
 local PREFIX_WAIT = 1000 -- microseconds: `PREFIX_WRITING_WAIT`
 local intent_writes, intent_pending, intent_for, intent_hold = {}, {}, 0, 0
-local intent_tokens, intent_queued = 0, 0
+local intent_tokens, intent_queued, intent_renew = 0, 0, {}
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -362,6 +368,13 @@ local function queued_elsewhere(names)
   return nil
 end
 
+-- The newest marker version (0 for none).
+local function newest()
+  local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
+  if #top == 0 then return 0 end
+  return tonumber(top[2])
+end
+
 local function reserve_line(limits, costs, headroom, owner, head, request, waited)
   exists = true
   h.k = 1
@@ -371,7 +384,12 @@ local function reserve_line(limits, costs, headroom, owner, head, request, waite
   -- head's ticket kept for the hold (its date and place, no costs: the
   -- others use the refill meanwhile); one that waits anyway asks again
   -- after its wait.
-  local busy = written_elsewhere(intent_pending) or queued_elsewhere(intent_pending)
+  local busy = written_elsewhere(intent_pending)
+  local queued_busy = false
+  if busy == nil then
+    busy = queued_elsewhere(intent_pending)
+    queued_busy = busy ~= nil
+  end
   local saved, saved_removed = nil, 0
   if busy ~= nil then
     saved = {}
@@ -451,6 +469,12 @@ local function reserve_line(limits, costs, headroom, owner, head, request, waite
       write_ticket({owner = owner, request = request, since = since, seq = seq, c = {0, 0, 0},
         due = now, expires = now + intent_hold + grace, delayed = delayed})
     end
+    if queued_busy then
+      -- Logged anew, so that this reply's markers carry the queued
+      -- marker and its expiry: the held request holds while it lives.
+      redis.call('ZADD', log, newest() + 1, busy)
+      return {2, PREFIX_WAIT, 2, -tonumber(busy)}
+    end
     return {2, PREFIX_WAIT, 2, tonumber(busy)}
   end
   if head then
@@ -465,13 +489,6 @@ local function reserve_line(limits, costs, headroom, owner, head, request, waite
     end
   end
   return answer
-end
-
--- The newest marker version (0 for none).
-local function newest()
-  local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
-  if #top == 0 then return 0 end
-  return tonumber(top[2])
 end
 
 -- Keeps the marker keys at least `for_us` plus the idle time.
@@ -509,9 +526,31 @@ local function mark_queued(for_us, tokens, names)
     local o_owner = nil
     if old then o_owner = string.match(old, '^%d+,(.+),%d+$') end
     redis.call('HSET', queued, name, value)
-    if o_owner ~= owner then
+    -- A marker renewed is logged too: the requests of other ledgers that
+    -- hold for it learn its new expiry.
+    if o_owner ~= owner or old ~= value then
       v = v + 1
       redis.call('ZADD', log, v, name)
+    end
+  end
+  keep_marks(for_us)
+end
+
+-- Renews this ledger's queued markers of names to last at least `for_us`
+-- more (keeping their tokens); each renewal is logged.
+local function renew_queued(for_us, names)
+  if since < 0 then return end
+  local v = newest()
+  for _, name in ipairs(names) do
+    local old = redis.call('HGET', queued, name)
+    if old then
+      local o_until, o_owner, o_tokens = string.match(old, '^(%d+),(.+),(%d+)$')
+      if o_owner == owner and tonumber(o_until) < now + for_us then
+        redis.call('HSET', queued, name,
+          string.format('%.0f', now + for_us) .. ',' .. owner .. ',' .. o_tokens)
+        v = v + 1
+        redis.call('ZADD', log, v, name)
+      end
     end
   end
   keep_marks(for_us)
@@ -579,11 +618,12 @@ local function markers()
       local u, o = string.match(w, '^(%d+),(.+)$')
       if o ~= owner then w_until = tonumber(u) end
     end
-    -- A queued request's marker counts as a write to come.
+    -- A queued request's marker counts as a write to come, told apart
+    -- by its sign (negative: queued, not yet admitted).
     local q = redis.call('HGET', queued, got[i])
-    if q then
+    if q and w_until <= now then
       local u, o = string.match(q, '^(%d+),(.+),%d+$')
-      if o ~= owner and tonumber(u) > now and tonumber(u) > w_until then w_until = tonumber(u) end
+      if o ~= owner and tonumber(u) > now then w_until = -tonumber(u) end
     end
     table.insert(out, tonumber(got[i]))
     table.insert(out, until_us)
@@ -651,7 +691,9 @@ while n <= #ARGV do
     intent_writes = names_after(n + 5, nw)
     local np = tonumber(ARGV[n + 6 + nw])
     intent_pending = names_after(n + 6 + nw, np)
-    n = n + 7 + nw + np
+    local nr = tonumber(ARGV[n + 7 + nw + np])
+    intent_renew = names_after(n + 7 + nw + np, nr)
+    n = n + 8 + nw + np + nr
   elseif op == 'U' then
     local count = tonumber(ARGV[n + 3])
     mark_queued(tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), names_after(n + 3, count))
@@ -698,8 +740,15 @@ if answer[1] == 1 and #intent_writes > 0 then
   -- Its queued markers become a writer's.
   unqueue(intent_writes)
   mark_writing(intent_for, intent_writes)
-elseif answer[1] == 2 and #intent_writes > 0 then
-  mark_queued(intent_queued, intent_tokens, intent_writes)
+elseif answer[1] == 2 and #intent_writes > 0 and intent_queued > 0 then
+  -- Marked (or renewed) for as long as its wait, plus the grace, when
+  -- that is longer: the marker lives while its request waits in line and
+  -- asks again, and ends by itself if its process went away.
+  mark_queued(math.max(intent_queued, answer[2] + grace), intent_tokens, intent_writes)
+end
+if answer[1] == 2 and #intent_renew > 0 then
+  -- The ledger's other queued requests wait at least as long.
+  renew_queued(answer[2] + grace, intent_renew)
 end
 
 if exists then

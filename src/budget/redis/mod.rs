@@ -654,7 +654,15 @@ impl Inner {
                 p.absorb(key, applied.now_us, m);
             }
             if let Some(name) = applied.writing {
-                p.writing_seen(key, name, applied.now_us);
+                p.writing_seen(key, name, applied.now_us, applied.writing_queued);
+            }
+            if let (Some(Reservation::Wait { retry_in, .. }), Some(line)) =
+                (applied.reservation, reserve.and_then(|a| a.line))
+            {
+                if line.head {
+                    let wait = u64::try_from(retry_in.as_micros()).unwrap_or(u64::MAX);
+                    p.head_waits(key, applied.now_us.saturating_add(wait));
+                }
             }
             let writes = reserve.and_then(|a| Some((a.names.as_ref()?, a.line?.request)));
             match (applied.reservation, writes) {
@@ -1063,14 +1071,23 @@ impl Ledger for RedisLedger {
         place: LinePlace,
         prefixes: PrefixIntent<'_>,
     ) -> Option<LedgerFuture<Reservation>> {
-        let names = (self.inner.prompt.is_some() && !prefixes.is_empty()).then(|| wire::Names {
-            writes: prefixes.writes.iter().map(|&h| prompt::name(h)).collect(),
-            pending: prefixes.pending.iter().map(|&h| prompt::name(h)).collect(),
-            for_us: prompt::WRITING_FOR_US,
-            hold_us: u64::try_from(prefixes.hold.as_micros()).unwrap_or(u64::MAX),
-            tokens: prefixes.tokens,
-            queued_us: u64::try_from(prefixes.queued_for.as_micros()).unwrap_or(u64::MAX),
-        });
+        // The process's other queued requests on the key wait at least
+        // as long as this one if it is refused: their markers are renewed
+        // with it.
+        let renew = match &self.inner.prompt {
+            Some(mirror) => mirror.queued_on(key, place.request),
+            None => Vec::new(),
+        };
+        let names = (self.inner.prompt.is_some() && !(prefixes.is_empty() && renew.is_empty()))
+            .then(|| wire::Names {
+                writes: prefixes.writes.iter().map(|&h| prompt::name(h)).collect(),
+                pending: prefixes.pending.iter().map(|&h| prompt::name(h)).collect(),
+                for_us: prompt::WRITING_FOR_US,
+                hold_us: u64::try_from(prefixes.hold.as_micros()).unwrap_or(u64::MAX),
+                tokens: prefixes.tokens,
+                queued_us: u64::try_from(prefixes.queued_for.as_micros()).unwrap_or(u64::MAX),
+                renew,
+            });
         Some(self.ask(key, limits, costs, Some(headroom), Some(place), names))
     }
 
@@ -1088,6 +1105,16 @@ impl Ledger for RedisLedger {
             }
             None => false,
         }
+    }
+
+    /// From the markers the key's calls brought back (a queued request's
+    /// marker, renewed at each of its refused asks, comes back with its
+    /// expiry).
+    fn prefix_queued(&self, hash: u64) -> bool {
+        self.inner
+            .prompt
+            .as_ref()
+            .is_some_and(|mirror| mirror.is_queued(hash))
     }
 
     /// Buffered and sent within the write delay (2 ms), with whatever else
@@ -1189,10 +1216,17 @@ impl Ledger for RedisLedger {
         if !mirror.queue(key, request, &names) {
             return;
         }
+        // Until its process's head asks again at least (each of the head's
+        // refused asks renews it), plus the grace.
+        let for_us = u64::try_from(queued_for.as_micros()).unwrap_or(u64::MAX);
+        let grace = u64::try_from(self.inner.settings.claim_grace.as_micros()).unwrap_or(u64::MAX);
+        let head = mirror
+            .head_asks_in(key)
+            .map_or(0, |wait| wait.saturating_add(grace));
         let op = Op::Queued {
             names,
             tokens,
-            for_us: u64::try_from(queued_for.as_micros()).unwrap_or(u64::MAX),
+            for_us: for_us.max(head),
         };
         self.inner.enqueue(key, [op]);
     }

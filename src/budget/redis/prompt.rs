@@ -53,6 +53,9 @@ pub(super) const WRITING_FOR_US: u64 = 60 * 1_000_000;
 /// asks Redis for the fleet's markers, while it does.
 pub(super) const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// [`WATCH_EVERY`] in microseconds.
+const WATCH_US: u64 = 100_000;
+
 /// One prefix's marker, as a script call returned it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Marker {
@@ -63,6 +66,8 @@ pub(super) struct Marker {
     /// The Redis time its marker of being written by another process
     /// expires; 0: no other process writes it.
     pub writing_until: u64,
+    /// That writer is a request still queued in its process's line.
+    pub queued: bool,
 }
 
 /// Markers returned by one script call.
@@ -83,6 +88,9 @@ struct Writer {
     key: Arc<str>,
     /// Whether a reservation of this process was held for it.
     held: bool,
+    /// Whether the writer is a request still queued in its process's
+    /// line (its marker lives while it waits there and asks again).
+    queued: bool,
 }
 
 /// The view the estimators of a process read; see the module docs.
@@ -107,6 +115,10 @@ pub(super) struct PromptMirror {
     mine: Mutex<HashMap<u64, (Arc<str>, u32)>>,
     /// This process's queued requests whose writes are marked as queued.
     queued: Mutex<Queued>,
+    /// Per budget key, the Redis time this process's head of the line asks
+    /// again (its last refused ask's wait ends): a request that joins the
+    /// line behind it is marked as queued at least until then.
+    head_asks: Mutex<HashMap<Arc<str>, u64>>,
 }
 
 /// This process's queued requests with marked writes: by request, its
@@ -157,7 +169,31 @@ impl PromptMirror {
             watchers: Mutex::new(HashMap::new()),
             mine: Mutex::new(HashMap::new()),
             queued: Mutex::new(Queued::default()),
+            head_asks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// This process's head of the line on `key` was answered a wait that
+    /// ends at Redis time `until_us`.
+    pub(super) fn head_waits(&self, key: &str, until_us: u64) {
+        let mut asks = lock(&self.head_asks);
+        if asks.len() >= MAX_MIRRORED {
+            asks.clear();
+        }
+        match asks.get_mut(key) {
+            Some(at) => *at = until_us,
+            None => {
+                asks.insert(Arc::from(key), until_us);
+            }
+        }
+    }
+
+    /// How long from now (Redis time) until this process's head on `key`
+    /// asks again, if it waits.
+    pub(super) fn head_asks_in(&self, key: &str) -> Option<u64> {
+        let now = self.redis_now()?;
+        let at = lock(&self.head_asks).get(key).copied()?;
+        (at > now).then(|| at - now)
     }
 
     /// A request of this process on `key` will write `names` from its
@@ -176,6 +212,21 @@ impl PromptMirror {
         }
         q.requests.insert(request, (Arc::from(key), names.to_vec()));
         true
+    }
+
+    /// The names the queued requests of this process on `key` other than
+    /// `request` will write (a few: one process's line).
+    pub(super) fn queued_on(&self, key: &str, request: u64) -> Vec<u64> {
+        let q = lock(&self.queued);
+        let mut names: Vec<u64> = q
+            .requests
+            .iter()
+            .filter(|(r, (k, _))| **r != request && &**k == key)
+            .flat_map(|(_, (_, names))| names.iter().copied())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 
     /// A queued request was admitted (its reservation cleared its
@@ -219,18 +270,47 @@ impl PromptMirror {
     }
 
     /// A reservation was held because another process writes `name`,
-    /// seen on `key` at Redis time `now_us`.
-    pub(super) fn writing_seen(&self, key: &str, name: u64, now_us: u64) {
+    /// seen on `key` at Redis time `now_us`; `queued`: that writer is a
+    /// request still queued there, whose marker (and its expiry) the same
+    /// reply carried (taken in by [`absorb`](Self::absorb) first): it is
+    /// believed exactly as long as that marker lives.
+    pub(super) fn writing_seen(&self, key: &str, name: u64, now_us: u64, queued: bool) {
         *lock(&self.clock) = Some((now_us, Instant::now()));
-        let until = now_us.saturating_add(WRITING_FOR_US);
         let mut writing = lock(&self.writing);
+        if queued {
+            // Without its marker in the reply (more than a reply's markers
+            // changed at once), believed for the watch's next look only.
+            let e = writing.entry(name).or_insert_with(|| Writer {
+                until: now_us.saturating_add(WATCH_US),
+                key: Arc::from(key),
+                held: true,
+                queued: true,
+            });
+            e.held = true;
+            return;
+        }
+        let until = now_us.saturating_add(WRITING_FOR_US);
         let e = writing.entry(name).or_insert_with(|| Writer {
             until,
             key: Arc::from(key),
             held: true,
+            queued: false,
         });
         e.until = e.until.max(until);
         e.held = true;
+        e.queued = false;
+    }
+
+    /// Whether the writer of the prefix `hash` that this process holds
+    /// requests for is a request still queued in another process (its
+    /// marker alive), not yet admitted.
+    pub(super) fn is_queued(&self, hash: u64) -> bool {
+        let Some(now) = self.redis_now() else {
+            return false;
+        };
+        lock(&self.writing)
+            .get(&name(hash))
+            .is_some_and(|w| w.queued && w.until > now)
     }
 
     /// Whether another process writes the prefix `hash` and a reservation
@@ -333,8 +413,10 @@ impl PromptMirror {
                         until: m.writing_until,
                         key: Arc::from(key),
                         held: false,
+                        queued: m.queued,
                     });
                     e.until = m.writing_until;
+                    e.queued = m.queued;
                 } else {
                     changed |= writing.remove(&m.name).is_some();
                 }
@@ -430,6 +512,7 @@ fn cached_marker(name: u64, until: u64) -> Marker {
         name,
         cached_until: until,
         writing_until: 0,
+        queued: false,
     }
 }
 

@@ -75,6 +75,9 @@ pub(super) struct Applied {
     /// A wait answered because another ledger writes this pending prefix
     /// (its marker name).
     pub writing: Option<u64>,
+    /// That writer is a request still queued in another ledger's line
+    /// (not yet admitted).
+    pub writing_queued: bool,
     /// The key's output samples told by other ledgers after the position
     /// asked after.
     pub outputs: Outputs,
@@ -102,6 +105,9 @@ pub(super) struct Names {
     pub tokens: u64,
     /// How long the writes are marked as queued if answered a wait (0: not).
     pub queued_us: u64,
+    /// The writes of this ledger's other queued requests on the key: their
+    /// markers are renewed if the reservation is answered a wait.
+    pub renew: Vec<u64>,
 }
 
 fn push_limits(inv: &mut ScriptInvocation<'_>, limits: &Limits) {
@@ -207,6 +213,10 @@ pub(super) fn push_names(inv: &mut ScriptInvocation<'_>, names: &Names) {
     for name in &names.pending {
         inv.arg(*name);
     }
+    inv.arg(names.renew.len());
+    for name in &names.renew {
+        inv.arg(*name);
+    }
 }
 
 /// Appends the reservation (the batch's last operation), with the
@@ -284,10 +294,12 @@ pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> 
         {
             let mut cached = Vec::with_capacity(rest.len() / 3);
             for m in rest.chunks_exact(3) {
+                // A negative expiry: the writer is a queued request.
                 cached.push(super::prompt::Marker {
                     name: non_negative(m[0])?,
                     cached_until: non_negative(m[1])?,
-                    writing_until: non_negative(m[2])?,
+                    writing_until: m[2].unsigned_abs(),
+                    queued: m[2] < 0,
                 });
             }
             Some(Markers {
@@ -302,9 +314,9 @@ pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> 
             )))
         }
     };
-    let writing = (*kind == 2 && *c != 0)
-        .then(|| non_negative(*c))
-        .transpose()?;
+    // A negative name: the writer is a queued request.
+    let writing = (*kind == 2 && *c != 0).then(|| c.unsigned_abs());
+    let writing_queued = *kind == 2 && *c < 0;
     let reservation = match kind {
         0 => None,
         1 => Some(Reservation::Admitted),
@@ -324,6 +336,7 @@ pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> 
         reservation,
         markers,
         writing,
+        writing_queued,
         outputs,
     })
 }
@@ -395,6 +408,7 @@ mod tests {
             name,
             cached_until,
             writing_until,
+            queued: false,
         };
         assert_eq!(
             marked.markers,
@@ -413,7 +427,20 @@ mod tests {
         assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 2, 11, 700, 0]).is_err());
         assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9]).is_err());
         assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 1, 11, -1, 0]).is_err());
-        assert!(parse_applied(&[5, 2, 1_000, 2, -4, 0, 0, 9, 0]).is_err());
+        // A queued writer: its name (and its marker's expiry) negative.
+        let queued = parse_applied(&[5, 2, 1_000, 2, -4, 0, 0, 9, 1, 4, 0, -900]).unwrap();
+        assert_eq!(queued.writing, Some(4));
+        assert!(queued.writing_queued);
+        assert!(!held.writing_queued);
+        assert_eq!(
+            queued.markers.map(|m| m.cached),
+            Some(vec![super::super::prompt::Marker {
+                name: 4,
+                cached_until: 0,
+                writing_until: 900,
+                queued: true,
+            }])
+        );
         assert!(parse_applied(&[5, 7, 0, 0, 0, 0, 0]).is_err());
         let learned = parse_applied(&[5, 1, 0, 0, 0, 40, 2, 300, 4_096, 120, 512]).unwrap();
         let sample = |output_tokens, max_tokens| OutputSample {
