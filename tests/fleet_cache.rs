@@ -1031,38 +1031,11 @@ async fn a_vanished_processes_queued_marker_expires() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn over_redis_a_later_turn_holds_for_an_earlier_turn_queued_in_another_process() {
-    use tower_llm_limits::budget::redis::RedisLedger;
-    let url = match std::env::var("REDIS_URL") {
-        Ok(url) => url,
-        Err(_) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "REDIS_URL is not set: with CI=true the Redis tests must run"
-            );
-            eprintln!(
-                "NOTICE tests/fleet_cache.rs: REDIS_URL is not set, the Redis test is skipped"
-            );
-            return;
-        }
-    };
-    let prefix = format!(
-        "tll-test-turns-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    );
-    let connect = || async {
-        let ledger = RedisLedger::builder(&url)
-            .prefix(&prefix)
-            .share_prompt_cache(true)
-            .connect()
-            .await
-            .expect("connect");
-        Arc::new(ledger) as Arc<dyn Ledger>
+    let Some(connect) = redis_ledgers("turns") else {
+        return;
     };
     let start = Instant::now();
-    let sent = turns_split(connect().await, connect().await).await;
+    let sent = turns_split(connect.ledger().await, connect.ledger().await).await;
     let at = |name| sent[name].0 - start;
     let began = |name| sent[name].1 - start;
     assert!(at("t1") > at("h2"), "turn 1 queued behind B's head");
@@ -1132,38 +1105,12 @@ async fn turn_two_behind_a_waiting_head(
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn over_redis_a_held_turn_holds_while_the_earlier_turn_stays_queued() {
-    use tower_llm_limits::budget::redis::RedisLedger;
-    let url = match std::env::var("REDIS_URL") {
-        Ok(url) => url,
-        Err(_) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "REDIS_URL is not set: with CI=true the Redis tests must run"
-            );
-            eprintln!(
-                "NOTICE tests/fleet_cache.rs: REDIS_URL is not set, the Redis test is skipped"
-            );
-            return;
-        }
-    };
-    let prefix = format!(
-        "tll-test-queued-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    );
-    let connect = || async {
-        let ledger = RedisLedger::builder(&url)
-            .prefix(&prefix)
-            .share_prompt_cache(true)
-            .connect()
-            .await
-            .expect("connect");
-        Arc::new(ledger) as Arc<dyn Ledger>
+    let Some(connect) = redis_ledgers("queued") else {
+        return;
     };
     let (start, sent) =
-        turn_two_behind_a_waiting_head(connect().await, connect().await, 24_000).await;
+        turn_two_behind_a_waiting_head(connect.ledger().await, connect.ledger().await, 24_000)
+            .await;
     let at = |name| sent[name].0 - start;
     let began = |name| sent[name].1 - start;
     assert!(
@@ -1179,4 +1126,49 @@ async fn over_redis_a_held_turn_holds_while_the_earlier_turn_stays_queued() {
         at("t2"),
         began("t1")
     );
+}
+
+/// Where the Redis tests connect (`REDIS_URL`), under a prefix of their
+/// own (`tll-test-<tag>-<pid>-<nanos>`); `None`, with a printed notice,
+/// without `REDIS_URL` (a failure under `CI=true`: there they must run).
+#[cfg(feature = "redis")]
+fn redis_ledgers(tag: &str) -> Option<RedisLedgers> {
+    let Ok(url) = std::env::var("REDIS_URL") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "REDIS_URL is not set: with CI=true the Redis tests must run"
+        );
+        eprintln!("NOTICE tests/fleet_cache.rs: REDIS_URL is not set, the Redis test is skipped");
+        return None;
+    };
+    let prefix = format!(
+        "tll-test-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    Some(RedisLedgers { url, prefix })
+}
+
+/// The processes of one Redis test: each ledger shares the prompt cache
+/// under the test's prefix.
+#[cfg(feature = "redis")]
+struct RedisLedgers {
+    url: String,
+    prefix: String,
+}
+
+#[cfg(feature = "redis")]
+impl RedisLedgers {
+    /// One more process's ledger.
+    async fn ledger(&self) -> Arc<dyn Ledger> {
+        let ledger = tower_llm_limits::budget::redis::RedisLedger::builder(&self.url)
+            .prefix(&self.prefix)
+            .share_prompt_cache(true)
+            .connect()
+            .await
+            .expect("connect");
+        Arc::new(ledger)
+    }
 }
