@@ -22,7 +22,7 @@ use tower_llm_limits::budget::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, PrefixIntent,
     Reservation, PREFIX_WRITING_WAIT,
 };
-use tower_llm_limits::budget::{Limits, TokenBudgetLayer};
+use tower_llm_limits::budget::{Limits, TokenBudget, TokenBudgetLayer};
 use tower_llm_limits::estimate::SharedPromptCache;
 use tower_llm_limits::headers::LimitStatus;
 use tower_llm_limits::Dimension;
@@ -679,6 +679,26 @@ fn recording_upstream(server: Arc<Server>) -> Upstream {
     }))
 }
 
+/// A budget of the turn tests over `ledger`: limits the turns fit at once,
+/// a 5 s cache hold, answered by [`recording_upstream`] into `server`.
+fn turn_budget(server: &Arc<Server>, ledger: Arc<dyn Ledger>) -> TokenBudget<Upstream> {
+    TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1_000).itpm(180_000).otpm(1_000_000))
+        .ledger(ledger)
+        .cache_hold(Duration::from_secs(5))
+        .build()
+        .layer(recording_upstream(Arc::clone(server)))
+}
+
+/// Sends `req` through `svc` on a task of its own, its answer read whole.
+fn send(svc: &TokenBudget<Upstream>, req: Request<Full<Bytes>>) -> tokio::task::JoinHandle<()> {
+    let svc = svc.clone();
+    tokio::spawn(async move {
+        let response = svc.oneshot(req).await.expect("sent");
+        response.into_body().collect().await.expect("body");
+    })
+}
+
 fn named(mut req: Request<Full<Bytes>>, name: &'static str) -> Request<Full<Bytes>> {
     req.headers_mut()
         .insert("x-name", http::HeaderValue::from_static(name));
@@ -696,37 +716,25 @@ async fn turns_split(
     b: Arc<dyn Ledger>,
 ) -> HashMap<&'static str, (Instant, Instant)> {
     let server = Arc::new(Server::default());
-    let budget = |ledger: Arc<dyn Ledger>| {
-        TokenBudgetLayer::builder()
-            .limits(Limits::new().rpm(1_000).itpm(180_000).otpm(1_000_000))
-            .ledger(ledger)
-            .cache_hold(Duration::from_secs(5))
-            .build()
-            .layer(recording_upstream(Arc::clone(&server)))
-    };
+    let budget = |ledger| turn_budget(&server, ledger);
     let (a, b) = (budget(a), budget(b));
-    let spawn = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>, req| {
-        let svc = svc.clone();
-        tokio::spawn(async move {
-            let response = svc.oneshot(req).await.expect("sent");
-            response.into_body().collect().await.expect("body")
-        })
-    };
-    let h1 = spawn(&b, named(large(116_000), "h1"));
+    let h1 = send(&b, named(large(116_000), "h1"));
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let h2 = spawn(&b, named(large(8_200), "h2"));
+    let h2 = send(&b, named(large(8_200), "h2"));
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let t1 = spawn(&b, named(turn(1), "t1"));
+    let t1 = send(&b, named(turn(1), "t1"));
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let t2 = spawn(&a, named(turn(2), "t2"));
+    let t2 = send(&a, named(turn(2), "t2"));
     for task in [h1, h2, t1, t2] {
-        let _ = task.await.expect("task");
+        task.await.expect("task");
     }
     let sent = server.sent.lock().expect("lock").clone();
     sent
 }
 
-fn two_views(queues: bool) -> (Arc<dyn Ledger>, Arc<dyn Ledger>) {
+/// Two processes' views (ids 1 and 2) of one set of markers, which they
+/// hold for, with a round trip, marking their queued writes when `queues`.
+fn two_views(queues: bool) -> (Arc<Markers>, Arc<dyn Ledger>, Arc<dyn Ledger>) {
     let markers = Arc::new(Markers::default());
     let view = |id| -> Arc<dyn Ledger> {
         Arc::new(View {
@@ -737,7 +745,8 @@ fn two_views(queues: bool) -> (Arc<dyn Ledger>, Arc<dyn Ledger>) {
             round_trip: true,
         })
     };
-    (view(1), view(2))
+    let (a, b) = (view(1), view(2));
+    (markers, a, b)
 }
 
 /// A conversation's later turn that could go at once in one process holds
@@ -748,7 +757,7 @@ fn two_views(queues: bool) -> (Arc<dyn Ledger>, Arc<dyn Ledger>) {
 #[tokio::test(start_paused = true)]
 async fn a_later_turn_holds_for_an_earlier_turn_queued_in_another_process() {
     let start = Instant::now();
-    let (a, b) = two_views(true);
+    let (_, a, b) = two_views(true);
     let sent = turns_split(a, b).await;
     let at = |name| sent[name].0 - start;
     let began = |name| sent[name].1 - start;
@@ -766,7 +775,7 @@ async fn a_later_turn_holds_for_an_earlier_turn_queued_in_another_process() {
     );
 
     let start = Instant::now();
-    let (a, b) = two_views(false);
+    let (_, a, b) = two_views(false);
     let sent = turns_split(a, b).await;
     let at = |name| sent[name].0 - start;
     assert!(
@@ -800,28 +809,11 @@ async fn held_turn_two(then: B) -> Duration {
 /// As [`held_turn_two`], returning when turn 2 arrived, and when each
 /// request reached the server and its answer began.
 async fn held_turns(then: B) -> (Instant, HashMap<&'static str, (Instant, Instant)>) {
-    let markers = Arc::new(Markers::default());
-    let view = |id| -> Arc<dyn Ledger> {
-        Arc::new(View {
-            markers: Arc::clone(&markers),
-            id,
-            holds: true,
-            queues: true,
-            round_trip: true,
-        })
-    };
-    let (a, b) = (view(1), view(2));
+    let (markers, a, b) = two_views(true);
     // Turn 1's writes, as its budget names them: learned from a request
     // of turn 1 through a third budget with no capacity problem.
     let server = Arc::new(Server::default());
-    let budget = |ledger: Arc<dyn Ledger>| {
-        TokenBudgetLayer::builder()
-            .limits(Limits::new().rpm(1_000).itpm(180_000).otpm(1_000_000))
-            .ledger(ledger)
-            .cache_hold(Duration::from_secs(5))
-            .build()
-            .layer(recording_upstream(Arc::clone(&server)))
-    };
+    let budget = |ledger| turn_budget(&server, ledger);
     let recorder = Arc::new(Recorder {
         inner: b,
         queued: Mutex::new(Vec::new()),
@@ -1064,33 +1056,19 @@ async fn turn_two_behind_a_waiting_head(
     blocker: usize,
 ) -> (Instant, HashMap<&'static str, (Instant, Instant)>) {
     let server = Arc::new(Server::default());
-    let budget = |ledger: Arc<dyn Ledger>| {
-        TokenBudgetLayer::builder()
-            .limits(Limits::new().rpm(1_000).itpm(180_000).otpm(1_000_000))
-            .ledger(ledger)
-            .cache_hold(Duration::from_secs(5))
-            .build()
-            .layer(recording_upstream(Arc::clone(&server)))
-    };
+    let budget = |ledger| turn_budget(&server, ledger);
     let (a, b) = (budget(a), budget(b));
-    let spawn = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>, req| {
-        let svc = svc.clone();
-        tokio::spawn(async move {
-            let response = svc.oneshot(req).await.expect("sent");
-            response.into_body().collect().await.expect("body")
-        })
-    };
     // Its answer is held unread: nothing settles it meanwhile.
     let h1 = tokio::spawn(b.clone().oneshot(named(large(116_000), "h1")));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let h2 = spawn(&b, named(large(blocker), "h2"));
+    let h2 = send(&b, named(large(blocker), "h2"));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let t1 = spawn(&b, named(turn(1), "t1"));
+    let t1 = send(&b, named(turn(1), "t1"));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let start = Instant::now();
-    let t2 = spawn(&a, named(turn(2), "t2"));
+    let t2 = send(&a, named(turn(2), "t2"));
     for task in [h2, t1, t2] {
-        let _ = task.await.expect("task");
+        task.await.expect("task");
     }
     h1.abort();
     let sent = server.sent.lock().expect("lock").clone();
