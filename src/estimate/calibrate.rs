@@ -83,6 +83,15 @@ impl SlidingQuantile {
                 return false;
             };
             let (old, key) = (order_key(old), order_key(x));
+            if old == key {
+                // The same figure again (the same bits): the sorted copy
+                // stays as it is.
+                if let Some(slot) = self.ring.get_mut(self.next) {
+                    *slot = x;
+                }
+                self.next = (self.next + 1) % cap;
+                return true;
+            }
             let live = &mut self.sorted[..self.len];
             // The last copy of `old`, and where `x` goes: after the samples
             // at most it, as in a push.

@@ -401,9 +401,10 @@ impl PartsFit {
             return false;
         }
         let media = self.media_cost(split.media(), split.x[ITEMS], config);
+        let fitted = split.fitted(&self.w).max(0.0);
         // What the text leaves, as the fit predicts it now, is a sample of
         // the media when it is a large enough part of the whole.
-        let rest = actual - split.fitted(&self.w).max(0.0);
+        let rest = actual - fitted;
         if media > 0.0 && rest >= MEDIA_SAMPLE_SHARE * actual {
             if split.media() > 0.0 {
                 self.media_ratio.push(rest / split.media());
@@ -431,7 +432,7 @@ impl PartsFit {
             index,
             parts,
             media: (split.media() / actual, split.x[ITEMS] / actual),
-            class: Self::class(split, kind, media, split.fitted(&self.w).max(0.0) + media),
+            class: Self::class(split, kind, media, fitted + media),
         };
         let evicted = if self.rows.len() < self.cap {
             self.rows.push(row);
