@@ -1366,7 +1366,12 @@ impl AnthropicEstimator {
         // worked out once: the whole and the groups of the split come from
         // them, and so do a section's tokens when it holds all the text
         // (most requests: only messages, or a system prompt without text).
-        let has_text = w.sections.each_ref().map(|s| !s.tally.text.is_empty());
+        let [tools, system, messages] = &w.sections;
+        let has_text = [
+            !tools.tally.text.is_empty(),
+            !system.tally.text.is_empty(),
+            !messages.tally.text.is_empty(),
+        ];
         let sole = has_text.iter().filter(|t| **t).count() == 1;
         let mut text = Classes::default();
         for (s, _) in w.sections.iter().zip(has_text).filter(|(_, t)| *t) {
@@ -1377,14 +1382,14 @@ impl AnthropicEstimator {
             }
         }
         let terms = TextModel::FITTED.terms(&text);
-        let section_tokens: [f64; 3] = SECTIONS.map(|sec| {
-            let t = &w.sections[sec as usize].tally;
-            if sole && has_text[sec as usize] {
-                terms.sum() * scale + t.fixed as f64
+        let mut section_tokens = [0.0f64; 3];
+        for ((out, s), text) in section_tokens.iter_mut().zip(&w.sections).zip(has_text) {
+            *out = if sole && text {
+                terms.sum() * scale + s.tally.fixed as f64
             } else {
-                tokens(t)
-            }
-        });
+                tokens(&s.tally)
+            };
+        }
         let total_f = self.config.request_overhead as f64 + section_tokens.iter().sum::<f64>();
         let total = total_f.ceil() as u64;
         // A name no model has is estimated, but nothing is remembered for it.

@@ -510,9 +510,9 @@ impl Calibration {
     /// The coefficients the fit of `m` leans toward: the model's text ratio
     /// (the median of its window once it has enough samples, else neutral)
     /// for the text, the media formula and the overhead as estimated.
-    fn prior(&self, m: &ModelWindow) -> [f64; FIT] {
+    fn prior(&self, window: &SlidingQuantile) -> [f64; FIT] {
         let ratio = self
-            .center_of(&m.window)
+            .center_of(window)
             .unwrap_or(self.config.neutral)
             .clamp(self.config.min_factor, self.config.max_factor);
         Split::prior(ratio)
@@ -562,10 +562,14 @@ impl Calibration {
             if split.text() >= TEXT_ONLY_SHARE * total && estimated > 0 {
                 m.window.push(actual / estimated as f64);
             }
-            let prior = self.prior(m);
-            m.fit
-                .get_or_insert_with(|| Box::new(PartsFit::new(window)))
-                .push(split, kind, actual, &prior, &self.config)
+            // The prior is worked out only for a refit.
+            let ModelWindow {
+                window: ratios,
+                fit,
+                ..
+            } = m;
+            fit.get_or_insert_with(|| Box::new(PartsFit::new(window)))
+                .push_with(split, kind, actual, || self.prior(ratios), &self.config)
         })
         .unwrap_or(false)
     }

@@ -388,12 +388,26 @@ impl PartsFit {
     /// tokens for, and refits toward the `prior` coefficients. Returns false
     /// (and changes nothing) when either carries no information (a zero or
     /// non-finite figure).
+    #[cfg(test)]
     pub(crate) fn push(
         &mut self,
         split: &Split,
         kind: ContentKind,
         actual: f64,
         prior: &[f64; FIT],
+        config: &CalibrationConfig,
+    ) -> bool {
+        self.push_with(split, kind, actual, || *prior, config)
+    }
+
+    /// [`push`](Self::push), with the prior coefficients worked out by
+    /// `prior` when a refit is due (not at every request).
+    pub(crate) fn push_with(
+        &mut self,
+        split: &Split,
+        kind: ContentKind,
+        actual: f64,
+        prior: impl FnOnce() -> [f64; FIT],
         config: &CalibrationConfig,
     ) -> bool {
         let total = split.total();
@@ -458,7 +472,7 @@ impl PartsFit {
         self.since_margins += 1;
         if self.since_refit >= (self.rows.len() / 8).max(1) {
             self.since_refit = 0;
-            self.refit(prior, config);
+            self.refit(&prior(), config);
         }
         true
     }
@@ -642,7 +656,15 @@ impl PartsFit {
                 *c += 1;
             }
         }
-        let ranks = count.map(|n| (rank(0.5, n), rank(config.quantile, n)));
+        // Ranks only for the classes with enough requests for a factor of
+        // their own (a rank of 0 is never reached).
+        let min = config.min_samples.max(1);
+        let mut ranks = [(0usize, 0usize); CLASSES];
+        for (r, &n) in ranks.iter_mut().zip(&count) {
+            if n >= min {
+                *r = (rank(0.5, n), rank(config.quantile, n));
+            }
+        }
         let n = self.errors.len();
         let all_ranks = (rank(0.5, n), rank(config.quantile, n));
         let mut seen = [0usize; CLASSES];
@@ -669,7 +691,6 @@ impl PartsFit {
             let f = 1.0 + median + config.spread_weight * (high - median).max(0.0);
             f.clamp(config.min_factor, config.max_factor)
         };
-        let min = config.min_samples.max(1);
         self.factor = if n >= min {
             factor(all_median, all_high)
         } else {
