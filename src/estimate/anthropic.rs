@@ -665,8 +665,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 match key {
                     b"model" => {
                         if self.sc.peek()? == b'"' {
-                            let (span, _) = self.sc.string(false)?;
-                            self.model = Some(span);
+                            self.model = Some(self.plain_string()?);
                         } else {
                             self.sc.skip_value(None)?;
                         }
@@ -688,6 +687,29 @@ impl<'a, 'c> Walk<'a, 'c> {
             return Err(Malformed);
         }
         Ok(())
+    }
+
+    /// The span of the string whose opening quote is next (after blanks),
+    /// as [`Scanner::string`] gives it; a string without escapes (a model
+    /// name, longer than the scanner's sixteen-byte fast path) by one
+    /// search for its closing quote.
+    fn plain_string(&mut self) -> Result<Span> {
+        if self.sc.peek()? == b'"' {
+            let start = self.sc.position() + 1;
+            let rest = self.sc.input().get(start..).unwrap_or_default();
+            if let Some(k) = memchr::memchr2(b'"', b'\\', rest) {
+                if rest.get(k) == Some(&b'"') {
+                    self.sc.set_position(start + k + 1);
+                    let end = start + k;
+                    return Ok(Span {
+                        start,
+                        end,
+                        escaped: false,
+                    });
+                }
+            }
+        }
+        Ok(self.sc.string(false)?.0)
     }
 
     /// Ends a top-level element of a section (a tool, a system block, a

@@ -364,11 +364,13 @@ impl Hasher for NameHasher {
         }
         let rest = words.remainder();
         if !rest.is_empty() {
-            let mut a = [0u8; 8];
-            if let Some(head) = a.get_mut(..rest.len()) {
-                head.copy_from_slice(rest);
-            }
-            self.add(u64::from_le_bytes(a));
+            // The last few bytes as a little-endian word padded with zeros
+            // (byte by byte: no call to copy fewer than eight).
+            let word = rest
+                .iter()
+                .rev()
+                .fold(0u64, |word, &b| (word << 8) | u64::from(b));
+            self.add(word);
         }
     }
 
@@ -686,6 +688,22 @@ impl Calibration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name's last bytes hash as one word padded with zeros, read little
+    /// endian, as its whole words are.
+    #[test]
+    fn a_name_hashes_its_last_bytes_as_a_padded_word() {
+        let name = b"claude-sonnet-4-5";
+        let mut h = NameHasher::default();
+        h.write(name);
+        let mut words = NameHasher::default();
+        for chunk in name.chunks(8) {
+            let mut a = [0u8; 8];
+            a[..chunk.len()].copy_from_slice(chunk);
+            words.add(u64::from_le_bytes(a));
+        }
+        assert_eq!(h.finish(), words.finish());
+    }
 
     #[test]
     fn window_evicts_oldest_and_keeps_sorted() {
