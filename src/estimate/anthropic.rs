@@ -1293,7 +1293,12 @@ impl AnthropicEstimator {
             return self.no_model_key;
         };
         let models = self.models.lock().unwrap_or_else(|e| e.into_inner());
-        match models.iter().find(|k| *k.name == *m) {
+        // An estimate's name is the kept one itself (the same bytes in
+        // memory) unless it was never kept: compared by address first.
+        match models
+            .iter()
+            .find(|k| std::ptr::eq(&*k.name, m) || *k.name == *m)
+        {
             Some(known) => known.key,
             None => {
                 drop(models);
