@@ -613,17 +613,10 @@ impl TextModel {
             .sum()
     }
 
-    /// The tokens of text with these counts, split by [`Group`]: their sum
-    /// is [`tokens`](Self::tokens).
-    #[cfg(test)]
-    pub(crate) fn group_tokens(&self, c: &Classes) -> [f64; GROUPS] {
-        self.terms(c).groups()
-    }
-
     /// The tokens of each feature of text with these counts, worked out
-    /// once for both the whole ([`Terms::sum`]) and its groups
-    /// ([`Terms::groups`]), each the same to the bit as
-    /// [`tokens`](Self::tokens) and [`group_tokens`](Self::group_tokens).
+    /// once for both the whole ([`Terms::sum`], the same to the bit as
+    /// [`tokens`](Self::tokens)) and its split by [`Group`]
+    /// ([`Terms::groups`], whose sum is the whole).
     #[inline]
     pub(crate) fn terms(&self, c: &Classes) -> Terms {
         let mut t = [0.0; FEATURES];
@@ -656,7 +649,7 @@ impl Terms {
         self.0.iter().sum()
     }
 
-    /// The tokens by [`Group`]: [`TextModel::group_tokens`] of its counts.
+    /// The tokens by [`Group`], each group's features added in their order.
     #[inline]
     pub(crate) fn groups(&self) -> [f64; GROUPS] {
         let mut out = [0.0; GROUPS];
@@ -794,7 +787,7 @@ mod tests {
                 let mut c = Classes::default();
                 for n in c.n.iter_mut() {
                     *n = match rng.below(6) {
-                        0 | 1 | 2 => 0,
+                        0..=2 => 0,
                         3 => rng.below(10) as u64,
                         4 => rng.next(),
                         _ => u64::MAX - rng.below(3) as u64,
