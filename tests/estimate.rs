@@ -666,6 +666,34 @@ async fn warm_prefix_is_charged_only_for_what_follows() {
     assert_eq!(warm.input_tokens, warm.raw_input_tokens);
 }
 
+/// A request without breakpoints that settles while one with a breakpoint
+/// (of the same size, the same text) is in flight does not settle the
+/// other's write: that write is confirmed by its own response.
+#[tokio::test(start_paused = true)]
+async fn a_request_without_breakpoints_leaves_anothers_write_alone() {
+    let e = AnthropicEstimator::new();
+    let writer = est(&e, &cached_request(None, "q"));
+    assert_eq!(writer.cache_writes.len(), 1);
+    let mut plain = cached_request(None, "q");
+    plain["system"][0]
+        .as_object_mut()
+        .map(|block| block.remove("cache_control"));
+    let other = est(&e, &plain);
+    assert!(other.cache_writes.is_empty(), "{other:?}");
+    assert_eq!(other.raw_input_tokens, writer.raw_input_tokens);
+    e.observe(
+        &other,
+        &Usage {
+            input_tokens: other.raw_input_tokens,
+            ..Usage::default()
+        },
+    );
+    e.observe(&writer, &created(&writer));
+    assert_eq!(e.snapshot().warm_cache_entries, 1);
+    let warm = est(&e, &cached_request(None, "another question"));
+    assert!(near(warm.cache_read_tokens, sys()), "{warm:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn unconfirmed_prefix_stays_cold() {
     // Requests sent together before any response all pay full price.

@@ -665,8 +665,7 @@ impl<'a, 'c> Walk<'a, 'c> {
                 match key {
                     b"model" => {
                         if self.sc.peek()? == b'"' {
-                            let (span, _) = self.sc.string(false)?;
-                            self.model = Some(span);
+                            self.model = Some(self.plain_string()?);
                         } else {
                             self.sc.skip_value(None)?;
                         }
@@ -690,6 +689,29 @@ impl<'a, 'c> Walk<'a, 'c> {
         Ok(())
     }
 
+    /// The span of the string whose opening quote is next (after blanks),
+    /// as [`Scanner::string`] gives it; a string without escapes (a model
+    /// name, longer than the scanner's sixteen-byte fast path) by one
+    /// search for its closing quote.
+    fn plain_string(&mut self) -> Result<Span> {
+        if self.sc.peek()? == b'"' {
+            let start = self.sc.position() + 1;
+            let rest = self.sc.input().get(start..).unwrap_or_default();
+            if let Some(k) = memchr::memchr2(b'"', b'\\', rest) {
+                if rest.get(k) == Some(&b'"') {
+                    self.sc.set_position(start + k + 1);
+                    let end = start + k;
+                    return Ok(Span {
+                        start,
+                        end,
+                        escaped: false,
+                    });
+                }
+            }
+        }
+        Ok(self.sc.string(false)?.0)
+    }
+
     /// Ends a top-level element of a section (a tool, a system block, a
     /// message's content block): adds its tally and marks a boundary.
     fn end_element(&mut self, sec: Section, t: Tally) {
@@ -700,6 +722,10 @@ impl<'a, 'c> Walk<'a, 'c> {
         let s = self.section(sec);
         s.tally.add(t);
         s.end = end;
+        if !keep && cc.is_none() {
+            // No breakpoint in the body: no boundary is kept.
+            return;
+        }
         let at = Boundary {
             end,
             tally: s.tally,
@@ -1267,7 +1293,12 @@ impl AnthropicEstimator {
             return self.no_model_key;
         };
         let models = self.models.lock().unwrap_or_else(|e| e.into_inner());
-        match models.iter().find(|k| *k.name == *m) {
+        // An estimate's name is the kept one itself (the same bytes in
+        // memory) unless it was never kept: compared by address first.
+        match models
+            .iter()
+            .find(|k| std::ptr::eq(&*k.name, m) || *k.name == *m)
+        {
             Some(known) => known.key,
             None => {
                 drop(models);
@@ -1358,7 +1389,34 @@ impl AnthropicEstimator {
             }
             TextModel::FITTED.tokens(&t.text) * scale + t.fixed as f64
         };
-        let section_tokens: [f64; 3] = SECTIONS.map(|s| tokens(&w.sections[s as usize].tally));
+        // The request's text, and the model's tokens per feature of it,
+        // worked out once: the whole and the groups of the split come from
+        // them, and so do a section's tokens when it holds all the text
+        // (most requests: only messages, or a system prompt without text).
+        let [tools, system, messages] = &w.sections;
+        let has_text = [
+            !tools.tally.text.is_empty(),
+            !system.tally.text.is_empty(),
+            !messages.tally.text.is_empty(),
+        ];
+        let sole = has_text.iter().filter(|t| **t).count() == 1;
+        let mut text = Classes::default();
+        for (s, _) in w.sections.iter().zip(has_text).filter(|(_, t)| *t) {
+            if sole {
+                text = s.tally.text;
+            } else {
+                text.add(&s.tally.text);
+            }
+        }
+        let terms = TextModel::FITTED.terms(&text);
+        let mut section_tokens = [0.0f64; 3];
+        for ((out, s), text) in section_tokens.iter_mut().zip(&w.sections).zip(has_text) {
+            *out = if sole && text {
+                terms.sum() * scale + s.tally.fixed as f64
+            } else {
+                tokens(&s.tally)
+            };
+        }
         let total_f = self.config.request_overhead as f64 + section_tokens.iter().sum::<f64>();
         let total = total_f.ceil() as u64;
         // A name no model has is estimated, but nothing is remembered for it.
@@ -1370,12 +1428,8 @@ impl AnthropicEstimator {
         };
         let cache_read = cache.read;
         let raw = total - cache_read;
-        let mut text = Classes::default();
         let mut sum = Tally::default();
         for s in &w.sections {
-            if !s.tally.text.is_empty() {
-                text.add(&s.tally.text);
-            }
             sum.fixed = sum.fixed.saturating_add(s.tally.fixed);
             sum.media = sum.media.saturating_add(s.tally.media);
             sum.items = sum.items.saturating_add(s.tally.items);
@@ -1391,7 +1445,7 @@ impl AnthropicEstimator {
                 .saturating_sub(sum.media.saturating_add(sum.overhead)),
         );
         let split = Split::new(
-            TextModel::FITTED.group_tokens(&text).map(|g| g * scale),
+            terms.groups().map(|g| g * scale),
             framing as f64,
             sum.overhead,
             sum.media,
@@ -1618,10 +1672,18 @@ impl AnthropicEstimator {
     /// never kept (beyond [`MAX_MODEL_NAMES`] names, or longer than
     /// [`MAX_MODEL_LEN`]) is allocated (and its scale worked out) each time.
     fn model_name(&self, b: &[u8], span: Span) -> Option<KnownModel> {
-        let raw = (!span.escaped)
+        let bytes = (!span.escaped)
             .then(|| b.get(span.start..span.end))
-            .flatten()
-            .and_then(|raw| std::str::from_utf8(raw).ok());
+            .flatten();
+        if let Some(bytes) = bytes {
+            // A name kept is valid UTF-8: its bytes are compared as they
+            // are, before any check of the request's.
+            let models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(known) = models.iter().find(|k| k.name.as_bytes() == bytes) {
+                return Some(known.clone());
+            }
+        }
+        let raw = bytes.and_then(|raw| std::str::from_utf8(raw).ok());
         let decoded;
         let name = match raw {
             Some(name) => name,
@@ -1831,6 +1893,10 @@ impl TokenEstimator for AnthropicEstimator {
             est_total,
             actual_total,
         );
+        if estimate.cache_read_tokens == 0 && estimate.cache_writes.is_empty() {
+            // It read and wrote nothing: no record to settle (and no lock).
+            return;
+        }
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) =
             cache.take_pending(key, estimate.raw_input_tokens, estimate.cache_read_tokens)

@@ -225,6 +225,13 @@ impl PromptCache {
             return false;
         }
         let p = &mut self.pending[idx];
+        if p.written.is_empty() {
+            // Reading nothing and writing nothing, its settlement would
+            // change nothing: forgotten now (the estimator settles only the
+            // estimates that read or write, see `AnthropicEstimator::observe`).
+            self.pending.remove(idx);
+            return true;
+        }
         p.raw_input_tokens = raw_input_tokens.saturating_add(cache_read_tokens);
         p.cache_read_tokens = 0;
         p.read = None;

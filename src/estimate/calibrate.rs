@@ -83,6 +83,15 @@ impl SlidingQuantile {
                 return false;
             };
             let (old, key) = (order_key(old), order_key(x));
+            if old == key {
+                // The same figure again (the same bits): the sorted copy
+                // stays as it is.
+                if let Some(slot) = self.ring.get_mut(self.next) {
+                    *slot = x;
+                }
+                self.next = (self.next + 1) % cap;
+                return true;
+            }
             let live = &mut self.sorted[..self.len];
             // The last copy of `old`, and where `x` goes: after the samples
             // at most it, as in a push.
@@ -355,11 +364,13 @@ impl Hasher for NameHasher {
         }
         let rest = words.remainder();
         if !rest.is_empty() {
-            let mut a = [0u8; 8];
-            if let Some(head) = a.get_mut(..rest.len()) {
-                head.copy_from_slice(rest);
-            }
-            self.add(u64::from_le_bytes(a));
+            // The last few bytes as a little-endian word padded with zeros
+            // (byte by byte: no call to copy fewer than eight).
+            let word = rest
+                .iter()
+                .rev()
+                .fold(0u64, |word, &b| (word << 8) | u64::from(b));
+            self.add(word);
         }
     }
 
@@ -501,9 +512,9 @@ impl Calibration {
     /// The coefficients the fit of `m` leans toward: the model's text ratio
     /// (the median of its window once it has enough samples, else neutral)
     /// for the text, the media formula and the overhead as estimated.
-    fn prior(&self, m: &ModelWindow) -> [f64; FIT] {
+    fn prior(&self, window: &SlidingQuantile) -> [f64; FIT] {
         let ratio = self
-            .center_of(&m.window)
+            .center_of(window)
             .unwrap_or(self.config.neutral)
             .clamp(self.config.min_factor, self.config.max_factor);
         Split::prior(ratio)
@@ -553,10 +564,14 @@ impl Calibration {
             if split.text() >= TEXT_ONLY_SHARE * total && estimated > 0 {
                 m.window.push(actual / estimated as f64);
             }
-            let prior = self.prior(m);
-            m.fit
-                .get_or_insert_with(|| Box::new(PartsFit::new(window)))
-                .push(split, kind, actual, &prior, &self.config)
+            // The prior is worked out only for a refit.
+            let ModelWindow {
+                window: ratios,
+                fit,
+                ..
+            } = m;
+            fit.get_or_insert_with(|| Box::new(PartsFit::new(window)))
+                .push_with(split, kind, actual, || self.prior(ratios), &self.config)
         })
         .unwrap_or(false)
     }
@@ -673,6 +688,22 @@ impl Calibration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name's last bytes hash as one word padded with zeros, read little
+    /// endian, as its whole words are.
+    #[test]
+    fn a_name_hashes_its_last_bytes_as_a_padded_word() {
+        let name = b"claude-sonnet-4-5";
+        let mut h = NameHasher::default();
+        h.write(name);
+        let mut words = NameHasher::default();
+        for chunk in name.chunks(8) {
+            let mut a = [0u8; 8];
+            a[..chunk.len()].copy_from_slice(chunk);
+            words.add(u64::from_le_bytes(a));
+        }
+        assert_eq!(h.finish(), words.finish());
+    }
 
     #[test]
     fn window_evicts_oldest_and_keeps_sorted() {

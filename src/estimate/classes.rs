@@ -517,27 +517,47 @@ impl Classes {
     /// The kind of content these counts look like most.
     pub(crate) fn kind(&self) -> ContentKind {
         use Feature::*;
+        let n = &self.n;
+        let f = |x: Feature| n[x as usize] as f64;
         let chars = self.chars().max(1) as f64;
-        let share = |fs: &[Feature]| fs.iter().map(|f| self.get(*f) as f64).sum::<f64>() / chars;
-        if share(&[Cjk, Hangul, Kana]) > 0.15 {
-            return ContentKind::Cjk;
+        // Each share as a sum of its counts in the order listed, over all
+        // characters. Text without characters of other scripts (most) has
+        // none of either script share: no division for them.
+        let wide = NON_ASCII.iter().fold(0, |acc, &x| acc | n[x as usize]);
+        if wide != 0 {
+            if (f(Cjk) + f(Hangul) + f(Kana)) / chars > 0.15 {
+                return ContentKind::Cjk;
+            }
+            let other = f(Latin) + f(Cyrillic) + f(OtherTwoByte) + f(OtherThreeByte) + f(FourByte);
+            if other / chars > 0.15 {
+                return ContentKind::OtherScript;
+            }
         }
-        if share(&[Latin, Cyrillic, OtherTwoByte, OtherThreeByte, FourByte]) > 0.15 {
-            return ContentKind::OtherScript;
-        }
-        let letters = self.get(Letters).max(1) as f64;
-        if self.get(CaseSwitches) as f64 / letters > 0.08 && share(&[Breaks, Indent]) < 0.01 {
+        let letters = n[Letters as usize].max(1) as f64;
+        if f(CaseSwitches) / letters > 0.08 && (f(Breaks) + f(Indent)) / chars < 0.01 {
             return ContentKind::Encoded;
         }
-        if share(&[Digits, Punct]) > 0.3 {
+        if (f(Digits) + f(Punct)) / chars > 0.3 {
             return ContentKind::Data;
         }
-        if share(&[Punct, Indent, Breaks]) > 0.12 {
+        if (f(Punct) + f(Indent) + f(Breaks)) / chars > 0.12 {
             return ContentKind::Code;
         }
         ContentKind::Prose
     }
 }
+
+/// The features of characters outside ASCII.
+const NON_ASCII: [Feature; 8] = [
+    Feature::Latin,
+    Feature::Cyrillic,
+    Feature::OtherTwoByte,
+    Feature::Cjk,
+    Feature::Hangul,
+    Feature::OtherThreeByte,
+    Feature::FourByte,
+    Feature::Kana,
+];
 
 /// A kind of content the character classes tell apart; calibration sizes a
 /// separate margin for each.
@@ -593,13 +613,49 @@ impl TextModel {
             .sum()
     }
 
-    /// The tokens of text with these counts, split by [`Group`]: their sum
-    /// is [`tokens`](Self::tokens).
-    pub(crate) fn group_tokens(&self, c: &Classes) -> [f64; GROUPS] {
+    /// The tokens of each feature of text with these counts, worked out
+    /// once for both the whole ([`Terms::sum`], the same to the bit as
+    /// [`tokens`](Self::tokens)) and its split by [`Group`]
+    /// ([`Terms::groups`], whose sum is the whole).
+    #[inline]
+    pub(crate) fn terms(&self, c: &Classes) -> Terms {
+        let mut t = [0.0; FEATURES];
+        for ((out, k), n) in t.iter_mut().zip(self.coef.iter()).zip(c.n.iter()) {
+            *out = k * count_f64(*n);
+        }
+        Terms(t)
+    }
+}
+
+/// A count as a float: counts of text fit in 63 bits, where the conversion
+/// is one instruction (the same value as `n as f64`).
+#[inline(always)]
+fn count_f64(n: u64) -> f64 {
+    match i64::try_from(n) {
+        Ok(i) => i as f64,
+        Err(_) => n as f64,
+    }
+}
+
+/// The text model's tokens per feature of some counts (see
+/// [`TextModel::terms`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Terms([f64; FEATURES]);
+
+impl Terms {
+    /// The tokens of the text: [`TextModel::tokens`] of its counts.
+    #[inline]
+    pub(crate) fn sum(&self) -> f64 {
+        self.0.iter().sum()
+    }
+
+    /// The tokens by [`Group`], each group's features added in their order.
+    #[inline]
+    pub(crate) fn groups(&self) -> [f64; GROUPS] {
         let mut out = [0.0; GROUPS];
-        for ((k, n), g) in self.coef.iter().zip(c.n.iter()).zip(GROUP_OF.iter()) {
+        for (t, g) in self.0.iter().zip(GROUP_OF.iter()) {
             if let Some(slot) = out.get_mut(*g as usize) {
-                *slot += k * *n as f64;
+                *slot += *t;
             }
         }
         out
@@ -680,6 +736,75 @@ mod tests {
         assert_eq!(c.get(Feature::NonAsciiWords), 2);
         assert_eq!(c.get(Feature::Cjk), 2);
         assert_eq!(c.get(Feature::FourByte), 1);
+    }
+
+    /// The plain sums the estimator used before its terms were worked out
+    /// once: the whole, the groups, and the kind from shares of all.
+    fn plain(c: &Classes) -> (f64, [f64; GROUPS], ContentKind) {
+        let m = &TextModel::FITTED;
+        let tokens: f64 = m
+            .coef
+            .iter()
+            .zip(c.n.iter())
+            .map(|(k, n)| k * *n as f64)
+            .sum();
+        let mut groups = [0.0; GROUPS];
+        for ((k, n), g) in m.coef.iter().zip(c.n.iter()).zip(GROUP_OF.iter()) {
+            groups[*g as usize] += k * *n as f64;
+        }
+        use Feature::*;
+        let chars = c.chars().max(1) as f64;
+        let share = |fs: &[Feature]| fs.iter().map(|f| c.get(*f) as f64).sum::<f64>() / chars;
+        let letters = c.get(Letters).max(1) as f64;
+        let kind = if share(&[Cjk, Hangul, Kana]) > 0.15 {
+            ContentKind::Cjk
+        } else if share(&[Latin, Cyrillic, OtherTwoByte, OtherThreeByte, FourByte]) > 0.15 {
+            ContentKind::OtherScript
+        } else if c.get(CaseSwitches) as f64 / letters > 0.08 && share(&[Breaks, Indent]) < 0.01 {
+            ContentKind::Encoded
+        } else if share(&[Digits, Punct]) > 0.3 {
+            ContentKind::Data
+        } else if share(&[Punct, Indent, Breaks]) > 0.12 {
+            ContentKind::Code
+        } else {
+            ContentKind::Prose
+        };
+        (tokens, groups, kind)
+    }
+
+    #[test]
+    fn terms_and_kind_are_the_plain_sums_to_the_bit() {
+        let mut rng = Rng(11);
+        let mut kinds = std::collections::HashSet::new();
+        for case in 0..20_000 {
+            let c = if case % 2 == 0 {
+                // Text of every kind of the corpus.
+                let k = KINDS[rng.below(KINDS.len())];
+                let len = 1 + rng.below(3000);
+                Classes::raw(piece(&mut rng, k, len).as_bytes())
+            } else {
+                // Any counts, many of them zero, some huge.
+                let mut c = Classes::default();
+                for n in c.n.iter_mut() {
+                    *n = match rng.below(6) {
+                        0..=2 => 0,
+                        3 => rng.below(10) as u64,
+                        4 => rng.next(),
+                        _ => u64::MAX - rng.below(3) as u64,
+                    };
+                }
+                c
+            };
+            let (tokens, groups, kind) = plain(&c);
+            let terms = TextModel::FITTED.terms(&c);
+            assert_eq!(terms.sum().to_bits(), tokens.to_bits(), "{c:?}");
+            assert_eq!(TextModel::FITTED.tokens(&c).to_bits(), tokens.to_bits());
+            assert_eq!(terms.groups().map(f64::to_bits), groups.map(f64::to_bits));
+            assert_eq!(c.kind(), kind, "{c:?}");
+            kinds.insert(kind);
+        }
+        // Every kind was met.
+        assert_eq!(kinds.len(), ContentKind::ALL.len());
     }
 
     #[test]

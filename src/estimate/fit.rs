@@ -388,6 +388,7 @@ impl PartsFit {
     /// tokens for, and refits toward the `prior` coefficients. Returns false
     /// (and changes nothing) when either carries no information (a zero or
     /// non-finite figure).
+    #[cfg(test)]
     pub(crate) fn push(
         &mut self,
         split: &Split,
@@ -396,14 +397,28 @@ impl PartsFit {
         prior: &[f64; FIT],
         config: &CalibrationConfig,
     ) -> bool {
+        self.push_with(split, kind, actual, || *prior, config)
+    }
+
+    /// [`push`](Self::push), with the prior coefficients worked out by
+    /// `prior` when a refit is due (not at every request).
+    pub(crate) fn push_with(
+        &mut self,
+        split: &Split,
+        kind: ContentKind,
+        actual: f64,
+        prior: impl FnOnce() -> [f64; FIT],
+        config: &CalibrationConfig,
+    ) -> bool {
         let total = split.total();
         if !(actual.is_finite() && actual > 0.0 && total.is_finite() && total > 0.0) {
             return false;
         }
         let media = self.media_cost(split.media(), split.x[ITEMS], config);
+        let fitted = split.fitted(&self.w).max(0.0);
         // What the text leaves, as the fit predicts it now, is a sample of
         // the media when it is a large enough part of the whole.
-        let rest = actual - split.fitted(&self.w).max(0.0);
+        let rest = actual - fitted;
         if media > 0.0 && rest >= MEDIA_SAMPLE_SHARE * actual {
             if split.media() > 0.0 {
                 self.media_ratio.push(rest / split.media());
@@ -431,7 +446,7 @@ impl PartsFit {
             index,
             parts,
             media: (split.media() / actual, split.x[ITEMS] / actual),
-            class: Self::class(split, kind, media, split.fitted(&self.w).max(0.0) + media),
+            class: Self::class(split, kind, media, fitted + media),
         };
         let evicted = if self.rows.len() < self.cap {
             self.rows.push(row);
@@ -457,7 +472,7 @@ impl PartsFit {
         self.since_margins += 1;
         if self.since_refit >= (self.rows.len() / 8).max(1) {
             self.since_refit = 0;
-            self.refit(prior, config);
+            self.refit(&prior(), config);
         }
         true
     }
@@ -641,7 +656,15 @@ impl PartsFit {
                 *c += 1;
             }
         }
-        let ranks = count.map(|n| (rank(0.5, n), rank(config.quantile, n)));
+        // Ranks only for the classes with enough requests for a factor of
+        // their own (a rank of 0 is never reached).
+        let min = config.min_samples.max(1);
+        let mut ranks = [(0usize, 0usize); CLASSES];
+        for (r, &n) in ranks.iter_mut().zip(&count) {
+            if n >= min {
+                *r = (rank(0.5, n), rank(config.quantile, n));
+            }
+        }
         let n = self.errors.len();
         let all_ranks = (rank(0.5, n), rank(config.quantile, n));
         let mut seen = [0usize; CLASSES];
@@ -668,7 +691,6 @@ impl PartsFit {
             let f = 1.0 + median + config.spread_weight * (high - median).max(0.0);
             f.clamp(config.min_factor, config.max_factor)
         };
-        let min = config.min_samples.max(1);
         self.factor = if n >= min {
             factor(all_median, all_high)
         } else {
