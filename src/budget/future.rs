@@ -555,13 +555,12 @@ where
                 }
                 StateProj::Calling { fut, held } => {
                     let result = ready!(fut.poll(cx));
-                    let sent = held.sent();
-                    let charge = held.charge.take();
+                    // The charge goes from `held` straight to where it
+                    // ends (the response's settlement), not through a
+                    // copy per step: it is most of what a step would copy.
+                    let out = finished(shared, held, result);
                     this.state.set(State::Done);
-                    let Some(charge) = charge else {
-                        polled_after_completion();
-                    };
-                    return Poll::Ready(finished(shared, charge, sent, result));
+                    return Poll::Ready(out);
                 }
                 StateProj::Refused { refusal } => {
                     let Some(refusal) = refusal.take() else {
@@ -869,29 +868,32 @@ fn caller_refused<ResB>(
 /// error. On an error the charge is refunded in full when the request never
 /// reached the transport (`sent` false: shed, cancelled or refused by an
 /// inner layer) or the connection was refused (no byte of it left); it is
-/// kept otherwise, since the request may have reached the server.
+/// kept otherwise, since the request may have reached the server. The
+/// charge is taken from `held` (left empty, so that dropping it does
+/// nothing more).
 fn finished<ResB: Body, E: Into<BoxError>>(
     shared: &Arc<Shared>,
-    charge: Charge,
-    sent: bool,
+    held: &mut Held,
     result: Result<Response<ResB>, E>,
 ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
-    match result {
-        Ok(response) => Ok(respond(shared, charge, response)),
-        Err(e) => {
-            let e = e.into();
-            if !sent || connection_refused(&*e) {
-                shared.refund_unsent(&charge);
-            } else {
-                tracing::debug!(
-                    key = super::callers::logged_key(charge.key()),
-                    "budget: inner service failed; charge kept"
-                );
-                shared.lost(&charge);
-            }
-            Err(e)
-        }
+    let sent = held.sent();
+    let e = match result {
+        Ok(response) => return Ok(respond(shared, &mut held.charge, response)),
+        Err(e) => e.into(),
+    };
+    let Some(charge) = held.charge.take() else {
+        polled_after_completion();
+    };
+    if !sent || connection_refused(&*e) {
+        shared.refund_unsent(&charge);
+    } else {
+        tracing::debug!(
+            key = super::callers::logged_key(charge.key()),
+            "budget: inner service failed; charge kept"
+        );
+        shared.lost(&charge);
     }
+    Err(e)
 }
 
 /// Whether an error (or one of its sources, or an error an `io::Error`
@@ -1066,12 +1068,16 @@ fn refused(status: StatusCode) -> bool {
 
 /// Handles the response head: refund and sync on a refusal (429, 529, 503), sync from the headers
 /// otherwise (client mode), write the caller's headers (enforce mode), and
-/// wrap the body for settlement.
+/// wrap the body for settlement. `charge` is the one in `slot`, taken from
+/// it only where it goes: into the body's tracker, or dropped once settled.
 fn respond<ResB: Body>(
     shared: &Arc<Shared>,
-    mut charge: Charge,
-    response: Response<ResB>,
+    slot: &mut Option<Charge>,
+    mut response: Response<ResB>,
 ) -> Response<ResponseBody<ResB>> {
+    let Some(charge) = slot.as_mut() else {
+        polled_after_completion();
+    };
     let status = response.status();
     let sse = is_event_stream(response.headers()).unwrap_or(charge.estimate.stream);
     if !status.is_success() {
@@ -1081,16 +1087,15 @@ fn respond<ResB: Body>(
     let was_refused = refused(status);
     if was_refused {
         // The server charged nothing for a refused request.
-        shared.refund(&charge);
+        shared.refund(charge);
     }
-    let (mut parts, body) = response.into_parts();
     let mut held_sync = None;
     if shared.settings.enforce {
-        enforce::insert_headers(shared, &charge, &mut parts.headers);
-    } else if parts.headers.keys().any(is_rate_limit_header) {
-        let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
+        enforce::insert_headers(shared, charge, response.headers_mut());
+    } else if response.headers().keys().any(is_rate_limit_header) {
+        let snapshot = RateLimitSnapshot::from_headers(response.headers());
         // A body to settle: the sync may go with its settlement.
-        held_sync = shared.sync(&charge, &snapshot, !was_refused);
+        held_sync = shared.sync(charge, &snapshot, !was_refused);
     }
     if was_refused {
         tracing::debug!(
@@ -1098,16 +1103,20 @@ fn respond<ResB: Body>(
             status = status.as_u16(),
             "budget: request refused; reservation refunded"
         );
-        return Response::from_parts(parts, ResponseBody::plain(body));
+        *slot = None;
+        return response.map(ResponseBody::plain);
     }
+    let Some(charge) = slot.take() else {
+        polled_after_completion();
+    };
     let mut tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
     tracker.hold_sync(held_sync);
-    if body.is_end_stream() {
+    if response.body().is_end_stream() {
         // An empty body may never be polled: settle now.
         tracker.conclude_empty();
-        return Response::from_parts(parts, ResponseBody::plain(body));
+        return response.map(ResponseBody::plain);
     }
-    Response::from_parts(parts, ResponseBody::observed(body, tracker))
+    response.map(|body| ResponseBody::observed(body, tracker))
 }
 
 #[cfg(test)]

@@ -841,17 +841,24 @@ where
                 StateProj::Gate => ctx.pass_gate(),
                 StateProj::Waiting => ready!(ctx.poll_wait(cx)),
                 StateProj::Readying => ready!(ctx.poll_service(cx)),
-                StateProj::Calling { future } => match ready!(future.poll(cx)) {
+                StateProj::Calling { future } => {
+                    let polled = future.poll(cx);
                     // The common case, an answer below 400 (one no policy
                     // retries): returned as it came, without going through
-                    // `Step` (each pass copies it).
-                    Ok(response) if response.status().as_u16() < 400 => {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(response));
+                    // `Step` (each pass copies it), nor through a local
+                    // (a copy of the whole response, whose body holds the
+                    // inner layers' settlement).
+                    if let Poll::Ready(Ok(response)) = &polled {
+                        if response.status().as_u16() < 400 {
+                            this.state.set(State::Done);
+                            return polled.map_err(Into::into);
+                        }
                     }
-                    Ok(response) => ctx.on_response(response),
-                    Err(e) => ctx.on_error(e.into()),
-                },
+                    match ready!(polled) {
+                        Ok(response) => ctx.on_response(response),
+                        Err(e) => ctx.on_error(e.into()),
+                    }
+                }
                 StateProj::Reading {
                     body,
                     then,
