@@ -950,16 +950,19 @@ where
     S: Service<Request<ReplayBody<B>>, Future = F>,
     Q: Carry<B>,
 {
-    let (Some(request), Some(mut service)) = (p.request.take(), p.svc.take()) else {
+    let Some(mut service) = p.svc.take() else {
         polled_after_completion();
     };
-    let Some(request) = request.into_request() else {
-        return Err(Box::new(Error::NotReplayable {
+    // Taken out of its slot straight into the call (a request is a few
+    // hundred bytes, copied at each step).
+    match p.request.take().map(Carry::into_request) {
+        Some(Some(request)) => Ok(Dispatch::pass(Some(marker), || service.call(request))),
+        Some(None) => Err(Box::new(Error::NotReplayable {
             status: None,
             source: None,
-        }));
-    };
-    Ok(Dispatch::pass(Some(marker), || service.call(request)))
+        })),
+        None => polled_after_completion(),
+    }
 }
 
 /// A read request rebuilt around its body, its charge, and its bytes when
