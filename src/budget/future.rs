@@ -1109,17 +1109,20 @@ fn respond<ResB: Body>(
         *slot = None;
         return response.map(ResponseBody::plain);
     }
-    let Some(charge) = slot.take() else {
-        polled_after_completion();
-    };
-    let mut tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
-    tracker.hold_sync(held_sync);
     if response.body().is_end_stream() {
+        let Some(charge) = slot.take() else {
+            polled_after_completion();
+        };
+        let mut tracker = Tracker::new(Arc::clone(shared), charge, sse, !status.is_success());
+        tracker.hold_sync(held_sync);
         // An empty body may never be polled: settle now.
         tracker.conclude_empty();
         return response.map(ResponseBody::plain);
     }
-    response.map(|body| ResponseBody::observed(body, tracker))
+    let (parts, body) = response.into_parts();
+    let error_status = !status.is_success();
+    let body = ResponseBody::settling(body, shared, slot, sse, error_status, held_sync);
+    Response::from_parts(parts, body)
 }
 
 #[cfg(test)]
