@@ -554,13 +554,17 @@ where
                     }
                 }
                 StateProj::Calling { fut, held } => {
+                    if held.charge.is_none() {
+                        // Taken when the inner future returned.
+                        polled_after_completion();
+                    }
                     let result = ready!(fut.poll(cx));
                     // The charge goes from `held` straight to where it
-                    // ends (the response's settlement), not through a
-                    // copy per step: it is most of what a step would copy.
-                    let out = finished(shared, held, result);
-                    this.state.set(State::Done);
-                    return Poll::Ready(out);
+                    // ends (the response's settlement), and the answer
+                    // straight out, not through a copy per step: the state
+                    // stays (its charge taken, the inner future done) until
+                    // this future is dropped.
+                    return Poll::Ready(finished(shared, held, result));
                 }
                 StateProj::Refused { refusal } => {
                     let Some(refusal) = refusal.take() else {
@@ -956,7 +960,12 @@ where
     // Taken out of its slot straight into the call (a request is a few
     // hundred bytes, copied at each step).
     match p.request.take().map(Carry::into_request) {
-        Some(Some(request)) => Ok(Dispatch::pass(Some(marker), || service.call(request))),
+        Some(Some(request)) => {
+            Dispatch::passing(Some(marker));
+            let future = service.call(request);
+            Dispatch::passed(Some(marker));
+            Ok(future)
+        }
         Some(None) => Err(Box::new(Error::NotReplayable {
             status: None,
             source: None,

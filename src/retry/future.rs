@@ -791,10 +791,10 @@ where
             }
             Step::Ready => state.set(State::Readying),
             Step::Call((req, marker)) => {
-                let service = &mut ctx.service;
-                state.set(State::Calling {
-                    future: Dispatch::pass(marker.as_ref(), || service.call(req)),
-                });
+                Dispatch::passing(marker.as_ref());
+                let future = ctx.service.call(req);
+                Dispatch::passed(marker.as_ref());
+                state.set(State::Calling { future });
             }
             Step::Read(body, then) => {
                 ctx.start_reading();
