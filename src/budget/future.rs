@@ -429,6 +429,12 @@ where
     /// `call`: it asks the budget now, and is handed to `svc` (polled ready
     /// by the caller of `call`) at once if admitted; it waits in the future
     /// otherwise.
+    // Inlined (as are `after`, `poll_pending` and `send`, on the path of a
+    // request admitted at once): the charge, the request and the inner
+    // future are then moved between the callers' frames without a copy at
+    // each call (callgrind: 184 fewer instructions per request through the
+    // preset, 66 of them `memcpy`).
+    #[inline(always)]
     pub(crate) fn admitting(
         shared: Arc<Shared>,
         charge: Charge,
@@ -454,6 +460,8 @@ where
 {
     /// The state of an estimated request after asking the budget (and the
     /// inner service) once: calling, waiting (boxed), or refused.
+    // Inlined: see `admitting`.
+    #[inline(always)]
     fn after(
         shared: &Arc<Shared>,
         mut pending: Pending<S, S::Future, B, ResB, Request<ReplayBody<B>>>,
@@ -590,6 +598,8 @@ where
 /// Takes an estimated request through the budget, then hands it to the
 /// inner service: `Ready` with the inner service's future and the charge
 /// it holds, or with why it was not sent.
+// Inlined: see `ResponseFuture::admitting`.
+#[inline(always)]
 fn poll_pending<S, B, ResB, Q>(
     shared: &Arc<Shared>,
     p: &mut Pending<S, S::Future, B, ResB, Q>,
@@ -946,6 +956,8 @@ where
 /// service (ready for it). An error only if a request parked on a retry
 /// layer's copy of its head lost it, which its log prevents: not sent, and
 /// its charge is refunded.
+// Inlined: see `ResponseFuture::admitting`.
+#[inline(always)]
 fn send<S, B, F, RB, Q>(
     p: &mut Pending<S, F, B, RB, Q>,
     marker: &Dispatch,
