@@ -201,8 +201,8 @@ where
             (Some(d), Some(now)) => Some(later(now, d)),
             _ => None,
         };
-        let mut log = Log::new(deadline, Dispatch::of(&head.extensions));
-        Log::keep_head(&mut log, head);
+        let marker = Dispatch::of(&head.extensions);
+        let log = Log::with_head(deadline, marker, head);
         shared.config.hooks.request();
         let span = tracing::info_span!(
             "llm_request",
@@ -492,10 +492,12 @@ impl<S, B> Ctx<S, B> {
             let waited = self.log.waited();
             let history = self.history();
             history.waited = history.waited.saturating_add(waited);
-            self.log = Log::new(self.log.deadline(), marker.clone());
-            if replay {
-                Log::keep_head(&mut self.log, head.clone());
-            }
+            let deadline = self.log.deadline();
+            self.log = if replay {
+                Log::with_head(deadline, marker.clone(), head.clone())
+            } else {
+                Log::new(deadline, marker.clone())
+            };
             (head, marker)
         };
         // The copy was made before this attempt's extensions go on: it
