@@ -130,18 +130,34 @@ impl Dispatch {
         Some(d.clone())
     }
 
-    /// Calls `call` (the inner service's `call`), noting the request as sent
-    /// if no layer of this crate received it during the call.
-    pub(crate) fn pass<R>(marker: Option<&Dispatch>, call: impl FnOnce() -> R) -> R {
-        let Some(d) = marker else {
-            return call();
-        };
-        d.node().state.fetch_or(PASSING, Ordering::AcqRel);
-        let out = call();
-        let before = d.node().state.fetch_and(!PASSING, Ordering::AcqRel);
-        if before & PASSING != 0 {
-            d.mark_sent();
+    /// Before the inner service's `call`: the request is passing. With
+    /// [`passed`](Self::passed) right after the call, it is noted as sent
+    /// if no layer of this crate received it during the call. Two calls
+    /// rather than one taking a closure: the request is then handed to
+    /// `call` directly, not moved into a closure first (a copy of a few
+    /// hundred bytes).
+    pub(crate) fn passing(marker: Option<&Dispatch>) {
+        if let Some(d) = marker {
+            d.node().state.fetch_or(PASSING, Ordering::AcqRel);
         }
+    }
+
+    /// After the inner service's `call` (see [`passing`](Self::passing)).
+    pub(crate) fn passed(marker: Option<&Dispatch>) {
+        if let Some(d) = marker {
+            let before = d.node().state.fetch_and(!PASSING, Ordering::AcqRel);
+            if before & PASSING != 0 {
+                d.mark_sent();
+            }
+        }
+    }
+
+    /// [`passing`](Self::passing), `call`, [`passed`](Self::passed).
+    #[cfg(test)]
+    pub(crate) fn pass<R>(marker: Option<&Dispatch>, call: impl FnOnce() -> R) -> R {
+        Dispatch::passing(marker);
+        let out = call();
+        Dispatch::passed(marker);
         out
     }
 

@@ -134,11 +134,26 @@ impl Log {
     /// A log for an attempt of a request with this deadline (if any); its
     /// dispatch node is chained to `parent` (the request's marker, if any).
     pub(crate) fn new(deadline: Option<Instant>, parent: Option<Dispatch>) -> Arc<Log> {
+        Self::with(deadline, parent, Kept::Empty)
+    }
+
+    /// A log keeping `head` from the start, the retry layer's copy to send
+    /// the request again ([`Kept`]): the head is moved once, into the log's
+    /// allocation, not into an empty log after.
+    pub(crate) fn with_head(
+        deadline: Option<Instant>,
+        parent: Option<Dispatch>,
+        head: Parts,
+    ) -> Arc<Log> {
+        Self::with(deadline, parent, Kept::head(head))
+    }
+
+    fn with(deadline: Option<Instant>, parent: Option<Dispatch>, kept: Kept) -> Arc<Log> {
         Arc::new(Log {
             waited: AtomicU64::new(0),
             deadline,
             node: Node::new(parent),
-            head: Mutex::new(Kept::Empty),
+            head: Mutex::new(kept),
         })
     }
 
@@ -150,6 +165,7 @@ impl Log {
     /// Keeps `head`, the retry layer's copy to send the request again
     /// (without a lock while the log is not shared yet: the attempt's
     /// request is made after).
+    #[cfg(test)]
     pub(crate) fn keep_head(log: &mut Arc<Log>, head: Parts) {
         match Arc::get_mut(log) {
             Some(log) => {

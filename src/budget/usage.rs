@@ -134,12 +134,33 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    /// The inner body, settling `tracker` as its usage passes.
-    pub(crate) fn observed(body: B, tracker: Tracker) -> Self {
+    /// The inner body, settling the charge taken from `charge` (none: passed
+    /// through) as its usage passes. The tracker is made where it stays,
+    /// not moved in: a charge is a few hundred bytes, copied at each move.
+    pub(crate) fn settling(
+        body: B,
+        shared: &Arc<Shared>,
+        charge: &mut Option<Charge>,
+        sse: bool,
+        error_status: bool,
+        held_sync: Option<[LimitStatus; 3]>,
+    ) -> Self {
+        let Some(charge) = charge.take() else {
+            return Self::plain(body);
+        };
         Self {
             kind: Kind::Inner {
                 body,
-                tracker: Some(tracker),
+                tracker: Some(Tracker {
+                    shared: Arc::clone(shared),
+                    charge,
+                    scanner: Scanner::new(sse),
+                    error_status,
+                    done: false,
+                    reserved_input: None,
+                    held_sync: held_sync.map(Box::new),
+                    told_begun: false,
+                }),
             },
         }
     }
@@ -224,6 +245,17 @@ enum Scanner {
     Json(UsageScanner),
 }
 
+impl Scanner {
+    /// The reader for a response that is an event stream (`sse`) or JSON.
+    fn new(sse: bool) -> Self {
+        if sse {
+            Scanner::Sse(Box::default())
+        } else {
+            Scanner::Json(UsageScanner::new())
+        }
+    }
+}
+
 /// How the body stopped being read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -263,11 +295,7 @@ impl Tracker {
         Self {
             shared,
             charge,
-            scanner: if sse {
-                Scanner::Sse(Box::default())
-            } else {
-                Scanner::Json(UsageScanner::new())
-            },
+            scanner: Scanner::new(sse),
             error_status,
             done: false,
             reserved_input: None,

@@ -295,8 +295,10 @@ impl<S, R> Queued<S, R> {
     {
         waited(&mut self.wait, hooks);
         let marker = Dispatch::of(request.extensions());
-        let service = &mut self.service;
-        Dispatch::pass(marker.as_ref(), || service.call(request))
+        Dispatch::passing(marker.as_ref());
+        let future = self.service.call(request);
+        Dispatch::passed(marker.as_ref());
+        future
     }
 
     /// The queue said `Pending`: whether the request's deadline passed.

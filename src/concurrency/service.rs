@@ -98,12 +98,11 @@ where
         crate::observe::record_span("lane", priority.as_str());
         match self.shared.enqueue(priority) {
             Ticket::Admitted(permit) => {
-                let future = match marker {
-                    // No budget outside: nothing to mark, no closure to move
-                    // the request through.
-                    None => self.inner.call(req),
-                    Some(marker) => Dispatch::pass(Some(&marker), || self.inner.call(req)),
-                };
+                // Marked passing around the call (nothing to mark with no
+                // budget outside); the request goes to it directly.
+                Dispatch::passing(marker.as_ref());
+                let future = self.inner.call(req);
+                Dispatch::passed(marker.as_ref());
                 ResponseFuture::called(future, permit)
             }
             Ticket::Queued(waiter) => {

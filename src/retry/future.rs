@@ -201,8 +201,8 @@ where
             (Some(d), Some(now)) => Some(later(now, d)),
             _ => None,
         };
-        let mut log = Log::new(deadline, Dispatch::of(&head.extensions));
-        Log::keep_head(&mut log, head);
+        let marker = Dispatch::of(&head.extensions);
+        let log = Log::with_head(deadline, marker, head);
         shared.config.hooks.request();
         let span = tracing::info_span!(
             "llm_request",
@@ -492,10 +492,12 @@ impl<S, B> Ctx<S, B> {
             let waited = self.log.waited();
             let history = self.history();
             history.waited = history.waited.saturating_add(waited);
-            self.log = Log::new(self.log.deadline(), marker.clone());
-            if replay {
-                Log::keep_head(&mut self.log, head.clone());
-            }
+            let deadline = self.log.deadline();
+            self.log = if replay {
+                Log::with_head(deadline, marker.clone(), head.clone())
+            } else {
+                Log::new(deadline, marker.clone())
+            };
             (head, marker)
         };
         // The copy was made before this attempt's extensions go on: it
@@ -791,10 +793,10 @@ where
             }
             Step::Ready => state.set(State::Readying),
             Step::Call((req, marker)) => {
-                let service = &mut ctx.service;
-                state.set(State::Calling {
-                    future: Dispatch::pass(marker.as_ref(), || service.call(req)),
-                });
+                Dispatch::passing(marker.as_ref());
+                let future = ctx.service.call(req);
+                Dispatch::passed(marker.as_ref());
+                state.set(State::Calling { future });
             }
             Step::Read(body, then) => {
                 ctx.start_reading();
@@ -841,17 +843,24 @@ where
                 StateProj::Gate => ctx.pass_gate(),
                 StateProj::Waiting => ready!(ctx.poll_wait(cx)),
                 StateProj::Readying => ready!(ctx.poll_service(cx)),
-                StateProj::Calling { future } => match ready!(future.poll(cx)) {
+                StateProj::Calling { future } => {
+                    let polled = future.poll(cx);
                     // The common case, an answer below 400 (one no policy
                     // retries): returned as it came, without going through
-                    // `Step` (each pass copies it).
-                    Ok(response) if response.status().as_u16() < 400 => {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(response));
+                    // `Step` (each pass copies it), nor through a local
+                    // (a copy of the whole response, whose body holds the
+                    // inner layers' settlement).
+                    if let Poll::Ready(Ok(response)) = &polled {
+                        if response.status().as_u16() < 400 {
+                            this.state.set(State::Done);
+                            return polled.map_err(Into::into);
+                        }
                     }
-                    Ok(response) => ctx.on_response(response),
-                    Err(e) => ctx.on_error(e.into()),
-                },
+                    match ready!(polled) {
+                        Ok(response) => ctx.on_response(response),
+                        Err(e) => ctx.on_error(e.into()),
+                    }
+                }
                 StateProj::Reading {
                     body,
                     then,
