@@ -47,7 +47,7 @@ use super::lazy::{LazyQueue, Learners};
 use super::learn::LearnRules;
 use super::ledger::{
     BucketState, CostDelta, Costs, Epoch, Ledger, LedgerError, LedgerFuture, LinePlace,
-    OutputSample, PackedBuckets, PrefixIntent, Reservation,
+    OutputSample, PackedBuckets, PrefixIntent, Reservation, Tick,
 };
 use super::limits::{Limits, ModelClass, OutputMode};
 use super::prefix::{WriteGuard, Writers};
@@ -392,11 +392,12 @@ fn key_stays(
     own: Option<&LimitsConfig>,
 ) -> bool {
     let ks = lock_key(cell);
-    let since = epoch.nanos(now).saturating_sub(ks.last_used);
+    let now = epoch.tick(now);
+    let since = now.nanos().saturating_sub(ks.last_used);
     let recent = u128::try_from(since).map_or(true, |n| n < idle.as_nanos());
     !ks.queue.is_empty()
         || recent
-        || own.is_some_and(|config| !ks.buckets.is_full(&config.limits_for(ks.class), now, epoch))
+        || own.is_some_and(|config| !ks.buckets.is_full(&config.limits_for(ks.class), now))
 }
 
 fn lock_key(cell: &KeyCell) -> MutexGuard<'_, KeyState> {
@@ -891,14 +892,16 @@ impl Shared {
     /// `None` if the key is new and the budget holds its most keys, none idle.
     fn key_cell(&self, lookup: &str, class: ModelClass, limits: &Limits) -> Option<Arc<KeyCell>> {
         let idle = self.settings.idle_key_eviction;
-        let now = Instant::now();
-        let last_used = self.epoch.nanos(now);
+        // The clock is read only for a new key (or a sweep), not for every
+        // request on a known one.
+        let now = std::cell::OnceCell::new();
+        let now = || *now.get_or_init(Instant::now);
         self.keys.get_or_insert(
             lookup,
             self.settings.max_keys,
             idle / 2,
-            |key| new_cell(key, class, limits, last_used),
-            |cell| self.keeps(cell, now, idle),
+            |key| new_cell(key, class, limits, self.epoch.nanos(now())),
+            |cell| self.keeps(cell, now(), idle),
         )
     }
 
@@ -1254,8 +1257,9 @@ impl Shared {
             waker,
             now: Instant::now(),
         };
+        let tick = self.epoch.tick(turn.now);
         let mut ks = lock_key(&charge.cell);
-        ks.last_used = self.epoch.nanos(turn.now);
+        ks.last_used = tick.nanos();
         let at_head = match &adm.place {
             None => self.settings.mode == BudgetMode::Reject || ks.queue.is_empty(),
             Some(place) => ks.queue.is_next(place.id()),
@@ -1283,7 +1287,7 @@ impl Shared {
         if let Some(step) = self.hold_for_probe(&mut ks, charge, adm, &turn) {
             return step;
         }
-        let (answer, costs) = self.reserve(&mut ks, charge, adm, turn.now, true);
+        let (answer, costs) = self.reserve(&mut ks, charge, adm, tick, true);
         ks.ledger_at_once = answer.is_ok();
         match answer {
             Ok(answer) => {
@@ -1527,29 +1531,32 @@ impl Shared {
         statuses: Option<[LimitStatus; 3]>,
         wake_head: bool,
     ) -> Option<Waker> {
-        let now = Instant::now();
-        if let Some(statuses) = statuses {
-            let [lowered, lowered_output] =
-                ks.buckets
-                    .sync_all(&charge.limits, statuses, now, self.epoch);
-            // Lowered while estimates are in flight: the server's remaining
-            // already holds what they missed, which their settlements would
-            // charge again. With none in flight, the lowering is another
-            // client's use of the key (or rounding): nothing to carry. The
-            // same for output: the server charges it as it is produced,
-            // before the settlements of the requests producing it.
-            ks.absorbed = carry(ks.absorbed, ks.inexact, lowered);
-            ks.absorbed_output = carry(ks.absorbed_output, ks.output_pending, lowered_output);
-        }
-        if let Some(mut delta) = delta {
-            use_absorbed(ks.inexact, &mut ks.absorbed, &mut delta.input_tokens);
-            use_absorbed(
-                ks.output_pending,
-                &mut ks.absorbed_output,
-                &mut delta.output_tokens,
-            );
-            ks.buckets.settle(&charge.limits, delta, now, self.epoch);
-        }
+        let now = self.epoch.tick(Instant::now());
+        let synced = statuses.is_some();
+        // The sync and the settlement in one pass over the buckets.
+        ks.buckets
+            .sync_and_settle(&charge.limits, statuses, now, |[lowered, lowered_output]| {
+                if synced {
+                    // Lowered while estimates are in flight: the server's
+                    // remaining already holds what they missed, which their
+                    // settlements would charge again. With none in flight,
+                    // the lowering is another client's use of the key (or
+                    // rounding): nothing to carry. The same for output: the
+                    // server charges it as it is produced, before the
+                    // settlements of the requests producing it.
+                    ks.absorbed = carry(ks.absorbed, ks.inexact, lowered);
+                    ks.absorbed_output =
+                        carry(ks.absorbed_output, ks.output_pending, lowered_output);
+                }
+                let mut delta = delta?;
+                use_absorbed(ks.inexact, &mut ks.absorbed, &mut delta.input_tokens);
+                use_absorbed(
+                    ks.output_pending,
+                    &mut ks.absorbed_output,
+                    &mut delta.output_tokens,
+                );
+                Some(delta)
+            });
         if wake_head {
             ks.notify_head(&self.counters)
         } else {
@@ -1742,7 +1749,7 @@ impl Shared {
         ks: &mut KeyState,
         charge: &Charge,
         adm: &mut Admission,
-        now: Instant,
+        tick: Tick,
         head: bool,
     ) -> (
         Result<Result<Reservation, LedgerError>, LedgerFuture<Reservation>>,
@@ -1757,16 +1764,17 @@ impl Shared {
         };
         if self.own {
             if adm.headroom == 0 {
-                let answer = ks.buckets.reserve(&charge.limits, with, now, self.epoch);
+                let answer = ks.buckets.reserve(&charge.limits, with, tick);
                 return (Ok(Ok(answer)), with);
             }
             // The headroom is given back in the same pass over the buckets.
-            let answer =
-                ks.buckets
-                    .reserve_keeping(&charge.limits, with, headroom, now, self.epoch);
+            let answer = ks
+                .buckets
+                .reserve_keeping(&charge.limits, with, headroom, tick);
             adm.headroom_kept = true;
             return (Ok(Ok(answer)), charge.costs);
         }
+        let now = tick.at();
         // The fleet's line, where the ledger keeps one (shared by budgets
         // in other processes): the oldest waiting head first.
         if adm.line_id == 0 {
@@ -1842,7 +1850,7 @@ impl Shared {
         };
         if self.own {
             ks.buckets
-                .settle(&charge.limits, delta, Instant::now(), self.epoch);
+                .settle(&charge.limits, delta, self.epoch.tick(Instant::now()));
         } else {
             let op = self.ledger.settle(charge.key(), &charge.limits, delta);
             self.run(charge, op, false);
@@ -1906,7 +1914,8 @@ impl Shared {
         if !ks.queue.allow_passing(head, delay) {
             return None;
         }
-        let (answer, costs) = self.reserve(ks, charge, adm, Instant::now(), false);
+        let now = self.epoch.tick(Instant::now());
+        let (answer, costs) = self.reserve(ks, charge, adm, now, false);
         match answer {
             Ok(Ok(Reservation::Admitted)) => {
                 self.release_headroom(ks, charge, adm);
@@ -1994,7 +2003,7 @@ impl Shared {
                 };
                 // The budget's own buckets are read under the key's lock
                 // already held; a ledger's are asked with no lock held.
-                let own = self.own.then(|| ks.buckets.state(&limits, now, self.epoch));
+                let own = self.own.then(|| ks.buckets.state(&limits, self.epoch.tick(now)));
                 drop(ks);
                 let states = own.or_else(|| self.state_now(&partial.key, &limits));
                 with_buckets(partial, states)
@@ -2144,7 +2153,7 @@ impl OwnLedger {
         key: &str,
         limits: &Limits,
         create: bool,
-        f: impl FnOnce(&mut KeyState, Instant) -> R,
+        f: impl FnOnce(&mut KeyState, Tick) -> R,
     ) -> Option<R> {
         let now = Instant::now();
         let cell = if create {
@@ -2165,24 +2174,22 @@ impl OwnLedger {
             self.keys.get(key)?
         };
         let mut ks = lock_key(&cell);
-        Some(f(&mut ks, now))
+        Some(f(&mut ks, self.epoch.tick(now)))
     }
 }
 
 impl Ledger for OwnLedger {
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
-        let epoch = self.epoch;
         let answer = self.with_key(key, limits, true, |ks, now| {
-            ks.last_used = epoch.nanos(now);
-            ks.buckets.reserve(limits, costs, now, epoch)
+            ks.last_used = now.nanos();
+            ks.buckets.reserve(limits, costs, now)
         });
         LedgerFuture::ready(answer.ok_or_else(|| LedgerError::new(CallerRefusal::TooManyKeys)))
     }
 
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
-        let epoch = self.epoch;
         self.with_key(key, limits, false, |ks, now| {
-            ks.buckets.settle(limits, delta, now, epoch);
+            ks.buckets.settle(limits, delta, now);
         });
         LedgerFuture::ready(Ok(()))
     }
@@ -2203,18 +2210,14 @@ impl Ledger for OwnLedger {
         if statuses.iter().all(LimitStatus::is_empty) {
             return LedgerFuture::ready(Ok(()));
         }
-        let epoch = self.epoch;
         self.with_key(key, limits, true, |ks, now| {
-            ks.buckets.sync_all(limits, statuses, now, epoch);
+            ks.buckets.sync_all(limits, statuses, now);
         });
         LedgerFuture::ready(Ok(()))
     }
 
     fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
-        let epoch = self.epoch;
-        let state = self.with_key(key, limits, false, |ks, now| {
-            ks.buckets.state(limits, now, epoch)
-        });
+        let state = self.with_key(key, limits, false, |ks, now| ks.buckets.state(limits, now));
         LedgerFuture::ready(Ok(state))
     }
 }
