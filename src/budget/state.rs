@@ -1490,6 +1490,50 @@ impl Shared {
         bump(&self.counters.settled);
     }
 
+    /// A response's settlement: [`correct_and_sync`](Self::correct_and_sync),
+    /// then the request no longer counts among its key's estimates and
+    /// outputs in flight ([`Charge::release_inexact`],
+    /// [`Charge::release_output`]). With the budget's own buckets, all of it
+    /// under one lock of the key (it took four).
+    pub(crate) fn settle_response(
+        self: &Arc<Self>,
+        charge: &mut Charge,
+        delta: CostDelta,
+        output: Option<(u64, u64)>,
+        held_sync: Option<[LimitStatus; 3]>,
+    ) {
+        if !self.own {
+            self.correct_and_sync(charge, delta, output, held_sync);
+            charge.release_inexact();
+            charge.release_output();
+            return;
+        }
+        self.end_probe(charge, Probe::Off);
+        let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
+        let mut ks = lock_key(&charge.cell);
+        if let Some((tokens, max_tokens)) = output {
+            ks.push_output(tokens, max_tokens, &self.settings);
+        }
+        let next = if held_sync.is_some() || !delta.is_zero() {
+            let wake_head = held_sync.is_some() || freed;
+            self.apply_own(&mut ks, charge, Some(delta), held_sync, wake_head)
+        } else {
+            None
+        };
+        if std::mem::take(&mut charge.inexact) {
+            ks.inexact = ks.inexact.saturating_sub(1);
+        }
+        if std::mem::take(&mut charge.output_pending) {
+            ks.output_pending = ks.output_pending.saturating_sub(1);
+            if ks.output_pending == 0 {
+                ks.absorbed_output = 0;
+            }
+        }
+        drop(ks);
+        wake(next);
+        bump(&self.counters.settled);
+    }
+
     /// Applies a response's statuses (if any) and then `delta` (if any) to
     /// the request's key: in the budget's own buckets under the key's lock,
     /// else in one ledger operation (`sync_all`, `settle` or
