@@ -2214,7 +2214,8 @@ impl KeyState {
                     Dimension::InputTokens => lowered_tokens.get_mut(0),
                     Dimension::OutputTokens => lowered_tokens.get_mut(1),
                 };
-                if let Some(slot) = slot {
+                // Mostly nothing was lowered: no 128-bit division then.
+                if let Some(slot) = slot.filter(|_| lowered > 0) {
                     *slot = u64::try_from(lowered / UNITS_PER_TOKEN).unwrap_or(0);
                 }
             }

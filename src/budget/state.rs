@@ -511,6 +511,13 @@ impl Charge {
         self.counted.is_some() && (read_exact || self.cache_reads_count)
     }
 
+    /// Marks what [`Shared::count_in_flight`] counted: `(inexact,
+    /// output_pending)`.
+    fn counted_in_flight(&mut self, (inexact, output): (bool, bool)) {
+        self.inexact |= inexact;
+        self.output_pending |= output;
+    }
+
     /// The server reported this request's input (or charged nothing): it
     /// no longer counts among its key's estimates in flight.
     pub(crate) fn release_inexact(&mut self) {
@@ -1086,24 +1093,12 @@ impl Shared {
                         charge.probe = true;
                     }
                     self.admitted(charge, adm);
-                    let inexact = !charge.input_exact();
-                    let expected_output = self.own
-                        && charge.costs.output_tokens > 0
-                        && charge
-                            .estimate
-                            .max_tokens
-                            .unwrap_or(self.settings.default_max_tokens)
-                            > charge.costs.output_tokens;
+                    // Counted under the lock that admitted it, if it was
+                    // answered at once; else now.
+                    let (inexact, expected_output) = self.in_flight(charge);
                     if inexact || expected_output {
-                        let mut ks = lock_key(&charge.cell);
-                        if inexact {
-                            ks.inexact += 1;
-                            charge.inexact = true;
-                        }
-                        if expected_output {
-                            ks.output_pending += 1;
-                            charge.output_pending = true;
-                        }
+                        let counted = self.count_in_flight(&mut lock_key(&charge.cell), charge);
+                        charge.counted_in_flight(counted);
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -1164,6 +1159,37 @@ impl Shared {
             Step::Sleep(_) => Step::Again,
             step => step,
         }
+    }
+
+    /// Whether an admitted request is yet to be counted among its key's
+    /// estimates in flight (its input is an estimate) and among its
+    /// outputs in flight (it reserved an expected output, not its
+    /// `max_tokens`).
+    fn in_flight(&self, charge: &Charge) -> (bool, bool) {
+        let inexact = !charge.inexact && !charge.input_exact();
+        let expected_output = self.own
+            && !charge.output_pending
+            && charge.costs.output_tokens > 0
+            && charge
+                .estimate
+                .max_tokens
+                .unwrap_or(self.settings.default_max_tokens)
+                > charge.costs.output_tokens;
+        (inexact, expected_output)
+    }
+
+    /// Counts an admitted request in flight (see [`in_flight`](Self::in_flight))
+    /// under the key's lock (`ks`); returns what it counted, for
+    /// [`Charge::counted_in_flight`].
+    fn count_in_flight(&self, ks: &mut KeyState, charge: &Charge) -> (bool, bool) {
+        let (inexact, expected_output) = self.in_flight(charge);
+        if inexact {
+            ks.inexact += 1;
+        }
+        if expected_output {
+            ks.output_pending += 1;
+        }
+        (inexact, expected_output)
     }
 
     fn admitted(&self, charge: &Charge, adm: &Admission) {
@@ -1250,7 +1276,7 @@ impl Shared {
     }
 
     /// Asks the ledger if this request's turn has come, or waits in line.
-    fn ask(self: &Arc<Self>, charge: &Charge, adm: &mut Admission, waker: &Waker) -> Step {
+    fn ask(self: &Arc<Self>, charge: &mut Charge, adm: &mut Admission, waker: &Waker) -> Step {
         // One clock reading per question: the in-memory ledger reads the
         // same clock, so its waits count from (about) the same instant.
         let turn = Turn {
@@ -1292,7 +1318,16 @@ impl Shared {
         match answer {
             Ok(answer) => {
                 let (step, next) = self.on_answer(&mut ks, charge, adm, answer, &turn);
+                let counted = if matches!(step, Step::Admitted)
+                    && !(charge.input_capped && charge.counted.is_none())
+                {
+                    // Counted in flight under this lock, not another.
+                    self.count_in_flight(&mut ks, charge)
+                } else {
+                    (false, false)
+                };
                 drop(ks);
+                charge.counted_in_flight(counted);
                 wake(next);
                 step
             }
