@@ -54,7 +54,7 @@ use super::prefix::{WriteGuard, Writers};
 use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 use crate::estimate::SlidingQuantile;
 use crate::estimate::{Estimate, SharedPromptCache, TokenEstimator};
-use crate::headers::{LimitStatus, RateLimitSnapshot};
+use crate::headers::LimitStatus;
 use crate::queue::Removed;
 use crate::Dimension;
 
@@ -1675,7 +1675,9 @@ impl Shared {
         self.correct(charge, CostDelta::refund(charge.costs), None);
     }
 
-    /// Aligns the key's buckets with a response's `anthropic-ratelimit-*` headers.
+    /// Aligns the key's buckets with a response's `anthropic-ratelimit-*`
+    /// headers, read by
+    /// [`RateLimitSnapshot::budget_statuses`](crate::headers::RateLimitSnapshot::budget_statuses).
     ///
     /// The combined `anthropic-ratelimit-tokens-*` header is the most
     /// restrictive limit in force, not a fourth bucket: it is used for input
@@ -1690,17 +1692,9 @@ impl Shared {
     pub(crate) fn sync(
         self: &Arc<Self>,
         charge: &Charge,
-        snap: &RateLimitSnapshot,
+        mut statuses: [LimitStatus; 3],
         hold: bool,
     ) -> Option<[LimitStatus; 3]> {
-        let mut statuses = Dimension::ALL.map(|dimension| {
-            let status = *snap.dimension(dimension);
-            if dimension == Dimension::InputTokens && status == LimitStatus::default() {
-                snap.tokens
-            } else {
-                status
-            }
-        });
         let mut locked = None;
         if statuses.iter().any(|s| s.limit.is_some()) {
             let ks = locked.insert(lock_key(&charge.cell));
