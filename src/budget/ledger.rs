@@ -2263,12 +2263,14 @@ impl Epoch {
     }
 
     /// `at` as nanoseconds from the epoch (negative before it).
+    #[inline]
     pub(crate) fn nanos(self, at: Instant) -> i64 {
-        if at >= self.0 {
-            i64::try_from(at.duration_since(self.0).as_nanos()).unwrap_or(i64::MAX)
-        } else {
-            let before = self.0.duration_since(at).as_nanos();
-            i64::try_from(before).map_or(i64::MIN + 1, |n| -n)
+        match at.checked_duration_since(self.0) {
+            Some(after) => i64::try_from(nanos(after)).unwrap_or(i64::MAX),
+            None => {
+                let before = nanos(self.0.saturating_duration_since(at));
+                i64::try_from(before).map_or(i64::MIN + 1, |n| -n)
+            }
         }
     }
 
@@ -2284,6 +2286,7 @@ impl Epoch {
 
     /// `at` as the buckets count it: converted once per operation, so that
     /// each bucket's refill is one subtraction of integers.
+    #[inline]
     pub(crate) fn tick(self, at: Instant) -> Tick {
         Tick {
             at,
