@@ -2804,12 +2804,15 @@ mod tests {
                 }
             }
             let later = now + Duration::from_secs(600);
-            let ledger_full =
-                ledger.with_key(KEY, false, later, |s| {
-                    s.is_full(ledger.epoch.nanos(later), MINUTE_NANOS)
-                });
+            let ledger_full = ledger.with_key(KEY, false, later, |s| {
+                s.is_full(ledger.epoch.nanos(later), MINUTE_NANOS)
+            });
             if let Some(full) = ledger_full {
-                assert_eq!(full, packed.is_full(&limits, epoch.tick(later)), "seed {seed}");
+                assert_eq!(
+                    full,
+                    packed.is_full(&limits, epoch.tick(later)),
+                    "seed {seed}"
+                );
             }
         }
     }

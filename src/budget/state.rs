@@ -2076,7 +2076,9 @@ impl Shared {
                 };
                 // The budget's own buckets are read under the key's lock
                 // already held; a ledger's are asked with no lock held.
-                let own = self.own.then(|| ks.buckets.state(&limits, self.epoch.tick(now)));
+                let own = self
+                    .own
+                    .then(|| ks.buckets.state(&limits, self.epoch.tick(now)));
                 drop(ks);
                 let states = own.or_else(|| self.state_now(&partial.key, &limits));
                 with_buckets(partial, states)
