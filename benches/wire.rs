@@ -12,7 +12,9 @@
 //!   against a `memchr` count of its newlines (the floor of any line reader).
 //! - `scan_json_300B/*`: a 300-byte answer, whole.
 //! - `headers/*`: reading the 12 `anthropic-ratelimit-*` headers of an answer
-//!   with [`RateLimitSnapshot::from_headers_at`], and writing them with
+//!   with [`RateLimitSnapshot::from_headers_at`] (the same answer again, and
+//!   answers as real traffic has them: each `remaining` different, a reset
+//!   that changes about once a second), and writing them with
 //!   [`insert_rate_limit_headers`], against cloning the same header map.
 
 use std::hint::black_box;
@@ -188,6 +190,31 @@ fn headers(c: &mut Criterion) {
     g.bench_function("clone_header_map", |b| b.iter(|| black_box(&h).clone()));
     g.bench_function("read_snapshot", |b| {
         b.iter(|| RateLimitSnapshot::from_headers_at(black_box(&h), now))
+    });
+    // Real traffic: each answer's `remaining` values differ, the limits stay,
+    // and a reset changes about once a second (here every 16 answers).
+    let answers: Vec<HeaderMap> = (0..64u64)
+        .map(|i| {
+            let at = now + Duration::from_secs(i / 16);
+            let mut h = answer_headers(at);
+            // One request less, or a thousand tokens less, each answer.
+            let mut changing = limits();
+            for (d, l) in changing.iter_mut().enumerate() {
+                if let Some(l) = l {
+                    let step = if d == 0 { 1 } else { 1_000 };
+                    l.remaining = l.remaining.saturating_sub((i + 1) * step);
+                }
+            }
+            insert_rate_limit_headers(&mut h, &changing, at);
+            h
+        })
+        .collect();
+    let mut next = 0;
+    g.bench_function("read_snapshot_changing", |b| {
+        b.iter(|| {
+            next = (next + 1) % answers.len();
+            RateLimitSnapshot::from_headers_at(black_box(&answers[next]), now)
+        })
     });
     g.bench_function("write_12", |b| {
         let limits = limits();

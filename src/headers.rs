@@ -157,6 +157,56 @@ impl RateLimitSnapshot {
         snap
     }
 
+    /// What a token budget syncs its buckets to, `[requests, input tokens,
+    /// output tokens]` (the order of [`Dimension::ALL`]), read in the same
+    /// pass as [`from_headers`](Self::from_headers) reads, and as the budget
+    /// reads its snapshot: the combined `tokens` limit (Anthropic's, else
+    /// OpenAI-style) stands for input tokens only where the response says
+    /// nothing of them, and is parsed only then; `retry-after` and
+    /// `x-should-retry` are not parsed at all. `None` when no header is
+    /// named as a rate-limit header (see [`is_rate_limit_header`]).
+    #[cfg(feature = "budget")]
+    pub(crate) fn budget_statuses(headers: &HeaderMap) -> Option<[LimitStatus; 3]> {
+        Self::budget_statuses_at(headers, SystemTime::now())
+    }
+
+    /// [`budget_statuses`](Self::budget_statuses) with instants relative to
+    /// `now`.
+    #[cfg(feature = "budget")]
+    pub(crate) fn budget_statuses_at(
+        headers: &HeaderMap,
+        now: SystemTime,
+    ) -> Option<[LimitStatus; 3]> {
+        let found = Found::collect(headers);
+        let read_some = found
+            .anthropic
+            .iter()
+            .chain(&found.openai)
+            .flatten()
+            .any(Option::is_some);
+        // Without one read, the names are looked at again (a response
+        // without any is rare from the API).
+        if !read_some && !headers.keys().any(is_rate_limit_header) {
+            return None;
+        }
+        let [requests, tokens, input, output] = found.anthropic;
+        let [openai_requests, openai_tokens] = found.openai;
+        let mut last_reset = None;
+        let mut requests = read_anthropic(requests, 0, now, &mut last_reset);
+        if requests.is_empty() {
+            requests = read_openai(openai_requests);
+        }
+        let mut input = read_anthropic(input, 2, now, &mut last_reset);
+        if input.is_empty() {
+            input = read_anthropic(tokens, 1, now, &mut last_reset);
+            if input.is_empty() {
+                input = read_openai(openai_tokens);
+            }
+        }
+        let output = read_anthropic(output, 3, now, &mut last_reset);
+        Some([requests, input, output])
+    }
+
     /// The longest `reset_in` among the limits that are used up
     /// (`remaining: 0`): how long until every exhausted limit has room again.
     pub fn exhausted_reset(&self) -> Option<Duration> {
@@ -709,6 +759,62 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The budget's statuses are what it read from the whole snapshot
+    /// (input tokens from the combined `tokens` limit when the response
+    /// says nothing of them), for any mix of Anthropic's, OpenAI-style and
+    /// other headers, well-formed or not; none without a rate-limit header.
+    #[test]
+    #[cfg(feature = "budget")]
+    fn the_budget_reads_what_the_snapshot_says() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_795_850_100);
+        let openai = ["limit", "remaining", "reset"]
+            .map(|f| ["requests", "tokens"].map(|k| format!("x-ratelimit-{f}-{k}")));
+        let kinds = ["requests", "tokens", "input-tokens", "output-tokens"];
+        let names: Vec<String> = kinds
+            .iter()
+            .flat_map(|k| {
+                ["limit", "remaining", "reset"].map(|f| format!("anthropic-ratelimit-{k}-{f}"))
+            })
+            .chain(openai.into_iter().flatten())
+            .chain(["retry-after".into(), "anthropic-ratelimit-other".into()])
+            .collect();
+        let values = [
+            "4000000",
+            "3999000",
+            " 12 ",
+            "0",
+            "2026-11-28T07:15:12Z",
+            "2026-11-28T07:15:00Z",
+            "6m0s",
+            "x",
+            "",
+        ];
+        let mut seed = 42u64;
+        let mut next = |n: usize| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) as usize % n
+        };
+        for round in 0..2_000 {
+            let mut headers = HeaderMap::new();
+            headers.insert("content-type", HeaderValue::from_static("application/json"));
+            for _ in 0..next(14) {
+                let name = HeaderName::try_from(names[next(names.len())].as_str()).unwrap();
+                headers.append(name, HeaderValue::from_static(values[next(values.len())]));
+            }
+            let snap = RateLimitSnapshot::from_headers_at(&headers, now);
+            let want = Dimension::ALL.map(|d| match *snap.dimension(d) {
+                s if d == Dimension::InputTokens && s.is_empty() => snap.tokens,
+                s => s,
+            });
+            let named = headers.keys().any(is_rate_limit_header);
+            let got = RateLimitSnapshot::budget_statuses_at(&headers, now);
+            assert_eq!(got, named.then_some(want), "round {round}: {headers:?}");
+        }
+    }
+
     use crate::wire::ratelimit::insert_limit_headers;
     use http::header::RETRY_AFTER;
 

@@ -22,7 +22,7 @@ use super::usage::{ResponseBody, Tracker};
 use crate::body::{Buffered, ReplayBody};
 use crate::dispatch::Dispatch;
 use crate::estimate::{Estimate, MAX_MODEL_LEN};
-use crate::headers::{content_length, is_rate_limit_header, RateLimitSnapshot};
+use crate::headers::{content_length, RateLimitSnapshot};
 use crate::observe::{LayerKind, WaitEvent};
 use crate::wait::{DeadlineReached, Parked, Wait};
 use crate::wire::sse::is_event_stream;
@@ -1116,10 +1116,9 @@ fn respond<ResB: Body>(
     let mut held_sync = None;
     if shared.settings.enforce {
         enforce::insert_headers(shared, charge, response.headers_mut());
-    } else if response.headers().keys().any(is_rate_limit_header) {
-        let snapshot = RateLimitSnapshot::from_headers(response.headers());
+    } else if let Some(statuses) = RateLimitSnapshot::budget_statuses(response.headers()) {
         // A body to settle: the sync may go with its settlement.
-        held_sync = shared.sync(charge, &snapshot, !was_refused);
+        held_sync = shared.sync(charge, statuses, !was_refused);
     }
     if was_refused {
         tracing::debug!(

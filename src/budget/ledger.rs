@@ -1225,6 +1225,9 @@ const RESET_PRECISION_NANOS: u64 = 1_000_000_000;
 pub struct InMemoryLedger {
     /// At most 60 s: it fits in 64 bits.
     window_nanos: u64,
+    /// The instant the buckets' timestamps count from (in nanoseconds: a
+    /// bucket's refill is one subtraction).
+    epoch: Epoch,
     /// The keys in [`SHARDS`] shards with a lock each: a sweep of idle keys
     /// locks one shard at a time, so no operation waits for work over all
     /// keys.
@@ -1330,6 +1333,7 @@ impl InMemoryLedger {
             hasher: RandomState::new(),
             swept_at: Mutex::new(Instant::now()),
             lines: Mutex::new(HashMap::new()),
+            epoch: Epoch::now(),
         }
     }
 
@@ -1358,6 +1362,7 @@ impl InMemoryLedger {
             hasher: RandomState::new(),
             swept_at: Mutex::new(Instant::now()),
             lines: Mutex::new(HashMap::new()),
+            epoch: Epoch::now(),
         })
     }
 
@@ -1394,6 +1399,7 @@ impl InMemoryLedger {
     /// (minutes) where limits are learned rather than configured.
     pub fn evict_idle(&self, now: Instant, idle: Duration) -> usize {
         let window_nanos = self.window_nanos;
+        let now = self.epoch.tick(now);
         // One shard at a time: operations on the others go on meanwhile.
         self.shards
             .iter()
@@ -1447,6 +1453,7 @@ impl InMemoryLedger {
             let mut shard = write(shard);
             let created = !shard.keys.contains_key(key);
             if created && shard.keys.len() + 1 >= shard.next_len {
+                let now = self.epoch.tick(now);
                 evict_from(&mut shard, now, AUTO_EVICT_IDLE, self.window_nanos);
             }
             let state = shard
@@ -1473,13 +1480,13 @@ fn write(shard: &RwLock<Shard>) -> std::sync::RwLockWriteGuard<'_, Shard> {
 
 /// Drops the keys unused for `idle` before `now` whose buckets are full
 /// again; returns how many.
-fn evict_from(shard: &mut Shard, now: Instant, idle: Duration, window_nanos: u64) -> usize {
+fn evict_from(shard: &mut Shard, now: Tick, idle: Duration, window_nanos: u64) -> usize {
     let keys = &mut shard.keys;
     let before = keys.len();
     keys.retain(|_, state| {
         let state = state.get_mut().unwrap_or_else(|e| e.into_inner());
-        let idle_enough = now.saturating_duration_since(state.touched) >= idle;
-        !(idle_enough && state.is_full(now, window_nanos))
+        let idle_enough = now.at.saturating_duration_since(state.touched) >= idle;
+        !(idle_enough && state.is_full(now.nanos, window_nanos))
     });
     let dropped = before - keys.len();
     if dropped > 0 {
@@ -1515,7 +1522,7 @@ impl KeyState {
         }
     }
 
-    fn is_full(&self, now: Instant, window_nanos: u64) -> bool {
+    fn is_full(&self, now: i64, window_nanos: u64) -> bool {
         self.buckets.iter().all(|bucket| match bucket.last_limit {
             None => true,
             Some(limit) => {
@@ -1531,12 +1538,14 @@ impl KeyState {
 
 /// One bucket: a level in fixed-point units (see the module docs) and when it
 /// was last brought up to date.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Bucket {
     /// Meaningful only once `updated` is set.
     level: i128,
-    /// `None` until the bucket first had a limit: it then starts full.
-    updated: Option<Instant>,
+    /// When the level was last brought up to date, in nanoseconds from the
+    /// ledger's [`Epoch`]; [`Bucket::NEVER`] until the bucket first had a
+    /// limit: it then starts full.
+    updated: i64,
     /// The last limit the server reported (`-limit` header; never zero).
     learned: Option<NonZeroU64>,
     /// The limit in force at the last operation (for idle eviction; a zero
@@ -1544,7 +1553,22 @@ struct Bucket {
     last_limit: Option<NonZeroU64>,
 }
 
+impl Default for Bucket {
+    fn default() -> Self {
+        Bucket {
+            level: 0,
+            updated: Bucket::NEVER,
+            learned: None,
+            last_limit: None,
+        }
+    }
+}
+
 impl Bucket {
+    /// `updated` of a bucket that never had a limit (no instant converts
+    /// to it: [`Epoch::nanos`] saturates one above).
+    const NEVER: i64 = i64::MIN;
+
     /// The limit in force: the configured one, lowered by a learned one; the
     /// learned one alone; or none. The flag says whether it is the learned one.
     fn limit(&self, configured: Option<u64>) -> Option<(u64, bool)> {
@@ -1560,29 +1584,28 @@ impl Bucket {
     /// never above `capacity` (and lowers a level above a capacity that
     /// shrank). A bucket without a level yet starts full. A clock that went
     /// back refills nothing and leaves the timestamp where it was.
-    fn refill(&mut self, limit: u64, capacity: i128, now: Instant) {
-        match self.updated {
-            None => {
-                self.level = capacity;
-                self.updated = Some(now);
-            }
-            Some(updated) => {
-                if now > updated {
-                    self.level = if self.level < capacity {
-                        let elapsed = nanos(now.saturating_duration_since(updated));
-                        let added = refill_units(elapsed, limit);
-                        self.level.saturating_add(added).min(capacity)
-                    } else {
-                        // Full (or above a capacity that shrank): cut to it.
-                        capacity
-                    };
-                    self.updated = Some(now);
-                } else {
-                    // A clock that went back refills nothing; a shrunk
-                    // capacity still cuts the level.
-                    self.level = self.level.min(capacity);
-                }
-            }
+    ///
+    /// `now` is in nanoseconds from the ledger's [`Epoch`]: the elapsed time
+    /// is one subtraction, not a conversion of two instants.
+    #[inline]
+    fn refill(&mut self, limit: u64, capacity: i128, now: i64) {
+        if self.updated == Bucket::NEVER {
+            self.level = capacity;
+            self.updated = now;
+        } else if now > self.updated {
+            self.level = if self.level < capacity {
+                let elapsed = now.abs_diff(self.updated);
+                let added = refill_units(elapsed, limit);
+                self.level.saturating_add(added).min(capacity)
+            } else {
+                // Full (or above a capacity that shrank): cut to it.
+                capacity
+            };
+            self.updated = now;
+        } else {
+            // A clock that went back refills nothing; a shrunk capacity
+            // still cuts the level.
+            self.level = self.level.min(capacity);
         }
         self.last_limit = NonZeroU64::new(limit);
     }
@@ -1597,7 +1620,7 @@ impl Bucket {
         limits: &Limits,
         dimension: Dimension,
         sync: LimitStatus,
-        now: Instant,
+        now: i64,
         window_nanos: u64,
     ) -> i128 {
         // A server never advertises a zero limit; taking a garbled header
@@ -1735,8 +1758,9 @@ impl InMemoryLedger {
         now: Instant,
     ) -> Reservation {
         let window_nanos = self.window_nanos;
+        let tick = self.epoch.tick(now);
         let answer = self.with_key(key, true, now, |state| {
-            state.reserve(limits, costs, now, window_nanos)
+            state.reserve(limits, costs, tick, window_nanos)
         });
         // `with_key` with `create` always runs the closure.
         answer.unwrap_or(Reservation::Admitted)
@@ -1771,11 +1795,12 @@ impl InMemoryLedger {
         let line = lines.get_mut(key).unwrap_or(&mut empty);
         line.retain(|t| t.expires > now);
         let before = line.clone();
+        let tick = self.epoch.tick(now);
         let answer = self.with_key(key, true, now, |state| {
             let answer =
-                state.reserve_in_line(limits, costs, headroom, place, line, now, window_nanos);
+                state.reserve_in_line(limits, costs, headroom, place, line, tick, window_nanos);
             if answer == Reservation::Admitted {
-                state.settle(limits, CostDelta::refund(costs), now, window_nanos);
+                state.settle(limits, CostDelta::refund(costs), tick, window_nanos);
             }
             answer
         });
@@ -1816,8 +1841,9 @@ impl InMemoryLedger {
         let mut empty = Vec::new();
         let line = lines.get_mut(key).unwrap_or(&mut empty);
         line.retain(|t| t.expires > now);
+        let tick = self.epoch.tick(now);
         let answer = self.with_key(key, true, now, |state| {
-            state.reserve_in_line(limits, costs, headroom, place, line, now, window_nanos)
+            state.reserve_in_line(limits, costs, headroom, place, line, tick, window_nanos)
         });
         let answer = answer.unwrap_or(Reservation::Admitted);
         if line.is_empty() {
@@ -1834,8 +1860,9 @@ impl InMemoryLedger {
             return;
         }
         let window_nanos = self.window_nanos;
+        let tick = self.epoch.tick(now);
         let known = self.with_key(key, false, now, |state| {
-            state.settle(limits, delta, now, window_nanos);
+            state.settle(limits, delta, tick, window_nanos);
         });
         if known.is_none() {
             tracing::trace!("ledger settle for a key it does not hold: ignored");
@@ -1852,10 +1879,16 @@ impl InMemoryLedger {
         now: Instant,
     ) {
         let window_nanos = self.window_nanos;
+        let tick = self.epoch.tick(now);
         self.with_key(key, true, now, |state| {
             state.touch(now);
-            let _lowered =
-                state.buckets[index(dimension)].sync(limits, dimension, sync, now, window_nanos);
+            let _lowered = state.buckets[index(dimension)].sync(
+                limits,
+                dimension,
+                sync,
+                tick.nanos,
+                window_nanos,
+            );
         });
     }
 
@@ -1872,16 +1905,18 @@ impl InMemoryLedger {
             return;
         }
         let window_nanos = self.window_nanos;
+        let tick = self.epoch.tick(now);
         self.with_key(key, true, now, |state| {
-            let _lowered = state.sync_all(limits, statuses, now, window_nanos);
+            let _lowered = state.sync_all(limits, statuses, tick, window_nanos);
         });
     }
 
     /// [`Ledger::state`] at `now` on tokio's clock.
     pub fn state_at(&self, key: &str, limits: &Limits, now: Instant) -> Option<[BucketState; 3]> {
         let window_nanos = self.window_nanos;
+        let tick = self.epoch.tick(now);
         self.with_key(key, false, now, |state| {
-            state.state(limits, now, window_nanos)
+            state.state(limits, tick.nanos, window_nanos)
         })
     }
 }
@@ -1894,11 +1929,11 @@ impl KeyState {
         &mut self,
         limits: &Limits,
         costs: Costs,
-        now: Instant,
+        now: Tick,
         window_nanos: u64,
     ) -> Reservation {
         let state = self;
-        state.touch(now);
+        state.touch(now.at);
         // First pass: bring each limited bucket up to date and find the
         // longest wait. Nothing is debited unless every dimension fits.
         let mut latest: Option<(Instant, Dimension)> = None;
@@ -1908,7 +1943,7 @@ impl KeyState {
                 continue;
             };
             let capacity = capacity_units(limit, window_nanos);
-            bucket.refill(limit, capacity, now);
+            bucket.refill(limit, capacity, now.nanos);
             let cost = costs.get(dimension);
             if cost == 0 {
                 continue;
@@ -1929,7 +1964,12 @@ impl KeyState {
                 let wait = refill_nanos(deficit, limit);
                 // Counted from the bucket's own timestamp, which is later
                 // than `now` if the clock stepped back.
-                let at = instant_after(bucket.updated.unwrap_or(now).max(now), wait);
+                let from = if bucket.updated > now.nanos {
+                    now.epoch.instant(bucket.updated)
+                } else {
+                    now.at
+                };
+                let at = instant_after(from, wait);
                 if latest.is_none_or(|(latest, _)| at > latest) {
                     latest = Some((at, dimension));
                 }
@@ -1937,7 +1977,7 @@ impl KeyState {
         }
         if let Some((at, dimension)) = latest {
             return Reservation::Wait {
-                retry_in: at.saturating_duration_since(now),
+                retry_in: at.saturating_duration_since(now.at),
                 dimension,
             };
         }
@@ -1960,9 +2000,10 @@ impl KeyState {
         headroom: Costs,
         place: LinePlace,
         line: &mut Vec<Ticket>,
-        now: Instant,
+        tick: Tick,
         window_nanos: u64,
     ) -> Reservation {
+        let now = tick.at;
         let with = add_costs(costs, headroom);
         let mine = line
             .iter()
@@ -1982,14 +2023,14 @@ impl KeyState {
             .min_by_key(|(_, t)| (t.since, t.seq))
             .map(|(i, _)| i);
         let answer = match oldest {
-            None => self.reserve_keeping(limits, with, headroom, now, window_nanos),
+            None => self.reserve_keeping(limits, with, headroom, tick, window_nanos),
             Some(i) => {
                 let ticket = line[i];
                 let beside = add_costs(with, ticket.costs);
-                match self.reserve(limits, beside, now, window_nanos) {
+                match self.reserve(limits, beside, tick, window_nanos) {
                     Reservation::Admitted => {
                         let back = CostDelta::refund(add_costs(ticket.costs, headroom));
-                        self.settle(limits, back, now, window_nanos);
+                        self.settle(limits, back, tick, window_nanos);
                         Reservation::Admitted
                     }
                     refused => {
@@ -1999,7 +2040,7 @@ impl KeyState {
                             .checked_add(delay)
                             .is_some_and(|d| d <= LINE_DELAY_BOUND);
                         let alone = if passes {
-                            self.reserve_keeping(limits, with, headroom, now, window_nanos)
+                            self.reserve_keeping(limits, with, headroom, tick, window_nanos)
                         } else {
                             refused
                         };
@@ -2095,7 +2136,7 @@ impl KeyState {
         limits: &Limits,
         with: Costs,
         headroom: Costs,
-        now: Instant,
+        now: Tick,
         window_nanos: u64,
     ) -> Reservation {
         let answer = self.reserve(limits, with, now, window_nanos);
@@ -2122,9 +2163,9 @@ impl KeyState {
     }
 
     /// [`InMemoryLedger::settle_at`] on these buckets.
-    fn settle(&mut self, limits: &Limits, delta: CostDelta, now: Instant, window_nanos: u64) {
+    fn settle(&mut self, limits: &Limits, delta: CostDelta, now: Tick, window_nanos: u64) {
         let state = self;
-        state.touch(now);
+        state.touch(now.at);
         for dimension in Dimension::ALL {
             let change = delta.get(dimension);
             if change == 0 {
@@ -2135,7 +2176,7 @@ impl KeyState {
                 continue;
             };
             let capacity = capacity_units(limit, window_nanos);
-            bucket.refill(limit, capacity, now);
+            bucket.refill(limit, capacity, now.nanos);
             let amount = i128::from(change).saturating_mul(UNITS_PER_TOKEN);
             if amount > 0 {
                 // A charge: may leave the bucket negative (a debt).
@@ -2153,11 +2194,11 @@ impl KeyState {
         &mut self,
         limits: &Limits,
         statuses: [LimitStatus; 3],
-        now: Instant,
+        now: Tick,
         window_nanos: u64,
     ) -> [u64; 2] {
         let state = self;
-        state.touch(now);
+        state.touch(now.at);
         let mut lowered_tokens = [0; 2];
         for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
             if !status.is_empty() {
@@ -2165,7 +2206,7 @@ impl KeyState {
                     limits,
                     dimension,
                     status,
-                    now,
+                    now.nanos,
                     window_nanos,
                 );
                 let slot = match dimension {
@@ -2173,7 +2214,8 @@ impl KeyState {
                     Dimension::InputTokens => lowered_tokens.get_mut(0),
                     Dimension::OutputTokens => lowered_tokens.get_mut(1),
                 };
-                if let Some(slot) = slot {
+                // Mostly nothing was lowered: no 128-bit division then.
+                if let Some(slot) = slot.filter(|_| lowered > 0) {
                     *slot = u64::try_from(lowered / UNITS_PER_TOKEN).unwrap_or(0);
                 }
             }
@@ -2182,7 +2224,7 @@ impl KeyState {
     }
 
     /// [`InMemoryLedger::state_at`] on these buckets.
-    fn state(&self, limits: &Limits, now: Instant, window_nanos: u64) -> [BucketState; 3] {
+    fn state(&self, limits: &Limits, now: i64, window_nanos: u64) -> [BucketState; 3] {
         let state = self;
         Dimension::ALL.map(|dimension| {
             let bucket = state.buckets[index(dimension)];
@@ -2221,12 +2263,14 @@ impl Epoch {
     }
 
     /// `at` as nanoseconds from the epoch (negative before it).
+    #[inline]
     pub(crate) fn nanos(self, at: Instant) -> i64 {
-        if at >= self.0 {
-            i64::try_from(at.duration_since(self.0).as_nanos()).unwrap_or(i64::MAX)
-        } else {
-            let before = self.0.duration_since(at).as_nanos();
-            i64::try_from(before).map_or(i64::MIN + 1, |n| -n)
+        match at.checked_duration_since(self.0) {
+            Some(after) => i64::try_from(nanos(after)).unwrap_or(i64::MAX),
+            None => {
+                let before = nanos(self.0.saturating_duration_since(at));
+                i64::try_from(before).map_or(i64::MIN + 1, |n| -n)
+            }
         }
     }
 
@@ -2239,15 +2283,49 @@ impl Epoch {
             self.0.checked_sub(offset).unwrap_or(self.0)
         }
     }
+
+    /// `at` as the buckets count it: converted once per operation, so that
+    /// each bucket's refill is one subtraction of integers.
+    #[inline]
+    pub(crate) fn tick(self, at: Instant) -> Tick {
+        Tick {
+            at,
+            nanos: self.nanos(at),
+            epoch: self,
+        }
+    }
+}
+
+/// One operation's instant, both as an [`Instant`] (for the answers that
+/// name one, and idle eviction) and in nanoseconds from the [`Epoch`] the
+/// buckets' timestamps count from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tick {
+    at: Instant,
+    nanos: i64,
+    epoch: Epoch,
+}
+
+impl Tick {
+    /// The instant.
+    pub(crate) fn at(&self) -> Instant {
+        self.at
+    }
+
+    /// The instant in nanoseconds from its epoch.
+    pub(crate) fn nanos(&self) -> i64 {
+        self.nanos
+    }
 }
 
 /// One key's three buckets, packed for a budget that keeps its ledger in its
 /// own key entries (one map of keys, one key string): 72 bytes inline, and
 /// the limits learned from the server boxed once there are any, where an
 /// [`InMemoryLedger`]'s map holds 176 bytes per key beside its own copy of
-/// the key. The arithmetic is the same: each operation unpacks the buckets,
-/// runs [`InMemoryLedger`]'s operation on them and packs them again, with a
-/// one-minute window.
+/// the key. The arithmetic is the same: each operation copies the buckets
+/// out, runs [`InMemoryLedger`]'s operation on them and copies them back,
+/// with a one-minute window (the timestamps are nanoseconds from the
+/// budget's epoch either way: nothing is converted).
 #[derive(Debug, Default)]
 pub(crate) struct PackedBuckets {
     buckets: [PackedBucket; 3],
@@ -2255,8 +2333,8 @@ pub(crate) struct PackedBuckets {
 }
 
 /// A bucket's level (an `i128` in two halves: 8-byte alignment, not 16) and
-/// when it was last brought up to date ([`PackedBucket::NEVER`] before its
-/// first limit).
+/// when it was last brought up to date ([`Bucket::NEVER`] before its first
+/// limit).
 #[derive(Debug, Clone, Copy)]
 struct PackedBucket {
     level_lo: u64,
@@ -2264,65 +2342,47 @@ struct PackedBucket {
     updated: i64,
 }
 
-impl PackedBucket {
-    /// `updated` of a bucket that never had a limit.
-    const NEVER: i64 = i64::MIN;
-}
-
 impl Default for PackedBucket {
     fn default() -> Self {
         PackedBucket {
             level_lo: 0,
             level_hi: 0,
-            updated: Self::NEVER,
+            updated: Bucket::NEVER,
         }
     }
 }
 
 impl PackedBuckets {
-    fn unpack(&self, epoch: Epoch) -> KeyState {
+    #[inline]
+    fn unpack(&self, now: Tick) -> KeyState {
         let learned = self.learned.as_deref().copied().unwrap_or_default();
-        // The buckets are mostly brought up to date together: an instant
-        // the previous bucket had is converted once.
-        let mut last: Option<(i64, Instant)> = None;
         KeyState {
             buckets: std::array::from_fn(|i| {
                 let p = self.buckets[i];
-                let updated = (p.updated != PackedBucket::NEVER).then(|| match last {
-                    Some((nanos, at)) if nanos == p.updated => at,
-                    _ => {
-                        let at = epoch.instant(p.updated);
-                        last = Some((p.updated, at));
-                        at
-                    }
-                });
                 Bucket {
                     level: (i128::from(p.level_hi) << 64) | i128::from(p.level_lo),
-                    updated,
+                    updated: p.updated,
                     learned: learned[i],
                     last_limit: None,
                 }
             }),
-            touched: epoch.0,
+            touched: now.at,
         }
     }
 
-    fn pack(&mut self, state: &KeyState, epoch: Epoch) {
-        // As in `unpack`: an instant the previous bucket had is converted once.
-        let mut last: Option<(Instant, i64)> = None;
+    /// The levels and timestamps back (the learned limits change only in a
+    /// sync: see [`PackedBuckets::pack_learned`]).
+    #[inline]
+    fn pack(&mut self, state: &KeyState) {
         for (p, b) in self.buckets.iter_mut().zip(&state.buckets) {
             // The two halves of the level: truncation is the point.
             p.level_lo = b.level as u64;
             p.level_hi = (b.level >> 64) as i64;
-            p.updated = b.updated.map_or(PackedBucket::NEVER, |t| match last {
-                Some((at, nanos)) if at == t => nanos,
-                _ => {
-                    let nanos = epoch.nanos(t);
-                    last = Some((t, nanos));
-                    nanos
-                }
-            });
+            p.updated = b.updated;
         }
+    }
+
+    fn pack_learned(&mut self, state: &KeyState) {
         let learned = state.buckets.map(|b| b.learned);
         match (&mut self.learned, learned.iter().any(Option::is_some)) {
             (Some(boxed), true) => **boxed = learned,
@@ -2332,16 +2392,10 @@ impl PackedBuckets {
     }
 
     /// [`InMemoryLedger::reserve_at`] on these buckets.
-    pub(crate) fn reserve(
-        &mut self,
-        limits: &Limits,
-        costs: Costs,
-        now: Instant,
-        epoch: Epoch,
-    ) -> Reservation {
-        let mut state = self.unpack(epoch);
+    pub(crate) fn reserve(&mut self, limits: &Limits, costs: Costs, now: Tick) -> Reservation {
+        let mut state = self.unpack(now);
         let answer = state.reserve(limits, costs, now, MINUTE_NANOS);
-        self.pack(&state, epoch);
+        self.pack(&state);
         answer
     }
 
@@ -2353,23 +2407,22 @@ impl PackedBuckets {
         limits: &Limits,
         with: Costs,
         headroom: Costs,
-        now: Instant,
-        epoch: Epoch,
+        now: Tick,
     ) -> Reservation {
-        let mut state = self.unpack(epoch);
+        let mut state = self.unpack(now);
         let answer = state.reserve_keeping(limits, with, headroom, now, MINUTE_NANOS);
-        self.pack(&state, epoch);
+        self.pack(&state);
         answer
     }
 
     /// [`InMemoryLedger::settle_at`] on these buckets.
-    pub(crate) fn settle(&mut self, limits: &Limits, delta: CostDelta, now: Instant, epoch: Epoch) {
+    pub(crate) fn settle(&mut self, limits: &Limits, delta: CostDelta, now: Tick) {
         if delta.is_zero() {
             return;
         }
-        let mut state = self.unpack(epoch);
+        let mut state = self.unpack(now);
         state.settle(limits, delta, now, MINUTE_NANOS);
-        self.pack(&state, epoch);
+        self.pack(&state);
     }
 
     /// [`InMemoryLedger::sync_all_at`] on these buckets. Returns the input
@@ -2378,34 +2431,68 @@ impl PackedBuckets {
         &mut self,
         limits: &Limits,
         statuses: [LimitStatus; 3],
-        now: Instant,
-        epoch: Epoch,
+        now: Tick,
     ) -> [u64; 2] {
         if statuses.iter().all(LimitStatus::is_empty) {
             return [0; 2];
         }
-        let mut state = self.unpack(epoch);
+        let mut state = self.unpack(now);
         let lowered = state.sync_all(limits, statuses, now, MINUTE_NANOS);
-        self.pack(&state, epoch);
+        self.pack(&state);
+        if statuses.iter().any(|s| s.limit.is_some()) {
+            self.pack_learned(&state);
+        }
+        lowered
+    }
+
+    /// A response's statuses, then its settlement's `delta`, on these
+    /// buckets in one pass (as [`Ledger::settle_and_sync`]): the buckets
+    /// are copied out and back once. Returns the input and output tokens by
+    /// which the sync lowered those buckets; `delta` is made by
+    /// `settlement` from them (the tokens it lowered that the settlement
+    /// would charge again are taken off it).
+    pub(crate) fn sync_and_settle(
+        &mut self,
+        limits: &Limits,
+        statuses: Option<[LimitStatus; 3]>,
+        now: Tick,
+        settlement: impl FnOnce([u64; 2]) -> Option<CostDelta>,
+    ) -> [u64; 2] {
+        let statuses = statuses.filter(|s| !s.iter().all(LimitStatus::is_empty));
+        let mut state = self.unpack(now);
+        let lowered = match statuses {
+            Some(statuses) => state.sync_all(limits, statuses, now, MINUTE_NANOS),
+            None => [0; 2],
+        };
+        let delta = settlement(lowered).filter(|d| !d.is_zero());
+        if let Some(delta) = delta {
+            state.settle(limits, delta, now, MINUTE_NANOS);
+        }
+        if statuses.is_some() || delta.is_some() {
+            self.pack(&state);
+        }
+        if statuses.is_some_and(|s| s.iter().any(|s| s.limit.is_some())) {
+            self.pack_learned(&state);
+        }
         lowered
     }
 
     /// [`InMemoryLedger::state_at`] on these buckets.
-    pub(crate) fn state(&self, limits: &Limits, now: Instant, epoch: Epoch) -> [BucketState; 3] {
-        self.unpack(epoch).state(limits, now, MINUTE_NANOS)
+    pub(crate) fn state(&self, limits: &Limits, now: Tick) -> [BucketState; 3] {
+        self.unpack(now).state(limits, now.nanos, MINUTE_NANOS)
     }
 
     /// Whether every bucket with a limit in force (under `limits`) is full
     /// again at `now`: forgetting the key then changes nothing.
-    pub(crate) fn is_full(&self, limits: &Limits, now: Instant, epoch: Epoch) -> bool {
-        let mut state = self.unpack(epoch);
+    pub(crate) fn is_full(&self, limits: &Limits, now: Tick) -> bool {
+        let mut state = self.unpack(now);
         for dimension in Dimension::ALL {
             let bucket = &mut state.buckets[index(dimension)];
             bucket.last_limit = bucket
                 .limit(configured(limits, dimension))
                 .and_then(|(limit, _)| NonZeroU64::new(limit));
         }
-        state.is_full(now, MINUTE_NANOS)
+        state.is_full(now.nanos, MINUTE_NANOS)
     }
 }
 
@@ -2648,7 +2735,7 @@ mod tests {
             };
             let mut now = start;
             for step in 0..400 {
-                match rng.upto(6) {
+                match rng.upto(7) {
                     0 | 1 => {
                         let costs = Costs {
                             requests: rng.upto(2),
@@ -2656,7 +2743,7 @@ mod tests {
                             output_tokens: rng.upto(2_000),
                         };
                         let a = ledger.reserve_at(KEY, &limits, costs, now);
-                        let b = packed.reserve(&limits, costs, now, epoch);
+                        let b = packed.reserve(&limits, costs, epoch.tick(now));
                         assert_eq!(a, b, "seed {seed} step {step}");
                     }
                     2 => {
@@ -2668,7 +2755,7 @@ mod tests {
                         };
                         ledger.settle_at(KEY, &limits, delta, now);
                         if ledger.state_at(KEY, &limits, now).is_some() {
-                            packed.settle(&limits, delta, now, epoch);
+                            packed.settle(&limits, delta, epoch.tick(now));
                         }
                     }
                     3 => {
@@ -2679,9 +2766,30 @@ mod tests {
                         };
                         let statuses = [status(&mut rng), status(&mut rng), status(&mut rng)];
                         ledger.sync_all_at(KEY, &limits, statuses, now);
-                        packed.sync_all(&limits, statuses, now, epoch);
+                        packed.sync_all(&limits, statuses, epoch.tick(now));
                     }
                     4 => now += Duration::from_nanos(rng.upto(5_000_000_000)),
+                    5 => {
+                        // A response's sync and its settlement in one pass,
+                        // as the two operations one after the other.
+                        let status = |r: &mut Lcg| LimitStatus {
+                            limit: r.maybe(|g| 1 + g.upto(50_000)),
+                            remaining: r.maybe(|g| g.upto(50_000)),
+                            reset_in: None,
+                        };
+                        let statuses = [status(&mut rng), status(&mut rng), status(&mut rng)];
+                        let delta = CostDelta {
+                            requests: 0,
+                            input_tokens: rng.upto(2_000) as i64 - 1_000,
+                            output_tokens: rng.upto(600) as i64 - 300,
+                        };
+                        ledger.sync_all_at(KEY, &limits, statuses, now);
+                        ledger.settle_at(KEY, &limits, delta, now);
+                        if ledger.state_at(KEY, &limits, now).is_some() {
+                            let tick = epoch.tick(now);
+                            packed.sync_and_settle(&limits, Some(statuses), tick, |_| Some(delta));
+                        }
+                    }
                     _ => {
                         let back = Duration::from_nanos(rng.upto(1_000_000_000));
                         now = now.checked_sub(back).unwrap_or(now);
@@ -2690,16 +2798,21 @@ mod tests {
                 if let Some(state) = ledger.state_at(KEY, &limits, now) {
                     assert_eq!(
                         state,
-                        packed.state(&limits, now, epoch),
+                        packed.state(&limits, epoch.tick(now)),
                         "seed {seed} step {step}"
                     );
                 }
             }
             let later = now + Duration::from_secs(600);
-            let ledger_full =
-                ledger.with_key(KEY, false, later, |s| s.is_full(later, MINUTE_NANOS));
+            let ledger_full = ledger.with_key(KEY, false, later, |s| {
+                s.is_full(ledger.epoch.nanos(later), MINUTE_NANOS)
+            });
             if let Some(full) = ledger_full {
-                assert_eq!(full, packed.is_full(&limits, later, epoch), "seed {seed}");
+                assert_eq!(
+                    full,
+                    packed.is_full(&limits, epoch.tick(later)),
+                    "seed {seed}"
+                );
             }
         }
     }

@@ -47,14 +47,14 @@ use super::lazy::{LazyQueue, Learners};
 use super::learn::LearnRules;
 use super::ledger::{
     BucketState, CostDelta, Costs, Epoch, Ledger, LedgerError, LedgerFuture, LinePlace,
-    OutputSample, PackedBuckets, PrefixIntent, Reservation,
+    OutputSample, PackedBuckets, PrefixIntent, Reservation, Tick,
 };
 use super::limits::{Limits, ModelClass, OutputMode};
 use super::prefix::{WriteGuard, Writers};
 use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 use crate::estimate::SlidingQuantile;
 use crate::estimate::{Estimate, SharedPromptCache, TokenEstimator};
-use crate::headers::{LimitStatus, RateLimitSnapshot};
+use crate::headers::LimitStatus;
 use crate::queue::Removed;
 use crate::Dimension;
 
@@ -392,11 +392,12 @@ fn key_stays(
     own: Option<&LimitsConfig>,
 ) -> bool {
     let ks = lock_key(cell);
-    let since = epoch.nanos(now).saturating_sub(ks.last_used);
+    let now = epoch.tick(now);
+    let since = now.nanos().saturating_sub(ks.last_used);
     let recent = u128::try_from(since).map_or(true, |n| n < idle.as_nanos());
     !ks.queue.is_empty()
         || recent
-        || own.is_some_and(|config| !ks.buckets.is_full(&config.limits_for(ks.class), now, epoch))
+        || own.is_some_and(|config| !ks.buckets.is_full(&config.limits_for(ks.class), now))
 }
 
 fn lock_key(cell: &KeyCell) -> MutexGuard<'_, KeyState> {
@@ -508,6 +509,13 @@ impl Charge {
             || super::count::served_read(&self.estimate, (self.prefix_read, self.prefix_served))
                 .is_some();
         self.counted.is_some() && (read_exact || self.cache_reads_count)
+    }
+
+    /// Marks what [`Shared::count_in_flight`] counted: `(inexact,
+    /// output_pending)`.
+    fn counted_in_flight(&mut self, (inexact, output): (bool, bool)) {
+        self.inexact |= inexact;
+        self.output_pending |= output;
     }
 
     /// The server reported this request's input (or charged nothing): it
@@ -891,14 +899,16 @@ impl Shared {
     /// `None` if the key is new and the budget holds its most keys, none idle.
     fn key_cell(&self, lookup: &str, class: ModelClass, limits: &Limits) -> Option<Arc<KeyCell>> {
         let idle = self.settings.idle_key_eviction;
-        let now = Instant::now();
-        let last_used = self.epoch.nanos(now);
+        // The clock is read only for a new key (or a sweep), not for every
+        // request on a known one.
+        let now = std::cell::OnceCell::new();
+        let now = || *now.get_or_init(Instant::now);
         self.keys.get_or_insert(
             lookup,
             self.settings.max_keys,
             idle / 2,
-            |key| new_cell(key, class, limits, last_used),
-            |cell| self.keeps(cell, now, idle),
+            |key| new_cell(key, class, limits, self.epoch.nanos(now())),
+            |cell| self.keeps(cell, now(), idle),
         )
     }
 
@@ -1083,24 +1093,12 @@ impl Shared {
                         charge.probe = true;
                     }
                     self.admitted(charge, adm);
-                    let inexact = !charge.input_exact();
-                    let expected_output = self.own
-                        && charge.costs.output_tokens > 0
-                        && charge
-                            .estimate
-                            .max_tokens
-                            .unwrap_or(self.settings.default_max_tokens)
-                            > charge.costs.output_tokens;
+                    // Counted under the lock that admitted it, if it was
+                    // answered at once; else now.
+                    let (inexact, expected_output) = self.in_flight(charge);
                     if inexact || expected_output {
-                        let mut ks = lock_key(&charge.cell);
-                        if inexact {
-                            ks.inexact += 1;
-                            charge.inexact = true;
-                        }
-                        if expected_output {
-                            ks.output_pending += 1;
-                            charge.output_pending = true;
-                        }
+                        let counted = self.count_in_flight(&mut lock_key(&charge.cell), charge);
+                        charge.counted_in_flight(counted);
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -1161,6 +1159,37 @@ impl Shared {
             Step::Sleep(_) => Step::Again,
             step => step,
         }
+    }
+
+    /// Whether an admitted request is yet to be counted among its key's
+    /// estimates in flight (its input is an estimate) and among its
+    /// outputs in flight (it reserved an expected output, not its
+    /// `max_tokens`).
+    fn in_flight(&self, charge: &Charge) -> (bool, bool) {
+        let inexact = !charge.inexact && !charge.input_exact();
+        let expected_output = self.own
+            && !charge.output_pending
+            && charge.costs.output_tokens > 0
+            && charge
+                .estimate
+                .max_tokens
+                .unwrap_or(self.settings.default_max_tokens)
+                > charge.costs.output_tokens;
+        (inexact, expected_output)
+    }
+
+    /// Counts an admitted request in flight (see [`in_flight`](Self::in_flight))
+    /// under the key's lock (`ks`); returns what it counted, for
+    /// [`Charge::counted_in_flight`].
+    fn count_in_flight(&self, ks: &mut KeyState, charge: &Charge) -> (bool, bool) {
+        let (inexact, expected_output) = self.in_flight(charge);
+        if inexact {
+            ks.inexact += 1;
+        }
+        if expected_output {
+            ks.output_pending += 1;
+        }
+        (inexact, expected_output)
     }
 
     fn admitted(&self, charge: &Charge, adm: &Admission) {
@@ -1247,15 +1276,16 @@ impl Shared {
     }
 
     /// Asks the ledger if this request's turn has come, or waits in line.
-    fn ask(self: &Arc<Self>, charge: &Charge, adm: &mut Admission, waker: &Waker) -> Step {
+    fn ask(self: &Arc<Self>, charge: &mut Charge, adm: &mut Admission, waker: &Waker) -> Step {
         // One clock reading per question: the in-memory ledger reads the
         // same clock, so its waits count from (about) the same instant.
         let turn = Turn {
             waker,
             now: Instant::now(),
         };
+        let tick = self.epoch.tick(turn.now);
         let mut ks = lock_key(&charge.cell);
-        ks.last_used = self.epoch.nanos(turn.now);
+        ks.last_used = tick.nanos();
         let at_head = match &adm.place {
             None => self.settings.mode == BudgetMode::Reject || ks.queue.is_empty(),
             Some(place) => ks.queue.is_next(place.id()),
@@ -1283,12 +1313,21 @@ impl Shared {
         if let Some(step) = self.hold_for_probe(&mut ks, charge, adm, &turn) {
             return step;
         }
-        let (answer, costs) = self.reserve(&mut ks, charge, adm, turn.now, true);
+        let (answer, costs) = self.reserve(&mut ks, charge, adm, tick, true);
         ks.ledger_at_once = answer.is_ok();
         match answer {
             Ok(answer) => {
                 let (step, next) = self.on_answer(&mut ks, charge, adm, answer, &turn);
+                let counted = if matches!(step, Step::Admitted)
+                    && !(charge.input_capped && charge.counted.is_none())
+                {
+                    // Counted in flight under this lock, not another.
+                    self.count_in_flight(&mut ks, charge)
+                } else {
+                    (false, false)
+                };
                 drop(ks);
+                charge.counted_in_flight(counted);
                 wake(next);
                 step
             }
@@ -1486,6 +1525,50 @@ impl Shared {
         bump(&self.counters.settled);
     }
 
+    /// A response's settlement: [`correct_and_sync`](Self::correct_and_sync),
+    /// then the request no longer counts among its key's estimates and
+    /// outputs in flight ([`Charge::release_inexact`],
+    /// [`Charge::release_output`]). With the budget's own buckets, all of it
+    /// under one lock of the key (it took four).
+    pub(crate) fn settle_response(
+        self: &Arc<Self>,
+        charge: &mut Charge,
+        delta: CostDelta,
+        output: Option<(u64, u64)>,
+        held_sync: Option<[LimitStatus; 3]>,
+    ) {
+        if !self.own {
+            self.correct_and_sync(charge, delta, output, held_sync);
+            charge.release_inexact();
+            charge.release_output();
+            return;
+        }
+        self.end_probe(charge, Probe::Off);
+        let freed = delta.requests < 0 || delta.input_tokens < 0 || delta.output_tokens < 0;
+        let mut ks = lock_key(&charge.cell);
+        if let Some((tokens, max_tokens)) = output {
+            ks.push_output(tokens, max_tokens, &self.settings);
+        }
+        let next = if held_sync.is_some() || !delta.is_zero() {
+            let wake_head = held_sync.is_some() || freed;
+            self.apply_own(&mut ks, charge, Some(delta), held_sync, wake_head)
+        } else {
+            None
+        };
+        if std::mem::take(&mut charge.inexact) {
+            ks.inexact = ks.inexact.saturating_sub(1);
+        }
+        if std::mem::take(&mut charge.output_pending) {
+            ks.output_pending = ks.output_pending.saturating_sub(1);
+            if ks.output_pending == 0 {
+                ks.absorbed_output = 0;
+            }
+        }
+        drop(ks);
+        wake(next);
+        bump(&self.counters.settled);
+    }
+
     /// Applies a response's statuses (if any) and then `delta` (if any) to
     /// the request's key: in the budget's own buckets under the key's lock,
     /// else in one ledger operation (`sync_all`, `settle` or
@@ -1527,29 +1610,32 @@ impl Shared {
         statuses: Option<[LimitStatus; 3]>,
         wake_head: bool,
     ) -> Option<Waker> {
-        let now = Instant::now();
-        if let Some(statuses) = statuses {
-            let [lowered, lowered_output] =
-                ks.buckets
-                    .sync_all(&charge.limits, statuses, now, self.epoch);
-            // Lowered while estimates are in flight: the server's remaining
-            // already holds what they missed, which their settlements would
-            // charge again. With none in flight, the lowering is another
-            // client's use of the key (or rounding): nothing to carry. The
-            // same for output: the server charges it as it is produced,
-            // before the settlements of the requests producing it.
-            ks.absorbed = carry(ks.absorbed, ks.inexact, lowered);
-            ks.absorbed_output = carry(ks.absorbed_output, ks.output_pending, lowered_output);
-        }
-        if let Some(mut delta) = delta {
-            use_absorbed(ks.inexact, &mut ks.absorbed, &mut delta.input_tokens);
-            use_absorbed(
-                ks.output_pending,
-                &mut ks.absorbed_output,
-                &mut delta.output_tokens,
-            );
-            ks.buckets.settle(&charge.limits, delta, now, self.epoch);
-        }
+        let now = self.epoch.tick(Instant::now());
+        let synced = statuses.is_some();
+        // The sync and the settlement in one pass over the buckets.
+        ks.buckets
+            .sync_and_settle(&charge.limits, statuses, now, |[lowered, lowered_output]| {
+                if synced {
+                    // Lowered while estimates are in flight: the server's
+                    // remaining already holds what they missed, which their
+                    // settlements would charge again. With none in flight,
+                    // the lowering is another client's use of the key (or
+                    // rounding): nothing to carry. The same for output: the
+                    // server charges it as it is produced, before the
+                    // settlements of the requests producing it.
+                    ks.absorbed = carry(ks.absorbed, ks.inexact, lowered);
+                    ks.absorbed_output =
+                        carry(ks.absorbed_output, ks.output_pending, lowered_output);
+                }
+                let mut delta = delta?;
+                use_absorbed(ks.inexact, &mut ks.absorbed, &mut delta.input_tokens);
+                use_absorbed(
+                    ks.output_pending,
+                    &mut ks.absorbed_output,
+                    &mut delta.output_tokens,
+                );
+                Some(delta)
+            });
         if wake_head {
             ks.notify_head(&self.counters)
         } else {
@@ -1589,7 +1675,9 @@ impl Shared {
         self.correct(charge, CostDelta::refund(charge.costs), None);
     }
 
-    /// Aligns the key's buckets with a response's `anthropic-ratelimit-*` headers.
+    /// Aligns the key's buckets with a response's `anthropic-ratelimit-*`
+    /// headers, read by
+    /// [`RateLimitSnapshot::budget_statuses`](crate::headers::RateLimitSnapshot::budget_statuses).
     ///
     /// The combined `anthropic-ratelimit-tokens-*` header is the most
     /// restrictive limit in force, not a fourth bucket: it is used for input
@@ -1604,17 +1692,9 @@ impl Shared {
     pub(crate) fn sync(
         self: &Arc<Self>,
         charge: &Charge,
-        snap: &RateLimitSnapshot,
+        mut statuses: [LimitStatus; 3],
         hold: bool,
     ) -> Option<[LimitStatus; 3]> {
-        let mut statuses = Dimension::ALL.map(|dimension| {
-            let status = *snap.dimension(dimension);
-            if dimension == Dimension::InputTokens && status == LimitStatus::default() {
-                snap.tokens
-            } else {
-                status
-            }
-        });
         let mut locked = None;
         if statuses.iter().any(|s| s.limit.is_some()) {
             let ks = locked.insert(lock_key(&charge.cell));
@@ -1742,7 +1822,7 @@ impl Shared {
         ks: &mut KeyState,
         charge: &Charge,
         adm: &mut Admission,
-        now: Instant,
+        tick: Tick,
         head: bool,
     ) -> (
         Result<Result<Reservation, LedgerError>, LedgerFuture<Reservation>>,
@@ -1757,16 +1837,17 @@ impl Shared {
         };
         if self.own {
             if adm.headroom == 0 {
-                let answer = ks.buckets.reserve(&charge.limits, with, now, self.epoch);
+                let answer = ks.buckets.reserve(&charge.limits, with, tick);
                 return (Ok(Ok(answer)), with);
             }
             // The headroom is given back in the same pass over the buckets.
-            let answer =
-                ks.buckets
-                    .reserve_keeping(&charge.limits, with, headroom, now, self.epoch);
+            let answer = ks
+                .buckets
+                .reserve_keeping(&charge.limits, with, headroom, tick);
             adm.headroom_kept = true;
             return (Ok(Ok(answer)), charge.costs);
         }
+        let now = tick.at();
         // The fleet's line, where the ledger keeps one (shared by budgets
         // in other processes): the oldest waiting head first.
         if adm.line_id == 0 {
@@ -1842,7 +1923,7 @@ impl Shared {
         };
         if self.own {
             ks.buckets
-                .settle(&charge.limits, delta, Instant::now(), self.epoch);
+                .settle(&charge.limits, delta, self.epoch.tick(Instant::now()));
         } else {
             let op = self.ledger.settle(charge.key(), &charge.limits, delta);
             self.run(charge, op, false);
@@ -1906,7 +1987,8 @@ impl Shared {
         if !ks.queue.allow_passing(head, delay) {
             return None;
         }
-        let (answer, costs) = self.reserve(ks, charge, adm, Instant::now(), false);
+        let now = self.epoch.tick(Instant::now());
+        let (answer, costs) = self.reserve(ks, charge, adm, now, false);
         match answer {
             Ok(Ok(Reservation::Admitted)) => {
                 self.release_headroom(ks, charge, adm);
@@ -1994,7 +2076,9 @@ impl Shared {
                 };
                 // The budget's own buckets are read under the key's lock
                 // already held; a ledger's are asked with no lock held.
-                let own = self.own.then(|| ks.buckets.state(&limits, now, self.epoch));
+                let own = self
+                    .own
+                    .then(|| ks.buckets.state(&limits, self.epoch.tick(now)));
                 drop(ks);
                 let states = own.or_else(|| self.state_now(&partial.key, &limits));
                 with_buckets(partial, states)
@@ -2144,7 +2228,7 @@ impl OwnLedger {
         key: &str,
         limits: &Limits,
         create: bool,
-        f: impl FnOnce(&mut KeyState, Instant) -> R,
+        f: impl FnOnce(&mut KeyState, Tick) -> R,
     ) -> Option<R> {
         let now = Instant::now();
         let cell = if create {
@@ -2165,24 +2249,22 @@ impl OwnLedger {
             self.keys.get(key)?
         };
         let mut ks = lock_key(&cell);
-        Some(f(&mut ks, now))
+        Some(f(&mut ks, self.epoch.tick(now)))
     }
 }
 
 impl Ledger for OwnLedger {
     fn reserve(&self, key: &str, limits: &Limits, costs: Costs) -> LedgerFuture<Reservation> {
-        let epoch = self.epoch;
         let answer = self.with_key(key, limits, true, |ks, now| {
-            ks.last_used = epoch.nanos(now);
-            ks.buckets.reserve(limits, costs, now, epoch)
+            ks.last_used = now.nanos();
+            ks.buckets.reserve(limits, costs, now)
         });
         LedgerFuture::ready(answer.ok_or_else(|| LedgerError::new(CallerRefusal::TooManyKeys)))
     }
 
     fn settle(&self, key: &str, limits: &Limits, delta: CostDelta) -> LedgerFuture<()> {
-        let epoch = self.epoch;
         self.with_key(key, limits, false, |ks, now| {
-            ks.buckets.settle(limits, delta, now, epoch);
+            ks.buckets.settle(limits, delta, now);
         });
         LedgerFuture::ready(Ok(()))
     }
@@ -2203,18 +2285,14 @@ impl Ledger for OwnLedger {
         if statuses.iter().all(LimitStatus::is_empty) {
             return LedgerFuture::ready(Ok(()));
         }
-        let epoch = self.epoch;
         self.with_key(key, limits, true, |ks, now| {
-            ks.buckets.sync_all(limits, statuses, now, epoch);
+            ks.buckets.sync_all(limits, statuses, now);
         });
         LedgerFuture::ready(Ok(()))
     }
 
     fn state(&self, key: &str, limits: &Limits) -> LedgerFuture<Option<[BucketState; 3]>> {
-        let epoch = self.epoch;
-        let state = self.with_key(key, limits, false, |ks, now| {
-            ks.buckets.state(limits, now, epoch)
-        });
+        let state = self.with_key(key, limits, false, |ks, now| ks.buckets.state(limits, now));
         LedgerFuture::ready(Ok(state))
     }
 }

@@ -404,9 +404,7 @@ impl Tracker {
         self.charge.writing = None;
         let held = self.held_sync.take().map(|held| *held);
         self.shared
-            .correct_and_sync(&self.charge, delta, ratio, held);
-        self.charge.release_inexact();
-        self.charge.release_output();
+            .settle_response(&mut self.charge, delta, ratio, held);
         let reserved_input = self.reserved_input.unwrap_or(costs.input_tokens);
         self.shared.settings.hooks.settle(SettleEvent {
             reserved_input_tokens: reserved_input,

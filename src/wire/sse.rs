@@ -56,11 +56,19 @@ pub const EVENT_STREAM: &str = "text/event-stream";
 /// ```
 pub fn is_event_stream(headers: &HeaderMap) -> Option<bool> {
     let value = headers.get(CONTENT_TYPE)?;
-    Some(value.to_str().is_ok_and(|s| {
-        s.trim_start()
-            .get(..EVENT_STREAM.len())
-            .is_some_and(|t| t.eq_ignore_ascii_case(EVENT_STREAM))
-    }))
+    // The type is compared on the bytes first: a value that is not an
+    // event stream (a JSON answer) is not checked as text at all. A value
+    // that is text (what `to_str` accepts) has no blank before its type but
+    // spaces and tabs.
+    let bytes = value.as_bytes();
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(bytes.len());
+    let is_type = bytes
+        .get(start..start + EVENT_STREAM.len())
+        .is_some_and(|t| t.eq_ignore_ascii_case(EVENT_STREAM.as_bytes()));
+    Some(is_type && value.to_str().is_ok())
 }
 
 /// The headers the API sends with a streamed answer: `content-type:
@@ -511,6 +519,24 @@ impl SseDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The content type is read as text, blanks before it and case
+    /// ignored; a value that is not text is not an event stream.
+    #[test]
+    fn an_event_stream_is_told_by_its_content_type() {
+        let of = |value: &[u8]| {
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_bytes(value).ok()?);
+            is_event_stream(&headers)
+        };
+        assert_eq!(of(b"text/event-stream"), Some(true));
+        assert_eq!(of(b" \tText/Event-Stream; charset=utf-8"), Some(true));
+        assert_eq!(of(b"application/json"), Some(false));
+        assert_eq!(of(b"text/event"), Some(false));
+        assert_eq!(of(b"text/event-stream; x=\xff"), Some(false));
+        assert_eq!(of(b"\xfftext/event-stream"), Some(false));
+        assert_eq!(is_event_stream(&HeaderMap::new()), None);
+    }
 
     fn decode_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
         let mut d = SseDecoder::new();
