@@ -40,6 +40,45 @@ pub trait SharedPromptCache: Send + Sync + fmt::Debug + 'static {
     fn not_cached(&self, hash: u64) {
         let _ = hash;
     }
+
+    /// The size of the prefix `hash` as the server counted it, in its
+    /// tokens, when the response that confirmed it cached said
+    /// (`cache_creation_input_tokens + cache_read_input_tokens` of a
+    /// request whose longest `cache_control` prefix it is). A request
+    /// charged as reading the prefix is then charged its count less this
+    /// size, as for a prefix its own process wrote
+    /// ([`Estimate::cache_read_served`](super::Estimate::cache_read_served));
+    /// without it, the read is charged with a margin (see
+    /// [`AnthropicEstimator`](super::AnthropicEstimator)'s prompt-cache
+    /// docs). Answer from memory, as [`is_cached`](Self::is_cached). The
+    /// default: `None`.
+    fn served(&self, hash: u64) -> Option<u64> {
+        let _ = hash;
+        None
+    }
+}
+
+/// The part of a prefix that a request reading it from the fleet's view is
+/// charged as reading, when no process told the prefix's size as the server
+/// counted it: half its tokens as estimated (rounded down); the other half
+/// is charged as uncached input.
+///
+/// Why a margin, and why this one: a read is subtracted from the request's
+/// count (or its estimate) by converting the prefix's estimate at the
+/// ratio of the whole prompt's count to its estimate, and a prefix whose
+/// content the estimator overrates against the rest of the prompt is then
+/// subtracted too large: the server counts the difference as uncached
+/// input that was not charged, and the bucket overruns (traced: a prefix
+/// estimated at 76 % of its prompt that the server counted as 51 %, 879
+/// tokens under-charged, a 429). A process knows the served size of the
+/// prefixes its own answers wrote; a fleet shares it
+/// ([`SharedPromptCache::served`]), so this applies only where no process
+/// told it (a shorter breakpoint of its writer's request, a process of an
+/// earlier release). An over-charge costs a wait until the answer's usage
+/// refunds it; an under-charge costs a 429. Half covers an estimate of the
+/// prefix's share up to twice the server's.
+pub(crate) fn unsized_fleet_read(tokens: u64) -> u64 {
+    tokens / 2
 }
 
 /// How an estimator keys its prefix hashes: a random key of its own, or the
