@@ -715,7 +715,12 @@ impl Ledger for OneView {
             return;
         };
         if let Some(size) = size {
-            let mut served = self.one.prompt.served.lock().unwrap_or_else(|e| e.into_inner());
+            let mut served = self
+                .one
+                .prompt
+                .served
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             served.insert(size.hash, size.tokens);
         }
         let until = (Instant::now() + Duration::from_secs(300), view.stack);

@@ -118,6 +118,85 @@ impl fmt::Debug for PrefixKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::estimate::{AnthropicEstimator, TokenEstimator};
+    use std::sync::Arc;
+
+    /// A fleet that says every prefix is cached, with `served` as its size
+    /// when given.
+    #[derive(Debug)]
+    struct AllCached {
+        served: Option<u64>,
+    }
+
+    impl SharedPromptCache for AllCached {
+        fn hash_key(&self) -> [u8; 16] {
+            [5; 16]
+        }
+
+        fn is_cached(&self, _hash: u64) -> bool {
+            true
+        }
+
+        fn served(&self, _hash: u64) -> Option<u64> {
+            self.served
+        }
+    }
+
+    /// A system prompt of about 3,000 tokens with a breakpoint, and a
+    /// short question.
+    fn prefixed() -> Vec<u8> {
+        let system =
+            "Answer as the reference manual of the tower-llm-limits crate would. ".repeat(230);
+        serde_json::json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 100,
+            "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": "What is a ledger?"}],
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    fn estimate(served: Option<u64>) -> crate::estimate::Estimate {
+        let estimator = AnthropicEstimator::builder()
+            .shared_prompt_cache(Arc::new(AllCached { served }))
+            .build();
+        let (parts, ()) = http::Request::post("/v1/messages")
+            .body(())
+            .expect("request")
+            .into_parts();
+        estimator.estimate(&parts, &prefixed())
+    }
+
+    #[test]
+    fn a_fleet_read_carries_the_size_the_fleet_told() {
+        let sized = estimate(Some(1_800));
+        assert!(sized.cache_read_tokens > 2_500, "{sized:?}");
+        assert_eq!(sized.cache_read_served, Some(1_800));
+    }
+
+    #[test]
+    fn an_unsized_fleet_read_counts_half_the_prefix_as_uncached_input() {
+        let sized = estimate(Some(1_800));
+        let unsized_read = estimate(None);
+        assert_eq!(unsized_read.cache_read_served, None);
+        assert_eq!(
+            unsized_read.cache_read_tokens,
+            unsized_fleet_read(sized.cache_read_tokens)
+        );
+        // The other half is charged as uncached input; the whole prompt
+        // is the same.
+        assert_eq!(
+            unsized_read.raw_input_tokens + unsized_read.cache_read_tokens,
+            sized.raw_input_tokens + sized.cache_read_tokens
+        );
+        assert!(unsized_read.input_tokens > sized.input_tokens + 1_000);
+        // The prefixes longer than the one read are pending either way:
+        // not the one read itself.
+        assert_eq!(unsized_read.cache_pending, sized.cache_pending);
+        assert_eq!(unsized_fleet_read(3_001), 1_500);
+        assert_eq!(unsized_fleet_read(0), 0);
+    }
 
     fn hash(key: &PrefixKey, bytes: &[u8]) -> u64 {
         let mut h = key.hasher();

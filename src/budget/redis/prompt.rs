@@ -583,6 +583,39 @@ mod tests {
         assert!(!mirror.is_cached(own));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_markers_size_is_kept_until_the_marker_goes() {
+        let mirror = PromptMirror::new([1; 16]);
+        let hash = 0x0bad_cafe_0000_5678_u64;
+        let until = 1_000_000 + CACHED_FOR_US;
+        let sized = Marker {
+            served: 1_816,
+            ..cached(name(hash), until)
+        };
+        mirror.absorb(
+            "sonnet",
+            1_000_000,
+            &Markers {
+                version: 1,
+                cached: vec![sized],
+            },
+        );
+        assert!(mirror.is_cached(hash));
+        assert_eq!(mirror.served(hash), Some(1_816));
+        // Marked again without a size (a process of an earlier release):
+        // the size told stands.
+        let unsized_marker = cached(name(hash), until + 1);
+        let markers = Markers {
+            version: 2,
+            cached: vec![unsized_marker],
+        };
+        mirror.absorb("sonnet", 1_000_001, &markers);
+        assert_eq!(mirror.served(hash), Some(1_816));
+        assert_eq!(mirror.served(hash ^ (1 << 30)), None);
+        mirror.not_cached(hash);
+        assert_eq!(mirror.served(hash), None);
+    }
+
     #[test]
     fn the_mirror_stays_bounded() {
         let mirror = PromptMirror::new([1; 16]);
