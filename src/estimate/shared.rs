@@ -48,10 +48,10 @@ pub trait SharedPromptCache: Send + Sync + fmt::Debug + 'static {
     /// charged as reading the prefix is then charged its count less this
     /// size, as for a prefix its own process wrote
     /// ([`Estimate::cache_read_served`](super::Estimate::cache_read_served));
-    /// without it, the read is charged with a margin (see
-    /// [`AnthropicEstimator`](super::AnthropicEstimator)'s prompt-cache
-    /// docs). Answer from memory, as [`is_cached`](Self::is_cached). The
-    /// default: `None`.
+    /// without it, the read is charged with a margin: half the prefix is
+    /// charged as uncached input (the estimate's `cache_read_tokens` counts
+    /// the other half). Answer from memory, as
+    /// [`is_cached`](Self::is_cached). The default: `None`.
     fn served(&self, hash: u64) -> Option<u64> {
         let _ = hash;
         None
