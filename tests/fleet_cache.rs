@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use tower::{Layer, ServiceExt};
 use tower_llm_limits::body::ReplayBody;
 use tower_llm_limits::budget::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, PrefixIntent,
-    Reservation, PREFIX_WRITING_WAIT,
+    Reservation, ServedSize, PREFIX_WRITING_WAIT,
 };
 use tower_llm_limits::budget::{Limits, TokenBudget, TokenBudgetLayer};
 use tower_llm_limits::estimate::SharedPromptCache;
@@ -28,10 +28,12 @@ use tower_llm_limits::headers::LimitStatus;
 use tower_llm_limits::Dimension;
 
 /// What the other processes of the fleet know: nothing, then (once
-/// `cached` is set) that every prefix is cached.
+/// `cached` is set) that every prefix is cached, and (once `served` is not
+/// zero) its size as the server counted it.
 #[derive(Debug, Default)]
 struct Fleet {
     cached: AtomicBool,
+    served: AtomicU64,
 }
 
 impl SharedPromptCache for Fleet {
@@ -41,6 +43,10 @@ impl SharedPromptCache for Fleet {
 
     fn is_cached(&self, _hash: u64) -> bool {
         self.cached.load(Ordering::SeqCst)
+    }
+
+    fn served(&self, _hash: u64) -> Option<u64> {
+        Some(self.served.load(Ordering::SeqCst)).filter(|s| *s > 0)
     }
 }
 
@@ -139,7 +145,7 @@ fn fleet_ledger() -> Arc<Shared> {
 /// a first request without a breakpoint takes the input bucket, the second
 /// (with one) waits; one second into its wait, the fleet learns (if
 /// `learns`) that its prefix is cached.
-async fn waiting_request(learns: bool) -> (u64, Duration) {
+async fn waiting_request(learns: bool, served: u64) -> (u64, Duration) {
     let ledger = fleet_ledger();
     let (layer, reserved) = budget(Arc::clone(&ledger));
     let first = layer
@@ -151,6 +157,7 @@ async fn waiting_request(learns: bool) -> (u64, Duration) {
     let start = Instant::now();
     let second = tokio::spawn(layer.layer(upstream(20, 3_000, 0)).oneshot(message(true)));
     tokio::time::sleep(Duration::from_secs(1)).await;
+    ledger.fleet.served.store(served, Ordering::SeqCst);
     ledger.fleet.cached.store(learns, Ordering::SeqCst);
     let response = second.await.expect("task").expect("second");
     let waited = start.elapsed();
@@ -163,15 +170,26 @@ async fn waiting_request(learns: bool) -> (u64, Duration) {
 /// A request estimated before another process made its prefix warm, and
 /// waiting for the budget, is charged as reading that prefix once the
 /// fleet's view says it is cached: from its next ask on, it reserves what
-/// follows the prefix, and leaves the rest of the bucket to the requests
+/// follows the prefix (its estimate less the prefix's size as the server
+/// counted it, which the fleet told; without a size, with half the prefix
+/// as uncached input), and leaves the rest of the bucket to the requests
 /// after it. (It asks again when its wait is over: a change of the fleet's
 /// view does not wake it.)
 #[tokio::test(start_paused = true)]
 async fn a_waiting_request_reads_a_prefix_the_fleet_cached() {
-    let (read, read_wait) = waiting_request(true).await;
-    let (full, full_wait) = waiting_request(false).await;
+    let (read, read_wait) = waiting_request(true, 3_000).await;
+    let (no_size, _) = waiting_request(true, 0).await;
+    let (full, full_wait) = waiting_request(false, 0).await;
     assert!(full > 3_000, "charged the whole prompt: {full}");
-    assert!(read * 10 < full, "charged as a read: {read} against {full}");
+    assert!(
+        read + 3_000 <= full,
+        "charged as a read of the size the fleet told: {read} against {full}"
+    );
+    // Without a size told, half the prefix is charged as uncached input.
+    assert!(
+        read < no_size && no_size < full,
+        "charged with a margin: {no_size} between {read} and {full}"
+    );
     assert!(
         read_wait <= full_wait,
         "{read_wait:?} against {full_wait:?}"
@@ -214,6 +232,9 @@ async fn responses_tell_the_ledger_the_prefixes_they_wrote() {
 struct Markers {
     ledger: InMemoryLedger,
     cached: Mutex<HashSet<u64>>,
+    /// The prefixes' sizes as the server counted them, as the responses
+    /// that confirmed them said.
+    served: Mutex<HashMap<u64, u64>>,
     writing: Mutex<HashMap<u64, Vec<usize>>>,
     held: Mutex<HashSet<(u64, usize)>>,
     watchers: Mutex<Vec<Waker>>,
@@ -324,6 +345,10 @@ impl SharedPromptCache for MarkersCache {
 
     fn is_cached(&self, hash: u64) -> bool {
         self.0.cached.lock().expect("lock").contains(&hash)
+    }
+
+    fn served(&self, hash: u64) -> Option<u64> {
+        self.0.served.lock().expect("lock").get(&hash).copied()
     }
 }
 
@@ -518,6 +543,14 @@ impl Ledger for View {
             .expect("lock")
             .extend(hashes.iter().copied());
     }
+
+    fn prefixes_cached_sized(&self, key: &str, hashes: &[u64], served: Option<ServedSize>) {
+        if let Some(size) = served {
+            let mut sizes = self.markers.served.lock().expect("lock");
+            sizes.insert(size.hash, size.tokens);
+        }
+        self.prefixes_cached(key, hashes);
+    }
 }
 
 /// Answers after `delay` with this usage, and records when it was called.
@@ -594,7 +627,10 @@ async fn a_request_holds_for_another_processes_writer_of_its_prefix() {
     let (full, full_sent) = second_writer(false).await;
     assert!(full > 3_000, "charged the whole prompt: {full}");
     assert!(full_sent < Duration::from_millis(200), "{full_sent:?}");
-    assert!(held * 10 < full, "charged as a read: {held} against {full}");
+    assert!(
+        held + 3_000 <= full,
+        "charged as a read of the size the writer told: {held} against {full}"
+    );
     assert!(
         held_sent >= Duration::from_secs(2) && held_sent < Duration::from_millis(2_200),
         "sent once the writer's answer began: {held_sent:?}"

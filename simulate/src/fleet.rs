@@ -25,7 +25,7 @@ use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder};
 use tower_llm_limits::budget::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, OutputSample,
-    PrefixIntent, Reservation, LINE_GRACE, PREFIX_WRITING_WAIT,
+    PrefixIntent, Reservation, ServedSize, LINE_GRACE, PREFIX_WRITING_WAIT,
 };
 use tower_llm_limits::budget::redis::RedisLedger;
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetBuilder};
@@ -318,6 +318,9 @@ struct OneLedger {
 #[derive(Debug, Default)]
 struct OnePrompt {
     cached: Mutex<std::collections::HashMap<u64, (Instant, usize)>>,
+    /// The prefixes' sizes as the server counted them, as the responses
+    /// that confirmed them said (`Ledger::prefixes_cached_sized`).
+    served: Mutex<std::collections::HashMap<u64, u64>>,
     writing: Mutex<std::collections::HashMap<u64, Vec<usize>>>,
     watchers: Mutex<std::collections::HashMap<u64, Vec<Waker>>>,
     /// (prefix, stack): a reservation of the stack was held for the
@@ -461,6 +464,11 @@ impl SharedPromptCache for OnePromptView {
         cached
             .get(&hash)
             .is_some_and(|(until, by)| *by != self.stack && Instant::now() < *until)
+    }
+
+    fn served(&self, hash: u64) -> Option<u64> {
+        let served = self.prompt.served.lock().unwrap_or_else(|e| e.into_inner());
+        served.get(&hash).copied()
     }
 }
 
@@ -698,10 +706,23 @@ impl Ledger for OneView {
         log.len() as u64
     }
 
-    fn prefixes_cached(&self, _key: &str, hashes: &[u64]) {
+    fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
+        self.prefixes_cached_sized(key, hashes, None);
+    }
+
+    fn prefixes_cached_sized(&self, _key: &str, hashes: &[u64], size: Option<ServedSize>) {
         let Some(view) = self.view.as_ref() else {
             return;
         };
+        if let Some(size) = size {
+            let mut served = self
+                .one
+                .prompt
+                .served
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            served.insert(size.hash, size.tokens);
+        }
         let until = (Instant::now() + Duration::from_secs(300), view.stack);
         let mut cached = self
             .one
@@ -837,6 +858,10 @@ impl Ledger for Timed {
 
     fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
         self.inner.prefixes_cached(key, hashes);
+    }
+
+    fn prefixes_cached_sized(&self, key: &str, hashes: &[u64], served: Option<ServedSize>) {
+        self.inner.prefixes_cached_sized(key, hashes, served);
     }
 
     fn output_learned(&self, key: &str, sample: OutputSample) {

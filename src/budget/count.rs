@@ -57,7 +57,6 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::limits::Tier;
-use super::prefix::Readable;
 use super::state::{Admission, Charge, Shared};
 use crate::body::{BufferedBytes, ReplayBody};
 use crate::estimate::{Estimate, TokenEstimator};
@@ -388,7 +387,7 @@ pub(crate) fn apply(charge: &mut Charge, counted: u64) {
     } else {
         read_in_counted_units(
             &charge.estimate,
-            (charge.prefix_read, charge.prefix_served),
+            (super::prefix::read_charged(charge), charge.prefix_served),
             counted,
         )
     };
@@ -422,12 +421,7 @@ pub(crate) fn recheck_read(shared: &Shared, charge: &mut Charge, adm: &Admission
     } else if charge.input_capped {
         // Capped at the whole bucket until its count comes: it stays so.
     } else if charge.prefix_read > 0 {
-        let read = Readable {
-            hash: charge.prefix_hash,
-            tokens: charge.prefix_read,
-            served: charge.prefix_served,
-        };
-        super::prefix::read_prefix(charge, read);
+        super::prefix::charge_read(charge);
     } else {
         charge.costs.input_tokens = charge.estimate.input_tokens;
     }

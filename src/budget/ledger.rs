@@ -251,6 +251,26 @@ impl LinePlace {
     }
 }
 
+/// A prompt-cache prefix's size as the server counted it
+/// ([`Ledger::prefixes_cached_sized`]): the name
+/// [`CachePrefix::hash`](crate::estimate::CachePrefix::hash) gives it, and
+/// its tokens in the server's count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServedSize {
+    /// The prefix's hash.
+    pub hash: u64,
+    /// Its tokens as the server counted them.
+    pub tokens: u64,
+}
+
+impl ServedSize {
+    /// The prefix `hash`, which the server counted as `tokens`.
+    pub fn new(hash: u64, tokens: u64) -> Self {
+        ServedSize { hash, tokens }
+    }
+}
+
 /// What a reservation in the fleet's line tells a ledger that shares a
 /// fleet's prompt-cache view about the request's `cache_control` prefixes
 /// ([`Ledger::reserve_in_line_with_prefixes`]), as
@@ -588,6 +608,20 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// `Some`. The default does nothing.
     fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
         let _ = (key, hashes);
+    }
+
+    /// [`Ledger::prefixes_cached`], with the size the server counted for
+    /// the longest of `hashes` when the response's usage said (`served`:
+    /// its `cache_creation_input_tokens + cache_read_input_tokens`, the
+    /// prompt up to its last breakpoint): the ledger shares it with the
+    /// name, and its view answers it in
+    /// [`SharedPromptCache::served`], so that another process reading the
+    /// prefix is charged its count less that size, as the writer's own
+    /// process is. The budget calls this one; the default forgets the size
+    /// and calls [`Ledger::prefixes_cached`].
+    fn prefixes_cached_sized(&self, key: &str, hashes: &[u64], served: Option<ServedSize>) {
+        let _ = served;
+        self.prefixes_cached(key, hashes);
     }
 
     /// [`Ledger::reserve_with_headroom`] of `costs` (with `headroom` kept

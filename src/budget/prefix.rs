@@ -733,21 +733,50 @@ fn unread(charge: &mut Charge) {
 /// by the prefix's size as the server counted it when its writer's answer
 /// said (see `count.rs`).
 pub(crate) fn read_prefix(charge: &mut Charge, read: Readable) {
+    note_read(charge, read, false);
+    charge_read(charge);
+}
+
+/// [`read_prefix`] of a prefix the fleet's view says another process
+/// cached (`fleet.rs`): without its size as the server counted it, it is
+/// charged with a margin ([`read_charged`]).
+pub(crate) fn read_fleet_prefix(charge: &mut Charge, read: Readable) {
+    note_read(charge, read, true);
+    charge_read(charge);
+}
+
+/// Records the read on the charge, if at least as long as the one it has.
+fn note_read(charge: &mut Charge, read: Readable, fleet: bool) {
     if read.tokens >= charge.prefix_read {
         charge.prefix_read = read.tokens;
         charge.prefix_served = read.served;
         charge.prefix_hash = read.hash;
-        charge.prefix_from_fleet = false;
+        charge.prefix_from_fleet = fleet;
     }
+}
+
+/// The prefix tokens (as estimated) the charge counts as read by
+/// cache-aware admission: all of `prefix_read`, but for a prefix read from
+/// the fleet's view whose size no process told, which is charged with the
+/// margin of `estimate::unsized_fleet_read` (the rest of it as uncached
+/// input).
+pub(crate) fn read_charged(charge: &Charge) -> u64 {
+    if charge.prefix_from_fleet && charge.prefix_served.is_none() {
+        crate::estimate::unsized_fleet_read(charge.prefix_read)
+    } else {
+        charge.prefix_read
+    }
+}
+
+/// Charges the read the charge records (see [`read_prefix`]).
+pub(crate) fn charge_read(charge: &mut Charge) {
     if let Some(counted) = charge.counted {
         super::count::apply(charge, counted);
         return;
     }
     let estimate = &charge.estimate;
     let raw = estimate.raw_input_tokens;
-    let extra = charge
-        .prefix_read
-        .saturating_sub(estimate.cache_read_tokens);
+    let extra = read_charged(charge).saturating_sub(estimate.cache_read_tokens);
     if raw == 0 || extra == 0 {
         return;
     }

@@ -362,7 +362,7 @@ impl Tracker {
     fn tell_begun(&mut self, so_far: &Usage) {
         let cached = so_far.cache_creation_input_tokens > 0 || so_far.cache_read_input_tokens > 0;
         if cached && !std::mem::replace(&mut self.told_begun, true) {
-            super::fleet::tell_cached(&self.shared, &self.charge);
+            super::fleet::tell_cached(&self.shared, &self.charge, cached_prefix(so_far));
         }
     }
 
@@ -373,7 +373,7 @@ impl Tracker {
     fn publish_cached(&self, usage: &Usage) {
         let cached = usage.cache_creation_input_tokens > 0 || usage.cache_read_input_tokens > 0;
         if cached && !self.told_begun {
-            super::fleet::tell_cached(&self.shared, &self.charge);
+            super::fleet::tell_cached(&self.shared, &self.charge, cached_prefix(usage));
         }
     }
 

@@ -1542,20 +1542,30 @@ impl AnthropicEstimator {
         let prefix = |sec: Section, b: &Boundary| before(sec) + tokens(&b.tally);
         let now = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let mut best: Option<(u64, f64)> = None;
+        // The longest prefix believed warm, and whether only the fleet's
+        // view says so.
+        let mut best: Option<(u64, f64, bool)> = None;
         for ((sec, b, _), &key) in cands.iter().zip(&hashes) {
-            if cache.is_warm(key, now) || self.shared.as_ref().is_some_and(|s| s.is_cached(key)) {
+            let own = cache.is_warm(key, now);
+            if own || self.shared.as_ref().is_some_and(|s| s.is_cached(key)) {
                 let p = prefix(*sec, b);
-                if best.is_none_or(|(_, bp)| p > bp) {
-                    best = Some((key, p));
+                if best.is_none_or(|(_, bp, _)| p > bp) {
+                    best = Some((key, p, !own));
                 }
             }
         }
         let mut cache_read = 0;
         let mut served = None;
-        if let Some((key, p)) = best {
+        let mut unsized_fleet = false;
+        if let Some((key, p, fleet)) = best {
             cache_read = (p.floor() as u64).min(total);
-            served = cache.served(key);
+            // Its size as the server counted it: from this process's
+            // answers, else from the fleet's (a prefix's size is the same
+            // whoever wrote it).
+            served = cache
+                .served(key)
+                .or_else(|| self.shared.as_ref().and_then(|s| s.served(key)));
+            unsized_fleet = fleet && served.is_none();
             tracing::trace!(cache_read, "prompt cache prefix believed warm");
         }
         // Sent by an earlier request, not yet confirmed: checked before this
@@ -1575,6 +1585,12 @@ impl AnthropicEstimator {
             }
         }
         pending.sort_by_key(|p| std::cmp::Reverse(p.tokens));
+        if unsized_fleet {
+            // Read from the fleet's view with no size told: charged with
+            // a margin (`shared::unsized_fleet_read`). The pending
+            // prefixes above are the ones longer than the whole prefix.
+            cache_read = super::shared::unsized_fleet_read(cache_read);
+        }
         let mut written = Vec::new();
         let mut writes = Vec::new();
         for ((sec, b, ttl), &key) in cands.iter().zip(&hashes) {
@@ -1593,7 +1609,7 @@ impl AnthropicEstimator {
                 model: self.model_key(model.as_deref()),
                 raw_input_tokens: total - cache_read,
                 cache_read_tokens: cache_read,
-                read: best.map(|(k, _)| k),
+                read: best.map(|(k, _, _)| k),
                 written,
                 at: now,
             });

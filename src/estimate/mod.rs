@@ -62,6 +62,7 @@ mod shared;
 pub use anthropic::{AnthropicEstimator, AnthropicEstimatorBuilder, EstimatorSnapshot};
 pub(crate) use calibrate::SlidingQuantile;
 pub use calibrate::{Calibration, CalibrationConfig, ModelCalibration};
+pub(crate) use shared::unsized_fleet_read;
 pub use shared::SharedPromptCache;
 
 /// The longest `model` name, in bytes, that the estimator learns from and the

@@ -11,7 +11,9 @@
 -- ARGV[2]  idle time to live in milliseconds, after the buckets are full
 -- ARGV[3]  this ledger's owner id (for the claim)
 -- KEYS[3], KEYS[4], KEYS[5]  with a shared prompt cache: the prompt-cache
---          markers (hash: prefix name -> Redis time it is cached until),
+--          markers (hash: prefix name -> Redis time it is cached until;
+--          's' .. prefix name -> its size as the server counted it, in
+--          tokens, when the writer's answer said),
 --          their log (sorted set: prefix name by version), and the
 --          prefixes being written (hash: prefix name -> "until,owner", the
 --          Redis time the marker expires and the writer's ledger)
@@ -23,11 +25,14 @@
 -- ARGV[5]  the marker version this ledger saw last, -1 for no shared
 --          prompt cache
 -- ARGV[6]  the position of the output sample this ledger saw last
--- ARGV[7..] operations, each 7 to 10 arguments (C: 2 + n, W: 1 + n,
+-- ARGV[7..] operations, each 7 to 10 arguments (C: 2 + 2n, W: 1 + n,
 -- P: 5 + n + m + k, U: 3 + n, D: 1 + n, O: 2):
 --   O output max_tokens            an answer's output, added to the samples
---   C for n name1..namen           prefixes cached, for `for` microseconds
---                                  (no longer being written)
+--   C for n name1 size1..namen sizen
+--                                  prefixes cached, for `for` microseconds
+--                                  (no longer being written), each with its
+--                                  size as the server counted it (0: not
+--                                  known; a known size is kept)
 --   W n name1..namen               prefixes this ledger no longer writes
 --                                  (the answer began, or ended without)
 --   P for hold tokens qfor n w1..wn m p1..pm k r1..rk
@@ -74,10 +79,11 @@
 -- b = cost, c = limit); then {position, m, output1, max_tokens1, ...}:
 -- the output samples of other ledgers after ARGV[6] (at most 256), and
 -- the position of the newest; with a shared prompt cache, then {version, n,
--- name1, cached1, writing1, ...}: the markers after ARGV[5] (at most 64),
--- each with the Redis time it is cached until and the time its marker of
--- being written by another ledger expires (0: none; negated for a queued
--- request's marker), and the newest
+-- name1, cached1, writing1, size1, ...}: the markers after ARGV[5] (at
+-- most 64), each with the Redis time it is cached until, the time its
+-- marker of being written by another ledger expires (0: none; negated for
+-- a queued request's marker) and its size as the server counted it (0:
+-- not known), and the newest
 -- version among them.
 local key = KEYS[1]
 local window = tonumber(ARGV[1])
@@ -581,13 +587,15 @@ local function written(names)
   clear_own(writing, '^%d+,(.+)$', names)
 end
 
-local function cached(for_us, names)
+local function cached(for_us, names, sizes)
   if since < 0 then return end
   local v = newest()
   local until_us = string.format('%.0f', now + for_us)
-  for _, name in ipairs(names) do
+  for i, name in ipairs(names) do
     v = v + 1
     redis.call('HSET', marks, name, until_us)
+    -- A prefix's size is the same whoever wrote it: a known one is kept.
+    if tonumber(sizes[i]) > 0 then redis.call('HSET', marks, 's' .. name, sizes[i]) end
     redis.call('HDEL', writing, name)
     redis.call('ZADD', log, v, name)
   end
@@ -595,6 +603,9 @@ local function cached(for_us, names)
   if count > MAX_MARKS then
     local old = redis.call('ZRANGE', log, 0, count - MAX_MARKS - 1)
     redis.call('HDEL', marks, unpack(old))
+    local old_sizes = {}
+    for i, name in ipairs(old) do old_sizes[i] = 's' .. name end
+    redis.call('HDEL', marks, unpack(old_sizes))
     redis.call('HDEL', writing, unpack(old))
     redis.call('HDEL', queued, unpack(old))
     redis.call('ZREMRANGEBYRANK', log, 0, count - MAX_MARKS - 1)
@@ -628,6 +639,7 @@ local function markers()
     table.insert(out, tonumber(got[i]))
     table.insert(out, until_us)
     table.insert(out, w_until)
+    table.insert(out, tonumber(redis.call('HGET', marks, 's' .. got[i]) or 0))
     out[2] = out[2] + 1
   end
   return out
@@ -676,8 +688,13 @@ while n <= #ARGV do
   local op = ARGV[n]
   if op == 'C' then
     local count = tonumber(ARGV[n + 2])
-    cached(tonumber(ARGV[n + 1]), names_after(n + 2, count))
-    n = n + 3 + count
+    local names, sizes = {}, {}
+    for i = 1, count do
+      names[i] = ARGV[n + 1 + 2 * i]
+      sizes[i] = ARGV[n + 2 + 2 * i]
+    end
+    cached(tonumber(ARGV[n + 1]), names, sizes)
+    n = n + 3 + 2 * count
   elseif op == 'W' then
     local count = tonumber(ARGV[n + 1])
     written(names_after(n + 1, count))

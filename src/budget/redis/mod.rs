@@ -167,7 +167,7 @@ pub use error::RedisLedgerError;
 
 use super::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerError, LedgerFuture, LinePlace,
-    OutputLog, OutputSample, PrefixIntent, Reservation,
+    OutputLog, OutputSample, PrefixIntent, Reservation, ServedSize,
 };
 use super::Limits;
 use crate::estimate::SharedPromptCache;
@@ -1260,6 +1260,14 @@ impl Ledger for RedisLedger {
     /// Buffered: sent with the key's next call (the response's settlement,
     /// which follows, or a reservation), never alone.
     fn prefixes_cached(&self, key: &str, hashes: &[u64]) {
+        self.prefixes_cached_sized(key, hashes, None);
+    }
+
+    /// Buffered as [`prefixes_cached`](Ledger::prefixes_cached) is; the
+    /// size rides with the name in the same operation and is kept beside
+    /// its marker (`s<name>` in `<prefix>:{key}:pc`), and every process's
+    /// next call on the key brings it back with the marker.
+    fn prefixes_cached_sized(&self, key: &str, hashes: &[u64], served: Option<ServedSize>) {
         let Some(mirror) = self.inner.prompt.as_ref() else {
             return;
         };
@@ -1267,9 +1275,14 @@ impl Ledger for RedisLedger {
             return;
         }
         let names: Vec<u64> = hashes.iter().map(|&h| prompt::name(h)).collect();
+        let sizes = hashes
+            .iter()
+            .map(|&h| served.filter(|s| s.hash == h).map_or(0, |s| s.tokens))
+            .collect();
         mirror.told(&names);
         let op = Op::Cached {
             names,
+            sizes,
             for_us: prompt::CACHED_FOR_US,
         };
         self.inner.enqueue(key, [op]);

@@ -8,8 +8,9 @@
 //! - **Markers**: when a response confirms its `cache_control` prefixes as
 //!   cached, its process records them under the budget key's hash tag
 //!   (`<prefix>:{key}:pc`, prefix name to the Redis time it stays cached
-//!   until, 5 minutes on; `<prefix>:{key}:pv`, a log of the names by
-//!   version, at most 4,096), in the call that carries the response's
+//!   until, 5 minutes on, and `s<name>` to its size as the server counted
+//!   it when the response said; `<prefix>:{key}:pv`, a log of the names
+//!   by version, at most 4,096), in the call that carries the response's
 //!   settlement.
 //! - **The mirror**: every call of the apply script on a key also returns
 //!   the markers recorded since the last version this process saw (at most
@@ -68,6 +69,9 @@ pub(super) struct Marker {
     pub writing_until: u64,
     /// That writer is a request still queued in its process's line.
     pub queued: bool,
+    /// The prefix's size as the server counted it, in tokens, when the
+    /// process that confirmed it said; 0: not known.
+    pub served: u64,
 }
 
 /// Markers returned by one script call.
@@ -96,7 +100,10 @@ struct Writer {
 /// The view the estimators of a process read; see the module docs.
 pub(super) struct PromptMirror {
     key: [u8; 16],
-    cached: Mutex<HashMap<u64, u64>>,
+    /// Prefixes the fleet confirmed cached: name to the Redis time it is
+    /// believed cached until, and its size as the server counted it (0:
+    /// not known).
+    cached: Mutex<HashMap<u64, (u64, u64)>>,
     /// The last version seen per budget key.
     seen: Mutex<HashMap<Arc<str>, u64>>,
     /// The last Redis time seen, and the local instant it was seen at.
@@ -431,17 +438,21 @@ impl PromptMirror {
         }
         let mut cached = lock(&self.cached);
         for m in markers.cached.iter().filter(|m| m.cached_until > 0) {
-            let e = cached.entry(m.name).or_insert(m.cached_until);
-            *e = (*e).max(m.cached_until);
+            let e = cached.entry(m.name).or_insert((m.cached_until, m.served));
+            e.0 = e.0.max(m.cached_until);
+            // A prefix's size is the same whoever wrote it.
+            if m.served > 0 {
+                e.1 = m.served;
+            }
         }
         if cached.len() > MAX_MIRRORED {
-            cached.retain(|_, until| *until > now_us);
+            cached.retain(|_, (until, _)| *until > now_us);
             if cached.len() > MAX_MIRRORED {
-                let mut ends: Vec<u64> = cached.values().copied().collect();
+                let mut ends: Vec<u64> = cached.values().map(|(until, _)| *until).collect();
                 let cut = cached.len() - MAX_MIRRORED;
                 ends.select_nth_unstable(cut);
                 let limit = ends[cut];
-                cached.retain(|_, until| *until > limit);
+                cached.retain(|_, (until, _)| *until > limit);
             }
         }
     }
@@ -461,7 +472,7 @@ impl SharedPromptCache for PromptMirror {
 
     fn is_cached(&self, hash: u64) -> bool {
         let name = name(hash);
-        let Some(until) = lock(&self.cached).get(&name).copied() else {
+        let Some((until, _)) = lock(&self.cached).get(&name).copied() else {
             return false;
         };
         if lock(&self.own).contains(&name) {
@@ -472,6 +483,12 @@ impl SharedPromptCache for PromptMirror {
 
     fn not_cached(&self, hash: u64) {
         lock(&self.cached).remove(&name(hash));
+    }
+
+    /// The size the marker of `hash` carried, while the mirror keeps it.
+    fn served(&self, hash: u64) -> Option<u64> {
+        let (_, served) = lock(&self.cached).get(&name(hash)).copied()?;
+        (served > 0).then_some(served)
     }
 }
 
@@ -513,6 +530,7 @@ fn cached_marker(name: u64, until: u64) -> Marker {
         cached_until: until,
         writing_until: 0,
         queued: false,
+        served: 0,
     }
 }
 
@@ -563,6 +581,39 @@ mod tests {
         assert!(mirror.is_cached(own));
         mirror.told(&[name(own)]);
         assert!(!mirror.is_cached(own));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_markers_size_is_kept_until_the_marker_goes() {
+        let mirror = PromptMirror::new([1; 16]);
+        let hash = 0x0bad_cafe_0000_5678_u64;
+        let until = 1_000_000 + CACHED_FOR_US;
+        let sized = Marker {
+            served: 1_816,
+            ..cached(name(hash), until)
+        };
+        mirror.absorb(
+            "sonnet",
+            1_000_000,
+            &Markers {
+                version: 1,
+                cached: vec![sized],
+            },
+        );
+        assert!(mirror.is_cached(hash));
+        assert_eq!(mirror.served(hash), Some(1_816));
+        // Marked again without a size (a process of an earlier release):
+        // the size told stands.
+        let unsized_marker = cached(name(hash), until + 1);
+        let markers = Markers {
+            version: 2,
+            cached: vec![unsized_marker],
+        };
+        mirror.absorb("sonnet", 1_000_001, &markers);
+        assert_eq!(mirror.served(hash), Some(1_816));
+        assert_eq!(mirror.served(hash ^ (1 << 30)), None);
+        mirror.not_cached(hash);
+        assert_eq!(mirror.served(hash), None);
     }
 
     #[test]

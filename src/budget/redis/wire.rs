@@ -18,9 +18,11 @@ pub(super) const UNITS_PER_TOKEN: f64 = 60_000_000.0;
 #[derive(Debug, Clone)]
 pub(super) enum Op {
     /// Prompt-cache prefixes a response confirmed cached (their marker
-    /// names), for `for_us` from the batch's Redis time.
+    /// names), for `for_us` from the batch's Redis time, each with its size
+    /// as the server counted it (`sizes`, beside `names`; 0: not known).
     Cached {
         names: Vec<u64>,
+        sizes: Vec<u64>,
         for_us: u64,
     },
     /// Prefixes this ledger no longer writes (their marker names): the
@@ -140,10 +142,14 @@ fn as_i64_or_absent(v: Option<u64>) -> i64 {
 /// Appends one buffered write.
 pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
     match op {
-        Op::Cached { names, for_us } => {
+        Op::Cached {
+            names,
+            sizes,
+            for_us,
+        } => {
             inv.arg("C").arg(*for_us).arg(names.len());
-            for name in names {
-                inv.arg(*name);
+            for (i, name) in names.iter().enumerate() {
+                inv.arg(*name).arg(sizes.get(i).copied().unwrap_or(0));
             }
         }
         Op::Written { names } => {
@@ -263,7 +269,8 @@ fn non_negative(v: i64) -> Result<u64, RedisLedgerError> {
 
 /// Decodes the apply script's `{now, kind, a, b, c}`, then the output
 /// samples `{position, m, output1, max_tokens1, ...}`, then, when the
-/// prompt cache is shared, `{version, n, name1, cached1, writing1, ...}`.
+/// prompt cache is shared, `{version, n, name1, cached1, writing1, size1,
+/// ...}`.
 pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> {
     let (head, tail) = reply.split_at(reply.len().min(7));
     let [now, kind, a, b, c, position, m] = head else {
@@ -290,16 +297,17 @@ pub(super) fn parse_applied(reply: &[i64]) -> Result<Applied, RedisLedgerError> 
     let markers = match tail {
         [] => None,
         [version, n, rest @ ..]
-            if usize::try_from(*n).ok() == Some(rest.len() / 3) && rest.len() % 3 == 0 =>
+            if usize::try_from(*n).ok() == Some(rest.len() / 4) && rest.len() % 4 == 0 =>
         {
-            let mut cached = Vec::with_capacity(rest.len() / 3);
-            for m in rest.chunks_exact(3) {
+            let mut cached = Vec::with_capacity(rest.len() / 4);
+            for m in rest.chunks_exact(4) {
                 // A negative expiry: the writer is a queued request.
                 cached.push(super::prompt::Marker {
                     name: non_negative(m[0])?,
                     cached_until: non_negative(m[1])?,
                     writing_until: m[2].unsigned_abs(),
                     queued: m[2] < 0,
+                    served: non_negative(m[3])?,
                 });
             }
             Some(Markers {
@@ -403,18 +411,20 @@ mod tests {
             })
         );
         assert!(parse_applied(&[5, 1, 0, 0]).is_err());
-        let marked = parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 2, 11, 700, 0, 12, 0, 900]).unwrap();
-        let marker = |name, cached_until, writing_until| super::super::prompt::Marker {
+        let marked =
+            parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 2, 11, 700, 0, 1_816, 12, 0, 900, 0]).unwrap();
+        let marker = |name, cached_until, writing_until, served| super::super::prompt::Marker {
             name,
             cached_until,
             writing_until,
             queued: false,
+            served,
         };
         assert_eq!(
             marked.markers,
             Some(Markers {
                 version: 9,
-                cached: vec![marker(11, 700, 0), marker(12, 0, 900)]
+                cached: vec![marker(11, 700, 0, 1_816), marker(12, 0, 900, 0)]
             })
         );
         assert_eq!(marked.writing, None);
@@ -424,11 +434,13 @@ mod tests {
             parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 0]).unwrap().markers,
             Some(Markers::default()).map(|m| Markers { version: 9, ..m })
         );
-        assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 2, 11, 700, 0]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 2, 11, 700, 0, 0]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 1, 11, 700, 0]).is_err());
         assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9]).is_err());
-        assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 1, 11, -1, 0]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 1, 11, -1, 0, 0]).is_err());
+        assert!(parse_applied(&[5, 1, 0, 0, 0, 0, 0, 9, 1, 11, 700, 0, -1]).is_err());
         // A queued writer: its name (and its marker's expiry) negative.
-        let queued = parse_applied(&[5, 2, 1_000, 2, -4, 0, 0, 9, 1, 4, 0, -900]).unwrap();
+        let queued = parse_applied(&[5, 2, 1_000, 2, -4, 0, 0, 9, 1, 4, 0, -900, 0]).unwrap();
         assert_eq!(queued.writing, Some(4));
         assert!(queued.writing_queued);
         assert!(!held.writing_queued);
@@ -439,6 +451,7 @@ mod tests {
                 cached_until: 0,
                 writing_until: 900,
                 queued: true,
+                served: 0,
             }])
         );
         assert!(parse_applied(&[5, 7, 0, 0, 0, 0, 0]).is_err());
