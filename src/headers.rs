@@ -126,19 +126,27 @@ impl RateLimitSnapshot {
     pub fn from_headers_at(headers: &HeaderMap, now: SystemTime) -> Self {
         let found = Found::collect(headers);
         let retry_after = found
-            .retry_after_ms
+            .get(RETRY_AFTER_MS_AT)
             .and_then(parse_retry_after_ms)
-            .or_else(|| found.retry_after.and_then(|v| parse_retry_after(v, now)));
-        let should_retry = found.should_retry.and_then(parse_bool);
+            .or_else(|| {
+                found
+                    .get(RETRY_AFTER_AT)
+                    .and_then(|v| parse_retry_after(v, now))
+            });
+        let should_retry = found.get(SHOULD_RETRY_AT).and_then(parse_bool);
         // The API writes the same reset instant in several headers: each
         // distinct value is parsed once.
         let mut last_reset = None;
-        let mut kind = 0;
-        let [requests, tokens, input_tokens, output_tokens] = found.anthropic.map(|fields| {
-            let status = read_anthropic(fields, kind, now, &mut last_reset);
-            kind += 1;
-            status
-        });
+        let mut read = |kind: usize| {
+            read_anthropic(
+                found.fields(ANTHROPIC + 3 * kind),
+                kind,
+                now,
+                &mut last_reset,
+            )
+        };
+        let (requests, tokens) = (read(0), read(1));
+        let (input_tokens, output_tokens) = (read(2), read(3));
         let mut snap = RateLimitSnapshot {
             retry_after,
             should_retry,
@@ -147,12 +155,11 @@ impl RateLimitSnapshot {
             input_tokens,
             output_tokens,
         };
-        let [openai_requests, openai_tokens] = found.openai;
         if snap.requests.is_empty() {
-            snap.requests = read_openai(openai_requests);
+            snap.requests = read_openai(found.fields(OPENAI));
         }
         if snap.tokens.is_empty() {
-            snap.tokens = read_openai(openai_tokens);
+            snap.tokens = read_openai(found.fields(OPENAI + 3));
         }
         snap
     }
@@ -178,32 +185,32 @@ impl RateLimitSnapshot {
         now: SystemTime,
     ) -> Option<[LimitStatus; 3]> {
         let found = Found::collect(headers);
-        let read_some = found
-            .anthropic
-            .iter()
-            .chain(&found.openai)
-            .flatten()
-            .any(Option::is_some);
         // Without one read, the names are looked at again (a response
         // without any is rare from the API).
-        if !read_some && !headers.keys().any(is_rate_limit_header) {
+        if !found.limits && !headers.keys().any(is_rate_limit_header) {
             return None;
         }
-        let [requests, tokens, input, output] = found.anthropic;
-        let [openai_requests, openai_tokens] = found.openai;
         let mut last_reset = None;
-        let mut requests = read_anthropic(requests, 0, now, &mut last_reset);
+        let mut read = |kind: usize| {
+            read_anthropic(
+                found.fields(ANTHROPIC + 3 * kind),
+                kind,
+                now,
+                &mut last_reset,
+            )
+        };
+        let mut requests = read(0);
         if requests.is_empty() {
-            requests = read_openai(openai_requests);
+            requests = read_openai(found.fields(OPENAI));
         }
-        let mut input = read_anthropic(input, 2, now, &mut last_reset);
+        let mut input = read(2);
         if input.is_empty() {
-            input = read_anthropic(tokens, 1, now, &mut last_reset);
+            input = read(1);
             if input.is_empty() {
-                input = read_openai(openai_tokens);
+                input = read_openai(found.fields(OPENAI + 3));
             }
         }
-        let output = read_anthropic(output, 3, now, &mut last_reset);
+        let output = read(3);
         Some([requests, input, output])
     }
 
@@ -370,71 +377,118 @@ const MAX_EXACT_DIGITS: usize = 19;
 /// One response header per field of a limit: `limit`, `remaining`, `reset`.
 type Fields<'a> = [Option<&'a HeaderValue>; 3];
 
+/// Where [`Found`] keeps `anthropic-ratelimit-{kind}-{field}`: at
+/// `ANTHROPIC + 3 * kind + field`, kinds in the order requests, tokens,
+/// input tokens, output tokens; fields in the order limit, remaining, reset.
+const ANTHROPIC: usize = 0;
+/// Where [`Found`] keeps `x-ratelimit-{field}-{kind}`: at
+/// `OPENAI + 3 * kind + field`, kinds in the order requests, tokens.
+const OPENAI: usize = 12;
+/// Where [`Found`] keeps `retry-after-ms`.
+const RETRY_AFTER_MS_AT: usize = 18;
+/// Where [`Found`] keeps `retry-after`.
+const RETRY_AFTER_AT: usize = 19;
+/// Where [`Found`] keeps `x-should-retry`.
+const SHOULD_RETRY_AT: usize = 20;
+/// How many headers [`Found`] keeps.
+const SLOTS: usize = 21;
+
 /// The headers [`RateLimitSnapshot`] reads, gathered in one pass over the
 /// map: for each name its first value, as [`HeaderMap::get`] gives it.
-#[derive(Default)]
 struct Found<'a> {
-    retry_after_ms: Option<&'a HeaderValue>,
-    retry_after: Option<&'a HeaderValue>,
-    should_retry: Option<&'a HeaderValue>,
-    /// `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-*`.
-    anthropic: [Fields<'a>; 4],
-    /// `x-ratelimit-*-{requests,tokens}`.
-    openai: [Fields<'a>; 2],
+    /// By the places [`slot_of`] gives.
+    values: [Option<&'a HeaderValue>; SLOTS],
+    /// Whether a rate-limit header (`anthropic-ratelimit-*` or
+    /// `x-ratelimit-*`) that is read was found.
+    limits: bool,
 }
 
 impl<'a> Found<'a> {
+    #[inline]
     fn collect(headers: &'a HeaderMap) -> Self {
-        let mut found = Found::default();
+        let mut found = Found {
+            values: [None; SLOTS],
+            limits: false,
+        };
         for (name, value) in headers {
-            if let Some(slot) = found.slot(name.as_str()) {
+            let Some(at) = slot_of(name.as_str().as_bytes()) else {
+                continue;
+            };
+            if let Some(slot) = found.values.get_mut(at) {
                 slot.get_or_insert(value);
+                found.limits |= at < RETRY_AFTER_MS_AT;
             }
         }
         found
     }
 
-    /// Where the value of the header `name` goes, if it is one that is read.
-    fn slot(&mut self, name: &str) -> Option<&mut Option<&'a HeaderValue>> {
-        if let Some(rest) = name.strip_prefix("anthropic-ratelimit-") {
-            // The field by its suffix: no search for the last `-`.
-            let (kind, field) = [("-limit", 0), ("-remaining", 1), ("-reset", 2)]
-                .into_iter()
-                .find_map(|(suffix, i)| Some((rest.strip_suffix(suffix)?, i)))?;
-            let kind = match kind {
-                "requests" => 0,
-                "tokens" => 1,
-                "input-tokens" => 2,
-                "output-tokens" => 3,
-                _ => return None,
-            };
-            return self.anthropic.get_mut(kind)?.get_mut(field);
-        }
-        if let Some(rest) = name.strip_prefix("x-ratelimit-") {
-            let (field, kind) = rest.split_once('-')?;
-            let kind = match kind {
-                "requests" => 0,
-                "tokens" => 1,
-                _ => return None,
-            };
-            return self.openai.get_mut(kind)?.get_mut(field_index(field)?);
-        }
-        match name {
-            "retry-after-ms" => Some(&mut self.retry_after_ms),
-            "retry-after" => Some(&mut self.retry_after),
-            "x-should-retry" => Some(&mut self.should_retry),
-            _ => None,
-        }
+    /// The value kept at `at`.
+    #[inline]
+    fn get(&self, at: usize) -> Option<&'a HeaderValue> {
+        self.values.get(at).copied().flatten()
+    }
+
+    /// The three fields of a limit kept from `at`.
+    #[inline]
+    fn fields(&self, at: usize) -> Fields<'a> {
+        [self.get(at), self.get(at + 1), self.get(at + 2)]
     }
 }
 
-fn field_index(field: &str) -> Option<usize> {
-    match field {
-        "limit" => Some(0),
-        "remaining" => Some(1),
-        "reset" => Some(2),
+/// Where [`Found`] keeps the header `name`, if it is one that is read. The
+/// names are a closed set: the length and at most two bytes say which name
+/// it can be, and that one is compared whole (against a constant, in a few
+/// wide compares).
+#[inline]
+fn slot_of(name: &[u8]) -> Option<usize> {
+    let at = |i: usize| name.get(i).copied().unwrap_or(0);
+    match name.len() {
+        11 => is(name, b"retry-after", RETRY_AFTER_AT),
+        14 => match at(0) {
+            b'r' => is(name, b"retry-after-ms", RETRY_AFTER_MS_AT),
+            _ => is(name, b"x-should-retry", SHOULD_RETRY_AT),
+        },
+        // `x-ratelimit-{field}-{kind}`: `limit` and `reset` differ at 14.
+        24 => match at(14) {
+            b'm' => is(name, b"x-ratelimit-limit-tokens", OPENAI + 3),
+            _ => is(name, b"x-ratelimit-reset-tokens", OPENAI + 5),
+        },
+        26 => match at(14) {
+            b'm' => is(name, b"x-ratelimit-limit-requests", OPENAI),
+            _ => is(name, b"x-ratelimit-reset-requests", OPENAI + 2),
+        },
+        28 => is(name, b"x-ratelimit-remaining-tokens", OPENAI + 4),
+        30 => is(name, b"x-ratelimit-remaining-requests", OPENAI + 1),
+        // `anthropic-ratelimit-{kind}-{field}`: the field's first byte
+        // tells `limit` from `reset`.
+        32 => match at(27) {
+            b'l' => is(name, b"anthropic-ratelimit-tokens-limit", ANTHROPIC + 3),
+            _ => is(name, b"anthropic-ratelimit-tokens-reset", ANTHROPIC + 5),
+        },
+        34 => match at(29) {
+            b'l' => is(name, b"anthropic-ratelimit-requests-limit", ANTHROPIC),
+            _ => is(name, b"anthropic-ratelimit-requests-reset", ANTHROPIC + 2),
+        },
+        36 => is(name, b"anthropic-ratelimit-tokens-remaining", ANTHROPIC + 4),
+        38 => match (at(20), at(33)) {
+            (b'r', _) => is(name, b"anthropic-ratelimit-requests-remaining", ANTHROPIC + 1),
+            (_, b'l') => is(name, b"anthropic-ratelimit-input-tokens-limit", ANTHROPIC + 6),
+            _ => is(name, b"anthropic-ratelimit-input-tokens-reset", ANTHROPIC + 8),
+        },
+        39 => match at(34) {
+            b'l' => is(name, b"anthropic-ratelimit-output-tokens-limit", ANTHROPIC + 9),
+            _ => is(name, b"anthropic-ratelimit-output-tokens-reset", ANTHROPIC + 11),
+        },
+        42 => is(name, b"anthropic-ratelimit-input-tokens-remaining", ANTHROPIC + 7),
+        43 => is(name, b"anthropic-ratelimit-output-tokens-remaining", ANTHROPIC + 10),
         _ => None,
     }
+}
+
+/// `Some(at)` if `name` is `want`.
+#[inline(always)]
+fn is<const N: usize>(name: &[u8], want: &[u8; N], at: usize) -> Option<usize> {
+    (name == want).then_some(at)
 }
 
 /// One `anthropic-ratelimit-*` limit. `last_reset` holds the last reset
@@ -812,6 +866,54 @@ mod tests {
             let named = headers.keys().any(is_rate_limit_header);
             let got = RateLimitSnapshot::budget_statuses_at(&headers, now);
             assert_eq!(got, named.then_some(want), "round {round}: {headers:?}");
+        }
+    }
+
+    /// Each name that is read has its own place, by its kind and field;
+    /// a name that differs from one of them by a byte, a byte more or a
+    /// byte less has none.
+    #[test]
+    fn names_are_told_apart_by_every_byte() {
+        let fields = ["limit", "remaining", "reset"];
+        let mut names = vec![
+            ("retry-after-ms".to_string(), RETRY_AFTER_MS_AT),
+            ("retry-after".to_string(), RETRY_AFTER_AT),
+            ("x-should-retry".to_string(), SHOULD_RETRY_AT),
+        ];
+        for (k, kind) in ["requests", "tokens", "input-tokens", "output-tokens"]
+            .iter()
+            .enumerate()
+        {
+            for (f, field) in fields.iter().enumerate() {
+                let name = format!("anthropic-ratelimit-{kind}-{field}");
+                names.push((name, ANTHROPIC + 3 * k + f));
+            }
+        }
+        for (k, kind) in ["requests", "tokens"].iter().enumerate() {
+            for (f, field) in fields.iter().enumerate() {
+                names.push((format!("x-ratelimit-{field}-{kind}"), OPENAI + 3 * k + f));
+            }
+        }
+        let mut places: Vec<usize> = names.iter().map(|(_, at)| *at).collect();
+        places.sort_unstable();
+        assert_eq!(places, (0..SLOTS).collect::<Vec<_>>());
+        for (name, at) in &names {
+            let name = name.as_bytes();
+            assert_eq!(slot_of(name), Some(*at), "{name:?}");
+            let read = |other: &[u8]| {
+                names.iter().find(|(n, _)| n.as_bytes() == other).map(|(_, at)| *at)
+            };
+            for i in 0..name.len() {
+                for b in [b'-', b'a', b'e', b'i', b'l', b'r', b's', b't', b'x', b'z'] {
+                    let mut other = name.to_vec();
+                    other[i] = b;
+                    assert_eq!(slot_of(&other), read(&other), "{other:?}");
+                }
+                assert_eq!(slot_of(&name[..i]), read(&name[..i]), "{name:?} cut at {i}");
+                assert_eq!(slot_of(&name[i + 1..]), read(&name[i + 1..]));
+            }
+            let longer = [name, b"s"].concat();
+            assert_eq!(slot_of(&longer), None, "{longer:?}");
         }
     }
 
