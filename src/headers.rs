@@ -485,10 +485,13 @@ fn slot_of(name: &[u8]) -> Option<usize> {
     }
 }
 
-/// `Some(at)` if `name` is `want`.
+/// `Some(at)` if `name` is `want`. Compared in parts of at most 32 bytes,
+/// as the compiler compares constants of up to that length without a call.
 #[inline(always)]
 fn is<const N: usize>(name: &[u8], want: &[u8; N], at: usize) -> Option<usize> {
-    (name == want).then_some(at)
+    let (head, tail) = want.split_at(N.min(32));
+    let (name_head, name_tail) = name.split_at_checked(head.len())?;
+    (name_head == head && name_tail == tail).then_some(at)
 }
 
 /// One `anthropic-ratelimit-*` limit. `last_reset` holds the last reset
