@@ -359,8 +359,19 @@ fn parse_u64(value: &HeaderValue) -> Option<u64> {
         return None;
     }
     if digits.len() <= MAX_EXACT_DIGITS {
-        // Too few digits to overflow: no check per digit.
-        return digits.iter().try_fold(0u64, |n, &b| {
+        // Too few digits to overflow: no check per digit, and eight or
+        // four of them read at a time.
+        let mut n = 0u64;
+        let mut rest = digits;
+        while let Some((eight, tail)) = rest.split_first_chunk::<8>() {
+            n = n * 100_000_000 + eight_digits(u64::from_le_bytes(*eight))?;
+            rest = tail;
+        }
+        if let Some((four, tail)) = rest.split_first_chunk::<4>() {
+            n = n * 10_000 + u64::from(four_digits(u32::from_le_bytes(*four))?);
+            rest = tail;
+        }
+        return rest.iter().try_fold(n, |n, &b| {
             let digit = b.wrapping_sub(b'0');
             (digit <= 9).then(|| n * 10 + u64::from(digit))
         });
@@ -369,6 +380,37 @@ fn parse_u64(value: &HeaderValue) -> Option<u64> {
         let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
         n.checked_mul(10)?.checked_add(u64::from(digit))
     })
+}
+
+/// The value of eight ASCII digits read as one little-endian word (the
+/// first digit in the lowest byte), `None` if a byte is not a digit.
+#[inline]
+fn eight_digits(word: u64) -> Option<u64> {
+    const HIGH: u64 = 0xF0F0_F0F0_F0F0_F0F0;
+    // A byte is a digit when its high nibble is 3 before and after adding
+    // 6 (a carry comes only from a byte above 0xF9, itself no digit).
+    let nibbles = (word & HIGH) | ((word.wrapping_add(0x0606_0606_0606_0606) & HIGH) >> 4);
+    if nibbles != 0x3333_3333_3333_3333 {
+        return None;
+    }
+    let v = word - 0x3030_3030_3030_3030;
+    // Pairs, then groups of four, then the whole: no lane overflows.
+    let v = (v.wrapping_mul(10) + (v >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let v = (v.wrapping_mul(100) + (v >> 16)) & 0x0000_FFFF_0000_FFFF;
+    Some((v & 0xFFFF_FFFF) * 10_000 + (v >> 32))
+}
+
+/// [`eight_digits`] for four.
+#[inline]
+fn four_digits(word: u32) -> Option<u32> {
+    const HIGH: u32 = 0xF0F0_F0F0;
+    let nibbles = (word & HIGH) | ((word.wrapping_add(0x0606_0606) & HIGH) >> 4);
+    if nibbles != 0x3333_3333 {
+        return None;
+    }
+    let v = word - 0x3030_3030;
+    let v = (v.wrapping_mul(10) + (v >> 8)) & 0x00FF_00FF;
+    Some((v & 0xFFFF) * 100 + (v >> 16))
 }
 
 /// The most decimal digits that always fit a `u64` (`u64::MAX` has 20).
@@ -1380,6 +1422,23 @@ mod tests {
             if let Ok(s) = std::str::from_utf8(&bytes) {
                 let _ = parse_rfc3339(s);
                 let _ = parse_go_duration(s);
+            }
+        }
+
+        /// Any number, with leading zeros up to 20 digits, or any bytes,
+        /// read as `str::parse` reads the digits.
+        #[test]
+        fn whole_numbers_parse_as_str_parse_does_for_any(n in any::<u64>(), zeros in 0usize..20, bytes in proptest::collection::vec(any::<u8>(), 0..24)) {
+            let text = format!("{}{n}", "0".repeat(zeros));
+            let value = HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("x"));
+            prop_assert_eq!(parse_u64(&value), text.parse::<u64>().ok(), "{}", text);
+            if let Ok(value) = HeaderValue::from_bytes(&bytes) {
+                let text = String::from_utf8_lossy(&bytes);
+                let trimmed = text.trim_matches([' ', '\t']);
+                let expected = (!trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| trimmed.parse::<u64>().ok())
+                    .flatten();
+                prop_assert_eq!(parse_u64(&value), expected, "{:?}", bytes);
             }
         }
 
