@@ -137,11 +137,12 @@ impl RateLimitSnapshot {
         // The API writes the same reset instant in several headers: each
         // distinct value is parsed once.
         let mut last_reset = None;
+        let mut now = Now::new(now);
         let mut read = |kind: usize| {
             read_anthropic(
                 found.fields(ANTHROPIC + 3 * kind),
                 kind,
-                now,
+                &mut now,
                 &mut last_reset,
             )
         };
@@ -191,11 +192,12 @@ impl RateLimitSnapshot {
             return None;
         }
         let mut last_reset = None;
+        let mut now = Now::new(now);
         let mut read = |kind: usize| {
             read_anthropic(
                 found.fields(ANTHROPIC + 3 * kind),
                 kind,
-                now,
+                &mut now,
                 &mut last_reset,
             )
         };
@@ -541,7 +543,7 @@ fn is<const N: usize>(name: &[u8], want: &[u8; N], at: usize) -> Option<usize> {
 fn read_anthropic<'a>(
     [limit, remaining, reset]: Fields<'a>,
     kind: usize,
-    now: SystemTime,
+    now: &mut Now,
     last_reset: &mut Option<(&'a [u8], Option<Duration>)>,
 ) -> LimitStatus {
     let reset_in = reset.and_then(|value| {
@@ -549,8 +551,7 @@ fn read_anthropic<'a>(
         match *last_reset {
             Some((seen, reset_in)) if seen == raw => reset_in,
             _ => {
-                let reset_in = parse_reset(value, kind)
-                    .map(|at| bounded(at.duration_since(now).unwrap_or(Duration::ZERO)));
+                let reset_in = parse_reset(value, kind).map(|at| now.until(at));
                 *last_reset = Some((raw, reset_in));
                 reset_in
             }
@@ -610,20 +611,58 @@ fn parse_limit(value: &HeaderValue, kind: usize) -> Option<u64> {
     LAST.with(|last| remembered(last.get(kind), value.as_bytes(), || parse_u64(value)))
 }
 
-/// An `anthropic-ratelimit-*-reset` value read as RFC 3339. The last value
+/// An `anthropic-ratelimit-*-reset` value read as RFC 3339, as the time
+/// since the epoch (of an instant a [`SystemTime`] can hold). The last value
 /// of each `kind` (requests, tokens, input, output tokens) read on this
 /// thread is remembered with what it gave: the API writes a limit's reset
 /// instant rounded to the second, the same in every answer of that second.
-fn parse_reset(value: &HeaderValue, kind: usize) -> Option<SystemTime> {
+fn parse_reset(value: &HeaderValue, kind: usize) -> Option<Duration> {
     thread_local! {
-        static LAST: [Cell<Kept<RESET_KEPT, Option<SystemTime>>>; 4] =
+        static LAST: [Cell<Kept<RESET_KEPT, Option<Duration>>>; 4] =
             const { [const { Cell::new(None) }; 4] };
     }
     LAST.with(|last| {
         remembered(last.get(kind), value.as_bytes(), || {
-            value_str(value).and_then(parse_rfc3339)
+            value_str(value)
+                .and_then(rfc3339_since_epoch)
+                .filter(|&at| UNIX_EPOCH.checked_add(at).is_some())
         })
     })
+}
+
+/// The instant headers are read at, and its time since the epoch once a
+/// reset needs it: taken once, each reset is then one subtraction.
+struct Now {
+    at: SystemTime,
+    /// `None` until needed; then `Some(None)` if `at` is before the epoch.
+    since_epoch: Option<Option<Duration>>,
+}
+
+impl Now {
+    fn new(at: SystemTime) -> Self {
+        Now {
+            at,
+            since_epoch: None,
+        }
+    }
+
+    /// The time from now until `reset` (a time since the epoch that a
+    /// [`SystemTime`] can hold): zero if it has passed, at most
+    /// [`MAX_DELAY`].
+    fn until(&mut self, reset: Duration) -> Duration {
+        let at = self.at;
+        let since_epoch = *self
+            .since_epoch
+            .get_or_insert_with(|| at.duration_since(UNIX_EPOCH).ok());
+        let until = match since_epoch {
+            Some(now) => reset.saturating_sub(now),
+            None => UNIX_EPOCH
+                .checked_add(reset)
+                .and_then(|reset| reset.duration_since(at).ok())
+                .unwrap_or(Duration::ZERO),
+        };
+        bounded(until)
+    }
 }
 
 fn read_openai([limit, remaining, reset]: Fields<'_>) -> LimitStatus {
@@ -720,7 +759,13 @@ fn digits(s: &[u8], range: std::ops::Range<usize>) -> Option<i64> {
 /// Parses an RFC 3339 date-time (`2026-11-28T07:15:00Z`, with optional
 /// fractional seconds and a `Z` or `±hh:mm` offset). Instants before 1970 are
 /// rejected.
+#[cfg(test)]
 pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    rfc3339_since_epoch(s).and_then(|since| UNIX_EPOCH.checked_add(since))
+}
+
+/// [`parse_rfc3339`], as the time since the epoch.
+fn rfc3339_since_epoch(s: &str) -> Option<Duration> {
     let b = s.trim().as_bytes();
     if b.len() < 20 || b.len() > MAX_VALUE_LEN {
         return None;
@@ -778,7 +823,8 @@ pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     };
     let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se.min(59) - offset_secs;
     let secs = u64::try_from(secs).ok()?;
-    UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+    // `nanos` is below a second: no carry into `secs`, no overflow.
+    Some(Duration::new(secs, nanos))
 }
 
 /// Formats an instant as RFC 3339 to the second with a `Z`, as the API writes
@@ -1060,7 +1106,10 @@ mod tests {
     /// bytes: a new value, or one that does not parse, is read afresh.
     #[test]
     fn a_remembered_reset_is_used_only_for_the_same_value() {
-        let at = |s: &'static str| parse_reset(&HeaderValue::from_static(s), 0);
+        let read = |s: &'static str, kind| {
+            parse_reset(&HeaderValue::from_static(s), kind).map(|since| UNIX_EPOCH + since)
+        };
+        let at = |s: &'static str| read(s, 0);
         let base = UNIX_EPOCH + Duration::from_secs(1_795_850_100);
         assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
         assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
@@ -1074,11 +1123,44 @@ mod tests {
         assert!(long.len() > RESET_KEPT);
         assert_eq!(at(long), Some(base));
         // Each kind of limit remembers its own.
-        let other = HeaderValue::from_static("2026-11-28T07:16:00Z");
-        assert_eq!(parse_reset(&other, 1), Some(base + Duration::from_secs(60)));
+        let other = "2026-11-28T07:16:00Z";
+        assert_eq!(read(other, 1), Some(base + Duration::from_secs(60)));
         assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
-        assert_eq!(parse_reset(&other, 1), Some(base + Duration::from_secs(60)));
-        assert_eq!(parse_reset(&other, 4), Some(base + Duration::from_secs(60)));
+        assert_eq!(read(other, 1), Some(base + Duration::from_secs(60)));
+        assert_eq!(read(other, 4), Some(base + Duration::from_secs(60)));
+    }
+
+    /// The time until a reset is what `SystemTime` arithmetic gives, for a
+    /// now before, at or after the epoch and a reset passed or to come.
+    #[test]
+    fn time_until_a_reset_is_the_system_time_difference() {
+        let instants = [
+            0,
+            1,
+            999_999_999,
+            1_000_000_000,
+            1_795_850_100_250_000_000,
+            1_795_850_112_000_000_000,
+        ];
+        for now_nanos in instants {
+            for before_epoch in [false, true] {
+                let offset = Duration::from_nanos(now_nanos);
+                let now = if before_epoch {
+                    UNIX_EPOCH.checked_sub(offset).unwrap_or(UNIX_EPOCH)
+                } else {
+                    UNIX_EPOCH + offset
+                };
+                let mut clock = Now::new(now);
+                for reset_nanos in instants.iter().chain(&[u64::MAX]) {
+                    let reset = Duration::from_nanos(*reset_nanos);
+                    let want = (UNIX_EPOCH + reset)
+                        .duration_since(now)
+                        .unwrap_or(Duration::ZERO)
+                        .min(MAX_DELAY);
+                    assert_eq!(clock.until(reset), want, "{now:?} until {reset:?}");
+                }
+            }
+        }
     }
 
     #[test]
