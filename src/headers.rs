@@ -345,6 +345,7 @@ fn parse_bool(value: &HeaderValue) -> Option<bool> {
 
 /// A whole number, blanks around it allowed; one pass over the bytes (no
 /// UTF-8 check: anything but a digit, a space or a tab refuses the value).
+#[inline(always)]
 fn parse_u64(value: &HeaderValue) -> Option<u64> {
     let bytes = value.as_bytes();
     if bytes.len() > MAX_VALUE_LEN {
