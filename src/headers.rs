@@ -54,7 +54,7 @@
 //! assert_eq!(snap.exhausted_reset(), Some(Duration::from_secs(12)));
 //! ```
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -134,20 +134,14 @@ impl RateLimitSnapshot {
                     .and_then(|v| parse_retry_after(v, now))
             });
         let should_retry = found.get(SHOULD_RETRY_AT).and_then(parse_bool);
-        // The API writes the same reset instant in several headers: each
-        // distinct value is parsed once.
-        let mut last_reset = None;
-        let mut now = Now::new(now);
-        let mut read = |kind: usize| {
-            read_anthropic(
-                found.fields(ANTHROPIC + 3 * kind),
-                kind,
-                &mut now,
-                &mut last_reset,
-            )
-        };
-        let (requests, tokens) = (read(0), read(1));
-        let (input_tokens, output_tokens) = (read(2), read(3));
+        let [requests, tokens, input_tokens, output_tokens] = Memory::with(|memory| {
+            let mut reading = Reading {
+                now: Now::new(now),
+                last_reset: None,
+                memory,
+            };
+            [0, 1, 2, 3].map(|kind| reading.anthropic(found.fields(ANTHROPIC + 3 * kind), kind))
+        });
         let mut snap = RateLimitSnapshot {
             retry_after,
             should_retry,
@@ -191,29 +185,28 @@ impl RateLimitSnapshot {
         if !found.limits && !headers.keys().any(is_rate_limit_header) {
             return None;
         }
-        let mut last_reset = None;
-        let mut now = Now::new(now);
-        let mut read = |kind: usize| {
-            read_anthropic(
-                found.fields(ANTHROPIC + 3 * kind),
-                kind,
-                &mut now,
-                &mut last_reset,
-            )
-        };
-        let mut requests = read(0);
-        if requests.is_empty() {
-            requests = read_openai(found.fields(OPENAI));
-        }
-        let mut input = read(2);
-        if input.is_empty() {
-            input = read(1);
-            if input.is_empty() {
-                input = read_openai(found.fields(OPENAI + 3));
+        Some(Memory::with(|memory| {
+            let mut reading = Reading {
+                now: Now::new(now),
+                last_reset: None,
+                memory,
+            };
+            let mut read =
+                |kind: usize| reading.anthropic(found.fields(ANTHROPIC + 3 * kind), kind);
+            let mut requests = read(0);
+            if requests.is_empty() {
+                requests = read_openai(found.fields(OPENAI));
             }
-        }
-        let output = read(3);
-        Some([requests, input, output])
+            let mut input = read(2);
+            if input.is_empty() {
+                input = read(1);
+                if input.is_empty() {
+                    input = read_openai(found.fields(OPENAI + 3));
+                }
+            }
+            let output = read(3);
+            [requests, input, output]
+        }))
     }
 
     /// The longest `reset_in` among the limits that are used up
@@ -516,16 +509,44 @@ fn slot_of(name: &[u8]) -> Option<usize> {
         },
         36 => is(name, b"anthropic-ratelimit-tokens-remaining", ANTHROPIC + 4),
         38 => match (at(20), at(33)) {
-            (b'r', _) => is(name, b"anthropic-ratelimit-requests-remaining", ANTHROPIC + 1),
-            (_, b'l') => is(name, b"anthropic-ratelimit-input-tokens-limit", ANTHROPIC + 6),
-            _ => is(name, b"anthropic-ratelimit-input-tokens-reset", ANTHROPIC + 8),
+            (b'r', _) => is(
+                name,
+                b"anthropic-ratelimit-requests-remaining",
+                ANTHROPIC + 1,
+            ),
+            (_, b'l') => is(
+                name,
+                b"anthropic-ratelimit-input-tokens-limit",
+                ANTHROPIC + 6,
+            ),
+            _ => is(
+                name,
+                b"anthropic-ratelimit-input-tokens-reset",
+                ANTHROPIC + 8,
+            ),
         },
         39 => match at(34) {
-            b'l' => is(name, b"anthropic-ratelimit-output-tokens-limit", ANTHROPIC + 9),
-            _ => is(name, b"anthropic-ratelimit-output-tokens-reset", ANTHROPIC + 11),
+            b'l' => is(
+                name,
+                b"anthropic-ratelimit-output-tokens-limit",
+                ANTHROPIC + 9,
+            ),
+            _ => is(
+                name,
+                b"anthropic-ratelimit-output-tokens-reset",
+                ANTHROPIC + 11,
+            ),
         },
-        42 => is(name, b"anthropic-ratelimit-input-tokens-remaining", ANTHROPIC + 7),
-        43 => is(name, b"anthropic-ratelimit-output-tokens-remaining", ANTHROPIC + 10),
+        42 => is(
+            name,
+            b"anthropic-ratelimit-input-tokens-remaining",
+            ANTHROPIC + 7,
+        ),
+        43 => is(
+            name,
+            b"anthropic-ratelimit-output-tokens-remaining",
+            ANTHROPIC + 10,
+        ),
         _ => None,
     }
 }
@@ -539,29 +560,37 @@ fn is<const N: usize>(name: &[u8], want: &[u8; N], at: usize) -> Option<usize> {
     (name_head == head && name_tail == tail).then_some(at)
 }
 
-/// One `anthropic-ratelimit-*` limit. `last_reset` holds the last reset
-/// value read and what it gave, reused when the next value is the same bytes.
-fn read_anthropic<'a>(
-    [limit, remaining, reset]: Fields<'a>,
-    kind: usize,
-    now: &mut Now,
-    last_reset: &mut Option<(&'a [u8], Option<Duration>)>,
-) -> LimitStatus {
-    let reset_in = reset.and_then(|value| {
-        let raw = value.as_bytes();
-        match *last_reset {
-            Some((seen, reset_in)) if seen == raw => reset_in,
-            _ => {
-                let reset_in = parse_reset(value, kind).map(|at| now.until(at));
-                *last_reset = Some((raw, reset_in));
-                reset_in
+/// What reading one answer's `anthropic-ratelimit-*` limits carries from
+/// one limit to the next.
+struct Reading<'a, 'm> {
+    now: Now,
+    /// The last reset value read and what it gave, reused when the next
+    /// value is the same bytes (the API writes the same instant in several
+    /// headers).
+    last_reset: Option<(&'a [u8], Option<Duration>)>,
+    memory: Option<&'m mut Memory>,
+}
+
+impl<'a> Reading<'a, '_> {
+    /// One `anthropic-ratelimit-*` limit.
+    fn anthropic(&mut self, [limit, remaining, reset]: Fields<'a>, kind: usize) -> LimitStatus {
+        let reset_in = reset.and_then(|value| {
+            let raw = value.as_bytes();
+            match self.last_reset {
+                Some((seen, reset_in)) if seen == raw => reset_in,
+                _ => {
+                    let reset_in = parse_reset(self.memory.as_deref_mut(), value, kind)
+                        .map(|at| self.now.until(at));
+                    self.last_reset = Some((raw, reset_in));
+                    reset_in
+                }
             }
+        });
+        LimitStatus {
+            limit: limit.and_then(|value| parse_limit(self.memory.as_deref_mut(), value, kind)),
+            remaining: remaining.and_then(parse_u64),
+            reset_in,
         }
-    });
-    LimitStatus {
-        limit: limit.and_then(|value| parse_limit(value, kind)),
-        remaining: remaining.and_then(parse_u64),
-        reset_in,
     }
 }
 
@@ -575,59 +604,74 @@ const RESET_KEPT: usize = 32;
 /// length) and what they gave.
 type Kept<const N: usize, T> = Option<([u8; N], usize, T)>;
 
+/// The limit and reset values last read on this thread, of each kind
+/// (requests, tokens, input, output tokens), with what they gave: a key's
+/// limit is the same in every answer until its tier changes, and the API
+/// writes a limit's reset instant rounded to the second, the same in every
+/// answer of that second. Taken once per answer, compared in place.
+struct Memory {
+    limits: [Kept<LIMIT_KEPT, Option<u64>>; 4],
+    resets: [Kept<RESET_KEPT, Option<Duration>>; 4],
+}
+
+impl Memory {
+    /// Nothing remembered.
+    const NEW: Memory = Memory {
+        limits: [None; 4],
+        resets: [None; 4],
+    };
+
+    /// `read` with this thread's memory (none if `read` is already using
+    /// it, which a reading never does).
+    fn with<R>(read: impl FnOnce(Option<&mut Memory>) -> R) -> R {
+        thread_local! {
+            static MEMORY: RefCell<Memory> = const { RefCell::new(Memory::NEW) };
+        }
+        MEMORY.with(|memory| read(memory.try_borrow_mut().ok().as_deref_mut()))
+    }
+}
+
 /// What `read` gives for a header value of bytes `raw`, remembered in
 /// `slot`: the value last read there is read again only when its bytes
 /// change. A value longer than `N` is read and not remembered.
 fn remembered<const N: usize, T: Copy>(
-    slot: Option<&Cell<Kept<N, T>>>,
+    slot: Option<&mut Kept<N, T>>,
     raw: &[u8],
     read: impl FnOnce() -> T,
 ) -> T {
     let Some(slot) = slot.filter(|_| raw.len() <= N) else {
         return read();
     };
-    if let Some((kept, len, value)) = slot.get() {
-        if kept.get(..len) == Some(raw) {
-            return value;
+    if let Some((kept, len, value)) = slot {
+        if kept.get(..*len) == Some(raw) {
+            return *value;
         }
     }
     let value = read();
     let mut kept = [0u8; N];
     if let Some(head) = kept.get_mut(..raw.len()) {
         head.copy_from_slice(raw);
-        slot.set(Some((kept, raw.len(), value)));
+        *slot = Some((kept, raw.len(), value));
     }
     value
 }
 
-/// An `anthropic-ratelimit-*-limit` value read as [`parse_u64`] reads it.
-/// The last value of each `kind` read on this thread is remembered with
-/// what it gave: a key's limit is the same in every answer until its tier
-/// changes.
-fn parse_limit(value: &HeaderValue, kind: usize) -> Option<u64> {
-    thread_local! {
-        static LAST: [Cell<Kept<LIMIT_KEPT, Option<u64>>>; 4] =
-            const { [const { Cell::new(None) }; 4] };
-    }
-    LAST.with(|last| remembered(last.get(kind), value.as_bytes(), || parse_u64(value)))
+/// An `anthropic-ratelimit-*-limit` value read as [`parse_u64`] reads it,
+/// remembered in `memory` by its `kind`.
+fn parse_limit(memory: Option<&mut Memory>, value: &HeaderValue, kind: usize) -> Option<u64> {
+    let slot = memory.and_then(|memory| memory.limits.get_mut(kind));
+    remembered(slot, value.as_bytes(), || parse_u64(value))
 }
 
 /// An `anthropic-ratelimit-*-reset` value read as RFC 3339, as the time
-/// since the epoch (of an instant a [`SystemTime`] can hold). The last value
-/// of each `kind` (requests, tokens, input, output tokens) read on this
-/// thread is remembered with what it gave: the API writes a limit's reset
-/// instant rounded to the second, the same in every answer of that second.
-fn parse_reset(value: &HeaderValue, kind: usize) -> Option<Duration> {
-    thread_local! {
-        static LAST: [Cell<Kept<RESET_KEPT, Option<Duration>>>; 4] =
-            const { [const { Cell::new(None) }; 4] };
-    }
-    LAST.with(|last| {
-        remembered(last.get(kind), value.as_bytes(), || {
-            value_str(value)
-                .and_then(rfc3339_since_epoch)
-                .filter(|&at| UNIX_EPOCH.checked_add(at).is_some())
-        })
+/// since the epoch (of an instant a [`SystemTime`] can hold), remembered
+/// in `memory` by its `kind`.
+fn parse_reset(memory: Option<&mut Memory>, value: &HeaderValue, kind: usize) -> Option<Duration> {
+    let slot = memory.and_then(|memory| memory.resets.get_mut(kind));
+    remembered(slot, value.as_bytes(), || {
+        value_str(value)
+            .and_then(rfc3339_since_epoch)
+            .filter(|&at| UNIX_EPOCH.checked_add(at).is_some())
     })
 }
 
@@ -993,7 +1037,10 @@ mod tests {
             let name = name.as_bytes();
             assert_eq!(slot_of(name), Some(*at), "{name:?}");
             let read = |other: &[u8]| {
-                names.iter().find(|(n, _)| n.as_bytes() == other).map(|(_, at)| *at)
+                names
+                    .iter()
+                    .find(|(n, _)| n.as_bytes() == other)
+                    .map(|(_, at)| *at)
             };
             for i in 0..name.len() {
                 for b in [b'-', b'a', b'e', b'i', b'l', b'r', b's', b't', b'x', b'z'] {
@@ -1029,10 +1076,12 @@ mod tests {
             "1234567890123456789012345",
             "50",
         ];
+        let mut memory = Memory::NEW;
         for kind in [0, 1, 2, 3, 0, 4] {
             for raw in values.iter().chain(values.iter().rev()) {
                 let value = HeaderValue::from_static(raw);
-                assert_eq!(parse_limit(&value, kind), parse_u64(&value), "{raw:?}");
+                let limit = parse_limit(Some(&mut memory), &value, kind);
+                assert_eq!(limit, parse_u64(&value), "{raw:?}");
             }
         }
         // Through the headers: a changed limit is read, not the last one.
@@ -1107,26 +1156,25 @@ mod tests {
     /// bytes: a new value, or one that does not parse, is read afresh.
     #[test]
     fn a_remembered_reset_is_used_only_for_the_same_value() {
-        let read = |s: &'static str, kind| {
-            parse_reset(&HeaderValue::from_static(s), kind).map(|since| UNIX_EPOCH + since)
+        let mut memory = Memory::NEW;
+        let mut read = |s: &'static str, kind| {
+            parse_reset(Some(&mut memory), &HeaderValue::from_static(s), kind)
+                .map(|since| UNIX_EPOCH + since)
         };
-        let at = |s: &'static str| read(s, 0);
         let base = UNIX_EPOCH + Duration::from_secs(1_795_850_100);
-        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
-        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
-        assert_eq!(
-            at("2026-11-28T07:15:01Z"),
-            Some(base + Duration::from_secs(1))
-        );
-        assert_eq!(at("2026-11-28T07:15:0xZ"), None);
-        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
+        assert_eq!(read("2026-11-28T07:15:00Z", 0), Some(base));
+        assert_eq!(read("2026-11-28T07:15:00Z", 0), Some(base));
+        let next = read("2026-11-28T07:15:01Z", 0);
+        assert_eq!(next, Some(base + Duration::from_secs(1)));
+        assert_eq!(read("2026-11-28T07:15:0xZ", 0), None);
+        assert_eq!(read("2026-11-28T07:15:00Z", 0), Some(base));
         let long = "2026-11-28T07:15:00.000000000000+00:00";
         assert!(long.len() > RESET_KEPT);
-        assert_eq!(at(long), Some(base));
+        assert_eq!(read(long, 0), Some(base));
         // Each kind of limit remembers its own.
         let other = "2026-11-28T07:16:00Z";
         assert_eq!(read(other, 1), Some(base + Duration::from_secs(60)));
-        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
+        assert_eq!(read("2026-11-28T07:15:00Z", 0), Some(base));
         assert_eq!(read(other, 1), Some(base + Duration::from_secs(60)));
         assert_eq!(read(other, 4), Some(base + Duration::from_secs(60)));
     }
