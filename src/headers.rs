@@ -134,22 +134,26 @@ impl RateLimitSnapshot {
                     .and_then(|v| parse_retry_after(v, now))
             });
         let should_retry = found.get(SHOULD_RETRY_AT).and_then(parse_bool);
-        let [requests, tokens, input_tokens, output_tokens] = Memory::with(|memory| {
+        let mut snap = RateLimitSnapshot {
+            retry_after,
+            should_retry,
+            ..RateLimitSnapshot::default()
+        };
+        // Written in place: the limits are not returned through the
+        // closure, which would copy them.
+        Memory::with(|memory| {
             let mut reading = Reading {
                 now: Now::new(now),
                 last_reset: None,
                 memory,
             };
-            [0, 1, 2, 3].map(|kind| reading.anthropic(found.fields(ANTHROPIC + 3 * kind), kind))
+            let mut read =
+                |kind: usize| reading.anthropic(found.fields(ANTHROPIC + 3 * kind), kind);
+            snap.requests = read(0);
+            snap.tokens = read(1);
+            snap.input_tokens = read(2);
+            snap.output_tokens = read(3);
         });
-        let mut snap = RateLimitSnapshot {
-            retry_after,
-            should_retry,
-            requests,
-            tokens,
-            input_tokens,
-            output_tokens,
-        };
         if snap.requests.is_empty() {
             snap.requests = read_openai(found.fields(OPENAI));
         }
@@ -185,7 +189,10 @@ impl RateLimitSnapshot {
         if !found.limits && !headers.keys().any(is_rate_limit_header) {
             return None;
         }
-        Some(Memory::with(|memory| {
+        let mut statuses = [LimitStatus::default(); 3];
+        // Written in place: the statuses are not returned through the
+        // closure, which would copy them.
+        Memory::with(|memory| {
             let mut reading = Reading {
                 now: Now::new(now),
                 last_reset: None,
@@ -204,9 +211,9 @@ impl RateLimitSnapshot {
                     input = read_openai(found.fields(OPENAI + 3));
                 }
             }
-            let output = read(3);
-            [requests, input, output]
-        }))
+            statuses = [requests, input, read(3)];
+        });
+        Some(statuses)
     }
 
     /// The longest `reset_in` among the limits that are used up
