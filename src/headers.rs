@@ -54,7 +54,7 @@
 //! assert_eq!(snap.exhausted_reset(), Some(Duration::from_secs(12)));
 //! ```
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -126,33 +126,39 @@ impl RateLimitSnapshot {
     pub fn from_headers_at(headers: &HeaderMap, now: SystemTime) -> Self {
         let found = Found::collect(headers);
         let retry_after = found
-            .retry_after_ms
+            .get(RETRY_AFTER_MS_AT)
             .and_then(parse_retry_after_ms)
-            .or_else(|| found.retry_after.and_then(|v| parse_retry_after(v, now)));
-        let should_retry = found.should_retry.and_then(parse_bool);
-        // The API writes the same reset instant in several headers: each
-        // distinct value is parsed once.
-        let mut last_reset = None;
-        let mut kind = 0;
-        let [requests, tokens, input_tokens, output_tokens] = found.anthropic.map(|fields| {
-            let status = read_anthropic(fields, kind, now, &mut last_reset);
-            kind += 1;
-            status
-        });
+            .or_else(|| {
+                found
+                    .get(RETRY_AFTER_AT)
+                    .and_then(|v| parse_retry_after(v, now))
+            });
+        let should_retry = found.get(SHOULD_RETRY_AT).and_then(parse_bool);
         let mut snap = RateLimitSnapshot {
             retry_after,
             should_retry,
-            requests,
-            tokens,
-            input_tokens,
-            output_tokens,
+            ..RateLimitSnapshot::default()
         };
-        let [openai_requests, openai_tokens] = found.openai;
+        // Written in place: the limits are not returned through the
+        // closure, which would copy them.
+        Memory::with(|memory| {
+            let mut reading = Reading {
+                now: Now::new(now),
+                last_reset: None,
+                memory,
+            };
+            let mut read =
+                |kind: usize| reading.anthropic(found.fields(ANTHROPIC + 3 * kind), kind);
+            snap.requests = read(0);
+            snap.tokens = read(1);
+            snap.input_tokens = read(2);
+            snap.output_tokens = read(3);
+        });
         if snap.requests.is_empty() {
-            snap.requests = read_openai(openai_requests);
+            snap.requests = read_openai(found.fields(OPENAI));
         }
         if snap.tokens.is_empty() {
-            snap.tokens = read_openai(openai_tokens);
+            snap.tokens = read_openai(found.fields(OPENAI + 3));
         }
         snap
     }
@@ -178,33 +184,36 @@ impl RateLimitSnapshot {
         now: SystemTime,
     ) -> Option<[LimitStatus; 3]> {
         let found = Found::collect(headers);
-        let read_some = found
-            .anthropic
-            .iter()
-            .chain(&found.openai)
-            .flatten()
-            .any(Option::is_some);
         // Without one read, the names are looked at again (a response
         // without any is rare from the API).
-        if !read_some && !headers.keys().any(is_rate_limit_header) {
+        if !found.limits && !headers.keys().any(is_rate_limit_header) {
             return None;
         }
-        let [requests, tokens, input, output] = found.anthropic;
-        let [openai_requests, openai_tokens] = found.openai;
-        let mut last_reset = None;
-        let mut requests = read_anthropic(requests, 0, now, &mut last_reset);
-        if requests.is_empty() {
-            requests = read_openai(openai_requests);
-        }
-        let mut input = read_anthropic(input, 2, now, &mut last_reset);
-        if input.is_empty() {
-            input = read_anthropic(tokens, 1, now, &mut last_reset);
-            if input.is_empty() {
-                input = read_openai(openai_tokens);
+        let mut statuses = [LimitStatus::default(); 3];
+        // Written in place: the statuses are not returned through the
+        // closure, which would copy them.
+        Memory::with(|memory| {
+            let mut reading = Reading {
+                now: Now::new(now),
+                last_reset: None,
+                memory,
+            };
+            let mut read =
+                |kind: usize| reading.anthropic(found.fields(ANTHROPIC + 3 * kind), kind);
+            let mut requests = read(0);
+            if requests.is_empty() {
+                requests = read_openai(found.fields(OPENAI));
             }
-        }
-        let output = read_anthropic(output, 3, now, &mut last_reset);
-        Some([requests, input, output])
+            let mut input = read(2);
+            if input.is_empty() {
+                input = read(1);
+                if input.is_empty() {
+                    input = read_openai(found.fields(OPENAI + 3));
+                }
+            }
+            statuses = [requests, input, read(3)];
+        });
+        Some(statuses)
     }
 
     /// The longest `reset_in` among the limits that are used up
@@ -336,6 +345,7 @@ fn parse_bool(value: &HeaderValue) -> Option<bool> {
 
 /// A whole number, blanks around it allowed; one pass over the bytes (no
 /// UTF-8 check: anything but a digit, a space or a tab refuses the value).
+#[inline(always)]
 fn parse_u64(value: &HeaderValue) -> Option<u64> {
     let bytes = value.as_bytes();
     if bytes.len() > MAX_VALUE_LEN {
@@ -352,8 +362,19 @@ fn parse_u64(value: &HeaderValue) -> Option<u64> {
         return None;
     }
     if digits.len() <= MAX_EXACT_DIGITS {
-        // Too few digits to overflow: no check per digit.
-        return digits.iter().try_fold(0u64, |n, &b| {
+        // Too few digits to overflow: no check per digit, and eight or
+        // four of them read at a time.
+        let mut n = 0u64;
+        let mut rest = digits;
+        while let Some((eight, tail)) = rest.split_first_chunk::<8>() {
+            n = n * 100_000_000 + eight_digits(u64::from_le_bytes(*eight))?;
+            rest = tail;
+        }
+        if let Some((four, tail)) = rest.split_first_chunk::<4>() {
+            n = n * 10_000 + u64::from(four_digits(u32::from_le_bytes(*four))?);
+            rest = tail;
+        }
+        return rest.iter().try_fold(n, |n, &b| {
             let digit = b.wrapping_sub(b'0');
             (digit <= 9).then(|| n * 10 + u64::from(digit))
         });
@@ -364,103 +385,219 @@ fn parse_u64(value: &HeaderValue) -> Option<u64> {
     })
 }
 
+/// The value of eight ASCII digits read as one little-endian word (the
+/// first digit in the lowest byte), `None` if a byte is not a digit.
+#[inline]
+fn eight_digits(word: u64) -> Option<u64> {
+    const HIGH: u64 = 0xF0F0_F0F0_F0F0_F0F0;
+    // A byte is a digit when its high nibble is 3 before and after adding
+    // 6 (a carry comes only from a byte above 0xF9, itself no digit).
+    let nibbles = (word & HIGH) | ((word.wrapping_add(0x0606_0606_0606_0606) & HIGH) >> 4);
+    if nibbles != 0x3333_3333_3333_3333 {
+        return None;
+    }
+    let v = word - 0x3030_3030_3030_3030;
+    // Pairs, then groups of four, then the whole: no lane overflows.
+    let v = (v.wrapping_mul(10) + (v >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let v = (v.wrapping_mul(100) + (v >> 16)) & 0x0000_FFFF_0000_FFFF;
+    Some((v & 0xFFFF_FFFF) * 10_000 + (v >> 32))
+}
+
+/// [`eight_digits`] for four.
+#[inline]
+fn four_digits(word: u32) -> Option<u32> {
+    const HIGH: u32 = 0xF0F0_F0F0;
+    let nibbles = (word & HIGH) | ((word.wrapping_add(0x0606_0606) & HIGH) >> 4);
+    if nibbles != 0x3333_3333 {
+        return None;
+    }
+    let v = word - 0x3030_3030;
+    let v = (v.wrapping_mul(10) + (v >> 8)) & 0x00FF_00FF;
+    Some((v & 0xFFFF) * 100 + (v >> 16))
+}
+
 /// The most decimal digits that always fit a `u64` (`u64::MAX` has 20).
 const MAX_EXACT_DIGITS: usize = 19;
 
 /// One response header per field of a limit: `limit`, `remaining`, `reset`.
 type Fields<'a> = [Option<&'a HeaderValue>; 3];
 
+/// Where [`Found`] keeps `anthropic-ratelimit-{kind}-{field}`: at
+/// `ANTHROPIC + 3 * kind + field`, kinds in the order requests, tokens,
+/// input tokens, output tokens; fields in the order limit, remaining, reset.
+const ANTHROPIC: usize = 0;
+/// Where [`Found`] keeps `x-ratelimit-{field}-{kind}`: at
+/// `OPENAI + 3 * kind + field`, kinds in the order requests, tokens.
+const OPENAI: usize = 12;
+/// Where [`Found`] keeps `retry-after-ms`.
+const RETRY_AFTER_MS_AT: usize = 18;
+/// Where [`Found`] keeps `retry-after`.
+const RETRY_AFTER_AT: usize = 19;
+/// Where [`Found`] keeps `x-should-retry`.
+const SHOULD_RETRY_AT: usize = 20;
+/// How many headers [`Found`] keeps.
+const SLOTS: usize = 21;
+
 /// The headers [`RateLimitSnapshot`] reads, gathered in one pass over the
 /// map: for each name its first value, as [`HeaderMap::get`] gives it.
-#[derive(Default)]
 struct Found<'a> {
-    retry_after_ms: Option<&'a HeaderValue>,
-    retry_after: Option<&'a HeaderValue>,
-    should_retry: Option<&'a HeaderValue>,
-    /// `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-*`.
-    anthropic: [Fields<'a>; 4],
-    /// `x-ratelimit-*-{requests,tokens}`.
-    openai: [Fields<'a>; 2],
+    /// By the places [`slot_of`] gives.
+    values: [Option<&'a HeaderValue>; SLOTS],
+    /// Whether a rate-limit header (`anthropic-ratelimit-*` or
+    /// `x-ratelimit-*`) that is read was found.
+    limits: bool,
 }
 
 impl<'a> Found<'a> {
+    #[inline]
     fn collect(headers: &'a HeaderMap) -> Self {
-        let mut found = Found::default();
+        let mut found = Found {
+            values: [None; SLOTS],
+            limits: false,
+        };
         for (name, value) in headers {
-            if let Some(slot) = found.slot(name.as_str()) {
+            let Some(at) = slot_of(name.as_str().as_bytes()) else {
+                continue;
+            };
+            if let Some(slot) = found.values.get_mut(at) {
                 slot.get_or_insert(value);
+                found.limits |= at < RETRY_AFTER_MS_AT;
             }
         }
         found
     }
 
-    /// Where the value of the header `name` goes, if it is one that is read.
-    fn slot(&mut self, name: &str) -> Option<&mut Option<&'a HeaderValue>> {
-        if let Some(rest) = name.strip_prefix("anthropic-ratelimit-") {
-            // The field by its suffix: no search for the last `-`.
-            let (kind, field) = [("-limit", 0), ("-remaining", 1), ("-reset", 2)]
-                .into_iter()
-                .find_map(|(suffix, i)| Some((rest.strip_suffix(suffix)?, i)))?;
-            let kind = match kind {
-                "requests" => 0,
-                "tokens" => 1,
-                "input-tokens" => 2,
-                "output-tokens" => 3,
-                _ => return None,
-            };
-            return self.anthropic.get_mut(kind)?.get_mut(field);
-        }
-        if let Some(rest) = name.strip_prefix("x-ratelimit-") {
-            let (field, kind) = rest.split_once('-')?;
-            let kind = match kind {
-                "requests" => 0,
-                "tokens" => 1,
-                _ => return None,
-            };
-            return self.openai.get_mut(kind)?.get_mut(field_index(field)?);
-        }
-        match name {
-            "retry-after-ms" => Some(&mut self.retry_after_ms),
-            "retry-after" => Some(&mut self.retry_after),
-            "x-should-retry" => Some(&mut self.should_retry),
-            _ => None,
-        }
+    /// The value kept at `at`.
+    #[inline]
+    fn get(&self, at: usize) -> Option<&'a HeaderValue> {
+        self.values.get(at).copied().flatten()
+    }
+
+    /// The three fields of a limit kept from `at`.
+    #[inline]
+    fn fields(&self, at: usize) -> Fields<'a> {
+        [self.get(at), self.get(at + 1), self.get(at + 2)]
     }
 }
 
-fn field_index(field: &str) -> Option<usize> {
-    match field {
-        "limit" => Some(0),
-        "remaining" => Some(1),
-        "reset" => Some(2),
+/// Where [`Found`] keeps the header `name`, if it is one that is read. The
+/// names are a closed set: the length and at most two bytes say which name
+/// it can be, and that one is compared whole (against a constant, in a few
+/// wide compares).
+#[inline]
+fn slot_of(name: &[u8]) -> Option<usize> {
+    let at = |i: usize| name.get(i).copied().unwrap_or(0);
+    match name.len() {
+        11 => is(name, b"retry-after", RETRY_AFTER_AT),
+        14 => match at(0) {
+            b'r' => is(name, b"retry-after-ms", RETRY_AFTER_MS_AT),
+            _ => is(name, b"x-should-retry", SHOULD_RETRY_AT),
+        },
+        // `x-ratelimit-{field}-{kind}`: `limit` and `reset` differ at 14.
+        24 => match at(14) {
+            b'm' => is(name, b"x-ratelimit-limit-tokens", OPENAI + 3),
+            _ => is(name, b"x-ratelimit-reset-tokens", OPENAI + 5),
+        },
+        26 => match at(14) {
+            b'm' => is(name, b"x-ratelimit-limit-requests", OPENAI),
+            _ => is(name, b"x-ratelimit-reset-requests", OPENAI + 2),
+        },
+        28 => is(name, b"x-ratelimit-remaining-tokens", OPENAI + 4),
+        30 => is(name, b"x-ratelimit-remaining-requests", OPENAI + 1),
+        // `anthropic-ratelimit-{kind}-{field}`: the field's first byte
+        // tells `limit` from `reset`.
+        32 => match at(27) {
+            b'l' => is(name, b"anthropic-ratelimit-tokens-limit", ANTHROPIC + 3),
+            _ => is(name, b"anthropic-ratelimit-tokens-reset", ANTHROPIC + 5),
+        },
+        34 => match at(29) {
+            b'l' => is(name, b"anthropic-ratelimit-requests-limit", ANTHROPIC),
+            _ => is(name, b"anthropic-ratelimit-requests-reset", ANTHROPIC + 2),
+        },
+        36 => is(name, b"anthropic-ratelimit-tokens-remaining", ANTHROPIC + 4),
+        38 => match (at(20), at(33)) {
+            (b'r', _) => is(
+                name,
+                b"anthropic-ratelimit-requests-remaining",
+                ANTHROPIC + 1,
+            ),
+            (_, b'l') => is(
+                name,
+                b"anthropic-ratelimit-input-tokens-limit",
+                ANTHROPIC + 6,
+            ),
+            _ => is(
+                name,
+                b"anthropic-ratelimit-input-tokens-reset",
+                ANTHROPIC + 8,
+            ),
+        },
+        39 => match at(34) {
+            b'l' => is(
+                name,
+                b"anthropic-ratelimit-output-tokens-limit",
+                ANTHROPIC + 9,
+            ),
+            _ => is(
+                name,
+                b"anthropic-ratelimit-output-tokens-reset",
+                ANTHROPIC + 11,
+            ),
+        },
+        42 => is(
+            name,
+            b"anthropic-ratelimit-input-tokens-remaining",
+            ANTHROPIC + 7,
+        ),
+        43 => is(
+            name,
+            b"anthropic-ratelimit-output-tokens-remaining",
+            ANTHROPIC + 10,
+        ),
         _ => None,
     }
 }
 
-/// One `anthropic-ratelimit-*` limit. `last_reset` holds the last reset
-/// value read and what it gave, reused when the next value is the same bytes.
-fn read_anthropic<'a>(
-    [limit, remaining, reset]: Fields<'a>,
-    kind: usize,
-    now: SystemTime,
-    last_reset: &mut Option<(&'a [u8], Option<Duration>)>,
-) -> LimitStatus {
-    let reset_in = reset.and_then(|value| {
-        let raw = value.as_bytes();
-        match *last_reset {
-            Some((seen, reset_in)) if seen == raw => reset_in,
-            _ => {
-                let reset_in = parse_reset(value, kind)
-                    .map(|at| bounded(at.duration_since(now).unwrap_or(Duration::ZERO)));
-                *last_reset = Some((raw, reset_in));
-                reset_in
+/// `Some(at)` if `name` is `want`. Compared in parts of at most 32 bytes,
+/// as the compiler compares constants of up to that length without a call.
+#[inline(always)]
+fn is<const N: usize>(name: &[u8], want: &[u8; N], at: usize) -> Option<usize> {
+    let (head, tail) = want.split_at(N.min(32));
+    let (name_head, name_tail) = name.split_at_checked(head.len())?;
+    (name_head == head && name_tail == tail).then_some(at)
+}
+
+/// What reading one answer's `anthropic-ratelimit-*` limits carries from
+/// one limit to the next.
+struct Reading<'a, 'm> {
+    now: Now,
+    /// The last reset value read and what it gave, reused when the next
+    /// value is the same bytes (the API writes the same instant in several
+    /// headers).
+    last_reset: Option<(&'a [u8], Option<Duration>)>,
+    memory: Option<&'m mut Memory>,
+}
+
+impl<'a> Reading<'a, '_> {
+    /// One `anthropic-ratelimit-*` limit.
+    fn anthropic(&mut self, [limit, remaining, reset]: Fields<'a>, kind: usize) -> LimitStatus {
+        let reset_in = reset.and_then(|value| {
+            let raw = value.as_bytes();
+            match self.last_reset {
+                Some((seen, reset_in)) if seen == raw => reset_in,
+                _ => {
+                    let reset_in = parse_reset(self.memory.as_deref_mut(), value, kind)
+                        .map(|at| self.now.until(at));
+                    self.last_reset = Some((raw, reset_in));
+                    reset_in
+                }
             }
+        });
+        LimitStatus {
+            limit: limit.and_then(|value| parse_limit(self.memory.as_deref_mut(), value, kind)),
+            remaining: remaining.and_then(parse_u64),
+            reset_in,
         }
-    });
-    LimitStatus {
-        limit: limit.and_then(|value| parse_limit(value, kind)),
-        remaining: remaining.and_then(parse_u64),
-        reset_in,
     }
 }
 
@@ -474,57 +611,110 @@ const RESET_KEPT: usize = 32;
 /// length) and what they gave.
 type Kept<const N: usize, T> = Option<([u8; N], usize, T)>;
 
+/// The limit and reset values last read on this thread, of each kind
+/// (requests, tokens, input, output tokens), with what they gave: a key's
+/// limit is the same in every answer until its tier changes, and the API
+/// writes a limit's reset instant rounded to the second, the same in every
+/// answer of that second. Taken once per answer, compared in place.
+struct Memory {
+    limits: [Kept<LIMIT_KEPT, Option<u64>>; 4],
+    resets: [Kept<RESET_KEPT, Option<Duration>>; 4],
+}
+
+impl Memory {
+    /// Nothing remembered.
+    const NEW: Memory = Memory {
+        limits: [None; 4],
+        resets: [None; 4],
+    };
+
+    /// `read` with this thread's memory (none if `read` is already using
+    /// it, which a reading never does).
+    fn with<R>(read: impl FnOnce(Option<&mut Memory>) -> R) -> R {
+        thread_local! {
+            static MEMORY: RefCell<Memory> = const { RefCell::new(Memory::NEW) };
+        }
+        MEMORY.with(|memory| read(memory.try_borrow_mut().ok().as_deref_mut()))
+    }
+}
+
 /// What `read` gives for a header value of bytes `raw`, remembered in
 /// `slot`: the value last read there is read again only when its bytes
 /// change. A value longer than `N` is read and not remembered.
 fn remembered<const N: usize, T: Copy>(
-    slot: Option<&Cell<Kept<N, T>>>,
+    slot: Option<&mut Kept<N, T>>,
     raw: &[u8],
     read: impl FnOnce() -> T,
 ) -> T {
     let Some(slot) = slot.filter(|_| raw.len() <= N) else {
         return read();
     };
-    if let Some((kept, len, value)) = slot.get() {
-        if kept.get(..len) == Some(raw) {
-            return value;
+    if let Some((kept, len, value)) = slot {
+        if kept.get(..*len) == Some(raw) {
+            return *value;
         }
     }
     let value = read();
     let mut kept = [0u8; N];
     if let Some(head) = kept.get_mut(..raw.len()) {
         head.copy_from_slice(raw);
-        slot.set(Some((kept, raw.len(), value)));
+        *slot = Some((kept, raw.len(), value));
     }
     value
 }
 
-/// An `anthropic-ratelimit-*-limit` value read as [`parse_u64`] reads it.
-/// The last value of each `kind` read on this thread is remembered with
-/// what it gave: a key's limit is the same in every answer until its tier
-/// changes.
-fn parse_limit(value: &HeaderValue, kind: usize) -> Option<u64> {
-    thread_local! {
-        static LAST: [Cell<Kept<LIMIT_KEPT, Option<u64>>>; 4] =
-            const { [const { Cell::new(None) }; 4] };
-    }
-    LAST.with(|last| remembered(last.get(kind), value.as_bytes(), || parse_u64(value)))
+/// An `anthropic-ratelimit-*-limit` value read as [`parse_u64`] reads it,
+/// remembered in `memory` by its `kind`.
+fn parse_limit(memory: Option<&mut Memory>, value: &HeaderValue, kind: usize) -> Option<u64> {
+    let slot = memory.and_then(|memory| memory.limits.get_mut(kind));
+    remembered(slot, value.as_bytes(), || parse_u64(value))
 }
 
-/// An `anthropic-ratelimit-*-reset` value read as RFC 3339. The last value
-/// of each `kind` (requests, tokens, input, output tokens) read on this
-/// thread is remembered with what it gave: the API writes a limit's reset
-/// instant rounded to the second, the same in every answer of that second.
-fn parse_reset(value: &HeaderValue, kind: usize) -> Option<SystemTime> {
-    thread_local! {
-        static LAST: [Cell<Kept<RESET_KEPT, Option<SystemTime>>>; 4] =
-            const { [const { Cell::new(None) }; 4] };
-    }
-    LAST.with(|last| {
-        remembered(last.get(kind), value.as_bytes(), || {
-            value_str(value).and_then(parse_rfc3339)
-        })
+/// An `anthropic-ratelimit-*-reset` value read as RFC 3339, as the time
+/// since the epoch (of an instant a [`SystemTime`] can hold), remembered
+/// in `memory` by its `kind`.
+fn parse_reset(memory: Option<&mut Memory>, value: &HeaderValue, kind: usize) -> Option<Duration> {
+    let slot = memory.and_then(|memory| memory.resets.get_mut(kind));
+    remembered(slot, value.as_bytes(), || {
+        value_str(value)
+            .and_then(rfc3339_since_epoch)
+            .filter(|&at| UNIX_EPOCH.checked_add(at).is_some())
     })
+}
+
+/// The instant headers are read at, and its time since the epoch once a
+/// reset needs it: taken once, each reset is then one subtraction.
+struct Now {
+    at: SystemTime,
+    /// `None` until needed; then `Some(None)` if `at` is before the epoch.
+    since_epoch: Option<Option<Duration>>,
+}
+
+impl Now {
+    fn new(at: SystemTime) -> Self {
+        Now {
+            at,
+            since_epoch: None,
+        }
+    }
+
+    /// The time from now until `reset` (a time since the epoch that a
+    /// [`SystemTime`] can hold): zero if it has passed, at most
+    /// [`MAX_DELAY`].
+    fn until(&mut self, reset: Duration) -> Duration {
+        let at = self.at;
+        let since_epoch = *self
+            .since_epoch
+            .get_or_insert_with(|| at.duration_since(UNIX_EPOCH).ok());
+        let until = match since_epoch {
+            Some(now) => reset.saturating_sub(now),
+            None => UNIX_EPOCH
+                .checked_add(reset)
+                .and_then(|reset| reset.duration_since(at).ok())
+                .unwrap_or(Duration::ZERO),
+        };
+        bounded(until)
+    }
 }
 
 fn read_openai([limit, remaining, reset]: Fields<'_>) -> LimitStatus {
@@ -621,7 +811,13 @@ fn digits(s: &[u8], range: std::ops::Range<usize>) -> Option<i64> {
 /// Parses an RFC 3339 date-time (`2026-11-28T07:15:00Z`, with optional
 /// fractional seconds and a `Z` or `±hh:mm` offset). Instants before 1970 are
 /// rejected.
+#[cfg(test)]
 pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    rfc3339_since_epoch(s).and_then(|since| UNIX_EPOCH.checked_add(since))
+}
+
+/// [`parse_rfc3339`], as the time since the epoch.
+fn rfc3339_since_epoch(s: &str) -> Option<Duration> {
     let b = s.trim().as_bytes();
     if b.len() < 20 || b.len() > MAX_VALUE_LEN {
         return None;
@@ -679,7 +875,8 @@ pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     };
     let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se.min(59) - offset_secs;
     let secs = u64::try_from(secs).ok()?;
-    UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+    // `nanos` is below a second: no carry into `secs`, no overflow.
+    Some(Duration::new(secs, nanos))
 }
 
 /// Formats an instant as RFC 3339 to the second with a `Z`, as the API writes
@@ -815,6 +1012,57 @@ mod tests {
         }
     }
 
+    /// Each name that is read has its own place, by its kind and field;
+    /// a name that differs from one of them by a byte, a byte more or a
+    /// byte less has none.
+    #[test]
+    fn names_are_told_apart_by_every_byte() {
+        let fields = ["limit", "remaining", "reset"];
+        let mut names = vec![
+            ("retry-after-ms".to_string(), RETRY_AFTER_MS_AT),
+            ("retry-after".to_string(), RETRY_AFTER_AT),
+            ("x-should-retry".to_string(), SHOULD_RETRY_AT),
+        ];
+        for (k, kind) in ["requests", "tokens", "input-tokens", "output-tokens"]
+            .iter()
+            .enumerate()
+        {
+            for (f, field) in fields.iter().enumerate() {
+                let name = format!("anthropic-ratelimit-{kind}-{field}");
+                names.push((name, ANTHROPIC + 3 * k + f));
+            }
+        }
+        for (k, kind) in ["requests", "tokens"].iter().enumerate() {
+            for (f, field) in fields.iter().enumerate() {
+                names.push((format!("x-ratelimit-{field}-{kind}"), OPENAI + 3 * k + f));
+            }
+        }
+        let mut places: Vec<usize> = names.iter().map(|(_, at)| *at).collect();
+        places.sort_unstable();
+        assert_eq!(places, (0..SLOTS).collect::<Vec<_>>());
+        for (name, at) in &names {
+            let name = name.as_bytes();
+            assert_eq!(slot_of(name), Some(*at), "{name:?}");
+            let read = |other: &[u8]| {
+                names
+                    .iter()
+                    .find(|(n, _)| n.as_bytes() == other)
+                    .map(|(_, at)| *at)
+            };
+            for i in 0..name.len() {
+                for b in [b'-', b'a', b'e', b'i', b'l', b'r', b's', b't', b'x', b'z'] {
+                    let mut other = name.to_vec();
+                    other[i] = b;
+                    assert_eq!(slot_of(&other), read(&other), "{other:?}");
+                }
+                assert_eq!(slot_of(&name[..i]), read(&name[..i]), "{name:?} cut at {i}");
+                assert_eq!(slot_of(&name[i + 1..]), read(&name[i + 1..]));
+            }
+            let longer = [name, b"s"].concat();
+            assert_eq!(slot_of(&longer), None, "{longer:?}");
+        }
+    }
+
     use crate::wire::ratelimit::insert_limit_headers;
     use http::header::RETRY_AFTER;
 
@@ -835,10 +1083,12 @@ mod tests {
             "1234567890123456789012345",
             "50",
         ];
+        let mut memory = Memory::NEW;
         for kind in [0, 1, 2, 3, 0, 4] {
             for raw in values.iter().chain(values.iter().rev()) {
                 let value = HeaderValue::from_static(raw);
-                assert_eq!(parse_limit(&value, kind), parse_u64(&value), "{raw:?}");
+                let limit = parse_limit(Some(&mut memory), &value, kind);
+                assert_eq!(limit, parse_u64(&value), "{raw:?}");
             }
         }
         // Through the headers: a changed limit is read, not the last one.
@@ -913,25 +1163,60 @@ mod tests {
     /// bytes: a new value, or one that does not parse, is read afresh.
     #[test]
     fn a_remembered_reset_is_used_only_for_the_same_value() {
-        let at = |s: &'static str| parse_reset(&HeaderValue::from_static(s), 0);
+        let mut memory = Memory::NEW;
+        let mut read = |s: &'static str, kind| {
+            parse_reset(Some(&mut memory), &HeaderValue::from_static(s), kind)
+                .map(|since| UNIX_EPOCH + since)
+        };
         let base = UNIX_EPOCH + Duration::from_secs(1_795_850_100);
-        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
-        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
-        assert_eq!(
-            at("2026-11-28T07:15:01Z"),
-            Some(base + Duration::from_secs(1))
-        );
-        assert_eq!(at("2026-11-28T07:15:0xZ"), None);
-        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
+        assert_eq!(read("2026-11-28T07:15:00Z", 0), Some(base));
+        assert_eq!(read("2026-11-28T07:15:00Z", 0), Some(base));
+        let next = read("2026-11-28T07:15:01Z", 0);
+        assert_eq!(next, Some(base + Duration::from_secs(1)));
+        assert_eq!(read("2026-11-28T07:15:0xZ", 0), None);
+        assert_eq!(read("2026-11-28T07:15:00Z", 0), Some(base));
         let long = "2026-11-28T07:15:00.000000000000+00:00";
         assert!(long.len() > RESET_KEPT);
-        assert_eq!(at(long), Some(base));
+        assert_eq!(read(long, 0), Some(base));
         // Each kind of limit remembers its own.
-        let other = HeaderValue::from_static("2026-11-28T07:16:00Z");
-        assert_eq!(parse_reset(&other, 1), Some(base + Duration::from_secs(60)));
-        assert_eq!(at("2026-11-28T07:15:00Z"), Some(base));
-        assert_eq!(parse_reset(&other, 1), Some(base + Duration::from_secs(60)));
-        assert_eq!(parse_reset(&other, 4), Some(base + Duration::from_secs(60)));
+        let other = "2026-11-28T07:16:00Z";
+        assert_eq!(read(other, 1), Some(base + Duration::from_secs(60)));
+        assert_eq!(read("2026-11-28T07:15:00Z", 0), Some(base));
+        assert_eq!(read(other, 1), Some(base + Duration::from_secs(60)));
+        assert_eq!(read(other, 4), Some(base + Duration::from_secs(60)));
+    }
+
+    /// The time until a reset is what `SystemTime` arithmetic gives, for a
+    /// now before, at or after the epoch and a reset passed or to come.
+    #[test]
+    fn time_until_a_reset_is_the_system_time_difference() {
+        let instants = [
+            0,
+            1,
+            999_999_999,
+            1_000_000_000,
+            1_795_850_100_250_000_000,
+            1_795_850_112_000_000_000,
+        ];
+        for now_nanos in instants {
+            for before_epoch in [false, true] {
+                let offset = Duration::from_nanos(now_nanos);
+                let now = if before_epoch {
+                    UNIX_EPOCH.checked_sub(offset).unwrap_or(UNIX_EPOCH)
+                } else {
+                    UNIX_EPOCH + offset
+                };
+                let mut clock = Now::new(now);
+                for reset_nanos in instants.iter().chain(&[u64::MAX]) {
+                    let reset = Duration::from_nanos(*reset_nanos);
+                    let want = (UNIX_EPOCH + reset)
+                        .duration_since(now)
+                        .unwrap_or(Duration::ZERO)
+                        .min(MAX_DELAY);
+                    assert_eq!(clock.until(reset), want, "{now:?} until {reset:?}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -1275,6 +1560,23 @@ mod tests {
             if let Ok(s) = std::str::from_utf8(&bytes) {
                 let _ = parse_rfc3339(s);
                 let _ = parse_go_duration(s);
+            }
+        }
+
+        /// Any number, with leading zeros up to 20 digits, or any bytes,
+        /// read as `str::parse` reads the digits.
+        #[test]
+        fn whole_numbers_parse_as_str_parse_does_for_any(n in any::<u64>(), zeros in 0usize..20, bytes in proptest::collection::vec(any::<u8>(), 0..24)) {
+            let text = format!("{}{n}", "0".repeat(zeros));
+            let value = HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("x"));
+            prop_assert_eq!(parse_u64(&value), text.parse::<u64>().ok(), "{}", text);
+            if let Ok(value) = HeaderValue::from_bytes(&bytes) {
+                let text = String::from_utf8_lossy(&bytes);
+                let trimmed = text.trim_matches([' ', '\t']);
+                let expected = (!trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| trimmed.parse::<u64>().ok())
+                    .flatten();
+                prop_assert_eq!(parse_u64(&value), expected, "{:?}", bytes);
             }
         }
 
