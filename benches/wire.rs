@@ -136,10 +136,22 @@ fn scanners(c: &mut Criterion) {
     let mut g = c.benchmark_group(format!("scan_json_{}B", small.len()));
     g.throughput(Throughput::Bytes(small.len() as u64));
     g.bench_function("usage_scanner", |b| b.iter(|| scan_json(black_box(&small))));
+    // The whole answer in one frame, as the budget reads it: from its end.
+    assert_eq!(scan_json_whole(&small), 503);
+    g.bench_function("usage_scanner_whole", |b| {
+        b.iter(|| scan_json_whole(black_box(&small)))
+    });
     g.bench_function("serde_json_ignored_any", |b| {
         b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&small)).is_ok())
     });
     g.finish();
+}
+
+/// A JSON answer that arrives in one frame: `push_last` on the whole body.
+fn scan_json_whole(body: &[u8]) -> u64 {
+    let mut s = UsageScanner::new();
+    s.push_last(body);
+    s.usage().map_or(0, |u| u.output_tokens)
 }
 
 fn limits() -> [Option<LimitState>; 3] {

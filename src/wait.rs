@@ -23,8 +23,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
-use http::Request;
+use http::{HeaderMap, Method, Request, Uri, Version};
 use tokio::time::{Instant, Sleep};
 
 use crate::dispatch::{Dispatch, Node};
@@ -58,8 +60,8 @@ pub(crate) struct Log {
 /// that holds the attempt waiting (the concurrency queue, the budget's
 /// line) can hold the request without its head while its head is equal
 /// ([`Parked`]): a waiting request carries one head, not two.
-// The copy inline: boxed, it would cost an allocation per request, and the
-// log's allocation holds the slot anyway.
+// Inline: boxed, it would cost an allocation per request, and the log's
+// allocation holds the slot anyway.
 #[allow(clippy::large_enum_variant)]
 #[derive(Default)]
 enum Kept {
@@ -67,43 +69,188 @@ enum Kept {
     /// the attempt.
     #[default]
     Empty,
-    /// The head as the retry layer sent the attempt (before the layers
-    /// inside it), without the extensions it adds to each attempt.
-    Head {
-        head: Parts,
+    /// The request's own head, until its first attempt takes it.
+    Own(Parts),
+    /// The copy of the head as the retry layer sent the attempt (before
+    /// the layers inside it), without the extensions it adds to each
+    /// attempt.
+    Copy {
+        copy: HeadCopy,
         /// Whether a [`Parked`] request stands on the copy (its own head
         /// was equal, and dropped): the copy is then cloned, never taken,
         /// until that request is passed on or dropped. One at a
         /// time: a second request of the attempt (a hedging layer's clone)
-        /// waits whole. (A flag, not a variant: the enum stays the size of
-        /// the head.)
+        /// waits whole.
         parked: bool,
     },
 }
 
+/// A copy of a request head, kept compact: its headers in the map's order
+/// as bytes in one buffer (one allocation, dropped at once: a list of
+/// name-value pairs would clone each name and value, which for a header
+/// made at run time allocates its shared part, and drop each again), made
+/// into a `HeaderMap` again only when the head is needed (a request sent
+/// again, or a parked one passed on).
+struct HeadCopy {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    /// How many headers the buffer holds.
+    count: u16,
+    /// For each header: its name's length and its value's (native
+    /// `usize`s), whether the value is sensitive (a byte), the name, and
+    /// the value.
+    headers: Vec<u8>,
+    extensions: http::Extensions,
+}
+
+/// The bytes of a length in [`HeadCopy::headers`].
+const LEN: usize = std::mem::size_of::<usize>();
+/// The bytes before a header's name in [`HeadCopy::headers`].
+const ENTRY: usize = 2 * LEN + 1;
+
+/// The headers of a [`HeadCopy`]: each one's name, the range of its value
+/// in the buffer, and whether the value is sensitive.
+struct Entries<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = (&'a [u8], std::ops::Range<usize>, bool);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.buf.get(self.at..)?;
+        let name_len = usize::from_ne_bytes(rest.get(..LEN)?.try_into().ok()?);
+        let value_len = usize::from_ne_bytes(rest.get(LEN..2 * LEN)?.try_into().ok()?);
+        let sensitive = *rest.get(2 * LEN)? != 0;
+        let name_at = self.at + ENTRY;
+        let value_at = name_at.checked_add(name_len)?;
+        let end = value_at.checked_add(value_len)?;
+        let name = self.buf.get(name_at..value_at)?;
+        self.buf.get(value_at..end)?;
+        self.at = end;
+        Some((name, value_at..end, sensitive))
+    }
+}
+
+impl HeadCopy {
+    /// A copy of `head`.
+    fn of(head: &Parts) -> Self {
+        // Room for headers of 47 bytes on average, one pass: grown if
+        // they are longer.
+        let mut buf = Vec::with_capacity(head.headers.len() * (ENTRY + 47));
+        for (name, value) in &head.headers {
+            let name = name.as_str().as_bytes();
+            buf.extend_from_slice(&name.len().to_ne_bytes());
+            buf.extend_from_slice(&value.len().to_ne_bytes());
+            buf.push(u8::from(value.is_sensitive()));
+            buf.extend_from_slice(name);
+            buf.extend_from_slice(value.as_bytes());
+        }
+        HeadCopy {
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            version: head.version,
+            // A header map holds at most 32,768 headers.
+            count: u16::try_from(head.headers.len()).unwrap_or(u16::MAX),
+            headers: buf,
+            extensions: head.extensions.clone(),
+        }
+    }
+
+    fn entries(&self) -> Entries<'_> {
+        Entries {
+            buf: &self.headers,
+            at: 0,
+        }
+    }
+
+    /// The headers again, from the copy's buffer (`buf`, its bytes, which
+    /// the values share). `None` only for a header that does not parse
+    /// again, which a header made by `http`'s safe constructors always does.
+    fn header_map(count: u16, buf: Bytes) -> Option<HeaderMap> {
+        let mut map = HeaderMap::with_capacity(usize::from(count));
+        let entries = Entries { buf: &buf, at: 0 };
+        for (name, value, sensitive) in entries {
+            let name = HeaderName::from_bytes(name).ok()?;
+            let mut value = HeaderValue::from_maybe_shared(buf.slice(value)).ok()?;
+            value.set_sensitive(sensitive);
+            map.append(name, value);
+        }
+        Some(map)
+    }
+
+    /// The head again (with the copy's extensions if `extensions`), the
+    /// copy left as it is.
+    fn to_parts(&self, extensions: bool) -> Option<Parts> {
+        let (mut head, ()) = Request::new(()).into_parts();
+        head.method = self.method.clone();
+        head.uri = self.uri.clone();
+        head.version = self.version;
+        head.headers = Self::header_map(self.count, Bytes::from(self.headers.clone()))?;
+        if extensions {
+            head.extensions = self.extensions.clone();
+        }
+        Some(head)
+    }
+
+    /// The head again, made of the copy itself.
+    fn into_parts(self) -> Option<Parts> {
+        let (mut head, ()) = Request::new(()).into_parts();
+        head.headers = Self::header_map(self.count, Bytes::from(self.headers))?;
+        head.method = self.method;
+        head.uri = self.uri;
+        head.version = self.version;
+        head.extensions = self.extensions;
+        Some(head)
+    }
+
+    /// Whether the request's head has the same method, URI, version and
+    /// headers, in the same order (extensions are not compared: a parked
+    /// request keeps its own). Equal headers in another order are told
+    /// apart: that request then waits whole, which is only less compact.
+    fn same<B>(&self, request: &Request<B>) -> bool {
+        if self.method != request.method()
+            || self.version != request.version()
+            || self.uri != *request.uri()
+            || request.headers().len() != usize::from(self.count)
+        {
+            return false;
+        }
+        let mut entries = self.entries();
+        request.headers().iter().all(|(name, value)| {
+            entries.next().is_some_and(|(n, v, _)| {
+                name.as_str().as_bytes() == n && self.headers.get(v) == Some(value.as_bytes())
+            })
+        }) && entries.next().is_none()
+    }
+}
+
 impl Kept {
-    fn head(head: Parts) -> Kept {
-        Kept::Head {
-            head,
+    fn copy(head: &Parts) -> Kept {
+        Kept::Copy {
+            copy: HeadCopy::of(head),
             parked: false,
         }
     }
 
-    /// Takes the copy, or clones it if a parked request stands on it.
+    /// Takes the head, or makes it from a copy a parked request stands on.
     fn take(&mut self) -> Option<Parts> {
         match self {
-            Kept::Head { head, parked: true } => Some(head.clone()),
-            Kept::Head { .. } => match std::mem::take(self) {
-                Kept::Head { head, .. } => Some(head),
-                _ => None,
+            Kept::Copy { copy, parked: true } => copy.to_parts(true),
+            Kept::Empty => None,
+            _ => match std::mem::take(self) {
+                Kept::Own(head) => Some(head),
+                Kept::Copy { copy, .. } => copy.into_parts(),
+                Kept::Empty => None,
             },
-            _ => None,
         }
     }
 
     /// The parked request that stood on the copy left.
     fn unpark(&mut self) {
-        if let Kept::Head { parked, .. } = self {
+        if let Kept::Copy { parked, .. } = self {
             *parked = false;
         }
     }
@@ -114,20 +261,10 @@ impl fmt::Debug for Kept {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Kept::Empty => "Empty",
-            Kept::Head { parked: false, .. } => "Head",
-            Kept::Head { parked: true, .. } => "Parked",
+            Kept::Own(_) | Kept::Copy { parked: false, .. } => "Head",
+            Kept::Copy { parked: true, .. } => "Parked",
         })
     }
-}
-
-/// Whether `copy` and the request's head have the same method, URI,
-/// version and headers (extensions are not compared: a parked request
-/// keeps its own).
-fn same_head<B>(copy: &Parts, request: &Request<B>) -> bool {
-    copy.method == request.method()
-        && copy.version == request.version()
-        && copy.uri == *request.uri()
-        && copy.headers == *request.headers()
 }
 
 impl Log {
@@ -137,17 +274,30 @@ impl Log {
         Self::with(deadline, parent, Kept::Empty)
     }
 
-    /// A log keeping `head` from the start, the retry layer's copy to send
-    /// the request again ([`Kept`]): the head is moved once, into the log's
+    /// A log keeping `head` from the start, the request's own until its
+    /// first attempt ([`Kept`]): the head is moved once, into the log's
     /// allocation, not into an empty log after.
+    // Inlined: the head is moved once, into the log's allocation.
+    #[inline]
     pub(crate) fn with_head(
         deadline: Option<Instant>,
         parent: Option<Dispatch>,
         head: Parts,
     ) -> Arc<Log> {
-        Self::with(deadline, parent, Kept::head(head))
+        Self::with(deadline, parent, Kept::Own(head))
     }
 
+    /// A log keeping a copy of `head`, the retry layer's to send the
+    /// request again ([`Kept`]).
+    pub(crate) fn with_copy(
+        deadline: Option<Instant>,
+        parent: Option<Dispatch>,
+        head: &Parts,
+    ) -> Arc<Log> {
+        Self::with(deadline, parent, Kept::copy(head))
+    }
+
+    #[inline(always)]
     fn with(deadline: Option<Instant>, parent: Option<Dispatch>, kept: Kept) -> Arc<Log> {
         Arc::new(Log {
             waited: AtomicU64::new(0),
@@ -169,14 +319,14 @@ impl Log {
     pub(crate) fn keep_head(log: &mut Arc<Log>, head: Parts) {
         match Arc::get_mut(log) {
             Some(log) => {
-                *log.head.get_mut().unwrap_or_else(PoisonError::into_inner) = Kept::head(head);
+                *log.head.get_mut().unwrap_or_else(PoisonError::into_inner) = Kept::copy(&head);
             }
             None => {
                 let mut kept = log.kept();
                 match &mut *kept {
                     // A request parked on the copy stands on the new one.
-                    Kept::Head { head: old, .. } => *old = head,
-                    _ => *kept = Kept::head(head),
+                    Kept::Copy { copy, .. } => *copy = HeadCopy::of(&head),
+                    _ => *kept = Kept::copy(&head),
                 }
             }
         }
@@ -186,9 +336,12 @@ impl Log {
     /// the first attempt's).
     pub(crate) fn swap_head(log: &mut Arc<Log>, copy: bool) -> Option<Parts> {
         let swapped = |kept: &mut Kept| match kept {
-            Kept::Head { head, .. } if copy => {
-                let copied = head.clone();
-                Some(std::mem::replace(head, copied))
+            Kept::Own(head) if copy => {
+                let copied = Kept::copy(head);
+                let Kept::Own(head) = std::mem::replace(kept, copied) else {
+                    return None;
+                };
+                Some(head)
             }
             _ => kept.take(),
         };
@@ -283,10 +436,10 @@ impl<B> Parked<B> {
         {
             let mut kept = log.kept();
             match &mut *kept {
-                Kept::Head {
-                    head,
+                Kept::Copy {
+                    copy,
                     parked: parked @ false,
-                } if same_head(head, &request) => *parked = true,
+                } if copy.same(&request) => *parked = true,
                 _ => return Err(request),
             }
         }
@@ -299,16 +452,16 @@ impl<B> Parked<B> {
         })
     }
 
-    /// `f` of the head it stands on (the retry layer's copy, under its
-    /// log's lock: keep `f` short); `None` if the copy is gone, which a
-    /// parked request prevents.
+    /// `f` of the head it stands on (made from the retry layer's copy,
+    /// without its extensions); `None` if the copy is gone, which a parked
+    /// request prevents.
     pub(crate) fn with_head<R>(&self, f: impl FnOnce(&Parts) -> R) -> Option<R> {
         let log = self.on.0.as_ref()?;
-        let kept = log.kept();
-        match &*kept {
-            Kept::Head { head, parked: true } => Some(f(head)),
-            _ => None,
-        }
+        let head = match &*log.kept() {
+            Kept::Copy { copy, parked: true } => copy.to_parts(false)?,
+            _ => return None,
+        };
+        Some(f(&head))
     }
 
     /// The request's extensions.
@@ -329,20 +482,12 @@ impl<B> Parked<B> {
         let log = self.on.0.take()?;
         let mut head = {
             let mut kept = log.kept();
-            let Kept::Head {
-                head: copy,
-                parked: true,
-            } = &*kept
-            else {
+            let Kept::Copy { copy, parked: true } = &*kept else {
                 return None;
             };
-            let (mut head, ()) = Request::new(()).into_parts();
-            head.method = copy.method.clone();
-            head.uri = copy.uri.clone();
-            head.version = copy.version;
-            head.headers = copy.headers.clone();
+            let head = copy.to_parts(false);
             kept.unpark();
-            head
+            head?
         };
         head.extensions = self.extensions;
         Some(Request::from_parts(head, self.body))
@@ -513,12 +658,17 @@ mod tests {
     /// Every request waiting in an inner layer under a retry layer holds
     /// its attempt's log: a guard against it growing unnoticed (280 bytes
     /// when the copy could be lent, 288 with the flag of a request parked
-    /// on it).
+    /// on it, 280 with the copy compact, set by the request's own head
+    /// kept until its first attempt).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn the_log_stays_small() {
         let size = std::mem::size_of::<Log>();
-        assert!(size <= 288, "Log is {size} bytes");
+        assert!(size <= 280, "Log is {size} bytes");
+        // The copy the log keeps after the first attempt: its headers are
+        // one buffer (24 bytes, and a count), where a header map takes 96.
+        let copy = std::mem::size_of::<HeadCopy>();
+        assert!(copy <= 152, "HeadCopy is {copy} bytes");
     }
 
     fn keep(log: &WaitLog, head: Parts) {
@@ -579,6 +729,93 @@ mod tests {
         let copy = take(&log).unwrap_or_else(|| panic!("left"));
         assert_eq!(copy.headers["x-request-name"], "a");
         assert!(take(&log).is_none(), "taken, once nobody stands on it");
+    }
+
+    /// The compact copy gives back the head it was made of: every value of
+    /// a header named twice in its order, a value marked sensitive still
+    /// so, the URI, method and version, and the head's own extensions.
+    #[test]
+    fn the_copy_makes_the_same_head_again() {
+        let mut secret = http::HeaderValue::from_static("sk-ant-secret");
+        secret.set_sensitive(true);
+        let (mut own, ()) = Request::put("https://api.example.com/v1/messages?beta=true")
+            .version(http::Version::HTTP_2)
+            .header("anthropic-beta", "one")
+            .header("x-api-key", secret)
+            .header("anthropic-beta", "two")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_parts();
+        own.extensions.insert(7u32);
+        let mut log = Log::with_head(None, None, own.clone());
+        let first = Log::swap_head(&mut log, true).unwrap_or_else(|| panic!("the head"));
+        assert_eq!(first.headers, own.headers);
+        let again = Log::take_head(&mut log).unwrap_or_else(|| panic!("the copy"));
+        assert_eq!(again.method, own.method);
+        assert_eq!(again.uri, own.uri);
+        assert_eq!(again.version, own.version);
+        assert_eq!(again.headers, own.headers);
+        let betas: Vec<_> = again.headers.get_all("anthropic-beta").iter().collect();
+        assert_eq!(betas, ["one", "two"]);
+        assert!(again.headers["x-api-key"].is_sensitive());
+        assert_eq!(again.extensions.get::<u32>(), Some(&7));
+        assert!(Log::take_head(&mut log).is_none(), "taken once");
+    }
+
+    /// Headers made at run time, a value of bytes above ASCII, an empty
+    /// value, a long one, and a head without headers come back the same from the
+    /// copy's buffer, and a request with them parks on it.
+    #[test]
+    fn the_copy_keeps_any_header_bytes() {
+        let mut head = Request::post("/v1/messages")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_parts()
+            .0;
+        let name = HeaderName::from_bytes(b"X-Made-At-Run-Time").unwrap_or_else(|e| panic!("{e}"));
+        let value = HeaderValue::from_bytes(b"caf\xc3\xa9 \xff").unwrap_or_else(|e| panic!("{e}"));
+        head.headers.append(name.clone(), value.clone());
+        head.headers.append(
+            http::header::ACCEPT,
+            HeaderValue::from_bytes(b"").unwrap_or_else(|e| panic!("{e}")),
+        );
+        // Longer than the room the copy starts with.
+        let long = HeaderValue::from_str(&"v".repeat(1000)).unwrap_or_else(|e| panic!("{e}"));
+        head.headers.append(name.clone(), long);
+        let copy = HeadCopy::of(&head);
+        let again = copy.to_parts(true).unwrap_or_else(|| panic!("the head"));
+        assert_eq!(again.headers, head.headers);
+        assert_eq!(again.headers[&name].as_bytes(), value.as_bytes());
+        assert!(copy.same(&Request::from_parts(head, ())));
+        let bare = Request::get("/").body(()).unwrap_or_else(|e| panic!("{e}"));
+        let copy = HeadCopy::of(&bare.into_parts().0);
+        let again = copy.into_parts().unwrap_or_else(|| panic!("the head"));
+        assert!(again.headers.is_empty());
+        assert_eq!(again.method, http::Method::GET);
+    }
+
+    /// A request whose headers are the copy's in another order is not
+    /// parked (told apart, it waits whole, nothing lost), and one with a
+    /// header more or less neither.
+    #[test]
+    fn headers_in_another_order_or_number_are_not_parked() {
+        let log = WaitLog::new(Log::new(None, None), None);
+        let two = |first: (&'static str, &'static str), second: (&'static str, &'static str)| {
+            Request::post("/v1/messages")
+                .header(first.0, first.1)
+                .header(second.0, second.1)
+                .body(())
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        keep(&log, two(("a", "1"), ("b", "2")).into_parts().0);
+        let swapped = two(("b", "2"), ("a", "1"));
+        assert!(Parked::park(swapped, &log.log).is_err());
+        let mut more = two(("a", "1"), ("b", "2"));
+        more.headers_mut()
+            .append("b", http::HeaderValue::from_static("3"));
+        assert!(Parked::park(more, &log.log).is_err());
+        let parked = Parked::park(two(("a", "1"), ("b", "2")), &log.log);
+        assert!(parked.is_ok(), "the same head parks");
     }
 
     /// A head that a layer in between changed is not parked: the request

@@ -20,7 +20,7 @@ use tower::{Layer, ServiceExt};
 use tower_llm_limits::body::ReplayBody;
 use tower_llm_limits::budget::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, PrefixIntent,
-    Reservation, ServedSize, PREFIX_WRITING_WAIT,
+    Reservation, ServedSize, PREFIX_WRITING_WAIT, WRITER_GRACE,
 };
 use tower_llm_limits::budget::{Limits, TokenBudget, TokenBudgetLayer};
 use tower_llm_limits::estimate::SharedPromptCache;
@@ -307,6 +307,25 @@ impl Markers {
         }
     }
 
+    /// Whether any budget writes `hash`, will write it from its queue, or
+    /// confirmed it cached.
+    fn marked(&self, hash: u64) -> bool {
+        let now = Instant::now();
+        let written = self
+            .writing
+            .lock()
+            .expect("lock")
+            .get(&hash)
+            .is_some_and(|by| !by.is_empty());
+        let queued = self
+            .queued
+            .lock()
+            .expect("lock")
+            .get(&hash)
+            .is_some_and(|by| by.iter().any(|&(.., until)| until > now));
+        written || queued || self.cached.lock().expect("lock").contains(&hash)
+    }
+
     fn queue(&self, id: usize, request: u64, writes: &[u64], tokens: u64, for_: Duration) {
         let now = Instant::now();
         let head = self.head_asks.lock().expect("lock").get(&id).copied();
@@ -356,7 +375,9 @@ impl SharedPromptCache for MarkersCache {
 /// prefixes being written (the view before them); with `queues` false no
 /// marker of prefixes queued requests will write (the view before them);
 /// with `round_trip`, reservations answer after a round trip as
-/// `RedisLedger`'s do (so no request passes a waiting head locally).
+/// `RedisLedger`'s do (so no request passes a waiting head locally); with
+/// `graces`, a writer's first ask waits the writer grace while a shorter
+/// prefix of it has no marker, as `RedisLedger`'s script does.
 #[derive(Debug)]
 struct View {
     markers: Arc<Markers>,
@@ -364,6 +385,7 @@ struct View {
     holds: bool,
     queues: bool,
     round_trip: bool,
+    graces: bool,
 }
 
 impl View {
@@ -411,15 +433,30 @@ impl Ledger for View {
                     && !prefixes.writes.contains(h)
                     && self.markers.queued_by_another(*h, self.id, prefixes.tokens))
         });
-        let answer = self.markers.ledger.reserve_in_line_or_hold_at(
-            key,
-            limits,
-            costs,
-            headroom,
-            place,
-            busy.map(|_| prefixes.hold),
-            Instant::now(),
-        );
+        let graced = self.graces
+            && busy.is_none()
+            && prefixes.shorter.iter().any(|h| !self.markers.marked(*h));
+        let answer = match graced {
+            // Kept from going for the grace, its place and costs kept.
+            true => self.markers.ledger.reserve_in_line_or_grace_at(
+                key,
+                limits,
+                costs,
+                headroom,
+                place,
+                WRITER_GRACE,
+                Instant::now(),
+            ),
+            false => self.markers.ledger.reserve_in_line_or_hold_at(
+                key,
+                limits,
+                costs,
+                headroom,
+                place,
+                busy.map(|_| prefixes.hold),
+                Instant::now(),
+            ),
+        };
         match (answer, busy) {
             (Reservation::Wait { retry_in, .. }, Some(h)) if retry_in == PREFIX_WRITING_WAIT => {
                 self.markers.held.lock().expect("lock").insert((h, self.id));
@@ -507,6 +544,13 @@ impl Ledger for View {
         self.markers.only_queued(hash, self.id)
     }
 
+    fn writer_grace(&self) -> Duration {
+        match self.graces {
+            true => WRITER_GRACE,
+            false => Duration::ZERO,
+        }
+    }
+
     fn prefixes_written(&self, hashes: &[u64]) {
         {
             let mut writing = self.markers.writing.lock().expect("lock");
@@ -591,6 +635,7 @@ async fn second_writer(holds: bool) -> (u64, Duration) {
                 holds,
                 queues: true,
                 round_trip: false,
+                graces: false,
             }))
             .cache_hold(Duration::from_secs(5))
             .on_settle(move |e| seen.lock().expect("lock").push(e.reserved_input_tokens))
@@ -655,10 +700,17 @@ fn turn(n: usize) -> Request<Full<Bytes>> {
     };
     let messages = match n {
         1 => vec![question("What is a ledger?", true)],
-        _ => vec![
+        2 => vec![
             question("What is a ledger?", false),
             serde_json::json!({"role": "assistant", "content": "The budget's record of what was reserved."}),
             question("And a reservation?", true),
+        ],
+        _ => vec![
+            question("What is a ledger?", false),
+            serde_json::json!({"role": "assistant", "content": "The budget's record of what was reserved."}),
+            question("And a reservation?", false),
+            serde_json::json!({"role": "assistant", "content": "What the ledger answered a request."}),
+            question("And a hold?", true),
         ],
     };
     let body = serde_json::json!({
@@ -697,6 +749,7 @@ fn recording_upstream(server: Arc<Server>) -> Upstream {
         let name: &'static str = match req.headers().get("x-name").and_then(|v| v.to_str().ok()) {
             Some("t1") => "t1",
             Some("t2") => "t2",
+            Some("t3") => "t3",
             Some("h1") => "h1",
             _ => "h2",
         };
@@ -779,6 +832,7 @@ fn two_views(queues: bool) -> (Arc<Markers>, Arc<dyn Ledger>, Arc<dyn Ledger>) {
             holds: true,
             queues,
             round_trip: true,
+            graces: false,
         })
     };
     let (a, b) = (view(1), view(2));
@@ -947,6 +1001,10 @@ impl Ledger for Recorder {
         self.inner.prefix_queued(hash)
     }
 
+    fn writer_grace(&self) -> Duration {
+        self.inner.writer_grace()
+    }
+
     fn prefixes_written(&self, hashes: &[u64]) {
         self.inner.prefixes_written(hashes)
     }
@@ -1052,6 +1110,119 @@ async fn a_vanished_processes_queued_marker_expires() {
     );
 }
 
+/// Three processes' views (ids 1 to 3) of one set of markers, as
+/// [`two_views`] with queued markers.
+fn three_views() -> [Arc<dyn Ledger>; 3] {
+    let markers = Arc::new(Markers::default());
+    [1, 2, 3].map(|id| -> Arc<dyn Ledger> {
+        Arc::new(View {
+            markers: Arc::clone(&markers),
+            id,
+            holds: true,
+            queues: true,
+            round_trip: true,
+            graces: false,
+        })
+    })
+}
+
+/// Process B's (`ledgers[1]`) turn 1 stays queued behind a head of
+/// `blocker` words that waits for the refill; process A's turn 2 holds for
+/// it (asking nothing meanwhile); process C's turn 3 arrives 2 s later and
+/// holds for turn 2's queued marker. With `cancel`, turn 2 is cancelled
+/// that long after it arrived. Returns when turn 2 arrived, and when each
+/// request reached the server and its answer began.
+async fn three_turns(
+    [a, b, c]: [Arc<dyn Ledger>; 3],
+    blocker: usize,
+    cancel: Option<Duration>,
+) -> (Instant, HashMap<&'static str, (Instant, Instant)>) {
+    let server = Arc::new(Server::default());
+    let budget = |ledger| turn_budget(&server, ledger);
+    let (a, b, c) = (budget(a), budget(b), budget(c));
+    // Its answer is held unread: nothing settles it meanwhile.
+    let filler = tokio::spawn(b.clone().oneshot(named(large(116_000), "h1")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let blocker = tokio::spawn(b.clone().oneshot(named(large(blocker), "h2")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t1 = send(&b, named(turn(1), "t1"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let start = Instant::now();
+    let t2 = send(&a, named(turn(2), "t2"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t3 = send(&c, named(turn(3), "t3"));
+    if let Some(after) = cancel {
+        tokio::time::sleep_until(start + after).await;
+        t2.abort();
+    } else {
+        t2.await.expect("task");
+    }
+    t3.await.expect("task");
+    t1.await.expect("task");
+    for task in [blocker, filler] {
+        task.abort();
+    }
+    let sent = server.sent.lock().expect("lock").clone();
+    (start, sent)
+}
+
+/// Turn 3 held on for held turn 2, which went after turn 1's answer
+/// began, and went soon after turn 2's answer began.
+fn turn_three_held_on(start: Instant, sent: &HashMap<&'static str, (Instant, Instant)>) {
+    let at = |name| sent[name].0 - start;
+    let began = |name| sent[name].1 - start;
+    assert!(
+        at("t2") >= began("t1"),
+        "turn 2 held for turn 1: {:?} {:?}",
+        at("t2"),
+        began("t1")
+    );
+    assert!(
+        at("t3") >= began("t2"),
+        "turn 3 held on for turn 2: {:?} {:?}",
+        at("t3"),
+        began("t2")
+    );
+    assert!(
+        at("t3") < began("t2") + Duration::from_secs(2),
+        "and went soon after: {:?} {:?}",
+        at("t3"),
+        began("t2")
+    );
+}
+
+/// A held request renews its queued marker while it holds, past the
+/// marker's first lifetime (6 s here): turn 3, holding for held turn 2's
+/// marker in another process, holds on until turn 2's answer began (after
+/// turn 1's, about 50 s), and reads its prefix. Before, turn 2's marker
+/// lapsed at 6 s and turn 3 went then, first, writing the prefix it
+/// shares with turns 1 and 2.
+#[tokio::test(start_paused = true)]
+async fn a_held_requests_queued_marker_lives_while_it_holds() {
+    let (start, sent) = three_turns(three_views(), 110_000, None).await;
+    let at = |name| sent[name].0 - start;
+    assert!(
+        at("t1") > Duration::from_secs(30),
+        "turn 1 stayed queued: {:?}",
+        at("t1")
+    );
+    turn_three_held_on(start, &sent);
+}
+
+/// A held request cancelled after its marker was renewed takes the marker
+/// with it at once: turn 3, holding for it, goes then.
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_held_requests_renewed_marker_goes_at_once() {
+    let (start, sent) = three_turns(three_views(), 110_000, Some(Duration::from_secs(20))).await;
+    let at = |name| sent[name].0 - start;
+    assert!(!sent.contains_key("t2"), "turn 2 was cancelled");
+    assert!(
+        at("t3") >= Duration::from_secs(20) && at("t3") < Duration::from_millis(20_100),
+        "turn 3 went when turn 2 was cancelled: {:?}",
+        at("t3")
+    );
+}
+
 /// The same two processes over `RedisLedger` (`REDIS_URL`; skipped with a
 /// notice without it, except under `CI=true`): turn 2 goes once turn 1's
 /// answer began, not before turn 1 (on Redis's clock: real time, about
@@ -1142,6 +1313,31 @@ async fn over_redis_a_held_turn_holds_while_the_earlier_turn_stays_queued() {
     );
 }
 
+/// Over `RedisLedger` (`REDIS_URL`; skipped with a notice without it,
+/// except under `CI=true`), in real time: turn 2, held about 9 s for turn
+/// 1 queued behind a head that waits for the refill, renews its queued
+/// marker (first lifetime 6 s), and turn 3 in a third process holds on
+/// for it until its answer began.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn over_redis_a_held_requests_queued_marker_lives_while_it_holds() {
+    let Some(connect) = redis_ledgers("renewed") else {
+        return;
+    };
+    let ledgers = [
+        connect.ledger().await,
+        connect.ledger().await,
+        connect.ledger().await,
+    ];
+    let (start, sent) = three_turns(ledgers, 24_000, None).await;
+    assert!(
+        sent["t1"].0 - start > Duration::from_secs(7),
+        "turn 1 stayed queued past turn 2's first marker: {:?}",
+        sent["t1"].0 - start
+    );
+    turn_three_held_on(start, &sent);
+}
+
 /// Where the Redis tests connect (`REDIS_URL`), under a prefix of their
 /// own (`tll-test-<tag>-<pid>-<nanos>`); `None`, with a printed notice,
 /// without `REDIS_URL` (a failure under `CI=true`: there they must run).
@@ -1185,4 +1381,329 @@ impl RedisLedgers {
             .expect("connect");
         Arc::new(ledger)
     }
+}
+
+// ---------------------------------------------------------------------------
+// The writer grace: a conversation's turns arriving together in two
+// processes.
+
+/// A conversation's turn `n` (0: no breakpoint at all) after a system
+/// prompt of about 3,000 tokens: its questions and answers so far, the
+/// breakpoint at the end of its last question, so that turn k's cache
+/// prefix is a prefix of turn n's for k < n. The `x-turn` header names it
+/// for the server.
+fn conversation(n: usize) -> Request<Full<Bytes>> {
+    let system = "Answer as the reference manual of the tower-llm-limits crate would. ".repeat(230);
+    let mut messages = Vec::new();
+    for k in 1..=n.max(1) {
+        let mut block = serde_json::json!({
+            "type": "text",
+            "text": format!("Question {k}: what does part {k} of the ledger keep?"),
+        });
+        if k == n {
+            block["cache_control"] = serde_json::json!({"type": "ephemeral"});
+        }
+        messages.push(serde_json::json!({"role": "user", "content": [block]}));
+        if k < n {
+            messages.push(serde_json::json!({
+                "role": "assistant",
+                "content": format!("Answer {k}: the record of what part {k} reserved."),
+            }));
+        }
+    }
+    let body = serde_json::json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "system": system,
+        "messages": messages,
+    });
+    Request::post("/v1/messages")
+        .header("x-turn", n.to_string())
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request")
+}
+
+/// The server's size of turn `n`'s cache prefix.
+fn turn_size(n: usize) -> u64 {
+    2_000 + 100 * n as u64
+}
+
+/// What the server did with one request.
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    turn: usize,
+    sent: Instant,
+    read: u64,
+    write: u64,
+}
+
+/// A server with one prompt cache, as the API's: a request of turn n reads
+/// the longest entry of its conversation's turns up to n (the look-back
+/// from its breakpoint reaches shorter entries, never a longer one), writes
+/// the rest of its prefix, and its entry becomes readable when its answer
+/// begins (after 1 s).
+#[derive(Debug, Default)]
+struct LookBack {
+    cached: Mutex<HashSet<usize>>,
+    served: Mutex<Vec<Served>>,
+}
+
+impl LookBack {
+    fn upstream(self: &Arc<Self>) -> Upstream {
+        let server = Arc::clone(self);
+        BoxCloneService::new(tower::service_fn(move |req: Request<_>| {
+            let turn: usize = req
+                .headers()
+                .get("x-turn")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let server = Arc::clone(&server);
+            async move {
+                let (read, write) = match turn {
+                    0 => (0, 0),
+                    n => {
+                        let cached = server.cached.lock().expect("lock");
+                        let read = (1..=n)
+                            .filter(|k| cached.contains(k))
+                            .map(turn_size)
+                            .max()
+                            .unwrap_or(0);
+                        (read, turn_size(n) - read)
+                    }
+                };
+                let sent = Instant::now();
+                server.served.lock().expect("lock").push(Served {
+                    turn,
+                    sent,
+                    read,
+                    write,
+                });
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                server.cached.lock().expect("lock").insert(turn);
+                let body = format!(
+                    r#"{{"type":"message","usage":{{"input_tokens":20,"cache_read_input_tokens":{read},"cache_creation_input_tokens":{write},"output_tokens":10}}}}"#
+                );
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            }
+        }))
+    }
+
+    /// What the server did with turn `n`'s request (the first of them).
+    fn turn(&self, n: usize) -> Served {
+        let served = self.served.lock().expect("lock");
+        *served
+            .iter()
+            .find(|s| s.turn == n)
+            .unwrap_or_else(|| panic!("turn {n} never sent: {served:?}"))
+    }
+
+    /// The prefix tokens the server wrote, in all.
+    fn written(&self) -> u64 {
+        self.served
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|s| s.write)
+            .sum()
+    }
+}
+
+/// Two processes' budgets (ids 1 and 2) over one set of markers, with a
+/// round trip, as the turn tests': with `graces`, the writer grace.
+fn grace_budgets(
+    server: &Arc<LookBack>,
+    graces: bool,
+) -> (TokenBudget<Upstream>, TokenBudget<Upstream>) {
+    let markers = Arc::new(Markers::default());
+    let budget = |id| {
+        let view = View {
+            markers: Arc::clone(&markers),
+            id,
+            holds: true,
+            queues: true,
+            round_trip: true,
+            graces,
+        };
+        TokenBudgetLayer::builder()
+            .limits(Limits::new().rpm(1_000).itpm(180_000).otpm(1_000_000))
+            .ledger(Arc::new(view))
+            .cache_hold(Duration::from_secs(5))
+            .build()
+            .layer(server.upstream())
+    };
+    (budget(1), budget(2))
+}
+
+/// Process A sends a conversation's turn `first`; `gap` later, process B
+/// sends its turn `second`. Returns the server's record and when A's
+/// request arrived.
+async fn two_turns(
+    graces: bool,
+    first: usize,
+    gap: Duration,
+    second: usize,
+) -> (Arc<LookBack>, Instant) {
+    let server = Arc::new(LookBack::default());
+    let (a, b) = grace_budgets(&server, graces);
+    let start = Instant::now();
+    let one = send(&a, conversation(first));
+    tokio::time::sleep(gap).await;
+    let two = send(&b, conversation(second));
+    for task in [one, two] {
+        task.await.expect("task");
+    }
+    (server, start)
+}
+
+/// A conversation's turn 2 that could go at once in process A, and its
+/// turn 1 arriving 20 ms later in process B: with the writer grace, turn 2
+/// does not go at its first ask (turn 1's prefix, a shorter prefix of its
+/// own, has no marker yet), turn 1 goes first, and turn 2, held for its
+/// writer, goes once turn 1's answer began, reading turn 1's prefix at the
+/// server: the shared part written once. Without it, turn 2 went at once
+/// and the server wrote turn 1's prefix twice (turn 1's look-back cannot
+/// reach turn 2's longer entry).
+#[tokio::test(start_paused = true)]
+async fn a_later_turn_waits_the_grace_for_an_earlier_turn_arriving_in_another_process() {
+    let gap = Duration::from_millis(20);
+    let (server, _) = two_turns(true, 2, gap, 1).await;
+    let (one, two) = (server.turn(1), server.turn(2));
+    assert!(one.sent < two.sent, "turn 1 sent first: {one:?} {two:?}");
+    assert!(
+        two.sent >= one.sent + Duration::from_secs(1),
+        "turn 2 went once turn 1's answer began: {one:?} {two:?}"
+    );
+    assert_eq!(two.read, turn_size(1), "turn 2 read turn 1's prefix");
+    assert_eq!(
+        server.written(),
+        turn_size(2),
+        "the shared part written once"
+    );
+
+    let (server, _) = two_turns(false, 2, gap, 1).await;
+    let (one, two) = (server.turn(1), server.turn(2));
+    assert!(two.sent < one.sent, "without it turn 2 went first");
+    assert_eq!(
+        server.written(),
+        turn_size(2) + turn_size(1),
+        "and turn 1's prefix was written twice"
+    );
+}
+
+/// With no other writer, a writer with a shorter prefix no process marked
+/// goes after exactly the writer grace, no more; a request that writes
+/// nothing, and a writer whose prefix has no shorter one (a system prompt's
+/// breakpoint), pay none.
+#[tokio::test(start_paused = true)]
+async fn the_grace_is_only_for_a_writer_with_an_unmarked_shorter_prefix() {
+    let server = Arc::new(LookBack::default());
+    let (a, _) = grace_budgets(&server, true);
+    let start = Instant::now();
+    send(&a, conversation(3)).await.expect("task");
+    assert_eq!(
+        server.turn(3).sent - start,
+        WRITER_GRACE,
+        "exactly the grace"
+    );
+
+    let start = Instant::now();
+    send(&a, conversation(0)).await.expect("task");
+    assert_eq!(
+        server.turn(0).sent - start,
+        Duration::ZERO,
+        "writes nothing"
+    );
+
+    let called = Arc::new(Mutex::new(Vec::new()));
+    let markers = Arc::new(Markers::default());
+    let view = View {
+        markers,
+        id: 1,
+        holds: true,
+        queues: true,
+        round_trip: true,
+        graces: true,
+    };
+    let system_writer = TokenBudgetLayer::builder()
+        .limits(Limits::new().rpm(1_000).itpm(180_000).otpm(1_000_000))
+        .ledger(Arc::new(view))
+        .cache_hold(Duration::from_secs(5))
+        .build()
+        .layer(timed_upstream(
+            Duration::ZERO,
+            0,
+            3_000,
+            Arc::clone(&called),
+        ));
+    let start = Instant::now();
+    let response = system_writer.oneshot(message(true)).await.expect("sent");
+    let _ = response.into_body().collect().await.expect("body");
+    let called = called.lock().expect("lock").clone();
+    assert_eq!(called, vec![start], "no shorter prefix: no grace");
+}
+
+/// Two writers that both wait the grace do not wait for each other: a
+/// conversation's turns 2 and 3 arriving together in two processes go
+/// shortest first (turn 3 held for turn 2's writer, then reading its
+/// prefix), and the same turn in both goes once, then is read.
+#[tokio::test(start_paused = true)]
+async fn two_writers_in_their_grace_do_not_wait_for_each_other() {
+    let (server, start) = two_turns(true, 3, Duration::ZERO, 2).await;
+    let (two, three) = (server.turn(2), server.turn(3));
+    assert_eq!(two.sent - start, WRITER_GRACE, "turn 2 after its grace");
+    assert!(
+        three.sent >= two.sent + Duration::from_secs(1),
+        "turn 3 after turn 2's answer began: {two:?} {three:?}"
+    );
+    assert_eq!(three.read, turn_size(2));
+    assert_eq!(server.written(), turn_size(3));
+
+    let (server, start) = two_turns(true, 2, Duration::ZERO, 2).await;
+    let served = server.served.lock().expect("lock").clone();
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert_eq!(served[0].sent - start, WRITER_GRACE, "{served:?}");
+    assert!(served[1].sent >= served[0].sent + Duration::from_secs(1));
+    assert_eq!(served[1].read, turn_size(2), "{served:?}");
+    assert_eq!(server.written(), turn_size(2));
+}
+
+/// The same as [`a_later_turn_waits_the_grace_for_an_earlier_turn_arriving_in_another_process`]
+/// over `RedisLedger` (`REDIS_URL`; skipped with a notice without it,
+/// except under `CI=true`), in real time: turn 1 arrives in process B
+/// 20 ms after turn 2 in process A, goes first, and turn 2 reads its
+/// prefix.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn over_redis_a_later_turn_waits_the_grace_for_an_earlier_turn() {
+    let Some(connect) = redis_ledgers("grace") else {
+        return;
+    };
+    let server = Arc::new(LookBack::default());
+    let budget = |ledger| {
+        TokenBudgetLayer::builder()
+            .limits(Limits::new().rpm(1_000).itpm(180_000).otpm(1_000_000))
+            .ledger(ledger)
+            .cache_hold(Duration::from_secs(5))
+            .build()
+            .layer(server.upstream())
+    };
+    let (a, b) = (
+        budget(connect.ledger().await),
+        budget(connect.ledger().await),
+    );
+    let later = send(&a, conversation(2));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let earlier = send(&b, conversation(1));
+    for task in [later, earlier] {
+        task.await.expect("task");
+    }
+    let (one, two) = (server.turn(1), server.turn(2));
+    assert!(one.sent < two.sent, "turn 1 sent first: {one:?} {two:?}");
+    assert_eq!(two.read, turn_size(1), "turn 2 read turn 1's prefix");
+    assert_eq!(
+        server.written(),
+        turn_size(2),
+        "the shared part written once"
+    );
 }

@@ -397,7 +397,7 @@ proptest! {
     /// `usage` member is.
     #[test]
     fn usage_read_from_the_end_is_the_usage_read_forward(
-        body in prop_oneof![json_usage_body(), json_body_with_any_text()],
+        body in prop_oneof![json_usage_body(), json_body_with_any_text(), json_body_with_nested_usage()],
     ) {
         let mut forward = UsageScanner::new();
         forward.push(&body);
@@ -432,6 +432,46 @@ fn json_body_with_any_text() -> impl Strategy<Value = Vec<u8>> {
                 _ => format!(r#"{{"type":"message",{content},"meta":{{{usage}}}}}"#),
             };
             body.into_bytes()
+        })
+}
+
+/// A valid answer whose last `usage` member holds objects of its own
+/// (`cache_creation`, another `usage`, braces in strings), in any order and
+/// spacing, after an earlier `usage` member or not: the `{` bytes the read
+/// from the end tries as its start.
+fn json_body_with_nested_usage() -> impl Strategy<Value = Vec<u8>> {
+    let member = prop_oneof![
+        any::<u32>().prop_map(|n| format!(r#""input_tokens":{n}"#)),
+        any::<u32>().prop_map(|n| format!(r#""output_tokens":{n}"#)),
+        any::<u32>().prop_map(|n| format!(r#""cache_read_input_tokens":{n}"#)),
+        any::<u32>().prop_map(|n| format!(r#""cache_creation_input_tokens":{n}"#)),
+        (any::<u16>(), any::<u16>()).prop_map(|(a, b)| format!(
+            r#""cache_creation":{{"ephemeral_5m_input_tokens":{a},"ephemeral_1h_input_tokens":{b}}}"#
+        )),
+        any::<u16>().prop_map(|n| format!(r#""usage":{{"input_tokens":{n}}}"#)),
+        "[{}\\[\\]\"\\\\:, a-z]{0,12}".prop_map(|t| format!(
+            r#""tier":{}"#,
+            serde_json::to_string(&t).unwrap_or_default()
+        )),
+        Just(r#""server_tool_use":{"web_search_requests":1,"x":{"y":{}}}"#.to_owned()),
+    ];
+    (
+        proptest::collection::vec(member, 0..6),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(members, blanks, earlier)| {
+            let ws = if blanks { " \n" } else { "" };
+            let usage = members.join(&format!("{ws},{ws}"));
+            let earlier = if earlier {
+                r#""usage":{"input_tokens":9,"output_tokens":9},"#
+            } else {
+                ""
+            };
+            format!(
+                r#"{{"type":"message",{earlier}"content":[{{"type":"text","text":"}}{{"}}],{ws}"usage"{ws}:{ws}{{{ws}{usage}{ws}}}{ws}}}"#
+            )
+            .into_bytes()
         })
 }
 

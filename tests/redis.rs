@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tower_llm_limits::budget::ledger::{
     CostDelta, Costs, InMemoryLedger, Ledger, LinePlace, OutputSample, PrefixIntent, Reservation,
-    LINE_RECHECK, PREFIX_WRITING_WAIT,
+    LINE_RECHECK, PREFIX_WRITING_WAIT, WRITER_GRACE,
 };
 use tower_llm_limits::budget::redis::{FaultPolicy, RedisLedger, RedisLedgerError};
 use tower_llm_limits::budget::Limits;
@@ -1205,6 +1205,151 @@ async fn a_shorter_prefix_queued_in_another_process_holds_a_longer_write() {
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(
         ask(&a, place(7, 1), vec![turn2c], vec![turn2c, turn1c], 3_300).await,
+        Reservation::Admitted
+    );
+}
+
+/// The writer grace, in the script: at its first ask, a writer that would
+/// go while a shorter prefix of its prompt has no marker is answered a wait
+/// of the grace (nothing debited, in the same call: its writes marked as
+/// queued, so a still longer writer holds for it, and its costs kept in
+/// the fleet's line); a shorter writer arriving meanwhile in another
+/// process is not held by it and goes; asked again, the longer one holds
+/// for that writer. A writer whose shorter prefixes are all marked (being
+/// written, queued, or cached), a later ask, and a ledger whose grace is
+/// zero, go at once.
+#[tokio::test]
+async fn a_writer_waits_the_grace_while_a_shorter_prefix_has_no_marker() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("grace");
+    let connect = |grace: Duration| {
+        RedisLedger::builder(&url)
+            .prefix(&prefix)
+            .share_prompt_cache(true)
+            .writer_grace(grace)
+            .connect()
+    };
+    let a = connect(WRITER_GRACE).await.expect("a");
+    let b = connect(WRITER_GRACE).await.expect("b");
+    assert_eq!(a.writer_grace(), WRITER_GRACE);
+    let limits = Limits::new().itpm(30_000);
+    let none = Costs::default();
+    let hold = Duration::from_secs(5);
+    let (system, turn1, turn2, turn3) = (
+        0x9e13_0000_0000_0800_u64,
+        0x9e13_0000_0000_1000_u64,
+        0x9e13_0000_0000_2000_u64,
+        0x9e13_0000_0000_3000_u64,
+    );
+    let ask = |ledger: &RedisLedger,
+               owner,
+               writes: Vec<u64>,
+               pending: Vec<u64>,
+               shorter: Vec<u64>,
+               tokens| {
+        let place = LinePlace {
+            owner,
+            head: true,
+            request: owner,
+            waited: Duration::ZERO,
+        };
+        let fut = ledger
+            .reserve_in_line_with_prefixes(
+                "k",
+                &limits,
+                costs(0, 2_000, 0),
+                none,
+                place,
+                PrefixIntent::new(&writes, &pending, hold)
+                    .queued(tokens, Duration::from_secs(3))
+                    .first_ask(&shorter),
+            )
+            .expect("a redis ledger keeps the line");
+        async move { fut.await.expect("reserve") }
+    };
+    let graced = Reservation::Wait {
+        retry_in: WRITER_GRACE,
+        dimension: Dimension::InputTokens,
+    };
+    let held = Reservation::Wait {
+        retry_in: PREFIX_WRITING_WAIT,
+        dimension: Dimension::InputTokens,
+    };
+    // A's turn 2 (3,300 tokens) at its first ask: turn 1's prefix and the
+    // system prompt's have no marker. One call.
+    let calls = a.stats().calls;
+    let turn2_pending = vec![turn2, turn1, system];
+    assert_eq!(
+        ask(
+            &a,
+            1,
+            vec![turn2],
+            turn2_pending.clone(),
+            vec![turn1, system],
+            3_300
+        )
+        .await,
+        graced
+    );
+    assert_eq!(a.stats().calls, calls + 1, "the grace rides on the ask");
+    let state = a.state("k", &limits).await.expect("state").expect("known");
+    assert!(
+        state[1].available > 29_000.0,
+        "nothing debited: {:?}",
+        state[1]
+    );
+    // Meanwhile B's turn 3 (longer) is held for A's turn 2, queued.
+    assert_eq!(
+        ask(&b, 2, vec![turn3], vec![turn3, turn2, turn1], vec![], 4_400).await,
+        held
+    );
+    // B's turn 1 (shorter: not held by the longer turn 2) goes at once.
+    assert_eq!(
+        ask(&b, 3, vec![turn1], vec![turn1, system], vec![system], 1_200).await,
+        graced,
+        "the system prompt's prefix has no marker: its own grace"
+    );
+    assert_eq!(
+        ask(&b, 3, vec![turn1], vec![turn1, system], vec![], 1_200).await,
+        Reservation::Admitted
+    );
+    // A's turn 2 asks again after its grace: held for turn 1's writer.
+    assert_eq!(
+        ask(&a, 1, vec![turn2], turn2_pending.clone(), vec![], 3_300).await,
+        held
+    );
+    // Turn 1's answer begins; the system prompt's prefix is cached.
+    b.prefixes_written(&[turn1]);
+    b.prefixes_cached("k", &[turn1, system]);
+    b.flush().await.expect("flush");
+    // A writer whose shorter prefixes are all marked goes at its first ask.
+    let turn2b = turn2 + (1 << 20);
+    assert_eq!(
+        ask(
+            &a,
+            4,
+            vec![turn2b],
+            vec![turn2b, turn1, system],
+            vec![turn1, system],
+            3_300
+        )
+        .await,
+        Reservation::Admitted
+    );
+    // A ledger without a grace: at once, even with unmarked prefixes.
+    let c = connect(Duration::ZERO).await.expect("c");
+    assert_eq!(c.writer_grace(), Duration::ZERO);
+    let (turn2c, turn1c) = (turn2 + (2 << 20), turn1 + (2 << 20));
+    assert_eq!(
+        ask(
+            &c,
+            5,
+            vec![turn2c],
+            vec![turn2c, turn1c],
+            vec![turn1c],
+            3_300
+        )
+        .await,
         Reservation::Admitted
     );
 }

@@ -25,7 +25,7 @@ use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder};
 use tower_llm_limits::budget::ledger::{
     BucketState, CostDelta, Costs, InMemoryLedger, Ledger, LedgerFuture, LinePlace, OutputSample,
-    PrefixIntent, Reservation, ServedSize, LINE_GRACE, PREFIX_WRITING_WAIT,
+    PrefixIntent, Reservation, ServedSize, LINE_GRACE, PREFIX_WRITING_WAIT, WRITER_GRACE,
 };
 use tower_llm_limits::budget::redis::RedisLedger;
 use tower_llm_limits::budget::{Limits, LimitsConfig, OutputMode, TokenBudgetBuilder};
@@ -346,6 +346,28 @@ struct Queued {
 }
 
 impl OnePrompt {
+    /// Whether any stack writes `hash`, will write it from its queue, or
+    /// confirmed it cached (the writer grace looks for a prefix with no
+    /// marker at all, as a `RedisLedger`'s script does).
+    fn marked(&self, hash: u64) -> bool {
+        let now = Instant::now();
+        let writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if writing.get(&hash).is_some_and(|by| !by.is_empty()) {
+            return true;
+        }
+        drop(writing);
+        let queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        if queued
+            .get(&hash)
+            .is_some_and(|by| by.iter().any(|q| q.until > now))
+        {
+            return true;
+        }
+        drop(queued);
+        let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        cached.get(&hash).is_some_and(|(until, _)| *until > now)
+    }
+
     /// Whether a stack other than `stack` writes `hash`.
     fn written_by_another(&self, hash: u64, stack: usize) -> bool {
         let writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
@@ -524,15 +546,30 @@ impl Ledger for OneView {
                         && prompt.queued_by_another(**h, view.stack, prefixes.tokens))
             })
             .copied();
-        let answer = self.one.ledger.reserve_in_line_or_hold_at(
-            key,
-            limits,
-            costs,
-            headroom,
-            place,
-            busy.map(|_| prefixes.hold),
-            Instant::now(),
-        );
+        // At its first ask, a writer waits the writer grace while a
+        // shorter prefix of it has no marker, as on a `RedisLedger`.
+        let graced = busy.is_none() && prefixes.shorter.iter().any(|h| !prompt.marked(*h));
+        let answer = match graced {
+            // Kept from going for the grace, its place and costs kept.
+            true => self.one.ledger.reserve_in_line_or_grace_at(
+                key,
+                limits,
+                costs,
+                headroom,
+                place,
+                WRITER_GRACE,
+                Instant::now(),
+            ),
+            false => self.one.ledger.reserve_in_line_or_hold_at(
+                key,
+                limits,
+                costs,
+                headroom,
+                place,
+                busy.map(|_| prefixes.hold),
+                Instant::now(),
+            ),
+        };
         match answer {
             Reservation::Wait { retry_in, .. }
                 if busy.is_some() && retry_in == PREFIX_WRITING_WAIT =>
@@ -630,6 +667,14 @@ impl Ledger for OneView {
         self.view
             .as_ref()
             .is_some_and(|view| self.one.prompt.only_queued(hash, view.stack))
+    }
+
+    /// As a `RedisLedger` sharing the prompt cache, by default.
+    fn writer_grace(&self) -> Duration {
+        match self.view {
+            Some(_) => WRITER_GRACE,
+            None => Duration::ZERO,
+        }
     }
 
     fn prefixes_written(&self, hashes: &[u64]) {
@@ -816,6 +861,26 @@ impl Ledger for Timed {
 
     fn prefix_queued(&self, hash: u64) -> bool {
         self.inner.prefix_queued(hash)
+    }
+
+    fn writer_grace(&self) -> Duration {
+        self.inner.writer_grace()
+    }
+
+    fn prefixes_queued(
+        &self,
+        key: &str,
+        request: u64,
+        writes: &[u64],
+        tokens: u64,
+        queued_for: Duration,
+    ) {
+        self.inner
+            .prefixes_queued(key, request, writes, tokens, queued_for);
+    }
+
+    fn prefixes_dequeued(&self, key: &str, request: u64) {
+        self.inner.prefixes_dequeued(key, request);
     }
 
     fn prefixes_written(&self, hashes: &[u64]) {

@@ -117,7 +117,7 @@ pin_project! {
         },
         // Refused by the budget when it asked in `call` (boxed: rare).
         Rejected {
-            rejected: Option<Box<(Option<Charge>, Refusal)>>,
+            rejected: Option<Box<(Option<Box<Charge>>, Refusal)>>,
         },
         Done,
     }
@@ -160,7 +160,7 @@ struct Pending<S, F, B, RB, Q> {
 /// that a request in the budget's line does not carry room for both.
 enum Stage {
     /// Asking the budget.
-    Asking(Charge),
+    Asking(Box<Charge>),
     /// Admitted: held until the request is handed on (refunded if it is
     /// dropped before).
     Admitted(Held),
@@ -264,7 +264,7 @@ impl<B> Waiting<B> {
 impl<S, F, B, RB> Pending<S, F, B, RB, Request<ReplayBody<B>>> {
     /// An estimated request, to be admitted by the budget.
     fn new(
-        charge: Charge,
+        charge: Box<Charge>,
         request: Request<ReplayBody<B>>,
         svc: S,
         ready: bool,
@@ -307,7 +307,7 @@ impl<S, F, B, RB> Pending<S, F, B, RB, Request<ReplayBody<B>>> {
 enum NotAdmitted {
     /// The budget refused it (with its charge, for an enforce-mode answer;
     /// boxed: rare, and polled through every state that waits).
-    Refused(Box<(Option<Charge>, Refusal)>),
+    Refused(Box<(Option<Box<Charge>>, Refusal)>),
     /// Its deadline passed while it waited, or the inner service failed to
     /// get ready: not sent, nothing debited.
     Error(BoxError),
@@ -319,7 +319,7 @@ enum NotAdmitted {
 /// transport (see [`Dispatch`]).
 struct Held {
     shared: Arc<Shared>,
-    charge: Option<Charge>,
+    charge: Option<Box<Charge>>,
     marker: Dispatch,
 }
 
@@ -437,7 +437,7 @@ where
     #[inline(always)]
     pub(crate) fn admitting(
         shared: Arc<Shared>,
-        charge: Charge,
+        charge: Box<Charge>,
         request: Request<ReplayBody<B>>,
         svc: S,
         count: (Option<S>, Option<Bytes>),
@@ -662,7 +662,12 @@ where
             Poll::Ready(()) => {
                 let writing = prefix::refresh(shared, ch, cx);
                 let counting_first = ch.input_capped && ch.counted.is_none() && p.count.in_flight();
-                if counting_first || hold_in_line(shared, ch, &mut p.prefix, writing, cx) {
+                if counting_first {
+                    Poll::Pending
+                } else if hold_in_line(shared, ch, &mut p.prefix, writing, cx) {
+                    // Asking nothing while it holds: its queued marker is
+                    // renewed before it lapses.
+                    shared.renew_queued(ch, &mut p.admission, cx);
                     Poll::Pending
                 } else {
                     shared.poll_admit(ch, &mut p.admission, cx)
@@ -686,8 +691,12 @@ where
             Poll::Pending => {
                 // It waits: the inner service is asked again before the call.
                 p.ready = false;
+                // Only the `count_tokens` mode reads the head, for a request
+                // not counted yet and with no count in flight (a parked
+                // request's head is made again from the retry layer's copy).
+                let may_count = counter.is_some() && ch.counted.is_none() && !p.count.in_flight();
                 let (request, count) = (&p.request, &mut p.count);
-                let started = request.as_ref().and_then(|request| {
+                let started = request.as_ref().filter(|_| may_count).and_then(|request| {
                     request.with_head(|head| count.start(counter, ch, Some(head)))
                 });
                 if started == Some(true) {
@@ -988,7 +997,7 @@ where
 
 /// A read request rebuilt around its body, its charge, and its bytes when
 /// the `count_tokens` mode may count it.
-type Estimated<B> = (Request<ReplayBody<B>>, Charge, Option<Bytes>);
+type Estimated<B> = (Request<ReplayBody<B>>, Box<Charge>, Option<Bytes>);
 
 /// The request rebuilt around its read body, and its charge from the estimate.
 fn estimated<B>(
@@ -1064,7 +1073,7 @@ enum NotCharged {
 /// decision, as an error, or as a 429 in enforce mode.
 fn refuse<ResB>(
     shared: &Shared,
-    charge: Option<Charge>,
+    charge: Option<Box<Charge>>,
     refusal: Refusal,
 ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
     let denied = match refusal {
@@ -1096,7 +1105,7 @@ fn refused(status: StatusCode) -> bool {
 /// it only where it goes: into the body's tracker, or dropped once settled.
 fn respond<ResB: Body>(
     shared: &Arc<Shared>,
-    slot: &mut Option<Charge>,
+    slot: &mut Option<Box<Charge>>,
     mut response: Response<ResB>,
 ) -> Response<ResponseBody<ResB>> {
     let Some(charge) = slot.as_mut() else {
@@ -1173,17 +1182,20 @@ mod tests {
     /// and the charge; 400 bytes since the dispatch marker names which
     /// kind of node it holds, so that a budget's own marker does not
     /// carry a retry layer's wait log; 352 with the prefixes a request
-    /// writes boxed in its charge).
+    /// writes boxed in its charge; 80 with the charge itself boxed, from
+    /// the estimate on).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn future_stays_small() {
         let size = std::mem::size_of::<ResponseFuture<Under, ReplayBody<Full<Bytes>>>>();
-        assert!(size <= 352, "budget::ResponseFuture is {size} bytes");
+        assert!(size <= 80, "budget::ResponseFuture is {size} bytes");
         // 336 bytes, then 344 with the prefix a fleet's request held for
-        // (`Charge::fleet_held`), 352 with the marker's kind, and 304 with
-        // the prefixes it writes boxed (`Charge::writing`).
+        // (`Charge::fleet_held`), 352 with the marker's kind, 304 with the
+        // prefixes it writes boxed (`Charge::writing`), and 32 with the
+        // charge boxed (one allocation per request, and one fewer for the
+        // retry layer's copy of the head: `wait::HeadCopy`).
         let calling = std::mem::size_of::<Held>();
-        assert!(calling <= 304, "Held is {calling} bytes");
+        assert!(calling <= 32, "Held is {calling} bytes");
     }
 
     /// Every request waiting in the budget's line holds its admission
@@ -1191,7 +1203,8 @@ mod tests {
     /// charge held once admitted (about 330 bytes more), one of them now
     /// (968 bytes, 904 with the prefixes a charge writes boxed and the
     /// concurrency service's callbacks in its shared state, 696 with its
-    /// request parked on a retry layer's copy of its head, or boxed).
+    /// request parked on a retry layer's copy of its head, or boxed, 424
+    /// with the charge boxed, 432 with a queued marker's renewal boxed).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn a_waiting_requests_state_stays_small() {
@@ -1199,6 +1212,6 @@ mod tests {
         type Body = crate::concurrency::ConcurrencyBody<Full<Bytes>>;
         type Q = Waiting<ReplayBody<Full<Bytes>>>;
         let size = std::mem::size_of::<Pending<Under, Fut, ReplayBody<Full<Bytes>>, Body, Q>>();
-        assert!(size <= 696, "Pending is {size} bytes");
+        assert!(size <= 432, "Pending is {size} bytes");
     }
 }

@@ -64,6 +64,15 @@
 //!    that bound while the request's marker lives, at most
 //!    [`MAX_QUEUED_HOLD`] in all ([`hold_on`]).
 //!
+//! 4. with a fleet's ledger that has a writer grace
+//!    ([`Ledger::writer_grace`]), a request that writes a prefix asks the
+//!    first time with its pending prefixes shorter than its write that a
+//!    cache entry can hold ([`fleet_intent`]): the ledger keeps it from
+//!    going for the grace while one of them has no marker, so that a
+//!    shorter request of another process that arrived with it is written
+//!    first; answered the grace, it does not ask again before the grace
+//!    is over, even if woken.
+//!
 //! Classes whose cache reads count toward ITPM (Haiku 3.5) gain nothing and
 //! are never held. The longest pending prefix with a writer in flight
 //! decides. A request that arrives after the writer's answer began is not
@@ -611,8 +620,9 @@ fn fleet_writing(
 /// for its turn 3, went, and turn 3 went 14 s later). Sent after it, the
 /// held request reads it. The hold ends sooner when the marker goes: its
 /// request admitted and its answer begun, cancelled, refused, or its
-/// process gone (the marker is renewed only by its request's asks); the
-/// ledger's view then wakes the held request.
+/// process gone (the marker is renewed by its request's asks, and while
+/// its request itself holds, `Shared::renew_queued`); the ledger's view
+/// then wakes the held request.
 pub(crate) fn hold_on(
     shared: &Shared,
     charge: &Charge,
@@ -654,22 +664,37 @@ pub(crate) fn hold_on(
 }
 
 /// What a reservation tells a ledger that shares the fleet's prompt-cache
-/// view ([`PrefixIntent`](super::ledger::PrefixIntent)): the prefixes the
-/// request writes, and, in wait mode where cache-aware admission applies,
-/// its pending prefixes longer than what it reads and than any it already
-/// held for (so that a prefix being written elsewhere makes it hold once,
-/// not every time it asks), and how long it would hold at most: the
-/// [`hold_bound`] of the longest of them.
-pub(crate) fn fleet_intent(shared: &Shared, charge: &Charge) -> (Vec<u64>, Vec<u64>, Duration) {
-    let writes = charge
-        .estimate
-        .cache_writes
-        .iter()
-        .map(|w| w.hash)
-        .collect();
+/// view ([`PrefixIntent`](super::ledger::PrefixIntent)).
+#[derive(Debug, Default)]
+pub(crate) struct FleetIntent {
+    /// The prefixes the request writes.
+    pub(crate) writes: Vec<u64>,
+    /// In wait mode where cache-aware admission applies, its pending
+    /// prefixes longer than what it reads and than any it already held for
+    /// (so that a prefix being written elsewhere makes it hold once, not
+    /// every time it asks).
+    pub(crate) pending: Vec<u64>,
+    /// How long it would hold at most: the [`hold_bound`] of the longest
+    /// of `pending`.
+    pub(crate) hold: Duration,
+    /// At its first ask (`first`), those of `pending` shorter than its
+    /// longest write that a cache entry can hold: the ledger gives it the
+    /// writer grace while one of them has no marker
+    /// ([`PrefixIntent::shorter`](super::ledger::PrefixIntent::shorter)).
+    pub(crate) shorter: Vec<u64>,
+}
+
+/// [`FleetIntent`] of a request; `first`: its first ask of the ledger as
+/// the head of its line.
+pub(crate) fn fleet_intent(shared: &Shared, charge: &Charge, first: bool) -> FleetIntent {
+    let writes = write_hashes(charge);
     let cache_hold = shared.settings.cache_hold;
     if shared.settings.mode != super::BudgetMode::Wait || !applies(charge) {
-        return (writes, Vec::new(), cache_hold);
+        return FleetIntent {
+            writes,
+            hold: cache_hold,
+            ..FleetIntent::default()
+        };
     }
     let floor = charge
         .prefix_read
@@ -683,7 +708,32 @@ pub(crate) fn fleet_intent(shared: &Shared, charge: &Charge) -> (Vec<u64>, Vec<u
         .collect();
     let longest = pending.iter().map(|p| p.tokens).max().unwrap_or(0);
     let hold = hold_bound(cache_hold, charge.limits.input_tokens_per_minute, longest);
-    (writes, pending.iter().map(|p| p.hash).collect(), hold)
+    let shorter = match charge.estimate.cache_writes.iter().map(|w| w.tokens).max() {
+        Some(write) if first => pending
+            .iter()
+            .filter(|p| p.tokens < write && p.tokens >= MIN_CACHED_TOKENS)
+            .map(|p| p.hash)
+            .collect(),
+        _ => Vec::new(),
+    };
+    FleetIntent {
+        writes,
+        pending: pending.iter().map(|p| p.hash).collect(),
+        hold,
+        shorter,
+    }
+}
+
+/// The hashes of the prompt-cache prefixes a charge writes, as a fleet's
+/// ledger is told them ([`Ledger::prefixes_queued`](super::ledger::Ledger::prefixes_queued),
+/// [`fleet_intent`]).
+pub(crate) fn write_hashes(charge: &Charge) -> Vec<u64> {
+    charge
+        .estimate
+        .cache_writes
+        .iter()
+        .map(|w| w.hash)
+        .collect()
 }
 
 /// How a request's writes are marked as queued for the fleet

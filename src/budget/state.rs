@@ -47,7 +47,7 @@ use super::lazy::{LazyQueue, Learners};
 use super::learn::LearnRules;
 use super::ledger::{
     BucketState, CostDelta, Costs, Epoch, Ledger, LedgerError, LedgerFuture, LinePlace,
-    OutputSample, PackedBuckets, PrefixIntent, Reservation, Tick,
+    OutputSample, PackedBuckets, PrefixIntent, Reservation, Tick, LINE_GRACE, MAX_QUEUED_HOLD,
 };
 use super::limits::{Limits, ModelClass, OutputMode};
 use super::prefix::{WriteGuard, Writers};
@@ -480,6 +480,9 @@ pub(crate) struct Charge {
     /// held for while another process wrote it (`prefix.rs`): it holds for
     /// another process's writer of a prefix no longer than that again.
     pub(crate) fleet_held: u64,
+    /// It asked a fleet's ledger as the head of its line: the writer grace
+    /// is for its first ask only (`prefix::fleet_intent`).
+    pub(crate) fleet_asked: bool,
     /// Admitted on an estimate, counted in its key's `inexact` until the
     /// server reports its input.
     inexact: bool,
@@ -746,6 +749,49 @@ pub(crate) struct Admission {
     /// Its writes may be marked as queued for the fleet
     /// ([`Ledger::prefixes_queued`]): cleared if it leaves unadmitted.
     queued: bool,
+    /// The question in flight was its first on a fleet's ledger, with
+    /// shorter prefixes another process may be about to write
+    /// ([`PrefixIntent::shorter`]).
+    graced: bool,
+    /// Answered the ledger's writer grace: it does not ask again before its
+    /// sleep's deadline, the grace's end, even if woken
+    /// (`prefix::fleet_intent`).
+    in_grace: bool,
+    /// Its queued marker's renewal while it holds (boxed: made only for a
+    /// request marked as queued for a fleet).
+    renewal: Option<Box<Renewal>>,
+}
+
+/// When a request's queued marker lapses, and its renewal while the request
+/// holds in line ([`Shared::renew_queued`]).
+#[derive(Debug)]
+struct Renewal {
+    /// When the marker it last wrote lapses at the earliest (the ledger may
+    /// keep it longer).
+    until: Instant,
+    /// When it first held in line for a longer prefix being written: it
+    /// renews its marker while it holds, until [`MAX_QUEUED_HOLD`] after.
+    held_since: Option<Instant>,
+    /// Wakes a holding request to renew its marker before it lapses.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Admission {
+    /// Its writes were marked as queued, the marker lapsing at `until` at
+    /// the earliest.
+    fn marked_until(&mut self, until: Instant) {
+        self.queued = true;
+        match self.renewal.as_mut() {
+            Some(r) => r.until = until,
+            None => {
+                self.renewal = Some(Box::new(Renewal {
+                    until,
+                    held_since: None,
+                    timer: None,
+                }));
+            }
+        }
+    }
 }
 
 /// A request that leaves the line unadmitted (cancelled, out of time)
@@ -927,7 +973,7 @@ impl Shared {
         &self,
         caller: Option<&str>,
         estimate: Estimate,
-    ) -> Result<Charge, CallerRefusal> {
+    ) -> Result<Box<Charge>, CallerRefusal> {
         let class = class_of(estimate.model.as_ref());
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
@@ -957,7 +1003,7 @@ impl Shared {
         } else {
             estimate.input_tokens
         };
-        Ok(Charge {
+        Ok(Box::new(Charge {
             cell,
             limits,
             cache_reads_count,
@@ -974,11 +1020,12 @@ impl Shared {
             prefix_hash: 0,
             prefix_from_fleet: false,
             fleet_held: 0,
+            fleet_asked: false,
             inexact: false,
             output_pending: false,
             input_capped: false,
             counted: None,
-        })
+        }))
     }
 
     /// Learns the outputs other budgets on a ledger given to this one
@@ -1264,15 +1311,62 @@ impl Shared {
         if adm.line_id == 0 {
             adm.line_id = next_line_id();
         }
-        let writes: Vec<u64> = charge
-            .estimate
-            .cache_writes
-            .iter()
-            .map(|w| w.hash)
-            .collect();
+        let writes = super::prefix::write_hashes(charge);
         self.ledger
             .prefixes_queued(charge.key(), adm.line_id, &writes, tokens, queued_for);
-        adm.queued = true;
+        adm.marked_until(Instant::now() + queued_for);
+    }
+
+    /// While a request holds in line for a longer prefix being written (it
+    /// asks the ledger nothing meanwhile), renews its own queued marker
+    /// ([`Ledger::prefixes_queued`]) [`LINE_GRACE`] before it would lapse,
+    /// and wakes the request then: the requests of other processes that
+    /// hold for it hold on. At most until [`MAX_QUEUED_HOLD`] after it
+    /// first held, so a stuck process holds no one for ever.
+    ///
+    /// Why: a held turn 3 whose marker lapsed after 13.4 s let turn 4 of
+    /// its conversation, holding for it in another process, go with turn
+    /// 2, writing their shared prefix twice (traced at 16 processes).
+    pub(crate) fn renew_queued(&self, charge: &Charge, adm: &mut Admission, cx: &mut Context<'_>) {
+        let marker = super::prefix::queued_marker(self, charge);
+        let (Some((tokens, queued_for)), true, Some(r)) =
+            (marker, adm.queued && adm.line_id != 0, adm.renewal.as_mut())
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let end = *r.held_since.get_or_insert(now) + MAX_QUEUED_HOLD;
+        if now + LINE_GRACE >= r.until && now < end {
+            let renewed = (now + queued_for).min(end);
+            if renewed > r.until {
+                let writes = super::prefix::write_hashes(charge);
+                tracing::debug!(
+                    key = super::callers::logged_key(charge.key()),
+                    "budget: a held request renews its queued marker"
+                );
+                self.ledger.prefixes_queued(
+                    charge.key(),
+                    adm.line_id,
+                    &writes,
+                    tokens,
+                    renewed - now,
+                );
+                r.until = renewed;
+            }
+        }
+        let at = r.until.checked_sub(LINE_GRACE).unwrap_or(r.until);
+        if at <= now || at >= end {
+            r.timer = None;
+            return;
+        }
+        let timer = r
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if timer.deadline() != at {
+            timer.as_mut().reset(at);
+        }
+        // Pending: it wakes the task at `at`.
+        let _ = timer.as_mut().poll(cx);
     }
 
     /// Asks the ledger if this request's turn has come, or waits in line.
@@ -1313,7 +1407,19 @@ impl Shared {
         if let Some(step) = self.hold_for_probe(&mut ks, charge, adm, &turn) {
             return step;
         }
+        if std::mem::take(&mut adm.in_grace) {
+            if let (Some(sleep), Some(place)) = (&adm.sleep, &adm.place) {
+                let until = sleep.deadline();
+                if turn.now < until {
+                    // In the writer grace: woken early, it does not ask yet.
+                    adm.in_grace = true;
+                    ks.queue.register(place.id(), waker);
+                    return Step::Sleep(until);
+                }
+            }
+        }
         let (answer, costs) = self.reserve(&mut ks, charge, adm, tick, true);
+        charge.fleet_asked = true;
         ks.ledger_at_once = answer.is_ok();
         match answer {
             Ok(answer) => {
@@ -1362,6 +1468,7 @@ impl Shared {
     ) -> (Step, Option<Waker>) {
         let leave =
             |adm: &mut Admission, ks: &mut KeyState| adm.place.take().and_then(|p| p.leave(ks));
+        let graced = std::mem::take(&mut adm.graced);
         match answer {
             Err(e) => (Step::Refused(Refusal::Ledger(e)), leave(adm, ks)),
             Ok(Reservation::Admitted) => {
@@ -1379,6 +1486,8 @@ impl Shared {
                     };
                     return (Step::Refused(Refusal::Denied(denied)), leave(adm, ks));
                 }
+                // Its sleep ends the grace (see `ask`).
+                adm.in_grace = graced && retry_in == self.ledger.writer_grace();
                 (
                     self.wait(ks, charge, adm, (retry_in, dimension), turn),
                     None,
@@ -1863,13 +1972,16 @@ impl Shared {
         };
         let fut = match self.writers.fleet() {
             Some(_) => {
-                let (writes, pending, hold) = super::prefix::fleet_intent(self, charge);
-                let mut prefixes = PrefixIntent::new(&writes, &pending, hold);
+                let first = head && !charge.fleet_asked && !self.ledger.writer_grace().is_zero();
+                let intent = super::prefix::fleet_intent(self, charge, first);
+                adm.graced = !intent.shorter.is_empty();
+                let mut prefixes = PrefixIntent::new(&intent.writes, &intent.pending, intent.hold)
+                    .first_ask(&intent.shorter);
                 if let Some((tokens, queued_for)) = super::prefix::queued_marker(self, charge) {
                     // Marked as queued if answered a wait (and as a writer
                     // if admitted) by the reservation itself.
                     prefixes = prefixes.queued(tokens, queued_for);
-                    adm.queued = true;
+                    adm.marked_until(now + queued_for);
                 }
                 self.ledger.reserve_in_line_with_prefixes(
                     charge.key(),

@@ -136,11 +136,11 @@ impl<B> ResponseBody<B> {
 
     /// The inner body, settling the charge taken from `charge` (none: passed
     /// through) as its usage passes. The tracker is made where it stays,
-    /// not moved in: a charge is a few hundred bytes, copied at each move.
+    /// not moved in.
     pub(crate) fn settling(
         body: B,
         shared: &Arc<Shared>,
-        charge: &mut Option<Charge>,
+        charge: &mut Option<Box<Charge>>,
         sse: bool,
         error_status: bool,
         held_sync: Option<[LimitStatus; 3]>,
@@ -273,7 +273,9 @@ enum End {
 #[derive(Debug)]
 pub(crate) struct Tracker {
     shared: Arc<Shared>,
-    charge: Charge,
+    /// Boxed (made so by [`Shared::charge`]): a charge is a few hundred
+    /// bytes, and every layer moves the response that holds it.
+    charge: Box<Charge>,
     scanner: Scanner,
     error_status: bool,
     done: bool,
@@ -291,7 +293,12 @@ pub(crate) struct Tracker {
 }
 
 impl Tracker {
-    pub(crate) fn new(shared: Arc<Shared>, charge: Charge, sse: bool, error_status: bool) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        charge: Box<Charge>,
+        sse: bool,
+        error_status: bool,
+    ) -> Self {
         Self {
             shared,
             charge,

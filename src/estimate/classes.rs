@@ -277,17 +277,39 @@ impl Counter {
     }
 
     /// The rest of a run of lower-case letters from `b[i]` (the common
-    /// case, counted without the state machine); returns where it stopped.
+    /// case, counted without the state machine), and the words of
+    /// lower-case letters that follow it each after one blank (prose's
+    /// " word word"), counted as [`blank_word`](Self::blank_word) counts
+    /// each, in registers and without the dispatch per character; returns
+    /// where it stopped.
     #[inline(always)]
     fn lower_run(&mut self, b: &[u8], i: usize) -> usize {
         let rest = b.get(i..).unwrap_or(&[]);
         let n = lower_prefix(rest);
-        if n > 0 {
-            let slot = &mut self.c.n[Feature::Letters as usize];
-            *slot = slot.saturating_add(n as u64);
-            self.prev = Prev::Lower;
+        if n == 0 {
+            return i;
         }
-        i + n
+        self.prev = Prev::Lower;
+        let mut letters = n as u64;
+        let mut words = 0u64;
+        let mut j = i + n;
+        // After a letter, a blank then a lower-case letter starts a word.
+        while let (Some(b' '), Some(y)) = (b.get(j), b.get(j + 1)) {
+            if !y.is_ascii_lowercase() {
+                break;
+            }
+            let m = lower_prefix(b.get(j + 1..).unwrap_or(&[]));
+            words += 1;
+            letters += m as u64;
+            j += 1 + m;
+        }
+        // Both are at most the input's length: adding them at once
+        // saturates as adding them one by one does.
+        let slot = &mut self.c.n[Feature::Letters as usize];
+        *slot = slot.saturating_add(letters);
+        let slot = &mut self.c.n[Feature::Words as usize];
+        *slot = slot.saturating_add(words);
+        j
     }
 
     /// A blank then a lower-case letter at `b[i]` after a character that is
@@ -342,34 +364,41 @@ impl Counter {
         }
     }
 
-    /// An escape at `b[i]` (a backslash); returns the index after it.
+    /// An escape at `b[i]` (a backslash); returns the index after it. A
+    /// two-byte escape (a line break, a quote) in line, `\\u` apart.
+    #[inline(always)]
     fn escape(&mut self, b: &[u8], i: usize) -> usize {
         match b.get(i + 1) {
             Some(b'n') => self.ascii(b'\n'),
             Some(b't') => self.ascii(b'\t'),
             Some(b'r') => self.ascii(b'\r'),
-            Some(b'u') => {
-                let cp = b
-                    .get(i + 2..i + 6)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u32::from_str_radix(h, 16).ok());
-                match cp {
-                    Some(cp) if cp < 0x80 => self.ascii(cp as u8),
-                    Some(cp) => {
-                        // A surrogate pair is one four-byte character.
-                        let pair = (0xd800..0xdc00).contains(&cp)
-                            && b.get(i + 6..i + 8) == Some(b"\\u".as_slice());
-                        self.wide(if pair { 0x10000 } else { cp });
-                        return if pair { i + 12 } else { i + 6 };
-                    }
-                    None => self.ascii(b'u'),
-                }
-                return i + 6;
-            }
+            Some(b'u') => return self.unicode_escape(b, i),
             Some(&x) => self.ascii(x),
             None => self.ascii(b'\\'),
         }
         i + 2
+    }
+
+    /// A `\\u` escape at `b[i]`; returns the index after it (and after the
+    /// second of a surrogate pair).
+    #[inline(never)]
+    fn unicode_escape(&mut self, b: &[u8], i: usize) -> usize {
+        let cp = b
+            .get(i + 2..i + 6)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u32::from_str_radix(h, 16).ok());
+        match cp {
+            Some(cp) if cp < 0x80 => self.ascii(cp as u8),
+            Some(cp) => {
+                // A surrogate pair is one four-byte character.
+                let pair = (0xd800..0xdc00).contains(&cp)
+                    && b.get(i + 6..i + 8) == Some(b"\\u".as_slice());
+                self.wide(if pair { 0x10000 } else { cp });
+                return if pair { i + 12 } else { i + 6 };
+            }
+            None => self.ascii(b'u'),
+        }
+        i + 6
     }
 
     /// The strings (keys too) inside the JSON value `b`, each as text.
@@ -956,6 +985,81 @@ mod tests {
                         .unwrap_or(len);
                     assert_eq!(lower_prefix(&b), expected, "{other} at {at} of {len}");
                 }
+            }
+        }
+    }
+
+    /// The counts of text as the state machine gives them one character
+    /// at a time, without the fast paths (runs of lower-case letters,
+    /// " word" after a word): `escapes` decodes JSON escapes as a string's
+    /// contents, else the text is counted as written.
+    fn by_character(b: &[u8], escapes: bool) -> Classes {
+        let mut c = Counter::new();
+        let mut i = 0;
+        while let Some(&x) = b.get(i) {
+            if escapes && x == b'\\' {
+                i = c.escape(b, i);
+            } else if x < 0x80 {
+                c.ascii(x);
+                i += 1;
+            } else {
+                i = c.lead(b, i, x);
+            }
+        }
+        c.c
+    }
+
+    /// Text counted with the fast paths counts as the state machine counts
+    /// it one character at a time: prose, words after capitals, digits and
+    /// punctuation, blanks and breaks, escapes and wide characters, at every
+    /// length, and the corpus's text of every kind.
+    #[test]
+    fn fast_paths_count_as_the_state_machine() {
+        let pieces: &[&str] = &[
+            "word",
+            " word",
+            " the",
+            " a",
+            "  indented",
+            " ",
+            "\n",
+            "\t",
+            "\n  x",
+            "Capital",
+            " Word",
+            "camelCase",
+            " x",
+            "42",
+            " 7",
+            ".",
+            ", ",
+            "!?",
+            "\\\"",
+            " caf\u{e9}",
+            " \u{43f}\u{440}\u{438}",
+            "\u{4e2d}",
+            " \u{1f600} ",
+            "\\u00e9",
+            "lowercasewordlongerthaneight",
+            " and",
+            " then",
+        ];
+        let mut rng = Rng(3);
+        for _ in 0..30_000 {
+            let mut text = String::new();
+            for _ in 0..rng.below(14) {
+                text.push_str(pieces[rng.below(pieces.len())]);
+            }
+            let b = text.as_bytes();
+            assert_eq!(Classes::string(b), by_character(b, true), "{text:?}");
+            assert_eq!(Classes::raw(b), by_character(b, false), "{text:?}");
+        }
+        for kind in KINDS {
+            for _ in 0..20 {
+                let len = 1 + rng.below(4000);
+                let text = piece(&mut rng, kind, len);
+                let b = text.as_bytes();
+                assert_eq!(Classes::raw(b), by_character(b, false), "{}", kind.name());
             }
         }
     }

@@ -448,23 +448,27 @@ impl PartsFit {
             media: (split.media() / actual, split.x[ITEMS] / actual),
             class: Self::class(split, kind, media, fitted + media),
         };
-        let evicted = if self.rows.len() < self.cap {
-            self.rows.push(row);
-            None
-        } else {
-            self.rows
-                .get_mut(self.next)
-                .map(|slot| std::mem::replace(slot, row))
-        };
+        // The new row is counted, then the one it evicts is taken away
+        // where it lies and overwritten (not moved out and in).
         self.count(&row, 1.0);
-        if let Some(old) = evicted {
+        if self.rows.len() < self.cap {
+            self.rows.push(row);
+        } else if let Some(&old) = self.rows.get(self.next) {
             self.count(&old, -1.0);
+            if let Some(slot) = self.rows.get_mut(self.next) {
+                *slot = row;
+            }
         }
         self.since_sum += 1;
         if self.since_sum >= self.cap {
             self.sum_afresh();
         }
-        self.next = (self.next + 1) % self.cap;
+        // The next slot, wrapping (`next` is below `cap`: no division).
+        self.next = if self.next + 1 >= self.cap {
+            0
+        } else {
+            self.next + 1
+        };
         // Refit after each eighth of the window has changed (after every
         // request while it holds fewer than 16): one request moves a fit
         // over many little, and a refit costs a pass over the window.
@@ -563,8 +567,9 @@ impl PartsFit {
         }
         // A coefficient out of its bounds is held at the bound, and the
         // others solved again without it.
+        let mut l = [[0.0f64; FIT]; FIT];
         for _ in 0..2 {
-            let Some((w, l)) = solve(&m, &v, part) else {
+            let Some(w) = solve(&m, &v, part, &mut l) else {
                 return;
             };
             if w.iter().any(|x| !x.is_finite()) {
@@ -584,7 +589,7 @@ impl PartsFit {
             }
             self.w = bounded;
         }
-        if let Some((_, l)) = solve(&m, &v, part) {
+        if solve(&m, &v, part, &mut l).is_some() {
             self.margins_due(&l, part, known, config);
         }
     }
@@ -771,15 +776,17 @@ fn inverse(l: &[[f64; FIT]; FIT], k: usize) -> [[f64; FIT]; FIT] {
 /// Solves `M w = v` (`M` given by its lower triangle) where only the parts
 /// listed in `part` (ascending) are coupled: every other part's row and
 /// column of `M` is its diagonal alone, so it solves alone. Returns the
-/// solution and the Cholesky factor of `M` between the listed parts (their
-/// `k × k` corner, in the order of `part`); `None` when that is not
-/// positive definite.
+/// solution, and leaves in `l` the Cholesky factor of `M` between the
+/// listed parts (their `k × k` corner, in the order of `part`; written in
+/// place, not returned: a refit solves up to three times); `None` when that
+/// is not positive definite.
 #[allow(clippy::needless_range_loop)]
 fn solve(
     m: &[[f64; FIT]; FIT],
     v: &[f64; FIT],
     part: &[usize],
-) -> Option<([f64; FIT], [[f64; FIT]; FIT])> {
+    l: &mut [[f64; FIT]; FIT],
+) -> Option<[f64; FIT]> {
     let k = part.len().min(FIT);
     let mut sub = [[0.0f64; FIT]; FIT];
     let mut sub_v = [0.0f64; FIT];
@@ -789,8 +796,8 @@ fn solve(
             sub[a][b] = m[part[a]][part[b]];
         }
     }
-    let l = cholesky(&sub, k)?;
-    let x = back_substitute(&l, &forward_substitute(&l, &sub_v, k), k);
+    cholesky_into(&sub, k, l)?;
+    let x = back_substitute(l, &forward_substitute(l, &sub_v, k), k);
     let mut w = [0.0f64; FIT];
     for i in 0..FIT {
         w[i] = v[i] / m[i][i];
@@ -798,7 +805,7 @@ fn solve(
     for a in 0..k {
         w[part[a]] = x[a];
     }
-    Some((w, l))
+    Some(w)
 }
 
 /// How widely a window's samples scatter around their median (p90 − p10
@@ -825,11 +832,19 @@ fn clamp(mut w: [f64; FIT], config: &CalibrationConfig) -> [f64; FIT] {
 /// The lower Cholesky factor of the symmetric `k × k` matrix (the top-left
 /// corner of `m`) whose lower triangle is `m`; `None` when it is not positive definite (it always is with a
 /// ridge, unless the figures overflowed).
+#[cfg(test)]
+fn cholesky(m: &[[f64; FIT]; FIT], k: usize) -> Option<[[f64; FIT]; FIT]> {
+    let mut l = [[0.0f64; FIT]; FIT];
+    cholesky_into(m, k, &mut l)?;
+    Some(l)
+}
+
+/// [`cholesky`] written into the lower triangle of `l`'s `k × k` corner
+/// (the rest, which nothing reads, is left as it was).
 // Matrix code reads best with indices.
 #[allow(clippy::needless_range_loop)]
-fn cholesky(m: &[[f64; FIT]; FIT], k: usize) -> Option<[[f64; FIT]; FIT]> {
+fn cholesky_into(m: &[[f64; FIT]; FIT], k: usize, l: &mut [[f64; FIT]; FIT]) -> Option<()> {
     let n = k.min(FIT);
-    let mut l = [[0.0f64; FIT]; FIT];
     for j in 0..n {
         let mut d = m[j][j];
         for k in 0..j {
@@ -848,7 +863,7 @@ fn cholesky(m: &[[f64; FIT]; FIT], k: usize) -> Option<[[f64; FIT]; FIT]> {
             l[i][j] = s / d;
         }
     }
-    Some(l)
+    Some(())
 }
 
 /// `L⁻¹ v` for a lower-triangular `k × k` `L`.
@@ -945,7 +960,8 @@ mod tests {
         };
         let whole = back_substitute(&l, &forward_substitute(&l, &v, FIT), FIT);
         let whole_inverse = inverse(&l, FIT);
-        let Some((w, l_part)) = solve(&m, &v, &part) else {
+        let mut l_part = [[0.0f64; FIT]; FIT];
+        let Some(w) = solve(&m, &v, &part, &mut l_part) else {
             panic!("positive definite");
         };
         for i in 0..FIT {

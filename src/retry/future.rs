@@ -494,7 +494,7 @@ impl<S, B> Ctx<S, B> {
             history.waited = history.waited.saturating_add(waited);
             let deadline = self.log.deadline();
             self.log = if replay {
-                Log::with_head(deadline, marker.clone(), head.clone())
+                Log::with_copy(deadline, marker.clone(), &head)
             } else {
                 Log::new(deadline, marker.clone())
             };

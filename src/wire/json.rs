@@ -692,50 +692,43 @@ fn last_non_blank(body: &[u8], end: usize) -> Option<usize> {
         .rposition(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
 }
 
-/// The index of the `{` or `[` that the `}` or `]` at `close` closes,
-/// walking back over the strings between them (a `"` is escaped when an odd
-/// run of backslashes precedes it).
-fn matching_open(body: &[u8], close: usize) -> Option<usize> {
-    let mut depth = 0usize;
-    let mut i = close;
-    loop {
-        match *body.get(i)? {
-            b'}' | b']' => depth += 1,
-            b'{' | b'[' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(i);
-                }
-            }
-            b'"' => i = opening_quote(body, i)?,
-            _ => {}
-        }
-        i = i.checked_sub(1)?;
-    }
-}
+/// How many `{` [`trailing_usage`] tries, the last first, as
+/// the start of the `usage` object (one each for the objects nested in it,
+/// as `cache_creation`) before it leaves the body to the forward walk.
+const TRAILING_CANDIDATES: usize = 8;
 
-/// The index of the quote that opens the string whose closing quote is at
-/// `close`.
-fn opening_quote(body: &[u8], close: usize) -> Option<usize> {
-    let mut end = close;
-    loop {
-        let q = memchr::memrchr(b'"', body.get(..end)?)?;
-        let backslashes = body
-            .get(..q)?
-            .iter()
-            .rev()
-            .take_while(|&&b| b == b'\\')
-            .count();
-        if backslashes % 2 == 0 {
-            return Some(q);
-        }
-        end = q;
-    }
+/// Whether the bytes before the `{` at `open` are `"usage":` as a key of
+/// an object: a `,` or `{` before the key (blanks allowed anywhere), so
+/// that its first quote is not escaped and opens the string.
+fn usage_key_before(body: &[u8], open: usize) -> bool {
+    let Some(colon) = last_non_blank(body, open) else {
+        return false;
+    };
+    let Some(quote) = last_non_blank(body, colon) else {
+        return false;
+    };
+    let Some(key) = quote.checked_sub(USAGE_KEY.len() + 1) else {
+        return false;
+    };
+    body.get(colon) == Some(&b':')
+        && body.get(key..=quote) == Some(&b"\"usage\""[..])
+        && last_non_blank(body, key)
+            .and_then(|before| body.get(before))
+            .is_some_and(|b| matches!(b, b',' | b'{'))
 }
 
 /// The `usage` object that is the last member of the top-level object
 /// `body` (blanks around it allowed), read where it lies; `None` if the body
 /// does not end so, or that object does not read as a usage.
+///
+/// The object is found from its end without walking its bytes: each `{`
+/// before its closing `}` (the last first) that follows a key `"usage":`
+/// is tried as its start, and it is the one when the bytes from there to
+/// that `}` read as one usage object. In a valid body a `{` so placed
+/// cannot be inside a string (its key's opening quote follows a `,` or a
+/// `{`, so it is not escaped, and a string cannot end just before
+/// `usage"`), and the value it opens reads whole only if it ends at that
+/// `}`, whose object then ends at the body's last `}`: the top level.
 fn trailing_usage(body: &[u8]) -> Option<Usage> {
     let first = body
         .iter()
@@ -748,19 +741,19 @@ fn trailing_usage(body: &[u8]) -> Option<Usage> {
     if body.get(close) != Some(&b'}') {
         return None;
     }
-    let open = matching_open(body, close)?;
-    let colon = last_non_blank(body, open)?;
-    let quote = last_non_blank(body, colon)?;
-    let key = quote.checked_sub(USAGE_KEY.len() + 1)?;
-    let before = last_non_blank(body, key)?;
-    let shape = body.get(colon) == Some(&b':')
-        && body.get(key..=quote) == Some(&b"\"usage\""[..])
-        && matches!(body.get(before), Some(b',' | b'{'));
-    let json = body.get(open..=close)?;
-    if !shape || json.len() > MAX_USAGE_JSON {
-        return None;
+    // No start further back than the longest object the scanner keeps.
+    let floor = (close + 1).saturating_sub(MAX_USAGE_JSON).max(first + 1);
+    let mut before = close;
+    for _ in 0..TRAILING_CANDIDATES {
+        let open = floor + memchr::memrchr(b'{', body.get(floor..before)?)?;
+        if usage_key_before(body, open) {
+            if let Some(usage) = body.get(open..=close).and_then(read_usage) {
+                return Some(usage);
+            }
+        }
+        before = open;
     }
-    read_usage(json)
+    None
 }
 
 /// Where the bytes of the `usage` object being read are.
@@ -794,8 +787,9 @@ impl UsageScanner {
     /// When nothing was pushed before (`chunk` is the whole body, as a short
     /// answer often comes in one frame) and the top-level object ends with
     /// its `usage` member, as the Messages API writes it, the `usage` object
-    /// is read where it lies, found by walking back from the end of the body:
-    /// the answer before it is not walked at all. For a body that is valid
+    /// is read where it lies, found from the end of the body by the `{`
+    /// bytes before its end (one `memrchr` each): the answer before it is
+    /// not walked at all, and the object once, as it is read. For a body that is valid
     /// JSON this reads what [`push`](Self::push) reads; for one that ends
     /// otherwise, it is `push`.
     ///
@@ -996,6 +990,17 @@ mod tests {
             r#"{"usage":{"input_tokens":1,"output_tokens":2},"usage":{"input_tokens":3,"output_tokens":4}}"#,
             r#"["usage",{"input_tokens":1}]"#,
             "",
+            // Objects inside the usage, braces in its strings, a key ending
+            // in an escaped `"usage`, a usage inside the usage, and a last
+            // usage that does not read after one that does.
+            r#"{"usage":{"input_tokens":1,"cache_creation":{"ephemeral_5m_input_tokens":2},"output_tokens":3}}"#,
+            r#"{"usage":{"input_tokens":1,"tier":"{\"usage\":{","output_tokens":3}}"#,
+            r#"{"x\"usage":{"input_tokens":1,"output_tokens":2}}"#,
+            r#"{"x":"a\\","usage":{"input_tokens":1,"output_tokens":2}}"#,
+            r#"{"usage":{"a":1,"usage":{"input_tokens":5}}}"#,
+            r#"{"usage":{"input_tokens":1},"usage":{"input_tokens":"x"}}"#,
+            r#"{"usage":{"input_tokens":1},"usage":{"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":{}}}}}}}}}}}"#,
+            r#"{"usage" : { "input_tokens" : 1 } , "usage" : {"output_tokens":2} }"#,
         ] {
             let (forward, whole) = forward_and_whole(body);
             assert_eq!(forward, whole, "{body}");
@@ -1008,10 +1013,10 @@ mod tests {
         );
     }
 
-    /// The walk back skips the strings of the usage object, escaped quotes,
-    /// backslashes and brackets in them included, and finds its start.
+    /// The read from the end finds the usage object's start past the
+    /// braces, escaped quotes and backslashes of the strings in it.
     #[test]
-    fn the_walk_back_skips_strings_in_the_usage_object() {
+    fn the_read_from_the_end_finds_the_start_past_braces_in_strings() {
         let body = r#"{"id":"x","usage":{"input_tokens":1,"tier":"a\"{[\\","output_tokens":2}}"#;
         let usage = trailing_usage(body.as_bytes()).map(|u| (u.input_tokens, u.output_tokens));
         assert_eq!(usage, Some((1, 2)));

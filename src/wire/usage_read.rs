@@ -22,30 +22,83 @@ pub(crate) fn read_usage(json: &[u8]) -> Option<Usage> {
 }
 
 /// The usage, when every byte is of the plain kinds the reader knows.
+///
+/// The four counters' keys are told by their bytes where they lie (their
+/// first byte or two, then the whole key and its closing quote compared at
+/// once): the keys the API sends are not searched for their end nor
+/// matched one by one. Any other key is read as a string and matched.
 fn fast(b: &[u8]) -> Option<Usage> {
     let mut i = 0;
-    let mut usage = Usage::default();
+    let mut counters = [0u64; 4];
     let mut seen = 0u8;
-    object(b, &mut i, |b, i, key| {
-        let (bit, slot) = match key {
-            b"input_tokens" => (1, &mut usage.input_tokens),
-            b"output_tokens" => (2, &mut usage.output_tokens),
-            b"cache_creation_input_tokens" => (4, &mut usage.cache_creation_input_tokens),
-            b"cache_read_input_tokens" => (8, &mut usage.cache_read_input_tokens),
-            b"cache_creation" => {
-                once(&mut seen, 16)?;
-                usage.cache_creation = cache_creation(b, i)?;
-                return Some(());
+    let mut cache_creation = None;
+    eat(b, &mut i, b'{')?;
+    if peek(b, &mut i)? == b'}' {
+        i += 1;
+    } else {
+        loop {
+            eat(b, &mut i, b'"')?;
+            match counter_key(b.get(i..)?) {
+                Some((counter, len)) => {
+                    i += len;
+                    eat(b, &mut i, b':')?;
+                    once(&mut seen, 1u8 << counter)?;
+                    *counters.get_mut(counter)? = integer(b, &mut i)?;
+                }
+                None => {
+                    let key = string_rest(b, &mut i)?;
+                    eat(b, &mut i, b':')?;
+                    match key {
+                        b"cache_creation" => {
+                            once(&mut seen, 16)?;
+                            cache_creation = self::cache_creation(b, &mut i)?;
+                        }
+                        // The counters' keys were told above: one here is
+                        // written otherwise (never, as `plain` bytes).
+                        key if plain(key) => ignored(b, &mut i, 0)?,
+                        _ => return None,
+                    }
+                }
             }
-            key if plain(key) => return ignored(b, i, 0),
-            _ => return None,
-        };
-        once(&mut seen, bit)?;
-        *slot = integer(b, i)?;
-        Some(())
-    })?;
+            if !more(b, &mut i, b'}')? {
+                break;
+            }
+        }
+    }
     ws(b, &mut i);
-    (i == b.len()).then_some(usage)
+    let [input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens] =
+        counters;
+    (i == b.len()).then_some(Usage {
+        input_tokens,
+        cache_creation_input_tokens,
+        cache_read_input_tokens,
+        cache_creation,
+        output_tokens,
+    })
+}
+
+/// The counter (0 input, 1 output, 2 cache writes, 3 cache reads) whose
+/// key, with its closing quote, `rest` begins with, and that length.
+#[inline]
+fn counter_key(rest: &[u8]) -> Option<(usize, usize)> {
+    match rest.first()? {
+        b'i' => starts(rest, b"input_tokens\"", 0),
+        b'o' => starts(rest, b"output_tokens\"", 1),
+        b'c' => match rest.get(6)? {
+            b'c' => starts(rest, b"cache_creation_input_tokens\"", 2),
+            b'r' => starts(rest, b"cache_read_input_tokens\"", 3),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// `Some((counter, N))` if `rest` begins with `key`: a compare of a known
+/// length, which the compiler makes in a few wide loads, not a call.
+#[inline(always)]
+fn starts<const N: usize>(rest: &[u8], key: &[u8; N], counter: usize) -> Option<(usize, usize)> {
+    let head: &[u8; N] = rest.get(..N)?.try_into().ok()?;
+    (head == key).then_some((counter, N))
 }
 
 /// `cache_creation`: `null` or an object of the two counters.
@@ -72,6 +125,7 @@ fn cache_creation(b: &[u8], i: &mut usize) -> Option<Option<CacheCreation>> {
 
 /// Marks a field seen; `None` when it already was (`serde_json` refuses a
 /// duplicate field).
+#[inline]
 fn once(seen: &mut u8, bit: u8) -> Option<()> {
     if *seen & bit != 0 {
         return None;
@@ -80,6 +134,7 @@ fn once(seen: &mut u8, bit: u8) -> Option<()> {
     Some(())
 }
 
+#[inline]
 fn ws(b: &[u8], i: &mut usize) {
     while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(*i) {
         *i += 1;
@@ -87,17 +142,25 @@ fn ws(b: &[u8], i: &mut usize) {
 }
 
 /// The next byte after whitespace, not consumed.
+#[inline]
 fn peek(b: &[u8], i: &mut usize) -> Option<u8> {
     ws(b, i);
     b.get(*i).copied()
 }
 
-/// Consumes `x` after whitespace.
+/// Consumes `x` after whitespace (looked at first where it is: the API
+/// writes its JSON without blanks).
+#[inline]
 fn eat(b: &[u8], i: &mut usize, x: u8) -> Option<()> {
+    if b.get(*i) == Some(&x) {
+        *i += 1;
+        return Some(());
+    }
     (peek(b, i)? == x).then(|| *i += 1)
 }
 
 /// After a member or element: `true` after a `,`, `false` after `close`.
+#[inline]
 fn more(b: &[u8], i: &mut usize, close: u8) -> Option<bool> {
     let x = peek(b, i)?;
     *i += 1;
@@ -110,8 +173,15 @@ fn more(b: &[u8], i: &mut usize, close: u8) -> Option<bool> {
 
 /// A string's bytes up to the next quote, not checked (a known key is
 /// matched whole; anything else goes through [`plain`]).
+#[inline]
 fn raw_string<'a>(b: &'a [u8], i: &mut usize) -> Option<&'a [u8]> {
     eat(b, i, b'"')?;
+    string_rest(b, i)
+}
+
+/// [`raw_string`] after its opening quote.
+#[inline]
+fn string_rest<'a>(b: &'a [u8], i: &mut usize) -> Option<&'a [u8]> {
     let rest = b.get(*i..)?;
     let end = find_quote(rest)?;
     *i += end + 1;
@@ -125,6 +195,7 @@ fn plain(raw: &[u8]) -> bool {
 }
 
 /// Whether the byte at `i` (if any) may follow a number or a literal.
+#[inline]
 fn ends_token(b: &[u8], i: usize) -> bool {
     b.get(i)
         .is_none_or(|x| matches!(x, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
@@ -132,20 +203,25 @@ fn ends_token(b: &[u8], i: usize) -> bool {
 
 /// A non-negative integer as JSON writes it (no sign, fraction, exponent or
 /// leading zero) that fits a `u64`.
+#[inline]
 fn integer(b: &[u8], i: &mut usize) -> Option<u64> {
     ws(b, i);
     let start = *i;
+    // A local index: the digits are walked without storing it each time.
+    let mut at = start;
     let mut v: u64 = 0;
-    while let Some(&d) = b.get(*i) {
-        if !d.is_ascii_digit() {
+    while let Some(&d) = b.get(at) {
+        let digit = d.wrapping_sub(b'0');
+        if digit > 9 {
             break;
         }
-        v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
-        *i += 1;
+        v = v.checked_mul(10)?.checked_add(u64::from(digit))?;
+        at += 1;
     }
-    let len = *i - start;
+    *i = at;
+    let len = at - start;
     let leading_zero = len > 1 && b.get(start) == Some(&b'0');
-    (len > 0 && !leading_zero && ends_token(b, *i)).then_some(v)
+    (len > 0 && !leading_zero && ends_token(b, at)).then_some(v)
 }
 
 /// `word` exactly, then a byte that ends it.
@@ -263,6 +339,17 @@ mod tests {
             "{\"t\":\"a\tb\",\"output_tokens\":4}",
             r#"[1]"#,
             r#"{"a":[[[[[[[[[[[[1]]]]]]]]]]]],"output_tokens":4}"#,
+            // Keys that begin as a counter's and are not one, or are cut
+            // short, and counters given twice through the two readings.
+            r#"{"input_tokensx":1,"output_tokens_":2,"i":3,"o":4,"c":5}"#,
+            r#"{"cache_c":1,"cache_r":2,"cache_x":3,"cache_creation_input":4}"#,
+            r#"{"cache_creation_input_tokens":1,"cache_read_input_tokens":2,"cache_creation":{}}"#,
+            r#"{"input_tokens":1,"inp\u0075t_tokens":2}"#,
+            r#"{"cache_read_input_tokens":1, "cache_read_input_tokens" :2}"#,
+            r#"{"input_tokens""#,
+            r#"{"input_tokens"#,
+            r#"{"cache_"#,
+            r#"{ "output_tokens":1 , "input_tokens": 2 ,"x":{"input_tokens":"y"}}"#,
         ];
         for case in cases {
             let want = serde_json::from_str::<Usage>(case).ok();

@@ -26,7 +26,7 @@
 --          prompt cache
 -- ARGV[6]  the position of the output sample this ledger saw last
 -- ARGV[7..] operations, each 7 to 10 arguments (C: 2 + 2n, W: 1 + n,
--- P: 5 + n + m + k, U: 3 + n, D: 1 + n, O: 2):
+-- P: 7 + n + m + k + g, U: 3 + n, D: 1 + n, O: 2):
 --   O output max_tokens            an answer's output, added to the samples
 --   C for n name1 size1..namen sizen
 --                                  prefixes cached, for `for` microseconds
@@ -35,7 +35,7 @@
 --                                  known; a known size is kept)
 --   W n name1..namen               prefixes this ledger no longer writes
 --                                  (the answer began, or ended without)
---   P for hold tokens qfor n w1..wn m p1..pm k r1..rk
+--   P for hold tokens qfor n w1..wn m p1..pm k r1..rk grace g s1..sg
 --                                  the next Q's prefixes: if admitted, it
 --                                  writes w1..wn (marked for `for`
 --                                  microseconds); it is not admitted while
@@ -50,7 +50,15 @@
 --                                  or for its wait plus the grace when that
 --                                  is longer, and this ledger's markers of
 --                                  r1..rk (its other queued requests')
---                                  renewed for that wait plus the grace
+--                                  renewed for that wait plus the grace;
+--                                  at its first ask (grace > 0), if it
+--                                  would be admitted now while one of
+--                                  s1..sg (shorter prefixes of it) has no
+--                                  marker (written, queued or cached by
+--                                  any ledger), it is answered a wait of
+--                                  `grace` microseconds instead (nothing
+--                                  debited, a head's ticket kept with its
+--                                  costs, w1..wn marked as queued)
 --   U for tokens n name1..namen    prefixes a queued request of this ledger
 --                                  will write (longest `tokens`), for `for`
 --   D n name1..namen               prefixes no longer queued here
@@ -103,6 +111,7 @@ local RESET_PRECISION = 1000000
 local PREFIX_WAIT = 1000 -- microseconds: `PREFIX_WRITING_WAIT`
 local intent_writes, intent_pending, intent_for, intent_hold = {}, {}, 0, 0
 local intent_tokens, intent_queued, intent_renew = 0, 0, {}
+local intent_grace, intent_shorter = 0, {}
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -374,6 +383,34 @@ local function queued_elsewhere(names)
   return nil
 end
 
+-- Whether one of `names` has no marker at all: no ledger writes it, none
+-- will from its queue, and it is not known cached (the writer grace: a
+-- shorter request of another ledger may be about to mark it).
+local function unmarked(names)
+  if since < 0 then return false end
+  for _, name in ipairs(names) do
+    local found = false
+    local w = redis.call('HGET', writing, name)
+    if w then
+      local w_until = string.match(w, '^(%d+),')
+      found = tonumber(w_until) > now
+    end
+    if not found then
+      local q = redis.call('HGET', queued, name)
+      if q then
+        local q_until = string.match(q, '^(%d+),')
+        found = tonumber(q_until) > now
+      end
+    end
+    if not found then
+      local c = tonumber(redis.call('HGET', marks, name) or 0)
+      found = c > now
+    end
+    if not found then return true end
+  end
+  return false
+end
+
 -- The newest marker version (0 for none).
 local function newest()
   local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
@@ -396,8 +433,12 @@ local function reserve_line(limits, costs, headroom, owner, head, request, waite
     busy = queued_elsewhere(intent_pending)
     queued_busy = busy ~= nil
   end
+  -- The writer grace: at its first ask, a writer with a shorter prefix
+  -- no ledger marked waits for a shorter writer that arrived with it.
+  local graced = busy == nil and intent_grace > 0 and #intent_shorter > 0 and
+    unmarked(intent_shorter)
   local saved, saved_removed = nil, 0
-  if busy ~= nil then
+  if busy ~= nil or graced then
     saved = {}
     for f, v in pairs(h) do saved[f] = v end
     saved_removed = #removed
@@ -465,7 +506,7 @@ local function reserve_line(limits, costs, headroom, owner, head, request, waite
     end
     answer = until_line_moves(answer, oldest)
   end
-  if saved ~= nil and answer[1] == 1 then
+  if busy ~= nil and answer[1] == 1 then
     h = saved
     while #removed > saved_removed do table.remove(removed) end
     if head then
@@ -482,6 +523,19 @@ local function reserve_line(limits, costs, headroom, owner, head, request, waite
       return {2, PREFIX_WAIT, 2, -tonumber(busy)}
     end
     return {2, PREFIX_WAIT, 2, tonumber(busy)}
+  end
+  if graced and answer[1] == 1 then
+    h = saved
+    while #removed > saved_removed do table.remove(removed) end
+    if head then
+      -- Its place, and its costs due at the grace's end: the others do not
+      -- take its share of the refill meanwhile.
+      local seq, delayed = next_seq, 0
+      if same then seq, delayed = mine.seq, mine.delayed end
+      write_ticket({owner = owner, request = request, since = since, seq = seq, c = with,
+        due = now + intent_grace, expires = now + intent_grace + grace, delayed = delayed})
+    end
+    return {2, intent_grace, 2, 0}
   end
   if head then
     if answer[1] == 2 then
@@ -710,7 +764,10 @@ while n <= #ARGV do
     intent_pending = names_after(n + 6 + nw, np)
     local nr = tonumber(ARGV[n + 7 + nw + np])
     intent_renew = names_after(n + 7 + nw + np, nr)
-    n = n + 8 + nw + np + nr
+    intent_grace = tonumber(ARGV[n + 8 + nw + np + nr])
+    local ns = tonumber(ARGV[n + 9 + nw + np + nr])
+    intent_shorter = names_after(n + 9 + nw + np + nr, ns)
+    n = n + 10 + nw + np + nr + ns
   elseif op == 'U' then
     local count = tonumber(ARGV[n + 3])
     mark_queued(tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2]), names_after(n + 3, count))

@@ -36,6 +36,7 @@ pub struct RedisLedgerBuilder {
     pub(super) write_delay: Duration,
     pub(super) retry_interval: Duration,
     pub(super) claim_grace: Duration,
+    pub(super) writer_grace: Duration,
     pub(super) share_prompt: bool,
 }
 
@@ -53,6 +54,7 @@ impl std::fmt::Debug for RedisLedgerBuilder {
             .field("write_delay", &self.write_delay)
             .field("retry_interval", &self.retry_interval)
             .field("claim_grace", &self.claim_grace)
+            .field("writer_grace", &self.writer_grace)
             .field("share_prompt_cache", &self.share_prompt)
             .finish_non_exhaustive()
     }
@@ -72,6 +74,7 @@ impl RedisLedgerBuilder {
             write_delay: Duration::from_millis(2),
             retry_interval: Duration::from_secs(1),
             claim_grace: Duration::from_secs(1),
+            writer_grace: crate::budget::ledger::WRITER_GRACE,
             share_prompt: false,
         }
     }
@@ -155,6 +158,23 @@ impl RedisLedgerBuilder {
     /// [`RedisLedger`](super::RedisLedger)).
     pub fn claim_grace(mut self, grace: Duration) -> Self {
         self.claim_grace = grace;
+        self
+    }
+
+    /// With the prompt cache shared, how long a request that would write a
+    /// prefix waits at its first ask while a shorter prefix of it has no
+    /// marker in Redis yet (default 100 ms,
+    /// [`WRITER_GRACE`](crate::budget::ledger::WRITER_GRACE); zero: never):
+    /// time for a shorter request that arrived at the same moment in
+    /// another process to get its marker into Redis, so that nested
+    /// prefixes are written shortest first
+    /// ([`PrefixIntent::shorter`](crate::budget::ledger::PrefixIntent::shorter)).
+    /// Its own writes are marked as queued meanwhile. Make it longer than
+    /// the write delay plus a round trip to Redis plus how late a
+    /// process's task may run on a loaded machine. It costs only such a
+    /// writer, only at its first ask: that latency, and one call more.
+    pub fn writer_grace(mut self, grace: Duration) -> Self {
+        self.writer_grace = grace;
         self
     }
 

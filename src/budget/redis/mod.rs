@@ -87,7 +87,12 @@
 //!   behind others, by one buffered call within the write delay
 //!   ([`Ledger::prefixes_queued`]); a request of another process whose
 //!   longer write extends one of them holds for it the same way, so that
-//!   nested prefixes are written shortest first.
+//!   nested prefixes are written shortest first. A writer whose shorter
+//!   prefixes have no marker yet at its first ask waits the
+//!   [`writer_grace`](RedisLedgerBuilder::writer_grace) (100 ms; its
+//!   writes marked as queued meanwhile, by the same call), time for a
+//!   shorter request that arrived with it in another process to mark its
+//!   own ([`PrefixIntent::shorter`](super::ledger::PrefixIntent::shorter)).
 //! - **Expiry**: a key expires [`idle_ttl`](RedisLedgerBuilder::idle_ttl)
 //!   (10 minutes) after its buckets would be full again. A key deleted under
 //!   the ledger starts again with full buckets.
@@ -1087,8 +1092,24 @@ impl Ledger for RedisLedger {
                 tokens: prefixes.tokens,
                 queued_us: u64::try_from(prefixes.queued_for.as_micros()).unwrap_or(u64::MAX),
                 renew,
+                grace_us: match prefixes.shorter.is_empty() {
+                    true => 0,
+                    false => u64::try_from(self.inner.settings.writer_grace.as_micros())
+                        .unwrap_or(u64::MAX),
+                },
+                shorter: prefixes.shorter.iter().map(|&h| prompt::name(h)).collect(),
             });
         Some(self.ask(key, limits, costs, Some(headroom), Some(place), names))
+    }
+
+    /// With the prompt cache shared, its
+    /// [`writer_grace`](RedisLedgerBuilder::writer_grace) (100 ms by
+    /// default); zero without.
+    fn writer_grace(&self) -> Duration {
+        match self.inner.prompt {
+            Some(_) => self.inner.settings.writer_grace,
+            None => Duration::ZERO,
+        }
     }
 
     /// From the markers the key's calls brought back; while a request
@@ -1213,9 +1234,9 @@ impl Ledger for RedisLedger {
             return;
         }
         let names: Vec<u64> = writes.iter().map(|&h| prompt::name(h)).collect();
-        if !mirror.queue(key, request, &names) {
-            return;
-        }
+        // A request already mirrored renews its marker (a held request
+        // asks nothing meanwhile): sent again, counted once.
+        mirror.queue(key, request, &names);
         // Until its process's head asks again at least (each of the head's
         // refused asks renews it), plus the grace.
         let for_us = u64::try_from(queued_for.as_micros()).unwrap_or(u64::MAX);

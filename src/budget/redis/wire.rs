@@ -110,6 +110,12 @@ pub(super) struct Names {
     /// The writes of this ledger's other queued requests on the key: their
     /// markers are renewed if the reservation is answered a wait.
     pub renew: Vec<u64>,
+    /// The writer grace, in microseconds, at the request's first ask (0:
+    /// none).
+    pub grace_us: u64,
+    /// Its pending prefixes shorter than its longest write: it is given the
+    /// grace while one of them has no marker.
+    pub shorter: Vec<u64>,
 }
 
 fn push_limits(inv: &mut ScriptInvocation<'_>, limits: &Limits) {
@@ -221,6 +227,10 @@ pub(super) fn push_names(inv: &mut ScriptInvocation<'_>, names: &Names) {
     }
     inv.arg(names.renew.len());
     for name in &names.renew {
+        inv.arg(*name);
+    }
+    inv.arg(names.grace_us).arg(names.shorter.len());
+    for name in &names.shorter {
         inv.arg(*name);
     }
 }
