@@ -86,28 +86,130 @@ enum Kept {
 }
 
 /// A copy of a request head, kept compact: its headers in the map's order
-/// as bytes in one buffer (one allocation, dropped at once: a list of
-/// name-value pairs would clone each name and value, which for a header
-/// made at run time allocates its shared part, and drop each again), made
-/// into a `HeaderMap` again only when the head is needed (a request sent
-/// again, or a parked one passed on).
+/// as bytes in one buffer of the size they take (one allocation, dropped at
+/// once: a list of name-value pairs would clone each name and value, which
+/// for a header made at run time allocates its shared part, and drop each
+/// again), made into a `HeaderMap` again only when the head is needed (a
+/// request sent again, or a parked one passed on).
 struct HeadCopy {
     method: Method,
     uri: Uri,
     version: Version,
     /// How many headers the buffer holds.
     count: u16,
-    /// For each header: its name's length and its value's (native
-    /// `usize`s), whether the value is sensitive (a byte), the name, and
-    /// the value.
+    /// For each header: its name's length, its value's length times two
+    /// plus one if the value is sensitive (each a LEB128 varint: a byte for
+    /// a name or a value shorter than 128 and 64 bytes), the name, and the
+    /// value.
     headers: Vec<u8>,
     extensions: http::Extensions,
 }
 
-/// The bytes of a length in [`HeadCopy::headers`].
-const LEN: usize = std::mem::size_of::<usize>();
-/// The bytes before a header's name in [`HeadCopy::headers`].
-const ENTRY: usize = 2 * LEN + 1;
+/// The bytes a copy's headers take on the stack while they are written
+/// (then copied into a buffer of their size): those of ten headers of 24
+/// bytes; more are written again, into a buffer sized first.
+const STAGED: usize = 256;
+
+/// The bytes of `n` as a varint in [`HeadCopy::headers`] (1 to 10).
+fn varint_len(n: usize) -> usize {
+    // Bits of `n` (at least one), seven a byte.
+    let bits = usize::BITS - (n | 1).leading_zeros();
+    (bits as usize).div_ceil(7)
+}
+
+/// Writes `n` at `at` in `out` as a varint (seven bits a byte, low ones
+/// first, the high bit set on every byte but the last); where it ends, or
+/// `None` if `out` is too short.
+fn put_varint(out: &mut [u8], mut at: usize, mut n: usize) -> Option<usize> {
+    while n >= 0x80 {
+        *out.get_mut(at)? = ((n & 0x7f) as u8) | 0x80;
+        n >>= 7;
+        at += 1;
+    }
+    *out.get_mut(at)? = n as u8;
+    Some(at + 1)
+}
+
+/// Appends `n` as [`put_varint`] writes it.
+fn push_varint(buf: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        buf.push(((n & 0x7f) as u8) | 0x80);
+        n >>= 7;
+    }
+    buf.push(n as u8);
+}
+
+/// Writes `bytes` at `at` in `out`; where they end, or `None` if `out` is
+/// too short.
+fn put_bytes(out: &mut [u8], at: usize, bytes: &[u8]) -> Option<usize> {
+    let end = at.checked_add(bytes.len())?;
+    out.get_mut(at..end)?.copy_from_slice(bytes);
+    Some(end)
+}
+
+/// Writes `headers` from the start of `out` as [`HeadCopy::headers`]
+/// holds them; the bytes written, or `None` if `out` is too short.
+fn put_headers(out: &mut [u8], headers: &HeaderMap) -> Option<usize> {
+    let mut at = 0;
+    for (name, value) in headers {
+        let name = name.as_str().as_bytes();
+        at = put_varint(out, at, name.len())?;
+        // A value is at most `isize::MAX` bytes: doubled, it fits.
+        at = put_varint(
+            out,
+            at,
+            (value.len() << 1) | usize::from(value.is_sensitive()),
+        )?;
+        at = put_bytes(out, at, name)?;
+        at = put_bytes(out, at, value.as_bytes())?;
+    }
+    Some(at)
+}
+
+/// `headers` as [`HeadCopy::headers`] holds them, in a buffer of their
+/// size: written once, on the stack, and copied; or, beyond [`STAGED`]
+/// bytes, measured and written into a buffer of that size.
+fn header_bytes(headers: &HeaderMap) -> Vec<u8> {
+    let mut staged = [0u8; STAGED];
+    if let Some(written) = put_headers(&mut staged, headers).and_then(|n| staged.get(..n)) {
+        return written.to_vec();
+    }
+    let size = headers
+        .iter()
+        .map(|(name, value)| {
+            let (name, value) = (name.as_str().len(), value.len());
+            varint_len(name) + varint_len(value << 1) + name + value
+        })
+        .sum();
+    let mut buf = Vec::with_capacity(size);
+    for (name, value) in headers {
+        let name = name.as_str().as_bytes();
+        push_varint(&mut buf, name.len());
+        push_varint(
+            &mut buf,
+            (value.len() << 1) | usize::from(value.is_sensitive()),
+        );
+        buf.extend_from_slice(name);
+        buf.extend_from_slice(value.as_bytes());
+    }
+    buf
+}
+
+/// The varint at `*at` in `buf`, `*at` moved past it; `None` if the buffer
+/// ends inside it or it does not fit a `usize`.
+fn get_varint(buf: &[u8], at: &mut usize) -> Option<usize> {
+    let mut n = 0usize;
+    let mut shift = 0u32;
+    loop {
+        let byte = *buf.get(*at)?;
+        *at += 1;
+        n |= usize::from(byte & 0x7f).checked_shl(shift)?;
+        if byte & 0x80 == 0 {
+            return Some(n);
+        }
+        shift += 7;
+    }
+}
 
 /// The headers of a [`HeadCopy`]: each one's name, the range of its value
 /// in the buffer, and whether the value is sensitive.
@@ -120,14 +222,13 @@ impl<'a> Iterator for Entries<'a> {
     type Item = (&'a [u8], std::ops::Range<usize>, bool);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let rest = self.buf.get(self.at..)?;
-        let name_len = usize::from_ne_bytes(rest.get(..LEN)?.try_into().ok()?);
-        let value_len = usize::from_ne_bytes(rest.get(LEN..2 * LEN)?.try_into().ok()?);
-        let sensitive = *rest.get(2 * LEN)? != 0;
-        let name_at = self.at + ENTRY;
-        let value_at = name_at.checked_add(name_len)?;
+        let mut at = self.at;
+        let name_len = get_varint(self.buf, &mut at)?;
+        let value = get_varint(self.buf, &mut at)?;
+        let (value_len, sensitive) = (value >> 1, value & 1 != 0);
+        let value_at = at.checked_add(name_len)?;
         let end = value_at.checked_add(value_len)?;
-        let name = self.buf.get(name_at..value_at)?;
+        let name = self.buf.get(at..value_at)?;
         self.buf.get(value_at..end)?;
         self.at = end;
         Some((name, value_at..end, sensitive))
@@ -137,17 +238,7 @@ impl<'a> Iterator for Entries<'a> {
 impl HeadCopy {
     /// A copy of `head`.
     fn of(head: &Parts) -> Self {
-        // Room for headers of 47 bytes on average, one pass: grown if
-        // they are longer.
-        let mut buf = Vec::with_capacity(head.headers.len() * (ENTRY + 47));
-        for (name, value) in &head.headers {
-            let name = name.as_str().as_bytes();
-            buf.extend_from_slice(&name.len().to_ne_bytes());
-            buf.extend_from_slice(&value.len().to_ne_bytes());
-            buf.push(u8::from(value.is_sensitive()));
-            buf.extend_from_slice(name);
-            buf.extend_from_slice(value.as_bytes());
-        }
+        let buf = header_bytes(&head.headers);
         HeadCopy {
             method: head.method.clone(),
             uri: head.uri.clone(),
@@ -779,13 +870,30 @@ mod tests {
             http::header::ACCEPT,
             HeaderValue::from_bytes(b"").unwrap_or_else(|e| panic!("{e}")),
         );
-        // Longer than the room the copy starts with.
+        // Written on the stack, then into a buffer of their size.
+        let short = HeadCopy::of(&head);
+        assert_eq!(short.headers.capacity(), short.headers.len());
+        let again = short.to_parts(false).unwrap_or_else(|| panic!("the head"));
+        assert_eq!(again.headers, head.headers);
+        // Lengths of two and three varint bytes, one sensitive, more than
+        // the stack holds: measured first.
         let long = HeaderValue::from_str(&"v".repeat(1000)).unwrap_or_else(|e| panic!("{e}"));
         head.headers.append(name.clone(), long);
+        let mut longer =
+            HeaderValue::from_str(&"w".repeat(20_000)).unwrap_or_else(|e| panic!("{e}"));
+        longer.set_sensitive(true);
+        head.headers.append(http::header::COOKIE, longer);
         let copy = HeadCopy::of(&head);
+        assert_eq!(
+            copy.headers.capacity(),
+            copy.headers.len(),
+            "the copy takes the room of its bytes"
+        );
         let again = copy.to_parts(true).unwrap_or_else(|| panic!("the head"));
         assert_eq!(again.headers, head.headers);
         assert_eq!(again.headers[&name].as_bytes(), value.as_bytes());
+        assert!(again.headers[http::header::COOKIE].is_sensitive());
+        assert!(!again.headers[&name].is_sensitive());
         assert!(copy.same(&Request::from_parts(head, ())));
         let bare = Request::get("/").body(()).unwrap_or_else(|e| panic!("{e}"));
         let copy = HeadCopy::of(&bare.into_parts().0);
