@@ -139,6 +139,69 @@ async fn a_request_that_waited_in_the_queue_is_sent_again_with_its_head() {
     assert_replayed(&attempts_of(&seen, "b"));
 }
 
+/// A request as an SDK sends it: fourteen headers (more bytes than the
+/// retry layer's copy writes on the stack first), the API key marked
+/// sensitive, a header named twice.
+fn sdk_request(id: &str) -> Request<Full<Bytes>> {
+    let mut key = http::HeaderValue::from_str(&format!("sk-ant-api03-{}", "x".repeat(95)))
+        .unwrap_or_else(|e| panic!("key: {e}"));
+    key.set_sensitive(true);
+    let mut request = request(id);
+    let h = request.headers_mut();
+    h.insert("x-api-key", key);
+    for (name, value) in [
+        ("anthropic-beta", "prompt-caching-2024-07-31"),
+        ("anthropic-beta", "token-counting-2024-11-01"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("user-agent", "Anthropic/Python 0.40.0"),
+        ("x-stainless-arch", "x64"),
+        ("x-stainless-lang", "python"),
+        ("x-stainless-os", "Linux"),
+        ("x-stainless-package-version", "0.40.0"),
+        ("x-stainless-runtime", "CPython"),
+        ("x-stainless-runtime-version", "3.12.7"),
+    ] {
+        h.append(name, http::HeaderValue::from_static(value));
+    }
+    request
+}
+
+/// `b`, with an SDK's headers, waits for the one slot, is answered 503,
+/// and is sent again with every header as it was, in its order, the key
+/// still sensitive.
+#[tokio::test(start_paused = true)]
+async fn a_request_with_an_sdks_headers_is_sent_again_with_its_head() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let client = ServiceBuilder::new()
+        .layer(RetryAfterLayer::builder().jitter(|| 0.0).build())
+        .layer(ConcurrencyLayer::fixed(1))
+        .service(upstream(Arc::clone(&seen), Duration::from_secs(2)));
+    let slow = tokio::spawn(client.clone().oneshot(request("slow")));
+    tokio::task::yield_now().await;
+    let b = client.clone().oneshot(sdk_request("b")).await;
+    assert_eq!(b.map(|r| r.status()).ok(), Some(StatusCode::OK));
+    assert!(slow.await.is_ok());
+    let attempts = attempts_of(&seen, "b");
+    let original = sdk_request("b");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    for (i, attempt) in attempts.iter().enumerate() {
+        assert_eq!(&attempt.uri, original.uri());
+        assert_eq!(attempt.body, Bytes::from_static(br#"{"id":"b"}"#));
+        let mut expected = original.headers().clone();
+        if i > 0 {
+            expected.insert(RETRY_COUNT, i.into());
+        }
+        assert_eq!(attempt.headers, expected, "attempt {i}");
+        let betas: Vec<_> = attempt.headers.get_all("anthropic-beta").iter().collect();
+        assert_eq!(
+            betas,
+            ["prompt-caching-2024-07-31", "token-counting-2024-11-01"]
+        );
+        assert!(attempt.headers["x-api-key"].is_sensitive(), "attempt {i}");
+    }
+}
+
 /// A layer between the retry layer and the queue (a timeout) drops `b`
 /// while it waits: the queue leaves the copy it stood on, and the retry
 /// layer sends `b` again with it.
