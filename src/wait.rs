@@ -106,8 +106,9 @@ struct HeadCopy {
 }
 
 /// The bytes a copy's headers take on the stack while they are written
-/// (then copied into a buffer of their size): those of ten headers of 24
-/// bytes; more are written again, into a buffer sized first.
+/// (then copied into a buffer of their size): nine headers of 26 bytes
+/// each (name, value and their two lengths); more are written again, into
+/// a buffer sized first.
 const STAGED: usize = 256;
 
 /// The bytes of `n` as a varint in [`HeadCopy::headers`] (1 to 10).
