@@ -2087,7 +2087,7 @@ impl InMemoryLedger {
         let window_nanos = self.window_nanos;
         let tick = self.epoch.tick(now);
         self.with_key(key, true, now, |state| {
-            let _lowered = state.sync_all(limits, statuses, tick, window_nanos);
+            let _lowered = state.sync_all(limits, &statuses, tick, window_nanos);
         });
     }
 
@@ -2392,14 +2392,14 @@ impl KeyState {
     fn sync_all(
         &mut self,
         limits: &Limits,
-        statuses: [LimitStatus; 3],
+        statuses: &[LimitStatus; 3],
         now: Tick,
         window_nanos: u64,
     ) -> [u64; 2] {
         let state = self;
         state.touch(now.at);
         let mut lowered_tokens = [0; 2];
-        for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
+        for (dimension, &status) in Dimension::ALL.into_iter().zip(statuses) {
             if !status.is_empty() {
                 let lowered = state.buckets[index(dimension)].sync(
                     limits,
@@ -2636,7 +2636,7 @@ impl PackedBuckets {
             return [0; 2];
         }
         let mut state = self.unpack(now);
-        let lowered = state.sync_all(limits, statuses, now, MINUTE_NANOS);
+        let lowered = state.sync_all(limits, &statuses, now, MINUTE_NANOS);
         self.pack(&state);
         if statuses.iter().any(|s| s.limit.is_some()) {
             self.pack_learned(&state);
@@ -2653,7 +2653,7 @@ impl PackedBuckets {
     pub(crate) fn sync_and_settle(
         &mut self,
         limits: &Limits,
-        statuses: Option<[LimitStatus; 3]>,
+        statuses: Option<&[LimitStatus; 3]>,
         now: Tick,
         settlement: impl FnOnce([u64; 2]) -> Option<CostDelta>,
     ) -> [u64; 2] {
@@ -3044,7 +3044,7 @@ mod tests {
                         ledger.settle_at(KEY, &limits, delta, now);
                         if ledger.state_at(KEY, &limits, now).is_some() {
                             let tick = epoch.tick(now);
-                            packed.sync_and_settle(&limits, Some(statuses), tick, |_| Some(delta));
+                            packed.sync_and_settle(&limits, Some(&statuses), tick, |_| Some(delta));
                         }
                     }
                     _ => {

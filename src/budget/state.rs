@@ -1684,7 +1684,7 @@ impl Shared {
         }
         let next = if held_sync.is_some() || !delta.is_zero() {
             let wake_head = held_sync.is_some() || freed;
-            self.apply_own(&mut ks, charge, Some(delta), held_sync, wake_head)
+            self.apply_own(&mut ks, charge, Some(delta), held_sync.as_ref(), wake_head)
         } else {
             None
         };
@@ -1727,7 +1727,7 @@ impl Shared {
             return self.run(charge, op, wake_head);
         }
         let mut ks = lock_key(&charge.cell);
-        let next = self.apply_own(&mut ks, charge, delta, statuses, wake_head);
+        let next = self.apply_own(&mut ks, charge, delta, statuses.as_ref(), wake_head);
         drop(ks);
         wake(next);
     }
@@ -1740,7 +1740,7 @@ impl Shared {
         ks: &mut KeyState,
         charge: &Charge,
         delta: Option<CostDelta>,
-        statuses: Option<[LimitStatus; 3]>,
+        statuses: Option<&[LimitStatus; 3]>,
         wake_head: bool,
     ) -> Option<Waker> {
         let now = self.epoch.tick(Instant::now());
@@ -1862,7 +1862,7 @@ impl Shared {
                 (true, Some(ks)) => {
                     // The budget's own buckets: synced under the lock the
                     // limits were learned under.
-                    let next = self.apply_own(ks, charge, None, Some(statuses), true);
+                    let next = self.apply_own(ks, charge, None, Some(&statuses), true);
                     drop(locked.take());
                     wake(next);
                 }
