@@ -143,9 +143,10 @@ impl RateLimitSnapshot {
         // closure, which would copy them.
         Memory::with(|memory| {
             let mut reading = Reading {
-                now: Now::new(now),
+                now: Now::new(Some(now)),
                 last_reset: None,
                 memory,
+                resets: Resets::All,
             };
             let mut read =
                 |kind: usize| reading.anthropic(found.fields(ANTHROPIC + 3 * kind), kind);
@@ -155,10 +156,10 @@ impl RateLimitSnapshot {
             snap.output_tokens = read(3);
         });
         if snap.requests.is_empty() {
-            snap.requests = read_openai(found.fields(OPENAI));
+            snap.requests = read_openai(found.fields(OPENAI), Resets::All);
         }
         if snap.tokens.is_empty() {
-            snap.tokens = read_openai(found.fields(OPENAI + 3));
+            snap.tokens = read_openai(found.fields(OPENAI + 3), Resets::All);
         }
         snap
     }
@@ -171,17 +172,36 @@ impl RateLimitSnapshot {
     /// nothing of them, and is parsed only then; `retry-after` and
     /// `x-should-retry` are not parsed at all. `None` when no header is
     /// named as a rate-limit header (see [`is_rate_limit_header`]).
+    ///
+    /// With [`Resets::WithoutRemaining`], a limit's reset is read only
+    /// where its `remaining` is not given (`reset_in` is `None` where it
+    /// is): the budget's own buckets sync to the reset only then, so an
+    /// answer's resets (an RFC 3339 instant each, from Anthropic) are
+    /// neither compared nor turned into a time from now (nor is the clock
+    /// read) for a sync that does not look at them. A ledger of the user's
+    /// is given every reset ([`Resets::All`]).
     #[cfg(feature = "budget")]
-    pub(crate) fn budget_statuses(headers: &HeaderMap) -> Option<[LimitStatus; 3]> {
-        Self::budget_statuses_at(headers, SystemTime::now())
+    pub(crate) fn budget_statuses(headers: &HeaderMap, resets: Resets) -> Option<[LimitStatus; 3]> {
+        Self::budget_statuses_with(headers, None, resets)
     }
 
     /// [`budget_statuses`](Self::budget_statuses) with instants relative to
-    /// `now`.
-    #[cfg(feature = "budget")]
+    /// `now`, every reset read.
+    #[cfg(all(feature = "budget", test))]
     pub(crate) fn budget_statuses_at(
         headers: &HeaderMap,
         now: SystemTime,
+    ) -> Option<[LimitStatus; 3]> {
+        Self::budget_statuses_with(headers, Some(now), Resets::All)
+    }
+
+    /// [`budget_statuses`](Self::budget_statuses) with instants relative to
+    /// `now` (read from the clock when a reset needs it, if `None`).
+    #[cfg(feature = "budget")]
+    fn budget_statuses_with(
+        headers: &HeaderMap,
+        now: Option<SystemTime>,
+        resets: Resets,
     ) -> Option<[LimitStatus; 3]> {
         let found = Found::collect(headers);
         // Without one read, the names are looked at again (a response
@@ -197,18 +217,19 @@ impl RateLimitSnapshot {
                 now: Now::new(now),
                 last_reset: None,
                 memory,
+                resets,
             };
             let mut read =
                 |kind: usize| reading.anthropic(found.fields(ANTHROPIC + 3 * kind), kind);
             let mut requests = read(0);
             if requests.is_empty() {
-                requests = read_openai(found.fields(OPENAI));
+                requests = read_openai(found.fields(OPENAI), resets);
             }
             let mut input = read(2);
             if input.is_empty() {
                 input = read(1);
                 if input.is_empty() {
-                    input = read_openai(found.fields(OPENAI + 3));
+                    input = read_openai(found.fields(OPENAI + 3), resets);
                 }
             }
             statuses = [requests, input, read(3)];
@@ -567,6 +588,17 @@ fn is<const N: usize>(name: &[u8], want: &[u8; N], at: usize) -> Option<usize> {
     (name_head == head && name_tail == tail).then_some(at)
 }
 
+/// Which `anthropic-ratelimit-*-reset` values a reading parses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resets {
+    /// Every one, as [`RateLimitSnapshot::from_headers`] does.
+    All,
+    /// Only those of a limit whose `remaining` is not given (where it is,
+    /// `reset_in` is `None`): what the budget's own buckets sync to.
+    #[cfg_attr(not(feature = "budget"), allow(dead_code))]
+    WithoutRemaining,
+}
+
 /// What reading one answer's `anthropic-ratelimit-*` limits carries from
 /// one limit to the next.
 struct Reading<'a, 'm> {
@@ -576,11 +608,15 @@ struct Reading<'a, 'm> {
     /// headers).
     last_reset: Option<(&'a [u8], Option<Duration>)>,
     memory: Option<&'m mut Memory>,
+    /// Which resets are read.
+    resets: Resets,
 }
 
 impl<'a> Reading<'a, '_> {
     /// One `anthropic-ratelimit-*` limit.
     fn anthropic(&mut self, [limit, remaining, reset]: Fields<'a>, kind: usize) -> LimitStatus {
+        let remaining = remaining.and_then(parse_u64);
+        let reset = reset.filter(|_| remaining.is_none() || self.resets == Resets::All);
         let reset_in = reset.and_then(|value| {
             let raw = value.as_bytes();
             match self.last_reset {
@@ -595,7 +631,7 @@ impl<'a> Reading<'a, '_> {
         });
         LimitStatus {
             limit: limit.and_then(|value| parse_limit(self.memory.as_deref_mut(), value, kind)),
-            remaining: remaining.and_then(parse_u64),
+            remaining,
             reset_in,
         }
     }
@@ -685,13 +721,15 @@ fn parse_reset(memory: Option<&mut Memory>, value: &HeaderValue, kind: usize) ->
 /// The instant headers are read at, and its time since the epoch once a
 /// reset needs it: taken once, each reset is then one subtraction.
 struct Now {
-    at: SystemTime,
+    /// `None` until needed (read from the clock then), unless given.
+    at: Option<SystemTime>,
     /// `None` until needed; then `Some(None)` if `at` is before the epoch.
     since_epoch: Option<Option<Duration>>,
 }
 
 impl Now {
-    fn new(at: SystemTime) -> Self {
+    /// At `at`, or at the clock's time when first needed if `None`.
+    fn new(at: Option<SystemTime>) -> Self {
         Now {
             at,
             since_epoch: None,
@@ -702,7 +740,7 @@ impl Now {
     /// [`SystemTime`] can hold): zero if it has passed, at most
     /// [`MAX_DELAY`].
     fn until(&mut self, reset: Duration) -> Duration {
-        let at = self.at;
+        let at = *self.at.get_or_insert_with(SystemTime::now);
         let since_epoch = *self
             .since_epoch
             .get_or_insert_with(|| at.duration_since(UNIX_EPOCH).ok());
@@ -717,10 +755,14 @@ impl Now {
     }
 }
 
-fn read_openai([limit, remaining, reset]: Fields<'_>) -> LimitStatus {
+/// One `x-ratelimit-*` limit (OpenAI-style), its reset read as `resets`
+/// says.
+fn read_openai([limit, remaining, reset]: Fields<'_>, resets: Resets) -> LimitStatus {
+    let remaining = remaining.and_then(parse_u64);
+    let reset = reset.filter(|_| remaining.is_none() || resets == Resets::All);
     LimitStatus {
         limit: limit.and_then(parse_u64),
-        remaining: remaining.and_then(parse_u64),
+        remaining,
         reset_in: reset.and_then(number_str).and_then(parse_go_duration),
     }
 }
@@ -961,6 +1003,8 @@ mod tests {
     /// (input tokens from the combined `tokens` limit when the response
     /// says nothing of them), for any mix of Anthropic's, OpenAI-style and
     /// other headers, well-formed or not; none without a rate-limit header.
+    /// For the budget's own buckets, the same without the resets of limits
+    /// whose `remaining` is given.
     #[test]
     #[cfg(feature = "budget")]
     fn the_budget_reads_what_the_snapshot_says() {
@@ -1009,6 +1053,17 @@ mod tests {
             let named = headers.keys().any(is_rate_limit_header);
             let got = RateLimitSnapshot::budget_statuses_at(&headers, now);
             assert_eq!(got, named.then_some(want), "round {round}: {headers:?}");
+            // The budget's own buckets: a reset only where no `remaining`.
+            let own = want.map(|s| LimitStatus {
+                reset_in: s.reset_in.filter(|_| s.remaining.is_none()),
+                ..s
+            });
+            let got = RateLimitSnapshot::budget_statuses_with(
+                &headers,
+                Some(now),
+                Resets::WithoutRemaining,
+            );
+            assert_eq!(got, named.then_some(own), "round {round}: {headers:?}");
         }
     }
 
@@ -1206,7 +1261,7 @@ mod tests {
                 } else {
                     UNIX_EPOCH + offset
                 };
-                let mut clock = Now::new(now);
+                let mut clock = Now::new(Some(now));
                 for reset_nanos in instants.iter().chain(&[u64::MAX]) {
                     let reset = Duration::from_nanos(*reset_nanos);
                     let want = (UNIX_EPOCH + reset)

@@ -1125,7 +1125,9 @@ fn respond<ResB: Body>(
     let mut held_sync = None;
     if shared.settings.enforce {
         enforce::insert_headers(shared, charge, response.headers_mut());
-    } else if let Some(statuses) = RateLimitSnapshot::budget_statuses(response.headers()) {
+    } else if let Some(statuses) =
+        RateLimitSnapshot::budget_statuses(response.headers(), shared.resets_synced())
+    {
         // A body to settle: the sync may go with its settlement.
         held_sync = shared.sync(charge, statuses, !was_refused);
     }

@@ -98,6 +98,14 @@ impl<T: Keyed> KeyMap<T> {
         lock(&self.shards[i])
     }
 
+    /// The hash a key is found by (keyed SipHash, its keys drawn at random
+    /// when the map is made): a caller that looks up one of a few fixed
+    /// keys again and again computes it once and passes it to
+    /// [`get_or_insert_hashed`](Self::get_or_insert_hashed).
+    pub(super) fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     /// The key's state, created with `make` (given the key) if new (its
     /// shard is then swept of the entries `keep` refuses when it doubled
     /// since its last sweep, and every shard, one at a time, once per
@@ -112,6 +120,21 @@ impl<T: Keyed> KeyMap<T> {
         keep: impl Fn(&T) -> bool,
     ) -> Option<Arc<T>> {
         let hash = self.hasher.hash_one(key);
+        self.get_or_insert_hashed(key, hash, max_keys, sweep_period, make, keep)
+    }
+
+    /// [`get_or_insert`](Self::get_or_insert) with the key's hash already
+    /// computed ([`hash`](Self::hash) of `key`).
+    pub(super) fn get_or_insert_hashed(
+        &self,
+        key: &str,
+        hash: u64,
+        max_keys: usize,
+        sweep_period: Duration,
+        make: impl FnOnce(&str) -> T,
+        keep: impl Fn(&T) -> bool,
+    ) -> Option<Arc<T>> {
+        debug_assert_eq!(hash, self.hasher.hash_one(key));
         if let Some(found) = self.get_hashed(key, hash) {
             return Some(found);
         }

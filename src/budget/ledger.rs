@@ -2087,7 +2087,7 @@ impl InMemoryLedger {
         let window_nanos = self.window_nanos;
         let tick = self.epoch.tick(now);
         self.with_key(key, true, now, |state| {
-            let _lowered = state.sync_all(limits, statuses, tick, window_nanos);
+            let _lowered = state.sync_all(limits, &statuses, tick, window_nanos);
         });
     }
 
@@ -2105,10 +2105,24 @@ impl InMemoryLedger {
 /// are kept (in the ledger's map, or packed in a budget's own key entry).
 impl KeyState {
     /// [`InMemoryLedger::reserve_at`] on these buckets.
+    #[inline]
     fn reserve(
         &mut self,
         limits: &Limits,
         costs: Costs,
+        now: Tick,
+        window_nanos: u64,
+    ) -> Reservation {
+        self.reserve_debiting(limits, costs, costs, now, window_nanos)
+    }
+
+    /// Admits if `costs` fit (as [`reserve`](Self::reserve) does), and
+    /// then debits `debit` (at most `costs` in each dimension) instead.
+    fn reserve_debiting(
+        &mut self,
+        limits: &Limits,
+        costs: Costs,
+        debit: Costs,
         now: Tick,
         window_nanos: u64,
     ) -> Reservation {
@@ -2164,7 +2178,7 @@ impl KeyState {
         for dimension in Dimension::ALL {
             let bucket = &mut state.buckets[index(dimension)];
             if bucket.limit(configured(limits, dimension)).is_some() {
-                bucket.level = bucket.level.saturating_sub(units(costs.get(dimension)));
+                bucket.level = bucket.level.saturating_sub(units(debit.get(dimension)));
             }
         }
         Reservation::Admitted
@@ -2319,11 +2333,16 @@ impl KeyState {
         now: Tick,
         window_nanos: u64,
     ) -> Reservation {
-        let answer = self.reserve(limits, with, now, window_nanos);
-        if answer == Reservation::Admitted && headroom != Costs::default() {
-            self.settle(limits, CostDelta::refund(headroom), now, window_nanos);
-        }
-        answer
+        // The headroom is never debited: in one pass, what reserving
+        // `with` and then refunding `headroom` leaves (the refund, at the
+        // same instant, can only undo the debit: the level after the
+        // refill is at most the capacity).
+        let debit = Costs {
+            requests: with.requests.saturating_sub(headroom.requests),
+            input_tokens: with.input_tokens.saturating_sub(headroom.input_tokens),
+            output_tokens: with.output_tokens.saturating_sub(headroom.output_tokens),
+        };
+        self.reserve_debiting(limits, with, debit, now, window_nanos)
     }
 
     /// The refill time of `costs` in the tightest dimension with a limit in
@@ -2373,14 +2392,14 @@ impl KeyState {
     fn sync_all(
         &mut self,
         limits: &Limits,
-        statuses: [LimitStatus; 3],
+        statuses: &[LimitStatus; 3],
         now: Tick,
         window_nanos: u64,
     ) -> [u64; 2] {
         let state = self;
         state.touch(now.at);
         let mut lowered_tokens = [0; 2];
-        for (dimension, status) in Dimension::ALL.into_iter().zip(statuses) {
+        for (dimension, &status) in Dimension::ALL.into_iter().zip(statuses) {
             if !status.is_empty() {
                 let lowered = state.buckets[index(dimension)].sync(
                     limits,
@@ -2617,7 +2636,7 @@ impl PackedBuckets {
             return [0; 2];
         }
         let mut state = self.unpack(now);
-        let lowered = state.sync_all(limits, statuses, now, MINUTE_NANOS);
+        let lowered = state.sync_all(limits, &statuses, now, MINUTE_NANOS);
         self.pack(&state);
         if statuses.iter().any(|s| s.limit.is_some()) {
             self.pack_learned(&state);
@@ -2634,7 +2653,7 @@ impl PackedBuckets {
     pub(crate) fn sync_and_settle(
         &mut self,
         limits: &Limits,
-        statuses: Option<[LimitStatus; 3]>,
+        statuses: Option<&[LimitStatus; 3]>,
         now: Tick,
         settlement: impl FnOnce([u64; 2]) -> Option<CostDelta>,
     ) -> [u64; 2] {
@@ -2893,6 +2912,64 @@ mod tests {
         }
     }
 
+    /// A reservation that keeps a headroom free (`reserve_keeping`, one
+    /// pass over the buckets) answers and leaves the buckets as reserving
+    /// the costs with the headroom and then refunding the headroom does,
+    /// from buckets full, partly used, in debt or never used, with limits
+    /// configured or not.
+    #[test]
+    fn keeping_a_headroom_is_reserving_it_and_refunding_it() {
+        for seed in 0..200 {
+            let mut rng = Lcg(seed);
+            let epoch = Epoch::now();
+            let start = Instant::now();
+            let limits = Limits {
+                requests_per_minute: rng.maybe(|g| 1 + g.upto(100)),
+                input_tokens_per_minute: rng.maybe(|g| 1_000 + g.upto(100_000)),
+                output_tokens_per_minute: rng.maybe(|g| 500 + g.upto(20_000)),
+            };
+            let (mut one, mut two) = (PackedBuckets::default(), PackedBuckets::default());
+            let mut now = start;
+            for step in 0..60 {
+                now += Duration::from_nanos(rng.upto(3_000_000_000));
+                let tick = epoch.tick(now);
+                if rng.upto(4) == 0 {
+                    // A charge or refund between the reservations.
+                    let delta = CostDelta {
+                        requests: 0,
+                        input_tokens: rng.upto(60_000) as i64 - 20_000,
+                        output_tokens: rng.upto(6_000) as i64 - 2_000,
+                    };
+                    one.settle(&limits, delta, tick);
+                    two.settle(&limits, delta, tick);
+                }
+                let costs = Costs {
+                    requests: rng.upto(2),
+                    input_tokens: rng.upto(30_000),
+                    output_tokens: rng.upto(3_000),
+                };
+                let headroom = Costs {
+                    requests: 0,
+                    input_tokens: rng.upto(10_000),
+                    output_tokens: 0,
+                };
+                let with = add_costs(costs, headroom);
+                let kept = one.reserve_keeping(&limits, with, headroom, tick);
+                let reserved = two.reserve(&limits, with, tick);
+                if reserved == Reservation::Admitted {
+                    two.settle(&limits, CostDelta::refund(headroom), tick);
+                }
+                assert_eq!(kept, reserved, "seed {seed} step {step}");
+                // The levels, to the unit, and their timestamps.
+                assert_eq!(
+                    format!("{one:?}"),
+                    format!("{two:?}"),
+                    "seed {seed} step {step}"
+                );
+            }
+        }
+    }
+
     /// The packed buckets a budget keeps in its own key entries give the
     /// same answers and the same state as an [`InMemoryLedger`] (one-minute
     /// window) over random operations: reservations, charges and refunds,
@@ -2967,7 +3044,7 @@ mod tests {
                         ledger.settle_at(KEY, &limits, delta, now);
                         if ledger.state_at(KEY, &limits, now).is_some() {
                             let tick = epoch.tick(now);
-                            packed.sync_and_settle(&limits, Some(statuses), tick, |_| Some(delta));
+                            packed.sync_and_settle(&limits, Some(&statuses), tick, |_| Some(delta));
                         }
                     }
                     _ => {

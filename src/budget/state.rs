@@ -54,7 +54,7 @@ use super::prefix::{WriteGuard, Writers};
 use super::snapshot::{BudgetSnapshot, DimensionSnapshot, KeySnapshot};
 use crate::estimate::SlidingQuantile;
 use crate::estimate::{Estimate, SharedPromptCache, TokenEstimator};
-use crate::headers::LimitStatus;
+use crate::headers::{LimitStatus, Resets};
 use crate::queue::Removed;
 use crate::Dimension;
 
@@ -421,6 +421,10 @@ pub(crate) struct Shared {
     pub(crate) estimator: Arc<dyn TokenEstimator>,
     /// The keys, sharded: no admission waits for work over all keys.
     keys: Arc<KeyMap<KeyCell>>,
+    /// The hash of each class's name in [`Shared::keys`] (the key of a
+    /// request without a caller), by [`ModelClass::ALL`]'s order: computed
+    /// once, not per request.
+    class_hashes: [u64; ModelClass::ALL.len()],
     /// Whether the budget keeps its own in-memory ledger inside its key
     /// entries (no ledger was given): one map of keys, one copy of each
     /// key's name, and the ledger's operations done under the key's lock.
@@ -893,6 +897,7 @@ impl Shared {
         estimator: Arc<dyn TokenEstimator>,
     ) -> Self {
         let keys = Arc::new(KeyMap::new());
+        let class_hashes = ModelClass::ALL.map(|class| keys.hash(class.as_str()));
         let epoch = Epoch::now();
         let own = ledger.is_none();
         let ledger = ledger.unwrap_or_else(|| {
@@ -916,6 +921,7 @@ impl Shared {
             ledger,
             estimator,
             keys,
+            class_hashes,
             own,
             epoch,
             counters: Counters::default(),
@@ -943,14 +949,35 @@ impl Shared {
     /// time) when half the idle time passed: amortized O(1) per new key, and
     /// no background task.
     /// `None` if the key is new and the budget holds its most keys, none idle.
-    fn key_cell(&self, lookup: &str, class: ModelClass, limits: &Limits) -> Option<Arc<KeyCell>> {
+    ///
+    /// A key without a caller is its class's name, one of a few: its hash
+    /// was computed once, when the budget was made ([`Shared::class_hashes`]).
+    fn key_cell(
+        &self,
+        caller: Option<&str>,
+        class: ModelClass,
+        limits: &Limits,
+    ) -> Option<Arc<KeyCell>> {
+        let name = class.as_str();
+        let lookup;
+        let (lookup, hash) = match caller {
+            None => {
+                let hash = self.class_hashes.get(class as usize).copied();
+                (name, hash.unwrap_or_else(|| self.keys.hash(name)))
+            }
+            Some(caller) => {
+                lookup = format!("{caller}/{name}");
+                (lookup.as_str(), self.keys.hash(&lookup))
+            }
+        };
         let idle = self.settings.idle_key_eviction;
         // The clock is read only for a new key (or a sweep), not for every
         // request on a known one.
         let now = std::cell::OnceCell::new();
         let now = || *now.get_or_init(Instant::now);
-        self.keys.get_or_insert(
+        self.keys.get_or_insert_hashed(
             lookup,
+            hash,
             self.settings.max_keys,
             idle / 2,
             |key| new_cell(key, class, limits, self.epoch.nanos(now())),
@@ -977,12 +1004,9 @@ impl Shared {
         let class = class_of(estimate.model.as_ref());
         let limits = self.settings.limits.limits_for(class);
         let cache_reads_count = class.cache_reads_count_toward_itpm();
-        let name = class.as_str();
-        let cell = match caller {
-            None => self.key_cell(name, class, &limits),
-            Some(caller) => self.key_cell(&format!("{caller}/{name}"), class, &limits),
-        }
-        .ok_or(CallerRefusal::TooManyKeys)?;
+        let cell = self
+            .key_cell(caller, class, &limits)
+            .ok_or(CallerRefusal::TooManyKeys)?;
         let output_tokens = {
             let mut ks = lock_key(&cell);
             ks.estimates = ks.estimates.saturating_add(1);
@@ -1660,7 +1684,7 @@ impl Shared {
         }
         let next = if held_sync.is_some() || !delta.is_zero() {
             let wake_head = held_sync.is_some() || freed;
-            self.apply_own(&mut ks, charge, Some(delta), held_sync, wake_head)
+            self.apply_own(&mut ks, charge, Some(delta), held_sync.as_ref(), wake_head)
         } else {
             None
         };
@@ -1703,7 +1727,7 @@ impl Shared {
             return self.run(charge, op, wake_head);
         }
         let mut ks = lock_key(&charge.cell);
-        let next = self.apply_own(&mut ks, charge, delta, statuses, wake_head);
+        let next = self.apply_own(&mut ks, charge, delta, statuses.as_ref(), wake_head);
         drop(ks);
         wake(next);
     }
@@ -1716,7 +1740,7 @@ impl Shared {
         ks: &mut KeyState,
         charge: &Charge,
         delta: Option<CostDelta>,
-        statuses: Option<[LimitStatus; 3]>,
+        statuses: Option<&[LimitStatus; 3]>,
         wake_head: bool,
     ) -> Option<Waker> {
         let now = self.epoch.tick(Instant::now());
@@ -1784,6 +1808,18 @@ impl Shared {
         self.correct(charge, CostDelta::refund(charge.costs), None);
     }
 
+    /// Which of a response's `anthropic-ratelimit-*-reset` headers a sync
+    /// looks at: with the budget's own buckets, only those of a limit whose
+    /// `remaining` is not given (they sync to `remaining` where it is); a
+    /// ledger of the user's is given every one.
+    pub(crate) fn resets_synced(&self) -> Resets {
+        if self.own {
+            Resets::WithoutRemaining
+        } else {
+            Resets::All
+        }
+    }
+
     /// Aligns the key's buckets with a response's `anthropic-ratelimit-*`
     /// headers, read by
     /// [`RateLimitSnapshot::budget_statuses`](crate::headers::RateLimitSnapshot::budget_statuses).
@@ -1826,7 +1862,7 @@ impl Shared {
                 (true, Some(ks)) => {
                     // The budget's own buckets: synced under the lock the
                     // limits were learned under.
-                    let next = self.apply_own(ks, charge, None, Some(statuses), true);
+                    let next = self.apply_own(ks, charge, None, Some(&statuses), true);
                     drop(locked.take());
                     wake(next);
                 }
@@ -2454,6 +2490,23 @@ mod tests {
             .output_quantile(0.5)
             .build();
         layer.shared.settings.clone()
+    }
+
+    /// A request without a caller is found under its class's name by the
+    /// hash computed when the budget was made: each class's is its name's,
+    /// at the class's place.
+    #[test]
+    fn each_class_key_is_found_by_its_names_hash() {
+        let layer = TokenBudgetLayer::builder().build();
+        let shared = &layer.shared;
+        for (i, class) in ModelClass::ALL.into_iter().enumerate() {
+            assert_eq!(class as usize, i, "{class}");
+            assert_eq!(
+                shared.class_hashes[i],
+                shared.keys.hash(class.as_str()),
+                "{class}"
+            );
+        }
     }
 
     /// The class a request is charged under is its model name's, whatever
