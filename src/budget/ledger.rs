@@ -817,9 +817,10 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// own breakpoint). The budget holds while this says so, at most
     /// [`MAX_QUEUED_HOLD`] in all. The
     /// marker lives while its request waits and asks again (each refused
-    /// ask renews it for its wait plus a grace) or holds itself (renewed
-    /// before it lapses, at most [`MAX_QUEUED_HOLD`] from its first hold),
-    /// so a process that went away holds no one for long. The default: `false`.
+    /// ask renews it for its wait plus a grace), or holds itself, or waits
+    /// in its process's line behind another (renewed before it lapses, at
+    /// most [`MAX_QUEUED_HOLD`] from the first such wait), so a process
+    /// that went away holds no one for long. The default: `false`.
     fn prefix_queued(&self, hash: u64) -> bool {
         let _ = hash;
         false
@@ -845,7 +846,10 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// the marker at least until that head asks again, plus the grace
     /// (the head's refused asks renew it: see
     /// [`PrefixIntent::queued_for`]), so that it lives while its request
-    /// waits and ends by itself if the process went away.
+    /// waits and ends by itself if the process went away. The budget calls
+    /// this again for the same request to renew the marker while that
+    /// request asks nothing itself (it holds, or waits behind a head that
+    /// holds).
     ///
     /// # Why: nested prefixes are written shortest first
     ///

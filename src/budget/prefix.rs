@@ -621,7 +621,8 @@ fn fleet_writing(
 /// held request reads it. The hold ends sooner when the marker goes: its
 /// request admitted and its answer begun, cancelled, refused, or its
 /// process gone (the marker is renewed by its request's asks, and while
-/// its request itself holds, `Shared::renew_queued`); the ledger's view
+/// its request itself holds or waits behind its process's head,
+/// `Shared::renew_queued`); the ledger's view
 /// then wakes the held request.
 pub(crate) fn hold_on(
     shared: &Shared,
