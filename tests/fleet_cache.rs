@@ -1286,6 +1286,59 @@ async fn a_request_behind_a_held_head_keeps_its_queued_marker() {
     );
 }
 
+/// A held turn 2 holds on past a minute (`MAX_QUEUED_HOLD`) while turn 1,
+/// queued in process B behind two heads that wait about 50 s and 40 s for
+/// the refill, still waits its turn (its marker renewed by those heads'
+/// refused asks): it goes once turn 1's answer began, about 90 s in,
+/// reading its prefix. Before, the hold ended at 60 s, turn 2 went first
+/// and the server wrote turn 1's prefix twice (the 1,713-token double
+/// write of a 16-process run on Redis: turn 4 held 60 s for turn 3, which
+/// went 11 s after it).
+#[tokio::test(start_paused = true)]
+async fn a_held_turn_holds_past_a_minute_while_the_earlier_turn_waits_its_turn() {
+    let (_, a, b) = two_views(true);
+    let server = Arc::new(Server::default());
+    let budget = |ledger| turn_budget(&server, ledger);
+    let (a, b) = (budget(a), budget(b));
+    // Its answer is held unread: nothing settles it meanwhile.
+    let filler = tokio::spawn(b.clone().oneshot(named(large(116_000), "h1")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let first = tokio::spawn(b.clone().oneshot(named(large(110_000), "h2")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = tokio::spawn(b.clone().oneshot(named(large(80_000), "h3")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t1 = send(&b, named(turn(1), "t1"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let start = Instant::now();
+    let t2 = send(&a, named(turn(2), "t2"));
+    for task in [t1, t2] {
+        task.await.expect("task");
+    }
+    for task in [first, second, filler] {
+        task.abort();
+    }
+    let sent = server.sent.lock().expect("lock").clone();
+    let at = |name| sent[name].0 - start;
+    let began = |name| sent[name].1 - start;
+    assert!(
+        at("t1") > Duration::from_secs(70),
+        "turn 1 stayed queued past a minute: {:?}",
+        at("t1")
+    );
+    assert!(
+        at("t2") >= began("t1"),
+        "turn 2 held on for turn 1: {:?} {:?}",
+        at("t2"),
+        began("t1")
+    );
+    assert!(
+        at("t2") < began("t1") + Duration::from_secs(2),
+        "and went soon after: {:?} {:?}",
+        at("t2"),
+        began("t1")
+    );
+}
+
 /// A held request cancelled after its marker was renewed takes the marker
 /// with it at once: turn 3, holding for it, goes then.
 #[tokio::test(start_paused = true)]
