@@ -690,7 +690,16 @@ async fn a_request_holds_for_another_processes_writer_of_its_prefix() {
 /// at its end), after a system prompt of about 3,000 tokens: turn 1's
 /// cache prefix is a prefix of turn 2's.
 fn turn(n: usize) -> Request<Full<Bytes>> {
-    let system = "Answer as the reference manual of the tower-llm-limits crate would. ".repeat(230);
+    turn_of(
+        "Answer as the reference manual of the tower-llm-limits crate would. ",
+        n,
+    )
+}
+
+/// [`turn`] of a conversation whose system prompt is `sentence` repeated
+/// (another sentence: another conversation, sharing no prefix with it).
+fn turn_of(sentence: &str, n: usize) -> Request<Full<Bytes>> {
+    let system = sentence.repeat(230);
     let question = |text: &str, breakpoint: bool| {
         let mut block = serde_json::json!({"type": "text", "text": text});
         if breakpoint {
@@ -751,6 +760,8 @@ fn recording_upstream(server: Arc<Server>) -> Upstream {
             Some("t2") => "t2",
             Some("t3") => "t3",
             Some("h1") => "h1",
+            Some("y1") => "y1",
+            Some("y2") => "y2",
             _ => "h2",
         };
         let server = Arc::clone(&server);
@@ -1207,6 +1218,125 @@ async fn a_held_requests_queued_marker_lives_while_it_holds() {
         at("t1")
     );
     turn_three_held_on(start, &sent);
+}
+
+/// A request waiting in its process's line behind a held head renews its
+/// own queued marker while it waits (the held head asks nothing that
+/// would): process A's turn 2 of conversation X holds for X's turn 1,
+/// queued in process B behind a head that waits about 40 s; behind it in
+/// A's line waits turn 1 of conversation Y, and process C's turn 2 of Y,
+/// arriving 2 s later, holds for it. Y's turn 2 holds on until Y's turn
+/// 1's answer began, and reads its prefix (written once). Before, Y's
+/// turn 1's marker lapsed at 6 s (the longest hold for its write, 5 s,
+/// plus the line's grace) and Y's turn 2 went then, first, writing the
+/// prefix Y's turn 1 then wrote again (the double write of 16-process
+/// runs on Redis).
+#[tokio::test(start_paused = true)]
+async fn a_request_behind_a_held_head_keeps_its_queued_marker() {
+    let [a, b, c] = three_views();
+    let server = Arc::new(Server::default());
+    let budget = |ledger| turn_budget(&server, ledger);
+    let (a, b, c) = (budget(a), budget(b), budget(c));
+    let y = |n| turn_of("Answer as the changelog of the emulator crate would. ", n);
+    // Its answer is held unread: nothing settles it meanwhile.
+    let filler = tokio::spawn(b.clone().oneshot(named(large(116_000), "h1")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let blocker = tokio::spawn(b.clone().oneshot(named(large(90_000), "h2")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let x1 = send(&b, named(turn(1), "t1"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let start = Instant::now();
+    let x2 = send(&a, named(turn(2), "t2"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let y1 = send(&a, named(y(1), "y1"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let y2 = send(&c, named(y(2), "y2"));
+    for task in [x1, x2, y1, y2] {
+        task.await.expect("task");
+    }
+    for task in [blocker, filler] {
+        task.abort();
+    }
+    let sent = server.sent.lock().expect("lock").clone();
+    let at = |name| sent[name].0 - start;
+    let began = |name| sent[name].1 - start;
+    assert!(
+        at("t1") > Duration::from_secs(30),
+        "X's turn 1 stayed queued: {:?}",
+        at("t1")
+    );
+    assert!(
+        at("t2") >= began("t1") && at("y1") >= at("t2"),
+        "X's turn 2 held for turn 1, Y's turn 1 waited behind it: {:?} {:?} {:?}",
+        began("t1"),
+        at("t2"),
+        at("y1")
+    );
+    assert!(
+        at("y2") >= began("y1"),
+        "Y's turn 2 held on for Y's turn 1: {:?} {:?}",
+        at("y2"),
+        began("y1")
+    );
+    assert!(
+        at("y2") < began("y1") + Duration::from_secs(2),
+        "and went soon after: {:?} {:?}",
+        at("y2"),
+        began("y1")
+    );
+}
+
+/// A held turn 2 holds on past a minute (`MAX_QUEUED_HOLD`) while turn 1,
+/// queued in process B behind two heads that wait about 50 s and 40 s for
+/// the refill, still waits its turn (its marker renewed by those heads'
+/// refused asks): it goes once turn 1's answer began, about 90 s in,
+/// reading its prefix. Before, the hold ended at 60 s, turn 2 went first
+/// and the server wrote turn 1's prefix twice (the 1,713-token double
+/// write of a 16-process run on Redis: turn 4 held 60 s for turn 3, which
+/// went 11 s after it).
+#[tokio::test(start_paused = true)]
+async fn a_held_turn_holds_past_a_minute_while_the_earlier_turn_waits_its_turn() {
+    let (_, a, b) = two_views(true);
+    let server = Arc::new(Server::default());
+    let budget = |ledger| turn_budget(&server, ledger);
+    let (a, b) = (budget(a), budget(b));
+    // Its answer is held unread: nothing settles it meanwhile.
+    let filler = tokio::spawn(b.clone().oneshot(named(large(116_000), "h1")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let first = tokio::spawn(b.clone().oneshot(named(large(110_000), "h2")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = tokio::spawn(b.clone().oneshot(named(large(80_000), "h3")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t1 = send(&b, named(turn(1), "t1"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let start = Instant::now();
+    let t2 = send(&a, named(turn(2), "t2"));
+    for task in [t1, t2] {
+        task.await.expect("task");
+    }
+    for task in [first, second, filler] {
+        task.abort();
+    }
+    let sent = server.sent.lock().expect("lock").clone();
+    let at = |name| sent[name].0 - start;
+    let began = |name| sent[name].1 - start;
+    assert!(
+        at("t1") > Duration::from_secs(70),
+        "turn 1 stayed queued past a minute: {:?}",
+        at("t1")
+    );
+    assert!(
+        at("t2") >= began("t1"),
+        "turn 2 held on for turn 1: {:?} {:?}",
+        at("t2"),
+        began("t1")
+    );
+    assert!(
+        at("t2") < began("t1") + Duration::from_secs(2),
+        "and went soon after: {:?} {:?}",
+        at("t2"),
+        began("t1")
+    );
 }
 
 /// A held request cancelled after its marker was renewed takes the marker

@@ -202,6 +202,22 @@ async fn run_fleet(
     )
     .await;
     progress.finish();
+    if tracing::enabled!(target: "simulate", tracing::Level::DEBUG) {
+        // Who wrote what: each attempt's usage, in the order sent.
+        for a in log.snapshot() {
+            let u = a.usage.as_ref();
+            tracing::debug!(
+                target: "simulate",
+                item = a.request,
+                sent_ms = a.sent.as_millis() as u64,
+                status = a.status,
+                input = u.map(|u| u.input_tokens),
+                cache_write = u.map(|u| u.cache_creation_input_tokens),
+                cache_read = u.map(|u| u.cache_read_input_tokens),
+                "attempt"
+            );
+        }
+    }
     let charged = emu::charged(&emulator, args.reserve_mode());
     let cache_read_tokens = emu::cache_tokens(&emulator).0;
     let row = report::row(&name, &outcomes, log.snapshot(), charged, limits, None);
@@ -259,6 +275,8 @@ struct Fleet {
     stacks: Arc<Mutex<Vec<Client>>>,
     next: Arc<AtomicUsize>,
     mine: Client,
+    /// The index of `mine`, for the trace (`SIMULATE_TRACE`).
+    index: usize,
 }
 
 impl Fleet {
@@ -269,6 +287,7 @@ impl Fleet {
             stacks,
             next: Arc::new(AtomicUsize::new(1)),
             mine,
+            index: 0,
         }
     }
 }
@@ -281,6 +300,7 @@ impl Clone for Fleet {
             stacks: self.stacks.clone(),
             next: self.next.clone(),
             mine: stacks[i].clone(),
+            index: i,
         }
     }
 }
@@ -288,14 +308,23 @@ impl Clone for Fleet {
 impl Service<Request<Full<Bytes>>> for Fleet {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = <Client as Service<Request<Full<Bytes>>>>::Future;
+    type Future =
+        tracing::instrument::Instrumented<<Client as Service<Request<Full<Bytes>>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.mine.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
-        self.mine.call(req)
+        use tracing::Instrument;
+        // The trace's events of this request carry its stack and index.
+        let item = req
+            .headers()
+            .get(run::REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<usize>().ok());
+        let span = tracing::debug_span!("req", stack = self.index, item);
+        self.mine.call(req).instrument(span)
     }
 }
 

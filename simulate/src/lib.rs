@@ -97,6 +97,7 @@ use workload::{Item, Workload};
 ///
 /// Returns success, or failure after printing the reason on stderr.
 pub fn run(args: Args) -> ExitCode {
+    trace_from_env();
     let virtual_time = !args.real_time && args.target.is_none() && args.redis.is_none();
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
@@ -117,6 +118,22 @@ pub fn run(args: Args) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// With `SIMULATE_TRACE` set (a `tracing` filter, such as
+/// `tower_llm_limits=debug,simulate=debug`), the events it lets through go
+/// to stderr, each with the time since the start: a fleet's requests carry
+/// their stack and workload index (`req{stack item}`).
+fn trace_from_env() {
+    let Ok(filter) = std::env::var("SIMULATE_TRACE") else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .try_init();
 }
 
 async fn run_all(args: Args, virtual_time: bool) -> Result<(), String> {

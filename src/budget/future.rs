@@ -670,7 +670,13 @@ where
                     shared.renew_queued(ch, &mut p.admission, cx);
                     Poll::Pending
                 } else {
-                    shared.poll_admit(ch, &mut p.admission, cx)
+                    let polled = shared.poll_admit(ch, &mut p.admission, cx);
+                    if polled.is_pending() && p.admission.waits_behind() {
+                        // Behind its process's head, which may hold asking
+                        // nothing: its queued marker is renewed too.
+                        shared.renew_queued(ch, &mut p.admission, cx);
+                    }
+                    polled
                 }
             }
             Poll::Pending => Poll::Pending,
@@ -748,6 +754,10 @@ fn hold_in_line(
     };
     if writing.is_none() {
         // The write began (and was read) or failed.
+        tracing::debug!(
+            key = super::callers::logged_key(charge.key()),
+            "budget: the hold ends: the write held for began, or its marker went"
+        );
         *state = PrefixWait::Done;
         return false;
     }
@@ -756,6 +766,10 @@ fn hold_in_line(
         if prefix::hold_on(shared, charge, state, cx) {
             return true;
         }
+        tracing::debug!(
+            key = super::callers::logged_key(charge.key()),
+            "budget: held to its bound; it goes charged in full"
+        );
         *state = PrefixWait::HeldToBound;
         return false;
     }

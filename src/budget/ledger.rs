@@ -412,10 +412,17 @@ pub const LINE_DELAY_BOUND: Duration = super::admission::HEAD_DELAY_BOUND;
 /// ticket's head, whose own wait ends then, to ask first.
 pub const LINE_RECHECK: Duration = Duration::from_millis(20);
 
-/// The longest a request holds, in all, for another process's request
-/// that writes a shorter prefix of its prompt and is still queued in its
-/// process's line ([`Ledger::prefix_queued`]), through that request's
-/// admission until its answer begins.
+/// The longest a request renews its own queued marker
+/// ([`Ledger::prefixes_queued`]) while it asks the ledger nothing (it
+/// holds in line, or waits behind its process's head), from the first
+/// such wait; and how often a request holding for another process's
+/// request that writes a shorter prefix of its prompt and is still queued
+/// in its process's line ([`Ledger::prefix_queued`]) checks that it still
+/// is. It holds while that marker lives (renewed by the queued request's
+/// refused asks, as long as it waits its turn in the fleet's line),
+/// through that request's admission until its answer begins: a hold for a
+/// request that asks nothing, or a cycle of holds across processes, ends
+/// within this bound of the marker's last renewal.
 ///
 /// Why a minute: it is the limits' window. In a minute every bucket
 /// refills whole, so a queued request that has not gone by then waits
@@ -424,7 +431,8 @@ pub const LINE_RECHECK: Duration = Duration::from_millis(20);
 /// 16 processes, a conversation's turn 3 waited 34 s in its process's line
 /// after its turn 4, in another process, began to hold for it: a hold
 /// bounded by the prefix's refill time (14.4 s there) ended first, and the
-/// server wrote turn 3's prefix twice.
+/// server wrote turn 3's prefix twice. A hold capped at this minute ended
+/// the same way while turn 3, alive, still waited its turn (71 s in all).
 pub const MAX_QUEUED_HOLD: Duration = Duration::from_secs(60);
 
 /// The state of one bucket, for snapshots.
@@ -814,12 +822,12 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// longer than that, and a request that goes before it writes the
     /// shared part of their prompts first, which the queued request then
     /// writes again (the server's entry for the longer prompt ends at its
-    /// own breakpoint). The budget holds while this says so, at most
-    /// [`MAX_QUEUED_HOLD`] in all. The
+    /// own breakpoint). The budget holds while this says so. The
     /// marker lives while its request waits and asks again (each refused
-    /// ask renews it for its wait plus a grace) or holds itself (renewed
-    /// before it lapses, at most [`MAX_QUEUED_HOLD`] from its first hold),
-    /// so a process that went away holds no one for long. The default: `false`.
+    /// ask renews it for its wait plus a grace), or holds itself, or waits
+    /// in its process's line behind another (renewed before it lapses, at
+    /// most [`MAX_QUEUED_HOLD`] from the first such wait), so a process
+    /// that went away holds no one for long. The default: `false`.
     fn prefix_queued(&self, hash: u64) -> bool {
         let _ = hash;
         false
@@ -845,7 +853,10 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     /// the marker at least until that head asks again, plus the grace
     /// (the head's refused asks renew it: see
     /// [`PrefixIntent::queued_for`]), so that it lives while its request
-    /// waits and ends by itself if the process went away.
+    /// waits and ends by itself if the process went away. The budget calls
+    /// this again for the same request to renew the marker while that
+    /// request asks nothing itself (it holds, or waits behind a head that
+    /// holds).
     ///
     /// # Why: nested prefixes are written shortest first
     ///

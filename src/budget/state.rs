@@ -773,8 +773,9 @@ struct Renewal {
     /// When the marker it last wrote lapses at the earliest (the ledger may
     /// keep it longer).
     until: Instant,
-    /// When it first held in line for a longer prefix being written: it
-    /// renews its marker while it holds, until [`MAX_QUEUED_HOLD`] after.
+    /// When it first held in line for a longer prefix being written, or
+    /// waited behind another in its process's line: it renews its marker
+    /// while it does, until [`MAX_QUEUED_HOLD`] after.
     held_since: Option<Instant>,
     /// Wakes a holding request to renew its marker before it lapses.
     timer: Option<Pin<Box<Sleep>>>,
@@ -837,6 +838,12 @@ impl Admission {
     /// named (the requests behind it wait for their turn, with no timer).
     pub(crate) fn waits_at_head(&self) -> bool {
         self.sleep.is_some() && self.place.is_some()
+    }
+
+    /// Whether the request waits in its queue behind another, for its
+    /// turn (no timer of its own, no question in flight).
+    pub(crate) fn waits_behind(&self) -> bool {
+        self.place.is_some() && self.sleep.is_none() && self.asking.is_none()
     }
 }
 
@@ -1273,7 +1280,17 @@ impl Shared {
                     .as_millis() as u64,
                 input_tokens = charge.costs.input_tokens,
                 output_tokens = charge.costs.output_tokens,
+                writes = charge.estimate.cache_writes.iter().map(|w| w.tokens).max(),
+                reads = charge.prefix_read.max(charge.estimate.cache_read_tokens),
                 "budget: admitted after waiting"
+            );
+        } else if self.writers.fleet().is_some() {
+            tracing::debug!(
+                key = super::callers::logged_key(charge.key()),
+                input_tokens = charge.costs.input_tokens,
+                writes = charge.estimate.cache_writes.iter().map(|w| w.tokens).max(),
+                reads = charge.prefix_read.max(charge.estimate.cache_read_tokens),
+                "budget: admitted at its first ask"
             );
         }
     }
@@ -1336,21 +1353,33 @@ impl Shared {
             adm.line_id = next_line_id();
         }
         let writes = super::prefix::write_hashes(charge);
+        tracing::debug!(
+            key = super::callers::logged_key(charge.key()),
+            tokens,
+            queued_for_ms = queued_for.as_millis() as u64,
+            "budget: behind others in line; its writes marked as queued"
+        );
         self.ledger
             .prefixes_queued(charge.key(), adm.line_id, &writes, tokens, queued_for);
         adm.marked_until(Instant::now() + queued_for);
     }
 
-    /// While a request holds in line for a longer prefix being written (it
-    /// asks the ledger nothing meanwhile), renews its own queued marker
-    /// ([`Ledger::prefixes_queued`]) [`LINE_GRACE`] before it would lapse,
-    /// and wakes the request then: the requests of other processes that
-    /// hold for it hold on. At most until [`MAX_QUEUED_HOLD`] after it
-    /// first held, so a stuck process holds no one for ever.
+    /// While a request holds in line for a longer prefix being written, or
+    /// waits in its process's line behind another (it asks the ledger
+    /// nothing meanwhile, and a head that holds asks nothing either),
+    /// renews its own queued marker ([`Ledger::prefixes_queued`])
+    /// [`LINE_GRACE`] before it would lapse, and wakes the request then:
+    /// the requests of other processes that hold for it hold on. At most
+    /// until [`MAX_QUEUED_HOLD`] after it first held or waited so, so a
+    /// stuck process holds no one for ever.
     ///
     /// Why: a held turn 3 whose marker lapsed after 13.4 s let turn 4 of
     /// its conversation, holding for it in another process, go with turn
-    /// 2, writing their shared prefix twice (traced at 16 processes).
+    /// 2, writing their shared prefix twice (traced at 16 processes). A
+    /// request behind a held head lost its marker the same way: only its
+    /// head's refused asks renewed it, and a held head asks nothing
+    /// (`tests/fleet_cache.rs`: the later turn went at 6 s, 39 s before
+    /// it).
     pub(crate) fn renew_queued(&self, charge: &Charge, adm: &mut Admission, cx: &mut Context<'_>) {
         let marker = super::prefix::queued_marker(self, charge);
         let (Some((tokens, queued_for)), true, Some(r)) =
@@ -1512,6 +1541,13 @@ impl Shared {
                 }
                 // Its sleep ends the grace (see `ask`).
                 adm.in_grace = graced && retry_in == self.ledger.writer_grace();
+                tracing::debug!(
+                    key = super::callers::logged_key(charge.key()),
+                    retry_in_ms = retry_in.as_millis() as u64,
+                    %dimension,
+                    grace = adm.in_grace,
+                    "budget: the ledger answered a wait"
+                );
                 (
                     self.wait(ks, charge, adm, (retry_in, dimension), turn),
                     None,

@@ -1234,8 +1234,9 @@ impl Ledger for RedisLedger {
             return;
         }
         let names: Vec<u64> = writes.iter().map(|&h| prompt::name(h)).collect();
-        // A request already mirrored renews its marker (a held request
-        // asks nothing meanwhile): sent again, counted once.
+        // A request already mirrored renews its marker (a held request, or
+        // one behind a held head, asks nothing meanwhile): sent again,
+        // counted once.
         mirror.queue(key, request, &names);
         // Until its process's head asks again at least (each of the head's
         // refused asks renews it), plus the grace.
