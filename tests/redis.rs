@@ -1754,6 +1754,58 @@ async fn a_sync_allows_for_the_thousands_rounding_and_only_lowers() {
     assert!(input(&ledger).await < 3_020.0);
 }
 
+/// A header sync rides on the key's next call, which may come much later:
+/// the server's remaining is as of when the headers were read, and the
+/// server's bucket has refilled since. The shared bucket is lowered to the
+/// remaining plus that refill, not to the bare remaining (which would keep
+/// the fleet below the limit for the rest of the window).
+#[tokio::test]
+async fn a_late_sync_counts_the_refill_since_its_headers_were_read() {
+    let Some(url) = redis_url() else { return };
+    let ledger = RedisLedger::builder(&url)
+        .prefix(unique_prefix("late-sync"))
+        .connect()
+        .await
+        .expect("connect");
+    // 60,000 ITPM refills one token per millisecond.
+    let limits = Limits::new().itpm(60_000);
+    assert_eq!(
+        ledger
+            .reserve("k", &limits, costs(0, 50_000, 0))
+            .await
+            .expect("reserve"),
+        Reservation::Admitted
+    );
+    // The server says nothing is left; the sync waits in this process.
+    ledger
+        .sync(
+            "k",
+            &limits,
+            Dimension::InputTokens,
+            LimitStatus {
+                limit: None,
+                remaining: Some(0),
+                reset_in: None,
+            },
+        )
+        .await
+        .expect("sync");
+    let read = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ledger.flush().await.expect("flush");
+    let level = ledger
+        .state("k", &limits)
+        .await
+        .expect("state")
+        .expect("known")[1]
+        .available;
+    let since = read.elapsed().as_secs_f64() * 1_000.0;
+    assert!(
+        level >= 290.0 && level <= since + 5.0,
+        "lowered to the remaining plus {since:.0} ms of refill: {level}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Through the budget layer.
 

@@ -63,7 +63,9 @@
 --                                  will write (longest `tokens`), for `for`
 --   D n name1..namen               prefixes no longer queued here
 --   S L1 L2 L3 d1 d2 d3            settle (a correction, + charges, - refunds)
---   Y L1 L2 L3 dim limit rem reset  sync (-1 = absent; reset in microseconds)
+--   Y L1 L2 L3 dim limit rem reset age  sync (-1 = absent; reset in
+--                                  microseconds; age: microseconds since
+--                                  the answer's headers were read)
 --   R L1 L2 L3 c1 c2 c3            reserve (last operation only)
 --   H L1 L2 L3 c1 c2 c3 h1 h2 h3   reserve c, admitted only if h stays free
 --                                  after it (last operation only)
@@ -185,7 +187,7 @@ local function settle(limits, delta)
   end
 end
 
-local function sync(limits, i, reported, remaining, reset)
+local function sync(limits, i, reported, remaining, reset, age)
   exists = true
   h.k = 1
   if reported > 0 then h['n' .. i] = reported end
@@ -205,6 +207,10 @@ local function sync(limits, i, reported, remaining, reset)
   else
     return
   end
+  -- The server's bucket has refilled since its headers were read.
+  if age > window then age = window end
+  server = server + age * limit
+  if server > cap then server = cap end
   if level > server + tolerance then h['l' .. i] = server end
 end
 
@@ -787,8 +793,8 @@ while n <= #ARGV do
       n = n + 7
     elseif op == 'Y' then
       sync(limits, tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]), tonumber(ARGV[n + 6]),
-        tonumber(ARGV[n + 7]))
-      n = n + 8
+        tonumber(ARGV[n + 7]), tonumber(ARGV[n + 8]))
+      n = n + 9
     elseif op == 'R' then
       answer = reserve(limits, {tonumber(ARGV[n + 4]), tonumber(ARGV[n + 5]),
         tonumber(ARGV[n + 6])}, {0, 0, 0})

@@ -638,8 +638,9 @@ impl Inner {
             None => inv.arg(-1),
         };
         inv.arg(lock(&self.outputs).since(key));
+        let sent = Instant::now();
         for op in ops {
-            wire::push_op(&mut inv, op);
+            wire::push_op(&mut inv, op, sent);
         }
         if let Some(ask) = &reserve {
             if let (Some(names), Some(_), Some(_)) = (&ask.names, &ask.line, &self.prompt) {
@@ -806,6 +807,7 @@ impl Inner {
                     limits,
                     dimension,
                     status,
+                    ..
                 } => {
                     let part = |v: Option<u64>| v.map(|v| v / u64::from(replicas));
                     let status = LimitStatus {
@@ -994,6 +996,7 @@ struct Ask {
 /// A response's non-empty statuses as sync operations, in dimension order.
 fn sync_ops(limits: &Limits, statuses: [LimitStatus; 3]) -> impl Iterator<Item = Op> {
     let limits = *limits;
+    let at = Instant::now();
     Dimension::ALL
         .into_iter()
         .zip(statuses)
@@ -1002,6 +1005,7 @@ fn sync_ops(limits: &Limits, statuses: [LimitStatus; 3]) -> impl Iterator<Item =
             limits,
             dimension,
             status,
+            at,
         })
 }
 
@@ -1196,6 +1200,7 @@ impl Ledger for RedisLedger {
             limits: *limits,
             dimension,
             status,
+            at: Instant::now(),
         };
         self.inner.enqueue(key, [op]);
         LedgerFuture::ready(Ok(()))

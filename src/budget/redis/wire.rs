@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use redis::ScriptInvocation;
 
 use super::error::RedisLedgerError;
@@ -52,6 +54,10 @@ pub(super) enum Op {
         limits: Limits,
         dimension: Dimension,
         status: LimitStatus,
+        /// When the answer's headers were read: the server's remaining is
+        /// as of then, and its bucket has refilled since (the op rides on
+        /// the key's next call, which may come seconds later).
+        at: Instant,
     },
 }
 
@@ -145,8 +151,9 @@ fn as_i64_or_absent(v: Option<u64>) -> i64 {
     v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-/// Appends one buffered write.
-pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
+/// Appends one buffered write (`now`: when the batch is sent, for a
+/// sync's age).
+pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op, now: Instant) {
     match op {
         Op::Cached {
             names,
@@ -196,6 +203,7 @@ pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
             limits,
             dimension,
             status,
+            at,
         } => {
             inv.arg("Y");
             push_limits(inv, limits);
@@ -206,6 +214,8 @@ pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op) {
                 .reset_in
                 .map(|r| u64::try_from(r.as_micros()).unwrap_or(u64::MAX));
             inv.arg(as_i64_or_absent(reset));
+            let age = now.saturating_duration_since(*at).as_micros();
+            inv.arg(u64::try_from(age).unwrap_or(u64::MAX));
         }
     }
 }
