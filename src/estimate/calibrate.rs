@@ -183,14 +183,14 @@ impl SlidingQuantile {
 /// `x` as an integer that orders as `f64::total_cmp` orders the floats (its
 /// own transform of the bits): a binary search of the sorted copy compares
 /// integers.
-pub(crate) fn order_key(x: f64) -> i64 {
+fn order_key(x: f64) -> i64 {
     let bits = x.to_bits() as i64;
     bits ^ ((((bits >> 63) as u64) >> 1) as i64)
 }
 
 /// The float whose [`order_key`] is `key` (the transform is its own inverse:
 /// it keeps the sign bit).
-pub(crate) fn from_order_key(key: i64) -> f64 {
+fn from_order_key(key: i64) -> f64 {
     f64::from_bits((key ^ ((((key >> 63) as u64) >> 1) as i64)) as u64)
 }
 

@@ -72,7 +72,7 @@
 //! entries between the parts some row holds, and one quadratic form per
 //! request for its leverage. No allocation once the window is full.
 
-use super::calibrate::{from_order_key, order_key, CalibrationConfig, SlidingQuantile};
+use super::calibrate::{CalibrationConfig, SlidingQuantile};
 use super::classes::{ContentKind, GROUPS};
 
 /// Where the per-message and per-request framing is in a [`Split`].
@@ -283,9 +283,8 @@ pub(crate) struct PartsFit {
     class_factor: [Option<f64>; CLASSES],
     /// The same over the whole window.
     factor: f64,
-    /// Scratch for the leave-one-out errors (actual / predicted − 1), each
-    /// with its class as one sort key (see [`error_key`]).
-    errors: Vec<u128>,
+    /// Scratch for the leave-one-out errors: (class, actual / predicted − 1).
+    errors: Vec<(usize, f64)>,
     /// Requests added since the last refit.
     since_refit: usize,
     /// Requests added since the margins were last worked out.
@@ -455,11 +454,7 @@ impl PartsFit {
         let mut value = [0.0; FIT];
         let mut index = [0u8; FIT];
         let mut parts = 0u8;
-        for (i, &x) in (0u8..).zip(split.x.iter().take(FIT)) {
-            // A zero part stays out (its share would be zero too).
-            if x == 0.0 {
-                continue;
-            }
+        for (i, x) in (0u8..).zip(split.x.iter().take(FIT)) {
             let z = x / actual;
             if z != 0.0 {
                 let k = usize::from(parts);
@@ -675,11 +670,10 @@ impl PartsFit {
             if loo < 1.0 {
                 let class = r.class.min(CLASSES - 1);
                 count[class] += 1;
-                self.errors.push(error_key(loo / (1.0 - loo), class));
+                self.errors.push((class, loo / (1.0 - loo)));
             }
         }
-        // Sorted by error (then class): integers, compared as such.
-        self.errors.sort_unstable();
+        self.errors.sort_unstable_by(|a, b| a.1.total_cmp(&b.1));
         // The median and the quantile of each class, and of all, in one
         // pass over the sorted errors (nearest rank).
         let rank = |q: f64, n: usize| ((q * n as f64).ceil() as usize).clamp(1, n.max(1));
@@ -698,20 +692,20 @@ impl PartsFit {
         let mut median = [0.0f64; CLASSES];
         let mut high = [0.0f64; CLASSES];
         let (mut all_median, mut all_high) = (0.0, 0.0);
-        for (k, &key) in self.errors.iter().enumerate() {
+        for (k, &(c, e)) in self.errors.iter().enumerate() {
             if k + 1 == all_ranks.0 {
-                all_median = error_of(key);
+                all_median = e;
             }
             if k + 1 == all_ranks.1 {
-                all_high = error_of(key);
+                all_high = e;
             }
-            let c = class_of(key);
+            let c = c.min(CLASSES - 1);
             seen[c] += 1;
             if seen[c] == ranks[c].0 {
-                median[c] = error_of(key);
+                median[c] = e;
             }
             if seen[c] == ranks[c].1 {
-                high[c] = error_of(key);
+                high[c] = e;
             }
         }
         let factor = |median: f64, high: f64| {
@@ -738,24 +732,6 @@ impl Row {
             self.index.get(..n).unwrap_or(&self.index),
         )
     }
-}
-
-/// An error and its class as one integer that sorts as the errors do
-/// (`f64::total_cmp`), then by class: the error's [`order_key`], made
-/// unsigned, above the class.
-fn error_key(error: f64, class: usize) -> u128 {
-    let key = (order_key(error) as u64) ^ (1 << 63);
-    (u128::from(key) << 64) | class as u128
-}
-
-/// The error of an [`error_key`], to the bit.
-fn error_of(key: u128) -> f64 {
-    from_order_key((((key >> 64) as u64) ^ (1 << 63)) as i64)
-}
-
-/// The class of an [`error_key`] (below [`CLASSES`]).
-fn class_of(key: u128) -> usize {
-    ((key as u64) as usize).min(CLASSES - 1)
 }
 
 /// A row's fitted parts' prediction with coefficients `w` (over what the
