@@ -222,8 +222,20 @@ impl Normal {
         held: [(0.0, 0); FIT],
     };
 
-    /// Adds `r` with `target` (`sign` 1), or takes it away (`sign` −1).
-    fn add(&mut self, r: &Row, target: f64, sign: f64) {
+    /// Adds `r` with `target`.
+    fn add(&mut self, r: &Row, target: f64) {
+        self.update::<true>(r, target);
+    }
+
+    /// Takes away `r`, added with `target`.
+    fn take(&mut self, r: &Row, target: f64) {
+        self.update::<false>(r, target);
+    }
+
+    /// Adds (`ADD`) or takes away `r`: each product added or subtracted as
+    /// it is, so that what is taken away is exactly what was added.
+    #[inline]
+    fn update<const ADD: bool>(&mut self, r: &Row, target: f64) {
         let (value, index) = r.entries();
         for (a, (&zi, &i)) in value.iter().zip(index).enumerate() {
             let i = usize::from(i);
@@ -232,17 +244,23 @@ impl Normal {
             else {
                 continue;
             };
-            held.0 += sign * (zi * zi);
-            if sign > 0.0 {
+            if ADD {
+                held.0 += zi * zi;
                 held.1 += 1;
+                *v += zi * target;
             } else {
+                held.0 -= zi * zi;
                 held.1 = held.1.saturating_sub(1);
+                *v -= zi * target;
             }
-            *v += sign * (zi * target);
             // The indices ascend: the lower triangle.
             for (&zj, &j) in value.iter().zip(index).take(a + 1) {
                 if let Some(m) = m.get_mut(usize::from(j)) {
-                    *m += sign * (zi * zj);
+                    if ADD {
+                        *m += zi * zj;
+                    } else {
+                        *m -= zi * zj;
+                    }
                 }
             }
         }
@@ -327,10 +345,16 @@ impl PartsFit {
     /// cost per item seen (the two rules cannot be told apart yet, and the
     /// documented formula stays the least); then by whichever learned rule
     /// (a ratio to the formula, or tokens per item) scatters less.
+    #[inline]
     fn media_cost(&self, formula: f64, items: f64, config: &CalibrationConfig) -> f64 {
         if formula <= 0.0 && items <= 0.0 {
             return 0.0;
         }
+        self.learned_media_cost(formula, items, config)
+    }
+
+    /// [`media_cost`](Self::media_cost) of a request that has media.
+    fn learned_media_cost(&self, formula: f64, items: f64, config: &CalibrationConfig) -> f64 {
         let seen = self.media_item.len().max(self.media_ratio.len());
         let per_item = self.media_item.quantile(0.5).map(|t| items * t.max(0.0));
         let by_ratio = self
@@ -492,7 +516,11 @@ impl PartsFit {
     /// media to their count.
     fn count(&mut self, r: &Row, sign: f64) {
         if r.media == (0.0, 0.0) {
-            self.sums.add(r, 1.0, sign);
+            if sign > 0.0 {
+                self.sums.add(r, 1.0);
+            } else {
+                self.sums.take(r, 1.0);
+            }
         } else if sign > 0.0 {
             self.media_rows += 1;
         } else {
@@ -506,7 +534,7 @@ impl PartsFit {
         self.sums = Normal::EMPTY;
         for r in &self.rows {
             if r.media == (0.0, 0.0) {
-                self.sums.add(r, 1.0, 1.0);
+                self.sums.add(r, 1.0);
             }
         }
     }
@@ -528,18 +556,22 @@ impl PartsFit {
     #[allow(clippy::needless_range_loop)]
     fn refit(&mut self, prior: &[f64; FIT], config: &CalibrationConfig) {
         let known = self.media_known(config);
-        let mut normal = self.sums;
+        // The rows with media join a copy of the kept sums at their targets
+        // of now; without them the kept sums are read where they are.
+        let mut with_media = None;
         if self.media_rows > 0 {
+            let mut normal = self.sums;
             for r in &self.rows {
                 if r.media == (0.0, 0.0) {
                     continue;
                 }
                 if let Some(target) = self.target(r, known, config) {
-                    normal.add(r, target, 1.0);
+                    normal.add(r, target);
                 }
             }
+            with_media = Some(normal);
         }
-        let Normal { mut m, mut v, held } = normal;
+        let Normal { m, v, held } = with_media.as_ref().unwrap_or(&self.sums);
         // The parts some row in the solve holds, solved together; the
         // others' rows and columns are only their ridge.
         let mut part = [0usize; FIT];
@@ -551,6 +583,10 @@ impl PartsFit {
             }
         }
         let part = &part[..k];
+        // The diagonal with the ridge, and the right-hand side with the
+        // prior (the rest of `m` is read as it is).
+        let mut diag = [0.0f64; FIT];
+        let mut v = *v;
         for i in 0..FIT {
             let (sum, n) = held[i];
             let share = if n > 0 { sum / f64::from(n) } else { 1.0 };
@@ -562,34 +598,16 @@ impl PartsFit {
             } else {
                 RIDGE * share.max(MIN_RIDGE_SHARE)
             };
-            m[i][i] += ridge;
+            diag[i] = m[i][i];
+            diag[i] += ridge;
             v[i] += ridge * prior[i];
         }
-        // A coefficient out of its bounds is held at the bound, and the
-        // others solved again without it.
         let mut l = [[0.0f64; FIT]; FIT];
-        for _ in 0..2 {
-            let Some(w) = solve(&m, &v, part, &mut l) else {
-                return;
-            };
-            if w.iter().any(|x| !x.is_finite()) {
-                return;
-            }
-            let bounded = clamp(w, config);
-            if bounded == w {
-                self.w = w;
-                self.margins_due(&l, part, known, config);
-                return;
-            }
-            for i in 0..FIT {
-                if bounded[i] != w[i] {
-                    m[i][i] += HOLD;
-                    v[i] += HOLD * bounded[i];
-                }
-            }
-            self.w = bounded;
+        let (w, factored) = solve_within_bounds(m, &mut diag, &mut v, part, &mut l, config);
+        if let Some(w) = w {
+            self.w = w;
         }
-        if solve(&m, &v, part, &mut l).is_some() {
+        if factored {
             self.margins_due(&l, part, known, config);
         }
     }
@@ -632,6 +650,8 @@ impl PartsFit {
             }
         }
         self.errors.clear();
+        // The requests per class, counted as their errors are.
+        let mut count = [0usize; CLASSES];
         for r in &self.rows {
             let (fitted, h) = fitted_and_leverage(r, &self.w, &inverse);
             // Relative residual (actual − predicted) / actual, then left
@@ -648,19 +668,15 @@ impl PartsFit {
             };
             // As actual / predicted − 1, the factor's own terms.
             if loo < 1.0 {
-                self.errors.push((r.class, loo / (1.0 - loo)));
+                let class = r.class.min(CLASSES - 1);
+                count[class] += 1;
+                self.errors.push((class, loo / (1.0 - loo)));
             }
         }
         self.errors.sort_unstable_by(|a, b| a.1.total_cmp(&b.1));
         // The median and the quantile of each class, and of all, in one
         // pass over the sorted errors (nearest rank).
         let rank = |q: f64, n: usize| ((q * n as f64).ceil() as usize).clamp(1, n.max(1));
-        let mut count = [0usize; CLASSES];
-        for e in &self.errors {
-            if let Some(c) = count.get_mut(e.0) {
-                *c += 1;
-            }
-        }
         // Ranks only for the classes with enough requests for a factor of
         // their own (a rank of 0 is never reached).
         let min = config.min_samples.max(1);
@@ -676,20 +692,20 @@ impl PartsFit {
         let mut median = [0.0f64; CLASSES];
         let mut high = [0.0f64; CLASSES];
         let (mut all_median, mut all_high) = (0.0, 0.0);
-        for (k, e) in self.errors.iter().enumerate() {
+        for (k, &(c, e)) in self.errors.iter().enumerate() {
             if k + 1 == all_ranks.0 {
-                all_median = e.1;
+                all_median = e;
             }
             if k + 1 == all_ranks.1 {
-                all_high = e.1;
+                all_high = e;
             }
-            let c = e.0.min(CLASSES - 1);
+            let c = c.min(CLASSES - 1);
             seen[c] += 1;
             if seen[c] == ranks[c].0 {
-                median[c] = e.1;
+                median[c] = e;
             }
             if seen[c] == ranks[c].1 {
-                high[c] = e.1;
+                high[c] = e;
             }
         }
         let factor = |median: f64, high: f64| {
@@ -773,34 +789,75 @@ fn inverse(l: &[[f64; FIT]; FIT], k: usize) -> [[f64; FIT]; FIT] {
     out
 }
 
-/// Solves `M w = v` (`M` given by its lower triangle) where only the parts
-/// listed in `part` (ascending) are coupled: every other part's row and
-/// column of `M` is its diagonal alone, so it solves alone. Returns the
-/// solution, and leaves in `l` the Cholesky factor of `M` between the
-/// listed parts (their `k × k` corner, in the order of `part`; written in
-/// place, not returned: a refit solves up to three times); `None` when that
-/// is not positive definite.
+/// The coefficients of the system `m` (its lower triangle below the
+/// diagonal `diag`) with right-hand side `v`, each within its bounds: a
+/// coefficient out of them is held at the bound (its diagonal and `v`
+/// weighed toward it) and the others solved again, twice at most. Returns
+/// the coefficients to keep (`None`: keep the old ones), and whether `l`
+/// holds the Cholesky factor of the system last solved (see [`solve`]),
+/// which sizes the margins.
+fn solve_within_bounds(
+    m: &[[f64; FIT]; FIT],
+    diag: &mut [f64; FIT],
+    v: &mut [f64; FIT],
+    part: &[usize],
+    l: &mut [[f64; FIT]; FIT],
+    config: &CalibrationConfig,
+) -> (Option<[f64; FIT]>, bool) {
+    let mut kept = None;
+    for _ in 0..2 {
+        let Some(w) = solve(m, diag, v, part, l) else {
+            return (kept, false);
+        };
+        if w.iter().any(|x| !x.is_finite()) {
+            return (kept, false);
+        }
+        let bounded = clamp(w, config);
+        if bounded == w {
+            return (Some(w), true);
+        }
+        for (i, (&b, &w)) in bounded.iter().zip(&w).enumerate() {
+            if b != w {
+                diag[i] += HOLD;
+                v[i] += HOLD * b;
+            }
+        }
+        kept = Some(bounded);
+    }
+    let factored = solve(m, diag, v, part, l).is_some();
+    (kept, factored)
+}
+
+/// Solves `M w = v` (`M` given by its lower triangle below the diagonal
+/// `diag`) where only the parts listed in `part` (ascending) are coupled:
+/// every other part's row and column of `M` is its diagonal alone, so it
+/// solves alone. Returns the solution, and leaves in `l` the Cholesky
+/// factor of `M` between the listed parts (their `k × k` corner, in the
+/// order of `part`; the system is copied there and factored in place, not
+/// returned: a refit solves up to three times); `None` when that is not
+/// positive definite.
 #[allow(clippy::needless_range_loop)]
 fn solve(
     m: &[[f64; FIT]; FIT],
+    diag: &[f64; FIT],
     v: &[f64; FIT],
     part: &[usize],
     l: &mut [[f64; FIT]; FIT],
 ) -> Option<[f64; FIT]> {
     let k = part.len().min(FIT);
-    let mut sub = [[0.0f64; FIT]; FIT];
     let mut sub_v = [0.0f64; FIT];
     for a in 0..k {
         sub_v[a] = v[part[a]];
-        for b in 0..=a {
-            sub[a][b] = m[part[a]][part[b]];
+        for b in 0..a {
+            l[a][b] = m[part[a]][part[b]];
         }
+        l[a][a] = diag[part[a]];
     }
-    cholesky_into(&sub, k, l)?;
+    cholesky_in_place(l, k)?;
     let x = back_substitute(l, &forward_substitute(l, &sub_v, k), k);
     let mut w = [0.0f64; FIT];
     for i in 0..FIT {
-        w[i] = v[i] / m[i][i];
+        w[i] = v[i] / diag[i];
     }
     for a in 0..k {
         w[part[a]] = x[a];
@@ -834,21 +891,22 @@ fn clamp(mut w: [f64; FIT], config: &CalibrationConfig) -> [f64; FIT] {
 /// ridge, unless the figures overflowed).
 #[cfg(test)]
 fn cholesky(m: &[[f64; FIT]; FIT], k: usize) -> Option<[[f64; FIT]; FIT]> {
-    let mut l = [[0.0f64; FIT]; FIT];
-    cholesky_into(m, k, &mut l)?;
+    let mut l = *m;
+    cholesky_in_place(&mut l, k)?;
     Some(l)
 }
 
-/// [`cholesky`] written into the lower triangle of `l`'s `k × k` corner
-/// (the rest, which nothing reads, is left as it was).
+/// [`cholesky`] of the matrix whose lower triangle is the lower triangle
+/// of `l`'s `k × k` corner, written over it (each entry is read before it
+/// is written; the rest, which nothing reads, is left as it was).
 // Matrix code reads best with indices.
 #[allow(clippy::needless_range_loop)]
-fn cholesky_into(m: &[[f64; FIT]; FIT], k: usize, l: &mut [[f64; FIT]; FIT]) -> Option<()> {
+fn cholesky_in_place(l: &mut [[f64; FIT]; FIT], k: usize) -> Option<()> {
     let n = k.min(FIT);
     for j in 0..n {
-        let mut d = m[j][j];
-        for k in 0..j {
-            d -= l[j][k] * l[j][k];
+        let mut d = l[j][j];
+        for t in 0..j {
+            d -= l[j][t] * l[j][t];
         }
         if !(d.is_finite() && d > 0.0) {
             return None;
@@ -856,9 +914,9 @@ fn cholesky_into(m: &[[f64; FIT]; FIT], k: usize, l: &mut [[f64; FIT]; FIT]) -> 
         let d = d.sqrt();
         l[j][j] = d;
         for i in j + 1..n {
-            let mut s = m[i][j];
-            for k in 0..j {
-                s -= l[i][k] * l[j][k];
+            let mut s = l[i][j];
+            for t in 0..j {
+                s -= l[i][t] * l[j][t];
             }
             l[i][j] = s / d;
         }
@@ -961,7 +1019,8 @@ mod tests {
         let whole = back_substitute(&l, &forward_substitute(&l, &v, FIT), FIT);
         let whole_inverse = inverse(&l, FIT);
         let mut l_part = [[0.0f64; FIT]; FIT];
-        let Some(w) = solve(&m, &v, &part, &mut l_part) else {
+        let diag: [f64; FIT] = std::array::from_fn(|i| m[i][i]);
+        let Some(w) = solve(&m, &diag, &v, &part, &mut l_part) else {
             panic!("positive definite");
         };
         for i in 0..FIT {
@@ -1020,7 +1079,7 @@ mod tests {
             let mut media_rows = 0;
             for r in &fit.rows {
                 if r.media == (0.0, 0.0) {
-                    fresh.add(r, 1.0, 1.0);
+                    fresh.add(r, 1.0);
                 } else {
                     media_rows += 1;
                 }
