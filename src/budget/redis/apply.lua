@@ -65,7 +65,8 @@
 --   S L1 L2 L3 d1 d2 d3            settle (a correction, + charges, - refunds)
 --   Y L1 L2 L3 dim limit rem reset age  sync (-1 = absent; reset in
 --                                  microseconds; age: microseconds since
---                                  the answer's headers were read)
+--                                  the answer's headers were read, less
+--                                  100 ms, the server's refill since)
 --   R L1 L2 L3 c1 c2 c3            reserve (last operation only)
 --   H L1 L2 L3 c1 c2 c3 h1 h2 h3   reserve c, admitted only if h stays free
 --                                  after it (last operation only)

@@ -56,7 +56,8 @@ pub(super) enum Op {
         status: LimitStatus,
         /// When the answer's headers were read: the server's remaining is
         /// as of then, and its bucket has refilled since (the op rides on
-        /// the key's next call, which may come seconds later).
+        /// the key's next call, which may come seconds later); the script
+        /// counts that refill, less [`SYNC_AGE_KEPT`].
         at: Instant,
     },
 }
@@ -151,6 +152,12 @@ fn as_i64_or_absent(v: Option<u64>) -> i64 {
     v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
+/// How much of a sync's age is not counted as the server's refill: the
+/// server read its bucket before the answer's headers came back (the
+/// answer's time in flight), so a sync sent at once counts nothing, and a
+/// late one counts the refill since its headers were read less this.
+pub(super) const SYNC_AGE_KEPT: Duration = Duration::from_millis(100);
+
 /// Appends one buffered write (`now`: when the batch is sent, for a
 /// sync's age).
 pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op, now: Instant) {
@@ -214,7 +221,10 @@ pub(super) fn push_op(inv: &mut ScriptInvocation<'_>, op: &Op, now: Instant) {
                 .reset_in
                 .map(|r| u64::try_from(r.as_micros()).unwrap_or(u64::MAX));
             inv.arg(as_i64_or_absent(reset));
-            let age = now.saturating_duration_since(*at).as_micros();
+            let age = now
+                .saturating_duration_since(*at)
+                .saturating_sub(SYNC_AGE_KEPT)
+                .as_micros();
             inv.arg(u64::try_from(age).unwrap_or(u64::MAX));
         }
     }
