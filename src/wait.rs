@@ -426,6 +426,9 @@ impl Log {
 
     /// Takes the kept head, leaving a copy of it if `copy` (one operation:
     /// the first attempt's).
+    // Inlined into the retry layer's attempt (one call a request); the
+    // head is still moved out of the log and into the request there.
+    #[inline(always)]
     pub(crate) fn swap_head(log: &mut Arc<Log>, copy: bool) -> Option<Parts> {
         let swapped = |kept: &mut Kept| match kept {
             Kept::Own(head) if copy => {

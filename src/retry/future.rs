@@ -464,6 +464,9 @@ impl<S, B> Ctx<S, B> {
     /// The request of the next attempt: the head kept in the log (the
     /// request's own for the first), its copy kept in the attempt's log for
     /// the attempt after, if the body can be sent again.
+    // Inlined into `call_next`: the request is made where the inner
+    // service's call takes it, not copied out of here and into the call.
+    #[inline(always)]
     fn next_request(&mut self) -> Result<Attempt<B>, BoxError> {
         let not_replayable = || -> BoxError {
             Box::new(Error::NotReplayable {
@@ -477,16 +480,19 @@ impl<S, B> Ctx<S, B> {
             Payload::Reading => return Err(not_replayable()),
         };
         let replay = matches!(self.payload, Payload::Replay(_));
-        let (mut head, marker) = if self.attempts == 0 {
+        // One head, changed where it lies (not moved through a tuple).
+        let first = self.attempts == 0;
+        let mut head = if first {
             // The request's own head goes; its copy stays, for the next.
-            let head = Log::swap_head(&mut self.log, replay).ok_or_else(not_replayable)?;
-            let marker = Dispatch::of(&head.extensions);
-            (head, marker)
+            Log::swap_head(&mut self.log, replay)
         } else {
-            let mut head = Log::take_head(&mut self.log).ok_or_else(not_replayable)?;
+            Log::take_head(&mut self.log)
+        }
+        .ok_or_else(not_replayable)?;
+        let marker = Dispatch::of(&head.extensions);
+        if !first {
             head.headers
                 .insert(RETRY_COUNT, HeaderValue::from(self.attempts));
-            let marker = Dispatch::of(&head.extensions);
             // A fresh log (and dispatch node) for each attempt; the waits of
             // the attempts before are kept.
             let waited = self.log.waited();
@@ -498,8 +504,7 @@ impl<S, B> Ctx<S, B> {
             } else {
                 Log::new(deadline, marker.clone())
             };
-            (head, marker)
-        };
+        }
         // The copy was made before this attempt's extensions go on: it
         // holds no log (which holds it), and stays cheap.
         if let Payload::Replay(kept) = &self.payload {
@@ -512,6 +517,24 @@ impl<S, B> Ctx<S, B> {
         Ok((Request::from_parts(head, body), marker))
     }
 
+    /// Makes the next attempt: its request, handed to the inner service
+    /// (ready, as the gate found it); the inner future, or why the request
+    /// could not be made (a body that cannot be sent again).
+    // Inlined: the request is made in the call's argument (see
+    // `next_request`), the future returned into `State::Calling`.
+    #[inline(always)]
+    fn call_next(&mut self) -> Result<S::Future, BoxError>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        let (req, marker) = self.next_request()?;
+        self.ready = false;
+        Dispatch::passing(marker.as_ref());
+        let future = self.service.call(req);
+        Dispatch::passed(marker.as_ref());
+        Ok(future)
+    }
+
     fn replayable(&self) -> bool {
         matches!(self.payload, Payload::Replay(_))
     }
@@ -521,17 +544,18 @@ impl<S, B> Ctx<S, B> {
 type Attempt<B> = (Request<ReplayBody<B>>, Option<Dispatch>);
 
 /// What the future does next: the outcome of one state's work. An attempt
-/// goes as its request, called straight into [`State::Calling`]: the inner
-/// future, often the largest thing here, is then not moved through it.
-enum Step<Q, R> {
+/// is made where it is called ([`Ctx::call_next`]), straight into
+/// [`State::Calling`]: neither its request (288 bytes in the preset) nor
+/// the inner future is moved through a step.
+enum Step<R> {
     /// Decide whether the next attempt may start.
     Gate,
     /// Sleep until this instant, then go to the gate.
     Wait(Instant),
     /// Poll the inner service for readiness, then go to the gate.
     Ready,
-    /// Start an attempt with this request.
-    Call(Q),
+    /// Make the next attempt (the gate let it go).
+    Call,
     /// Read an error body, then do what `Then` says.
     Read(R, Then),
     /// The attempt failed and may be retried after this delay.
@@ -543,7 +567,7 @@ enum Step<Q, R> {
 }
 
 impl<S, B> Ctx<S, B> {
-    fn on_response<F, R>(&mut self, response: Response<R>) -> Step<F, R> {
+    fn on_response<R>(&mut self, response: Response<R>) -> Step<R> {
         let status = response.status();
         let Some(verdict) = policy::judge_response(status, response.headers(), || {
             self.shared.config.wall_clock.now()
@@ -587,7 +611,7 @@ impl<S, B> Ctx<S, B> {
     /// The layer gave up on a request whose last attempt got `response`:
     /// the response as it came, or the error with the response in it once
     /// its body is read (by the [`GiveUpPolicy`]).
-    fn gave_up_on<F, R>(&mut self, response: Response<R>, mut err: BoxError) -> Step<F, R> {
+    fn gave_up_on<R>(&mut self, response: Response<R>, mut err: BoxError) -> Step<R> {
         if self.shared.config.give_up == GiveUpPolicy::LastResponse {
             return Step::Return(Ok(response));
         }
@@ -604,7 +628,7 @@ impl<S, B> Ctx<S, B> {
         }
     }
 
-    fn on_error<F, R>(&mut self, err: BoxError) -> Step<F, R> {
+    fn on_error<R>(&mut self, err: BoxError) -> Step<R> {
         if err.is::<DeadlineReached>() {
             // An inner layer stopped waiting at the request's deadline.
             self.set_last(None, Some(err));
@@ -642,11 +666,7 @@ where
     B::Error: Into<BoxError>,
 {
     /// `Buffering`: reads the request body, once.
-    fn poll_buffer(
-        &mut self,
-        buffer: &mut body::Buffer<B>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Step<Attempt<B>, R>> {
+    fn poll_buffer(&mut self, buffer: &mut body::Buffer<B>, cx: &mut Context<'_>) -> Poll<Step<R>> {
         self.payload = match ready!(Pin::new(buffer).poll(cx)) {
             Ok(Buffered::Complete(kept)) => Payload::Replay(kept),
             Ok(Buffered::TooLarge(body)) => Payload::Once(Some(Box::new(body))),
@@ -656,23 +676,17 @@ where
     }
 
     /// `Gate`: waits, readies the service, starts an attempt, or gives up.
-    fn pass_gate(&mut self) -> Step<Attempt<B>, R> {
+    fn pass_gate(&mut self) -> Step<R> {
         match self.gate() {
             Err(e) => Step::Return(Err(e)),
             Ok(Gate::Wait(until)) => Step::Wait(until),
             Ok(Gate::NeedReady) => Step::Ready,
-            Ok(Gate::Go) => match self.next_request() {
-                Ok(req) => {
-                    self.ready = false;
-                    Step::Call(req)
-                }
-                Err(e) => Step::Return(Err(e)),
-            },
+            Ok(Gate::Go) => Step::Call,
         }
     }
 
     /// `Waiting`: sleeps, and counts the time waited.
-    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Step<Attempt<B>, R>> {
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Step<R>> {
         if let Some(history) = self.history.as_mut() {
             if let Some(sleep) = history.sleep.as_mut() {
                 ready!(sleep.as_mut().poll(cx));
@@ -685,7 +699,7 @@ where
     }
 
     /// `Readying`: waits for the inner service to accept a retry.
-    fn poll_service(&mut self, cx: &mut Context<'_>) -> Poll<Step<Attempt<B>, R>> {
+    fn poll_service(&mut self, cx: &mut Context<'_>) -> Poll<Step<R>> {
         if let Err(e) = ready!(self.service.poll_ready(cx)) {
             return Poll::Ready(Step::Return(Err(e.into())));
         }
@@ -695,7 +709,7 @@ where
 
     /// `Reading` is over: the spend-cap 429 fails; any other is retried as
     /// planned, or its body goes into the give-up error.
-    fn after_error_body(&mut self, finished: bool, body: &[u8], then: Then) -> Step<Attempt<B>, R> {
+    fn after_error_body(&mut self, finished: bool, body: &[u8], then: Then) -> Step<R> {
         if finished && policy::is_spend_limit_body(body) {
             Counters::bump(&self.shared.counters.spend_limit);
             tracing::warn!("spend limit reached (enforced_spend_limit_reached); not retried");
@@ -783,7 +797,7 @@ where
     fn advance(
         mut state: Pin<&mut State<S::Future, R, B>>,
         ctx: &mut Ctx<S, B>,
-        step: Step<Attempt<B>, R>,
+        step: Step<R>,
     ) -> Option<Result<Response<R>, BoxError>> {
         match step {
             Step::Gate => state.set(State::Gate),
@@ -792,12 +806,13 @@ where
                 state.set(State::Waiting);
             }
             Step::Ready => state.set(State::Readying),
-            Step::Call((req, marker)) => {
-                Dispatch::passing(marker.as_ref());
-                let future = ctx.service.call(req);
-                Dispatch::passed(marker.as_ref());
-                state.set(State::Calling { future });
-            }
+            Step::Call => match ctx.call_next() {
+                Ok(future) => state.set(State::Calling { future }),
+                Err(e) => {
+                    state.set(State::Done);
+                    return Some(Err(e));
+                }
+            },
             Step::Read(body, then) => {
                 ctx.start_reading();
                 state.set(State::Reading {
