@@ -1386,7 +1386,6 @@ async fn over_redis_a_later_turn_holds_for_an_earlier_turn_queued_in_another_pro
 /// line, then a conversation's turn 1, queued behind it; process A then
 /// sends turn 2, which could go at once. Returns when turn 2 arrived,
 /// and when each request reached the server and its answer began.
-#[cfg(feature = "redis")]
 async fn turn_two_behind_a_waiting_head(
     a: Arc<dyn Ledger>,
     b: Arc<dyn Ledger>,
@@ -1835,5 +1834,37 @@ async fn over_redis_a_later_turn_waits_the_grace_for_an_earlier_turn() {
         server.written(),
         turn_size(2),
         "the shared part written once"
+    );
+}
+
+/// A hold whose bound (5 s) fires after the earlier turn it holds for,
+/// queued in another process, was admitted there, but before that turn's
+/// answer began, goes on until that answer begins: turn 2 reads turn 1's
+/// prefix instead of writing it beside it (before, it went at its bound,
+/// the server writing the prefix twice).
+#[tokio::test(start_paused = true)]
+async fn a_hold_whose_queued_writer_is_admitted_at_its_bound_waits_for_the_answer() {
+    let (_, a, b) = two_views(true);
+    let (start, sent) = turn_two_behind_a_waiting_head(a, b, 15_000).await;
+    let at = |name| sent[name].0 - start;
+    let began = |name| sent[name].1 - start;
+    let bound = Duration::from_secs(5);
+    assert!(
+        at("t1") > Duration::from_secs(4) && at("t1") < bound && began("t1") > bound,
+        "turn 1 admitted before turn 2's bound, its answer after it: {:?} {:?}",
+        at("t1"),
+        began("t1")
+    );
+    assert!(
+        at("t2") >= began("t1"),
+        "turn 2 held on for turn 1's answer: {:?} {:?}",
+        at("t2"),
+        began("t1")
+    );
+    assert!(
+        at("t2") < began("t1") + Duration::from_millis(500),
+        "and went when it began: {:?} {:?}",
+        at("t2"),
+        began("t1")
     );
 }

@@ -746,10 +746,18 @@ fn hold_in_line(
 ) -> bool {
     if let (Some(tokens), PrefixWait::Done) = (writing, &state) {
         if let Some(bound) = cache_hold_bound(shared, charge, tokens) {
-            *state = PrefixWait::InLine(bound);
+            *state = PrefixWait::InLine(bound, false);
         }
     }
-    let (PrefixWait::InLine(bound) | PrefixWait::InLineQueued(bound)) = state else {
+    if let PrefixWait::InLine(_, seen @ false) = state {
+        // Remembered for when the bound fires: a writer queued elsewhere
+        // is admitted about then (`prefix::hold_on`).
+        *seen = writing.is_some() && prefix::writer_queued(shared, charge);
+    }
+    let (PrefixWait::InLine(bound, _)
+    | PrefixWait::InLineQueued(bound)
+    | PrefixWait::InLineAdmitted(bound)) = state
+    else {
         return false;
     };
     if writing.is_none() {
@@ -763,7 +771,7 @@ fn hold_in_line(
     }
     if bound.as_mut().poll(cx).is_ready() {
         // Past the bound, on while its writer is still queued elsewhere.
-        if prefix::hold_on(shared, charge, state, cx) {
+        if prefix::hold_on(shared, charge, state, writing, cx) {
             return true;
         }
         tracing::debug!(
@@ -799,8 +807,9 @@ fn poll_prefix(
 ) -> Poll<()> {
     let (slot, holding) = match state {
         PrefixWait::Done
-        | PrefixWait::InLine(_)
+        | PrefixWait::InLine(..)
         | PrefixWait::InLineQueued(_)
+        | PrefixWait::InLineAdmitted(_)
         | PrefixWait::HeldToBound
         | PrefixWait::Candidate(_) => return Poll::Ready(()),
         PrefixWait::Unchecked if !prefix::applies(charge) => {

@@ -258,13 +258,19 @@ pub(crate) enum PrefixWait {
     Done,
     /// In line (its place kept), a longer prefix began to be written while
     /// it waited: it does not ask until that write begins, or until the
-    /// bound of the cache hold.
-    InLine(Pin<Box<Sleep>>),
+    /// bound of the cache hold. The flag: the writer it holds for was seen
+    /// queued in another process's line during the hold.
+    InLine(Pin<Box<Sleep>>, bool),
     /// In line as `InLine`, past that hold's bound, because the writer it
     /// holds for is another process's request still queued there: it
     /// holds while that request's marker lives, through its admission
     /// until its answer begins (see [`hold_on`]).
     InLineQueued(Pin<Box<Sleep>>),
+    /// In line as `InLine`, past the bound of a hold for another process's
+    /// request that was queued and has since been admitted: it holds for
+    /// that request's answer to begin, at most one more bound of the
+    /// cache hold from when the hold saw it admitted (see [`hold_on`]).
+    InLineAdmitted(Pin<Box<Sleep>>),
     /// Held to the bound of the cache hold, which it does not do twice.
     HeldToBound,
 }
@@ -604,19 +610,41 @@ fn fleet_writing(
     true
 }
 
+/// Whether the writer of the prefix a request holds for (the longest it
+/// held for, `Charge::fleet_held`) is another process's request still
+/// queued in its line ([`Ledger::prefix_queued`]).
+pub(crate) fn writer_queued(shared: &Shared, charge: &Charge) -> bool {
+    let Some(fleet) = shared.writers.fleet() else {
+        return false;
+    };
+    charge.fleet_held > 0
+        && charge
+            .estimate
+            .cache_pending
+            .iter()
+            .any(|p| p.tokens == charge.fleet_held && fleet.prefix_queued(p.hash))
+}
+
 /// Whether a request in line, holding for a longer prefix being written
-/// (`state`: [`PrefixWait::InLine`] or [`PrefixWait::InLineQueued`]),
-/// goes on holding now that its hold's timer fired: only past the first
-/// bound, and only while the writer is another process's request still
-/// queued in its line ([`Ledger::prefix_queued`]); then the timer is set to
-/// end the hold [`MAX_QUEUED_HOLD`] after it began, and `state` becomes
-/// `InLineQueued`; when that timer fires with the writer still queued, it
-/// is set again, [`MAX_QUEUED_HOLD`] on. A marker lives that long only
-/// while its request asks (its refused asks renew it for their wait plus
-/// the line's grace: it waits its turn in the fleet's line, which it will
-/// get): one that holds, or waits behind its process's head, renews its
-/// own at most [`MAX_QUEUED_HOLD`] from the first such wait, so a hold
-/// for a stuck request, or a cycle of holds across processes, ends then.
+/// (`state`: [`PrefixWait::InLine`] or [`PrefixWait::InLineQueued`];
+/// `writing`: the tokens of the prefix [`refresh`] found being written),
+/// goes on holding now that its hold's timer fired:
+///
+/// - **Its writer still queued.** Only past the first bound, and only
+///   while the writer is another process's request still queued in its line
+///   ([`Ledger::prefix_queued`]); then the timer is set to end the hold
+///   [`MAX_QUEUED_HOLD`] after it began, and `state` becomes
+///   `InLineQueued`; when that timer fires with the writer still queued, it
+///   is set again, [`MAX_QUEUED_HOLD`] on. A marker lives that long only
+///   while its request asks (its refused asks renew it for their wait plus
+///   the line's grace: it waits its turn in the fleet's line, which it will
+///   get): one that holds, or waits behind its process's head, renews its
+///   own at most [`MAX_QUEUED_HOLD`] from the first such wait, so a hold
+///   for a stuck request, or a cycle of holds across processes, ends then.
+/// - **Its writer, seen queued, now admitted** (its write not begun): the
+///   hold goes on for that answer to begin, at most one more first bound
+///   ([`hold_bound`]) from now, as for a writer admitted when the hold
+///   began; `state` becomes `InLineAdmitted`, which does not go on again.
 ///
 /// Why: a hold bounded as for an admitted writer ended while the queued
 /// writer still waited in the fleet's line, and the held request, sent
@@ -632,51 +660,60 @@ fn fleet_writing(
 /// [`MAX_QUEUED_HOLD`] while its writer, alive, still waited its turn in
 /// the fleet's line let the held request go first (traced on 16 processes
 /// on Redis: turn 4 held 60 s for turn 3, went, and turn 3 went 11 s
-/// later; 1,713 tokens written twice).
+/// later; 1,713 tokens written twice). And the first bound, the prefix's
+/// refill time, is about when a queued writer of that prefix is admitted
+/// (the same tokens refill for it): a hold that ended then, with its
+/// writer admitted a moment before and its answer not begun, sent the held
+/// request beside it, and both wrote the prefix (traced in virtual time on
+/// 4 stacks).
 pub(crate) fn hold_on(
     shared: &Shared,
     charge: &Charge,
     state: &mut PrefixWait,
+    writing: Option<u64>,
     cx: &mut Context<'_>,
 ) -> bool {
-    if !matches!(state, PrefixWait::InLine(_) | PrefixWait::InLineQueued(_)) {
-        return false;
-    }
-    let Some(fleet) = shared.writers.fleet() else {
-        return false;
-    };
-    let queued = charge
-        .estimate
-        .cache_pending
-        .iter()
-        .any(|p| p.tokens == charge.fleet_held && fleet.prefix_queued(p.hash));
-    if !queued {
-        return false;
-    }
-    let rest = match state {
-        PrefixWait::InLine(_) => {
-            let itpm = charge.limits.input_tokens_per_minute;
-            let first = hold_bound(shared.settings.cache_hold, itpm, charge.fleet_held);
-            MAX_QUEUED_HOLD.saturating_sub(first)
+    let queued = writer_queued(shared, charge);
+    let itpm = charge.limits.input_tokens_per_minute;
+    let first = || hold_bound(shared.settings.cache_hold, itpm, charge.fleet_held);
+    let (rest, admitted) = match (&*state, queued) {
+        (PrefixWait::InLine(..), true) => (MAX_QUEUED_HOLD.saturating_sub(first()), false),
+        (PrefixWait::InLineQueued(_), true) => (MAX_QUEUED_HOLD, false),
+        (PrefixWait::InLine(_, true) | PrefixWait::InLineQueued(_), false)
+            if charge.fleet_held > 0 && writing == Some(charge.fleet_held) =>
+        {
+            (first(), true)
         }
-        _ => MAX_QUEUED_HOLD,
+        _ => return false,
     };
     if rest.is_zero() {
         return false;
     }
-    tracing::debug!(
-        key = super::callers::logged_key(charge.key()),
-        tokens = charge.fleet_held,
-        "budget: the writer held for is still queued in another process; holding on"
-    );
-    let (PrefixWait::InLine(mut timer) | PrefixWait::InLineQueued(mut timer)) =
+    if admitted {
+        tracing::debug!(
+            key = super::callers::logged_key(charge.key()),
+            tokens = charge.fleet_held,
+            "budget: the writer held for was admitted in another process; holding for its answer"
+        );
+    } else {
+        tracing::debug!(
+            key = super::callers::logged_key(charge.key()),
+            tokens = charge.fleet_held,
+            "budget: the writer held for is still queued in another process; holding on"
+        );
+    }
+    let (PrefixWait::InLine(mut timer, _) | PrefixWait::InLineQueued(mut timer)) =
         std::mem::take(state)
     else {
         return false;
     };
     timer.as_mut().reset(Instant::now() + rest);
     let going_on = std::future::Future::poll(timer.as_mut(), cx).is_pending();
-    *state = PrefixWait::InLineQueued(timer);
+    *state = if admitted {
+        PrefixWait::InLineAdmitted(timer)
+    } else {
+        PrefixWait::InLineQueued(timer)
+    };
     going_on
 }
 
