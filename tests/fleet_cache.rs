@@ -1415,15 +1415,18 @@ async fn turn_two_behind_a_waiting_head(
 /// except under `CI=true`), in real time: turn 2 holds past its bound (5
 /// s) while turn 1 stays queued in process B behind a head that waits
 /// about 8 s for the refill (turn 1's marker renewed by that head's
-/// refused ask), and goes once turn 1's answer began.
+/// refused ask), and goes once turn 1's answer began. While turn 1 stays
+/// queued, process A asks Redis for the markers less and less often:
+/// about a dozen times in those 8 s, not 80 (one every 100 ms).
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn over_redis_a_held_turn_holds_while_the_earlier_turn_stays_queued() {
     let Some(connect) = redis_ledgers("queued") else {
         return;
     };
+    let a = connect.redis_ledger().await;
     let (start, sent) =
-        turn_two_behind_a_waiting_head(connect.ledger().await, connect.ledger().await, 24_000)
+        turn_two_behind_a_waiting_head(Arc::clone(&a) as _, connect.ledger().await, 24_000)
             .await;
     let at = |name| sent[name].0 - start;
     let began = |name| sent[name].1 - start;
@@ -1439,6 +1442,18 @@ async fn over_redis_a_held_turn_holds_while_the_earlier_turn_stays_queued() {
         "turn 2 went after turn 1's answer began: {:?} {:?}",
         at("t2"),
         began("t1")
+    );
+    assert!(
+        at("t2") < began("t1") + Duration::from_secs(1),
+        "and soon after it: {:?} {:?}",
+        at("t2"),
+        began("t1")
+    );
+    let watched = a.stats().watch_calls;
+    assert!(
+        (1..=25).contains(&watched),
+        "A watched turn 1's marker {watched} times in {:?}",
+        at("t2")
     );
 }
 
@@ -1502,6 +1517,11 @@ struct RedisLedgers {
 impl RedisLedgers {
     /// One more process's ledger.
     async fn ledger(&self) -> Arc<dyn Ledger> {
+        self.redis_ledger().await
+    }
+
+    /// As [`ledger`](Self::ledger), its calls counted.
+    async fn redis_ledger(&self) -> Arc<tower_llm_limits::budget::redis::RedisLedger> {
         let ledger = tower_llm_limits::budget::redis::RedisLedger::builder(&self.url)
             .prefix(&self.prefix)
             .share_prompt_cache(true)

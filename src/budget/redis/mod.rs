@@ -822,9 +822,12 @@ impl Inner {
         }
     }
 
-    /// Asks Redis for `key`'s markers every [`prompt::WATCH_EVERY`] while
-    /// requests of this process hold for another process's writer there
-    /// (one task per key), and wakes them when the write is over.
+    /// Asks Redis for `key`'s markers while requests of this process hold
+    /// for another process's writer there (one task per key), and wakes
+    /// them when the write is over: every [`prompt::WATCH_EVERY`] once a
+    /// writer held for is admitted, less often (backing off to
+    /// [`prompt::WATCH_QUEUED_EVERY`]) while they all stay queued in their
+    /// processes' lines.
     fn watch_key(self: &Arc<Self>, key: Arc<str>) {
         if !lock(&self.watching).insert(Arc::clone(&key)) {
             return;
@@ -836,8 +839,9 @@ impl Inner {
             let Some(mirror) = inner.prompt.clone() else {
                 return;
             };
+            let mut every = prompt::WATCH_EVERY;
             loop {
-                tokio::time::sleep(prompt::WATCH_EVERY).await;
+                tokio::time::sleep(every).await;
                 if !mirror.watched_on(&key) {
                     break;
                 }
@@ -856,6 +860,7 @@ impl Inner {
                     break;
                 }
                 mirror.wake_ended(false);
+                every = mirror.next_watch(&key, every);
             }
             lock(&inner.watching).remove(&key);
             // A request may have begun holding since the last look.

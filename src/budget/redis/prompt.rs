@@ -51,8 +51,17 @@ pub(super) fn name(hash: u64) -> u64 {
 pub(super) const WRITING_FOR_US: u64 = 60 * 1_000_000;
 
 /// How often a process that holds requests for another process's writer
-/// asks Redis for the fleet's markers, while it does.
+/// asks Redis for the fleet's markers, while that writer is admitted (its
+/// answer begins soon, and the held requests go then).
 pub(super) const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The longest a process waits between two such asks while every writer
+/// it holds requests for is still queued in its process's line: the wait
+/// doubles from [`WATCH_EVERY`] after each ask that finds them all still
+/// queued. A held request needs the write to have begun, which comes
+/// after the writer's admission and its answer's first byte; learning of
+/// the admission later costs it at most this, less that answer's time.
+pub(super) const WATCH_QUEUED_EVERY: std::time::Duration = std::time::Duration::from_millis(800);
 
 /// [`WATCH_EVERY`] in microseconds.
 const WATCH_US: u64 = 100_000;
@@ -353,6 +362,24 @@ impl PromptMirror {
             .any(|name| writing.get(name).is_some_and(|w| &*w.key == key))
     }
 
+    /// How long the watch of `key` waits before its next ask, after a
+    /// wait of `last`: [`WATCH_EVERY`] while a writer requests hold for
+    /// there has been admitted (or none is known queued), else twice
+    /// `last`, at most [`WATCH_QUEUED_EVERY`].
+    pub(super) fn next_watch(&self, key: &str, last: std::time::Duration) -> std::time::Duration {
+        let watchers = lock(&self.watchers);
+        let writing = lock(&self.writing);
+        let mut held = watchers
+            .keys()
+            .filter_map(|name| writing.get(name))
+            .filter(|w| &*w.key == key)
+            .peekable();
+        if held.peek().is_none() || held.any(|w| !w.queued) {
+            return WATCH_EVERY;
+        }
+        last.saturating_mul(2).clamp(WATCH_EVERY, WATCH_QUEUED_EVERY)
+    }
+
     /// Wakes the requests holding for writers that are over (their marker
     /// cleared or expired), or all of them (`all`: Redis cannot tell).
     pub(super) fn wake_ended(&self, all: bool) {
@@ -614,6 +641,51 @@ mod tests {
         assert_eq!(mirror.served(hash ^ (1 << 30)), None);
         mirror.not_cached(hash);
         assert_eq!(mirror.served(hash), None);
+    }
+
+    /// While the writer its requests hold for stays queued, a process asks
+    /// Redis less and less often (100, 200, 400, then every 800 ms); once
+    /// that writer is admitted, every 100 ms again, its answer near.
+    #[tokio::test(start_paused = true)]
+    async fn the_watch_backs_off_while_the_writer_held_for_stays_queued() {
+        let mirror = PromptMirror::new([1; 16]);
+        let hash = 0x1234_5678_9abc_def0_u64;
+        let queued = Marker {
+            name: name(hash),
+            cached_until: 0,
+            writing_until: 7_000_000,
+            queued: true,
+            served: 0,
+        };
+        let markers = |version, marker| Markers {
+            version,
+            cached: vec![marker],
+        };
+        mirror.absorb("k", 1_000_000, &markers(1, queued));
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(
+            mirror.next_watch("k", WATCH_EVERY),
+            WATCH_EVERY,
+            "nothing held for yet"
+        );
+        mirror.writing_seen("k", name(hash), 1_000_000, true);
+        assert_eq!(mirror.watch(hash, Waker::noop()).as_deref(), Some("k"));
+        let mut every = WATCH_EVERY;
+        let waits: Vec<_> = (0..5)
+            .map(|_| {
+                every = mirror.next_watch("k", every);
+                every
+            })
+            .collect();
+        assert_eq!(waits, [200, 400, 800, 800, 800].map(ms));
+        assert_eq!(mirror.next_watch("other", ms(800)), WATCH_EVERY);
+        let admitted = Marker {
+            queued: false,
+            writing_until: 1_100_000 + WRITING_FOR_US,
+            ..queued
+        };
+        mirror.absorb("k", 1_100_000, &markers(2, admitted));
+        assert_eq!(mirror.next_watch("k", ms(800)), WATCH_EVERY, "admitted");
     }
 
     #[test]
