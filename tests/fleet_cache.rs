@@ -1426,8 +1426,7 @@ async fn over_redis_a_held_turn_holds_while_the_earlier_turn_stays_queued() {
     };
     let a = connect.redis_ledger().await;
     let (start, sent) =
-        turn_two_behind_a_waiting_head(Arc::clone(&a) as _, connect.ledger().await, 24_000)
-            .await;
+        turn_two_behind_a_waiting_head(Arc::clone(&a) as _, connect.ledger().await, 24_000).await;
     let at = |name| sent[name].0 - start;
     let began = |name| sent[name].1 - start;
     assert!(

@@ -1981,32 +1981,26 @@ impl InMemoryLedger {
         keep: impl FnOnce(&mut Vec<Ticket>),
     ) -> Reservation {
         let window_nanos = self.window_nanos;
-        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        let mut empty = Vec::new();
-        let line = lines.get_mut(key).unwrap_or(&mut empty);
-        line.retain(|t| t.expires > now);
-        let before = line.clone();
         let tick = self.epoch.tick(now);
-        let answer = self.with_key(key, true, now, |state| {
-            let answer =
-                state.reserve_in_line(limits, costs, headroom, place, line, tick, window_nanos);
+        let answer = self.in_line(key, now, |line| {
+            let before = line.clone();
+            let answer = self.with_key(key, true, now, |state| {
+                let answer =
+                    state.reserve_in_line(limits, costs, headroom, place, line, tick, window_nanos);
+                if answer == Reservation::Admitted {
+                    state.settle(limits, CostDelta::refund(costs), tick, window_nanos);
+                }
+                answer
+            });
+            let answer = answer.unwrap_or(Reservation::Admitted);
             if answer == Reservation::Admitted {
-                state.settle(limits, CostDelta::refund(costs), tick, window_nanos);
+                *line = before;
+                if place.head {
+                    keep(line);
+                }
             }
             answer
         });
-        let answer = answer.unwrap_or(Reservation::Admitted);
-        if answer == Reservation::Admitted {
-            *line = before;
-            if place.head {
-                keep(line);
-            }
-        }
-        if line.is_empty() {
-            lines.remove(key);
-        } else if !empty.is_empty() {
-            lines.insert(Box::from(key), empty);
-        }
         match answer {
             Reservation::Admitted => Reservation::Wait {
                 retry_in: wait,
@@ -2028,15 +2022,24 @@ impl InMemoryLedger {
         now: Instant,
     ) -> Reservation {
         let window_nanos = self.window_nanos;
+        let tick = self.epoch.tick(now);
+        self.in_line(key, now, |line| {
+            let answer = self.with_key(key, true, now, |state| {
+                state.reserve_in_line(limits, costs, headroom, place, line, tick, window_nanos)
+            });
+            answer.unwrap_or(Reservation::Admitted)
+        })
+    }
+
+    /// Runs `f` on `key`'s tickets in the fleet's line, the expired gone,
+    /// under the lines' lock; then forgets an emptied line, or keeps a
+    /// new one.
+    fn in_line<R>(&self, key: &str, now: Instant, f: impl FnOnce(&mut Vec<Ticket>) -> R) -> R {
         let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
         let mut empty = Vec::new();
         let line = lines.get_mut(key).unwrap_or(&mut empty);
         line.retain(|t| t.expires > now);
-        let tick = self.epoch.tick(now);
-        let answer = self.with_key(key, true, now, |state| {
-            state.reserve_in_line(limits, costs, headroom, place, line, tick, window_nanos)
-        });
-        let answer = answer.unwrap_or(Reservation::Admitted);
+        let answer = f(line);
         if line.is_empty() {
             lines.remove(key);
         } else if !empty.is_empty() {

@@ -377,7 +377,8 @@ impl PromptMirror {
         if held.peek().is_none() || held.any(|w| !w.queued) {
             return WATCH_EVERY;
         }
-        last.saturating_mul(2).clamp(WATCH_EVERY, WATCH_QUEUED_EVERY)
+        last.saturating_mul(2)
+            .clamp(WATCH_EVERY, WATCH_QUEUED_EVERY)
     }
 
     /// Wakes the requests holding for writers that are over (their marker
