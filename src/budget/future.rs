@@ -761,12 +761,18 @@ fn hold_in_line(
         return false;
     };
     if writing.is_none() {
-        // The write began (and was read) or failed.
+        // The write began (and was read) or failed. A hold that went on
+        // past a bound for a writer admitted meanwhile is not followed by
+        // another: holds chained from one turn to the next, each behind
+        // its process's line, would wait for each other.
         tracing::debug!(
             key = super::callers::logged_key(charge.key()),
             "budget: the hold ends: the write held for began, or its marker went"
         );
-        *state = PrefixWait::Done;
+        *state = match state {
+            PrefixWait::InLineAdmitted(_) => PrefixWait::HeldToBound,
+            _ => PrefixWait::Done,
+        };
         return false;
     }
     if bound.as_mut().poll(cx).is_ready() {

@@ -269,7 +269,8 @@ pub(crate) enum PrefixWait {
     /// In line as `InLine`, past the bound of a hold for another process's
     /// request that was queued and has since been admitted: it holds for
     /// that request's answer to begin, at most one more bound of the
-    /// cache hold from when the hold saw it admitted (see [`hold_on`]).
+    /// cache hold from when the hold saw it admitted (see [`hold_on`]);
+    /// then it asks without holding again (`HeldToBound`).
     InLineAdmitted(Pin<Box<Sleep>>),
     /// Held to the bound of the cache hold, which it does not do twice.
     HeldToBound,
@@ -644,7 +645,13 @@ pub(crate) fn writer_queued(shared: &Shared, charge: &Charge) -> bool {
 /// - **Its writer, seen queued, now admitted** (its write not begun): the
 ///   hold goes on for that answer to begin, at most one more first bound
 ///   ([`hold_bound`]) from now, as for a writer admitted when the hold
-///   began; `state` becomes `InLineAdmitted`, which does not go on again.
+///   began; `state` becomes `InLineAdmitted`, which does not go on again,
+///   and after which the request does not hold again (as after a hold
+///   that reached its bound): traced in virtual time (4 stacks, seed 50),
+///   a conversation's turn that went on holding for its earlier turn's
+///   answer, then for the next earlier turn, queued behind its own
+///   process's held head, chained holds across the stacks until the
+///   queued markers' 60 s lapsed.
 ///
 /// Why: a hold bounded as for an admitted writer ended while the queued
 /// writer still waited in the fleet's line, and the held request, sent
