@@ -258,3 +258,80 @@ async fn a_head_behind_another_budgets_head_asks_again_when_that_head_goes() {
     );
     assert_eq!(sent.lock().expect("lock").len(), 3);
 }
+
+/// Answers after 1 s with the input the request says it used (`"used"`),
+/// not what it asked for (`"input"`); records when each was sent.
+fn overestimated_upstream(sent: Arc<Mutex<Vec<(Instant, u64)>>>) -> Upstream {
+    BoxCloneService::new(tower::service_fn(
+        move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let sent = Arc::clone(&sent);
+            async move {
+                let bytes = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                let used = v["used"].as_u64().unwrap_or(0);
+                sent.lock().expect("lock").push((Instant::now(), input_of(&bytes)));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let body = format!(
+                    r#"{{"type":"message","usage":{{"input_tokens":{used},"output_tokens":1}}}}"#
+                );
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            }
+        },
+    ))
+}
+
+/// Budget A's request reserves 50,000 input tokens and uses 5,000; budget
+/// B's request of 30,000, arriving while A's is in flight, is told to wait
+/// 20 s for the refill. A's settlement gives 45,000 back 1 s later, which
+/// wakes nothing in B: B's head asks again within
+/// `ledger::REASK_WITHIN` (1 s) and goes then, not at 20 s.
+#[tokio::test(start_paused = true)]
+async fn a_head_learns_of_another_budgets_settlement_within_a_second() {
+    // 60,000 ITPM: 1,000 tokens a second.
+    let limits = Limits::new().rpm(100_000).itpm(60_000).otpm(1_000_000);
+    let ledger: Arc<dyn Ledger> = Arc::new(InMemoryLedger::new());
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let budget = || {
+        TokenBudgetLayer::builder()
+            .limits(limits)
+            .estimator(Arc::new(Exact))
+            .ledger(Arc::clone(&ledger))
+            .build()
+            .layer(overestimated_upstream(Arc::clone(&sent)))
+    };
+    let (a, b) = (budget(), budget());
+    let go = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>, input: u64, used: u64| {
+        let svc = svc.clone();
+        async move {
+            let body = format!(
+                r#"{{"model":"claude-sonnet-4-5","max_tokens":1,"input":{input},"used":{used}}}"#
+            );
+            let req = Request::post("/v1/messages")
+                .body(Full::new(Bytes::from(body)))
+                .expect("request");
+            let response = svc.oneshot(req).await.expect("answered");
+            let _ = response.into_body().collect().await;
+        }
+    };
+    let start = Instant::now();
+    let first = tokio::spawn(go(&a, 50_000, 5_000));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let second = tokio::spawn(go(&b, 30_000, 30_000));
+    first.await.expect("a");
+    second.await.expect("b");
+    let sent = sent.lock().expect("lock").clone();
+    let b_sent = sent
+        .iter()
+        .find(|(_, input)| *input == 30_000)
+        .map(|(at, _)| *at - start)
+        .expect("B sent");
+    assert!(
+        b_sent >= Duration::from_secs(1) && b_sent <= Duration::from_millis(2_100),
+        "B went within a second of A's settlement (1 s), not at 20 s: {b_sent:?}"
+    );
+}

@@ -1621,8 +1621,13 @@ impl Shared {
             );
         }
         // A ledger must name a wait after now; guard against a spin if one
-        // does not.
-        Step::Sleep(turn.now + retry_in.max(Duration::from_millis(1)))
+        // does not. A shared ledger's wait may end sooner, by other
+        // processes' settlements that do not wake this one.
+        let mut sleep = retry_in.max(Duration::from_millis(1));
+        if adm.line_id != 0 {
+            sleep = sleep.min(super::ledger::REASK_WITHIN);
+        }
+        Step::Sleep(turn.now + sleep)
     }
 
     /// Runs a ledger operation that answers nothing: at once if it can, else
