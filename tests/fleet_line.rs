@@ -274,7 +274,9 @@ fn overestimated_upstream(sent: Arc<Mutex<Vec<(Instant, u64)>>>) -> Upstream {
                     .unwrap_or_default();
                 let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
                 let used = v["used"].as_u64().unwrap_or(0);
-                sent.lock().expect("lock").push((Instant::now(), input_of(&bytes)));
+                sent.lock()
+                    .expect("lock")
+                    .push((Instant::now(), input_of(&bytes)));
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let body = format!(
                     r#"{{"type":"message","usage":{{"input_tokens":{used},"output_tokens":1}}}}"#
