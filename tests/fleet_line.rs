@@ -82,6 +82,29 @@ fn request(input: u64) -> Request<Full<Bytes>> {
         .expect("request")
 }
 
+/// Two budgets (two processes) over one `InMemoryLedger`, 60,000 ITPM
+/// (1,000 tokens a second), each over an upstream made by `upstream` that
+/// records into `sent`.
+fn two_budgets(
+    sent: &Arc<Mutex<Vec<(Instant, u64)>>>,
+    upstream: fn(Arc<Mutex<Vec<(Instant, u64)>>>) -> Upstream,
+) -> (
+    tower_llm_limits::budget::TokenBudget<Upstream>,
+    tower_llm_limits::budget::TokenBudget<Upstream>,
+) {
+    let limits = Limits::new().rpm(100_000).itpm(60_000).otpm(1_000_000);
+    let ledger: Arc<dyn Ledger> = Arc::new(InMemoryLedger::new());
+    let budget = || {
+        TokenBudgetLayer::builder()
+            .limits(limits)
+            .estimator(Arc::new(Exact))
+            .ledger(Arc::clone(&ledger))
+            .build()
+            .layer(upstream(Arc::clone(sent)))
+    };
+    (budget(), budget())
+}
+
 /// B takes the whole bucket (60,000 tokens); then A sends a 30,000-token
 /// request while B sends a 500-token request every half second, 120 of
 /// them. Returns when A's request was answered, from its sending; every
@@ -121,19 +144,8 @@ async fn large_among_small(
 /// the head-of-line bound (2 s of A's refill in all), and A goes at 32 s.
 #[tokio::test(start_paused = true)]
 async fn a_large_request_is_not_starved_by_another_budget_on_the_same_ledger() {
-    // 60,000 ITPM: 1,000 tokens a second.
-    let limits = Limits::new().rpm(100_000).itpm(60_000).otpm(1_000_000);
-    let ledger: Arc<dyn Ledger> = Arc::new(InMemoryLedger::new());
     let sent = Arc::new(Mutex::new(Vec::new()));
-    let budget = || {
-        TokenBudgetLayer::builder()
-            .limits(limits)
-            .estimator(Arc::new(Exact))
-            .ledger(Arc::clone(&ledger))
-            .build()
-            .layer(upstream(Arc::clone(&sent)))
-    };
-    let (a, b) = (budget(), budget());
+    let (a, b) = two_budgets(&sent, upstream);
     let admitted = large_among_small(&a, &b).await;
     assert!(
         admitted >= Duration::from_secs(30),
@@ -294,19 +306,8 @@ fn overestimated_upstream(sent: Arc<Mutex<Vec<(Instant, u64)>>>) -> Upstream {
 /// `ledger::REASK_WITHIN` (1 s) and goes then, not at 20 s.
 #[tokio::test(start_paused = true)]
 async fn a_head_learns_of_another_budgets_settlement_within_a_second() {
-    // 60,000 ITPM: 1,000 tokens a second.
-    let limits = Limits::new().rpm(100_000).itpm(60_000).otpm(1_000_000);
-    let ledger: Arc<dyn Ledger> = Arc::new(InMemoryLedger::new());
     let sent = Arc::new(Mutex::new(Vec::new()));
-    let budget = || {
-        TokenBudgetLayer::builder()
-            .limits(limits)
-            .estimator(Arc::new(Exact))
-            .ledger(Arc::clone(&ledger))
-            .build()
-            .layer(overestimated_upstream(Arc::clone(&sent)))
-    };
-    let (a, b) = (budget(), budget());
+    let (a, b) = two_budgets(&sent, overestimated_upstream);
     let go = |svc: &tower_llm_limits::budget::TokenBudget<Upstream>, input: u64, used: u64| {
         let svc = svc.clone();
         async move {
