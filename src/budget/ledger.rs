@@ -400,17 +400,20 @@ pub const PREFIX_WRITING_WAIT: Duration = Duration::from_millis(1);
 
 /// The longest a budget's head waits before asking a ledger that keeps the
 /// fleet's line ([`Ledger::reserve_in_line`]) again, whatever wait the
-/// ledger answered. That wait counts the other processes' reservations as
-/// they stand, and their settlements give back what an answer did not use
-/// (a reservation of `max_tokens`, 4,096 output tokens, for an answer of
-/// 300) without waking this process, which learns it only by asking: traced
-/// in virtual time (4 stacks on one ledger, seed 75), four heads told to
-/// wait 30.7 s for output tokens slept through the settlements that freed
-/// them 1 s later, and the fleet sent nothing for half a minute with its
-/// input bucket full. A budget over its own buckets is woken by its own
-/// settlements and waits the whole wait. It costs a waiting head one
-/// reservation call a second (a ledger call for `RedisLedger`).
-pub const REASK_WITHIN: Duration = Duration::from_secs(1);
+/// ledger answered: 2 s, the line's own bound on how long others may delay
+/// a head ([`LINE_DELAY_BOUND`]). That wait counts the other processes'
+/// reservations as they stand, and their settlements give back what an
+/// answer did not use (a reservation of `max_tokens`, 4,096 output tokens,
+/// for an answer of 300) without waking this process, which learns it only
+/// by asking: traced in virtual time (4 stacks on one ledger, seed 75),
+/// four heads told to wait 30.7 s for output tokens slept through the
+/// settlements that freed them a second later, and the fleet sent nothing
+/// for half a minute with its input bucket full. A budget over its own
+/// buckets is woken by its own settlements and waits the whole wait. It
+/// costs a waiting head one reservation call every 2 s (a Redis call for
+/// `RedisLedger`). In the simulation (`--fleet 4,16 --fleet-one-ledger`,
+/// 40 seeds), asking again within 1 s instead gained nothing measurable.
+pub const REASK_WITHIN: Duration = Duration::from_secs(2);
 
 /// How long past its announced wait a ticket of the fleet's line lives
 /// without its head asking again (a process that went away): the
