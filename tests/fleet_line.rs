@@ -52,8 +52,11 @@ impl TokenEstimator for Exact {
 type Upstream =
     BoxCloneService<Request<ReplayBody<Full<Bytes>>>, Response<Full<Bytes>>, Infallible>;
 
+/// When each request reached the upstream, and the input it said.
+type Sent = Arc<Mutex<Vec<(Instant, u64)>>>;
+
 /// Answers with the input the request said; records when each was sent.
-fn upstream(sent: Arc<Mutex<Vec<(Instant, u64)>>>) -> Upstream {
+fn upstream(sent: Sent) -> Upstream {
     BoxCloneService::new(tower::service_fn(
         move |req: Request<ReplayBody<Full<Bytes>>>| {
             let sent = Arc::clone(&sent);
@@ -86,8 +89,8 @@ fn request(input: u64) -> Request<Full<Bytes>> {
 /// (1,000 tokens a second), each over an upstream made by `upstream` that
 /// records into `sent`.
 fn two_budgets(
-    sent: &Arc<Mutex<Vec<(Instant, u64)>>>,
-    upstream: fn(Arc<Mutex<Vec<(Instant, u64)>>>) -> Upstream,
+    sent: &Sent,
+    upstream: fn(Sent) -> Upstream,
 ) -> (
     tower_llm_limits::budget::TokenBudget<Upstream>,
     tower_llm_limits::budget::TokenBudget<Upstream>,
@@ -273,7 +276,7 @@ async fn a_head_behind_another_budgets_head_asks_again_when_that_head_goes() {
 
 /// Answers after 1 s with the input the request says it used (`"used"`),
 /// not what it asked for (`"input"`); records when each was sent.
-fn overestimated_upstream(sent: Arc<Mutex<Vec<(Instant, u64)>>>) -> Upstream {
+fn overestimated_upstream(sent: Sent) -> Upstream {
     BoxCloneService::new(tower::service_fn(
         move |req: Request<ReplayBody<Full<Bytes>>>| {
             let sent = Arc::clone(&sent);
