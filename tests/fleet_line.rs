@@ -57,6 +57,18 @@ type Sent = Arc<Mutex<Vec<(Instant, u64)>>>;
 
 /// Answers with the input the request said; records when each was sent.
 fn upstream(sent: Sent) -> Upstream {
+    answering(sent, Duration::ZERO)
+}
+
+/// Answers after 1 s with the input the request says it used (`"used"`),
+/// not what it asked for (`"input"`); records when each was sent.
+fn overestimated_upstream(sent: Sent) -> Upstream {
+    answering(sent, Duration::from_secs(1))
+}
+
+/// Records when each request was sent and the input it asked for; answers
+/// after `delay` with the input it says it used (`"used"`, else `"input"`).
+fn answering(sent: Sent, delay: Duration) -> Upstream {
     BoxCloneService::new(tower::service_fn(
         move |req: Request<ReplayBody<Full<Bytes>>>| {
             let sent = Arc::clone(&sent);
@@ -69,8 +81,13 @@ fn upstream(sent: Sent) -> Upstream {
                     .unwrap_or_default();
                 let input = input_of(&bytes);
                 sent.lock().expect("lock").push((Instant::now(), input));
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                let used = v["used"].as_u64().unwrap_or(input);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 let body = format!(
-                    r#"{{"type":"message","usage":{{"input_tokens":{input},"output_tokens":1}}}}"#
+                    r#"{{"type":"message","usage":{{"input_tokens":{used},"output_tokens":1}}}}"#
                 );
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
             }
@@ -272,34 +289,6 @@ async fn a_head_behind_another_budgets_head_asks_again_when_that_head_goes() {
         "{second:?}"
     );
     assert_eq!(sent.lock().expect("lock").len(), 3);
-}
-
-/// Answers after 1 s with the input the request says it used (`"used"`),
-/// not what it asked for (`"input"`); records when each was sent.
-fn overestimated_upstream(sent: Sent) -> Upstream {
-    BoxCloneService::new(tower::service_fn(
-        move |req: Request<ReplayBody<Full<Bytes>>>| {
-            let sent = Arc::clone(&sent);
-            async move {
-                let bytes = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|c| c.to_bytes())
-                    .unwrap_or_default();
-                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                let used = v["used"].as_u64().unwrap_or(0);
-                sent.lock()
-                    .expect("lock")
-                    .push((Instant::now(), input_of(&bytes)));
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let body = format!(
-                    r#"{{"type":"message","usage":{{"input_tokens":{used},"output_tokens":1}}}}"#
-                );
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-            }
-        },
-    ))
 }
 
 /// Budget A's request reserves 50,000 input tokens and uses 5,000; budget
