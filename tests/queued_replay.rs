@@ -123,6 +123,13 @@ fn assert_replayed(attempts: &[Seen]) {
 /// sent again with the same head.
 #[tokio::test(start_paused = true)]
 async fn a_request_that_waited_in_the_queue_is_sent_again_with_its_head() {
+    assert_replayed(&queued_behind_a_slow_request(request("b")).await);
+}
+
+/// Sends a slow request through a retry layer over one concurrency slot,
+/// then `b` (named "b"), which waits for the slot and is answered 503 once;
+/// both end 200. Returns `b`'s attempts as the upstream saw them.
+async fn queued_behind_a_slow_request(b: Request<Full<Bytes>>) -> Vec<Seen> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let client = ServiceBuilder::new()
         .layer(RetryAfterLayer::builder().jitter(|| 0.0).build())
@@ -130,13 +137,13 @@ async fn a_request_that_waited_in_the_queue_is_sent_again_with_its_head() {
         .service(upstream(Arc::clone(&seen), Duration::from_secs(2)));
     let slow = tokio::spawn(client.clone().oneshot(request("slow")));
     tokio::task::yield_now().await;
-    let b = client.clone().oneshot(request("b")).await;
+    let b = client.clone().oneshot(b).await;
     assert_eq!(b.map(|r| r.status()).ok(), Some(StatusCode::OK));
     assert_eq!(
         slow.await.ok().and_then(|r| r.ok()).map(|r| r.status()),
         Some(StatusCode::OK)
     );
-    assert_replayed(&attempts_of(&seen, "b"));
+    attempts_of(&seen, "b")
 }
 
 /// A request as an SDK sends it: fourteen headers (more bytes than the
@@ -172,17 +179,7 @@ fn sdk_request(id: &str) -> Request<Full<Bytes>> {
 /// still sensitive.
 #[tokio::test(start_paused = true)]
 async fn a_request_with_an_sdks_headers_is_sent_again_with_its_head() {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let client = ServiceBuilder::new()
-        .layer(RetryAfterLayer::builder().jitter(|| 0.0).build())
-        .layer(ConcurrencyLayer::fixed(1))
-        .service(upstream(Arc::clone(&seen), Duration::from_secs(2)));
-    let slow = tokio::spawn(client.clone().oneshot(request("slow")));
-    tokio::task::yield_now().await;
-    let b = client.clone().oneshot(sdk_request("b")).await;
-    assert_eq!(b.map(|r| r.status()).ok(), Some(StatusCode::OK));
-    assert!(slow.await.is_ok());
-    let attempts = attempts_of(&seen, "b");
+    let attempts = queued_behind_a_slow_request(sdk_request("b")).await;
     let original = sdk_request("b");
     assert_eq!(attempts.len(), 2, "{attempts:?}");
     for (i, attempt) in attempts.iter().enumerate() {
